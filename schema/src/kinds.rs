@@ -1,0 +1,631 @@
+//! The spec of every kind in SPEC.md §1, as serde + schemars types.
+//!
+//! All structs refuse unknown fields. Defaults are written out here, so the plan
+//! and the JSON Schema agree on them.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::values::*;
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+fn default_true() -> bool {
+    true
+}
+fn is_true(b: &bool) -> bool {
+    *b
+}
+
+// ------------------------------------------------------------------ Network
+
+/// `Network.spec.type`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum NetworkType {
+    /// A Linux bridge.
+    #[default]
+    Bridge,
+    /// A bridge plus a VXLAN port that stead owns.
+    Vxlan,
+}
+
+/// `Network.spec`.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct NetworkSpec {
+    /// bridge | vxlan.
+    #[serde(rename = "type", default)]
+    pub net_type: NetworkType,
+    /// MTU of the bridge.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u32>,
+    /// Host addresses on the bridge.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<Cidr>,
+    /// Host interfaces (or Bond names) enslaved to the bridge.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<IfName>,
+    /// Bridge VLAN filtering.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub vlan_aware: bool,
+    /// Masquerade of the bridge's subnets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nat: Option<NatSpec>,
+    /// DNAT port forwards from the host.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub forwards: Vec<ForwardSpec>,
+    /// VXLAN settings (type vxlan only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vxlan: Option<VxlanSpec>,
+    /// Explicit dependencies.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub depends_on: Vec<ResourceRef>,
+}
+
+/// `Network.spec.nat`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct NatSpec {
+    /// Whether masquerading is on.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Egress interface; absent means any interface but the bridge.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress: Option<IfName>,
+}
+
+/// Transport protocol of a port forward.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Default,
+    Serialize,
+    Deserialize,
+    JsonSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// TCP.
+    #[default]
+    Tcp,
+    /// UDP.
+    Udp,
+}
+
+/// A DNAT forward `hostPort -> to`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ForwardSpec {
+    /// tcp | udp.
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// Port on the host.
+    pub host_port: u16,
+    /// Destination `ip:port` behind the bridge.
+    #[schemars(with = "String")]
+    pub to: SocketAddr,
+}
+
+/// `Network.spec.vxlan`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct VxlanSpec {
+    /// VXLAN network identifier (24 bits).
+    pub vni: u32,
+    /// Local underlay address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local: Option<IpAddr>,
+    /// Remote VTEPs (unicast flooding list).
+    #[serde(default)]
+    pub remotes: Vec<IpAddr>,
+    /// UDP port (default 4789).
+    #[serde(default = "default_vxlan_port")]
+    pub port: u16,
+}
+
+fn default_vxlan_port() -> u16 {
+    4789
+}
+
+// ------------------------------------------------------------------ Bond
+
+/// Linux bonding modes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum BondMode {
+    /// Round robin.
+    #[serde(rename = "balance-rr")]
+    BalanceRr,
+    /// One active slave.
+    #[serde(rename = "active-backup")]
+    ActiveBackup,
+    /// XOR hash.
+    #[serde(rename = "balance-xor")]
+    BalanceXor,
+    /// Everything on every slave.
+    #[serde(rename = "broadcast")]
+    Broadcast,
+    /// LACP.
+    #[serde(rename = "802.3ad")]
+    Lacp,
+    /// Adaptive transmit load balancing.
+    #[serde(rename = "balance-tlb")]
+    BalanceTlb,
+    /// Adaptive load balancing.
+    #[serde(rename = "balance-alb")]
+    BalanceAlb,
+}
+
+/// `Bond.spec`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct BondSpec {
+    /// Bonding mode.
+    pub mode: BondMode,
+    /// Slave interfaces.
+    pub slaves: Vec<IfName>,
+    /// MII link monitoring interval in ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub miimon: Option<u32>,
+    /// MTU.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u32>,
+    /// Explicit dependencies.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub depends_on: Vec<ResourceRef>,
+}
+
+// ------------------------------------------------------------------ StoragePool
+
+/// `StoragePool.spec.type`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolType {
+    /// A directory.
+    Dir,
+    /// A btrfs file system (volumes are subvolumes).
+    Btrfs,
+    /// LVM thin pool.
+    Lvmthin,
+    /// ZFS dataset.
+    Zfs,
+    /// NFS export mounted at path.
+    Nfs,
+}
+
+/// What a pool may hold (as in Proxmox).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Content {
+    /// VM disk images and volumes.
+    Images,
+    /// Container root file systems.
+    Rootdir,
+    /// Backup archives.
+    Backup,
+    /// ISO images.
+    Iso,
+    /// Container templates.
+    Templates,
+}
+
+/// `StoragePool.spec`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct StoragePoolSpec {
+    /// Pool type.
+    #[serde(rename = "type")]
+    pub pool_type: PoolType,
+    /// Absolute path of the pool (mount point for nfs/btrfs).
+    pub path: PathBuf,
+    /// Allowed content (default: images, rootdir).
+    #[serde(default = "default_content")]
+    pub content: Vec<Content>,
+    /// NFS export (type nfs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nfs: Option<NfsSpec>,
+    /// LVM thin pool (type lvmthin).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lvm: Option<LvmSpec>,
+    /// ZFS dataset (type zfs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zfs: Option<ZfsSpec>,
+    /// Explicit dependencies.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub depends_on: Vec<ResourceRef>,
+}
+
+fn default_content() -> Vec<Content> {
+    vec![Content::Images, Content::Rootdir]
+}
+
+/// NFS source.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct NfsSpec {
+    /// Server host name or address.
+    pub server: String,
+    /// Exported path.
+    pub export: String,
+    /// Mount options.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub options: Option<String>,
+}
+
+/// LVM thin source.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct LvmSpec {
+    /// Volume group.
+    pub volume_group: String,
+    /// Thin pool LV.
+    pub thin_pool: String,
+}
+
+/// ZFS source.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ZfsSpec {
+    /// Parent dataset, e.g. `rpool/data`.
+    pub dataset: String,
+}
+
+// ------------------------------------------------------------------ Volume
+
+/// Volume image format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum VolumeFormat {
+    /// A raw sparse file.
+    #[default]
+    Raw,
+    /// qcow2 (reserved).
+    Qcow2,
+}
+
+/// What happens to a volume's data when it leaves the manifests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+pub enum DeletionPolicy {
+    /// Keep the data (default).
+    #[default]
+    Retain,
+    /// Delete the data.
+    Delete,
+}
+
+/// `Volume.spec`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct VolumeSpec {
+    /// Pool name.
+    pub pool: Name,
+    /// Size; growing is an in-place update, shrinking is refused.
+    pub size: ByteSize,
+    /// Image format.
+    #[serde(default)]
+    pub format: VolumeFormat,
+    /// Initial content, copied once at creation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<VolumeSource>,
+    /// Retain (default) or Delete.
+    #[serde(default)]
+    pub deletion_policy: DeletionPolicy,
+    /// Explicit dependencies.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub depends_on: Vec<ResourceRef>,
+}
+
+/// Initial content of a volume.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct VolumeSource {
+    /// A file whose bytes are copied into the new volume.
+    pub file: PathBuf,
+}
+
+// ------------------------------------------------------------------ workloads
+
+/// Desired run state of a workload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum RunState {
+    /// Running.
+    #[default]
+    Running,
+    /// Stopped.
+    Stopped,
+}
+
+/// Restart policy of a workload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartPolicy {
+    /// Always restart.
+    #[default]
+    Always,
+    /// Restart after a non-zero exit or a signal.
+    OnFailure,
+    /// Never restart.
+    Never,
+}
+
+/// `Container.spec.rootfs`: exactly one of template, path, volume.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RootfsSpec {
+    /// A .tar or .tar.zst unpacked once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<PathBuf>,
+    /// An existing directory used in place.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathBuf>,
+    /// A Volume holding the root file system.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume: Option<Name>,
+    /// Pool where a template is unpacked (default: the run's state dir).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<Name>,
+}
+
+/// Resource limits.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ResourceLimits {
+    /// CPU quota in cores (1.5 = 150 % of one core).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<f64>,
+    /// Memory limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<ByteSize>,
+    /// Maximum number of processes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pids: Option<u64>,
+}
+
+/// A container network interface.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ContainerInterface {
+    /// Name inside the container.
+    pub name: IfName,
+    /// Network (bridge) to plug into.
+    pub network: Name,
+    /// Address inside the container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<Cidr>,
+    /// Default gateway.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<IpAddr>,
+    /// MAC address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<MacAddr>,
+    /// VLAN tag (vlanAware networks only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vlan: Option<u16>,
+}
+
+/// A volume mounted into a container.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct MountSpec {
+    /// Volume name.
+    pub volume: Name,
+    /// Mount point inside the container.
+    pub path: PathBuf,
+    /// Read-only mount.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub read_only: bool,
+}
+
+/// `Container.spec`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ContainerSpec {
+    /// Root file system.
+    pub rootfs: RootfsSpec,
+    /// Host name (default: metadata.name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    /// Init command (default /sbin/init).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<Vec<String>>,
+    /// Environment.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// User namespace with an id map (default true).
+    #[serde(default = "default_true", skip_serializing_if = "is_true")]
+    pub unprivileged: bool,
+    /// Limits.
+    #[serde(default)]
+    pub resources: ResourceLimits,
+    /// Network interfaces.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub interfaces: Vec<ContainerInterface>,
+    /// Volume mounts.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mounts: Vec<MountSpec>,
+    /// running | stopped.
+    #[serde(default)]
+    pub state: RunState,
+    /// always | on-failure | never.
+    #[serde(default)]
+    pub restart_policy: RestartPolicy,
+    /// Explicit dependencies.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub depends_on: Vec<ResourceRef>,
+}
+
+/// VM boot settings (direct kernel boot).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct BootSpec {
+    /// Kernel image (bzImage or ELF vmlinux).
+    pub kernel: PathBuf,
+    /// Initial ramdisk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cmdline: Option<String>,
+}
+
+/// A VM disk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct DiskSpec {
+    /// Volume name.
+    pub volume: Name,
+    /// Attach read-only.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub read_only: bool,
+}
+
+/// A VM network interface (virtio-net on a tap).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct VmInterface {
+    /// Network (bridge) to plug into.
+    pub network: Name,
+    /// MAC address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<MacAddr>,
+    /// VLAN tag.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vlan: Option<u16>,
+}
+
+/// `VirtualMachine.spec`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct VirtualMachineSpec {
+    /// vCPU count.
+    pub cpus: u32,
+    /// Guest memory.
+    pub memory: ByteSize,
+    /// Direct kernel boot.
+    pub boot: BootSpec,
+    /// Disks, in order vda, vdb, …
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<DiskSpec>,
+    /// Network interfaces.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub interfaces: Vec<VmInterface>,
+    /// running | stopped.
+    #[serde(default)]
+    pub state: RunState,
+    /// always | on-failure | never.
+    #[serde(default)]
+    pub restart_policy: RestartPolicy,
+    /// Explicit dependencies.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub depends_on: Vec<ResourceRef>,
+}
+
+// ------------------------------------------------------------------ BackupSchedule
+
+/// Label selector.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Selector {
+    /// All of these labels must match.
+    #[serde(default)]
+    pub match_labels: BTreeMap<String, String>,
+}
+
+/// What a schedule backs up.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct BackupTargets {
+    /// Workloads whose labels match.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<Selector>,
+    /// Explicit `Kind/name` targets.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub names: Vec<ResourceRef>,
+}
+
+/// Backup mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum BackupMode {
+    /// Consistent without downtime.
+    #[default]
+    Snapshot,
+    /// Stop, back up, start.
+    Stop,
+}
+
+/// Archive compression.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    /// zstd (multi-threaded).
+    #[default]
+    Zstd,
+    /// None.
+    None,
+}
+
+/// Proxmox-style prune settings. Absent or zero means the rule is off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Retention {
+    /// Keep the last N.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_last: Option<u32>,
+    /// Keep one per hour for N hours.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_hourly: Option<u32>,
+    /// Keep one per day for N days.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_daily: Option<u32>,
+    /// Keep one per ISO week for N weeks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_weekly: Option<u32>,
+    /// Keep one per month for N months.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_monthly: Option<u32>,
+    /// Keep one per year for N years.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_yearly: Option<u32>,
+}
+
+/// `BackupSchedule.spec`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct BackupScheduleSpec {
+    /// When to run.
+    pub schedule: CronSpec,
+    /// Time zone of the schedule and of retention periods (default: host local).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timezone: Option<TimeZone>,
+    /// What to back up.
+    pub targets: BackupTargets,
+    /// A StoragePool with content backup.
+    pub storage: Name,
+    /// snapshot | stop.
+    #[serde(default)]
+    pub mode: BackupMode,
+    /// zstd | none.
+    #[serde(default)]
+    pub compression: Compression,
+    /// Prune rules.
+    #[serde(default)]
+    pub retention: Retention,
+    /// Explicit dependencies.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub depends_on: Vec<ResourceRef>,
+}

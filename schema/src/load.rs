@@ -1,0 +1,541 @@
+//! Span-preserving manifest loading.
+//!
+//! Each file is parsed with saphyr's `MarkedYaml`, which keeps a position for every
+//! node. The tree is turned into a `serde_json::Value` plus a JSON-pointer → position
+//! map; the typed model is then deserialized with `serde_path_to_error`, so that a type
+//! error is reported at the exact node. To report *all* errors of a document rather
+//! than the first, a failing node is removed and deserialization is retried.
+//! See docs/architecture.md for why (serde_yaml gives positions only for syntax errors).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use saphyr::{LoadableYamlNode, MarkedYaml, Scalar, YamlData};
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+use crate::resource::{
+    API_VERSION, Desired, Kind, Metadata, Origin, Pos, Resource, ResourceId, Spec,
+};
+
+/// One problem found in the manifests, with its location.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Diagnostic {
+    /// The file.
+    pub file: PathBuf,
+    /// Line and column (1-based).
+    pub pos: Pos,
+    /// Field path, e.g. `Container/web spec.interfaces[0].network`.
+    pub field: String,
+    /// What is wrong.
+    pub message: String,
+    /// How to fix it, when we can tell.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hint: Option<String>,
+}
+
+impl fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{}:{}: ",
+            self.file.display(),
+            self.pos.line,
+            self.pos.col
+        )?;
+        if !self.field.is_empty() {
+            write!(f, "{}: ", self.field)?;
+        }
+        f.write_str(&self.message)?;
+        if let Some(h) = &self.hint {
+            write!(f, " (hint: {h})")?;
+        }
+        Ok(())
+    }
+}
+
+/// Turns a JSON pointer (`/spec/interfaces/0/network`) into a field path
+/// (`spec.interfaces[0].network`).
+pub fn pointer_to_field(ptr: &str) -> String {
+    let mut out = String::new();
+    for seg in ptr.split('/').skip(1) {
+        let seg = seg.replace("~1", "/").replace("~0", "~");
+        if !seg.is_empty() && seg.bytes().all(|b| b.is_ascii_digit()) {
+            out.push_str(&format!("[{seg}]"));
+        } else {
+            if !out.is_empty() {
+                out.push('.');
+            }
+            out.push_str(&seg);
+        }
+    }
+    out
+}
+
+fn escape_ptr(key: &str) -> String {
+    key.replace('~', "~0").replace('/', "~1")
+}
+
+/// Collects the manifest files named by `paths`: files as given, directories
+/// recursively (`*.yaml`, `*.yml`), sorted by path.
+pub fn collect_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>, Diagnostic> {
+    let mut out = Vec::new();
+    for p in paths {
+        let meta = std::fs::metadata(p).map_err(|e| io_diag(p, &e))?;
+        if meta.is_dir() {
+            let mut found = Vec::new();
+            walk_dir(p, &mut found).map_err(|e| io_diag(p, &e))?;
+            found.sort();
+            out.extend(found);
+        } else {
+            out.push(p.clone());
+        }
+    }
+    Ok(out)
+}
+
+fn walk_dir(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let path = entry.path();
+        let ft = entry.file_type()?;
+        if ft.is_dir() {
+            walk_dir(&path, out)?;
+        } else if matches!(
+            path.extension().and_then(|e| e.to_str()),
+            Some("yaml" | "yml")
+        ) {
+            out.push(path);
+        }
+    }
+    Ok(())
+}
+
+fn io_diag(p: &Path, e: &std::io::Error) -> Diagnostic {
+    Diagnostic {
+        file: p.to_path_buf(),
+        pos: Pos { line: 0, col: 0 },
+        field: String::new(),
+        message: format!("cannot read: {e}"),
+        hint: None,
+    }
+}
+
+/// Loads every document of every file. Returns what loaded and every error found.
+/// Semantic validation is separate: see [`crate::validate::validate`].
+pub fn load_paths(paths: &[PathBuf]) -> (Vec<Resource>, Vec<Diagnostic>) {
+    let files = match collect_files(paths) {
+        Ok(f) => f,
+        Err(d) => return (Vec::new(), vec![d]),
+    };
+    let mut resources = Vec::new();
+    let mut errors = Vec::new();
+    for f in files {
+        match std::fs::read_to_string(&f) {
+            Ok(text) => load_str(&f, &text, &mut resources, &mut errors),
+            Err(e) => errors.push(io_diag(&f, &e)),
+        }
+    }
+    (resources, errors)
+}
+
+/// Loads all documents from `text` (named `file` in diagnostics).
+pub fn load_str(file: &Path, text: &str, out: &mut Vec<Resource>, errors: &mut Vec<Diagnostic>) {
+    let docs = match MarkedYaml::load_from_str(text) {
+        Ok(d) => d,
+        Err(e) => {
+            let m = e.marker();
+            errors.push(Diagnostic {
+                file: file.to_path_buf(),
+                pos: Pos {
+                    line: m.line(),
+                    col: m.col() + 1,
+                },
+                field: String::new(),
+                message: format!("YAML syntax error: {}", e.info()),
+                hint: None,
+            });
+            return;
+        }
+    };
+    for doc in docs {
+        if matches!(doc.data, YamlData::Value(Scalar::Null)) {
+            continue; // empty document, e.g. a trailing `---`
+        }
+        let mut spans = BTreeMap::new();
+        let mut conv_errors = Vec::new();
+        let value = to_json(&doc, String::new(), &mut spans, &mut conv_errors);
+        let origin = Origin {
+            file: file.to_path_buf(),
+            pos: pos_of(&doc),
+            spans: Arc::new(spans),
+        };
+        for (ptr, msg) in conv_errors {
+            errors.push(diag(&origin, &ptr, msg, None));
+        }
+        if let Some(r) = load_document(value, origin, errors) {
+            out.push(r);
+        }
+    }
+}
+
+fn pos_of(n: &MarkedYaml<'_>) -> Pos {
+    Pos {
+        line: n.span.start.line(),
+        col: n.span.start.col() + 1,
+    }
+}
+
+fn to_json(
+    node: &MarkedYaml<'_>,
+    ptr: String,
+    spans: &mut BTreeMap<String, Pos>,
+    errs: &mut Vec<(String, String)>,
+) -> Value {
+    spans.entry(ptr.clone()).or_insert_with(|| pos_of(node));
+    match &node.data {
+        YamlData::Value(s) => scalar_to_json(s),
+        YamlData::Representation(text, _, _) => Value::String(text.to_string()),
+        YamlData::Sequence(seq) => Value::Array(
+            seq.iter()
+                .enumerate()
+                .map(|(i, n)| to_json(n, format!("{ptr}/{i}"), spans, errs))
+                .collect(),
+        ),
+        YamlData::Mapping(map) => {
+            let mut obj = Map::new();
+            for (k, v) in map.iter() {
+                let key = match &k.data {
+                    YamlData::Value(Scalar::String(s)) => s.to_string(),
+                    YamlData::Value(other) => match scalar_to_json(other) {
+                        Value::String(s) => s,
+                        v => v.to_string(),
+                    },
+                    _ => {
+                        errs.push((ptr.clone(), "mapping keys must be plain strings".into()));
+                        continue;
+                    }
+                };
+                let child = format!("{ptr}/{}", escape_ptr(&key));
+                // Point collections at their key (the value starts on the next line);
+                // point scalars at the value itself.
+                if matches!(v.data, YamlData::Mapping(_) | YamlData::Sequence(_)) {
+                    spans.insert(child.clone(), pos_of(k));
+                }
+                let val = to_json(v, child, spans, errs);
+                obj.insert(key, val);
+            }
+            Value::Object(obj)
+        }
+        YamlData::Tagged(_, inner) => to_json(inner, ptr, spans, errs),
+        YamlData::Alias(_) => {
+            errs.push((ptr, "YAML aliases are not supported in manifests".into()));
+            Value::Null
+        }
+        YamlData::BadValue => {
+            errs.push((ptr, "invalid YAML value".into()));
+            Value::Null
+        }
+    }
+}
+
+fn scalar_to_json(s: &Scalar<'_>) -> Value {
+    match s {
+        Scalar::Null => Value::Null,
+        Scalar::Boolean(b) => Value::Bool(*b),
+        Scalar::Integer(i) => Value::from(*i),
+        Scalar::FloatingPoint(f) => serde_json::Number::from_f64(f.into_inner())
+            .map(Value::Number)
+            .unwrap_or(Value::Null),
+        Scalar::String(s) => Value::String(s.to_string()),
+    }
+}
+
+fn diag(origin: &Origin, ptr: &str, message: String, hint: Option<String>) -> Diagnostic {
+    Diagnostic {
+        file: origin.file.clone(),
+        pos: origin.pos_of(ptr),
+        field: pointer_to_field(ptr),
+        message,
+        hint,
+    }
+}
+
+fn load_document(value: Value, origin: Origin, errors: &mut Vec<Diagnostic>) -> Option<Resource> {
+    let Value::Object(mut top) = value else {
+        errors.push(diag(
+            &origin,
+            "",
+            "a manifest document must be a mapping with apiVersion, kind, metadata and spec".into(),
+            None,
+        ));
+        return None;
+    };
+    let mut ok = true;
+    for key in top.keys() {
+        if !matches!(key.as_str(), "apiVersion" | "kind" | "metadata" | "spec") {
+            errors.push(diag(
+                &origin,
+                &format!("/{}", escape_ptr(key)),
+                format!("unknown field `{key}`"),
+                Some("a document has only apiVersion, kind, metadata and spec".into()),
+            ));
+            ok = false;
+        }
+    }
+    match top.get("apiVersion") {
+        Some(Value::String(v)) if v == API_VERSION => {}
+        Some(v) => {
+            errors.push(diag(
+                &origin,
+                "/apiVersion",
+                format!("unsupported apiVersion {v}"),
+                Some(format!("use apiVersion: {API_VERSION}")),
+            ));
+            ok = false;
+        }
+        None => {
+            errors.push(diag(
+                &origin,
+                "",
+                "missing field `apiVersion`".into(),
+                Some(format!("add apiVersion: {API_VERSION}")),
+            ));
+            ok = false;
+        }
+    }
+    let kind = match top.get("kind") {
+        Some(Value::String(k)) => match k.parse::<Kind>() {
+            Ok(k) => Some(k),
+            Err(e) => {
+                let hint = Kind::ALL
+                    .iter()
+                    .find(|c| c.as_str().eq_ignore_ascii_case(k))
+                    .map(|c| format!("did you mean {c}?"));
+                errors.push(diag(&origin, "/kind", e.0, hint));
+                None
+            }
+        },
+        Some(_) => {
+            errors.push(diag(&origin, "/kind", "kind must be a string".into(), None));
+            None
+        }
+        None => {
+            errors.push(diag(&origin, "", "missing field `kind`".into(), None));
+            None
+        }
+    };
+    let metadata = match top.remove("metadata") {
+        Some(v) => deserialize_all::<Metadata>(v, "/metadata", &origin, errors),
+        None => {
+            errors.push(diag(
+                &origin,
+                "",
+                "missing field `metadata`".into(),
+                Some("add metadata: {name: ...}".into()),
+            ));
+            None
+        }
+    };
+    let spec = match (kind, top.remove("spec")) {
+        (Some(kind), Some(v)) => deserialize_spec(kind, v, &origin, errors),
+        (Some(_), None) => {
+            errors.push(diag(&origin, "", "missing field `spec`".into(), None));
+            None
+        }
+        (None, _) => None,
+    };
+    match (ok, metadata, spec) {
+        (true, Some(metadata), Some(spec)) => Some(Resource {
+            id: ResourceId::new(spec.kind(), metadata.name.0.clone()),
+            metadata,
+            spec,
+            origin,
+        }),
+        _ => None,
+    }
+}
+
+fn deserialize_spec(
+    kind: Kind,
+    v: Value,
+    origin: &Origin,
+    errors: &mut Vec<Diagnostic>,
+) -> Option<Spec> {
+    use crate::kinds::*;
+    Some(match kind {
+        Kind::StoragePool => Spec::StoragePool(deserialize_all::<StoragePoolSpec>(
+            v, "/spec", origin, errors,
+        )?),
+        Kind::Network => Spec::Network(deserialize_all::<NetworkSpec>(v, "/spec", origin, errors)?),
+        Kind::Bond => Spec::Bond(deserialize_all::<BondSpec>(v, "/spec", origin, errors)?),
+        Kind::Volume => Spec::Volume(deserialize_all::<VolumeSpec>(v, "/spec", origin, errors)?),
+        Kind::Container => Spec::Container(deserialize_all::<ContainerSpec>(
+            v, "/spec", origin, errors,
+        )?),
+        Kind::VirtualMachine => Spec::VirtualMachine(deserialize_all::<VirtualMachineSpec>(
+            v, "/spec", origin, errors,
+        )?),
+        Kind::BackupSchedule => Spec::BackupSchedule(deserialize_all::<BackupScheduleSpec>(
+            v, "/spec", origin, errors,
+        )?),
+    })
+}
+
+fn path_to_pointer(path: &serde_path_to_error::Path) -> String {
+    use serde_path_to_error::Segment;
+    let mut out = String::new();
+    for seg in path.iter() {
+        match seg {
+            Segment::Seq { index } => out.push_str(&format!("/{index}")),
+            Segment::Map { key } => out.push_str(&format!("/{}", escape_ptr(key))),
+            Segment::Enum { .. } | Segment::Unknown => {}
+        }
+    }
+    out
+}
+
+fn remove_at(v: &mut Value, rel: &str) -> bool {
+    let Some((parent, last)) = rel.rsplit_once('/') else {
+        return false;
+    };
+    let last = last.replace("~1", "/").replace("~0", "~");
+    match v.pointer_mut(parent) {
+        Some(Value::Object(m)) => m.remove(&last).is_some(),
+        Some(Value::Array(a)) => match last.parse::<usize>() {
+            // Replace rather than remove, so later indices keep their positions.
+            Ok(i) if i < a.len() => {
+                a[i] = Value::Null;
+                true
+            }
+            _ => false,
+        },
+        _ => false,
+    }
+}
+
+/// Deserializes `v` into `T`, reporting every error it can find: after each error the
+/// offending node is removed and the rest is tried again (bounded).
+fn deserialize_all<T: serde::de::DeserializeOwned>(
+    mut v: Value,
+    base: &str,
+    origin: &Origin,
+    errors: &mut Vec<Diagnostic>,
+) -> Option<T> {
+    let mut removed: Vec<String> = Vec::new();
+    for _ in 0..32 {
+        match serde_path_to_error::deserialize::<_, T>(v.clone()) {
+            Ok(t) => return if removed.is_empty() { Some(t) } else { None },
+            Err(e) => {
+                let mut rel = path_to_pointer(e.path());
+                let msg = e.inner().to_string();
+                // An unknown field error points at the map; name the key itself.
+                if let Some(field) = msg
+                    .strip_prefix("unknown field `")
+                    .and_then(|r| r.split('`').next())
+                {
+                    let candidate = format!("{rel}/{}", escape_ptr(field));
+                    if v.pointer(&candidate).is_some() {
+                        rel = candidate;
+                    }
+                }
+                // A "missing field" caused by our own removal is not news.
+                let consequential = msg
+                    .strip_prefix("missing field `")
+                    .and_then(|r| r.split('`').next())
+                    .is_some_and(|field| {
+                        removed
+                            .iter()
+                            .any(|r| r == &format!("{rel}/{}", escape_ptr(field)))
+                    });
+                if !consequential {
+                    let hint = hint_for(&msg);
+                    errors.push(diag(
+                        origin,
+                        &format!("{base}{rel}"),
+                        clean_message(&msg),
+                        hint,
+                    ));
+                }
+                if rel.is_empty() || consequential || !remove_at(&mut v, &rel) {
+                    return None;
+                }
+                removed.push(rel);
+            }
+        }
+    }
+    None
+}
+
+fn clean_message(msg: &str) -> String {
+    // serde_json appends " at line X column Y" for text input; values have none, but be safe.
+    match msg.find(" at line ") {
+        Some(i) => msg[..i].to_string(),
+        None => msg.to_string(),
+    }
+}
+
+fn hint_for(msg: &str) -> Option<String> {
+    if let Some(rest) = msg.strip_prefix("unknown field `") {
+        let (field, tail) = rest.split_once('`')?;
+        let expected: Vec<&str> = tail
+            .split('`')
+            .enumerate()
+            .filter(|(i, _)| i % 2 == 1)
+            .map(|(_, s)| s)
+            .collect();
+        if let Some(best) = expected
+            .iter()
+            .min_by_key(|c| edit_distance(&c.to_ascii_lowercase(), &field.to_ascii_lowercase()))
+            .filter(|c| edit_distance(&c.to_ascii_lowercase(), &field.to_ascii_lowercase()) <= 3)
+        {
+            return Some(format!("did you mean `{best}`?"));
+        }
+        return None;
+    }
+    if msg.starts_with("unknown variant") {
+        return Some("check the allowed values in docs/manifests.md or `stead schema`".into());
+    }
+    None
+}
+
+/// Levenshtein distance, for "did you mean" hints.
+pub fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            cur[j + 1] = (prev[j] + usize::from(ca != *cb))
+                .min(prev[j + 1] + 1)
+                .min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+/// Builds the [`Desired`] set from loaded resources, reporting duplicates.
+pub fn into_desired(resources: Vec<Resource>, errors: &mut Vec<Diagnostic>) -> Desired {
+    let mut desired = Desired::default();
+    for r in resources {
+        if let Some(first) = desired.resources.get(&r.id) {
+            errors.push(Diagnostic {
+                file: r.origin.file.clone(),
+                pos: r.origin.pos_of("/metadata/name"),
+                field: "metadata.name".into(),
+                message: format!(
+                    "duplicate {}: also defined at {}",
+                    r.id,
+                    first.origin.locate("/metadata/name")
+                ),
+                hint: Some("names are unique per kind".into()),
+            });
+            continue;
+        }
+        desired.resources.insert(r.id.clone(), r);
+    }
+    desired
+}

@@ -1,0 +1,620 @@
+//! Semantic validation of a loaded manifest set: every rule reports every violation,
+//! each at the line of the offending node.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::path::{Component, Path};
+
+use crate::graph::{DepGraph, edges};
+use crate::kinds::*;
+use crate::load::Diagnostic;
+use crate::resource::{Desired, Kind, Resource, ResourceId, Spec};
+use crate::values::Cidr;
+
+fn at(r: &Resource, ptr: &str, message: impl Into<String>, hint: Option<&str>) -> Diagnostic {
+    Diagnostic {
+        file: r.origin.file.clone(),
+        pos: r.origin.pos_of(ptr),
+        field: format!("{} {}", r.id, crate::load::pointer_to_field(ptr)),
+        message: message.into(),
+        hint: hint.map(str::to_string),
+    }
+}
+
+/// Runs every semantic rule over `desired`.
+pub fn validate(desired: &Desired) -> Vec<Diagnostic> {
+    let mut out = Vec::new();
+    for r in desired.resources.values() {
+        check_resource(r, desired, &mut out);
+    }
+    check_references_and_cycles(desired, &mut out);
+    check_conflicts(desired, &mut out);
+    out.sort_by(|a, b| (&a.file, a.pos).cmp(&(&b.file, b.pos)));
+    out
+}
+
+fn check_abs_path(r: &Resource, ptr: &str, p: &Path, what: &str, out: &mut Vec<Diagnostic>) {
+    if !p.is_absolute() {
+        out.push(at(
+            r,
+            ptr,
+            format!("{what} {} must be an absolute path", p.display()),
+            None,
+        ));
+    } else if p.components().any(|c| matches!(c, Component::ParentDir)) {
+        out.push(at(
+            r,
+            ptr,
+            format!("{what} {} must not contain `..`", p.display()),
+            None,
+        ));
+    }
+}
+
+fn check_resource(r: &Resource, desired: &Desired, out: &mut Vec<Diagnostic>) {
+    match &r.spec {
+        Spec::Network(n) => {
+            if r.id.name.len() > 15 {
+                out.push(at(
+                    r,
+                    "/metadata/name",
+                    format!("network name {:?} is {} bytes; it is also the bridge's interface name, at most 15 bytes", r.id.name, r.id.name.len()),
+                    Some("use a shorter name, e.g. lan0"),
+                ));
+            }
+            if let Some(mtu) = n.mtu
+                && !(68..=65535).contains(&mtu)
+            {
+                out.push(at(
+                    r,
+                    "/spec/mtu",
+                    format!("mtu {mtu} is out of range 68..65535"),
+                    None,
+                ));
+            }
+            match (n.net_type, &n.vxlan) {
+                (NetworkType::Vxlan, None) => out.push(at(
+                    r,
+                    "/spec/type",
+                    "type vxlan needs a `vxlan` block",
+                    Some("add vxlan: {vni: 100, remotes: [...]}"),
+                )),
+                (NetworkType::Bridge, Some(_)) => out.push(at(
+                    r,
+                    "/spec/vxlan",
+                    "`vxlan` is only valid with type: vxlan",
+                    Some("set type: vxlan or remove the vxlan block"),
+                )),
+                (_, Some(v)) if v.vni == 0 || v.vni >= (1 << 24) => out.push(at(
+                    r,
+                    "/spec/vxlan/vni",
+                    format!("vni {} must be in 1..16777215", v.vni),
+                    None,
+                )),
+                _ => {}
+            }
+            if let Some(nat) = &n.nat
+                && nat.enabled
+                && n.addresses.is_empty()
+            {
+                out.push(at(
+                    r,
+                    "/spec/nat",
+                    "NAT needs at least one host address on the bridge (its subnet is masqueraded)",
+                    Some("add addresses: [10.10.0.1/24]"),
+                ));
+            }
+            let mut seen_ports = BTreeSet::new();
+            for (i, f) in n.forwards.iter().enumerate() {
+                if !seen_ports.insert((f.protocol, f.host_port)) {
+                    out.push(at(
+                        r,
+                        &format!("/spec/forwards/{i}/hostPort"),
+                        format!("host port {} is forwarded twice", f.host_port),
+                        None,
+                    ));
+                }
+                if !n.addresses.iter().any(|a| a.contains(f.to.ip())) {
+                    out.push(at(
+                        r,
+                        &format!("/spec/forwards/{i}/to"),
+                        format!(
+                            "forward target {} is not inside any subnet of this network",
+                            f.to
+                        ),
+                        None,
+                    ));
+                }
+            }
+            let mut seen = BTreeSet::new();
+            for (i, p) in n.ports.iter().enumerate() {
+                if !seen.insert(p) {
+                    out.push(at(
+                        r,
+                        &format!("/spec/ports/{i}"),
+                        format!("port {p} is listed twice"),
+                        None,
+                    ));
+                }
+            }
+        }
+        Spec::Bond(b) => {
+            if r.id.name.len() > 15 {
+                out.push(at(
+                    r,
+                    "/metadata/name",
+                    "bond name is the interface name: at most 15 bytes",
+                    None,
+                ));
+            }
+            if b.slaves.is_empty() {
+                out.push(at(
+                    r,
+                    "/spec/slaves",
+                    "a bond needs at least one slave",
+                    None,
+                ));
+            }
+        }
+        Spec::StoragePool(p) => {
+            check_abs_path(r, "/spec/path", &p.path, "pool path", out);
+            if p.path == Path::new("/") {
+                out.push(at(
+                    r,
+                    "/spec/path",
+                    "the root directory cannot be a pool",
+                    None,
+                ));
+            }
+            let need = |ok: bool, ptr: &str, msg: &str| {
+                if ok {
+                    None
+                } else {
+                    Some(at(r, ptr, msg, None))
+                }
+            };
+            out.extend(match p.pool_type {
+                PoolType::Nfs => need(
+                    p.nfs.is_some(),
+                    "/spec/type",
+                    "type nfs needs an `nfs` block {server, export}",
+                ),
+                PoolType::Lvmthin => need(
+                    p.lvm.is_some(),
+                    "/spec/type",
+                    "type lvmthin needs an `lvm` block {volumeGroup, thinPool}",
+                ),
+                PoolType::Zfs => need(
+                    p.zfs.is_some(),
+                    "/spec/type",
+                    "type zfs needs a `zfs` block {dataset}",
+                ),
+                _ => None,
+            });
+        }
+        Spec::Volume(v) => {
+            if v.size.0 == 0 {
+                out.push(at(r, "/spec/size", "size must be greater than zero", None));
+            }
+            if v.format == VolumeFormat::Qcow2 {
+                out.push(at(
+                    r,
+                    "/spec/format",
+                    "qcow2 volumes are not supported yet",
+                    Some("use format: raw"),
+                ));
+            }
+            if let Some(src) = &v.source {
+                check_abs_path(r, "/spec/source/file", &src.file, "source file", out);
+            }
+            if let Some(pool) = desired.get(&ResourceId::new(Kind::StoragePool, v.pool.as_str()))
+                && let Spec::StoragePool(p) = &pool.spec
+                && !p
+                    .content
+                    .iter()
+                    .any(|c| matches!(c, Content::Images | Content::Rootdir))
+            {
+                out.push(at(
+                    r,
+                    "/spec/pool",
+                    format!("pool {} does not allow images or rootdir content", v.pool),
+                    None,
+                ));
+            }
+        }
+        Spec::Container(c) => {
+            let set = [
+                c.rootfs.template.is_some(),
+                c.rootfs.path.is_some(),
+                c.rootfs.volume.is_some(),
+            ]
+            .iter()
+            .filter(|b| **b)
+            .count();
+            if set != 1 {
+                out.push(at(
+                    r,
+                    "/spec/rootfs",
+                    format!("rootfs needs exactly one of template, path, volume ({set} given)"),
+                    None,
+                ));
+            }
+            if let Some(t) = &c.rootfs.template {
+                check_abs_path(r, "/spec/rootfs/template", t, "template", out);
+            }
+            if let Some(p) = &c.rootfs.path {
+                check_abs_path(r, "/spec/rootfs/path", p, "rootfs path", out);
+            }
+            if let Some(h) = &c.hostname
+                && (h.is_empty()
+                    || h.len() > 64
+                    || !h
+                        .chars()
+                        .all(|ch| ch.is_ascii_alphanumeric() || ch == '-' || ch == '.'))
+            {
+                out.push(at(
+                    r,
+                    "/spec/hostname",
+                    format!("invalid hostname {h:?}"),
+                    None,
+                ));
+            }
+            if c.command.as_ref().is_some_and(|v| v.is_empty()) {
+                out.push(at(r, "/spec/command", "command must not be empty", None));
+            }
+            if let Some(cpus) = c.resources.cpus
+                && !(cpus > 0.0 && cpus <= 1024.0)
+            {
+                out.push(at(
+                    r,
+                    "/spec/resources/cpus",
+                    format!("cpus {cpus} must be > 0"),
+                    None,
+                ));
+            }
+            if c.resources.memory.is_some_and(|m| m.0 < (4 << 20)) {
+                out.push(at(
+                    r,
+                    "/spec/resources/memory",
+                    "memory limit below 4Mi cannot run a container",
+                    None,
+                ));
+            }
+            let mut names = BTreeSet::new();
+            for (i, ifc) in c.interfaces.iter().enumerate() {
+                if !names.insert(&ifc.name) {
+                    out.push(at(
+                        r,
+                        &format!("/spec/interfaces/{i}/name"),
+                        format!("interface name {} used twice", ifc.name),
+                        None,
+                    ));
+                }
+                check_vlan(
+                    r,
+                    desired,
+                    &format!("/spec/interfaces/{i}"),
+                    ifc.network.as_str(),
+                    ifc.vlan,
+                    out,
+                );
+                if let (Some(addr), Some(gw)) = (&ifc.address, &ifc.gateway)
+                    && !addr.contains(*gw)
+                {
+                    out.push(at(
+                        r,
+                        &format!("/spec/interfaces/{i}/gateway"),
+                        format!("gateway {gw} is not in {addr}"),
+                        None,
+                    ));
+                }
+                if let Some(addr) = &ifc.address {
+                    check_in_network(
+                        r,
+                        desired,
+                        &format!("/spec/interfaces/{i}/address"),
+                        ifc.network.as_str(),
+                        addr,
+                        out,
+                    );
+                }
+            }
+            let mut paths = BTreeSet::new();
+            for (i, m) in c.mounts.iter().enumerate() {
+                check_abs_path(
+                    r,
+                    &format!("/spec/mounts/{i}/path"),
+                    &m.path,
+                    "mount path",
+                    out,
+                );
+                if !paths.insert(&m.path) {
+                    out.push(at(
+                        r,
+                        &format!("/spec/mounts/{i}/path"),
+                        format!("{} is mounted twice", m.path.display()),
+                        None,
+                    ));
+                }
+            }
+        }
+        Spec::VirtualMachine(vm) => {
+            if vm.cpus == 0 || vm.cpus > 254 {
+                out.push(at(
+                    r,
+                    "/spec/cpus",
+                    format!("cpus {} must be in 1..254", vm.cpus),
+                    None,
+                ));
+            }
+            if vm.memory.0 < (2 << 20) {
+                out.push(at(r, "/spec/memory", "memory must be at least 2Mi", None));
+            }
+            check_abs_path(r, "/spec/boot/kernel", &vm.boot.kernel, "kernel", out);
+            if let Some(i) = &vm.boot.initrd {
+                check_abs_path(r, "/spec/boot/initrd", i, "initrd", out);
+            }
+            let mut disks = BTreeSet::new();
+            for (i, d) in vm.disks.iter().enumerate() {
+                if !disks.insert(&d.volume) {
+                    out.push(at(
+                        r,
+                        &format!("/spec/disks/{i}/volume"),
+                        format!("volume {} attached twice", d.volume),
+                        None,
+                    ));
+                }
+            }
+            for (i, ifc) in vm.interfaces.iter().enumerate() {
+                check_vlan(
+                    r,
+                    desired,
+                    &format!("/spec/interfaces/{i}"),
+                    ifc.network.as_str(),
+                    ifc.vlan,
+                    out,
+                );
+            }
+        }
+        Spec::BackupSchedule(b) => {
+            if b.targets.selector.is_none() && b.targets.names.is_empty() {
+                out.push(at(
+                    r,
+                    "/spec/targets",
+                    "targets needs a selector or names",
+                    None,
+                ));
+            }
+            for (i, t) in b.targets.names.iter().enumerate() {
+                if !matches!(
+                    t.kind,
+                    Kind::Container | Kind::VirtualMachine | Kind::Volume
+                ) {
+                    out.push(at(r, &format!("/spec/targets/names/{i}"), format!("{t} cannot be backed up: targets are Containers, VirtualMachines or Volumes"), None));
+                }
+            }
+            if let Some(pool) = desired.get(&ResourceId::new(Kind::StoragePool, b.storage.as_str()))
+                && let Spec::StoragePool(p) = &pool.spec
+                && !p.content.contains(&Content::Backup)
+            {
+                out.push(at(
+                    r,
+                    "/spec/storage",
+                    format!("pool {} does not allow backup content", b.storage),
+                    Some("add backup to the pool's content list"),
+                ));
+            }
+        }
+    }
+}
+
+fn check_vlan(
+    r: &Resource,
+    desired: &Desired,
+    ptr: &str,
+    network: &str,
+    vlan: Option<u16>,
+    out: &mut Vec<Diagnostic>,
+) {
+    let Some(tag) = vlan else { return };
+    if !(1..=4094).contains(&tag) {
+        out.push(at(
+            r,
+            &format!("{ptr}/vlan"),
+            format!("vlan {tag} must be in 1..4094"),
+            None,
+        ));
+    }
+    if let Some(n) = desired.get(&ResourceId::new(Kind::Network, network))
+        && let Spec::Network(ns) = &n.spec
+        && !ns.vlan_aware
+    {
+        out.push(at(
+            r,
+            &format!("{ptr}/vlan"),
+            format!("network {network} is not vlanAware"),
+            Some("set vlanAware: true on the network"),
+        ));
+    }
+}
+
+fn check_in_network(
+    r: &Resource,
+    desired: &Desired,
+    ptr: &str,
+    network: &str,
+    addr: &Cidr,
+    out: &mut Vec<Diagnostic>,
+) {
+    if let Some(n) = desired.get(&ResourceId::new(Kind::Network, network))
+        && let Spec::Network(ns) = &n.spec
+        && !ns.addresses.is_empty()
+        && !ns.addresses.iter().any(|a| a.network() == addr.network())
+    {
+        let subnets: Vec<String> = ns
+            .addresses
+            .iter()
+            .map(|a| a.network().to_string())
+            .collect();
+        out.push(at(
+            r,
+            ptr,
+            format!(
+                "{addr} is not in a subnet of network {network} ({})",
+                subnets.join(", ")
+            ),
+            None,
+        ));
+    }
+}
+
+fn check_references_and_cycles(desired: &Desired, out: &mut Vec<Diagnostic>) {
+    let all = edges(desired.resources.values());
+    for e in &all {
+        if desired.get(&e.to).is_none() {
+            let Some(r) = desired.get(&e.from) else {
+                continue;
+            };
+            let similar = desired
+                .resources
+                .keys()
+                .filter(|k| k.kind == e.to.kind)
+                .min_by_key(|k| crate::load::edit_distance(&k.name, &e.to.name))
+                .filter(|k| crate::load::edit_distance(&k.name, &e.to.name) <= 2)
+                .map(|k| format!("did you mean {k}?"));
+            out.push(at(
+                r,
+                &e.pointer,
+                format!("{} references {} which is not defined", e.from, e.to),
+                similar.as_deref(),
+            ));
+        }
+    }
+    let graph = DepGraph::new(desired.resources.keys().cloned(), &all);
+    for cycle in graph.cycles() {
+        let Some(r) = desired.get(&cycle[0]) else {
+            continue;
+        };
+        let path: Vec<String> = cycle.iter().map(|i| i.to_string()).collect();
+        out.push(at(
+            r,
+            "/metadata/name",
+            format!("dependency cycle: {}", path.join(" -> ")),
+            Some("remove one of the references or dependsOn entries"),
+        ));
+    }
+}
+
+fn check_conflicts(desired: &Desired, out: &mut Vec<Diagnostic>) {
+    // Same IP on one network (bridge host addresses and container interfaces).
+    let mut ips: BTreeMap<(String, IpAddr), (ResourceId, String)> = BTreeMap::new();
+    let mut claim =
+        |net: &str, ip: IpAddr, r: &Resource, ptr: String, out: &mut Vec<Diagnostic>| match ips
+            .get(&(net.to_string(), ip))
+        {
+            Some((first, first_ptr)) => {
+                let loc = desired
+                    .get(first)
+                    .map(|f| f.origin.locate(first_ptr))
+                    .unwrap_or_default();
+                out.push(at(
+                    r,
+                    &ptr,
+                    format!("address {ip} on network {net} is already used by {first} ({loc})"),
+                    None,
+                ));
+            }
+            None => {
+                ips.insert((net.to_string(), ip), (r.id.clone(), ptr));
+            }
+        };
+    let mut macs: BTreeMap<String, (ResourceId, String)> = BTreeMap::new();
+    let mut claim_mac =
+        |mac: String, r: &Resource, ptr: String, out: &mut Vec<Diagnostic>| match macs.get(&mac) {
+            Some((first, first_ptr)) => {
+                let loc = desired
+                    .get(first)
+                    .map(|f| f.origin.locate(first_ptr))
+                    .unwrap_or_default();
+                out.push(at(
+                    r,
+                    &ptr,
+                    format!("MAC {mac} is already used by {first} ({loc})"),
+                    None,
+                ));
+            }
+            None => {
+                macs.insert(mac, (r.id.clone(), ptr));
+            }
+        };
+    let mut rw: BTreeMap<String, (ResourceId, String)> = BTreeMap::new();
+    let mut claim_rw =
+        |vol: &str, r: &Resource, ptr: String, out: &mut Vec<Diagnostic>| match rw.get(vol) {
+            Some((first, first_ptr)) => {
+                let loc = desired
+                    .get(first)
+                    .map(|f| f.origin.locate(first_ptr))
+                    .unwrap_or_default();
+                out.push(at(
+                    r,
+                    &ptr,
+                    format!("volume {vol} is attached read-write twice (also by {first} at {loc})"),
+                    Some("attach it readOnly in all but one place"),
+                ));
+            }
+            None => {
+                rw.insert(vol.to_string(), (r.id.clone(), ptr));
+            }
+        };
+    for r in desired.resources.values() {
+        match &r.spec {
+            Spec::Network(n) => {
+                for (i, a) in n.addresses.iter().enumerate() {
+                    claim(&r.id.name, a.addr, r, format!("/spec/addresses/{i}"), out);
+                }
+            }
+            Spec::Container(c) => {
+                for (i, ifc) in c.interfaces.iter().enumerate() {
+                    if let Some(a) = &ifc.address {
+                        claim(
+                            ifc.network.as_str(),
+                            a.addr,
+                            r,
+                            format!("/spec/interfaces/{i}/address"),
+                            out,
+                        );
+                    }
+                    if let Some(m) = &ifc.mac {
+                        claim_mac(m.to_string(), r, format!("/spec/interfaces/{i}/mac"), out);
+                    }
+                }
+                if let Some(v) = &c.rootfs.volume {
+                    claim_rw(v.as_str(), r, "/spec/rootfs/volume".into(), out);
+                }
+                for (i, m) in c.mounts.iter().enumerate() {
+                    if !m.read_only {
+                        claim_rw(
+                            m.volume.as_str(),
+                            r,
+                            format!("/spec/mounts/{i}/volume"),
+                            out,
+                        );
+                    }
+                }
+            }
+            Spec::VirtualMachine(vm) => {
+                for (i, ifc) in vm.interfaces.iter().enumerate() {
+                    if let Some(m) = &ifc.mac {
+                        claim_mac(m.to_string(), r, format!("/spec/interfaces/{i}/mac"), out);
+                    }
+                }
+                for (i, d) in vm.disks.iter().enumerate() {
+                    if !d.read_only {
+                        claim_rw(d.volume.as_str(), r, format!("/spec/disks/{i}/volume"), out);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+}
