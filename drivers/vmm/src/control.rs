@@ -1,0 +1,259 @@
+//! Control socket and the whole-process entry point.
+//!
+//! Protocol: unix stream socket, one request per line, one JSON object per line in
+//! reply. Requests are `status`, `pause`, `resume`, `shutdown` (graceful, forced after
+//! the configured timeout) and `kill`; `{"command":"status"}` is accepted too.
+//! Replies: `{"ok":true,"state":"running","vcpus":2,"uptime_ms":12,"pid":42}` or
+//! `{"ok":false,"error":"..."}`. One client is served at a time.
+
+use std::io::{BufRead, BufReader, ErrorKind, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::{ExitReason, Vm, VmConfig, VmHandle, VmmError, json_str, seccomp};
+
+fn status_json(h: &VmHandle) -> String {
+    let exit = h
+        .exit_reason()
+        .map(|e| format!(",\"exit_reason\":{}", json_str(&e.to_string())))
+        .unwrap_or_default();
+    format!(
+        "{{\"ok\":true,\"state\":\"{}\",\"vcpus\":{},\"uptime_ms\":{},\"pid\":{}{}}}",
+        h.state().as_str(),
+        h.vcpus(),
+        h.uptime().as_millis(),
+        std::process::id(),
+        exit
+    )
+}
+
+fn command_of(line: &str) -> String {
+    let line = line.trim();
+    if line.starts_with('{') {
+        // {"command":"pause"}: take the string after the "command" key.
+        if let Some(i) = line.find("\"command\"") {
+            let rest = &line[i + 9..];
+            if let Some(start) = rest.find('"') {
+                let rest = &rest[start + 1..];
+                if let Some(end) = rest.find('"') {
+                    return rest[..end].to_string();
+                }
+            }
+        }
+        return String::new();
+    }
+    line.to_ascii_lowercase()
+}
+
+/// Executes one control command and returns the JSON reply line (without newline).
+pub fn handle_command(h: &VmHandle, line: &str) -> String {
+    let err = |e: VmmError| format!("{{\"ok\":false,\"error\":{}}}", json_str(&e.to_string()));
+    match command_of(line).as_str() {
+        "status" => status_json(h),
+        "pause" => h.pause().map(|_| status_json(h)).unwrap_or_else(err),
+        "resume" => h.resume().map(|_| status_json(h)).unwrap_or_else(err),
+        "shutdown" => h.shutdown().map(|_| status_json(h)).unwrap_or_else(err),
+        "kill" => {
+            h.kill();
+            status_json(h)
+        }
+        other => err(VmmError::Control(format!("unknown command {other:?}"))),
+    }
+}
+
+fn serve_client(stream: UnixStream, h: &VmHandle) {
+    if stream
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .is_err()
+    {
+        return;
+    }
+    let Ok(mut out) = stream.try_clone() else {
+        return;
+    };
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    loop {
+        match reader.read_line(&mut line) {
+            Ok(0) => return,
+            Ok(_) => {
+                if line.ends_with('\n') {
+                    let reply = handle_command(h, &line);
+                    line.clear();
+                    if out.write_all(format!("{reply}\n").as_bytes()).is_err() {
+                        return;
+                    }
+                }
+            }
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                if h.has_exited() {
+                    return;
+                }
+            }
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(_) => return,
+        }
+    }
+}
+
+/// Serves control requests on `listener` until the VM behind `handle` has exited.
+pub fn serve_control(listener: UnixListener, handle: VmHandle) -> Result<(), VmmError> {
+    listener
+        .set_nonblocking(true)
+        .map_err(VmmError::io("control socket nonblocking"))?;
+    loop {
+        if handle.has_exited() {
+            return Ok(());
+        }
+        let mut fds = [
+            libc::pollfd {
+                fd: listener.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: handle.exited_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: `fds` is a valid array of two pollfd for the duration of the call.
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, 1000) };
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(VmmError::io("poll control socket")(e));
+        }
+        match listener.accept() {
+            Ok((stream, _)) => {
+                let _ = stream.set_nonblocking(false);
+                serve_client(stream, &handle);
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(VmmError::io("accept control connection")(e)),
+        }
+    }
+}
+
+/// A client for the control socket (used by `stead` and by tests).
+#[derive(Debug)]
+pub struct ControlClient {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+impl ControlClient {
+    /// Connects to the control socket at `path`.
+    pub fn connect(path: &Path) -> Result<ControlClient, VmmError> {
+        let s = UnixStream::connect(path)
+            .map_err(VmmError::io(format!("connect {}", path.display())))?;
+        s.set_read_timeout(Some(Duration::from_secs(30)))
+            .map_err(VmmError::io("control socket timeout"))?;
+        let writer = s.try_clone().map_err(VmmError::io("control socket"))?;
+        Ok(ControlClient {
+            reader: BufReader::new(s),
+            writer,
+        })
+    }
+
+    /// Sends one command (e.g. `"status"`) and returns the JSON reply line.
+    pub fn request(&mut self, command: &str) -> Result<String, VmmError> {
+        self.writer
+            .write_all(format!("{}\n", command.trim()).as_bytes())
+            .map_err(VmmError::io("control socket write"))?;
+        let mut line = String::new();
+        self.reader
+            .read_line(&mut line)
+            .map_err(VmmError::io("control socket read"))?;
+        if line.is_empty() {
+            return Err(VmmError::Control("connection closed".into()));
+        }
+        Ok(line.trim_end().to_string())
+    }
+}
+
+/// Runs one VM in this process: builds it, binds the control socket
+/// (`cfg.control_socket`, default `<run_dir>/control.sock`), keeps
+/// `<run_dir>/state.json` up to date, confines all VMM threads with seccomp (when
+/// `cfg.seccomp`), and returns when the VM has stopped. The control socket file is
+/// removed on return; the state file stays with `"state":"exited"` and the reason.
+pub fn run_vmm_process(cfg: VmConfig) -> Result<ExitReason, VmmError> {
+    let socket_path: Option<PathBuf> = cfg
+        .control_socket
+        .clone()
+        .or_else(|| cfg.run_dir.as_ref().map(|d| d.join("control.sock")));
+    if let Some(dir) = &cfg.run_dir {
+        std::fs::create_dir_all(dir)
+            .map_err(VmmError::io(format!("create run dir {}", dir.display())))?;
+    }
+    let listener = match &socket_path {
+        Some(p) => {
+            if p.exists() {
+                // A stale socket from a dead VMM; a live one would still be listening.
+                if UnixStream::connect(p).is_ok() {
+                    return Err(VmmError::Control(format!(
+                        "control socket {} is in use",
+                        p.display()
+                    )));
+                }
+                std::fs::remove_file(p)
+                    .map_err(VmmError::io(format!("remove stale {}", p.display())))?;
+            }
+            Some(
+                UnixListener::bind(p)
+                    .map_err(VmmError::io(format!("bind control socket {}", p.display())))?,
+            )
+        }
+        None => None,
+    };
+    let seccomp_on = cfg.seccomp;
+    let run_dir = cfg.run_dir.clone();
+    let mut vm = Vm::new(cfg)?;
+    let handle = vm.handle();
+    if let Some(dir) = run_dir {
+        handle.set_state_file(dir.join("state.json"));
+    }
+    let filter = if seccomp_on {
+        Some(seccomp::filter()?)
+    } else {
+        None
+    };
+    let ctl_thread = match listener {
+        Some(l) => {
+            let h = handle.clone();
+            Some(
+                std::thread::Builder::new()
+                    .name("vmm-ctl".into())
+                    .spawn(move || -> Result<(), VmmError> {
+                        if let Some(f) = &filter {
+                            seccomp::apply(f)?;
+                        }
+                        serve_control(l, h)
+                    })
+                    .map_err(VmmError::io("spawn control thread"))?,
+            )
+        }
+        None => None,
+    };
+    vm.confine_caller();
+    let result = vm.run();
+    if let Some(t) = ctl_thread {
+        match t.join() {
+            Ok(Err(e)) if result.is_ok() => {
+                if let Some(p) = &socket_path {
+                    let _ = std::fs::remove_file(p);
+                }
+                return Err(e);
+            }
+            _ => {}
+        }
+    }
+    if let Some(p) = &socket_path {
+        let _ = std::fs::remove_file(p);
+    }
+    result
+}

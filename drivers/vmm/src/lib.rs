@@ -1,0 +1,836 @@
+//! `stead-vmm`: stead's small KVM virtual machine monitor.
+//!
+//! One VM per process in production (`run_vmm_process`), or in-process through
+//! [`Vm::new`] / [`Vm::run`] (tests, benchmarks). The VMM uses the in-kernel irqchip
+//! and PIT, a 16550 serial port on 0x3f8 (IRQ 4), a minimal i8042 (reset and
+//! Ctrl-Alt-Del injection), and virtio-mmio (v2) block and net devices. Each vCPU
+//! runs on its own thread; virtio queues are served by one device thread driven by
+//! ioeventfds, interrupts go through irqfds. No async runtime.
+//!
+//! Guest-visible layout and the tiny-guest ABI are documented in `README.md`.
+
+mod arch;
+mod control;
+mod devices;
+mod seccomp;
+mod tap;
+mod vcpu;
+mod virtio;
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::fs::File;
+use std::os::fd::RawFd;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{KVM_PIT_SPEAKER_DUMMY, kvm_mp_state, kvm_pit_config};
+use kvm_ioctls::{IoEventAddress, Kvm, VcpuFd, VmFd};
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+
+pub use arch::{MAX_VCPUS, TINY_LOAD_ADDR, VIRTIO_GSI_BASE, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE};
+pub use control::{ControlClient, run_vmm_process, serve_control};
+pub use devices::{FORBIDDEN_SYSCALL_PORT, POWER_PORT};
+
+/// Path of the tiny test guest built from `guests/` by this crate's build script.
+pub const TINY_GUEST_IMAGE: &str = env!("STEAD_TINY_GUEST");
+
+/// A virtio-blk disk backed by a raw file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskConfig {
+    /// Raw image file.
+    pub path: PathBuf,
+    /// Read-only: advertises `VIRTIO_BLK_F_RO`, writes fail with `VIRTIO_BLK_S_IOERR`.
+    pub read_only: bool,
+}
+
+/// Where a virtio-net device gets its tap.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TapSource {
+    /// Open (or create) the tap interface with this name.
+    Name(String),
+    /// Use an already open tap file descriptor (duplicated; the caller keeps its copy).
+    /// It must have been opened with `IFF_TAP | IFF_NO_PI` and no `IFF_VNET_HDR`.
+    Fd(RawFd),
+}
+
+/// A virtio-net device on a tap.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetConfig {
+    /// The tap.
+    pub tap: TapSource,
+    /// Guest MAC address.
+    pub mac: [u8; 6],
+}
+
+/// Everything needed to build a VM.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    /// Number of vCPUs, 1..=[`MAX_VCPUS`].
+    pub vcpus: u8,
+    /// Guest RAM in bytes (at least 16 MiB).
+    pub mem_bytes: u64,
+    /// ELF vmlinux, bzImage, or (anything else) a flat 64-bit tiny-guest image loaded
+    /// at [`TINY_LOAD_ADDR`] and entered on every vCPU.
+    pub kernel: PathBuf,
+    /// Optional initrd (Linux only).
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line. For Linux, `virtio_mmio.device=` entries for each virtio
+    /// device are appended.
+    pub cmdline: String,
+    /// virtio-blk disks, in order (first disk at [`VIRTIO_MMIO_BASE`]).
+    pub disks: Vec<DiskConfig>,
+    /// virtio-net devices, after the disks.
+    pub nets: Vec<NetConfig>,
+    /// Append serial output to this file.
+    pub serial_log: Option<PathBuf>,
+    /// Unix stream control socket (used by [`run_vmm_process`]).
+    pub control_socket: Option<PathBuf>,
+    /// Directory for `state.json` (used by [`run_vmm_process`]).
+    pub run_dir: Option<PathBuf>,
+    /// Install seccomp filters on the VMM threads once the VM is set up.
+    pub seccomp: bool,
+    /// How long a graceful shutdown waits for the guest before forcing it off.
+    pub shutdown_timeout: Duration,
+    /// Test only: a guest write to [`FORBIDDEN_SYSCALL_PORT`] makes the vCPU thread
+    /// call a syscall the seccomp filter forbids.
+    pub test_forbidden_syscall_port: bool,
+}
+
+impl VmConfig {
+    /// A configuration with defaults: 1 vCPU, 128 MiB, seccomp on, 10 s shutdown timeout.
+    pub fn new(kernel: impl Into<PathBuf>) -> Self {
+        VmConfig {
+            vcpus: 1,
+            mem_bytes: 128 << 20,
+            kernel: kernel.into(),
+            initrd: None,
+            cmdline: String::new(),
+            disks: Vec::new(),
+            nets: Vec::new(),
+            serial_log: None,
+            control_socket: None,
+            run_dir: None,
+            seccomp: true,
+            shutdown_timeout: Duration::from_secs(10),
+            test_forbidden_syscall_port: false,
+        }
+    }
+}
+
+/// Why a VM stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExitReason {
+    /// The guest asked for a reset (i8042 0xFE, triple fault, or a KVM reset event).
+    Reset,
+    /// The guest powered off, or a graceful shutdown was requested and completed
+    /// (or timed out and was forced).
+    Shutdown,
+    /// Stopped at once by [`VmHandle::kill`].
+    Killed,
+    /// The guest could not continue (KVM internal error, failed entry, bad exit).
+    Error(String),
+}
+
+impl fmt::Display for ExitReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ExitReason::Reset => f.write_str("reset"),
+            ExitReason::Shutdown => f.write_str("shutdown"),
+            ExitReason::Killed => f.write_str("killed"),
+            ExitReason::Error(e) => write!(f, "error: {e}"),
+        }
+    }
+}
+
+/// VMM errors.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    /// The configuration is invalid.
+    #[error("invalid VM configuration: {0}")]
+    Config(String),
+    /// A KVM ioctl failed.
+    #[error("{what} failed")]
+    Kvm {
+        /// The ioctl.
+        what: &'static str,
+        /// The error.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// A host I/O operation failed.
+    #[error("{what}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Guest memory could not be set up or accessed.
+    #[error("guest memory: {0}")]
+    Memory(String),
+    /// The kernel image could not be loaded.
+    #[error("kernel load: {0}")]
+    Loader(String),
+    /// Seccomp filter construction or installation failed.
+    #[error("seccomp: {0}")]
+    Seccomp(String),
+    /// A control-socket request failed.
+    #[error("control: {0}")]
+    Control(String),
+}
+
+impl VmmError {
+    fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> VmmError {
+        let what = what.into();
+        move |source| VmmError::Io { what, source }
+    }
+}
+
+/// Called with every chunk of serial output.
+pub type SerialCallback = Arc<dyn Fn(&[u8]) + Send + Sync>;
+
+/// Run state of a VM as reported by [`VmHandle::state`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunState {
+    /// Created, [`Vm::run`] not called yet.
+    Created,
+    /// vCPUs running.
+    Running,
+    /// vCPUs parked by [`VmHandle::pause`].
+    Paused,
+    /// Stopping or stopped.
+    Exited,
+}
+
+impl RunState {
+    /// Lower-case name used on the control socket and in the state file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunState::Created => "created",
+            RunState::Running => "running",
+            RunState::Paused => "paused",
+            RunState::Exited => "exited",
+        }
+    }
+}
+
+const SERIAL_RING_BYTES: usize = 64 * 1024;
+
+struct Ctl {
+    state: RunState,
+    parked: usize,
+    running_vcpus: usize,
+    exit: Option<ExitReason>,
+    shutdown_deadline: Option<Instant>,
+}
+
+pub(crate) struct Shared {
+    ctl: Mutex<Ctl>,
+    cond: Condvar,
+    vcpu_threads: Mutex<Vec<libc::pthread_t>>,
+    serial_ring: Mutex<VecDeque<u8>>,
+    serial_callback: Mutex<Option<SerialCallback>>,
+    i8042: Arc<Mutex<devices::I8042>>,
+    vcpus: u8,
+    mem_bytes: u64,
+    shutdown_timeout: Duration,
+    started: Instant,
+    state_file: Mutex<Option<PathBuf>>,
+    exited_evt: EventFd,
+    has_exited: AtomicBool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panicking VMM thread must not wedge the others: keep using the data.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Shared {
+    fn ctl(&self) -> MutexGuard<'_, Ctl> {
+        lock(&self.ctl)
+    }
+
+    /// Records the first exit reason and asks every thread to stop.
+    pub(crate) fn request_exit(&self, reason: ExitReason) {
+        let mut c = self.ctl();
+        if c.exit.is_none() {
+            let reason = match reason {
+                // A reset while a graceful shutdown is pending is the guest's answer to
+                // Ctrl-Alt-Del: report it as the shutdown it was.
+                ExitReason::Reset if c.shutdown_deadline.is_some() => ExitReason::Shutdown,
+                r => r,
+            };
+            c.exit = Some(reason);
+        }
+        c.state = RunState::Exited;
+        self.cond.notify_all();
+        drop(c);
+        self.kick_vcpus();
+    }
+
+    fn kick_vcpus(&self) {
+        let sig = vcpu::kick_signal();
+        for t in lock(&self.vcpu_threads).iter() {
+            // SAFETY: the pthread_t values belong to vCPU threads that are joined only
+            // after this list is cleared, so they are valid thread handles.
+            unsafe {
+                libc::pthread_kill(*t, sig);
+            }
+        }
+    }
+
+    fn write_state_file(&self) {
+        let path = lock(&self.state_file).clone();
+        if let Some(path) = path {
+            let c = self.ctl();
+            let exit = c
+                .exit
+                .as_ref()
+                .map(|e| format!(",\"exit_reason\":{}", json_str(&e.to_string())))
+                .unwrap_or_default();
+            let body = format!(
+                "{{\"pid\":{},\"state\":\"{}\",\"vcpus\":{},\"mem_bytes\":{}{}}}\n",
+                std::process::id(),
+                c.state.as_str(),
+                self.vcpus,
+                self.mem_bytes,
+                exit
+            );
+            drop(c);
+            let tmp = path.with_extension("json.tmp");
+            if std::fs::write(&tmp, body).is_ok() {
+                let _ = std::fs::rename(&tmp, &path);
+            }
+        }
+    }
+}
+
+/// Quotes a string as a JSON string literal.
+pub(crate) fn json_str(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for ch in s.chars() {
+        match ch {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// A cheap, clonable handle to control a VM from other threads.
+#[derive(Clone)]
+pub struct VmHandle {
+    shared: Arc<Shared>,
+}
+
+impl fmt::Debug for VmHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("VmHandle")
+            .field("state", &self.state())
+            .finish()
+    }
+}
+
+impl VmHandle {
+    /// Current run state.
+    pub fn state(&self) -> RunState {
+        self.shared.ctl().state
+    }
+
+    /// Number of vCPUs.
+    pub fn vcpus(&self) -> u8 {
+        self.shared.vcpus
+    }
+
+    /// Time since the VM was created.
+    pub fn uptime(&self) -> Duration {
+        self.shared.started.elapsed()
+    }
+
+    /// The exit reason, once the VM has stopped.
+    pub fn exit_reason(&self) -> Option<ExitReason> {
+        self.shared.ctl().exit.clone()
+    }
+
+    /// The last 64 KiB of serial output.
+    pub fn serial_output(&self) -> Vec<u8> {
+        lock(&self.shared.serial_ring).iter().copied().collect()
+    }
+
+    /// Parks all vCPUs; returns once they are all parked (or the VM exited).
+    pub fn pause(&self) -> Result<(), VmmError> {
+        {
+            let mut c = self.shared.ctl();
+            match c.state {
+                RunState::Running => c.state = RunState::Paused,
+                RunState::Paused => return Ok(()),
+                s => return Err(VmmError::Control(format!("cannot pause: VM is {}", s.as_str()))),
+            }
+        }
+        loop {
+            self.shared.kick_vcpus();
+            let c = self.shared.ctl();
+            if c.state != RunState::Paused || c.parked >= c.running_vcpus {
+                break;
+            }
+            let _ = self
+                .shared
+                .cond
+                .wait_timeout(c, Duration::from_millis(5))
+                .map_err(|_| VmmError::Control("lock poisoned".into()))?;
+            let c = self.shared.ctl();
+            if c.state != RunState::Paused || c.parked >= c.running_vcpus {
+                break;
+            }
+        }
+        self.shared.write_state_file();
+        Ok(())
+    }
+
+    /// Lets parked vCPUs run again.
+    pub fn resume(&self) -> Result<(), VmmError> {
+        {
+            let mut c = self.shared.ctl();
+            match c.state {
+                RunState::Paused => c.state = RunState::Running,
+                RunState::Running => return Ok(()),
+                s => {
+                    return Err(VmmError::Control(format!(
+                        "cannot resume: VM is {}",
+                        s.as_str()
+                    )));
+                }
+            }
+            self.shared.cond.notify_all();
+        }
+        self.shared.write_state_file();
+        Ok(())
+    }
+
+    /// Graceful shutdown: resumes the VM if paused, injects Ctrl-Alt-Del through the
+    /// i8042, and forces the VM off after the configured shutdown timeout. A guest
+    /// reset or power-off in the meantime ends the VM with [`ExitReason::Shutdown`].
+    pub fn shutdown(&self) -> Result<(), VmmError> {
+        {
+            let mut c = self.shared.ctl();
+            if c.state == RunState::Exited {
+                return Ok(());
+            }
+            if c.shutdown_deadline.is_none() {
+                c.shutdown_deadline = Some(Instant::now() + self.shared.shutdown_timeout);
+            }
+            if c.state == RunState::Paused {
+                c.state = RunState::Running;
+            }
+            self.shared.cond.notify_all();
+        }
+        lock(&self.shared.i8042).inject_ctrl_alt_del();
+        Ok(())
+    }
+
+    /// Stops the VM at once.
+    pub fn kill(&self) {
+        self.shared.request_exit(ExitReason::Killed);
+    }
+
+    /// Blocks until the VM has exited or `timeout` passed; returns the exit reason.
+    pub fn wait_exit(&self, timeout: Duration) -> Option<ExitReason> {
+        let deadline = Instant::now() + timeout;
+        let mut c = self.shared.ctl();
+        loop {
+            if c.exit.is_some() {
+                return c.exit.clone();
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return None;
+            }
+            c = match self.shared.cond.wait_timeout(c, deadline - now) {
+                Ok((c, _)) => c,
+                Err(p) => p.into_inner().0,
+            };
+        }
+    }
+
+    pub(crate) fn exited_fd(&self) -> RawFd {
+        use std::os::fd::AsRawFd;
+        self.shared.exited_evt.as_raw_fd()
+    }
+
+    pub(crate) fn has_exited(&self) -> bool {
+        self.shared.has_exited.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn set_state_file(&self, path: PathBuf) {
+        *lock(&self.shared.state_file) = Some(path);
+        self.shared.write_state_file();
+    }
+}
+
+/// A configured VM, ready to [`run`](Vm::run).
+pub struct Vm {
+    cfg: VmConfig,
+    _kvm: Kvm,
+    vm_fd: Arc<VmFd>,
+    mem: Arc<GuestMemoryMmap>,
+    vcpu_fds: Vec<VcpuFd>,
+    bus: Arc<devices::Bus>,
+    worker: virtio::Worker,
+    shared: Arc<Shared>,
+    confine_caller: bool,
+}
+
+impl fmt::Debug for Vm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Vm").field("cfg", &self.cfg).finish()
+    }
+}
+
+impl Vm {
+    /// Validates `cfg` and builds the VM: memory, KVM VM with irqchip and PIT, devices,
+    /// kernel, vCPUs. Nothing runs until [`Vm::run`].
+    pub fn new(cfg: VmConfig) -> Result<Vm, VmmError> {
+        if cfg.vcpus == 0 || cfg.vcpus > MAX_VCPUS {
+            return Err(VmmError::Config(format!(
+                "vcpus must be 1..={MAX_VCPUS}, got {}",
+                cfg.vcpus
+            )));
+        }
+        if cfg.mem_bytes < (16 << 20) || cfg.mem_bytes % 4096 != 0 {
+            return Err(VmmError::Config(
+                "mem_bytes must be at least 16 MiB and a multiple of 4 KiB".into(),
+            ));
+        }
+        if cfg.disks.len() + cfg.nets.len() > 16 {
+            return Err(VmmError::Config("at most 16 virtio devices".into()));
+        }
+        let kerr = |what: &'static str| move |e| VmmError::Kvm { what, source: e };
+        let kvm = Kvm::new().map_err(kerr("open /dev/kvm"))?;
+        let vm_fd = kvm.create_vm().map_err(kerr("KVM_CREATE_VM"))?;
+
+        let mem = GuestMemoryMmap::from_ranges(&arch::ram_regions(cfg.mem_bytes))
+            .map_err(|e| VmmError::Memory(e.to_string()))?;
+        for (slot, region) in mem.iter().enumerate() {
+            let host = mem
+                .get_host_address(region.start_addr())
+                .map_err(|e| VmmError::Memory(e.to_string()))?;
+            let r = kvm_bindings::kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: 0,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: host as u64,
+            };
+            // SAFETY: the region is a live mapping owned by `mem`, which the Vm keeps
+            // alive (in an Arc) for as long as the VM fd exists.
+            unsafe { vm_fd.set_user_memory_region(r) }.map_err(kerr("KVM_SET_USER_MEMORY_REGION"))?;
+        }
+        // Needed on Intel; other KVM flavours may not implement it.
+        let _ = vm_fd.set_tss_address(0xfffb_d000);
+        vm_fd.create_irq_chip().map_err(kerr("KVM_CREATE_IRQCHIP"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        vm_fd.create_pit2(pit).map_err(kerr("KVM_CREATE_PIT2"))?;
+
+        let mem = Arc::new(mem);
+        let vm_fd = Arc::new(vm_fd);
+
+        // Devices.
+        let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(VmmError::io("eventfd"))?;
+        vm_fd
+            .register_irqfd(&serial_irq, 4)
+            .map_err(kerr("KVM_IRQFD serial"))?;
+        let kbd_irq = EventFd::new(EFD_NONBLOCK).map_err(VmmError::io("eventfd"))?;
+        vm_fd
+            .register_irqfd(&kbd_irq, 1)
+            .map_err(kerr("KVM_IRQFD i8042"))?;
+        let i8042 = Arc::new(Mutex::new(devices::I8042::new(kbd_irq)));
+        let serial_file = match &cfg.serial_log {
+            Some(p) => Some(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(p)
+                    .map_err(VmmError::io(format!("open serial log {}", p.display())))?,
+            ),
+            None => None,
+        };
+        let shared = Arc::new(Shared {
+            ctl: Mutex::new(Ctl {
+                state: RunState::Created,
+                parked: 0,
+                running_vcpus: 0,
+                exit: None,
+                shutdown_deadline: None,
+            }),
+            cond: Condvar::new(),
+            vcpu_threads: Mutex::new(Vec::new()),
+            serial_ring: Mutex::new(VecDeque::with_capacity(4096)),
+            serial_callback: Mutex::new(None),
+            i8042: i8042.clone(),
+            vcpus: cfg.vcpus,
+            mem_bytes: cfg.mem_bytes,
+            shutdown_timeout: cfg.shutdown_timeout,
+            started: Instant::now(),
+            state_file: Mutex::new(None),
+            exited_evt: EventFd::new(EFD_NONBLOCK).map_err(VmmError::io("eventfd"))?,
+            has_exited: AtomicBool::new(false),
+        });
+        let serial = devices::new_serial(serial_irq, serial_file, shared.clone());
+
+        let mut transports = Vec::new();
+        let mut cmdline_extra = String::new();
+        let mut idx = 0u64;
+        let mut add = |dev: virtio::DeviceKind,
+                       transports: &mut Vec<Arc<Mutex<virtio::MmioTransport>>>|
+         -> Result<(), VmmError> {
+            let base = VIRTIO_MMIO_BASE + idx * VIRTIO_MMIO_SIZE;
+            let gsi = VIRTIO_GSI_BASE + idx as u32;
+            let irq = EventFd::new(EFD_NONBLOCK).map_err(VmmError::io("eventfd"))?;
+            vm_fd
+                .register_irqfd(&irq, gsi)
+                .map_err(kerr("KVM_IRQFD virtio"))?;
+            let t = virtio::MmioTransport::new(dev, irq)?;
+            for (q, evt) in t.queue_evts.iter().enumerate() {
+                vm_fd
+                    .register_ioevent(
+                        evt,
+                        &IoEventAddress::Mmio(base + virtio::QUEUE_NOTIFY_OFFSET),
+                        q as u32,
+                    )
+                    .map_err(kerr("KVM_IOEVENTFD"))?;
+            }
+            cmdline_extra.push_str(&format!(" virtio_mmio.device=4K@{base:#x}:{gsi}"));
+            transports.push(Arc::new(Mutex::new(t)));
+            idx += 1;
+            Ok(())
+        };
+        for d in &cfg.disks {
+            add(virtio::DeviceKind::Blk(virtio::Blk::open(d)?), &mut transports)?;
+        }
+        for n in &cfg.nets {
+            let tap = tap::Tap::open(&n.tap)?;
+            add(virtio::DeviceKind::Net(virtio::Net::new(tap, n.mac)), &mut transports)?;
+        }
+
+        let bus = Arc::new(devices::Bus::new(
+            serial,
+            i8042,
+            transports.clone(),
+            cfg.test_forbidden_syscall_port,
+        ));
+        let worker = virtio::Worker::new(transports, mem.clone())?;
+
+        // Kernel and boot structures.
+        arch::write_tables(&mem)?;
+        let mut cmdline = cfg.cmdline.clone();
+        if arch::is_linux_image(&cfg.kernel)? {
+            cmdline.push_str(&cmdline_extra);
+        }
+        let boot = arch::load_guest(
+            &mem,
+            cfg.mem_bytes,
+            &cfg.kernel,
+            cfg.initrd.as_deref(),
+            cmdline.trim(),
+        )?;
+
+        let mut vcpu_fds = Vec::new();
+        for id in 0..cfg.vcpus {
+            let vcpu = vm_fd
+                .create_vcpu(id as u64)
+                .map_err(kerr("KVM_CREATE_VCPU"))?;
+            arch::setup_vcpu(&kvm, &vcpu, id, cfg.vcpus, boot)?;
+            if id > 0 && matches!(boot, arch::BootEntry::Tiny { .. }) {
+                // Tiny guests start every vCPU at the entry point (no INIT/SIPI).
+                vcpu.set_mp_state(kvm_mp_state {
+                    mp_state: kvm_bindings::KVM_MP_STATE_RUNNABLE,
+                })
+                .map_err(kerr("KVM_SET_MP_STATE"))?;
+            }
+            vcpu_fds.push(vcpu);
+        }
+
+        Ok(Vm {
+            cfg,
+            _kvm: kvm,
+            vm_fd,
+            mem,
+            vcpu_fds,
+            bus,
+            worker,
+            shared,
+            confine_caller: false,
+        })
+    }
+
+    /// A handle to pause, resume, shut down or kill the VM from another thread.
+    pub fn handle(&self) -> VmHandle {
+        VmHandle {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// Sets a callback that receives all serial output.
+    pub fn set_serial_callback(&self, cb: SerialCallback) {
+        *lock(&self.shared.serial_callback) = Some(cb);
+    }
+
+    /// Runs the VM until it stops, on one thread per vCPU plus a device thread.
+    pub fn run(self) -> Result<ExitReason, VmmError> {
+        let Vm {
+            cfg,
+            _kvm,
+            vm_fd,
+            mem,
+            vcpu_fds,
+            bus,
+            worker,
+            shared,
+            confine_caller,
+        } = self;
+        vcpu::install_kick_handler()?;
+        let filter = if cfg.seccomp {
+            Some(Arc::new(seccomp::filter()?))
+        } else {
+            None
+        };
+
+        {
+            let mut c = shared.ctl();
+            c.state = RunState::Running;
+            c.running_vcpus = vcpu_fds.len();
+        }
+        shared.write_state_file();
+
+        let worker_stop = EventFd::new(EFD_NONBLOCK).map_err(VmmError::io("eventfd"))?;
+        let worker_stop2 = worker_stop
+            .try_clone()
+            .map_err(VmmError::io("eventfd clone"))?;
+        let wfilter = filter.clone();
+        let wshared = shared.clone();
+        let worker_thread = std::thread::Builder::new()
+            .name("vmm-dev".into())
+            .spawn(move || {
+                if let Some(f) = wfilter
+                    && let Err(e) = seccomp::apply(&f)
+                {
+                    wshared.request_exit(ExitReason::Error(e.to_string()));
+                    return;
+                }
+                if let Err(e) = worker.run(&worker_stop2) {
+                    wshared.request_exit(ExitReason::Error(format!("device thread: {e}")));
+                }
+            })
+            .map_err(VmmError::io("spawn device thread"))?;
+
+        let mut threads: Vec<JoinHandle<()>> = Vec::new();
+        for (id, fd) in vcpu_fds.into_iter().enumerate() {
+            let v = vcpu::Vcpu {
+                id: id as u8,
+                fd,
+                bus: bus.clone(),
+                shared: shared.clone(),
+                filter: filter.clone(),
+            };
+            let t = std::thread::Builder::new()
+                .name(format!("vcpu{id}"))
+                .spawn(move || v.run())
+                .map_err(VmmError::io("spawn vcpu thread"))?;
+            {
+                use std::os::unix::thread::JoinHandleExt;
+                lock(&shared.vcpu_threads).push(t.as_pthread_t());
+            }
+            threads.push(t);
+        }
+
+        if confine_caller && let Some(f) = &filter {
+            seccomp::apply(f)?;
+        }
+
+        // Wait for an exit, enforcing the graceful-shutdown deadline.
+        {
+            let mut c = shared.ctl();
+            loop {
+                if c.exit.is_some() {
+                    break;
+                }
+                let wait = match c.shutdown_deadline {
+                    Some(d) => {
+                        let now = Instant::now();
+                        if now >= d {
+                            drop(c);
+                            shared.request_exit(ExitReason::Shutdown);
+                            c = shared.ctl();
+                            continue;
+                        }
+                        d - now
+                    }
+                    None => Duration::from_secs(3600),
+                };
+                c = match shared.cond.wait_timeout(c, wait) {
+                    Ok((c, _)) => c,
+                    Err(p) => p.into_inner().0,
+                };
+            }
+        }
+        // Stop the vCPUs (kick until each thread has left KVM_RUN).
+        while threads.iter().any(|t| !t.is_finished()) {
+            shared.kick_vcpus();
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        lock(&shared.vcpu_threads).clear();
+        for t in threads {
+            let _ = t.join();
+        }
+        let _ = worker_stop.write(1);
+        let _ = worker_thread.join();
+        shared.has_exited.store(true, Ordering::SeqCst);
+        let _ = shared.exited_evt.write(1);
+        shared.write_state_file();
+        drop(bus);
+        drop(vm_fd);
+        drop(mem);
+        Ok(shared
+            .ctl()
+            .exit
+            .clone()
+            .unwrap_or(ExitReason::Error("no exit reason".into())))
+    }
+
+    pub(crate) fn confine_caller(&mut self) {
+        self.confine_caller = true;
+    }
+}
+
+/// Returns `Some(reason)` when KVM cannot be used here (no /dev/kvm).
+pub fn kvm_unavailable() -> Option<String> {
+    match File::options().read(true).write(true).open("/dev/kvm") {
+        Ok(_) => None,
+        Err(e) => Some(format!("/dev/kvm absent ({e})")),
+    }
+}
+
+/// Whether the CPU advertises hardware virtualization (vmx or svm) in /proc/cpuinfo.
+pub fn has_hardware_virtualization() -> bool {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .map(|s| {
+            s.lines()
+                .filter(|l| l.starts_with("flags"))
+                .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"))
+        })
+        .unwrap_or(false)
+}

@@ -1,0 +1,623 @@
+//! virtio-mmio (version 2) transport, virtio-blk and virtio-net devices, and the
+//! device thread that serves their queues.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, ErrorKind};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::sync::{Arc, Mutex};
+
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+
+use crate::tap::Tap;
+use crate::{DiskConfig, VmmError, lock};
+
+/// Offset of the QueueNotify register (target of the ioeventfds).
+pub(crate) const QUEUE_NOTIFY_OFFSET: u64 = 0x50;
+
+const MAGIC: u32 = 0x7472_6976; // "virt"
+const VENDOR_ID: u32 = 0x5354_4544; // "STED"
+const QUEUE_MAX: u16 = 256;
+
+const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+const VIRTIO_BLK_F_RO: u64 = 1 << 5;
+const VIRTIO_BLK_F_FLUSH: u64 = 1 << 9;
+const VIRTIO_NET_F_MAC: u64 = 1 << 5;
+
+const STATUS_ACKNOWLEDGE: u32 = 1;
+const STATUS_DRIVER_OK: u32 = 4;
+const STATUS_FEATURES_OK: u32 = 8;
+
+const VIRTIO_BLK_T_IN: u32 = 0;
+const VIRTIO_BLK_T_OUT: u32 = 1;
+const VIRTIO_BLK_T_FLUSH: u32 = 4;
+const VIRTIO_BLK_T_GET_ID: u32 = 8;
+const VIRTIO_BLK_S_OK: u8 = 0;
+const VIRTIO_BLK_S_IOERR: u8 = 1;
+const VIRTIO_BLK_S_UNSUPP: u8 = 2;
+const SECTOR: u64 = 512;
+const BLK_ID_BYTES: usize = 20;
+
+/// virtio_net_hdr_v1 (with num_buffers), as used with VIRTIO_F_VERSION_1.
+const NET_HDR_LEN: usize = 12;
+const MAX_FRAME: usize = 65536;
+
+/// A virtio-blk device on a raw file.
+pub(crate) struct Blk {
+    file: File,
+    read_only: bool,
+    sectors: u64,
+    id: [u8; BLK_ID_BYTES],
+}
+
+impl Blk {
+    pub(crate) fn open(cfg: &DiskConfig) -> Result<Blk, VmmError> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!cfg.read_only)
+            .open(&cfg.path)
+            .map_err(VmmError::io(format!("open disk {}", cfg.path.display())))?;
+        let len = file
+            .metadata()
+            .map_err(VmmError::io(format!("stat disk {}", cfg.path.display())))?
+            .len();
+        let mut id = [0u8; BLK_ID_BYTES];
+        let name = cfg
+            .path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        for (d, s) in id.iter_mut().zip(name.bytes()) {
+            *d = s;
+        }
+        Ok(Blk {
+            file,
+            read_only: cfg.read_only,
+            sectors: len / SECTOR,
+            id,
+        })
+    }
+
+    /// Serves one request; returns the number of bytes written into the chain.
+    fn handle(&mut self, descs: &[Descriptor], mem: &GuestMemoryMmap) -> u32 {
+        let (Some(hdr), Some(status)) = (descs.first(), descs.last()) else {
+            return 0;
+        };
+        if descs.len() < 2 || hdr.is_write_only() || hdr.len() < 16 || !status.is_write_only() {
+            return 0;
+        }
+        let req_type: u32 = mem.read_obj(hdr.addr()).unwrap_or(u32::MAX);
+        let sector: u64 = mem
+            .read_obj(GuestAddress(hdr.addr().0 + 8))
+            .unwrap_or(u64::MAX);
+        let data = &descs[1..descs.len() - 1];
+        let mut written = 0u32;
+        let st = match req_type {
+            VIRTIO_BLK_T_IN => self.read(data, mem, sector, &mut written),
+            VIRTIO_BLK_T_OUT if self.read_only => VIRTIO_BLK_S_IOERR,
+            VIRTIO_BLK_T_OUT => self.write(data, mem, sector),
+            VIRTIO_BLK_T_FLUSH => {
+                if self.read_only || self.file.sync_data().is_ok() {
+                    VIRTIO_BLK_S_OK
+                } else {
+                    VIRTIO_BLK_S_IOERR
+                }
+            }
+            VIRTIO_BLK_T_GET_ID => match data.first() {
+                Some(d) if d.is_write_only() => {
+                    let n = (d.len() as usize).min(BLK_ID_BYTES);
+                    if mem.write_slice(&self.id[..n], d.addr()).is_ok() {
+                        written = n as u32;
+                        VIRTIO_BLK_S_OK
+                    } else {
+                        VIRTIO_BLK_S_IOERR
+                    }
+                }
+                _ => VIRTIO_BLK_S_IOERR,
+            },
+            _ => VIRTIO_BLK_S_UNSUPP,
+        };
+        if mem.write_obj(st, status.addr()).is_ok() {
+            written + 1
+        } else {
+            written
+        }
+    }
+
+    fn in_range(&self, sector: u64, bytes: u64) -> Option<u64> {
+        let off = sector.checked_mul(SECTOR)?;
+        let end = off.checked_add(bytes)?;
+        (end <= self.sectors * SECTOR).then_some(off)
+    }
+
+    fn read(&self, data: &[Descriptor], mem: &GuestMemoryMmap, sector: u64, n: &mut u32) -> u8 {
+        let total: u64 = data.iter().map(|d| d.len() as u64).sum();
+        let Some(mut off) = self.in_range(sector, total) else {
+            return VIRTIO_BLK_S_IOERR;
+        };
+        let mut buf = Vec::new();
+        for d in data {
+            if !d.is_write_only() {
+                return VIRTIO_BLK_S_IOERR;
+            }
+            buf.resize(d.len() as usize, 0);
+            if self.file.read_exact_at(&mut buf, off).is_err()
+                || mem.write_slice(&buf, d.addr()).is_err()
+            {
+                return VIRTIO_BLK_S_IOERR;
+            }
+            off += d.len() as u64;
+            *n += d.len();
+        }
+        VIRTIO_BLK_S_OK
+    }
+
+    fn write(&self, data: &[Descriptor], mem: &GuestMemoryMmap, sector: u64) -> u8 {
+        let total: u64 = data.iter().map(|d| d.len() as u64).sum();
+        let Some(mut off) = self.in_range(sector, total) else {
+            return VIRTIO_BLK_S_IOERR;
+        };
+        let mut buf = Vec::new();
+        for d in data {
+            if d.is_write_only() {
+                return VIRTIO_BLK_S_IOERR;
+            }
+            buf.resize(d.len() as usize, 0);
+            if mem.read_slice(&mut buf, d.addr()).is_err()
+                || self.file.write_all_at(&buf, off).is_err()
+            {
+                return VIRTIO_BLK_S_IOERR;
+            }
+            off += d.len() as u64;
+        }
+        VIRTIO_BLK_S_OK
+    }
+}
+
+/// A virtio-net device on a tap (no offloads, no mergeable buffers).
+pub(crate) struct Net {
+    tap: Tap,
+    mac: [u8; 6],
+    pending_rx: Option<Vec<u8>>,
+    buf: Vec<u8>,
+}
+
+impl Net {
+    pub(crate) fn new(tap: Tap, mac: [u8; 6]) -> Net {
+        Net {
+            tap,
+            mac,
+            pending_rx: None,
+            buf: vec![0; MAX_FRAME],
+        }
+    }
+
+    fn tx(&mut self, q: &mut Queue, mem: &GuestMemoryMmap) -> Result<bool, VmmError> {
+        let mut used = false;
+        while let Some(chain) = q.pop_descriptor_chain(mem) {
+            let head = chain.head_index();
+            let mut frame = Vec::new();
+            for d in chain {
+                if d.is_write_only() || frame.len() + d.len() as usize > MAX_FRAME + NET_HDR_LEN {
+                    break;
+                }
+                let start = frame.len();
+                frame.resize(start + d.len() as usize, 0);
+                if mem.read_slice(&mut frame[start..], d.addr()).is_err() {
+                    frame.truncate(start);
+                    break;
+                }
+            }
+            if frame.len() > NET_HDR_LEN {
+                // A full tap queue drops the frame, as a NIC would.
+                let _ = self.tap.write(&frame[NET_HDR_LEN..]);
+            }
+            q.add_used(mem, head, 0)
+                .map_err(|e| VmmError::Memory(e.to_string()))?;
+            used = true;
+        }
+        Ok(used)
+    }
+
+    /// Moves frames from the tap into RX buffers. Returns (used any, keep polling tap).
+    fn rx(&mut self, q: &mut Queue, mem: &GuestMemoryMmap) -> Result<(bool, bool), VmmError> {
+        let mut used = false;
+        loop {
+            if self.pending_rx.is_none() {
+                match self.tap.read(&mut self.buf) {
+                    Ok(n) => self.pending_rx = Some(self.buf[..n].to_vec()),
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok((used, true)),
+                    Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        return Err(VmmError::Io {
+                            what: "read tap".into(),
+                            source: e,
+                        });
+                    }
+                }
+            }
+            let Some(chain) = q.pop_descriptor_chain(mem) else {
+                // No guest buffer: stop polling the tap until the guest adds some.
+                return Ok((used, false));
+            };
+            let head = chain.head_index();
+            let frame = self.pending_rx.take().unwrap_or_default();
+            let mut hdr = [0u8; NET_HDR_LEN];
+            hdr[10] = 1; // num_buffers
+            let mut src: Vec<u8> = hdr.to_vec();
+            src.extend_from_slice(&frame);
+            let mut off = 0usize;
+            for d in chain {
+                if off >= src.len() {
+                    break;
+                }
+                if !d.is_write_only() {
+                    break;
+                }
+                let n = (d.len() as usize).min(src.len() - off);
+                if mem.write_slice(&src[off..off + n], d.addr()).is_err() {
+                    break;
+                }
+                off += n;
+            }
+            q.add_used(mem, head, off as u32)
+                .map_err(|e| VmmError::Memory(e.to_string()))?;
+            used = true;
+        }
+    }
+}
+
+/// The device behind a transport.
+pub(crate) enum DeviceKind {
+    Blk(Blk),
+    Net(Net),
+}
+
+impl DeviceKind {
+    fn device_id(&self) -> u32 {
+        match self {
+            DeviceKind::Net(_) => 1,
+            DeviceKind::Blk(_) => 2,
+        }
+    }
+    fn features(&self) -> u64 {
+        match self {
+            DeviceKind::Blk(b) => {
+                VIRTIO_F_VERSION_1
+                    | VIRTIO_BLK_F_FLUSH
+                    | if b.read_only { VIRTIO_BLK_F_RO } else { 0 }
+            }
+            DeviceKind::Net(_) => VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MAC,
+        }
+    }
+    fn num_queues(&self) -> usize {
+        match self {
+            DeviceKind::Blk(_) => 1,
+            DeviceKind::Net(_) => 2,
+        }
+    }
+    fn config(&self) -> Vec<u8> {
+        match self {
+            DeviceKind::Blk(b) => b.sectors.to_le_bytes().to_vec(),
+            DeviceKind::Net(n) => n.mac.to_vec(),
+        }
+    }
+}
+
+/// virtio-mmio v2 register file plus the device.
+pub(crate) struct MmioTransport {
+    dev: DeviceKind,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    acked_features: u64,
+    queue_sel: u32,
+    queues: Vec<Queue>,
+    status: u32,
+    interrupt_status: u32,
+    config_generation: u32,
+    irq: EventFd,
+    pub(crate) queue_evts: Vec<EventFd>,
+}
+
+impl MmioTransport {
+    pub(crate) fn new(dev: DeviceKind, irq: EventFd) -> Result<Self, VmmError> {
+        let n = dev.num_queues();
+        let mut queues = Vec::with_capacity(n);
+        let mut queue_evts = Vec::with_capacity(n);
+        for _ in 0..n {
+            queues.push(Queue::new(QUEUE_MAX).map_err(|e| VmmError::Config(e.to_string()))?);
+            queue_evts.push(EventFd::new(EFD_NONBLOCK).map_err(VmmError::io("eventfd"))?);
+        }
+        Ok(MmioTransport {
+            dev,
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            acked_features: 0,
+            queue_sel: 0,
+            queues,
+            status: 0,
+            interrupt_status: 0,
+            config_generation: 0,
+            irq,
+            queue_evts,
+        })
+    }
+
+    fn activated(&self) -> bool {
+        self.status & STATUS_DRIVER_OK != 0
+    }
+
+    fn reset(&mut self) {
+        self.status = 0;
+        self.acked_features = 0;
+        self.interrupt_status = 0;
+        self.queue_sel = 0;
+        for q in &mut self.queues {
+            q.reset();
+        }
+        if let DeviceKind::Net(n) = &mut self.dev {
+            n.pending_rx = None;
+        }
+    }
+
+    fn selected(&mut self) -> Option<&mut Queue> {
+        self.queues.get_mut(self.queue_sel as usize)
+    }
+
+    pub(crate) fn read(&mut self, off: u64, data: &mut [u8]) {
+        if off >= 0x100 {
+            let cfg = self.dev.config();
+            for (i, b) in data.iter_mut().enumerate() {
+                *b = cfg.get(off as usize - 0x100 + i).copied().unwrap_or(0);
+            }
+            return;
+        }
+        if data.len() != 4 {
+            data.fill(0);
+            return;
+        }
+        let v: u32 = match off {
+            0x000 => MAGIC,
+            0x004 => 2,
+            0x008 => self.dev.device_id(),
+            0x00c => VENDOR_ID,
+            0x010 => match self.device_features_sel {
+                0 => self.dev.features() as u32,
+                1 => (self.dev.features() >> 32) as u32,
+                _ => 0,
+            },
+            0x034 => self.selected().map(|q| q.max_size() as u32).unwrap_or(0),
+            0x044 => self.selected().map(|q| q.ready() as u32).unwrap_or(0),
+            0x060 => self.interrupt_status,
+            0x070 => self.status,
+            0x0fc => self.config_generation,
+            _ => 0,
+        };
+        data.copy_from_slice(&v.to_le_bytes());
+    }
+
+    pub(crate) fn write(&mut self, off: u64, data: &[u8]) {
+        if off >= 0x100 || data.len() != 4 {
+            return; // config space is read-only for blk and net
+        }
+        let v = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
+        let driver_ok = self.activated();
+        match off {
+            0x014 => self.device_features_sel = v,
+            0x020 if !driver_ok => {
+                let shift = match self.driver_features_sel {
+                    0 => 0,
+                    1 => 32,
+                    _ => return,
+                };
+                let mask = 0xffff_ffffu64 << shift;
+                self.acked_features = (self.acked_features & !mask) | ((v as u64) << shift);
+            }
+            0x024 => self.driver_features_sel = v,
+            0x030 => self.queue_sel = v,
+            0x038 if !driver_ok => {
+                if let Some(q) = self.selected() {
+                    q.set_size(v as u16);
+                }
+            }
+            0x044 => {
+                if let Some(q) = self.selected() {
+                    q.set_ready(v == 1);
+                }
+            }
+            0x050 => {
+                // Normally caught by the ioeventfd in KVM; forward if it reaches us.
+                if let Some(e) = self.queue_evts.get(v as usize) {
+                    let _ = e.write(1);
+                }
+            }
+            0x064 => self.interrupt_status &= !v,
+            0x070 => {
+                if v == 0 {
+                    self.reset();
+                } else {
+                    let mut v = v;
+                    if v & STATUS_FEATURES_OK != 0
+                        && self.status & STATUS_FEATURES_OK == 0
+                        && (self.acked_features & !self.dev.features() != 0
+                            || self.acked_features & VIRTIO_F_VERSION_1 == 0)
+                    {
+                        v &= !STATUS_FEATURES_OK;
+                    }
+                    self.status = v | (self.status & STATUS_ACKNOWLEDGE);
+                }
+            }
+            0x080 | 0x084 | 0x090 | 0x094 | 0x0a0 | 0x0a4 if !driver_ok => {
+                let (lo, hi) = if off & 4 == 0 {
+                    (Some(v), None)
+                } else {
+                    (None, Some(v))
+                };
+                if let Some(q) = self.selected() {
+                    match off & !4 {
+                        0x080 => q.set_desc_table_address(lo, hi),
+                        0x090 => q.set_avail_ring_address(lo, hi),
+                        _ => q.set_used_ring_address(lo, hi),
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn signal_used(&mut self) {
+        self.interrupt_status |= 1;
+        let _ = self.irq.write(1);
+    }
+
+    /// Serves queue `qi`. Returns whether the tap (net only) should be polled.
+    fn process(&mut self, qi: usize, mem: &GuestMemoryMmap) -> Result<Option<bool>, VmmError> {
+        if !self.activated() {
+            return Ok(Some(false));
+        }
+        let (used, want_tap) = match &mut self.dev {
+            DeviceKind::Blk(b) => {
+                let Some(q) = self.queues.get_mut(qi) else {
+                    return Ok(None);
+                };
+                let mut used = false;
+                while let Some(chain) = q.pop_descriptor_chain(mem) {
+                    let head = chain.head_index();
+                    let descs: Vec<Descriptor> = chain.collect();
+                    let n = b.handle(&descs, mem);
+                    q.add_used(mem, head, n)
+                        .map_err(|e| VmmError::Memory(e.to_string()))?;
+                    used = true;
+                }
+                (used, None)
+            }
+            DeviceKind::Net(n) => {
+                let (rxq, rest) = self.queues.split_at_mut(1);
+                if qi == 1 {
+                    (n.tx(&mut rest[0], mem)?, None)
+                } else {
+                    let (u, w) = n.rx(&mut rxq[0], mem)?;
+                    (u, Some(w))
+                }
+            }
+        };
+        if used {
+            self.signal_used();
+        }
+        Ok(want_tap)
+    }
+}
+
+const STOP_TOKEN: u64 = u64::MAX;
+const TAP_TOKEN: u64 = 1 << 32;
+
+/// The device thread: waits on queue ioeventfds and taps.
+pub(crate) struct Worker {
+    transports: Vec<Arc<Mutex<MmioTransport>>>,
+    mem: Arc<GuestMemoryMmap>,
+    epoll: Epoll,
+    tap_fds: Vec<Option<i32>>,
+    tap_armed: Vec<bool>,
+}
+
+impl Worker {
+    pub(crate) fn new(
+        transports: Vec<Arc<Mutex<MmioTransport>>>,
+        mem: Arc<GuestMemoryMmap>,
+    ) -> Result<Worker, VmmError> {
+        let epoll = Epoll::new().map_err(VmmError::io("epoll_create"))?;
+        let mut tap_fds = Vec::new();
+        for (i, t) in transports.iter().enumerate() {
+            let t = lock(t);
+            for (q, e) in t.queue_evts.iter().enumerate() {
+                epoll
+                    .ctl(
+                        ControlOperation::Add,
+                        e.as_raw_fd(),
+                        EpollEvent::new(EventSet::IN, ((i as u64) << 8) | q as u64),
+                    )
+                    .map_err(VmmError::io("epoll_ctl"))?;
+            }
+            tap_fds.push(match &t.dev {
+                DeviceKind::Net(n) => Some(n.tap.as_raw_fd()),
+                DeviceKind::Blk(_) => None,
+            });
+        }
+        let n = tap_fds.len();
+        Ok(Worker {
+            transports,
+            mem,
+            epoll,
+            tap_fds,
+            tap_armed: vec![false; n],
+        })
+    }
+
+    fn arm_tap(&mut self, dev: usize, want: bool) -> io::Result<()> {
+        let Some(Some(fd)) = self.tap_fds.get(dev).copied() else {
+            return Ok(());
+        };
+        if self.tap_armed[dev] == want {
+            return Ok(());
+        }
+        let op = if want {
+            ControlOperation::Add
+        } else {
+            ControlOperation::Delete
+        };
+        self.epoll
+            .ctl(op, fd, EpollEvent::new(EventSet::IN, TAP_TOKEN | dev as u64))?;
+        self.tap_armed[dev] = want;
+        Ok(())
+    }
+
+    pub(crate) fn run(mut self, stop: &EventFd) -> Result<(), VmmError> {
+        self.epoll
+            .ctl(
+                ControlOperation::Add,
+                stop.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, STOP_TOKEN),
+            )
+            .map_err(VmmError::io("epoll_ctl"))?;
+        for dev in 0..self.tap_fds.len() {
+            self.arm_tap(dev, true).map_err(VmmError::io("epoll_ctl"))?;
+        }
+        let mut events = vec![EpollEvent::default(); 32];
+        loop {
+            let n = match self.epoll.wait(-1, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => return Err(VmmError::io("epoll_wait")(e)),
+            };
+            for ev in &events[..n] {
+                let token = ev.data();
+                if token == STOP_TOKEN {
+                    return Ok(());
+                }
+                let (dev, qi) = if token & TAP_TOKEN != 0 {
+                    ((token & 0xffff) as usize, 0usize)
+                } else {
+                    ((token >> 8) as usize, (token & 0xff) as usize)
+                };
+                let Some(t) = self.transports.get(dev).cloned() else {
+                    continue;
+                };
+                let mut t = lock(&t);
+                if token & TAP_TOKEN == 0
+                    && let Some(e) = t.queue_evts.get(qi)
+                {
+                    let _ = e.read();
+                }
+                let want = t.process(qi, &self.mem)?;
+                drop(t);
+                if let Some(want) = want {
+                    self.arm_tap(dev, want).map_err(VmmError::io("epoll_ctl"))?;
+                }
+            }
+        }
+    }
+}
