@@ -89,10 +89,11 @@ impl DepGraph {
                 continue;
             };
             if let Some(path) = self.find_cycle(start, &members) {
-                // The graph points dependency -> dependent; print "depends on" order.
-                let mut ids: Vec<ResourceId> =
-                    path.iter().rev().map(|n| self.graph[*n].clone()).collect();
-                ids.push(ids[0].clone());
+                // `path` follows dependency -> dependent edges from `start`; "depends on"
+                // order is start, then the path backwards, then start again.
+                let mut ids = vec![self.graph[start].clone()];
+                ids.extend(path.iter().skip(1).rev().map(|n| self.graph[*n].clone()));
+                ids.push(self.graph[start].clone());
                 out.push(ids);
             }
         }

@@ -17,7 +17,7 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 
 use crate::resource::{
-    API_VERSION, Desired, Kind, Metadata, Origin, Pos, Resource, ResourceId, Spec,
+    API_VERSION, Desired, Kind, Metadata, NodePos, Origin, Pos, Resource, ResourceId, Spec,
 };
 
 /// One problem found in the manifests, with its location.
@@ -191,10 +191,17 @@ fn pos_of(n: &MarkedYaml<'_>) -> Pos {
 fn to_json(
     node: &MarkedYaml<'_>,
     ptr: String,
-    spans: &mut BTreeMap<String, Pos>,
+    spans: &mut BTreeMap<String, NodePos>,
     errs: &mut Vec<(String, String)>,
 ) -> Value {
-    spans.entry(ptr.clone()).or_insert_with(|| pos_of(node));
+    let here = pos_of(node);
+    spans
+        .entry(ptr.clone())
+        .and_modify(|p| p.value = here)
+        .or_insert(NodePos {
+            key: here,
+            value: here,
+        });
     match &node.data {
         YamlData::Value(s) => scalar_to_json(s),
         YamlData::Representation(text, _, _) => Value::String(text.to_string()),
@@ -219,12 +226,15 @@ fn to_json(
                     }
                 };
                 let child = format!("{ptr}/{}", escape_ptr(&key));
-                // Point collections at their key (the value starts on the next line);
-                // point scalars at the value itself.
-                if matches!(v.data, YamlData::Mapping(_) | YamlData::Sequence(_)) {
-                    spans.insert(child.clone(), pos_of(k));
+                let key_pos = pos_of(k);
+                let val = to_json(v, child.clone(), spans, errs);
+                if let Some(p) = spans.get_mut(&child) {
+                    p.key = key_pos;
+                    // A block collection starts on the next line: point at its key.
+                    if matches!(v.data, YamlData::Mapping(_) | YamlData::Sequence(_)) {
+                        p.value = key_pos;
+                    }
                 }
-                let val = to_json(v, child, spans, errs);
                 obj.insert(key, val);
             }
             Value::Object(obj)
@@ -254,9 +264,14 @@ fn scalar_to_json(s: &Scalar<'_>) -> Value {
 }
 
 fn diag(origin: &Origin, ptr: &str, message: String, hint: Option<String>) -> Diagnostic {
+    let pos = if message.starts_with("unknown field") {
+        origin.key_pos_of(ptr)
+    } else {
+        origin.pos_of(ptr)
+    };
     Diagnostic {
         file: origin.file.clone(),
-        pos: origin.pos_of(ptr),
+        pos,
         field: pointer_to_field(ptr),
         message,
         hint,

@@ -302,7 +302,16 @@ pub struct Origin {
     /// Position of the document's root node.
     pub pos: Pos,
     /// Positions of every node, keyed by JSON pointer (`/spec/interfaces/0/network`).
-    pub spans: Arc<BTreeMap<String, Pos>>,
+    pub spans: Arc<BTreeMap<String, NodePos>>,
+}
+
+/// Where a node is: its value, and the key that names it (for mapping entries).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct NodePos {
+    /// Position of the key (same as `value` for sequence items and the root).
+    pub key: Pos,
+    /// Position of the value.
+    pub value: Pos,
 }
 
 impl Origin {
@@ -311,12 +320,20 @@ impl Origin {
         let mut p = pointer;
         loop {
             if let Some(pos) = self.spans.get(p) {
-                return *pos;
+                return pos.value;
             }
             match p.rfind('/') {
                 Some(i) => p = &p[..i],
                 None => return self.pos,
             }
+        }
+    }
+
+    /// The position of the key naming the node at `pointer` (e.g. an unknown field).
+    pub fn key_pos_of(&self, pointer: &str) -> Pos {
+        match self.spans.get(pointer) {
+            Some(p) => p.key,
+            None => self.pos_of(pointer),
         }
     }
 

@@ -1,0 +1,277 @@
+//! Loader and validation tests: every rule, every error with its location.
+
+use std::path::{Path, PathBuf};
+
+use stead_schema::{Diagnostic, Kind, ResourceId, load_and_validate};
+
+fn load(text: &str) -> Result<stead_schema::Desired, Vec<Diagnostic>> {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("m.yaml");
+    std::fs::write(&p, text).unwrap();
+    let r = load_and_validate(&[p]);
+    // Normalise file names so assertions can ignore the temp dir.
+    r.map_err(|errs| {
+        errs.into_iter()
+            .map(|mut d| {
+                d.file = PathBuf::from("m.yaml");
+                d
+            })
+            .collect()
+    })
+}
+
+fn errors(text: &str) -> Vec<String> {
+    match load(text) {
+        Ok(_) => panic!("expected errors"),
+        Err(e) => e.iter().map(|d| d.to_string()).collect(),
+    }
+}
+
+const POOL: &str = "apiVersion: stead.dev/v1alpha1
+kind: StoragePool
+metadata: {name: local}
+spec: {type: dir, path: /var/lib/stead/pools/local, content: [images, rootdir, backup]}
+";
+
+#[test]
+fn loads_a_valid_set() {
+    let text = format!(
+        "{POOL}---
+apiVersion: stead.dev/v1alpha1
+kind: Volume
+metadata: {{name: data}}
+spec: {{pool: local, size: 16Mi, deletionPolicy: Delete}}
+"
+    );
+    let d = load(&text).unwrap();
+    assert_eq!(d.len(), 2);
+    let v = d.get(&ResourceId::new(Kind::Volume, "data")).unwrap();
+    assert_eq!(v.origin.pos.line, 6);
+}
+
+#[test]
+fn reports_every_error_with_position() {
+    let text = "apiVersion: stead.dev/v1alpha1
+kind: Volume
+metadata: {name: data}
+spec:
+  pool: local
+  size: 12Q
+  colour: blue
+---
+apiVersion: stead.dev/v1alpha1
+kind: Netwrk
+metadata: {name: lan0}
+spec: {}
+---
+apiVersion: stead.dev/v1
+kind: Network
+metadata: {name: Bad_Name}
+spec: {mtu: 1500, adresses: [10.0.0.1/24]}
+";
+    let e = errors(text);
+    let joined = e.join("\n");
+    assert!(
+        joined.contains("m.yaml:6:9: spec.size: invalid size suffix"),
+        "{joined}"
+    );
+    assert!(
+        joined.contains("m.yaml:7:3: spec.colour: unknown field `colour`"),
+        "{joined}"
+    );
+    assert!(
+        joined.contains("m.yaml:10:7: kind: unknown kind \"Netwrk\""),
+        "{joined}"
+    );
+    assert!(
+        joined.contains("m.yaml:14:13: apiVersion: unsupported apiVersion"),
+        "{joined}"
+    );
+    assert!(
+        joined.contains("m.yaml:16:18: metadata.name: invalid name"),
+        "{joined}"
+    );
+    assert!(
+        joined.contains("spec.adresses: unknown field `adresses`"),
+        "{joined}"
+    );
+    assert!(joined.contains("did you mean `addresses`?"), "{joined}");
+    // Volume references pool local which is not defined? The volume failed to load, so no.
+    assert_eq!(e.len(), 6, "{joined}");
+}
+
+#[test]
+fn syntax_error_has_position() {
+    let e = errors("apiVersion: stead.dev/v1alpha1\nkind: [unclosed\n");
+    assert_eq!(e.len(), 1);
+    assert!(
+        e[0].starts_with("m.yaml:3:") || e[0].starts_with("m.yaml:2:"),
+        "{e:?}"
+    );
+    assert!(e[0].contains("YAML syntax error"));
+}
+
+#[test]
+fn dangling_reference_points_at_the_referencing_line() {
+    let text = "apiVersion: stead.dev/v1alpha1
+kind: Volume
+metadata: {name: data}
+spec:
+  size: 1Gi
+  pool: locl
+";
+    let e = errors(&format!("{POOL}---\n{text}"));
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(e[0].contains("m.yaml:11:9"), "{e:?}");
+    assert!(
+        e[0].contains("references StoragePool/locl which is not defined"),
+        "{e:?}"
+    );
+    assert!(e[0].contains("did you mean StoragePool/local?"), "{e:?}");
+}
+
+#[test]
+fn duplicate_names_and_cycles() {
+    let a = "apiVersion: stead.dev/v1alpha1
+kind: Network
+metadata: {name: a}
+spec: {dependsOn: [Network/b]}
+---
+apiVersion: stead.dev/v1alpha1
+kind: Network
+metadata: {name: b}
+spec: {dependsOn: [Network/a]}
+---
+apiVersion: stead.dev/v1alpha1
+kind: Network
+metadata: {name: b}
+spec: {}
+";
+    let e = errors(a).join("\n");
+    assert!(e.contains("duplicate Network/b: also defined at"), "{e}");
+    assert!(
+        e.contains("dependency cycle: Network/a -> Network/b -> Network/a"),
+        "{e}"
+    );
+}
+
+#[test]
+fn conflicts_ip_mac_and_rw_volume() {
+    let text = format!(
+        "{POOL}---
+apiVersion: stead.dev/v1alpha1
+kind: Network
+metadata: {{name: lan0}}
+spec: {{addresses: [10.10.0.1/24]}}
+---
+apiVersion: stead.dev/v1alpha1
+kind: Volume
+metadata: {{name: shared}}
+spec: {{pool: local, size: 1Gi}}
+---
+apiVersion: stead.dev/v1alpha1
+kind: Container
+metadata: {{name: a}}
+spec:
+  rootfs: {{path: /srv/a}}
+  interfaces: [{{name: eth0, network: lan0, address: 10.10.0.1/24, mac: \"52:54:00:00:00:01\"}}]
+  mounts: [{{volume: shared, path: /data}}]
+---
+apiVersion: stead.dev/v1alpha1
+kind: VirtualMachine
+metadata: {{name: vm}}
+spec:
+  cpus: 1
+  memory: 64Mi
+  boot: {{kernel: /k}}
+  disks: [{{volume: shared}}]
+  interfaces: [{{network: lan0, mac: \"52:54:00:00:00:01\"}}]
+"
+    );
+    let e = errors(&text).join("\n");
+    assert!(
+        e.contains("address 10.10.0.1 on network lan0 is already used by Network/lan0"),
+        "{e}"
+    );
+    assert!(
+        e.contains("MAC 52:54:00:00:00:01 is already used by Container/a"),
+        "{e}"
+    );
+    assert!(
+        e.contains("volume shared is attached read-write twice"),
+        "{e}"
+    );
+}
+
+#[test]
+fn rules_per_kind() {
+    let text = "apiVersion: stead.dev/v1alpha1
+kind: Network
+metadata: {name: averyveryverylongbridge}
+spec: {type: vxlan, mtu: 20, nat: {enabled: true}}
+---
+apiVersion: stead.dev/v1alpha1
+kind: Container
+metadata: {name: c}
+spec:
+  rootfs: {path: relative/dir, template: /t.tar}
+  interfaces: [{name: eth0, network: averyveryverylongbridge, vlan: 10}]
+---
+apiVersion: stead.dev/v1alpha1
+kind: BackupSchedule
+metadata: {name: nightly}
+spec: {schedule: \"0 2 * *\", targets: {}, storage: x}
+";
+    let e = errors(text).join("\n");
+    for want in [
+        "at most 15 bytes",
+        "type vxlan needs a `vxlan` block",
+        "mtu 20 is out of range",
+        "NAT needs at least one host address",
+        "rootfs needs exactly one of template, path, volume (2 given)",
+        "must be an absolute path",
+        "is not vlanAware",
+        "invalid cron schedule",
+    ] {
+        assert!(e.contains(want), "missing {want:?} in\n{e}");
+    }
+}
+
+#[test]
+fn directory_is_walked_sorted() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("sub")).unwrap();
+    std::fs::write(
+        dir.path().join("sub/b.yml"),
+        POOL.replace("local", "b").replace("/pools/b", "/pools/bb"),
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("a.yaml"), POOL).unwrap();
+    std::fs::write(dir.path().join("notes.txt"), "not yaml").unwrap();
+    let files = stead_schema::load::collect_files(&[dir.path().to_path_buf()]).unwrap();
+    let names: Vec<&Path> = files
+        .iter()
+        .map(|f| f.strip_prefix(dir.path()).unwrap())
+        .collect();
+    assert_eq!(names, [Path::new("a.yaml"), Path::new("sub/b.yml")]);
+    assert_eq!(
+        load_and_validate(&[dir.path().to_path_buf()])
+            .unwrap()
+            .len(),
+        2
+    );
+}
+
+#[test]
+fn checked_in_schema_is_current() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("stead.schema.json");
+    let current = stead_schema::schema::json_schema_text();
+    if std::env::var_os("STEAD_UPDATE_SCHEMA").is_some() {
+        std::fs::write(&path, &current).unwrap();
+    }
+    let on_disk = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        on_disk == current,
+        "schema/stead.schema.json is stale: run `STEAD_UPDATE_SCHEMA=1 cargo test -p stead-schema --test load checked_in_schema_is_current`"
+    );
+}
