@@ -5,6 +5,7 @@
  * mode on every vCPU. The command line (NUL-terminated) selects what the guest does:
  *
  *   mode=hello    print a greeting, power off
+ *   mode=halt     print, then halt forever with interrupts off (ignores everything)
  *   mode=reset    print, then reset through the i8042 (port 0x64 <- 0xfe)
  *   mode=smp      every vCPU prints its id; vCPU 0 powers off once all have printed
  *   mode=blk      drive the virtio-blk device at 0xd0000000: read sector 0, write a
@@ -517,6 +518,9 @@ void guest_main(u64 cpu, u64 ncpus, const char *cmdline)
     if (starts_with(mode, "hello")) {
         puts_("hello from stead tiny guest\n");
         power_off();
+    } else if (starts_with(mode, "halt")) {
+        puts_("halting\n");
+        halt_forever();
     } else if (starts_with(mode, "reset")) {
         puts_("resetting\n");
         outb(0x64, 0xfe);
