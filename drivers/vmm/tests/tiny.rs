@@ -160,7 +160,7 @@ fn control_socket_pause_resume_shutdown() {
     let mut cfg = tiny("tick");
     cfg.run_dir = Some(run_dir.clone());
     cfg.serial_log = Some(dir.path().join("serial.log"));
-    cfg.seccomp = false; // the test harness thread runs the VMM main loop
+    cfg.seccomp = true; // confines the spawned thread running the VMM main loop too
     let t = std::thread::spawn(move || stead_vmm::run_vmm_process(cfg).unwrap());
     let sock = run_dir.join("control.sock");
     let deadline = Instant::now() + Duration::from_secs(10);
