@@ -72,7 +72,10 @@ pub fn ram_regions(mem_bytes: u64) -> Vec<(GuestAddress, usize)> {
     } else {
         vec![
             (GuestAddress(0), MMIO_GAP_START as usize),
-            (GuestAddress(MMIO_GAP_END), (mem_bytes - MMIO_GAP_START) as usize),
+            (
+                GuestAddress(MMIO_GAP_END),
+                (mem_bytes - MMIO_GAP_START) as usize,
+            ),
         ]
     }
 }
@@ -136,7 +139,11 @@ pub fn load_guest(
         let r = BzImage::load(mem, None, &mut f, Some(GuestAddress(HIMEM_START)))
             .map_err(|e| VmmError::Loader(e.to_string()))?;
         // The 64-bit entry point of a bzImage is 0x200 past its protected-mode load address.
-        (r.kernel_load.raw_value() + 0x200, r.kernel_end, r.setup_header)
+        (
+            r.kernel_load.raw_value() + 0x200,
+            r.kernel_end,
+            r.setup_header,
+        )
     };
 
     let mut params = boot_params::default();
@@ -199,7 +206,8 @@ pub fn is_linux_image(kernel: &Path) -> Result<bool, VmmError> {
         what: format!("read {}", kernel.display()),
         source: e,
     })?;
-    Ok((n >= 4 && head[..4] == [0x7f, b'E', b'L', b'F']) || (n >= 0x206 && &head[0x202..0x206] == b"HdrS"))
+    Ok((n >= 4 && head[..4] == [0x7f, b'E', b'L', b'F'])
+        || (n >= 0x206 && &head[0x202..0x206] == b"HdrS"))
 }
 
 fn read_full(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {

@@ -375,7 +375,12 @@ impl VmHandle {
             match c.state {
                 RunState::Running => c.state = RunState::Paused,
                 RunState::Paused => return Ok(()),
-                s => return Err(VmmError::Control(format!("cannot pause: VM is {}", s.as_str()))),
+                s => {
+                    return Err(VmmError::Control(format!(
+                        "cannot pause: VM is {}",
+                        s.as_str()
+                    )));
+                }
             }
         }
         loop {
@@ -507,7 +512,7 @@ impl Vm {
                 cfg.vcpus
             )));
         }
-        if cfg.mem_bytes < (16 << 20) || cfg.mem_bytes % 4096 != 0 {
+        if cfg.mem_bytes < (16 << 20) || !cfg.mem_bytes.is_multiple_of(4096) {
             return Err(VmmError::Config(
                 "mem_bytes must be at least 16 MiB and a multiple of 4 KiB".into(),
             ));
@@ -534,11 +539,14 @@ impl Vm {
             };
             // SAFETY: the region is a live mapping owned by `mem`, which the Vm keeps
             // alive (in an Arc) for as long as the VM fd exists.
-            unsafe { vm_fd.set_user_memory_region(r) }.map_err(kerr("KVM_SET_USER_MEMORY_REGION"))?;
+            unsafe { vm_fd.set_user_memory_region(r) }
+                .map_err(kerr("KVM_SET_USER_MEMORY_REGION"))?;
         }
         // Needed on Intel; other KVM flavours may not implement it.
         let _ = vm_fd.set_tss_address(0xfffb_d000);
-        vm_fd.create_irq_chip().map_err(kerr("KVM_CREATE_IRQCHIP"))?;
+        vm_fd
+            .create_irq_chip()
+            .map_err(kerr("KVM_CREATE_IRQCHIP"))?;
         let pit = kvm_pit_config {
             flags: KVM_PIT_SPEAKER_DUMMY,
             ..Default::default()
@@ -619,11 +627,17 @@ impl Vm {
             Ok(())
         };
         for d in &cfg.disks {
-            add(virtio::DeviceKind::Blk(virtio::Blk::open(d)?), &mut transports)?;
+            add(
+                virtio::DeviceKind::Blk(virtio::Blk::open(d)?),
+                &mut transports,
+            )?;
         }
         for n in &cfg.nets {
             let tap = tap::Tap::open(&n.tap)?;
-            add(virtio::DeviceKind::Net(virtio::Net::new(tap, n.mac)), &mut transports)?;
+            add(
+                virtio::DeviceKind::Net(virtio::Net::new(tap, n.mac)),
+                &mut transports,
+            )?;
         }
 
         let bus = Arc::new(devices::Bus::new(

@@ -569,8 +569,11 @@ impl Worker {
         } else {
             ControlOperation::Delete
         };
-        self.epoll
-            .ctl(op, fd, EpollEvent::new(EventSet::IN, TAP_TOKEN | dev as u64))?;
+        self.epoll.ctl(
+            op,
+            fd,
+            EpollEvent::new(EventSet::IN, TAP_TOKEN | dev as u64),
+        )?;
         self.tap_armed[dev] = want;
         Ok(())
     }

@@ -1,5 +1,7 @@
 //! virtio-net on a tap, inside a private network namespace created by the test.
 
+#![allow(clippy::unwrap_used)] // unwrap is fine in tests
+
 mod common;
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -32,9 +34,15 @@ fn link_up(name: &str) {
         check(s, "socket");
         let s = OwnedFd::from_raw_fd(s);
         let mut req = ifreq(name);
-        check(libc::ioctl(s.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req), "SIOCGIFFLAGS");
+        check(
+            libc::ioctl(s.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req),
+            "SIOCGIFFLAGS",
+        );
         req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
-        check(libc::ioctl(s.as_raw_fd(), libc::SIOCSIFFLAGS, &req), "SIOCSIFFLAGS");
+        check(
+            libc::ioctl(s.as_raw_fd(), libc::SIOCSIFFLAGS, &req),
+            "SIOCSIFFLAGS",
+        );
     }
 }
 
@@ -45,7 +53,11 @@ fn packet_socket(name: &str) -> (OwnedFd, libc::c_int) {
         let ifindex = libc::if_nametoindex(cname.as_ptr()) as libc::c_int;
         assert!(ifindex > 0, "if_nametoindex");
         let proto = (libc::ETH_P_ALL as u16).to_be();
-        let s = libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, proto as i32);
+        let s = libc::socket(
+            libc::AF_PACKET,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            proto as i32,
+        );
         check(s, "socket(AF_PACKET)");
         let s = OwnedFd::from_raw_fd(s);
         let mut sll: libc::sockaddr_ll = std::mem::zeroed();
@@ -60,7 +72,10 @@ fn packet_socket(name: &str) -> (OwnedFd, libc::c_int) {
             ),
             "bind",
         );
-        let tv = libc::timeval { tv_sec: 0, tv_usec: 100_000 };
+        let tv = libc::timeval {
+            tv_sec: 0,
+            tv_usec: 100_000,
+        };
         check(
             libc::setsockopt(
                 s.as_raw_fd(),
@@ -77,7 +92,10 @@ fn packet_socket(name: &str) -> (OwnedFd, libc::c_int) {
 
 fn net_test_body() {
     // SAFETY: unshare affects only this (dedicated) thread's network namespace.
-    check(unsafe { libc::unshare(libc::CLONE_NEWNET) }, "unshare(CLONE_NEWNET)");
+    check(
+        unsafe { libc::unshare(libc::CLONE_NEWNET) },
+        "unshare(CLONE_NEWNET)",
+    );
     let mut cfg = tiny("net");
     cfg.nets.push(NetConfig {
         tap: TapSource::Name(TAP.into()),
@@ -96,7 +114,12 @@ fn net_test_body() {
     while Instant::now() < deadline && !got {
         // SAFETY: recv into a valid buffer of the given length.
         let n = unsafe {
-            libc::recv(sock.as_raw_fd(), buf.as_mut_ptr() as *mut libc::c_void, buf.len(), 0)
+            libc::recv(
+                sock.as_raw_fd(),
+                buf.as_mut_ptr() as *mut libc::c_void,
+                buf.len(),
+                0,
+            )
         };
         if n < 14 {
             continue;
@@ -107,7 +130,11 @@ fn net_test_body() {
             && f[..6] == [0xff; 6]
             && f[14..].starts_with(b"stead-guest-tx");
     }
-    assert!(got, "guest frame not seen on the tap; serial: {}", serial(&h));
+    assert!(
+        got,
+        "guest frame not seen on the tap; serial: {}",
+        serial(&h)
+    );
     assert!(wait_serial(&h, "net: tx done", Duration::from_secs(10)));
 
     // Host -> guest: a frame sent on the tap reaches the guest, which echoes it.

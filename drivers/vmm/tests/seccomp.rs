@@ -1,5 +1,7 @@
 //! Seccomp: a forbidden syscall in a VMM thread kills the VMM process with SIGSYS.
 
+#![allow(clippy::unwrap_used)] // unwrap is fine in tests
+
 mod common;
 
 use std::os::unix::process::ExitStatusExt;

@@ -1,5 +1,7 @@
 //! Real-KVM tests with the tiny guest built from `guests/`.
 
+#![allow(clippy::unwrap_used)] // unwrap is fine in tests
+
 mod common;
 
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -26,7 +28,10 @@ fn serial_hello() {
     }));
     let exit = vm.run().unwrap();
     let out = serial(&h);
-    assert!(out.contains("hello from stead tiny guest"), "serial: {out:?}");
+    assert!(
+        out.contains("hello from stead tiny guest"),
+        "serial: {out:?}"
+    );
     assert_eq!(exit, ExitReason::Shutdown);
     assert_eq!(std::fs::read_to_string(&log).unwrap(), out);
     assert_eq!(*seen.lock().unwrap(), out.as_bytes());
@@ -70,16 +75,27 @@ fn virtio_blk_read_write_flush() {
     assert_eq!(vm.run().unwrap(), ExitReason::Shutdown);
     let out = serial(&h);
     assert!(out.contains("blk: capacity=2048 ro=0"), "serial: {out}");
-    assert!(out.contains("blk: read status=0 sector0=STEAD-SECTOR-0!!"), "serial: {out}");
+    assert!(
+        out.contains("blk: read status=0 sector0=STEAD-SECTOR-0!!"),
+        "serial: {out}"
+    );
     assert!(out.contains("blk: write status=0"), "serial: {out}");
     assert!(out.contains("blk: flush status=0"), "serial: {out}");
-    assert!(out.contains("blk: id status=0 id=disk.img"), "serial: {out}");
+    assert!(
+        out.contains("blk: id status=0 id=disk.img"),
+        "serial: {out}"
+    );
     assert!(out.contains("blk: done"), "serial: {out}");
     let mut f = std::fs::File::open(&path).unwrap();
     let mut sector1 = vec![0u8; 512];
     f.seek(SeekFrom::Start(512)).unwrap();
     f.read_exact(&mut sector1).unwrap();
-    let expect: Vec<u8> = b"STEAD-PATTERN-1-".iter().copied().cycle().take(512).collect();
+    let expect: Vec<u8> = b"STEAD-PATTERN-1-"
+        .iter()
+        .copied()
+        .cycle()
+        .take(512)
+        .collect();
     assert_eq!(sector1, expect);
 }
 
@@ -101,7 +117,10 @@ fn virtio_blk_read_only_refuses_write() {
     assert_eq!(vm.run().unwrap(), ExitReason::Shutdown);
     let out = serial(&h);
     assert!(out.contains("ro=1"), "serial: {out}");
-    assert!(out.contains("blk: read status=0 sector0=STEAD-SECTOR-0!!"), "serial: {out}");
+    assert!(
+        out.contains("blk: read status=0 sector0=STEAD-SECTOR-0!!"),
+        "serial: {out}"
+    );
     assert!(out.contains("blk: write status=1"), "serial: {out}");
     assert_eq!(std::fs::read(&path).unwrap(), before);
 }
@@ -118,7 +137,10 @@ fn smp_each_vcpu_reports() {
     assert_eq!(vm.run().unwrap(), ExitReason::Shutdown);
     let out = serial(&h);
     for id in 0..4 {
-        assert!(out.contains(&format!("smp: cpu {id} of 4\n")), "serial: {out}");
+        assert!(
+            out.contains(&format!("smp: cpu {id} of 4\n")),
+            "serial: {out}"
+        );
     }
     assert!(out.contains("smp: all cpus reported"), "serial: {out}");
 }
@@ -133,7 +155,11 @@ fn handle_pause_resume_shutdown() {
     let vm = Vm::new(cfg).unwrap();
     let h = vm.handle();
     let t = std::thread::spawn(move || vm.run().unwrap());
-    assert!(wait_serial(&h, "tick 2\n", Duration::from_secs(10)), "{}", serial(&h));
+    assert!(
+        wait_serial(&h, "tick 2\n", Duration::from_secs(10)),
+        "{}",
+        serial(&h)
+    );
     h.pause().unwrap();
     assert_eq!(h.state(), RunState::Paused);
     let len = h.serial_output().len();
@@ -147,7 +173,11 @@ fn handle_pause_resume_shutdown() {
     assert!(h.serial_output().len() > len, "guest did not resume");
     h.shutdown().unwrap();
     assert_eq!(t.join().unwrap(), ExitReason::Shutdown);
-    assert!(serial(&h).contains("tick: ctrl-alt-del, rebooting"), "{}", serial(&h));
+    assert!(
+        serial(&h).contains("tick: ctrl-alt-del, rebooting"),
+        "{}",
+        serial(&h)
+    );
 }
 
 #[test]
@@ -172,7 +202,10 @@ fn control_socket_pause_resume_shutdown() {
         }
     };
     let st = c.request("status").unwrap();
-    assert!(st.contains("\"ok\":true") && st.contains("\"state\":\"running\""), "{st}");
+    assert!(
+        st.contains("\"ok\":true") && st.contains("\"state\":\"running\""),
+        "{st}"
+    );
     let state = std::fs::read_to_string(run_dir.join("state.json")).unwrap();
     assert!(state.contains("\"state\":\"running\""), "{state}");
     assert!(c.request("pause").unwrap().contains("\"state\":\"paused\""));
@@ -181,15 +214,26 @@ fn control_socket_pause_resume_shutdown() {
             .unwrap()
             .contains("\"state\":\"paused\"")
     );
-    assert!(c.request("{\"command\":\"status\"}").unwrap().contains("paused"));
-    assert!(c.request("resume").unwrap().contains("\"state\":\"running\""));
+    assert!(
+        c.request("{\"command\":\"status\"}")
+            .unwrap()
+            .contains("paused")
+    );
+    assert!(
+        c.request("resume")
+            .unwrap()
+            .contains("\"state\":\"running\"")
+    );
     assert!(c.request("bogus").unwrap().contains("\"ok\":false"));
     assert!(c.request("shutdown").unwrap().contains("\"ok\":true"));
     drop(c);
     assert_eq!(t.join().unwrap(), ExitReason::Shutdown);
     assert!(!sock.exists(), "control socket left behind");
     let state = std::fs::read_to_string(run_dir.join("state.json")).unwrap();
-    assert!(state.contains("\"state\":\"exited\"") && state.contains("shutdown"), "{state}");
+    assert!(
+        state.contains("\"state\":\"exited\"") && state.contains("shutdown"),
+        "{state}"
+    );
 }
 
 #[test]
