@@ -1,0 +1,4 @@
+//! Backups: content-defined, deduplicated archives in a chunk store, cron schedules and
+//! Proxmox-style retention.
+
+pub mod retention;
