@@ -1,4 +1,57 @@
 //! Backups: content-defined, deduplicated archives in a chunk store, cron schedules and
 //! Proxmox-style retention.
+//!
+//! - [`retention`]: pure prune decisions (Proxmox VE / PBS semantics).
+//! - [`schedule`]: cron next-fire times in a time zone, catch-up after downtime.
+
+use std::path::PathBuf;
 
 pub mod retention;
+pub mod schedule;
+
+/// Errors of the backup module.
+#[derive(Debug, thiserror::Error)]
+pub enum BackupError {
+    /// A cron pattern or time zone is invalid.
+    #[error("invalid schedule: {0}")]
+    Schedule(String),
+    /// A file system operation failed.
+    #[error("{op} {path}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// On which path.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A manifest or state file cannot be parsed.
+    #[error("cannot parse {path}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The JSON error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// No backup with this id.
+    #[error("backup {0} not found")]
+    NotFound(String),
+    /// Bad input (arguments, names).
+    #[error("{0}")]
+    Invalid(String),
+    /// Restored data does not match the manifest.
+    #[error("integrity check failed: {0}")]
+    Integrity(String),
+}
+
+impl BackupError {
+    pub(crate) fn io(
+        op: &'static str,
+        path: impl Into<PathBuf>,
+    ) -> impl FnOnce(std::io::Error) -> Self {
+        let path = path.into();
+        move |source| BackupError::Io { op, path, source }
+    }
+}
