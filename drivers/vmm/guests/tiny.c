@@ -5,6 +5,8 @@
  * mode on every vCPU. The command line (NUL-terminated) selects what the guest does:
  *
  *   mode=hello    print a greeting, power off
+ *   mode=irq      interrupt-driven: 8259 + local APIC set up, waits (sti; hlt) for the
+ *                 serial THR-empty IRQ 4 and, with a disk, the virtio-blk IRQ 5
  *   mode=halt     print, then halt forever with interrupts off (ignores everything)
  *   mode=reset    print, then reset through the i8042 (port 0x64 <- 0xfe)
  *   mode=smp      every vCPU prints its id; vCPU 0 powers off once all have printed
@@ -461,6 +463,146 @@ static void mode_net(void)
     }
 }
 
+
+/* ---------------------------------------------------------------- interrupts */
+
+struct idt_gate {
+    u16 off_lo;
+    u16 sel;
+    u8 ist;
+    u8 type;
+    u16 off_mid;
+    u32 off_hi;
+    u32 zero;
+};
+
+static struct idt_gate idt[256] __attribute__((aligned(16)));
+static volatile u32 irq_count[16];
+
+struct interrupt_frame;
+
+static void pic_eoi(int irq)
+{
+    if (irq >= 8)
+        outb(0xa0, 0x20);
+    outb(0x20, 0x20);
+}
+
+#define ISR(n)                                                                   \
+    __attribute__((interrupt)) static void isr_irq##n(struct interrupt_frame *f) \
+    {                                                                            \
+        (void)f;                                                                 \
+        irq_count[n]++;                                                          \
+        pic_eoi(n);                                                              \
+    }
+ISR(0)
+ISR(1)
+ISR(2)
+ISR(3)
+ISR(4)
+ISR(5)
+ISR(6)
+ISR(7)
+
+static void set_gate(int vec, void (*h)(struct interrupt_frame *))
+{
+    u64 a = (u64)h;
+    idt[vec].off_lo = (u16)a;
+    idt[vec].sel = 0x08;
+    idt[vec].ist = 0;
+    idt[vec].type = 0x8e; /* present, DPL 0, 64-bit interrupt gate */
+    idt[vec].off_mid = (u16)(a >> 16);
+    idt[vec].off_hi = (u32)(a >> 32);
+    idt[vec].zero = 0;
+}
+
+static void irq_setup(u8 unmasked)
+{
+    void (*h[8])(struct interrupt_frame *) = {isr_irq0, isr_irq1, isr_irq2, isr_irq3,
+                                              isr_irq4, isr_irq5, isr_irq6, isr_irq7};
+    for (int i = 0; i < 8; i++)
+        set_gate(0x20 + i, h[i]);
+    struct __attribute__((packed)) {
+        u16 limit;
+        u64 base;
+    } idtr = {sizeof(idt) - 1, (u64)idt};
+    __asm__ volatile("lidt %0" ::"m"(idtr));
+    /* 8259: vectors 0x20 (master) / 0x28 (slave), edge triggered. */
+    outb(0x20, 0x11);
+    outb(0xa0, 0x11);
+    outb(0x21, 0x20);
+    outb(0xa1, 0x28);
+    outb(0x21, 4);
+    outb(0xa1, 2);
+    outb(0x21, 1);
+    outb(0xa1, 1);
+    outb(0x21, (u8)~unmasked);
+    outb(0xa1, 0xff);
+    /* Local APIC: software-enable, LINT0 = ExtINT unmasked (PIC output). */
+    w32(0xfee000f0, 0x1ff);
+    w32(0xfee00350, 0x700);
+}
+
+/* Waits (hlt with interrupts on) until IRQ `n` has fired at least `want` times. */
+static int irq_wait(int n, u32 want)
+{
+    for (int spins = 0; spins < 1000; spins++) {
+        __asm__ volatile("cli");
+        if (irq_count[n] >= want) {
+            return 1;
+        }
+        __asm__ volatile("sti; hlt; cli");
+    }
+    return 0;
+}
+
+static void mode_irq(void)
+{
+    irq_setup((1 << 4) | (1 << 5));
+    /* Serial: OUT2 on, THR-empty interrupt on; the 16550 model raises IRQ 4 at once. */
+    outb(COM1 + 4, 0x08);
+    outb(COM1 + 1, 0x02);
+    __asm__ volatile("sti");
+    if (irq_wait(4, 1))
+        puts_("irq: serial irq4 ok\n");
+    else
+        puts_("irq: serial irq4 missing\n");
+    outb(COM1 + 1, 0x00);
+
+    if (r32(MMIO_BASE + VIRTIO_MAGIC) == 0x74726976) {
+        struct vq q;
+        if (virtio_probe(MMIO_BASE, 2) || virtio_accept(0))
+            power_off();
+        vq_setup(&q, 0);
+        virtio_driver_ok();
+        u32 before = irq_count[5];
+        volatile struct blk_req *h = (volatile struct blk_req *)BLK_HDR;
+        h->type = VIRTIO_BLK_T_IN;
+        h->reserved = 0;
+        h->sector = 0;
+        q.desc[0].addr = BLK_HDR;
+        q.desc[0].len = sizeof(struct blk_req);
+        q.desc[0].flags = VRING_DESC_F_NEXT;
+        q.desc[0].next = 1;
+        q.desc[1].addr = BLK_DATA;
+        q.desc[1].len = 512;
+        q.desc[1].flags = VRING_DESC_F_NEXT | VRING_DESC_F_WRITE;
+        q.desc[1].next = 2;
+        q.desc[2].addr = BLK_STATUS;
+        q.desc[2].len = 1;
+        q.desc[2].flags = VRING_DESC_F_WRITE;
+        vq_publish(&q, 0);
+        vq_kick(&q);
+        if (irq_wait(5, before + 1) && (r32(dev_base + VIRTIO_INT_STATUS) & 1))
+            puts_("irq: virtio irq5 ok\n");
+        else
+            puts_("irq: virtio irq5 missing\n");
+        w32(dev_base + VIRTIO_INT_ACK, 1);
+    }
+    __asm__ volatile("cli");
+    power_off();
+}
+
 /* ---------------------------------------------------------------- other modes */
 
 static void delay(u64 n)
@@ -518,6 +660,8 @@ void guest_main(u64 cpu, u64 ncpus, const char *cmdline)
     if (starts_with(mode, "hello")) {
         puts_("hello from stead tiny guest\n");
         power_off();
+    } else if (starts_with(mode, "irq")) {
+        mode_irq();
     } else if (starts_with(mode, "halt")) {
         puts_("halting\n");
         halt_forever();

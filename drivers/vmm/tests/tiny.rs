@@ -278,3 +278,22 @@ fn bad_config_is_rejected() {
     cfg.mem_bytes = 1 << 20;
     assert!(matches!(Vm::new(cfg), Err(stead_vmm::VmmError::Config(_))));
 }
+
+#[test]
+fn interrupts_via_irqfd() {
+    if !kvm_or_skip("interrupts_via_irqfd") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = tiny("irq");
+    cfg.disks.push(DiskConfig {
+        path: disk_with_sector0(dir.path()),
+        read_only: true,
+    });
+    let vm = Vm::new(cfg).unwrap();
+    let h = vm.handle();
+    assert_eq!(vm.run().unwrap(), ExitReason::Shutdown);
+    let out = serial(&h);
+    assert!(out.contains("irq: serial irq4 ok"), "serial: {out}");
+    assert!(out.contains("irq: virtio irq5 ok"), "serial: {out}");
+}
