@@ -1,2 +1,3 @@
 //! placeholder
 pub mod backup;
+pub mod container;

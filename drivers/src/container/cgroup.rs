@@ -1,0 +1,641 @@
+//! Cgroups for containers, v1 and v2 behind one interface.
+//!
+//! The hierarchy is detected at run time ([`Hierarchy::detect`]):
+//! - **v2** when `/sys/fs/cgroup` is a cgroup2 mount with a `cgroup.controllers` file; the
+//!   controllers `cpu memory pids` are enabled in `cgroup.subtree_control` of every
+//!   ancestor stead creates;
+//! - **v1** otherwise: each controller stead uses (`cpu`, `cpuacct`, `memory`, `pids`,
+//!   `freezer`) is found in `/proc/self/mountinfo` (so both split `cpu` / `cpuacct` mounts and
+//!   the combined `cpu,cpuacct` mount work). A v1 hybrid host's empty cgroup2 mount is ignored.
+//!
+//! A container's cgroup is `<parent>/<name>` in every hierarchy (the parent may be nested,
+//! e.g. `stead-test-123/x`). Removing a cgroup also removes the parents when they are empty
+//! (`rmdir` fails with `EBUSY` while another container lives there, which stops the walk).
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
+use stead_schema::DriverError;
+
+/// v1 controllers stead uses. `freezer` makes kill-all atomic against forking processes.
+const V1_CONTROLLERS: [&str; 5] = ["cpu", "cpuacct", "memory", "pids", "freezer"];
+/// v2 controllers enabled in the parents' `cgroup.subtree_control`.
+const V2_CONTROLLERS: [&str; 3] = ["cpu", "memory", "pids"];
+/// CFS period used for CPU quotas (µs).
+const CFS_PERIOD_US: u64 = 100_000;
+
+/// Limits applied to a container cgroup. `None` = unlimited.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+pub struct Limits {
+    /// CPU quota in cores.
+    pub cpus: Option<f64>,
+    /// Memory limit in bytes.
+    pub memory: Option<u64>,
+    /// Maximum number of tasks.
+    pub pids: Option<u64>,
+}
+
+/// Usage counters of a cgroup.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize)]
+pub struct Usage {
+    /// CPU time consumed, in seconds.
+    pub cpu_seconds: f64,
+    /// Memory in use, in bytes.
+    pub memory_bytes: u64,
+    /// Number of tasks.
+    pub pids: u64,
+    /// OOM kills in this cgroup since creation (when the kernel reports it).
+    pub oom_kills: u64,
+}
+
+/// The cgroup hierarchy of this host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Hierarchy {
+    /// Unified hierarchy mounted at `root`.
+    V2 {
+        /// Mount point (normally `/sys/fs/cgroup`).
+        root: PathBuf,
+    },
+    /// Legacy hierarchies: controller name → mount point.
+    V1 {
+        /// `(controller, mount point)` for each controller stead uses.
+        mounts: Vec<(String, PathBuf)>,
+    },
+}
+
+fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> DriverError {
+    let context = context.into();
+    move |e| DriverError::io(context, e)
+}
+
+impl Hierarchy {
+    /// Detects the hierarchy of this host.
+    pub fn detect() -> Result<Self, DriverError> {
+        let root = Path::new("/sys/fs/cgroup");
+        if root.join("cgroup.controllers").exists() {
+            return Ok(Hierarchy::V2 {
+                root: root.to_path_buf(),
+            });
+        }
+        let mountinfo = fs::read_to_string("/proc/self/mountinfo")
+            .map_err(io_err("read /proc/self/mountinfo"))?;
+        let mounts = parse_v1_mounts(&mountinfo);
+        for c in ["cpu", "memory", "pids"] {
+            if !mounts.iter().any(|(n, _)| n == c) {
+                return Err(DriverError::Unsupported(format!(
+                    "cgroup v1 controller {c} is not mounted and /sys/fs/cgroup is not cgroup2"
+                )));
+            }
+        }
+        Ok(Hierarchy::V1 { mounts })
+    }
+
+    /// Whether this is the unified hierarchy.
+    pub fn is_v2(&self) -> bool {
+        matches!(self, Hierarchy::V2 { .. })
+    }
+
+    /// The cgroup `<parent>/<name>` in this hierarchy (not created).
+    pub fn cgroup(&self, parent: &str, name: &str) -> Cgroup {
+        let parent = parent.trim_matches('/');
+        Cgroup {
+            hier: self.clone(),
+            parent: PathBuf::from(parent),
+            rel: Path::new(parent).join(name),
+        }
+    }
+
+    fn dirs(&self, rel: &Path) -> Vec<(String, PathBuf)> {
+        match self {
+            Hierarchy::V2 { root } => vec![(String::new(), root.join(rel))],
+            Hierarchy::V1 { mounts } => mounts
+                .iter()
+                .map(|(c, m)| (c.clone(), m.join(rel)))
+                .collect(),
+        }
+    }
+}
+
+/// Extracts the mount points of the v1 controllers stead uses from a mountinfo text.
+fn parse_v1_mounts(mountinfo: &str) -> Vec<(String, PathBuf)> {
+    let mut out: Vec<(String, PathBuf)> = Vec::new();
+    for line in mountinfo.lines() {
+        // <id> <parent> <maj:min> <root> <mount point> <opts> [optional...] - <fstype> <src> <super opts>
+        let Some((left, right)) = line.split_once(" - ") else {
+            continue;
+        };
+        let mut r = right.split_whitespace();
+        if r.next() != Some("cgroup") {
+            continue;
+        }
+        let super_opts = r.nth(1).unwrap_or("");
+        let fields: Vec<&str> = left.split_whitespace().collect();
+        // Only mounts of a hierarchy's root (a bind of a sub-cgroup has another root).
+        let (Some(root), Some(mp)) = (fields.get(3), fields.get(4)) else {
+            continue;
+        };
+        if *root != "/" {
+            continue;
+        }
+        for opt in super_opts.split(',') {
+            if V1_CONTROLLERS.contains(&opt) && !out.iter().any(|(c, _)| c == opt) {
+                out.push((opt.to_string(), PathBuf::from(unescape_mount(mp))));
+            }
+        }
+    }
+    out
+}
+
+fn unescape_mount(s: &str) -> String {
+    s.replace("\\040", " ")
+        .replace("\\011", "\t")
+        .replace("\\012", "\n")
+        .replace("\\134", "\\")
+}
+
+/// One container cgroup (`<parent>/<name>`) in every hierarchy stead uses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cgroup {
+    hier: Hierarchy,
+    parent: PathBuf,
+    rel: PathBuf,
+}
+
+fn write_file(path: &Path, value: &str) -> Result<(), DriverError> {
+    fs::write(path, value).map_err(io_err(format!("write {value:?} to {}", path.display())))
+}
+
+fn read_trim(path: &Path) -> Result<String, DriverError> {
+    fs::read_to_string(path)
+        .map(|s| s.trim().to_string())
+        .map_err(io_err(format!("read {}", path.display())))
+}
+
+impl Cgroup {
+    /// Path relative to the hierarchy root(s).
+    pub fn relative(&self) -> &Path {
+        &self.rel
+    }
+
+    /// Directory in the memory (v1) or unified (v2) hierarchy — the one holding `cgroup.procs`
+    /// that `exec` joins.
+    pub fn procs_dirs(&self) -> Vec<PathBuf> {
+        self.hier
+            .dirs(&self.rel)
+            .into_iter()
+            .map(|(_, d)| d)
+            .collect()
+    }
+
+    fn dir(&self, controller: &str) -> Option<PathBuf> {
+        self.hier
+            .dirs(&self.rel)
+            .into_iter()
+            .find(|(c, _)| c.is_empty() || c == controller)
+            .map(|(_, d)| d)
+    }
+
+    /// Whether the cgroup exists (in the memory or unified hierarchy).
+    pub fn exists(&self) -> bool {
+        self.dir("memory").is_some_and(|d| d.is_dir())
+    }
+
+    /// Creates the cgroup and its parents (idempotent). On v2 enables the controllers in
+    /// every ancestor's `cgroup.subtree_control` below the root.
+    pub fn create(&self) -> Result<(), DriverError> {
+        match &self.hier {
+            Hierarchy::V2 { root } => {
+                let mut cur = root.clone();
+                let wanted: String = V2_CONTROLLERS
+                    .iter()
+                    .map(|c| format!("+{c}"))
+                    .collect::<Vec<_>>()
+                    .join(" ");
+                for comp in self.rel.components() {
+                    enable_v2_controllers(&cur, &wanted)?;
+                    cur.push(comp);
+                    mkdir(&cur)?;
+                }
+            }
+            Hierarchy::V1 { .. } => {
+                for (ctrl, dir) in self.hier.dirs(&self.rel) {
+                    create_all(&dir)?;
+                    if ctrl == "cpuset" {
+                        copy_cpuset(&dir)?;
+                    }
+                    if ctrl == "memory" {
+                        // Children account into their parent (default on new kernels).
+                        let _ = fs::write(dir.join("memory.use_hierarchy"), "1");
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the limits (hot: no restart needed).
+    pub fn set_limits(&self, l: &Limits) -> Result<(), DriverError> {
+        match &self.hier {
+            Hierarchy::V2 { root } => {
+                let d = root.join(&self.rel);
+                let cpu = match l.cpus {
+                    Some(c) => format!("{} {CFS_PERIOD_US}", quota_us(c)),
+                    None => format!("max {CFS_PERIOD_US}"),
+                };
+                write_file(&d.join("cpu.max"), &cpu)?;
+                let mem = l.memory.map_or("max".to_string(), |m| m.to_string());
+                write_file(&d.join("memory.max"), &mem)?;
+                if d.join("memory.swap.max").exists() {
+                    // Like the v1 memsw limit: the memory limit is not bypassed by swap.
+                    let swap = if l.memory.is_some() { "0" } else { "max" };
+                    write_file(&d.join("memory.swap.max"), swap)?;
+                }
+                let pids = l.pids.map_or("max".to_string(), |p| p.to_string());
+                write_file(&d.join("pids.max"), &pids)?;
+            }
+            Hierarchy::V1 { .. } => {
+                if let Some(d) = self.dir("cpu") {
+                    write_file(&d.join("cpu.cfs_period_us"), &CFS_PERIOD_US.to_string())?;
+                    let q = l.cpus.map_or("-1".to_string(), |c| quota_us(c).to_string());
+                    write_file(&d.join("cpu.cfs_quota_us"), &q)?;
+                }
+                if let Some(d) = self.dir("memory") {
+                    set_v1_memory(&d, l.memory)?;
+                }
+                if let Some(d) = self.dir("pids") {
+                    let p = l.pids.map_or("max".to_string(), |p| p.to_string());
+                    write_file(&d.join("pids.max"), &p)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads the limits currently in force.
+    pub fn limits(&self) -> Result<Limits, DriverError> {
+        let mut l = Limits::default();
+        match &self.hier {
+            Hierarchy::V2 { root } => {
+                let d = root.join(&self.rel);
+                let cpu = read_trim(&d.join("cpu.max"))?;
+                let mut it = cpu.split_whitespace();
+                if let (Some(q), Some(p)) = (it.next(), it.next())
+                    && let (Ok(q), Ok(p)) = (q.parse::<u64>(), p.parse::<u64>())
+                    && p > 0
+                {
+                    l.cpus = Some(round_cpus(q as f64 / p as f64));
+                }
+                l.memory = read_trim(&d.join("memory.max"))?.parse().ok();
+                l.pids = read_trim(&d.join("pids.max"))?.parse().ok();
+            }
+            Hierarchy::V1 { .. } => {
+                if let Some(d) = self.dir("cpu") {
+                    let q: i64 = read_trim(&d.join("cpu.cfs_quota_us"))?
+                        .parse()
+                        .unwrap_or(-1);
+                    let p: i64 = read_trim(&d.join("cpu.cfs_period_us"))?
+                        .parse()
+                        .unwrap_or(0);
+                    if q > 0 && p > 0 {
+                        l.cpus = Some(round_cpus(q as f64 / p as f64));
+                    }
+                }
+                if let Some(d) = self.dir("memory") {
+                    let m: u64 = read_trim(&d.join("memory.limit_in_bytes"))?
+                        .parse()
+                        .unwrap_or(u64::MAX);
+                    // "Unlimited" reads as a huge page-aligned number.
+                    l.memory = (m < (1u64 << 62)).then_some(m);
+                }
+                if let Some(d) = self.dir("pids") {
+                    l.pids = read_trim(&d.join("pids.max"))?.parse().ok();
+                }
+            }
+        }
+        Ok(l)
+    }
+
+    /// Moves `pid` into the cgroup (every hierarchy).
+    pub fn add_pid(&self, pid: i32) -> Result<(), DriverError> {
+        for d in self.procs_dirs() {
+            write_file(&d.join("cgroup.procs"), &pid.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// Process ids in the cgroup (memory or unified hierarchy); empty when absent.
+    pub fn pids(&self) -> Vec<i32> {
+        let Some(d) = self.dir("memory") else {
+            return Vec::new();
+        };
+        fs::read_to_string(d.join("cgroup.procs"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect()
+    }
+
+    /// Usage counters.
+    pub fn usage(&self) -> Result<Usage, DriverError> {
+        let mut u = Usage::default();
+        match &self.hier {
+            Hierarchy::V2 { root } => {
+                let d = root.join(&self.rel);
+                let stat = read_trim(&d.join("cpu.stat"))?;
+                u.cpu_seconds = kv(&stat, "usage_usec") as f64 / 1e6;
+                u.memory_bytes = read_trim(&d.join("memory.current"))?.parse().unwrap_or(0);
+                u.pids = read_trim(&d.join("pids.current"))?.parse().unwrap_or(0);
+                u.oom_kills = kv(
+                    &fs::read_to_string(d.join("memory.events")).unwrap_or_default(),
+                    "oom_kill",
+                );
+            }
+            Hierarchy::V1 { .. } => {
+                if let Some(d) = self.dir("cpuacct") {
+                    let ns: u64 = read_trim(&d.join("cpuacct.usage"))?.parse().unwrap_or(0);
+                    u.cpu_seconds = ns as f64 / 1e9;
+                }
+                if let Some(d) = self.dir("memory") {
+                    u.memory_bytes = read_trim(&d.join("memory.usage_in_bytes"))?
+                        .parse()
+                        .unwrap_or(0);
+                    u.oom_kills = kv(
+                        &fs::read_to_string(d.join("memory.oom_control")).unwrap_or_default(),
+                        "oom_kill",
+                    );
+                }
+                if let Some(d) = self.dir("pids") {
+                    u.pids = read_trim(&d.join("pids.current"))?.parse().unwrap_or(0);
+                }
+            }
+        }
+        Ok(u)
+    }
+
+    /// Kills every process in the cgroup and waits (up to 5 s) until it is empty.
+    pub fn kill_all(&self) -> Result<(), DriverError> {
+        if !self.exists() {
+            return Ok(());
+        }
+        let kill_file = self.dir("").map(|d| d.join("cgroup.kill"));
+        let freezer = self.dir("freezer").filter(|_| !self.hier.is_v2());
+        for round in 0..500 {
+            let pids = self.pids();
+            if pids.is_empty() {
+                return Ok(());
+            }
+            if round == 0
+                && let Some(k) = kill_file.as_ref().filter(|_| self.hier.is_v2())
+                && k.exists()
+            {
+                write_file(k, "1")?;
+            } else {
+                // v1: freeze so nothing forks between the read and the kills.
+                let frozen = freezer
+                    .as_ref()
+                    .is_some_and(|f| fs::write(f.join("freezer.state"), "FROZEN").is_ok());
+                for p in self.pids() {
+                    let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
+                }
+                if frozen && let Some(f) = &freezer {
+                    let _ = fs::write(f.join("freezer.state"), "THAWED");
+                }
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Err(DriverError::Other(format!(
+            "cgroup {} still has processes after SIGKILL",
+            self.rel.display()
+        )))
+    }
+
+    /// Kills everything, removes the cgroup, then the parents that are empty. Idempotent.
+    pub fn destroy(&self) -> Result<(), DriverError> {
+        self.kill_all()?;
+        for (_, dir) in self.hier.dirs(&self.rel) {
+            rmdir_retry(&dir)?;
+            // Parents stead created: remove while empty (EBUSY = still used, stop there).
+            let mut p = dir.parent().map(Path::to_path_buf);
+            for _ in self.parent.components() {
+                let Some(cur) = p else { break };
+                match fs::remove_dir(&cur) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(_) => break,
+                }
+                p = cur.parent().map(Path::to_path_buf);
+            }
+        }
+        Ok(())
+    }
+}
+
+fn kv(text: &str, key: &str) -> u64 {
+    text.lines()
+        .filter_map(|l| l.split_once(' '))
+        .find(|(k, _)| *k == key)
+        .and_then(|(_, v)| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn quota_us(cpus: f64) -> u64 {
+    // The kernel refuses quotas under 1 ms.
+    ((cpus * CFS_PERIOD_US as f64).round() as u64).max(1000)
+}
+
+fn round_cpus(c: f64) -> f64 {
+    (c * 1000.0).round() / 1000.0
+}
+
+fn set_v1_memory(d: &Path, memory: Option<u64>) -> Result<(), DriverError> {
+    let limit = memory.map_or("-1".to_string(), |m| m.to_string());
+    let memsw = d.join("memory.memsw.limit_in_bytes");
+    let mem = d.join("memory.limit_in_bytes");
+    if !memsw.exists() {
+        return write_file(&mem, &limit);
+    }
+    // memsw must stay >= memory: raise memsw first when growing, memory first when shrinking.
+    if fs::write(&mem, &limit).is_ok() {
+        write_file(&memsw, &limit)
+    } else {
+        write_file(&memsw, &limit)?;
+        write_file(&mem, &limit)
+    }
+}
+
+fn enable_v2_controllers(dir: &Path, wanted: &str) -> Result<(), DriverError> {
+    let f = dir.join("cgroup.subtree_control");
+    let cur = fs::read_to_string(&f).unwrap_or_default();
+    if V2_CONTROLLERS
+        .iter()
+        .all(|c| cur.split_whitespace().any(|x| x == *c))
+    {
+        return Ok(());
+    }
+    write_file(&f, wanted)
+}
+
+fn mkdir(d: &Path) -> Result<(), DriverError> {
+    match fs::create_dir(d) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(DriverError::io(format!("mkdir {}", d.display()), e)),
+    }
+}
+
+/// `create_dir_all` that tolerates a concurrent `destroy` removing an empty parent.
+fn create_all(d: &Path) -> Result<(), DriverError> {
+    let mut last = None;
+    for _ in 0..5 {
+        match fs::create_dir_all(d) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => last = Some(e),
+            Err(e) => return Err(DriverError::io(format!("mkdir {}", d.display()), e)),
+        }
+    }
+    Err(DriverError::io(
+        format!("mkdir {}", d.display()),
+        last.unwrap_or_else(|| io::Error::from(io::ErrorKind::NotFound)),
+    ))
+}
+
+/// A new v1 cpuset cgroup is unusable until cpus/mems are copied from its parent.
+fn copy_cpuset(dir: &Path) -> Result<(), DriverError> {
+    for f in ["cpuset.cpus", "cpuset.mems"] {
+        let mine = read_trim(&dir.join(f))?;
+        if mine.is_empty()
+            && let Some(p) = dir.parent()
+        {
+            if read_trim(&p.join(f))?.is_empty() {
+                copy_cpuset(p)?;
+            }
+            write_file(&dir.join(f), &read_trim(&p.join(f))?)?;
+        }
+    }
+    Ok(())
+}
+
+fn rmdir_retry(d: &Path) -> Result<(), DriverError> {
+    for _ in 0..100 {
+        match fs::remove_dir(d) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            // Tasks that were just killed can keep the cgroup busy for a moment.
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => return Err(DriverError::io(format!("rmdir {}", d.display()), e)),
+        }
+    }
+    Err(DriverError::Other(format!(
+        "cgroup {} stays busy",
+        d.display()
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_split_and_combined_v1_mounts() {
+        let mi = "\
+30 25 0:26 / /sys/fs/cgroup/cpu rw,relatime shared:8 - cgroup cgroup rw,cpu
+31 25 0:27 / /sys/fs/cgroup/cpuacct rw - cgroup cgroup rw,cpuacct
+32 25 0:28 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory
+33 25 0:29 / /sys/fs/cgroup/pids rw - cgroup cgroup rw,pids
+34 25 0:30 / /sys/fs/cgroup/unified rw - cgroup2 cgroup2 rw
+35 25 0:28 /sub /mnt/x rw - cgroup cgroup rw,memory
+";
+        let m = parse_v1_mounts(mi);
+        assert_eq!(
+            m,
+            vec![
+                ("cpu".into(), PathBuf::from("/sys/fs/cgroup/cpu")),
+                ("cpuacct".into(), PathBuf::from("/sys/fs/cgroup/cpuacct")),
+                ("memory".into(), PathBuf::from("/sys/fs/cgroup/memory")),
+                ("pids".into(), PathBuf::from("/sys/fs/cgroup/pids")),
+            ]
+        );
+        let combined =
+            "30 25 0:26 / /sys/fs/cgroup/cpu,cpuacct rw - cgroup cgroup rw,cpu,cpuacct\n";
+        let m = parse_v1_mounts(combined);
+        assert_eq!(m.len(), 2);
+        assert!(
+            m.iter()
+                .all(|(_, p)| p == Path::new("/sys/fs/cgroup/cpu,cpuacct"))
+        );
+    }
+
+    #[test]
+    fn quota_math() {
+        assert_eq!(quota_us(1.5), 150_000);
+        assert_eq!(quota_us(0.001), 1000);
+        assert_eq!(round_cpus(150_000.0 / 100_000.0), 1.5);
+        assert_eq!(kv("usage_usec 1234\nuser_usec 1", "usage_usec"), 1234);
+        assert_eq!(
+            kv("oom_kill_disable 0\nunder_oom 0\noom_kill 3", "oom_kill"),
+            3
+        );
+    }
+
+    /// Real test against the host's hierarchy, inside a private test parent.
+    #[test]
+    fn create_limit_attach_destroy() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("SKIP create_limit_attach_destroy: needs root");
+            return;
+        }
+        let hier = match Hierarchy::detect() {
+            Ok(h) => h,
+            Err(e) => {
+                eprintln!("SKIP create_limit_attach_destroy: {e}");
+                return;
+            }
+        };
+        let parent = format!("stead-test-{}-unit/nested", std::process::id());
+        let cg = hier.cgroup(&parent, "c1");
+        struct Guard(Cgroup);
+        impl Drop for Guard {
+            fn drop(&mut self) {
+                let _ = self.0.destroy();
+            }
+        }
+        let _guard = Guard(cg.clone());
+        cg.create().expect("create");
+        assert!(cg.exists());
+        let l = Limits {
+            cpus: Some(0.5),
+            memory: Some(64 << 20),
+            pids: Some(20),
+        };
+        cg.set_limits(&l).expect("limits");
+        assert_eq!(cg.limits().expect("read"), l);
+        cg.set_limits(&Limits::default()).expect("unlimit");
+        assert_eq!(cg.limits().expect("read"), Limits::default());
+        cg.set_limits(&l).expect("limits again");
+
+        let mut child = std::process::Command::new("/bin/sleep")
+            .arg("30")
+            .spawn()
+            .expect("spawn sleep");
+        let pid = child.id() as i32;
+        cg.add_pid(pid).expect("attach");
+        assert_eq!(cg.pids(), vec![pid]);
+        let u = cg.usage().expect("usage");
+        assert_eq!(u.pids, 1);
+        cg.destroy().expect("destroy");
+        let status = child.wait().expect("wait");
+        assert!(!status.success(), "sleep was killed");
+        assert!(!cg.exists());
+        for d in hier.cgroup(&parent, "c1").procs_dirs() {
+            let top = d.parent().and_then(Path::parent).expect("top");
+            assert!(!top.exists(), "{} left behind", top.display());
+        }
+    }
+}

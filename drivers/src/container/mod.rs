@@ -1,0 +1,3 @@
+//! System containers (like LXC), supervised by `stead shim`.
+
+pub mod cgroup;

@@ -1,0 +1,2 @@
+//! Container end-to-end tests (own harness, see Cargo.toml).
+fn main() {}
