@@ -1,1 +1,110 @@
-//! placeholder
+//! stead's reconciler: observe the host, plan against the desired set, execute the plan,
+//! and keep the inventory, journal and events in the state database.
+
+pub mod exec;
+pub mod plan;
+pub mod render;
+pub mod state;
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use stead_schema::{Desired, Driver, Kind, Observed, Resource, ResourceId};
+use tracing::info_span;
+
+pub use exec::{ExecOptions, Outcome, Report, StepResult, execute};
+pub use plan::{Action, Change, Plan, PlanError, PlanOptions, World, plan};
+pub use state::{ApplyLock, InventoryEntry, StateDb, StateError};
+
+/// The registered drivers, one per kind.
+pub type Drivers = BTreeMap<Kind, Box<dyn Driver>>;
+
+/// Observes every desired and inventory resource, one `observe` call per kind, kinds in
+/// parallel. A kind whose observe fails yields a plan error for each of its resources.
+pub fn observe_all(
+    drivers: &Drivers,
+    desired: &Desired,
+    inventory: &BTreeMap<ResourceId, InventoryEntry>,
+) -> (BTreeMap<ResourceId, Observed>, Vec<PlanError>) {
+    let world = World {
+        desired,
+        applied: inventory,
+    };
+    let mut by_kind: BTreeMap<Kind, Vec<&Resource>> = BTreeMap::new();
+    for r in desired.resources.values() {
+        by_kind.entry(r.id.kind).or_default().push(r);
+    }
+    for (id, e) in inventory {
+        if desired.get(id).is_none() {
+            by_kind.entry(id.kind).or_default().push(&e.resource);
+        }
+    }
+    let results: Vec<(
+        Kind,
+        Vec<ResourceId>,
+        Result<BTreeMap<ResourceId, Observed>, String>,
+    )> = std::thread::scope(|s| {
+        let handles: Vec<_> = by_kind
+            .iter()
+            .map(|(kind, targets)| {
+                let world = &world;
+                s.spawn(move || {
+                    let _span = info_span!("observe", kind = %kind).entered();
+                    let ids: Vec<ResourceId> = targets.iter().map(|r| r.id.clone()).collect();
+                    let res = match drivers.get(kind) {
+                        Some(d) => d.observe(targets, world).map_err(|e| exec::error_chain(&e)),
+                        None => Err(format!("no driver for kind {kind} on this build")),
+                    };
+                    (*kind, ids, res)
+                })
+            })
+            .collect();
+        handles.into_iter().filter_map(|h| h.join().ok()).collect()
+    });
+    let mut observed = BTreeMap::new();
+    let mut errors = Vec::new();
+    for (kind, ids, res) in results {
+        match res {
+            Ok(map) => observed.extend(map),
+            Err(msg) => {
+                for id in ids {
+                    errors.push(PlanError {
+                        id,
+                        message: format!("cannot observe {kind}: {msg}"),
+                    });
+                }
+            }
+        }
+    }
+    (observed, errors)
+}
+
+/// Everything a run needs: the plan and the inputs it was computed from.
+pub struct PlannedRun {
+    /// The plan.
+    pub plan: Plan,
+    /// Observed state it was computed from.
+    pub observed: BTreeMap<ResourceId, Observed>,
+    /// The inventory it was computed from.
+    pub inventory: BTreeMap<ResourceId, InventoryEntry>,
+}
+
+/// Observes and plans `desired` against the host and `db`.
+pub fn plan_run(
+    drivers: &Drivers,
+    desired: &Desired,
+    db: &StateDb,
+    opts: PlanOptions,
+) -> Result<PlannedRun, StateError> {
+    let inventory = db.inventory()?;
+    let pending: BTreeSet<ResourceId> = state::pending_ids(db)?;
+    let (observed, observe_errors) = observe_all(drivers, desired, &inventory);
+    let mut p = plan::plan(desired, &observed, &inventory, &pending, drivers, opts);
+    let failed: BTreeSet<&ResourceId> = observe_errors.iter().map(|e| &e.id).collect();
+    p.changes.retain(|c| !failed.contains(&c.id));
+    p.errors.extend(observe_errors);
+    Ok(PlannedRun {
+        plan: p,
+        observed,
+        inventory,
+    })
+}

@@ -257,6 +257,13 @@ pub trait Driver: Send + Sync {
         PruneAction::Delete
     }
 
+    /// How disruptive deleting this object is (shown on `- delete` lines). A change with
+    /// impact `data-loss` needs an explicit opt-in: `deletionPolicy: Delete` for a prune,
+    /// `--allow-data-loss` for anything else.
+    fn delete_impact(&self, _last_applied: &Resource) -> Impact {
+        Impact::Recreate
+    }
+
     /// Removes the object. Idempotent: an absent object is success.
     fn delete(
         &self,

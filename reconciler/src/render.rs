@@ -1,0 +1,180 @@
+//! Plan and report output: terraform-like text (colored on a TTY) and stable JSON.
+
+use std::fmt::Write as _;
+
+use serde_json::{Value, json};
+
+use crate::exec::{Outcome, Report};
+use crate::plan::{Action, Plan};
+
+/// Text styling.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Style {
+    /// Emit ANSI colors.
+    pub color: bool,
+}
+
+impl Style {
+    fn paint(&self, code: &str, s: &str) -> String {
+        if self.color {
+            format!("\x1b[{code}m{s}\x1b[0m")
+        } else {
+            s.to_string()
+        }
+    }
+    fn for_action(&self, a: Action, s: &str) -> String {
+        let code = match a {
+            Action::Create => "32",
+            Action::Update => "33",
+            Action::Replace => "35",
+            Action::Delete => "31",
+            Action::Retain => "36",
+            Action::Noop => "0",
+        };
+        self.paint(code, s)
+    }
+}
+
+/// A JSON value as plan text: strings bare, lists `[a, b]`, absent `(none)`.
+pub fn show(v: &Option<Value>) -> String {
+    match v {
+        None | Some(Value::Null) => "(none)".into(),
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Array(a)) => {
+            let items: Vec<String> = a.iter().map(|x| show(&Some(x.clone()))).collect();
+            format!("[{}]", items.join(", "))
+        }
+        Some(other) => other.to_string(),
+    }
+}
+
+fn field_name(path: &str) -> String {
+    path.trim_start_matches('/').replace('/', ".")
+}
+
+/// Renders the plan like `terraform plan`.
+pub fn plan_text(plan: &Plan, style: Style) -> String {
+    let mut out = String::new();
+    for c in plan.changes.iter().filter(|c| c.action != Action::Noop) {
+        let head = format!("{:>3} {}", c.action.symbol(), c.id);
+        let mut tail = format!("  ({}", c.action.verb());
+        if let Some(i) = c.impact {
+            let _ = write!(tail, ", impact: {}", i.as_str());
+        }
+        if c.drift {
+            tail.push_str(", drift");
+        }
+        tail.push(')');
+        let _ = writeln!(out, "{}{}", style.for_action(c.action, &head), tail);
+        if let Some(n) = &c.note {
+            let _ = writeln!(out, "      # {n}");
+        }
+        for f in &c.fields {
+            let name = field_name(&f.path);
+            if c.action == Action::Create {
+                let _ = writeln!(out, "      {}: {}", name, show(&f.new));
+            } else {
+                let label = if f.impact != stead_schema::Impact::Hot && c.fields.len() > 1 {
+                    format!("  [{}]", f.impact.as_str())
+                } else {
+                    String::new()
+                };
+                let _ = writeln!(
+                    out,
+                    "      {}: {} -> {}{}",
+                    name,
+                    show(&f.old),
+                    show(&f.new),
+                    label
+                );
+            }
+        }
+    }
+    for e in &plan.errors {
+        let _ = writeln!(
+            out,
+            "{} {}: {}",
+            style.paint("31;1", "error:"),
+            e.id,
+            e.message
+        );
+    }
+    let s = plan.summary();
+    let n = |a| s.get(&a).copied().unwrap_or(0);
+    if plan.has_changes() {
+        let _ = writeln!(
+            out,
+            "\nPlan: {} to create, {} to update, {} to replace, {} to delete, {} to retain, {} unchanged.",
+            n(Action::Create),
+            n(Action::Update),
+            n(Action::Replace),
+            n(Action::Delete),
+            n(Action::Retain),
+            n(Action::Noop)
+        );
+    } else if plan.errors.is_empty() {
+        let _ = writeln!(
+            out,
+            "No changes. {} resources match the host.",
+            n(Action::Noop)
+        );
+    }
+    if !plan.errors.is_empty() {
+        let _ = writeln!(
+            out,
+            "\n{} error(s): the plan cannot be applied.",
+            plan.errors.len()
+        );
+    }
+    out
+}
+
+/// The plan as a stable JSON document.
+pub fn plan_json(plan: &Plan) -> Value {
+    let s = plan.summary();
+    let n = |a| s.get(&a).copied().unwrap_or(0);
+    json!({
+        "apiVersion": stead_schema::API_VERSION,
+        "kind": "Plan",
+        "changes": plan.changes.iter().filter(|c| c.action != Action::Noop).collect::<Vec<_>>(),
+        "errors": plan.errors,
+        "summary": {
+            "create": n(Action::Create),
+            "update": n(Action::Update),
+            "replace": n(Action::Replace),
+            "delete": n(Action::Delete),
+            "retain": n(Action::Retain),
+            "unchanged": n(Action::Noop),
+        },
+        "hasChanges": plan.has_changes(),
+    })
+}
+
+/// One line for a finished step.
+pub fn step_line(r: &crate::exec::StepResult, style: Style) -> String {
+    let word = r.outcome.word();
+    let colored = match &r.outcome {
+        Outcome::Failed(_) | Outcome::Skipped(_) => style.paint("31", word),
+        _ => style.paint("32", word),
+    };
+    match &r.outcome {
+        Outcome::Failed(m) | Outcome::Skipped(m) => {
+            format!("{}: {} ({:.2}s): {}", r.id, colored, r.seconds, m)
+        }
+        _ => format!("{}: {} ({:.2}s)", r.id, colored, r.seconds),
+    }
+}
+
+/// Closing summary of an apply.
+pub fn report_summary(report: &Report) -> String {
+    let parts: Vec<String> = report
+        .summary()
+        .iter()
+        .map(|(k, v)| format!("{v} {k}"))
+        .collect();
+    if report.success() {
+        format!("Apply complete: {}.", parts.join(", "))
+    } else {
+        format!("Apply finished with errors: {}.", parts.join(", "))
+    }
+}

@@ -1,0 +1,374 @@
+//! The state database (SQLite under `--state-dir`): the inventory of owned resources
+//! with their last-applied spec, the operation journal (intent before a side effect,
+//! done after), and events. Plus the apply lock (flock on `<state-dir>/lock`).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::Serialize;
+use stead_schema::{Kind, Metadata, Origin, Resource, ResourceId, Spec};
+
+/// State database errors.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// SQLite failed.
+    #[error("state database {path}")]
+    Db {
+        /// The database file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: rusqlite::Error,
+    },
+    /// File-system error.
+    #[error("{context}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Another process holds the apply lock.
+    #[error(
+        "another stead process holds the lock on {0} (an apply, destroy or controller is running); waited {1:?}"
+    )]
+    Locked(PathBuf, Duration),
+    /// A stored row could not be decoded.
+    #[error("corrupt inventory row {0}: {1}")]
+    Corrupt(String, String),
+}
+
+/// Seconds since the epoch.
+pub fn now_secs() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// One owned resource as last applied.
+#[derive(Debug, Clone)]
+pub struct InventoryEntry {
+    /// Hash of spec + labels when applied.
+    pub spec_hash: String,
+    /// The resource as last applied (origin is empty).
+    pub resource: Resource,
+    /// When it was applied (seconds since the epoch).
+    pub applied_at: f64,
+}
+
+/// An event for `stead get` and the controller.
+#[derive(Debug, Clone, Serialize)]
+pub struct Event {
+    /// Seconds since the epoch.
+    pub ts: f64,
+    /// Resource (`Kind/name`) or empty.
+    pub resource: String,
+    /// Normal or Warning.
+    pub level: String,
+    /// Short reason (Created, Updated, Deleted, Failed, Drift…).
+    pub reason: String,
+    /// Message.
+    pub message: String,
+}
+
+/// The state database.
+pub struct StateDb {
+    conn: Connection,
+    path: PathBuf,
+}
+
+impl StateDb {
+    /// Opens (and creates) `<state_dir>/stead.db`.
+    pub fn open(state_dir: &Path) -> Result<Self, StateError> {
+        std::fs::create_dir_all(state_dir).map_err(|e| StateError::Io {
+            context: format!("cannot create state dir {}", state_dir.display()),
+            source: e,
+        })?;
+        let path = state_dir.join("stead.db");
+        let db = |source| StateError::Db {
+            path: path.clone(),
+            source,
+        };
+        let conn = Connection::open(&path).map_err(db)?;
+        conn.busy_timeout(Duration::from_secs(10)).map_err(db)?;
+        conn.execute_batch(
+            "PRAGMA journal_mode=WAL;
+             PRAGMA synchronous=NORMAL;
+             CREATE TABLE IF NOT EXISTS inventory (
+                 kind TEXT NOT NULL, name TEXT NOT NULL,
+                 spec_hash TEXT NOT NULL, spec TEXT NOT NULL, metadata TEXT NOT NULL,
+                 applied_at REAL NOT NULL,
+                 PRIMARY KEY (kind, name));
+             CREATE TABLE IF NOT EXISTS journal (
+                 id INTEGER PRIMARY KEY AUTOINCREMENT,
+                 ts REAL NOT NULL, kind TEXT NOT NULL, name TEXT NOT NULL,
+                 action TEXT NOT NULL, state TEXT NOT NULL, error TEXT);
+             CREATE INDEX IF NOT EXISTS journal_open ON journal(state);
+             CREATE TABLE IF NOT EXISTS events (
+                 id INTEGER PRIMARY KEY AUTOINCREMENT,
+                 ts REAL NOT NULL, resource TEXT NOT NULL, level TEXT NOT NULL,
+                 reason TEXT NOT NULL, message TEXT NOT NULL);
+             CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL);",
+        )
+        .map_err(db)?;
+        Ok(StateDb { conn, path })
+    }
+
+    fn err(&self, source: rusqlite::Error) -> StateError {
+        StateError::Db {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    /// Every owned resource.
+    pub fn inventory(&self) -> Result<BTreeMap<ResourceId, InventoryEntry>, StateError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT kind, name, spec_hash, spec, metadata, applied_at FROM inventory")
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([], |row| {
+                Ok((
+                    row.get::<_, String>(0)?,
+                    row.get::<_, String>(1)?,
+                    row.get::<_, String>(2)?,
+                    row.get::<_, String>(3)?,
+                    row.get::<_, String>(4)?,
+                    row.get::<_, f64>(5)?,
+                ))
+            })
+            .map_err(|e| self.err(e))?;
+        let mut out = BTreeMap::new();
+        for row in rows {
+            let (kind, name, spec_hash, spec, metadata, applied_at) =
+                row.map_err(|e| self.err(e))?;
+            let key = format!("{kind}/{name}");
+            let kind: Kind = kind
+                .parse()
+                .map_err(|e: stead_schema::ValueError| StateError::Corrupt(key.clone(), e.0))?;
+            let spec: serde_json::Value = serde_json::from_str(&spec)
+                .map_err(|e| StateError::Corrupt(key.clone(), e.to_string()))?;
+            let spec = Spec::from_value(kind, spec)
+                .map_err(|e| StateError::Corrupt(key.clone(), e.to_string()))?;
+            let metadata: Metadata = serde_json::from_str(&metadata)
+                .map_err(|e| StateError::Corrupt(key.clone(), e.to_string()))?;
+            let id = ResourceId::new(kind, name);
+            out.insert(
+                id.clone(),
+                InventoryEntry {
+                    spec_hash,
+                    resource: Resource {
+                        id,
+                        metadata,
+                        spec,
+                        origin: Origin::default(),
+                    },
+                    applied_at,
+                },
+            );
+        }
+        Ok(out)
+    }
+
+    /// Records `r` as applied.
+    pub fn upsert(&self, r: &Resource) -> Result<(), StateError> {
+        let spec = serde_json::to_string(&r.spec).unwrap_or_default();
+        let metadata = serde_json::to_string(&r.metadata).unwrap_or_default();
+        self.conn
+            .execute(
+                "INSERT INTO inventory (kind, name, spec_hash, spec, metadata, applied_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT(kind, name) DO UPDATE SET spec_hash=?3, spec=?4, metadata=?5, applied_at=?6",
+                params![r.id.kind.as_str(), r.id.name, r.spec_hash(), spec, metadata, now_secs()],
+            )
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    /// Forgets `id`.
+    pub fn remove(&self, id: &ResourceId) -> Result<(), StateError> {
+        self.conn
+            .execute(
+                "DELETE FROM inventory WHERE kind=?1 AND name=?2",
+                params![id.kind.as_str(), id.name],
+            )
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    /// Writes an intent before a side effect; returns the entry id.
+    pub fn journal_begin(&self, id: &ResourceId, action: &str) -> Result<i64, StateError> {
+        self.conn
+            .execute(
+                "INSERT INTO journal (ts, kind, name, action, state) VALUES (?1, ?2, ?3, ?4, 'open')",
+                params![now_secs(), id.kind.as_str(), id.name, action],
+            )
+            .map_err(|e| self.err(e))?;
+        Ok(self.conn.last_insert_rowid())
+    }
+
+    /// Closes every open entry of `id` (the step finished, or a later run repaired it).
+    pub fn journal_close(&self, id: &ResourceId, error: Option<&str>) -> Result<(), StateError> {
+        let state = if error.is_some() { "failed" } else { "done" };
+        self.conn
+            .execute(
+                "UPDATE journal SET state=?1, error=?2 WHERE kind=?3 AND name=?4 AND state='open'",
+                params![state, error, id.kind.as_str(), id.name],
+            )
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    /// Resources with an open journal entry: a previous run was interrupted while
+    /// changing them. Objects found on the host for these ids are stead's own.
+    pub fn journal_open(&self) -> Result<BTreeMap<ResourceId, String>, StateError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT kind, name, action FROM journal WHERE state='open' ORDER BY id")
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                ))
+            })
+            .map_err(|e| self.err(e))?;
+        let mut out = BTreeMap::new();
+        for row in rows {
+            let (k, n, a) = row.map_err(|e| self.err(e))?;
+            if let Ok(kind) = k.parse::<Kind>() {
+                out.insert(ResourceId::new(kind, n), a);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Appends an event (the newest 10,000 are kept).
+    pub fn event(
+        &self,
+        resource: &str,
+        level: &str,
+        reason: &str,
+        message: &str,
+    ) -> Result<(), StateError> {
+        self.conn
+            .execute(
+                "INSERT INTO events (ts, resource, level, reason, message) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![now_secs(), resource, level, reason, message],
+            )
+            .map_err(|e| self.err(e))?;
+        self.conn
+            .execute(
+                "DELETE FROM events WHERE id <= (SELECT MAX(id) FROM events) - 10000",
+                [],
+            )
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    /// The newest `limit` events, optionally of one resource, oldest first.
+    pub fn events(&self, resource: Option<&str>, limit: usize) -> Result<Vec<Event>, StateError> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT ts, resource, level, reason, message FROM events
+                 WHERE (?1 IS NULL OR resource = ?1) ORDER BY id DESC LIMIT ?2",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map(params![resource, limit as i64], |r| {
+                Ok(Event {
+                    ts: r.get(0)?,
+                    resource: r.get(1)?,
+                    level: r.get(2)?,
+                    reason: r.get(3)?,
+                    message: r.get(4)?,
+                })
+            })
+            .map_err(|e| self.err(e))?;
+        let mut out: Vec<Event> = rows.collect::<Result<_, _>>().map_err(|e| self.err(e))?;
+        out.reverse();
+        Ok(out)
+    }
+
+    /// Reads a small key/value setting.
+    pub fn get_kv(&self, key: &str) -> Result<Option<String>, StateError> {
+        self.conn
+            .query_row("SELECT value FROM kv WHERE key=?1", params![key], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(|e| self.err(e))
+    }
+
+    /// Writes a small key/value setting.
+    pub fn set_kv(&self, key: &str, value: &str) -> Result<(), StateError> {
+        self.conn
+            .execute(
+                "INSERT INTO kv (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value=?2",
+                params![key, value],
+            )
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+}
+
+/// Ids with open journal entries (helper for planning).
+pub fn pending_ids(db: &StateDb) -> Result<BTreeSet<ResourceId>, StateError> {
+    Ok(db.journal_open()?.into_keys().collect())
+}
+
+/// The exclusive apply lock on `<state_dir>/lock`, released on drop (or process death).
+pub struct ApplyLock {
+    _lock: nix::fcntl::Flock<File>,
+}
+
+impl ApplyLock {
+    /// Takes the lock, waiting up to `wait` (zero: fail at once).
+    pub fn acquire(state_dir: &Path, wait: Duration) -> Result<Self, StateError> {
+        std::fs::create_dir_all(state_dir).map_err(|e| StateError::Io {
+            context: format!("cannot create state dir {}", state_dir.display()),
+            source: e,
+        })?;
+        let path = state_dir.join("lock");
+        let open = || {
+            File::options()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&path)
+                .map_err(|e| StateError::Io {
+                    context: format!("cannot open {}", path.display()),
+                    source: e,
+                })
+        };
+        let start = Instant::now();
+        let mut file = open()?;
+        loop {
+            match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+                Ok(lock) => return Ok(ApplyLock { _lock: lock }),
+                Err((f, nix::errno::Errno::EWOULDBLOCK)) => {
+                    if start.elapsed() >= wait {
+                        return Err(StateError::Locked(path, start.elapsed()));
+                    }
+                    file = f;
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err((_, e)) => {
+                    return Err(StateError::Io {
+                        context: format!("cannot lock {}", path.display()),
+                        source: e.into(),
+                    });
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,484 @@
+//! Planner and executor tests with an in-memory fake driver (pure logic only: the
+//! real drivers have their own sandboxed tests).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use serde_json::{Value, json};
+use stead_reconciler::{
+    Action, Drivers, ExecOptions, Outcome, PlanOptions, StateDb, execute, plan_run,
+};
+use stead_schema::{
+    Desired, Driver, DriverError, FieldChange, Health, Impact, Kind, Lookup, Observed, PruneAction,
+    Resource, ResourceId, Spec,
+};
+
+/// A host that lives in a shared map: id -> (state, owned).
+#[derive(Default)]
+struct FakeHost {
+    objects: Mutex<BTreeMap<ResourceId, (Value, bool)>>,
+    fail: Mutex<BTreeSet<String>>,
+    log: Mutex<Vec<String>>,
+}
+
+struct FakeDriver {
+    kind: Kind,
+    host: std::sync::Arc<FakeHost>,
+}
+
+impl Driver for FakeDriver {
+    fn kind(&self) -> Kind {
+        self.kind
+    }
+    fn observe(
+        &self,
+        targets: &[&Resource],
+        _w: &dyn Lookup,
+    ) -> Result<BTreeMap<ResourceId, Observed>, DriverError> {
+        let objs = self.host.objects.lock().unwrap();
+        Ok(targets
+            .iter()
+            .map(|r| {
+                let o = match objs.get(&r.id) {
+                    Some((state, owned)) => Observed {
+                        exists: true,
+                        owned: *owned,
+                        state: state.clone(),
+                        status: Value::Null,
+                        health: Health::Ready,
+                    },
+                    None => Observed::absent(),
+                };
+                (r.id.clone(), o)
+            })
+            .collect())
+    }
+    fn desired_state(&self, r: &Resource, _w: &dyn Lookup) -> Value {
+        match &r.spec {
+            Spec::Volume(v) => json!({"pool": v.pool.as_str(), "size": v.size.to_string()}),
+            Spec::StoragePool(p) => json!({"path": p.path}),
+            Spec::Network(n) => json!({"mtu": n.mtu}),
+            _ => Value::Null,
+        }
+    }
+    fn impact(&self, path: &str) -> Impact {
+        match path {
+            "/pool" => Impact::DataLoss,
+            _ => Impact::Hot,
+        }
+    }
+    fn check(&self, _d: &Resource, o: &Observed, changes: &[FieldChange]) -> Result<(), String> {
+        for c in changes {
+            if c.path == "/size" {
+                let old: stead_schema::ByteSize = o.state["size"]
+                    .as_str()
+                    .unwrap_or("0")
+                    .parse()
+                    .map_err(|_| "bad")?;
+                let new: stead_schema::ByteSize = c
+                    .new
+                    .as_ref()
+                    .and_then(|v| v.as_str())
+                    .unwrap_or("0")
+                    .parse()
+                    .map_err(|_| "bad")?;
+                if new < old {
+                    return Err(format!("shrinking from {old} to {new} is refused"));
+                }
+            }
+        }
+        Ok(())
+    }
+    fn apply(&self, r: &Resource, _o: &Observed, w: &dyn Lookup) -> Result<(), DriverError> {
+        if self.host.fail.lock().unwrap().contains(&r.id.name) {
+            return Err(DriverError::Other("injected failure".into()));
+        }
+        self.host
+            .log
+            .lock()
+            .unwrap()
+            .push(format!("apply {}", r.id));
+        let state = self.desired_state(r, w);
+        self.host
+            .objects
+            .lock()
+            .unwrap()
+            .insert(r.id.clone(), (state, true));
+        Ok(())
+    }
+    fn prune_action(&self, r: &Resource) -> PruneAction {
+        match &r.spec {
+            Spec::Volume(v) if v.deletion_policy == stead_schema::DeletionPolicy::Retain => {
+                PruneAction::Retain
+            }
+            _ => PruneAction::Delete,
+        }
+    }
+    fn delete_impact(&self, r: &Resource) -> Impact {
+        if r.id.kind == Kind::Volume {
+            Impact::DataLoss
+        } else {
+            Impact::Recreate
+        }
+    }
+    fn delete(&self, r: &Resource, _o: &Observed, _w: &dyn Lookup) -> Result<(), DriverError> {
+        self.host
+            .log
+            .lock()
+            .unwrap()
+            .push(format!("delete {}", r.id));
+        self.host.objects.lock().unwrap().remove(&r.id);
+        Ok(())
+    }
+}
+
+fn drivers(host: &std::sync::Arc<FakeHost>) -> Drivers {
+    let mut d: Drivers = BTreeMap::new();
+    for k in [Kind::StoragePool, Kind::Volume, Kind::Network] {
+        d.insert(
+            k,
+            Box::new(FakeDriver {
+                kind: k,
+                host: host.clone(),
+            }),
+        );
+    }
+    d
+}
+
+fn desired(yaml: &str) -> Desired {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("m.yaml");
+    std::fs::write(&p, yaml).unwrap();
+    stead_schema::load_and_validate(&[p]).unwrap_or_else(|e| panic!("{e:?}"))
+}
+
+fn doc(kind: &str, name: &str, spec: &str) -> String {
+    format!(
+        "---\napiVersion: stead.dev/v1alpha1\nkind: {kind}\nmetadata: {{name: {name}}}\nspec: {spec}\n"
+    )
+}
+
+fn pool() -> String {
+    doc("StoragePool", "local", "{type: dir, path: /p}")
+}
+
+fn vol(name: &str, size: &str, policy: &str) -> String {
+    doc(
+        "Volume",
+        name,
+        &format!("{{pool: local, size: {size}, deletionPolicy: {policy}}}"),
+    )
+}
+
+struct Env {
+    _dir: tempfile::TempDir,
+    db: Mutex<StateDb>,
+    host: std::sync::Arc<FakeHost>,
+    drivers: Drivers,
+}
+
+fn env() -> Env {
+    let dir = tempfile::tempdir().unwrap();
+    let db = StateDb::open(dir.path()).unwrap();
+    let host = std::sync::Arc::new(FakeHost::default());
+    let drivers = drivers(&host);
+    Env {
+        _dir: dir,
+        db: Mutex::new(db),
+        host,
+        drivers,
+    }
+}
+
+fn apply(
+    e: &Env,
+    d: &Desired,
+    opts: PlanOptions,
+) -> (stead_reconciler::Plan, stead_reconciler::Report) {
+    let run = plan_run(&e.drivers, d, &e.db.lock().unwrap(), opts).unwrap();
+    assert!(run.plan.errors.is_empty(), "{:?}", run.plan.errors);
+    let report = execute(
+        &run.plan,
+        d,
+        &run.inventory,
+        &run.observed,
+        &e.drivers,
+        &e.db,
+        &ExecOptions::default(),
+        &|_| {},
+    );
+    (run.plan, report)
+}
+
+#[test]
+fn create_then_noop_then_grow() {
+    let e = env();
+    let d = desired(&(pool() + &vol("a", "16Mi", "Delete")));
+    let (p, r) = apply(&e, &d, PlanOptions::default());
+    assert_eq!(p.summary().get(&Action::Create), Some(&2));
+    assert!(r.success());
+    // Pool before volume.
+    let log = e.host.log.lock().unwrap().clone();
+    assert_eq!(log, ["apply StoragePool/local", "apply Volume/a"]);
+
+    let run = plan_run(
+        &e.drivers,
+        &d,
+        &e.db.lock().unwrap(),
+        PlanOptions::default(),
+    )
+    .unwrap();
+    assert!(!run.plan.has_changes(), "{:?}", run.plan.changes);
+
+    let d2 = desired(&(pool() + &vol("a", "32Mi", "Delete")));
+    let run = plan_run(
+        &e.drivers,
+        &d2,
+        &e.db.lock().unwrap(),
+        PlanOptions::default(),
+    )
+    .unwrap();
+    let c = run
+        .plan
+        .changes
+        .iter()
+        .find(|c| c.action == Action::Update)
+        .unwrap();
+    assert_eq!(c.fields.len(), 1);
+    assert_eq!(c.fields[0].path, "/size");
+    assert_eq!(c.impact, Some(Impact::Hot));
+    let text = stead_reconciler::render::plan_text(&run.plan, Default::default());
+    assert!(text.contains("size: 16Mi -> 32Mi"), "{text}");
+    assert!(text.contains("  ~ Volume/a"), "{text}");
+}
+
+#[test]
+fn shrink_is_a_plan_error() {
+    let e = env();
+    apply(
+        &e,
+        &desired(&(pool() + &vol("a", "32Mi", "Delete"))),
+        PlanOptions::default(),
+    );
+    let run = plan_run(
+        &e.drivers,
+        &desired(&(pool() + &vol("a", "16Mi", "Delete"))),
+        &e.db.lock().unwrap(),
+        PlanOptions::default(),
+    )
+    .unwrap();
+    assert_eq!(run.plan.errors.len(), 1);
+    assert!(
+        run.plan.errors[0]
+            .message
+            .contains("shrinking from 32Mi to 16Mi is refused")
+    );
+}
+
+#[test]
+fn prune_deletes_and_retains_by_policy() {
+    let e = env();
+    apply(
+        &e,
+        &desired(&(pool() + &vol("gone", "1Mi", "Delete") + &vol("kept", "1Mi", "Retain"))),
+        PlanOptions::default(),
+    );
+    let d = desired(&pool());
+    let run = plan_run(
+        &e.drivers,
+        &d,
+        &e.db.lock().unwrap(),
+        PlanOptions {
+            no_prune: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert!(!run.plan.has_changes(), "--no-prune plans no deletes");
+    let (p, r) = apply(&e, &d, PlanOptions::default());
+    let by_id: BTreeMap<String, Action> = p
+        .changes
+        .iter()
+        .map(|c| (c.id.to_string(), c.action))
+        .collect();
+    assert_eq!(by_id["Volume/gone"], Action::Delete);
+    assert_eq!(by_id["Volume/kept"], Action::Retain);
+    assert!(r.success());
+    let objs = e.host.objects.lock().unwrap();
+    assert!(!objs.contains_key(&ResourceId::new(Kind::Volume, "gone")));
+    assert!(
+        objs.contains_key(&ResourceId::new(Kind::Volume, "kept")),
+        "retained data stays on the host"
+    );
+    drop(objs);
+    // Retained volume is no longer in the inventory: the next plan is clean.
+    let run = plan_run(
+        &e.drivers,
+        &d,
+        &e.db.lock().unwrap(),
+        PlanOptions::default(),
+    )
+    .unwrap();
+    assert!(!run.plan.has_changes());
+}
+
+#[test]
+fn data_loss_needs_opt_in() {
+    let e = env();
+    let two_pools = pool() + &doc("StoragePool", "other", "{type: dir, path: /q}");
+    apply(
+        &e,
+        &desired(&(two_pools.clone() + &vol("a", "1Mi", "Retain"))),
+        PlanOptions::default(),
+    );
+    let moved = two_pools + &doc("Volume", "a", "{pool: other, size: 1Mi}");
+    let run = plan_run(
+        &e.drivers,
+        &desired(&moved),
+        &e.db.lock().unwrap(),
+        PlanOptions::default(),
+    )
+    .unwrap();
+    assert!(
+        run.plan.errors[0].message.contains("--allow-data-loss"),
+        "{:?}",
+        run.plan.errors
+    );
+    let opts = PlanOptions {
+        allow_data_loss: true,
+        ..Default::default()
+    };
+    let run = plan_run(&e.drivers, &desired(&moved), &e.db.lock().unwrap(), opts).unwrap();
+    let c = run.plan.changes.iter().find(|c| c.id.name == "a").unwrap();
+    assert_eq!(c.action, Action::Replace);
+    assert_eq!(c.impact, Some(Impact::DataLoss));
+}
+
+#[test]
+fn unowned_object_is_a_conflict_and_drift_is_flagged() {
+    let e = env();
+    e.host.objects.lock().unwrap().insert(
+        ResourceId::new(Kind::Network, "br0"),
+        (json!({"mtu": 1500}), false),
+    );
+    let d = desired(&doc("Network", "br0", "{mtu: 9000}"));
+    let run = plan_run(
+        &e.drivers,
+        &d,
+        &e.db.lock().unwrap(),
+        PlanOptions::default(),
+    )
+    .unwrap();
+    assert!(
+        run.plan.errors[0].message.contains("not owned by stead"),
+        "{:?}",
+        run.plan.errors
+    );
+
+    let d = desired(&doc("Network", "lan0", "{mtu: 9000}"));
+    apply(&e, &d, PlanOptions::default());
+    e.host.objects.lock().unwrap().insert(
+        ResourceId::new(Kind::Network, "lan0"),
+        (json!({"mtu": 1400}), true),
+    );
+    let run = plan_run(
+        &e.drivers,
+        &d,
+        &e.db.lock().unwrap(),
+        PlanOptions::default(),
+    )
+    .unwrap();
+    let c = &run.plan.changes[0];
+    assert_eq!(c.action, Action::Update);
+    assert!(c.drift, "host changed while the manifest did not");
+    // Deleted by hand: re-created, flagged as drift.
+    e.host.objects.lock().unwrap().clear();
+    let run = plan_run(
+        &e.drivers,
+        &d,
+        &e.db.lock().unwrap(),
+        PlanOptions::default(),
+    )
+    .unwrap();
+    assert_eq!(run.plan.changes[0].action, Action::Create);
+    assert!(run.plan.changes[0].drift);
+}
+
+#[test]
+fn failure_skips_dependents_and_the_rest_continues() {
+    let e = env();
+    e.host.fail.lock().unwrap().insert("local".into());
+    let d = desired(&(pool() + &vol("a", "1Mi", "Delete") + &doc("Network", "lan0", "{}")));
+    let (_, r) = apply(&e, &d, PlanOptions::default());
+    assert!(!r.success());
+    let by: BTreeMap<String, Outcome> = r
+        .results
+        .iter()
+        .map(|s| (s.id.to_string(), s.outcome.clone()))
+        .collect();
+    assert!(matches!(by["StoragePool/local"], Outcome::Failed(_)));
+    assert!(matches!(&by["Volume/a"], Outcome::Skipped(m) if m.contains("StoragePool/local")));
+    assert_eq!(by["Network/lan0"], Outcome::Created);
+}
+
+#[test]
+fn deletes_run_in_reverse_dependency_order() {
+    let e = env();
+    apply(
+        &e,
+        &desired(&(pool() + &vol("a", "1Mi", "Delete"))),
+        PlanOptions::default(),
+    );
+    e.host.log.lock().unwrap().clear();
+    let (p, r) = apply(&e, &desired(""), PlanOptions::default());
+    assert!(r.success());
+    assert_eq!(
+        p.changes[0].id.kind,
+        Kind::Volume,
+        "volume first in the plan"
+    );
+    assert_eq!(
+        *e.host.log.lock().unwrap(),
+        ["delete Volume/a", "delete StoragePool/local"]
+    );
+}
+
+#[test]
+fn interrupted_create_is_adopted() {
+    let e = env();
+    // A crash after the side effect but before the inventory write: the object exists
+    // without a mark, and the journal still has the open intent.
+    e.db.lock()
+        .unwrap()
+        .journal_begin(&ResourceId::new(Kind::Network, "lan0"), "create")
+        .unwrap();
+    e.host.objects.lock().unwrap().insert(
+        ResourceId::new(Kind::Network, "lan0"),
+        (json!({"mtu": 9000}), false),
+    );
+    let d = desired(&doc("Network", "lan0", "{mtu: 9000}"));
+    let (p, r) = apply(&e, &d, PlanOptions::default());
+    assert!(r.success());
+    assert_eq!(p.changes[0].action, Action::Noop);
+    assert!(e.db.lock().unwrap().journal_open().unwrap().is_empty());
+    assert!(
+        e.db.lock()
+            .unwrap()
+            .inventory()
+            .unwrap()
+            .contains_key(&ResourceId::new(Kind::Network, "lan0"))
+    );
+}
+
+#[test]
+fn apply_lock_is_exclusive() {
+    let dir = tempfile::tempdir().unwrap();
+    let _a = stead_reconciler::ApplyLock::acquire(dir.path(), std::time::Duration::ZERO).unwrap();
+    let b = stead_reconciler::ApplyLock::acquire(dir.path(), std::time::Duration::from_millis(200));
+    assert!(b.is_err());
+    drop(_a);
+    assert!(stead_reconciler::ApplyLock::acquire(dir.path(), std::time::Duration::ZERO).is_ok());
+    let _ = PathBuf::new();
+}
