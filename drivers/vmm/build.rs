@@ -21,7 +21,7 @@ fn main() {
     let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR"));
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR"));
     let guests = manifest.join("guests");
-    for f in ["entry.S", "tiny.c", "link.ld"] {
+    for f in ["entry.S", "pvh.S", "tiny.c", "link.ld", "link-pvh.ld"] {
         println!("cargo:rerun-if-changed={}", guests.join(f).display());
     }
     let p = |name: &str| -> PathBuf { out.join(name) };
@@ -74,5 +74,22 @@ fn main() {
         Command::new("objcopy").args(["-O", "binary", &s(&p("tiny.elf")), &s(&p("tiny.bin"))]),
         "objcopy",
     );
+    // The same guest behind a PVH entry stub, as an ELF with a XEN_ELFNOTE_PHYS32_ENTRY
+    // note (for stead's ELF/PVH path and for QEMU).
+    run(
+        Command::new("as").args(["--64", "-o"]).arg(p("pvh.o")).arg(guests.join("pvh.S")),
+        "as",
+    );
+    run(
+        Command::new("ld")
+            .args(["-nostdlib", "-static", "-z", "noexecstack", "-z", "max-page-size=4096", "-T"])
+            .arg(guests.join("link-pvh.ld"))
+            .arg("-o")
+            .arg(p("tiny-pvh.elf"))
+            .arg(p("pvh.o"))
+            .arg(p("tiny.o")),
+        "ld",
+    );
     println!("cargo:rustc-env=STEAD_TINY_GUEST={}", s(&p("tiny.bin")));
+    println!("cargo:rustc-env=STEAD_TINY_GUEST_PVH={}", s(&p("tiny-pvh.elf")));
 }

@@ -11,7 +11,10 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{Kvm, VcpuFd};
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params};
-use linux_loader::loader::{BzImage, Elf, KernelLoader};
+use linux_loader::loader::elf::start_info::{
+    XEN_HVM_START_MAGIC_VALUE, hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
+};
+use linux_loader::loader::{BzImage, Elf, KernelLoader, PvhBootCapability};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::VmmError;
@@ -29,6 +32,9 @@ pub const VIRTIO_GSI_BASE: u32 = 5;
 
 const GDT_ADDR: u64 = 0x500;
 const IDT_ADDR: u64 = 0x520;
+const PVH_INFO: u64 = 0x6000;
+const PVH_MODLIST: u64 = 0x6040;
+const PVH_MEMMAP: u64 = 0x6080;
 const ZERO_PAGE: u64 = 0x7000;
 const BOOT_STACK: u64 = 0x8ff0;
 const PML4_ADDR: u64 = 0x9000;
@@ -56,6 +62,12 @@ pub enum BootEntry {
     /// Linux 64-bit boot protocol: `rip` = entry, `rsi` = boot_params.
     Linux {
         /// Kernel entry point.
+        entry: u64,
+    },
+    /// PVH: 32-bit protected mode, paging off, `ebx` = hvm_start_info (BSP only; the
+    /// other vCPUs wait for INIT/SIPI).
+    Pvh {
+        /// 32-bit entry point from the XEN_ELFNOTE_PHYS32_ENTRY note.
         entry: u64,
     },
     /// Tiny guest: every vCPU at `entry`; rdi = cpu id, rsi = vcpus, rdx = cmdline.
@@ -131,9 +143,13 @@ pub fn load_guest(
         });
     }
 
+    let mut pvh_entry = None;
     let (entry, kernel_end, setup_header) = if is_elf {
         let r = Elf::load(mem, None, &mut f, Some(GuestAddress(HIMEM_START)))
             .map_err(|e| VmmError::Loader(e.to_string()))?;
+        if let PvhBootCapability::PvhEntryPresent(a) = r.pvh_boot_cap {
+            pvh_entry = Some(a.raw_value());
+        }
         (r.kernel_load.raw_value(), r.kernel_end, r.setup_header)
     } else {
         let r = BzImage::load(mem, None, &mut f, Some(GuestAddress(HIMEM_START)))
@@ -146,6 +162,53 @@ pub fn load_guest(
         )
     };
 
+    let initrd_range = match initrd {
+        Some(initrd) => Some(load_initrd(mem, mem_bytes, kernel_end, initrd)?),
+        None => None,
+    };
+    let mut e820 = vec![
+        (0u64, EBDA_START, E820_RAM),
+        (EBDA_START, HIMEM_START - EBDA_START, E820_RESERVED),
+        (HIMEM_START, low_ram_end(mem_bytes) - HIMEM_START, E820_RAM),
+    ];
+    if mem_bytes > MMIO_GAP_START {
+        e820.push((MMIO_GAP_END, mem_bytes - MMIO_GAP_START, E820_RAM));
+    }
+    let merr = |e: vm_memory::GuestMemoryError| VmmError::Memory(e.to_string());
+
+    if let Some(entry) = pvh_entry {
+        let mut info = hvm_start_info {
+            magic: XEN_HVM_START_MAGIC_VALUE,
+            version: 1,
+            cmdline_paddr: CMDLINE_ADDR,
+            memmap_paddr: PVH_MEMMAP,
+            memmap_entries: e820.len() as u32,
+            ..Default::default()
+        };
+        if let Some((addr, size)) = initrd_range {
+            let m = hvm_modlist_entry {
+                paddr: addr,
+                size,
+                ..Default::default()
+            };
+            mem.write_obj(m, GuestAddress(PVH_MODLIST)).map_err(merr)?;
+            info.nr_modules = 1;
+            info.modlist_paddr = PVH_MODLIST;
+        }
+        for (i, (addr, size, kind)) in e820.iter().enumerate() {
+            let e = hvm_memmap_table_entry {
+                addr: *addr,
+                size: *size,
+                type_: *kind,
+                reserved: 0,
+            };
+            mem.write_obj(e, GuestAddress(PVH_MEMMAP + 24 * i as u64))
+                .map_err(merr)?;
+        }
+        mem.write_obj(info, GuestAddress(PVH_INFO)).map_err(merr)?;
+        return Ok(BootEntry::Pvh { entry });
+    }
+
     let mut params = boot_params::default();
     if let Some(h) = setup_header {
         params.hdr = h;
@@ -156,31 +219,9 @@ pub fn load_guest(
     params.hdr.cmd_line_ptr = CMDLINE_ADDR as u32;
     params.hdr.cmdline_size = cmdline.len() as u32 + 1;
     params.hdr.kernel_alignment = 0x0100_0000;
-    if let Some(initrd) = initrd {
-        let mut fi = open(initrd)?;
-        let mut data = Vec::new();
-        fi.read_to_end(&mut data).map_err(|e| VmmError::Io {
-            what: format!("read {}", initrd.display()),
-            source: e,
-        })?;
-        let top = low_ram_end(mem_bytes);
-        let addr = top
-            .checked_sub(data.len() as u64)
-            .map(|a| a & !0xfff)
-            .filter(|a| *a > kernel_end)
-            .ok_or_else(|| VmmError::Config("initrd does not fit in guest memory".into()))?;
-        mem.write_slice(&data, GuestAddress(addr))
-            .map_err(|e| VmmError::Memory(e.to_string()))?;
+    if let Some((addr, size)) = initrd_range {
         params.hdr.ramdisk_image = addr as u32;
-        params.hdr.ramdisk_size = data.len() as u32;
-    }
-    let mut e820 = vec![
-        (0u64, EBDA_START, E820_RAM),
-        (EBDA_START, HIMEM_START - EBDA_START, E820_RESERVED),
-        (HIMEM_START, low_ram_end(mem_bytes) - HIMEM_START, E820_RAM),
-    ];
-    if mem_bytes > MMIO_GAP_START {
-        e820.push((MMIO_GAP_END, mem_bytes - MMIO_GAP_START, E820_RAM));
+        params.hdr.ramdisk_size = size as u32;
     }
     for (i, (addr, size, kind)) in e820.iter().enumerate() {
         params.e820_table[i] = boot_e820_entry {
@@ -208,6 +249,30 @@ pub fn is_linux_image(kernel: &Path) -> Result<bool, VmmError> {
     })?;
     Ok((n >= 4 && head[..4] == [0x7f, b'E', b'L', b'F'])
         || (n >= 0x206 && &head[0x202..0x206] == b"HdrS"))
+}
+
+/// Places the initrd page-aligned at the top of low RAM; returns (address, size).
+fn load_initrd(
+    mem: &GuestMemoryMmap,
+    mem_bytes: u64,
+    kernel_end: u64,
+    initrd: &Path,
+) -> Result<(u64, u64), VmmError> {
+    let mut data = Vec::new();
+    File::open(initrd)
+        .and_then(|mut f| f.read_to_end(&mut data))
+        .map_err(|e| VmmError::Io {
+            what: format!("read {}", initrd.display()),
+            source: e,
+        })?;
+    let addr = low_ram_end(mem_bytes)
+        .checked_sub(data.len() as u64)
+        .map(|a| a & !0xfff)
+        .filter(|a| *a > kernel_end)
+        .ok_or_else(|| VmmError::Config("initrd does not fit in guest memory".into()))?;
+    mem.write_slice(&data, GuestAddress(addr))
+        .map_err(|e| VmmError::Memory(e.to_string()))?;
+    Ok((addr, data.len() as u64))
 }
 
 fn read_full(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
@@ -253,12 +318,13 @@ pub fn write_tables(mem: &GuestMemoryMmap) -> Result<(), VmmError> {
     w(0, IDT_ADDR)
 }
 
-/// GDT: null, 64-bit code (0x08), data (0x10), TSS (0x18).
-const GDT: [u64; 4] = [
+/// GDT: null, 64-bit code (0x08), data (0x10), TSS (0x18), 32-bit code (0x20, PVH).
+const GDT: [u64; 5] = [
     0,
     gdt_entry(0xa09b, 0, 0xfffff),
     gdt_entry(0xc093, 0, 0xfffff),
     gdt_entry(0x808b, 0, 0xfffff),
+    gdt_entry(0xc09b, 0, 0xfffff),
 ];
 
 const fn gdt_entry(flags: u16, base: u32, limit: u32) -> u64 {
@@ -409,11 +475,19 @@ pub fn setup_vcpu(
     sregs.gs = data;
     sregs.ss = data;
     sregs.tr = tss;
-    // Protected mode + paging, caching enabled (clear CD/NW), ET set.
-    sregs.cr0 = (sregs.cr0 & !0x6000_0000) | 0x1 | 0x10 | 0x8000_0000;
-    sregs.cr3 = PML4_ADDR;
-    sregs.cr4 |= 0x20; // PAE
-    sregs.efer |= 0x500; // LME | LMA
+    if let BootEntry::Pvh { .. } = boot {
+        // PVH: flat 32-bit protected mode, paging off.
+        sregs.cs = segment(GDT[4], 4);
+        sregs.cr0 = (sregs.cr0 & !0xe000_0000) | 0x1 | 0x10;
+        sregs.cr4 = 0;
+        sregs.efer = 0;
+    } else {
+        // Protected mode + paging, caching enabled (clear CD/NW), ET set.
+        sregs.cr0 = (sregs.cr0 & !0x6000_0000) | 0x1 | 0x10 | 0x8000_0000;
+        sregs.cr3 = PML4_ADDR;
+        sregs.cr4 |= 0x20; // PAE
+        sregs.efer |= 0x500; // LME | LMA
+    }
     vcpu.set_sregs(&sregs).map_err(kerr("KVM_SET_SREGS"))?;
 
     let mut regs = kvm_regs {
@@ -426,6 +500,10 @@ pub fn setup_vcpu(
             regs.rsp = BOOT_STACK;
             regs.rbp = BOOT_STACK;
             regs.rsi = ZERO_PAGE;
+        }
+        BootEntry::Pvh { entry } => {
+            regs.rip = entry;
+            regs.rbx = PVH_INFO;
         }
         BootEntry::Tiny { entry } => {
             regs.rip = entry;

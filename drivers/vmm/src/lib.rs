@@ -39,6 +39,10 @@ pub use devices::{FORBIDDEN_SYSCALL_PORT, POWER_PORT};
 /// Path of the tiny test guest built from `guests/` by this crate's build script.
 pub const TINY_GUEST_IMAGE: &str = env!("STEAD_TINY_GUEST");
 
+/// The same tiny guest as an ELF with a PVH entry note (boots on the ELF/PVH path,
+/// and in QEMU with `-kernel`).
+pub const TINY_GUEST_PVH_IMAGE: &str = env!("STEAD_TINY_GUEST_PVH");
+
 /// A virtio-blk disk backed by a raw file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiskConfig {
@@ -74,8 +78,10 @@ pub struct VmConfig {
     pub vcpus: u8,
     /// Guest RAM in bytes (at least 16 MiB).
     pub mem_bytes: u64,
-    /// ELF vmlinux, bzImage, or (anything else) a flat 64-bit tiny-guest image loaded
-    /// at [`TINY_LOAD_ADDR`] and entered on every vCPU.
+    /// ELF (entered through PVH when it has a XEN_ELFNOTE_PHYS32_ENTRY note, else
+    /// through the Linux 64-bit boot protocol), bzImage (64-bit boot protocol), or
+    /// (anything else) a flat 64-bit tiny-guest image loaded at [`TINY_LOAD_ADDR`] and
+    /// entered on every vCPU.
     pub kernel: PathBuf,
     /// Optional initrd (Linux only).
     pub initrd: Option<PathBuf>,

@@ -297,3 +297,24 @@ fn interrupts_via_irqfd() {
     assert!(out.contains("irq: serial irq4 ok"), "serial: {out}");
     assert!(out.contains("irq: virtio irq5 ok"), "serial: {out}");
 }
+
+#[test]
+fn pvh_elf_boot() {
+    if !kvm_or_skip("pvh_elf_boot") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = disk_with_sector0(dir.path());
+    let mut cfg = tiny("blk");
+    cfg.kernel = stead_vmm::TINY_GUEST_PVH_IMAGE.into();
+    cfg.disks.push(DiskConfig {
+        path,
+        read_only: false,
+    });
+    let vm = Vm::new(cfg).unwrap();
+    let h = vm.handle();
+    assert_eq!(vm.run().unwrap(), ExitReason::Shutdown);
+    let out = serial(&h);
+    assert!(out.contains("blk: read status=0 sector0=STEAD-SECTOR-0!!"), "serial: {out}");
+    assert!(out.contains("blk: done"), "serial: {out}");
+}
