@@ -1,3 +1,4 @@
 //! placeholder
 pub mod backup;
 pub mod container;
+pub mod net;
