@@ -1,1 +1,472 @@
-fn main() {}
+//! `stead`: declarative reconciler for Linux virtualization hosts.
+
+use std::collections::BTreeMap;
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
+use stead_reconciler::render::{self, Style};
+use stead_reconciler::{ApplyLock, Drivers, ExecOptions, PlanOptions, StateDb, execute, plan_run};
+use stead_schema::{Desired, Diagnostic, HostEnv, Kind, ResourceId};
+
+mod get;
+
+/// Declarative, GitOps-style reconciler for Linux virtualization hosts.
+#[derive(Parser, Debug)]
+#[command(name = "stead", version, about, long_about = None, propagate_version = true)]
+struct Cli {
+    #[command(flatten)]
+    global: Global,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Options valid before or after the verb.
+#[derive(clap::Args, Debug, Clone)]
+struct Global {
+    /// State directory (inventory, journal, lock).
+    #[arg(
+        long,
+        global = true,
+        env = "STEAD_STATE_DIR",
+        default_value = "/var/lib/stead"
+    )]
+    state_dir: PathBuf,
+    /// Runtime directory (supervisor sockets and state files).
+    #[arg(
+        long,
+        global = true,
+        env = "STEAD_RUN_DIR",
+        default_value = "/run/stead"
+    )]
+    run_dir: PathBuf,
+    /// Cgroup parent for workloads.
+    #[arg(
+        long,
+        global = true,
+        env = "STEAD_CGROUP_PARENT",
+        default_value = "stead"
+    )]
+    cgroup_parent: String,
+    /// Manage networking inside this network namespace (a name under /run/netns or a path).
+    #[arg(long, global = true, env = "STEAD_NETNS")]
+    netns: Option<String>,
+    /// More log output (-v info, -vv debug, -vvv trace).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    /// Only errors.
+    #[arg(short, long, global = true)]
+    quiet: bool,
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    /// Colored output.
+    #[arg(long, global = true, value_enum, default_value_t = ColorWhen::Auto)]
+    color: ColorWhen,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+enum ColorWhen {
+    Auto,
+    Always,
+    Never,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+enum PlanFormat {
+    Text,
+    Json,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum GetFormat {
+    Text,
+    Json,
+    Yaml,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Parse and check manifests; print every error as FILE:LINE:COL.
+    Validate {
+        /// Manifest files or directories.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
+    /// Show the plan against the host. Exit 0: no changes, 2: changes, 1: error.
+    Diff {
+        /// Manifest files or directories.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        /// Output format.
+        #[arg(short, long, value_enum, default_value_t = PlanFormat::Text)]
+        output: PlanFormat,
+        /// Do not plan deletes of owned resources missing from the manifests.
+        #[arg(long)]
+        no_prune: bool,
+        /// Plan data-loss changes instead of refusing them.
+        #[arg(long)]
+        allow_data_loss: bool,
+    },
+    /// Converge the host to the manifests. Exit 0: converged, 1: error.
+    Apply {
+        /// Manifest files or directories.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        /// Do not ask for confirmation.
+        #[arg(short, long)]
+        yes: bool,
+        /// Do not delete owned resources missing from the manifests.
+        #[arg(long)]
+        no_prune: bool,
+        /// Show the plan and stop.
+        #[arg(long)]
+        dry_run: bool,
+        /// Confirm changes that destroy data (other than deletionPolicy: Delete prunes).
+        #[arg(long)]
+        allow_data_loss: bool,
+        /// Changes run at once.
+        #[arg(long, default_value_t = 4)]
+        parallelism: usize,
+        /// How long to wait for another apply's lock.
+        #[arg(long, default_value = "30s")]
+        lock_timeout: stead_schema::DurationSpec,
+        /// Output format of the plan.
+        #[arg(short, long, value_enum, default_value_t = PlanFormat::Text)]
+        output: PlanFormat,
+    },
+    /// Show observed state and status of owned resources.
+    Get {
+        /// KIND or KIND/NAME (e.g. volume, vm/web).
+        what: Option<String>,
+        /// Output format.
+        #[arg(short, long, value_enum, default_value_t = GetFormat::Text)]
+        output: GetFormat,
+    },
+    /// Remove what the manifests own (Retain volumes are kept).
+    Destroy {
+        /// Manifest files or directories.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        /// Do not ask for confirmation.
+        #[arg(short, long)]
+        yes: bool,
+        /// Also delete data of changes marked data-loss.
+        #[arg(long)]
+        allow_data_loss: bool,
+    },
+    /// Print the JSON Schema of all kinds.
+    Schema,
+    /// Print shell completions.
+    Completions {
+        /// Shell.
+        shell: clap_complete::Shell,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli.global);
+    match run(cli) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn init_logging(g: &Global) {
+    use tracing_subscriber::EnvFilter;
+    let level = if g.quiet {
+        "error"
+    } else {
+        match g.verbose {
+            0 => "warn",
+            1 => "info",
+            2 => "debug",
+            _ => "trace",
+        }
+    };
+    let filter = EnvFilter::try_from_env("STEAD_LOG").unwrap_or_else(|_| EnvFilter::new(level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match g.log_format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .try_init(),
+    };
+}
+
+pub(crate) fn host_env(g: &Global) -> Result<HostEnv> {
+    let netns = g.netns.as_ref().map(|n| {
+        if n.contains('/') {
+            PathBuf::from(n)
+        } else {
+            PathBuf::from("/run/netns").join(n)
+        }
+    });
+    if let Some(p) = &netns
+        && !p.exists()
+    {
+        bail!("network namespace {} does not exist", p.display());
+    }
+    Ok(HostEnv {
+        state_dir: g.state_dir.clone(),
+        run_dir: g.run_dir.clone(),
+        cgroup_parent: g.cgroup_parent.clone(),
+        netns,
+        self_exe: std::env::current_exe().context("cannot find the stead binary")?,
+    })
+}
+
+pub(crate) fn drivers(env: &HostEnv) -> Result<Drivers> {
+    let mut map: Drivers = BTreeMap::new();
+    for d in stead_drivers::registry(env).context("cannot initialise drivers")? {
+        map.insert(d.kind(), d);
+    }
+    Ok(map)
+}
+
+fn style(g: &Global) -> Style {
+    Style {
+        color: match g.color {
+            ColorWhen::Always => true,
+            ColorWhen::Never => false,
+            ColorWhen::Auto => {
+                std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none()
+            }
+        },
+    }
+}
+
+fn print_diagnostics(diags: &[Diagnostic]) {
+    for d in diags {
+        eprintln!("{d}");
+    }
+    eprintln!("{} error(s) found", diags.len());
+}
+
+fn load(paths: &[PathBuf]) -> Option<Desired> {
+    match stead_schema::load_and_validate(paths) {
+        Ok(d) => Some(d),
+        Err(diags) => {
+            print_diagnostics(&diags);
+            None
+        }
+    }
+}
+
+fn confirm(question: &str) -> Result<bool> {
+    if !std::io::stdin().is_terminal() {
+        bail!("refusing to change the host without --yes: standard input is not a terminal");
+    }
+    eprint!("{question} [y/N] ");
+    std::io::stderr().flush().ok();
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line)?;
+    Ok(matches!(line.trim(), "y" | "Y" | "yes"))
+}
+
+fn run(cli: Cli) -> Result<u8> {
+    let g = cli.global;
+    match cli.command {
+        Command::Validate { paths } => {
+            let Some(d) = load(&paths) else { return Ok(1) };
+            let mut per_kind: BTreeMap<Kind, usize> = BTreeMap::new();
+            for id in d.resources.keys() {
+                *per_kind.entry(id.kind).or_default() += 1;
+            }
+            let parts: Vec<String> = per_kind.iter().map(|(k, n)| format!("{n} {k}")).collect();
+            println!("valid: {} resources ({})", d.len(), parts.join(", "));
+            Ok(0)
+        }
+        Command::Diff {
+            paths,
+            output,
+            no_prune,
+            allow_data_loss,
+        } => {
+            let Some(desired) = load(&paths) else {
+                return Ok(1);
+            };
+            let env = host_env(&g)?;
+            let drivers = drivers(&env)?;
+            let db = StateDb::open(&env.state_dir)?;
+            let run = plan_run(
+                &drivers,
+                &desired,
+                &db,
+                PlanOptions {
+                    no_prune,
+                    allow_data_loss,
+                },
+            )?;
+            match output {
+                PlanFormat::Json => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&render::plan_json(&run.plan))?
+                ),
+                PlanFormat::Text => print!("{}", render::plan_text(&run.plan, style(&g))),
+            }
+            Ok(if !run.plan.errors.is_empty() {
+                1
+            } else if run.plan.has_changes() {
+                2
+            } else {
+                0
+            })
+        }
+        Command::Apply {
+            paths,
+            yes,
+            no_prune,
+            dry_run,
+            allow_data_loss,
+            parallelism,
+            lock_timeout,
+            output,
+        } => {
+            let Some(desired) = load(&paths) else {
+                return Ok(1);
+            };
+            let env = host_env(&g)?;
+            apply(
+                &g,
+                &env,
+                &desired,
+                None,
+                PlanOptions {
+                    no_prune,
+                    allow_data_loss,
+                },
+                yes,
+                dry_run,
+                parallelism,
+                lock_timeout.0,
+                output,
+            )
+        }
+        Command::Destroy {
+            paths,
+            yes,
+            allow_data_loss,
+        } => {
+            let Some(manifests) = load(&paths) else {
+                return Ok(1);
+            };
+            let env = host_env(&g)?;
+            let only: Vec<ResourceId> = manifests.resources.keys().cloned().collect();
+            apply(
+                &g,
+                &env,
+                &Desired::default(),
+                Some(only),
+                PlanOptions {
+                    no_prune: false,
+                    allow_data_loss,
+                },
+                yes,
+                false,
+                4,
+                Duration::from_secs(30),
+                PlanFormat::Text,
+            )
+        }
+        Command::Get { what, output } => {
+            let env = host_env(&g)?;
+            get::run(&env, what.as_deref(), output)
+        }
+        Command::Schema => {
+            print!("{}", stead_schema::schema::json_schema_text());
+            Ok(0)
+        }
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "stead", &mut std::io::stdout());
+            Ok(0)
+        }
+    }
+}
+
+/// Plans and applies. With `only`, the inventory is restricted to those ids (destroy).
+#[allow(clippy::too_many_arguments)]
+fn apply(
+    g: &Global,
+    env: &HostEnv,
+    desired: &Desired,
+    only: Option<Vec<ResourceId>>,
+    opts: PlanOptions,
+    yes: bool,
+    dry_run: bool,
+    parallelism: usize,
+    lock_timeout: Duration,
+    output: PlanFormat,
+) -> Result<u8> {
+    let drivers = drivers(env)?;
+    let _lock = if dry_run {
+        None
+    } else {
+        Some(ApplyLock::acquire(&env.state_dir, lock_timeout)?)
+    };
+    let db = StateDb::open(&env.state_dir)?;
+    let mut run = plan_run(&drivers, desired, &db, opts)?;
+    if let Some(only) = &only {
+        run.plan.changes.retain(|c| only.contains(&c.id));
+        run.plan.errors.retain(|e| only.contains(&e.id));
+        run.inventory.retain(|id, _| only.contains(id));
+    }
+    let style = style(g);
+    match output {
+        PlanFormat::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&render::plan_json(&run.plan))?
+        ),
+        PlanFormat::Text => print!("{}", render::plan_text(&run.plan, style)),
+    }
+    if !run.plan.errors.is_empty() {
+        return Ok(1);
+    }
+    if dry_run || !run.plan.has_changes() {
+        return Ok(0);
+    }
+    if !yes && !confirm("Apply these changes?")? {
+        eprintln!("Apply cancelled.");
+        return Ok(1);
+    }
+    let opts = ExecOptions {
+        parallelism,
+        pause_after_steps: std::env::var("STEAD_TEST_PAUSE_AFTER_STEPS")
+            .ok()
+            .and_then(|v| v.parse().ok()),
+    };
+    let db = Mutex::new(db);
+    let quiet = g.quiet;
+    let report = execute(
+        &run.plan,
+        desired,
+        &run.inventory,
+        &run.observed,
+        &drivers,
+        &db,
+        &opts,
+        &|r| {
+            if !quiet {
+                eprintln!("{}", render::step_line(r, style));
+            }
+        },
+    );
+    println!("{}", render::report_summary(&report));
+    Ok(if report.success() { 0 } else { 1 })
+}

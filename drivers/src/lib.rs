@@ -1,4 +1,16 @@
-//! placeholder
+//! stead's host drivers, one module per domain. Each implements
+//! [`stead_schema::Driver`] for its kinds; [`registry`] builds them all for a host.
+
 pub mod backup;
 pub mod container;
 pub mod net;
+pub mod storage;
+
+use stead_schema::{Driver, DriverError, HostEnv};
+
+/// Every driver of this build, pointed at `env`.
+pub fn registry(env: &HostEnv) -> Result<Vec<Box<dyn Driver>>, DriverError> {
+    let _ = env;
+    let drivers: Vec<Box<dyn Driver>> = Vec::new();
+    Ok(drivers)
+}

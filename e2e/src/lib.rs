@@ -1,1 +1,179 @@
-//! placeholder
+//! Helpers for black-box tests of the `stead` binary: a sandbox with its own state
+//! dir, run dir, cgroup parent and (optionally) network namespace, removed on drop.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// Path of the `stead` binary under test: `$STEAD_BIN`, or `target/<profile>/stead`
+/// next to this test executable. Build it first (`cargo build --bin stead`).
+pub fn stead_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("STEAD_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/debug/deps/<test>-hash -> target/debug/stead
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let bin = dir.join("stead");
+    assert!(
+        bin.exists(),
+        "{} not found: run `cargo build --bin stead` first (or set STEAD_BIN)",
+        bin.display()
+    );
+    bin
+}
+
+/// Whether we run as root (the privileged tests need it).
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Prints a SKIP line and returns true when `cond` is false.
+pub fn skip_unless(cond: bool, test: &str, reason: &str) -> bool {
+    if !cond {
+        eprintln!("SKIP {test}: {reason}");
+        println!("SKIP {test}: {reason}");
+    }
+    !cond
+}
+
+/// A private sandbox for one test.
+pub struct Sandbox {
+    /// Temp dir holding state, run and data dirs.
+    pub dir: tempfile::TempDir,
+    /// Cgroup parent name unique to this sandbox.
+    pub cgroup_parent: String,
+    /// Network namespace name, when created.
+    pub netns: Option<String>,
+}
+
+impl Sandbox {
+    /// A sandbox without a network namespace.
+    pub fn new() -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("stead-e2e-")
+            .tempdir()
+            .expect("tempdir");
+        let n = dir
+            .path()
+            .file_name()
+            .and_then(|s| s.to_str())
+            .unwrap_or("x")
+            .trim_start_matches("stead-e2e-")
+            .to_lowercase();
+        Sandbox {
+            cgroup_parent: format!("stead-e2e-{}-{n}", std::process::id()),
+            dir,
+            netns: None,
+        }
+    }
+
+    /// A sandbox with its own network namespace (`ip netns add`), deleted on drop.
+    pub fn with_netns() -> Self {
+        let mut s = Sandbox::new();
+        let name = format!(
+            "stead-e2e-{}-{}",
+            std::process::id(),
+            s.cgroup_parent.rsplit('-').next().unwrap_or("x")
+        );
+        let st = Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .expect("ip netns add");
+        assert!(st.success(), "ip netns add {name} failed");
+        let _ = Command::new("ip")
+            .args(["-n", &name, "link", "set", "lo", "up"])
+            .status();
+        s.netns = Some(name);
+        s
+    }
+
+    /// A path inside the sandbox.
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    /// Writes a file inside the sandbox and returns its path.
+    pub fn write(&self, rel: &str, text: &str) -> PathBuf {
+        let p = self.path(rel);
+        if let Some(parent) = p.parent() {
+            std::fs::create_dir_all(parent).expect("mkdir");
+        }
+        std::fs::write(&p, text).expect("write");
+        p
+    }
+
+    /// A `stead` command with the sandbox's global options set.
+    pub fn cmd(&self) -> Command {
+        let mut c = Command::new(stead_bin());
+        c.arg("--state-dir").arg(self.path("state"));
+        c.arg("--run-dir").arg(self.path("run"));
+        c.arg("--cgroup-parent").arg(&self.cgroup_parent);
+        c.arg("--color").arg("never");
+        if let Some(ns) = &self.netns {
+            c.arg("--netns").arg(ns);
+        }
+        c.env_remove("STEAD_TEST_PAUSE_AFTER_STEPS");
+        c
+    }
+
+    /// Runs `stead <args>` and returns its output.
+    pub fn run(&self, args: &[&str]) -> Run {
+        let out = self.cmd().args(args).output().expect("spawn stead");
+        Run(out)
+    }
+}
+
+impl Default for Sandbox {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        if let Some(ns) = &self.netns {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+        for ctrl in [
+            "unified", "memory", "cpu", "cpuacct", "pids", "cpuset", "freezer", "devices", "blkio",
+            "systemd", "",
+        ] {
+            let p = Path::new("/sys/fs/cgroup")
+                .join(ctrl)
+                .join(&self.cgroup_parent);
+            if p.exists() {
+                let _ = std::fs::remove_dir(&p);
+            }
+        }
+    }
+}
+
+/// A finished `stead` run.
+pub struct Run(pub Output);
+
+impl Run {
+    /// Exit code (-1 if killed).
+    pub fn code(&self) -> i32 {
+        self.0.status.code().unwrap_or(-1)
+    }
+    /// Stdout as text.
+    pub fn stdout(&self) -> String {
+        String::from_utf8_lossy(&self.0.stdout).into_owned()
+    }
+    /// Stderr as text.
+    pub fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.0.stderr).into_owned()
+    }
+    /// Asserts the exit code, printing both streams on mismatch.
+    pub fn expect_code(self, code: i32) -> Self {
+        assert_eq!(
+            self.code(),
+            code,
+            "unexpected exit code\n--- stdout\n{}\n--- stderr\n{}",
+            self.stdout(),
+            self.stderr()
+        );
+        self
+    }
+}

@@ -1,0 +1,223 @@
+//! Issue 2 acceptance: the real `stead` binary converging dir pools and raw volumes.
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::MetadataExt;
+use std::process::Stdio;
+
+use stead_e2e::Sandbox;
+
+fn manifest(sb: &Sandbox, volumes: &[(&str, &str, &str)]) -> std::path::PathBuf {
+    let mut text = format!(
+        "apiVersion: stead.dev/v1alpha1\nkind: StoragePool\nmetadata: {{name: local}}\nspec: {{type: dir, path: {}}}\n",
+        sb.path("pools/local").display()
+    );
+    for (name, size, policy) in volumes {
+        text.push_str(&format!(
+            "---\napiVersion: stead.dev/v1alpha1\nkind: Volume\nmetadata: {{name: {name}}}\nspec: {{pool: local, size: {size}, deletionPolicy: {policy}}}\n"
+        ));
+    }
+    sb.write("m/storage.yaml", &text);
+    sb.path("m")
+}
+
+fn image(sb: &Sandbox, name: &str) -> std::path::PathBuf {
+    sb.path(&format!("pools/local/images/{name}.raw"))
+}
+
+#[test]
+fn apply_diff_grow_prune_and_refuse_shrink() {
+    let sb = Sandbox::new();
+    let m = manifest(&sb, &[("a", "16Mi", "Delete"), ("b", "16Mi", "Retain")]);
+    let m = m.to_str().unwrap();
+
+    let out = sb.run(&["diff", m]).expect_code(2);
+    assert!(out.stdout().contains("+ Volume/a"), "{}", out.stdout());
+
+    sb.run(&["apply", "--yes", m]).expect_code(0);
+    let meta = std::fs::metadata(image(&sb, "a")).unwrap();
+    assert_eq!(meta.len(), 16 << 20);
+    assert!(
+        meta.blocks() * 512 < 1 << 20,
+        "volume must be sparse, uses {} blocks",
+        meta.blocks()
+    );
+
+    let out = sb.run(&["diff", m]).expect_code(0);
+    assert!(out.stdout().contains("No changes"), "{}", out.stdout());
+    // A second apply is a no-op.
+    sb.run(&["apply", "--yes", m]).expect_code(0);
+
+    let m2 = manifest(&sb, &[("a", "32Mi", "Delete"), ("b", "16Mi", "Retain")]);
+    let m2 = m2.to_str().unwrap();
+    let out = sb.run(&["diff", m2]).expect_code(2);
+    assert!(out.stdout().contains("~ Volume/a"), "{}", out.stdout());
+    assert!(
+        out.stdout().contains("size: 16Mi -> 32Mi"),
+        "{}",
+        out.stdout()
+    );
+    let json = sb.run(&["diff", "-o", "json", m2]).expect_code(2);
+    let v: serde_json::Value = serde_json::from_str(&json.stdout()).unwrap();
+    assert_eq!(v["summary"]["update"], 1);
+    assert_eq!(v["changes"][0]["impact"], "hot");
+
+    sb.run(&["apply", "--yes", m2]).expect_code(0);
+    assert_eq!(std::fs::metadata(image(&sb, "a")).unwrap().len(), 32 << 20);
+
+    let out = sb.run(&["get", "volume", "-o", "json"]).expect_code(0);
+    let v: serde_json::Value = serde_json::from_str(&out.stdout()).unwrap();
+    assert_eq!(v["items"].as_array().unwrap().len(), 2);
+    let out = sb.run(&["get"]).expect_code(0);
+    assert!(
+        out.stdout().contains("Volume") && out.stdout().contains("Ready"),
+        "{}",
+        out.stdout()
+    );
+
+    // Remove both volumes: the Delete one goes, the Retain one stays on disk.
+    let m3 = manifest(&sb, &[]);
+    let m3 = m3.to_str().unwrap();
+    let out = sb.run(&["apply", "--yes", m3]).expect_code(0);
+    assert!(out.stdout().contains("- Volume/a"), "{}", out.stdout());
+    assert!(out.stdout().contains("= Volume/b"), "{}", out.stdout());
+    assert!(!image(&sb, "a").exists(), "Delete volume removed");
+    assert!(image(&sb, "b").exists(), "Retain volume kept");
+    sb.run(&["diff", m3]).expect_code(0);
+
+    // Shrink is refused.
+    let m4 = manifest(&sb, &[("c", "32Mi", "Delete")]);
+    sb.run(&["apply", "--yes", m4.to_str().unwrap()])
+        .expect_code(0);
+    let m5 = manifest(&sb, &[("c", "16Mi", "Delete")]);
+    let out = sb
+        .run(&["apply", "--yes", m5.to_str().unwrap()])
+        .expect_code(1);
+    let text = out.stdout() + &out.stderr();
+    assert!(text.contains("shrink"), "{text}");
+    assert_eq!(
+        std::fs::metadata(image(&sb, "c")).unwrap().len(),
+        32 << 20,
+        "nothing changed"
+    );
+
+    // destroy removes what the manifests own; the Delete volume goes.
+    sb.run(&["destroy", "--yes", m4.to_str().unwrap()])
+        .expect_code(0);
+    assert!(!image(&sb, "c").exists());
+}
+
+#[test]
+fn unowned_directory_is_a_plan_error() {
+    let sb = Sandbox::new();
+    sb.write("pools/local/precious.txt", "user data");
+    let m = manifest(&sb, &[]);
+    let out = sb.run(&["diff", m.to_str().unwrap()]).expect_code(1);
+    assert!(
+        out.stdout().contains("not owned by stead"),
+        "{}",
+        out.stdout()
+    );
+    sb.run(&["apply", "--yes", m.to_str().unwrap()])
+        .expect_code(1);
+    assert_eq!(
+        std::fs::read_to_string(sb.path("pools/local/precious.txt")).unwrap(),
+        "user data"
+    );
+}
+
+#[test]
+fn validate_reports_all_errors_with_locations() {
+    let sb = Sandbox::new();
+    let p = sb.write(
+        "bad.yaml",
+        "apiVersion: stead.dev/v1alpha1\nkind: Volume\nmetadata: {name: v}\nspec: {pool: nowhere, size: 1Zi}\n---\napiVersion: stead.dev/v1alpha1\nkind: Volume\nmetadata: {name: w}\nspec: {pool: nowhere, size: 1Mi, colour: red}\n",
+    );
+    let out = sb.run(&["validate", p.to_str().unwrap()]).expect_code(1);
+    let err = out.stderr();
+    assert!(err.contains("bad.yaml:4:29: spec.size"), "{err}");
+    assert!(
+        err.contains("bad.yaml:9:36: spec.colour: unknown field"),
+        "{err}"
+    );
+    assert!(err.contains("2 error(s)"), "{err}");
+}
+
+#[test]
+fn crash_mid_apply_then_reapply_converges() {
+    let sb = Sandbox::new();
+    let vols: Vec<(String, &str, &str)> = (0..24)
+        .map(|i| (format!("v{i:02}"), "4Mi", "Delete"))
+        .collect();
+    let refs: Vec<(&str, &str, &str)> = vols.iter().map(|(n, s, p)| (n.as_str(), *s, *p)).collect();
+    let m = manifest(&sb, &refs);
+    let mut child = sb
+        .cmd()
+        .args(["apply", "--yes", "--parallelism", "2", m.to_str().unwrap()])
+        .env("STEAD_TEST_PAUSE_AFTER_STEPS", "9")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut paused = false;
+    for line in BufReader::new(stderr).lines() {
+        let line = line.unwrap();
+        if line.contains("pausing after") {
+            paused = true;
+            break;
+        }
+    }
+    assert!(paused, "the test hook did not pause the apply");
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let made = std::fs::read_dir(sb.path("pools/local/images"))
+        .unwrap()
+        .count();
+    assert!(made < 24, "the crash must happen mid-apply ({made} files)");
+
+    sb.run(&["apply", "--yes", m.to_str().unwrap()])
+        .expect_code(0);
+    sb.run(&["diff", m.to_str().unwrap()]).expect_code(0);
+    let mut names: Vec<String> = std::fs::read_dir(sb.path("pools/local/images"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.ends_with(".stead"))
+        .collect();
+    names.sort();
+    let want: Vec<String> = (0..24).map(|i| format!("v{i:02}.raw")).collect();
+    assert_eq!(names, want, "exactly the declared volumes, no stray files");
+}
+
+#[test]
+fn second_apply_waits_for_the_lock() {
+    let sb = Sandbox::new();
+    let m = manifest(&sb, &[("a", "1Mi", "Delete")]);
+    let mut child = sb
+        .cmd()
+        .args(["apply", "--yes", m.to_str().unwrap()])
+        .env("STEAD_TEST_PAUSE_AFTER_STEPS", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    for line in BufReader::new(stderr).lines() {
+        if line.unwrap().contains("pausing after") {
+            break;
+        }
+    }
+    let out = sb
+        .run(&[
+            "apply",
+            "--yes",
+            "--lock-timeout",
+            "500ms",
+            m.to_str().unwrap(),
+        ])
+        .expect_code(1);
+    assert!(out.stderr().contains("holds the lock"), "{}", out.stderr());
+    child.kill().unwrap();
+    child.wait().unwrap();
+    sb.run(&["apply", "--yes", m.to_str().unwrap()])
+        .expect_code(0);
+}

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Installs the Debian packages stead's build, tests and demo need (only what is missing).
+set -euo pipefail
+pkgs=(
+  nftables        # nft: NAT and port forwards (network driver)
+  btrfs-progs     # mkfs.btrfs, btrfs: btrfs pools and snapshots
+  xfsprogs        # mkfs.xfs for storage tests
+  busybox-static  # guest initramfs and container rootfs
+  iproute2        # ip: test inspection and namespaces (stead itself uses netlink)
+  iputils-ping    # ping across bridges and overlays in tests
+  psmisc          # fuser/killall for leak checks
+  zstd            # benchmark comparison (stead uses the zstd crate)
+  binutils        # as/ld/objcopy for the VMM's tiny test guests
+  prometheus      # promtool check metrics
+  socat           # unix-socket pokes in tests
+  e2fsprogs       # mkfs.ext4
+  util-linux      # losetup, mount, unshare, nsenter
+)
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "installing: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+command -v cargo-nextest >/dev/null || cargo install --locked cargo-nextest
+modprobe tun 2>/dev/null || true
+modprobe vxlan 2>/dev/null || true
+modprobe btrfs 2>/dev/null || true
+modprobe loop 2>/dev/null || true

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The whole test suite: lint, build, every test (unit, sandboxed kernel tests, e2e).
+# Runs as root on a fresh Debian 12 machine; installs what it needs first.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TERM_COLOR=never
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/cache/stead/target}"
+mkdir -p "$CARGO_TARGET_DIR"
+
+scripts/install-deps.sh
+
+echo "== fmt and clippy"
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets -- -D warnings
+
+echo "== one vm-memory and one vmm-sys-util in the tree"
+dups=$(cargo tree -d -e normal --workspace 2>/dev/null | grep -E '^(vm-memory|vmm-sys-util) ' || true)
+if [ -n "$dups" ]; then echo "duplicate rust-vmm crates: $dups"; exit 1; fi
+
+echo "== build"
+cargo build --workspace --bins
+
+echo "== examples validate"
+"$CARGO_TARGET_DIR/debug/stead" validate examples/
+
+echo "== tests"
+export STEAD_BIN="$CARGO_TARGET_DIR/debug/stead"
+cargo nextest run --workspace --no-fail-fast --failure-output final --success-output never --status-level fail --final-status-level skip "$@"
+
+echo "== leak check"
+scripts/leak-check.sh

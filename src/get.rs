@@ -1,0 +1,228 @@
+//! `stead get`: observed state and status of owned resources.
+
+use anyhow::{Result, bail};
+use serde_json::{Value, json};
+use stead_reconciler::{StateDb, observe_all};
+use stead_schema::{Desired, Health, HostEnv, Kind};
+
+use crate::GetFormat;
+
+fn age(secs: f64) -> String {
+    let d = (stead_reconciler::state::now_secs() - secs).max(0.0) as u64;
+    match d {
+        0..60 => format!("{d}s"),
+        60..3600 => format!("{}m", d / 60),
+        3600..86400 => format!("{}h", d / 3600),
+        _ => format!("{}d", d / 86400),
+    }
+}
+
+fn health_word(h: &Health, exists: bool) -> String {
+    if !exists {
+        return "Missing".into();
+    }
+    match h {
+        Health::Ready => "Ready".into(),
+        Health::Progressing => "Progressing".into(),
+        Health::Degraded(_) => "Degraded".into(),
+        Health::Failed(_) => "Failed".into(),
+    }
+}
+
+fn summary(kind: Kind, state: &Value, status: &Value) -> String {
+    let s = |k: &str| {
+        state.get(k).map(|v| match v {
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        })
+    };
+    let parts: Vec<String> = match kind {
+        Kind::Volume => [
+            s("pool").map(|p| format!("pool={p}")),
+            s("size").map(|p| format!("size={p}")),
+        ]
+        .into_iter()
+        .flatten()
+        .collect(),
+        Kind::StoragePool => [s("type"), s("path")].into_iter().flatten().collect(),
+        Kind::Network => [
+            s("addresses").map(|a| format!("addresses={a}")),
+            s("mtu").map(|m| format!("mtu={m}")),
+        ]
+        .into_iter()
+        .flatten()
+        .collect(),
+        _ => {
+            let mut v = Vec::new();
+            if let Some(st) = s("state") {
+                v.push(st);
+            }
+            for k in ["pid", "restarts", "ip"] {
+                if let Some(x) = status.get(k) {
+                    v.push(format!(
+                        "{k}={}",
+                        x.as_str()
+                            .map(str::to_string)
+                            .unwrap_or_else(|| x.to_string())
+                    ));
+                }
+            }
+            v
+        }
+    };
+    parts.join(" ")
+}
+
+/// Runs `stead get [KIND[/NAME]]`.
+pub fn run(env: &HostEnv, what: Option<&str>, output: GetFormat) -> Result<u8> {
+    let (kind, name) = match what {
+        None => (None, None),
+        Some(w) => {
+            let (k, n) = match w.split_once('/') {
+                Some((k, n)) => (k, Some(n.to_string())),
+                None => (w, None),
+            };
+            match Kind::parse_loose(k) {
+                Some(k) => (Some(k), n),
+                None => bail!(
+                    "unknown kind {k:?}: expected one of {}",
+                    Kind::ALL.map(|k| k.as_str()).join(", ")
+                ),
+            }
+        }
+    };
+    let drivers = crate::drivers(env)?;
+    let db = StateDb::open(&env.state_dir)?;
+    let mut inventory = db.inventory()?;
+    inventory.retain(|id, _| {
+        kind.is_none_or(|k| id.kind == k) && name.as_ref().is_none_or(|n| &id.name == n)
+    });
+    if let (Some(k), Some(n)) = (kind, &name)
+        && inventory.is_empty()
+    {
+        bail!(
+            "{k}/{n} is not managed by stead (not in the inventory of {})",
+            env.state_dir.display()
+        );
+    }
+    let desired = Desired::default();
+    let (observed, errors) = observe_all(&drivers, &desired, &inventory);
+    let mut items = Vec::new();
+    for (id, entry) in &inventory {
+        let obs = observed.get(id);
+        let err = errors
+            .iter()
+            .find(|e| &e.id == id)
+            .map(|e| e.message.clone());
+        let (exists, health, state, status) = match obs {
+            Some(o) => (
+                o.exists,
+                o.health.clone(),
+                o.state.clone(),
+                o.status.clone(),
+            ),
+            None => (
+                false,
+                Health::Failed(err.clone().unwrap_or_default()),
+                Value::Null,
+                Value::Null,
+            ),
+        };
+        let condition = match (&health, exists) {
+            (_, false) => {
+                json!({"type": "Ready", "status": "False", "reason": "Missing", "message": err.clone().unwrap_or_else(|| "not found on the host".into())})
+            }
+            (Health::Ready, _) => json!({"type": "Ready", "status": "True"}),
+            (Health::Progressing, _) => json!({"type": "Progressing", "status": "True"}),
+            (Health::Degraded(m), _) => {
+                json!({"type": "Ready", "status": "False", "reason": "Degraded", "message": m})
+            }
+            (Health::Failed(m), _) => {
+                json!({"type": "Ready", "status": "False", "reason": "Failed", "message": m})
+            }
+        };
+        items.push(json!({
+            "apiVersion": stead_schema::API_VERSION,
+            "kind": id.kind.as_str(),
+            "metadata": entry.resource.metadata,
+            "spec": entry.resource.spec,
+            "status": {
+                "exists": exists,
+                "owned": obs.map(|o| o.owned).unwrap_or(false),
+                "health": health_word(&health, exists),
+                "appliedAt": entry.applied_at,
+                "observed": state,
+                "runtime": status,
+                "conditions": [condition],
+            }
+        }));
+    }
+    match output {
+        GetFormat::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &json!({"apiVersion": stead_schema::API_VERSION, "kind": "List", "items": items})
+            )?
+        ),
+        GetFormat::Yaml => {
+            let v =
+                json!({"apiVersion": stead_schema::API_VERSION, "kind": "List", "items": items});
+            print!("{}", serde_saphyr::to_string(&v)?);
+        }
+        GetFormat::Text => {
+            if items.is_empty() {
+                println!(
+                    "No resources managed by stead{}.",
+                    kind.map(|k| format!(" of kind {k}")).unwrap_or_default()
+                );
+                return Ok(0);
+            }
+            let rows: Vec<[String; 5]> = inventory
+                .iter()
+                .map(|(id, entry)| {
+                    let o = observed.get(id);
+                    let exists = o.is_some_and(|o| o.exists);
+                    let health = o
+                        .map(|o| health_word(&o.health, exists))
+                        .unwrap_or_else(|| "Unknown".into());
+                    let info = o
+                        .map(|o| summary(id.kind, &o.state, &o.status))
+                        .unwrap_or_default();
+                    [
+                        id.kind.to_string(),
+                        id.name.clone(),
+                        health,
+                        age(entry.applied_at),
+                        info,
+                    ]
+                })
+                .collect();
+            let headers = ["KIND", "NAME", "STATUS", "AGE", "DETAILS"];
+            let mut widths = headers.map(str::len);
+            for r in &rows {
+                for (w, c) in widths.iter_mut().zip(r.iter()) {
+                    *w = (*w).max(c.len());
+                }
+            }
+            let line = |cols: [&str; 5]| {
+                format!(
+                    "{:<w0$}  {:<w1$}  {:<w2$}  {:<w3$}  {}",
+                    cols[0],
+                    cols[1],
+                    cols[2],
+                    cols[3],
+                    cols[4],
+                    w0 = widths[0],
+                    w1 = widths[1],
+                    w2 = widths[2],
+                    w3 = widths[3]
+                )
+            };
+            println!("{}", line(headers).trim_end());
+            for r in &rows {
+                println!("{}", line([&r[0], &r[1], &r[2], &r[3], &r[4]]).trim_end());
+            }
+        }
+    }
+    Ok(0)
+}
