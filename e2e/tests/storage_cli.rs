@@ -136,7 +136,7 @@ fn validate_reports_all_errors_with_locations() {
     let err = out.stderr();
     assert!(err.contains("bad.yaml:4:29: spec.size"), "{err}");
     assert!(
-        err.contains("bad.yaml:9:36: spec.colour: unknown field"),
+        err.contains("bad.yaml:9:34: spec.colour: unknown field"),
         "{err}"
     );
     assert!(err.contains("2 error(s)"), "{err}");

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The main job: install what is missing, build stead, build guest assets, converge
+# examples/homelab on this host inside a sandbox, then show `stead get`.
+#   scripts/demo.sh        bring the demo up (idempotent: re-running converges)
+#   scripts/demo.sh down   remove everything the demo created
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/cache/stead/target}"
+NS=stead-demo
+STATE=/var/lib/stead-demo
+RUN=/run/stead-demo
+stead="$CARGO_TARGET_DIR/release/stead"
+args=(--state-dir "$STATE" --run-dir "$RUN" --cgroup-parent stead-demo --netns "$NS")
+
+if [ "${1:-}" = "down" ]; then
+  [ -x "$stead" ] && "$stead" "${args[@]}" destroy --yes --allow-data-loss examples/homelab/ || true
+  ip netns del "$NS" 2>/dev/null || true
+  rm -rf "$STATE" "$RUN" /var/lib/stead-demo-pools
+  echo "demo removed"
+  exit 0
+fi
+
+scripts/install-deps.sh
+echo "== building stead (release)"
+cargo build --release --bin stead
+echo "== building guest assets"
+scripts/build-assets.sh /var/lib/stead-demo-pools/assets
+ip netns list | grep -qw "$NS" || { ip netns add "$NS"; ip -n "$NS" link set lo up; }
+
+echo "== stead validate"
+"$stead" "${args[@]}" validate examples/homelab/
+echo "== stead diff"
+set +e
+"$stead" "${args[@]}" diff examples/homelab/
+code=$?
+set -e
+[ $code -eq 1 ] && exit 1
+echo "== stead apply"
+"$stead" "${args[@]}" apply --yes examples/homelab/
+echo "== stead diff (must be clean)"
+"$stead" "${args[@]}" diff examples/homelab/
+echo "== stead get"
+"$stead" "${args[@]}" get
+echo
+echo "The demo is running in network namespace $NS with state in $STATE."
+echo "Try: $stead ${args[*]} get -o yaml | less"
+echo "Remove it with: scripts/demo.sh down"
