@@ -77,12 +77,23 @@ fn main() {
     // The same guest behind a PVH entry stub, as an ELF with a XEN_ELFNOTE_PHYS32_ENTRY
     // note (for stead's ELF/PVH path and for QEMU).
     run(
-        Command::new("as").args(["--64", "-o"]).arg(p("pvh.o")).arg(guests.join("pvh.S")),
+        Command::new("as")
+            .args(["--64", "-o"])
+            .arg(p("pvh.o"))
+            .arg(guests.join("pvh.S")),
         "as",
     );
     run(
         Command::new("ld")
-            .args(["-nostdlib", "-static", "-z", "noexecstack", "-z", "max-page-size=4096", "-T"])
+            .args([
+                "-nostdlib",
+                "-static",
+                "-z",
+                "noexecstack",
+                "-z",
+                "max-page-size=4096",
+                "-T",
+            ])
             .arg(guests.join("link-pvh.ld"))
             .arg("-o")
             .arg(p("tiny-pvh.elf"))
@@ -91,5 +102,8 @@ fn main() {
         "ld",
     );
     println!("cargo:rustc-env=STEAD_TINY_GUEST={}", s(&p("tiny.bin")));
-    println!("cargo:rustc-env=STEAD_TINY_GUEST_PVH={}", s(&p("tiny-pvh.elf")));
+    println!(
+        "cargo:rustc-env=STEAD_TINY_GUEST_PVH={}",
+        s(&p("tiny-pvh.elf"))
+    );
 }

@@ -257,3 +257,21 @@ pub fn run_vmm_process(cfg: VmConfig) -> Result<ExitReason, VmmError> {
     }
     result
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commands_parse_as_text_or_json() {
+        assert_eq!(command_of("status\n"), "status");
+        assert_eq!(command_of("  PAUSE "), "pause");
+        assert_eq!(command_of("{\"command\": \"resume\"}"), "resume");
+        assert_eq!(command_of("{\"cmd\":\"x\"}"), "");
+    }
+
+    #[test]
+    fn json_strings_are_escaped() {
+        assert_eq!(json_str("a\"b\\c\n\u{1}"), "\"a\\\"b\\\\c\\n\\u0001\"");
+    }
+}

@@ -252,3 +252,27 @@ impl Bus {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmm_sys_util::eventfd::EFD_NONBLOCK;
+
+    #[test]
+    fn i8042_reset_selftest_and_ctrl_alt_del() {
+        let irq = EventFd::new(EFD_NONBLOCK).expect("eventfd");
+        let mut k = I8042::new(irq.try_clone().expect("clone"));
+        assert!(!k.write(I8042_CMD, 0xaa));
+        assert_eq!(k.read(I8042_CMD) & STATUS_OBF, STATUS_OBF);
+        assert_eq!(k.read(I8042_DATA), 0x55);
+        assert_eq!(k.read(I8042_CMD) & STATUS_OBF, 0);
+        k.inject_ctrl_alt_del();
+        assert!(irq.read().expect("irq raised") >= 1);
+        let codes: Vec<u8> = (0..4).map(|_| k.read(I8042_DATA)).collect();
+        assert_eq!(codes, [0x14, 0x11, 0xe0, 0x71]);
+        assert!(k.write(I8042_CMD, 0xfe));
+        // Output-port write with the reset line low also resets.
+        assert!(!k.write(I8042_CMD, 0xd1));
+        assert!(k.write(I8042_DATA, 0xfe));
+    }
+}

@@ -33,7 +33,7 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 pub use arch::{MAX_VCPUS, TINY_LOAD_ADDR, VIRTIO_GSI_BASE, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE};
-pub use control::{ControlClient, run_vmm_process, serve_control};
+pub use control::{ControlClient, handle_command, run_vmm_process, serve_control};
 pub use devices::{FORBIDDEN_SYSCALL_PORT, POWER_PORT};
 
 /// Path of the tiny test guest built from `guests/` by this crate's build script.
@@ -810,7 +810,7 @@ impl Vm {
         // Stop the vCPUs (kick until each thread has left KVM_RUN).
         while threads.iter().any(|t| !t.is_finished()) {
             shared.kick_vcpus();
-            std::thread::sleep(Duration::from_millis(1));
+            std::thread::sleep(Duration::from_micros(100));
         }
         lock(&shared.vcpu_threads).clear();
         for t in threads {
@@ -821,6 +821,8 @@ impl Vm {
         shared.has_exited.store(true, Ordering::SeqCst);
         let _ = shared.exited_evt.write(1);
         shared.write_state_file();
+        // Closing the VM fd makes KVM tear the VM down (irqfd shutdown, SRCU/RCU grace
+        // periods); on a busy host this takes 1-20 ms, after the exit is reported.
         drop(bus);
         drop(vm_fd);
         drop(mem);

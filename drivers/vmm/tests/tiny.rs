@@ -201,13 +201,30 @@ fn control_socket_pause_resume_shutdown() {
             Err(e) => panic!("{e}"),
         }
     };
-    let st = c.request("status").unwrap();
+    // "created" until Vm::run starts the vCPUs.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let st = loop {
+        let st = c.request("status").unwrap();
+        if st.contains("\"state\":\"running\"") || Instant::now() > deadline {
+            break st;
+        }
+        assert!(st.contains("\"state\":\"created\""), "{st}");
+        std::thread::sleep(Duration::from_millis(2));
+    };
     assert!(
         st.contains("\"ok\":true") && st.contains("\"state\":\"running\""),
         "{st}"
     );
-    let state = std::fs::read_to_string(run_dir.join("state.json")).unwrap();
-    assert!(state.contains("\"state\":\"running\""), "{state}");
+    // state.json follows right after the state change.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let state = std::fs::read_to_string(run_dir.join("state.json")).unwrap();
+        if state.contains("\"state\":\"running\"") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{state}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
     assert!(c.request("pause").unwrap().contains("\"state\":\"paused\""));
     assert!(
         std::fs::read_to_string(run_dir.join("state.json"))
@@ -315,6 +332,9 @@ fn pvh_elf_boot() {
     let h = vm.handle();
     assert_eq!(vm.run().unwrap(), ExitReason::Shutdown);
     let out = serial(&h);
-    assert!(out.contains("blk: read status=0 sector0=STEAD-SECTOR-0!!"), "serial: {out}");
+    assert!(
+        out.contains("blk: read status=0 sector0=STEAD-SECTOR-0!!"),
+        "serial: {out}"
+    );
     assert!(out.contains("blk: done"), "serial: {out}");
 }
