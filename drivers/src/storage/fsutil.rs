@@ -1,0 +1,463 @@
+//! File-system helpers shared by the storage drivers: path confinement under a pool,
+//! ownership marks (xattr with a sidecar fallback), reflink and sparse-aware copies,
+//! fsync of files and directories.
+
+use std::ffi::CString;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, IsTerminal};
+use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Component, Path, PathBuf};
+
+use indicatif::{ProgressBar, ProgressStyle};
+use nix::errno::Errno;
+use nix::unistd::{Whence, lseek};
+use stead_schema::DriverError;
+
+/// Name of the xattr holding a volume's ownership mark.
+pub const OWNER_XATTR: &str = "user.stead.owner";
+/// Suffix of the sidecar file used when the file system has no user xattrs.
+pub const SIDECAR_SUFFIX: &str = ".stead";
+
+/// Builds a [`DriverError::Io`] from a nix errno.
+pub fn nix_err(context: impl Into<String>, e: Errno) -> DriverError {
+    DriverError::io(context, io::Error::from(e))
+}
+
+/// Checks one path component that stead will create or open under a pool: no
+/// separators, not `.`/`..`, not empty, no NUL, not hidden (stead's temp files are).
+pub fn check_component(what: &str, name: &str) -> Result<(), DriverError> {
+    let bad = name.is_empty()
+        || name == "."
+        || name == ".."
+        || name.starts_with('.')
+        || name.contains('/')
+        || name.contains('\0')
+        || name.len() > 200;
+    if bad {
+        return Err(DriverError::Refused(format!(
+            "{what} {name:?} would escape its pool or is not a plain file name"
+        )));
+    }
+    Ok(())
+}
+
+/// Checks a pool root path: absolute, normalized (no `.`/`..`), and, if it exists, a
+/// directory that is not itself a symlink.
+pub fn check_pool_root(path: &Path) -> Result<(), DriverError> {
+    if !path.is_absolute() {
+        return Err(DriverError::Refused(format!(
+            "pool path {} is not absolute",
+            path.display()
+        )));
+    }
+    if path
+        .components()
+        .any(|c| matches!(c, Component::ParentDir | Component::CurDir))
+    {
+        return Err(DriverError::Refused(format!(
+            "pool path {} contains '.' or '..'",
+            path.display()
+        )));
+    }
+    match fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_symlink() => Err(DriverError::Refused(format!(
+            "pool path {} is a symlink; stead does not follow symlinks out of a pool",
+            path.display()
+        ))),
+        Ok(m) if !m.is_dir() => Err(DriverError::Conflict(format!(
+            "pool path {} exists and is not a directory",
+            path.display()
+        ))),
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(DriverError::io(format!("stat {}", path.display()), e)),
+    }
+}
+
+/// Joins `parts` under `root`, refusing any component that would escape it and any
+/// existing component (below the root) that is a symlink. The last component may be
+/// absent.
+pub fn confined(root: &Path, parts: &[&str]) -> Result<PathBuf, DriverError> {
+    check_pool_root(root)?;
+    let mut p = root.to_path_buf();
+    for part in parts {
+        check_component("path component", part)?;
+        p.push(part);
+        match fs::symlink_metadata(&p) {
+            Ok(m) if m.file_type().is_symlink() => {
+                return Err(DriverError::Refused(format!(
+                    "{} is a symlink; stead does not follow symlinks inside a pool",
+                    p.display()
+                )));
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(DriverError::io(format!("stat {}", p.display()), e)),
+        }
+    }
+    Ok(p)
+}
+
+/// Creates directory `root/parts...` step by step (never through a symlink).
+pub fn ensure_dir(root: &Path, parts: &[&str]) -> Result<PathBuf, DriverError> {
+    let mut done: Vec<&str> = Vec::new();
+    let mut p = root.to_path_buf();
+    for part in parts {
+        done.push(part);
+        p = confined(root, &done)?;
+        match fs::create_dir(&p) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                let m = fs::symlink_metadata(&p)
+                    .map_err(|e| DriverError::io(format!("stat {}", p.display()), e))?;
+                if !m.is_dir() {
+                    return Err(DriverError::Conflict(format!(
+                        "{} exists and is not a directory",
+                        p.display()
+                    )));
+                }
+            }
+            Err(e) => return Err(DriverError::io(format!("mkdir {}", p.display()), e)),
+        }
+    }
+    Ok(p)
+}
+
+/// Removes a file; absent is success.
+pub fn remove_file_if_exists(path: &Path) -> Result<bool, DriverError> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(DriverError::io(format!("remove {}", path.display()), e)),
+    }
+}
+
+/// fsyncs a directory (after a rename or unlink in it).
+pub fn fsync_dir(path: &Path) -> Result<(), DriverError> {
+    let d = File::open(path).map_err(|e| DriverError::io(format!("open {}", path.display()), e))?;
+    d.sync_all()
+        .map_err(|e| DriverError::io(format!("fsync {}", path.display()), e))
+}
+
+/// Opens an existing regular file for reading and writing without following symlinks.
+pub fn open_rw_nofollow(path: &Path) -> Result<File, DriverError> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(|e| DriverError::io(format!("open {}", path.display()), e))
+}
+
+/// Creates a new file (must not exist), mode 0600, without following symlinks.
+pub fn create_new(path: &Path) -> Result<File, DriverError> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(|e| DriverError::io(format!("create {}", path.display()), e))
+}
+
+/// How an ownership mark is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MarkKind {
+    /// The `user.stead.owner` xattr on the file itself.
+    Xattr,
+    /// A sidecar file `<file>.stead` next to it (file system without user xattrs).
+    Sidecar,
+}
+
+impl MarkKind {
+    /// Label for status output.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MarkKind::Xattr => "xattr",
+            MarkKind::Sidecar => "sidecar",
+        }
+    }
+}
+
+/// Path of the sidecar mark of `path`.
+pub fn sidecar_of(path: &Path) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(SIDECAR_SUFFIX);
+    PathBuf::from(s)
+}
+
+fn cpath(path: &Path) -> Result<CString, DriverError> {
+    CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| DriverError::Refused(format!("path {} contains NUL", path.display())))
+}
+
+fn xattr_unsupported(e: Errno) -> bool {
+    matches!(e, Errno::EOPNOTSUPP | Errno::ENOSYS)
+}
+
+/// Sets the ownership mark on an open file: the xattr, or the sidecar next to `path` if
+/// the file system does not support user xattrs.
+pub fn set_owner(file: &File, path: &Path, owner: &str) -> Result<MarkKind, DriverError> {
+    let name = CString::new(OWNER_XATTR).map_err(|_| DriverError::Other("xattr name".into()))?;
+    // SAFETY: the fd is open for the duration of the call, `name` is a valid NUL-terminated
+    // string and the value pointer/length describe `owner`'s bytes.
+    let r = unsafe {
+        libc::fsetxattr(
+            file.as_raw_fd(),
+            name.as_ptr(),
+            owner.as_ptr().cast(),
+            owner.len(),
+            0,
+        )
+    };
+    if r == 0 {
+        return Ok(MarkKind::Xattr);
+    }
+    let e = Errno::last();
+    if !xattr_unsupported(e) {
+        return Err(nix_err(format!("set xattr on {}", path.display()), e));
+    }
+    let side = sidecar_of(path);
+    write_atomic(&side, owner.as_bytes())?;
+    Ok(MarkKind::Sidecar)
+}
+
+/// Reads the ownership mark of `path` (xattr first, then the sidecar). Does not follow
+/// a symlink at `path`.
+pub fn get_owner(path: &Path) -> Result<Option<(String, MarkKind)>, DriverError> {
+    let c = cpath(path)?;
+    let name = CString::new(OWNER_XATTR).map_err(|_| DriverError::Other("xattr name".into()))?;
+    let mut buf = [0u8; 256];
+    // SAFETY: `c` and `name` are valid NUL-terminated strings; `buf` is writable for
+    // `buf.len()` bytes and outlives the call.
+    let n = unsafe {
+        libc::lgetxattr(
+            c.as_ptr(),
+            name.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    if n >= 0 {
+        let len = usize::try_from(n).unwrap_or(0).min(buf.len());
+        return Ok(Some((
+            String::from_utf8_lossy(&buf[..len]).into_owned(),
+            MarkKind::Xattr,
+        )));
+    }
+    let e = Errno::last();
+    match e {
+        Errno::ENODATA => {}
+        e if xattr_unsupported(e) => {}
+        Errno::ENOENT => return Ok(None),
+        e => return Err(nix_err(format!("get xattr of {}", path.display()), e)),
+    }
+    let side = sidecar_of(path);
+    match fs::read_to_string(&side) {
+        Ok(s) => Ok(Some((s.trim().to_string(), MarkKind::Sidecar))),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(DriverError::io(format!("read {}", side.display()), e)),
+    }
+}
+
+/// Writes `data` to `path` atomically (temp file in the same dir, fsync, rename).
+pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), DriverError> {
+    let dir = path
+        .parent()
+        .ok_or_else(|| DriverError::Other(format!("{} has no parent", path.display())))?;
+    let fname = path
+        .file_name()
+        .map(|f| f.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{fname}.tmp"));
+    remove_file_if_exists(&tmp)?;
+    let f = create_new(&tmp)?;
+    f.write_all_at(data, 0)
+        .map_err(|e| DriverError::io(format!("write {}", tmp.display()), e))?;
+    f.sync_all()
+        .map_err(|e| DriverError::io(format!("fsync {}", tmp.display()), e))?;
+    fs::rename(&tmp, path).map_err(|e| {
+        DriverError::io(format!("rename {} -> {}", tmp.display(), path.display()), e)
+    })?;
+    fsync_dir(dir)
+}
+
+// FICLONE = _IOW(0x94, 9, int)
+nix::ioctl_write_int_bad!(
+    ficlone,
+    nix::request_code_write!(0x94, 9, size_of::<libc::c_int>())
+);
+
+/// Clones `src` into `dst` (whole file) with the FICLONE ioctl. `Ok(false)` when the file
+/// system (or the pair of file systems) does not support reflinks.
+pub fn try_reflink(src: &File, dst: &File) -> Result<bool, DriverError> {
+    // SAFETY: both fds are open for the duration of the call; FICLONE takes the source
+    // fd as its integer argument and touches no user memory.
+    match unsafe { ficlone(dst.as_raw_fd(), src.as_raw_fd()) } {
+        Ok(_) => Ok(true),
+        Err(Errno::EOPNOTSUPP | Errno::EXDEV | Errno::EINVAL | Errno::ENOTTY | Errno::ENOSYS) => {
+            Ok(false)
+        }
+        Err(e) => Err(nix_err("FICLONE", e)),
+    }
+}
+
+/// How a copy was made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CopyMethod {
+    /// Copy-on-write clone (FICLONE): instant, no extra space.
+    Reflink,
+    /// Sparse-aware byte copy (holes and zero blocks are skipped).
+    Sparse,
+}
+
+impl CopyMethod {
+    /// Label for logs and CLI output.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CopyMethod::Reflink => "reflink",
+            CopyMethod::Sparse => "sparse-copy",
+        }
+    }
+}
+
+/// A progress bar on stderr if it is a terminal, else none.
+pub fn progress(len: u64, label: &str) -> Option<ProgressBar> {
+    if !io::stderr().is_terminal() {
+        return None;
+    }
+    let pb = ProgressBar::new(len);
+    if let Ok(style) = ProgressStyle::with_template(
+        "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+    ) {
+        pb.set_style(style.progress_chars("=> "));
+    }
+    pb.set_message(label.to_string());
+    Some(pb)
+}
+
+const CHUNK: usize = 1 << 20;
+
+/// Copies `src` into `dst` (which must be empty), skipping holes (SEEK_DATA/SEEK_HOLE)
+/// and all-zero blocks, so sparse files stay sparse. Sets `dst`'s length to `src`'s.
+/// Returns the number of bytes actually written.
+pub fn sparse_copy(src: &File, dst: &File, label: &str) -> Result<u64, DriverError> {
+    let len = src
+        .metadata()
+        .map_err(|e| DriverError::io("stat copy source", e))?
+        .len();
+    let pb = progress(len, label);
+    let mut buf = vec![0u8; CHUNK];
+    let mut written = 0u64;
+    let mut pos: u64 = 0;
+    let to_off = |v: u64| libc::off_t::try_from(v).unwrap_or(libc::off_t::MAX);
+    while pos < len {
+        // Next data extent at or after pos.
+        let data = match lseek(src, to_off(pos), Whence::SeekData) {
+            Ok(o) => u64::try_from(o).unwrap_or(len),
+            Err(Errno::ENXIO) => break, // only a hole remains
+            Err(Errno::EINVAL | Errno::EOPNOTSUPP) => pos, // no SEEK_DATA: treat all as data
+            Err(e) => return Err(nix_err("lseek SEEK_DATA", e)),
+        };
+        let hole = match lseek(src, to_off(data), Whence::SeekHole) {
+            Ok(o) => u64::try_from(o).unwrap_or(len).min(len),
+            Err(Errno::EINVAL | Errno::EOPNOTSUPP) => len,
+            Err(e) => return Err(nix_err("lseek SEEK_HOLE", e)),
+        };
+        let mut off = data;
+        while off < hole {
+            let want = usize::try_from((hole - off).min(CHUNK as u64)).unwrap_or(CHUNK);
+            let n = src
+                .read_at(&mut buf[..want], off)
+                .map_err(|e| DriverError::io("read copy source", e))?;
+            if n == 0 {
+                break;
+            }
+            let chunk = &buf[..n];
+            if chunk.iter().any(|&b| b != 0) {
+                dst.write_all_at(chunk, off)
+                    .map_err(|e| DriverError::io("write copy target", e))?;
+                written += n as u64;
+            }
+            off += n as u64;
+            if let Some(pb) = &pb {
+                pb.set_position(off);
+            }
+        }
+        pos = hole.max(data + 1);
+    }
+    dst.set_len(len)
+        .map_err(|e| DriverError::io("set length of copy target", e))?;
+    if let Some(pb) = pb {
+        pb.finish_and_clear();
+    }
+    Ok(written)
+}
+
+/// Copies all of `src` into the empty file `dst`: a reflink when possible, else a
+/// sparse-aware copy (with a progress bar on a terminal).
+pub fn clone_or_copy(src: &File, dst: &File, label: &str) -> Result<CopyMethod, DriverError> {
+    if try_reflink(src, dst)? {
+        return Ok(CopyMethod::Reflink);
+    }
+    sparse_copy(src, dst, label)?;
+    Ok(CopyMethod::Sparse)
+}
+
+/// Whether `dir` (an existing directory) supports FICLONE between two files in it.
+/// Probes with two small temp files, removed afterwards.
+pub fn reflink_supported(dir: &Path) -> bool {
+    let a = dir.join(format!(".stead-reflink-probe-{}.a", std::process::id()));
+    let b = dir.join(format!(".stead-reflink-probe-{}.b", std::process::id()));
+    let _ = fs::remove_file(&a);
+    let _ = fs::remove_file(&b);
+    let result = (|| -> Result<bool, DriverError> {
+        let fa = create_new(&a)?;
+        fa.write_all_at(&[1u8; 4096], 0)
+            .map_err(|e| DriverError::io("write probe", e))?;
+        fa.sync_all()
+            .map_err(|e| DriverError::io("fsync probe", e))?;
+        let fb = create_new(&b)?;
+        try_reflink(&fa, &fb)
+    })();
+    let _ = fs::remove_file(&a);
+    let _ = fs::remove_file(&b);
+    result.unwrap_or(false)
+}
+
+/// Allocated bytes of a file (blocks * 512).
+pub fn allocated(meta: &fs::Metadata) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    meta.blocks().saturating_mul(512)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn components_are_confined() {
+        for bad in ["", ".", "..", "../x", "a/b", ".hidden", "x\0y"] {
+            assert!(check_component("volume", bad).is_err(), "{bad:?}");
+        }
+        assert!(check_component("volume", "web-data").is_ok());
+    }
+
+    #[test]
+    fn pool_root_must_be_absolute_and_normal() {
+        assert!(check_pool_root(Path::new("rel/pool")).is_err());
+        assert!(check_pool_root(Path::new("/tmp/../etc")).is_err());
+        assert!(check_pool_root(Path::new("/nonexistent-stead-pool-xyz")).is_ok());
+    }
+
+    #[test]
+    fn sidecar_name() {
+        assert_eq!(
+            sidecar_of(Path::new("/p/images/a.raw")),
+            PathBuf::from("/p/images/a.raw.stead")
+        );
+    }
+}

@@ -1,0 +1,116 @@
+//! Storage: `StoragePool` and `Volume` drivers, and volume snapshots.
+//!
+//! Pool types:
+//! - `dir`: a directory. Volumes are sparse raw files `<pool>/images/<name>.raw`.
+//! - `nfs`: the declared export mounted at `path` (mount(2)), then laid out as `dir`.
+//! - `btrfs`: a directory on a btrfs file system. Each volume is a subvolume
+//!   `<pool>/images/<name>/` holding `disk.raw`; snapshots are read-only btrfs snapshots
+//!   `<pool>/snapshots/<volume>/<snap>` made with the btrfs ioctls (no `btrfs` CLI).
+//! - `lvmthin`, `zfs`: thin LVs / zvols through the LVM and ZFS command-line tools.
+//!
+//! Ownership: a pool carries a marker file `<path>/.stead-pool` (JSON naming the pool); a
+//! volume file carries the xattr `user.stead.owner=Volume/<name>`, or, on a file system
+//! without user xattrs, a sidecar file `<file>.stead` with the same text. LVs carry the
+//! tag `stead-owner=Volume/<name>`; zvols the user property `stead:owner`.
+//!
+//! Nothing under a pool is reached through a symlink; names that would escape the pool
+//! are refused. Writes are crash-safe: new volume files are built as
+//! `.<name>.raw.tmp`, fsynced and renamed; leftovers are removed by the next apply.
+
+mod fsutil;
+pub mod lvm;
+mod mounts;
+mod pool;
+pub mod snapshot;
+mod volume;
+pub mod zfs;
+
+pub mod btrfs;
+
+use std::path::PathBuf;
+
+use stead_schema::{DriverError, Kind, Lookup, ResourceId, Spec, StoragePoolSpec, VolumeSpec};
+
+pub use fsutil::{CopyMethod, MarkKind, OWNER_XATTR};
+pub use pool::{MARKER_FILE, PoolDriver};
+pub use snapshot::{
+    CopyMethodOrNative, SnapshotInfo, snapshot_create, snapshot_delete, snapshot_list,
+    snapshot_rollback, supports_cheap_snapshots,
+};
+pub use volume::VolumeDriver;
+
+/// Looks up a StoragePool spec by name.
+pub fn pool_spec<'a>(
+    world: &'a dyn Lookup,
+    pool_name: &str,
+) -> Result<&'a StoragePoolSpec, DriverError> {
+    match world
+        .resource(&ResourceId::new(Kind::StoragePool, pool_name))
+        .map(|r| &r.spec)
+    {
+        Some(Spec::StoragePool(p)) => Ok(p),
+        _ => Err(DriverError::NotReady(format!(
+            "StoragePool/{pool_name} is not known"
+        ))),
+    }
+}
+
+/// Looks up a Volume spec by name.
+pub fn volume_spec<'a>(
+    world: &'a dyn Lookup,
+    volume_name: &str,
+) -> Result<&'a VolumeSpec, DriverError> {
+    match world
+        .resource(&ResourceId::new(Kind::Volume, volume_name))
+        .map(|r| &r.spec)
+    {
+        Some(Spec::Volume(v)) => Ok(v),
+        _ => Err(DriverError::NotReady(format!(
+            "Volume/{volume_name} is not known"
+        ))),
+    }
+}
+
+/// The host path of a StoragePool (its directory / mount point).
+pub fn pool_path(world: &dyn Lookup, pool_name: &str) -> Result<PathBuf, DriverError> {
+    let spec = pool_spec(world, pool_name)?;
+    fsutil::check_pool_root(&spec.path)?;
+    Ok(spec.path.clone())
+}
+
+/// The host path of a Volume's disk image, for container and VM drivers to attach:
+/// `<pool>/images/<name>.raw` (dir, nfs), `<pool>/images/<name>/disk.raw` (btrfs),
+/// `/dev/<vg>/<name>` (lvmthin), `/dev/zvol/<dataset>/<name>` (zfs).
+/// Refuses names and paths that escape the pool.
+pub fn volume_path(world: &dyn Lookup, volume_name: &str) -> Result<PathBuf, DriverError> {
+    let vol = volume_spec(world, volume_name)?;
+    let pool = pool_spec(world, vol.pool.as_str())?;
+    volume::disk_path(vol.pool.as_str(), pool, volume_name)
+}
+
+/// Runs an external storage tool, mapping a missing binary to `Unsupported`.
+pub(crate) fn run_tool(argv: &[String], package: &str) -> Result<String, DriverError> {
+    let Some((first, rest)) = argv.split_first() else {
+        return Err(DriverError::Other("empty command".into()));
+    };
+    let line = argv.join(" ");
+    tracing::debug!(command = %line, "running");
+    let out = std::process::Command::new(first)
+        .args(rest)
+        .output()
+        .map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                DriverError::Unsupported(format!("{first} not found (install {package})"))
+            } else {
+                DriverError::io(format!("run {line}"), e)
+            }
+        })?;
+    if !out.status.success() {
+        return Err(DriverError::Command {
+            command: line,
+            status: out.status.to_string(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}

@@ -1,0 +1,190 @@
+//! `/proc/self/mountinfo` parsing, and NFS mounting via mount(2).
+
+use std::net::ToSocketAddrs;
+use std::path::{Path, PathBuf};
+
+use nix::mount::{MntFlags, MsFlags};
+use stead_schema::{DriverError, NfsSpec};
+
+use super::fsutil::nix_err;
+
+/// One mount.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountEntry {
+    /// Mount point.
+    pub mount_point: PathBuf,
+    /// File-system type (`nfs`, `nfs4`, `btrfs`, …).
+    pub fstype: String,
+    /// Mount source (`server:/export`, `/dev/loop0`, …).
+    pub source: String,
+}
+
+fn unescape(s: &str) -> String {
+    // mountinfo escapes space, tab, newline and backslash as \ooo (octal).
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
+            out.push(v);
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Parses mountinfo text.
+pub fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let fields: Vec<&str> = line.split(' ').collect();
+        let Some(sep) = fields.iter().position(|f| *f == "-") else {
+            continue;
+        };
+        if fields.len() < 5 || fields.len() < sep + 3 {
+            continue;
+        }
+        out.push(MountEntry {
+            mount_point: PathBuf::from(unescape(fields[4])),
+            fstype: fields[sep + 1].to_string(),
+            source: unescape(fields[sep + 2]),
+        });
+    }
+    out
+}
+
+/// Reads the current mount table (empty if unreadable).
+pub fn read_mounts() -> Vec<MountEntry> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .map(|t| parse_mountinfo(&t))
+        .unwrap_or_default()
+}
+
+/// The topmost mount at exactly `path`.
+pub fn mount_at<'a>(mounts: &'a [MountEntry], path: &Path) -> Option<&'a MountEntry> {
+    mounts.iter().rev().find(|m| m.mount_point == path)
+}
+
+/// The NFS source string `server:/export`.
+pub fn nfs_source(nfs: &NfsSpec) -> String {
+    format!("{}:{}", nfs.server, nfs.export)
+}
+
+/// Splits an observed NFS source into server and export.
+pub fn split_nfs_source(source: &str) -> Option<(String, String)> {
+    let (server, export) = source.rsplit_once(":/")?;
+    let server = server.trim_start_matches('[').trim_end_matches(']');
+    Some((server.to_string(), format!("/{export}")))
+}
+
+/// The mount(2) option string for an NFS export: user options, a default `vers=4.2`,
+/// and the server address (`addr=`), which the kernel needs since it does not resolve
+/// names itself.
+pub fn nfs_mount_data(nfs: &NfsSpec, addr: &str) -> String {
+    let mut opts: Vec<String> = nfs
+        .options
+        .as_deref()
+        .unwrap_or("")
+        .split(',')
+        .map(str::trim)
+        .filter(|o| !o.is_empty())
+        .map(str::to_string)
+        .collect();
+    if !opts
+        .iter()
+        .any(|o| o.starts_with("vers=") || o.starts_with("nfsvers="))
+    {
+        opts.push("vers=4.2".into());
+    }
+    opts.retain(|o| !o.starts_with("addr="));
+    opts.push(format!("addr={addr}"));
+    opts.join(",")
+}
+
+/// Whether the running kernel has an NFS client.
+pub fn kernel_has_nfs() -> bool {
+    std::fs::read_to_string("/proc/filesystems")
+        .map(|t| {
+            t.lines()
+                .any(|l| l.split_whitespace().last() == Some("nfs"))
+        })
+        .unwrap_or(false)
+}
+
+/// Mounts `nfs` at `path` with mount(2).
+pub fn mount_nfs(nfs: &NfsSpec, path: &Path) -> Result<(), DriverError> {
+    if !kernel_has_nfs() {
+        return Err(DriverError::Unsupported(
+            "kernel lacks an NFS client (no nfs in /proc/filesystems)".into(),
+        ));
+    }
+    let addr = (nfs.server.as_str(), 2049u16)
+        .to_socket_addrs()
+        .map_err(|e| DriverError::io(format!("resolve NFS server {}", nfs.server), e))?
+        .next()
+        .ok_or_else(|| DriverError::NotReady(format!("NFS server {} has no address", nfs.server)))?
+        .ip()
+        .to_string();
+    let data = nfs_mount_data(nfs, &addr);
+    let source = nfs_source(nfs);
+    tracing::info!(%source, path = %path.display(), options = %data, "mounting NFS export");
+    nix::mount::mount(
+        Some(source.as_str()),
+        path,
+        Some("nfs"),
+        MsFlags::empty(),
+        Some(data.as_str()),
+    )
+    .map_err(|e| nix_err(format!("mount {source} at {}", path.display()), e))
+}
+
+/// Unmounts `path` (not lazily: a busy mount is a retryable error).
+pub fn unmount(path: &Path) -> Result<(), DriverError> {
+    nix::mount::umount2(path, MntFlags::empty())
+        .map_err(|e| nix_err(format!("umount {}", path.display()), e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_mountinfo() {
+        let t = "36 35 98:0 /mnt1 /mnt/a\\040b rw,noatime master:1 - ext3 /dev/root rw,errors=continue\n\
+                 40 36 0:50 / /srv/pool rw shared:2 - nfs4 fs1:/export/x rw,vers=4.2\n";
+        let m = parse_mountinfo(t);
+        assert_eq!(m.len(), 2);
+        assert_eq!(m[0].mount_point, PathBuf::from("/mnt/a b"));
+        assert_eq!(m[1].fstype, "nfs4");
+        assert_eq!(
+            split_nfs_source(&m[1].source),
+            Some(("fs1".to_string(), "/export/x".to_string()))
+        );
+        assert!(mount_at(&m, Path::new("/srv/pool")).is_some());
+    }
+
+    #[test]
+    fn nfs_options() {
+        let nfs = NfsSpec {
+            server: "fs1".into(),
+            export: "/x".into(),
+            options: Some("soft, timeo=50".into()),
+        };
+        assert_eq!(
+            nfs_mount_data(&nfs, "10.0.0.2"),
+            "soft,timeo=50,vers=4.2,addr=10.0.0.2"
+        );
+        let nfs3 = NfsSpec {
+            options: Some("vers=3".into()),
+            ..nfs
+        };
+        assert_eq!(nfs_mount_data(&nfs3, "10.0.0.2"), "vers=3,addr=10.0.0.2");
+    }
+}

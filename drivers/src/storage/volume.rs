@@ -1,0 +1,782 @@
+//! The `Volume` driver.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{self, File};
+use std::io;
+use std::path::{Path, PathBuf};
+
+use serde_json::{Value, json};
+use stead_schema::{
+    ByteSize, DeletionPolicy, Driver, DriverError, FieldChange, Health, HostEnv, Impact, Kind,
+    Lookup, Observed, PoolType, PruneAction, Resource, ResourceId, Spec, StoragePoolSpec,
+    VolumeFormat, VolumeSpec,
+};
+use tracing::{info, info_span};
+
+use super::fsutil::{self, check_component, confined};
+use super::{btrfs, lvm, pool, snapshot, zfs};
+
+/// File name of the disk image inside a btrfs volume subvolume.
+pub const BTRFS_DISK: &str = "disk.raw";
+
+/// The ownership mark text of a volume.
+pub(crate) fn owner_of(volume: &str) -> String {
+    format!("Volume/{volume}")
+}
+
+/// Temp name of a file volume being built.
+pub(crate) fn tmp_name(volume: &str) -> String {
+    format!(".{volume}.raw.tmp")
+}
+
+/// The disk path of `volume` in `pool` (see [`super::volume_path`]).
+pub(crate) fn disk_path(
+    pool_name: &str,
+    pool: &StoragePoolSpec,
+    volume: &str,
+) -> Result<PathBuf, DriverError> {
+    check_component("volume name", volume)?;
+    match pool.pool_type {
+        PoolType::Dir | PoolType::Nfs => {
+            confined(&pool.path, &["images", &format!("{volume}.raw")])
+        }
+        PoolType::Btrfs => confined(&pool.path, &["images", volume, BTRFS_DISK]),
+        PoolType::Lvmthin => pool
+            .lvm
+            .as_ref()
+            .map(|l| lvm::lv_path(l, volume))
+            .ok_or_else(|| {
+                DriverError::Refused(format!("StoragePool/{pool_name} has no spec.lvm"))
+            }),
+        PoolType::Zfs => pool
+            .zfs
+            .as_ref()
+            .map(|z| zfs::zvol_path(z, volume))
+            .ok_or_else(|| {
+                DriverError::Refused(format!("StoragePool/{pool_name} has no spec.zfs"))
+            }),
+    }
+}
+
+fn vol_of(r: &Resource) -> Option<&VolumeSpec> {
+    match &r.spec {
+        Spec::Volume(v) => Some(v),
+        _ => None,
+    }
+}
+
+fn format_str(f: VolumeFormat) -> &'static str {
+    match f {
+        VolumeFormat::Raw => "raw",
+        VolumeFormat::Qcow2 => "qcow2",
+    }
+}
+
+/// The `Volume` driver.
+#[derive(Debug, Clone)]
+pub struct VolumeDriver {
+    env: HostEnv,
+}
+
+/// An entry of a pool's `images/` directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum EntryType {
+    File,
+    Dir,
+    Symlink,
+    Other,
+}
+
+fn list_dir(dir: &Path) -> Result<HashMap<String, EntryType>, DriverError> {
+    let mut out = HashMap::new();
+    let rd = match fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(DriverError::io(format!("read {}", dir.display()), e)),
+    };
+    for e in rd {
+        let e = e.map_err(|e| DriverError::io(format!("read {}", dir.display()), e))?;
+        let t = e
+            .file_type()
+            .map_err(|e| DriverError::io(format!("stat in {}", dir.display()), e))?;
+        let kind = if t.is_symlink() {
+            EntryType::Symlink
+        } else if t.is_file() {
+            EntryType::File
+        } else if t.is_dir() {
+            EntryType::Dir
+        } else {
+            EntryType::Other
+        };
+        out.insert(e.file_name().to_string_lossy().into_owned(), kind);
+    }
+    Ok(out)
+}
+
+fn failed(exists: bool, why: String) -> Observed {
+    Observed {
+        exists,
+        owned: false,
+        state: Value::Null,
+        status: json!({"reason": why}),
+        health: Health::Failed(why),
+    }
+}
+
+/// Observes a disk file at `path` already known to exist as a regular file.
+fn observe_file(pool_name: &str, volume: &str, path: &Path) -> Observed {
+    let meta = match fs::symlink_metadata(path) {
+        Ok(m) if m.is_file() => m,
+        Ok(_) => return failed(true, format!("{} is not a regular file", path.display())),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Observed::absent(),
+        Err(e) => return failed(true, format!("stat {}: {e}", path.display())),
+    };
+    let (owned, mark, owner) = match fsutil::get_owner(path) {
+        Ok(Some((o, k))) => (o == owner_of(volume), Some(k.as_str()), Some(o)),
+        Ok(None) => (false, None, None),
+        Err(e) => return failed(true, e.to_string()),
+    };
+    let health = if owned {
+        Health::Ready
+    } else {
+        Health::Failed(format!(
+            "{} exists and is not owned by stead{}",
+            path.display(),
+            owner
+                .as_deref()
+                .map(|o| format!(" (marked {o})"))
+                .unwrap_or_default()
+        ))
+    };
+    Observed {
+        exists: true,
+        owned,
+        state: json!({"pool": pool_name, "size": meta.len(), "format": "raw"}),
+        status: json!({
+            "path": path,
+            "size": ByteSize(meta.len()).to_string(),
+            "allocated": fsutil::allocated(&meta),
+            "ownerMark": mark,
+        }),
+        health,
+    }
+}
+
+impl VolumeDriver {
+    /// Builds the driver.
+    pub fn new(env: &HostEnv) -> Self {
+        VolumeDriver { env: env.clone() }
+    }
+
+    /// The host environment.
+    pub fn env(&self) -> &HostEnv {
+        &self.env
+    }
+
+    fn observe_pool(
+        &self,
+        pool_name: &str,
+        pool: Option<&StoragePoolSpec>,
+        vols: &[&Resource],
+        out: &mut BTreeMap<ResourceId, Observed>,
+    ) {
+        let Some(pool) = pool else {
+            for r in vols {
+                let mut o = Observed::absent();
+                o.health = Health::Failed(format!("StoragePool/{pool_name} is not known"));
+                out.insert(r.id.clone(), o);
+            }
+            return;
+        };
+        let images = match confined(&pool.path, &["images"]) {
+            Ok(p) => p,
+            Err(e) => {
+                for r in vols {
+                    out.insert(r.id.clone(), failed(false, e.to_string()));
+                }
+                return;
+            }
+        };
+        match pool.pool_type {
+            PoolType::Dir | PoolType::Nfs | PoolType::Btrfs => {
+                // One directory read per pool.
+                let listing = match list_dir(&images) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        for r in vols {
+                            out.insert(r.id.clone(), failed(false, e.to_string()));
+                        }
+                        return;
+                    }
+                };
+                for r in vols {
+                    let name = &r.id.name;
+                    if let Err(e) = check_component("volume name", name) {
+                        out.insert(r.id.clone(), failed(false, e.to_string()));
+                        continue;
+                    }
+                    let (entry, expect) = if pool.pool_type == PoolType::Btrfs {
+                        (name.clone(), EntryType::Dir)
+                    } else {
+                        (format!("{name}.raw"), EntryType::File)
+                    };
+                    let o = match listing.get(&entry) {
+                        None => Observed::absent(),
+                        Some(t) if *t != expect => failed(
+                            true,
+                            format!(
+                                "{} exists and is not a {}",
+                                images.join(&entry).display(),
+                                if expect == EntryType::Dir {
+                                    "btrfs subvolume"
+                                } else {
+                                    "regular file"
+                                }
+                            ),
+                        ),
+                        Some(_) => match disk_path(pool_name, pool, name) {
+                            Ok(p) => observe_file(pool_name, name, &p),
+                            Err(e) => failed(true, e.to_string()),
+                        },
+                    };
+                    out.insert(r.id.clone(), o);
+                }
+            }
+            PoolType::Lvmthin | PoolType::Zfs => {
+                let listed: Result<HashMap<String, (u64, Option<String>)>, DriverError> =
+                    match (pool.pool_type, &pool.lvm, &pool.zfs) {
+                        (PoolType::Lvmthin, Some(l), _) => lvm::run(&lvm::cmd_list(l))
+                            .and_then(|t| lvm::parse_lvs(&t))
+                            .map(|lvs| {
+                                lvs.into_iter()
+                                    .map(|lv| {
+                                        let owner = lv.owner().map(str::to_string);
+                                        (lv.lv_name, (lv.lv_size, owner))
+                                    })
+                                    .collect()
+                            }),
+                        (PoolType::Zfs, _, Some(z)) => zfs::run(&zfs::cmd_list(z)).map(|t| {
+                            zfs::parse_list(&t)
+                                .into_iter()
+                                .filter_map(|v| {
+                                    let short = v.name.strip_prefix(&format!("{}/", z.dataset))?;
+                                    Some((short.to_string(), (v.volsize, v.owner)))
+                                })
+                                .collect()
+                        }),
+                        _ => Err(DriverError::Refused(format!(
+                            "StoragePool/{pool_name} lacks its lvm/zfs section"
+                        ))),
+                    };
+                for r in vols {
+                    let name = &r.id.name;
+                    let o = match &listed {
+                        Err(e) => failed(false, e.to_string()),
+                        Ok(m) => match m.get(name.as_str()) {
+                            None => Observed::absent(),
+                            Some((size, owner)) => {
+                                let owned = owner.as_deref() == Some(owner_of(name).as_str());
+                                Observed {
+                                    exists: true,
+                                    owned,
+                                    state: json!({"pool": pool_name, "size": size, "format": "raw"}),
+                                    status: json!({"path": disk_path(pool_name, pool, name).ok()}),
+                                    health: if owned {
+                                        Health::Ready
+                                    } else {
+                                        Health::Failed("exists and is not owned by stead".into())
+                                    },
+                                }
+                            }
+                        },
+                    };
+                    out.insert(r.id.clone(), o);
+                }
+            }
+        }
+    }
+}
+
+/// Everything needed to act on one volume.
+struct Target<'a> {
+    name: &'a str,
+    spec: &'a VolumeSpec,
+    pool_name: &'a str,
+    pool: &'a StoragePoolSpec,
+}
+
+impl<'a> Target<'a> {
+    fn resolve(r: &'a Resource, world: &'a dyn Lookup) -> Result<Self, DriverError> {
+        let spec =
+            vol_of(r).ok_or_else(|| DriverError::Other(format!("{} is not a Volume", r.id)))?;
+        check_component("volume name", &r.id.name)?;
+        let pool = super::pool_spec(world, spec.pool.as_str())?;
+        fsutil::check_pool_root(&pool.path)?;
+        Ok(Target {
+            name: &r.id.name,
+            spec,
+            pool_name: spec.pool.as_str(),
+            pool,
+        })
+    }
+}
+
+fn grow_file(path: &Path, name: &str, size: u64) -> Result<(), DriverError> {
+    let f = fsutil::open_rw_nofollow(path)?;
+    let cur = f
+        .metadata()
+        .map_err(|e| DriverError::io(format!("stat {}", path.display()), e))?
+        .len();
+    if size < cur {
+        return Err(DriverError::Refused(shrink_message(name, cur, size)));
+    }
+    if size > cur {
+        info!(volume = name, from = cur, to = size, "growing volume");
+        f.set_len(size)
+            .map_err(|e| DriverError::io(format!("grow {}", path.display()), e))?;
+        f.sync_all()
+            .map_err(|e| DriverError::io(format!("fsync {}", path.display()), e))?;
+    }
+    Ok(())
+}
+
+fn check_owned(path: &Path, name: &str) -> Result<(), DriverError> {
+    match fsutil::get_owner(path)? {
+        Some((o, _)) if o == owner_of(name) => Ok(()),
+        Some((o, _)) => Err(DriverError::Conflict(format!(
+            "{} is marked {o}, not Volume/{name}",
+            path.display()
+        ))),
+        None => Err(DriverError::Conflict(format!(
+            "{} exists and is not owned by stead",
+            path.display()
+        ))),
+    }
+}
+
+/// Fills the new file `f` (at temp path `tmp`) with `source` (if any) and sizes it.
+fn fill_new(
+    f: &File,
+    tmp: &Path,
+    name: &str,
+    size: u64,
+    source: Option<&Path>,
+) -> Result<(), DriverError> {
+    if let Some(src) = source {
+        let sf = File::open(src)
+            .map_err(|e| DriverError::io(format!("open source {}", src.display()), e))?;
+        let sm = sf
+            .metadata()
+            .map_err(|e| DriverError::io(format!("stat source {}", src.display()), e))?;
+        if !sm.is_file() {
+            return Err(DriverError::Refused(format!(
+                "source {} is not a regular file",
+                src.display()
+            )));
+        }
+        if sm.len() > size {
+            return Err(DriverError::Refused(format!(
+                "source {} ({}) is larger than Volume/{name} ({})",
+                src.display(),
+                ByteSize(sm.len()),
+                ByteSize(size)
+            )));
+        }
+        let how = fsutil::clone_or_copy(&sf, f, &format!("Volume/{name} <- {}", src.display()))?;
+        info!(volume = name, source = %src.display(), method = how.as_str(), "copied initial content");
+    }
+    f.set_len(size)
+        .map_err(|e| DriverError::io(format!("size {}", tmp.display()), e))?;
+    f.sync_all()
+        .map_err(|e| DriverError::io(format!("fsync {}", tmp.display()), e))
+}
+
+fn apply_file(t: &Target<'_>) -> Result<(), DriverError> {
+    let size = t.spec.size.bytes();
+    let images = fsutil::ensure_dir(&t.pool.path, &["images"])?;
+    let tmp = images.join(tmp_name(t.name));
+    if fsutil::remove_file_if_exists(&tmp)? {
+        info!(volume = t.name, "removed leftover {}", tmp.display());
+    }
+    let path = disk_path(t.pool_name, t.pool, t.name)?;
+    match fs::symlink_metadata(&path) {
+        Ok(m) if !m.is_file() => Err(DriverError::Conflict(format!(
+            "{} exists and is not a regular file",
+            path.display()
+        ))),
+        Ok(_) => {
+            check_owned(&path, t.name)?;
+            grow_file(&path, t.name, size)
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let f = fsutil::create_new(&tmp)?;
+            let mark = fsutil::set_owner(&f, &path, &owner_of(t.name))?;
+            let src = t.spec.source.as_ref().map(|s| s.file.as_path());
+            fill_new(&f, &tmp, t.name, size, src)?;
+            drop(f);
+            fs::rename(&tmp, &path).map_err(|e| {
+                DriverError::io(format!("rename {} -> {}", tmp.display(), path.display()), e)
+            })?;
+            fsutil::fsync_dir(&images)?;
+            info!(volume = t.name, path = %path.display(), size, mark = mark.as_str(), "volume created");
+            Ok(())
+        }
+        Err(e) => Err(DriverError::io(format!("stat {}", path.display()), e)),
+    }
+}
+
+fn apply_btrfs(t: &Target<'_>) -> Result<(), DriverError> {
+    let size = t.spec.size.bytes();
+    if !btrfs::is_btrfs(&t.pool.path)? {
+        return Err(DriverError::Unsupported(format!(
+            "{} is not on btrfs",
+            t.pool.path.display()
+        )));
+    }
+    let images = fsutil::ensure_dir(&t.pool.path, &["images"])?;
+    let tmp_sub = format!(".{}.tmp", t.name);
+    remove_btrfs_tmp(&images, &tmp_sub)?;
+    let dir = confined(&t.pool.path, &["images", t.name])?;
+    let path = disk_path(t.pool_name, t.pool, t.name)?;
+    if dir.exists() {
+        if !btrfs::is_subvolume(&dir)? {
+            return Err(DriverError::Conflict(format!(
+                "{} exists and is not a btrfs subvolume",
+                dir.display()
+            )));
+        }
+        check_owned(&path, t.name)?;
+        return grow_file(&path, t.name, size);
+    }
+    btrfs::subvol_create(&images, &tmp_sub)?;
+    let tmp_disk = images.join(&tmp_sub).join(BTRFS_DISK);
+    let f = fsutil::create_new(&tmp_disk)?;
+    fsutil::set_owner(&f, &tmp_disk, &owner_of(t.name))?;
+    let src = t.spec.source.as_ref().map(|s| s.file.as_path());
+    fill_new(&f, &tmp_disk, t.name, size, src)?;
+    drop(f);
+    fs::rename(images.join(&tmp_sub), &dir)
+        .map_err(|e| DriverError::io(format!("rename subvolume to {}", dir.display()), e))?;
+    fsutil::fsync_dir(&images)?;
+    info!(volume = t.name, path = %path.display(), size, "btrfs volume created");
+    Ok(())
+}
+
+/// Removes a leftover temp subvolume (or plain dir) named `name` in `dir`.
+pub(crate) fn remove_btrfs_tmp(dir: &Path, name: &str) -> Result<(), DriverError> {
+    let p = dir.join(name);
+    if fs::symlink_metadata(&p).is_err() {
+        return Ok(());
+    }
+    info!("removing leftover {}", p.display());
+    if btrfs::is_subvolume(&p)? {
+        btrfs::subvol_destroy(dir, name)
+    } else {
+        fs::remove_dir_all(&p).map_err(|e| DriverError::io(format!("remove {}", p.display()), e))
+    }
+}
+
+fn apply_lvm(t: &Target<'_>, observed: &Observed) -> Result<(), DriverError> {
+    let l = t.pool.lvm.as_ref().ok_or_else(|| {
+        DriverError::Refused(format!("StoragePool/{} has no spec.lvm", t.pool_name))
+    })?;
+    let size = t.spec.size.bytes();
+    if t.spec.source.is_some() {
+        return Err(DriverError::Unsupported(
+            "source.file on lvmthin pools is not implemented".into(),
+        ));
+    }
+    if !observed.exists {
+        lvm::run(&lvm::cmd_create(l, t.name, size))?;
+    } else {
+        let cur = observed
+            .state
+            .get("size")
+            .and_then(Value::as_u64)
+            .unwrap_or(0);
+        if size > cur {
+            lvm::run(&lvm::cmd_extend(l, t.name, size))?;
+        } else if size < cur {
+            return Err(DriverError::Refused(shrink_message(t.name, cur, size)));
+        }
+    }
+    Ok(())
+}
+
+fn apply_zfs(t: &Target<'_>, observed: &Observed) -> Result<(), DriverError> {
+    let z = t.pool.zfs.as_ref().ok_or_else(|| {
+        DriverError::Refused(format!("StoragePool/{} has no spec.zfs", t.pool_name))
+    })?;
+    let size = t.spec.size.bytes();
+    if t.spec.source.is_some() {
+        return Err(DriverError::Unsupported(
+            "source.file on zfs pools is not implemented".into(),
+        ));
+    }
+    if !observed.exists {
+        zfs::run(&zfs::cmd_create(z, t.name, size))?;
+    } else {
+        let cur = observed
+            .state
+            .get("size")
+            .and_then(Value::as_u64)
+            .unwrap_or(0);
+        if size > cur {
+            zfs::run(&zfs::cmd_grow(z, t.name, size))?;
+        } else if size < cur {
+            return Err(DriverError::Refused(shrink_message(t.name, cur, size)));
+        }
+    }
+    Ok(())
+}
+
+/// The plan error for a shrink.
+pub(crate) fn shrink_message(name: &str, from: u64, to: u64) -> String {
+    format!(
+        "shrinking Volume/{name} from {} to {} is refused: a volume cannot shrink without \
+         cutting off data; create a new, smaller volume and copy the data instead",
+        ByteSize(from),
+        ByteSize(to)
+    )
+}
+
+impl Driver for VolumeDriver {
+    fn kind(&self) -> Kind {
+        Kind::Volume
+    }
+
+    fn observe(
+        &self,
+        targets: &[&Resource],
+        world: &dyn Lookup,
+    ) -> Result<BTreeMap<ResourceId, Observed>, DriverError> {
+        let mut by_pool: BTreeMap<&str, Vec<&Resource>> = BTreeMap::new();
+        for r in targets {
+            if let Some(v) = vol_of(r) {
+                by_pool.entry(v.pool.as_str()).or_default().push(r);
+            }
+        }
+        let mut out = BTreeMap::new();
+        for (pool_name, vols) in by_pool {
+            let pool = super::pool_spec(world, pool_name).ok();
+            self.observe_pool(pool_name, pool, &vols, &mut out);
+        }
+        Ok(out)
+    }
+
+    fn desired_state(&self, desired: &Resource, _world: &dyn Lookup) -> Value {
+        match vol_of(desired) {
+            Some(v) => json!({
+                "pool": v.pool.as_str(),
+                "size": v.size.bytes(),
+                "format": format_str(v.format),
+            }),
+            None => Value::Null,
+        }
+    }
+
+    fn impact(&self, path: &str) -> Impact {
+        match path {
+            "/size" => Impact::Hot,
+            _ => Impact::DataLoss,
+        }
+    }
+
+    fn check(
+        &self,
+        desired: &Resource,
+        observed: &Observed,
+        changes: &[FieldChange],
+    ) -> Result<(), String> {
+        let Some(v) = vol_of(desired) else {
+            return Err(format!("{} is not a Volume", desired.id));
+        };
+        check_component("volume name", &desired.id.name)
+            .map_err(|e| format!("{}: {e}", desired.id))?;
+        if v.format != VolumeFormat::Raw {
+            return Err(format!(
+                "{}: format {} is not supported yet (use raw)",
+                desired.id,
+                format_str(v.format)
+            ));
+        }
+        let want = v.size.bytes();
+        for c in changes.iter().filter(|c| c.path == "/size") {
+            if let (Some(old), Some(new)) = (
+                c.old.as_ref().and_then(Value::as_u64),
+                c.new.as_ref().and_then(Value::as_u64),
+            ) && new < old
+            {
+                return Err(shrink_message(&desired.id.name, old, new));
+            }
+        }
+        if observed.exists
+            && observed.owned
+            && let Some(cur) = observed.state.get("size").and_then(Value::as_u64)
+            && want < cur
+        {
+            return Err(shrink_message(&desired.id.name, cur, want));
+        }
+        if observed.exists && !observed.owned {
+            let why = match &observed.health {
+                Health::Failed(s) | Health::Degraded(s) => s.clone(),
+                _ => "exists and is not owned by stead".into(),
+            };
+            return Err(format!("{}: {why}", desired.id));
+        }
+        Ok(())
+    }
+
+    fn apply(
+        &self,
+        desired: &Resource,
+        observed: &Observed,
+        world: &dyn Lookup,
+    ) -> Result<(), DriverError> {
+        let t = Target::resolve(desired, world)?;
+        let _span = info_span!("volume_apply", volume = t.name, pool = t.pool_name).entered();
+        if t.spec.format != VolumeFormat::Raw {
+            return Err(DriverError::Unsupported(format!(
+                "Volume/{}: format {} is not supported yet",
+                t.name,
+                format_str(t.spec.format)
+            )));
+        }
+        pool::require_owned(t.pool_name, &t.pool.path)?;
+        match t.pool.pool_type {
+            PoolType::Dir | PoolType::Nfs => apply_file(&t),
+            PoolType::Btrfs => apply_btrfs(&t),
+            PoolType::Lvmthin => apply_lvm(&t, observed),
+            PoolType::Zfs => apply_zfs(&t, observed),
+        }
+    }
+
+    fn prune_action(&self, last_applied: &Resource) -> PruneAction {
+        match vol_of(last_applied).map(|v| v.deletion_policy) {
+            Some(DeletionPolicy::Delete) => PruneAction::Delete,
+            _ => PruneAction::Retain,
+        }
+    }
+
+    fn delete(
+        &self,
+        last_applied: &Resource,
+        observed: &Observed,
+        world: &dyn Lookup,
+    ) -> Result<(), DriverError> {
+        let t = Target::resolve(last_applied, world)?;
+        let _span = info_span!("volume_delete", volume = t.name, pool = t.pool_name).entered();
+        if !t.pool.path.exists() {
+            return Ok(());
+        }
+        match t.pool.pool_type {
+            PoolType::Dir | PoolType::Nfs => {
+                let path = disk_path(t.pool_name, t.pool, t.name)?;
+                let images = path.parent().map(Path::to_path_buf).unwrap_or_default();
+                fsutil::remove_file_if_exists(&images.join(tmp_name(t.name)))?;
+                match fs::symlink_metadata(&path) {
+                    Ok(m) if !m.is_file() => {
+                        return Err(DriverError::Conflict(format!(
+                            "{} is not a regular file; not deleting",
+                            path.display()
+                        )));
+                    }
+                    Ok(_) => {
+                        check_owned(&path, t.name)?;
+                        snapshot::delete_all(t.pool_name, t.pool, t.name)?;
+                        fsutil::remove_file_if_exists(&path)?;
+                        fsutil::remove_file_if_exists(&fsutil::sidecar_of(&path))?;
+                        fsutil::fsync_dir(&images)?;
+                        info!(path = %path.display(), "volume deleted");
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                        fsutil::remove_file_if_exists(&fsutil::sidecar_of(&path))?;
+                    }
+                    Err(e) => return Err(DriverError::io(format!("stat {}", path.display()), e)),
+                }
+                Ok(())
+            }
+            PoolType::Btrfs => {
+                let images = confined(&t.pool.path, &["images"])?;
+                remove_btrfs_tmp(&images, &format!(".{}.tmp", t.name))?;
+                let dir = confined(&t.pool.path, &["images", t.name])?;
+                if !dir.exists() {
+                    return Ok(());
+                }
+                if !btrfs::is_subvolume(&dir)? {
+                    return Err(DriverError::Conflict(format!(
+                        "{} is not a btrfs subvolume; not deleting",
+                        dir.display()
+                    )));
+                }
+                let disk = disk_path(t.pool_name, t.pool, t.name)?;
+                check_owned(&disk, t.name)?;
+                snapshot::delete_all(t.pool_name, t.pool, t.name)?;
+                btrfs::subvol_destroy(&images, t.name)?;
+                info!(path = %dir.display(), "btrfs volume deleted");
+                Ok(())
+            }
+            PoolType::Lvmthin => {
+                if !observed.exists {
+                    return Ok(());
+                }
+                if !observed.owned {
+                    return Err(DriverError::Conflict(format!(
+                        "LV for Volume/{} is not owned by stead",
+                        t.name
+                    )));
+                }
+                let l = t
+                    .pool
+                    .lvm
+                    .as_ref()
+                    .ok_or_else(|| DriverError::Refused("no spec.lvm".into()))?;
+                lvm::run(&lvm::cmd_remove(l, t.name)).map(|_| ())
+            }
+            PoolType::Zfs => {
+                if !observed.exists {
+                    return Ok(());
+                }
+                if !observed.owned {
+                    return Err(DriverError::Conflict(format!(
+                        "zvol for Volume/{} is not owned by stead",
+                        t.name
+                    )));
+                }
+                let z = t
+                    .pool
+                    .zfs
+                    .as_ref()
+                    .ok_or_else(|| DriverError::Refused("no spec.zfs".into()))?;
+                zfs::run(&zfs::cmd_destroy(z, t.name)).map(|_| ())
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shrink_message_reads_well() {
+        assert!(
+            shrink_message("x", 32 << 20, 16 << 20)
+                .starts_with("shrinking Volume/x from 32Mi to 16Mi is refused: ")
+        );
+    }
+
+    #[test]
+    fn impacts() {
+        let d = VolumeDriver::new(&HostEnv {
+            state_dir: PathBuf::from("/nonexistent"),
+            run_dir: PathBuf::from("/nonexistent"),
+            cgroup_parent: "stead".into(),
+            netns: None,
+            self_exe: PathBuf::from("/nonexistent"),
+        });
+        assert_eq!(d.impact("/size"), Impact::Hot);
+        assert_eq!(d.impact("/pool"), Impact::DataLoss);
+        assert_eq!(d.impact("/format"), Impact::DataLoss);
+    }
+}

@@ -1,0 +1,422 @@
+//! Real-file tests of the dir StoragePool and Volume drivers (temp dirs only).
+
+mod storage_util;
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+
+use stead_drivers::storage::{self, PoolDriver, VolumeDriver};
+use stead_schema::{
+    DeletionPolicy, Driver, DriverError, FieldChange, Impact, Kind, Name, Observed, PoolType,
+    PruneAction, ResourceId,
+};
+use storage_util::*;
+
+fn observe_one(d: &dyn Driver, r: &stead_schema::Resource, w: &World) -> Observed {
+    let m = d.observe(&[r], w).expect("observe");
+    m.get(&r.id).cloned().expect("observed entry")
+}
+
+#[test]
+fn storage_pool_create_adopt_and_unowned() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let env = env(tmp.path());
+    let pd = PoolDriver::new(&env);
+
+    // Absent → created with parents, marker and layout.
+    let p = pool("local", PoolType::Dir, &tmp.path().join("a/b/pool"));
+    let w = world(&[&p]);
+    let o = observe_one(&pd, &p, &w);
+    assert!(!o.exists);
+    pd.apply(&p, &o, &w).expect("apply");
+    let root = tmp.path().join("a/b/pool");
+    assert!(root.join(storage::MARKER_FILE).is_file());
+    assert!(root.join("images").is_dir());
+    assert!(root.join("rootfs").is_dir());
+    let o = observe_one(&pd, &p, &w);
+    assert!(o.exists && o.owned);
+    assert_eq!(o.state, pd.desired_state(&p, &w));
+    // Idempotent.
+    pd.apply(&p, &o, &w).expect("apply again");
+
+    // An empty existing directory is adopted.
+    let empty = tmp.path().join("empty");
+    fs::create_dir(&empty).expect("mkdir");
+    let p2 = pool("adopt", PoolType::Dir, &empty);
+    let o = observe_one(&pd, &p2, &world(&[&p2]));
+    assert!(o.exists && o.owned, "{o:?}");
+    pd.apply(&p2, &o, &world(&[&p2])).expect("adopt");
+    assert!(empty.join(storage::MARKER_FILE).is_file());
+
+    // A non-empty directory without marker is not ours.
+    let full = tmp.path().join("full");
+    fs::create_dir(&full).expect("mkdir");
+    fs::write(full.join("user-data.txt"), b"precious").expect("write");
+    let p3 = pool("full", PoolType::Dir, &full);
+    let w3 = world(&[&p3]);
+    let o = observe_one(&pd, &p3, &w3);
+    assert!(o.exists && !o.owned, "{o:?}");
+    assert!(pd.check(&p3, &o, &[]).is_err());
+    assert!(matches!(
+        pd.apply(&p3, &o, &w3),
+        Err(DriverError::Conflict(_))
+    ));
+    assert!(!full.join(storage::MARKER_FILE).exists());
+
+    // A marker naming another pool is not ours either.
+    let p4 = pool("other", PoolType::Dir, &root);
+    let w4 = world(&[&p4]);
+    let o = observe_one(&pd, &p4, &w4);
+    assert!(o.exists && !o.owned, "{o:?}");
+    assert!(matches!(
+        pd.apply(&p4, &o, &w4),
+        Err(DriverError::Conflict(_))
+    ));
+
+    // A pool path that is a symlink is refused.
+    let link = tmp.path().join("link");
+    std::os::unix::fs::symlink(&empty, &link).expect("symlink");
+    let p5 = pool("link", PoolType::Dir, &link);
+    let w5 = world(&[&p5]);
+    let o = observe_one(&pd, &p5, &w5);
+    assert!(o.exists && !o.owned);
+    assert!(matches!(
+        pd.apply(&p5, &o, &w5),
+        Err(DriverError::Refused(_))
+    ));
+}
+
+#[test]
+fn storage_pool_delete_keeps_data() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let env = env(tmp.path());
+    let pd = PoolDriver::new(&env);
+    let vd = VolumeDriver::new(&env);
+    let root = tmp.path().join("pool");
+    let p = pool("local", PoolType::Dir, &root);
+    let v = volume("keep", "local", 4 * MI);
+    let w = world(&[&p, &v]);
+    pd.apply(&p, &observe_one(&pd, &p, &w), &w).expect("pool");
+    vd.apply(&v, &observe_one(&vd, &v, &w), &w).expect("volume");
+
+    // Holds a volume: left in place, Ok.
+    pd.delete(&p, &observe_one(&pd, &p, &w), &w)
+        .expect("delete keeps");
+    assert!(root.join("images/keep.raw").is_file());
+    assert!(root.join(storage::MARKER_FILE).is_file());
+
+    // Empty layout: removed, and deleting again is fine.
+    fs::remove_file(root.join("images/keep.raw")).expect("rm");
+    pd.delete(&p, &observe_one(&pd, &p, &w), &w)
+        .expect("delete");
+    assert!(!root.exists());
+    pd.delete(&p, &observe_one(&pd, &p, &w), &w)
+        .expect("delete again");
+    assert_eq!(pd.prune_action(&p), PruneAction::Delete);
+}
+
+fn setup(tmp: &std::path::Path) -> (PoolDriver, VolumeDriver, stead_schema::Resource) {
+    let env = env(tmp);
+    let pd = PoolDriver::new(&env);
+    let vd = VolumeDriver::new(&env);
+    let p = pool("local", PoolType::Dir, &tmp.join("pool"));
+    let w = world(&[&p]);
+    pd.apply(&p, &observe_one(&pd, &p, &w), &w).expect("pool");
+    (pd, vd, p)
+}
+
+#[test]
+fn storage_volume_create_observe_grow_refuse_shrink() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (_pd, vd, p) = setup(tmp.path());
+    let v = volume("data", "local", 32 * MI);
+    let w = world(&[&p, &v]);
+    let o = observe_one(&vd, &v, &w);
+    assert!(!o.exists);
+    vd.apply(&v, &o, &w).expect("create");
+    let file = tmp.path().join("pool/images/data.raw");
+    assert_eq!(fs::metadata(&file).expect("stat").len(), 32 * MI);
+    assert!(allocated(&file) < MI, "new volume must be sparse");
+    assert_eq!(storage::volume_path(&w, "data").expect("volume_path"), file);
+    assert_eq!(
+        storage::pool_path(&w, "local").expect("pool_path"),
+        tmp.path().join("pool")
+    );
+
+    let o = observe_one(&vd, &v, &w);
+    assert!(o.exists && o.owned, "{o:?}");
+    assert_eq!(o.state, vd.desired_state(&v, &w));
+    assert_eq!(o.state["size"], 32 * MI);
+    assert_eq!(o.status["ownerMark"], "xattr", "ext4 has user xattrs");
+
+    // Content survives a grow.
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&file)
+        .and_then(|f| f.write_all_at(b"hello", 4096))
+        .expect("write");
+    let v64 = volume("data", "local", 64 * MI);
+    let w64 = world(&[&p, &v64]);
+    assert_eq!(vd.impact("/size"), Impact::Hot);
+    assert_eq!(vd.impact("/pool"), Impact::DataLoss);
+    vd.check(&v64, &o, &[]).expect("grow is fine");
+    vd.apply(&v64, &o, &w64).expect("grow");
+    assert_eq!(fs::metadata(&file).expect("stat").len(), 64 * MI);
+    let mut buf = [0u8; 5];
+    fs::File::open(&file)
+        .and_then(|f| f.read_exact_at(&mut buf, 4096))
+        .expect("read");
+    assert_eq!(&buf, b"hello");
+
+    // Shrink refused at plan time and at apply time.
+    let o = observe_one(&vd, &v64, &w64);
+    let v16 = volume("data", "local", 16 * MI);
+    let w16 = world(&[&p, &v16]);
+    let change = FieldChange {
+        path: "/size".into(),
+        old: Some((64 * MI).into()),
+        new: Some((16 * MI).into()),
+        impact: Impact::Hot,
+    };
+    let err = vd.check(&v16, &o, &[change]).expect_err("shrink refused");
+    assert!(
+        err.starts_with("shrinking Volume/data from 64Mi to 16Mi is refused: "),
+        "{err}"
+    );
+    assert!(
+        vd.check(&v16, &o, &[]).is_err(),
+        "refused from observed size too"
+    );
+    assert!(matches!(
+        vd.apply(&v16, &o, &w16),
+        Err(DriverError::Refused(_))
+    ));
+    assert_eq!(fs::metadata(&file).expect("stat").len(), 64 * MI);
+}
+
+#[test]
+fn storage_volume_escape_refused() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (_pd, vd, p) = setup(tmp.path());
+    // A name with '..' (cannot come from a manifest, but may from elsewhere).
+    let mut bad = volume("x", "local", MI);
+    bad.id = ResourceId::new(Kind::Volume, "../escape");
+    bad.metadata.name = Name("../escape".into());
+    let w = world(&[&p, &bad]);
+    assert!(matches!(
+        vd.apply(&bad, &observe_one(&vd, &bad, &w), &w),
+        Err(DriverError::Refused(_))
+    ));
+    assert!(!tmp.path().join("pool/escape.raw").exists());
+    assert!(matches!(
+        storage::volume_path(&w, "../escape"),
+        Err(DriverError::Refused(_))
+    ));
+
+    // A symlinked volume file inside the pool.
+    let outside = tmp.path().join("outside.raw");
+    fs::write(&outside, b"not yours").expect("write");
+    std::os::unix::fs::symlink(&outside, tmp.path().join("pool/images/link.raw")).expect("ln");
+    let v = volume("link", "local", MI);
+    let w = world(&[&p, &v]);
+    let o = observe_one(&vd, &v, &w);
+    assert!(o.exists && !o.owned, "{o:?}");
+    assert!(vd.check(&v, &o, &[]).is_err());
+    assert!(vd.apply(&v, &o, &w).is_err());
+    assert_eq!(fs::read(&outside).expect("read"), b"not yours");
+
+    // images/ itself a symlink to elsewhere.
+    let tmp2 = tempfile::tempdir().expect("tempdir");
+    let (_pd2, vd2, p2) = setup(tmp2.path());
+    let elsewhere = tmp2.path().join("elsewhere");
+    fs::create_dir(&elsewhere).expect("mkdir");
+    fs::remove_dir(tmp2.path().join("pool/images")).expect("rmdir");
+    std::os::unix::fs::symlink(&elsewhere, tmp2.path().join("pool/images")).expect("ln");
+    let v2 = volume("v", "local", MI);
+    let w2 = world(&[&p2, &v2]);
+    assert!(matches!(
+        vd2.apply(&v2, &observe_one(&vd2, &v2, &w2), &w2),
+        Err(DriverError::Refused(_))
+    ));
+    assert_eq!(fs::read_dir(&elsewhere).expect("ls").count(), 0);
+
+    // The pool path itself a symlink to elsewhere.
+    let link_pool = pool("lp", PoolType::Dir, &tmp2.path().join("lp"));
+    std::os::unix::fs::symlink(tmp2.path().join("pool"), tmp2.path().join("lp")).expect("ln");
+    let v3 = volume("v3", "lp", MI);
+    let w3 = world(&[&link_pool, &v3]);
+    assert!(matches!(
+        vd2.apply(&v3, &observe_one(&vd2, &v3, &w3), &w3),
+        Err(DriverError::Refused(_))
+    ));
+    assert!(matches!(
+        storage::volume_path(&w3, "v3"),
+        Err(DriverError::Refused(_))
+    ));
+}
+
+#[test]
+fn storage_volume_retain_vs_delete() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (_pd, vd, p) = setup(tmp.path());
+    let keep = volume("keep", "local", MI);
+    let gone = with_policy(volume("gone", "local", MI), DeletionPolicy::Delete);
+    let w = world(&[&p, &keep, &gone]);
+    for v in [&keep, &gone] {
+        vd.apply(v, &observe_one(&vd, v, &w), &w).expect("create");
+    }
+    assert_eq!(vd.prune_action(&keep), PruneAction::Retain);
+    assert_eq!(vd.prune_action(&gone), PruneAction::Delete);
+    let f = tmp.path().join("pool/images/gone.raw");
+    assert!(f.exists());
+    vd.delete(&gone, &observe_one(&vd, &gone, &w), &w)
+        .expect("delete");
+    assert!(!f.exists());
+    // Idempotent: absent is success.
+    vd.delete(&gone, &observe_one(&vd, &gone, &w), &w)
+        .expect("delete again");
+    assert!(tmp.path().join("pool/images/keep.raw").exists());
+}
+
+#[test]
+fn storage_volume_unowned_file_untouched() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (_pd, vd, p) = setup(tmp.path());
+    let f = tmp.path().join("pool/images/user.raw");
+    fs::write(&f, b"user data").expect("write");
+    let v = with_policy(volume("user", "local", MI), DeletionPolicy::Delete);
+    let w = world(&[&p, &v]);
+    let o = observe_one(&vd, &v, &w);
+    assert!(o.exists && !o.owned);
+    assert!(vd.check(&v, &o, &[]).is_err());
+    assert!(matches!(
+        vd.apply(&v, &o, &w),
+        Err(DriverError::Conflict(_))
+    ));
+    assert!(matches!(
+        vd.delete(&v, &o, &w),
+        Err(DriverError::Conflict(_))
+    ));
+    assert_eq!(fs::read(&f).expect("read"), b"user data");
+}
+
+#[test]
+fn storage_volume_sidecar_mark_is_honoured() {
+    // File systems without user xattrs get a sidecar `<file>.stead`; reading it back
+    // must count as ownership.
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (_pd, vd, p) = setup(tmp.path());
+    let f = tmp.path().join("pool/images/side.raw");
+    fs::File::create(&f)
+        .and_then(|h| h.set_len(MI))
+        .expect("create");
+    fs::write(
+        tmp.path().join("pool/images/side.raw.stead"),
+        b"Volume/side",
+    )
+    .expect("sidecar");
+    let v = volume("side", "local", 2 * MI);
+    let w = world(&[&p, &v]);
+    let o = observe_one(&vd, &v, &w);
+    assert!(o.exists && o.owned, "{o:?}");
+    assert_eq!(o.status["ownerMark"], "sidecar");
+    vd.apply(&v, &o, &w).expect("grow");
+    assert_eq!(fs::metadata(&f).expect("stat").len(), 2 * MI);
+}
+
+#[test]
+fn storage_volume_crash_leftover_temp_cleanup() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (_pd, vd, p) = setup(tmp.path());
+    // As if a previous apply was SIGKILLed while copying.
+    let leftover = tmp.path().join("pool/images/.data.raw.tmp");
+    fs::write(&leftover, vec![7u8; 8192]).expect("write");
+    let v = volume("data", "local", 4 * MI);
+    let w = world(&[&p, &v]);
+    let o = observe_one(&vd, &v, &w);
+    assert!(!o.exists, "a temp file is not the volume");
+    vd.apply(&v, &o, &w).expect("apply");
+    assert!(!leftover.exists());
+    let f = tmp.path().join("pool/images/data.raw");
+    assert_eq!(fs::metadata(&f).expect("stat").len(), 4 * MI);
+    let mut b = [1u8; 16];
+    fs::File::open(&f)
+        .and_then(|h| h.read_exact_at(&mut b, 0))
+        .expect("read");
+    assert_eq!(b, [0u8; 16], "fresh volume, not the partial temp content");
+    // Leftover next to an existing volume is removed too.
+    fs::write(&leftover, b"x").expect("write");
+    vd.apply(&v, &observe_one(&vd, &v, &w), &w).expect("apply");
+    assert!(!leftover.exists());
+}
+
+#[test]
+fn storage_volume_source_copy_sparse() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (_pd, vd, p) = setup(tmp.path());
+    // 8 MiB source: data at 0 and at 5 MiB, a hole between, an explicit zero block.
+    let src = tmp.path().join("base.img");
+    {
+        let f = fs::File::create(&src).expect("create");
+        f.set_len(8 * MI).expect("len");
+        f.write_all_at(&[0xabu8; 65536], 0).expect("w");
+        f.write_all_at(&[0u8; 1 << 20], 2 * MI).expect("zeros");
+        f.write_all_at(b"tail-marker", 5 * MI).expect("w");
+        f.sync_all().expect("sync");
+    }
+    let v = with_source(volume("fromsrc", "local", 16 * MI), &src);
+    let w = world(&[&p, &v]);
+    vd.apply(&v, &observe_one(&vd, &v, &w), &w).expect("create");
+    let f = tmp.path().join("pool/images/fromsrc.raw");
+    assert_eq!(fs::metadata(&f).expect("stat").len(), 16 * MI);
+    let h = fs::File::open(&f).expect("open");
+    let mut a = vec![0u8; 65536];
+    h.read_exact_at(&mut a, 0).expect("read");
+    assert!(a.iter().all(|&b| b == 0xab));
+    let mut t = [0u8; 11];
+    h.read_exact_at(&mut t, 5 * MI).expect("read");
+    assert_eq!(&t, b"tail-marker");
+    assert!(
+        allocated(&f) < 2 * MI,
+        "holes and zero blocks must stay sparse: {} bytes allocated",
+        allocated(&f)
+    );
+    // Copied once: changing the source later does not touch the volume.
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&src)
+        .and_then(|mut s| s.write_all(b"changed"))
+        .expect("write");
+    vd.apply(&v, &observe_one(&vd, &v, &w), &w)
+        .expect("reapply");
+    h.read_exact_at(&mut a[..7], 0).expect("read");
+    assert_eq!(&a[..7], &[0xab; 7]);
+
+    // A source bigger than the volume is refused.
+    let small = with_source(volume("small", "local", MI), &src);
+    let w2 = world(&[&p, &small]);
+    assert!(matches!(
+        vd.apply(&small, &observe_one(&vd, &small, &w2), &w2),
+        Err(DriverError::Refused(_))
+    ));
+    assert!(!tmp.path().join("pool/images/small.raw").exists());
+}
+
+#[test]
+fn storage_volume_pool_not_ready() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let env = env(tmp.path());
+    let vd = VolumeDriver::new(&env);
+    let p = pool("later", PoolType::Dir, &tmp.path().join("later"));
+    let v = volume("v", "later", MI);
+    let w = world(&[&p, &v]);
+    let o = observe_one(&vd, &v, &w);
+    assert!(!o.exists);
+    let e = vd.apply(&v, &o, &w).expect_err("pool not applied");
+    assert!(e.retryable(), "{e}");
+    // Unknown pool.
+    let v2 = volume("v2", "nope", MI);
+    let w2 = world(&[&v2]);
+    assert!(vd.apply(&v2, &observe_one(&vd, &v2, &w2), &w2).is_err());
+}
