@@ -2,19 +2,21 @@
 //!
 //! One allow-list serves every VMM thread (vCPU, device, control and, for
 //! [`crate::run_vmm_process`], the main thread); anything else kills the process
-//! with SIGSYS. `apply` also sets `no_new_privs`. Syscall arguments are not filtered
-//! (ioctl is needed for KVM_RUN, the PIO/MMIO paths and irqfd-free signalling).
+//! with SIGSYS. `apply` also sets `no_new_privs`. `ioctl` is limited to KVM_RUN,
+//! FIONBIO and FIOCLEX; other arguments are not filtered.
 
 use std::collections::BTreeMap;
 
-use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule, TargetArch,
+};
 
 use crate::VmmError;
 
 /// Syscalls the VMM threads use after setup.
 const ALLOWED: &[libc::c_long] = &[
-    // vCPU loop, devices, event fds, epoll
-    libc::SYS_ioctl,
+    // vCPU loop, devices, event fds, epoll (ioctl: see IOCTLS)
     libc::SYS_read,
     libc::SYS_write,
     libc::SYS_readv,
@@ -79,10 +81,25 @@ const ALLOWED: &[libc::c_long] = &[
     libc::SYS_statx,
 ];
 
+/// The only ioctl requests allowed after setup.
+const IOCTLS: &[u64] = &[
+    0xae80, // KVM_RUN
+    0x5421, // FIONBIO (std's set_nonblocking on the control socket)
+    0x5451, // FIOCLEX
+];
+
 /// Builds the BPF program.
 pub(crate) fn filter() -> Result<BpfProgram, VmmError> {
-    let rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> =
+    let serr = |e: seccompiler::BackendError| VmmError::Seccomp(e.to_string());
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
         ALLOWED.iter().map(|s| (*s, Vec::new())).collect();
+    let mut ioctl_rules = Vec::new();
+    for req in IOCTLS {
+        let cond = SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, *req)
+            .map_err(serr)?;
+        ioctl_rules.push(SeccompRule::new(vec![cond]).map_err(serr)?);
+    }
+    rules.insert(libc::SYS_ioctl, ioctl_rules);
     let f = SeccompFilter::new(
         rules,
         SeccompAction::KillProcess,
