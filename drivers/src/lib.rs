@@ -10,7 +10,9 @@ use stead_schema::{Driver, DriverError, HostEnv};
 
 /// Every driver of this build, pointed at `env`.
 pub fn registry(env: &HostEnv) -> Result<Vec<Box<dyn Driver>>, DriverError> {
-    let _ = env;
-    let drivers: Vec<Box<dyn Driver>> = Vec::new();
+    let drivers: Vec<Box<dyn Driver>> = vec![
+        Box::new(storage::PoolDriver::new(env)),
+        Box::new(storage::VolumeDriver::new(env)),
+    ];
     Ok(drivers)
 }

@@ -48,6 +48,21 @@ pub fn show(v: &Option<Value>) -> String {
     }
 }
 
+/// A field value for display: byte quantities (`size`, `memory`, `*Bytes`) held as
+/// integers print in the largest exact binary unit, like manifests write them.
+pub fn show_field(path: &str, v: &Option<Value>) -> String {
+    let last = path.rsplit('/').next().unwrap_or("");
+    let bytes_field =
+        matches!(last, "size" | "memory") || last.ends_with("Bytes") || last.ends_with("_bytes");
+    match v {
+        Some(Value::Number(n)) if bytes_field => match n.as_u64() {
+            Some(b) => stead_schema::ByteSize(b).to_string(),
+            None => n.to_string(),
+        },
+        _ => show(v),
+    }
+}
+
 fn field_name(path: &str) -> String {
     path.trim_start_matches('/').replace('/', ".")
 }
@@ -72,7 +87,7 @@ pub fn plan_text(plan: &Plan, style: Style) -> String {
         for f in &c.fields {
             let name = field_name(&f.path);
             if c.action == Action::Create {
-                let _ = writeln!(out, "      {}: {}", name, show(&f.new));
+                let _ = writeln!(out, "      {}: {}", name, show_field(&f.path, &f.new));
             } else {
                 let label = if f.impact != stead_schema::Impact::Hot && c.fields.len() > 1 {
                     format!("  [{}]", f.impact.as_str())
@@ -83,8 +98,8 @@ pub fn plan_text(plan: &Plan, style: Style) -> String {
                     out,
                     "      {}: {} -> {}{}",
                     name,
-                    show(&f.old),
-                    show(&f.new),
+                    show_field(&f.path, &f.old),
+                    show_field(&f.path, &f.new),
                     label
                 );
             }
