@@ -5,6 +5,7 @@
  * mode on every vCPU. The command line (NUL-terminated) selects what the guest does:
  *
  *   mode=hello    print a greeting, power off
+ *   mode=echo     echo serial input upper-cased (polling the 16550); 'q' powers off
  *   mode=irq      interrupt-driven: 8259 + local APIC set up, waits (sti; hlt) for the
  *                 serial THR-empty IRQ 4 and, with a disk, the virtio-blk IRQ 5
  *   mode=halt     print, then halt forever with interrupts off (ignores everything)
@@ -660,6 +661,22 @@ void guest_main(u64 cpu, u64 ncpus, const char *cmdline)
     if (starts_with(mode, "hello")) {
         puts_("hello from stead tiny guest\n");
         power_off();
+    } else if (starts_with(mode, "echo")) {
+        puts_("echo: ready\n");
+        for (;;) {
+            if (!(inb(COM1 + 5) & 1)) {
+                __asm__ volatile("pause");
+                continue;
+            }
+            char c = (char)inb(COM1);
+            if (c == 'q') {
+                puts_("\necho: bye\n");
+                power_off();
+            }
+            if (c >= 'a' && c <= 'z')
+                c = (char)(c - 32);
+            putc_(c);
+        }
     } else if (starts_with(mode, "irq")) {
         mode_irq();
     } else if (starts_with(mode, "halt")) {

@@ -107,27 +107,7 @@ pub fn serve_control(listener: UnixListener, handle: VmHandle) -> Result<(), Vmm
         if handle.has_exited() {
             return Ok(());
         }
-        let mut fds = [
-            libc::pollfd {
-                fd: listener.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: handle.exited_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
-        // SAFETY: `fds` is a valid array of two pollfd for the duration of the call.
-        let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, 1000) };
-        if r < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(VmmError::io("poll control socket")(e));
-        }
+        wait_readable(listener.as_raw_fd(), &handle, 1000)?;
         match listener.accept() {
             Ok((stream, _)) => {
                 let _ = stream.set_nonblocking(false);
@@ -136,6 +116,89 @@ pub fn serve_control(listener: UnixListener, handle: VmHandle) -> Result<(), Vmm
             Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted => {}
             Err(e) => return Err(VmmError::io("accept control connection")(e)),
         }
+    }
+}
+
+/// Polls `fd` and the VM's exit eventfd; returns true when `fd` is readable.
+fn wait_readable(fd: i32, handle: &VmHandle, timeout_ms: i32) -> Result<bool, VmmError> {
+    let mut fds = [
+        libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: handle.exited_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    // SAFETY: `fds` is a valid array of two pollfd for the duration of the call.
+    let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout_ms) };
+    if r < 0 {
+        let e = std::io::Error::last_os_error();
+        if e.kind() == ErrorKind::Interrupted {
+            return Ok(false);
+        }
+        return Err(VmmError::io("poll")(e));
+    }
+    Ok(fds[0].revents != 0)
+}
+
+/// Serves the serial console on `listener` until the VM behind `handle` has exited.
+/// One client at a time: it receives the buffered serial output (last 64 KiB), then
+/// live output; bytes it sends are fed to the guest's COM1 receive FIFO.
+pub fn serve_console(listener: UnixListener, handle: VmHandle) -> Result<(), VmmError> {
+    listener
+        .set_nonblocking(true)
+        .map_err(VmmError::io("console socket nonblocking"))?;
+    loop {
+        if handle.has_exited() {
+            return Ok(());
+        }
+        wait_readable(listener.as_raw_fd(), &handle, 1000)?;
+        let stream = match listener.accept() {
+            Ok((s, _)) => s,
+            Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted => {
+                continue;
+            }
+            Err(e) => return Err(VmmError::io("accept console connection")(e)),
+        };
+        let Ok(out) = stream.try_clone() else {
+            continue;
+        };
+        handle.attach_console(out);
+        let mut input = stream;
+        let mut buf = [0u8; 256];
+        'client: loop {
+            if handle.has_exited() {
+                break;
+            }
+            if !wait_readable(input.as_raw_fd(), &handle, 100)? {
+                continue;
+            }
+            let n = match std::io::Read::read(&mut input, &mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => {
+                    continue;
+                }
+                Err(_) => break,
+            };
+            let mut rest = &buf[..n];
+            while !rest.is_empty() {
+                if handle.has_exited() {
+                    break 'client;
+                }
+                let k = handle.serial_input(rest);
+                rest = &rest[k..];
+                if k == 0 {
+                    // The guest has not drained the 16550 FIFO yet.
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+        }
+        handle.detach_console();
     }
 }
 
@@ -186,76 +249,113 @@ pub fn run_vmm_process(cfg: VmConfig) -> Result<ExitReason, VmmError> {
         .control_socket
         .clone()
         .or_else(|| cfg.run_dir.as_ref().map(|d| d.join("control.sock")));
+    let console_path: Option<PathBuf> = cfg
+        .console_socket
+        .clone()
+        .or_else(|| cfg.run_dir.as_ref().map(|d| d.join("console.sock")));
     if let Some(dir) = &cfg.run_dir {
         std::fs::create_dir_all(dir)
             .map_err(VmmError::io(format!("create run dir {}", dir.display())))?;
     }
-    let listener = match &socket_path {
-        Some(p) => {
-            if p.exists() {
-                // A stale socket from a dead VMM; a live one would still be listening.
-                if UnixStream::connect(p).is_ok() {
-                    return Err(VmmError::Control(format!(
-                        "control socket {} is in use",
-                        p.display()
-                    )));
-                }
-                std::fs::remove_file(p)
-                    .map_err(VmmError::io(format!("remove stale {}", p.display())))?;
-            }
-            Some(
-                UnixListener::bind(p)
-                    .map_err(VmmError::io(format!("bind control socket {}", p.display())))?,
-            )
+    let listener = socket_path.as_deref().map(bind_socket).transpose()?;
+    let console_listener = match console_path.as_deref().map(bind_socket).transpose() {
+        Ok(l) => l,
+        Err(e) => {
+            remove_sockets(&[&socket_path]);
+            return Err(e);
         }
-        None => None,
     };
+    let mut extra = String::new();
+    for (key, p) in [
+        ("control_socket", &socket_path),
+        ("console_socket", &console_path),
+    ] {
+        if let Some(p) = p {
+            extra.push_str(&format!(",\"{key}\":{}", json_str(&p.to_string_lossy())));
+        }
+    }
+    let result = run_with_sockets(cfg, listener, console_listener, extra);
+    remove_sockets(&[&socket_path, &console_path]);
+    result
+}
+
+fn remove_sockets(paths: &[&Option<PathBuf>]) {
+    for p in paths.iter().copied().flatten() {
+        let _ = std::fs::remove_file(p);
+    }
+}
+
+/// Binds a unix listener at `p`, replacing a stale socket file (a live one is an error).
+fn bind_socket(p: &Path) -> Result<UnixListener, VmmError> {
+    if p.exists() {
+        if UnixStream::connect(p).is_ok() {
+            return Err(VmmError::Control(format!(
+                "socket {} is in use",
+                p.display()
+            )));
+        }
+        std::fs::remove_file(p).map_err(VmmError::io(format!("remove stale {}", p.display())))?;
+    }
+    UnixListener::bind(p).map_err(VmmError::io(format!("bind {}", p.display())))
+}
+
+fn run_with_sockets(
+    cfg: VmConfig,
+    listener: Option<UnixListener>,
+    console_listener: Option<UnixListener>,
+    extra: String,
+) -> Result<ExitReason, VmmError> {
     let seccomp_on = cfg.seccomp;
     let run_dir = cfg.run_dir.clone();
     let mut vm = Vm::new(cfg)?;
     let handle = vm.handle();
     if let Some(dir) = run_dir {
-        handle.set_state_file(dir.join("state.json"));
+        handle.set_state_file(dir.join("state.json"), extra);
     }
     let filter = if seccomp_on {
-        Some(seccomp::filter()?)
+        Some(std::sync::Arc::new(seccomp::filter()?))
     } else {
         None
     };
-    let ctl_thread = match listener {
-        Some(l) => {
-            let h = handle.clone();
-            Some(
-                std::thread::Builder::new()
-                    .name("vmm-ctl".into())
-                    .spawn(move || -> Result<(), VmmError> {
-                        if let Some(f) = &filter {
-                            seccomp::apply(f)?;
-                        }
-                        serve_control(l, h)
-                    })
-                    .map_err(VmmError::io("spawn control thread"))?,
-            )
+    type Server = fn(UnixListener, VmHandle) -> Result<(), VmmError>;
+    let mut threads = Vec::new();
+    for (name, l, serve) in [
+        ("vmm-ctl", listener, serve_control as Server),
+        ("vmm-console", console_listener, serve_console as Server),
+    ] {
+        let Some(l) = l else { continue };
+        let h = handle.clone();
+        let f = filter.clone();
+        let t =
+            std::thread::Builder::new()
+                .name(name.into())
+                .spawn(move || -> Result<(), VmmError> {
+                    if let Some(f) = &f {
+                        seccomp::apply(f)?;
+                    }
+                    serve(l, h)
+                });
+        match t {
+            Ok(t) => threads.push(t),
+            Err(e) => {
+                handle.kill();
+                return Err(VmmError::io("spawn control thread")(e));
+            }
         }
-        None => None,
-    };
+    }
     vm.confine_caller();
     let result = vm.run();
-    if let Some(t) = ctl_thread {
-        match t.join() {
-            Ok(Err(e)) if result.is_ok() => {
-                if let Some(p) = &socket_path {
-                    let _ = std::fs::remove_file(p);
-                }
-                return Err(e);
-            }
-            _ => {}
+    handle.mark_exited();
+    let mut first_err = None;
+    for t in threads {
+        if let Ok(Err(e)) = t.join() {
+            first_err.get_or_insert(e);
         }
     }
-    if let Some(p) = &socket_path {
-        let _ = std::fs::remove_file(p);
+    match (result, first_err) {
+        (Ok(_), Some(e)) => Err(e),
+        (r, _) => r,
     }
-    result
 }
 
 #[cfg(test)]
@@ -273,5 +373,17 @@ mod tests {
     #[test]
     fn json_strings_are_escaped() {
         assert_eq!(json_str("a\"b\\c\n\u{1}"), "\"a\\\"b\\\\c\\n\\u0001\"");
+    }
+
+    #[test]
+    fn stale_socket_is_replaced_live_one_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("s.sock");
+        let live = bind_socket(&p).expect("bind");
+        assert!(matches!(bind_socket(&p), Err(VmmError::Control(_))));
+        drop(live);
+        // The file stays behind after the listener is gone: a stale socket.
+        assert!(p.exists());
+        bind_socket(&p).expect("rebind over stale socket");
     }
 }

@@ -46,12 +46,21 @@ impl Write for SerialOut {
             let _ = f.write_all(buf);
         }
         {
+            // Ring and console client are updated under the ring lock, so a console
+            // attaching (replay of the ring, then live output) sees every byte once.
             let mut ring = lock(&self.shared.serial_ring);
             for b in buf {
                 if ring.len() == SERIAL_RING_BYTES {
                     ring.pop_front();
                 }
                 ring.push_back(*b);
+            }
+            let mut console = lock(&self.shared.console);
+            if let Some(c) = console.as_mut()
+                && let Err(e) = c.write_all(buf)
+                && e.kind() != io::ErrorKind::WouldBlock
+            {
+                *console = None;
             }
         }
         let cb = lock(&self.shared.serial_callback).clone();
@@ -198,6 +207,16 @@ impl Bus {
             virtio,
             forbidden_port,
         }
+    }
+
+    /// Queues serial input; returns how many bytes were accepted.
+    pub(crate) fn serial_input(&self, data: &[u8]) -> usize {
+        let mut serial = lock(&self.serial);
+        let n = data.len().min(serial.fifo_capacity());
+        if n == 0 {
+            return 0;
+        }
+        serial.enqueue_raw_bytes(&data[..n]).unwrap_or(0)
     }
 
     pub(crate) fn pio_read(&self, port: u16, data: &mut [u8]) {

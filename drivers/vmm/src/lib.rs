@@ -33,7 +33,7 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 pub use arch::{MAX_VCPUS, TINY_LOAD_ADDR, VIRTIO_GSI_BASE, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE};
-pub use control::{ControlClient, handle_command, run_vmm_process, serve_control};
+pub use control::{ControlClient, handle_command, run_vmm_process, serve_console, serve_control};
 pub use devices::{FORBIDDEN_SYSCALL_PORT, POWER_PORT};
 
 /// Path of the tiny test guest built from `guests/` by this crate's build script.
@@ -94,8 +94,13 @@ pub struct VmConfig {
     pub nets: Vec<NetConfig>,
     /// Append serial output to this file.
     pub serial_log: Option<PathBuf>,
-    /// Unix stream control socket (used by [`run_vmm_process`]).
+    /// Unix stream control socket (used by [`run_vmm_process`]; default
+    /// `<run_dir>/control.sock`).
     pub control_socket: Option<PathBuf>,
+    /// Unix stream serial console socket (used by [`run_vmm_process`]; default
+    /// `<run_dir>/console.sock`): a client gets the buffered and then live serial
+    /// output, and what it sends becomes serial input.
+    pub console_socket: Option<PathBuf>,
     /// Directory for `state.json` (used by [`run_vmm_process`]).
     pub run_dir: Option<PathBuf>,
     /// Install seccomp filters on the VMM threads once the VM is set up.
@@ -120,6 +125,7 @@ impl VmConfig {
             nets: Vec::new(),
             serial_log: None,
             control_socket: None,
+            console_socket: None,
             run_dir: None,
             seccomp: true,
             shutdown_timeout: Duration::from_secs(10),
@@ -247,7 +253,9 @@ pub(crate) struct Shared {
     mem_bytes: u64,
     shutdown_timeout: Duration,
     started: Instant,
-    state_file: Mutex<Option<PathBuf>>,
+    started_unix: u64,
+    state_file: Mutex<Option<(PathBuf, String)>>,
+    console: Mutex<Option<std::os::unix::net::UnixStream>>,
     exited_evt: EventFd,
     has_exited: AtomicBool,
 }
@@ -292,8 +300,8 @@ impl Shared {
     }
 
     fn write_state_file(&self) {
-        let path = lock(&self.state_file).clone();
-        if let Some(path) = path {
+        let file = lock(&self.state_file).clone();
+        if let Some((path, extra)) = file {
             let c = self.ctl();
             let exit = c
                 .exit
@@ -301,11 +309,13 @@ impl Shared {
                 .map(|e| format!(",\"exit_reason\":{}", json_str(&e.to_string())))
                 .unwrap_or_default();
             let body = format!(
-                "{{\"pid\":{},\"state\":\"{}\",\"vcpus\":{},\"mem_bytes\":{}{}}}\n",
+                "{{\"pid\":{},\"state\":\"{}\",\"vcpus\":{},\"mem_bytes\":{},\"started_unix\":{}{}{}}}\n",
                 std::process::id(),
                 c.state.as_str(),
                 self.vcpus,
                 self.mem_bytes,
+                self.started_unix,
+                extra,
                 exit
             );
             drop(c);
@@ -338,6 +348,7 @@ pub(crate) fn json_str(s: &str) -> String {
 #[derive(Clone)]
 pub struct VmHandle {
     shared: Arc<Shared>,
+    bus: std::sync::Weak<devices::Bus>,
 }
 
 impl fmt::Debug for VmHandle {
@@ -483,9 +494,50 @@ impl VmHandle {
         self.shared.has_exited.load(Ordering::SeqCst)
     }
 
-    pub(crate) fn set_state_file(&self, path: PathBuf) {
-        *lock(&self.shared.state_file) = Some(path);
+    /// Keeps `path` up to date with the VM state; `extra` is appended to the JSON
+    /// object verbatim (`,"key":value...`).
+    pub(crate) fn set_state_file(&self, path: PathBuf, extra: String) {
+        *lock(&self.shared.state_file) = Some((path, extra));
         self.shared.write_state_file();
+    }
+
+    /// Queues `data` as serial (COM1) input; returns how many bytes fit in the
+    /// 16550's receive FIFO (0 once the VM is gone).
+    pub fn serial_input(&self, data: &[u8]) -> usize {
+        match self.bus.upgrade() {
+            Some(bus) => bus.serial_input(data),
+            None => 0,
+        }
+    }
+
+    /// Attaches a console client: it first gets the buffered serial output (last
+    /// 64 KiB), then all new output, without gaps or repeats. Replaces any previous
+    /// client. The stream is switched to non-blocking; output a slow client cannot
+    /// take is dropped.
+    pub(crate) fn attach_console(&self, stream: std::os::unix::net::UnixStream) {
+        use std::io::Write;
+        let ring = lock(&self.shared.serial_ring);
+        let (a, b) = ring.as_slices();
+        let mut s = stream;
+        let ok =
+            s.write_all(a).and_then(|_| s.write_all(b)).is_ok() && s.set_nonblocking(true).is_ok();
+        *lock(&self.shared.console) = if ok { Some(s) } else { None };
+        drop(ring);
+    }
+
+    /// Marks the VM as gone for the socket servers (also after a failed `run`).
+    pub(crate) fn mark_exited(&self) {
+        if self.shared.ctl().exit.is_none() {
+            self.shared
+                .request_exit(ExitReason::Error("VM did not start".into()));
+        }
+        self.shared.has_exited.store(true, Ordering::SeqCst);
+        let _ = self.shared.exited_evt.write(1);
+    }
+
+    /// Detaches the console client.
+    pub(crate) fn detach_console(&self) {
+        *lock(&self.shared.console) = None;
     }
 }
 
@@ -599,7 +651,12 @@ impl Vm {
             mem_bytes: cfg.mem_bytes,
             shutdown_timeout: cfg.shutdown_timeout,
             started: Instant::now(),
+            started_unix: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
             state_file: Mutex::new(None),
+            console: Mutex::new(None),
             exited_evt: EventFd::new(EFD_NONBLOCK).map_err(VmmError::io("eventfd"))?,
             has_exited: AtomicBool::new(false),
         });
@@ -701,6 +758,7 @@ impl Vm {
     pub fn handle(&self) -> VmHandle {
         VmHandle {
             shared: self.shared.clone(),
+            bus: Arc::downgrade(&self.bus),
         }
     }
 

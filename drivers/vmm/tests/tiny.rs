@@ -338,3 +338,52 @@ fn pvh_elf_boot() {
     );
     assert!(out.contains("blk: done"), "serial: {out}");
 }
+
+#[test]
+fn serial_console_socket() {
+    if !kvm_or_skip("serial_console_socket") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let run_dir = dir.path().join("run");
+    let mut cfg = tiny("echo");
+    cfg.run_dir = Some(run_dir.clone());
+    let t = std::thread::spawn(move || stead_vmm::run_vmm_process(cfg).unwrap());
+    let sock = run_dir.join("console.sock");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut c = loop {
+        match std::os::unix::net::UnixStream::connect(&sock) {
+            Ok(c) => break c,
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
+            Err(e) => panic!("{e}"),
+        }
+    };
+    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut seen = Vec::new();
+    let mut read_until = |c: &mut std::os::unix::net::UnixStream, needle: &str| {
+        let mut buf = [0u8; 256];
+        while !String::from_utf8_lossy(&seen).contains(needle) {
+            let n = c.read(&mut buf).unwrap();
+            assert!(
+                n > 0,
+                "console closed; got {:?}",
+                String::from_utf8_lossy(&seen)
+            );
+            seen.extend_from_slice(&buf[..n]);
+        }
+    };
+    // The greeting may predate the connection: it comes from the replayed buffer.
+    read_until(&mut c, "echo: ready\n");
+    c.write_all(b"hello, console").unwrap();
+    read_until(&mut c, "HELLO, CONSOLE");
+    c.write_all(b"q").unwrap();
+    read_until(&mut c, "echo: bye");
+    assert_eq!(t.join().unwrap(), ExitReason::Shutdown);
+    let state = std::fs::read_to_string(run_dir.join("state.json")).unwrap();
+    assert!(
+        state.contains("console.sock") && state.contains("started_unix"),
+        "{state}"
+    );
+    assert!(!sock.exists(), "console socket left behind");
+    assert!(!run_dir.join("control.sock").exists());
+}
