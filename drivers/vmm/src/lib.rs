@@ -12,6 +12,7 @@
 mod arch;
 mod control;
 mod devices;
+mod mptable;
 mod seccomp;
 mod tap;
 mod vcpu;
@@ -716,6 +717,7 @@ impl Vm {
         let mut cmdline = cfg.cmdline.clone();
         if arch::is_linux_image(&cfg.kernel)? {
             cmdline.push_str(&cmdline_extra);
+            mptable::write(&mem, cfg.vcpus)?;
         }
         let boot = arch::load_guest(
             &mem,
