@@ -5,6 +5,7 @@
  * mode on every vCPU. The command line (NUL-terminated) selects what the guest does:
  *
  *   mode=hello    print a greeting, power off
+ *   mode=mptable  find and check the MP table (ELF/PVH boot writes one), print counts
  *   mode=echo     echo serial input upper-cased (polling the 16550); 'q' powers off
  *   mode=irq      interrupt-driven: 8259 + local APIC set up, waits (sti; hlt) for the
  *                 serial THR-empty IRQ 4 and, with a disk, the virtio-blk IRQ 5
@@ -660,6 +661,48 @@ void guest_main(u64 cpu, u64 ncpus, const char *cmdline)
         halt_forever();
     if (starts_with(mode, "hello")) {
         puts_("hello from stead tiny guest\n");
+        power_off();
+    } else if (starts_with(mode, "mptable")) {
+        /* Find and check the MP table the way Linux does (last KiB below 640 KiB). */
+        const u8 *p = (const u8 *)0x9fc00;
+        u32 i;
+        for (i = 0; i < 1024; i += 16)
+            if (p[i] == '_' && p[i + 1] == 'M' && p[i + 2] == 'P' && p[i + 3] == '_')
+                break;
+        if (i >= 1024) {
+            puts_("mptable: not found\n");
+            power_off();
+        }
+        const u8 *fp = p + i;
+        u8 sum = 0;
+        for (int k = 0; k < 16; k++)
+            sum += fp[k];
+        const u8 *t = (const u8 *)(u64)(fp[4] | fp[5] << 8 | fp[6] << 16 | (u32)fp[7] << 24);
+        u32 len = t[4] | t[5] << 8;
+        u8 tsum = 0;
+        for (u32 k = 0; k < len; k++)
+            tsum += t[k];
+        u32 count = t[34] | t[35] << 8, cpus = 0, ioapics = 0, irqs = 0;
+        const u8 *e = t + 44;
+        for (u32 k = 0; k < count; k++) {
+            if (e[0] == 0) {
+                cpus++;
+                e += 20;
+            } else {
+                ioapics += e[0] == 2;
+                irqs += e[0] == 3;
+                e += 8;
+            }
+        }
+        puts_("mptable: checksums ");
+        puts_(sum == 0 && tsum == 0 && t[0] == 'P' ? "ok" : "bad");
+        puts_(" cpus=");
+        putu(cpus);
+        puts_(" ioapics=");
+        putu(ioapics);
+        puts_(" irqs=");
+        putu(irqs);
+        puts_("\n");
         power_off();
     } else if (starts_with(mode, "echo")) {
         puts_("echo: ready\n");

@@ -387,3 +387,22 @@ fn serial_console_socket() {
     assert!(!sock.exists(), "console socket left behind");
     assert!(!run_dir.join("control.sock").exists());
 }
+
+#[test]
+fn mptable_seen_by_guest() {
+    if !kvm_or_skip("mptable_seen_by_guest") {
+        return;
+    }
+    // The PVH ELF takes the kernel path, which writes the MP table.
+    let mut cfg = tiny("mptable");
+    cfg.kernel = stead_vmm::TINY_GUEST_PVH_IMAGE.into();
+    cfg.vcpus = 3;
+    let vm = Vm::new(cfg).unwrap();
+    let h = vm.handle();
+    assert_eq!(vm.run().unwrap(), ExitReason::Shutdown);
+    let out = serial(&h);
+    assert!(
+        out.contains("mptable: checksums ok cpus=3 ioapics=1 irqs=24"),
+        "serial: {out}"
+    );
+}
