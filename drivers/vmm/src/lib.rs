@@ -818,6 +818,7 @@ impl Vm {
             .map_err(VmmError::io("spawn device thread"))?;
 
         let mut threads: Vec<JoinHandle<()>> = Vec::new();
+        let mut setup_err: Option<VmmError> = None;
         for (id, fd) in vcpu_fds.into_iter().enumerate() {
             let v = vcpu::Vcpu {
                 id: id as u8,
@@ -826,10 +827,17 @@ impl Vm {
                 shared: shared.clone(),
                 filter: filter.clone(),
             };
-            let t = std::thread::Builder::new()
+            let t = match std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
                 .spawn(move || v.run())
-                .map_err(VmmError::io("spawn vcpu thread"))?;
+            {
+                Ok(t) => t,
+                Err(e) => {
+                    // Stop what already runs, then report the error after cleanup.
+                    setup_err = Some(VmmError::io("spawn vcpu thread")(e));
+                    break;
+                }
+            };
             {
                 use std::os::unix::thread::JoinHandleExt;
                 lock(&shared.vcpu_threads).push(t.as_pthread_t());
@@ -837,8 +845,15 @@ impl Vm {
             threads.push(t);
         }
 
-        if confine_caller && let Some(f) = &filter {
-            seccomp::apply(f)?;
+        if setup_err.is_none()
+            && confine_caller
+            && let Some(f) = &filter
+            && let Err(e) = seccomp::apply(f)
+        {
+            setup_err = Some(e);
+        }
+        if let Some(e) = &setup_err {
+            shared.request_exit(ExitReason::Error(e.to_string()));
         }
 
         // Wait for an exit, enforcing the graceful-shutdown deadline.
@@ -886,6 +901,9 @@ impl Vm {
         drop(bus);
         drop(vm_fd);
         drop(mem);
+        if let Some(e) = setup_err {
+            return Err(e);
+        }
         Ok(shared
             .ctl()
             .exit
