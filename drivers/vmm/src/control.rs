@@ -244,6 +244,10 @@ impl ControlClient {
 /// `<run_dir>/state.json` up to date, confines all VMM threads with seccomp (when
 /// `cfg.seccomp`), and returns when the VM has stopped. The control socket file is
 /// removed on return; the state file stays with `"state":"exited"` and the reason.
+///
+/// With `cfg.seccomp`, the calling thread stays confined after this returns: it can
+/// still write, close files and exit, but cannot build another VM. Call it as the last
+/// thing a dedicated process does (restart policies restart the process).
 pub fn run_vmm_process(cfg: VmConfig) -> Result<ExitReason, VmmError> {
     let socket_path: Option<PathBuf> = cfg
         .control_socket
