@@ -240,9 +240,10 @@ impl ControlClient {
 }
 
 /// Runs one VM in this process: builds it, binds the control socket
-/// (`cfg.control_socket`, default `<run_dir>/control.sock`), keeps
+/// (`cfg.control_socket`, default `<run_dir>/control.sock`) and the serial console
+/// socket (`cfg.console_socket`, default `<run_dir>/console.sock`), keeps
 /// `<run_dir>/state.json` up to date, confines all VMM threads with seccomp (when
-/// `cfg.seccomp`), and returns when the VM has stopped. The control socket file is
+/// `cfg.seccomp`), and returns when the VM has stopped. The socket files are
 /// removed on return; the state file stays with `"state":"exited"` and the reason.
 ///
 /// With `cfg.seccomp`, the calling thread stays confined after this returns: it can
