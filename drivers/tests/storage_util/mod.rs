@@ -93,3 +93,91 @@ pub fn allocated(p: &Path) -> u64 {
         .map(|m| m.blocks() * 512)
         .unwrap_or(u64::MAX)
 }
+
+/// A btrfs file system on a loop device, mounted in a temp dir. Drop unmounts and
+/// detaches even on panic.
+pub struct LoopBtrfs {
+    pub dir: tempfile::TempDir,
+    pub image: PathBuf,
+    pub dev: Option<String>,
+    pub mnt: PathBuf,
+    mounted: bool,
+}
+
+fn run(cmd: &str, args: &[&str]) -> Result<String, String> {
+    let out = std::process::Command::new(cmd)
+        .args(args)
+        .output()
+        .map_err(|e| format!("{cmd}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{cmd} {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+impl LoopBtrfs {
+    /// Makes one, or returns the reason it cannot (for a SKIP line).
+    pub fn new() -> Result<LoopBtrfs, String> {
+        let fs = std::fs::read_to_string("/proc/filesystems").unwrap_or_default();
+        if !fs
+            .lines()
+            .any(|l| l.split_whitespace().last() == Some("btrfs"))
+        {
+            return Err("kernel lacks btrfs".into());
+        }
+        if run("mkfs.btrfs", &["--version"]).is_err() {
+            return Err("mkfs.btrfs not installed (apt btrfs-progs)".into());
+        }
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let image = dir.path().join("btrfs.img");
+        let mnt = dir.path().join("mnt");
+        let mut me = LoopBtrfs {
+            dir,
+            image,
+            dev: None,
+            mnt,
+            mounted: false,
+        };
+        std::fs::File::create(&me.image)
+            .and_then(|f| f.set_len(256 << 20))
+            .map_err(|e| e.to_string())?;
+        let img = me.image.to_string_lossy().into_owned();
+        run("mkfs.btrfs", &["-q", "-f", &img])?;
+        me.dev = Some(run("losetup", &["-f", "--show", &img])?);
+        std::fs::create_dir(&me.mnt).map_err(|e| e.to_string())?;
+        let dev = me.dev.clone().unwrap_or_default();
+        nix::mount::mount(
+            Some(dev.as_str()),
+            &me.mnt,
+            Some("btrfs"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .map_err(|e| format!("mount {dev}: {e}"))?;
+        me.mounted = true;
+        Ok(me)
+    }
+
+    /// Whether `losetup -a` still lists this image.
+    pub fn image_attached(image: &Path) -> bool {
+        run("losetup", &["-a"])
+            .map(|t| t.contains(&*image.to_string_lossy()))
+            .unwrap_or(false)
+    }
+}
+
+impl Drop for LoopBtrfs {
+    fn drop(&mut self) {
+        if self.mounted {
+            if nix::mount::umount2(&self.mnt, nix::mount::MntFlags::empty()).is_err() {
+                let _ = nix::mount::umount2(&self.mnt, nix::mount::MntFlags::MNT_DETACH);
+            }
+        }
+        if let Some(dev) = &self.dev {
+            let _ = run("losetup", &["-d", dev]);
+        }
+    }
+}
