@@ -17,6 +17,12 @@ fn age(secs: f64) -> String {
     }
 }
 
+fn rfc3339(secs: f64) -> String {
+    chrono::DateTime::from_timestamp(secs as i64, 0)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+        .unwrap_or_default()
+}
+
 fn health_word(h: &Health, exists: bool) -> String {
     if !exists {
         return "Missing".into();
@@ -31,10 +37,9 @@ fn health_word(h: &Health, exists: bool) -> String {
 
 fn summary(kind: Kind, state: &Value, status: &Value) -> String {
     let s = |k: &str| {
-        state.get(k).map(|v| match v {
-            Value::String(s) => s.clone(),
-            other => other.to_string(),
-        })
+        state
+            .get(k)
+            .map(|v| stead_reconciler::render::show_field(k, &Some(v.clone())))
     };
     let parts: Vec<String> = match kind {
         Kind::Volume => [
@@ -93,7 +98,8 @@ pub fn run(env: &HostEnv, what: Option<&str>, output: GetFormat) -> Result<u8> {
     };
     let drivers = crate::drivers(env)?;
     let db = StateDb::open(&env.state_dir)?;
-    let mut inventory = db.inventory()?;
+    let all = db.inventory()?;
+    let mut inventory = all.clone();
     inventory.retain(|id, _| {
         kind.is_none_or(|k| id.kind == k) && name.as_ref().is_none_or(|n| &id.name == n)
     });
@@ -105,8 +111,16 @@ pub fn run(env: &HostEnv, what: Option<&str>, output: GetFormat) -> Result<u8> {
             env.state_dir.display()
         );
     }
-    let desired = Desired::default();
-    let (observed, errors) = observe_all(&drivers, &desired, &inventory);
+    let mut desired = Desired::default();
+    // Observe with the whole inventory as the world (a volume needs its pool), but only
+    // the selected resources as targets.
+    for (id, e) in &all {
+        if !inventory.contains_key(id) {
+            desired.resources.insert(id.clone(), e.resource.clone());
+        }
+    }
+    let (mut observed, errors) = observe_all(&drivers, &desired, &inventory);
+    observed.retain(|id, _| inventory.contains_key(id));
     let mut items = Vec::new();
     for (id, entry) in &inventory {
         let obs = observed.get(id);
@@ -150,7 +164,7 @@ pub fn run(env: &HostEnv, what: Option<&str>, output: GetFormat) -> Result<u8> {
                 "exists": exists,
                 "owned": obs.map(|o| o.owned).unwrap_or(false),
                 "health": health_word(&health, exists),
-                "appliedAt": entry.applied_at,
+                "appliedAt": rfc3339(entry.applied_at),
                 "observed": state,
                 "runtime": status,
                 "conditions": [condition],

@@ -150,6 +150,12 @@ pub fn diff_values(
     new: Option<&Value>,
     out: &mut Vec<(String, Option<Value>, Option<Value>)>,
 ) {
+    let empty = Value::Object(serde_json::Map::new());
+    let (old, new) = match (old, new) {
+        (None, Some(n @ Value::Object(_))) => (Some(&empty), Some(n)),
+        (Some(o @ Value::Object(_)), None) => (Some(o), Some(&empty)),
+        other => other,
+    };
     match (old, new) {
         (Some(Value::Object(a)), Some(Value::Object(b))) => {
             let keys: BTreeSet<&String> = a.keys().chain(b.keys()).collect();
