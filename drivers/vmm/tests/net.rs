@@ -90,15 +90,39 @@ fn packet_socket(name: &str) -> (OwnedFd, libc::c_int) {
     }
 }
 
-fn net_test_body() {
+/// Opens (creating) tap `name` the way an external creator would hand it over.
+fn open_tap(name: &str) -> OwnedFd {
+    const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+    let path = std::ffi::CString::new("/dev/net/tun").unwrap();
+    // SAFETY: open + TUNSETIFF with a valid ifreq; the descriptor is owned right away.
+    unsafe {
+        let fd = libc::open(path.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC);
+        check(fd, "open /dev/net/tun");
+        let fd = OwnedFd::from_raw_fd(fd);
+        let mut req = ifreq(name);
+        req.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short;
+        check(
+            libc::ioctl(fd.as_raw_fd(), TUNSETIFF as _, &mut req),
+            "TUNSETIFF",
+        );
+        fd
+    }
+}
+
+fn net_test_body(pass_fd: bool) {
     // SAFETY: unshare affects only this (dedicated) thread's network namespace.
     check(
         unsafe { libc::unshare(libc::CLONE_NEWNET) },
         "unshare(CLONE_NEWNET)",
     );
     let mut cfg = tiny("net");
+    // Either the VMM opens the tap by name, or it gets (and duplicates) our fd.
+    let own_fd = pass_fd.then(|| open_tap(TAP));
     cfg.nets.push(NetConfig {
-        tap: TapSource::Name(TAP.into()),
+        tap: match &own_fd {
+            Some(fd) => TapSource::Fd(fd.as_raw_fd()),
+            None => TapSource::Name(TAP.into()),
+        },
         mac: GUEST_MAC,
     });
     let vm = Vm::new(cfg).unwrap();
@@ -168,18 +192,31 @@ fn net_test_body() {
     );
     assert_eq!(runner.join().unwrap(), ExitReason::Shutdown);
     assert!(serial(&h).contains("net: mac=52:54:00:12:34:56"));
+    drop(own_fd);
+}
+
+fn have_tun(name: &str) -> bool {
+    if std::path::Path::new("/dev/net/tun").exists() {
+        return true;
+    }
+    println!("SKIP {name}: /dev/net/tun absent");
+    false
 }
 
 #[test]
 fn virtio_net_frames_both_ways() {
-    if !kvm_or_skip("virtio_net_frames_both_ways") {
-        return;
-    }
-    if !std::path::Path::new("/dev/net/tun").exists() {
-        println!("SKIP virtio_net_frames_both_ways: /dev/net/tun absent");
+    if !kvm_or_skip("virtio_net_frames_both_ways") || !have_tun("virtio_net_frames_both_ways") {
         return;
     }
     // A dedicated thread owns the private network namespace; it ends with the test,
     // and the namespace (with its tap) goes away with the last descriptor.
-    std::thread::spawn(net_test_body).join().unwrap();
+    std::thread::spawn(|| net_test_body(false)).join().unwrap();
+}
+
+#[test]
+fn virtio_net_on_passed_tap_fd() {
+    if !kvm_or_skip("virtio_net_on_passed_tap_fd") || !have_tun("virtio_net_on_passed_tap_fd") {
+        return;
+    }
+    std::thread::spawn(|| net_test_body(true)).join().unwrap();
 }
