@@ -3,11 +3,15 @@
 //!
 //! - [`retention`]: pure prune decisions (Proxmox VE / PBS semantics).
 //! - [`schedule`]: cron next-fire times in a time zone, catch-up after downtime.
+//! - [`store`]: the chunk store, manifests, backup / verify / restore / prune / gc.
 
 use std::path::PathBuf;
 
 pub mod retention;
 pub mod schedule;
+pub mod store;
+
+pub use store::{BackupInfo, BackupOptions, BackupStore, Manifest, VerifyReport};
 
 /// Errors of the backup module.
 #[derive(Debug, thiserror::Error)]

@@ -1,0 +1,1565 @@
+//! The backup store: a content-addressed chunk store plus one JSON manifest per backup, inside
+//! a pool's `backups/` directory. See `docs/backup-format.md` for the on-disk format.
+//!
+//! Backups stream: files are read sequentially, cut into content-defined chunks (FastCDC), and
+//! the chunks are hashed, deduplicated and compressed on a small thread pool. Memory stays
+//! bounded by the read buffer plus the bounded chunk queue, whatever the input size.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt;
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, channel, sync_channel};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use nix::fcntl::{Flock, FlockArg};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use stead_schema::kinds::Retention;
+use tracing::{debug, info, info_span, warn};
+
+use super::BackupError;
+use super::retention::{self, Mark};
+
+/// Minimum chunk size (FastCDC).
+pub const CHUNK_MIN: usize = 256 * 1024;
+/// Average chunk size (FastCDC).
+pub const CHUNK_AVG: usize = 1024 * 1024;
+/// Maximum chunk size (FastCDC).
+pub const CHUNK_MAX: usize = 4 * 1024 * 1024;
+/// Read buffer: several maximum chunks, so the remainder moved per refill stays small.
+const READ_BUF: usize = 4 * CHUNK_MAX;
+/// Manifest format tag.
+pub const FORMAT: &str = "stead-backup/1";
+/// Default zstd level for chunks (the level Proxmox Backup Server uses for its chunks).
+pub const DEFAULT_ZSTD_LEVEL: i32 = 1;
+const CHUNK_DIR: &str = ".chunks";
+const LOCK_FILE: &str = ".lock";
+const TIME_FMT: &str = "%Y-%m-%dT%H:%M:%SZ";
+
+/// Options of one backup run.
+#[derive(Debug, Clone)]
+pub struct BackupOptions {
+    /// Backup time (default: now). Second precision; bumped by a second if taken.
+    pub time: Option<DateTime<Utc>>,
+    /// Compress chunks with zstd at this level; `None` stores chunks uncompressed.
+    pub zstd_level: Option<i32>,
+    /// Worker threads hashing and compressing chunks (default: available cores).
+    pub threads: Option<usize>,
+    /// Progress bar to advance by bytes read (hidden by default).
+    pub progress: indicatif::ProgressBar,
+}
+
+impl Default for BackupOptions {
+    fn default() -> Self {
+        BackupOptions {
+            time: None,
+            zstd_level: Some(DEFAULT_ZSTD_LEVEL),
+            threads: None,
+            progress: indicatif::ProgressBar::hidden(),
+        }
+    }
+}
+
+/// FastCDC parameters recorded in every manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Chunking {
+    /// Always `fastcdc-v2020`.
+    pub algorithm: String,
+    /// Minimum chunk size.
+    pub min: usize,
+    /// Average chunk size.
+    pub avg: usize,
+    /// Maximum chunk size.
+    pub max: usize,
+}
+
+/// One input of a backup (a volume file or a directory tree).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct InputEntry {
+    /// Logical name, e.g. `disk0` or `rootfs`.
+    pub name: String,
+    /// `file` or `dir`.
+    #[serde(rename = "type")]
+    pub kind: EntryKind,
+    /// Where it was read from.
+    pub source: String,
+}
+
+/// Type of a file-system entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EntryKind {
+    /// Regular file.
+    File,
+    /// Directory.
+    Dir,
+    /// Symbolic link.
+    Symlink,
+    /// Character device.
+    Char,
+    /// Block device.
+    Block,
+    /// Named pipe.
+    Fifo,
+}
+
+/// A reference to one chunk of a file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ChunkRef {
+    /// sha256 (hex) of the plaintext; absent for zero chunks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
+    /// Plaintext length.
+    pub size: u64,
+    /// All bytes are zero: nothing stored, restored as a hole.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub zero: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// One file-system entry of a backup.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FileEntry {
+    /// The input it belongs to.
+    pub input: String,
+    /// Path relative to the input (`""` is the input itself).
+    pub path: String,
+    /// Entry type.
+    #[serde(rename = "type")]
+    pub kind: EntryKind,
+    /// Permission and mode bits (`st_mode & 0o7777`).
+    pub mode: u32,
+    /// Owner.
+    pub uid: u32,
+    /// Group.
+    pub gid: u32,
+    /// Modification time, seconds since the epoch.
+    pub mtime: i64,
+    /// Nanoseconds part of the modification time.
+    pub mtime_nsec: u32,
+    /// Length of the content (regular files).
+    pub size: u64,
+    /// sha256 (hex) of the whole content (regular files).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    /// Link target (symlinks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    /// Device number (char/block devices).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rdev: Option<u64>,
+    /// Content, in order (regular files).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub chunks: Vec<ChunkRef>,
+}
+
+/// Counters of one backup.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Stats {
+    /// Bytes of file content read.
+    pub bytes: u64,
+    /// Bytes in all-zero chunks (not stored).
+    pub zero_bytes: u64,
+    /// Chunks referenced (non-zero).
+    pub chunks: u64,
+    /// Chunks that were new to the store.
+    pub new_chunks: u64,
+    /// Plaintext bytes of new chunks.
+    pub new_bytes: u64,
+    /// Bytes written to the chunk store (compressed new chunks).
+    pub stored_bytes: u64,
+    /// Wall time of the backup in milliseconds.
+    pub duration_ms: u64,
+}
+
+/// A backup manifest (`<store>/<Kind>/<name>/<time>.json`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Manifest {
+    /// [`FORMAT`].
+    pub format: String,
+    /// `Kind/name/time`.
+    pub id: String,
+    /// `Kind/name` of the backed-up resource.
+    pub resource: String,
+    /// Backup time, RFC 3339 UTC.
+    pub time: String,
+    /// Version of stead that wrote it.
+    pub stead_version: String,
+    /// The resource spec as applied.
+    pub spec: serde_json::Value,
+    /// Chunker parameters.
+    pub chunking: Chunking,
+    /// `zstd` or `none`.
+    pub compression: String,
+    /// The inputs.
+    pub inputs: Vec<InputEntry>,
+    /// All entries of all inputs.
+    pub files: Vec<FileEntry>,
+    /// Counters.
+    pub stats: Stats,
+}
+
+/// Summary of one stored backup.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BackupInfo {
+    /// `Kind/name/time`.
+    pub id: String,
+    /// `Kind/name`.
+    pub resource: String,
+    /// Backup time.
+    #[serde(serialize_with = "ser_time")]
+    pub time: DateTime<Utc>,
+    /// Manifest file.
+    pub manifest: PathBuf,
+    /// Input names.
+    pub inputs: Vec<String>,
+    /// Counters recorded at backup time.
+    pub stats: Stats,
+}
+
+/// What is wrong with a backup.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum ProblemKind {
+    /// The chunk file is absent.
+    MissingChunk,
+    /// The chunk decompresses but its sha256 does not match.
+    CorruptChunk,
+    /// The chunk cannot be read or decompressed.
+    UnreadableChunk(String),
+    /// All chunks are fine but the whole-file sha256 differs.
+    FileDigestMismatch,
+}
+
+/// One problem found by [`BackupStore::verify`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Problem {
+    /// Input name.
+    pub input: String,
+    /// Path inside the input (`""` for the input itself).
+    pub path: String,
+    /// Index of the chunk in the file.
+    pub chunk_index: Option<usize>,
+    /// Offset of that chunk in the file.
+    pub offset: Option<u64>,
+    /// Digest of that chunk.
+    pub digest: Option<String>,
+    /// What is wrong.
+    pub kind: ProblemKind,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let file = if self.path.is_empty() {
+            self.input.clone()
+        } else {
+            format!("{}:{}", self.input, self.path)
+        };
+        write!(f, "{file}")?;
+        if let (Some(i), Some(off)) = (self.chunk_index, self.offset) {
+            write!(f, ": chunk {i} at offset {off}")?;
+        }
+        if let Some(d) = &self.digest {
+            write!(f, " ({d})")?;
+        }
+        match &self.kind {
+            ProblemKind::MissingChunk => write!(f, " is missing"),
+            ProblemKind::CorruptChunk => write!(f, " is corrupt (sha256 mismatch)"),
+            ProblemKind::UnreadableChunk(e) => write!(f, " is unreadable: {e}"),
+            ProblemKind::FileDigestMismatch => write!(f, ": file sha256 mismatch"),
+        }
+    }
+}
+
+/// Result of [`BackupStore::verify`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VerifyReport {
+    /// Backup id.
+    pub id: String,
+    /// Regular files checked.
+    pub files: u64,
+    /// Chunk references checked.
+    pub chunks: u64,
+    /// Plaintext bytes checked.
+    pub bytes: u64,
+    /// Problems found (empty = the backup is intact).
+    pub problems: Vec<Problem>,
+}
+
+impl VerifyReport {
+    /// No problem found.
+    pub fn ok(&self) -> bool {
+        self.problems.is_empty()
+    }
+}
+
+/// Result of a garbage collection.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GcReport {
+    /// Chunks referenced by at least one manifest.
+    pub referenced: u64,
+    /// Chunk files kept.
+    pub kept: u64,
+    /// Chunk files removed.
+    pub removed: u64,
+    /// Bytes removed.
+    pub removed_bytes: u64,
+    /// Stale temporary files removed.
+    pub temp_removed: u64,
+}
+
+/// Result of a prune.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PruneReport {
+    /// Every backup considered with its decision (`keep-…` rule or `remove`), newest first
+    /// per resource.
+    pub decisions: Vec<(String, String)>,
+    /// Manifests removed.
+    pub removed: Vec<String>,
+    /// The garbage collection that followed (none in dry runs).
+    pub gc: Option<GcReport>,
+}
+
+/// Result of a restore.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RestoreReport {
+    /// Backup id.
+    pub id: String,
+    /// Input name → where it was restored.
+    pub restored: Vec<(String, PathBuf)>,
+    /// Content bytes written.
+    pub bytes: u64,
+}
+
+/// A backup store at `<pool>/backups`.
+#[derive(Debug, Clone)]
+pub struct BackupStore {
+    root: PathBuf,
+}
+
+/// Parsed backup id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct BackupId {
+    kind: String,
+    name: String,
+    time: DateTime<Utc>,
+}
+
+impl BackupId {
+    fn parse(s: &str) -> Result<Self, BackupError> {
+        let bad = || {
+            BackupError::Invalid(format!(
+                "invalid backup id {s:?}: expected Kind/name/YYYY-MM-DDTHH:MM:SSZ"
+            ))
+        };
+        let mut it = s.splitn(3, '/');
+        let (Some(kind), Some(name), Some(t)) = (it.next(), it.next(), it.next()) else {
+            return Err(bad());
+        };
+        validate_resource(&format!("{kind}/{name}"))?;
+        let time = DateTime::parse_from_rfc3339(t)
+            .map_err(|_| bad())?
+            .with_timezone(&Utc);
+        Ok(BackupId {
+            kind: kind.into(),
+            name: name.into(),
+            time,
+        })
+    }
+
+    fn to_id(&self) -> String {
+        format!("{}/{}/{}", self.kind, self.name, self.time.format(TIME_FMT))
+    }
+}
+
+/// Checks `Kind/name`: a kind of ASCII letters and a name of `[a-z0-9-]`, so both are safe
+/// path components.
+fn validate_resource(r: &str) -> Result<(&str, &str), BackupError> {
+    let bad = || BackupError::Invalid(format!("invalid resource {r:?}: expected Kind/name"));
+    let (k, n) = r.split_once('/').ok_or_else(bad)?;
+    let k_ok = !k.is_empty() && k.bytes().all(|b| b.is_ascii_alphabetic());
+    let n_ok = !n.is_empty()
+        && n.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.' || b == b'_'
+        })
+        && !n.starts_with('.');
+    if k_ok && n_ok { Ok((k, n)) } else { Err(bad()) }
+}
+
+fn validate_input_name(n: &str) -> Result<(), BackupError> {
+    let ok = !n.is_empty()
+        && !n.starts_with('.')
+        && n.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(BackupError::Invalid(format!(
+            "invalid input name {n:?}: use [A-Za-z0-9._-], not starting with a dot"
+        )))
+    }
+}
+
+fn hex32(d: &[u8]) -> String {
+    hex::encode(d)
+}
+
+fn is_zero(data: &[u8]) -> bool {
+    data.chunks(4096)
+        .all(|c| c.iter().fold(0u8, |a, &b| a | b) == 0)
+}
+
+/// The chunk of one read, handed to the workers.
+struct Job {
+    file: usize,
+    index: usize,
+    data: Vec<u8>,
+    /// Non-zero: an all-zero chunk of this length (`data` is empty).
+    zero_len: usize,
+}
+
+/// Zero runs are detected in blocks of this size, aligned to the file offset.
+const ZERO_BLOCK: usize = 4096;
+/// A zero run at least this long is cut out as its own (free) zero chunk.
+const ZERO_RUN: usize = 64 * 1024;
+
+/// Number of leading all-zero whole blocks of `b`, in bytes.
+fn zero_prefix(b: &[u8]) -> usize {
+    b.chunks_exact(ZERO_BLOCK)
+        .take_while(|c| is_zero(c))
+        .count()
+        * ZERO_BLOCK
+}
+
+/// The end of the chunk starting at `buf[start]` (file offset `pos`) and whether it is an
+/// all-zero chunk. Zero runs of at least [`ZERO_RUN`] bytes (block-aligned in the file) become
+/// their own chunks, so sparse regions cost nothing and do not glue onto data chunks; the rest
+/// is cut by FastCDC. `buf` always holds at least `CHUNK_MAX + ZERO_RUN` bytes after `start`
+/// unless `eof`, which keeps the cut points a function of the content alone.
+fn next_cut(
+    cdc: &fastcdc::v2020::FastCDC<'_>,
+    buf: &[u8],
+    start: usize,
+    pos: u64,
+    eof: bool,
+) -> (usize, bool) {
+    let len = buf.len();
+    let window = &buf[start..len.min(start + CHUNK_MAX)];
+    if pos.is_multiple_of(ZERO_BLOCK as u64) {
+        let z = zero_prefix(window);
+        if z >= ZERO_RUN {
+            return (start + z, true);
+        }
+        if eof && is_zero(&buf[start..]) && len.min(start + CHUNK_MAX) == len {
+            return (len, true);
+        }
+    }
+    let (_, mut end) = cdc.cut(start, len - start);
+    let mis = (pos % ZERO_BLOCK as u64) as usize;
+    let mut q = start
+        + if mis == 0 {
+            ZERO_BLOCK
+        } else {
+            ZERO_BLOCK - mis
+        };
+    while q < end {
+        if zero_prefix(&buf[q..len.min(q + ZERO_RUN)]) >= ZERO_RUN {
+            end = q;
+            break;
+        }
+        q += ZERO_BLOCK;
+    }
+    (end, false)
+}
+
+struct Done {
+    file: usize,
+    index: usize,
+    chunk: ChunkRef,
+    new: bool,
+    stored: u64,
+}
+
+impl BackupStore {
+    /// The store of the pool at `pool_path` (`<pool_path>/backups`); nothing is created yet.
+    pub fn for_pool(pool_path: &Path) -> Self {
+        BackupStore {
+            root: pool_path.join("backups"),
+        }
+    }
+
+    /// A store rooted exactly at `root`.
+    pub fn at(root: &Path) -> Self {
+        BackupStore {
+            root: root.to_path_buf(),
+        }
+    }
+
+    /// The store directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn chunk_dir(&self) -> PathBuf {
+        self.root.join(CHUNK_DIR)
+    }
+
+    /// Path of a chunk file (`.zst` compressed or `.raw`).
+    pub fn chunk_path(&self, digest: &str, compressed: bool) -> PathBuf {
+        let prefix = digest.get(..2).unwrap_or("xx");
+        self.chunk_dir().join(prefix).join(format!(
+            "{digest}.{}",
+            if compressed { "zst" } else { "raw" }
+        ))
+    }
+
+    fn existing_chunk(&self, digest: &str) -> Option<(PathBuf, bool)> {
+        let z = self.chunk_path(digest, true);
+        if z.exists() {
+            return Some((z, true));
+        }
+        let r = self.chunk_path(digest, false);
+        r.exists().then_some((r, false))
+    }
+
+    fn manifest_path(&self, id: &BackupId) -> PathBuf {
+        self.root
+            .join(&id.kind)
+            .join(&id.name)
+            .join(format!("{}.json", id.time.format(TIME_FMT)))
+    }
+
+    fn init(&self) -> Result<(), BackupError> {
+        let cd = self.chunk_dir();
+        fs::create_dir_all(&cd).map_err(BackupError::io("create", &cd))
+    }
+
+    fn lock(&self, arg: FlockArg) -> Result<Flock<File>, BackupError> {
+        self.init()?;
+        let p = self.root.join(LOCK_FILE);
+        let f = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&p)
+            .map_err(BackupError::io("open", &p))?;
+        Flock::lock(f, arg).map_err(|(_, e)| BackupError::Io {
+            op: "lock",
+            path: p,
+            source: e.into(),
+        })
+    }
+
+    /// Backs up `inputs` (logical name, volume file or directory) of `resource` (`Kind/name`)
+    /// with `spec` recorded as applied. Chunks already in the store are neither compressed nor
+    /// written again; the manifest is written last, atomically, after the chunks are synced.
+    pub fn backup_paths(
+        &self,
+        resource: &str,
+        spec: &serde_json::Value,
+        inputs: &[(String, PathBuf)],
+        opts: &BackupOptions,
+    ) -> Result<BackupInfo, BackupError> {
+        let (kind, name) = validate_resource(resource)?;
+        let span = info_span!("backup", resource = resource);
+        let _g = span.enter();
+        let started = Instant::now();
+        let mut seen_names = HashSet::new();
+        for (n, _) in inputs {
+            validate_input_name(n)?;
+            if !seen_names.insert(n.as_str()) {
+                return Err(BackupError::Invalid(format!(
+                    "input name {n:?} given twice"
+                )));
+            }
+        }
+        let _lock = self.lock(FlockArg::LockShared)?;
+
+        // Phase 1: walk the inputs and record metadata.
+        let mut input_entries = Vec::new();
+        let mut files: Vec<FileEntry> = Vec::new();
+        let mut sources: Vec<Option<PathBuf>> = Vec::new();
+        for (n, p) in inputs {
+            let md = fs::symlink_metadata(p).map_err(BackupError::io("stat", p))?;
+            let kind = if md.is_dir() {
+                EntryKind::Dir
+            } else if md.is_file() {
+                EntryKind::File
+            } else {
+                return Err(BackupError::Invalid(format!(
+                    "input {n}: {} is neither a regular file nor a directory",
+                    p.display()
+                )));
+            };
+            input_entries.push(InputEntry {
+                name: n.clone(),
+                kind,
+                source: p.display().to_string(),
+            });
+            walk(n, p, "", md.dev(), &mut files, &mut sources)?;
+        }
+        let total: u64 = files
+            .iter()
+            .filter(|f| f.kind == EntryKind::File)
+            .map(|f| f.size)
+            .sum();
+        opts.progress.set_length(total);
+
+        // Phase 2: stream the contents through the chunk pipeline.
+        let threads = opts
+            .threads
+            .unwrap_or_else(|| {
+                std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(2)
+            })
+            .clamp(1, 16);
+        let (job_tx, job_rx) = sync_channel::<Job>(threads * 2);
+        let job_rx = Arc::new(Mutex::new(job_rx));
+        let (done_tx, done_rx) = channel::<Result<Done, BackupError>>();
+        let claimed: Arc<Mutex<HashSet<[u8; 32]>>> = Arc::default();
+        let abort = Arc::new(AtomicBool::new(false));
+        let bytes_read = Arc::new(AtomicU64::new(0));
+
+        let result = std::thread::scope(|s| {
+            for t in 0..threads {
+                let job_rx = Arc::clone(&job_rx);
+                let done_tx = done_tx.clone();
+                let claimed = Arc::clone(&claimed);
+                let abort = Arc::clone(&abort);
+                let level = opts.zstd_level;
+                s.spawn(move || self.worker(t, level, &job_rx, &done_tx, &claimed, &abort));
+            }
+            drop(done_tx);
+            let r = self.read_all(
+                &mut files,
+                &sources,
+                &job_tx,
+                &abort,
+                &bytes_read,
+                &opts.progress,
+            );
+            drop(job_tx);
+            r
+        });
+        result?;
+        let mut stats = Stats {
+            bytes: bytes_read.load(Ordering::Relaxed),
+            ..Stats::default()
+        };
+        for d in done_rx.iter() {
+            let d = d?;
+            let f = &mut files[d.file];
+            if f.chunks.len() <= d.index {
+                f.chunks.resize(
+                    d.index + 1,
+                    ChunkRef {
+                        digest: None,
+                        size: 0,
+                        zero: false,
+                    },
+                );
+            }
+            if d.chunk.zero {
+                stats.zero_bytes += d.chunk.size;
+            } else {
+                stats.chunks += 1;
+            }
+            if d.new {
+                stats.new_chunks += 1;
+                stats.new_bytes += d.chunk.size;
+                stats.stored_bytes += d.stored;
+            }
+            f.chunks[d.index] = d.chunk;
+        }
+        opts.progress.finish_and_clear();
+
+        // Make the chunks durable before the manifest that references them.
+        let cd = self.chunk_dir();
+        let dirf = File::open(&cd).map_err(BackupError::io("open", &cd))?;
+        nix::unistd::syncfs(&dirf).map_err(|e| BackupError::Io {
+            op: "syncfs",
+            path: cd.clone(),
+            source: e.into(),
+        })?;
+
+        let mut time = opts.time.unwrap_or_else(Utc::now).with_nanosecond_zero();
+        let mut id = BackupId {
+            kind: kind.into(),
+            name: name.into(),
+            time,
+        };
+        while self.manifest_path(&id).exists() {
+            time += chrono::Duration::seconds(1);
+            id.time = time;
+        }
+        stats.duration_ms = started.elapsed().as_millis() as u64;
+        let manifest = Manifest {
+            format: FORMAT.into(),
+            id: id.to_id(),
+            resource: resource.into(),
+            time: time.to_rfc3339_opts(SecondsFormat::Secs, true),
+            stead_version: env!("CARGO_PKG_VERSION").into(),
+            spec: spec.clone(),
+            chunking: Chunking {
+                algorithm: "fastcdc-v2020".into(),
+                min: CHUNK_MIN,
+                avg: CHUNK_AVG,
+                max: CHUNK_MAX,
+            },
+            compression: if opts.zstd_level.is_some() {
+                "zstd".into()
+            } else {
+                "none".into()
+            },
+            inputs: input_entries,
+            files,
+            stats: stats.clone(),
+        };
+        let path = self.manifest_path(&id);
+        let json = serde_json::to_vec_pretty(&manifest).map_err(|e| BackupError::Parse {
+            path: path.clone(),
+            source: e,
+        })?;
+        write_atomic(&path, &json)?;
+        info!(
+            id = %manifest.id,
+            bytes = stats.bytes,
+            new_bytes = stats.new_bytes,
+            stored_bytes = stats.stored_bytes,
+            ms = stats.duration_ms,
+            "backup written"
+        );
+        Ok(info_of(&manifest, path, time))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn read_all(
+        &self,
+        files: &mut [FileEntry],
+        sources: &[Option<PathBuf>],
+        job_tx: &SyncSender<Job>,
+        abort: &AtomicBool,
+        bytes_read: &AtomicU64,
+        progress: &indicatif::ProgressBar,
+    ) -> Result<(), BackupError> {
+        let mut buf = vec![0u8; READ_BUF];
+        for (fi, src) in sources.iter().enumerate() {
+            let Some(src) = src else { continue };
+            if abort.load(Ordering::Relaxed) {
+                break;
+            }
+            let mut f = File::open(src).map_err(BackupError::io("open", src))?;
+            let mut hasher = Sha256::new();
+            let mut len = 0usize;
+            let mut eof = false;
+            let mut index = 0usize;
+            let mut size = 0u64;
+            loop {
+                while !eof && len < buf.len() {
+                    let n = match f.read(&mut buf[len..]) {
+                        Ok(n) => n,
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                        Err(e) => {
+                            return Err(BackupError::Io {
+                                op: "read",
+                                path: src.clone(),
+                                source: e,
+                            });
+                        }
+                    };
+                    if n == 0 {
+                        eof = true;
+                    }
+                    len += n;
+                }
+                let cdc =
+                    fastcdc::v2020::FastCDC::new(&buf[..len], CHUNK_MIN, CHUNK_AVG, CHUNK_MAX);
+                let mut start = 0usize;
+                while start < len && (eof || len - start >= CHUNK_MAX + ZERO_RUN) {
+                    let (end, zero) = next_cut(&cdc, &buf[..len], start, size, eof);
+                    let piece = &buf[start..end];
+                    hasher.update(piece);
+                    size += piece.len() as u64;
+                    progress.inc(piece.len() as u64);
+                    let job = Job {
+                        file: fi,
+                        index,
+                        data: if zero { Vec::new() } else { piece.to_vec() },
+                        zero_len: if zero { piece.len() } else { 0 },
+                    };
+                    if job_tx.send(job).is_err() {
+                        // workers are gone: they reported an error
+                        abort.store(true, Ordering::Relaxed);
+                        return Ok(());
+                    }
+                    index += 1;
+                    start = end;
+                }
+                buf.copy_within(start..len, 0);
+                len -= start;
+                if eof && len == 0 {
+                    break;
+                }
+            }
+            bytes_read.fetch_add(size, Ordering::Relaxed);
+            let fe = &mut files[fi];
+            if fe.size != size {
+                warn!(file = %src.display(), expected = fe.size, read = size, "file changed size while reading");
+            }
+            fe.size = size;
+            fe.sha256 = Some(hex32(&hasher.finalize()));
+            fe.chunks = vec![
+                ChunkRef {
+                    digest: None,
+                    size: 0,
+                    zero: false
+                };
+                index
+            ];
+        }
+        Ok(())
+    }
+
+    fn worker(
+        &self,
+        t: usize,
+        level: Option<i32>,
+        job_rx: &Mutex<Receiver<Job>>,
+        done_tx: &std::sync::mpsc::Sender<Result<Done, BackupError>>,
+        claimed: &Mutex<HashSet<[u8; 32]>>,
+        abort: &AtomicBool,
+    ) {
+        let mut comp = match level.map(zstd::bulk::Compressor::new).transpose() {
+            Ok(c) => c,
+            Err(e) => {
+                abort.store(true, Ordering::Relaxed);
+                let _ = done_tx.send(Err(BackupError::Io {
+                    op: "zstd init",
+                    path: self.root.clone(),
+                    source: e,
+                }));
+                return;
+            }
+        };
+        loop {
+            let job = {
+                let Ok(rx) = job_rx.lock() else { return };
+                match rx.recv() {
+                    Ok(j) => j,
+                    Err(_) => return,
+                }
+            };
+            let r = self.store_chunk(t, &job, comp.as_mut(), claimed);
+            let failed = r.is_err();
+            if failed {
+                abort.store(true, Ordering::Relaxed);
+            }
+            if done_tx.send(r).is_err() || failed {
+                return;
+            }
+        }
+    }
+
+    fn store_chunk(
+        &self,
+        t: usize,
+        job: &Job,
+        comp: Option<&mut zstd::bulk::Compressor<'static>>,
+        claimed: &Mutex<HashSet<[u8; 32]>>,
+    ) -> Result<Done, BackupError> {
+        let size = (job.data.len() + job.zero_len) as u64;
+        if job.zero_len > 0 || is_zero(&job.data) {
+            return Ok(Done {
+                file: job.file,
+                index: job.index,
+                chunk: ChunkRef {
+                    digest: None,
+                    size,
+                    zero: true,
+                },
+                new: false,
+                stored: 0,
+            });
+        }
+        let digest: [u8; 32] = Sha256::digest(&job.data).into();
+        let hex = hex32(&digest);
+        let first_claim = claimed.lock().map(|mut c| c.insert(digest)).unwrap_or(true);
+        let mut new = false;
+        let mut stored = 0;
+        if first_claim && self.existing_chunk(&hex).is_none() {
+            let path = self.chunk_path(&hex, comp.is_some());
+            let bytes: std::borrow::Cow<[u8]> = match comp {
+                Some(c) => c
+                    .compress(&job.data)
+                    .map_err(|e| BackupError::Io {
+                        op: "compress chunk",
+                        path: path.clone(),
+                        source: e,
+                    })?
+                    .into(),
+                None => (&job.data[..]).into(),
+            };
+            if let Some(dir) = path.parent() {
+                fs::create_dir_all(dir).map_err(BackupError::io("create", dir))?;
+            }
+            let tmp = path.with_extension(format!("tmp.{}.{t}", std::process::id()));
+            fs::write(&tmp, &bytes).map_err(BackupError::io("write", &tmp))?;
+            fs::rename(&tmp, &path).map_err(BackupError::io("rename", &tmp))?;
+            new = true;
+            stored = bytes.len() as u64;
+        }
+        Ok(Done {
+            file: job.file,
+            index: job.index,
+            chunk: ChunkRef {
+                digest: Some(hex),
+                size,
+                zero: false,
+            },
+            new,
+            stored,
+        })
+    }
+
+    /// All backups in the store, oldest first; optionally only those of `resource`.
+    pub fn list(&self, resource: Option<&str>) -> Result<Vec<BackupInfo>, BackupError> {
+        let mut out = Vec::new();
+        for path in self.manifest_paths(resource)? {
+            let m = read_manifest(&path)?;
+            let time = DateTime::parse_from_rfc3339(&m.time)
+                .map_err(|e| {
+                    BackupError::Invalid(format!("{}: bad time {:?}: {e}", path.display(), m.time))
+                })?
+                .with_timezone(&Utc);
+            out.push(info_of(&m, path, time));
+        }
+        out.sort_by(|a, b| (a.time, &a.id).cmp(&(b.time, &b.id)));
+        Ok(out)
+    }
+
+    fn manifest_paths(&self, resource: Option<&str>) -> Result<Vec<PathBuf>, BackupError> {
+        let mut dirs = Vec::new();
+        if let Some(r) = resource {
+            let (k, n) = validate_resource(r)?;
+            dirs.push(self.root.join(k).join(n));
+        } else {
+            for k in read_dir_sorted(&self.root)? {
+                let kname = k.file_name().and_then(|s| s.to_str()).unwrap_or(".");
+                if kname.starts_with('.') || !k.is_dir() {
+                    continue;
+                }
+                dirs.extend(read_dir_sorted(&k)?.into_iter().filter(|p| p.is_dir()));
+            }
+        }
+        let mut out = Vec::new();
+        for d in dirs {
+            out.extend(
+                read_dir_sorted(&d)?
+                    .into_iter()
+                    .filter(|p| p.extension().is_some_and(|e| e == "json")),
+            );
+        }
+        Ok(out)
+    }
+
+    /// The manifest of backup `id` (`Kind/name/time`).
+    pub fn manifest(&self, id: &str) -> Result<Manifest, BackupError> {
+        let bid = BackupId::parse(id)?;
+        let p = self.manifest_path(&bid);
+        if !p.exists() {
+            return Err(BackupError::NotFound(id.to_string()));
+        }
+        read_manifest(&p)
+    }
+
+    /// Re-reads every chunk of backup `id`, checks its sha256 and each file's sha256, and
+    /// reports exactly which file and chunk is missing or corrupt.
+    pub fn verify(&self, id: &str) -> Result<VerifyReport, BackupError> {
+        let m = self.manifest(id)?;
+        let _span = info_span!("verify", id = id).entered();
+        let mut report = VerifyReport {
+            id: m.id.clone(),
+            ..VerifyReport::default()
+        };
+        let mut bad: HashMap<String, ProblemKind> = HashMap::new();
+        let mut dec =
+            zstd::bulk::Decompressor::new().map_err(BackupError::io("zstd init", &self.root))?;
+        for f in m.files.iter().filter(|f| f.kind == EntryKind::File) {
+            report.files += 1;
+            let mut hasher = Sha256::new();
+            let mut offset = 0u64;
+            let mut file_ok = true;
+            for (i, c) in f.chunks.iter().enumerate() {
+                report.chunks += 1;
+                let problem = if c.zero {
+                    feed_zeros(&mut hasher, c.size);
+                    None
+                } else {
+                    let d = c.digest.clone().unwrap_or_default();
+                    match bad.get(&d) {
+                        Some(k) => Some(k.clone()),
+                        None => match self.read_chunk(&d, c.size, &mut dec) {
+                            Ok(data) => {
+                                hasher.update(&data);
+                                None
+                            }
+                            Err(k) => {
+                                bad.insert(d.clone(), k.clone());
+                                Some(k)
+                            }
+                        },
+                    }
+                };
+                if let Some(kind) = problem {
+                    file_ok = false;
+                    report.problems.push(Problem {
+                        input: f.input.clone(),
+                        path: f.path.clone(),
+                        chunk_index: Some(i),
+                        offset: Some(offset),
+                        digest: c.digest.clone(),
+                        kind,
+                    });
+                }
+                offset += c.size;
+                report.bytes += c.size;
+            }
+            if file_ok && f.sha256.as_deref() != Some(hex32(&hasher.finalize()).as_str()) {
+                report.problems.push(Problem {
+                    input: f.input.clone(),
+                    path: f.path.clone(),
+                    chunk_index: None,
+                    offset: None,
+                    digest: None,
+                    kind: ProblemKind::FileDigestMismatch,
+                });
+            }
+        }
+        for p in &report.problems {
+            warn!(problem = %p, "verify");
+        }
+        Ok(report)
+    }
+
+    /// Reads, decompresses and checks one chunk.
+    fn read_chunk(
+        &self,
+        digest: &str,
+        size: u64,
+        dec: &mut zstd::bulk::Decompressor<'static>,
+    ) -> Result<Vec<u8>, ProblemKind> {
+        let Some((path, compressed)) = self.existing_chunk(digest) else {
+            return Err(ProblemKind::MissingChunk);
+        };
+        let raw = fs::read(&path).map_err(|e| ProblemKind::UnreadableChunk(e.to_string()))?;
+        let data = if compressed {
+            dec.decompress(&raw, size as usize)
+                .map_err(|e| ProblemKind::UnreadableChunk(format!("zstd: {e}")))?
+        } else {
+            raw
+        };
+        if data.len() as u64 != size || hex32(&Sha256::digest(&data)) != digest {
+            return Err(ProblemKind::CorruptChunk);
+        }
+        Ok(data)
+    }
+
+    /// Restores backup `id`: each input to `dest_dir/<input name>`, or, with `as_name` and a
+    /// single input, to `dest_dir/<as_name>`. Existing destinations are refused. Files are
+    /// written to a temporary name, checked against their sha256, then renamed into place;
+    /// zero chunks become holes.
+    pub fn restore(
+        &self,
+        id: &str,
+        dest_dir: &Path,
+        as_name: Option<&str>,
+    ) -> Result<RestoreReport, BackupError> {
+        let m = self.manifest(id)?;
+        let _span = info_span!("restore", id = id).entered();
+        if as_name.is_some() && m.inputs.len() != 1 {
+            return Err(BackupError::Invalid(format!(
+                "backup {id} has {} inputs; a new name needs exactly one",
+                m.inputs.len()
+            )));
+        }
+        if let Some(n) = as_name {
+            validate_input_name(n)?;
+        }
+        fs::create_dir_all(dest_dir).map_err(BackupError::io("create", dest_dir))?;
+        let mut report = RestoreReport {
+            id: m.id.clone(),
+            restored: Vec::new(),
+            bytes: 0,
+        };
+        let mut dec =
+            zstd::bulk::Decompressor::new().map_err(BackupError::io("zstd init", &self.root))?;
+        for input in &m.inputs {
+            let final_path = dest_dir.join(as_name.unwrap_or(&input.name));
+            if fs::symlink_metadata(&final_path).is_ok() {
+                return Err(BackupError::Invalid(format!(
+                    "{} exists; refusing to overwrite",
+                    final_path.display()
+                )));
+            }
+            let tmp = dest_dir.join(format!(
+                ".{}.restore-{}",
+                as_name.unwrap_or(&input.name),
+                std::process::id()
+            ));
+            let _ = fs::remove_dir_all(&tmp);
+            let _ = fs::remove_file(&tmp);
+            let entries: Vec<&FileEntry> =
+                m.files.iter().filter(|f| f.input == input.name).collect();
+            let r = self.restore_entries(&entries, &tmp, &mut dec, &mut report.bytes);
+            if let Err(e) = r {
+                let _ = fs::remove_dir_all(&tmp);
+                let _ = fs::remove_file(&tmp);
+                return Err(e);
+            }
+            fs::rename(&tmp, &final_path).map_err(BackupError::io("rename", &tmp))?;
+            debug!(input = %input.name, to = %final_path.display(), "restored");
+            report.restored.push((input.name.clone(), final_path));
+        }
+        Ok(report)
+    }
+
+    fn restore_entries(
+        &self,
+        entries: &[&FileEntry],
+        root: &Path,
+        dec: &mut zstd::bulk::Decompressor<'static>,
+        bytes: &mut u64,
+    ) -> Result<(), BackupError> {
+        for e in entries {
+            let p = join_rel(root, &e.path)?;
+            match e.kind {
+                EntryKind::Dir => {
+                    fs::create_dir(&p).map_err(BackupError::io("mkdir", &p))?;
+                }
+                EntryKind::File => {
+                    *bytes += self.restore_file(e, &p, dec)?;
+                }
+                EntryKind::Symlink => {
+                    let t = e.target.as_deref().unwrap_or_default();
+                    std::os::unix::fs::symlink(t, &p).map_err(BackupError::io("symlink", &p))?;
+                }
+                EntryKind::Char | EntryKind::Block | EntryKind::Fifo => {
+                    let kind = match e.kind {
+                        EntryKind::Char => nix::sys::stat::SFlag::S_IFCHR,
+                        EntryKind::Block => nix::sys::stat::SFlag::S_IFBLK,
+                        _ => nix::sys::stat::SFlag::S_IFIFO,
+                    };
+                    nix::sys::stat::mknod(
+                        &p,
+                        kind,
+                        nix::sys::stat::Mode::from_bits_truncate(e.mode),
+                        e.rdev.unwrap_or(0),
+                    )
+                    .map_err(|err| BackupError::Io {
+                        op: "mknod",
+                        path: p.clone(),
+                        source: err.into(),
+                    })?;
+                }
+            }
+        }
+        // Metadata last, deepest first, so creating children does not disturb directory mtimes.
+        for e in entries.iter().rev() {
+            let p = join_rel(root, &e.path)?;
+            apply_metadata(e, &p)?;
+        }
+        Ok(())
+    }
+
+    fn restore_file(
+        &self,
+        e: &FileEntry,
+        p: &Path,
+        dec: &mut zstd::bulk::Decompressor<'static>,
+    ) -> Result<u64, BackupError> {
+        let mut out = File::create(p).map_err(BackupError::io("create", p))?;
+        let mut hasher = Sha256::new();
+        let mut offset = 0u64;
+        for (i, c) in e.chunks.iter().enumerate() {
+            if c.zero {
+                feed_zeros(&mut hasher, c.size);
+                out.seek(SeekFrom::Current(c.size as i64))
+                    .map_err(BackupError::io("seek", p))?;
+            } else {
+                let d = c.digest.as_deref().unwrap_or_default();
+                let data = self.read_chunk(d, c.size, dec).map_err(|k| {
+                    BackupError::Integrity(
+                        Problem {
+                            input: e.input.clone(),
+                            path: e.path.clone(),
+                            chunk_index: Some(i),
+                            offset: Some(offset),
+                            digest: c.digest.clone(),
+                            kind: k,
+                        }
+                        .to_string(),
+                    )
+                })?;
+                hasher.update(&data);
+                out.write_all(&data).map_err(BackupError::io("write", p))?;
+            }
+            offset += c.size;
+        }
+        out.set_len(offset)
+            .map_err(BackupError::io("truncate", p))?;
+        out.sync_all().map_err(BackupError::io("fsync", p))?;
+        let got = hex32(&hasher.finalize());
+        if e.sha256.as_deref() != Some(got.as_str()) {
+            return Err(BackupError::Integrity(format!(
+                "{}:{}: restored sha256 {got} differs from the manifest",
+                e.input, e.path
+            )));
+        }
+        Ok(offset)
+    }
+
+    /// Deletes backup `id` (its manifest only; run [`BackupStore::gc`] to free chunks).
+    pub fn remove(&self, id: &str) -> Result<(), BackupError> {
+        let bid = BackupId::parse(id)?;
+        let p = self.manifest_path(&bid);
+        fs::remove_file(&p).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                BackupError::NotFound(id.to_string())
+            } else {
+                BackupError::Io {
+                    op: "remove",
+                    path: p.clone(),
+                    source: e,
+                }
+            }
+        })
+    }
+
+    /// Applies `retention` (periods in `tz`) to the backups of each resource (or only of
+    /// `resource`), removes the manifests it marks, then garbage-collects unreferenced chunks.
+    /// With `dry_run` nothing is deleted.
+    pub fn prune<Z: chrono::TimeZone>(
+        &self,
+        resource: Option<&str>,
+        retention: &Retention,
+        tz: &Z,
+        dry_run: bool,
+    ) -> Result<PruneReport, BackupError> {
+        let all = self.list(resource)?;
+        let mut groups: BTreeMap<&str, Vec<&BackupInfo>> = BTreeMap::new();
+        for b in &all {
+            groups.entry(b.resource.as_str()).or_default().push(b);
+        }
+        let mut report = PruneReport::default();
+        for (_, backups) in groups {
+            let times: Vec<DateTime<Utc>> = backups.iter().map(|b| b.time).collect();
+            for d in retention::compute(&times, retention, tz) {
+                let b = backups[d.index];
+                let what = match d.mark {
+                    Mark::Keep(rule) => rule.name().to_string(),
+                    Mark::Remove => "remove".to_string(),
+                };
+                report.decisions.push((b.id.clone(), what));
+                if d.mark == Mark::Remove {
+                    if !dry_run {
+                        self.remove(&b.id)?;
+                        info!(id = %b.id, "pruned");
+                    }
+                    report.removed.push(b.id.clone());
+                }
+            }
+        }
+        if !dry_run {
+            report.gc = Some(self.gc()?);
+        }
+        Ok(report)
+    }
+
+    /// Mark & sweep: deletes chunk files no manifest references, and stale temporary files.
+    /// Holds the store lock exclusively, so no backup writes chunks meanwhile.
+    pub fn gc(&self) -> Result<GcReport, BackupError> {
+        let _lock = self.lock(FlockArg::LockExclusive)?;
+        let _span = info_span!("gc", store = %self.root.display()).entered();
+        let mut referenced: HashSet<String> = HashSet::new();
+        // Mark. A manifest that cannot be read aborts the sweep: never delete what it might
+        // reference.
+        for p in self.manifest_paths(None)? {
+            let m = read_manifest(&p)?;
+            for f in &m.files {
+                referenced.extend(f.chunks.iter().filter_map(|c| c.digest.clone()));
+            }
+        }
+        let mut r = GcReport {
+            referenced: referenced.len() as u64,
+            ..GcReport::default()
+        };
+        // Sweep.
+        for sub in read_dir_sorted(&self.chunk_dir())? {
+            if !sub.is_dir() {
+                continue;
+            }
+            for f in read_dir_sorted(&sub)? {
+                let name = f
+                    .file_name()
+                    .and_then(|s| s.to_str())
+                    .unwrap_or_default()
+                    .to_string();
+                let (stem, ext) = name.split_once('.').unwrap_or((name.as_str(), ""));
+                let is_chunk = (ext == "zst" || ext == "raw") && stem.len() == 64;
+                if is_chunk && referenced.contains(stem) {
+                    r.kept += 1;
+                    continue;
+                }
+                let len = fs::symlink_metadata(&f).map(|m| m.len()).unwrap_or(0);
+                fs::remove_file(&f).map_err(BackupError::io("remove", &f))?;
+                if is_chunk {
+                    r.removed += 1;
+                    r.removed_bytes += len;
+                } else {
+                    r.temp_removed += 1;
+                }
+            }
+        }
+        info!(
+            kept = r.kept,
+            removed = r.removed,
+            removed_bytes = r.removed_bytes,
+            "gc done"
+        );
+        Ok(r)
+    }
+}
+
+trait NanoZero {
+    fn with_nanosecond_zero(self) -> Self;
+}
+
+impl NanoZero for DateTime<Utc> {
+    fn with_nanosecond_zero(self) -> Self {
+        use chrono::Timelike;
+        self.with_nanosecond(0).unwrap_or(self)
+    }
+}
+
+fn info_of(m: &Manifest, manifest: PathBuf, time: DateTime<Utc>) -> BackupInfo {
+    BackupInfo {
+        id: m.id.clone(),
+        resource: m.resource.clone(),
+        time,
+        manifest,
+        inputs: m.inputs.iter().map(|i| i.name.clone()).collect(),
+        stats: m.stats.clone(),
+    }
+}
+
+fn ser_time<S: serde::Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&t.to_rfc3339_opts(SecondsFormat::Secs, true))
+}
+
+fn feed_zeros(h: &mut Sha256, mut n: u64) {
+    static ZEROS: [u8; 65536] = [0; 65536];
+    while n > 0 {
+        let k = n.min(ZEROS.len() as u64) as usize;
+        h.update(&ZEROS[..k]);
+        n -= k as u64;
+    }
+}
+
+fn read_manifest(p: &Path) -> Result<Manifest, BackupError> {
+    let data = fs::read(p).map_err(BackupError::io("read", p))?;
+    let m: Manifest = serde_json::from_slice(&data).map_err(|e| BackupError::Parse {
+        path: p.to_path_buf(),
+        source: e,
+    })?;
+    if m.format != FORMAT {
+        return Err(BackupError::Invalid(format!(
+            "{}: unknown format {:?}",
+            p.display(),
+            m.format
+        )));
+    }
+    Ok(m)
+}
+
+fn read_dir_sorted(d: &Path) -> Result<Vec<PathBuf>, BackupError> {
+    let rd = match fs::read_dir(d) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => {
+            return Err(BackupError::Io {
+                op: "read dir",
+                path: d.to_path_buf(),
+                source: e,
+            });
+        }
+    };
+    let mut v = Vec::new();
+    for e in rd {
+        v.push(e.map_err(BackupError::io("read dir", d))?.path());
+    }
+    v.sort();
+    Ok(v)
+}
+
+/// Writes `data` to `path` atomically: temp file in the same dir, fsync, rename, fsync dir.
+pub(crate) fn write_atomic(path: &Path, data: &[u8]) -> Result<(), BackupError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    fs::create_dir_all(dir).map_err(BackupError::io("create", dir))?;
+    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+    let mut f = File::create(&tmp).map_err(BackupError::io("create", &tmp))?;
+    f.write_all(data).map_err(BackupError::io("write", &tmp))?;
+    f.sync_all().map_err(BackupError::io("fsync", &tmp))?;
+    fs::rename(&tmp, path).map_err(BackupError::io("rename", &tmp))?;
+    if let Ok(d) = File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+fn join_rel(root: &Path, rel: &str) -> Result<PathBuf, BackupError> {
+    if rel.is_empty() {
+        return Ok(root.to_path_buf());
+    }
+    let p = Path::new(rel);
+    if p.components()
+        .any(|c| !matches!(c, std::path::Component::Normal(_)))
+    {
+        return Err(BackupError::Invalid(format!(
+            "unsafe path {rel:?} in manifest"
+        )));
+    }
+    Ok(root.join(p))
+}
+
+/// Walks `path` (not following symlinks, not crossing into other file systems), appending
+/// entries; `sources[i]` is the file to read for entry `i` (regular files only).
+fn walk(
+    input: &str,
+    path: &Path,
+    rel: &str,
+    dev: u64,
+    files: &mut Vec<FileEntry>,
+    sources: &mut Vec<Option<PathBuf>>,
+) -> Result<(), BackupError> {
+    let md = fs::symlink_metadata(path).map_err(BackupError::io("stat", path))?;
+    let ft = md.file_type();
+    let kind = if ft.is_dir() {
+        EntryKind::Dir
+    } else if ft.is_file() {
+        EntryKind::File
+    } else if ft.is_symlink() {
+        EntryKind::Symlink
+    } else if ft.is_char_device() {
+        EntryKind::Char
+    } else if ft.is_block_device() {
+        EntryKind::Block
+    } else if ft.is_fifo() {
+        EntryKind::Fifo
+    } else {
+        debug!(path = %path.display(), "skipping socket");
+        return Ok(());
+    };
+    let target = if kind == EntryKind::Symlink {
+        let t = fs::read_link(path).map_err(BackupError::io("readlink", path))?;
+        Some(
+            t.to_str()
+                .ok_or_else(|| {
+                    BackupError::Invalid(format!("{}: non-UTF-8 symlink target", path.display()))
+                })?
+                .to_string(),
+        )
+    } else {
+        None
+    };
+    files.push(FileEntry {
+        input: input.to_string(),
+        path: rel.to_string(),
+        kind,
+        mode: md.permissions().mode() & 0o7777,
+        uid: md.uid(),
+        gid: md.gid(),
+        mtime: md.mtime(),
+        mtime_nsec: md.mtime_nsec().clamp(0, 999_999_999) as u32,
+        size: if kind == EntryKind::File { md.len() } else { 0 },
+        sha256: None,
+        target,
+        rdev: matches!(kind, EntryKind::Char | EntryKind::Block).then(|| md.rdev()),
+        chunks: Vec::new(),
+    });
+    sources.push((kind == EntryKind::File).then(|| path.to_path_buf()));
+    if kind == EntryKind::Dir {
+        if md.dev() != dev {
+            debug!(path = %path.display(), "not crossing into another file system");
+            return Ok(());
+        }
+        for child in read_dir_sorted(path)? {
+            let name = child.file_name().and_then(|s| s.to_str()).ok_or_else(|| {
+                BackupError::Invalid(format!("{}: non-UTF-8 file name", child.display()))
+            })?;
+            let crel = if rel.is_empty() {
+                name.to_string()
+            } else {
+                format!("{rel}/{name}")
+            };
+            walk(input, &child, &crel, dev, files, sources)?;
+        }
+    }
+    Ok(())
+}
+
+fn apply_metadata(e: &FileEntry, p: &Path) -> Result<(), BackupError> {
+    use nix::sys::stat::{UtimensatFlags, utimensat};
+    use nix::sys::time::TimeSpec;
+    // Ownership first (chown clears set-id bits), then mode, then times.
+    if let Err(err) = std::os::unix::fs::lchown(p, Some(e.uid), Some(e.gid)) {
+        if err.kind() == std::io::ErrorKind::PermissionDenied {
+            debug!(path = %p.display(), "not restoring ownership: not permitted");
+        } else {
+            return Err(BackupError::Io {
+                op: "chown",
+                path: p.to_path_buf(),
+                source: err,
+            });
+        }
+    }
+    if e.kind != EntryKind::Symlink {
+        fs::set_permissions(p, fs::Permissions::from_mode(e.mode))
+            .map_err(BackupError::io("chmod", p))?;
+    }
+    let t = TimeSpec::new(e.mtime, i64::from(e.mtime_nsec));
+    utimensat(
+        nix::fcntl::AT_FDCWD,
+        p,
+        &t,
+        &t,
+        UtimensatFlags::NoFollowSymlink,
+    )
+    .map_err(|err| BackupError::Io {
+        op: "utimensat",
+        path: p.to_path_buf(),
+        source: err.into(),
+    })?;
+    Ok(())
+}

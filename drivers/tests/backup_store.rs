@@ -1,0 +1,476 @@
+//! Backup store: round trip, corruption detection, deduplication, prune + gc.
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use chrono::{DateTime, Duration, TimeZone, Utc};
+use sha2::{Digest, Sha256};
+use stead_drivers::backup::store::{BackupOptions, BackupStore, ProblemKind};
+use stead_schema::kinds::Retention;
+
+/// Deterministic pseudo-random bytes (xorshift64*).
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn fill(&mut self, buf: &mut [u8]) {
+        for c in buf.chunks_mut(8) {
+            let v = self.next().to_le_bytes();
+            c.copy_from_slice(&v[..c.len()]);
+        }
+    }
+}
+
+/// Mixed content: random, text-like and zero regions, `mib` MiB in total.
+fn mixed_data(seed: u64, mib: usize) -> Vec<u8> {
+    let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+    let words = [
+        "lorem ", "ipsum ", "stead ", "backup ", "chunk ", "zstd ", "volume ", "\n",
+    ];
+    let mut out = Vec::with_capacity(mib << 20);
+    while out.len() < mib << 20 {
+        let kind = rng.next() % 3;
+        let len = (256 << 10) + (rng.next() % (2 << 20)) as usize;
+        match kind {
+            0 => {
+                let mut b = vec![0u8; len];
+                rng.fill(&mut b);
+                out.extend_from_slice(&b);
+            }
+            1 => {
+                let end = out.len() + len;
+                while out.len() < end {
+                    out.extend_from_slice(
+                        words[(rng.next() % words.len() as u64) as usize].as_bytes(),
+                    );
+                }
+            }
+            _ => out.resize(out.len() + len, 0),
+        }
+    }
+    out.truncate(mib << 20);
+    out
+}
+
+fn sha(p: &Path) -> String {
+    hex::encode(Sha256::digest(fs::read(p).expect("read")))
+}
+
+fn t(s: &str) -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339(s)
+        .expect("time")
+        .with_timezone(&Utc)
+}
+
+fn opts_at(time: DateTime<Utc>) -> BackupOptions {
+    BackupOptions {
+        time: Some(time),
+        ..BackupOptions::default()
+    }
+}
+
+/// A volume file with a hole and a container-like rootfs.
+fn make_inputs(dir: &Path) -> (PathBuf, PathBuf) {
+    let vol = dir.join("disk.raw");
+    let mut f = fs::File::create(&vol).expect("create");
+    f.write_all(&mixed_data(7, 12)).expect("write");
+    f.set_len(40 << 20).expect("grow sparse"); // 28 MiB hole at the end
+    drop(f);
+
+    let root = dir.join("rootfs");
+    fs::create_dir_all(root.join("etc/sub")).expect("mkdir");
+    fs::create_dir_all(root.join("empty")).expect("mkdir");
+    fs::write(root.join("etc/hostname"), b"web\n").expect("write");
+    let mut big = vec![0u8; 1 << 20];
+    Rng(5).fill(&mut big);
+    big.extend(mixed_data(9, 2));
+    fs::write(root.join("etc/sub/big.bin"), big).expect("write");
+    fs::write(root.join("empty-file"), b"").expect("write");
+    fs::set_permissions(root.join("etc/hostname"), fs::Permissions::from_mode(0o640))
+        .expect("chmod");
+    fs::set_permissions(root.join("empty"), fs::Permissions::from_mode(0o1777)).expect("chmod");
+    std::os::unix::fs::symlink("../etc/hostname", root.join("empty/link")).expect("symlink");
+    std::os::unix::fs::lchown(root.join("etc/hostname"), Some(1234), Some(5678)).expect("chown");
+    nix::unistd::mkfifo(
+        &root.join("fifo"),
+        nix::sys::stat::Mode::from_bits_truncate(0o600),
+    )
+    .expect("mkfifo");
+    (vol, root)
+}
+
+fn assert_same_tree(a: &Path, b: &Path) {
+    let ma = fs::symlink_metadata(a).expect("stat a");
+    let mb = fs::symlink_metadata(b).expect("stat b");
+    assert_eq!(ma.file_type(), mb.file_type(), "{}", a.display());
+    assert_eq!(ma.mode(), mb.mode(), "mode of {}", a.display());
+    assert_eq!(
+        (ma.uid(), ma.gid()),
+        (mb.uid(), mb.gid()),
+        "owner of {}",
+        a.display()
+    );
+    assert_eq!(ma.mtime(), mb.mtime(), "mtime of {}", a.display());
+    if ma.is_file() {
+        assert_eq!(sha(a), sha(b), "content of {}", a.display());
+    } else if ma.file_type().is_symlink() {
+        assert_eq!(
+            fs::read_link(a).expect("readlink"),
+            fs::read_link(b).expect("readlink")
+        );
+    } else if ma.is_dir() {
+        let names = |p: &Path| {
+            let mut v: Vec<_> = fs::read_dir(p)
+                .expect("readdir")
+                .map(|e| e.expect("entry").file_name())
+                .collect();
+            v.sort();
+            v
+        };
+        let (na, nb) = (names(a), names(b));
+        assert_eq!(na, nb, "entries of {}", a.display());
+        for n in na {
+            assert_same_tree(&a.join(&n), &b.join(&n));
+        }
+    }
+}
+
+#[test]
+fn backup_restore_round_trip_is_bit_identical() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (vol, root) = make_inputs(tmp.path());
+    let store = BackupStore::for_pool(&tmp.path().join("pool"));
+    let spec = serde_json::json!({"rootfs": {"path": root.display().to_string()}});
+    let info = store
+        .backup_paths(
+            "Container/web",
+            &spec,
+            &[
+                ("disk0".into(), vol.clone()),
+                ("rootfs".into(), root.clone()),
+            ],
+            &opts_at(t("2025-01-01T02:00:00Z")),
+        )
+        .expect("backup");
+    assert_eq!(info.id, "Container/web/2025-01-01T02:00:00Z");
+    assert_eq!(info.stats.bytes, (40 << 20) + (3 << 20) + 4);
+    assert!(
+        info.stats.zero_bytes >= 28 << 20,
+        "hole must be zero chunks: {:?}",
+        info.stats
+    );
+
+    let m = store.manifest(&info.id).expect("manifest");
+    assert_eq!(m.spec, spec);
+    assert!(
+        m.files
+            .iter()
+            .any(|f| f.path == "empty/link" && f.target.as_deref() == Some("../etc/hostname"))
+    );
+
+    let report = store.verify(&info.id).expect("verify");
+    assert!(report.ok(), "{:?}", report.problems);
+
+    let dest = tmp.path().join("restore");
+    let r = store.restore(&info.id, &dest, None).expect("restore");
+    assert_eq!(r.restored.len(), 2);
+    assert_eq!(sha(&dest.join("disk0")), sha(&vol));
+    // holes stay holes
+    let restored = fs::metadata(dest.join("disk0")).expect("stat");
+    assert_eq!(restored.len(), 40 << 20);
+    assert!(
+        restored.blocks() * 512 < 20 << 20,
+        "restored volume should be sparse: {} blocks",
+        restored.blocks()
+    );
+    assert_same_tree(&root, &dest.join("rootfs"));
+
+    // restoring over an existing destination is refused
+    assert!(store.restore(&info.id, &dest, None).is_err());
+}
+
+#[test]
+fn restore_single_input_under_new_name() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let vol = tmp.path().join("v.raw");
+    fs::write(&vol, mixed_data(3, 5)).expect("write");
+    let store = BackupStore::for_pool(&tmp.path().join("pool"));
+    let info = store
+        .backup_paths(
+            "Volume/data",
+            &serde_json::json!({}),
+            &[("data.raw".into(), vol.clone())],
+            &BackupOptions::default(),
+        )
+        .expect("backup");
+    let r = store
+        .restore(&info.id, tmp.path(), Some("data-copy.raw"))
+        .expect("restore");
+    assert_eq!(r.restored[0].1, tmp.path().join("data-copy.raw"));
+    assert_eq!(sha(&tmp.path().join("data-copy.raw")), sha(&vol));
+}
+
+fn chunk_files(store: &BackupStore) -> Vec<PathBuf> {
+    let mut v = Vec::new();
+    for sub in fs::read_dir(store.root().join(".chunks")).expect("chunks") {
+        let sub = sub.expect("entry").path();
+        for f in fs::read_dir(&sub).expect("sub") {
+            v.push(f.expect("entry").path());
+        }
+    }
+    v.sort();
+    v
+}
+
+#[test]
+fn verify_names_the_file_and_chunk_with_a_corrupt_byte() {
+    for level in [None, Some(1)] {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (vol, root) = make_inputs(tmp.path());
+        let store = BackupStore::for_pool(&tmp.path().join("pool"));
+        let opts = BackupOptions {
+            zstd_level: level,
+            ..BackupOptions::default()
+        };
+        let info = store
+            .backup_paths(
+                "Container/web",
+                &serde_json::json!({}),
+                &[("disk0".into(), vol), ("rootfs".into(), root)],
+                &opts,
+            )
+            .expect("backup");
+        let m = store.manifest(&info.id).expect("manifest");
+        let big = m
+            .files
+            .iter()
+            .find(|f| f.path == "etc/sub/big.bin")
+            .expect("big.bin in manifest");
+        let (idx, victim) = big
+            .chunks
+            .iter()
+            .enumerate()
+            .find(|(_, c)| !c.zero)
+            .map(|(i, c)| (i, c.digest.clone().expect("digest")))
+            .expect("a data chunk");
+        let path = store.chunk_path(&victim, level.is_some());
+        let mut bytes = fs::read(&path).expect("chunk");
+        let mid = bytes.len() / 2;
+        bytes[mid] ^= 0x01;
+        fs::write(&path, &bytes).expect("corrupt");
+
+        let report = store.verify(&info.id).expect("verify");
+        assert!(!report.ok());
+        let p = report
+            .problems
+            .iter()
+            .find(|p| p.path == "etc/sub/big.bin")
+            .unwrap_or_else(|| {
+                panic!(
+                    "corrupt chunk must be reported for big.bin: {:?}",
+                    report.problems
+                )
+            });
+        assert_eq!(p.input, "rootfs");
+        assert_eq!(p.chunk_index, Some(idx));
+        assert_eq!(p.digest.as_deref(), Some(victim.as_str()));
+        match (&p.kind, level) {
+            (ProblemKind::CorruptChunk, None) => {}
+            (ProblemKind::CorruptChunk | ProblemKind::UnreadableChunk(_), Some(_)) => {}
+            (k, _) => panic!("unexpected problem kind {k:?}"),
+        }
+        assert!(p.to_string().contains("rootfs:etc/sub/big.bin"), "{p}");
+        // Only the file(s) using that chunk are reported.
+        assert!(
+            report
+                .problems
+                .iter()
+                .all(|p| p.digest.as_deref() == Some(victim.as_str()))
+        );
+        // Restore refuses to produce corrupt data.
+        assert!(
+            store
+                .restore(&info.id, &tmp.path().join("r"), None)
+                .is_err()
+        );
+
+        // A missing chunk is reported as missing.
+        fs::remove_file(&path).expect("remove chunk");
+        let report = store.verify(&info.id).expect("verify");
+        assert!(
+            report
+                .problems
+                .iter()
+                .any(|p| p.path == "etc/sub/big.bin" && p.kind == ProblemKind::MissingChunk)
+        );
+    }
+}
+
+#[test]
+fn unchanged_second_backup_adds_under_one_percent() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let vol = tmp.path().join("v.raw");
+    fs::write(&vol, mixed_data(11, 32)).expect("write");
+    let store = BackupStore::for_pool(&tmp.path().join("pool"));
+    let inputs = [("disk0".to_string(), vol.clone())];
+    let first = store
+        .backup_paths(
+            "VirtualMachine/vm1",
+            &serde_json::json!({}),
+            &inputs,
+            &opts_at(t("2025-01-01T00:00:00Z")),
+        )
+        .expect("first");
+    assert!(first.stats.new_chunks > 0);
+    let chunks_before = chunk_files(&store).len();
+    let second = store
+        .backup_paths(
+            "VirtualMachine/vm1",
+            &serde_json::json!({}),
+            &inputs,
+            &opts_at(t("2025-01-02T00:00:00Z")),
+        )
+        .expect("second");
+    let manifest_len = fs::metadata(&second.manifest).expect("manifest").len();
+    let added = second.stats.stored_bytes + manifest_len;
+    assert!(
+        (added as f64) < 0.01 * second.stats.bytes as f64,
+        "second backup added {added} bytes of {}",
+        second.stats.bytes
+    );
+    assert_eq!(second.stats.new_chunks, 0);
+    assert_eq!(chunk_files(&store).len(), chunks_before);
+
+    // Change 4 KiB in the middle: only the chunk(s) around it are new.
+    let mut data = fs::read(&vol).expect("read");
+    let mid = data.len() / 2;
+    let mut rng = Rng(99);
+    rng.fill(&mut data[mid..mid + 4096]);
+    fs::write(&vol, &data).expect("write");
+    let third = store
+        .backup_paths(
+            "VirtualMachine/vm1",
+            &serde_json::json!({}),
+            &inputs,
+            &opts_at(t("2025-01-03T00:00:00Z")),
+        )
+        .expect("third");
+    assert!(third.stats.new_chunks <= 2, "{:?}", third.stats);
+    assert!(third.stats.new_bytes <= 2 * 4 * 1024 * 1024);
+    let out = tmp.path().join("out");
+    store.restore(&third.id, &out, None).expect("restore");
+    assert_eq!(sha(&out.join("disk0")), sha(&vol));
+}
+
+#[test]
+fn prune_removes_manifests_then_collects_only_unreferenced_chunks() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let vol = tmp.path().join("v.raw");
+    let store = BackupStore::for_pool(&tmp.path().join("pool"));
+    let inputs = [("disk0".to_string(), vol.clone())];
+    let start = Utc
+        .with_ymd_and_hms(2025, 3, 1, 10, 0, 0)
+        .single()
+        .expect("time");
+    let mut ids = Vec::new();
+    for day in 0..5 {
+        // Each day shares a common part and has a unique part.
+        let mut data = mixed_data(1, 4);
+        let mut unique = vec![0u8; 2 << 20];
+        Rng(1000 + day).fill(&mut unique);
+        data.extend(unique);
+        fs::write(&vol, &data).expect("write");
+        let info = store
+            .backup_paths(
+                "Volume/data",
+                &serde_json::json!({}),
+                &inputs,
+                &opts_at(start + Duration::days(day as i64)),
+            )
+            .expect("backup");
+        ids.push(info.id);
+    }
+    // Another resource shares the common chunks.
+    fs::write(&vol, mixed_data(1, 4)).expect("write");
+    let other = store
+        .backup_paths(
+            "Volume/other",
+            &serde_json::json!({}),
+            &inputs,
+            &opts_at(start),
+        )
+        .expect("backup other");
+
+    let retention = Retention {
+        keep_last: Some(2),
+        ..Retention::default()
+    };
+    let dry = store
+        .prune(Some("Volume/data"), &retention, &chrono_tz::Tz::UTC, true)
+        .expect("dry run");
+    assert_eq!(dry.removed.len(), 3);
+    assert_eq!(
+        store.list(None).expect("list").len(),
+        6,
+        "dry run deletes nothing"
+    );
+
+    let before = chunk_files(&store).len();
+    let r = store
+        .prune(None, &retention, &chrono_tz::Tz::UTC, false)
+        .expect("prune");
+    let mut removed = r.removed.clone();
+    removed.sort();
+    assert_eq!(removed, ids[..3].to_vec());
+    let gc = r.gc.expect("gc ran");
+    assert!(gc.removed >= 3, "{gc:?}");
+    assert_eq!(chunk_files(&store).len() as u64, before as u64 - gc.removed);
+    let left: Vec<String> = store
+        .list(None)
+        .expect("list")
+        .into_iter()
+        .map(|b| b.id)
+        .collect();
+    assert_eq!(left, vec![other.id.clone(), ids[3].clone(), ids[4].clone()]);
+    for id in &left {
+        let v = store.verify(id).expect("verify");
+        assert!(v.ok(), "{id}: {:?}", v.problems);
+    }
+    // gc again: nothing to do.
+    let gc2 = store.gc().expect("gc");
+    assert_eq!(gc2.removed, 0);
+}
+
+#[test]
+fn same_second_backups_get_distinct_ids_and_list_is_sorted() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let vol = tmp.path().join("v.raw");
+    fs::write(&vol, b"hello").expect("write");
+    let store = BackupStore::for_pool(&tmp.path().join("pool"));
+    let inputs = [("disk0".to_string(), vol)];
+    let at = t("2025-05-05T05:05:05Z");
+    let a = store
+        .backup_paths("Volume/x", &serde_json::json!({}), &inputs, &opts_at(at))
+        .expect("a");
+    let b = store
+        .backup_paths("Volume/x", &serde_json::json!({}), &inputs, &opts_at(at))
+        .expect("b");
+    assert_ne!(a.id, b.id);
+    let list = store.list(Some("Volume/x")).expect("list");
+    assert_eq!(
+        list.iter().map(|i| i.id.clone()).collect::<Vec<_>>(),
+        vec![a.id, b.id]
+    );
+    assert!(
+        store
+            .backup_paths("bad", &serde_json::json!({}), &inputs, &opts_at(at))
+            .is_err()
+    );
+    assert!(store.verify("Volume/x/2000-01-01T00:00:00Z").is_err());
+}
