@@ -13,6 +13,7 @@ use stead_reconciler::render::{self, Style};
 use stead_reconciler::{ApplyLock, Drivers, ExecOptions, PlanOptions, StateDb, execute, plan_run};
 use stead_schema::{Desired, Diagnostic, HostEnv, Kind, ResourceId};
 
+mod cmd_controller;
 mod get;
 
 /// Declarative, GitOps-style reconciler for Linux virtualization hosts.
@@ -165,6 +166,8 @@ enum Command {
         #[arg(long)]
         allow_data_loss: bool,
     },
+    /// Follow a git repository or directory; converge on each revision, heal drift, export metrics.
+    Controller(cmd_controller::ControllerArgs),
     /// Print the JSON Schema of all kinds.
     Schema,
     /// Print shell completions.
@@ -388,6 +391,11 @@ fn run(cli: Cli) -> Result<u8> {
         Command::Get { what, output } => {
             let env = host_env(&g)?;
             get::run(&env, what.as_deref(), output)
+        }
+        Command::Controller(args) => {
+            let env = host_env(&g)?;
+            let drivers = drivers(&env)?;
+            cmd_controller::run(args, &env, drivers)
         }
         Command::Schema => {
             print!("{}", stead_schema::schema::json_schema_text());

@@ -1,6 +1,7 @@
 //! stead's reconciler: observe the host, plan against the desired set, execute the plan,
 //! and keep the inventory, journal and events in the state database.
 
+pub mod controller;
 pub mod exec;
 pub mod plan;
 pub mod render;

@@ -1,0 +1,577 @@
+//! Where the controller's manifests come from: a git repository (fetched with libgit2
+//! into a bare mirror under `<state-dir>/source/`, each applied revision checked out to
+//! `<state-dir>/source/<rev>`), or a local directory (revision = content hash).
+//!
+//! Everything here blocks (network, disk, child processes for signature checks): the
+//! controller calls it from `spawn_blocking` only.
+
+use std::fmt;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use sha2::{Digest, Sha256};
+use tracing::{debug, info, warn};
+
+use super::ControllerError;
+
+/// A parsed `--source`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SourceSpec {
+    /// `git+URL[#branch][:subdir]`.
+    Git {
+        /// The URL libgit2 fetches (`file://`, `https://`, `ssh://`).
+        url: String,
+        /// Branch; `None`: the remote's default branch (its HEAD).
+        branch: Option<String>,
+        /// Directory inside the repository holding the manifests.
+        subdir: Option<String>,
+    },
+    /// A local directory.
+    Dir(PathBuf),
+}
+
+impl fmt::Display for SourceSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SourceSpec::Git {
+                url,
+                branch,
+                subdir,
+            } => {
+                write!(f, "git+{url}")?;
+                if let Some(b) = branch {
+                    write!(f, "#{b}")?;
+                }
+                if let Some(s) = subdir {
+                    write!(f, ":{s}")?;
+                }
+                Ok(())
+            }
+            SourceSpec::Dir(p) => write!(f, "{}", p.display()),
+        }
+    }
+}
+
+impl SourceSpec {
+    /// Parses `git+URL[#branch][:subdir]` or a directory path.
+    ///
+    /// The URL needs a scheme (`file://`, `https://`, `ssh://user@host/path`); scp-like
+    /// `user@host:path` is not accepted because its `:` would be ambiguous with
+    /// `:subdir`. After the URL's authority, `#` starts the branch and the first `:`
+    /// after the path (or after the branch) starts the subdirectory.
+    pub fn parse(s: &str) -> Result<SourceSpec, String> {
+        let Some(rest) = s.strip_prefix("git+") else {
+            if s.is_empty() {
+                return Err("empty --source".into());
+            }
+            return Ok(SourceSpec::Dir(PathBuf::from(s)));
+        };
+        let Some(scheme_end) = rest.find("://") else {
+            return Err(format!(
+                "{s}: a git source needs a URL with a scheme, e.g. git+https://host/repo.git#main:clusters/a, git+ssh://git@host/repo.git or git+file:///srv/repo.git"
+            ));
+        };
+        let after_scheme = scheme_end + 3;
+        // The authority ends at the first '/' after the scheme (it may hold a `:port`).
+        let path_start = rest[after_scheme..]
+            .find('/')
+            .map(|i| after_scheme + i)
+            .unwrap_or(rest.len());
+        let (base, tail) = rest.split_at(path_start);
+        let (path, branch, subdir) = match tail.find('#') {
+            Some(h) => {
+                let path = &tail[..h];
+                let frag = &tail[h + 1..];
+                match frag.split_once(':') {
+                    Some((b, sub)) => (path, Some(b), Some(sub)),
+                    None => (path, Some(frag), None),
+                }
+            }
+            None => match tail.split_once(':') {
+                Some((p, sub)) => (p, None, Some(sub)),
+                None => (tail, None, None),
+            },
+        };
+        let url = format!("{base}{path}");
+        if path.is_empty() || path == "/" {
+            return Err(format!("{s}: the git URL has no repository path"));
+        }
+        let branch = branch.filter(|b| !b.is_empty()).map(str::to_string);
+        if let Some(b) = &branch
+            && (b.starts_with('-') || b.contains("..") || b.contains(char::is_whitespace))
+        {
+            return Err(format!("{s}: invalid branch name {b:?}"));
+        }
+        let subdir = subdir
+            .map(|d| d.trim_matches('/'))
+            .filter(|d| !d.is_empty())
+            .map(str::to_string);
+        if let Some(d) = &subdir
+            && d.split('/').any(|c| c == ".." || c == ".")
+        {
+            return Err(format!(
+                "{s}: the subdirectory must not contain '.' or '..'"
+            ));
+        }
+        Ok(SourceSpec::Git {
+            url,
+            branch,
+            subdir,
+        })
+    }
+}
+
+/// Credentials for fetching.
+#[derive(Debug, Clone, Default)]
+pub struct GitAuth {
+    /// File holding `username:password` (or a bare token) for https.
+    pub credentials_file: Option<PathBuf>,
+    /// Private key for ssh.
+    pub ssh_key: Option<PathBuf>,
+}
+
+/// A fetched head.
+#[derive(Debug, Clone)]
+pub struct Head {
+    /// Full commit id.
+    pub revision: String,
+    /// Commit summary line (empty for directories).
+    pub message: String,
+}
+
+/// A git source: a bare mirror at `<state-dir>/source/mirror.git`.
+pub struct GitSource {
+    url: String,
+    branch: Option<String>,
+    subdir: Option<String>,
+    root: PathBuf,
+    auth: GitAuth,
+}
+
+impl GitSource {
+    /// A source rooted at `<state-dir>/source`.
+    pub fn new(
+        url: String,
+        branch: Option<String>,
+        subdir: Option<String>,
+        state_dir: &Path,
+        auth: GitAuth,
+    ) -> Self {
+        GitSource {
+            url,
+            branch,
+            subdir,
+            root: state_dir.join("source"),
+            auth,
+        }
+    }
+
+    fn mirror(&self) -> Result<git2::Repository, ControllerError> {
+        let path = self.root.join("mirror.git");
+        let repo = if path.join("HEAD").exists() {
+            git2::Repository::open_bare(&path)
+        } else {
+            std::fs::create_dir_all(&self.root)
+                .map_err(|e| ControllerError::io(format!("create {}", self.root.display()), e))?;
+            git2::Repository::init_bare(&path)
+        };
+        repo.map_err(|e| {
+            ControllerError::Git(format!("mirror {}: {}", path.display(), e.message()))
+        })
+    }
+
+    fn callbacks(&self) -> git2::RemoteCallbacks<'static> {
+        let auth = self.auth.clone();
+        let mut tries = 0u32;
+        let mut cb = git2::RemoteCallbacks::new();
+        cb.credentials(move |_url, user_from_url, allowed| {
+            tries += 1;
+            if tries > 3 {
+                return Err(git2::Error::from_str(
+                    "authentication failed (credentials rejected)",
+                ));
+            }
+            if allowed.contains(git2::CredentialType::SSH_KEY)
+                && let Some(key) = &auth.ssh_key
+            {
+                return git2::Cred::ssh_key(user_from_url.unwrap_or("git"), None, key, None);
+            }
+            if allowed.contains(git2::CredentialType::USER_PASS_PLAINTEXT)
+                && let Some(file) = &auth.credentials_file
+            {
+                let text = std::fs::read_to_string(file).map_err(|e| {
+                    git2::Error::from_str(&format!("cannot read {}: {e}", file.display()))
+                })?;
+                let line = text.lines().next().unwrap_or("").trim();
+                let (user, pass) = match line.split_once(':') {
+                    Some((u, p)) => (u, p),
+                    // A bare token: GitHub/GitLab accept any user name with it.
+                    None => ("x-access-token", line),
+                };
+                return git2::Cred::userpass_plaintext(user, pass);
+            }
+            if allowed.contains(git2::CredentialType::DEFAULT) {
+                return git2::Cred::default();
+            }
+            Err(git2::Error::from_str(
+                "the remote asks for credentials: pass --git-credentials-file (https) or --git-ssh-key (ssh)",
+            ))
+        });
+        cb
+    }
+
+    /// Fetches the branch and returns its head commit.
+    pub fn fetch(&self) -> Result<Head, ControllerError> {
+        let repo = self.mirror()?;
+        let gerr = |what: &str, e: git2::Error| {
+            ControllerError::Git(format!("{what} {}: {}", self.url, e.message()))
+        };
+        let mut remote = repo
+            .remote_anonymous(&self.url)
+            .map_err(|e| gerr("remote", e))?;
+        let branch = match &self.branch {
+            Some(b) => b.clone(),
+            None => {
+                let conn = remote
+                    .connect_auth(git2::Direction::Fetch, Some(self.callbacks()), None)
+                    .map_err(|e| gerr("connect", e))?;
+                let def = conn
+                    .default_branch()
+                    .map_err(|e| gerr("default branch of", e))?;
+                let name = def.as_str().unwrap_or("refs/heads/main").to_string();
+                drop(conn);
+                name.trim_start_matches("refs/heads/").to_string()
+            }
+        };
+        let mut fo = git2::FetchOptions::new();
+        fo.remote_callbacks(self.callbacks());
+        fo.download_tags(git2::AutotagOption::None);
+        let refspec = format!("+refs/heads/{branch}:refs/stead/head");
+        remote
+            .fetch(&[refspec.as_str()], Some(&mut fo), None)
+            .map_err(|e| gerr(&format!("fetch branch {branch} of"), e))?;
+        let oid = repo
+            .refname_to_id("refs/stead/head")
+            .map_err(|e| gerr(&format!("branch {branch} not found in"), e))?;
+        let commit = repo.find_commit(oid).map_err(|e| gerr("read commit", e))?;
+        Ok(Head {
+            revision: oid.to_string(),
+            message: commit.summary().ok().flatten().unwrap_or("").to_string(),
+        })
+    }
+
+    /// Checks `rev` out to `<state-dir>/source/<rev>` (only the subdirectory; regular
+    /// files only: symlinks and submodules are skipped) and returns the manifest dir.
+    pub fn checkout(&self, rev: &str) -> Result<PathBuf, ControllerError> {
+        let dest = self.root.join(rev);
+        if dest.join(".stead-complete").exists() {
+            return Ok(dest);
+        }
+        let repo = self.mirror()?;
+        let gerr = |what: &str, e: git2::Error| {
+            ControllerError::Git(format!("{what} {rev}: {}", e.message()))
+        };
+        let oid = git2::Oid::from_str(rev).map_err(|e| gerr("revision", e))?;
+        let commit = repo.find_commit(oid).map_err(|e| gerr("commit", e))?;
+        let mut tree = commit.tree().map_err(|e| gerr("tree of", e))?;
+        if let Some(sub) = &self.subdir {
+            let entry = tree.get_path(Path::new(sub)).map_err(|_| {
+                ControllerError::Git(format!("directory {sub:?} does not exist at {rev}"))
+            })?;
+            let obj = entry.to_object(&repo).map_err(|e| gerr("subdir of", e))?;
+            tree = obj.peel_to_tree().map_err(|_| {
+                ControllerError::Git(format!("{sub:?} is not a directory at {rev}"))
+            })?;
+        }
+        let tmp = self.root.join(format!("{rev}.tmp"));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp)
+            .map_err(|e| ControllerError::io(format!("create {}", tmp.display()), e))?;
+        let mut failure: Option<ControllerError> = None;
+        tree.walk(git2::TreeWalkMode::PreOrder, |dir, entry| {
+            let Ok(name) = entry.name() else {
+                return git2::TreeWalkResult::Skip;
+            };
+            let rel = Path::new(dir).join(name);
+            let path = tmp.join(&rel);
+            match entry.kind() {
+                Some(git2::ObjectType::Tree) => {
+                    if let Err(e) = std::fs::create_dir_all(&path) {
+                        failure = Some(ControllerError::io(format!("mkdir {}", path.display()), e));
+                        return git2::TreeWalkResult::Abort;
+                    }
+                    git2::TreeWalkResult::Ok
+                }
+                Some(git2::ObjectType::Blob) if entry.filemode() & 0o170000 == 0o100000 => {
+                    let blob = match repo.find_blob(entry.id()) {
+                        Ok(b) => b,
+                        Err(e) => {
+                            failure = Some(ControllerError::Git(format!(
+                                "blob {}: {}",
+                                rel.display(),
+                                e.message()
+                            )));
+                            return git2::TreeWalkResult::Abort;
+                        }
+                    };
+                    if let Err(e) = std::fs::write(&path, blob.content()) {
+                        failure = Some(ControllerError::io(format!("write {}", path.display()), e));
+                        return git2::TreeWalkResult::Abort;
+                    }
+                    git2::TreeWalkResult::Ok
+                }
+                _ => git2::TreeWalkResult::Skip,
+            }
+        })
+        .map_err(|e| gerr("walk", e))?;
+        if let Some(f) = failure {
+            return Err(f);
+        }
+        std::fs::write(tmp.join(".stead-complete"), rev)
+            .map_err(|e| ControllerError::io("write checkout marker".into(), e))?;
+        let _ = std::fs::remove_dir_all(&dest);
+        std::fs::rename(&tmp, &dest)
+            .map_err(|e| ControllerError::io(format!("rename to {}", dest.display()), e))?;
+        debug!(revision = rev, dir = %dest.display(), "checked out");
+        Ok(dest)
+    }
+
+    /// Removes checkouts other than `keep`.
+    pub fn clean(&self, keep: &[&str]) {
+        let Ok(rd) = std::fs::read_dir(&self.root) else {
+            return;
+        };
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name == "mirror.git" || keep.iter().any(|k| *k == name) {
+                continue;
+            }
+            let base = name.trim_end_matches(".tmp");
+            if base.len() >= 40 && base.chars().all(|c| c.is_ascii_hexdigit()) {
+                match std::fs::remove_dir_all(e.path()) {
+                    Ok(()) => debug!(dir = %e.path().display(), "removed old checkout"),
+                    Err(err) => {
+                        warn!(dir = %e.path().display(), error = %err, "cannot remove old checkout")
+                    }
+                }
+            }
+        }
+    }
+
+    /// Verifies the signature of `rev` against `keyring`: SSH signatures with
+    /// `ssh-keygen -Y verify` and an allowed-signers file, OpenPGP ones with `gpgv`.
+    pub fn verify(&self, rev: &str, keyring: &Path) -> Result<String, String> {
+        let repo = self.mirror().map_err(|e| e.to_string())?;
+        let oid = git2::Oid::from_str(rev).map_err(|e| e.message().to_string())?;
+        let (sig, data) = repo
+            .extract_signature(&oid, None)
+            .map_err(|_| format!("commit {} is not signed", short(rev)))?;
+        let sig = sig.as_str().unwrap_or("").to_string();
+        verify_signature(&sig, &data, keyring).map_err(|e| format!("commit {}: {e}", short(rev)))
+    }
+}
+
+/// Verifies a detached signature `sig` over `data` with the keys in `keyring`. Returns
+/// who signed.
+pub fn verify_signature(sig: &str, data: &[u8], keyring: &Path) -> Result<String, String> {
+    let dir = tempfile_dir().map_err(|e| format!("temp dir: {e}"))?;
+    let sig_path = dir.0.join("commit.sig");
+    std::fs::write(&sig_path, sig).map_err(|e| e.to_string())?;
+    if sig.starts_with("-----BEGIN SSH SIGNATURE-----") {
+        // Find who may have made it, then verify as that principal (what git does).
+        let out = Command::new("ssh-keygen")
+            .args(["-Y", "find-principals", "-f"])
+            .arg(keyring)
+            .arg("-s")
+            .arg(&sig_path)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| format!("cannot run ssh-keygen: {e}"))?;
+        let principals = String::from_utf8_lossy(&out.stdout).into_owned();
+        let Some(principal) = principals.lines().map(str::trim).find(|l| !l.is_empty()) else {
+            return Err("signed by a key that is not in the allowed signers file".into());
+        };
+        let mut child = Command::new("ssh-keygen")
+            .args(["-Y", "verify", "-n", "git", "-f"])
+            .arg(keyring)
+            .args(["-I", principal, "-s"])
+            .arg(&sig_path)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("cannot run ssh-keygen: {e}"))?;
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin.write_all(data).map_err(|e| e.to_string())?;
+        }
+        let out = child.wait_with_output().map_err(|e| e.to_string())?;
+        if out.status.success() {
+            Ok(principal.to_string())
+        } else {
+            Err(format!(
+                "bad SSH signature: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ))
+        }
+    } else if sig.starts_with("-----BEGIN PGP SIGNATURE-----") {
+        let data_path = dir.0.join("commit.data");
+        std::fs::write(&data_path, data).map_err(|e| e.to_string())?;
+        let out = Command::new("gpgv")
+            .arg("--keyring")
+            .arg(keyring)
+            .arg(&sig_path)
+            .arg(&data_path)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| format!("cannot run gpgv (apt install gpgv): {e}"))?;
+        if out.status.success() {
+            Ok("openpgp".into())
+        } else {
+            Err(format!(
+                "bad OpenPGP signature: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ))
+        }
+    } else {
+        Err("unknown signature format (expected SSH or OpenPGP)".into())
+    }
+}
+
+/// A private temp dir removed on drop.
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn tempfile_dir() -> std::io::Result<TempDir> {
+    use std::os::unix::fs::DirBuilderExt;
+    let base = std::env::temp_dir();
+    for i in 0..100u32 {
+        let p = base.join(format!(
+            "stead-verify-{}-{}-{i}",
+            std::process::id(),
+            super::jitter_seed()
+        ));
+        match std::fs::DirBuilder::new().mode(0o700).create(&p) {
+            Ok(()) => return Ok(TempDir(p)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(std::io::Error::other("no free temp dir name"))
+}
+
+/// The first 12 characters of a revision.
+pub fn short(rev: &str) -> &str {
+    rev.get(..12).unwrap_or(rev)
+}
+
+/// A content hash of every `*.yaml`/`*.yml` file under `dir` (paths and bytes), the
+/// revision of a directory source.
+pub fn dir_revision(dir: &Path) -> Result<String, ControllerError> {
+    let mut files = Vec::new();
+    collect_yaml(dir, &mut files)?;
+    files.sort();
+    let mut h = Sha256::new();
+    for f in &files {
+        let rel = f.strip_prefix(dir).unwrap_or(f);
+        h.update(rel.to_string_lossy().as_bytes());
+        h.update([0u8]);
+        let bytes = std::fs::read(f)
+            .map_err(|e| ControllerError::io(format!("read {}", f.display()), e))?;
+        h.update((bytes.len() as u64).to_le_bytes());
+        h.update(&bytes);
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
+fn collect_yaml(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), ControllerError> {
+    let rd = std::fs::read_dir(dir)
+        .map_err(|e| ControllerError::io(format!("read {}", dir.display()), e))?;
+    for e in rd.flatten() {
+        let p = e.path();
+        let ft = match e.file_type() {
+            Ok(t) => t,
+            Err(_) => continue,
+        };
+        if ft.is_dir() {
+            if !e.file_name().to_string_lossy().starts_with('.') {
+                collect_yaml(&p, out)?;
+            }
+        } else if matches!(
+            p.extension().and_then(|x| x.to_str()),
+            Some("yaml") | Some("yml")
+        ) {
+            out.push(p);
+        }
+    }
+    Ok(())
+}
+
+/// Logs what a source is.
+pub fn describe(spec: &SourceSpec) {
+    info!(source = %spec, "following source");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn git(url: &str, branch: Option<&str>, subdir: Option<&str>) -> SourceSpec {
+        SourceSpec::Git {
+            url: url.into(),
+            branch: branch.map(Into::into),
+            subdir: subdir.map(Into::into),
+        }
+    }
+
+    #[test]
+    fn parses_sources() {
+        assert_eq!(
+            SourceSpec::parse("git+file:///srv/repo.git").unwrap(),
+            git("file:///srv/repo.git", None, None)
+        );
+        assert_eq!(
+            SourceSpec::parse("git+https://example.com/o/r.git#main:clusters/a/").unwrap(),
+            git(
+                "https://example.com/o/r.git",
+                Some("main"),
+                Some("clusters/a")
+            )
+        );
+        assert_eq!(
+            SourceSpec::parse("git+ssh://git@host:2222/o/r.git:hosts/h1").unwrap(),
+            git("ssh://git@host:2222/o/r.git", None, Some("hosts/h1"))
+        );
+        assert_eq!(
+            SourceSpec::parse("git+file:///r#release/1.0").unwrap(),
+            git("file:///r", Some("release/1.0"), None)
+        );
+        assert_eq!(
+            SourceSpec::parse("/etc/stead/manifests").unwrap(),
+            SourceSpec::Dir("/etc/stead/manifests".into())
+        );
+        assert!(SourceSpec::parse("git+git@github.com:o/r.git").is_err());
+        assert!(SourceSpec::parse("git+https://host").is_err());
+        assert!(SourceSpec::parse("git+file:///r:../etc").is_err());
+        assert!(SourceSpec::parse("git+file:///r#-x").is_err());
+        let s = git("https://h/r.git", Some("main"), Some("a/b"));
+        assert_eq!(SourceSpec::parse(&s.to_string()).unwrap(), s);
+    }
+
+    #[test]
+    fn dir_revision_changes_with_content_only() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("a.yaml"), "x: 1\n").unwrap();
+        std::fs::write(d.path().join("notes.txt"), "ignored").unwrap();
+        let r1 = dir_revision(d.path()).unwrap();
+        std::fs::write(d.path().join("notes.txt"), "still ignored").unwrap();
+        assert_eq!(dir_revision(d.path()).unwrap(), r1);
+        std::fs::write(d.path().join("a.yaml"), "x: 2\n").unwrap();
+        assert_ne!(dir_revision(d.path()).unwrap(), r1);
+    }
+}

@@ -1,0 +1,109 @@
+//! `stead controller`: the GitOps loop (see `stead_reconciler::controller`).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use stead_reconciler::Drivers;
+use stead_reconciler::controller::source::{GitAuth, SourceSpec};
+use stead_reconciler::controller::{Config, DriftMode};
+use stead_schema::{DurationSpec, HostEnv};
+
+/// What to do when the host drifts from the applied manifests.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DriftArg {
+    /// Apply the manifests again.
+    Heal,
+    /// Only report it (status, metrics, events).
+    Report,
+}
+
+/// Follow a git repository or a directory and keep the host converged.
+#[derive(clap::Args, Debug)]
+pub struct ControllerArgs {
+    /// `git+URL[#branch][:subdir]` (file://, https://, ssh://) or a local directory.
+    #[arg(long, env = "STEAD_SOURCE")]
+    pub source: String,
+    /// How often to fetch a git source (webhooks fetch at once).
+    #[arg(long, default_value = "60s")]
+    pub interval: DurationSpec,
+    /// How often to re-check the host for drift (jittered by ±10%).
+    #[arg(long, default_value = "60s")]
+    pub resync: DurationSpec,
+    /// Heal drift or only report it.
+    #[arg(long, value_enum, default_value_t = DriftArg::Heal)]
+    pub drift: DriftArg,
+    /// Address for /metrics, /healthz, /readyz and POST /hooks/git.
+    #[arg(long, env = "STEAD_LISTEN", default_value = "127.0.0.1:9464")]
+    pub listen: SocketAddr,
+    /// File holding the webhook token (or set STEAD_WEBHOOK_TOKEN). Without one,
+    /// /hooks/git is disabled.
+    #[arg(long)]
+    pub webhook_token_file: Option<PathBuf>,
+    /// Apply only commits signed by a key in this file: an SSH allowed-signers file
+    /// (`ssh-keygen -Y verify`) or an OpenPGP keyring (`gpgv`).
+    #[arg(long, value_name = "KEYRING")]
+    pub verify_commits: Option<PathBuf>,
+    /// File with `username:password` or a token, for https remotes.
+    #[arg(long)]
+    pub git_credentials_file: Option<PathBuf>,
+    /// SSH private key for ssh:// remotes.
+    #[arg(long)]
+    pub git_ssh_key: Option<PathBuf>,
+    /// Do not delete owned resources missing from the manifests.
+    #[arg(long)]
+    pub no_prune: bool,
+    /// Accept a revision without manifests (prunes everything stead owns).
+    #[arg(long)]
+    pub allow_empty: bool,
+    /// Changes run at once.
+    #[arg(long, default_value_t = 4)]
+    pub parallelism: usize,
+    /// Quiet time after file-system events before reconciling a directory source.
+    #[arg(long, default_value = "200ms")]
+    pub debounce: DurationSpec,
+}
+
+/// Runs the controller until SIGTERM/SIGINT. Exit 0 on a clean shutdown.
+pub fn run(args: ControllerArgs, global_env: &HostEnv, drivers: Drivers) -> Result<u8> {
+    let source = SourceSpec::parse(&args.source).map_err(anyhow::Error::msg)?;
+    let webhook_token = match (
+        &args.webhook_token_file,
+        std::env::var("STEAD_WEBHOOK_TOKEN"),
+    ) {
+        (Some(f), _) => Some(
+            std::fs::read_to_string(f)
+                .with_context(|| format!("cannot read {}", f.display()))?
+                .trim()
+                .to_string(),
+        ),
+        (None, Ok(t)) => Some(t.trim().to_string()),
+        (None, Err(_)) => None,
+    };
+    if webhook_token.as_deref() == Some("") {
+        bail!("the webhook token is empty");
+    }
+    if args.resync.0.is_zero() || args.interval.0.is_zero() {
+        bail!("--resync and --interval must be positive");
+    }
+    let mut cfg = Config::new(source);
+    cfg.interval = args.interval.0;
+    cfg.resync = args.resync.0;
+    cfg.debounce = args.debounce.0;
+    cfg.drift = match args.drift {
+        DriftArg::Heal => DriftMode::Heal,
+        DriftArg::Report => DriftMode::Report,
+    };
+    cfg.listen = args.listen;
+    cfg.webhook_token = webhook_token;
+    cfg.verify_commits = args.verify_commits;
+    cfg.auth = GitAuth {
+        credentials_file: args.git_credentials_file,
+        ssh_key: args.git_ssh_key,
+    };
+    cfg.no_prune = args.no_prune;
+    cfg.allow_empty = args.allow_empty;
+    cfg.parallelism = args.parallelism.max(1);
+    stead_reconciler::controller::run(cfg, global_env.clone(), drivers)?;
+    Ok(0)
+}
