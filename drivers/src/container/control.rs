@@ -1,0 +1,357 @@
+//! The shim's control protocol and its clients: `status`, `stop`, `signal`, `update`,
+//! and the CLI helpers [`exec`], [`logs`], [`console`].
+//!
+//! Protocol: a client connects to `<run_dir>/containers/<name>/control.sock` and sends one
+//! JSON [`Request`] terminated by `\n` (for `exec`, with its stdin/stdout/stderr attached
+//! as `SCM_RIGHTS` to the same message); the shim answers one JSON line
+//! `{"ok":bool,"error"?,"state"?,"exitCode"?}`. `console` turns the connection into a raw
+//! byte stream after the reply.
+
+use std::collections::BTreeMap;
+use std::io::{self, IoSlice, IoSliceMut, Read, Write};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
+use serde::{Deserialize, Serialize};
+use stead_schema::{DriverError, RestartPolicy};
+
+use super::cgroup::Limits;
+use super::config::{Paths, ShimState};
+
+/// A control request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "camelCase")]
+pub enum Request {
+    /// The shim's state.
+    Status,
+    /// Graceful stop; the reply comes when the container is down and cleaned up.
+    Stop {
+        /// Seconds before SIGKILL (default: the config's).
+        #[serde(default, rename = "timeoutSecs")]
+        timeout_secs: Option<u64>,
+    },
+    /// Sends a signal to init.
+    Signal {
+        /// Signal number.
+        signal: i32,
+    },
+    /// Hot update of limits and restart policy.
+    Update {
+        /// New limits.
+        limits: Limits,
+        /// New restart policy.
+        #[serde(rename = "restartPolicy")]
+        restart_policy: RestartPolicy,
+        /// New desired-state record.
+        #[serde(default)]
+        desired: Option<serde_json::Value>,
+    },
+    /// Runs a command in the container (stdio passed as fds).
+    Exec {
+        /// Command and arguments.
+        args: Vec<String>,
+        /// Extra environment.
+        #[serde(default)]
+        env: BTreeMap<String, String>,
+    },
+    /// Attaches to the console.
+    Console,
+}
+
+/// A reply.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Reply {
+    /// Success.
+    pub ok: bool,
+    /// Error message.
+    #[serde(default)]
+    pub error: Option<String>,
+    /// Shim state (`status`, `stop`).
+    #[serde(default)]
+    pub state: Option<ShimState>,
+    /// Exit code (`exec`).
+    #[serde(default, alias = "exit_code")]
+    pub exit_code: Option<i32>,
+}
+
+/// Server side: reads one request line and the fds attached to it.
+pub(crate) fn recv_request(conn: &UnixStream) -> Result<(Request, Vec<OwnedFd>), String> {
+    let mut data = Vec::new();
+    let mut fds = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !data.contains(&b'\n') {
+        if data.len() > 1 << 20 {
+            return Err("request too large".into());
+        }
+        let mut cmsg = nix::cmsg_space!([RawFd; 3]);
+        let mut iov = [IoSliceMut::new(&mut buf)];
+        let msg = recvmsg::<()>(
+            conn.as_raw_fd(),
+            &mut iov,
+            Some(&mut cmsg),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        )
+        .map_err(|e| format!("read request: {e}"))?;
+        let n = msg.bytes;
+        if let Ok(cmsgs) = msg.cmsgs() {
+            for c in cmsgs {
+                if let ControlMessageOwned::ScmRights(r) = c {
+                    // SAFETY: the kernel just installed these descriptors for us.
+                    fds.extend(r.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }));
+                }
+            }
+        }
+        if n == 0 {
+            break;
+        }
+        data.extend_from_slice(&buf[..n]);
+    }
+    let line = data.split(|b| *b == b'\n').next().unwrap_or_default();
+    let req = serde_json::from_slice(line).map_err(|e| format!("bad request: {e}"))?;
+    Ok((req, fds))
+}
+
+fn connect(run_dir: &Path, name: &str) -> Result<UnixStream, DriverError> {
+    let sock = Paths::new(run_dir, name).socket();
+    UnixStream::connect(&sock).map_err(|e| match e.kind() {
+        io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => {
+            DriverError::NotReady(format!("container {name} is not running (no supervisor)"))
+        }
+        _ => DriverError::io(format!("connect {}", sock.display()), e),
+    })
+}
+
+fn send(conn: &UnixStream, req: &Request, fds: &[RawFd]) -> Result<(), DriverError> {
+    let mut line =
+        serde_json::to_vec(req).map_err(|e| DriverError::Other(format!("encode request: {e}")))?;
+    line.push(b'\n');
+    let iov = [IoSlice::new(&line)];
+    let cmsg = [ControlMessage::ScmRights(fds)];
+    let cmsgs: &[ControlMessage] = if fds.is_empty() { &[] } else { &cmsg };
+    let n = sendmsg::<()>(conn.as_raw_fd(), &iov, cmsgs, MsgFlags::empty(), None)
+        .map_err(|e| DriverError::io("send request", e.into()))?;
+    if n < line.len() {
+        (&*conn)
+            .write_all(&line[n..])
+            .map_err(|e| DriverError::io("send request", e))?;
+    }
+    Ok(())
+}
+
+fn read_reply(conn: &UnixStream) -> Result<Reply, DriverError> {
+    let mut data = Vec::new();
+    let mut b = [0u8; 1];
+    loop {
+        match (&*conn).read(&mut b) {
+            Ok(0) => break,
+            Ok(_) if b[0] == b'\n' => break,
+            Ok(_) => data.push(b[0]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(DriverError::io("read reply", e)),
+        }
+    }
+    if data.is_empty() {
+        return Err(DriverError::Other(
+            "supervisor closed the connection".into(),
+        ));
+    }
+    serde_json::from_slice(&data).map_err(|e| DriverError::Other(format!("bad reply: {e}")))
+}
+
+/// Sends `req` and waits up to `timeout` for the reply.
+pub fn request(
+    run_dir: &Path,
+    name: &str,
+    req: &Request,
+    timeout: Duration,
+) -> Result<Reply, DriverError> {
+    let conn = connect(run_dir, name)?;
+    conn.set_read_timeout(Some(timeout))
+        .map_err(|e| DriverError::io("socket timeout", e))?;
+    send(&conn, req, &[])?;
+    let r = read_reply(&conn)?;
+    if !r.ok {
+        return Err(DriverError::Other(
+            r.error.unwrap_or_else(|| "request failed".into()),
+        ));
+    }
+    Ok(r)
+}
+
+/// `stead exec Container/name -- cmd...`: runs `args` inside the container with the given
+/// stdin/stdout/stderr and returns its exit code (128+signal when killed).
+pub fn exec_with(
+    run_dir: &Path,
+    name: &str,
+    args: &[String],
+    env: &BTreeMap<String, String>,
+    stdio: [&dyn AsFd; 3],
+) -> Result<i32, DriverError> {
+    let conn = connect(run_dir, name)?;
+    let fds = stdio.map(|f| f.as_fd().as_raw_fd());
+    send(
+        &conn,
+        &Request::Exec {
+            args: args.to_vec(),
+            env: env.clone(),
+        },
+        &fds,
+    )?;
+    let r = read_reply(&conn)?;
+    if !r.ok {
+        return Err(DriverError::Other(
+            r.error.unwrap_or_else(|| "exec failed".into()),
+        ));
+    }
+    r.exit_code
+        .ok_or_else(|| DriverError::Other("exec reply without exit code".into()))
+}
+
+/// `stead exec` with the caller's own stdin/stdout/stderr.
+pub fn exec(run_dir: &Path, name: &str, args: &[String]) -> Result<i32, DriverError> {
+    exec_with(
+        run_dir,
+        name,
+        args,
+        &BTreeMap::new(),
+        [&io::stdin(), &io::stdout(), &io::stderr()],
+    )
+}
+
+/// `stead logs`: copies the console log to `out`; with `follow`, keeps copying new output
+/// until the container's supervisor is gone.
+pub fn logs(
+    run_dir: &Path,
+    name: &str,
+    follow: bool,
+    out: &mut dyn Write,
+) -> Result<(), DriverError> {
+    let paths = Paths::new(run_dir, name);
+    let p = paths.console_log();
+    let mut f =
+        std::fs::File::open(&p).map_err(|e| DriverError::io(format!("open {}", p.display()), e))?;
+    let mut pos = 0u64;
+    let mut buf = vec![0u8; 65536];
+    loop {
+        // The log may have been rotated (shrunk): start over from its beginning.
+        let len = std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
+        if len < pos {
+            f = std::fs::File::open(&p)
+                .map_err(|e| DriverError::io(format!("open {}", p.display()), e))?;
+            pos = 0;
+        }
+        loop {
+            let n = f
+                .read(&mut buf)
+                .map_err(|e| DriverError::io("read log", e))?;
+            if n == 0 {
+                break;
+            }
+            pos += n as u64;
+            out.write_all(&buf[..n])
+                .map_err(|e| DriverError::io("write log", e))?;
+        }
+        out.flush().map_err(|e| DriverError::io("flush", e))?;
+        if !follow || !super::shim::lock_held(&paths) {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Detach key for [`console`]: Ctrl-].
+pub const CONSOLE_DETACH: u8 = 0x1d;
+
+/// `stead console`: attaches the terminal to the container's console (raw mode) until
+/// Ctrl-] or the container goes away.
+pub fn console(run_dir: &Path, name: &str) -> Result<(), DriverError> {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    use nix::sys::termios;
+    let conn = connect(run_dir, name)?;
+    send(&conn, &Request::Console, &[])?;
+    let r = read_reply(&conn)?;
+    if !r.ok {
+        return Err(DriverError::Other(r.error.unwrap_or_default()));
+    }
+    let stdin = io::stdin();
+    let saved = termios::tcgetattr(&stdin).ok();
+    if let Some(t) = &saved {
+        let mut raw = t.clone();
+        termios::cfmakeraw(&mut raw);
+        let _ = termios::tcsetattr(&stdin, termios::SetArg::TCSANOW, &raw);
+    }
+    let mut out = io::stdout();
+    let mut buf = [0u8; 4096];
+    let result = (|| -> Result<(), DriverError> {
+        loop {
+            let mut fds = [
+                PollFd::new(stdin.as_fd(), PollFlags::POLLIN),
+                PollFd::new(conn.as_fd(), PollFlags::POLLIN),
+            ];
+            match poll(&mut fds, PollTimeout::NONE) {
+                Ok(_) => {}
+                Err(nix::Error::EINTR) => continue,
+                Err(e) => return Err(DriverError::io("poll", e.into())),
+            }
+            let r0 = fds[0].revents().is_some_and(|r| !r.is_empty());
+            let r1 = fds[1].revents().is_some_and(|r| !r.is_empty());
+            if r0 {
+                let n = io::stdin()
+                    .lock()
+                    .read(&mut buf)
+                    .map_err(|e| DriverError::io("stdin", e))?;
+                if n == 0 {
+                    return Ok(());
+                }
+                if let Some(i) = buf[..n].iter().position(|b| *b == CONSOLE_DETACH) {
+                    let _ = (&conn).write_all(&buf[..i]);
+                    return Ok(());
+                }
+                (&conn)
+                    .write_all(&buf[..n])
+                    .map_err(|e| DriverError::io("console write", e))?;
+            }
+            if r1 {
+                let n = (&conn)
+                    .read(&mut buf)
+                    .map_err(|e| DriverError::io("console read", e))?;
+                if n == 0 {
+                    return Ok(());
+                }
+                out.write_all(&buf[..n])
+                    .map_err(|e| DriverError::io("stdout", e))?;
+                out.flush().map_err(|e| DriverError::io("stdout", e))?;
+            }
+        }
+    })();
+    if let Some(t) = &saved {
+        let _ = termios::tcsetattr(&stdin, termios::SetArg::TCSANOW, t);
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_json_shape() {
+        let r = Request::Stop {
+            timeout_secs: Some(3),
+        };
+        let s = serde_json::to_string(&r).expect("json");
+        assert_eq!(s, r#"{"op":"stop","timeoutSecs":3}"#);
+        let back: Request = serde_json::from_str(r#"{"op":"exec","args":["ps"]}"#).expect("parse");
+        assert_eq!(
+            back,
+            Request::Exec {
+                args: vec!["ps".into()],
+                env: BTreeMap::new()
+            }
+        );
+    }
+}

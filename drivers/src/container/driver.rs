@@ -1,0 +1,529 @@
+//! `ContainerDriver` (kind `Container`).
+//!
+//! State shape (desired and observed):
+//! `{"state": "running"|"stopped"|"orphaned", "rootfs", "hostname", "command", "env",
+//! "unprivileged", "resources": {"cpus","memory","pids"}, "interfaces", "mounts",
+//! "restartPolicy"}`. Impact: `state`, `resources`, `restartPolicy` are hot (control
+//! request / cgroup write); everything else restarts the container.
+//!
+//! Observe reads `<run_dir>/containers/*/{config.json,state.json}`, probes the shim's lock
+//! and reads live cgroup limits and usage. A supervisor that died leaves state `orphaned`
+//! (processes still in the cgroup) or `stopped`, with health `Degraded`; apply then kills
+//! the leftovers and starts a new supervisor — never a duplicate.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use stead_schema::{
+    ContainerSpec, Driver, DriverError, FieldChange, Health, HostEnv, Impact, Kind, Lookup,
+    Observed, Resource, ResourceId, RunState, Spec,
+};
+
+use super::cgroup::{Cgroup, Hierarchy, Limits};
+use super::config::{
+    ContainerConfig, DEFAULT_COMMAND, DEFAULT_STOP_TIMEOUT_SECS, InterfaceConfig, MountConfig,
+    Paths, Phase, ShimState, host_veth_name, read_json, write_json,
+};
+use super::control::{Request, request};
+use super::shim::{ShimArgs, lock_held};
+use super::{network, rootfs};
+
+/// Fields whose change only needs a hot update.
+const HOT_FIELDS: [&str; 3] = ["state", "resources", "restartPolicy"];
+
+/// The Container driver.
+#[derive(Debug, Clone)]
+pub struct ContainerDriver {
+    env: HostEnv,
+    hier: Hierarchy,
+    /// Seconds between the stop signal and SIGKILL.
+    pub stop_timeout_secs: u64,
+}
+
+fn spec_of(r: &Resource) -> Result<&ContainerSpec, DriverError> {
+    match &r.spec {
+        Spec::Container(c) => Ok(c),
+        _ => Err(DriverError::Other(format!(
+            "{} is not a Container",
+            r.id.name
+        ))),
+    }
+}
+
+impl ContainerDriver {
+    /// A driver for `env` (detects the cgroup hierarchy).
+    pub fn new(env: &HostEnv) -> Result<Self, DriverError> {
+        Ok(ContainerDriver {
+            env: env.clone(),
+            hier: Hierarchy::detect()?,
+            stop_timeout_secs: DEFAULT_STOP_TIMEOUT_SECS,
+        })
+    }
+
+    fn paths(&self, name: &str) -> Paths {
+        Paths::new(&self.env.run_dir, name)
+    }
+
+    fn cgroup(&self, name: &str) -> Cgroup {
+        self.hier.cgroup(&self.env.cgroup_parent, name)
+    }
+
+    fn base_dir(&self, spec: &ContainerSpec, world: &dyn Lookup) -> Result<PathBuf, DriverError> {
+        match &spec.rootfs.pool {
+            Some(p) => crate::storage::pool_path(world, p.as_str()),
+            None => Ok(self.env.state_dir.clone()),
+        }
+    }
+
+    /// The projection of a spec onto the observed shape.
+    pub fn project(name: &str, spec: &ContainerSpec) -> Value {
+        let mut res = serde_json::Map::new();
+        if let Some(c) = spec.resources.cpus {
+            res.insert("cpus".into(), json!(c));
+        }
+        if let Some(m) = spec.resources.memory {
+            res.insert("memory".into(), json!(m.bytes()));
+        }
+        if let Some(p) = spec.resources.pids {
+            res.insert("pids".into(), json!(p));
+        }
+        json!({
+            "state": match spec.state { RunState::Running => "running", RunState::Stopped => "stopped" },
+            "rootfs": spec.rootfs,
+            "hostname": spec.hostname.clone().unwrap_or_else(|| name.to_string()),
+            "command": spec.command.clone().unwrap_or_else(|| vec![DEFAULT_COMMAND.to_string()]),
+            "env": spec.env,
+            "unprivileged": spec.unprivileged,
+            "resources": res,
+            "interfaces": spec.interfaces,
+            "mounts": spec.mounts,
+            "restartPolicy": spec.restart_policy,
+        })
+    }
+
+    fn limits(spec: &ContainerSpec) -> Limits {
+        Limits {
+            cpus: spec.resources.cpus,
+            memory: spec.resources.memory.map(|m| m.bytes()),
+            pids: spec.resources.pids,
+        }
+    }
+
+    /// Resolves a spec into the config a shim runs (prepares the rootfs, allocates ids).
+    fn resolve(
+        &self,
+        r: &Resource,
+        spec: &ContainerSpec,
+        desired: Value,
+        world: &dyn Lookup,
+    ) -> Result<ContainerConfig, DriverError> {
+        let name = r.id.name.as_str();
+        let paths = self.paths(name);
+        let idmap = if spec.unprivileged {
+            Some(rootfs::allocate_ids(&self.env.state_dir, name)?)
+        } else {
+            None
+        };
+        let base = self.base_dir(spec, world)?;
+        let root = rootfs::prepare(&spec.rootfs, name, &base, idmap, &paths)?;
+        let mut mounts = Vec::new();
+        for m in &spec.mounts {
+            let src = crate::storage::volume_path(world, m.volume.as_str())?;
+            if !src.is_dir() {
+                return Err(DriverError::Unsupported(format!(
+                    "mount of Volume/{}: {} is a disk image; container mounts of raw volumes need a loop device (not implemented yet), only directory-backed volumes mount",
+                    m.volume,
+                    src.display()
+                )));
+            }
+            mounts.push(MountConfig {
+                source: src,
+                target: m.path.clone(),
+                read_only: m.read_only,
+            });
+        }
+        let mut interfaces = Vec::new();
+        for (i, ifc) in spec.interfaces.iter().enumerate() {
+            if ifc.vlan.is_some() {
+                return Err(DriverError::Unsupported(
+                    "VLAN tags on container interfaces need bridge VLAN filtering (missing on this kernel)".into(),
+                ));
+            }
+            interfaces.push(InterfaceConfig {
+                name: ifc.name.as_str().to_string(),
+                bridge: ifc.network.as_str().to_string(),
+                host_name: host_veth_name(name, i),
+                address: ifc.address,
+                gateway: ifc.gateway,
+                mac: ifc.mac,
+            });
+        }
+        Ok(ContainerConfig {
+            name: name.to_string(),
+            rootfs: root,
+            hostname: spec.hostname.clone().unwrap_or_else(|| name.to_string()),
+            command: spec
+                .command
+                .clone()
+                .unwrap_or_else(|| vec![DEFAULT_COMMAND.to_string()]),
+            env: spec.env.clone(),
+            idmap,
+            limits: Self::limits(spec),
+            interfaces,
+            mounts,
+            restart_policy: spec.restart_policy,
+            cgroup_parent: self.env.cgroup_parent.clone(),
+            host_netns: self.env.netns.clone(),
+            stop_timeout_secs: self.stop_timeout_secs,
+            desired,
+        })
+    }
+
+    fn spawn_shim(&self, cfg: &ContainerConfig) -> Result<(), DriverError> {
+        let paths = self.paths(&cfg.name);
+        let args = ShimArgs {
+            run_dir: self.env.run_dir.clone(),
+            name: cfg.name.clone(),
+            config: paths.config(),
+        };
+        let out = Command::new(&self.env.self_exe)
+            .arg("shim")
+            .args(args.to_args())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .output()
+            .map_err(|e| {
+                DriverError::io(format!("spawn {} shim", self.env.self_exe.display()), e)
+            })?;
+        if !out.status.success() {
+            return Err(DriverError::Command {
+                command: format!("{} shim --name {}", self.env.self_exe.display(), cfg.name),
+                status: out.status.to_string(),
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Stops a running container gracefully and waits for its supervisor to exit.
+    pub fn stop(&self, name: &str) -> Result<(), DriverError> {
+        let paths = self.paths(name);
+        if lock_held(&paths) {
+            let timeout = Duration::from_secs(self.stop_timeout_secs + 10);
+            match request(
+                &self.env.run_dir,
+                name,
+                &Request::Stop { timeout_secs: None },
+                timeout,
+            ) {
+                Ok(_) | Err(DriverError::NotReady(_)) => {}
+                Err(e) => return Err(e),
+            }
+            let t = Instant::now();
+            while lock_held(&paths) {
+                if t.elapsed() > Duration::from_secs(10) {
+                    return Err(DriverError::Other(format!(
+                        "supervisor of {name} did not exit after stop"
+                    )));
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        // Leftovers of a dead supervisor.
+        self.cgroup(name).destroy()
+    }
+
+    fn observe_one(&self, r: &Resource) -> Result<Observed, DriverError> {
+        let name = r.id.name.as_str();
+        let paths = self.paths(name);
+        let Some(cfg) = read_json::<ContainerConfig>(&paths.config())? else {
+            return Ok(Observed::absent());
+        };
+        let st: Option<ShimState> = read_json(&paths.state())?;
+        let alive = lock_held(&paths);
+        let cg = self.cgroup(name);
+        let leftovers = !alive && !cg.pids().is_empty();
+        let mut state = cfg.desired.clone();
+        let phase = st.as_ref().map(|s| s.phase);
+        let run = match (alive, phase) {
+            (true, Some(Phase::Running | Phase::Restarting)) => "running",
+            (false, _) if leftovers => "orphaned",
+            _ => "stopped",
+        };
+        if let Some(o) = state.as_object_mut() {
+            o.insert("state".into(), json!(run));
+            if alive && cg.exists() {
+                let l = cg.limits()?;
+                let mut res = serde_json::Map::new();
+                if let Some(c) = l.cpus {
+                    res.insert("cpus".into(), json!(c));
+                }
+                if let Some(m) = l.memory {
+                    res.insert("memory".into(), json!(m));
+                }
+                if let Some(p) = l.pids {
+                    res.insert("pids".into(), json!(p));
+                }
+                o.insert("resources".into(), Value::Object(res));
+            }
+        }
+        let usage = if cg.exists() { cg.usage().ok() } else { None };
+        let ips: Vec<String> = cfg
+            .interfaces
+            .iter()
+            .filter_map(|i| i.address.map(|a| a.to_string()))
+            .collect();
+        let status = json!({
+            "phase": phase,
+            "pid": st.as_ref().and_then(|s| s.init_pid).filter(|_| alive),
+            "shimPid": st.as_ref().map(|s| s.shim_pid).filter(|_| alive),
+            "restarts": st.as_ref().map_or(0, |s| s.restarts),
+            "startedAt": st.as_ref().and_then(|s| s.started_at.clone()),
+            "lastExit": st.as_ref().and_then(|s| s.last_exit.clone()),
+            "lastError": st.as_ref().and_then(|s| s.last_error.clone()),
+            "cpuSeconds": usage.map(|u| u.cpu_seconds),
+            "memoryBytes": usage.map(|u| u.memory_bytes),
+            "oomKills": usage.map(|u| u.oom_kills),
+            "ips": ips,
+            "cgroup": cg.relative(),
+        });
+        let health = match (alive, phase) {
+            (true, Some(Phase::Running)) => Health::Ready,
+            (true, _) => Health::Progressing,
+            (false, Some(Phase::Running | Phase::Restarting | Phase::Stopping)) => {
+                Health::Degraded("supervisor died".into())
+            }
+            (false, Some(Phase::Exited)) => Health::Failed(format!(
+                "exited: {}",
+                st.as_ref()
+                    .and_then(|s| s.last_exit.as_ref())
+                    .map(|e| format!("code {:?} signal {:?}", e.code, e.signal))
+                    .unwrap_or_default()
+            )),
+            _ => Health::Ready,
+        };
+        Ok(Observed {
+            exists: true,
+            owned: true,
+            state,
+            status,
+            health,
+        })
+    }
+}
+
+fn restart_fields(v: &Value) -> Value {
+    let mut v = v.clone();
+    if let Some(o) = v.as_object_mut() {
+        for f in HOT_FIELDS {
+            o.remove(f);
+        }
+    }
+    v
+}
+
+impl Driver for ContainerDriver {
+    fn kind(&self) -> Kind {
+        Kind::Container
+    }
+
+    fn observe(
+        &self,
+        targets: &[&Resource],
+        _world: &dyn Lookup,
+    ) -> Result<BTreeMap<ResourceId, Observed>, DriverError> {
+        let _span = tracing::info_span!("observe", kind = "Container").entered();
+        // One readdir: names without a directory are absent without further reads.
+        let present: std::collections::BTreeSet<String> =
+            match fs::read_dir(self.env.run_dir.join("containers")) {
+                Ok(rd) => rd
+                    .filter_map(Result::ok)
+                    .filter_map(|e| e.file_name().into_string().ok())
+                    .collect(),
+                Err(_) => Default::default(),
+            };
+        let mut out = BTreeMap::new();
+        for r in targets {
+            let o = if present.contains(&r.id.name) {
+                self.observe_one(r)?
+            } else {
+                Observed::absent()
+            };
+            out.insert(r.id.clone(), o);
+        }
+        Ok(out)
+    }
+
+    fn desired_state(&self, desired: &Resource, _world: &dyn Lookup) -> Value {
+        match spec_of(desired) {
+            Ok(s) => Self::project(&desired.id.name, s),
+            Err(_) => Value::Null,
+        }
+    }
+
+    fn impact(&self, path: &str) -> Impact {
+        let top = path.trim_start_matches('/').split('/').next().unwrap_or("");
+        if HOT_FIELDS.contains(&top) {
+            Impact::Hot
+        } else {
+            Impact::Restart
+        }
+    }
+
+    fn check(
+        &self,
+        desired: &Resource,
+        _observed: &Observed,
+        _changes: &[FieldChange],
+    ) -> Result<(), String> {
+        let spec = spec_of(desired).map_err(|e| e.to_string())?;
+        if spec.interfaces.iter().any(|i| i.vlan.is_some()) {
+            return Err(
+                "container interface vlan: bridge VLAN filtering is not available on this kernel"
+                    .into(),
+            );
+        }
+        if spec.rootfs.volume.is_some() {
+            return Err("rootfs.volume is not implemented yet; use template or path".into());
+        }
+        Ok(())
+    }
+
+    fn apply(
+        &self,
+        desired: &Resource,
+        _observed: &Observed,
+        world: &dyn Lookup,
+    ) -> Result<(), DriverError> {
+        let name = desired.id.name.as_str();
+        let _span = tracing::info_span!("apply", resource = %format!("Container/{name}")).entered();
+        let spec = spec_of(desired)?;
+        let want = Self::project(name, spec);
+        let paths = self.paths(name);
+        fs::create_dir_all(&paths.dir)
+            .map_err(|e| DriverError::io(format!("mkdir {}", paths.dir.display()), e))?;
+        let old: Option<ContainerConfig> = read_json(&paths.config())?;
+        let mut alive = lock_held(&paths);
+        if alive
+            && old
+                .as_ref()
+                .is_none_or(|o| restart_fields(&o.desired) != restart_fields(&want))
+        {
+            tracing::info!("restart-impact change: stopping the running instance");
+            self.stop(name)?;
+            alive = false;
+        }
+        match spec.state {
+            RunState::Running if alive => {
+                let r = request(
+                    &self.env.run_dir,
+                    name,
+                    &Request::Update {
+                        limits: Self::limits(spec),
+                        restart_policy: spec.restart_policy,
+                        desired: Some(want),
+                    },
+                    Duration::from_secs(10),
+                );
+                match r {
+                    Ok(_) => Ok(()),
+                    // The supervisor went away between the probe and the request.
+                    Err(DriverError::NotReady(m)) => Err(DriverError::NotReady(m)),
+                    Err(e) => Err(e),
+                }
+            }
+            RunState::Running => {
+                let cfg = self.resolve(desired, spec, want, world)?;
+                write_json(&paths.config(), &cfg)?;
+                self.spawn_shim(&cfg)
+            }
+            RunState::Stopped => {
+                self.stop(name)?;
+                // Record the config so observe shows the stopped container's fields.
+                let cfg = self.resolve(desired, spec, want, world)?;
+                write_json(&paths.config(), &cfg)
+            }
+        }
+    }
+
+    fn delete(
+        &self,
+        last_applied: &Resource,
+        _observed: &Observed,
+        world: &dyn Lookup,
+    ) -> Result<(), DriverError> {
+        let name = last_applied.id.name.as_str();
+        let _span =
+            tracing::info_span!("delete", resource = %format!("Container/{name}")).entered();
+        self.stop(name)?;
+        let paths = self.paths(name);
+        if let Some(cfg) = read_json::<ContainerConfig>(&paths.config())? {
+            network::detach(&cfg)?;
+        }
+        if let Ok(spec) = spec_of(last_applied) {
+            let base = self
+                .base_dir(spec, world)
+                .unwrap_or_else(|_| self.env.state_dir.clone());
+            rootfs::remove(name, &base)?;
+        }
+        rootfs::remove(name, &self.env.state_dir)?;
+        rootfs::release_ids(&self.env.state_dir, name)?;
+        match fs::remove_dir_all(&paths.dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(DriverError::io(
+                format!("remove {}", paths.dir.display()),
+                e,
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn impacts() {
+        let env = HostEnv {
+            state_dir: "/nonexistent".into(),
+            run_dir: "/nonexistent".into(),
+            cgroup_parent: "stead".into(),
+            netns: None,
+            self_exe: "/bin/false".into(),
+        };
+        let d = ContainerDriver {
+            env,
+            hier: Hierarchy::V2 {
+                root: "/nonexistent".into(),
+            },
+            stop_timeout_secs: 10,
+        };
+        assert_eq!(d.impact("/resources/memory"), Impact::Hot);
+        assert_eq!(d.impact("/state"), Impact::Hot);
+        assert_eq!(d.impact("/restartPolicy"), Impact::Hot);
+        assert_eq!(d.impact("/rootfs/template"), Impact::Restart);
+        assert_eq!(d.impact("/interfaces/0/address"), Impact::Restart);
+        assert_eq!(d.impact("/unprivileged"), Impact::Restart);
+    }
+
+    #[test]
+    fn projection_defaults() {
+        let spec: ContainerSpec = serde_json::from_value(
+            json!({"rootfs": {"path": "/srv/r"}, "resources": {"memory": "64Mi"}}),
+        )
+        .expect("spec");
+        let v = ContainerDriver::project("web", &spec);
+        assert_eq!(v["hostname"], "web");
+        assert_eq!(v["command"], json!(["/sbin/init"]));
+        assert_eq!(v["state"], "running");
+        assert_eq!(v["unprivileged"], true);
+        assert_eq!(v["resources"], json!({"memory": 67108864}));
+        assert_eq!(v["restartPolicy"], "always");
+    }
+}

@@ -1,0 +1,99 @@
+//! Container networking: one veth pair per interface, host end on the Network's bridge
+//! (in `--netns` when set), peer created directly in the container's network namespace
+//! with its name, MAC, address and default route; loopback brought up. Uses
+//! [`crate::net::attach::ensure_veth`] (netlink, no `ip` commands).
+//!
+//! The pair lives exactly as long as the container's network namespace: when init dies
+//! the namespace goes and the kernel deletes both ends, so a stopped or crashed container
+//! leaves no veth behind. [`detach`] removes a host end that is still there (owned ones only).
+
+use nix::unistd::Pid;
+use stead_schema::{DriverError, Kind};
+
+use super::config::ContainerConfig;
+use crate::net::NetnsRef;
+use crate::net::attach::{VethPeer, VethSpec, delete_link, ensure_veth};
+
+/// Ownership alias of container `name`'s links.
+pub fn owner(name: &str) -> String {
+    crate::net::owner_alias(Kind::Container, name)
+}
+
+/// Creates and configures the interfaces of `cfg` for the container whose init is `pid`.
+/// With no interfaces, only brings up loopback.
+pub(crate) fn attach(cfg: &ContainerConfig, pid: Pid) -> Result<(), DriverError> {
+    let _span = tracing::info_span!("container_net", container = %cfg.name).entered();
+    if cfg.interfaces.is_empty() {
+        return loopback_up(pid);
+    }
+    let owner = owner(&cfg.name);
+    for (i, ifc) in cfg.interfaces.iter().enumerate() {
+        let spec = VethSpec {
+            host_name: ifc.host_name.clone(),
+            bridge: ifc.bridge.clone(),
+            owner: owner.clone(),
+            mtu: None,
+            peer: VethPeer {
+                name: ifc.name.clone(),
+                netns: Some(NetnsRef::Pid(pid.as_raw() as u32)),
+                mac: ifc.mac,
+                addresses: ifc.address.into_iter().collect(),
+                gateway: ifc.gateway,
+                loopback_up: i == 0,
+            },
+        };
+        ensure_veth(cfg.host_netns.as_deref(), &spec)?;
+    }
+    Ok(())
+}
+
+fn loopback_up(pid: Pid) -> Result<(), DriverError> {
+    // A veth-less container still gets `lo` up: an ioctl inside its netns.
+    let ns = std::fs::File::open(format!("/proc/{pid}/ns/net"))
+        .map_err(|e| DriverError::io("open container netns", e))?;
+    std::thread::scope(|s| {
+        s.spawn(move || -> Result<(), DriverError> {
+            nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_err(|e| DriverError::io("setns container netns", e.into()))?;
+            let sock = nix::sys::socket::socket(
+                nix::sys::socket::AddressFamily::Inet,
+                nix::sys::socket::SockType::Datagram,
+                nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+                None,
+            )
+            .map_err(|e| DriverError::io("socket", e.into()))?;
+            let mut req: libc::ifreq = unsafe_zeroed_ifreq();
+            req.ifr_name[0] = b'l' as libc::c_char;
+            req.ifr_name[1] = b'o' as libc::c_char;
+            req.ifr_ifru.ifru_flags =
+                (libc::IFF_UP | libc::IFF_LOOPBACK | libc::IFF_RUNNING) as i16;
+            use std::os::fd::AsRawFd;
+            // SAFETY: SIOCSIFFLAGS reads a struct ifreq that lives for the call.
+            let r = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req) };
+            if r < 0 {
+                return Err(DriverError::io(
+                    "bring up lo",
+                    std::io::Error::last_os_error(),
+                ));
+            }
+            Ok(())
+        })
+        .join()
+        .map_err(|_| DriverError::Other("loopback thread panicked".into()))?
+    })
+}
+
+fn unsafe_zeroed_ifreq() -> libc::ifreq {
+    // SAFETY: ifreq is a plain C struct/union for which all-zero bytes is a valid value.
+    unsafe { std::mem::zeroed() }
+}
+
+/// Deletes host ends of `cfg`'s veth pairs that are still present (normally the kernel
+/// already removed them with the namespace). Only links carrying the container's alias.
+pub fn detach(cfg: &ContainerConfig) -> Result<(), DriverError> {
+    let owner = owner(&cfg.name);
+    for ifc in &cfg.interfaces {
+        delete_link(cfg.host_netns.as_deref(), &ifc.host_name, &owner)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,583 @@
+//! The clone path: starting a container's init and exec'ing into a running container.
+//!
+//! Only ever called from the single-threaded shim (never from a tokio or otherwise
+//! multi-threaded process), so the cloned child may allocate and run ordinary Rust.
+//!
+//! Start sequence (parent = shim, child = future init):
+//! 1. `clone(NEWNS|NEWPID|NEWUTS|NEWIPC|NEWNET[|NEWUSER])`; the child blocks on a pipe;
+//! 2. parent writes `uid_map`/`gid_map` (unprivileged), moves the child into its cgroup,
+//!    creates the veth pairs (peer directly in the child's netns), then releases it;
+//! 3. child: become root of its user namespace, `unshare(NEWCGROUP)`, new session with the
+//!    console pty as controlling tty, mounts (rootfs, /proc, /sys ro, /dev tmpfs with bind
+//!    mounted device nodes, /dev/pts newinstance, /dev/shm, volumes), `pivot_root`, masked
+//!    and read-only /proc paths, hostname, capability bounding set, `no_new_privs`,
+//!    seccomp, `execve`;
+//! 4. errors travel back over a close-on-exec pipe: EOF without data = exec succeeded.
+
+use std::collections::BTreeMap;
+use std::ffi::CString;
+use std::fs;
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::unix::fs::symlink;
+use std::path::{Path, PathBuf};
+
+use nix::fcntl::OFlag;
+use nix::mount::{MntFlags, MsFlags, mount, umount2};
+use nix::sched::{CloneFlags, setns, unshare};
+use nix::sys::signal::Signal;
+use nix::unistd::{Gid, Pid, Uid, chdir, execve, pipe2, pivot_root, sethostname};
+use seccompiler::BpfProgram;
+use stead_schema::DriverError;
+
+use super::cgroup::Cgroup;
+use super::config::{ContainerConfig, RootfsMount};
+use super::security;
+
+/// Default PATH inside containers.
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+/// Device nodes bind-mounted from the host into the container's /dev.
+const DEVICES: [&str; 6] = ["null", "zero", "full", "random", "urandom", "tty"];
+
+fn errno_ctx(ctx: &str) -> impl FnOnce(nix::Error) -> String + '_ {
+    move |e| format!("{ctx}: {e}")
+}
+
+/// Everything the cloned child needs, prepared by the parent before `clone`.
+struct ChildCtx<'a> {
+    cfg: &'a ContainerConfig,
+    go_r: RawFd,
+    go_w: RawFd,
+    err_r: RawFd,
+    err_w: RawFd,
+    console: RawFd,
+    console_path: PathBuf,
+    seccomp: &'a BpfProgram,
+    last_cap: u32,
+}
+
+/// Starts init for `cfg`: returns its pid in the shim's pid namespace.
+pub(crate) fn start_init(
+    cfg: &ContainerConfig,
+    cgroup: &Cgroup,
+    console: BorrowedFd<'_>,
+    console_path: &Path,
+) -> Result<Pid, DriverError> {
+    let (go_r, go_w) = pipe2(OFlag::O_CLOEXEC).map_err(|e| DriverError::io("pipe", e.into()))?;
+    let (err_r, err_w) = pipe2(OFlag::O_CLOEXEC).map_err(|e| DriverError::io("pipe", e.into()))?;
+    let seccomp = security::seccomp_program()?;
+    let last_cap = security::last_cap();
+    if let RootfsMount::Overlay { target, .. } = &cfg.rootfs {
+        fs::create_dir_all(target)
+            .map_err(|e| DriverError::io(format!("mkdir {}", target.display()), e))?;
+    }
+    let ctx = ChildCtx {
+        cfg,
+        go_r: go_r.as_raw_fd(),
+        go_w: go_w.as_raw_fd(),
+        err_r: err_r.as_raw_fd(),
+        err_w: err_w.as_raw_fd(),
+        console: console.as_raw_fd(),
+        console_path: console_path.to_path_buf(),
+        seccomp: &seccomp,
+        last_cap,
+    };
+    let mut flags = CloneFlags::CLONE_NEWNS
+        | CloneFlags::CLONE_NEWPID
+        | CloneFlags::CLONE_NEWUTS
+        | CloneFlags::CLONE_NEWIPC
+        | CloneFlags::CLONE_NEWNET;
+    if cfg.idmap.is_some() {
+        flags |= CloneFlags::CLONE_NEWUSER;
+    }
+    let mut stack = vec![0u8; 1 << 20];
+    let cb = Box::new(|| child_entry(&ctx));
+    // SAFETY: the shim is single-threaded, so the child starts with a consistent heap and
+    // no locks held by other threads; the child runs `child_entry`, which only ends by
+    // `execve` or `_exit`, and the stack outlives the clone call (the child has its own
+    // copy of the address space, no CLONE_VM).
+    let pid = unsafe { nix::sched::clone(cb, &mut stack, flags, Some(Signal::SIGCHLD as i32)) }
+        .map_err(|e| DriverError::io("clone container init", e.into()))?;
+    drop(go_r);
+    drop(err_w);
+    let mut go_w = fs::File::from(go_w);
+    let mut err_r = fs::File::from(err_r);
+
+    let setup = (|| -> Result<(), DriverError> {
+        if let Some(m) = cfg.idmap {
+            let map = format!("0 {} {}\n", m.base, m.size);
+            for f in ["uid_map", "gid_map"] {
+                let p = format!("/proc/{pid}/{f}");
+                fs::write(&p, &map).map_err(|e| DriverError::io(format!("write {p}"), e))?;
+            }
+        }
+        cgroup.add_pid(pid.as_raw())?;
+        super::network::attach(cfg, pid)?;
+        Ok(())
+    })();
+    if let Err(e) = setup {
+        let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
+        let _ = nix::sys::wait::waitpid(pid, None);
+        return Err(e);
+    }
+    go_w.write_all(b"g")
+        .map_err(|e| DriverError::io("release container init", e))?;
+    drop(go_w);
+    let mut msg = String::new();
+    let _ = err_r.read_to_string(&mut msg);
+    if !msg.is_empty() {
+        let _ = nix::sys::wait::waitpid(pid, None);
+        return Err(DriverError::Other(format!("container init: {msg}")));
+    }
+    Ok(pid)
+}
+
+fn child_entry(ctx: &ChildCtx<'_>) -> isize {
+    let _ = nix::unistd::close(ctx.go_w);
+    let _ = nix::unistd::close(ctx.err_r);
+    let err = match child_setup(ctx) {
+        Ok(never) => match never {},
+        Err(e) => e,
+    };
+    // SAFETY: err_w is the child's copy of the error pipe's write end, open until exit.
+    let w = unsafe { BorrowedFd::borrow_raw(ctx.err_w) };
+    let _ = nix::unistd::write(w, err.as_bytes());
+    // SAFETY: _exit is always safe; it skips atexit handlers that belong to the shim.
+    unsafe { libc::_exit(127) }
+}
+
+/// Undoes what the shim's process state would leak into the container: blocked signals
+/// (the shim blocks SIGCHLD/SIGTERM for its signalfd) and ignored SIGPIPE (Rust's runtime
+/// ignores it); both survive `execve`.
+fn reset_signals() -> Result<(), String> {
+    nix::sys::signal::SigSet::empty()
+        .thread_set_mask()
+        .map_err(errno_ctx("unblock signals"))?;
+    // SAFETY: restoring the default disposition of SIGPIPE; no handler is involved.
+    unsafe { nix::sys::signal::signal(Signal::SIGPIPE, nix::sys::signal::SigHandler::SigDfl) }
+        .map_err(errno_ctx("reset SIGPIPE"))?;
+    Ok(())
+}
+
+fn child_setup(ctx: &ChildCtx<'_>) -> Result<std::convert::Infallible, String> {
+    let cfg = ctx.cfg;
+    reset_signals()?;
+    // Wait until the parent has written the id maps, set the cgroup and the network.
+    let mut b = [0u8; 1];
+    // SAFETY: go_r is the read end of the start pipe, open in the child.
+    let go = unsafe { BorrowedFd::borrow_raw(ctx.go_r) };
+    match nix::unistd::read(go, &mut b) {
+        Ok(1) => {}
+        _ => return Err("parent went away before releasing init".into()),
+    }
+    if cfg.idmap.is_some() {
+        nix::unistd::setresgid(Gid::from_raw(0), Gid::from_raw(0), Gid::from_raw(0))
+            .map_err(errno_ctx("setresgid 0"))?;
+        nix::unistd::setresuid(Uid::from_raw(0), Uid::from_raw(0), Uid::from_raw(0))
+            .map_err(errno_ctx("setresuid 0"))?;
+    }
+    nix::unistd::setgroups(&[]).map_err(errno_ctx("setgroups"))?;
+    unshare(CloneFlags::CLONE_NEWCGROUP).map_err(errno_ctx("unshare cgroup namespace"))?;
+    nix::unistd::setsid().map_err(errno_ctx("setsid"))?;
+    // SAFETY: console is the pty slave fd inherited from the shim.
+    let console = unsafe { BorrowedFd::borrow_raw(ctx.console) };
+    for fd in 0..3 {
+        // SAFETY: dup2 onto the standard descriptors; nothing else in this process uses them.
+        if unsafe { libc::dup2(console.as_raw_fd(), fd) } < 0 {
+            return Err(format!("dup2 console: {}", std::io::Error::last_os_error()));
+        }
+    }
+    // SAFETY: TIOCSCTTY on fd 0 (the pty slave) with arg 0; this process leads a new session.
+    unsafe { libc::ioctl(0, libc::TIOCSCTTY, 0) };
+    if ctx.console > 2 {
+        let _ = nix::unistd::close(ctx.console);
+    }
+
+    setup_mounts(ctx)?;
+    sethostname(&cfg.hostname).map_err(errno_ctx("sethostname"))?;
+    let (path, argv, envp) = command(cfg, &BTreeMap::new())?;
+    security::restrict(ctx.last_cap, ctx.seccomp)?;
+    execve(&path, &argv, &envp).map_err(|e| format!("exec {path:?}: {e}"))?;
+    Err("execve returned".into())
+}
+
+fn mnt(
+    src: Option<&Path>,
+    target: &Path,
+    fstype: Option<&str>,
+    flags: MsFlags,
+    data: Option<&str>,
+) -> Result<(), String> {
+    mount(src, target, fstype, flags, data).map_err(|e| {
+        format!(
+            "mount {} on {} ({}): {e}",
+            src.map(|s| s.display().to_string()).unwrap_or_default(),
+            target.display(),
+            fstype.unwrap_or("bind")
+        )
+    })
+}
+
+fn mkdir_p(p: &Path) -> Result<(), String> {
+    fs::create_dir_all(p).map_err(|e| format!("mkdir {}: {e}", p.display()))
+}
+
+fn touch(p: &Path) -> Result<(), String> {
+    if p.exists() {
+        return Ok(());
+    }
+    fs::File::create(p)
+        .map(drop)
+        .map_err(|e| format!("create {}: {e}", p.display()))
+}
+
+fn setup_mounts(ctx: &ChildCtx<'_>) -> Result<(), String> {
+    let cfg = ctx.cfg;
+    let none: Option<&Path> = None;
+    mnt(
+        none,
+        Path::new("/"),
+        None,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None,
+    )?;
+    let root = cfg.rootfs.root().to_path_buf();
+    match &cfg.rootfs {
+        RootfsMount::Dir { path } => mnt(
+            Some(path),
+            path,
+            None,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None,
+        )?,
+        RootfsMount::Overlay {
+            lower,
+            upper,
+            work,
+            target,
+        } => {
+            let opts = format!(
+                "lowerdir={},upperdir={},workdir={}",
+                lower.display(),
+                upper.display(),
+                work.display()
+            );
+            mnt(
+                Some(Path::new("overlay")),
+                target,
+                Some("overlay"),
+                MsFlags::empty(),
+                Some(&opts),
+            )?
+        }
+    }
+    let nsd = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    let proc_dir = root.join("proc");
+    mkdir_p(&proc_dir)?;
+    mnt(Some(Path::new("proc")), &proc_dir, Some("proc"), nsd, None)?;
+    let sys = root.join("sys");
+    mkdir_p(&sys)?;
+    mnt(
+        Some(Path::new("sysfs")),
+        &sys,
+        Some("sysfs"),
+        nsd | MsFlags::MS_RDONLY,
+        None,
+    )?;
+    let dev = root.join("dev");
+    mkdir_p(&dev)?;
+    mnt(
+        Some(Path::new("tmpfs")),
+        &dev,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_STRICTATIME,
+        Some("mode=755,size=65536k"),
+    )?;
+    for d in DEVICES {
+        let t = dev.join(d);
+        touch(&t)?;
+        mnt(
+            Some(&Path::new("/dev").join(d)),
+            &t,
+            None,
+            MsFlags::MS_BIND,
+            None,
+        )?;
+    }
+    let pts = dev.join("pts");
+    mkdir_p(&pts)?;
+    mnt(
+        Some(Path::new("devpts")),
+        &pts,
+        Some("devpts"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("newinstance,ptmxmode=0666,mode=0620,gid=5"),
+    )?;
+    let _ = symlink("pts/ptmx", dev.join("ptmx"));
+    let shm = dev.join("shm");
+    mkdir_p(&shm)?;
+    mnt(
+        Some(Path::new("shm")),
+        &shm,
+        Some("tmpfs"),
+        nsd,
+        Some("mode=1777,size=65536k"),
+    )?;
+    let mqueue = dev.join("mqueue");
+    mkdir_p(&mqueue)?;
+    // Best effort: a kernel without POSIX mqueues just has no /dev/mqueue content.
+    let _ = mnt(
+        Some(Path::new("mqueue")),
+        &mqueue,
+        Some("mqueue"),
+        nsd,
+        None,
+    );
+    let console = dev.join("console");
+    touch(&console)?;
+    mnt(
+        Some(&ctx.console_path),
+        &console,
+        None,
+        MsFlags::MS_BIND,
+        None,
+    )?;
+    for (l, t) in [
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ] {
+        let _ = symlink(t, dev.join(l));
+    }
+    for m in &cfg.mounts {
+        let rel = m.target.strip_prefix("/").unwrap_or(&m.target);
+        let t = root.join(rel);
+        mkdir_p(&t)?;
+        mnt(
+            Some(&m.source),
+            &t,
+            None,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None,
+        )?;
+        if m.read_only {
+            mnt(
+                none,
+                &t,
+                None,
+                MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+                None,
+            )?;
+        }
+    }
+
+    // pivot_root(".", ".") then detach the old root stacked on top (as runc does).
+    chdir(&root).map_err(errno_ctx("chdir rootfs"))?;
+    pivot_root(".", ".").map_err(errno_ctx("pivot_root"))?;
+    umount2(".", MntFlags::MNT_DETACH).map_err(errno_ctx("detach old root"))?;
+    chdir("/").map_err(errno_ctx("chdir /"))?;
+
+    for f in security::MASKED_FILES {
+        let p = Path::new(f);
+        if p.exists() {
+            mnt(
+                Some(Path::new("/dev/null")),
+                p,
+                None,
+                MsFlags::MS_BIND,
+                None,
+            )?;
+        }
+    }
+    for d in security::MASKED_DIRS {
+        let p = Path::new(d);
+        if p.is_dir() {
+            mnt(
+                Some(Path::new("tmpfs")),
+                p,
+                Some("tmpfs"),
+                MsFlags::MS_RDONLY | nsd,
+                Some("size=0"),
+            )?;
+        }
+    }
+    for d in security::READONLY_PATHS {
+        let p = Path::new(d);
+        if p.exists() {
+            mnt(Some(p), p, None, MsFlags::MS_BIND | MsFlags::MS_REC, None)?;
+            mnt(
+                none,
+                p,
+                None,
+                MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | nsd,
+                None,
+            )?;
+        }
+    }
+    Ok(())
+}
+
+type Command = (CString, Vec<CString>, Vec<CString>);
+
+fn cstr(s: &str) -> Result<CString, String> {
+    CString::new(s).map_err(|_| format!("NUL byte in {s:?}"))
+}
+
+/// Resolves the program (PATH lookup inside the current root) and builds argv and envp.
+fn command(cfg: &ContainerConfig, extra_env: &BTreeMap<String, String>) -> Result<Command, String> {
+    command_for(&cfg.command, cfg, extra_env)
+}
+
+fn command_for(
+    args: &[String],
+    cfg: &ContainerConfig,
+    extra_env: &BTreeMap<String, String>,
+) -> Result<Command, String> {
+    let mut env: BTreeMap<String, String> = BTreeMap::new();
+    env.insert("PATH".into(), DEFAULT_PATH.into());
+    env.insert("HOME".into(), "/root".into());
+    env.insert("TERM".into(), "linux".into());
+    env.insert("container".into(), "stead".into());
+    env.insert("HOSTNAME".into(), cfg.hostname.clone());
+    env.extend(cfg.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+    env.extend(extra_env.iter().map(|(k, v)| (k.clone(), v.clone())));
+    let prog = args.first().ok_or("empty command")?;
+    let path = if prog.contains('/') {
+        PathBuf::from(prog)
+    } else {
+        let search = env.get("PATH").map_or(DEFAULT_PATH, String::as_str);
+        search
+            .split(':')
+            .map(|d| Path::new(d).join(prog))
+            .find(|p| p.is_file())
+            .ok_or_else(|| format!("{prog}: not found in PATH {search}"))?
+    };
+    let path = cstr(&path.to_string_lossy())?;
+    let argv = args
+        .iter()
+        .map(|a| cstr(a))
+        .collect::<Result<Vec<_>, _>>()?;
+    let envp = env
+        .iter()
+        .map(|(k, v)| cstr(&format!("{k}={v}")))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((path, argv, envp))
+}
+
+/// Starts `args` inside the running container whose init is `init_pid`, with `stdio` as
+/// its fds 0, 1, 2. Returns the pid of a helper process (child of the caller) that exits
+/// with the command's status (128+signal when killed).
+pub(crate) fn spawn_exec(
+    cfg: &ContainerConfig,
+    cgroup: &Cgroup,
+    init_pid: Pid,
+    args: &[String],
+    env: &BTreeMap<String, String>,
+    stdio: &[OwnedFd],
+) -> Result<Pid, DriverError> {
+    let seccomp = security::seccomp_program()?;
+    let last_cap = security::last_cap();
+    // Open the namespaces before forking, so errors are reported here.
+    let mut kinds = vec![
+        ("cgroup", CloneFlags::CLONE_NEWCGROUP),
+        ("ipc", CloneFlags::CLONE_NEWIPC),
+        ("uts", CloneFlags::CLONE_NEWUTS),
+        ("net", CloneFlags::CLONE_NEWNET),
+        ("pid", CloneFlags::CLONE_NEWPID),
+        ("mnt", CloneFlags::CLONE_NEWNS),
+    ];
+    if cfg.idmap.is_some() {
+        kinds.push(("user", CloneFlags::CLONE_NEWUSER));
+    }
+    let mut ns = Vec::new();
+    for (k, f) in kinds {
+        let p = format!("/proc/{init_pid}/ns/{k}");
+        let file = fs::File::open(&p).map_err(|e| DriverError::io(format!("open {p}"), e))?;
+        ns.push((file, f));
+    }
+    let procs = cgroup.procs_dirs();
+    // SAFETY: called from the single-threaded shim; the child only runs this function's
+    // code and ends with execve or _exit.
+    match unsafe { nix::unistd::fork() }.map_err(|e| DriverError::io("fork", e.into()))? {
+        nix::unistd::ForkResult::Parent { child } => Ok(child),
+        nix::unistd::ForkResult::Child => {
+            let code = match exec_child(cfg, &procs, &ns, args, env, stdio, last_cap, &seccomp) {
+                Ok(code) => code,
+                Err(e) => {
+                    let _ = writeln!(std::io::stderr(), "stead exec: {e}");
+                    let _ = stdio.get(2).map(|f| {
+                        let _ = nix::unistd::write(f, format!("stead exec: {e}\n").as_bytes());
+                    });
+                    126
+                }
+            };
+            // SAFETY: _exit ends the helper without running the shim's atexit handlers.
+            unsafe { libc::_exit(code) }
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn exec_child(
+    cfg: &ContainerConfig,
+    procs: &[PathBuf],
+    ns: &[(fs::File, CloneFlags)],
+    args: &[String],
+    env: &BTreeMap<String, String>,
+    stdio: &[OwnedFd],
+    last_cap: u32,
+    seccomp: &BpfProgram,
+) -> Result<i32, String> {
+    let me = std::process::id().to_string();
+    for d in procs {
+        fs::write(d.join("cgroup.procs"), &me)
+            .map_err(|e| format!("join cgroup {}: {e}", d.display()))?;
+    }
+    for (f, kind) in ns {
+        setns(f.as_fd(), *kind).map_err(|e| format!("setns {kind:?}: {e}"))?;
+    }
+    if cfg.idmap.is_some() {
+        nix::unistd::setresgid(Gid::from_raw(0), Gid::from_raw(0), Gid::from_raw(0))
+            .map_err(errno_ctx("setresgid 0"))?;
+        nix::unistd::setresuid(Uid::from_raw(0), Uid::from_raw(0), Uid::from_raw(0))
+            .map_err(errno_ctx("setresuid 0"))?;
+    }
+    let _ = nix::unistd::setgroups(&[]);
+    // SAFETY: still single-threaded (a fork of the single-threaded shim).
+    match unsafe { nix::unistd::fork() }.map_err(errno_ctx("fork into pid namespace"))? {
+        nix::unistd::ForkResult::Parent { child } => loop {
+            match nix::sys::wait::waitpid(child, None) {
+                Ok(nix::sys::wait::WaitStatus::Exited(_, c)) => return Ok(c),
+                Ok(nix::sys::wait::WaitStatus::Signaled(_, s, _)) => return Ok(128 + s as i32),
+                Ok(_) => continue,
+                Err(nix::Error::EINTR) => continue,
+                Err(e) => return Err(format!("wait: {e}")),
+            }
+        },
+        nix::unistd::ForkResult::Child => {
+            let r = (|| -> Result<std::convert::Infallible, String> {
+                for (i, f) in stdio.iter().enumerate().take(3) {
+                    // SAFETY: dup2 of a received fd onto 0..2 of this helper.
+                    if unsafe { libc::dup2(f.as_raw_fd(), i as i32) } < 0 {
+                        return Err(format!("dup2: {}", std::io::Error::last_os_error()));
+                    }
+                }
+                nix::unistd::setsid().map_err(errno_ctx("setsid"))?;
+                reset_signals()?;
+                chdir("/").map_err(errno_ctx("chdir /"))?;
+                let (path, argv, envp) = command_for(args, cfg, env)?;
+                security::restrict(last_cap, seccomp)?;
+                execve(&path, &argv, &envp).map_err(|e| format!("exec {path:?}: {e}"))?;
+                Err("execve returned".into())
+            })();
+            let msg = match r {
+                Ok(never) => match never {},
+                Err(e) => e,
+            };
+            let _ = writeln!(std::io::stderr(), "stead exec: {msg}");
+            // SAFETY: ends the helper child without unwinding.
+            unsafe { libc::_exit(127) }
+        }
+    }
+}

@@ -1,0 +1,835 @@
+//! `stead shim`: the per-container supervisor.
+//!
+//! One single-threaded process per running container. It is started by the driver as
+//! `<self_exe> shim --run-dir DIR --name NAME --config FILE`; [`main`] forks twice (the
+//! middle process calls `setsid`) so the supervisor survives the CLI and the controller,
+//! and the first process exits with 0 once init has been exec'd (or 1 with the error on
+//! stderr). The supervisor then:
+//! - holds an exclusive `flock` on `shim.lock` (never two shims for one container);
+//! - kills whatever a dead predecessor left in the cgroup, creates the cgroup, sets limits;
+//! - starts init ([`super::process::start_init`]) on a pty, appends the pty's output to a
+//!   size-capped `console.log` (when it passes [`LOG_CAP`] the oldest half is dropped);
+//! - reaps init and applies the restart policy with exponential backoff (100 ms doubling
+//!   up to 10 s, reset after 10 s of uptime); a reboot request from inside (init killed by
+//!   SIGHUP in its pid namespace) restarts whatever the policy;
+//! - serves `control.sock` (one JSON request per line, one JSON reply): `status`, `stop`,
+//!   `signal`, `update` (hot limits / restart policy), `exec` (stdio passed as
+//!   `SCM_RIGHTS`, reply carries the exit code), `console` (raw byte stream both ways);
+//! - writes `state.json` atomically on every change;
+//! - on stop: the stop signal to init (see [`ContainerConfig::stop_signal`]), SIGKILL after
+//!   the timeout, cgroup emptied and removed, state `stopped`, exit. SIGTERM to the shim
+//!   means the same.
+
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use nix::fcntl::{FcntlArg, FdFlag, OFlag, fcntl};
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::signal::{SigSet, Signal, kill};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
+use stead_schema::{DriverError, RestartPolicy};
+
+use super::cgroup::{Cgroup, Hierarchy, Limits};
+use super::config::{ContainerConfig, ExitInfo, Paths, Phase, ShimState, read_json, write_json};
+use super::control::{Request, recv_request};
+use super::{network, process};
+
+/// Size cap of `console.log`.
+pub const LOG_CAP: u64 = 1 << 20;
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+
+/// Arguments of `stead shim`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShimArgs {
+    /// Run dir (`--run-dir`).
+    pub run_dir: PathBuf,
+    /// Container name (`--name`).
+    pub name: String,
+    /// Config file (`--config`).
+    pub config: PathBuf,
+}
+
+impl ShimArgs {
+    /// Parses `--run-dir D --name N --config F` (for binaries without clap).
+    pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Self, String> {
+        let mut run_dir = None;
+        let mut name = None;
+        let mut config = None;
+        let mut it = args.into_iter();
+        while let Some(a) = it.next() {
+            let v = it.next().ok_or_else(|| format!("{a} needs a value"))?;
+            match a.as_str() {
+                "--run-dir" => run_dir = Some(PathBuf::from(v)),
+                "--name" => name = Some(v),
+                "--config" => config = Some(PathBuf::from(v)),
+                _ => return Err(format!("unknown argument {a}")),
+            }
+        }
+        Ok(ShimArgs {
+            run_dir: run_dir.ok_or("--run-dir is required")?,
+            name: name.ok_or("--name is required")?,
+            config: config.ok_or("--config is required")?,
+        })
+    }
+
+    /// The command-line arguments that [`ShimArgs::parse`] reads back.
+    pub fn to_args(&self) -> Vec<String> {
+        vec![
+            "--run-dir".into(),
+            self.run_dir.display().to_string(),
+            "--name".into(),
+            self.name.clone(),
+            "--config".into(),
+            self.config.display().to_string(),
+        ]
+    }
+}
+
+/// Entry point of `stead shim`. Must be called from a single-threaded process before any
+/// thread or async runtime exists. Returns the exit code of the launching process; the
+/// supervisor itself never returns (it exits the process).
+pub fn main(args: &ShimArgs) -> i32 {
+    let cfg: ContainerConfig = match read_json(&args.config) {
+        Ok(Some(c)) => c,
+        Ok(None) => {
+            eprintln!("stead shim: config {} not found", args.config.display());
+            return 1;
+        }
+        Err(e) => {
+            eprintln!("stead shim: {e}");
+            return 1;
+        }
+    };
+    if cfg.name != args.name {
+        eprintln!(
+            "stead shim: config is for {:?}, not {:?}",
+            cfg.name, args.name
+        );
+        return 1;
+    }
+    let paths = Paths::new(&args.run_dir, &args.name);
+    if let Err(e) = fs::create_dir_all(&paths.dir) {
+        eprintln!("stead shim: mkdir {}: {e}", paths.dir.display());
+        return 1;
+    }
+    let (ready_r, ready_w) = match nix::unistd::pipe2(OFlag::O_CLOEXEC) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("stead shim: pipe: {e}");
+            return 1;
+        }
+    };
+    // SAFETY: the caller guarantees a single-threaded process (documented above).
+    match unsafe { nix::unistd::fork() } {
+        Err(e) => {
+            eprintln!("stead shim: fork: {e}");
+            1
+        }
+        Ok(nix::unistd::ForkResult::Parent { child }) => {
+            drop(ready_w);
+            let _ = waitpid(child, None);
+            let mut msg = String::new();
+            let _ = File::from(ready_r).read_to_string(&mut msg);
+            if msg == "ok" {
+                0
+            } else {
+                if msg.is_empty() {
+                    msg = "supervisor exited before starting the container".into();
+                }
+                eprintln!("stead shim: {msg}");
+                1
+            }
+        }
+        Ok(nix::unistd::ForkResult::Child) => {
+            drop(ready_r);
+            let _ = nix::unistd::setsid();
+            // SAFETY: still single-threaded.
+            match unsafe { nix::unistd::fork() } {
+                Ok(nix::unistd::ForkResult::Child) => {
+                    let code = daemon(cfg, args.config.clone(), paths, ready_w);
+                    std::process::exit(code)
+                }
+                // The middle process exits at once: the supervisor is orphaned to init
+                // (or the nearest subreaper) and no longer a child of the CLI.
+                _ => std::process::exit(0),
+            }
+        }
+    }
+}
+
+fn now_rfc3339() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+fn redirect_stdio(log: &Path) {
+    if let Ok(null) = File::open("/dev/null") {
+        // SAFETY: dup2 onto fd 0 of this (daemon) process.
+        unsafe { libc::dup2(null.as_raw_fd(), 0) };
+    }
+    if let Ok(f) = OpenOptions::new().create(true).append(true).open(log) {
+        // SAFETY: dup2 onto fds 1 and 2 of this (daemon) process.
+        unsafe {
+            libc::dup2(f.as_raw_fd(), 1);
+            libc::dup2(f.as_raw_fd(), 2);
+        }
+    }
+}
+
+fn daemon(cfg: ContainerConfig, cfg_path: PathBuf, paths: Paths, ready: OwnedFd) -> i32 {
+    redirect_stdio(&paths.shim_log());
+    let _ = std::env::set_current_dir("/");
+    let mut ready = Some(File::from(ready));
+    let mut report = |msg: &str| {
+        if let Some(mut r) = ready.take() {
+            let _ = r.write_all(msg.as_bytes());
+        }
+    };
+    let lock = match lock_file(&paths.lock()) {
+        Ok(l) => l,
+        Err(e) => {
+            report(&e);
+            return 1;
+        }
+    };
+    let mut shim = match Shim::new(cfg, cfg_path, paths) {
+        Ok(s) => s,
+        Err(e) => {
+            report(&e.to_string());
+            return 1;
+        }
+    };
+    if let Err(e) = shim.start() {
+        shim.state.last_error = Some(e.to_string());
+        shim.finish(Phase::Exited);
+        report(&e.to_string());
+        return 1;
+    }
+    report("ok");
+    let code = shim.run();
+    drop(lock);
+    code
+}
+
+fn lock_file(p: &Path) -> Result<File, String> {
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(p)
+        .map_err(|e| format!("open {}: {e}", p.display()))?;
+    // SAFETY: flock on an open fd.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } < 0 {
+        return Err(format!(
+            "another supervisor holds {} ({})",
+            p.display(),
+            io::Error::last_os_error()
+        ));
+    }
+    Ok(f)
+}
+
+/// Whether a live shim holds the lock of `paths` (used by observe).
+pub fn lock_held(paths: &Paths) -> bool {
+    let Ok(f) = File::open(paths.lock()) else {
+        return false;
+    };
+    // SAFETY: flock on an open fd; released at once when taken.
+    let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if r == 0 {
+        // SAFETY: unlock what we just took.
+        unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_UN) };
+        false
+    } else {
+        true
+    }
+}
+
+struct ConsoleLog {
+    path: PathBuf,
+    file: Option<File>,
+    size: u64,
+}
+
+impl ConsoleLog {
+    fn open(path: PathBuf) -> Self {
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .ok();
+        let size = file
+            .as_ref()
+            .and_then(|f| f.metadata().ok())
+            .map_or(0, |m| m.len());
+        ConsoleLog { path, file, size }
+    }
+
+    fn write(&mut self, data: &[u8]) {
+        if let Some(f) = &mut self.file
+            && f.write_all(data).is_ok()
+        {
+            self.size += data.len() as u64;
+        }
+        if self.size > LOG_CAP {
+            self.rotate();
+        }
+    }
+
+    /// Keeps the newest half (from a line start), atomically.
+    fn rotate(&mut self) {
+        let Ok(data) = fs::read(&self.path) else {
+            return;
+        };
+        let keep = (LOG_CAP / 2) as usize;
+        let mut start = data.len().saturating_sub(keep);
+        if let Some(nl) = data[start..].iter().position(|b| *b == b'\n') {
+            start += nl + 1;
+        }
+        let tmp = self.path.with_extension("log.tmp");
+        if fs::write(&tmp, &data[start..]).is_ok() && fs::rename(&tmp, &self.path).is_ok() {
+            self.file = OpenOptions::new().append(true).open(&self.path).ok();
+            self.size = (data.len() - start) as u64;
+        }
+    }
+}
+
+struct Shim {
+    cfg: ContainerConfig,
+    cfg_path: PathBuf,
+    paths: Paths,
+    cgroup: Cgroup,
+    state: ShimState,
+    init: Option<Pid>,
+    master: File,
+    slave: OwnedFd,
+    slave_path: PathBuf,
+    log: ConsoleLog,
+    listener: UnixListener,
+    sigfd: SignalFd,
+    consoles: Vec<UnixStream>,
+    execs: HashMap<Pid, UnixStream>,
+    stop_waiters: Vec<UnixStream>,
+    stop_deadline: Option<Instant>,
+    stop_requested: bool,
+    restart_at: Option<Instant>,
+    backoff: Duration,
+    started: Instant,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Reply {
+    ok: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    state: Option<ShimState>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    exit_code: Option<i32>,
+}
+
+impl Reply {
+    fn ok() -> Self {
+        Reply {
+            ok: true,
+            error: None,
+            state: None,
+            exit_code: None,
+        }
+    }
+    fn err(e: impl ToString) -> Self {
+        Reply {
+            ok: false,
+            error: Some(e.to_string()),
+            state: None,
+            exit_code: None,
+        }
+    }
+}
+
+fn send_reply(s: &mut UnixStream, r: &Reply) {
+    let mut line = serde_json::to_vec(r).unwrap_or_else(|_| b"{\"ok\":false}".to_vec());
+    line.push(b'\n');
+    let _ = s.set_nonblocking(false);
+    let _ = s.set_write_timeout(Some(Duration::from_secs(2)));
+    let _ = s.write_all(&line);
+}
+
+fn set_cloexec_nonblock(fd: &impl AsFd, nonblock: bool) -> Result<(), DriverError> {
+    fcntl(fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC))
+        .map_err(|e| DriverError::io("fcntl cloexec", e.into()))?;
+    if nonblock {
+        let fl = OFlag::from_bits_truncate(
+            fcntl(fd, FcntlArg::F_GETFL).map_err(|e| DriverError::io("fcntl", e.into()))?,
+        );
+        fcntl(fd, FcntlArg::F_SETFL(fl | OFlag::O_NONBLOCK))
+            .map_err(|e| DriverError::io("fcntl nonblock", e.into()))?;
+    }
+    Ok(())
+}
+
+impl Shim {
+    fn new(cfg: ContainerConfig, cfg_path: PathBuf, paths: Paths) -> Result<Self, DriverError> {
+        let hier = Hierarchy::detect()?;
+        let cgroup = hier.cgroup(&cfg.cgroup_parent, &cfg.name);
+        // Leftovers of a supervisor that died: kill them first (no duplicate container).
+        cgroup.kill_all()?;
+        cgroup.create()?;
+        cgroup.set_limits(&cfg.limits)?;
+
+        let mut mask = SigSet::empty();
+        for s in [
+            Signal::SIGCHLD,
+            Signal::SIGTERM,
+            Signal::SIGINT,
+            Signal::SIGHUP,
+        ] {
+            mask.add(s);
+        }
+        mask.thread_block()
+            .map_err(|e| DriverError::io("block signals", e.into()))?;
+        let sigfd = SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
+            .map_err(|e| DriverError::io("signalfd", e.into()))?;
+
+        let pty =
+            nix::pty::openpty(None, None).map_err(|e| DriverError::io("openpty", e.into()))?;
+        set_cloexec_nonblock(&pty.master, true)?;
+        set_cloexec_nonblock(&pty.slave, false)?;
+        let slave_path = nix::unistd::ttyname(pty.slave.as_fd())
+            .map_err(|e| DriverError::io("ttyname", e.into()))?;
+
+        let sock = paths.socket();
+        let _ = fs::remove_file(&sock);
+        let listener = UnixListener::bind(&sock)
+            .map_err(|e| DriverError::io(format!("bind {}", sock.display()), e))?;
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| DriverError::io("nonblocking listener", e))?;
+
+        let log = ConsoleLog::open(paths.console_log());
+        Ok(Shim {
+            state: ShimState {
+                phase: Phase::Running,
+                shim_pid: std::process::id() as i32,
+                init_pid: None,
+                restarts: 0,
+                started_at: None,
+                last_exit: None,
+                last_error: None,
+            },
+            cfg,
+            cfg_path,
+            paths,
+            cgroup,
+            init: None,
+            master: File::from(pty.master),
+            slave: pty.slave,
+            slave_path,
+            log,
+            listener,
+            sigfd,
+            consoles: Vec::new(),
+            execs: HashMap::new(),
+            stop_waiters: Vec::new(),
+            stop_deadline: None,
+            stop_requested: false,
+            restart_at: None,
+            backoff: BACKOFF_MIN,
+            started: Instant::now(),
+        })
+    }
+
+    fn save(&self) {
+        if let Err(e) = write_json(&self.paths.state(), &self.state) {
+            tracing::warn!(error = %e, "write state");
+        }
+    }
+
+    fn start(&mut self) -> Result<(), DriverError> {
+        let pid = process::start_init(
+            &self.cfg,
+            &self.cgroup,
+            self.slave.as_fd(),
+            &self.slave_path,
+        )?;
+        tracing::info!(pid = pid.as_raw(), container = %self.cfg.name, "init started");
+        self.init = Some(pid);
+        self.started = Instant::now();
+        self.state.phase = Phase::Running;
+        self.state.init_pid = Some(pid.as_raw());
+        self.state.started_at = Some(now_rfc3339());
+        self.state.last_error = None;
+        self.save();
+        Ok(())
+    }
+
+    fn run(&mut self) -> i32 {
+        loop {
+            let timeout = self.next_timeout();
+            let ready = {
+                let mut fds = vec![
+                    PollFd::new(self.sigfd.as_fd(), PollFlags::POLLIN),
+                    PollFd::new(self.listener.as_fd(), PollFlags::POLLIN),
+                    PollFd::new(self.master.as_fd(), PollFlags::POLLIN),
+                ];
+                for c in &self.consoles {
+                    fds.push(PollFd::new(c.as_fd(), PollFlags::POLLIN));
+                }
+                match poll(&mut fds, timeout) {
+                    Ok(_) => fds
+                        .iter()
+                        .map(|f| f.revents().is_some_and(|r| !r.is_empty()))
+                        .collect::<Vec<_>>(),
+                    Err(nix::Error::EINTR) => continue,
+                    Err(e) => {
+                        tracing::error!(error = %e, "poll");
+                        return 1;
+                    }
+                }
+            };
+            if ready[0]
+                && let Some(code) = self.on_signals()
+            {
+                return code;
+            }
+            if ready[1] {
+                self.on_accept();
+            }
+            if ready[2] {
+                self.on_console_output();
+            }
+            let console_ready: Vec<bool> = ready[3..].to_vec();
+            self.on_console_input(&console_ready);
+            if let Some(code) = self.on_timers() {
+                return code;
+            }
+        }
+    }
+
+    fn next_timeout(&self) -> PollTimeout {
+        let now = Instant::now();
+        let next = [self.restart_at, self.stop_deadline]
+            .into_iter()
+            .flatten()
+            .min();
+        match next {
+            None => PollTimeout::NONE,
+            Some(t) => {
+                let ms = t.saturating_duration_since(now).as_millis().min(60_000) as u16;
+                PollTimeout::from(ms.max(1))
+            }
+        }
+    }
+
+    fn on_signals(&mut self) -> Option<i32> {
+        let mut chld = false;
+        while let Ok(Some(si)) = self.sigfd.read_signal() {
+            match Signal::try_from(si.ssi_signo as i32) {
+                Ok(Signal::SIGCHLD) => chld = true,
+                Ok(Signal::SIGTERM | Signal::SIGINT) => self.request_stop(None),
+                _ => {}
+            }
+        }
+        if chld {
+            return self.reap();
+        }
+        None
+    }
+
+    fn reap(&mut self) -> Option<i32> {
+        loop {
+            let st = match waitpid(None::<Pid>, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) | Err(_) => return None,
+                Ok(st) => st,
+            };
+            let (pid, code, signal) = match st {
+                WaitStatus::Exited(p, c) => (p, Some(c), None),
+                WaitStatus::Signaled(p, s, _) => (p, None, Some(s as i32)),
+                _ => continue,
+            };
+            if Some(pid) == self.init {
+                if let Some(c) = self.on_init_exit(code, signal) {
+                    return Some(c);
+                }
+            } else if let Some(mut conn) = self.execs.remove(&pid) {
+                let mut r = Reply::ok();
+                r.exit_code = Some(code.unwrap_or_else(|| 128 + signal.unwrap_or(0)));
+                send_reply(&mut conn, &r);
+            }
+        }
+    }
+
+    fn on_init_exit(&mut self, code: Option<i32>, signal: Option<i32>) -> Option<i32> {
+        let exit = ExitInfo {
+            code,
+            signal,
+            at: now_rfc3339(),
+        };
+        tracing::info!(?code, ?signal, container = %self.cfg.name, "init exited");
+        self.init = None;
+        self.state.init_pid = None;
+        let reboot = signal == Some(Signal::SIGHUP as i32);
+        let restart = !self.stop_requested
+            && (reboot
+                || match self.cfg.restart_policy {
+                    RestartPolicy::Always => true,
+                    RestartPolicy::OnFailure => exit.failed(),
+                    RestartPolicy::Never => false,
+                });
+        self.state.last_exit = Some(exit);
+        if self.stop_requested {
+            return Some(self.finish(Phase::Stopped));
+        }
+        if !restart {
+            return Some(self.finish(Phase::Exited));
+        }
+        // Leftovers (e.g. processes that escaped into the cgroup) go before the restart.
+        let _ = self.cgroup.kill_all();
+        if self.started.elapsed() >= BACKOFF_MAX {
+            self.backoff = BACKOFF_MIN;
+        }
+        self.restart_at = Some(Instant::now() + self.backoff);
+        self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+        self.state.phase = Phase::Restarting;
+        self.save();
+        None
+    }
+
+    fn on_timers(&mut self) -> Option<i32> {
+        let now = Instant::now();
+        if let Some(t) = self.stop_deadline
+            && now >= t
+        {
+            tracing::warn!(container = %self.cfg.name, "stop timeout: SIGKILL");
+            self.stop_deadline = None;
+            match self.init {
+                Some(p) => {
+                    let _ = kill(p, Signal::SIGKILL);
+                    let _ = self.cgroup.kill_all();
+                }
+                // Stop requested between restarts: nothing to wait for.
+                None if self.stop_requested => return Some(self.finish(Phase::Stopped)),
+                None => {}
+            }
+        }
+        if let Some(t) = self.restart_at
+            && now >= t
+        {
+            self.restart_at = None;
+            self.state.restarts += 1;
+            if let Err(e) = self.start() {
+                tracing::error!(error = %e, container = %self.cfg.name, "restart failed");
+                self.state.last_error = Some(e.to_string());
+                self.restart_at = Some(Instant::now() + self.backoff);
+                self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+                self.state.phase = Phase::Restarting;
+                self.save();
+            }
+        }
+        None
+    }
+
+    fn request_stop(&mut self, timeout: Option<u64>) {
+        self.stop_requested = true;
+        self.restart_at = None;
+        match self.init {
+            None => {
+                // Between restarts: nothing to signal; finish on the next timer tick.
+                self.stop_deadline = Some(Instant::now());
+            }
+            Some(p) => {
+                if self.state.phase != Phase::Stopping {
+                    let _ = kill(p, self.cfg.stop_signal());
+                    let secs = timeout.unwrap_or(self.cfg.stop_timeout_secs);
+                    self.stop_deadline = Some(Instant::now() + Duration::from_secs(secs));
+                    self.state.phase = Phase::Stopping;
+                    self.save();
+                }
+            }
+        }
+    }
+
+    /// Cleans up and returns the exit code of the supervisor.
+    fn finish(&mut self, phase: Phase) -> i32 {
+        if let Err(e) = self.cgroup.destroy() {
+            tracing::warn!(error = %e, "cgroup cleanup");
+        }
+        if let Err(e) = network::detach(&self.cfg) {
+            tracing::warn!(error = %e, "veth cleanup");
+        }
+        self.state.phase = phase;
+        self.state.init_pid = None;
+        self.save();
+        let _ = fs::remove_file(self.paths.socket());
+        for mut w in std::mem::take(&mut self.stop_waiters) {
+            let mut r = Reply::ok();
+            r.state = Some(self.state.clone());
+            send_reply(&mut w, &r);
+        }
+        0
+    }
+
+    fn on_accept(&mut self) {
+        while let Ok((conn, _)) = self.listener.accept() {
+            let _ = conn.set_nonblocking(false);
+            let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
+            self.handle(conn);
+        }
+    }
+
+    fn handle(&mut self, mut conn: UnixStream) {
+        let (req, fds) = match recv_request(&conn) {
+            Ok(r) => r,
+            Err(e) => {
+                send_reply(&mut conn, &Reply::err(e));
+                return;
+            }
+        };
+        match req {
+            Request::Status => {
+                let mut r = Reply::ok();
+                r.state = Some(self.state.clone());
+                send_reply(&mut conn, &r);
+            }
+            Request::Stop { timeout_secs } => {
+                self.stop_waiters.push(conn);
+                self.request_stop(timeout_secs);
+            }
+            Request::Signal { signal } => {
+                let r = match (self.init, Signal::try_from(signal)) {
+                    (Some(p), Ok(s)) => match kill(p, s) {
+                        Ok(()) => Reply::ok(),
+                        Err(e) => Reply::err(e),
+                    },
+                    (None, _) => Reply::err("container is not running"),
+                    (_, Err(e)) => Reply::err(e),
+                };
+                send_reply(&mut conn, &r);
+            }
+            Request::Update {
+                limits,
+                restart_policy,
+                desired,
+            } => {
+                let r = match self.update(limits, restart_policy, desired) {
+                    Ok(()) => Reply::ok(),
+                    Err(e) => Reply::err(e),
+                };
+                send_reply(&mut conn, &r);
+            }
+            Request::Exec { args, env } => match self.init {
+                None => send_reply(&mut conn, &Reply::err("container is not running")),
+                Some(init) => {
+                    match process::spawn_exec(&self.cfg, &self.cgroup, init, &args, &env, &fds) {
+                        Ok(pid) => {
+                            drop(fds);
+                            self.execs.insert(pid, conn);
+                        }
+                        Err(e) => send_reply(&mut conn, &Reply::err(e)),
+                    }
+                }
+            },
+            Request::Console => {
+                send_reply(&mut conn, &Reply::ok());
+                let _ = conn.set_nonblocking(true);
+                self.consoles.push(conn);
+            }
+        }
+    }
+
+    fn update(
+        &mut self,
+        limits: Limits,
+        restart_policy: RestartPolicy,
+        desired: Option<serde_json::Value>,
+    ) -> Result<(), DriverError> {
+        self.cgroup.set_limits(&limits)?;
+        self.cfg.limits = limits;
+        self.cfg.restart_policy = restart_policy;
+        if let Some(d) = desired {
+            self.cfg.desired = d;
+        }
+        write_json(&self.cfg_path, &self.cfg)
+    }
+
+    fn on_console_output(&mut self) {
+        let mut buf = [0u8; 8192];
+        loop {
+            match self.master.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    self.log.write(&buf[..n]);
+                    self.consoles
+                        .retain_mut(|c| !matches!(c.write(&buf[..n]), Err(e) if e.kind() != io::ErrorKind::WouldBlock));
+                }
+                Err(_) => break,
+            }
+        }
+    }
+
+    fn on_console_input(&mut self, ready: &[bool]) {
+        let mut keep = Vec::with_capacity(self.consoles.len());
+        let mut buf = [0u8; 4096];
+        for (i, mut c) in std::mem::take(&mut self.consoles).into_iter().enumerate() {
+            if !ready.get(i).copied().unwrap_or(false) {
+                keep.push(c);
+                continue;
+            }
+            match c.read(&mut buf) {
+                Ok(0) => {}
+                Ok(n) => {
+                    let _ = self.master.write_all(&buf[..n]);
+                    keep.push(c);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => keep.push(c),
+                Err(_) => {}
+            }
+        }
+        self.consoles = keep;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn args_roundtrip() {
+        let a = ShimArgs {
+            run_dir: "/run/stead".into(),
+            name: "web".into(),
+            config: "/run/stead/containers/web/config.json".into(),
+        };
+        assert_eq!(ShimArgs::parse(a.to_args()).expect("parse"), a);
+        assert!(ShimArgs::parse(vec!["--name".to_string()]).is_err());
+    }
+
+    #[test]
+    fn console_log_is_capped() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let p = dir.path().join("console.log");
+        let mut log = ConsoleLog::open(p.clone());
+        let line = vec![b'x'; 1023]
+            .into_iter()
+            .chain([b'\n'])
+            .collect::<Vec<u8>>();
+        for _ in 0..3000 {
+            log.write(&line);
+        }
+        let len = fs::metadata(&p).expect("meta").len();
+        assert!(len <= LOG_CAP, "{len}");
+        assert!(len >= LOG_CAP / 2 - 1024, "{len}");
+        let data = fs::read(&p).expect("read");
+        assert_eq!(data.first(), Some(&b'x'));
+        assert_eq!(data.last(), Some(&b'\n'));
+    }
+}
