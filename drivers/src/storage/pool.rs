@@ -22,14 +22,13 @@ pub const MARKER_FILE: &str = ".stead-pool";
 /// Temp name used while the marker is written atomically.
 const MARKER_TMP: &str = "..stead-pool.tmp";
 /// Directories stead creates inside a pool.
-const LAYOUT_DIRS: [&str; 7] = [
+const LAYOUT_DIRS: [&str; 6] = [
     "images",
     "rootfs",
     "backups",
     "iso",
     "templates",
     "snapshots",
-    "rollback",
 ];
 
 /// Contents of the marker file.
@@ -243,6 +242,22 @@ impl PoolDriver {
     fn apply_spec(&self, name: &str, spec: &StoragePoolSpec) -> Result<(), DriverError> {
         let path = &spec.path;
         check_pool_root(path)?;
+        // A pool that holds data keeps its type (checked before touching anything).
+        if let Ok(Some(m)) = read_marker(path)
+            && m.pool == name
+            && m.pool_type != spec.pool_type
+        {
+            let held = retained_entries(path)?;
+            if !held.is_empty() {
+                return Err(DriverError::Refused(format!(
+                    "changing StoragePool/{name} from {} to {} is refused: it holds {}; \
+                     create a new pool at another path",
+                    pool_type_str(m.pool_type),
+                    pool_type_str(spec.pool_type),
+                    held.join(", ")
+                )));
+            }
+        }
         match spec.pool_type {
             PoolType::Lvmthin => {
                 let l = spec.lvm.as_ref().ok_or_else(|| {

@@ -473,6 +473,13 @@ fn delete_one(
     }
 }
 
+/// Whether the snapshot file a sidecar `<snap>.raw.stead` belongs to still exists.
+fn names_has_raw(dir: &Path, sidecar: &str) -> bool {
+    sidecar
+        .strip_suffix(".stead")
+        .is_some_and(|f| dir.join(f).exists())
+}
+
 fn remove_dir_if_empty(dir: &Path) -> Result<(), DriverError> {
     match fs::remove_dir(dir) {
         Ok(()) => Ok(()),
@@ -508,6 +515,13 @@ pub(crate) fn delete_all(
         names.push(e.file_name().to_string_lossy().into_owned());
     }
     for n in names {
+        if n.ends_with(".raw.stead") {
+            // Sidecar ownership mark of a snapshot (file systems without xattrs).
+            if !names_has_raw(&dir, &n) {
+                fsutil::remove_file_if_exists(&dir.join(&n))?;
+            }
+            continue;
+        }
         if n.starts_with('.') {
             // An interrupted snapshot copy (file) or nothing of ours.
             if n.ends_with(".raw.tmp") {

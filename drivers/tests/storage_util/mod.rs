@@ -171,10 +171,8 @@ impl LoopBtrfs {
 
 impl Drop for LoopBtrfs {
     fn drop(&mut self) {
-        if self.mounted {
-            if nix::mount::umount2(&self.mnt, nix::mount::MntFlags::empty()).is_err() {
-                let _ = nix::mount::umount2(&self.mnt, nix::mount::MntFlags::MNT_DETACH);
-            }
+        if self.mounted && nix::mount::umount2(&self.mnt, nix::mount::MntFlags::empty()).is_err() {
+            let _ = nix::mount::umount2(&self.mnt, nix::mount::MntFlags::MNT_DETACH);
         }
         if let Some(dev) = &self.dev {
             let _ = run("losetup", &["-d", dev]);
