@@ -207,8 +207,10 @@ pub fn execute(
                 Some(dep) => Outcome::Skipped(format!("dependency {dep} did not converge")),
                 None => {
                     let obs = observed.get(&c.id).unwrap_or(&absent);
+                    let snap = c.safety_snapshot.as_deref();
                     run_one(
-                        c.action, &c.id, desired, inventory, obs, drivers, db, &world, &steps, opts,
+                        c.action, &c.id, snap, desired, inventory, obs, drivers, db, &world,
+                        &steps, opts,
                     )
                 }
             };
@@ -253,6 +255,7 @@ pub fn execute(
 fn run_one(
     action: Action,
     id: &ResourceId,
+    safety_snapshot: Option<&str>,
     desired: &Desired,
     inventory: &BTreeMap<ResourceId, InventoryEntry>,
     obs: &Observed,
@@ -293,6 +296,7 @@ fn run_one(
             with_db(&|d| d.journal_begin(id, action.verb()).map(|_| ()))?;
             if action == Action::Replace {
                 let old = inventory.get(id).map(|i| &i.resource).unwrap_or(r);
+                take_safety_snapshot(driver.as_ref(), old, world, safety_snapshot)?;
                 driver
                     .delete(old, obs, world)
                     .map_err(|e| format!("delete before re-create: {}", error_chain(&e)))?;
@@ -319,6 +323,7 @@ fn run_one(
                 .map(|i| &i.resource)
                 .ok_or("not in the inventory")?;
             with_db(&|d| d.journal_begin(id, "delete").map(|_| ()))?;
+            take_safety_snapshot(driver.as_ref(), last, world, safety_snapshot)?;
             driver
                 .delete(last, obs, world)
                 .map_err(|e| error_chain(&e))?;
@@ -366,6 +371,23 @@ fn run_one(
         }
     }
     outcome
+}
+
+fn take_safety_snapshot(
+    driver: &dyn Driver,
+    r: &stead_schema::Resource,
+    world: &World<'_>,
+    name: Option<&str>,
+) -> Result<(), String> {
+    let Some(name) = name else { return Ok(()) };
+    driver.safety_snapshot(r, world, name).map_err(|e| {
+        format!(
+            "safety snapshot {name} failed, so nothing was changed: {}",
+            error_chain(&e)
+        )
+    })?;
+    info!(snapshot = name, "safety snapshot taken");
+    Ok(())
 }
 
 fn action_reason(a: Action) -> &'static str {

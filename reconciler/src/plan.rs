@@ -80,6 +80,20 @@ pub struct Change {
     /// Why (e.g. "deletionPolicy: Delete", "recovering an interrupted apply").
     #[serde(skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
+    /// Name of the safety snapshot taken before this data-loss change, when the pool
+    /// supports cheap snapshots.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub safety_snapshot: Option<String>,
+}
+
+/// The name of a safety snapshot for `action` taken now: `pre-delete-20261126T150000Z`.
+pub fn safety_snapshot_name(action: Action) -> String {
+    let now = chrono::Utc::now().format("%Y%m%dT%H%M%SZ");
+    let verb = match action {
+        Action::Replace => "replace",
+        _ => "delete",
+    };
+    format!("pre-{verb}-{now}")
 }
 
 /// An error that stops the plan from being applied.
@@ -269,6 +283,7 @@ pub fn plan(
                     note: Some(
                         "deletionPolicy: Retain: data kept on the host, no longer managed".into(),
                     ),
+                    safety_snapshot: None,
                 },
                 PruneAction::Delete => {
                     let impact = driver.delete_impact(&entry.resource);
@@ -282,12 +297,17 @@ pub fn plan(
                         });
                         continue;
                     }
+                    let safety_snapshot = (impact == Impact::DataLoss
+                        && obs.exists
+                        && driver.supports_safety_snapshot(&entry.resource, &world))
+                    .then(|| safety_snapshot_name(Action::Delete));
                     Change {
                         id: id.clone(),
                         action: Action::Delete,
                         impact: Some(impact),
                         fields: Vec::new(),
                         drift: false,
+                        safety_snapshot,
                         note: if !obs.exists {
                             Some("already absent from the host; forgetting it".into())
                         } else if opted_in && impact == Impact::DataLoss {
@@ -320,6 +340,7 @@ fn plan_one(
         fields: Vec::new(),
         drift: false,
         note: pending.then(|| "recovering an interrupted apply".to_string()),
+        safety_snapshot: None,
     };
     let want = driver.desired_state(r, world);
     if !obs.exists {
@@ -411,6 +432,12 @@ fn plan_one(
     } else {
         Action::Update
     };
+    if impact == Impact::DataLoss {
+        let subject = inv.map(|i| &i.resource).unwrap_or(r);
+        if driver.supports_safety_snapshot(subject, world) {
+            change.safety_snapshot = Some(safety_snapshot_name(Action::Replace));
+        }
+    }
     change.impact = Some(impact);
     change.drift = inv.is_some_and(|i| i.spec_hash == r.spec_hash());
     change.fields = fields;

@@ -84,6 +84,13 @@ pub fn plan_text(plan: &Plan, style: Style) -> String {
         if let Some(n) = &c.note {
             let _ = writeln!(out, "      # {n}");
         }
+        if let Some(snap) = &c.safety_snapshot {
+            let _ = writeln!(
+                out,
+                "      # safety snapshot {snap} is taken first (undo: stead snapshot rollback {} {snap})",
+                c.id
+            );
+        }
         for f in &c.fields {
             let name = field_name(&f.path);
             if c.action == Action::Create {

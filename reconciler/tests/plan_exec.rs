@@ -122,6 +122,22 @@ impl Driver for FakeDriver {
             Impact::Recreate
         }
     }
+    fn supports_safety_snapshot(&self, r: &Resource, _w: &dyn Lookup) -> bool {
+        r.id.kind == Kind::Volume
+    }
+    fn safety_snapshot(
+        &self,
+        r: &Resource,
+        _w: &dyn Lookup,
+        name: &str,
+    ) -> Result<(), DriverError> {
+        self.host
+            .log
+            .lock()
+            .unwrap()
+            .push(format!("snapshot {} {}", r.id, &name[..11]));
+        Ok(())
+    }
     fn delete(&self, r: &Resource, _o: &Observed, _w: &dyn Lookup) -> Result<(), DriverError> {
         self.host
             .log
@@ -481,4 +497,29 @@ fn apply_lock_is_exclusive() {
     drop(_a);
     assert!(stead_reconciler::ApplyLock::acquire(dir.path(), std::time::Duration::ZERO).is_ok());
     let _ = PathBuf::new();
+}
+
+#[test]
+fn data_loss_takes_a_safety_snapshot_first() {
+    let e = env();
+    apply(
+        &e,
+        &desired(&(pool() + &vol("a", "1Mi", "Delete"))),
+        PlanOptions::default(),
+    );
+    e.host.log.lock().unwrap().clear();
+    let (p, r) = apply(&e, &desired(&pool()), PlanOptions::default());
+    assert!(r.success());
+    let c = p.changes.iter().find(|c| c.id.name == "a").unwrap();
+    assert!(
+        c.safety_snapshot
+            .as_deref()
+            .is_some_and(|s| s.starts_with("pre-delete-"))
+    );
+    let text = stead_reconciler::render::plan_text(&p, Default::default());
+    assert!(text.contains("safety snapshot pre-delete-"), "{text}");
+    assert_eq!(
+        *e.host.log.lock().unwrap(),
+        ["snapshot Volume/a pre-delete-", "delete Volume/a"]
+    );
 }

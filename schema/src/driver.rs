@@ -264,6 +264,23 @@ pub trait Driver: Send + Sync {
         Impact::Recreate
     }
 
+    /// Whether a cheap (copy-on-write) snapshot of this object can be taken before a
+    /// `data-loss` change. The plan says so when it can.
+    fn supports_safety_snapshot(&self, _r: &Resource, _world: &dyn Lookup) -> bool {
+        false
+    }
+
+    /// Takes the safety snapshot `name` (e.g. `pre-delete-20261126T150000Z`) before a
+    /// `data-loss` change is carried out. It must survive the change that follows.
+    fn safety_snapshot(
+        &self,
+        _r: &Resource,
+        _world: &dyn Lookup,
+        _name: &str,
+    ) -> Result<(), DriverError> {
+        Ok(())
+    }
+
     /// Removes the object. Idempotent: an absent object is success.
     fn delete(
         &self,
