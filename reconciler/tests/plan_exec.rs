@@ -457,7 +457,11 @@ fn deletes_run_in_reverse_dependency_order() {
     );
     assert_eq!(
         *e.host.log.lock().unwrap(),
-        ["delete Volume/a", "delete StoragePool/local"]
+        [
+            "snapshot Volume/a pre-delete-",
+            "delete Volume/a",
+            "delete StoragePool/local"
+        ]
     );
 }
 
