@@ -4,10 +4,14 @@
 //! - [`retention`]: pure prune decisions (Proxmox VE / PBS semantics).
 //! - [`schedule`]: cron next-fire times in a time zone, catch-up after downtime.
 //! - [`store`]: the chunk store, manifests, backup / verify / restore / prune / gc.
+//! - [`runner`]: runs schedules on an injectable clock, then prunes.
+//! - [`hooks`]: consistency hooks (snapshot / stop) the workload drivers implement.
 
 use std::path::PathBuf;
 
+pub mod hooks;
 pub mod retention;
+pub mod runner;
 pub mod schedule;
 pub mod store;
 
