@@ -14,11 +14,16 @@
 //! before marking, and is adopted. Anything else without the alias is never touched.
 
 pub mod attach;
+pub mod bond;
+mod network;
+mod nft;
 mod nl;
 mod ns;
 
 use std::net::IpAddr;
 
+pub use bond::BondDriver;
+pub use network::{NetworkDriver, vxlan_link_name};
 pub use ns::NetnsRef;
 
 use rtnetlink::packet_core::{NLM_F_CREATE, NLM_F_EXCL};
@@ -143,7 +148,6 @@ fn kernel_managed(ip: &IpAddr) -> bool {
 }
 
 /// The non-link-local addresses of a link, as sorted CIDR strings.
-#[allow(dead_code)] // used by the Network driver (next commit)
 pub(crate) fn addr_strings(addrs: Option<&Vec<Addr>>) -> Vec<String> {
     let mut v: Vec<String> = addrs
         .map(|a| {

@@ -134,3 +134,108 @@ pub fn can_run() -> Option<String> {
         Some("iproute2 `ip` missing".into())
     }
 }
+
+/// A `HostEnv` managing networking in `ns`.
+pub fn env(ns: &Netns) -> stead_schema::HostEnv {
+    let tmp = std::env::temp_dir().join(format!("stead-net-test-{}", ns.name));
+    stead_schema::HostEnv {
+        state_dir: tmp.join("state"),
+        run_dir: tmp.join("run"),
+        cgroup_parent: format!("stead-test-{}", std::process::id()),
+        netns: Some(ns.path()),
+        self_exe: PathBuf::from("/bin/false"),
+    }
+}
+
+/// A resource of `kind` named `name` with `spec` (JSON, as in a manifest).
+pub fn resource(
+    kind: stead_schema::Kind,
+    name: &str,
+    spec: serde_json::Value,
+) -> stead_schema::Resource {
+    let spec = stead_schema::Spec::from_value(kind, spec).expect("valid spec");
+    stead_schema::Resource {
+        id: stead_schema::ResourceId::new(kind, name),
+        metadata: stead_schema::Metadata {
+            name: stead_schema::Name(name.to_string()),
+            ..Default::default()
+        },
+        spec,
+        origin: Default::default(),
+    }
+}
+
+/// The resources as a `Lookup`.
+pub fn world(
+    rs: &[&stead_schema::Resource],
+) -> std::collections::BTreeMap<stead_schema::ResourceId, stead_schema::Resource> {
+    rs.iter().map(|r| (r.id.clone(), (*r).clone())).collect()
+}
+
+/// Observes `r` alone.
+pub fn observe(d: &dyn stead_schema::Driver, r: &stead_schema::Resource) -> stead_schema::Observed {
+    let w = world(&[r]);
+    let mut m = d.observe(&[r], &w).expect("observe");
+    m.remove(&r.id).expect("observed entry")
+}
+
+/// Applies `r` after observing it.
+pub fn apply(
+    d: &dyn stead_schema::Driver,
+    r: &stead_schema::Resource,
+) -> Result<(), stead_schema::DriverError> {
+    let w = world(&[r]);
+    let o = observe(d, r);
+    d.apply(r, &o, &w)
+}
+
+/// Asserts desired == observed for `r`.
+pub fn assert_converged(d: &dyn stead_schema::Driver, r: &stead_schema::Resource) {
+    let w = world(&[r]);
+    let o = observe(d, r);
+    assert!(o.exists, "{} should exist", r.id);
+    assert!(o.owned, "{} should be owned", r.id);
+    assert_eq!(
+        d.desired_state(r, &w),
+        o.state,
+        "{}: desired (left) vs observed (right)",
+        r.id
+    );
+}
+
+/// The observed value of `field` when it differs from the desired one, else panics.
+pub fn assert_drift(
+    d: &dyn stead_schema::Driver,
+    r: &stead_schema::Resource,
+    field: &str,
+) -> serde_json::Value {
+    let w = world(&[r]);
+    let o = observe(d, r);
+    let want = d.desired_state(r, &w);
+    assert_ne!(
+        want.get(field),
+        o.state.get(field),
+        "{}: drift in {field} not detected; state {}",
+        r.id,
+        o.state
+    );
+    o.state
+        .get(field)
+        .cloned()
+        .unwrap_or(serde_json::Value::Null)
+}
+
+/// Deletes `r` after observing it.
+pub fn delete(
+    d: &dyn stead_schema::Driver,
+    r: &stead_schema::Resource,
+) -> Result<(), stead_schema::DriverError> {
+    let w = world(&[r]);
+    let o = observe(d, r);
+    d.delete(r, &o, &w)
+}
+
+/// Whether `nft` is installed.
+pub fn have_nft() -> bool {
+    try_sh("nft", &["--version"]).0
+}

@@ -1,0 +1,637 @@
+//! NAT and port forwards in the nftables table `inet stead`, which stead owns.
+//!
+//! Rules are tagged with the comment `stead:Network/<name>`. Applying one network
+//! compares its rules (as nft lists them back, in canonical JSON) with the rules its spec
+//! asks for; when they differ — or a base chain is missing or changed — the whole table
+//! is rebuilt in one atomic `nft` transaction (`add table; delete table; add table;
+//! add chains; add rules`), keeping the other networks' rules as they are. No other table
+//! is ever read or written.
+//!
+//! `nft` runs inside the driver's network namespace: the child enters it with `setns`
+//! between fork and exec.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use nftables::schema::{Chain, NfCmd, NfListObject, NfObject, Nftables, Rule, Table};
+use nftables::stmt::Statement;
+use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
+use serde_json::{Value, json};
+use stead_schema::{Cidr, DriverError, ForwardSpec, NetworkSpec, Protocol};
+
+use super::ns::{NetnsRef, run_in};
+
+/// The table stead owns (family `inet`).
+pub const TABLE: &str = "stead";
+
+/// The base chains: name, type, hook, priority.
+const CHAINS: [(&str, NfChainType, NfHook, i32); 4] = [
+    ("prerouting", NfChainType::NAT, NfHook::Prerouting, -100),
+    ("output", NfChainType::NAT, NfHook::Output, -100),
+    ("postrouting", NfChainType::NAT, NfHook::Postrouting, 100),
+    ("forward", NfChainType::Filter, NfHook::Forward, 0),
+];
+
+/// One rule: chain, statements (canonical JSON, as `nft -j` lists them), comment.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct NftRule {
+    pub(crate) chain: String,
+    pub(crate) expr: Value,
+    pub(crate) comment: Option<String>,
+}
+
+/// The table as listed.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct NftTable {
+    /// Whether the table exists.
+    pub(crate) exists: bool,
+    /// Whether all base chains exist exactly as stead declares them.
+    pub(crate) chains_ok: bool,
+    /// Every rule.
+    pub(crate) rules: Vec<NftRule>,
+}
+
+impl NftTable {
+    /// Rules tagged `owner`, sorted (for comparison).
+    pub(crate) fn rules_of(&self, owner: &str) -> Vec<(String, Value)> {
+        let mut v: Vec<(String, Value)> = self
+            .rules
+            .iter()
+            .filter(|r| r.comment.as_deref() == Some(owner))
+            .map(|r| (r.chain.clone(), r.expr.clone()))
+            .collect();
+        v.sort_by_key(|(c, e)| (c.clone(), e.to_string()));
+        v
+    }
+}
+
+/// Runs `nft` in a network namespace.
+#[derive(Debug, Clone)]
+pub(crate) struct Nft {
+    netns: Option<Arc<OwnedFd>>,
+    ns_ref: Option<NetnsRef>,
+    runs: Arc<AtomicU64>,
+}
+
+fn cmd_err(args: &[&str], status: String, stderr: &str) -> DriverError {
+    DriverError::Command {
+        command: format!("nft {}", args.join(" ")),
+        status,
+        stderr: stderr.trim().to_string(),
+    }
+}
+
+impl Nft {
+    pub(crate) fn new(ns: Option<&NetnsRef>) -> Result<Self, DriverError> {
+        let netns = match ns {
+            Some(n) => Some(Arc::new(OwnedFd::from(n.open()?))),
+            None => None,
+        };
+        Ok(Nft {
+            netns,
+            ns_ref: ns.cloned(),
+            runs: Arc::new(AtomicU64::new(0)),
+        })
+    }
+
+    /// How many times `nft` ran.
+    pub(crate) fn invocations(&self) -> u64 {
+        self.runs.load(Ordering::Relaxed)
+    }
+
+    /// Runs `nft ARGS` with `stdin`; returns (success, stdout, stderr).
+    fn run(
+        &self,
+        args: &[&str],
+        stdin: Option<&str>,
+    ) -> Result<(bool, String, String), DriverError> {
+        self.runs.fetch_add(1, Ordering::Relaxed);
+        let mut c = Command::new("nft");
+        c.args(args)
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if let Some(fd) = &self.netns {
+            let raw = fd.as_raw_fd();
+            // SAFETY: the closure runs in the forked child before exec and only calls
+            // setns(2), which is async-signal-safe; `raw` stays open (the parent holds
+            // the OwnedFd for the whole call and the child inherited it).
+            unsafe {
+                c.pre_exec(move || {
+                    if libc::setns(raw, libc::CLONE_NEWNET) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let mut child = c.spawn().map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                DriverError::Unsupported("the nft binary is missing (apt package nftables)".into())
+            } else {
+                DriverError::io("spawn nft", e)
+            }
+        })?;
+        if let Some(input) = stdin
+            && let Some(mut si) = child.stdin.take()
+        {
+            si.write_all(input.as_bytes())
+                .map_err(|e| DriverError::io("write nft input", e))?;
+        }
+        let out = child
+            .wait_with_output()
+            .map_err(|e| DriverError::io("wait for nft", e))?;
+        Ok((
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
+    }
+
+    /// Lists the stead table (absent: `exists == false`).
+    pub(crate) fn list(&self) -> Result<NftTable, DriverError> {
+        let args = ["-j", "list", "table", "inet", TABLE];
+        let (ok, out, err) = self.run(&args, None)?;
+        if !ok {
+            if err.contains("No such file or directory") || err.contains("does not exist") {
+                return Ok(NftTable::default());
+            }
+            return Err(cmd_err(&args, "exit".into(), &err));
+        }
+        let doc: Nftables = serde_json::from_str(&out).map_err(|e| {
+            DriverError::Other(format!(
+                "cannot parse `nft -j list table inet {TABLE}`: {e}"
+            ))
+        })?;
+        let mut t = NftTable {
+            exists: true,
+            ..NftTable::default()
+        };
+        let mut chains_seen = 0;
+        for o in doc.objects.iter() {
+            match o {
+                NfObject::ListObject(NfListObject::Chain(c)) => {
+                    let good = CHAINS.iter().any(|(n, ty, hook, prio)| {
+                        c.name == *n
+                            && c._type == Some(*ty)
+                            && c.hook == Some(*hook)
+                            && c.prio == Some(*prio)
+                            && c.policy == Some(NfChainPolicy::Accept)
+                    });
+                    if good {
+                        chains_seen += 1;
+                    }
+                }
+                NfObject::ListObject(NfListObject::Rule(r)) => {
+                    let expr = serde_json::to_value(&r.expr).unwrap_or(Value::Null);
+                    t.rules.push(NftRule {
+                        chain: r.chain.to_string(),
+                        expr,
+                        comment: r.comment.as_ref().map(|c| c.to_string()),
+                    });
+                }
+                _ => {}
+            }
+        }
+        t.chains_ok = chains_seen == CHAINS.len();
+        Ok(t)
+    }
+
+    /// Replaces the whole table with `rules` atomically; deletes it when `rules` is empty.
+    pub(crate) fn replace(&self, current: &NftTable, rules: &[NftRule]) -> Result<(), DriverError> {
+        let fam = NfFamily::INet;
+        let table = || Table {
+            family: fam,
+            name: Cow::Borrowed(TABLE),
+            handle: None,
+        };
+        let mut objs: Vec<NfObject> = Vec::new();
+        if rules.is_empty() {
+            if !current.exists {
+                return Ok(());
+            }
+            objs.push(NfObject::CmdObject(NfCmd::Delete(NfListObject::Table(
+                table(),
+            ))));
+        } else {
+            objs.push(NfObject::CmdObject(NfCmd::Add(
+                NfListObject::Table(table()),
+            )));
+            objs.push(NfObject::CmdObject(NfCmd::Delete(NfListObject::Table(
+                table(),
+            ))));
+            objs.push(NfObject::CmdObject(NfCmd::Add(
+                NfListObject::Table(table()),
+            )));
+            for (name, ty, hook, prio) in CHAINS {
+                objs.push(NfObject::CmdObject(NfCmd::Add(NfListObject::Chain(
+                    Chain {
+                        family: fam,
+                        table: Cow::Borrowed(TABLE),
+                        name: Cow::Borrowed(name),
+                        _type: Some(ty),
+                        hook: Some(hook),
+                        prio: Some(prio),
+                        policy: Some(NfChainPolicy::Accept),
+                        ..Chain::default()
+                    },
+                ))));
+            }
+            for r in rules {
+                let expr: Vec<Statement> = match serde_json::from_value(r.expr.clone()) {
+                    Ok(e) => e,
+                    Err(e) => {
+                        tracing::warn!(rule = %r.expr, error = %e, "dropping a rule nft listed but the schema cannot read");
+                        continue;
+                    }
+                };
+                objs.push(NfObject::CmdObject(NfCmd::Add(NfListObject::Rule(Rule {
+                    family: fam,
+                    table: Cow::Borrowed(TABLE),
+                    chain: Cow::Owned(r.chain.clone()),
+                    expr: Cow::Owned(expr),
+                    comment: r.comment.clone().map(Cow::Owned),
+                    ..Rule::default()
+                }))));
+            }
+        }
+        let doc = Nftables {
+            objects: Cow::Owned(objs),
+        };
+        let text = serde_json::to_string(&doc)
+            .map_err(|e| DriverError::Other(format!("serialize nft batch: {e}")))?;
+        let args = ["-j", "-f", "-"];
+        let (ok, _, err) = self.run(&args, Some(&text))?;
+        if !ok {
+            return Err(cmd_err(
+                &args,
+                "exit".into(),
+                &format!("{err} (batch: {text})"),
+            ));
+        }
+        tracing::info!(rules = rules.len(), "rebuilt nftables table inet {TABLE}");
+        Ok(())
+    }
+
+    /// Reads a sysctl of the namespace (`/proc/sys/...` is per netns of the reader).
+    pub(crate) fn sysctl_get(&self, path: &'static str) -> Result<String, DriverError> {
+        run_in(self.ns_ref.as_ref(), move || {
+            std::fs::read_to_string(path)
+                .map(|s| s.trim().to_string())
+                .map_err(|e| DriverError::io(format!("read {path}"), e))
+        })
+    }
+
+    /// Writes a sysctl of the namespace.
+    pub(crate) fn sysctl_set(
+        &self,
+        path: &'static str,
+        value: &'static str,
+    ) -> Result<(), DriverError> {
+        run_in(self.ns_ref.as_ref(), move || {
+            std::fs::write(path, value).map_err(|e| DriverError::io(format!("write {path}"), e))
+        })
+    }
+}
+
+// ------------------------------------------------------------------ rule shapes
+
+/// `ip` or `ip6` (the nft payload protocol) of an address.
+fn fam(ip: &IpAddr) -> &'static str {
+    if ip.is_ipv4() { "ip" } else { "ip6" }
+}
+
+fn prefix(c: &Cidr) -> Value {
+    let n = c.network();
+    json!({"prefix": {"addr": n.addr.to_string(), "len": n.prefix}})
+}
+
+fn m(op: &str, left: Value, right: Value) -> Value {
+    json!({"match": {"op": op, "left": left, "right": right}})
+}
+
+fn payload(proto: &str, field: &str) -> Value {
+    json!({"payload": {"protocol": proto, "field": field}})
+}
+
+fn meta(key: &str) -> Value {
+    json!({"meta": {"key": key}})
+}
+
+fn proto_name(p: Protocol) -> &'static str {
+    match p {
+        Protocol::Tcp => "tcp",
+        Protocol::Udp => "udp",
+    }
+}
+
+/// The distinct subnets (networks) of a network's addresses, sorted.
+pub(crate) fn subnets(spec: &NetworkSpec) -> Vec<Cidr> {
+    let mut v: Vec<Cidr> = spec.addresses.iter().map(|a| a.network()).collect();
+    v.sort();
+    v.dedup();
+    v
+}
+
+fn nat_enabled(spec: &NetworkSpec) -> bool {
+    spec.nat.as_ref().is_some_and(|n| n.enabled) && !subnets(spec).is_empty()
+}
+
+/// Whether the network needs forwarding (and so rules and `ip_forward`).
+pub(crate) fn routed(spec: &NetworkSpec) -> bool {
+    nat_enabled(spec) || !spec.forwards.is_empty()
+}
+
+fn masq_rule(bridge: &str, subnet: &Cidr, egress: Option<&str>) -> Value {
+    let f = fam(&subnet.addr);
+    let oif = match egress {
+        Some(e) => m("==", meta("oifname"), json!(e)),
+        None => m("!=", meta("oifname"), json!(bridge)),
+    };
+    json!([
+        m("==", payload(f, "saddr"), prefix(subnet)),
+        m("!=", payload(f, "daddr"), prefix(subnet)),
+        oif,
+        {"masquerade": null}
+    ])
+}
+
+fn dnat_rule(f: &ForwardSpec) -> Value {
+    let ip = f.to.ip();
+    let (nfproto, family) = if ip.is_ipv4() {
+        ("ipv4", "ip")
+    } else {
+        ("ipv6", "ip6")
+    };
+    json!([
+        m("==", json!({"fib": {"result": "type", "flags": ["daddr"]}}), json!("local")),
+        m("==", meta("nfproto"), json!(nfproto)),
+        m("==", payload(proto_name(f.protocol), "dport"), json!(f.host_port)),
+        {"dnat": {"family": family, "addr": ip.to_string(), "port": f.to.port()}}
+    ])
+}
+
+fn hairpin_rule(subnet: &Cidr, f: &ForwardSpec) -> Value {
+    let ip = f.to.ip();
+    json!([
+        m("in", json!({"ct": {"key": "status"}}), json!("dnat")),
+        m("==", payload(fam(&ip), "saddr"), prefix(subnet)),
+        m("==", payload(fam(&ip), "daddr"), json!(ip.to_string())),
+        m("==", payload(proto_name(f.protocol), "dport"), json!(f.to.port())),
+        {"masquerade": null}
+    ])
+}
+
+fn accept_rule(dir: &str, bridge: &str) -> Value {
+    json!([m("==", meta(dir), json!(bridge)), {"accept": null}])
+}
+
+/// The subnet of `spec` holding `ip`, if any (then the forward needs a hairpin rule).
+fn subnet_of(spec: &NetworkSpec, ip: IpAddr) -> Option<Cidr> {
+    subnets(spec)
+        .into_iter()
+        // Same family first: Cidr::contains assumes it.
+        .find(|s| s.addr.is_ipv4() == ip.is_ipv4() && s.contains(ip))
+}
+
+/// Every rule network `bridge` with `spec` needs, tagged `owner`, sorted.
+pub(crate) fn expected_rules(bridge: &str, spec: &NetworkSpec) -> Vec<(String, Value)> {
+    let mut out: Vec<(String, Value)> = Vec::new();
+    if nat_enabled(spec) {
+        let egress = spec
+            .nat
+            .as_ref()
+            .and_then(|n| n.egress.as_ref())
+            .map(|e| e.as_str());
+        for s in subnets(spec) {
+            out.push(("postrouting".into(), masq_rule(bridge, &s, egress)));
+        }
+    }
+    for f in &spec.forwards {
+        out.push(("prerouting".into(), dnat_rule(f)));
+        out.push(("output".into(), dnat_rule(f)));
+        if let Some(s) = subnet_of(spec, f.to.ip()) {
+            out.push(("postrouting".into(), hairpin_rule(&s, f)));
+        }
+    }
+    if routed(spec) {
+        out.push(("forward".into(), accept_rule("iifname", bridge)));
+        out.push(("forward".into(), accept_rule("oifname", bridge)));
+    }
+    let mut out: Vec<(String, Value)> = out.into_iter().map(|(c, e)| (c, normalize(e))).collect();
+    out.sort_by_key(|(c, e)| (c.clone(), e.to_string()));
+    out.dedup();
+    out
+}
+
+/// Passes statements through the `nftables` schema types, so generated rules and
+/// listed rules have the same JSON form (key order included).
+fn normalize(e: Value) -> Value {
+    match serde_json::from_value::<Vec<Statement>>(e.clone()) {
+        Ok(st) => serde_json::to_value(&st).unwrap_or(e),
+        Err(_) => e,
+    }
+}
+
+// ------------------------------------------------------------------ observed state
+
+fn forward_json(f: &ForwardSpec) -> Value {
+    json!({"protocol": proto_name(f.protocol), "hostPort": f.host_port, "to": f.to.to_string()})
+}
+
+/// The `nat` value of the desired state.
+pub(crate) fn desired_nat(spec: &NetworkSpec) -> Option<Value> {
+    if !nat_enabled(spec) {
+        return None;
+    }
+    let mut o = serde_json::Map::new();
+    o.insert("enabled".into(), json!(true));
+    if let Some(e) = spec.nat.as_ref().and_then(|n| n.egress.as_ref()) {
+        o.insert("egress".into(), json!(e.as_str()));
+    }
+    o.insert(
+        "subnets".into(),
+        json!(
+            subnets(spec)
+                .iter()
+                .map(|s| s.to_string())
+                .collect::<Vec<_>>()
+        ),
+    );
+    Some(Value::Object(o))
+}
+
+/// The `forwards` value of the desired state (sorted).
+pub(crate) fn desired_forwards(spec: &NetworkSpec) -> Vec<Value> {
+    let mut v: Vec<Value> = spec.forwards.iter().map(forward_json).collect();
+    v.sort_by_key(|x| x.to_string());
+    v.dedup();
+    v
+}
+
+/// Reads the rules tagged for one network back into the state shape:
+/// (`nat`, `forwards`, `forwardAccept`). `spec` tells which hairpin rules belong to which
+/// forward; `bridge` the interface the accept rules name.
+pub(crate) fn observed_rules_state(
+    rules: &[(String, Value)],
+    bridge: &str,
+    spec: &NetworkSpec,
+) -> (Option<Value>, Vec<Value>, bool) {
+    let has = |chain: &str, expr: &Value| rules.iter().any(|(c, e)| c == chain && e == expr);
+    // Masquerade rules: [saddr == prefix, daddr != prefix, oifname ==/!=, masquerade].
+    let mut subnets_seen: Vec<String> = Vec::new();
+    let mut egress: Option<String> = None;
+    for (c, e) in rules {
+        let Some(a) = e.as_array() else { continue };
+        if c != "postrouting" || a.len() != 4 || a[3] != json!({"masquerade": null}) {
+            continue;
+        }
+        let sm = &a[0]["match"];
+        let om = &a[2]["match"];
+        if sm["op"] != "==" || sm["left"]["payload"]["field"] != "saddr" {
+            continue;
+        }
+        let Some(p) = sm["right"]["prefix"].as_object() else {
+            continue;
+        };
+        let (Some(addr), Some(len)) = (p.get("addr").and_then(|x| x.as_str()), p.get("len")) else {
+            continue;
+        };
+        if a[1]["match"]["right"]["prefix"] != sm["right"]["prefix"] {
+            continue;
+        }
+        if om["left"] != meta("oifname") {
+            continue;
+        }
+        match (om["op"].as_str(), om["right"].as_str()) {
+            (Some("=="), Some(e)) => egress = Some(e.to_string()),
+            (Some("!="), Some(b)) if b == bridge => {}
+            _ => continue,
+        }
+        subnets_seen.push(format!("{addr}/{len}"));
+    }
+    subnets_seen.sort();
+    subnets_seen.dedup();
+    let nat = if subnets_seen.is_empty() {
+        None
+    } else {
+        let mut o = serde_json::Map::new();
+        o.insert("enabled".into(), json!(true));
+        if let Some(e) = egress {
+            o.insert("egress".into(), json!(e));
+        }
+        o.insert("subnets".into(), json!(subnets_seen));
+        Some(Value::Object(o))
+    };
+
+    // Forwards: decode prerouting DNAT rules; a forward counts when its output twin
+    // (and hairpin, when its target is on the bridge) are there too.
+    let mut fwds: BTreeMap<String, Value> = BTreeMap::new();
+    for (c, e) in rules {
+        if c != "prerouting" {
+            continue;
+        }
+        let Some(a) = e.as_array() else { continue };
+        if a.len() != 4 {
+            continue;
+        }
+        let pm = &a[2]["match"];
+        let proto = match pm["left"]["payload"]["protocol"].as_str() {
+            Some("tcp") => Protocol::Tcp,
+            Some("udp") => Protocol::Udp,
+            _ => continue,
+        };
+        let Some(hp) = pm["right"].as_u64().and_then(|p| u16::try_from(p).ok()) else {
+            continue;
+        };
+        let d = &a[3]["dnat"];
+        let (Some(addr), Some(port)) = (
+            d["addr"].as_str().and_then(|s| s.parse::<IpAddr>().ok()),
+            d["port"].as_u64().and_then(|p| u16::try_from(p).ok()),
+        ) else {
+            continue;
+        };
+        let f = ForwardSpec {
+            protocol: proto,
+            host_port: hp,
+            to: SocketAddr::new(addr, port),
+        };
+        if dnat_rule(&f) != *e || !has("output", &dnat_rule(&f)) {
+            continue;
+        }
+        if let Some(s) = subnet_of(spec, addr)
+            && !has("postrouting", &hairpin_rule(&s, &f))
+        {
+            continue;
+        }
+        let j = forward_json(&f);
+        fwds.insert(j.to_string(), j);
+    }
+    let accept = has("forward", &accept_rule("iifname", bridge))
+        && has("forward", &accept_rule("oifname", bridge));
+    (nat, fwds.into_values().collect(), accept)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn spec(yaml: serde_json::Value) -> NetworkSpec {
+        serde_json::from_value(yaml).unwrap()
+    }
+
+    #[test]
+    fn expected_rules_roundtrip_into_state() {
+        let s = spec(json!({
+            "addresses": ["10.10.0.1/24", "fd00::1/64"],
+            "nat": {"enabled": true, "egress": "eth0"},
+            "forwards": [{"protocol": "tcp", "hostPort": 8080, "to": "10.10.0.10:80"},
+                         {"protocol": "udp", "hostPort": 53, "to": "192.0.2.9:53"}]
+        }));
+        let rules = expected_rules("lan0", &s);
+        // 2 masq + 2×(pre+out) + 1 hairpin + 2 accept
+        assert_eq!(rules.len(), 9);
+        let (nat, fwds, acc) = observed_rules_state(&rules, "lan0", &s);
+        assert_eq!(nat, desired_nat(&s));
+        assert_eq!(fwds, desired_forwards(&s));
+        assert!(acc);
+        // Drop the hairpin: the tcp forward is no longer complete.
+        let partial: Vec<_> = rules
+            .iter()
+            .filter(|(c, e)| !(c == "postrouting" && e[0]["match"]["op"] == "in"))
+            .cloned()
+            .collect();
+        let (_, fwds, _) = observed_rules_state(&partial, "lan0", &s);
+        assert_eq!(fwds.len(), 1);
+        assert_eq!(fwds[0]["protocol"], "udp");
+    }
+
+    #[test]
+    fn nat_without_addresses_or_disabled_needs_nothing() {
+        let s = spec(json!({"nat": {"enabled": true}}));
+        assert!(expected_rules("b", &s).is_empty());
+        assert_eq!(desired_nat(&s), None);
+        let s = spec(json!({"addresses": ["10.0.0.1/24"], "nat": {"enabled": false}}));
+        assert!(expected_rules("b", &s).is_empty());
+        let s = spec(json!({"addresses": ["10.0.0.1/24"], "nat": {}}));
+        let r = expected_rules("b", &s);
+        assert_eq!(r.len(), 3);
+        let (nat, _, _) = observed_rules_state(&r, "b", &s);
+        assert_eq!(
+            nat,
+            Some(json!({"enabled": true, "subnets": ["10.0.0.0/24"]}))
+        );
+    }
+}
