@@ -28,7 +28,7 @@ struct Cli {
 
 /// Options valid before or after the verb.
 #[derive(clap::Args, Debug, Clone)]
-struct Global {
+pub(crate) struct Global {
     /// State directory (inventory, journal, lock).
     #[arg(
         long,
@@ -84,7 +84,7 @@ enum ColorWhen {
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
-enum PlanFormat {
+pub(crate) enum PlanFormat {
     Text,
     Json,
 }
@@ -349,17 +349,20 @@ fn run(cli: Cli) -> Result<u8> {
             apply(
                 &g,
                 &env,
-                &desired,
-                None,
-                PlanOptions {
-                    no_prune,
-                    allow_data_loss,
+                ApplyRequest {
+                    desired: &desired,
+                    only: None,
+                    opts: PlanOptions {
+                        no_prune,
+                        allow_data_loss,
+                    },
+                    purge: false,
+                    yes,
+                    dry_run,
+                    parallelism,
+                    lock_timeout: lock_timeout.0,
+                    output,
                 },
-                yes,
-                dry_run,
-                parallelism,
-                lock_timeout.0,
-                output,
             )
         }
         Command::Destroy {
@@ -375,17 +378,20 @@ fn run(cli: Cli) -> Result<u8> {
             apply(
                 &g,
                 &env,
-                &Desired::default(),
-                Some(only),
-                PlanOptions {
-                    no_prune: false,
-                    allow_data_loss,
+                ApplyRequest {
+                    desired: &Desired::default(),
+                    only: Some(only),
+                    opts: PlanOptions {
+                        no_prune: false,
+                        allow_data_loss,
+                    },
+                    purge: false,
+                    yes,
+                    dry_run: false,
+                    parallelism: 4,
+                    lock_timeout: Duration::from_secs(30),
+                    output: PlanFormat::Text,
                 },
-                yes,
-                false,
-                4,
-                Duration::from_secs(30),
-                PlanFormat::Text,
             )
         }
         Command::Get { what, output } => {
@@ -408,20 +414,41 @@ fn run(cli: Cli) -> Result<u8> {
     }
 }
 
+/// One apply (or destroy) request.
+pub(crate) struct ApplyRequest<'a> {
+    /// The desired set.
+    pub desired: &'a Desired,
+    /// Restrict the plan to these ids (destroy).
+    pub only: Option<Vec<ResourceId>>,
+    /// Plan options.
+    pub opts: PlanOptions,
+    /// Delete retained resources too (environment teardown).
+    pub purge: bool,
+    /// Do not ask.
+    pub yes: bool,
+    /// Plan only.
+    pub dry_run: bool,
+    /// Changes at once.
+    pub parallelism: usize,
+    /// Wait for the lock this long.
+    pub lock_timeout: Duration,
+    /// Plan output format.
+    pub output: PlanFormat,
+}
+
 /// Plans and applies. With `only`, the inventory is restricted to those ids (destroy).
-#[allow(clippy::too_many_arguments)]
-fn apply(
-    g: &Global,
-    env: &HostEnv,
-    desired: &Desired,
-    only: Option<Vec<ResourceId>>,
-    opts: PlanOptions,
-    yes: bool,
-    dry_run: bool,
-    parallelism: usize,
-    lock_timeout: Duration,
-    output: PlanFormat,
-) -> Result<u8> {
+pub(crate) fn apply(g: &Global, env: &HostEnv, req: ApplyRequest<'_>) -> Result<u8> {
+    let ApplyRequest {
+        desired,
+        only,
+        opts,
+        purge,
+        yes,
+        dry_run,
+        parallelism,
+        lock_timeout,
+        output,
+    } = req;
     let drivers = drivers(env)?;
     let _lock = if dry_run {
         None
@@ -430,6 +457,23 @@ fn apply(
     };
     let db = StateDb::open(&env.state_dir)?;
     let mut run = plan_run(&drivers, desired, &db, opts)?;
+    if purge {
+        // Environment teardown: what `Retain` would keep goes too.
+        for c in run
+            .plan
+            .changes
+            .iter_mut()
+            .filter(|c| c.action == stead_reconciler::Action::Retain)
+        {
+            c.action = stead_reconciler::Action::Delete;
+            c.impact = drivers.get(&c.id.kind).and_then(|d| {
+                run.inventory
+                    .get(&c.id)
+                    .map(|e| d.delete_impact(&e.resource))
+            });
+            c.note = Some("environment teardown deletes retained data too".into());
+        }
+    }
     if let Some(only) = &only {
         run.plan.changes.retain(|c| only.contains(&c.id));
         run.plan.errors.retain(|e| only.contains(&e.id));
