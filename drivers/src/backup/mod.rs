@@ -6,6 +6,7 @@
 //! - [`store`]: the chunk store, manifests, backup / verify / restore / prune / gc.
 //! - [`runner`]: runs schedules on an injectable clock, then prunes.
 //! - [`hooks`]: consistency hooks (snapshot / stop) the workload drivers implement.
+//! - [`targets`]: `Kind/name` and schedule selectors → files and directories to read.
 
 use std::path::PathBuf;
 
@@ -14,6 +15,7 @@ pub mod retention;
 pub mod runner;
 pub mod schedule;
 pub mod store;
+pub mod targets;
 
 pub use store::{BackupInfo, BackupOptions, BackupStore, Manifest, VerifyReport};
 

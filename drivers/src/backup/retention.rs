@@ -538,3 +538,71 @@ mod tests {
         assert!(compute(&[], &ret(1, 0, 0, 0, 0, 0), &Tz::UTC).is_empty());
     }
 }
+
+/// `stead backup simulate-prune`: reads RFC 3339 timestamps (one per line; blank lines and
+/// `#` comments ignored), returns one line per backup, newest first: the timestamp as given,
+/// then `keep` or `remove`, then with `show_rule` the rule that kept it.
+pub fn simulate<Z: TimeZone>(
+    input: &str,
+    retention: &Retention,
+    tz: &Z,
+    show_rule: bool,
+) -> Result<String, super::BackupError> {
+    let mut raw = Vec::new();
+    let mut times = Vec::new();
+    for (n, line) in input.lines().enumerate() {
+        let l = line.trim();
+        if l.is_empty() || l.starts_with('#') {
+            continue;
+        }
+        let t = DateTime::parse_from_rfc3339(l).map_err(|e| {
+            super::BackupError::Invalid(format!(
+                "line {}: {l:?} is not an RFC 3339 timestamp: {e}",
+                n + 1
+            ))
+        })?;
+        raw.push(l);
+        times.push(t.with_timezone(&Utc));
+    }
+    let mut out = String::new();
+    for d in compute(&times, retention, tz) {
+        out.push_str(raw[d.index]);
+        match d.mark {
+            Mark::Keep(rule) if show_rule => {
+                out.push_str(" keep ");
+                out.push_str(rule.name());
+            }
+            Mark::Keep(_) => out.push_str(" keep"),
+            Mark::Remove => out.push_str(" remove"),
+        }
+        out.push('\n');
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod simulate_tests {
+    use super::*;
+
+    #[test]
+    fn simulate_prints_newest_first_with_rules() {
+        let input = "# backups\n2019-12-02T11:59:15Z\n\n2019-12-04T12:59:15+00:00\n2019-12-03T11:59:15Z\n2019-12-04T11:59:15Z\n";
+        let r = Retention {
+            keep_last: Some(1),
+            keep_daily: Some(2),
+            ..Retention::default()
+        };
+        let out = simulate(input, &r, &chrono_tz::Tz::UTC, true).expect("simulate");
+        assert_eq!(
+            out,
+            "2019-12-04T12:59:15+00:00 keep keep-last\n\
+             2019-12-04T11:59:15Z remove\n\
+             2019-12-03T11:59:15Z keep keep-daily\n\
+             2019-12-02T11:59:15Z keep keep-daily\n"
+        );
+        let out = simulate(input, &r, &chrono_tz::Tz::UTC, false).expect("simulate");
+        assert!(out.starts_with("2019-12-04T12:59:15+00:00 keep\n"));
+        let err = simulate("2019-12-02 11:59\n", &r, &chrono_tz::Tz::UTC, false);
+        assert!(err.is_err_and(|e| e.to_string().contains("line 1")));
+    }
+}
