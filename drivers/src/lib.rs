@@ -4,6 +4,7 @@
 pub mod backup;
 pub mod container;
 pub mod net;
+pub mod netns;
 pub mod storage;
 
 use stead_schema::{Driver, DriverError, HostEnv};
@@ -13,6 +14,8 @@ pub fn registry(env: &HostEnv) -> Result<Vec<Box<dyn Driver>>, DriverError> {
     let drivers: Vec<Box<dyn Driver>> = vec![
         Box::new(storage::PoolDriver::new(env)),
         Box::new(storage::VolumeDriver::new(env)),
+        Box::new(net::NetworkDriver::new(env)?),
+        Box::new(net::BondDriver::new(env)?),
     ];
     Ok(drivers)
 }

@@ -17,7 +17,7 @@ pub mod attach;
 pub mod bond;
 mod network;
 mod nft;
-mod nl;
+pub(crate) mod nl;
 mod ns;
 
 use std::net::IpAddr;
