@@ -7,6 +7,57 @@ use stead_schema::{Desired, Health, HostEnv, Kind};
 
 use crate::GetFormat;
 
+/// The running controller's status document from `<run-dir>/controller.sock`, if one
+/// answers (within 2 s).
+fn controller_status(env: &HostEnv) -> Option<Value> {
+    use std::io::{Read, Write};
+    let path = env.run_dir.join("controller.sock");
+    let mut s = std::os::unix::net::UnixStream::connect(&path).ok()?;
+    let t = Some(std::time::Duration::from_secs(2));
+    s.set_read_timeout(t).ok()?;
+    s.set_write_timeout(t).ok()?;
+    s.write_all(b"status\n").ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+/// The controller's entry for a resource.
+fn controller_resource<'a>(ctl: Option<&'a Value>, kind: Kind, name: &str) -> Option<&'a Value> {
+    ctl?.get("resources")?.as_array()?.iter().find(|r| {
+        r.get("kind").and_then(Value::as_str) == Some(kind.as_str())
+            && r.get("name").and_then(Value::as_str) == Some(name)
+    })
+}
+
+/// One line about the controller for the text output.
+fn controller_line(ctl: &Value) -> String {
+    let s = |k: &str| ctl.get(k).and_then(Value::as_str).unwrap_or("");
+    let short = |r: &str| r.get(..12).unwrap_or(r).to_string();
+    let mut line = format!(
+        "Controller: {} at revision {}",
+        s("source"),
+        short(s("revision"))
+    );
+    if let Some(t) = ctl.get("lastApplyTime").and_then(Value::as_f64) {
+        line.push_str(&format!(", checked {} ago", age(t)));
+    }
+    if !s("lastResult").is_empty() {
+        line.push_str(&format!(", last result {}", s("lastResult")));
+    }
+    if let Some(e) = ctl.get("headError").and_then(Value::as_str) {
+        let first = e.lines().next().unwrap_or("");
+        line.push_str(&format!(
+            "\n  head {} not applied: {first}",
+            short(s("headRevision"))
+        ));
+    }
+    if let Some(e) = ctl.get("fetchError").and_then(Value::as_str) {
+        line.push_str(&format!("\n  fetch failing: {e}"));
+    }
+    line
+}
+
 fn age(secs: f64) -> String {
     let d = (stead_reconciler::state::now_secs() - secs).max(0.0) as u64;
     match d {
@@ -121,6 +172,7 @@ pub fn run(env: &HostEnv, what: Option<&str>, output: GetFormat) -> Result<u8> {
     }
     let (mut observed, errors) = observe_all(&drivers, &desired, &inventory);
     observed.retain(|id, _| inventory.contains_key(id));
+    let ctl = controller_status(env);
     let mut items = Vec::new();
     for (id, entry) in &inventory {
         let obs = observed.get(id);
@@ -155,6 +207,10 @@ pub fn run(env: &HostEnv, what: Option<&str>, output: GetFormat) -> Result<u8> {
                 json!({"type": "Ready", "status": "False", "reason": "Failed", "message": m})
             }
         };
+        let from_ctl = controller_resource(ctl.as_ref(), id.kind, &id.name);
+        let conditions = from_ctl
+            .and_then(|r| r.get("conditions").cloned())
+            .unwrap_or_else(|| json!([condition]));
         items.push(json!({
             "apiVersion": stead_schema::API_VERSION,
             "kind": id.kind.as_str(),
@@ -167,23 +223,28 @@ pub fn run(env: &HostEnv, what: Option<&str>, output: GetFormat) -> Result<u8> {
                 "appliedAt": rfc3339(entry.applied_at),
                 "observed": state,
                 "runtime": status,
-                "conditions": [condition],
+                "controllerStatus": from_ctl.and_then(|r| r.get("status").cloned()),
+                "conditions": conditions,
             }
         }));
     }
+    let mut list = json!({"apiVersion": stead_schema::API_VERSION, "kind": "List", "items": items});
+    if let Some(c) = &ctl {
+        let mut c = c.clone();
+        if let Some(o) = c.as_object_mut() {
+            o.remove("resources");
+        }
+        list["controller"] = c;
+    }
     match output {
-        GetFormat::Json => println!(
-            "{}",
-            serde_json::to_string_pretty(
-                &json!({"apiVersion": stead_schema::API_VERSION, "kind": "List", "items": items})
-            )?
-        ),
+        GetFormat::Json => println!("{}", serde_json::to_string_pretty(&list)?),
         GetFormat::Yaml => {
-            let v =
-                json!({"apiVersion": stead_schema::API_VERSION, "kind": "List", "items": items});
-            print!("{}", serde_saphyr::to_string(&v)?);
+            print!("{}", serde_saphyr::to_string(&list)?);
         }
         GetFormat::Text => {
+            if let Some(c) = &ctl {
+                println!("{}", controller_line(c));
+            }
             if items.is_empty() {
                 println!(
                     "No resources managed by stead{}.",
@@ -196,9 +257,18 @@ pub fn run(env: &HostEnv, what: Option<&str>, output: GetFormat) -> Result<u8> {
                 .map(|(id, entry)| {
                     let o = observed.get(id);
                     let exists = o.is_some_and(|o| o.exists);
-                    let health = o
+                    let mut health = o
                         .map(|o| health_word(&o.health, exists))
                         .unwrap_or_else(|| "Unknown".into());
+                    // The controller knows about failed applies, backoff and drift.
+                    if let Some(w) = controller_resource(ctl.as_ref(), id.kind, &id.name)
+                        .and_then(|r| r.get("status"))
+                        .and_then(Value::as_str)
+                        && w != "Ready"
+                        && health == "Ready"
+                    {
+                        health = w.to_string();
+                    }
                     let info = o
                         .map(|o| summary(id.kind, &o.state, &o.status))
                         .unwrap_or_default();

@@ -1,0 +1,287 @@
+//! Issue 7 acceptance: `stead controller` following a git repository.
+
+mod controller_util;
+
+use std::time::{Duration, Instant};
+
+use controller_util::*;
+use stead_e2e::Sandbox;
+
+const MI: u64 = 1 << 20;
+const TOKEN: &str = "e2e-webhook-token";
+
+#[test]
+fn git_commits_converge_webhook_invalid_and_revert() {
+    let sb = Sandbox::new();
+    let repo = Repo::new(&sb);
+    let c1 = repo.commit(
+        "one",
+        &[(
+            "hosts/h1/storage.yaml",
+            &storage_yaml(&sb, &[("a", "1Mi"), ("b", "1Mi")]),
+        )],
+    );
+    let tok = sb.write("token", &format!("{TOKEN}\n"));
+    let source = format!("{}:hosts/h1", repo.source());
+    let ctl = Controller::start(
+        &sb,
+        &[
+            "--source",
+            &source,
+            "--interval",
+            "1h",
+            "--resync",
+            "1h",
+            "--webhook-token-file",
+            tok.to_str().unwrap(),
+        ],
+    );
+    // Commit 1 converges.
+    assert!(
+        wait_until(Duration::from_secs(20), || size(&image(&sb, "b")) == MI).is_some(),
+        "commit 1 not applied\n{}",
+        ctl.logs()
+    );
+    assert!(wait_until(Duration::from_secs(5), || ctl.get("/readyz").0 == 200).is_some());
+    let st = ctl.status();
+    assert_eq!(st["revision"], c1.as_str(), "{st}");
+    assert_eq!(st["lastResult"], "success", "{st}");
+    assert_eq!(ctl.metric("stead_reconcile_total{result=\"success\"}"), 1.0);
+    assert_eq!(
+        ctl.metric("stead_resources{kind=\"Volume\",status=\"Ready\"}"),
+        2.0
+    );
+    assert_eq!(
+        ctl.metric(&format!("stead_source_revision_info{{revision=\"{c1}\"}}")),
+        1.0
+    );
+
+    // The webhook needs the token.
+    assert_eq!(ctl.hook("wrong"), 401);
+    assert_eq!(
+        http(ctl.port, "POST", "/hooks/git", &[], "{}").0,
+        401,
+        "no token"
+    );
+
+    // A change is applied within 2 s of the webhook call.
+    let c2 = repo.commit(
+        "grow a, add c",
+        &[(
+            "hosts/h1/storage.yaml",
+            &storage_yaml(&sb, &[("a", "2Mi"), ("b", "1Mi"), ("c", "1Mi")]),
+        )],
+    );
+    let t = Instant::now();
+    assert_eq!(ctl.hook(TOKEN), 202);
+    let took = wait_until(Duration::from_secs(10), || {
+        size(&image(&sb, "a")) == 2 * MI && size(&image(&sb, "c")) == MI
+    });
+    let took = took.unwrap_or_else(|| panic!("commit 2 not applied\n{}", ctl.logs()));
+    eprintln!(
+        "webhook to converged: {:?} (since webhook call {:?})",
+        took,
+        t.elapsed()
+    );
+    assert!(took < Duration::from_secs(2), "took {took:?}");
+    assert!(
+        wait_until(Duration::from_secs(5), || ctl.status()["revision"]
+            == c2.as_str())
+        .is_some()
+    );
+    assert_eq!(
+        ctl.metric("stead_apply_changes_total{action=\"update\",kind=\"Volume\"}"),
+        1.0
+    );
+    assert_eq!(
+        ctl.metric("stead_apply_changes_total{action=\"create\",kind=\"Volume\"}"),
+        3.0
+    );
+
+    // An invalid manifest: nothing of that revision is applied (b would grow), the
+    // previous state stays and result="invalid" is counted.
+    let mut bad = storage_yaml(&sb, &[("a", "2Mi"), ("b", "3Mi"), ("c", "1Mi")]);
+    bad.push_str("---\napiVersion: stead.dev/v1alpha1\nkind: Volume\nmetadata: {name: d}\nspec: {pool: local, size: 1Mi, colour: red}\n");
+    let c3 = repo.commit("broken", &[("hosts/h1/storage.yaml", &bad)]);
+    assert_eq!(ctl.hook(TOKEN), 202);
+    assert!(
+        wait_until(Duration::from_secs(10), || ctl
+            .metric("stead_reconcile_total{result=\"invalid\"}")
+            == 1.0)
+        .is_some(),
+        "invalid revision not reported\n{}",
+        ctl.logs()
+    );
+    let st = ctl.status();
+    assert_eq!(st["revision"], c2.as_str(), "last good stays applied: {st}");
+    assert_eq!(st["headRevision"], c3.as_str(), "{st}");
+    let err = st["headError"].as_str().unwrap_or_default();
+    assert!(
+        err.contains("invalid") && err.contains("storage.yaml") && err.contains("colour"),
+        "{err}"
+    );
+    assert_eq!(
+        size(&image(&sb, "b")),
+        MI,
+        "nothing of the invalid revision applied"
+    );
+    assert!(!image(&sb, "d").exists());
+    assert_eq!(
+        ctl.metric(&format!("stead_source_revision_info{{revision=\"{c2}\"}}")),
+        1.0
+    );
+    // `stead get` asks the running controller.
+    let out = sb.run(&["get", "volume", "-o", "json"]).expect_code(0);
+    let v: serde_json::Value = serde_json::from_str(&out.stdout()).unwrap();
+    assert_eq!(v["controller"]["revision"], c2.as_str(), "{v}");
+    assert_eq!(
+        v["items"][0]["status"]["conditions"][0]["type"], "Ready",
+        "{v}"
+    );
+    let out = sb.run(&["get"]).expect_code(0);
+    assert!(out.stdout().contains("invalid"), "{}", out.stdout());
+
+    // Reverting the broken commit converges back (same content as commit 2: no changes).
+    let c4 = repo.git_then_push(&["revert", "--no-edit", "HEAD"]);
+    assert_eq!(ctl.hook(TOKEN), 202);
+    assert!(
+        wait_until(Duration::from_secs(10), || ctl.status()["revision"]
+            == c4.as_str())
+        .is_some(),
+        "revert not applied\n{}",
+        ctl.logs()
+    );
+    let st = ctl.status();
+    assert_eq!(st["lastResult"], "success", "{st}");
+    assert!(st["headError"].is_null(), "{st}");
+    assert_eq!(size(&image(&sb, "b")), MI);
+    // Reverting commit 2's new volume removes it (deletionPolicy: Delete).
+    let c5 = repo.commit(
+        "drop c",
+        &[(
+            "hosts/h1/storage.yaml",
+            &storage_yaml(&sb, &[("a", "2Mi"), ("b", "1Mi")]),
+        )],
+    );
+    assert_eq!(ctl.hook(TOKEN), 202);
+    assert!(
+        wait_until(Duration::from_secs(10), || !image(&sb, "c").exists()
+            && ctl.status()["revision"] == c5.as_str())
+        .is_some(),
+        "prune not applied\n{}",
+        ctl.logs()
+    );
+    assert_eq!(
+        ctl.metric("stead_apply_changes_total{action=\"delete\",kind=\"Volume\"}"),
+        1.0
+    );
+    // Old checkouts are cleaned: only the applied one (and the mirror) remain.
+    let left: Vec<String> = std::fs::read_dir(sb.path("state/source"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(left.contains(&c5), "{left:?}");
+    assert!(!left.contains(&c1) && !left.contains(&c3), "{left:?}");
+}
+
+#[test]
+fn git_poll_applies_without_webhook() {
+    let sb = Sandbox::new();
+    let repo = Repo::new(&sb);
+    repo.commit(
+        "one",
+        &[("storage.yaml", &storage_yaml(&sb, &[("a", "1Mi")]))],
+    );
+    let source = repo.source();
+    let ctl = Controller::start(
+        &sb,
+        &["--source", &source, "--interval", "1s", "--resync", "1h"],
+    );
+    assert!(
+        wait_until(Duration::from_secs(20), || size(&image(&sb, "a")) == MI).is_some(),
+        "commit 1 not applied\n{}",
+        ctl.logs()
+    );
+    // The webhook is disabled without a token.
+    assert_eq!(ctl.hook("anything"), 404);
+    repo.commit(
+        "grow",
+        &[("storage.yaml", &storage_yaml(&sb, &[("a", "4Mi")]))],
+    );
+    let took = wait_until(Duration::from_secs(10), || size(&image(&sb, "a")) == 4 * MI)
+        .unwrap_or_else(|| panic!("not applied by polling\n{}", ctl.logs()));
+    assert!(
+        took < Duration::from_millis(3500),
+        "poll interval 1s, took {took:?}"
+    );
+}
+
+#[test]
+fn restart_changes_nothing_and_sigterm_leaves_objects() {
+    let sb = Sandbox::new();
+    let repo = Repo::new(&sb);
+    repo.commit(
+        "one",
+        &[(
+            "storage.yaml",
+            &storage_yaml(&sb, &[("a", "1Mi"), ("b", "1Mi")]),
+        )],
+    );
+    let source = repo.source();
+    let mut ctl = Controller::start(&sb, &["--source", &source, "--resync", "1h"]);
+    assert!(
+        wait_until(Duration::from_secs(20), || size(&image(&sb, "b")) == MI).is_some(),
+        "{}",
+        ctl.logs()
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || ctl.status()["lastResult"]
+            == "success")
+        .is_some()
+    );
+    // A second controller on the same state dir is refused.
+    let out = sb
+        .run(&[
+            "controller",
+            "--source",
+            &source,
+            "--listen",
+            &format!("127.0.0.1:{}", free_port()),
+        ])
+        .expect_code(1);
+    assert!(
+        out.stderr().contains("another stead controller"),
+        "{}",
+        out.stderr()
+    );
+    let mtime = std::fs::metadata(image(&sb, "a"))
+        .unwrap()
+        .modified()
+        .unwrap();
+    assert_eq!(ctl.stop(), Some(0), "clean exit on SIGTERM\n{}", ctl.logs());
+    assert!(image(&sb, "a").exists() && image(&sb, "b").exists());
+    assert!(!sb.path("run/controller.sock").exists(), "socket removed");
+
+    let ctl = Controller::start(&sb, &["--source", &source, "--resync", "1h"]);
+    assert!(
+        wait_until(Duration::from_secs(20), || ctl.status()["lastResult"]
+            == "success")
+        .is_some(),
+        "{}",
+        ctl.logs()
+    );
+    let scrape = ctl.scrape();
+    assert!(
+        !scrape
+            .lines()
+            .any(|l| l.starts_with("stead_apply_changes_total")),
+        "no changes after a restart:\n{scrape}"
+    );
+    assert_eq!(
+        std::fs::metadata(image(&sb, "a"))
+            .unwrap()
+            .modified()
+            .unwrap(),
+        mtime
+    );
+}
