@@ -1,0 +1,145 @@
+//! Issue 7 acceptance: the scrape passes `promtool check metrics`; a directory source is
+//! followed through file-system events; health endpoints.
+
+mod controller_util;
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use controller_util::*;
+use stead_e2e::{Sandbox, skip_unless};
+
+const MI: u64 = 1 << 20;
+
+#[test]
+fn scrape_passes_promtool_check_metrics() {
+    let have = Command::new("promtool").arg("--version").output().is_ok();
+    if skip_unless(
+        have,
+        "scrape_passes_promtool_check_metrics",
+        "promtool not installed (apt install prometheus)",
+    ) {
+        return;
+    }
+    let sb = Sandbox::new();
+    sb.write("m/all.yaml", &storage_yaml(&sb, &[("a", "1Mi")]));
+    let m = sb.path("m");
+    let ctl = Controller::start(&sb, &["--source", m.to_str().unwrap(), "--resync", "1s"]);
+    assert!(
+        wait_until(Duration::from_secs(20), || size(&image(&sb, "a")) == MI).is_some(),
+        "{}",
+        ctl.logs()
+    );
+    // Some activity: drift, an invalid revision.
+    std::fs::remove_file(image(&sb, "a")).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || ctl
+            .metric("stead_drift_detected_total{kind=\"Volume\"}")
+            == 1.0)
+        .is_some()
+    );
+    sb.write("m/bad.yaml", "apiVersion: stead.dev/v1alpha1\nkind: Volume\nmetadata: {name: x}\nspec: {pool: nowhere, size: 1Mi}\n");
+    assert!(
+        wait_until(Duration::from_secs(10), || ctl
+            .metric("stead_reconcile_total{result=\"invalid\"}")
+            == 1.0)
+        .is_some(),
+        "{}",
+        ctl.logs()
+    );
+
+    let (code, scrape) = ctl.get("/metrics");
+    assert_eq!(code, 200);
+    for name in [
+        "stead_reconcile_duration_seconds_bucket",
+        "stead_reconcile_total",
+        "stead_resources",
+        "stead_drift_detected_total",
+        "stead_apply_changes_total",
+        "stead_source_revision_info",
+        "stead_source_fetch_errors_total",
+        "stead_last_successful_reconcile_timestamp_seconds",
+    ] {
+        assert!(scrape.contains(name), "{name} missing:\n{scrape}");
+    }
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(scrape.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics failed:\n{}{}\n--- scrape\n{scrape}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).trim().is_empty()
+            && String::from_utf8_lossy(&out.stderr).trim().is_empty(),
+        "promtool lint findings: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn directory_source_follows_file_changes() {
+    let sb = Sandbox::new();
+    sb.write("m/all.yaml", &storage_yaml(&sb, &[("a", "1Mi")]));
+    let m = sb.path("m");
+    let ctl = Controller::start(&sb, &["--source", m.to_str().unwrap(), "--resync", "1h"]);
+    assert_eq!(ctl.get("/healthz").0, 200);
+    assert!(
+        wait_until(Duration::from_secs(20), || size(&image(&sb, "a")) == MI).is_some(),
+        "{}",
+        ctl.logs()
+    );
+    assert!(wait_until(Duration::from_secs(5), || ctl.get("/readyz").0 == 200).is_some());
+    let n = ctl.status()["reconciles"].as_u64().unwrap();
+
+    // A burst of writes collapses into few runs and is applied about a second later.
+    let t = Instant::now();
+    for size in ["2Mi", "3Mi", "4Mi", "5Mi", "6Mi"] {
+        sb.write(
+            "m/all.yaml",
+            &storage_yaml(&sb, &[("a", size), ("b", "1Mi")]),
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let took = wait_until(Duration::from_secs(10), || {
+        size(&image(&sb, "a")) == 6 * MI && size(&image(&sb, "b")) == MI
+    })
+    .unwrap_or_else(|| panic!("change not applied\n{}", ctl.logs()));
+    eprintln!("directory change to converged: {:?}", t.elapsed());
+    assert!(took < Duration::from_secs(2), "took {took:?}");
+    std::thread::sleep(Duration::from_millis(500));
+    let runs = ctl.status()["reconciles"].as_u64().unwrap() - n;
+    assert!(runs <= 2, "a burst of 5 writes ran {runs} reconciles");
+    assert_eq!(
+        ctl.metric("stead_apply_changes_total{action=\"update\",kind=\"Volume\"}"),
+        1.0
+    );
+
+    // The status socket also takes a reconcile request.
+    let mut s = std::os::unix::net::UnixStream::connect(sb.path("run/controller.sock")).unwrap();
+    s.write_all(b"reconcile\n").unwrap();
+    assert!(ctl.wait_reconciles(1, Duration::from_secs(5)));
+
+    // `stead get` text output names the controller and the resources.
+    let out = sb.run(&["get"]).expect_code(0);
+    assert!(
+        out.stdout().contains("Controller:") && out.stdout().contains("Volume"),
+        "{}",
+        out.stdout()
+    );
+}
