@@ -1,0 +1,143 @@
+//! Issue 7: `--verify-commits`: only heads signed by a trusted SSH key are applied.
+
+mod controller_util;
+
+use std::process::Command;
+use std::time::Duration;
+
+use controller_util::*;
+use stead_e2e::{Sandbox, skip_unless};
+
+const MI: u64 = 1 << 20;
+const TOKEN: &str = "signed-token";
+
+fn keygen(sb: &Sandbox, name: &str) -> (String, String) {
+    let key = sb.path(name);
+    let st = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", name, "-f"])
+        .arg(&key)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let public = std::fs::read_to_string(sb.path(&format!("{name}.pub"))).unwrap();
+    (key.to_str().unwrap().to_string(), public.trim().to_string())
+}
+
+fn commit(
+    repo: &Repo,
+    sb: &Sandbox,
+    msg: &str,
+    vols: &[(&str, &str)],
+    key: Option<&str>,
+) -> String {
+    std::fs::write(repo.work.join("storage.yaml"), storage_yaml(sb, vols)).unwrap();
+    git(&repo.work, &["add", "-A"]);
+    match key {
+        Some(k) => git(
+            &repo.work,
+            &[
+                "-c",
+                "gpg.format=ssh",
+                "-c",
+                &format!("user.signingkey={k}"),
+                "commit",
+                "-q",
+                "-S",
+                "-m",
+                msg,
+            ],
+        ),
+        None => git(&repo.work, &["commit", "-q", "-m", msg]),
+    }
+    repo.push()
+}
+
+#[test]
+fn only_signed_commits_from_trusted_keys_are_applied() {
+    let have = Command::new("ssh-keygen").arg("-?").output().is_ok();
+    if skip_unless(
+        have,
+        "only_signed_commits_from_trusted_keys_are_applied",
+        "ssh-keygen not installed",
+    ) {
+        return;
+    }
+    let sb = Sandbox::new();
+    let (trusted, trusted_pub) = keygen(&sb, "trusted");
+    let (stranger, _) = keygen(&sb, "stranger");
+    let signers = sb.write(
+        "allowed_signers",
+        &format!("test@example.com namespaces=\"git\" {trusted_pub}\n"),
+    );
+    let tok = sb.write("token", TOKEN);
+    let repo = Repo::new(&sb);
+    let c1 = commit(&repo, &sb, "one", &[("a", "1Mi")], Some(&trusted));
+    let source = repo.source();
+    let ctl = Controller::start(
+        &sb,
+        &[
+            "--source",
+            &source,
+            "--resync",
+            "1h",
+            "--verify-commits",
+            signers.to_str().unwrap(),
+            "--webhook-token-file",
+            tok.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        wait_until(Duration::from_secs(20), || size(&image(&sb, "a")) == MI).is_some(),
+        "{}",
+        ctl.logs()
+    );
+    assert_eq!(ctl.status()["revision"], c1.as_str());
+
+    // Unsigned head: refused, reported, the signed revision stays applied.
+    let c2 = commit(&repo, &sb, "unsigned", &[("a", "2Mi")], None);
+    assert_eq!(ctl.hook(TOKEN), 202);
+    assert!(
+        wait_until(Duration::from_secs(10), || ctl
+            .metric("stead_reconcile_total{result=\"unsigned\"}")
+            == 1.0)
+        .is_some(),
+        "{}",
+        ctl.logs()
+    );
+    let st = ctl.status();
+    assert_eq!(st["headRevision"], c2.as_str(), "{st}");
+    assert_eq!(st["revision"], c1.as_str(), "{st}");
+    assert!(
+        st["headError"].as_str().unwrap().contains("not signed"),
+        "{st}"
+    );
+    assert_eq!(size(&image(&sb, "a")), MI);
+
+    // Signed by a key that is not trusted: refused too.
+    commit(&repo, &sb, "stranger", &[("a", "3Mi")], Some(&stranger));
+    assert_eq!(ctl.hook(TOKEN), 202);
+    assert!(
+        wait_until(Duration::from_secs(10), || ctl
+            .metric("stead_reconcile_total{result=\"unsigned\"}")
+            == 2.0)
+        .is_some(),
+        "{}",
+        ctl.logs()
+    );
+    assert_eq!(size(&image(&sb, "a")), MI);
+
+    // Signed by the trusted key: applied.
+    let c4 = commit(&repo, &sb, "signed again", &[("a", "4Mi")], Some(&trusted));
+    assert_eq!(ctl.hook(TOKEN), 202);
+    assert!(
+        wait_until(Duration::from_secs(10), || size(&image(&sb, "a")) == 4 * MI).is_some(),
+        "{}",
+        ctl.logs()
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || ctl.status()["revision"]
+            == c4.as_str())
+        .is_some()
+    );
+    assert!(ctl.status()["headError"].is_null());
+}
