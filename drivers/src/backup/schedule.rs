@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use chrono::{DateTime, Utc};
-use chrono_tz::Tz;
+pub use chrono_tz::Tz;
 use croner::Cron;
 use stead_schema::kinds::BackupScheduleSpec;
 
