@@ -101,6 +101,15 @@ fn fdb_dump(nl: &mut Netlink) -> Result<BTreeMap<u32, BTreeSet<IpAddr>>, DriverE
                 NeighbourAttribute::Destination(NeighbourAddress::Inet6(v6)) => {
                     dst = Some(IpAddr::V6(*v6))
                 }
+                // With family AF_BRIDGE the address family of NDA_DST is not known to
+                // the parser: raw bytes, 4 or 16 of them.
+                NeighbourAttribute::Destination(NeighbourAddress::Other(b)) => {
+                    dst = match b.len() {
+                        4 => <[u8; 4]>::try_from(&b[..]).ok().map(IpAddr::from),
+                        16 => <[u8; 16]>::try_from(&b[..]).ok().map(IpAddr::from),
+                        _ => None,
+                    }
+                }
                 _ => {}
             }
         }
@@ -569,7 +578,9 @@ impl NetworkDriver {
 }
 
 fn set_vlan_filtering(nl: &mut Netlink, msg: LinkMessage, name: &str) -> Result<(), DriverError> {
-    match nl.ack(RouteNetlinkMessage::SetLink(msg), 0) {
+    // RTM_NEWLINK without NLM_F_CREATE: only that path runs the bridge's changelink
+    // (RTM_SETLINK ignores IFLA_LINKINFO).
+    match nl.ack(RouteNetlinkMessage::NewLink(msg), 0) {
         Ok(()) => Ok(()),
         Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Err(DriverError::Unsupported(
             format!("kernel lacks bridge VLAN filtering (vlanAware on {name})"),
