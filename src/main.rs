@@ -13,7 +13,10 @@ use stead_reconciler::render::{self, Style};
 use stead_reconciler::{ApplyLock, Drivers, ExecOptions, PlanOptions, StateDb, execute, plan_run};
 use stead_schema::{Desired, Diagnostic, HostEnv, Kind, ResourceId};
 
+mod cmd_console;
 mod cmd_controller;
+mod cmd_env;
+mod cmd_vmm;
 mod get;
 
 /// Declarative, GitOps-style reconciler for Linux virtualization hosts.
@@ -168,6 +171,18 @@ enum Command {
     },
     /// Follow a git repository or directory; converge on each revision, heal drift, export metrics.
     Controller(cmd_controller::ControllerArgs),
+    /// Isolated environments (per branch or pull request) with a TTL.
+    Env {
+        #[command(subcommand)]
+        cmd: cmd_env::EnvCmd,
+    },
+    /// Attach to a VM's serial console (Ctrl-] detaches).
+    Console(cmd_console::ConsoleArgs),
+    /// Print a VM's console log.
+    Logs(cmd_console::LogsArgs),
+    /// Per-VM supervisor started by the VirtualMachine driver (internal).
+    #[command(hide = true)]
+    Vmm(cmd_vmm::VmmArgs),
     /// Print the JSON Schema of all kinds.
     Schema,
     /// Print shell completions.
@@ -211,6 +226,17 @@ fn init_logging(g: &Global) {
             .with_ansi(std::io::stderr().is_terminal())
             .try_init(),
     };
+}
+
+/// The host handles without `--netns` (environments bring their own namespace).
+pub(crate) fn host_env_unchecked(g: &Global) -> Result<HostEnv> {
+    Ok(HostEnv {
+        state_dir: g.state_dir.clone(),
+        run_dir: g.run_dir.clone(),
+        cgroup_parent: g.cgroup_parent.clone(),
+        netns: None,
+        self_exe: std::env::current_exe().context("cannot find the stead binary")?,
+    })
 }
 
 pub(crate) fn host_env(g: &Global) -> Result<HostEnv> {
@@ -398,11 +424,21 @@ fn run(cli: Cli) -> Result<u8> {
             let env = host_env(&g)?;
             get::run(&env, what.as_deref(), output)
         }
+        Command::Env { cmd } => cmd_env::run(cmd, &g),
         Command::Controller(args) => {
             let env = host_env(&g)?;
             let drivers = drivers(&env)?;
             cmd_controller::run(args, &env, drivers)
         }
+        Command::Console(args) => {
+            let env = host_env(&g)?;
+            cmd_console::run_console(args, &env)
+        }
+        Command::Logs(args) => {
+            let env = host_env(&g)?;
+            cmd_console::run_logs(args, &env)
+        }
+        Command::Vmm(args) => cmd_vmm::run(args, &g.run_dir),
         Command::Schema => {
             print!("{}", stead_schema::schema::json_schema_text());
             Ok(0)

@@ -1,0 +1,162 @@
+//! Issue 8 acceptance: isolated environments from one manifest set, TTL collection and a
+//! teardown that leaves nothing behind.
+
+use std::process::Command;
+
+use stead_e2e::{Sandbox, is_root, skip_unless};
+
+fn manifests(sb: &Sandbox) -> String {
+    let text = format!(
+        "apiVersion: stead.dev/v1alpha1
+kind: StoragePool
+metadata: {{name: p}}
+spec: {{type: dir, path: {pool}}}
+---
+apiVersion: stead.dev/v1alpha1
+kind: Volume
+metadata: {{name: data}}
+spec: {{pool: p, size: 8Mi}}
+---
+apiVersion: stead.dev/v1alpha1
+kind: Network
+metadata: {{name: lan0}}
+spec:
+  addresses: [10.99.0.1/24]
+  forwards: [{{protocol: tcp, hostPort: 8080, to: \"10.99.0.10:80\"}}]
+  nat: {{enabled: true}}
+",
+        pool = sb.path("pools/p").display()
+    );
+    sb.write("m/env.yaml", &text);
+    sb.path("m").to_string_lossy().into_owned()
+}
+
+fn netns_has_addr(ns: &str, dev: &str, addr: &str) -> bool {
+    let out = Command::new("ip")
+        .args(["-n", ns, "-o", "addr", "show", "dev", dev])
+        .output()
+        .expect("ip");
+    String::from_utf8_lossy(&out.stdout).contains(addr)
+}
+
+fn netns_exists(ns: &str) -> bool {
+    std::path::Path::new("/run/netns").join(ns).exists()
+}
+
+#[test]
+fn two_environments_from_one_manifest_set_are_isolated() {
+    if skip_unless(
+        is_root(),
+        "two_environments_from_one_manifest_set_are_isolated",
+        "needs root",
+    ) {
+        return;
+    }
+    let sb = Sandbox::new();
+    let m = manifests(&sb);
+    let (a, b) = (
+        format!("t{}a", std::process::id()),
+        format!("t{}b", std::process::id()),
+    );
+    let out = sb.run(&["env", "up", &a, &m, "-o", "json"]).expect_code(0);
+    let json_start = out.stdout().find("{\n").expect("json document");
+    let v: serde_json::Value = serde_json::from_str(&out.stdout()[json_start..]).expect("json");
+    assert_eq!(v["netns"], format!("stead-env-{a}"));
+    assert_eq!(v["forwards"][0]["hostPort"], 8080);
+    sb.run(&["env", "up", &b, &m]).expect_code(0);
+
+    // Same bridge name and address in both, each in its own namespace.
+    let (na, nb) = (format!("stead-env-{a}"), format!("stead-env-{b}"));
+    assert!(netns_has_addr(&na, "lan0", "10.99.0.1/24"));
+    assert!(netns_has_addr(&nb, "lan0", "10.99.0.1/24"));
+    // Volumes in each environment's area of the pool.
+    assert!(
+        sb.path(&format!("pools/p/envs/{a}/images/data.raw"))
+            .exists()
+    );
+    assert!(
+        sb.path(&format!("pools/p/envs/{b}/images/data.raw"))
+            .exists()
+    );
+    // a cannot reach b: b's address space is invisible from a (there is no route out).
+    let ping = Command::new("ip")
+        .args(["netns", "exec", &na, "ping", "-c1", "-W1", "10.99.0.2"])
+        .output()
+        .expect("ping");
+    assert!(!ping.status.success());
+
+    let list = sb.run(&["env", "list", "-o", "json"]).expect_code(0);
+    let v: serde_json::Value = serde_json::from_str(&list.stdout()).expect("json");
+    assert_eq!(v["items"].as_array().map(Vec::len), Some(2));
+    assert!(v["items"][0]["resources"].as_u64().unwrap_or(0) >= 3);
+
+    // Down a leaves b intact.
+    let out = sb.run(&["env", "down", &a]).expect_code(0);
+    assert!(
+        out.stdout().contains("nothing left behind"),
+        "{}",
+        out.stdout()
+    );
+    assert!(!netns_exists(&na));
+    assert!(!sb.path(&format!("pools/p/envs/{a}")).exists());
+    assert!(netns_has_addr(&nb, "lan0", "10.99.0.1/24"));
+    assert!(
+        sb.path(&format!("pools/p/envs/{b}/images/data.raw"))
+            .exists()
+    );
+
+    sb.run(&["env", "down", &b]).expect_code(0);
+    assert!(!netns_exists(&nb));
+    assert!(!sb.path("pools/p/envs").exists(), "pool areas removed");
+    assert!(
+        !sb.path("state/envs")
+            .read_dir()
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(false)
+    );
+    let nft = Command::new("nft")
+        .args(["list", "tables"])
+        .output()
+        .expect("nft");
+    assert!(
+        !String::from_utf8_lossy(&nft.stdout).contains(&a),
+        "no nft leftovers in the host namespace"
+    );
+    // Down of an unknown environment is a clear error.
+    let out = sb.run(&["env", "down", &a]).expect_code(1);
+    assert!(
+        out.stderr().contains("no environment named"),
+        "{}",
+        out.stderr()
+    );
+}
+
+#[test]
+fn expired_environment_is_collected_by_gc() {
+    if skip_unless(
+        is_root(),
+        "expired_environment_is_collected_by_gc",
+        "needs root",
+    ) {
+        return;
+    }
+    let sb = Sandbox::new();
+    let m = manifests(&sb);
+    let (c, d) = (
+        format!("t{}c", std::process::id()),
+        format!("t{}d", std::process::id()),
+    );
+    sb.run(&["env", "up", &c, &m, "--ttl", "1s"]).expect_code(0);
+    sb.run(&["env", "up", &d, &m, "--ttl", "1h"]).expect_code(0);
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    sb.run(&["env", "gc"]).expect_code(0);
+    assert!(
+        !netns_exists(&format!("stead-env-{c}")),
+        "expired environment collected"
+    );
+    assert!(
+        netns_exists(&format!("stead-env-{d}")),
+        "live environment kept"
+    );
+    sb.run(&["env", "down", &d]).expect_code(0);
+}

@@ -1,0 +1,526 @@
+//! `stead env`: isolated, per-branch copies of a manifest set, with a TTL and a
+//! teardown that verifies nothing is left.
+//!
+//! An environment NAME gets its own state dir (`<state-dir>/envs/NAME/state`), run dir
+//! (`<run-dir>/envs/NAME`), cgroup parent (`<cgroup-parent>/env-NAME`), network namespace
+//! (`stead-env-NAME`, so identical bridges and addresses in two environments don't
+//! clash) and an area in each pool (`<pool path>/envs/NAME`). Resource names stay as
+//! written: every host object they map to lives inside the environment's own scope.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::Subcommand;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use stead_reconciler::PlanOptions;
+use stead_reconciler::state::now_secs;
+use stead_schema::{DurationSpec, HostEnv, Kind, Spec, VolumeSource};
+
+use crate::{ApplyRequest, Global, PlanFormat};
+
+/// `stead env ...`
+#[derive(Subcommand, Debug)]
+pub enum EnvCmd {
+    /// Apply manifests as an isolated environment.
+    Up {
+        /// Environment name (lowercase letters, digits, '-').
+        name: String,
+        /// Manifest files or directories.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        /// Time to live; `stead env gc` (or the controller) removes it after that.
+        #[arg(long)]
+        ttl: Option<DurationSpec>,
+        /// Clone each volume copy-on-write from this snapshot of the same volume in the
+        /// main pool (see `stead snapshot create`).
+        #[arg(long)]
+        from_snapshot: Option<String>,
+        /// Output: text, or json with the workloads' addresses for CI jobs.
+        #[arg(short, long, value_enum, default_value_t = PlanFormat::Text)]
+        output: PlanFormat,
+    },
+    /// Remove everything an environment owns and verify nothing is left.
+    Down {
+        /// Environment name.
+        name: String,
+    },
+    /// List environments with age, TTL, resources and usage.
+    List {
+        /// Output format.
+        #[arg(short, long, value_enum, default_value_t = PlanFormat::Text)]
+        output: PlanFormat,
+    },
+    /// Remove environments whose TTL has expired.
+    Gc,
+}
+
+/// What `env up` records before touching the host, so `down` can always find it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EnvRecord {
+    /// Name.
+    pub name: String,
+    /// Seconds since the epoch.
+    pub created_at: f64,
+    /// TTL in seconds.
+    pub ttl_seconds: Option<u64>,
+    /// Manifest paths it was made from.
+    pub manifests: Vec<PathBuf>,
+    /// Network namespace name.
+    pub netns: String,
+    /// Pool areas created for it.
+    pub pool_areas: Vec<PathBuf>,
+}
+
+impl EnvRecord {
+    fn expires_at(&self) -> Option<f64> {
+        self.ttl_seconds.map(|t| self.created_at + t as f64)
+    }
+}
+
+fn check_env_name(name: &str) -> Result<()> {
+    stead_schema::check_name(name).map_err(|e| anyhow::anyhow!("environment name: {e}"))?;
+    if name.len() > 40 {
+        bail!("environment name {name:?} is longer than 40 characters");
+    }
+    Ok(())
+}
+
+fn env_dir(base: &HostEnv, name: &str) -> PathBuf {
+    base.state_dir.join("envs").join(name)
+}
+
+/// The host handles of environment `name`.
+pub fn env_host(base: &HostEnv, name: &str) -> HostEnv {
+    HostEnv {
+        state_dir: env_dir(base, name).join("state"),
+        run_dir: base.run_dir.join("envs").join(name),
+        cgroup_parent: format!("{}/env-{name}", base.cgroup_parent),
+        netns: Some(drivers_netns_path(name)),
+        self_exe: base.self_exe.clone(),
+    }
+}
+
+fn netns_name(name: &str) -> String {
+    format!("stead-env-{name}")
+}
+
+fn drivers_netns_path(name: &str) -> PathBuf {
+    stead_drivers::netns::path_of(&netns_name(name))
+}
+
+fn read_record(base: &HostEnv, name: &str) -> Result<Option<EnvRecord>> {
+    let p = env_dir(base, name).join("env.json");
+    match std::fs::read_to_string(&p) {
+        Ok(t) => Ok(Some(
+            serde_json::from_str(&t).with_context(|| format!("corrupt {}", p.display()))?,
+        )),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", p.display())),
+    }
+}
+
+fn write_record(base: &HostEnv, rec: &EnvRecord) -> Result<()> {
+    let dir = env_dir(base, &rec.name);
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let tmp = dir.join(".env.json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(rec)?)?;
+    std::fs::rename(&tmp, dir.join("env.json"))?;
+    Ok(())
+}
+
+/// Rewrites the desired set into the environment's scope: pools move to their
+/// environment area; with `from_snapshot`, volumes start from that snapshot.
+fn scope_desired(
+    desired: &mut stead_schema::Desired,
+    name: &str,
+    from_snapshot: Option<&str>,
+) -> Result<Vec<PathBuf>> {
+    let mut areas = Vec::new();
+    let mut original_pools = std::collections::BTreeMap::new();
+    for r in desired.resources.values_mut() {
+        if let Spec::StoragePool(p) = &mut r.spec {
+            original_pools.insert(r.id.name.clone(), p.path.clone());
+            p.path = p.path.join("envs").join(name);
+            areas.push(p.path.clone());
+        }
+    }
+    if let Some(snap) = from_snapshot {
+        stead_drivers::storage::snapshot::check_snapshot_name(snap).map_err(|e| anyhow::anyhow!("{e}"))?;
+        for r in desired.resources.values_mut() {
+            if let Spec::Volume(v) = &mut r.spec {
+                let Some(pool) = original_pools.get(v.pool.as_str()) else {
+                    continue;
+                };
+                let base = pool.join("snapshots").join(&r.id.name);
+                let candidates = [
+                    base.join(format!("{snap}.raw")),
+                    base.join(snap).join("disk.raw"),
+                ];
+                match candidates.iter().find(|c| c.is_file()) {
+                    Some(file) => v.source = Some(VolumeSource { file: file.clone() }),
+                    None => bail!(
+                        "--from-snapshot {snap}: Volume/{} has no snapshot {snap} (looked for {})",
+                        r.id.name,
+                        candidates[0].display()
+                    ),
+                }
+            }
+        }
+    }
+    Ok(areas)
+}
+
+/// Addresses and ports of the environment's workloads, for CI jobs.
+fn outputs(desired: &stead_schema::Desired, rec: &EnvRecord) -> Value {
+    let mut workloads = Vec::new();
+    let mut forwards = Vec::new();
+    for r in desired.resources.values() {
+        match &r.spec {
+            Spec::Container(c) => workloads.push(json!({
+                "kind": "Container",
+                "name": r.id.name,
+                "interfaces": c.interfaces.iter().map(|i| json!({
+                    "name": i.name.as_str(),
+                    "network": i.network.as_str(),
+                    "address": i.address.map(|a| a.addr.to_string()),
+                    "cidr": i.address.map(|a| a.to_string()),
+                })).collect::<Vec<_>>(),
+            })),
+            Spec::VirtualMachine(vm) => workloads.push(json!({
+                "kind": "VirtualMachine",
+                "name": r.id.name,
+                "interfaces": vm.interfaces.iter().map(|i| json!({
+                    "network": i.network.as_str(),
+                    "mac": i.mac.map(|m| m.to_string()),
+                })).collect::<Vec<_>>(),
+            })),
+            Spec::Network(n) => {
+                for f in &n.forwards {
+                    forwards.push(json!({"network": r.id.name, "protocol": f.protocol, "hostPort": f.host_port, "to": f.to.to_string()}));
+                }
+            }
+            _ => {}
+        }
+    }
+    json!({
+        "apiVersion": stead_schema::API_VERSION,
+        "kind": "Environment",
+        "name": rec.name,
+        "netns": rec.netns,
+        "netnsPath": stead_drivers::netns::path_of(&rec.netns),
+        "expiresAt": rec.expires_at(),
+        "workloads": workloads,
+        "forwards": forwards,
+        "hint": format!("reach workloads from inside the environment: ip netns exec {} <command>", rec.netns),
+    })
+}
+
+/// Runs `stead env ...`.
+pub fn run(cmd: EnvCmd, g: &Global) -> Result<u8> {
+    let base = crate::host_env_unchecked(g)?;
+    match cmd {
+        EnvCmd::Up {
+            name,
+            paths,
+            ttl,
+            from_snapshot,
+            output,
+        } => {
+            check_env_name(&name)?;
+            let Some(mut desired) = crate::load(&paths) else {
+                return Ok(1);
+            };
+            let areas = scope_desired(&mut desired, &name, from_snapshot.as_deref())?;
+            let rec = match read_record(&base, &name)? {
+                Some(mut old) => {
+                    old.ttl_seconds = ttl.map(|t| t.0.as_secs()).or(old.ttl_seconds);
+                    for a in &areas {
+                        if !old.pool_areas.contains(a) {
+                            old.pool_areas.push(a.clone());
+                        }
+                    }
+                    old.manifests = paths.clone();
+                    old
+                }
+                None => EnvRecord {
+                    name: name.clone(),
+                    created_at: now_secs(),
+                    ttl_seconds: ttl.map(|t| t.0.as_secs()),
+                    manifests: paths.clone(),
+                    netns: netns_name(&name),
+                    pool_areas: areas,
+                },
+            };
+            // Record first: a crash from here on is still cleaned up by `env down`.
+            write_record(&base, &rec)?;
+            stead_drivers::netns::create_named(&rec.netns)
+                .context("cannot create the environment's network namespace")?;
+            let env = env_host(&base, &name);
+            let code = crate::apply(
+                g,
+                &env,
+                ApplyRequest {
+                    desired: &desired,
+                    only: None,
+                    opts: PlanOptions {
+                        no_prune: false,
+                        allow_data_loss: false,
+                    },
+                    purge: false,
+                    yes: true,
+                    dry_run: false,
+                    parallelism: 4,
+                    lock_timeout: Duration::from_secs(60),
+                    output: PlanFormat::Text,
+                },
+            )?;
+            if code != 0 {
+                eprintln!(
+                    "environment {name} did not converge; `stead env down {name}` removes what was created"
+                );
+                return Ok(code);
+            }
+            match output {
+                PlanFormat::Json => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&outputs(&desired, &rec))?
+                ),
+                PlanFormat::Text => {
+                    println!("environment {name} is up (network namespace {})", rec.netns)
+                }
+            }
+            Ok(0)
+        }
+        EnvCmd::Down { name } => down(g, &base, &name),
+        EnvCmd::List { output } => list(&base, output),
+        EnvCmd::Gc => {
+            let mut worst = 0;
+            for rec in records(&base)? {
+                if rec.expires_at().is_some_and(|t| t <= now_secs()) {
+                    eprintln!("environment {} expired: tearing it down", rec.name);
+                    worst = worst.max(down(g, &base, &rec.name)?);
+                }
+            }
+            Ok(worst)
+        }
+    }
+}
+
+fn records(base: &HostEnv) -> Result<Vec<EnvRecord>> {
+    let dir = base.state_dir.join("envs");
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir(&dir) else {
+        return Ok(out);
+    };
+    for e in rd.flatten() {
+        if let Some(name) = e.file_name().to_str()
+            && let Some(rec) = read_record(base, name)?
+        {
+            out.push(rec);
+        }
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(out)
+}
+
+fn down(g: &Global, base: &HostEnv, name: &str) -> Result<u8> {
+    check_env_name(name)?;
+    let Some(rec) = read_record(base, name)? else {
+        bail!("no environment named {name} (see `stead env list`)");
+    };
+    let env = env_host(base, name);
+    let mut code = 0;
+    if env.state_dir.join("stead.db").exists() {
+        // The namespace may be gone after a crash; networking then has nothing to delete,
+        // but the drivers need the namespace to exist to open it.
+        stead_drivers::netns::create_named(&rec.netns)?;
+        code = crate::apply(
+            g,
+            &env,
+            ApplyRequest {
+                desired: &stead_schema::Desired::default(),
+                only: None,
+                opts: PlanOptions {
+                    no_prune: false,
+                    allow_data_loss: true,
+                },
+                purge: true,
+                yes: true,
+                dry_run: false,
+                parallelism: 4,
+                lock_timeout: Duration::from_secs(60),
+                output: PlanFormat::Text,
+            },
+        )?;
+    }
+    let leftovers = teardown_scope(&env, &rec);
+    if code != 0 || !leftovers.is_empty() {
+        for l in &leftovers {
+            eprintln!("leftover: {l}");
+        }
+        eprintln!("environment {name}: teardown incomplete; run `stead env down {name}` again");
+        return Ok(1);
+    }
+    std::fs::remove_dir_all(env_dir(base, name))
+        .with_context(|| format!("cannot remove {}", env_dir(base, name).display()))?;
+    println!("environment {name} is down; nothing left behind");
+    Ok(0)
+}
+
+fn cgroup_dirs(parent: &str) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let root = Path::new("/sys/fs/cgroup");
+    if root.join("cgroup.controllers").exists() {
+        out.push(root.join(parent));
+    } else if let Ok(rd) = std::fs::read_dir(root) {
+        for e in rd.flatten() {
+            let p = e.path().join(parent);
+            if p.is_dir() {
+                out.push(p);
+            }
+        }
+    }
+    out.retain(|p| p.is_dir());
+    out
+}
+
+fn remove_cgroup_tree(dir: &Path) -> std::io::Result<()> {
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                remove_cgroup_tree(&e.path())?;
+            }
+        }
+    }
+    std::fs::remove_dir(dir)
+}
+
+/// Removes the environment's scope (namespace, cgroups, run dir, pool areas) and returns
+/// whatever could not be removed.
+fn teardown_scope(env: &HostEnv, rec: &EnvRecord) -> Vec<String> {
+    let mut left = Vec::new();
+    for dir in cgroup_dirs(&env.cgroup_parent) {
+        let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+        if !procs.trim().is_empty() {
+            left.push(format!(
+                "processes {} in {}",
+                procs.split_whitespace().collect::<Vec<_>>().join(","),
+                dir.display()
+            ));
+            continue;
+        }
+        if let Err(e) = remove_cgroup_tree(&dir) {
+            left.push(format!("cgroup {}: {e}", dir.display()));
+        }
+    }
+    if let Err(e) = stead_drivers::netns::delete_named(&rec.netns) {
+        left.push(format!("network namespace {}: {e}", rec.netns));
+    }
+    for p in std::iter::once(&env.run_dir).chain(rec.pool_areas.iter()) {
+        if p.exists()
+            && let Err(e) = std::fs::remove_dir_all(p)
+        {
+            left.push(format!("{}: {e}", p.display()));
+        }
+        // The `envs` dir inside a pool goes too once empty.
+        if let Some(parent) = p.parent()
+            && parent.file_name().is_some_and(|n| n == "envs")
+        {
+            let _ = std::fs::remove_dir(parent);
+        }
+    }
+    if stead_drivers::netns::exists(&rec.netns) {
+        left.push(format!("network namespace {} still mounted", rec.netns));
+    }
+    left
+}
+
+fn usage(env: &HostEnv) -> (f64, u64) {
+    let mut cpu = 0.0;
+    let mut mem = 0;
+    for dir in cgroup_dirs(&env.cgroup_parent) {
+        if let Ok(t) = std::fs::read_to_string(dir.join("cpuacct.usage")) {
+            cpu += t.trim().parse::<f64>().unwrap_or(0.0) / 1e9;
+        }
+        if let Ok(t) = std::fs::read_to_string(dir.join("cpu.stat"))
+            && let Some(l) = t.lines().find(|l| l.starts_with("usage_usec"))
+        {
+            cpu += l
+                .split_whitespace()
+                .nth(1)
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0)
+                / 1e6;
+        }
+        for f in ["memory.usage_in_bytes", "memory.current"] {
+            if let Ok(t) = std::fs::read_to_string(dir.join(f)) {
+                mem += t.trim().parse::<u64>().unwrap_or(0);
+            }
+        }
+    }
+    (cpu, mem)
+}
+
+fn list(base: &HostEnv, output: PlanFormat) -> Result<u8> {
+    let mut rows = Vec::new();
+    for rec in records(base)? {
+        let env = env_host(base, &rec.name);
+        let resources = stead_reconciler::StateDb::open(&env.state_dir)
+            .and_then(|db| db.inventory())
+            .map(|i| i.len())
+            .unwrap_or(0);
+        let (cpu, mem) = usage(&env);
+        let mut kinds = std::collections::BTreeMap::<Kind, usize>::new();
+        if let Ok(db) = stead_reconciler::StateDb::open(&env.state_dir)
+            && let Ok(inv) = db.inventory()
+        {
+            for id in inv.keys() {
+                *kinds.entry(id.kind).or_default() += 1;
+            }
+        }
+        rows.push(json!({
+            "name": rec.name,
+            "ageSeconds": (now_secs() - rec.created_at).max(0.0) as u64,
+            "ttlSeconds": rec.ttl_seconds,
+            "expiresAt": rec.expires_at(),
+            "expired": rec.expires_at().is_some_and(|t| t <= now_secs()),
+            "resources": resources,
+            "cpuSeconds": cpu,
+            "memoryBytes": mem,
+            "netns": rec.netns,
+        }));
+    }
+    match output {
+        PlanFormat::Json => println!("{}", serde_json::to_string_pretty(&json!({"items": rows}))?),
+        PlanFormat::Text => {
+            if rows.is_empty() {
+                println!("No environments.");
+                return Ok(0);
+            }
+            println!(
+                "{:<24} {:>8} {:>8} {:>9} {:>9} {:>10}",
+                "NAME", "AGE", "TTL", "RESOURCES", "CPU", "MEMORY"
+            );
+            for r in rows {
+                let ttl = match r["ttlSeconds"].as_u64() {
+                    Some(t) if r["expired"] == true => format!("{}s!", t),
+                    Some(t) => format!("{t}s"),
+                    None => "-".into(),
+                };
+                println!(
+                    "{:<24} {:>7}s {:>8} {:>9} {:>8.2}s {:>10}",
+                    r["name"].as_str().unwrap_or(""),
+                    r["ageSeconds"],
+                    ttl,
+                    r["resources"],
+                    r["cpuSeconds"].as_f64().unwrap_or(0.0),
+                    stead_schema::ByteSize(r["memoryBytes"].as_u64().unwrap_or(0)).to_string()
+                );
+            }
+        }
+    }
+    Ok(0)
+}
