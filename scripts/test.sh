@@ -21,7 +21,9 @@ echo "== build"
 cargo build --workspace --bins
 
 echo "== examples validate"
-"$CARGO_TARGET_DIR/debug/stead" validate examples/
+for d in examples/storage examples/homelab examples/datacenter; do
+  "$CARGO_TARGET_DIR/debug/stead" validate "$d"
+done
 
 echo "== tests"
 export STEAD_BIN="$CARGO_TARGET_DIR/debug/stead"
