@@ -193,6 +193,10 @@ pub struct ShimState {
     pub last_exit: Option<ExitInfo>,
     /// Last start error, when a restart failed.
     pub last_error: Option<String>,
+    /// Duration of the last start (clone → init exec'd, with namespaces, cgroup attach,
+    /// id maps and network), in microseconds.
+    #[serde(default)]
+    pub start_micros: Option<u64>,
 }
 
 /// Files of one container under `<run_dir>/containers/<name>/`.

@@ -286,6 +286,7 @@ impl ContainerDriver {
             "startedAt": st.as_ref().and_then(|s| s.started_at.clone()),
             "lastExit": st.as_ref().and_then(|s| s.last_exit.clone()),
             "lastError": st.as_ref().and_then(|s| s.last_error.clone()),
+            "startMicros": st.as_ref().and_then(|s| s.start_micros),
             "cpuSeconds": usage.map(|u| u.cpu_seconds),
             "memoryBytes": usage.map(|u| u.memory_bytes),
             "oomKills": usage.map(|u| u.oom_kills),

@@ -1,5 +1,47 @@
 //! System containers (like Proxmox VE's LXC containers, without LXC): namespaces, cgroups
 //! v1/v2, rootfs templates, veth networking, and a per-container supervisor (`stead shim`).
+//!
+//! # Pieces
+//! - [`cgroup`]: one interface over cgroup v1 (split or combined controller mounts, found
+//!   in mountinfo) and v2 (detected when `/sys/fs/cgroup` has `cgroup.controllers`).
+//! - [`shim`]: the supervisor. [`shim::main`] is what `stead shim` runs (`src/cmd_shim.rs`).
+//!   Test and benchmark binaries (`drivers/tests/container_e2e.rs`,
+//!   `drivers/examples/container_bench.rs`) call it themselves when started as
+//!   `<binary> shim ...`, so the driver can point `HostEnv::self_exe` at them: the e2e test
+//!   target has `harness = false` for that reason (a libtest binary is multi-threaded
+//!   before `main` runs; the shim must fork from a single-threaded process).
+//! - `process` (private): the clone path — see its docs for the exact start sequence.
+//! - [`security`]: the default capability set, seccomp deny-list and masked paths.
+//! - [`network`]: veth pairs through [`crate::net::attach`].
+//! - [`rootfs`]: `path` in place; `template` (.tar/.tar.zst) unpacked once, shared via
+//!   overlayfs for privileged containers, copied with shifted ownership for unprivileged
+//!   ones; subordinate id ranges (65536 ids each from 100000, `state_dir/containers/idmap.json`).
+//! - [`control`]: the control-socket protocol and the CLI helpers [`exec`], [`logs`],
+//!   [`console`].
+//! - [`ContainerDriver`]: the `Driver` for kind `Container`.
+//!
+//! # Behaviour decisions
+//! - **Stop:** SIGPWR to init when the command is `/sbin/init` (busybox init halts on it,
+//!   LXC's default halt signal), SIGTERM otherwise; SIGKILL to everything in the cgroup
+//!   after 10 s ([`ContainerDriver::stop_timeout_secs`]). The cgroup is then removed and
+//!   the veth pair disappears with the network namespace.
+//! - **Restart policy:** applied by the shim with backoff (100 ms doubling to 10 s). When
+//!   the policy says no restart, the shim exits with phase `exited`; observe then reports
+//!   `state: stopped`, so the next `apply` of a `running` container starts it again (as
+//!   `docker compose up` would). A reboot from inside always restarts.
+//! - **Dead supervisor:** observe reports `state: orphaned` (processes left in the cgroup)
+//!   or `stopped`, health `Degraded`; apply kills the leftovers and starts a new shim.
+//!   The container's processes are not tied to the shim's life (no `PDEATHSIG`), so a
+//!   supervisor crash alone does not stop the workload until the next apply.
+//! - **Unprivileged + `rootfs.path`:** used in place without ownership shifting, so files
+//!   owned by host root appear as `nobody` inside; use a template for unprivileged
+//!   containers (or prepare the directory with shifted ownership).
+//! - **Not implemented:** `rootfs.volume` and mounts of raw (disk-image) volumes need a
+//!   loop device — refused with a clear error; directory-backed volumes mount (bind).
+//!   Interface `vlan` needs bridge VLAN filtering, which this kernel lacks (refused in
+//!   `check`). No cgroupfs is mounted inside the container. There is no `devices`
+//!   cgroup filter: only the bind-mounted nodes exist, privileged containers lose
+//!   `CAP_MKNOD`, and `CAP_MKNOD` inside a user namespace cannot create usable devices.
 
 pub mod cgroup;
 pub mod config;

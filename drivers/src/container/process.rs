@@ -196,7 +196,7 @@ fn child_setup(ctx: &ChildCtx<'_>) -> Result<std::convert::Infallible, String> {
     setup_mounts(ctx)?;
     sethostname(&cfg.hostname).map_err(errno_ctx("sethostname"))?;
     let (path, argv, envp) = command(cfg, &BTreeMap::new())?;
-    security::restrict(ctx.last_cap, ctx.seccomp)?;
+    security::restrict(ctx.last_cap, ctx.seccomp, cfg.idmap.is_some())?;
     execve(&path, &argv, &envp).map_err(|e| format!("exec {path:?}: {e}"))?;
     Err("execve returned".into())
 }
@@ -567,7 +567,7 @@ fn exec_child(
                 reset_signals()?;
                 chdir("/").map_err(errno_ctx("chdir /"))?;
                 let (path, argv, envp) = command_for(args, cfg, env)?;
-                security::restrict(last_cap, seccomp)?;
+                security::restrict(last_cap, seccomp, cfg.idmap.is_some())?;
                 execve(&path, &argv, &envp).map_err(|e| format!("exec {path:?}: {e}"))?;
                 Err("execve returned".into())
             })();

@@ -41,6 +41,8 @@ pub const KEPT_CAPS: [(u32, &str); 16] = [
     (31, "SETFCAP"),
 ];
 
+const CAP_MKNOD: u32 = 27;
+
 /// Files hidden behind `/dev/null`.
 pub const MASKED_FILES: [&str; 7] = [
     "/proc/kcore",
@@ -174,9 +176,12 @@ pub fn last_cap() -> u32 {
 
 /// Drops capabilities from the bounding and ambient sets, sets `no_new_privs` and loads
 /// the seccomp filter. The last step before `execve`.
-pub fn restrict(last_cap: u32, seccomp: &BpfProgram) -> Result<(), String> {
+///
+/// A privileged container (no user namespace) also loses `CAP_MKNOD`: without a devices
+/// cgroup filter it could otherwise create a node for a host disk.
+pub fn restrict(last_cap: u32, seccomp: &BpfProgram, userns: bool) -> Result<(), String> {
     for cap in 0..=last_cap {
-        if KEPT_CAPS.iter().any(|(c, _)| *c == cap) {
+        if KEPT_CAPS.iter().any(|(c, _)| *c == cap) && (userns || cap != CAP_MKNOD) {
             continue;
         }
         // SAFETY: prctl with integer arguments only.

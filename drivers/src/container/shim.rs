@@ -425,6 +425,7 @@ impl Shim {
                 started_at: None,
                 last_exit: None,
                 last_error: None,
+                start_micros: None,
             },
             cfg,
             cfg_path,
@@ -455,6 +456,7 @@ impl Shim {
     }
 
     fn start(&mut self) -> Result<(), DriverError> {
+        let t = Instant::now();
         let pid = process::start_init(
             &self.cfg,
             &self.cgroup,
@@ -468,6 +470,7 @@ impl Shim {
         self.state.init_pid = Some(pid.as_raw());
         self.state.started_at = Some(now_rfc3339());
         self.state.last_error = None;
+        self.state.start_micros = Some(t.elapsed().as_micros() as u64);
         self.save();
         Ok(())
     }

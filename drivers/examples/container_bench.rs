@@ -1,0 +1,251 @@
+//! Container start benchmark (not a test): prints figures.
+//!
+//! ```text
+//! cargo build -p stead-drivers --example container_bench [--release]
+//! sudo target/.../examples/container_bench [ITERATIONS]
+//! ```
+//!
+//! Like the e2e tests, this binary doubles as the shim (`<binary> shim ...`). Everything
+//! runs in a private network namespace with a bridge, a private cgroup parent and a temp
+//! dir, all removed at the end. Measures:
+//! 1. shim-internal start (clone → init exec'd: namespaces, cgroup attach, veth on the
+//!    bridge, mounts, pivot_root, caps, seccomp) — `startMicros` in the state file;
+//! 2. driver `apply` of one container from nothing (spawn the shim binary, double fork,
+//!    cgroup create + limits, start, readiness);
+//! 3. `crun run` of /bin/true on the same busybox rootfs (when `crun` is installed);
+//! 4. apply of 50 containers (each with a veth) from empty, then their deletion.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::fs::symlink;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use stead_drivers::container::ContainerDriver;
+use stead_drivers::container::shim::{self, ShimArgs};
+use stead_schema::{Driver, HostEnv, Kind, Metadata, Origin, Resource, ResourceId, Spec};
+
+const LOOP: &str = "trap 'exit 0' TERM; while :; do sleep 1000 & wait; done";
+
+fn build_rootfs(dir: &Path) {
+    for d in ["bin", "sbin", "etc", "proc", "sys", "dev", "root", "tmp"] {
+        fs::create_dir_all(dir.join(d)).expect("mkdir");
+    }
+    fs::copy("/bin/busybox", dir.join("bin/busybox")).expect("copy busybox");
+    for a in ["sh", "sleep", "true", "ps", "ip", "ping"] {
+        let _ = symlink("busybox", dir.join("bin").join(a));
+    }
+    let _ = symlink("../bin/busybox", dir.join("sbin/init"));
+    fs::write(dir.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").expect("passwd");
+}
+
+fn nsenter(netns: &Path, args: &[&str]) {
+    let st = Command::new("nsenter")
+        .arg(format!("--net={}", netns.display()))
+        .args(args)
+        .status()
+        .expect("nsenter");
+    assert!(st.success(), "{args:?}");
+}
+
+fn resource(name: &str, spec: Value) -> Resource {
+    Resource {
+        id: ResourceId::new(Kind::Container, name),
+        metadata: Metadata {
+            name: name.parse().expect("name"),
+            ..Default::default()
+        },
+        spec: Spec::from_value(Kind::Container, spec).expect("spec"),
+        origin: Origin::default(),
+    }
+}
+
+fn stats(label: &str, mut v: Vec<Duration>) {
+    if v.is_empty() {
+        return;
+    }
+    v.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    println!(
+        "{label:<58} n={:<3} min {:>7.2} ms  median {:>7.2} ms  p90 {:>7.2} ms",
+        v.len(),
+        ms(v[0]),
+        ms(v[v.len() / 2]),
+        ms(v[(v.len() * 9 / 10).min(v.len() - 1)])
+    );
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("shim") {
+        let code = match ShimArgs::parse(args[2..].iter().cloned()) {
+            Ok(a) => shim::main(&a),
+            Err(e) => {
+                eprintln!("shim: {e}");
+                2
+            }
+        };
+        std::process::exit(code);
+    }
+    let iters: usize = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(30);
+    if !nix::unistd::geteuid().is_root() || !Path::new("/bin/busybox").exists() {
+        eprintln!("container_bench needs root and /bin/busybox (apt busybox-static)");
+        std::process::exit(1);
+    }
+    let tmp = tempfile::tempdir().expect("tmp");
+    let netns = tmp.path().join("netns");
+    fs::File::create(&netns).expect("netns file");
+    let target = netns.clone();
+    std::thread::spawn(move || {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare");
+        nix::mount::mount(
+            Some("/proc/thread-self/ns/net"),
+            &target,
+            None::<&str>,
+            nix::mount::MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .expect("bind netns");
+    })
+    .join()
+    .expect("thread");
+    nsenter(&netns, &["ip", "link", "add", "br0", "type", "bridge"]);
+    nsenter(&netns, &["ip", "link", "set", "br0", "up"]);
+    let rootfs = tmp.path().join("rootfs");
+    build_rootfs(&rootfs);
+    let env = HostEnv {
+        state_dir: tmp.path().join("state"),
+        run_dir: tmp.path().join("run"),
+        cgroup_parent: format!("stead-bench-{}", std::process::id()),
+        netns: Some(netns.clone()),
+        self_exe: std::env::current_exe().expect("exe"),
+    };
+    let driver = ContainerDriver::new(&env).expect("driver");
+    let world: BTreeMap<ResourceId, Resource> = BTreeMap::new();
+    let spec = |veth: bool, i: usize| {
+        let mut s = json!({
+            "rootfs": {"path": rootfs},
+            "command": ["/bin/sh", "-c", LOOP],
+            "unprivileged": false,
+            "resources": {"memory": "64Mi", "cpus": 1, "pids": 100},
+        });
+        if veth {
+            s["interfaces"] = json!([{"name": "eth0", "network": "br0",
+                "address": format!("10.88.{}.{}/16", i / 250, i % 250 + 2)}]);
+        }
+        s
+    };
+    let state_of = |name: &str| -> Value {
+        let p = env.run_dir.join("containers").join(name).join("state.json");
+        serde_json::from_slice(&fs::read(p).expect("state")).expect("json")
+    };
+
+    println!(
+        "container start ({iters} iterations each; debug/release = how this binary was built)"
+    );
+    for (veth, label) in [(false, "no interface"), (true, "one veth on a bridge")] {
+        let mut inner = Vec::new();
+        let mut apply = Vec::new();
+        for i in 0..iters {
+            let r = resource("bench", spec(veth, i));
+            let t = Instant::now();
+            driver
+                .apply(&r, &Default::default(), &world)
+                .expect("apply");
+            apply.push(t.elapsed());
+            let us = state_of("bench")["startMicros"].as_u64().unwrap_or(0);
+            inner.push(Duration::from_micros(us));
+            driver
+                .delete(&r, &Default::default(), &world)
+                .expect("delete");
+        }
+        stats(
+            &format!("stead shim start: clone -> init exec ({label})"),
+            inner,
+        );
+        stats(
+            &format!("stead apply: spawn shim -> running ({label})"),
+            apply,
+        );
+    }
+
+    match Command::new("crun").arg("--version").output() {
+        Ok(o) if o.status.success() => bench_crun(tmp.path(), &rootfs, iters),
+        _ => println!("crun: not installed (apt-get install crun), skipped"),
+    }
+    if Command::new("lxc-execute")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        println!(
+            "lxc: not installed (its Debian package also brings the lxc-net service), skipped"
+        );
+    }
+
+    let n = 50;
+    let rs: Vec<Resource> = (0..n)
+        .map(|i| resource(&format!("c{i}"), spec(true, i)))
+        .collect();
+    let t = Instant::now();
+    for r in &rs {
+        driver.apply(r, &Default::default(), &world).expect("apply");
+    }
+    let up = t.elapsed();
+    let t = Instant::now();
+    for r in &rs {
+        driver
+            .delete(r, &Default::default(), &world)
+            .expect("delete");
+    }
+    let down = t.elapsed();
+    println!(
+        "apply of {n} containers from empty (veth each, sequential): {:.0} ms ({:.1} ms each); delete all: {:.0} ms",
+        up.as_secs_f64() * 1000.0,
+        up.as_secs_f64() * 1000.0 / n as f64,
+        down.as_secs_f64() * 1000.0
+    );
+    let _ = nix::mount::umount2(&netns, nix::mount::MntFlags::MNT_DETACH);
+}
+
+fn bench_crun(tmp: &Path, rootfs: &Path, iters: usize) {
+    let bundle = tmp.join("crun-bundle");
+    fs::create_dir_all(&bundle).expect("bundle");
+    let st = Command::new("crun")
+        .args(["spec"])
+        .current_dir(&bundle)
+        .status()
+        .expect("crun spec");
+    assert!(st.success());
+    let p = bundle.join("config.json");
+    let mut cfg: Value = serde_json::from_slice(&fs::read(&p).expect("read")).expect("json");
+    cfg["process"]["args"] = json!(["/bin/true"]);
+    cfg["process"]["terminal"] = json!(false);
+    cfg["root"]["path"] = json!(rootfs);
+    cfg["root"]["readonly"] = json!(false);
+    cfg["linux"]["resources"] =
+        json!({"memory": {"limit": 64 << 20}, "cpu": {"quota": 100000, "period": 100000}});
+    fs::write(&p, serde_json::to_vec_pretty(&cfg).expect("ser")).expect("write");
+    let mut v = Vec::new();
+    for i in 0..iters {
+        let id = format!("stead-bench-crun-{}-{i}", std::process::id());
+        let t = Instant::now();
+        let out = Command::new("crun")
+            .args(["--cgroup-manager=cgroupfs", "run", "-b"])
+            .arg(&bundle)
+            .arg(&id)
+            .output()
+            .expect("crun run");
+        v.push(t.elapsed());
+        if !out.status.success() {
+            println!(
+                "crun run failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+            return;
+        }
+    }
+    stats("crun run /bin/true (create+start+exit+delete, no veth)", v);
+}
