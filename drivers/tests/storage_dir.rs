@@ -508,3 +508,59 @@ fn storage_volume_sigkill_during_copy_then_reapply() {
     let o = observe_one(&vd, &v, &w);
     assert!(o.owned && o.state == vd.desired_state(&v, &w));
 }
+
+/// ramfs mounted on a temp dir (no xattr support at all); unmounted on drop.
+struct Ramfs(std::path::PathBuf, bool);
+
+impl Drop for Ramfs {
+    fn drop(&mut self) {
+        if self.1 && nix::mount::umount2(&self.0, nix::mount::MntFlags::empty()).is_err() {
+            let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+}
+
+#[test]
+fn storage_volume_sidecar_on_fs_without_xattrs() {
+    let has_ramfs = fs::read_to_string("/proc/filesystems")
+        .map(|t| {
+            t.lines()
+                .any(|l| l.split_whitespace().last() == Some("ramfs"))
+        })
+        .unwrap_or(false);
+    if !has_ramfs {
+        eprintln!("SKIP storage_volume_sidecar_on_fs_without_xattrs: kernel lacks ramfs");
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mnt = tmp.path().join("ram");
+    fs::create_dir(&mnt).expect("mkdir");
+    let mut guard = Ramfs(mnt.clone(), false);
+    if let Err(e) = nix::mount::mount(
+        Some("stead-test"),
+        &mnt,
+        Some("ramfs"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    ) {
+        eprintln!("SKIP storage_volume_sidecar_on_fs_without_xattrs: mount ramfs: {e}");
+        return;
+    }
+    guard.1 = true;
+    let env = env(tmp.path());
+    let p = pool("ram", PoolType::Dir, &mnt.join("pool"));
+    let v = with_policy(volume("v", "ram", MI), DeletionPolicy::Delete);
+    let w = world(&[&p, &v]);
+    let pd = PoolDriver::new(&env);
+    pd.apply(&p, &observe_one(&pd, &p, &w), &w).expect("pool");
+    let vd = VolumeDriver::new(&env);
+    vd.apply(&v, &observe_one(&vd, &v, &w), &w).expect("volume");
+    let side = mnt.join("pool/images/v.raw.stead");
+    assert_eq!(fs::read_to_string(&side).expect("sidecar"), "Volume/v");
+    let o = observe_one(&vd, &v, &w);
+    assert!(o.owned, "{o:?}");
+    assert_eq!(o.status["ownerMark"], "sidecar");
+    vd.delete(&v, &o, &w).expect("delete");
+    assert!(!side.exists() && !mnt.join("pool/images/v.raw").exists());
+    drop(guard);
+}

@@ -408,24 +408,24 @@ pub fn clone_or_copy(src: &File, dst: &File, label: &str) -> Result<CopyMethod, 
 }
 
 /// Whether `dir` (an existing directory) supports FICLONE between two files in it.
-/// Probes with two small temp files, removed afterwards.
+/// Probes with two unnamed `O_TMPFILE` files, so nothing is left behind even after a
+/// crash; file systems without `O_TMPFILE` report no reflink support.
 pub fn reflink_supported(dir: &Path) -> bool {
-    let a = dir.join(format!(".stead-reflink-probe-{}.a", std::process::id()));
-    let b = dir.join(format!(".stead-reflink-probe-{}.b", std::process::id()));
-    let _ = fs::remove_file(&a);
-    let _ = fs::remove_file(&b);
-    let result = (|| -> Result<bool, DriverError> {
-        let fa = create_new(&a)?;
-        fa.write_all_at(&[1u8; 4096], 0)
-            .map_err(|e| DriverError::io("write probe", e))?;
-        fa.sync_all()
-            .map_err(|e| DriverError::io("fsync probe", e))?;
-        let fb = create_new(&b)?;
-        try_reflink(&fa, &fb)
-    })();
-    let _ = fs::remove_file(&a);
-    let _ = fs::remove_file(&b);
-    result.unwrap_or(false)
+    let tmpfile = || {
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .mode(0o600)
+            .custom_flags(libc::O_TMPFILE)
+            .open(dir)
+    };
+    let (Ok(a), Ok(b)) = (tmpfile(), tmpfile()) else {
+        return false;
+    };
+    if a.write_all_at(&[1u8; 4096], 0).is_err() || a.sync_all().is_err() {
+        return false;
+    }
+    try_reflink(&a, &b).unwrap_or(false)
 }
 
 /// Allocated bytes of a file (blocks * 512).
