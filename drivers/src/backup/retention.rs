@@ -174,8 +174,8 @@ pub fn compute<Z: TimeZone>(
             .map(key)
             .collect();
         let mut taken: HashSet<Period> = HashSet::new();
-        for pos in 0..order.len() {
-            if marks[pos].is_some() {
+        for (pos, mark) in marks.iter_mut().enumerate() {
+            if mark.is_some() {
                 continue;
             }
             let p = key(pos);
@@ -183,13 +183,13 @@ pub fn compute<Z: TimeZone>(
                 continue;
             }
             if taken.contains(&p) {
-                marks[pos] = Some(Mark::Remove);
+                *mark = Some(Mark::Remove);
             } else {
                 if taken.len() >= keep {
                     break;
                 }
                 taken.insert(p);
-                marks[pos] = Some(Mark::Keep(rule));
+                *mark = Some(Mark::Keep(rule));
             }
         }
     }
