@@ -1,5 +1,7 @@
 //! Issue 7 acceptance: the controller heals (or reports) drift within one resync.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod controller_util;
 
 use std::process::Command;

@@ -1,5 +1,7 @@
 //! Issue 7 acceptance: `stead controller` following a git repository.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod controller_util;
 
 use std::time::{Duration, Instant};

@@ -1,5 +1,7 @@
 //! Issue 7: `--verify-commits`: only heads signed by a trusted SSH key are applied.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod controller_util;
 
 use std::process::Command;
