@@ -1,5 +1,7 @@
 //! `stead`: declarative reconciler for Linux virtualization hosts.
 
+#![cfg_attr(not(test), warn(clippy::unwrap_used))]
+
 use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;

@@ -1,6 +1,8 @@
 //! stead's reconciler: observe the host, plan against the desired set, execute the plan,
 //! and keep the inventory, journal and events in the state database.
 
+#![cfg_attr(not(test), warn(clippy::unwrap_used))]
+
 pub mod controller;
 pub mod exec;
 pub mod plan;
@@ -18,6 +20,9 @@ pub use state::{ApplyLock, InventoryEntry, StateDb, StateError};
 
 /// The registered drivers, one per kind.
 pub type Drivers = BTreeMap<Kind, Box<dyn Driver>>;
+
+/// One kind's observation: the kind, the ids asked for, and the result.
+type KindObservation = (Kind, Vec<ResourceId>, Result<BTreeMap<ResourceId, Observed>, String>);
 
 /// Observes every desired and inventory resource, one `observe` call per kind, kinds in
 /// parallel. A kind whose observe fails yields a plan error for each of its resources.
@@ -39,11 +44,7 @@ pub fn observe_all(
             by_kind.entry(id.kind).or_default().push(&e.resource);
         }
     }
-    let results: Vec<(
-        Kind,
-        Vec<ResourceId>,
-        Result<BTreeMap<ResourceId, Observed>, String>,
-    )> = std::thread::scope(|s| {
+    let results: Vec<KindObservation> = std::thread::scope(|s| {
         let handles: Vec<_> = by_kind
             .iter()
             .map(|(kind, targets)| {

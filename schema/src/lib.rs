@@ -2,6 +2,8 @@
 //! validation that reports every error with its location, the dependency graph, the
 //! JSON Schema, and the driver contract shared by the reconciler and the drivers.
 
+#![cfg_attr(not(test), warn(clippy::unwrap_used))]
+
 pub mod driver;
 pub mod graph;
 pub mod kinds;

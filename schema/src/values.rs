@@ -107,7 +107,7 @@ impl fmt::Display for ByteSize {
         let n = self.0;
         for (suffix, shift) in [("Ti", 40u32), ("Gi", 30), ("Mi", 20), ("Ki", 10)] {
             let unit = 1u64 << shift;
-            if n != 0 && n % unit == 0 {
+            if n != 0 && n.is_multiple_of(unit) {
                 return write!(f, "{}{}", n / unit, suffix);
             }
         }
@@ -218,7 +218,7 @@ impl fmt::Display for DurationSpec {
             ("m", 60_000),
             ("s", 1_000),
         ] {
-            if ms % size == 0 {
+            if ms.is_multiple_of(size) {
                 return write!(f, "{}{}", ms / size, unit);
             }
         }
