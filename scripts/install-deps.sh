@@ -15,6 +15,7 @@ pkgs=(
   socat           # unix-socket pokes in tests
   e2fsprogs       # mkfs.ext4
   util-linux      # losetup, mount, unshare, nsenter
+  bc              # benchmark arithmetic
 )
 missing=()
 for p in "${pkgs[@]}"; do
