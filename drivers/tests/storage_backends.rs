@@ -152,3 +152,19 @@ fn storage_pool_type_change_refused_when_holding_data() {
     let o = pd.observe(&[&p], &w).expect("observe");
     assert_eq!(o[&p.id].state["type"], "dir");
 }
+
+#[test]
+fn storage_volume_needs_images_content() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let env = env(tmp.path());
+    let mut p = pool("bk", PoolType::Dir, &tmp.path().join("bk"));
+    if let Spec::StoragePool(s) = &mut p.spec {
+        s.content = vec![stead_schema::Content::Backup];
+    }
+    let v = volume("v", "bk", MI);
+    let w = world(&[&p, &v]);
+    apply(&PoolDriver::new(&env), &p, &w).expect("pool");
+    assert!(tmp.path().join("bk/backups").is_dir());
+    let e = apply(&VolumeDriver::new(&env), &v, &w).expect_err("no images content");
+    assert!(matches!(e, DriverError::Refused(_)), "{e}");
+}

@@ -177,6 +177,32 @@ fn storage_btrfs_dir_pool_uses_reflink() {
         .and_then(|f| f.read_exact_at(&mut b, 0))
         .expect("read");
     assert_eq!(b, [0x5a; 3]);
+
+    // A safety snapshot (cheap here) outlives the volume's deletion; others do not.
+    let safety = storage::safety_snapshot(&env, &w, "big")
+        .expect("safety snapshot")
+        .expect("cheap snapshots on btrfs");
+    assert!(
+        safety.name.starts_with(storage::SAFETY_PREFIX),
+        "{}",
+        safety.name
+    );
+    let vd = VolumeDriver::new(&env);
+    let o = vd.observe(&[&v], &w).expect("observe");
+    vd.delete(&v, &o[&v.id], &w).expect("delete volume");
+    assert!(!disk.exists());
+    let left: Vec<String> = storage::snapshot_list(&env, &w, "big")
+        .expect("list")
+        .into_iter()
+        .map(|s| s.name)
+        .collect();
+    assert_eq!(left, [safety.name.clone()]);
+    // Restoring from it brings the volume back.
+    storage::snapshot_rollback(&env, &w, "big", &safety.name).expect("restore");
+    fs::File::open(&disk)
+        .and_then(|f| f.read_exact_at(&mut b, 0))
+        .expect("read");
+    assert_eq!(b, [0x5a; 3]);
 }
 
 #[test]

@@ -47,6 +47,18 @@ fn storage_snapshot_dir_create_list_rollback_delete() {
         panic!("pool spec")
     };
     let cheap = storage::supports_cheap_snapshots(ps);
+    assert_eq!(
+        storage::safety_snapshot(&env, &w, "db")
+            .expect("safety")
+            .is_some(),
+        cheap,
+        "a safety snapshot is taken exactly when snapshots are cheap"
+    );
+    if cheap {
+        for s in storage::snapshot_list(&env, &w, "db").expect("list") {
+            storage::snapshot_delete(&env, &w, "db", &s.name).expect("delete");
+        }
+    }
     let info = storage::snapshot_create(&env, &w, "db", "before").expect("create");
     assert_eq!(info.name, "before");
     assert_eq!(info.size, Some(8 * MI));

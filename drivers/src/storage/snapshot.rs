@@ -60,9 +60,13 @@ pub fn check_snapshot_name(snap: &str) -> Result<(), DriverError> {
     }
 }
 
+/// Prefix of safety snapshots: they are kept when their volume is deleted (that is their
+/// point) and removed only with `stead snapshot delete`.
+pub const SAFETY_PREFIX: &str = "safety-";
+
 /// Whether snapshots of volumes in `pool` are cheap (no full copy): btrfs, lvmthin and
 /// zfs always; dir/nfs only when the file system supports reflinks (probed with two
-/// small temp files in the pool).
+/// unnamed temp files in the pool).
 pub fn supports_cheap_snapshots(pool: &StoragePoolSpec) -> bool {
     match pool.pool_type {
         PoolType::Btrfs | PoolType::Lvmthin | PoolType::Zfs => true,
@@ -76,6 +80,32 @@ pub fn supports_cheap_snapshots(pool: &StoragePoolSpec) -> bool {
             dir.is_dir() && fsutil::reflink_supported(&dir)
         }
     }
+}
+
+/// Takes a safety snapshot of `volume` before a data-loss change, if its pool makes
+/// snapshots cheap (see [`supports_cheap_snapshots`]); `Ok(None)` otherwise or when the
+/// volume does not exist. Named `safety-<UTC time>`; kept when the volume is deleted.
+pub fn safety_snapshot(
+    env: &HostEnv,
+    world: &dyn Lookup,
+    volume: &str,
+) -> Result<Option<SnapshotInfo>, DriverError> {
+    let v = super::volume_spec(world, volume)?;
+    let pool = super::pool_spec(world, v.pool.as_str())?;
+    let disk = super::volume::disk_path(v.pool.as_str(), pool, volume)?;
+    let exists = match pool.pool_type {
+        PoolType::Lvmthin | PoolType::Zfs => true,
+        _ => disk.exists(),
+    };
+    if !exists || !supports_cheap_snapshots(pool) {
+        return Ok(None);
+    }
+    let mut name = format!(
+        "{SAFETY_PREFIX}{}",
+        chrono::Utc::now().format("%Y%m%dT%H%M%S%.3fZ")
+    );
+    name = name.replace('.', "_");
+    snapshot_create(env, world, volume, &name).map(Some)
 }
 
 struct Ctx<'a> {
@@ -536,6 +566,10 @@ pub(crate) fn delete_all(
                 None => continue,
             },
         };
+        if snap.starts_with(SAFETY_PREFIX) {
+            info!(volume, snapshot = snap, "keeping safety snapshot");
+            continue;
+        }
         delete_one(pool_name, pool, volume, snap)?;
     }
     remove_dir_if_empty(&dir)

@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{Value, json};
 use stead_schema::{
-    ByteSize, DeletionPolicy, Driver, DriverError, FieldChange, Health, HostEnv, Impact, Kind,
-    Lookup, Observed, PoolType, PruneAction, Resource, ResourceId, Spec, StoragePoolSpec,
+    ByteSize, Content, DeletionPolicy, Driver, DriverError, FieldChange, Health, HostEnv, Impact,
+    Kind, Lookup, Observed, PoolType, PruneAction, Resource, ResourceId, Spec, StoragePoolSpec,
     VolumeFormat, VolumeSpec,
 };
 use tracing::{info, info_span};
@@ -643,6 +643,17 @@ impl Driver for VolumeDriver {
             )));
         }
         pool::require_owned(t.pool_name, &t.pool.path)?;
+        if !t
+            .pool
+            .content
+            .iter()
+            .any(|c| matches!(c, Content::Images | Content::Rootdir))
+        {
+            return Err(DriverError::Refused(format!(
+                "StoragePool/{} does not allow volumes (content needs images or rootdir)",
+                t.pool_name
+            )));
+        }
         match t.pool.pool_type {
             PoolType::Dir | PoolType::Nfs => apply_file(&t),
             PoolType::Btrfs => apply_btrfs(&t),
