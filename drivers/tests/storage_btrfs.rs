@@ -196,7 +196,8 @@ fn storage_btrfs_dir_pool_uses_reflink() {
         .into_iter()
         .map(|s| s.name)
         .collect();
-    assert_eq!(left, [safety.name.clone()]);
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0], safety.name);
     // Restoring from it brings the volume back.
     storage::snapshot_rollback(&env, &w, "big", &safety.name).expect("restore");
     fs::File::open(&disk)
