@@ -20,7 +20,7 @@ use stead_schema::{
     Resource, ResourceId, Spec, VxlanSpec,
 };
 
-use super::nft::{self, Nft, NftRule, NftTable};
+use super::nft::{self, Nft, NftTable};
 use super::nl::{Addr, Link, Netlink, nl_err};
 use super::ns::NetnsRef;
 use super::{
@@ -355,18 +355,7 @@ impl NetworkDriver {
             want = expected.len(),
             "nft rules differ"
         );
-        let mut rules: Vec<NftRule> = table
-            .rules
-            .iter()
-            .filter(|r| r.comment.as_deref() != Some(owner.as_str()))
-            .cloned()
-            .collect();
-        rules.extend(expected.into_iter().map(|(chain, expr)| NftRule {
-            chain,
-            expr,
-            comment: Some(owner.clone()),
-        }));
-        self.nft.replace(&table, &rules)
+        self.nft.set_rules(&table, &owner, expected)
     }
 
     fn converge_forwarding(&self, spec: &NetworkSpec) -> Result<(), DriverError> {

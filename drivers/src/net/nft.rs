@@ -45,6 +45,8 @@ pub(crate) struct NftRule {
     pub(crate) chain: String,
     pub(crate) expr: Value,
     pub(crate) comment: Option<String>,
+    /// The kernel's handle (listed rules only).
+    pub(crate) handle: Option<u32>,
 }
 
 /// The table as listed.
@@ -56,19 +58,34 @@ pub(crate) struct NftTable {
     pub(crate) chains_ok: bool,
     /// Every rule.
     pub(crate) rules: Vec<NftRule>,
+    /// Rules by comment, each list sorted.
+    by_owner: BTreeMap<String, Vec<(String, Value)>>,
 }
 
 impl NftTable {
     /// Rules tagged `owner`, sorted (for comparison).
     pub(crate) fn rules_of(&self, owner: &str) -> Vec<(String, Value)> {
-        let mut v: Vec<(String, Value)> = self
-            .rules
-            .iter()
-            .filter(|r| r.comment.as_deref() == Some(owner))
-            .map(|r| (r.chain.clone(), r.expr.clone()))
+        self.by_owner.get(owner).cloned().unwrap_or_default()
+    }
+
+    fn index(&mut self) {
+        let mut by: BTreeMap<String, Vec<(String, String, Value)>> = BTreeMap::new();
+        for r in &self.rules {
+            if let Some(c) = &r.comment {
+                by.entry(c.clone()).or_default().push((
+                    r.chain.clone(),
+                    r.expr.to_string(),
+                    r.expr.clone(),
+                ));
+            }
+        }
+        self.by_owner = by
+            .into_iter()
+            .map(|(k, mut v)| {
+                v.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+                (k, v.into_iter().map(|(c, _, e)| (c, e)).collect())
+            })
             .collect();
-        v.sort_by_key(|(c, e)| (c.clone(), e.to_string()));
-        v
     }
 }
 
@@ -199,13 +216,91 @@ impl Nft {
                         chain: r.chain.to_string(),
                         expr,
                         comment: r.comment.as_ref().map(|c| c.to_string()),
+                        handle: r.handle,
                     });
                 }
                 _ => {}
             }
         }
         t.chains_ok = chains_seen == CHAINS.len();
+        t.index();
         Ok(t)
+    }
+
+    /// Makes the rules tagged `owner` exactly `expected`, in one atomic transaction.
+    /// When the table and its chains are intact only that owner's rules are swapped
+    /// (delete by handle + add); otherwise the whole table is rebuilt, keeping the other
+    /// owners' rules. A table left without rules is deleted.
+    pub(crate) fn set_rules(
+        &self,
+        current: &NftTable,
+        owner: &str,
+        expected: Vec<(String, Value)>,
+    ) -> Result<(), DriverError> {
+        let mine = |r: &&NftRule| r.comment.as_deref() == Some(owner);
+        let others = current.rules.iter().filter(|r| !mine(r)).count();
+        let new_rules: Vec<NftRule> = expected
+            .into_iter()
+            .map(|(chain, expr)| NftRule {
+                chain,
+                expr,
+                comment: Some(owner.to_string()),
+                handle: None,
+            })
+            .collect();
+        let incremental = current.exists
+            && current.chains_ok
+            && others + new_rules.len() > 0
+            && current
+                .rules
+                .iter()
+                .filter(mine)
+                .all(|r| r.handle.is_some());
+        if !incremental {
+            let mut rules: Vec<NftRule> =
+                current.rules.iter().filter(|r| !mine(r)).cloned().collect();
+            rules.extend(new_rules);
+            return self.replace(current, &rules);
+        }
+        let mut objs: Vec<NfObject> = Vec::new();
+        for r in current.rules.iter().filter(mine) {
+            objs.push(NfObject::CmdObject(NfCmd::Delete(NfListObject::Rule(
+                Rule {
+                    family: NfFamily::INet,
+                    table: Cow::Borrowed(TABLE),
+                    chain: Cow::Owned(r.chain.clone()),
+                    handle: r.handle,
+                    ..Rule::default()
+                },
+            ))));
+        }
+        for r in &new_rules {
+            objs.push(rule_obj(r)?);
+        }
+        tracing::info!(
+            owner,
+            add = new_rules.len(),
+            "swapping rules in table inet {TABLE}"
+        );
+        self.transact(objs)
+    }
+
+    fn transact(&self, objs: Vec<NfObject>) -> Result<(), DriverError> {
+        let doc = Nftables {
+            objects: Cow::Owned(objs),
+        };
+        let text = serde_json::to_string(&doc)
+            .map_err(|e| DriverError::Other(format!("serialize nft batch: {e}")))?;
+        let args = ["-j", "-f", "-"];
+        let (ok, _, err) = self.run(&args, Some(&text))?;
+        if !ok {
+            return Err(cmd_err(
+                &args,
+                "exit".into(),
+                &format!("{err} (batch: {text})"),
+            ));
+        }
+        Ok(())
     }
 
     /// Replaces the whole table with `rules` atomically; deletes it when `rules` is empty.
@@ -225,6 +320,7 @@ impl Nft {
                 table(),
             ))));
         } else {
+            // add+delete first, so the delete cannot fail on a missing table.
             objs.push(NfObject::CmdObject(NfCmd::Add(
                 NfListObject::Table(table()),
             )));
@@ -249,37 +345,15 @@ impl Nft {
                 ))));
             }
             for r in rules {
-                let expr: Vec<Statement> = match serde_json::from_value(r.expr.clone()) {
-                    Ok(e) => e,
+                match rule_obj(r) {
+                    Ok(o) => objs.push(o),
                     Err(e) => {
-                        tracing::warn!(rule = %r.expr, error = %e, "dropping a rule nft listed but the schema cannot read");
-                        continue;
+                        tracing::warn!(error = %e, "dropping a listed rule the schema cannot read")
                     }
-                };
-                objs.push(NfObject::CmdObject(NfCmd::Add(NfListObject::Rule(Rule {
-                    family: fam,
-                    table: Cow::Borrowed(TABLE),
-                    chain: Cow::Owned(r.chain.clone()),
-                    expr: Cow::Owned(expr),
-                    comment: r.comment.clone().map(Cow::Owned),
-                    ..Rule::default()
-                }))));
+                }
             }
         }
-        let doc = Nftables {
-            objects: Cow::Owned(objs),
-        };
-        let text = serde_json::to_string(&doc)
-            .map_err(|e| DriverError::Other(format!("serialize nft batch: {e}")))?;
-        let args = ["-j", "-f", "-"];
-        let (ok, _, err) = self.run(&args, Some(&text))?;
-        if !ok {
-            return Err(cmd_err(
-                &args,
-                "exit".into(),
-                &format!("{err} (batch: {text})"),
-            ));
-        }
+        self.transact(objs)?;
         tracing::info!(rules = rules.len(), "rebuilt nftables table inet {TABLE}");
         Ok(())
     }
@@ -303,6 +377,19 @@ impl Nft {
             std::fs::write(path, value).map_err(|e| DriverError::io(format!("write {path}"), e))
         })
     }
+}
+
+fn rule_obj(r: &NftRule) -> Result<NfObject<'static>, DriverError> {
+    let expr: Vec<Statement<'static>> = serde_json::from_value(r.expr.clone())
+        .map_err(|e| DriverError::Other(format!("nft rule {}: {e}", r.expr)))?;
+    Ok(NfObject::CmdObject(NfCmd::Add(NfListObject::Rule(Rule {
+        family: NfFamily::INet,
+        table: Cow::Borrowed(TABLE),
+        chain: Cow::Owned(r.chain.clone()),
+        expr: Cow::Owned(expr),
+        comment: r.comment.clone().map(Cow::Owned),
+        ..Rule::default()
+    }))))
 }
 
 // ------------------------------------------------------------------ rule shapes
