@@ -287,3 +287,72 @@ fn restart_changes_nothing_and_sigterm_leaves_objects() {
         mtime
     );
 }
+
+#[test]
+fn restart_keeps_last_good_when_head_invalid_or_remote_gone() {
+    let sb = Sandbox::new();
+    let repo = Repo::new(&sb);
+    let c1 = repo.commit(
+        "one",
+        &[("storage.yaml", &storage_yaml(&sb, &[("a", "1Mi")]))],
+    );
+    let source = repo.source();
+    let mut ctl = Controller::start(&sb, &["--source", &source, "--resync", "1s"]);
+    assert!(
+        wait_until(Duration::from_secs(20), || size(&image(&sb, "a")) == MI).is_some(),
+        "{}",
+        ctl.logs()
+    );
+    assert_eq!(ctl.stop(), Some(0));
+
+    // Restart with an invalid head: the last good revision is reloaded and still healed.
+    repo.commit(
+        "broken",
+        &[(
+            "storage.yaml",
+            "apiVersion: stead.dev/v1alpha1\nkind: Volume\n",
+        )],
+    );
+    let mut ctl = Controller::start(&sb, &["--source", &source, "--resync", "1s"]);
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            ctl.metric("stead_reconcile_total{result=\"invalid\"}") == 1.0
+        })
+        .is_some(),
+        "{}",
+        ctl.logs()
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || ctl.status()["revision"]
+            == c1.as_str())
+        .is_some(),
+        "{}",
+        ctl.logs()
+    );
+    std::fs::remove_file(image(&sb, "a")).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || size(&image(&sb, "a")) == MI).is_some(),
+        "drift not healed against the last good revision\n{}",
+        ctl.logs()
+    );
+    assert_eq!(ctl.stop(), Some(0));
+
+    // Restart with the remote gone: fetch errors are counted, drift is still healed.
+    std::fs::rename(&repo.bare, sb.path("moved.git")).unwrap();
+    let ctl = Controller::start(&sb, &["--source", &source, "--resync", "1s"]);
+    assert!(
+        wait_until(Duration::from_secs(10), || ctl.status()["revision"]
+            == c1.as_str())
+        .is_some(),
+        "{}",
+        ctl.logs()
+    );
+    assert!(ctl.metric("stead_source_fetch_errors_total") >= 1.0);
+    assert!(ctl.status()["fetchError"].is_string());
+    std::fs::remove_file(image(&sb, "a")).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || size(&image(&sb, "a")) == MI).is_some(),
+        "drift not healed without the remote\n{}",
+        ctl.logs()
+    );
+}

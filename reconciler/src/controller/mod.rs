@@ -360,6 +360,9 @@ impl Engine {
                     warn!(error = %msg, "fetch failed");
                     self.set_status(|s| s.fetch_error = Some(msg.clone()));
                     messages.push(format!("fetch: {msg}"));
+                    // After a restart with the remote unreachable: keep healing against
+                    // the revision applied last.
+                    self.restore_last_good();
                     if self.good.is_none() {
                         result = Some("error");
                     }
