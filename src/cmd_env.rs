@@ -148,7 +148,8 @@ fn scope_desired(
         }
     }
     if let Some(snap) = from_snapshot {
-        stead_drivers::storage::snapshot::check_snapshot_name(snap).map_err(|e| anyhow::anyhow!("{e}"))?;
+        stead_drivers::storage::snapshot::check_snapshot_name(snap)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
         for r in desired.resources.values_mut() {
             if let Spec::Volume(v) = &mut r.spec {
                 let Some(pool) = original_pools.get(v.pool.as_str()) else {

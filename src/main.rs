@@ -18,6 +18,7 @@ use stead_schema::{Desired, Diagnostic, HostEnv, Kind, ResourceId};
 mod cmd_console;
 mod cmd_controller;
 mod cmd_env;
+mod cmd_snapshot;
 mod cmd_vmm;
 mod get;
 
@@ -173,6 +174,11 @@ enum Command {
     },
     /// Follow a git repository or directory; converge on each revision, heal drift, export metrics.
     Controller(cmd_controller::ControllerArgs),
+    /// Volume snapshots: create, list, rollback, delete.
+    Snapshot {
+        #[command(subcommand)]
+        cmd: cmd_snapshot::SnapshotCmd,
+    },
     /// Isolated environments (per branch or pull request) with a TTL.
     Env {
         #[command(subcommand)]
@@ -228,6 +234,16 @@ fn init_logging(g: &Global) {
             .with_ansi(std::io::stderr().is_terminal())
             .try_init(),
     };
+}
+
+/// Every resource as last applied (for commands that act on owned resources by name).
+pub(crate) fn applied_world(env: &HostEnv) -> Result<BTreeMap<ResourceId, stead_schema::Resource>> {
+    let db = StateDb::open(&env.state_dir)?;
+    Ok(db
+        .inventory()?
+        .into_iter()
+        .map(|(id, e)| (id, e.resource))
+        .collect())
 }
 
 /// The host handles without `--netns` (environments bring their own namespace).
@@ -427,6 +443,12 @@ fn run(cli: Cli) -> Result<u8> {
             get::run(&env, what.as_deref(), output)
         }
         Command::Env { cmd } => cmd_env::run(cmd, &g),
+        Command::Snapshot { cmd } => {
+            let env = host_env(&g)?;
+            let world = applied_world(&env)?;
+            let code = cmd_snapshot::run(cmd, &env, &world)?;
+            Ok(u8::try_from(code).unwrap_or(1))
+        }
         Command::Controller(args) => {
             let env = host_env(&g)?;
             let drivers = drivers(&env)?;

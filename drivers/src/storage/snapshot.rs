@@ -62,7 +62,7 @@ pub fn check_snapshot_name(snap: &str) -> Result<(), DriverError> {
 
 /// Prefix of safety snapshots: they are kept when their volume is deleted (that is their
 /// point) and removed only with `stead snapshot delete`.
-pub const SAFETY_PREFIX: &str = "safety-";
+pub const SAFETY_PREFIX: &str = "pre-";
 
 /// Whether snapshots of volumes in `pool` are cheap (no full copy): btrfs, lvmthin and
 /// zfs always; dir/nfs only when the file system supports reflinks (probed with two
@@ -84,7 +84,7 @@ pub fn supports_cheap_snapshots(pool: &StoragePoolSpec) -> bool {
 
 /// Takes a safety snapshot of `volume` before a data-loss change, if its pool makes
 /// snapshots cheap (see [`supports_cheap_snapshots`]); `Ok(None)` otherwise or when the
-/// volume does not exist. Named `safety-<UTC time>`; kept when the volume is deleted.
+/// volume does not exist. Named `pre-<UTC time>`; kept when the volume is deleted.
 pub fn safety_snapshot(
     env: &HostEnv,
     world: &dyn Lookup,

@@ -662,6 +662,26 @@ impl Driver for VolumeDriver {
         }
     }
 
+    fn delete_impact(&self, _last_applied: &Resource) -> Impact {
+        Impact::DataLoss
+    }
+
+    fn supports_safety_snapshot(&self, r: &Resource, world: &dyn Lookup) -> bool {
+        vol_of(r)
+            .and_then(|v| super::pool_spec(world, v.pool.as_str()).ok())
+            .is_some_and(snapshot::supports_cheap_snapshots)
+    }
+
+    fn safety_snapshot(
+        &self,
+        r: &Resource,
+        world: &dyn Lookup,
+        name: &str,
+    ) -> Result<(), DriverError> {
+        // Names start with `pre-` (snapshot::SAFETY_PREFIX), so they outlive the volume.
+        snapshot::snapshot_create(&self.env, world, &r.id.name, name).map(|_| ())
+    }
+
     fn prune_action(&self, last_applied: &Resource) -> PruneAction {
         match vol_of(last_applied).map(|v| v.deletion_policy) {
             Some(DeletionPolicy::Delete) => PruneAction::Delete,
