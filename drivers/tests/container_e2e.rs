@@ -515,6 +515,9 @@ fn stop_start_delete_leave_nothing() {
         fs::read_to_string(sb.env.run_dir.join("containers/ssd/console.log"))
             .is_ok_and(|s| s.contains("stead-busybox-up"))
     });
+    let mut log = Vec::new();
+    stead_drivers::container::logs(&sb.env.run_dir, "ssd", false, &mut log).expect("logs");
+    assert!(String::from_utf8_lossy(&log).contains("stead-busybox-up"));
     let mut stopped = spec.clone();
     stopped["state"] = json!("stopped");
     let s = sb.resource("ssd", stopped);

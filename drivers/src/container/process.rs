@@ -103,6 +103,10 @@ pub(crate) fn start_init(
     let mut go_w = fs::File::from(go_w);
     let mut err_r = fs::File::from(err_r);
 
+    // Two releases: after the id maps (the child then builds its mount tree in parallel
+    // with us), and after the cgroup attach and network (the child then enters its cgroup
+    // namespace and execs). A cgroup v1 attach can wait for an RCU grace period, so
+    // overlapping it with the mount work shortens the start.
     let setup = (|| -> Result<(), DriverError> {
         if let Some(m) = cfg.idmap {
             let map = format!("0 {} {}\n", m.base, m.size);
@@ -111,8 +115,12 @@ pub(crate) fn start_init(
                 fs::write(&p, &map).map_err(|e| DriverError::io(format!("write {p}"), e))?;
             }
         }
+        go_w.write_all(b"1")
+            .map_err(|e| DriverError::io("release container init", e))?;
         cgroup.add_pid(pid.as_raw())?;
         super::network::attach(cfg, pid)?;
+        go_w.write_all(b"2")
+            .map_err(|e| DriverError::io("release container init", e))?;
         Ok(())
     })();
     if let Err(e) = setup {
@@ -120,8 +128,6 @@ pub(crate) fn start_init(
         let _ = nix::sys::wait::waitpid(pid, None);
         return Err(e);
     }
-    go_w.write_all(b"g")
-        .map_err(|e| DriverError::io("release container init", e))?;
     drop(go_w);
     let mut msg = String::new();
     let _ = err_r.read_to_string(&mut msg);
@@ -159,17 +165,24 @@ fn reset_signals() -> Result<(), String> {
     Ok(())
 }
 
+fn wait_release(go: BorrowedFd<'_>, want: u8) -> Result<(), String> {
+    let mut b = [0u8; 1];
+    loop {
+        match nix::unistd::read(go, &mut b) {
+            Ok(1) if b[0] == want => return Ok(()),
+            Err(nix::Error::EINTR) => continue,
+            _ => return Err("parent went away before releasing init".into()),
+        }
+    }
+}
+
 fn child_setup(ctx: &ChildCtx<'_>) -> Result<std::convert::Infallible, String> {
     let cfg = ctx.cfg;
     reset_signals()?;
-    // Wait until the parent has written the id maps, set the cgroup and the network.
-    let mut b = [0u8; 1];
+    // Wait until the parent has written the id maps.
     // SAFETY: go_r is the read end of the start pipe, open in the child.
     let go = unsafe { BorrowedFd::borrow_raw(ctx.go_r) };
-    match nix::unistd::read(go, &mut b) {
-        Ok(1) => {}
-        _ => return Err("parent went away before releasing init".into()),
-    }
+    wait_release(go, b'1')?;
     if cfg.idmap.is_some() {
         nix::unistd::setresgid(Gid::from_raw(0), Gid::from_raw(0), Gid::from_raw(0))
             .map_err(errno_ctx("setresgid 0"))?;
@@ -177,7 +190,6 @@ fn child_setup(ctx: &ChildCtx<'_>) -> Result<std::convert::Infallible, String> {
             .map_err(errno_ctx("setresuid 0"))?;
     }
     nix::unistd::setgroups(&[]).map_err(errno_ctx("setgroups"))?;
-    unshare(CloneFlags::CLONE_NEWCGROUP).map_err(errno_ctx("unshare cgroup namespace"))?;
     nix::unistd::setsid().map_err(errno_ctx("setsid"))?;
     // SAFETY: console is the pty slave fd inherited from the shim.
     let console = unsafe { BorrowedFd::borrow_raw(ctx.console) };
@@ -196,6 +208,10 @@ fn child_setup(ctx: &ChildCtx<'_>) -> Result<std::convert::Infallible, String> {
     setup_mounts(ctx)?;
     sethostname(&cfg.hostname).map_err(errno_ctx("sethostname"))?;
     let (path, argv, envp) = command(cfg, &BTreeMap::new())?;
+    // Wait for the cgroup attach and the network; the cgroup namespace is rooted at the
+    // container's cgroup, so it is created only now.
+    wait_release(go, b'2')?;
+    unshare(CloneFlags::CLONE_NEWCGROUP).map_err(errno_ctx("unshare cgroup namespace"))?;
     security::restrict(ctx.last_cap, ctx.seccomp, cfg.idmap.is_some())?;
     execve(&path, &argv, &envp).map_err(|e| format!("exec {path:?}: {e}"))?;
     Err("execve returned".into())
