@@ -15,6 +15,7 @@ use stead_reconciler::render::{self, Style};
 use stead_reconciler::{ApplyLock, Drivers, ExecOptions, PlanOptions, StateDb, execute, plan_run};
 use stead_schema::{Desired, Diagnostic, HostEnv, Kind, ResourceId};
 
+mod cmd_backup;
 mod cmd_console;
 mod cmd_controller;
 mod cmd_env;
@@ -174,6 +175,29 @@ enum Command {
     },
     /// Follow a git repository or directory; converge on each revision, heal drift, export metrics.
     Controller(cmd_controller::ControllerArgs),
+    /// Backups: run, list, verify, restore, prune, simulate-prune, daemon.
+    Backup {
+        #[command(subcommand)]
+        cmd: cmd_backup::BackupCmd,
+    },
+    /// Run a command inside a running container: `stead exec Container/web -- ps`.
+    Exec {
+        /// Container/NAME (or just NAME).
+        target: String,
+        /// Command and arguments.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Per-container supervisor (internal; started by the Container driver).
+    #[command(hide = true)]
+    Shim {
+        /// Container name.
+        #[arg(long)]
+        name: String,
+        /// Resolved container config (JSON written by the driver).
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Volume snapshots: create, list, rollback, delete.
     Snapshot {
         #[command(subcommand)]
@@ -443,6 +467,30 @@ fn run(cli: Cli) -> Result<u8> {
             get::run(&env, what.as_deref(), output)
         }
         Command::Env { cmd } => cmd_env::run(cmd, &g),
+        Command::Backup { cmd } => {
+            let env = host_env(&g)?;
+            let world = applied_world(&env)?;
+            let code = cmd_backup::run_with(cmd, &env, Some(&world))?;
+            Ok(u8::try_from(code).unwrap_or(1))
+        }
+        Command::Exec { target, command } => {
+            let name = match target.split_once('/') {
+                Some((k, n)) if Kind::parse_loose(k) == Some(Kind::Container) => n.to_string(),
+                Some((k, _)) => bail!("exec works on containers, not {k}"),
+                None => target.clone(),
+            };
+            let code = stead_drivers::container::exec(&g.run_dir, &name, &command)?;
+            Ok(u8::try_from(code).unwrap_or(1))
+        }
+        Command::Shim { name, config } => {
+            let code =
+                stead_drivers::container::shim::main(&stead_drivers::container::shim::ShimArgs {
+                    run_dir: g.run_dir.clone(),
+                    name,
+                    config,
+                });
+            Ok(u8::try_from(code).unwrap_or(1))
+        }
         Command::Snapshot { cmd } => {
             let env = host_env(&g)?;
             let world = applied_world(&env)?;
