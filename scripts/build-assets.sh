@@ -7,6 +7,6 @@ dest="${1:-/var/lib/stead/assets}"
 mkdir -p "$dest"
 here="$(cd "$(dirname "$0")" && pwd)"
 if [ -x "$here/build-rootfs.sh" ]; then
-  [ -f "$dest/busybox.tar.zst" ] || "$here/build-rootfs.sh" "$dest/busybox.tar.zst"
+  [ -f "$dest/busybox.tar.zst" ] || "$here/build-rootfs.sh" "$dest"
 fi
 echo "assets in $dest"
