@@ -404,9 +404,21 @@ fn memory_and_pids_limits() {
 
 fn restart_after_kill_and_shim_recovery() {
     let mut sb = Sandbox::new("10.77.0.1/24");
-    let c = sb.resource("rk", container_spec(&sb, "10.77.0.5/24", json!({})));
+    let c = sb.resource(
+        "rk",
+        container_spec(
+            &sb,
+            "10.77.0.5/24",
+            json!({"resources": {"cpus": 0.3333, "memory": "100M", "pids": 50}}),
+        ),
+    );
     sb.apply(&c);
     let o = sb.observe(&c);
+    assert_eq!(
+        o.state,
+        sb.driver.desired_state(&c, &sb.world),
+        "kernel-rounded limits show no diff"
+    );
     let pid = o.status["pid"].as_i64().expect("pid") as i32;
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pid),

@@ -435,6 +435,17 @@ impl Cgroup {
     }
 }
 
+/// The CPU limit as the kernel will report it back (quota granularity, 3 decimals).
+pub fn normalize_cpus(cpus: f64) -> f64 {
+    round_cpus(quota_us(cpus) as f64 / CFS_PERIOD_US as f64)
+}
+
+/// The memory limit as the kernel will report it back (rounded down to whole pages).
+pub fn normalize_memory(bytes: u64) -> u64 {
+    let page = 4096;
+    (bytes / page * page).max(page)
+}
+
 fn kv(text: &str, key: &str) -> u64 {
     text.lines()
         .filter_map(|l| l.split_once(' '))
@@ -577,6 +588,10 @@ mod tests {
         assert_eq!(quota_us(1.5), 150_000);
         assert_eq!(quota_us(0.001), 1000);
         assert_eq!(round_cpus(150_000.0 / 100_000.0), 1.5);
+        assert_eq!(normalize_cpus(0.33333), 0.333);
+        assert_eq!(normalize_cpus(2.0), 2.0);
+        assert_eq!(normalize_memory(100_000_000), 99_999_744);
+        assert_eq!(normalize_memory(64 << 20), 64 << 20);
         assert_eq!(kv("usage_usec 1234\nuser_usec 1", "usage_usec"), 1234);
         assert_eq!(
             kv("oom_kill_disable 0\nunder_oom 0\noom_kill 3", "oom_kill"),

@@ -82,11 +82,15 @@ impl ContainerDriver {
     /// The projection of a spec onto the observed shape.
     pub fn project(name: &str, spec: &ContainerSpec) -> Value {
         let mut res = serde_json::Map::new();
+        // Normalized to what the kernel reports back, so a converged container shows no diff.
         if let Some(c) = spec.resources.cpus {
-            res.insert("cpus".into(), json!(c));
+            res.insert("cpus".into(), json!(super::cgroup::normalize_cpus(c)));
         }
         if let Some(m) = spec.resources.memory {
-            res.insert("memory".into(), json!(m.bytes()));
+            res.insert(
+                "memory".into(),
+                json!(super::cgroup::normalize_memory(m.bytes())),
+            );
         }
         if let Some(p) = spec.resources.pids {
             res.insert("pids".into(), json!(p));
