@@ -228,6 +228,50 @@ pub fn run(env: &HostEnv, what: Option<&str>, output: GetFormat) -> Result<u8> {
             }
         }));
     }
+    // Resources the controller wants but has not created yet (failing, waiting).
+    let pending: Vec<(String, String, String, String)> = ctl
+        .as_ref()
+        .and_then(|c| c.get("resources"))
+        .and_then(Value::as_array)
+        .map(|rs| {
+            rs.iter()
+                .filter_map(|r| {
+                    let k = Kind::parse_loose(r.get("kind")?.as_str()?)?;
+                    let n = r.get("name")?.as_str()?;
+                    let managed = inventory.keys().any(|id| id.kind == k && id.name == n);
+                    let wanted =
+                        kind.is_none_or(|x| x == k) && name.as_ref().is_none_or(|x| x == n);
+                    if managed || !wanted {
+                        return None;
+                    }
+                    let msg = r
+                        .pointer("/conditions/0/message")
+                        .and_then(Value::as_str)
+                        .unwrap_or("")
+                        .to_string();
+                    items.push(json!({
+                        "apiVersion": stead_schema::API_VERSION,
+                        "kind": k.as_str(),
+                        "metadata": {"name": n},
+                        "status": {
+                            "exists": false,
+                            "controllerStatus": r.get("status"),
+                            "conditions": r.get("conditions"),
+                        }
+                    }));
+                    Some((
+                        k.to_string(),
+                        n.to_string(),
+                        r.get("status")
+                            .and_then(Value::as_str)
+                            .unwrap_or("Pending")
+                            .to_string(),
+                        msg,
+                    ))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
     let mut list = json!({"apiVersion": stead_schema::API_VERSION, "kind": "List", "items": items});
     if let Some(c) = &ctl {
         let mut c = c.clone();
@@ -252,7 +296,7 @@ pub fn run(env: &HostEnv, what: Option<&str>, output: GetFormat) -> Result<u8> {
                 );
                 return Ok(0);
             }
-            let rows: Vec<[String; 5]> = inventory
+            let mut rows: Vec<[String; 5]> = inventory
                 .iter()
                 .map(|(id, entry)| {
                     let o = observed.get(id);
@@ -281,6 +325,9 @@ pub fn run(env: &HostEnv, what: Option<&str>, output: GetFormat) -> Result<u8> {
                     ]
                 })
                 .collect();
+            for (k, n, st, msg) in &pending {
+                rows.push([k.clone(), n.clone(), st.clone(), "-".into(), msg.clone()]);
+            }
             let headers = ["KIND", "NAME", "STATUS", "AGE", "DETAILS"];
             let mut widths = headers.map(str::len);
             for r in &rows {

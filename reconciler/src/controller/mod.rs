@@ -577,7 +577,14 @@ impl Engine {
         let mut applied: BTreeMap<ResourceId, Action> = BTreeMap::new();
         for r in &report.results {
             match &r.outcome {
-                Outcome::Failed(msg) | Outcome::Skipped(msg) => {
+                Outcome::Skipped(msg) => {
+                    // Not tried: it waits for its dependency, which carries the backoff.
+                    m.apply_failures
+                        .with_label_values(&[r.id.kind.as_str()])
+                        .inc();
+                    blocked.insert(r.id.clone(), ("DependencyNotReady".into(), msg.clone()));
+                }
+                Outcome::Failed(msg) => {
                     m.apply_failures
                         .with_label_values(&[r.id.kind.as_str()])
                         .inc();
@@ -692,10 +699,10 @@ impl Engine {
         m.set_resources(&counts);
         m.set_workloads(&usage);
 
-        let apply_ok = run.plan.errors.is_empty() && report.success();
+        let apply_ok = blocked.is_empty() && failed.is_empty();
         if !apply_ok {
-            let n = run.plan.errors.len() + failed.len();
-            messages.push(format!("{n} resource(s) failed"));
+            let n = blocked.len() + failed.len();
+            messages.push(format!("{n} resource(s) not converged"));
         }
         let res = result.unwrap_or(if apply_ok { "success" } else { "failed" });
         let first_apply_of_rev = {

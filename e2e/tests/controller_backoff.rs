@@ -1,0 +1,110 @@
+//! Issue 7: a failing resource backs off per resource; the rest converges; fixing the
+//! cause converges it (on the next retry or at once on a new revision).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod controller_util;
+
+use std::time::Duration;
+
+use controller_util::*;
+use stead_e2e::Sandbox;
+
+const MI: u64 = 1 << 20;
+
+#[test]
+fn failing_resource_backs_off_and_blocks_only_its_dependents() {
+    let sb = Sandbox::new();
+    let seed = sb.path("seed.img");
+    let mut text = storage_yaml(&sb, &[("a", "1Mi")]);
+    text.push_str(&format!(
+        "---\napiVersion: stead.dev/v1alpha1\nkind: Volume\nmetadata: {{name: bad}}\nspec: {{pool: local, size: 1Mi, deletionPolicy: Delete, source: {{file: {}}}}}\n",
+        seed.display()
+    ));
+    text.push_str("---\napiVersion: stead.dev/v1alpha1\nkind: Volume\nmetadata: {name: after}\nspec: {pool: local, size: 1Mi, deletionPolicy: Delete, dependsOn: [Volume/bad]}\n");
+    sb.write("m/all.yaml", &text);
+    let m = sb.path("m");
+    let ctl = Controller::start(&sb, &["--source", m.to_str().unwrap(), "--resync", "500ms"]);
+    assert!(
+        wait_until(Duration::from_secs(20), || size(&image(&sb, "a")) == MI).is_some(),
+        "{}",
+        ctl.logs()
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || ctl
+            .metric("stead_reconcile_total{result=\"failed\"}")
+            >= 1.0)
+        .is_some(),
+        "{}",
+        ctl.logs()
+    );
+    // Backoff: over ~3 s of 500 ms resyncs the driver is tried only twice (2 s, 4 s …).
+    std::thread::sleep(Duration::from_secs(3));
+    let tries = ctl.metric("stead_apply_failures_total{kind=\"Volume\"}");
+    let runs = ctl.status()["reconciles"].as_u64().unwrap();
+    assert!(runs >= 5, "resyncs ran: {runs}");
+    // `bad` fails and `after` is skipped with it: without backoff that would be two
+    // failures per reconcile; with it, tries at about 0 s, 2 s (and 6 s).
+    assert!(
+        (2.0..=4.0).contains(&tries) && tries < 2.0 * runs as f64,
+        "{tries} tries in {runs} reconciles\n{}",
+        ctl.logs()
+    );
+    let st = ctl.status();
+    let find = |n: &str| {
+        st["resources"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["name"] == n)
+            .cloned()
+            .unwrap()
+    };
+    assert_eq!(find("a")["status"], "Ready", "{st}");
+    let bad = find("bad");
+    assert_eq!(bad["status"], "Failed", "{st}");
+    let reason = bad["conditions"][0]["reason"].as_str().unwrap();
+    assert!(reason == "Backoff" || reason == "ApplyFailed", "{bad}");
+    assert!(
+        bad["conditions"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("seed.img"),
+        "{bad}"
+    );
+    let after = find("after");
+    assert_eq!(after["status"], "Failed", "{st}");
+    assert_eq!(
+        after["conditions"][0]["reason"], "DependencyNotReady",
+        "{after}"
+    );
+    assert!(!image(&sb, "after").exists());
+    assert_eq!(
+        ctl.metric("stead_resources{kind=\"Volume\",status=\"Failed\"}"),
+        2.0
+    );
+    // `stead get` lists the resources the controller could not create yet.
+    let out = sb.run(&["get"]).expect_code(0);
+    assert!(
+        out.stdout().contains("bad") && out.stdout().contains("Failed"),
+        "{}",
+        out.stdout()
+    );
+
+    // Fix the cause: the next retry creates it, then its dependent.
+    std::fs::write(&seed, vec![7u8; 4096]).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(15), || image(&sb, "after").exists()
+            && image(&sb, "bad").exists())
+        .is_some(),
+        "{}",
+        ctl.logs()
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || ctl.status()["lastResult"]
+            == "success")
+        .is_some(),
+        "{}",
+        ctl.logs()
+    );
+}
