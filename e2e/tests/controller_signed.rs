@@ -143,3 +143,125 @@ fn only_signed_commits_from_trusted_keys_are_applied() {
     );
     assert!(ctl.status()["headError"].is_null());
 }
+
+/// Kills the sandbox's gpg-agent on drop.
+struct GpgHome(std::path::PathBuf);
+
+impl Drop for GpgHome {
+    fn drop(&mut self) {
+        let _ = Command::new("gpgconf")
+            .args(["--kill", "all"])
+            .env("GNUPGHOME", &self.0)
+            .status();
+    }
+}
+
+#[test]
+fn openpgp_signed_commits_are_verified_with_gpgv() {
+    let have = Command::new("gpg").arg("--version").output().is_ok()
+        && Command::new("gpgv").arg("--version").output().is_ok();
+    if skip_unless(
+        have,
+        "openpgp_signed_commits_are_verified_with_gpgv",
+        "gpg/gpgv not installed",
+    ) {
+        return;
+    }
+    let sb = Sandbox::new();
+    let home = GpgHome(sb.path("gnupg"));
+    std::fs::create_dir_all(&home.0).unwrap();
+    std::fs::set_permissions(&home.0, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    let gpg = |args: &[&str]| {
+        let out = Command::new("gpg")
+            .args(["--batch", "--pinentry-mode", "loopback", "--passphrase", ""])
+            .args(args)
+            .env("GNUPGHOME", &home.0)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "gpg {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.stdout
+    };
+    gpg(&[
+        "--quick-gen-key",
+        "stead test <test@example.com>",
+        "ed25519",
+        "sign",
+        "never",
+    ]);
+    let keyring = sb.path("trusted.gpg");
+    std::fs::write(&keyring, gpg(&["--export", "test@example.com"])).unwrap();
+    let tok = sb.write("token", TOKEN);
+    let repo = Repo::new(&sb);
+    let commit_pgp = |msg: &str, vols: &[(&str, &str)], sign: bool| {
+        std::fs::write(repo.work.join("storage.yaml"), storage_yaml(&sb, vols)).unwrap();
+        git(&repo.work, &["add", "-A"]);
+        let mut c = Command::new("git");
+        c.current_dir(&repo.work)
+            .env("GNUPGHOME", &home.0)
+            .env("GIT_AUTHOR_NAME", "stead test")
+            .env("GIT_AUTHOR_EMAIL", "test@example.com")
+            .env("GIT_COMMITTER_NAME", "stead test")
+            .env("GIT_COMMITTER_EMAIL", "test@example.com")
+            .args([
+                "-c",
+                "user.signingkey=test@example.com",
+                "commit",
+                "-q",
+                "-m",
+                msg,
+            ]);
+        if sign {
+            c.arg("-S");
+        }
+        let out = c.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        repo.push()
+    };
+    let c1 = commit_pgp("one", &[("a", "1Mi")], true);
+    let source = repo.source();
+    let ctl = Controller::start(
+        &sb,
+        &[
+            "--source",
+            &source,
+            "--resync",
+            "1h",
+            "--verify-commits",
+            keyring.to_str().unwrap(),
+            "--webhook-token-file",
+            tok.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        wait_until(Duration::from_secs(20), || size(&image(&sb, "a")) == MI).is_some(),
+        "{}",
+        ctl.logs()
+    );
+    assert_eq!(ctl.status()["revision"], c1.as_str());
+    commit_pgp("unsigned", &[("a", "2Mi")], false);
+    assert_eq!(ctl.hook(TOKEN), 202);
+    assert!(
+        wait_until(Duration::from_secs(10), || ctl
+            .metric("stead_reconcile_total{result=\"unsigned\"}")
+            == 1.0)
+        .is_some(),
+        "{}",
+        ctl.logs()
+    );
+    assert_eq!(size(&image(&sb, "a")), MI);
+    commit_pgp("signed", &[("a", "3Mi")], true);
+    assert_eq!(ctl.hook(TOKEN), 202);
+    assert!(
+        wait_until(Duration::from_secs(10), || size(&image(&sb, "a")) == 3 * MI).is_some(),
+        "{}",
+        ctl.logs()
+    );
+}
