@@ -99,6 +99,8 @@ fn main() {
         eprintln!("container_bench needs root and /bin/busybox (apt busybox-static)");
         std::process::exit(1);
     }
+    // SAFETY: prctl with integer arguments only.
+    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
     let tmp = tempfile::tempdir().expect("tmp");
     let netns = tmp.path().join("netns");
     fs::File::create(&netns).expect("netns file");
@@ -213,6 +215,15 @@ fn main() {
         down.as_secs_f64() * 1000.0
     );
     let _ = nix::mount::umount2(&netns, nix::mount::MntFlags::MNT_DETACH);
+    // Exited supervisors were re-parented to us (subreaper): reap them.
+    while let Ok(st) = nix::sys::wait::waitpid(
+        None::<nix::unistd::Pid>,
+        Some(nix::sys::wait::WaitPidFlag::WNOHANG),
+    ) {
+        if st == nix::sys::wait::WaitStatus::StillAlive {
+            break;
+        }
+    }
 }
 
 fn bench_crun(tmp: &Path, rootfs: &Path, iters: usize) {

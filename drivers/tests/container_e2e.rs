@@ -243,7 +243,19 @@ impl Drop for Sandbox {
             let _ = hier.cgroup(&self.name, &r.name).destroy();
         }
         let _ = nix::mount::umount2(&self.netns, nix::mount::MntFlags::MNT_DETACH);
+        reap_orphans();
         let _ = &self.tmp;
+    }
+}
+
+/// Exited supervisors were re-parented to this process (a subreaper, see `main`): reap
+/// them so no zombie is left behind.
+fn reap_orphans() {
+    use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+    while let Ok(st) = waitpid(None::<nix::unistd::Pid>, Some(WaitPidFlag::WNOHANG)) {
+        if st == WaitStatus::StillAlive {
+            break;
+        }
     }
 }
 
@@ -581,6 +593,11 @@ fn main() {
         }
         return;
     }
+    // Double-forked supervisors are re-parented here rather than to a PID 1 that may not
+    // reap them; tests run one at a time, so reaping in `Sandbox::drop` steals no
+    // `Command`'s exit status.
+    // SAFETY: prctl with integer arguments only.
+    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
     let mut failed = 0;
     let mut ran = 0;
     for (name, f) in tests {
