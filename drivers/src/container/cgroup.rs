@@ -211,13 +211,8 @@ impl Cgroup {
         match &self.hier {
             Hierarchy::V2 { root } => {
                 let mut cur = root.clone();
-                let wanted: String = V2_CONTROLLERS
-                    .iter()
-                    .map(|c| format!("+{c}"))
-                    .collect::<Vec<_>>()
-                    .join(" ");
                 for comp in self.rel.components() {
-                    enable_v2_controllers(&cur, &wanted)?;
+                    enable_v2_controllers(&cur)?;
                     cur.push(comp);
                     mkdir(&cur)?;
                 }
@@ -243,20 +238,15 @@ impl Cgroup {
         match &self.hier {
             Hierarchy::V2 { root } => {
                 let d = root.join(&self.rel);
-                let cpu = match l.cpus {
-                    Some(c) => format!("{} {CFS_PERIOD_US}", quota_us(c)),
-                    None => format!("max {CFS_PERIOD_US}"),
-                };
-                write_file(&d.join("cpu.max"), &cpu)?;
-                let mem = l.memory.map_or("max".to_string(), |m| m.to_string());
-                write_file(&d.join("memory.max"), &mem)?;
+                let cpu = l.cpus.map(|c| format!("{} {CFS_PERIOD_US}", quota_us(c)));
+                write_v2(&d, "cpu.max", cpu, &format!("max {CFS_PERIOD_US}"))?;
+                write_v2(&d, "memory.max", l.memory.map(|m| m.to_string()), "max")?;
                 if d.join("memory.swap.max").exists() {
                     // Like the v1 memsw limit: the memory limit is not bypassed by swap.
                     let swap = if l.memory.is_some() { "0" } else { "max" };
                     write_file(&d.join("memory.swap.max"), swap)?;
                 }
-                let pids = l.pids.map_or("max".to_string(), |p| p.to_string());
-                write_file(&d.join("pids.max"), &pids)?;
+                write_v2(&d, "pids.max", l.pids.map(|p| p.to_string()), "max")?;
             }
             Hierarchy::V1 { .. } => {
                 if let Some(d) = self.dir("cpu") {
@@ -282,7 +272,7 @@ impl Cgroup {
         match &self.hier {
             Hierarchy::V2 { root } => {
                 let d = root.join(&self.rel);
-                let cpu = read_trim(&d.join("cpu.max"))?;
+                let cpu = read_opt(&d.join("cpu.max"));
                 let mut it = cpu.split_whitespace();
                 if let (Some(q), Some(p)) = (it.next(), it.next())
                     && let (Ok(q), Ok(p)) = (q.parse::<u64>(), p.parse::<u64>())
@@ -290,8 +280,8 @@ impl Cgroup {
                 {
                     l.cpus = Some(round_cpus(q as f64 / p as f64));
                 }
-                l.memory = read_trim(&d.join("memory.max"))?.parse().ok();
-                l.pids = read_trim(&d.join("pids.max"))?.parse().ok();
+                l.memory = read_opt(&d.join("memory.max")).parse().ok();
+                l.pids = read_opt(&d.join("pids.max")).parse().ok();
             }
             Hierarchy::V1 { .. } => {
                 if let Some(d) = self.dir("cpu") {
@@ -348,8 +338,8 @@ impl Cgroup {
                 let d = root.join(&self.rel);
                 let stat = read_trim(&d.join("cpu.stat"))?;
                 u.cpu_seconds = kv(&stat, "usage_usec") as f64 / 1e6;
-                u.memory_bytes = read_trim(&d.join("memory.current"))?.parse().unwrap_or(0);
-                u.pids = read_trim(&d.join("pids.current"))?.parse().unwrap_or(0);
+                u.memory_bytes = read_opt(&d.join("memory.current")).parse().unwrap_or(0);
+                u.pids = read_opt(&d.join("pids.current")).parse().unwrap_or(0);
                 u.oom_kills = kv(
                     &fs::read_to_string(d.join("memory.events")).unwrap_or_default(),
                     "oom_kill",
@@ -479,16 +469,49 @@ fn set_v1_memory(d: &Path, memory: Option<u64>) -> Result<(), DriverError> {
     }
 }
 
-fn enable_v2_controllers(dir: &Path, wanted: &str) -> Result<(), DriverError> {
-    let f = dir.join("cgroup.subtree_control");
-    let cur = fs::read_to_string(&f).unwrap_or_default();
-    if V2_CONTROLLERS
+/// Enables stead's controllers in `dir`'s `cgroup.subtree_control`, as far as `dir`
+/// offers them (`cgroup.controllers`); a missing one surfaces when a limit needs it.
+fn enable_v2_controllers(dir: &Path) -> Result<(), DriverError> {
+    let available = read_opt(&dir.join("cgroup.controllers"));
+    let enabled = read_opt(&dir.join("cgroup.subtree_control"));
+    let missing: Vec<String> = V2_CONTROLLERS
         .iter()
-        .all(|c| cur.split_whitespace().any(|x| x == *c))
-    {
+        .filter(|c| available.split_whitespace().any(|x| x == **c))
+        .filter(|c| !enabled.split_whitespace().any(|x| x == **c))
+        .map(|c| format!("+{c}"))
+        .collect();
+    if missing.is_empty() {
         return Ok(());
     }
-    write_file(&f, wanted)
+    write_file(&dir.join("cgroup.subtree_control"), &missing.join(" "))
+}
+
+/// Writes a v2 limit file. Unlimited and absent (controller not enabled) is fine; a limit
+/// whose controller is missing is an error.
+fn write_v2(
+    dir: &Path,
+    file: &str,
+    value: Option<String>,
+    unlimited: &str,
+) -> Result<(), DriverError> {
+    let p = dir.join(file);
+    if !p.exists() {
+        return match value {
+            None => Ok(()),
+            Some(_) => Err(DriverError::Unsupported(format!(
+                "cgroup v2 controller for {file} is not enabled in {}",
+                dir.display()
+            ))),
+        };
+    }
+    write_file(&p, value.as_deref().unwrap_or(unlimited))
+}
+
+/// Contents of a file, trimmed; empty when unreadable.
+fn read_opt(path: &Path) -> String {
+    fs::read_to_string(path)
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
 }
 
 fn mkdir(d: &Path) -> Result<(), DriverError> {
@@ -596,6 +619,61 @@ mod tests {
         assert_eq!(
             kv("oom_kill_disable 0\nunder_oom 0\noom_kill 3", "oom_kill"),
             3
+        );
+    }
+
+    /// The v2 code paths on a real cgroup2 mount: the unified hierarchy of a v1-hybrid
+    /// host (no controllers there: limits are refused, unlimited is accepted), or the host's
+    /// own when it is v2.
+    #[test]
+    fn v2_create_attach_kill_destroy() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("SKIP v2_create_attach_kill_destroy: needs root");
+            return;
+        }
+        let root = ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"]
+            .into_iter()
+            .map(PathBuf::from)
+            .find(|r| r.join("cgroup.controllers").exists());
+        let Some(root) = root else {
+            eprintln!("SKIP v2_create_attach_kill_destroy: no cgroup2 mount");
+            return;
+        };
+        let hier = Hierarchy::V2 { root: root.clone() };
+        let parent = format!("stead-test-{}-v2/nested", std::process::id());
+        let cg = hier.cgroup(&parent, "c1");
+        struct Guard(Cgroup);
+        impl Drop for Guard {
+            fn drop(&mut self) {
+                let _ = self.0.destroy();
+            }
+        }
+        let _guard = Guard(cg.clone());
+        cg.create().expect("create");
+        assert!(cg.exists());
+        cg.set_limits(&Limits::default())
+            .expect("unlimited always works");
+        let has_pids = root.join("cgroup.controllers").exists()
+            && read_opt(&root.join("cgroup.controllers")).contains("pids");
+        let r = cg.set_limits(&Limits {
+            pids: Some(10),
+            ..Default::default()
+        });
+        assert_eq!(r.is_ok(), has_pids, "{r:?}");
+        let mut child = std::process::Command::new("/bin/sleep")
+            .arg("30")
+            .spawn()
+            .expect("spawn sleep");
+        let pid = child.id() as i32;
+        cg.add_pid(pid).expect("attach");
+        assert_eq!(cg.pids(), vec![pid]);
+        assert!(cg.usage().is_ok());
+        cg.destroy().expect("destroy");
+        assert!(!child.wait().expect("wait").success());
+        assert!(
+            !root
+                .join(format!("stead-test-{}-v2", std::process::id()))
+                .exists()
         );
     }
 
