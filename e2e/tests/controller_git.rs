@@ -66,6 +66,22 @@ fn git_commits_converge_webhook_invalid_and_revert() {
         "no token"
     );
 
+    // A burst of webhook calls collapses into few runs.
+    let n0 = ctl.status()["reconciles"].as_u64().unwrap();
+    for _ in 0..10 {
+        assert_eq!(ctl.hook(TOKEN), 202);
+    }
+    assert!(
+        wait_until(Duration::from_secs(5), || ctl.status()["reconciles"]
+            .as_u64()
+            .unwrap()
+            > n0)
+        .is_some()
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let runs = ctl.status()["reconciles"].as_u64().unwrap() - n0;
+    assert!(runs <= 3, "10 webhook calls ran {runs} reconciles");
+
     // A change is applied within 2 s of the webhook call.
     let c2 = repo.commit(
         "grow a, add c",

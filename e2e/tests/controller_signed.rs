@@ -93,7 +93,11 @@ fn only_signed_commits_from_trusted_keys_are_applied() {
         "{}",
         ctl.logs()
     );
-    assert_eq!(ctl.status()["revision"], c1.as_str());
+    assert!(
+        wait_until(Duration::from_secs(5), || ctl.status()["revision"]
+            == c1.as_str())
+        .is_some()
+    );
 
     // Unsigned head: refused, reported, the signed revision stays applied.
     let c2 = commit(&repo, &sb, "unsigned", &[("a", "2Mi")], None);
@@ -245,7 +249,11 @@ fn openpgp_signed_commits_are_verified_with_gpgv() {
         "{}",
         ctl.logs()
     );
-    assert_eq!(ctl.status()["revision"], c1.as_str());
+    assert!(
+        wait_until(Duration::from_secs(5), || ctl.status()["revision"]
+            == c1.as_str())
+        .is_some()
+    );
     commit_pgp("unsigned", &[("a", "2Mi")], false);
     assert_eq!(ctl.hook(TOKEN), 202);
     assert!(

@@ -437,7 +437,7 @@ impl Engine {
             if messages.is_empty() {
                 messages.push("no revision could be loaded yet".into());
             }
-            self.finish(res, start, messages.join("; "), false);
+            self.finish(res, start, messages.join("; "), false, |_| {});
             return None;
         };
         span.record("revision", short(&good.revision));
@@ -448,7 +448,13 @@ impl Engine {
             Ok(l) => l,
             Err(e) => {
                 warn!(error = %e, "apply lock busy; retrying in 5s");
-                self.finish(result.unwrap_or("error"), start, e.to_string(), false);
+                self.finish(
+                    result.unwrap_or("error"),
+                    start,
+                    e.to_string(),
+                    false,
+                    |_| {},
+                );
                 return Some(Duration::from_secs(5));
             }
         };
@@ -468,7 +474,13 @@ impl Engine {
             Ok(r) => r,
             Err(e) => {
                 error!(error = %crate::exec::error_chain(&e), "cannot plan");
-                self.finish(result.unwrap_or("error"), start, e.to_string(), false);
+                self.finish(
+                    result.unwrap_or("error"),
+                    start,
+                    e.to_string(),
+                    false,
+                    |_| {},
+                );
                 return Some(Duration::from_secs(5));
             }
         };
@@ -731,34 +743,43 @@ impl Engine {
         }
         m.set_revision(&revision);
         let resources: Vec<ResourceStatus> = self.conditions.values().cloned().collect();
-        self.set_status(|s| {
+        m.ready.set(1.0);
+        // One status update, so readers never see the new revision with the old result.
+        self.finish(res, start, messages.join("; "), apply_ok, |s| {
             s.revision = Some(revision.clone());
             s.last_apply_time = Some(t);
             s.ready = true;
             s.resources = resources;
         });
-        m.ready.set(1.0);
-        self.finish(res, start, messages.join("; "), apply_ok);
         let now = Instant::now();
         self.backoff
             .next_due(now)
             .map(|d| d.saturating_duration_since(now))
     }
 
-    fn finish(&self, result: &'static str, start: Instant, message: String, success: bool) {
+    fn finish(
+        &self,
+        result: &'static str,
+        start: Instant,
+        message: String,
+        success: bool,
+        extra: impl FnOnce(&mut Status),
+    ) {
         let secs = start.elapsed().as_secs_f64();
-        self.shared.metrics.reconciled(result, secs);
-        if success {
-            self.shared.metrics.last_success.set(now_secs());
-        }
         info!(result, seconds = secs, "reconciled");
         let runs = self.runs;
+        // Status first, then metrics: whoever sees the counter move sees the status too.
         self.set_status(|s| {
+            extra(s);
             s.last_result = Some(result.into());
             s.message = message;
             s.last_reconcile_time = Some(now_secs());
             s.reconciles = runs;
         });
+        if success {
+            self.shared.metrics.last_success.set(now_secs());
+        }
+        self.shared.metrics.reconciled(result, secs);
     }
 
     fn set_status(&self, f: impl FnOnce(&mut Status)) {
