@@ -172,6 +172,40 @@ fn net_driver_nat_lab_converges_detects_drift_and_heals() {
     apply(&d, &lan0).unwrap();
     assert_converged(&d, &lan0);
 
+    // A rule deleted by hand between observe and apply: the transaction built on the
+    // observed table misses that handle, fails atomically, and is redone on a fresh
+    // listing.
+    let w = world(&[&lan0]);
+    let stale = observe(&d, &lan0);
+    let masq = stead_rules(&ns)
+        .into_iter()
+        .find(|r| r["chain"] == "postrouting" && r["comment"] == "stead:Network/lan0")
+        .unwrap();
+    let h = masq["handle"].to_string();
+    let (ok, out) = ns.exec(&[
+        "nft",
+        "delete",
+        "rule",
+        "inet",
+        "stead",
+        "postrouting",
+        "handle",
+        &h,
+    ]);
+    assert!(ok, "{out}");
+    let lan0c = resource(
+        Kind::Network,
+        "lan0",
+        json!({"type": "bridge", "mtu": 1400, "addresses": ["10.10.0.1/24"], "ports": ["eth1"],
+               "nat": {"enabled": true, "egress": "uplink"},
+               "forwards": [{"protocol": "tcp", "hostPort": 8080, "to": "10.10.0.10:80"},
+                            {"protocol": "udp", "hostPort": 5353, "to": "10.10.0.10:53"}]}),
+    );
+    d.apply(&lan0c, &stale, &w).unwrap();
+    assert_converged(&d, &lan0c);
+    apply(&d, &lan0).unwrap();
+    assert_converged(&d, &lan0);
+
     // Bridge deleted by hand.
     ns.ip(&["link", "del", "lan1"]);
     assert!(!observe(&d, &lan1).exists);

@@ -364,15 +364,19 @@ fn tun_open(spec: &TapSpec) -> Result<OwnedFd, DriverError> {
             return Err(DriverError::io(format!("TUNSETOWNER {}", spec.name), e));
         }
     }
-    if spec.persistent {
-        // SAFETY: TUNSETPERSIST takes an integer argument by value; `f` is an open tun fd.
-        let r = unsafe { libc::ioctl(f.as_raw_fd(), TUNSETPERSIST, 1 as libc::c_ulong) };
-        if r < 0 {
-            let e = std::io::Error::last_os_error();
-            return Err(DriverError::io(format!("TUNSETPERSIST {}", spec.name), e));
-        }
-    }
     Ok(OwnedFd::from(f))
+}
+
+/// Makes the tap behind `fd` persistent (after it carries stead's marks, so a crash
+/// before this point leaves nothing behind: the tap dies with the fd).
+fn tun_persist(fd: &OwnedFd, name: &str) -> Result<(), DriverError> {
+    // SAFETY: TUNSETPERSIST takes an integer argument by value; `fd` is an open tun fd.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETPERSIST, 1 as libc::c_ulong) };
+    if r < 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(DriverError::io(format!("TUNSETPERSIST {name}"), e));
+    }
+    Ok(())
 }
 
 /// Creates (or reattaches to) tap `spec.name`, marks it, enslaves it to `spec.bridge`
@@ -421,6 +425,9 @@ pub fn ensure_tap(host_netns: Option<&Path>, spec: &TapSpec) -> Result<TapInfo, 
                     .build(),
                 &spec.name,
             )?;
+            if spec.persistent {
+                tun_persist(&f, &spec.name)?;
+            }
             if spec.want_fd {
                 fd = Some(f);
             }

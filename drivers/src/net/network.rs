@@ -5,6 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use rtnetlink::packet_core::{NLM_F_APPEND, NLM_F_CREATE};
 use rtnetlink::packet_route::link::{InfoBridge, InfoData, InfoKind, LinkMessage};
@@ -33,8 +34,11 @@ use super::{
 pub struct NetworkDriver {
     nl: Mutex<Netlink>,
     nft: Nft,
-    /// Serialises read-modify-write of the nft table between parallel applies.
-    nft_lock: Mutex<()>,
+    /// The stead table as last listed (by observe) or written (by apply), with rule
+    /// handles; the mutex also serialises read-modify-write between parallel applies.
+    /// A transaction built on a stale copy fails (its delete-by-handle misses) and is
+    /// retried on a fresh listing.
+    nft_cache: Mutex<Option<(Instant, NftTable)>>,
 }
 
 /// The VXLAN link stead creates for network `name` with `vni`: `<name>-vx` when that
@@ -163,7 +167,7 @@ impl NetworkDriver {
         Ok(NetworkDriver {
             nl: Mutex::new(Netlink::open(ns.as_ref())?),
             nft: Nft::new(ns.as_ref())?,
-            nft_lock: Mutex::new(()),
+            nft_cache: Mutex::new(None),
         })
     }
 
@@ -208,6 +212,9 @@ impl NetworkDriver {
         drop(nl);
         let required = targets.iter().any(|s| nft::routed(s));
         let table = self.list_table(required)?;
+        if let Ok(mut c) = self.nft_cache.lock() {
+            *c = Some((Instant::now(), table.clone()));
+        }
         let (ip_forward, ip6_forward) = if required {
             (
                 Some(self.nft.sysctl_get(IP_FORWARD)? == "1"),
@@ -336,17 +343,22 @@ impl NetworkDriver {
     /// Brings the stead table in line for network `name` (`spec == None`: remove its
     /// rules).
     fn converge_rules(&self, name: &str, spec: Option<&NetworkSpec>) -> Result<(), DriverError> {
-        let _g = self
-            .nft_lock
+        let mut cache = self
+            .nft_cache
             .lock()
-            .map_err(|_| DriverError::Other("nft lock poisoned".into()))?;
+            .map_err(|_| DriverError::Other("nft cache lock poisoned".into()))?;
         let owner = owner_alias(Kind::Network, name);
         let expected = spec
             .map(|s| nft::expected_rules(name, s))
             .unwrap_or_default();
-        let table = self.list_table(!expected.is_empty())?;
+        let required = !expected.is_empty();
+        let (table, cached) = match cache.take() {
+            Some((at, t)) if at.elapsed() < NFT_CACHE_TTL => (t, true),
+            _ => (self.list_table(required)?, false),
+        };
         let current = table.rules_of(&owner);
         if current == expected && (expected.is_empty() || table.chains_ok) {
+            *cache = Some((Instant::now(), table));
             return Ok(());
         }
         tracing::info!(
@@ -355,7 +367,20 @@ impl NetworkDriver {
             want = expected.len(),
             "nft rules differ"
         );
-        self.nft.set_rules(&table, &owner, expected)
+        let result = match self.nft.set_rules(&table, &owner, expected.clone()) {
+            Err(e) if cached => {
+                tracing::info!(error = %e, "nft transaction on the cached table failed: relisting");
+                let fresh = self.list_table(required)?;
+                if fresh.rules_of(&owner) == expected && (expected.is_empty() || fresh.chains_ok) {
+                    Ok(fresh)
+                } else {
+                    self.nft.set_rules(&fresh, &owner, expected)
+                }
+            }
+            other => other,
+        };
+        *cache = Some((Instant::now(), result?));
+        Ok(())
     }
 
     fn converge_forwarding(&self, spec: &NetworkSpec) -> Result<(), DriverError> {
@@ -577,6 +602,10 @@ fn set_vlan_filtering(nl: &mut Netlink, msg: LinkMessage, name: &str) -> Result<
         Err(e) => Err(nl_err(format!("set vlan_filtering on {name}"), e)),
     }
 }
+
+/// How long a listed or written nft table is trusted without listing it again (the
+/// usual observe → apply sequence of one reconcile pass falls well inside).
+const NFT_CACHE_TTL: Duration = Duration::from_secs(5);
 
 const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
 const IP6_FORWARD: &str = "/proc/sys/net/ipv6/conf/all/forwarding";

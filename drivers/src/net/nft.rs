@@ -236,7 +236,7 @@ impl Nft {
         current: &NftTable,
         owner: &str,
         expected: Vec<(String, Value)>,
-    ) -> Result<(), DriverError> {
+    ) -> Result<NftTable, DriverError> {
         let mine = |r: &&NftRule| r.comment.as_deref() == Some(owner);
         let others = current.rules.iter().filter(|r| !mine(r)).count();
         let new_rules: Vec<NftRule> = expected
@@ -282,17 +282,28 @@ impl Nft {
             add = new_rules.len(),
             "swapping rules in table inet {TABLE}"
         );
-        self.transact(objs)
+        let added = self.transact(objs)?;
+        let mut t = NftTable {
+            exists: true,
+            chains_ok: true,
+            rules: current.rules.iter().filter(|r| !mine(r)).cloned().collect(),
+            by_owner: BTreeMap::new(),
+        };
+        t.rules.extend(added);
+        t.index();
+        Ok(t)
     }
 
-    fn transact(&self, objs: Vec<NfObject>) -> Result<(), DriverError> {
+    /// Runs one atomic transaction; returns the rules it added, with their handles
+    /// (`nft --echo --handle`).
+    fn transact(&self, objs: Vec<NfObject>) -> Result<Vec<NftRule>, DriverError> {
         let doc = Nftables {
             objects: Cow::Owned(objs),
         };
         let text = serde_json::to_string(&doc)
             .map_err(|e| DriverError::Other(format!("serialize nft batch: {e}")))?;
-        let args = ["-j", "-f", "-"];
-        let (ok, _, err) = self.run(&args, Some(&text))?;
+        let args = ["-j", "-e", "-a", "-f", "-"];
+        let (ok, out, err) = self.run(&args, Some(&text))?;
         if !ok {
             return Err(cmd_err(
                 &args,
@@ -300,11 +311,28 @@ impl Nft {
                 &format!("{err} (batch: {text})"),
             ));
         }
-        Ok(())
+        let mut added = Vec::new();
+        if let Ok(echo) = serde_json::from_str::<Nftables>(&out) {
+            for o in echo.objects.iter() {
+                if let NfObject::CmdObject(NfCmd::Add(NfListObject::Rule(r))) = o {
+                    added.push(NftRule {
+                        chain: r.chain.to_string(),
+                        expr: serde_json::to_value(&r.expr).unwrap_or(Value::Null),
+                        comment: r.comment.as_ref().map(|c| c.to_string()),
+                        handle: r.handle,
+                    });
+                }
+            }
+        }
+        Ok(added)
     }
 
     /// Replaces the whole table with `rules` atomically; deletes it when `rules` is empty.
-    pub(crate) fn replace(&self, current: &NftTable, rules: &[NftRule]) -> Result<(), DriverError> {
+    pub(crate) fn replace(
+        &self,
+        current: &NftTable,
+        rules: &[NftRule],
+    ) -> Result<NftTable, DriverError> {
         let fam = NfFamily::INet;
         let table = || Table {
             family: fam,
@@ -314,7 +342,7 @@ impl Nft {
         let mut objs: Vec<NfObject> = Vec::new();
         if rules.is_empty() {
             if !current.exists {
-                return Ok(());
+                return Ok(NftTable::default());
             }
             objs.push(NfObject::CmdObject(NfCmd::Delete(NfListObject::Table(
                 table(),
@@ -353,9 +381,16 @@ impl Nft {
                 }
             }
         }
-        self.transact(objs)?;
+        let added = self.transact(objs)?;
         tracing::info!(rules = rules.len(), "rebuilt nftables table inet {TABLE}");
-        Ok(())
+        let mut t = NftTable {
+            exists: !rules.is_empty(),
+            chains_ok: !rules.is_empty(),
+            rules: added,
+            by_owner: BTreeMap::new(),
+        };
+        t.index();
+        Ok(t)
     }
 
     /// Reads a sysctl of the namespace (`/proc/sys/...` is per netns of the reader).
