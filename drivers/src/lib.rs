@@ -6,6 +6,7 @@ pub mod container;
 pub mod net;
 pub mod netns;
 pub mod storage;
+pub mod vm;
 
 use stead_schema::{Driver, DriverError, HostEnv};
 
@@ -16,6 +17,7 @@ pub fn registry(env: &HostEnv) -> Result<Vec<Box<dyn Driver>>, DriverError> {
         Box::new(storage::VolumeDriver::new(env)),
         Box::new(net::NetworkDriver::new(env)?),
         Box::new(net::BondDriver::new(env)?),
+        Box::new(vm::VmDriver::new(env)?),
     ];
     Ok(drivers)
 }

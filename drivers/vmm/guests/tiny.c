@@ -18,6 +18,9 @@
  *   mode=seccomp  poke the VMM's test-only forbidden-syscall port, then power off
  *   mode=net      drive the virtio-net device at 0xd0000000: send one frame, then
  *                 print the payload of the first received frame of type 0x88b5
+ *   mode=idle     demo guest: print a banner, then sleep (sti; hlt) until serial input
+ *                 (IRQ 4, echoed upper-cased) or a key from the i8042 (IRQ 1); a
+ *                 Ctrl-Alt-Del resets. Uses no CPU while idle.
  *
  * Power off is a write of 0 to the stead power port (0x600).
  */
@@ -638,6 +641,38 @@ static void mode_tick(void)
     }
 }
 
+static void mode_idle(void)
+{
+    u8 last[2] = {0, 0};
+    puts_("stead tiny guest: idle; type to echo, Ctrl-Alt-Del reboots\n");
+    irq_setup((1 << 1) | (1 << 4));
+    /* Serial: OUT2 on (IRQ line enabled), received-data-available interrupt on. */
+    outb(COM1 + 4, 0x08);
+    outb(COM1 + 1, 0x01);
+    for (;;) {
+        __asm__ volatile("cli");
+        while (inb(COM1 + 5) & 1) {
+            char c = (char)inb(COM1);
+            if (c >= 'a' && c <= 'z')
+                c = (char)(c - 32);
+            if (c == '\r')
+                c = '\n';
+            putc_(c);
+        }
+        while (inb(0x64) & 1) {
+            last[0] = last[1];
+            last[1] = inb(0x60);
+            /* Ctrl-Alt-Del ends with the Delete make code (set 2: 0xe0 0x71). */
+            if (last[0] == 0xe0 && last[1] == 0x71) {
+                puts_("idle: ctrl-alt-del, rebooting\n");
+                outb(0x64, 0xfe);
+                halt_forever();
+            }
+        }
+        __asm__ volatile("sti; hlt; cli");
+    }
+}
+
 void guest_main(u64 cpu, u64 ncpus, const char *cmdline)
 {
     const char *mode = find_mode(cmdline);
@@ -735,6 +770,8 @@ void guest_main(u64 cpu, u64 ncpus, const char *cmdline)
         mode_net();
     } else if (starts_with(mode, "tick")) {
         mode_tick();
+    } else if (starts_with(mode, "idle")) {
+        mode_idle();
     } else if (starts_with(mode, "seccomp")) {
         puts_("seccomp: poking forbidden port\n");
         outb(FORBIDDEN_PORT, 1);

@@ -9,6 +9,8 @@
 //!
 //! Guest-visible layout and the tiny-guest ABI are documented in `README.md`.
 
+#![cfg_attr(not(test), warn(clippy::unwrap_used))]
+
 mod arch;
 mod control;
 mod devices;
@@ -43,6 +45,11 @@ pub const TINY_GUEST_IMAGE: &str = env!("STEAD_TINY_GUEST");
 /// The same tiny guest as an ELF with a PVH entry note (boots on the ELF/PVH path,
 /// and in QEMU with `-kernel`).
 pub const TINY_GUEST_PVH_IMAGE: &str = env!("STEAD_TINY_GUEST_PVH");
+
+/// The tiny guest (flat image, as at [`TINY_GUEST_IMAGE`]) embedded in the binary, so
+/// `stead vmm --write-demo-guest PATH` can hand it out as a demo kernel. Boot it with the
+/// command line `mode=idle` (banner, serial echo, Ctrl-Alt-Del reboots, no CPU while idle).
+pub static TINY_GUEST_BYTES: &[u8] = include_bytes!(env!("STEAD_TINY_GUEST"));
 
 /// A virtio-blk disk backed by a raw file.
 #[derive(Debug, Clone, PartialEq, Eq)]

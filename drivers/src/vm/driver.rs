@@ -1,0 +1,636 @@
+//! `VmDriver` (kind `VirtualMachine`).
+//!
+//! State shape (desired and observed):
+//! `{"state": "running"|"paused"|"stopped", "cpus", "memory" (bytes), "kernel",
+//! "initrd"?, "cmdline"?, "disks": [{"volume","readOnly"}], "interfaces":
+//! [{"network","mac"}], "restartPolicy"}`. A missing MAC is generated from the VM name
+//! ([`generated_mac`]). Impact: `state` and `restartPolicy` are hot; everything else
+//! restarts the VM.
+//!
+//! Observe lists `<run_dir>/vms/` once and, per VM, reads `config.json` (what the
+//! supervisor runs), `supervisor.json`, probes the supervisor's lock, asks the VMM's
+//! control socket for `status`, and reads cgroup usage. A dead supervisor shows as
+//! `stopped` (drift from `running`); apply starts a new one, never a duplicate.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde_json::{Value, json};
+use stead_schema::{
+    Driver, DriverError, FieldChange, Health, HostEnv, Impact, Kind, Lookup, Observed, Resource,
+    ResourceId, RestartPolicy, RunState, Spec, VirtualMachineSpec,
+};
+
+use super::config::{
+    DiskRun, InterfaceRun, Paths, Phase, SupervisorState, VmRunConfig, cgroup_name, generated_mac,
+    tap_name, vms_dir,
+};
+use super::supervisor::{VmmArgs, control_request, lock_held};
+use crate::container::cgroup::{Cgroup, Hierarchy};
+use crate::container::config::{read_json, write_json};
+use crate::net::attach::{TapSpec, delete_link, ensure_tap, owned_links};
+use crate::net::owner_alias;
+
+/// Default graceful shutdown time before a VM is forced off.
+pub const DEFAULT_SHUTDOWN_TIMEOUT_SECS: u64 = 10;
+
+/// Fields whose change needs no restart.
+const HOT_FIELDS: [&str; 2] = ["state", "restartPolicy"];
+
+/// The VirtualMachine driver.
+#[derive(Debug, Clone)]
+pub struct VmDriver {
+    env: HostEnv,
+    hier: Hierarchy,
+    /// Seconds a graceful shutdown may take before the VM is forced off.
+    pub shutdown_timeout_secs: u64,
+}
+
+fn spec_of(r: &Resource) -> Result<&VirtualMachineSpec, DriverError> {
+    match &r.spec {
+        Spec::VirtualMachine(v) => Ok(v),
+        _ => Err(DriverError::Other(format!(
+            "{} is not a VirtualMachine",
+            r.id.name
+        ))),
+    }
+}
+
+fn policy_str(p: RestartPolicy) -> &'static str {
+    match p {
+        RestartPolicy::Always => "always",
+        RestartPolicy::OnFailure => "on-failure",
+        RestartPolicy::Never => "never",
+    }
+}
+
+impl VmDriver {
+    /// A driver for `env` (detects the cgroup hierarchy).
+    pub fn new(env: &HostEnv) -> Result<Self, DriverError> {
+        Ok(VmDriver {
+            env: env.clone(),
+            hier: Hierarchy::detect()?,
+            shutdown_timeout_secs: DEFAULT_SHUTDOWN_TIMEOUT_SECS,
+        })
+    }
+
+    fn paths(&self, name: &str) -> Paths {
+        Paths::new(&self.env.run_dir, name)
+    }
+
+    fn cgroup(&self, name: &str) -> Cgroup {
+        self.hier
+            .cgroup(&self.env.cgroup_parent, &cgroup_name(name))
+    }
+
+    /// The state projection of a spec (see the module docs).
+    pub fn project(name: &str, spec: &VirtualMachineSpec) -> Value {
+        let disks: Vec<Value> = spec
+            .disks
+            .iter()
+            .map(|d| json!({"volume": d.volume.as_str(), "readOnly": d.read_only}))
+            .collect();
+        let interfaces: Vec<Value> = spec
+            .interfaces
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                let mac = n.mac.unwrap_or_else(|| generated_mac(name, i));
+                let mut o = json!({"network": n.network.as_str(), "mac": mac.to_string()});
+                if let Some(v) = n.vlan {
+                    o["vlan"] = json!(v);
+                }
+                o
+            })
+            .collect();
+        let mut v = json!({
+            "state": match spec.state { RunState::Running => "running", RunState::Stopped => "stopped" },
+            "cpus": spec.cpus,
+            "memory": spec.memory.bytes(),
+            "kernel": spec.boot.kernel,
+            "disks": disks,
+            "interfaces": interfaces,
+            "restartPolicy": policy_str(spec.restart_policy),
+        });
+        if let Some(i) = &spec.boot.initrd {
+            v["initrd"] = json!(i);
+        }
+        if let Some(c) = &spec.boot.cmdline {
+            v["cmdline"] = json!(c);
+        }
+        v
+    }
+
+    /// The state projection of a recorded run config (what observe reports).
+    fn project_run(cfg: &VmRunConfig, run: &str) -> Value {
+        let disks: Vec<Value> = cfg
+            .disks
+            .iter()
+            .map(|d| json!({"volume": d.volume, "readOnly": d.read_only}))
+            .collect();
+        let interfaces: Vec<Value> = cfg
+            .interfaces
+            .iter()
+            .map(|n| json!({"network": n.network, "mac": n.mac}))
+            .collect();
+        let mut v = json!({
+            "state": run,
+            "cpus": cfg.cpus,
+            "memory": cfg.memory,
+            "kernel": cfg.kernel,
+            "disks": disks,
+            "interfaces": interfaces,
+            "restartPolicy": policy_str(cfg.restart_policy),
+        });
+        if let Some(i) = &cfg.initrd {
+            v["initrd"] = json!(i);
+        }
+        if let Some(c) = &cfg.cmdline {
+            v["cmdline"] = json!(c);
+        }
+        v
+    }
+
+    /// Resolves a spec into the config a supervisor runs.
+    fn resolve(
+        &self,
+        name: &str,
+        spec: &VirtualMachineSpec,
+        world: &dyn Lookup,
+    ) -> Result<VmRunConfig, DriverError> {
+        let mut disks = Vec::new();
+        for d in &spec.disks {
+            let path = crate::storage::volume_path(world, d.volume.as_str())?;
+            if !path.exists() {
+                return Err(DriverError::NotReady(format!(
+                    "disk of Volume/{} ({}) does not exist yet",
+                    d.volume,
+                    path.display()
+                )));
+            }
+            disks.push(DiskRun {
+                volume: d.volume.as_str().to_string(),
+                path,
+                read_only: d.read_only,
+            });
+        }
+        let mut interfaces = Vec::new();
+        for (i, n) in spec.interfaces.iter().enumerate() {
+            if n.vlan.is_some() {
+                return Err(DriverError::Unsupported(
+                    "VLAN tags on VM interfaces need bridge VLAN filtering (missing on this kernel)"
+                        .into(),
+                ));
+            }
+            interfaces.push(InterfaceRun {
+                network: n.network.as_str().to_string(),
+                tap: tap_name(name, i),
+                mac: n.mac.unwrap_or_else(|| generated_mac(name, i)).to_string(),
+            });
+        }
+        Ok(VmRunConfig {
+            name: name.to_string(),
+            cpus: spec.cpus,
+            memory: spec.memory.bytes(),
+            kernel: spec.boot.kernel.clone(),
+            initrd: spec.boot.initrd.clone(),
+            cmdline: spec.boot.cmdline.clone(),
+            disks,
+            interfaces,
+            restart_policy: spec.restart_policy,
+            running: spec.state == RunState::Running,
+            cgroup_parent: self.env.cgroup_parent.clone(),
+            netns: self.env.netns.clone(),
+            shutdown_timeout_secs: self.shutdown_timeout_secs,
+        })
+    }
+
+    /// Creates the taps of `cfg` and removes taps of this VM that are no longer wanted.
+    fn sync_taps(&self, cfg: &VmRunConfig) -> Result<(), DriverError> {
+        let owner = owner_alias(Kind::VirtualMachine, &cfg.name);
+        let netns = self.env.netns.as_deref();
+        let wanted: BTreeSet<&str> = cfg.interfaces.iter().map(|i| i.tap.as_str()).collect();
+        for l in owned_links(netns, &owner)? {
+            if !wanted.contains(l.as_str()) {
+                delete_link(netns, &l, &owner)?;
+            }
+        }
+        for i in &cfg.interfaces {
+            ensure_tap(
+                netns,
+                &TapSpec {
+                    name: i.tap.clone(),
+                    bridge: i.network.clone(),
+                    owner: owner.clone(),
+                    persistent: true,
+                    ..TapSpec::default()
+                },
+            )?;
+        }
+        Ok(())
+    }
+
+    fn spawn(&self, cfg: &VmRunConfig) -> Result<(), DriverError> {
+        let paths = self.paths(&cfg.name);
+        let args = VmmArgs {
+            run_dir: self.env.run_dir.clone(),
+            name: cfg.name.clone(),
+            config: paths.config(),
+        };
+        let _span = tracing::info_span!("vm_start", vm = %cfg.name).entered();
+        let out = Command::new(&self.env.self_exe)
+            .args(args.to_args())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .output()
+            .map_err(|e| {
+                DriverError::io(format!("spawn {} vmm", self.env.self_exe.display()), e)
+            })?;
+        if !out.status.success() {
+            return Err(DriverError::Command {
+                command: format!("{} vmm --name {}", self.env.self_exe.display(), cfg.name),
+                status: out.status.to_string(),
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            });
+        }
+        tracing::info!("VM started");
+        Ok(())
+    }
+
+    /// Stops VM `name` (graceful shutdown, then forced) and waits for its supervisor to
+    /// exit; kills leftovers and removes the cgroup. Idempotent.
+    pub fn stop(&self, name: &str) -> Result<(), DriverError> {
+        let paths = self.paths(name);
+        let _span = tracing::info_span!("vm_stop", vm = name).entered();
+        if lock_held(&paths) {
+            let st: Option<SupervisorState> = read_json(&paths.supervisor_state())?;
+            let timeout = Duration::from_secs(self.shutdown_timeout_secs + 10);
+            if let Some(st) = &st {
+                let _ = kill(Pid::from_raw(st.supervisor_pid), Signal::SIGTERM);
+            }
+            let t = Instant::now();
+            while lock_held(&paths) {
+                if t.elapsed() > timeout {
+                    tracing::warn!("supervisor did not stop in time, killing it");
+                    if let Some(st) = &st {
+                        let _ = kill(Pid::from_raw(st.supervisor_pid), Signal::SIGKILL);
+                    }
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        // Leftovers of a dead supervisor (its VMM child dies with it; the cgroup may
+        // still hold a process being torn down).
+        self.cgroup(name).destroy()?;
+        for s in [paths.control_socket(), paths.console_socket()] {
+            match fs::remove_file(&s) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(DriverError::io(format!("remove {}", s.display()), e)),
+            }
+        }
+        Ok(())
+    }
+
+    fn observe_one(&self, name: &str) -> Result<Observed, DriverError> {
+        let paths = self.paths(name);
+        let Some(cfg) = read_json::<VmRunConfig>(&paths.config())? else {
+            if paths.dir.exists() {
+                // Crashed before writing the config: ours, converge by apply.
+                return Ok(Observed {
+                    exists: true,
+                    owned: true,
+                    state: Value::Null,
+                    status: Value::Null,
+                    health: Health::Progressing,
+                });
+            }
+            return Ok(Observed::absent());
+        };
+        let sup: Option<SupervisorState> = read_json(&paths.supervisor_state())?;
+        let alive = lock_held(&paths);
+        let phase = sup.as_ref().map(|s| s.phase);
+        let vm_status = if alive {
+            control_request(&paths.control_socket(), "status").ok()
+        } else {
+            None
+        };
+        let vm_state = vm_status
+            .as_ref()
+            .and_then(|v| v["state"].as_str().map(str::to_string));
+        let run = match (alive, phase, vm_state.as_deref()) {
+            (true, _, Some("paused")) => "paused",
+            (true, Some(Phase::Running | Phase::Restarting | Phase::Starting), _) => "running",
+            _ => "stopped",
+        };
+        let cg = self.cgroup(name);
+        let usage = if cg.exists() { cg.usage().ok() } else { None };
+        let status = json!({
+            "phase": phase,
+            "vmState": vm_state,
+            "pid": sup.as_ref().and_then(|s| s.vmm_pid).filter(|_| alive),
+            "supervisorPid": sup.as_ref().map(|s| s.supervisor_pid).filter(|_| alive),
+            "restarts": sup.as_ref().map_or(0, |s| s.restarts),
+            "startedAt": sup.as_ref().and_then(|s| s.started_at.clone()),
+            "lastExit": sup.as_ref().and_then(|s| s.last_exit.clone()),
+            "lastError": sup.as_ref().and_then(|s| s.last_error.clone()),
+            "uptimeMs": vm_status.as_ref().and_then(|v| v["uptime_ms"].as_u64()),
+            "cpuSeconds": usage.map(|u| u.cpu_seconds),
+            "memoryBytes": usage.map(|u| u.memory_bytes),
+            "consoleLog": paths.console_log(),
+            "consoleSocket": paths.console_socket(),
+            "controlSocket": paths.control_socket(),
+            "taps": cfg.interfaces.iter().map(|i| i.tap.clone()).collect::<Vec<_>>(),
+            "cgroup": cg.relative(),
+        });
+        let health = match (alive, phase, run) {
+            (true, _, "paused") => Health::Degraded("paused".into()),
+            (true, Some(Phase::Running), _) => Health::Ready,
+            (true, Some(Phase::Restarting), _) => Health::Degraded(format!(
+                "restarting after {}",
+                sup.as_ref()
+                    .and_then(|s| s.last_exit.clone())
+                    .unwrap_or_default()
+            )),
+            (true, _, _) => Health::Progressing,
+            (false, _, _) if !cfg.running => Health::Ready,
+            (false, Some(Phase::Exited), _) => Health::Failed(format!(
+                "VM exited ({}) and its restart policy does not restart it{}",
+                sup.as_ref()
+                    .and_then(|s| s.last_exit.clone())
+                    .unwrap_or_default(),
+                sup.as_ref()
+                    .and_then(|s| s.last_error.clone())
+                    .map(|e| format!(": {e}"))
+                    .unwrap_or_default()
+            )),
+            (false, _, _) => Health::Degraded("supervisor not running".into()),
+        };
+        Ok(Observed {
+            exists: true,
+            owned: true,
+            state: Self::project_run(&cfg, run),
+            status,
+            health,
+        })
+    }
+}
+
+impl Driver for VmDriver {
+    fn kind(&self) -> Kind {
+        Kind::VirtualMachine
+    }
+
+    fn observe(
+        &self,
+        targets: &[&Resource],
+        _world: &dyn Lookup,
+    ) -> Result<BTreeMap<ResourceId, Observed>, DriverError> {
+        let _span = tracing::debug_span!("vm_observe").entered();
+        // One readdir: VMs without a directory are absent without further probing.
+        let present: BTreeSet<String> = match fs::read_dir(vms_dir(&self.env.run_dir)) {
+            Ok(rd) => rd
+                .filter_map(Result::ok)
+                .filter_map(|e| e.file_name().into_string().ok())
+                .collect(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeSet::new(),
+            Err(e) => return Err(DriverError::io("read the VM run dir", e)),
+        };
+        let mut out = BTreeMap::new();
+        for r in targets {
+            let o = if present.contains(&r.id.name) {
+                self.observe_one(&r.id.name)?
+            } else {
+                Observed::absent()
+            };
+            out.insert(r.id.clone(), o);
+        }
+        Ok(out)
+    }
+
+    fn desired_state(&self, desired: &Resource, _world: &dyn Lookup) -> Value {
+        match spec_of(desired) {
+            Ok(s) => Self::project(&desired.id.name, s),
+            Err(_) => Value::Null,
+        }
+    }
+
+    fn impact(&self, path: &str) -> Impact {
+        let first = path.trim_start_matches('/').split('/').next().unwrap_or("");
+        if HOT_FIELDS.contains(&first) {
+            Impact::Hot
+        } else {
+            Impact::Restart
+        }
+    }
+
+    fn check(
+        &self,
+        desired: &Resource,
+        _observed: &Observed,
+        _changes: &[FieldChange],
+    ) -> Result<(), String> {
+        let spec = spec_of(desired).map_err(|e| e.to_string())?;
+        if spec.cpus > u32::from(stead_vmm::MAX_VCPUS) {
+            return Err(format!(
+                "cpus {} exceeds the VMM's maximum of {}",
+                spec.cpus,
+                stead_vmm::MAX_VCPUS
+            ));
+        }
+        if spec.interfaces.iter().any(|i| i.vlan.is_some()) {
+            return Err(
+                "VLAN tags on VM interfaces need bridge VLAN filtering (missing on this kernel)"
+                    .into(),
+            );
+        }
+        if spec.state == RunState::Running
+            && let Some(why) = stead_vmm::kvm_unavailable()
+        {
+            return Err(format!("cannot run VMs on this host: {why}"));
+        }
+        Ok(())
+    }
+
+    fn apply(
+        &self,
+        desired: &Resource,
+        _observed: &Observed,
+        world: &dyn Lookup,
+    ) -> Result<(), DriverError> {
+        let spec = spec_of(desired)?;
+        let name = desired.id.name.as_str();
+        let _span = tracing::info_span!("vm_apply", vm = name).entered();
+        let cfg = self.resolve(name, spec, world)?;
+        let paths = self.paths(name);
+        fs::create_dir_all(&paths.dir)
+            .map_err(|e| DriverError::io(format!("create {}", paths.dir.display()), e))?;
+        self.sync_taps(&cfg)?;
+        let current: Option<VmRunConfig> = read_json(&paths.config())?;
+        let alive = lock_held(&paths);
+        // Same VM apart from the hot fields (run state, restart policy)?
+        let same = current.as_ref().is_some_and(|c| {
+            let mut c = c.clone();
+            c.running = cfg.running;
+            c.restart_policy = cfg.restart_policy;
+            c == cfg
+        });
+        let policy_changed = current
+            .as_ref()
+            .is_some_and(|c| c.restart_policy != cfg.restart_policy);
+        if alive && (!cfg.running || !same) {
+            self.stop(name)?;
+        }
+        write_json(&paths.config(), &cfg)?;
+        if !cfg.running {
+            return Ok(());
+        }
+        if alive && same {
+            if policy_changed
+                && let Some(st) = read_json::<SupervisorState>(&paths.supervisor_state())?
+            {
+                kill(Pid::from_raw(st.supervisor_pid), Signal::SIGHUP)
+                    .map_err(|e| DriverError::io("signal the VM supervisor", e.into()))?;
+            }
+            // Running with this config: resume a paused VM.
+            if let Ok(v) = control_request(&paths.control_socket(), "status")
+                && v["state"] == "paused"
+            {
+                control_request(&paths.control_socket(), "resume")
+                    .map_err(|e| DriverError::io("resume the VM", e))?;
+            }
+            return Ok(());
+        }
+        self.spawn(&cfg)
+    }
+
+    fn delete(
+        &self,
+        last_applied: &Resource,
+        _observed: &Observed,
+        _world: &dyn Lookup,
+    ) -> Result<(), DriverError> {
+        let name = last_applied.id.name.as_str();
+        let _span = tracing::info_span!("vm_delete", vm = name).entered();
+        self.stop(name)?;
+        let owner = owner_alias(Kind::VirtualMachine, name);
+        let netns = self.env.netns.as_deref();
+        for l in owned_links(netns, &owner)? {
+            delete_link(netns, &l, &owner)?;
+        }
+        remove_dir(&self.paths(name).dir)
+    }
+}
+
+fn remove_dir(p: &Path) -> Result<(), DriverError> {
+    match fs::remove_dir_all(p) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(DriverError::io(format!("remove {}", p.display()), e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vm(yaml_spec: &str) -> Resource {
+        let v: serde_json::Value = serde_json::from_str(yaml_spec).expect("json");
+        Resource {
+            id: ResourceId::new(Kind::VirtualMachine, "vm1"),
+            metadata: Default::default(),
+            spec: Spec::from_value(Kind::VirtualMachine, v).expect("spec"),
+            origin: Default::default(),
+        }
+    }
+
+    #[test]
+    fn projection_generates_macs_and_bytes() {
+        let r = vm(
+            r#"{"cpus":2,"memory":"64Mi","boot":{"kernel":"/k","cmdline":"mode=idle"},
+                "disks":[{"volume":"d1"}],"interfaces":[{"network":"lan0"}]}"#,
+        );
+        let Spec::VirtualMachine(s) = &r.spec else {
+            panic!("not a VM")
+        };
+        let v = VmDriver::project("vm1", s);
+        assert_eq!(v["memory"], 64 << 20);
+        assert_eq!(v["state"], "running");
+        assert_eq!(v["disks"][0], json!({"volume":"d1","readOnly":false}));
+        assert_eq!(
+            v["interfaces"][0]["mac"],
+            generated_mac("vm1", 0).to_string()
+        );
+        assert_eq!(v["cmdline"], "mode=idle");
+        assert!(v.get("initrd").is_none());
+    }
+
+    #[test]
+    fn impacts() {
+        let env = HostEnv {
+            state_dir: "/nonexistent".into(),
+            run_dir: "/nonexistent".into(),
+            cgroup_parent: "x".into(),
+            netns: None,
+            self_exe: "/bin/false".into(),
+        };
+        let d = VmDriver {
+            env,
+            hier: Hierarchy::V2 {
+                root: "/nonexistent".into(),
+            },
+            shutdown_timeout_secs: 1,
+        };
+        assert_eq!(d.impact("/state"), Impact::Hot);
+        assert_eq!(d.impact("/restartPolicy"), Impact::Hot);
+        assert_eq!(d.impact("/cpus"), Impact::Restart);
+        assert_eq!(d.impact("/memory"), Impact::Restart);
+        assert_eq!(d.impact("/disks/0/readOnly"), Impact::Restart);
+        assert_eq!(d.impact("/interfaces/1/mac"), Impact::Restart);
+        assert_eq!(d.impact("/kernel"), Impact::Restart);
+    }
+
+    #[test]
+    fn run_projection_matches_spec_projection() {
+        let r = vm(r#"{"cpus":1,"memory":"32Mi","boot":{"kernel":"/k"},
+                "disks":[{"volume":"d1","readOnly":true}],"interfaces":[{"network":"lan0","mac":"52:54:00:00:00:01"}],
+                "restartPolicy":"on-failure"}"#);
+        let Spec::VirtualMachine(s) = &r.spec else {
+            panic!("not a VM")
+        };
+        let cfg = VmRunConfig {
+            name: "vm1".into(),
+            cpus: 1,
+            memory: 32 << 20,
+            kernel: "/k".into(),
+            initrd: None,
+            cmdline: None,
+            disks: vec![DiskRun {
+                volume: "d1".into(),
+                path: "/p".into(),
+                read_only: true,
+            }],
+            interfaces: vec![InterfaceRun {
+                network: "lan0".into(),
+                tap: tap_name("vm1", 0),
+                mac: "52:54:00:00:00:01".into(),
+            }],
+            restart_policy: RestartPolicy::OnFailure,
+            running: true,
+            cgroup_parent: "x".into(),
+            netns: None,
+            shutdown_timeout_secs: 1,
+        };
+        assert_eq!(
+            VmDriver::project_run(&cfg, "running"),
+            VmDriver::project("vm1", s)
+        );
+    }
+}

@@ -1,0 +1,701 @@
+//! `stead vmm`: the per-VM supervisor.
+//!
+//! The VM driver starts `<self_exe> vmm --run-dir DIR --name NAME --config FILE`. Like
+//! `stead shim`, [`main`] forks twice (the middle process calls `setsid`) so the
+//! supervisor survives the CLI and the controller; the launching process exits 0 once the
+//! VM runs (its control socket reports `running`), or 1 with the error on stderr.
+//!
+//! The supervisor (single-threaded):
+//! - holds an exclusive `flock` on `supervisor.lock` (never two supervisors for one VM);
+//! - creates the cgroup `<cgroup-parent>/vm-<name>` (v1 or v2, through
+//!   [`crate::container::cgroup`]), kills whatever a dead predecessor left there, sets the
+//!   limits (CPU quota = vCPUs, memory = guest RAM + [`MEMORY_OVERHEAD`]) and joins it;
+//! - enters the configured network namespace (where the taps live);
+//! - forks one **VMM child per boot**, which calls [`stead_vmm::run_vmm_process`]. The VMM
+//!   confines every thread of that process with seccomp (only KVM_RUN-style ioctls, no
+//!   fork or exec), so a confined process can never build the next VM: the supervisor
+//!   stays unconfined and re-forks a fresh child for every boot. The child gets
+//!   `PR_SET_PDEATHSIG = SIGKILL`, so a VM never outlives its supervisor;
+//! - applies the restart policy when the child ends: a guest reset (reboot) always boots
+//!   again; otherwise `always` restarts, `on-failure` restarts after an error or a signal
+//!   (e.g. the VMM process was killed), `never` does not. Restarts wait an exponential
+//!   backoff (100 ms doubling to 10 s, reset after 10 s of uptime) and are counted in
+//!   `supervisor.json` (kept across supervisors of the same VM);
+//! - caps `console.log` (serial output, appended by the VMM) at [`LOG_CAP`], keeping the
+//!   newest half in place (a few bytes written during the trim may be lost);
+//! - on `SIGHUP`: re-reads the restart policy from `config.json` (a hot change);
+//! - on `SIGTERM`/`SIGINT`: graceful stop — `shutdown` on the control socket (Ctrl-Alt-Del,
+//!   forced by the VMM after the configured timeout), `SIGKILL` to the child if it is
+//!   still there 5 s later, phase `stopped`, exit.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::FileExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use nix::fcntl::OFlag;
+use nix::sys::signal::{SigSet, Signal, kill};
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::unistd::Pid;
+use stead_schema::RestartPolicy;
+
+use super::config::{Paths, Phase, SupervisorState, VmRunConfig, cgroup_name};
+use crate::container::cgroup::{Cgroup, Hierarchy, Limits};
+use crate::container::config::{read_json, write_json};
+
+/// Size cap of `console.log`.
+pub const LOG_CAP: u64 = 1 << 20;
+/// Memory allowed to the VM's cgroup on top of guest RAM (VMM code, stacks, queues).
+pub const MEMORY_OVERHEAD: u64 = 64 << 20;
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// How long the first boot may take to report `running`.
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Exit codes of a VMM child, by [`stead_vmm::ExitReason`].
+mod code {
+    pub const SHUTDOWN: i32 = 0;
+    pub const SETUP_FAILED: i32 = 1;
+    pub const RESET: i32 = 3;
+    pub const KILLED: i32 = 4;
+    pub const GUEST_ERROR: i32 = 5;
+}
+
+/// Arguments of `stead vmm`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmmArgs {
+    /// Run dir (`--run-dir`).
+    pub run_dir: PathBuf,
+    /// VM name (`--name`).
+    pub name: String,
+    /// Config file (`--config`), a [`VmRunConfig`].
+    pub config: PathBuf,
+}
+
+impl VmmArgs {
+    /// The command-line arguments of `stead vmm` for these values.
+    pub fn to_args(&self) -> Vec<String> {
+        vec![
+            "vmm".into(),
+            "--run-dir".into(),
+            self.run_dir.display().to_string(),
+            "--name".into(),
+            self.name.clone(),
+            "--config".into(),
+            self.config.display().to_string(),
+        ]
+    }
+}
+
+/// Entry point of `stead vmm`. Must be called from a single-threaded process before any
+/// thread or async runtime exists. Returns the exit code of the launching process; the
+/// supervisor itself never returns (it exits the process).
+pub fn main(args: &VmmArgs) -> i32 {
+    let cfg: VmRunConfig = match read_json(&args.config) {
+        Ok(Some(c)) => c,
+        Ok(None) => {
+            eprintln!("stead vmm: config {} not found", args.config.display());
+            return 1;
+        }
+        Err(e) => {
+            eprintln!("stead vmm: {e}");
+            return 1;
+        }
+    };
+    if cfg.name != args.name {
+        eprintln!(
+            "stead vmm: config is for {:?}, not {:?}",
+            cfg.name, args.name
+        );
+        return 1;
+    }
+    let paths = Paths::new(&args.run_dir, &args.name);
+    if let Err(e) = fs::create_dir_all(&paths.dir) {
+        eprintln!("stead vmm: mkdir {}: {e}", paths.dir.display());
+        return 1;
+    }
+    let (ready_r, ready_w) = match nix::unistd::pipe2(OFlag::O_CLOEXEC) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("stead vmm: pipe: {e}");
+            return 1;
+        }
+    };
+    // SAFETY: the caller guarantees a single-threaded process (documented above).
+    match unsafe { nix::unistd::fork() } {
+        Err(e) => {
+            eprintln!("stead vmm: fork: {e}");
+            1
+        }
+        Ok(nix::unistd::ForkResult::Parent { child }) => {
+            drop(ready_w);
+            let _ = waitpid(child, None);
+            let mut msg = String::new();
+            let _ = File::from(ready_r).read_to_string(&mut msg);
+            if msg == "ok" {
+                0
+            } else {
+                if msg.is_empty() {
+                    msg = "supervisor exited before the VM started".into();
+                }
+                eprintln!("stead vmm: {msg}");
+                1
+            }
+        }
+        Ok(nix::unistd::ForkResult::Child) => {
+            drop(ready_r);
+            let _ = nix::unistd::setsid();
+            // SAFETY: still single-threaded.
+            match unsafe { nix::unistd::fork() } {
+                Ok(nix::unistd::ForkResult::Child) => {
+                    let code = daemon(cfg, paths, ready_w);
+                    std::process::exit(code)
+                }
+                // The middle process exits at once: the supervisor is orphaned to init
+                // (or the nearest subreaper) and no longer a child of the CLI.
+                _ => std::process::exit(0),
+            }
+        }
+    }
+}
+
+fn now_rfc3339() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+fn redirect_stdio(log: &Path) {
+    if let Ok(null) = File::open("/dev/null") {
+        // SAFETY: dup2 onto fd 0 of this (daemon) process.
+        unsafe { libc::dup2(null.as_raw_fd(), 0) };
+    }
+    if let Ok(f) = OpenOptions::new().create(true).append(true).open(log) {
+        // SAFETY: dup2 onto fds 1 and 2 of this (daemon) process.
+        unsafe {
+            libc::dup2(f.as_raw_fd(), 1);
+            libc::dup2(f.as_raw_fd(), 2);
+        }
+    }
+}
+
+fn lock_file(p: &Path) -> Result<File, String> {
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(p)
+        .map_err(|e| format!("open {}: {e}", p.display()))?;
+    // SAFETY: flock on an open fd.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } < 0 {
+        return Err(format!(
+            "another supervisor holds {} ({})",
+            p.display(),
+            io::Error::last_os_error()
+        ));
+    }
+    Ok(f)
+}
+
+/// Whether a live supervisor holds the lock of `paths`.
+pub fn lock_held(paths: &Paths) -> bool {
+    let Ok(f) = File::open(paths.lock()) else {
+        return false;
+    };
+    // SAFETY: flock on an open fd; released at once when taken.
+    let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if r == 0 {
+        // SAFETY: unlock what we just took.
+        unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_UN) };
+        false
+    } else {
+        true
+    }
+}
+
+/// Sends one request line to the VMM's control socket and returns the JSON reply.
+pub fn control_request(socket: &Path, command: &str) -> io::Result<serde_json::Value> {
+    let s = UnixStream::connect(socket)?;
+    s.set_read_timeout(Some(Duration::from_secs(3)))?;
+    s.set_write_timeout(Some(Duration::from_secs(3)))?;
+    (&s).write_all(format!("{command}\n").as_bytes())?;
+    let mut line = String::new();
+    BufReader::new(&s).read_line(&mut line)?;
+    serde_json::from_str(line.trim())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("bad reply: {e}")))
+}
+
+/// The last `n` lines of a file (for error messages).
+fn tail(p: &Path, n: usize) -> String {
+    let text = fs::read_to_string(p).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("; ")
+}
+
+fn daemon(cfg: VmRunConfig, paths: Paths, ready: OwnedFd) -> i32 {
+    redirect_stdio(&paths.vmm_log());
+    let _ = std::env::set_current_dir("/");
+    let mut ready = Some(File::from(ready));
+    let mut report = |msg: &str| {
+        if let Some(mut r) = ready.take() {
+            let _ = r.write_all(msg.as_bytes());
+        }
+    };
+    let lock = match lock_file(&paths.lock()) {
+        Ok(l) => l,
+        Err(e) => {
+            report(&e);
+            return 1;
+        }
+    };
+    eprintln!("{} stead vmm: supervising VM {}", now_rfc3339(), cfg.name);
+    let mut sup = match Supervisor::new(cfg, paths) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("{} stead vmm: {e}", now_rfc3339());
+            report(&e);
+            return 1;
+        }
+    };
+    match sup.first_boot() {
+        Ok(()) => report("ok"),
+        Err(e) => {
+            eprintln!("{} stead vmm: {e}", now_rfc3339());
+            sup.state.last_error = Some(e.clone());
+            sup.state.phase = Phase::Exited;
+            sup.state.vmm_pid = None;
+            sup.save();
+            report(&e);
+            return 1;
+        }
+    }
+    let code = sup.run();
+    drop(lock);
+    code
+}
+
+struct Supervisor {
+    cfg: VmRunConfig,
+    paths: Paths,
+    _cgroup: Cgroup,
+    state: SupervisorState,
+    child: Option<Pid>,
+    boot_at: Instant,
+    backoff: Duration,
+    restart_at: Option<Instant>,
+    stop_deadline: Option<Instant>,
+}
+
+impl Supervisor {
+    fn new(cfg: VmRunConfig, paths: Paths) -> Result<Self, String> {
+        let prev: Option<SupervisorState> = read_json(&paths.supervisor_state()).ok().flatten();
+        // A predecessor that did not stop on request died or gave up: this start counts.
+        let restarts = match &prev {
+            Some(p) if p.phase == Phase::Stopped => p.restarts,
+            Some(p) => p.restarts + 1,
+            None => 0,
+        };
+        let hier = Hierarchy::detect().map_err(|e| format!("cgroups: {e}"))?;
+        let cg = hier.cgroup(&cfg.cgroup_parent, &cgroup_name(&cfg.name));
+        cg.kill_all()
+            .map_err(|e| format!("clean cgroup of a dead predecessor: {e}"))?;
+        cg.create().map_err(|e| format!("create cgroup: {e}"))?;
+        cg.set_limits(&Limits {
+            cpus: Some(f64::from(cfg.cpus)),
+            memory: Some(cfg.memory + MEMORY_OVERHEAD),
+            pids: None,
+        })
+        .map_err(|e| format!("cgroup limits: {e}"))?;
+        cg.add_pid(std::process::id() as i32)
+            .map_err(|e| format!("join cgroup: {e}"))?;
+        if let Some(ns) = &cfg.netns {
+            let f = File::open(ns).map_err(|e| format!("open netns {}: {e}", ns.display()))?;
+            nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_err(|e| format!("setns {}: {e}", ns.display()))?;
+        }
+        let mut mask = SigSet::empty();
+        for s in [
+            Signal::SIGCHLD,
+            Signal::SIGTERM,
+            Signal::SIGINT,
+            Signal::SIGHUP,
+        ] {
+            mask.add(s);
+        }
+        mask.thread_block()
+            .map_err(|e| format!("block signals: {e}"))?;
+        let state = SupervisorState {
+            supervisor_pid: std::process::id() as i32,
+            vmm_pid: None,
+            phase: Phase::Starting,
+            restarts,
+            started_at: None,
+            last_exit: prev.and_then(|p| p.last_exit),
+            last_error: None,
+        };
+        Ok(Supervisor {
+            cfg,
+            paths,
+            _cgroup: cg,
+            state,
+            child: None,
+            boot_at: Instant::now(),
+            backoff: BACKOFF_MIN,
+            restart_at: None,
+            stop_deadline: None,
+        })
+    }
+
+    fn save(&self) {
+        if let Err(e) = write_json(&self.paths.supervisor_state(), &self.state) {
+            eprintln!("{} stead vmm: {e}", now_rfc3339());
+        }
+    }
+
+    /// Forks a VMM child for one boot.
+    fn boot(&mut self) -> Result<(), String> {
+        let vm_cfg = vm_config(&self.cfg, &self.paths)?;
+        let me = nix::unistd::getpid();
+        // SAFETY: the supervisor is single-threaded; the child only calls async-signal-
+        // safe functions before `run_vmm_process`, which builds its own threads.
+        match unsafe { nix::unistd::fork() } {
+            Err(e) => Err(format!("fork: {e}")),
+            Ok(nix::unistd::ForkResult::Child) => {
+                let _ = SigSet::empty().thread_set_mask();
+                // Drop inherited descriptors (the supervisor's lock and the launcher's
+                // ready pipe): stdio stays, the VMM opens what it needs.
+                // SAFETY: close_range on descriptors this fresh child does not use.
+                unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
+                // SAFETY: prctl with integer arguments.
+                unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
+                if nix::unistd::getppid() != me {
+                    // SAFETY: _exit ends this forked child without running atexit handlers.
+                    unsafe { libc::_exit(code::SETUP_FAILED) };
+                }
+                let c = match stead_vmm::run_vmm_process(vm_cfg) {
+                    Ok(stead_vmm::ExitReason::Shutdown) => code::SHUTDOWN,
+                    Ok(stead_vmm::ExitReason::Reset) => code::RESET,
+                    Ok(stead_vmm::ExitReason::Killed) => code::KILLED,
+                    Ok(stead_vmm::ExitReason::Error(e)) => {
+                        eprintln!("stead vmm: guest error: {e}");
+                        code::GUEST_ERROR
+                    }
+                    Err(e) => {
+                        eprintln!("stead vmm: {e}");
+                        code::SETUP_FAILED
+                    }
+                };
+                // SAFETY: the process may be confined by seccomp now; _exit is allowed
+                // and skips the atexit handlers.
+                unsafe { libc::_exit(c) }
+            }
+            Ok(nix::unistd::ForkResult::Parent { child }) => {
+                eprintln!("{} stead vmm: boot, VMM pid {child}", now_rfc3339());
+                self.child = Some(child);
+                self.boot_at = Instant::now();
+                self.restart_at = None;
+                self.state.vmm_pid = Some(child.as_raw());
+                self.state.phase = Phase::Running;
+                self.state.started_at = Some(now_rfc3339());
+                self.save();
+                Ok(())
+            }
+        }
+    }
+
+    /// Boots and waits until the control socket says `running`.
+    fn first_boot(&mut self) -> Result<(), String> {
+        self.boot()?;
+        let deadline = Instant::now() + START_TIMEOUT;
+        let child = self.child.ok_or("no VMM child")?;
+        loop {
+            match waitpid(child, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) => {}
+                Ok(st) => {
+                    self.child = None;
+                    return Err(format!(
+                        "the VMM exited during start ({}): {}",
+                        describe(&st),
+                        tail(&self.paths.vmm_log(), 3)
+                    ));
+                }
+                Err(e) => return Err(format!("waitpid: {e}")),
+            }
+            if let Ok(v) = control_request(&self.paths.control_socket(), "status")
+                && v["ok"] == true
+                && matches!(v["state"].as_str(), Some("running" | "paused" | "exited"))
+            {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                let _ = kill(child, Signal::SIGKILL);
+                let _ = waitpid(child, None);
+                self.child = None;
+                return Err(format!(
+                    "the VM did not start within {}s: {}",
+                    START_TIMEOUT.as_secs(),
+                    tail(&self.paths.vmm_log(), 3)
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn run(&mut self) -> i32 {
+        loop {
+            let mut wait = Duration::from_millis(500);
+            if let Some(at) = self.restart_at {
+                wait = wait.min(at.saturating_duration_since(Instant::now()));
+            }
+            match wait_signal(wait.max(Duration::from_millis(1))) {
+                Some(libc::SIGTERM | libc::SIGINT) => self.request_stop(),
+                Some(libc::SIGHUP) => self.reload(),
+                _ => {}
+            }
+            if let Some(done) = self.reap() {
+                return done;
+            }
+            self.trim_log();
+            let now = Instant::now();
+            if let (Some(d), Some(child)) = (self.stop_deadline, self.child)
+                && now > d
+            {
+                eprintln!("{} stead vmm: shutdown timed out, killing", now_rfc3339());
+                let _ = kill(child, Signal::SIGKILL);
+            }
+            if self.stop_deadline.is_some() && self.child.is_none() {
+                return self.stopped();
+            }
+            if let Some(at) = self.restart_at
+                && now >= at
+                && let Err(e) = self.boot()
+            {
+                eprintln!("{} stead vmm: restart failed: {e}", now_rfc3339());
+                self.state.last_error = Some(e);
+                self.schedule_restart();
+            }
+        }
+    }
+
+    /// Re-reads `config.json` for the hot fields (the restart policy).
+    fn reload(&mut self) {
+        match read_json::<VmRunConfig>(&self.paths.config()) {
+            Ok(Some(c)) if c.name == self.cfg.name => {
+                eprintln!(
+                    "{} stead vmm: reload, restart policy {:?}",
+                    now_rfc3339(),
+                    c.restart_policy
+                );
+                self.cfg.restart_policy = c.restart_policy;
+            }
+            Ok(_) => eprintln!("{} stead vmm: reload: no usable config", now_rfc3339()),
+            Err(e) => eprintln!("{} stead vmm: reload: {e}", now_rfc3339()),
+        }
+    }
+
+    fn request_stop(&mut self) {
+        if self.stop_deadline.is_some() {
+            return;
+        }
+        eprintln!("{} stead vmm: stop requested", now_rfc3339());
+        self.restart_at = None;
+        self.stop_deadline = Some(
+            Instant::now()
+                + Duration::from_secs(self.cfg.shutdown_timeout_secs)
+                + Duration::from_secs(5),
+        );
+        if self.child.is_some()
+            && let Err(e) = control_request(&self.paths.control_socket(), "shutdown")
+        {
+            eprintln!("{} stead vmm: shutdown request: {e}", now_rfc3339());
+        }
+    }
+
+    fn stopped(&mut self) -> i32 {
+        self.state.phase = Phase::Stopped;
+        self.state.vmm_pid = None;
+        self.save();
+        eprintln!("{} stead vmm: stopped", now_rfc3339());
+        0
+    }
+
+    /// Reaps the child; decides on a restart. `Some(code)` = the supervisor is done.
+    fn reap(&mut self) -> Option<i32> {
+        let child = self.child?;
+        let st = match waitpid(child, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) => return None,
+            Ok(st) => st,
+            Err(e) => {
+                eprintln!("{} stead vmm: waitpid: {e}", now_rfc3339());
+                return None;
+            }
+        };
+        self.child = None;
+        self.state.vmm_pid = None;
+        let how = describe(&st);
+        eprintln!("{} stead vmm: VMM ended: {how}", now_rfc3339());
+        self.state.last_exit = Some(how);
+        if self.stop_deadline.is_some() {
+            return Some(self.stopped());
+        }
+        let (reset, failed) = match st {
+            WaitStatus::Exited(_, c) => (
+                c == code::RESET,
+                !matches!(c, code::SHUTDOWN | code::KILLED),
+            ),
+            _ => (false, true),
+        };
+        let restart = reset
+            || match self.cfg.restart_policy {
+                RestartPolicy::Always => true,
+                RestartPolicy::OnFailure => failed,
+                RestartPolicy::Never => false,
+            };
+        if !restart {
+            self.state.phase = Phase::Exited;
+            self.save();
+            return Some(0);
+        }
+        if self.boot_at.elapsed() > BACKOFF_MAX {
+            self.backoff = BACKOFF_MIN;
+        }
+        self.schedule_restart();
+        None
+    }
+
+    fn schedule_restart(&mut self) {
+        self.state.restarts += 1;
+        self.state.phase = Phase::Restarting;
+        self.restart_at = Some(Instant::now() + self.backoff);
+        self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+        self.save();
+    }
+
+    /// Keeps the newest half of `console.log` once it passes [`LOG_CAP`] (in place: the
+    /// VMM appends through its own `O_APPEND` descriptor).
+    fn trim_log(&self) {
+        let p = self.paths.console_log();
+        let Ok(meta) = fs::metadata(&p) else { return };
+        if meta.len() <= LOG_CAP {
+            return;
+        }
+        let Ok(data) = fs::read(&p) else { return };
+        let keep = (LOG_CAP / 2) as usize;
+        let mut start = data.len().saturating_sub(keep);
+        if let Some(nl) = data[start..].iter().position(|b| *b == b'\n') {
+            start += nl + 1;
+        }
+        if let Ok(f) = OpenOptions::new().write(true).open(&p)
+            && f.write_all_at(&data[start..], 0).is_ok()
+        {
+            let _ = f.set_len((data.len() - start) as u64);
+        }
+    }
+}
+
+/// Builds the VMM configuration of one boot.
+fn vm_config(cfg: &VmRunConfig, paths: &Paths) -> Result<stead_vmm::VmConfig, String> {
+    let mut v = stead_vmm::VmConfig::new(&cfg.kernel);
+    v.vcpus = u8::try_from(cfg.cpus).map_err(|_| format!("{} vCPUs is too many", cfg.cpus))?;
+    v.mem_bytes = cfg.memory;
+    v.initrd = cfg.initrd.clone();
+    v.cmdline = cfg
+        .cmdline
+        .clone()
+        .unwrap_or_else(|| "console=ttyS0 reboot=k panic=1".into());
+    v.disks = cfg
+        .disks
+        .iter()
+        .map(|d| stead_vmm::DiskConfig {
+            path: d.path.clone(),
+            read_only: d.read_only,
+        })
+        .collect();
+    for i in &cfg.interfaces {
+        let mac: stead_schema::MacAddr = i
+            .mac
+            .parse()
+            .map_err(|e| format!("interface {}: {e}", i.tap))?;
+        v.nets.push(stead_vmm::NetConfig {
+            tap: stead_vmm::TapSource::Name(i.tap.clone()),
+            mac: mac.0,
+        });
+    }
+    v.serial_log = Some(paths.console_log());
+    v.run_dir = Some(paths.dir.clone());
+    v.control_socket = Some(paths.control_socket());
+    v.console_socket = Some(paths.console_socket());
+    v.shutdown_timeout = Duration::from_secs(cfg.shutdown_timeout_secs);
+    Ok(v)
+}
+
+fn describe(st: &WaitStatus) -> String {
+    match st {
+        WaitStatus::Exited(_, code::SHUTDOWN) => "shutdown".into(),
+        WaitStatus::Exited(_, code::RESET) => "reset".into(),
+        WaitStatus::Exited(_, code::KILLED) => "killed".into(),
+        WaitStatus::Exited(_, code::GUEST_ERROR) => "guest error".into(),
+        WaitStatus::Exited(_, c) => format!("exit code {c}"),
+        WaitStatus::Signaled(_, s, _) => format!("signal {}", *s as i32),
+        other => format!("{other:?}"),
+    }
+}
+
+/// Waits up to `timeout` for one of the blocked signals; returns its number.
+fn wait_signal(timeout: Duration) -> Option<i32> {
+    let mut set = SigSet::empty();
+    for s in [
+        Signal::SIGCHLD,
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGHUP,
+    ] {
+        set.add(s);
+    }
+    let ts = libc::timespec {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_nsec: libc::c_long::from(timeout.subsec_nanos() as i32),
+    };
+    let raw: &libc::sigset_t = set.as_ref();
+    // SAFETY: sigtimedwait with a valid set and timespec; siginfo may be null.
+    let r = unsafe { libc::sigtimedwait(raw, std::ptr::null_mut(), &ts) };
+    (r > 0).then_some(r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vmm_args_round_trip_shape() {
+        let a = VmmArgs {
+            run_dir: "/run/stead".into(),
+            name: "vm1".into(),
+            config: "/run/stead/vms/vm1/config.json".into(),
+        };
+        assert_eq!(
+            a.to_args(),
+            vec![
+                "vmm",
+                "--run-dir",
+                "/run/stead",
+                "--name",
+                "vm1",
+                "--config",
+                "/run/stead/vms/vm1/config.json"
+            ]
+        );
+    }
+
+    #[test]
+    fn exit_descriptions() {
+        let p = Pid::from_raw(1);
+        assert_eq!(describe(&WaitStatus::Exited(p, code::RESET)), "reset");
+        assert_eq!(
+            describe(&WaitStatus::Signaled(p, Signal::SIGKILL, false)),
+            "signal 9"
+        );
+        assert_eq!(describe(&WaitStatus::Exited(p, 7)), "exit code 7");
+    }
+}
