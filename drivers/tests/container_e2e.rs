@@ -157,6 +157,20 @@ impl Sandbox {
         r
     }
 
+    /// Adds a non-container resource (pool, volume) to the lookup world.
+    fn insert(&mut self, kind: Kind, name: &str, spec: Value) {
+        let r = Resource {
+            id: ResourceId::new(kind, name),
+            metadata: Metadata {
+                name: name.parse().expect("name"),
+                ..Default::default()
+            },
+            spec: Spec::from_value(kind, spec).expect("spec"),
+            origin: Origin::default(),
+        };
+        self.world.insert(r.id.clone(), r);
+    }
+
     fn observe(&self, r: &Resource) -> Observed {
         let world: &dyn Lookup = &self.world;
         let mut m = self.driver.observe(&[r], world).expect("observe");
@@ -230,7 +244,12 @@ impl Sandbox {
 
 impl Drop for Sandbox {
     fn drop(&mut self) {
-        let ids: Vec<Resource> = self.world.values().cloned().collect();
+        let ids: Vec<Resource> = self
+            .world
+            .values()
+            .filter(|r| r.id.kind == Kind::Container)
+            .cloned()
+            .collect();
         for r in ids {
             let o = self.observe(&r);
             if let Err(e) = self.driver.delete(&r, &o, &self.world) {
@@ -239,7 +258,7 @@ impl Drop for Sandbox {
         }
         // Best effort in case a delete failed.
         let hier = Hierarchy::detect().expect("hier");
-        for r in self.world.keys() {
+        for r in self.world.keys().filter(|r| r.kind == Kind::Container) {
             let _ = hier.cgroup(&self.name, &r.name).destroy();
         }
         let _ = nix::mount::umount2(&self.netns, nix::mount::MntFlags::MNT_DETACH);
@@ -561,6 +580,77 @@ fn stop_start_delete_leave_nothing() {
     sb.assert_clean();
 }
 
+fn loop_devices_backed_by(file: &Path) -> Vec<String> {
+    let want = file.to_string_lossy().to_string();
+    fs::read_dir("/sys/block")
+        .map(|rd| {
+            rd.flatten()
+                .filter(|e| {
+                    fs::read_to_string(e.path().join("loop/backing_file"))
+                        .is_ok_and(|b| b.trim() == want)
+                })
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn raw_volume_mount() {
+    let mut sb = Sandbox::new("10.77.0.1/24");
+    let pool = sb.tmp.path().join("pool");
+    fs::create_dir_all(pool.join("images")).expect("pool");
+    let img = pool.join("images/data.raw");
+    fs::File::create(&img)
+        .and_then(|f| f.set_len(64 << 20))
+        .expect("sparse image");
+    sb.insert(
+        Kind::StoragePool,
+        "local",
+        json!({"type": "dir", "path": pool}),
+    );
+    sb.insert(
+        Kind::Volume,
+        "data",
+        json!({"pool": "local", "size": "64Mi"}),
+    );
+    let c = sb.resource(
+        "vol",
+        json!({
+            "rootfs": {"template": sb.template},
+            "command": ["/bin/sh", "-c", LOOP],
+            "mounts": [{"volume": "data", "path": "/data"}],
+        }),
+    );
+    sb.apply(&c);
+    let (code, out) = sb.exec("vol", &["sh", "-c", "echo hello > /data/f && cat /data/f"]);
+    assert_eq!((code, out.trim()), (0, "hello"));
+    let staging = sb.env.run_dir.join("containers/vol/volumes/0");
+    let m = fs::metadata(staging.join("f")).expect("file on the volume");
+    assert!(
+        m.uid() >= 100_000,
+        "written by the container's mapped root: {}",
+        m.uid()
+    );
+    assert_eq!(loop_devices_backed_by(&img).len(), 1);
+    // Data survives a restart of the container.
+    let pid = sb.observe(&c).status["pid"].as_i64().expect("pid") as i32;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill");
+    wait_until("restart", Duration::from_secs(10), || {
+        sb.observe(&c).status["restarts"] == 1
+    });
+    assert_eq!(sb.exec("vol", &["cat", "/data/f"]).1.trim(), "hello");
+    sb.delete(&c);
+    assert!(!staging.exists(), "staging mount removed");
+    wait_until("loop device detached", Duration::from_secs(5), || {
+        loop_devices_backed_by(&img).is_empty()
+    });
+    sb.assert_clean();
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("shim") {
@@ -573,7 +663,8 @@ fn main() {
         };
         std::process::exit(code);
     }
-    let tests: [(&str, fn()); 5] = [
+    let tests: [(&str, fn()); 6] = [
+        ("raw_volume_mount", raw_volume_mount),
         ("two_containers_on_a_bridge", two_containers_on_a_bridge),
         ("memory_and_pids_limits", memory_and_pids_limits),
         (

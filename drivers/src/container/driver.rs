@@ -137,9 +137,9 @@ impl ContainerDriver {
         let mut mounts = Vec::new();
         for m in &spec.mounts {
             let src = crate::storage::volume_path(world, m.volume.as_str())?;
-            if !src.is_dir() {
-                return Err(DriverError::Unsupported(format!(
-                    "mount of Volume/{}: {} is a disk image; container mounts of raw volumes need a loop device (not implemented yet), only directory-backed volumes mount",
+            if !src.exists() {
+                return Err(DriverError::NotReady(format!(
+                    "Volume/{} has no data at {} yet",
                     m.volume,
                     src.display()
                 )));
@@ -239,7 +239,8 @@ impl ContainerDriver {
             }
         }
         // Leftovers of a dead supervisor.
-        self.cgroup(name).destroy()
+        self.cgroup(name).destroy()?;
+        super::volume::unmount_all(&paths.dir)
     }
 
     fn observe_one(&self, r: &Resource) -> Result<Observed, DriverError> {

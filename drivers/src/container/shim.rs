@@ -200,9 +200,11 @@ fn daemon(cfg: ContainerConfig, cfg_path: PathBuf, paths: Paths, ready: OwnedFd)
             return 1;
         }
     };
+    let dir = paths.dir.clone();
     let mut shim = match Shim::new(cfg, cfg_path, paths) {
         Ok(s) => s,
         Err(e) => {
+            let _ = super::volume::unmount_all(&dir);
             report(&e.to_string());
             return 1;
         }
@@ -307,6 +309,8 @@ struct Shim {
     cfg_path: PathBuf,
     paths: Paths,
     cgroup: Cgroup,
+    /// Volume mounts as the container sees them (disk images via their staging mounts).
+    mounts: Vec<super::config::MountConfig>,
     state: ShimState,
     init: Option<Pid>,
     master: File,
@@ -385,6 +389,7 @@ impl Shim {
         cgroup.kill_all()?;
         cgroup.create()?;
         cgroup.set_limits(&cfg.limits)?;
+        let mounts = super::volume::mount_images(&paths.dir, &cfg.mounts, cfg.idmap)?;
 
         let mut mask = SigSet::empty();
         for s in [
@@ -431,6 +436,7 @@ impl Shim {
             cfg_path,
             paths,
             cgroup,
+            mounts,
             init: None,
             master: File::from(pty.master),
             slave: pty.slave,
@@ -457,12 +463,10 @@ impl Shim {
 
     fn start(&mut self) -> Result<(), DriverError> {
         let t = Instant::now();
-        let pid = process::start_init(
-            &self.cfg,
-            &self.cgroup,
-            self.slave.as_fd(),
-            &self.slave_path,
-        )?;
+        let mut run_cfg = self.cfg.clone();
+        run_cfg.mounts = self.mounts.clone();
+        let pid =
+            process::start_init(&run_cfg, &self.cgroup, self.slave.as_fd(), &self.slave_path)?;
         tracing::info!(pid = pid.as_raw(), container = %self.cfg.name, "init started");
         self.init = Some(pid);
         self.started = Instant::now();
@@ -668,6 +672,9 @@ impl Shim {
         }
         if let Err(e) = network::detach(&self.cfg) {
             tracing::warn!(error = %e, "veth cleanup");
+        }
+        if let Err(e) = super::volume::unmount_all(&self.paths.dir) {
+            tracing::warn!(error = %e, "volume cleanup");
         }
         self.state.phase = phase;
         self.state.init_pid = None;
