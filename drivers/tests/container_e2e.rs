@@ -643,6 +643,44 @@ fn raw_volume_mount() {
         sb.observe(&c).status["restarts"] == 1
     });
     assert_eq!(sb.exec("vol", &["cat", "/data/f"]).1.trim(), "hello");
+    // A Volume as the root file system (an ext4 image made from the busybox tree).
+    let rimg = pool.join("images/root.raw");
+    fs::File::create(&rimg)
+        .and_then(|f| f.set_len(64 << 20))
+        .expect("root image");
+    let st = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-d"])
+        .arg(&sb.rootfs)
+        .arg(&rimg)
+        .status()
+        .expect("mkfs.ext4");
+    assert!(st.success());
+    sb.insert(
+        Kind::Volume,
+        "root",
+        json!({"pool": "local", "size": "64Mi"}),
+    );
+    let rv = sb.resource(
+        "rootvol",
+        json!({
+            "rootfs": {"volume": "root"},
+            "command": ["/bin/sh", "-c", LOOP],
+            "unprivileged": false,
+        }),
+    );
+    sb.apply(&rv);
+    let (code, out) = sb.exec("rootvol", &["sh", "-c", "mount | grep ' / '"]);
+    assert!(
+        code == 0 && out.contains("ext4"),
+        "root is the volume: {out}"
+    );
+    sb.delete(&rv);
+    assert!(
+        loop_devices_backed_by(&rimg).is_empty() || {
+            std::thread::sleep(Duration::from_millis(500));
+            loop_devices_backed_by(&rimg).is_empty()
+        }
+    );
     sb.delete(&c);
     assert!(!staging.exists(), "staging mount removed");
     wait_until("loop device detached", Duration::from_secs(5), || {

@@ -42,6 +42,13 @@ pub enum RootfsMount {
         /// Mount point (created by the shim, empty).
         target: PathBuf,
     },
+    /// A Volume's disk image holding a root file system, mounted by the shim.
+    Image {
+        /// Image file or block device.
+        source: PathBuf,
+        /// Staging mount point (becomes `/`).
+        target: PathBuf,
+    },
 }
 
 impl RootfsMount {
@@ -49,7 +56,7 @@ impl RootfsMount {
     pub fn root(&self) -> &Path {
         match self {
             RootfsMount::Dir { path } => path,
-            RootfsMount::Overlay { target, .. } => target,
+            RootfsMount::Overlay { target, .. } | RootfsMount::Image { target, .. } => target,
         }
     }
 }

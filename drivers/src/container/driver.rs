@@ -133,7 +133,11 @@ impl ContainerDriver {
             None
         };
         let base = self.base_dir(spec, world)?;
-        let root = rootfs::prepare(&spec.rootfs, name, &base, idmap, &paths)?;
+        let volume = match &spec.rootfs.volume {
+            Some(v) => Some(crate::storage::volume_path(world, v.as_str())?),
+            None => None,
+        };
+        let root = rootfs::prepare(&spec.rootfs, name, &base, idmap, &paths, volume)?;
         let mut mounts = Vec::new();
         for m in &spec.mounts {
             let src = crate::storage::volume_path(world, m.volume.as_str())?;
@@ -393,9 +397,6 @@ impl Driver for ContainerDriver {
                 "container interface vlan: bridge VLAN filtering is not available on this kernel"
                     .into(),
             );
-        }
-        if spec.rootfs.volume.is_some() {
-            return Err("rootfs.volume is not implemented yet; use template or path".into());
         }
         Ok(())
     }

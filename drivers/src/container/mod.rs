@@ -38,7 +38,9 @@
 //!   containers (or prepare the directory with shifted ownership).
 //! - **Volume mounts:** directories are bind-mounted; disk images (raw files, block
 //!   devices) go through a loop device, see [`volume`] (a blank volume is formatted ext4
-//!   once). **Not implemented:** `rootfs.volume` (refused with a clear error).
+//!   once). `rootfs.volume` mounts the Volume's image the same way (a blank one is
+//!   refused: it has no root file system; for unprivileged containers its files must
+//!   already be owned by the container's id range).
 //!   Interface `vlan` needs bridge VLAN filtering, which this kernel lacks (refused in
 //!   `check`). No cgroupfs is mounted inside the container. There is no `devices`
 //!   cgroup filter: only the bind-mounted nodes exist, privileged containers lose

@@ -259,7 +259,7 @@ fn setup_mounts(ctx: &ChildCtx<'_>) -> Result<(), String> {
     )?;
     let root = cfg.rootfs.root().to_path_buf();
     match &cfg.rootfs {
-        RootfsMount::Dir { path } => mnt(
+        RootfsMount::Dir { path } | RootfsMount::Image { target: path, .. } => mnt(
             Some(path),
             path,
             None,

@@ -46,6 +46,7 @@ pub fn prepare(
     base: &Path,
     idmap: Option<IdMap>,
     paths: &Paths,
+    volume: Option<PathBuf>,
 ) -> Result<RootfsMount, DriverError> {
     if let Some(p) = &spec.path {
         if !p.is_dir() {
@@ -57,9 +58,12 @@ pub fn prepare(
         return Ok(RootfsMount::Dir { path: p.clone() });
     }
     if let Some(v) = &spec.volume {
-        return Err(DriverError::Unsupported(format!(
-            "rootfs from Volume/{v}: raw volumes need a loop mount, not implemented yet; use template or path"
-        )));
+        let source = volume
+            .ok_or_else(|| DriverError::NotReady(format!("Volume/{v} has no disk path yet")))?;
+        return Ok(RootfsMount::Image {
+            source,
+            target: paths.dir.join("volumes").join("rootfs"),
+        });
     }
     let Some(tpl) = &spec.template else {
         return Err(DriverError::Refused(

@@ -389,6 +389,9 @@ impl Shim {
         cgroup.kill_all()?;
         cgroup.create()?;
         cgroup.set_limits(&cfg.limits)?;
+        if let super::config::RootfsMount::Image { source, target } = &cfg.rootfs {
+            super::volume::mount_image(source, target, false, cfg.idmap, false)?;
+        }
         let mounts = super::volume::mount_images(&paths.dir, &cfg.mounts, cfg.idmap)?;
 
         let mut mask = SigSet::empty();

@@ -183,39 +183,7 @@ pub(crate) fn mount_images(
             continue;
         }
         let st = staging(dir, i);
-        fs::create_dir_all(&st)
-            .map_err(|e| DriverError::io(format!("mkdir {}", st.display()), e))?;
-        if !is_mountpoint(&st) {
-            let fstype = match detect_fs(&m.source)? {
-                Some(t) => t,
-                None if m.read_only => {
-                    return Err(DriverError::Refused(format!(
-                        "{} is blank and mounted read-only: nothing to mount",
-                        m.source.display()
-                    )));
-                }
-                None => {
-                    tracing::info!(volume = %m.source.display(), "blank volume: mkfs.ext4");
-                    mkfs_ext4(&m.source, idmap)?;
-                    "ext4"
-                }
-            };
-            let (dev, path) = loop_attach(&m.source, m.read_only)?;
-            let flags = if m.read_only {
-                MsFlags::MS_RDONLY
-            } else {
-                MsFlags::empty()
-            } | MsFlags::MS_NOSUID
-                | MsFlags::MS_NODEV;
-            mount(Some(&path), &st, Some(fstype), flags, None::<&str>).map_err(|e| {
-                DriverError::io(
-                    format!("mount {} on {}", path.display(), st.display()),
-                    e.into(),
-                )
-            })?;
-            // The mount holds the loop device now; closing our fd lets autoclear work.
-            drop(dev);
-        }
+        mount_image(&m.source, &st, m.read_only, idmap, true)?;
         out.push(MountConfig {
             source: st,
             target: m.target.clone(),
@@ -223,6 +191,52 @@ pub(crate) fn mount_images(
         });
     }
     Ok(out)
+}
+
+/// Mounts disk image `source` on `staging` (idempotent: an existing mount is reused).
+/// A blank image is formatted ext4 when `format_blank`, refused otherwise.
+pub(crate) fn mount_image(
+    source: &Path,
+    staging: &Path,
+    read_only: bool,
+    idmap: Option<IdMap>,
+    format_blank: bool,
+) -> Result<(), DriverError> {
+    fs::create_dir_all(staging)
+        .map_err(|e| DriverError::io(format!("mkdir {}", staging.display()), e))?;
+    if is_mountpoint(staging) {
+        return Ok(());
+    }
+    let fstype = match detect_fs(source)? {
+        Some(t) => t,
+        None if read_only || !format_blank => {
+            return Err(DriverError::Refused(format!(
+                "{} is blank: no file system to mount",
+                source.display()
+            )));
+        }
+        None => {
+            tracing::info!(volume = %source.display(), "blank volume: mkfs.ext4");
+            mkfs_ext4(source, idmap)?;
+            "ext4"
+        }
+    };
+    let (dev, path) = loop_attach(source, read_only)?;
+    let flags = if read_only {
+        MsFlags::MS_RDONLY
+    } else {
+        MsFlags::empty()
+    } | MsFlags::MS_NOSUID
+        | MsFlags::MS_NODEV;
+    mount(Some(&path), staging, Some(fstype), flags, None::<&str>).map_err(|e| {
+        DriverError::io(
+            format!("mount {} on {}", path.display(), staging.display()),
+            e.into(),
+        )
+    })?;
+    // The mount holds the loop device now; closing our fd lets autoclear work.
+    drop(dev);
+    Ok(())
 }
 
 /// Unmounts every staging mount of the container directory `dir` (idempotent).
