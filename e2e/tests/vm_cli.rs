@@ -1,0 +1,370 @@
+//! Issue 5 acceptance (VM part): the real `stead` binary running VirtualMachines in its own
+//! VMM. Each test has its own network namespace, state/run dirs and cgroup parent; the
+//! guest is stead's embedded tiny guest (`stead vmm --write-demo-guest`).
+//!
+//! Needs root and /dev/kvm (otherwise `SKIP`). Build the binary first:
+//! `cargo build --bin stead`.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use stead_e2e::{Sandbox, is_root, skip_unless};
+
+fn kvm_ok(test: &str) -> bool {
+    if skip_unless(is_root(), test, "needs root") {
+        return false;
+    }
+    let kvm = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    !skip_unless(kvm, test, "/dev/kvm absent")
+}
+
+struct Vm<'a> {
+    cpus: u32,
+    state: &'a str,
+    policy: &'a str,
+    with_vm: bool,
+}
+
+impl Default for Vm<'_> {
+    fn default() -> Self {
+        Vm {
+            cpus: 1,
+            state: "running",
+            policy: "always",
+            with_vm: true,
+        }
+    }
+}
+
+/// Writes pool + volume + bridge network (+ the VM) and returns the manifest dir.
+fn manifest(sb: &Sandbox, kernel: &Path, vm: &Vm) -> PathBuf {
+    let mut text = format!(
+        "apiVersion: stead.dev/v1alpha1\nkind: StoragePool\nmetadata: {{name: local}}\nspec: {{type: dir, path: {}}}\n\
+         ---\napiVersion: stead.dev/v1alpha1\nkind: Volume\nmetadata: {{name: vm1-root}}\nspec: {{pool: local, size: 16Mi, deletionPolicy: Delete}}\n\
+         ---\napiVersion: stead.dev/v1alpha1\nkind: Network\nmetadata: {{name: lan0}}\nspec: {{type: bridge, addresses: [10.231.0.1/24]}}\n",
+        sb.path("pools/local").display()
+    );
+    if vm.with_vm {
+        text.push_str(&format!(
+            "---\napiVersion: stead.dev/v1alpha1\nkind: VirtualMachine\nmetadata: {{name: vm1}}\nspec:\n  cpus: {}\n  memory: 32Mi\n  boot: {{kernel: {}, cmdline: \"mode=idle\"}}\n  disks: [{{volume: vm1-root}}]\n  interfaces: [{{network: lan0}}]\n  state: {}\n  restartPolicy: {}\n",
+            vm.cpus,
+            kernel.display(),
+            vm.state,
+            vm.policy
+        ));
+    }
+    sb.write("m/all.yaml", &text);
+    sb.path("m")
+}
+
+fn demo_guest(sb: &Sandbox) -> PathBuf {
+    let p = sb.path("images/tiny-guest.bin");
+    let out = sb
+        .run(&["vmm", "--write-demo-guest", p.to_str().unwrap()])
+        .expect_code(0);
+    assert!(out.stdout().contains("mode=idle"), "{}", out.stdout());
+    p
+}
+
+/// `stead get vm/vm1 -o json`: (observed state, runtime status, health).
+fn get_vm(sb: &Sandbox) -> (Value, Value, String) {
+    let out = sb.run(&["get", "vm/vm1", "-o", "json"]).expect_code(0);
+    let v: Value = serde_json::from_str(&out.stdout()).expect("get json");
+    let item = &v["items"][0]["status"];
+    (
+        item["observed"].clone(),
+        item["runtime"].clone(),
+        item["health"].as_str().unwrap_or("").to_string(),
+    )
+}
+
+fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !f() {
+        assert!(t.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn pid_alive(pid: i64) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+fn links(sb: &Sandbox) -> String {
+    let ns = sb.netns.as_deref().expect("netns");
+    let out = Command::new("ip")
+        .args(["-n", ns, "-o", "link", "show"])
+        .output()
+        .expect("ip link");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn cgroup_dir(sb: &Sandbox, ctrl: &str) -> PathBuf {
+    Path::new("/sys/fs/cgroup")
+        .join(ctrl)
+        .join(&sb.cgroup_parent)
+        .join("vm-vm1")
+}
+
+/// Processes whose command line mentions this sandbox (supervisors, VMMs).
+fn sandbox_processes(sb: &Sandbox) -> Vec<String> {
+    let needle = sb.dir.path().to_string_lossy().into_owned();
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        if let Ok(c) = std::fs::read(e.path().join("cmdline")) {
+            let c = String::from_utf8_lossy(&c).replace('\0', " ");
+            if c.contains(&needle) && c.contains(" vmm ") {
+                out.push(format!("{}: {c}", e.file_name().to_string_lossy()));
+            }
+        }
+    }
+    out
+}
+
+fn console(sb: &Sandbox, input: &[u8]) -> String {
+    let mut child = sb
+        .cmd()
+        .args(["console", "vm/vm1"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn console");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(input)
+        .expect("write console input");
+    let out = child.wait_with_output().expect("console");
+    assert!(
+        out.status.success(),
+        "console failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn vm_apply_console_restart_resize_delete() {
+    if !kvm_ok("vm_apply_console_restart_resize_delete") {
+        return;
+    }
+    let sb = Sandbox::with_netns();
+    let kernel = demo_guest(&sb);
+    let m = manifest(&sb, &kernel, &Vm::default());
+    let m = m.to_str().unwrap();
+
+    let out = sb.run(&["apply", "--yes", m]).expect_code(0);
+    assert!(
+        out.stderr().contains("VirtualMachine/vm1: created"),
+        "{}",
+        out.stderr()
+    );
+    let (state, status, health) = get_vm(&sb);
+    assert_eq!(state["state"], "running", "{state}");
+    assert_eq!(health, "Ready", "{status}");
+    assert_eq!(status["restarts"], 0);
+    let pid = status["pid"].as_i64().expect("vmm pid");
+    assert!(pid_alive(pid));
+    let text = sb.run(&["get", "vm"]).expect_code(0).stdout();
+    assert!(
+        text.contains("vm1") && text.contains("running") && text.contains("pid="),
+        "{text}"
+    );
+    // Nothing to do on a second run.
+    let out = sb.run(&["diff", m]).expect_code(0);
+    assert!(out.stdout().contains("No changes"), "{}", out.stdout());
+
+    // The tap is on the bridge, with stead's alias; the cgroup holds the VMM.
+    let l = links(&sb);
+    let tap = status["taps"][0].as_str().expect("tap").to_string();
+    assert!(
+        l.lines()
+            .any(|x| x.contains(&format!("{tap}:")) && x.contains("master lan0")),
+        "{l}"
+    );
+    let procs =
+        std::fs::read_to_string(cgroup_dir(&sb, "memory").join("cgroup.procs")).expect("VM cgroup");
+    assert!(procs.lines().any(|p| p == pid.to_string()), "{procs}");
+
+    // Serial output: logs and an interactive console (the guest echoes upper-cased).
+    let banner = "stead tiny guest: idle";
+    wait_for("the banner in the log", Duration::from_secs(10), || {
+        sb.run(&["logs", "vm/vm1"]).stdout().contains(banner)
+    });
+    let seen = console(&sb, b"hello stead\n");
+    assert!(seen.contains(banner), "console replays output: {seen}");
+    assert!(seen.contains("HELLO STEAD"), "guest echo: {seen}");
+    assert!(
+        sb.run(&["logs", "vm/vm1"])
+            .expect_code(0)
+            .stdout()
+            .contains("HELLO STEAD")
+    );
+
+    // Kill the VMM by hand: the supervisor boots it again and counts the restart.
+    // SAFETY: kill(2) on a pid we read from stead's status; no memory involved.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
+    wait_for("a restarted VMM", Duration::from_secs(15), || {
+        let (state, status, _) = get_vm(&sb);
+        state["state"] == "running"
+            && status["restarts"] == 1
+            && status["pid"].as_i64().is_some_and(|p| p != pid)
+            && status["vmState"] == "running"
+    });
+    let (_, status, _) = get_vm(&sb);
+    assert_eq!(status["lastExit"], "signal 9", "{status}");
+    let pid2 = status["pid"].as_i64().expect("pid");
+
+    // cpus: 1 -> 2 is a restart-impact change.
+    let m2 = manifest(
+        &sb,
+        &kernel,
+        &Vm {
+            cpus: 2,
+            ..Vm::default()
+        },
+    );
+    let m2 = m2.to_str().unwrap();
+    let out = sb.run(&["diff", m2]).expect_code(2);
+    assert!(out.stdout().contains("cpus: 1 -> 2"), "{}", out.stdout());
+    assert!(out.stdout().contains("impact: restart"), "{}", out.stdout());
+    let json = sb.run(&["diff", "-o", "json", m2]).expect_code(2);
+    let v: Value = serde_json::from_str(&json.stdout()).expect("plan json");
+    assert_eq!(v["changes"][0]["impact"], "restart", "{v}");
+    sb.run(&["apply", "--yes", m2]).expect_code(0);
+    let (state, status, _) = get_vm(&sb);
+    assert_eq!(state["cpus"], 2);
+    assert_eq!(state["state"], "running");
+    assert!(!pid_alive(pid2), "old VMM {pid2} must be gone");
+    assert_ne!(status["pid"].as_i64(), Some(pid2));
+    let quota = std::fs::read_to_string(cgroup_dir(&sb, "cpu").join("cpu.cfs_quota_us"))
+        .or_else(|_| std::fs::read_to_string(cgroup_dir(&sb, "unified").join("cpu.max")))
+        .unwrap_or_default();
+    assert!(
+        quota.starts_with("200000"),
+        "CPU quota for 2 vCPUs: {quota}"
+    );
+    sb.run(&["diff", m2]).expect_code(0);
+
+    // Delete: remove the VM from the manifests.
+    let m3 = manifest(
+        &sb,
+        &kernel,
+        &Vm {
+            with_vm: false,
+            ..Vm::default()
+        },
+    );
+    let out = sb
+        .run(&["apply", "--yes", m3.to_str().unwrap()])
+        .expect_code(0);
+    assert!(
+        out.stderr().contains("VirtualMachine/vm1: deleted"),
+        "{}",
+        out.stderr()
+    );
+    assert!(!links(&sb).contains(&tap), "tap left behind");
+    assert!(!cgroup_dir(&sb, "memory").exists(), "cgroup left behind");
+    assert!(!sb.path("run/vms/vm1").exists(), "run dir left behind");
+    assert!(
+        sandbox_processes(&sb).is_empty(),
+        "{:?}",
+        sandbox_processes(&sb)
+    );
+    sb.run(&[
+        "destroy",
+        "--yes",
+        "--allow-data-loss",
+        m3.to_str().unwrap(),
+    ])
+    .expect_code(0);
+}
+
+#[test]
+fn vm_stopped_state_and_restart_policy_never() {
+    if !kvm_ok("vm_stopped_state_and_restart_policy_never") {
+        return;
+    }
+    let sb = Sandbox::with_netns();
+    let kernel = demo_guest(&sb);
+    let never = Vm {
+        policy: "never",
+        ..Vm::default()
+    };
+    let m = manifest(&sb, &kernel, &never);
+    let m = m.to_str().unwrap();
+    sb.run(&["apply", "--yes", m]).expect_code(0);
+    let (_, status, _) = get_vm(&sb);
+    let pid = status["pid"].as_i64().expect("pid");
+
+    // restartPolicy never: a killed VMM stays down; that is drift the next apply heals.
+    // SAFETY: kill(2) on a pid we read from stead's status.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
+    wait_for(
+        "the VM to be reported stopped",
+        Duration::from_secs(10),
+        || get_vm(&sb).0["state"] == "stopped",
+    );
+    let (_, status, health) = get_vm(&sb);
+    assert_eq!(health, "Failed", "{status}");
+    assert_eq!(status["lastExit"], "signal 9");
+    let out = sb.run(&["diff", m]).expect_code(2);
+    assert!(
+        out.stdout().contains("state: stopped -> running"),
+        "{}",
+        out.stdout()
+    );
+    sb.run(&["apply", "--yes", m]).expect_code(0);
+    let (state, status, _) = get_vm(&sb);
+    assert_eq!(state["state"], "running");
+    assert_eq!(status["restarts"], 1, "the re-start counts: {status}");
+
+    // state: stopped is a hot change; the config and taps stay.
+    let stopped = manifest(
+        &sb,
+        &kernel,
+        &Vm {
+            state: "stopped",
+            ..never
+        },
+    );
+    let out = sb.run(&["diff", stopped.to_str().unwrap()]).expect_code(2);
+    assert!(out.stdout().contains("impact: hot"), "{}", out.stdout());
+    sb.run(&["apply", "--yes", stopped.to_str().unwrap()])
+        .expect_code(0);
+    let (state, status, health) = get_vm(&sb);
+    assert_eq!(state["state"], "stopped");
+    assert_eq!(health, "Ready", "{status}");
+    assert!(status["pid"].is_null(), "{status}");
+    assert!(sandbox_processes(&sb).is_empty());
+    let err = sb.run(&["console", "vm/vm1"]).expect_code(1);
+    assert!(err.stderr().contains("not running"), "{}", err.stderr());
+
+    // Back to running, then destroy everything.
+    let m = manifest(&sb, &kernel, &never);
+    let m = m.to_str().unwrap();
+    let out = sb.run(&["apply", "--yes", m]).expect_code(0);
+    let (state, status, _) = get_vm(&sb);
+    assert_eq!(
+        state["state"],
+        "running",
+        "{}\n{}\n{status}\n{}",
+        out.stdout(),
+        out.stderr(),
+        std::fs::read_to_string(sb.path("run/vms/vm1/vmm.log")).unwrap_or_default()
+    );
+    sb.run(&["destroy", "--yes", "--allow-data-loss", m])
+        .expect_code(0);
+    assert!(sandbox_processes(&sb).is_empty());
+    assert!(!cgroup_dir(&sb, "memory").exists());
+    assert!(!links(&sb).contains("master lan0"));
+}
