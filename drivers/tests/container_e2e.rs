@@ -558,6 +558,30 @@ fn stop_start_delete_leave_nothing() {
         fs::read_to_string(sb.env.run_dir.join("containers/ssd/console.log"))
             .is_ok_and(|s| s.contains("stead-busybox-up"))
     });
+    // Console attach: what the container writes to /dev/console reaches the client.
+    {
+        use std::io::{BufRead, BufReader, Write};
+        let sock = sb.env.run_dir.join("containers/ssd/control.sock");
+        let mut conn = std::os::unix::net::UnixStream::connect(&sock).expect("connect");
+        conn.write_all(b"{\"op\":\"console\"}\n").expect("send");
+        conn.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let mut r = BufReader::new(conn.try_clone().expect("clone"));
+        let mut line = String::new();
+        r.read_line(&mut line).expect("reply");
+        assert!(line.contains("\"ok\":true"), "{line}");
+        let (code, _) = sb.exec("ssd", &["sh", "-c", "echo hello-console > /dev/console"]);
+        assert_eq!(code, 0);
+        let mut seen = String::new();
+        while !seen.contains("hello-console") {
+            let mut l = String::new();
+            if r.read_line(&mut l).expect("console output") == 0 {
+                break;
+            }
+            seen.push_str(&l);
+        }
+        assert!(seen.contains("hello-console"), "{seen}");
+    }
     let mut log = Vec::new();
     stead_drivers::container::logs(&sb.env.run_dir, "ssd", false, &mut log).expect("logs");
     assert!(String::from_utf8_lossy(&log).contains("stead-busybox-up"));
