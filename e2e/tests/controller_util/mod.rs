@@ -1,7 +1,6 @@
 //! Helpers for the controller e2e tests: a running `stead controller`, raw HTTP, git.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
-
 #![allow(dead_code)]
 
 use std::io::{Read, Write};
