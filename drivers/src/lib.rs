@@ -1,6 +1,8 @@
 //! stead's host drivers, one module per domain. Each implements
 //! [`stead_schema::Driver`] for its kinds; [`registry`] builds them all for a host.
 
+#![cfg_attr(not(test), warn(clippy::unwrap_used))]
+
 pub mod backup;
 pub mod container;
 pub mod net;
@@ -17,6 +19,7 @@ pub fn registry(env: &HostEnv) -> Result<Vec<Box<dyn Driver>>, DriverError> {
         Box::new(storage::VolumeDriver::new(env)),
         Box::new(net::NetworkDriver::new(env)?),
         Box::new(net::BondDriver::new(env)?),
+        Box::new(container::ContainerDriver::new(env)?),
         Box::new(vm::VmDriver::new(env)?),
     ];
     Ok(drivers)
