@@ -17,11 +17,9 @@ use stead_schema::{Desired, Diagnostic, HostEnv, Kind, ResourceId};
 
 mod cmd_backup;
 mod cmd_console;
-mod cmd_console;
 mod cmd_controller;
 mod cmd_env;
 mod cmd_snapshot;
-mod cmd_vmm;
 mod cmd_vmm;
 mod get;
 
@@ -210,13 +208,6 @@ enum Command {
         #[command(subcommand)]
         cmd: cmd_env::EnvCmd,
     },
-    /// Attach to a VM's serial console (Ctrl-] detaches).
-    Console(cmd_console::ConsoleArgs),
-    /// Print a VM's console log.
-    Logs(cmd_console::LogsArgs),
-    /// Per-VM supervisor started by the VirtualMachine driver (internal).
-    #[command(hide = true)]
-    Vmm(cmd_vmm::VmmArgs),
     /// Attach to a VM's serial console (Ctrl-] detaches).
     Console(cmd_console::ConsoleArgs),
     /// Print a VM's console log.
@@ -511,15 +502,6 @@ fn run(cli: Cli) -> Result<u8> {
             let drivers = drivers(&env)?;
             cmd_controller::run(args, &env, drivers)
         }
-        Command::Console(args) => {
-            let env = host_env(&g)?;
-            cmd_console::run_console(args, &env)
-        }
-        Command::Logs(args) => {
-            let env = host_env(&g)?;
-            cmd_console::run_logs(args, &env)
-        }
-        Command::Vmm(args) => cmd_vmm::run(args, &g.run_dir),
         Command::Console(args) => {
             let env = host_env(&g)?;
             cmd_console::run_console(args, &env)
