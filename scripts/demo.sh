@@ -24,7 +24,7 @@ scripts/install-deps.sh
 echo "== building stead (release)"
 cargo build --release --bin stead
 echo "== building guest assets"
-scripts/build-assets.sh /var/lib/stead-demo-pools/assets
+scripts/build-assets.sh /var/lib/stead-demo-pools/assets "$stead"
 ip netns list | grep -qw "$NS" || { ip netns add "$NS"; ip -n "$NS" link set lo up; }
 
 echo "== stead validate"

@@ -7,6 +7,7 @@ pub mod backup;
 pub mod container;
 pub mod net;
 pub mod netns;
+pub mod schedules;
 pub mod storage;
 pub mod vm;
 
@@ -21,6 +22,7 @@ pub fn registry(env: &HostEnv) -> Result<Vec<Box<dyn Driver>>, DriverError> {
         Box::new(net::BondDriver::new(env)?),
         Box::new(container::ContainerDriver::new(env)?),
         Box::new(vm::VmDriver::new(env)?),
+        Box::new(schedules::ScheduleDriver::new(env)),
     ];
     Ok(drivers)
 }

@@ -103,6 +103,8 @@ pub fn plan_run(
     let mut p = plan::plan(desired, &observed, &inventory, &pending, drivers, opts);
     let failed: BTreeSet<&ResourceId> = observe_errors.iter().map(|e| &e.id).collect();
     p.changes.retain(|c| !failed.contains(&c.id));
+    // The observe error says it better than the planner's echo of it.
+    p.errors.retain(|e| !failed.contains(&e.id));
     p.errors.extend(observe_errors);
     Ok(PlannedRun {
         plan: p,

@@ -1,0 +1,170 @@
+//! The BackupSchedule driver: a schedule is registered as a small file under
+//! `<state-dir>/schedules/<name>.json` (its ownership mark and the applied spec). The
+//! backup runner (`stead backup daemon`, or the controller) runs registered schedules at
+//! their cron times; `observe` reports the next fire time.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde_json::{Value, json};
+use stead_schema::{
+    Driver, DriverError, Health, HostEnv, Impact, Kind, Lookup, Observed, Resource, ResourceId,
+    Spec,
+};
+
+/// Driver for `Kind::BackupSchedule`.
+pub struct ScheduleDriver {
+    dir: PathBuf,
+}
+
+impl ScheduleDriver {
+    /// A driver keeping registrations under `<state_dir>/schedules`.
+    pub fn new(env: &HostEnv) -> Self {
+        ScheduleDriver {
+            dir: env.state_dir.join("schedules"),
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}.json"))
+    }
+}
+
+fn owner(name: &str) -> String {
+    format!("BackupSchedule/{name}")
+}
+
+fn next_run(spec: &Value) -> Option<String> {
+    let spec: stead_schema::BackupScheduleSpec = serde_json::from_value(spec.clone()).ok()?;
+    let sched = crate::backup::schedule::Schedule::for_spec(&spec).ok()?;
+    sched.next_after(chrono::Utc::now()).map(|t| t.to_rfc3339())
+}
+
+impl Driver for ScheduleDriver {
+    fn kind(&self) -> Kind {
+        Kind::BackupSchedule
+    }
+
+    fn observe(
+        &self,
+        targets: &[&Resource],
+        _world: &dyn Lookup,
+    ) -> Result<BTreeMap<ResourceId, Observed>, DriverError> {
+        let mut out = BTreeMap::new();
+        for r in targets {
+            let p = self.path(&r.id.name);
+            let obs = match std::fs::read(&p) {
+                Ok(bytes) => match serde_json::from_slice::<Value>(&bytes) {
+                    Ok(doc) => {
+                        let owned =
+                            doc.get("owner").and_then(Value::as_str) == Some(&owner(&r.id.name));
+                        let spec = doc.get("spec").cloned().unwrap_or(Value::Null);
+                        Observed {
+                            exists: true,
+                            owned,
+                            status: json!({"registration": p, "nextRun": next_run(&spec)}),
+                            state: spec,
+                            health: Health::Ready,
+                        }
+                    }
+                    Err(e) => Observed {
+                        exists: true,
+                        owned: false,
+                        state: Value::Null,
+                        status: Value::Null,
+                        health: Health::Failed(format!(
+                            "unreadable registration {}: {e}",
+                            p.display()
+                        )),
+                    },
+                },
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Observed::absent(),
+                Err(e) => return Err(DriverError::io(format!("read {}", p.display()), e)),
+            };
+            out.insert(r.id.clone(), obs);
+        }
+        Ok(out)
+    }
+
+    fn desired_state(&self, desired: &Resource, _world: &dyn Lookup) -> Value {
+        match &desired.spec {
+            Spec::BackupSchedule(s) => serde_json::to_value(s).unwrap_or(Value::Null),
+            _ => Value::Null,
+        }
+    }
+
+    fn impact(&self, _path: &str) -> Impact {
+        Impact::Hot
+    }
+
+    fn apply(
+        &self,
+        desired: &Resource,
+        _observed: &Observed,
+        world: &dyn Lookup,
+    ) -> Result<(), DriverError> {
+        std::fs::create_dir_all(&self.dir)
+            .map_err(|e| DriverError::io(format!("create {}", self.dir.display()), e))?;
+        let doc =
+            json!({"owner": owner(&desired.id.name), "spec": self.desired_state(desired, world)});
+        let p = self.path(&desired.id.name);
+        let tmp = self.dir.join(format!(".{}.json.tmp", desired.id.name));
+        let bytes =
+            serde_json::to_vec_pretty(&doc).map_err(|e| DriverError::Other(e.to_string()))?;
+        std::fs::write(&tmp, bytes)
+            .map_err(|e| DriverError::io(format!("write {}", tmp.display()), e))?;
+        std::fs::rename(&tmp, &p)
+            .map_err(|e| DriverError::io(format!("rename to {}", p.display()), e))
+    }
+
+    fn delete(
+        &self,
+        last: &Resource,
+        _observed: &Observed,
+        _world: &dyn Lookup,
+    ) -> Result<(), DriverError> {
+        // Backups already taken stay in their pool; only the registration goes.
+        match std::fs::remove_file(self.path(&last.id.name)) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(DriverError::io("remove schedule registration", e)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn register_observe_update_delete() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let env = HostEnv {
+            state_dir: dir.path().to_path_buf(),
+            run_dir: dir.path().join("run"),
+            cgroup_parent: "x".into(),
+            netns: None,
+            self_exe: PathBuf::from("/bin/true"),
+        };
+        let d = ScheduleDriver::new(&env);
+        let yaml = "apiVersion: stead.dev/v1alpha1\nkind: BackupSchedule\nmetadata: {name: nightly}\nspec: {schedule: \"0 2 * * *\", timezone: UTC, targets: {names: [Volume/v]}, storage: p}\n";
+        let mut rs = Vec::new();
+        let mut errs = Vec::new();
+        stead_schema::load::load_str(std::path::Path::new("m.yaml"), yaml, &mut rs, &mut errs);
+        assert!(errs.is_empty(), "{errs:?}");
+        let r = &rs[0];
+        let world: BTreeMap<ResourceId, Resource> = BTreeMap::new();
+        let o = d.observe(&[r], &world).expect("observe");
+        assert!(!o[&r.id].exists);
+        d.apply(r, &o[&r.id], &world).expect("apply");
+        let o = d.observe(&[r], &world).expect("observe");
+        let obs = &o[&r.id];
+        assert!(obs.exists && obs.owned);
+        assert_eq!(obs.state, d.desired_state(r, &world));
+        let next = obs.status["nextRun"].as_str().expect("next run");
+        assert!(next.contains("T02:00:00"), "{next}");
+        d.delete(r, obs, &world).expect("delete");
+        d.delete(r, obs, &world).expect("idempotent");
+        assert!(!d.observe(&[r], &world).expect("observe")[&r.id].exists);
+    }
+}
