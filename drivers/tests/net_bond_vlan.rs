@@ -71,3 +71,28 @@ fn net_bridge_vlan_aware() {
     );
     delete(&d, &net).unwrap();
 }
+
+#[test]
+fn net_attach_port_vlan() {
+    if let Some(r) = can_run() {
+        eprintln!("SKIP net_attach_port_vlan: {r}");
+        return;
+    }
+    let ns = Netns::new();
+    ns.ip(&["link", "add", "vbr1", "type", "bridge"]);
+    ns.ip(&["link", "add", "p1", "type", "veth", "peer", "name", "p1p"]);
+    ns.ip(&["link", "set", "p1", "master", "vbr1"]);
+    let err = stead_drivers::net::attach::set_port_vlan(Some(&ns.path()), "p1", 0).unwrap_err();
+    assert!(matches!(err, DriverError::Refused(_)), "{err}");
+    match stead_drivers::net::attach::set_port_vlan(Some(&ns.path()), "p1", 10) {
+        Err(DriverError::Unsupported(m)) => {
+            assert!(m.contains("kernel lacks bridge VLAN filtering"), "{m}");
+            eprintln!("SKIP net_attach_port_vlan: {m}");
+        }
+        r => {
+            r.unwrap();
+            let (_, out) = ns.exec(&["bridge", "vlan", "show", "dev", "p1"]);
+            assert!(out.contains("10 PVID"), "{out}");
+        }
+    }
+}

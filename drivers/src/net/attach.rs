@@ -12,8 +12,8 @@ use std::path::Path;
 
 use rtnetlink::packet_core::{NLM_F_CREATE, NLM_F_REPLACE};
 use rtnetlink::packet_route::RouteNetlinkMessage;
-use rtnetlink::packet_route::link::{InfoData, InfoVeth};
-use rtnetlink::{LinkUnspec, LinkVeth, RouteMessageBuilder};
+use rtnetlink::packet_route::link::{BridgeVlanInfoFlags, InfoData, InfoVeth};
+use rtnetlink::{LinkBridgeVlan, LinkUnspec, LinkVeth, RouteMessageBuilder};
 use stead_schema::{Cidr, DriverError, MacAddr};
 
 use super::nl::{Link, Netlink, nl_err};
@@ -451,4 +451,36 @@ pub fn ensure_tap(host_netns: Option<&Path>, spec: &TapSpec) -> Result<TapInfo, 
         created,
         fd,
     })
+}
+
+// ------------------------------------------------------------------ VLAN
+
+/// Puts bridge port `port` (a veth host end or tap) into VLAN `vid` as its PVID,
+/// untagged (`bridge vlan add dev PORT vid VID pvid untagged`), for interfaces with
+/// `vlan:` on a `vlanAware` network. Kernels without bridge VLAN filtering answer
+/// [`DriverError::Unsupported`].
+pub fn set_port_vlan(host_netns: Option<&Path>, port: &str, vid: u16) -> Result<(), DriverError> {
+    if !(1..=4094).contains(&vid) {
+        return Err(DriverError::Refused(format!(
+            "VLAN id {vid} is outside 1..4094"
+        )));
+    }
+    let hns = host_ns(host_netns);
+    let mut nl = Netlink::open(hns.as_ref())?;
+    let l = nl
+        .link_by_name(port)?
+        .ok_or_else(|| DriverError::NotReady(format!("port {port} does not exist")))?;
+    let msg = LinkBridgeVlan::new(l.index)
+        .vlan(
+            vid,
+            BridgeVlanInfoFlags::Pvid | BridgeVlanInfoFlags::Untagged,
+        )
+        .build();
+    match nl.ack(RouteNetlinkMessage::SetLink(msg), 0) {
+        Ok(()) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Err(DriverError::Unsupported(
+            format!("kernel lacks bridge VLAN filtering (vlan {vid} on {port})"),
+        )),
+        Err(e) => Err(nl_err(format!("set vlan {vid} on {port}"), e)),
+    }
 }
