@@ -362,6 +362,30 @@ fn vm_stopped_state_and_restart_policy_never() {
         out.stderr(),
         std::fs::read_to_string(sb.path("run/vms/vm1/vmm.log")).unwrap_or_default()
     );
+
+    // A supervisor killed by hand takes its VMM along (parent-death signal); the VM
+    // shows as stopped (drift) and the next apply starts a new supervisor.
+    let sup = status["supervisorPid"].as_i64().expect("supervisor pid");
+    let vmm = status["pid"].as_i64().expect("vmm pid");
+    // SAFETY: kill(2) on a pid we read from stead's status.
+    assert_eq!(unsafe { libc::kill(sup as i32, libc::SIGKILL) }, 0);
+    wait_for(
+        "the VMM to die with its supervisor",
+        Duration::from_secs(10),
+        || !pid_alive(vmm) && !pid_alive(sup),
+    );
+    let (state, status, health) = get_vm(&sb);
+    assert_eq!(state["state"], "stopped", "{status}");
+    assert_eq!(health, "Degraded", "{status}");
+    sb.run(&["diff", m]).expect_code(2);
+    sb.run(&["apply", "--yes", m]).expect_code(0);
+    let (state, status2, _) = get_vm(&sb);
+    assert_eq!(state["state"], "running");
+    assert_eq!(
+        status2["restarts"].as_u64(),
+        status["restarts"].as_u64().map(|r| r + 1),
+        "{status2}"
+    );
     sb.run(&["destroy", "--yes", "--allow-data-loss", m])
         .expect_code(0);
     assert!(sandbox_processes(&sb).is_empty());

@@ -163,6 +163,19 @@ impl VmDriver {
         spec: &VirtualMachineSpec,
         world: &dyn Lookup,
     ) -> Result<VmRunConfig, DriverError> {
+        for (what, p) in [
+            ("kernel", Some(&spec.boot.kernel)),
+            ("initrd", spec.boot.initrd.as_ref()),
+        ] {
+            if let Some(p) = p
+                && !p.is_file()
+            {
+                return Err(DriverError::NotReady(format!(
+                    "{what} {} does not exist",
+                    p.display()
+                )));
+            }
+        }
         let mut disks = Vec::new();
         for d in &spec.disks {
             let path = crate::storage::volume_path(world, d.volume.as_str())?;
