@@ -250,13 +250,16 @@ impl Paths {
     }
 }
 
-/// Writes `data` to `path` atomically (temp file + rename).
-pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), DriverError> {
+/// Writes `data` to `path` atomically (temp file + rename). With `durable`, the data is
+/// flushed to disk before the rename (state-dir files that must survive power loss);
+/// run-dir files (tmpfs, rewritten on every supervisor event) only need atomicity
+/// against process crashes.
+pub fn write_atomic(path: &Path, data: &[u8], durable: bool) -> Result<(), DriverError> {
     let tmp = path.with_extension("tmp");
     let mut f = fs::File::create(&tmp)
         .map_err(|e| DriverError::io(format!("create {}", tmp.display()), e))?;
     f.write_all(data)
-        .and_then(|()| f.sync_data())
+        .and_then(|()| if durable { f.sync_data() } else { Ok(()) })
         .map_err(|e| DriverError::io(format!("write {}", tmp.display()), e))?;
     fs::rename(&tmp, path).map_err(|e| DriverError::io(format!("rename {}", path.display()), e))
 }
@@ -272,11 +275,18 @@ pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T
     }
 }
 
-/// Writes a value as pretty JSON, atomically.
+/// Writes a value as pretty JSON, atomically (run-dir files: no fsync).
 pub fn write_json<T: Serialize>(path: &Path, v: &T) -> Result<(), DriverError> {
     let data = serde_json::to_vec_pretty(v)
         .map_err(|e| DriverError::Other(format!("serialize {}: {e}", path.display())))?;
-    write_atomic(path, &data)
+    write_atomic(path, &data, false)
+}
+
+/// Writes a value as pretty JSON, atomically and durably (state-dir files).
+pub fn write_json_durable<T: Serialize>(path: &Path, v: &T) -> Result<(), DriverError> {
+    let data = serde_json::to_vec_pretty(v)
+        .map_err(|e| DriverError::Other(format!("serialize {}: {e}", path.display())))?;
+    write_atomic(path, &data, true)
 }
 
 /// Host-end veth name for interface `idx` of container `name` (≤ 15 bytes, stable).
