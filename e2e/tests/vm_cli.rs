@@ -152,6 +152,18 @@ fn console(sb: &Sandbox, input: &[u8]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+fn control(socket: &str, command: &str) -> String {
+    use std::io::{BufRead, BufReader};
+    let s = std::os::unix::net::UnixStream::connect(socket).expect("control socket");
+    (&s).write_all(format!("{command}\n").as_bytes())
+        .expect("control write");
+    let mut line = String::new();
+    BufReader::new(&s)
+        .read_line(&mut line)
+        .expect("control read");
+    line
+}
+
 #[test]
 fn vm_apply_console_restart_resize_delete() {
     if !kvm_ok("vm_apply_console_restart_resize_delete") {
@@ -209,6 +221,22 @@ fn vm_apply_console_restart_resize_delete() {
             .stdout()
             .contains("HELLO STEAD")
     );
+
+    // A VM paused behind stead's back is drift with a hot fix: apply resumes it.
+    let ctl = status["controlSocket"].as_str().expect("control socket");
+    let reply = control(ctl, "pause");
+    assert!(reply.contains("\"ok\":true"), "{reply}");
+    assert_eq!(get_vm(&sb).0["state"], "paused");
+    let out = sb.run(&["diff", m]).expect_code(2);
+    assert!(
+        out.stdout().contains("state: paused -> running") && out.stdout().contains("impact: hot"),
+        "{}",
+        out.stdout()
+    );
+    sb.run(&["apply", "--yes", m]).expect_code(0);
+    let (state, status, _) = get_vm(&sb);
+    assert_eq!(state["state"], "running");
+    assert_eq!(status["pid"].as_i64(), Some(pid), "resumed, not restarted");
 
     // Kill the VMM by hand: the supervisor boots it again and counts the restart.
     // SAFETY: kill(2) on a pid we read from stead's status; no memory involved.
