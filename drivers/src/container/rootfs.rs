@@ -74,8 +74,21 @@ pub fn prepare(
     match idmap {
         Some(m) => {
             let root = own.join("root");
+            let key = template_key(tpl)?;
+            let marker = own.join("template");
             if !root.is_dir() {
                 unpack(tpl, &root, m.base)?;
+                fs::write(&marker, format!("{key} {}\n", tpl.display()))
+                    .map_err(io(format!("write {}", marker.display())))?;
+            } else if let Ok(old) = fs::read_to_string(&marker)
+                && old.split_whitespace().next() != Some(key.as_str())
+            {
+                // The container's own copy holds its data: never re-unpack over it.
+                return Err(DriverError::Refused(format!(
+                    "{name}: its root file system was unpacked from another template ({}); \
+                     delete and recreate the container to change it (its data is lost)",
+                    old.trim()
+                )));
             }
             Ok(RootfsMount::Dir { path: root })
         }
@@ -315,6 +328,45 @@ mod tests {
         release_ids(d.path(), "a").expect("release");
         let c = allocate_ids(d.path(), "c").expect("c");
         assert_eq!(c.base, ID_BASE, "freed range reused");
+    }
+
+    fn tiny_template(path: &Path, content: &[u8]) {
+        let f = File::create(path).expect("create");
+        let mut b = tar::Builder::new(f);
+        let mut h = tar::Header::new_gnu();
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        h.set_size(content.len() as u64);
+        b.append_data(&mut h, "etc/os-release", content)
+            .expect("file");
+        b.finish().expect("finish");
+    }
+
+    #[test]
+    fn own_copy_refuses_another_template() {
+        let d = tempfile::tempdir().expect("tmp");
+        let tpl = d.path().join("t.tar");
+        tiny_template(&tpl, b"ID=one\n");
+        let paths = Paths::new(&d.path().join("run"), "c");
+        let spec = RootfsSpec {
+            template: Some(tpl.clone()),
+            ..Default::default()
+        };
+        let m = IdMap {
+            base: 200_000,
+            size: ID_RANGE,
+        };
+        let r = prepare(&spec, "c", d.path(), Some(m), &paths, None).expect("first");
+        assert_eq!(r.root(), d.path().join("rootfs/c/root"));
+        // Same template again: reused.
+        prepare(&spec, "c", d.path(), Some(m), &paths, None).expect("again");
+        tiny_template(&tpl, b"ID=two, longer\n");
+        let e = prepare(&spec, "c", d.path(), Some(m), &paths, None).expect_err("changed");
+        assert!(matches!(e, DriverError::Refused(_)), "{e}");
+        remove("c", d.path()).expect("remove");
+        assert!(!d.path().join("rootfs/c").exists());
     }
 
     #[test]
