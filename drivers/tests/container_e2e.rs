@@ -713,6 +713,36 @@ fn raw_volume_mount() {
     sb.assert_clean();
 }
 
+fn bad_command_is_reported() {
+    let mut sb = Sandbox::new("10.77.0.1/24");
+    let c = sb.resource(
+        "bad",
+        json!({
+            "rootfs": {"path": sb.rootfs},
+            "command": ["/no/such/init"],
+            "unprivileged": false,
+            "restartPolicy": "never",
+        }),
+    );
+    let o = sb.observe(&c);
+    let err = sb
+        .driver
+        .apply(&c, &o, &sb.world)
+        .expect_err("apply must fail");
+    assert!(err.to_string().contains("/no/such/init"), "{err}");
+    let o = sb.observe(&c);
+    assert_eq!(o.state["state"], "stopped");
+    assert!(
+        o.status["lastError"]
+            .as_str()
+            .is_some_and(|e| e.contains("/no/such/init")),
+        "{}",
+        o.status
+    );
+    sb.delete(&c);
+    sb.assert_clean();
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("shim") {
@@ -725,7 +755,8 @@ fn main() {
         };
         std::process::exit(code);
     }
-    let tests: [(&str, fn()); 6] = [
+    let tests: [(&str, fn()); 7] = [
+        ("bad_command_is_reported", bad_command_is_reported),
         ("raw_volume_mount", raw_volume_mount),
         ("two_containers_on_a_bridge", two_containers_on_a_bridge),
         ("memory_and_pids_limits", memory_and_pids_limits),
