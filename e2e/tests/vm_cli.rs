@@ -128,6 +128,39 @@ fn sandbox_processes(sb: &Sandbox) -> Vec<String> {
     out
 }
 
+/// Kills VM processes and removes VM cgroups a failed test left behind (runs before the
+/// sandbox's own cleanup, which removes the netns and the cgroup parent).
+struct Leftovers<'a>(&'a Sandbox);
+
+impl Drop for Leftovers<'_> {
+    fn drop(&mut self) {
+        for p in sandbox_processes(self.0) {
+            if let Some(pid) = p.split(':').next().and_then(|n| n.parse::<i32>().ok()) {
+                // SAFETY: kill(2) on a process of this sandbox.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        for ctrl in [
+            "unified",
+            "memory",
+            "cpu",
+            "cpuacct",
+            "pids",
+            "freezer",
+            "cpu,cpuacct",
+            "",
+        ] {
+            let _ = std::fs::remove_dir(
+                Path::new("/sys/fs/cgroup")
+                    .join(ctrl)
+                    .join(&self.0.cgroup_parent)
+                    .join("vm-vm1"),
+            );
+        }
+    }
+}
+
 fn console(sb: &Sandbox, input: &[u8]) -> String {
     let mut child = sb
         .cmd()
@@ -170,6 +203,7 @@ fn vm_apply_console_restart_resize_delete() {
         return;
     }
     let sb = Sandbox::with_netns();
+    let _leftovers = Leftovers(&sb);
     let kernel = demo_guest(&sb);
     let m = manifest(&sb, &kernel, &Vm::default());
     let m = m.to_str().unwrap();
@@ -323,6 +357,7 @@ fn vm_stopped_state_and_restart_policy_never() {
         return;
     }
     let sb = Sandbox::with_netns();
+    let _leftovers = Leftovers(&sb);
     let kernel = demo_guest(&sb);
     let never = Vm {
         policy: "never",
@@ -419,4 +454,70 @@ fn vm_stopped_state_and_restart_policy_never() {
     assert!(sandbox_processes(&sb).is_empty());
     assert!(!cgroup_dir(&sb, "memory").exists());
     assert!(!links(&sb).contains("master lan0"));
+}
+
+/// Kills `stead apply` at several points while it creates the VM and re-applies.
+///
+/// Ignored until the reconciler records an object whose create was interrupted after the
+/// driver's apply but before the inventory write: the re-plan is then all `Noop` and
+/// `stead apply` returns before `execute` (which would upsert it), so the VM runs but is
+/// not in the inventory (`stead get` refuses it, a later prune would leak it).
+#[test]
+#[ignore = "reconciler: interrupted create not adopted when the re-plan has no changes"]
+fn vm_apply_killed_midway_converges_without_duplicates() {
+    if !kvm_ok("vm_apply_killed_midway_converges_without_duplicates") {
+        return;
+    }
+    let sb = Sandbox::with_netns();
+    let _leftovers = Leftovers(&sb);
+    let kernel = demo_guest(&sb);
+    let with_vm = manifest(&sb, &kernel, &Vm::default());
+    let with_vm = with_vm.to_str().unwrap().to_string();
+    let without = sb.path("m-novm");
+    std::fs::create_dir_all(&without).expect("mkdir");
+    {
+        let m = manifest(
+            &sb,
+            &kernel,
+            &Vm {
+                with_vm: false,
+                ..Vm::default()
+            },
+        );
+        std::fs::copy(m.join("all.yaml"), without.join("all.yaml")).expect("copy");
+        manifest(&sb, &kernel, &Vm::default());
+    }
+    let without = without.to_str().unwrap();
+    sb.run(&["apply", "--yes", without]).expect_code(0);
+    for delay_ms in [0u64, 30, 60, 90, 120, 160, 220] {
+        let mut child = sb
+            .cmd()
+            .args(["apply", "--yes", &with_vm])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn apply");
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        let _ = child.kill();
+        let _ = child.wait();
+        sb.run(&["apply", "--yes", &with_vm]).expect_code(0);
+        let (state, status, health) = get_vm(&sb);
+        assert_eq!(state["state"], "running", "delay {delay_ms}: {status}");
+        assert_eq!(health, "Ready", "delay {delay_ms}: {status}");
+        // Once the killed run's launcher is gone: exactly one supervisor and one VMM.
+        wait_for("launchers to exit", Duration::from_secs(10), || {
+            sandbox_processes(&sb).len() == 2
+        });
+        sb.run(&["diff", &with_vm]).expect_code(0);
+        sb.run(&["apply", "--yes", without]).expect_code(0);
+        assert!(
+            sandbox_processes(&sb).is_empty(),
+            "delay {delay_ms}: {:?}",
+            sandbox_processes(&sb)
+        );
+        assert!(!sb.path("run/vms/vm1").exists());
+        assert!(!links(&sb).contains("master lan0"));
+    }
+    sb.run(&["destroy", "--yes", "--allow-data-loss", without])
+        .expect_code(0);
 }
