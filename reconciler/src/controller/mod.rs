@@ -701,7 +701,9 @@ impl Engine {
             );
             if let Some(o) = obs {
                 let num = |k: &str| o.status.get(k).and_then(Value::as_f64);
-                let (cpu, mem) = (num("cpu_seconds"), num("memory_bytes"));
+                // Drivers write camelCase (`cpuSeconds`); snake_case is accepted too.
+                let cpu = num("cpuSeconds").or_else(|| num("cpu_seconds"));
+                let mem = num("memoryBytes").or_else(|| num("memory_bytes"));
                 if cpu.is_some() || mem.is_some() {
                     usage.push((id.kind, id.name.clone(), cpu, mem));
                 }
