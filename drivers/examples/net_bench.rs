@@ -2,7 +2,7 @@
 //! scratch network namespace, then a no-op apply (observe + diff). Prints both times and
 //! the netlink round trips / nft runs of the no-op.
 //!
-//! `cargo run -p stead-drivers --release --example net_bench [-- N]` (root; needs `ip`
+//! `cargo run -p stead-drivers --release --example net_bench [-- N [nonat]]` (root; needs `ip`
 //! to create the namespace and `nft`).
 
 use std::collections::BTreeMap;
@@ -21,12 +21,14 @@ impl Drop for Ns {
     }
 }
 
-fn network(i: usize) -> Resource {
+fn network(i: usize, nat: bool) -> Resource {
     let name = format!("nb{i:03}");
-    let spec = json!({
+    let mut spec = json!({
         "addresses": [format!("10.{}.{}.1/24", 64 + i / 256, i % 256)],
-        "nat": {"enabled": true},
     });
+    if nat {
+        spec["nat"] = json!({"enabled": true});
+    }
     Resource {
         id: ResourceId::new(Kind::Network, name.clone()),
         metadata: Metadata {
@@ -44,6 +46,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .map(|s| s.parse())
         .transpose()?
         .unwrap_or(200);
+    let nat = std::env::args().nth(2).as_deref() != Some("nonat");
     let ns = Ns(format!("stead-bench-{}", std::process::id()));
     let st = Command::new("ip").args(["netns", "add", &ns.0]).status()?;
     if !st.success() {
@@ -57,7 +60,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         self_exe: "/bin/false".into(),
     };
     let d = NetworkDriver::new(&env)?;
-    let rs: Vec<Resource> = (0..n).map(network).collect();
+    let rs: Vec<Resource> = (0..n).map(|i| network(i, nat)).collect();
     let world: BTreeMap<ResourceId, Resource> =
         rs.iter().map(|r| (r.id.clone(), r.clone())).collect();
     let targets: Vec<&Resource> = rs.iter().collect();
@@ -91,7 +94,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         nft_runs = d.nft_invocations() - nft0;
     }
     times.sort();
-    println!("networks: {n} (bridge + 1 address + NAT each)");
+    println!(
+        "networks: {n} (bridge + 1 address{} each)",
+        if nat { " + NAT" } else { "" }
+    );
     println!(
         "converge from empty: {:.0} ms",
         converge.as_secs_f64() * 1e3

@@ -86,10 +86,19 @@ fn net_driver_nat_lab_converges_detects_drift_and_heals() {
     );
     let rules = stead_rules(&ns);
     let tagged = |n: &str| rules.iter().filter(|r| r["comment"] == n).count();
-    // lan0: masq + dnat pre/out + hairpin + 2 accept; lan1: 2 masq + 2 accept
-    assert_eq!(tagged("stead:Network/lan0"), 6, "{rules:#?}");
-    assert_eq!(tagged("stead:Network/lan1"), 4, "{rules:#?}");
-    assert_eq!(rules.len(), 10);
+    // lan0: masq + dnat pre/out + hairpin; lan1: 2 masq; the skeleton: 2 accepts of
+    // the members of set `bridges`.
+    assert_eq!(tagged("stead:Network/lan0"), 4, "{rules:#?}");
+    assert_eq!(tagged("stead:Network/lan1"), 2, "{rules:#?}");
+    assert_eq!(tagged("stead:bridges"), 2, "{rules:#?}");
+    assert_eq!(rules.len(), 8);
+    let set = ns
+        .exec(&["nft", "list", "set", "inet", "stead", "bridges"])
+        .1;
+    assert!(
+        set.contains("\"lan0\"") && set.contains("\"lan1\""),
+        "{set}"
+    );
     assert_eq!(
         ns.exec(&["cat", "/proc/sys/net/ipv4/ip_forward"]).1.trim(),
         "1"
@@ -165,6 +174,18 @@ fn net_driver_nat_lab_converges_detects_drift_and_heals() {
     apply(&d, &lan0).unwrap();
     assert_converged(&d, &lan0);
 
+    // The bridge removed from the accept set by hand.
+    let (ok, out) = ns.exec(&[
+        "nft", "delete", "element", "inet", "stead", "bridges", "{", "lan0", "}",
+    ]);
+    assert!(ok, "{out}");
+    assert_eq!(
+        assert_drift(&d, &lan0, "forwardAccept"),
+        serde_json::Value::Null
+    );
+    apply(&d, &lan0).unwrap();
+    assert_converged(&d, &lan0);
+
     // ip_forward turned off by hand.
     let (ok, out) = ns.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=0"]);
     assert!(ok, "{out}");
@@ -223,8 +244,17 @@ fn net_driver_nat_lab_converges_detects_drift_and_heals() {
     assert_converged(&d, &lan0b);
     let rules = stead_rules(&ns);
     assert!(
-        rules.iter().all(|r| r["comment"] == "stead:Network/lan1"),
+        rules
+            .iter()
+            .all(|r| r["comment"] == "stead:Network/lan1" || r["comment"] == "stead:bridges"),
         "{rules:#?}"
+    );
+    let set = ns
+        .exec(&["nft", "list", "set", "inet", "stead", "bridges"])
+        .1;
+    assert!(
+        !set.contains("\"lan0\"") && set.contains("\"lan1\""),
+        "{set}"
     );
     apply(&d, &lan0).unwrap();
     assert_converged(&d, &lan0);
@@ -288,7 +318,7 @@ fn net_driver_nat_lab_converges_detects_drift_and_heals() {
     assert!(
         stead_rules(&ns)
             .iter()
-            .all(|r| r["comment"] == "stead:Network/lan1")
+            .all(|r| r["comment"] == "stead:Network/lan1" || r["comment"] == "stead:bridges")
     );
     delete(&d, &lan1).unwrap();
     delete(&d, &lan2).unwrap();

@@ -281,7 +281,8 @@ impl NetworkDriver {
         } else {
             Vec::new()
         };
-        let (nat, forwards, accept) = nft::observed_rules_state(&rules, name, spec);
+        let (nat, forwards) = nft::observed_rules_state(&rules, name, spec);
+        let accept = snap.table.chains_ok && snap.table.bridges.contains(name);
         if let Some(n) = nat {
             st.insert("nat".into(), n);
         }
@@ -351,13 +352,19 @@ impl NetworkDriver {
         let expected = spec
             .map(|s| nft::expected_rules(name, s))
             .unwrap_or_default();
-        let required = !expected.is_empty();
+        let accept = spec.is_some_and(nft::routed);
+        let required = !expected.is_empty() || accept;
         let (table, cached) = match cache.take() {
             Some((at, t)) if at.elapsed() < NFT_CACHE_TTL => (t, true),
             _ => (self.list_table(required)?, false),
         };
         let current = table.rules_of(&owner);
-        if current == expected && (expected.is_empty() || table.chains_ok) {
+        let same = |t: &NftTable| {
+            t.rules_of(&owner) == expected
+                && t.bridges.contains(name) == accept
+                && ((expected.is_empty() && !accept) || t.chains_ok)
+        };
+        if same(&table) {
             *cache = Some((Instant::now(), table));
             return Ok(());
         }
@@ -367,14 +374,17 @@ impl NetworkDriver {
             want = expected.len(),
             "nft rules differ"
         );
-        let result = match self.nft.set_rules(&table, &owner, expected.clone()) {
+        let result = match self
+            .nft
+            .set_rules(&table, &owner, name, expected.clone(), accept)
+        {
             Err(e) if cached => {
                 tracing::info!(error = %e, "nft transaction on the cached table failed: relisting");
                 let fresh = self.list_table(required)?;
-                if fresh.rules_of(&owner) == expected && (expected.is_empty() || fresh.chains_ok) {
+                if same(&fresh) {
                     Ok(fresh)
                 } else {
-                    self.nft.set_rules(&fresh, &owner, expected)
+                    self.nft.set_rules(&fresh, &owner, name, expected, accept)
                 }
             }
             other => other,

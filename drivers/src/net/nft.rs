@@ -11,7 +11,7 @@
 //! between fork and exec.
 
 use std::borrow::Cow;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -20,7 +20,11 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use nftables::schema::{Chain, NfCmd, NfListObject, NfObject, Nftables, Rule, Table};
+use nftables::expr::Expression;
+use nftables::schema::{
+    Chain, Element, NfCmd, NfListObject, NfObject, Nftables, Rule, Set, SetType, SetTypeValue,
+    Table,
+};
 use nftables::stmt::Statement;
 use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
 use serde_json::{Value, json};
@@ -30,6 +34,12 @@ use super::ns::{NetnsRef, run_in};
 
 /// The table stead owns (family `inet`).
 pub const TABLE: &str = "stead";
+
+/// The set of bridges whose forwarded traffic is accepted.
+pub const SET: &str = "bridges";
+
+/// Comment of the skeleton's shared rules.
+const SHARED_COMMENT: &str = "stead:bridges";
 
 /// The base chains: name, type, hook, priority.
 const CHAINS: [(&str, NfChainType, NfHook, i32); 4] = [
@@ -54,10 +64,13 @@ pub(crate) struct NftRule {
 pub(crate) struct NftTable {
     /// Whether the table exists.
     pub(crate) exists: bool,
-    /// Whether all base chains exist exactly as stead declares them.
+    /// Whether the table's skeleton is intact: the base chains exactly as stead
+    /// declares them, the `bridges` set and the two rules accepting its members.
     pub(crate) chains_ok: bool,
-    /// Every rule.
+    /// Every per-network rule (the skeleton's shared rules are not listed here).
     pub(crate) rules: Vec<NftRule>,
+    /// Members of the `bridges` set: bridges whose forwarded traffic is accepted.
+    pub(crate) bridges: BTreeSet<String>,
     /// Rules by comment, each list sorted.
     by_owner: BTreeMap<String, Vec<(String, Value)>>,
 }
@@ -196,6 +209,9 @@ impl Nft {
             ..NftTable::default()
         };
         let mut chains_seen = 0;
+        let mut set_ok = false;
+        let mut shared_seen: HashSet<String> = HashSet::new();
+        let shared = shared_rules();
         for o in doc.objects.iter() {
             match o {
                 NfObject::ListObject(NfListObject::Chain(c)) => {
@@ -210,8 +226,25 @@ impl Nft {
                         chains_seen += 1;
                     }
                 }
+                NfObject::ListObject(NfListObject::Set(set)) if set.name == SET => {
+                    set_ok = set.set_type == SetTypeValue::Single(SetType::Ifname);
+                    let elems = serde_json::to_value(&set.elem).unwrap_or(Value::Null);
+                    for e in elems.as_array().into_iter().flatten() {
+                        if let Some(name) = e.as_str() {
+                            t.bridges.insert(name.to_string());
+                        }
+                    }
+                }
                 NfObject::ListObject(NfListObject::Rule(r)) => {
                     let expr = serde_json::to_value(&r.expr).unwrap_or(Value::Null);
+                    if r.comment.as_deref() == Some(SHARED_COMMENT) {
+                        if let Some((c, _)) =
+                            shared.iter().find(|(c, e)| r.chain == *c && *e == expr)
+                        {
+                            shared_seen.insert(c.to_string() + &expr.to_string());
+                        }
+                        continue;
+                    }
                     t.rules.push(NftRule {
                         chain: r.chain.to_string(),
                         expr,
@@ -222,20 +255,23 @@ impl Nft {
                 _ => {}
             }
         }
-        t.chains_ok = chains_seen == CHAINS.len();
+        t.chains_ok = chains_seen == CHAINS.len() && set_ok && shared_seen.len() == shared.len();
         t.index();
         Ok(t)
     }
 
-    /// Makes the rules tagged `owner` exactly `expected`, in one atomic transaction.
-    /// When the table and its chains are intact only that owner's rules are swapped
-    /// (delete by handle + add); otherwise the whole table is rebuilt, keeping the other
-    /// owners' rules. A table left without rules is deleted.
+    /// Makes the rules tagged `owner` exactly `expected` and `bridge`'s membership of
+    /// the `bridges` set `accept`, in one atomic transaction. When the skeleton is
+    /// intact only that owner's rules and element are swapped (delete by handle + add);
+    /// otherwise the whole table is rebuilt, keeping the other owners' rules and
+    /// elements. A table left with nothing in it is deleted.
     pub(crate) fn set_rules(
         &self,
         current: &NftTable,
         owner: &str,
+        bridge: &str,
         expected: Vec<(String, Value)>,
+        accept: bool,
     ) -> Result<NftTable, DriverError> {
         let mine = |r: &&NftRule| r.comment.as_deref() == Some(owner);
         let others = current.rules.iter().filter(|r| !mine(r)).count();
@@ -248,9 +284,15 @@ impl Nft {
                 handle: None,
             })
             .collect();
+        let mut bridges = current.bridges.clone();
+        if accept {
+            bridges.insert(bridge.to_string());
+        } else {
+            bridges.remove(bridge);
+        }
         let incremental = current.exists
             && current.chains_ok
-            && others + new_rules.len() > 0
+            && others + new_rules.len() + bridges.len() > 0
             && current
                 .rules
                 .iter()
@@ -260,7 +302,7 @@ impl Nft {
             let mut rules: Vec<NftRule> =
                 current.rules.iter().filter(|r| !mine(r)).cloned().collect();
             rules.extend(new_rules);
-            return self.replace(current, &rules);
+            return self.replace(current, &rules, &bridges);
         }
         let mut objs: Vec<NfObject> = Vec::new();
         for r in current.rules.iter().filter(mine) {
@@ -277,33 +319,52 @@ impl Nft {
         for r in &new_rules {
             objs.push(rule_obj(r)?);
         }
+        let element = || {
+            NfListObject::Element(Element {
+                family: NfFamily::INet,
+                table: Cow::Borrowed(TABLE),
+                name: Cow::Borrowed(SET),
+                elem: Cow::Owned(vec![Expression::String(Cow::Owned(bridge.to_string()))]),
+            })
+        };
+        match (current.bridges.contains(bridge), accept) {
+            (false, true) => objs.push(NfObject::CmdObject(NfCmd::Add(element()))),
+            (true, false) => objs.push(NfObject::CmdObject(NfCmd::Delete(element()))),
+            _ => {}
+        }
+        if objs.is_empty() {
+            return Ok(current.clone());
+        }
         tracing::info!(
             owner,
             add = new_rules.len(),
+            accept,
             "swapping rules in table inet {TABLE}"
         );
-        let added = self.transact(objs)?;
+        self.transact(objs)?;
+        // New rules' handles are not known (echoing them back costs a full cache
+        // fetch in nft); a later swap of this owner's rules without handles rebuilds.
         let mut t = NftTable {
             exists: true,
             chains_ok: true,
             rules: current.rules.iter().filter(|r| !mine(r)).cloned().collect(),
+            bridges,
             by_owner: BTreeMap::new(),
         };
-        t.rules.extend(added);
+        t.rules.extend(new_rules);
         t.index();
         Ok(t)
     }
 
-    /// Runs one atomic transaction; returns the rules it added, with their handles
-    /// (`nft --echo --handle`).
-    fn transact(&self, objs: Vec<NfObject>) -> Result<Vec<NftRule>, DriverError> {
+    /// Runs one atomic transaction.
+    fn transact(&self, objs: Vec<NfObject>) -> Result<(), DriverError> {
         let doc = Nftables {
             objects: Cow::Owned(objs),
         };
         let text = serde_json::to_string(&doc)
             .map_err(|e| DriverError::Other(format!("serialize nft batch: {e}")))?;
-        let args = ["-j", "-e", "-a", "-f", "-"];
-        let (ok, out, err) = self.run(&args, Some(&text))?;
+        let args = ["-j", "-f", "-"];
+        let (ok, _, err) = self.run(&args, Some(&text))?;
         if !ok {
             return Err(cmd_err(
                 &args,
@@ -311,27 +372,16 @@ impl Nft {
                 &format!("{err} (batch: {text})"),
             ));
         }
-        let mut added = Vec::new();
-        if let Ok(echo) = serde_json::from_str::<Nftables>(&out) {
-            for o in echo.objects.iter() {
-                if let NfObject::CmdObject(NfCmd::Add(NfListObject::Rule(r))) = o {
-                    added.push(NftRule {
-                        chain: r.chain.to_string(),
-                        expr: serde_json::to_value(&r.expr).unwrap_or(Value::Null),
-                        comment: r.comment.as_ref().map(|c| c.to_string()),
-                        handle: r.handle,
-                    });
-                }
-            }
-        }
-        Ok(added)
+        Ok(())
     }
 
-    /// Replaces the whole table with `rules` atomically; deletes it when `rules` is empty.
+    /// Replaces the whole table with its skeleton, `rules` and `bridges` atomically;
+    /// deletes it when both are empty.
     pub(crate) fn replace(
         &self,
         current: &NftTable,
         rules: &[NftRule],
+        bridges: &BTreeSet<String>,
     ) -> Result<NftTable, DriverError> {
         let fam = NfFamily::INet;
         let table = || Table {
@@ -339,8 +389,9 @@ impl Nft {
             name: Cow::Borrowed(TABLE),
             handle: None,
         };
+        let empty = rules.is_empty() && bridges.is_empty();
         let mut objs: Vec<NfObject> = Vec::new();
-        if rules.is_empty() {
+        if empty {
             if !current.exists {
                 return Ok(NftTable::default());
             }
@@ -372,6 +423,32 @@ impl Nft {
                     },
                 ))));
             }
+            let elem: Vec<Expression> = bridges
+                .iter()
+                .map(|b| Expression::String(Cow::Owned(b.clone())))
+                .collect();
+            objs.push(NfObject::CmdObject(NfCmd::Add(NfListObject::Set(
+                Box::new(Set {
+                    family: fam,
+                    table: Cow::Borrowed(TABLE),
+                    name: Cow::Borrowed(SET),
+                    set_type: SetTypeValue::Single(SetType::Ifname),
+                    elem: if elem.is_empty() {
+                        None
+                    } else {
+                        Some(Cow::Owned(elem))
+                    },
+                    ..Set::default()
+                }),
+            ))));
+            for (chain, expr) in shared_rules() {
+                objs.push(rule_obj(&NftRule {
+                    chain: chain.to_string(),
+                    expr,
+                    comment: Some(SHARED_COMMENT.to_string()),
+                    handle: None,
+                })?);
+            }
             for r in rules {
                 match rule_obj(r) {
                     Ok(o) => objs.push(o),
@@ -381,12 +458,23 @@ impl Nft {
                 }
             }
         }
-        let added = self.transact(objs)?;
-        tracing::info!(rules = rules.len(), "rebuilt nftables table inet {TABLE}");
+        self.transact(objs)?;
+        tracing::info!(
+            rules = rules.len(),
+            bridges = bridges.len(),
+            "rebuilt nftables table inet {TABLE}"
+        );
         let mut t = NftTable {
-            exists: !rules.is_empty(),
-            chains_ok: !rules.is_empty(),
-            rules: added,
+            exists: !empty,
+            chains_ok: !empty,
+            rules: rules
+                .iter()
+                .map(|r| NftRule {
+                    handle: None,
+                    ..r.clone()
+                })
+                .collect(),
+            bridges: bridges.clone(),
             by_owner: BTreeMap::new(),
         };
         t.index();
@@ -515,8 +603,19 @@ fn hairpin_rule(subnet: &Cidr, f: &ForwardSpec) -> Value {
     ])
 }
 
-fn accept_rule(dir: &str, bridge: &str) -> Value {
-    json!([m("==", meta(dir), json!(bridge)), {"accept": null}])
+/// The skeleton's two forward-chain rules accepting traffic from and to the members of
+/// the `bridges` set (bridged traffic crosses the forward hook too when
+/// `bridge-nf-call-iptables` is on).
+fn shared_rules() -> Vec<(&'static str, Value)> {
+    ["iifname", "oifname"]
+        .into_iter()
+        .map(|dir| {
+            (
+                "forward",
+                normalize(json!([m("==", meta(dir), json!(format!("@{SET}"))), {"accept": null}])),
+            )
+        })
+        .collect()
 }
 
 /// The subnet of `spec` holding `ip`, if any (then the forward needs a hairpin rule).
@@ -546,10 +645,6 @@ pub(crate) fn expected_rules(bridge: &str, spec: &NetworkSpec) -> Vec<(String, V
         if let Some(s) = subnet_of(spec, f.to.ip()) {
             out.push(("postrouting".into(), hairpin_rule(&s, f)));
         }
-    }
-    if routed(spec) {
-        out.push(("forward".into(), accept_rule("iifname", bridge)));
-        out.push(("forward".into(), accept_rule("oifname", bridge)));
     }
     let mut out: Vec<(String, Value)> = out.into_iter().map(|(c, e)| (c, normalize(e))).collect();
     out.sort_by_key(|(c, e)| (c.clone(), e.to_string()));
@@ -603,13 +698,13 @@ pub(crate) fn desired_forwards(spec: &NetworkSpec) -> Vec<Value> {
 }
 
 /// Reads the rules tagged for one network back into the state shape:
-/// (`nat`, `forwards`, `forwardAccept`). `spec` tells which hairpin rules belong to which
-/// forward; `bridge` the interface the accept rules name.
+/// (`nat`, `forwards`). `spec` tells which hairpin rules belong to which forward;
+/// `bridge` is the interface the masquerade rules exclude.
 pub(crate) fn observed_rules_state(
     rules: &[(String, Value)],
     bridge: &str,
     spec: &NetworkSpec,
-) -> (Option<Value>, Vec<Value>, bool) {
+) -> (Option<Value>, Vec<Value>) {
     let has = |chain: &str, expr: &Value| rules.iter().any(|(c, e)| c == chain && e == expr);
     // Masquerade rules: [saddr == prefix, daddr != prefix, oifname ==/!=, masquerade].
     let mut subnets_seen: Vec<String> = Vec::new();
@@ -700,9 +795,7 @@ pub(crate) fn observed_rules_state(
         let j = forward_json(&f);
         fwds.insert(j.to_string(), j);
     }
-    let accept = has("forward", &accept_rule("iifname", bridge))
-        && has("forward", &accept_rule("oifname", bridge));
-    (nat, fwds.into_values().collect(), accept)
+    (nat, fwds.into_values().collect())
 }
 
 #[cfg(test)]
@@ -723,19 +816,18 @@ mod tests {
                          {"protocol": "udp", "hostPort": 53, "to": "192.0.2.9:53"}]
         }));
         let rules = expected_rules("lan0", &s);
-        // 2 masq + 2×(pre+out) + 1 hairpin + 2 accept
-        assert_eq!(rules.len(), 9);
-        let (nat, fwds, acc) = observed_rules_state(&rules, "lan0", &s);
+        // 2 masq + 2×(pre+out) + 1 hairpin
+        assert_eq!(rules.len(), 7);
+        let (nat, fwds) = observed_rules_state(&rules, "lan0", &s);
         assert_eq!(nat, desired_nat(&s));
         assert_eq!(fwds, desired_forwards(&s));
-        assert!(acc);
         // Drop the hairpin: the tcp forward is no longer complete.
         let partial: Vec<_> = rules
             .iter()
             .filter(|(c, e)| !(c == "postrouting" && e[0]["match"]["op"] == "in"))
             .cloned()
             .collect();
-        let (_, fwds, _) = observed_rules_state(&partial, "lan0", &s);
+        let (_, fwds) = observed_rules_state(&partial, "lan0", &s);
         assert_eq!(fwds.len(), 1);
         assert_eq!(fwds[0]["protocol"], "udp");
     }
@@ -749,8 +841,8 @@ mod tests {
         assert!(expected_rules("b", &s).is_empty());
         let s = spec(json!({"addresses": ["10.0.0.1/24"], "nat": {}}));
         let r = expected_rules("b", &s);
-        assert_eq!(r.len(), 3);
-        let (nat, _, _) = observed_rules_state(&r, "b", &s);
+        assert_eq!(r.len(), 1);
+        let (nat, _) = observed_rules_state(&r, "b", &s);
         assert_eq!(
             nat,
             Some(json!({"enabled": true, "subnets": ["10.0.0.0/24"]}))
