@@ -644,7 +644,8 @@ static void mode_tick(void)
 static void mode_idle(void)
 {
     u8 last[2] = {0, 0};
-    puts_("stead tiny guest: idle; type to echo, Ctrl-Alt-Del reboots\n");
+    /* CR LF line ends: a raw-mode terminal (stead console) does not add the CR. */
+    puts_("stead tiny guest: idle; type to echo, Ctrl-Alt-Del reboots\r\n");
     irq_setup((1 << 1) | (1 << 4));
     /* Serial: OUT2 on (IRQ line enabled), received-data-available interrupt on. */
     outb(COM1 + 4, 0x08);
@@ -655,8 +656,10 @@ static void mode_idle(void)
             char c = (char)inb(COM1);
             if (c >= 'a' && c <= 'z')
                 c = (char)(c - 32);
-            if (c == '\r')
-                c = '\n';
+            if (c == '\r' || c == '\n') {
+                puts_("\r\n");
+                continue;
+            }
             putc_(c);
         }
         while (inb(0x64) & 1) {
@@ -664,7 +667,7 @@ static void mode_idle(void)
             last[1] = inb(0x60);
             /* Ctrl-Alt-Del ends with the Delete make code (set 2: 0xe0 0x71). */
             if (last[0] == 0xe0 && last[1] == 0x71) {
-                puts_("idle: ctrl-alt-del, rebooting\n");
+                puts_("idle: ctrl-alt-del, rebooting\r\n");
                 outb(0x64, 0xfe);
                 halt_forever();
             }
