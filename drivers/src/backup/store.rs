@@ -431,10 +431,17 @@ fn is_zero(data: &[u8]) -> bool {
 }
 
 /// The chunk of one read, handed to the workers.
+/// What the whole-file hasher thread is fed, in file order.
+enum Feed {
+    Data(Arc<Vec<u8>>),
+    Zeros(u64),
+    End(usize),
+}
+
 struct Job {
     file: usize,
     index: usize,
-    data: Vec<u8>,
+    data: Arc<Vec<u8>>,
     /// Non-zero: an all-zero chunk of this length (`data` is empty).
     zero_len: usize,
 }
@@ -755,11 +762,56 @@ impl BackupStore {
     }
 
     #[allow(clippy::too_many_arguments)]
+    /// Reads every regular file in order, cuts chunks and feeds the workers. The whole-file
+    /// sha256 is computed on a separate hasher thread (fed the same chunks, in order), so the
+    /// reader only reads and cuts.
+    #[allow(clippy::too_many_arguments)]
     fn read_all(
         &self,
         files: &mut [FileEntry],
         sources: &[Option<PathBuf>],
         job_tx: &SyncSender<Job>,
+        abort: &AtomicBool,
+        bytes_read: &AtomicU64,
+        progress: &indicatif::ProgressBar,
+    ) -> Result<(), BackupError> {
+        let (hash_tx, hash_rx) = sync_channel::<Feed>(8);
+        let (digest_tx, digest_rx) = channel::<(usize, String)>();
+        let read = std::thread::scope(|s| {
+            s.spawn(move || {
+                let mut h = Sha256::new();
+                for m in hash_rx {
+                    match m {
+                        Feed::Data(d) => h.update(&d[..]),
+                        Feed::Zeros(n) => feed_zeros(&mut h, n),
+                        Feed::End(fi) => {
+                            let d = std::mem::take(&mut h).finalize();
+                            if digest_tx.send((fi, hex32(&d))).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            });
+            let r = self.read_files(
+                files, sources, job_tx, &hash_tx, abort, bytes_read, progress,
+            );
+            drop(hash_tx);
+            r
+        });
+        for (fi, d) in digest_rx.try_iter() {
+            files[fi].sha256 = Some(d);
+        }
+        read
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn read_files(
+        &self,
+        files: &mut [FileEntry],
+        sources: &[Option<PathBuf>],
+        job_tx: &SyncSender<Job>,
+        hash_tx: &SyncSender<Feed>,
         abort: &AtomicBool,
         bytes_read: &AtomicU64,
         progress: &indicatif::ProgressBar,
@@ -771,7 +823,6 @@ impl BackupStore {
                 break;
             }
             let mut f = File::open(src).map_err(BackupError::io("open", src))?;
-            let mut hasher = Sha256::new();
             let mut len = 0usize;
             let mut eof = false;
             let mut index = 0usize;
@@ -799,17 +850,33 @@ impl BackupStore {
                 let mut start = 0usize;
                 while start < len && (eof || len - start >= CHUNK_MAX + ZERO_RUN) {
                     let (end, zero) = next_cut(&cdc, &buf[..len], start, size, eof);
-                    let piece = &buf[start..end];
-                    hasher.update(piece);
-                    size += piece.len() as u64;
-                    progress.inc(piece.len() as u64);
-                    let job = Job {
-                        file: fi,
-                        index,
-                        data: if zero { Vec::new() } else { piece.to_vec() },
-                        zero_len: if zero { piece.len() } else { 0 },
+                    let piece_len = end - start;
+                    size += piece_len as u64;
+                    progress.inc(piece_len as u64);
+                    let (job, feed) = if zero {
+                        (
+                            Job {
+                                file: fi,
+                                index,
+                                data: Arc::default(),
+                                zero_len: piece_len,
+                            },
+                            Feed::Zeros(piece_len as u64),
+                        )
+                    } else {
+                        let data = Arc::new(buf[start..end].to_vec());
+                        let feed = Feed::Data(Arc::clone(&data));
+                        (
+                            Job {
+                                file: fi,
+                                index,
+                                data,
+                                zero_len: 0,
+                            },
+                            feed,
+                        )
                     };
-                    if job_tx.send(job).is_err() {
+                    if hash_tx.send(feed).is_err() || job_tx.send(job).is_err() {
                         // workers are gone: they reported an error
                         abort.store(true, Ordering::Relaxed);
                         return Ok(());
@@ -823,13 +890,16 @@ impl BackupStore {
                     break;
                 }
             }
+            if hash_tx.send(Feed::End(fi)).is_err() {
+                abort.store(true, Ordering::Relaxed);
+                return Ok(());
+            }
             bytes_read.fetch_add(size, Ordering::Relaxed);
             let fe = &mut files[fi];
             if fe.size != size {
                 warn!(file = %src.display(), expected = fe.size, read = size, "file changed size while reading");
             }
             fe.size = size;
-            fe.sha256 = Some(hex32(&hasher.finalize()));
             fe.chunks = vec![
                 ChunkRef {
                     digest: None,
@@ -903,7 +973,7 @@ impl BackupStore {
                 stored: 0,
             });
         }
-        let digest: [u8; 32] = Sha256::digest(&job.data).into();
+        let digest: [u8; 32] = Sha256::digest(&job.data[..]).into();
         let hex = hex32(&digest);
         let first_claim = claimed.lock().map(|mut c| c.insert(digest)).unwrap_or(true);
         let mut new = false;
