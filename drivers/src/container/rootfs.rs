@@ -165,6 +165,25 @@ pub fn unpack(tpl: &Path, dest: &Path, shift: u32) -> Result<(), DriverError> {
         .parent()
         .ok_or_else(|| DriverError::Other(format!("bad destination {}", dest.display())))?;
     fs::create_dir_all(parent).map_err(io(format!("mkdir {}", parent.display())))?;
+    let dest_name = dest
+        .file_name()
+        .and_then(|s| s.to_str())
+        .unwrap_or("rootfs")
+        .to_string();
+    // One unpacker per destination (containers sharing a template cache may be applied in
+    // parallel); the lock also makes the fixed temp name safe to clear after a crash.
+    let lock = File::create(parent.join(format!(".{dest_name}.lock")))
+        .map_err(io(format!("lock {}", dest.display())))?;
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: flock on an open fd; released when `lock` is dropped.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } < 0 {
+            return Err(DriverError::io("flock", io::Error::last_os_error()));
+        }
+    }
+    if dest.is_dir() {
+        return Ok(()); // unpacked by whoever held the lock before us
+    }
     let file = File::open(tpl).map_err(io(format!("open template {}", tpl.display())))?;
     let len = file.metadata().map(|m| m.len()).unwrap_or(0);
     let bar = std::io::IsTerminal::is_terminal(&io::stderr()).then(|| {
@@ -190,13 +209,7 @@ pub fn unpack(tpl: &Path, dest: &Path, shift: u32) -> Result<(), DriverError> {
         }
         magic == [0x28, 0xb5, 0x2f, 0xfd]
     };
-    let tmp = parent.join(format!(
-        ".tmp-{}-{}",
-        dest.file_name()
-            .and_then(|s| s.to_str())
-            .unwrap_or("rootfs"),
-        std::process::id()
-    ));
+    let tmp = parent.join(format!(".tmp-{dest_name}"));
     let _ = fs::remove_dir_all(&tmp);
     fs::create_dir_all(&tmp).map_err(io(format!("mkdir {}", tmp.display())))?;
     let result = if is_zstd {
@@ -217,7 +230,10 @@ pub fn unpack(tpl: &Path, dest: &Path, shift: u32) -> Result<(), DriverError> {
         std::os::unix::fs::lchown(&tmp, Some(shift), Some(shift))
             .map_err(io(format!("chown {}", tmp.display())))?;
     }
-    fs::rename(&tmp, dest).map_err(io(format!("rename into {}", dest.display())))
+    fs::rename(&tmp, dest).map_err(io(format!("rename into {}", dest.display())))?;
+    drop(lock);
+    let _ = fs::remove_file(parent.join(format!(".{dest_name}.lock")));
+    Ok(())
 }
 
 fn extract<R: Read>(r: R, dest: &Path, shift: u32) -> Result<(), DriverError> {
@@ -399,9 +415,10 @@ mod tests {
         let m = fs::metadata(dest.join("etc/passwd")).expect("passwd");
         assert_eq!((m.uid(), m.gid()), (100_005, 100_006));
         assert_eq!(fs::metadata(dest.join("etc")).expect("etc").uid(), 100_000);
-        assert!(
-            fs::read_dir(d.path().join("out")).expect("ls").count() == 1,
-            "no tmp left"
+        assert_eq!(
+            fs::read_dir(d.path().join("out")).expect("ls").count(),
+            1,
+            "no tmp or lock left"
         );
     }
 }
