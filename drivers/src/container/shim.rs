@@ -228,15 +228,19 @@ fn lock_file(p: &Path) -> Result<File, String> {
         .write(true)
         .open(p)
         .map_err(|e| format!("open {}: {e}", p.display()))?;
-    // SAFETY: flock on an open fd.
-    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } < 0 {
-        return Err(format!(
-            "another supervisor holds {} ({})",
-            p.display(),
-            io::Error::last_os_error()
-        ));
+    // Retry briefly: observe's `lock_held` probe takes the lock for a moment.
+    for _ in 0..50 {
+        // SAFETY: flock on an open fd.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            return Ok(f);
+        }
+        std::thread::sleep(Duration::from_millis(2));
     }
-    Ok(f)
+    Err(format!(
+        "another supervisor holds {} ({})",
+        p.display(),
+        io::Error::last_os_error()
+    ))
 }
 
 /// Whether a live shim holds the lock of `paths` (used by observe).
@@ -244,8 +248,10 @@ pub fn lock_held(paths: &Paths) -> bool {
     let Ok(f) = File::open(paths.lock()) else {
         return false;
     };
+    // A shared probe: it never blocks the supervisor for more than this moment (and the
+    // supervisor retries its exclusive lock briefly).
     // SAFETY: flock on an open fd; released at once when taken.
-    let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) };
     if r == 0 {
         // SAFETY: unlock what we just took.
         unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_UN) };
