@@ -610,6 +610,72 @@ mod tests {
         assert_eq!(d.impact("/kernel"), Impact::Restart);
     }
 
+    fn sandbox_driver(run_dir: &Path) -> VmDriver {
+        VmDriver {
+            env: HostEnv {
+                state_dir: run_dir.join("state"),
+                run_dir: run_dir.to_path_buf(),
+                cgroup_parent: format!("stead-unit-{}", std::process::id()),
+                netns: None,
+                self_exe: "/bin/false".into(),
+            },
+            hier: Hierarchy::V2 {
+                root: run_dir.join("no-cgroups"),
+            },
+            shutdown_timeout_secs: 1,
+        }
+    }
+
+    #[test]
+    fn observe_absent_half_created_and_dead_supervisor() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = sandbox_driver(dir.path());
+        let r = vm(r#"{"cpus":1,"memory":"32Mi","boot":{"kernel":"/k"}}"#);
+        let world: BTreeMap<ResourceId, Resource> = BTreeMap::new();
+        let o = d.observe(&[&r], &world).expect("observe");
+        assert!(!o[&r.id].exists, "no run dir at all");
+
+        // A directory without config.json: a create that crashed early, ours.
+        let paths = d.paths("vm1");
+        fs::create_dir_all(&paths.dir).expect("mkdir");
+        let o = d.observe(&[&r], &world).expect("observe");
+        assert!(o[&r.id].exists && o[&r.id].owned);
+        assert_eq!(o[&r.id].state, Value::Null);
+
+        // A config whose supervisor is gone: stopped, i.e. drift from running.
+        let Spec::VirtualMachine(spec) = &r.spec else {
+            panic!("not a VM")
+        };
+        let mut cfg = VmRunConfig {
+            name: "vm1".into(),
+            cpus: 1,
+            memory: 32 << 20,
+            kernel: "/k".into(),
+            initrd: None,
+            cmdline: None,
+            disks: vec![],
+            interfaces: vec![],
+            restart_policy: RestartPolicy::Always,
+            running: true,
+            cgroup_parent: d.env.cgroup_parent.clone(),
+            netns: None,
+            shutdown_timeout_secs: 1,
+        };
+        write_json(&paths.config(), &cfg).expect("config");
+        let o = &d.observe(&[&r], &world).expect("observe")[&r.id];
+        assert_eq!(o.state["state"], "stopped");
+        assert!(matches!(o.health, Health::Degraded(_)), "{:?}", o.health);
+        let mut want = VmDriver::project("vm1", spec);
+        want["state"] = json!("stopped");
+        assert_eq!(o.state, want, "only the run state differs");
+
+        // Declared stopped and not running: healthy.
+        cfg.running = false;
+        write_json(&paths.config(), &cfg).expect("config");
+        let o = &d.observe(&[&r], &world).expect("observe")[&r.id];
+        assert_eq!(o.health, Health::Ready);
+    }
+
     #[test]
     fn run_projection_matches_spec_projection() {
         let r = vm(r#"{"cpus":1,"memory":"32Mi","boot":{"kernel":"/k"},

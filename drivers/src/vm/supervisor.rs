@@ -572,25 +572,28 @@ impl Supervisor {
         self.save();
     }
 
-    /// Keeps the newest half of `console.log` once it passes [`LOG_CAP`] (in place: the
-    /// VMM appends through its own `O_APPEND` descriptor).
     fn trim_log(&self) {
-        let p = self.paths.console_log();
-        let Ok(meta) = fs::metadata(&p) else { return };
-        if meta.len() <= LOG_CAP {
-            return;
-        }
-        let Ok(data) = fs::read(&p) else { return };
-        let keep = (LOG_CAP / 2) as usize;
-        let mut start = data.len().saturating_sub(keep);
-        if let Some(nl) = data[start..].iter().position(|b| *b == b'\n') {
-            start += nl + 1;
-        }
-        if let Ok(f) = OpenOptions::new().write(true).open(&p)
-            && f.write_all_at(&data[start..], 0).is_ok()
-        {
-            let _ = f.set_len((data.len() - start) as u64);
-        }
+        trim_log(&self.paths.console_log(), LOG_CAP);
+    }
+}
+
+/// Keeps the newest half (from a line start) of the log at `p` once it passes `cap`
+/// bytes. In place, because the VMM appends through its own `O_APPEND` descriptor.
+fn trim_log(p: &Path, cap: u64) {
+    let Ok(meta) = fs::metadata(p) else { return };
+    if meta.len() <= cap {
+        return;
+    }
+    let Ok(data) = fs::read(p) else { return };
+    let keep = (cap / 2) as usize;
+    let mut start = data.len().saturating_sub(keep);
+    if let Some(nl) = data[start..].iter().position(|b| *b == b'\n') {
+        start += nl + 1;
+    }
+    if let Ok(f) = OpenOptions::new().write(true).open(p)
+        && f.write_all_at(&data[start..], 0).is_ok()
+    {
+        let _ = f.set_len((data.len() - start) as u64);
     }
 }
 
@@ -685,6 +688,33 @@ mod tests {
                 "--config",
                 "/run/stead/vms/vm1/config.json"
             ]
+        );
+    }
+
+    #[test]
+    fn log_is_trimmed_in_place_to_the_newest_half() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("console.log");
+        let mut text = String::new();
+        for i in 0..200 {
+            text.push_str(&format!("line {i:04}\n"));
+        }
+        fs::write(&p, &text).expect("write");
+        // An appending writer keeps its descriptor across the trim (like the VMM).
+        let mut appender = OpenOptions::new().append(true).open(&p).expect("open");
+        trim_log(&p, 4096);
+        let after = fs::read_to_string(&p).expect("read");
+        assert!(after.len() <= 2048 && after.len() > 1900, "{}", after.len());
+        assert!(after.starts_with("line "), "starts at a line: {after:.20}");
+        assert!(after.ends_with("line 0199\n"));
+        appender.write_all(b"next\n").expect("append");
+        let after2 = fs::read_to_string(&p).expect("read");
+        assert_eq!(after2.len(), after.len() + 5, "appends land at the new end");
+        trim_log(&p, 1 << 20);
+        assert_eq!(
+            fs::read_to_string(&p).expect("read"),
+            after2,
+            "under the cap: untouched"
         );
     }
 
