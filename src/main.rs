@@ -598,10 +598,11 @@ pub(crate) fn apply(g: &Global, env: &HostEnv, req: ApplyRequest<'_>) -> Result<
     if !run.plan.errors.is_empty() {
         return Ok(1);
     }
-    if dry_run || !run.plan.has_changes() {
+    if dry_run {
         return Ok(0);
     }
-    if !yes && !confirm("Apply these changes?")? {
+    let changes = run.plan.has_changes();
+    if changes && !yes && !confirm("Apply these changes?")? {
         eprintln!("Apply cancelled.");
         return Ok(1);
     }
@@ -622,11 +623,15 @@ pub(crate) fn apply(g: &Global, env: &HostEnv, req: ApplyRequest<'_>) -> Result<
         &db,
         &opts,
         &|r| {
-            if !quiet {
+            // A plan without changes still runs: it records objects adopted after an
+            // interrupted apply and closes their journal entries, silently.
+            if !quiet && changes {
                 eprintln!("{}", render::step_line(r, style));
             }
         },
     );
-    println!("{}", render::report_summary(&report));
+    if changes || !report.success() {
+        println!("{}", render::report_summary(&report));
+    }
     Ok(if report.success() { 0 } else { 1 })
 }
