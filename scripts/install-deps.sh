@@ -16,6 +16,14 @@ pkgs=(
   e2fsprogs       # mkfs.ext4
   util-linux      # losetup, mount, unshare, nsenter
   bc              # benchmark arithmetic
+  libssl-dev      # git2 https transport (controller sources)
+  pkg-config      # finds libssl for the build
+  git             # controller tests make repositories
+  openssh-client  # ssh-keygen: SSH-signed commits (controller --verify-commits)
+  gpg             # OpenPGP-signed commits in tests
+  gpgv            # OpenPGP signature verification
+  python3         # benchmark generators, test HTTP servers
+  file            # build-rootfs.sh checks busybox is static
 )
 missing=()
 for p in "${pkgs[@]}"; do
