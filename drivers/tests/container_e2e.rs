@@ -220,8 +220,15 @@ impl Sandbox {
             .collect()
     }
 
-    /// Asserts nothing of this sandbox is left: cgroups, veths, processes.
+    /// Asserts nothing of this sandbox is left: cgroups, veths, mounts, processes.
     fn assert_clean(&self) {
+        let mi = fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+        let tmp = self.tmp.path().to_string_lossy().to_string();
+        let left: Vec<&str> = mi
+            .lines()
+            .filter(|l| l.contains(&tmp) && !l.contains(&self.netns.to_string_lossy().to_string()))
+            .collect();
+        assert!(left.is_empty(), "mounts left: {left:?}");
         assert!(
             self.cgroup_dirs().is_empty(),
             "cgroups left: {:?}",
