@@ -280,13 +280,15 @@ impl Cidr {
 
     /// Whether `ip` lies inside this address's network.
     pub fn contains(&self, ip: IpAddr) -> bool {
-        Cidr {
-            addr: ip,
-            prefix: self.prefix,
-        }
-        .network()
-            == self.network()
-            && ip.is_ipv4() == self.addr.is_ipv4()
+        // Different families never contain each other (and a v6 prefix would overflow a
+        // v4 mask).
+        ip.is_ipv4() == self.addr.is_ipv4()
+            && Cidr {
+                addr: ip,
+                prefix: self.prefix,
+            }
+            .network()
+                == self.network()
     }
 }
 
@@ -664,6 +666,9 @@ mod tests {
         assert!("10.0.0.1/33".parse::<Cidr>().is_err());
         assert!("10.0.0.1".parse::<Cidr>().is_err());
         assert!("fd00::1/64".parse::<Cidr>().is_ok());
+        let v6: Cidr = "fd00::1/64".parse().unwrap();
+        assert!(!v6.contains("10.0.0.1".parse().unwrap()));
+        assert!(!c.contains("fd00::1".parse().unwrap()));
     }
 
     #[test]
