@@ -300,6 +300,29 @@ fn verify_names_the_file_and_chunk_with_a_corrupt_byte() {
                 .is_err()
         );
 
+        // Restore of a many-chunk file (parallel path) names the corrupt chunk too.
+        let disk = m.files.iter().find(|f| f.input == "disk0").expect("disk0");
+        assert!(disk.chunks.iter().filter(|c| !c.zero).count() >= 4);
+        let (di, dc) = disk
+            .chunks
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| !c.zero)
+            .nth(2)
+            .map(|(i, c)| (i, c.digest.clone().expect("digest")))
+            .expect("third data chunk");
+        let dpath = store.chunk_path(&dc, level.is_some());
+        let mut db = fs::read(&dpath).expect("chunk");
+        let dmid = db.len() / 2;
+        db[dmid] ^= 0x80;
+        fs::write(&dpath, &db).expect("corrupt");
+        let err = store
+            .restore(&info.id, &tmp.path().join("r2"), None)
+            .expect_err("restore must fail")
+            .to_string();
+        assert!(err.contains(&format!("disk0: chunk {di} ")), "{err}");
+        assert!(!tmp.path().join("r2/disk0").exists());
+
         // A missing chunk is reported as missing.
         fs::remove_file(&path).expect("remove chunk");
         let report = store.verify(&info.id).expect("verify");

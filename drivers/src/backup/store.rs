@@ -1263,11 +1263,108 @@ impl BackupStore {
         Ok(())
     }
 
+    /// Restores one regular file. Files of more than a few chunks are decompressed and
+    /// checked on a small thread pool (bounded read-ahead, written in order).
     fn restore_file(
         &self,
         e: &FileEntry,
         p: &Path,
         dec: &mut zstd::bulk::Decompressor<'static>,
+    ) -> Result<u64, BackupError> {
+        let threads = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2)
+            .clamp(1, 8);
+        let data_chunks = e.chunks.iter().filter(|c| !c.zero).count();
+        if threads < 2 || data_chunks < 4 {
+            return self.write_file(e, p, |_, c| {
+                self.read_chunk(c.digest.as_deref().unwrap_or_default(), c.size, dec)
+            });
+        }
+        let limit = threads * 2;
+        std::thread::scope(|s| {
+            let (job_tx, job_rx) = sync_channel::<usize>(limit);
+            let job_rx = Arc::new(Mutex::new(job_rx));
+            let (res_tx, res_rx) = channel::<(usize, Result<Vec<u8>, ProblemKind>)>();
+            for _ in 0..threads {
+                let job_rx = Arc::clone(&job_rx);
+                let res_tx = res_tx.clone();
+                s.spawn(move || {
+                    let mut dec = match zstd::bulk::Decompressor::new() {
+                        Ok(d) => d,
+                        Err(err) => {
+                            // Report on the first job this worker gets.
+                            let Ok(rx) = job_rx.lock() else { return };
+                            if let Ok(i) = rx.recv() {
+                                let _ = res_tx
+                                    .send((i, Err(ProblemKind::UnreadableChunk(err.to_string()))));
+                            }
+                            return;
+                        }
+                    };
+                    loop {
+                        let i = {
+                            let Ok(rx) = job_rx.lock() else { return };
+                            match rx.recv() {
+                                Ok(i) => i,
+                                Err(_) => return,
+                            }
+                        };
+                        let c = &e.chunks[i];
+                        let r = self.read_chunk(
+                            c.digest.as_deref().unwrap_or_default(),
+                            c.size,
+                            &mut dec,
+                        );
+                        if res_tx.send((i, r)).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+            drop(res_tx);
+            let order: Vec<usize> = (0..e.chunks.len()).filter(|&i| !e.chunks[i].zero).collect();
+            let mut submitted = 0usize;
+            let mut pending: BTreeMap<usize, Result<Vec<u8>, ProblemKind>> = BTreeMap::new();
+            let mut in_flight = 0usize;
+            let mut fetch = |idx: usize, _: &ChunkRef| -> Result<Vec<u8>, ProblemKind> {
+                loop {
+                    while in_flight + pending.len() < limit && submitted < order.len() {
+                        if job_tx.send(order[submitted]).is_err() {
+                            return Err(ProblemKind::UnreadableChunk(
+                                "restore workers stopped".into(),
+                            ));
+                        }
+                        submitted += 1;
+                        in_flight += 1;
+                    }
+                    if let Some(r) = pending.remove(&idx) {
+                        return r;
+                    }
+                    match res_rx.recv() {
+                        Ok((i, r)) => {
+                            in_flight -= 1;
+                            pending.insert(i, r);
+                        }
+                        Err(_) => {
+                            return Err(ProblemKind::UnreadableChunk(
+                                "restore workers stopped".into(),
+                            ));
+                        }
+                    }
+                }
+            };
+            let r = self.write_file(e, p, &mut fetch);
+            drop(job_tx);
+            r
+        })
+    }
+
+    fn write_file(
+        &self,
+        e: &FileEntry,
+        p: &Path,
+        mut fetch: impl FnMut(usize, &ChunkRef) -> Result<Vec<u8>, ProblemKind>,
     ) -> Result<u64, BackupError> {
         let mut out = File::create(p).map_err(BackupError::io("create", p))?;
         let mut hasher = Sha256::new();
@@ -1278,8 +1375,7 @@ impl BackupStore {
                 out.seek(SeekFrom::Current(c.size as i64))
                     .map_err(BackupError::io("seek", p))?;
             } else {
-                let d = c.digest.as_deref().unwrap_or_default();
-                let data = self.read_chunk(d, c.size, dec).map_err(|k| {
+                let data = fetch(i, c).map_err(|k| {
                     BackupError::Integrity(
                         Problem {
                             input: e.input.clone(),
