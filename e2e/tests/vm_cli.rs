@@ -456,14 +456,9 @@ fn vm_stopped_state_and_restart_policy_never() {
     assert!(!links(&sb).contains("master lan0"));
 }
 
-/// Kills `stead apply` at several points while it creates the VM and re-applies.
-///
-/// Ignored until the reconciler records an object whose create was interrupted after the
-/// driver's apply but before the inventory write: the re-plan is then all `Noop` and
-/// `stead apply` returns before `execute` (which would upsert it), so the VM runs but is
-/// not in the inventory (`stead get` refuses it, a later prune would leak it).
+/// Kills `stead apply` at several points while it creates the VM and re-applies: one
+/// supervisor and one VMM, recorded in the inventory, deleted cleanly.
 #[test]
-#[ignore = "reconciler: interrupted create not adopted when the re-plan has no changes"]
 fn vm_apply_killed_midway_converges_without_duplicates() {
     if !kvm_ok("vm_apply_killed_midway_converges_without_duplicates") {
         return;

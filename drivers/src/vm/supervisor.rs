@@ -187,15 +187,19 @@ fn lock_file(p: &Path) -> Result<File, String> {
         .write(true)
         .open(p)
         .map_err(|e| format!("open {}: {e}", p.display()))?;
-    // SAFETY: flock on an open fd.
-    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } < 0 {
-        return Err(format!(
-            "another supervisor holds {} ({})",
-            p.display(),
-            io::Error::last_os_error()
-        ));
+    // A concurrent `lock_held` probe holds a shared lock for an instant: retry briefly.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        // SAFETY: flock on an open fd.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            return Ok(f);
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EWOULDBLOCK) || Instant::now() > deadline {
+            return Err(format!("another supervisor holds {} ({e})", p.display()));
+        }
+        std::thread::sleep(Duration::from_millis(5));
     }
-    Ok(f)
 }
 
 /// Whether a live supervisor holds the lock of `paths`.
@@ -203,8 +207,10 @@ pub fn lock_held(paths: &Paths) -> bool {
     let Ok(f) = File::open(paths.lock()) else {
         return false;
     };
+    // Shared: probes never conflict with each other, only with the supervisor's
+    // exclusive lock.
     // SAFETY: flock on an open fd; released at once when taken.
-    let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) };
     if r == 0 {
         // SAFETY: unlock what we just took.
         unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_UN) };
