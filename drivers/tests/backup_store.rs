@@ -497,3 +497,52 @@ fn same_second_backups_get_distinct_ids_and_list_is_sorted() {
     );
     assert!(store.verify("Volume/x/2000-01-01T00:00:00Z").is_err());
 }
+
+/// Detaches a loop device on drop.
+struct Loop(String);
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("losetup")
+            .args(["-d", &self.0])
+            .status();
+    }
+}
+
+#[test]
+fn block_device_input_is_backed_up_as_content() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let img = tmp.path().join("img.raw");
+    fs::write(&img, mixed_data(21, 6)).expect("write");
+    let out = std::process::Command::new("losetup")
+        .args(["--find", "--show", "--read-only"])
+        .arg(&img)
+        .output();
+    let dev = match out {
+        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).trim().to_string(),
+        Ok(o) => {
+            eprintln!(
+                "SKIP block_device_input_is_backed_up_as_content: losetup failed: {}",
+                String::from_utf8_lossy(&o.stderr).trim()
+            );
+            return;
+        }
+        Err(e) => {
+            eprintln!("SKIP block_device_input_is_backed_up_as_content: no losetup: {e}");
+            return;
+        }
+    };
+    let _guard = Loop(dev.clone());
+    let store = BackupStore::for_pool(&tmp.path().join("pool"));
+    let info = store
+        .backup_paths(
+            "Volume/blk",
+            &serde_json::json!({}),
+            &[("blk".into(), PathBuf::from(&dev))],
+            &BackupOptions::default(),
+        )
+        .expect("backup of a block device");
+    assert_eq!(info.stats.bytes, 6 << 20);
+    let dest = tmp.path().join("r");
+    store.restore(&info.id, &dest, None).expect("restore");
+    assert_eq!(sha(&dest.join("blk")), sha(&img));
+}

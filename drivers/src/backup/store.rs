@@ -608,14 +608,14 @@ impl BackupStore {
         let mut files: Vec<FileEntry> = Vec::new();
         let mut sources: Vec<Option<PathBuf>> = Vec::new();
         for (n, p) in inputs {
-            let md = fs::symlink_metadata(p).map_err(BackupError::io("stat", p))?;
+            let md = fs::metadata(p).map_err(BackupError::io("stat", p))?;
             let kind = if md.is_dir() {
                 EntryKind::Dir
-            } else if md.is_file() {
+            } else if md.is_file() || md.file_type().is_block_device() {
                 EntryKind::File
             } else {
                 return Err(BackupError::Invalid(format!(
-                    "input {n}: {} is neither a regular file nor a directory",
+                    "input {n}: {} is neither a regular file, a block device nor a directory",
                     p.display()
                 )));
             };
@@ -1629,11 +1629,20 @@ fn walk(
     files: &mut Vec<FileEntry>,
     sources: &mut Vec<Option<PathBuf>>,
 ) -> Result<(), BackupError> {
-    let md = fs::symlink_metadata(path).map_err(BackupError::io("stat", path))?;
+    // The input itself is followed if it is a symlink (e.g. /dev/vg/lv); entries below are not.
+    let top = rel.is_empty();
+    let md = if top {
+        fs::metadata(path)
+    } else {
+        fs::symlink_metadata(path)
+    }
+    .map_err(BackupError::io("stat", path))?;
     let ft = md.file_type();
+    // A block device given as an input is a volume: its content is backed up like a file.
+    let device_content = top && ft.is_block_device();
     let kind = if ft.is_dir() {
         EntryKind::Dir
-    } else if ft.is_file() {
+    } else if ft.is_file() || device_content {
         EntryKind::File
     } else if ft.is_symlink() {
         EntryKind::Symlink
@@ -1668,7 +1677,15 @@ fn walk(
         gid: md.gid(),
         mtime: md.mtime(),
         mtime_nsec: md.mtime_nsec().clamp(0, 999_999_999) as u32,
-        size: if kind == EntryKind::File { md.len() } else { 0 },
+        size: if device_content {
+            File::open(path)
+                .and_then(|mut f| f.seek(SeekFrom::End(0)))
+                .map_err(BackupError::io("size of", path))?
+        } else if kind == EntryKind::File {
+            md.len()
+        } else {
+            0
+        },
         sha256: None,
         target,
         rdev: matches!(kind, EntryKind::Char | EntryKind::Block).then(|| md.rdev()),
