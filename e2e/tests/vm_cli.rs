@@ -516,3 +516,160 @@ fn vm_apply_killed_midway_converges_without_duplicates() {
     sb.run(&["destroy", "--yes", "--allow-data-loss", without])
         .expect_code(0);
 }
+
+const ETH_P_STEAD_TEST: u16 = 0x88b5;
+
+/// An AF_PACKET socket for EtherType 0x88b5 bound to `ifname` inside network namespace
+/// `netns` (created on a helper thread that entered the namespace; the socket stays
+/// in it), and the interface index.
+fn packet_socket_in(netns: &str, ifname: &str) -> (std::os::fd::OwnedFd, i32) {
+    use std::os::fd::FromRawFd;
+    let ns = PathBuf::from("/run/netns").join(netns);
+    let ifname = ifname.to_string();
+    std::thread::spawn(move || {
+        let f = std::fs::File::open(&ns).expect("open netns");
+        // SAFETY: setns on this helper thread only, with an open namespace fd.
+        let r = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) };
+        assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
+        let cname = std::ffi::CString::new(ifname).expect("ifname");
+        // SAFETY: FFI with valid pointers; the descriptor is owned at once.
+        unsafe {
+            let idx = libc::if_nametoindex(cname.as_ptr()) as i32;
+            assert!(idx > 0, "no such interface");
+            let proto = ETH_P_STEAD_TEST.to_be();
+            let s = libc::socket(
+                libc::AF_PACKET,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                i32::from(proto),
+            );
+            assert!(s >= 0, "socket: {}", std::io::Error::last_os_error());
+            let s = std::os::fd::OwnedFd::from_raw_fd(s);
+            let mut sll: libc::sockaddr_ll = std::mem::zeroed();
+            sll.sll_family = libc::AF_PACKET as u16;
+            sll.sll_protocol = proto;
+            sll.sll_ifindex = idx;
+            let r = libc::bind(
+                std::os::fd::AsRawFd::as_raw_fd(&s),
+                &sll as *const libc::sockaddr_ll as *const libc::sockaddr,
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            );
+            assert_eq!(r, 0, "bind: {}", std::io::Error::last_os_error());
+            let tv = libc::timeval {
+                tv_sec: 0,
+                tv_usec: 200_000,
+            };
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&s),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                &tv as *const libc::timeval as *const libc::c_void,
+                std::mem::size_of::<libc::timeval>() as u32,
+            );
+            (s, idx)
+        }
+    })
+    .join()
+    .expect("packet socket thread")
+}
+
+#[test]
+fn vm_frames_cross_the_bridge_through_the_tap() {
+    if !kvm_ok("vm_frames_cross_the_bridge_through_the_tap") {
+        return;
+    }
+    use std::os::fd::AsRawFd;
+    let sb = Sandbox::with_netns();
+    let _leftovers = Leftovers(&sb);
+    let kernel = demo_guest(&sb);
+    // Storage and bridge first; then listen on the bridge before the guest boots.
+    let m = manifest(
+        &sb,
+        &kernel,
+        &Vm {
+            with_vm: false,
+            ..Vm::default()
+        },
+    );
+    sb.run(&["apply", "--yes", m.to_str().unwrap()])
+        .expect_code(0);
+    let (sock, ifindex) = packet_socket_in(sb.netns.as_deref().expect("netns"), "lan0");
+    let m = manifest(
+        &sb,
+        &kernel,
+        &Vm {
+            policy: "never",
+            ..Vm::default()
+        },
+    );
+    let text = std::fs::read_to_string(m.join("all.yaml"))
+        .expect("read")
+        .replace("mode=idle", "mode=net")
+        // The test guest drives the first virtio device: no disk in front of the NIC.
+        .replace("  disks: [{volume: vm1-root}]\n", "");
+    std::fs::write(m.join("all.yaml"), text).expect("write");
+    let m = m.to_str().unwrap();
+    sb.run(&["apply", "--yes", m]).expect_code(0);
+    let mac = get_vm(&sb).0["interfaces"][0]["mac"]
+        .as_str()
+        .expect("mac")
+        .to_string();
+
+    // Guest -> tap -> bridge: the guest's broadcast frame.
+    let mut buf = [0u8; 2048];
+    let t = Instant::now();
+    let mut got = None;
+    while got.is_none() && t.elapsed() < Duration::from_secs(10) {
+        // SAFETY: recv into a buffer we own.
+        let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n > 14 {
+            got = Some(buf[..n as usize].to_vec());
+        }
+    }
+    let frame = got.expect("no frame from the guest on the bridge");
+    let src: Vec<String> = frame[6..12].iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(
+        src.join(":"),
+        mac,
+        "source MAC is the declared/generated one"
+    );
+    assert!(
+        String::from_utf8_lossy(&frame[14..]).starts_with("stead-guest-tx"),
+        "{frame:?}"
+    );
+
+    // Bridge -> tap -> guest: the guest prints the payload and powers off.
+    let mut out = vec![0xffu8; 6];
+    out.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x01]);
+    out.extend_from_slice(&ETH_P_STEAD_TEST.to_be_bytes());
+    out.extend_from_slice(b"stead-host-rx");
+    out.resize(60, 0);
+    wait_for(
+        "the guest to receive the frame",
+        Duration::from_secs(10),
+        || {
+            // SAFETY: sockaddr_ll is plain data; sendto reads `out` and `sll` only.
+            unsafe {
+                let mut sll: libc::sockaddr_ll = std::mem::zeroed();
+                sll.sll_family = libc::AF_PACKET as u16;
+                sll.sll_ifindex = ifindex;
+                sll.sll_halen = 6;
+                sll.sll_addr[..6].copy_from_slice(&[0xff; 6]);
+                libc::sendto(
+                    sock.as_raw_fd(),
+                    out.as_ptr().cast(),
+                    out.len(),
+                    0,
+                    &sll as *const libc::sockaddr_ll as *const libc::sockaddr,
+                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                );
+            }
+            sb.run(&["logs", "vm/vm1"])
+                .stdout()
+                .contains("net: rx stead-host-rx")
+        },
+    );
+    drop(sock);
+    sb.run(&["destroy", "--yes", "--allow-data-loss", m])
+        .expect_code(0);
+    assert!(sandbox_processes(&sb).is_empty());
+}
