@@ -777,7 +777,22 @@ fn main() {
             stop_start_delete_leave_nothing,
         ),
     ];
-    let filter: Vec<&String> = args[1..].iter().filter(|a| !a.starts_with('-')).collect();
+    // The libtest listing protocol, so cargo-nextest runs these tests one by one:
+    // `--list --format terse` prints `name: test` lines (`--ignored`: none are ignored).
+    if args.iter().any(|a| a == "--list") {
+        if !args.iter().any(|a| a == "--ignored") {
+            for (name, _) in tests {
+                println!("{name}: test");
+            }
+        }
+        return;
+    }
+    let exact = args.iter().any(|a| a == "--exact");
+    let filter: Vec<&String> = args[1..]
+        .iter()
+        .filter(|a| !a.starts_with('-'))
+        .filter(|a| a.parse::<u32>().is_err()) // values of --test-threads N and the like
+        .collect();
     if !nix::unistd::geteuid().is_root() || !Path::new("/bin/busybox").exists() {
         for (name, _) in tests {
             eprintln!("SKIP {name}: needs root and /bin/busybox (apt busybox-static)");
@@ -792,7 +807,14 @@ fn main() {
     let mut failed = 0;
     let mut ran = 0;
     for (name, f) in tests {
-        if !filter.is_empty() && !filter.iter().any(|p| name.contains(p.as_str())) {
+        let selected = filter.iter().any(|p| {
+            if exact {
+                name == p.as_str()
+            } else {
+                name.contains(p.as_str())
+            }
+        });
+        if !filter.is_empty() && !selected {
             continue;
         }
         ran += 1;
@@ -807,6 +829,7 @@ fn main() {
         }
     }
     eprintln!("container_e2e: {ran} run, {failed} failed");
+    println!("{} passed, {failed} failed", ran - failed);
     if failed > 0 {
         std::process::exit(1);
     }
