@@ -317,6 +317,34 @@ fn vm_apply_console_restart_resize_delete() {
     );
     sb.run(&["diff", m2]).expect_code(0);
 
+    // restartPolicy is hot: the supervisor re-reads it, the VMM keeps running.
+    let pid3 = get_vm(&sb).1["pid"].as_i64().expect("pid");
+    let m_pol = manifest(
+        &sb,
+        &kernel,
+        &Vm {
+            cpus: 2,
+            policy: "on-failure",
+            ..Vm::default()
+        },
+    );
+    let m_pol = m_pol.to_str().unwrap();
+    let out = sb.run(&["diff", m_pol]).expect_code(2);
+    assert!(
+        out.stdout().contains("restartPolicy: always -> on-failure")
+            && out.stdout().contains("impact: hot"),
+        "{}",
+        out.stdout()
+    );
+    sb.run(&["apply", "--yes", m_pol]).expect_code(0);
+    assert_eq!(get_vm(&sb).1["pid"].as_i64(), Some(pid3), "not restarted");
+    wait_for("the supervisor to reload", Duration::from_secs(5), || {
+        std::fs::read_to_string(sb.path("run/vms/vm1/vmm.log"))
+            .unwrap_or_default()
+            .contains("restart policy OnFailure")
+    });
+    sb.run(&["diff", m_pol]).expect_code(0);
+
     // Delete: remove the VM from the manifests.
     let m3 = manifest(
         &sb,
