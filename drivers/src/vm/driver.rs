@@ -374,6 +374,11 @@ impl VmDriver {
             )),
             (true, _, _) => Health::Progressing,
             (false, _, _) if !cfg.running => Health::Ready,
+            (false, Some(Phase::Exited), _)
+                if sup.as_ref().and_then(|s| s.last_exit.as_deref()) == Some("shutdown") =>
+            {
+                Health::Degraded("the guest powered off".into())
+            }
             (false, Some(Phase::Exited), _) => Health::Failed(format!(
                 "VM exited ({}) and its restart policy does not restart it{}",
                 sup.as_ref()
