@@ -41,6 +41,11 @@ echo "== stead diff (must be clean)"
 "$stead" "${args[@]}" diff examples/homelab/
 echo "== stead get"
 "$stead" "${args[@]}" get
+echo "== the web container answers through the port forward (10.42.0.1:8080 -> 10.42.0.10:80)"
+for i in 1 2 3 4 5; do
+  ip netns exec "$NS" wget -qO- -T 2 http://10.42.0.1:8080/ && break
+  sleep 1
+done
 echo
 echo "The demo is running in network namespace $NS with state in $STATE."
 echo "Try: $stead ${args[*]} get -o yaml | less"
