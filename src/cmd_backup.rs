@@ -217,11 +217,6 @@ pub enum BackupCmd {
     },
 }
 
-/// Runs a `stead backup` subcommand without an inventory; names resolve through `-f`.
-pub fn run(cmd: BackupCmd, env: &HostEnv) -> Result<i32> {
-    run_with(cmd, env, None)
-}
-
 /// Runs a `stead backup` subcommand; `world` (e.g. the state DB inventory) resolves names
 /// that `-f` manifests do not define.
 pub fn run_with(
