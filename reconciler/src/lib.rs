@@ -22,7 +22,11 @@ pub use state::{ApplyLock, InventoryEntry, StateDb, StateError};
 pub type Drivers = BTreeMap<Kind, Box<dyn Driver>>;
 
 /// One kind's observation: the kind, the ids asked for, and the result.
-type KindObservation = (Kind, Vec<ResourceId>, Result<BTreeMap<ResourceId, Observed>, String>);
+type KindObservation = (
+    Kind,
+    Vec<ResourceId>,
+    Result<BTreeMap<ResourceId, Observed>, String>,
+);
 
 /// Observes every desired and inventory resource, one `observe` call per kind, kinds in
 /// parallel. A kind whose observe fails yields a plan error for each of its resources.
