@@ -27,6 +27,13 @@ done
 
 echo "== tests"
 export STEAD_BIN="$CARGO_TARGET_DIR/debug/stead"
+# Tests for kernel features this host may lack print `SKIP <test>: <reason>` and return;
+# run them once with their output shown so every skip is visible here.
+echo "-- tests that depend on optional kernel features (SKIP lines below, if any)"
+cargo nextest run --workspace --success-output immediate --failure-output immediate \
+  --status-level fail --final-status-level none \
+  -E 'binary(net_bond_vlan) | binary(storage_backends) | binary(linux) | binary(vm_linux)' 2>&1 \
+  | grep -E "SKIP|FAIL|panicked" || true
 cargo nextest run --workspace --no-fail-fast --failure-output final --success-output never --status-level fail --final-status-level skip "$@"
 
 echo "== leak check"
