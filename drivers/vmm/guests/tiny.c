@@ -6,6 +6,9 @@
  *
  *   mode=hello    print a greeting, power off
  *   mode=mptable  find and check the MP table (ELF/PVH boot writes one), print counts
+ *   mode=acpi     find the RSDP in 0xE0000-0xFFFFF like Linux, check every table's
+ *                 checksum, count MADT Local APICs and DSDT LNRO0005 devices, then
+ *                 power off through the FADT sleep control register
  *   mode=echo     echo serial input upper-cased (polling the 16550); 'q' powers off
  *   mode=irq      interrupt-driven: 8259 + local APIC set up, waits (sti; hlt) for the
  *                 serial THR-empty IRQ 4 and, with a disk, the virtio-blk IRQ 5
@@ -676,6 +679,96 @@ static void mode_idle(void)
     }
 }
 
+/* ---------------------------------------------------------------- ACPI */
+
+static u32 le32(const u8 *p) { return p[0] | p[1] << 8 | p[2] << 16 | (u32)p[3] << 24; }
+static u64 le64(const u8 *p) { return le32(p) | (u64)le32(p + 4) << 32; }
+
+static u8 sum8(const u8 *p, u32 n)
+{
+    u8 s = 0;
+    for (u32 i = 0; i < n; i++)
+        s += p[i];
+    return s;
+}
+
+static int sig_is(const u8 *p, const char *sig)
+{
+    for (int i = 0; sig[i]; i++)
+        if (p[i] != (u8)sig[i])
+            return 0;
+    return 1;
+}
+
+/* A table is good when its length is sane and its bytes sum to zero. */
+static int table_ok(const u8 *t) { return le32(t + 4) >= 36 && sum8(t, le32(t + 4)) == 0; }
+
+static void mode_acpi(void)
+{
+    const u8 *rsdp = 0;
+    for (u64 a = 0xe0000; a < 0x100000; a += 16) {
+        if (sig_is((const u8 *)a, "RSD PTR ")) {
+            rsdp = (const u8 *)a;
+            break;
+        }
+    }
+    if (!rsdp) {
+        puts_("acpi: no RSDP\n");
+        power_off();
+    }
+    int bad = sum8(rsdp, 20) != 0 || rsdp[15] < 2 || sum8(rsdp, 36) != 0;
+    const u8 *xsdt = (const u8 *)le64(rsdp + 24);
+    bad |= !sig_is(xsdt, "XSDT") || !table_ok(xsdt);
+    const u8 *fadt = 0, *madt = 0, *dsdt = 0;
+    u32 n = (le32(xsdt + 4) - 36) / 8;
+    for (u32 i = 0; i < n; i++) {
+        const u8 *t = (const u8 *)le64(xsdt + 36 + 8 * i);
+        bad |= !table_ok(t);
+        if (sig_is(t, "FACP"))
+            fadt = t;
+        else if (sig_is(t, "APIC"))
+            madt = t;
+    }
+    u32 cpus = 0, ioapics = 0, virtio = 0, hw_reduced = 0;
+    if (madt) {
+        for (u32 off = 44; off + 2 <= le32(madt + 4) && madt[off + 1]; off += madt[off + 1]) {
+            cpus += madt[off] == 0 && (madt[off + 4] & 1);
+            ioapics += madt[off] == 1;
+        }
+    }
+    u16 sleep_port = 0;
+    if (fadt) {
+        hw_reduced = (le32(fadt + 112) >> 20) & 1;
+        dsdt = (const u8 *)le64(fadt + 140);
+        bad |= !sig_is(dsdt, "DSDT") || !table_ok(dsdt);
+        if (fadt[244] == 1)
+            sleep_port = (u16)le64(fadt + 248);
+        for (u32 off = 36; off + 8 <= le32(dsdt + 4); off++)
+            virtio += sig_is(dsdt + off, "LNRO0005");
+    }
+    puts_("acpi: checksums ");
+    puts_(bad ? "bad" : "ok");
+    puts_(fadt ? " fadt" : " no-fadt");
+    puts_(madt ? " madt" : " no-madt");
+    puts_(" hw_reduced=");
+    putu(hw_reduced);
+    puts_(" cpus=");
+    putu(cpus);
+    puts_(" ioapics=");
+    putu(ioapics);
+    puts_(" virtio=");
+    putu(virtio);
+    puts_("\n");
+    if (sleep_port) {
+        /* What Linux writes for S5: SLP_TYP (5) << 2 | SLP_EN. */
+        outb(sleep_port, (5 << 2) | 0x20);
+        puts_("acpi: sleep register did not power off\n");
+    } else {
+        puts_("acpi: no sleep control register\n");
+    }
+    power_off();
+}
+
 void guest_main(u64 cpu, u64 ncpus, const char *cmdline)
 {
     const char *mode = find_mode(cmdline);
@@ -742,6 +835,8 @@ void guest_main(u64 cpu, u64 ncpus, const char *cmdline)
         putu(irqs);
         puts_("\n");
         power_off();
+    } else if (starts_with(mode, "acpi")) {
+        mode_acpi();
     } else if (starts_with(mode, "echo")) {
         puts_("echo: ready\n");
         for (;;) {

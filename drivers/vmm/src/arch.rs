@@ -97,13 +97,16 @@ fn low_ram_end(mem_bytes: u64) -> u64 {
 }
 
 /// Loads the kernel (ELF vmlinux, bzImage, or a flat tiny-guest image) and, for
-/// Linux, the initrd, command line and boot_params (with e820 map).
+/// Linux, the initrd, command line and boot_params (with e820 map). `rsdp` (the ACPI
+/// RSDP address, if tables were written) goes into `boot_params.acpi_rsdp_addr` or
+/// `hvm_start_info.rsdp_paddr`.
 pub fn load_guest(
     mem: &GuestMemoryMmap,
     mem_bytes: u64,
     kernel: &Path,
     initrd: Option<&Path>,
     cmdline: &str,
+    rsdp: Option<u64>,
 ) -> Result<BootEntry, VmmError> {
     let open = |p: &Path| {
         File::open(p).map_err(|e| VmmError::Io {
@@ -183,6 +186,7 @@ pub fn load_guest(
             cmdline_paddr: CMDLINE_ADDR,
             memmap_paddr: PVH_MEMMAP,
             memmap_entries: e820.len() as u32,
+            rsdp_paddr: rsdp.unwrap_or(0),
             ..Default::default()
         };
         if let Some((addr, size)) = initrd_range {
@@ -219,6 +223,7 @@ pub fn load_guest(
     params.hdr.cmd_line_ptr = CMDLINE_ADDR as u32;
     params.hdr.cmdline_size = cmdline.len() as u32 + 1;
     params.hdr.kernel_alignment = 0x0100_0000;
+    params.acpi_rsdp_addr = rsdp.unwrap_or(0);
     if let Some((addr, size)) = initrd_range {
         params.hdr.ramdisk_image = addr as u32;
         params.hdr.ramdisk_size = size as u32;

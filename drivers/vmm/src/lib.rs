@@ -11,6 +11,7 @@
 
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
+mod acpi;
 mod arch;
 mod control;
 mod devices;
@@ -118,6 +119,10 @@ pub struct VmConfig {
     /// Test only: a guest write to [`FORBIDDEN_SYSCALL_PORT`] makes the vCPU thread
     /// call a syscall the seccomp filter forbids.
     pub test_forbidden_syscall_port: bool,
+    /// Write ACPI tables (RSDP at 0xE0000, XSDT, FADT, MADT, DSDT with the
+    /// virtio-mmio devices) for ELF/bzImage kernels. Default true; flat tiny-guest
+    /// images never get them.
+    pub acpi: bool,
 }
 
 impl VmConfig {
@@ -138,6 +143,7 @@ impl VmConfig {
             seccomp: true,
             shutdown_timeout: Duration::from_secs(10),
             test_forbidden_syscall_port: false,
+            acpi: true,
         }
     }
 }
@@ -672,6 +678,7 @@ impl Vm {
 
         let mut transports = Vec::new();
         let mut cmdline_extra = String::new();
+        let mut mmio_devices = Vec::new();
         let mut idx = 0u64;
         let mut add = |dev: virtio::DeviceKind,
                        transports: &mut Vec<Arc<Mutex<virtio::MmioTransport>>>|
@@ -693,6 +700,11 @@ impl Vm {
                     .map_err(kerr("KVM_IOEVENTFD"))?;
             }
             cmdline_extra.push_str(&format!(" virtio_mmio.device=4K@{base:#x}:{gsi}"));
+            mmio_devices.push(acpi::MmioDevice {
+                base,
+                size: VIRTIO_MMIO_SIZE,
+                gsi,
+            });
             transports.push(Arc::new(Mutex::new(t)));
             idx += 1;
             Ok(())
@@ -722,9 +734,13 @@ impl Vm {
         // Kernel and boot structures.
         arch::write_tables(&mem)?;
         let mut cmdline = cfg.cmdline.clone();
+        let mut rsdp = None;
         if arch::is_linux_image(&cfg.kernel)? {
             cmdline.push_str(&cmdline_extra);
             mptable::write(&mem, cfg.vcpus)?;
+            if cfg.acpi {
+                rsdp = Some(acpi::write(&mem, cfg.vcpus, &mmio_devices)?);
+            }
         }
         let boot = arch::load_guest(
             &mem,
@@ -732,6 +748,7 @@ impl Vm {
             &cfg.kernel,
             cfg.initrd.as_deref(),
             cmdline.trim(),
+            rsdp,
         )?;
 
         let mut vcpu_fds = Vec::new();

@@ -406,3 +406,52 @@ fn mptable_seen_by_guest() {
         "serial: {out}"
     );
 }
+
+#[test]
+fn acpi_tables_seen_by_guest() {
+    if !kvm_or_skip("acpi_tables_seen_by_guest") {
+        return;
+    }
+    // The PVH ELF takes the kernel path, which writes the ACPI tables; two virtio
+    // disks give two LNRO0005 devices in the DSDT.
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = tiny("acpi");
+    cfg.kernel = stead_vmm::TINY_GUEST_PVH_IMAGE.into();
+    cfg.vcpus = 3;
+    for name in ["a.img", "b.img"] {
+        let path = dir.path().join(name);
+        std::fs::write(&path, vec![0u8; 1 << 20]).unwrap();
+        cfg.disks.push(DiskConfig {
+            path,
+            read_only: true,
+        });
+    }
+    let vm = Vm::new(cfg).unwrap();
+    let h = vm.handle();
+    // The guest powers off through the FADT sleep control register.
+    assert_eq!(vm.run().unwrap(), ExitReason::Shutdown);
+    let out = serial(&h);
+    assert!(
+        out.contains("acpi: checksums ok fadt madt hw_reduced=1 cpus=3 ioapics=1 virtio=2"),
+        "serial: {out}"
+    );
+    assert!(!out.contains("did not power off"), "serial: {out}");
+}
+
+#[test]
+fn acpi_tables_absent_for_flat_images_and_when_disabled() {
+    if !kvm_or_skip("acpi_tables_absent_for_flat_images_and_when_disabled") {
+        return;
+    }
+    let flat = tiny("acpi");
+    let mut disabled = tiny("acpi");
+    disabled.kernel = stead_vmm::TINY_GUEST_PVH_IMAGE.into();
+    disabled.acpi = false;
+    for cfg in [flat, disabled] {
+        let vm = Vm::new(cfg).unwrap();
+        let h = vm.handle();
+        assert_eq!(vm.run().unwrap(), ExitReason::Shutdown);
+        let out = serial(&h);
+        assert!(out.contains("acpi: no RSDP"), "serial: {out}");
+    }
+}
