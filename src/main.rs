@@ -304,8 +304,15 @@ pub(crate) fn host_env(g: &Global) -> Result<HostEnv> {
 }
 
 pub(crate) fn drivers(env: &HostEnv) -> Result<Drivers> {
+    drivers_with(env, &stead_drivers::RegistryOptions::default())
+}
+
+pub(crate) fn drivers_with(
+    env: &HostEnv,
+    opts: &stead_drivers::RegistryOptions,
+) -> Result<Drivers> {
     let mut map: Drivers = BTreeMap::new();
-    for d in stead_drivers::registry(env).context("cannot initialise drivers")? {
+    for d in stead_drivers::registry_with(env, opts).context("cannot initialise drivers")? {
         map.insert(d.kind(), d);
     }
     Ok(map)
@@ -530,7 +537,8 @@ pub(crate) struct ApplyRequest<'a> {
     pub only: Option<Vec<ResourceId>>,
     /// Plan options.
     pub opts: PlanOptions,
-    /// Delete retained resources too (environment teardown).
+    /// Environment teardown: delete retained resources too, and stop containers
+    /// without a grace period.
     pub purge: bool,
     /// Do not ask.
     pub yes: bool,
@@ -557,7 +565,10 @@ pub(crate) fn apply(g: &Global, env: &HostEnv, req: ApplyRequest<'_>) -> Result<
         lock_timeout,
         output,
     } = req;
-    let drivers = drivers(env)?;
+    let opts_drivers = stead_drivers::RegistryOptions {
+        container_stop_timeout_secs: purge.then_some(0),
+    };
+    let drivers = drivers_with(env, &opts_drivers)?;
     let _lock = if dry_run {
         None
     } else {

@@ -226,7 +226,9 @@ impl ContainerDriver {
             match request(
                 &self.env.run_dir,
                 name,
-                &Request::Stop { timeout_secs: None },
+                &Request::Stop {
+                    timeout_secs: Some(self.stop_timeout_secs),
+                },
                 timeout,
             ) {
                 Ok(_) | Err(DriverError::NotReady(_)) => {}
