@@ -363,6 +363,7 @@ fn down(g: &Global, base: &HostEnv, name: &str) -> Result<u8> {
             eprintln!("leftover: {l}");
         }
         eprintln!("environment {name}: teardown incomplete; run `stead env down {name}` again");
+        count_teardown_failure(base);
         return Ok(1);
     }
     std::fs::remove_dir_all(env_dir(base, name))
@@ -524,4 +525,15 @@ fn list(base: &HostEnv, output: PlanFormat) -> Result<u8> {
         }
     }
     Ok(0)
+}
+
+/// Counts a failed teardown in `<state-dir>/envs/.teardown-failures` (the controller
+/// exports it as `stead_environment_teardown_failures_total`).
+fn count_teardown_failure(base: &HostEnv) {
+    let p = base.state_dir.join("envs").join(".teardown-failures");
+    let n = std::fs::read_to_string(&p)
+        .ok()
+        .and_then(|t| t.trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    let _ = std::fs::write(&p, format!("{}\n", n + 1));
 }

@@ -45,6 +45,12 @@ pub struct Metrics {
     pub workload_cpu: CounterVec,
     /// `stead_workload_memory_bytes{kind,name}`.
     pub workload_memory: GaugeVec,
+    /// `stead_environments`: environments (`stead env`) on this host.
+    pub environments: Gauge,
+    /// `stead_environment_age_seconds{name}`.
+    pub environment_age: GaugeVec,
+    /// `stead_environment_teardown_failures_total`.
+    pub environment_teardown_failures: IntCounter,
     cpu_seen: std::sync::Mutex<BTreeMap<(String, String), f64>>,
 }
 
@@ -138,6 +144,24 @@ impl Metrics {
             ),
             &["kind", "name"],
         )?;
+        let environments = Gauge::new(
+            "stead_environments",
+            "Environments (stead env) on this host, expired ones included.",
+        )?;
+        let environment_age = GaugeVec::new(
+            Opts::new(
+                "stead_environment_age_seconds",
+                "Age of each environment (stead env).",
+            ),
+            &["name"],
+        )?;
+        let environment_teardown_failures = IntCounter::new(
+            "stead_environment_teardown_failures_total",
+            "Environment teardowns (stead env down or gc) that left something behind.",
+        )?;
+        registry.register(Box::new(environments.clone()))?;
+        registry.register(Box::new(environment_age.clone()))?;
+        registry.register(Box::new(environment_teardown_failures.clone()))?;
         registry.register(Box::new(reconcile_duration.clone()))?;
         registry.register(Box::new(reconcile_total.clone()))?;
         registry.register(Box::new(resources.clone()))?;
@@ -169,6 +193,9 @@ impl Metrics {
             ready,
             workload_cpu,
             workload_memory,
+            environments,
+            environment_age,
+            environment_teardown_failures,
             cpu_seen: std::sync::Mutex::new(BTreeMap::new()),
         })
     }

@@ -947,6 +947,14 @@ async fn run_async(cfg: Config, env: HostEnv, drivers: Drivers) -> Result<(), Co
         runs: 0,
         restored: false,
     });
+    let env_task = tokio::spawn(
+        environments_task(
+            shared.clone(),
+            engine_env(&engine),
+            cfg.resync.min(Duration::from_secs(30)),
+        )
+        .instrument(info_span!("environments")),
+    );
     shared.trigger.fire(true);
     let far = Duration::from_secs(86400 * 365);
     let mut next_resync = tokio::time::Instant::now() + jittered(cfg.resync);
@@ -1004,6 +1012,91 @@ async fn run_async(cfg: Config, env: HostEnv, drivers: Drivers) -> Result<(), Co
     let _ = stop_tx.send(true);
     let _ = http.await;
     status_task.abort();
+    env_task.abort();
     let _ = std::fs::remove_file(&sock_path);
     Ok(())
+}
+
+fn engine_env(engine: &Option<Engine>) -> HostEnv {
+    match engine {
+        Some(e) => e.env.clone(),
+        None => HostEnv {
+            state_dir: PathBuf::new(),
+            run_dir: PathBuf::new(),
+            cgroup_parent: String::new(),
+            netns: None,
+            self_exe: PathBuf::new(),
+        },
+    }
+}
+
+/// Environments (`stead env`): export their count, ages and teardown failures, and tear
+/// down expired ones by running `stead env gc` (the same code path as the CLI).
+async fn environments_task(shared: Arc<Shared>, env: HostEnv, every: Duration) {
+    let dir = env.state_dir.join("envs");
+    let mut failures_seen: u64 = 0;
+    loop {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
+        let mut count = 0.0;
+        let mut expired = false;
+        shared.metrics.environment_age.reset();
+        if let Ok(rd) = std::fs::read_dir(&dir) {
+            for e in rd.flatten() {
+                let Ok(text) = std::fs::read_to_string(e.path().join("env.json")) else {
+                    continue;
+                };
+                let Ok(rec) = serde_json::from_str::<serde_json::Value>(&text) else {
+                    continue;
+                };
+                let name = rec["name"].as_str().unwrap_or_default().to_string();
+                let created = rec["createdAt"].as_f64().unwrap_or(now);
+                count += 1.0;
+                shared
+                    .metrics
+                    .environment_age
+                    .with_label_values(&[name.as_str()])
+                    .set((now - created).max(0.0));
+                if let Some(ttl) = rec["ttlSeconds"].as_f64()
+                    && created + ttl <= now
+                {
+                    expired = true;
+                }
+            }
+        }
+        shared.metrics.environments.set(count);
+        if expired && !env.self_exe.as_os_str().is_empty() {
+            let out = tokio::process::Command::new(&env.self_exe)
+                .arg("--state-dir")
+                .arg(&env.state_dir)
+                .arg("--run-dir")
+                .arg(&env.run_dir)
+                .arg("--cgroup-parent")
+                .arg(&env.cgroup_parent)
+                .args(["-q", "env", "gc"])
+                .output()
+                .await;
+            match out {
+                Ok(o) if o.status.success() => info!("expired environments collected"),
+                Ok(o) => {
+                    warn!(stderr = %String::from_utf8_lossy(&o.stderr).trim(), "env gc failed")
+                }
+                Err(e) => warn!(error = %e, "cannot run env gc"),
+            }
+        }
+        let failures = std::fs::read_to_string(dir.join(".teardown-failures"))
+            .ok()
+            .and_then(|t| t.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+        if failures > failures_seen {
+            shared
+                .metrics
+                .environment_teardown_failures
+                .inc_by(failures - failures_seen);
+            failures_seen = failures;
+        }
+        tokio::time::sleep(every).await;
+    }
 }
