@@ -108,7 +108,10 @@ pub fn select<'a>(
         .collect();
     if let Some(sel) = &targets.selector {
         for r in all {
-            let workload = matches!(r.id.kind, Kind::Container | Kind::VirtualMachine);
+            let workload = matches!(
+                r.id.kind,
+                Kind::Container | Kind::VirtualMachine | Kind::Volume
+            );
             let matches = sel
                 .match_labels
                 .iter()

@@ -1030,12 +1030,75 @@ fn engine_env(engine: &Option<Engine>) -> HostEnv {
     }
 }
 
-/// Environments (`stead env`): export their count, ages and teardown failures, and tear
-/// down expired ones by running `stead env gc` (the same code path as the CLI).
+/// What identifies the set of registered backup schedules: their names and contents.
+fn schedules_key(dir: &Path) -> String {
+    let mut parts: Vec<String> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".json"))
+        .map(|e| {
+            let body = std::fs::read_to_string(e.path()).unwrap_or_default();
+            format!("{}={body}", e.file_name().to_string_lossy())
+        })
+        .collect();
+    parts.sort();
+    parts.join("\n")
+}
+
+/// Housekeeping next to the reconcile loop:
+/// - backup schedules registered by the BackupSchedule driver run in a `stead backup
+///   daemon` child, restarted when the set of schedules changes (or the child dies) and
+///   killed when the controller stops;
+/// - environments (`stead env`): their count, ages and teardown failures are exported,
+///   and expired ones are torn down by running `stead env gc` (the CLI's code path).
 async fn environments_task(shared: Arc<Shared>, env: HostEnv, every: Duration) {
     let dir = env.state_dir.join("envs");
     let mut failures_seen: u64 = 0;
+    let mut daemon: Option<tokio::process::Child> = None;
+    let mut daemon_key = String::new();
     loop {
+        if !env.self_exe.as_os_str().is_empty() {
+            let key = schedules_key(&env.state_dir.join("schedules"));
+            let alive = match daemon.as_mut() {
+                Some(c) => matches!(c.try_wait(), Ok(None)),
+                None => false,
+            };
+            if key != daemon_key || (!alive && !key.is_empty()) {
+                if let Some(mut c) = daemon.take() {
+                    let _ = c.kill().await;
+                }
+                if !key.is_empty() {
+                    let log = env.run_dir.join("backup-daemon.log");
+                    let stderr = std::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(&log)
+                        .map(std::process::Stdio::from)
+                        .unwrap_or_else(|_| std::process::Stdio::null());
+                    match tokio::process::Command::new(&env.self_exe)
+                        .arg("--state-dir")
+                        .arg(&env.state_dir)
+                        .arg("--run-dir")
+                        .arg(&env.run_dir)
+                        .arg("--cgroup-parent")
+                        .arg(&env.cgroup_parent)
+                        .args(["backup", "daemon"])
+                        .stdout(std::process::Stdio::null())
+                        .stderr(stderr)
+                        .kill_on_drop(true)
+                        .spawn()
+                    {
+                        Ok(c) => {
+                            info!(log = %log.display(), "backup schedules: daemon started");
+                            daemon = Some(c);
+                        }
+                        Err(e) => warn!(error = %e, "cannot start the backup daemon"),
+                    }
+                }
+                daemon_key = key;
+            }
+        }
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs_f64())

@@ -1,0 +1,91 @@
+//! Issues 6 and 7: BackupSchedules applied by the controller run at their cron times (in
+//! a `stead backup daemon` child the controller supervises) and are pruned by retention.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod controller_util;
+
+use std::time::Duration;
+
+use controller_util::*;
+use stead_e2e::Sandbox;
+
+#[test]
+fn controller_runs_backup_schedules() {
+    let sb = Sandbox::new();
+    let pool = sb.path("pools/p");
+    let text = format!(
+        "apiVersion: stead.dev/v1alpha1
+kind: StoragePool
+metadata: {{name: p}}
+spec: {{type: dir, path: {}, content: [images, backup]}}
+---
+apiVersion: stead.dev/v1alpha1
+kind: Volume
+metadata: {{name: v, labels: {{backup: \"yes\"}}}}
+spec: {{pool: p, size: 4Mi}}
+---
+apiVersion: stead.dev/v1alpha1
+kind: BackupSchedule
+metadata: {{name: every-minute}}
+spec:
+  schedule: \"* * * * *\"
+  timezone: UTC
+  targets: {{selector: {{matchLabels: {{backup: \"yes\"}}}}}}
+  storage: p
+  retention: {{keepLast: 1}}
+",
+        pool.display()
+    );
+    sb.write("m/all.yaml", &text);
+    let m = sb.path("m");
+    let ctl = Controller::start(&sb, &["--source", m.to_str().unwrap(), "--resync", "1s"]);
+    // The first run happens at the next minute boundary.
+    let listed = || {
+        let out = sb.run(&[
+            "backup",
+            "list",
+            "Volume/v",
+            "--storage",
+            pool.to_str().unwrap(),
+            "-o",
+            "json",
+        ]);
+        serde_json::from_str::<serde_json::Value>(&out.stdout())
+            .ok()
+            .and_then(|v| {
+                v.as_array()
+                    .map(Vec::len)
+                    .or_else(|| v["backups"].as_array().map(Vec::len))
+            })
+            .unwrap_or(0)
+    };
+    assert!(
+        wait_until(Duration::from_secs(90), || listed() >= 1).is_some(),
+        "no scheduled backup within 90 s\n{}\n--- daemon log\n{}",
+        ctl.logs(),
+        std::fs::read_to_string(sb.path("run/backup-daemon.log")).unwrap_or_default()
+    );
+    let out = sb.run(&[
+        "backup",
+        "verify",
+        "Volume/v",
+        "--storage",
+        pool.to_str().unwrap(),
+    ]);
+    assert_eq!(out.code(), 0, "{}{}", out.stdout(), out.stderr());
+    drop(ctl);
+    // The daemon goes with the controller.
+    std::thread::sleep(Duration::from_millis(500));
+    let ps = std::process::Command::new("pgrep")
+        .args([
+            "-f",
+            &format!("{} backup daemon", sb.path("state").display()),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&ps.stdout).trim().is_empty(),
+        "backup daemon left running"
+    );
+}
