@@ -9,6 +9,7 @@ pub mod net;
 pub mod netns;
 pub mod schedules;
 pub mod storage;
+pub mod supervise;
 pub mod vm;
 
 use stead_schema::{Driver, DriverError, HostEnv};

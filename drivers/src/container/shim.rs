@@ -121,49 +121,11 @@ pub fn main(args: &ShimArgs) -> i32 {
         eprintln!("stead shim: mkdir {}: {e}", paths.dir.display());
         return 1;
     }
-    let (ready_r, ready_w) = match nix::unistd::pipe2(OFlag::O_CLOEXEC) {
-        Ok(p) => p,
-        Err(e) => {
-            eprintln!("stead shim: pipe: {e}");
-            return 1;
-        }
-    };
-    // SAFETY: the caller guarantees a single-threaded process (documented above).
-    match unsafe { nix::unistd::fork() } {
-        Err(e) => {
-            eprintln!("stead shim: fork: {e}");
-            1
-        }
-        Ok(nix::unistd::ForkResult::Parent { child }) => {
-            drop(ready_w);
-            let _ = waitpid(child, None);
-            let mut msg = String::new();
-            let _ = File::from(ready_r).read_to_string(&mut msg);
-            if msg == "ok" {
-                0
-            } else {
-                if msg.is_empty() {
-                    msg = "supervisor exited before starting the container".into();
-                }
-                eprintln!("stead shim: {msg}");
-                1
-            }
-        }
-        Ok(nix::unistd::ForkResult::Child) => {
-            drop(ready_r);
-            let _ = nix::unistd::setsid();
-            // SAFETY: still single-threaded.
-            match unsafe { nix::unistd::fork() } {
-                Ok(nix::unistd::ForkResult::Child) => {
-                    let code = daemon(cfg, args.config.clone(), paths, ready_w);
-                    std::process::exit(code)
-                }
-                // The middle process exits at once: the supervisor is orphaned to init
-                // (or the nearest subreaper) and no longer a child of the CLI.
-                _ => std::process::exit(0),
-            }
-        }
-    }
+    crate::supervise::detach(
+        "stead shim",
+        "supervisor exited before starting the container",
+        |ready_w| daemon(cfg, args.config.clone(), paths, ready_w),
+    )
 }
 
 fn now_rfc3339() -> String {

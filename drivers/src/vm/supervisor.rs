@@ -29,14 +29,13 @@
 //!   still there 5 s later, phase `stopped`, exit.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, BufRead, BufReader, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use nix::fcntl::OFlag;
 use nix::sys::signal::{SigSet, Signal, kill};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
@@ -117,49 +116,11 @@ pub fn main(args: &VmmArgs) -> i32 {
         eprintln!("stead vmm: mkdir {}: {e}", paths.dir.display());
         return 1;
     }
-    let (ready_r, ready_w) = match nix::unistd::pipe2(OFlag::O_CLOEXEC) {
-        Ok(p) => p,
-        Err(e) => {
-            eprintln!("stead vmm: pipe: {e}");
-            return 1;
-        }
-    };
-    // SAFETY: the caller guarantees a single-threaded process (documented above).
-    match unsafe { nix::unistd::fork() } {
-        Err(e) => {
-            eprintln!("stead vmm: fork: {e}");
-            1
-        }
-        Ok(nix::unistd::ForkResult::Parent { child }) => {
-            drop(ready_w);
-            let _ = waitpid(child, None);
-            let mut msg = String::new();
-            let _ = File::from(ready_r).read_to_string(&mut msg);
-            if msg == "ok" {
-                0
-            } else {
-                if msg.is_empty() {
-                    msg = "supervisor exited before the VM started".into();
-                }
-                eprintln!("stead vmm: {msg}");
-                1
-            }
-        }
-        Ok(nix::unistd::ForkResult::Child) => {
-            drop(ready_r);
-            let _ = nix::unistd::setsid();
-            // SAFETY: still single-threaded.
-            match unsafe { nix::unistd::fork() } {
-                Ok(nix::unistd::ForkResult::Child) => {
-                    let code = daemon(cfg, paths, ready_w);
-                    std::process::exit(code)
-                }
-                // The middle process exits at once: the supervisor is orphaned to init
-                // (or the nearest subreaper) and no longer a child of the CLI.
-                _ => std::process::exit(0),
-            }
-        }
-    }
+    crate::supervise::detach(
+        "stead vmm",
+        "supervisor exited before the VM started",
+        |ready_w| daemon(cfg, paths, ready_w),
+    )
 }
 
 fn now_rfc3339() -> String {

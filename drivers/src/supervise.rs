@@ -1,0 +1,60 @@
+//! Detaching a per-instance supervisor (`stead shim`, `stead vmm`) from the CLI that
+//! started it: double fork into a new session, then wait for the supervisor's readiness
+//! message on a pipe, so the launcher's exit code says whether the workload started.
+
+use std::fs::File;
+use std::io::Read;
+use std::os::fd::OwnedFd;
+
+use nix::fcntl::OFlag;
+use nix::sys::wait::waitpid;
+
+/// Runs `supervisor` double-forked in its own session and returns the launcher's exit
+/// code: 0 once the supervisor wrote `ok` to the readiness pipe (the `OwnedFd` it gets),
+/// else 1 with its message (or `early_exit` if it wrote nothing) on stderr prefixed by
+/// `what`. The supervisor's own return value becomes its process exit code.
+///
+/// Must be called from a single-threaded process (it forks without exec).
+pub fn detach(what: &str, early_exit: &str, supervisor: impl FnOnce(OwnedFd) -> i32) -> i32 {
+    let (ready_r, ready_w) = match nix::unistd::pipe2(OFlag::O_CLOEXEC) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("{what}: pipe: {e}");
+            return 1;
+        }
+    };
+    // SAFETY: the caller guarantees a single-threaded process (documented above), so the
+    // child can run arbitrary code after fork.
+    match unsafe { nix::unistd::fork() } {
+        Err(e) => {
+            eprintln!("{what}: fork: {e}");
+            1
+        }
+        Ok(nix::unistd::ForkResult::Parent { child }) => {
+            drop(ready_w);
+            let _ = waitpid(child, None);
+            let mut msg = String::new();
+            let _ = File::from(ready_r).read_to_string(&mut msg);
+            if msg == "ok" {
+                0
+            } else {
+                if msg.is_empty() {
+                    msg = early_exit.to_string();
+                }
+                eprintln!("{what}: {msg}");
+                1
+            }
+        }
+        Ok(nix::unistd::ForkResult::Child) => {
+            drop(ready_r);
+            let _ = nix::unistd::setsid();
+            // SAFETY: still single-threaded.
+            match unsafe { nix::unistd::fork() } {
+                Ok(nix::unistd::ForkResult::Child) => std::process::exit(supervisor(ready_w)),
+                // The middle process exits at once: the supervisor is orphaned to init
+                // (or the nearest subreaper) and no longer a child of the CLI.
+                _ => std::process::exit(0),
+            }
+        }
+    }
+}
