@@ -208,9 +208,9 @@ enum Command {
         #[command(subcommand)]
         cmd: cmd_env::EnvCmd,
     },
-    /// Attach to a VM's serial console (Ctrl-] detaches).
+    /// Attach to a VM's serial console or a container's console (Ctrl-] detaches).
     Console(cmd_console::ConsoleArgs),
-    /// Print a VM's console log.
+    /// Print the console log of a VM or container.
     Logs(cmd_console::LogsArgs),
     /// Per-VM supervisor started by the VirtualMachine driver (internal).
     #[command(hide = true)]
