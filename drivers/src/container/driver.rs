@@ -138,6 +138,11 @@ impl ContainerDriver {
             None => None,
         };
         let root = rootfs::prepare(&spec.rootfs, name, &base, idmap, &paths, volume)?;
+        if idmap.is_some()
+            && let crate::container::config::RootfsMount::Dir { path } = &root
+        {
+            check_traversable(path)?;
+        }
         let mut mounts = Vec::new();
         for m in &spec.mounts {
             let src = crate::storage::volume_path(world, m.volume.as_str())?;
@@ -339,6 +344,28 @@ fn restart_fields(v: &Value) -> Value {
     v
 }
 
+/// An unprivileged container's root is an unprivileged host uid: it must be able to
+/// traverse every directory above its rootfs, or the shim's bind mount fails with EACCES
+/// (a 0700 state dir made by `mktemp -d` is the usual cause). Say so before starting.
+fn check_traversable(rootfs: &std::path::Path) -> Result<(), DriverError> {
+    use std::os::unix::fs::PermissionsExt;
+    for dir in rootfs.ancestors().skip(1) {
+        if let Ok(meta) = std::fs::metadata(dir) {
+            let mode = meta.permissions().mode();
+            if mode & 0o001 == 0 {
+                return Err(DriverError::Refused(format!(
+                    "{} (mode {:o}) cannot be traversed by the unprivileged container's root, so its rootfs {} is unreachable: `chmod o+x {}` or use a state dir that others may traverse",
+                    dir.display(),
+                    mode & 0o7777,
+                    rootfs.display(),
+                    dir.display()
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
 impl Driver for ContainerDriver {
     fn kind(&self) -> Kind {
         Kind::Container
@@ -519,6 +546,19 @@ mod tests {
         assert_eq!(d.impact("/rootfs/template"), Impact::Restart);
         assert_eq!(d.impact("/interfaces/0/address"), Impact::Restart);
         assert_eq!(d.impact("/unprivileged"), Impact::Restart);
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let t = tempfile::tempdir().expect("tempdir");
+            let deep = t.path().join("state/rootfs/c");
+            std::fs::create_dir_all(&deep).expect("mkdir");
+            std::fs::set_permissions(t.path(), std::fs::Permissions::from_mode(0o700))
+                .expect("chmod");
+            let e = check_traversable(&deep).expect_err("0700 ancestor refused");
+            assert!(e.to_string().contains("chmod o+x"), "{e}");
+            std::fs::set_permissions(t.path(), std::fs::Permissions::from_mode(0o755))
+                .expect("chmod");
+            check_traversable(&deep).expect("traversable");
+        }
     }
 
     #[test]
