@@ -58,3 +58,35 @@ pub fn detach(what: &str, early_exit: &str, supervisor: impl FnOnce(OwnedFd) -> 
         }
     }
 }
+
+/// Loads a supervisor's config (JSON written by its driver), checks that it is for
+/// `name`, and creates the instance's run dir `dir`. On failure the reason is printed
+/// prefixed by `what` and `None` is returned (the launcher then exits 1).
+pub fn load_config<T: serde::de::DeserializeOwned>(
+    what: &str,
+    config: &std::path::Path,
+    name: &str,
+    name_of: fn(&T) -> &str,
+    dir: &std::path::Path,
+) -> Option<T> {
+    let cfg: T = match crate::container::config::read_json(config) {
+        Ok(Some(c)) => c,
+        Ok(None) => {
+            eprintln!("{what}: config {} not found", config.display());
+            return None;
+        }
+        Err(e) => {
+            eprintln!("{what}: {e}");
+            return None;
+        }
+    };
+    if name_of(&cfg) != name {
+        eprintln!("{what}: config is for {:?}, not {name:?}", name_of(&cfg));
+        return None;
+    }
+    if let Err(e) = std::fs::create_dir_all(dir) {
+        eprintln!("{what}: mkdir {}: {e}", dir.display());
+        return None;
+    }
+    Some(cfg)
+}

@@ -38,7 +38,7 @@ use serde::{Deserialize, Serialize};
 use stead_schema::{DriverError, RestartPolicy};
 
 use super::cgroup::{Cgroup, Hierarchy, Limits};
-use super::config::{ContainerConfig, ExitInfo, Paths, Phase, ShimState, read_json, write_json};
+use super::config::{ContainerConfig, ExitInfo, Paths, Phase, ShimState, write_json};
 use super::control::{Request, recv_request};
 use super::{network, process};
 
@@ -98,29 +98,16 @@ impl ShimArgs {
 /// thread or async runtime exists. Returns the exit code of the launching process; the
 /// supervisor itself never returns (it exits the process).
 pub fn main(args: &ShimArgs) -> i32 {
-    let cfg: ContainerConfig = match read_json(&args.config) {
-        Ok(Some(c)) => c,
-        Ok(None) => {
-            eprintln!("stead shim: config {} not found", args.config.display());
-            return 1;
-        }
-        Err(e) => {
-            eprintln!("stead shim: {e}");
-            return 1;
-        }
-    };
-    if cfg.name != args.name {
-        eprintln!(
-            "stead shim: config is for {:?}, not {:?}",
-            cfg.name, args.name
-        );
-        return 1;
-    }
     let paths = Paths::new(&args.run_dir, &args.name);
-    if let Err(e) = fs::create_dir_all(&paths.dir) {
-        eprintln!("stead shim: mkdir {}: {e}", paths.dir.display());
+    let Some(cfg) = crate::supervise::load_config::<ContainerConfig>(
+        "stead shim",
+        &args.config,
+        &args.name,
+        |c| &c.name,
+        &paths.dir,
+    ) else {
         return 1;
-    }
+    };
     crate::supervise::detach(
         "stead shim",
         "supervisor exited before starting the container",

@@ -93,29 +93,16 @@ impl VmmArgs {
 /// thread or async runtime exists. Returns the exit code of the launching process; the
 /// supervisor itself never returns (it exits the process).
 pub fn main(args: &VmmArgs) -> i32 {
-    let cfg: VmRunConfig = match read_json(&args.config) {
-        Ok(Some(c)) => c,
-        Ok(None) => {
-            eprintln!("stead vmm: config {} not found", args.config.display());
-            return 1;
-        }
-        Err(e) => {
-            eprintln!("stead vmm: {e}");
-            return 1;
-        }
-    };
-    if cfg.name != args.name {
-        eprintln!(
-            "stead vmm: config is for {:?}, not {:?}",
-            cfg.name, args.name
-        );
-        return 1;
-    }
     let paths = Paths::new(&args.run_dir, &args.name);
-    if let Err(e) = fs::create_dir_all(&paths.dir) {
-        eprintln!("stead vmm: mkdir {}: {e}", paths.dir.display());
+    let Some(cfg) = crate::supervise::load_config::<VmRunConfig>(
+        "stead vmm",
+        &args.config,
+        &args.name,
+        |c| &c.name,
+        &paths.dir,
+    ) else {
         return 1;
-    }
+    };
     crate::supervise::detach(
         "stead vmm",
         "supervisor exited before the VM started",
