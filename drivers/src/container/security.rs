@@ -66,10 +66,10 @@ pub const READONLY_PATHS: [&str; 5] = [
     "/proc/fs",
 ];
 
-/// Syscalls the default filter refuses with `EPERM`.
-#[cfg(target_arch = "x86_64")]
+/// Syscalls the default filter refuses with `EPERM`: the list common to all
+/// architectures plus the x86-only legacy calls.
 pub fn denied_syscalls() -> Vec<(i64, &'static str)> {
-    vec![
+    let mut v = vec![
         (libc::SYS_kexec_load, "kexec_load"),
         (libc::SYS_kexec_file_load, "kexec_file_load"),
         (libc::SYS_init_module, "init_module"),
@@ -98,48 +98,17 @@ pub fn denied_syscalls() -> Vec<(i64, &'static str)> {
         (libc::SYS_adjtimex, "adjtimex"),
         (libc::SYS_syslog, "syslog"),
         (libc::SYS_quotactl, "quotactl"),
+    ];
+    #[cfg(target_arch = "x86_64")]
+    v.extend([
         (libc::SYS_iopl, "iopl"),
         (libc::SYS_ioperm, "ioperm"),
         (libc::SYS_lookup_dcookie, "lookup_dcookie"),
         (libc::SYS_uselib, "uselib"),
         (libc::SYS_nfsservctl, "nfsservctl"),
         (libc::SYS__sysctl, "_sysctl"),
-    ]
-}
-
-/// Syscalls the default filter refuses with `EPERM`.
-#[cfg(target_arch = "aarch64")]
-pub fn denied_syscalls() -> Vec<(i64, &'static str)> {
-    vec![
-        (libc::SYS_kexec_load, "kexec_load"),
-        (libc::SYS_kexec_file_load, "kexec_file_load"),
-        (libc::SYS_init_module, "init_module"),
-        (libc::SYS_finit_module, "finit_module"),
-        (libc::SYS_delete_module, "delete_module"),
-        (libc::SYS_open_by_handle_at, "open_by_handle_at"),
-        (libc::SYS_bpf, "bpf"),
-        (libc::SYS_perf_event_open, "perf_event_open"),
-        (libc::SYS_userfaultfd, "userfaultfd"),
-        (libc::SYS_keyctl, "keyctl"),
-        (libc::SYS_add_key, "add_key"),
-        (libc::SYS_request_key, "request_key"),
-        (libc::SYS_fsopen, "fsopen"),
-        (libc::SYS_fsconfig, "fsconfig"),
-        (libc::SYS_fsmount, "fsmount"),
-        (libc::SYS_fspick, "fspick"),
-        (libc::SYS_move_mount, "move_mount"),
-        (libc::SYS_open_tree, "open_tree"),
-        (libc::SYS_mount_setattr, "mount_setattr"),
-        (libc::SYS_swapon, "swapon"),
-        (libc::SYS_swapoff, "swapoff"),
-        (libc::SYS_acct, "acct"),
-        (libc::SYS_settimeofday, "settimeofday"),
-        (libc::SYS_clock_settime, "clock_settime"),
-        (libc::SYS_clock_adjtime, "clock_adjtime"),
-        (libc::SYS_adjtimex, "adjtimex"),
-        (libc::SYS_syslog, "syslog"),
-        (libc::SYS_quotactl, "quotactl"),
-    ]
+    ]);
+    v
 }
 
 fn target_arch() -> Result<TargetArch, DriverError> {

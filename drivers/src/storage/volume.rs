@@ -480,54 +480,57 @@ fn apply_lvm(t: &Target<'_>, observed: &Observed) -> Result<(), DriverError> {
     let l = t.pool.lvm.as_ref().ok_or_else(|| {
         DriverError::Refused(format!("StoragePool/{} has no spec.lvm", t.pool_name))
     })?;
-    let size = t.spec.size.bytes();
-    if t.spec.source.is_some() {
-        return Err(DriverError::Unsupported(
-            "source.file on lvmthin pools is not implemented".into(),
-        ));
-    }
-    if !observed.exists {
-        lvm::run(&lvm::cmd_create(l, t.name, size))?;
-    } else {
-        let cur = observed
-            .state
-            .get("size")
-            .and_then(Value::as_u64)
-            .unwrap_or(0);
-        if size > cur {
-            lvm::run(&lvm::cmd_extend(l, t.name, size))?;
-        } else if size < cur {
-            return Err(DriverError::Refused(shrink_message(t.name, cur, size)));
-        }
-    }
-    Ok(())
+    apply_block(
+        t,
+        observed,
+        "lvmthin",
+        |size| lvm::run(&lvm::cmd_create(l, t.name, size)).map(drop),
+        |size| lvm::run(&lvm::cmd_extend(l, t.name, size)).map(drop),
+    )
 }
 
 fn apply_zfs(t: &Target<'_>, observed: &Observed) -> Result<(), DriverError> {
     let z = t.pool.zfs.as_ref().ok_or_else(|| {
         DriverError::Refused(format!("StoragePool/{} has no spec.zfs", t.pool_name))
     })?;
+    apply_block(
+        t,
+        observed,
+        "zfs",
+        |size| zfs::run(&zfs::cmd_create(z, t.name, size)).map(drop),
+        |size| zfs::run(&zfs::cmd_grow(z, t.name, size)).map(drop),
+    )
+}
+
+/// Creates or grows a block-device volume (LV, zvol) through its tool; shrink is refused.
+fn apply_block(
+    t: &Target<'_>,
+    observed: &Observed,
+    backend: &str,
+    create: impl FnOnce(u64) -> Result<(), DriverError>,
+    grow: impl FnOnce(u64) -> Result<(), DriverError>,
+) -> Result<(), DriverError> {
     let size = t.spec.size.bytes();
     if t.spec.source.is_some() {
-        return Err(DriverError::Unsupported(
-            "source.file on zfs pools is not implemented".into(),
-        ));
+        return Err(DriverError::Unsupported(format!(
+            "source.file on {backend} pools is not implemented"
+        )));
     }
     if !observed.exists {
-        zfs::run(&zfs::cmd_create(z, t.name, size))?;
-    } else {
-        let cur = observed
-            .state
-            .get("size")
-            .and_then(Value::as_u64)
-            .unwrap_or(0);
-        if size > cur {
-            zfs::run(&zfs::cmd_grow(z, t.name, size))?;
-        } else if size < cur {
-            return Err(DriverError::Refused(shrink_message(t.name, cur, size)));
-        }
+        return create(size);
     }
-    Ok(())
+    let cur = observed
+        .state
+        .get("size")
+        .and_then(Value::as_u64)
+        .unwrap_or(0);
+    if size > cur {
+        grow(size)
+    } else if size < cur {
+        Err(DriverError::Refused(shrink_message(t.name, cur, size)))
+    } else {
+        Ok(())
+    }
 }
 
 /// The plan error for a shrink.
