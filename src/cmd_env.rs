@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use stead_reconciler::PlanOptions;
 use stead_reconciler::state::now_secs;
-use stead_schema::{DurationSpec, HostEnv, Kind, Spec, VolumeSource};
+use stead_schema::{DurationSpec, HostEnv, Spec, VolumeSource};
 
 use crate::{ApplyRequest, Global, PlanFormat};
 
@@ -475,14 +475,6 @@ fn list(base: &HostEnv, output: PlanFormat) -> Result<u8> {
             .map(|i| i.len())
             .unwrap_or(0);
         let (cpu, mem) = usage(&env);
-        let mut kinds = std::collections::BTreeMap::<Kind, usize>::new();
-        if let Ok(db) = stead_reconciler::StateDb::open(&env.state_dir)
-            && let Ok(inv) = db.inventory()
-        {
-            for id in inv.keys() {
-                *kinds.entry(id.kind).or_default() += 1;
-            }
-        }
         rows.push(json!({
             "name": rec.name,
             "ageSeconds": (now_secs() - rec.created_at).max(0.0) as u64,

@@ -930,6 +930,14 @@ async fn run_async(cfg: Config, env: HostEnv, drivers: Drivers) -> Result<(), Co
     let mut sigint = signal(SignalKind::interrupt())
         .map_err(|e| ControllerError::io("SIGINT handler".into(), e))?;
 
+    let housekeeping = tokio::spawn(
+        housekeeping_task(
+            shared.clone(),
+            env.clone(),
+            cfg.resync.min(Duration::from_secs(30)),
+        )
+        .instrument(info_span!("housekeeping")),
+    );
     let is_git = matches!(source, Source::Git(_));
     let mut engine = Some(Engine {
         backoff: Backoff::new(cfg.backoff_base, cfg.backoff_cap),
@@ -947,14 +955,7 @@ async fn run_async(cfg: Config, env: HostEnv, drivers: Drivers) -> Result<(), Co
         runs: 0,
         restored: false,
     });
-    let env_task = tokio::spawn(
-        environments_task(
-            shared.clone(),
-            engine_env(&engine),
-            cfg.resync.min(Duration::from_secs(30)),
-        )
-        .instrument(info_span!("environments")),
-    );
+
     shared.trigger.fire(true);
     let far = Duration::from_secs(86400 * 365);
     let mut next_resync = tokio::time::Instant::now() + jittered(cfg.resync);
@@ -1012,22 +1013,9 @@ async fn run_async(cfg: Config, env: HostEnv, drivers: Drivers) -> Result<(), Co
     let _ = stop_tx.send(true);
     let _ = http.await;
     status_task.abort();
-    env_task.abort();
+    housekeeping.abort();
     let _ = std::fs::remove_file(&sock_path);
     Ok(())
-}
-
-fn engine_env(engine: &Option<Engine>) -> HostEnv {
-    match engine {
-        Some(e) => e.env.clone(),
-        None => HostEnv {
-            state_dir: PathBuf::new(),
-            run_dir: PathBuf::new(),
-            cgroup_parent: String::new(),
-            netns: None,
-            self_exe: PathBuf::new(),
-        },
-    }
 }
 
 /// What identifies the set of registered backup schedules: their names and contents.
@@ -1052,7 +1040,7 @@ fn schedules_key(dir: &Path) -> String {
 ///   killed when the controller stops;
 /// - environments (`stead env`): their count, ages and teardown failures are exported,
 ///   and expired ones are torn down by running `stead env gc` (the CLI's code path).
-async fn environments_task(shared: Arc<Shared>, env: HostEnv, every: Duration) {
+async fn housekeeping_task(shared: Arc<Shared>, env: HostEnv, every: Duration) {
     let dir = env.state_dir.join("envs");
     let mut failures_seen: u64 = 0;
     let mut daemon: Option<tokio::process::Child> = None;
