@@ -78,12 +78,23 @@ fn two_environments_from_one_manifest_set_are_isolated() {
         sb.path(&format!("pools/p/envs/{b}/images/data.raw"))
             .exists()
     );
-    // a cannot reach b: b's address space is invisible from a (there is no route out).
-    let ping = Command::new("ip")
-        .args(["netns", "exec", &na, "ping", "-c1", "-W1", "10.99.0.2"])
-        .output()
-        .expect("ping");
-    assert!(!ping.status.success());
+    // a cannot reach b: give b's bridge a second address by hand; b reaches it, a
+    // (same subnet, its own namespace) does not.
+    let add = Command::new("ip")
+        .args(["-n", &nb, "addr", "add", "10.99.0.2/24", "dev", "lan0"])
+        .status()
+        .expect("ip");
+    assert!(add.success());
+    let ping = |ns: &str| {
+        Command::new("ip")
+            .args(["netns", "exec", ns, "ping", "-c1", "-W1", "10.99.0.2"])
+            .output()
+            .expect("ping")
+            .status
+            .success()
+    };
+    assert!(ping(&nb), "the address answers inside its own environment");
+    assert!(!ping(&na), "another environment cannot reach it");
 
     let list = sb.run(&["env", "list", "-o", "json"]).expect_code(0);
     let v: serde_json::Value = serde_json::from_str(&list.stdout()).expect("json");
