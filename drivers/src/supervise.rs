@@ -90,3 +90,40 @@ pub fn load_config<T: serde::de::DeserializeOwned>(
     }
     Some(cfg)
 }
+
+/// Observes supervised instances (containers, VMs) whose state lives in `dir/<name>/`:
+/// one readdir, then `one` for each target that has a directory; the rest are absent.
+pub fn observe_instances(
+    dir: &std::path::Path,
+    targets: &[&stead_schema::Resource],
+    mut one: impl FnMut(
+        &stead_schema::Resource,
+    ) -> Result<stead_schema::Observed, stead_schema::DriverError>,
+) -> Result<
+    std::collections::BTreeMap<stead_schema::ResourceId, stead_schema::Observed>,
+    stead_schema::DriverError,
+> {
+    let present: std::collections::BTreeSet<String> = match std::fs::read_dir(dir) {
+        Ok(rd) => rd
+            .filter_map(Result::ok)
+            .filter_map(|e| e.file_name().into_string().ok())
+            .collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Default::default(),
+        Err(e) => {
+            return Err(stead_schema::DriverError::io(
+                format!("read {}", dir.display()),
+                e,
+            ));
+        }
+    };
+    let mut out = std::collections::BTreeMap::new();
+    for r in targets {
+        let o = if present.contains(&r.id.name) {
+            one(r)?
+        } else {
+            stead_schema::Observed::absent()
+        };
+        out.insert(r.id.clone(), o);
+    }
+    Ok(out)
+}

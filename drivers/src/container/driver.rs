@@ -377,25 +377,9 @@ impl Driver for ContainerDriver {
         _world: &dyn Lookup,
     ) -> Result<BTreeMap<ResourceId, Observed>, DriverError> {
         let _span = tracing::info_span!("observe", kind = "Container").entered();
-        // One readdir: names without a directory are absent without further reads.
-        let present: std::collections::BTreeSet<String> =
-            match fs::read_dir(self.env.run_dir.join("containers")) {
-                Ok(rd) => rd
-                    .filter_map(Result::ok)
-                    .filter_map(|e| e.file_name().into_string().ok())
-                    .collect(),
-                Err(_) => Default::default(),
-            };
-        let mut out = BTreeMap::new();
-        for r in targets {
-            let o = if present.contains(&r.id.name) {
-                self.observe_one(r)?
-            } else {
-                Observed::absent()
-            };
-            out.insert(r.id.clone(), o);
-        }
-        Ok(out)
+        crate::supervise::observe_instances(&self.env.run_dir.join("containers"), targets, |r| {
+            self.observe_one(r)
+        })
     }
 
     fn desired_state(&self, desired: &Resource, _world: &dyn Lookup) -> Value {

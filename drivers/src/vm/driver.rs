@@ -412,25 +412,9 @@ impl Driver for VmDriver {
         _world: &dyn Lookup,
     ) -> Result<BTreeMap<ResourceId, Observed>, DriverError> {
         let _span = tracing::debug_span!("vm_observe").entered();
-        // One readdir: VMs without a directory are absent without further probing.
-        let present: BTreeSet<String> = match fs::read_dir(vms_dir(&self.env.run_dir)) {
-            Ok(rd) => rd
-                .filter_map(Result::ok)
-                .filter_map(|e| e.file_name().into_string().ok())
-                .collect(),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeSet::new(),
-            Err(e) => return Err(DriverError::io("read the VM run dir", e)),
-        };
-        let mut out = BTreeMap::new();
-        for r in targets {
-            let o = if present.contains(&r.id.name) {
-                self.observe_one(&r.id.name)?
-            } else {
-                Observed::absent()
-            };
-            out.insert(r.id.clone(), o);
-        }
-        Ok(out)
+        crate::supervise::observe_instances(&vms_dir(&self.env.run_dir), targets, |r| {
+            self.observe_one(&r.id.name)
+        })
     }
 
     fn desired_state(&self, desired: &Resource, _world: &dyn Lookup) -> Value {
