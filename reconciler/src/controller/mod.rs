@@ -152,6 +152,11 @@ impl Config {
     }
 }
 
+/// Quiet time after a trigger before the run starts, so that a burst collapses.
+const BURST_SETTLE: Duration = Duration::from_millis(100);
+/// Longest a steady stream of triggers can hold a run back.
+const BURST_MAX: Duration = Duration::from_secs(1);
+
 /// Wakes the loop; `fetch` asks for a source fetch.
 pub(crate) struct Trigger {
     notify: Notify,
@@ -968,11 +973,32 @@ async fn run_async(cfg: Config, env: HostEnv, drivers: Drivers) -> Result<(), Co
             .chain([next_resync, next_poll])
             .min()
             .unwrap_or(next_resync);
-        tokio::select! {
+        let triggered = tokio::select! {
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
-            _ = shared.trigger.notify.notified() => {}
-            _ = tokio::time::sleep_until(wake) => {}
+            _ = shared.trigger.notify.notified() => true,
+            _ = tokio::time::sleep_until(wake) => false,
+        };
+        if triggered {
+            // A burst of webhook calls (a forge sends one per pushed ref) or of pushes
+            // collapses into one run: wait until triggers stop for `BURST_SETTLE`, but
+            // never longer than `BURST_MAX` in all.
+            let cap = tokio::time::Instant::now() + BURST_MAX;
+            loop {
+                let quiet = (tokio::time::Instant::now() + BURST_SETTLE).min(cap);
+                tokio::select! {
+                    _ = sigterm.recv() => { stopping = true; break }
+                    _ = sigint.recv() => { stopping = true; break }
+                    _ = shared.trigger.notify.notified() => {}
+                    _ = tokio::time::sleep_until(quiet) => break,
+                }
+                if tokio::time::Instant::now() >= cap {
+                    break;
+                }
+            }
+            if stopping {
+                break;
+            }
         }
         let now = tokio::time::Instant::now();
         let mut fetch = shared.trigger.take_fetch();
