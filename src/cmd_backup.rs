@@ -126,6 +126,10 @@ pub enum BackupCmd {
         /// Worker threads (default: all cores).
         #[arg(long)]
         threads: Option<usize>,
+        /// Read every file, even those whose size, mtime, inode and ctime show them
+        /// unchanged since the previous backup (whose chunk lists are reused otherwise).
+        #[arg(long)]
+        reread: bool,
         /// Prune afterwards with these rules (a schedule uses its own retention).
         #[command(flatten)]
         keep: KeepArgs,
@@ -255,6 +259,7 @@ pub fn run_with(
             no_compress,
             level,
             threads,
+            reread,
             keep,
             manifests,
             output,
@@ -330,6 +335,7 @@ pub fn run_with(
                     zstd_level: zstd,
                     threads,
                     progress: pb,
+                    reread,
                     ..BackupOptions::default()
                 };
                 match store.backup_paths(&t.resource, &t.spec, &t.inputs, &opts) {
@@ -338,9 +344,10 @@ pub fn run_with(
                             let s = &info.stats;
                             let secs = s.duration_ms.max(1) as f64 / 1000.0;
                             println!(
-                                "{}: {} read, {} new ({} stored), {} zero, {:.1}s, {:.0} MB/s",
+                                "{}: {} ({} unchanged, not read), {} new ({} stored), {} zero, {:.1}s, {:.0} MB/s",
                                 info.id,
                                 human(s.bytes),
+                                human(s.reused_bytes),
                                 human(s.new_bytes),
                                 human(s.stored_bytes),
                                 human(s.zero_bytes),

@@ -391,6 +391,179 @@ fn unchanged_second_backup_adds_under_one_percent() {
     assert_eq!(sha(&out.join("disk0")), sha(&vol));
 }
 
+/// Options that stamp even files written a moment ago (the racy window is 0; ctime ticks
+/// are still seen because every change below also changes the ctime second or the size).
+fn opts_stamping(time: DateTime<Utc>, reread: bool) -> BackupOptions {
+    BackupOptions {
+        time: Some(time),
+        reread,
+        racy_secs: -1,
+        ..BackupOptions::default()
+    }
+}
+
+#[test]
+fn unchanged_files_are_not_read_again_and_changes_are_seen() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (vol, root) = make_inputs(tmp.path());
+    let store = BackupStore::for_pool(&tmp.path().join("pool"));
+    let inputs = [
+        ("disk0".to_string(), vol.clone()),
+        ("rootfs".to_string(), root.clone()),
+    ];
+    let spec = serde_json::json!({});
+    let first = store
+        .backup_paths(
+            "Container/c",
+            &spec,
+            &inputs,
+            &opts_stamping(t("2025-01-01T00:00:00Z"), false),
+        )
+        .expect("first");
+    assert_eq!(first.stats.reused_bytes, 0);
+    let second = store
+        .backup_paths(
+            "Container/c",
+            &spec,
+            &inputs,
+            &opts_stamping(t("2025-01-02T00:00:00Z"), false),
+        )
+        .expect("second");
+    assert_eq!(second.stats.bytes, first.stats.bytes);
+    assert_eq!(
+        second.stats.reused_bytes, second.stats.bytes,
+        "{:?}",
+        second.stats
+    );
+    assert_eq!(second.stats.chunks, first.stats.chunks);
+    assert_eq!(second.stats.zero_bytes, first.stats.zero_bytes);
+    assert_eq!(second.stats.new_bytes, 0);
+    let m1 = store.manifest(&first.id).expect("m1");
+    let m2 = store.manifest(&second.id).expect("m2");
+    for (a, b) in m1.files.iter().zip(&m2.files) {
+        assert_eq!(
+            (&a.path, &a.chunks, &a.sha256),
+            (&b.path, &b.chunks, &b.sha256)
+        );
+    }
+    assert!(store.verify(&second.id).expect("verify").ok());
+
+    // Same size, mtime put back: only the ctime (and the content) tell. Wait for the next
+    // ctime second so that the change is visible whatever the file system's granularity.
+    let before = fs::metadata(&vol).expect("stat");
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let mut data = fs::read(&vol).expect("read");
+    data[100] ^= 0xff;
+    fs::write(&vol, &data).expect("write");
+    let tv = nix::sys::time::TimeSpec::new(before.mtime(), before.mtime_nsec());
+    nix::sys::stat::utimensat(
+        nix::fcntl::AT_FDCWD,
+        &vol,
+        &tv,
+        &tv,
+        nix::sys::stat::UtimensatFlags::FollowSymlink,
+    )
+    .expect("utimensat");
+    let after = fs::metadata(&vol).expect("stat");
+    assert_eq!(
+        (before.len(), before.mtime(), before.mtime_nsec()),
+        (after.len(), after.mtime(), after.mtime_nsec())
+    );
+    let third = store
+        .backup_paths(
+            "Container/c",
+            &spec,
+            &inputs,
+            &opts_stamping(t("2025-01-03T00:00:00Z"), false),
+        )
+        .expect("third");
+    assert_eq!(
+        third.stats.reused_bytes,
+        second.stats.bytes - before.len(),
+        "{:?}",
+        third.stats
+    );
+    let out = tmp.path().join("out");
+    store.restore(&third.id, &out, None).expect("restore");
+    assert_eq!(sha(&out.join("disk0")), sha(&vol));
+
+    // A chunk gone from the store: the file that needs it is read (and the chunk
+    // written) again rather than referenced.
+    let m3 = store.manifest(&third.id).expect("m3");
+    let big = m3
+        .files
+        .iter()
+        .find(|f| f.input == "rootfs" && f.chunks.iter().any(|c| c.digest.is_some()))
+        .expect("a rootfs file with data");
+    let d = big
+        .chunks
+        .iter()
+        .find_map(|c| c.digest.clone())
+        .expect("digest");
+    let cp = store.chunk_path(&d, true);
+    fs::remove_file(&cp).expect("remove chunk");
+    let fourth = store
+        .backup_paths(
+            "Container/c",
+            &spec,
+            &inputs,
+            &opts_stamping(t("2025-01-04T00:00:00Z"), false),
+        )
+        .expect("fourth");
+    assert!(cp.exists(), "missing chunk written again");
+    assert!(fourth.stats.new_chunks >= 1, "{:?}", fourth.stats);
+    assert!(fourth.stats.reused_bytes < fourth.stats.bytes);
+
+    // --reread reads everything.
+    let fifth = store
+        .backup_paths(
+            "Container/c",
+            &spec,
+            &inputs,
+            &opts_stamping(t("2025-01-05T00:00:00Z"), true),
+        )
+        .expect("fifth");
+    assert_eq!(fifth.stats.reused_bytes, 0);
+    assert_eq!(fifth.stats.new_bytes, 0);
+    let out = tmp.path().join("out5");
+    store.restore(&fifth.id, &out, None).expect("restore");
+    assert_eq!(sha(&out.join("disk0")), sha(&vol));
+}
+
+#[test]
+fn files_changed_just_before_a_backup_get_no_stamp() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (vol, _) = make_inputs(tmp.path());
+    let store = BackupStore::for_pool(&tmp.path().join("pool"));
+    let inputs = [("disk0".to_string(), vol.clone())];
+    let opts = |at| BackupOptions {
+        time: Some(t(at)),
+        ..BackupOptions::default()
+    };
+    let first = store
+        .backup_paths(
+            "Volume/v",
+            &serde_json::json!({}),
+            &inputs,
+            &opts("2025-01-01T00:00:00Z"),
+        )
+        .expect("first");
+    assert!(
+        store.manifest(&first.id).expect("m").files[0]
+            .stamp
+            .is_none()
+    );
+    let second = store
+        .backup_paths(
+            "Volume/v",
+            &serde_json::json!({}),
+            &inputs,
+            &opts("2025-01-02T00:00:00Z"),
+        )
+        .expect("second");
+    assert_eq!(second.stats.reused_bytes, 0, "a racy file is read again");
+}
+
 #[test]
 fn prune_removes_manifests_then_collects_only_unreferenced_chunks() {
     let tmp = tempfile::tempdir().expect("tempdir");

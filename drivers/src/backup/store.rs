@@ -39,6 +39,8 @@ pub const FORMAT: &str = "stead-backup/1";
 /// Default zstd level for chunks (the level Proxmox Backup Server uses for its chunks).
 pub const DEFAULT_ZSTD_LEVEL: i32 = 1;
 const CHUNK_DIR: &str = ".chunks";
+/// Default of [`BackupOptions::racy_secs`].
+pub const RACY_SECS: i64 = 2;
 const LOCK_FILE: &str = ".lock";
 const TIME_FMT: &str = "%Y-%m-%dT%H:%M:%SZ";
 
@@ -53,6 +55,16 @@ pub struct BackupOptions {
     pub threads: Option<usize>,
     /// Progress bar to advance by bytes read (hidden by default).
     pub progress: indicatif::ProgressBar,
+    /// Read every file even when the previous backup of the resource recorded the same
+    /// change stamp (see [`Stamp`]); `false` reuses those files' chunk lists.
+    pub reread: bool,
+    /// Input name → metadata to record for that (file) input instead of the read path's:
+    /// set when the path read is a point-in-time clone of the input (a consistency
+    /// snapshot), with the original's metadata taken at the moment of the clone.
+    pub stat_of: HashMap<String, fs::Metadata>,
+    /// Files whose ctime is less than this many seconds before the backup starts are
+    /// recorded without a stamp (read again next time). Default 2; tests use 0.
+    pub racy_secs: i64,
 }
 
 impl Default for BackupOptions {
@@ -62,6 +74,9 @@ impl Default for BackupOptions {
             zstd_level: Some(DEFAULT_ZSTD_LEVEL),
             threads: None,
             progress: indicatif::ProgressBar::hidden(),
+            reread: false,
+            stat_of: HashMap::new(),
+            racy_secs: RACY_SECS,
         }
     }
 }
@@ -164,14 +179,46 @@ pub struct FileEntry {
     /// Content, in order (regular files).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub chunks: Vec<ChunkRef>,
+    /// Change stamp of the source (regular files, not block devices).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stamp: Option<Stamp>,
+}
+
+/// What tells that a file is unchanged since the previous backup, together with its size
+/// and mtime (as restic and borg do): the inode number and the ctime. The ctime cannot be
+/// set from user space and moves on every write and metadata change, so a file whose
+/// size, mtime, inode and ctime are all the same has not been written since.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Stamp {
+    /// Inode number.
+    pub ino: u64,
+    /// Status change time, seconds.
+    pub ctime: i64,
+    /// Nanoseconds part of the ctime.
+    pub ctime_nsec: u32,
+}
+
+impl Stamp {
+    fn of(md: &fs::Metadata) -> Self {
+        Stamp {
+            ino: md.ino(),
+            ctime: md.ctime(),
+            ctime_nsec: md.ctime_nsec().clamp(0, 999_999_999) as u32,
+        }
+    }
 }
 
 /// Counters of one backup.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Stats {
-    /// Bytes of file content read.
+    /// Bytes of file content backed up (read, or reused unchanged from the previous backup).
     pub bytes: u64,
+    /// Of `bytes`, those of files that were not read because the previous backup of the
+    /// resource recorded the same change stamp.
+    #[serde(default)]
+    pub reused_bytes: u64,
     /// Bytes in all-zero chunks (not stored).
     pub zero_bytes: u64,
     /// Chunks referenced (non-zero).
@@ -624,7 +671,29 @@ impl BackupStore {
                 kind,
                 source: p.display().to_string(),
             });
+            let first = files.len();
             walk(n, p, "", md.dev(), &mut files, &mut sources)?;
+            if let Some(orig) = opts.stat_of.get(n)
+                && let Some(top) = files.get_mut(first)
+                && top.kind == EntryKind::File
+            {
+                // `p` is a clone taken at the moment `orig` was: record the original.
+                top.mode = orig.permissions().mode() & 0o7777;
+                top.uid = orig.uid();
+                top.gid = orig.gid();
+                top.mtime = orig.mtime();
+                top.mtime_nsec = orig.mtime_nsec().clamp(0, 999_999_999) as u32;
+                top.stamp = (orig.len() == top.size).then(|| Stamp::of(orig));
+            }
+        }
+        // "Racy" stamps: a file changed in the last seconds may change again within the same
+        // coarse ctime tick after it was read, unseen by the stamp. Such files get no stamp
+        // and are read again next time (git's racy-clean rule).
+        let racy_from = Utc::now().timestamp() - opts.racy_secs;
+        for f in files.iter_mut() {
+            if f.stamp.is_some_and(|st| st.ctime >= racy_from) {
+                f.stamp = None;
+            }
         }
         let total: u64 = files
             .iter()
@@ -632,6 +701,14 @@ impl BackupStore {
             .map(|f| f.size)
             .sum();
         opts.progress.set_length(total);
+
+        // Files unchanged since the previous backup keep its chunk lists without being read.
+        let reused = if opts.reread {
+            0
+        } else {
+            self.reuse_unchanged(resource, &mut files, &mut sources)
+        };
+        opts.progress.inc(reused);
 
         // Phase 2: stream the contents through the chunk pipeline.
         let threads = opts
@@ -672,9 +749,21 @@ impl BackupStore {
         });
         result?;
         let mut stats = Stats {
-            bytes: bytes_read.load(Ordering::Relaxed),
+            bytes: bytes_read.load(Ordering::Relaxed) + reused,
+            reused_bytes: reused,
             ..Stats::default()
         };
+        for (f, src) in files.iter().zip(&sources) {
+            if src.is_none() && f.kind == EntryKind::File {
+                for c in &f.chunks {
+                    if c.zero {
+                        stats.zero_bytes += c.size;
+                    } else {
+                        stats.chunks += 1;
+                    }
+                }
+            }
+        }
         for d in done_rx.iter() {
             let d = d?;
             let f = &mut files[d.file];
@@ -759,6 +848,92 @@ impl BackupStore {
             "backup written"
         );
         Ok(info_of(&manifest, path, time))
+    }
+
+    /// For each regular file whose size, mtime and [`Stamp`] equal those recorded for the
+    /// same input and path in the newest backup of `resource` (same chunking), takes over
+    /// that entry's chunk list and sha256 and clears its source, so it is not read. Entries
+    /// that reference a chunk no longer in the store are read again. Returns the bytes
+    /// reused. Any problem with the previous manifest just means nothing is reused.
+    fn reuse_unchanged(
+        &self,
+        resource: &str,
+        files: &mut [FileEntry],
+        sources: &mut [Option<PathBuf>],
+    ) -> u64 {
+        let prev = match self.manifest_paths(Some(resource)) {
+            Ok(paths) => match paths.last() {
+                Some(p) => match read_manifest(p) {
+                    Ok(m) => m,
+                    Err(e) => {
+                        warn!(error = %e, "previous backup unreadable: reading every file");
+                        return 0;
+                    }
+                },
+                None => return 0,
+            },
+            Err(_) => return 0,
+        };
+        if prev.chunking.min != CHUNK_MIN
+            || prev.chunking.avg != CHUNK_AVG
+            || prev.chunking.max != CHUNK_MAX
+        {
+            return 0;
+        }
+        let by_path: HashMap<(&str, &str), &FileEntry> = prev
+            .files
+            .iter()
+            .filter(|f| f.kind == EntryKind::File && f.stamp.is_some() && f.sha256.is_some())
+            .map(|f| ((f.input.as_str(), f.path.as_str()), f))
+            .collect();
+        let mut present: HashSet<&str> = HashSet::new();
+        let mut reused = 0u64;
+        let mut count = 0usize;
+        for (f, src) in files.iter_mut().zip(sources.iter_mut()) {
+            if src.is_none() || f.stamp.is_none() {
+                continue;
+            }
+            let Some(p) = by_path.get(&(f.input.as_str(), f.path.as_str())) else {
+                continue;
+            };
+            let same = p.size == f.size
+                && p.mtime == f.mtime
+                && p.mtime_nsec == f.mtime_nsec
+                && p.stamp == f.stamp
+                && p.chunks.iter().map(|c| c.size).sum::<u64>() == f.size;
+            if !same {
+                continue;
+            }
+            let all_there = p.chunks.iter().all(|c| match &c.digest {
+                None => c.zero,
+                Some(d) => {
+                    present.contains(d.as_str()) || {
+                        let there = self.existing_chunk(d).is_some();
+                        if there {
+                            present.insert(d.as_str());
+                        }
+                        there
+                    }
+                }
+            });
+            if !all_there {
+                continue;
+            }
+            f.chunks = p.chunks.clone();
+            f.sha256 = p.sha256.clone();
+            *src = None;
+            reused += f.size;
+            count += 1;
+        }
+        if count > 0 {
+            info!(
+                files = count,
+                bytes = reused,
+                previous = %prev.id,
+                "unchanged since the previous backup: not read"
+            );
+        }
+        reused
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -1690,6 +1865,7 @@ fn walk(
         target,
         rdev: matches!(kind, EntryKind::Char | EntryKind::Block).then(|| md.rdev()),
         chunks: Vec::new(),
+        stamp: (kind == EntryKind::File && !device_content).then(|| Stamp::of(&md)),
     });
     sources.push((kind == EntryKind::File).then(|| path.to_path_buf()));
     if kind == EntryKind::Dir {
