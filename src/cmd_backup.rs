@@ -11,11 +11,12 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand, ValueEnum};
-use stead_drivers::backup::hooks::NoHooks;
+use stead_drivers::backup::consistency::WorkloadHooks;
+use stead_drivers::backup::hooks::{BackupHooks, NoHooks, backup_target};
 use stead_drivers::backup::runner::{Job, Runner, SystemClock};
 use stead_drivers::backup::store::{BackupOptions, BackupStore, DEFAULT_ZSTD_LEVEL};
 use stead_drivers::backup::{retention, schedule, targets};
-use stead_schema::kinds::Retention;
+use stead_schema::kinds::{BackupMode, Retention};
 use stead_schema::{HostEnv, Kind, Lookup, Resource, ResourceId, Spec};
 
 /// Output format.
@@ -98,6 +99,36 @@ pub struct ManifestArgs {
     pub manifests: Vec<PathBuf>,
 }
 
+/// `--mode` of `stead backup run`.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModeArg {
+    /// Freeze/pause, clone, resume (or stay quiesced while read when inputs cannot be cloned).
+    Snapshot,
+    /// Stop, read, start again.
+    Stop,
+}
+
+impl From<ModeArg> for BackupMode {
+    fn from(m: ModeArg) -> Self {
+        match m {
+            ModeArg::Snapshot => BackupMode::Snapshot,
+            ModeArg::Stop => BackupMode::Stop,
+        }
+    }
+}
+
+/// The consistency hooks of this host: the container and VM drivers, or live reads when
+/// they cannot work here (no cgroup hierarchy).
+fn hooks_for(env: &HostEnv, map: &BTreeMap<ResourceId, Resource>) -> Arc<dyn BackupHooks> {
+    match WorkloadHooks::new(env, Arc::new(map.clone())) {
+        Ok(h) => Arc::new(h),
+        Err(e) => {
+            eprintln!("warning: workloads cannot be quiesced here ({e}); reading live");
+            Arc::new(NoHooks)
+        }
+    }
+}
+
 /// `stead backup` subcommands.
 #[derive(Subcommand, Debug)]
 pub enum BackupCmd {
@@ -115,6 +146,11 @@ pub enum BackupCmd {
         /// Kind/name to record for `--path` backups.
         #[arg(long, value_name = "KIND/NAME", requires = "path")]
         name: Option<String>,
+        /// How running workloads are made consistent: `snapshot` (freeze or pause them,
+        /// reflink-clone their volumes, let them run again) or `stop` (stop them, read,
+        /// start them again). Default: the schedule's mode, else snapshot.
+        #[arg(long, value_enum)]
+        mode: Option<ModeArg>,
         #[command(flatten)]
         storage: StorageArg,
         /// Store chunks uncompressed.
@@ -255,6 +291,7 @@ pub fn run_with(
             schedule,
             path,
             name,
+            mode,
             storage,
             no_compress,
             level,
@@ -265,6 +302,7 @@ pub fn run_with(
             output,
         } => {
             let w = World::load(&manifests, world)?;
+            let mut mode = mode.map(BackupMode::from);
             let (store, targets, ret, tz, zstd) = if let Some(s) = schedule {
                 let (spec, _) = w.schedule(&s)?;
                 let store = w.store_named(spec.storage.as_str())?;
@@ -279,6 +317,7 @@ pub fn run_with(
                     })
                     .collect::<Result<Vec<_>>>()?;
                 let tz = zone(spec.timezone.as_ref().map(|t| t.0.name()))?;
+                mode.get_or_insert(spec.mode);
                 let zstd = match spec.compression {
                     stead_schema::kinds::Compression::Zstd => Some(level),
                     stead_schema::kinds::Compression::None => None,
@@ -327,6 +366,8 @@ pub fn run_with(
                 bail!("give a TARGET (Kind/name), --schedule NAME, or --path with --name");
             };
             let zstd = if no_compress { None } else { zstd };
+            let mode = mode.unwrap_or_default();
+            let hooks = hooks_for(env, &w.map);
             let mut failed = false;
             let mut results = Vec::new();
             for t in &targets {
@@ -338,10 +379,13 @@ pub fn run_with(
                     reread,
                     ..BackupOptions::default()
                 };
-                match store.backup_paths(&t.resource, &t.spec, &t.inputs, &opts) {
+                match backup_target(&store, t, mode, hooks.as_ref(), opts) {
                     Ok(info) => {
                         if output == Format::Text {
                             let s = &info.stats;
+                            if let Some(c) = &info.consistency {
+                                println!("{}: consistency: {c}", info.id);
+                            }
                             let secs = s.duration_ms.max(1) as f64 / 1000.0;
                             println!(
                                 "{}: {} ({} unchanged, not read), {} new ({} stored), {} zero, {:.1}s, {:.0} MB/s",
@@ -532,7 +576,8 @@ pub fn run_with(
                 bail!("no BackupSchedule in the given manifests");
             }
             let clock = SystemClock::default();
-            let mut runner = Runner::new(jobs, clock, Arc::new(NoHooks), &env.state_dir)?;
+            let hooks = hooks_for(env, &w.map);
+            let mut runner = Runner::new(jobs, clock, hooks, &env.state_dir)?;
             eprintln!(
                 "backup daemon: {} schedules; state in {}",
                 w.map

@@ -127,3 +127,94 @@ pub fn observe_instances(
     }
     Ok(out)
 }
+
+/// Backup holds: while a `mode: stop` backup has a workload stopped, the file
+/// `<run_dir>/holds/<Kind>-<name>` holds the backup's pid, and `apply` of that workload
+/// waits (a retryable error) instead of starting it under the backup's feet.
+pub mod hold {
+    use std::fs;
+    use std::path::{Path, PathBuf};
+
+    use stead_schema::DriverError;
+
+    fn path(run_dir: &Path, kind: &str, name: &str) -> PathBuf {
+        run_dir.join("holds").join(format!("{kind}-{name}"))
+    }
+
+    /// Places the hold for this process.
+    pub fn take(run_dir: &Path, kind: &str, name: &str) -> Result<(), DriverError> {
+        let p = path(run_dir, kind, name);
+        if let Some(d) = p.parent() {
+            fs::create_dir_all(d)
+                .map_err(|e| DriverError::io(format!("mkdir {}", d.display()), e))?;
+        }
+        fs::write(&p, std::process::id().to_string())
+            .map_err(|e| DriverError::io(format!("write {}", p.display()), e))
+    }
+
+    /// Removes the hold (absent is fine).
+    pub fn release(run_dir: &Path, kind: &str, name: &str) {
+        let _ = fs::remove_file(path(run_dir, kind, name));
+    }
+
+    /// The pid of a live process holding `kind/name`, if any; a hold whose process is
+    /// gone (a killed backup) is removed.
+    pub fn holder(run_dir: &Path, kind: &str, name: &str) -> Option<i32> {
+        let p = path(run_dir, kind, name);
+        let pid: i32 = fs::read_to_string(&p).ok()?.trim().parse().ok()?;
+        if pid as u32 == std::process::id() {
+            // This process placed it and is now starting the workload again.
+            return None;
+        }
+        if nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok() {
+            Some(pid)
+        } else {
+            let _ = fs::remove_file(&p);
+            None
+        }
+    }
+
+    /// `Err(NotReady)` while a backup holds `kind/name`.
+    pub fn check(run_dir: &Path, kind: &str, name: &str) -> Result<(), DriverError> {
+        match holder(run_dir, kind, name) {
+            Some(pid) => Err(DriverError::NotReady(format!(
+                "{kind}/{name} is stopped by a running backup (pid {pid}, mode stop); it is started again when the backup ends"
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn a_live_holder_blocks_apply_and_a_dead_one_is_cleared() {
+            let tmp = tempfile::tempdir().expect("tmp");
+            let run = tmp.path();
+            assert!(check(run, "Container", "web").is_ok(), "no hold");
+            // Our own hold does not block us (the backup starts the workload again).
+            take(run, "Container", "web").expect("take");
+            assert!(check(run, "Container", "web").is_ok());
+            // Another live process's hold blocks, retryably.
+            let mut child = std::process::Command::new("sleep")
+                .arg("30")
+                .spawn()
+                .expect("sleep");
+            fs::write(path(run, "Container", "web"), child.id().to_string()).expect("write");
+            let e = check(run, "Container", "web").expect_err("held");
+            assert!(e.retryable(), "{e}");
+            assert!(e.to_string().contains("running backup"), "{e}");
+            let _ = child.kill();
+            let _ = child.wait();
+            assert!(check(run, "Container", "web").is_ok(), "holder gone");
+            assert!(
+                !path(run, "Container", "web").exists(),
+                "stale hold removed"
+            );
+            take(run, "VirtualMachine", "vm1").expect("take");
+            release(run, "VirtualMachine", "vm1");
+            assert!(!path(run, "VirtualMachine", "vm1").exists());
+        }
+    }
+}

@@ -67,6 +67,8 @@ impl BackupHooks for ChangingData {
         })?;
         Ok(Prepared {
             inputs: target.inputs.clone(),
+            stat_of: Default::default(),
+            consistency: format!("test hook, call {n}"),
             cleanup: Box::new(|| Ok(())),
         })
     }

@@ -611,6 +611,108 @@ fn stop_start_delete_leave_nothing() {
     sb.assert_clean();
 }
 
+/// Issue 6, consistency modes on a running container whose rootfs is a directory (cannot
+/// be reflink-cloned): `snapshot` keeps it frozen while the backup reads, then thaws it;
+/// `stop` stops it and starts it again from its manifest.
+fn backup_freezes_or_stops_the_container() {
+    use stead_drivers::backup::consistency::WorkloadHooks;
+    use stead_drivers::backup::hooks::{BackupHooks, backup_target};
+    use stead_drivers::backup::store::{BackupOptions, BackupStore};
+    use stead_drivers::backup::targets;
+    use stead_schema::kinds::BackupMode;
+
+    let mut sb = Sandbox::new("10.77.0.1/24");
+    let writer =
+        "trap 'exit 0' TERM; i=0; while :; do i=$((i+1)); echo $i > /counter; sleep 0.01; done";
+    let spec = container_spec(
+        &sb,
+        "10.77.0.9/24",
+        json!({"command": ["/bin/sh", "-c", writer]}),
+    );
+    let c = sb.resource("bk", spec);
+    sb.apply(&c);
+    // The rootfs as backed up: the unpacked template, or the upper layer of an overlay.
+    let target = targets::resolve(&sb.env, &sb.world, &c.id).expect("target");
+    let counter = target.inputs[0].1.join("counter");
+    let stamp = || {
+        fs::metadata(&counter)
+            .ok()
+            .map(|m| (m.mtime(), m.mtime_nsec(), m.len()))
+    };
+    wait_until("the writer to run", Duration::from_secs(10), || {
+        stamp().is_some()
+    });
+    let world = std::sync::Arc::new(sb.world.clone());
+    let hooks = WorkloadHooks::new(&sb.env, world).expect("hooks");
+
+    // snapshot: frozen for as long as the inputs are read.
+    let p = hooks
+        .prepare(&target, BackupMode::Snapshot)
+        .expect("prepare");
+    assert_eq!(p.consistency, "frozen Container/bk while read");
+    assert!(sb.driver.is_frozen("bk"));
+    let before = stamp();
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(stamp(), before, "nothing is written while frozen");
+    assert_eq!(p.inputs, target.inputs, "a directory is read in place");
+    (p.cleanup)().expect("thaw");
+    assert!(!sb.driver.is_frozen("bk"));
+    wait_until(
+        "the writer to go on after the thaw",
+        Duration::from_secs(5),
+        || stamp() != before,
+    );
+
+    // Through the store, both modes.
+    let store = BackupStore::for_pool(&sb.tmp.path().join("backups"));
+    let info = backup_target(
+        &store,
+        &target,
+        BackupMode::Snapshot,
+        &hooks,
+        BackupOptions::default(),
+    )
+    .expect("snapshot backup");
+    assert_eq!(
+        info.consistency.as_deref(),
+        Some("frozen Container/bk while read")
+    );
+    assert!(!sb.driver.is_frozen("bk"));
+    let pid = sb.observe(&c).status["pid"].as_i64().expect("pid");
+    let info = backup_target(
+        &store,
+        &target,
+        BackupMode::Stop,
+        &hooks,
+        BackupOptions::default(),
+    )
+    .expect("stop backup");
+    assert_eq!(info.consistency.as_deref(), Some("stopped Container/bk"));
+    let o = sb.observe(&c);
+    assert_eq!(o.state["state"], "running", "started again: {o:?}");
+    assert_ne!(o.status["pid"].as_i64(), Some(pid), "a new init");
+    let before = stamp();
+    wait_until("the restarted writer", Duration::from_secs(5), || {
+        stamp() != before
+    });
+    assert!(store.verify(&info.id).expect("verify").ok());
+
+    // Not running: read as is, nothing to quiesce.
+    let mut stopped = c.spec.clone();
+    if let Spec::Container(cs) = &mut stopped {
+        cs.state = stead_schema::RunState::Stopped;
+    }
+    let s = sb.resource("bk", serde_json::to_value(&stopped).expect("spec"));
+    sb.apply(&s);
+    let p = hooks
+        .prepare(&target, BackupMode::Snapshot)
+        .expect("prepare");
+    assert_eq!(p.consistency, "not running");
+    (p.cleanup)().expect("cleanup");
+    sb.delete(&s);
+    sb.assert_clean();
+}
+
 fn loop_devices_backed_by(file: &Path) -> Vec<String> {
     let want = file.to_string_lossy().to_string();
     fs::read_dir("/sys/block")
@@ -762,7 +864,11 @@ fn main() {
         };
         std::process::exit(code);
     }
-    let tests: [(&str, fn()); 7] = [
+    let tests: [(&str, fn()); 8] = [
+        (
+            "backup_freezes_or_stops_the_container",
+            backup_freezes_or_stops_the_container,
+        ),
         ("bad_command_is_reported", bad_command_is_reported),
         ("raw_volume_mount", raw_volume_mount),
         ("two_containers_on_a_bridge", two_containers_on_a_bridge),

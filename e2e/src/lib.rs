@@ -177,3 +177,56 @@ impl Run {
         self
     }
 }
+
+/// A btrfs file system on a loop device, unmounted and detached on drop.
+pub struct LoopBtrfs {
+    /// Mount point.
+    pub mnt: std::path::PathBuf,
+    /// Loop device.
+    pub dev: String,
+}
+
+impl LoopBtrfs {
+    /// Makes a 256 MiB btrfs image in the sandbox, attaches and mounts it at `mnt`;
+    /// `None` when that is not possible here.
+    pub fn new(sb: &Sandbox) -> Option<Self> {
+        let img = sb.path("btrfs.img");
+        let f = std::fs::File::create(&img).ok()?;
+        f.set_len(256 << 20).ok()?;
+        let ok = Command::new("mkfs.btrfs")
+            .args(["-q", "-f"])
+            .arg(&img)
+            .status()
+            .ok()?
+            .success();
+        if !ok {
+            return None;
+        }
+        let out = Command::new("losetup")
+            .args(["-f", "--show"])
+            .arg(&img)
+            .output()
+            .ok()?;
+        let dev = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        if dev.is_empty() {
+            return None;
+        }
+        let mnt = sb.path("mnt");
+        std::fs::create_dir_all(&mnt).ok()?;
+        let me = LoopBtrfs { mnt, dev };
+        let ok = Command::new("mount")
+            .args(["-t", "btrfs", &me.dev])
+            .arg(&me.mnt)
+            .status()
+            .ok()?
+            .success();
+        ok.then_some(me)
+    }
+}
+
+impl Drop for LoopBtrfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
+        let _ = Command::new("losetup").args(["-d", &self.dev]).status();
+    }
+}

@@ -3,56 +3,7 @@
 
 use std::process::Command;
 
-use stead_e2e::{Sandbox, is_root, skip_unless};
-
-/// A btrfs file system on a loop device, unmounted and detached on drop.
-struct LoopBtrfs {
-    mnt: std::path::PathBuf,
-    dev: String,
-}
-
-impl LoopBtrfs {
-    fn new(sb: &Sandbox) -> Option<Self> {
-        let img = sb.path("btrfs.img");
-        let f = std::fs::File::create(&img).ok()?;
-        f.set_len(256 << 20).ok()?;
-        let ok = Command::new("mkfs.btrfs")
-            .args(["-q", "-f"])
-            .arg(&img)
-            .status()
-            .ok()?
-            .success();
-        if !ok {
-            return None;
-        }
-        let out = Command::new("losetup")
-            .args(["-f", "--show"])
-            .arg(&img)
-            .output()
-            .ok()?;
-        let dev = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        if dev.is_empty() {
-            return None;
-        }
-        let mnt = sb.path("mnt");
-        std::fs::create_dir_all(&mnt).ok()?;
-        let me = LoopBtrfs { mnt, dev };
-        let ok = Command::new("mount")
-            .args(["-t", "btrfs", &me.dev])
-            .arg(&me.mnt)
-            .status()
-            .ok()?
-            .success();
-        ok.then_some(me)
-    }
-}
-
-impl Drop for LoopBtrfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
-        let _ = Command::new("losetup").args(["-d", &self.dev]).status();
-    }
-}
+use stead_e2e::{LoopBtrfs, Sandbox, is_root, skip_unless};
 
 fn manifest(sb: &Sandbox, pool: &std::path::Path, with_volume: bool) -> String {
     let mut t = format!(

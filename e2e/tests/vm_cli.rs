@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use stead_e2e::{Sandbox, is_root, skip_unless};
+use stead_e2e::{LoopBtrfs, Sandbox, is_root, skip_unless};
 
 fn kvm_ok(test: &str) -> bool {
     if skip_unless(is_root(), test, "needs root") {
@@ -482,6 +482,175 @@ fn vm_stopped_state_and_restart_policy_never() {
     assert!(sandbox_processes(&sb).is_empty());
     assert!(!cgroup_dir(&sb, "memory").exists());
     assert!(!links(&sb).contains("master lan0"));
+}
+
+/// Issue 6, consistency modes: a running VM with its disk on a btrfs pool is paused only
+/// while its disk is reflink-cloned (`mode: snapshot`), then backed up from the clone;
+/// `--mode stop` stops it, reads the disk and starts it again. Both restore bit-identical.
+#[test]
+fn vm_backup_snapshot_pauses_for_the_clone_and_stop_restarts() {
+    let name = "vm_backup_snapshot_pauses_for_the_clone_and_stop_restarts";
+    if !kvm_ok(name) {
+        return;
+    }
+    let has_btrfs = std::fs::read_to_string("/proc/filesystems").is_ok_and(|f| f.contains("btrfs"))
+        || Command::new("modprobe")
+            .arg("btrfs")
+            .status()
+            .is_ok_and(|s| s.success());
+    if skip_unless(has_btrfs, name, "kernel lacks btrfs") {
+        return;
+    }
+    let sb = Sandbox::with_netns();
+    let Some(fs) = LoopBtrfs::new(&sb) else {
+        panic!("could not make a loop-mounted btrfs (mkfs.btrfs from btrfs-progs, losetup)");
+    };
+    // Dropped first: VMMs die before the file system is unmounted.
+    let _leftovers = Leftovers(&sb);
+    let kernel = demo_guest(&sb);
+    let pool = fs.mnt.join("pool");
+    let text = format!(
+        "apiVersion: stead.dev/v1alpha1\nkind: StoragePool\nmetadata: {{name: local}}\nspec: {{type: btrfs, path: {}}}\n\
+         ---\napiVersion: stead.dev/v1alpha1\nkind: StoragePool\nmetadata: {{name: backups}}\nspec: {{type: dir, path: {}, content: [backup]}}\n\
+         ---\napiVersion: stead.dev/v1alpha1\nkind: Volume\nmetadata: {{name: vm1-root}}\nspec: {{pool: local, size: 16Mi, deletionPolicy: Delete}}\n\
+         ---\napiVersion: stead.dev/v1alpha1\nkind: VirtualMachine\nmetadata: {{name: vm1}}\nspec:\n  cpus: 1\n  memory: 32Mi\n  boot: {{kernel: {}, cmdline: \"mode=idle\"}}\n  disks: [{{volume: vm1-root}}]\n",
+        pool.display(),
+        sb.path("pools/backups").display(),
+        kernel.display()
+    );
+    let m = sb.write("m/all.yaml", &text);
+    let m = m.to_str().unwrap();
+    sb.run(&["apply", "--yes", m]).expect_code(0);
+    let disk = pool.join("images/vm1-root/disk.raw");
+    // Content to recognise in the restore (the idle guest does not write its disk).
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&disk)
+            .expect("open disk");
+        f.write_all_at(&[0x5a; 65536], 1 << 20).expect("write");
+    }
+    let (_, status, _) = get_vm(&sb);
+    let pid = status["pid"].as_i64().expect("pid");
+
+    let out = sb
+        .run(&[
+            "backup",
+            "run",
+            "VirtualMachine/vm1",
+            "-f",
+            m,
+            "-s",
+            "backups",
+        ])
+        .expect_code(0);
+    let text = out.stdout();
+    eprintln!("{text}");
+    assert!(
+        text.contains("consistency: paused VirtualMachine/vm1 ")
+            && text.contains("ms; reflink clones"),
+        "{text}\n{}",
+        out.stderr()
+    );
+    let (state, status, _) = get_vm(&sb);
+    assert_eq!(state["state"], "running", "resumed: {status}");
+    assert_eq!(status["pid"].as_i64(), Some(pid), "same VMM");
+    let left: Vec<_> = std::fs::read_dir(disk.parent().unwrap())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(left, vec!["disk.raw".to_string()], "clone removed");
+    let restored = sb.path("restore1");
+    sb.run(&[
+        "backup",
+        "restore",
+        "VirtualMachine/vm1",
+        "-f",
+        m,
+        "-s",
+        "backups",
+        "--to",
+        restored.to_str().unwrap(),
+    ])
+    .expect_code(0);
+    let same = |a: &Path, b: &Path| std::fs::read(a).unwrap() == std::fs::read(b).unwrap();
+    assert!(
+        same(&restored.join("vm1-root"), &disk),
+        "snapshot-mode restore is bit-identical"
+    );
+    let info = std::fs::metadata(&disk).unwrap();
+    let rinfo = std::fs::metadata(restored.join("vm1-root")).unwrap();
+    {
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(
+            rinfo.mtime(),
+            info.mtime(),
+            "the original's mtime, not the clone's"
+        );
+    }
+
+    let out = sb
+        .run(&[
+            "backup",
+            "run",
+            "VirtualMachine/vm1",
+            "-f",
+            m,
+            "-s",
+            "backups",
+            "--mode",
+            "stop",
+        ])
+        .expect_code(0);
+    assert!(
+        out.stdout()
+            .contains("consistency: stopped VirtualMachine/vm1"),
+        "{}\n{}",
+        out.stdout(),
+        out.stderr()
+    );
+    let (state, status, _) = get_vm(&sb);
+    assert_eq!(state["state"], "running", "started again: {status}");
+    let pid2 = status["pid"].as_i64().expect("pid");
+    assert_ne!(pid2, pid, "a new VMM");
+    let list = sb
+        .run(&[
+            "backup",
+            "list",
+            "VirtualMachine/vm1",
+            "-f",
+            m,
+            "-s",
+            "backups",
+            "-o",
+            "json",
+        ])
+        .expect_code(0);
+    let v: Value = serde_json::from_str(&list.stdout()).expect("list json");
+    assert_eq!(v.as_array().map(Vec::len), Some(2), "{v}");
+    let restored = sb.path("restore2");
+    sb.run(&[
+        "backup",
+        "restore",
+        "VirtualMachine/vm1",
+        "-f",
+        m,
+        "-s",
+        "backups",
+        "--to",
+        restored.to_str().unwrap(),
+    ])
+    .expect_code(0);
+    assert!(
+        same(&restored.join("vm1-root"), &disk),
+        "stop-mode restore is bit-identical"
+    );
+
+    sb.run(&["destroy", "--yes", "--allow-data-loss", m])
+        .expect_code(0);
+    assert!(sandbox_processes(&sb).is_empty());
 }
 
 /// Kills `stead apply` at several points while it creates the VM and re-applies: one

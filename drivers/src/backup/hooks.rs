@@ -1,24 +1,21 @@
 //! Consistency hooks: what happens to a workload around its backup (`mode: snapshot | stop`).
 //!
-//! The backup module does not know how to pause a container or a VM; the workload drivers do.
-//! They implement [`BackupHooks`]; the runner and `stead backup run` call
-//! [`BackupHooks::prepare`] before reading a target and the returned cleanup afterwards.
+//! The backup store only reads paths. [`BackupHooks::prepare`] runs before a target is read:
+//! it may quiesce the workload, swap the inputs for point-in-time clones, and returns the
+//! cleanup to run afterwards. [`backup_target`] is the one place that runs prepare → backup
+//! → cleanup, for `stead backup run` and the schedule runner alike.
 //!
-//! Intended implementations (not written yet, see docs/backup-format.md "Missing"):
-//! - Container, `snapshot`: freeze the cgroup (v1 `freezer.state = FROZEN`, v2
-//!   `cgroup.freeze = 1`), take a btrfs snapshot (or reflink copy) of the rootfs and volumes,
-//!   thaw (a pause of milliseconds), back up the snapshot paths, delete the snapshot in cleanup.
-//!   Without snapshot-capable storage, fall back to freeze → back up → thaw (pause = backup).
-//! - Container / VM, `stop`: stop the workload, back up, start it again in cleanup.
-//! - VM, `snapshot`: pause vCPUs and flush the virtio-blk backend via the VMM control socket,
-//!   snapshot the volume files, resume.
+//! The real implementation is [`super::consistency::WorkloadHooks`]; [`NoHooks`] reads live.
 
+use std::collections::HashMap;
+use std::fs;
 use std::path::PathBuf;
 
 use stead_schema::kinds::BackupMode;
 use tracing::warn;
 
 use super::BackupError;
+use super::store::{BackupInfo, BackupOptions, BackupStore};
 
 /// One resource to back up.
 #[derive(Debug, Clone, PartialEq)]
@@ -38,6 +35,11 @@ pub type Cleanup = Box<dyn FnOnce() -> Result<(), BackupError> + Send>;
 pub struct Prepared {
     /// What to read: the target's inputs, or e.g. snapshot paths standing in for them.
     pub inputs: Vec<(String, PathBuf)>,
+    /// For inputs read from a clone: the original's metadata, taken when the clone was.
+    pub stat_of: HashMap<String, fs::Metadata>,
+    /// How consistency was obtained, for the manifest and the operator (e.g. "frozen 3 ms
+    /// for reflink clones").
+    pub consistency: String,
     /// Run after the backup, whether it succeeded or not.
     pub cleanup: Cleanup,
 }
@@ -66,7 +68,29 @@ impl BackupHooks for NoHooks {
         }
         Ok(Prepared {
             inputs: target.inputs.clone(),
+            stat_of: HashMap::new(),
+            consistency: "live".into(),
             cleanup: Box::new(|| Ok(())),
         })
     }
+}
+
+/// Backs up `target` into `store`: prepare (quiesce, clone), read, then cleanup — which
+/// runs whether the backup succeeded or not. A cleanup failure (e.g. a workload that did
+/// not start again) is an error even when the backup itself was written.
+pub fn backup_target(
+    store: &BackupStore,
+    target: &Target,
+    mode: BackupMode,
+    hooks: &dyn BackupHooks,
+    mut opts: BackupOptions,
+) -> Result<BackupInfo, BackupError> {
+    let prepared = hooks.prepare(target, mode)?;
+    opts.stat_of = prepared.stat_of;
+    opts.consistency = Some(prepared.consistency);
+    let r = store.backup_paths(&target.resource, &target.spec, &prepared.inputs, &opts);
+    let c = (prepared.cleanup)();
+    let info = r?;
+    c?;
+    Ok(info)
 }

@@ -10,6 +10,7 @@
 
 use std::path::PathBuf;
 
+pub mod consistency;
 pub mod hooks;
 pub mod retention;
 pub mod runner;

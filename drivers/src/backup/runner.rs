@@ -13,7 +13,7 @@ use stead_schema::kinds::{BackupMode, BackupScheduleSpec, Compression, Retention
 use tracing::{error, info, info_span};
 
 use super::BackupError;
-use super::hooks::{BackupHooks, Target};
+use super::hooks::{BackupHooks, Target, backup_target};
 use super::retention;
 use super::schedule::{Due, Schedule};
 use super::store::{BackupOptions, BackupStore, DEFAULT_ZSTD_LEVEL};
@@ -288,21 +288,12 @@ fn run_job(
         errors: Vec::new(),
     };
     for t in &job.targets {
-        let res = (|| {
-            let prepared = hooks.prepare(t, job.mode)?;
-            let opts = BackupOptions {
-                time: Some(now),
-                zstd_level: job.zstd_level,
-                ..BackupOptions::default()
-            };
-            let r = job
-                .store
-                .backup_paths(&t.resource, &t.spec, &prepared.inputs, &opts);
-            let c = (prepared.cleanup)();
-            let info = r?;
-            c?;
-            Ok::<_, BackupError>(info)
-        })();
+        let opts = BackupOptions {
+            time: Some(now),
+            zstd_level: job.zstd_level,
+            ..BackupOptions::default()
+        };
+        let res = backup_target(&job.store, t, job.mode, hooks, opts);
         match res {
             Ok(info) => o.backups.push(info.id),
             Err(e) => {

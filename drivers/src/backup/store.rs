@@ -65,6 +65,8 @@ pub struct BackupOptions {
     /// Files whose ctime is less than this many seconds before the backup starts are
     /// recorded without a stamp (read again next time). Default 2; tests use 0.
     pub racy_secs: i64,
+    /// How consistency was obtained (recorded in the manifest).
+    pub consistency: Option<String>,
 }
 
 impl Default for BackupOptions {
@@ -77,6 +79,7 @@ impl Default for BackupOptions {
             reread: false,
             stat_of: HashMap::new(),
             racy_secs: RACY_SECS,
+            consistency: None,
         }
     }
 }
@@ -255,6 +258,9 @@ pub struct Manifest {
     pub compression: String,
     /// The inputs.
     pub inputs: Vec<InputEntry>,
+    /// How the data was made consistent: `live`, `stopped`, `frozen 3 ms (reflink clones)`…
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consistency: Option<String>,
     /// All entries of all inputs.
     pub files: Vec<FileEntry>,
     /// Counters.
@@ -278,6 +284,9 @@ pub struct BackupInfo {
     pub inputs: Vec<String>,
     /// Counters recorded at backup time.
     pub stats: Stats,
+    /// How the data was made consistent (see [`Manifest::consistency`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub consistency: Option<String>,
 }
 
 /// What is wrong with a backup.
@@ -830,6 +839,7 @@ impl BackupStore {
                 "none".into()
             },
             inputs: input_entries,
+            consistency: opts.consistency.clone(),
             files,
             stats: stats.clone(),
         };
@@ -1712,6 +1722,7 @@ fn info_of(m: &Manifest, manifest: PathBuf, time: DateTime<Utc>) -> BackupInfo {
         manifest,
         inputs: m.inputs.iter().map(|i| i.name.clone()).collect(),
         stats: m.stats.clone(),
+        consistency: m.consistency.clone(),
     }
 }
 

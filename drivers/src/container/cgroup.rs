@@ -15,7 +15,7 @@
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -365,6 +365,77 @@ impl Cgroup {
             }
         }
         Ok(u)
+    }
+
+    /// Freezes every process of the cgroup (v1 `freezer.state = FROZEN`, v2
+    /// `cgroup.freeze = 1`) and waits until the kernel reports the cgroup frozen: then no
+    /// process of it runs or writes until [`Cgroup::thaw`]. If the freeze does not complete
+    /// within `timeout` (e.g. a task stuck in an uninterruptible wait), the cgroup is thawed
+    /// again and an error returned.
+    pub fn freeze(&self, timeout: Duration) -> Result<(), DriverError> {
+        let (file, on, state_file, frozen) = self.freezer_files()?;
+        write_file(&file, on)?;
+        let t = Instant::now();
+        loop {
+            let st = fs::read_to_string(&state_file)
+                .map_err(io_err(format!("read {}", state_file.display())))?;
+            if frozen(&st) {
+                return Ok(());
+            }
+            if t.elapsed() > timeout {
+                let _ = self.thaw();
+                return Err(DriverError::Other(format!(
+                    "cgroup {} did not freeze within {timeout:?}",
+                    self.rel.display()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Lets the processes of a frozen cgroup run again. Idempotent.
+    pub fn thaw(&self) -> Result<(), DriverError> {
+        let (file, _, _, _) = self.freezer_files()?;
+        let off = if self.hier.is_v2() { "0" } else { "THAWED" };
+        write_file(&file, off)
+    }
+
+    /// Whether the cgroup is frozen (or freezing).
+    pub fn is_frozen(&self) -> bool {
+        match self.freezer_files() {
+            Ok((file, on, _, _)) => fs::read_to_string(file).is_ok_and(|s| {
+                let s = s.trim();
+                s == on || s == "FREEZING"
+            }),
+            Err(_) => false,
+        }
+    }
+
+    /// (control file, value that freezes, file that reports the state, "is frozen" test).
+    #[allow(clippy::type_complexity)]
+    fn freezer_files(
+        &self,
+    ) -> Result<(PathBuf, &'static str, PathBuf, fn(&str) -> bool), DriverError> {
+        if self.hier.is_v2() {
+            let d = self
+                .dir("")
+                .ok_or_else(|| DriverError::Unsupported("no cgroup2 directory".into()))?;
+            Ok(
+                (d.join("cgroup.freeze"), "1", d.join("cgroup.events"), |s| {
+                    s.lines().any(|l| l.trim() == "frozen 1")
+                }),
+            )
+        } else {
+            let d = self.dir("freezer").ok_or_else(|| {
+                DriverError::Unsupported("the cgroup v1 freezer controller is not mounted".into())
+            })?;
+            Ok((
+                d.join("freezer.state"),
+                "FROZEN",
+                d.join("freezer.state"),
+                |s| s.trim() == "FROZEN",
+            ))
+        }
     }
 
     /// Kills every process in the cgroup and waits (up to 5 s) until it is empty.

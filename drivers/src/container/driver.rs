@@ -223,6 +223,31 @@ impl ContainerDriver {
         Ok(())
     }
 
+    /// Whether container `name` has a live supervisor and a cgroup.
+    pub fn is_running(&self, name: &str) -> bool {
+        lock_held(&self.paths(name)) && self.cgroup(name).exists()
+    }
+
+    /// Freezes every process of container `name` (cgroup freezer) and waits until they
+    /// are all frozen, at most `timeout`.
+    pub fn freeze(&self, name: &str, timeout: Duration) -> Result<(), DriverError> {
+        self.cgroup(name).freeze(timeout)
+    }
+
+    /// Thaws container `name` (idempotent; a cgroup that is gone is not an error).
+    pub fn thaw(&self, name: &str) -> Result<(), DriverError> {
+        let cg = self.cgroup(name);
+        if !cg.exists() {
+            return Ok(());
+        }
+        cg.thaw()
+    }
+
+    /// Whether container `name`'s cgroup is frozen.
+    pub fn is_frozen(&self, name: &str) -> bool {
+        self.cgroup(name).is_frozen()
+    }
+
     /// Stops a running container gracefully and waits for its supervisor to exit.
     pub fn stop(&self, name: &str) -> Result<(), DriverError> {
         let paths = self.paths(name);
@@ -423,6 +448,7 @@ impl Driver for ContainerDriver {
         let name = desired.id.name.as_str();
         let _span = tracing::info_span!("apply", resource = %format!("Container/{name}")).entered();
         let spec = spec_of(desired)?;
+        crate::supervise::hold::check(&self.env.run_dir, "Container", name)?;
         let want = Self::project(name, spec);
         let paths = self.paths(name);
         fs::create_dir_all(&paths.dir)

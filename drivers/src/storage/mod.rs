@@ -17,7 +17,7 @@
 //! are refused. Writes are crash-safe: new volume files are built as
 //! `.<name>.raw.tmp`, fsynced and renamed; leftovers are removed by the next apply.
 
-mod fsutil;
+pub(crate) mod fsutil;
 pub mod lvm;
 mod mounts;
 mod pool;

@@ -276,6 +276,38 @@ impl VmDriver {
         Ok(())
     }
 
+    /// The VMM's run state of VM `name` (`running`, `paused`, …); `None` when no VMM
+    /// answers on its control socket.
+    pub fn run_state(&self, name: &str) -> Option<String> {
+        let paths = self.paths(name);
+        if !lock_held(&paths) {
+            return None;
+        }
+        control_request(&paths.control_socket(), "status")
+            .ok()
+            .and_then(|v| v["state"].as_str().map(str::to_string))
+    }
+
+    /// Pauses VM `name`: returns once every vCPU is parked (device I/O the guest queued
+    /// before completes in the VMM; nothing new is issued).
+    pub fn pause(&self, name: &str) -> Result<(), DriverError> {
+        let v = control_request(&self.paths(name).control_socket(), "pause")
+            .map_err(|e| DriverError::io(format!("pause VM {name}"), e))?;
+        match v["state"].as_str() {
+            Some("paused") => Ok(()),
+            _ => Err(DriverError::Other(format!(
+                "pause VM {name}: VMM answered {v}"
+            ))),
+        }
+    }
+
+    /// Resumes a paused VM `name`.
+    pub fn resume(&self, name: &str) -> Result<(), DriverError> {
+        control_request(&self.paths(name).control_socket(), "resume")
+            .map(|_| ())
+            .map_err(|e| DriverError::io(format!("resume VM {name}"), e))
+    }
+
     /// Stops VM `name` (graceful shutdown, then forced) and waits for its supervisor to
     /// exit; kills leftovers and removes the cgroup. Idempotent.
     pub fn stop(&self, name: &str) -> Result<(), DriverError> {
@@ -470,6 +502,7 @@ impl Driver for VmDriver {
         let spec = spec_of(desired)?;
         let name = desired.id.name.as_str();
         let _span = tracing::info_span!("vm_apply", vm = name).entered();
+        crate::supervise::hold::check(&self.env.run_dir, "VirtualMachine", name)?;
         let cfg = self.resolve(name, spec, world)?;
         let paths = self.paths(name);
         fs::create_dir_all(&paths.dir)

@@ -1,0 +1,435 @@
+//! [`WorkloadHooks`]: consistent backups of running containers and VMs.
+//!
+//! The workloads a target touches are the target itself (a Container or VirtualMachine) or,
+//! for a Volume, the containers and VMs that use it (as rootfs, mount or disk).
+//!
+//! `mode: snapshot`:
+//! 1. Quiesce each running workload: a container's cgroup is frozen (v1 freezer / v2
+//!    `cgroup.freeze`), a VM is paused through its VMM's control socket (every vCPU parked).
+//! 2. Clone each file input (a volume image) with FICLONE into
+//!    `.<file>.stead-backup-<pid>` next to it: instant and copy-on-write on btrfs and xfs.
+//!    The original's metadata, taken at that moment, is recorded in the manifest.
+//! 3. If every input was cloned, the workloads run again at once: the pause lasts
+//!    milliseconds. Otherwise (a directory tree such as a container rootfs, a block device,
+//!    or a file system without reflinks) they stay quiesced until the backup has read
+//!    everything: still consistent, but the pause is as long as the backup.
+//! 4. Cleanup thaws/resumes what is still quiesced and removes the clones. Clones left by
+//!    a killed backup (dead pid in the name) are removed by the next backup of that input.
+//!
+//! `mode: stop`: each running workload is stopped (graceful, as `state: stopped` would),
+//! the inputs are read, and cleanup starts the workloads again from their manifests.
+//!
+//! Workloads that are not running are read as they are: nothing writes to them. A VM that
+//! an operator paused stays paused. The result is recorded as the manifest's
+//! `consistency`, e.g. `frozen Container/web 4 ms; reflink clones`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{self, File};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use stead_schema::kinds::BackupMode;
+use stead_schema::{Driver, HostEnv, Kind, Observed, Resource, ResourceId, Spec};
+use tracing::{info, info_span, warn};
+
+use super::BackupError;
+use super::hooks::{BackupHooks, Prepared, Target};
+use crate::container::ContainerDriver;
+use crate::storage::fsutil::try_reflink;
+use crate::supervise::hold;
+use crate::vm::VmDriver;
+
+/// Longest wait for a cgroup to report frozen.
+const FREEZE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Marker in the name of consistency clones.
+const CLONE_MARK: &str = ".stead-backup-";
+
+fn err(e: stead_schema::DriverError) -> BackupError {
+    BackupError::Invalid(e.to_string())
+}
+
+/// Consistency hooks backed by the container and VM drivers.
+pub struct WorkloadHooks {
+    containers: ContainerDriver,
+    vms: VmDriver,
+    world: Arc<BTreeMap<ResourceId, Resource>>,
+    run_dir: PathBuf,
+}
+
+/// A workload quiesced (or stopped) for a backup.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Held {
+    Frozen(String),
+    Paused(String),
+    Stopped(ResourceId),
+}
+
+impl Held {
+    fn label(&self) -> String {
+        match self {
+            Held::Frozen(n) => format!("Container/{n}"),
+            Held::Paused(n) => format!("VirtualMachine/{n}"),
+            Held::Stopped(id) => id.to_string(),
+        }
+    }
+}
+
+impl WorkloadHooks {
+    /// Hooks for `env`; `world` holds the resources as applied (a stopped workload is
+    /// started again from its entry there).
+    pub fn new(
+        env: &HostEnv,
+        world: Arc<BTreeMap<ResourceId, Resource>>,
+    ) -> Result<Self, BackupError> {
+        Ok(WorkloadHooks {
+            containers: ContainerDriver::new(env).map_err(err)?,
+            vms: VmDriver::new(env).map_err(err)?,
+            world,
+            run_dir: env.run_dir.clone(),
+        })
+    }
+
+    /// The workloads whose data `target` is: itself, or a Volume's users.
+    fn workloads(&self, target: &Target) -> Vec<ResourceId> {
+        let Some((kind, name)) = target.resource.split_once('/') else {
+            return Vec::new();
+        };
+        match kind {
+            "Container" => vec![ResourceId::new(Kind::Container, name)],
+            "VirtualMachine" => vec![ResourceId::new(Kind::VirtualMachine, name)],
+            "Volume" => self
+                .world
+                .values()
+                .filter(|r| uses_volume(r, name))
+                .map(|r| r.id.clone())
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    fn running(&self, id: &ResourceId) -> bool {
+        match id.kind {
+            Kind::Container => self.containers.is_running(&id.name),
+            Kind::VirtualMachine => self.vms.run_state(&id.name).as_deref() == Some("running"),
+            _ => false,
+        }
+    }
+
+    fn quiesce(&self, id: &ResourceId) -> Result<Held, BackupError> {
+        match id.kind {
+            Kind::Container => {
+                self.containers
+                    .freeze(&id.name, FREEZE_TIMEOUT)
+                    .map_err(err)?;
+                Ok(Held::Frozen(id.name.clone()))
+            }
+            _ => {
+                self.vms.pause(&id.name).map_err(err)?;
+                Ok(Held::Paused(id.name.clone()))
+            }
+        }
+    }
+
+    fn stop(&self, id: &ResourceId) -> Result<Held, BackupError> {
+        let kind = id.kind.to_string();
+        // Keeps a controller (or another apply) from starting it during the backup.
+        hold::take(&self.run_dir, &kind, &id.name).map_err(err)?;
+        let r = match id.kind {
+            Kind::Container => self.containers.stop(&id.name),
+            _ => self.vms.stop(&id.name),
+        };
+        if let Err(e) = r {
+            hold::release(&self.run_dir, &kind, &id.name);
+            return Err(err(e));
+        }
+        Ok(Held::Stopped(id.clone()))
+    }
+
+    /// Undoes one [`Held`]: thaw, resume, or start from the manifest.
+    fn release(&self, h: &Held) -> Result<(), BackupError> {
+        match h {
+            Held::Frozen(n) => self.containers.thaw(n).map_err(err),
+            Held::Paused(n) => self.vms.resume(n).map_err(err),
+            Held::Stopped(id) => {
+                let r = self.world.get(id).ok_or_else(|| {
+                    BackupError::Invalid(format!("{id}: no manifest to start it again from"))
+                })?;
+                let world: &BTreeMap<ResourceId, Resource> = &self.world;
+                let res = match id.kind {
+                    Kind::Container => self.containers.apply(r, &Observed::absent(), world),
+                    _ => self.vms.apply(r, &Observed::absent(), world),
+                };
+                hold::release(&self.run_dir, &id.kind.to_string(), &id.name);
+                res.map_err(|e| BackupError::Invalid(format!("start {id} again: {e}")))
+            }
+        }
+    }
+
+    /// Releases all of `held` (in reverse order), returning the first error.
+    fn release_all(&self, held: &mut Vec<Held>) -> Result<(), BackupError> {
+        let mut first = None;
+        while let Some(h) = held.pop() {
+            if let Err(e) = self.release(&h) {
+                warn!(workload = %h.label(), error = %e, "could not release after the backup");
+                first.get_or_insert(e);
+            }
+        }
+        first.map_or(Ok(()), Err)
+    }
+}
+
+fn uses_volume(r: &Resource, volume: &str) -> bool {
+    match &r.spec {
+        Spec::Container(c) => {
+            c.rootfs
+                .volume
+                .as_ref()
+                .is_some_and(|v| v.as_str() == volume)
+                || c.mounts.iter().any(|m| m.volume.as_str() == volume)
+        }
+        Spec::VirtualMachine(v) => v.disks.iter().any(|d| d.volume.as_str() == volume),
+        _ => false,
+    }
+}
+
+/// `.<file name>.stead-backup-<pid>` next to `p`.
+fn clone_path(p: &Path, pid: u32) -> Option<PathBuf> {
+    let name = p.file_name()?.to_str()?;
+    Some(p.with_file_name(format!(".{name}{CLONE_MARK}{pid}")))
+}
+
+/// Removes clones of `p` left by backups whose process is gone.
+fn remove_stale_clones(p: &Path) {
+    let (Some(dir), Some(name)) = (p.parent(), p.file_name().and_then(|n| n.to_str())) else {
+        return;
+    };
+    let prefix = format!(".{name}{CLONE_MARK}");
+    let Ok(rd) = fs::read_dir(dir) else { return };
+    for e in rd.flatten() {
+        let f = e.file_name();
+        let Some(pid) = f
+            .to_str()
+            .and_then(|f| f.strip_prefix(&prefix))
+            .and_then(|p| p.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let alive = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok();
+        if !alive {
+            info!(path = %e.path().display(), "removing a clone left by an interrupted backup");
+            let _ = fs::remove_file(e.path());
+        }
+    }
+}
+
+/// Clones regular file `p` with FICLONE; `Ok(None)` when the file system cannot.
+/// Returns the clone and `p`'s metadata from just before the clone.
+fn clone_file(p: &Path) -> Result<Option<(PathBuf, fs::Metadata)>, BackupError> {
+    let Some(dst) = clone_path(p, std::process::id()) else {
+        return Ok(None);
+    };
+    let src = File::open(p).map_err(BackupError::io("open", p))?;
+    let md = src.metadata().map_err(BackupError::io("stat", p))?;
+    let _ = fs::remove_file(&dst);
+    let out = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&dst)
+        .map_err(BackupError::io("create", &dst))?;
+    match try_reflink(&src, &out) {
+        Ok(true) => Ok(Some((dst, md))),
+        Ok(false) => {
+            let _ = fs::remove_file(&dst);
+            Ok(None)
+        }
+        Err(e) => {
+            let _ = fs::remove_file(&dst);
+            Err(BackupError::Invalid(format!("clone {}: {e}", p.display())))
+        }
+    }
+}
+
+impl BackupHooks for WorkloadHooks {
+    fn prepare(&self, target: &Target, mode: BackupMode) -> Result<Prepared, BackupError> {
+        let _span = info_span!("consistency", resource = %target.resource, ?mode).entered();
+        let running: Vec<ResourceId> = self
+            .workloads(target)
+            .into_iter()
+            .filter(|id| self.running(id))
+            .collect();
+        let mut held: Vec<Held> = Vec::new();
+        if mode == BackupMode::Stop {
+            for id in &running {
+                if !self.world.contains_key(id) {
+                    self.release_all(&mut held)?;
+                    return Err(BackupError::Invalid(format!(
+                        "mode stop: {id} is running but not in the manifests, so it could not be started again"
+                    )));
+                }
+                match self.stop(id) {
+                    Ok(h) => held.push(h),
+                    Err(e) => {
+                        let _ = self.release_all(&mut held);
+                        return Err(e);
+                    }
+                }
+            }
+            let consistency = if held.is_empty() {
+                "not running".to_string()
+            } else {
+                format!(
+                    "stopped {}",
+                    held.iter().map(Held::label).collect::<Vec<_>>().join(", ")
+                )
+            };
+            info!(%consistency, "inputs read with the workloads stopped");
+            let me = self.clone_handle();
+            return Ok(Prepared {
+                inputs: target.inputs.clone(),
+                stat_of: HashMap::new(),
+                consistency,
+                cleanup: Box::new(move || me.release_all(&mut held)),
+            });
+        }
+
+        // snapshot
+        for (_, p) in &target.inputs {
+            remove_stale_clones(p);
+        }
+        let t = Instant::now();
+        for id in &running {
+            match self.quiesce(id) {
+                Ok(h) => held.push(h),
+                Err(e) => {
+                    let _ = self.release_all(&mut held);
+                    return Err(e);
+                }
+            }
+        }
+        let mut inputs = Vec::new();
+        let mut clones: Vec<PathBuf> = Vec::new();
+        let mut stat_of = HashMap::new();
+        let mut all_cloned = true;
+        for (n, p) in &target.inputs {
+            let is_file = fs::metadata(p).is_ok_and(|m| m.is_file());
+            let cloned = if is_file {
+                match clone_file(p) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        let _ = self.release_all(&mut held);
+                        remove_all(&clones);
+                        return Err(e);
+                    }
+                }
+            } else {
+                None
+            };
+            match cloned {
+                Some((c, md)) => {
+                    inputs.push((n.clone(), c.clone()));
+                    stat_of.insert(n.clone(), md);
+                    clones.push(c);
+                }
+                None => {
+                    all_cloned = false;
+                    inputs.push((n.clone(), p.clone()));
+                }
+            }
+        }
+        let names = held.iter().map(Held::label).collect::<Vec<_>>().join(", ");
+        let verb = |h: &[Held]| {
+            if h.iter().any(|h| matches!(h, Held::Paused(_))) {
+                "paused"
+            } else {
+                "frozen"
+            }
+        };
+        let consistency = if held.is_empty() {
+            if clones.is_empty() {
+                "not running".to_string()
+            } else {
+                "not running; reflink clones".to_string()
+            }
+        } else if all_cloned {
+            let v = verb(&held);
+            if let Err(e) = self.release_all(&mut held) {
+                remove_all(&clones);
+                return Err(e);
+            }
+            let ms = t.elapsed().as_millis();
+            info!(workloads = %names, ms, "quiesced for reflink clones, running again");
+            format!("{v} {names} {ms} ms; reflink clones")
+        } else {
+            warn!(
+                workloads = %names,
+                "not every input can be cloned (directory tree, block device or no reflink support): the workloads stay quiesced while the backup reads"
+            );
+            format!("{} {names} while read", verb(&held))
+        };
+        let me = self.clone_handle();
+        Ok(Prepared {
+            inputs,
+            stat_of,
+            consistency,
+            cleanup: Box::new(move || {
+                let r = me.release_all(&mut held);
+                remove_all(&clones);
+                r
+            }),
+        })
+    }
+}
+
+impl WorkloadHooks {
+    /// A copy that the cleanup closure can own.
+    fn clone_handle(&self) -> WorkloadHooks {
+        WorkloadHooks {
+            containers: self.containers.clone(),
+            vms: self.vms.clone(),
+            world: Arc::clone(&self.world),
+            run_dir: self.run_dir.clone(),
+        }
+    }
+}
+
+fn remove_all(paths: &[PathBuf]) {
+    for p in paths {
+        if let Err(e) = fs::remove_file(p)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            warn!(path = %p.display(), error = %e, "could not remove a consistency clone");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clone_names_carry_the_pid() {
+        assert_eq!(
+            clone_path(Path::new("/p/images/a.raw"), 42),
+            Some(PathBuf::from("/p/images/.a.raw.stead-backup-42"))
+        );
+    }
+
+    #[test]
+    fn stale_clones_of_dead_processes_are_removed() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let f = tmp.path().join("disk.raw");
+        fs::write(&f, b"x").expect("write");
+        // pid 0x7ffffffe cannot exist (above pid_max); our own pid is alive.
+        let dead = clone_path(&f, 0x7fff_fffe).expect("path");
+        let live = clone_path(&f, std::process::id()).expect("path");
+        fs::write(&dead, b"x").expect("write");
+        fs::write(&live, b"x").expect("write");
+        remove_stale_clones(&f);
+        assert!(!dead.exists());
+        assert!(live.exists());
+        assert!(f.exists());
+    }
+}
