@@ -1,13 +1,15 @@
-//! `stead snapshot create|list|rollback|delete Kind/name [SNAP]`: volume snapshots.
-//!
-//! Works on Volumes. Containers and VirtualMachines are snapshotted through their
-//! volumes; until that is wired (it needs the workload paused for consistency), they
-//! get a clear error naming the volumes to snapshot instead.
+//! `stead snapshot create|list|rollback|delete Kind/name [SNAP]`: snapshots of a Volume,
+//! or of a Container or VirtualMachine as a whole (every volume it uses and a container's
+//! own rootfs), taken with the workload quiesced and rolled back with it stopped. See
+//! `stead_drivers::workload_snapshots`.
 
-use anyhow::{Context, Result, bail};
+use std::collections::BTreeMap;
+use std::io::{BufRead, IsTerminal, Write};
+
+use anyhow::{Context, Result};
 use clap::{Subcommand, ValueEnum};
-use stead_drivers::storage::{self, CopyMethodOrNative};
-use stead_schema::{HostEnv, Kind, Lookup, ResourceId, Spec};
+use stead_drivers::workload_snapshots as ws;
+use stead_schema::{HostEnv, Kind, Resource, ResourceId};
 
 /// Output format of `stead snapshot list`.
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,130 +24,135 @@ pub enum ListFormat {
 #[derive(Subcommand, Debug)]
 pub enum SnapshotCmd {
     /// Take a snapshot (btrfs: read-only subvolume snapshot; dir: reflink copy where the
-    /// file system supports it, else a full sparse copy).
+    /// file system supports it, else a full sparse copy). A running container or VM is
+    /// frozen or paused while its parts are taken.
     Create {
-        /// What to snapshot: Volume/NAME.
+        /// What to snapshot: Volume/NAME, Container/NAME or VirtualMachine/NAME.
         target: String,
         /// Snapshot name: letters, digits, '.', '_', '-'.
         snap: String,
     },
-    /// List the snapshots of a volume.
+    /// List the snapshots of a volume or workload.
     List {
-        /// Volume/NAME.
+        /// Volume/NAME, Container/NAME or VirtualMachine/NAME.
         target: String,
         /// Output format.
         #[arg(short, long, value_enum, default_value_t = ListFormat::Text)]
         output: ListFormat,
     },
-    /// Replace the volume's content with a snapshot, atomically. Changes made since
-    /// the snapshot are lost. Stop the container or VM using the volume first.
+    /// Replace the content with a snapshot. Changes made since the snapshot are lost.
+    /// Running containers and VMs that use it are stopped first and started again
+    /// afterwards (impact: restart), which needs --yes or a confirmation on a terminal.
     Rollback {
-        /// Volume/NAME.
+        /// Volume/NAME, Container/NAME or VirtualMachine/NAME.
         target: String,
         /// Snapshot name.
         snap: String,
+        /// Do not ask before restarting running workloads.
+        #[arg(long, short = 'y')]
+        yes: bool,
     },
-    /// Delete a snapshot (absent is success).
+    /// Delete a snapshot from every part (absent is success).
     Delete {
-        /// Volume/NAME.
+        /// Volume/NAME, Container/NAME or VirtualMachine/NAME.
         target: String,
         /// Snapshot name.
         snap: String,
     },
 }
 
-/// Resolves `Kind/name` to the volume to act on, or explains why not.
-fn volume_of(target: &str, world: &dyn Lookup) -> Result<String> {
+fn parse_target(target: &str) -> Result<ResourceId> {
     let (kind, name) = target
         .split_once('/')
         .with_context(|| format!("expected Kind/name, got {target:?}"))?;
     let kind = Kind::parse_loose(kind).with_context(|| format!("unknown kind {kind:?}"))?;
-    let id = ResourceId::new(kind, name);
-    let r = world
-        .resource(&id)
-        .with_context(|| format!("{id} is not known (not in the manifests or the state DB)"))?;
-    let volumes: Vec<String> = match &r.spec {
-        Spec::Volume(_) => return Ok(name.to_string()),
-        Spec::Container(c) => c
-            .rootfs
-            .volume
-            .iter()
-            .chain(c.mounts.iter().map(|m| &m.volume))
-            .map(|v| format!("Volume/{}", v.as_str()))
-            .collect(),
-        Spec::VirtualMachine(vm) => vm
-            .disks
-            .iter()
-            .map(|d| format!("Volume/{}", d.volume.as_str()))
-            .collect(),
-        _ => bail!("{id}: only Volumes, Containers and VirtualMachines have snapshots"),
-    };
-    if volumes.is_empty() {
-        bail!("{id} has no volumes to snapshot");
-    }
-    bail!(
-        "snapshots of {id} as a whole are not supported yet; snapshot its volumes instead: {}",
-        volumes.join(", ")
-    )
+    Ok(ResourceId::new(kind, name))
 }
 
-/// Runs a `stead snapshot` subcommand. `world` resolves Volumes and their pools (built
-/// from the manifests or the state DB). Returns the exit code.
-pub fn run(cmd: SnapshotCmd, env: &HostEnv, world: &dyn Lookup) -> Result<i32> {
+/// Asks on the terminal; `false` without one.
+fn confirm(question: &str) -> bool {
+    if !std::io::stdin().is_terminal() {
+        return false;
+    }
+    eprint!("{question} [y/N] ");
+    let _ = std::io::stderr().flush();
+    let mut line = String::new();
+    std::io::stdin().lock().read_line(&mut line).is_ok() && matches!(line.trim(), "y" | "Y" | "yes")
+}
+
+/// Runs a `stead snapshot` subcommand. `world` resolves the targets, their volumes and
+/// pools (the state DB's inventory). Returns the exit code.
+pub fn run(cmd: SnapshotCmd, env: &HostEnv, world: &BTreeMap<ResourceId, Resource>) -> Result<i32> {
     match cmd {
         SnapshotCmd::Create { target, snap } => {
-            let vol = volume_of(&target, world)?;
-            let info = storage::snapshot_create(env, world, &vol, &snap)
-                .with_context(|| format!("snapshot Volume/{vol}@{snap}"))?;
+            let id = parse_target(&target)?;
+            let c = ws::create(env, world, &id, &snap)
+                .with_context(|| format!("snapshot {id}@{snap}"))?;
+            for n in &c.notes {
+                eprintln!("note: {n}");
+            }
+            let parts: Vec<String> = c.parts.iter().map(|(l, m)| format!("{l} ({m})")).collect();
             println!(
-                "created snapshot {snap} of Volume/{vol} ({}) at {}",
-                info.method, info.location
+                "created snapshot {snap} of {id}: {}; consistency: {}",
+                parts.join(", "),
+                c.consistency
             );
             Ok(0)
         }
         SnapshotCmd::List { target, output } => {
-            let vol = volume_of(&target, world)?;
-            let list = storage::snapshot_list(env, world, &vol)
-                .with_context(|| format!("list snapshots of Volume/{vol}"))?;
+            let id = parse_target(&target)?;
+            let list =
+                ws::list(env, world, &id).with_context(|| format!("list snapshots of {id}"))?;
             match output {
                 ListFormat::Json => println!("{}", serde_json::to_string_pretty(&list)?),
                 ListFormat::Text => {
-                    println!(
-                        "{:<24} {:<22} {:>10}  {:<8} LOCATION",
-                        "NAME", "CREATED", "SIZE", "KIND"
-                    );
+                    println!("{:<28} {:<22} {:<9} PARTS", "NAME", "CREATED", "COMPLETE");
                     for s in &list {
                         println!(
-                            "{:<24} {:<22} {:>10}  {:<8} {}",
+                            "{:<28} {:<22} {:<9} {}",
                             s.name,
                             s.created.as_deref().unwrap_or("-"),
-                            s.size
-                                .map(|b| stead_schema::ByteSize(b).to_string())
-                                .unwrap_or_else(|| "-".into()),
-                            s.method,
-                            s.location
+                            if s.complete { "yes" } else { "no" },
+                            s.parts.join(",")
                         );
                     }
                 }
             }
             Ok(0)
         }
-        SnapshotCmd::Rollback { target, snap } => {
-            let vol = volume_of(&target, world)?;
-            let how = storage::snapshot_rollback(env, world, &vol, &snap)
-                .with_context(|| format!("roll back Volume/{vol} to {snap}"))?;
-            let how = match how {
-                CopyMethodOrNative::Copy(m) => m.as_str(),
-                CopyMethodOrNative::Native(n) => n,
-            };
-            println!("rolled back Volume/{vol} to snapshot {snap} ({how})");
+        SnapshotCmd::Rollback { target, snap, yes } => {
+            let id = parse_target(&target)?;
+            let (parts, running) = ws::rollback_plan(env, world, &id, &snap)
+                .with_context(|| format!("roll back {id} to {snap}"))?;
+            println!("Rollback of {id} to snapshot {snap}:");
+            for w in &running {
+                println!("  ~ {w}  impact: restart (running: stopped first, started again after)");
+            }
+            for p in &parts {
+                println!("  ! {p}  replaced by snapshot {snap}: changes since are lost");
+            }
+            if !running.is_empty()
+                && !yes
+                && !confirm(&format!("Restart {} for the rollback?", running.len()))
+            {
+                eprintln!("error: the rollback restarts running workloads; pass --yes to confirm");
+                return Ok(1);
+            }
+            let done = ws::rollback(env, world, &id, &snap)
+                .with_context(|| format!("roll back {id} to {snap}"))?;
+            let parts: Vec<String> = done.iter().map(|(l, m)| format!("{l} ({m})")).collect();
+            println!("rolled back {id} to snapshot {snap}: {}", parts.join(", "));
+            if !running.is_empty() {
+                let names: Vec<String> = running.iter().map(|r| r.to_string()).collect();
+                println!("started again: {}", names.join(", "));
+            }
             Ok(0)
         }
         SnapshotCmd::Delete { target, snap } => {
-            let vol = volume_of(&target, world)?;
-            storage::snapshot_delete(env, world, &vol, &snap)
-                .with_context(|| format!("delete snapshot Volume/{vol}@{snap}"))?;
-            println!("deleted snapshot {snap} of Volume/{vol}");
+            let id = parse_target(&target)?;
+            let parts = ws::delete(env, world, &id, &snap)
+                .with_context(|| format!("delete snapshot {id}@{snap}"))?;
+            println!("deleted snapshot {snap} of {id} ({})", parts.join(", "));
             Ok(0)
         }
     }

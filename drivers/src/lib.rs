@@ -11,6 +11,7 @@ pub mod schedules;
 pub mod storage;
 pub mod supervise;
 pub mod vm;
+pub mod workload_snapshots;
 
 use stead_schema::{Driver, DriverError, HostEnv};
 

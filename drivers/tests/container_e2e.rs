@@ -713,6 +713,56 @@ fn backup_freezes_or_stops_the_container() {
     sb.assert_clean();
 }
 
+/// Issue 6, workload snapshots of a container: its own rootfs directory is snapshotted
+/// with the container frozen; a rollback stops it, restores the tree and starts it again.
+fn container_snapshot_and_rollback() {
+    use stead_drivers::workload_snapshots as ws;
+
+    let mut sb = Sandbox::new("10.77.0.1/24");
+    let c = sb.resource("sn", container_spec(&sb, "10.77.0.11/24", json!({})));
+    sb.apply(&c);
+    let (code, out) = sb.exec("sn", &["sh", "-c", "echo first > /state"]);
+    assert_eq!(code, 0, "{out}");
+    let created = ws::create(&sb.env, &sb.world, &c.id, "s1").expect("create");
+    assert_eq!(created.parts.len(), 1, "{created:?}");
+    assert_eq!(created.parts[0].0, "rootfs");
+    assert!(
+        created.consistency.starts_with("frozen Container/sn "),
+        "{created:?}"
+    );
+    assert!(!sb.driver.is_frozen("sn"), "thawed after the snapshot");
+    let (code, out) = sb.exec("sn", &["sh", "-c", "echo second > /state; touch /extra"]);
+    assert_eq!(code, 0, "{out}");
+    let (labels, running) = ws::rollback_plan(&sb.env, &sb.world, &c.id, "s1").expect("plan");
+    assert_eq!(labels, ["rootfs"]);
+    assert_eq!(
+        running,
+        std::slice::from_ref(&c.id),
+        "the restart is announced"
+    );
+    let pid = sb.observe(&c).status["pid"].as_i64();
+    let done = ws::rollback(&sb.env, &sb.world, &c.id, "s1").expect("rollback");
+    assert_eq!(done.len(), 1);
+    let o = sb.observe(&c);
+    assert_eq!(o.state["state"], "running", "started again: {o:?}");
+    assert_ne!(o.status["pid"].as_i64(), pid, "restarted");
+    let (_, state) = sb.exec("sn", &["cat", "/state"]);
+    assert_eq!(state.trim(), "first", "rolled back");
+    let (code, _) = sb.exec("sn", &["ls", "/extra"]);
+    assert_ne!(code, 0, "files created after the snapshot are gone");
+    let list = ws::list(&sb.env, &sb.world, &c.id).expect("list");
+    assert_eq!(list.len(), 1);
+    assert!(list[0].complete);
+    ws::delete(&sb.env, &sb.world, &c.id, "s1").expect("delete");
+    assert!(
+        ws::list(&sb.env, &sb.world, &c.id)
+            .expect("list")
+            .is_empty()
+    );
+    sb.delete(&c);
+    sb.assert_clean();
+}
+
 fn loop_devices_backed_by(file: &Path) -> Vec<String> {
     let want = file.to_string_lossy().to_string();
     fs::read_dir("/sys/block")
@@ -864,7 +914,11 @@ fn main() {
         };
         std::process::exit(code);
     }
-    let tests: [(&str, fn()); 8] = [
+    let tests: [(&str, fn()); 9] = [
+        (
+            "container_snapshot_and_rollback",
+            container_snapshot_and_rollback,
+        ),
         (
             "backup_freezes_or_stops_the_container",
             backup_freezes_or_stops_the_container,

@@ -653,6 +653,123 @@ fn vm_backup_snapshot_pauses_for_the_clone_and_stop_restarts() {
     assert!(sandbox_processes(&sb).is_empty());
 }
 
+/// Issue 6, workload snapshots: `stead snapshot create VirtualMachine/vm1` pauses the VM
+/// while its disk is snapshotted; a rollback shows its restart impact, refuses without
+/// `--yes` (no terminal), and with it stops the VM, rolls the disk back and starts it again.
+#[test]
+fn vm_snapshot_pauses_and_rollback_restarts() {
+    let name = "vm_snapshot_pauses_and_rollback_restarts";
+    if !kvm_ok(name) {
+        return;
+    }
+    let has_btrfs = std::fs::read_to_string("/proc/filesystems").is_ok_and(|f| f.contains("btrfs"))
+        || Command::new("modprobe")
+            .arg("btrfs")
+            .status()
+            .is_ok_and(|s| s.success());
+    if skip_unless(has_btrfs, name, "kernel lacks btrfs") {
+        return;
+    }
+    let sb = Sandbox::with_netns();
+    let Some(fs) = LoopBtrfs::new(&sb) else {
+        panic!("could not make a loop-mounted btrfs (mkfs.btrfs from btrfs-progs, losetup)");
+    };
+    let _leftovers = Leftovers(&sb);
+    let kernel = demo_guest(&sb);
+    let pool = fs.mnt.join("pool");
+    let text = format!(
+        "apiVersion: stead.dev/v1alpha1\nkind: StoragePool\nmetadata: {{name: local}}\nspec: {{type: btrfs, path: {}}}\n\
+         ---\napiVersion: stead.dev/v1alpha1\nkind: Volume\nmetadata: {{name: vm1-root}}\nspec: {{pool: local, size: 16Mi, deletionPolicy: Delete}}\n\
+         ---\napiVersion: stead.dev/v1alpha1\nkind: VirtualMachine\nmetadata: {{name: vm1}}\nspec:\n  cpus: 1\n  memory: 32Mi\n  boot: {{kernel: {}, cmdline: \"mode=idle\"}}\n  disks: [{{volume: vm1-root}}]\n",
+        pool.display(),
+        kernel.display()
+    );
+    let m = sb.write("m/all.yaml", &text);
+    let m = m.to_str().unwrap();
+    sb.run(&["apply", "--yes", m]).expect_code(0);
+    let disk = pool.join("images/vm1-root/disk.raw");
+    let write = |byte: u8| {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&disk)
+            .expect("open disk");
+        f.write_all_at(&[byte; 4096], 8192).expect("write");
+    };
+    let read = || {
+        use std::os::unix::fs::FileExt;
+        let mut b = [0u8; 4096];
+        std::fs::File::open(&disk)
+            .expect("open")
+            .read_exact_at(&mut b, 8192)
+            .expect("read");
+        b[0]
+    };
+    write(0xa1);
+    let pid = get_vm(&sb).1["pid"].as_i64().expect("pid");
+
+    let out = sb
+        .run(&["snapshot", "create", "VirtualMachine/vm1", "s1"])
+        .expect_code(0);
+    assert!(
+        out.stdout().contains("Volume/vm1-root (btrfs)")
+            && out
+                .stdout()
+                .contains("consistency: paused VirtualMachine/vm1 "),
+        "{}\n{}",
+        out.stdout(),
+        out.stderr()
+    );
+    assert_eq!(get_vm(&sb).0["state"], "running", "resumed");
+    assert_eq!(get_vm(&sb).1["pid"].as_i64(), Some(pid));
+    sb.run(&["snapshot", "create", "VirtualMachine/vm1", "s1"])
+        .expect_code(1);
+    let list = sb
+        .run(&["snapshot", "list", "VirtualMachine/vm1", "-o", "json"])
+        .expect_code(0);
+    let v: Value = serde_json::from_str(&list.stdout()).expect("json");
+    assert_eq!(v[0]["name"], "s1", "{v}");
+    assert_eq!(v[0]["complete"], true, "{v}");
+
+    write(0xb2);
+    // No terminal and no --yes: the restart impact is shown and nothing happens.
+    let out = sb
+        .run(&["snapshot", "rollback", "VirtualMachine/vm1", "s1"])
+        .expect_code(1);
+    assert!(
+        out.stdout().contains("VirtualMachine/vm1  impact: restart"),
+        "{}",
+        out.stdout()
+    );
+    assert!(out.stderr().contains("--yes"), "{}", out.stderr());
+    assert_eq!(read(), 0xb2);
+    assert_eq!(get_vm(&sb).1["pid"].as_i64(), Some(pid), "not restarted");
+
+    let out = sb
+        .run(&["snapshot", "rollback", "VirtualMachine/vm1", "s1", "--yes"])
+        .expect_code(0);
+    assert!(
+        out.stdout().contains("started again: VirtualMachine/vm1"),
+        "{}",
+        out.stdout()
+    );
+    assert_eq!(read(), 0xa1, "disk rolled back");
+    let (state, status, _) = get_vm(&sb);
+    assert_eq!(state["state"], "running", "{status}");
+    assert_ne!(status["pid"].as_i64(), Some(pid), "restarted");
+    sb.run(&["diff", m]).expect_code(0);
+
+    sb.run(&["snapshot", "delete", "VirtualMachine/vm1", "s1"])
+        .expect_code(0);
+    let list = sb
+        .run(&["snapshot", "list", "VirtualMachine/vm1", "-o", "json"])
+        .expect_code(0);
+    assert_eq!(list.stdout().trim(), "[]");
+    sb.run(&["destroy", "--yes", "--allow-data-loss", m])
+        .expect_code(0);
+    assert!(sandbox_processes(&sb).is_empty());
+}
+
 /// Kills `stead apply` at several points while it creates the VM and re-applies: one
 /// supervisor and one VMM, recorded in the inventory, deleted cleanly.
 #[test]

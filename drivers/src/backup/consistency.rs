@@ -91,9 +91,9 @@ impl WorkloadHooks {
         })
     }
 
-    /// The workloads whose data `target` is: itself, or a Volume's users.
-    fn workloads(&self, target: &Target) -> Vec<ResourceId> {
-        let Some((kind, name)) = target.resource.split_once('/') else {
+    /// The workloads whose data `resource` (`Kind/name`) is: itself, or a Volume's users.
+    pub fn workloads_of(&self, resource: &str) -> Vec<ResourceId> {
+        let Some((kind, name)) = resource.split_once('/') else {
             return Vec::new();
         };
         match kind {
@@ -109,12 +109,57 @@ impl WorkloadHooks {
         }
     }
 
-    fn running(&self, id: &ResourceId) -> bool {
+    /// Whether workload `id` is running.
+    pub fn running(&self, id: &ResourceId) -> bool {
         match id.kind {
             Kind::Container => self.containers.is_running(&id.name),
             Kind::VirtualMachine => self.vms.run_state(&id.name).as_deref() == Some("running"),
             _ => false,
         }
+    }
+
+    /// Freezes or pauses each running workload of `ids`, all or none.
+    pub fn quiesce_running(&self, ids: &[ResourceId]) -> Result<Hold, BackupError> {
+        let mut held = Vec::new();
+        for id in ids.iter().filter(|id| self.running(id)) {
+            match self.quiesce(id) {
+                Ok(h) => held.push(h),
+                Err(e) => {
+                    let _ = self.release_all(&mut held);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(Hold {
+            hooks: self.clone_handle(),
+            held,
+        })
+    }
+
+    /// Stops each running workload of `ids` (holding it against other applies), all or
+    /// none; [`Hold::release`] starts them again from their manifests. Refused for a
+    /// running workload that is not in the manifests.
+    pub fn stop_running(&self, ids: &[ResourceId]) -> Result<Hold, BackupError> {
+        let running: Vec<&ResourceId> = ids.iter().filter(|id| self.running(id)).collect();
+        if let Some(id) = running.iter().find(|id| !self.world.contains_key(**id)) {
+            return Err(BackupError::Invalid(format!(
+                "{id} is running but not in the manifests, so it could not be started again"
+            )));
+        }
+        let mut held = Vec::new();
+        for id in running {
+            match self.stop(id) {
+                Ok(h) => held.push(h),
+                Err(e) => {
+                    let _ = self.release_all(&mut held);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(Hold {
+            hooks: self.clone_handle(),
+            held,
+        })
     }
 
     fn quiesce(&self, id: &ResourceId) -> Result<Held, BackupError> {
@@ -255,43 +300,20 @@ fn clone_file(p: &Path) -> Result<Option<(PathBuf, fs::Metadata)>, BackupError> 
 impl BackupHooks for WorkloadHooks {
     fn prepare(&self, target: &Target, mode: BackupMode) -> Result<Prepared, BackupError> {
         let _span = info_span!("consistency", resource = %target.resource, ?mode).entered();
-        let running: Vec<ResourceId> = self
-            .workloads(target)
-            .into_iter()
-            .filter(|id| self.running(id))
-            .collect();
-        let mut held: Vec<Held> = Vec::new();
+        let workloads = self.workloads_of(&target.resource);
         if mode == BackupMode::Stop {
-            for id in &running {
-                if !self.world.contains_key(id) {
-                    self.release_all(&mut held)?;
-                    return Err(BackupError::Invalid(format!(
-                        "mode stop: {id} is running but not in the manifests, so it could not be started again"
-                    )));
-                }
-                match self.stop(id) {
-                    Ok(h) => held.push(h),
-                    Err(e) => {
-                        let _ = self.release_all(&mut held);
-                        return Err(e);
-                    }
-                }
-            }
-            let consistency = if held.is_empty() {
+            let hold = self.stop_running(&workloads)?;
+            let consistency = if hold.is_empty() {
                 "not running".to_string()
             } else {
-                format!(
-                    "stopped {}",
-                    held.iter().map(Held::label).collect::<Vec<_>>().join(", ")
-                )
+                format!("stopped {}", hold.labels().join(", "))
             };
             info!(%consistency, "inputs read with the workloads stopped");
-            let me = self.clone_handle();
             return Ok(Prepared {
                 inputs: target.inputs.clone(),
                 stat_of: HashMap::new(),
                 consistency,
-                cleanup: Box::new(move || me.release_all(&mut held)),
+                cleanup: Box::new(move || hold.release()),
             });
         }
 
@@ -300,15 +322,7 @@ impl BackupHooks for WorkloadHooks {
             remove_stale_clones(p);
         }
         let t = Instant::now();
-        for id in &running {
-            match self.quiesce(id) {
-                Ok(h) => held.push(h),
-                Err(e) => {
-                    let _ = self.release_all(&mut held);
-                    return Err(e);
-                }
-            }
-        }
+        let hold = self.quiesce_running(&workloads)?;
         let mut inputs = Vec::new();
         let mut clones: Vec<PathBuf> = Vec::new();
         let mut stat_of = HashMap::new();
@@ -319,7 +333,7 @@ impl BackupHooks for WorkloadHooks {
                 match clone_file(p) {
                     Ok(c) => c,
                     Err(e) => {
-                        let _ = self.release_all(&mut held);
+                        drop(hold);
                         remove_all(&clones);
                         return Err(e);
                     }
@@ -339,47 +353,82 @@ impl BackupHooks for WorkloadHooks {
                 }
             }
         }
-        let names = held.iter().map(Held::label).collect::<Vec<_>>().join(", ");
-        let verb = |h: &[Held]| {
-            if h.iter().any(|h| matches!(h, Held::Paused(_))) {
-                "paused"
+        let names = hold.labels().join(", ");
+        let verb = hold.verb();
+        let (consistency, hold) = if hold.is_empty() {
+            let c = if clones.is_empty() {
+                "not running"
             } else {
-                "frozen"
-            }
-        };
-        let consistency = if held.is_empty() {
-            if clones.is_empty() {
-                "not running".to_string()
-            } else {
-                "not running; reflink clones".to_string()
-            }
+                "not running; reflink clones"
+            };
+            (c.to_string(), None)
         } else if all_cloned {
-            let v = verb(&held);
-            if let Err(e) = self.release_all(&mut held) {
+            if let Err(e) = hold.release() {
                 remove_all(&clones);
                 return Err(e);
             }
             let ms = t.elapsed().as_millis();
             info!(workloads = %names, ms, "quiesced for reflink clones, running again");
-            format!("{v} {names} {ms} ms; reflink clones")
+            (format!("{verb} {names} {ms} ms; reflink clones"), None)
         } else {
             warn!(
                 workloads = %names,
                 "not every input can be cloned (directory tree, block device or no reflink support): the workloads stay quiesced while the backup reads"
             );
-            format!("{} {names} while read", verb(&held))
+            (format!("{verb} {names} while read"), Some(hold))
         };
-        let me = self.clone_handle();
         Ok(Prepared {
             inputs,
             stat_of,
             consistency,
             cleanup: Box::new(move || {
-                let r = me.release_all(&mut held);
+                let r = hold.map_or(Ok(()), Hold::release);
                 remove_all(&clones);
                 r
             }),
         })
+    }
+}
+
+/// Workloads quiesced or stopped until [`Hold::release`] (or drop, which releases too and
+/// only logs failures).
+pub struct Hold {
+    hooks: WorkloadHooks,
+    held: Vec<Held>,
+}
+
+impl Hold {
+    /// `Kind/name` of each workload held.
+    pub fn labels(&self) -> Vec<String> {
+        self.held.iter().map(Held::label).collect()
+    }
+
+    /// Nothing was running, so nothing is held.
+    pub fn is_empty(&self) -> bool {
+        self.held.is_empty()
+    }
+
+    /// "paused" if a VM is among the held, else "frozen" (or "stopped").
+    pub fn verb(&self) -> &'static str {
+        if self.held.iter().any(|h| matches!(h, Held::Stopped(_))) {
+            "stopped"
+        } else if self.held.iter().any(|h| matches!(h, Held::Paused(_))) {
+            "paused"
+        } else {
+            "frozen"
+        }
+    }
+
+    /// Thaws, resumes or starts again everything held; the first error is returned after
+    /// all were tried.
+    pub fn release(mut self) -> Result<(), BackupError> {
+        self.hooks.release_all(&mut self.held)
+    }
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        let _ = self.hooks.release_all(&mut self.held);
     }
 }
 

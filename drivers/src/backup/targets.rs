@@ -59,16 +59,14 @@ pub fn resolve(env: &HostEnv, world: &dyn Lookup, id: &ResourceId) -> Result<Tar
                     Some(p) => storage::pool_path(world, p.as_str()).map_err(not_ready)?,
                     None => env.state_dir.clone(),
                 };
-                let own = base.join("rootfs").join(&id.name);
-                if own.join("root").is_dir() {
-                    inputs.push(("rootfs".into(), own.join("root")));
-                } else if own.join("upper").is_dir() {
-                    inputs.push(("rootfs-upper".into(), own.join("upper")));
-                } else {
-                    return Err(BackupError::Invalid(format!(
-                        "{id}: its root file system is not unpacked yet ({} missing); apply first",
-                        own.display()
-                    )));
+                match crate::container::rootfs_snapshot::own_data(&id.name, &base) {
+                    Some((input, dir)) => inputs.push((input.into(), dir)),
+                    None => {
+                        return Err(BackupError::Invalid(format!(
+                            "{id}: its root file system is not unpacked yet ({} missing); apply first",
+                            base.join("rootfs").join(&id.name).display()
+                        )));
+                    }
                 }
             }
             for m in &c.mounts {

@@ -53,6 +53,7 @@ mod driver;
 pub mod network;
 mod process;
 pub mod rootfs;
+pub mod rootfs_snapshot;
 pub mod security;
 pub mod shim;
 pub mod volume;

@@ -34,8 +34,8 @@ use stead_schema::{DriverError, Kind, Lookup, ResourceId, Spec, StoragePoolSpec,
 pub use fsutil::{CopyMethod, MarkKind, OWNER_XATTR};
 pub use pool::{MARKER_FILE, PoolDriver};
 pub use snapshot::{
-    CopyMethodOrNative, SAFETY_PREFIX, SnapshotInfo, safety_snapshot, snapshot_create,
-    snapshot_delete, snapshot_list, snapshot_rollback, supports_cheap_snapshots,
+    CopyMethodOrNative, SAFETY_PREFIX, SnapshotInfo, check_snapshot_name, safety_snapshot,
+    snapshot_create, snapshot_delete, snapshot_list, snapshot_rollback, supports_cheap_snapshots,
 };
 pub use volume::VolumeDriver;
 
