@@ -32,8 +32,10 @@ fn guest_assets() -> PathBuf {
     }
     let dir = PathBuf::from("/var/cache/stead/linux-guest");
     if !dir.join("vmlinuz").exists() || !dir.join("initrd.img").exists() {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../examples/guest-assets/build-linux-guest.sh");
+        let manifest_dir = std::env::var_os("CARGO_MANIFEST_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf());
+        let script = manifest_dir.join("../examples/guest-assets/build-linux-guest.sh");
         let st = Command::new("sh")
             .arg(&script)
             .arg(&dir)

@@ -264,7 +264,12 @@ fn directory_is_walked_sorted() {
 
 #[test]
 fn checked_in_schema_is_current() {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("stead.schema.json");
+    // The runtime value: a test binary reused from a shared target dir may have been
+    // compiled in another checkout (the compile-time path would point there).
+    let dir = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf());
+    let path = dir.join("stead.schema.json");
     let current = stead_schema::schema::json_schema_text();
     if std::env::var_os("STEAD_UPDATE_SCHEMA").is_some() {
         std::fs::write(&path, &current).unwrap();
