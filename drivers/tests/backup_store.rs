@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use chrono::{DateTime, Duration, TimeZone, Utc};
 use sha2::{Digest, Sha256};
 use stead_drivers::backup::store::{BackupOptions, BackupStore, ProblemKind};
+use stead_drivers::backup::xattrs;
 use stead_schema::kinds::Retention;
 
 /// Deterministic pseudo-random bytes (xorshift64*).
@@ -102,6 +103,15 @@ fn make_inputs(dir: &Path) -> (PathBuf, PathBuf) {
         nix::sys::stat::Mode::from_bits_truncate(0o600),
     )
     .expect("mkfifo");
+    // A second name of etc/hostname, and xattrs in the user and trusted namespaces (an
+    // overlay upper layer marks opaque directories with trusted.overlay.opaque).
+    fs::hard_link(root.join("etc/hostname"), root.join("hostname-again")).expect("link");
+    let mut x = std::collections::BTreeMap::new();
+    x.insert("user.note".to_string(), hex::encode(b"kept"));
+    xattrs::restore(&root.join("etc/sub/big.bin"), &x).expect("user xattr");
+    let mut x = std::collections::BTreeMap::new();
+    x.insert("trusted.overlay.opaque".to_string(), hex::encode(b"y"));
+    xattrs::restore(&root.join("empty"), &x).expect("trusted xattr");
     (vol, root)
 }
 
@@ -117,6 +127,13 @@ fn assert_same_tree(a: &Path, b: &Path) {
         a.display()
     );
     assert_eq!(ma.mtime(), mb.mtime(), "mtime of {}", a.display());
+    assert_eq!(
+        xattrs::read(a).expect("xattrs a"),
+        xattrs::read(b).expect("xattrs b"),
+        "xattrs of {}",
+        a.display()
+    );
+    assert_eq!(ma.nlink(), mb.nlink(), "link count of {}", a.display());
     if ma.is_file() {
         assert_eq!(sha(a), sha(b), "content of {}", a.display());
     } else if ma.file_type().is_symlink() {
@@ -190,6 +207,22 @@ fn backup_restore_round_trip_is_bit_identical() {
         restored.blocks()
     );
     assert_same_tree(&root, &dest.join("rootfs"));
+    let ino = |p: &Path| fs::metadata(p).expect("stat").ino();
+    assert_eq!(
+        ino(&dest.join("rootfs/etc/hostname")),
+        ino(&dest.join("rootfs/hostname-again")),
+        "the hard link is restored as one"
+    );
+    let opaque = xattrs::read(&dest.join("rootfs/empty")).expect("xattrs");
+    assert_eq!(
+        opaque.get("trusted.overlay.opaque").map(String::as_str),
+        Some("79")
+    );
+    assert!(
+        m.files
+            .iter()
+            .any(|f| f.path == "hostname-again" && f.link.as_deref() == Some("etc/hostname"))
+    );
 
     // restoring over an existing destination is refused
     assert!(store.restore(&info.id, &dest, None).is_err());

@@ -17,6 +17,7 @@ pub mod runner;
 pub mod schedule;
 pub mod store;
 pub mod targets;
+pub mod xattrs;
 
 pub use store::{BackupInfo, BackupOptions, BackupStore, Manifest, VerifyReport};
 

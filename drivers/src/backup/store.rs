@@ -185,6 +185,12 @@ pub struct FileEntry {
     /// Change stamp of the source (regular files, not block devices).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stamp: Option<Stamp>,
+    /// A hard link to this earlier entry (path in the same input): no content of its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link: Option<String>,
+    /// Extended attributes (name → hex value), see [`super::xattrs`].
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub xattrs: BTreeMap<String, String>,
 }
 
 /// What tells that a file is unchanged since the previous backup, together with its size
@@ -681,7 +687,12 @@ impl BackupStore {
                 source: p.display().to_string(),
             });
             let first = files.len();
-            walk(n, p, "", md.dev(), &mut files, &mut sources)?;
+            let mut ctx = WalkCtx {
+                input: n,
+                dev: md.dev(),
+                links: HashMap::new(),
+            };
+            walk(&mut ctx, p, "", &mut files, &mut sources)?;
             if let Some(orig) = opts.stat_of.get(n)
                 && let Some(top) = files.get_mut(first)
                 && top.kind == EntryKind::File
@@ -706,7 +717,7 @@ impl BackupStore {
         }
         let total: u64 = files
             .iter()
-            .filter(|f| f.kind == EntryKind::File)
+            .filter(|f| f.kind == EntryKind::File && f.link.is_none())
             .map(|f| f.size)
             .sum();
         opts.progress.set_length(total);
@@ -763,7 +774,7 @@ impl BackupStore {
             ..Stats::default()
         };
         for (f, src) in files.iter().zip(&sources) {
-            if src.is_none() && f.kind == EntryKind::File {
+            if src.is_none() && f.kind == EntryKind::File && f.link.is_none() {
                 for c in &f.chunks {
                     if c.zero {
                         stats.zero_bytes += c.size;
@@ -1261,7 +1272,11 @@ impl BackupStore {
         let mut bad: HashMap<String, ProblemKind> = HashMap::new();
         let mut dec =
             zstd::bulk::Decompressor::new().map_err(BackupError::io("zstd init", &self.root))?;
-        for f in m.files.iter().filter(|f| f.kind == EntryKind::File) {
+        for f in m
+            .files
+            .iter()
+            .filter(|f| f.kind == EntryKind::File && f.link.is_none())
+        {
             report.files += 1;
             let mut hasher = Sha256::new();
             let mut offset = 0u64;
@@ -1413,9 +1428,13 @@ impl BackupStore {
                 EntryKind::Dir => {
                     fs::create_dir(&p).map_err(BackupError::io("mkdir", &p))?;
                 }
-                EntryKind::File => {
-                    *bytes += self.restore_file(e, &p, dec)?;
-                }
+                EntryKind::File => match &e.link {
+                    Some(first) => {
+                        let target = join_rel(root, first)?;
+                        fs::hard_link(&target, &p).map_err(BackupError::io("link", &p))?;
+                    }
+                    None => *bytes += self.restore_file(e, &p, dec)?,
+                },
                 EntryKind::Symlink => {
                     let t = e.target.as_deref().unwrap_or_default();
                     std::os::unix::fs::symlink(t, &p).map_err(BackupError::io("symlink", &p))?;
@@ -1807,14 +1826,22 @@ fn join_rel(root: &Path, rel: &str) -> Result<PathBuf, BackupError> {
 
 /// Walks `path` (not following symlinks, not crossing into other file systems), appending
 /// entries; `sources[i]` is the file to read for entry `i` (regular files only).
+/// What [`walk`] carries through one input: its device, and the first path of each
+/// multiply-linked file seen.
+struct WalkCtx<'a> {
+    input: &'a str,
+    dev: u64,
+    links: HashMap<(u64, u64), String>,
+}
+
 fn walk(
-    input: &str,
+    ctx: &mut WalkCtx<'_>,
     path: &Path,
     rel: &str,
-    dev: u64,
     files: &mut Vec<FileEntry>,
     sources: &mut Vec<Option<PathBuf>>,
 ) -> Result<(), BackupError> {
+    let input = ctx.input;
     // The input itself is followed if it is a symlink (e.g. /dev/vg/lv); entries below are not.
     let top = rel.is_empty();
     let md = if top {
@@ -1854,6 +1881,23 @@ fn walk(
     } else {
         None
     };
+    // A second name of a multiply-linked regular file is recorded as a link to the first.
+    let link = if kind == EntryKind::File && !device_content && md.nlink() > 1 {
+        match ctx.links.get(&(md.dev(), md.ino())) {
+            Some(first) => Some(first.clone()),
+            None => {
+                ctx.links.insert((md.dev(), md.ino()), rel.to_string());
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let xattrs = if device_content {
+        BTreeMap::new()
+    } else {
+        super::xattrs::read(path)?
+    };
     files.push(FileEntry {
         input: input.to_string(),
         path: rel.to_string(),
@@ -1876,11 +1920,14 @@ fn walk(
         target,
         rdev: matches!(kind, EntryKind::Char | EntryKind::Block).then(|| md.rdev()),
         chunks: Vec::new(),
-        stamp: (kind == EntryKind::File && !device_content).then(|| Stamp::of(&md)),
+        stamp: (kind == EntryKind::File && !device_content && link.is_none())
+            .then(|| Stamp::of(&md)),
+        link: link.clone(),
+        xattrs,
     });
-    sources.push((kind == EntryKind::File).then(|| path.to_path_buf()));
+    sources.push((kind == EntryKind::File && link.is_none()).then(|| path.to_path_buf()));
     if kind == EntryKind::Dir {
-        if md.dev() != dev {
+        if md.dev() != ctx.dev {
             debug!(path = %path.display(), "not crossing into another file system");
             return Ok(());
         }
@@ -1893,7 +1940,7 @@ fn walk(
             } else {
                 format!("{rel}/{name}")
             };
-            walk(input, &child, &crel, dev, files, sources)?;
+            walk(ctx, &child, &crel, files, sources)?;
         }
     }
     Ok(())
@@ -1918,6 +1965,8 @@ fn apply_metadata(e: &FileEntry, p: &Path) -> Result<(), BackupError> {
         fs::set_permissions(p, fs::Permissions::from_mode(e.mode))
             .map_err(BackupError::io("chmod", p))?;
     }
+    // After chown, which clears security.capability.
+    super::xattrs::restore(p, &e.xattrs)?;
     let t = TimeSpec::new(e.mtime, i64::from(e.mtime_nsec));
     utimensat(
         nix::fcntl::AT_FDCWD,
