@@ -30,6 +30,8 @@ use stead_schema::{
     Driver, HostEnv, Kind, Lookup, Metadata, Observed, Origin, Resource, ResourceId, Spec,
 };
 
+mod storage_util;
+
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
 const APPLETS: [&str; 30] = [
@@ -763,6 +765,84 @@ fn container_snapshot_and_rollback() {
     sb.assert_clean();
 }
 
+/// Issue 6: a container whose rootfs lives on a reflink file system (a btrfs pool) is
+/// frozen only while its rootfs tree is reflink-copied; the backup reads the copy while
+/// the container runs on.
+fn backup_clones_a_reflink_rootfs() {
+    use stead_drivers::backup::consistency::WorkloadHooks;
+    use stead_drivers::backup::hooks::BackupHooks;
+    use stead_drivers::backup::targets;
+    use stead_schema::kinds::BackupMode;
+
+    let lb = match storage_util::LoopBtrfs::new() {
+        Ok(l) => l,
+        Err(why) => {
+            eprintln!("SKIP backup_clones_a_reflink_rootfs: {why}");
+            return;
+        }
+    };
+    // Declared after the file system: dropped (containers deleted) before it is unmounted.
+    let mut sb = Sandbox::new("10.77.0.1/24");
+    let pool = lb.mnt.join("pool");
+    fs::create_dir_all(&pool).expect("pool dir");
+    sb.insert(
+        Kind::StoragePool,
+        "fast",
+        json!({"type": "btrfs", "path": pool, "content": ["rootdir"]}),
+    );
+    let writer =
+        "trap 'exit 0' TERM; i=0; while :; do i=$((i+1)); echo $i > /counter; sleep 0.01; done";
+    let spec = container_spec(
+        &sb,
+        "10.77.0.12/24",
+        json!({"command": ["/bin/sh", "-c", writer], "rootfs": {"template": sb.template, "pool": "fast"}}),
+    );
+    let c = sb.resource("rc", spec);
+    sb.apply(&c);
+    let target = targets::resolve(&sb.env, &sb.world, &c.id).expect("target");
+    assert!(target.inputs[0].1.starts_with(&pool), "{:?}", target.inputs);
+    let counter = target.inputs[0].1.join("counter");
+    wait_until("the writer to run", Duration::from_secs(10), || {
+        counter.exists()
+    });
+    let hooks = WorkloadHooks::new(&sb.env, std::sync::Arc::new(sb.world.clone())).expect("hooks");
+    let p = hooks
+        .prepare(&target, BackupMode::Snapshot)
+        .expect("prepare");
+    assert!(
+        p.consistency.starts_with("frozen Container/rc ")
+            && p.consistency.ends_with("ms; reflink clones"),
+        "{}",
+        p.consistency
+    );
+    eprintln!("  consistency: {}", p.consistency);
+    assert!(
+        !sb.driver.is_frozen("rc"),
+        "running again while the copy is read"
+    );
+    let clone = p.inputs[0].1.clone();
+    assert!(
+        clone.to_string_lossy().contains(".stead-backup-"),
+        "{clone:?}"
+    );
+    let frozen_copy = fs::read_to_string(clone.join("counter")).expect("copy");
+    let live = counter.clone();
+    wait_until("the live rootfs to move on", Duration::from_secs(5), || {
+        fs::read_to_string(&live).is_ok_and(|s| s != frozen_copy && !s.is_empty())
+    });
+    assert_eq!(
+        fs::read_to_string(clone.join("counter")).expect("copy"),
+        frozen_copy,
+        "the copy stays as it was"
+    );
+    (p.cleanup)().expect("cleanup");
+    assert!(!clone.exists(), "copy removed");
+    sb.delete(&c);
+    sb.assert_clean();
+    drop(sb);
+    drop(lb);
+}
+
 fn loop_devices_backed_by(file: &Path) -> Vec<String> {
     let want = file.to_string_lossy().to_string();
     fs::read_dir("/sys/block")
@@ -914,7 +994,11 @@ fn main() {
         };
         std::process::exit(code);
     }
-    let tests: [(&str, fn()); 9] = [
+    let tests: [(&str, fn()); 10] = [
+        (
+            "backup_clones_a_reflink_rootfs",
+            backup_clones_a_reflink_rootfs,
+        ),
         (
             "container_snapshot_and_rollback",
             container_snapshot_and_rollback,

@@ -8,11 +8,13 @@
 //!    `cgroup.freeze`), a VM is paused through its VMM's control socket (every vCPU parked).
 //! 2. Clone each file input (a volume image) with FICLONE into
 //!    `.<file>.stead-backup-<pid>` next to it: instant and copy-on-write on btrfs and xfs.
-//!    The original's metadata, taken at that moment, is recorded in the manifest.
+//!    The original's metadata, taken at that moment, is recorded in the manifest. A
+//!    directory tree (a container rootfs) on such a file system is copied the same way
+//!    with `cp -a --reflink=always` (one clone per file).
 //! 3. If every input was cloned, the workloads run again at once: the pause lasts
-//!    milliseconds. Otherwise (a directory tree such as a container rootfs, a block device,
-//!    or a file system without reflinks) they stay quiesced until the backup has read
-//!    everything: still consistent, but the pause is as long as the backup.
+//!    milliseconds. Otherwise (a block device, or a file system without reflinks) they
+//!    stay quiesced until the backup has read everything: still consistent, but the pause
+//!    is as long as the backup.
 //! 4. Cleanup thaws/resumes what is still quiesced and removes the clones. Clones left by
 //!    a killed backup (dead pid in the name) are removed by the next backup of that input.
 //!
@@ -37,7 +39,7 @@ use tracing::{info, info_span, warn};
 use super::BackupError;
 use super::hooks::{BackupHooks, Prepared, Target};
 use crate::container::ContainerDriver;
-use crate::storage::fsutil::try_reflink;
+use crate::storage::fsutil::{reflink_supported, try_reflink};
 use crate::supervise::hold;
 use crate::vm::VmDriver;
 
@@ -265,6 +267,39 @@ fn remove_stale_clones(p: &Path) {
         if !alive {
             info!(path = %e.path().display(), "removing a clone left by an interrupted backup");
             let _ = fs::remove_file(e.path());
+            let _ = fs::remove_dir_all(e.path());
+        }
+    }
+}
+
+/// Clones directory tree `p` with `cp -a --reflink=always` (every file a FICLONE, all
+/// metadata kept) where the file system has reflinks; `None` otherwise or when the copy
+/// fails (the caller then reads `p` with the workload quiesced).
+fn clone_tree(p: &Path) -> Option<PathBuf> {
+    if !reflink_supported(p) {
+        return None;
+    }
+    let dst = clone_path(p, std::process::id())?;
+    let _ = fs::remove_dir_all(&dst);
+    let out = std::process::Command::new("cp")
+        .args(["-a", "--reflink=always", "-T"])
+        .arg(p)
+        .arg(&dst)
+        .output();
+    match out {
+        Ok(o) if o.status.success() => Some(dst),
+        Ok(o) => {
+            warn!(
+                dir = %p.display(),
+                stderr = %String::from_utf8_lossy(&o.stderr).trim(),
+                "reflink copy of the tree failed; reading it in place"
+            );
+            let _ = fs::remove_dir_all(&dst);
+            None
+        }
+        Err(e) => {
+            warn!(dir = %p.display(), error = %e, "cannot run cp; reading the tree in place");
+            None
         }
     }
 }
@@ -328,7 +363,18 @@ impl BackupHooks for WorkloadHooks {
         let mut stat_of = HashMap::new();
         let mut all_cloned = true;
         for (n, p) in &target.inputs {
-            let is_file = fs::metadata(p).is_ok_and(|m| m.is_file());
+            let md = fs::metadata(p).ok();
+            let is_file = md.as_ref().is_some_and(|m| m.is_file());
+            // A directory tree is only worth cloning when something would otherwise have
+            // to stay quiesced while it is read.
+            if !hold.is_empty()
+                && md.as_ref().is_some_and(|m| m.is_dir())
+                && let Some(c) = clone_tree(p)
+            {
+                inputs.push((n.clone(), c.clone()));
+                clones.push(c);
+                continue;
+            }
             let cloned = if is_file {
                 match clone_file(p) {
                     Ok(c) => c,
@@ -446,7 +492,12 @@ impl WorkloadHooks {
 
 fn remove_all(paths: &[PathBuf]) {
     for p in paths {
-        if let Err(e) = fs::remove_file(p)
+        let r = if p.is_dir() {
+            fs::remove_dir_all(p)
+        } else {
+            fs::remove_file(p)
+        };
+        if let Err(e) = r
             && e.kind() != std::io::ErrorKind::NotFound
         {
             warn!(path = %p.display(), error = %e, "could not remove a consistency clone");
