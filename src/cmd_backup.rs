@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand, ValueEnum};
-use stead_drivers::backup::consistency::WorkloadHooks;
+use stead_drivers::backup::consistency::{WorkloadHooks, WorldLoader};
 use stead_drivers::backup::hooks::{BackupHooks, NoHooks, backup_target};
 use stead_drivers::backup::runner::{Job, Runner, SystemClock};
 use stead_drivers::backup::store::{BackupOptions, BackupStore, DEFAULT_ZSTD_LEVEL};
@@ -119,9 +119,16 @@ impl From<ModeArg> for BackupMode {
 
 /// The consistency hooks of this host: the container and VM drivers, or live reads when
 /// they cannot work here (no cgroup hierarchy).
-fn hooks_for(env: &HostEnv, map: &BTreeMap<ResourceId, Resource>) -> Arc<dyn BackupHooks> {
+fn hooks_for(
+    env: &HostEnv,
+    map: &BTreeMap<ResourceId, Resource>,
+    reload: Option<WorldLoader>,
+) -> Arc<dyn BackupHooks> {
     match WorkloadHooks::new(env, Arc::new(map.clone())) {
-        Ok(h) => Arc::new(h),
+        Ok(h) => match reload {
+            Some(l) => Arc::new(h.with_loader(l)),
+            None => Arc::new(h),
+        },
         Err(e) => {
             eprintln!("warning: workloads cannot be quiesced here ({e}); reading live");
             Arc::new(NoHooks)
@@ -258,11 +265,13 @@ pub enum BackupCmd {
 }
 
 /// Runs a `stead backup` subcommand; `world` (e.g. the state DB inventory) resolves names
-/// that `-f` manifests do not define.
+/// that `-f` manifests do not define, and `reload` fetches it again (the daemon does so
+/// before each backup, so its consistency hooks see workloads applied since it started).
 pub fn run_with(
     cmd: BackupCmd,
     env: &HostEnv,
     world: Option<&BTreeMap<ResourceId, Resource>>,
+    reload: Option<WorldLoader>,
 ) -> Result<i32> {
     match cmd {
         BackupCmd::SimulatePrune {
@@ -367,7 +376,7 @@ pub fn run_with(
             };
             let zstd = if no_compress { None } else { zstd };
             let mode = mode.unwrap_or_default();
-            let hooks = hooks_for(env, &w.map);
+            let hooks = hooks_for(env, &w.map, None);
             let mut failed = false;
             let mut results = Vec::new();
             for t in &targets {
@@ -576,7 +585,19 @@ pub fn run_with(
                 bail!("no BackupSchedule in the given manifests");
             }
             let clock = SystemClock::default();
-            let hooks = hooks_for(env, &w.map);
+            // The manifests given with -f stay; the applied world is read again each time.
+            let from_files: BTreeMap<ResourceId, Resource> = match &reload {
+                Some(_) if !manifests.manifests.is_empty() => World::load(&manifests, None)?.map,
+                _ => BTreeMap::new(),
+            };
+            let reload = reload.map(|l| -> WorldLoader {
+                Arc::new(move || {
+                    let mut m = l()?;
+                    m.extend(from_files.clone());
+                    Some(m)
+                })
+            });
+            let hooks = hooks_for(env, &w.map, reload);
             let mut runner = Runner::new(jobs, clock, hooks, &env.state_dir)?;
             eprintln!(
                 "backup daemon: {} schedules; state in {}",

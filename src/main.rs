@@ -477,7 +477,10 @@ fn run(cli: Cli) -> Result<u8> {
         Command::Backup { cmd } => {
             let env = host_env(&g)?;
             let world = applied_world(&env)?;
-            let code = cmd_backup::run_with(cmd, &env, Some(&world))?;
+            let reload_env = env.clone();
+            let reload: stead_drivers::backup::consistency::WorldLoader =
+                std::sync::Arc::new(move || applied_world(&reload_env).ok());
+            let code = cmd_backup::run_with(cmd, &env, Some(&world), Some(reload))?;
             Ok(u8::try_from(code).unwrap_or(1))
         }
         Command::Exec { target, command } => {

@@ -27,7 +27,7 @@ fn main() {
         netns: None,
         self_exe: std::env::current_exe().unwrap_or_default(),
     };
-    match cmd_backup::run_with(cli.cmd, &env, None) {
+    match cmd_backup::run_with(cli.cmd, &env, None, None) {
         Ok(code) => std::process::exit(code),
         Err(e) => {
             eprintln!("error: {e:#}");

@@ -29,7 +29,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use stead_schema::kinds::BackupMode;
@@ -52,11 +52,15 @@ fn err(e: stead_schema::DriverError) -> BackupError {
     BackupError::Invalid(e.to_string())
 }
 
+/// Loads the resources as applied (e.g. the state DB inventory); `None` keeps the last.
+pub type WorldLoader = Arc<dyn Fn() -> Option<BTreeMap<ResourceId, Resource>> + Send + Sync>;
+
 /// Consistency hooks backed by the container and VM drivers.
 pub struct WorkloadHooks {
     containers: ContainerDriver,
     vms: VmDriver,
-    world: Arc<BTreeMap<ResourceId, Resource>>,
+    world: Arc<RwLock<Arc<BTreeMap<ResourceId, Resource>>>>,
+    loader: Option<WorldLoader>,
     run_dir: PathBuf,
 }
 
@@ -88,9 +92,33 @@ impl WorkloadHooks {
         Ok(WorkloadHooks {
             containers: ContainerDriver::new(env).map_err(err)?,
             vms: VmDriver::new(env).map_err(err)?,
-            world,
+            world: Arc::new(RwLock::new(world)),
+            loader: None,
             run_dir: env.run_dir.clone(),
         })
+    }
+
+    /// Reloads the world with `loader` before each backup (a long-running daemon sees
+    /// workloads applied after it started, and restarts them with their current spec).
+    pub fn with_loader(mut self, loader: WorldLoader) -> Self {
+        self.loader = Some(loader);
+        self
+    }
+
+    fn world(&self) -> Arc<BTreeMap<ResourceId, Resource>> {
+        match self.world.read() {
+            Ok(w) => Arc::clone(&w),
+            Err(p) => Arc::clone(&p.into_inner()),
+        }
+    }
+
+    fn refresh(&self) {
+        if let Some(w) = self.loader.as_ref().and_then(|l| l()) {
+            match self.world.write() {
+                Ok(mut g) => *g = Arc::new(w),
+                Err(p) => *p.into_inner() = Arc::new(w),
+            }
+        }
     }
 
     /// The workloads whose data `resource` (`Kind/name`) is: itself, or a Volume's users.
@@ -102,7 +130,7 @@ impl WorkloadHooks {
             "Container" => vec![ResourceId::new(Kind::Container, name)],
             "VirtualMachine" => vec![ResourceId::new(Kind::VirtualMachine, name)],
             "Volume" => self
-                .world
+                .world()
                 .values()
                 .filter(|r| uses_volume(r, name))
                 .map(|r| r.id.clone())
@@ -143,7 +171,8 @@ impl WorkloadHooks {
     /// running workload that is not in the manifests.
     pub fn stop_running(&self, ids: &[ResourceId]) -> Result<Hold, BackupError> {
         let running: Vec<&ResourceId> = ids.iter().filter(|id| self.running(id)).collect();
-        if let Some(id) = running.iter().find(|id| !self.world.contains_key(**id)) {
+        let world = self.world();
+        if let Some(id) = running.iter().find(|id| !world.contains_key(**id)) {
             return Err(BackupError::Invalid(format!(
                 "{id} is running but not in the manifests, so it could not be started again"
             )));
@@ -200,10 +229,11 @@ impl WorkloadHooks {
             Held::Frozen(n) => self.containers.thaw(n).map_err(err),
             Held::Paused(n) => self.vms.resume(n).map_err(err),
             Held::Stopped(id) => {
-                let r = self.world.get(id).ok_or_else(|| {
+                let world = self.world();
+                let r = world.get(id).ok_or_else(|| {
                     BackupError::Invalid(format!("{id}: no manifest to start it again from"))
                 })?;
-                let world: &BTreeMap<ResourceId, Resource> = &self.world;
+                let world: &BTreeMap<ResourceId, Resource> = &world;
                 let res = match id.kind {
                     Kind::Container => self.containers.apply(r, &Observed::absent(), world),
                     _ => self.vms.apply(r, &Observed::absent(), world),
@@ -335,6 +365,7 @@ fn clone_file(p: &Path) -> Result<Option<(PathBuf, fs::Metadata)>, BackupError> 
 impl BackupHooks for WorkloadHooks {
     fn prepare(&self, target: &Target, mode: BackupMode) -> Result<Prepared, BackupError> {
         let _span = info_span!("consistency", resource = %target.resource, ?mode).entered();
+        self.refresh();
         let workloads = self.workloads_of(&target.resource);
         if mode == BackupMode::Stop {
             let hold = self.stop_running(&workloads)?;
@@ -485,6 +516,7 @@ impl WorkloadHooks {
             containers: self.containers.clone(),
             vms: self.vms.clone(),
             world: Arc::clone(&self.world),
+            loader: self.loader.clone(),
             run_dir: self.run_dir.clone(),
         }
     }
@@ -508,6 +540,46 @@ fn remove_all(paths: &[PathBuf]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_loader_refreshes_the_users_of_a_volume() {
+        use stead_schema::{Metadata, Origin};
+        let t = tempfile::tempdir().expect("tmp");
+        let env = HostEnv {
+            state_dir: t.path().join("state"),
+            run_dir: t.path().join("run"),
+            cgroup_parent: "stead-unit".into(),
+            netns: None,
+            self_exe: PathBuf::from("/bin/true"),
+        };
+        let Ok(h) = WorkloadHooks::new(&env, Arc::new(BTreeMap::new())) else {
+            eprintln!("SKIP a_loader_refreshes_the_users_of_a_volume: no cgroup hierarchy");
+            return;
+        };
+        let web = Resource {
+            id: ResourceId::new(Kind::Container, "web"),
+            metadata: Metadata {
+                name: "web".parse().expect("name"),
+                ..Default::default()
+            },
+            spec: Spec::from_value(
+                Kind::Container,
+                serde_json::json!({"rootfs": {"template": "/t.tar"}, "mounts": [{"volume": "data", "path": "/data"}]}),
+            )
+            .expect("spec"),
+            origin: Origin::default(),
+        };
+        let h = h.with_loader(Arc::new(move || {
+            Some(BTreeMap::from([(web.id.clone(), web.clone())]))
+        }));
+        assert!(h.workloads_of("Volume/data").is_empty(), "not loaded yet");
+        h.refresh();
+        assert_eq!(
+            h.workloads_of("Volume/data"),
+            [ResourceId::new(Kind::Container, "web")]
+        );
+        assert!(h.workloads_of("Volume/other").is_empty());
+    }
 
     #[test]
     fn clone_names_carry_the_pid() {
