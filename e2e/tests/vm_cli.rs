@@ -531,6 +531,8 @@ fn vm_backup_snapshot_pauses_for_the_clone_and_stop_restarts() {
             .expect("open disk");
         f.write_all_at(&[0x5a; 65536], 1 << 20).expect("write");
     }
+    // Past the 2 s racy window, so the backup records the disk's change stamp.
+    std::thread::sleep(Duration::from_millis(2100));
     let (_, status, _) = get_vm(&sb);
     let pid = status["pid"].as_i64().expect("pid");
 
@@ -590,6 +592,25 @@ fn vm_backup_snapshot_pauses_for_the_clone_and_stop_restarts() {
             "the original's mtime, not the clone's"
         );
     }
+    // Unchanged since: the next snapshot-mode backup takes the chunk list over without
+    // reading the clone (the stamp is the original disk's, taken at clone time).
+    let out = sb
+        .run(&[
+            "backup",
+            "run",
+            "VirtualMachine/vm1",
+            "-f",
+            m,
+            "-s",
+            "backups",
+        ])
+        .expect_code(0);
+    assert!(
+        out.stdout()
+            .contains("16.0 MiB (16.0 MiB unchanged, not read)"),
+        "{}",
+        out.stdout()
+    );
 
     let out = sb
         .run(&[
@@ -629,7 +650,7 @@ fn vm_backup_snapshot_pauses_for_the_clone_and_stop_restarts() {
         ])
         .expect_code(0);
     let v: Value = serde_json::from_str(&list.stdout()).expect("list json");
-    assert_eq!(v.as_array().map(Vec::len), Some(2), "{v}");
+    assert_eq!(v.as_array().map(Vec::len), Some(3), "{v}");
     let restored = sb.path("restore2");
     sb.run(&[
         "backup",

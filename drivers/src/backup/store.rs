@@ -709,9 +709,14 @@ impl BackupStore {
         // "Racy" stamps: a file changed in the last seconds may change again within the same
         // coarse ctime tick after it was read, unseen by the stamp. Such files get no stamp
         // and are read again next time (git's racy-clean rule).
-        let racy_from = Utc::now().timestamp() - opts.racy_secs;
+        let now = Utc::now();
+        let racy_from = i128::from(now.timestamp()) * 1_000_000_000
+            + i128::from(now.timestamp_subsec_nanos())
+            - i128::from(opts.racy_secs) * 1_000_000_000;
         for f in files.iter_mut() {
-            if f.stamp.is_some_and(|st| st.ctime >= racy_from) {
+            if f.stamp.is_some_and(|st| {
+                i128::from(st.ctime) * 1_000_000_000 + i128::from(st.ctime_nsec) >= racy_from
+            }) {
                 f.stamp = None;
             }
         }
