@@ -506,6 +506,8 @@ impl Driver for ContainerDriver {
         let name = last_applied.id.name.as_str();
         let _span =
             tracing::info_span!("delete", resource = %format!("Container/{name}")).entered();
+        // A backup that stopped it would start it again when done.
+        crate::supervise::hold::check(&self.env.run_dir, "Container", name)?;
         self.stop(name)?;
         let paths = self.paths(name);
         if let Some(cfg) = read_json::<ContainerConfig>(&paths.config())? {

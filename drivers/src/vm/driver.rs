@@ -554,6 +554,8 @@ impl Driver for VmDriver {
     ) -> Result<(), DriverError> {
         let name = last_applied.id.name.as_str();
         let _span = tracing::info_span!("vm_delete", vm = name).entered();
+        // A backup that stopped it would start it again when done.
+        crate::supervise::hold::check(&self.env.run_dir, "VirtualMachine", name)?;
         self.stop(name)?;
         let owner = owner_alias(Kind::VirtualMachine, name);
         let netns = self.env.netns.as_deref();
