@@ -224,6 +224,32 @@ impl LoopBtrfs {
     }
 }
 
+impl LoopBtrfs {
+    /// For test `test`: `None` after printing a SKIP line when there is no root or no
+    /// btrfs in the kernel (the module is loaded if needed); otherwise a loop btrfs, or a
+    /// panic if one cannot be made (btrfs-progs and losetup are test dependencies).
+    pub fn for_test(sb: &Sandbox, test: &str) -> Option<LoopBtrfs> {
+        if skip_unless(is_root(), test, "needs root for loop devices and mounts") {
+            return None;
+        }
+        let has_btrfs = std::fs::read_to_string("/proc/filesystems")
+            .is_ok_and(|f| f.contains("btrfs"))
+            || Command::new("modprobe")
+                .arg("btrfs")
+                .status()
+                .is_ok_and(|s| s.success());
+        if skip_unless(has_btrfs, test, "kernel lacks btrfs") {
+            return None;
+        }
+        match LoopBtrfs::new(sb) {
+            Some(fs) => Some(fs),
+            None => {
+                panic!("could not make a loop-mounted btrfs (mkfs.btrfs from btrfs-progs, losetup)")
+            }
+        }
+    }
+}
+
 impl Drop for LoopBtrfs {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();

@@ -3,7 +3,7 @@
 
 use std::process::Command;
 
-use stead_e2e::{LoopBtrfs, Sandbox, is_root, skip_unless};
+use stead_e2e::{LoopBtrfs, Sandbox};
 
 fn manifest(sb: &Sandbox, pool: &std::path::Path, with_volume: bool) -> String {
     let mut t = format!(
@@ -19,20 +19,9 @@ fn manifest(sb: &Sandbox, pool: &std::path::Path, with_volume: bool) -> String {
 #[test]
 fn btrfs_snapshot_rollback_and_safety_snapshot() {
     let name = "btrfs_snapshot_rollback_and_safety_snapshot";
-    if skip_unless(is_root(), name, "needs root for loop devices and mounts") {
-        return;
-    }
-    let has_btrfs = std::fs::read_to_string("/proc/filesystems").is_ok_and(|f| f.contains("btrfs"))
-        || Command::new("modprobe")
-            .arg("btrfs")
-            .status()
-            .is_ok_and(|s| s.success());
-    if skip_unless(has_btrfs, name, "kernel lacks btrfs") {
-        return;
-    }
     let sb = Sandbox::new();
-    let Some(fs) = LoopBtrfs::new(&sb) else {
-        panic!("could not make a loop-mounted btrfs (mkfs.btrfs from btrfs-progs, losetup)");
+    let Some(fs) = LoopBtrfs::for_test(&sb, name) else {
+        return;
     };
     let pool = fs.mnt.join("pool");
     let m = manifest(&sb, &pool, true);
@@ -104,20 +93,9 @@ fn btrfs_snapshot_rollback_and_safety_snapshot() {
 #[test]
 fn btrfs_backup_restore_dedup_and_verify_corruption() {
     let name = "btrfs_backup_restore_dedup_and_verify_corruption";
-    if skip_unless(is_root(), name, "needs root for loop devices and mounts") {
-        return;
-    }
-    let has_btrfs = std::fs::read_to_string("/proc/filesystems").is_ok_and(|f| f.contains("btrfs"))
-        || Command::new("modprobe")
-            .arg("btrfs")
-            .status()
-            .is_ok_and(|s| s.success());
-    if skip_unless(has_btrfs, name, "kernel lacks btrfs") {
-        return;
-    }
     let sb = Sandbox::new();
-    let Some(fs) = LoopBtrfs::new(&sb) else {
-        panic!("could not make a loop-mounted btrfs (mkfs.btrfs from btrfs-progs, losetup)");
+    let Some(fs) = LoopBtrfs::for_test(&sb, name) else {
+        return;
     };
     let pool = fs.mnt.join("pool");
     let m = sb

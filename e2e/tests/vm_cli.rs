@@ -484,6 +484,29 @@ fn vm_stopped_state_and_restart_policy_never() {
     assert!(!links(&sb).contains("master lan0"));
 }
 
+/// A btrfs pool `local` at `pool` with the 16 MiB volume `vm1-root`, an idle VM `vm1` on
+/// it and, with `backups`, a dir pool `backups` for backups there; applied. Returns the
+/// manifest path and the VM's disk image.
+fn btrfs_vm(sb: &Sandbox, pool: &Path, kernel: &Path, backups: Option<&Path>) -> (String, PathBuf) {
+    let mut text = format!(
+        "apiVersion: stead.dev/v1alpha1\nkind: StoragePool\nmetadata: {{name: local}}\nspec: {{type: btrfs, path: {}}}\n\
+         ---\napiVersion: stead.dev/v1alpha1\nkind: Volume\nmetadata: {{name: vm1-root}}\nspec: {{pool: local, size: 16Mi, deletionPolicy: Delete}}\n\
+         ---\napiVersion: stead.dev/v1alpha1\nkind: VirtualMachine\nmetadata: {{name: vm1}}\nspec:\n  cpus: 1\n  memory: 32Mi\n  boot: {{kernel: {}, cmdline: \"mode=idle\"}}\n  disks: [{{volume: vm1-root}}]\n",
+        pool.display(),
+        kernel.display()
+    );
+    if let Some(b) = backups {
+        text.push_str(&format!(
+            "---\napiVersion: stead.dev/v1alpha1\nkind: StoragePool\nmetadata: {{name: backups}}\nspec: {{type: dir, path: {}, content: [backup]}}\n",
+            b.display()
+        ));
+    }
+    let m = sb.write("m/all.yaml", &text);
+    let m = m.to_str().unwrap().to_string();
+    sb.run(&["apply", "--yes", &m]).expect_code(0);
+    (m, pool.join("images/vm1-root/disk.raw"))
+}
+
 /// Issue 6, consistency modes: a running VM with its disk on a btrfs pool is paused only
 /// while its disk is reflink-cloned (`mode: snapshot`), then backed up from the clone;
 /// `--mode stop` stops it, reads the disk and starts it again. Both restore bit-identical.
@@ -493,35 +516,16 @@ fn vm_backup_snapshot_pauses_for_the_clone_and_stop_restarts() {
     if !kvm_ok(name) {
         return;
     }
-    let has_btrfs = std::fs::read_to_string("/proc/filesystems").is_ok_and(|f| f.contains("btrfs"))
-        || Command::new("modprobe")
-            .arg("btrfs")
-            .status()
-            .is_ok_and(|s| s.success());
-    if skip_unless(has_btrfs, name, "kernel lacks btrfs") {
-        return;
-    }
     let sb = Sandbox::with_netns();
-    let Some(fs) = LoopBtrfs::new(&sb) else {
-        panic!("could not make a loop-mounted btrfs (mkfs.btrfs from btrfs-progs, losetup)");
+    let Some(fs) = LoopBtrfs::for_test(&sb, name) else {
+        return;
     };
     // Dropped first: VMMs die before the file system is unmounted.
     let _leftovers = Leftovers(&sb);
     let kernel = demo_guest(&sb);
     let pool = fs.mnt.join("pool");
-    let text = format!(
-        "apiVersion: stead.dev/v1alpha1\nkind: StoragePool\nmetadata: {{name: local}}\nspec: {{type: btrfs, path: {}}}\n\
-         ---\napiVersion: stead.dev/v1alpha1\nkind: StoragePool\nmetadata: {{name: backups}}\nspec: {{type: dir, path: {}, content: [backup]}}\n\
-         ---\napiVersion: stead.dev/v1alpha1\nkind: Volume\nmetadata: {{name: vm1-root}}\nspec: {{pool: local, size: 16Mi, deletionPolicy: Delete}}\n\
-         ---\napiVersion: stead.dev/v1alpha1\nkind: VirtualMachine\nmetadata: {{name: vm1}}\nspec:\n  cpus: 1\n  memory: 32Mi\n  boot: {{kernel: {}, cmdline: \"mode=idle\"}}\n  disks: [{{volume: vm1-root}}]\n",
-        pool.display(),
-        sb.path("pools/backups").display(),
-        kernel.display()
-    );
-    let m = sb.write("m/all.yaml", &text);
-    let m = m.to_str().unwrap();
-    sb.run(&["apply", "--yes", m]).expect_code(0);
-    let disk = pool.join("images/vm1-root/disk.raw");
+    let (m, disk) = btrfs_vm(&sb, &pool, &kernel, Some(&sb.path("pools/backups")));
+    let m = m.as_str();
     // Content to recognise in the restore (the idle guest does not write its disk).
     {
         use std::os::unix::fs::FileExt;
@@ -683,32 +687,15 @@ fn vm_snapshot_pauses_and_rollback_restarts() {
     if !kvm_ok(name) {
         return;
     }
-    let has_btrfs = std::fs::read_to_string("/proc/filesystems").is_ok_and(|f| f.contains("btrfs"))
-        || Command::new("modprobe")
-            .arg("btrfs")
-            .status()
-            .is_ok_and(|s| s.success());
-    if skip_unless(has_btrfs, name, "kernel lacks btrfs") {
-        return;
-    }
     let sb = Sandbox::with_netns();
-    let Some(fs) = LoopBtrfs::new(&sb) else {
-        panic!("could not make a loop-mounted btrfs (mkfs.btrfs from btrfs-progs, losetup)");
+    let Some(fs) = LoopBtrfs::for_test(&sb, name) else {
+        return;
     };
     let _leftovers = Leftovers(&sb);
     let kernel = demo_guest(&sb);
     let pool = fs.mnt.join("pool");
-    let text = format!(
-        "apiVersion: stead.dev/v1alpha1\nkind: StoragePool\nmetadata: {{name: local}}\nspec: {{type: btrfs, path: {}}}\n\
-         ---\napiVersion: stead.dev/v1alpha1\nkind: Volume\nmetadata: {{name: vm1-root}}\nspec: {{pool: local, size: 16Mi, deletionPolicy: Delete}}\n\
-         ---\napiVersion: stead.dev/v1alpha1\nkind: VirtualMachine\nmetadata: {{name: vm1}}\nspec:\n  cpus: 1\n  memory: 32Mi\n  boot: {{kernel: {}, cmdline: \"mode=idle\"}}\n  disks: [{{volume: vm1-root}}]\n",
-        pool.display(),
-        kernel.display()
-    );
-    let m = sb.write("m/all.yaml", &text);
-    let m = m.to_str().unwrap();
-    sb.run(&["apply", "--yes", m]).expect_code(0);
-    let disk = pool.join("images/vm1-root/disk.raw");
+    let (m, disk) = btrfs_vm(&sb, &pool, &kernel, None);
+    let m = m.as_str();
     let write = |byte: u8| {
         use std::os::unix::fs::FileExt;
         let f = std::fs::OpenOptions::new()

@@ -150,20 +150,8 @@ impl WorkloadHooks {
 
     /// Freezes or pauses each running workload of `ids`, all or none.
     pub fn quiesce_running(&self, ids: &[ResourceId]) -> Result<Hold, BackupError> {
-        let mut held = Vec::new();
-        for id in ids.iter().filter(|id| self.running(id)) {
-            match self.quiesce(id) {
-                Ok(h) => held.push(h),
-                Err(e) => {
-                    let _ = self.release_all(&mut held);
-                    return Err(e);
-                }
-            }
-        }
-        Ok(Hold {
-            hooks: self.clone_handle(),
-            held,
-        })
+        let running: Vec<&ResourceId> = ids.iter().filter(|id| self.running(id)).collect();
+        self.hold_each(&running, Self::quiesce)
     }
 
     /// Stops each running workload of `ids` (holding it against other applies), all or
@@ -177,9 +165,18 @@ impl WorkloadHooks {
                 "{id} is running but not in the manifests, so it could not be started again"
             )));
         }
+        self.hold_each(&running, Self::stop)
+    }
+
+    /// Applies `take` to each of `ids`; on a failure, releases those already taken.
+    fn hold_each(
+        &self,
+        ids: &[&ResourceId],
+        take: fn(&Self, &ResourceId) -> Result<Held, BackupError>,
+    ) -> Result<Hold, BackupError> {
         let mut held = Vec::new();
-        for id in running {
-            match self.stop(id) {
+        for id in ids {
+            match take(self, id) {
                 Ok(h) => held.push(h),
                 Err(e) => {
                     let _ = self.release_all(&mut held);
