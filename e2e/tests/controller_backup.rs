@@ -74,6 +74,26 @@ spec:
         pool.to_str().unwrap(),
     ]);
     assert_eq!(out.code(), 0, "{}{}", out.stdout(), out.stderr());
+    // The schedule's state is exported (the housekeeping tick follows --resync 1s).
+    let series = "stead_backup_last_success_timestamp_seconds{schedule=\"every-minute\"}";
+    assert!(
+        wait_until(Duration::from_secs(10), || ctl.metric(series) > 0.0).is_some(),
+        "{}",
+        ctl.scrape()
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(now - ctl.metric(series) < 120.0, "{}", ctl.scrape());
+    assert_eq!(
+        ctl.metric("stead_backup_last_run_failed{schedule=\"every-minute\"}"),
+        0.0
+    );
+    assert!(
+        ctl.scrape()
+            .contains("stead_backup_last_run_failed{schedule=\"every-minute\"} 0")
+    );
     drop(ctl);
     // The daemon goes with the controller.
     std::thread::sleep(Duration::from_millis(500));

@@ -114,6 +114,9 @@ pub struct JobState {
     pub last_run: Option<String>,
     /// `ok` or the error of the last run.
     pub last_result: Option<String>,
+    /// When the last run without an error started.
+    #[serde(default)]
+    pub last_success: Option<String>,
     /// Runs so far.
     pub runs: u64,
 }
@@ -220,11 +223,12 @@ impl<C: Clock> Runner<C> {
             st.last_slot = Some(fmt_time(slot));
             st.last_run = Some(fmt_time(now));
             st.runs += 1;
-            st.last_result = Some(if outcome.errors.is_empty() {
-                "ok".into()
+            if outcome.errors.is_empty() {
+                st.last_success = Some(fmt_time(now));
+                st.last_result = Some("ok".into());
             } else {
-                outcome.errors.join("; ")
-            });
+                st.last_result = Some(outcome.errors.join("; "));
+            }
             self.save()?;
             out.push(outcome);
         }

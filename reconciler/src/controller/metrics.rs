@@ -49,6 +49,12 @@ pub struct Metrics {
     pub environments: Gauge,
     /// `stead_environment_age_seconds{name}`.
     pub environment_age: GaugeVec,
+    /// `stead_backup_last_run_timestamp_seconds{schedule}`.
+    pub backup_last_run: GaugeVec,
+    /// `stead_backup_last_success_timestamp_seconds{schedule}`.
+    pub backup_last_success: GaugeVec,
+    /// `stead_backup_last_run_failed{schedule}`: 1 when the last run had an error.
+    pub backup_last_failed: GaugeVec,
     /// `stead_environment_teardown_failures_total`.
     pub environment_teardown_failures: IntCounter,
     cpu_seen: std::sync::Mutex<BTreeMap<(String, String), f64>>,
@@ -159,6 +165,30 @@ impl Metrics {
             "stead_environment_teardown_failures_total",
             "Environment teardowns (stead env down or gc) that left something behind.",
         )?;
+        let backup_last_run = GaugeVec::new(
+            Opts::new(
+                "stead_backup_last_run_timestamp_seconds",
+                "When each BackupSchedule last ran (Unix time).",
+            ),
+            &["schedule"],
+        )?;
+        let backup_last_success = GaugeVec::new(
+            Opts::new(
+                "stead_backup_last_success_timestamp_seconds",
+                "When each BackupSchedule last ran without an error (Unix time).",
+            ),
+            &["schedule"],
+        )?;
+        let backup_last_failed = GaugeVec::new(
+            Opts::new(
+                "stead_backup_last_run_failed",
+                "1 if the last run of the BackupSchedule had an error, else 0.",
+            ),
+            &["schedule"],
+        )?;
+        registry.register(Box::new(backup_last_run.clone()))?;
+        registry.register(Box::new(backup_last_success.clone()))?;
+        registry.register(Box::new(backup_last_failed.clone()))?;
         registry.register(Box::new(environments.clone()))?;
         registry.register(Box::new(environment_age.clone()))?;
         registry.register(Box::new(environment_teardown_failures.clone()))?;
@@ -195,6 +225,9 @@ impl Metrics {
             workload_memory,
             environments,
             environment_age,
+            backup_last_run,
+            backup_last_success,
+            backup_last_failed,
             environment_teardown_failures,
             cpu_seen: std::sync::Mutex::new(BTreeMap::new()),
         })

@@ -1064,8 +1064,48 @@ fn schedules_key(dir: &Path) -> String {
 /// - backup schedules registered by the BackupSchedule driver run in a `stead backup
 ///   daemon` child, restarted when the set of schedules changes (or the child dies) and
 ///   killed when the controller stops;
+/// - backup schedules: the daemon's `backup/schedules.json` is exported as
+///   `stead_backup_last_run_timestamp_seconds`, `…_last_success_…` and
+///   `stead_backup_last_run_failed` per schedule;
 /// - environments (`stead env`): their count, ages and teardown failures are exported,
 ///   and expired ones are torn down by running `stead env gc` (the CLI's code path).
+/// Sets the backup schedule gauges from the daemon's state file (absent: no schedules).
+fn export_backup_state(m: &Metrics, path: &std::path::Path) {
+    let state: serde_json::Value = match std::fs::read_to_string(path) {
+        Ok(t) => match serde_json::from_str(&t) {
+            Ok(v) => v,
+            Err(e) => {
+                warn!(path = %path.display(), error = %e, "unreadable backup state");
+                return;
+            }
+        },
+        Err(_) => serde_json::Value::Null,
+    };
+    m.backup_last_run.reset();
+    m.backup_last_success.reset();
+    m.backup_last_failed.reset();
+    let ts = |v: &serde_json::Value| {
+        v.as_str()
+            .and_then(|s| chrono::DateTime::parse_from_rfc3339(s).ok())
+            .map(|t| t.timestamp() as f64)
+    };
+    let Some(obj) = state.as_object() else { return };
+    for (name, st) in obj {
+        if let Some(t) = ts(&st["lastRun"]) {
+            m.backup_last_run.with_label_values(&[name.as_str()]).set(t);
+            let failed = st["lastResult"].as_str().is_some_and(|r| r != "ok");
+            m.backup_last_failed
+                .with_label_values(&[name.as_str()])
+                .set(if failed { 1.0 } else { 0.0 });
+        }
+        if let Some(t) = ts(&st["lastSuccess"]) {
+            m.backup_last_success
+                .with_label_values(&[name.as_str()])
+                .set(t);
+        }
+    }
+}
+
 async fn housekeeping_task(shared: Arc<Shared>, env: HostEnv, every: Duration) {
     let dir = env.state_dir.join("envs");
     let mut failures_seen: u64 = 0;
@@ -1144,6 +1184,10 @@ async fn housekeeping_task(shared: Arc<Shared>, env: HostEnv, every: Duration) {
             }
         }
         shared.metrics.environments.set(count);
+        export_backup_state(
+            &shared.metrics,
+            &env.state_dir.join("backup/schedules.json"),
+        );
         if expired && !env.self_exe.as_os_str().is_empty() {
             let out = tokio::process::Command::new(&env.self_exe)
                 .arg("--state-dir")
