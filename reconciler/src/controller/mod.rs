@@ -1060,15 +1060,6 @@ fn schedules_key(dir: &Path) -> String {
     parts.join("\n")
 }
 
-/// Housekeeping next to the reconcile loop:
-/// - backup schedules registered by the BackupSchedule driver run in a `stead backup
-///   daemon` child, restarted when the set of schedules changes (or the child dies) and
-///   killed when the controller stops;
-/// - backup schedules: the daemon's `backup/schedules.json` is exported as
-///   `stead_backup_last_run_timestamp_seconds`, `…_last_success_…` and
-///   `stead_backup_last_run_failed` per schedule;
-/// - environments (`stead env`): their count, ages and teardown failures are exported,
-///   and expired ones are torn down by running `stead env gc` (the CLI's code path).
 /// Sets the backup schedule gauges from the daemon's state file (absent: no schedules).
 fn export_backup_state(m: &Metrics, path: &std::path::Path) {
     let state: serde_json::Value = match std::fs::read_to_string(path) {
@@ -1106,6 +1097,15 @@ fn export_backup_state(m: &Metrics, path: &std::path::Path) {
     }
 }
 
+/// Housekeeping next to the reconcile loop:
+/// - backup schedules registered by the BackupSchedule driver run in a `stead backup
+///   daemon` child, restarted when the set of schedules changes (or the child dies) and
+///   killed when the controller stops;
+/// - backup schedules: the daemon's `backup/schedules.json` is exported as
+///   `stead_backup_last_run_timestamp_seconds`, `…_last_success_…` and
+///   `stead_backup_last_run_failed` per schedule;
+/// - environments (`stead env`): their count, ages and teardown failures are exported,
+///   and expired ones are torn down by running `stead env gc` (the CLI's code path).
 async fn housekeeping_task(shared: Arc<Shared>, env: HostEnv, every: Duration) {
     let dir = env.state_dir.join("envs");
     let mut failures_seen: u64 = 0;
