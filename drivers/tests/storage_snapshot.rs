@@ -104,3 +104,92 @@ fn storage_snapshot_dir_create_list_rollback_delete() {
     assert!(!file.exists());
     assert!(!tmp.path().join("pool/snapshots/db").exists());
 }
+
+/// Workload snapshots of a stopped VM with two disks in a dir pool: one snapshot name
+/// across both disks; a rollback is refused while one disk lacks it, and rolls both back
+/// otherwise (nothing running: no restart). A Volume target works the same way.
+#[test]
+fn workload_snapshot_covers_every_disk_and_refuses_an_incomplete_one() {
+    use stead_drivers::workload_snapshots as ws;
+    use stead_schema::{Kind, ResourceId};
+
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let env = env(tmp.path());
+    let p = pool("local", PoolType::Dir, &tmp.path().join("pool"));
+    let a = volume("a", "local", 4 * MI);
+    let b = volume("b", "local", 4 * MI);
+    let vm = res(
+        Kind::VirtualMachine,
+        "vm1",
+        Spec::from_value(
+            Kind::VirtualMachine,
+            serde_json::json!({"cpus": 1, "memory": "32Mi", "boot": {"kernel": "/k"},
+                               "disks": [{"volume": "a"}, {"volume": "b"}], "state": "stopped"}),
+        )
+        .expect("vm spec"),
+    );
+    let w = world(&[&p, &a, &b, &vm]);
+    apply(&PoolDriver::new(&env), &p, &w);
+    let vd = VolumeDriver::new(&env);
+    apply(&vd, &a, &w);
+    apply(&vd, &b, &w);
+    let file = |v: &str| storage::volume_path(&w, v).expect("path");
+    let put = |v: &str, byte: u8| {
+        fs::OpenOptions::new()
+            .write(true)
+            .open(file(v))
+            .and_then(|f| f.write_all_at(&[byte; 512], 0))
+            .expect("write");
+    };
+    let get = |v: &str| {
+        let mut x = [0u8; 1];
+        fs::File::open(file(v))
+            .and_then(|f| f.read_exact_at(&mut x, 0))
+            .expect("read");
+        x[0]
+    };
+    put("a", 1);
+    put("b", 2);
+    let id = ResourceId::new(Kind::VirtualMachine, "vm1");
+    let c = ws::create(&env, &w, &id, "s1").expect("create");
+    assert_eq!(
+        c.parts.iter().map(|(l, _)| l.as_str()).collect::<Vec<_>>(),
+        ["Volume/a", "Volume/b"]
+    );
+    assert_eq!(c.consistency, "not running");
+    assert!(matches!(
+        ws::create(&env, &w, &id, "s1"),
+        Err(DriverError::Conflict(_))
+    ));
+    put("a", 9);
+    put("b", 9);
+    let (parts, running) = ws::rollback_plan(&env, &w, &id, "s1").expect("plan");
+    assert_eq!(parts, ["Volume/a", "Volume/b"]);
+    assert!(running.is_empty());
+    ws::rollback(&env, &w, &id, "s1").expect("rollback");
+    assert_eq!((get("a"), get("b")), (1, 2), "both disks rolled back");
+
+    // One disk loses the snapshot: listed as incomplete, rollback refused by name.
+    storage::snapshot_delete(&env, &w, "b", "s1").expect("delete one");
+    let l = ws::list(&env, &w, &id).expect("list");
+    assert_eq!(l.len(), 1);
+    assert!(!l[0].complete);
+    assert_eq!(l[0].parts, ["Volume/a"]);
+    let e = ws::rollback(&env, &w, &id, "s1").expect_err("incomplete");
+    assert!(e.to_string().contains("Volume/b"), "{e}");
+
+    // A Volume target, then delete from every part.
+    let vid = ResourceId::new(Kind::Volume, "b");
+    ws::create(&env, &w, &vid, "s2").expect("volume snapshot");
+    assert_eq!(ws::list(&env, &w, &vid).expect("list")[0].name, "s2");
+    assert_eq!(
+        ws::delete(&env, &w, &id, "s1").expect("delete"),
+        ["Volume/a", "Volume/b"]
+    );
+    assert!(
+        ws::list(&env, &w, &id)
+            .expect("list")
+            .iter()
+            .all(|s| s.name != "s1")
+    );
+}
