@@ -191,18 +191,21 @@ impl WorkloadHooks {
     }
 
     fn quiesce(&self, id: &ResourceId) -> Result<Held, BackupError> {
-        match id.kind {
-            Kind::Container => {
-                self.containers
-                    .freeze(&id.name, FREEZE_TIMEOUT)
-                    .map_err(err)?;
-                Ok(Held::Frozen(id.name.clone()))
-            }
-            _ => {
-                self.vms.pause(&id.name).map_err(err)?;
-                Ok(Held::Paused(id.name.clone()))
-            }
-        }
+        let r = match id.kind {
+            Kind::Container => self
+                .containers
+                .freeze(&id.name, FREEZE_TIMEOUT)
+                .map(|()| Held::Frozen(id.name.clone())),
+            _ => self
+                .vms
+                .pause(&id.name)
+                .map(|()| Held::Paused(id.name.clone())),
+        };
+        r.map_err(|e| {
+            BackupError::Invalid(format!(
+                "cannot quiesce {id} for a consistent copy: {e} (mode stop stops it instead)"
+            ))
+        })
     }
 
     fn stop(&self, id: &ResourceId) -> Result<Held, BackupError> {
