@@ -128,6 +128,17 @@ pub fn observe_instances(
     Ok(out)
 }
 
+/// The impact of a change at JSON pointer `path` of a supervised workload: `hot` when its
+/// top-level field is one of `hot` (applied to the running instance), else `restart`.
+pub fn hot_or_restart(path: &str, hot: &[&str]) -> stead_schema::Impact {
+    let top = path.trim_start_matches('/').split('/').next().unwrap_or("");
+    if hot.contains(&top) {
+        stead_schema::Impact::Hot
+    } else {
+        stead_schema::Impact::Restart
+    }
+}
+
 /// Backup holds: while a `mode: stop` backup has a workload stopped, the file
 /// `<run_dir>/holds/<Kind>-<name>` holds the backup's pid, and `apply` of that workload
 /// waits (a retryable error) instead of starting it under the backup's feet.

@@ -415,12 +415,7 @@ impl Driver for ContainerDriver {
     }
 
     fn impact(&self, path: &str) -> Impact {
-        let top = path.trim_start_matches('/').split('/').next().unwrap_or("");
-        if HOT_FIELDS.contains(&top) {
-            Impact::Hot
-        } else {
-            Impact::Restart
-        }
+        crate::supervise::hot_or_restart(path, &HOT_FIELDS)
     }
 
     fn check(

@@ -457,12 +457,7 @@ impl Driver for VmDriver {
     }
 
     fn impact(&self, path: &str) -> Impact {
-        let first = path.trim_start_matches('/').split('/').next().unwrap_or("");
-        if HOT_FIELDS.contains(&first) {
-            Impact::Hot
-        } else {
-            Impact::Restart
-        }
+        crate::supervise::hot_or_restart(path, &HOT_FIELDS)
     }
 
     fn check(
