@@ -655,6 +655,18 @@ fn vm_backup_snapshot_pauses_for_the_clone_and_stop_restarts() {
         .expect_code(0);
     let v: Value = serde_json::from_str(&list.stdout()).expect("list json");
     assert_eq!(v.as_array().map(Vec::len), Some(3), "{v}");
+    // The manifest names the disk it is a backup of, not the clone it was read from.
+    let first: Value = serde_json::from_str(
+        &std::fs::read_to_string(v[0]["manifest"].as_str().expect("manifest path"))
+            .expect("manifest"),
+    )
+    .expect("manifest json");
+    assert_eq!(
+        first["inputs"][0]["source"].as_str(),
+        disk.to_str(),
+        "{}",
+        first["inputs"]
+    );
     let restored = sb.path("restore2");
     sb.run(&[
         "backup",

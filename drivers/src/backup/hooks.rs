@@ -87,6 +87,12 @@ pub fn backup_target(
 ) -> Result<BackupInfo, BackupError> {
     let prepared = hooks.prepare(target, mode)?;
     opts.stat_of = prepared.stat_of;
+    opts.origins = target
+        .inputs
+        .iter()
+        .filter(|(n, p)| prepared.inputs.iter().any(|(m, q)| m == n && q != p))
+        .map(|(n, p)| (n.clone(), p.clone()))
+        .collect();
     opts.consistency = Some(prepared.consistency);
     let r = store.backup_paths(&target.resource, &target.spec, &prepared.inputs, &opts);
     let c = (prepared.cleanup)();

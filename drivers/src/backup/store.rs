@@ -62,6 +62,9 @@ pub struct BackupOptions {
     /// set when the path read is a point-in-time clone of the input (a consistency
     /// snapshot), with the original's metadata taken at the moment of the clone.
     pub stat_of: HashMap<String, fs::Metadata>,
+    /// Input name → the path it stands for, when the path read is a clone of it (recorded
+    /// as the input's `source`).
+    pub origins: HashMap<String, PathBuf>,
     /// Files whose ctime is less than this many seconds before the backup starts are
     /// recorded without a stamp (read again next time). Default 2; tests use 0.
     pub racy_secs: i64,
@@ -78,6 +81,7 @@ impl Default for BackupOptions {
             progress: indicatif::ProgressBar::hidden(),
             reread: false,
             stat_of: HashMap::new(),
+            origins: HashMap::new(),
             racy_secs: RACY_SECS,
             consistency: None,
         }
@@ -684,7 +688,7 @@ impl BackupStore {
             input_entries.push(InputEntry {
                 name: n.clone(),
                 kind,
-                source: p.display().to_string(),
+                source: opts.origins.get(n).unwrap_or(p).display().to_string(),
             });
             let first = files.len();
             let mut ctx = WalkCtx {
