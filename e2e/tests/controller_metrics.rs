@@ -1,5 +1,6 @@
-//! Issue 7 acceptance: the scrape passes `promtool check metrics`; a directory source is
-//! followed through file-system events; health endpoints.
+//! Issue 7 acceptance: the scrape passes `promtool check metrics`, and a real Prometheus
+//! server scrapes the controller; a directory source is followed through file-system
+//! events; health endpoints.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -92,6 +93,93 @@ fn scrape_passes_promtool_check_metrics() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// Issue 7 acceptance, the full form: a real Prometheus server (Debian package) scrapes
+/// the controller on loopback, and `promtool query instant` returns the reconcile metric.
+#[test]
+fn prometheus_scrapes_the_controller() {
+    let name = "prometheus_scrapes_the_controller";
+    let have = Command::new("prometheus").arg("--version").output().is_ok()
+        && Command::new("promtool").arg("--version").output().is_ok();
+    if skip_unless(
+        have,
+        name,
+        "prometheus not installed (apt install prometheus)",
+    ) {
+        return;
+    }
+    let sb = Sandbox::new();
+    sb.write("m/all.yaml", &storage_yaml(&sb, &[("a", "1Mi")]));
+    let m = sb.path("m");
+    let ctl = Controller::start(&sb, &["--source", m.to_str().unwrap(), "--resync", "1s"]);
+    assert!(
+        wait_until(Duration::from_secs(20), || size(&image(&sb, "a")) == MI).is_some(),
+        "{}",
+        ctl.logs()
+    );
+    let port = free_port();
+    let cfg = sb.write(
+        "prometheus.yml",
+        &format!(
+            "global: {{scrape_interval: 1s, evaluation_interval: 1s}}\n\
+             scrape_configs:\n  - job_name: stead\n    static_configs:\n      - targets: ['127.0.0.1:{}']\n",
+            ctl.port
+        ),
+    );
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let log = std::fs::File::create(sb.path("prometheus.log")).unwrap();
+    let _prom = Kill(
+        Command::new("prometheus")
+            .arg(format!("--config.file={}", cfg.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                sb.path("prometheus-data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    let server = format!("http://127.0.0.1:{port}");
+    let mut last = String::new();
+    let found = wait_until(Duration::from_secs(60), || {
+        let out = Command::new("promtool")
+            .args([
+                "query",
+                "instant",
+                &server,
+                "stead_reconcile_total{job=\"stead\",result=\"success\"}",
+            ])
+            .output()
+            .unwrap();
+        last = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // e.g. `stead_reconcile_total{instance="127.0.0.1:…", job="stead", result="success"} => 3 @[…]`
+        out.status.success()
+            && last
+                .split("=> ")
+                .nth(1)
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse::<f64>().ok())
+                .is_some_and(|v| v >= 1.0)
+    });
+    assert!(
+        found.is_some(),
+        "promtool query instant never returned the reconcile metric: {last}\n--- prometheus log\n{}",
+        std::fs::read_to_string(sb.path("prometheus.log")).unwrap_or_default()
+    );
+    eprintln!("promtool query instant: {}", last.trim());
 }
 
 #[test]
