@@ -101,6 +101,20 @@ fn summary(kind: Kind, state: &Value, status: &Value) -> String {
         .flatten()
         .collect(),
         Kind::StoragePool => [s("type"), s("path")].into_iter().flatten().collect(),
+        Kind::BackupSchedule => {
+            let t = |k: &str| status.get(k).and_then(Value::as_str).map(str::to_string);
+            [
+                s("schedule").map(|c| format!("schedule={c}")),
+                t("nextRun").map(|n| format!("next={n}")),
+                t("lastRun").map(|l| {
+                    let ok = t("lastResult").as_deref() == Some("ok");
+                    format!("last={l} ({})", if ok { "ok" } else { "failed" })
+                }),
+            ]
+            .into_iter()
+            .flatten()
+            .collect()
+        }
         Kind::Network => [
             s("addresses").map(|a| format!("addresses={a}")),
             s("mtu").map(|m| format!("mtu={m}")),

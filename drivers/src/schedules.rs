@@ -15,6 +15,8 @@ use stead_schema::{
 /// Driver for `Kind::BackupSchedule`.
 pub struct ScheduleDriver {
     dir: PathBuf,
+    /// The runner's state file (`<state-dir>/backup/schedules.json`).
+    runs: PathBuf,
 }
 
 impl ScheduleDriver {
@@ -22,6 +24,7 @@ impl ScheduleDriver {
     pub fn new(env: &HostEnv) -> Self {
         ScheduleDriver {
             dir: env.state_dir.join("schedules"),
+            runs: env.state_dir.join("backup/schedules.json"),
         }
     }
 
@@ -51,20 +54,40 @@ impl Driver for ScheduleDriver {
         _world: &dyn Lookup,
     ) -> Result<BTreeMap<ResourceId, Observed>, DriverError> {
         let mut out = BTreeMap::new();
+        // What the runner recorded: lastRun, lastResult, lastSuccess, runs per schedule.
+        let runs: Value = std::fs::read(&self.runs)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or(Value::Null);
         for r in targets {
             let p = self.path(&r.id.name);
+            let run = &runs[r.id.name.as_str()];
             let obs = match std::fs::read(&p) {
                 Ok(bytes) => match serde_json::from_slice::<Value>(&bytes) {
                     Ok(doc) => {
                         let owned =
                             doc.get("owner").and_then(Value::as_str) == Some(&owner(&r.id.name));
                         let spec = doc.get("spec").cloned().unwrap_or(Value::Null);
+                        let mut status = json!({"registration": p, "nextRun": next_run(&spec)});
+                        for k in ["lastRun", "lastResult", "lastSuccess", "runs"] {
+                            if !run[k].is_null() {
+                                status[k] = run[k].clone();
+                            }
+                        }
+                        // A failed last run is for the operator to see; the schedule itself
+                        // is applied as declared.
+                        let health = match run["lastResult"].as_str() {
+                            Some(r) if r != "ok" => {
+                                Health::Degraded(format!("last run failed: {r}"))
+                            }
+                            _ => Health::Ready,
+                        };
                         Observed {
                             exists: true,
                             owned,
-                            status: json!({"registration": p, "nextRun": next_run(&spec)}),
+                            status,
                             state: spec,
-                            health: Health::Ready,
+                            health,
                         }
                     }
                     Err(e) => Observed {
@@ -163,6 +186,30 @@ mod tests {
         assert_eq!(obs.state, d.desired_state(r, &world));
         let next = obs.status["nextRun"].as_str().expect("next run");
         assert!(next.contains("T02:00:00"), "{next}");
+        assert_eq!(obs.health, Health::Ready);
+        // What the runner recorded shows in the status; a failed last run degrades health.
+        std::fs::create_dir_all(dir.path().join("backup")).expect("mkdir");
+        std::fs::write(
+            dir.path().join("backup/schedules.json"),
+            r#"{"nightly": {"lastSlot": "2026-01-01T02:00:00Z", "lastRun": "2026-01-01T02:00:00Z",
+                "lastResult": "Volume/v: disk full", "lastSuccess": "2025-12-31T02:00:00Z", "runs": 7}}"#,
+        )
+        .expect("write");
+        let o = d.observe(&[r], &world).expect("observe");
+        let obs = &o[&r.id];
+        assert_eq!(obs.status["lastRun"], "2026-01-01T02:00:00Z");
+        assert_eq!(obs.status["lastSuccess"], "2025-12-31T02:00:00Z");
+        assert_eq!(obs.status["runs"], 7);
+        assert!(
+            matches!(&obs.health, Health::Degraded(m) if m.contains("disk full")),
+            "{:?}",
+            obs.health
+        );
+        assert_eq!(
+            obs.state,
+            d.desired_state(r, &world),
+            "no diff from a failed run"
+        );
         d.delete(r, obs, &world).expect("delete");
         d.delete(r, obs, &world).expect("idempotent");
         assert!(!d.observe(&[r], &world).expect("observe")[&r.id].exists);
