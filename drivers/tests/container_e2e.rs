@@ -843,6 +843,57 @@ fn backup_clones_a_reflink_rootfs() {
     drop(lb);
 }
 
+/// Devices cgroup (v1): a container can use the nodes of its /dev but not a block
+/// device node that happens to be in its rootfs.
+fn device_access_is_restricted() {
+    let mut sb = Sandbox::new("10.77.0.1/24");
+    let hier = Hierarchy::detect().expect("hier");
+    if hier.is_v2() || !Path::new("/sys/fs/cgroup/devices").is_dir() {
+        eprintln!(
+            "SKIP device_access_is_restricted: no cgroup v1 devices controller (v2 device filters are not implemented)"
+        );
+        return;
+    }
+    // A loop block device node (7:0) inside the rootfs directory.
+    nix::sys::stat::mknod(
+        &sb.rootfs.join("blk"),
+        nix::sys::stat::SFlag::S_IFBLK,
+        nix::sys::stat::Mode::from_bits_truncate(0o600),
+        nix::sys::stat::makedev(7, 0),
+    )
+    .expect("mknod");
+    let spec = container_spec(&sb, "10.77.0.13/24", json!({"rootfs": {"path": sb.rootfs}}));
+    let c = sb.resource("dv", spec);
+    sb.apply(&c);
+    let list = hier
+        .cgroup(&sb.name, "dv")
+        .devices_list()
+        .expect("devices.list");
+    assert!(
+        list.contains("c 1:3 rwm") && !list.contains("a *:*"),
+        "{list}"
+    );
+    let (code, out) = sb.exec("dv", &["sh", "-c", "head -c 4 /dev/zero | wc -c"]);
+    assert_eq!((code, out.trim()), (0, "4"), "/dev/zero works");
+    let (code, out) = sb.exec("dv", &["sh", "-c", "head -c 1 /blk"]);
+    assert_ne!(code, 0, "{out}");
+    assert!(
+        out.contains("not permitted"),
+        "open of a denied device: {out}"
+    );
+    // The cgroup is what denied it: allowed there, the same open gets past the permission.
+    let allow = Path::new("/sys/fs/cgroup/devices")
+        .join(&sb.name)
+        .join("dv/devices.allow");
+    fs::write(&allow, "b 7:0 rwm").expect("allow 7:0");
+    let (_, out) = sb.exec("dv", &["sh", "-c", "head -c 1 /blk; echo rc=$?"]);
+    eprintln!("  with 7:0 allowed: {}", out.trim());
+    assert!(!out.contains("not permitted"), "{out}");
+    sb.delete(&c);
+    let _ = fs::remove_file(sb.rootfs.join("blk"));
+    sb.assert_clean();
+}
+
 fn loop_devices_backed_by(file: &Path) -> Vec<String> {
     let want = file.to_string_lossy().to_string();
     fs::read_dir("/sys/block")
@@ -994,7 +1045,8 @@ fn main() {
         };
         std::process::exit(code);
     }
-    let tests: [(&str, fn()); 10] = [
+    let tests: [(&str, fn()); 11] = [
+        ("device_access_is_restricted", device_access_is_restricted),
         (
             "backup_clones_a_reflink_rootfs",
             backup_clones_a_reflink_rootfs,

@@ -23,7 +23,22 @@ use serde::{Deserialize, Serialize};
 use stead_schema::DriverError;
 
 /// v1 controllers stead uses. `freezer` makes kill-all atomic against forking processes.
-const V1_CONTROLLERS: [&str; 5] = ["cpu", "cpuacct", "memory", "pids", "freezer"];
+const V1_CONTROLLERS: [&str; 6] = ["cpu", "cpuacct", "memory", "pids", "freezer", "devices"];
+
+/// The devices a container may use (v1 `devices.allow` lines): the nodes stead binds into
+/// its /dev (null, zero, full, random, urandom, tty), `/dev/console`, `/dev/ptmx` and the
+/// ptys. Everything else is denied, as LXC and runc do by default.
+pub const CONTAINER_DEVICES: [&str; 9] = [
+    "c 1:3 rwm",
+    "c 1:5 rwm",
+    "c 1:7 rwm",
+    "c 1:8 rwm",
+    "c 1:9 rwm",
+    "c 5:0 rwm",
+    "c 5:1 rwm",
+    "c 5:2 rwm",
+    "c 136:* rwm",
+];
 /// v2 controllers enabled in the parents' `cgroup.subtree_control`.
 const V2_CONTROLLERS: [&str; 3] = ["cpu", "memory", "pids"];
 /// CFS period used for CPU quotas (µs).
@@ -231,6 +246,32 @@ impl Cgroup {
             }
         }
         Ok(())
+    }
+
+    /// Denies every device to the cgroup's processes, then allows `allow` (lines as in
+    /// v1 `devices.allow`). Returns whether it is enforced: cgroup v2 has no devices files
+    /// (it needs an eBPF program, not implemented), nor does a v1 host without the
+    /// `devices` controller mounted; the caller says so.
+    pub fn restrict_devices(&self, allow: &[&str]) -> Result<bool, DriverError> {
+        if self.hier.is_v2() {
+            return Ok(false);
+        }
+        let Some(d) = self.dir("devices") else {
+            return Ok(false);
+        };
+        write_file(&d.join("devices.deny"), "a")?;
+        for a in allow {
+            write_file(&d.join("devices.allow"), a)?;
+        }
+        Ok(true)
+    }
+
+    /// The v1 `devices.list` of the cgroup (None on v2 or without the controller).
+    pub fn devices_list(&self) -> Option<String> {
+        if self.hier.is_v2() {
+            return None;
+        }
+        fs::read_to_string(self.dir("devices")?.join("devices.list")).ok()
     }
 
     /// Writes the limits (hot: no restart needed).

@@ -344,6 +344,11 @@ impl Shim {
         cgroup.kill_all()?;
         cgroup.create()?;
         cgroup.set_limits(&cfg.limits)?;
+        if !cgroup.restrict_devices(&super::cgroup::CONTAINER_DEVICES)? {
+            tracing::warn!(
+                "device access is not restricted: the cgroup v1 devices controller is absent (cgroup v2 device filters are not implemented)"
+            );
+        }
         if let super::config::RootfsMount::Image { source, target } = &cfg.rootfs {
             super::volume::mount_image(source, target, false, cfg.idmap, false)?;
         }
