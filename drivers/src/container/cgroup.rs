@@ -249,12 +249,13 @@ impl Cgroup {
     }
 
     /// Denies every device to the cgroup's processes, then allows `allow` (lines as in
-    /// v1 `devices.allow`). Returns whether it is enforced: cgroup v2 has no devices files
-    /// (it needs an eBPF program, not implemented), nor does a v1 host without the
-    /// `devices` controller mounted; the caller says so.
+    /// v1 `devices.allow`): v1 through the `devices` controller, v2 through an eBPF
+    /// device program ([`super::devices_bpf`]). Returns whether it is enforced: not on a
+    /// v1 host without the `devices` controller mounted; the caller says so.
     pub fn restrict_devices(&self, allow: &[&str]) -> Result<bool, DriverError> {
-        if self.hier.is_v2() {
-            return Ok(false);
+        if let Hierarchy::V2 { root } = &self.hier {
+            super::devices_bpf::attach(&root.join(&self.rel), allow)?;
+            return Ok(true);
         }
         let Some(d) = self.dir("devices") else {
             return Ok(false);
@@ -734,6 +735,40 @@ mod tests {
         );
     }
 
+    /// Restricts `cg` to /dev/null only; a shell moved into it can write /dev/null but
+    /// not read /dev/zero.
+    fn device_filter(cg: &Cgroup) {
+        use std::io::{BufRead, BufReader, Write};
+        assert!(cg.restrict_devices(&["c 1:3 rwm"]).expect("restrict"));
+        let mut sh = std::process::Command::new("/bin/sh")
+            .args([
+                "-c",
+                "read x; if head -c 1 /dev/zero >/dev/null 2>&1; then echo zero-open; else echo zero-denied; fi; if echo x >/dev/null; then echo null-ok; fi",
+            ])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn sh");
+        cg.add_pid(sh.id() as i32).expect("attach sh");
+        sh.stdin
+            .take()
+            .expect("stdin")
+            .write_all(b"go\n")
+            .expect("go");
+        let out: Vec<String> = BufReader::new(sh.stdout.take().expect("stdout"))
+            .lines()
+            .map_while(Result::ok)
+            .collect();
+        let _ = sh.wait();
+        assert_eq!(out, ["zero-denied", "null-ok"]);
+        // Replaced by a wider program: /dev/zero opens again.
+        assert!(
+            cg.restrict_devices(&["c 1:3 rwm", "c 1:5 rwm"])
+                .expect("replace")
+        );
+    }
+
     /// Freezes `cg` (holding `pid`), checks the kernel reports the task frozen, thaws.
     fn freeze_thaw(cg: &Cgroup, pid: i32) {
         cg.freeze(Duration::from_secs(5)).expect("freeze");
@@ -802,6 +837,7 @@ mod tests {
         assert_eq!(cg.pids(), vec![pid]);
         assert!(cg.usage().is_ok());
         freeze_thaw(&cg, pid);
+        device_filter(&cg);
         cg.destroy().expect("destroy");
         assert!(!child.wait().expect("wait").success());
         assert!(

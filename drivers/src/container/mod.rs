@@ -43,16 +43,17 @@
 //!   already be owned by the container's id range).
 //!   Interface `vlan` needs bridge VLAN filtering, which this kernel lacks (refused in
 //!   `check`). No cgroupfs is mounted inside the container.
-//! - **Devices:** on cgroup v1 the `devices` controller denies everything but the nodes
-//!   of the container's /dev, the console and ptys ([`cgroup::CONTAINER_DEVICES`]), so a
-//!   device node that is in a rootfs or a volume cannot be opened. cgroup v2 needs an
-//!   eBPF device program, which is not implemented; there the shim logs a warning and the
-//!   other layers remain: only the bind-mounted nodes exist, privileged containers lose
-//!   `CAP_MKNOD`, and `CAP_MKNOD` inside a user namespace cannot create usable devices.
+//! - **Devices:** everything is denied but the nodes of the container's /dev, the console
+//!   and ptys ([`cgroup::CONTAINER_DEVICES`]), so a device node that is in a rootfs or a
+//!   volume cannot be opened: on cgroup v1 through the `devices` controller, on v2
+//!   through an eBPF device program stead assembles (`devices_bpf`). Under that, only the
+//!   bind-mounted nodes exist, privileged containers lose `CAP_MKNOD`, and `CAP_MKNOD`
+//!   inside a user namespace cannot create usable devices.
 
 pub mod cgroup;
 pub mod config;
 pub mod control;
+mod devices_bpf;
 mod driver;
 pub mod network;
 mod process;

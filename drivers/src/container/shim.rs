@@ -346,7 +346,7 @@ impl Shim {
         cgroup.set_limits(&cfg.limits)?;
         if !cgroup.restrict_devices(&super::cgroup::CONTAINER_DEVICES)? {
             tracing::warn!(
-                "device access is not restricted: the cgroup v1 devices controller is absent (cgroup v2 device filters are not implemented)"
+                "device access is not restricted: the cgroup v1 devices controller is not mounted"
             );
         }
         if let super::config::RootfsMount::Image { source, target } = &cfg.rootfs {
