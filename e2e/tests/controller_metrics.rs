@@ -97,6 +97,7 @@ fn scrape_passes_promtool_check_metrics() {
 
 /// Issue 7 acceptance, the full form: a real Prometheus server (Debian package) scrapes
 /// the controller on loopback, and `promtool query instant` returns the reconcile metric.
+/// The chart's alert rules pass `promtool check rules` and load into that server.
 #[test]
 fn prometheus_scrapes_the_controller() {
     let name = "prometheus_scrapes_the_controller";
@@ -118,12 +119,30 @@ fn prometheus_scrapes_the_controller() {
         "{}",
         ctl.logs()
     );
+    let rules = std::path::Path::new(
+        &std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").into()),
+    )
+    .join("../charts/stead/rules/alerts.yaml");
+    let out = Command::new("promtool")
+        .arg("check")
+        .arg("rules")
+        .arg(&rules)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check rules: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     let port = free_port();
     let cfg = sb.write(
         "prometheus.yml",
         &format!(
             "global: {{scrape_interval: 1s, evaluation_interval: 1s}}\n\
+             rule_files: ['{}']\n\
              scrape_configs:\n  - job_name: stead\n    static_configs:\n      - targets: ['127.0.0.1:{}']\n",
+            rules.display(),
             ctl.port
         ),
     );
@@ -180,6 +199,15 @@ fn prometheus_scrapes_the_controller() {
         std::fs::read_to_string(sb.path("prometheus.log")).unwrap_or_default()
     );
     eprintln!("promtool query instant: {}", last.trim());
+    let (code, body) = http(port, "GET", "/api/v1/rules", &[], "");
+    assert_eq!(code, 200, "{body}");
+    for alert in [
+        "SteadBackupStale",
+        "SteadBackupFailed",
+        "SteadReconcileStale",
+    ] {
+        assert!(body.contains(alert), "{alert} not loaded: {body}");
+    }
 }
 
 #[test]

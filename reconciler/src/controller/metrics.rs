@@ -312,6 +312,44 @@ impl Metrics {
 mod tests {
     use super::*;
 
+    /// Every `stead_*` series the chart's dashboard and alert rules use is one this
+    /// module registers (histogram suffixes stripped), so a renamed metric cannot leave
+    /// them silently empty.
+    #[test]
+    fn dashboard_and_alerts_use_registered_metrics() {
+        let dir = std::env::var_os("CARGO_MANIFEST_DIR")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into())
+            .join("../charts/stead");
+        let this = include_str!("metrics.rs");
+        let mut seen = 0;
+        for f in ["dashboards/stead.json", "rules/alerts.yaml"] {
+            let text = std::fs::read_to_string(dir.join(f)).expect("chart file");
+            let bytes = text.as_bytes();
+            let mut i = 0;
+            while let Some(off) = text[i..].find("stead_") {
+                let start = i + off;
+                let mut end = start;
+                while end < bytes.len()
+                    && (bytes[end].is_ascii_alphanumeric() || bytes[end] == b'_')
+                {
+                    end += 1;
+                }
+                let mut name = &text[start..end];
+                for suffix in ["_bucket", "_sum", "_count"] {
+                    name = name.strip_suffix(suffix).unwrap_or(name);
+                }
+                assert!(
+                    this.contains(&format!("\"{name}\"")),
+                    "{f} uses {name}, which the controller does not export"
+                );
+                seen += 1;
+                i = end;
+            }
+        }
+        assert!(seen > 10, "only {seen} series found");
+    }
+
     #[test]
     fn encodes_and_tracks_workloads() {
         let m = Metrics::new().unwrap();
