@@ -286,6 +286,20 @@ pub fn run(env: &HostEnv, what: Option<&str>, output: GetFormat) -> Result<u8> {
                 .collect()
         })
         .unwrap_or_default();
+    // One resource asked for by name: its recent events too.
+    let single = kind.is_some() && name.is_some() && items.len() == 1;
+    let events = match (kind, &name) {
+        (Some(k), Some(n)) if single => db.events(Some(&format!("{k}/{n}")), 10)?,
+        _ => Vec::new(),
+    };
+    if single && let Some(st) = items[0].get_mut("status") {
+        st["events"] = json!(
+            events
+                .iter()
+                .map(|e| json!({"time": rfc3339(e.ts), "level": e.level, "reason": e.reason, "message": e.message}))
+                .collect::<Vec<_>>()
+        );
+    }
     let mut list = json!({"apiVersion": stead_schema::API_VERSION, "kind": "List", "items": items});
     if let Some(c) = &ctl {
         let mut c = c.clone();
@@ -366,6 +380,28 @@ pub fn run(env: &HostEnv, what: Option<&str>, output: GetFormat) -> Result<u8> {
             println!("{}", line(headers).trim_end());
             for r in &rows {
                 println!("{}", line([&r[0], &r[1], &r[2], &r[3], &r[4]]).trim_end());
+            }
+            // One resource: its condition message and recent events, as `kubectl describe`.
+            if let (Some(item), true) = (items.first(), single) {
+                if let Some(m) = item
+                    .pointer("/status/conditions/0/message")
+                    .and_then(Value::as_str)
+                    .filter(|m| !m.is_empty())
+                {
+                    println!("\nCondition: {m}");
+                }
+                if !events.is_empty() {
+                    println!("\nEvents (newest last):");
+                    for e in &events {
+                        println!(
+                            "  {}  {:<7}  {:<8}  {}",
+                            rfc3339(e.ts),
+                            e.level,
+                            e.reason,
+                            e.message
+                        );
+                    }
+                }
             }
         }
     }

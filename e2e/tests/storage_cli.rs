@@ -73,6 +73,23 @@ fn apply_diff_grow_prune_and_refuse_shrink() {
         "{}",
         out.stdout()
     );
+    // One resource: its events too (created, then updated by the grow).
+    let out = sb.run(&["get", "volume/a"]).expect_code(0);
+    let text = out.stdout();
+    let events = text.split("Events (newest last):").nth(1).unwrap_or("");
+    assert!(
+        events.contains("Created") && events.contains("Updated"),
+        "{text}"
+    );
+    let out = sb.run(&["get", "volume/a", "-o", "json"]).expect_code(0);
+    let v: serde_json::Value = serde_json::from_str(&out.stdout()).unwrap();
+    let reasons: Vec<&str> = v["items"][0]["status"]["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["reason"].as_str())
+        .collect();
+    assert_eq!(reasons, ["Created", "Updated"], "{v}");
 
     // Remove both volumes: the Delete one goes, the Retain one stays on disk.
     let m3 = manifest(&sb, &[]);
