@@ -1278,9 +1278,6 @@ impl BackupStore {
             id: m.id.clone(),
             ..VerifyReport::default()
         };
-        let mut bad: HashMap<String, ProblemKind> = HashMap::new();
-        let mut dec =
-            zstd::bulk::Decompressor::new().map_err(BackupError::io("zstd init", &self.root))?;
         for f in m
             .files
             .iter()
@@ -1290,41 +1287,30 @@ impl BackupStore {
             let mut hasher = Sha256::new();
             let mut offset = 0u64;
             let mut file_ok = true;
-            for (i, c) in f.chunks.iter().enumerate() {
+            self.chunks_in_order(f, |i, c, data| {
                 report.chunks += 1;
-                let problem = if c.zero {
+                if c.zero {
                     feed_zeros(&mut hasher, c.size);
-                    None
                 } else {
-                    let d = c.digest.clone().unwrap_or_default();
-                    match bad.get(&d) {
-                        Some(k) => Some(k.clone()),
-                        None => match self.read_chunk(&d, c.size, &mut dec) {
-                            Ok(data) => {
-                                hasher.update(&data);
-                                None
-                            }
-                            Err(k) => {
-                                bad.insert(d.clone(), k.clone());
-                                Some(k)
-                            }
-                        },
+                    match data {
+                        Ok(d) => hasher.update(&d),
+                        Err(kind) => {
+                            file_ok = false;
+                            report.problems.push(Problem {
+                                input: f.input.clone(),
+                                path: f.path.clone(),
+                                chunk_index: Some(i),
+                                offset: Some(offset),
+                                digest: c.digest.clone(),
+                                kind,
+                            });
+                        }
                     }
-                };
-                if let Some(kind) = problem {
-                    file_ok = false;
-                    report.problems.push(Problem {
-                        input: f.input.clone(),
-                        path: f.path.clone(),
-                        chunk_index: Some(i),
-                        offset: Some(offset),
-                        digest: c.digest.clone(),
-                        kind,
-                    });
                 }
                 offset += c.size;
                 report.bytes += c.size;
-            }
+                Ok(())
+            })?;
             if file_ok && f.sha256.as_deref() != Some(hex32(&hasher.finalize()).as_str()) {
                 report.problems.push(Problem {
                     input: f.input.clone(),
@@ -1392,8 +1378,6 @@ impl BackupStore {
             restored: Vec::new(),
             bytes: 0,
         };
-        let mut dec =
-            zstd::bulk::Decompressor::new().map_err(BackupError::io("zstd init", &self.root))?;
         for input in &m.inputs {
             let final_path = dest_dir.join(as_name.unwrap_or(&input.name));
             if fs::symlink_metadata(&final_path).is_ok() {
@@ -1411,7 +1395,7 @@ impl BackupStore {
             let _ = fs::remove_file(&tmp);
             let entries: Vec<&FileEntry> =
                 m.files.iter().filter(|f| f.input == input.name).collect();
-            let r = self.restore_entries(&entries, &tmp, &mut dec, &mut report.bytes);
+            let r = self.restore_entries(&entries, &tmp, &mut report.bytes);
             if let Err(e) = r {
                 let _ = fs::remove_dir_all(&tmp);
                 let _ = fs::remove_file(&tmp);
@@ -1428,7 +1412,6 @@ impl BackupStore {
         &self,
         entries: &[&FileEntry],
         root: &Path,
-        dec: &mut zstd::bulk::Decompressor<'static>,
         bytes: &mut u64,
     ) -> Result<(), BackupError> {
         for e in entries {
@@ -1442,7 +1425,7 @@ impl BackupStore {
                         let target = join_rel(root, first)?;
                         fs::hard_link(&target, &p).map_err(BackupError::io("link", &p))?;
                     }
-                    None => *bytes += self.restore_file(e, &p, dec)?,
+                    None => *bytes += self.restore_file(e, &p)?,
                 },
                 EntryKind::Symlink => {
                     let t = e.target.as_deref().unwrap_or_default();
@@ -1476,23 +1459,76 @@ impl BackupStore {
         Ok(())
     }
 
-    /// Restores one regular file. Files of more than a few chunks are decompressed and
-    /// checked on a small thread pool (bounded read-ahead, written in order).
-    fn restore_file(
+    /// Restores one regular file: written in order, holes for zero chunks, its sha256
+    /// checked at the end.
+    fn restore_file(&self, e: &FileEntry, p: &Path) -> Result<u64, BackupError> {
+        let mut out = File::create(p).map_err(BackupError::io("create", p))?;
+        let mut hasher = Sha256::new();
+        let mut offset = 0u64;
+        self.chunks_in_order(e, |i, c, data| {
+            if c.zero {
+                feed_zeros(&mut hasher, c.size);
+                out.seek(SeekFrom::Current(c.size as i64))
+                    .map_err(BackupError::io("seek", p))?;
+            } else {
+                let data = data.map_err(|k| {
+                    BackupError::Integrity(
+                        Problem {
+                            input: e.input.clone(),
+                            path: e.path.clone(),
+                            chunk_index: Some(i),
+                            offset: Some(offset),
+                            digest: c.digest.clone(),
+                            kind: k,
+                        }
+                        .to_string(),
+                    )
+                })?;
+                hasher.update(&data);
+                out.write_all(&data).map_err(BackupError::io("write", p))?;
+            }
+            offset += c.size;
+            Ok(())
+        })?;
+        out.set_len(offset)
+            .map_err(BackupError::io("truncate", p))?;
+        out.sync_all().map_err(BackupError::io("fsync", p))?;
+        let got = hex32(&hasher.finalize());
+        if e.sha256.as_deref() != Some(got.as_str()) {
+            return Err(BackupError::Integrity(format!(
+                "{}:{}: restored sha256 {got} differs from the manifest",
+                e.input, e.path
+            )));
+        }
+        Ok(offset)
+    }
+
+    /// Calls `visit(index, chunk, plaintext)` for every chunk of `e`, in order (zero
+    /// chunks get an empty `Ok`). Files of more than a few chunks are read, decompressed
+    /// and checked on a small thread pool with bounded read-ahead; `visit` runs on the
+    /// calling thread. An error from `visit` stops the walk.
+    fn chunks_in_order(
         &self,
         e: &FileEntry,
-        p: &Path,
-        dec: &mut zstd::bulk::Decompressor<'static>,
-    ) -> Result<u64, BackupError> {
+        mut visit: impl FnMut(usize, &ChunkRef, Result<Vec<u8>, ProblemKind>) -> Result<(), BackupError>,
+    ) -> Result<(), BackupError> {
         let threads = std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(2)
             .clamp(1, 8);
         let data_chunks = e.chunks.iter().filter(|c| !c.zero).count();
         if threads < 2 || data_chunks < 4 {
-            return self.write_file(e, p, |_, c| {
-                self.read_chunk(c.digest.as_deref().unwrap_or_default(), c.size, dec)
-            });
+            let mut dec = zstd::bulk::Decompressor::new()
+                .map_err(BackupError::io("zstd init", &self.root))?;
+            for (i, c) in e.chunks.iter().enumerate() {
+                let data = if c.zero {
+                    Ok(Vec::new())
+                } else {
+                    self.read_chunk(c.digest.as_deref().unwrap_or_default(), c.size, &mut dec)
+                };
+                visit(i, c, data)?;
+            }
+            return Ok(());
         }
         let limit = threads * 2;
         std::thread::scope(|s| {
@@ -1540,83 +1576,39 @@ impl BackupStore {
             let mut submitted = 0usize;
             let mut pending: BTreeMap<usize, Result<Vec<u8>, ProblemKind>> = BTreeMap::new();
             let mut in_flight = 0usize;
-            let mut fetch = |idx: usize, _: &ChunkRef| -> Result<Vec<u8>, ProblemKind> {
-                loop {
-                    while in_flight + pending.len() < limit && submitted < order.len() {
-                        if job_tx.send(order[submitted]).is_err() {
-                            return Err(ProblemKind::UnreadableChunk(
-                                "restore workers stopped".into(),
-                            ));
-                        }
-                        submitted += 1;
-                        in_flight += 1;
+            let stopped = || ProblemKind::UnreadableChunk("chunk readers stopped".into());
+            let r = (|| {
+                for (i, c) in e.chunks.iter().enumerate() {
+                    if c.zero {
+                        visit(i, c, Ok(Vec::new()))?;
+                        continue;
                     }
-                    if let Some(r) = pending.remove(&idx) {
-                        return r;
-                    }
-                    match res_rx.recv() {
-                        Ok((i, r)) => {
-                            in_flight -= 1;
-                            pending.insert(i, r);
+                    let data = loop {
+                        while in_flight + pending.len() < limit && submitted < order.len() {
+                            if job_tx.send(order[submitted]).is_err() {
+                                break;
+                            }
+                            submitted += 1;
+                            in_flight += 1;
                         }
-                        Err(_) => {
-                            return Err(ProblemKind::UnreadableChunk(
-                                "restore workers stopped".into(),
-                            ));
+                        if let Some(r) = pending.remove(&i) {
+                            break r;
                         }
-                    }
+                        match res_rx.recv() {
+                            Ok((j, r)) => {
+                                in_flight -= 1;
+                                pending.insert(j, r);
+                            }
+                            Err(_) => break Err(stopped()),
+                        }
+                    };
+                    visit(i, c, data)?;
                 }
-            };
-            let r = self.write_file(e, p, &mut fetch);
+                Ok(())
+            })();
             drop(job_tx);
             r
         })
-    }
-
-    fn write_file(
-        &self,
-        e: &FileEntry,
-        p: &Path,
-        mut fetch: impl FnMut(usize, &ChunkRef) -> Result<Vec<u8>, ProblemKind>,
-    ) -> Result<u64, BackupError> {
-        let mut out = File::create(p).map_err(BackupError::io("create", p))?;
-        let mut hasher = Sha256::new();
-        let mut offset = 0u64;
-        for (i, c) in e.chunks.iter().enumerate() {
-            if c.zero {
-                feed_zeros(&mut hasher, c.size);
-                out.seek(SeekFrom::Current(c.size as i64))
-                    .map_err(BackupError::io("seek", p))?;
-            } else {
-                let data = fetch(i, c).map_err(|k| {
-                    BackupError::Integrity(
-                        Problem {
-                            input: e.input.clone(),
-                            path: e.path.clone(),
-                            chunk_index: Some(i),
-                            offset: Some(offset),
-                            digest: c.digest.clone(),
-                            kind: k,
-                        }
-                        .to_string(),
-                    )
-                })?;
-                hasher.update(&data);
-                out.write_all(&data).map_err(BackupError::io("write", p))?;
-            }
-            offset += c.size;
-        }
-        out.set_len(offset)
-            .map_err(BackupError::io("truncate", p))?;
-        out.sync_all().map_err(BackupError::io("fsync", p))?;
-        let got = hex32(&hasher.finalize());
-        if e.sha256.as_deref() != Some(got.as_str()) {
-            return Err(BackupError::Integrity(format!(
-                "{}:{}: restored sha256 {got} differs from the manifest",
-                e.input, e.path
-            )));
-        }
-        Ok(offset)
     }
 
     /// Deletes backup `id` (its manifest only; run [`BackupStore::gc`] to free chunks).
