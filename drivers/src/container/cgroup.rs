@@ -254,8 +254,20 @@ impl Cgroup {
     /// v1 host without the `devices` controller mounted; the caller says so.
     pub fn restrict_devices(&self, allow: &[&str]) -> Result<bool, DriverError> {
         if let Hierarchy::V2 { root } = &self.hier {
-            super::devices_bpf::attach(&root.join(&self.rel), allow)?;
-            return Ok(true);
+            return match super::devices_bpf::attach(&root.join(&self.rel), allow) {
+                Ok(()) => Ok(true),
+                // No BPF here (kernel without CONFIG_CGROUP_BPF, or a sandbox that forbids
+                // bpf(2)): the same as a v1 host without the devices controller.
+                Err(DriverError::Io { source, .. })
+                    if matches!(
+                        source.raw_os_error(),
+                        Some(libc::ENOSYS | libc::EPERM | libc::EOPNOTSUPP)
+                    ) =>
+                {
+                    Ok(false)
+                }
+                Err(e) => Err(e),
+            };
         }
         let Some(d) = self.dir("devices") else {
             return Ok(false);

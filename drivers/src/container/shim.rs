@@ -346,7 +346,7 @@ impl Shim {
         cgroup.set_limits(&cfg.limits)?;
         if !cgroup.restrict_devices(&super::cgroup::CONTAINER_DEVICES)? {
             tracing::warn!(
-                "device access is not restricted: the cgroup v1 devices controller is not mounted"
+                "device access is not restricted: no cgroup v1 devices controller, or no cgroup BPF for the v2 device filter"
             );
         }
         if let super::config::RootfsMount::Image { source, target } = &cfg.rootfs {
