@@ -27,7 +27,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File};
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -39,7 +38,8 @@ use tracing::{info, info_span, warn};
 use super::BackupError;
 use super::hooks::{BackupHooks, Prepared, Target};
 use crate::container::ContainerDriver;
-use crate::storage::fsutil::{reflink_supported, try_reflink};
+use crate::container::rootfs_snapshot::{Reflink, copy_tree};
+use crate::storage::fsutil::{create_new, reflink_supported, try_reflink};
 use crate::supervise::hold;
 use crate::vm::VmDriver;
 
@@ -311,24 +311,10 @@ fn clone_tree(p: &Path) -> Option<PathBuf> {
     }
     let dst = clone_path(p, std::process::id())?;
     let _ = fs::remove_dir_all(&dst);
-    let out = std::process::Command::new("cp")
-        .args(["-a", "--reflink=always", "-T"])
-        .arg(p)
-        .arg(&dst)
-        .output();
-    match out {
-        Ok(o) if o.status.success() => Some(dst),
-        Ok(o) => {
-            warn!(
-                dir = %p.display(),
-                stderr = %String::from_utf8_lossy(&o.stderr).trim(),
-                "reflink copy of the tree failed; reading it in place"
-            );
-            let _ = fs::remove_dir_all(&dst);
-            None
-        }
+    match copy_tree(p, &dst, Reflink::Always) {
+        Ok(()) => Some(dst),
         Err(e) => {
-            warn!(dir = %p.display(), error = %e, "cannot run cp; reading the tree in place");
+            warn!(dir = %p.display(), error = %e, "reflink copy of the tree failed; reading it in place");
             None
         }
     }
@@ -343,12 +329,7 @@ fn clone_file(p: &Path) -> Result<Option<(PathBuf, fs::Metadata)>, BackupError> 
     let src = File::open(p).map_err(BackupError::io("open", p))?;
     let md = src.metadata().map_err(BackupError::io("stat", p))?;
     let _ = fs::remove_file(&dst);
-    let out = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&dst)
-        .map_err(BackupError::io("create", &dst))?;
+    let out = create_new(&dst).map_err(err)?;
     match try_reflink(&src, &out) {
         Ok(true) => Ok(Some((dst, md))),
         Ok(false) => {

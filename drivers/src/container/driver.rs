@@ -516,14 +516,7 @@ impl Driver for ContainerDriver {
         }
         rootfs::remove(name, &self.env.state_dir)?;
         rootfs::release_ids(&self.env.state_dir, name)?;
-        match fs::remove_dir_all(&paths.dir) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(DriverError::io(
-                format!("remove {}", paths.dir.display()),
-                e,
-            )),
-        }
+        crate::storage::fsutil::remove_tree_if_exists(&paths.dir)
     }
 }
 

@@ -122,12 +122,7 @@ pub fn prepare(
 /// Removes what [`prepare`] created for `name` (never the shared template cache nor a
 /// `path` rootfs).
 pub fn remove(name: &str, base: &Path) -> Result<(), DriverError> {
-    let own = base.join("rootfs").join(name);
-    match fs::remove_dir_all(&own) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(DriverError::io(format!("remove {}", own.display()), e)),
-    }
+    crate::storage::fsutil::remove_tree_if_exists(&base.join("rootfs").join(name))
 }
 
 fn template_key(tpl: &Path) -> Result<String, DriverError> {

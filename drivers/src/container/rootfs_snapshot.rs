@@ -22,6 +22,7 @@ use stead_schema::DriverError;
 use tracing::info;
 
 use crate::storage::check_snapshot_name;
+use crate::storage::fsutil::remove_tree_if_exists;
 
 /// The directory of container `name`'s own rootfs data under `base`, with the input
 /// name backups give it: `("rootfs", …/root)` or `("rootfs-upper", …/upper)`. `None`
@@ -47,18 +48,24 @@ fn io(ctx: String) -> impl FnOnce(std::io::Error) -> DriverError {
     move |e| DriverError::io(ctx, e)
 }
 
-fn remove_tree(p: &Path) -> Result<(), DriverError> {
-    match fs::remove_dir_all(p) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(DriverError::io(format!("remove {}", p.display()), e)),
-    }
+/// How [`copy_tree`] may share blocks: `cp --reflink=auto` or `--reflink=always`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Reflink {
+    /// Clone where possible, else copy.
+    Auto,
+    /// Clone every file or fail.
+    Always,
 }
 
-/// `cp -a --reflink=auto -T src dst` (dst must not exist).
-fn copy_tree(src: &Path, dst: &Path) -> Result<(), DriverError> {
+/// `cp -a --reflink=… -T src dst` (dst must not exist): owners, modes, times, hardlinks,
+/// xattrs, device nodes and holes kept. A failed copy is removed.
+pub(crate) fn copy_tree(src: &Path, dst: &Path, reflink: Reflink) -> Result<(), DriverError> {
+    let flag = match reflink {
+        Reflink::Auto => "--reflink=auto",
+        Reflink::Always => "--reflink=always",
+    };
     let out = Command::new("cp")
-        .args(["-a", "--reflink=auto", "-T"])
+        .args(["-a", flag, "-T"])
         .arg(src)
         .arg(dst)
         .output()
@@ -68,11 +75,7 @@ fn copy_tree(src: &Path, dst: &Path) -> Result<(), DriverError> {
     } else {
         let _ = fs::remove_dir_all(dst);
         Err(DriverError::Command {
-            command: format!(
-                "cp -a --reflink=auto -T {} {}",
-                src.display(),
-                dst.display()
-            ),
+            command: format!("cp -a {flag} -T {} {}", src.display(), dst.display()),
             status: out.status.to_string(),
             stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
         })
@@ -91,8 +94,8 @@ pub fn create(data: &Path, snaps: &Path, snap: &str) -> Result<PathBuf, DriverEr
     }
     fs::create_dir_all(snaps).map_err(io(format!("mkdir {}", snaps.display())))?;
     let tmp = snaps.join(format!(".{snap}.tmp"));
-    remove_tree(&tmp)?;
-    copy_tree(data, &tmp)?;
+    remove_tree_if_exists(&tmp)?;
+    copy_tree(data, &tmp, Reflink::Auto)?;
     fs::rename(&tmp, &target).map_err(io(format!("rename to {}", target.display())))?;
     info!(path = %target.display(), "rootfs snapshot created");
     Ok(target)
@@ -138,15 +141,15 @@ pub fn rollback(data: &Path, snaps: &Path, snap: &str) -> Result<(), DriverError
         ".{}.rollback",
         data.file_name().and_then(|n| n.to_str()).unwrap_or("root")
     ));
-    remove_tree(&tmp)?;
-    copy_tree(&src, &tmp)?;
+    remove_tree_if_exists(&tmp)?;
+    copy_tree(&src, &tmp, Reflink::Auto)?;
     renameat2(AT_FDCWD, &tmp, AT_FDCWD, data, RenameFlags::RENAME_EXCHANGE).map_err(|e| {
         DriverError::io(
             format!("exchange {} and {}", tmp.display(), data.display()),
             e.into(),
         )
     })?;
-    remove_tree(&tmp)?;
+    remove_tree_if_exists(&tmp)?;
     info!(data = %data.display(), snap, "rootfs rolled back");
     Ok(())
 }
@@ -154,7 +157,7 @@ pub fn rollback(data: &Path, snaps: &Path, snap: &str) -> Result<(), DriverError
 /// Deletes snapshot `snap` (absent is success).
 pub fn delete(snaps: &Path, snap: &str) -> Result<(), DriverError> {
     check_snapshot_name(snap)?;
-    remove_tree(&snaps.join(snap))
+    remove_tree_if_exists(&snaps.join(snap))
 }
 
 #[cfg(test)]

@@ -134,6 +134,15 @@ pub fn remove_file_if_exists(path: &Path) -> Result<bool, DriverError> {
     }
 }
 
+/// Removes a directory tree; absent is success.
+pub fn remove_tree_if_exists(path: &Path) -> Result<(), DriverError> {
+    match fs::remove_dir_all(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(DriverError::io(format!("remove {}", path.display()), e)),
+    }
+}
+
 /// fsyncs a directory (after a rename or unlink in it).
 pub fn fsync_dir(path: &Path) -> Result<(), DriverError> {
     let d = File::open(path).map_err(|e| DriverError::io(format!("open {}", path.display()), e))?;

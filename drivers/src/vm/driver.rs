@@ -14,7 +14,6 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -557,15 +556,7 @@ impl Driver for VmDriver {
         for l in owned_links(netns, &owner)? {
             delete_link(netns, &l, &owner)?;
         }
-        remove_dir(&self.paths(name).dir)
-    }
-}
-
-fn remove_dir(p: &Path) -> Result<(), DriverError> {
-    match fs::remove_dir_all(p) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(DriverError::io(format!("remove {}", p.display()), e)),
+        crate::storage::fsutil::remove_tree_if_exists(&self.paths(name).dir)
     }
 }
 
@@ -629,7 +620,7 @@ mod tests {
         assert_eq!(d.impact("/kernel"), Impact::Restart);
     }
 
-    fn sandbox_driver(run_dir: &Path) -> VmDriver {
+    fn sandbox_driver(run_dir: &std::path::Path) -> VmDriver {
         VmDriver {
             env: HostEnv {
                 state_dir: run_dir.join("state"),
