@@ -420,13 +420,17 @@ pub fn run_with(
                     }
                 }
                 if retention::has_rules(&ret) {
-                    let r = store.prune(Some(&t.resource), &ret, &tz, false)?;
+                    let r = store.prune_manifests(Some(&t.resource), &ret, &tz, false)?;
                     for id in &r.removed {
                         if output == Format::Text {
                             println!("pruned {id}");
                         }
                     }
                 }
+            }
+            // One garbage collection after all targets are pruned.
+            if retention::has_rules(&ret) {
+                store.gc()?;
             }
             if output == Format::Json {
                 println!("{}", serde_json::to_string_pretty(&results)?);

@@ -307,7 +307,7 @@ fn run_job(
             }
         }
         if retention::has_rules(&job.retention) {
-            match job.store.prune(
+            match job.store.prune_manifests(
                 Some(&t.resource),
                 &job.retention,
                 &job.schedule.zone(),
@@ -320,6 +320,13 @@ fn run_job(
                 }
             }
         }
+    }
+    // One garbage collection for the whole run, not one per target.
+    if retention::has_rules(&job.retention)
+        && let Err(e) = job.store.gc()
+    {
+        error!(error = %e, "garbage collection failed");
+        o.errors.push(format!("gc: {e}"));
     }
     o
 }

@@ -1638,6 +1638,23 @@ impl BackupStore {
         tz: &Z,
         dry_run: bool,
     ) -> Result<PruneReport, BackupError> {
+        let mut report = self.prune_manifests(resource, retention, tz, dry_run)?;
+        if !dry_run {
+            report.gc = Some(self.gc()?);
+        }
+        Ok(report)
+    }
+
+    /// [`BackupStore::prune`] without the garbage collection: deletes the manifests that
+    /// retention removes. Callers pruning several resources in a row run [`BackupStore::gc`]
+    /// once at the end (it reads every manifest and walks every chunk directory).
+    pub fn prune_manifests<Z: chrono::TimeZone>(
+        &self,
+        resource: Option<&str>,
+        retention: &Retention,
+        tz: &Z,
+        dry_run: bool,
+    ) -> Result<PruneReport, BackupError> {
         let all = self.list(resource)?;
         let mut groups: BTreeMap<&str, Vec<&BackupInfo>> = BTreeMap::new();
         for b in &all {
@@ -1661,9 +1678,6 @@ impl BackupStore {
                     report.removed.push(b.id.clone());
                 }
             }
-        }
-        if !dry_run {
-            report.gc = Some(self.gc()?);
         }
         Ok(report)
     }
