@@ -359,21 +359,22 @@ pub fn run_with(
                     vec![t],
                     keep.retention(),
                     keep.zone()?,
-                    (!no_compress).then_some(level),
+                    Some(level),
                 )
             } else if let Some(t) = target {
-                let id = parse_id(&t)?;
+                let id = ResourceId::parse_loose(&t)?;
                 let t = targets::resolve(env, &w.map, &id)?;
                 (
                     w.store(&storage)?,
                     vec![t],
                     keep.retention(),
                     keep.zone()?,
-                    (!no_compress).then_some(level),
+                    Some(level),
                 )
             } else {
                 bail!("give a TARGET (Kind/name), --schedule NAME, or --path with --name");
             };
+            // --no-compress wins over a schedule's compression too.
             let zstd = if no_compress { None } else { zstd };
             let mode = mode.unwrap_or_default();
             let hooks = hooks_for(env, &w.map, None);
@@ -533,14 +534,7 @@ pub fn run_with(
             }
             let r = store.prune(resource.as_deref(), &ret, &tz, dry_run)?;
             for (id, what) in &r.decisions {
-                println!(
-                    "{id} {}",
-                    if what == "remove" {
-                        "remove"
-                    } else {
-                        what.as_str()
-                    }
-                );
+                println!("{id} {what}");
             }
             if let Some(gc) = &r.gc {
                 println!(
@@ -588,7 +582,7 @@ pub fn run_with(
             if jobs.is_empty() {
                 bail!("no BackupSchedule in the given manifests");
             }
-            let clock = SystemClock::default();
+            let clock = SystemClock;
             // The manifests given with -f stay; the applied world is read again each time.
             let from_files: BTreeMap<ResourceId, Resource> = match &reload {
                 Some(_) if !manifests.manifests.is_empty() => World::load(&manifests, None)?.map,
@@ -602,13 +596,10 @@ pub fn run_with(
                 })
             });
             let hooks = hooks_for(env, &w.map, reload);
+            let schedules = jobs.len();
             let mut runner = Runner::new(jobs, clock, hooks, &env.state_dir)?;
             eprintln!(
-                "backup daemon: {} schedules; state in {}",
-                w.map
-                    .values()
-                    .filter(|r| matches!(r.spec, Spec::BackupSchedule(_)))
-                    .count(),
+                "backup daemon: {schedules} schedules; state in {}",
                 env.state_dir.join("backup/schedules.json").display()
             );
             runner.run()?;
@@ -617,23 +608,13 @@ pub fn run_with(
     }
 }
 
-fn parse_id(s: &str) -> Result<ResourceId> {
-    let (k, n) = s
-        .split_once('/')
-        .with_context(|| format!("expected Kind/name, got {s:?}"))?;
-    let kind = Kind::parse_loose(k).with_context(|| format!("unknown kind {k:?}"))?;
-    Ok(ResourceId::new(kind, n))
-}
-
 /// `Kind/name` means its newest backup; `Kind/name/TIME` is taken as is.
 fn newest_if_resource(store: &BackupStore, s: &str) -> Result<String> {
     if s.matches('/').count() >= 2 {
         return Ok(s.to_string());
     }
     store
-        .list(Some(s))?
-        .pop()
-        .map(|b| b.id)
+        .newest(s)?
         .with_context(|| format!("no backup of {s}"))
 }
 

@@ -9,7 +9,7 @@ use std::io::{BufRead, IsTerminal, Write};
 use anyhow::{Context, Result};
 use clap::{Subcommand, ValueEnum};
 use stead_drivers::workload_snapshots as ws;
-use stead_schema::{HostEnv, Kind, Resource, ResourceId};
+use stead_schema::{HostEnv, Resource, ResourceId};
 
 /// Output format of `stead snapshot list`.
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,14 +61,6 @@ pub enum SnapshotCmd {
     },
 }
 
-fn parse_target(target: &str) -> Result<ResourceId> {
-    let (kind, name) = target
-        .split_once('/')
-        .with_context(|| format!("expected Kind/name, got {target:?}"))?;
-    let kind = Kind::parse_loose(kind).with_context(|| format!("unknown kind {kind:?}"))?;
-    Ok(ResourceId::new(kind, name))
-}
-
 /// Asks on the terminal; `false` without one.
 fn confirm(question: &str) -> bool {
     if !std::io::stdin().is_terminal() {
@@ -85,7 +77,7 @@ fn confirm(question: &str) -> bool {
 pub fn run(cmd: SnapshotCmd, env: &HostEnv, world: &BTreeMap<ResourceId, Resource>) -> Result<i32> {
     match cmd {
         SnapshotCmd::Create { target, snap } => {
-            let id = parse_target(&target)?;
+            let id = ResourceId::parse_loose(&target)?;
             let c = ws::create(env, world, &id, &snap)
                 .with_context(|| format!("snapshot {id}@{snap}"))?;
             for n in &c.notes {
@@ -100,7 +92,7 @@ pub fn run(cmd: SnapshotCmd, env: &HostEnv, world: &BTreeMap<ResourceId, Resourc
             Ok(0)
         }
         SnapshotCmd::List { target, output } => {
-            let id = parse_target(&target)?;
+            let id = ResourceId::parse_loose(&target)?;
             let list =
                 ws::list(env, world, &id).with_context(|| format!("list snapshots of {id}"))?;
             match output {
@@ -121,7 +113,7 @@ pub fn run(cmd: SnapshotCmd, env: &HostEnv, world: &BTreeMap<ResourceId, Resourc
             Ok(0)
         }
         SnapshotCmd::Rollback { target, snap, yes } => {
-            let id = parse_target(&target)?;
+            let id = ResourceId::parse_loose(&target)?;
             let (parts, running) = ws::rollback_plan(env, world, &id, &snap)
                 .with_context(|| format!("roll back {id} to {snap}"))?;
             println!("Rollback of {id} to snapshot {snap}:");
@@ -149,7 +141,7 @@ pub fn run(cmd: SnapshotCmd, env: &HostEnv, world: &BTreeMap<ResourceId, Resourc
             Ok(0)
         }
         SnapshotCmd::Delete { target, snap } => {
-            let id = parse_target(&target)?;
+            let id = ResourceId::parse_loose(&target)?;
             let parts = ws::delete(env, world, &id, &snap)
                 .with_context(|| format!("delete snapshot {id}@{snap}"))?;
             println!("deleted snapshot {snap} of {id} ({})", parts.join(", "));

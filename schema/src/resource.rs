@@ -117,6 +117,17 @@ impl ResourceId {
             name: name.into(),
         }
     }
+
+    /// Parses `Kind/name` as typed on a command line: the kind case-insensitively and with
+    /// its short forms (`vm/web`, `volume/data`), see [`Kind::parse_loose`].
+    pub fn parse_loose(s: &str) -> Result<Self, ValueError> {
+        let (k, n) = s
+            .split_once('/')
+            .ok_or_else(|| ValueError(format!("expected Kind/name, got {s:?}")))?;
+        let kind = Kind::parse_loose(k).ok_or_else(|| ValueError(format!("unknown kind {k:?}")))?;
+        crate::values::check_name(n)?;
+        Ok(ResourceId::new(kind, n))
+    }
 }
 
 impl fmt::Display for ResourceId {
@@ -397,5 +408,25 @@ impl Desired {
     /// Whether there are none.
     pub fn is_empty(&self) -> bool {
         self.resources.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_parse_loosely_from_the_command_line() {
+        assert_eq!(
+            ResourceId::parse_loose("vm/web").expect("vm"),
+            ResourceId::new(Kind::VirtualMachine, "web")
+        );
+        assert_eq!(
+            ResourceId::parse_loose("Volume/data").expect("volume"),
+            ResourceId::new(Kind::Volume, "data")
+        );
+        assert!(ResourceId::parse_loose("web").is_err());
+        assert!(ResourceId::parse_loose("gadget/web").is_err());
+        assert!(ResourceId::parse_loose("vm/Not_A_Name").is_err());
     }
 }

@@ -5,7 +5,6 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};
@@ -26,18 +25,10 @@ pub trait Clock: Send + Sync {
     fn sleep_until(&self, t: DateTime<Utc>) -> bool;
 }
 
-/// The real clock; [`SystemClock::stop_flag`] ends [`Runner::run`] within a second.
-#[derive(Debug, Default, Clone)]
-pub struct SystemClock {
-    stop: Arc<AtomicBool>,
-}
-
-impl SystemClock {
-    /// A flag that, once set, makes `sleep_until` return `false`.
-    pub fn stop_flag(&self) -> Arc<AtomicBool> {
-        Arc::clone(&self.stop)
-    }
-}
+/// The real clock. The runner it drives runs until its process is stopped (a backup cut
+/// short leaves no manifest; the next gc removes its chunks).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SystemClock;
 
 impl Clock for SystemClock {
     fn now(&self) -> DateTime<Utc> {
@@ -46,14 +37,11 @@ impl Clock for SystemClock {
 
     fn sleep_until(&self, t: DateTime<Utc>) -> bool {
         loop {
-            if self.stop.load(Ordering::Relaxed) {
-                return false;
-            }
             let left = t - Utc::now();
             if left <= chrono::Duration::zero() {
                 return true;
             }
-            // Short steps: notice stop requests and wall-clock jumps (suspend, NTP).
+            // Short steps: notice wall-clock jumps (suspend, NTP).
             let step = left
                 .to_std()
                 .unwrap_or_default()

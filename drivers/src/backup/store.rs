@@ -582,13 +582,6 @@ impl BackupStore {
         }
     }
 
-    /// A store rooted exactly at `root`.
-    pub fn at(root: &Path) -> Self {
-        BackupStore {
-            root: root.to_path_buf(),
-        }
-    }
-
     /// The store directory.
     pub fn root(&self) -> &Path {
         &self.root
@@ -1257,6 +1250,14 @@ impl BackupStore {
             );
         }
         Ok(out)
+    }
+
+    /// The id of the newest backup of `resource` (`Kind/name`), reading only its manifest.
+    pub fn newest(&self, resource: &str) -> Result<Option<String>, BackupError> {
+        match self.manifest_paths(Some(resource))?.last() {
+            Some(p) => Ok(Some(read_manifest(p)?.id)),
+            None => Ok(None),
+        }
     }
 
     /// The manifest of backup `id` (`Kind/name/time`).
