@@ -114,13 +114,14 @@ pub fn run(cmd: SnapshotCmd, env: &HostEnv, world: &BTreeMap<ResourceId, Resourc
         }
         SnapshotCmd::Rollback { target, snap, yes } => {
             let id = ResourceId::parse_loose(&target)?;
-            let (parts, running) = ws::rollback_plan(env, world, &id, &snap)
+            let plan = ws::rollback_plan(env, world, &id, &snap)
                 .with_context(|| format!("roll back {id} to {snap}"))?;
+            let running = &plan.running;
             println!("Rollback of {id} to snapshot {snap}:");
-            for w in &running {
+            for w in running {
                 println!("  ~ {w}  impact: restart (running: stopped first, started again after)");
             }
-            for p in &parts {
+            for p in plan.parts() {
                 println!("  ! {p}  replaced by snapshot {snap}: changes since are lost");
             }
             if !running.is_empty()
@@ -130,7 +131,7 @@ pub fn run(cmd: SnapshotCmd, env: &HostEnv, world: &BTreeMap<ResourceId, Resourc
                 eprintln!("error: the rollback restarts running workloads; pass --yes to confirm");
                 return Ok(1);
             }
-            let done = ws::rollback(env, world, &id, &snap)
+            let done = ws::rollback(env, world, &plan)
                 .with_context(|| format!("roll back {id} to {snap}"))?;
             let parts: Vec<String> = done.iter().map(|(l, m)| format!("{l} ({m})")).collect();
             println!("rolled back {id} to snapshot {snap}: {}", parts.join(", "));

@@ -167,7 +167,7 @@ pub fn create(
     storage::check_snapshot_name(snap)?;
     let (parts, notes) = parts_of(env, world, id)?;
     // Refuse a taken name before pausing anything.
-    for s in list(env, world, id)? {
+    for s in snapshots_of(env, world, &parts)? {
         if s.name == snap {
             return Err(DriverError::Conflict(format!(
                 "snapshot {snap:?} of {id} already exists (on {})",
@@ -236,8 +236,17 @@ pub fn list(
     id: &ResourceId,
 ) -> Result<Vec<WorkloadSnapshot>, DriverError> {
     let (parts, _) = parts_of(env, world, id)?;
+    snapshots_of(env, world, &parts)
+}
+
+/// Snapshot names across `parts`, sorted by name.
+fn snapshots_of(
+    env: &HostEnv,
+    world: &dyn Lookup,
+    parts: &[Part],
+) -> Result<Vec<WorkloadSnapshot>, DriverError> {
     let mut by_name: BTreeMap<String, (Option<String>, BTreeSet<String>)> = BTreeMap::new();
-    for p in &parts {
+    for p in parts {
         let snaps: Vec<(String, Option<String>)> = match p {
             Part::Volume(v) => storage::snapshot_list(env, world, v)?
                 .into_iter()
@@ -270,18 +279,39 @@ pub fn list(
         .collect())
 }
 
-/// What a rollback of `id` to `snap` will do: the parts replaced and the running
-/// workloads it restarts. Fails when a part lacks the snapshot.
+/// A checked rollback: every part has the snapshot; `running` are the workloads it
+/// stops and starts again (its `restart` impact, to show before [`rollback`]).
+pub struct RollbackPlan {
+    /// The resource rolled back.
+    pub id: ResourceId,
+    /// The snapshot.
+    pub snap: String,
+    parts: Vec<Part>,
+    /// Running workloads that use the parts.
+    pub running: Vec<ResourceId>,
+    hooks: WorkloadHooks,
+}
+
+impl RollbackPlan {
+    /// `Volume/x` or `rootfs` for each part replaced.
+    pub fn parts(&self) -> Vec<String> {
+        self.parts.iter().map(Part::label).collect()
+    }
+}
+
+/// Checks that a rollback of `id` to `snap` can be done and says what it will do. Fails
+/// when a part lacks the snapshot.
 pub fn rollback_plan(
     env: &HostEnv,
     world: &BTreeMap<ResourceId, Resource>,
     id: &ResourceId,
     snap: &str,
-) -> Result<(Vec<String>, Vec<ResourceId>), DriverError> {
+) -> Result<RollbackPlan, DriverError> {
     storage::check_snapshot_name(snap)?;
     let (parts, _) = parts_of(env, world, id)?;
-    let s = list(env, world, id)?.into_iter().find(|s| s.name == snap);
-    let labels: Vec<String> = parts.iter().map(Part::label).collect();
+    let s = snapshots_of(env, world, &parts)?
+        .into_iter()
+        .find(|s| s.name == snap);
     match s {
         None => {
             return Err(DriverError::Refused(format!(
@@ -289,45 +319,48 @@ pub fn rollback_plan(
             )));
         }
         Some(s) if !s.complete => {
-            let missing: Vec<&String> = labels.iter().filter(|l| !s.parts.contains(l)).collect();
+            let missing: Vec<String> = parts
+                .iter()
+                .map(Part::label)
+                .filter(|l| !s.parts.contains(l))
+                .collect();
             return Err(DriverError::Refused(format!(
                 "snapshot {snap:?} of {id} is incomplete: {} lack it",
-                missing
-                    .iter()
-                    .map(|s| s.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                missing.join(", ")
             )));
         }
         Some(_) => {}
     }
-    let h = hooks(env, world)?;
-    let running = h
+    let hooks = hooks(env, world)?;
+    let running = hooks
         .workloads_of(&id.to_string())
         .into_iter()
-        .filter(|w| h.running(w))
+        .filter(|w| hooks.running(w))
         .collect();
-    Ok((labels, running))
+    Ok(RollbackPlan {
+        id: id.clone(),
+        snap: snap.to_string(),
+        parts,
+        running,
+        hooks,
+    })
 }
 
-/// Rolls every part of `id` back to `snap`: running workloads are stopped first and
-/// started again afterwards (also when a part fails). Returns the parts rolled back.
+/// Carries out `plan`: running workloads are stopped first and started again afterwards
+/// (also when a part fails). Returns the parts rolled back and how.
 pub fn rollback(
     env: &HostEnv,
     world: &BTreeMap<ResourceId, Resource>,
-    id: &ResourceId,
-    snap: &str,
+    plan: &RollbackPlan,
 ) -> Result<Vec<(String, String)>, DriverError> {
+    let (id, snap, h) = (&plan.id, plan.snap.as_str(), &plan.hooks);
     let _span = info_span!("workload_snapshot_rollback", resource = %id, snap).entered();
-    rollback_plan(env, world, id, snap)?;
-    let (parts, _) = parts_of(env, world, id)?;
-    let h = hooks(env, world)?;
     let hold = h
         .stop_running(&h.workloads_of(&id.to_string()))
         .map_err(berr)?;
     let mut done = Vec::new();
     let mut failed = None;
-    for p in &parts {
+    for p in &plan.parts {
         let r = match p {
             Part::Volume(v) => storage::snapshot_rollback(env, world, v, snap).map(|m| match m {
                 storage::CopyMethodOrNative::Copy(c) => c.as_str().to_string(),

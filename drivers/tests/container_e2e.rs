@@ -735,15 +735,15 @@ fn container_snapshot_and_rollback() {
     assert!(!sb.driver.is_frozen("sn"), "thawed after the snapshot");
     let (code, out) = sb.exec("sn", &["sh", "-c", "echo second > /state; touch /extra"]);
     assert_eq!(code, 0, "{out}");
-    let (labels, running) = ws::rollback_plan(&sb.env, &sb.world, &c.id, "s1").expect("plan");
-    assert_eq!(labels, ["rootfs"]);
+    let plan = ws::rollback_plan(&sb.env, &sb.world, &c.id, "s1").expect("plan");
+    assert_eq!(plan.parts(), ["rootfs"]);
     assert_eq!(
-        running,
+        plan.running,
         std::slice::from_ref(&c.id),
         "the restart is announced"
     );
     let pid = sb.observe(&c).status["pid"].as_i64();
-    let done = ws::rollback(&sb.env, &sb.world, &c.id, "s1").expect("rollback");
+    let done = ws::rollback(&sb.env, &sb.world, &plan).expect("rollback");
     assert_eq!(done.len(), 1);
     let o = sb.observe(&c);
     assert_eq!(o.state["state"], "running", "started again: {o:?}");

@@ -163,10 +163,10 @@ fn workload_snapshot_covers_every_disk_and_refuses_an_incomplete_one() {
     ));
     put("a", 9);
     put("b", 9);
-    let (parts, running) = ws::rollback_plan(&env, &w, &id, "s1").expect("plan");
-    assert_eq!(parts, ["Volume/a", "Volume/b"]);
-    assert!(running.is_empty());
-    ws::rollback(&env, &w, &id, "s1").expect("rollback");
+    let plan = ws::rollback_plan(&env, &w, &id, "s1").expect("plan");
+    assert_eq!(plan.parts(), ["Volume/a", "Volume/b"]);
+    assert!(plan.running.is_empty());
+    ws::rollback(&env, &w, &plan).expect("rollback");
     assert_eq!((get("a"), get("b")), (1, 2), "both disks rolled back");
 
     // One disk loses the snapshot: listed as incomplete, rollback refused by name.
@@ -175,7 +175,9 @@ fn workload_snapshot_covers_every_disk_and_refuses_an_incomplete_one() {
     assert_eq!(l.len(), 1);
     assert!(!l[0].complete);
     assert_eq!(l[0].parts, ["Volume/a"]);
-    let e = ws::rollback(&env, &w, &id, "s1").expect_err("incomplete");
+    let e = ws::rollback_plan(&env, &w, &id, "s1")
+        .err()
+        .expect("incomplete");
     assert!(e.to_string().contains("Volume/b"), "{e}");
 
     // A Volume target, then delete from every part.

@@ -39,7 +39,9 @@ use super::BackupError;
 use super::hooks::{BackupHooks, Prepared, Target};
 use crate::container::ContainerDriver;
 use crate::container::rootfs_snapshot::{Reflink, copy_tree};
-use crate::storage::fsutil::{create_new, reflink_supported, try_reflink};
+use crate::storage::fsutil::{
+    create_new, reflink_supported, remove_file_if_exists, remove_tree_if_exists, try_reflink,
+};
 use crate::supervise::hold;
 use crate::vm::VmDriver;
 
@@ -55,7 +57,8 @@ fn err(e: stead_schema::DriverError) -> BackupError {
 /// Loads the resources as applied (e.g. the state DB inventory); `None` keeps the last.
 pub type WorldLoader = Arc<dyn Fn() -> Option<BTreeMap<ResourceId, Resource>> + Send + Sync>;
 
-/// Consistency hooks backed by the container and VM drivers.
+/// Consistency hooks backed by the container and VM drivers. Clones share the world.
+#[derive(Clone)]
 pub struct WorkloadHooks {
     containers: ContainerDriver,
     vms: VmDriver,
@@ -185,7 +188,7 @@ impl WorkloadHooks {
             }
         }
         Ok(Hold {
-            hooks: self.clone_handle(),
+            hooks: self.clone(),
             held,
         })
     }
@@ -490,29 +493,14 @@ impl Drop for Hold {
     }
 }
 
-impl WorkloadHooks {
-    /// A copy that the cleanup closure can own.
-    fn clone_handle(&self) -> WorkloadHooks {
-        WorkloadHooks {
-            containers: self.containers.clone(),
-            vms: self.vms.clone(),
-            world: Arc::clone(&self.world),
-            loader: self.loader.clone(),
-            run_dir: self.run_dir.clone(),
-        }
-    }
-}
-
 fn remove_all(paths: &[PathBuf]) {
     for p in paths {
         let r = if p.is_dir() {
-            fs::remove_dir_all(p)
+            remove_tree_if_exists(p)
         } else {
-            fs::remove_file(p)
+            remove_file_if_exists(p).map(|_| ())
         };
-        if let Err(e) = r
-            && e.kind() != std::io::ErrorKind::NotFound
-        {
+        if let Err(e) = r {
             warn!(path = %p.display(), error = %e, "could not remove a consistency clone");
         }
     }
