@@ -128,6 +128,45 @@ pub fn observe_instances(
     Ok(out)
 }
 
+/// Copies a supervisor's console log (`path`, opened with `open`) to `out`; with
+/// `follow`, keeps copying new output every 200 ms while `alive()` holds. The supervisor
+/// trims the log in place: when it shrank, copying starts over from its beginning.
+pub fn copy_log(
+    path: &std::path::Path,
+    open: impl Fn() -> Result<File, stead_schema::DriverError>,
+    follow: bool,
+    alive: impl Fn() -> bool,
+    out: &mut dyn std::io::Write,
+) -> Result<(), stead_schema::DriverError> {
+    use stead_schema::DriverError;
+    let mut f = open()?;
+    let mut pos = 0u64;
+    let mut buf = vec![0u8; 65536];
+    loop {
+        let len = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+        if len < pos {
+            f = open()?;
+            pos = 0;
+        }
+        loop {
+            let n = f
+                .read(&mut buf)
+                .map_err(|e| DriverError::io("read log", e))?;
+            if n == 0 {
+                break;
+            }
+            pos += n as u64;
+            out.write_all(&buf[..n])
+                .map_err(|e| DriverError::io("write log", e))?;
+        }
+        out.flush().map_err(|e| DriverError::io("flush", e))?;
+        if !follow || !alive() {
+            return Ok(());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
 /// The impact of a change at JSON pointer `path` of a supervised workload: `hot` when its
 /// top-level field is one of `hot` (applied to the running instance), else `restart`.
 pub fn hot_or_restart(path: &str, hot: &[&str]) -> stead_schema::Impact {

@@ -232,35 +232,9 @@ pub fn logs(
 ) -> Result<(), DriverError> {
     let paths = Paths::new(run_dir, name);
     let p = paths.console_log();
-    let mut f =
-        std::fs::File::open(&p).map_err(|e| DriverError::io(format!("open {}", p.display()), e))?;
-    let mut pos = 0u64;
-    let mut buf = vec![0u8; 65536];
-    loop {
-        // The log may have been rotated (shrunk): start over from its beginning.
-        let len = std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
-        if len < pos {
-            f = std::fs::File::open(&p)
-                .map_err(|e| DriverError::io(format!("open {}", p.display()), e))?;
-            pos = 0;
-        }
-        loop {
-            let n = f
-                .read(&mut buf)
-                .map_err(|e| DriverError::io("read log", e))?;
-            if n == 0 {
-                break;
-            }
-            pos += n as u64;
-            out.write_all(&buf[..n])
-                .map_err(|e| DriverError::io("write log", e))?;
-        }
-        out.flush().map_err(|e| DriverError::io("flush", e))?;
-        if !follow || !super::shim::lock_held(&paths) {
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let open =
+        || std::fs::File::open(&p).map_err(|e| DriverError::io(format!("open {}", p.display()), e));
+    crate::supervise::copy_log(&p, open, follow, || super::shim::lock_held(&paths), out)
 }
 
 /// Detach key for [`console`]: Ctrl-].

@@ -132,31 +132,5 @@ pub fn logs(
             }
         })
     };
-    let mut f = open()?;
-    let mut pos = 0u64;
-    let mut buf = vec![0u8; 65536];
-    loop {
-        // The supervisor trims the log in place: start over when it shrank.
-        let len = std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
-        if len < pos {
-            f = open()?;
-            pos = 0;
-        }
-        loop {
-            let n = f
-                .read(&mut buf)
-                .map_err(|e| DriverError::io("read log", e))?;
-            if n == 0 {
-                break;
-            }
-            pos += n as u64;
-            out.write_all(&buf[..n])
-                .map_err(|e| DriverError::io("write log", e))?;
-        }
-        out.flush().map_err(|e| DriverError::io("flush", e))?;
-        if !follow || !lock_held(&paths) {
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    crate::supervise::copy_log(&p, open, follow, || lock_held(&paths), out)
 }
