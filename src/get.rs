@@ -2,7 +2,7 @@
 
 use anyhow::{Result, bail};
 use serde_json::{Value, json};
-use stead_reconciler::{StateDb, observe_all};
+use stead_reconciler::{StateDb, observe_where};
 use stead_schema::{Desired, Health, HostEnv, Kind};
 
 use crate::GetFormat;
@@ -176,16 +176,11 @@ pub fn run(env: &HostEnv, what: Option<&str>, output: GetFormat) -> Result<u8> {
             env.state_dir.display()
         );
     }
-    let mut desired = Desired::default();
-    // Observe with the whole inventory as the world (a volume needs its pool), but only
-    // the selected resources as targets.
-    for (id, e) in &all {
-        if !inventory.contains_key(id) {
-            desired.resources.insert(id.clone(), e.resource.clone());
-        }
-    }
-    let (mut observed, errors) = observe_all(&drivers, &desired, &inventory);
-    observed.retain(|id, _| inventory.contains_key(id));
+    // The whole inventory is the world (a volume needs its pool); only the selected
+    // resources are observed.
+    let (observed, errors) = observe_where(&drivers, &Desired::default(), &all, &|id| {
+        inventory.contains_key(id)
+    });
     let ctl = controller_status(env);
     let mut items = Vec::new();
     for (id, entry) in &inventory {

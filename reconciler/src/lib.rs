@@ -35,16 +35,28 @@ pub fn observe_all(
     desired: &Desired,
     inventory: &BTreeMap<ResourceId, InventoryEntry>,
 ) -> (BTreeMap<ResourceId, Observed>, Vec<PlanError>) {
+    observe_where(drivers, desired, inventory, &|_| true)
+}
+
+/// [`observe_all`] restricted to the resources `wanted` selects: all of `desired` and
+/// `inventory` stay the world drivers resolve references in (a volume needs its pool),
+/// but only the selected ones are observed.
+pub fn observe_where(
+    drivers: &Drivers,
+    desired: &Desired,
+    inventory: &BTreeMap<ResourceId, InventoryEntry>,
+    wanted: &dyn Fn(&ResourceId) -> bool,
+) -> (BTreeMap<ResourceId, Observed>, Vec<PlanError>) {
     let world = World {
         desired,
         applied: inventory,
     };
     let mut by_kind: BTreeMap<Kind, Vec<&Resource>> = BTreeMap::new();
-    for r in desired.resources.values() {
+    for r in desired.resources.values().filter(|r| wanted(&r.id)) {
         by_kind.entry(r.id.kind).or_default().push(r);
     }
     for (id, e) in inventory {
-        if desired.get(id).is_none() {
+        if desired.get(id).is_none() && wanted(id) {
             by_kind.entry(id.kind).or_default().push(&e.resource);
         }
     }
