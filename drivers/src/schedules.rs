@@ -130,14 +130,10 @@ impl Driver for ScheduleDriver {
             .map_err(|e| DriverError::io(format!("create {}", self.dir.display()), e))?;
         let doc =
             json!({"owner": owner(&desired.id.name), "spec": self.desired_state(desired, world)});
-        let p = self.path(&desired.id.name);
-        let tmp = self.dir.join(format!(".{}.json.tmp", desired.id.name));
         let bytes =
             serde_json::to_vec_pretty(&doc).map_err(|e| DriverError::Other(e.to_string()))?;
-        std::fs::write(&tmp, bytes)
-            .map_err(|e| DriverError::io(format!("write {}", tmp.display()), e))?;
-        std::fs::rename(&tmp, &p)
-            .map_err(|e| DriverError::io(format!("rename to {}", p.display()), e))
+        // Temp file, fsync, rename, fsync the directory: never a truncated registration.
+        crate::storage::fsutil::write_atomic(&self.path(&desired.id.name), &bytes)
     }
 
     fn delete(

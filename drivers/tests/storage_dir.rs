@@ -464,13 +464,15 @@ fn storage_volume_sigkill_during_copy_then_reapply() {
     let tmpfile = tmp.path().join("pool/images/.big.raw.tmp");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     let mut killed_mid_copy = false;
+    let mut exited = None;
     while std::time::Instant::now() < deadline {
         if allocated(&tmpfile) != u64::MAX && allocated(&tmpfile) > 16 * MI {
             child.kill().expect("SIGKILL");
             killed_mid_copy = true;
             break;
         }
-        if child.try_wait().expect("wait").is_some() {
+        if let Some(st) = child.try_wait().expect("wait") {
+            exited = Some(st);
             break;
         }
         std::thread::sleep(std::time::Duration::from_millis(2));
@@ -488,6 +490,12 @@ fn storage_volume_sigkill_during_copy_then_reapply() {
             "no half-copied volume under its real name"
         );
     } else {
+        // Too fast to catch: then the child's apply must at least have succeeded, not
+        // died or timed out (which would skip the crash check without saying why).
+        assert!(
+            exited.is_some_and(|st| st.success()),
+            "child neither killed mid-copy nor finished cleanly: {exited:?}"
+        );
         eprintln!("note: child finished before it could be killed mid-copy");
     }
     // The next apply converges: full content, right size, no leftover.

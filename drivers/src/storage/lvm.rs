@@ -3,7 +3,6 @@
 //! `stead-owner=Volume/<name>`.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use serde::Deserialize;
 use stead_schema::{DriverError, LvmSpec};
@@ -185,14 +184,6 @@ pub fn check_thin_pool(l: &LvmSpec) -> Result<(), DriverError> {
             l.volume_group, l.thin_pool
         )))
     }
-}
-
-/// Builds a [`Command`] from argv (for callers that want to spawn themselves).
-pub fn command(argv: &[String]) -> Option<Command> {
-    let (first, rest) = argv.split_first()?;
-    let mut c = Command::new(first);
-    c.args(rest);
-    Some(c)
 }
 
 #[cfg(test)]
