@@ -680,18 +680,11 @@ impl Driver for NetworkDriver {
         if spec.net_type == NetworkType::Vxlan
             && let Some(v) = &spec.vxlan
         {
-            let mut remotes: Vec<String> = v.remotes.iter().map(|r| r.to_string()).collect();
-            remotes.sort();
-            remotes.dedup();
-            // Sort as the observed side does (by address, not text).
+            // Sorted as the observed side is (by address, not text), without duplicates.
             let mut rs: Vec<IpAddr> = v.remotes.clone();
             rs.sort();
             rs.dedup();
-            let remotes: Vec<String> = if rs.len() == remotes.len() {
-                rs.iter().map(|r| r.to_string()).collect()
-            } else {
-                remotes
-            };
+            let remotes: Vec<String> = rs.iter().map(|r| r.to_string()).collect();
             st.insert("vxlan".into(), vxlan_json(v, remotes, v.local));
         }
         Value::Object(st)
