@@ -2,19 +2,19 @@
 //! console log. Dispatches on the kind; each workload kind plugs in one match arm.
 
 use anyhow::{Result, bail};
-use stead_schema::{HostEnv, Kind};
+use stead_schema::{HostEnv, Kind, ResourceId};
 
 /// Arguments of `stead console`.
 #[derive(clap::Args, Debug)]
 pub struct ConsoleArgs {
-    /// The workload: `VirtualMachine/NAME` (or `vm/NAME`).
+    /// The workload: `VirtualMachine/NAME` (or `vm/NAME`) or `Container/NAME`.
     target: String,
 }
 
 /// Arguments of `stead logs`.
 #[derive(clap::Args, Debug)]
 pub struct LogsArgs {
-    /// The workload: `VirtualMachine/NAME` (or `vm/NAME`).
+    /// The workload: `VirtualMachine/NAME` (or `vm/NAME`) or `Container/NAME`.
     target: String,
     /// Keep printing new output.
     #[arg(short, long)]
@@ -29,17 +29,11 @@ enum Target {
 }
 
 fn parse_target(s: &str) -> Result<Target> {
-    let Some((k, name)) = s.split_once('/') else {
-        bail!("expected KIND/NAME (e.g. vm/web), got {s:?}");
-    };
-    if name.is_empty() {
-        bail!("expected KIND/NAME (e.g. vm/web), got {s:?}");
-    }
-    match Kind::parse_loose(k) {
-        Some(Kind::VirtualMachine) => Ok(Target::Vm(name.to_string())),
-        Some(Kind::Container) => Ok(Target::Container(name.to_string())),
-        Some(k) => bail!("{k} has no console: expected VirtualMachine/NAME or Container/NAME"),
-        None => bail!("unknown kind {k:?}: expected VirtualMachine/NAME or Container/NAME"),
+    let id = ResourceId::parse_loose(s)?;
+    match id.kind {
+        Kind::VirtualMachine => Ok(Target::Vm(id.name)),
+        Kind::Container => Ok(Target::Container(id.name)),
+        k => bail!("{k} has no console: expected VirtualMachine/NAME or Container/NAME"),
     }
 }
 

@@ -21,11 +21,8 @@ pub fn path_of(name: &str) -> PathBuf {
 }
 
 fn is_mounted(path: &Path) -> bool {
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return false;
-    };
-    let p = path.to_string_lossy();
-    info.lines().any(|l| l.split(' ').nth(4) == Some(&*p))
+    use crate::storage::mounts::{mount_at, read_mounts};
+    mount_at(&read_mounts(), path).is_some()
 }
 
 /// Whether the named namespace exists (its file is a namespace mount).

@@ -296,9 +296,10 @@ impl ContainerDriver {
             (false, _) if leftovers => "orphaned",
             _ => "stopped",
         };
+        let cg_exists = cg.exists();
         if let Some(o) = state.as_object_mut() {
             o.insert("state".into(), json!(run));
-            if alive && cg.exists() {
+            if alive && cg_exists {
                 let l = cg.limits()?;
                 let mut res = serde_json::Map::new();
                 if let Some(c) = l.cpus {
@@ -313,7 +314,7 @@ impl ContainerDriver {
                 o.insert("resources".into(), Value::Object(res));
             }
         }
-        let usage = if cg.exists() { cg.usage().ok() } else { None };
+        let usage = if cg_exists { cg.usage().ok() } else { None };
         let ips: Vec<String> = cfg
             .interfaces
             .iter()
@@ -471,12 +472,8 @@ impl Driver for ContainerDriver {
                     },
                     Duration::from_secs(10),
                 );
-                match r {
-                    Ok(_) => Ok(()),
-                    // The supervisor went away between the probe and the request.
-                    Err(DriverError::NotReady(m)) => Err(DriverError::NotReady(m)),
-                    Err(e) => Err(e),
-                }
+                // NotReady (the supervisor went away since the probe) is retried.
+                r.map(|_| ())
             }
             RunState::Running => {
                 let cfg = self.resolve(desired, spec, want, world)?;

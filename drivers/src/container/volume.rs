@@ -153,14 +153,10 @@ fn loop_attach(image: &Path, read_only: bool) -> Result<(File, PathBuf), DriverE
     Err(DriverError::Other("no free loop device".into()))
 }
 
+/// Whether `p` is a mount point (mountinfo parsed once, escapes such as `\040` decoded).
 fn is_mountpoint(p: &Path) -> bool {
-    let Ok(mi) = fs::read_to_string("/proc/self/mountinfo") else {
-        return false;
-    };
-    let want = p.to_string_lossy();
-    mi.lines()
-        .filter_map(|l| l.split_whitespace().nth(4))
-        .any(|m| m == want)
+    use crate::storage::mounts::{mount_at, read_mounts};
+    mount_at(&read_mounts(), p).is_some()
 }
 
 /// Staging directory of image mount `idx` of a container.

@@ -19,7 +19,7 @@
 
 pub(crate) mod fsutil;
 pub mod lvm;
-mod mounts;
+pub(crate) mod mounts;
 mod pool;
 pub mod snapshot;
 mod volume;
