@@ -86,26 +86,27 @@ spec:
         .unwrap()
         .as_secs_f64();
     assert!(now - ctl.metric(series) < 120.0, "{}", ctl.scrape());
-    assert_eq!(
-        ctl.metric("stead_backup_last_run_failed{schedule=\"every-minute\"}"),
-        0.0
-    );
     assert!(
         ctl.scrape()
             .contains("stead_backup_last_run_failed{schedule=\"every-minute\"} 0")
     );
-    drop(ctl);
-    // The daemon goes with the controller.
-    std::thread::sleep(Duration::from_millis(500));
-    let ps = std::process::Command::new("pgrep")
-        .args([
-            "-f",
-            &format!("{} backup daemon", sb.path("state").display()),
-        ])
-        .output()
-        .unwrap();
+    // The daemon runs as `… --cgroup-parent <parent> backup daemon`, and goes with the
+    // controller.
+    let daemon = || {
+        let ps = std::process::Command::new("pgrep")
+            .args(["-f", &format!("{} backup daemon", sb.cgroup_parent)])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&ps.stdout).trim().to_string()
+    };
     assert!(
-        String::from_utf8_lossy(&ps.stdout).trim().is_empty(),
-        "backup daemon left running"
+        !daemon().is_empty(),
+        "the backup daemon runs under the controller"
+    );
+    drop(ctl);
+    assert!(
+        wait_until(Duration::from_secs(5), || daemon().is_empty()).is_some(),
+        "backup daemon left running: {}",
+        daemon()
     );
 }

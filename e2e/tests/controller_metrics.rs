@@ -216,7 +216,6 @@ fn directory_source_follows_file_changes() {
     sb.write("m/all.yaml", &storage_yaml(&sb, &[("a", "1Mi")]));
     let m = sb.path("m");
     let ctl = Controller::start(&sb, &["--source", m.to_str().unwrap(), "--resync", "1h"]);
-    assert_eq!(ctl.get("/healthz").0, 200);
     assert!(
         wait_until(Duration::from_secs(20), || size(&image(&sb, "a")) == MI).is_some(),
         "{}",

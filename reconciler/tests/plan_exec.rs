@@ -2,7 +2,6 @@
 //! real drivers have their own sandboxed tests).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
 use std::sync::Mutex;
 
 use serde_json::{Value, json};
@@ -497,10 +496,12 @@ fn apply_lock_is_exclusive() {
     let dir = tempfile::tempdir().unwrap();
     let _a = stead_reconciler::ApplyLock::acquire(dir.path(), std::time::Duration::ZERO).unwrap();
     let b = stead_reconciler::ApplyLock::acquire(dir.path(), std::time::Duration::from_millis(200));
-    assert!(b.is_err());
+    assert!(
+        matches!(b, Err(stead_reconciler::StateError::Locked(..))),
+        "a second apply waits, then reports the lock"
+    );
     drop(_a);
     assert!(stead_reconciler::ApplyLock::acquire(dir.path(), std::time::Duration::ZERO).is_ok());
-    let _ = PathBuf::new();
 }
 
 #[test]

@@ -1153,10 +1153,7 @@ async fn housekeeping_task(shared: Arc<Shared>, env: HostEnv, every: Duration) {
                 daemon_key = key;
             }
         }
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs_f64())
-            .unwrap_or(0.0);
+        let now = now_secs();
         let mut count = 0.0;
         let mut expired = false;
         shared.metrics.environment_age.reset();
