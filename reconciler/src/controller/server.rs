@@ -10,7 +10,9 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use hmac::{KeyInit, Mac};
 use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixListener;
 use tracing::{debug, info, warn};
@@ -86,59 +88,41 @@ async fn hook(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> 
 /// Comparisons are constant-time.
 pub fn authorized(token: &[u8], headers: &HeaderMap, body: &[u8]) -> bool {
     let h = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-    if let Some(sig) = h("x-hub-signature-256")
-        && let Some(hexsig) = sig.trim().strip_prefix("sha256=")
-        && let Ok(given) = hex::decode(hexsig)
-    {
-        return ct_eq(&hmac_sha256(token, body), &given);
+    if let Some(sig) = h("x-hub-signature-256") {
+        return sig
+            .trim()
+            .strip_prefix("sha256=")
+            .and_then(|hexsig| hex::decode(hexsig).ok())
+            .is_some_and(|given| hmac_sha256_verify(token, body, &given));
     }
     if let Some(auth) = h("authorization")
         && let Some(t) = auth.trim().strip_prefix("Bearer ")
     {
-        return ct_eq(t.trim().as_bytes(), token);
+        return token_eq(t.trim().as_bytes(), token);
     }
     if let Some(t) = h("x-gitlab-token") {
-        return ct_eq(t.trim().as_bytes(), token);
+        return token_eq(t.trim().as_bytes(), token);
     }
     false
 }
 
-/// Compares two byte strings in time independent of where they differ. Lengths are
-/// compared via the digests so the token's length does not leak either.
-pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
-    let da = Sha256::digest(a);
-    let db = Sha256::digest(b);
-    let mut diff = 0u8;
-    for (x, y) in da.iter().zip(db.iter()) {
-        diff |= x ^ y;
-    }
-    diff == 0
+/// Compares a presented token with the configured one in constant time. Both are hashed
+/// first so that the comparison also does not reveal the token's length.
+pub fn token_eq(given: &[u8], token: &[u8]) -> bool {
+    Sha256::digest(given).ct_eq(&Sha256::digest(token)).into()
 }
 
-/// HMAC-SHA256 (RFC 2104).
-pub fn hmac_sha256(key: &[u8], msg: &[u8]) -> Vec<u8> {
-    let mut k = [0u8; 64];
-    if key.len() > 64 {
-        let d = Sha256::digest(key);
-        k[..32].copy_from_slice(&d);
-    } else {
-        k[..key.len()].copy_from_slice(key);
-    }
-    let mut ipad = [0x36u8; 64];
-    let mut opad = [0x5cu8; 64];
-    for i in 0..64 {
-        ipad[i] ^= k[i];
-        opad[i] ^= k[i];
-    }
-    let mut inner = Sha256::new();
-    inner.update(ipad);
-    inner.update(msg);
-    let inner = inner.finalize();
-    let mut outer = Sha256::new();
-    outer.update(opad);
-    outer.update(inner);
-    outer.finalize().to_vec()
+/// Whether `sig` is HMAC-SHA256(`key`, `msg`), compared in constant time.
+pub fn hmac_sha256_verify(key: &[u8], msg: &[u8], sig: &[u8]) -> bool {
+    let Ok(mut mac) = HmacSha256::new_from_slice(key) else {
+        return false;
+    };
+    mac.update(msg);
+    mac.verify_slice(sig).is_ok()
 }
+
+/// HMAC-SHA256.
+type HmacSha256 = hmac::Hmac<Sha256>;
 
 /// Binds `<run-dir>/controller.sock` (mode 0600), replacing a stale socket file.
 pub(crate) fn bind_status_socket(
@@ -200,13 +184,68 @@ mod tests {
     use super::*;
     use axum::http::HeaderValue;
 
+    /// The signature of `body` under `key`, as a forge sends it.
+    fn sign(key: &[u8], body: &[u8]) -> String {
+        let mut mac = HmacSha256::new_from_slice(key).unwrap();
+        mac.update(body);
+        format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+    }
+
     #[test]
     fn hmac_matches_rfc4231_case_2() {
-        let mac = hmac_sha256(b"Jefe", b"what do ya want for nothing?");
-        assert_eq!(
-            hex::encode(mac),
-            "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        let want = hex::decode("5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843")
+            .unwrap();
+        assert!(hmac_sha256_verify(
+            b"Jefe",
+            b"what do ya want for nothing?",
+            &want
+        ));
+        assert!(!hmac_sha256_verify(
+            b"Jefe",
+            b"what do ya want for nothing!",
+            &want
+        ));
+        assert!(!hmac_sha256_verify(
+            b"Jefe",
+            b"what do ya want for nothing?",
+            &want[..31]
+        ));
+    }
+
+    #[test]
+    fn hmac_matches_rfc4231_case_6_long_key() {
+        // A key longer than the block size is hashed first.
+        let want = hex::decode("60e431591ee0b67f0d8a26aacbf5b77f8e0bc6213728c5140546040f0ee37f54")
+            .unwrap();
+        assert!(hmac_sha256_verify(
+            &[0xaa; 131],
+            b"Test Using Larger Than Block-Size Key - Hash Key First",
+            &want
+        ));
+    }
+
+    #[test]
+    fn github_documented_signature() {
+        // docs.github.com, "Validating webhook deliveries": secret "It's a Secret to
+        // Everybody", payload "Hello, World!".
+        let mut h = HeaderMap::new();
+        h.insert(
+            "x-hub-signature-256",
+            HeaderValue::from_static(
+                "sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17",
+            ),
         );
+        assert!(authorized(
+            b"It's a Secret to Everybody",
+            &h,
+            b"Hello, World!"
+        ));
+        assert!(!authorized(
+            b"It's a Secret to Everybody",
+            &h,
+            b"Hello, World?"
+        ));
+        assert!(!authorized(b"another secret", &h, b"Hello, World!"));
     }
 
     #[test]
@@ -217,17 +256,21 @@ mod tests {
         assert!(authorized(b"s3cret", &h, b"{}"));
         h.insert("authorization", HeaderValue::from_static("Bearer s3cre"));
         assert!(!authorized(b"s3cret", &h, b"{}"));
+        h.insert("authorization", HeaderValue::from_static("Bearer s3cret0"));
+        assert!(!authorized(b"s3cret", &h, b"{}"));
         let mut h = HeaderMap::new();
         h.insert("x-gitlab-token", HeaderValue::from_static("s3cret"));
         assert!(authorized(b"s3cret", &h, b""));
         let mut h = HeaderMap::new();
-        let sig = format!(
-            "sha256={}",
-            hex::encode(hmac_sha256(b"s3cret", b"{\"ref\":1}"))
-        );
+        let sig = sign(b"s3cret", b"{\"ref\":1}");
         h.insert("x-hub-signature-256", HeaderValue::from_str(&sig).unwrap());
         assert!(authorized(b"s3cret", &h, b"{\"ref\":1}"));
         assert!(!authorized(b"s3cret", &h, b"{\"ref\":2}"));
-        assert!(ct_eq(b"a", b"a") && !ct_eq(b"a", b"ab"));
+        // A bad signature is not rescued by a good bearer token.
+        h.insert("authorization", HeaderValue::from_static("Bearer s3cret"));
+        assert!(!authorized(b"s3cret", &h, b"{\"ref\":2}"));
+        h.insert("x-hub-signature-256", HeaderValue::from_static("sha256=zz"));
+        assert!(!authorized(b"s3cret", &h, b"{\"ref\":1}"));
+        assert!(token_eq(b"a", b"a") && !token_eq(b"a", b"ab") && !token_eq(b"", b"a"));
     }
 }
