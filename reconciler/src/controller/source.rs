@@ -99,9 +99,11 @@ impl SourceSpec {
         }
         let branch = branch.filter(|b| !b.is_empty()).map(str::to_string);
         if let Some(b) = &branch
-            && (b.starts_with('-') || b.contains("..") || b.contains(char::is_whitespace))
+            && !branch_name_is_valid(b)
         {
-            return Err(format!("{s}: invalid branch name {b:?}"));
+            return Err(format!(
+                "{s}: invalid branch name {b:?} (git's branch naming rules: no spaces, control characters, '~ ^ : ? * [ \\', '..', '@{{', leading '-' or '.', trailing '.lock' or '/')"
+            ));
         }
         let subdir = subdir
             .map(|d| d.trim_matches('/'))
@@ -120,6 +122,12 @@ impl SourceSpec {
             subdir,
         })
     }
+}
+
+/// Whether `name` is a branch name git accepts (`git check-ref-format --branch`): a glob
+/// character would turn the fetch refspec into a pattern, a leading `-` into an option.
+pub fn branch_name_is_valid(name: &str) -> bool {
+    git2::Branch::name_is_valid(name).unwrap_or(false)
 }
 
 /// Credentials for fetching.
@@ -561,6 +569,45 @@ mod tests {
         assert!(SourceSpec::parse("git+file:///r#-x").is_err());
         let s = git("https://h/r.git", Some("main"), Some("a/b"));
         assert_eq!(SourceSpec::parse(&s.to_string()).unwrap(), s);
+    }
+
+    #[test]
+    fn refuses_bad_branch_names() {
+        for bad in [
+            "-x",
+            "a..b",
+            "a b",
+            "tab\there",
+            "ctl\u{1}x",
+            "del\u{7f}x",
+            "glob*",
+            "what?",
+            "class[a]",
+            "tilde~1",
+            "caret^",
+            "back\\slash",
+            "at@{1}",
+            "main.lock",
+            "dir/x.lock",
+            "trailing/",
+            "trailing.",
+            "/leading",
+            ".hidden",
+            "a//b",
+            "HEAD",
+        ] {
+            assert!(!branch_name_is_valid(bad), "{bad:?} accepted");
+            let err = SourceSpec::parse(&format!("git+file:///r#{bad}"))
+                .expect_err(&format!("{bad:?} parsed"));
+            assert!(err.contains("invalid branch name"), "{bad:?}: {err}");
+        }
+        for good in ["main", "release/1.0", "feature-x_y", "v1.2.3", "a@b"] {
+            assert!(branch_name_is_valid(good), "{good:?} refused");
+        }
+        // In a `--source` the ':' starts the subdirectory, so only the helper sees it.
+        assert!(!branch_name_is_valid("colon:x"));
+        let err = SourceSpec::parse("git+file:///r#ma*in").unwrap_err();
+        assert!(err.contains("\"ma*in\""), "{err}");
     }
 
     #[test]
