@@ -56,6 +56,10 @@ pub struct ControllerArgs {
     /// Accept a revision without manifests (prunes everything stead owns).
     #[arg(long)]
     pub allow_empty: bool,
+    /// Accept a git head that is not a descendant of the revision applied last (a
+    /// force-push or a rewind to an older commit). Without it such a head is refused.
+    #[arg(long)]
+    pub allow_rewind: bool,
     /// Changes run at once.
     #[arg(long, default_value_t = 4)]
     pub parallelism: usize,
@@ -103,6 +107,7 @@ pub fn run(args: ControllerArgs, global_env: &HostEnv, drivers: Drivers) -> Resu
     };
     cfg.no_prune = args.no_prune;
     cfg.allow_empty = args.allow_empty;
+    cfg.allow_rewind = args.allow_rewind;
     cfg.parallelism = args.parallelism.max(1);
     stead_reconciler::controller::run(cfg, global_env.clone(), drivers)?;
     Ok(0)

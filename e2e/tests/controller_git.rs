@@ -373,3 +373,118 @@ fn restart_keeps_last_good_when_head_invalid_or_remote_gone() {
         ctl.logs()
     );
 }
+
+/// `--allow-rewind`: a force-push back to an older commit is applied.
+#[test]
+fn allow_rewind_takes_a_force_pushed_older_commit() {
+    let sb = Sandbox::new();
+    let repo = Repo::new(&sb);
+    let c1 = repo.commit(
+        "one",
+        &[("storage.yaml", &storage_yaml(&sb, &[("a", "1Mi")]))],
+    );
+    let c2 = repo.commit(
+        "two",
+        &[(
+            "storage.yaml",
+            &storage_yaml(&sb, &[("a", "1Mi"), ("b", "1Mi")]),
+        )],
+    );
+    let tok = sb.write("token", TOKEN);
+    let source = repo.source();
+    let ctl = Controller::start(
+        &sb,
+        &[
+            "--source",
+            &source,
+            "--interval",
+            "1h",
+            "--resync",
+            "1h",
+            "--allow-rewind",
+            "--webhook-token-file",
+            tok.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        wait_until(Duration::from_secs(20), || ctl.status()["revision"]
+            == c2.as_str())
+        .is_some(),
+        "{}",
+        ctl.logs()
+    );
+    assert_eq!(size(&image(&sb, "b")), MI);
+    repo.force_push(&c1);
+    assert_eq!(ctl.hook(TOKEN), 202);
+    assert!(
+        wait_until(Duration::from_secs(10), || ctl.status()["revision"]
+            == c1.as_str()
+            && !image(&sb, "b").exists())
+        .is_some(),
+        "rewind not applied\n{}",
+        ctl.logs()
+    );
+    assert_eq!(ctl.metric("stead_reconcile_total{result=\"invalid\"}"), 0.0);
+}
+
+/// A tree entry named `../x.yaml`, `a/b.yaml` or with a non-UTF-8 name refuses the whole
+/// revision, naming the entry; the last good revision stays applied.
+#[test]
+fn tree_with_a_bad_entry_name_is_refused() {
+    let sb = Sandbox::new();
+    let repo = Repo::new(&sb);
+    let yaml = storage_yaml(&sb, &[("a", "1Mi")]);
+    let c1 = repo.commit("one", &[("storage.yaml", &yaml)]);
+    let tok = sb.write("token", TOKEN);
+    let source = repo.source();
+    let ctl = Controller::start(
+        &sb,
+        &[
+            "--source",
+            &source,
+            "--interval",
+            "1h",
+            "--resync",
+            "1h",
+            "--webhook-token-file",
+            tok.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        wait_until(Duration::from_secs(20), || ctl.status()["revision"]
+            == c1.as_str())
+        .is_some(),
+        "{}",
+        ctl.logs()
+    );
+    let grown = storage_yaml(&sb, &[("a", "1Mi"), ("b", "1Mi")]);
+    let bad: [&[u8]; 3] = [b"../x.yaml", b"a/b.yaml", b"\xffx.yaml"];
+    for (i, name) in bad.iter().enumerate() {
+        let rev = repo.push_raw_tree(&[(name, &grown), (b"storage.yaml", &grown)]);
+        assert_eq!(ctl.hook(TOKEN), 202);
+        let want = (i + 1) as f64;
+        assert!(
+            wait_until(Duration::from_secs(10), || ctl
+                .metric("stead_reconcile_total{result=\"invalid\"}")
+                == want)
+            .is_some(),
+            "{}",
+            ctl.logs()
+        );
+        let st = ctl.status();
+        assert_eq!(st["headRevision"], rev.as_str(), "{st}");
+        assert_eq!(st["revision"], c1.as_str(), "{st}");
+        let shown = format!("{:?}", String::from_utf8_lossy(name));
+        let err = st["headError"].as_str().unwrap();
+        assert!(
+            err.contains(&shown) && err.contains("refused"),
+            "{shown}: {st}"
+        );
+        assert!(
+            !image(&sb, "b").exists(),
+            "part of a refused revision applied"
+        );
+        assert!(!sb.path("state/source/x.yaml").exists());
+        assert!(!sb.path("state/x.yaml").exists());
+    }
+}

@@ -273,3 +273,99 @@ fn openpgp_signed_commits_are_verified_with_gpgv() {
         ctl.logs()
     );
 }
+
+#[test]
+fn force_push_of_an_older_signed_commit_is_refused() {
+    let have = Command::new("ssh-keygen").arg("-?").output().is_ok();
+    if skip_unless(
+        have,
+        "force_push_of_an_older_signed_commit_is_refused",
+        "ssh-keygen not installed",
+    ) {
+        return;
+    }
+    let sb = Sandbox::new();
+    let (trusted, trusted_pub) = keygen(&sb, "trusted");
+    let signers = sb.write(
+        "allowed_signers",
+        &format!("test@example.com namespaces=\"git\" {trusted_pub}\n"),
+    );
+    let tok = sb.write("token", TOKEN);
+    let repo = Repo::new(&sb);
+    let c1 = commit(&repo, &sb, "one", &[("a", "1Mi")], Some(&trusted));
+    let c2 = commit(
+        &repo,
+        &sb,
+        "two",
+        &[("a", "1Mi"), ("b", "1Mi")],
+        Some(&trusted),
+    );
+    let source = repo.source();
+    let ctl = Controller::start(
+        &sb,
+        &[
+            "--source",
+            &source,
+            "--interval",
+            "1h",
+            "--resync",
+            "1h",
+            "--verify-commits",
+            signers.to_str().unwrap(),
+            "--webhook-token-file",
+            tok.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        wait_until(Duration::from_secs(20), || ctl.status()["revision"]
+            == c2.as_str())
+        .is_some(),
+        "{}",
+        ctl.logs()
+    );
+    assert_eq!(size(&image(&sb, "b")), MI);
+
+    // The branch is forced back to the older, validly signed c1: refused, c2 stays.
+    repo.force_push(&c1);
+    assert_eq!(ctl.hook(TOKEN), 202);
+    assert!(
+        wait_until(Duration::from_secs(10), || ctl
+            .metric("stead_reconcile_total{result=\"invalid\"}")
+            == 1.0)
+        .is_some(),
+        "{}",
+        ctl.logs()
+    );
+    let st = ctl.status();
+    assert_eq!(st["headRevision"], c1.as_str(), "{st}");
+    assert_eq!(st["revision"], c2.as_str(), "{st}");
+    let err = st["headError"].as_str().unwrap();
+    assert!(
+        err.contains("not a fast-forward") && err.contains("--allow-rewind"),
+        "{st}"
+    );
+    assert_eq!(size(&image(&sb, "b")), MI, "the rewind pruned b");
+    assert!(ctl.logs().contains("not a fast-forward"), "not logged");
+
+    // A signed commit on top of c2 is a fast-forward: taken.
+    git(&repo.work, &["reset", "-q", "--hard", &c2]);
+    let c3 = commit(
+        &repo,
+        &sb,
+        "three",
+        &[("a", "1Mi"), ("b", "2Mi")],
+        Some(&trusted),
+    );
+    repo.force_push(&c3);
+    assert_eq!(ctl.hook(TOKEN), 202);
+    assert!(
+        wait_until(Duration::from_secs(10), || size(&image(&sb, "b")) == 2 * MI).is_some(),
+        "{}",
+        ctl.logs()
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || ctl.status()["revision"]
+            == c3.as_str())
+        .is_some()
+    );
+}

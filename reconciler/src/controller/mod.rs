@@ -122,6 +122,8 @@ pub struct Config {
     pub no_prune: bool,
     /// Accept a revision with no manifests (prunes everything it owned).
     pub allow_empty: bool,
+    /// Accept a git head that does not descend from the revision applied last.
+    pub allow_rewind: bool,
     /// Changes run at once.
     pub parallelism: usize,
     /// First retry delay after a failed change (doubles up to `backoff_cap`).
@@ -145,6 +147,7 @@ impl Config {
             auth: GitAuth::default(),
             no_prune: false,
             allow_empty: false,
+            allow_rewind: false,
             parallelism: 4,
             backoff_base: Duration::from_secs(2),
             backoff_cap: Duration::from_secs(300),
@@ -258,6 +261,12 @@ impl Engine {
     fn load(&self, rev: &str) -> Result<Desired, (&'static str, String)> {
         let dir = match &self.source {
             Source::Git(g) => {
+                if !self.cfg.allow_rewind
+                    && let Some(last) = self.last_applied()
+                {
+                    g.check_fast_forward(&last, rev)
+                        .map_err(|m| ("invalid", m))?;
+                }
                 if let Some(keyring) = &self.cfg.verify_commits {
                     let who = g.verify(rev, keyring).map_err(|m| ("unsigned", m))?;
                     info!(revision = short(rev), signer = %who, "signature verified");
@@ -295,6 +304,15 @@ impl Engine {
             ));
         }
         Ok(desired)
+    }
+
+    /// The revision loaded last (in memory), else the one applied last (state DB).
+    fn last_applied(&self) -> Option<String> {
+        if let Some(g) = &self.good {
+            return Some(g.revision.clone());
+        }
+        let db = self.db.lock().unwrap_or_else(|p| p.into_inner());
+        db.get_kv(KV_REVISION).ok().flatten()
     }
 
     /// After a restart with an invalid head: the last good revision from the state DB.

@@ -269,6 +269,42 @@ impl GitSource {
         })
     }
 
+    /// Refuses `rev` unless it is `last` (the revision applied last) or a descendant of
+    /// it: a force-push back to an older (even signed) commit must not roll the host back
+    /// unless the operator allows rewinds.
+    pub fn check_fast_forward(&self, last: &str, rev: &str) -> Result<(), String> {
+        if last == rev {
+            return Ok(());
+        }
+        let repo = self.mirror().map_err(|e| e.to_string())?;
+        let parse = |r: &str| {
+            git2::Oid::from_str(r).map_err(|e| format!("revision {r:?}: {}", e.message()))
+        };
+        let (new, old) = (parse(rev)?, parse(last)?);
+        let hint = "pass --allow-rewind to accept it";
+        if repo.find_commit(old).is_err() {
+            return Err(format!(
+                "the applied revision {} is not in this repository, so {} cannot be checked as a fast-forward; {hint}",
+                short(last),
+                short(rev)
+            ));
+        }
+        match repo.graph_descendant_of(new, old) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(format!(
+                "revision {} is not a fast-forward of the applied revision {} (force-push or rewind); {hint}",
+                short(rev),
+                short(last)
+            )),
+            Err(e) => Err(format!(
+                "cannot check that {} descends from {}: {}",
+                short(rev),
+                short(last),
+                e.message()
+            )),
+        }
+    }
+
     /// Checks `rev` out to `<state-dir>/source/<rev>` (only the subdirectory; regular
     /// files only: symlinks and submodules are skipped) and returns the manifest dir.
     pub fn checkout(&self, rev: &str) -> Result<PathBuf, ControllerError> {
@@ -296,48 +332,14 @@ impl GitSource {
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(&tmp)
             .map_err(|e| ControllerError::io(format!("create {}", tmp.display()), e))?;
-        let mut failure: Option<ControllerError> = None;
-        tree.walk(git2::TreeWalkMode::PreOrder, |dir, entry| {
-            let Ok(name) = entry.name() else {
-                return git2::TreeWalkResult::Skip;
-            };
-            let rel = Path::new(dir).join(name);
-            let path = tmp.join(&rel);
-            match entry.kind() {
-                Some(git2::ObjectType::Tree) => {
-                    if let Err(e) = std::fs::create_dir_all(&path) {
-                        failure = Some(ControllerError::io(format!("mkdir {}", path.display()), e));
-                        return git2::TreeWalkResult::Abort;
-                    }
-                    git2::TreeWalkResult::Ok
-                }
-                Some(git2::ObjectType::Blob) if entry.filemode() & 0o170000 == 0o100000 => {
-                    let blob = match repo.find_blob(entry.id()) {
-                        Ok(b) => b,
-                        Err(e) => {
-                            failure = Some(ControllerError::Git(format!(
-                                "blob {}: {}",
-                                rel.display(),
-                                e.message()
-                            )));
-                            return git2::TreeWalkResult::Abort;
-                        }
-                    };
-                    if let Err(e) = std::fs::write(&path, blob.content()) {
-                        failure = Some(ControllerError::io(format!("write {}", path.display()), e));
-                        return git2::TreeWalkResult::Abort;
-                    }
-                    git2::TreeWalkResult::Ok
-                }
-                _ => git2::TreeWalkResult::Skip,
-            }
-        })
-        .map_err(|e| gerr("walk", e))?;
-        if let Some(f) = failure {
-            return Err(f);
+        let result = write_tree(&repo, &tree, &tmp).and_then(|()| {
+            std::fs::write(tmp.join(".stead-complete"), rev)
+                .map_err(|e| ControllerError::io("write checkout marker".into(), e))
+        });
+        if let Err(e) = result {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(e);
         }
-        std::fs::write(tmp.join(".stead-complete"), rev)
-            .map_err(|e| ControllerError::io("write checkout marker".into(), e))?;
         let _ = std::fs::remove_dir_all(&dest);
         std::fs::rename(&tmp, &dest)
             .map_err(|e| ControllerError::io(format!("rename to {}", dest.display()), e))?;
@@ -378,6 +380,100 @@ impl GitSource {
         let sig = sig.as_str().unwrap_or("").to_string();
         verify_signature(&sig, &data, keyring).map_err(|e| format!("commit {}: {e}", short(rev)))
     }
+}
+
+/// Writes `tree` below `dir`: directories and regular files only (symlinks and
+/// submodules are not materialised). Every entry name is checked first, so a tree with
+/// one bad name is refused as a whole, naming the entry.
+fn write_tree(
+    repo: &git2::Repository,
+    tree: &git2::Tree<'_>,
+    dir: &Path,
+) -> Result<(), ControllerError> {
+    check_tree_names(tree)?;
+    let mut failure: Option<ControllerError> = None;
+    tree.walk(git2::TreeWalkMode::PreOrder, |parent, entry| {
+        let Ok(name) = entry.name() else {
+            failure = Some(ControllerError::Git(format!(
+                "{parent}: entry name is not UTF-8"
+            )));
+            return git2::TreeWalkResult::Abort;
+        };
+        let rel = Path::new(parent).join(name);
+        let path = dir.join(&rel);
+        match entry.kind() {
+            Some(git2::ObjectType::Tree) => {
+                if let Err(e) = std::fs::create_dir_all(&path) {
+                    failure = Some(ControllerError::io(format!("mkdir {}", path.display()), e));
+                    return git2::TreeWalkResult::Abort;
+                }
+                git2::TreeWalkResult::Ok
+            }
+            Some(git2::ObjectType::Blob) if entry.filemode() & 0o170000 == 0o100000 => {
+                match repo.find_blob(entry.id()) {
+                    Ok(blob) => match std::fs::write(&path, blob.content()) {
+                        Ok(()) => git2::TreeWalkResult::Ok,
+                        Err(e) => {
+                            failure =
+                                Some(ControllerError::io(format!("write {}", path.display()), e));
+                            git2::TreeWalkResult::Abort
+                        }
+                    },
+                    Err(e) => {
+                        failure = Some(ControllerError::Git(format!(
+                            "blob {}: {}",
+                            rel.display(),
+                            e.message()
+                        )));
+                        git2::TreeWalkResult::Abort
+                    }
+                }
+            }
+            _ => git2::TreeWalkResult::Skip,
+        }
+    })
+    .map_err(|e| ControllerError::Git(format!("walk: {}", e.message())))?;
+    failure.map_or(Ok(()), Err)
+}
+
+/// Refuses a tree holding an entry (at any depth) whose name is not a plain file name.
+fn check_tree_names(tree: &git2::Tree<'_>) -> Result<(), ControllerError> {
+    let mut bad: Option<String> = None;
+    let walked = tree.walk(
+        git2::TreeWalkMode::PreOrder,
+        |parent, entry| match check_entry_name(entry.name_bytes()) {
+            Ok(_) => git2::TreeWalkResult::Ok,
+            Err(why) => {
+                let shown = String::from_utf8_lossy(entry.name_bytes()).into_owned();
+                bad = Some(format!("tree entry {shown:?} in {parent:?} {why}"));
+                git2::TreeWalkResult::Abort
+            }
+        },
+    );
+    match (bad, walked) {
+        (Some(b), _) => Err(ControllerError::Git(format!("{b}: revision refused"))),
+        (None, Err(e)) => Err(ControllerError::Git(format!("walk: {}", e.message()))),
+        (None, Ok(())) => Ok(()),
+    }
+}
+
+/// A tree entry's name as a single path component, or why it is not one: not UTF-8,
+/// empty, holding `/`, NUL or `..`, or `.`.
+pub fn check_entry_name(name: &[u8]) -> Result<&str, &'static str> {
+    let name = std::str::from_utf8(name).map_err(|_| "is not UTF-8")?;
+    if name.is_empty() || name == "." {
+        return Err("is empty or '.'");
+    }
+    if name.contains('/') {
+        return Err("contains '/'");
+    }
+    if name.contains('\0') {
+        return Err("contains NUL");
+    }
+    if name.contains("..") {
+        return Err("contains '..'");
+    }
+    Ok(name)
 }
 
 /// Verifies a detached signature `sig` over `data` with the keys in `keyring`. Returns
@@ -608,6 +704,168 @@ mod tests {
         assert!(!branch_name_is_valid("colon:x"));
         let err = SourceSpec::parse("git+file:///r#ma*in").unwrap_err();
         assert!(err.contains("\"ma*in\""), "{err}");
+    }
+
+    /// A repository at `dir` with a commit helper: `commit(parent, tree)`.
+    struct TestRepo {
+        repo: git2::Repository,
+        dir: tempfile::TempDir,
+    }
+
+    impl TestRepo {
+        fn new() -> TestRepo {
+            let dir = tempfile::tempdir().unwrap();
+            let repo = git2::Repository::init_bare(dir.path().join("r.git")).unwrap();
+            TestRepo { repo, dir }
+        }
+
+        fn url(&self) -> String {
+            format!("file://{}", self.dir.path().join("r.git").display())
+        }
+
+        /// A raw tree object holding `(mode, name, id)` entries, unchecked.
+        fn raw_tree(&self, entries: &[(&str, &[u8], git2::Oid)]) -> git2::Oid {
+            let mut raw = Vec::new();
+            for (mode, name, id) in entries {
+                raw.extend_from_slice(mode.as_bytes());
+                raw.push(b' ');
+                raw.extend_from_slice(name);
+                raw.push(0);
+                raw.extend_from_slice(id.as_bytes());
+            }
+            self.repo
+                .odb()
+                .unwrap()
+                .write(git2::ObjectType::Tree, &raw)
+                .unwrap()
+        }
+
+        fn file_tree(&self, name: &[u8], text: &str) -> git2::Oid {
+            let blob = self.repo.blob(text.as_bytes()).unwrap();
+            self.raw_tree(&[("100644", name, blob)])
+        }
+
+        /// Commits `tree` on `main` (forced: the branch may move anywhere).
+        fn commit(&self, tree: git2::Oid, parent: Option<git2::Oid>) -> git2::Oid {
+            let sig = git2::Signature::now("t", "t@example.com").unwrap();
+            let tree = self.repo.find_tree(tree).unwrap();
+            let parents: Vec<git2::Commit<'_>> = parent
+                .map(|p| self.repo.find_commit(p).unwrap())
+                .into_iter()
+                .collect();
+            let refs: Vec<&git2::Commit<'_>> = parents.iter().collect();
+            let id = self
+                .repo
+                .commit(None, &sig, &sig, "c", &tree, &refs)
+                .unwrap();
+            self.repo
+                .reference("refs/heads/main", id, true, "test")
+                .unwrap();
+            id
+        }
+
+        fn source(&self, state: &Path) -> GitSource {
+            GitSource::new(
+                self.url(),
+                Some("main".into()),
+                None,
+                state,
+                GitAuth::default(),
+            )
+        }
+    }
+
+    #[test]
+    fn only_fast_forwards_of_the_applied_revision_pass() {
+        let r = TestRepo::new();
+        let state = tempfile::tempdir().unwrap();
+        let src = r.source(state.path());
+        let c1 = r.commit(r.file_tree(b"a.yaml", "1"), None);
+        let c2 = r.commit(r.file_tree(b"a.yaml", "2"), Some(c1));
+        assert_eq!(src.fetch().unwrap().revision, c2.to_string());
+        let (s1, s2) = (c1.to_string(), c2.to_string());
+        src.check_fast_forward(&s1, &s2).unwrap();
+        src.check_fast_forward(&s2, &s2).unwrap();
+        let err = src.check_fast_forward(&s2, &s1).unwrap_err();
+        assert!(
+            err.contains("not a fast-forward") && err.contains("--allow-rewind"),
+            "{err}"
+        );
+        // A sibling (force-pushed rewrite) is not a fast-forward either.
+        let other = r.commit(r.file_tree(b"a.yaml", "3"), Some(c1));
+        assert_eq!(src.fetch().unwrap().revision, other.to_string());
+        assert!(src.check_fast_forward(&s2, &other.to_string()).is_err());
+        // An applied revision the mirror does not know is refused too.
+        let unknown = "0123456789abcdef0123456789abcdef01234567";
+        let err = src.check_fast_forward(unknown, &s2).unwrap_err();
+        assert!(err.contains("not in this repository"), "{err}");
+    }
+
+    #[test]
+    fn trees_with_bad_entry_names_are_refused() {
+        let r = TestRepo::new();
+        let ok = r.file_tree(b"ok.yaml", "x: 1\n");
+        let bad: [&[u8]; 6] = [
+            b"..",
+            b"../evil.yaml",
+            b"a/b.yaml",
+            b"\xff.yaml",
+            b".",
+            b"x..y",
+        ];
+        for name in bad {
+            let state = tempfile::tempdir().unwrap();
+            let src = r.source(state.path());
+            // The bad entry is one level down, next to a good file.
+            let inner = r.file_tree(name, "x: 1\n");
+            let blob = r.repo.blob(b"x: 1\n").unwrap();
+            let top = r.raw_tree(&[("100644", b"a.yaml", blob), ("40000", b"sub", inner)]);
+            let c = r.commit(top, None);
+            assert_eq!(src.fetch().unwrap().revision, c.to_string());
+            let err = src.checkout(&c.to_string()).unwrap_err().to_string();
+            let shown = String::from_utf8_lossy(name).into_owned();
+            assert!(
+                err.contains(&format!("{shown:?}")) && err.contains("refused"),
+                "{shown:?}: {err}"
+            );
+            // Nothing of it is left behind.
+            let left: Vec<_> = std::fs::read_dir(state.path().join("source"))
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect();
+            assert_eq!(
+                left,
+                vec![std::ffi::OsString::from("mirror.git")],
+                "{shown:?}"
+            );
+        }
+        let state = tempfile::tempdir().unwrap();
+        let src = r.source(state.path());
+        let c = r.commit(ok, None);
+        src.fetch().unwrap();
+        let dir = src.checkout(&c.to_string()).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(dir.join("ok.yaml")).unwrap(),
+            "x: 1\n"
+        );
+    }
+
+    #[test]
+    fn entry_names() {
+        assert_eq!(check_entry_name(b"a.yaml"), Ok("a.yaml"));
+        assert_eq!(check_entry_name(b".hidden"), Ok(".hidden"));
+        for bad in [
+            &b""[..],
+            b".",
+            b"..",
+            b"a..",
+            b"a/b",
+            b"/",
+            b"a\0b",
+            b"\xc3\x28",
+        ] {
+            assert!(check_entry_name(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]
