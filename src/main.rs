@@ -224,7 +224,14 @@ enum Command {
     },
 }
 
+/// The process umask: files and directories stead creates (state DB, config.json,
+/// console logs, sockets, run dirs) are private to root whatever the caller's umask;
+/// `stead shim` and `stead vmm` (this binary) inherit it. Code that needs a wider mode
+/// sets it explicitly.
+const UMASK: u32 = 0o077;
+
 fn main() -> ExitCode {
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(UMASK));
     let cli = Cli::parse();
     init_logging(&cli.global);
     match run(cli) {

@@ -1,0 +1,67 @@
+//! Files stead creates are private whatever the caller's umask (issue 12, item 4).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::Command;
+
+use stead_e2e::Sandbox;
+
+/// Every path under `root` (and `root`) whose mode grants group or other any access.
+fn shared_paths(root: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut todo = vec![root.to_path_buf()];
+    while let Some(p) = todo.pop() {
+        let meta = std::fs::symlink_metadata(&p).unwrap();
+        if meta.file_type().is_symlink() {
+            continue;
+        }
+        let mode = meta.permissions().mode() & 0o7777;
+        if mode & 0o077 != 0 {
+            out.push(format!("{} {mode:o}", p.display()));
+        }
+        if meta.is_dir() {
+            todo.extend(std::fs::read_dir(&p).unwrap().map(|e| e.unwrap().path()));
+        }
+    }
+    out
+}
+
+#[test]
+fn apply_under_umask_022_creates_private_state_and_run_files() {
+    let sb = Sandbox::new();
+    let m = sb.write(
+        "m/storage.yaml",
+        &format!(
+            "apiVersion: stead.dev/v1alpha1\nkind: StoragePool\nmetadata: {{name: local}}\nspec: {{type: dir, path: {}}}\n---\napiVersion: stead.dev/v1alpha1\nkind: Volume\nmetadata: {{name: a}}\nspec: {{pool: local, size: 1Mi, deletionPolicy: Delete}}\n",
+            sb.path("pools/local").display()
+        ),
+    );
+    let stead = sb.cmd();
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg("umask 022; exec \"$0\" \"$@\"")
+        .arg(stead.get_program())
+        .args(stead.get_args())
+        .args(["apply", "--yes"])
+        .arg(&m)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let state = sb.path("state");
+    let db = state.join("stead.db");
+    assert!(db.exists());
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&db), 0o600, "{}", db.display());
+    assert_eq!(mode(&state), 0o700);
+    assert_eq!(shared_paths(&state), Vec::<String>::new());
+    let run = sb.path("run");
+    if run.exists() {
+        assert_eq!(shared_paths(&run), Vec::<String>::new());
+    }
+}
