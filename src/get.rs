@@ -161,9 +161,13 @@ pub fn run(env: &HostEnv, what: Option<&str>, output: GetFormat) -> Result<u8> {
             }
         }
     };
-    let drivers = crate::drivers(env)?;
     let db = StateDb::open(&env.state_dir)?;
     let all = db.inventory()?;
+    let kinds: Vec<Kind> = match kind {
+        Some(k) => vec![k],
+        None => all.keys().map(|id| id.kind).collect(),
+    };
+    let drivers = crate::drivers_for(env, &Default::default(), kinds)?;
     let mut inventory = all.clone();
     inventory.retain(|id, _| {
         kind.is_none_or(|k| id.kind == k) && name.as_ref().is_none_or(|n| &id.name == n)

@@ -2,7 +2,7 @@
 
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -318,11 +318,27 @@ pub(crate) fn drivers_with(
     env: &HostEnv,
     opts: &stead_drivers::RegistryOptions,
 ) -> Result<Drivers> {
+    drivers_for(env, opts, Kind::ALL)
+}
+
+/// The drivers of `kinds` only (a network-only manifest needs no cgroups).
+pub(crate) fn drivers_for(
+    env: &HostEnv,
+    opts: &stead_drivers::RegistryOptions,
+    kinds: impl IntoIterator<Item = Kind>,
+) -> Result<Drivers> {
     let mut map: Drivers = BTreeMap::new();
-    for d in stead_drivers::registry_with(env, opts).context("cannot initialise drivers")? {
+    for d in stead_drivers::registry_for(env, opts, kinds).context("cannot initialise drivers")? {
         map.insert(d.kind(), d);
     }
     Ok(map)
+}
+
+/// The kinds a plan of `desired` can touch: those in the manifests and in the inventory.
+fn kinds_used(desired: &Desired, db: &StateDb) -> Result<BTreeSet<Kind>> {
+    let mut kinds: BTreeSet<Kind> = desired.resources.keys().map(|id| id.kind).collect();
+    kinds.extend(db.inventory()?.keys().map(|id| id.kind));
+    Ok(kinds)
 }
 
 fn style(g: &Global) -> Style {
@@ -388,8 +404,12 @@ fn run(cli: Cli) -> Result<u8> {
                 return Ok(1);
             };
             let env = host_env(&g)?;
-            let drivers = drivers(&env)?;
             let db = StateDb::open(&env.state_dir)?;
+            let drivers = drivers_for(
+                &env,
+                &stead_drivers::RegistryOptions::default(),
+                kinds_used(&desired, &db)?,
+            )?;
             let run = plan_run(
                 &drivers,
                 &desired,
@@ -578,13 +598,13 @@ pub(crate) fn apply(g: &Global, env: &HostEnv, req: ApplyRequest<'_>) -> Result<
     let opts_drivers = stead_drivers::RegistryOptions {
         container_stop_timeout_secs: purge.then_some(0),
     };
-    let drivers = drivers_with(env, &opts_drivers)?;
     let _lock = if dry_run {
         None
     } else {
         Some(ApplyLock::acquire(&env.state_dir, lock_timeout)?)
     };
     let db = StateDb::open(&env.state_dir)?;
+    let drivers = drivers_for(env, &opts_drivers, kinds_used(desired, &db)?)?;
     let mut run = plan_run(&drivers, desired, &db, opts)?;
     if purge {
         // Environment teardown: what `Retain` would keep goes too.

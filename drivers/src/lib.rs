@@ -13,7 +13,7 @@ pub mod supervise;
 pub mod vm;
 pub mod workload_snapshots;
 
-use stead_schema::{Driver, DriverError, HostEnv};
+use stead_schema::{Driver, DriverError, HostEnv, Kind};
 
 /// Tuning of the drivers for one run.
 #[derive(Debug, Clone, Default)]
@@ -33,18 +33,79 @@ pub fn registry_with(
     env: &HostEnv,
     opts: &RegistryOptions,
 ) -> Result<Vec<Box<dyn Driver>>, DriverError> {
-    let mut containers = container::ContainerDriver::new(env)?;
-    if let Some(secs) = opts.container_stop_timeout_secs {
-        containers.stop_timeout_secs = secs;
+    registry_for(env, opts, Kind::ALL)
+}
+
+/// The drivers for `kinds` only: a command that touches networks does not need cgroups,
+/// so it works where the cgroup file systems are not visible (e.g. under `ip netns exec`).
+pub fn registry_for(
+    env: &HostEnv,
+    opts: &RegistryOptions,
+    kinds: impl IntoIterator<Item = Kind>,
+) -> Result<Vec<Box<dyn Driver>>, DriverError> {
+    let mut kinds: Vec<Kind> = kinds.into_iter().collect();
+    kinds.sort();
+    kinds.dedup();
+    kinds
+        .into_iter()
+        .map(|kind| driver_for(env, opts, kind).map_err(|e| explain_hidden_cgroupfs(kind, e)))
+        .collect()
+}
+
+/// The driver of `kind`.
+fn driver_for(
+    env: &HostEnv,
+    opts: &RegistryOptions,
+    kind: Kind,
+) -> Result<Box<dyn Driver>, DriverError> {
+    Ok(match kind {
+        Kind::StoragePool => Box::new(storage::PoolDriver::new(env)),
+        Kind::Volume => Box::new(storage::VolumeDriver::new(env)),
+        Kind::Network => Box::new(net::NetworkDriver::new(env)?),
+        Kind::Bond => Box::new(net::BondDriver::new(env)?),
+        Kind::Container => {
+            let mut containers = container::ContainerDriver::new(env)?;
+            if let Some(secs) = opts.container_stop_timeout_secs {
+                containers.stop_timeout_secs = secs;
+            }
+            Box::new(containers)
+        }
+        Kind::VirtualMachine => Box::new(vm::VmDriver::new(env)?),
+        Kind::BackupSchedule => Box::new(schedules::ScheduleDriver::new(env)),
+    })
+}
+
+/// Where the cgroup file systems are mounted.
+const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+
+/// Adds the likely cause to a driver's set-up error when `/sys/fs/cgroup` is empty:
+/// `ip netns exec` remounts `/sys`, which hides the cgroup file systems.
+fn explain_hidden_cgroupfs(kind: Kind, e: DriverError) -> DriverError {
+    if !dir_is_empty(std::path::Path::new(CGROUP_ROOT)) {
+        return e;
     }
-    let drivers: Vec<Box<dyn Driver>> = vec![
-        Box::new(storage::PoolDriver::new(env)),
-        Box::new(storage::VolumeDriver::new(env)),
-        Box::new(net::NetworkDriver::new(env)?),
-        Box::new(net::BondDriver::new(env)?),
-        Box::new(containers),
-        Box::new(vm::VmDriver::new(env)?),
-        Box::new(schedules::ScheduleDriver::new(env)),
-    ];
-    Ok(drivers)
+    DriverError::Unsupported(format!(
+        "{kind}: {e}. {CGROUP_ROOT} is empty here: the cgroup file systems are hidden \
+         (`ip netns exec` remounts /sys). Run `stead --netns NAME ...` instead of \
+         `ip netns exec NAME stead ...`"
+    ))
+}
+
+/// True if `dir` is missing or has no entries.
+fn dir_is_empty(dir: &std::path::Path) -> bool {
+    std::fs::read_dir(dir).map_or(true, |mut rd| rd.next().is_none())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hidden_cgroupfs_is_explained() {
+        let empty = tempfile::tempdir().unwrap();
+        assert!(dir_is_empty(empty.path()));
+        assert!(dir_is_empty(&empty.path().join("missing")));
+        std::fs::write(empty.path().join("x"), "").unwrap();
+        assert!(!dir_is_empty(empty.path()));
+    }
 }
