@@ -152,3 +152,52 @@ fn http_source_with_credentials_file() {
     );
     assert!(ctl.status()["fetchError"].is_null());
 }
+
+/// Sends a webhook request whose headers announce `len` body bytes and then sends
+/// `body_sent` of them; returns the status line's code (0 if none came back).
+fn hook_with_length(port: u16, token: &str, len: usize, body_sent: usize) -> u16 {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let head = format!(
+        "POST /hooks/git HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nAuthorization: Bearer {token}\r\nContent-Length: {len}\r\n\r\n"
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    let _ = s.write_all(&vec![b' '; body_sent]);
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    String::from_utf8_lossy(&out)
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The webhook takes bodies up to 1 MiB; a larger one gets 413 and triggers nothing.
+#[test]
+fn webhook_body_over_one_mib_is_refused_with_413() {
+    let sb = Sandbox::new();
+    sb.write("m/all.yaml", &storage_yaml(&sb, &[("a", "1Mi")]));
+    let tok = sb.write("token", "body-limit-token");
+    let m = sb.path("m");
+    let ctl = Controller::start(
+        &sb,
+        &[
+            "--source",
+            m.to_str().unwrap(),
+            "--resync",
+            "1h",
+            "--webhook-token-file",
+            tok.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(
+        hook_with_length(ctl.port, "body-limit-token", 2 << 20, 0),
+        413
+    );
+    assert_eq!(
+        hook_with_length(ctl.port, "body-limit-token", 1 << 20, 1 << 20),
+        202
+    );
+    assert_eq!(ctl.get("/healthz").0, 200);
+}

@@ -73,7 +73,11 @@ fn ip_netns_exec_manages_networks_and_explains_cgroups() {
     assert_eq!(code(&o), 0, "{}", show(&o));
     let o = netns_exec(&sb, &["get", "network"]);
     assert_eq!(code(&o), 0, "{}", show(&o));
-    assert!(String::from_utf8_lossy(&o.stdout).contains("nxbr0"), "{}", show(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("nxbr0"),
+        "{}",
+        show(&o)
+    );
 
     // A container needs cgroups: a clear error naming the cause and the fix.
     let ct = sb.write(

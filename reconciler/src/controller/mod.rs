@@ -902,11 +902,14 @@ async fn run_async(cfg: Config, env: HostEnv, drivers: Drivers) -> Result<(), Co
     let http = {
         let app = server::router(shared.clone());
         tokio::spawn(async move {
-            let r = axum::serve(listener, app)
-                .with_graceful_shutdown(async move {
-                    let _ = stop_rx.wait_for(|v| *v).await;
-                })
-                .await;
+            let r = axum::serve(
+                server::limited(listener, server::HttpLimits::default()),
+                app,
+            )
+            .with_graceful_shutdown(async move {
+                let _ = stop_rx.wait_for(|v| *v).await;
+            })
+            .await;
             if let Err(e) = r {
                 error!(error = %e, "http server");
             }

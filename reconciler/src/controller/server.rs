@@ -1,32 +1,265 @@
 //! HTTP (`/metrics`, `/healthz`, `/readyz`, `POST /hooks/git`) and the status socket.
 
+use std::future::Future;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::State;
+use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use hmac::{KeyInit, Mac};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, ReadBuf};
 use tokio::net::UnixListener;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Sleep;
 use tracing::{debug, info, warn};
 
 use super::{ControllerError, Shared};
 
+/// Limits of the controller's HTTP server.
+#[derive(Debug, Clone, Copy)]
+pub struct HttpLimits {
+    /// Connections served at once; more wait in the kernel's listen backlog until one
+    /// closes.
+    pub max_connections: usize,
+    /// A connection on which nothing moves for this long is closed: a client that sends
+    /// half a request and stalls, or an idle keep-alive connection.
+    pub idle_timeout: Duration,
+    /// A connection is closed after this long whatever it does (a client that drips one
+    /// byte at a time).
+    pub max_connection_age: Duration,
+    /// Largest `POST /hooks/git` body; larger gets 413.
+    pub webhook_body_limit: usize,
+}
+
+impl Default for HttpLimits {
+    /// 64 connections, 10 s idle, 60 s per connection, 1 MiB webhook bodies.
+    fn default() -> Self {
+        HttpLimits {
+            max_connections: 64,
+            idle_timeout: Duration::from_secs(10),
+            max_connection_age: Duration::from_secs(60),
+            webhook_body_limit: 1 << 20,
+        }
+    }
+}
+
 /// The HTTP routes.
 pub(crate) fn router(shared: Arc<Shared>) -> Router {
+    router_with(shared, &HttpLimits::default())
+}
+
+/// The HTTP routes, with the webhook body limited to `limits.webhook_body_limit`.
+pub(crate) fn router_with(shared: Arc<Shared>, limits: &HttpLimits) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .route("/hooks/git", post(hook))
+        .route(
+            "/hooks/git",
+            post(hook)
+                .layer(DefaultBodyLimit::max(limits.webhook_body_limit))
+                .route_layer(axum::middleware::from_fn_with_state(
+                    limits.webhook_body_limit,
+                    refuse_declared_oversize,
+                )),
+        )
         .with_state(shared)
+}
+
+/// 413 at once for a request whose `Content-Length` is over `limit`, before any of the
+/// body is read (a body without a length is cut off by `DefaultBodyLimit` as it comes).
+async fn refuse_declared_oversize(
+    State(limit): State<usize>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        warn!(bytes = declared, limit, "webhook body too large");
+        return (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the webhook body is limited to {limit} bytes\n"),
+        )
+            .into_response();
+    }
+    next.run(req).await
+}
+
+/// A TCP listener that serves at most `max_connections` at once and closes connections
+/// that stall or live too long (see [`HttpLimits`]). Pass it to `axum::serve`.
+pub struct LimitedListener {
+    inner: tokio::net::TcpListener,
+    permits: Arc<Semaphore>,
+    limits: HttpLimits,
+}
+
+/// `listener` under `limits`.
+pub fn limited(listener: tokio::net::TcpListener, limits: HttpLimits) -> LimitedListener {
+    LimitedListener {
+        inner: listener,
+        permits: Arc::new(Semaphore::new(limits.max_connections.max(1))),
+        limits,
+    }
+}
+
+impl axum::serve::Listener for LimitedListener {
+    type Io = LimitedIo;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (LimitedIo, SocketAddr) {
+        // Wait for a free slot before taking the next connection off the backlog.
+        let Ok(permit) = self.permits.clone().acquire_owned().await else {
+            // The semaphore is never closed.
+            return std::future::pending().await;
+        };
+        loop {
+            match self.inner.accept().await {
+                Ok((io, addr)) => return (LimitedIo::new(io, permit, &self.limits), addr),
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    warn!(error = %e, "http accept");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
+}
+
+/// A connection of a [`LimitedListener`]: fails with `TimedOut` once it has been idle
+/// for the idle timeout or open for the maximum age; frees its slot when dropped.
+pub struct LimitedIo {
+    io: tokio::net::TcpStream,
+    idle_timeout: Duration,
+    idle: Pin<Box<Sleep>>,
+    age: Pin<Box<Sleep>>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl LimitedIo {
+    fn new(io: tokio::net::TcpStream, permit: OwnedSemaphorePermit, limits: &HttpLimits) -> Self {
+        let now = tokio::time::Instant::now();
+        LimitedIo {
+            io,
+            idle_timeout: limits.idle_timeout,
+            idle: Box::pin(tokio::time::sleep_until(now + limits.idle_timeout)),
+            age: Box::pin(tokio::time::sleep_until(now + limits.max_connection_age)),
+            _permit: permit,
+        }
+    }
+
+    /// Something moved: restart the idle clock.
+    fn touch(&mut self) {
+        let at = tokio::time::Instant::now() + self.idle_timeout;
+        self.idle.as_mut().reset(at);
+    }
+
+    /// `Ready(error)` once a clock ran out (and registers `cx` with both clocks).
+    fn expired(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Error> {
+        let what = if self.age.as_mut().poll(cx).is_ready() {
+            "connection open too long"
+        } else if self.idle.as_mut().poll(cx).is_ready() {
+            "connection idle too long"
+        } else {
+            return Poll::Pending;
+        };
+        debug!(what, "closing http connection");
+        Poll::Ready(std::io::Error::new(std::io::ErrorKind::TimedOut, what))
+    }
+
+    /// The result of an I/O poll that moved `moved` bytes, under the clocks.
+    fn guard<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<std::io::Result<T>>,
+        moved: bool,
+    ) -> Poll<std::io::Result<T>> {
+        match polled {
+            Poll::Ready(Ok(v)) => {
+                if self.age.is_elapsed() {
+                    return Poll::Ready(Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "connection open too long",
+                    )));
+                }
+                if moved {
+                    self.touch();
+                }
+                Poll::Ready(Ok(v))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => self.expired(cx).map(Err),
+        }
+    }
+}
+
+impl AsyncRead for LimitedIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut this.io).poll_read(cx, buf);
+        let moved = buf.filled().len() > before;
+        this.guard(cx, polled, moved)
+    }
+}
+
+impl AsyncWrite for LimitedIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.io).poll_write(cx, data);
+        let moved = matches!(polled, Poll::Ready(Ok(n)) if n > 0);
+        this.guard(cx, polled, moved)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        let moved = matches!(polled, Poll::Ready(Ok(n)) if n > 0);
+        this.guard(cx, polled, moved)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.io).poll_flush(cx);
+        this.guard(cx, polled, false)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
 }
 
 async fn metrics(State(s): State<Arc<Shared>>) -> Response {
@@ -183,6 +416,119 @@ pub(crate) async fn serve_status(l: UnixListener, shared: Arc<Shared>) {
 mod tests {
     use super::*;
     use axum::http::HeaderValue;
+
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    use std::time::Instant;
+
+    /// Serves a `/healthz` route under `limits` on 127.0.0.1 from a background thread
+    /// (ended with the test process); returns the port.
+    fn serve(limits: HttpLimits) -> u16 {
+        let std_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        std_listener.set_nonblocking(true).unwrap();
+        let port = std_listener.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let l = tokio::net::TcpListener::from_std(std_listener).unwrap();
+                let app = Router::new().route("/healthz", get(|| async { "ok\n" }));
+                let _ = axum::serve(limited(l, limits), app).await;
+            });
+        });
+        port
+    }
+
+    fn limits(idle_ms: u64, max: usize) -> HttpLimits {
+        HttpLimits {
+            max_connections: max,
+            idle_timeout: Duration::from_millis(idle_ms),
+            max_connection_age: Duration::from_secs(30),
+            webhook_body_limit: 1 << 20,
+        }
+    }
+
+    /// Reads until EOF or error (bounded by a 10 s socket timeout); the bytes read.
+    fn read_all(s: &mut TcpStream) -> Vec<u8> {
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        out
+    }
+
+    fn healthz(port: u16) -> String {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        String::from_utf8_lossy(&read_all(&mut s)).into_owned()
+    }
+
+    #[test]
+    fn a_stalled_header_is_cut_off_after_the_idle_timeout() {
+        let port = serve(limits(300, 8));
+        assert!(healthz(port).starts_with("HTTP/1.1 200"));
+        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Half: ")
+            .unwrap();
+        let t = Instant::now();
+        let got = read_all(&mut s);
+        let took = t.elapsed();
+        assert!(
+            !String::from_utf8_lossy(&got).contains("200 OK"),
+            "answered a half request"
+        );
+        assert!(
+            took >= Duration::from_millis(250) && took < Duration::from_secs(5),
+            "closed after {took:?}"
+        );
+    }
+
+    #[test]
+    fn a_slow_drip_is_cut_off_at_the_maximum_age() {
+        let mut l = limits(2000, 8);
+        l.max_connection_age = Duration::from_millis(600);
+        let port = serve(l);
+        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let t = Instant::now();
+        // One header byte every 100 ms never trips the idle timeout.
+        let mut closed = false;
+        for b in b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa".iter() {
+            if s.write_all(&[*b]).is_err() {
+                closed = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        if !closed {
+            s.set_read_timeout(Some(Duration::from_millis(100)))
+                .unwrap();
+            let mut buf = [0u8; 64];
+            closed = matches!(s.read(&mut buf), Ok(0) | Err(_));
+        }
+        assert!(closed, "still open after {:?}", t.elapsed());
+    }
+
+    #[test]
+    fn over_the_cap_healthz_waits_for_idle_connections_to_time_out() {
+        let port = serve(limits(400, 4));
+        // Six silent clients: four hold every slot, two wait in the backlog.
+        let idle: Vec<TcpStream> = (0..6)
+            .map(|_| TcpStream::connect(("127.0.0.1", port)).unwrap())
+            .collect();
+        std::thread::sleep(Duration::from_millis(50));
+        let t = Instant::now();
+        let answer = healthz(port);
+        let took = t.elapsed();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+        // It could only be served once idle clients were closed (the cap held).
+        assert!(
+            took >= Duration::from_millis(300) && took < Duration::from_secs(8),
+            "served after {took:?}"
+        );
+        drop(idle);
+    }
 
     /// The signature of `body` under `key`, as a forge sends it.
     fn sign(key: &[u8], body: &[u8]) -> String {
