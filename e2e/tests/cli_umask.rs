@@ -2,11 +2,27 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod controller_util;
+
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
+use controller_util::{free_port, http, wait_until};
 use stead_e2e::Sandbox;
+
+/// `stead <sandbox globals> <args>` under `sh -c 'umask 022; exec …'`.
+fn under_umask_022(sb: &Sandbox, args: &[&str]) -> Command {
+    let stead = sb.cmd();
+    let mut c = Command::new("sh");
+    c.arg("-c")
+        .arg("umask 022; exec \"$0\" \"$@\"")
+        .arg(stead.get_program())
+        .args(stead.get_args())
+        .args(args);
+    c
+}
 
 /// Every path under `root` (and `root`) whose mode grants group or other any access.
 fn shared_paths(root: &Path) -> Vec<String> {
@@ -38,14 +54,7 @@ fn apply_under_umask_022_creates_private_state_and_run_files() {
             sb.path("pools/local").display()
         ),
     );
-    let stead = sb.cmd();
-    let out = Command::new("sh")
-        .arg("-c")
-        .arg("umask 022; exec \"$0\" \"$@\"")
-        .arg(stead.get_program())
-        .args(stead.get_args())
-        .args(["apply", "--yes"])
-        .arg(&m)
+    let out = under_umask_022(&sb, &["apply", "--yes", m.to_str().unwrap()])
         .output()
         .unwrap();
     assert!(
@@ -60,8 +69,37 @@ fn apply_under_umask_022_creates_private_state_and_run_files() {
     assert_eq!(mode(&db), 0o600, "{}", db.display());
     assert_eq!(mode(&state), 0o700);
     assert_eq!(shared_paths(&state), Vec::<String>::new());
+
+    // The controller makes the run dir and its status socket.
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut child = under_umask_022(
+        &sb,
+        &[
+            "controller",
+            "--listen",
+            &listen,
+            "--resync",
+            "1h",
+            "--source",
+            m.parent().unwrap().to_str().unwrap(),
+        ],
+    )
+    .stdout(Stdio::null())
+    .stderr(Stdio::null())
+    .spawn()
+    .unwrap();
+    let up = wait_until(Duration::from_secs(20), || {
+        http(port, "GET", "/readyz", &[], "").0 == 200
+    });
     let run = sb.path("run");
-    if run.exists() {
-        assert_eq!(shared_paths(&run), Vec::<String>::new());
-    }
+    let shared = shared_paths(&run);
+    let sock = run.join("controller.sock").exists();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(up.is_some(), "controller did not become ready");
+    assert!(sock, "no status socket in {}", run.display());
+    assert_eq!(mode(&run), 0o700);
+    assert_eq!(shared, Vec::<String>::new());
+    assert_eq!(shared_paths(&state), Vec::<String>::new());
 }
