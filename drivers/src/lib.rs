@@ -81,13 +81,19 @@ const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 /// Adds the likely cause to a driver's set-up error when `/sys/fs/cgroup` is empty:
 /// `ip netns exec` remounts `/sys`, which hides the cgroup file systems.
 fn explain_hidden_cgroupfs(kind: Kind, e: DriverError) -> DriverError {
-    if !dir_is_empty(std::path::Path::new(CGROUP_ROOT)) {
+    explain_hidden_cgroupfs_at(std::path::Path::new(CGROUP_ROOT), kind, e)
+}
+
+/// [`explain_hidden_cgroupfs`] with the cgroup root at `root`.
+fn explain_hidden_cgroupfs_at(root: &std::path::Path, kind: Kind, e: DriverError) -> DriverError {
+    if !dir_is_empty(root) {
         return e;
     }
     DriverError::Unsupported(format!(
-        "{kind}: {e}. {CGROUP_ROOT} is empty here: the cgroup file systems are hidden \
+        "{kind}: {e}. {} is empty here: the cgroup file systems are hidden \
          (`ip netns exec` remounts /sys). Run `stead --netns NAME ...` instead of \
-         `ip netns exec NAME stead ...`"
+         `ip netns exec NAME stead ...`",
+        root.display()
     ))
 }
 
@@ -100,12 +106,32 @@ fn dir_is_empty(dir: &std::path::Path) -> bool {
 mod tests {
     use super::*;
 
+    fn cpu_missing() -> DriverError {
+        DriverError::Unsupported("cgroup v1 controller cpu is not mounted".into())
+    }
+
     #[test]
-    fn hidden_cgroupfs_is_explained() {
-        let empty = tempfile::tempdir().unwrap();
-        assert!(dir_is_empty(empty.path()));
-        assert!(dir_is_empty(&empty.path().join("missing")));
-        std::fs::write(empty.path().join("x"), "").unwrap();
-        assert!(!dir_is_empty(empty.path()));
+    fn an_empty_cgroup_root_is_explained() {
+        let root = tempfile::tempdir().unwrap();
+        let msg =
+            explain_hidden_cgroupfs_at(root.path(), Kind::Container, cpu_missing()).to_string();
+        assert!(
+            msg.contains("Container")
+                && msg.contains("cpu is not mounted")
+                && msg.contains("ip netns exec")
+                && msg.contains("--netns"),
+            "{msg}"
+        );
+        let gone = root.path().join("missing");
+        let msg = explain_hidden_cgroupfs_at(&gone, Kind::VirtualMachine, cpu_missing());
+        assert!(msg.to_string().contains("--netns"), "{msg}");
+    }
+
+    #[test]
+    fn a_populated_cgroup_root_keeps_the_error() {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir(root.path().join("cpu")).unwrap();
+        let msg = explain_hidden_cgroupfs_at(root.path(), Kind::Container, cpu_missing());
+        assert_eq!(msg.to_string(), cpu_missing().to_string());
     }
 }
