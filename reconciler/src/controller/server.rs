@@ -424,6 +424,14 @@ mod tests {
     /// Serves a `/healthz` route under `limits` on 127.0.0.1 from a background thread
     /// (ended with the test process); returns the port.
     fn serve(limits: HttpLimits) -> u16 {
+        serve_app(
+            Router::new().route("/healthz", get(|| async { "ok\n" })),
+            limits,
+        )
+    }
+
+    /// Serves `app` under `limits` on 127.0.0.1 from a background thread; the port.
+    fn serve_app(app: Router, limits: HttpLimits) -> u16 {
         let std_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         std_listener.set_nonblocking(true).unwrap();
         let port = std_listener.local_addr().unwrap().port();
@@ -434,7 +442,6 @@ mod tests {
                 .unwrap();
             rt.block_on(async move {
                 let l = tokio::net::TcpListener::from_std(std_listener).unwrap();
-                let app = Router::new().route("/healthz", get(|| async { "ok\n" }));
                 let _ = axum::serve(limited(l, limits), app).await;
             });
         });
@@ -528,6 +535,71 @@ mod tests {
             "served after {took:?}"
         );
         drop(idle);
+    }
+
+    /// The controller's routes with the webhook token `tok` and a `limit`-byte body cap.
+    fn serve_controller(tok: &str, limit: usize) -> u16 {
+        let shared = Arc::new(Shared {
+            metrics: super::super::Metrics::new().unwrap(),
+            status: Default::default(),
+            trigger: super::super::Trigger {
+                notify: tokio::sync::Notify::new(),
+                fetch: Default::default(),
+            },
+            webhook_token: Some(tok.into()),
+            busy_since: Default::default(),
+        });
+        let mut l = limits(2000, 8);
+        l.webhook_body_limit = limit;
+        serve_app(router_with(shared, &l), l)
+    }
+
+    /// POSTs `body` to the webhook with a bearer token, with a `Content-Length` or
+    /// chunked; the status code (0 if none). Bodies stay under 8 KiB, so the server
+    /// has read all of it when it answers (no reset that would eat the answer).
+    fn post_hook(port: u16, tok: &str, body: &[u8], chunked: bool) -> u16 {
+        send_hook(port, tok, body, chunked, body.len())
+    }
+
+    /// [`post_hook`] announcing `len` bytes with `Content-Length` (when not chunked).
+    fn send_hook(port: u16, tok: &str, body: &[u8], chunked: bool, len: usize) -> u16 {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let framing = if chunked {
+            "Transfer-Encoding: chunked".to_string()
+        } else {
+            format!("Content-Length: {len}")
+        };
+        let head = format!(
+            "POST /hooks/git HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer {tok}\r\n{framing}\r\n\r\n"
+        );
+        let _ = s.write_all(head.as_bytes());
+        if chunked {
+            for part in body.chunks(512) {
+                let _ = s.write_all(format!("{:x}\r\n", part.len()).as_bytes());
+                let _ = s.write_all(part);
+                let _ = s.write_all(b"\r\n");
+            }
+            let _ = s.write_all(b"0\r\n\r\n");
+        } else {
+            let _ = s.write_all(body);
+        }
+        let text = String::from_utf8_lossy(&read_all(&mut s)).into_owned();
+        text.split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0)
+    }
+
+    #[test]
+    fn webhook_bodies_over_the_limit_get_413() {
+        let port = serve_controller("t0k", 4096);
+        assert_eq!(post_hook(port, "t0k", &[b'x'; 4096], false), 202);
+        assert_eq!(post_hook(port, "t0k", &[b'x'; 4096], true), 202);
+        // Announced too large: refused before the body is read (none is sent).
+        assert_eq!(send_hook(port, "t0k", b"", false, 1 << 30), 413);
+        // No length announced: cut off once it passes the limit.
+        assert_eq!(post_hook(port, "t0k", &[b'x'; 5000], true), 413);
+        assert_eq!(post_hook(port, "wrong", b"{}", false), 401);
     }
 
     /// The signature of `body` under `key`, as a forge sends it.
