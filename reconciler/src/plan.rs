@@ -273,6 +273,12 @@ pub fn plan(
                 continue;
             }
             let obs = observed.get(&id).unwrap_or(&absent);
+            let unrecorded = !entry.recorded;
+            if unrecorded && obs.exists && !obs.owned {
+                // An interrupted step's intent, but the object found does not carry
+                // stead's mark: it may be someone else's. Never touched.
+                continue;
+            }
             let change = match driver.prune_action(&entry.resource) {
                 PruneAction::Retain => Change {
                     id: id.clone(),
@@ -310,6 +316,10 @@ pub fn plan(
                         safety_snapshot,
                         note: if !obs.exists {
                             Some("already absent from the host; forgetting it".into())
+                        } else if unrecorded {
+                            Some(
+                                "made by an interrupted apply that the state never recorded".into(),
+                            )
                         } else if opted_in && impact == Impact::DataLoss {
                             Some("deletionPolicy: Delete".into())
                         } else {

@@ -18,6 +18,10 @@ use stead_schema::{
 struct FakeHost {
     objects: Mutex<BTreeMap<ResourceId, (Value, bool)>>,
     fail: Mutex<BTreeSet<String>>,
+    /// Names whose apply is refused (a terminal error).
+    refuse: Mutex<BTreeSet<String>>,
+    /// Kinds whose observe panics.
+    panic_observe: Mutex<BTreeSet<Kind>>,
     log: Mutex<Vec<String>>,
 }
 
@@ -35,6 +39,9 @@ impl Driver for FakeDriver {
         targets: &[&Resource],
         _w: &dyn Lookup,
     ) -> Result<BTreeMap<ResourceId, Observed>, DriverError> {
+        if self.host.panic_observe.lock().unwrap().contains(&self.kind) {
+            panic!("fake observe of {} blew up", self.kind);
+        }
         let objs = self.host.objects.lock().unwrap();
         Ok(targets
             .iter()
@@ -92,6 +99,9 @@ impl Driver for FakeDriver {
     fn apply(&self, r: &Resource, _o: &Observed, w: &dyn Lookup) -> Result<(), DriverError> {
         if self.host.fail.lock().unwrap().contains(&r.id.name) {
             return Err(DriverError::Other("injected failure".into()));
+        }
+        if self.host.refuse.lock().unwrap().contains(&r.id.name) {
+            return Err(DriverError::Refused("injected refusal".into()));
         }
         self.host
             .log
@@ -527,4 +537,141 @@ fn data_loss_takes_a_safety_snapshot_first() {
         *e.host.log.lock().unwrap(),
         ["snapshot Volume/a pre-delete-", "delete Volume/a"]
     );
+}
+
+#[test]
+fn exec_keeps_the_error_class_of_the_driver() {
+    let e = env();
+    e.host.fail.lock().unwrap().insert("lan0".into());
+    e.host.refuse.lock().unwrap().insert("lan1".into());
+    let d = desired(&(doc("Network", "lan0", "{}") + &doc("Network", "lan1", "{}")));
+    let (_, r) = apply(&e, &d, PlanOptions::default());
+    let by: BTreeMap<String, &stead_reconciler::StepResult> =
+        r.results.iter().map(|s| (s.id.name.clone(), s)).collect();
+    let transient = by["lan0"].error.as_ref().expect("lan0 failed");
+    assert_eq!((transient.reason, transient.terminal), ("Failed", false));
+    let terminal = by["lan1"].error.as_ref().expect("lan1 failed");
+    assert_eq!((terminal.reason, terminal.terminal), ("Refused", true));
+    assert!(
+        terminal.message.contains("injected refusal"),
+        "{terminal:?}"
+    );
+    // The class reaches the events too.
+    let events =
+        e.db.lock()
+            .unwrap()
+            .events(Some("Network/lan1"), 10)
+            .unwrap();
+    assert!(
+        events
+            .iter()
+            .any(|ev| ev.reason == "Refused" && ev.message.contains("not retried")),
+        "{events:?}"
+    );
+    let json = serde_json::to_value(by["lan1"]).unwrap();
+    assert_eq!(json["error"]["terminal"], true, "{json}");
+}
+
+#[test]
+fn panicking_observe_is_an_error_not_an_absent_object() {
+    let e = env();
+    apply(
+        &e,
+        &desired(&(pool() + &doc("Network", "lan0", "{}"))),
+        PlanOptions::default(),
+    );
+    e.host.panic_observe.lock().unwrap().insert(Kind::Network);
+    e.host.log.lock().unwrap().clear();
+    // Still desired: no create (it would read as absent).
+    let d = desired(&(pool() + &doc("Network", "lan0", "{}") + &doc("Network", "lan1", "{}")));
+    let run = plan_run(
+        &e.drivers,
+        &d,
+        &e.db.lock().unwrap(),
+        PlanOptions::default(),
+    )
+    .unwrap();
+    assert!(
+        run.plan.changes.iter().all(|c| c.id.kind != Kind::Network),
+        "{:?}",
+        run.plan.changes
+    );
+    for name in ["lan0", "lan1"] {
+        assert!(
+            run.plan
+                .errors
+                .iter()
+                .any(|er| er.id.name == name && er.message.contains("observe panicked")),
+            "{name}: {:?}",
+            run.plan.errors
+        );
+    }
+    // Left the manifests: no delete either.
+    let run = plan_run(
+        &e.drivers,
+        &desired(&pool()),
+        &e.db.lock().unwrap(),
+        PlanOptions::default(),
+    )
+    .unwrap();
+    assert!(run.plan.changes.iter().all(|c| c.id.kind != Kind::Network));
+    assert!(run.plan.errors.iter().any(|er| er.id.name == "lan0"));
+    // The other kinds are observed and planned as usual.
+    assert!(
+        run.plan
+            .changes
+            .iter()
+            .any(|c| c.id.name == "local" && c.action == Action::Noop)
+    );
+}
+
+#[test]
+fn unrecorded_object_of_an_interrupted_step_is_pruned() {
+    let e = env();
+    // A step wrote its intent and made the object (with stead's mark), then the
+    // inventory write failed (a full state disk): the state does not know it.
+    let d = desired(&(doc("Network", "br0", "{}") + &doc("Network", "br1", "{mtu: 9000}")));
+    let br1 = d.get(&ResourceId::new(Kind::Network, "br1")).unwrap();
+    e.db.lock().unwrap().journal_intent(br1, "create").unwrap();
+    e.host
+        .objects
+        .lock()
+        .unwrap()
+        .insert(br1.id.clone(), (json!({"mtu": 9000}), true));
+    // An unmarked object under an open intent is not ours to delete.
+    let br2 = ResourceId::new(Kind::Network, "br2");
+    let d2 = desired(&doc("Network", "br2", "{}"));
+    e.db.lock()
+        .unwrap()
+        .journal_intent(d2.get(&br2).unwrap(), "create")
+        .unwrap();
+    e.host
+        .objects
+        .lock()
+        .unwrap()
+        .insert(br2.clone(), (json!({}), false));
+
+    let only_br0 = desired(&doc("Network", "br0", "{}"));
+    let (p, r) = apply(&e, &only_br0, PlanOptions::default());
+    assert!(r.success(), "{:?}", r.results);
+    let del = p
+        .changes
+        .iter()
+        .find(|c| c.id == br1.id)
+        .expect("br1 planned");
+    assert_eq!(del.action, Action::Delete);
+    assert!(p.changes.iter().all(|c| c.id != br2), "{:?}", p.changes);
+    let objs = e.host.objects.lock().unwrap();
+    assert!(!objs.contains_key(&br1.id), "the leaked object is pruned");
+    assert!(objs.contains_key(&br2), "the unmarked object is left alone");
+    drop(objs);
+    // Converged: the next plan has nothing to do.
+    let run = plan_run(
+        &e.drivers,
+        &only_br0,
+        &e.db.lock().unwrap(),
+        PlanOptions::default(),
+    )
+    .unwrap();
+    assert!(!run.plan.has_changes(), "{:?}", run.plan.changes);
 }

@@ -188,27 +188,38 @@ impl DriverError {
         }
     }
 
-    /// Whether retrying later could help.
+    /// Whether the error can never go away by retrying the same change: the request is
+    /// refused as written, an unowned object is in the way, or the host lacks a feature.
+    /// Only a new spec (manifest) or a change on the host can fix it, so the controller
+    /// holds such a resource (status `Failed`) instead of retrying it.
+    pub fn is_terminal(&self) -> bool {
+        matches!(
+            self,
+            DriverError::Unsupported(_) | DriverError::Conflict(_) | DriverError::Refused(_)
+        )
+    }
+
+    /// Whether retrying later could help: everything that is not [`Self::is_terminal`].
+    /// I/O errors are retryable whatever their errno (a full disk gets room, a busy
+    /// device gets free, a missing source file gets written).
     pub fn retryable(&self) -> bool {
+        !self.is_terminal()
+    }
+
+    /// Short CamelCase name of the error class, used as a status reason, an event reason
+    /// and a metric label: `Refused`, `Conflict`, `Unsupported`, `NotReady`, `IoError`,
+    /// `CommandFailed` or `Failed`.
+    pub fn reason(&self) -> &'static str {
         match self {
-            DriverError::Io { source, .. } => {
-                matches!(
-                    source.raw_os_error(),
-                    Some(libc_consts::EBUSY) | Some(libc_consts::EAGAIN) | Some(libc_consts::EINTR)
-                ) || source.kind() == std::io::ErrorKind::TimedOut
-            }
-            DriverError::NotReady(_) | DriverError::Other(_) | DriverError::Command { .. } => true,
-            DriverError::Unsupported(_) | DriverError::Conflict(_) | DriverError::Refused(_) => {
-                false
-            }
+            DriverError::Io { .. } => "IoError",
+            DriverError::Command { .. } => "CommandFailed",
+            DriverError::Unsupported(_) => "Unsupported",
+            DriverError::Conflict(_) => "Conflict",
+            DriverError::Refused(_) => "Refused",
+            DriverError::NotReady(_) => "NotReady",
+            DriverError::Other(_) => "Failed",
         }
     }
-}
-
-mod libc_consts {
-    pub const EINTR: i32 = 4;
-    pub const EAGAIN: i32 = 11;
-    pub const EBUSY: i32 = 16;
 }
 
 /// A host driver for one kind.
