@@ -179,8 +179,15 @@ pub fn step_line(r: &crate::exec::StepResult, style: Style) -> String {
         Outcome::Failed(_) | Outcome::Skipped(_) => style.paint("31", word),
         _ => style.paint("32", word),
     };
-    match &r.outcome {
-        Outcome::Failed(m) | Outcome::Skipped(m) => {
+    match (&r.outcome, &r.error) {
+        (Outcome::Failed(m), Some(e)) => {
+            let class = if e.terminal { "terminal" } else { "retryable" };
+            format!(
+                "{}: {} ({:.2}s, {} {class}): {}",
+                r.id, colored, r.seconds, e.reason, m
+            )
+        }
+        (Outcome::Failed(m) | Outcome::Skipped(m), _) => {
             format!("{}: {} ({:.2}s): {}", r.id, colored, r.seconds, m)
         }
         _ => format!("{}: {} ({:.2}s)", r.id, colored, r.seconds),
