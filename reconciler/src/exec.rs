@@ -228,6 +228,10 @@ pub fn execute(
     let cv = Condvar::new();
     let results = Mutex::new(Vec::with_capacity(n));
     let steps = AtomicUsize::new(0);
+    let mid = MidStepHook {
+        at: mid_step_pause_from_env(),
+        effects: AtomicUsize::new(0),
+    };
     let world = World {
         desired,
         applied: inventory,
@@ -262,7 +266,7 @@ pub fn execute(
                     let snap = c.safety_snapshot.as_deref();
                     run_one(
                         c.action, &c.id, snap, desired, inventory, obs, drivers, db, &world,
-                        &steps, opts,
+                        &steps, &mid, opts,
                     )
                 }
             };
@@ -316,6 +320,7 @@ fn run_one(
     db: &Mutex<StateDb>,
     world: &World<'_>,
     steps: &AtomicUsize,
+    mid: &MidStepHook,
     opts: &ExecOptions,
 ) -> (Outcome, Option<StepError>) {
     let span = info_span!("change", resource = %id, action = action.verb());
@@ -328,6 +333,7 @@ fn run_one(
                 db,
                 world,
                 obs,
+                mid,
             };
             step.run(action, safety_snapshot, desired, inventory)
         }
@@ -384,6 +390,32 @@ fn record_failure(db: &Mutex<StateDb>, id: &ResourceId, e: &StepError) {
     }
 }
 
+/// Test hook `STEAD_TEST_PAUSE_MID_STEP=N`: after the N-th side effect of a run, before
+/// its inventory write and journal close, pause (sleep) so a test can SIGKILL the process
+/// between the host change and the state update.
+struct MidStepHook {
+    at: Option<usize>,
+    effects: AtomicUsize,
+}
+
+impl MidStepHook {
+    fn side_effect_done(&self) {
+        let n = self.effects.fetch_add(1, Ordering::SeqCst) + 1;
+        if self.at == Some(n) {
+            eprintln!(
+                "stead: test hook: pausing mid-step after {n} side effects (STEAD_TEST_PAUSE_MID_STEP)"
+            );
+            std::thread::sleep(Duration::from_secs(600));
+        }
+    }
+}
+
+fn mid_step_pause_from_env() -> Option<usize> {
+    std::env::var("STEAD_TEST_PAUSE_MID_STEP")
+        .ok()
+        .and_then(|v| v.parse().ok())
+}
+
 /// One change of one resource, with what it needs to run.
 struct Step<'a> {
     id: &'a ResourceId,
@@ -391,6 +423,7 @@ struct Step<'a> {
     db: &'a Mutex<StateDb>,
     world: &'a World<'a>,
     obs: &'a Observed,
+    mid: &'a MidStepHook,
 }
 
 impl Step<'_> {
@@ -442,6 +475,7 @@ impl Step<'_> {
                 self.driver
                     .delete(last, self.obs, self.world)
                     .map_err(|e| StepError::driver(None, &e))?;
+                self.mid.side_effect_done();
                 self.db(&|d| {
                     d.remove(id)?;
                     d.journal_close(id, None)?;
@@ -490,6 +524,7 @@ impl Step<'_> {
                 .apply(r, self.obs, self.world)
                 .map_err(|e| StepError::driver(None, &e))?;
         }
+        self.mid.side_effect_done();
         self.db(&|d| {
             d.upsert(r)?;
             d.journal_close(id, None)?;
