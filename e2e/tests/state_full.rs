@@ -122,3 +122,40 @@ fn fill_then_prune() {
     );
     sb.run(&["diff", one.to_str().unwrap()]).expect_code(0);
 }
+
+/// A bridge with stead's mark that the state does not know (here the state dir was lost)
+/// is reported by `diff` and `apply`, and left alone: it may be another state dir's.
+#[test]
+fn marked_bridge_unknown_to_the_state_is_reported_not_touched() {
+    if skip_unless(
+        is_root(),
+        "marked_bridge_unknown_to_the_state_is_reported_not_touched",
+        "needs root (netns)",
+    ) {
+        return;
+    }
+    let sb = Sandbox::with_netns();
+    let ns = sb.netns.clone().unwrap();
+    let names: Vec<String> = vec!["mk0".into(), "mk1".into()];
+    sb.write("two/n.yaml", &bridges_yaml(&names));
+    sb.run(&["apply", "--yes", sb.path("two").to_str().unwrap()])
+        .expect_code(0);
+    std::fs::remove_dir_all(sb.path("state")).unwrap();
+    sb.write("one/n.yaml", &bridges_yaml(&names[..1]));
+    let one = sb.path("one");
+    let diff = sb.run(&["diff", one.to_str().unwrap()]);
+    assert!(
+        diff.stdout()
+            .contains("warning: Network/mk1: carries stead's ownership mark"),
+        "{}",
+        diff.stdout()
+    );
+    let json = sb.run(&["diff", "-o", "json", one.to_str().unwrap()]);
+    let v: serde_json::Value = serde_json::from_str(&json.stdout()).unwrap();
+    assert_eq!(v["warnings"][0]["id"]["name"], "mk1", "{v}");
+    sb.run(&["apply", "--yes", one.to_str().unwrap()])
+        .expect_code(0);
+    let mut left = stead_links(&ns);
+    left.sort();
+    assert_eq!(left, ["mk0", "mk1"], "mk1 is reported, never deleted");
+}

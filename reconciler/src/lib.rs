@@ -130,6 +130,44 @@ fn add_unrecorded(
     }
 }
 
+/// Objects on the host carrying stead's mark for a kind in use that neither `inventory`
+/// nor `desired` knows: reported, never touched (they may belong to another state dir).
+fn unknown_marked(
+    drivers: &Drivers,
+    desired: &Desired,
+    inventory: &BTreeMap<ResourceId, InventoryEntry>,
+) -> Vec<PlanError> {
+    let kinds: BTreeSet<Kind> = desired
+        .resources
+        .keys()
+        .chain(inventory.keys())
+        .map(|id| id.kind)
+        .collect();
+    let mut out = Vec::new();
+    for kind in kinds {
+        let Some(driver) = drivers.get(&kind) else {
+            continue;
+        };
+        let names = match driver.marked_on_host() {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!(%kind, error = %exec::error_chain(&e), "cannot list marked objects");
+                continue;
+            }
+        };
+        for name in names {
+            let id = ResourceId::new(kind, name);
+            if desired.get(&id).is_none() && !inventory.contains_key(&id) {
+                out.push(PlanError {
+                    id,
+                    message: "carries stead's ownership mark but neither the state nor the manifests know it (a lost record, or another state dir's); left alone: declare it to adopt it, or remove it by hand".into(),
+                });
+            }
+        }
+    }
+    out
+}
+
 /// Calls `driver.observe`, turning an error or a panic into a message. A panicking
 /// observe must not read as "absent" (which would plan a create or report drift): its
 /// resources get an observe error and the plan leaves them alone.
@@ -181,6 +219,8 @@ pub fn plan_run(
     // The observe error says it better than the planner's echo of it.
     p.errors.retain(|e| !failed.contains(&e.id));
     p.errors.extend(observe_errors);
+    p.warnings
+        .extend(unknown_marked(drivers, desired, &inventory));
     Ok(PlannedRun {
         plan: p,
         observed,

@@ -122,6 +122,10 @@ pub struct Plan {
     pub changes: Vec<Change>,
     /// Errors; a plan with errors is not applied.
     pub errors: Vec<PlanError>,
+    /// Things the plan leaves alone but the user should know (objects carrying stead's
+    /// mark that neither the state nor the manifests know). They do not stop an apply.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<PlanError>,
 }
 
 impl Plan {

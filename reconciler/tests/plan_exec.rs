@@ -116,6 +116,17 @@ impl Driver for FakeDriver {
             .insert(r.id.clone(), (state, true));
         Ok(())
     }
+    fn marked_on_host(&self) -> Result<Vec<String>, DriverError> {
+        Ok(self
+            .host
+            .objects
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(id, (_, owned))| id.kind == self.kind && *owned)
+            .map(|(id, _)| id.name.clone())
+            .collect())
+    }
     fn prune_action(&self, r: &Resource) -> PruneAction {
         match &r.spec {
             Spec::Volume(v) if v.deletion_policy == stead_schema::DeletionPolicy::Retain => {
@@ -674,4 +685,27 @@ fn unrecorded_object_of_an_interrupted_step_is_pruned() {
     )
     .unwrap();
     assert!(!run.plan.has_changes(), "{:?}", run.plan.changes);
+}
+
+#[test]
+fn marked_object_unknown_to_the_state_is_a_warning_and_left_alone() {
+    let e = env();
+    let lost = ResourceId::new(Kind::Network, "lost0");
+    e.host
+        .objects
+        .lock()
+        .unwrap()
+        .insert(lost.clone(), (json!({}), true));
+    let d = desired(&doc("Network", "lan0", "{}"));
+    let (p, r) = apply(&e, &d, PlanOptions::default());
+    assert!(r.success());
+    assert_eq!(p.warnings.len(), 1, "{:?}", p.warnings);
+    assert_eq!(p.warnings[0].id, lost);
+    assert!(p.changes.iter().all(|c| c.id != lost));
+    assert!(e.host.objects.lock().unwrap().contains_key(&lost));
+    let text = stead_reconciler::render::plan_text(&p, Default::default());
+    assert!(
+        text.contains("warning: Network/lost0: carries stead's ownership mark"),
+        "{text}"
+    );
 }

@@ -292,6 +292,15 @@ pub trait Driver: Send + Sync {
         Ok(())
     }
 
+    /// Names of the objects of this kind on the host that carry stead's ownership mark
+    /// for themselves (e.g. a link whose alias is `stead:Network/<its name>`). The planner
+    /// reports those that neither the state nor the manifests know (a lost record, or
+    /// another state dir's) and never changes them. Default: none (the driver cannot list
+    /// its objects).
+    fn marked_on_host(&self) -> Result<Vec<String>, DriverError> {
+        Ok(Vec::new())
+    }
+
     /// Removes the object. Idempotent: an absent object is success.
     fn delete(
         &self,
