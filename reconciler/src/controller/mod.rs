@@ -241,8 +241,9 @@ struct Engine {
 const KV_REVISION: &str = "controller.revision";
 
 /// What a terminal hold of `id` is checked against: its spec hash (desired, or last
-/// applied for a delete) and a fingerprint of what observe saw (existence, ownership
-/// and state; not runtime status, which moves on its own).
+/// applied for a delete) and a fingerprint of what observe saw of it and of the resources
+/// it references (existence, ownership and state; not runtime status, which moves on its
+/// own). A fix on the host — of the object or of what it depends on — releases the hold.
 fn hold_key(
     id: &ResourceId,
     desired: &Desired,
@@ -250,14 +251,16 @@ fn hold_key(
     observed: &BTreeMap<ResourceId, stead_schema::Observed>,
 ) -> Hold {
     use std::hash::{Hash, Hasher};
-    let spec_hash = desired
+    let resource = desired
         .get(id)
-        .map(|r| r.spec_hash())
-        .or_else(|| inventory.get(id).map(|e| e.spec_hash.clone()))
-        .unwrap_or_default();
+        .or_else(|| inventory.get(id).map(|e| &e.resource));
+    let spec_hash = resource.map(|r| r.spec_hash()).unwrap_or_default();
     let mut h = std::hash::DefaultHasher::new();
-    if let Some(o) = observed.get(id) {
-        (o.exists, o.owned, o.state.to_string()).hash(&mut h);
+    let deps = resource.map(|r| r.spec.references()).unwrap_or_default();
+    for seen in std::iter::once(id).chain(deps.iter().map(|(to, _)| to)) {
+        if let Some(o) = observed.get(seen) {
+            (seen, o.exists, o.owned, o.state.to_string()).hash(&mut h);
+        }
     }
     Hold {
         spec_hash,
@@ -1274,5 +1277,67 @@ async fn housekeeping_task(shared: Arc<Shared>, env: HostEnv, every: Duration) {
             failures_seen = failures;
         }
         tokio::time::sleep(every).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use stead_schema::{Kind, Observed};
+
+    fn desired(size: &str) -> Desired {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m.yaml");
+        std::fs::write(
+            &p,
+            format!(
+                "apiVersion: stead.dev/v1alpha1\nkind: StoragePool\nmetadata: {{name: p}}\nspec: {{type: dir, path: /p}}\n---\napiVersion: stead.dev/v1alpha1\nkind: Volume\nmetadata: {{name: v}}\nspec: {{pool: p, size: {size}}}\n---\napiVersion: stead.dev/v1alpha1\nkind: Network\nmetadata: {{name: n}}\nspec: {{}}\n"
+            ),
+        )
+        .unwrap();
+        stead_schema::load_and_validate(&[p]).unwrap()
+    }
+
+    fn seen(state: serde_json::Value) -> Observed {
+        Observed {
+            exists: true,
+            owned: true,
+            state,
+            ..Observed::absent()
+        }
+    }
+
+    #[test]
+    fn terminal_hold_key_follows_spec_the_object_and_its_dependencies() {
+        let v = ResourceId::new(Kind::Volume, "v");
+        let (pool, net) = (
+            ResourceId::new(Kind::StoragePool, "p"),
+            ResourceId::new(Kind::Network, "n"),
+        );
+        let inv = BTreeMap::new();
+        let d = desired("1Mi");
+        let mut obs = BTreeMap::from([
+            (v.clone(), Observed::absent()),
+            (pool.clone(), seen(json!({"path": "/p"}))),
+            (net.clone(), seen(json!({"mtu": 1500}))),
+        ]);
+        let k0 = hold_key(&v, &d, &inv, &obs);
+        // Runtime status and unrelated resources do not release the hold.
+        obs.get_mut(&pool).unwrap().status = json!({"free": 1});
+        obs.insert(net.clone(), seen(json!({"mtu": 9000})));
+        assert_eq!(hold_key(&v, &d, &inv, &obs), k0);
+        // The manifest changed.
+        assert_ne!(
+            hold_key(&v, &desired("2Mi"), &inv, &obs).spec_hash,
+            k0.spec_hash
+        );
+        // The pool it uses changed on the host.
+        obs.insert(pool.clone(), seen(json!({"path": "/q"})));
+        assert_ne!(hold_key(&v, &d, &inv, &obs).observed, k0.observed);
+        // The volume itself appeared.
+        obs.insert(pool, seen(json!({"path": "/p"})));
+        obs.insert(v.clone(), seen(json!({})));
+        assert_ne!(hold_key(&v, &d, &inv, &obs).observed, k0.observed);
     }
 }
