@@ -382,11 +382,21 @@ fn record_failure(db: &Mutex<StateDb>, id: &ResourceId, e: &StepError) {
         warn!(error = %error_chain(&err), "cannot record the failure event");
     }
     // A conflict means an unowned object was in the way and left alone: the intent did
-    // not happen, and an open entry would make the next plan adopt that object.
-    if e.reason == "Conflict"
-        && let Err(err) = g.journal_close(id, Some(&e.message))
-    {
-        warn!(error = %error_chain(&err), "cannot close the journal entry");
+    // not happen, and an open entry would make the next plan adopt that object. Other
+    // failures keep the entry open (the side effect may have happened) with the error.
+    let class = format!(
+        "{} ({}): {}",
+        e.reason,
+        if e.terminal { "terminal" } else { "transient" },
+        e.message
+    );
+    let journaled = if e.reason == "Conflict" {
+        g.journal_close(id, Some(&class))
+    } else {
+        g.journal_note_error(id, &class)
+    };
+    if let Err(err) = journaled {
+        warn!(error = %error_chain(&err), "cannot record the failure in the journal");
     }
 }
 

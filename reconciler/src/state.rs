@@ -265,6 +265,33 @@ impl StateDb {
         Ok(())
     }
 
+    /// Records `error` on the open entries of `id`, leaving them open (the step failed
+    /// after its intent; what it did on the host is repaired by the next plan).
+    pub fn journal_note_error(&self, id: &ResourceId, error: &str) -> Result<(), StateError> {
+        self.conn
+            .execute(
+                "UPDATE journal SET error=?1 WHERE kind=?2 AND name=?3 AND state='open'",
+                params![error, id.kind.as_str(), id.name],
+            )
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    /// The `(state, error)` of the newest journal entry of `id`.
+    pub fn journal_last(
+        &self,
+        id: &ResourceId,
+    ) -> Result<Option<(String, Option<String>)>, StateError> {
+        self.conn
+            .query_row(
+                "SELECT state, error FROM journal WHERE kind=?1 AND name=?2 ORDER BY id DESC LIMIT 1",
+                params![id.kind.as_str(), id.name],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .map_err(|e| self.err(e))
+    }
+
     /// Resources with an open journal entry: a previous run was interrupted while
     /// changing them. Objects found on the host for these ids are stead's own.
     pub fn journal_open(&self) -> Result<BTreeMap<ResourceId, String>, StateError> {

@@ -103,6 +103,11 @@ impl Driver for FakeDriver {
         if self.host.refuse.lock().unwrap().contains(&r.id.name) {
             return Err(DriverError::Refused("injected refusal".into()));
         }
+        if r.id.name.starts_with("taken") {
+            return Err(DriverError::Conflict(
+                "an unowned object is in the way".into(),
+            ));
+        }
         self.host
             .log
             .lock()
@@ -581,6 +586,19 @@ fn exec_keeps_the_error_class_of_the_driver() {
     );
     let json = serde_json::to_value(by["lan1"]).unwrap();
     assert_eq!(json["error"]["terminal"], true, "{json}");
+    // And the journal: the entry stays open (the step may have half happened) with it.
+    let (state, error) =
+        e.db.lock()
+            .unwrap()
+            .journal_last(&by["lan1"].id)
+            .unwrap()
+            .unwrap();
+    assert_eq!(state, "open");
+    assert!(
+        error
+            .unwrap()
+            .starts_with("Refused (terminal): refused: injected refusal")
+    );
 }
 
 #[test]
@@ -707,5 +725,38 @@ fn marked_object_unknown_to_the_state_is_a_warning_and_left_alone() {
     assert!(
         text.contains("warning: Network/lost0: carries stead's ownership mark"),
         "{text}"
+    );
+}
+
+#[test]
+fn a_conflict_closes_its_intent_so_the_object_is_never_adopted() {
+    let e = env();
+    let d = desired(&doc("Network", "taken0", "{}"));
+    let (_, r) = apply(&e, &d, PlanOptions::default());
+    assert_eq!(r.results[0].error.as_ref().unwrap().reason, "Conflict");
+    let id = ResourceId::new(Kind::Network, "taken0");
+    let (state, _) = e.db.lock().unwrap().journal_last(&id).unwrap().unwrap();
+    assert_eq!(state, "failed");
+    assert!(e.db.lock().unwrap().journal_open().unwrap().is_empty());
+    // The unowned object in the way stays a plan error, not an adoption.
+    e.host
+        .objects
+        .lock()
+        .unwrap()
+        .insert(id.clone(), (json!({}), false));
+    let run = plan_run(
+        &e.drivers,
+        &d,
+        &e.db.lock().unwrap(),
+        PlanOptions::default(),
+    )
+    .unwrap();
+    assert!(
+        run.plan
+            .errors
+            .iter()
+            .any(|er| er.id == id && er.message.contains("not owned")),
+        "{:?}",
+        run.plan
     );
 }
