@@ -437,10 +437,10 @@ struct Step<'a> {
 }
 
 impl Step<'_> {
-    /// Runs `f` on the state database; a failure stops the step.
+    /// Runs `f` on the state database in one transaction; a failure stops the step.
     fn db(&self, f: &dyn Fn(&StateDb) -> Result<(), StateError>) -> Result<(), StepError> {
         let g = self.db.lock().unwrap_or_else(|p| p.into_inner());
-        f(&g).map_err(|e| StepError::state(&e))
+        g.atomically(f).map_err(|e| StepError::state(&e))
     }
 
     fn run(
