@@ -334,3 +334,38 @@ fn kill_at_then_converge(hook: &str, step: usize) {
 }
 
 const STEPS_IN_MANIFEST: usize = 5;
+
+/// A driver whose observe panics (test hook) makes `diff` and `apply` exit 1 with an error
+/// naming each of its resources, and nothing of that kind is created or deleted.
+#[test]
+fn panicking_observe_fails_the_plan_and_touches_nothing() {
+    let sb = Sandbox::new();
+    let m = manifest(&sb, &[("a", "1Mi", "Delete")]);
+    sb.run(&["apply", "--yes", m.to_str().unwrap()])
+        .expect_code(0);
+    // `a` left the manifests and `b` joined: a delete and a create, were Volume observed.
+    let m2 = manifest(&sb, &[("b", "1Mi", "Delete")]);
+    for args in [vec!["diff"], vec!["apply", "--yes"]] {
+        let out = sb
+            .cmd()
+            .args(&args)
+            .arg(&m2)
+            .env("STEAD_TEST_PANIC_OBSERVE", "Volume")
+            .output()
+            .unwrap();
+        let out = stead_e2e::Run(out).expect_code(1);
+        let text = out.stdout() + &out.stderr();
+        for v in ["Volume/a", "Volume/b"] {
+            assert!(
+                text.contains(&format!("{v}: cannot observe Volume: observe panicked")),
+                "{args:?}: {v}\n{text}"
+            );
+        }
+        assert!(
+            !text.contains("(create") && !text.contains("(delete"),
+            "{text}"
+        );
+    }
+    assert!(image(&sb, "a").exists(), "a is not deleted");
+    assert!(!image(&sb, "b").exists(), "b is not created");
+}

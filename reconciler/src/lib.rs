@@ -176,10 +176,21 @@ fn observe_guarded(
     targets: &[&Resource],
     world: &World<'_>,
 ) -> Result<BTreeMap<ResourceId, Observed>, String> {
-    let call = std::panic::AssertUnwindSafe(|| driver.observe(targets, world));
+    let call = std::panic::AssertUnwindSafe(|| {
+        panic_if_test_hook_asks(driver.kind());
+        driver.observe(targets, world)
+    });
     match std::panic::catch_unwind(call) {
         Ok(res) => res.map_err(|e| exec::error_chain(&e)),
         Err(payload) => Err(format!("observe panicked: {}", panic_message(&*payload))),
+    }
+}
+
+/// Test hook `STEAD_TEST_PANIC_OBSERVE=KIND`: the observe of that kind panics, so a
+/// black-box test can check what a driver bug does to a plan.
+fn panic_if_test_hook_asks(kind: Kind) {
+    if std::env::var("STEAD_TEST_PANIC_OBSERVE").is_ok_and(|k| k == kind.as_str()) {
+        panic!("test hook: observe of {kind} panics (STEAD_TEST_PANIC_OBSERVE)");
     }
 }
 
