@@ -309,3 +309,31 @@ pub trait Driver: Send + Sync {
         world: &dyn Lookup,
     ) -> Result<(), DriverError>;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_classes() {
+        let io = |code| DriverError::io("x", std::io::Error::from_raw_os_error(code));
+        // ENOSPC and ENOENT go away when the host changes: transient, like NotReady.
+        for e in [
+            io(28),
+            io(2),
+            DriverError::NotReady("x".into()),
+            DriverError::Other("x".into()),
+        ] {
+            assert!(!e.is_terminal() && e.retryable(), "{e}");
+        }
+        for (e, reason) in [
+            (DriverError::Refused("x".into()), "Refused"),
+            (DriverError::Conflict("x".into()), "Conflict"),
+            (DriverError::Unsupported("x".into()), "Unsupported"),
+        ] {
+            assert!(e.is_terminal() && !e.retryable(), "{e}");
+            assert_eq!(e.reason(), reason);
+        }
+        assert_eq!(io(28).reason(), "IoError");
+    }
+}
