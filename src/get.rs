@@ -30,6 +30,22 @@ fn controller_resource<'a>(ctl: Option<&'a Value>, kind: Kind, name: &str) -> Op
     })
 }
 
+/// `reason: message` of the controller's first condition of a `Failed` resource (the
+/// error class, e.g. `Refused`, and what failed), for the DETAILS column.
+fn failed_details(r: &Value) -> Option<String> {
+    if r.get("status").and_then(Value::as_str) != Some("Failed") {
+        return None;
+    }
+    let c = r.pointer("/conditions/0")?;
+    let reason = c.get("reason").and_then(Value::as_str).unwrap_or("Failed");
+    let message = c.get("message").and_then(Value::as_str).unwrap_or("");
+    Some(
+        format!("{reason}: {message}")
+            .trim_end_matches([':', ' '])
+            .to_string(),
+    )
+}
+
 /// One line about the controller for the text output.
 fn controller_line(ctl: &Value) -> String {
     let s = |k: &str| ctl.get(k).and_then(Value::as_str).unwrap_or("");
@@ -257,11 +273,12 @@ pub fn run(env: &HostEnv, what: Option<&str>, output: GetFormat) -> Result<u8> {
                     if managed || !wanted {
                         return None;
                     }
-                    let msg = r
-                        .pointer("/conditions/0/message")
-                        .and_then(Value::as_str)
-                        .unwrap_or("")
-                        .to_string();
+                    let msg = failed_details(r).unwrap_or_else(|| {
+                        r.pointer("/conditions/0/message")
+                            .and_then(Value::as_str)
+                            .unwrap_or("")
+                            .to_string()
+                    });
                     items.push(json!({
                         "apiVersion": stead_schema::API_VERSION,
                         "kind": k.as_str(),
@@ -332,7 +349,8 @@ pub fn run(env: &HostEnv, what: Option<&str>, output: GetFormat) -> Result<u8> {
                         .map(|o| health_word(&o.health, exists))
                         .unwrap_or_else(|| "Unknown".into());
                     // The controller knows about failed applies, backoff and drift.
-                    if let Some(w) = controller_resource(ctl.as_ref(), id.kind, &id.name)
+                    let from_ctl = controller_resource(ctl.as_ref(), id.kind, &id.name);
+                    if let Some(w) = from_ctl
                         .and_then(|r| r.get("status"))
                         .and_then(Value::as_str)
                         && w != "Ready"
@@ -340,9 +358,10 @@ pub fn run(env: &HostEnv, what: Option<&str>, output: GetFormat) -> Result<u8> {
                     {
                         health = w.to_string();
                     }
-                    let info = o
-                        .map(|o| summary(id.kind, &o.state, &o.status))
-                        .unwrap_or_default();
+                    let info = from_ctl.and_then(failed_details).unwrap_or_else(|| {
+                        o.map(|o| summary(id.kind, &o.state, &o.status))
+                            .unwrap_or_default()
+                    });
                     [
                         id.kind.to_string(),
                         id.name.clone(),

@@ -108,3 +108,78 @@ fn failing_resource_backs_off_and_blocks_only_its_dependents() {
         ctl.logs()
     );
 }
+
+/// A terminal error (here `Unsupported`: this host has no device-mapper, so an lvmthin
+/// pool cannot work) is not retried while the manifest and the host stay the same: the
+/// resource is `Failed` with the class as its reason, in the status, in `stead get` and
+/// in `stead_resource_failed`. A new spec releases the hold at once.
+#[test]
+fn terminal_error_is_held_until_the_manifest_changes() {
+    let sb = Sandbox::new();
+    let pool = sb.path("p");
+    let lvm = format!(
+        "apiVersion: stead.dev/v1alpha1\nkind: StoragePool\nmetadata: {{name: thin}}\nspec: {{type: lvmthin, path: {}, lvm: {{volumeGroup: steadtestvg, thinPool: tp}}}}\n",
+        pool.display()
+    );
+    sb.write("m/p.yaml", &lvm);
+    let m = sb.path("m");
+    let ctl = Controller::start(&sb, &["--source", m.to_str().unwrap(), "--resync", "300ms"]);
+    let series = "stead_apply_failures_total{kind=\"StoragePool\"}";
+    assert!(
+        wait_until(Duration::from_secs(20), || ctl.metric(series) >= 1.0).is_some(),
+        "{}",
+        ctl.logs()
+    );
+    // Held: many resyncs, no second try (a transient error would retry after 1–2 s).
+    assert!(
+        ctl.wait_reconciles(8, Duration::from_secs(20)),
+        "{}",
+        ctl.logs()
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(ctl.metric(series), 1.0, "tried once\n{}", ctl.logs());
+    let st = ctl.status();
+    let r = &st["resources"][0];
+    assert_eq!(r["status"], "Failed", "{st}");
+    assert_eq!(r["conditions"][0]["reason"], "Unsupported", "{st}");
+    assert!(
+        r["conditions"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not retried until the manifest or the host changes"),
+        "{st}"
+    );
+    assert_eq!(
+        ctl.metric(
+            "stead_resource_failed{kind=\"StoragePool\",name=\"thin\",reason=\"Unsupported\"}"
+        ),
+        1.0
+    );
+    let out = sb.run(&["get"]).expect_code(0);
+    assert!(
+        out.stdout().contains("Failed") && out.stdout().contains("Unsupported"),
+        "{}",
+        out.stdout()
+    );
+
+    // A new spec releases the hold: the pool converges.
+    sb.write(
+        "m/p.yaml",
+        &format!(
+            "apiVersion: stead.dev/v1alpha1\nkind: StoragePool\nmetadata: {{name: thin}}\nspec: {{type: dir, path: {}}}\n",
+            pool.display()
+        ),
+    );
+    assert!(
+        wait_until(Duration::from_secs(20), || ctl.status()["lastResult"]
+            == "success")
+        .is_some(),
+        "{}",
+        ctl.logs()
+    );
+    assert!(
+        !ctl.scrape().contains("stead_resource_failed{"),
+        "{}",
+        ctl.scrape()
+    );
+}

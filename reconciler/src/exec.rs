@@ -13,11 +13,11 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use stead_schema::graph::edges;
-use stead_schema::{Desired, Driver, Kind, Observed, ResourceId};
+use stead_schema::{Desired, Driver, DriverError, Kind, Observed, Resource, ResourceId};
 use tracing::{info, info_span, warn};
 
 use crate::plan::{Action, Plan, World};
-use crate::state::{InventoryEntry, StateDb};
+use crate::state::{InventoryEntry, StateDb, StateError};
 
 /// How one change ended.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -62,6 +62,52 @@ impl Outcome {
     }
 }
 
+/// Why a change failed, with the class of the error kept from the driver up to the
+/// controller: a terminal error is not retried until the manifest or the host changes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StepError {
+    /// Short CamelCase class: a [`DriverError::reason`], `StateError` (the state
+    /// database could not be written) or `Internal`.
+    pub reason: &'static str,
+    /// Whether retrying the same change cannot help.
+    pub terminal: bool,
+    /// What went wrong (the error and its causes).
+    pub message: String,
+}
+
+impl StepError {
+    /// A driver error, its class kept.
+    pub fn driver(context: Option<&str>, e: &DriverError) -> Self {
+        let chain = error_chain(e);
+        StepError {
+            reason: e.reason(),
+            terminal: e.is_terminal(),
+            message: match context {
+                Some(c) => format!("{c}: {chain}"),
+                None => chain,
+            },
+        }
+    }
+
+    /// The state database failed (e.g. its disk is full): retryable, the step stopped.
+    fn state(e: &StateError) -> Self {
+        StepError {
+            reason: "StateError",
+            terminal: false,
+            message: error_chain(e),
+        }
+    }
+
+    /// A fault of stead itself (no driver, inconsistent inputs): not retried.
+    fn internal(message: impl Into<String>) -> Self {
+        StepError {
+            reason: "Internal",
+            terminal: true,
+            message: message.into(),
+        }
+    }
+}
+
 /// The result of one change.
 #[derive(Debug, Clone, Serialize)]
 pub struct StepResult {
@@ -71,6 +117,9 @@ pub struct StepResult {
     pub action: Action,
     /// How it ended.
     pub outcome: Outcome,
+    /// For a failed change: its error class.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<StepError>,
     /// Wall time.
     pub seconds: f64,
 }
@@ -179,6 +228,10 @@ pub fn execute(
     let cv = Condvar::new();
     let results = Mutex::new(Vec::with_capacity(n));
     let steps = AtomicUsize::new(0);
+    let mid = MidStepHook {
+        at: mid_step_pause_from_env(),
+        effects: AtomicUsize::new(0),
+    };
     let world = World {
         desired,
         applied: inventory,
@@ -203,14 +256,17 @@ pub fn execute(
             };
             let c = &changes[i];
             let start = Instant::now();
-            let outcome = match blocked_by {
-                Some(dep) => Outcome::Skipped(format!("dependency {dep} did not converge")),
+            let (outcome, error) = match blocked_by {
+                Some(dep) => (
+                    Outcome::Skipped(format!("dependency {dep} did not converge")),
+                    None,
+                ),
                 None => {
                     let obs = observed.get(&c.id).unwrap_or(&absent);
                     let snap = c.safety_snapshot.as_deref();
                     run_one(
                         c.action, &c.id, snap, desired, inventory, obs, drivers, db, &world,
-                        &steps, opts,
+                        &steps, &mid, opts,
                     )
                 }
             };
@@ -218,6 +274,7 @@ pub fn execute(
                 id: c.id.clone(),
                 action: c.action,
                 outcome,
+                error,
                 seconds: start.elapsed().as_secs_f64(),
             };
             on_step(&result);
@@ -263,102 +320,37 @@ fn run_one(
     db: &Mutex<StateDb>,
     world: &World<'_>,
     steps: &AtomicUsize,
+    mid: &MidStepHook,
     opts: &ExecOptions,
-) -> Outcome {
+) -> (Outcome, Option<StepError>) {
     let span = info_span!("change", resource = %id, action = action.verb());
     let _g = span.enter();
-    let Some(driver) = drivers.get(&id.kind) else {
-        return Outcome::Failed(format!("no driver for kind {}", id.kind));
+    let result = match drivers.get(&id.kind) {
+        Some(driver) => {
+            let step = Step {
+                id,
+                driver: driver.as_ref(),
+                db,
+                world,
+                obs,
+                mid,
+            };
+            step.run(action, safety_snapshot, desired, inventory)
+        }
+        None => Err(StepError::internal(format!(
+            "no driver for kind {}",
+            id.kind
+        ))),
     };
-    let with_db =
-        |f: &dyn Fn(&StateDb) -> Result<(), crate::state::StateError>| -> Result<(), String> {
-            let g = db.lock().unwrap_or_else(|p| p.into_inner());
-            f(&g).map_err(|e| error_chain(&e))
-        };
-    let absent = Observed::absent();
-    let result: Result<Outcome, String> = (|| match action {
-        Action::Noop => {
-            if let Some(r) = desired.get(id) {
-                let stale = inventory
-                    .get(id)
-                    .is_none_or(|i| i.spec_hash != r.spec_hash());
-                if stale {
-                    with_db(&|d| d.upsert(r))?;
-                }
-                with_db(&|d| d.journal_close(id, None))?;
-            }
-            Ok(Outcome::Unchanged)
-        }
-        Action::Create | Action::Update | Action::Replace => {
-            let r = desired
-                .get(id)
-                .ok_or("resource vanished from the desired set")?;
-            with_db(&|d| d.journal_begin(id, action.verb()).map(|_| ()))?;
-            if action == Action::Replace {
-                let old = inventory.get(id).map(|i| &i.resource).unwrap_or(r);
-                take_safety_snapshot(driver.as_ref(), old, world, safety_snapshot)?;
-                driver
-                    .delete(old, obs, world)
-                    .map_err(|e| format!("delete before re-create: {}", error_chain(&e)))?;
-                driver
-                    .apply(r, &absent, world)
-                    .map_err(|e| error_chain(&e))?;
-            } else {
-                driver.apply(r, obs, world).map_err(|e| error_chain(&e))?;
-            }
-            with_db(&|d| {
-                d.upsert(r)?;
-                d.journal_close(id, None)?;
-                d.event(&id.to_string(), "Normal", action_reason(action), "applied")
-            })?;
-            Ok(match action {
-                Action::Create => Outcome::Created,
-                Action::Update => Outcome::Configured,
-                _ => Outcome::Replaced,
-            })
-        }
-        Action::Delete => {
-            let last = inventory
-                .get(id)
-                .map(|i| &i.resource)
-                .ok_or("not in the inventory")?;
-            with_db(&|d| d.journal_begin(id, "delete").map(|_| ()))?;
-            take_safety_snapshot(driver.as_ref(), last, world, safety_snapshot)?;
-            driver
-                .delete(last, obs, world)
-                .map_err(|e| error_chain(&e))?;
-            with_db(&|d| {
-                d.remove(id)?;
-                d.journal_close(id, None)?;
-                d.event(&id.to_string(), "Normal", "Deleted", "deleted")
-            })?;
-            Ok(Outcome::Deleted)
-        }
-        Action::Retain => {
-            with_db(&|d| {
-                d.remove(id)?;
-                d.event(
-                    &id.to_string(),
-                    "Normal",
-                    "Retained",
-                    "left the manifests; data kept, no longer managed",
-                )
-            })?;
-            Ok(Outcome::Retained)
-        }
-    })();
     let outcome = match result {
         Ok(o) => {
             info!(outcome = o.word(), "done");
-            o
+            (o, None)
         }
-        Err(msg) => {
-            warn!(error = %msg, "failed");
-            let g = db.lock().unwrap_or_else(|p| p.into_inner());
-            // The journal entry stays open only if the side effect may have happened;
-            // record the failure as an event either way.
-            let _ = g.event(&id.to_string(), "Warning", "Failed", &msg);
-            Outcome::Failed(msg)
+        Err(e) => {
+            warn!(error = %e.message, reason = e.reason, terminal = e.terminal, "failed");
+            record_failure(db, id, &e);
+            (Outcome::Failed(e.message.clone()), Some(e))
         }
     };
     if action != Action::Noop {
@@ -373,18 +365,198 @@ fn run_one(
     outcome
 }
 
+/// Records a failed step as a Warning event whose reason is the error class. The
+/// journal entry stays open (the side effect may have happened), so the next plan
+/// treats what it finds as stead's own. Best effort: the database may be what failed.
+fn record_failure(db: &Mutex<StateDb>, id: &ResourceId, e: &StepError) {
+    let g = db.lock().unwrap_or_else(|p| p.into_inner());
+    let message = if e.terminal {
+        format!(
+            "{} (not retried until the manifest or the host changes)",
+            e.message
+        )
+    } else {
+        e.message.clone()
+    };
+    if let Err(err) = g.event(&id.to_string(), "Warning", e.reason, &message) {
+        warn!(error = %error_chain(&err), "cannot record the failure event");
+    }
+    // A conflict means an unowned object was in the way and left alone: the intent did
+    // not happen, and an open entry would make the next plan adopt that object. Other
+    // failures keep the entry open (the side effect may have happened) with the error.
+    let class = format!(
+        "{} ({}): {}",
+        e.reason,
+        if e.terminal { "terminal" } else { "transient" },
+        e.message
+    );
+    let journaled = if e.reason == "Conflict" {
+        g.journal_close(id, Some(&class))
+    } else {
+        g.journal_note_error(id, &class)
+    };
+    if let Err(err) = journaled {
+        warn!(error = %error_chain(&err), "cannot record the failure in the journal");
+    }
+}
+
+/// Test hook `STEAD_TEST_PAUSE_MID_STEP=N`: after the N-th side effect of a run, before
+/// its inventory write and journal close, pause (sleep) so a test can SIGKILL the process
+/// between the host change and the state update.
+struct MidStepHook {
+    at: Option<usize>,
+    effects: AtomicUsize,
+}
+
+impl MidStepHook {
+    fn side_effect_done(&self) {
+        let n = self.effects.fetch_add(1, Ordering::SeqCst) + 1;
+        if self.at == Some(n) {
+            eprintln!(
+                "stead: test hook: pausing mid-step after {n} side effects (STEAD_TEST_PAUSE_MID_STEP)"
+            );
+            std::thread::sleep(Duration::from_secs(600));
+        }
+    }
+}
+
+fn mid_step_pause_from_env() -> Option<usize> {
+    std::env::var("STEAD_TEST_PAUSE_MID_STEP")
+        .ok()
+        .and_then(|v| v.parse().ok())
+}
+
+/// One change of one resource, with what it needs to run.
+struct Step<'a> {
+    id: &'a ResourceId,
+    driver: &'a dyn Driver,
+    db: &'a Mutex<StateDb>,
+    world: &'a World<'a>,
+    obs: &'a Observed,
+    mid: &'a MidStepHook,
+}
+
+impl Step<'_> {
+    /// Runs `f` on the state database in one transaction; a failure stops the step.
+    fn db(&self, f: &dyn Fn(&StateDb) -> Result<(), StateError>) -> Result<(), StepError> {
+        let g = self.db.lock().unwrap_or_else(|p| p.into_inner());
+        g.atomically(f).map_err(|e| StepError::state(&e))
+    }
+
+    fn run(
+        &self,
+        action: Action,
+        safety_snapshot: Option<&str>,
+        desired: &Desired,
+        inventory: &BTreeMap<ResourceId, InventoryEntry>,
+    ) -> Result<Outcome, StepError> {
+        let id = self.id;
+        match action {
+            Action::Noop => {
+                if let Some(r) = desired.get(id) {
+                    let stale = inventory
+                        .get(id)
+                        .is_none_or(|i| i.spec_hash != r.spec_hash());
+                    if stale {
+                        self.db(&|d| d.upsert(r))?;
+                    }
+                    self.db(&|d| d.journal_close(id, None))?;
+                }
+                Ok(Outcome::Unchanged)
+            }
+            Action::Create | Action::Update | Action::Replace => {
+                let r = desired
+                    .get(id)
+                    .ok_or_else(|| StepError::internal("resource vanished from the desired set"))?;
+                self.apply(action, r, inventory, safety_snapshot)?;
+                Ok(match action {
+                    Action::Create => Outcome::Created,
+                    Action::Update => Outcome::Configured,
+                    _ => Outcome::Replaced,
+                })
+            }
+            Action::Delete => {
+                let last = inventory
+                    .get(id)
+                    .map(|i| &i.resource)
+                    .ok_or_else(|| StepError::internal("not in the inventory"))?;
+                self.db(&|d| d.journal_intent(last, "delete").map(|_| ()))?;
+                self.snapshot(last, safety_snapshot)?;
+                self.driver
+                    .delete(last, self.obs, self.world)
+                    .map_err(|e| StepError::driver(None, &e))?;
+                self.mid.side_effect_done();
+                self.db(&|d| {
+                    d.remove(id)?;
+                    d.journal_close(id, None)?;
+                    d.event(&id.to_string(), "Normal", "Deleted", "deleted")
+                })?;
+                Ok(Outcome::Deleted)
+            }
+            Action::Retain => {
+                self.db(&|d| {
+                    d.remove(id)?;
+                    d.journal_close(id, None)?;
+                    d.event(
+                        &id.to_string(),
+                        "Normal",
+                        "Retained",
+                        "left the manifests; data kept, no longer managed",
+                    )
+                })?;
+                Ok(Outcome::Retained)
+            }
+        }
+    }
+
+    /// Create, update or replace `r`: the intent (with the resource, so that a leak can
+    /// be pruned) is durable before the side effect; the inventory row after it.
+    fn apply(
+        &self,
+        action: Action,
+        r: &Resource,
+        inventory: &BTreeMap<ResourceId, InventoryEntry>,
+        safety_snapshot: Option<&str>,
+    ) -> Result<(), StepError> {
+        let id = self.id;
+        self.db(&|d| d.journal_intent(r, action.verb()).map(|_| ()))?;
+        if action == Action::Replace {
+            let old = inventory.get(id).map(|i| &i.resource).unwrap_or(r);
+            self.snapshot(old, safety_snapshot)?;
+            self.driver
+                .delete(old, self.obs, self.world)
+                .map_err(|e| StepError::driver(Some("delete before re-create"), &e))?;
+            self.driver
+                .apply(r, &Observed::absent(), self.world)
+                .map_err(|e| StepError::driver(None, &e))?;
+        } else {
+            self.driver
+                .apply(r, self.obs, self.world)
+                .map_err(|e| StepError::driver(None, &e))?;
+        }
+        self.mid.side_effect_done();
+        self.db(&|d| {
+            d.upsert(r)?;
+            d.journal_close(id, None)?;
+            d.event(&id.to_string(), "Normal", action_reason(action), "applied")
+        })
+    }
+
+    fn snapshot(&self, r: &Resource, name: Option<&str>) -> Result<(), StepError> {
+        take_safety_snapshot(self.driver, r, self.world, name)
+    }
+}
+
 fn take_safety_snapshot(
     driver: &dyn Driver,
-    r: &stead_schema::Resource,
+    r: &Resource,
     world: &World<'_>,
     name: Option<&str>,
-) -> Result<(), String> {
+) -> Result<(), StepError> {
     let Some(name) = name else { return Ok(()) };
     driver.safety_snapshot(r, world, name).map_err(|e| {
-        format!(
-            "safety snapshot {name} failed, so nothing was changed: {}",
-            error_chain(&e)
-        )
+        let context = format!("safety snapshot {name} failed, so nothing was changed");
+        StepError::driver(Some(&context), &e)
     })?;
     info!(snapshot = name, "safety snapshot taken");
     Ok(())

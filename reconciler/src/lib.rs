@@ -69,14 +69,23 @@ pub fn observe_where(
                     let _span = info_span!("observe", kind = %kind).entered();
                     let ids: Vec<ResourceId> = targets.iter().map(|r| r.id.clone()).collect();
                     let res = match drivers.get(kind) {
-                        Some(d) => d.observe(targets, world).map_err(|e| exec::error_chain(&e)),
+                        Some(d) => observe_guarded(d.as_ref(), targets, world),
                         None => Err(format!("no driver for kind {kind} on this build")),
                     };
                     (*kind, ids, res)
                 })
             })
             .collect();
-        handles.into_iter().filter_map(|h| h.join().ok()).collect()
+        handles
+            .into_iter()
+            .zip(by_kind.iter())
+            .map(|(h, (kind, targets))| {
+                h.join().unwrap_or_else(|_| {
+                    let ids = targets.iter().map(|r| r.id.clone()).collect();
+                    (*kind, ids, Err("observe thread died".into()))
+                })
+            })
+            .collect()
     });
     let mut observed = BTreeMap::new();
     let mut errors = Vec::new();
@@ -96,6 +105,104 @@ pub fn observe_where(
     (observed, errors)
 }
 
+/// Adds to `inventory` the resources of open journal entries that neither the inventory
+/// nor `desired` knows: a step that changed the host but never recorded it (a crash, a
+/// full state disk). They are observed and planned like owned resources that left the
+/// manifests, so what such a step made is pruned instead of leaking.
+fn add_unrecorded(
+    inventory: &mut BTreeMap<ResourceId, InventoryEntry>,
+    journaled: BTreeMap<ResourceId, Resource>,
+    desired: &Desired,
+) {
+    for (id, resource) in journaled {
+        if inventory.contains_key(&id) || desired.get(&id).is_some() {
+            continue;
+        }
+        inventory.insert(
+            id,
+            InventoryEntry {
+                spec_hash: resource.spec_hash(),
+                resource,
+                applied_at: 0.0,
+                recorded: false,
+            },
+        );
+    }
+}
+
+/// Objects on the host carrying stead's mark for a kind in use that neither `inventory`
+/// nor `desired` knows: reported, never touched (they may belong to another state dir).
+fn unknown_marked(
+    drivers: &Drivers,
+    desired: &Desired,
+    inventory: &BTreeMap<ResourceId, InventoryEntry>,
+) -> Vec<PlanError> {
+    let kinds: BTreeSet<Kind> = desired
+        .resources
+        .keys()
+        .chain(inventory.keys())
+        .map(|id| id.kind)
+        .collect();
+    let mut out = Vec::new();
+    for kind in kinds {
+        let Some(driver) = drivers.get(&kind) else {
+            continue;
+        };
+        let names = match driver.marked_on_host() {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!(%kind, error = %exec::error_chain(&e), "cannot list marked objects");
+                continue;
+            }
+        };
+        for name in names {
+            let id = ResourceId::new(kind, name);
+            if desired.get(&id).is_none() && !inventory.contains_key(&id) {
+                out.push(PlanError {
+                    id,
+                    message: "carries stead's ownership mark but neither the state nor the manifests know it (a lost record, or another state dir's); left alone: declare it to adopt it, or remove it by hand".into(),
+                });
+            }
+        }
+    }
+    out
+}
+
+/// Calls `driver.observe`, turning an error or a panic into a message. A panicking
+/// observe must not read as "absent" (which would plan a create or report drift): its
+/// resources get an observe error and the plan leaves them alone.
+fn observe_guarded(
+    driver: &dyn Driver,
+    targets: &[&Resource],
+    world: &World<'_>,
+) -> Result<BTreeMap<ResourceId, Observed>, String> {
+    let call = std::panic::AssertUnwindSafe(|| {
+        panic_if_test_hook_asks(driver.kind());
+        driver.observe(targets, world)
+    });
+    match std::panic::catch_unwind(call) {
+        Ok(res) => res.map_err(|e| exec::error_chain(&e)),
+        Err(payload) => Err(format!("observe panicked: {}", panic_message(&*payload))),
+    }
+}
+
+/// Test hook `STEAD_TEST_PANIC_OBSERVE=KIND`: the observe of that kind panics, so a
+/// black-box test can check what a driver bug does to a plan.
+fn panic_if_test_hook_asks(kind: Kind) {
+    if std::env::var("STEAD_TEST_PANIC_OBSERVE").is_ok_and(|k| k == kind.as_str()) {
+        panic!("test hook: observe of {kind} panics (STEAD_TEST_PANIC_OBSERVE)");
+    }
+}
+
+/// The message of a panic payload (`&str` or `String`), or a placeholder.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".into())
+}
+
 /// Everything a run needs: the plan and the inputs it was computed from.
 pub struct PlannedRun {
     /// The plan.
@@ -113,8 +220,9 @@ pub fn plan_run(
     db: &StateDb,
     opts: PlanOptions,
 ) -> Result<PlannedRun, StateError> {
-    let inventory = db.inventory()?;
+    let mut inventory = db.inventory()?;
     let pending: BTreeSet<ResourceId> = state::pending_ids(db)?;
+    add_unrecorded(&mut inventory, db.journal_open_resources()?, desired);
     let (observed, observe_errors) = observe_all(drivers, desired, &inventory);
     let mut p = plan::plan(desired, &observed, &inventory, &pending, drivers, opts);
     let failed: BTreeSet<&ResourceId> = observe_errors.iter().map(|e| &e.id).collect();
@@ -122,6 +230,8 @@ pub fn plan_run(
     // The observe error says it better than the planner's echo of it.
     p.errors.retain(|e| !failed.contains(&e.id));
     p.errors.extend(observe_errors);
+    p.warnings
+        .extend(unknown_marked(drivers, desired, &inventory));
     Ok(PlannedRun {
         plan: p,
         observed,

@@ -122,6 +122,10 @@ pub struct Plan {
     pub changes: Vec<Change>,
     /// Errors; a plan with errors is not applied.
     pub errors: Vec<PlanError>,
+    /// Things the plan leaves alone but the user should know (objects carrying stead's
+    /// mark that neither the state nor the manifests know). They do not stop an apply.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<PlanError>,
 }
 
 impl Plan {
@@ -273,6 +277,12 @@ pub fn plan(
                 continue;
             }
             let obs = observed.get(&id).unwrap_or(&absent);
+            let unrecorded = !entry.recorded;
+            if unrecorded && obs.exists && !obs.owned {
+                // An interrupted step's intent, but the object found does not carry
+                // stead's mark: it may be someone else's. Never touched.
+                continue;
+            }
             let change = match driver.prune_action(&entry.resource) {
                 PruneAction::Retain => Change {
                     id: id.clone(),
@@ -310,6 +320,10 @@ pub fn plan(
                         safety_snapshot,
                         note: if !obs.exists {
                             Some("already absent from the host; forgetting it".into())
+                        } else if unrecorded {
+                            Some(
+                                "made by an interrupted apply that the state never recorded".into(),
+                            )
                         } else if opted_in && impact == Impact::DataLoss {
                             Some("deletionPolicy: Delete".into())
                         } else {

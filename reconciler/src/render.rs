@@ -121,6 +121,15 @@ pub fn plan_text(plan: &Plan, style: Style) -> String {
             e.message
         );
     }
+    for w in &plan.warnings {
+        let _ = writeln!(
+            out,
+            "{} {}: {}",
+            style.paint("33;1", "warning:"),
+            w.id,
+            w.message
+        );
+    }
     let s = plan.summary();
     let n = |a| s.get(&a).copied().unwrap_or(0);
     if plan.has_changes() {
@@ -160,6 +169,7 @@ pub fn plan_json(plan: &Plan) -> Value {
         "kind": "Plan",
         "changes": plan.changes.iter().filter(|c| c.action != Action::Noop).collect::<Vec<_>>(),
         "errors": plan.errors,
+        "warnings": plan.warnings,
         "summary": {
             "create": n(Action::Create),
             "update": n(Action::Update),
@@ -179,8 +189,15 @@ pub fn step_line(r: &crate::exec::StepResult, style: Style) -> String {
         Outcome::Failed(_) | Outcome::Skipped(_) => style.paint("31", word),
         _ => style.paint("32", word),
     };
-    match &r.outcome {
-        Outcome::Failed(m) | Outcome::Skipped(m) => {
+    match (&r.outcome, &r.error) {
+        (Outcome::Failed(m), Some(e)) => {
+            let class = if e.terminal { "terminal" } else { "retryable" };
+            format!(
+                "{}: {} ({:.2}s, {} {class}): {}",
+                r.id, colored, r.seconds, e.reason, m
+            )
+        }
+        (Outcome::Failed(m) | Outcome::Skipped(m), _) => {
             format!("{}: {} ({:.2}s): {}", r.id, colored, r.seconds, m)
         }
         _ => format!("{}: {} ({:.2}s)", r.id, colored, r.seconds),

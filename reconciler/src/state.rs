@@ -59,6 +59,9 @@ pub struct InventoryEntry {
     pub resource: Resource,
     /// When it was applied (seconds since the epoch).
     pub applied_at: f64,
+    /// False for a resource known only from an open journal entry: a step changed the
+    /// host for it but its inventory row was never written.
+    pub recorded: bool,
 }
 
 /// An event for `stead get` and the controller.
@@ -98,7 +101,7 @@ impl StateDb {
         conn.busy_timeout(Duration::from_secs(10)).map_err(db)?;
         conn.execute_batch(
             "PRAGMA journal_mode=WAL;
-             PRAGMA synchronous=NORMAL;
+             PRAGMA synchronous=FULL;
              CREATE TABLE IF NOT EXISTS inventory (
                  kind TEXT NOT NULL, name TEXT NOT NULL,
                  spec_hash TEXT NOT NULL, spec TEXT NOT NULL, metadata TEXT NOT NULL,
@@ -116,6 +119,7 @@ impl StateDb {
              CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL);",
         )
         .map_err(db)?;
+        add_journal_resource_column(&conn).map_err(db)?;
         Ok(StateDb { conn, path })
     }
 
@@ -124,6 +128,17 @@ impl StateDb {
             path: self.path.clone(),
             source,
         }
+    }
+
+    /// Runs `f` in one transaction: all of its writes land together or none does (one
+    /// fsync instead of one per statement).
+    pub fn atomically(
+        &self,
+        f: &dyn Fn(&StateDb) -> Result<(), StateError>,
+    ) -> Result<(), StateError> {
+        let tx = self.conn.unchecked_transaction().map_err(|e| self.err(e))?;
+        f(self)?;
+        tx.commit().map_err(|e| self.err(e))
     }
 
     /// Every owned resource.
@@ -148,28 +163,14 @@ impl StateDb {
         for row in rows {
             let (kind, name, spec_hash, spec, metadata, applied_at) =
                 row.map_err(|e| self.err(e))?;
-            let key = format!("{kind}/{name}");
-            let kind: Kind = kind
-                .parse()
-                .map_err(|e: stead_schema::ValueError| StateError::Corrupt(key.clone(), e.0))?;
-            let spec: serde_json::Value = serde_json::from_str(&spec)
-                .map_err(|e| StateError::Corrupt(key.clone(), e.to_string()))?;
-            let spec = Spec::from_value(kind, spec)
-                .map_err(|e| StateError::Corrupt(key.clone(), e.to_string()))?;
-            let metadata: Metadata = serde_json::from_str(&metadata)
-                .map_err(|e| StateError::Corrupt(key.clone(), e.to_string()))?;
-            let id = ResourceId::new(kind, name);
+            let resource = decode_resource(&kind, name, &spec, &metadata)?;
             out.insert(
-                id.clone(),
+                resource.id.clone(),
                 InventoryEntry {
                     spec_hash,
-                    resource: Resource {
-                        id,
-                        metadata,
-                        spec,
-                        origin: Origin::default(),
-                    },
+                    resource,
                     applied_at,
+                    recorded: true,
                 },
             );
         }
@@ -202,6 +203,56 @@ impl StateDb {
         Ok(())
     }
 
+    /// Writes an intent before a side effect on `r`, with `r` itself (spec and
+    /// metadata), so that an object made by a step whose inventory write never happened
+    /// can still be found and pruned by the next plan. Durable when it returns
+    /// (`synchronous=FULL`): the caller must not touch the host if it fails.
+    pub fn journal_intent(&self, r: &Resource, action: &str) -> Result<i64, StateError> {
+        let resource = serde_json::json!({"spec": &r.spec, "metadata": &r.metadata}).to_string();
+        self.conn
+            .execute(
+                "INSERT INTO journal (ts, kind, name, action, state, resource)
+                 VALUES (?1, ?2, ?3, ?4, 'open', ?5)",
+                params![now_secs(), r.id.kind.as_str(), r.id.name, action, resource],
+            )
+            .map_err(|e| self.err(e))?;
+        Ok(self.conn.last_insert_rowid())
+    }
+
+    /// The resources of open journal entries that carry one (the newest entry per id).
+    /// Entries written before resources were journaled, or that fail to decode, are
+    /// left out: their ids are still in [`Self::journal_open`].
+    pub fn journal_open_resources(&self) -> Result<BTreeMap<ResourceId, Resource>, StateError> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT kind, name, resource FROM journal
+                 WHERE state='open' AND resource IS NOT NULL ORDER BY id",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                ))
+            })
+            .map_err(|e| self.err(e))?;
+        let mut out = BTreeMap::new();
+        for row in rows {
+            let (kind, name, resource) = row.map_err(|e| self.err(e))?;
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(&resource) else {
+                continue;
+            };
+            let (spec, metadata) = (v["spec"].to_string(), v["metadata"].to_string());
+            if let Ok(r) = decode_resource(&kind, name, &spec, &metadata) {
+                out.insert(r.id.clone(), r);
+            }
+        }
+        Ok(out)
+    }
+
     /// Writes an intent before a side effect; returns the entry id.
     pub fn journal_begin(&self, id: &ResourceId, action: &str) -> Result<i64, StateError> {
         self.conn
@@ -223,6 +274,33 @@ impl StateDb {
             )
             .map_err(|e| self.err(e))?;
         Ok(())
+    }
+
+    /// Records `error` on the open entries of `id`, leaving them open (the step failed
+    /// after its intent; what it did on the host is repaired by the next plan).
+    pub fn journal_note_error(&self, id: &ResourceId, error: &str) -> Result<(), StateError> {
+        self.conn
+            .execute(
+                "UPDATE journal SET error=?1 WHERE kind=?2 AND name=?3 AND state='open'",
+                params![error, id.kind.as_str(), id.name],
+            )
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    /// The `(state, error)` of the newest journal entry of `id`.
+    pub fn journal_last(
+        &self,
+        id: &ResourceId,
+    ) -> Result<Option<(String, Option<String>)>, StateError> {
+        self.conn
+            .query_row(
+                "SELECT state, error FROM journal WHERE kind=?1 AND name=?2 ORDER BY id DESC LIMIT 1",
+                params![id.kind.as_str(), id.name],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .map_err(|e| self.err(e))
     }
 
     /// Resources with an open journal entry: a previous run was interrupted while
@@ -321,6 +399,40 @@ impl StateDb {
     }
 }
 
+/// Adds the `resource` column to a journal made by an older stead.
+fn add_journal_resource_column(conn: &Connection) -> Result<(), rusqlite::Error> {
+    let has: bool = conn
+        .prepare("SELECT 1 FROM pragma_table_info('journal') WHERE name='resource'")?
+        .exists([])?;
+    if !has {
+        conn.execute_batch("ALTER TABLE journal ADD COLUMN resource TEXT")?;
+    }
+    Ok(())
+}
+
+/// Decodes a stored resource (kind, name, spec JSON, metadata JSON).
+fn decode_resource(
+    kind: &str,
+    name: String,
+    spec: &str,
+    metadata: &str,
+) -> Result<Resource, StateError> {
+    let key = format!("{kind}/{name}");
+    let corrupt = |e: String| StateError::Corrupt(key.clone(), e);
+    let kind: Kind = kind
+        .parse()
+        .map_err(|e: stead_schema::ValueError| corrupt(e.0))?;
+    let spec: serde_json::Value = serde_json::from_str(spec).map_err(|e| corrupt(e.to_string()))?;
+    let spec = Spec::from_value(kind, spec).map_err(|e| corrupt(e.to_string()))?;
+    let metadata: Metadata = serde_json::from_str(metadata).map_err(|e| corrupt(e.to_string()))?;
+    Ok(Resource {
+        id: ResourceId::new(kind, name),
+        metadata,
+        spec,
+        origin: Origin::default(),
+    })
+}
+
 /// Ids with open journal entries (helper for planning).
 pub fn pending_ids(db: &StateDb) -> Result<BTreeSet<ResourceId>, StateError> {
     Ok(db.journal_open()?.into_keys().collect())
@@ -370,5 +482,52 @@ impl ApplyLock {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn journal_of_an_older_db_gains_the_resource_column() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = Connection::open(dir.path().join("stead.db")).unwrap();
+        old.execute_batch(
+            "CREATE TABLE journal (id INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL,
+             kind TEXT NOT NULL, name TEXT NOT NULL, action TEXT NOT NULL, state TEXT NOT NULL,
+             error TEXT);
+             INSERT INTO journal (ts, kind, name, action, state) VALUES (1, 'Network', 'a', 'create', 'open');",
+        )
+        .unwrap();
+        drop(old);
+        let db = StateDb::open(dir.path()).unwrap();
+        let id = ResourceId::new(Kind::Network, "a");
+        assert!(db.journal_open().unwrap().contains_key(&id));
+        assert!(db.journal_open_resources().unwrap().is_empty());
+        let sync: i64 = db
+            .conn
+            .query_row("PRAGMA synchronous", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(
+            sync, 2,
+            "synchronous=FULL: a journal entry is durable when written"
+        );
+    }
+
+    #[test]
+    fn atomically_writes_all_or_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = StateDb::open(dir.path()).unwrap();
+        let id = ResourceId::new(Kind::Network, "a");
+        let r = db.atomically(&|d| {
+            d.set_kv("k", "v")?;
+            d.journal_close(&id, None)?;
+            Err(StateError::Corrupt("x".into(), "injected".into()))
+        });
+        assert!(r.is_err());
+        assert_eq!(db.get_kv("k").unwrap(), None, "rolled back");
+        db.atomically(&|d| d.set_kv("k", "v")).unwrap();
+        assert_eq!(db.get_kv("k").unwrap().as_deref(), Some("v"));
     }
 }

@@ -18,6 +18,10 @@ use stead_schema::{
 struct FakeHost {
     objects: Mutex<BTreeMap<ResourceId, (Value, bool)>>,
     fail: Mutex<BTreeSet<String>>,
+    /// Names whose apply is refused (a terminal error).
+    refuse: Mutex<BTreeSet<String>>,
+    /// Kinds whose observe panics.
+    panic_observe: Mutex<BTreeSet<Kind>>,
     log: Mutex<Vec<String>>,
 }
 
@@ -35,6 +39,9 @@ impl Driver for FakeDriver {
         targets: &[&Resource],
         _w: &dyn Lookup,
     ) -> Result<BTreeMap<ResourceId, Observed>, DriverError> {
+        if self.host.panic_observe.lock().unwrap().contains(&self.kind) {
+            panic!("fake observe of {} blew up", self.kind);
+        }
         let objs = self.host.objects.lock().unwrap();
         Ok(targets
             .iter()
@@ -93,6 +100,14 @@ impl Driver for FakeDriver {
         if self.host.fail.lock().unwrap().contains(&r.id.name) {
             return Err(DriverError::Other("injected failure".into()));
         }
+        if self.host.refuse.lock().unwrap().contains(&r.id.name) {
+            return Err(DriverError::Refused("injected refusal".into()));
+        }
+        if r.id.name.starts_with("taken") {
+            return Err(DriverError::Conflict(
+                "an unowned object is in the way".into(),
+            ));
+        }
         self.host
             .log
             .lock()
@@ -105,6 +120,17 @@ impl Driver for FakeDriver {
             .unwrap()
             .insert(r.id.clone(), (state, true));
         Ok(())
+    }
+    fn marked_on_host(&self) -> Result<Vec<String>, DriverError> {
+        Ok(self
+            .host
+            .objects
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(id, (_, owned))| id.kind == self.kind && *owned)
+            .map(|(id, _)| id.name.clone())
+            .collect())
     }
     fn prune_action(&self, r: &Resource) -> PruneAction {
         match &r.spec {
@@ -526,5 +552,211 @@ fn data_loss_takes_a_safety_snapshot_first() {
     assert_eq!(
         *e.host.log.lock().unwrap(),
         ["snapshot Volume/a pre-delete-", "delete Volume/a"]
+    );
+}
+
+#[test]
+fn exec_keeps_the_error_class_of_the_driver() {
+    let e = env();
+    e.host.fail.lock().unwrap().insert("lan0".into());
+    e.host.refuse.lock().unwrap().insert("lan1".into());
+    let d = desired(&(doc("Network", "lan0", "{}") + &doc("Network", "lan1", "{}")));
+    let (_, r) = apply(&e, &d, PlanOptions::default());
+    let by: BTreeMap<String, &stead_reconciler::StepResult> =
+        r.results.iter().map(|s| (s.id.name.clone(), s)).collect();
+    let transient = by["lan0"].error.as_ref().expect("lan0 failed");
+    assert_eq!((transient.reason, transient.terminal), ("Failed", false));
+    let terminal = by["lan1"].error.as_ref().expect("lan1 failed");
+    assert_eq!((terminal.reason, terminal.terminal), ("Refused", true));
+    assert!(
+        terminal.message.contains("injected refusal"),
+        "{terminal:?}"
+    );
+    // The class reaches the events too.
+    let events =
+        e.db.lock()
+            .unwrap()
+            .events(Some("Network/lan1"), 10)
+            .unwrap();
+    assert!(
+        events
+            .iter()
+            .any(|ev| ev.reason == "Refused" && ev.message.contains("not retried")),
+        "{events:?}"
+    );
+    let json = serde_json::to_value(by["lan1"]).unwrap();
+    assert_eq!(json["error"]["terminal"], true, "{json}");
+    // And the journal: the entry stays open (the step may have half happened) with it.
+    let (state, error) =
+        e.db.lock()
+            .unwrap()
+            .journal_last(&by["lan1"].id)
+            .unwrap()
+            .unwrap();
+    assert_eq!(state, "open");
+    assert!(
+        error
+            .unwrap()
+            .starts_with("Refused (terminal): refused: injected refusal")
+    );
+}
+
+#[test]
+fn panicking_observe_is_an_error_not_an_absent_object() {
+    let e = env();
+    apply(
+        &e,
+        &desired(&(pool() + &doc("Network", "lan0", "{}"))),
+        PlanOptions::default(),
+    );
+    e.host.panic_observe.lock().unwrap().insert(Kind::Network);
+    e.host.log.lock().unwrap().clear();
+    // Still desired: no create (it would read as absent).
+    let d = desired(&(pool() + &doc("Network", "lan0", "{}") + &doc("Network", "lan1", "{}")));
+    let run = plan_run(
+        &e.drivers,
+        &d,
+        &e.db.lock().unwrap(),
+        PlanOptions::default(),
+    )
+    .unwrap();
+    assert!(
+        run.plan.changes.iter().all(|c| c.id.kind != Kind::Network),
+        "{:?}",
+        run.plan.changes
+    );
+    for name in ["lan0", "lan1"] {
+        assert!(
+            run.plan
+                .errors
+                .iter()
+                .any(|er| er.id.name == name && er.message.contains("observe panicked")),
+            "{name}: {:?}",
+            run.plan.errors
+        );
+    }
+    // Left the manifests: no delete either.
+    let run = plan_run(
+        &e.drivers,
+        &desired(&pool()),
+        &e.db.lock().unwrap(),
+        PlanOptions::default(),
+    )
+    .unwrap();
+    assert!(run.plan.changes.iter().all(|c| c.id.kind != Kind::Network));
+    assert!(run.plan.errors.iter().any(|er| er.id.name == "lan0"));
+    // The other kinds are observed and planned as usual.
+    assert!(
+        run.plan
+            .changes
+            .iter()
+            .any(|c| c.id.name == "local" && c.action == Action::Noop)
+    );
+}
+
+#[test]
+fn unrecorded_object_of_an_interrupted_step_is_pruned() {
+    let e = env();
+    // A step wrote its intent and made the object (with stead's mark), then the
+    // inventory write failed (a full state disk): the state does not know it.
+    let d = desired(&(doc("Network", "br0", "{}") + &doc("Network", "br1", "{mtu: 9000}")));
+    let br1 = d.get(&ResourceId::new(Kind::Network, "br1")).unwrap();
+    e.db.lock().unwrap().journal_intent(br1, "create").unwrap();
+    e.host
+        .objects
+        .lock()
+        .unwrap()
+        .insert(br1.id.clone(), (json!({"mtu": 9000}), true));
+    // An unmarked object under an open intent is not ours to delete.
+    let br2 = ResourceId::new(Kind::Network, "br2");
+    let d2 = desired(&doc("Network", "br2", "{}"));
+    e.db.lock()
+        .unwrap()
+        .journal_intent(d2.get(&br2).unwrap(), "create")
+        .unwrap();
+    e.host
+        .objects
+        .lock()
+        .unwrap()
+        .insert(br2.clone(), (json!({}), false));
+
+    let only_br0 = desired(&doc("Network", "br0", "{}"));
+    let (p, r) = apply(&e, &only_br0, PlanOptions::default());
+    assert!(r.success(), "{:?}", r.results);
+    let del = p
+        .changes
+        .iter()
+        .find(|c| c.id == br1.id)
+        .expect("br1 planned");
+    assert_eq!(del.action, Action::Delete);
+    assert!(p.changes.iter().all(|c| c.id != br2), "{:?}", p.changes);
+    let objs = e.host.objects.lock().unwrap();
+    assert!(!objs.contains_key(&br1.id), "the leaked object is pruned");
+    assert!(objs.contains_key(&br2), "the unmarked object is left alone");
+    drop(objs);
+    // Converged: the next plan has nothing to do.
+    let run = plan_run(
+        &e.drivers,
+        &only_br0,
+        &e.db.lock().unwrap(),
+        PlanOptions::default(),
+    )
+    .unwrap();
+    assert!(!run.plan.has_changes(), "{:?}", run.plan.changes);
+}
+
+#[test]
+fn marked_object_unknown_to_the_state_is_a_warning_and_left_alone() {
+    let e = env();
+    let lost = ResourceId::new(Kind::Network, "lost0");
+    e.host
+        .objects
+        .lock()
+        .unwrap()
+        .insert(lost.clone(), (json!({}), true));
+    let d = desired(&doc("Network", "lan0", "{}"));
+    let (p, r) = apply(&e, &d, PlanOptions::default());
+    assert!(r.success());
+    assert_eq!(p.warnings.len(), 1, "{:?}", p.warnings);
+    assert_eq!(p.warnings[0].id, lost);
+    assert!(p.changes.iter().all(|c| c.id != lost));
+    assert!(e.host.objects.lock().unwrap().contains_key(&lost));
+    let text = stead_reconciler::render::plan_text(&p, Default::default());
+    assert!(
+        text.contains("warning: Network/lost0: carries stead's ownership mark"),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_conflict_closes_its_intent_so_the_object_is_never_adopted() {
+    let e = env();
+    let d = desired(&doc("Network", "taken0", "{}"));
+    let (_, r) = apply(&e, &d, PlanOptions::default());
+    assert_eq!(r.results[0].error.as_ref().unwrap().reason, "Conflict");
+    let id = ResourceId::new(Kind::Network, "taken0");
+    let (state, _) = e.db.lock().unwrap().journal_last(&id).unwrap().unwrap();
+    assert_eq!(state, "failed");
+    assert!(e.db.lock().unwrap().journal_open().unwrap().is_empty());
+    // The unowned object in the way stays a plan error, not an adoption.
+    e.host
+        .objects
+        .lock()
+        .unwrap()
+        .insert(id.clone(), (json!({}), false));
+    let run = plan_run(
+        &e.drivers,
+        &d,
+        &e.db.lock().unwrap(),
+        PlanOptions::default(),
+    )
+    .unwrap();
+    assert!(
+        run.plan
+            .errors
+            .iter()
+            .any(|er| er.id == id && er.message.contains("not owned")),
+        "{:?}",
+        run.plan
     );
 }

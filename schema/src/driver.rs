@@ -188,27 +188,38 @@ impl DriverError {
         }
     }
 
-    /// Whether retrying later could help.
+    /// Whether the error can never go away by retrying the same change: the request is
+    /// refused as written, an unowned object is in the way, or the host lacks a feature.
+    /// Only a new spec (manifest) or a change on the host can fix it, so the controller
+    /// holds such a resource (status `Failed`) instead of retrying it.
+    pub fn is_terminal(&self) -> bool {
+        matches!(
+            self,
+            DriverError::Unsupported(_) | DriverError::Conflict(_) | DriverError::Refused(_)
+        )
+    }
+
+    /// Whether retrying later could help: everything that is not [`Self::is_terminal`].
+    /// I/O errors are retryable whatever their errno (a full disk gets room, a busy
+    /// device gets free, a missing source file gets written).
     pub fn retryable(&self) -> bool {
+        !self.is_terminal()
+    }
+
+    /// Short CamelCase name of the error class, used as a status reason, an event reason
+    /// and a metric label: `Refused`, `Conflict`, `Unsupported`, `NotReady`, `IoError`,
+    /// `CommandFailed` or `Failed`.
+    pub fn reason(&self) -> &'static str {
         match self {
-            DriverError::Io { source, .. } => {
-                matches!(
-                    source.raw_os_error(),
-                    Some(libc_consts::EBUSY) | Some(libc_consts::EAGAIN) | Some(libc_consts::EINTR)
-                ) || source.kind() == std::io::ErrorKind::TimedOut
-            }
-            DriverError::NotReady(_) | DriverError::Other(_) | DriverError::Command { .. } => true,
-            DriverError::Unsupported(_) | DriverError::Conflict(_) | DriverError::Refused(_) => {
-                false
-            }
+            DriverError::Io { .. } => "IoError",
+            DriverError::Command { .. } => "CommandFailed",
+            DriverError::Unsupported(_) => "Unsupported",
+            DriverError::Conflict(_) => "Conflict",
+            DriverError::Refused(_) => "Refused",
+            DriverError::NotReady(_) => "NotReady",
+            DriverError::Other(_) => "Failed",
         }
     }
-}
-
-mod libc_consts {
-    pub const EINTR: i32 = 4;
-    pub const EAGAIN: i32 = 11;
-    pub const EBUSY: i32 = 16;
 }
 
 /// A host driver for one kind.
@@ -281,6 +292,15 @@ pub trait Driver: Send + Sync {
         Ok(())
     }
 
+    /// Names of the objects of this kind on the host that carry stead's ownership mark
+    /// for themselves (e.g. a link whose alias is `stead:Network/<its name>`). The planner
+    /// reports those that neither the state nor the manifests know (a lost record, or
+    /// another state dir's) and never changes them. Default: none (the driver cannot list
+    /// its objects).
+    fn marked_on_host(&self) -> Result<Vec<String>, DriverError> {
+        Ok(Vec::new())
+    }
+
     /// Removes the object. Idempotent: an absent object is success.
     fn delete(
         &self,
@@ -288,4 +308,32 @@ pub trait Driver: Send + Sync {
         observed: &Observed,
         world: &dyn Lookup,
     ) -> Result<(), DriverError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_classes() {
+        let io = |code| DriverError::io("x", std::io::Error::from_raw_os_error(code));
+        // ENOSPC and ENOENT go away when the host changes: transient, like NotReady.
+        for e in [
+            io(28),
+            io(2),
+            DriverError::NotReady("x".into()),
+            DriverError::Other("x".into()),
+        ] {
+            assert!(!e.is_terminal() && e.retryable(), "{e}");
+        }
+        for (e, reason) in [
+            (DriverError::Refused("x".into()), "Refused"),
+            (DriverError::Conflict("x".into()), "Conflict"),
+            (DriverError::Unsupported("x".into()), "Unsupported"),
+        ] {
+            assert!(e.is_terminal() && !e.retryable(), "{e}");
+            assert_eq!(e.reason(), reason);
+        }
+        assert_eq!(io(28).reason(), "IoError");
+    }
 }

@@ -738,6 +738,15 @@ impl Driver for NetworkDriver {
         Ok(())
     }
 
+    fn marked_on_host(&self) -> Result<Vec<String>, DriverError> {
+        let links = self.lock_nl()?.links()?;
+        Ok(links
+            .into_iter()
+            .filter(|l| l.alias.as_deref() == Some(owner_alias(Kind::Network, &l.name).as_str()))
+            .map(|l| l.name)
+            .collect())
+    }
+
     fn delete(
         &self,
         last_applied: &Resource,

@@ -31,6 +31,9 @@ pub struct Metrics {
     pub apply_changes: IntCounterVec,
     /// `stead_apply_failures_total{kind}`.
     pub apply_failures: IntCounterVec,
+    /// `stead_resource_failed{kind,name,reason}`: 1 per resource whose status is
+    /// `Failed`, labelled with the condition's reason.
+    pub resource_failed: GaugeVec,
     /// `stead_source_revision_info{revision}`.
     pub source_revision: GaugeVec,
     /// `stead_source_fetch_errors_total`.
@@ -108,6 +111,13 @@ impl Metrics {
                 "Changes that failed or were skipped, by kind.",
             ),
             &["kind"],
+        )?;
+        let resource_failed = GaugeVec::new(
+            Opts::new(
+                "stead_resource_failed",
+                "1 for each resource of the applied revision whose status is Failed, by kind, name and reason (Refused, Conflict, Unsupported: held until the manifest or the host changes; ApplyFailed, Backoff: retried; PlanError, DependencyNotReady, Degraded, Unhealthy).",
+            ),
+            &["kind", "name", "reason"],
         )?;
         let source_revision = GaugeVec::new(
             Opts::new(
@@ -198,6 +208,7 @@ impl Metrics {
         registry.register(Box::new(drift_detected.clone()))?;
         registry.register(Box::new(apply_changes.clone()))?;
         registry.register(Box::new(apply_failures.clone()))?;
+        registry.register(Box::new(resource_failed.clone()))?;
         registry.register(Box::new(source_revision.clone()))?;
         registry.register(Box::new(fetch_errors.clone()))?;
         registry.register(Box::new(fetch_duration.clone()))?;
@@ -216,6 +227,7 @@ impl Metrics {
             drift_detected,
             apply_changes,
             apply_failures,
+            resource_failed,
             source_revision,
             fetch_errors,
             fetch_duration,
@@ -259,6 +271,16 @@ impl Metrics {
                     .with_label_values(&[k.as_str(), s])
                     .set(n as f64);
             }
+        }
+    }
+
+    /// Replaces `stead_resource_failed` with `failed` (kind, name, reason).
+    pub fn set_failed(&self, failed: &[(Kind, String, String)]) {
+        self.resource_failed.reset();
+        for (kind, name, reason) in failed {
+            self.resource_failed
+                .with_label_values(&[kind.as_str(), name.as_str(), reason.as_str()])
+                .set(1.0);
         }
     }
 

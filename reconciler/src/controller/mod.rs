@@ -48,7 +48,7 @@ use crate::plan::{Action, PlanOptions};
 use crate::state::{ApplyLock, StateDb, StateError, now_secs};
 use crate::{Drivers, plan_run};
 
-use backoff::Backoff;
+use backoff::{Backoff, Hold, Wait};
 use metrics::Metrics;
 use source::{GitAuth, GitSource, Head, SourceSpec, short};
 use status::{Condition, ResourceStatus, Status};
@@ -242,6 +242,56 @@ struct Engine {
 }
 
 const KV_REVISION: &str = "controller.revision";
+
+/// What a terminal hold of `id` is checked against: its spec hash (desired, or last
+/// applied for a delete) and a fingerprint of what observe saw of it and of the resources
+/// it references (existence, ownership and state; not runtime status, which moves on its
+/// own). A fix on the host — of the object or of what it depends on — releases the hold.
+fn hold_key(
+    id: &ResourceId,
+    desired: &Desired,
+    inventory: &BTreeMap<ResourceId, crate::InventoryEntry>,
+    observed: &BTreeMap<ResourceId, stead_schema::Observed>,
+) -> Hold {
+    use std::hash::{Hash, Hasher};
+    let resource = desired
+        .get(id)
+        .or_else(|| inventory.get(id).map(|e| &e.resource));
+    let spec_hash = resource.map(|r| r.spec_hash()).unwrap_or_default();
+    let mut h = std::hash::DefaultHasher::new();
+    let deps = resource.map(|r| r.spec.references()).unwrap_or_default();
+    for seen in std::iter::once(id).chain(deps.iter().map(|(to, _)| to)) {
+        if let Some(o) = observed.get(seen) {
+            (seen, o.exists, o.owned, o.state.to_string()).hash(&mut h);
+        }
+    }
+    Hold {
+        spec_hash,
+        observed: h.finish(),
+    }
+}
+
+/// The status condition (reason, message) of a change that waits.
+fn waiting_condition(wait: &Wait, b: &backoff::Entry) -> (String, String) {
+    match wait {
+        Wait::Held => (
+            b.reason.clone(),
+            format!(
+                "not retried until the manifest or the host changes: {}",
+                b.message
+            ),
+        ),
+        Wait::Backoff(d) => (
+            "Backoff".into(),
+            format!(
+                "retrying in {}s after {} failure(s): {}",
+                d.as_secs().max(1),
+                b.failures,
+                b.message
+            ),
+        ),
+    }
+}
 
 impl Engine {
     fn fetch_head(&mut self) -> Result<Head, ControllerError> {
@@ -545,19 +595,14 @@ impl Engine {
             blocked.insert(e.id.clone(), ("PlanError".into(), e.message.clone()));
         }
         for c in &run.plan.changes {
-            if c.action != Action::Noop
-                && let Some(b) = self.backoff.waiting(&c.id, now)
-            {
-                let wait = b.not_before.saturating_duration_since(now);
-                blocked.entry(c.id.clone()).or_insert((
-                    "Backoff".into(),
-                    format!(
-                        "retrying in {}s after {} failure(s): {}",
-                        wait.as_secs().max(1),
-                        b.failures,
-                        b.message
-                    ),
-                ));
+            if c.action == Action::Noop {
+                continue;
+            }
+            let current = hold_key(&c.id, &good.desired, &run.inventory, &run.observed);
+            if let Some((wait, b)) = self.backoff.waiting(&c.id, now, &current) {
+                blocked
+                    .entry(c.id.clone())
+                    .or_insert_with(|| waiting_condition(&wait, b));
             }
         }
         if !blocked.is_empty() {
@@ -608,7 +653,7 @@ impl Engine {
         };
         drop(lock);
 
-        let mut failed: BTreeMap<ResourceId, String> = BTreeMap::new();
+        let mut failed: BTreeMap<ResourceId, (String, String)> = BTreeMap::new();
         let mut applied: BTreeMap<ResourceId, Action> = BTreeMap::new();
         for r in &report.results {
             match &r.outcome {
@@ -623,9 +668,20 @@ impl Engine {
                     m.apply_failures
                         .with_label_values(&[r.id.kind.as_str()])
                         .inc();
-                    let delay = self.backoff.failed(&r.id, msg, false, Instant::now());
-                    warn!(resource = %r.id, error = %msg, retry_in = ?delay, "change failed");
-                    failed.insert(r.id.clone(), msg.clone());
+                    let (reason, terminal) = r
+                        .error
+                        .as_ref()
+                        .map_or(("Failed", false), |e| (e.reason, e.terminal));
+                    if terminal {
+                        let hold = hold_key(&r.id, &good.desired, &run.inventory, &run.observed);
+                        self.backoff.failed_terminal(&r.id, reason, msg, hold);
+                        warn!(resource = %r.id, error = %msg, reason, "change failed; not retried until the manifest or the host changes");
+                        failed.insert(r.id.clone(), (reason.to_string(), msg.clone()));
+                    } else {
+                        let delay = self.backoff.failed(&r.id, reason, msg, Instant::now());
+                        warn!(resource = %r.id, error = %msg, reason, retry_in = ?delay, "change failed");
+                        failed.insert(r.id.clone(), ("ApplyFailed".into(), msg.clone()));
+                    }
                 }
                 _ => {
                     self.backoff.succeeded(&r.id);
@@ -660,13 +716,14 @@ impl Engine {
         let mut new_conditions = BTreeMap::new();
         let mut counts: BTreeMap<(stead_schema::Kind, &'static str), usize> = BTreeMap::new();
         let mut usage = Vec::new();
+        let mut failed_metric = Vec::new();
         for id in good.desired.resources.keys() {
             let obs = run.observed.get(id);
             let (word, reason, message): (&'static str, String, String) =
                 if let Some((reason, msg)) = blocked.get(id) {
                     ("Failed", reason.clone(), msg.clone())
-                } else if let Some(msg) = failed.get(id) {
-                    ("Failed", "ApplyFailed".into(), msg.clone())
+                } else if let Some((reason, msg)) = failed.get(id) {
+                    ("Failed", reason.clone(), msg.clone())
                 } else if self.cfg.drift == DriftMode::Report && drift.contains_key(id) {
                     ("Drifted", "Drifted".into(), drift[id].clone())
                 } else if let Some(a) = applied.get(id) {
@@ -686,6 +743,9 @@ impl Engine {
                     }
                 };
             *counts.entry((id.kind, word)).or_insert(0) += 1;
+            if word == "Failed" {
+                failed_metric.push((id.kind, id.name.clone(), reason.clone()));
+            }
             let prev = self.conditions.get(id);
             let cond = |type_: &str, status: &str| {
                 let since = prev
@@ -734,6 +794,7 @@ impl Engine {
         }
         self.conditions = new_conditions;
         m.set_resources(&counts);
+        m.set_failed(&failed_metric);
         m.set_workloads(&usage);
 
         let apply_ok = blocked.is_empty() && failed.is_empty();
@@ -1237,5 +1298,67 @@ async fn housekeeping_task(shared: Arc<Shared>, env: HostEnv, every: Duration) {
             failures_seen = failures;
         }
         tokio::time::sleep(every).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use stead_schema::{Kind, Observed};
+
+    fn desired(size: &str) -> Desired {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m.yaml");
+        std::fs::write(
+            &p,
+            format!(
+                "apiVersion: stead.dev/v1alpha1\nkind: StoragePool\nmetadata: {{name: p}}\nspec: {{type: dir, path: /p}}\n---\napiVersion: stead.dev/v1alpha1\nkind: Volume\nmetadata: {{name: v}}\nspec: {{pool: p, size: {size}}}\n---\napiVersion: stead.dev/v1alpha1\nkind: Network\nmetadata: {{name: n}}\nspec: {{}}\n"
+            ),
+        )
+        .unwrap();
+        stead_schema::load_and_validate(&[p]).unwrap()
+    }
+
+    fn seen(state: serde_json::Value) -> Observed {
+        Observed {
+            exists: true,
+            owned: true,
+            state,
+            ..Observed::absent()
+        }
+    }
+
+    #[test]
+    fn terminal_hold_key_follows_spec_the_object_and_its_dependencies() {
+        let v = ResourceId::new(Kind::Volume, "v");
+        let (pool, net) = (
+            ResourceId::new(Kind::StoragePool, "p"),
+            ResourceId::new(Kind::Network, "n"),
+        );
+        let inv = BTreeMap::new();
+        let d = desired("1Mi");
+        let mut obs = BTreeMap::from([
+            (v.clone(), Observed::absent()),
+            (pool.clone(), seen(json!({"path": "/p"}))),
+            (net.clone(), seen(json!({"mtu": 1500}))),
+        ]);
+        let k0 = hold_key(&v, &d, &inv, &obs);
+        // Runtime status and unrelated resources do not release the hold.
+        obs.get_mut(&pool).unwrap().status = json!({"free": 1});
+        obs.insert(net.clone(), seen(json!({"mtu": 9000})));
+        assert_eq!(hold_key(&v, &d, &inv, &obs), k0);
+        // The manifest changed.
+        assert_ne!(
+            hold_key(&v, &desired("2Mi"), &inv, &obs).spec_hash,
+            k0.spec_hash
+        );
+        // The pool it uses changed on the host.
+        obs.insert(pool.clone(), seen(json!({"path": "/q"})));
+        assert_ne!(hold_key(&v, &d, &inv, &obs).observed, k0.observed);
+        // The volume itself appeared.
+        obs.insert(pool, seen(json!({"path": "/p"})));
+        obs.insert(v.clone(), seen(json!({})));
+        assert_ne!(hold_key(&v, &d, &inv, &obs).observed, k0.observed);
     }
 }
