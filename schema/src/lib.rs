@@ -10,6 +10,7 @@ pub mod kinds;
 pub mod load;
 pub mod resource;
 pub mod schema;
+pub mod toolnames;
 pub mod validate;
 pub mod values;
 

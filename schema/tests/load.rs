@@ -280,3 +280,55 @@ fn checked_in_schema_is_current() {
         "schema/stead.schema.json is stale: run `STEAD_UPDATE_SCHEMA=1 cargo test -p stead-schema --test load checked_in_schema_is_current`"
     );
 }
+
+#[test]
+fn pool_tool_names_that_would_become_options_are_refused() {
+    let text = "apiVersion: stead.dev/v1alpha1
+kind: StoragePool
+metadata: {name: thin}
+spec:
+  type: lvmthin
+  path: /var/lib/stead/pools/thin
+  lvm: {volumeGroup: -ay, thinPool: snapshot0}
+---
+apiVersion: stead.dev/v1alpha1
+kind: StoragePool
+metadata: {name: z}
+spec:
+  type: zfs
+  path: /var/lib/stead/pools/z
+  zfs: {dataset: -o}
+---
+apiVersion: stead.dev/v1alpha1
+kind: StoragePool
+metadata: {name: n}
+spec:
+  type: nfs
+  path: /var/lib/stead/pools/n
+  nfs:
+    server: -oremount
+    export: srv/x
+    options: vers=4.2,-x
+---
+apiVersion: stead.dev/v1alpha1
+kind: StoragePool
+metadata: {name: fine}
+spec:
+  type: nfs
+  path: /var/lib/stead/pools/fine
+  nfs: {server: nas.example.com, export: /srv/x, options: \"vers=4.2,hard\"}
+";
+    let e = errors(text);
+    let joined = e.join("\n");
+    for want in [
+        "m.yaml:7:22: StoragePool/thin spec.lvm.volumeGroup: volume group \"-ay\": must not start with '-'",
+        "m.yaml:7:37: StoragePool/thin spec.lvm.thinPool: thin pool \"snapshot0\": the prefix `snapshot` is reserved",
+        "m.yaml:15:18: StoragePool/z spec.zfs.dataset: dataset \"-o\": pool name \"-o\" must start with a letter",
+        "m.yaml:24:13: StoragePool/n spec.nfs.server: NFS server \"-oremount\"",
+        "m.yaml:25:13: StoragePool/n spec.nfs.export: NFS export \"srv/x\": must be an absolute path",
+        "m.yaml:26:14: StoragePool/n spec.nfs.options: NFS options \"vers=4.2,-x\": option \"-x\" must not start with '-'",
+    ] {
+        assert!(joined.contains(want), "missing {want:?} in\n{joined}");
+    }
+    assert_eq!(e.len(), 6, "{joined}");
+}
