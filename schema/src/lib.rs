@@ -5,6 +5,7 @@
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
 pub mod driver;
+pub mod files;
 pub mod graph;
 pub mod kinds;
 pub mod load;

@@ -78,39 +78,40 @@ fn escape_ptr(key: &str) -> String {
     key.replace('~', "~0").replace('/', "~1")
 }
 
-/// Collects the manifest files named by `paths`: files as given, directories
-/// recursively (`*.yaml`, `*.yml`), sorted by path.
+/// Collects the manifest files named by `paths`: files as given, directories by the
+/// rule of [`crate::files`] (`*.yaml`, `*.yml`, no dot-entries, sorted by path).
+/// Manifest-named entries that are not regular files are left out.
 pub fn collect_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>, Diagnostic> {
+    collect(paths).map(|(files, _skipped)| files)
+}
+
+/// Like [`collect_files`], also returning a diagnostic per skipped entry.
+fn collect(paths: &[PathBuf]) -> Result<(Vec<PathBuf>, Vec<Diagnostic>), Diagnostic> {
     let mut out = Vec::new();
+    let mut skipped = Vec::new();
     for p in paths {
         let meta = std::fs::metadata(p).map_err(|e| io_diag(p, &e))?;
         if meta.is_dir() {
-            let mut found = Vec::new();
-            walk_dir(p, &mut found).map_err(|e| io_diag(p, &e))?;
-            found.sort();
-            out.extend(found);
+            let found = crate::files::walk_manifest_dir(p).map_err(|e| Diagnostic {
+                file: e.path.clone(),
+                pos: Pos { line: 0, col: 0 },
+                field: String::new(),
+                message: format!("cannot read: {}", e.source),
+                hint: None,
+            })?;
+            out.extend(found.files);
+            skipped.extend(found.skipped.into_iter().map(|s| Diagnostic {
+                file: s.path,
+                pos: Pos { line: 0, col: 0 },
+                field: String::new(),
+                message: format!("skipped: {}", s.reason),
+                hint: Some("a manifest must be a regular file (or a link to one)".into()),
+            }));
         } else {
             out.push(p.clone());
         }
     }
-    Ok(out)
-}
-
-fn walk_dir(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
-    for entry in std::fs::read_dir(dir)? {
-        let entry = entry?;
-        let path = entry.path();
-        let ft = entry.file_type()?;
-        if ft.is_dir() {
-            walk_dir(&path, out)?;
-        } else if matches!(
-            path.extension().and_then(|e| e.to_str()),
-            Some("yaml" | "yml")
-        ) {
-            out.push(path);
-        }
-    }
-    Ok(())
+    Ok((out, skipped))
 }
 
 fn io_diag(p: &Path, e: &std::io::Error) -> Diagnostic {
@@ -123,19 +124,42 @@ fn io_diag(p: &Path, e: &std::io::Error) -> Diagnostic {
     }
 }
 
+fn read_diag(p: &Path, e: &crate::files::ReadError) -> Diagnostic {
+    use crate::files::ReadError;
+    let (line, hint) = match e {
+        ReadError::TooLarge { line } => {
+            (*line, Some("split the manifests into several files".into()))
+        }
+        ReadError::NotRegular(_) => (
+            0,
+            Some("a manifest must be a regular file (or a link to one)".into()),
+        ),
+        _ => (0, None),
+    };
+    Diagnostic {
+        file: p.to_path_buf(),
+        pos: Pos {
+            line,
+            col: if line == 0 { 0 } else { 1 },
+        },
+        field: String::new(),
+        message: e.to_string(),
+        hint,
+    }
+}
+
 /// Loads every document of every file. Returns what loaded and every error found.
 /// Semantic validation is separate: see [`crate::validate::validate`].
 pub fn load_paths(paths: &[PathBuf]) -> (Vec<Resource>, Vec<Diagnostic>) {
-    let files = match collect_files(paths) {
+    let (files, mut errors) = match collect(paths) {
         Ok(f) => f,
         Err(d) => return (Vec::new(), vec![d]),
     };
     let mut resources = Vec::new();
-    let mut errors = Vec::new();
     for f in files {
-        match std::fs::read_to_string(&f) {
+        match crate::files::read_manifest(&f) {
             Ok(text) => load_str(&f, &text, &mut resources, &mut errors),
-            Err(e) => errors.push(io_diag(&f, &e)),
+            Err(e) => errors.push(read_diag(&f, &e)),
         }
     }
     (resources, errors)

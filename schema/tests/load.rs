@@ -332,3 +332,61 @@ spec:
     }
     assert_eq!(e.len(), 6, "{joined}");
 }
+
+fn load_dir_errors(dir: &Path) -> Vec<String> {
+    match load_and_validate(&[dir.to_path_buf()]) {
+        Ok(_) => panic!("expected errors"),
+        Err(e) => e
+            .iter()
+            .map(|d| d.to_string().replace(&dir.display().to_string(), "D"))
+            .collect(),
+    }
+}
+
+#[test]
+fn non_regular_manifests_are_skipped_and_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("fifo.yaml");
+    let status = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    std::os::unix::fs::symlink("/dev/zero", dir.path().join("x.yaml")).unwrap();
+    std::fs::write(dir.path().join("ok.yaml"), POOL).unwrap();
+    let e = load_dir_errors(dir.path());
+    assert_eq!(
+        e,
+        [
+            "D/fifo.yaml:0:0: skipped: not a regular file (FIFO) (hint: a manifest must be a regular file (or a link to one))",
+            "D/x.yaml:0:0: skipped: not a regular file (character device) (hint: a manifest must be a regular file (or a link to one))",
+        ]
+    );
+    // Named directly, the FIFO is refused too (opening it would block).
+    let direct = load_and_validate(&[fifo]).unwrap_err();
+    assert_eq!(direct.len(), 1);
+    assert!(
+        direct[0].message.contains("not a regular file (FIFO)"),
+        "{direct:?}"
+    );
+}
+
+#[test]
+fn a_file_over_the_size_cap_is_refused_at_its_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("big.yaml");
+    let line = "# padding padding padding padding padding padding padding padding\n";
+    let lines = stead_schema::files::MAX_FILE_BYTES as usize / line.len() + 10;
+    std::fs::write(&p, format!("{POOL}{}", line.repeat(lines))).unwrap();
+    let e = load_dir_errors(dir.path());
+    // The line holding the first byte past the cap: POOL's 4 lines, then whole
+    // padding lines.
+    let cap = stead_schema::files::MAX_FILE_BYTES as usize;
+    let want_line = 1 + 4 + (cap - POOL.len()) / line.len();
+    assert_eq!(
+        e,
+        [format!(
+            "D/big.yaml:{want_line}:1: file is larger than the manifest size limit of 4 MiB (hint: split the manifests into several files)"
+        )]
+    );
+}
