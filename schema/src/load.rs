@@ -165,8 +165,66 @@ pub fn load_paths(paths: &[PathBuf]) -> (Vec<Resource>, Vec<Diagnostic>) {
     (resources, errors)
 }
 
+/// The deepest nesting of YAML collections (mappings and sequences) accepted.
+pub const MAX_DEPTH: usize = 64;
+
+/// Keys longer than this get no "did you mean" hint (its edit distance is quadratic).
+const MAX_HINT_KEY: usize = 64;
+
+/// Messages are cut to this many characters (a key can be megabytes long).
+const MAX_MESSAGE: usize = 300;
+
+/// Checks the event stream before a tree is built: nesting at most [`MAX_DEPTH`]
+/// levels and no aliases. Stops at the first violation of the depth limit. Syntax
+/// errors are left to the loader, which reports them with their position.
+fn prescan(file: &Path, text: &str) -> Vec<Diagnostic> {
+    use saphyr_parser::{Event, Parser};
+    let mut out = Vec::new();
+    let mut depth = 0usize;
+    let at = |span: saphyr_parser::Span, message: String, hint: &str| Diagnostic {
+        file: file.to_path_buf(),
+        pos: Pos {
+            line: span.start.line(),
+            col: span.start.col() + 1,
+        },
+        field: String::new(),
+        message,
+        hint: Some(hint.into()),
+    };
+    for ev in Parser::new_from_str(text) {
+        let Ok((ev, span)) = ev else { break };
+        match ev {
+            Event::SequenceStart(..) | Event::MappingStart(..) => {
+                depth += 1;
+                if depth > MAX_DEPTH {
+                    out.push(at(
+                        span,
+                        format!("YAML nesting is deeper than {MAX_DEPTH} levels"),
+                        "manifests need only a few levels; flatten the document",
+                    ));
+                    break;
+                }
+            }
+            Event::SequenceEnd | Event::MappingEnd => depth = depth.saturating_sub(1),
+            Event::Alias(_) => out.push(at(
+                span,
+                "YAML aliases (`*name`) are not supported in manifests".into(),
+                "write the value out in full",
+            )),
+            Event::StreamEnd => break,
+            _ => {}
+        }
+    }
+    out
+}
+
 /// Loads all documents from `text` (named `file` in diagnostics).
 pub fn load_str(file: &Path, text: &str, out: &mut Vec<Resource>, errors: &mut Vec<Diagnostic>) {
+    let refused = prescan(file, text);
+    if !refused.is_empty() {
+        errors.extend(refused);
+        return;
+    }
     let docs = match MarkedYaml::load_from_str(text) {
         Ok(d) => d,
         Err(e) => {
@@ -296,8 +354,8 @@ fn diag(origin: &Origin, ptr: &str, message: String, hint: Option<String>) -> Di
     Diagnostic {
         file: origin.file.clone(),
         pos,
-        field: pointer_to_field(ptr),
-        message,
+        field: truncate(&pointer_to_field(ptr)),
+        message: truncate(&message),
         hint,
     }
 }
@@ -510,8 +568,17 @@ fn deserialize_all<T: serde::de::DeserializeOwned>(
 
 fn clean_message(msg: &str) -> String {
     // serde_json appends " at line X column Y" for text input; values have none, but be safe.
-    match msg.find(" at line ") {
-        Some(i) => msg[..i].to_string(),
+    let msg = match msg.find(" at line ") {
+        Some(i) => &msg[..i],
+        None => msg,
+    };
+    truncate(msg)
+}
+
+/// Cuts a message to [`MAX_MESSAGE`] characters.
+fn truncate(msg: &str) -> String {
+    match msg.char_indices().nth(MAX_MESSAGE) {
+        Some((i, _)) => format!("{}…", &msg[..i]),
         None => msg.to_string(),
     }
 }
@@ -519,6 +586,9 @@ fn clean_message(msg: &str) -> String {
 fn hint_for(msg: &str) -> Option<String> {
     if let Some(rest) = msg.strip_prefix("unknown field `") {
         let (field, tail) = rest.split_once('`')?;
+        if field.chars().count() > MAX_HINT_KEY {
+            return None;
+        }
         let expected: Vec<&str> = tail
             .split('`')
             .enumerate()

@@ -390,3 +390,87 @@ fn a_file_over_the_size_cap_is_refused_at_its_line() {
         )]
     );
 }
+
+#[test]
+fn nesting_deeper_than_the_cap_is_refused_at_its_line() {
+    let depth = stead_schema::load::MAX_DEPTH;
+    // Within the cap: only the usual errors (an unknown field), no depth error.
+    let ok = format!(
+        "{POOL}---\napiVersion: stead.dev/v1alpha1\nkind: Volume\nmetadata: {{name: v}}\nspec: {{pool: local, size: 1Mi, extra: {}1{}}}\n",
+        "[".repeat(depth - 2),
+        "]".repeat(depth - 2)
+    );
+    let e = errors(&ok).join("\n");
+    assert!(!e.contains("nesting"), "{e}");
+    assert!(e.contains("unknown field `extra`"), "{e}");
+    // One level more, on line 10: refused at the 65th opening (the document and spec
+    // mappings are levels 1 and 2), nothing else reported for the file.
+    let deep = format!(
+        "{POOL}---\napiVersion: stead.dev/v1alpha1\nkind: Volume\nmetadata: {{name: v}}\nspec:\n  extra: {}1{}\n",
+        "[".repeat(depth - 1),
+        "]".repeat(depth - 1)
+    );
+    let e = errors(&deep);
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(
+        e[0].starts_with(&format!(
+            "m.yaml:10:{}: YAML nesting is deeper than 64 levels",
+            9 + depth - 1
+        )),
+        "{e:?}"
+    );
+    // Far deeper (a stack-overflow attempt) ends the same way, quickly: block style
+    // is stopped by the cap, flow style by the YAML scanner's own limit.
+    let bomb = format!("{}1\n", "- ".repeat(1_000_000));
+    let e = errors(&bomb);
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(
+        e[0].contains("YAML nesting is deeper than 64 levels"),
+        "{e:?}"
+    );
+    let bomb = format!("a: {}", "[".repeat(1_000_000));
+    let e = errors(&bomb);
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(e[0].contains("recursion limit exceeded"), "{e:?}");
+}
+
+#[test]
+fn aliases_are_refused_at_their_position() {
+    let text = "apiVersion: stead.dev/v1alpha1
+kind: Volume
+metadata: {name: a}
+spec: &s {pool: local, size: 1Mi}
+---
+apiVersion: stead.dev/v1alpha1
+kind: Volume
+metadata: {name: b}
+spec: *s
+";
+    let e = errors(&format!("{POOL}---\n{text}"));
+    assert_eq!(
+        e,
+        [
+            "m.yaml:14:7: YAML aliases (`*name`) are not supported in manifests (hint: write the value out in full)"
+        ]
+    );
+}
+
+#[test]
+fn a_huge_unknown_key_gets_no_hint_and_a_short_message() {
+    let key = "k".repeat(1 << 20);
+    let text = format!(
+        "apiVersion: stead.dev/v1alpha1\nkind: Volume\nmetadata: {{name: v}}\nspec: {{pool: local, size: 1Mi, {key}: 1}}\n"
+    );
+    let e = errors(&format!("{POOL}---\n{text}"));
+    assert_eq!(e.len(), 1, "{}", e.len());
+    assert!(e[0].starts_with("m.yaml:9:32: "), "{}", &e[0][..60]);
+    assert!(e[0].len() < 1000, "message is {} bytes", e[0].len());
+    assert!(e[0].contains("unknown field `kkk"), "{}", &e[0][..200]);
+    assert!(!e[0].contains("hint"), "{}", &e[0][..200]);
+    // A typo in a short key still gets its hint.
+    let typo = errors(&format!(
+        "{POOL}---\napiVersion: stead.dev/v1alpha1\nkind: Volume\nmetadata: {{name: v}}\nspec: {{pool: local, sise: 1Mi}}\n"
+    ))
+    .join("\n");
+    assert!(typo.contains("did you mean `size`?"), "{typo}");
+}
