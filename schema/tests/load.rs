@@ -96,8 +96,14 @@ spec: {mtu: 1500, adresses: [10.0.0.1/24]}
         "{joined}"
     );
     assert!(joined.contains("did you mean `addresses`?"), "{joined}");
-    // Volume references pool local which is not defined? The volume failed to load, so no.
-    assert_eq!(e.len(), 6, "{joined}");
+    // The volume failed to load, and is still checked: its pool is not defined.
+    assert!(
+        joined.contains(
+            "m.yaml:5:9: Volume/data spec.pool: Volume/data references StoragePool/local which is not defined"
+        ),
+        "{joined}"
+    );
+    assert_eq!(e.len(), 7, "{joined}");
 }
 
 #[test]
@@ -473,4 +479,65 @@ fn a_huge_unknown_key_gets_no_hint_and_a_short_message() {
     ))
     .join("\n");
     assert!(typo.contains("did you mean `size`?"), "{typo}");
+}
+
+#[test]
+fn a_resource_that_fails_to_parse_still_gets_its_semantic_errors() {
+    let text = "apiVersion: stead.dev/v1alpha1
+kind: VirtualMachine
+metadata: {name: a}
+spec:
+  boot: {kernel: /k}
+  interfaces: [{network: lan0, mac: \"52:54:00:00:00:01\"}]
+---
+apiVersion: stead.dev/v1alpha1
+kind: VirtualMachine
+metadata: {name: b}
+spec:
+  memory: 0
+  colour: red
+  interfaces: [{network: lan0, mac: \"52:54:00:00:00:01\"}]
+---
+apiVersion: stead.dev/v1alpha1
+kind: Volume
+metadata: {name: v}
+spec: {size: 0}
+";
+    let net = "apiVersion: stead.dev/v1alpha1
+kind: Network
+metadata: {name: lan0}
+spec: {type: bridge}
+---
+";
+    let e = errors(&format!("{net}{text}"));
+    let joined = e.join("\n");
+    for want in [
+        // b: a missing field, an unknown field, and its semantic errors too.
+        "m.yaml:16:1: spec: missing field `boot`",
+        "m.yaml:17:11: VirtualMachine/b spec.memory: memory must be at least 2Mi",
+        "m.yaml:18:3: spec.colour: unknown field `colour`",
+        "m.yaml:19:37: VirtualMachine/b spec.interfaces[0].mac: MAC 52:54:00:00:00:01 is already used by VirtualMachine/a",
+        // v: the missing pool is reported once, not again as a dangling reference.
+        "m.yaml:24:1: spec: missing field `pool`",
+        "m.yaml:24:14: Volume/v spec.size: size must be greater than zero",
+    ] {
+        assert!(joined.contains(want), "missing {want:?} in\n{joined}");
+    }
+    assert_eq!(e.len(), 6, "{joined}");
+}
+
+#[test]
+fn vm_cpus_and_memory_have_defaults() {
+    let text = "apiVersion: stead.dev/v1alpha1
+kind: VirtualMachine
+metadata: {name: a}
+spec: {boot: {kernel: /k}}
+";
+    let d = load(text).unwrap();
+    let vm = d.get(&ResourceId::new(Kind::VirtualMachine, "a")).unwrap();
+    let stead_schema::Spec::VirtualMachine(spec) = &vm.spec else {
+        panic!("not a VM")
+    };
+    assert_eq!(spec.cpus, 1);
+    assert_eq!(spec.memory.bytes(), 512 << 20);
 }
