@@ -586,10 +586,10 @@ fn set_at(v: &mut Value, ptr: &str, value: Value) -> bool {
 
 /// Stand-ins tried, in order, for a required node that is missing or was removed, so
 /// that the rest of the resource can still be checked. Chosen to satisfy the common
-/// value types (name, path, number, flag, block, list, socket address).
+/// value types (name, interface name, path, number, flag, block, list, socket address).
 fn placeholder(attempt: usize) -> Option<Value> {
     Some(match attempt {
-        0 => Value::String("stead-placeholder".into()),
+        0 => Value::String("x-placeholder".into()),
         1 => Value::from(0),
         2 => Value::Bool(false),
         3 => Value::Object(Map::new()),

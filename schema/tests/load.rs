@@ -541,3 +541,29 @@ spec: {boot: {kernel: /k}}
     assert_eq!(spec.cpus, 1);
     assert_eq!(spec.memory.bytes(), 512 << 20);
 }
+
+#[test]
+fn nested_required_fields_are_stood_in_for_and_the_rest_is_checked() {
+    let text = "apiVersion: stead.dev/v1alpha1
+kind: Container
+metadata: {name: c1}
+spec:
+  rootfs: {path: /srv/c1}
+  interfaces: [{network: lan0}, {name: eth1, network: lan0, mac: zz}, 7]
+  mounts: [{path: rel}]
+";
+    let e = errors(text);
+    let joined = e.join("\n");
+    for want in [
+        "m.yaml:6:16: spec.interfaces[0]: missing field `name`",
+        "m.yaml:6:26: Container/c1 spec.interfaces[0].network: Container/c1 references Network/lan0 which is not defined",
+        "m.yaml:6:55: Container/c1 spec.interfaces[1].network: Container/c1 references Network/lan0 which is not defined",
+        "m.yaml:6:66: spec.interfaces[1].mac: invalid MAC address \"zz\"",
+        "m.yaml:6:71: spec.interfaces[2]: invalid type: integer `7`",
+        "m.yaml:7:12: spec.mounts[0]: missing field `volume`",
+        "m.yaml:7:19: Container/c1 spec.mounts[0].path: mount path rel must be an absolute path",
+    ] {
+        assert!(joined.contains(want), "missing {want:?} in\n{joined}");
+    }
+    assert_eq!(e.len(), 7, "{joined}");
+}
