@@ -156,7 +156,16 @@ fn validate_reports_all_errors_with_locations() {
         err.contains("bad.yaml:9:34: spec.colour: unknown field"),
         "{err}"
     );
-    assert!(err.contains("2 error(s)"), "{err}");
+    // Both volumes failed to load and are still checked: their pool is not defined.
+    assert!(
+        err.contains("bad.yaml:4:14: Volume/v spec.pool: Volume/v references StoragePool/nowhere"),
+        "{err}"
+    );
+    assert!(
+        err.contains("bad.yaml:9:14: Volume/w spec.pool: Volume/w references StoragePool/nowhere"),
+        "{err}"
+    );
+    assert!(err.contains("4 error(s)"), "{err}");
 }
 
 #[test]

@@ -511,9 +511,11 @@ pub struct VmInterface {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct VirtualMachineSpec {
-    /// vCPU count.
+    /// vCPU count (default 1).
+    #[serde(default = "default_vm_cpus")]
     pub cpus: u32,
-    /// Guest memory.
+    /// Guest memory (default 512Mi).
+    #[serde(default = "default_vm_memory")]
     pub memory: ByteSize,
     /// Direct kernel boot.
     pub boot: BootSpec,
@@ -532,6 +534,14 @@ pub struct VirtualMachineSpec {
     /// Explicit dependencies.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub depends_on: Vec<ResourceRef>,
+}
+
+fn default_vm_cpus() -> u32 {
+    1
+}
+
+fn default_vm_memory() -> ByteSize {
+    ByteSize(512 << 20)
 }
 
 // ------------------------------------------------------------------ BackupSchedule

@@ -5,11 +5,13 @@
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
 pub mod driver;
+pub mod files;
 pub mod graph;
 pub mod kinds;
 pub mod load;
 pub mod resource;
 pub mod schema;
+pub mod toolnames;
 pub mod validate;
 pub mod values;
 
@@ -26,10 +28,27 @@ use std::path::PathBuf;
 /// Loads and validates manifests at `paths` (files or directories). Returns the
 /// desired set, or every diagnostic found (syntax, types, names, references, cycles,
 /// conflicts), sorted by file and position.
+///
+/// A resource that fails to load (a missing field, a wrong value) is still checked
+/// with the rest: its wrong nodes are left out or stood in for, and no diagnostic is
+/// reported at or below them a second time.
 pub fn load_and_validate(paths: &[PathBuf]) -> Result<Desired, Vec<Diagnostic>> {
-    let (resources, mut errors) = load::load_paths(paths);
+    let (mut resources, partial, mut errors) = load::load_paths_partial(paths);
+    let broken: Vec<String> = partial
+        .iter()
+        .flat_map(|p| {
+            p.broken
+                .iter()
+                .map(|b| format!("{} {}", p.resource.id, load::pointer_to_field(b)))
+        })
+        .collect();
+    resources.extend(partial.into_iter().map(|p| p.resource));
     let desired = load::into_desired(resources, &mut errors);
-    errors.extend(validate::validate(&desired));
+    errors.extend(
+        validate::validate(&desired)
+            .into_iter()
+            .filter(|d| !broken.iter().any(|b| field_is_at_or_below(&d.field, b))),
+    );
     if errors.is_empty() {
         Ok(desired)
     } else {
@@ -37,4 +56,11 @@ pub fn load_and_validate(paths: &[PathBuf]) -> Result<Desired, Vec<Diagnostic>> 
         errors.dedup();
         Err(errors)
     }
+}
+
+/// Whether the diagnostic field `field` (`Kind/name spec.a[0].b`) is `node` or below it.
+fn field_is_at_or_below(field: &str, node: &str) -> bool {
+    field
+        .strip_prefix(node)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with(['.', '[']))
 }

@@ -78,39 +78,40 @@ fn escape_ptr(key: &str) -> String {
     key.replace('~', "~0").replace('/', "~1")
 }
 
-/// Collects the manifest files named by `paths`: files as given, directories
-/// recursively (`*.yaml`, `*.yml`), sorted by path.
+/// Collects the manifest files named by `paths`: files as given, directories by the
+/// rule of [`crate::files`] (`*.yaml`, `*.yml`, no dot-entries, sorted by path).
+/// Manifest-named entries that are not regular files are left out.
 pub fn collect_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>, Diagnostic> {
+    collect(paths).map(|(files, _skipped)| files)
+}
+
+/// Like [`collect_files`], also returning a diagnostic per skipped entry.
+fn collect(paths: &[PathBuf]) -> Result<(Vec<PathBuf>, Vec<Diagnostic>), Diagnostic> {
     let mut out = Vec::new();
+    let mut skipped = Vec::new();
     for p in paths {
         let meta = std::fs::metadata(p).map_err(|e| io_diag(p, &e))?;
         if meta.is_dir() {
-            let mut found = Vec::new();
-            walk_dir(p, &mut found).map_err(|e| io_diag(p, &e))?;
-            found.sort();
-            out.extend(found);
+            let found = crate::files::walk_manifest_dir(p).map_err(|e| Diagnostic {
+                file: e.path.clone(),
+                pos: Pos { line: 0, col: 0 },
+                field: String::new(),
+                message: format!("cannot read: {}", e.source),
+                hint: None,
+            })?;
+            out.extend(found.files);
+            skipped.extend(found.skipped.into_iter().map(|s| Diagnostic {
+                file: s.path,
+                pos: Pos { line: 0, col: 0 },
+                field: String::new(),
+                message: format!("skipped: {}", s.reason),
+                hint: Some("a manifest must be a regular file (or a link to one)".into()),
+            }));
         } else {
             out.push(p.clone());
         }
     }
-    Ok(out)
-}
-
-fn walk_dir(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
-    for entry in std::fs::read_dir(dir)? {
-        let entry = entry?;
-        let path = entry.path();
-        let ft = entry.file_type()?;
-        if ft.is_dir() {
-            walk_dir(&path, out)?;
-        } else if matches!(
-            path.extension().and_then(|e| e.to_str()),
-            Some("yaml" | "yml")
-        ) {
-            out.push(path);
-        }
-    }
-    Ok(())
+    Ok((out, skipped))
 }
 
 fn io_diag(p: &Path, e: &std::io::Error) -> Diagnostic {
@@ -123,26 +124,128 @@ fn io_diag(p: &Path, e: &std::io::Error) -> Diagnostic {
     }
 }
 
+fn read_diag(p: &Path, e: &crate::files::ReadError) -> Diagnostic {
+    use crate::files::ReadError;
+    let (line, hint) = match e {
+        ReadError::TooLarge { line } => {
+            (*line, Some("split the manifests into several files".into()))
+        }
+        ReadError::NotRegular(_) => (
+            0,
+            Some("a manifest must be a regular file (or a link to one)".into()),
+        ),
+        _ => (0, None),
+    };
+    Diagnostic {
+        file: p.to_path_buf(),
+        pos: Pos {
+            line,
+            col: if line == 0 { 0 } else { 1 },
+        },
+        field: String::new(),
+        message: e.to_string(),
+        hint,
+    }
+}
+
 /// Loads every document of every file. Returns what loaded and every error found.
 /// Semantic validation is separate: see [`crate::validate::validate`].
 pub fn load_paths(paths: &[PathBuf]) -> (Vec<Resource>, Vec<Diagnostic>) {
-    let files = match collect_files(paths) {
-        Ok(f) => f,
-        Err(d) => return (Vec::new(), vec![d]),
-    };
-    let mut resources = Vec::new();
-    let mut errors = Vec::new();
-    for f in files {
-        match std::fs::read_to_string(&f) {
-            Ok(text) => load_str(&f, &text, &mut resources, &mut errors),
-            Err(e) => errors.push(io_diag(&f, &e)),
-        }
-    }
+    let (resources, _partial, errors) = load_paths_partial(paths);
     (resources, errors)
 }
 
-/// Loads all documents from `text` (named `file` in diagnostics).
+/// Like [`load_paths`], also returning the documents that loaded with errors.
+pub(crate) fn load_paths_partial(
+    paths: &[PathBuf],
+) -> (Vec<Resource>, Vec<Partial>, Vec<Diagnostic>) {
+    let (files, mut errors) = match collect(paths) {
+        Ok(f) => f,
+        Err(d) => return (Vec::new(), Vec::new(), vec![d]),
+    };
+    let mut resources = Vec::new();
+    let mut partial = Vec::new();
+    for f in files {
+        match crate::files::read_manifest(&f) {
+            Ok(text) => load_str_partial(&f, &text, &mut resources, &mut partial, &mut errors),
+            Err(e) => errors.push(read_diag(&f, &e)),
+        }
+    }
+    (resources, partial, errors)
+}
+
+/// The deepest nesting of YAML collections (mappings and sequences) accepted.
+pub const MAX_DEPTH: usize = 64;
+
+/// Keys longer than this get no "did you mean" hint (its edit distance is quadratic).
+const MAX_HINT_KEY: usize = 64;
+
+/// Messages are cut to this many characters (a key can be megabytes long).
+const MAX_MESSAGE: usize = 300;
+
+/// Checks the event stream before a tree is built: nesting at most [`MAX_DEPTH`]
+/// levels and no aliases. Stops at the first violation of the depth limit. Syntax
+/// errors are left to the loader, which reports them with their position.
+fn prescan(file: &Path, text: &str) -> Vec<Diagnostic> {
+    use saphyr_parser::{Event, Parser};
+    let mut out = Vec::new();
+    let mut depth = 0usize;
+    let at = |span: saphyr_parser::Span, message: String, hint: &str| Diagnostic {
+        file: file.to_path_buf(),
+        pos: Pos {
+            line: span.start.line(),
+            col: span.start.col() + 1,
+        },
+        field: String::new(),
+        message,
+        hint: Some(hint.into()),
+    };
+    for ev in Parser::new_from_str(text) {
+        let Ok((ev, span)) = ev else { break };
+        match ev {
+            Event::SequenceStart(..) | Event::MappingStart(..) => {
+                depth += 1;
+                if depth > MAX_DEPTH {
+                    out.push(at(
+                        span,
+                        format!("YAML nesting is deeper than {MAX_DEPTH} levels"),
+                        "manifests need only a few levels; flatten the document",
+                    ));
+                    break;
+                }
+            }
+            Event::SequenceEnd | Event::MappingEnd => depth = depth.saturating_sub(1),
+            Event::Alias(_) => out.push(at(
+                span,
+                "YAML aliases (`*name`) are not supported in manifests".into(),
+                "write the value out in full",
+            )),
+            Event::StreamEnd => break,
+            _ => {}
+        }
+    }
+    out
+}
+
+/// Loads all documents from `text` (named `file` in diagnostics). Only documents
+/// without any error are added to `out`.
 pub fn load_str(file: &Path, text: &str, out: &mut Vec<Resource>, errors: &mut Vec<Diagnostic>) {
+    load_str_partial(file, text, out, &mut Vec::new(), errors);
+}
+
+/// Like [`load_str`], also returning the documents that loaded with errors.
+pub(crate) fn load_str_partial(
+    file: &Path,
+    text: &str,
+    out: &mut Vec<Resource>,
+    partial: &mut Vec<Partial>,
+    errors: &mut Vec<Diagnostic>,
+) {
+    let refused = prescan(file, text);
+    if !refused.is_empty() {
+        errors.extend(refused);
+        return;
+    }
     let docs = match MarkedYaml::load_from_str(text) {
         Ok(d) => d,
         Err(e) => {
@@ -175,8 +278,13 @@ pub fn load_str(file: &Path, text: &str, out: &mut Vec<Resource>, errors: &mut V
         for (ptr, msg) in conv_errors {
             errors.push(diag(&origin, &ptr, msg, None));
         }
-        if let Some(r) = load_document(value, origin, errors) {
-            out.push(r);
+        match load_document(value, origin, errors) {
+            Some(l) if l.complete => out.push(l.resource),
+            Some(l) => partial.push(Partial {
+                resource: l.resource,
+                broken: l.broken,
+            }),
+            None => {}
         }
     }
 }
@@ -272,13 +380,30 @@ fn diag(origin: &Origin, ptr: &str, message: String, hint: Option<String>) -> Di
     Diagnostic {
         file: origin.file.clone(),
         pos,
-        field: pointer_to_field(ptr),
-        message,
+        field: truncate(&pointer_to_field(ptr)),
+        message: truncate(&message),
         hint,
     }
 }
 
-fn load_document(value: Value, origin: Origin, errors: &mut Vec<Diagnostic>) -> Option<Resource> {
+/// A resource that loaded with errors: its wrong nodes were removed or stood in for
+/// (`broken`, JSON pointers), so that the rest can still be validated.
+#[derive(Debug, Clone)]
+pub(crate) struct Partial {
+    /// The resource, with stand-ins.
+    pub resource: Resource,
+    /// Pointers of the nodes that were wrong.
+    pub broken: Vec<String>,
+}
+
+/// A loaded document; `complete` when it had no error at all.
+struct Loaded {
+    resource: Resource,
+    broken: Vec<String>,
+    complete: bool,
+}
+
+fn load_document(value: Value, origin: Origin, errors: &mut Vec<Diagnostic>) -> Option<Loaded> {
     let Value::Object(mut top) = value else {
         errors.push(diag(
             &origin,
@@ -362,15 +487,23 @@ fn load_document(value: Value, origin: Origin, errors: &mut Vec<Diagnostic>) -> 
         }
         (None, _) => None,
     };
-    match (ok, metadata, spec) {
-        (true, Some(metadata), Some(spec)) => Some(Resource {
-            id: ResourceId::new(spec.kind(), metadata.name.0.clone()),
-            metadata,
-            spec,
-            origin,
-        }),
-        _ => None,
+    let (metadata, spec) = (metadata?, spec?);
+    // Without a valid name the resource cannot be told apart from others.
+    if metadata.broken.iter().any(|b| b == "/metadata/name") {
+        return None;
     }
+    let mut broken = metadata.broken;
+    broken.extend(spec.broken);
+    Some(Loaded {
+        complete: ok && broken.is_empty(),
+        resource: Resource {
+            id: ResourceId::new(spec.value.kind(), metadata.value.name.0.clone()),
+            metadata: metadata.value,
+            spec: spec.value,
+            origin,
+        },
+        broken,
+    })
 }
 
 fn deserialize_spec(
@@ -378,25 +511,27 @@ fn deserialize_spec(
     v: Value,
     origin: &Origin,
     errors: &mut Vec<Diagnostic>,
-) -> Option<Spec> {
-    use crate::kinds::*;
-    Some(match kind {
-        Kind::StoragePool => Spec::StoragePool(deserialize_all::<StoragePoolSpec>(
-            v, "/spec", origin, errors,
-        )?),
-        Kind::Network => Spec::Network(deserialize_all::<NetworkSpec>(v, "/spec", origin, errors)?),
-        Kind::Bond => Spec::Bond(deserialize_all::<BondSpec>(v, "/spec", origin, errors)?),
-        Kind::Volume => Spec::Volume(deserialize_all::<VolumeSpec>(v, "/spec", origin, errors)?),
-        Kind::Container => Spec::Container(deserialize_all::<ContainerSpec>(
-            v, "/spec", origin, errors,
-        )?),
-        Kind::VirtualMachine => Spec::VirtualMachine(deserialize_all::<VirtualMachineSpec>(
-            v, "/spec", origin, errors,
-        )?),
-        Kind::BackupSchedule => Spec::BackupSchedule(deserialize_all::<BackupScheduleSpec>(
-            v, "/spec", origin, errors,
-        )?),
-    })
+) -> Option<Parsed<Spec>> {
+    fn typed<T: serde::de::DeserializeOwned>(
+        v: Value,
+        origin: &Origin,
+        errors: &mut Vec<Diagnostic>,
+        wrap: fn(T) -> Spec,
+    ) -> Option<Parsed<Spec>> {
+        deserialize_all::<T>(v, "/spec", origin, errors).map(|p| Parsed {
+            value: wrap(p.value),
+            broken: p.broken,
+        })
+    }
+    match kind {
+        Kind::StoragePool => typed(v, origin, errors, Spec::StoragePool),
+        Kind::Network => typed(v, origin, errors, Spec::Network),
+        Kind::Bond => typed(v, origin, errors, Spec::Bond),
+        Kind::Volume => typed(v, origin, errors, Spec::Volume),
+        Kind::Container => typed(v, origin, errors, Spec::Container),
+        Kind::VirtualMachine => typed(v, origin, errors, Spec::VirtualMachine),
+        Kind::BackupSchedule => typed(v, origin, errors, Spec::BackupSchedule),
+    }
 }
 
 fn path_to_pointer(path: &serde_path_to_error::Path) -> String {
@@ -431,54 +566,124 @@ fn remove_at(v: &mut Value, rel: &str) -> bool {
     }
 }
 
+/// Sets the node at `ptr` (an existing one, or a new key of an existing mapping).
+fn set_at(v: &mut Value, ptr: &str, value: Value) -> bool {
+    if let Some(slot) = v.pointer_mut(ptr) {
+        *slot = value;
+        return true;
+    }
+    let Some((parent, last)) = ptr.rsplit_once('/') else {
+        return false;
+    };
+    match v.pointer_mut(parent) {
+        Some(Value::Object(m)) => {
+            m.insert(last.replace("~1", "/").replace("~0", "~"), value);
+            true
+        }
+        _ => false,
+    }
+}
+
+/// Stand-ins tried, in order, for a required node that is missing or was removed, so
+/// that the rest of the resource can still be checked. Chosen to satisfy the common
+/// value types (name, interface name, path, number, flag, block, list, socket address).
+fn placeholder(attempt: usize) -> Option<Value> {
+    Some(match attempt {
+        0 => Value::String("x-placeholder".into()),
+        1 => Value::from(0),
+        2 => Value::Bool(false),
+        3 => Value::Object(Map::new()),
+        4 => Value::Array(Vec::new()),
+        5 => Value::String("0.0.0.0:0".into()),
+        _ => return None,
+    })
+}
+
+/// The first allowed value named by an "unknown variant" error.
+fn first_variant(msg: &str) -> Option<Value> {
+    let (_, expected) = msg
+        .strip_prefix("unknown variant")?
+        .split_once("expected")?;
+    let name = expected.split('`').nth(1)?;
+    Some(Value::String(name.to_string()))
+}
+
+/// The result of [`deserialize_all`]: the value, and the pointers of the nodes that
+/// were removed or stood in for because they were wrong (empty when the input was
+/// valid).
+struct Parsed<T> {
+    value: T,
+    broken: Vec<String>,
+}
+
 /// Deserializes `v` into `T`, reporting every error it can find: after each error the
-/// offending node is removed and the rest is tried again (bounded).
+/// offending node is removed (or, when required, replaced by a placeholder) and the
+/// rest is tried again (bounded). Returns the value built that way with the list of
+/// broken nodes, so that semantic checks can still run on the rest.
 fn deserialize_all<T: serde::de::DeserializeOwned>(
     mut v: Value,
     base: &str,
     origin: &Origin,
     errors: &mut Vec<Diagnostic>,
-) -> Option<T> {
-    let mut removed: Vec<String> = Vec::new();
-    for _ in 0..32 {
-        match serde_path_to_error::deserialize::<_, T>(v.clone()) {
-            Ok(t) => return if removed.is_empty() { Some(t) } else { None },
-            Err(e) => {
-                let mut rel = path_to_pointer(e.path());
-                let msg = e.inner().to_string();
-                // An unknown field error points at the map; name the key itself.
-                if let Some(field) = msg
-                    .strip_prefix("unknown field `")
-                    .and_then(|r| r.split('`').next())
-                {
-                    let candidate = format!("{rel}/{}", escape_ptr(field));
-                    if v.pointer(&candidate).is_some() {
-                        rel = candidate;
-                    }
-                }
-                // A "missing field" caused by our own removal is not news.
-                let consequential = msg
-                    .strip_prefix("missing field `")
-                    .and_then(|r| r.split('`').next())
-                    .is_some_and(|field| {
-                        removed
-                            .iter()
-                            .any(|r| r == &format!("{rel}/{}", escape_ptr(field)))
-                    });
-                if !consequential {
-                    let hint = hint_for(&msg);
-                    errors.push(diag(
-                        origin,
-                        &format!("{base}{rel}"),
-                        clean_message(&msg),
-                        hint,
-                    ));
-                }
-                if rel.is_empty() || consequential || !remove_at(&mut v, &rel) {
-                    return None;
-                }
-                removed.push(rel);
+) -> Option<Parsed<T>> {
+    let mut broken: Vec<String> = Vec::new();
+    let mut tries: BTreeMap<String, usize> = BTreeMap::new();
+    for _ in 0..128 {
+        let e = match serde_path_to_error::deserialize::<_, T>(v.clone()) {
+            Ok(value) => {
+                let broken = broken.into_iter().map(|r| format!("{base}{r}")).collect();
+                return Some(Parsed { value, broken });
             }
+            Err(e) => e,
+        };
+        let mut rel = path_to_pointer(e.path());
+        let msg = e.inner().to_string();
+        // An unknown field error points at the map; name the key itself.
+        if let Some(field) = msg
+            .strip_prefix("unknown field `")
+            .and_then(|r| r.split('`').next())
+        {
+            let candidate = format!("{rel}/{}", escape_ptr(field));
+            if v.pointer(&candidate).is_some() {
+                rel = candidate;
+            }
+        }
+        let missing = msg
+            .strip_prefix("missing field `")
+            .and_then(|r| r.split('`').next())
+            .map(|field| format!("{rel}/{}", escape_ptr(field)));
+        let target = missing.clone().unwrap_or_else(|| rel.clone());
+        // An error at or below a node we removed or stood in for is not news.
+        let consequential = broken
+            .iter()
+            .any(|b| target == *b || target.starts_with(&format!("{b}/")));
+        if !consequential {
+            errors.push(diag(
+                origin,
+                &format!("{base}{rel}"),
+                clean_message(&msg),
+                hint_for(&msg),
+            ));
+        }
+        if missing.is_none() && !consequential {
+            // A wrong node: drop it and see whether it was required.
+            if rel.is_empty() || !remove_at(&mut v, &rel) {
+                return None;
+            }
+            broken.push(rel);
+            continue;
+        }
+        // A required node is missing (or its stand-in did not fit): try the next one.
+        let attempt = tries.entry(target.clone()).or_default();
+        let stand_in = first_variant(&msg)
+            .filter(|_| consequential && *attempt > 0)
+            .or_else(|| placeholder(*attempt))?;
+        *attempt += 1;
+        if !set_at(&mut v, &target, stand_in) {
+            return None;
+        }
+        if !broken.contains(&target) {
+            broken.push(target);
         }
     }
     None
@@ -486,8 +691,17 @@ fn deserialize_all<T: serde::de::DeserializeOwned>(
 
 fn clean_message(msg: &str) -> String {
     // serde_json appends " at line X column Y" for text input; values have none, but be safe.
-    match msg.find(" at line ") {
-        Some(i) => msg[..i].to_string(),
+    let msg = match msg.find(" at line ") {
+        Some(i) => &msg[..i],
+        None => msg,
+    };
+    truncate(msg)
+}
+
+/// Cuts a message to [`MAX_MESSAGE`] characters.
+fn truncate(msg: &str) -> String {
+    match msg.char_indices().nth(MAX_MESSAGE) {
+        Some((i, _)) => format!("{}…", &msg[..i]),
         None => msg.to_string(),
     }
 }
@@ -495,6 +709,9 @@ fn clean_message(msg: &str) -> String {
 fn hint_for(msg: &str) -> Option<String> {
     if let Some(rest) = msg.strip_prefix("unknown field `") {
         let (field, tail) = rest.split_once('`')?;
+        if field.chars().count() > MAX_HINT_KEY {
+            return None;
+        }
         let expected: Vec<&str> = tail
             .split('`')
             .enumerate()

@@ -191,6 +191,7 @@ fn check_resource(r: &Resource, desired: &Desired, out: &mut Vec<Diagnostic>) {
                 ),
                 _ => None,
             });
+            check_pool_tool_names(r, p, out);
         }
         Spec::Volume(v) => {
             if v.size.0 == 0 {
@@ -404,6 +405,55 @@ fn check_resource(r: &Resource, desired: &Desired, out: &mut Vec<Diagnostic>) {
                     Some("add backup to the pool's content list"),
                 ));
             }
+        }
+    }
+}
+
+/// Names a pool hands to `lvcreate`, `zfs` or `mount` follow those tools' rules.
+fn check_pool_tool_names(r: &Resource, p: &StoragePoolSpec, out: &mut Vec<Diagnostic>) {
+    use crate::toolnames::*;
+    let mut check = |ptr: &str, what: &str, value: &str, rule: fn(&str) -> Result<(), String>| {
+        if let Err(why) = rule(value) {
+            out.push(at(r, ptr, format!("{what} {value:?}: {why}"), None));
+        }
+    };
+    if let Some(l) = &p.lvm {
+        check(
+            "/spec/lvm/volumeGroup",
+            "volume group",
+            &l.volume_group,
+            check_lvm_name,
+        );
+        check(
+            "/spec/lvm/thinPool",
+            "thin pool",
+            &l.thin_pool,
+            check_lvm_name,
+        );
+    }
+    if let Some(z) = &p.zfs {
+        check(
+            "/spec/zfs/dataset",
+            "dataset",
+            &z.dataset,
+            check_zfs_dataset,
+        );
+    }
+    if let Some(n) = &p.nfs {
+        check(
+            "/spec/nfs/server",
+            "NFS server",
+            &n.server,
+            check_nfs_server,
+        );
+        check(
+            "/spec/nfs/export",
+            "NFS export",
+            &n.export,
+            check_nfs_export,
+        );
+        if let Some(o) = &n.options {
+            check("/spec/nfs/options", "NFS options", o, check_nfs_options);
         }
     }
 }

@@ -25,6 +25,17 @@ fn verr(msg: impl Into<String>) -> ValueError {
     ValueError(msg.into())
 }
 
+/// Parses `s` as a number only when it is made of ASCII digits (`u8::from_str` and
+/// friends also accept a leading `+`, which the JSON Schema patterns refuse).
+fn parse_digits<T: TryFrom<u64>>(s: &str, radix_hex: bool) -> Option<T> {
+    let ok = |c: u8| c.is_ascii_digit() || (radix_hex && c.is_ascii_hexdigit());
+    if s.is_empty() || !s.bytes().all(ok) {
+        return None;
+    }
+    let n = u64::from_str_radix(s, if radix_hex { 16 } else { 10 }).ok()?;
+    T::try_from(n).ok()
+}
+
 /// Implements Display/FromStr-based serde for a type.
 macro_rules! serde_via_str {
     ($t:ty, $expect:literal) => {
@@ -178,20 +189,21 @@ impl FromStr for DurationSpec {
         if rest.is_empty() {
             return Err(bad());
         }
-        let mut total_ms: u128 = 0;
+        let too_long = || verr(format!("duration {s:?} is too long"));
+        let mut total_ms: u64 = 0;
         while !rest.is_empty() {
             let split = rest.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
             if split == 0 {
                 return Err(bad());
             }
-            let n: u128 = rest[..split].parse().map_err(|_| bad())?;
+            let n: u64 = parse_digits(&rest[..split], false).ok_or_else(too_long)?;
             rest = &rest[split..];
             let unit_len = rest
                 .find(|c: char| c.is_ascii_digit())
                 .unwrap_or(rest.len());
             let unit = &rest[..unit_len];
             rest = &rest[unit_len..];
-            let ms = match unit {
+            let ms: u64 = match unit {
                 "ms" => 1,
                 "s" => 1_000,
                 "m" => 60_000,
@@ -199,10 +211,12 @@ impl FromStr for DurationSpec {
                 "d" => 86_400_000,
                 _ => return Err(bad()),
             };
-            total_ms += n * ms;
+            total_ms = n
+                .checked_mul(ms)
+                .and_then(|x| total_ms.checked_add(x))
+                .ok_or_else(too_long)?;
         }
-        let ms = u64::try_from(total_ms).map_err(|_| bad())?;
-        Ok(DurationSpec(std::time::Duration::from_millis(ms)))
+        Ok(DurationSpec(std::time::Duration::from_millis(total_ms)))
     }
 }
 
@@ -303,9 +317,8 @@ impl FromStr for Cidr {
         let addr: IpAddr = a
             .parse()
             .map_err(|_| verr(format!("invalid IP address {a:?} in {s:?}")))?;
-        let prefix: u8 = p
-            .parse()
-            .map_err(|_| verr(format!("invalid prefix length {p:?} in {s:?}")))?;
+        let prefix: u8 = parse_digits(p, false)
+            .ok_or_else(|| verr(format!("invalid prefix length {p:?} in {s:?}")))?;
         let max = if addr.is_ipv4() { 32 } else { 128 };
         if prefix > max {
             return Err(verr(format!(
@@ -354,7 +367,7 @@ impl FromStr for MacAddr {
             if p.len() != 2 {
                 return Err(bad());
             }
-            *b = u8::from_str_radix(p, 16).map_err(|_| bad())?;
+            *b = parse_digits(p, true).ok_or_else(bad)?;
         }
         if parts.next().is_some() {
             return Err(bad());
@@ -643,6 +656,11 @@ mod tests {
         assert!("12Q".parse::<ByteSize>().is_err());
         assert!("Mi".parse::<ByteSize>().is_err());
         assert!("99999999999Ti".parse::<ByteSize>().is_err());
+        assert!("16777216Ti".parse::<ByteSize>().is_err(), "2^64 overflows");
+        assert_eq!("16777215Ti".parse::<ByteSize>().unwrap().0, 16777215 << 40);
+        assert!("+1Gi".parse::<ByteSize>().is_err());
+        assert!("+4096".parse::<ByteSize>().is_err());
+        assert!("18446744073709551616".parse::<ByteSize>().is_err());
         let v: ByteSize = serde_json::from_str("1048576").unwrap();
         assert_eq!(v.0, 1 << 20);
     }
@@ -655,6 +673,41 @@ mod tests {
         assert!("5 minutes".parse::<DurationSpec>().is_err());
         assert!("".parse::<DurationSpec>().is_err());
         assert!("10".parse::<DurationSpec>().is_err());
+        assert!("+5s".parse::<DurationSpec>().is_err());
+        assert!("5s+3s".parse::<DurationSpec>().is_err());
+    }
+
+    #[test]
+    fn duration_overflow_is_refused() {
+        for long in [
+            "9999999999999999d",
+            "99999999999999999999d",
+            "999999999999999999999999999999999d",
+            "18446744073709551615ms1ms",
+            "213503982334601d",
+        ] {
+            let e = long.parse::<DurationSpec>().unwrap_err();
+            assert!(e.0.contains("too long"), "{long}: {e}");
+        }
+        // The largest representable value still parses.
+        assert_eq!(
+            "18446744073709551615ms"
+                .parse::<DurationSpec>()
+                .unwrap()
+                .0
+                .as_millis(),
+            u128::from(u64::MAX)
+        );
+    }
+
+    #[test]
+    fn leading_plus_is_refused() {
+        assert!("10.0.0.1/+24".parse::<Cidr>().is_err());
+        assert!("10.0.0.1/ 24".parse::<Cidr>().is_err());
+        assert!("10.0.0.1/24".parse::<Cidr>().is_ok());
+        assert!("52:54:00:+a:00:01".parse::<MacAddr>().is_err());
+        assert!("+2:54:00:aa:00:01".parse::<MacAddr>().is_err());
+        assert!("52:54:00:aa:00:-1".parse::<MacAddr>().is_err());
     }
 
     #[test]

@@ -96,8 +96,14 @@ spec: {mtu: 1500, adresses: [10.0.0.1/24]}
         "{joined}"
     );
     assert!(joined.contains("did you mean `addresses`?"), "{joined}");
-    // Volume references pool local which is not defined? The volume failed to load, so no.
-    assert_eq!(e.len(), 6, "{joined}");
+    // The volume failed to load, and is still checked: its pool is not defined.
+    assert!(
+        joined.contains(
+            "m.yaml:5:9: Volume/data spec.pool: Volume/data references StoragePool/local which is not defined"
+        ),
+        "{joined}"
+    );
+    assert_eq!(e.len(), 7, "{joined}");
 }
 
 #[test]
@@ -279,4 +285,285 @@ fn checked_in_schema_is_current() {
         on_disk == current,
         "schema/stead.schema.json is stale: run `STEAD_UPDATE_SCHEMA=1 cargo test -p stead-schema --test load checked_in_schema_is_current`"
     );
+}
+
+#[test]
+fn pool_tool_names_that_would_become_options_are_refused() {
+    let text = "apiVersion: stead.dev/v1alpha1
+kind: StoragePool
+metadata: {name: thin}
+spec:
+  type: lvmthin
+  path: /var/lib/stead/pools/thin
+  lvm: {volumeGroup: -ay, thinPool: snapshot0}
+---
+apiVersion: stead.dev/v1alpha1
+kind: StoragePool
+metadata: {name: z}
+spec:
+  type: zfs
+  path: /var/lib/stead/pools/z
+  zfs: {dataset: -o}
+---
+apiVersion: stead.dev/v1alpha1
+kind: StoragePool
+metadata: {name: n}
+spec:
+  type: nfs
+  path: /var/lib/stead/pools/n
+  nfs:
+    server: -oremount
+    export: srv/x
+    options: vers=4.2,-x
+---
+apiVersion: stead.dev/v1alpha1
+kind: StoragePool
+metadata: {name: fine}
+spec:
+  type: nfs
+  path: /var/lib/stead/pools/fine
+  nfs: {server: nas.example.com, export: /srv/x, options: \"vers=4.2,hard\"}
+";
+    let e = errors(text);
+    let joined = e.join("\n");
+    for want in [
+        "m.yaml:7:22: StoragePool/thin spec.lvm.volumeGroup: volume group \"-ay\": must not start with '-'",
+        "m.yaml:7:37: StoragePool/thin spec.lvm.thinPool: thin pool \"snapshot0\": the prefix `snapshot` is reserved",
+        "m.yaml:15:18: StoragePool/z spec.zfs.dataset: dataset \"-o\": pool name \"-o\" must start with a letter",
+        "m.yaml:24:13: StoragePool/n spec.nfs.server: NFS server \"-oremount\"",
+        "m.yaml:25:13: StoragePool/n spec.nfs.export: NFS export \"srv/x\": must be an absolute path",
+        "m.yaml:26:14: StoragePool/n spec.nfs.options: NFS options \"vers=4.2,-x\": option \"-x\" must not start with '-'",
+    ] {
+        assert!(joined.contains(want), "missing {want:?} in\n{joined}");
+    }
+    assert_eq!(e.len(), 6, "{joined}");
+}
+
+fn load_dir_errors(dir: &Path) -> Vec<String> {
+    match load_and_validate(&[dir.to_path_buf()]) {
+        Ok(_) => panic!("expected errors"),
+        Err(e) => e
+            .iter()
+            .map(|d| d.to_string().replace(&dir.display().to_string(), "D"))
+            .collect(),
+    }
+}
+
+#[test]
+fn non_regular_manifests_are_skipped_and_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("fifo.yaml");
+    let status = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    std::os::unix::fs::symlink("/dev/zero", dir.path().join("x.yaml")).unwrap();
+    std::fs::write(dir.path().join("ok.yaml"), POOL).unwrap();
+    let e = load_dir_errors(dir.path());
+    assert_eq!(
+        e,
+        [
+            "D/fifo.yaml:0:0: skipped: not a regular file (FIFO) (hint: a manifest must be a regular file (or a link to one))",
+            "D/x.yaml:0:0: skipped: not a regular file (character device) (hint: a manifest must be a regular file (or a link to one))",
+        ]
+    );
+    // Named directly, the FIFO is refused too (opening it would block).
+    let direct = load_and_validate(&[fifo]).unwrap_err();
+    assert_eq!(direct.len(), 1);
+    assert!(
+        direct[0].message.contains("not a regular file (FIFO)"),
+        "{direct:?}"
+    );
+}
+
+#[test]
+fn a_file_over_the_size_cap_is_refused_at_its_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("big.yaml");
+    let line = "# padding padding padding padding padding padding padding padding\n";
+    let lines = stead_schema::files::MAX_FILE_BYTES as usize / line.len() + 10;
+    std::fs::write(&p, format!("{POOL}{}", line.repeat(lines))).unwrap();
+    let e = load_dir_errors(dir.path());
+    // The line holding the first byte past the cap: POOL's 4 lines, then whole
+    // padding lines.
+    let cap = stead_schema::files::MAX_FILE_BYTES as usize;
+    let want_line = 1 + 4 + (cap - POOL.len()) / line.len();
+    assert_eq!(
+        e,
+        [format!(
+            "D/big.yaml:{want_line}:1: file is larger than the manifest size limit of 4 MiB (hint: split the manifests into several files)"
+        )]
+    );
+}
+
+#[test]
+fn nesting_deeper_than_the_cap_is_refused_at_its_line() {
+    let depth = stead_schema::load::MAX_DEPTH;
+    // Within the cap: only the usual errors (an unknown field), no depth error.
+    let ok = format!(
+        "{POOL}---\napiVersion: stead.dev/v1alpha1\nkind: Volume\nmetadata: {{name: v}}\nspec: {{pool: local, size: 1Mi, extra: {}1{}}}\n",
+        "[".repeat(depth - 2),
+        "]".repeat(depth - 2)
+    );
+    let e = errors(&ok).join("\n");
+    assert!(!e.contains("nesting"), "{e}");
+    assert!(e.contains("unknown field `extra`"), "{e}");
+    // One level more, on line 10: refused at the 65th opening (the document and spec
+    // mappings are levels 1 and 2), nothing else reported for the file.
+    let deep = format!(
+        "{POOL}---\napiVersion: stead.dev/v1alpha1\nkind: Volume\nmetadata: {{name: v}}\nspec:\n  extra: {}1{}\n",
+        "[".repeat(depth - 1),
+        "]".repeat(depth - 1)
+    );
+    let e = errors(&deep);
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(
+        e[0].starts_with(&format!(
+            "m.yaml:10:{}: YAML nesting is deeper than 64 levels",
+            9 + depth - 1
+        )),
+        "{e:?}"
+    );
+    // Far deeper (a stack-overflow attempt) ends the same way, quickly: block style
+    // is stopped by the cap, flow style by the YAML scanner's own limit.
+    let bomb = format!("{}1\n", "- ".repeat(1_000_000));
+    let e = errors(&bomb);
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(
+        e[0].contains("YAML nesting is deeper than 64 levels"),
+        "{e:?}"
+    );
+    let bomb = format!("a: {}", "[".repeat(1_000_000));
+    let e = errors(&bomb);
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(e[0].contains("recursion limit exceeded"), "{e:?}");
+}
+
+#[test]
+fn aliases_are_refused_at_their_position() {
+    let text = "apiVersion: stead.dev/v1alpha1
+kind: Volume
+metadata: {name: a}
+spec: &s {pool: local, size: 1Mi}
+---
+apiVersion: stead.dev/v1alpha1
+kind: Volume
+metadata: {name: b}
+spec: *s
+";
+    let e = errors(&format!("{POOL}---\n{text}"));
+    assert_eq!(
+        e,
+        [
+            "m.yaml:14:7: YAML aliases (`*name`) are not supported in manifests (hint: write the value out in full)"
+        ]
+    );
+}
+
+#[test]
+fn a_huge_unknown_key_gets_no_hint_and_a_short_message() {
+    let key = "k".repeat(1 << 20);
+    let text = format!(
+        "apiVersion: stead.dev/v1alpha1\nkind: Volume\nmetadata: {{name: v}}\nspec: {{pool: local, size: 1Mi, {key}: 1}}\n"
+    );
+    let e = errors(&format!("{POOL}---\n{text}"));
+    assert_eq!(e.len(), 1, "{}", e.len());
+    assert!(e[0].starts_with("m.yaml:9:32: "), "{}", &e[0][..60]);
+    assert!(e[0].len() < 1000, "message is {} bytes", e[0].len());
+    assert!(e[0].contains("unknown field `kkk"), "{}", &e[0][..200]);
+    assert!(!e[0].contains("hint"), "{}", &e[0][..200]);
+    // A typo in a short key still gets its hint.
+    let typo = errors(&format!(
+        "{POOL}---\napiVersion: stead.dev/v1alpha1\nkind: Volume\nmetadata: {{name: v}}\nspec: {{pool: local, sise: 1Mi}}\n"
+    ))
+    .join("\n");
+    assert!(typo.contains("did you mean `size`?"), "{typo}");
+}
+
+#[test]
+fn a_resource_that_fails_to_parse_still_gets_its_semantic_errors() {
+    let text = "apiVersion: stead.dev/v1alpha1
+kind: VirtualMachine
+metadata: {name: a}
+spec:
+  boot: {kernel: /k}
+  interfaces: [{network: lan0, mac: \"52:54:00:00:00:01\"}]
+---
+apiVersion: stead.dev/v1alpha1
+kind: VirtualMachine
+metadata: {name: b}
+spec:
+  memory: 0
+  colour: red
+  interfaces: [{network: lan0, mac: \"52:54:00:00:00:01\"}]
+---
+apiVersion: stead.dev/v1alpha1
+kind: Volume
+metadata: {name: v}
+spec: {size: 0}
+";
+    let net = "apiVersion: stead.dev/v1alpha1
+kind: Network
+metadata: {name: lan0}
+spec: {type: bridge}
+---
+";
+    let e = errors(&format!("{net}{text}"));
+    let joined = e.join("\n");
+    for want in [
+        // b: a missing field, an unknown field, and its semantic errors too.
+        "m.yaml:16:1: spec: missing field `boot`",
+        "m.yaml:17:11: VirtualMachine/b spec.memory: memory must be at least 2Mi",
+        "m.yaml:18:3: spec.colour: unknown field `colour`",
+        "m.yaml:19:37: VirtualMachine/b spec.interfaces[0].mac: MAC 52:54:00:00:00:01 is already used by VirtualMachine/a",
+        // v: the missing pool is reported once, not again as a dangling reference.
+        "m.yaml:24:1: spec: missing field `pool`",
+        "m.yaml:24:14: Volume/v spec.size: size must be greater than zero",
+    ] {
+        assert!(joined.contains(want), "missing {want:?} in\n{joined}");
+    }
+    assert_eq!(e.len(), 6, "{joined}");
+}
+
+#[test]
+fn vm_cpus_and_memory_have_defaults() {
+    let text = "apiVersion: stead.dev/v1alpha1
+kind: VirtualMachine
+metadata: {name: a}
+spec: {boot: {kernel: /k}}
+";
+    let d = load(text).unwrap();
+    let vm = d.get(&ResourceId::new(Kind::VirtualMachine, "a")).unwrap();
+    let stead_schema::Spec::VirtualMachine(spec) = &vm.spec else {
+        panic!("not a VM")
+    };
+    assert_eq!(spec.cpus, 1);
+    assert_eq!(spec.memory.bytes(), 512 << 20);
+}
+
+#[test]
+fn nested_required_fields_are_stood_in_for_and_the_rest_is_checked() {
+    let text = "apiVersion: stead.dev/v1alpha1
+kind: Container
+metadata: {name: c1}
+spec:
+  rootfs: {path: /srv/c1}
+  interfaces: [{network: lan0}, {name: eth1, network: lan0, mac: zz}, 7]
+  mounts: [{path: rel}]
+";
+    let e = errors(text);
+    let joined = e.join("\n");
+    for want in [
+        "m.yaml:6:16: spec.interfaces[0]: missing field `name`",
+        "m.yaml:6:26: Container/c1 spec.interfaces[0].network: Container/c1 references Network/lan0 which is not defined",
+        "m.yaml:6:55: Container/c1 spec.interfaces[1].network: Container/c1 references Network/lan0 which is not defined",
+        "m.yaml:6:66: spec.interfaces[1].mac: invalid MAC address \"zz\"",
+        "m.yaml:6:71: spec.interfaces[2]: invalid type: integer `7`",
+        "m.yaml:7:12: spec.mounts[0]: missing field `volume`",
+        "m.yaml:7:19: Container/c1 spec.mounts[0].path: mount path rel must be an absolute path",
+    ] {
+        assert!(joined.contains(want), "missing {want:?} in\n{joined}");
+    }
+    assert_eq!(e.len(), 7, "{joined}");
 }

@@ -593,26 +593,12 @@ pub fn dir_revision(dir: &Path) -> Result<String, ControllerError> {
     Ok(hex::encode(h.finalize()))
 }
 
+/// The manifest files below `dir`, by the same rule as the loader
+/// ([`stead_schema::files`]): a change the loader would read changes the revision.
 fn collect_yaml(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), ControllerError> {
-    let rd = std::fs::read_dir(dir)
-        .map_err(|e| ControllerError::io(format!("read {}", dir.display()), e))?;
-    for e in rd.flatten() {
-        let p = e.path();
-        let ft = match e.file_type() {
-            Ok(t) => t,
-            Err(_) => continue,
-        };
-        if ft.is_dir() {
-            if !e.file_name().to_string_lossy().starts_with('.') {
-                collect_yaml(&p, out)?;
-            }
-        } else if matches!(
-            p.extension().and_then(|x| x.to_str()),
-            Some("yaml") | Some("yml")
-        ) {
-            out.push(p);
-        }
-    }
+    let found = stead_schema::files::walk_manifest_dir(dir)
+        .map_err(|e| ControllerError::io(format!("read {}", e.path.display()), e.source))?;
+    out.extend(found.files);
     Ok(())
 }
 
@@ -878,5 +864,35 @@ mod tests {
         assert_eq!(dir_revision(d.path()).unwrap(), r1);
         std::fs::write(d.path().join("a.yaml"), "x: 2\n").unwrap();
         assert_ne!(dir_revision(d.path()).unwrap(), r1);
+    }
+
+    #[test]
+    fn revision_walk_sees_the_loaders_file_set() {
+        let d = tempfile::tempdir().unwrap();
+        let r = d.path();
+        for dir in [".hidden", "sub", "sub/.cache"] {
+            std::fs::create_dir(r.join(dir)).unwrap();
+        }
+        for f in [
+            ".hidden/x.yaml",
+            ".top.yaml",
+            "sub/.y.yml",
+            "sub/.cache/z.yaml",
+            "sub/m.yml",
+            "a.yaml",
+            "notes.txt",
+        ] {
+            std::fs::write(r.join(f), "x: 1\n").unwrap();
+        }
+        let mut ours = Vec::new();
+        collect_yaml(r, &mut ours).unwrap();
+        let loaders = stead_schema::load::collect_files(&[r.to_path_buf()]).unwrap();
+        assert_eq!(ours, loaders);
+        assert_eq!(ours, [r.join("a.yaml"), r.join("sub/m.yml")]);
+        // A change the loader does not read does not change the revision.
+        let rev = dir_revision(r).unwrap();
+        std::fs::write(r.join(".hidden/x.yaml"), "x: 2\n").unwrap();
+        std::fs::write(r.join(".top.yaml"), "x: 2\n").unwrap();
+        assert_eq!(dir_revision(r).unwrap(), rev);
     }
 }
