@@ -15,8 +15,9 @@
 use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::{self, BufReader, Read};
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 use stead_schema::{DriverError, RootfsSpec};
@@ -77,7 +78,7 @@ pub fn prepare(
             let key = template_key(tpl)?;
             let marker = own.join("template");
             if !root.is_dir() {
-                unpack(tpl, &root, m.base)?;
+                unpack(tpl, &root, Some(m))?;
                 fs::write(&marker, format!("{key} {}\n", tpl.display()))
                     .map_err(io(format!("write {}", marker.display())))?;
             } else if let Ok(old) = fs::read_to_string(&marker)
@@ -95,7 +96,7 @@ pub fn prepare(
         None if overlay_supported() => {
             let lower = base.join("templates").join(template_key(tpl)?);
             if !lower.is_dir() {
-                unpack(tpl, &lower, 0)?;
+                unpack(tpl, &lower, None)?;
             }
             let upper = own.join("upper");
             let work = own.join("work");
@@ -112,7 +113,7 @@ pub fn prepare(
         None => {
             let root = own.join("root");
             if !root.is_dir() {
-                unpack(tpl, &root, 0)?;
+                unpack(tpl, &root, None)?;
             }
             Ok(RootfsMount::Dir { path: root })
         }
@@ -150,9 +151,10 @@ impl<R: Read> Read for Counting<R> {
     }
 }
 
-/// Unpacks `tpl` (tar, or zstd-compressed tar by magic) into `dest`, adding `shift` to
-/// every uid and gid. Atomic: unpacks next to `dest` and renames.
-pub fn unpack(tpl: &Path, dest: &Path, shift: u32) -> Result<(), DriverError> {
+/// Unpacks `tpl` (tar, or zstd-compressed tar by magic) into `dest`. With `idmap`, every
+/// uid and gid is shifted into it (a member owned by an id outside the map is refused).
+/// Atomic: unpacks next to `dest` and renames.
+pub fn unpack(tpl: &Path, dest: &Path, idmap: Option<IdMap>) -> Result<(), DriverError> {
     let _span =
         tracing::info_span!("unpack_template", template = %tpl.display(), dest = %dest.display())
             .entered();
@@ -209,9 +211,9 @@ pub fn unpack(tpl: &Path, dest: &Path, shift: u32) -> Result<(), DriverError> {
     fs::create_dir_all(&tmp).map_err(io(format!("mkdir {}", tmp.display())))?;
     let result = if is_zstd {
         let dec = zstd::Decoder::with_buffer(reader).map_err(io("zstd decoder"))?;
-        extract(dec, &tmp, shift)
+        extract(dec, &tmp, idmap)
     } else {
-        extract(reader, &tmp, shift)
+        extract(reader, &tmp, idmap)
     };
     if let Some(b) = &bar {
         b.finish_and_clear();
@@ -220,9 +222,9 @@ pub fn unpack(tpl: &Path, dest: &Path, shift: u32) -> Result<(), DriverError> {
         let _ = fs::remove_dir_all(&tmp);
         return Err(e);
     }
-    if shift != 0 {
+    if let Some(m) = idmap {
         // The root directory itself belongs to the container's root.
-        std::os::unix::fs::lchown(&tmp, Some(shift), Some(shift))
+        std::os::unix::fs::lchown(&tmp, Some(m.base), Some(m.base))
             .map_err(io(format!("chown {}", tmp.display())))?;
     }
     fs::rename(&tmp, dest).map_err(io(format!("rename into {}", dest.display())))?;
@@ -231,19 +233,107 @@ pub fn unpack(tpl: &Path, dest: &Path, shift: u32) -> Result<(), DriverError> {
     Ok(())
 }
 
-fn extract<R: Read>(r: R, dest: &Path, shift: u32) -> Result<(), DriverError> {
+/// The path of tar member `path` relative to the unpack root: its normal components only
+/// (a leading `/` or `./` is dropped, as the tar crate does when unpacking); a member with
+/// a `..` component is refused.
+fn member_rel_path(path: &Path) -> Result<PathBuf, DriverError> {
+    let mut rel = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::Normal(n) => rel.push(n),
+            Component::RootDir | Component::CurDir => {}
+            Component::ParentDir | Component::Prefix(_) => {
+                return Err(DriverError::Refused(format!(
+                    "template member {} has a `..` component",
+                    path.display()
+                )));
+            }
+        }
+    }
+    Ok(rel)
+}
+
+/// The host id of a member's container id `id` under `map`: refused (naming the member)
+/// when `id` is outside the map, so a template cannot hand out ids of another container's
+/// range or wrap around.
+fn shift_id(map: IdMap, id: u64, what: &str, member: &Path) -> Result<u32, DriverError> {
+    u32::try_from(id)
+        .ok()
+        .filter(|i| *i < map.size)
+        .and_then(|i| map.base.checked_add(i))
+        .ok_or_else(|| {
+            DriverError::Refused(format!(
+                "template member {} is owned by {what} {id}, outside the container's id \
+                 range 0..{} (an unprivileged container's ids map to host {}..{})",
+                member.display(),
+                map.size,
+                map.base,
+                u64::from(map.base) + u64::from(map.size),
+            ))
+        })
+}
+
+/// Sets the owner of `rel` (a member unpacked under `root`) without leaving `root`: its
+/// parent is opened beneath `root` with no symlink followed, and the member itself is
+/// changed with `AT_SYMLINK_NOFOLLOW`.
+fn chown_beneath(root: &OwnedFd, rel: &Path, uid: u32, gid: u32) -> Result<(), DriverError> {
+    use rustix::fs::{AtFlags, Mode, OFlags, ResolveFlags};
+    let err = |e: rustix::io::Errno| {
+        DriverError::io(format!("chown {}", rel.display()), io::Error::from(e))
+    };
+    let (Some(parent), Some(name)) = (rel.parent(), rel.file_name()) else {
+        return Ok(()); // the root itself: owned by the container's root after unpacking
+    };
+    let parent = if parent.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        parent
+    };
+    let dir = rustix::fs::openat2(
+        root,
+        parent,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+        ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS,
+    )
+    .map_err(err)?;
+    rustix::fs::chownat(
+        &dir,
+        name,
+        Some(rustix::process::Uid::from_raw(uid)),
+        Some(rustix::process::Gid::from_raw(gid)),
+        AtFlags::SYMLINK_NOFOLLOW,
+    )
+    .map_err(err)
+}
+
+fn extract<R: Read>(r: R, dest: &Path, idmap: Option<IdMap>) -> Result<(), DriverError> {
     let mut ar = tar::Archive::new(r);
     ar.set_preserve_permissions(true);
     ar.set_preserve_ownerships(true);
     ar.set_preserve_mtime(true);
     ar.set_unpack_xattrs(false);
     ar.set_overwrite(true);
+    let root: OwnedFd = File::open(dest)
+        .map_err(io(format!("open {}", dest.display())))?
+        .into();
     let mut dirs: BTreeMap<PathBuf, (u32, u32)> = BTreeMap::new();
     for entry in ar.entries().map_err(io("read tar"))? {
         let mut entry = entry.map_err(io("read tar entry"))?;
-        let uid = entry.header().uid().unwrap_or(0) as u32;
-        let gid = entry.header().gid().unwrap_or(0) as u32;
         let path = entry.path().map_err(io("tar path"))?.into_owned();
+        let rel = member_rel_path(&path)?;
+        let owner = match idmap {
+            Some(m) => {
+                let h = entry.header();
+                let uid = h.uid().map_err(io(format!("uid of {}", path.display())))?;
+                let gid = h.gid().map_err(io(format!("gid of {}", path.display())))?;
+                Some((
+                    shift_id(m, uid, "uid", &path)?,
+                    shift_id(m, gid, "gid", &path)?,
+                ))
+            }
+            None => None,
+        };
         let is_dir = entry.header().entry_type().is_dir();
         if !entry
             .unpack_in(dest)
@@ -251,19 +341,17 @@ fn extract<R: Read>(r: R, dest: &Path, shift: u32) -> Result<(), DriverError> {
         {
             continue; // outside dest (refused by the tar crate)
         }
-        if shift != 0 {
-            let p = dest.join(&path);
+        if let Some((u, g)) = owner {
             if is_dir {
-                dirs.insert(p, (uid + shift, gid + shift));
+                // Chowned last: a later member may still be unpacked into it.
+                dirs.insert(rel, (u, g));
             } else {
-                std::os::unix::fs::lchown(&p, Some(uid + shift), Some(gid + shift))
-                    .map_err(io(format!("chown {}", p.display())))?;
+                chown_beneath(&root, &rel, u, g)?;
             }
         }
     }
-    for (p, (u, g)) in dirs {
-        std::os::unix::fs::lchown(&p, Some(u), Some(g))
-            .map_err(io(format!("chown {}", p.display())))?;
+    for (rel, (u, g)) in dirs {
+        chown_beneath(&root, &rel, u, g)?;
     }
     Ok(())
 }
@@ -341,6 +429,34 @@ mod tests {
         assert_eq!(c.base, ID_BASE, "freed range reused");
     }
 
+    #[test]
+    fn member_paths_stay_beneath_the_root_and_ids_in_the_map() {
+        assert_eq!(
+            member_rel_path(Path::new("/etc/shadow")).expect("abs"),
+            PathBuf::from("etc/shadow")
+        );
+        assert_eq!(
+            member_rel_path(Path::new("./a/./b")).expect("rel"),
+            PathBuf::from("a/b")
+        );
+        let e = member_rel_path(Path::new("a/../../etc")).expect_err("dotdot");
+        assert!(matches!(e, DriverError::Refused(_)), "{e}");
+        let m = IdMap {
+            base: 100_000,
+            size: ID_RANGE,
+        };
+        let p = Path::new("etc/x");
+        assert_eq!(shift_id(m, 65_535, "uid", p).expect("last"), 165_535);
+        let e = shift_id(m, 70_000, "uid", p).expect_err("outside");
+        assert!(e.to_string().contains("etc/x") && e.to_string().contains("70000"));
+        let top = IdMap {
+            base: u32::MAX - 10,
+            size: ID_RANGE,
+        };
+        shift_id(top, 100, "gid", p).expect_err("wraps");
+        shift_id(m, u64::from(u32::MAX) + 1, "uid", p).expect_err("beyond u32");
+    }
+
     fn tiny_template(path: &Path, content: &[u8]) {
         let f = File::create(path).expect("create");
         let mut b = tar::Builder::new(f);
@@ -406,7 +522,11 @@ mod tests {
             b.finish().expect("finish");
         }
         let dest = d.path().join("out/root");
-        unpack(&tpl, &dest, 100_000).expect("unpack");
+        let m = IdMap {
+            base: 100_000,
+            size: ID_RANGE,
+        };
+        unpack(&tpl, &dest, Some(m)).expect("unpack");
         let m = fs::metadata(dest.join("etc/passwd")).expect("passwd");
         assert_eq!((m.uid(), m.gid()), (100_005, 100_006));
         assert_eq!(fs::metadata(dest.join("etc")).expect("etc").uid(), 100_000);
