@@ -181,3 +181,59 @@ fn template_ids_stay_in_the_container_range() {
         "nothing half-unpacked is left"
     );
 }
+
+fn mode(p: &Path) -> u32 {
+    std::fs::metadata(p).unwrap().permissions().mode() & 0o7777
+}
+
+#[test]
+fn rootfs_trees_sit_in_private_dirs() {
+    const TEST: &str = "rootfs_trees_sit_in_private_dirs";
+    if !can_run(TEST) {
+        return;
+    }
+    let sb = sandbox();
+    let root = busybox_tree(&sb);
+    std::fs::set_permissions(
+        root.join("bin/busybox"),
+        std::fs::Permissions::from_mode(0o4755),
+    )
+    .unwrap();
+    let tpl = sb.path("t.tar");
+    pack(&root, &tpl, &[]);
+    // Dirs left world-readable by an older version are tightened on the next apply.
+    for d in ["state/rootfs/priv", "state/rootfs/old", "state/templates"] {
+        std::fs::create_dir_all(sb.path(d)).unwrap();
+        std::fs::set_permissions(sb.path(d), std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    manifest(&sb, "priv", &tpl, "  unprivileged: false\n");
+    let m = manifest(&sb, "unpriv", &tpl, "");
+    let _destroy = Destroy(&sb, m.clone());
+    sb.run(&["apply", "--yes", m.to_str().unwrap()])
+        .expect_code(0);
+    let rootfs = sb.path("state/rootfs");
+    assert_eq!(mode(&rootfs), 0o711, "rootfs/ can be traversed, not listed");
+    let unpriv = rootfs.join("unpriv");
+    assert!(unpriv.join("root/bin/busybox").exists());
+    let mut trees = vec![unpriv.join("root"), rootfs.join("old").join("x")];
+    let templates = sb.path("state/templates");
+    if rootfs.join("priv/upper").exists() {
+        trees.push(rootfs.join("priv/upper"));
+        for e in std::fs::read_dir(&templates).unwrap() {
+            trees.push(e.unwrap().path());
+        }
+    } else {
+        trees.push(rootfs.join("priv/root")); // no overlayfs: an own copy
+    }
+    for t in &trees {
+        let parent = t.parent().unwrap();
+        assert_eq!(mode(parent), 0o700, "{} holds a tree", parent.display());
+    }
+    let up_root = std::fs::metadata(unpriv.join("root")).unwrap().uid();
+    assert_eq!(
+        std::fs::metadata(&unpriv).unwrap().uid(),
+        up_root,
+        "the unprivileged container's root owns its private dir"
+    );
+    assert_eq!(std::fs::metadata(rootfs.join("priv")).unwrap().uid(), 0);
+}

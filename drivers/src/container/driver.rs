@@ -57,6 +57,10 @@ fn spec_of(r: &Resource) -> Result<&ContainerSpec, DriverError> {
 impl ContainerDriver {
     /// A driver for `env` (detects the cgroup hierarchy).
     pub fn new(env: &HostEnv) -> Result<Self, DriverError> {
+        // Trees made by an older version may sit under world-traversable dirs.
+        if let Err(e) = rootfs::tighten_modes(&env.state_dir) {
+            tracing::warn!(error = %e, "cannot tighten the modes of the rootfs dirs");
+        }
         Ok(ContainerDriver {
             env: env.clone(),
             hier: Hierarchy::detect()?,
@@ -138,10 +142,10 @@ impl ContainerDriver {
             None => None,
         };
         let root = rootfs::prepare(&spec.rootfs, name, &base, idmap, &paths, volume)?;
-        if idmap.is_some()
+        if let Some(m) = idmap
             && let crate::container::config::RootfsMount::Dir { path } = &root
         {
-            check_traversable(path)?;
+            check_traversable(path, m.base)?;
         }
         let mut mounts = Vec::new();
         for m in &spec.mounts {
@@ -373,12 +377,14 @@ fn restart_fields(v: &Value) -> Value {
 /// An unprivileged container's root is an unprivileged host uid: it must be able to
 /// traverse every directory above its rootfs, or the shim's bind mount fails with EACCES
 /// (a 0700 state dir made by `mktemp -d` is the usual cause). Say so before starting.
-fn check_traversable(rootfs: &std::path::Path) -> Result<(), DriverError> {
-    use std::os::unix::fs::PermissionsExt;
+/// A dir owned by the container's root (`root_uid`, its private rootfs dir) needs `u+x`.
+fn check_traversable(rootfs: &std::path::Path, root_uid: u32) -> Result<(), DriverError> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
     for dir in rootfs.ancestors().skip(1) {
         if let Ok(meta) = std::fs::metadata(dir) {
             let mode = meta.permissions().mode();
-            if mode & 0o001 == 0 {
+            let bit = if meta.uid() == root_uid { 0o100 } else { 0o001 };
+            if mode & bit == 0 {
                 return Err(DriverError::Refused(format!(
                     "{} (mode {:o}) cannot be traversed by the unprivileged container's root, so its rootfs {} is unreachable: `chmod o+x {}` or use a state dir that others may traverse",
                     dir.display(),
@@ -550,11 +556,11 @@ mod tests {
             std::fs::create_dir_all(&deep).expect("mkdir");
             std::fs::set_permissions(t.path(), std::fs::Permissions::from_mode(0o700))
                 .expect("chmod");
-            let e = check_traversable(&deep).expect_err("0700 ancestor refused");
+            let e = check_traversable(&deep, 100_000).expect_err("0700 ancestor refused");
             assert!(e.to_string().contains("chmod o+x"), "{e}");
             std::fs::set_permissions(t.path(), std::fs::Permissions::from_mode(0o755))
                 .expect("chmod");
-            check_traversable(&deep).expect("traversable");
+            check_traversable(&deep, 100_000).expect("traversable");
         }
     }
 

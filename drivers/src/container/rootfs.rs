@@ -71,7 +71,7 @@ pub fn prepare(
             "rootfs needs one of template, path, volume".into(),
         ));
     };
-    let own = base.join("rootfs").join(name);
+    let own = own_dir(base, name, idmap.map_or(0, |m| m.base))?;
     match idmap {
         Some(m) => {
             let root = own.join("root");
@@ -94,7 +94,9 @@ pub fn prepare(
             Ok(RootfsMount::Dir { path: root })
         }
         None if overlay_supported() => {
-            let lower = base.join("templates").join(template_key(tpl)?);
+            let templates = base.join("templates");
+            private_dir(&templates, PRIVATE_DIR_MODE, 0)?;
+            let lower = templates.join(template_key(tpl)?);
             if !lower.is_dir() {
                 unpack(tpl, &lower, None)?;
             }
@@ -124,6 +126,54 @@ pub fn prepare(
 /// `path` rootfs).
 pub fn remove(name: &str, base: &Path) -> Result<(), DriverError> {
     crate::storage::fsutil::remove_tree_if_exists(&base.join("rootfs").join(name))
+}
+
+/// Mode of `<base>/rootfs`: others may traverse it (an unprivileged container's root
+/// reaches its own tree through it) but not list it.
+const ROOTFS_DIR_MODE: u32 = 0o711;
+/// Mode of each container's own dir and of the template cache: no host user but their
+/// owner reaches the trees below (setuid binaries of privileged containers).
+const PRIVATE_DIR_MODE: u32 = 0o700;
+
+fn private_dir(dir: &Path, mode: u32, owner: u32) -> Result<(), DriverError> {
+    stead_host::fs::create_dir_mode(dir, mode)
+        .map_err(|e| DriverError::io(format!("mkdir {}", dir.display()), io::Error::other(e)))?;
+    std::os::unix::fs::lchown(dir, Some(owner), Some(owner))
+        .map_err(io(format!("chown {}", dir.display())))
+}
+
+/// Creates (or fixes the mode and owner of) the private dir of container `name`'s own
+/// trees, `<base>/rootfs/<name>`: mode 0700, owned by `owner` (the host uid of an
+/// unprivileged container's root, which must reach its tree; 0 otherwise).
+pub fn own_dir(base: &Path, name: &str, owner: u32) -> Result<PathBuf, DriverError> {
+    let parent = base.join("rootfs");
+    private_dir(&parent, ROOTFS_DIR_MODE, 0)?;
+    let own = parent.join(name);
+    private_dir(&own, PRIVATE_DIR_MODE, owner)?;
+    Ok(own)
+}
+
+/// Tightens the modes of the rootfs dirs that already exist under `base` (made by an
+/// older version with the umask's mode): `rootfs/` 0711, each `rootfs/<name>/` and
+/// `templates/` 0700, owners kept.
+pub fn tighten_modes(base: &Path) -> Result<(), DriverError> {
+    use std::os::unix::fs::PermissionsExt;
+    let set = |p: &Path, mode: u32| match fs::symlink_metadata(p) {
+        Ok(m) if m.is_dir() && m.permissions().mode() & 0o7777 != mode => {
+            fs::set_permissions(p, fs::Permissions::from_mode(mode))
+                .map_err(io(format!("chmod {}", p.display())))
+        }
+        _ => Ok(()),
+    };
+    let rootfs = base.join("rootfs");
+    set(&rootfs, ROOTFS_DIR_MODE)?;
+    set(&base.join("templates"), PRIVATE_DIR_MODE)?;
+    if let Ok(rd) = fs::read_dir(&rootfs) {
+        for e in rd.flatten() {
+            set(&e.path(), PRIVATE_DIR_MODE)?;
+        }
+    }
+    Ok(())
 }
 
 fn template_key(tpl: &Path) -> Result<String, DriverError> {
