@@ -237,3 +237,85 @@ fn rootfs_trees_sit_in_private_dirs() {
     );
     assert_eq!(std::fs::metadata(rootfs.join("priv")).unwrap().uid(), 0);
 }
+
+#[test]
+fn container_rootfs_delete_is_gated_snapshotted_or_retained() {
+    const TEST: &str = "container_rootfs_delete_is_gated_snapshotted_or_retained";
+    if !can_run(TEST) {
+        return;
+    }
+    let sb = sandbox();
+    let Some(btrfs) = stead_e2e::LoopBtrfs::for_test(&sb, TEST) else {
+        return;
+    };
+    let root = busybox_tree(&sb);
+    let tpl = sb.path("t.tar");
+    pack(&root, &tpl, &[]);
+    let pool = btrfs.mnt.join("pool");
+    sb.write(
+        "m/pool.yaml",
+        &format!(
+            "apiVersion: stead.dev/v1alpha1\nkind: StoragePool\nmetadata: {{name: fast}}\nspec: {{type: dir, path: {}}}\n",
+            pool.display()
+        ),
+    );
+    manifest(&sb, "gone", &tpl, "");
+    sb.write(
+        "m/gone.yaml",
+        &std::fs::read_to_string(sb.path("m/gone.yaml"))
+            .unwrap()
+            .replace("{template:", "{pool: fast, template:"),
+    );
+    let m = manifest(&sb, "kept", &tpl, "  deletionPolicy: Retain\n");
+    let ms = m.to_str().unwrap();
+    let _destroy = Destroy(&sb, m.clone());
+    sb.run(&["apply", "--yes", ms]).expect_code(0);
+    let gone = pool.join("rootfs/gone/root");
+    let kept = sb.path("state/rootfs/kept/root");
+    std::fs::write(gone.join("data.txt"), "precious\n").unwrap();
+    assert!(kept.join("bin/busybox").exists());
+    std::fs::remove_file(sb.path("m/gone.yaml")).unwrap();
+    std::fs::remove_file(sb.path("m/kept.yaml")).unwrap();
+
+    let diff = sb.run(&["diff", ms]);
+    assert!(
+        diff.stdout().contains("data-loss") || diff.stderr().contains("--allow-data-loss"),
+        "the plan says deleting the rootfs loses data\n{}{}",
+        diff.stdout(),
+        diff.stderr()
+    );
+    let out = sb.run(&["apply", "--yes", ms]);
+    assert_ne!(out.code(), 0, "prune without --allow-data-loss is refused");
+    assert!(
+        format!("{}{}", out.stdout(), out.stderr()).contains("--allow-data-loss"),
+        "{}{}",
+        out.stdout(),
+        out.stderr()
+    );
+    assert!(gone.join("data.txt").exists(), "the rootfs survived");
+
+    sb.run(&["apply", "--yes", "--allow-data-loss", ms])
+        .expect_code(0);
+    assert!(!gone.exists(), "the rootfs is deleted once confirmed");
+    let snaps: Vec<PathBuf> = std::fs::read_dir(pool.join("rootfs/gone/snapshots"))
+        .expect("safety snapshots kept")
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(snaps.len(), 1, "{snaps:?}");
+    assert!(
+        snaps[0]
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("pre-"),
+        "{snaps:?}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(snaps[0].join("data.txt")).unwrap(),
+        "precious\n"
+    );
+    assert!(
+        kept.join("bin/busybox").exists(),
+        "deletionPolicy: Retain keeps the rootfs"
+    );
+}

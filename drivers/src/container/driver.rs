@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use stead_schema::{
-    ContainerSpec, Driver, DriverError, FieldChange, Health, HostEnv, Impact, Kind, Lookup,
-    Observed, Resource, ResourceId, RunState, Spec,
+    ContainerSpec, DeletionPolicy, Driver, DriverError, FieldChange, Health, HostEnv, Impact, Kind,
+    Lookup, Observed, Resource, ResourceId, RunState, Spec,
 };
 
 use super::cgroup::{Cgroup, Hierarchy, Limits};
@@ -30,7 +30,7 @@ use super::config::{
 };
 use super::control::{Request, request};
 use super::shim::{ShimArgs, lock_held};
-use super::{network, rootfs};
+use super::{network, rootfs, rootfs_snapshot};
 
 /// Fields whose change only needs a hot update.
 const HOT_FIELDS: [&str; 3] = ["state", "resources", "restartPolicy"];
@@ -81,6 +81,16 @@ impl ContainerDriver {
             Some(p) => crate::storage::pool_path(world, p.as_str()),
             None => Ok(self.env.state_dir.clone()),
         }
+    }
+
+    /// The base dir and the own rootfs data (unpacked copy or overlay upper layer) of
+    /// container `r`, when stead made one for it.
+    fn own_rootfs(&self, r: &Resource, world: &dyn Lookup) -> Option<(PathBuf, PathBuf)> {
+        let spec = spec_of(r).ok()?;
+        spec.rootfs.template.as_ref()?;
+        let base = self.base_dir(spec, world).ok()?;
+        let (_, data) = rootfs_snapshot::own_data(&r.id.name, &base)?;
+        Some((base, data))
     }
 
     /// The projection of a spec onto the observed shape.
@@ -495,6 +505,42 @@ impl Driver for ContainerDriver {
         }
     }
 
+    fn delete_impact(&self, last_applied: &Resource) -> Impact {
+        match spec_of(last_applied) {
+            // The tree stead unpacked from the template holds the container's data.
+            Ok(s)
+                if s.rootfs.template.is_some()
+                    && s.deletion_policy != Some(DeletionPolicy::Retain) =>
+            {
+                Impact::DataLoss
+            }
+            _ => Impact::Recreate,
+        }
+    }
+
+    fn supports_safety_snapshot(&self, r: &Resource, world: &dyn Lookup) -> bool {
+        self.own_rootfs(r, world)
+            .is_some_and(|(_, data)| crate::storage::fsutil::reflink_supported(&data))
+    }
+
+    fn safety_snapshot(
+        &self,
+        r: &Resource,
+        world: &dyn Lookup,
+        name: &str,
+    ) -> Result<(), DriverError> {
+        // `pre-` snapshots are kept when the container's rootfs is removed.
+        match self.own_rootfs(r, world) {
+            Some((base, data)) => rootfs_snapshot::create(
+                &data,
+                &rootfs_snapshot::snapshots_dir(&r.id.name, &base),
+                name,
+            )
+            .map(|_| ()),
+            None => Ok(()),
+        }
+    }
+
     fn delete(
         &self,
         last_applied: &Resource,
@@ -511,14 +557,21 @@ impl Driver for ContainerDriver {
         if let Some(cfg) = read_json::<ContainerConfig>(&paths.config())? {
             network::detach(&cfg)?;
         }
-        if let Ok(spec) = spec_of(last_applied) {
-            let base = self
-                .base_dir(spec, world)
-                .unwrap_or_else(|_| self.env.state_dir.clone());
-            rootfs::remove(name, &base)?;
+        let spec = spec_of(last_applied).ok();
+        if spec.is_some_and(|s| s.deletion_policy == Some(DeletionPolicy::Retain)) {
+            // The rootfs stays, and so does its id range: a container of the same name
+            // created again finds its tree owned by the ids it gets back.
+            tracing::info!("deletionPolicy: Retain: root file system kept");
+        } else {
+            if let Some(spec) = spec {
+                let base = self
+                    .base_dir(spec, world)
+                    .unwrap_or_else(|_| self.env.state_dir.clone());
+                rootfs::remove(name, &base)?;
+            }
+            rootfs::remove(name, &self.env.state_dir)?;
+            rootfs::release_ids(&self.env.state_dir, name)?;
         }
-        rootfs::remove(name, &self.env.state_dir)?;
-        rootfs::release_ids(&self.env.state_dir, name)?;
         crate::storage::fsutil::remove_tree_if_exists(&paths.dir)
     }
 }

@@ -123,9 +123,51 @@ pub fn prepare(
 }
 
 /// Removes what [`prepare`] created for `name` (never the shared template cache nor a
-/// `path` rootfs).
+/// `path` rootfs). Safety snapshots (`pre-*`, taken before a data-loss delete) are kept,
+/// with the container's private dir that holds them.
 pub fn remove(name: &str, base: &Path) -> Result<(), DriverError> {
-    crate::storage::fsutil::remove_tree_if_exists(&base.join("rootfs").join(name))
+    use crate::storage::fsutil::remove_tree_if_exists;
+    let own = base.join("rootfs").join(name);
+    let snaps = super::rootfs_snapshot::snapshots_dir(name, base);
+    let entries = match fs::read_dir(&own) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(DriverError::io(format!("read {}", own.display()), e)),
+    };
+    let mut kept = false;
+    for e in entries {
+        let p = e.map_err(io(format!("read {}", own.display())))?.path();
+        if p == snaps {
+            kept |= remove_all_but_safety_snapshots(&snaps)?;
+        } else if p.is_dir() && !p.is_symlink() {
+            remove_tree_if_exists(&p)?;
+        } else {
+            fs::remove_file(&p).map_err(io(format!("remove {}", p.display())))?;
+        }
+    }
+    if kept {
+        tracing::info!(dir = %snaps.display(), "safety snapshots kept");
+        Ok(())
+    } else {
+        remove_tree_if_exists(&own)
+    }
+}
+
+/// Removes the snapshots in `snaps` but the safety ones; says whether any was kept.
+fn remove_all_but_safety_snapshots(snaps: &Path) -> Result<bool, DriverError> {
+    let mut kept = false;
+    for e in fs::read_dir(snaps).map_err(io(format!("read {}", snaps.display())))? {
+        let e = e.map_err(io(format!("read {}", snaps.display())))?;
+        if e.file_name()
+            .to_string_lossy()
+            .starts_with(crate::storage::SAFETY_PREFIX)
+        {
+            kept = true;
+        } else {
+            crate::storage::fsutil::remove_tree_if_exists(&e.path())?;
+        }
+    }
+    Ok(kept)
 }
 
 /// Mode of `<base>/rootfs`: others may traverse it (an unprivileged container's root
