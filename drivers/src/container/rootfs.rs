@@ -2,8 +2,11 @@
 //! once, and the subordinate id ranges of unprivileged containers.
 //!
 //! Layout under the base dir (the named pool's path, or the state dir):
-//! - `templates/<key>/` — a template unpacked once (key = hash of its path, size, mtime),
-//!   shared read-only as the overlay `lowerdir` of privileged containers;
+//! - `templates/<key>/` (`templates/` 0700) — a template unpacked once (key = hash of its
+//!   path, size, mtime), shared read-only as the overlay `lowerdir` of privileged
+//!   containers;
+//! - `rootfs/` (0711) and `rootfs/<name>/` (0700, owned by the container's root) — no host
+//!   user reaches a container's trees;
 //! - `rootfs/<name>/{upper,work}` — a privileged container's overlay layers;
 //! - `rootfs/<name>/root` — an unprivileged container's own copy, unpacked with every
 //!   uid/gid shifted into its id range (a shared lower dir owned by host root would
@@ -26,7 +29,7 @@ use super::config::{IdMap, Paths, RootfsMount};
 
 /// Size of each container's id range.
 pub const ID_RANGE: u32 = 65536;
-/// First host id handed out.
+/// First host id handed out when no subordinate id range is declared for [`STEAD_USER`].
 pub const ID_BASE: u32 = 100_000;
 
 fn io(ctx: impl Into<String>) -> impl FnOnce(io::Error) -> DriverError {
@@ -448,10 +451,190 @@ fn extract<R: Read>(r: R, dest: &Path, idmap: Option<IdMap>) -> Result<(), Drive
     Ok(())
 }
 
-/// Allocates (or returns the existing) id range of container `name`: ranges of
-/// [`ID_RANGE`] ids starting at [`ID_BASE`], never overlapping, recorded in
+/// The user whose subordinate id ranges (`/etc/subuid`, `/etc/subgid`) stead hands out to
+/// unprivileged containers (`scripts/install-deps.sh` creates it).
+pub const STEAD_USER: &str = "stead";
+
+/// Where subordinate id ranges are declared.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubIdFiles {
+    /// Subordinate uid ranges (`/etc/subuid`).
+    pub subuid: PathBuf,
+    /// Subordinate gid ranges (`/etc/subgid`).
+    pub subgid: PathBuf,
+}
+
+impl Default for SubIdFiles {
+    fn default() -> Self {
+        SubIdFiles {
+            subuid: PathBuf::from("/etc/subuid"),
+            subgid: PathBuf::from("/etc/subgid"),
+        }
+    }
+}
+
+/// One `owner:start:count` line of a subid file, as a half-open range.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct SubRange {
+    owner: String,
+    start: u64,
+    end: u64,
+}
+
+impl SubRange {
+    fn overlaps(&self, start: u64, end: u64) -> bool {
+        start < self.end && self.start < end
+    }
+    fn contains(&self, start: u64, end: u64) -> bool {
+        self.start <= start && end <= self.end
+    }
+}
+
+/// The ranges of a subid file; a missing file declares none. Malformed lines are skipped
+/// with a warning (as `newuidmap` does).
+fn read_subids(path: &Path) -> Result<Vec<SubRange>, DriverError> {
+    let text = match fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(DriverError::io(format!("read {}", path.display()), e)),
+    };
+    let mut out = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let mut f = line.split(':');
+        let parsed = match (f.next(), f.next(), f.next(), f.next()) {
+            (Some(owner), Some(start), Some(count), None) => {
+                match (start.parse::<u64>(), count.parse::<u64>()) {
+                    (Ok(s), Ok(c)) => s.checked_add(c).map(|end| SubRange {
+                        owner: owner.to_string(),
+                        start: s,
+                        end,
+                    }),
+                    _ => None,
+                }
+            }
+            _ => None,
+        };
+        match parsed {
+            Some(r) => out.push(r),
+            None => {
+                tracing::warn!(file = %path.display(), line = n + 1, "malformed subordinate id line skipped")
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The host ids stead may hand out: whole [`ID_RANGE`] slots inside a range declared for
+/// [`STEAD_USER`] in both files, or (no such entry) the legacy slots from [`ID_BASE`]; in
+/// both cases never overlapping another user's declared range.
+struct IdPool {
+    uid: Vec<SubRange>,
+    gid: Vec<SubRange>,
+    /// Whether the files declare ranges for stead.
+    declared: bool,
+}
+
+impl IdPool {
+    fn load(files: &SubIdFiles) -> Result<Self, DriverError> {
+        let uid = read_subids(&files.subuid)?;
+        let gid = read_subids(&files.subgid)?;
+        let declared =
+            uid.iter().any(|r| r.owner == STEAD_USER) && gid.iter().any(|r| r.owner == STEAD_USER);
+        if !declared {
+            tracing::warn!(
+                subuid = %files.subuid.display(),
+                subgid = %files.subgid.display(),
+                "no subordinate id range for user {STEAD_USER}: unprivileged containers get \
+                 ids from {ID_BASE} up, outside other users' ranges; declare one with \
+                 `useradd --system --no-create-home {STEAD_USER}; usermod --add-subuids \
+                 1000000000-1999999999 --add-subgids 1000000000-1999999999 {STEAD_USER}`"
+            );
+        }
+        Ok(IdPool { uid, gid, declared })
+    }
+
+    /// Whether `[start, end)` overlaps a range declared for another user.
+    fn foreign(&self, start: u64, end: u64) -> Option<&SubRange> {
+        self.uid
+            .iter()
+            .chain(&self.gid)
+            .find(|r| r.owner != STEAD_USER && r.overlaps(start, end))
+    }
+
+    /// Whether `[start, end)` may be handed out (ignoring what is allocated already).
+    fn usable(&self, start: u64, end: u64) -> bool {
+        // The last id, u32::MAX, is (uid_t)-1 and never valid.
+        let own = |v: &[SubRange]| {
+            v.iter()
+                .any(|r| r.owner == STEAD_USER && r.contains(start, end))
+        };
+        end <= u64::from(u32::MAX)
+            && (!self.declared || (own(&self.uid) && own(&self.gid)))
+            && self.foreign(start, end).is_none()
+    }
+
+    /// Candidate slot starts, in order.
+    fn candidates(&self) -> Vec<u64> {
+        let size = u64::from(ID_RANGE);
+        let starts: Vec<(u64, u64)> = if self.declared {
+            self.uid
+                .iter()
+                .filter(|r| r.owner == STEAD_USER)
+                .map(|r| (r.start, r.end))
+                .collect()
+        } else {
+            vec![(u64::from(ID_BASE), u64::from(u32::MAX))]
+        };
+        let mut out = Vec::new();
+        for (start, end) in starts {
+            let mut b = start;
+            while b.checked_add(size).is_some_and(|e| e <= end) {
+                out.push(b);
+                b += size;
+            }
+        }
+        out
+    }
+
+    /// The first free slot given the bases allocated already.
+    fn first_free(&self, used: &BTreeMap<String, u32>) -> Option<u32> {
+        let size = u64::from(ID_RANGE);
+        self.candidates().into_iter().find_map(|b| {
+            let taken = used.values().any(|u| {
+                let u = u64::from(*u);
+                b < u + size && u < b + size
+            });
+            if taken || !self.usable(b, b + size) {
+                None
+            } else {
+                u32::try_from(b).ok()
+            }
+        })
+    }
+}
+
+/// Allocates (or returns the existing) id range of container `name`: [`ID_RANGE`] ids
+/// from the subordinate ranges declared for [`STEAD_USER`] in `/etc/subuid` and
+/// `/etc/subgid` (see [`allocate_ids_from`]), recorded in
 /// `<state_dir>/containers/idmap.json` under an exclusive lock.
 pub fn allocate_ids(state_dir: &Path, name: &str) -> Result<IdMap, DriverError> {
+    allocate_ids_from(state_dir, name, &SubIdFiles::default())
+}
+
+/// [`allocate_ids`] with the subid files given. A new range lies inside a range declared
+/// for [`STEAD_USER`] in both files, or, when neither declares one, from [`ID_BASE`] up
+/// (with a warning saying how to declare one); never overlapping another user's declared
+/// range nor another container's. An existing allocation is kept.
+pub fn allocate_ids_from(
+    state_dir: &Path,
+    name: &str,
+    files: &SubIdFiles,
+) -> Result<IdMap, DriverError> {
+    let _span = tracing::info_span!("allocate_ids", container = name).entered();
     with_idmap(state_dir, |map| {
         if let Some(b) = map.get(name) {
             return Ok((
@@ -462,11 +645,18 @@ pub fn allocate_ids(state_dir: &Path, name: &str) -> Result<IdMap, DriverError> 
                 false,
             ));
         }
-        let used: std::collections::BTreeSet<u32> = map.values().copied().collect();
-        let base = (0u32..)
-            .map(|n| ID_BASE + n * ID_RANGE)
-            .find(|b| !used.contains(b))
-            .ok_or_else(|| DriverError::Other("id ranges exhausted".into()))?;
+        let pool = IdPool::load(files)?;
+        let base = pool.first_free(map).ok_or_else(|| {
+            let why = if pool.declared {
+                format!("the ranges declared for user {STEAD_USER} are used up")
+            } else {
+                format!("no range is declared for user {STEAD_USER}")
+            };
+            DriverError::Refused(format!(
+                "no free range of {ID_RANGE} ids for container {name}: {why}; add one with \
+                 `usermod --add-subuids FIRST-LAST --add-subgids FIRST-LAST {STEAD_USER}`"
+            ))
+        })?;
         map.insert(name.to_string(), base);
         Ok((
             IdMap {
@@ -508,17 +698,87 @@ fn with_idmap<T>(
 mod tests {
     use super::*;
 
+    /// Subid files with these contents in `d`.
+    fn subids(d: &Path, subuid: &str, subgid: &str) -> SubIdFiles {
+        let f = SubIdFiles {
+            subuid: d.join("subuid"),
+            subgid: d.join("subgid"),
+        };
+        fs::write(&f.subuid, subuid).expect("subuid");
+        fs::write(&f.subgid, subgid).expect("subgid");
+        f
+    }
+
     #[test]
     fn id_ranges_do_not_overlap_and_are_reused() {
         let d = tempfile::tempdir().expect("tmp");
-        let a = allocate_ids(d.path(), "a").expect("a");
-        let b = allocate_ids(d.path(), "b").expect("b");
+        let f = subids(d.path(), "", "");
+        let alloc = |n: &str| allocate_ids_from(d.path(), n, &f).expect(n);
+        let a = alloc("a");
+        let b = alloc("b");
         assert_eq!(a.base, ID_BASE);
         assert_eq!(b.base, ID_BASE + ID_RANGE);
-        assert_eq!(allocate_ids(d.path(), "a").expect("a again"), a);
+        assert_eq!(alloc("a"), a);
         release_ids(d.path(), "a").expect("release");
-        let c = allocate_ids(d.path(), "c").expect("c");
+        let c = alloc("c");
         assert_eq!(c.base, ID_BASE, "freed range reused");
+    }
+
+    #[test]
+    fn ids_come_from_the_range_declared_for_stead() {
+        let d = tempfile::tempdir().expect("tmp");
+        let f = subids(
+            d.path(),
+            "alice:100000:65536\nstead:1000000000:200000\n",
+            "alice:100000:65536\nstead:1000000000:200000\n",
+        );
+        let alloc = |n: &str| allocate_ids_from(d.path(), n, &f);
+        assert_eq!(alloc("a").expect("a").base, 1_000_000_000);
+        assert_eq!(alloc("b").expect("b").base, 1_000_065_536);
+        assert_eq!(alloc("c").expect("c").base, 1_000_131_072);
+        let e = alloc("d").expect_err("200000 ids hold three ranges");
+        assert!(matches!(e, DriverError::Refused(_)), "{e}");
+        assert!(e.to_string().contains("usermod --add-subuids"), "{e}");
+        let recorded: BTreeMap<String, u32> =
+            super::super::config::read_json(&d.path().join("containers/idmap.json"))
+                .expect("read")
+                .expect("recorded in state");
+        assert_eq!(recorded.get("b"), Some(&1_000_065_536));
+    }
+
+    #[test]
+    fn ids_never_overlap_other_users_ranges() {
+        let d = tempfile::tempdir().expect("tmp");
+        // No range for stead: the legacy slots, but not alice's (uids) nor bob's (gids).
+        let f = subids(d.path(), "alice:100000:65536\n", "bob:165536:65536\n");
+        let a = allocate_ids_from(d.path(), "a", &f).expect("a");
+        assert_eq!(a.base, ID_BASE + 2 * ID_RANGE);
+        // stead's range overlapping carol's: the overlapping slot is skipped.
+        let d = tempfile::tempdir().expect("tmp");
+        let both = "carol:1000000000:10\nstead:1000000000:1000000\n";
+        let f = subids(d.path(), both, both);
+        let a = allocate_ids_from(d.path(), "a", &f).expect("a");
+        assert_eq!(a.base, 1_000_065_536);
+        // stead's uids without gids of its own: the map needs both.
+        let d = tempfile::tempdir().expect("tmp");
+        let f = subids(d.path(), "stead:1000000000:65536\n", "");
+        let a = allocate_ids_from(d.path(), "a", &f).expect("legacy slots");
+        assert_eq!(a.base, ID_BASE);
+    }
+
+    #[test]
+    fn ids_near_the_top_do_not_wrap() {
+        let d = tempfile::tempdir().expect("tmp");
+        let top = "stead:4294967000:100000\n";
+        let f = subids(d.path(), top, top);
+        let e = allocate_ids_from(d.path(), "a", &f).expect_err("past u32::MAX");
+        assert!(matches!(e, DriverError::Refused(_)), "{e}");
+        let d = tempfile::tempdir().expect("tmp");
+        let fits = "stead:4294800000:100000\nx:bad\n";
+        let f = subids(d.path(), fits, fits);
+        let a = allocate_ids_from(d.path(), "a", &f).expect("fits");
+        assert_eq!(a.base, 4_294_800_000);
+        assert!(a.base.checked_add(a.size).is_some());
     }
 
     #[test]
