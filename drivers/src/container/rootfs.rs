@@ -809,6 +809,56 @@ mod tests {
         shift_id(m, u64::from(u32::MAX) + 1, "uid", p).expect_err("beyond u32");
     }
 
+    /// A template whose link members point outside the tree: a hard link to a host file
+    /// (`hard`), or a symlinked dir followed by a member below it.
+    fn hostile_template(path: &Path, outside: &Path, hard: bool) {
+        let mut b = tar::Builder::new(File::create(path).expect("create"));
+        let mut h = tar::Header::new_gnu();
+        h.set_size(0);
+        h.set_uid(7);
+        h.set_gid(7);
+        if hard {
+            h.set_entry_type(tar::EntryType::Link);
+            b.append_link(&mut h, "hard", outside.join("victim"))
+                .expect("hard link");
+        } else {
+            h.set_entry_type(tar::EntryType::Symlink);
+            b.append_link(&mut h, "dir", outside).expect("symlink");
+            let mut h = tar::Header::new_gnu();
+            h.set_mode(0o644);
+            h.set_size(2);
+            h.set_uid(7);
+            h.set_gid(7);
+            b.append_data(&mut h, "dir/victim", &b"x\n"[..])
+                .expect("file");
+        }
+        b.finish().expect("finish");
+    }
+
+    #[test]
+    fn link_members_do_not_reach_outside_the_tree() {
+        for hard in [true, false] {
+            let d = tempfile::tempdir().expect("tmp");
+            let outside = d.path().join("outside");
+            fs::create_dir(&outside).expect("mkdir");
+            fs::write(outside.join("victim"), "host\n").expect("victim");
+            std::os::unix::fs::chown(outside.join("victim"), Some(1234), Some(1234))
+                .expect("chown");
+            let tpl = d.path().join("t.tar");
+            hostile_template(&tpl, &outside, hard);
+            let m = IdMap {
+                base: 300_000,
+                size: ID_RANGE,
+            };
+            let r = unpack(&tpl, &d.path().join("out/root"), Some(m));
+            assert!(r.is_err(), "hostile template refused (hard link: {hard})");
+            let v = fs::metadata(outside.join("victim")).expect("victim");
+            assert_eq!((v.uid(), v.gid()), (1234, 1234), "host file untouched");
+            assert_eq!(fs::read(outside.join("victim")).expect("read"), b"host\n");
+            assert!(!d.path().join("out/root").exists());
+        }
+    }
+
     fn tiny_template(path: &Path, content: &[u8]) {
         let f = File::create(path).expect("create");
         let mut b = tar::Builder::new(f);
