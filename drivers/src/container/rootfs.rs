@@ -637,6 +637,7 @@ pub fn allocate_ids_from(
     let _span = tracing::info_span!("allocate_ids", container = name).entered();
     with_idmap(state_dir, |map| {
         if let Some(b) = map.get(name) {
+            warn_if_foreign(files, name, *b);
             return Ok((
                 IdMap {
                     base: *b,
@@ -666,6 +667,29 @@ pub fn allocate_ids_from(
             true,
         ))
     })
+}
+
+/// Warns when a range allocated earlier (by an older version, or before the subid files
+/// changed) overlaps another user's declared range: it is kept, so as not to re-shift a
+/// rootfs that holds data.
+fn warn_if_foreign(files: &SubIdFiles, name: &str, base: u32) {
+    let (start, end) = (u64::from(base), u64::from(base) + u64::from(ID_RANGE));
+    for path in [&files.subuid, &files.subgid] {
+        let Ok(ranges) = read_subids(path) else {
+            continue;
+        };
+        if let Some(r) = ranges
+            .iter()
+            .find(|r| r.owner != STEAD_USER && r.overlaps(start, end))
+        {
+            tracing::warn!(
+                container = name,
+                "its id range {start}..{end} overlaps the subordinate range of user {} in {}:                  that user's processes may own its files; delete and recreate the container                  to get a free range",
+                r.owner,
+                path.display()
+            );
+        }
+    }
 }
 
 /// Releases the id range of `name`.
