@@ -318,4 +318,13 @@ fn container_rootfs_delete_is_gated_snapshotted_or_retained() {
         kept.join("bin/busybox").exists(),
         "deletionPolicy: Retain keeps the rootfs"
     );
+
+    // `deletionPolicy: Delete` is the opt-in: pruned without --allow-data-loss.
+    manifest(&sb, "optin", &tpl, "  deletionPolicy: Delete\n");
+    sb.run(&["apply", "--yes", ms]).expect_code(0);
+    let optin = sb.path("state/rootfs/optin/root");
+    assert!(optin.join("bin/busybox").exists());
+    std::fs::remove_file(sb.path("m/optin.yaml")).unwrap();
+    sb.run(&["apply", "--yes", ms]).expect_code(0);
+    assert!(!optin.exists(), "deletionPolicy: Delete deletes the rootfs");
 }
