@@ -519,8 +519,11 @@ impl Driver for ContainerDriver {
     }
 
     fn supports_safety_snapshot(&self, r: &Resource, world: &dyn Lookup) -> bool {
-        self.own_rootfs(r, world)
-            .is_some_and(|(_, data)| crate::storage::fsutil::reflink_supported(&data))
+        // Probed in the container's private dir (where snapshots go), not in its tree.
+        self.own_rootfs(r, world).is_some_and(|(_, data)| {
+            data.parent()
+                .is_some_and(crate::storage::fsutil::reflink_supported)
+        })
     }
 
     fn safety_snapshot(
