@@ -36,6 +36,12 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 command -v cargo-nextest >/dev/null || cargo install --locked cargo-nextest
+# The `stead` user owns the subordinate id ranges unprivileged containers get their ids
+# from (docs/operations.md, "Id ranges of unprivileged containers").
+id -u stead >/dev/null 2>&1 || useradd --system --no-create-home --shell /usr/sbin/nologin stead
+stead_ids=1000000000-1999999999
+grep -q '^stead:' /etc/subuid 2>/dev/null || usermod --add-subuids "$stead_ids" stead
+grep -q '^stead:' /etc/subgid 2>/dev/null || usermod --add-subgids "$stead_ids" stead
 modprobe tun 2>/dev/null || true
 modprobe vxlan 2>/dev/null || true
 modprobe btrfs 2>/dev/null || true

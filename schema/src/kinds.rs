@@ -463,6 +463,11 @@ pub struct ContainerSpec {
     /// always | on-failure | never.
     #[serde(default)]
     pub restart_policy: RestartPolicy,
+    /// What deleting the container does to the root file system stead unpacked from its
+    /// template: unset, it is deleted once `--allow-data-loss` confirms; `Delete` deletes it
+    /// without asking; `Retain` keeps it on the host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deletion_policy: Option<DeletionPolicy>,
     /// Explicit dependencies.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub depends_on: Vec<ResourceRef>,

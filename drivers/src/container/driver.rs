@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use stead_schema::{
-    ContainerSpec, Driver, DriverError, FieldChange, Health, HostEnv, Impact, Kind, Lookup,
-    Observed, Resource, ResourceId, RunState, Spec,
+    ContainerSpec, DeletionPolicy, Driver, DriverError, FieldChange, Health, HostEnv, Impact, Kind,
+    Lookup, Observed, Resource, ResourceId, RunState, Spec,
 };
 
 use super::cgroup::{Cgroup, Hierarchy, Limits};
@@ -30,7 +30,7 @@ use super::config::{
 };
 use super::control::{Request, request};
 use super::shim::{ShimArgs, lock_held};
-use super::{network, rootfs};
+use super::{network, rootfs, rootfs_snapshot};
 
 /// Fields whose change only needs a hot update.
 const HOT_FIELDS: [&str; 3] = ["state", "resources", "restartPolicy"];
@@ -57,6 +57,10 @@ fn spec_of(r: &Resource) -> Result<&ContainerSpec, DriverError> {
 impl ContainerDriver {
     /// A driver for `env` (detects the cgroup hierarchy).
     pub fn new(env: &HostEnv) -> Result<Self, DriverError> {
+        // Trees made by an older version may sit under world-traversable dirs.
+        if let Err(e) = rootfs::tighten_modes(&env.state_dir) {
+            tracing::warn!(error = %e, "cannot tighten the modes of the rootfs dirs");
+        }
         Ok(ContainerDriver {
             env: env.clone(),
             hier: Hierarchy::detect()?,
@@ -77,6 +81,16 @@ impl ContainerDriver {
             Some(p) => crate::storage::pool_path(world, p.as_str()),
             None => Ok(self.env.state_dir.clone()),
         }
+    }
+
+    /// The base dir and the own rootfs data (unpacked copy or overlay upper layer) of
+    /// container `r`, when stead made one for it.
+    fn own_rootfs(&self, r: &Resource, world: &dyn Lookup) -> Option<(PathBuf, PathBuf)> {
+        let spec = spec_of(r).ok()?;
+        spec.rootfs.template.as_ref()?;
+        let base = self.base_dir(spec, world).ok()?;
+        let (_, data) = rootfs_snapshot::own_data(&r.id.name, &base)?;
+        Some((base, data))
     }
 
     /// The projection of a spec onto the observed shape.
@@ -138,10 +152,10 @@ impl ContainerDriver {
             None => None,
         };
         let root = rootfs::prepare(&spec.rootfs, name, &base, idmap, &paths, volume)?;
-        if idmap.is_some()
+        if let Some(m) = idmap
             && let crate::container::config::RootfsMount::Dir { path } = &root
         {
-            check_traversable(path)?;
+            check_traversable(path, m.base)?;
         }
         let mut mounts = Vec::new();
         for m in &spec.mounts {
@@ -373,12 +387,14 @@ fn restart_fields(v: &Value) -> Value {
 /// An unprivileged container's root is an unprivileged host uid: it must be able to
 /// traverse every directory above its rootfs, or the shim's bind mount fails with EACCES
 /// (a 0700 state dir made by `mktemp -d` is the usual cause). Say so before starting.
-fn check_traversable(rootfs: &std::path::Path) -> Result<(), DriverError> {
-    use std::os::unix::fs::PermissionsExt;
+/// A dir owned by the container's root (`root_uid`, its private rootfs dir) needs `u+x`.
+fn check_traversable(rootfs: &std::path::Path, root_uid: u32) -> Result<(), DriverError> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
     for dir in rootfs.ancestors().skip(1) {
         if let Ok(meta) = std::fs::metadata(dir) {
             let mode = meta.permissions().mode();
-            if mode & 0o001 == 0 {
+            let bit = if meta.uid() == root_uid { 0o100 } else { 0o001 };
+            if mode & bit == 0 {
                 return Err(DriverError::Refused(format!(
                     "{} (mode {:o}) cannot be traversed by the unprivileged container's root, so its rootfs {} is unreachable: `chmod o+x {}` or use a state dir that others may traverse",
                     dir.display(),
@@ -489,6 +505,45 @@ impl Driver for ContainerDriver {
         }
     }
 
+    fn delete_impact(&self, last_applied: &Resource) -> Impact {
+        match spec_of(last_applied) {
+            // The tree stead unpacked from the template holds the container's data.
+            Ok(s)
+                if s.rootfs.template.is_some()
+                    && s.deletion_policy != Some(DeletionPolicy::Retain) =>
+            {
+                Impact::DataLoss
+            }
+            _ => Impact::Recreate,
+        }
+    }
+
+    fn supports_safety_snapshot(&self, r: &Resource, world: &dyn Lookup) -> bool {
+        // Probed in the container's private dir (where snapshots go), not in its tree.
+        self.own_rootfs(r, world).is_some_and(|(_, data)| {
+            data.parent()
+                .is_some_and(crate::storage::fsutil::reflink_supported)
+        })
+    }
+
+    fn safety_snapshot(
+        &self,
+        r: &Resource,
+        world: &dyn Lookup,
+        name: &str,
+    ) -> Result<(), DriverError> {
+        // `pre-` snapshots are kept when the container's rootfs is removed.
+        match self.own_rootfs(r, world) {
+            Some((base, data)) => rootfs_snapshot::create(
+                &data,
+                &rootfs_snapshot::snapshots_dir(&r.id.name, &base),
+                name,
+            )
+            .map(|_| ()),
+            None => Ok(()),
+        }
+    }
+
     fn delete(
         &self,
         last_applied: &Resource,
@@ -505,14 +560,21 @@ impl Driver for ContainerDriver {
         if let Some(cfg) = read_json::<ContainerConfig>(&paths.config())? {
             network::detach(&cfg)?;
         }
-        if let Ok(spec) = spec_of(last_applied) {
-            let base = self
-                .base_dir(spec, world)
-                .unwrap_or_else(|_| self.env.state_dir.clone());
-            rootfs::remove(name, &base)?;
+        let spec = spec_of(last_applied).ok();
+        if spec.is_some_and(|s| s.deletion_policy == Some(DeletionPolicy::Retain)) {
+            // The rootfs stays, and so does its id range: a container of the same name
+            // created again finds its tree owned by the ids it gets back.
+            tracing::info!("deletionPolicy: Retain: root file system kept");
+        } else {
+            if let Some(spec) = spec {
+                let base = self
+                    .base_dir(spec, world)
+                    .unwrap_or_else(|_| self.env.state_dir.clone());
+                rootfs::remove(name, &base)?;
+            }
+            rootfs::remove(name, &self.env.state_dir)?;
+            rootfs::release_ids(&self.env.state_dir, name)?;
         }
-        rootfs::remove(name, &self.env.state_dir)?;
-        rootfs::release_ids(&self.env.state_dir, name)?;
         crate::storage::fsutil::remove_tree_if_exists(&paths.dir)
     }
 }
@@ -550,11 +612,11 @@ mod tests {
             std::fs::create_dir_all(&deep).expect("mkdir");
             std::fs::set_permissions(t.path(), std::fs::Permissions::from_mode(0o700))
                 .expect("chmod");
-            let e = check_traversable(&deep).expect_err("0700 ancestor refused");
+            let e = check_traversable(&deep, 100_000).expect_err("0700 ancestor refused");
             assert!(e.to_string().contains("chmod o+x"), "{e}");
             std::fs::set_permissions(t.path(), std::fs::Permissions::from_mode(0o755))
                 .expect("chmod");
-            check_traversable(&deep).expect("traversable");
+            check_traversable(&deep, 100_000).expect("traversable");
         }
     }
 

@@ -15,7 +15,8 @@
 //! - [`network`]: veth pairs through [`crate::net::attach`].
 //! - [`rootfs`]: `path` in place; `template` (.tar/.tar.zst) unpacked once, shared via
 //!   overlayfs for privileged containers, copied with shifted ownership for unprivileged
-//!   ones; subordinate id ranges (65536 ids each from 100000, `state_dir/containers/idmap.json`).
+//!   ones; subordinate id ranges (65536 ids each from the `stead` user's `/etc/subuid`
+//!   range, `state_dir/containers/idmap.json`).
 //! - [`control`]: the control-socket protocol and the CLI helpers [`exec`], [`logs`],
 //!   [`console`].
 //! - [`ContainerDriver`]: the `Driver` for kind `Container`.

@@ -2,8 +2,11 @@
 //! once, and the subordinate id ranges of unprivileged containers.
 //!
 //! Layout under the base dir (the named pool's path, or the state dir):
-//! - `templates/<key>/` — a template unpacked once (key = hash of its path, size, mtime),
-//!   shared read-only as the overlay `lowerdir` of privileged containers;
+//! - `templates/<key>/` (`templates/` 0700) — a template unpacked once (key = hash of its
+//!   path, size, mtime), shared read-only as the overlay `lowerdir` of privileged
+//!   containers;
+//! - `rootfs/` (0711) and `rootfs/<name>/` (0700, owned by the container's root) — no host
+//!   user reaches a container's trees;
 //! - `rootfs/<name>/{upper,work}` — a privileged container's overlay layers;
 //! - `rootfs/<name>/root` — an unprivileged container's own copy, unpacked with every
 //!   uid/gid shifted into its id range (a shared lower dir owned by host root would
@@ -15,8 +18,9 @@
 use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::{self, BufReader, Read};
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 use stead_schema::{DriverError, RootfsSpec};
@@ -25,7 +29,7 @@ use super::config::{IdMap, Paths, RootfsMount};
 
 /// Size of each container's id range.
 pub const ID_RANGE: u32 = 65536;
-/// First host id handed out.
+/// First host id handed out when no subordinate id range is declared for [`STEAD_USER`].
 pub const ID_BASE: u32 = 100_000;
 
 fn io(ctx: impl Into<String>) -> impl FnOnce(io::Error) -> DriverError {
@@ -70,14 +74,14 @@ pub fn prepare(
             "rootfs needs one of template, path, volume".into(),
         ));
     };
-    let own = base.join("rootfs").join(name);
+    let own = own_dir(base, name, idmap.map_or(0, |m| m.base))?;
     match idmap {
         Some(m) => {
             let root = own.join("root");
             let key = template_key(tpl)?;
             let marker = own.join("template");
             if !root.is_dir() {
-                unpack(tpl, &root, m.base)?;
+                unpack(tpl, &root, Some(m))?;
                 fs::write(&marker, format!("{key} {}\n", tpl.display()))
                     .map_err(io(format!("write {}", marker.display())))?;
             } else if let Ok(old) = fs::read_to_string(&marker)
@@ -93,9 +97,11 @@ pub fn prepare(
             Ok(RootfsMount::Dir { path: root })
         }
         None if overlay_supported() => {
-            let lower = base.join("templates").join(template_key(tpl)?);
+            let templates = base.join("templates");
+            private_dir(&templates, PRIVATE_DIR_MODE, 0)?;
+            let lower = templates.join(template_key(tpl)?);
             if !lower.is_dir() {
-                unpack(tpl, &lower, 0)?;
+                unpack(tpl, &lower, None)?;
             }
             let upper = own.join("upper");
             let work = own.join("work");
@@ -112,7 +118,7 @@ pub fn prepare(
         None => {
             let root = own.join("root");
             if !root.is_dir() {
-                unpack(tpl, &root, 0)?;
+                unpack(tpl, &root, None)?;
             }
             Ok(RootfsMount::Dir { path: root })
         }
@@ -120,9 +126,99 @@ pub fn prepare(
 }
 
 /// Removes what [`prepare`] created for `name` (never the shared template cache nor a
-/// `path` rootfs).
+/// `path` rootfs). Safety snapshots (`pre-*`, taken before a data-loss delete) are kept,
+/// with the container's private dir that holds them.
 pub fn remove(name: &str, base: &Path) -> Result<(), DriverError> {
-    crate::storage::fsutil::remove_tree_if_exists(&base.join("rootfs").join(name))
+    use crate::storage::fsutil::remove_tree_if_exists;
+    let own = base.join("rootfs").join(name);
+    let snaps = super::rootfs_snapshot::snapshots_dir(name, base);
+    let entries = match fs::read_dir(&own) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(DriverError::io(format!("read {}", own.display()), e)),
+    };
+    let mut kept = false;
+    for e in entries {
+        let p = e.map_err(io(format!("read {}", own.display())))?.path();
+        if p == snaps {
+            kept |= remove_all_but_safety_snapshots(&snaps)?;
+        } else if p.is_dir() && !p.is_symlink() {
+            remove_tree_if_exists(&p)?;
+        } else {
+            fs::remove_file(&p).map_err(io(format!("remove {}", p.display())))?;
+        }
+    }
+    if kept {
+        tracing::info!(dir = %snaps.display(), "safety snapshots kept");
+        Ok(())
+    } else {
+        remove_tree_if_exists(&own)
+    }
+}
+
+/// Removes the snapshots in `snaps` but the safety ones; says whether any was kept.
+fn remove_all_but_safety_snapshots(snaps: &Path) -> Result<bool, DriverError> {
+    let mut kept = false;
+    for e in fs::read_dir(snaps).map_err(io(format!("read {}", snaps.display())))? {
+        let e = e.map_err(io(format!("read {}", snaps.display())))?;
+        if e.file_name()
+            .to_string_lossy()
+            .starts_with(crate::storage::SAFETY_PREFIX)
+        {
+            kept = true;
+        } else {
+            crate::storage::fsutil::remove_tree_if_exists(&e.path())?;
+        }
+    }
+    Ok(kept)
+}
+
+/// Mode of `<base>/rootfs`: others may traverse it (an unprivileged container's root
+/// reaches its own tree through it) but not list it.
+const ROOTFS_DIR_MODE: u32 = 0o711;
+/// Mode of each container's own dir and of the template cache: no host user but their
+/// owner reaches the trees below (setuid binaries of privileged containers).
+const PRIVATE_DIR_MODE: u32 = 0o700;
+
+fn private_dir(dir: &Path, mode: u32, owner: u32) -> Result<(), DriverError> {
+    stead_host::fs::create_dir_mode(dir, mode)
+        .map_err(|e| DriverError::io(format!("mkdir {}", dir.display()), io::Error::other(e)))?;
+    std::os::unix::fs::lchown(dir, Some(owner), Some(owner))
+        .map_err(io(format!("chown {}", dir.display())))
+}
+
+/// Creates (or fixes the mode and owner of) the private dir of container `name`'s own
+/// trees, `<base>/rootfs/<name>`: mode 0700, owned by `owner` (the host uid of an
+/// unprivileged container's root, which must reach its tree; 0 otherwise).
+pub fn own_dir(base: &Path, name: &str, owner: u32) -> Result<PathBuf, DriverError> {
+    let parent = base.join("rootfs");
+    private_dir(&parent, ROOTFS_DIR_MODE, 0)?;
+    let own = parent.join(name);
+    private_dir(&own, PRIVATE_DIR_MODE, owner)?;
+    Ok(own)
+}
+
+/// Tightens the modes of the rootfs dirs that already exist under `base` (made by an
+/// older version with the umask's mode): `rootfs/` 0711, each `rootfs/<name>/` and
+/// `templates/` 0700, owners kept.
+pub fn tighten_modes(base: &Path) -> Result<(), DriverError> {
+    use std::os::unix::fs::PermissionsExt;
+    let set = |p: &Path, mode: u32| match fs::symlink_metadata(p) {
+        Ok(m) if m.is_dir() && m.permissions().mode() & 0o7777 != mode => {
+            fs::set_permissions(p, fs::Permissions::from_mode(mode))
+                .map_err(io(format!("chmod {}", p.display())))
+        }
+        _ => Ok(()),
+    };
+    let rootfs = base.join("rootfs");
+    set(&rootfs, ROOTFS_DIR_MODE)?;
+    set(&base.join("templates"), PRIVATE_DIR_MODE)?;
+    if let Ok(rd) = fs::read_dir(&rootfs) {
+        for e in rd.flatten() {
+            set(&e.path(), PRIVATE_DIR_MODE)?;
+        }
+    }
+    Ok(())
 }
 
 fn template_key(tpl: &Path) -> Result<String, DriverError> {
@@ -150,9 +246,10 @@ impl<R: Read> Read for Counting<R> {
     }
 }
 
-/// Unpacks `tpl` (tar, or zstd-compressed tar by magic) into `dest`, adding `shift` to
-/// every uid and gid. Atomic: unpacks next to `dest` and renames.
-pub fn unpack(tpl: &Path, dest: &Path, shift: u32) -> Result<(), DriverError> {
+/// Unpacks `tpl` (tar, or zstd-compressed tar by magic) into `dest`. With `idmap`, every
+/// uid and gid is shifted into it (a member owned by an id outside the map is refused).
+/// Atomic: unpacks next to `dest` and renames.
+pub fn unpack(tpl: &Path, dest: &Path, idmap: Option<IdMap>) -> Result<(), DriverError> {
     let _span =
         tracing::info_span!("unpack_template", template = %tpl.display(), dest = %dest.display())
             .entered();
@@ -209,9 +306,9 @@ pub fn unpack(tpl: &Path, dest: &Path, shift: u32) -> Result<(), DriverError> {
     fs::create_dir_all(&tmp).map_err(io(format!("mkdir {}", tmp.display())))?;
     let result = if is_zstd {
         let dec = zstd::Decoder::with_buffer(reader).map_err(io("zstd decoder"))?;
-        extract(dec, &tmp, shift)
+        extract(dec, &tmp, idmap)
     } else {
-        extract(reader, &tmp, shift)
+        extract(reader, &tmp, idmap)
     };
     if let Some(b) = &bar {
         b.finish_and_clear();
@@ -220,9 +317,9 @@ pub fn unpack(tpl: &Path, dest: &Path, shift: u32) -> Result<(), DriverError> {
         let _ = fs::remove_dir_all(&tmp);
         return Err(e);
     }
-    if shift != 0 {
+    if let Some(m) = idmap {
         // The root directory itself belongs to the container's root.
-        std::os::unix::fs::lchown(&tmp, Some(shift), Some(shift))
+        std::os::unix::fs::lchown(&tmp, Some(m.base), Some(m.base))
             .map_err(io(format!("chown {}", tmp.display())))?;
     }
     fs::rename(&tmp, dest).map_err(io(format!("rename into {}", dest.display())))?;
@@ -231,19 +328,107 @@ pub fn unpack(tpl: &Path, dest: &Path, shift: u32) -> Result<(), DriverError> {
     Ok(())
 }
 
-fn extract<R: Read>(r: R, dest: &Path, shift: u32) -> Result<(), DriverError> {
+/// The path of tar member `path` relative to the unpack root: its normal components only
+/// (a leading `/` or `./` is dropped, as the tar crate does when unpacking); a member with
+/// a `..` component is refused.
+fn member_rel_path(path: &Path) -> Result<PathBuf, DriverError> {
+    let mut rel = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::Normal(n) => rel.push(n),
+            Component::RootDir | Component::CurDir => {}
+            Component::ParentDir | Component::Prefix(_) => {
+                return Err(DriverError::Refused(format!(
+                    "template member {} has a `..` component",
+                    path.display()
+                )));
+            }
+        }
+    }
+    Ok(rel)
+}
+
+/// The host id of a member's container id `id` under `map`: refused (naming the member)
+/// when `id` is outside the map, so a template cannot hand out ids of another container's
+/// range or wrap around.
+fn shift_id(map: IdMap, id: u64, what: &str, member: &Path) -> Result<u32, DriverError> {
+    u32::try_from(id)
+        .ok()
+        .filter(|i| *i < map.size)
+        .and_then(|i| map.base.checked_add(i))
+        .ok_or_else(|| {
+            DriverError::Refused(format!(
+                "template member {} is owned by {what} {id}, outside the container's id \
+                 range 0..{} (an unprivileged container's ids map to host {}..{})",
+                member.display(),
+                map.size,
+                map.base,
+                u64::from(map.base) + u64::from(map.size),
+            ))
+        })
+}
+
+/// Sets the owner of `rel` (a member unpacked under `root`) without leaving `root`: its
+/// parent is opened beneath `root` with no symlink followed, and the member itself is
+/// changed with `AT_SYMLINK_NOFOLLOW`.
+fn chown_beneath(root: &OwnedFd, rel: &Path, uid: u32, gid: u32) -> Result<(), DriverError> {
+    use rustix::fs::{AtFlags, Mode, OFlags, ResolveFlags};
+    let err = |e: rustix::io::Errno| {
+        DriverError::io(format!("chown {}", rel.display()), io::Error::from(e))
+    };
+    let (Some(parent), Some(name)) = (rel.parent(), rel.file_name()) else {
+        return Ok(()); // the root itself: owned by the container's root after unpacking
+    };
+    let parent = if parent.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        parent
+    };
+    let dir = rustix::fs::openat2(
+        root,
+        parent,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+        ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS,
+    )
+    .map_err(err)?;
+    rustix::fs::chownat(
+        &dir,
+        name,
+        Some(rustix::process::Uid::from_raw(uid)),
+        Some(rustix::process::Gid::from_raw(gid)),
+        AtFlags::SYMLINK_NOFOLLOW,
+    )
+    .map_err(err)
+}
+
+fn extract<R: Read>(r: R, dest: &Path, idmap: Option<IdMap>) -> Result<(), DriverError> {
     let mut ar = tar::Archive::new(r);
     ar.set_preserve_permissions(true);
     ar.set_preserve_ownerships(true);
     ar.set_preserve_mtime(true);
     ar.set_unpack_xattrs(false);
     ar.set_overwrite(true);
+    let root: OwnedFd = File::open(dest)
+        .map_err(io(format!("open {}", dest.display())))?
+        .into();
     let mut dirs: BTreeMap<PathBuf, (u32, u32)> = BTreeMap::new();
     for entry in ar.entries().map_err(io("read tar"))? {
         let mut entry = entry.map_err(io("read tar entry"))?;
-        let uid = entry.header().uid().unwrap_or(0) as u32;
-        let gid = entry.header().gid().unwrap_or(0) as u32;
         let path = entry.path().map_err(io("tar path"))?.into_owned();
+        let rel = member_rel_path(&path)?;
+        let owner = match idmap {
+            Some(m) => {
+                let h = entry.header();
+                let uid = h.uid().map_err(io(format!("uid of {}", path.display())))?;
+                let gid = h.gid().map_err(io(format!("gid of {}", path.display())))?;
+                Some((
+                    shift_id(m, uid, "uid", &path)?,
+                    shift_id(m, gid, "gid", &path)?,
+                ))
+            }
+            None => None,
+        };
         let is_dir = entry.header().entry_type().is_dir();
         if !entry
             .unpack_in(dest)
@@ -251,29 +436,208 @@ fn extract<R: Read>(r: R, dest: &Path, shift: u32) -> Result<(), DriverError> {
         {
             continue; // outside dest (refused by the tar crate)
         }
-        if shift != 0 {
-            let p = dest.join(&path);
+        if let Some((u, g)) = owner {
             if is_dir {
-                dirs.insert(p, (uid + shift, gid + shift));
+                // Chowned last: a later member may still be unpacked into it.
+                dirs.insert(rel, (u, g));
             } else {
-                std::os::unix::fs::lchown(&p, Some(uid + shift), Some(gid + shift))
-                    .map_err(io(format!("chown {}", p.display())))?;
+                chown_beneath(&root, &rel, u, g)?;
             }
         }
     }
-    for (p, (u, g)) in dirs {
-        std::os::unix::fs::lchown(&p, Some(u), Some(g))
-            .map_err(io(format!("chown {}", p.display())))?;
+    for (rel, (u, g)) in dirs {
+        chown_beneath(&root, &rel, u, g)?;
     }
     Ok(())
 }
 
-/// Allocates (or returns the existing) id range of container `name`: ranges of
-/// [`ID_RANGE`] ids starting at [`ID_BASE`], never overlapping, recorded in
+/// The user whose subordinate id ranges (`/etc/subuid`, `/etc/subgid`) stead hands out to
+/// unprivileged containers (`scripts/install-deps.sh` creates it).
+pub const STEAD_USER: &str = "stead";
+
+/// Where subordinate id ranges are declared.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubIdFiles {
+    /// Subordinate uid ranges (`/etc/subuid`).
+    pub subuid: PathBuf,
+    /// Subordinate gid ranges (`/etc/subgid`).
+    pub subgid: PathBuf,
+}
+
+impl Default for SubIdFiles {
+    fn default() -> Self {
+        SubIdFiles {
+            subuid: PathBuf::from("/etc/subuid"),
+            subgid: PathBuf::from("/etc/subgid"),
+        }
+    }
+}
+
+/// One `owner:start:count` line of a subid file, as a half-open range.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct SubRange {
+    owner: String,
+    start: u64,
+    end: u64,
+}
+
+impl SubRange {
+    fn overlaps(&self, start: u64, end: u64) -> bool {
+        start < self.end && self.start < end
+    }
+    fn contains(&self, start: u64, end: u64) -> bool {
+        self.start <= start && end <= self.end
+    }
+}
+
+/// The ranges of a subid file; a missing file declares none. Malformed lines are skipped
+/// with a warning (as `newuidmap` does).
+fn read_subids(path: &Path) -> Result<Vec<SubRange>, DriverError> {
+    let text = match fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(DriverError::io(format!("read {}", path.display()), e)),
+    };
+    let mut out = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let mut f = line.split(':');
+        let parsed = match (f.next(), f.next(), f.next(), f.next()) {
+            (Some(owner), Some(start), Some(count), None) => {
+                match (start.parse::<u64>(), count.parse::<u64>()) {
+                    (Ok(s), Ok(c)) => s.checked_add(c).map(|end| SubRange {
+                        owner: owner.to_string(),
+                        start: s,
+                        end,
+                    }),
+                    _ => None,
+                }
+            }
+            _ => None,
+        };
+        match parsed {
+            Some(r) => out.push(r),
+            None => {
+                tracing::warn!(file = %path.display(), line = n + 1, "malformed subordinate id line skipped")
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The host ids stead may hand out: whole [`ID_RANGE`] slots inside a range declared for
+/// [`STEAD_USER`] in both files, or (no such entry) the legacy slots from [`ID_BASE`]; in
+/// both cases never overlapping another user's declared range.
+struct IdPool {
+    uid: Vec<SubRange>,
+    gid: Vec<SubRange>,
+    /// Whether the files declare ranges for stead.
+    declared: bool,
+}
+
+impl IdPool {
+    fn load(files: &SubIdFiles) -> Result<Self, DriverError> {
+        let uid = read_subids(&files.subuid)?;
+        let gid = read_subids(&files.subgid)?;
+        let declared =
+            uid.iter().any(|r| r.owner == STEAD_USER) && gid.iter().any(|r| r.owner == STEAD_USER);
+        if !declared {
+            tracing::warn!(
+                subuid = %files.subuid.display(),
+                subgid = %files.subgid.display(),
+                "no subordinate id range for user {STEAD_USER}: unprivileged containers get \
+                 ids from {ID_BASE} up, outside other users' ranges; declare one with \
+                 `useradd --system --no-create-home {STEAD_USER}; usermod --add-subuids \
+                 1000000000-1999999999 --add-subgids 1000000000-1999999999 {STEAD_USER}`"
+            );
+        }
+        Ok(IdPool { uid, gid, declared })
+    }
+
+    /// Whether `[start, end)` overlaps a range declared for another user.
+    fn foreign(&self, start: u64, end: u64) -> Option<&SubRange> {
+        self.uid
+            .iter()
+            .chain(&self.gid)
+            .find(|r| r.owner != STEAD_USER && r.overlaps(start, end))
+    }
+
+    /// Whether `[start, end)` may be handed out (ignoring what is allocated already).
+    fn usable(&self, start: u64, end: u64) -> bool {
+        // The last id, u32::MAX, is (uid_t)-1 and never valid.
+        let own = |v: &[SubRange]| {
+            v.iter()
+                .any(|r| r.owner == STEAD_USER && r.contains(start, end))
+        };
+        end <= u64::from(u32::MAX)
+            && (!self.declared || (own(&self.uid) && own(&self.gid)))
+            && self.foreign(start, end).is_none()
+    }
+
+    /// Candidate slot starts, in order.
+    fn candidates(&self) -> Vec<u64> {
+        let size = u64::from(ID_RANGE);
+        let starts: Vec<(u64, u64)> = if self.declared {
+            self.uid
+                .iter()
+                .filter(|r| r.owner == STEAD_USER)
+                .map(|r| (r.start, r.end))
+                .collect()
+        } else {
+            vec![(u64::from(ID_BASE), u64::from(u32::MAX))]
+        };
+        let mut out = Vec::new();
+        for (start, end) in starts {
+            let mut b = start;
+            while b.checked_add(size).is_some_and(|e| e <= end) {
+                out.push(b);
+                b += size;
+            }
+        }
+        out
+    }
+
+    /// The first free slot given the bases allocated already.
+    fn first_free(&self, used: &BTreeMap<String, u32>) -> Option<u32> {
+        let size = u64::from(ID_RANGE);
+        self.candidates().into_iter().find_map(|b| {
+            let taken = used.values().any(|u| {
+                let u = u64::from(*u);
+                b < u + size && u < b + size
+            });
+            if taken || !self.usable(b, b + size) {
+                None
+            } else {
+                u32::try_from(b).ok()
+            }
+        })
+    }
+}
+
+/// Allocates (or returns the existing) id range of container `name`: [`ID_RANGE`] ids
+/// from the subordinate ranges declared for [`STEAD_USER`] in `/etc/subuid` and
+/// `/etc/subgid` (see [`allocate_ids_from`]), recorded in
 /// `<state_dir>/containers/idmap.json` under an exclusive lock.
 pub fn allocate_ids(state_dir: &Path, name: &str) -> Result<IdMap, DriverError> {
+    allocate_ids_from(state_dir, name, &SubIdFiles::default())
+}
+
+/// [`allocate_ids`] with the subid files given. A new range lies inside a range declared
+/// for [`STEAD_USER`] in both files, or, when neither declares one, from [`ID_BASE`] up
+/// (with a warning saying how to declare one); never overlapping another user's declared
+/// range nor another container's. An existing allocation is kept.
+pub fn allocate_ids_from(
+    state_dir: &Path,
+    name: &str,
+    files: &SubIdFiles,
+) -> Result<IdMap, DriverError> {
+    let _span = tracing::info_span!("allocate_ids", container = name).entered();
     with_idmap(state_dir, |map| {
         if let Some(b) = map.get(name) {
+            warn_if_foreign(files, name, *b);
             return Ok((
                 IdMap {
                     base: *b,
@@ -282,11 +646,18 @@ pub fn allocate_ids(state_dir: &Path, name: &str) -> Result<IdMap, DriverError> 
                 false,
             ));
         }
-        let used: std::collections::BTreeSet<u32> = map.values().copied().collect();
-        let base = (0u32..)
-            .map(|n| ID_BASE + n * ID_RANGE)
-            .find(|b| !used.contains(b))
-            .ok_or_else(|| DriverError::Other("id ranges exhausted".into()))?;
+        let pool = IdPool::load(files)?;
+        let base = pool.first_free(map).ok_or_else(|| {
+            let why = if pool.declared {
+                format!("the ranges declared for user {STEAD_USER} are used up")
+            } else {
+                format!("no range is declared for user {STEAD_USER}")
+            };
+            DriverError::Refused(format!(
+                "no free range of {ID_RANGE} ids for container {name}: {why}; add one with \
+                 `usermod --add-subuids FIRST-LAST --add-subgids FIRST-LAST {STEAD_USER}`"
+            ))
+        })?;
         map.insert(name.to_string(), base);
         Ok((
             IdMap {
@@ -296,6 +667,29 @@ pub fn allocate_ids(state_dir: &Path, name: &str) -> Result<IdMap, DriverError> 
             true,
         ))
     })
+}
+
+/// Warns when a range allocated earlier (by an older version, or before the subid files
+/// changed) overlaps another user's declared range: it is kept, so as not to re-shift a
+/// rootfs that holds data.
+fn warn_if_foreign(files: &SubIdFiles, name: &str, base: u32) {
+    let (start, end) = (u64::from(base), u64::from(base) + u64::from(ID_RANGE));
+    for path in [&files.subuid, &files.subgid] {
+        let Ok(ranges) = read_subids(path) else {
+            continue;
+        };
+        if let Some(r) = ranges
+            .iter()
+            .find(|r| r.owner != STEAD_USER && r.overlaps(start, end))
+        {
+            tracing::warn!(
+                container = name,
+                "its id range {start}..{end} overlaps the subordinate range of user {} in {}:                  that user's processes may own its files; delete and recreate the container                  to get a free range",
+                r.owner,
+                path.display()
+            );
+        }
+    }
 }
 
 /// Releases the id range of `name`.
@@ -328,17 +722,165 @@ fn with_idmap<T>(
 mod tests {
     use super::*;
 
+    /// Subid files with these contents in `d`.
+    fn subids(d: &Path, subuid: &str, subgid: &str) -> SubIdFiles {
+        let f = SubIdFiles {
+            subuid: d.join("subuid"),
+            subgid: d.join("subgid"),
+        };
+        fs::write(&f.subuid, subuid).expect("subuid");
+        fs::write(&f.subgid, subgid).expect("subgid");
+        f
+    }
+
     #[test]
     fn id_ranges_do_not_overlap_and_are_reused() {
         let d = tempfile::tempdir().expect("tmp");
-        let a = allocate_ids(d.path(), "a").expect("a");
-        let b = allocate_ids(d.path(), "b").expect("b");
+        let f = subids(d.path(), "", "");
+        let alloc = |n: &str| allocate_ids_from(d.path(), n, &f).expect(n);
+        let a = alloc("a");
+        let b = alloc("b");
         assert_eq!(a.base, ID_BASE);
         assert_eq!(b.base, ID_BASE + ID_RANGE);
-        assert_eq!(allocate_ids(d.path(), "a").expect("a again"), a);
+        assert_eq!(alloc("a"), a);
         release_ids(d.path(), "a").expect("release");
-        let c = allocate_ids(d.path(), "c").expect("c");
+        let c = alloc("c");
         assert_eq!(c.base, ID_BASE, "freed range reused");
+    }
+
+    #[test]
+    fn ids_come_from_the_range_declared_for_stead() {
+        let d = tempfile::tempdir().expect("tmp");
+        let f = subids(
+            d.path(),
+            "alice:100000:65536\nstead:1000000000:200000\n",
+            "alice:100000:65536\nstead:1000000000:200000\n",
+        );
+        let alloc = |n: &str| allocate_ids_from(d.path(), n, &f);
+        assert_eq!(alloc("a").expect("a").base, 1_000_000_000);
+        assert_eq!(alloc("b").expect("b").base, 1_000_065_536);
+        assert_eq!(alloc("c").expect("c").base, 1_000_131_072);
+        let e = alloc("d").expect_err("200000 ids hold three ranges");
+        assert!(matches!(e, DriverError::Refused(_)), "{e}");
+        assert!(e.to_string().contains("usermod --add-subuids"), "{e}");
+        let recorded: BTreeMap<String, u32> =
+            super::super::config::read_json(&d.path().join("containers/idmap.json"))
+                .expect("read")
+                .expect("recorded in state");
+        assert_eq!(recorded.get("b"), Some(&1_000_065_536));
+    }
+
+    #[test]
+    fn ids_never_overlap_other_users_ranges() {
+        let d = tempfile::tempdir().expect("tmp");
+        // No range for stead: the legacy slots, but not alice's (uids) nor bob's (gids).
+        let f = subids(d.path(), "alice:100000:65536\n", "bob:165536:65536\n");
+        let a = allocate_ids_from(d.path(), "a", &f).expect("a");
+        assert_eq!(a.base, ID_BASE + 2 * ID_RANGE);
+        // stead's range overlapping carol's: the overlapping slot is skipped.
+        let d = tempfile::tempdir().expect("tmp");
+        let both = "carol:1000000000:10\nstead:1000000000:1000000\n";
+        let f = subids(d.path(), both, both);
+        let a = allocate_ids_from(d.path(), "a", &f).expect("a");
+        assert_eq!(a.base, 1_000_065_536);
+        // stead's uids without gids of its own: the map needs both.
+        let d = tempfile::tempdir().expect("tmp");
+        let f = subids(d.path(), "stead:1000000000:65536\n", "");
+        let a = allocate_ids_from(d.path(), "a", &f).expect("legacy slots");
+        assert_eq!(a.base, ID_BASE);
+    }
+
+    #[test]
+    fn ids_near_the_top_do_not_wrap() {
+        let d = tempfile::tempdir().expect("tmp");
+        let top = "stead:4294967000:100000\n";
+        let f = subids(d.path(), top, top);
+        let e = allocate_ids_from(d.path(), "a", &f).expect_err("past u32::MAX");
+        assert!(matches!(e, DriverError::Refused(_)), "{e}");
+        let d = tempfile::tempdir().expect("tmp");
+        let fits = "stead:4294800000:100000\nx:bad\n";
+        let f = subids(d.path(), fits, fits);
+        let a = allocate_ids_from(d.path(), "a", &f).expect("fits");
+        assert_eq!(a.base, 4_294_800_000);
+        assert!(a.base.checked_add(a.size).is_some());
+    }
+
+    #[test]
+    fn member_paths_stay_beneath_the_root_and_ids_in_the_map() {
+        assert_eq!(
+            member_rel_path(Path::new("/etc/shadow")).expect("abs"),
+            PathBuf::from("etc/shadow")
+        );
+        assert_eq!(
+            member_rel_path(Path::new("./a/./b")).expect("rel"),
+            PathBuf::from("a/b")
+        );
+        let e = member_rel_path(Path::new("a/../../etc")).expect_err("dotdot");
+        assert!(matches!(e, DriverError::Refused(_)), "{e}");
+        let m = IdMap {
+            base: 100_000,
+            size: ID_RANGE,
+        };
+        let p = Path::new("etc/x");
+        assert_eq!(shift_id(m, 65_535, "uid", p).expect("last"), 165_535);
+        let e = shift_id(m, 70_000, "uid", p).expect_err("outside");
+        assert!(e.to_string().contains("etc/x") && e.to_string().contains("70000"));
+        let top = IdMap {
+            base: u32::MAX - 10,
+            size: ID_RANGE,
+        };
+        shift_id(top, 100, "gid", p).expect_err("wraps");
+        shift_id(m, u64::from(u32::MAX) + 1, "uid", p).expect_err("beyond u32");
+    }
+
+    /// A template whose link members point outside the tree: a hard link to a host file
+    /// (`hard`), or a symlinked dir followed by a member below it.
+    fn hostile_template(path: &Path, outside: &Path, hard: bool) {
+        let mut b = tar::Builder::new(File::create(path).expect("create"));
+        let mut h = tar::Header::new_gnu();
+        h.set_size(0);
+        h.set_uid(7);
+        h.set_gid(7);
+        if hard {
+            h.set_entry_type(tar::EntryType::Link);
+            b.append_link(&mut h, "hard", outside.join("victim"))
+                .expect("hard link");
+        } else {
+            h.set_entry_type(tar::EntryType::Symlink);
+            b.append_link(&mut h, "dir", outside).expect("symlink");
+            let mut h = tar::Header::new_gnu();
+            h.set_mode(0o644);
+            h.set_size(2);
+            h.set_uid(7);
+            h.set_gid(7);
+            b.append_data(&mut h, "dir/victim", &b"x\n"[..])
+                .expect("file");
+        }
+        b.finish().expect("finish");
+    }
+
+    #[test]
+    fn link_members_do_not_reach_outside_the_tree() {
+        for hard in [true, false] {
+            let d = tempfile::tempdir().expect("tmp");
+            let outside = d.path().join("outside");
+            fs::create_dir(&outside).expect("mkdir");
+            fs::write(outside.join("victim"), "host\n").expect("victim");
+            std::os::unix::fs::chown(outside.join("victim"), Some(1234), Some(1234))
+                .expect("chown");
+            let tpl = d.path().join("t.tar");
+            hostile_template(&tpl, &outside, hard);
+            let m = IdMap {
+                base: 300_000,
+                size: ID_RANGE,
+            };
+            let r = unpack(&tpl, &d.path().join("out/root"), Some(m));
+            assert!(r.is_err(), "hostile template refused (hard link: {hard})");
+            let v = fs::metadata(outside.join("victim")).expect("victim");
+            assert_eq!((v.uid(), v.gid()), (1234, 1234), "host file untouched");
+            assert_eq!(fs::read(outside.join("victim")).expect("read"), b"host\n");
+            assert!(!d.path().join("out/root").exists());
+        }
     }
 
     fn tiny_template(path: &Path, content: &[u8]) {
@@ -406,7 +948,11 @@ mod tests {
             b.finish().expect("finish");
         }
         let dest = d.path().join("out/root");
-        unpack(&tpl, &dest, 100_000).expect("unpack");
+        let m = IdMap {
+            base: 100_000,
+            size: ID_RANGE,
+        };
+        unpack(&tpl, &dest, Some(m)).expect("unpack");
         let m = fs::metadata(dest.join("etc/passwd")).expect("passwd");
         assert_eq!((m.uid(), m.gid()), (100_005, 100_006));
         assert_eq!(fs::metadata(dest.join("etc")).expect("etc").uid(), 100_000);
