@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, channel, sync_channel};
@@ -758,6 +758,9 @@ impl BackupStore {
                 s.spawn(move || self.worker(t, level, &job_rx, &done_tx, &claimed, &abort));
             }
             drop(done_tx);
+            // Only the workers may hold the queue's receiver: when they have all exited
+            // (on an error), the reader's blocked send fails instead of waiting forever.
+            drop(job_rx);
             let r = self.read_all(
                 &mut files,
                 &sources,
@@ -1047,6 +1050,10 @@ impl BackupStore {
                     fastcdc::v2020::FastCDC::new(&buf[..len], CHUNK_MIN, CHUNK_AVG, CHUNK_MAX);
                 let mut start = 0usize;
                 while start < len && (eof || len - start >= CHUNK_MAX + ZERO_RUN) {
+                    if abort.load(Ordering::Relaxed) {
+                        // A worker failed: its error ends the run.
+                        return Ok(());
+                    }
                     let (end, zero) = next_cut(&cdc, &buf[..len], start, size, eof);
                     let piece_len = end - start;
                     size += piece_len as u64;
@@ -1193,8 +1200,7 @@ impl BackupStore {
                 fs::create_dir_all(dir).map_err(BackupError::io("create", dir))?;
             }
             let tmp = path.with_extension(format!("tmp.{}.{t}", std::process::id()));
-            fs::write(&tmp, &bytes).map_err(BackupError::io("write", &tmp))?;
-            fs::rename(&tmp, &path).map_err(BackupError::io("rename", &tmp))?;
+            write_chunk_file(&tmp, &path, &bytes)?;
             new = true;
             stored = bytes.len() as u64;
         }
@@ -1823,6 +1829,29 @@ pub(crate) fn write_atomic(path: &Path, data: &[u8]) -> Result<(), BackupError> 
         let _ = d.sync_all();
     }
     Ok(())
+}
+
+/// Writes a chunk to `tmp` (mode 0600, fsynced) and renames it to `path`; on any error the
+/// temp file is removed, so a full store keeps no partial chunk.
+fn write_chunk_file(tmp: &Path, path: &Path, bytes: &[u8]) -> Result<(), BackupError> {
+    let r = (|| {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(tmp)
+            .map_err(BackupError::io("create", tmp))?;
+        f.set_permissions(fs::Permissions::from_mode(0o600))
+            .map_err(BackupError::io("chmod", tmp))?;
+        f.write_all(bytes).map_err(BackupError::io("write", tmp))?;
+        f.sync_all().map_err(BackupError::io("fsync", tmp))?;
+        fs::rename(tmp, path).map_err(BackupError::io("rename", tmp))
+    })();
+    if r.is_err() {
+        let _ = fs::remove_file(tmp);
+    }
+    r
 }
 
 fn join_rel(root: &Path, rel: &str) -> Result<PathBuf, BackupError> {
