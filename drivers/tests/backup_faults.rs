@@ -1,6 +1,7 @@
 //! Backup store under faults: a full store, torn chunks, a tampered store, a caller's umask.
 
 use std::fs;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::Duration;
@@ -135,4 +136,104 @@ fn a_full_store_ends_the_backup_with_enospc_and_releases_the_lock() {
         assert!(store.list(None).expect("list").is_empty(), "no manifest");
         drop(small);
     }
+}
+
+/// Every chunk file of the store.
+fn chunk_files(store: &BackupStore) -> Vec<PathBuf> {
+    walkdir::WalkDir::new(store.root().join(".chunks"))
+        .into_iter()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_type().is_file())
+        .map(|e| e.path().to_path_buf())
+        .collect()
+}
+
+fn stamping_opts(level: Option<i32>) -> BackupOptions {
+    BackupOptions {
+        zstd_level: level,
+        racy_secs: 0,
+        ..BackupOptions::default()
+    }
+}
+
+#[test]
+fn a_truncated_chunk_is_rewritten_by_the_next_backup() {
+    for level in [Some(1), None] {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let store = BackupStore::for_pool(&tmp.path().join("pool"));
+        let vol = tmp.path().join("vol.raw");
+        fs::write(&vol, random_bytes(11, 3 << 20)).expect("write");
+        let inputs = [("disk".to_string(), vol.clone())];
+        let first = store
+            .backup_paths(
+                "Volume/v",
+                &serde_json::json!({}),
+                &inputs,
+                &stamping_opts(level),
+            )
+            .expect("first backup");
+        let chunks = chunk_files(&store);
+        assert!(!chunks.is_empty());
+        let victim = &chunks[0];
+        let good_len = fs::metadata(victim).expect("stat").len();
+        let f = fs::OpenOptions::new()
+            .write(true)
+            .open(victim)
+            .expect("open");
+        f.set_len(good_len / 2).expect("truncate");
+        drop(f);
+        assert!(
+            !store.verify(&first.id).expect("verify").ok(),
+            "torn chunk seen"
+        );
+        // The file is unchanged (same stamp): the torn chunk must still be written again.
+        let second = store
+            .backup_paths(
+                "Volume/v",
+                &serde_json::json!({}),
+                &inputs,
+                &stamping_opts(level),
+            )
+            .expect("second backup");
+        assert_eq!(
+            fs::metadata(victim).expect("stat").len(),
+            good_len,
+            "{level:?}: chunk rewritten whole"
+        );
+        assert!(store.verify(&second.id).expect("verify").ok(), "{level:?}");
+        assert!(store.verify(&first.id).expect("verify").ok(), "{level:?}");
+    }
+}
+
+#[test]
+fn store_files_are_private_whatever_the_umask() {
+    use nix::sys::stat::{Mode, umask};
+    let old = umask(Mode::from_bits_truncate(0o022));
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let pool = tmp.path().join("pool");
+    fs::create_dir(&pool).expect("pool");
+    let store = BackupStore::for_pool(&pool);
+    let vol = tmp.path().join("vol.raw");
+    fs::write(&vol, random_bytes(3, 1 << 20)).expect("write");
+    let info = store
+        .backup_paths(
+            "Volume/v",
+            &serde_json::json!({}),
+            &[("disk".to_string(), vol)],
+            &BackupOptions::default(),
+        )
+        .expect("backup");
+    umask(old);
+    let mut seen_files = 0;
+    for e in walkdir::WalkDir::new(store.root()) {
+        let e = e.expect("walk");
+        let mode = e.metadata().expect("stat").permissions().mode() & 0o777;
+        let want = if e.file_type().is_dir() { 0o700 } else { 0o600 };
+        if !e.file_type().is_dir() {
+            seen_files += 1;
+        }
+        assert_eq!(mode, want, "{}: {mode:o}", e.path().display());
+    }
+    assert!(seen_files >= 3, "lock, chunk and manifest checked");
+    assert!(info.manifest.exists());
 }

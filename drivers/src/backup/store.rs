@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, channel, sync_channel};
@@ -609,6 +609,39 @@ impl BackupStore {
         r.exists().then_some((r, false))
     }
 
+    /// The stored chunk `digest` if it is whole: a `.raw` file of exactly `size` bytes, or a
+    /// `.zst` file holding exactly one complete zstd frame that declares `size` bytes. A
+    /// torn or truncated chunk is not whole, so the next backup writes it again.
+    fn valid_chunk(&self, digest: &str, size: u64) -> Option<(PathBuf, bool)> {
+        [true, false].into_iter().find_map(|compressed| {
+            let p = self.chunk_path(digest, compressed);
+            let f = File::open(&p).ok()?;
+            let len = f.metadata().ok()?.len();
+            let whole = if compressed {
+                zstd_frame_is_whole(&f, len, size)
+            } else {
+                len == size
+            };
+            if !whole {
+                warn!(chunk = %p.display(), "torn chunk: it is written again");
+            }
+            whole.then_some((p, compressed))
+        })
+    }
+
+    /// Fsyncs every chunk directory this run renamed a chunk into, then `.chunks` (which
+    /// may have gained a prefix directory).
+    fn sync_dirty_dirs(&self, shared: RunShared) -> Result<(), BackupError> {
+        let dirs = shared.dirty.into_inner().unwrap_or_else(|p| p.into_inner());
+        if dirs.is_empty() {
+            return Ok(());
+        }
+        for d in dirs.iter().chain(std::iter::once(&self.chunk_dir())) {
+            stead_host::fs::fsync_dir(d).map_err(host_err)?;
+        }
+        Ok(())
+    }
+
     fn manifest_path(&self, id: &BackupId) -> PathBuf {
         self.root
             .join(&id.kind)
@@ -617,8 +650,12 @@ impl BackupStore {
     }
 
     fn init(&self) -> Result<(), BackupError> {
-        let cd = self.chunk_dir();
-        fs::create_dir_all(&cd).map_err(BackupError::io("create", &cd))
+        create_private_dir(&self.chunk_dir())?;
+        for d in [&self.root, &self.chunk_dir()] {
+            fs::set_permissions(d, fs::Permissions::from_mode(0o700))
+                .map_err(BackupError::io("chmod", d))?;
+        }
+        Ok(())
     }
 
     fn lock(&self, arg: FlockArg) -> Result<Flock<File>, BackupError> {
@@ -628,6 +665,7 @@ impl BackupStore {
             .create(true)
             .truncate(false)
             .write(true)
+            .mode(0o600)
             .open(&p)
             .map_err(BackupError::io("open", &p))?;
         Flock::lock(f, arg).map_err(|(_, e)| BackupError::Io {
@@ -744,7 +782,7 @@ impl BackupStore {
         let (job_tx, job_rx) = sync_channel::<Job>(threads * 2);
         let job_rx = Arc::new(Mutex::new(job_rx));
         let (done_tx, done_rx) = channel::<Result<Done, BackupError>>();
-        let claimed: Arc<Mutex<HashSet<[u8; 32]>>> = Arc::default();
+        let shared = RunShared::default();
         let abort = Arc::new(AtomicBool::new(false));
         let bytes_read = Arc::new(AtomicU64::new(0));
 
@@ -752,10 +790,10 @@ impl BackupStore {
             for t in 0..threads {
                 let job_rx = Arc::clone(&job_rx);
                 let done_tx = done_tx.clone();
-                let claimed = Arc::clone(&claimed);
+                let shared = &shared;
                 let abort = Arc::clone(&abort);
                 let level = opts.zstd_level;
-                s.spawn(move || self.worker(t, level, &job_rx, &done_tx, &claimed, &abort));
+                s.spawn(move || self.worker(t, level, &job_rx, &done_tx, shared, &abort));
             }
             drop(done_tx);
             // Only the workers may hold the queue's receiver: when they have all exited
@@ -816,14 +854,10 @@ impl BackupStore {
         }
         opts.progress.finish_and_clear();
 
-        // Make the chunks durable before the manifest that references them.
-        let cd = self.chunk_dir();
-        let dirf = File::open(&cd).map_err(BackupError::io("open", &cd))?;
-        nix::unistd::syncfs(&dirf).map_err(|e| BackupError::Io {
-            op: "syncfs",
-            path: cd.clone(),
-            source: e.into(),
-        })?;
+        // Make the chunks durable before the manifest that references them: each chunk
+        // file was fsynced before its rename; the renames are made durable here, one
+        // fsync per directory written to.
+        self.sync_dirty_dirs(shared)?;
 
         let mut time = opts.time.unwrap_or_else(Utc::now).with_nanosecond_zero();
         let mut id = BackupId {
@@ -934,7 +968,7 @@ impl BackupStore {
                 None => c.zero,
                 Some(d) => {
                     present.contains(d.as_str()) || {
-                        let there = self.existing_chunk(d).is_some();
+                        let there = self.valid_chunk(d, c.size).is_some();
                         if there {
                             present.insert(d.as_str());
                         }
@@ -1123,7 +1157,7 @@ impl BackupStore {
         level: Option<i32>,
         job_rx: &Mutex<Receiver<Job>>,
         done_tx: &std::sync::mpsc::Sender<Result<Done, BackupError>>,
-        claimed: &Mutex<HashSet<[u8; 32]>>,
+        shared: &RunShared,
         abort: &AtomicBool,
     ) {
         let mut comp = match level.map(zstd::bulk::Compressor::new).transpose() {
@@ -1146,7 +1180,7 @@ impl BackupStore {
                     Err(_) => return,
                 }
             };
-            let r = self.store_chunk(t, &job, comp.as_mut(), claimed);
+            let r = self.store_chunk(t, &job, comp.as_mut(), shared);
             let failed = r.is_err();
             if failed {
                 abort.store(true, Ordering::Relaxed);
@@ -1162,7 +1196,7 @@ impl BackupStore {
         t: usize,
         job: &Job,
         comp: Option<&mut zstd::bulk::Compressor<'static>>,
-        claimed: &Mutex<HashSet<[u8; 32]>>,
+        shared: &RunShared,
     ) -> Result<Done, BackupError> {
         let size = (job.data.len() + job.zero_len) as u64;
         if job.zero_len > 0 || is_zero(&job.data) {
@@ -1180,10 +1214,14 @@ impl BackupStore {
         }
         let digest: [u8; 32] = Sha256::digest(&job.data[..]).into();
         let hex = hex32(&digest);
-        let first_claim = claimed.lock().map(|mut c| c.insert(digest)).unwrap_or(true);
+        let first_claim = shared
+            .claimed
+            .lock()
+            .map(|mut c| c.insert(digest))
+            .unwrap_or(true);
         let mut new = false;
         let mut stored = 0;
-        if first_claim && self.existing_chunk(&hex).is_none() {
+        if first_claim && self.valid_chunk(&hex, size).is_none() {
             let path = self.chunk_path(&hex, comp.is_some());
             let bytes: std::borrow::Cow<[u8]> = match comp {
                 Some(c) => c
@@ -1196,11 +1234,15 @@ impl BackupStore {
                     .into(),
                 None => (&job.data[..]).into(),
             };
-            if let Some(dir) = path.parent() {
-                fs::create_dir_all(dir).map_err(BackupError::io("create", dir))?;
-            }
+            let dir = path.parent().unwrap_or(&self.root).to_path_buf();
+            create_private_dir(&dir)?;
+            // A torn copy under the other extension would shadow the one written now.
+            let _ = fs::remove_file(self.chunk_path(&hex, comp_other(&path)));
             let tmp = path.with_extension(format!("tmp.{}.{t}", std::process::id()));
             write_chunk_file(&tmp, &path, &bytes)?;
+            if let Ok(mut d) = shared.dirty.lock() {
+                d.insert(dir);
+            }
             new = true;
             stored = bytes.len() as u64;
         }
@@ -1816,19 +1858,96 @@ fn read_dir_sorted(d: &Path) -> Result<Vec<PathBuf>, BackupError> {
     Ok(v)
 }
 
-/// Writes `data` to `path` atomically: temp file in the same dir, fsync, rename, fsync dir.
+/// Writes `data` to `path` atomically and durably, mode 0600, creating missing parent
+/// directories 0700 (whatever the umask).
 pub(crate) fn write_atomic(path: &Path, data: &[u8]) -> Result<(), BackupError> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    fs::create_dir_all(dir).map_err(BackupError::io("create", dir))?;
-    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
-    let mut f = File::create(&tmp).map_err(BackupError::io("create", &tmp))?;
-    f.write_all(data).map_err(BackupError::io("write", &tmp))?;
-    f.sync_all().map_err(BackupError::io("fsync", &tmp))?;
-    fs::rename(&tmp, path).map_err(BackupError::io("rename", &tmp))?;
-    if let Ok(d) = File::open(dir) {
-        let _ = d.sync_all();
+    create_private_dir(dir)?;
+    stead_host::write_atomic(path, data).map_err(host_err)
+}
+
+fn host_err(e: stead_host::HostError) -> BackupError {
+    BackupError::Io {
+        op: e.op,
+        path: e.path,
+        source: e.source,
     }
-    Ok(())
+}
+
+/// Creates `dir` and its missing parents with mode 0700.
+fn create_private_dir(dir: &Path) -> Result<(), BackupError> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(BackupError::io("create", dir))
+}
+
+/// The other extension's compression flag of chunk file `path` (`.zst` ↔ `.raw`).
+fn comp_other(path: &Path) -> bool {
+    path.extension().is_some_and(|e| e == "raw")
+}
+
+/// Chunk-dedup state shared by the workers of one run.
+#[derive(Default)]
+struct RunShared {
+    /// Digests a worker has taken on in this run (written once even if seen twice).
+    claimed: Mutex<HashSet<[u8; 32]>>,
+    /// Directories a chunk was renamed into (fsynced before the manifest is written).
+    dirty: Mutex<std::collections::BTreeSet<PathBuf>>,
+}
+
+/// Whether `f` (`len` bytes) is exactly one complete zstd frame whose declared content
+/// size (when present) is `size`: the frame header and every block header are read, not
+/// the data, so the check costs a few small reads.
+fn zstd_frame_is_whole(f: &File, len: u64, size: u64) -> bool {
+    use std::os::unix::fs::FileExt;
+    let read = |at: u64, n: usize| -> Option<Vec<u8>> {
+        let mut b = vec![0u8; n];
+        f.read_exact_at(&mut b, at).ok().map(|()| b)
+    };
+    let le = |b: &[u8]| b.iter().rev().fold(0u64, |a, &x| (a << 8) | u64::from(x));
+    let Some(h) = read(0, 5) else { return false };
+    if le(&h[..4]) != 0xFD2F_B528 {
+        return false;
+    }
+    let fhd = h[4];
+    let single = fhd & 0x20 != 0;
+    let mut pos = 5 + u64::from(!single) + [0u64, 1, 2, 4][usize::from(fhd & 3)];
+    let fcs_len = match fhd >> 6 {
+        0 => usize::from(single),
+        1 => 2,
+        2 => 4,
+        _ => 8,
+    };
+    if fcs_len > 0 {
+        let Some(b) = read(pos, fcs_len) else {
+            return false;
+        };
+        let declared = le(&b) + if fcs_len == 2 { 256 } else { 0 };
+        if declared != size {
+            return false;
+        }
+        pos += fcs_len as u64;
+    }
+    // A chunk is at most CHUNK_MAX bytes: 128 KiB blocks, so a few dozen headers.
+    for _ in 0..4096 {
+        let Some(b) = read(pos, 3) else { return false };
+        let bh = le(&b);
+        pos += 3 + match (bh >> 1) & 3 {
+            0 | 2 => bh >> 3,
+            1 => 1,
+            _ => return false,
+        };
+        if pos > len {
+            return false;
+        }
+        if bh & 1 == 1 {
+            let checksum = if fhd & 0x04 != 0 { 4 } else { 0 };
+            return pos + checksum == len;
+        }
+    }
+    false
 }
 
 /// Writes a chunk to `tmp` (mode 0600, fsynced) and renames it to `path`; on any error the
