@@ -237,3 +237,179 @@ fn store_files_are_private_whatever_the_umask() {
     assert!(seen_files >= 3, "lock, chunk and manifest checked");
     assert!(info.manifest.exists());
 }
+
+/// A small rootfs backed up as `Container/web` (input `rootfs`); returns the backup id and
+/// its manifest path.
+fn small_backup(store: &BackupStore, dir: &Path) -> (String, PathBuf) {
+    let src = dir.join("src");
+    fs::create_dir_all(src.join("etc")).expect("mkdir");
+    fs::write(src.join("etc/hostname"), b"web\n").expect("write");
+    let info = store
+        .backup_paths(
+            "Container/web",
+            &serde_json::json!({}),
+            &[("rootfs".to_string(), src)],
+            &BackupOptions::default(),
+        )
+        .expect("backup");
+    (info.id, info.manifest)
+}
+
+/// Rewrites the manifest at `path` with `edit` (the JSON the format uses).
+fn tamper(path: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let mut v: serde_json::Value =
+        serde_json::from_slice(&fs::read(path).expect("read")).expect("json");
+    edit(&mut v);
+    fs::write(path, serde_json::to_vec_pretty(&v).expect("ser")).expect("write");
+}
+
+/// The manifest entry of `etc/hostname`, as a template for hand-made entries.
+fn hostname_entry(v: &serde_json::Value) -> serde_json::Value {
+    v["files"]
+        .as_array()
+        .expect("files")
+        .iter()
+        .find(|f| f["path"] == "etc/hostname")
+        .expect("entry")
+        .clone()
+}
+
+fn push_file(v: &mut serde_json::Value, entry: serde_json::Value) {
+    v["files"].as_array_mut().expect("files").push(entry);
+}
+
+#[test]
+fn a_tampered_store_cannot_make_restore_write_outside_its_target() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let outside = tmp.path().join("OUTSIDE");
+    fs::create_dir(&outside).expect("mkdir");
+    fs::write(outside.join("victim"), b"precious").expect("write");
+    let to = tmp.path().join("a/b/to");
+    fs::create_dir_all(&to).expect("mkdir");
+    let up = "../../..";
+    let outside_abs = outside.display().to_string();
+    type Edit = Box<dyn Fn(&mut serde_json::Value)>;
+    let cases: Vec<(&str, &str, Edit)> = vec![
+        (
+            "input name with ..",
+            "input",
+            Box::new(move |v| {
+                let name = format!("/{up}/OUTSIDE/x");
+                v["inputs"][0]["name"] = name.clone().into();
+                for f in v["files"].as_array_mut().expect("files") {
+                    f["input"] = name.clone().into();
+                }
+            }),
+        ),
+        (
+            "entry path with ..",
+            "OUTSIDE/x",
+            Box::new(move |v| {
+                let mut e = hostname_entry(v);
+                e["path"] = format!("{up}/OUTSIDE/x").into();
+                push_file(v, e);
+            }),
+        ),
+        (
+            "absolute entry path",
+            "/etc/x",
+            Box::new(|v| {
+                let mut e = hostname_entry(v);
+                e["path"] = "/etc/x".into();
+                push_file(v, e);
+            }),
+        ),
+        (
+            "NUL in a name",
+            "etc/a",
+            Box::new(|v| {
+                let mut e = hostname_entry(v);
+                e["path"] = "etc/a\u{0}b".into();
+                push_file(v, e);
+            }),
+        ),
+        (
+            "file below a symlink",
+            "a/victim",
+            Box::new(move |v| {
+                let mut link = hostname_entry(v);
+                link["path"] = "a".into();
+                link["type"] = "symlink".into();
+                link["target"] = outside_abs.clone().into();
+                link["size"] = 0.into();
+                link.as_object_mut().expect("obj").remove("chunks");
+                link.as_object_mut().expect("obj").remove("sha256");
+                push_file(v, link);
+                let mut e = hostname_entry(v);
+                e["path"] = "a/victim".into();
+                push_file(v, e);
+            }),
+        ),
+        (
+            "digest with a path",
+            "etc/hostname",
+            Box::new(|v| {
+                for f in v["files"].as_array_mut().expect("files") {
+                    if f["path"] == "etc/hostname" {
+                        f["chunks"][0]["digest"] = "../../../../../OUTSIDE/victim".into();
+                    }
+                }
+            }),
+        ),
+    ];
+    for (what, names, edit) in cases {
+        let pool = tempfile::tempdir().expect("pool");
+        let store = BackupStore::for_pool(pool.path());
+        let (id, manifest) = small_backup(&store, tmp.path().join(what).as_path());
+        tamper(&manifest, edit);
+        let e = store.verify(&id).expect_err(what).to_string();
+        assert!(
+            e.contains("corrupt backup") && e.contains(names),
+            "{what}: verify: {e}"
+        );
+        let e = store.restore(&id, &to, None).expect_err(what).to_string();
+        assert!(e.contains(names), "{what}: restore: {e}");
+        assert_eq!(
+            fs::read(outside.join("victim")).expect("victim"),
+            b"precious",
+            "{what}"
+        );
+        let mut left: Vec<_> = fs::read_dir(&outside)
+            .expect("ls")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["victim"], "{what}: nothing written outside");
+        assert_eq!(
+            fs::read_dir(&to).expect("ls").count(),
+            0,
+            "{what}: nothing restored"
+        );
+    }
+}
+
+#[test]
+fn a_zero_chunk_beyond_the_chunking_limit_is_corruption_not_a_spin() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let store = BackupStore::for_pool(&tmp.path().join("pool"));
+    let (id, manifest) = small_backup(&store, tmp.path());
+    tamper(&manifest, |v| {
+        let mut e = hostname_entry(v);
+        e["path"] = "etc/huge".into();
+        e["size"] = 1_000_000_000_000u64.into();
+        e["chunks"] = serde_json::json!([{"zero": true, "size": 1_000_000_000_000u64}]);
+        push_file(v, e);
+    });
+    let st = store.clone();
+    let i = id.clone();
+    let e = within(30, "verify of a huge zero chunk", move || st.verify(&i))
+        .expect_err("corrupt")
+        .to_string();
+    assert!(e.contains("etc/huge") && e.contains("size"), "{e}");
+    let to = tmp.path().join("to");
+    let e = store
+        .restore(&id, &to, None)
+        .expect_err("corrupt")
+        .to_string();
+    assert!(e.contains("etc/huge"), "{e}");
+}

@@ -9,6 +9,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -18,6 +19,7 @@ use std::time::Instant;
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use nix::fcntl::{Flock, FlockArg};
+use rustix::fs::{AtFlags, Mode, OFlags, ResolveFlags};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use stead_schema::kinds::Retention;
@@ -1315,7 +1317,10 @@ impl BackupStore {
         if !p.exists() {
             return Err(BackupError::NotFound(id.to_string()));
         }
-        read_manifest(&p)
+        let m = read_manifest(&p)?;
+        check_manifest(&m)
+            .map_err(|why| BackupError::Integrity(format!("corrupt backup {id}: {why}")))?;
+        Ok(m)
     }
 
     /// Re-reads every chunk of backup `id`, checks its sha256 and each file's sha256, and
@@ -1422,6 +1427,12 @@ impl BackupStore {
             validate_input_name(n)?;
         }
         fs::create_dir_all(dest_dir).map_err(BackupError::io("create", dest_dir))?;
+        let base = rustix::fs::open(
+            dest_dir,
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| BackupError::io("open", dest_dir)(e.into()))?;
         let mut report = RestoreReport {
             id: m.id.clone(),
             restored: Vec::new(),
@@ -1435,16 +1446,22 @@ impl BackupStore {
                     final_path.display()
                 )));
             }
-            let tmp = dest_dir.join(format!(
+            let tmp_name = format!(
                 ".{}.restore-{}",
                 as_name.unwrap_or(&input.name),
                 std::process::id()
-            ));
+            );
+            let tmp = dest_dir.join(&tmp_name);
             let _ = fs::remove_dir_all(&tmp);
             let _ = fs::remove_file(&tmp);
             let entries: Vec<&FileEntry> =
                 m.files.iter().filter(|f| f.input == input.name).collect();
-            let r = self.restore_entries(&entries, &tmp, &mut report.bytes);
+            let root = RestoreRoot {
+                base: &base,
+                top: &tmp_name,
+                shown: &tmp,
+            };
+            let r = self.restore_entries(&entries, &root, &mut report.bytes);
             if let Err(e) = r {
                 let _ = fs::remove_dir_all(&tmp);
                 let _ = fs::remove_file(&tmp);
@@ -1457,61 +1474,80 @@ impl BackupStore {
         Ok(report)
     }
 
+    /// Creates every entry beneath `root` (each one's parent opened without following any
+    /// symlink, so a restored symlink is never followed), then sets metadata, deepest first.
     fn restore_entries(
         &self,
         entries: &[&FileEntry],
-        root: &Path,
+        root: &RestoreRoot<'_>,
         bytes: &mut u64,
     ) -> Result<(), BackupError> {
         for e in entries {
-            let p = join_rel(root, &e.path)?;
+            let at = root.place(e, &e.path)?;
+            let p = &at.shown;
+            let mode = Mode::from_bits_truncate(0o700);
             match e.kind {
-                EntryKind::Dir => {
-                    fs::create_dir(&p).map_err(BackupError::io("mkdir", &p))?;
-                }
+                EntryKind::Dir => rustix::fs::mkdirat(&at.dir, &at.name, mode)
+                    .map_err(|err| BackupError::io("mkdir", p)(err.into()))?,
                 EntryKind::File => match &e.link {
                     Some(first) => {
-                        let target = join_rel(root, first)?;
-                        fs::hard_link(&target, &p).map_err(BackupError::io("link", &p))?;
+                        let from = root.place(e, first)?;
+                        rustix::fs::linkat(
+                            &from.dir,
+                            &from.name,
+                            &at.dir,
+                            &at.name,
+                            AtFlags::empty(),
+                        )
+                        .map_err(|err| BackupError::io("link", p)(err.into()))?;
                     }
-                    None => *bytes += self.restore_file(e, &p)?,
+                    None => {
+                        let fd = rustix::fs::openat(
+                            &at.dir,
+                            &at.name,
+                            OFlags::CREATE
+                                | OFlags::EXCL
+                                | OFlags::WRONLY
+                                | OFlags::NOFOLLOW
+                                | OFlags::CLOEXEC,
+                            Mode::from_bits_truncate(0o600),
+                        )
+                        .map_err(|err| BackupError::io("create", p)(err.into()))?;
+                        *bytes += self.restore_file(e, File::from(fd), p)?;
+                    }
                 },
                 EntryKind::Symlink => {
                     let t = e.target.as_deref().unwrap_or_default();
-                    std::os::unix::fs::symlink(t, &p).map_err(BackupError::io("symlink", &p))?;
+                    rustix::fs::symlinkat(t, &at.dir, &at.name)
+                        .map_err(|err| BackupError::io("symlink", p)(err.into()))?;
                 }
                 EntryKind::Char | EntryKind::Block | EntryKind::Fifo => {
                     let kind = match e.kind {
-                        EntryKind::Char => nix::sys::stat::SFlag::S_IFCHR,
-                        EntryKind::Block => nix::sys::stat::SFlag::S_IFBLK,
-                        _ => nix::sys::stat::SFlag::S_IFIFO,
+                        EntryKind::Char => rustix::fs::FileType::CharacterDevice,
+                        EntryKind::Block => rustix::fs::FileType::BlockDevice,
+                        _ => rustix::fs::FileType::Fifo,
                     };
-                    nix::sys::stat::mknod(
-                        &p,
+                    rustix::fs::mknodat(
+                        &at.dir,
+                        &at.name,
                         kind,
-                        nix::sys::stat::Mode::from_bits_truncate(e.mode),
+                        Mode::from_bits_truncate(e.mode),
                         e.rdev.unwrap_or(0),
                     )
-                    .map_err(|err| BackupError::Io {
-                        op: "mknod",
-                        path: p.clone(),
-                        source: err.into(),
-                    })?;
+                    .map_err(|err| BackupError::io("mknod", p)(err.into()))?;
                 }
             }
         }
         // Metadata last, deepest first, so creating children does not disturb directory mtimes.
         for e in entries.iter().rev() {
-            let p = join_rel(root, &e.path)?;
-            apply_metadata(e, &p)?;
+            apply_metadata(e, &root.place(e, &e.path)?)?;
         }
         Ok(())
     }
 
     /// Restores one regular file: written in order, holes for zero chunks, its sha256
     /// checked at the end.
-    fn restore_file(&self, e: &FileEntry, p: &Path) -> Result<u64, BackupError> {
-        let mut out = File::create(p).map_err(BackupError::io("create", p))?;
+    fn restore_file(&self, e: &FileEntry, mut out: File, p: &Path) -> Result<u64, BackupError> {
         let mut hasher = Sha256::new();
         let mut offset = 0u64;
         self.chunks_in_order(e, |i, c, data| {
@@ -1973,6 +2009,101 @@ fn write_chunk_file(tmp: &Path, path: &Path, bytes: &[u8]) -> Result<(), BackupE
     r
 }
 
+/// Checks what restore and verify trust in a manifest, so a tampered store cannot make them
+/// write outside their target or loop: input names are plain names; entry paths are
+/// relative, of plain components (no `..`, `.`, empty component, leading `/` or NUL), listed
+/// once, each below an earlier directory entry of its input; hard links name an earlier
+/// file; digests are 64 hex digits; chunk sizes are within the chunking limits and add up
+/// to the file size. The error names the entry.
+fn check_manifest(m: &Manifest) -> Result<(), String> {
+    let mut inputs = HashSet::new();
+    for i in &m.inputs {
+        validate_input_name(&i.name).map_err(|e| format!("input {:?}: {e}", i.name))?;
+        if !inputs.insert(i.name.as_str()) {
+            return Err(format!("input {:?} listed twice", i.name));
+        }
+    }
+    let mut seen: HashMap<(&str, &str), EntryKind> = HashMap::new();
+    for f in &m.files {
+        let entry = || format!("entry {:?}:{:?}", f.input, f.path);
+        if !inputs.contains(f.input.as_str()) {
+            return Err(format!("{}: no such input", entry()));
+        }
+        check_rel_path(&f.path).map_err(|why| format!("{}: {why}", entry()))?;
+        if !f.path.is_empty() {
+            let parent = f.path.rsplit_once('/').map_or("", |(d, _)| d);
+            if seen.get(&(f.input.as_str(), parent)) != Some(&EntryKind::Dir) {
+                return Err(format!("{}: not below a directory entry", entry()));
+            }
+        }
+        if seen.insert((&f.input, &f.path), f.kind).is_some() {
+            return Err(format!("{}: listed twice", entry()));
+        }
+        if f.target.as_deref().is_some_and(|t| t.contains('\0')) {
+            return Err(format!("{}: symlink target contains NUL", entry()));
+        }
+        if let Some(first) = &f.link {
+            if f.kind != EntryKind::File
+                || seen.get(&(f.input.as_str(), first.as_str())) != Some(&EntryKind::File)
+            {
+                return Err(format!(
+                    "{}: hard link to {first:?}, not an earlier file",
+                    entry()
+                ));
+            }
+            continue;
+        }
+        check_chunks(f).map_err(|why| format!("{}: {why}", entry()))?;
+    }
+    Ok(())
+}
+
+/// A manifest path: `""` (the input itself) or plain components joined by `/`.
+fn check_rel_path(rel: &str) -> Result<(), String> {
+    if rel.contains('\0') {
+        return Err("path contains NUL".into());
+    }
+    if rel.is_empty() {
+        return Ok(());
+    }
+    if rel
+        .split('/')
+        .any(|c| c.is_empty() || c == "." || c == "..")
+    {
+        return Err("path is not relative to its input (leading /, . or .. component)".into());
+    }
+    Ok(())
+}
+
+/// A file's chunk list: sizes in `1..=CHUNK_MAX` adding up to its size, hex digests.
+fn check_chunks(f: &FileEntry) -> Result<(), String> {
+    let mut total = 0u64;
+    for (i, c) in f.chunks.iter().enumerate() {
+        if c.size == 0 || c.size > CHUNK_MAX as u64 {
+            return Err(format!(
+                "chunk {i} has size {} (limits 1..={CHUNK_MAX})",
+                c.size
+            ));
+        }
+        let hex_ok = |d: &str| {
+            d.len() == 64
+                && d.bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        };
+        if !c.zero && !c.digest.as_deref().is_some_and(hex_ok) {
+            return Err(format!("chunk {i} has no valid digest"));
+        }
+        total += c.size;
+    }
+    if f.kind == EntryKind::File && total != f.size {
+        return Err(format!(
+            "chunks add up to {total} bytes, not its size {}",
+            f.size
+        ));
+    }
+    Ok(())
+}
+
 fn join_rel(root: &Path, rel: &str) -> Result<PathBuf, BackupError> {
     if rel.is_empty() {
         return Ok(root.to_path_buf());
@@ -2110,39 +2241,160 @@ fn walk(
     Ok(())
 }
 
-fn apply_metadata(e: &FileEntry, p: &Path) -> Result<(), BackupError> {
-    use nix::sys::stat::{UtimensatFlags, utimensat};
-    use nix::sys::time::TimeSpec;
-    // Ownership first (chown clears set-id bits), then mode, then times.
-    if let Err(err) = std::os::unix::fs::lchown(p, Some(e.uid), Some(e.gid)) {
-        if err.kind() == std::io::ErrorKind::PermissionDenied {
+fn apply_metadata(e: &FileEntry, at: &Placed) -> Result<(), BackupError> {
+    let p = &at.shown;
+    // Ownership first (chown clears set-id bits), then mode, then times; never following
+    // a symlink at the entry itself.
+    let owner = (
+        Some(rustix::fs::Uid::from_raw(e.uid)),
+        Some(rustix::fs::Gid::from_raw(e.gid)),
+    );
+    match rustix::fs::chownat(
+        &at.dir,
+        &at.name,
+        owner.0,
+        owner.1,
+        AtFlags::SYMLINK_NOFOLLOW,
+    ) {
+        Ok(()) => {}
+        Err(rustix::io::Errno::PERM) => {
             debug!(path = %p.display(), "not restoring ownership: not permitted");
-        } else {
-            return Err(BackupError::Io {
-                op: "chown",
-                path: p.to_path_buf(),
-                source: err,
-            });
+        }
+        Err(err) => return Err(BackupError::io("chown", p)(err.into())),
+    }
+    let st = rustix::fs::statat(&at.dir, &at.name, AtFlags::SYMLINK_NOFOLLOW)
+        .map_err(|err| BackupError::io("stat", p)(err.into()))?;
+    let is_link = rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Symlink;
+    if !is_link {
+        rustix::fs::chmodat(
+            &at.dir,
+            &at.name,
+            Mode::from_bits_truncate(e.mode),
+            AtFlags::empty(),
+        )
+        .map_err(|err| BackupError::io("chmod", p)(err.into()))?;
+    }
+    // After chown, which clears security.capability; l*xattr calls do not follow the
+    // entry, and the parent is reached through its fd.
+    let via_fd = PathBuf::from(format!("/proc/self/fd/{}", at.dir.as_raw_fd())).join(&at.name);
+    super::xattrs::restore(&via_fd, &e.xattrs)?;
+    let t = rustix::fs::Timestamps {
+        last_access: rustix::fs::Timespec {
+            tv_sec: e.mtime,
+            tv_nsec: e.mtime_nsec.into(),
+        },
+        last_modification: rustix::fs::Timespec {
+            tv_sec: e.mtime,
+            tv_nsec: e.mtime_nsec.into(),
+        },
+    };
+    rustix::fs::utimensat(&at.dir, &at.name, &t, AtFlags::SYMLINK_NOFOLLOW)
+        .map_err(|err| BackupError::io("utimensat", p)(err.into()))
+}
+
+/// Where one input is restored: the directory fd it is created in (`base`), its temp
+/// name there (`top`), and that path for messages (`shown`).
+struct RestoreRoot<'a> {
+    base: &'a OwnedFd,
+    top: &'a str,
+    shown: &'a Path,
+}
+
+/// An entry's place: its parent directory (an fd) and its own name there.
+struct Placed {
+    dir: OwnedFd,
+    name: String,
+    shown: PathBuf,
+}
+
+impl RestoreRoot<'_> {
+    /// Opens the parent of `rel` (a path of entry `e`'s input) beneath the restore root,
+    /// following no symlink and never leaving the root. A parent that is a symlink, or a
+    /// path that would leave the root, is a corrupt backup.
+    fn place(&self, e: &FileEntry, rel: &str) -> Result<Placed, BackupError> {
+        let shown = join_rel(self.shown, rel)?;
+        let (parent, name) = match rel.rsplit_once('/') {
+            _ if rel.is_empty() => (".".to_string(), self.top),
+            Some((dir, name)) => (format!("{}/{dir}", self.top), name),
+            None => (self.top.to_string(), rel),
+        };
+        let dir = rustix::fs::openat2(
+            self.base,
+            parent.as_str(),
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+            ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
+        )
+        .map_err(|err| match err {
+            rustix::io::Errno::LOOP | rustix::io::Errno::XDEV | rustix::io::Errno::NOTDIR => {
+                BackupError::Integrity(format!(
+                    "corrupt backup: entry {}:{rel}: its parent is not a directory of the \
+                     backup (a symlink, or outside the target)",
+                    e.input
+                ))
+            }
+            other => BackupError::io("open", shown.clone())(other.into()),
+        })?;
+        Ok(Placed {
+            dir,
+            name: name.to_string(),
+            shown,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(path: &str, kind: EntryKind) -> FileEntry {
+        FileEntry {
+            input: "rootfs".into(),
+            path: path.into(),
+            kind,
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            mtime: 0,
+            mtime_nsec: 0,
+            size: 0,
+            sha256: Some(hex32(&Sha256::digest(b""))),
+            target: None,
+            rdev: None,
+            chunks: Vec::new(),
+            stamp: None,
+            link: None,
+            xattrs: BTreeMap::new(),
         }
     }
-    if e.kind != EntryKind::Symlink {
-        fs::set_permissions(p, fs::Permissions::from_mode(e.mode))
-            .map_err(BackupError::io("chmod", p))?;
+
+    #[test]
+    fn restore_never_follows_a_restored_symlink_even_past_the_manifest_check() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let outside = tmp.path().join("outside");
+        fs::create_dir(&outside).expect("mkdir");
+        let to = tmp.path().join("to");
+        fs::create_dir(&to).expect("mkdir");
+        let mut link = entry("a", EntryKind::Symlink);
+        link.target = Some(outside.display().to_string());
+        let entries = [
+            entry("", EntryKind::Dir),
+            link,
+            entry("a/victim", EntryKind::File),
+        ];
+        let refs: Vec<&FileEntry> = entries.iter().collect();
+        let base =
+            rustix::fs::open(&to, OFlags::PATH | OFlags::DIRECTORY, Mode::empty()).expect("open");
+        let root = RestoreRoot {
+            base: &base,
+            top: "t",
+            shown: &to.join("t"),
+        };
+        let store = BackupStore::for_pool(tmp.path());
+        let e = store
+            .restore_entries(&refs, &root, &mut 0)
+            .expect_err("must not follow a");
+        assert!(e.to_string().contains("a/victim"), "{e}");
+        assert_eq!(fs::read_dir(&outside).expect("ls").count(), 0);
     }
-    // After chown, which clears security.capability.
-    super::xattrs::restore(p, &e.xattrs)?;
-    let t = TimeSpec::new(e.mtime, i64::from(e.mtime_nsec));
-    utimensat(
-        nix::fcntl::AT_FDCWD,
-        p,
-        &t,
-        &t,
-        UtimensatFlags::NoFollowSymlink,
-    )
-    .map_err(|err| BackupError::Io {
-        op: "utimensat",
-        path: p.to_path_buf(),
-        source: err.into(),
-    })?;
-    Ok(())
 }
