@@ -67,20 +67,21 @@ pub struct WorkloadHooks {
     run_dir: PathBuf,
 }
 
-/// A workload quiesced (or stopped) for a backup.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A workload quiesced (or stopped) for a backup, with the hold that keeps `apply` (and
+/// the controller's drift repair) from thawing, resuming or starting it meanwhile.
+#[derive(Debug)]
 enum Held {
-    Frozen(String),
-    Paused(String),
-    Stopped(ResourceId),
+    Frozen(String, hold::Guard),
+    Paused(String, hold::Guard),
+    Stopped(ResourceId, hold::Guard),
 }
 
 impl Held {
     fn label(&self) -> String {
         match self {
-            Held::Frozen(n) => format!("Container/{n}"),
-            Held::Paused(n) => format!("VirtualMachine/{n}"),
-            Held::Stopped(id) => id.to_string(),
+            Held::Frozen(n, _) => format!("Container/{n}"),
+            Held::Paused(n, _) => format!("VirtualMachine/{n}"),
+            Held::Stopped(id, _) => id.to_string(),
         }
     }
 }
@@ -194,15 +195,17 @@ impl WorkloadHooks {
     }
 
     fn quiesce(&self, id: &ResourceId) -> Result<Held, BackupError> {
+        // Taken first: a controller must not resume or thaw it while the backup reads.
+        let guard = hold::take(&self.run_dir, &id.kind.to_string(), &id.name).map_err(err)?;
         let r = match id.kind {
             Kind::Container => self
                 .containers
                 .freeze(&id.name, FREEZE_TIMEOUT)
-                .map(|()| Held::Frozen(id.name.clone())),
+                .map(|()| Held::Frozen(id.name.clone(), guard)),
             _ => self
                 .vms
                 .pause(&id.name)
-                .map(|()| Held::Paused(id.name.clone())),
+                .map(|()| Held::Paused(id.name.clone(), guard)),
         };
         r.map_err(|e| {
             BackupError::Invalid(format!(
@@ -214,26 +217,23 @@ impl WorkloadHooks {
     fn stop(&self, id: &ResourceId) -> Result<Held, BackupError> {
         let kind = id.kind.to_string();
         // Keeps a controller (or another apply) from starting it during the backup.
-        hold::take(&self.run_dir, &kind, &id.name).map_err(err)?;
+        let guard = hold::take(&self.run_dir, &kind, &id.name).map_err(err)?;
         let r = match id.kind {
             Kind::Container => self.containers.stop(&id.name),
             _ => self.vms.stop(&id.name),
         };
-        if let Err(e) = r {
-            hold::release(&self.run_dir, &kind, &id.name);
-            return Err(err(e));
-        }
-        Ok(Held::Stopped(id.clone()))
+        r.map_err(err)?;
+        Ok(Held::Stopped(id.clone(), guard))
     }
 
-    /// Undoes one [`Held`]: thaw, resume, or start from the manifest.
-    fn release(&self, h: &Held) -> Result<(), BackupError> {
+    /// Undoes one [`Held`]: thaw, resume, or start from the manifest; then drops its hold.
+    fn release(&self, h: Held) -> Result<(), BackupError> {
         match h {
-            Held::Frozen(n) => self.containers.thaw(n).map_err(err),
-            Held::Paused(n) => self.vms.resume(n).map_err(err),
-            Held::Stopped(id) => {
+            Held::Frozen(n, _guard) => self.containers.thaw(&n).map_err(err),
+            Held::Paused(n, _guard) => self.vms.resume(&n).map_err(err),
+            Held::Stopped(id, _guard) => {
                 let world = self.world();
-                let r = world.get(id).ok_or_else(|| {
+                let r = world.get(&id).ok_or_else(|| {
                     BackupError::Invalid(format!("{id}: no manifest to start it again from"))
                 })?;
                 let world: &BTreeMap<ResourceId, Resource> = &world;
@@ -241,7 +241,6 @@ impl WorkloadHooks {
                     Kind::Container => self.containers.apply(r, &Observed::absent(), world),
                     _ => self.vms.apply(r, &Observed::absent(), world),
                 };
-                hold::release(&self.run_dir, &id.kind.to_string(), &id.name);
                 res.map_err(|e| BackupError::Invalid(format!("start {id} again: {e}")))
             }
         }
@@ -251,8 +250,9 @@ impl WorkloadHooks {
     fn release_all(&self, held: &mut Vec<Held>) -> Result<(), BackupError> {
         let mut first = None;
         while let Some(h) = held.pop() {
-            if let Err(e) = self.release(&h) {
-                warn!(workload = %h.label(), error = %e, "could not release after the backup");
+            let label = h.label();
+            if let Err(e) = self.release(h) {
+                warn!(workload = %label, error = %e, "could not release after the backup");
                 first.get_or_insert(e);
             }
         }
@@ -471,9 +471,9 @@ impl Hold {
 
     /// "paused" if a VM is among the held, else "frozen" (or "stopped").
     pub fn verb(&self) -> &'static str {
-        if self.held.iter().any(|h| matches!(h, Held::Stopped(_))) {
+        if self.held.iter().any(|h| matches!(h, Held::Stopped(..))) {
             "stopped"
-        } else if self.held.iter().any(|h| matches!(h, Held::Paused(_))) {
+        } else if self.held.iter().any(|h| matches!(h, Held::Paused(..))) {
             "paused"
         } else {
             "frozen"
