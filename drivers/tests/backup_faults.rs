@@ -413,3 +413,42 @@ fn a_zero_chunk_beyond_the_chunking_limit_is_corruption_not_a_spin() {
         .to_string();
     assert!(e.contains("etc/huge"), "{e}");
 }
+
+/// Stand-in for EIO: a chunk that cannot be read (a directory in its place).
+#[test]
+fn an_unreadable_chunk_is_named_by_verify_and_fails_restore() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let store = BackupStore::for_pool(&tmp.path().join("pool"));
+    let vol = tmp.path().join("vol.raw");
+    fs::write(&vol, random_bytes(5, 6 << 20)).expect("write");
+    let info = store
+        .backup_paths(
+            "Volume/v",
+            &serde_json::json!({}),
+            &[("disk".to_string(), vol)],
+            &BackupOptions::default(),
+        )
+        .expect("backup");
+    let chunks = chunk_files(&store);
+    assert!(chunks.len() >= 4, "several chunks: {}", chunks.len());
+    let victim = &chunks[chunks.len() / 2];
+    fs::remove_file(victim).expect("rm");
+    fs::create_dir(victim).expect("a directory in its place");
+    let name = victim.display().to_string();
+    let report = store.verify(&info.id).expect("verify runs");
+    assert_eq!(report.problems.len(), 1, "{:?}", report.problems);
+    let shown = report.problems[0].to_string();
+    assert!(
+        shown.contains("unreadable") && shown.contains(&name),
+        "{shown}"
+    );
+    let e = store
+        .restore(&info.id, &tmp.path().join("to"), None)
+        .expect_err("restore fails")
+        .to_string();
+    assert!(e.contains(&name), "{e}");
+    assert!(
+        !tmp.path().join("to/disk").exists(),
+        "nothing half restored"
+    );
+}

@@ -1392,7 +1392,8 @@ impl BackupStore {
         let Some((path, compressed)) = self.existing_chunk(digest) else {
             return Err(ProblemKind::MissingChunk);
         };
-        let raw = fs::read(&path).map_err(|e| ProblemKind::UnreadableChunk(e.to_string()))?;
+        let raw = fs::read(&path)
+            .map_err(|e| ProblemKind::UnreadableChunk(format!("{}: {e}", path.display())))?;
         let data = if compressed {
             dec.decompress(&raw, size as usize)
                 .map_err(|e| ProblemKind::UnreadableChunk(format!("zstd: {e}")))?
