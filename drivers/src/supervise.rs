@@ -178,12 +178,18 @@ pub fn hot_or_restart(path: &str, hot: &[&str]) -> stead_schema::Impact {
     }
 }
 
-/// Backup holds: while a `mode: stop` backup has a workload stopped, the file
-/// `<run_dir>/holds/<Kind>-<name>` holds the backup's pid, and `apply` of that workload
-/// waits (a retryable error) instead of starting it under the backup's feet.
+/// Backup holds: while a backup has a workload stopped (`mode: stop`) or paused/frozen
+/// (`mode: snapshot`), the file `<run_dir>/holds/<Kind>-<name>` is held open by the backup
+/// with an exclusive `flock` and holds its pid (for messages). `apply` of that workload
+/// (the controller's drift repair included) waits (a retryable error) instead of starting
+/// or resuming it under the backup's feet. Liveness is the lock, not the pid: a hold whose
+/// lock nobody holds (its backup was killed) is stale, even if its pid was reused.
 pub mod hold {
-    use std::fs;
+    use std::fs::{self, File, OpenOptions};
+    use std::io::{Read, Write};
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
     use std::path::{Path, PathBuf};
+    use std::time::Duration;
 
     use stead_schema::DriverError;
 
@@ -191,36 +197,88 @@ pub mod hold {
         run_dir.join("holds").join(format!("{kind}-{name}"))
     }
 
-    /// Places the hold for this process.
-    pub fn take(run_dir: &Path, kind: &str, name: &str) -> Result<(), DriverError> {
+    /// A hold placed by this process: the hold file, open with an exclusive lock. Dropping
+    /// it removes the file and releases the lock.
+    #[derive(Debug)]
+    pub struct Guard {
+        file: File,
+        path: PathBuf,
+    }
+
+    impl Drop for Guard {
+        fn drop(&mut self) {
+            // Remove the path only while it is still this hold's file.
+            let ours = match (self.file.metadata(), fs::symlink_metadata(&self.path)) {
+                (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+                _ => false,
+            };
+            if ours {
+                let _ = fs::remove_file(&self.path);
+            }
+        }
+    }
+
+    /// Places the hold for this process; it lasts until the [`Guard`] is dropped. Fails
+    /// (retryably) while another live process holds it.
+    pub fn take(run_dir: &Path, kind: &str, name: &str) -> Result<Guard, DriverError> {
         let p = path(run_dir, kind, name);
         if let Some(d) = p.parent() {
-            fs::create_dir_all(d)
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(d)
                 .map_err(|e| DriverError::io(format!("mkdir {}", d.display()), e))?;
         }
-        fs::write(&p, std::process::id().to_string())
-            .map_err(|e| DriverError::io(format!("write {}", p.display()), e))
+        // A checker may have found the previous file stale and be removing it: retry
+        // briefly on a lock conflict, and re-open when the path was unlinked meanwhile.
+        for _ in 0..100 {
+            let mut file = OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .mode(0o600)
+                .open(&p)
+                .map_err(|e| DriverError::io(format!("open {}", p.display()), e))?;
+            if file.try_lock().is_err() {
+                std::thread::sleep(Duration::from_millis(20));
+                continue;
+            }
+            let same = match (file.metadata(), fs::symlink_metadata(&p)) {
+                (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+                _ => false,
+            };
+            if !same {
+                continue;
+            }
+            file.set_len(0)
+                .and_then(|()| file.write_all(std::process::id().to_string().as_bytes()))
+                .map_err(|e| DriverError::io(format!("write {}", p.display()), e))?;
+            return Ok(Guard { file, path: p });
+        }
+        Err(DriverError::NotReady(format!(
+            "{kind}/{name} is held by another running backup"
+        )))
     }
 
-    /// Removes the hold (absent is fine).
-    pub fn release(run_dir: &Path, kind: &str, name: &str) {
-        let _ = fs::remove_file(path(run_dir, kind, name));
-    }
-
-    /// The pid of a live process holding `kind/name`, if any; a hold whose process is
-    /// gone (a killed backup) is removed.
+    /// The pid of a live process holding `kind/name`, if any (0 when the hold names none);
+    /// a hold whose lock nobody holds (a killed backup) is removed.
     pub fn holder(run_dir: &Path, kind: &str, name: &str) -> Option<i32> {
         let p = path(run_dir, kind, name);
-        let pid: i32 = fs::read_to_string(&p).ok()?.trim().parse().ok()?;
-        if pid as u32 == std::process::id() {
-            // This process placed it and is now starting the workload again.
+        let mut f = File::open(&p).ok()?;
+        let mut text = String::new();
+        let _ = f.read_to_string(&mut text);
+        let pid: i32 = text.trim().parse().unwrap_or(0);
+        if pid > 0 && pid as u32 == std::process::id() {
+            // This process placed it and is now resuming or starting the workload again.
             return None;
         }
-        if nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok() {
-            Some(pid)
-        } else {
-            let _ = fs::remove_file(&p);
-            None
+        match f.try_lock_shared() {
+            Ok(()) => {
+                // Nobody holds it: stale, whatever process now has that pid.
+                let _ = fs::remove_file(&p);
+                None
+            }
+            Err(_) => Some(pid),
         }
     }
 
@@ -228,7 +286,7 @@ pub mod hold {
     pub fn check(run_dir: &Path, kind: &str, name: &str) -> Result<(), DriverError> {
         match holder(run_dir, kind, name) {
             Some(pid) => Err(DriverError::NotReady(format!(
-                "{kind}/{name} is stopped by a running backup (pid {pid}, mode stop); it is started again when the backup ends"
+                "{kind}/{name} is held by a running backup (pid {pid}) that stopped, paused or froze it; it is started or resumed again when the backup ends"
             ))),
             None => Ok(()),
         }
@@ -238,33 +296,67 @@ pub mod hold {
     mod tests {
         use super::*;
 
+        /// Waits until `check` reports the hold as held (the child took its lock).
+        fn wait_held(run: &Path) -> DriverError {
+            for _ in 0..250 {
+                if let Err(e) = check(run, "Container", "web") {
+                    return e;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            panic!("the child never held the lock");
+        }
+
         #[test]
         fn a_live_holder_blocks_apply_and_a_dead_one_is_cleared() {
             let tmp = tempfile::tempdir().expect("tmp");
             let run = tmp.path();
             assert!(check(run, "Container", "web").is_ok(), "no hold");
             // Our own hold does not block us (the backup starts the workload again).
-            take(run, "Container", "web").expect("take");
+            let g = take(run, "Container", "web").expect("take");
             assert!(check(run, "Container", "web").is_ok());
-            // Another live process's hold blocks, retryably.
-            let mut child = std::process::Command::new("sleep")
-                .arg("30")
+            drop(g);
+            assert!(!path(run, "Container", "web").exists(), "released");
+            // Another live process holding the lock blocks, retryably.
+            let p = path(run, "Container", "web");
+            fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
+            // The shell takes the lock on fd 9 and becomes `sleep`, which keeps it.
+            let mut child = std::process::Command::new("sh")
+                .arg("-c")
+                .arg(r#"exec 9>>"$0" && flock -x 9 && exec sleep 30"#)
+                .arg(&p)
                 .spawn()
-                .expect("sleep");
-            fs::write(path(run, "Container", "web"), child.id().to_string()).expect("write");
-            let e = check(run, "Container", "web").expect_err("held");
+                .expect("sh");
+            let e = wait_held(run);
             assert!(e.retryable(), "{e}");
             assert!(e.to_string().contains("running backup"), "{e}");
+            assert!(take(run, "Container", "web").is_err(), "held by the child");
             let _ = child.kill();
             let _ = child.wait();
             assert!(check(run, "Container", "web").is_ok(), "holder gone");
-            assert!(
-                !path(run, "Container", "web").exists(),
-                "stale hold removed"
-            );
-            take(run, "VirtualMachine", "vm1").expect("take");
-            release(run, "VirtualMachine", "vm1");
+            assert!(!p.exists(), "stale hold removed");
+            let g = take(run, "VirtualMachine", "vm1").expect("take");
+            drop(g);
             assert!(!path(run, "VirtualMachine", "vm1").exists());
+        }
+
+        #[test]
+        fn a_hold_whose_pid_was_reused_by_a_live_process_is_stale() {
+            let tmp = tempfile::tempdir().expect("tmp");
+            let run = tmp.path();
+            // A killed backup left its hold; its pid now belongs to an unrelated process.
+            let mut unrelated = std::process::Command::new("sleep")
+                .arg("30")
+                .spawn()
+                .expect("sleep");
+            let p = path(run, "Container", "web");
+            fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
+            fs::write(&p, unrelated.id().to_string()).expect("write");
+            let r = check(run, "Container", "web");
+            let _ = unrelated.kill();
+            let _ = unrelated.wait();
+            assert!(r.is_ok(), "a reused pid is not a live hold: {r:?}");
+            assert!(!p.exists(), "stale hold removed");
         }
     }
 }

@@ -657,13 +657,54 @@ fn backup_freezes_or_stops_the_container() {
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(stamp(), before, "nothing is written while frozen");
     assert_eq!(p.inputs, target.inputs, "a directory is read in place");
+    // The backup holds it: another process (a controller's drift repair through `apply`)
+    // finds the hold locked and waits instead of thawing it.
+    let hold_file = sb.env.run_dir.join("holds/Container-bk");
+    assert_eq!(
+        shared_lock_free(&hold_file),
+        Some(false),
+        "hold taken and locked"
+    );
     (p.cleanup)().expect("thaw");
     assert!(!sb.driver.is_frozen("bk"));
+    assert!(!hold_file.exists(), "hold released with the thaw");
     wait_until(
         "the writer to go on after the thaw",
         Duration::from_secs(5),
         || stamp() != before,
     );
+
+    // A backup that fails mid-read (its store is full) still thaws and releases.
+    let full = sb.tmp.path().join("full");
+    fs::create_dir(&full).expect("mkdir");
+    nix::mount::mount(
+        Some("tmpfs"),
+        &full,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        Some("size=64k"),
+    )
+    .expect("mount a tiny tmpfs");
+    {
+        use std::io::Write;
+        let mut filler = fs::File::create(full.join("filler")).expect("filler");
+        while filler.write_all(&[1u8; 4096]).is_ok() {}
+    }
+    let r = backup_target(
+        &BackupStore::for_pool(&full),
+        &target,
+        BackupMode::Snapshot,
+        &hooks,
+        BackupOptions::default(),
+    );
+    let _ = nix::mount::umount2(&full, nix::mount::MntFlags::MNT_DETACH);
+    let e = r.expect_err("the store is full");
+    assert!(
+        format!("{e:?}").contains("No space left on device"),
+        "{e:?}"
+    );
+    assert!(!sb.driver.is_frozen("bk"), "thawed after a failed backup");
+    assert!(!hold_file.exists(), "hold released after a failed backup");
 
     // Through the store, both modes.
     let store = BackupStore::for_pool(&sb.tmp.path().join("backups"));
@@ -713,6 +754,20 @@ fn backup_freezes_or_stops_the_container() {
     (p.cleanup)().expect("cleanup");
     sb.delete(&s);
     sb.assert_clean();
+}
+
+/// Whether a shared `flock` on `file` is free for another process (`None`: no such file).
+fn shared_lock_free(file: &Path) -> Option<bool> {
+    if !file.exists() {
+        return None;
+    }
+    let st = Command::new("flock")
+        .args(["-n", "-s"])
+        .arg(file)
+        .arg("true")
+        .status()
+        .expect("flock");
+    Some(st.success())
 }
 
 /// Issue 6, workload snapshots of a container: its own rootfs directory is snapshotted

@@ -216,3 +216,112 @@ fn btrfs_backup_restore_dedup_and_verify_corruption() {
     eprintln!("{}", out.stdout());
     drop(fs);
 }
+
+/// `stead backup run` into a full store (a 20 MiB tmpfs, a 30 MiB volume): exits 1 within
+/// seconds saying `No space left on device`, leaves no temp chunk, and `backup gc` (which
+/// takes the store lock exclusively) runs at once afterwards. Needs no btrfs.
+#[test]
+fn backup_into_a_full_store_exits_1_and_releases_the_lock() {
+    let name = "backup_into_a_full_store_exits_1_and_releases_the_lock";
+    let sb = Sandbox::new();
+    if stead_e2e::skip_unless(stead_e2e::is_root(), name, "needs root to mount a tmpfs") {
+        return;
+    }
+    let pool = sb.path("pool");
+    std::fs::create_dir_all(&pool).expect("mkdir");
+    let st = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=20m", "tmpfs"])
+        .arg(&pool)
+        .status()
+        .expect("mount");
+    assert!(st.success(), "mount a tmpfs");
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(pool.clone());
+    let vol = sb.path("vol.raw");
+    {
+        use std::io::Read;
+        let mut random = vec![0u8; 30 << 20];
+        std::fs::File::open("/dev/urandom")
+            .and_then(|mut f| f.read_exact(&mut random))
+            .expect("urandom");
+        std::fs::write(&vol, &random).expect("write volume");
+    }
+    // Runs stead with a watchdog: a hang fails the test instead of blocking it.
+    let run = |args: &[&str], secs: u64| -> (i32, String) {
+        let mut child = sb
+            .cmd()
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn stead");
+        let start = std::time::Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                let mut err = String::new();
+                use std::io::Read;
+                let _ = child.stderr.take().map(|mut e| e.read_to_string(&mut err));
+                return (status.code().unwrap_or(-1), err);
+            }
+            if start.elapsed().as_secs() > secs {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("stead {args:?} hung for more than {secs} s");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    };
+    let pool_s = pool.to_str().expect("utf-8");
+    let input = format!("disk={}", vol.display());
+    for threads in ["1", "4"] {
+        let (code, err) = run(
+            &[
+                "backup",
+                "run",
+                "--path",
+                &input,
+                "--name",
+                "Volume/full",
+                "-s",
+                pool_s,
+                "--threads",
+                threads,
+            ],
+            90,
+        );
+        assert_eq!(code, 1, "{threads} threads: {err}");
+        assert!(
+            err.contains("No space left on device"),
+            "{threads} threads: {err}"
+        );
+        let temps: Vec<_> = walk(&pool.join("backups"))
+            .into_iter()
+            .filter(|p| p.to_string_lossy().contains(".tmp"))
+            .collect();
+        assert!(temps.is_empty(), "temp chunks left: {temps:?}");
+        let (code, err) = run(&["backup", "gc", "-s", pool_s], 30);
+        assert_eq!(code, 0, "gc after the failed run: {err}");
+    }
+}
+
+/// Every file below `dir`.
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for e in rd.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}

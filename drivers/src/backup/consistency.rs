@@ -15,8 +15,9 @@
 //!    milliseconds. Otherwise (a block device, or a file system without reflinks) they
 //!    stay quiesced until the backup has read everything: still consistent, but the pause
 //!    is as long as the backup.
-//! 4. Cleanup thaws/resumes what is still quiesced and removes the clones. Clones left by
-//!    a killed backup (dead pid in the name) are removed by the next backup of that input.
+//! 4. Cleanup thaws/resumes what is still quiesced and removes the clones. A backup holds
+//!    an exclusive `flock` on each clone while it uses it; clones nobody has locked (left
+//!    by a killed backup) are removed by the next backup of that input.
 //!
 //! `mode: stop`: each running workload is stopped (graceful, as `state: stopped` would),
 //! the inputs are read, and cleanup starts the workloads again from their manifests.
@@ -67,20 +68,21 @@ pub struct WorkloadHooks {
     run_dir: PathBuf,
 }
 
-/// A workload quiesced (or stopped) for a backup.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A workload quiesced (or stopped) for a backup, with the hold that keeps `apply` (and
+/// the controller's drift repair) from thawing, resuming or starting it meanwhile.
+#[derive(Debug)]
 enum Held {
-    Frozen(String),
-    Paused(String),
-    Stopped(ResourceId),
+    Frozen(String, hold::Guard),
+    Paused(String, hold::Guard),
+    Stopped(ResourceId, hold::Guard),
 }
 
 impl Held {
     fn label(&self) -> String {
         match self {
-            Held::Frozen(n) => format!("Container/{n}"),
-            Held::Paused(n) => format!("VirtualMachine/{n}"),
-            Held::Stopped(id) => id.to_string(),
+            Held::Frozen(n, _) => format!("Container/{n}"),
+            Held::Paused(n, _) => format!("VirtualMachine/{n}"),
+            Held::Stopped(id, _) => id.to_string(),
         }
     }
 }
@@ -194,15 +196,17 @@ impl WorkloadHooks {
     }
 
     fn quiesce(&self, id: &ResourceId) -> Result<Held, BackupError> {
+        // Taken first: a controller must not resume or thaw it while the backup reads.
+        let guard = hold::take(&self.run_dir, &id.kind.to_string(), &id.name).map_err(err)?;
         let r = match id.kind {
             Kind::Container => self
                 .containers
                 .freeze(&id.name, FREEZE_TIMEOUT)
-                .map(|()| Held::Frozen(id.name.clone())),
+                .map(|()| Held::Frozen(id.name.clone(), guard)),
             _ => self
                 .vms
                 .pause(&id.name)
-                .map(|()| Held::Paused(id.name.clone())),
+                .map(|()| Held::Paused(id.name.clone(), guard)),
         };
         r.map_err(|e| {
             BackupError::Invalid(format!(
@@ -214,26 +218,23 @@ impl WorkloadHooks {
     fn stop(&self, id: &ResourceId) -> Result<Held, BackupError> {
         let kind = id.kind.to_string();
         // Keeps a controller (or another apply) from starting it during the backup.
-        hold::take(&self.run_dir, &kind, &id.name).map_err(err)?;
+        let guard = hold::take(&self.run_dir, &kind, &id.name).map_err(err)?;
         let r = match id.kind {
             Kind::Container => self.containers.stop(&id.name),
             _ => self.vms.stop(&id.name),
         };
-        if let Err(e) = r {
-            hold::release(&self.run_dir, &kind, &id.name);
-            return Err(err(e));
-        }
-        Ok(Held::Stopped(id.clone()))
+        r.map_err(err)?;
+        Ok(Held::Stopped(id.clone(), guard))
     }
 
-    /// Undoes one [`Held`]: thaw, resume, or start from the manifest.
-    fn release(&self, h: &Held) -> Result<(), BackupError> {
+    /// Undoes one [`Held`]: thaw, resume, or start from the manifest; then drops its hold.
+    fn release(&self, h: Held) -> Result<(), BackupError> {
         match h {
-            Held::Frozen(n) => self.containers.thaw(n).map_err(err),
-            Held::Paused(n) => self.vms.resume(n).map_err(err),
-            Held::Stopped(id) => {
+            Held::Frozen(n, _guard) => self.containers.thaw(&n).map_err(err),
+            Held::Paused(n, _guard) => self.vms.resume(&n).map_err(err),
+            Held::Stopped(id, _guard) => {
                 let world = self.world();
-                let r = world.get(id).ok_or_else(|| {
+                let r = world.get(&id).ok_or_else(|| {
                     BackupError::Invalid(format!("{id}: no manifest to start it again from"))
                 })?;
                 let world: &BTreeMap<ResourceId, Resource> = &world;
@@ -241,7 +242,6 @@ impl WorkloadHooks {
                     Kind::Container => self.containers.apply(r, &Observed::absent(), world),
                     _ => self.vms.apply(r, &Observed::absent(), world),
                 };
-                hold::release(&self.run_dir, &id.kind.to_string(), &id.name);
                 res.map_err(|e| BackupError::Invalid(format!("start {id} again: {e}")))
             }
         }
@@ -251,8 +251,9 @@ impl WorkloadHooks {
     fn release_all(&self, held: &mut Vec<Held>) -> Result<(), BackupError> {
         let mut first = None;
         while let Some(h) = held.pop() {
-            if let Err(e) = self.release(&h) {
-                warn!(workload = %h.label(), error = %e, "could not release after the backup");
+            let label = h.label();
+            if let Err(e) = self.release(h) {
+                warn!(workload = %label, error = %e, "could not release after the backup");
                 first.get_or_insert(e);
             }
         }
@@ -280,7 +281,9 @@ fn clone_path(p: &Path, pid: u32) -> Option<PathBuf> {
     Some(p.with_file_name(format!(".{name}{CLONE_MARK}{pid}")))
 }
 
-/// Removes clones of `p` left by backups whose process is gone.
+/// Removes clones of `p` left by backups whose process is gone. A live backup holds an
+/// exclusive `flock` on each of its clones for as long as it uses it, so a clone nobody
+/// has locked is stale, whatever process now has the pid in its name.
 fn remove_stale_clones(p: &Path) {
     let (Some(dir), Some(name)) = (p.parent(), p.file_name().and_then(|n| n.to_str())) else {
         return;
@@ -289,15 +292,18 @@ fn remove_stale_clones(p: &Path) {
     let Ok(rd) = fs::read_dir(dir) else { return };
     for e in rd.flatten() {
         let f = e.file_name();
-        let Some(pid) = f
+        let ours = f
             .to_str()
             .and_then(|f| f.strip_prefix(&prefix))
-            .and_then(|p| p.parse::<i32>().ok())
-        else {
+            .is_some_and(|p| p.parse::<u32>().is_ok());
+        if !ours {
+            continue;
+        }
+        let Ok(clone) = File::open(e.path()) else {
             continue;
         };
-        let alive = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok();
-        if !alive {
+        if clone.try_lock_shared().is_ok() {
+            drop(clone);
             info!(path = %e.path().display(), "removing a clone left by an interrupted backup");
             let _ = fs::remove_file(e.path());
             let _ = fs::remove_dir_all(e.path());
@@ -308,14 +314,26 @@ fn remove_stale_clones(p: &Path) {
 /// Clones directory tree `p` with `cp -a --reflink=always` (every file a FICLONE, all
 /// metadata kept) where the file system has reflinks; `None` otherwise or when the copy
 /// fails (the caller then reads `p` with the workload quiesced).
-fn clone_tree(p: &Path) -> Option<PathBuf> {
+fn clone_tree(p: &Path) -> Option<(PathBuf, File)> {
     if !reflink_supported(p) {
         return None;
     }
     let dst = clone_path(p, std::process::id())?;
     let _ = fs::remove_dir_all(&dst);
+    // Locked before anything is copied into it: see `remove_stale_clones`.
+    let lock = fs::create_dir(&dst)
+        .and_then(|()| File::open(&dst))
+        .and_then(|f| f.try_lock().map(|()| f).map_err(std::io::Error::other));
+    let lock = match lock {
+        Ok(l) => l,
+        Err(e) => {
+            warn!(dir = %dst.display(), error = %e, "cannot make the clone directory; reading the tree in place");
+            let _ = fs::remove_dir(&dst);
+            return None;
+        }
+    };
     match copy_tree(p, &dst, Reflink::Always) {
-        Ok(()) => Some(dst),
+        Ok(()) => Some((dst, lock)),
         Err(e) => {
             warn!(dir = %p.display(), error = %e, "reflink copy of the tree failed; reading it in place");
             None
@@ -324,8 +342,9 @@ fn clone_tree(p: &Path) -> Option<PathBuf> {
 }
 
 /// Clones regular file `p` with FICLONE; `Ok(None)` when the file system cannot.
-/// Returns the clone and `p`'s metadata from just before the clone.
-fn clone_file(p: &Path) -> Result<Option<(PathBuf, fs::Metadata)>, BackupError> {
+/// Returns the clone, `p`'s metadata from just before the clone, and the clone open with
+/// an exclusive lock (held while it is in use: see `remove_stale_clones`).
+fn clone_file(p: &Path) -> Result<Option<(PathBuf, fs::Metadata, File)>, BackupError> {
     let Some(dst) = clone_path(p, std::process::id()) else {
         return Ok(None);
     };
@@ -333,8 +352,11 @@ fn clone_file(p: &Path) -> Result<Option<(PathBuf, fs::Metadata)>, BackupError> 
     let md = src.metadata().map_err(BackupError::io("stat", p))?;
     let _ = fs::remove_file(&dst);
     let out = create_new(&dst).map_err(err)?;
+    if let Err(e) = out.try_lock() {
+        warn!(clone = %dst.display(), error = %e, "cannot lock the clone");
+    }
     match try_reflink(&src, &out) {
-        Ok(true) => Ok(Some((dst, md))),
+        Ok(true) => Ok(Some((dst, md, out))),
         Ok(false) => {
             let _ = fs::remove_file(&dst);
             Ok(None)
@@ -375,6 +397,8 @@ impl BackupHooks for WorkloadHooks {
         let hold = self.quiesce_running(&workloads)?;
         let mut inputs = Vec::new();
         let mut clones: Vec<PathBuf> = Vec::new();
+        // Open and locked until the cleanup removed the clones.
+        let mut locks: Vec<File> = Vec::new();
         let mut stat_of = HashMap::new();
         let mut all_cloned = true;
         for (n, p) in &target.inputs {
@@ -384,10 +408,11 @@ impl BackupHooks for WorkloadHooks {
             // to stay quiesced while it is read.
             if !hold.is_empty()
                 && md.as_ref().is_some_and(|m| m.is_dir())
-                && let Some(c) = clone_tree(p)
+                && let Some((c, lock)) = clone_tree(p)
             {
                 inputs.push((n.clone(), c.clone()));
                 clones.push(c);
+                locks.push(lock);
                 continue;
             }
             let cloned = if is_file {
@@ -403,10 +428,11 @@ impl BackupHooks for WorkloadHooks {
                 None
             };
             match cloned {
-                Some((c, md)) => {
+                Some((c, md, lock)) => {
                     inputs.push((n.clone(), c.clone()));
                     stat_of.insert(n.clone(), md);
                     clones.push(c);
+                    locks.push(lock);
                 }
                 None => {
                     all_cloned = false;
@@ -445,6 +471,7 @@ impl BackupHooks for WorkloadHooks {
             cleanup: Box::new(move || {
                 let r = hold.map_or(Ok(()), Hold::release);
                 remove_all(&clones);
+                drop(locks);
                 r
             }),
         })
@@ -471,9 +498,9 @@ impl Hold {
 
     /// "paused" if a VM is among the held, else "frozen" (or "stopped").
     pub fn verb(&self) -> &'static str {
-        if self.held.iter().any(|h| matches!(h, Held::Stopped(_))) {
+        if self.held.iter().any(|h| matches!(h, Held::Stopped(..))) {
             "stopped"
-        } else if self.held.iter().any(|h| matches!(h, Held::Paused(_))) {
+        } else if self.held.iter().any(|h| matches!(h, Held::Paused(..))) {
             "paused"
         } else {
             "frozen"
@@ -563,14 +590,41 @@ mod tests {
         let tmp = tempfile::tempdir().expect("tmp");
         let f = tmp.path().join("disk.raw");
         fs::write(&f, b"x").expect("write");
-        // pid 0x7ffffffe cannot exist (above pid_max); our own pid is alive.
+        // pid 0x7ffffffe cannot exist (above pid_max); a live backup holds its clone's lock.
         let dead = clone_path(&f, 0x7fff_fffe).expect("path");
         let live = clone_path(&f, std::process::id()).expect("path");
         fs::write(&dead, b"x").expect("write");
         fs::write(&live, b"x").expect("write");
+        let held = File::open(&live).expect("open");
+        held.try_lock().expect("lock");
         remove_stale_clones(&f);
         assert!(!dead.exists());
         assert!(live.exists());
         assert!(f.exists());
+    }
+
+    #[test]
+    fn a_clone_whose_pid_was_reused_by_a_live_process_is_stale() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let f = tmp.path().join("disk.raw");
+        fs::write(&f, b"x").expect("write");
+        // A killed backup's clone; its pid now belongs to an unrelated live process.
+        let mut unrelated = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("sleep");
+        let file_clone = clone_path(&f, unrelated.id()).expect("path");
+        fs::write(&file_clone, b"x").expect("write");
+        let d = tmp.path().join("rootfs");
+        fs::create_dir(&d).expect("mkdir");
+        let dir_clone = clone_path(&d, unrelated.id()).expect("path");
+        fs::create_dir(&dir_clone).expect("mkdir");
+        fs::write(dir_clone.join("etc"), b"x").expect("write");
+        remove_stale_clones(&f);
+        remove_stale_clones(&d);
+        let _ = unrelated.kill();
+        let _ = unrelated.wait();
+        assert!(!file_clone.exists(), "file clone removed");
+        assert!(!dir_clone.exists(), "dir clone removed");
     }
 }

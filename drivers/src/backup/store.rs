@@ -9,7 +9,8 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, channel, sync_channel};
@@ -18,6 +19,7 @@ use std::time::Instant;
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use nix::fcntl::{Flock, FlockArg};
+use rustix::fs::{AtFlags, Mode, OFlags, ResolveFlags};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use stead_schema::kinds::Retention;
@@ -609,6 +611,39 @@ impl BackupStore {
         r.exists().then_some((r, false))
     }
 
+    /// The stored chunk `digest` if it is whole: a `.raw` file of exactly `size` bytes, or a
+    /// `.zst` file holding exactly one complete zstd frame that declares `size` bytes. A
+    /// torn or truncated chunk is not whole, so the next backup writes it again.
+    fn valid_chunk(&self, digest: &str, size: u64) -> Option<(PathBuf, bool)> {
+        [true, false].into_iter().find_map(|compressed| {
+            let p = self.chunk_path(digest, compressed);
+            let f = File::open(&p).ok()?;
+            let len = f.metadata().ok()?.len();
+            let whole = if compressed {
+                zstd_frame_is_whole(&f, len, size)
+            } else {
+                len == size
+            };
+            if !whole {
+                warn!(chunk = %p.display(), "torn chunk: it is written again");
+            }
+            whole.then_some((p, compressed))
+        })
+    }
+
+    /// Fsyncs every chunk directory this run renamed a chunk into, then `.chunks` (which
+    /// may have gained a prefix directory).
+    fn sync_dirty_dirs(&self, shared: RunShared) -> Result<(), BackupError> {
+        let dirs = shared.dirty.into_inner().unwrap_or_else(|p| p.into_inner());
+        if dirs.is_empty() {
+            return Ok(());
+        }
+        for d in dirs.iter().chain(std::iter::once(&self.chunk_dir())) {
+            stead_host::fs::fsync_dir(d).map_err(host_err)?;
+        }
+        Ok(())
+    }
+
     fn manifest_path(&self, id: &BackupId) -> PathBuf {
         self.root
             .join(&id.kind)
@@ -617,8 +652,12 @@ impl BackupStore {
     }
 
     fn init(&self) -> Result<(), BackupError> {
-        let cd = self.chunk_dir();
-        fs::create_dir_all(&cd).map_err(BackupError::io("create", &cd))
+        create_private_dir(&self.chunk_dir())?;
+        for d in [&self.root, &self.chunk_dir()] {
+            fs::set_permissions(d, fs::Permissions::from_mode(0o700))
+                .map_err(BackupError::io("chmod", d))?;
+        }
+        Ok(())
     }
 
     fn lock(&self, arg: FlockArg) -> Result<Flock<File>, BackupError> {
@@ -628,6 +667,7 @@ impl BackupStore {
             .create(true)
             .truncate(false)
             .write(true)
+            .mode(0o600)
             .open(&p)
             .map_err(BackupError::io("open", &p))?;
         Flock::lock(f, arg).map_err(|(_, e)| BackupError::Io {
@@ -744,7 +784,7 @@ impl BackupStore {
         let (job_tx, job_rx) = sync_channel::<Job>(threads * 2);
         let job_rx = Arc::new(Mutex::new(job_rx));
         let (done_tx, done_rx) = channel::<Result<Done, BackupError>>();
-        let claimed: Arc<Mutex<HashSet<[u8; 32]>>> = Arc::default();
+        let shared = RunShared::default();
         let abort = Arc::new(AtomicBool::new(false));
         let bytes_read = Arc::new(AtomicU64::new(0));
 
@@ -752,12 +792,15 @@ impl BackupStore {
             for t in 0..threads {
                 let job_rx = Arc::clone(&job_rx);
                 let done_tx = done_tx.clone();
-                let claimed = Arc::clone(&claimed);
+                let shared = &shared;
                 let abort = Arc::clone(&abort);
                 let level = opts.zstd_level;
-                s.spawn(move || self.worker(t, level, &job_rx, &done_tx, &claimed, &abort));
+                s.spawn(move || self.worker(t, level, &job_rx, &done_tx, shared, &abort));
             }
             drop(done_tx);
+            // Only the workers may hold the queue's receiver: when they have all exited
+            // (on an error), the reader's blocked send fails instead of waiting forever.
+            drop(job_rx);
             let r = self.read_all(
                 &mut files,
                 &sources,
@@ -813,14 +856,10 @@ impl BackupStore {
         }
         opts.progress.finish_and_clear();
 
-        // Make the chunks durable before the manifest that references them.
-        let cd = self.chunk_dir();
-        let dirf = File::open(&cd).map_err(BackupError::io("open", &cd))?;
-        nix::unistd::syncfs(&dirf).map_err(|e| BackupError::Io {
-            op: "syncfs",
-            path: cd.clone(),
-            source: e.into(),
-        })?;
+        // Make the chunks durable before the manifest that references them: each chunk
+        // file was fsynced before its rename; the renames are made durable here, one
+        // fsync per directory written to.
+        self.sync_dirty_dirs(shared)?;
 
         let mut time = opts.time.unwrap_or_else(Utc::now).with_nanosecond_zero();
         let mut id = BackupId {
@@ -931,7 +970,7 @@ impl BackupStore {
                 None => c.zero,
                 Some(d) => {
                     present.contains(d.as_str()) || {
-                        let there = self.existing_chunk(d).is_some();
+                        let there = self.valid_chunk(d, c.size).is_some();
                         if there {
                             present.insert(d.as_str());
                         }
@@ -1047,6 +1086,10 @@ impl BackupStore {
                     fastcdc::v2020::FastCDC::new(&buf[..len], CHUNK_MIN, CHUNK_AVG, CHUNK_MAX);
                 let mut start = 0usize;
                 while start < len && (eof || len - start >= CHUNK_MAX + ZERO_RUN) {
+                    if abort.load(Ordering::Relaxed) {
+                        // A worker failed: its error ends the run.
+                        return Ok(());
+                    }
                     let (end, zero) = next_cut(&cdc, &buf[..len], start, size, eof);
                     let piece_len = end - start;
                     size += piece_len as u64;
@@ -1116,7 +1159,7 @@ impl BackupStore {
         level: Option<i32>,
         job_rx: &Mutex<Receiver<Job>>,
         done_tx: &std::sync::mpsc::Sender<Result<Done, BackupError>>,
-        claimed: &Mutex<HashSet<[u8; 32]>>,
+        shared: &RunShared,
         abort: &AtomicBool,
     ) {
         let mut comp = match level.map(zstd::bulk::Compressor::new).transpose() {
@@ -1139,7 +1182,7 @@ impl BackupStore {
                     Err(_) => return,
                 }
             };
-            let r = self.store_chunk(t, &job, comp.as_mut(), claimed);
+            let r = self.store_chunk(t, &job, comp.as_mut(), shared);
             let failed = r.is_err();
             if failed {
                 abort.store(true, Ordering::Relaxed);
@@ -1155,7 +1198,7 @@ impl BackupStore {
         t: usize,
         job: &Job,
         comp: Option<&mut zstd::bulk::Compressor<'static>>,
-        claimed: &Mutex<HashSet<[u8; 32]>>,
+        shared: &RunShared,
     ) -> Result<Done, BackupError> {
         let size = (job.data.len() + job.zero_len) as u64;
         if job.zero_len > 0 || is_zero(&job.data) {
@@ -1173,10 +1216,14 @@ impl BackupStore {
         }
         let digest: [u8; 32] = Sha256::digest(&job.data[..]).into();
         let hex = hex32(&digest);
-        let first_claim = claimed.lock().map(|mut c| c.insert(digest)).unwrap_or(true);
+        let first_claim = shared
+            .claimed
+            .lock()
+            .map(|mut c| c.insert(digest))
+            .unwrap_or(true);
         let mut new = false;
         let mut stored = 0;
-        if first_claim && self.existing_chunk(&hex).is_none() {
+        if first_claim && self.valid_chunk(&hex, size).is_none() {
             let path = self.chunk_path(&hex, comp.is_some());
             let bytes: std::borrow::Cow<[u8]> = match comp {
                 Some(c) => c
@@ -1189,12 +1236,15 @@ impl BackupStore {
                     .into(),
                 None => (&job.data[..]).into(),
             };
-            if let Some(dir) = path.parent() {
-                fs::create_dir_all(dir).map_err(BackupError::io("create", dir))?;
-            }
+            let dir = path.parent().unwrap_or(&self.root).to_path_buf();
+            create_private_dir(&dir)?;
+            // A torn copy under the other extension would shadow the one written now.
+            let _ = fs::remove_file(self.chunk_path(&hex, comp_other(&path)));
             let tmp = path.with_extension(format!("tmp.{}.{t}", std::process::id()));
-            fs::write(&tmp, &bytes).map_err(BackupError::io("write", &tmp))?;
-            fs::rename(&tmp, &path).map_err(BackupError::io("rename", &tmp))?;
+            write_chunk_file(&tmp, &path, &bytes)?;
+            if let Ok(mut d) = shared.dirty.lock() {
+                d.insert(dir);
+            }
             new = true;
             stored = bytes.len() as u64;
         }
@@ -1267,7 +1317,10 @@ impl BackupStore {
         if !p.exists() {
             return Err(BackupError::NotFound(id.to_string()));
         }
-        read_manifest(&p)
+        let m = read_manifest(&p)?;
+        check_manifest(&m)
+            .map_err(|why| BackupError::Integrity(format!("corrupt backup {id}: {why}")))?;
+        Ok(m)
     }
 
     /// Re-reads every chunk of backup `id`, checks its sha256 and each file's sha256, and
@@ -1339,7 +1392,8 @@ impl BackupStore {
         let Some((path, compressed)) = self.existing_chunk(digest) else {
             return Err(ProblemKind::MissingChunk);
         };
-        let raw = fs::read(&path).map_err(|e| ProblemKind::UnreadableChunk(e.to_string()))?;
+        let raw = fs::read(&path)
+            .map_err(|e| ProblemKind::UnreadableChunk(format!("{}: {e}", path.display())))?;
         let data = if compressed {
             dec.decompress(&raw, size as usize)
                 .map_err(|e| ProblemKind::UnreadableChunk(format!("zstd: {e}")))?
@@ -1374,6 +1428,12 @@ impl BackupStore {
             validate_input_name(n)?;
         }
         fs::create_dir_all(dest_dir).map_err(BackupError::io("create", dest_dir))?;
+        let base = rustix::fs::open(
+            dest_dir,
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| BackupError::io("open", dest_dir)(e.into()))?;
         let mut report = RestoreReport {
             id: m.id.clone(),
             restored: Vec::new(),
@@ -1387,16 +1447,22 @@ impl BackupStore {
                     final_path.display()
                 )));
             }
-            let tmp = dest_dir.join(format!(
+            let tmp_name = format!(
                 ".{}.restore-{}",
                 as_name.unwrap_or(&input.name),
                 std::process::id()
-            ));
+            );
+            let tmp = dest_dir.join(&tmp_name);
             let _ = fs::remove_dir_all(&tmp);
             let _ = fs::remove_file(&tmp);
             let entries: Vec<&FileEntry> =
                 m.files.iter().filter(|f| f.input == input.name).collect();
-            let r = self.restore_entries(&entries, &tmp, &mut report.bytes);
+            let root = RestoreRoot {
+                base: &base,
+                top: &tmp_name,
+                shown: &tmp,
+            };
+            let r = self.restore_entries(&entries, &root, &mut report.bytes);
             if let Err(e) = r {
                 let _ = fs::remove_dir_all(&tmp);
                 let _ = fs::remove_file(&tmp);
@@ -1409,61 +1475,80 @@ impl BackupStore {
         Ok(report)
     }
 
+    /// Creates every entry beneath `root` (each one's parent opened without following any
+    /// symlink, so a restored symlink is never followed), then sets metadata, deepest first.
     fn restore_entries(
         &self,
         entries: &[&FileEntry],
-        root: &Path,
+        root: &RestoreRoot<'_>,
         bytes: &mut u64,
     ) -> Result<(), BackupError> {
         for e in entries {
-            let p = join_rel(root, &e.path)?;
+            let at = root.place(e, &e.path)?;
+            let p = &at.shown;
+            let mode = Mode::from_bits_truncate(0o700);
             match e.kind {
-                EntryKind::Dir => {
-                    fs::create_dir(&p).map_err(BackupError::io("mkdir", &p))?;
-                }
+                EntryKind::Dir => rustix::fs::mkdirat(&at.dir, &at.name, mode)
+                    .map_err(|err| BackupError::io("mkdir", p)(err.into()))?,
                 EntryKind::File => match &e.link {
                     Some(first) => {
-                        let target = join_rel(root, first)?;
-                        fs::hard_link(&target, &p).map_err(BackupError::io("link", &p))?;
+                        let from = root.place(e, first)?;
+                        rustix::fs::linkat(
+                            &from.dir,
+                            &from.name,
+                            &at.dir,
+                            &at.name,
+                            AtFlags::empty(),
+                        )
+                        .map_err(|err| BackupError::io("link", p)(err.into()))?;
                     }
-                    None => *bytes += self.restore_file(e, &p)?,
+                    None => {
+                        let fd = rustix::fs::openat(
+                            &at.dir,
+                            &at.name,
+                            OFlags::CREATE
+                                | OFlags::EXCL
+                                | OFlags::WRONLY
+                                | OFlags::NOFOLLOW
+                                | OFlags::CLOEXEC,
+                            Mode::from_bits_truncate(0o600),
+                        )
+                        .map_err(|err| BackupError::io("create", p)(err.into()))?;
+                        *bytes += self.restore_file(e, File::from(fd), p)?;
+                    }
                 },
                 EntryKind::Symlink => {
                     let t = e.target.as_deref().unwrap_or_default();
-                    std::os::unix::fs::symlink(t, &p).map_err(BackupError::io("symlink", &p))?;
+                    rustix::fs::symlinkat(t, &at.dir, &at.name)
+                        .map_err(|err| BackupError::io("symlink", p)(err.into()))?;
                 }
                 EntryKind::Char | EntryKind::Block | EntryKind::Fifo => {
                     let kind = match e.kind {
-                        EntryKind::Char => nix::sys::stat::SFlag::S_IFCHR,
-                        EntryKind::Block => nix::sys::stat::SFlag::S_IFBLK,
-                        _ => nix::sys::stat::SFlag::S_IFIFO,
+                        EntryKind::Char => rustix::fs::FileType::CharacterDevice,
+                        EntryKind::Block => rustix::fs::FileType::BlockDevice,
+                        _ => rustix::fs::FileType::Fifo,
                     };
-                    nix::sys::stat::mknod(
-                        &p,
+                    rustix::fs::mknodat(
+                        &at.dir,
+                        &at.name,
                         kind,
-                        nix::sys::stat::Mode::from_bits_truncate(e.mode),
+                        Mode::from_bits_truncate(e.mode),
                         e.rdev.unwrap_or(0),
                     )
-                    .map_err(|err| BackupError::Io {
-                        op: "mknod",
-                        path: p.clone(),
-                        source: err.into(),
-                    })?;
+                    .map_err(|err| BackupError::io("mknod", p)(err.into()))?;
                 }
             }
         }
         // Metadata last, deepest first, so creating children does not disturb directory mtimes.
         for e in entries.iter().rev() {
-            let p = join_rel(root, &e.path)?;
-            apply_metadata(e, &p)?;
+            apply_metadata(e, &root.place(e, &e.path)?)?;
         }
         Ok(())
     }
 
     /// Restores one regular file: written in order, holes for zero chunks, its sha256
     /// checked at the end.
-    fn restore_file(&self, e: &FileEntry, p: &Path) -> Result<u64, BackupError> {
-        let mut out = File::create(p).map_err(BackupError::io("create", p))?;
+    fn restore_file(&self, e: &FileEntry, mut out: File, p: &Path) -> Result<u64, BackupError> {
         let mut hasher = Sha256::new();
         let mut offset = 0u64;
         self.chunks_in_order(e, |i, c, data| {
@@ -1810,17 +1895,212 @@ fn read_dir_sorted(d: &Path) -> Result<Vec<PathBuf>, BackupError> {
     Ok(v)
 }
 
-/// Writes `data` to `path` atomically: temp file in the same dir, fsync, rename, fsync dir.
+/// Writes `data` to `path` atomically and durably, mode 0600, creating missing parent
+/// directories 0700 (whatever the umask).
 pub(crate) fn write_atomic(path: &Path, data: &[u8]) -> Result<(), BackupError> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    fs::create_dir_all(dir).map_err(BackupError::io("create", dir))?;
-    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
-    let mut f = File::create(&tmp).map_err(BackupError::io("create", &tmp))?;
-    f.write_all(data).map_err(BackupError::io("write", &tmp))?;
-    f.sync_all().map_err(BackupError::io("fsync", &tmp))?;
-    fs::rename(&tmp, path).map_err(BackupError::io("rename", &tmp))?;
-    if let Ok(d) = File::open(dir) {
-        let _ = d.sync_all();
+    create_private_dir(dir)?;
+    stead_host::write_atomic(path, data).map_err(host_err)
+}
+
+fn host_err(e: stead_host::HostError) -> BackupError {
+    BackupError::Io {
+        op: e.op,
+        path: e.path,
+        source: e.source,
+    }
+}
+
+/// Creates `dir` and its missing parents with mode 0700.
+fn create_private_dir(dir: &Path) -> Result<(), BackupError> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(BackupError::io("create", dir))
+}
+
+/// The other extension's compression flag of chunk file `path` (`.zst` ↔ `.raw`).
+fn comp_other(path: &Path) -> bool {
+    path.extension().is_some_and(|e| e == "raw")
+}
+
+/// Chunk-dedup state shared by the workers of one run.
+#[derive(Default)]
+struct RunShared {
+    /// Digests a worker has taken on in this run (written once even if seen twice).
+    claimed: Mutex<HashSet<[u8; 32]>>,
+    /// Directories a chunk was renamed into (fsynced before the manifest is written).
+    dirty: Mutex<std::collections::BTreeSet<PathBuf>>,
+}
+
+/// Whether `f` (`len` bytes) is exactly one complete zstd frame whose declared content
+/// size (when present) is `size`: the frame header and every block header are read, not
+/// the data, so the check costs a few small reads.
+fn zstd_frame_is_whole(f: &File, len: u64, size: u64) -> bool {
+    use std::os::unix::fs::FileExt;
+    let read = |at: u64, n: usize| -> Option<Vec<u8>> {
+        let mut b = vec![0u8; n];
+        f.read_exact_at(&mut b, at).ok().map(|()| b)
+    };
+    let le = |b: &[u8]| b.iter().rev().fold(0u64, |a, &x| (a << 8) | u64::from(x));
+    let Some(h) = read(0, 5) else { return false };
+    if le(&h[..4]) != 0xFD2F_B528 {
+        return false;
+    }
+    let fhd = h[4];
+    let single = fhd & 0x20 != 0;
+    let mut pos = 5 + u64::from(!single) + [0u64, 1, 2, 4][usize::from(fhd & 3)];
+    let fcs_len = match fhd >> 6 {
+        0 => usize::from(single),
+        1 => 2,
+        2 => 4,
+        _ => 8,
+    };
+    if fcs_len > 0 {
+        let Some(b) = read(pos, fcs_len) else {
+            return false;
+        };
+        let declared = le(&b) + if fcs_len == 2 { 256 } else { 0 };
+        if declared != size {
+            return false;
+        }
+        pos += fcs_len as u64;
+    }
+    // A chunk is at most CHUNK_MAX bytes: 128 KiB blocks, so a few dozen headers.
+    for _ in 0..4096 {
+        let Some(b) = read(pos, 3) else { return false };
+        let bh = le(&b);
+        pos += 3 + match (bh >> 1) & 3 {
+            0 | 2 => bh >> 3,
+            1 => 1,
+            _ => return false,
+        };
+        if pos > len {
+            return false;
+        }
+        if bh & 1 == 1 {
+            let checksum = if fhd & 0x04 != 0 { 4 } else { 0 };
+            return pos + checksum == len;
+        }
+    }
+    false
+}
+
+/// Writes a chunk to `tmp` (mode 0600, fsynced) and renames it to `path`; on any error the
+/// temp file is removed, so a full store keeps no partial chunk.
+fn write_chunk_file(tmp: &Path, path: &Path, bytes: &[u8]) -> Result<(), BackupError> {
+    let r = (|| {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(tmp)
+            .map_err(BackupError::io("create", tmp))?;
+        f.set_permissions(fs::Permissions::from_mode(0o600))
+            .map_err(BackupError::io("chmod", tmp))?;
+        f.write_all(bytes).map_err(BackupError::io("write", tmp))?;
+        f.sync_all().map_err(BackupError::io("fsync", tmp))?;
+        fs::rename(tmp, path).map_err(BackupError::io("rename", tmp))
+    })();
+    if r.is_err() {
+        let _ = fs::remove_file(tmp);
+    }
+    r
+}
+
+/// Checks what restore and verify trust in a manifest, so a tampered store cannot make them
+/// write outside their target or loop: input names are plain names; entry paths are
+/// relative, of plain components (no `..`, `.`, empty component, leading `/` or NUL), listed
+/// once, each below an earlier directory entry of its input; hard links name an earlier
+/// file; digests are 64 hex digits; chunk sizes are within the chunking limits and add up
+/// to the file size. The error names the entry.
+fn check_manifest(m: &Manifest) -> Result<(), String> {
+    let mut inputs = HashSet::new();
+    for i in &m.inputs {
+        validate_input_name(&i.name).map_err(|e| format!("input {:?}: {e}", i.name))?;
+        if !inputs.insert(i.name.as_str()) {
+            return Err(format!("input {:?} listed twice", i.name));
+        }
+    }
+    let mut seen: HashMap<(&str, &str), EntryKind> = HashMap::new();
+    for f in &m.files {
+        let entry = || format!("entry {:?}:{:?}", f.input, f.path);
+        if !inputs.contains(f.input.as_str()) {
+            return Err(format!("{}: no such input", entry()));
+        }
+        check_rel_path(&f.path).map_err(|why| format!("{}: {why}", entry()))?;
+        if !f.path.is_empty() {
+            let parent = f.path.rsplit_once('/').map_or("", |(d, _)| d);
+            if seen.get(&(f.input.as_str(), parent)) != Some(&EntryKind::Dir) {
+                return Err(format!("{}: not below a directory entry", entry()));
+            }
+        }
+        if seen.insert((&f.input, &f.path), f.kind).is_some() {
+            return Err(format!("{}: listed twice", entry()));
+        }
+        if f.target.as_deref().is_some_and(|t| t.contains('\0')) {
+            return Err(format!("{}: symlink target contains NUL", entry()));
+        }
+        if let Some(first) = &f.link {
+            if f.kind != EntryKind::File
+                || seen.get(&(f.input.as_str(), first.as_str())) != Some(&EntryKind::File)
+            {
+                return Err(format!(
+                    "{}: hard link to {first:?}, not an earlier file",
+                    entry()
+                ));
+            }
+            continue;
+        }
+        check_chunks(f).map_err(|why| format!("{}: {why}", entry()))?;
+    }
+    Ok(())
+}
+
+/// A manifest path: `""` (the input itself) or plain components joined by `/`.
+fn check_rel_path(rel: &str) -> Result<(), String> {
+    if rel.contains('\0') {
+        return Err("path contains NUL".into());
+    }
+    if rel.is_empty() {
+        return Ok(());
+    }
+    if rel
+        .split('/')
+        .any(|c| c.is_empty() || c == "." || c == "..")
+    {
+        return Err("path is not relative to its input (leading /, . or .. component)".into());
+    }
+    Ok(())
+}
+
+/// A file's chunk list: sizes in `1..=CHUNK_MAX` adding up to its size, hex digests.
+fn check_chunks(f: &FileEntry) -> Result<(), String> {
+    let mut total = 0u64;
+    for (i, c) in f.chunks.iter().enumerate() {
+        if c.size == 0 || c.size > CHUNK_MAX as u64 {
+            return Err(format!(
+                "chunk {i} has size {} (limits 1..={CHUNK_MAX})",
+                c.size
+            ));
+        }
+        let hex_ok = |d: &str| {
+            d.len() == 64
+                && d.bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        };
+        if !c.zero && !c.digest.as_deref().is_some_and(hex_ok) {
+            return Err(format!("chunk {i} has no valid digest"));
+        }
+        total += c.size;
+    }
+    if f.kind == EntryKind::File && total != f.size {
+        return Err(format!(
+            "chunks add up to {total} bytes, not its size {}",
+            f.size
+        ));
     }
     Ok(())
 }
@@ -1962,39 +2242,160 @@ fn walk(
     Ok(())
 }
 
-fn apply_metadata(e: &FileEntry, p: &Path) -> Result<(), BackupError> {
-    use nix::sys::stat::{UtimensatFlags, utimensat};
-    use nix::sys::time::TimeSpec;
-    // Ownership first (chown clears set-id bits), then mode, then times.
-    if let Err(err) = std::os::unix::fs::lchown(p, Some(e.uid), Some(e.gid)) {
-        if err.kind() == std::io::ErrorKind::PermissionDenied {
+fn apply_metadata(e: &FileEntry, at: &Placed) -> Result<(), BackupError> {
+    let p = &at.shown;
+    // Ownership first (chown clears set-id bits), then mode, then times; never following
+    // a symlink at the entry itself.
+    let owner = (
+        Some(rustix::fs::Uid::from_raw(e.uid)),
+        Some(rustix::fs::Gid::from_raw(e.gid)),
+    );
+    match rustix::fs::chownat(
+        &at.dir,
+        &at.name,
+        owner.0,
+        owner.1,
+        AtFlags::SYMLINK_NOFOLLOW,
+    ) {
+        Ok(()) => {}
+        Err(rustix::io::Errno::PERM) => {
             debug!(path = %p.display(), "not restoring ownership: not permitted");
-        } else {
-            return Err(BackupError::Io {
-                op: "chown",
-                path: p.to_path_buf(),
-                source: err,
-            });
+        }
+        Err(err) => return Err(BackupError::io("chown", p)(err.into())),
+    }
+    let st = rustix::fs::statat(&at.dir, &at.name, AtFlags::SYMLINK_NOFOLLOW)
+        .map_err(|err| BackupError::io("stat", p)(err.into()))?;
+    let is_link = rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Symlink;
+    if !is_link {
+        rustix::fs::chmodat(
+            &at.dir,
+            &at.name,
+            Mode::from_bits_truncate(e.mode),
+            AtFlags::empty(),
+        )
+        .map_err(|err| BackupError::io("chmod", p)(err.into()))?;
+    }
+    // After chown, which clears security.capability; l*xattr calls do not follow the
+    // entry, and the parent is reached through its fd.
+    let via_fd = PathBuf::from(format!("/proc/self/fd/{}", at.dir.as_raw_fd())).join(&at.name);
+    super::xattrs::restore(&via_fd, &e.xattrs)?;
+    let t = rustix::fs::Timestamps {
+        last_access: rustix::fs::Timespec {
+            tv_sec: e.mtime,
+            tv_nsec: e.mtime_nsec.into(),
+        },
+        last_modification: rustix::fs::Timespec {
+            tv_sec: e.mtime,
+            tv_nsec: e.mtime_nsec.into(),
+        },
+    };
+    rustix::fs::utimensat(&at.dir, &at.name, &t, AtFlags::SYMLINK_NOFOLLOW)
+        .map_err(|err| BackupError::io("utimensat", p)(err.into()))
+}
+
+/// Where one input is restored: the directory fd it is created in (`base`), its temp
+/// name there (`top`), and that path for messages (`shown`).
+struct RestoreRoot<'a> {
+    base: &'a OwnedFd,
+    top: &'a str,
+    shown: &'a Path,
+}
+
+/// An entry's place: its parent directory (an fd) and its own name there.
+struct Placed {
+    dir: OwnedFd,
+    name: String,
+    shown: PathBuf,
+}
+
+impl RestoreRoot<'_> {
+    /// Opens the parent of `rel` (a path of entry `e`'s input) beneath the restore root,
+    /// following no symlink and never leaving the root. A parent that is a symlink, or a
+    /// path that would leave the root, is a corrupt backup.
+    fn place(&self, e: &FileEntry, rel: &str) -> Result<Placed, BackupError> {
+        let shown = join_rel(self.shown, rel)?;
+        let (parent, name) = match rel.rsplit_once('/') {
+            _ if rel.is_empty() => (".".to_string(), self.top),
+            Some((dir, name)) => (format!("{}/{dir}", self.top), name),
+            None => (self.top.to_string(), rel),
+        };
+        let dir = rustix::fs::openat2(
+            self.base,
+            parent.as_str(),
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+            ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
+        )
+        .map_err(|err| match err {
+            rustix::io::Errno::LOOP | rustix::io::Errno::XDEV | rustix::io::Errno::NOTDIR => {
+                BackupError::Integrity(format!(
+                    "corrupt backup: entry {}:{rel}: its parent is not a directory of the \
+                     backup (a symlink, or outside the target)",
+                    e.input
+                ))
+            }
+            other => BackupError::io("open", shown.clone())(other.into()),
+        })?;
+        Ok(Placed {
+            dir,
+            name: name.to_string(),
+            shown,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(path: &str, kind: EntryKind) -> FileEntry {
+        FileEntry {
+            input: "rootfs".into(),
+            path: path.into(),
+            kind,
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            mtime: 0,
+            mtime_nsec: 0,
+            size: 0,
+            sha256: Some(hex32(&Sha256::digest(b""))),
+            target: None,
+            rdev: None,
+            chunks: Vec::new(),
+            stamp: None,
+            link: None,
+            xattrs: BTreeMap::new(),
         }
     }
-    if e.kind != EntryKind::Symlink {
-        fs::set_permissions(p, fs::Permissions::from_mode(e.mode))
-            .map_err(BackupError::io("chmod", p))?;
+
+    #[test]
+    fn restore_never_follows_a_restored_symlink_even_past_the_manifest_check() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let outside = tmp.path().join("outside");
+        fs::create_dir(&outside).expect("mkdir");
+        let to = tmp.path().join("to");
+        fs::create_dir(&to).expect("mkdir");
+        let mut link = entry("a", EntryKind::Symlink);
+        link.target = Some(outside.display().to_string());
+        let entries = [
+            entry("", EntryKind::Dir),
+            link,
+            entry("a/victim", EntryKind::File),
+        ];
+        let refs: Vec<&FileEntry> = entries.iter().collect();
+        let base =
+            rustix::fs::open(&to, OFlags::PATH | OFlags::DIRECTORY, Mode::empty()).expect("open");
+        let root = RestoreRoot {
+            base: &base,
+            top: "t",
+            shown: &to.join("t"),
+        };
+        let store = BackupStore::for_pool(tmp.path());
+        let e = store
+            .restore_entries(&refs, &root, &mut 0)
+            .expect_err("must not follow a");
+        assert!(e.to_string().contains("a/victim"), "{e}");
+        assert_eq!(fs::read_dir(&outside).expect("ls").count(), 0);
     }
-    // After chown, which clears security.capability.
-    super::xattrs::restore(p, &e.xattrs)?;
-    let t = TimeSpec::new(e.mtime, i64::from(e.mtime_nsec));
-    utimensat(
-        nix::fcntl::AT_FDCWD,
-        p,
-        &t,
-        &t,
-        UtimensatFlags::NoFollowSymlink,
-    )
-    .map_err(|err| BackupError::Io {
-        op: "utimensat",
-        path: p.to_path_buf(),
-        source: err.into(),
-    })?;
-    Ok(())
 }
