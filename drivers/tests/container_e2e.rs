@@ -1037,6 +1037,58 @@ fn bad_command_is_reported() {
     sb.assert_clean();
 }
 
+/// A link in the rootfs pointing at a host path must not take stead's mounts out of the
+/// root: targets resolve inside the root (as the container itself would resolve them).
+fn rootfs_symlink_stays_inside() {
+    let mut sb = Sandbox::new("10.77.0.1/24");
+    let host = sb.tmp.path().join("host");
+    fs::create_dir_all(&host).expect("host dir");
+    symlink(&host, sb.rootfs.join("data")).expect("plant link");
+    let pool = sb.tmp.path().join("pool");
+    fs::create_dir_all(pool.join("images")).expect("pool");
+    fs::File::create(pool.join("images/vol.raw"))
+        .and_then(|f| f.set_len(32 << 20))
+        .expect("sparse image");
+    sb.insert(
+        Kind::StoragePool,
+        "local",
+        json!({"type": "dir", "path": pool}),
+    );
+    sb.insert(
+        Kind::Volume,
+        "vol",
+        json!({"pool": "local", "size": "32Mi"}),
+    );
+    let spec = json!({
+        "rootfs": {"path": sb.rootfs},
+        "command": ["/bin/sh", "-c", LOOP],
+        "unprivileged": false,
+        "mounts": [{"volume": "vol", "path": "/data/sub"}],
+    });
+    let c = sb.resource("link", spec);
+    sb.apply(&c);
+    let listing: Vec<_> = fs::read_dir(&host).expect("read host dir").collect();
+    assert!(listing.is_empty(), "created on the host: {listing:?}");
+    let inner = sb.rootfs.join(host.strip_prefix("/").expect("absolute"));
+    assert!(inner.join("sub").is_dir(), "target made inside the rootfs");
+    let (code, out) = sb.exec(
+        "link",
+        &["sh", "-c", "echo hi > /data/sub/f && cat /data/sub/f"],
+    );
+    assert_eq!((code, out.trim()), (0, "hi"));
+    let staging = sb.env.run_dir.join("containers/link/volumes/0");
+    assert!(staging.join("f").is_file(), "the write went to the volume");
+    let (_, mi) = sb.exec("link", &["cat", "/proc/self/mountinfo"]);
+    let want = format!(" {}/sub ", host.display());
+    assert!(
+        mi.contains(&want),
+        "volume at the link's in-root target: {mi}"
+    );
+    sb.delete(&c);
+    assert!(fs::read_dir(&host).expect("read").next().is_none());
+    sb.assert_clean();
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("shim") {
@@ -1049,7 +1101,8 @@ fn main() {
         };
         std::process::exit(code);
     }
-    let tests: [(&str, fn()); 11] = [
+    let tests: [(&str, fn()); 12] = [
+        ("rootfs_symlink_stays_inside", rootfs_symlink_stays_inside),
         ("device_access_is_restricted", device_access_is_restricted),
         (
             "backup_clones_a_reflink_rootfs",

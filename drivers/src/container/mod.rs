@@ -11,6 +11,9 @@
 //!   target has `harness = false` for that reason (a libtest binary is multi-threaded
 //!   before `main` runs; the shim must fork from a single-threaded process).
 //! - `process` (private): the clone path — see its docs for the exact start sequence.
+//! - `inroot` (private): mount targets resolved with `openat2(RESOLVE_IN_ROOT)` and
+//!   created beneath the rootfs through fds, so a link in a rootfs cannot redirect a mount
+//!   to the host.
 //! - [`security`]: the default capability set, seccomp deny-list and masked paths.
 //! - [`network`]: veth pairs through [`crate::net::attach`].
 //! - [`rootfs`]: `path` in place; `template` (.tar/.tar.zst) unpacked once, shared via
@@ -55,6 +58,7 @@ pub mod config;
 pub mod control;
 mod devices_bpf;
 mod driver;
+mod inroot;
 pub mod network;
 mod process;
 pub mod rootfs;
