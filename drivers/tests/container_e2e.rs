@@ -1089,6 +1089,83 @@ fn rootfs_symlink_stays_inside() {
     sb.assert_clean();
 }
 
+/// Capability sets of a process from /proc/<pid>/status, by name (`CapInh`, ...).
+fn cap_sets(pid: i64) -> BTreeMap<String, u64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    status
+        .lines()
+        .filter_map(|l| l.split_once(":\t"))
+        .filter(|(k, _)| k.starts_with("Cap"))
+        .map(|(k, v)| {
+            let v = u64::from_str_radix(v.trim(), 16).expect("hex capability set");
+            (k.to_string(), v)
+        })
+        .collect()
+}
+
+/// Raises a capability in this thread's inheritable and ambient sets until dropped.
+struct InheritedCap(caps::Capability);
+
+impl InheritedCap {
+    fn raise(cap: caps::Capability) -> Self {
+        caps::raise(None, caps::CapSet::Inheritable, cap).expect("raise inheritable");
+        caps::raise(None, caps::CapSet::Ambient, cap).expect("raise ambient");
+        InheritedCap(cap)
+    }
+}
+
+impl Drop for InheritedCap {
+    fn drop(&mut self) {
+        let _ = caps::drop(None, caps::CapSet::Ambient, self.0);
+        let _ = caps::drop(None, caps::CapSet::Inheritable, self.0);
+    }
+}
+
+/// A shim started with an inheritable (and ambient) CAP_SYS_ADMIN, as systemd's
+/// `AmbientCapabilities=` would start it, must not pass it to the container's init.
+/// Privileged containers are where it bites: a new user namespace clears the inheritable
+/// set by itself, so the unprivileged one here checks the same sets as a control.
+fn inherited_caps_do_not_reach_init() {
+    let mut sb = Sandbox::new("10.77.0.1/24");
+    for (name, unprivileged, addr) in [
+        ("capp", false, "10.77.0.2/24"),
+        ("capu", true, "10.77.0.3/24"),
+    ] {
+        let spec = container_spec(&sb, addr, json!({"unprivileged": unprivileged}));
+        let c = sb.resource(name, spec);
+        {
+            let _inherited = InheritedCap::raise(caps::Capability::CAP_SYS_ADMIN);
+            sb.apply(&c);
+        }
+        let st = sb.observe(&c).status;
+        let sys_admin = caps::Capability::CAP_SYS_ADMIN.bitmask();
+        let shim = cap_sets(st["shimPid"].as_i64().expect("shim pid"));
+        assert_ne!(
+            shim["CapInh"] & sys_admin,
+            0,
+            "the shim inherited it: {shim:?}"
+        );
+        let init = cap_sets(st["pid"].as_i64().expect("init pid"));
+        assert_eq!(init["CapInh"], 0, "{name}: {init:?}");
+        assert_eq!(init["CapAmb"], 0, "{name}: {init:?}");
+        for set in ["CapPrm", "CapEff", "CapBnd"] {
+            assert_eq!(
+                init[set] & sys_admin,
+                0,
+                "{name}: {set} has CAP_SYS_ADMIN: {init:?}"
+            );
+        }
+        let kept = stead_drivers::container::security::KEPT_CAPS
+            .iter()
+            .filter(|(c, _)| unprivileged || *c != 27) // MKNOD: user namespaces only
+            .fold(0u64, |m, (c, _)| m | 1 << c);
+        assert_eq!(init["CapBnd"], kept, "{name}: {init:?}");
+        assert_eq!(init["CapPrm"], kept, "{name}: {init:?}");
+        sb.delete(&c);
+    }
+    sb.assert_clean();
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("shim") {
@@ -1101,7 +1178,11 @@ fn main() {
         };
         std::process::exit(code);
     }
-    let tests: [(&str, fn()); 12] = [
+    let tests: [(&str, fn()); 13] = [
+        (
+            "inherited_caps_do_not_reach_init",
+            inherited_caps_do_not_reach_init,
+        ),
         ("rootfs_symlink_stays_inside", rootfs_symlink_stays_inside),
         ("device_access_is_restricted", device_access_is_restricted),
         (

@@ -54,7 +54,6 @@ struct ChildCtx<'a> {
     console: RawFd,
     console_path: PathBuf,
     seccomp: &'a BpfProgram,
-    last_cap: u32,
 }
 
 /// Starts init for `cfg`: returns its pid in the shim's pid namespace.
@@ -67,7 +66,6 @@ pub(crate) fn start_init(
     let (go_r, go_w) = pipe2(OFlag::O_CLOEXEC).map_err(|e| DriverError::io("pipe", e.into()))?;
     let (err_r, err_w) = pipe2(OFlag::O_CLOEXEC).map_err(|e| DriverError::io("pipe", e.into()))?;
     let seccomp = security::seccomp_program()?;
-    let last_cap = security::last_cap();
     if let RootfsMount::Overlay { target, .. } = &cfg.rootfs {
         fs::create_dir_all(target)
             .map_err(|e| DriverError::io(format!("mkdir {}", target.display()), e))?;
@@ -81,7 +79,6 @@ pub(crate) fn start_init(
         console: console.as_raw_fd(),
         console_path: console_path.to_path_buf(),
         seccomp: &seccomp,
-        last_cap,
     };
     let mut flags = CloneFlags::CLONE_NEWNS
         | CloneFlags::CLONE_NEWPID
@@ -219,7 +216,7 @@ fn child_setup(ctx: &ChildCtx<'_>) -> Result<std::convert::Infallible, String> {
     // container's cgroup, so it is created only now.
     wait_release(go, b'2')?;
     unshare(CloneFlags::CLONE_NEWCGROUP).map_err(errno_ctx("unshare cgroup namespace"))?;
-    security::restrict(ctx.last_cap, ctx.seccomp, cfg.idmap.is_some())?;
+    security::restrict(ctx.seccomp, cfg.idmap.is_some())?;
     execve(&path, &argv, &envp).map_err(|e| format!("exec {path:?}: {e}"))?;
     Err("execve returned".into())
 }
@@ -522,7 +519,6 @@ pub(crate) fn spawn_exec(
     stdio: &[OwnedFd],
 ) -> Result<Pid, DriverError> {
     let seccomp = security::seccomp_program()?;
-    let last_cap = security::last_cap();
     // Open the namespaces before forking, so errors are reported here.
     let mut kinds = vec![
         ("cgroup", CloneFlags::CLONE_NEWCGROUP),
@@ -547,7 +543,7 @@ pub(crate) fn spawn_exec(
     match unsafe { nix::unistd::fork() }.map_err(|e| DriverError::io("fork", e.into()))? {
         nix::unistd::ForkResult::Parent { child } => Ok(child),
         nix::unistd::ForkResult::Child => {
-            let code = match exec_child(cfg, &procs, &ns, args, env, stdio, last_cap, &seccomp) {
+            let code = match exec_child(cfg, &procs, &ns, args, env, stdio, &seccomp) {
                 Ok(code) => code,
                 Err(e) => {
                     let _ = writeln!(std::io::stderr(), "stead exec: {e}");
@@ -571,7 +567,6 @@ fn exec_child(
     args: &[String],
     env: &BTreeMap<String, String>,
     stdio: &[OwnedFd],
-    last_cap: u32,
     seccomp: &BpfProgram,
 ) -> Result<i32, String> {
     let me = std::process::id().to_string();
@@ -612,7 +607,7 @@ fn exec_child(
                 reset_signals()?;
                 chdir("/").map_err(errno_ctx("chdir /"))?;
                 let (path, argv, envp) = command_for(args, cfg, env)?;
-                security::restrict(last_cap, seccomp, cfg.idmap.is_some())?;
+                security::restrict(seccomp, cfg.idmap.is_some())?;
                 execve(&path, &argv, &envp).map_err(|e| format!("exec {path:?}: {e}"))?;
                 Err("execve returned".into())
             })();

@@ -5,7 +5,10 @@
 //! — and `SYS_BOOT`, which in a child pid namespace only lets init halt/reboot its own
 //! container, as LXC allows). Everything else (`SYS_ADMIN`, `SYS_MODULE`, `SYS_TIME`,
 //! `SYS_RAWIO`, `SYS_PTRACE`, `MAC_*`, `BPF`, `PERFMON`, …) is dropped. A root process that
-//! execs gets exactly its bounding set as permitted and effective sets.
+//! execs gets exactly its bounding set as permitted and effective sets. The inheritable and
+//! ambient sets are cleared (a shim started with inheritable capabilities, e.g. from
+//! systemd's `AmbientCapabilities=`, would otherwise pass them to init through `execve`),
+//! through the `caps` crate, every step checked: a failure fails the start.
 //!
 //! **Seccomp.** A deny-list filter (like Docker's profile, inverted): the listed syscalls
 //! fail with `EPERM`, everything else is allowed. It covers kernel modules, kexec,
@@ -18,6 +21,7 @@
 
 use std::collections::BTreeMap;
 
+use caps::{CapSet, CapsHashSet};
 use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
 use stead_schema::DriverError;
 
@@ -135,53 +139,62 @@ pub fn seccomp_program() -> Result<BpfProgram, DriverError> {
         .map_err(|e: seccompiler::BackendError| DriverError::Other(format!("seccomp compile: {e}")))
 }
 
-/// Highest capability number the kernel knows.
-pub fn last_cap() -> u32 {
-    std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(40)
+/// The capabilities a container keeps: [`KEPT_CAPS`], without `MKNOD` for a privileged
+/// container (no user namespace).
+pub fn kept_caps(userns: bool) -> CapsHashSet {
+    KEPT_CAPS
+        .iter()
+        .filter(|(c, _)| userns || *c != CAP_MKNOD)
+        .filter_map(|(c, _)| caps::all().into_iter().find(|k| u32::from(k.index()) == *c))
+        .collect()
 }
 
-/// Drops capabilities from the bounding and ambient sets, sets `no_new_privs` and loads
-/// the seccomp filter. The last step before `execve`.
+fn caps_err(what: &str) -> impl FnOnce(caps::errors::CapsError) -> String + '_ {
+    move |e| format!("{what}: {e}")
+}
+
+/// Sets the capability sets of the calling thread for a container process: inheritable
+/// and ambient cleared (whatever the shim was started with), the bounding set reduced to
+/// `keep`, permitted and effective set to `keep` (what root gets back on `execve`). Every
+/// step is checked.
+pub fn set_caps(keep: &CapsHashSet) -> Result<(), String> {
+    caps::clear(None, CapSet::Ambient).map_err(caps_err("clear ambient capabilities"))?;
+    caps::clear(None, CapSet::Inheritable).map_err(caps_err("clear inheritable capabilities"))?;
+    // The kernel's own list: dropping a capability it does not know fails.
+    for cap in caps::runtime::thread_all_supported() {
+        if !keep.contains(&cap) {
+            caps::drop(None, CapSet::Bounding, cap)
+                .map_err(|e| format!("drop {cap} from the bounding set: {e}"))?;
+        }
+    }
+    caps::set(None, CapSet::Effective, keep).map_err(caps_err("set effective capabilities"))?;
+    caps::set(None, CapSet::Permitted, keep).map_err(caps_err("set permitted capabilities"))?;
+    Ok(())
+}
+
+/// Confines the calling thread: capabilities ([`set_caps`]), `no_new_privs`, the seccomp
+/// filter. The last step before `execve`.
 ///
 /// A privileged container (no user namespace) also loses `CAP_MKNOD`: without a devices
 /// cgroup filter it could otherwise create a node for a host disk.
-pub fn restrict(last_cap: u32, seccomp: &BpfProgram, userns: bool) -> Result<(), String> {
-    for cap in 0..=last_cap {
-        if KEPT_CAPS.iter().any(|(c, _)| *c == cap) && (userns || cap != CAP_MKNOD) {
-            continue;
-        }
-        // SAFETY: prctl with integer arguments only.
-        let r = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) };
-        if r < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.raw_os_error() != Some(libc::EINVAL) {
-                return Err(format!("drop capability {cap}: {e}"));
-            }
-        }
-    }
-    // SAFETY: prctl with integer arguments only.
-    unsafe {
-        libc::prctl(
-            libc::PR_CAP_AMBIENT,
-            libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
-            0,
-            0,
-            0,
-        )
-    };
-    // SAFETY: prctl with integer arguments only.
-    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } < 0 {
-        return Err(format!("no_new_privs: {}", std::io::Error::last_os_error()));
-    }
+pub fn restrict(seccomp: &BpfProgram, userns: bool) -> Result<(), String> {
+    set_caps(&kept_caps(userns))?;
+    nix::sys::prctl::set_no_new_privs().map_err(|e| format!("no_new_privs: {e}"))?;
     seccompiler::apply_filter(seccomp).map_err(|e| format!("seccomp: {e}"))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kept_set_has_every_listed_capability() {
+        assert_eq!(kept_caps(true).len(), KEPT_CAPS.len());
+        let privileged = kept_caps(false);
+        assert_eq!(privileged.len(), KEPT_CAPS.len() - 1);
+        assert!(!privileged.contains(&caps::Capability::CAP_MKNOD));
+        assert!(!privileged.contains(&caps::Capability::CAP_SYS_ADMIN));
+    }
 
     #[test]
     fn filter_compiles() {
