@@ -169,6 +169,13 @@ fn reset_signals() -> Result<(), String> {
     Ok(())
 }
 
+/// Makes `fds` this process's stdin, stdout and stderr.
+fn dup_stdio([i, o, e]: [BorrowedFd<'_>; 3]) -> Result<(), String> {
+    nix::unistd::dup2_stdin(i).map_err(errno_ctx("dup2 stdin"))?;
+    nix::unistd::dup2_stdout(o).map_err(errno_ctx("dup2 stdout"))?;
+    nix::unistd::dup2_stderr(e).map_err(errno_ctx("dup2 stderr"))
+}
+
 fn wait_release(go: BorrowedFd<'_>, want: u8) -> Result<(), String> {
     let mut b = [0u8; 1];
     loop {
@@ -197,14 +204,12 @@ fn child_setup(ctx: &ChildCtx<'_>) -> Result<std::convert::Infallible, String> {
     nix::unistd::setsid().map_err(errno_ctx("setsid"))?;
     // SAFETY: console is the pty slave fd inherited from the shim.
     let console = unsafe { BorrowedFd::borrow_raw(ctx.console) };
-    for fd in 0..3 {
-        // SAFETY: dup2 onto the standard descriptors; nothing else in this process uses them.
-        if unsafe { libc::dup2(console.as_raw_fd(), fd) } < 0 {
-            return Err(format!("dup2 console: {}", std::io::Error::last_os_error()));
-        }
-    }
+    dup_stdio([console; 3])?;
     // SAFETY: TIOCSCTTY on fd 0 (the pty slave) with arg 0; this process leads a new session.
-    unsafe { libc::ioctl(0, libc::TIOCSCTTY, 0) };
+    if unsafe { libc::ioctl(0, libc::TIOCSCTTY, 0) } < 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(format!("console as controlling tty: {e}"));
+    }
     if ctx.console > 2 {
         let _ = nix::unistd::close(ctx.console);
     }
@@ -597,12 +602,11 @@ fn exec_child(
         },
         nix::unistd::ForkResult::Child => {
             let r = (|| -> Result<std::convert::Infallible, String> {
-                for (i, f) in stdio.iter().enumerate().take(3) {
-                    // SAFETY: dup2 of a received fd onto 0..2 of this helper.
-                    if unsafe { libc::dup2(f.as_raw_fd(), i as i32) } < 0 {
-                        return Err(format!("dup2: {}", std::io::Error::last_os_error()));
-                    }
-                }
+                let [i, o, e] = match stdio {
+                    [i, o, e, ..] => [i.as_fd(), o.as_fd(), e.as_fd()],
+                    _ => return Err(format!("exec needs 3 fds, got {}", stdio.len())),
+                };
+                dup_stdio([i, o, e])?;
                 nix::unistd::setsid().map_err(errno_ctx("setsid"))?;
                 reset_signals()?;
                 chdir("/").map_err(errno_ctx("chdir /"))?;
