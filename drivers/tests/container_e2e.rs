@@ -1166,6 +1166,87 @@ fn inherited_caps_do_not_reach_init() {
     sb.assert_clean();
 }
 
+/// The container's own cgroup directories that exist, in every hierarchy.
+fn container_cgroups(sb: &Sandbox, name: &str) -> Vec<PathBuf> {
+    let hier = Hierarchy::detect().expect("hier");
+    let mut dirs = hier.cgroup(&sb.name, name).procs_dirs();
+    // procs_dirs lists every v1 controller stead uses; add the others mounted here.
+    if let Ok(rd) = fs::read_dir("/sys/fs/cgroup") {
+        for e in rd.flatten() {
+            dirs.push(e.path().join(&sb.name).join(name));
+        }
+    }
+    dirs.retain(|d| d.exists());
+    dirs.sort();
+    dirs.dedup();
+    dirs
+}
+
+/// A start that fails (command missing, init exiting at once, a device filter the
+/// cgroup refuses) leaves no cgroup or veth behind; the run dir goes with the delete.
+fn failed_start_leaves_nothing() {
+    let mut sb = Sandbox::new("10.77.0.1/24");
+    let missing = json!({"command": ["/no/such/init"], "restartPolicy": "never"});
+    let bad = sb.resource("bad", container_spec(&sb, "10.77.0.2/24", missing));
+    let o = sb.observe(&bad);
+    sb.driver
+        .apply(&bad, &o, &sb.world)
+        .expect_err("missing command");
+    let quick = json!({"command": ["/bin/true"], "restartPolicy": "never"});
+    let quick = sb.resource("quick", container_spec(&sb, "10.77.0.3/24", quick));
+    let o = sb.observe(&quick);
+    let _ = sb.driver.apply(&quick, &o, &sb.world);
+    wait_until("quick init exited", Duration::from_secs(10), || {
+        sb.observe(&quick).state["state"] == "stopped"
+    });
+    for c in [&bad, &quick] {
+        let name = c.id.name.as_str();
+        let left = container_cgroups(&sb, name);
+        assert!(
+            left.is_empty(),
+            "{name}: cgroups left after the start: {left:?}"
+        );
+        sb.delete(c);
+        let dir = sb.env.run_dir.join("containers").join(name);
+        assert!(!dir.exists(), "{name}: run dir left: {}", dir.display());
+    }
+    sb.assert_clean();
+}
+
+/// A device filter the cgroup cannot take fails the start, and nothing is left.
+fn device_filter_failure_fails_start() {
+    let devices = Path::new("/sys/fs/cgroup/devices");
+    if Hierarchy::detect().expect("hier").is_v2() || !devices.is_dir() {
+        eprintln!(
+            "SKIP device_filter_failure_fails_start: injects through the v1 devices controller"
+        );
+        return;
+    }
+    let mut sb = Sandbox::new("10.77.0.1/24");
+    // The parent allows no device: the container's allow lines are refused (EPERM).
+    let parent = devices.join(&sb.name);
+    fs::create_dir_all(&parent).expect("parent devices cgroup");
+    fs::write(parent.join("devices.deny"), "a").expect("deny all in the parent");
+    let c = sb.resource("nodev", container_spec(&sb, "10.77.0.2/24", json!({})));
+    let o = sb.observe(&c);
+    let err = sb
+        .driver
+        .apply(&c, &o, &sb.world)
+        .expect_err("start must fail");
+    assert!(err.to_string().contains("devices"), "{err}");
+    let left = container_cgroups(&sb, "nodev");
+    assert!(
+        left.is_empty(),
+        "cgroups left after the failed start: {left:?}"
+    );
+    assert!(!sb.links().contains("vs"), "veth left: {}", sb.links());
+    sb.delete(&c);
+    let dir = sb.env.run_dir.join("containers/nodev");
+    assert!(!dir.exists(), "run dir left: {}", dir.display());
+    let _ = fs::remove_dir(&parent);
+    sb.assert_clean();
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("shim") {
@@ -1178,7 +1259,12 @@ fn main() {
         };
         std::process::exit(code);
     }
-    let tests: [(&str, fn()); 13] = [
+    let tests: [(&str, fn()); 15] = [
+        ("failed_start_leaves_nothing", failed_start_leaves_nothing),
+        (
+            "device_filter_failure_fails_start",
+            device_filter_failure_fails_start,
+        ),
         (
             "inherited_caps_do_not_reach_init",
             inherited_caps_do_not_reach_init,

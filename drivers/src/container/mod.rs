@@ -28,6 +28,10 @@
 //!   LXC's default halt signal), SIGTERM otherwise; SIGKILL to everything in the cgroup
 //!   after 10 s ([`ContainerDriver::stop_timeout_secs`]). The cgroup is then removed and
 //!   the veth pair disappears with the network namespace.
+//! - **Failed start:** whatever the supervisor made before the failure (cgroups in every
+//!   hierarchy, veths, volume mounts) is removed before it reports the error; the run dir
+//!   keeps `config.json` and `state.json` (the last error), so observe reports the container
+//!   `stopped` and delete removes the rest.
 //! - **Restart policy:** applied by the shim with backoff (100 ms doubling to 10 s). When
 //!   the policy says no restart, the shim exits with phase `exited`; observe then reports
 //!   `state: stopped`, so the next `apply` of a `running` container starts it again (as
@@ -49,7 +53,9 @@
 //! - **Devices:** everything is denied but the nodes of the container's /dev, the console
 //!   and ptys ([`cgroup::CONTAINER_DEVICES`]), so a device node that is in a rootfs or a
 //!   volume cannot be opened: on cgroup v1 through the `devices` controller, on v2
-//!   through an eBPF device program stead assembles (`devices_bpf`). Under that, only the
+//!   through an eBPF device program stead assembles (`devices_bpf`). A container is never
+//!   started unfiltered: a host with neither (v1 without the `devices` controller, v2
+//!   without cgroup BPF) or a filter the cgroup refuses fails the start. Under that, only the
 //!   bind-mounted nodes exist, privileged containers lose `CAP_MKNOD`, and `CAP_MKNOD`
 //!   inside a user namespace cannot create usable devices.
 

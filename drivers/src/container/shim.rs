@@ -343,13 +343,26 @@ impl Shim {
         let cgroup = hier.cgroup(&cfg.cgroup_parent, &cfg.name);
         // Leftovers of a supervisor that died: kill them first (no duplicate container).
         cgroup.kill_all()?;
+        let made = Self::with_cgroup(cfg, cfg_path, paths, cgroup.clone());
+        if made.is_err()
+            && let Err(e) = cgroup.destroy()
+        {
+            tracing::warn!(error = %e, "cgroup cleanup after a failed start");
+        }
+        made
+    }
+
+    /// The rest of [`Shim::new`], once the cgroup is known: what fails here leaves the
+    /// cgroup to the caller to remove.
+    fn with_cgroup(
+        cfg: ContainerConfig,
+        cfg_path: PathBuf,
+        paths: Paths,
+        cgroup: Cgroup,
+    ) -> Result<Self, DriverError> {
         cgroup.create()?;
         cgroup.set_limits(&cfg.limits)?;
-        if !cgroup.restrict_devices(&super::cgroup::CONTAINER_DEVICES)? {
-            tracing::warn!(
-                "device access is not restricted: no cgroup v1 devices controller, or no cgroup BPF for the v2 device filter"
-            );
-        }
+        cgroup.restrict_devices(&super::cgroup::CONTAINER_DEVICES)?;
         if let super::config::RootfsMount::Image { source, target } = &cfg.rootfs {
             super::volume::mount_image(source, target, false, cfg.idmap, false)?;
         }
