@@ -34,10 +34,10 @@ mod storage_util;
 
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
-const APPLETS: [&str; 30] = [
+const APPLETS: [&str; 31] = [
     "sh", "ps", "ping", "ip", "hostname", "sleep", "cat", "dd", "id", "touch", "ls", "seq",
     "ifconfig", "echo", "true", "false", "mkdir", "rm", "wc", "grep", "kill", "stat", "head",
-    "uname", "mount", "env", "init", "reboot", "poweroff", "halt",
+    "uname", "mount", "env", "init", "reboot", "poweroff", "halt", "unshare",
 ];
 
 /// Builds a busybox rootfs in `dir` (what scripts/build-rootfs.sh does, minimal).
@@ -1247,6 +1247,27 @@ fn device_filter_failure_fails_start() {
     sb.assert_clean();
 }
 
+/// The seccomp allow list: a new user namespace (which needs no capability) is refused
+/// with EPERM in privileged and unprivileged containers; ordinary work still runs.
+fn seccomp_refuses_new_namespaces() {
+    let mut sb = Sandbox::new("10.77.0.1/24");
+    for (name, unprivileged, addr) in [
+        ("scp", false, "10.77.0.2/24"),
+        ("scu", true, "10.77.0.3/24"),
+    ] {
+        let spec = container_spec(&sb, addr, json!({"unprivileged": unprivileged}));
+        let c = sb.resource(name, spec);
+        sb.apply(&c);
+        let (code, out) = sb.exec(name, &["unshare", "-U", "true"]);
+        assert_ne!(code, 0, "{name}: unshare -U succeeded: {out}");
+        assert!(out.contains("Operation not permitted"), "{name}: {out}");
+        let (code, out) = sb.exec(name, &["sh", "-c", "echo a > /tmp/f && cat /tmp/f | wc -c"]);
+        assert_eq!((code, out.trim()), (0, "2"), "{name}");
+        sb.delete(&c);
+    }
+    sb.assert_clean();
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("shim") {
@@ -1259,7 +1280,11 @@ fn main() {
         };
         std::process::exit(code);
     }
-    let tests: [(&str, fn()); 15] = [
+    let tests: [(&str, fn()); 16] = [
+        (
+            "seccomp_refuses_new_namespaces",
+            seccomp_refuses_new_namespaces,
+        ),
         ("failed_start_leaves_nothing", failed_start_leaves_nothing),
         (
             "device_filter_failure_fails_start",

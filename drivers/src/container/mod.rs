@@ -14,7 +14,7 @@
 //! - `inroot` (private): mount targets resolved with `openat2(RESOLVE_IN_ROOT)` and
 //!   created beneath the rootfs through fds, so a link in a rootfs cannot redirect a mount
 //!   to the host.
-//! - [`security`]: the default capability set, seccomp deny-list and masked paths.
+//! - [`security`]: the default capability set, seccomp allow list and masked paths.
 //! - [`network`]: veth pairs through [`crate::net::attach`].
 //! - [`rootfs`]: `path` in place; `template` (.tar/.tar.zst) unpacked once, shared via
 //!   overlayfs for privileged containers, copied with shifted ownership for unprivileged

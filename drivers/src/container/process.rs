@@ -53,7 +53,7 @@ struct ChildCtx<'a> {
     err_w: RawFd,
     console: RawFd,
     console_path: PathBuf,
-    seccomp: &'a BpfProgram,
+    seccomp: &'a [BpfProgram],
 }
 
 /// Starts init for `cfg`: returns its pid in the shim's pid namespace.
@@ -65,7 +65,7 @@ pub(crate) fn start_init(
 ) -> Result<Pid, DriverError> {
     let (go_r, go_w) = pipe2(OFlag::O_CLOEXEC).map_err(|e| DriverError::io("pipe", e.into()))?;
     let (err_r, err_w) = pipe2(OFlag::O_CLOEXEC).map_err(|e| DriverError::io("pipe", e.into()))?;
-    let seccomp = security::seccomp_program()?;
+    let seccomp = security::seccomp_programs()?;
     if let RootfsMount::Overlay { target, .. } = &cfg.rootfs {
         fs::create_dir_all(target)
             .map_err(|e| DriverError::io(format!("mkdir {}", target.display()), e))?;
@@ -523,7 +523,7 @@ pub(crate) fn spawn_exec(
     env: &BTreeMap<String, String>,
     stdio: &[OwnedFd],
 ) -> Result<Pid, DriverError> {
-    let seccomp = security::seccomp_program()?;
+    let seccomp = security::seccomp_programs()?;
     // Open the namespaces before forking, so errors are reported here.
     let mut kinds = vec![
         ("cgroup", CloneFlags::CLONE_NEWCGROUP),
@@ -572,7 +572,7 @@ fn exec_child(
     args: &[String],
     env: &BTreeMap<String, String>,
     stdio: &[OwnedFd],
-    seccomp: &BpfProgram,
+    seccomp: &[BpfProgram],
 ) -> Result<i32, String> {
     let me = std::process::id().to_string();
     for d in procs {
