@@ -1347,8 +1347,7 @@ fn main() {
     // Double-forked supervisors are re-parented here rather than to a PID 1 that may not
     // reap them; tests run one at a time, so reaping in `Sandbox::drop` steals no
     // `Command`'s exit status.
-    // SAFETY: prctl with integer arguments only.
-    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    nix::sys::prctl::set_child_subreaper(true).expect("become a subreaper");
     let mut failed = 0;
     let mut ran = 0;
     for (name, f) in tests {

@@ -522,6 +522,73 @@ mod tests {
         assert!(!privileged.contains(&caps::Capability::CAP_SYS_ADMIN));
     }
 
+    /// Runs `probe` in a forked child under the container filters; returns its exit code.
+    fn under_filters(probe: fn() -> i32) -> i32 {
+        let progs = seccomp_programs().expect("compile");
+        // SAFETY: the child only makes raw syscalls (prctl, seccomp, the probe's) and
+        // leaves with _exit; it takes no lock another test thread could hold.
+        match unsafe { nix::unistd::fork() }.expect("fork") {
+            nix::unistd::ForkResult::Child => {
+                let code = if nix::sys::prctl::set_no_new_privs().is_ok()
+                    && progs.iter().all(|p| seccompiler::apply_filter(p).is_ok())
+                {
+                    probe()
+                } else {
+                    100
+                };
+                // SAFETY: ends the forked child without running the harness's handlers.
+                unsafe { libc::_exit(code) }
+            }
+            nix::unistd::ForkResult::Parent { child } => {
+                match nix::sys::wait::waitpid(child, None).expect("wait") {
+                    nix::sys::wait::WaitStatus::Exited(_, c) => c,
+                    other => panic!("probe ended with {other:?}"),
+                }
+            }
+        }
+    }
+
+    /// errno of a raw syscall with integer arguments (0 when it succeeded).
+    fn errno_of(nr: i64, a: u64, b: u64) -> i32 {
+        // SAFETY: the probed syscalls take integers or a NULL pointer; a success of
+        // unshare only changes the already-forked probe child.
+        let r = unsafe { libc::syscall(nr, a, b) };
+        if r < 0 {
+            std::io::Error::last_os_error().raw_os_error().unwrap_or(-1)
+        } else {
+            0
+        }
+    }
+
+    #[test]
+    fn filters_refuse_namespaces_and_keep_ordinary_calls() {
+        assert_eq!(
+            under_filters(|| errno_of(libc::SYS_unshare, libc::CLONE_NEWUSER as u64, 0)),
+            libc::EPERM,
+            "unshare(CLONE_NEWUSER)"
+        );
+        // clone3 (flags in memory): ENOSYS, so libc falls back to clone.
+        assert_eq!(
+            under_filters(|| errno_of(libc::SYS_clone3, 0, 0)),
+            libc::ENOSYS
+        );
+        // Not in the list: refused.
+        assert_eq!(
+            under_filters(|| errno_of(libc::SYS_keyctl, 0, 0)),
+            libc::EPERM
+        );
+        assert_eq!(
+            under_filters(|| errno_of(libc::SYS_socket, AF_VSOCK, libc::SOCK_STREAM as u64)),
+            libc::EPERM
+        );
+        // Ordinary calls run; unshare without namespace flags too.
+        assert_eq!(under_filters(|| errno_of(libc::SYS_getpid, 0, 0)), 0);
+        assert_eq!(
+            under_filters(|| errno_of(libc::SYS_unshare, libc::CLONE_FILES as u64, 0)),
+            0
+        );
+    }
+
     #[test]
     fn filter_compiles() {
         let p = seccomp_programs().expect("compile");
