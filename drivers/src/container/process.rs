@@ -588,7 +588,7 @@ fn exec_child(
         nix::unistd::setresuid(Uid::from_raw(0), Uid::from_raw(0), Uid::from_raw(0))
             .map_err(errno_ctx("setresuid 0"))?;
     }
-    let _ = nix::unistd::setgroups(&[]);
+    nix::unistd::setgroups(&[]).map_err(errno_ctx("setgroups"))?;
     // SAFETY: still single-threaded (a fork of the single-threaded shim).
     match unsafe { nix::unistd::fork() }.map_err(errno_ctx("fork into pid namespace"))? {
         nix::unistd::ForkResult::Parent { child } => loop {
