@@ -1086,6 +1086,19 @@ fn rootfs_symlink_stays_inside() {
     );
     sb.delete(&c);
     assert!(fs::read_dir(&host).expect("read").next().is_none());
+    // A link into the container's own /proc: refused, not mounted over kernel files.
+    symlink("/proc/sys", sb.rootfs.join("ksys")).expect("plant link");
+    let spec = json!({
+        "rootfs": {"path": sb.rootfs},
+        "command": ["/bin/sh", "-c", LOOP],
+        "unprivileged": false,
+        "mounts": [{"volume": "vol", "path": "/ksys"}],
+    });
+    let k = sb.resource("ksys", spec);
+    let o = sb.observe(&k);
+    let err = sb.driver.apply(&k, &o, &sb.world).expect_err("refused");
+    assert!(err.to_string().contains("/proc or /sys"), "{err}");
+    sb.delete(&k);
     sb.assert_clean();
 }
 

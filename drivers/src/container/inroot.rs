@@ -57,6 +57,26 @@ fn file_type(fd: &OwnedFd) -> Result<FileType, Errno> {
     fstat(fd).map(|st| FileType::from_raw_mode(st.st_mode))
 }
 
+/// `statfs` magic numbers of the kernel file systems stead mounts in a container.
+const PROC_SUPER_MAGIC: i64 = 0x9fa0;
+const SYSFS_MAGIC: i64 = 0x6265_6572;
+
+/// Refuses a mount target on the container's `/proc` or `/sys` (a link in the rootfs can
+/// point there; a volume over kernel files could hide what stead masks or makes
+/// read-only, as runc refuses too).
+pub(crate) fn refuse_kernel_fs(fd: &OwnedFd, rel: &str) -> Result<(), String> {
+    let st = rustix::fs::fstatfs(fd).map_err(|e| format!("statfs {rel}: {e}"))?;
+    // `f_type` is i64 on x86_64/aarch64, narrower on some other architectures.
+    #[allow(clippy::unnecessary_cast)]
+    let kind = st.f_type as i64;
+    if kind == PROC_SUPER_MAGIC || kind == SYSFS_MAGIC {
+        return Err(format!(
+            "mount target {rel} resolves into the container's /proc or /sys: refused"
+        ));
+    }
+    Ok(())
+}
+
 impl Root {
     /// Opens the host directory `path` as the root of later lookups.
     pub(crate) fn open(path: &Path) -> Result<Root, String> {

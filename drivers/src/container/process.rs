@@ -386,8 +386,11 @@ fn mount_kernel_fs(root: &Root, console: &Path) -> Result<(), String> {
 fn mount_volumes(root: &Root, mounts: &[super::config::MountConfig]) -> Result<(), String> {
     for m in mounts {
         let rel = m.target.to_string_lossy();
+        let fd = root.mkdir_all(Path::new(rel.as_ref()))?;
+        inroot::refuse_kernel_fs(&fd, &rel)?;
         let flags = MsFlags::MS_BIND | MsFlags::MS_REC;
-        mount_dir(root, Some(&m.source), &rel, None, flags, None)?;
+        mnt(Some(&m.source), &inroot::fd_path(&fd), None, flags, None)
+            .map_err(|e| format!("{e} ({rel})"))?;
         if m.read_only {
             remount_ro(root, &rel)?;
         }
