@@ -1116,6 +1116,20 @@ fn cap_sets(pid: i64) -> BTreeMap<String, u64> {
         .collect()
 }
 
+/// Waits until init (`LOOP`) has installed its TERM trap: a pid 1 ignores signals it has
+/// no handler for, so a stop sent earlier would wait for the SIGKILL timeout.
+fn wait_for_term_trap(sb: &Sandbox, c: &Resource) {
+    let pid = sb.observe(c).status["pid"].as_i64().expect("init pid");
+    wait_until("TERM trap", Duration::from_secs(5), || {
+        let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("SigCgt:\t"))
+            .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+            .is_some_and(|m| m & (1 << (libc::SIGTERM - 1)) != 0)
+    });
+}
+
 /// Raises a capability in this thread's inheritable and ambient sets until dropped.
 struct InheritedCap(caps::Capability);
 
@@ -1174,6 +1188,7 @@ fn inherited_caps_do_not_reach_init() {
             .fold(0u64, |m, (c, _)| m | 1 << c);
         assert_eq!(init["CapBnd"], kept, "{name}: {init:?}");
         assert_eq!(init["CapPrm"], kept, "{name}: {init:?}");
+        wait_for_term_trap(&sb, &c);
         sb.delete(&c);
     }
     sb.assert_clean();
@@ -1276,6 +1291,7 @@ fn seccomp_refuses_new_namespaces() {
         assert!(out.contains("Operation not permitted"), "{name}: {out}");
         let (code, out) = sb.exec(name, &["sh", "-c", "echo a > /tmp/f && cat /tmp/f | wc -c"]);
         assert_eq!((code, out.trim()), (0, "2"), "{name}");
+        wait_for_term_trap(&sb, &c);
         sb.delete(&c);
     }
     sb.assert_clean();
