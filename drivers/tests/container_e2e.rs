@@ -34,10 +34,10 @@ mod storage_util;
 
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
-const APPLETS: [&str; 30] = [
+const APPLETS: [&str; 31] = [
     "sh", "ps", "ping", "ip", "hostname", "sleep", "cat", "dd", "id", "touch", "ls", "seq",
     "ifconfig", "echo", "true", "false", "mkdir", "rm", "wc", "grep", "kill", "stat", "head",
-    "uname", "mount", "env", "init", "reboot", "poweroff", "halt",
+    "uname", "mount", "env", "init", "reboot", "poweroff", "halt", "unshare",
 ];
 
 /// Builds a busybox rootfs in `dir` (what scripts/build-rootfs.sh does, minimal).
@@ -1092,6 +1092,266 @@ fn bad_command_is_reported() {
     sb.assert_clean();
 }
 
+/// A link in the rootfs pointing at a host path must not take stead's mounts out of the
+/// root: targets resolve inside the root (as the container itself would resolve them).
+fn rootfs_symlink_stays_inside() {
+    let mut sb = Sandbox::new("10.77.0.1/24");
+    let host = sb.tmp.path().join("host");
+    fs::create_dir_all(&host).expect("host dir");
+    symlink(&host, sb.rootfs.join("data")).expect("plant link");
+    let pool = sb.tmp.path().join("pool");
+    fs::create_dir_all(pool.join("images")).expect("pool");
+    fs::File::create(pool.join("images/vol.raw"))
+        .and_then(|f| f.set_len(32 << 20))
+        .expect("sparse image");
+    sb.insert(
+        Kind::StoragePool,
+        "local",
+        json!({"type": "dir", "path": pool}),
+    );
+    sb.insert(
+        Kind::Volume,
+        "vol",
+        json!({"pool": "local", "size": "32Mi"}),
+    );
+    let spec = json!({
+        "rootfs": {"path": sb.rootfs},
+        "command": ["/bin/sh", "-c", LOOP],
+        "unprivileged": false,
+        "mounts": [{"volume": "vol", "path": "/data/sub"}],
+    });
+    let c = sb.resource("link", spec);
+    sb.apply(&c);
+    let listing: Vec<_> = fs::read_dir(&host).expect("read host dir").collect();
+    assert!(listing.is_empty(), "created on the host: {listing:?}");
+    let inner = sb.rootfs.join(host.strip_prefix("/").expect("absolute"));
+    assert!(inner.join("sub").is_dir(), "target made inside the rootfs");
+    let (code, out) = sb.exec(
+        "link",
+        &["sh", "-c", "echo hi > /data/sub/f && cat /data/sub/f"],
+    );
+    assert_eq!((code, out.trim()), (0, "hi"));
+    let staging = sb.env.run_dir.join("containers/link/volumes/0");
+    assert!(staging.join("f").is_file(), "the write went to the volume");
+    let (_, mi) = sb.exec("link", &["cat", "/proc/self/mountinfo"]);
+    let want = format!(" {}/sub ", host.display());
+    assert!(
+        mi.contains(&want),
+        "volume at the link's in-root target: {mi}"
+    );
+    sb.delete(&c);
+    assert!(fs::read_dir(&host).expect("read").next().is_none());
+    // A link into the container's own /proc: refused, not mounted over kernel files.
+    symlink("/proc/sys", sb.rootfs.join("ksys")).expect("plant link");
+    let spec = json!({
+        "rootfs": {"path": sb.rootfs},
+        "command": ["/bin/sh", "-c", LOOP],
+        "unprivileged": false,
+        "mounts": [{"volume": "vol", "path": "/ksys"}],
+    });
+    let k = sb.resource("ksys", spec);
+    let o = sb.observe(&k);
+    let err = sb.driver.apply(&k, &o, &sb.world).expect_err("refused");
+    assert!(err.to_string().contains("/proc or /sys"), "{err}");
+    sb.delete(&k);
+    sb.assert_clean();
+}
+
+/// Capability sets of a process from /proc/<pid>/status, by name (`CapInh`, ...).
+fn cap_sets(pid: i64) -> BTreeMap<String, u64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    status
+        .lines()
+        .filter_map(|l| l.split_once(":\t"))
+        .filter(|(k, _)| k.starts_with("Cap"))
+        .map(|(k, v)| {
+            let v = u64::from_str_radix(v.trim(), 16).expect("hex capability set");
+            (k.to_string(), v)
+        })
+        .collect()
+}
+
+/// Waits until init (`LOOP`) has installed its TERM trap: a pid 1 ignores signals it has
+/// no handler for, so a stop sent earlier would wait for the SIGKILL timeout.
+fn wait_for_term_trap(sb: &Sandbox, c: &Resource) {
+    let pid = sb.observe(c).status["pid"].as_i64().expect("init pid");
+    wait_until("TERM trap", Duration::from_secs(5), || {
+        let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("SigCgt:\t"))
+            .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+            .is_some_and(|m| m & (1 << (libc::SIGTERM - 1)) != 0)
+    });
+}
+
+/// Raises a capability in this thread's inheritable and ambient sets until dropped.
+struct InheritedCap(caps::Capability);
+
+impl InheritedCap {
+    fn raise(cap: caps::Capability) -> Self {
+        caps::raise(None, caps::CapSet::Inheritable, cap).expect("raise inheritable");
+        caps::raise(None, caps::CapSet::Ambient, cap).expect("raise ambient");
+        InheritedCap(cap)
+    }
+}
+
+impl Drop for InheritedCap {
+    fn drop(&mut self) {
+        let _ = caps::drop(None, caps::CapSet::Ambient, self.0);
+        let _ = caps::drop(None, caps::CapSet::Inheritable, self.0);
+    }
+}
+
+/// A shim started with an inheritable (and ambient) CAP_SYS_ADMIN, as systemd's
+/// `AmbientCapabilities=` would start it, must not pass it to the container's init.
+/// Privileged containers are where it bites: a new user namespace clears the inheritable
+/// set by itself, so the unprivileged one here checks the same sets as a control.
+fn inherited_caps_do_not_reach_init() {
+    let mut sb = Sandbox::new("10.77.0.1/24");
+    for (name, unprivileged, addr) in [
+        ("capp", false, "10.77.0.2/24"),
+        ("capu", true, "10.77.0.3/24"),
+    ] {
+        let spec = container_spec(&sb, addr, json!({"unprivileged": unprivileged}));
+        let c = sb.resource(name, spec);
+        {
+            let _inherited = InheritedCap::raise(caps::Capability::CAP_SYS_ADMIN);
+            sb.apply(&c);
+        }
+        let st = sb.observe(&c).status;
+        let sys_admin = caps::Capability::CAP_SYS_ADMIN.bitmask();
+        let shim = cap_sets(st["shimPid"].as_i64().expect("shim pid"));
+        assert_ne!(
+            shim["CapInh"] & sys_admin,
+            0,
+            "the shim inherited it: {shim:?}"
+        );
+        let init = cap_sets(st["pid"].as_i64().expect("init pid"));
+        assert_eq!(init["CapInh"], 0, "{name}: {init:?}");
+        assert_eq!(init["CapAmb"], 0, "{name}: {init:?}");
+        for set in ["CapPrm", "CapEff", "CapBnd"] {
+            assert_eq!(
+                init[set] & sys_admin,
+                0,
+                "{name}: {set} has CAP_SYS_ADMIN: {init:?}"
+            );
+        }
+        let kept = stead_drivers::container::security::KEPT_CAPS
+            .iter()
+            .filter(|(c, _)| unprivileged || *c != 27) // MKNOD: user namespaces only
+            .fold(0u64, |m, (c, _)| m | 1 << c);
+        assert_eq!(init["CapBnd"], kept, "{name}: {init:?}");
+        assert_eq!(init["CapPrm"], kept, "{name}: {init:?}");
+        wait_for_term_trap(&sb, &c);
+        sb.delete(&c);
+    }
+    sb.assert_clean();
+}
+
+/// The container's own cgroup directories that exist, in every hierarchy.
+fn container_cgroups(sb: &Sandbox, name: &str) -> Vec<PathBuf> {
+    let hier = Hierarchy::detect().expect("hier");
+    let mut dirs = hier.cgroup(&sb.name, name).procs_dirs();
+    // procs_dirs lists every v1 controller stead uses; add the others mounted here.
+    if let Ok(rd) = fs::read_dir("/sys/fs/cgroup") {
+        for e in rd.flatten() {
+            dirs.push(e.path().join(&sb.name).join(name));
+        }
+    }
+    dirs.retain(|d| d.exists());
+    dirs.sort();
+    dirs.dedup();
+    dirs
+}
+
+/// A start that fails (command missing, init exiting at once, a device filter the
+/// cgroup refuses) leaves no cgroup or veth behind; the run dir goes with the delete.
+fn failed_start_leaves_nothing() {
+    let mut sb = Sandbox::new("10.77.0.1/24");
+    let missing = json!({"command": ["/no/such/init"], "restartPolicy": "never"});
+    let bad = sb.resource("bad", container_spec(&sb, "10.77.0.2/24", missing));
+    let o = sb.observe(&bad);
+    sb.driver
+        .apply(&bad, &o, &sb.world)
+        .expect_err("missing command");
+    let quick = json!({"command": ["/bin/true"], "restartPolicy": "never"});
+    let quick = sb.resource("quick", container_spec(&sb, "10.77.0.3/24", quick));
+    let o = sb.observe(&quick);
+    let _ = sb.driver.apply(&quick, &o, &sb.world);
+    wait_until("quick init exited", Duration::from_secs(10), || {
+        sb.observe(&quick).state["state"] == "stopped"
+    });
+    for c in [&bad, &quick] {
+        let name = c.id.name.as_str();
+        let left = container_cgroups(&sb, name);
+        assert!(
+            left.is_empty(),
+            "{name}: cgroups left after the start: {left:?}"
+        );
+        sb.delete(c);
+        let dir = sb.env.run_dir.join("containers").join(name);
+        assert!(!dir.exists(), "{name}: run dir left: {}", dir.display());
+    }
+    sb.assert_clean();
+}
+
+/// A device filter the cgroup cannot take fails the start, and nothing is left.
+fn device_filter_failure_fails_start() {
+    let devices = Path::new("/sys/fs/cgroup/devices");
+    if Hierarchy::detect().expect("hier").is_v2() || !devices.is_dir() {
+        eprintln!(
+            "SKIP device_filter_failure_fails_start: injects through the v1 devices controller"
+        );
+        return;
+    }
+    let mut sb = Sandbox::new("10.77.0.1/24");
+    // The parent allows no device: the container's allow lines are refused (EPERM).
+    let parent = devices.join(&sb.name);
+    fs::create_dir_all(&parent).expect("parent devices cgroup");
+    fs::write(parent.join("devices.deny"), "a").expect("deny all in the parent");
+    let c = sb.resource("nodev", container_spec(&sb, "10.77.0.2/24", json!({})));
+    let o = sb.observe(&c);
+    let err = sb
+        .driver
+        .apply(&c, &o, &sb.world)
+        .expect_err("start must fail");
+    assert!(err.to_string().contains("devices"), "{err}");
+    let left = container_cgroups(&sb, "nodev");
+    assert!(
+        left.is_empty(),
+        "cgroups left after the failed start: {left:?}"
+    );
+    assert!(!sb.links().contains("vs"), "veth left: {}", sb.links());
+    sb.delete(&c);
+    let dir = sb.env.run_dir.join("containers/nodev");
+    assert!(!dir.exists(), "run dir left: {}", dir.display());
+    let _ = fs::remove_dir(&parent);
+    sb.assert_clean();
+}
+
+/// The seccomp allow list: a new user namespace (which needs no capability) is refused
+/// with EPERM in privileged and unprivileged containers; ordinary work still runs.
+fn seccomp_refuses_new_namespaces() {
+    let mut sb = Sandbox::new("10.77.0.1/24");
+    for (name, unprivileged, addr) in [
+        ("scp", false, "10.77.0.2/24"),
+        ("scu", true, "10.77.0.3/24"),
+    ] {
+        let spec = container_spec(&sb, addr, json!({"unprivileged": unprivileged}));
+        let c = sb.resource(name, spec);
+        sb.apply(&c);
+        let (code, out) = sb.exec(name, &["unshare", "-U", "true"]);
+        assert_ne!(code, 0, "{name}: unshare -U succeeded: {out}");
+        assert!(out.contains("Operation not permitted"), "{name}: {out}");
+        let (code, out) = sb.exec(name, &["sh", "-c", "echo a > /tmp/f && cat /tmp/f | wc -c"]);
+        assert_eq!((code, out.trim()), (0, "2"), "{name}");
+        wait_for_term_trap(&sb, &c);
+        sb.delete(&c);
+    }
+    sb.assert_clean();
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("shim") {
@@ -1104,7 +1364,21 @@ fn main() {
         };
         std::process::exit(code);
     }
-    let tests: [(&str, fn()); 11] = [
+    let tests: [(&str, fn()); 16] = [
+        (
+            "seccomp_refuses_new_namespaces",
+            seccomp_refuses_new_namespaces,
+        ),
+        ("failed_start_leaves_nothing", failed_start_leaves_nothing),
+        (
+            "device_filter_failure_fails_start",
+            device_filter_failure_fails_start,
+        ),
+        (
+            "inherited_caps_do_not_reach_init",
+            inherited_caps_do_not_reach_init,
+        ),
+        ("rootfs_symlink_stays_inside", rootfs_symlink_stays_inside),
         ("device_access_is_restricted", device_access_is_restricted),
         (
             "backup_clones_a_reflink_rootfs",
@@ -1157,8 +1431,7 @@ fn main() {
     // Double-forked supervisors are re-parented here rather than to a PID 1 that may not
     // reap them; tests run one at a time, so reaping in `Sandbox::drop` steals no
     // `Command`'s exit status.
-    // SAFETY: prctl with integer arguments only.
-    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    nix::sys::prctl::set_child_subreaper(true).expect("become a subreaper");
     let mut failed = 0;
     let mut ran = 0;
     for (name, f) in tests {

@@ -250,33 +250,44 @@ impl Cgroup {
 
     /// Denies every device to the cgroup's processes, then allows `allow` (lines as in
     /// v1 `devices.allow`): v1 through the `devices` controller, v2 through an eBPF
-    /// device program ([`super::devices_bpf`]). Returns whether it is enforced: not on a
-    /// v1 host without the `devices` controller mounted; the caller says so.
-    pub fn restrict_devices(&self, allow: &[&str]) -> Result<bool, DriverError> {
+    /// device program ([`super::devices_bpf`]). A container never runs unfiltered: a host
+    /// with no way to filter (v1 without the `devices` controller mounted, v2 without
+    /// cgroup BPF) is an `Unsupported` error, any other failure an error too.
+    pub fn restrict_devices(&self, allow: &[&str]) -> Result<(), DriverError> {
         if let Hierarchy::V2 { root } = &self.hier {
             return match super::devices_bpf::attach(&root.join(&self.rel), allow) {
-                Ok(()) => Ok(true),
+                Ok(()) => Ok(()),
                 // No BPF here (kernel without CONFIG_CGROUP_BPF, or a sandbox that forbids
-                // bpf(2)): the same as a v1 host without the devices controller.
+                // bpf(2)): nothing can filter device access.
                 Err(DriverError::Io { source, .. })
                     if matches!(
                         source.raw_os_error(),
                         Some(libc::ENOSYS | libc::EPERM | libc::EOPNOTSUPP)
                     ) =>
                 {
-                    Ok(false)
+                    Err(DriverError::Unsupported(format!(
+                        "cgroup v2 device filter: the kernel refused a cgroup BPF program \
+                         ({source}); containers are not started without a device filter"
+                    )))
                 }
                 Err(e) => Err(e),
             };
         }
         let Some(d) = self.dir("devices") else {
-            return Ok(false);
+            return Err(DriverError::Unsupported(
+                "the cgroup v1 devices controller is not mounted: containers are not started \
+                 without a device filter (mount it at /sys/fs/cgroup/devices)"
+                    .into(),
+            ));
         };
-        write_file(&d.join("devices.deny"), "a")?;
+        let filter_err = |e: DriverError| {
+            DriverError::Other(format!("device filter of {}: {e}", self.rel.display()))
+        };
+        write_file(&d.join("devices.deny"), "a").map_err(filter_err)?;
         for a in allow {
-            write_file(&d.join("devices.allow"), a)?;
+            write_file(&d.join("devices.allow"), a).map_err(filter_err)?;
         }
-        Ok(true)
+        Ok(())
     }
 
     /// The v1 `devices.list` of the cgroup (None on v2 or without the controller).
@@ -318,6 +329,20 @@ impl Cgroup {
             }
         }
         Ok(())
+    }
+
+    /// [`Cgroup::limits`], or `None` when the cgroup is gone (also when it goes while
+    /// being read: a supervisor removes it as its container exits).
+    pub fn limits_if_present(&self) -> Result<Option<Limits>, DriverError> {
+        match self.limits() {
+            Ok(l) => Ok(Some(l)),
+            Err(DriverError::Io { source, .. })
+                if source.kind() == io::ErrorKind::NotFound && !self.exists() =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Reads the limits currently in force.
@@ -747,11 +772,24 @@ mod tests {
         );
     }
 
+    #[test]
+    fn no_device_filter_is_an_error() {
+        let hier = Hierarchy::V1 {
+            mounts: vec![("memory".into(), PathBuf::from("/nonexistent"))],
+        };
+        let err = hier
+            .cgroup("p", "c")
+            .restrict_devices(&CONTAINER_DEVICES)
+            .expect_err("no devices controller: refused");
+        assert!(matches!(err, DriverError::Unsupported(_)), "{err}");
+        assert!(err.to_string().contains("devices controller"), "{err}");
+    }
+
     /// Restricts `cg` to /dev/null only; a shell moved into it can write /dev/null but
     /// not read /dev/zero.
     fn device_filter(cg: &Cgroup) {
         use std::io::{BufRead, BufReader, Write};
-        assert!(cg.restrict_devices(&["c 1:3 rwm"]).expect("restrict"));
+        cg.restrict_devices(&["c 1:3 rwm"]).expect("restrict");
         let mut sh = std::process::Command::new("/bin/sh")
             .args([
                 "-c",
@@ -775,10 +813,8 @@ mod tests {
         let _ = sh.wait();
         assert_eq!(out, ["zero-denied", "null-ok"]);
         // Replaced by a wider program: /dev/zero opens again.
-        assert!(
-            cg.restrict_devices(&["c 1:3 rwm", "c 1:5 rwm"])
-                .expect("replace")
-        );
+        cg.restrict_devices(&["c 1:3 rwm", "c 1:5 rwm"])
+            .expect("replace");
     }
 
     /// Freezes `cg` (holding `pid`), checks the kernel reports the task frozen, thaws.

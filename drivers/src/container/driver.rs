@@ -313,8 +313,7 @@ impl ContainerDriver {
         let cg_exists = cg.exists();
         if let Some(o) = state.as_object_mut() {
             o.insert("state".into(), json!(run));
-            if alive && cg_exists {
-                let l = cg.limits()?;
+            if alive && let Some(l) = cg.limits_if_present()? {
                 let mut res = serde_json::Map::new();
                 if let Some(c) = l.cpus {
                     res.insert("cpus".into(), json!(c));

@@ -11,7 +11,10 @@
 //!   target has `harness = false` for that reason (a libtest binary is multi-threaded
 //!   before `main` runs; the shim must fork from a single-threaded process).
 //! - `process` (private): the clone path — see its docs for the exact start sequence.
-//! - [`security`]: the default capability set, seccomp deny-list and masked paths.
+//! - `inroot` (private): mount targets resolved with `openat2(RESOLVE_IN_ROOT)` and
+//!   created beneath the rootfs through fds, so a link in a rootfs cannot redirect a mount
+//!   to the host.
+//! - [`security`]: the default capability set, seccomp allow list and masked paths.
 //! - [`network`]: veth pairs through [`crate::net::attach`].
 //! - [`rootfs`]: `path` in place; `template` (.tar/.tar.zst) unpacked once, shared via
 //!   overlayfs for privileged containers, copied with shifted ownership for unprivileged
@@ -26,6 +29,10 @@
 //!   LXC's default halt signal), SIGTERM otherwise; SIGKILL to everything in the cgroup
 //!   after 10 s ([`ContainerDriver::stop_timeout_secs`]). The cgroup is then removed and
 //!   the veth pair disappears with the network namespace.
+//! - **Failed start:** whatever the supervisor made before the failure (cgroups in every
+//!   hierarchy, veths, volume mounts) is removed before it reports the error; the run dir
+//!   keeps `config.json` and `state.json` (the last error), so observe reports the container
+//!   `stopped` and delete removes the rest.
 //! - **Restart policy:** applied by the shim with backoff (100 ms doubling to 10 s). When
 //!   the policy says no restart, the shim exits with phase `exited`; observe then reports
 //!   `state: stopped`, so the next `apply` of a `running` container starts it again (as
@@ -47,7 +54,9 @@
 //! - **Devices:** everything is denied but the nodes of the container's /dev, the console
 //!   and ptys ([`cgroup::CONTAINER_DEVICES`]), so a device node that is in a rootfs or a
 //!   volume cannot be opened: on cgroup v1 through the `devices` controller, on v2
-//!   through an eBPF device program stead assembles (`devices_bpf`). Under that, only the
+//!   through an eBPF device program stead assembles (`devices_bpf`). A container is never
+//!   started unfiltered: a host with neither (v1 without the `devices` controller, v2
+//!   without cgroup BPF) or a filter the cgroup refuses fails the start. Under that, only the
 //!   bind-mounted nodes exist, privileged containers lose `CAP_MKNOD`, and `CAP_MKNOD`
 //!   inside a user namespace cannot create usable devices.
 
@@ -56,6 +65,7 @@ pub mod config;
 pub mod control;
 mod devices_bpf;
 mod driver;
+mod inroot;
 pub mod network;
 mod process;
 pub mod rootfs;

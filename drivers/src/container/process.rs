@@ -9,7 +9,8 @@
 //!    creates the veth pairs (peer directly in the child's netns), then releases it;
 //! 3. child: become root of its user namespace, `unshare(NEWCGROUP)`, new session with the
 //!    console pty as controlling tty, mounts (rootfs, /proc, /sys ro, /dev tmpfs with bind
-//!    mounted device nodes, /dev/pts newinstance, /dev/shm, volumes), `pivot_root`, masked
+//!    mounted device nodes, /dev/pts newinstance, /dev/shm, volumes; every target resolved
+//!    and created inside the rootfs through an fd, see `inroot`), `pivot_root`, masked
 //!    and read-only /proc paths, hostname, capability bounding set, `no_new_privs`,
 //!    seccomp, `execve`;
 //! 4. errors travel back over a close-on-exec pipe: EOF without data = exec succeeded.
@@ -19,7 +20,6 @@ use std::ffi::CString;
 use std::fs;
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
-use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 
 use nix::fcntl::OFlag;
@@ -32,6 +32,7 @@ use stead_schema::DriverError;
 
 use super::cgroup::Cgroup;
 use super::config::{ContainerConfig, RootfsMount};
+use super::inroot::{self, Root};
 use super::security;
 
 /// Default PATH inside containers.
@@ -52,8 +53,7 @@ struct ChildCtx<'a> {
     err_w: RawFd,
     console: RawFd,
     console_path: PathBuf,
-    seccomp: &'a BpfProgram,
-    last_cap: u32,
+    seccomp: &'a [BpfProgram],
 }
 
 /// Starts init for `cfg`: returns its pid in the shim's pid namespace.
@@ -65,8 +65,7 @@ pub(crate) fn start_init(
 ) -> Result<Pid, DriverError> {
     let (go_r, go_w) = pipe2(OFlag::O_CLOEXEC).map_err(|e| DriverError::io("pipe", e.into()))?;
     let (err_r, err_w) = pipe2(OFlag::O_CLOEXEC).map_err(|e| DriverError::io("pipe", e.into()))?;
-    let seccomp = security::seccomp_program()?;
-    let last_cap = security::last_cap();
+    let seccomp = security::seccomp_programs()?;
     if let RootfsMount::Overlay { target, .. } = &cfg.rootfs {
         fs::create_dir_all(target)
             .map_err(|e| DriverError::io(format!("mkdir {}", target.display()), e))?;
@@ -80,7 +79,6 @@ pub(crate) fn start_init(
         console: console.as_raw_fd(),
         console_path: console_path.to_path_buf(),
         seccomp: &seccomp,
-        last_cap,
     };
     let mut flags = CloneFlags::CLONE_NEWNS
         | CloneFlags::CLONE_NEWPID
@@ -126,6 +124,12 @@ pub(crate) fn start_init(
     if let Err(e) = setup {
         let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
         let _ = nix::sys::wait::waitpid(pid, None);
+        // The child may have failed first (and that made our step fail): its reason.
+        let mut msg = String::new();
+        let _ = err_r.read_to_string(&mut msg);
+        if !msg.is_empty() {
+            return Err(DriverError::Other(format!("container init: {msg} ({e})")));
+        }
         return Err(e);
     }
     drop(go_w);
@@ -165,6 +169,13 @@ fn reset_signals() -> Result<(), String> {
     Ok(())
 }
 
+/// Makes `fds` this process's stdin, stdout and stderr.
+fn dup_stdio([i, o, e]: [BorrowedFd<'_>; 3]) -> Result<(), String> {
+    nix::unistd::dup2_stdin(i).map_err(errno_ctx("dup2 stdin"))?;
+    nix::unistd::dup2_stdout(o).map_err(errno_ctx("dup2 stdout"))?;
+    nix::unistd::dup2_stderr(e).map_err(errno_ctx("dup2 stderr"))
+}
+
 fn wait_release(go: BorrowedFd<'_>, want: u8) -> Result<(), String> {
     let mut b = [0u8; 1];
     loop {
@@ -193,14 +204,12 @@ fn child_setup(ctx: &ChildCtx<'_>) -> Result<std::convert::Infallible, String> {
     nix::unistd::setsid().map_err(errno_ctx("setsid"))?;
     // SAFETY: console is the pty slave fd inherited from the shim.
     let console = unsafe { BorrowedFd::borrow_raw(ctx.console) };
-    for fd in 0..3 {
-        // SAFETY: dup2 onto the standard descriptors; nothing else in this process uses them.
-        if unsafe { libc::dup2(console.as_raw_fd(), fd) } < 0 {
-            return Err(format!("dup2 console: {}", std::io::Error::last_os_error()));
-        }
-    }
+    dup_stdio([console; 3])?;
     // SAFETY: TIOCSCTTY on fd 0 (the pty slave) with arg 0; this process leads a new session.
-    unsafe { libc::ioctl(0, libc::TIOCSCTTY, 0) };
+    if unsafe { libc::ioctl(0, libc::TIOCSCTTY, 0) } < 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(format!("console as controlling tty: {e}"));
+    }
     if ctx.console > 2 {
         let _ = nix::unistd::close(ctx.console);
     }
@@ -212,7 +221,7 @@ fn child_setup(ctx: &ChildCtx<'_>) -> Result<std::convert::Infallible, String> {
     // container's cgroup, so it is created only now.
     wait_release(go, b'2')?;
     unshare(CloneFlags::CLONE_NEWCGROUP).map_err(errno_ctx("unshare cgroup namespace"))?;
-    security::restrict(ctx.last_cap, ctx.seccomp, cfg.idmap.is_some())?;
+    security::restrict(ctx.seccomp, cfg.idmap.is_some())?;
     execve(&path, &argv, &envp).map_err(|e| format!("exec {path:?}: {e}"))?;
     Err("execve returned".into())
 }
@@ -234,38 +243,59 @@ fn mnt(
     })
 }
 
-fn mkdir_p(p: &Path) -> Result<(), String> {
-    fs::create_dir_all(p).map_err(|e| format!("mkdir {}: {e}", p.display()))
+/// Mounts `src` on the directory `rel` of the container's root (resolved and created
+/// inside it, see [`inroot`]).
+fn mount_dir(
+    root: &Root,
+    src: Option<&Path>,
+    rel: &str,
+    fstype: Option<&str>,
+    flags: MsFlags,
+    data: Option<&str>,
+) -> Result<(), String> {
+    let fd = root.mkdir_all(Path::new(rel))?;
+    mnt(src, &inroot::fd_path(&fd), fstype, flags, data).map_err(|e| format!("{e} ({rel})"))
 }
 
-fn touch(p: &Path) -> Result<(), String> {
-    if p.exists() {
-        return Ok(());
-    }
-    fs::File::create(p)
-        .map(drop)
-        .map_err(|e| format!("create {}: {e}", p.display()))
-}
-
-fn setup_mounts(ctx: &ChildCtx<'_>) -> Result<(), String> {
-    let cfg = ctx.cfg;
-    let none: Option<&Path> = None;
+/// Bind-mounts the host file `src` on the file `rel` of the container's root.
+fn bind_file(root: &Root, src: &Path, rel: &str) -> Result<(), String> {
+    let fd = root.touch(Path::new(rel))?;
     mnt(
-        none,
-        Path::new("/"),
+        Some(src),
+        &inroot::fd_path(&fd),
         None,
-        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        MsFlags::MS_BIND,
         None,
-    )?;
-    let root = cfg.rootfs.root().to_path_buf();
-    match &cfg.rootfs {
+    )
+    .map_err(|e| format!("{e} ({rel})"))
+}
+
+/// Makes the mount now at `rel` read-only (looked up again: the fd of the directory
+/// under a fresh mount refers to the covered one).
+fn remount_ro(root: &Root, rel: &str) -> Result<(), String> {
+    let fd = root
+        .lookup(Path::new(rel))
+        .map_err(|e| format!("open {rel} in the rootfs: {e}"))?;
+    let flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
+    mnt(None, &inroot::fd_path(&fd), None, flags, None).map_err(|e| format!("{e} ({rel})"))
+}
+
+fn symlink_in(root: &Root, dir: &str, name: &str, target: &str) {
+    if let Ok(d) = root.lookup(Path::new(dir)) {
+        // Best effort: an existing entry stays (the /dev tmpfs is fresh anyway).
+        let _ = rustix::fs::symlinkat(target, &d, name);
+    }
+}
+
+fn mount_rootfs(rootfs: &RootfsMount) -> Result<(), String> {
+    match rootfs {
         RootfsMount::Dir { path } | RootfsMount::Image { target: path, .. } => mnt(
             Some(path),
             path,
             None,
             MsFlags::MS_BIND | MsFlags::MS_REC,
             None,
-        )?,
+        ),
         RootfsMount::Overlay {
             lower,
             upper,
@@ -284,116 +314,120 @@ fn setup_mounts(ctx: &ChildCtx<'_>) -> Result<(), String> {
                 Some("overlay"),
                 MsFlags::empty(),
                 Some(&opts),
-            )?
+            )
         }
     }
+}
+
+/// `/proc`, `/sys` (read-only), `/dev` (tmpfs with bind-mounted nodes, pts, shm, mqueue,
+/// console).
+fn mount_kernel_fs(root: &Root, console: &Path) -> Result<(), String> {
     let nsd = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
-    let proc_dir = root.join("proc");
-    mkdir_p(&proc_dir)?;
-    mnt(Some(Path::new("proc")), &proc_dir, Some("proc"), nsd, None)?;
-    let sys = root.join("sys");
-    mkdir_p(&sys)?;
-    mnt(
-        Some(Path::new("sysfs")),
-        &sys,
-        Some("sysfs"),
-        nsd | MsFlags::MS_RDONLY,
+    mount_dir(
+        root,
+        Some(Path::new("proc")),
+        "proc",
+        Some("proc"),
+        nsd,
         None,
     )?;
-    let dev = root.join("dev");
-    mkdir_p(&dev)?;
-    mnt(
+    let ro = nsd | MsFlags::MS_RDONLY;
+    mount_dir(
+        root,
+        Some(Path::new("sysfs")),
+        "sys",
+        Some("sysfs"),
+        ro,
+        None,
+    )?;
+    let dev_flags = MsFlags::MS_NOSUID | MsFlags::MS_STRICTATIME;
+    let dev_opts = Some("mode=755,size=65536k");
+    mount_dir(
+        root,
         Some(Path::new("tmpfs")),
-        &dev,
+        "dev",
         Some("tmpfs"),
-        MsFlags::MS_NOSUID | MsFlags::MS_STRICTATIME,
-        Some("mode=755,size=65536k"),
+        dev_flags,
+        dev_opts,
     )?;
     for d in DEVICES {
-        let t = dev.join(d);
-        touch(&t)?;
-        mnt(
-            Some(&Path::new("/dev").join(d)),
-            &t,
-            None,
-            MsFlags::MS_BIND,
-            None,
-        )?;
+        bind_file(root, &Path::new("/dev").join(d), &format!("dev/{d}"))?;
     }
-    let pts = dev.join("pts");
-    mkdir_p(&pts)?;
-    mnt(
-        Some(Path::new("devpts")),
-        &pts,
-        Some("devpts"),
-        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
-        Some("newinstance,ptmxmode=0666,mode=0620,gid=5"),
-    )?;
-    let _ = symlink("pts/ptmx", dev.join("ptmx"));
-    let shm = dev.join("shm");
-    mkdir_p(&shm)?;
-    mnt(
+    let pts_flags = MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC;
+    let pts_opts = Some("newinstance,ptmxmode=0666,mode=0620,gid=5");
+    let devpts = Some(Path::new("devpts"));
+    mount_dir(root, devpts, "dev/pts", Some("devpts"), pts_flags, pts_opts)?;
+    symlink_in(root, "dev", "ptmx", "pts/ptmx");
+    let shm_opts = Some("mode=1777,size=65536k");
+    mount_dir(
+        root,
         Some(Path::new("shm")),
-        &shm,
+        "dev/shm",
         Some("tmpfs"),
         nsd,
-        Some("mode=1777,size=65536k"),
+        shm_opts,
     )?;
-    let mqueue = dev.join("mqueue");
-    mkdir_p(&mqueue)?;
     // Best effort: a kernel without POSIX mqueues just has no /dev/mqueue content.
-    let _ = mnt(
-        Some(Path::new("mqueue")),
-        &mqueue,
-        Some("mqueue"),
-        nsd,
-        None,
-    );
-    let console = dev.join("console");
-    touch(&console)?;
-    mnt(
-        Some(&ctx.console_path),
-        &console,
-        None,
-        MsFlags::MS_BIND,
-        None,
-    )?;
+    let mq = Some(Path::new("mqueue"));
+    let _ = mount_dir(root, mq, "dev/mqueue", Some("mqueue"), nsd, None);
+    bind_file(root, console, "dev/console")?;
     for (l, t) in [
         ("fd", "/proc/self/fd"),
         ("stdin", "/proc/self/fd/0"),
         ("stdout", "/proc/self/fd/1"),
         ("stderr", "/proc/self/fd/2"),
     ] {
-        let _ = symlink(t, dev.join(l));
+        symlink_in(root, "dev", l, t);
     }
-    for m in &cfg.mounts {
-        let rel = m.target.strip_prefix("/").unwrap_or(&m.target);
-        let t = root.join(rel);
-        mkdir_p(&t)?;
-        mnt(
-            Some(&m.source),
-            &t,
-            None,
-            MsFlags::MS_BIND | MsFlags::MS_REC,
-            None,
-        )?;
+    Ok(())
+}
+
+/// Volume bind mounts, each at its target resolved inside the root.
+fn mount_volumes(root: &Root, mounts: &[super::config::MountConfig]) -> Result<(), String> {
+    for m in mounts {
+        let rel = m.target.to_string_lossy();
+        let fd = root.mkdir_all(Path::new(rel.as_ref()))?;
+        inroot::refuse_kernel_fs(&fd, &rel)?;
+        let flags = MsFlags::MS_BIND | MsFlags::MS_REC;
+        mnt(Some(&m.source), &inroot::fd_path(&fd), None, flags, None)
+            .map_err(|e| format!("{e} ({rel})"))?;
         if m.read_only {
-            mnt(
-                none,
-                &t,
-                None,
-                MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
-                None,
-            )?;
+            remount_ro(root, &rel)?;
         }
     }
+    Ok(())
+}
+
+fn setup_mounts(ctx: &ChildCtx<'_>) -> Result<(), String> {
+    let cfg = ctx.cfg;
+    let none: Option<&Path> = None;
+    mnt(
+        none,
+        Path::new("/"),
+        None,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None,
+    )?;
+    mount_rootfs(&cfg.rootfs)?;
+    // Opened after the rootfs mount, so lookups start on it; everything below is
+    // resolved through this fd, never by host path.
+    let root = Root::open(cfg.rootfs.root())?;
+    mount_kernel_fs(&root, &ctx.console_path)?;
+    mount_volumes(&root, &cfg.mounts)?;
 
     // pivot_root(".", ".") then detach the old root stacked on top (as runc does).
-    chdir(&root).map_err(errno_ctx("chdir rootfs"))?;
+    rustix::process::fchdir(root.as_fd()).map_err(|e| format!("chdir rootfs: {e}"))?;
+    drop(root);
     pivot_root(".", ".").map_err(errno_ctx("pivot_root"))?;
     umount2(".", MntFlags::MNT_DETACH).map_err(errno_ctx("detach old root"))?;
     chdir("/").map_err(errno_ctx("chdir /"))?;
+    mask_paths()
+}
 
+/// After `pivot_root`: absolute paths resolve inside the container (its own /proc, /sys).
+fn mask_paths() -> Result<(), String> {
+    let none: Option<&Path> = None;
+    let nsd = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
     for f in security::MASKED_FILES {
         let p = Path::new(f);
         if p.exists() {
@@ -492,8 +526,7 @@ pub(crate) fn spawn_exec(
     env: &BTreeMap<String, String>,
     stdio: &[OwnedFd],
 ) -> Result<Pid, DriverError> {
-    let seccomp = security::seccomp_program()?;
-    let last_cap = security::last_cap();
+    let seccomp = security::seccomp_programs()?;
     // Open the namespaces before forking, so errors are reported here.
     let mut kinds = vec![
         ("cgroup", CloneFlags::CLONE_NEWCGROUP),
@@ -518,7 +551,7 @@ pub(crate) fn spawn_exec(
     match unsafe { nix::unistd::fork() }.map_err(|e| DriverError::io("fork", e.into()))? {
         nix::unistd::ForkResult::Parent { child } => Ok(child),
         nix::unistd::ForkResult::Child => {
-            let code = match exec_child(cfg, &procs, &ns, args, env, stdio, last_cap, &seccomp) {
+            let code = match exec_child(cfg, &procs, &ns, args, env, stdio, &seccomp) {
                 Ok(code) => code,
                 Err(e) => {
                     let _ = writeln!(std::io::stderr(), "stead exec: {e}");
@@ -542,8 +575,7 @@ fn exec_child(
     args: &[String],
     env: &BTreeMap<String, String>,
     stdio: &[OwnedFd],
-    last_cap: u32,
-    seccomp: &BpfProgram,
+    seccomp: &[BpfProgram],
 ) -> Result<i32, String> {
     let me = std::process::id().to_string();
     for d in procs {
@@ -559,7 +591,7 @@ fn exec_child(
         nix::unistd::setresuid(Uid::from_raw(0), Uid::from_raw(0), Uid::from_raw(0))
             .map_err(errno_ctx("setresuid 0"))?;
     }
-    let _ = nix::unistd::setgroups(&[]);
+    nix::unistd::setgroups(&[]).map_err(errno_ctx("setgroups"))?;
     // SAFETY: still single-threaded (a fork of the single-threaded shim).
     match unsafe { nix::unistd::fork() }.map_err(errno_ctx("fork into pid namespace"))? {
         nix::unistd::ForkResult::Parent { child } => loop {
@@ -573,17 +605,16 @@ fn exec_child(
         },
         nix::unistd::ForkResult::Child => {
             let r = (|| -> Result<std::convert::Infallible, String> {
-                for (i, f) in stdio.iter().enumerate().take(3) {
-                    // SAFETY: dup2 of a received fd onto 0..2 of this helper.
-                    if unsafe { libc::dup2(f.as_raw_fd(), i as i32) } < 0 {
-                        return Err(format!("dup2: {}", std::io::Error::last_os_error()));
-                    }
-                }
+                let [i, o, e] = match stdio {
+                    [i, o, e, ..] => [i.as_fd(), o.as_fd(), e.as_fd()],
+                    _ => return Err(format!("exec needs 3 fds, got {}", stdio.len())),
+                };
+                dup_stdio([i, o, e])?;
                 nix::unistd::setsid().map_err(errno_ctx("setsid"))?;
                 reset_signals()?;
                 chdir("/").map_err(errno_ctx("chdir /"))?;
                 let (path, argv, envp) = command_for(args, cfg, env)?;
-                security::restrict(last_cap, seccomp, cfg.idmap.is_some())?;
+                security::restrict(seccomp, cfg.idmap.is_some())?;
                 execve(&path, &argv, &envp).map_err(|e| format!("exec {path:?}: {e}"))?;
                 Err("execve returned".into())
             })();

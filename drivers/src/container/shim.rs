@@ -23,7 +23,7 @@
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -119,29 +119,32 @@ fn now_rfc3339() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
-fn redirect_stdio(log: &Path) {
-    if let Ok(null) = File::open("/dev/null") {
-        // SAFETY: dup2 onto fd 0 of this (daemon) process.
-        unsafe { libc::dup2(null.as_raw_fd(), 0) };
-    }
-    if let Ok(f) = OpenOptions::new().create(true).append(true).open(log) {
-        // SAFETY: dup2 onto fds 1 and 2 of this (daemon) process.
-        unsafe {
-            libc::dup2(f.as_raw_fd(), 1);
-            libc::dup2(f.as_raw_fd(), 2);
-        }
-    }
+/// Points fds 0 (at /dev/null), 1 and 2 (at the shim log) of this daemon process.
+fn redirect_stdio(log: &Path) -> Result<(), String> {
+    let null = File::open("/dev/null").map_err(|e| format!("open /dev/null: {e}"))?;
+    let f = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .map_err(|e| format!("open {}: {e}", log.display()))?;
+    nix::unistd::dup2_stdin(&null).map_err(|e| format!("dup2 stdin: {e}"))?;
+    nix::unistd::dup2_stdout(&f).map_err(|e| format!("dup2 stdout: {e}"))?;
+    nix::unistd::dup2_stderr(&f).map_err(|e| format!("dup2 stderr: {e}"))?;
+    Ok(())
 }
 
 fn daemon(cfg: ContainerConfig, cfg_path: PathBuf, paths: Paths, ready: OwnedFd) -> i32 {
-    redirect_stdio(&paths.shim_log());
-    let _ = std::env::set_current_dir("/");
     let mut ready = Some(File::from(ready));
     let mut report = |msg: &str| {
         if let Some(mut r) = ready.take() {
             let _ = r.write_all(msg.as_bytes());
         }
     };
+    if let Err(e) = redirect_stdio(&paths.shim_log()) {
+        report(&e);
+        return 1;
+    }
+    let _ = std::env::set_current_dir("/");
     let lock = match lock_file(&paths.lock()) {
         Ok(l) => l,
         Err(e) => {
@@ -179,17 +182,17 @@ fn lock_file(p: &Path) -> Result<File, String> {
         .map_err(|e| format!("open {}: {e}", p.display()))?;
     // Retry briefly: observe's `lock_held` probe takes the lock for a moment.
     for _ in 0..50 {
-        // SAFETY: flock on an open fd.
-        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
-            return Ok(f);
+        match f.try_lock() {
+            Ok(()) => return Ok(f),
+            Err(std::fs::TryLockError::WouldBlock) => {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(format!("lock {}: {e}", p.display()));
+            }
         }
-        std::thread::sleep(Duration::from_millis(2));
     }
-    Err(format!(
-        "another supervisor holds {} ({})",
-        p.display(),
-        io::Error::last_os_error()
-    ))
+    Err(format!("another supervisor holds {}", p.display()))
 }
 
 /// Whether a live shim holds the lock of `paths` (used by observe).
@@ -198,15 +201,13 @@ pub fn lock_held(paths: &Paths) -> bool {
         return false;
     };
     // A shared probe: it never blocks the supervisor for more than this moment (and the
-    // supervisor retries its exclusive lock briefly).
-    // SAFETY: flock on an open fd; released at once when taken.
-    let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) };
-    if r == 0 {
-        // SAFETY: unlock what we just took.
-        unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_UN) };
-        false
-    } else {
-        true
+    // supervisor retries its exclusive lock briefly). An error to take it counts as held.
+    match f.try_lock_shared() {
+        Ok(()) => {
+            let _ = f.unlock();
+            false
+        }
+        Err(_) => true,
     }
 }
 
@@ -342,13 +343,26 @@ impl Shim {
         let cgroup = hier.cgroup(&cfg.cgroup_parent, &cfg.name);
         // Leftovers of a supervisor that died: kill them first (no duplicate container).
         cgroup.kill_all()?;
+        let made = Self::with_cgroup(cfg, cfg_path, paths, cgroup.clone());
+        if made.is_err()
+            && let Err(e) = cgroup.destroy()
+        {
+            tracing::warn!(error = %e, "cgroup cleanup after a failed start");
+        }
+        made
+    }
+
+    /// The rest of [`Shim::new`], once the cgroup is known: what fails here leaves the
+    /// cgroup to the caller to remove.
+    fn with_cgroup(
+        cfg: ContainerConfig,
+        cfg_path: PathBuf,
+        paths: Paths,
+        cgroup: Cgroup,
+    ) -> Result<Self, DriverError> {
         cgroup.create()?;
         cgroup.set_limits(&cfg.limits)?;
-        if !cgroup.restrict_devices(&super::cgroup::CONTAINER_DEVICES)? {
-            tracing::warn!(
-                "device access is not restricted: no cgroup v1 devices controller, or no cgroup BPF for the v2 device filter"
-            );
-        }
+        cgroup.restrict_devices(&super::cgroup::CONTAINER_DEVICES)?;
         if let super::config::RootfsMount::Image { source, target } = &cfg.rootfs {
             super::volume::mount_image(source, target, false, cfg.idmap, false)?;
         }
@@ -701,6 +715,13 @@ impl Shim {
             }
             Request::Exec { args, env } => match self.init {
                 None => send_reply(&mut conn, &Reply::err("container is not running")),
+                Some(_) if fds.len() != 3 => {
+                    let e = format!(
+                        "exec needs 3 fds (stdin, stdout, stderr), got {}",
+                        fds.len()
+                    );
+                    send_reply(&mut conn, &Reply::err(e));
+                }
                 Some(init) => {
                     match process::spawn_exec(&self.cfg, &self.cgroup, init, &args, &env, &fds) {
                         Ok(pid) => {
@@ -784,6 +805,21 @@ mod tests {
         };
         assert_eq!(ShimArgs::parse(a.to_args()).expect("parse"), a);
         assert!(ShimArgs::parse(vec!["--name".to_string()]).is_err());
+    }
+
+    #[test]
+    fn one_supervisor_lock_per_container() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let paths = Paths::new(dir.path(), "c");
+        fs::create_dir_all(&paths.dir).expect("mkdir");
+        assert!(!lock_held(&paths), "no lock file yet");
+        let held = lock_file(&paths.lock()).expect("first lock");
+        assert!(lock_held(&paths));
+        let second = lock_file(&paths.lock()).expect_err("second supervisor refused");
+        assert!(second.contains("another supervisor"), "{second}");
+        drop(held);
+        assert!(!lock_held(&paths));
+        let _again = lock_file(&paths.lock()).expect("free again");
     }
 
     #[test]
