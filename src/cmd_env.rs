@@ -125,9 +125,7 @@ fn read_record(base: &HostEnv, name: &str) -> Result<Option<EnvRecord>> {
 fn write_record(base: &HostEnv, rec: &EnvRecord) -> Result<()> {
     let dir = env_dir(base, &rec.name);
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let tmp = dir.join(".env.json.tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(rec)?)?;
-    std::fs::rename(&tmp, dir.join("env.json"))?;
+    stead_host::write_atomic(&dir.join("env.json"), &serde_json::to_vec_pretty(rec)?)?;
     Ok(())
 }
 
@@ -357,8 +355,14 @@ fn down(g: &Global, base: &HostEnv, name: &str) -> Result<u8> {
             },
         )?;
     }
-    let leftovers = teardown_scope(&env, &rec);
-    if code != 0 || !leftovers.is_empty() {
+    // A failed purge may have left a volume or an export mounted: stop here rather
+    // than remove trees that may still hold someone's data.
+    let leftovers = if code == 0 {
+        teardown_scope(&env, &rec)
+    } else {
+        vec!["the purge did not complete; nothing removed (see the errors above)".into()]
+    };
+    if !leftovers.is_empty() {
         for l in &leftovers {
             eprintln!("leftover: {l}");
         }
@@ -366,7 +370,7 @@ fn down(g: &Global, base: &HostEnv, name: &str) -> Result<u8> {
         count_teardown_failure(base);
         return Ok(1);
     }
-    std::fs::remove_dir_all(env_dir(base, name))
+    stead_host::remove_tree_beneath(&env_dir(base, name))
         .with_context(|| format!("cannot remove {}", env_dir(base, name).display()))?;
     println!("environment {name} is down; nothing left behind");
     Ok(0)
@@ -422,10 +426,11 @@ fn teardown_scope(env: &HostEnv, rec: &EnvRecord) -> Vec<String> {
         left.push(format!("network namespace {}: {e}", rec.netns));
     }
     for p in std::iter::once(&env.run_dir).chain(rec.pool_areas.iter()) {
-        if p.exists()
-            && let Err(e) = std::fs::remove_dir_all(p)
-        {
+        // Never follows a symlink and never crosses a mount: a mount left below the
+        // tree stops its removal and is reported.
+        if let Err(e) = stead_host::remove_tree_beneath(p) {
             left.push(format!("{}: {e}", p.display()));
+            continue;
         }
         // The `envs` dir inside a pool goes too once empty.
         if let Some(parent) = p.parent()

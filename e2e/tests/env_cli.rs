@@ -171,3 +171,74 @@ fn expired_environment_is_collected_by_gc() {
     );
     sb.run(&["env", "down", &d]).expect_code(0);
 }
+
+/// A tmpfs mounted at a path for the test, lazily unmounted on drop (even on failure).
+struct TmpfsMount(std::path::PathBuf);
+
+impl TmpfsMount {
+    fn new(at: &std::path::Path) -> Self {
+        std::fs::create_dir_all(at).expect("mkdir mount point");
+        let st = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=1m", "stead-e2e"])
+            .arg(at)
+            .status()
+            .expect("mount");
+        assert!(st.success(), "mount tmpfs at {}", at.display());
+        TmpfsMount(at.to_path_buf())
+    }
+}
+
+impl Drop for TmpfsMount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn env_down_stops_at_a_mount_left_in_its_pool_area_and_keeps_its_files() {
+    if skip_unless(
+        is_root(),
+        "env_down_stops_at_a_mount_left_in_its_pool_area_and_keeps_its_files",
+        "needs root",
+    ) {
+        return;
+    }
+    let sb = Sandbox::new();
+    let m = manifests(&sb);
+    let e = format!("t{}m", std::process::id());
+    sb.run(&["env", "up", &e, &m]).expect_code(0);
+    let area = sb.path(&format!("pools/p/envs/{e}"));
+    let mounted = TmpfsMount::new(&area.join("images/still-mounted"));
+    std::fs::write(mounted.0.join("precious"), b"data").expect("write into tmpfs");
+
+    let out = sb.run(&["env", "down", &e]).expect_code(1);
+    assert!(
+        out.stderr()
+            .contains("still-mounted is a mount point inside it"),
+        "{}",
+        out.stderr()
+    );
+    assert!(
+        out.stderr().contains("teardown incomplete"),
+        "{}",
+        out.stderr()
+    );
+    assert_eq!(
+        std::fs::read(mounted.0.join("precious")).expect("the mounted files survive"),
+        b"data"
+    );
+    assert!(
+        sb.path(&format!("state/envs/{e}/env.json")).exists(),
+        "record kept"
+    );
+
+    // Once unmounted, the next down finishes.
+    drop(mounted);
+    let out = sb.run(&["env", "down", &e]).expect_code(0);
+    assert!(
+        out.stdout().contains("nothing left behind"),
+        "{}",
+        out.stdout()
+    );
+    assert!(!area.exists());
+}

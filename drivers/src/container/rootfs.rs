@@ -205,7 +205,7 @@ pub fn unpack(tpl: &Path, dest: &Path, shift: u32) -> Result<(), DriverError> {
         magic == [0x28, 0xb5, 0x2f, 0xfd]
     };
     let tmp = parent.join(format!(".tmp-{dest_name}"));
-    let _ = fs::remove_dir_all(&tmp);
+    let _ = crate::storage::fsutil::remove_tree_if_exists(&tmp);
     fs::create_dir_all(&tmp).map_err(io(format!("mkdir {}", tmp.display())))?;
     let result = if is_zstd {
         let dec = zstd::Decoder::with_buffer(reader).map_err(io("zstd decoder"))?;
@@ -217,7 +217,7 @@ pub fn unpack(tpl: &Path, dest: &Path, shift: u32) -> Result<(), DriverError> {
         b.finish_and_clear();
     }
     if let Err(e) = result {
-        let _ = fs::remove_dir_all(&tmp);
+        let _ = crate::storage::fsutil::remove_tree_if_exists(&tmp);
         return Err(e);
     }
     if shift != 0 {

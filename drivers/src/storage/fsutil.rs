@@ -134,12 +134,22 @@ pub fn remove_file_if_exists(path: &Path) -> Result<bool, DriverError> {
     }
 }
 
-/// Removes a directory tree; absent is success.
+/// Removes a directory tree (or a file or symlink); absent is success. Never follows a
+/// symlink inside the tree and never crosses into a mount: a mount at or below `path`
+/// is a [`DriverError::Conflict`] naming it, and nothing below a mount is touched.
 pub fn remove_tree_if_exists(path: &Path) -> Result<(), DriverError> {
-    match fs::remove_dir_all(path) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(DriverError::io(format!("remove {}", path.display()), e)),
+    stead_host::remove_tree_beneath(path)
+        .map(|_| ())
+        .map_err(tree_err)
+}
+
+/// A [`DriverError`] from a failed [`stead_host::remove_tree_beneath`].
+pub fn tree_err(e: stead_host::TreeError) -> DriverError {
+    match e {
+        stead_host::TreeError::MountBelow { .. } => DriverError::Conflict(e.to_string()),
+        stead_host::TreeError::Io(h) => {
+            DriverError::io(format!("{} {}", h.op, h.path.display()), h.source)
+        }
     }
 }
 
@@ -460,6 +470,39 @@ mod tests {
         assert!(check_pool_root(Path::new("rel/pool")).is_err());
         assert!(check_pool_root(Path::new("/tmp/../etc")).is_err());
         assert!(check_pool_root(Path::new("/nonexistent-stead-pool-xyz")).is_ok());
+    }
+
+    #[test]
+    fn remove_tree_refuses_a_mount_below_and_leaves_its_files() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let tree = d.path().join("vol");
+        let (res, survived) = std::thread::spawn(move || {
+            // SAFETY: unshares only this thread's mount namespace (and fs struct).
+            unsafe { rustix::thread::unshare_unsafe(rustix::thread::UnshareFlags::NEWNS) }
+                .expect("unshare");
+            rustix::mount::mount_change(
+                "/",
+                rustix::mount::MountPropagationFlags::PRIVATE
+                    | rustix::mount::MountPropagationFlags::REC,
+            )
+            .expect("private");
+            let m = tree.join("staging");
+            fs::create_dir_all(&m).expect("mkdir");
+            rustix::mount::mount("t", &m, "tmpfs", rustix::mount::MountFlags::empty(), None)
+                .expect("mount tmpfs");
+            fs::write(m.join("f"), b"x").expect("write");
+            let res = remove_tree_if_exists(&tree);
+            let survived = m.join("f").exists();
+            rustix::mount::unmount(&m, rustix::mount::UnmountFlags::empty()).expect("umount");
+            (res, survived)
+        })
+        .join()
+        .expect("thread");
+        match res {
+            Err(DriverError::Conflict(m)) => assert!(m.contains("staging is a mount point"), "{m}"),
+            other => panic!("expected a conflict, got {other:?}"),
+        }
+        assert!(survived, "files on the mount survive");
     }
 
     #[test]

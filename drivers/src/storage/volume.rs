@@ -472,7 +472,7 @@ pub(crate) fn remove_btrfs_tmp(dir: &Path, name: &str) -> Result<(), DriverError
     if btrfs::is_subvolume(&p)? {
         btrfs::subvol_destroy(dir, name)
     } else {
-        fs::remove_dir_all(&p).map_err(|e| DriverError::io(format!("remove {}", p.display()), e))
+        fsutil::remove_tree_if_exists(&p)
     }
 }
 
