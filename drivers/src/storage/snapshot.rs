@@ -381,7 +381,7 @@ pub fn snapshot_rollback(
             let images = fsutil::ensure_dir(&c.pool.path, &["images"])?;
             let tmp = images.join(tmp_name(volume));
             fsutil::remove_file_if_exists(&tmp)?;
-            let dst = fsutil::create_new(&tmp)?;
+            let dst = super::volume::create_locked_tmp(&tmp)?;
             fsutil::set_owner(&dst, &vol, &owner_of(volume))?;
             let how =
                 fsutil::clone_or_copy(&src, &dst, &format!("rollback Volume/{volume}@{snap}"))?;
