@@ -88,11 +88,33 @@ pub fn volume_path(world: &dyn Lookup, volume_name: &str) -> Result<PathBuf, Dri
     volume::disk_path(vol.pool.as_str(), pool, volume_name)
 }
 
+/// Refuses a manifest value that a tool would read as an option (it starts with `-`).
+/// `stead validate` checks the tools' naming rules; this is the driver's own guard.
+pub(crate) fn check_not_option(field: &str, value: &str) -> Result<(), DriverError> {
+    if value.starts_with('-') {
+        return Err(DriverError::Refused(format!(
+            "{field} {value:?} starts with '-' and would be read as an option"
+        )));
+    }
+    Ok(())
+}
+
+/// Checks that every operand after `--` in `argv` (the manifest's values) is not an
+/// option, so that even past the `--` no tool gets a `-x` from a manifest.
+pub(crate) fn check_operands(argv: &[String]) -> Result<(), DriverError> {
+    let operands = argv.iter().skip_while(|a| *a != "--").skip(1);
+    for a in operands {
+        check_not_option("argument", a)?;
+    }
+    Ok(())
+}
+
 /// Runs an external storage tool, mapping a missing binary to `Unsupported`.
 pub(crate) fn run_tool(argv: &[String], package: &str) -> Result<String, DriverError> {
     let Some((first, rest)) = argv.split_first() else {
         return Err(DriverError::Other("empty command".into()));
     };
+    check_operands(argv)?;
     let line = argv.join(" ");
     tracing::debug!(command = %line, "running");
     let out = std::process::Command::new(first)

@@ -70,8 +70,20 @@ pub fn kernel_has_nfs() -> bool {
         .unwrap_or(false)
 }
 
+/// Refuses NFS fields that a mount tool would read as options (a leading `-`). stead
+/// mounts with mount(2), so this is defence in depth.
+pub fn check_nfs_spec(nfs: &NfsSpec) -> Result<(), DriverError> {
+    super::check_not_option("nfs server", &nfs.server)?;
+    super::check_not_option("nfs export", &nfs.export)?;
+    if let Some(o) = &nfs.options {
+        super::check_not_option("nfs options", o.trim())?;
+    }
+    Ok(())
+}
+
 /// Mounts `nfs` at `path` with mount(2).
 pub fn mount_nfs(nfs: &NfsSpec, path: &Path) -> Result<(), DriverError> {
+    check_nfs_spec(nfs)?;
     if !kernel_has_nfs() {
         return Err(DriverError::Unsupported(
             "kernel lacks an NFS client (no nfs in /proc/filesystems)".into(),
@@ -123,6 +135,45 @@ mod tests {
         );
         assert!(mount_at(&m, Path::new("/srv/pool")).is_some());
         assert!(mount_at(&m, Path::new("/srv/x/../pool/")).is_some());
+    }
+
+    #[test]
+    fn nfs_fields_that_look_like_options_are_refused_before_mounting() {
+        let ok = NfsSpec {
+            server: "fs1".into(),
+            export: "/x".into(),
+            options: Some("soft".into()),
+        };
+        assert!(check_nfs_spec(&ok).is_ok());
+        let cases = [
+            (
+                NfsSpec {
+                    server: "-oremount".into(),
+                    ..ok.clone()
+                },
+                "nfs server \"-oremount\" starts with '-' and would be read as an option",
+            ),
+            (
+                NfsSpec {
+                    export: "-x".into(),
+                    ..ok.clone()
+                },
+                "nfs export \"-x\" starts with '-' and would be read as an option",
+            ),
+            (
+                NfsSpec {
+                    options: Some(" -t nfs".into()),
+                    ..ok.clone()
+                },
+                "nfs options \"-t nfs\" starts with '-' and would be read as an option",
+            ),
+        ];
+        for (spec, want) in cases {
+            match mount_nfs(&spec, Path::new("/nonexistent-stead-mnt")) {
+                Err(DriverError::Refused(m)) => assert_eq!(m, want),
+                other => panic!("expected a refusal, got {other:?}"),
+            }
+        }
     }
 
     #[test]
