@@ -4,8 +4,12 @@
 //! An environment NAME gets its own state dir (`<state-dir>/envs/NAME/state`), run dir
 //! (`<run-dir>/envs/NAME`), cgroup parent (`<cgroup-parent>/env-NAME`), network namespace
 //! (`stead-env-NAME`, so identical bridges and addresses in two environments don't
-//! clash) and an area in each pool (`<pool path>/envs/NAME`). Resource names stay as
-//! written: every host object they map to lives inside the environment's own scope.
+//! clash) and an area in each pool (`<pool path>/envs/NAME`; for `zfs` also the child
+//! dataset `DATASET/stead-env-NAME`, for `nfs` the export's subdirectory
+//! `EXPORT/stead-env-NAME`; `lvmthin` pools cannot be isolated and are refused). Its
+//! ownership marks name it (`env/NAME/Volume/x`), so it never adopts or deletes the
+//! host's or another environment's volumes. Resource names stay as written: every host
+//! object they map to lives inside the environment's own scope.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -16,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use stead_reconciler::PlanOptions;
 use stead_reconciler::state::now_secs;
-use stead_schema::{DurationSpec, HostEnv, Spec, VolumeSource};
+use stead_schema::{DurationSpec, HostEnv, PoolType, Spec, StoragePoolSpec, VolumeSource};
 
 use crate::{ApplyRequest, Global, PlanFormat};
 
@@ -129,6 +133,40 @@ fn write_record(base: &HostEnv, rec: &EnvRecord) -> Result<()> {
     Ok(())
 }
 
+/// The name of an environment's own child (zfs dataset, nfs export subdirectory).
+fn env_child(env: &str) -> String {
+    format!("stead-env-{env}")
+}
+
+/// Moves one pool into environment `env`'s namespace: its path to `<path>/envs/ENV`, a
+/// zfs dataset to its child `DATASET/stead-env-ENV`, an nfs export to its subdirectory
+/// `EXPORT/stead-env-ENV`. A backend that cannot be isolated is an error naming the pool.
+fn scope_pool(env: &str, pool_name: &str, p: &mut StoragePoolSpec) -> Result<(), String> {
+    let child = env_child(env);
+    match p.pool_type {
+        PoolType::Dir | PoolType::Btrfs => {}
+        PoolType::Nfs => {
+            if let Some(nfs) = &mut p.nfs {
+                nfs.export = format!("{}/{child}", nfs.export.trim_end_matches('/'));
+            }
+        }
+        PoolType::Zfs => {
+            if let Some(z) = &mut p.zfs {
+                z.dataset = format!("{}/{child}", z.dataset.trim_end_matches('/'));
+            }
+        }
+        PoolType::Lvmthin => {
+            return Err(format!(
+                "StoragePool/{pool_name}: an lvmthin pool cannot be isolated per environment \
+                 (its LVs share the production volume group's names); stead env supports dir, \
+                 btrfs, zfs (child dataset) and nfs (export subdirectory) pools"
+            ));
+        }
+    }
+    p.path = p.path.join("envs").join(env);
+    Ok(())
+}
+
 /// Rewrites the desired set into the environment's scope: pools move to their
 /// environment area; with `from_snapshot`, volumes start from that snapshot.
 fn scope_desired(
@@ -141,7 +179,7 @@ fn scope_desired(
     for r in desired.resources.values_mut() {
         if let Spec::StoragePool(p) = &mut r.spec {
             original_pools.insert(r.id.name.clone(), p.path.clone());
-            p.path = p.path.join("envs").join(name);
+            scope_pool(name, &r.id.name, p).map_err(|e| anyhow::anyhow!("{e}"))?;
             areas.push(p.path.clone());
         }
     }
@@ -255,6 +293,7 @@ pub fn run(cmd: EnvCmd, g: &Global) -> Result<u8> {
             };
             // Record first: a crash from here on is still cleaned up by `env down`.
             write_record(&base, &rec)?;
+            stead_drivers::storage::set_owner_scope(Some(&name));
             stead_drivers::netns::create_named(&rec.netns)
                 .context("cannot create the environment's network namespace")?;
             let env = env_host(&base, &name);
@@ -331,6 +370,7 @@ fn down(g: &Global, base: &HostEnv, name: &str) -> Result<u8> {
         bail!("no environment named {name} (see `stead env list`)");
     };
     let env = env_host(base, name);
+    stead_drivers::storage::set_owner_scope(Some(name));
     let mut code = 0;
     if env.state_dir.join("stead.db").exists() {
         // The namespace may be gone after a crash; networking then has nothing to delete,
@@ -426,6 +466,11 @@ fn teardown_scope(env: &HostEnv, rec: &EnvRecord) -> Vec<String> {
         left.push(format!("network namespace {}: {e}", rec.netns));
     }
     for p in std::iter::once(&env.run_dir).chain(rec.pool_areas.iter()) {
+        let foreign = foreign_marks(p, &rec.name);
+        if !foreign.is_empty() {
+            left.extend(foreign);
+            continue;
+        }
         // Never follows a symlink and never crosses a mount: a mount left below the
         // tree stops its removal and is reported.
         if let Err(e) = stead_host::remove_tree_beneath(p) {
@@ -443,6 +488,22 @@ fn teardown_scope(env: &HostEnv, rec: &EnvRecord) -> Vec<String> {
         left.push(format!("network namespace {} still mounted", rec.netns));
     }
     left
+}
+
+/// Files under `area` whose ownership mark does not name environment `env` (the host's
+/// or another environment's volumes): the area is then not removed.
+fn foreign_marks(area: &Path, env: &str) -> Vec<String> {
+    let prefix = stead_drivers::storage::env_owner_prefix(env);
+    stead_drivers::storage::marks_outside(area, &prefix)
+        .into_iter()
+        .map(|(file, m)| {
+            format!(
+                "{} is marked {m}, not by environment {env}; not removing {}",
+                file.display(),
+                area.display()
+            )
+        })
+        .collect()
 }
 
 fn usage(env: &HostEnv) -> (f64, u64) {
@@ -533,4 +594,96 @@ fn count_teardown_failure(base: &HostEnv) {
         .and_then(|t| t.trim().parse::<u64>().ok())
         .unwrap_or(0);
     let _ = std::fs::write(&p, format!("{}\n", n + 1));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use stead_schema::{Content, LvmSpec, NfsSpec, ZfsSpec};
+
+    fn pool(t: PoolType) -> StoragePoolSpec {
+        StoragePoolSpec {
+            pool_type: t,
+            path: PathBuf::from("/srv/pool"),
+            content: vec![Content::Images],
+            nfs: None,
+            lvm: None,
+            zfs: None,
+            depends_on: vec![],
+        }
+    }
+
+    #[test]
+    fn dir_and_btrfs_pools_move_to_the_env_area() {
+        for t in [PoolType::Dir, PoolType::Btrfs] {
+            let mut p = pool(t);
+            scope_pool("ci1", "p", &mut p).expect("isolated");
+            assert_eq!(p.path, PathBuf::from("/srv/pool/envs/ci1"));
+        }
+    }
+
+    #[test]
+    fn zfs_pools_get_a_child_dataset() {
+        let mut p = pool(PoolType::Zfs);
+        p.zfs = Some(ZfsSpec {
+            dataset: "rpool/data/".into(),
+        });
+        scope_pool("ci1", "p", &mut p).expect("isolated");
+        assert_eq!(
+            p.zfs.map(|z| z.dataset),
+            Some("rpool/data/stead-env-ci1".to_string())
+        );
+        assert_eq!(p.path, PathBuf::from("/srv/pool/envs/ci1"));
+    }
+
+    #[test]
+    fn nfs_pools_get_an_export_subdirectory() {
+        let mut p = pool(PoolType::Nfs);
+        p.nfs = Some(NfsSpec {
+            server: "fs1".into(),
+            export: "/export/vms".into(),
+            options: Some("soft".into()),
+        });
+        scope_pool("ci1", "p", &mut p).expect("isolated");
+        let nfs = p.nfs.expect("nfs");
+        assert_eq!(nfs.export, "/export/vms/stead-env-ci1");
+        assert_eq!(nfs.server, "fs1");
+        assert_eq!(p.path, PathBuf::from("/srv/pool/envs/ci1"));
+    }
+
+    #[test]
+    fn lvmthin_pools_are_refused_with_a_clear_error() {
+        let mut p = pool(PoolType::Lvmthin);
+        p.lvm = Some(LvmSpec {
+            volume_group: "vg0".into(),
+            thin_pool: "data".into(),
+        });
+        let before = p.clone();
+        let err = scope_pool("ci1", "fast", &mut p).expect_err("refused");
+        assert_eq!(
+            err,
+            "StoragePool/fast: an lvmthin pool cannot be isolated per environment (its LVs \
+             share the production volume group's names); stead env supports dir, btrfs, zfs \
+             (child dataset) and nfs (export subdirectory) pools"
+        );
+        assert_eq!(p, before, "nothing rewritten");
+    }
+
+    #[test]
+    fn the_whole_desired_set_is_refused_when_one_pool_is_lvmthin() {
+        let text = "apiVersion: stead.dev/v1alpha1\nkind: StoragePool\nmetadata: {name: fast}\n\
+                    spec: {type: lvmthin, path: /srv/fast, lvm: {volumeGroup: vg0, thinPool: data}}\n";
+        let d = tempfile::tempdir().expect("tempdir");
+        let f = d.path().join("m.yaml");
+        std::fs::write(&f, text).expect("write");
+        let Some(mut desired) = crate::load(&[f]) else {
+            panic!("the manifest loads");
+        };
+        let err = scope_desired(&mut desired, "ci1", None).expect_err("refused");
+        assert!(
+            err.to_string()
+                .starts_with("StoragePool/fast: an lvmthin pool cannot be isolated"),
+            "{err}"
+        );
+    }
 }

@@ -242,3 +242,83 @@ fn env_down_stops_at_a_mount_left_in_its_pool_area_and_keeps_its_files() {
     );
     assert!(!area.exists());
 }
+
+fn owner_mark(p: &std::path::Path) -> Option<String> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(p.as_os_str().as_bytes()).expect("path");
+    let mut buf = [0u8; 512];
+    // SAFETY: `c` and the name are NUL-terminated; `buf` is writable for its length.
+    let n = unsafe {
+        libc::lgetxattr(
+            c.as_ptr(),
+            c"user.stead.owner".as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    let n = usize::try_from(n).ok()?;
+    Some(String::from_utf8_lossy(&buf[..n]).into_owned())
+}
+
+fn set_owner_mark(p: &std::path::Path, mark: &str) {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(p.as_os_str().as_bytes()).expect("path");
+    // SAFETY: `c` and the name are NUL-terminated; the value pointer/length describe `mark`.
+    let r = unsafe {
+        libc::lsetxattr(
+            c.as_ptr(),
+            c"user.stead.owner".as_ptr(),
+            mark.as_ptr().cast(),
+            mark.len(),
+            0,
+        )
+    };
+    assert_eq!(r, 0, "setxattr on {}", p.display());
+}
+
+#[test]
+fn env_marks_name_the_environment_and_down_keeps_a_volume_marked_for_the_host() {
+    if skip_unless(
+        is_root(),
+        "env_marks_name_the_environment_and_down_keeps_a_volume_marked_for_the_host",
+        "needs root",
+    ) {
+        return;
+    }
+    let sb = Sandbox::new();
+    let m = manifests(&sb);
+    let e = format!("t{}k", std::process::id());
+    sb.run(&["env", "up", &e, &m]).expect_code(0);
+    let disk = sb.path(&format!("pools/p/envs/{e}/images/data.raw"));
+    assert_eq!(
+        owner_mark(&disk).as_deref(),
+        Some(format!("env/{e}/Volume/data").as_str()),
+        "the mark names the environment"
+    );
+
+    // A volume carrying the host's own mark (as if adopted from production) is not the
+    // environment's: down must neither delete it nor remove the area holding it.
+    set_owner_mark(&disk, "Volume/data");
+    let out = sb.run(&["env", "down", &e]).expect_code(1);
+    assert!(
+        out.stderr().contains("teardown incomplete"),
+        "{}",
+        out.stderr()
+    );
+    assert!(
+        disk.exists(),
+        "the host-marked volume survives\n{}",
+        out.stderr()
+    );
+    assert_eq!(owner_mark(&disk).as_deref(), Some("Volume/data"));
+
+    // Marked back as the environment's, down finishes.
+    set_owner_mark(&disk, &format!("env/{e}/Volume/data"));
+    let out = sb.run(&["env", "down", &e]).expect_code(0);
+    assert!(
+        out.stdout().contains("nothing left behind"),
+        "{}",
+        out.stdout()
+    );
+    assert!(!disk.exists());
+}

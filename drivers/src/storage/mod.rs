@@ -39,6 +39,55 @@ pub use snapshot::{
 };
 pub use volume::VolumeDriver;
 
+/// The environment whose ownership scope this process acts in (`None`: the host's own).
+static OWNER_SCOPE: std::sync::RwLock<Option<String>> = std::sync::RwLock::new(None);
+
+/// Scopes every ownership mark this process writes or honours to environment `env`
+/// (`stead env`): marks then read `env/<env>/Volume/<name>`, so an environment never
+/// adopts, changes or deletes a volume marked for the host or for another environment.
+/// `None` returns to the host's own scope (`Volume/<name>`).
+pub fn set_owner_scope(env: Option<&str>) {
+    let mut g = OWNER_SCOPE.write().unwrap_or_else(|p| p.into_inner());
+    *g = env.map(str::to_string);
+}
+
+/// The prefix of ownership marks in environment `env`.
+pub fn env_owner_prefix(env: &str) -> String {
+    format!("env/{env}/")
+}
+
+/// The prefix of ownership marks in this process's scope (empty for the host's own).
+pub(crate) fn owner_prefix() -> String {
+    let g = OWNER_SCOPE.read().unwrap_or_else(|p| p.into_inner());
+    g.as_deref().map(env_owner_prefix).unwrap_or_default()
+}
+
+/// The ownership mark of a file (xattr `user.stead.owner`, else its sidecar), if any.
+pub fn owner_mark(path: &std::path::Path) -> Result<Option<String>, DriverError> {
+    Ok(fsutil::get_owner(path)?.map(|(m, _)| m))
+}
+
+/// Files under `area` (symlinks not followed) whose ownership mark does not start with
+/// `prefix`, with their mark; an unreadable mark is reported as the error text.
+pub fn marks_outside(area: &std::path::Path, prefix: &str) -> Vec<(PathBuf, String)> {
+    let mut out = Vec::new();
+    for e in walkdir::WalkDir::new(area)
+        .follow_links(false)
+        .into_iter()
+        .flatten()
+    {
+        if !e.file_type().is_file() {
+            continue;
+        }
+        match owner_mark(e.path()) {
+            Ok(Some(m)) if !m.starts_with(prefix) => out.push((e.path().to_path_buf(), m)),
+            Ok(_) => {}
+            Err(err) => out.push((e.path().to_path_buf(), err.to_string())),
+        }
+    }
+    out
+}
+
 /// Looks up a StoragePool spec by name.
 pub fn pool_spec<'a>(
     world: &'a dyn Lookup,

@@ -19,9 +19,10 @@ use super::{btrfs, lvm, pool, snapshot, zfs};
 /// File name of the disk image inside a btrfs volume subvolume.
 pub const BTRFS_DISK: &str = "disk.raw";
 
-/// The ownership mark text of a volume.
+/// The ownership mark text of a volume: `Volume/<name>`, or
+/// `env/<env>/Volume/<name>` inside an environment (see [`super::set_owner_scope`]).
 pub(crate) fn owner_of(volume: &str) -> String {
-    format!("Volume/{volume}")
+    format!("{}Volume/{volume}", super::owner_prefix())
 }
 
 /// Temp name of a file volume being built.
@@ -396,8 +397,9 @@ fn check_owned(path: &Path, name: &str) -> Result<(), DriverError> {
     match fsutil::get_owner(path)? {
         Some((o, _)) if o == owner_of(name) => Ok(()),
         Some((o, _)) => Err(DriverError::Conflict(format!(
-            "{} is marked {o}, not Volume/{name}",
-            path.display()
+            "{} is marked {o}, not {}",
+            path.display(),
+            owner_of(name)
         ))),
         None => Err(DriverError::Conflict(format!(
             "{} exists and is not owned by stead",
