@@ -652,3 +652,30 @@ fn storage_volume_copy_into_full_pool_leaves_no_temp_and_next_apply_sweeps_stale
         drop(held);
     });
 }
+
+#[test]
+fn storage_marks_outside_finds_files_not_marked_for_the_scope_without_following_links() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let area = tmp.path().join("area");
+    fs::create_dir_all(area.join("images/sub")).expect("mkdir");
+    let mark = |p: &std::path::Path, m: &str| {
+        fs::write(p, b"x").expect("write");
+        xattr::set(p, storage::OWNER_XATTR, m.as_bytes()).expect("set mark");
+    };
+    mark(&area.join("images/mine.raw"), "env/a/Volume/mine");
+    mark(&area.join("images/sub/prod.raw"), "Volume/prod");
+    mark(&area.join("images/other.raw"), "env/ab/Volume/x");
+    fs::write(area.join("images/unmarked"), b"x").expect("write");
+    let outside = tmp.path().join("outside.raw");
+    mark(&outside, "Volume/outside");
+    std::os::unix::fs::symlink(&outside, area.join("images/link.raw")).expect("symlink");
+    let mut found = storage::marks_outside(&area, &storage::env_owner_prefix("a"));
+    found.sort();
+    assert_eq!(
+        found,
+        vec![
+            (area.join("images/other.raw"), "env/ab/Volume/x".to_string()),
+            (area.join("images/sub/prod.raw"), "Volume/prod".to_string()),
+        ]
+    );
+}

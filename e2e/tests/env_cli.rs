@@ -312,8 +312,23 @@ fn env_marks_name_the_environment_and_down_keeps_a_volume_marked_for_the_host() 
     );
     assert_eq!(owner_mark(&disk).as_deref(), Some("Volume/data"));
 
-    // Marked back as the environment's, down finishes.
+    // Marked back as the environment's, the purge succeeds; a file stead does not
+    // manage but marked for the host (a production image copied into the area) still
+    // keeps the area: only what the environment's mark names is removed.
     set_owner_mark(&disk, &format!("env/{e}/Volume/data"));
+    let prod = sb.path(&format!("pools/p/envs/{e}/images/prod.raw"));
+    std::fs::write(&prod, b"production").expect("write");
+    set_owner_mark(&prod, "Volume/prod");
+    let out = sb.run(&["env", "down", &e]).expect_code(1);
+    assert!(
+        out.stderr()
+            .contains("prod.raw is marked Volume/prod, not by environment"),
+        "{}",
+        out.stderr()
+    );
+    assert_eq!(std::fs::read(&prod).expect("survives"), b"production");
+
+    std::fs::remove_file(&prod).expect("rm");
     let out = sb.run(&["env", "down", &e]).expect_code(0);
     assert!(
         out.stdout().contains("nothing left behind"),
