@@ -6,7 +6,7 @@
 //! (`stead-env-NAME`, so identical bridges and addresses in two environments don't
 //! clash) and an area in each pool (`<pool path>/envs/NAME`; for `zfs` also the child
 //! dataset `DATASET/stead-env-NAME`, for `nfs` the export's subdirectory
-//! `EXPORT/stead-env-NAME`; `lvmthin` pools cannot be isolated and are refused). Its
+//! `EXPORT/stead-env-NAME`, for `lvmthin` the LV name prefix `env-NAME-`). Its
 //! ownership marks name it (`env/NAME/Volume/x`), so it never adopts or deletes the
 //! host's or another environment's volumes. Resource names stay as written: every host
 //! object they map to lives inside the environment's own scope.
@@ -140,27 +140,30 @@ fn env_child(env: &str) -> String {
 
 /// Moves one pool into environment `env`'s namespace: its path to `<path>/envs/ENV`, a
 /// zfs dataset to its child `DATASET/stead-env-ENV`, an nfs export to its subdirectory
-/// `EXPORT/stead-env-ENV`. A backend that cannot be isolated is an error naming the pool.
+/// `EXPORT/stead-env-ENV`; lvmthin LVs get the name prefix `env-ENV-` from the driver.
+/// A pool that cannot be isolated is an error naming it.
 fn scope_pool(env: &str, pool_name: &str, p: &mut StoragePoolSpec) -> Result<(), String> {
     let child = env_child(env);
+    let unscoped = |what: &str| {
+        format!(
+            "StoragePool/{pool_name}: cannot isolate this pool for environment {env}: it has \
+             no spec.{what} to scope"
+        )
+    };
     match p.pool_type {
         PoolType::Dir | PoolType::Btrfs => {}
         PoolType::Nfs => {
-            if let Some(nfs) = &mut p.nfs {
-                nfs.export = format!("{}/{child}", nfs.export.trim_end_matches('/'));
-            }
+            let nfs = p.nfs.as_mut().ok_or_else(|| unscoped("nfs"))?;
+            nfs.export = format!("{}/{child}", nfs.export.trim_end_matches('/'));
         }
         PoolType::Zfs => {
-            if let Some(z) = &mut p.zfs {
-                z.dataset = format!("{}/{child}", z.dataset.trim_end_matches('/'));
-            }
+            let z = p.zfs.as_mut().ok_or_else(|| unscoped("zfs"))?;
+            z.dataset = format!("{}/{child}", z.dataset.trim_end_matches('/'));
         }
+        // LVs share the volume group: in the environment's scope the driver names them
+        // `env-ENV-<volume>` and sees no other LV (storage::set_owner_scope).
         PoolType::Lvmthin => {
-            return Err(format!(
-                "StoragePool/{pool_name}: an lvmthin pool cannot be isolated per environment \
-                 (its LVs share the production volume group's names); stead env supports dir, \
-                 btrfs, zfs (child dataset) and nfs (export subdirectory) pools"
-            ));
+            p.lvm.as_ref().ok_or_else(|| unscoped("lvm"))?;
         }
     }
     p.path = p.path.join("envs").join(env);
@@ -652,25 +655,73 @@ mod tests {
     }
 
     #[test]
-    fn lvmthin_pools_are_refused_with_a_clear_error() {
+    fn lvmthin_pools_get_env_prefixed_lv_names_and_marks() {
+        use stead_drivers::storage::{lvm, set_owner_scope};
         let mut p = pool(PoolType::Lvmthin);
-        p.lvm = Some(LvmSpec {
+        let l = LvmSpec {
             volume_group: "vg0".into(),
             thin_pool: "data".into(),
-        });
-        let before = p.clone();
-        let err = scope_pool("ci1", "fast", &mut p).expect_err("refused");
-        assert_eq!(
-            err,
-            "StoragePool/fast: an lvmthin pool cannot be isolated per environment (its LVs \
-             share the production volume group's names); stead env supports dir, btrfs, zfs \
-             (child dataset) and nfs (export subdirectory) pools"
+        };
+        p.lvm = Some(l.clone());
+        scope_pool("ci1", "fast", &mut p).expect("isolated");
+        assert_eq!(p.path, PathBuf::from("/srv/pool/envs/ci1"));
+        assert_eq!(p.lvm.as_ref(), Some(&l), "same volume group and thin pool");
+
+        set_owner_scope(Some("ci1"));
+        let argv = lvm::cmd_create(&l, "web", 1 << 30);
+        let path = lvm::lv_path(&l, "web");
+        let (mine, host) = (
+            lvm::volume_of_lv("env-ci1-web").map(str::to_string),
+            lvm::volume_of_lv("web").map(str::to_string),
         );
-        assert_eq!(p, before, "nothing rewritten");
+        let snap = lvm::snapshot_lv("web", "s1");
+        set_owner_scope(None);
+        assert_eq!(
+            argv,
+            [
+                "lvcreate",
+                "--yes",
+                "-V",
+                "1073741824b",
+                "--thin",
+                "-n",
+                "env-ci1-web",
+                "--addtag",
+                "stead-owner=env/ci1/Volume/web",
+                "--",
+                "vg0/data"
+            ]
+        );
+        assert_eq!(path, PathBuf::from("/dev/vg0/env-ci1-web"));
+        assert_eq!(mine.as_deref(), Some("web"));
+        assert_eq!(host, None, "the host's LV web is not the environment's");
+        assert_eq!(snap, "env-ci1-web--snap--s1");
+        assert_eq!(lvm::volume_of_lv("web"), Some("web"), "host scope again");
     }
 
     #[test]
-    fn the_whole_desired_set_is_refused_when_one_pool_is_lvmthin() {
+    fn a_pool_without_its_backend_section_is_refused_with_a_clear_error() {
+        for (t, what) in [
+            (PoolType::Zfs, "zfs"),
+            (PoolType::Nfs, "nfs"),
+            (PoolType::Lvmthin, "lvm"),
+        ] {
+            let mut p = pool(t);
+            let before = p.clone();
+            let err = scope_pool("ci1", "fast", &mut p).expect_err("refused");
+            assert_eq!(
+                err,
+                format!(
+                    "StoragePool/fast: cannot isolate this pool for environment ci1: it has no \
+                     spec.{what} to scope"
+                )
+            );
+            assert_eq!(p, before, "nothing rewritten");
+        }
+    }
+
+    #[test]
+    fn a_desired_set_with_an_lvmthin_pool_moves_it_into_the_environment() {
         let text = "apiVersion: stead.dev/v1alpha1\nkind: StoragePool\nmetadata: {name: fast}\n\
                     spec: {type: lvmthin, path: /srv/fast, lvm: {volumeGroup: vg0, thinPool: data}}\n";
         let d = tempfile::tempdir().expect("tempdir");
@@ -679,11 +730,7 @@ mod tests {
         let Some(mut desired) = crate::load(&[f]) else {
             panic!("the manifest loads");
         };
-        let err = scope_desired(&mut desired, "ci1", None).expect_err("refused");
-        assert!(
-            err.to_string()
-                .starts_with("StoragePool/fast: an lvmthin pool cannot be isolated"),
-            "{err}"
-        );
+        let areas = scope_desired(&mut desired, "ci1", None).expect("isolated");
+        assert_eq!(areas, vec![PathBuf::from("/srv/fast/envs/ci1")]);
     }
 }

@@ -16,9 +16,20 @@ pub fn owner_tag(volume: &str) -> String {
     format!("{OWNER_TAG_PREFIX}{}", super::volume::owner_of(volume))
 }
 
+/// The LV name of a volume: the volume name, prefixed `env-<env>-` inside an
+/// environment (see [`super::set_owner_scope`]).
+pub fn lv_name(volume: &str) -> String {
+    format!("{}{volume}", super::lv_prefix())
+}
+
+/// The volume an LV of this scope holds (`None` for an LV of another scope).
+pub fn volume_of_lv(lv: &str) -> Option<&str> {
+    lv.strip_prefix(super::lv_prefix().as_str())
+}
+
 /// Device path of a volume's LV.
 pub fn lv_path(l: &LvmSpec, volume: &str) -> PathBuf {
-    PathBuf::from(format!("/dev/{}/{volume}", l.volume_group))
+    PathBuf::from(format!("/dev/{}/{}", l.volume_group, lv_name(volume)))
 }
 
 fn s(v: &str) -> String {
@@ -34,7 +45,7 @@ pub fn cmd_create(l: &LvmSpec, volume: &str, size: u64) -> Vec<String> {
         format!("{size}b"),
         s("--thin"),
         s("-n"),
-        s(volume),
+        lv_name(volume),
         s("--addtag"),
         owner_tag(volume),
         s("--"),
@@ -49,7 +60,7 @@ pub fn cmd_extend(l: &LvmSpec, volume: &str, size: u64) -> Vec<String> {
         s("-L"),
         format!("{size}b"),
         s("--"),
-        format!("{}/{volume}", l.volume_group),
+        format!("{}/{}", l.volume_group, lv_name(volume)),
     ]
 }
 
@@ -81,7 +92,7 @@ pub fn cmd_list(l: &LvmSpec) -> Vec<String> {
 
 /// Name of the LV holding snapshot `snap` of `volume`.
 pub fn snapshot_lv(volume: &str, snap: &str) -> String {
-    format!("{volume}--snap--{snap}")
+    format!("{}--snap--{snap}", lv_name(volume))
 }
 
 /// `lvcreate -s` thin snapshot of a volume.
@@ -95,7 +106,7 @@ pub fn cmd_snapshot(l: &LvmSpec, volume: &str, snap: &str) -> Vec<String> {
         s("--addtag"),
         owner_tag(volume),
         s("--"),
-        format!("{}/{volume}", l.volume_group),
+        format!("{}/{}", l.volume_group, lv_name(volume)),
     ]
 }
 

@@ -62,6 +62,15 @@ pub(crate) fn owner_prefix() -> String {
     g.as_deref().map(env_owner_prefix).unwrap_or_default()
 }
 
+/// The LV name prefix of this process's scope: `env-<env>-` inside an environment (its
+/// LVs share the volume group with the host's), empty for the host's own.
+pub(crate) fn lv_prefix() -> String {
+    let g = OWNER_SCOPE.read().unwrap_or_else(|p| p.into_inner());
+    g.as_deref()
+        .map(|e| format!("env-{e}-"))
+        .unwrap_or_default()
+}
+
 /// The ownership mark of a file (xattr `user.stead.owner`, else its sidecar), if any.
 pub fn owner_mark(path: &std::path::Path) -> Result<Option<String>, DriverError> {
     Ok(fsutil::get_owner(path)?.map(|(m, _)| m))

@@ -323,10 +323,11 @@ pub fn snapshot_list(
         }
         PoolType::Lvmthin => {
             let l = lvm_spec(&c)?;
-            let prefix = format!("{volume}--snap--");
+            let origin = lvm::lv_name(volume);
+            let prefix = format!("{origin}--snap--");
             for lv in lvm::parse_lvs(&lvm::run(&lvm::cmd_list(l))?)? {
                 if let Some(n) = lv.lv_name.strip_prefix(&prefix)
-                    && lv.origin == volume
+                    && lv.origin == origin
                 {
                     out.push(SnapshotInfo {
                         volume: volume.into(),

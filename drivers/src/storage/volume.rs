@@ -302,9 +302,10 @@ impl VolumeDriver {
                             .and_then(|t| lvm::parse_lvs(&t))
                             .map(|lvs| {
                                 lvs.into_iter()
-                                    .map(|lv| {
+                                    .filter_map(|lv| {
                                         let owner = lv.owner().map(str::to_string);
-                                        (lv.lv_name, (lv.lv_size, owner))
+                                        let volume = lvm::volume_of_lv(&lv.lv_name)?.to_string();
+                                        Some((volume, (lv.lv_size, owner)))
                                     })
                                     .collect()
                             }),
@@ -839,7 +840,7 @@ impl Driver for VolumeDriver {
                     .lvm
                     .as_ref()
                     .ok_or_else(|| DriverError::Refused("no spec.lvm".into()))?;
-                lvm::run(&lvm::cmd_remove(l, t.name)).map(|_| ())
+                lvm::run(&lvm::cmd_remove(l, &lvm::lv_name(t.name))).map(|_| ())
             }
             PoolType::Zfs => {
                 if !observed.exists {
