@@ -4,8 +4,12 @@
 //! An environment NAME gets its own state dir (`<state-dir>/envs/NAME/state`), run dir
 //! (`<run-dir>/envs/NAME`), cgroup parent (`<cgroup-parent>/env-NAME`), network namespace
 //! (`stead-env-NAME`, so identical bridges and addresses in two environments don't
-//! clash) and an area in each pool (`<pool path>/envs/NAME`). Resource names stay as
-//! written: every host object they map to lives inside the environment's own scope.
+//! clash) and an area in each pool (`<pool path>/envs/NAME`; for `zfs` also the child
+//! dataset `DATASET/stead-env-NAME`, for `nfs` the export's subdirectory
+//! `EXPORT/stead-env-NAME`, for `lvmthin` the LV name prefix `env-NAME-`). Its
+//! ownership marks name it (`env/NAME/Volume/x`), so it never adopts or deletes the
+//! host's or another environment's volumes. Resource names stay as written: every host
+//! object they map to lives inside the environment's own scope.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -16,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use stead_reconciler::PlanOptions;
 use stead_reconciler::state::now_secs;
-use stead_schema::{DurationSpec, HostEnv, Spec, VolumeSource};
+use stead_schema::{DurationSpec, HostEnv, PoolType, Spec, StoragePoolSpec, VolumeSource};
 
 use crate::{ApplyRequest, Global, PlanFormat};
 
@@ -125,9 +129,44 @@ fn read_record(base: &HostEnv, name: &str) -> Result<Option<EnvRecord>> {
 fn write_record(base: &HostEnv, rec: &EnvRecord) -> Result<()> {
     let dir = env_dir(base, &rec.name);
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let tmp = dir.join(".env.json.tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(rec)?)?;
-    std::fs::rename(&tmp, dir.join("env.json"))?;
+    stead_host::write_atomic(&dir.join("env.json"), &serde_json::to_vec_pretty(rec)?)?;
+    Ok(())
+}
+
+/// The name of an environment's own child (zfs dataset, nfs export subdirectory).
+fn env_child(env: &str) -> String {
+    format!("stead-env-{env}")
+}
+
+/// Moves one pool into environment `env`'s namespace: its path to `<path>/envs/ENV`, a
+/// zfs dataset to its child `DATASET/stead-env-ENV`, an nfs export to its subdirectory
+/// `EXPORT/stead-env-ENV`; lvmthin LVs get the name prefix `env-ENV-` from the driver.
+/// A pool that cannot be isolated is an error naming it.
+fn scope_pool(env: &str, pool_name: &str, p: &mut StoragePoolSpec) -> Result<(), String> {
+    let child = env_child(env);
+    let unscoped = |what: &str| {
+        format!(
+            "StoragePool/{pool_name}: cannot isolate this pool for environment {env}: it has \
+             no spec.{what} to scope"
+        )
+    };
+    match p.pool_type {
+        PoolType::Dir | PoolType::Btrfs => {}
+        PoolType::Nfs => {
+            let nfs = p.nfs.as_mut().ok_or_else(|| unscoped("nfs"))?;
+            nfs.export = format!("{}/{child}", nfs.export.trim_end_matches('/'));
+        }
+        PoolType::Zfs => {
+            let z = p.zfs.as_mut().ok_or_else(|| unscoped("zfs"))?;
+            z.dataset = format!("{}/{child}", z.dataset.trim_end_matches('/'));
+        }
+        // LVs share the volume group: in the environment's scope the driver names them
+        // `env-ENV-<volume>` and sees no other LV (storage::set_owner_scope).
+        PoolType::Lvmthin => {
+            p.lvm.as_ref().ok_or_else(|| unscoped("lvm"))?;
+        }
+    }
+    p.path = p.path.join("envs").join(env);
     Ok(())
 }
 
@@ -143,7 +182,7 @@ fn scope_desired(
     for r in desired.resources.values_mut() {
         if let Spec::StoragePool(p) = &mut r.spec {
             original_pools.insert(r.id.name.clone(), p.path.clone());
-            p.path = p.path.join("envs").join(name);
+            scope_pool(name, &r.id.name, p).map_err(|e| anyhow::anyhow!("{e}"))?;
             areas.push(p.path.clone());
         }
     }
@@ -257,6 +296,7 @@ pub fn run(cmd: EnvCmd, g: &Global) -> Result<u8> {
             };
             // Record first: a crash from here on is still cleaned up by `env down`.
             write_record(&base, &rec)?;
+            stead_drivers::storage::set_owner_scope(Some(&name));
             stead_drivers::netns::create_named(&rec.netns)
                 .context("cannot create the environment's network namespace")?;
             let env = env_host(&base, &name);
@@ -333,6 +373,7 @@ fn down(g: &Global, base: &HostEnv, name: &str) -> Result<u8> {
         bail!("no environment named {name} (see `stead env list`)");
     };
     let env = env_host(base, name);
+    stead_drivers::storage::set_owner_scope(Some(name));
     let mut code = 0;
     if env.state_dir.join("stead.db").exists() {
         // The namespace may be gone after a crash; networking then has nothing to delete,
@@ -357,8 +398,14 @@ fn down(g: &Global, base: &HostEnv, name: &str) -> Result<u8> {
             },
         )?;
     }
-    let leftovers = teardown_scope(&env, &rec);
-    if code != 0 || !leftovers.is_empty() {
+    // A failed purge may have left a volume or an export mounted: stop here rather
+    // than remove trees that may still hold someone's data.
+    let leftovers = if code == 0 {
+        teardown_scope(&env, &rec)
+    } else {
+        vec!["the purge did not complete; nothing removed (see the errors above)".into()]
+    };
+    if !leftovers.is_empty() {
         for l in &leftovers {
             eprintln!("leftover: {l}");
         }
@@ -366,7 +413,7 @@ fn down(g: &Global, base: &HostEnv, name: &str) -> Result<u8> {
         count_teardown_failure(base);
         return Ok(1);
     }
-    std::fs::remove_dir_all(env_dir(base, name))
+    stead_host::remove_tree_beneath(&env_dir(base, name))
         .with_context(|| format!("cannot remove {}", env_dir(base, name).display()))?;
     println!("environment {name} is down; nothing left behind");
     Ok(0)
@@ -422,10 +469,16 @@ fn teardown_scope(env: &HostEnv, rec: &EnvRecord) -> Vec<String> {
         left.push(format!("network namespace {}: {e}", rec.netns));
     }
     for p in std::iter::once(&env.run_dir).chain(rec.pool_areas.iter()) {
-        if p.exists()
-            && let Err(e) = std::fs::remove_dir_all(p)
-        {
+        let foreign = foreign_marks(p, &rec.name);
+        if !foreign.is_empty() {
+            left.extend(foreign);
+            continue;
+        }
+        // Never follows a symlink and never crosses a mount: a mount left below the
+        // tree stops its removal and is reported.
+        if let Err(e) = stead_host::remove_tree_beneath(p) {
             left.push(format!("{}: {e}", p.display()));
+            continue;
         }
         // The `envs` dir inside a pool goes too once empty.
         if let Some(parent) = p.parent()
@@ -438,6 +491,22 @@ fn teardown_scope(env: &HostEnv, rec: &EnvRecord) -> Vec<String> {
         left.push(format!("network namespace {} still mounted", rec.netns));
     }
     left
+}
+
+/// Files under `area` whose ownership mark does not name environment `env` (the host's
+/// or another environment's volumes): the area is then not removed.
+fn foreign_marks(area: &Path, env: &str) -> Vec<String> {
+    let prefix = stead_drivers::storage::env_owner_prefix(env);
+    stead_drivers::storage::marks_outside(area, &prefix)
+        .into_iter()
+        .map(|(file, m)| {
+            format!(
+                "{} is marked {m}, not by environment {env}; not removing {}",
+                file.display(),
+                area.display()
+            )
+        })
+        .collect()
 }
 
 fn usage(env: &HostEnv) -> (f64, u64) {
@@ -528,4 +597,140 @@ fn count_teardown_failure(base: &HostEnv) {
         .and_then(|t| t.trim().parse::<u64>().ok())
         .unwrap_or(0);
     let _ = std::fs::write(&p, format!("{}\n", n + 1));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use stead_schema::{Content, LvmSpec, NfsSpec, ZfsSpec};
+
+    fn pool(t: PoolType) -> StoragePoolSpec {
+        StoragePoolSpec {
+            pool_type: t,
+            path: PathBuf::from("/srv/pool"),
+            content: vec![Content::Images],
+            nfs: None,
+            lvm: None,
+            zfs: None,
+            depends_on: vec![],
+        }
+    }
+
+    #[test]
+    fn dir_and_btrfs_pools_move_to_the_env_area() {
+        for t in [PoolType::Dir, PoolType::Btrfs] {
+            let mut p = pool(t);
+            scope_pool("ci1", "p", &mut p).expect("isolated");
+            assert_eq!(p.path, PathBuf::from("/srv/pool/envs/ci1"));
+        }
+    }
+
+    #[test]
+    fn zfs_pools_get_a_child_dataset() {
+        let mut p = pool(PoolType::Zfs);
+        p.zfs = Some(ZfsSpec {
+            dataset: "rpool/data/".into(),
+        });
+        scope_pool("ci1", "p", &mut p).expect("isolated");
+        assert_eq!(
+            p.zfs.map(|z| z.dataset),
+            Some("rpool/data/stead-env-ci1".to_string())
+        );
+        assert_eq!(p.path, PathBuf::from("/srv/pool/envs/ci1"));
+    }
+
+    #[test]
+    fn nfs_pools_get_an_export_subdirectory() {
+        let mut p = pool(PoolType::Nfs);
+        p.nfs = Some(NfsSpec {
+            server: "fs1".into(),
+            export: "/export/vms".into(),
+            options: Some("soft".into()),
+        });
+        scope_pool("ci1", "p", &mut p).expect("isolated");
+        let nfs = p.nfs.expect("nfs");
+        assert_eq!(nfs.export, "/export/vms/stead-env-ci1");
+        assert_eq!(nfs.server, "fs1");
+        assert_eq!(p.path, PathBuf::from("/srv/pool/envs/ci1"));
+    }
+
+    #[test]
+    fn lvmthin_pools_get_env_prefixed_lv_names_and_marks() {
+        use stead_drivers::storage::{lvm, set_owner_scope};
+        let mut p = pool(PoolType::Lvmthin);
+        let l = LvmSpec {
+            volume_group: "vg0".into(),
+            thin_pool: "data".into(),
+        };
+        p.lvm = Some(l.clone());
+        scope_pool("ci1", "fast", &mut p).expect("isolated");
+        assert_eq!(p.path, PathBuf::from("/srv/pool/envs/ci1"));
+        assert_eq!(p.lvm.as_ref(), Some(&l), "same volume group and thin pool");
+
+        set_owner_scope(Some("ci1"));
+        let argv = lvm::cmd_create(&l, "web", 1 << 30);
+        let path = lvm::lv_path(&l, "web");
+        let (mine, host) = (
+            lvm::volume_of_lv("env-ci1-web").map(str::to_string),
+            lvm::volume_of_lv("web").map(str::to_string),
+        );
+        let snap = lvm::snapshot_lv("web", "s1");
+        set_owner_scope(None);
+        assert_eq!(
+            argv,
+            [
+                "lvcreate",
+                "--yes",
+                "-V",
+                "1073741824b",
+                "--thin",
+                "-n",
+                "env-ci1-web",
+                "--addtag",
+                "stead-owner=env/ci1/Volume/web",
+                "--",
+                "vg0/data"
+            ]
+        );
+        assert_eq!(path, PathBuf::from("/dev/vg0/env-ci1-web"));
+        assert_eq!(mine.as_deref(), Some("web"));
+        assert_eq!(host, None, "the host's LV web is not the environment's");
+        assert_eq!(snap, "env-ci1-web--snap--s1");
+        assert_eq!(lvm::volume_of_lv("web"), Some("web"), "host scope again");
+    }
+
+    #[test]
+    fn a_pool_without_its_backend_section_is_refused_with_a_clear_error() {
+        for (t, what) in [
+            (PoolType::Zfs, "zfs"),
+            (PoolType::Nfs, "nfs"),
+            (PoolType::Lvmthin, "lvm"),
+        ] {
+            let mut p = pool(t);
+            let before = p.clone();
+            let err = scope_pool("ci1", "fast", &mut p).expect_err("refused");
+            assert_eq!(
+                err,
+                format!(
+                    "StoragePool/fast: cannot isolate this pool for environment ci1: it has no \
+                     spec.{what} to scope"
+                )
+            );
+            assert_eq!(p, before, "nothing rewritten");
+        }
+    }
+
+    #[test]
+    fn a_desired_set_with_an_lvmthin_pool_moves_it_into_the_environment() {
+        let text = "apiVersion: stead.dev/v1alpha1\nkind: StoragePool\nmetadata: {name: fast}\n\
+                    spec: {type: lvmthin, path: /srv/fast, lvm: {volumeGroup: vg0, thinPool: data}}\n";
+        let d = tempfile::tempdir().expect("tempdir");
+        let f = d.path().join("m.yaml");
+        std::fs::write(&f, text).expect("write");
+        let Some(mut desired) = crate::load(&[f]) else {
+            panic!("the manifest loads");
+        };
+        let areas = scope_desired(&mut desired, "ci1", None).expect("isolated");
+        assert_eq!(areas, vec![PathBuf::from("/srv/fast/envs/ci1")]);
+    }
 }

@@ -572,3 +572,110 @@ fn storage_volume_sidecar_on_fs_without_xattrs() {
     assert!(!side.exists() && !mnt.join("pool/images/v.raw").exists());
     drop(guard);
 }
+
+fn images_names(pool: &std::path::Path) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(pool.join("images"))
+        .expect("readdir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn storage_volume_copy_into_full_pool_leaves_no_temp_and_next_apply_sweeps_stale_ones() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let base = tmp.path().to_path_buf();
+    in_private_mount_ns(move || {
+        let pool_dir = base.join("pool");
+        mount_tmpfs(&pool_dir, 20 * MI);
+        let (_pd, vd, p) = setup(&base);
+        // 24 MiB of non-zero data (a sparse copy cannot skip it) into a 20 MiB pool.
+        let src = base.join("big.img");
+        fs::write(&src, vec![0x5au8; 24 * MI as usize]).expect("write source");
+        let big = with_source(volume("big", "local", 24 * MI), &src);
+        let w = world(&[&p, &big]);
+        let err = vd
+            .apply(&big, &observe_one(&vd, &big, &w), &w)
+            .expect_err("the pool is full");
+        match &err {
+            DriverError::Io { source, .. } => {
+                assert_eq!(source.kind(), std::io::ErrorKind::StorageFull, "{err}")
+            }
+            other => panic!("expected ENOSPC, got {other:?}"),
+        }
+        assert!(
+            !images_names(&pool_dir).iter().any(|n| n.ends_with(".tmp")),
+            "{:?}",
+            images_names(&pool_dir)
+        );
+
+        // Stale temps of stead (a killed copy of a volume since dropped), an in-use one,
+        // and files that are not stead's temp names.
+        fs::write(
+            pool_dir.join("images/.gone.raw.tmp"),
+            vec![1u8; 14 * MI as usize],
+        )
+        .expect("plant stale temp");
+        let busy = pool_dir.join("images/.busy.raw.tmp");
+        let held = fs::File::create(&busy).expect("create busy temp");
+        held.lock().expect("hold its lock");
+        for keep in [
+            "notours.tmp",
+            ".x.tmp",
+            "y.raw.tmp",
+            ".bad..name.raw.tmp.keep",
+        ] {
+            fs::write(pool_dir.join("images").join(keep), b"k").expect("plant");
+        }
+        fs::create_dir(pool_dir.join("images/.dir.raw.tmp")).expect("a dir is not a temp file");
+
+        // The next apply of any volume in the pool reclaims the stale temp: a 8 MiB
+        // volume fits again.
+        let small = with_source(volume("small", "local", 8 * MI), &base.join("small.img"));
+        fs::write(base.join("small.img"), vec![0x11u8; 8 * MI as usize]).expect("write");
+        let w = world(&[&p, &small]);
+        vd.apply(&small, &observe_one(&vd, &small, &w), &w)
+            .expect("fits once the stale temp is gone");
+        let names = images_names(&pool_dir);
+        assert!(!names.contains(&".gone.raw.tmp".to_string()), "{names:?}");
+        for keep in [
+            ".busy.raw.tmp",
+            "notours.tmp",
+            ".x.tmp",
+            "y.raw.tmp",
+            ".dir.raw.tmp",
+            "small.raw",
+        ] {
+            assert!(names.contains(&keep.to_string()), "{keep} kept: {names:?}");
+        }
+        drop(held);
+    });
+}
+
+#[test]
+fn storage_marks_outside_finds_files_not_marked_for_the_scope_without_following_links() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let area = tmp.path().join("area");
+    fs::create_dir_all(area.join("images/sub")).expect("mkdir");
+    let mark = |p: &std::path::Path, m: &str| {
+        fs::write(p, b"x").expect("write");
+        xattr::set(p, storage::OWNER_XATTR, m.as_bytes()).expect("set mark");
+    };
+    mark(&area.join("images/mine.raw"), "env/a/Volume/mine");
+    mark(&area.join("images/sub/prod.raw"), "Volume/prod");
+    mark(&area.join("images/other.raw"), "env/ab/Volume/x");
+    fs::write(area.join("images/unmarked"), b"x").expect("write");
+    let outside = tmp.path().join("outside.raw");
+    mark(&outside, "Volume/outside");
+    std::os::unix::fs::symlink(&outside, area.join("images/link.raw")).expect("symlink");
+    let mut found = storage::marks_outside(&area, &storage::env_owner_prefix("a"));
+    found.sort();
+    assert_eq!(
+        found,
+        vec![
+            (area.join("images/other.raw"), "env/ab/Volume/x".to_string()),
+            (area.join("images/sub/prod.raw"), "Volume/prod".to_string()),
+        ]
+    );
+}

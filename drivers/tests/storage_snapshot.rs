@@ -195,3 +195,34 @@ fn workload_snapshot_covers_every_disk_and_refuses_an_incomplete_one() {
             .all(|s| s.name != "s1")
     );
 }
+
+#[test]
+fn storage_snapshot_copy_into_full_pool_leaves_no_temp() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let base = tmp.path().to_path_buf();
+    in_private_mount_ns(move || {
+        let pool_dir = base.join("pool");
+        // tmpfs has no reflinks: a snapshot is a full copy.
+        mount_tmpfs(&pool_dir, 20 * MI);
+        let env = env(&base);
+        let p = pool("local", PoolType::Dir, &pool_dir);
+        let src = base.join("content.img");
+        fs::write(&src, vec![0x77u8; 12 * MI as usize]).expect("write source");
+        let v = with_source(volume("db", "local", 12 * MI), &src);
+        let w = world(&[&p, &v]);
+        apply(&PoolDriver::new(&env), &p, &w);
+        apply(&VolumeDriver::new(&env), &v, &w);
+        let err = storage::snapshot_create(&env, &w, "db", "s1").expect_err("the pool is full");
+        match &err {
+            DriverError::Io { source, .. } => {
+                assert_eq!(source.kind(), std::io::ErrorKind::StorageFull, "{err}")
+            }
+            other => panic!("expected ENOSPC, got {other:?}"),
+        }
+        let left: Vec<_> = fs::read_dir(pool_dir.join("snapshots/db"))
+            .expect("readdir")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
+    });
+}

@@ -171,3 +171,169 @@ fn expired_environment_is_collected_by_gc() {
     );
     sb.run(&["env", "down", &d]).expect_code(0);
 }
+
+/// A tmpfs mounted at a path for the test, lazily unmounted on drop (even on failure).
+struct TmpfsMount(std::path::PathBuf);
+
+impl TmpfsMount {
+    fn new(at: &std::path::Path) -> Self {
+        std::fs::create_dir_all(at).expect("mkdir mount point");
+        let st = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=1m", "stead-e2e"])
+            .arg(at)
+            .status()
+            .expect("mount");
+        assert!(st.success(), "mount tmpfs at {}", at.display());
+        TmpfsMount(at.to_path_buf())
+    }
+}
+
+impl Drop for TmpfsMount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn env_down_stops_at_a_mount_left_in_its_pool_area_and_keeps_its_files() {
+    if skip_unless(
+        is_root(),
+        "env_down_stops_at_a_mount_left_in_its_pool_area_and_keeps_its_files",
+        "needs root",
+    ) {
+        return;
+    }
+    let sb = Sandbox::new();
+    let m = manifests(&sb);
+    let e = format!("t{}m", std::process::id());
+    sb.run(&["env", "up", &e, &m]).expect_code(0);
+    let area = sb.path(&format!("pools/p/envs/{e}"));
+    let mounted = TmpfsMount::new(&area.join("images/still-mounted"));
+    std::fs::write(mounted.0.join("precious"), b"data").expect("write into tmpfs");
+
+    let out = sb.run(&["env", "down", &e]).expect_code(1);
+    assert!(
+        out.stderr()
+            .contains("still-mounted is a mount point inside it"),
+        "{}",
+        out.stderr()
+    );
+    assert!(
+        out.stderr().contains("teardown incomplete"),
+        "{}",
+        out.stderr()
+    );
+    assert_eq!(
+        std::fs::read(mounted.0.join("precious")).expect("the mounted files survive"),
+        b"data"
+    );
+    assert!(
+        sb.path(&format!("state/envs/{e}/env.json")).exists(),
+        "record kept"
+    );
+
+    // Once unmounted, the next down finishes.
+    drop(mounted);
+    let out = sb.run(&["env", "down", &e]).expect_code(0);
+    assert!(
+        out.stdout().contains("nothing left behind"),
+        "{}",
+        out.stdout()
+    );
+    assert!(!area.exists());
+}
+
+fn owner_mark(p: &std::path::Path) -> Option<String> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(p.as_os_str().as_bytes()).expect("path");
+    let mut buf = [0u8; 512];
+    // SAFETY: `c` and the name are NUL-terminated; `buf` is writable for its length.
+    let n = unsafe {
+        libc::lgetxattr(
+            c.as_ptr(),
+            c"user.stead.owner".as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    let n = usize::try_from(n).ok()?;
+    Some(String::from_utf8_lossy(&buf[..n]).into_owned())
+}
+
+fn set_owner_mark(p: &std::path::Path, mark: &str) {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(p.as_os_str().as_bytes()).expect("path");
+    // SAFETY: `c` and the name are NUL-terminated; the value pointer/length describe `mark`.
+    let r = unsafe {
+        libc::lsetxattr(
+            c.as_ptr(),
+            c"user.stead.owner".as_ptr(),
+            mark.as_ptr().cast(),
+            mark.len(),
+            0,
+        )
+    };
+    assert_eq!(r, 0, "setxattr on {}", p.display());
+}
+
+#[test]
+fn env_marks_name_the_environment_and_down_keeps_a_volume_marked_for_the_host() {
+    if skip_unless(
+        is_root(),
+        "env_marks_name_the_environment_and_down_keeps_a_volume_marked_for_the_host",
+        "needs root",
+    ) {
+        return;
+    }
+    let sb = Sandbox::new();
+    let m = manifests(&sb);
+    let e = format!("t{}k", std::process::id());
+    sb.run(&["env", "up", &e, &m]).expect_code(0);
+    let disk = sb.path(&format!("pools/p/envs/{e}/images/data.raw"));
+    assert_eq!(
+        owner_mark(&disk).as_deref(),
+        Some(format!("env/{e}/Volume/data").as_str()),
+        "the mark names the environment"
+    );
+
+    // A volume carrying the host's own mark (as if adopted from production) is not the
+    // environment's: down must neither delete it nor remove the area holding it.
+    set_owner_mark(&disk, "Volume/data");
+    let out = sb.run(&["env", "down", &e]).expect_code(1);
+    assert!(
+        out.stderr().contains("teardown incomplete"),
+        "{}",
+        out.stderr()
+    );
+    assert!(
+        disk.exists(),
+        "the host-marked volume survives\n{}",
+        out.stderr()
+    );
+    assert_eq!(owner_mark(&disk).as_deref(), Some("Volume/data"));
+
+    // Marked back as the environment's, the purge succeeds; a file stead does not
+    // manage but marked for the host (a production image copied into the area) still
+    // keeps the area: only what the environment's mark names is removed.
+    set_owner_mark(&disk, &format!("env/{e}/Volume/data"));
+    let prod = sb.path(&format!("pools/p/envs/{e}/images/prod.raw"));
+    std::fs::write(&prod, b"production").expect("write");
+    set_owner_mark(&prod, "Volume/prod");
+    let out = sb.run(&["env", "down", &e]).expect_code(1);
+    assert!(
+        out.stderr()
+            .contains("prod.raw is marked Volume/prod, not by environment"),
+        "{}",
+        out.stderr()
+    );
+    assert_eq!(std::fs::read(&prod).expect("survives"), b"production");
+
+    std::fs::remove_file(&prod).expect("rm");
+    let out = sb.run(&["env", "down", &e]).expect_code(0);
+    assert!(
+        out.stdout().contains("nothing left behind"),
+        "{}",
+        out.stdout()
+    );
+    assert!(!disk.exists());
+}

@@ -5,5 +5,8 @@
 //! Higher crates (reconciler, drivers, the CLI) call these instead of writing their own.
 
 pub mod fs;
+pub mod mounts;
+pub mod tree;
 
 pub use fs::{HostError, write_atomic, write_atomic_mode};
+pub use tree::{TreeError, remove_tree_beneath};

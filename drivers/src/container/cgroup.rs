@@ -139,38 +139,18 @@ impl Hierarchy {
 /// Extracts the mount points of the v1 controllers stead uses from a mountinfo text.
 fn parse_v1_mounts(mountinfo: &str) -> Vec<(String, PathBuf)> {
     let mut out: Vec<(String, PathBuf)> = Vec::new();
-    for line in mountinfo.lines() {
-        // <id> <parent> <maj:min> <root> <mount point> <opts> [optional...] - <fstype> <src> <super opts>
-        let Some((left, right)) = line.split_once(" - ") else {
-            continue;
-        };
-        let mut r = right.split_whitespace();
-        if r.next() != Some("cgroup") {
-            continue;
-        }
-        let super_opts = r.nth(1).unwrap_or("");
-        let fields: Vec<&str> = left.split_whitespace().collect();
-        // Only mounts of a hierarchy's root (a bind of a sub-cgroup has another root).
-        let (Some(root), Some(mp)) = (fields.get(3), fields.get(4)) else {
-            continue;
-        };
-        if *root != "/" {
-            continue;
-        }
-        for opt in super_opts.split(',') {
+    // Only mounts of a hierarchy's root (a bind of a sub-cgroup has another root).
+    for m in stead_host::mounts::parse_mountinfo(mountinfo)
+        .into_iter()
+        .filter(|m| m.fstype == "cgroup" && m.root == Path::new("/"))
+    {
+        for opt in m.super_options.split(',') {
             if V1_CONTROLLERS.contains(&opt) && !out.iter().any(|(c, _)| c == opt) {
-                out.push((opt.to_string(), PathBuf::from(unescape_mount(mp))));
+                out.push((opt.to_string(), m.mount_point.clone()));
             }
         }
     }
     out
-}
-
-fn unescape_mount(s: &str) -> String {
-    s.replace("\\040", " ")
-        .replace("\\011", "\t")
-        .replace("\\012", "\n")
-        .replace("\\134", "\\")
 }
 
 /// One container cgroup (`<parent>/<name>`) in every hierarchy stead uses.

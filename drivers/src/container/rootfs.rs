@@ -302,7 +302,7 @@ pub fn unpack(tpl: &Path, dest: &Path, idmap: Option<IdMap>) -> Result<(), Drive
         magic == [0x28, 0xb5, 0x2f, 0xfd]
     };
     let tmp = parent.join(format!(".tmp-{dest_name}"));
-    let _ = fs::remove_dir_all(&tmp);
+    let _ = crate::storage::fsutil::remove_tree_if_exists(&tmp);
     fs::create_dir_all(&tmp).map_err(io(format!("mkdir {}", tmp.display())))?;
     let result = if is_zstd {
         let dec = zstd::Decoder::with_buffer(reader).map_err(io("zstd decoder"))?;
@@ -314,7 +314,7 @@ pub fn unpack(tpl: &Path, dest: &Path, idmap: Option<IdMap>) -> Result<(), Drive
         b.finish_and_clear();
     }
     if let Err(e) = result {
-        let _ = fs::remove_dir_all(&tmp);
+        let _ = crate::storage::fsutil::remove_tree_if_exists(&tmp);
         return Err(e);
     }
     if let Some(m) = idmap {

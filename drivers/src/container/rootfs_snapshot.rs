@@ -73,7 +73,7 @@ pub(crate) fn copy_tree(src: &Path, dst: &Path, reflink: Reflink) -> Result<(), 
     if out.status.success() {
         Ok(())
     } else {
-        let _ = fs::remove_dir_all(dst);
+        let _ = remove_tree_if_exists(dst);
         Err(DriverError::Command {
             command: format!("cp -a {flag} -T {} {}", src.display(), dst.display()),
             status: out.status.to_string(),

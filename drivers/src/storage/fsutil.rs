@@ -2,11 +2,9 @@
 //! ownership marks (xattr with a sidecar fallback), reflink and sparse-aware copies,
 //! fsync of files and directories.
 
-use std::ffi::CString;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, IsTerminal};
 use std::os::fd::AsRawFd;
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Component, Path, PathBuf};
 
@@ -134,12 +132,22 @@ pub fn remove_file_if_exists(path: &Path) -> Result<bool, DriverError> {
     }
 }
 
-/// Removes a directory tree; absent is success.
+/// Removes a directory tree (or a file or symlink); absent is success. Never follows a
+/// symlink inside the tree and never crosses into a mount: a mount at or below `path`
+/// is a [`DriverError::Conflict`] naming it, and nothing below a mount is touched.
 pub fn remove_tree_if_exists(path: &Path) -> Result<(), DriverError> {
-    match fs::remove_dir_all(path) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(DriverError::io(format!("remove {}", path.display()), e)),
+    stead_host::remove_tree_beneath(path)
+        .map(|_| ())
+        .map_err(tree_err)
+}
+
+/// A [`DriverError`] from a failed [`stead_host::remove_tree_beneath`].
+pub fn tree_err(e: stead_host::TreeError) -> DriverError {
+    match e {
+        stead_host::TreeError::MountBelow { .. } => DriverError::Conflict(e.to_string()),
+        stead_host::TreeError::Io(h) => {
+            DriverError::io(format!("{} {}", h.op, h.path.display()), h.source)
+        }
     }
 }
 
@@ -198,71 +206,51 @@ pub fn sidecar_of(path: &Path) -> PathBuf {
     PathBuf::from(s)
 }
 
-fn cpath(path: &Path) -> Result<CString, DriverError> {
-    CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| DriverError::Refused(format!("path {} contains NUL", path.display())))
-}
-
-fn xattr_unsupported(e: Errno) -> bool {
-    matches!(e, Errno::EOPNOTSUPP | Errno::ENOSYS)
+fn xattr_unsupported(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error().map(Errno::from_raw),
+        Some(Errno::EOPNOTSUPP | Errno::ENOSYS)
+    )
 }
 
 /// Sets the ownership mark on an open file: the xattr, or the sidecar next to `path` if
 /// the file system does not support user xattrs.
 pub fn set_owner(file: &File, path: &Path, owner: &str) -> Result<MarkKind, DriverError> {
-    let name = CString::new(OWNER_XATTR).map_err(|_| DriverError::Other("xattr name".into()))?;
-    // SAFETY: the fd is open for the duration of the call, `name` is a valid NUL-terminated
-    // string and the value pointer/length describe `owner`'s bytes.
-    let r = unsafe {
-        libc::fsetxattr(
-            file.as_raw_fd(),
-            name.as_ptr(),
-            owner.as_ptr().cast(),
-            owner.len(),
-            0,
-        )
-    };
-    if r == 0 {
-        return Ok(MarkKind::Xattr);
-    }
-    let e = Errno::last();
-    if !xattr_unsupported(e) {
-        return Err(nix_err(format!("set xattr on {}", path.display()), e));
+    use xattr::FileExt as _;
+    match file.set_xattr(OWNER_XATTR, owner.as_bytes()) {
+        Ok(()) => return Ok(MarkKind::Xattr),
+        Err(e) if !xattr_unsupported(&e) => {
+            return Err(DriverError::io(
+                format!("set xattr on {}", path.display()),
+                e,
+            ));
+        }
+        Err(_) => {}
     }
     let side = sidecar_of(path);
     write_atomic(&side, owner.as_bytes())?;
     Ok(MarkKind::Sidecar)
 }
 
-/// Reads the ownership mark of `path` (xattr first, then the sidecar). Does not follow
-/// a symlink at `path`.
+/// Reads the ownership mark of `path` (xattr first, then the sidecar), whatever its
+/// length. Does not follow a symlink at `path`.
 pub fn get_owner(path: &Path) -> Result<Option<(String, MarkKind)>, DriverError> {
-    let c = cpath(path)?;
-    let name = CString::new(OWNER_XATTR).map_err(|_| DriverError::Other("xattr name".into()))?;
-    let mut buf = [0u8; 256];
-    // SAFETY: `c` and `name` are valid NUL-terminated strings; `buf` is writable for
-    // `buf.len()` bytes and outlives the call.
-    let n = unsafe {
-        libc::lgetxattr(
-            c.as_ptr(),
-            name.as_ptr(),
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-        )
-    };
-    if n >= 0 {
-        let len = usize::try_from(n).unwrap_or(0).min(buf.len());
-        return Ok(Some((
-            String::from_utf8_lossy(&buf[..len]).into_owned(),
-            MarkKind::Xattr,
-        )));
-    }
-    let e = Errno::last();
-    match e {
-        Errno::ENODATA => {}
-        e if xattr_unsupported(e) => {}
-        Errno::ENOENT => return Ok(None),
-        e => return Err(nix_err(format!("get xattr of {}", path.display()), e)),
+    match xattr::get(path, OWNER_XATTR) {
+        Ok(Some(v)) => {
+            return Ok(Some((
+                String::from_utf8_lossy(&v).into_owned(),
+                MarkKind::Xattr,
+            )));
+        }
+        Ok(None) => {}
+        Err(e) if xattr_unsupported(&e) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => {
+            return Err(DriverError::io(
+                format!("get xattr of {}", path.display()),
+                e,
+            ));
+        }
     }
     let side = sidecar_of(path);
     match fs::read_to_string(&side) {
@@ -460,6 +448,53 @@ mod tests {
         assert!(check_pool_root(Path::new("rel/pool")).is_err());
         assert!(check_pool_root(Path::new("/tmp/../etc")).is_err());
         assert!(check_pool_root(Path::new("/nonexistent-stead-pool-xyz")).is_ok());
+    }
+
+    #[test]
+    fn remove_tree_refuses_a_mount_below_and_leaves_its_files() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let tree = d.path().join("vol");
+        let (res, survived) = std::thread::spawn(move || {
+            // SAFETY: unshares only this thread's mount namespace (and fs struct).
+            unsafe { rustix::thread::unshare_unsafe(rustix::thread::UnshareFlags::NEWNS) }
+                .expect("unshare");
+            rustix::mount::mount_change(
+                "/",
+                rustix::mount::MountPropagationFlags::PRIVATE
+                    | rustix::mount::MountPropagationFlags::REC,
+            )
+            .expect("private");
+            let m = tree.join("staging");
+            fs::create_dir_all(&m).expect("mkdir");
+            rustix::mount::mount("t", &m, "tmpfs", rustix::mount::MountFlags::empty(), None)
+                .expect("mount tmpfs");
+            fs::write(m.join("f"), b"x").expect("write");
+            let res = remove_tree_if_exists(&tree);
+            let survived = m.join("f").exists();
+            rustix::mount::unmount(&m, rustix::mount::UnmountFlags::empty()).expect("umount");
+            (res, survived)
+        })
+        .join()
+        .expect("thread");
+        match res {
+            Err(DriverError::Conflict(m)) => assert!(m.contains("staging is a mount point"), "{m}"),
+            other => panic!("expected a conflict, got {other:?}"),
+        }
+        assert!(survived, "files on the mount survive");
+    }
+
+    #[test]
+    fn a_long_owner_mark_round_trips_whole() {
+        // Marks used to be read into a fixed 256-byte buffer (ERANGE past it).
+        let d = tempfile::tempdir().expect("tempdir");
+        let p = d.path().join("v.raw");
+        let f = create_new(&p).expect("create");
+        let mark = format!("env/{}/Volume/web", "e".repeat(285));
+        assert_eq!(mark.len(), 300);
+        let kind = set_owner(&f, &p, &mark).expect("set");
+        let (got, got_kind) = get_owner(&p).expect("get").expect("a mark");
+        assert_eq!(got, mark);
+        assert_eq!(got_kind, kind);
     }
 
     #[test]

@@ -10,14 +10,26 @@ use stead_schema::{DriverError, LvmSpec};
 /// Tag prefix marking an LV as stead's.
 pub const OWNER_TAG_PREFIX: &str = "stead-owner=";
 
-/// The owner tag for a volume.
+/// The owner tag for a volume (scoped to the environment, see
+/// [`super::set_owner_scope`]).
 pub fn owner_tag(volume: &str) -> String {
-    format!("{OWNER_TAG_PREFIX}Volume/{volume}")
+    format!("{OWNER_TAG_PREFIX}{}", super::volume::owner_of(volume))
+}
+
+/// The LV name of a volume: the volume name, prefixed `env-<env>-` inside an
+/// environment (see [`super::set_owner_scope`]).
+pub fn lv_name(volume: &str) -> String {
+    format!("{}{volume}", super::lv_prefix())
+}
+
+/// The volume an LV of this scope holds (`None` for an LV of another scope).
+pub fn volume_of_lv(lv: &str) -> Option<&str> {
+    lv.strip_prefix(super::lv_prefix().as_str())
 }
 
 /// Device path of a volume's LV.
 pub fn lv_path(l: &LvmSpec, volume: &str) -> PathBuf {
-    PathBuf::from(format!("/dev/{}/{volume}", l.volume_group))
+    PathBuf::from(format!("/dev/{}/{}", l.volume_group, lv_name(volume)))
 }
 
 fn s(v: &str) -> String {
@@ -31,12 +43,13 @@ pub fn cmd_create(l: &LvmSpec, volume: &str, size: u64) -> Vec<String> {
         s("--yes"),
         s("-V"),
         format!("{size}b"),
-        s("-T"),
-        format!("{}/{}", l.volume_group, l.thin_pool),
+        s("--thin"),
         s("-n"),
-        s(volume),
+        lv_name(volume),
         s("--addtag"),
         owner_tag(volume),
+        s("--"),
+        format!("{}/{}", l.volume_group, l.thin_pool),
     ]
 }
 
@@ -46,7 +59,8 @@ pub fn cmd_extend(l: &LvmSpec, volume: &str, size: u64) -> Vec<String> {
         s("lvextend"),
         s("-L"),
         format!("{size}b"),
-        format!("{}/{volume}", l.volume_group),
+        s("--"),
+        format!("{}/{}", l.volume_group, lv_name(volume)),
     ]
 }
 
@@ -55,6 +69,7 @@ pub fn cmd_remove(l: &LvmSpec, lv: &str) -> Vec<String> {
     vec![
         s("lvremove"),
         s("--yes"),
+        s("--"),
         format!("{}/{lv}", l.volume_group),
     ]
 }
@@ -70,13 +85,14 @@ pub fn cmd_list(l: &LvmSpec) -> Vec<String> {
         s("--nosuffix"),
         s("-o"),
         s("lv_name,lv_size,pool_lv,origin,lv_tags,lv_time"),
+        s("--"),
         l.volume_group.clone(),
     ]
 }
 
 /// Name of the LV holding snapshot `snap` of `volume`.
 pub fn snapshot_lv(volume: &str, snap: &str) -> String {
-    format!("{volume}--snap--{snap}")
+    format!("{}--snap--{snap}", lv_name(volume))
 }
 
 /// `lvcreate -s` thin snapshot of a volume.
@@ -89,7 +105,8 @@ pub fn cmd_snapshot(l: &LvmSpec, volume: &str, snap: &str) -> Vec<String> {
         snapshot_lv(volume, snap),
         s("--addtag"),
         owner_tag(volume),
-        format!("{}/{volume}", l.volume_group),
+        s("--"),
+        format!("{}/{}", l.volume_group, lv_name(volume)),
     ]
 }
 
@@ -98,6 +115,7 @@ pub fn cmd_rollback(l: &LvmSpec, volume: &str, snap: &str) -> Vec<String> {
     vec![
         s("lvconvert"),
         s("--merge"),
+        s("--"),
         format!("{}/{}", l.volume_group, snapshot_lv(volume, snap)),
     ]
 }
@@ -165,6 +183,7 @@ pub fn have_device_mapper() -> bool {
 
 /// Runs an LVM command, returning stdout.
 pub fn run(argv: &[String]) -> Result<String, DriverError> {
+    super::check_operands(argv)?;
     if !have_device_mapper() {
         return Err(DriverError::Unsupported(
             "kernel lacks device-mapper".into(),
@@ -200,30 +219,74 @@ mod tests {
     #[test]
     fn builds_commands() {
         assert_eq!(
-            cmd_create(&spec(), "web", 1 << 30).join(" "),
-            "lvcreate --yes -V 1073741824b -T vg0/data -n web --addtag stead-owner=Volume/web"
+            cmd_create(&spec(), "web", 1 << 30),
+            [
+                "lvcreate",
+                "--yes",
+                "-V",
+                "1073741824b",
+                "--thin",
+                "-n",
+                "web",
+                "--addtag",
+                "stead-owner=Volume/web",
+                "--",
+                "vg0/data"
+            ]
         );
         assert_eq!(
-            cmd_extend(&spec(), "web", 2 << 30).join(" "),
-            "lvextend -L 2147483648b vg0/web"
+            cmd_extend(&spec(), "web", 2 << 30),
+            ["lvextend", "-L", "2147483648b", "--", "vg0/web"]
         );
         assert_eq!(
-            cmd_remove(&spec(), "web").join(" "),
-            "lvremove --yes vg0/web"
+            cmd_remove(&spec(), "web"),
+            ["lvremove", "--yes", "--", "vg0/web"]
         );
         assert_eq!(
             cmd_list(&spec()).join(" "),
-            "lvs --reportformat json --units b --nosuffix -o lv_name,lv_size,pool_lv,origin,lv_tags,lv_time vg0"
+            "lvs --reportformat json --units b --nosuffix -o lv_name,lv_size,pool_lv,origin,lv_tags,lv_time -- vg0"
         );
         assert_eq!(
-            cmd_snapshot(&spec(), "web", "s1").join(" "),
-            "lvcreate --yes -s -n web--snap--s1 --addtag stead-owner=Volume/web vg0/web"
+            cmd_snapshot(&spec(), "web", "s1"),
+            [
+                "lvcreate",
+                "--yes",
+                "-s",
+                "-n",
+                "web--snap--s1",
+                "--addtag",
+                "stead-owner=Volume/web",
+                "--",
+                "vg0/web"
+            ]
         );
         assert_eq!(
-            cmd_rollback(&spec(), "web", "s1").join(" "),
-            "lvconvert --merge vg0/web--snap--s1"
+            cmd_rollback(&spec(), "web", "s1"),
+            ["lvconvert", "--merge", "--", "vg0/web--snap--s1"]
         );
         assert_eq!(lv_path(&spec(), "web"), PathBuf::from("/dev/vg0/web"));
+    }
+
+    #[test]
+    fn a_volume_group_that_looks_like_an_option_is_refused_before_running() {
+        let l = LvmSpec {
+            volume_group: "--config=x".into(),
+            thin_pool: "data".into(),
+        };
+        let argv = cmd_list(&l);
+        assert_eq!(argv.last().map(String::as_str), Some("--config=x"));
+        match super::super::check_operands(&argv) {
+            Err(DriverError::Refused(m)) => assert_eq!(
+                m,
+                "argument \"--config=x\" starts with '-' and would be read as an option"
+            ),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        match run(&argv) {
+            Err(DriverError::Refused(_)) => {}
+            other => panic!("must not run: {other:?}"),
+        }
+        assert!(super::super::check_operands(&cmd_list(&spec())).is_ok());
     }
 
     #[test]

@@ -39,6 +39,64 @@ pub use snapshot::{
 };
 pub use volume::VolumeDriver;
 
+/// The environment whose ownership scope this process acts in (`None`: the host's own).
+static OWNER_SCOPE: std::sync::RwLock<Option<String>> = std::sync::RwLock::new(None);
+
+/// Scopes every ownership mark this process writes or honours to environment `env`
+/// (`stead env`): marks then read `env/<env>/Volume/<name>`, so an environment never
+/// adopts, changes or deletes a volume marked for the host or for another environment.
+/// `None` returns to the host's own scope (`Volume/<name>`).
+pub fn set_owner_scope(env: Option<&str>) {
+    let mut g = OWNER_SCOPE.write().unwrap_or_else(|p| p.into_inner());
+    *g = env.map(str::to_string);
+}
+
+/// The prefix of ownership marks in environment `env`.
+pub fn env_owner_prefix(env: &str) -> String {
+    format!("env/{env}/")
+}
+
+/// The prefix of ownership marks in this process's scope (empty for the host's own).
+pub(crate) fn owner_prefix() -> String {
+    let g = OWNER_SCOPE.read().unwrap_or_else(|p| p.into_inner());
+    g.as_deref().map(env_owner_prefix).unwrap_or_default()
+}
+
+/// The LV name prefix of this process's scope: `env-<env>-` inside an environment (its
+/// LVs share the volume group with the host's), empty for the host's own.
+pub(crate) fn lv_prefix() -> String {
+    let g = OWNER_SCOPE.read().unwrap_or_else(|p| p.into_inner());
+    g.as_deref()
+        .map(|e| format!("env-{e}-"))
+        .unwrap_or_default()
+}
+
+/// The ownership mark of a file (xattr `user.stead.owner`, else its sidecar), if any.
+pub fn owner_mark(path: &std::path::Path) -> Result<Option<String>, DriverError> {
+    Ok(fsutil::get_owner(path)?.map(|(m, _)| m))
+}
+
+/// Files under `area` (symlinks not followed) whose ownership mark does not start with
+/// `prefix`, with their mark; an unreadable mark is reported as the error text.
+pub fn marks_outside(area: &std::path::Path, prefix: &str) -> Vec<(PathBuf, String)> {
+    let mut out = Vec::new();
+    for e in walkdir::WalkDir::new(area)
+        .follow_links(false)
+        .into_iter()
+        .flatten()
+    {
+        if !e.file_type().is_file() {
+            continue;
+        }
+        match owner_mark(e.path()) {
+            Ok(Some(m)) if !m.starts_with(prefix) => out.push((e.path().to_path_buf(), m)),
+            Ok(_) => {}
+            Err(err) => out.push((e.path().to_path_buf(), err.to_string())),
+        }
+    }
+    out
+}
+
 /// Looks up a StoragePool spec by name.
 pub fn pool_spec<'a>(
     world: &'a dyn Lookup,
@@ -88,11 +146,33 @@ pub fn volume_path(world: &dyn Lookup, volume_name: &str) -> Result<PathBuf, Dri
     volume::disk_path(vol.pool.as_str(), pool, volume_name)
 }
 
+/// Refuses a manifest value that a tool would read as an option (it starts with `-`).
+/// `stead validate` checks the tools' naming rules; this is the driver's own guard.
+pub(crate) fn check_not_option(field: &str, value: &str) -> Result<(), DriverError> {
+    if value.starts_with('-') {
+        return Err(DriverError::Refused(format!(
+            "{field} {value:?} starts with '-' and would be read as an option"
+        )));
+    }
+    Ok(())
+}
+
+/// Checks that every operand after `--` in `argv` (the manifest's values) is not an
+/// option, so that even past the `--` no tool gets a `-x` from a manifest.
+pub(crate) fn check_operands(argv: &[String]) -> Result<(), DriverError> {
+    let operands = argv.iter().skip_while(|a| *a != "--").skip(1);
+    for a in operands {
+        check_not_option("argument", a)?;
+    }
+    Ok(())
+}
+
 /// Runs an external storage tool, mapping a missing binary to `Unsupported`.
 pub(crate) fn run_tool(argv: &[String], package: &str) -> Result<String, DriverError> {
     let Some((first, rest)) = argv.split_first() else {
         return Err(DriverError::Other("empty command".into()));
     };
+    check_operands(argv)?;
     let line = argv.join(" ");
     tracing::debug!(command = %line, "running");
     let out = std::process::Command::new(first)

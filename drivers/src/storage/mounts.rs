@@ -1,75 +1,27 @@
 //! `/proc/self/mountinfo` parsing, and NFS mounting via mount(2).
 
 use std::net::ToSocketAddrs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use nix::mount::{MntFlags, MsFlags};
 use stead_schema::{DriverError, NfsSpec};
 
 use super::fsutil::nix_err;
 
-/// One mount.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MountEntry {
-    /// Mount point.
-    pub mount_point: PathBuf,
-    /// File-system type (`nfs`, `nfs4`, `btrfs`, …).
-    pub fstype: String,
-    /// Mount source (`server:/export`, `/dev/loop0`, …).
-    pub source: String,
-}
-
-fn unescape(s: &str) -> String {
-    // mountinfo escapes space, tab, newline and backslash as \ooo (octal).
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
-            out.push(v);
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// Parses mountinfo text.
-pub fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
-    let mut out = Vec::new();
-    for line in text.lines() {
-        let fields: Vec<&str> = line.split(' ').collect();
-        let Some(sep) = fields.iter().position(|f| *f == "-") else {
-            continue;
-        };
-        if fields.len() < 5 || fields.len() < sep + 3 {
-            continue;
-        }
-        out.push(MountEntry {
-            mount_point: PathBuf::from(unescape(fields[4])),
-            fstype: fields[sep + 1].to_string(),
-            source: unescape(fields[sep + 2]),
-        });
-    }
-    out
-}
+pub use stead_host::mounts::{MountEntry, MountTable};
 
 /// Reads the current mount table (empty if unreadable).
 pub fn read_mounts() -> Vec<MountEntry> {
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .map(|t| parse_mountinfo(&t))
+    MountTable::read()
+        .map(|t| t.entries().to_vec())
         .unwrap_or_default()
 }
 
-/// The topmost mount at exactly `path`.
+/// The topmost mount at `path`, compared canonically (`a/../b`, symlinks, a trailing `/`
+/// find the same mount).
 pub fn mount_at<'a>(mounts: &'a [MountEntry], path: &Path) -> Option<&'a MountEntry> {
-    mounts.iter().rev().find(|m| m.mount_point == path)
+    let p = stead_host::mounts::canonical(path);
+    mounts.iter().rev().find(|m| m.mount_point == p)
 }
 
 /// The NFS source string `server:/export`.
@@ -118,8 +70,20 @@ pub fn kernel_has_nfs() -> bool {
         .unwrap_or(false)
 }
 
+/// Refuses NFS fields that a mount tool would read as options (a leading `-`). stead
+/// mounts with mount(2), so this is defence in depth.
+pub fn check_nfs_spec(nfs: &NfsSpec) -> Result<(), DriverError> {
+    super::check_not_option("nfs server", &nfs.server)?;
+    super::check_not_option("nfs export", &nfs.export)?;
+    if let Some(o) = &nfs.options {
+        super::check_not_option("nfs options", o.trim())?;
+    }
+    Ok(())
+}
+
 /// Mounts `nfs` at `path` with mount(2).
 pub fn mount_nfs(nfs: &NfsSpec, path: &Path) -> Result<(), DriverError> {
+    check_nfs_spec(nfs)?;
     if !kernel_has_nfs() {
         return Err(DriverError::Unsupported(
             "kernel lacks an NFS client (no nfs in /proc/filesystems)".into(),
@@ -154,6 +118,8 @@ pub fn unmount(path: &Path) -> Result<(), DriverError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::PathBuf;
+    use stead_host::mounts::parse_mountinfo;
 
     #[test]
     fn parses_mountinfo() {
@@ -168,6 +134,46 @@ mod tests {
             Some(("fs1".to_string(), "/export/x".to_string()))
         );
         assert!(mount_at(&m, Path::new("/srv/pool")).is_some());
+        assert!(mount_at(&m, Path::new("/srv/x/../pool/")).is_some());
+    }
+
+    #[test]
+    fn nfs_fields_that_look_like_options_are_refused_before_mounting() {
+        let ok = NfsSpec {
+            server: "fs1".into(),
+            export: "/x".into(),
+            options: Some("soft".into()),
+        };
+        assert!(check_nfs_spec(&ok).is_ok());
+        let cases = [
+            (
+                NfsSpec {
+                    server: "-oremount".into(),
+                    ..ok.clone()
+                },
+                "nfs server \"-oremount\" starts with '-' and would be read as an option",
+            ),
+            (
+                NfsSpec {
+                    export: "-x".into(),
+                    ..ok.clone()
+                },
+                "nfs export \"-x\" starts with '-' and would be read as an option",
+            ),
+            (
+                NfsSpec {
+                    options: Some(" -t nfs".into()),
+                    ..ok.clone()
+                },
+                "nfs options \"-t nfs\" starts with '-' and would be read as an option",
+            ),
+        ];
+        for (spec, want) in cases {
+            match mount_nfs(&spec, Path::new("/nonexistent-stead-mnt")) {
+                Err(DriverError::Refused(m)) => assert_eq!(m, want),
+                other => panic!("expected a refusal, got {other:?}"),
+            }
+        }
     }
 
     #[test]

@@ -150,6 +150,25 @@ fn zfs_spec<'a>(c: &Ctx<'a>) -> Result<&'a stead_schema::ZfsSpec, DriverError> {
         .ok_or_else(|| DriverError::Refused(format!("StoragePool/{} has no spec.zfs", c.pool_name)))
 }
 
+/// Copies the volume `src` into the new file `tmp`, marks it and renames it to `target`.
+fn copy_snapshot_file(
+    src: &File,
+    tmp: &Path,
+    target: &Path,
+    volume: &str,
+    snap: &str,
+) -> Result<fsutil::CopyMethod, DriverError> {
+    let dst = fsutil::create_new(tmp)?;
+    fsutil::set_owner(&dst, target, &owner_of(volume))?;
+    let how = fsutil::clone_or_copy(src, &dst, &format!("snapshot Volume/{volume}@{snap}"))?;
+    dst.sync_all()
+        .map_err(|e| DriverError::io(format!("fsync {}", tmp.display()), e))?;
+    drop(dst);
+    fs::rename(tmp, target)
+        .map_err(|e| DriverError::io(format!("rename to {}", target.display()), e))?;
+    Ok(how)
+}
+
 /// Takes snapshot `snap` of `volume`. Refuses an existing snapshot name.
 pub fn snapshot_create(
     _env: &HostEnv,
@@ -175,15 +194,13 @@ pub fn snapshot_create(
             fsutil::remove_file_if_exists(&tmp)?;
             let src = File::open(&vol)
                 .map_err(|e| DriverError::io(format!("open {}", vol.display()), e))?;
-            let dst = fsutil::create_new(&tmp)?;
-            fsutil::set_owner(&dst, &target, &owner_of(volume))?;
-            let how =
-                fsutil::clone_or_copy(&src, &dst, &format!("snapshot Volume/{volume}@{snap}"))?;
-            dst.sync_all()
-                .map_err(|e| DriverError::io(format!("fsync {}", tmp.display()), e))?;
-            drop(dst);
-            fs::rename(&tmp, &target)
-                .map_err(|e| DriverError::io(format!("rename to {}", target.display()), e))?;
+            let copied = copy_snapshot_file(&src, &tmp, &target, volume, snap);
+            if copied.is_err() {
+                // A failed copy (a full pool) must not keep its space, nor its mark.
+                let _ = fsutil::remove_file_if_exists(&tmp);
+                let _ = fsutil::remove_file_if_exists(&fsutil::sidecar_of(&target));
+            }
+            let how = copied?;
             fsutil::fsync_dir(&dir)?;
             info!(method = how.as_str(), path = %target.display(), "snapshot created");
             let m = fs::symlink_metadata(&target)
@@ -306,10 +323,11 @@ pub fn snapshot_list(
         }
         PoolType::Lvmthin => {
             let l = lvm_spec(&c)?;
-            let prefix = format!("{volume}--snap--");
+            let origin = lvm::lv_name(volume);
+            let prefix = format!("{origin}--snap--");
             for lv in lvm::parse_lvs(&lvm::run(&lvm::cmd_list(l))?)? {
                 if let Some(n) = lv.lv_name.strip_prefix(&prefix)
-                    && lv.origin == volume
+                    && lv.origin == origin
                 {
                     out.push(SnapshotInfo {
                         volume: volume.into(),
@@ -381,7 +399,7 @@ pub fn snapshot_rollback(
             let images = fsutil::ensure_dir(&c.pool.path, &["images"])?;
             let tmp = images.join(tmp_name(volume));
             fsutil::remove_file_if_exists(&tmp)?;
-            let dst = fsutil::create_new(&tmp)?;
+            let dst = super::volume::create_locked_tmp(&tmp)?;
             fsutil::set_owner(&dst, &vol, &owner_of(volume))?;
             let how =
                 fsutil::clone_or_copy(&src, &dst, &format!("rollback Volume/{volume}@{snap}"))?;

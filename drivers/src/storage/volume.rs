@@ -19,14 +19,67 @@ use super::{btrfs, lvm, pool, snapshot, zfs};
 /// File name of the disk image inside a btrfs volume subvolume.
 pub const BTRFS_DISK: &str = "disk.raw";
 
-/// The ownership mark text of a volume.
+/// The ownership mark text of a volume: `Volume/<name>`, or
+/// `env/<env>/Volume/<name>` inside an environment (see [`super::set_owner_scope`]).
 pub(crate) fn owner_of(volume: &str) -> String {
-    format!("Volume/{volume}")
+    format!("{}Volume/{volume}", super::owner_prefix())
 }
 
 /// Temp name of a file volume being built.
 pub(crate) fn tmp_name(volume: &str) -> String {
     format!(".{volume}.raw.tmp")
+}
+
+/// Whether `file_name` is a temp name stead gives a file volume it builds
+/// (`.NAME.raw.tmp` with NAME a valid volume name).
+pub(crate) fn is_volume_tmp_name(file_name: &str) -> bool {
+    file_name
+        .strip_prefix('.')
+        .and_then(|n| n.strip_suffix(".raw.tmp"))
+        .is_some_and(|v| check_component("volume name", v).is_ok())
+}
+
+/// Creates the temp file of a volume being built, locked (flock) for as long as it is
+/// open, so that [`sweep_stale_temps`] leaves it alone.
+pub(crate) fn create_locked_tmp(tmp: &Path) -> Result<File, DriverError> {
+    let f = fsutil::create_new(tmp)?;
+    f.lock()
+        .map_err(|e| DriverError::io(format!("lock {}", tmp.display()), e))?;
+    Ok(f)
+}
+
+/// Removes stale volume temp files (`.NAME.raw.tmp`, regular files only) from the
+/// `images` dir of a stead-owned pool: what a failed or killed copy left, also for
+/// volumes no longer in the manifests, so a pool that filled up gets its space back.
+/// A temp file whose builder still holds its lock is in use and kept. Returns how many
+/// were removed.
+pub(crate) fn sweep_stale_temps(images: &Path) -> Result<usize, DriverError> {
+    let rd = fs::read_dir(images)
+        .map_err(|e| DriverError::io(format!("read {}", images.display()), e))?;
+    let mut removed = 0;
+    for e in rd.flatten() {
+        let name = e.file_name();
+        if !name.to_str().is_some_and(is_volume_tmp_name)
+            || !e.file_type().is_ok_and(|t| t.is_file())
+        {
+            continue;
+        }
+        let p = e.path();
+        let Ok(f) = fsutil::open_rw_nofollow(&p) else {
+            continue;
+        };
+        if f.try_lock().is_err() {
+            continue; // being built right now
+        }
+        if fsutil::remove_file_if_exists(&p)? {
+            info!(path = %p.display(), "removed stale volume temp file");
+            removed += 1;
+        }
+    }
+    if removed > 0 {
+        fsutil::fsync_dir(images)?;
+    }
+    Ok(removed)
 }
 
 /// The disk path of `volume` in `pool` (see [`super::volume_path`]).
@@ -249,9 +302,10 @@ impl VolumeDriver {
                             .and_then(|t| lvm::parse_lvs(&t))
                             .map(|lvs| {
                                 lvs.into_iter()
-                                    .map(|lv| {
+                                    .filter_map(|lv| {
                                         let owner = lv.owner().map(str::to_string);
-                                        (lv.lv_name, (lv.lv_size, owner))
+                                        let volume = lvm::volume_of_lv(&lv.lv_name)?.to_string();
+                                        Some((volume, (lv.lv_size, owner)))
                                     })
                                     .collect()
                             }),
@@ -344,8 +398,9 @@ fn check_owned(path: &Path, name: &str) -> Result<(), DriverError> {
     match fsutil::get_owner(path)? {
         Some((o, _)) if o == owner_of(name) => Ok(()),
         Some((o, _)) => Err(DriverError::Conflict(format!(
-            "{} is marked {o}, not Volume/{name}",
-            path.display()
+            "{} is marked {o}, not {}",
+            path.display(),
+            owner_of(name)
         ))),
         None => Err(DriverError::Conflict(format!(
             "{} exists and is not owned by stead",
@@ -395,9 +450,7 @@ fn apply_file(t: &Target<'_>) -> Result<(), DriverError> {
     let size = t.spec.size.bytes();
     let images = fsutil::ensure_dir(&t.pool.path, &["images"])?;
     let tmp = images.join(tmp_name(t.name));
-    if fsutil::remove_file_if_exists(&tmp)? {
-        info!(volume = t.name, "removed leftover {}", tmp.display());
-    }
+    sweep_stale_temps(&images)?;
     let path = disk_path(t.pool_name, t.pool, t.name)?;
     match fs::symlink_metadata(&path) {
         Ok(m) if !m.is_file() => Err(DriverError::Conflict(format!(
@@ -409,20 +462,37 @@ fn apply_file(t: &Target<'_>) -> Result<(), DriverError> {
             grow_file(&path, t.name, size)
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            let f = fsutil::create_new(&tmp)?;
-            let mark = fsutil::set_owner(&f, &path, &owner_of(t.name))?;
-            let src = t.spec.source.as_ref().map(|s| s.file.as_path());
-            fill_new(&f, &tmp, t.name, size, src)?;
-            drop(f);
-            fs::rename(&tmp, &path).map_err(|e| {
-                DriverError::io(format!("rename {} -> {}", tmp.display(), path.display()), e)
-            })?;
+            let made = create_file_volume(t, &tmp, &path, size);
+            if made.is_err() {
+                // A failed copy (a full pool) must not keep its space, nor its mark.
+                let _ = fsutil::remove_file_if_exists(&tmp);
+                let _ = fsutil::remove_file_if_exists(&fsutil::sidecar_of(&path));
+            }
+            made?;
             fsutil::fsync_dir(&images)?;
-            info!(volume = t.name, path = %path.display(), size, mark = mark.as_str(), "volume created");
             Ok(())
         }
         Err(e) => Err(DriverError::io(format!("stat {}", path.display()), e)),
     }
+}
+
+/// Builds a new file volume in `tmp` (locked while open) and renames it to `path`.
+fn create_file_volume(
+    t: &Target<'_>,
+    tmp: &Path,
+    path: &Path,
+    size: u64,
+) -> Result<(), DriverError> {
+    let f = create_locked_tmp(tmp)?;
+    let mark = fsutil::set_owner(&f, path, &owner_of(t.name))?;
+    let src = t.spec.source.as_ref().map(|s| s.file.as_path());
+    fill_new(&f, tmp, t.name, size, src)?;
+    fs::rename(tmp, path).map_err(|e| {
+        DriverError::io(format!("rename {} -> {}", tmp.display(), path.display()), e)
+    })?;
+    drop(f);
+    info!(volume = t.name, path = %path.display(), size, mark = mark.as_str(), "volume created");
+    Ok(())
 }
 
 fn apply_btrfs(t: &Target<'_>) -> Result<(), DriverError> {
@@ -450,11 +520,16 @@ fn apply_btrfs(t: &Target<'_>) -> Result<(), DriverError> {
     }
     btrfs::subvol_create(&images, &tmp_sub)?;
     let tmp_disk = images.join(&tmp_sub).join(BTRFS_DISK);
-    let f = fsutil::create_new(&tmp_disk)?;
-    fsutil::set_owner(&f, &tmp_disk, &owner_of(t.name))?;
-    let src = t.spec.source.as_ref().map(|s| s.file.as_path());
-    fill_new(&f, &tmp_disk, t.name, size, src)?;
-    drop(f);
+    let filled = fsutil::create_new(&tmp_disk).and_then(|f| {
+        fsutil::set_owner(&f, &tmp_disk, &owner_of(t.name))?;
+        let src = t.spec.source.as_ref().map(|s| s.file.as_path());
+        fill_new(&f, &tmp_disk, t.name, size, src)
+    });
+    if let Err(e) = filled {
+        // A failed copy (a full pool) must not keep its space.
+        let _ = remove_btrfs_tmp(&images, &tmp_sub);
+        return Err(e);
+    }
     fs::rename(images.join(&tmp_sub), &dir)
         .map_err(|e| DriverError::io(format!("rename subvolume to {}", dir.display()), e))?;
     fsutil::fsync_dir(&images)?;
@@ -472,7 +547,7 @@ pub(crate) fn remove_btrfs_tmp(dir: &Path, name: &str) -> Result<(), DriverError
     if btrfs::is_subvolume(&p)? {
         btrfs::subvol_destroy(dir, name)
     } else {
-        fs::remove_dir_all(&p).map_err(|e| DriverError::io(format!("remove {}", p.display()), e))
+        fsutil::remove_tree_if_exists(&p)
     }
 }
 
@@ -765,7 +840,7 @@ impl Driver for VolumeDriver {
                     .lvm
                     .as_ref()
                     .ok_or_else(|| DriverError::Refused("no spec.lvm".into()))?;
-                lvm::run(&lvm::cmd_remove(l, t.name)).map(|_| ())
+                lvm::run(&lvm::cmd_remove(l, &lvm::lv_name(t.name))).map(|_| ())
             }
             PoolType::Zfs => {
                 if !observed.exists {

@@ -32,7 +32,8 @@ pub fn cmd_create(z: &ZfsSpec, volume: &str, size: u64) -> Vec<String> {
         s("-V"),
         size.to_string(),
         s("-o"),
-        format!("{OWNER_PROP}=Volume/{volume}"),
+        format!("{OWNER_PROP}={}", super::volume::owner_of(volume)),
+        s("--"),
         zvol_name(z, volume),
     ]
 }
@@ -42,6 +43,7 @@ pub fn cmd_grow(z: &ZfsSpec, volume: &str, size: u64) -> Vec<String> {
     vec![
         s("zfs"),
         s("set"),
+        s("--"),
         format!("volsize={size}"),
         zvol_name(z, volume),
     ]
@@ -49,7 +51,13 @@ pub fn cmd_grow(z: &ZfsSpec, volume: &str, size: u64) -> Vec<String> {
 
 /// `zfs destroy -r` of a volume and its snapshots.
 pub fn cmd_destroy(z: &ZfsSpec, volume: &str) -> Vec<String> {
-    vec![s("zfs"), s("destroy"), s("-r"), zvol_name(z, volume)]
+    vec![
+        s("zfs"),
+        s("destroy"),
+        s("-r"),
+        s("--"),
+        zvol_name(z, volume),
+    ]
 }
 
 /// `zfs list -Hp` of the zvols under the dataset: name, volsize, owner.
@@ -63,6 +71,7 @@ pub fn cmd_list(z: &ZfsSpec) -> Vec<String> {
         s("-o"),
         format!("name,volsize,{OWNER_PROP}"),
         s("-r"),
+        s("--"),
         z.dataset.clone(),
     ]
 }
@@ -72,6 +81,7 @@ pub fn cmd_snapshot(z: &ZfsSpec, volume: &str, snap: &str) -> Vec<String> {
     vec![
         s("zfs"),
         s("snapshot"),
+        s("--"),
         format!("{}@{snap}", zvol_name(z, volume)),
     ]
 }
@@ -82,6 +92,7 @@ pub fn cmd_rollback(z: &ZfsSpec, volume: &str, snap: &str) -> Vec<String> {
         s("zfs"),
         s("rollback"),
         s("-r"),
+        s("--"),
         format!("{}@{snap}", zvol_name(z, volume)),
     ]
 }
@@ -91,6 +102,7 @@ pub fn cmd_snapshot_destroy(z: &ZfsSpec, volume: &str, snap: &str) -> Vec<String
     vec![
         s("zfs"),
         s("destroy"),
+        s("--"),
         format!("{}@{snap}", zvol_name(z, volume)),
     ]
 }
@@ -106,6 +118,7 @@ pub fn cmd_snapshot_list(z: &ZfsSpec, volume: &str) -> Vec<String> {
         s("-o"),
         s("name,creation"),
         s("-r"),
+        s("--"),
         zvol_name(z, volume),
     ]
 }
@@ -148,6 +161,7 @@ pub fn have_zfs() -> bool {
 
 /// Runs a zfs command, returning stdout.
 pub fn run(argv: &[String]) -> Result<String, DriverError> {
+    super::check_operands(argv)?;
     if !have_zfs() {
         return Err(DriverError::Unsupported("kernel lacks ZFS".into()));
     }
@@ -162,6 +176,7 @@ pub fn check_dataset(z: &ZfsSpec) -> Result<(), DriverError> {
         s("-Hp"),
         s("-o"),
         s("name"),
+        s("--"),
         z.dataset.clone(),
     ])
     .map(|_| ())
@@ -181,32 +196,56 @@ mod tests {
     fn builds_commands() {
         assert_eq!(
             cmd_create(&spec(), "web", 1 << 30).join(" "),
-            "zfs create -s -V 1073741824 -o stead:owner=Volume/web rpool/data/web"
+            "zfs create -s -V 1073741824 -o stead:owner=Volume/web -- rpool/data/web"
         );
         assert_eq!(
             cmd_grow(&spec(), "web", 2 << 30).join(" "),
-            "zfs set volsize=2147483648 rpool/data/web"
+            "zfs set -- volsize=2147483648 rpool/data/web"
         );
         assert_eq!(
-            cmd_destroy(&spec(), "web").join(" "),
-            "zfs destroy -r rpool/data/web"
+            cmd_destroy(&spec(), "web"),
+            ["zfs", "destroy", "-r", "--", "rpool/data/web"]
         );
         assert_eq!(
             cmd_list(&spec()).join(" "),
-            "zfs list -Hp -t volume -o name,volsize,stead:owner -r rpool/data"
+            "zfs list -Hp -t volume -o name,volsize,stead:owner -r -- rpool/data"
         );
         assert_eq!(
-            cmd_snapshot(&spec(), "web", "s1").join(" "),
-            "zfs snapshot rpool/data/web@s1"
+            cmd_snapshot(&spec(), "web", "s1"),
+            ["zfs", "snapshot", "--", "rpool/data/web@s1"]
         );
         assert_eq!(
-            cmd_rollback(&spec(), "web", "s1").join(" "),
-            "zfs rollback -r rpool/data/web@s1"
+            cmd_rollback(&spec(), "web", "s1"),
+            ["zfs", "rollback", "-r", "--", "rpool/data/web@s1"]
+        );
+        assert_eq!(
+            cmd_snapshot_destroy(&spec(), "web", "s1"),
+            ["zfs", "destroy", "--", "rpool/data/web@s1"]
+        );
+        assert_eq!(
+            cmd_snapshot_list(&spec(), "web").join(" "),
+            "zfs list -Hp -t snapshot -o name,creation -r -- rpool/data/web"
         );
         assert_eq!(
             zvol_path(&spec(), "web"),
             PathBuf::from("/dev/zvol/rpool/data/web")
         );
+    }
+
+    #[test]
+    fn a_dataset_that_looks_like_an_option_is_refused_before_running() {
+        let z = ZfsSpec {
+            dataset: "-r".into(),
+        };
+        match check_dataset(&z) {
+            Err(DriverError::Refused(m)) => assert_eq!(
+                m,
+                "argument \"-r\" starts with '-' and would be read as an option"
+            ),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        assert!(super::super::check_operands(&cmd_list(&z)).is_err());
+        assert!(super::super::check_operands(&cmd_list(&spec())).is_ok());
     }
 
     #[test]

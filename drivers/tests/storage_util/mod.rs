@@ -179,3 +179,36 @@ impl Drop for LoopBtrfs {
         }
     }
 }
+
+/// Runs `f` on a thread with its own private mount namespace: mounts made there never
+/// reach the host and go away with the thread, even when `f` panics.
+pub fn in_private_mount_ns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    std::thread::spawn(move || {
+        // SAFETY: unshares only this thread's mount namespace (and its fs struct).
+        unsafe { rustix::thread::unshare_unsafe(rustix::thread::UnshareFlags::NEWNS) }
+            .expect("unshare mount namespace");
+        rustix::mount::mount_change(
+            "/",
+            rustix::mount::MountPropagationFlags::PRIVATE
+                | rustix::mount::MountPropagationFlags::REC,
+        )
+        .expect("make mounts private");
+        f()
+    })
+    .join()
+    .unwrap_or_else(|e| std::panic::resume_unwind(e))
+}
+
+/// Mounts a tmpfs of `size` bytes at `at` (in the calling thread's mount namespace).
+pub fn mount_tmpfs(at: &Path, size: u64) {
+    std::fs::create_dir_all(at).expect("mkdir mount point");
+    let opts = std::ffi::CString::new(format!("size={size}")).expect("options");
+    rustix::mount::mount(
+        "stead-test",
+        at,
+        "tmpfs",
+        rustix::mount::MountFlags::empty(),
+        Some(opts.as_c_str()),
+    )
+    .expect("mount tmpfs");
+}
