@@ -231,3 +231,45 @@ fn net_forward_to_bad_address_refused_before_anything_is_made() {
     }
     assert!(link_names(&ns).is_empty());
 }
+
+#[test]
+fn net_failed_veth_attach_leaves_no_pair() {
+    use stead_drivers::net::NetnsRef;
+    use stead_drivers::net::attach::{VethPeer, VethSpec, ensure_veth};
+    let test = "net_failed_veth_attach_leaves_no_pair";
+    if let Some(r) = can_run() {
+        eprintln!("SKIP {test}: {r}");
+        return;
+    }
+    let host = Netns::new();
+    let guest = Netns::new();
+    let d = NetworkDriver::new(&env(&host)).unwrap();
+    let lan = resource(Kind::Network, "lan0", json!({"addresses": ["10.40.0.1/24"]}));
+    apply(&d, &lan).unwrap();
+    let spec = |gateway: &str| VethSpec {
+        host_name: "vc-web".into(),
+        bridge: "lan0".into(),
+        owner: owner_alias(Kind::Container, "web"),
+        peer: VethPeer {
+            name: "eth0".into(),
+            netns: Some(NetnsRef::Path(guest.path())),
+            addresses: vec!["10.40.0.2/24".parse().unwrap()],
+            gateway: Some(gateway.parse().unwrap()),
+            loopback_up: true,
+            ..VethPeer::default()
+        },
+        ..VethSpec::default()
+    };
+    // A gateway outside the peer's subnet: the kernel refuses the route after the pair
+    // was made, plugged and addressed.
+    let err = ensure_veth(Some(&host.path()), &spec("192.0.2.1")).expect_err("no route");
+    eprintln!("{test}: attach failed as expected: {err}");
+    assert_eq!(link_names(&host), vec!["lan0".to_string()]);
+    assert!(link_names(&guest).is_empty(), "{:?}", link_names(&guest));
+    // The same attach with a reachable gateway then succeeds from scratch.
+    let info = ensure_veth(Some(&host.path()), &spec("10.40.0.1")).unwrap();
+    assert!(info.created);
+    assert_eq!(link_names(&guest), vec!["eth0".to_string()]);
+    delete(&d, &lan).unwrap();
+    assert!(link_names(&host).is_empty(), "{:?}", link_names(&host));
+}
