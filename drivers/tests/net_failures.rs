@@ -223,6 +223,13 @@ fn net_forward_to_bad_address_refused_before_anything_is_made() {
             .check(&r, &Observed::absent(), &[])
             .expect_err(&format!("forward to {to} must be refused"));
         assert!(err.contains(to), "{err}");
+        // A create (which the plan does not check) is refused before anything is made.
+        let err = apply(&d, &r).expect_err(&format!("apply of a forward to {to}"));
+        assert!(
+            matches!(err, stead_schema::DriverError::Refused(_)),
+            "{err:?}"
+        );
+        assert!(link_names(&ns).is_empty(), "{:?}", link_names(&ns));
     }
     for to in ["10.33.0.5:80", "10.33.0.1:22", "[fd33::5]:80"] {
         let r = with_forward(to);
@@ -244,7 +251,11 @@ fn net_failed_veth_attach_leaves_no_pair() {
     let host = Netns::new();
     let guest = Netns::new();
     let d = NetworkDriver::new(&env(&host)).unwrap();
-    let lan = resource(Kind::Network, "lan0", json!({"addresses": ["10.40.0.1/24"]}));
+    let lan = resource(
+        Kind::Network,
+        "lan0",
+        json!({"addresses": ["10.40.0.1/24"]}),
+    );
     apply(&d, &lan).unwrap();
     let spec = |gateway: &str| VethSpec {
         host_name: "vc-web".into(),

@@ -508,3 +508,100 @@ fn pool_enospc(test: &str, no_temp: bool) {
         files_under(&pool)
     );
 }
+
+// ------------------------------------------------------------------ network failures
+
+/// `nft -j list ruleset` of the sandbox's netns, as text.
+fn ruleset(sb: &Sandbox) -> String {
+    let ns = sb.netns.as_deref().expect("netns");
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, "nft", "list", "ruleset"])
+        .output()
+        .expect("nft");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn link_list(sb: &Sandbox) -> String {
+    let ns = sb.netns.as_deref().expect("netns");
+    let out = Command::new("ip")
+        .args(["-n", ns, "-o", "link", "show"])
+        .output()
+        .expect("ip link");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn network_doc(name: &str, spec: &str) -> String {
+    format!(
+        "---\napiVersion: stead.dev/v1alpha1\nkind: Network\nmetadata: {{name: {name}}}\nspec: {spec}\n"
+    )
+}
+
+#[test]
+fn fault_network_refused_by_nft_then_destroy_leaves_nothing() {
+    const TEST: &str = "fault_network_refused_by_nft_then_destroy_leaves_nothing";
+    let nft = Command::new("nft")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if skip_unless(is_root(), TEST, "needs root") || skip_unless(nft, TEST, "nft missing") {
+        return;
+    }
+    let sb = Sandbox::with_netns();
+    let text = network_doc(
+        "lan0",
+        "{addresses: [10.233.0.1/24], nat: {enabled: true}, forwards: [{hostPort: 8080, to: '10.233.0.5:80'}]}",
+    ) + &network_doc(
+        "bad0",
+        "{addresses: [10.234.0.1/24], nat: {enabled: true, egress: '@wan'}}",
+    );
+    sb.write("m/net.yaml", &text);
+    let m = sb.path("m");
+    let m = m.to_str().unwrap();
+    let out = sb.run(&["apply", "--yes", m]).expect_code(1);
+    let text = format!("{}{}", out.stdout(), out.stderr());
+    assert!(text.contains("Network/bad0"), "{text}");
+    let links = link_list(&sb);
+    assert!(links.contains("lan0"), "{links}");
+    assert!(!links.contains("bad0"), "half-made bridge: {links}");
+    let rules = ruleset(&sb);
+    assert!(rules.contains("stead:Network/lan0"), "{rules}");
+    assert!(!rules.contains("bad0"), "half-written rules: {rules}");
+    // The failed network is still planned (its create is retried), nothing else.
+    let out = sb.run(&["diff", m]).expect_code(2);
+    assert!(out.stdout().contains("+ Network/bad0"), "{}", out.stdout());
+    assert!(!out.stdout().contains("Network/lan0"), "{}", out.stdout());
+
+    sb.run(&["destroy", "--yes", m]).expect_code(0);
+    let links = link_list(&sb);
+    assert!(
+        !links.contains("lan0") && !links.contains("bad0"),
+        "{links}"
+    );
+    assert!(!ruleset(&sb).contains("stead"), "{}", ruleset(&sb));
+}
+
+#[test]
+fn fault_network_forward_to_bad_address_refused_before_anything_is_made() {
+    const TEST: &str = "fault_network_forward_to_bad_address_refused_before_anything_is_made";
+    if skip_unless(is_root(), TEST, "needs root") {
+        return;
+    }
+    let sb = Sandbox::with_netns();
+    sb.write(
+        "m/net.yaml",
+        &network_doc(
+            "fw0",
+            "{addresses: [10.235.0.1/24], forwards: [{hostPort: 8080, to: '10.235.0.255:80'}]}",
+        ),
+    );
+    let m = sb.path("m");
+    let m = m.to_str().unwrap();
+    let out = sb.run(&["apply", "--yes", m]);
+    assert_ne!(out.code(), 0, "{}", out.stdout());
+    let text = format!("{}{}", out.stdout(), out.stderr());
+    assert!(
+        text.contains("10.235.0.255:80") && text.contains("broadcast"),
+        "{text}"
+    );
+    assert!(!link_list(&sb).contains("fw0"), "{}", link_list(&sb));
+}

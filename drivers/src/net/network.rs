@@ -640,6 +640,21 @@ impl NetworkDriver {
     }
 }
 
+/// Refuses a port forward no host could receive (see [`bad_forward_target`]).
+fn check_forward_targets(spec: &NetworkSpec) -> Result<(), String> {
+    for f in &spec.forwards {
+        if let Some(why) = bad_forward_target(spec, f) {
+            return Err(format!(
+                "forward of {} port {} to {}: {why}",
+                nft::proto_name(f.protocol),
+                f.host_port,
+                f.to
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Why a port forward's target cannot receive it (nft would take the rule and traffic
 /// would vanish): port 0, an unspecified, multicast or broadcast address, or the
 /// network or broadcast address of one of the bridge's IPv4 subnets.
@@ -792,17 +807,7 @@ impl Driver for NetworkDriver {
         {
             return Err(format!("vxlan.vni {} exceeds 24 bits", v.vni));
         }
-        for f in &spec.forwards {
-            if let Some(why) = bad_forward_target(spec, f) {
-                return Err(format!(
-                    "forward of {} port {} to {}: {why}",
-                    nft::proto_name(f.protocol),
-                    f.host_port,
-                    f.to
-                ));
-            }
-        }
-        Ok(())
+        check_forward_targets(spec)
     }
 
     fn apply(
@@ -814,6 +819,8 @@ impl Driver for NetworkDriver {
         let name = desired.id.name.as_str();
         let _span = tracing::info_span!("apply", resource = %desired.id).entered();
         let spec = spec_of(desired)?;
+        // The plan checks updates only: a create is refused here, before anything is made.
+        check_forward_targets(spec).map_err(DriverError::Refused)?;
         let mut made = Made::default();
         let result = self
             .converge_links(name, spec, &mut made)
