@@ -676,7 +676,8 @@ fn bad_forward_target(spec: &NetworkSpec, f: &ForwardSpec) -> Option<&'static st
         match n.addr {
             IpAddr::V4(net) if c.contains(ip) && host_bits >= 2 => {
                 let net = u32::from(net);
-                let bcast = net | ((1u32 << host_bits) - 1);
+                let host_mask = 1u32.checked_shl(host_bits).map_or(u32::MAX, |b| b - 1);
+                let bcast = net | host_mask;
                 let x = u32::from(v4);
                 x == net || x == bcast
             }
@@ -873,5 +874,38 @@ impl Driver for NetworkDriver {
         }
         tracing::info!(bridge = name, "deleting bridge");
         delete_link_index(&mut nl, br.index, name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(addrs: &[&str]) -> NetworkSpec {
+        NetworkSpec {
+            addresses: addrs.iter().map(|a| a.parse().expect("cidr")).collect(),
+            ..NetworkSpec::default()
+        }
+    }
+
+    fn fwd(to: &str) -> ForwardSpec {
+        ForwardSpec {
+            protocol: Default::default(),
+            host_port: 80,
+            to: to.parse().expect("socket addr"),
+        }
+    }
+
+    #[test]
+    fn forward_targets_at_subnet_edges_are_refused_for_every_prefix() {
+        // /0 has 32 host bits: the mask must not overflow.
+        let s = spec(&["10.1.0.1/0", "10.2.0.1/24", "10.3.0.1/31"]);
+        assert!(bad_forward_target(&s, &fwd("0.0.0.0:80")).is_some());
+        assert!(bad_forward_target(&s, &fwd("10.2.0.255:80")).is_some());
+        assert!(bad_forward_target(&s, &fwd("10.2.0.0:80")).is_some());
+        assert!(bad_forward_target(&s, &fwd("10.2.0.7:80")).is_none());
+        // A /31 has no network or broadcast address (RFC 3021).
+        assert!(bad_forward_target(&spec(&["10.3.0.1/31"]), &fwd("10.3.0.0:80")).is_none());
+        assert!(bad_forward_target(&spec(&["10.4.0.1/0"]), &fwd("10.4.0.9:80")).is_none());
     }
 }
