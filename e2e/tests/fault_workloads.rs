@@ -221,6 +221,19 @@ fn busybox_rootfs(sb: &Sandbox) -> PathBuf {
     root
 }
 
+/// Links enslaved to `bridge` in the sandbox's netns.
+fn attached(sb: &Sandbox, bridge: &str) -> Vec<String> {
+    let ns = sb.netns.as_deref().expect("netns");
+    let out = Command::new("ip")
+        .args(["-n", ns, "-o", "link", "show", "master", bridge])
+        .output()
+        .expect("ip link");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
 fn container_pid(sb: &Sandbox) -> Option<i32> {
     let out = sb.run(&["get", "container/busy", "-o", "json"]);
     let v: Value = serde_json::from_str(&out.stdout()).ok()?;
@@ -241,13 +254,13 @@ fn fault_shim_sigkill_during_apply_converges_and_destroy_leaves_nothing() {
     {
         return;
     }
-    let sb = Sandbox::new();
+    let sb = Sandbox::with_netns();
     let _leftovers = Leftovers(&sb);
     let root = busybox_rootfs(&sb);
     sb.write(
         "m/ct.yaml",
         &format!(
-            "apiVersion: stead.dev/v1alpha1\nkind: Container\nmetadata: {{name: busy}}\nspec:\n  rootfs: {{path: {}}}\n  unprivileged: false\n  command: [/bin/sh, -c, \"trap 'exit 0' TERM; while :; do sleep 1; done\"]\n",
+            "apiVersion: stead.dev/v1alpha1\nkind: Network\nmetadata: {{name: lan0}}\nspec: {{addresses: [10.236.0.1/24]}}\n---\napiVersion: stead.dev/v1alpha1\nkind: Container\nmetadata: {{name: busy}}\nspec:\n  rootfs: {{path: {}}}\n  unprivileged: false\n  interfaces: [{{name: eth0, network: lan0, address: 10.236.0.2/24}}]\n  command: [/bin/sh, -c, \"trap 'exit 0' TERM; while :; do sleep 1; done\"]\n",
             root.display()
         ),
     );
@@ -280,6 +293,9 @@ fn fault_shim_sigkill_during_apply_converges_and_destroy_leaves_nothing() {
             !killed.iter().any(|k| shims.contains(k)),
             "delay {delay_ms}: {shims:?} vs killed {killed:?}"
         );
+        // One veth on the bridge: none left over from the killed start.
+        let ports = attached(&sb, "lan0");
+        assert_eq!(ports.len(), 1, "delay {delay_ms}: {ports:?}");
         let cgs = child_cgroups(&sb);
         assert!(!cgs.is_empty());
         assert!(
