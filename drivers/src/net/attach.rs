@@ -204,10 +204,27 @@ pub fn ensure_veth(host_netns: Option<&Path>, spec: &VethSpec) -> Result<VethInf
         host = Some(h);
     }
     let host = host.ok_or_else(|| DriverError::Other("veth host end missing".into()))?;
-    plug(&mut nl, &host, &bridge, spec.mtu)?;
+    let configured = plug(&mut nl, &host, &bridge, spec.mtu)
+        .and_then(|()| finish_peer(pnl.as_mut().unwrap_or(&mut nl), spec));
+    if let Err(e) = configured {
+        if created {
+            // A pair this call made is not left half configured (deleting the host
+            // end removes the peer too).
+            tracing::info!(link = %spec.host_name, "removing the veth pair of a failed attach");
+            if let Err(d) = delete_link_index(&mut nl, host.index, &spec.host_name) {
+                tracing::warn!(link = %spec.host_name, error = %d, "cannot undo a failed attach");
+            }
+        }
+        return Err(e);
+    }
+    Ok(VethInfo {
+        host_index: host.index,
+        created,
+    })
+}
 
-    // Peer configuration, inside the peer's namespace.
-    let peer_nl = pnl.as_mut().unwrap_or(&mut nl);
+/// Marks and configures the peer end, inside the peer's namespace.
+fn finish_peer(peer_nl: &mut Netlink, spec: &VethSpec) -> Result<(), DriverError> {
     let p = peer_nl.link_by_name(&spec.peer.name)?.ok_or_else(|| {
         DriverError::Other(format!(
             "veth peer {} missing after creation",
@@ -223,11 +240,7 @@ pub fn ensure_veth(host_netns: Option<&Path>, spec: &VethSpec) -> Result<VethInf
             &spec.peer.name,
         )?;
     }
-    configure_peer(peer_nl, &p, &spec.peer)?;
-    Ok(VethInfo {
-        host_index: host.index,
-        created,
-    })
+    configure_peer(peer_nl, &p, &spec.peer)
 }
 
 fn configure_peer(nl: &mut Netlink, p: &Link, peer: &VethPeer) -> Result<(), DriverError> {

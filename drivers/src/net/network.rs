@@ -17,8 +17,8 @@ use rtnetlink::packet_route::{AddressFamily, RouteNetlinkMessage};
 use rtnetlink::{LinkBridge, LinkMessageBuilder, LinkUnspec, LinkVxlan};
 use serde_json::{Value, json};
 use stead_schema::{
-    Driver, DriverError, Health, HostEnv, Impact, Kind, Lookup, NetworkSpec, NetworkType, Observed,
-    Resource, ResourceId, Spec, VxlanSpec,
+    Driver, DriverError, ForwardSpec, Health, HostEnv, Impact, Kind, Lookup, NetworkSpec,
+    NetworkType, Observed, Resource, ResourceId, Spec, VxlanSpec,
 };
 
 use super::nft::{self, Nft, NftTable};
@@ -56,6 +56,14 @@ fn spec_of(r: &Resource) -> Result<&NetworkSpec, DriverError> {
             other.kind()
         ))),
     }
+}
+
+/// Links one apply created (ifindex, name), so that a failure later in the same apply
+/// can remove them.
+#[derive(Debug, Default)]
+struct Made {
+    bridge: Option<(u32, String)>,
+    vxlan: Option<(u32, String)>,
 }
 
 /// Everything observe reads, dumped once per call.
@@ -408,7 +416,34 @@ impl NetworkDriver {
         Ok(())
     }
 
-    fn converge_links(&self, name: &str, spec: &NetworkSpec) -> Result<(), DriverError> {
+    /// Removes what a failed apply made ([`Made`]): the rules of a bridge it created,
+    /// then the links, so that a failed create leaves nothing behind. Best effort: a
+    /// failure here is logged, and what is left keeps its ownership mark (the open
+    /// journal entry of the failed step lets the next apply or destroy remove it).
+    fn undo(&self, name: &str, made: &Made) {
+        if made.bridge.is_some()
+            && let Err(e) = self.converge_rules(name, None)
+        {
+            tracing::warn!(network = name, error = %e, "cannot undo the rules of a failed create");
+        }
+        let Ok(mut nl) = self.lock_nl() else {
+            return;
+        };
+        let links = made.vxlan.iter().chain(made.bridge.iter());
+        for (index, link) in links {
+            tracing::info!(network = name, link = %link, "removing a link made by the failed apply");
+            if let Err(e) = delete_link_index(&mut nl, *index, link) {
+                tracing::warn!(link = %link, error = %e, "cannot undo a failed create");
+            }
+        }
+    }
+
+    fn converge_links(
+        &self,
+        name: &str,
+        spec: &NetworkSpec,
+        made: &mut Made,
+    ) -> Result<(), DriverError> {
         let owner = owner_alias(Kind::Network, name);
         let mut nl = self.lock_nl()?;
         let links = nl.links()?;
@@ -435,7 +470,9 @@ impl NetworkDriver {
                 b = b.mtu(m);
             }
             let msg = b.build();
-            br = Some(create_link(&mut nl, msg, name, &owner)?);
+            let l = create_link(&mut nl, msg, name, &owner)?;
+            made.bridge = Some((l.index, name.to_string()));
+            br = Some(l);
         }
         let br = br.ok_or_else(|| DriverError::Other("bridge missing".into()))?;
 
@@ -534,7 +571,9 @@ impl NetworkDriver {
                         Some(IpAddr::V6(a)) => b = b.local6(a),
                         None => {}
                     }
-                    create_link(&mut nl, b.build(), vxname, &owner)?
+                    let l = create_link(&mut nl, b.build(), vxname, &owner)?;
+                    made.vxlan = Some((l.index, vxname.clone()));
+                    l
                 }
             };
             if vx.controller != Some(br.index) || !vx.up {
@@ -599,6 +638,55 @@ impl NetworkDriver {
         }
         Ok(())
     }
+}
+
+/// Refuses a port forward no host could receive (see [`bad_forward_target`]).
+fn check_forward_targets(spec: &NetworkSpec) -> Result<(), String> {
+    for f in &spec.forwards {
+        if let Some(why) = bad_forward_target(spec, f) {
+            return Err(format!(
+                "forward of {} port {} to {}: {why}",
+                nft::proto_name(f.protocol),
+                f.host_port,
+                f.to
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Why a port forward's target cannot receive it (nft would take the rule and traffic
+/// would vanish): port 0, an unspecified, multicast or broadcast address, or the
+/// network or broadcast address of one of the bridge's IPv4 subnets.
+fn bad_forward_target(spec: &NetworkSpec, f: &ForwardSpec) -> Option<&'static str> {
+    let ip = f.to.ip();
+    if f.to.port() == 0 {
+        return Some("port 0 cannot be a destination");
+    }
+    if ip.is_unspecified() || ip.is_multicast() {
+        return Some("an unspecified or multicast address cannot be a destination");
+    }
+    let IpAddr::V4(v4) = ip else { return None };
+    if v4.is_broadcast() {
+        return Some("the broadcast address cannot be a destination");
+    }
+    let edge = spec.addresses.iter().any(|c| {
+        let n = c.network();
+        let host_bits = 32u32.saturating_sub(u32::from(n.prefix));
+        match n.addr {
+            IpAddr::V4(net) if c.contains(ip) && host_bits >= 2 => {
+                let net = u32::from(net);
+                let host_mask = 1u32.checked_shl(host_bits).map_or(u32::MAX, |b| b - 1);
+                let bcast = net | host_mask;
+                let x = u32::from(v4);
+                x == net || x == bcast
+            }
+            _ => false,
+        }
+    });
+    edge.then_some(
+        "the network or broadcast address of the bridge's subnet cannot be a destination",
+    )
 }
 
 fn set_vlan_filtering(nl: &mut Netlink, msg: LinkMessage, name: &str) -> Result<(), DriverError> {
@@ -720,7 +808,7 @@ impl Driver for NetworkDriver {
         {
             return Err(format!("vxlan.vni {} exceeds 24 bits", v.vni));
         }
-        Ok(())
+        check_forward_targets(spec)
     }
 
     fn apply(
@@ -732,10 +820,17 @@ impl Driver for NetworkDriver {
         let name = desired.id.name.as_str();
         let _span = tracing::info_span!("apply", resource = %desired.id).entered();
         let spec = spec_of(desired)?;
-        self.converge_links(name, spec)?;
-        self.converge_rules(name, Some(spec))?;
-        self.converge_forwarding(spec)?;
-        Ok(())
+        // The plan checks updates only: a create is refused here, before anything is made.
+        check_forward_targets(spec).map_err(DriverError::Refused)?;
+        let mut made = Made::default();
+        let result = self
+            .converge_links(name, spec, &mut made)
+            .and_then(|()| self.converge_rules(name, Some(spec)))
+            .and_then(|()| self.converge_forwarding(spec));
+        if result.is_err() {
+            self.undo(name, &made);
+        }
+        result
     }
 
     fn marked_on_host(&self) -> Result<Vec<String>, DriverError> {
@@ -779,5 +874,38 @@ impl Driver for NetworkDriver {
         }
         tracing::info!(bridge = name, "deleting bridge");
         delete_link_index(&mut nl, br.index, name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(addrs: &[&str]) -> NetworkSpec {
+        NetworkSpec {
+            addresses: addrs.iter().map(|a| a.parse().expect("cidr")).collect(),
+            ..NetworkSpec::default()
+        }
+    }
+
+    fn fwd(to: &str) -> ForwardSpec {
+        ForwardSpec {
+            protocol: Default::default(),
+            host_port: 80,
+            to: to.parse().expect("socket addr"),
+        }
+    }
+
+    #[test]
+    fn forward_targets_at_subnet_edges_are_refused_for_every_prefix() {
+        // /0 has 32 host bits: the mask must not overflow.
+        let s = spec(&["10.1.0.1/0", "10.2.0.1/24", "10.3.0.1/31"]);
+        assert!(bad_forward_target(&s, &fwd("0.0.0.0:80")).is_some());
+        assert!(bad_forward_target(&s, &fwd("10.2.0.255:80")).is_some());
+        assert!(bad_forward_target(&s, &fwd("10.2.0.0:80")).is_some());
+        assert!(bad_forward_target(&s, &fwd("10.2.0.7:80")).is_none());
+        // A /31 has no network or broadcast address (RFC 3021).
+        assert!(bad_forward_target(&spec(&["10.3.0.1/31"]), &fwd("10.3.0.0:80")).is_none());
+        assert!(bad_forward_target(&spec(&["10.4.0.1/0"]), &fwd("10.4.0.9:80")).is_none());
     }
 }

@@ -539,7 +539,7 @@ fn meta(key: &str) -> Value {
     json!({"meta": {"key": key}})
 }
 
-fn proto_name(p: Protocol) -> &'static str {
+pub(crate) fn proto_name(p: Protocol) -> &'static str {
     match p {
         Protocol::Tcp => "tcp",
         Protocol::Udp => "udp",
