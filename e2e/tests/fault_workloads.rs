@@ -497,7 +497,6 @@ fn fault_pool_enospc_names_the_volume_and_converges_after_growth() {
 }
 
 #[test]
-#[ignore = "bug: the failed copy leaves its temp file: `left in the pool after ENOSPC: [\"images/.big.raw.tmp\"]` (being fixed in the storage driver)"]
 fn fault_pool_enospc_leaves_no_temp_file() {
     pool_enospc("fault_pool_enospc_leaves_no_temp_file", true);
 }
