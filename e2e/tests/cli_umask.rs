@@ -24,7 +24,8 @@ fn under_umask_022(sb: &Sandbox, args: &[&str]) -> Command {
     c
 }
 
-/// Every path under `root` (and `root`) whose mode grants group or other any access.
+/// Every path under `root` (and `root`) whose mode lets group or other read or write it
+/// (search permission alone, as on the state dir and `rootfs/`, lists nothing).
 fn shared_paths(root: &Path) -> Vec<String> {
     let mut out = Vec::new();
     let mut todo = vec![root.to_path_buf()];
@@ -34,7 +35,7 @@ fn shared_paths(root: &Path) -> Vec<String> {
             continue;
         }
         let mode = meta.permissions().mode() & 0o7777;
-        if mode & 0o077 != 0 {
+        if mode & 0o066 != 0 || (!meta.is_dir() && mode & 0o011 != 0) {
             out.push(format!("{} {mode:o}", p.display()));
         }
         if meta.is_dir() {
@@ -67,7 +68,8 @@ fn apply_under_umask_022_creates_private_state_and_run_files() {
     assert!(db.exists());
     let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode(&db), 0o600, "{}", db.display());
-    assert_eq!(mode(&state), 0o700);
+    // Traversable, not listable: an unprivileged container's root must reach its rootfs.
+    assert_eq!(mode(&state), 0o711);
     assert_eq!(shared_paths(&state), Vec::<String>::new());
 
     // The controller makes the run dir and its status socket.

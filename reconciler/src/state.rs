@@ -85,13 +85,24 @@ pub struct StateDb {
     path: PathBuf,
 }
 
+/// Mode of a state dir (and of missing parents) that stead creates: traversable but not
+/// listable by others, so an unprivileged container's root (a host uid of its own) can
+/// reach its rootfs below it; every file in it is 0600 and every other dir 0700.
+pub const STATE_DIR_MODE: u32 = 0o711;
+
+/// Creates `state_dir` and any missing parents with [`STATE_DIR_MODE`], whatever the
+/// umask. An existing directory is left as it is.
+pub fn ensure_state_dir(state_dir: &Path) -> Result<(), StateError> {
+    stead_host::fs::create_missing_dirs(state_dir, STATE_DIR_MODE).map_err(|e| StateError::Io {
+        context: format!("cannot create state dir {}", state_dir.display()),
+        source: e.source,
+    })
+}
+
 impl StateDb {
     /// Opens (and creates) `<state_dir>/stead.db`.
     pub fn open(state_dir: &Path) -> Result<Self, StateError> {
-        std::fs::create_dir_all(state_dir).map_err(|e| StateError::Io {
-            context: format!("cannot create state dir {}", state_dir.display()),
-            source: e,
-        })?;
+        ensure_state_dir(state_dir)?;
         let path = state_dir.join("stead.db");
         let db = |source| StateError::Db {
             path: path.clone(),
@@ -446,10 +457,7 @@ pub struct ApplyLock {
 impl ApplyLock {
     /// Takes the lock, waiting up to `wait` (zero: fail at once).
     pub fn acquire(state_dir: &Path, wait: Duration) -> Result<Self, StateError> {
-        std::fs::create_dir_all(state_dir).map_err(|e| StateError::Io {
-            context: format!("cannot create state dir {}", state_dir.display()),
-            source: e,
-        })?;
+        ensure_state_dir(state_dir)?;
         let path = state_dir.join("lock");
         let open = || {
             File::options()
@@ -529,5 +537,21 @@ mod tests {
         assert_eq!(db.get_kv("k").unwrap(), None, "rolled back");
         db.atomically(&|d| d.set_kv("k", "v")).unwrap();
         assert_eq!(db.get_kv("k").unwrap().as_deref(), Some("v"));
+    }
+
+    #[test]
+    fn state_dir_and_missing_parents_are_traversable_whatever_the_umask() {
+        use std::os::unix::fs::PermissionsExt;
+        let t = tempfile::tempdir().expect("tempdir");
+        // nextest runs each test in its own process, so the umask change stays here.
+        let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+        let dir = t.path().join("a/state");
+        let r = ensure_state_dir(&dir);
+        nix::sys::stat::umask(old);
+        r.expect("create");
+        for p in [t.path().join("a"), dir] {
+            let mode = std::fs::metadata(&p).expect("stat").permissions().mode() & 0o777;
+            assert_eq!(mode, STATE_DIR_MODE, "{}", p.display());
+        }
     }
 }

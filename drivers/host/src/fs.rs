@@ -102,6 +102,26 @@ pub fn create_dir_mode(dir: &Path, mode: u32) -> Result<(), HostError> {
         .map_err(|e| HostError::new("chmod", dir, e))
 }
 
+/// Creates `dir` and every missing parent with exactly `mode` (e.g. 0o711: others may
+/// traverse, not list), whatever the umask. Directories that already exist keep their
+/// mode: stead never loosens or tightens a directory it did not create.
+pub fn create_missing_dirs(dir: &Path, mode: u32) -> Result<(), HostError> {
+    use std::os::unix::fs::DirBuilderExt;
+    let missing: Vec<&Path> = dir
+        .ancestors()
+        .take_while(|p| !p.as_os_str().is_empty() && !p.exists())
+        .collect();
+    for d in missing.into_iter().rev() {
+        match fs::DirBuilder::new().mode(mode).create(d) {
+            Ok(()) => fs::set_permissions(d, Permissions::from_mode(mode))
+                .map_err(|e| HostError::new("chmod", d, e))?,
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(HostError::new("create directory", d, e)),
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -146,5 +166,24 @@ mod tests {
         let p = d.path().join("x/y");
         create_dir_mode(&p, 0o700).expect("mkdir");
         assert_eq!(fs::metadata(&p).expect("stat").mode() & 0o777, 0o700);
+    }
+
+    #[test]
+    fn create_missing_dirs_sets_the_mode_of_what_it_creates_only() {
+        let d = tempfile::tempdir().expect("tempdir");
+        fs::set_permissions(d.path(), Permissions::from_mode(0o750)).expect("chmod");
+        let leaf = d.path().join("a/b");
+        create_missing_dirs(&leaf, 0o711).expect("create");
+        for p in [d.path().join("a"), leaf.clone()] {
+            assert_eq!(
+                fs::metadata(&p).expect("stat").mode() & 0o777,
+                0o711,
+                "{}",
+                p.display()
+            );
+        }
+        assert_eq!(fs::metadata(d.path()).expect("stat").mode() & 0o777, 0o750);
+        create_missing_dirs(&leaf, 0o700).expect("again");
+        assert_eq!(fs::metadata(&leaf).expect("stat").mode() & 0o777, 0o711);
     }
 }

@@ -275,8 +275,10 @@ impl PoolDriver {
             }
             _ => {}
         }
-        fs::create_dir_all(path)
-            .map_err(|e| DriverError::io(format!("create {}", path.display()), e))?;
+        // 0711 for what stead creates: unprivileged containers' roots must traverse the
+        // pool to reach their rootfs trees; images are 0600 and subdirs 0700.
+        stead_host::fs::create_missing_dirs(path, 0o711)
+            .map_err(|e| DriverError::io(format!("create {}", path.display()), e.source))?;
         check_pool_root(path)?;
         if spec.pool_type == PoolType::Nfs {
             let nfs = spec.nfs.as_ref().ok_or_else(|| {

@@ -880,8 +880,7 @@ impl Engine {
 
 /// Holds `<state-dir>/controller.lock` for the controller's lifetime.
 fn controller_lock(state_dir: &Path) -> Result<nix::fcntl::Flock<File>, ControllerError> {
-    std::fs::create_dir_all(state_dir)
-        .map_err(|e| ControllerError::io(format!("create {}", state_dir.display()), e))?;
+    crate::state::ensure_state_dir(state_dir)?;
     let path = state_dir.join("controller.lock");
     let f = File::options()
         .create(true)

@@ -1,0 +1,52 @@
+//! Replays the manifest fuzzer's corpus (`fuzz/corpus/manifest`, found by libFuzzer; see
+//! docs/fuzzing.md) through load + validate in every test run: no input may panic, and
+//! the corpus must keep exercising both the accepting and the rejecting paths.
+
+use std::path::{Path, PathBuf};
+
+use stead_schema::load::{into_desired, load_str};
+use stead_schema::validate::validate;
+
+fn corpus() -> Vec<PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/manifest");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.expect("corpus entry").path())
+        .collect();
+    files.sort();
+    files
+}
+
+#[test]
+fn manifest_fuzz_corpus_loads_and_validates_without_panicking() {
+    let files = corpus();
+    assert!(files.len() > 100, "corpus too small: {}", files.len());
+    let (mut accepted, mut rejected) = (0usize, 0usize);
+    for f in &files {
+        let bytes = std::fs::read(f).expect("read corpus file");
+        let Ok(text) = std::str::from_utf8(&bytes) else {
+            continue;
+        };
+        let mut resources = Vec::new();
+        let mut errors = Vec::new();
+        load_str(Path::new("fuzz.yaml"), text, &mut resources, &mut errors);
+        let loaded = resources.len();
+        let desired = into_desired(resources, &mut errors);
+        errors.extend(validate(&desired));
+        if errors.is_empty() && loaded > 0 {
+            accepted += 1;
+        } else if !errors.is_empty() {
+            rejected += 1;
+            for e in &errors {
+                // Every diagnostic names the file it is about.
+                assert!(
+                    e.to_string().contains("fuzz.yaml"),
+                    "{}: diagnostic without its file: {e}",
+                    f.display()
+                );
+            }
+        }
+    }
+    assert!(accepted > 0, "no corpus input was accepted");
+    assert!(rejected > 0, "no corpus input was rejected");
+}
