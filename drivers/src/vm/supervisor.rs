@@ -28,9 +28,9 @@
 //!   forced by the VMM after the configured timeout), `SIGKILL` to the child if it is
 //!   still there 5 s later, phase `stopped`, exit.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File, OpenOptions, TryLockError};
 use std::io::{self, BufRead, BufReader, Write};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -114,18 +114,18 @@ fn now_rfc3339() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
-fn redirect_stdio(log: &Path) {
-    if let Ok(null) = File::open("/dev/null") {
-        // SAFETY: dup2 onto fd 0 of this (daemon) process.
-        unsafe { libc::dup2(null.as_raw_fd(), 0) };
-    }
-    if let Ok(f) = OpenOptions::new().create(true).append(true).open(log) {
-        // SAFETY: dup2 onto fds 1 and 2 of this (daemon) process.
-        unsafe {
-            libc::dup2(f.as_raw_fd(), 1);
-            libc::dup2(f.as_raw_fd(), 2);
-        }
-    }
+/// Points stdin at `/dev/null` and stdout/stderr at `log` (appending).
+fn redirect_stdio(log: &Path) -> Result<(), String> {
+    let null = File::open("/dev/null").map_err(|e| format!("open /dev/null: {e}"))?;
+    nix::unistd::dup2_stdin(&null).map_err(|e| format!("dup2 stdin: {e}"))?;
+    let f = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .map_err(|e| format!("open {}: {e}", log.display()))?;
+    nix::unistd::dup2_stdout(&f).map_err(|e| format!("dup2 stdout: {e}"))?;
+    nix::unistd::dup2_stderr(&f).map_err(|e| format!("dup2 stderr: {e}"))?;
+    Ok(())
 }
 
 fn lock_file(p: &Path) -> Result<File, String> {
@@ -138,15 +138,13 @@ fn lock_file(p: &Path) -> Result<File, String> {
     // A concurrent `lock_held` probe holds a shared lock for an instant: retry briefly.
     let deadline = Instant::now() + Duration::from_secs(2);
     loop {
-        // SAFETY: flock on an open fd.
-        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
-            return Ok(f);
+        match f.try_lock() {
+            Ok(()) => return Ok(f),
+            Err(TryLockError::WouldBlock) if Instant::now() <= deadline => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => return Err(format!("another supervisor holds {} ({e})", p.display())),
         }
-        let e = io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::EWOULDBLOCK) || Instant::now() > deadline {
-            return Err(format!("another supervisor holds {} ({e})", p.display()));
-        }
-        std::thread::sleep(Duration::from_millis(5));
     }
 }
 
@@ -156,16 +154,8 @@ pub fn lock_held(paths: &Paths) -> bool {
         return false;
     };
     // Shared: probes never conflict with each other, only with the supervisor's
-    // exclusive lock.
-    // SAFETY: flock on an open fd; released at once when taken.
-    let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) };
-    if r == 0 {
-        // SAFETY: unlock what we just took.
-        unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_UN) };
-        false
-    } else {
-        true
-    }
+    // exclusive lock. Closing `f` releases a lock taken here.
+    matches!(f.try_lock_shared(), Err(TryLockError::WouldBlock))
 }
 
 /// Sends one request line to the VMM's control socket and returns the JSON reply.
@@ -188,14 +178,17 @@ fn tail(p: &Path, n: usize) -> String {
 }
 
 fn daemon(cfg: VmRunConfig, paths: Paths, ready: OwnedFd) -> i32 {
-    redirect_stdio(&paths.vmm_log());
-    let _ = std::env::set_current_dir("/");
     let mut ready = Some(File::from(ready));
     let mut report = |msg: &str| {
         if let Some(mut r) = ready.take() {
             let _ = r.write_all(msg.as_bytes());
         }
     };
+    if let Err(e) = redirect_stdio(&paths.vmm_log()) {
+        report(&e);
+        return 1;
+    }
+    let _ = std::env::set_current_dir("/");
     let lock = match lock_file(&paths.lock()) {
         Ok(l) => l,
         Err(e) => {
@@ -321,9 +314,9 @@ impl Supervisor {
                 // ready pipe): stdio stays, the VMM opens what it needs.
                 // SAFETY: close_range on descriptors this fresh child does not use.
                 unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
-                // SAFETY: prctl with integer arguments.
-                unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
-                if nix::unistd::getppid() != me {
+                if nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).is_err()
+                    || nix::unistd::getppid() != me
+                {
                     // SAFETY: _exit ends this forked child without running atexit handlers.
                     unsafe { libc::_exit(code::SETUP_FAILED) };
                 }
@@ -670,6 +663,23 @@ mod tests {
             after2,
             "under the cap: untouched"
         );
+    }
+
+    #[test]
+    fn supervisor_lock_is_exclusive_and_probed_shared() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let paths = Paths::new(dir.path(), "vm1");
+        fs::create_dir_all(&paths.dir).expect("run dir");
+        assert!(!lock_held(&paths), "no lock file yet");
+        let held = lock_file(&paths.lock()).expect("first lock");
+        assert!(lock_held(&paths), "a probe sees the held lock");
+        let second = lock_file(&paths.lock()).expect_err("a second supervisor is refused");
+        assert!(second.contains("another supervisor holds"), "{second}");
+        drop(held);
+        assert!(!lock_held(&paths), "released on close");
+        // A probe's shared lock is gone once the probe returns.
+        let again = lock_file(&paths.lock()).expect("lock after the probe");
+        drop(again);
     }
 
     #[test]
