@@ -484,6 +484,83 @@ fn vm_stopped_state_and_restart_policy_never() {
     assert!(!links(&sb).contains("master lan0"));
 }
 
+/// VM cgroups named `vm-vm1` under the sandbox's cgroup parent, in every mounted
+/// controller (v1 and the unified hierarchy).
+fn vm_cgroups(sb: &Sandbox) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/sys/fs/cgroup")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let d = e.path().join(&sb.cgroup_parent).join("vm-vm1");
+        if d.exists() {
+            out.push(d);
+        }
+    }
+    out
+}
+
+#[test]
+fn vm_failed_start_leaves_nothing_behind() {
+    if !kvm_ok("vm_failed_start_leaves_nothing_behind") {
+        return;
+    }
+    let sb = Sandbox::with_netns();
+    let _leftovers = Leftovers(&sb);
+    // An ELF header over garbage: the VMM fails to load it and exits during start.
+    let kernel = sb.write(
+        "images/garbage.elf",
+        &format!("\x7fELF{}", "garbage ".repeat(4096)),
+    );
+    let m = manifest(
+        &sb,
+        &kernel,
+        &Vm {
+            policy: "never",
+            ..Vm::default()
+        },
+    );
+    let m = m.to_str().unwrap();
+    let out = sb.run(&["apply", "--yes", m]).expect_code(1);
+    assert!(
+        out.stderr().contains("during start") || out.stdout().contains("during start"),
+        "{}\n{}",
+        out.stdout(),
+        out.stderr()
+    );
+    assert!(
+        sandbox_processes(&sb).is_empty(),
+        "{:?}",
+        sandbox_processes(&sb)
+    );
+    assert_eq!(
+        vm_cgroups(&sb),
+        Vec::<PathBuf>::new(),
+        "cgroups left behind"
+    );
+    assert!(
+        !sb.path("run/vms/vm1").exists(),
+        "run dir left behind: {:?}",
+        std::fs::read_dir(sb.path("run/vms/vm1")).map(|d| d.count())
+    );
+    assert!(!links(&sb).contains("master lan0"), "{}", links(&sb));
+    // The VM is not there: a second apply tries again (and fails the same way).
+    let out = sb.run(&["get", "vm/vm1", "-o", "json"]);
+    assert!(!out.stdout().contains("\"running\""), "{}", out.stdout());
+    sb.run(&["apply", "--yes", m]).expect_code(1);
+    assert_eq!(
+        vm_cgroups(&sb),
+        Vec::<PathBuf>::new(),
+        "cgroups left behind"
+    );
+    sb.run(&["destroy", "--yes", "--allow-data-loss", m])
+        .expect_code(0);
+    assert!(sandbox_processes(&sb).is_empty());
+    assert_eq!(vm_cgroups(&sb), Vec::<PathBuf>::new());
+    assert!(!sb.path("run/vms/vm1").exists());
+}
+
 /// A btrfs pool `local` at `pool` with the 16 MiB volume `vm1-root`, an idle VM `vm1` on
 /// it and, with `backups`, a dir pool `backups` for backups there; applied. Returns the
 /// manifest path and the VM's disk image.

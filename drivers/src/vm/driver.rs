@@ -50,6 +50,37 @@ pub struct VmDriver {
     pub shutdown_timeout_secs: u64,
 }
 
+/// Why [`VmDriver::apply_config`] failed: the supervisor did not start, or anything else.
+#[derive(Debug)]
+enum ApplyError {
+    /// The supervisor or the VM failed to start.
+    Start(DriverError),
+    /// Any other step.
+    Other(DriverError),
+}
+
+impl ApplyError {
+    fn into_inner(self) -> DriverError {
+        match self {
+            ApplyError::Start(e) | ApplyError::Other(e) => e,
+        }
+    }
+}
+
+impl std::fmt::Display for ApplyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ApplyError::Start(e) | ApplyError::Other(e) => e.fmt(f),
+        }
+    }
+}
+
+impl From<DriverError> for ApplyError {
+    fn from(e: DriverError) -> Self {
+        ApplyError::Other(e)
+    }
+}
+
 fn spec_of(r: &Resource) -> Result<&VirtualMachineSpec, DriverError> {
     match &r.spec {
         Spec::VirtualMachine(v) => Ok(v),
@@ -343,6 +374,64 @@ impl VmDriver {
         Ok(())
     }
 
+    /// Creates or updates VM `cfg.name` from its resolved config: run dir, taps,
+    /// `config.json`, supervisor. A failed supervisor start is [`ApplyError::Start`].
+    fn apply_config(&self, cfg: &VmRunConfig) -> Result<(), ApplyError> {
+        let name = cfg.name.as_str();
+        let paths = self.paths(name);
+        fs::create_dir_all(&paths.dir)
+            .map_err(|e| DriverError::io(format!("create {}", paths.dir.display()), e))?;
+        self.sync_taps(cfg)?;
+        let current: Option<VmRunConfig> = read_json(&paths.config())?;
+        let alive = lock_held(&paths);
+        // Same VM apart from the hot fields (run state, restart policy)?
+        let same = current.as_ref().is_some_and(|c| {
+            let mut c = c.clone();
+            c.running = cfg.running;
+            c.restart_policy = cfg.restart_policy;
+            c == *cfg
+        });
+        let policy_changed = current
+            .as_ref()
+            .is_some_and(|c| c.restart_policy != cfg.restart_policy);
+        if alive && (!cfg.running || !same) {
+            self.stop(name)?;
+        }
+        write_json(&paths.config(), cfg)?;
+        if !cfg.running {
+            return Ok(());
+        }
+        if alive && same {
+            if policy_changed
+                && let Some(st) = read_json::<SupervisorState>(&paths.supervisor_state())?
+            {
+                kill(Pid::from_raw(st.supervisor_pid), Signal::SIGHUP)
+                    .map_err(|e| DriverError::io("signal the VM supervisor", e.into()))?;
+            }
+            // Running with this config: resume a paused VM.
+            if let Ok(v) = control_request(&paths.control_socket(), "status")
+                && v["state"] == "paused"
+            {
+                control_request(&paths.control_socket(), "resume")
+                    .map_err(|e| DriverError::io("resume the VM", e))?;
+            }
+            return Ok(());
+        }
+        self.spawn(cfg).map_err(ApplyError::Start)
+    }
+
+    /// Removes everything VM `name` has on the host: supervisor and VMM, cgroups in
+    /// every controller, sockets, owned taps, run dir. Idempotent.
+    fn remove_all(&self, name: &str) -> Result<(), DriverError> {
+        self.stop(name)?;
+        let owner = owner_alias(Kind::VirtualMachine, name);
+        let netns = self.env.netns.as_deref();
+        for l in owned_links(netns, &owner)? {
+            delete_link(netns, &l, &owner)?;
+        }
+        crate::storage::fsutil::remove_tree_if_exists(&self.paths(name).dir)
+    }
+
     fn observe_one(&self, name: &str) -> Result<Observed, DriverError> {
         let paths = self.paths(name);
         let Some(cfg) = read_json::<VmRunConfig>(&paths.config())? else {
@@ -498,46 +587,25 @@ impl Driver for VmDriver {
         let _span = tracing::info_span!("vm_apply", vm = name).entered();
         crate::supervise::hold::check(&self.env.run_dir, "VirtualMachine", name)?;
         let cfg = self.resolve(name, spec, world)?;
-        let paths = self.paths(name);
-        fs::create_dir_all(&paths.dir)
-            .map_err(|e| DriverError::io(format!("create {}", paths.dir.display()), e))?;
-        self.sync_taps(&cfg)?;
-        let current: Option<VmRunConfig> = read_json(&paths.config())?;
-        let alive = lock_held(&paths);
-        // Same VM apart from the hot fields (run state, restart policy)?
-        let same = current.as_ref().is_some_and(|c| {
-            let mut c = c.clone();
-            c.running = cfg.running;
-            c.restart_policy = cfg.restart_policy;
-            c == cfg
-        });
-        let policy_changed = current
-            .as_ref()
-            .is_some_and(|c| c.restart_policy != cfg.restart_policy);
-        if alive && (!cfg.running || !same) {
-            self.stop(name)?;
-        }
-        write_json(&paths.config(), &cfg)?;
-        if !cfg.running {
-            return Ok(());
-        }
-        if alive && same {
-            if policy_changed
-                && let Some(st) = read_json::<SupervisorState>(&paths.supervisor_state())?
-            {
-                kill(Pid::from_raw(st.supervisor_pid), Signal::SIGHUP)
-                    .map_err(|e| DriverError::io("signal the VM supervisor", e.into()))?;
+        // Without a config this apply creates the VM: the resource is recorded only
+        // when it succeeds, so a failure must leave nothing behind.
+        let fresh = read_json::<VmRunConfig>(&self.paths(name).config())?.is_none();
+        let result = self.apply_config(&cfg);
+        if let Err(e) = &result {
+            tracing::warn!(error = %e, fresh, "VM apply failed, undoing what it made");
+            let undo = if fresh {
+                self.remove_all(name)
+            } else if matches!(e, ApplyError::Start(_)) {
+                // The VM was down already: remove the failed start's cgroup and sockets.
+                self.stop(name)
+            } else {
+                Ok(())
+            };
+            if let Err(u) = undo {
+                tracing::warn!(error = %u, "cleanup after a failed VM apply");
             }
-            // Running with this config: resume a paused VM.
-            if let Ok(v) = control_request(&paths.control_socket(), "status")
-                && v["state"] == "paused"
-            {
-                control_request(&paths.control_socket(), "resume")
-                    .map_err(|e| DriverError::io("resume the VM", e))?;
-            }
-            return Ok(());
         }
-        self.spawn(&cfg)
+        result.map_err(ApplyError::into_inner)
     }
 
     fn delete(
@@ -550,13 +618,7 @@ impl Driver for VmDriver {
         let _span = tracing::info_span!("vm_delete", vm = name).entered();
         // A backup that stopped it would start it again when done.
         crate::supervise::hold::check(&self.env.run_dir, "VirtualMachine", name)?;
-        self.stop(name)?;
-        let owner = owner_alias(Kind::VirtualMachine, name);
-        let netns = self.env.netns.as_deref();
-        for l in owned_links(netns, &owner)? {
-            delete_link(netns, &l, &owner)?;
-        }
-        crate::storage::fsutil::remove_tree_if_exists(&self.paths(name).dir)
+        self.remove_all(name)
     }
 }
 
