@@ -29,11 +29,12 @@ use super::config::{
     DiskRun, InterfaceRun, Paths, Phase, SupervisorState, VmRunConfig, cgroup_name, generated_mac,
     tap_name, vms_dir,
 };
-use super::supervisor::{VmmArgs, control_request, lock_held};
+use super::supervisor::{VmmArgs, control_request, control_status, lock_held};
 use crate::container::cgroup::{Cgroup, Hierarchy};
 use crate::container::config::{read_json, write_json};
 use crate::net::attach::{TapSpec, delete_link, ensure_tap, owned_links};
 use crate::net::owner_alias;
+use stead_vmm::{Reply, Request};
 
 /// Default graceful shutdown time before a VM is forced off.
 pub const DEFAULT_SHUTDOWN_TIMEOUT_SECS: u64 = 10;
@@ -313,29 +314,30 @@ impl VmDriver {
         if !lock_held(&paths) {
             return None;
         }
-        control_request(&paths.control_socket(), "status")
-            .ok()
-            .and_then(|v| v["state"].as_str().map(str::to_string))
+        control_status(&paths.control_socket()).map(|s| s.state.as_str().to_string())
     }
 
     /// Pauses VM `name`: returns once every vCPU is parked (device I/O the guest queued
     /// before completes in the VMM; nothing new is issued).
     pub fn pause(&self, name: &str) -> Result<(), DriverError> {
-        let v = control_request(&self.paths(name).control_socket(), "pause")
+        let r = control_request(&self.paths(name).control_socket(), Request::Pause)
             .map_err(|e| DriverError::io(format!("pause VM {name}"), e))?;
-        match v["state"].as_str() {
-            Some("paused") => Ok(()),
-            _ => Err(DriverError::Other(format!(
-                "pause VM {name}: VMM answered {v}"
+        match r {
+            Reply::Ok(s) if s.state == stead_vmm::RunState::Paused => Ok(()),
+            r => Err(DriverError::Other(format!(
+                "pause VM {name}: VMM answered {}",
+                r.to_line()
             ))),
         }
     }
 
     /// Resumes a paused VM `name`.
     pub fn resume(&self, name: &str) -> Result<(), DriverError> {
-        control_request(&self.paths(name).control_socket(), "resume")
-            .map(|_| ())
-            .map_err(|e| DriverError::io(format!("resume VM {name}"), e))
+        match control_request(&self.paths(name).control_socket(), Request::Resume) {
+            Ok(Reply::Ok(_)) => Ok(()),
+            Ok(Reply::Error(e)) => Err(DriverError::Other(format!("resume VM {name}: {e}"))),
+            Err(e) => Err(DriverError::io(format!("resume VM {name}"), e)),
+        }
     }
 
     /// Stops VM `name` (graceful shutdown, then forced) and waits for its supervisor to
@@ -409,11 +411,10 @@ impl VmDriver {
                     .map_err(|e| DriverError::io("signal the VM supervisor", e.into()))?;
             }
             // Running with this config: resume a paused VM.
-            if let Ok(v) = control_request(&paths.control_socket(), "status")
-                && v["state"] == "paused"
+            if control_status(&paths.control_socket())
+                .is_some_and(|s| s.state == stead_vmm::RunState::Paused)
             {
-                control_request(&paths.control_socket(), "resume")
-                    .map_err(|e| DriverError::io("resume the VM", e))?;
+                self.resume(name)?;
             }
             return Ok(());
         }
@@ -451,13 +452,11 @@ impl VmDriver {
         let alive = lock_held(&paths);
         let phase = sup.as_ref().map(|s| s.phase);
         let vm_status = if alive {
-            control_request(&paths.control_socket(), "status").ok()
+            control_status(&paths.control_socket())
         } else {
             None
         };
-        let vm_state = vm_status
-            .as_ref()
-            .and_then(|v| v["state"].as_str().map(str::to_string));
+        let vm_state = vm_status.as_ref().map(|s| s.state.as_str().to_string());
         let run = match (alive, phase, vm_state.as_deref()) {
             (true, _, Some("paused")) => "paused",
             (true, Some(Phase::Running | Phase::Restarting | Phase::Starting), _) => "running",
@@ -474,7 +473,7 @@ impl VmDriver {
             "startedAt": sup.as_ref().and_then(|s| s.started_at.clone()),
             "lastExit": sup.as_ref().and_then(|s| s.last_exit.clone()),
             "lastError": sup.as_ref().and_then(|s| s.last_error.clone()),
-            "uptimeMs": vm_status.as_ref().and_then(|v| v["uptime_ms"].as_u64()),
+            "uptimeMs": vm_status.as_ref().map(|s| s.uptime_ms),
             "cpuSeconds": usage.map(|u| u.cpu_seconds),
             "memoryBytes": usage.map(|u| u.memory_bytes),
             "consoleLog": paths.console_log(),

@@ -40,6 +40,7 @@ use nix::sys::signal::{SigSet, Signal, kill};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 use stead_schema::RestartPolicy;
+use stead_vmm::{Reply, Request, RunState, StatusReply};
 
 use super::config::{Paths, Phase, SupervisorState, VmRunConfig, cgroup_name};
 use crate::container::cgroup::{Cgroup, Hierarchy, Limits};
@@ -158,16 +159,23 @@ pub fn lock_held(paths: &Paths) -> bool {
     matches!(f.try_lock_shared(), Err(TryLockError::WouldBlock))
 }
 
-/// Sends one request line to the VMM's control socket and returns the JSON reply.
-pub fn control_request(socket: &Path, command: &str) -> io::Result<serde_json::Value> {
+/// Sends one request to the VMM's control socket and returns its reply.
+pub fn control_request(socket: &Path, req: Request) -> io::Result<Reply> {
     let s = UnixStream::connect(socket)?;
     s.set_read_timeout(Some(Duration::from_secs(3)))?;
     s.set_write_timeout(Some(Duration::from_secs(3)))?;
-    (&s).write_all(format!("{command}\n").as_bytes())?;
+    (&s).write_all(format!("{}\n", req.to_line()).as_bytes())?;
     let mut line = String::new();
     BufReader::new(&s).read_line(&mut line)?;
-    serde_json::from_str(line.trim())
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("bad reply: {e}")))
+    Reply::parse(&line).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))
+}
+
+/// The VM's status from its control socket; `None` when nothing answers.
+pub fn control_status(socket: &Path) -> Option<StatusReply> {
+    match control_request(socket, Request::Status) {
+        Ok(Reply::Ok(s)) => Some(s),
+        _ => None,
+    }
 }
 
 /// The last `n` lines of a file (for error messages).
@@ -369,9 +377,11 @@ impl Supervisor {
                 }
                 Err(e) => return Err(format!("waitpid: {e}")),
             }
-            if let Ok(v) = control_request(&self.paths.control_socket(), "status")
-                && v["ok"] == true
-                && matches!(v["state"].as_str(), Some("running" | "paused" | "exited"))
+            if let Some(st) = control_status(&self.paths.control_socket())
+                && matches!(
+                    st.state,
+                    RunState::Running | RunState::Paused | RunState::Exited
+                )
             {
                 return Ok(());
             }
@@ -453,7 +463,7 @@ impl Supervisor {
                 + Duration::from_secs(5),
         );
         if self.child.is_some()
-            && let Err(e) = control_request(&self.paths.control_socket(), "shutdown")
+            && let Err(e) = control_request(&self.paths.control_socket(), Request::Shutdown)
         {
             eprintln!("{} stead vmm: shutdown request: {e}", now_rfc3339());
         }

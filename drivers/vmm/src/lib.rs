@@ -37,7 +37,10 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 pub use arch::{MAX_VCPUS, TINY_LOAD_ADDR, VIRTIO_GSI_BASE, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE};
-pub use control::{ControlClient, handle_command, run_vmm_process, serve_console, serve_control};
+pub use control::{
+    CLIENT_IDLE_TIMEOUT, ControlClient, MAX_CLIENTS, MAX_REQUEST_LINE, Reply, Request, StatusReply,
+    execute, handle_command, parse_request, run_vmm_process, serve_console, serve_control,
+};
 pub use devices::{FORBIDDEN_SYSCALL_PORT, POWER_PORT};
 
 /// Path of the tiny test guest built from `guests/` by this crate's build script.
@@ -222,7 +225,8 @@ impl VmmError {
 pub type SerialCallback = Arc<dyn Fn(&[u8]) + Send + Sync>;
 
 /// Run state of a VM as reported by [`VmHandle::state`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum RunState {
     /// Created, [`Vm::run`] not called yet.
     Created,
