@@ -561,6 +561,86 @@ fn vm_failed_start_leaves_nothing_behind() {
     assert!(!sb.path("run/vms/vm1").exists());
 }
 
+/// The `Name:\tv1\tv2...` fields of `/proc/<pid>/status`.
+fn proc_status_field(pid: i64, name: &str) -> Vec<String> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name}:")))
+        .unwrap_or_else(|| panic!("{name} in /proc/{pid}/status"))
+        .split_whitespace()
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn vm_vmm_runs_jailed_without_privileges() {
+    if !kvm_ok("vm_vmm_runs_jailed_without_privileges") {
+        return;
+    }
+    use std::os::unix::fs::MetadataExt;
+    let sb = Sandbox::with_netns();
+    let _leftovers = Leftovers(&sb);
+    let kernel = demo_guest(&sb);
+    let m = manifest(&sb, &kernel, &Vm::default());
+    let m = m.to_str().unwrap();
+    sb.run(&["apply", "--yes", m]).expect_code(0);
+    let (_, status, _) = get_vm(&sb);
+    let pid = status["pid"].as_i64().expect("vmm pid");
+
+    // Its own non-root uid and gid (real, effective, saved, fs), no groups, no caps.
+    for field in ["Uid", "Gid"] {
+        let ids = proc_status_field(pid, field);
+        assert_eq!(ids.len(), 4, "{ids:?}");
+        assert!(
+            ids.iter().all(|i| i != "0" && i == &ids[0]),
+            "{field}: {ids:?}"
+        );
+    }
+    assert!(proc_status_field(pid, "Groups").is_empty());
+    for field in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+        assert_eq!(
+            proc_status_field(pid, field),
+            vec!["0000000000000000"],
+            "{field}"
+        );
+    }
+    assert_eq!(proc_status_field(pid, "NoNewPrivs"), vec!["1"]);
+    assert_eq!(proc_status_field(pid, "Seccomp"), vec!["2"]);
+    // Its root is an empty directory in its own mount namespace, not the host's /.
+    let root = Path::new("/proc").join(pid.to_string()).join("root");
+    let (jail, host) = (
+        std::fs::metadata(&root).expect("vmm root"),
+        std::fs::metadata("/").expect("/"),
+    );
+    assert!(
+        (jail.dev(), jail.ino()) != (host.dev(), host.ino()),
+        "root is the host's /"
+    );
+    assert_eq!(std::fs::read_dir(&root).expect("list vmm root").count(), 0);
+    assert_ne!(
+        std::fs::read_link(format!("/proc/{pid}/ns/mnt")).expect("vmm mnt ns"),
+        std::fs::read_link("/proc/self/ns/mnt").expect("own mnt ns")
+    );
+
+    // The VM still works: console, pause/resume, stop.
+    let banner = "stead tiny guest: idle";
+    wait_for("the banner in the log", Duration::from_secs(10), || {
+        sb.run(&["logs", "vm/vm1"]).stdout().contains(banner)
+    });
+    let seen = console(&sb, b"jailed\n");
+    assert!(seen.contains("JAILED"), "guest echo: {seen}");
+    let ctl = status["controlSocket"].as_str().expect("control socket");
+    assert!(control(ctl, "pause").contains("\"state\":\"paused\""));
+    let state = std::fs::read_to_string(sb.path("run/vms/vm1/state.json")).expect("state.json");
+    assert!(state.contains("\"state\":\"paused\""), "{state}");
+    assert!(control(ctl, "resume").contains("\"state\":\"running\""));
+    sb.run(&["destroy", "--yes", "--allow-data-loss", m])
+        .expect_code(0);
+    assert!(!pid_alive(pid));
+    assert!(sandbox_processes(&sb).is_empty());
+    assert_eq!(vm_cgroups(&sb), Vec::<PathBuf>::new());
+}
+
 /// A btrfs pool `local` at `pool` with the 16 MiB volume `vm1-root`, an idle VM `vm1` on
 /// it and, with `backups`, a dir pool `backups` for backups there; applied. Returns the
 /// manifest path and the VM's disk image.

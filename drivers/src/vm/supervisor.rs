@@ -587,6 +587,7 @@ fn vm_config(cfg: &VmRunConfig, paths: &Paths) -> Result<stead_vmm::VmConfig, St
     v.control_socket = Some(paths.control_socket());
     v.console_socket = Some(paths.console_socket());
     v.shutdown_timeout = Duration::from_secs(cfg.shutdown_timeout_secs);
+    v.jail = true;
     Ok(v)
 }
 

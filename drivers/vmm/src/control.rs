@@ -510,11 +510,20 @@ fn run_with_sockets(
     extra: String,
 ) -> Result<ExitReason, VmmError> {
     let seccomp_on = cfg.seccomp;
+    let jail = cfg.jail;
     let run_dir = cfg.run_dir.clone();
+    if jail && run_dir.is_none() {
+        return Err(VmmError::Config("the VMM jail needs a run dir".into()));
+    }
     let mut vm = Vm::new(cfg)?;
     let handle = vm.handle();
-    if let Some(dir) = run_dir {
+    if let Some(dir) = &run_dir {
         handle.set_state_file(dir.join("state.json"), extra);
+        if jail {
+            handle.hold_state_file()?;
+            let id = crate::jail::enter(dir)?;
+            eprintln!("stead vmm: jailed as uid/gid {id}");
+        }
     }
     let filter = if seccomp_on {
         Some(std::sync::Arc::new(seccomp::filter()?))
