@@ -500,7 +500,11 @@ fn bind_socket(p: &Path) -> Result<UnixListener, VmmError> {
         }
         std::fs::remove_file(p).map_err(VmmError::io(format!("remove stale {}", p.display())))?;
     }
-    UnixListener::bind(p).map_err(VmmError::io(format!("bind {}", p.display())))
+    let l = UnixListener::bind(p).map_err(VmmError::io(format!("bind {}", p.display())))?;
+    // Connecting needs write permission: root only, whatever the umask was.
+    std::fs::set_permissions(p, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .map_err(VmmError::io(format!("chmod {}", p.display())))?;
+    Ok(l)
 }
 
 fn run_with_sockets(
@@ -638,6 +642,10 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let p = dir.path().join("s.sock");
         let live = bind_socket(&p).expect("bind");
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(&p).expect("socket").permissions(),
+        );
+        assert_eq!(mode & 0o777, 0o600, "{mode:o}");
         assert!(matches!(bind_socket(&p), Err(VmmError::Control(_))));
         drop(live);
         // The file stays behind after the listener is gone: a stale socket.
