@@ -204,11 +204,13 @@ impl Client {
             .is_ok()
     }
 
-    /// Reads what the client sent and answers every complete line. Returns false when
-    /// the connection is to be closed (end of stream, error, or an over-long line).
+    /// Reads what the client sent (at most [`READ_BUDGET`] bytes per call, so one busy
+    /// client cannot starve the others) and answers every complete line. Returns false
+    /// when the connection is to be closed (end of stream, error, or an over-long line).
     fn serve(&mut self, h: &VmHandle) -> bool {
         let mut chunk = [0u8; 4096];
-        loop {
+        let mut budget = READ_BUDGET;
+        while budget > 0 {
             let n = match self.stream.read(&mut chunk) {
                 Ok(0) => return false,
                 Ok(n) => n,
@@ -216,10 +218,12 @@ impl Client {
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 Err(_) => return false,
             };
-            self.last = Instant::now();
+            budget = budget.saturating_sub(n);
             self.buf.extend_from_slice(&chunk[..n]);
             while let Some(i) = self.buf.iter().position(|b| *b == b'\n') {
                 let line: Vec<u8> = self.buf.drain(..=i).collect();
+                // Idle = no complete request: a client trickling bytes is idle too.
+                self.last = Instant::now();
                 let reply = match std::str::from_utf8(&line) {
                     Ok(text) => handle_command(h, text),
                     Err(_) => Reply::Error("request is not UTF-8".into()).to_line(),
@@ -234,8 +238,12 @@ impl Client {
                 return false;
             }
         }
+        true
     }
 }
+
+/// Bytes read from one client per poll round.
+const READ_BUDGET: usize = 64 * 1024;
 
 /// Accepts every pending connection; beyond [`MAX_CLIENTS`], answers with an error.
 fn accept_clients(listener: &UnixListener, clients: &mut Vec<Client>) -> Result<(), VmmError> {

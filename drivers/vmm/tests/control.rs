@@ -99,9 +99,18 @@ fn control_silent_client_does_not_block_status_and_is_dropped() {
     let dir = tempfile::tempdir().unwrap();
     let (t, sock) = start_vmm(dir.path());
     let silent = UnixStream::connect(&sock).unwrap();
-    // A half-sent request counts as silence too.
+    // A half-sent request counts as silence too, even when its bytes trickle in.
     let half = UnixStream::connect(&sock).unwrap();
     (&half).write_all(b"{\"command\":").unwrap();
+    let trickle = half.try_clone().unwrap();
+    let trickler = std::thread::spawn(move || {
+        for _ in 0..40 {
+            if (&trickle).write_all(b" ").is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    });
     std::thread::sleep(Duration::from_millis(200));
     for _ in 0..3 {
         assert!(is_running(&status_within(&sock, Duration::from_secs(2))));
@@ -118,6 +127,7 @@ fn control_silent_client_does_not_block_status_and_is_dropped() {
         assert_eq!(n, 0, "{:?}", &buf[..n]);
     }
     assert!(started.elapsed() < CLIENT_IDLE_TIMEOUT + Duration::from_secs(2));
+    trickler.join().unwrap();
     assert!(is_running(&status_within(&sock, Duration::from_secs(2))));
     shutdown(&sock, t);
 }
