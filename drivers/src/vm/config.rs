@@ -216,6 +216,13 @@ pub fn generated_mac(name: &str, idx: usize) -> MacAddr {
     generated_mac_salted(this_host_salt(), name, idx)
 }
 
+/// Stable MAC for interface `idx` of Container `name` on this host (a container
+/// interface without `mac`): like [`generated_mac`], in a namespace of its own so a
+/// container and a VM of the same name differ.
+pub fn generated_container_mac(name: &str, idx: usize) -> MacAddr {
+    generated_mac_salted(this_host_salt(), &format!("Container/{name}"), idx)
+}
+
 /// The MAC of interface `idx` of VM `name` under `salt`: the first six bytes of
 /// SHA-256 over (salt, name, index), with the multicast bit cleared and the locally
 /// administered bit set in the first octet.
@@ -284,6 +291,13 @@ mod tests {
         assert!(host.starts_with("hostname:"), "{host}");
         assert_eq!(host, host_salt(&dir.path().join("empty")));
         assert_ne!(generated_mac_salted(&host, "web", 0), ma);
+        // Containers have their own namespace: same name, different MAC.
+        assert_ne!(generated_container_mac("web", 0), generated_mac("web", 0));
+        assert_eq!(
+            generated_container_mac("web", 0),
+            generated_container_mac("web", 0)
+        );
+        assert_eq!(generated_container_mac("web", 0).0[0] & 0x03, 0x02);
         // Salt, name and index are framed: moving bytes between them changes the MAC.
         assert_ne!(
             generated_mac_salted("ab", "c", 0),
