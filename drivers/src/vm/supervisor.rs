@@ -321,8 +321,10 @@ impl Supervisor {
                 // Drop inherited descriptors (the supervisor's lock and the launcher's
                 // ready pipe): stdio stays, the VMM opens what it needs.
                 // SAFETY: close_range on descriptors this fresh child does not use.
-                unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
-                if nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).is_err()
+                let closed = unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
+                // A VMM that kept the supervisor's lock would look like a live supervisor.
+                if closed != 0
+                    || nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).is_err()
                     || nix::unistd::getppid() != me
                 {
                     // SAFETY: _exit ends this forked child without running atexit handlers.
