@@ -622,6 +622,33 @@ fn vm_vmm_runs_jailed_without_privileges() {
         std::fs::read_link("/proc/self/ns/mnt").expect("own mnt ns")
     );
 
+    // Open files: KVM, the tap, the disk, its logs and state file; nothing else.
+    let run = sb.path("run/vms/vm1");
+    let allowed = |p: &Path| {
+        ["/dev/null", "/dev/kvm", "/dev/net/tun"]
+            .iter()
+            .any(|a| p == Path::new(a))
+            || ["console.log", "vmm.log", "state.json"]
+                .iter()
+                .any(|f| p == run.join(f))
+            || p.starts_with(sb.path("pools/local"))
+    };
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).expect("vmm fds");
+    let mut disk_open = false;
+    for fd in fds.flatten() {
+        let target = std::fs::read_link(fd.path()).expect("fd link");
+        disk_open |= target.starts_with(sb.path("pools/local"));
+        if target.is_absolute() {
+            assert!(
+                allowed(&target),
+                "unexpected open file {}",
+                target.display()
+            );
+        }
+    }
+
+    assert!(disk_open, "the disk image is among the VMM's open files");
+
     // The VM still works: console, pause/resume, stop.
     let banner = "stead tiny guest: idle";
     wait_for("the banner in the log", Duration::from_secs(10), || {
