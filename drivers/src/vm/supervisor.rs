@@ -29,7 +29,7 @@
 //!   still there 5 s later, phase `stopped`, exit.
 
 use std::fs::{self, File, OpenOptions, TryLockError};
-use std::io::{self, BufRead, BufReader, Write};
+use std::io::{self, BufReader, Write};
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
@@ -165,9 +165,10 @@ pub fn control_request(socket: &Path, req: Request) -> io::Result<Reply> {
     s.set_read_timeout(Some(Duration::from_secs(3)))?;
     s.set_write_timeout(Some(Duration::from_secs(3)))?;
     (&s).write_all(format!("{}\n", req.to_line()).as_bytes())?;
-    let mut line = String::new();
-    BufReader::new(&s).read_line(&mut line)?;
-    Reply::parse(&line).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))
+    let bad = |e: stead_vmm::VmmError| io::Error::new(io::ErrorKind::InvalidData, e.to_string());
+    // Bounded: the VMM runs jailed and is not trusted with the supervisor's memory.
+    let line = stead_vmm::read_reply_line(&mut BufReader::new(&s)).map_err(bad)?;
+    Reply::parse(&line).map_err(bad)
 }
 
 /// The VM's status from its control socket; `None` when nothing answers.
@@ -693,6 +694,30 @@ mod tests {
         // A probe's shared lock is gone once the probe returns.
         let again = lock_file(&paths.lock()).expect("lock after the probe");
         drop(again);
+    }
+
+    #[test]
+    fn control_reply_from_a_hostile_vmm_is_bounded() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("control.sock");
+        let l = std::os::unix::net::UnixListener::bind(&p).expect("bind");
+        // A VMM that answers with an endless line.
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = l.accept().expect("accept");
+            let chunk = vec![b'a'; 64 << 10];
+            let mut sent = 0usize;
+            while sent < (256 << 20) && s.write_all(&chunk).is_ok() {
+                sent += chunk.len();
+            }
+            sent
+        });
+        let r = control_request(&p, Request::Status);
+        assert!(r.is_err(), "{r:?}");
+        let sent = server.join().expect("server");
+        assert!(
+            sent < (16 << 20),
+            "the client read {sent} bytes of one reply"
+        );
     }
 
     #[test]

@@ -435,15 +435,30 @@ impl ControlClient {
         self.writer
             .write_all(format!("{}\n", command.trim()).as_bytes())
             .map_err(VmmError::io("control socket write"))?;
-        let mut line = String::new();
-        self.reader
-            .read_line(&mut line)
-            .map_err(VmmError::io("control socket read"))?;
-        if line.is_empty() {
-            return Err(VmmError::Control("connection closed".into()));
-        }
-        Ok(line.trim_end().to_string())
+        read_reply_line(&mut self.reader)
     }
+}
+
+/// Longest reply line a control client accepts (bytes, newline excluded).
+pub const MAX_REPLY_LINE: usize = 64 * 1024;
+
+/// Reads one reply line of at most [`MAX_REPLY_LINE`] bytes (without the newline): a
+/// VMM that sends more, or closes the connection first, is an error.
+pub fn read_reply_line(reader: &mut impl BufRead) -> Result<String, VmmError> {
+    let mut line = String::new();
+    reader
+        .take(MAX_REPLY_LINE as u64 + 1)
+        .read_line(&mut line)
+        .map_err(VmmError::io("control socket read"))?;
+    if line.is_empty() {
+        return Err(VmmError::Control("connection closed".into()));
+    }
+    if !line.ends_with('\n') {
+        return Err(VmmError::Control(format!(
+            "reply longer than {MAX_REPLY_LINE} bytes or cut short"
+        )));
+    }
+    Ok(line.trim_end().to_string())
 }
 
 /// Runs one VM in this process: builds it, binds the control socket
@@ -638,6 +653,25 @@ mod tests {
         );
         assert_eq!(Reply::parse(&err.to_line()).ok(), Some(err));
         assert!(Reply::parse("{\"ok\":true}").is_err());
+    }
+
+    #[test]
+    fn reply_lines_are_bounded() {
+        let ok = b"{\"ok\":false,\"error\":\"x\"}\nrest".to_vec();
+        let mut r = std::io::Cursor::new(ok);
+        assert_eq!(
+            read_reply_line(&mut r).ok().as_deref(),
+            Some("{\"ok\":false,\"error\":\"x\"}")
+        );
+        // An endless reply: refused after MAX_REPLY_LINE bytes, not read to the end.
+        let mut endless = std::io::repeat(b'a').take(1 << 30);
+        let mut r = BufReader::new(&mut endless);
+        assert!(matches!(read_reply_line(&mut r), Err(VmmError::Control(_))));
+        assert!(endless.limit() > (1 << 30) - 2 * MAX_REPLY_LINE as u64);
+        let mut r = std::io::Cursor::new(b"{\"ok\":true".to_vec());
+        assert!(matches!(read_reply_line(&mut r), Err(VmmError::Control(_))));
+        let mut r = std::io::Cursor::new(Vec::new());
+        assert!(matches!(read_reply_line(&mut r), Err(VmmError::Control(_))));
     }
 
     #[test]
