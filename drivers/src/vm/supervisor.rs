@@ -540,19 +540,25 @@ impl Supervisor {
 /// Keeps the newest half (from a line start) of the log at `p` once it passes `cap`
 /// bytes. In place, because the VMM appends through its own `O_APPEND` descriptor.
 fn trim_log(p: &Path, cap: u64) {
-    let Ok(meta) = fs::metadata(p) else { return };
-    if meta.len() <= cap {
+    let Ok(f) = OpenOptions::new().read(true).write(true).open(p) else {
+        return;
+    };
+    let Ok(len) = f.metadata().map(|m| m.len()) else {
+        return;
+    };
+    if len <= cap {
         return;
     }
-    let Ok(data) = fs::read(p) else { return };
-    let keep = (cap / 2) as usize;
-    let mut start = data.len().saturating_sub(keep);
-    if let Some(nl) = data[start..].iter().position(|b| *b == b'\n') {
-        start += nl + 1;
+    // Only the newest half is read: the log may be far larger than the cap.
+    let keep = cap / 2;
+    let Ok(mut data) = usize::try_from(keep).map(|k| vec![0u8; k]) else {
+        return;
+    };
+    if f.read_exact_at(&mut data, len - keep).is_err() {
+        return;
     }
-    if let Ok(f) = OpenOptions::new().write(true).open(p)
-        && f.write_all_at(&data[start..], 0).is_ok()
-    {
+    let start = data.iter().position(|b| *b == b'\n').map_or(0, |nl| nl + 1);
+    if f.write_all_at(&data[start..], 0).is_ok() {
         let _ = f.set_len((data.len() - start) as u64);
     }
 }
@@ -718,6 +724,40 @@ mod tests {
             sent < (16 << 20),
             "the client read {sent} bytes of one reply"
         );
+    }
+
+    /// Peak resident memory of this process, in KiB.
+    fn peak_rss_kib() -> u64 {
+        fs::read_to_string("/proc/self/status")
+            .expect("status")
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmHWM")
+    }
+
+    #[test]
+    fn huge_log_is_trimmed_without_reading_it_whole() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("console.log");
+        // 256 MiB, sparse, with real lines at the end.
+        let f = File::create(&p).expect("create");
+        f.set_len(256 << 20).expect("grow");
+        let tail = "x".repeat(100) + "\n";
+        let tail = tail.repeat(1000);
+        f.write_all_at(tail.as_bytes(), 256 << 20).expect("tail");
+        drop(f);
+        let before = peak_rss_kib();
+        trim_log(&p, 64 << 10);
+        let grew = peak_rss_kib().saturating_sub(before);
+        assert!(grew < 16 << 10, "peak RSS grew by {grew} KiB");
+        let after = fs::read_to_string(&p).expect("read");
+        assert!(
+            after.len() <= 32 << 10 && after.len() > 31 << 10,
+            "{}",
+            after.len()
+        );
+        assert!(after.starts_with('x') && after.ends_with("x\n"));
     }
 
     #[test]
