@@ -348,6 +348,10 @@ fn two_containers_on_a_bridge() {
         ip.contains("10.77.0.2/24") && !ip.contains("10.77.0.3"),
         "{ip}"
     );
+    // No `mac` in the spec: the generated one, salted with this host's machine id.
+    let (_, link) = sb.exec("ca", &["ip", "-o", "link", "show", "eth0"]);
+    let mac = stead_drivers::vm::config::generated_container_mac("ca", 0).to_string();
+    assert!(link.contains(&mac.to_lowercase()), "{mac}: {link}");
     let (code, out) = sb.exec("ca", &["ping", "-c", "1", "-W", "3", "10.77.0.3"]);
     assert_eq!(code, 0, "ping b from a: {out}");
     let (code, out) = sb.exec("cb", &["ping", "-c", "1", "-W", "3", "10.77.0.2"]);

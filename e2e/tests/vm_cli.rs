@@ -484,6 +484,190 @@ fn vm_stopped_state_and_restart_policy_never() {
     assert!(!links(&sb).contains("master lan0"));
 }
 
+/// VM cgroups named `vm-vm1` under the sandbox's cgroup parent, in every mounted
+/// controller (v1 and the unified hierarchy).
+fn vm_cgroups(sb: &Sandbox) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/sys/fs/cgroup")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let d = e.path().join(&sb.cgroup_parent).join("vm-vm1");
+        if d.exists() {
+            out.push(d);
+        }
+    }
+    out
+}
+
+#[test]
+fn vm_failed_start_leaves_nothing_behind() {
+    if !kvm_ok("vm_failed_start_leaves_nothing_behind") {
+        return;
+    }
+    let sb = Sandbox::with_netns();
+    let _leftovers = Leftovers(&sb);
+    // An ELF header over garbage: the VMM fails to load it and exits during start.
+    let kernel = sb.write(
+        "images/garbage.elf",
+        &format!("\x7fELF{}", "garbage ".repeat(4096)),
+    );
+    let m = manifest(
+        &sb,
+        &kernel,
+        &Vm {
+            policy: "never",
+            ..Vm::default()
+        },
+    );
+    let m = m.to_str().unwrap();
+    let out = sb.run(&["apply", "--yes", m]).expect_code(1);
+    assert!(
+        out.stderr().contains("during start") || out.stdout().contains("during start"),
+        "{}\n{}",
+        out.stdout(),
+        out.stderr()
+    );
+    assert!(
+        sandbox_processes(&sb).is_empty(),
+        "{:?}",
+        sandbox_processes(&sb)
+    );
+    assert_eq!(
+        vm_cgroups(&sb),
+        Vec::<PathBuf>::new(),
+        "cgroups left behind"
+    );
+    assert!(
+        !sb.path("run/vms/vm1").exists(),
+        "run dir left behind: {:?}",
+        std::fs::read_dir(sb.path("run/vms/vm1")).map(|d| d.count())
+    );
+    assert!(!links(&sb).contains("master lan0"), "{}", links(&sb));
+    // The VM is not there: a second apply tries again (and fails the same way).
+    let out = sb.run(&["get", "vm/vm1", "-o", "json"]);
+    assert!(!out.stdout().contains("\"running\""), "{}", out.stdout());
+    sb.run(&["apply", "--yes", m]).expect_code(1);
+    assert_eq!(
+        vm_cgroups(&sb),
+        Vec::<PathBuf>::new(),
+        "cgroups left behind"
+    );
+    sb.run(&["destroy", "--yes", "--allow-data-loss", m])
+        .expect_code(0);
+    assert!(sandbox_processes(&sb).is_empty());
+    assert_eq!(vm_cgroups(&sb), Vec::<PathBuf>::new());
+    assert!(!sb.path("run/vms/vm1").exists());
+}
+
+/// The `Name:\tv1\tv2...` fields of `/proc/<pid>/status`.
+fn proc_status_field(pid: i64, name: &str) -> Vec<String> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name}:")))
+        .unwrap_or_else(|| panic!("{name} in /proc/{pid}/status"))
+        .split_whitespace()
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn vm_vmm_runs_jailed_without_privileges() {
+    if !kvm_ok("vm_vmm_runs_jailed_without_privileges") {
+        return;
+    }
+    use std::os::unix::fs::MetadataExt;
+    let sb = Sandbox::with_netns();
+    let _leftovers = Leftovers(&sb);
+    let kernel = demo_guest(&sb);
+    let m = manifest(&sb, &kernel, &Vm::default());
+    let m = m.to_str().unwrap();
+    sb.run(&["apply", "--yes", m]).expect_code(0);
+    let (_, status, _) = get_vm(&sb);
+    let pid = status["pid"].as_i64().expect("vmm pid");
+
+    // Its own non-root uid and gid (real, effective, saved, fs), no groups, no caps.
+    for field in ["Uid", "Gid"] {
+        let ids = proc_status_field(pid, field);
+        assert_eq!(ids.len(), 4, "{ids:?}");
+        assert!(
+            ids.iter().all(|i| i != "0" && i == &ids[0]),
+            "{field}: {ids:?}"
+        );
+    }
+    assert!(proc_status_field(pid, "Groups").is_empty());
+    for field in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+        assert_eq!(
+            proc_status_field(pid, field),
+            vec!["0000000000000000"],
+            "{field}"
+        );
+    }
+    assert_eq!(proc_status_field(pid, "NoNewPrivs"), vec!["1"]);
+    assert_eq!(proc_status_field(pid, "Seccomp"), vec!["2"]);
+    // Its root is an empty directory in its own mount namespace, not the host's /.
+    let root = Path::new("/proc").join(pid.to_string()).join("root");
+    let (jail, host) = (
+        std::fs::metadata(&root).expect("vmm root"),
+        std::fs::metadata("/").expect("/"),
+    );
+    assert!(
+        (jail.dev(), jail.ino()) != (host.dev(), host.ino()),
+        "root is the host's /"
+    );
+    assert_eq!(std::fs::read_dir(&root).expect("list vmm root").count(), 0);
+    assert_ne!(
+        std::fs::read_link(format!("/proc/{pid}/ns/mnt")).expect("vmm mnt ns"),
+        std::fs::read_link("/proc/self/ns/mnt").expect("own mnt ns")
+    );
+
+    // Open files: KVM, the tap, the disk, its logs and state file; nothing else.
+    let run = sb.path("run/vms/vm1");
+    let allowed = |p: &Path| {
+        ["/dev/null", "/dev/kvm", "/dev/net/tun"]
+            .iter()
+            .any(|a| p == Path::new(a))
+            || ["console.log", "vmm.log", "state.json"]
+                .iter()
+                .any(|f| p == run.join(f))
+            || p.starts_with(sb.path("pools/local"))
+    };
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).expect("vmm fds");
+    let mut disk_open = false;
+    for fd in fds.flatten() {
+        let target = std::fs::read_link(fd.path()).expect("fd link");
+        disk_open |= target.starts_with(sb.path("pools/local"));
+        if target.is_absolute() {
+            assert!(
+                allowed(&target),
+                "unexpected open file {}",
+                target.display()
+            );
+        }
+    }
+
+    assert!(disk_open, "the disk image is among the VMM's open files");
+
+    // The VM still works: console, pause/resume, stop.
+    let banner = "stead tiny guest: idle";
+    wait_for("the banner in the log", Duration::from_secs(10), || {
+        sb.run(&["logs", "vm/vm1"]).stdout().contains(banner)
+    });
+    let seen = console(&sb, b"jailed\n");
+    assert!(seen.contains("JAILED"), "guest echo: {seen}");
+    let ctl = status["controlSocket"].as_str().expect("control socket");
+    assert!(control(ctl, "pause").contains("\"state\":\"paused\""));
+    let state = std::fs::read_to_string(sb.path("run/vms/vm1/state.json")).expect("state.json");
+    assert!(state.contains("\"state\":\"paused\""), "{state}");
+    assert!(control(ctl, "resume").contains("\"state\":\"running\""));
+    sb.run(&["destroy", "--yes", "--allow-data-loss", m])
+        .expect_code(0);
+    assert!(!pid_alive(pid));
+    assert!(sandbox_processes(&sb).is_empty());
+    assert_eq!(vm_cgroups(&sb), Vec::<PathBuf>::new());
+}
+
 /// A btrfs pool `local` at `pool` with the 16 MiB volume `vm1-root`, an idle VM `vm1` on
 /// it and, with `backups`, a dir pool `backups` for backups there; applied. Returns the
 /// manifest path and the VM's disk image.

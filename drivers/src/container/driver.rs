@@ -31,6 +31,7 @@ use super::config::{
 use super::control::{Request, request};
 use super::shim::{ShimArgs, lock_held};
 use super::{network, rootfs, rootfs_snapshot};
+use crate::vm::config::generated_container_mac;
 
 /// Fields whose change only needs a hot update.
 const HOT_FIELDS: [&str; 3] = ["state", "resources", "restartPolicy"];
@@ -186,7 +187,7 @@ impl ContainerDriver {
                 host_name: host_veth_name(name, i),
                 address: ifc.address,
                 gateway: ifc.gateway,
-                mac: ifc.mac,
+                mac: Some(ifc.mac.unwrap_or_else(|| generated_container_mac(name, i))),
             });
         }
         Ok(ContainerConfig {

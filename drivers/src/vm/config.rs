@@ -1,7 +1,9 @@
 //! What the VM driver hands to `stead vmm` (`config.json`), what the supervisor reports
 //! (`supervisor.json`), and the file layout of a VM's run directory.
 
+use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 use serde::{Deserialize, Serialize};
 use stead_schema::{MacAddr, RestartPolicy};
@@ -179,13 +181,63 @@ pub fn tap_name(name: &str, idx: usize) -> String {
     format!("tv{:08x}i{idx}", fnv1a(name))
 }
 
-/// Stable locally administered unicast MAC for interface `idx` of VM `name`:
-/// `52:54:xx:xx:xx:xx`-like but with the locally administered bit (`0x02`) set in the
-/// first octet (`56:`), derived from a hash of the name and index.
+/// Where the host's machine id is read from (the salt of generated MACs).
+pub const MACHINE_ID_PATH: &str = "/etc/machine-id";
+
+/// The salt of generated MACs on this host: the trimmed content of `machine_id`
+/// (normally [`MACHINE_ID_PATH`]), or the hostname when that file is missing or empty.
+/// Stable for the life of the host; differs between hosts.
+pub fn host_salt(machine_id: &Path) -> String {
+    match fs::read_to_string(machine_id) {
+        Ok(s) if !s.trim().is_empty() => format!("machine-id:{}", s.trim()),
+        _ => {
+            let host = nix::unistd::gethostname()
+                .map(|h| h.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            tracing::warn!(
+                path = %machine_id.display(),
+                "no machine id: generated MACs are salted with the hostname"
+            );
+            format!("hostname:{host}")
+        }
+    }
+}
+
+/// This host's MAC salt ([`host_salt`] of [`MACHINE_ID_PATH`]), read once per process.
+fn this_host_salt() -> &'static str {
+    static SALT: OnceLock<String> = OnceLock::new();
+    SALT.get_or_init(|| host_salt(Path::new(MACHINE_ID_PATH)))
+}
+
+/// Stable locally administered unicast MAC for interface `idx` of VM `name` on this
+/// host: [`generated_mac_salted`] with this host's [`host_salt`], so the same VM name on
+/// two hosts (e.g. joined by a VXLAN network) gets different MACs.
 pub fn generated_mac(name: &str, idx: usize) -> MacAddr {
-    let h = fnv1a(&format!("{name}/{idx}")).to_be_bytes();
-    let h2 = fnv1a(&format!("{idx}/{name}")).to_be_bytes();
-    MacAddr([0x56, h2[0], h[0], h[1], h[2], h[3]])
+    generated_mac_salted(this_host_salt(), name, idx)
+}
+
+/// Stable MAC for interface `idx` of Container `name` on this host (a container
+/// interface without `mac`): like [`generated_mac`], in a namespace of its own so a
+/// container and a VM of the same name differ.
+pub fn generated_container_mac(name: &str, idx: usize) -> MacAddr {
+    generated_mac_salted(this_host_salt(), &format!("Container/{name}"), idx)
+}
+
+/// The MAC of interface `idx` of VM `name` under `salt`: the first six bytes of
+/// SHA-256 over (salt, name, index), with the multicast bit cleared and the locally
+/// administered bit set in the first octet.
+pub fn generated_mac_salted(salt: &str, name: &str, idx: usize) -> MacAddr {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    for part in [salt.as_bytes(), name.as_bytes(), idx.to_string().as_bytes()] {
+        h.update((part.len() as u64).to_be_bytes());
+        h.update(part);
+    }
+    let d = h.finalize();
+    let mut mac = [0u8; 6];
+    mac.copy_from_slice(&d[..6]);
+    mac[0] = (mac[0] & !0x01) | 0x02;
+    MacAddr(mac)
 }
 
 #[cfg(test)]
@@ -211,6 +263,46 @@ mod tests {
         assert_ne!(m, generated_mac("db", 0));
         assert_eq!(m.0[0] & 0x01, 0, "unicast");
         assert_eq!(m.0[0] & 0x02, 0x02, "locally administered");
+    }
+
+    #[test]
+    fn generated_macs_are_salted_with_the_machine_id() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        fs::write(&a, "0123456789abcdef0123456789abcdef\n").expect("write a");
+        fs::write(&b, "fedcba9876543210fedcba9876543210\n").expect("write b");
+        let (sa, sb) = (host_salt(&a), host_salt(&b));
+        assert_eq!(sa, host_salt(&a), "stable per host");
+        // The same VM name on two hosts: different MACs.
+        let (ma, mb) = (
+            generated_mac_salted(&sa, "web", 0),
+            generated_mac_salted(&sb, "web", 0),
+        );
+        assert_ne!(ma, mb);
+        assert_eq!(ma, generated_mac_salted(&host_salt(&a), "web", 0));
+        for m in [ma, mb] {
+            assert_eq!(m.0[0] & 0x01, 0, "unicast: {m}");
+            assert_eq!(m.0[0] & 0x02, 0x02, "locally administered: {m}");
+        }
+        // Missing or empty machine id: the hostname, still stable.
+        let missing = dir.path().join("none");
+        fs::write(dir.path().join("empty"), "\n").expect("write empty");
+        let host = host_salt(&missing);
+        assert!(host.starts_with("hostname:"), "{host}");
+        assert_eq!(host, host_salt(&dir.path().join("empty")));
+        assert_ne!(generated_mac_salted(&host, "web", 0), ma);
+        // Containers have their own namespace: same name, different MAC.
+        assert_ne!(generated_container_mac("web", 0), generated_mac("web", 0));
+        assert_eq!(
+            generated_container_mac("web", 0),
+            generated_container_mac("web", 0)
+        );
+        assert_eq!(generated_container_mac("web", 0).0[0] & 0x03, 0x02);
+        // Salt, name and index are framed: moving bytes between them changes the MAC.
+        assert_ne!(
+            generated_mac_salted("ab", "c", 0),
+            generated_mac_salted("a", "bc", 0)
+        );
     }
 
     #[test]

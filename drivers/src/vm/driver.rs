@@ -29,11 +29,12 @@ use super::config::{
     DiskRun, InterfaceRun, Paths, Phase, SupervisorState, VmRunConfig, cgroup_name, generated_mac,
     tap_name, vms_dir,
 };
-use super::supervisor::{VmmArgs, control_request, lock_held};
+use super::supervisor::{VmmArgs, control_request, control_status, lock_held};
 use crate::container::cgroup::{Cgroup, Hierarchy};
 use crate::container::config::{read_json, write_json};
 use crate::net::attach::{TapSpec, delete_link, ensure_tap, owned_links};
 use crate::net::owner_alias;
+use stead_vmm::{Reply, Request};
 
 /// Default graceful shutdown time before a VM is forced off.
 pub const DEFAULT_SHUTDOWN_TIMEOUT_SECS: u64 = 10;
@@ -48,6 +49,37 @@ pub struct VmDriver {
     hier: Hierarchy,
     /// Seconds a graceful shutdown may take before the VM is forced off.
     pub shutdown_timeout_secs: u64,
+}
+
+/// Why [`VmDriver::apply_config`] failed: the supervisor did not start, or anything else.
+#[derive(Debug)]
+enum ApplyError {
+    /// The supervisor or the VM failed to start.
+    Start(DriverError),
+    /// Any other step.
+    Other(DriverError),
+}
+
+impl ApplyError {
+    fn into_inner(self) -> DriverError {
+        match self {
+            ApplyError::Start(e) | ApplyError::Other(e) => e,
+        }
+    }
+}
+
+impl std::fmt::Display for ApplyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ApplyError::Start(e) | ApplyError::Other(e) => e.fmt(f),
+        }
+    }
+}
+
+impl From<DriverError> for ApplyError {
+    fn from(e: DriverError) -> Self {
+        ApplyError::Other(e)
+    }
 }
 
 fn spec_of(r: &Resource) -> Result<&VirtualMachineSpec, DriverError> {
@@ -282,29 +314,30 @@ impl VmDriver {
         if !lock_held(&paths) {
             return None;
         }
-        control_request(&paths.control_socket(), "status")
-            .ok()
-            .and_then(|v| v["state"].as_str().map(str::to_string))
+        control_status(&paths.control_socket()).map(|s| s.state.as_str().to_string())
     }
 
     /// Pauses VM `name`: returns once every vCPU is parked (device I/O the guest queued
     /// before completes in the VMM; nothing new is issued).
     pub fn pause(&self, name: &str) -> Result<(), DriverError> {
-        let v = control_request(&self.paths(name).control_socket(), "pause")
+        let r = control_request(&self.paths(name).control_socket(), Request::Pause)
             .map_err(|e| DriverError::io(format!("pause VM {name}"), e))?;
-        match v["state"].as_str() {
-            Some("paused") => Ok(()),
-            _ => Err(DriverError::Other(format!(
-                "pause VM {name}: VMM answered {v}"
+        match r {
+            Reply::Ok(s) if s.state == stead_vmm::RunState::Paused => Ok(()),
+            r => Err(DriverError::Other(format!(
+                "pause VM {name}: VMM answered {}",
+                r.to_line()
             ))),
         }
     }
 
     /// Resumes a paused VM `name`.
     pub fn resume(&self, name: &str) -> Result<(), DriverError> {
-        control_request(&self.paths(name).control_socket(), "resume")
-            .map(|_| ())
-            .map_err(|e| DriverError::io(format!("resume VM {name}"), e))
+        match control_request(&self.paths(name).control_socket(), Request::Resume) {
+            Ok(Reply::Ok(_)) => Ok(()),
+            Ok(Reply::Error(e)) => Err(DriverError::Other(format!("resume VM {name}: {e}"))),
+            Err(e) => Err(DriverError::io(format!("resume VM {name}"), e)),
+        }
     }
 
     /// Stops VM `name` (graceful shutdown, then forced) and waits for its supervisor to
@@ -343,6 +376,63 @@ impl VmDriver {
         Ok(())
     }
 
+    /// Creates or updates VM `cfg.name` from its resolved config: run dir, taps,
+    /// `config.json`, supervisor. A failed supervisor start is [`ApplyError::Start`].
+    fn apply_config(&self, cfg: &VmRunConfig) -> Result<(), ApplyError> {
+        let name = cfg.name.as_str();
+        let paths = self.paths(name);
+        fs::create_dir_all(&paths.dir)
+            .map_err(|e| DriverError::io(format!("create {}", paths.dir.display()), e))?;
+        self.sync_taps(cfg)?;
+        let current: Option<VmRunConfig> = read_json(&paths.config())?;
+        let alive = lock_held(&paths);
+        // Same VM apart from the hot fields (run state, restart policy)?
+        let same = current.as_ref().is_some_and(|c| {
+            let mut c = c.clone();
+            c.running = cfg.running;
+            c.restart_policy = cfg.restart_policy;
+            c == *cfg
+        });
+        let policy_changed = current
+            .as_ref()
+            .is_some_and(|c| c.restart_policy != cfg.restart_policy);
+        if alive && (!cfg.running || !same) {
+            self.stop(name)?;
+        }
+        write_json(&paths.config(), cfg)?;
+        if !cfg.running {
+            return Ok(());
+        }
+        if alive && same {
+            if policy_changed
+                && let Some(st) = read_json::<SupervisorState>(&paths.supervisor_state())?
+            {
+                kill(Pid::from_raw(st.supervisor_pid), Signal::SIGHUP)
+                    .map_err(|e| DriverError::io("signal the VM supervisor", e.into()))?;
+            }
+            // Running with this config: resume a paused VM.
+            if control_status(&paths.control_socket())
+                .is_some_and(|s| s.state == stead_vmm::RunState::Paused)
+            {
+                self.resume(name)?;
+            }
+            return Ok(());
+        }
+        self.spawn(cfg).map_err(ApplyError::Start)
+    }
+
+    /// Removes everything VM `name` has on the host: supervisor and VMM, cgroups in
+    /// every controller, sockets, owned taps, run dir. Idempotent.
+    fn remove_all(&self, name: &str) -> Result<(), DriverError> {
+        self.stop(name)?;
+        let owner = owner_alias(Kind::VirtualMachine, name);
+        let netns = self.env.netns.as_deref();
+        for l in owned_links(netns, &owner)? {
+            delete_link(netns, &l, &owner)?;
+        }
+        crate::storage::fsutil::remove_tree_if_exists(&self.paths(name).dir)
+    }
+
     fn observe_one(&self, name: &str) -> Result<Observed, DriverError> {
         let paths = self.paths(name);
         let Some(cfg) = read_json::<VmRunConfig>(&paths.config())? else {
@@ -362,13 +452,11 @@ impl VmDriver {
         let alive = lock_held(&paths);
         let phase = sup.as_ref().map(|s| s.phase);
         let vm_status = if alive {
-            control_request(&paths.control_socket(), "status").ok()
+            control_status(&paths.control_socket())
         } else {
             None
         };
-        let vm_state = vm_status
-            .as_ref()
-            .and_then(|v| v["state"].as_str().map(str::to_string));
+        let vm_state = vm_status.as_ref().map(|s| s.state.as_str().to_string());
         let run = match (alive, phase, vm_state.as_deref()) {
             (true, _, Some("paused")) => "paused",
             (true, Some(Phase::Running | Phase::Restarting | Phase::Starting), _) => "running",
@@ -385,7 +473,7 @@ impl VmDriver {
             "startedAt": sup.as_ref().and_then(|s| s.started_at.clone()),
             "lastExit": sup.as_ref().and_then(|s| s.last_exit.clone()),
             "lastError": sup.as_ref().and_then(|s| s.last_error.clone()),
-            "uptimeMs": vm_status.as_ref().and_then(|v| v["uptime_ms"].as_u64()),
+            "uptimeMs": vm_status.as_ref().map(|s| s.uptime_ms),
             "cpuSeconds": usage.map(|u| u.cpu_seconds),
             "memoryBytes": usage.map(|u| u.memory_bytes),
             "consoleLog": paths.console_log(),
@@ -498,46 +586,25 @@ impl Driver for VmDriver {
         let _span = tracing::info_span!("vm_apply", vm = name).entered();
         crate::supervise::hold::check(&self.env.run_dir, "VirtualMachine", name)?;
         let cfg = self.resolve(name, spec, world)?;
-        let paths = self.paths(name);
-        fs::create_dir_all(&paths.dir)
-            .map_err(|e| DriverError::io(format!("create {}", paths.dir.display()), e))?;
-        self.sync_taps(&cfg)?;
-        let current: Option<VmRunConfig> = read_json(&paths.config())?;
-        let alive = lock_held(&paths);
-        // Same VM apart from the hot fields (run state, restart policy)?
-        let same = current.as_ref().is_some_and(|c| {
-            let mut c = c.clone();
-            c.running = cfg.running;
-            c.restart_policy = cfg.restart_policy;
-            c == cfg
-        });
-        let policy_changed = current
-            .as_ref()
-            .is_some_and(|c| c.restart_policy != cfg.restart_policy);
-        if alive && (!cfg.running || !same) {
-            self.stop(name)?;
-        }
-        write_json(&paths.config(), &cfg)?;
-        if !cfg.running {
-            return Ok(());
-        }
-        if alive && same {
-            if policy_changed
-                && let Some(st) = read_json::<SupervisorState>(&paths.supervisor_state())?
-            {
-                kill(Pid::from_raw(st.supervisor_pid), Signal::SIGHUP)
-                    .map_err(|e| DriverError::io("signal the VM supervisor", e.into()))?;
+        // Without a config this apply creates the VM: the resource is recorded only
+        // when it succeeds, so a failure must leave nothing behind.
+        let fresh = read_json::<VmRunConfig>(&self.paths(name).config())?.is_none();
+        let result = self.apply_config(&cfg);
+        if let Err(e) = &result {
+            tracing::warn!(error = %e, fresh, "VM apply failed, undoing what it made");
+            let undo = if fresh {
+                self.remove_all(name)
+            } else if matches!(e, ApplyError::Start(_)) {
+                // The VM was down already: remove the failed start's cgroup and sockets.
+                self.stop(name)
+            } else {
+                Ok(())
+            };
+            if let Err(u) = undo {
+                tracing::warn!(error = %u, "cleanup after a failed VM apply");
             }
-            // Running with this config: resume a paused VM.
-            if let Ok(v) = control_request(&paths.control_socket(), "status")
-                && v["state"] == "paused"
-            {
-                control_request(&paths.control_socket(), "resume")
-                    .map_err(|e| DriverError::io("resume the VM", e))?;
-            }
-            return Ok(());
         }
-        self.spawn(&cfg)
+        result.map_err(ApplyError::into_inner)
     }
 
     fn delete(
@@ -550,13 +617,7 @@ impl Driver for VmDriver {
         let _span = tracing::info_span!("vm_delete", vm = name).entered();
         // A backup that stopped it would start it again when done.
         crate::supervise::hold::check(&self.env.run_dir, "VirtualMachine", name)?;
-        self.stop(name)?;
-        let owner = owner_alias(Kind::VirtualMachine, name);
-        let netns = self.env.netns.as_deref();
-        for l in owned_links(netns, &owner)? {
-            delete_link(netns, &l, &owner)?;
-        }
-        crate::storage::fsutil::remove_tree_if_exists(&self.paths(name).dir)
+        self.remove_all(name)
     }
 }
 

@@ -28,9 +28,9 @@
 //!   forced by the VMM after the configured timeout), `SIGKILL` to the child if it is
 //!   still there 5 s later, phase `stopped`, exit.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufRead, BufReader, Write};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::fs::{self, File, OpenOptions, TryLockError};
+use std::io::{self, BufReader, Write};
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -40,6 +40,7 @@ use nix::sys::signal::{SigSet, Signal, kill};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 use stead_schema::RestartPolicy;
+use stead_vmm::{Reply, Request, RunState, StatusReply};
 
 use super::config::{Paths, Phase, SupervisorState, VmRunConfig, cgroup_name};
 use crate::container::cgroup::{Cgroup, Hierarchy, Limits};
@@ -114,18 +115,18 @@ fn now_rfc3339() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
-fn redirect_stdio(log: &Path) {
-    if let Ok(null) = File::open("/dev/null") {
-        // SAFETY: dup2 onto fd 0 of this (daemon) process.
-        unsafe { libc::dup2(null.as_raw_fd(), 0) };
-    }
-    if let Ok(f) = OpenOptions::new().create(true).append(true).open(log) {
-        // SAFETY: dup2 onto fds 1 and 2 of this (daemon) process.
-        unsafe {
-            libc::dup2(f.as_raw_fd(), 1);
-            libc::dup2(f.as_raw_fd(), 2);
-        }
-    }
+/// Points stdin at `/dev/null` and stdout/stderr at `log` (appending).
+fn redirect_stdio(log: &Path) -> Result<(), String> {
+    let null = File::open("/dev/null").map_err(|e| format!("open /dev/null: {e}"))?;
+    nix::unistd::dup2_stdin(&null).map_err(|e| format!("dup2 stdin: {e}"))?;
+    let f = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .map_err(|e| format!("open {}: {e}", log.display()))?;
+    nix::unistd::dup2_stdout(&f).map_err(|e| format!("dup2 stdout: {e}"))?;
+    nix::unistd::dup2_stderr(&f).map_err(|e| format!("dup2 stderr: {e}"))?;
+    Ok(())
 }
 
 fn lock_file(p: &Path) -> Result<File, String> {
@@ -138,15 +139,13 @@ fn lock_file(p: &Path) -> Result<File, String> {
     // A concurrent `lock_held` probe holds a shared lock for an instant: retry briefly.
     let deadline = Instant::now() + Duration::from_secs(2);
     loop {
-        // SAFETY: flock on an open fd.
-        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
-            return Ok(f);
+        match f.try_lock() {
+            Ok(()) => return Ok(f),
+            Err(TryLockError::WouldBlock) if Instant::now() <= deadline => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => return Err(format!("another supervisor holds {} ({e})", p.display())),
         }
-        let e = io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::EWOULDBLOCK) || Instant::now() > deadline {
-            return Err(format!("another supervisor holds {} ({e})", p.display()));
-        }
-        std::thread::sleep(Duration::from_millis(5));
     }
 }
 
@@ -156,28 +155,28 @@ pub fn lock_held(paths: &Paths) -> bool {
         return false;
     };
     // Shared: probes never conflict with each other, only with the supervisor's
-    // exclusive lock.
-    // SAFETY: flock on an open fd; released at once when taken.
-    let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) };
-    if r == 0 {
-        // SAFETY: unlock what we just took.
-        unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_UN) };
-        false
-    } else {
-        true
-    }
+    // exclusive lock. Closing `f` releases a lock taken here.
+    matches!(f.try_lock_shared(), Err(TryLockError::WouldBlock))
 }
 
-/// Sends one request line to the VMM's control socket and returns the JSON reply.
-pub fn control_request(socket: &Path, command: &str) -> io::Result<serde_json::Value> {
+/// Sends one request to the VMM's control socket and returns its reply.
+pub fn control_request(socket: &Path, req: Request) -> io::Result<Reply> {
     let s = UnixStream::connect(socket)?;
     s.set_read_timeout(Some(Duration::from_secs(3)))?;
     s.set_write_timeout(Some(Duration::from_secs(3)))?;
-    (&s).write_all(format!("{command}\n").as_bytes())?;
-    let mut line = String::new();
-    BufReader::new(&s).read_line(&mut line)?;
-    serde_json::from_str(line.trim())
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("bad reply: {e}")))
+    (&s).write_all(format!("{}\n", req.to_line()).as_bytes())?;
+    let bad = |e: stead_vmm::VmmError| io::Error::new(io::ErrorKind::InvalidData, e.to_string());
+    // Bounded: the VMM runs jailed and is not trusted with the supervisor's memory.
+    let line = stead_vmm::read_reply_line(&mut BufReader::new(&s)).map_err(bad)?;
+    Reply::parse(&line).map_err(bad)
+}
+
+/// The VM's status from its control socket; `None` when nothing answers.
+pub fn control_status(socket: &Path) -> Option<StatusReply> {
+    match control_request(socket, Request::Status) {
+        Ok(Reply::Ok(s)) => Some(s),
+        _ => None,
+    }
 }
 
 /// The last `n` lines of a file (for error messages).
@@ -188,14 +187,17 @@ fn tail(p: &Path, n: usize) -> String {
 }
 
 fn daemon(cfg: VmRunConfig, paths: Paths, ready: OwnedFd) -> i32 {
-    redirect_stdio(&paths.vmm_log());
-    let _ = std::env::set_current_dir("/");
     let mut ready = Some(File::from(ready));
     let mut report = |msg: &str| {
         if let Some(mut r) = ready.take() {
             let _ = r.write_all(msg.as_bytes());
         }
     };
+    if let Err(e) = redirect_stdio(&paths.vmm_log()) {
+        report(&e);
+        return 1;
+    }
+    let _ = std::env::set_current_dir("/");
     let lock = match lock_file(&paths.lock()) {
         Ok(l) => l,
         Err(e) => {
@@ -320,10 +322,12 @@ impl Supervisor {
                 // Drop inherited descriptors (the supervisor's lock and the launcher's
                 // ready pipe): stdio stays, the VMM opens what it needs.
                 // SAFETY: close_range on descriptors this fresh child does not use.
-                unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
-                // SAFETY: prctl with integer arguments.
-                unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
-                if nix::unistd::getppid() != me {
+                let closed = unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
+                // A VMM that kept the supervisor's lock would look like a live supervisor.
+                if closed != 0
+                    || nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).is_err()
+                    || nix::unistd::getppid() != me
+                {
                     // SAFETY: _exit ends this forked child without running atexit handlers.
                     unsafe { libc::_exit(code::SETUP_FAILED) };
                 }
@@ -376,9 +380,11 @@ impl Supervisor {
                 }
                 Err(e) => return Err(format!("waitpid: {e}")),
             }
-            if let Ok(v) = control_request(&self.paths.control_socket(), "status")
-                && v["ok"] == true
-                && matches!(v["state"].as_str(), Some("running" | "paused" | "exited"))
+            if let Some(st) = control_status(&self.paths.control_socket())
+                && matches!(
+                    st.state,
+                    RunState::Running | RunState::Paused | RunState::Exited
+                )
             {
                 return Ok(());
             }
@@ -460,7 +466,7 @@ impl Supervisor {
                 + Duration::from_secs(5),
         );
         if self.child.is_some()
-            && let Err(e) = control_request(&self.paths.control_socket(), "shutdown")
+            && let Err(e) = control_request(&self.paths.control_socket(), Request::Shutdown)
         {
             eprintln!("{} stead vmm: shutdown request: {e}", now_rfc3339());
         }
@@ -534,19 +540,25 @@ impl Supervisor {
 /// Keeps the newest half (from a line start) of the log at `p` once it passes `cap`
 /// bytes. In place, because the VMM appends through its own `O_APPEND` descriptor.
 fn trim_log(p: &Path, cap: u64) {
-    let Ok(meta) = fs::metadata(p) else { return };
-    if meta.len() <= cap {
+    let Ok(f) = OpenOptions::new().read(true).write(true).open(p) else {
+        return;
+    };
+    let Ok(len) = f.metadata().map(|m| m.len()) else {
+        return;
+    };
+    if len <= cap {
         return;
     }
-    let Ok(data) = fs::read(p) else { return };
-    let keep = (cap / 2) as usize;
-    let mut start = data.len().saturating_sub(keep);
-    if let Some(nl) = data[start..].iter().position(|b| *b == b'\n') {
-        start += nl + 1;
+    // Only the newest half is read: the log may be far larger than the cap.
+    let keep = cap / 2;
+    let Ok(mut data) = usize::try_from(keep).map(|k| vec![0u8; k]) else {
+        return;
+    };
+    if f.read_exact_at(&mut data, len - keep).is_err() {
+        return;
     }
-    if let Ok(f) = OpenOptions::new().write(true).open(p)
-        && f.write_all_at(&data[start..], 0).is_ok()
-    {
+    let start = data.iter().position(|b| *b == b'\n').map_or(0, |nl| nl + 1);
+    if f.write_all_at(&data[start..], 0).is_ok() {
         let _ = f.set_len((data.len() - start) as u64);
     }
 }
@@ -584,6 +596,7 @@ fn vm_config(cfg: &VmRunConfig, paths: &Paths) -> Result<stead_vmm::VmConfig, St
     v.control_socket = Some(paths.control_socket());
     v.console_socket = Some(paths.console_socket());
     v.shutdown_timeout = Duration::from_secs(cfg.shutdown_timeout_secs);
+    v.jail = true;
     Ok(v)
 }
 
@@ -670,6 +683,81 @@ mod tests {
             after2,
             "under the cap: untouched"
         );
+    }
+
+    #[test]
+    fn supervisor_lock_is_exclusive_and_probed_shared() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let paths = Paths::new(dir.path(), "vm1");
+        fs::create_dir_all(&paths.dir).expect("run dir");
+        assert!(!lock_held(&paths), "no lock file yet");
+        let held = lock_file(&paths.lock()).expect("first lock");
+        assert!(lock_held(&paths), "a probe sees the held lock");
+        let second = lock_file(&paths.lock()).expect_err("a second supervisor is refused");
+        assert!(second.contains("another supervisor holds"), "{second}");
+        drop(held);
+        assert!(!lock_held(&paths), "released on close");
+        // A probe's shared lock is gone once the probe returns.
+        let again = lock_file(&paths.lock()).expect("lock after the probe");
+        drop(again);
+    }
+
+    #[test]
+    fn control_reply_from_a_hostile_vmm_is_bounded() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("control.sock");
+        let l = std::os::unix::net::UnixListener::bind(&p).expect("bind");
+        // A VMM that answers with an endless line.
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = l.accept().expect("accept");
+            let chunk = vec![b'a'; 64 << 10];
+            let mut sent = 0usize;
+            while sent < (256 << 20) && s.write_all(&chunk).is_ok() {
+                sent += chunk.len();
+            }
+            sent
+        });
+        let r = control_request(&p, Request::Status);
+        assert!(r.is_err(), "{r:?}");
+        let sent = server.join().expect("server");
+        assert!(
+            sent < (16 << 20),
+            "the client read {sent} bytes of one reply"
+        );
+    }
+
+    /// Peak resident memory of this process, in KiB.
+    fn peak_rss_kib() -> u64 {
+        fs::read_to_string("/proc/self/status")
+            .expect("status")
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmHWM")
+    }
+
+    #[test]
+    fn huge_log_is_trimmed_without_reading_it_whole() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("console.log");
+        // 256 MiB, sparse, with real lines at the end.
+        let f = File::create(&p).expect("create");
+        f.set_len(256 << 20).expect("grow");
+        let tail = "x".repeat(100) + "\n";
+        let tail = tail.repeat(1000);
+        f.write_all_at(tail.as_bytes(), 256 << 20).expect("tail");
+        drop(f);
+        let before = peak_rss_kib();
+        trim_log(&p, 64 << 10);
+        let grew = peak_rss_kib().saturating_sub(before);
+        assert!(grew < 16 << 10, "peak RSS grew by {grew} KiB");
+        let after = fs::read_to_string(&p).expect("read");
+        assert!(
+            after.len() <= 32 << 10 && after.len() > 31 << 10,
+            "{}",
+            after.len()
+        );
+        assert!(after.starts_with('x') && after.ends_with("x\n"));
     }
 
     #[test]

@@ -1,100 +1,272 @@
 //! Control socket and the whole-process entry point.
 //!
-//! Protocol: unix stream socket, one request per line, one JSON object per line in
-//! reply. Requests are `status`, `pause`, `resume`, `shutdown` (graceful, forced after
-//! the configured timeout) and `kill`; `{"command":"status"}` is accepted too.
-//! Replies: `{"ok":true,"state":"running","vcpus":2,"uptime_ms":12,"pid":42}` or
-//! `{"ok":false,"error":"..."}`. One client is served at a time.
+//! Protocol: unix stream socket, JSON lines. A request is `{"command":"status"}` (or,
+//! for older clients, the bare word `status`); commands are `status`, `pause`,
+//! `resume`, `shutdown` (graceful, forced after the configured timeout) and `kill`
+//! ([`Request`], parsed by [`parse_request`]). Each request gets one reply line
+//! ([`Reply`]): `{"ok":true,"state":"running","vcpus":2,"uptime_ms":12,"pid":42}` or
+//! `{"ok":false,"error":"..."}`.
+//!
+//! Up to [`MAX_CLIENTS`] clients are served at once by one poll loop. A request line
+//! longer than [`MAX_REQUEST_LINE`] bytes gets an error reply and the connection is
+//! closed; so is a client idle for [`CLIENT_IDLE_TIMEOUT`].
 
-use std::io::{BufRead, BufReader, ErrorKind, Write};
+use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use crate::{ExitReason, Vm, VmConfig, VmHandle, VmmError, json_str, seccomp};
+use serde::{Deserialize, Serialize};
 
-fn status_json(h: &VmHandle) -> String {
-    let exit = h
-        .exit_reason()
-        .map(|e| format!(",\"exit_reason\":{}", json_str(&e.to_string())))
-        .unwrap_or_default();
-    format!(
-        "{{\"ok\":true,\"state\":\"{}\",\"vcpus\":{},\"uptime_ms\":{},\"pid\":{}{}}}",
-        h.state().as_str(),
-        h.vcpus(),
-        h.uptime().as_millis(),
-        std::process::id(),
-        exit
-    )
+use crate::{ExitReason, RunState, Vm, VmConfig, VmHandle, VmmError, json_str, seccomp};
+
+/// Longest request line the control socket accepts (bytes, newline excluded).
+pub const MAX_REQUEST_LINE: usize = 64 * 1024;
+/// A control client that sends nothing for this long is disconnected.
+pub const CLIENT_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Control clients served at once; more are answered with an error and closed.
+pub const MAX_CLIENTS: usize = 16;
+
+/// A control request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Request {
+    /// Report the run state.
+    Status,
+    /// Park every vCPU.
+    Pause,
+    /// Resume a paused VM.
+    Resume,
+    /// Graceful shutdown (Ctrl-Alt-Del), forced after the shutdown timeout.
+    Shutdown,
+    /// Stop at once.
+    Kill,
 }
 
-fn command_of(line: &str) -> String {
+/// The JSON form of a request line.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RequestLine {
+    command: Request,
+}
+
+impl Request {
+    /// The request as one JSON line (without the newline).
+    pub fn to_line(self) -> String {
+        serde_json::to_string(&RequestLine { command: self }).unwrap_or_else(|_| String::from("{}"))
+    }
+}
+
+/// Parses one request line: a JSON object `{"command":"..."}` or a bare command word
+/// (any case). Surrounding whitespace is ignored.
+pub fn parse_request(line: &str) -> Result<Request, VmmError> {
     let line = line.trim();
     if line.starts_with('{') {
-        // {"command":"pause"}: take the string after the "command" key.
-        if let Some(i) = line.find("\"command\"") {
-            let rest = &line[i + 9..];
-            if let Some(start) = rest.find('"') {
-                let rest = &rest[start + 1..];
-                if let Some(end) = rest.find('"') {
-                    return rest[..end].to_string();
-                }
-            }
-        }
-        return String::new();
+        return serde_json::from_str::<RequestLine>(line)
+            .map(|r| r.command)
+            .map_err(|e| VmmError::Control(format!("bad request: {e}")));
     }
-    line.to_ascii_lowercase()
-}
-
-/// Executes one control command and returns the JSON reply line (without newline).
-pub fn handle_command(h: &VmHandle, line: &str) -> String {
-    let err = |e: VmmError| format!("{{\"ok\":false,\"error\":{}}}", json_str(&e.to_string()));
-    match command_of(line).as_str() {
-        "status" => status_json(h),
-        "pause" => h.pause().map(|_| status_json(h)).unwrap_or_else(err),
-        "resume" => h.resume().map(|_| status_json(h)).unwrap_or_else(err),
-        "shutdown" => h.shutdown().map(|_| status_json(h)).unwrap_or_else(err),
-        "kill" => {
-            h.kill();
-            status_json(h)
-        }
-        other => err(VmmError::Control(format!("unknown command {other:?}"))),
+    match line.to_ascii_lowercase().as_str() {
+        "status" => Ok(Request::Status),
+        "pause" => Ok(Request::Pause),
+        "resume" => Ok(Request::Resume),
+        "shutdown" => Ok(Request::Shutdown),
+        "kill" => Ok(Request::Kill),
+        _ => Err(VmmError::Control(format!(
+            "unknown command {:?}",
+            line.chars().take(64).collect::<String>()
+        ))),
     }
 }
 
-fn serve_client(stream: UnixStream, h: &VmHandle) {
-    if stream
-        .set_read_timeout(Some(Duration::from_millis(100)))
-        .is_err()
-    {
-        return;
+/// The state part of a successful reply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusReply {
+    /// Run state.
+    pub state: RunState,
+    /// Number of vCPUs.
+    pub vcpus: u8,
+    /// Milliseconds since the VM was created.
+    pub uptime_ms: u64,
+    /// The VMM's process id.
+    pub pid: u32,
+    /// Why the VM exited, once it has.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_reason: Option<String>,
+}
+
+/// A reply to one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    /// The request was carried out; the VM's state after it.
+    Ok(StatusReply),
+    /// The request failed.
+    Error(String),
+}
+
+/// The wire form of [`Reply`]: `ok` plus the status fields or `error`.
+#[derive(Debug, Serialize, Deserialize)]
+struct WireReply {
+    ok: bool,
+    #[serde(flatten, default, skip_serializing_if = "Option::is_none")]
+    status: Option<StatusReply>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+}
+
+impl Reply {
+    /// The reply as one JSON line (without the newline).
+    pub fn to_line(&self) -> String {
+        let w = match self {
+            Reply::Ok(s) => WireReply {
+                ok: true,
+                status: Some(s.clone()),
+                error: None,
+            },
+            Reply::Error(e) => WireReply {
+                ok: false,
+                status: None,
+                error: Some(e.clone()),
+            },
+        };
+        serde_json::to_string(&w).unwrap_or_else(|_| String::from("{\"ok\":false}"))
     }
-    let Ok(mut out) = stream.try_clone() else {
-        return;
+
+    /// Parses one reply line.
+    pub fn parse(line: &str) -> Result<Reply, VmmError> {
+        let w: WireReply = serde_json::from_str(line.trim())
+            .map_err(|e| VmmError::Control(format!("bad reply: {e}")))?;
+        match (w.ok, w.status, w.error) {
+            (true, Some(s), _) => Ok(Reply::Ok(s)),
+            (false, _, Some(e)) => Ok(Reply::Error(e)),
+            _ => Err(VmmError::Control(
+                "bad reply: neither status nor error".into(),
+            )),
+        }
+    }
+
+    fn error(e: &VmmError) -> Reply {
+        Reply::Error(e.to_string())
+    }
+}
+
+fn status_of(h: &VmHandle) -> Reply {
+    Reply::Ok(StatusReply {
+        state: h.state(),
+        vcpus: h.vcpus(),
+        uptime_ms: u64::try_from(h.uptime().as_millis()).unwrap_or(u64::MAX),
+        pid: std::process::id(),
+        exit_reason: h.exit_reason().map(|e| e.to_string()),
+    })
+}
+
+/// Carries out `req` on the VM behind `h`.
+pub fn execute(h: &VmHandle, req: Request) -> Reply {
+    let done = |r: Result<(), VmmError>| match r {
+        Ok(()) => status_of(h),
+        Err(e) => Reply::error(&e),
     };
-    let mut reader = BufReader::new(stream);
-    let mut line = String::new();
-    loop {
-        match reader.read_line(&mut line) {
-            Ok(0) => return,
-            Ok(_) => {
-                if line.ends_with('\n') {
-                    let reply = handle_command(h, &line);
-                    line.clear();
-                    if out.write_all(format!("{reply}\n").as_bytes()).is_err() {
-                        return;
-                    }
-                }
-            }
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
-                if h.has_exited() {
-                    return;
-                }
-            }
-            Err(e) if e.kind() == ErrorKind::Interrupted => {}
-            Err(_) => return,
+    match req {
+        Request::Status => status_of(h),
+        Request::Pause => done(h.pause()),
+        Request::Resume => done(h.resume()),
+        Request::Shutdown => done(h.shutdown()),
+        Request::Kill => {
+            h.kill();
+            status_of(h)
         }
+    }
+}
+
+/// Executes one request line and returns the JSON reply line (without newline).
+pub fn handle_command(h: &VmHandle, line: &str) -> String {
+    match parse_request(line) {
+        Ok(req) => execute(h, req),
+        Err(e) => Reply::error(&e),
+    }
+    .to_line()
+}
+
+/// One connected control client of [`serve_control`].
+struct Client {
+    stream: UnixStream,
+    buf: Vec<u8>,
+    last: Instant,
+}
+
+impl Client {
+    /// Writes one reply line; false when the client cannot take it (gone or not
+    /// reading).
+    fn reply(&mut self, line: &str) -> bool {
+        self.stream
+            .write_all(format!("{line}\n").as_bytes())
+            .is_ok()
+    }
+
+    /// Reads what the client sent (at most [`READ_BUDGET`] bytes per call, so one busy
+    /// client cannot starve the others) and answers every complete line. Returns false
+    /// when the connection is to be closed (end of stream, error, or an over-long line).
+    fn serve(&mut self, h: &VmHandle) -> bool {
+        let mut chunk = [0u8; 4096];
+        let mut budget = READ_BUDGET;
+        while budget > 0 {
+            let n = match self.stream.read(&mut chunk) {
+                Ok(0) => return false,
+                Ok(n) => n,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return true,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(_) => return false,
+            };
+            budget = budget.saturating_sub(n);
+            self.buf.extend_from_slice(&chunk[..n]);
+            while let Some(i) = self.buf.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = self.buf.drain(..=i).collect();
+                // Idle = no complete request: a client trickling bytes is idle too.
+                self.last = Instant::now();
+                let reply = match std::str::from_utf8(&line) {
+                    Ok(text) => handle_command(h, text),
+                    Err(_) => Reply::Error("request is not UTF-8".into()).to_line(),
+                };
+                if !self.reply(&reply) {
+                    return false;
+                }
+            }
+            if self.buf.len() > MAX_REQUEST_LINE {
+                let e = format!("request line longer than {MAX_REQUEST_LINE} bytes");
+                self.reply(&Reply::Error(e).to_line());
+                return false;
+            }
+        }
+        true
+    }
+}
+
+/// Bytes read from one client per poll round.
+const READ_BUDGET: usize = 64 * 1024;
+
+/// Accepts every pending connection; beyond [`MAX_CLIENTS`], answers with an error.
+fn accept_clients(listener: &UnixListener, clients: &mut Vec<Client>) -> Result<(), VmmError> {
+    loop {
+        let stream = match listener.accept() {
+            Ok((s, _)) => s,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) => return Err(VmmError::io("accept control connection")(e)),
+        };
+        if stream.set_nonblocking(true).is_err() {
+            continue;
+        }
+        let mut c = Client {
+            stream,
+            buf: Vec::new(),
+            last: Instant::now(),
+        };
+        if clients.len() >= MAX_CLIENTS {
+            c.reply(&Reply::Error(format!("more than {MAX_CLIENTS} control clients")).to_line());
+            continue;
+        }
+        clients.push(c);
     }
 }
 
@@ -103,20 +275,58 @@ pub fn serve_control(listener: UnixListener, handle: VmHandle) -> Result<(), Vmm
     listener
         .set_nonblocking(true)
         .map_err(VmmError::io("control socket nonblocking"))?;
+    let mut clients: Vec<Client> = Vec::new();
     loop {
         if handle.has_exited() {
             return Ok(());
         }
-        wait_readable(listener.as_raw_fd(), &handle, 1000)?;
-        match listener.accept() {
-            Ok((stream, _)) => {
-                let _ = stream.set_nonblocking(false);
-                serve_client(stream, &handle);
-            }
-            Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted => {}
-            Err(e) => return Err(VmmError::io("accept control connection")(e)),
+        let mut fds = vec![
+            libc::pollfd {
+                fd: listener.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: handle.exited_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        fds.extend(clients.iter().map(|c| libc::pollfd {
+            fd: c.stream.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        }));
+        poll(&mut fds, 1000)?;
+        let mut ready = fds[2..].iter().map(|f| f.revents != 0);
+        let now = Instant::now();
+        clients.retain_mut(|c| {
+            let keep = if ready.next() == Some(true) {
+                c.serve(&handle)
+            } else {
+                true
+            };
+            keep && now.duration_since(c.last) < CLIENT_IDLE_TIMEOUT
+        });
+        if fds[0].revents != 0 {
+            accept_clients(&listener, &mut clients)?;
         }
     }
+}
+
+/// poll(2) on `fds`; EINTR counts as a timeout.
+fn poll(fds: &mut [libc::pollfd], timeout_ms: i32) -> Result<(), VmmError> {
+    let n = libc::nfds_t::try_from(fds.len())
+        .map_err(|_| VmmError::Control("too many descriptors to poll".into()))?;
+    // SAFETY: `fds` is a valid, exclusively borrowed array of `n` pollfd for the call.
+    let r = unsafe { libc::poll(fds.as_mut_ptr(), n, timeout_ms) };
+    if r < 0 {
+        let e = std::io::Error::last_os_error();
+        if e.kind() != ErrorKind::Interrupted {
+            return Err(VmmError::io("poll")(e));
+        }
+    }
+    Ok(())
 }
 
 /// Polls `fd` and the VM's exit eventfd; returns true when `fd` is readable.
@@ -133,15 +343,7 @@ fn wait_readable(fd: i32, handle: &VmHandle, timeout_ms: i32) -> Result<bool, Vm
             revents: 0,
         },
     ];
-    // SAFETY: `fds` is a valid array of two pollfd for the duration of the call.
-    let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout_ms) };
-    if r < 0 {
-        let e = std::io::Error::last_os_error();
-        if e.kind() == ErrorKind::Interrupted {
-            return Ok(false);
-        }
-        return Err(VmmError::io("poll")(e));
-    }
+    poll(&mut fds, timeout_ms)?;
     Ok(fds[0].revents != 0)
 }
 
@@ -223,20 +425,40 @@ impl ControlClient {
         })
     }
 
-    /// Sends one command (e.g. `"status"`) and returns the JSON reply line.
+    /// Sends `req` and returns the parsed reply.
+    pub fn call(&mut self, req: Request) -> Result<Reply, VmmError> {
+        Reply::parse(&self.request(&req.to_line())?)
+    }
+
+    /// Sends one request line (e.g. `"status"`) and returns the JSON reply line.
     pub fn request(&mut self, command: &str) -> Result<String, VmmError> {
         self.writer
             .write_all(format!("{}\n", command.trim()).as_bytes())
             .map_err(VmmError::io("control socket write"))?;
-        let mut line = String::new();
-        self.reader
-            .read_line(&mut line)
-            .map_err(VmmError::io("control socket read"))?;
-        if line.is_empty() {
-            return Err(VmmError::Control("connection closed".into()));
-        }
-        Ok(line.trim_end().to_string())
+        read_reply_line(&mut self.reader)
     }
+}
+
+/// Longest reply line a control client accepts (bytes, newline excluded).
+pub const MAX_REPLY_LINE: usize = 64 * 1024;
+
+/// Reads one reply line of at most [`MAX_REPLY_LINE`] bytes (without the newline): a
+/// VMM that sends more, or closes the connection first, is an error.
+pub fn read_reply_line(reader: &mut impl BufRead) -> Result<String, VmmError> {
+    let mut line = String::new();
+    reader
+        .take(MAX_REPLY_LINE as u64 + 1)
+        .read_line(&mut line)
+        .map_err(VmmError::io("control socket read"))?;
+    if line.is_empty() {
+        return Err(VmmError::Control("connection closed".into()));
+    }
+    if !line.ends_with('\n') {
+        return Err(VmmError::Control(format!(
+            "reply longer than {MAX_REPLY_LINE} bytes or cut short"
+        )));
+    }
+    Ok(line.trim_end().to_string())
 }
 
 /// Runs one VM in this process: builds it, binds the control socket
@@ -301,7 +523,11 @@ fn bind_socket(p: &Path) -> Result<UnixListener, VmmError> {
         }
         std::fs::remove_file(p).map_err(VmmError::io(format!("remove stale {}", p.display())))?;
     }
-    UnixListener::bind(p).map_err(VmmError::io(format!("bind {}", p.display())))
+    let l = UnixListener::bind(p).map_err(VmmError::io(format!("bind {}", p.display())))?;
+    // Connecting needs write permission: root only, whatever the umask was.
+    std::fs::set_permissions(p, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .map_err(VmmError::io(format!("chmod {}", p.display())))?;
+    Ok(l)
 }
 
 fn run_with_sockets(
@@ -311,11 +537,20 @@ fn run_with_sockets(
     extra: String,
 ) -> Result<ExitReason, VmmError> {
     let seccomp_on = cfg.seccomp;
+    let jail = cfg.jail;
     let run_dir = cfg.run_dir.clone();
+    if jail && run_dir.is_none() {
+        return Err(VmmError::Config("the VMM jail needs a run dir".into()));
+    }
     let mut vm = Vm::new(cfg)?;
     let handle = vm.handle();
-    if let Some(dir) = run_dir {
+    if let Some(dir) = &run_dir {
         handle.set_state_file(dir.join("state.json"), extra);
+        if jail {
+            handle.hold_state_file()?;
+            let id = crate::jail::enter(dir)?;
+            eprintln!("stead vmm: jailed as uid/gid {id}");
+        }
     }
     let filter = if seccomp_on {
         Some(std::sync::Arc::new(seccomp::filter()?))
@@ -368,11 +603,75 @@ mod tests {
     use super::*;
 
     #[test]
-    fn commands_parse_as_text_or_json() {
-        assert_eq!(command_of("status\n"), "status");
-        assert_eq!(command_of("  PAUSE "), "pause");
-        assert_eq!(command_of("{\"command\": \"resume\"}"), "resume");
-        assert_eq!(command_of("{\"cmd\":\"x\"}"), "");
+    fn requests_parse_as_text_or_json() {
+        assert_eq!(parse_request("status\n").ok(), Some(Request::Status));
+        assert_eq!(parse_request("  PAUSE ").ok(), Some(Request::Pause));
+        assert_eq!(
+            parse_request("{\"command\": \"resume\"}").ok(),
+            Some(Request::Resume)
+        );
+        assert_eq!(
+            parse_request(&Request::Kill.to_line()).ok(),
+            Some(Request::Kill)
+        );
+        // The old string search took the first quoted word after "command" anywhere.
+        for bad in [
+            "{\"cmd\":\"x\"}",
+            "{\"command\":\"status\",\"x\":1}",
+            "{\"x\":\"\\\"command\\\": \\\"kill\\\"\"}",
+            "{\"command\":\"reboot\"}",
+            "{\"command\":",
+            "",
+            "stat us",
+        ] {
+            assert!(
+                matches!(parse_request(bad), Err(VmmError::Control(_))),
+                "{bad:?} parsed"
+            );
+        }
+    }
+
+    #[test]
+    fn replies_round_trip_in_the_wire_format() {
+        let ok = Reply::Ok(StatusReply {
+            state: RunState::Paused,
+            vcpus: 2,
+            uptime_ms: 12,
+            pid: 42,
+            exit_reason: None,
+        });
+        let line = ok.to_line();
+        assert_eq!(
+            line,
+            "{\"ok\":true,\"state\":\"paused\",\"vcpus\":2,\"uptime_ms\":12,\"pid\":42}"
+        );
+        assert_eq!(Reply::parse(&line).ok(), Some(ok));
+        let err = Reply::Error("no \"such\"\n".into());
+        assert_eq!(
+            err.to_line(),
+            "{\"ok\":false,\"error\":\"no \\\"such\\\"\\n\"}"
+        );
+        assert_eq!(Reply::parse(&err.to_line()).ok(), Some(err));
+        assert!(Reply::parse("{\"ok\":true}").is_err());
+    }
+
+    #[test]
+    fn reply_lines_are_bounded() {
+        let ok = b"{\"ok\":false,\"error\":\"x\"}\nrest".to_vec();
+        let mut r = std::io::Cursor::new(ok);
+        assert_eq!(
+            read_reply_line(&mut r).ok().as_deref(),
+            Some("{\"ok\":false,\"error\":\"x\"}")
+        );
+        // An endless reply: refused after MAX_REPLY_LINE bytes, not read to the end.
+        let mut endless = std::io::repeat(b'a').take(1 << 30);
+        let mut r = BufReader::new(&mut endless);
+        assert!(matches!(read_reply_line(&mut r), Err(VmmError::Control(_))));
+        assert!(endless.limit() > (1 << 30) - 2 * MAX_REPLY_LINE as u64);
+        let mut r = std::io::Cursor::new(b"{\"ok\":true".to_vec());
+        assert!(matches!(read_reply_line(&mut r), Err(VmmError::Control(_))));
+        let mut r = std::io::Cursor::new(Vec::new());
+        assert!(matches!(read_reply_line(&mut r), Err(VmmError::Control(_))));
     }
 
     #[test]
@@ -385,6 +684,10 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let p = dir.path().join("s.sock");
         let live = bind_socket(&p).expect("bind");
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(&p).expect("socket").permissions(),
+        );
+        assert_eq!(mode & 0o777, 0o600, "{mode:o}");
         assert!(matches!(bind_socket(&p), Err(VmmError::Control(_))));
         drop(live);
         // The file stays behind after the listener is gone: a stale socket.

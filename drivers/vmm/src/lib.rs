@@ -15,6 +15,7 @@ mod acpi;
 mod arch;
 mod control;
 mod devices;
+mod jail;
 mod mptable;
 mod seccomp;
 mod tap;
@@ -37,8 +38,13 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 pub use arch::{MAX_VCPUS, TINY_LOAD_ADDR, VIRTIO_GSI_BASE, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE};
-pub use control::{ControlClient, handle_command, run_vmm_process, serve_console, serve_control};
+pub use control::{
+    CLIENT_IDLE_TIMEOUT, ControlClient, MAX_CLIENTS, MAX_REPLY_LINE, MAX_REQUEST_LINE, Reply,
+    Request, StatusReply, execute, handle_command, parse_request, read_reply_line, run_vmm_process,
+    serve_console, serve_control,
+};
 pub use devices::{FORBIDDEN_SYSCALL_PORT, POWER_PORT};
+pub use jail::{VMM_ID_BASE, vmm_id};
 
 /// Path of the tiny test guest built from `guests/` by this crate's build script.
 pub const TINY_GUEST_IMAGE: &str = env!("STEAD_TINY_GUEST");
@@ -123,6 +129,11 @@ pub struct VmConfig {
     /// virtio-mmio devices) for ELF/bzImage kernels. Default true; flat tiny-guest
     /// images never get them.
     pub acpi: bool,
+    /// With [`run_vmm_process`] in a dedicated single-threaded process: once the VM is
+    /// set up, confine the process (empty root in its own mount namespace under
+    /// `<run_dir>/jail`, no capabilities, uid/gid [`vmm_id`]; see the `jail` module).
+    /// Needs `run_dir` and root. Default false.
+    pub jail: bool,
 }
 
 impl VmConfig {
@@ -144,6 +155,7 @@ impl VmConfig {
             shutdown_timeout: Duration::from_secs(10),
             test_forbidden_syscall_port: false,
             acpi: true,
+            jail: false,
         }
     }
 }
@@ -222,7 +234,8 @@ impl VmmError {
 pub type SerialCallback = Arc<dyn Fn(&[u8]) + Send + Sync>;
 
 /// Run state of a VM as reported by [`VmHandle::state`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum RunState {
     /// Created, [`Vm::run`] not called yet.
     Created,
@@ -269,6 +282,8 @@ pub(crate) struct Shared {
     started: Instant,
     started_unix: u64,
     state_file: Mutex<Option<(PathBuf, String)>>,
+    /// The state file opened for in-place rewrites (after a jail hides its path).
+    state_fd: Mutex<Option<File>>,
     console: Mutex<Option<std::os::unix::net::UnixStream>>,
     exited_evt: EventFd,
     has_exited: AtomicBool,
@@ -333,6 +348,13 @@ impl Shared {
                 exit
             );
             drop(c);
+            if let Some(f) = lock(&self.state_fd).as_ref() {
+                use std::os::unix::fs::FileExt;
+                if f.write_all_at(body.as_bytes(), 0).is_ok() {
+                    let _ = f.set_len(body.len() as u64);
+                }
+                return;
+            }
             let tmp = path.with_extension("json.tmp");
             if std::fs::write(&tmp, body).is_ok() {
                 let _ = std::fs::rename(&tmp, &path);
@@ -515,6 +537,22 @@ impl VmHandle {
         self.shared.write_state_file();
     }
 
+    /// From now on, rewrites the state file in place through a descriptor opened
+    /// here (its path is unreachable once the process is jailed).
+    pub(crate) fn hold_state_file(&self) -> Result<(), VmmError> {
+        let path = lock(&self.shared.state_file)
+            .as_ref()
+            .map(|(p, _)| p.clone());
+        if let Some(p) = path {
+            let f = File::options()
+                .write(true)
+                .open(&p)
+                .map_err(VmmError::io(format!("open {}", p.display())))?;
+            *lock(&self.shared.state_fd) = Some(f);
+        }
+        Ok(())
+    }
+
     /// Queues `data` as serial (COM1) input; returns how many bytes fit in the
     /// 16550's receive FIFO (0 once the VM is gone).
     pub fn serial_input(&self, data: &[u8]) -> usize {
@@ -670,6 +708,7 @@ impl Vm {
                 .map(|d| d.as_secs())
                 .unwrap_or(0),
             state_file: Mutex::new(None),
+            state_fd: Mutex::new(None),
             console: Mutex::new(None),
             exited_evt: EventFd::new(EFD_NONBLOCK).map_err(VmmError::io("eventfd"))?,
             has_exited: AtomicBool::new(false),

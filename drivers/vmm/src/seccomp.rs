@@ -27,6 +27,7 @@ const ALLOWED: &[libc::c_long] = &[
     libc::SYS_pwritev,
     libc::SYS_lseek,
     libc::SYS_fsync,
+    libc::SYS_ftruncate, // the state file, rewritten in place once jailed
     libc::SYS_fdatasync,
     libc::SYS_epoll_wait,
     libc::SYS_epoll_pwait,

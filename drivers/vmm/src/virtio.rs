@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
@@ -82,7 +82,10 @@ impl Blk {
         })
     }
 
-    /// Serves one request; returns the number of bytes written into the chain.
+    /// Serves one request; returns the number of bytes written into the chain. Every
+    /// guest-supplied address, length and sector is checked: a request that does not
+    /// fit guest memory or the disk gets `VIRTIO_BLK_S_IOERR`, never a panic or a
+    /// wrapped offset.
     fn handle(&mut self, descs: &[Descriptor], mem: &GuestMemoryMmap) -> u32 {
         let (Some(hdr), Some(status)) = (descs.first(), descs.last()) else {
             return 0;
@@ -91,8 +94,11 @@ impl Blk {
             return 0;
         }
         let req_type: u32 = mem.read_obj(hdr.addr()).unwrap_or(u32::MAX);
-        let sector: u64 = mem
-            .read_obj(GuestAddress(hdr.addr().0 + 8))
+        let sector: u64 = hdr
+            .addr()
+            .0
+            .checked_add(8)
+            .and_then(|a| mem.read_obj(GuestAddress(a)).ok())
             .unwrap_or(u64::MAX);
         let data = &descs[1..descs.len() - 1];
         let mut written = 0u32;
@@ -109,9 +115,9 @@ impl Blk {
             }
             VIRTIO_BLK_T_GET_ID => match data.first() {
                 Some(d) if d.is_write_only() => {
-                    let n = (d.len() as usize).min(BLK_ID_BYTES);
+                    let n = usize::try_from(d.len()).map_or(BLK_ID_BYTES, |l| l.min(BLK_ID_BYTES));
                     if mem.write_slice(&self.id[..n], d.addr()).is_ok() {
-                        written = n as u32;
+                        written = n as u32; // n <= BLK_ID_BYTES
                         VIRTIO_BLK_S_OK
                     } else {
                         VIRTIO_BLK_S_IOERR
@@ -122,60 +128,111 @@ impl Blk {
             _ => VIRTIO_BLK_S_UNSUPP,
         };
         if mem.write_obj(st, status.addr()).is_ok() {
-            written + 1
+            written.saturating_add(1)
         } else {
             written
         }
     }
 
+    /// The byte offset of `sector` when `bytes` from there fit the disk.
     fn in_range(&self, sector: u64, bytes: u64) -> Option<u64> {
         let off = sector.checked_mul(SECTOR)?;
         let end = off.checked_add(bytes)?;
-        (end <= self.sectors * SECTOR).then_some(off)
+        (end <= self.sectors.checked_mul(SECTOR)?).then_some(off)
+    }
+
+    /// Checks the data descriptors of a request: every one lies wholly in guest memory
+    /// and has the direction `write_only`. Returns the disk offset of the transfer and
+    /// its total length (which fits the disk from `sector` on and a `u32`).
+    fn check_data(
+        &self,
+        data: &[Descriptor],
+        mem: &GuestMemoryMmap,
+        sector: u64,
+        write_only: bool,
+    ) -> Option<(u64, u32)> {
+        let mut total = 0u32;
+        for d in data {
+            if d.is_write_only() != write_only || guest_range(mem, d).is_none() {
+                return None;
+            }
+            total = total.checked_add(d.len())?;
+        }
+        Some((self.in_range(sector, u64::from(total))?, total))
     }
 
     fn read(&self, data: &[Descriptor], mem: &GuestMemoryMmap, sector: u64, n: &mut u32) -> u8 {
-        let total: u64 = data.iter().map(|d| d.len() as u64).sum();
-        let Some(mut off) = self.in_range(sector, total) else {
+        let Some((mut off, total)) = self.check_data(data, mem, sector, true) else {
             return VIRTIO_BLK_S_IOERR;
         };
-        let mut buf = Vec::new();
+        let mut buf = vec![0u8; COPY_CHUNK];
         for d in data {
-            if !d.is_write_only() {
+            let Some((addr, len)) = guest_range(mem, d) else {
                 return VIRTIO_BLK_S_IOERR;
+            };
+            let mut done = 0usize;
+            while done < len {
+                let k = (len - done).min(COPY_CHUNK);
+                // done < len <= u32::MAX and off + total fits the disk (check_data).
+                let (Some(at), Some(dst)) = (
+                    off.checked_add(done as u64),
+                    addr.0.checked_add(done as u64),
+                ) else {
+                    return VIRTIO_BLK_S_IOERR;
+                };
+                if self.file.read_exact_at(&mut buf[..k], at).is_err()
+                    || mem.write_slice(&buf[..k], GuestAddress(dst)).is_err()
+                {
+                    return VIRTIO_BLK_S_IOERR;
+                }
+                done += k;
             }
-            buf.resize(d.len() as usize, 0);
-            if self.file.read_exact_at(&mut buf, off).is_err()
-                || mem.write_slice(&buf, d.addr()).is_err()
-            {
-                return VIRTIO_BLK_S_IOERR;
-            }
-            off += d.len() as u64;
-            *n += d.len();
+            off += u64::from(d.len());
         }
+        *n = total;
         VIRTIO_BLK_S_OK
     }
 
     fn write(&self, data: &[Descriptor], mem: &GuestMemoryMmap, sector: u64) -> u8 {
-        let total: u64 = data.iter().map(|d| d.len() as u64).sum();
-        let Some(mut off) = self.in_range(sector, total) else {
+        let Some((mut off, _)) = self.check_data(data, mem, sector, false) else {
             return VIRTIO_BLK_S_IOERR;
         };
-        let mut buf = Vec::new();
+        let mut buf = vec![0u8; COPY_CHUNK];
         for d in data {
-            if d.is_write_only() {
+            let Some((addr, len)) = guest_range(mem, d) else {
                 return VIRTIO_BLK_S_IOERR;
+            };
+            let mut done = 0usize;
+            while done < len {
+                let k = (len - done).min(COPY_CHUNK);
+                let (Some(at), Some(src)) = (
+                    off.checked_add(done as u64),
+                    addr.0.checked_add(done as u64),
+                ) else {
+                    return VIRTIO_BLK_S_IOERR;
+                };
+                if mem.read_slice(&mut buf[..k], GuestAddress(src)).is_err()
+                    || self.file.write_all_at(&buf[..k], at).is_err()
+                {
+                    return VIRTIO_BLK_S_IOERR;
+                }
+                done += k;
             }
-            buf.resize(d.len() as usize, 0);
-            if mem.read_slice(&mut buf, d.addr()).is_err()
-                || self.file.write_all_at(&buf, off).is_err()
-            {
-                return VIRTIO_BLK_S_IOERR;
-            }
-            off += d.len() as u64;
+            off += u64::from(d.len());
         }
         VIRTIO_BLK_S_OK
     }
+}
+
+/// Block data is copied through a buffer of this size (a guest descriptor of up to
+/// 4 GiB never becomes a host allocation of that size).
+const COPY_CHUNK: usize = 64 * 1024;
+
+/// The guest range of `d` when it lies wholly in guest memory (no wrap past 2^64).
+fn guest_range(mem: &GuestMemoryMmap, d: &Descriptor) -> Option<(GuestAddress, usize)> {
+    let len = usize::try_from(d.len()).ok()?;
+    d.addr().0.checked_add(u64::from(d.len()))?;
+    GuestMemoryBackend::check_range(mem, d.addr(), len).then_some((d.addr(), len))
 }
 
 /// A virtio-net device on a tap (no offloads, no mergeable buffers).
@@ -202,11 +259,17 @@ impl Net {
             let head = chain.head_index();
             let mut frame = Vec::new();
             for d in chain {
-                if d.is_write_only() || frame.len() + d.len() as usize > MAX_FRAME + NET_HDR_LEN {
+                let Some((_, len)) = guest_range(mem, &d) else {
+                    break;
+                };
+                let start = frame.len();
+                let Some(end) = start.checked_add(len) else {
+                    break;
+                };
+                if d.is_write_only() || end > MAX_FRAME + NET_HDR_LEN {
                     break;
                 }
-                let start = frame.len();
-                frame.resize(start + d.len() as usize, 0);
+                frame.resize(end, 0);
                 if mem.read_slice(&mut frame[start..], d.addr()).is_err() {
                     frame.truncate(start);
                     break;
@@ -258,13 +321,19 @@ impl Net {
                 if !d.is_write_only() {
                     break;
                 }
-                let n = (d.len() as usize).min(src.len() - off);
+                let Some((_, len)) = guest_range(mem, &d) else {
+                    break;
+                };
+                // off < src.len(): n > 0 and off + n <= src.len().
+                let n = len.min(src.len() - off);
                 if mem.write_slice(&src[off..off + n], d.addr()).is_err() {
                     break;
                 }
                 off += n;
             }
-            q.add_used(mem, head, off as u32)
+            // off <= src.len() <= NET_HDR_LEN + MAX_FRAME.
+            let len = u32::try_from(off).map_err(|_| VmmError::Memory("RX length".into()))?;
+            q.add_used(mem, head, len)
                 .map_err(|e| VmmError::Memory(e.to_string()))?;
             used = true;
         }
@@ -369,10 +438,15 @@ impl MmioTransport {
     }
 
     pub(crate) fn read(&mut self, off: u64, data: &mut [u8]) {
-        if off >= 0x100 {
+        if let Some(base) = off.checked_sub(0x100) {
             let cfg = self.dev.config();
             for (i, b) in data.iter_mut().enumerate() {
-                *b = cfg.get(off as usize - 0x100 + i).copied().unwrap_or(0);
+                *b = usize::try_from(base)
+                    .ok()
+                    .and_then(|o| o.checked_add(i))
+                    .and_then(|o| cfg.get(o))
+                    .copied()
+                    .unwrap_or(0);
             }
             return;
         }
@@ -420,8 +494,9 @@ impl MmioTransport {
             0x024 => self.driver_features_sel = v,
             0x030 => self.queue_sel = v,
             0x038 if !driver_ok => {
-                if let Some(q) = self.selected() {
-                    q.set_size(v as u16);
+                // A size beyond u16 is invalid, not truncated into a valid one.
+                if let (Ok(size), Some(q)) = (u16::try_from(v), self.selected()) {
+                    q.set_size(size);
                 }
             }
             0x044 => {
@@ -622,5 +697,249 @@ impl Worker {
                 }
             }
         }
+    }
+}
+
+/// Hostile guests against a guest-memory model: no KVM, a 1 MiB `GuestMemoryMmap`.
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MEM: u64 = 1 << 20;
+    const F_NEXT: u16 = 1;
+    const F_WRITE: u16 = 2;
+    const HDR: u64 = 0x3000;
+    const STATUS: u64 = 0x3100;
+
+    fn mem() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM as usize)]).expect("guest memory")
+    }
+
+    fn disk(len: u64) -> (tempfile::TempDir, Blk) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("disk.raw");
+        File::create(&path)
+            .and_then(|f| f.set_len(len))
+            .expect("disk file");
+        let blk = Blk::open(&DiskConfig {
+            path,
+            read_only: false,
+        })
+        .expect("open disk");
+        (dir, blk)
+    }
+
+    fn header(mem: &GuestMemoryMmap, ty: u32, sector: u64) -> Descriptor {
+        mem.write_obj(ty, GuestAddress(HDR)).expect("type");
+        mem.write_obj(sector, GuestAddress(HDR + 8))
+            .expect("sector");
+        Descriptor::new(HDR, 16, 0, 0)
+    }
+
+    fn status_desc() -> Descriptor {
+        Descriptor::new(STATUS, 1, F_WRITE, 0)
+    }
+
+    fn status(mem: &GuestMemoryMmap) -> u8 {
+        mem.read_obj(GuestAddress(STATUS)).expect("status")
+    }
+
+    #[test]
+    fn blk_header_at_the_top_of_the_address_space_is_refused_not_a_panic() {
+        let m = mem();
+        let (_d, mut b) = disk(1 << 20);
+        let hdr = Descriptor::new(u64::MAX - 7, 16, 0, 0);
+        let data = Descriptor::new(0x8000, 512, F_WRITE, 0);
+        assert_eq!(b.handle(&[hdr, data, status_desc()], &m), 1);
+        assert_eq!(status(&m), VIRTIO_BLK_S_UNSUPP);
+    }
+
+    #[test]
+    fn blk_data_outside_guest_memory_or_wrapping_is_ioerr() {
+        let m = mem();
+        let (_d, mut b) = disk(1 << 20);
+        for (ty, flags) in [(VIRTIO_BLK_T_IN, F_WRITE), (VIRTIO_BLK_T_OUT, 0)] {
+            for (addr, len) in [
+                (u64::MAX - 10, 4096),   // addr + len wraps
+                (MEM - 100, 4096),       // runs past the end of guest memory
+                (0x8000, u32::MAX),      // 4 GiB: no host buffer of that size
+                (u64::MAX - 4095, 4096), // ends exactly at 2^64
+                (MEM + (1 << 30), 512),  // wholly outside
+            ] {
+                let hdr = header(&m, ty, 0);
+                let data = Descriptor::new(addr, len, flags, 0);
+                assert_eq!(
+                    b.handle(&[hdr, data, status_desc()], &m),
+                    1,
+                    "only the status byte: {ty} {addr:#x}+{len:#x}"
+                );
+                assert_eq!(status(&m), VIRTIO_BLK_S_IOERR, "{ty} {addr:#x}+{len:#x}");
+            }
+        }
+    }
+
+    #[test]
+    fn blk_sector_and_length_past_the_disk_are_ioerr() {
+        let m = mem();
+        let (_d, mut b) = disk(1 << 20);
+        for sector in [u64::MAX, u64::MAX / SECTOR, (1 << 20) / SECTOR] {
+            let hdr = header(&m, VIRTIO_BLK_T_IN, sector);
+            let data = Descriptor::new(0x8000, 512, F_WRITE, 0);
+            assert_eq!(b.handle(&[hdr, data, status_desc()], &m), 1);
+            assert_eq!(status(&m), VIRTIO_BLK_S_IOERR, "sector {sector}");
+        }
+        // Two descriptors whose lengths sum past u32: refused, not wrapped.
+        let hdr = header(&m, VIRTIO_BLK_T_IN, 0);
+        let big = Descriptor::new(0x8000, 0x8000_0000, F_WRITE, 0);
+        assert_eq!(b.handle(&[hdr, big, big, status_desc()], &m), 1);
+        assert_eq!(status(&m), VIRTIO_BLK_S_IOERR);
+    }
+
+    #[test]
+    fn blk_large_requests_are_copied_in_chunks() {
+        let m = mem();
+        let (_d, mut b) = disk(1 << 20);
+        let n = 3 * COPY_CHUNK as u32 + 512;
+        let pattern: Vec<u8> = (0..n).map(|i| (i % 251) as u8).collect();
+        m.write_slice(&pattern, GuestAddress(0x10000))
+            .expect("fill");
+        let hdr = header(&m, VIRTIO_BLK_T_OUT, 3);
+        let out = Descriptor::new(0x10000, n, 0, 0);
+        assert_eq!(b.handle(&[hdr, out, status_desc()], &m), 1);
+        assert_eq!(status(&m), VIRTIO_BLK_S_OK);
+        let hdr = header(&m, VIRTIO_BLK_T_IN, 3);
+        let half = n / 2;
+        let in1 = Descriptor::new(0x60000, half, F_WRITE, 0);
+        let in2 = Descriptor::new(0x60000 + u64::from(half), n - half, F_WRITE, 0);
+        assert_eq!(b.handle(&[hdr, in1, in2, status_desc()], &m), n + 1);
+        assert_eq!(status(&m), VIRTIO_BLK_S_OK);
+        let mut back = vec![0u8; n as usize];
+        m.read_slice(&mut back, GuestAddress(0x60000))
+            .expect("read");
+        assert!(back == pattern, "data read back differs");
+    }
+
+    fn transport() -> (tempfile::TempDir, MmioTransport) {
+        let (d, b) = disk(1 << 20);
+        let irq = EventFd::new(EFD_NONBLOCK).expect("eventfd");
+        (
+            d,
+            MmioTransport::new(DeviceKind::Blk(b), irq).expect("transport"),
+        )
+    }
+
+    fn reg(t: &mut MmioTransport, off: u64, v: u32) {
+        t.write(off, &v.to_le_bytes());
+    }
+
+    #[test]
+    fn queue_size_beyond_u16_is_refused_not_truncated() {
+        let (_d, mut t) = transport();
+        reg(&mut t, 0x030, 0);
+        reg(&mut t, 0x038, 0x1_0008);
+        assert_eq!(t.queues[0].size(), QUEUE_MAX, "0x10008 must not become 8");
+        reg(&mut t, 0x038, 8);
+        assert_eq!(t.queues[0].size(), 8);
+        // A selector past the queues reads as absent and ignores writes.
+        reg(&mut t, 0x030, u32::MAX);
+        reg(&mut t, 0x038, 4);
+        let mut v = [0xffu8; 4];
+        t.read(0x034, &mut v);
+        assert_eq!(v, [0; 4]);
+    }
+
+    #[test]
+    fn config_space_reads_past_the_end_are_zero() {
+        let (_d, mut t) = transport();
+        let mut v = [0u8; 8];
+        t.read(0x100, &mut v);
+        assert_eq!(u64::from_le_bytes(v), (1 << 20) / SECTOR);
+        for off in [0x104, 0x100 + 4096, u64::MAX - 3, u64::MAX] {
+            let mut v = [0xffu8; 8];
+            t.read(off, &mut v);
+            assert!(
+                v[..]
+                    .iter()
+                    .skip(if off == 0x104 { 4 } else { 0 })
+                    .all(|b| *b == 0),
+                "{off:#x}: {v:?}"
+            );
+        }
+    }
+
+    /// Sets up queue 0 of `t` (size 8) at desc 0x0, avail 0x1000, used 0x2000 and
+    /// activates the device.
+    fn activate(t: &mut MmioTransport) {
+        reg(t, 0x030, 0);
+        reg(t, 0x038, 8);
+        for (off, v) in [(0x080, 0), (0x084, 0), (0x090, 0x1000), (0x094, 0)] {
+            reg(t, off, v);
+        }
+        reg(t, 0x0a0, 0x2000);
+        reg(t, 0x0a4, 0);
+        reg(t, 0x044, 1);
+        reg(
+            t,
+            0x070,
+            STATUS_ACKNOWLEDGE | 2 | STATUS_FEATURES_OK | STATUS_DRIVER_OK,
+        );
+        assert!(t.activated());
+    }
+
+    fn put_desc(m: &GuestMemoryMmap, i: u64, d: (u64, u32, u16, u16)) {
+        let at = i * 16;
+        m.write_obj(d.0, GuestAddress(at)).expect("addr");
+        m.write_obj(d.1, GuestAddress(at + 8)).expect("len");
+        m.write_obj(d.2, GuestAddress(at + 12)).expect("flags");
+        m.write_obj(d.3, GuestAddress(at + 14)).expect("next");
+    }
+
+    fn used_idx(m: &GuestMemoryMmap) -> u16 {
+        m.read_obj(GuestAddress(0x2002)).expect("used idx")
+    }
+
+    #[test]
+    fn looping_chain_ends_at_the_queue_size() {
+        let m = mem();
+        let (_d, mut t) = transport();
+        activate(&mut t);
+        header(&m, VIRTIO_BLK_T_IN, 0);
+        put_desc(&m, 0, (HDR, 16, F_NEXT, 1));
+        // Descriptor 1 points at itself: a chain that never ends.
+        put_desc(&m, 1, (0x4000, 512, F_NEXT | F_WRITE, 1));
+        m.write_obj(0u16, GuestAddress(0x1004)).expect("ring[0]");
+        m.write_obj(1u16, GuestAddress(0x1002)).expect("avail idx");
+        t.process(0, &m).expect("served");
+        assert_eq!(used_idx(&m), 1, "the chain is consumed");
+        // Next index out of range (descriptor 2 -> 200).
+        put_desc(&m, 2, (HDR, 16, F_NEXT, 200));
+        m.write_obj(2u16, GuestAddress(0x1006)).expect("ring[1]");
+        m.write_obj(2u16, GuestAddress(0x1002)).expect("avail idx");
+        t.process(0, &m).expect("served");
+        // An avail index far ahead of what the queue can hold: no chain is taken.
+        let before = used_idx(&m);
+        m.write_obj(2u16 + 100, GuestAddress(0x1002))
+            .expect("avail idx");
+        let _ = t.process(0, &m);
+        assert_eq!(used_idx(&m), before);
+        // Rings placed at the top of the address space: an error, not a panic.
+        let (_d2, mut t2) = transport();
+        reg(&mut t2, 0x030, 0);
+        reg(&mut t2, 0x038, 8);
+        for (off, v) in [
+            (0x080, 0xffff_fff0),
+            (0x084, u32::MAX),
+            (0x090, 0xffff_fffe),
+            (0x094, u32::MAX),
+        ] {
+            reg(&mut t2, off, v);
+        }
+        reg(&mut t2, 0x044, 1);
+        reg(
+            &mut t2,
+            0x070,
+            STATUS_ACKNOWLEDGE | 2 | STATUS_FEATURES_OK | STATUS_DRIVER_OK,
+        );
+        let _ = t2.process(0, &m);
     }
 }
