@@ -36,6 +36,9 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 command -v cargo-nextest >/dev/null || cargo install --locked cargo-nextest
+# Dependency hygiene in CI: unused dependencies, and bans/licenses (offline checks).
+command -v cargo-machete >/dev/null || cargo install --locked cargo-machete
+command -v cargo-deny >/dev/null || cargo install --locked cargo-deny
 # The `stead` user owns the subordinate id ranges unprivileged containers get their ids
 # from (docs/operations.md, "Id ranges of unprivileged containers").
 id -u stead >/dev/null 2>&1 || useradd --system --no-create-home --shell /usr/sbin/nologin stead

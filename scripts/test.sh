@@ -17,6 +17,10 @@ echo "== one vm-memory and one vmm-sys-util in the tree"
 dups=$(cargo tree -d -e normal --workspace 2>/dev/null | grep -E '^(vm-memory|vmm-sys-util) ' || true)
 if [ -n "$dups" ]; then echo "duplicate rust-vmm crates: $dups"; exit 1; fi
 
+echo "== dependency hygiene: no unused dependencies; bans and licenses (deny.toml)"
+cargo machete
+cargo deny --offline check bans licenses
+
 echo "== build"
 cargo build --workspace --bins
 
