@@ -334,10 +334,12 @@ pub(crate) fn drivers_for(
     Ok(map)
 }
 
-/// The kinds a plan of `desired` can touch: those in the manifests and in the inventory.
+/// The kinds a plan of `desired` can touch: those in the manifests, in the inventory and
+/// in open journal entries (an interrupted or failed create the inventory never recorded).
 fn kinds_used(desired: &Desired, db: &StateDb) -> Result<BTreeSet<Kind>> {
     let mut kinds: BTreeSet<Kind> = desired.resources.keys().map(|id| id.kind).collect();
     kinds.extend(db.inventory()?.keys().map(|id| id.kind));
+    kinds.extend(db.journal_open()?.keys().map(|id| id.kind));
     Ok(kinds)
 }
 

@@ -296,9 +296,10 @@ pub mod hold {
     mod tests {
         use super::*;
 
-        /// Waits until `check` reports the hold as held (the child took its lock).
+        /// Waits until `check` reports the hold as held (the child took its lock); up to
+        /// 30 s, since a loaded CI machine can take seconds to start `sh` and `flock`.
         fn wait_held(run: &Path) -> DriverError {
-            for _ in 0..250 {
+            for _ in 0..1500 {
                 if let Err(e) = check(run, "Container", "web") {
                     return e;
                 }
