@@ -713,7 +713,7 @@ fn with_idmap<T>(
     let mut map: BTreeMap<String, u32> = super::config::read_json(&path)?.unwrap_or_default();
     let (out, changed) = f(&mut map)?;
     if changed {
-        super::config::write_json_durable(&path, &map)?;
+        super::config::write_json(&path, &map)?;
     }
     Ok(out)
 }

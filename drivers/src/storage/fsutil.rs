@@ -145,10 +145,13 @@ pub fn remove_tree_if_exists(path: &Path) -> Result<(), DriverError> {
 pub fn tree_err(e: stead_host::TreeError) -> DriverError {
     match e {
         stead_host::TreeError::MountBelow { .. } => DriverError::Conflict(e.to_string()),
-        stead_host::TreeError::Io(h) => {
-            DriverError::io(format!("{} {}", h.op, h.path.display()), h.source)
-        }
+        stead_host::TreeError::Io(h) => host_err(h),
     }
+}
+
+/// A [`DriverError`] from a failed [`stead_host`] file operation (op, path, OS error).
+pub fn host_err(h: stead_host::HostError) -> DriverError {
+    DriverError::io(format!("{} {}", h.op, h.path.display()), h.source)
 }
 
 /// fsyncs a directory (after a rename or unlink in it).
@@ -260,26 +263,10 @@ pub fn get_owner(path: &Path) -> Result<Option<(String, MarkKind)>, DriverError>
     }
 }
 
-/// Writes `data` to `path` atomically (temp file in the same dir, fsync, rename).
+/// Writes `data` to `path` atomically and durably with mode 0600:
+/// [`stead_host::write_atomic`] with its error as a [`DriverError`].
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), DriverError> {
-    let dir = path
-        .parent()
-        .ok_or_else(|| DriverError::Other(format!("{} has no parent", path.display())))?;
-    let fname = path
-        .file_name()
-        .map(|f| f.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{fname}.tmp"));
-    remove_file_if_exists(&tmp)?;
-    let f = create_new(&tmp)?;
-    f.write_all_at(data, 0)
-        .map_err(|e| DriverError::io(format!("write {}", tmp.display()), e))?;
-    f.sync_all()
-        .map_err(|e| DriverError::io(format!("fsync {}", tmp.display()), e))?;
-    fs::rename(&tmp, path).map_err(|e| {
-        DriverError::io(format!("rename {} -> {}", tmp.display(), path.display()), e)
-    })?;
-    fsync_dir(dir)
+    stead_host::write_atomic(path, data).map_err(host_err)
 }
 
 // FICLONE = _IOW(0x94, 9, int)
