@@ -1453,8 +1453,7 @@ impl BackupStore {
                 std::process::id()
             );
             let tmp = dest_dir.join(&tmp_name);
-            let _ = fs::remove_dir_all(&tmp);
-            let _ = fs::remove_file(&tmp);
+            stead_host::remove_tree_beneath(&tmp).map_err(tree_err)?;
             let entries: Vec<&FileEntry> =
                 m.files.iter().filter(|f| f.input == input.name).collect();
             let root = RestoreRoot {
@@ -1464,8 +1463,9 @@ impl BackupStore {
             };
             let r = self.restore_entries(&entries, &root, &mut report.bytes);
             if let Err(e) = r {
-                let _ = fs::remove_dir_all(&tmp);
-                let _ = fs::remove_file(&tmp);
+                if let Err(re) = stead_host::remove_tree_beneath(&tmp) {
+                    warn!(path = %tmp.display(), error = %re, "cannot remove a partial restore");
+                }
                 return Err(e);
             }
             fs::rename(&tmp, &final_path).map_err(BackupError::io("rename", &tmp))?;
@@ -1908,6 +1908,13 @@ fn host_err(e: stead_host::HostError) -> BackupError {
         op: e.op,
         path: e.path,
         source: e.source,
+    }
+}
+
+fn tree_err(e: stead_host::TreeError) -> BackupError {
+    match e {
+        stead_host::TreeError::Io(h) => host_err(h),
+        mount @ stead_host::TreeError::MountBelow { .. } => BackupError::Invalid(mount.to_string()),
     }
 }
 
