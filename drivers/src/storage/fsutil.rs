@@ -4,7 +4,6 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, IsTerminal};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Component, Path, PathBuf};
 
@@ -269,23 +268,14 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), DriverError> {
     stead_host::write_atomic(path, data).map_err(host_err)
 }
 
-// FICLONE = _IOW(0x94, 9, int)
-nix::ioctl_write_int_bad!(
-    ficlone,
-    nix::request_code_write!(0x94, 9, size_of::<libc::c_int>())
-);
-
 /// Clones `src` into `dst` (whole file) with the FICLONE ioctl. `Ok(false)` when the file
 /// system (or the pair of file systems) does not support reflinks.
 pub fn try_reflink(src: &File, dst: &File) -> Result<bool, DriverError> {
-    // SAFETY: both fds are open for the duration of the call; FICLONE takes the source
-    // fd as its integer argument and touches no user memory.
-    match unsafe { ficlone(dst.as_raw_fd(), src.as_raw_fd()) } {
-        Ok(_) => Ok(true),
-        Err(Errno::EOPNOTSUPP | Errno::EXDEV | Errno::EINVAL | Errno::ENOTTY | Errno::ENOSYS) => {
-            Ok(false)
-        }
-        Err(e) => Err(nix_err("FICLONE", e)),
+    use rustix::io::Errno as E;
+    match rustix::fs::ioctl_ficlone(dst, src) {
+        Ok(()) => Ok(true),
+        Err(E::OPNOTSUPP | E::XDEV | E::INVAL | E::NOTTY | E::NOSYS) => Ok(false),
+        Err(e) => Err(DriverError::io("FICLONE", e.into())),
     }
 }
 
