@@ -82,8 +82,8 @@ pub fn prepare(
             let marker = own.join("template");
             if !root.is_dir() {
                 unpack(tpl, &root, Some(m))?;
-                fs::write(&marker, format!("{key} {}\n", tpl.display()))
-                    .map_err(io(format!("write {}", marker.display())))?;
+                let line = format!("{key} {}\n", tpl.display());
+                crate::storage::fsutil::write_atomic(&marker, line.as_bytes())?;
             } else if let Ok(old) = fs::read_to_string(&marker)
                 && old.split_whitespace().next() != Some(key.as_str())
             {
