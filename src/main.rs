@@ -334,10 +334,13 @@ pub(crate) fn drivers_for(
     Ok(map)
 }
 
-/// The kinds a plan of `desired` can touch: those in the manifests and in the inventory.
+/// The kinds a plan of `desired` can touch: those in the manifests, the inventory and
+/// the open journal entries.
 fn kinds_used(desired: &Desired, db: &StateDb) -> Result<BTreeSet<Kind>> {
     let mut kinds: BTreeSet<Kind> = desired.resources.keys().map(|id| id.kind).collect();
     kinds.extend(db.inventory()?.keys().map(|id| id.kind));
+    // Open journal entries (an interrupted or failed step) are observed and planned too.
+    kinds.extend(db.journal_open()?.keys().map(|id| id.kind));
     Ok(kinds)
 }
 
