@@ -596,7 +596,7 @@ fn count_teardown_failure(base: &HostEnv) {
         .ok()
         .and_then(|t| t.trim().parse::<u64>().ok())
         .unwrap_or(0);
-    let _ = std::fs::write(&p, format!("{}\n", n + 1));
+    let _ = stead_host::write_atomic(&p, format!("{}\n", n + 1).as_bytes());
 }
 
 #[cfg(test)]

@@ -375,6 +375,8 @@ fn plan_one(
             change.note =
                 Some("owned object is missing from the host; it will be created again".into());
         }
+        // A create is checked like an update: its refusal is a plan error, not an apply one.
+        driver.check(r, obs, &change.fields)?;
         return Ok(change);
     }
     if !obs.owned && inv.is_none() && !pending {

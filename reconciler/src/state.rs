@@ -451,7 +451,8 @@ pub fn pending_ids(db: &StateDb) -> Result<BTreeSet<ResourceId>, StateError> {
 
 /// The exclusive apply lock on `<state_dir>/lock`, released on drop (or process death).
 pub struct ApplyLock {
-    _lock: nix::fcntl::Flock<File>,
+    /// The open lock file: its `flock` is released when it is closed.
+    _lock: File,
 }
 
 impl ApplyLock {
@@ -459,33 +460,29 @@ impl ApplyLock {
     pub fn acquire(state_dir: &Path, wait: Duration) -> Result<Self, StateError> {
         ensure_state_dir(state_dir)?;
         let path = state_dir.join("lock");
-        let open = || {
-            File::options()
-                .create(true)
-                .truncate(false)
-                .write(true)
-                .open(&path)
-                .map_err(|e| StateError::Io {
-                    context: format!("cannot open {}", path.display()),
-                    source: e,
-                })
-        };
+        let file = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| StateError::Io {
+                context: format!("cannot open {}", path.display()),
+                source: e,
+            })?;
         let start = Instant::now();
-        let mut file = open()?;
         loop {
-            match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
-                Ok(lock) => return Ok(ApplyLock { _lock: lock }),
-                Err((f, nix::errno::Errno::EWOULDBLOCK)) => {
+            match file.try_lock() {
+                Ok(()) => return Ok(ApplyLock { _lock: file }),
+                Err(std::fs::TryLockError::WouldBlock) => {
                     if start.elapsed() >= wait {
                         return Err(StateError::Locked(path, start.elapsed()));
                     }
-                    file = f;
                     std::thread::sleep(Duration::from_millis(100));
                 }
-                Err((_, e)) => {
+                Err(std::fs::TryLockError::Error(e)) => {
                     return Err(StateError::Io {
                         context: format!("cannot lock {}", path.display()),
-                        source: e.into(),
+                        source: e,
                     });
                 }
             }

@@ -20,6 +20,8 @@ struct FakeHost {
     fail: Mutex<BTreeSet<String>>,
     /// Names whose apply is refused (a terminal error).
     refuse: Mutex<BTreeSet<String>>,
+    /// Names whose `check` refuses (any change, creates included).
+    refuse_check: Mutex<BTreeSet<String>>,
     /// Kinds whose observe panics.
     panic_observe: Mutex<BTreeSet<Kind>>,
     log: Mutex<Vec<String>>,
@@ -74,7 +76,10 @@ impl Driver for FakeDriver {
             _ => Impact::Hot,
         }
     }
-    fn check(&self, _d: &Resource, o: &Observed, changes: &[FieldChange]) -> Result<(), String> {
+    fn check(&self, d: &Resource, o: &Observed, changes: &[FieldChange]) -> Result<(), String> {
+        if self.host.refuse_check.lock().unwrap().contains(&d.id.name) {
+            return Err(format!("check refuses {}", d.id));
+        }
         for c in changes {
             if c.path == "/size" {
                 let old: stead_schema::ByteSize = o.state["size"]
@@ -293,6 +298,51 @@ fn create_then_noop_then_grow() {
     let text = stead_reconciler::render::plan_text(&run.plan, Default::default());
     assert!(text.contains("size: 16Mi -> 32Mi"), "{text}");
     assert!(text.contains("  ~ Volume/a"), "{text}");
+}
+
+#[test]
+fn check_runs_on_creates_and_its_refusal_is_a_plan_error() {
+    let e = env();
+    e.host.refuse_check.lock().unwrap().insert("bad".into());
+    let d = desired(&(doc("Network", "bad", "{mtu: 9000}") + &pool()));
+    let run = plan_run(
+        &e.drivers,
+        &d,
+        &e.db.lock().unwrap(),
+        PlanOptions::default(),
+    )
+    .unwrap();
+    assert_eq!(run.plan.errors.len(), 1, "{:?}", run.plan.errors);
+    assert_eq!(run.plan.errors[0].id.to_string(), "Network/bad");
+    assert!(
+        run.plan.errors[0]
+            .message
+            .contains("check refuses Network/bad"),
+        "{}",
+        run.plan.errors[0].message
+    );
+    assert!(
+        run.plan.changes.iter().all(|c| c.id.name != "bad"),
+        "a refused create is not planned: {:?}",
+        run.plan.changes
+    );
+    let report = execute(
+        &run.plan,
+        &d,
+        &run.inventory,
+        &run.observed,
+        &e.drivers,
+        &e.db,
+        &ExecOptions::default(),
+        &|_| {},
+    );
+    assert!(report.success());
+    let log = e.host.log.lock().unwrap().clone();
+    assert_eq!(
+        log,
+        ["apply StoragePool/local"],
+        "nothing of Network/bad ran"
+    );
 }
 
 #[test]

@@ -62,8 +62,8 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), HostError> {
 pub fn write_atomic_mode(path: &Path, data: &[u8], mode: u32) -> Result<(), HostError> {
     let dir = parent_dir(path);
     let mut tmp = tempfile::Builder::new()
-        .prefix(".stead-")
-        .suffix(".tmp")
+        .prefix(TEMP_PREFIX)
+        .suffix(TEMP_SUFFIX)
         .tempfile_in(dir)
         .map_err(|e| HostError::new("create temp file in", dir, e))?;
     tmp.as_file()
@@ -78,6 +78,20 @@ pub fn write_atomic_mode(path: &Path, data: &[u8], mode: u32) -> Result<(), Host
     tmp.persist(path)
         .map_err(|e| HostError::new("rename over", path, e.error))?;
     fsync_dir(dir)
+}
+
+const TEMP_PREFIX: &str = ".stead-";
+const TEMP_SUFFIX: &str = ".tmp";
+
+/// Whether `name` (a file name, not a path) is the name of a temp file that
+/// [`write_atomic`] leaves behind when the process dies between creating and renaming it.
+/// Directories that must look empty (a pool before its marker exists) ignore these.
+pub fn is_atomic_temp_name(name: &std::ffi::OsStr) -> bool {
+    name.to_str().is_some_and(|n| {
+        n.len() > TEMP_PREFIX.len() + TEMP_SUFFIX.len()
+            && n.starts_with(TEMP_PREFIX)
+            && n.ends_with(TEMP_SUFFIX)
+    })
 }
 
 /// Fsyncs a directory so that renames and creations in it survive a crash.
@@ -150,6 +164,27 @@ mod tests {
         write_atomic(&d.path().join("a.yaml"), b"y").expect("yaml");
         assert_eq!(fs::read(d.path().join("a.json")).expect("read"), b"j");
         assert_eq!(fs::read(d.path().join("a.yaml")).expect("read"), b"y");
+    }
+
+    #[test]
+    fn temp_names_of_write_atomic_are_recognised() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let tmp = tempfile::Builder::new()
+            .prefix(TEMP_PREFIX)
+            .suffix(TEMP_SUFFIX)
+            .tempfile_in(d.path())
+            .expect("temp");
+        let name = tmp.path().file_name().expect("name");
+        assert!(is_atomic_temp_name(name), "{name:?}");
+        for other in [
+            ".stead-pool",
+            ".stead-.tmp",
+            "a.tmp",
+            ".x.raw.tmp",
+            "stead-a.tmp",
+        ] {
+            assert!(!is_atomic_temp_name(other.as_ref()), "{other}");
+        }
     }
 
     #[test]

@@ -8,5 +8,5 @@ pub mod fs;
 pub mod mounts;
 pub mod tree;
 
-pub use fs::{HostError, write_atomic, write_atomic_mode};
+pub use fs::{HostError, is_atomic_temp_name, write_atomic, write_atomic_mode};
 pub use tree::{TreeError, remove_tree_beneath};

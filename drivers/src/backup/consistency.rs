@@ -281,6 +281,14 @@ fn clone_path(p: &Path, pid: u32) -> Option<PathBuf> {
     Some(p.with_file_name(format!(".{name}{CLONE_MARK}{pid}")))
 }
 
+/// Removes a clone (file or tree) that stead made, never following a symlink and never
+/// crossing into a mount below it; a failure is logged (the clone stays, nothing else goes).
+fn remove_clone(clone: &Path) {
+    if let Err(e) = stead_host::remove_tree_beneath(clone) {
+        warn!(path = %clone.display(), error = %e, "cannot remove a backup clone");
+    }
+}
+
 /// Removes clones of `p` left by backups whose process is gone. A live backup holds an
 /// exclusive `flock` on each of its clones for as long as it uses it, so a clone nobody
 /// has locked is stale, whatever process now has the pid in its name.
@@ -305,8 +313,7 @@ fn remove_stale_clones(p: &Path) {
         if clone.try_lock_shared().is_ok() {
             drop(clone);
             info!(path = %e.path().display(), "removing a clone left by an interrupted backup");
-            let _ = fs::remove_file(e.path());
-            let _ = fs::remove_dir_all(e.path());
+            remove_clone(&e.path());
         }
     }
 }
@@ -319,7 +326,7 @@ fn clone_tree(p: &Path) -> Option<(PathBuf, File)> {
         return None;
     }
     let dst = clone_path(p, std::process::id())?;
-    let _ = fs::remove_dir_all(&dst);
+    remove_clone(&dst);
     // Locked before anything is copied into it: see `remove_stale_clones`.
     let lock = fs::create_dir(&dst)
         .and_then(|()| File::open(&dst))
@@ -536,6 +543,49 @@ fn remove_all(paths: &[PathBuf]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stale_clone_with_a_mount_inside_is_left_and_the_mounted_files_survive() {
+        let t = tempfile::tempdir().expect("tmp");
+        let data = t.path().join("data");
+        fs::create_dir(&data).expect("data");
+        let clone = clone_path(&data, 999_999).expect("clone path");
+        let mnt = clone.join("mnt");
+        fs::create_dir_all(&mnt).expect("clone dir");
+        std::thread::spawn(move || {
+            // SAFETY: only CLONE_NEWNS (which implies CLONE_FS) is unshared, on this thread
+            // alone; the mounts made below vanish with it and never reach the host.
+            let unshared =
+                unsafe { rustix::thread::unshare_unsafe(rustix::thread::UnshareFlags::NEWNS) };
+            if let Err(e) = unshared {
+                eprintln!("SKIP a_stale_clone_with_a_mount_inside: unshare: {e}");
+                return;
+            }
+            rustix::mount::mount_change(
+                "/",
+                rustix::mount::MountPropagationFlags::PRIVATE
+                    | rustix::mount::MountPropagationFlags::REC,
+            )
+            .expect("make mounts private");
+            rustix::mount::mount(
+                "stead-test",
+                &mnt,
+                "tmpfs",
+                rustix::mount::MountFlags::empty(),
+                None,
+            )
+            .expect("mount tmpfs");
+            fs::write(mnt.join("file"), b"not ours").expect("write into tmpfs");
+            remove_stale_clones(&data);
+            assert_eq!(
+                fs::read(mnt.join("file")).expect("the mounted file survives"),
+                b"not ours"
+            );
+            rustix::mount::unmount(&mnt, rustix::mount::UnmountFlags::empty()).expect("umount");
+        })
+        .join()
+        .expect("test thread");
+    }
 
     #[test]
     fn a_loader_refreshes_the_users_of_a_volume() {

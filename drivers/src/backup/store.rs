@@ -18,7 +18,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use chrono::{DateTime, SecondsFormat, Utc};
-use nix::fcntl::{Flock, FlockArg};
 use rustix::fs::{AtFlags, Mode, OFlags, ResolveFlags};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -660,7 +659,9 @@ impl BackupStore {
         Ok(())
     }
 
-    fn lock(&self, arg: FlockArg) -> Result<Flock<File>, BackupError> {
+    /// Takes the store's lock (`shared` for readers, else exclusive), waiting for it.
+    /// The guard is the open file: the `flock` is released when it is closed.
+    fn lock(&self, shared: bool) -> Result<File, BackupError> {
         self.init()?;
         let p = self.root.join(LOCK_FILE);
         let f = OpenOptions::new()
@@ -670,11 +671,9 @@ impl BackupStore {
             .mode(0o600)
             .open(&p)
             .map_err(BackupError::io("open", &p))?;
-        Flock::lock(f, arg).map_err(|(_, e)| BackupError::Io {
-            op: "lock",
-            path: p,
-            source: e.into(),
-        })
+        let locked = if shared { f.lock_shared() } else { f.lock() };
+        locked.map_err(BackupError::io("lock", &p))?;
+        Ok(f)
     }
 
     /// Backs up `inputs` (logical name, volume file or directory) of `resource` (`Kind/name`)
@@ -700,7 +699,7 @@ impl BackupStore {
                 )));
             }
         }
-        let _lock = self.lock(FlockArg::LockShared)?;
+        let _lock = self.lock(true)?;
 
         // Phase 1: walk the inputs and record metadata.
         let mut input_entries = Vec::new();
@@ -1453,8 +1452,7 @@ impl BackupStore {
                 std::process::id()
             );
             let tmp = dest_dir.join(&tmp_name);
-            let _ = fs::remove_dir_all(&tmp);
-            let _ = fs::remove_file(&tmp);
+            stead_host::remove_tree_beneath(&tmp).map_err(tree_err)?;
             let entries: Vec<&FileEntry> =
                 m.files.iter().filter(|f| f.input == input.name).collect();
             let root = RestoreRoot {
@@ -1464,8 +1462,9 @@ impl BackupStore {
             };
             let r = self.restore_entries(&entries, &root, &mut report.bytes);
             if let Err(e) = r {
-                let _ = fs::remove_dir_all(&tmp);
-                let _ = fs::remove_file(&tmp);
+                if let Err(re) = stead_host::remove_tree_beneath(&tmp) {
+                    warn!(path = %tmp.display(), error = %re, "cannot remove a partial restore");
+                }
                 return Err(e);
             }
             fs::rename(&tmp, &final_path).map_err(BackupError::io("rename", &tmp))?;
@@ -1771,7 +1770,7 @@ impl BackupStore {
     /// Mark & sweep: deletes chunk files no manifest references, and stale temporary files.
     /// Holds the store lock exclusively, so no backup writes chunks meanwhile.
     pub fn gc(&self) -> Result<GcReport, BackupError> {
-        let _lock = self.lock(FlockArg::LockExclusive)?;
+        let _lock = self.lock(false)?;
         let _span = info_span!("gc", store = %self.root.display()).entered();
         let mut referenced: HashSet<String> = HashSet::new();
         // Mark. A manifest that cannot be read aborts the sweep: never delete what it might
@@ -1908,6 +1907,13 @@ fn host_err(e: stead_host::HostError) -> BackupError {
         op: e.op,
         path: e.path,
         source: e.source,
+    }
+}
+
+fn tree_err(e: stead_host::TreeError) -> BackupError {
+    match e {
+        stead_host::TreeError::Io(h) => host_err(h),
+        mount @ stead_host::TreeError::MountBelow { .. } => BackupError::Invalid(mount.to_string()),
     }
 }
 
@@ -2347,6 +2353,30 @@ impl RestoreRoot<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn store_lock_is_shared_for_readers_and_exclusive_for_writers() {
+        let t = tempfile::tempdir().expect("tmp");
+        let store = BackupStore::for_pool(t.path());
+        let other = || File::open(store.root().join(LOCK_FILE)).expect("open lock file");
+        let reader = store.lock(true).expect("shared");
+        assert!(store.lock(true).is_ok(), "readers share the lock");
+        assert!(matches!(
+            other().try_lock(),
+            Err(fs::TryLockError::WouldBlock)
+        ));
+        drop(reader);
+        let writer = store.lock(false).expect("exclusive");
+        assert!(matches!(
+            other().try_lock_shared(),
+            Err(fs::TryLockError::WouldBlock)
+        ));
+        drop(writer);
+        assert!(
+            other().try_lock().is_ok(),
+            "released when the guard is closed"
+        );
+    }
 
     fn entry(path: &str, kind: EntryKind) -> FileEntry {
         FileEntry {

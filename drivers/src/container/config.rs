@@ -8,7 +8,6 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::Write;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
@@ -250,20 +249,6 @@ impl Paths {
     }
 }
 
-/// Writes `data` to `path` atomically (temp file + rename). With `durable`, the data is
-/// flushed to disk before the rename (state-dir files that must survive power loss);
-/// run-dir files (tmpfs, rewritten on every supervisor event) only need atomicity
-/// against process crashes.
-pub fn write_atomic(path: &Path, data: &[u8], durable: bool) -> Result<(), DriverError> {
-    let tmp = path.with_extension("tmp");
-    let mut f = fs::File::create(&tmp)
-        .map_err(|e| DriverError::io(format!("create {}", tmp.display()), e))?;
-    f.write_all(data)
-        .and_then(|()| if durable { f.sync_data() } else { Ok(()) })
-        .map_err(|e| DriverError::io(format!("write {}", tmp.display()), e))?;
-    fs::rename(&tmp, path).map_err(|e| DriverError::io(format!("rename {}", path.display()), e))
-}
-
 /// Reads and parses a JSON file; `Ok(None)` when it does not exist.
 pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>, DriverError> {
     match fs::read(path) {
@@ -275,18 +260,12 @@ pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T
     }
 }
 
-/// Writes a value as pretty JSON, atomically (run-dir files: no fsync).
+/// Writes a value as pretty JSON, atomically and durably, mode 0600
+/// ([`crate::storage::fsutil::write_atomic`]).
 pub fn write_json<T: Serialize>(path: &Path, v: &T) -> Result<(), DriverError> {
     let data = serde_json::to_vec_pretty(v)
         .map_err(|e| DriverError::Other(format!("serialize {}: {e}", path.display())))?;
-    write_atomic(path, &data, false)
-}
-
-/// Writes a value as pretty JSON, atomically and durably (state-dir files).
-pub fn write_json_durable<T: Serialize>(path: &Path, v: &T) -> Result<(), DriverError> {
-    let data = serde_json::to_vec_pretty(v)
-        .map_err(|e| DriverError::Other(format!("serialize {}: {e}", path.display())))?;
-    write_atomic(path, &data, true)
+    crate::storage::fsutil::write_atomic(path, &data)
 }
 
 /// Host-end veth name for interface `idx` of container `name` (≤ 15 bytes, stable).
@@ -303,6 +282,29 @@ pub fn host_veth_name(name: &str, idx: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn json_files_with_the_same_stem_do_not_share_a_temp_file() {
+        // a.json and a.yaml used to be written through the same a.tmp: concurrent writers
+        // renamed each other's content into place (or found their temp gone).
+        let d = tempfile::tempdir().expect("tempdir");
+        let writer = |name: &'static str| {
+            let path = d.path().join(name);
+            move || {
+                for i in 0..300u32 {
+                    write_json(&path, &(name, i)).expect("write");
+                    let got: (String, u32) = read_json(&path).expect("read").expect("exists");
+                    assert_eq!(got.0, name, "{name} holds another file's content");
+                }
+            }
+        };
+        std::thread::scope(|s| {
+            let a = s.spawn(writer("a.json"));
+            let b = s.spawn(writer("a.yaml"));
+            a.join().expect("a.json writer");
+            b.join().expect("a.yaml writer");
+        });
+    }
 
     #[test]
     fn veth_names_fit_and_differ() {

@@ -82,8 +82,8 @@ pub fn prepare(
             let marker = own.join("template");
             if !root.is_dir() {
                 unpack(tpl, &root, Some(m))?;
-                fs::write(&marker, format!("{key} {}\n", tpl.display()))
-                    .map_err(io(format!("write {}", marker.display())))?;
+                let line = format!("{key} {}\n", tpl.display());
+                crate::storage::fsutil::write_atomic(&marker, line.as_bytes())?;
             } else if let Ok(old) = fs::read_to_string(&marker)
                 && old.split_whitespace().next() != Some(key.as_str())
             {
@@ -266,13 +266,9 @@ pub fn unpack(tpl: &Path, dest: &Path, idmap: Option<IdMap>) -> Result<(), Drive
     // parallel); the lock also makes the fixed temp name safe to clear after a crash.
     let lock = File::create(parent.join(format!(".{dest_name}.lock")))
         .map_err(io(format!("lock {}", dest.display())))?;
-    {
-        use std::os::fd::AsRawFd;
-        // SAFETY: flock on an open fd; released when `lock` is dropped.
-        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } < 0 {
-            return Err(DriverError::io("flock", io::Error::last_os_error()));
-        }
-    }
+    // Released when `lock` is closed.
+    lock.lock()
+        .map_err(io(format!("lock {}", dest.display())))?;
     if dest.is_dir() {
         return Ok(()); // unpacked by whoever held the lock before us
     }
@@ -701,19 +697,16 @@ fn with_idmap<T>(
     state_dir: &Path,
     f: impl FnOnce(&mut BTreeMap<String, u32>) -> Result<(T, bool), DriverError>,
 ) -> Result<T, DriverError> {
-    use std::os::fd::AsRawFd;
     let dir = state_dir.join("containers");
     fs::create_dir_all(&dir).map_err(io(format!("mkdir {}", dir.display())))?;
     let lock = File::create(dir.join("idmap.lock")).map_err(io("open idmap.lock"))?;
-    // SAFETY: flock on an open fd; released when `lock` is dropped.
-    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } < 0 {
-        return Err(DriverError::io("lock idmap", io::Error::last_os_error()));
-    }
+    // Released when `lock` is closed.
+    lock.lock().map_err(io("lock idmap.lock"))?;
     let path = dir.join("idmap.json");
     let mut map: BTreeMap<String, u32> = super::config::read_json(&path)?.unwrap_or_default();
     let (out, changed) = f(&mut map)?;
     if changed {
-        super::config::write_json_durable(&path, &map)?;
+        super::config::write_json(&path, &map)?;
     }
     Ok(out)
 }

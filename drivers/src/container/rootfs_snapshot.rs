@@ -5,8 +5,8 @@
 //! `cp -a --reflink=auto`. That keeps owners, modes, times, hardlinks, xattrs (an
 //! overlay's `trusted.overlay.*` opaque markers), device nodes (whiteouts) and holes, and
 //! shares blocks where the file system has reflinks (btrfs, xfs). A copy goes to a
-//! `.<snap>.tmp` sibling and is renamed into place, so a crash never leaves a half
-//! snapshot under its final name.
+//! uniquely named `.<snap>.XXXXXX.tmp` sibling and is renamed into place (never over an
+//! existing snapshot), so a crash never leaves a half snapshot under its final name.
 //!
 //! Rollback copies the snapshot next to the data, swaps the two directories atomically
 //! (`renameat2(RENAME_EXCHANGE)`) and then removes the old data. A crash at any point
@@ -57,7 +57,7 @@ pub(crate) enum Reflink {
     Always,
 }
 
-/// `cp -a --reflink=… -T src dst` (dst must not exist): owners, modes, times, hardlinks,
+/// `cp -a --reflink=… -T src dst` (dst absent or an empty directory): owners, modes, times, hardlinks,
 /// xattrs, device nodes and holes kept. A failed copy is removed.
 pub(crate) fn copy_tree(src: &Path, dst: &Path, reflink: Reflink) -> Result<(), DriverError> {
     let flag = match reflink {
@@ -93,12 +93,44 @@ pub fn create(data: &Path, snaps: &Path, snap: &str) -> Result<PathBuf, DriverEr
         )));
     }
     fs::create_dir_all(snaps).map_err(io(format!("mkdir {}", snaps.display())))?;
-    let tmp = snaps.join(format!(".{snap}.tmp"));
-    remove_tree_if_exists(&tmp)?;
-    copy_tree(data, &tmp, Reflink::Auto)?;
-    fs::rename(&tmp, &target).map_err(io(format!("rename to {}", target.display())))?;
+    // A temp dir of its own: a concurrent create of the same name never shares it.
+    let tmp = tempfile::Builder::new()
+        .prefix(&format!(".{snap}."))
+        .suffix(".tmp")
+        .tempdir_in(snaps)
+        .map_err(io(format!("create a temp dir in {}", snaps.display())))?
+        .keep();
+    let made = copy_tree(data, &tmp, Reflink::Auto).and_then(|()| publish(&tmp, &target, snap));
+    if made.is_err() {
+        let _ = remove_tree_if_exists(&tmp);
+    }
+    made?;
+    crate::storage::fsutil::fsync_dir(snaps)?;
     info!(path = %target.display(), "rootfs snapshot created");
     Ok(target)
+}
+
+/// Renames the finished copy `tmp` to `target`, never over an existing snapshot.
+fn publish(tmp: &Path, target: &Path, snap: &str) -> Result<(), DriverError> {
+    match renameat2(
+        AT_FDCWD,
+        tmp,
+        AT_FDCWD,
+        target,
+        RenameFlags::RENAME_NOREPLACE,
+    ) {
+        Ok(()) => Ok(()),
+        Err(nix::errno::Errno::EEXIST | nix::errno::Errno::ENOTEMPTY) => {
+            Err(DriverError::Conflict(format!(
+                "rootfs snapshot {snap:?} already exists ({})",
+                target.display()
+            )))
+        }
+        Err(e) => Err(DriverError::io(
+            format!("rename to {}", target.display()),
+            e.into(),
+        )),
+    }
 }
 
 /// The snapshots in `snaps`: (name, modification time as RFC 3339), sorted by name.
@@ -165,6 +197,49 @@ mod tests {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
     use super::*;
+
+    #[test]
+    fn concurrent_creates_of_one_snapshot_name_leave_one_whole_snapshot() {
+        // Both used to copy into the one `.<snap>.tmp`, each removing the other's copy.
+        let t = tempfile::tempdir().expect("tmp");
+        let data = t.path().join("rootfs/c/root");
+        fs::create_dir_all(&data).expect("mkdir");
+        for i in 0..200 {
+            fs::write(data.join(format!("f{i}")), vec![b'x'; 4096]).expect("write");
+        }
+        let snaps = snapshots_dir("c", t.path());
+        for round in 0..5 {
+            let snap = format!("s{round}");
+            let barrier = std::sync::Barrier::new(2);
+            let results = std::thread::scope(|s| {
+                let make = || {
+                    barrier.wait();
+                    create(&data, &snaps, &snap)
+                };
+                let a = s.spawn(make);
+                let b = s.spawn(make);
+                [a.join().expect("a"), b.join().expect("b")]
+            });
+            let ok = results.iter().filter(|r| r.is_ok()).count();
+            assert_eq!(ok, 1, "exactly one create wins: {results:?}");
+            assert!(
+                results
+                    .iter()
+                    .any(|r| matches!(r, Err(DriverError::Conflict(_)))),
+                "the other is told the name is taken: {results:?}"
+            );
+            assert_eq!(
+                fs::read_dir(snaps.join(&snap)).expect("snapshot").count(),
+                200
+            );
+        }
+        let left: Vec<_> = fs::read_dir(&snaps)
+            .expect("snaps")
+            .map(|e| e.expect("entry").file_name())
+            .filter(|n| n.to_string_lossy().starts_with('.'))
+            .collect();
+        assert!(left.is_empty(), "no temp dirs left: {left:?}");
+    }
 
     #[test]
     fn create_list_rollback_delete_keep_metadata() {

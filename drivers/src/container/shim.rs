@@ -252,8 +252,7 @@ impl ConsoleLog {
         if let Some(nl) = data[start..].iter().position(|b| *b == b'\n') {
             start += nl + 1;
         }
-        let tmp = self.path.with_extension("log.tmp");
-        if fs::write(&tmp, &data[start..]).is_ok() && fs::rename(&tmp, &self.path).is_ok() {
+        if stead_host::write_atomic(&self.path, &data[start..]).is_ok() {
             self.file = OpenOptions::new().append(true).open(&self.path).ok();
             self.size = (data.len() - start) as u64;
         }

@@ -820,7 +820,8 @@ impl Driver for NetworkDriver {
         let name = desired.id.name.as_str();
         let _span = tracing::info_span!("apply", resource = %desired.id).entered();
         let spec = spec_of(desired)?;
-        // The plan checks updates only: a create is refused here, before anything is made.
+        // The plan's check refuses bad targets; this guards callers that skip the plan,
+        // before anything is made.
         check_forward_targets(spec).map_err(DriverError::Refused)?;
         let mut made = Made::default();
         let result = self

@@ -4,7 +4,6 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, IsTerminal};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Component, Path, PathBuf};
 
@@ -145,10 +144,13 @@ pub fn remove_tree_if_exists(path: &Path) -> Result<(), DriverError> {
 pub fn tree_err(e: stead_host::TreeError) -> DriverError {
     match e {
         stead_host::TreeError::MountBelow { .. } => DriverError::Conflict(e.to_string()),
-        stead_host::TreeError::Io(h) => {
-            DriverError::io(format!("{} {}", h.op, h.path.display()), h.source)
-        }
+        stead_host::TreeError::Io(h) => host_err(h),
     }
+}
+
+/// A [`DriverError`] from a failed [`stead_host`] file operation (op, path, OS error).
+pub fn host_err(h: stead_host::HostError) -> DriverError {
+    DriverError::io(format!("{} {}", h.op, h.path.display()), h.source)
 }
 
 /// fsyncs a directory (after a rename or unlink in it).
@@ -260,45 +262,20 @@ pub fn get_owner(path: &Path) -> Result<Option<(String, MarkKind)>, DriverError>
     }
 }
 
-/// Writes `data` to `path` atomically (temp file in the same dir, fsync, rename).
+/// Writes `data` to `path` atomically and durably with mode 0600:
+/// [`stead_host::write_atomic`] with its error as a [`DriverError`].
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), DriverError> {
-    let dir = path
-        .parent()
-        .ok_or_else(|| DriverError::Other(format!("{} has no parent", path.display())))?;
-    let fname = path
-        .file_name()
-        .map(|f| f.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{fname}.tmp"));
-    remove_file_if_exists(&tmp)?;
-    let f = create_new(&tmp)?;
-    f.write_all_at(data, 0)
-        .map_err(|e| DriverError::io(format!("write {}", tmp.display()), e))?;
-    f.sync_all()
-        .map_err(|e| DriverError::io(format!("fsync {}", tmp.display()), e))?;
-    fs::rename(&tmp, path).map_err(|e| {
-        DriverError::io(format!("rename {} -> {}", tmp.display(), path.display()), e)
-    })?;
-    fsync_dir(dir)
+    stead_host::write_atomic(path, data).map_err(host_err)
 }
-
-// FICLONE = _IOW(0x94, 9, int)
-nix::ioctl_write_int_bad!(
-    ficlone,
-    nix::request_code_write!(0x94, 9, size_of::<libc::c_int>())
-);
 
 /// Clones `src` into `dst` (whole file) with the FICLONE ioctl. `Ok(false)` when the file
 /// system (or the pair of file systems) does not support reflinks.
 pub fn try_reflink(src: &File, dst: &File) -> Result<bool, DriverError> {
-    // SAFETY: both fds are open for the duration of the call; FICLONE takes the source
-    // fd as its integer argument and touches no user memory.
-    match unsafe { ficlone(dst.as_raw_fd(), src.as_raw_fd()) } {
-        Ok(_) => Ok(true),
-        Err(Errno::EOPNOTSUPP | Errno::EXDEV | Errno::EINVAL | Errno::ENOTTY | Errno::ENOSYS) => {
-            Ok(false)
-        }
-        Err(e) => Err(nix_err("FICLONE", e)),
+    use rustix::io::Errno as E;
+    match rustix::fs::ioctl_ficlone(dst, src) {
+        Ok(()) => Ok(true),
+        Err(E::OPNOTSUPP | E::XDEV | E::INVAL | E::NOTTY | E::NOSYS) => Ok(false),
+        Err(e) => Err(DriverError::io("FICLONE", e.into())),
     }
 }
 

@@ -20,7 +20,6 @@ use super::{btrfs, lvm, zfs};
 /// Name of the ownership marker file at the root of a pool.
 pub const MARKER_FILE: &str = ".stead-pool";
 /// Temp name used while the marker is written atomically.
-const MARKER_TMP: &str = "..stead-pool.tmp";
 /// Directories stead creates inside a pool.
 const LAYOUT_DIRS: [&str; 6] = [
     "images",
@@ -96,17 +95,32 @@ pub(crate) fn read_marker(path: &Path) -> Result<Option<Marker>, String> {
         .map_err(|e| format!("{} is not a stead pool marker: {e}", p.display()))
 }
 
-/// Whether a directory has no entries other than an interrupted marker write.
+/// Whether a directory has no entries other than temp files of interrupted marker writes.
 fn is_empty_dir(path: &Path) -> Result<bool, DriverError> {
     let rd =
         fs::read_dir(path).map_err(|e| DriverError::io(format!("read {}", path.display()), e))?;
     for e in rd {
         let e = e.map_err(|e| DriverError::io(format!("read {}", path.display()), e))?;
-        if e.file_name() != MARKER_TMP {
+        if !stead_host::is_atomic_temp_name(&e.file_name()) {
             return Ok(false);
         }
     }
     Ok(true)
+}
+
+/// Removes the temp files of interrupted marker writes from the pool root `path`
+/// (regular files named by [`stead_host::is_atomic_temp_name`] only).
+fn remove_atomic_temps(path: &Path) -> Result<(), DriverError> {
+    let rd =
+        fs::read_dir(path).map_err(|e| DriverError::io(format!("read {}", path.display()), e))?;
+    for e in rd {
+        let e = e.map_err(|e| DriverError::io(format!("read {}", path.display()), e))?;
+        let is_file = e.file_type().is_ok_and(|t| t.is_file());
+        if is_file && stead_host::is_atomic_temp_name(&e.file_name()) {
+            fsutil::remove_file_if_exists(&e.path())?;
+        }
+    }
+    Ok(())
 }
 
 /// Checks that the pool at `path` exists and carries this pool's marker.
@@ -350,7 +364,7 @@ impl PoolDriver {
         if read_marker(path).ok().flatten().as_ref() != Some(&marker) {
             fsutil::write_atomic(&path.join(MARKER_FILE), &text)?;
         }
-        fsutil::remove_file_if_exists(&path.join(MARKER_TMP))?;
+        remove_atomic_temps(path)?;
         for c in &marker.content {
             fsutil::ensure_dir(path, &[content_dir(*c)])?;
         }
@@ -380,7 +394,7 @@ impl PoolDriver {
             }
             Ok(None) => {
                 if is_empty_dir(path)? && !nfs_mounted {
-                    fsutil::remove_file_if_exists(&path.join(MARKER_TMP))?;
+                    remove_atomic_temps(path)?;
                     remove_dir_if_exists(path)?;
                     return Ok(());
                 }
@@ -395,7 +409,7 @@ impl PoolDriver {
                 remove_empty_tree(&path.join(d))?;
             }
             fsutil::remove_file_if_exists(&path.join(MARKER_FILE))?;
-            fsutil::remove_file_if_exists(&path.join(MARKER_TMP))?;
+            remove_atomic_temps(path)?;
         } else {
             warn!(
                 pool = name,
@@ -470,7 +484,7 @@ fn retained_entries(path: &Path) -> Result<Vec<String>, DriverError> {
     {
         let e = e.map_err(|e| DriverError::io(format!("read {}", path.display()), e))?;
         let n = e.file_name().to_string_lossy().into_owned();
-        if n == MARKER_FILE || n == MARKER_TMP {
+        if n == MARKER_FILE || stead_host::is_atomic_temp_name(&e.file_name()) {
             continue;
         }
         if LAYOUT_DIRS.contains(&n.as_str()) && only_empty_dirs(&e.path())? {

@@ -35,13 +35,34 @@ pub fn write_demo_guest(path: &Path) -> Result<(), DriverError> {
         std::fs::create_dir_all(dir)
             .map_err(|e| DriverError::io(format!("create {}", dir.display()), e))?;
     }
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, stead_vmm::TINY_GUEST_BYTES)
-        .and_then(|()| std::fs::rename(&tmp, path))
-        .map_err(|e| DriverError::io(format!("write {}", path.display()), e))
+    // 0644: a guest image is no secret, and the VMM reads it after dropping privileges.
+    stead_host::write_atomic_mode(path, stead_vmm::TINY_GUEST_BYTES, 0o644)
+        .map_err(crate::storage::fsutil::host_err)
 }
 
 /// Size of the embedded demo guest in bytes.
 pub fn demo_guest_len() -> usize {
     stead_vmm::TINY_GUEST_BYTES.len()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::MetadataExt;
+
+    use super::*;
+
+    #[test]
+    fn demo_guest_is_written_whole_and_readable_whatever_sits_at_its_old_temp_name() {
+        // The old fixed temp name (`guest.tmp` for `guest.bin`) was shared by every file
+        // with the same stem; a directory there made the write fail.
+        let t = tempfile::tempdir().expect("tmp");
+        std::fs::create_dir(t.path().join("guest.tmp")).expect("mkdir");
+        let p = t.path().join("guest.bin");
+        write_demo_guest(&p).expect("write");
+        assert_eq!(
+            std::fs::read(&p).expect("read"),
+            stead_vmm::TINY_GUEST_BYTES
+        );
+        assert_eq!(std::fs::metadata(&p).expect("stat").mode() & 0o777, 0o644);
+    }
 }

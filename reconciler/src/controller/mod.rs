@@ -879,7 +879,8 @@ impl Engine {
 }
 
 /// Holds `<state-dir>/controller.lock` for the controller's lifetime.
-fn controller_lock(state_dir: &Path) -> Result<nix::fcntl::Flock<File>, ControllerError> {
+/// The guard is the open file: the `flock` is released when it is closed.
+fn controller_lock(state_dir: &Path) -> Result<File, ControllerError> {
     crate::state::ensure_state_dir(state_dir)?;
     let path = state_dir.join("controller.lock");
     let f = File::options()
@@ -888,8 +889,13 @@ fn controller_lock(state_dir: &Path) -> Result<nix::fcntl::Flock<File>, Controll
         .write(true)
         .open(&path)
         .map_err(|e| ControllerError::io(format!("open {}", path.display()), e))?;
-    nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock)
-        .map_err(|_| ControllerError::AlreadyRunning(path))
+    match f.try_lock() {
+        Ok(()) => Ok(f),
+        Err(std::fs::TryLockError::WouldBlock) => Err(ControllerError::AlreadyRunning(path)),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(ControllerError::io(format!("lock {}", path.display()), e))
+        }
+    }
 }
 
 /// Runs the controller until SIGTERM/SIGINT, on a private current-thread runtime.
@@ -1303,6 +1309,18 @@ async fn housekeeping_task(shared: Arc<Shared>, env: HostEnv, every: Duration) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_second_controller_is_refused_until_the_first_lock_is_closed() {
+        let t = tempfile::tempdir().expect("tmp");
+        let first = controller_lock(t.path()).expect("first");
+        assert!(matches!(
+            controller_lock(t.path()),
+            Err(ControllerError::AlreadyRunning(_))
+        ));
+        drop(first);
+        assert!(controller_lock(t.path()).is_ok());
+    }
     use serde_json::json;
     use stead_schema::{Kind, Observed};
 

@@ -328,21 +328,32 @@ impl GitSource {
                 ControllerError::Git(format!("{sub:?} is not a directory at {rev}"))
             })?;
         }
-        let tmp = self.root.join(format!("{rev}.tmp"));
-        let _ = std::fs::remove_dir_all(&tmp);
-        std::fs::create_dir_all(&tmp)
-            .map_err(|e| ControllerError::io(format!("create {}", tmp.display()), e))?;
+        let tmp = tempfile::Builder::new()
+            .prefix(&format!(".{rev}."))
+            .suffix(".tmp")
+            .tempdir_in(&self.root)
+            .map_err(|e| {
+                ControllerError::io(format!("create temp dir in {}", self.root.display()), e)
+            })?
+            .keep();
         let result = write_tree(&repo, &tree, &tmp).and_then(|()| {
             std::fs::write(tmp.join(".stead-complete"), rev)
                 .map_err(|e| ControllerError::io("write checkout marker".into(), e))
         });
         if let Err(e) = result {
-            let _ = std::fs::remove_dir_all(&tmp);
+            let _ = remove_tree(&tmp);
             return Err(e);
         }
-        let _ = std::fs::remove_dir_all(&dest);
-        std::fs::rename(&tmp, &dest)
-            .map_err(|e| ControllerError::io(format!("rename to {}", dest.display()), e))?;
+        let renamed = remove_tree(&dest).and_then(|()| {
+            std::fs::rename(&tmp, &dest)
+                .map_err(|e| ControllerError::io(format!("rename to {}", dest.display()), e))
+        });
+        if let Err(e) = renamed {
+            let _ = remove_tree(&tmp);
+            return Err(e);
+        }
+        stead_host::fs::fsync_dir(&self.root)
+            .map_err(|e| ControllerError::io(e.to_string(), e.source))?;
         debug!(revision = rev, dir = %dest.display(), "checked out");
         Ok(dest)
     }
@@ -357,9 +368,8 @@ impl GitSource {
             if name == "mirror.git" || keep.iter().any(|k| *k == name) {
                 continue;
             }
-            let base = name.trim_end_matches(".tmp");
-            if base.len() >= 40 && base.chars().all(|c| c.is_ascii_hexdigit()) {
-                match std::fs::remove_dir_all(e.path()) {
+            if checkout_rev_of(&name).is_some() {
+                match remove_tree(&e.path()) {
                     Ok(()) => debug!(dir = %e.path().display(), "removed old checkout"),
                     Err(err) => {
                         warn!(dir = %e.path().display(), error = %err, "cannot remove old checkout")
@@ -385,6 +395,29 @@ impl GitSource {
 /// Writes `tree` below `dir`: directories and regular files only (symlinks and
 /// submodules are not materialised). Every entry name is checked first, so a tree with
 /// one bad name is refused as a whole, naming the entry.
+/// The revision a checkout directory (`<rev>`) or an interrupted checkout's temp
+/// directory (`.<rev>.XXXXXX.tmp`) in the source dir belongs to; `None` for other names.
+fn checkout_rev_of(name: &str) -> Option<&str> {
+    let rev = match name.strip_prefix('.') {
+        Some(rest) => rest.strip_suffix(".tmp")?.split('.').next()?,
+        None => name,
+    };
+    (rev.len() >= 40 && rev.chars().all(|c| c.is_ascii_hexdigit())).then_some(rev)
+}
+
+/// Removes a checkout tree stead made (never following a symlink, never crossing a
+/// mount); absent is success.
+fn remove_tree(path: &Path) -> Result<(), ControllerError> {
+    stead_host::remove_tree_beneath(path)
+        .map(|_| ())
+        .map_err(|e| {
+            ControllerError::io(
+                format!("remove {}", path.display()),
+                std::io::Error::other(e),
+            )
+        })
+}
+
 fn write_tree(
     repo: &git2::Repository,
     tree: &git2::Tree<'_>,
@@ -479,8 +512,12 @@ pub fn check_entry_name(name: &[u8]) -> Result<&str, &'static str> {
 /// Verifies a detached signature `sig` over `data` with the keys in `keyring`. Returns
 /// who signed.
 pub fn verify_signature(sig: &str, data: &[u8], keyring: &Path) -> Result<String, String> {
-    let dir = tempfile_dir().map_err(|e| format!("temp dir: {e}"))?;
-    let sig_path = dir.0.join("commit.sig");
+    // A private (0700) temp dir, removed on drop.
+    let dir = tempfile::Builder::new()
+        .prefix("stead-verify-")
+        .tempdir()
+        .map_err(|e| format!("temp dir: {e}"))?;
+    let sig_path = dir.path().join("commit.sig");
     std::fs::write(&sig_path, sig).map_err(|e| e.to_string())?;
     if sig.starts_with("-----BEGIN SSH SIGNATURE-----") {
         // Find who may have made it, then verify as that principal (what git does).
@@ -519,7 +556,7 @@ pub fn verify_signature(sig: &str, data: &[u8], keyring: &Path) -> Result<String
             ))
         }
     } else if sig.starts_with("-----BEGIN PGP SIGNATURE-----") {
-        let data_path = dir.0.join("commit.data");
+        let data_path = dir.path().join("commit.data");
         std::fs::write(&data_path, data).map_err(|e| e.to_string())?;
         let out = Command::new("gpgv")
             .arg("--keyring")
@@ -540,33 +577,6 @@ pub fn verify_signature(sig: &str, data: &[u8], keyring: &Path) -> Result<String
     } else {
         Err("unknown signature format (expected SSH or OpenPGP)".into())
     }
-}
-
-/// A private temp dir removed on drop.
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn tempfile_dir() -> std::io::Result<TempDir> {
-    use std::os::unix::fs::DirBuilderExt;
-    let base = std::env::temp_dir();
-    for i in 0..100u32 {
-        let p = base.join(format!(
-            "stead-verify-{}-{}-{i}",
-            std::process::id(),
-            super::jitter_seed()
-        ));
-        match std::fs::DirBuilder::new().mode(0o700).create(&p) {
-            Ok(()) => return Ok(TempDir(p)),
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-            Err(e) => return Err(e),
-        }
-    }
-    Err(std::io::Error::other("no free temp dir name"))
 }
 
 /// The first 12 characters of a revision.
@@ -616,6 +626,17 @@ mod tests {
             url: url.into(),
             branch: branch.map(Into::into),
             subdir: subdir.map(Into::into),
+        }
+    }
+
+    #[test]
+    fn checkout_dirs_and_their_temp_dirs_are_recognised() {
+        let rev = "0123456789abcdef0123456789abcdef01234567";
+        assert_eq!(checkout_rev_of(rev), Some(rev));
+        assert_eq!(checkout_rev_of(&format!(".{rev}.Ab12Cd.tmp")), Some(rev));
+        assert_eq!(checkout_rev_of(&format!("{rev}.tmp")), None);
+        for other in ["mirror.git", ".stead-complete", ".abc.x.tmp", "0123"] {
+            assert_eq!(checkout_rev_of(other), None, "{other}");
         }
     }
 
