@@ -321,10 +321,12 @@ pub mod hold {
             // Another live process holding the lock blocks, retryably.
             let p = path(run, "Container", "web");
             fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
-            // The shell takes the lock on fd 9 and becomes `sleep`, which keeps it.
+            // The shell locks a temp file on fd 9, renames it into place (the lock goes
+            // with the inode, so `check` never sees the hold unlocked and removes it, as
+            // it would a stale one) and becomes `sleep`, which keeps the lock.
             let mut child = std::process::Command::new("sh")
                 .arg("-c")
-                .arg(r#"exec 9>>"$0" && flock -x 9 && exec sleep 30"#)
+                .arg(r#"exec 9>>"$0.tmp" && flock -x 9 && mv "$0.tmp" "$0" && exec sleep 30"#)
                 .arg(&p)
                 .spawn()
                 .expect("sh");

@@ -21,13 +21,15 @@ impl OtherBackup {
         let me = OtherBackup(
             Command::new("sh")
                 .arg("-c")
-                .arg(r#"exec 9>>"$0" && flock -x 9 && echo $$ > "$0" && exec sleep 30"#)
+                // Lock a temp file, then rename it into place: the hold is never seen unlocked.
+                .arg(r#"exec 9>>"$0.tmp" && flock -x 9 && echo $$ > "$0.tmp" && mv "$0.tmp" "$0" && exec sleep 30"#)
                 .arg(&p)
                 .spawn()
                 .expect("sh"),
         );
-        // Wait until the lock is taken (a shared lock from here is refused).
-        for _ in 0..250 {
+        // Wait until the lock is taken (a shared lock from here is refused); up to 30 s
+        // on a loaded machine.
+        for _ in 0..1500 {
             let free = Command::new("flock")
                 .args(["-n", "-s"])
                 .arg(&p)
