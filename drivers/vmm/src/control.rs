@@ -204,6 +204,8 @@ pub struct LineTooLong;
 #[derive(Debug, Default)]
 pub struct LineBuffer {
     buf: Vec<u8>,
+    /// How much of `buf` is known to hold no newline (so each byte is scanned once).
+    scanned: usize,
 }
 
 impl LineBuffer {
@@ -216,11 +218,24 @@ impl LineBuffer {
     /// A line longer than [`MAX_REQUEST_LINE`] is an error whether or not its newline
     /// has arrived yet.
     pub fn next_line(&mut self) -> Result<Option<Vec<u8>>, LineTooLong> {
-        match self.buf.iter().position(|b| *b == b'\n') {
+        let from = self.scanned;
+        let newline = self
+            .buf
+            .get(from..)
+            .unwrap_or_default()
+            .iter()
+            .position(|b| *b == b'\n');
+        match newline.map(|i| i + from) {
             Some(i) if i > MAX_REQUEST_LINE => Err(LineTooLong),
-            Some(i) => Ok(Some(self.buf.drain(..=i).collect())),
+            Some(i) => {
+                self.scanned = 0;
+                Ok(Some(self.buf.drain(..=i).collect()))
+            }
             None if self.buf.len() > MAX_REQUEST_LINE => Err(LineTooLong),
-            None => Ok(None),
+            None => {
+                self.scanned = self.buf.len();
+                Ok(None)
+            }
         }
     }
 }
