@@ -3,42 +3,9 @@
 //! panic, or a hang.
 #![no_main]
 
-use std::fs;
-use std::path::Path;
+#[path = "harness/restore.rs"]
+mod harness;
 
-use libfuzzer_sys::fuzz_target;
-use stead_drivers::backup::store::BackupStore;
-
-const ID: &str = "Volume/x/2025-01-01T00:00:00Z";
-
-fn entries_below(dir: &Path) -> usize {
-    fs::read_dir(dir).map(|d| d.count()).unwrap_or(0)
-}
-
-fuzz_target!(|data: &[u8]| {
-    let Ok(tmp) = tempfile::tempdir() else {
-        return;
-    };
-    let pool = tmp.path().join("pool");
-    let manifest_dir = pool.join("backups/Volume/x");
-    let outside = tmp.path().join("outside");
-    let to = tmp.path().join("restore");
-    if fs::create_dir_all(&manifest_dir).is_err()
-        || fs::create_dir_all(&outside).is_err()
-        || fs::create_dir_all(&to).is_err()
-    {
-        return;
-    }
-    if fs::write(manifest_dir.join("2025-01-01T00:00:00Z.json"), data).is_err() {
-        return;
-    }
-    let store = BackupStore::for_pool(&pool);
-    let _ = store.verify(ID);
-    let _ = store.restore(ID, &to, None);
-    // Whatever the manifest says, nothing may appear beside the restore target.
-    assert_eq!(entries_below(&outside), 0, "restore wrote into a sibling directory");
-    let top: Vec<_> = fs::read_dir(tmp.path())
-        .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name()).collect())
-        .unwrap_or_default();
-    assert!(top.len() <= 3, "restore created {top:?} beside its target");
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    harness::run(data);
 });

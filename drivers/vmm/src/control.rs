@@ -191,8 +191,53 @@ pub fn handle_command(h: &VmHandle, line: &str) -> String {
 /// One connected control client of [`serve_control`].
 struct Client {
     stream: UnixStream,
-    buf: Vec<u8>,
+    lines: LineBuffer,
     last: Instant,
+}
+
+/// A request line longer than [`MAX_REQUEST_LINE`] bytes (newline excluded).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LineTooLong;
+
+/// Splits the bytes a control client sends into request lines of at most
+/// [`MAX_REQUEST_LINE`] bytes, however the stream is cut into reads.
+#[derive(Debug, Default)]
+pub struct LineBuffer {
+    buf: Vec<u8>,
+    /// How much of `buf` is known to hold no newline (so each byte is scanned once).
+    scanned: usize,
+}
+
+impl LineBuffer {
+    /// Appends bytes read from the client.
+    pub fn push(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// Takes the next complete line (with its newline); `None` until one is complete.
+    /// A line longer than [`MAX_REQUEST_LINE`] is an error whether or not its newline
+    /// has arrived yet.
+    pub fn next_line(&mut self) -> Result<Option<Vec<u8>>, LineTooLong> {
+        let from = self.scanned;
+        let newline = self
+            .buf
+            .get(from..)
+            .unwrap_or_default()
+            .iter()
+            .position(|b| *b == b'\n');
+        match newline.map(|i| i + from) {
+            Some(i) if i > MAX_REQUEST_LINE => Err(LineTooLong),
+            Some(i) => {
+                self.scanned = 0;
+                Ok(Some(self.buf.drain(..=i).collect()))
+            }
+            None if self.buf.len() > MAX_REQUEST_LINE => Err(LineTooLong),
+            None => {
+                self.scanned = self.buf.len();
+                Ok(None)
+            }
+        }
+    }
 }
 
 impl Client {
@@ -219,26 +264,36 @@ impl Client {
                 Err(_) => return false,
             };
             budget = budget.saturating_sub(n);
-            self.buf.extend_from_slice(&chunk[..n]);
-            while let Some(i) = self.buf.iter().position(|b| *b == b'\n') {
-                let line: Vec<u8> = self.buf.drain(..=i).collect();
-                // Idle = no complete request: a client trickling bytes is idle too.
-                self.last = Instant::now();
-                let reply = match std::str::from_utf8(&line) {
-                    Ok(text) => handle_command(h, text),
-                    Err(_) => Reply::Error("request is not UTF-8".into()).to_line(),
-                };
-                if !self.reply(&reply) {
-                    return false;
-                }
-            }
-            if self.buf.len() > MAX_REQUEST_LINE {
-                let e = format!("request line longer than {MAX_REQUEST_LINE} bytes");
-                self.reply(&Reply::Error(e).to_line());
+            self.lines.push(&chunk[..n]);
+            if !self.answer_lines(h) {
                 return false;
             }
         }
         true
+    }
+
+    /// Answers every complete buffered line; false when the connection is to be closed.
+    fn answer_lines(&mut self, h: &VmHandle) -> bool {
+        loop {
+            let line = match self.lines.next_line() {
+                Ok(Some(line)) => line,
+                Ok(None) => return true,
+                Err(LineTooLong) => {
+                    let e = format!("request line longer than {MAX_REQUEST_LINE} bytes");
+                    self.reply(&Reply::Error(e).to_line());
+                    return false;
+                }
+            };
+            // Idle = no complete request: a client trickling bytes is idle too.
+            self.last = Instant::now();
+            let reply = match std::str::from_utf8(&line) {
+                Ok(text) => handle_command(h, text),
+                Err(_) => Reply::Error("request is not UTF-8".into()).to_line(),
+            };
+            if !self.reply(&reply) {
+                return false;
+            }
+        }
     }
 }
 
@@ -259,7 +314,7 @@ fn accept_clients(listener: &UnixListener, clients: &mut Vec<Client>) -> Result<
         }
         let mut c = Client {
             stream,
-            buf: Vec::new(),
+            lines: LineBuffer::default(),
             last: Instant::now(),
         };
         if clients.len() >= MAX_CLIENTS {
@@ -672,6 +727,34 @@ mod tests {
         assert!(matches!(read_reply_line(&mut r), Err(VmmError::Control(_))));
         let mut r = std::io::Cursor::new(Vec::new());
         assert!(matches!(read_reply_line(&mut r), Err(VmmError::Control(_))));
+    }
+
+    #[test]
+    fn request_lines_over_the_cap_are_refused_however_they_are_cut() {
+        let mut b = LineBuffer::default();
+        b.push(b"status\npause\nres");
+        assert_eq!(b.next_line(), Ok(Some(b"status\n".to_vec())));
+        assert_eq!(b.next_line(), Ok(Some(b"pause\n".to_vec())));
+        assert_eq!(b.next_line(), Ok(None));
+        // Exactly the cap (newline excluded) is a line.
+        let mut b = LineBuffer::default();
+        b.push(&vec![b'a'; MAX_REQUEST_LINE]);
+        assert_eq!(b.next_line(), Ok(None));
+        b.push(b"\n");
+        assert_eq!(
+            b.next_line().map(|l| l.map(|l| l.len())),
+            Ok(Some(MAX_REQUEST_LINE + 1))
+        );
+        // The cap in one read, the rest and the newline in the next: still too long.
+        let mut b = LineBuffer::default();
+        b.push(&vec![b'a'; MAX_REQUEST_LINE]);
+        assert_eq!(b.next_line(), Ok(None));
+        b.push(b"aaaa\n");
+        assert_eq!(b.next_line(), Err(LineTooLong));
+        // Without a newline: refused as soon as the cap is passed.
+        let mut b = LineBuffer::default();
+        b.push(&vec![b'a'; MAX_REQUEST_LINE + 1]);
+        assert_eq!(b.next_line(), Err(LineTooLong));
     }
 
     #[test]

@@ -701,6 +701,50 @@ impl Worker {
 }
 
 /// Hostile guests against a guest-memory model: no KVM, a 1 MiB `GuestMemoryMmap`.
+/// Entry points for the fuzz targets in `fuzz/` (not a stable API): a virtio-blk device
+/// behind its MMIO transport, driven the way the device thread drives it on a notify.
+#[doc(hidden)]
+pub mod fuzzing {
+    use std::path::Path;
+
+    use vm_memory::GuestMemoryMmap;
+    use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+
+    use super::{Blk, DeviceKind, MmioTransport};
+    use crate::{DiskConfig, VmmError};
+
+    /// A virtio-blk device on a raw file, as a guest sees it through MMIO.
+    pub struct BlkDevice(MmioTransport);
+
+    impl BlkDevice {
+        /// Opens the raw image `disk` as a virtio-blk device.
+        pub fn open(disk: &Path, read_only: bool) -> Result<BlkDevice, VmmError> {
+            let blk = Blk::open(&DiskConfig {
+                path: disk.to_path_buf(),
+                read_only,
+            })?;
+            let irq = EventFd::new(EFD_NONBLOCK).map_err(VmmError::io("eventfd"))?;
+            MmioTransport::new(DeviceKind::Blk(blk), irq).map(BlkDevice)
+        }
+
+        /// A guest write of `data` to the MMIO register at offset `off`.
+        pub fn write_reg(&mut self, off: u64, data: &[u8]) {
+            self.0.write(off, data);
+        }
+
+        /// A guest read of the MMIO register at offset `off` into `data`.
+        pub fn read_reg(&mut self, off: u64, data: &mut [u8]) {
+            self.0.read(off, data);
+        }
+
+        /// What a guest notify of queue `qi` makes the device thread do: serve the queue
+        /// against guest memory `mem`.
+        pub fn notify(&mut self, qi: usize, mem: &GuestMemoryMmap) -> Result<(), VmmError> {
+            self.0.process(qi, mem).map(|_| ())
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
