@@ -277,6 +277,12 @@ impl ContainerDriver {
                 timeout,
             ) {
                 Ok(_) | Err(DriverError::NotReady(_)) => {}
+                // A supervisor that is exiting on its own (its init ended under
+                // `restartPolicy: never`) can drop the connection before it answers: wait
+                // for its lock below, which fails if it does not go.
+                Err(e) if supervisor_went_away(&e) => {
+                    tracing::debug!(container = name, error = %e, "supervisor went away during stop");
+                }
                 Err(e) => return Err(e),
             }
             let t = Instant::now();
@@ -371,6 +377,23 @@ impl ContainerDriver {
             status,
             health,
         })
+    }
+}
+
+/// Whether a control request failed because the supervisor closed or reset the
+/// connection (or its socket is gone): it is exiting, not refusing.
+fn supervisor_went_away(e: &DriverError) -> bool {
+    match e {
+        DriverError::Io { source, .. } => matches!(
+            source.kind(),
+            std::io::ErrorKind::ConnectionReset
+                | std::io::ErrorKind::ConnectionRefused
+                | std::io::ErrorKind::BrokenPipe
+                | std::io::ErrorKind::NotFound
+                | std::io::ErrorKind::UnexpectedEof
+        ),
+        DriverError::Other(m) => m == "supervisor closed the connection",
+        _ => false,
     }
 }
 
@@ -582,6 +605,24 @@ impl Driver for ContainerDriver {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_dropped_connection_during_stop_means_the_supervisor_is_exiting() {
+        let io = |k| DriverError::io("read reply", std::io::Error::from(k));
+        assert!(supervisor_went_away(&io(
+            std::io::ErrorKind::ConnectionReset
+        )));
+        assert!(supervisor_went_away(&io(std::io::ErrorKind::NotFound)));
+        assert!(supervisor_went_away(&DriverError::Other(
+            "supervisor closed the connection".into()
+        )));
+        assert!(!supervisor_went_away(&io(
+            std::io::ErrorKind::PermissionDenied
+        )));
+        assert!(!supervisor_went_away(&DriverError::Other(
+            "stop refused".into()
+        )));
+    }
 
     #[test]
     fn impacts() {
