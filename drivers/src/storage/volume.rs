@@ -39,9 +39,16 @@ pub(crate) fn is_volume_tmp_name(file_name: &str) -> bool {
         .is_some_and(|v| check_component("volume name", v).is_ok())
 }
 
+/// Serialises, within this process, a sweep with the creation + locking of a temp file:
+/// between `create_new` and `lock` a parallel worker's sweep would see the new temp file
+/// unlocked and remove it (seen in the SIGKILL-matrix test). Other processes can still hit
+/// that window; they would need another state dir applying to the same pool at once.
+static TMP_GUARD: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Creates the temp file of a volume being built, locked (flock) for as long as it is
 /// open, so that [`sweep_stale_temps`] leaves it alone.
 pub(crate) fn create_locked_tmp(tmp: &Path) -> Result<File, DriverError> {
+    let _g = TMP_GUARD.lock().unwrap_or_else(|p| p.into_inner());
     let f = fsutil::create_new(tmp)?;
     f.lock()
         .map_err(|e| DriverError::io(format!("lock {}", tmp.display()), e))?;
@@ -54,6 +61,7 @@ pub(crate) fn create_locked_tmp(tmp: &Path) -> Result<File, DriverError> {
 /// A temp file whose builder still holds its lock is in use and kept. Returns how many
 /// were removed.
 pub(crate) fn sweep_stale_temps(images: &Path) -> Result<usize, DriverError> {
+    let _g = TMP_GUARD.lock().unwrap_or_else(|p| p.into_inner());
     let rd = fs::read_dir(images)
         .map_err(|e| DriverError::io(format!("read {}", images.display()), e))?;
     let mut removed = 0;
@@ -866,6 +874,40 @@ impl Driver for VolumeDriver {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_sweep_never_removes_a_temp_file_being_created_in_parallel() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let images = d.path().to_path_buf();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let sweeper = {
+            let (images, stop) = (images.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    sweep_stale_temps(&images).expect("sweep");
+                }
+            })
+        };
+        let builders: Vec<_> = (0..3)
+            .map(|k| {
+                let images = images.clone();
+                std::thread::spawn(move || {
+                    for i in 0..300 {
+                        let tmp = images.join(format!(".v{k}x{i}.raw.tmp"));
+                        let f = create_locked_tmp(&tmp).expect("create");
+                        assert!(tmp.exists(), "{} swept while being built", tmp.display());
+                        drop(f);
+                        let _ = fs::remove_file(&tmp);
+                    }
+                })
+            })
+            .collect();
+        for b in builders {
+            b.join().expect("builder");
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        sweeper.join().expect("sweeper");
+    }
 
     #[test]
     fn shrink_message_reads_well() {
