@@ -89,6 +89,10 @@ fn apply_killing(sb: &Sandbox, m: &str, sub: &str, pick: Pick, delay: Duration) 
     let t = Instant::now();
     let mut killed = Vec::new();
     while t.elapsed() < Duration::from_secs(60) {
+        // Whether apply had exited is read before the scan: on a loaded machine a scan of
+        // /proc can take longer than the rest of the apply, and a workload that appeared
+        // during the scan must still be found (it outlives the apply) before giving up.
+        let exited = child.try_wait().ok().flatten().is_some();
         if !pick(&sandbox_processes(sb, sub)).is_empty() {
             std::thread::sleep(delay);
             for pid in pick(&sandbox_processes(sb, sub)) {
@@ -97,7 +101,7 @@ fn apply_killing(sb: &Sandbox, m: &str, sub: &str, pick: Pick, delay: Duration) 
             }
             break;
         }
-        if child.try_wait().ok().flatten().is_some() {
+        if exited {
             break;
         }
         std::thread::sleep(Duration::from_millis(1));
