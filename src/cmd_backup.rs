@@ -16,8 +16,9 @@ use stead_drivers::backup::hooks::{BackupHooks, NoHooks, backup_target};
 use stead_drivers::backup::runner::{Job, Runner, SystemClock};
 use stead_drivers::backup::store::{BackupOptions, BackupStore, DEFAULT_ZSTD_LEVEL};
 use stead_drivers::backup::{retention, schedule, targets};
+use stead_reconciler::driver::{HostEnv, Lookup};
 use stead_schema::kinds::{BackupMode, Retention};
-use stead_schema::{HostEnv, Kind, Lookup, Resource, ResourceId, Spec};
+use stead_schema::{Kind, Resource, ResourceId, Spec};
 
 /// Output format.
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]

@@ -2,7 +2,8 @@
 //! console log. Dispatches on the kind; each workload kind plugs in one match arm.
 
 use anyhow::{Result, bail};
-use stead_schema::{HostEnv, Kind, ResourceId};
+use stead_reconciler::driver::HostEnv;
+use stead_schema::{Kind, ResourceId};
 
 /// Arguments of `stead console`.
 #[derive(clap::Args, Debug)]

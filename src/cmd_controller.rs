@@ -7,7 +7,8 @@ use anyhow::{Context, Result, bail};
 use stead_reconciler::Drivers;
 use stead_reconciler::controller::source::{GitAuth, SourceSpec};
 use stead_reconciler::controller::{Config, DriftMode};
-use stead_schema::{DurationSpec, HostEnv};
+use stead_reconciler::driver::HostEnv;
+use stead_schema::DurationSpec;
 
 /// What to do when the host drifts from the applied manifests.
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]

@@ -19,8 +19,9 @@ use clap::Subcommand;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use stead_reconciler::PlanOptions;
+use stead_reconciler::driver::HostEnv;
 use stead_reconciler::state::now_secs;
-use stead_schema::{DurationSpec, HostEnv, PoolType, Spec, StoragePoolSpec, VolumeSource};
+use stead_schema::{DurationSpec, PoolType, Spec, StoragePoolSpec, VolumeSource};
 
 use crate::{ApplyRequest, Global, PlanFormat};
 

@@ -9,7 +9,8 @@ use std::io::{BufRead, IsTerminal, Write};
 use anyhow::{Context, Result};
 use clap::{Subcommand, ValueEnum};
 use stead_drivers::workload_snapshots as ws;
-use stead_schema::{HostEnv, Resource, ResourceId};
+use stead_reconciler::driver::HostEnv;
+use stead_schema::{Resource, ResourceId};
 
 /// Output format of `stead snapshot list`.
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]

@@ -2,8 +2,9 @@
 
 use anyhow::{Result, bail};
 use serde_json::{Value, json};
+use stead_reconciler::driver::{Health, HostEnv};
 use stead_reconciler::{StateDb, observe_where};
-use stead_schema::{Desired, Health, HostEnv, Kind};
+use stead_schema::{Desired, Kind};
 
 use crate::GetFormat;
 

@@ -11,9 +11,10 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
+use stead_reconciler::driver::HostEnv;
 use stead_reconciler::render::{self, Style};
 use stead_reconciler::{ApplyLock, Drivers, ExecOptions, PlanOptions, StateDb, execute, plan_run};
-use stead_schema::{Desired, Diagnostic, HostEnv, Kind, ResourceId};
+use stead_schema::{Desired, Diagnostic, Kind, ResourceId};
 
 mod cmd_backup;
 mod cmd_console;

@@ -20,7 +20,7 @@ struct Cli {
 
 fn main() {
     let cli = Cli::parse();
-    let env = stead_schema::HostEnv {
+    let env = stead_reconciler::driver::HostEnv {
         state_dir: cli.state_dir.clone(),
         run_dir: std::path::PathBuf::from("/run/stead"),
         cgroup_parent: "stead".into(),

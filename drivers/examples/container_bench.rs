@@ -25,7 +25,8 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use stead_drivers::container::ContainerDriver;
 use stead_drivers::container::shim::{self, ShimArgs};
-use stead_schema::{Driver, HostEnv, Kind, Metadata, Origin, Resource, ResourceId, Spec};
+use stead_reconciler::driver::{Driver, HostEnv};
+use stead_schema::{Kind, Metadata, Origin, Resource, ResourceId, Spec};
 
 const LOOP: &str = "trap 'exit 0' TERM; while :; do sleep 1000 & wait; done";
 

@@ -11,7 +11,8 @@ use std::time::Instant;
 
 use serde_json::json;
 use stead_drivers::net::NetworkDriver;
-use stead_schema::{Driver, HostEnv, Kind, Metadata, Name, Resource, ResourceId, Spec};
+use stead_reconciler::driver::{Driver, HostEnv};
+use stead_schema::{Kind, Metadata, Name, Resource, ResourceId, Spec};
 
 struct Ns(String);
 

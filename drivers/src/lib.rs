@@ -1,5 +1,5 @@
 //! stead's host drivers, one module per domain. Each implements
-//! [`stead_schema::Driver`] for its kinds; [`registry`] builds them all for a host.
+//! [`stead_reconciler::driver::Driver`] for its kinds; [`registry`] builds them all for a host.
 
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
@@ -13,7 +13,8 @@ pub mod supervise;
 pub mod vm;
 pub mod workload_snapshots;
 
-use stead_schema::{Driver, DriverError, HostEnv, Kind};
+use stead_reconciler::driver::{Driver, DriverError, HostEnv};
+use stead_schema::Kind;
 
 /// Tuning of the drivers for one run.
 #[derive(Debug, Clone, Default)]

@@ -8,7 +8,7 @@ use nix::mount::{MntFlags, MsFlags, mount, umount2};
 use nix::sched::{CloneFlags, unshare};
 use rtnetlink::LinkUnspec;
 use rtnetlink::packet_route::RouteNetlinkMessage;
-use stead_schema::DriverError;
+use stead_reconciler::driver::DriverError;
 
 use crate::net::nl::Netlink;
 

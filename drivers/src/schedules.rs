@@ -7,10 +7,8 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use serde_json::{Value, json};
-use stead_schema::{
-    Driver, DriverError, Health, HostEnv, Impact, Kind, Lookup, Observed, Resource, ResourceId,
-    Spec,
-};
+use stead_reconciler::driver::{Driver, DriverError, Health, HostEnv, Impact, Lookup, Observed};
+use stead_schema::{Kind, Resource, ResourceId, Spec};
 
 /// Driver for `Kind::BackupSchedule`.
 pub struct ScheduleDriver {

@@ -98,10 +98,13 @@ pub fn observe_instances(
     targets: &[&stead_schema::Resource],
     mut one: impl FnMut(
         &stead_schema::Resource,
-    ) -> Result<stead_schema::Observed, stead_schema::DriverError>,
+    ) -> Result<
+        stead_reconciler::driver::Observed,
+        stead_reconciler::driver::DriverError,
+    >,
 ) -> Result<
-    std::collections::BTreeMap<stead_schema::ResourceId, stead_schema::Observed>,
-    stead_schema::DriverError,
+    std::collections::BTreeMap<stead_schema::ResourceId, stead_reconciler::driver::Observed>,
+    stead_reconciler::driver::DriverError,
 > {
     let present: std::collections::BTreeSet<String> = match std::fs::read_dir(dir) {
         Ok(rd) => rd
@@ -110,7 +113,7 @@ pub fn observe_instances(
             .collect(),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Default::default(),
         Err(e) => {
-            return Err(stead_schema::DriverError::io(
+            return Err(stead_reconciler::driver::DriverError::io(
                 format!("read {}", dir.display()),
                 e,
             ));
@@ -121,7 +124,7 @@ pub fn observe_instances(
         let o = if present.contains(&r.id.name) {
             one(r)?
         } else {
-            stead_schema::Observed::absent()
+            stead_reconciler::driver::Observed::absent()
         };
         out.insert(r.id.clone(), o);
     }
@@ -133,12 +136,12 @@ pub fn observe_instances(
 /// trims the log in place: when it shrank, copying starts over from its beginning.
 pub fn copy_log(
     path: &std::path::Path,
-    open: impl Fn() -> Result<File, stead_schema::DriverError>,
+    open: impl Fn() -> Result<File, stead_reconciler::driver::DriverError>,
     follow: bool,
     alive: impl Fn() -> bool,
     out: &mut dyn std::io::Write,
-) -> Result<(), stead_schema::DriverError> {
-    use stead_schema::DriverError;
+) -> Result<(), stead_reconciler::driver::DriverError> {
+    use stead_reconciler::driver::DriverError;
     let mut f = open()?;
     let mut pos = 0u64;
     let mut buf = vec![0u8; 65536];
@@ -169,12 +172,12 @@ pub fn copy_log(
 
 /// The impact of a change at JSON pointer `path` of a supervised workload: `hot` when its
 /// top-level field is one of `hot` (applied to the running instance), else `restart`.
-pub fn hot_or_restart(path: &str, hot: &[&str]) -> stead_schema::Impact {
+pub fn hot_or_restart(path: &str, hot: &[&str]) -> stead_reconciler::driver::Impact {
     let top = path.trim_start_matches('/').split('/').next().unwrap_or("");
     if hot.contains(&top) {
-        stead_schema::Impact::Hot
+        stead_reconciler::driver::Impact::Hot
     } else {
-        stead_schema::Impact::Restart
+        stead_reconciler::driver::Impact::Restart
     }
 }
 
@@ -191,7 +194,7 @@ pub mod hold {
     use std::path::{Path, PathBuf};
     use std::time::Duration;
 
-    use stead_schema::DriverError;
+    use stead_reconciler::driver::DriverError;
 
     fn path(run_dir: &Path, kind: &str, name: &str) -> PathBuf {
         run_dir.join("holds").join(format!("{kind}-{name}"))

@@ -22,7 +22,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use serde::Serialize;
-use stead_schema::{DriverError, HostEnv, Lookup, Resource, ResourceId, Spec};
+use stead_reconciler::driver::{DriverError, HostEnv, Lookup};
+use stead_schema::{Resource, ResourceId, Spec};
 use tracing::info_span;
 
 use crate::backup::consistency::WorkloadHooks;

@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use stead_drivers::container::ContainerDriver;
 use stead_drivers::vm::VmDriver;
-use stead_schema::{Driver, HostEnv, Kind, Observed, Resource, ResourceId, Spec};
+use stead_reconciler::driver::{Driver, HostEnv, Observed};
+use stead_schema::{Kind, Resource, ResourceId, Spec};
 
 /// A child process that holds an exclusive flock on the hold file of `kind/name`, as a
 /// backup does while it has the workload paused, frozen or stopped.

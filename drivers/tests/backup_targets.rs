@@ -5,7 +5,8 @@ use std::fs;
 
 use stead_drivers::backup::store::{BackupOptions, BackupStore};
 use stead_drivers::backup::targets;
-use stead_schema::{HostEnv, Kind, ResourceId, Spec};
+use stead_reconciler::driver::HostEnv;
+use stead_schema::{Kind, ResourceId, Spec};
 
 #[test]
 fn schedule_selector_and_names_resolve_to_paths() {

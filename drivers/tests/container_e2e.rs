@@ -26,9 +26,8 @@ use serde_json::{Value, json};
 use stead_drivers::container::cgroup::Hierarchy;
 use stead_drivers::container::shim::{self, ShimArgs};
 use stead_drivers::container::{ContainerDriver, exec_with};
-use stead_schema::{
-    Driver, HostEnv, Kind, Lookup, Metadata, Observed, Origin, Resource, ResourceId, Spec,
-};
+use stead_reconciler::driver::{Driver, HostEnv, Lookup, Observed};
+use stead_schema::{Kind, Metadata, Origin, Resource, ResourceId, Spec};
 
 mod storage_util;
 
@@ -328,7 +327,7 @@ fn two_containers_on_a_bridge() {
     for r in [&a, &b] {
         let o = sb.observe(r);
         assert_eq!(o.state["state"], "running", "{:?}", o);
-        assert_eq!(o.health, stead_schema::Health::Ready);
+        assert_eq!(o.health, stead_reconciler::driver::Health::Ready);
         assert!(o.status["pid"].as_i64().is_some());
         assert_eq!(
             o.state,
@@ -489,11 +488,14 @@ fn restart_after_kill_and_shim_recovery() {
     )
     .expect("kill shim");
     wait_until("shim death seen", Duration::from_secs(5), || {
-        sb.observe(&c).health != stead_schema::Health::Ready
+        sb.observe(&c).health != stead_reconciler::driver::Health::Ready
     });
     let o = sb.observe(&c);
     assert_eq!(o.state["state"], "orphaned", "{o:?}");
-    assert!(matches!(o.health, stead_schema::Health::Degraded(_)));
+    assert!(matches!(
+        o.health,
+        stead_reconciler::driver::Health::Degraded(_)
+    ));
     assert_ne!(
         o.state,
         sb.driver.desired_state(&c, &sb.world),

@@ -10,7 +10,8 @@ use stead_drivers::net::attach::{
     TapSpec, VethPeer, VethSpec, delete_link, ensure_tap, ensure_veth, owned_links,
 };
 use stead_drivers::net::{NetnsRef, owner_alias};
-use stead_schema::{DriverError, Kind};
+use stead_reconciler::driver::DriverError;
+use stead_schema::Kind;
 
 fn bridge(ns: &Netns, name: &str, addr: &str) {
     ns.ip(&["link", "add", name, "type", "bridge"]);

@@ -7,7 +7,8 @@ mod net_util;
 use net_util::*;
 use serde_json::json;
 use stead_drivers::net::{BondDriver, NetworkDriver};
-use stead_schema::{DriverError, Kind};
+use stead_reconciler::driver::DriverError;
+use stead_schema::Kind;
 
 #[test]
 fn net_bond_active_backup_with_slaves() {

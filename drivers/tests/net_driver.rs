@@ -9,7 +9,8 @@ use net_util::*;
 use serde_json::json;
 use stead_drivers::net::attach::{VethPeer, VethSpec, ensure_veth};
 use stead_drivers::net::{NetworkDriver, STEAD_LINK_GROUP, owner_alias};
-use stead_schema::{Driver, DriverError, Kind};
+use stead_reconciler::driver::{Driver, DriverError};
+use stead_schema::Kind;
 
 fn stead_rules(ns: &Netns) -> Vec<serde_json::Value> {
     ns.ruleset()["nftables"]

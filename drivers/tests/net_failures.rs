@@ -10,7 +10,8 @@ mod net_util;
 use net_util::*;
 use serde_json::json;
 use stead_drivers::net::{NetworkDriver, owner_alias};
-use stead_schema::{Driver, Kind, Observed};
+use stead_reconciler::driver::{Driver, Observed};
+use stead_schema::Kind;
 
 /// Links of the namespace carrying a stead alias (`stead:…`).
 fn stead_links(ns: &Netns) -> Vec<String> {
@@ -226,7 +227,7 @@ fn net_forward_to_bad_address_refused_before_anything_is_made() {
         // A create (which the plan does not check) is refused before anything is made.
         let err = apply(&d, &r).expect_err(&format!("apply of a forward to {to}"));
         assert!(
-            matches!(err, stead_schema::DriverError::Refused(_)),
+            matches!(err, stead_reconciler::driver::DriverError::Refused(_)),
             "{err:?}"
         );
         assert!(link_names(&ns).is_empty(), "{:?}", link_names(&ns));

@@ -5,7 +5,8 @@
 mod storage_util;
 
 use stead_drivers::storage::{PoolDriver, VolumeDriver, lvm, zfs};
-use stead_schema::{Driver, DriverError, LvmSpec, NfsSpec, PoolType, Resource, Spec, ZfsSpec};
+use stead_reconciler::driver::{Driver, DriverError};
+use stead_schema::{LvmSpec, NfsSpec, PoolType, Resource, Spec, ZfsSpec};
 use storage_util::*;
 
 fn apply(d: &dyn Driver, r: &Resource, w: &World) -> Result<(), DriverError> {

@@ -7,10 +7,8 @@ use std::io::Write;
 use std::os::unix::fs::FileExt;
 
 use stead_drivers::storage::{self, PoolDriver, VolumeDriver};
-use stead_schema::{
-    DeletionPolicy, Driver, DriverError, FieldChange, Impact, Kind, Name, Observed, PoolType,
-    PruneAction, ResourceId,
-};
+use stead_reconciler::driver::{Driver, DriverError, FieldChange, Impact, Observed, PruneAction};
+use stead_schema::{DeletionPolicy, Kind, Name, PoolType, ResourceId};
 use storage_util::*;
 
 fn observe_one(d: &dyn Driver, r: &stead_schema::Resource, w: &World) -> Observed {

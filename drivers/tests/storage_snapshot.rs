@@ -7,7 +7,8 @@ use std::fs;
 use std::os::unix::fs::FileExt;
 
 use stead_drivers::storage::{self, PoolDriver, VolumeDriver};
-use stead_schema::{DeletionPolicy, Driver, DriverError, PoolType, Resource, Spec};
+use stead_reconciler::driver::{Driver, DriverError};
+use stead_schema::{DeletionPolicy, PoolType, Resource, Spec};
 use storage_util::*;
 
 fn apply(d: &dyn Driver, r: &Resource, w: &World) {

@@ -11,9 +11,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::driver::{Driver, DriverError, Observed};
 use serde::Serialize;
 use stead_schema::graph::edges;
-use stead_schema::{Desired, Driver, DriverError, Kind, Observed, Resource, ResourceId};
+use stead_schema::{Desired, Kind, Resource, ResourceId};
 use tracing::{info, info_span, warn};
 
 use crate::plan::{Action, Plan, World};

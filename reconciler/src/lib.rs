@@ -4,6 +4,7 @@
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
 pub mod controller;
+pub mod driver;
 pub mod exec;
 pub mod plan;
 pub mod render;
@@ -11,7 +12,8 @@ pub mod state;
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use stead_schema::{Desired, Driver, Kind, Observed, Resource, ResourceId};
+use crate::driver::{Driver, Observed};
+use stead_schema::{Desired, Kind, Resource, ResourceId};
 use tracing::info_span;
 
 pub use exec::{ExecOptions, Outcome, Report, StepResult, execute};

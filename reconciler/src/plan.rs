@@ -8,12 +8,11 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use crate::driver::{Driver, FieldChange, Impact, Lookup, Observed, PruneAction};
 use serde::Serialize;
 use serde_json::Value;
 use stead_schema::graph::{DepGraph, edges};
-use stead_schema::{
-    Desired, Driver, FieldChange, Impact, Kind, Lookup, Observed, PruneAction, Resource, ResourceId,
-};
+use stead_schema::{Desired, Kind, Resource, ResourceId};
 
 use crate::state::InventoryEntry;
 

@@ -96,7 +96,7 @@ pub fn plan_text(plan: &Plan, style: Style) -> String {
             if c.action == Action::Create {
                 let _ = writeln!(out, "      {}: {}", name, show_field(&f.path, &f.new));
             } else {
-                let label = if f.impact != stead_schema::Impact::Hot && c.fields.len() > 1 {
+                let label = if f.impact != crate::driver::Impact::Hot && c.fields.len() > 1 {
                     format!("  [{}]", f.impact.as_str())
                 } else {
                     String::new()

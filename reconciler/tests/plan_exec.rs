@@ -5,13 +5,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
 
 use serde_json::{Value, json};
+use stead_reconciler::driver::{
+    Driver, DriverError, FieldChange, Health, Impact, Lookup, Observed, PruneAction,
+};
 use stead_reconciler::{
     Action, Drivers, ExecOptions, Outcome, PlanOptions, StateDb, execute, plan_run,
 };
-use stead_schema::{
-    Desired, Driver, DriverError, FieldChange, Health, Impact, Kind, Lookup, Observed, PruneAction,
-    Resource, ResourceId, Spec,
-};
+use stead_schema::{Desired, Kind, Resource, ResourceId, Spec};
 
 /// A host that lives in a shared map: id -> (state, owned).
 #[derive(Default)]

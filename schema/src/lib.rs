@@ -1,10 +1,9 @@
 //! stead's manifest model: typed kinds, value types, span-preserving loading,
-//! validation that reports every error with its location, the dependency graph, the
-//! JSON Schema, and the driver contract shared by the reconciler and the drivers.
+//! validation that reports every error with its location, the dependency graph
+//! and the JSON Schema. No host I/O beyond reading manifest files.
 
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
-pub mod driver;
 pub mod files;
 pub mod graph;
 pub mod kinds;
@@ -15,9 +14,6 @@ pub mod toolnames;
 pub mod validate;
 pub mod values;
 
-pub use driver::{
-    Driver, DriverError, FieldChange, Health, HostEnv, Impact, Lookup, Observed, PruneAction,
-};
 pub use kinds::*;
 pub use load::Diagnostic;
 pub use resource::{API_VERSION, Desired, Kind, Metadata, Origin, Pos, Resource, ResourceId, Spec};

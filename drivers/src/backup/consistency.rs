@@ -32,8 +32,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
+use stead_reconciler::driver::{Driver, HostEnv, Observed};
 use stead_schema::kinds::BackupMode;
-use stead_schema::{Driver, HostEnv, Kind, Observed, Resource, ResourceId, Spec};
+use stead_schema::{Kind, Resource, ResourceId, Spec};
 use tracing::{info, info_span, warn};
 
 use super::BackupError;
@@ -51,7 +52,7 @@ const FREEZE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Marker in the name of consistency clones.
 const CLONE_MARK: &str = ".stead-backup-";
 
-fn err(e: stead_schema::DriverError) -> BackupError {
+fn err(e: stead_reconciler::driver::DriverError) -> BackupError {
     BackupError::Invalid(e.to_string())
 }
 

@@ -9,14 +9,15 @@
 
 use std::path::PathBuf;
 
+use stead_reconciler::driver::{HostEnv, Lookup};
 use stead_schema::kinds::BackupTargets;
-use stead_schema::{HostEnv, Kind, Lookup, Resource, ResourceId, Spec};
+use stead_schema::{Kind, Resource, ResourceId, Spec};
 
 use super::BackupError;
 use super::hooks::Target;
 use crate::storage;
 
-fn not_ready(e: stead_schema::DriverError) -> BackupError {
+fn not_ready(e: stead_reconciler::driver::DriverError) -> BackupError {
     BackupError::Invalid(e.to_string())
 }
 

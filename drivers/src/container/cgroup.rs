@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
-use stead_schema::DriverError;
+use stead_reconciler::driver::DriverError;
 
 /// v1 controllers stead uses. `freezer` makes kill-all atomic against forking processes.
 const V1_CONTROLLERS: [&str; 6] = ["cpu", "cpuacct", "memory", "pids", "freezer", "devices"];

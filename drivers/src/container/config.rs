@@ -12,7 +12,8 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use stead_schema::{Cidr, DriverError, MacAddr, RestartPolicy};
+use stead_reconciler::driver::DriverError;
+use stead_schema::{Cidr, MacAddr, RestartPolicy};
 
 use super::cgroup::Limits;
 

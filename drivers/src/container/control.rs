@@ -16,7 +16,8 @@ use std::time::Duration;
 
 use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
 use serde::{Deserialize, Serialize};
-use stead_schema::{DriverError, RestartPolicy};
+use stead_reconciler::driver::DriverError;
+use stead_schema::RestartPolicy;
 
 use super::cgroup::Limits;
 use super::config::{Paths, ShimState};

@@ -18,10 +18,10 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use stead_schema::{
-    ContainerSpec, DeletionPolicy, Driver, DriverError, FieldChange, Health, HostEnv, Impact, Kind,
-    Lookup, Observed, Resource, ResourceId, RunState, Spec,
+use stead_reconciler::driver::{
+    Driver, DriverError, FieldChange, Health, HostEnv, Impact, Lookup, Observed,
 };
+use stead_schema::{ContainerSpec, DeletionPolicy, Kind, Resource, ResourceId, RunState, Spec};
 
 use super::cgroup::{Cgroup, Hierarchy, Limits};
 use super::config::{

@@ -8,7 +8,8 @@
 //! leaves no veth behind. [`detach`] removes a host end that is still there (owned ones only).
 
 use nix::unistd::Pid;
-use stead_schema::{DriverError, Kind};
+use stead_reconciler::driver::DriverError;
+use stead_schema::Kind;
 
 use super::config::ContainerConfig;
 use crate::net::NetnsRef;

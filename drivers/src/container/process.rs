@@ -28,7 +28,7 @@ use nix::sched::{CloneFlags, setns, unshare};
 use nix::sys::signal::Signal;
 use nix::unistd::{Gid, Pid, Uid, chdir, execve, pipe2, pivot_root, sethostname};
 use seccompiler::BpfProgram;
-use stead_schema::DriverError;
+use stead_reconciler::driver::DriverError;
 
 use super::cgroup::Cgroup;
 use super::config::{ContainerConfig, RootfsMount};

@@ -23,7 +23,8 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Component, Path, PathBuf};
 
 use sha2::{Digest, Sha256};
-use stead_schema::{DriverError, RootfsSpec};
+use stead_reconciler::driver::DriverError;
+use stead_schema::RootfsSpec;
 
 use super::config::{IdMap, Paths, RootfsMount};
 

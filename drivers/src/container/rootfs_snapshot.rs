@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use nix::fcntl::{AT_FDCWD, RenameFlags, renameat2};
-use stead_schema::DriverError;
+use stead_reconciler::driver::DriverError;
 use tracing::info;
 
 use crate::storage::check_snapshot_name;

@@ -34,7 +34,7 @@ use seccompiler::{
     BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
     SeccompRule, TargetArch,
 };
-use stead_schema::DriverError;
+use stead_reconciler::driver::DriverError;
 
 /// Capabilities kept in the bounding set (numbers from `linux/capability.h`).
 pub const KEPT_CAPS: [(u32, &str); 16] = [

@@ -35,7 +35,8 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
-use stead_schema::{DriverError, RestartPolicy};
+use stead_reconciler::driver::DriverError;
+use stead_schema::RestartPolicy;
 
 use super::cgroup::{Cgroup, Hierarchy, Limits};
 use super::config::{ContainerConfig, ExitInfo, Paths, Phase, ShimState, write_json};

@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use nix::mount::{MntFlags, MsFlags, mount, umount2};
-use stead_schema::DriverError;
+use stead_reconciler::driver::DriverError;
 
 use super::config::{IdMap, MountConfig};
 

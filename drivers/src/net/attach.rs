@@ -2,7 +2,7 @@
 //! stead bridge. Synchronous, idempotent, crash-safe (see the module docs of
 //! [`crate::net`] for the ownership mark).
 //!
-//! `host_netns` is the namespace the bridges live in ([`stead_schema::HostEnv::netns`]),
+//! `host_netns` is the namespace the bridges live in ([`stead_reconciler::driver::HostEnv::netns`]),
 //! `None` for the caller's own.
 
 use std::fs::OpenOptions;
@@ -14,7 +14,8 @@ use rtnetlink::packet_core::{NLM_F_CREATE, NLM_F_REPLACE};
 use rtnetlink::packet_route::RouteNetlinkMessage;
 use rtnetlink::packet_route::link::{BridgeVlanInfoFlags, InfoData, InfoVeth};
 use rtnetlink::{LinkBridgeVlan, LinkUnspec, LinkVeth, RouteMessageBuilder};
-use stead_schema::{Cidr, DriverError, MacAddr};
+use stead_reconciler::driver::DriverError;
+use stead_schema::{Cidr, MacAddr};
 
 use super::nl::{Link, Netlink, nl_err};
 use super::ns::{NetnsRef, run_in};

@@ -11,10 +11,8 @@ use rtnetlink::packet_route::link::{BondMode as NlBondMode, InfoBond, InfoData, 
 use rtnetlink::packet_route::link::{LinkAttribute, LinkMessage};
 use rtnetlink::{LinkBond, LinkUnspec};
 use serde_json::{Value, json};
-use stead_schema::{
-    BondMode, BondSpec, Driver, DriverError, Health, HostEnv, Impact, Kind, Lookup, Observed,
-    Resource, ResourceId, Spec,
-};
+use stead_reconciler::driver::{Driver, DriverError, Health, HostEnv, Impact, Lookup, Observed};
+use stead_schema::{BondMode, BondSpec, Kind, Resource, ResourceId, Spec};
 
 use super::nl::{Netlink, nl_err};
 use super::ns::NetnsRef;

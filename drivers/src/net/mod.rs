@@ -3,7 +3,7 @@
 //! VM drivers use to plug veth pairs and taps into bridges.
 //!
 //! Everything talks to the kernel over netlink in-process ([`nl`]), inside the network
-//! namespace named by [`stead_schema::HostEnv::netns`] when set. nftables is driven
+//! namespace named by [`stead_reconciler::driver::HostEnv::netns`] when set. nftables is driven
 //! through the `nft` binary with JSON (the `nftables` crate's schema), run inside the
 //! same namespace.
 //!
@@ -30,7 +30,8 @@ use rtnetlink::packet_core::{NLM_F_CREATE, NLM_F_EXCL};
 use rtnetlink::packet_route::RouteNetlinkMessage;
 use rtnetlink::packet_route::link::LinkMessage;
 use rtnetlink::{AddressMessageBuilder, LinkUnspec};
-use stead_schema::{Cidr, DriverError, Kind};
+use stead_reconciler::driver::DriverError;
+use stead_schema::{Cidr, Kind};
 
 use nl::{Addr, Link, Netlink, nl_err};
 

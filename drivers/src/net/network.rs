@@ -16,9 +16,9 @@ use rtnetlink::packet_route::route::RouteType;
 use rtnetlink::packet_route::{AddressFamily, RouteNetlinkMessage};
 use rtnetlink::{LinkBridge, LinkMessageBuilder, LinkUnspec, LinkVxlan};
 use serde_json::{Value, json};
+use stead_reconciler::driver::{Driver, DriverError, Health, HostEnv, Impact, Lookup, Observed};
 use stead_schema::{
-    Driver, DriverError, ForwardSpec, Health, HostEnv, Impact, Kind, Lookup, NetworkSpec,
-    NetworkType, Observed, Resource, ResourceId, Spec, VxlanSpec,
+    ForwardSpec, Kind, NetworkSpec, NetworkType, Resource, ResourceId, Spec, VxlanSpec,
 };
 
 use super::nft::{self, Nft, NftTable};
@@ -790,7 +790,7 @@ impl Driver for NetworkDriver {
         &self,
         desired: &Resource,
         observed: &Observed,
-        _changes: &[stead_schema::FieldChange],
+        _changes: &[stead_reconciler::driver::FieldChange],
     ) -> Result<(), String> {
         let spec = spec_of(desired).map_err(|e| e.to_string())?;
         if observed.exists && !observed.owned {

@@ -28,7 +28,8 @@ use nftables::schema::{
 use nftables::stmt::Statement;
 use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
 use serde_json::{Value, json};
-use stead_schema::{Cidr, DriverError, ForwardSpec, NetworkSpec, Protocol};
+use stead_reconciler::driver::DriverError;
+use stead_schema::{Cidr, ForwardSpec, NetworkSpec, Protocol};
 
 use super::ns::{NetnsRef, run_in};
 

@@ -19,7 +19,7 @@ use rtnetlink::packet_route::link::{
     InfoBridge, InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
 };
 use rtnetlink::sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
-use stead_schema::DriverError;
+use stead_reconciler::driver::DriverError;
 
 use super::ns::{NetnsRef, run_in};
 

@@ -10,7 +10,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::path::{Path, PathBuf};
 
 use nix::sched::{CloneFlags, setns};
-use stead_schema::DriverError;
+use stead_reconciler::driver::DriverError;
 
 /// A network namespace, named the ways callers hold one.
 #[derive(Debug, Clone, PartialEq, Eq)]

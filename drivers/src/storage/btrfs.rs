@@ -7,7 +7,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 use nix::errno::Errno;
-use stead_schema::DriverError;
+use stead_reconciler::driver::DriverError;
 
 use super::fsutil::nix_err;
 

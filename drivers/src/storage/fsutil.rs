@@ -10,7 +10,7 @@ use std::path::{Component, Path, PathBuf};
 use indicatif::{ProgressBar, ProgressStyle};
 use nix::errno::Errno;
 use nix::unistd::{Whence, lseek};
-use stead_schema::DriverError;
+use stead_reconciler::driver::DriverError;
 
 /// Name of the xattr holding a volume's ownership mark.
 pub const OWNER_XATTR: &str = "user.stead.owner";

@@ -5,7 +5,8 @@
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
-use stead_schema::{DriverError, LvmSpec};
+use stead_reconciler::driver::DriverError;
+use stead_schema::LvmSpec;
 
 /// Tag prefix marking an LV as stead's.
 pub const OWNER_TAG_PREFIX: &str = "stead-owner=";

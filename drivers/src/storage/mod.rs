@@ -29,7 +29,8 @@ pub mod btrfs;
 
 use std::path::PathBuf;
 
-use stead_schema::{DriverError, Kind, Lookup, ResourceId, Spec, StoragePoolSpec, VolumeSpec};
+use stead_reconciler::driver::{DriverError, Lookup};
+use stead_schema::{Kind, ResourceId, Spec, StoragePoolSpec, VolumeSpec};
 
 pub use fsutil::{CopyMethod, MarkKind, OWNER_XATTR};
 pub use pool::{MARKER_FILE, PoolDriver};

@@ -4,7 +4,8 @@ use std::net::ToSocketAddrs;
 use std::path::Path;
 
 use nix::mount::{MntFlags, MsFlags};
-use stead_schema::{DriverError, NfsSpec};
+use stead_reconciler::driver::DriverError;
+use stead_schema::NfsSpec;
 
 use super::fsutil::nix_err;
 

@@ -7,10 +7,10 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
-use stead_schema::{
-    Content, Driver, DriverError, FieldChange, Health, HostEnv, Impact, Kind, Lookup, Observed,
-    PoolType, PruneAction, Resource, ResourceId, Spec, StoragePoolSpec,
+use stead_reconciler::driver::{
+    Driver, DriverError, FieldChange, Health, HostEnv, Impact, Lookup, Observed, PruneAction,
 };
+use stead_schema::{Content, Kind, PoolType, Resource, ResourceId, Spec, StoragePoolSpec};
 use tracing::{info, info_span, warn};
 
 use super::fsutil::{self, check_pool_root};

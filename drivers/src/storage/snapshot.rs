@@ -17,7 +17,8 @@ use std::path::{Path, PathBuf};
 
 use nix::fcntl::{AT_FDCWD, RenameFlags, renameat2};
 use serde::Serialize;
-use stead_schema::{DriverError, HostEnv, Lookup, PoolType, StoragePoolSpec};
+use stead_reconciler::driver::{DriverError, HostEnv, Lookup};
+use stead_schema::{PoolType, StoragePoolSpec};
 use tracing::{info, info_span};
 
 use super::fsutil::{self, CopyMethod, check_component, confined, nix_err};

@@ -6,9 +6,11 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use serde_json::{Value, json};
+use stead_reconciler::driver::{
+    Driver, DriverError, FieldChange, Health, HostEnv, Impact, Lookup, Observed, PruneAction,
+};
 use stead_schema::{
-    ByteSize, Content, DeletionPolicy, Driver, DriverError, FieldChange, Health, HostEnv, Impact,
-    Kind, Lookup, Observed, PoolType, PruneAction, Resource, ResourceId, Spec, StoragePoolSpec,
+    ByteSize, Content, DeletionPolicy, Kind, PoolType, Resource, ResourceId, Spec, StoragePoolSpec,
     VolumeFormat, VolumeSpec,
 };
 use tracing::{info, info_span};

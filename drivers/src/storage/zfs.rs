@@ -4,7 +4,8 @@
 
 use std::path::{Path, PathBuf};
 
-use stead_schema::{DriverError, ZfsSpec};
+use stead_reconciler::driver::DriverError;
+use stead_schema::ZfsSpec;
 
 /// User property marking a dataset as stead's.
 pub const OWNER_PROP: &str = "stead:owner";

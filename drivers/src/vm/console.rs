@@ -15,7 +15,7 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use stead_schema::DriverError;
+use stead_reconciler::driver::DriverError;
 
 use super::config::Paths;
 use super::supervisor::lock_held;

@@ -20,10 +20,10 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::{Value, json};
-use stead_schema::{
-    Driver, DriverError, FieldChange, Health, HostEnv, Impact, Kind, Lookup, Observed, Resource,
-    ResourceId, RestartPolicy, RunState, Spec, VirtualMachineSpec,
+use stead_reconciler::driver::{
+    Driver, DriverError, FieldChange, Health, HostEnv, Impact, Lookup, Observed,
 };
+use stead_schema::{Kind, Resource, ResourceId, RestartPolicy, RunState, Spec, VirtualMachineSpec};
 
 use super::config::{
     DiskRun, InterfaceRun, Paths, Phase, SupervisorState, VmRunConfig, cgroup_name, generated_mac,

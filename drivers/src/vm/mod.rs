@@ -16,7 +16,7 @@ pub mod supervisor;
 
 use std::path::Path;
 
-use stead_schema::DriverError;
+use stead_reconciler::driver::DriverError;
 
 pub use console::{console, logs};
 pub use driver::{DEFAULT_SHUTDOWN_TIMEOUT_SECS, VmDriver};

@@ -136,9 +136,9 @@ pub fn can_run() -> Option<String> {
 }
 
 /// A `HostEnv` managing networking in `ns`.
-pub fn env(ns: &Netns) -> stead_schema::HostEnv {
+pub fn env(ns: &Netns) -> stead_reconciler::driver::HostEnv {
     let tmp = std::env::temp_dir().join(format!("stead-net-test-{}", ns.name));
-    stead_schema::HostEnv {
+    stead_reconciler::driver::HostEnv {
         state_dir: tmp.join("state"),
         run_dir: tmp.join("run"),
         cgroup_parent: format!("stead-test-{}", std::process::id()),
@@ -173,7 +173,10 @@ pub fn world(
 }
 
 /// Observes `r` alone.
-pub fn observe(d: &dyn stead_schema::Driver, r: &stead_schema::Resource) -> stead_schema::Observed {
+pub fn observe(
+    d: &dyn stead_reconciler::driver::Driver,
+    r: &stead_schema::Resource,
+) -> stead_reconciler::driver::Observed {
     let w = world(&[r]);
     let mut m = d.observe(&[r], &w).expect("observe");
     m.remove(&r.id).expect("observed entry")
@@ -181,16 +184,16 @@ pub fn observe(d: &dyn stead_schema::Driver, r: &stead_schema::Resource) -> stea
 
 /// Applies `r` after observing it.
 pub fn apply(
-    d: &dyn stead_schema::Driver,
+    d: &dyn stead_reconciler::driver::Driver,
     r: &stead_schema::Resource,
-) -> Result<(), stead_schema::DriverError> {
+) -> Result<(), stead_reconciler::driver::DriverError> {
     let w = world(&[r]);
     let o = observe(d, r);
     d.apply(r, &o, &w)
 }
 
 /// Asserts desired == observed for `r`.
-pub fn assert_converged(d: &dyn stead_schema::Driver, r: &stead_schema::Resource) {
+pub fn assert_converged(d: &dyn stead_reconciler::driver::Driver, r: &stead_schema::Resource) {
     let w = world(&[r]);
     let o = observe(d, r);
     assert!(o.exists, "{} should exist", r.id);
@@ -205,7 +208,7 @@ pub fn assert_converged(d: &dyn stead_schema::Driver, r: &stead_schema::Resource
 
 /// The observed value of `field` when it differs from the desired one, else panics.
 pub fn assert_drift(
-    d: &dyn stead_schema::Driver,
+    d: &dyn stead_reconciler::driver::Driver,
     r: &stead_schema::Resource,
     field: &str,
 ) -> serde_json::Value {
@@ -227,9 +230,9 @@ pub fn assert_drift(
 
 /// Deletes `r` after observing it.
 pub fn delete(
-    d: &dyn stead_schema::Driver,
+    d: &dyn stead_reconciler::driver::Driver,
     r: &stead_schema::Resource,
-) -> Result<(), stead_schema::DriverError> {
+) -> Result<(), stead_reconciler::driver::DriverError> {
     let w = world(&[r]);
     let o = observe(d, r);
     d.delete(r, &o, &w)

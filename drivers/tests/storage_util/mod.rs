@@ -4,8 +4,9 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use stead_reconciler::driver::HostEnv;
 use stead_schema::{
-    ByteSize, Content, DeletionPolicy, HostEnv, Kind, Metadata, Name, Origin, PoolType, Resource,
+    ByteSize, Content, DeletionPolicy, Kind, Metadata, Name, Origin, PoolType, Resource,
     ResourceId, Spec, StoragePoolSpec, VolumeFormat, VolumeSource, VolumeSpec,
 };
 

@@ -37,9 +37,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+use crate::driver::{Health, HostEnv};
 use serde_json::Value;
 use stead_schema::graph::edges;
-use stead_schema::{Desired, Health, HostEnv, ResourceId};
+use stead_schema::{Desired, ResourceId};
 use tokio::sync::Notify;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
@@ -251,7 +252,7 @@ fn hold_key(
     id: &ResourceId,
     desired: &Desired,
     inventory: &BTreeMap<ResourceId, crate::InventoryEntry>,
-    observed: &BTreeMap<ResourceId, stead_schema::Observed>,
+    observed: &BTreeMap<ResourceId, crate::driver::Observed>,
 ) -> Hold {
     use std::hash::{Hash, Hasher};
     let resource = desired
@@ -1321,8 +1322,9 @@ mod tests {
         drop(first);
         assert!(controller_lock(t.path()).is_ok());
     }
+    use crate::driver::Observed;
     use serde_json::json;
-    use stead_schema::{Kind, Observed};
+    use stead_schema::Kind;
 
     fn desired(size: &str) -> Desired {
         let dir = tempfile::tempdir().unwrap();

@@ -17,7 +17,7 @@ use std::path::PathBuf;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::resource::{Kind, Resource, ResourceId};
+use stead_schema::{Kind, Resource, ResourceId};
 
 /// How disruptive a change is. Ordered: a change's impact is the max of its fields.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
