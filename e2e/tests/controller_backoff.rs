@@ -25,18 +25,11 @@ fn failing_resource_backs_off_and_blocks_only_its_dependents() {
     sb.write("m/all.yaml", &text);
     let m = sb.path("m");
     let ctl = Controller::start(&sb, &["--source", m.to_str().unwrap(), "--resync", "500ms"]);
-    assert!(
-        wait_until(Duration::from_secs(20), || size(&image(&sb, "a")) == MI).is_some(),
-        "{}",
-        ctl.logs()
-    );
-    assert!(
-        wait_until(Duration::from_secs(10), || ctl
-            .metric("stead_reconcile_total{result=\"failed\"}")
-            >= 1.0)
-        .is_some(),
-        "{}",
-        ctl.logs()
+    within!(ctl, 20, size(&image(&sb, "a")) == MI);
+    within!(
+        ctl,
+        10,
+        ctl.metric("stead_reconcile_total{result=\"failed\"}") >= 1.0,
     );
     // Backoff: over ~3 s of 500 ms resyncs the driver is tried only twice (2 s, 4 s …).
     std::thread::sleep(Duration::from_secs(3));
@@ -93,20 +86,12 @@ fn failing_resource_backs_off_and_blocks_only_its_dependents() {
 
     // Fix the cause: the next retry creates it, then its dependent.
     std::fs::write(&seed, vec![7u8; 4096]).unwrap();
-    assert!(
-        wait_until(Duration::from_secs(15), || image(&sb, "after").exists()
-            && image(&sb, "bad").exists())
-        .is_some(),
-        "{}",
-        ctl.logs()
+    within!(
+        ctl,
+        15,
+        image(&sb, "after").exists() && image(&sb, "bad").exists(),
     );
-    assert!(
-        wait_until(Duration::from_secs(5), || ctl.status()["lastResult"]
-            == "success")
-        .is_some(),
-        "{}",
-        ctl.logs()
-    );
+    within!(ctl, 5, ctl.status()["lastResult"] == "success");
 }
 
 /// A terminal error (here `Unsupported`: this host has no device-mapper, so an lvmthin
@@ -125,11 +110,7 @@ fn terminal_error_is_held_until_the_manifest_changes() {
     let m = sb.path("m");
     let ctl = Controller::start(&sb, &["--source", m.to_str().unwrap(), "--resync", "300ms"]);
     let series = "stead_apply_failures_total{kind=\"StoragePool\"}";
-    assert!(
-        wait_until(Duration::from_secs(20), || ctl.metric(series) >= 1.0).is_some(),
-        "{}",
-        ctl.logs()
-    );
+    within!(ctl, 20, ctl.metric(series) >= 1.0);
     // Held: many resyncs, no second try (a transient error would retry after 1–2 s).
     assert!(
         ctl.wait_reconciles(8, Duration::from_secs(20)),
@@ -170,13 +151,7 @@ fn terminal_error_is_held_until_the_manifest_changes() {
             pool.display()
         ),
     );
-    assert!(
-        wait_until(Duration::from_secs(20), || ctl.status()["lastResult"]
-            == "success")
-        .is_some(),
-        "{}",
-        ctl.logs()
-    );
+    within!(ctl, 20, ctl.status()["lastResult"] == "success");
     assert!(
         !ctl.scrape().contains("stead_resource_failed{"),
         "{}",

@@ -40,21 +40,10 @@ fn drift_heal_restores_volume_and_bridge() {
     sb.write("m/all.yaml", &text);
     let m = sb.path("m");
     let ctl = Controller::start(&sb, &["--source", m.to_str().unwrap(), "--resync", "1s"]);
-    assert!(
-        wait_until(Duration::from_secs(20), || {
-            size(&image(&sb, "b")) == MI && link_exists(&ns, "ctlbr0")
-        })
-        .is_some(),
-        "not converged\n{}",
-        ctl.logs()
-    );
-    assert!(
-        wait_until(Duration::from_secs(5), || ctl.status()["lastResult"]
-            == "success")
-        .is_some(),
-        "{}",
-        ctl.logs()
-    );
+    ctl.expect(20, "not converged", || {
+        size(&image(&sb, "b")) == MI && link_exists(&ns, "ctlbr0")
+    });
+    within!(ctl, 5, ctl.status()["lastResult"] == "success");
 
     // Delete a managed volume file by hand: restored within one resync (1 s ± 10 %).
     std::fs::remove_file(image(&sb, "a")).unwrap();
@@ -133,19 +122,12 @@ fn drift_report_mode_only_reports() {
             "report",
         ],
     );
-    assert!(
-        wait_until(Duration::from_secs(20), || size(&image(&sb, "a")) == MI).is_some(),
-        "{}",
-        ctl.logs()
-    );
+    within!(ctl, 20, size(&image(&sb, "a")) == MI);
     std::fs::remove_file(image(&sb, "a")).unwrap();
-    assert!(
-        wait_until(Duration::from_secs(10), || ctl
-            .metric("stead_drift_detected_total{kind=\"Volume\"}")
-            == 1.0)
-        .is_some(),
-        "{}",
-        ctl.logs()
+    within!(
+        ctl,
+        10,
+        ctl.metric("stead_drift_detected_total{kind=\"Volume\"}") == 1.0,
     );
     // Several resyncs later: still missing, counted once, reported as Drifted.
     assert!(ctl.wait_reconciles(3, Duration::from_secs(10)));

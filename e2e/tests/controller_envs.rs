@@ -37,13 +37,7 @@ fn controller_collects_expired_environments_and_exports_their_metrics() {
 
     let m = sb.path("m");
     let ctl = Controller::start(&sb, &["--source", m.to_str().unwrap(), "--resync", "1s"]);
-    assert!(
-        wait_until(Duration::from_secs(20), || ctl.metric("stead_environments")
-            >= 1.0)
-        .is_some(),
-        "{}",
-        ctl.logs()
-    );
+    within!(ctl, 20, ctl.metric("stead_environments") >= 1.0);
     let series = format!("stead_environment_age_seconds{{name=\"{long}\"}}");
     assert!(
         wait_until(Duration::from_secs(10), || metric(&ctl.scrape(), &series)
@@ -54,11 +48,9 @@ fn controller_collects_expired_environments_and_exports_their_metrics() {
     );
     // The short-lived environment is collected by the controller without any CLI call.
     let short_ns = std::path::Path::new("/run/netns").join(format!("stead-env-{short}"));
-    assert!(
-        wait_until(Duration::from_secs(40), || !short_ns.exists()).is_some(),
-        "expired environment not collected\n{}",
-        ctl.logs()
-    );
+    ctl.expect(40, "expired environment not collected", || {
+        !short_ns.exists()
+    });
     assert!(
         wait_until(Duration::from_secs(40), || ctl.metric("stead_environments")
             == 1.0)

@@ -25,26 +25,10 @@ fn git_commits_converge_webhook_invalid_and_revert() {
     );
     let tok = sb.write("token", &format!("{TOKEN}\n"));
     let source = format!("{}:hosts/h1", repo.source());
-    let ctl = Controller::start(
-        &sb,
-        &[
-            "--source",
-            &source,
-            "--interval",
-            "1h",
-            "--resync",
-            "1h",
-            "--webhook-token-file",
-            tok.to_str().unwrap(),
-        ],
-    );
+    let ctl = Controller::on_webhook(&sb, &source, &tok, &[]);
     // Commit 1 converges.
-    assert!(
-        wait_until(Duration::from_secs(20), || size(&image(&sb, "b")) == MI).is_some(),
-        "commit 1 not applied\n{}",
-        ctl.logs()
-    );
-    assert!(wait_until(Duration::from_secs(5), || ctl.get("/readyz").0 == 200).is_some());
+    ctl.expect(20, "commit 1 not applied", || size(&image(&sb, "b")) == MI);
+    within!(ctl, 5, ctl.get("/readyz").0 == 200);
     let st = ctl.status();
     assert_eq!(st["revision"], c1.as_str(), "{st}");
     assert_eq!(st["lastResult"], "success", "{st}");
@@ -71,13 +55,7 @@ fn git_commits_converge_webhook_invalid_and_revert() {
     for _ in 0..10 {
         assert_eq!(ctl.hook(TOKEN), 202);
     }
-    assert!(
-        wait_until(Duration::from_secs(5), || ctl.status()["reconciles"]
-            .as_u64()
-            .unwrap()
-            > n0)
-        .is_some()
-    );
+    within!(ctl, 5, ctl.status()["reconciles"].as_u64().unwrap() > n0);
     std::thread::sleep(Duration::from_millis(500));
     let runs = ctl.status()["reconciles"].as_u64().unwrap() - n0;
     eprintln!("10 webhook calls ran {runs} reconcile(s)");
@@ -103,11 +81,7 @@ fn git_commits_converge_webhook_invalid_and_revert() {
         t.elapsed()
     );
     assert!(took < Duration::from_secs(2), "took {took:?}");
-    assert!(
-        wait_until(Duration::from_secs(5), || ctl.status()["revision"]
-            == c2.as_str())
-        .is_some()
-    );
+    ctl.expect_revision(5, &c2);
     assert_eq!(
         ctl.metric("stead_apply_changes_total{action=\"update\",kind=\"Volume\"}"),
         1.0
@@ -123,14 +97,9 @@ fn git_commits_converge_webhook_invalid_and_revert() {
     bad.push_str("---\napiVersion: stead.dev/v1alpha1\nkind: Volume\nmetadata: {name: d}\nspec: {pool: local, size: 1Mi, colour: red}\n");
     let c3 = repo.commit("broken", &[("hosts/h1/storage.yaml", &bad)]);
     assert_eq!(ctl.hook(TOKEN), 202);
-    assert!(
-        wait_until(Duration::from_secs(10), || ctl
-            .metric("stead_reconcile_total{result=\"invalid\"}")
-            == 1.0)
-        .is_some(),
-        "invalid revision not reported\n{}",
-        ctl.logs()
-    );
+    ctl.expect(10, "invalid revision not reported", || {
+        ctl.metric("stead_reconcile_total{result=\"invalid\"}") == 1.0
+    });
     let st = ctl.status();
     assert_eq!(st["revision"], c2.as_str(), "last good stays applied: {st}");
     assert_eq!(st["headRevision"], c3.as_str(), "{st}");
@@ -163,13 +132,9 @@ fn git_commits_converge_webhook_invalid_and_revert() {
     // Reverting the broken commit converges back (same content as commit 2: no changes).
     let c4 = repo.git_then_push(&["revert", "--no-edit", "HEAD"]);
     assert_eq!(ctl.hook(TOKEN), 202);
-    assert!(
-        wait_until(Duration::from_secs(10), || ctl.status()["revision"]
-            == c4.as_str())
-        .is_some(),
-        "revert not applied\n{}",
-        ctl.logs()
-    );
+    ctl.expect(10, "revert not applied", || {
+        ctl.status()["revision"] == c4.as_str()
+    });
     let st = ctl.status();
     assert_eq!(st["lastResult"], "success", "{st}");
     assert!(st["headError"].is_null(), "{st}");
@@ -183,13 +148,9 @@ fn git_commits_converge_webhook_invalid_and_revert() {
         )],
     );
     assert_eq!(ctl.hook(TOKEN), 202);
-    assert!(
-        wait_until(Duration::from_secs(10), || !image(&sb, "c").exists()
-            && ctl.status()["revision"] == c5.as_str())
-        .is_some(),
-        "prune not applied\n{}",
-        ctl.logs()
-    );
+    ctl.expect(10, "prune not applied", || {
+        !image(&sb, "c").exists() && ctl.status()["revision"] == c5.as_str()
+    });
     assert_eq!(
         ctl.metric("stead_apply_changes_total{action=\"delete\",kind=\"Volume\"}"),
         1.0
@@ -216,11 +177,7 @@ fn git_poll_applies_without_webhook() {
         &sb,
         &["--source", &source, "--interval", "1s", "--resync", "1h"],
     );
-    assert!(
-        wait_until(Duration::from_secs(20), || size(&image(&sb, "a")) == MI).is_some(),
-        "commit 1 not applied\n{}",
-        ctl.logs()
-    );
+    ctl.expect(20, "commit 1 not applied", || size(&image(&sb, "a")) == MI);
     // The webhook is disabled without a token.
     assert_eq!(ctl.hook("anything"), 404);
     repo.commit(
@@ -248,16 +205,8 @@ fn restart_changes_nothing_and_sigterm_leaves_objects() {
     );
     let source = repo.source();
     let mut ctl = Controller::start(&sb, &["--source", &source, "--resync", "1h"]);
-    assert!(
-        wait_until(Duration::from_secs(20), || size(&image(&sb, "b")) == MI).is_some(),
-        "{}",
-        ctl.logs()
-    );
-    assert!(
-        wait_until(Duration::from_secs(5), || ctl.status()["lastResult"]
-            == "success")
-        .is_some()
-    );
+    within!(ctl, 20, size(&image(&sb, "b")) == MI);
+    within!(ctl, 5, ctl.status()["lastResult"] == "success");
     // A second controller on the same state dir is refused.
     let out = sb
         .run(&[
@@ -282,13 +231,7 @@ fn restart_changes_nothing_and_sigterm_leaves_objects() {
     assert!(!sb.path("run/controller.sock").exists(), "socket removed");
 
     let ctl = Controller::start(&sb, &["--source", &source, "--resync", "1h"]);
-    assert!(
-        wait_until(Duration::from_secs(20), || ctl.status()["lastResult"]
-            == "success")
-        .is_some(),
-        "{}",
-        ctl.logs()
-    );
+    within!(ctl, 20, ctl.status()["lastResult"] == "success");
     let scrape = ctl.scrape();
     assert!(
         !scrape
@@ -315,11 +258,7 @@ fn restart_keeps_last_good_when_head_invalid_or_remote_gone() {
     );
     let source = repo.source();
     let mut ctl = Controller::start(&sb, &["--source", &source, "--resync", "1s"]);
-    assert!(
-        wait_until(Duration::from_secs(20), || size(&image(&sb, "a")) == MI).is_some(),
-        "{}",
-        ctl.logs()
-    );
+    within!(ctl, 20, size(&image(&sb, "a")) == MI);
     assert_eq!(ctl.stop(), Some(0));
 
     // Restart with an invalid head: the last good revision is reloaded and still healed.
@@ -331,47 +270,26 @@ fn restart_keeps_last_good_when_head_invalid_or_remote_gone() {
         )],
     );
     let mut ctl = Controller::start(&sb, &["--source", &source, "--resync", "1s"]);
-    assert!(
-        wait_until(Duration::from_secs(10), || {
-            ctl.metric("stead_reconcile_total{result=\"invalid\"}") == 1.0
-        })
-        .is_some(),
-        "{}",
-        ctl.logs()
-    );
-    assert!(
-        wait_until(Duration::from_secs(10), || ctl.status()["revision"]
-            == c1.as_str())
-        .is_some(),
-        "{}",
-        ctl.logs()
-    );
+    ctl.expect_invalid(10, 1.0);
+    ctl.expect_revision(10, &c1);
     std::fs::remove_file(image(&sb, "a")).unwrap();
-    assert!(
-        wait_until(Duration::from_secs(10), || size(&image(&sb, "a")) == MI).is_some(),
-        "drift not healed against the last good revision\n{}",
-        ctl.logs()
+    ctl.expect(
+        10,
+        "drift not healed against the last good revision",
+        || size(&image(&sb, "a")) == MI,
     );
     assert_eq!(ctl.stop(), Some(0));
 
     // Restart with the remote gone: fetch errors are counted, drift is still healed.
     std::fs::rename(&repo.bare, sb.path("moved.git")).unwrap();
     let ctl = Controller::start(&sb, &["--source", &source, "--resync", "1s"]);
-    assert!(
-        wait_until(Duration::from_secs(10), || ctl.status()["revision"]
-            == c1.as_str())
-        .is_some(),
-        "{}",
-        ctl.logs()
-    );
+    ctl.expect_revision(10, &c1);
     assert!(ctl.metric("stead_source_fetch_errors_total") >= 1.0);
     assert!(ctl.status()["fetchError"].is_string());
     std::fs::remove_file(image(&sb, "a")).unwrap();
-    assert!(
-        wait_until(Duration::from_secs(10), || size(&image(&sb, "a")) == MI).is_some(),
-        "drift not healed without the remote\n{}",
-        ctl.logs()
-    );
+    ctl.expect(10, "drift not healed without the remote", || {
+        size(&image(&sb, "a")) == MI
+    });
 }
 
 /// `--allow-rewind`: a force-push back to an older commit is applied.
@@ -392,38 +310,14 @@ fn allow_rewind_takes_a_force_pushed_older_commit() {
     );
     let tok = sb.write("token", TOKEN);
     let source = repo.source();
-    let ctl = Controller::start(
-        &sb,
-        &[
-            "--source",
-            &source,
-            "--interval",
-            "1h",
-            "--resync",
-            "1h",
-            "--allow-rewind",
-            "--webhook-token-file",
-            tok.to_str().unwrap(),
-        ],
-    );
-    assert!(
-        wait_until(Duration::from_secs(20), || ctl.status()["revision"]
-            == c2.as_str())
-        .is_some(),
-        "{}",
-        ctl.logs()
-    );
+    let ctl = Controller::on_webhook(&sb, &source, &tok, &["--allow-rewind"]);
+    ctl.expect_revision(20, &c2);
     assert_eq!(size(&image(&sb, "b")), MI);
     repo.force_push(&c1);
     assert_eq!(ctl.hook(TOKEN), 202);
-    assert!(
-        wait_until(Duration::from_secs(10), || ctl.status()["revision"]
-            == c1.as_str()
-            && !image(&sb, "b").exists())
-        .is_some(),
-        "rewind not applied\n{}",
-        ctl.logs()
-    );
+    ctl.expect(10, "rewind not applied", || {
+        ctl.status()["revision"] == c1.as_str() && !image(&sb, "b").exists()
+    });
     assert_eq!(ctl.metric("stead_reconcile_total{result=\"invalid\"}"), 0.0);
 }
 
@@ -437,40 +331,15 @@ fn tree_with_a_bad_entry_name_is_refused() {
     let c1 = repo.commit("one", &[("storage.yaml", &yaml)]);
     let tok = sb.write("token", TOKEN);
     let source = repo.source();
-    let ctl = Controller::start(
-        &sb,
-        &[
-            "--source",
-            &source,
-            "--interval",
-            "1h",
-            "--resync",
-            "1h",
-            "--webhook-token-file",
-            tok.to_str().unwrap(),
-        ],
-    );
-    assert!(
-        wait_until(Duration::from_secs(20), || ctl.status()["revision"]
-            == c1.as_str())
-        .is_some(),
-        "{}",
-        ctl.logs()
-    );
+    let ctl = Controller::on_webhook(&sb, &source, &tok, &[]);
+    ctl.expect_revision(20, &c1);
     let grown = storage_yaml(&sb, &[("a", "1Mi"), ("b", "1Mi")]);
     let bad: [&[u8]; 3] = [b"../x.yaml", b"a/b.yaml", b"\xffx.yaml"];
     for (i, name) in bad.iter().enumerate() {
         let rev = repo.push_raw_tree(&[(name, &grown), (b"storage.yaml", &grown)]);
         assert_eq!(ctl.hook(TOKEN), 202);
         let want = (i + 1) as f64;
-        assert!(
-            wait_until(Duration::from_secs(10), || ctl
-                .metric("stead_reconcile_total{result=\"invalid\"}")
-                == want)
-            .is_some(),
-            "{}",
-            ctl.logs()
-        );
+        ctl.expect_invalid(10, want);
         let st = ctl.status();
         assert_eq!(st["headRevision"], rev.as_str(), "{st}");
         assert_eq!(st["revision"], c1.as_str(), "{st}");

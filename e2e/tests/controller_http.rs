@@ -104,13 +104,10 @@ fn http_source_with_credentials_file() {
 
     // Without credentials: fetch errors, nothing applied.
     let mut ctl = Controller::start(&sb, &["--source", &source, "--interval", "1s"]);
-    assert!(
-        wait_until(Duration::from_secs(10), || ctl
-            .metric("stead_source_fetch_errors_total")
-            >= 1.0)
-        .is_some(),
-        "{}",
-        ctl.logs()
+    within!(
+        ctl,
+        10,
+        ctl.metric("stead_source_fetch_errors_total") >= 1.0,
     );
     let err = ctl.status()["fetchError"]
         .as_str()
@@ -136,20 +133,12 @@ fn http_source_with_credentials_file() {
             creds.to_str().unwrap(),
         ],
     );
-    assert!(
-        wait_until(Duration::from_secs(20), || size(&image(&sb, "a")) == MI).is_some(),
-        "{}",
-        ctl.logs()
-    );
+    within!(ctl, 20, size(&image(&sb, "a")) == MI);
     repo.commit(
         "grow",
         &[("storage.yaml", &storage_yaml(&sb, &[("a", "2Mi")]))],
     );
-    assert!(
-        wait_until(Duration::from_secs(10), || size(&image(&sb, "a")) == 2 * MI).is_some(),
-        "{}",
-        ctl.logs()
-    );
+    within!(ctl, 10, size(&image(&sb, "a")) == 2 * MI);
     assert!(ctl.status()["fetchError"].is_null());
 }
 

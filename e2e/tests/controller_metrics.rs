@@ -29,11 +29,7 @@ fn scrape_passes_promtool_check_metrics() {
     sb.write("m/all.yaml", &storage_yaml(&sb, &[("a", "1Mi")]));
     let m = sb.path("m");
     let ctl = Controller::start(&sb, &["--source", m.to_str().unwrap(), "--resync", "1s"]);
-    assert!(
-        wait_until(Duration::from_secs(20), || size(&image(&sb, "a")) == MI).is_some(),
-        "{}",
-        ctl.logs()
-    );
+    within!(ctl, 20, size(&image(&sb, "a")) == MI);
     // Some activity: drift, an invalid revision.
     std::fs::remove_file(image(&sb, "a")).unwrap();
     assert!(
@@ -43,14 +39,7 @@ fn scrape_passes_promtool_check_metrics() {
         .is_some()
     );
     sb.write("m/bad.yaml", "apiVersion: stead.dev/v1alpha1\nkind: Volume\nmetadata: {name: x}\nspec: {pool: nowhere, size: 1Mi}\n");
-    assert!(
-        wait_until(Duration::from_secs(10), || ctl
-            .metric("stead_reconcile_total{result=\"invalid\"}")
-            == 1.0)
-        .is_some(),
-        "{}",
-        ctl.logs()
-    );
+    ctl.expect_invalid(10, 1.0);
 
     let (code, scrape) = ctl.get("/metrics");
     assert_eq!(code, 200);
@@ -114,11 +103,7 @@ fn prometheus_scrapes_the_controller() {
     sb.write("m/all.yaml", &storage_yaml(&sb, &[("a", "1Mi")]));
     let m = sb.path("m");
     let ctl = Controller::start(&sb, &["--source", m.to_str().unwrap(), "--resync", "1s"]);
-    assert!(
-        wait_until(Duration::from_secs(20), || size(&image(&sb, "a")) == MI).is_some(),
-        "{}",
-        ctl.logs()
-    );
+    within!(ctl, 20, size(&image(&sb, "a")) == MI);
     let rules = std::path::Path::new(
         &std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").into()),
     )
@@ -216,12 +201,8 @@ fn directory_source_follows_file_changes() {
     sb.write("m/all.yaml", &storage_yaml(&sb, &[("a", "1Mi")]));
     let m = sb.path("m");
     let ctl = Controller::start(&sb, &["--source", m.to_str().unwrap(), "--resync", "1h"]);
-    assert!(
-        wait_until(Duration::from_secs(20), || size(&image(&sb, "a")) == MI).is_some(),
-        "{}",
-        ctl.logs()
-    );
-    assert!(wait_until(Duration::from_secs(5), || ctl.get("/readyz").0 == 200).is_some());
+    within!(ctl, 20, size(&image(&sb, "a")) == MI);
+    within!(ctl, 5, ctl.get("/readyz").0 == 200);
     let n = ctl.status()["reconciles"].as_u64().unwrap();
 
     // A burst of writes collapses into few runs and is applied about a second later.
@@ -251,13 +232,7 @@ fn directory_source_follows_file_changes() {
     let mut s = std::os::unix::net::UnixStream::connect(sb.path("run/controller.sock")).unwrap();
     let n1 = ctl.status()["reconciles"].as_u64().unwrap();
     s.write_all(b"reconcile\n").unwrap();
-    assert!(
-        wait_until(Duration::from_secs(5), || ctl.status()["reconciles"]
-            .as_u64()
-            .unwrap()
-            > n1)
-        .is_some()
-    );
+    within!(ctl, 5, ctl.status()["reconciles"].as_u64().unwrap() > n1);
 
     // `stead get` text output names the controller and the resources.
     let out = sb.run(&["get"]).expect_code(0);

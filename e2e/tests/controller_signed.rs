@@ -5,7 +5,6 @@
 mod controller_util;
 
 use std::process::Command;
-use std::time::Duration;
 
 use controller_util::*;
 use stead_e2e::{Sandbox, skip_unless};
@@ -88,27 +87,16 @@ fn only_signed_commits_from_trusted_keys_are_applied() {
             tok.to_str().unwrap(),
         ],
     );
-    assert!(
-        wait_until(Duration::from_secs(20), || size(&image(&sb, "a")) == MI).is_some(),
-        "{}",
-        ctl.logs()
-    );
-    assert!(
-        wait_until(Duration::from_secs(5), || ctl.status()["revision"]
-            == c1.as_str())
-        .is_some()
-    );
+    within!(ctl, 20, size(&image(&sb, "a")) == MI);
+    ctl.expect_revision(5, &c1);
 
     // Unsigned head: refused, reported, the signed revision stays applied.
     let c2 = commit(&repo, &sb, "unsigned", &[("a", "2Mi")], None);
     assert_eq!(ctl.hook(TOKEN), 202);
-    assert!(
-        wait_until(Duration::from_secs(10), || ctl
-            .metric("stead_reconcile_total{result=\"unsigned\"}")
-            == 1.0)
-        .is_some(),
-        "{}",
-        ctl.logs()
+    within!(
+        ctl,
+        10,
+        ctl.metric("stead_reconcile_total{result=\"unsigned\"}") == 1.0,
     );
     let st = ctl.status();
     assert_eq!(st["headRevision"], c2.as_str(), "{st}");
@@ -122,29 +110,18 @@ fn only_signed_commits_from_trusted_keys_are_applied() {
     // Signed by a key that is not trusted: refused too.
     commit(&repo, &sb, "stranger", &[("a", "3Mi")], Some(&stranger));
     assert_eq!(ctl.hook(TOKEN), 202);
-    assert!(
-        wait_until(Duration::from_secs(10), || ctl
-            .metric("stead_reconcile_total{result=\"unsigned\"}")
-            == 2.0)
-        .is_some(),
-        "{}",
-        ctl.logs()
+    within!(
+        ctl,
+        10,
+        ctl.metric("stead_reconcile_total{result=\"unsigned\"}") == 2.0,
     );
     assert_eq!(size(&image(&sb, "a")), MI);
 
     // Signed by the trusted key: applied.
     let c4 = commit(&repo, &sb, "signed again", &[("a", "4Mi")], Some(&trusted));
     assert_eq!(ctl.hook(TOKEN), 202);
-    assert!(
-        wait_until(Duration::from_secs(10), || size(&image(&sb, "a")) == 4 * MI).is_some(),
-        "{}",
-        ctl.logs()
-    );
-    assert!(
-        wait_until(Duration::from_secs(5), || ctl.status()["revision"]
-            == c4.as_str())
-        .is_some()
-    );
+    within!(ctl, 10, size(&image(&sb, "a")) == 4 * MI);
+    ctl.expect_revision(5, &c4);
     assert!(ctl.status()["headError"].is_null());
 }
 
@@ -244,34 +221,19 @@ fn openpgp_signed_commits_are_verified_with_gpgv() {
             tok.to_str().unwrap(),
         ],
     );
-    assert!(
-        wait_until(Duration::from_secs(20), || size(&image(&sb, "a")) == MI).is_some(),
-        "{}",
-        ctl.logs()
-    );
-    assert!(
-        wait_until(Duration::from_secs(5), || ctl.status()["revision"]
-            == c1.as_str())
-        .is_some()
-    );
+    within!(ctl, 20, size(&image(&sb, "a")) == MI);
+    ctl.expect_revision(5, &c1);
     commit_pgp("unsigned", &[("a", "2Mi")], false);
     assert_eq!(ctl.hook(TOKEN), 202);
-    assert!(
-        wait_until(Duration::from_secs(10), || ctl
-            .metric("stead_reconcile_total{result=\"unsigned\"}")
-            == 1.0)
-        .is_some(),
-        "{}",
-        ctl.logs()
+    within!(
+        ctl,
+        10,
+        ctl.metric("stead_reconcile_total{result=\"unsigned\"}") == 1.0,
     );
     assert_eq!(size(&image(&sb, "a")), MI);
     commit_pgp("signed", &[("a", "3Mi")], true);
     assert_eq!(ctl.hook(TOKEN), 202);
-    assert!(
-        wait_until(Duration::from_secs(10), || size(&image(&sb, "a")) == 3 * MI).is_some(),
-        "{}",
-        ctl.logs()
-    );
+    within!(ctl, 10, size(&image(&sb, "a")) == 3 * MI);
 }
 
 #[test]
@@ -301,41 +263,19 @@ fn force_push_of_an_older_signed_commit_is_refused() {
         Some(&trusted),
     );
     let source = repo.source();
-    let ctl = Controller::start(
+    let ctl = Controller::on_webhook(
         &sb,
-        &[
-            "--source",
-            &source,
-            "--interval",
-            "1h",
-            "--resync",
-            "1h",
-            "--verify-commits",
-            signers.to_str().unwrap(),
-            "--webhook-token-file",
-            tok.to_str().unwrap(),
-        ],
+        &source,
+        &tok,
+        &["--verify-commits", signers.to_str().unwrap()],
     );
-    assert!(
-        wait_until(Duration::from_secs(20), || ctl.status()["revision"]
-            == c2.as_str())
-        .is_some(),
-        "{}",
-        ctl.logs()
-    );
+    ctl.expect_revision(20, &c2);
     assert_eq!(size(&image(&sb, "b")), MI);
 
     // The branch is forced back to the older, validly signed c1: refused, c2 stays.
     repo.force_push(&c1);
     assert_eq!(ctl.hook(TOKEN), 202);
-    assert!(
-        wait_until(Duration::from_secs(10), || ctl
-            .metric("stead_reconcile_total{result=\"invalid\"}")
-            == 1.0)
-        .is_some(),
-        "{}",
-        ctl.logs()
-    );
+    ctl.expect_invalid(10, 1.0);
     let st = ctl.status();
     assert_eq!(st["headRevision"], c1.as_str(), "{st}");
     assert_eq!(st["revision"], c2.as_str(), "{st}");
@@ -358,14 +298,6 @@ fn force_push_of_an_older_signed_commit_is_refused() {
     );
     repo.force_push(&c3);
     assert_eq!(ctl.hook(TOKEN), 202);
-    assert!(
-        wait_until(Duration::from_secs(10), || size(&image(&sb, "b")) == 2 * MI).is_some(),
-        "{}",
-        ctl.logs()
-    );
-    assert!(
-        wait_until(Duration::from_secs(5), || ctl.status()["revision"]
-            == c3.as_str())
-        .is_some()
-    );
+    within!(ctl, 10, size(&image(&sb, "b")) == 2 * MI);
+    ctl.expect_revision(5, &c3);
 }

@@ -84,13 +84,7 @@ fn workload_metrics_and_sigterm_leaves_container_running() {
     );
 
     let ctl = Controller::start(&sb, &["--source", m.to_str().unwrap(), "--resync", "1s"]);
-    assert!(
-        wait_until(Duration::from_secs(20), || ctl.status()["lastResult"]
-            == "success")
-        .is_some(),
-        "{}",
-        ctl.logs()
-    );
+    within!(ctl, 20, ctl.status()["lastResult"] == "success");
     assert!(
         !ctl.scrape()
             .lines()

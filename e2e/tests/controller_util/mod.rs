@@ -116,6 +116,46 @@ impl Controller {
         c
     }
 
+    /// Starts a controller that fetches `source` only when its webhook is called (or
+    /// at start): `--interval 1h --resync 1h --webhook-token-file <token>`, then `extra`.
+    pub fn on_webhook(sb: &Sandbox, source: &str, token: &Path, extra: &[&str]) -> Controller {
+        let token = token.to_str().expect("utf-8 token path");
+        let mut args = vec![
+            "--source",
+            source,
+            "--interval",
+            "1h",
+            "--resync",
+            "1h",
+            "--webhook-token-file",
+            token,
+        ];
+        args.extend_from_slice(extra);
+        Controller::start(sb, &args)
+    }
+
+    /// Waits up to `secs` for `cond`; panics with `what` and the controller's log if it
+    /// does not hold by then. [`within!`] names the condition for you.
+    pub fn expect(&self, secs: u64, what: &str, cond: impl FnMut() -> bool) {
+        if wait_until(Duration::from_secs(secs), cond).is_none() {
+            panic!("{what} (waited {secs} s)\n{}", self.logs());
+        }
+    }
+
+    /// Waits up to `secs` for the applied revision to be `rev`.
+    pub fn expect_revision(&self, secs: u64, rev: &str) {
+        self.expect(secs, &format!("revision {rev} not applied"), || {
+            self.status()["revision"] == rev
+        });
+    }
+
+    /// Waits up to `secs` for the counter of refused (invalid) revisions to reach `n`.
+    pub fn expect_invalid(&self, secs: u64, n: f64) {
+        self.expect(secs, &format!("{n} invalid revisions not counted"), || {
+            self.metric("stead_reconcile_total{result=\"invalid\"}") == n
+        });
+    }
+
     pub fn get(&self, path: &str) -> (u16, String) {
         http(self.port, "GET", path, &[], "")
     }
@@ -374,3 +414,14 @@ pub fn git_out(dir: &Path, args: &[&str]) -> String {
     assert!(out.status.success(), "git {args:?} failed");
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// `within!(ctl, secs, cond)`: waits up to `secs` seconds for `cond`; if it never holds,
+/// panics naming the condition, with the controller's log.
+#[allow(unused_macros)]
+macro_rules! within {
+    ($ctl:expr, $secs:expr, $cond:expr $(,)?) => {
+        $ctl.expect($secs, concat!("never true: ", stringify!($cond)), || $cond)
+    };
+}
+#[allow(unused_imports)]
+pub(crate) use within;
