@@ -691,12 +691,10 @@ fn btrfs_vm(sb: &Sandbox, pool: &Path, kernel: &Path, backups: Option<&Path>) ->
     (m, pool.join("images/vm1-root/disk.raw"))
 }
 
-/// Issue 6, consistency modes: a running VM with its disk on a btrfs pool is paused only
-/// while its disk is reflink-cloned (`mode: snapshot`), then backed up from the clone;
-/// `--mode stop` stops it, reads the disk and starts it again. Both restore bit-identical.
-#[test]
-fn vm_backup_snapshot_pauses_for_the_clone_and_stop_restarts() {
-    let name = "vm_backup_snapshot_pauses_for_the_clone_and_stop_restarts";
+/// Runs `body(sandbox, manifest path, disk image)` against a running VM `vm1` whose disk
+/// is on a btrfs pool in a loop file (and a `backups` dir pool if `backups`). Skips (with
+/// a SKIP line) without KVM or btrfs.
+fn with_btrfs_vm(name: &str, backups: bool, body: impl FnOnce(&Sandbox, &str, PathBuf)) {
     if !kvm_ok(name) {
         return;
     }
@@ -708,8 +706,36 @@ fn vm_backup_snapshot_pauses_for_the_clone_and_stop_restarts() {
     let _leftovers = Leftovers(&sb);
     let kernel = demo_guest(&sb);
     let pool = fs.mnt.join("pool");
-    let (m, disk) = btrfs_vm(&sb, &pool, &kernel, Some(&sb.path("pools/backups")));
-    let m = m.as_str();
+    let backups = backups.then(|| sb.path("pools/backups"));
+    let (m, disk) = btrfs_vm(&sb, &pool, &kernel, backups.as_deref());
+    body(&sb, &m, disk);
+}
+
+/// Issue 6, consistency modes: a running VM with its disk on a btrfs pool is paused only
+/// while its disk is reflink-cloned (`mode: snapshot`), then backed up from the clone;
+/// `--mode stop` stops it, reads the disk and starts it again. Both restore bit-identical.
+#[test]
+fn vm_backup_snapshot_pauses_for_the_clone_and_stop_restarts() {
+    let name = "vm_backup_snapshot_pauses_for_the_clone_and_stop_restarts";
+    with_btrfs_vm(name, true, |sb, m, disk| {
+        backup_snapshot_then_stop(sb, m, disk)
+    });
+}
+
+fn backup_snapshot_then_stop(sb: &Sandbox, m: &str, disk: PathBuf) {
+    let backup_run = |extra: &[&str]| {
+        let mut args = vec![
+            "backup",
+            "run",
+            "VirtualMachine/vm1",
+            "-f",
+            m,
+            "-s",
+            "backups",
+        ];
+        args.extend_from_slice(extra);
+        sb.run(&args).expect_code(0)
+    };
     // Content to recognise in the restore (the idle guest does not write its disk).
     {
         use std::os::unix::fs::FileExt;
@@ -721,20 +747,10 @@ fn vm_backup_snapshot_pauses_for_the_clone_and_stop_restarts() {
     }
     // Past the 2 s racy window, so the backup records the disk's change stamp.
     std::thread::sleep(Duration::from_millis(2100));
-    let (_, status, _) = get_vm(&sb);
+    let (_, status, _) = get_vm(sb);
     let pid = status["pid"].as_i64().expect("pid");
 
-    let out = sb
-        .run(&[
-            "backup",
-            "run",
-            "VirtualMachine/vm1",
-            "-f",
-            m,
-            "-s",
-            "backups",
-        ])
-        .expect_code(0);
+    let out = backup_run(&[]);
     let text = out.stdout();
     eprintln!("{text}");
     assert!(
@@ -743,7 +759,7 @@ fn vm_backup_snapshot_pauses_for_the_clone_and_stop_restarts() {
         "{text}\n{}",
         out.stderr()
     );
-    let (state, status, _) = get_vm(&sb);
+    let (state, status, _) = get_vm(sb);
     assert_eq!(state["state"], "running", "resumed: {status}");
     assert_eq!(status["pid"].as_i64(), Some(pid), "same VMM");
     let left: Vec<_> = std::fs::read_dir(disk.parent().unwrap())
@@ -782,17 +798,7 @@ fn vm_backup_snapshot_pauses_for_the_clone_and_stop_restarts() {
     }
     // Unchanged since: the next snapshot-mode backup takes the chunk list over without
     // reading the clone (the stamp is the original disk's, taken at clone time).
-    let out = sb
-        .run(&[
-            "backup",
-            "run",
-            "VirtualMachine/vm1",
-            "-f",
-            m,
-            "-s",
-            "backups",
-        ])
-        .expect_code(0);
+    let out = backup_run(&[]);
     assert!(
         out.stdout()
             .contains("16.0 MiB (16.0 MiB unchanged, not read)"),
@@ -800,19 +806,7 @@ fn vm_backup_snapshot_pauses_for_the_clone_and_stop_restarts() {
         out.stdout()
     );
 
-    let out = sb
-        .run(&[
-            "backup",
-            "run",
-            "VirtualMachine/vm1",
-            "-f",
-            m,
-            "-s",
-            "backups",
-            "--mode",
-            "stop",
-        ])
-        .expect_code(0);
+    let out = backup_run(&["--mode", "stop"]);
     assert!(
         out.stdout()
             .contains("consistency: stopped VirtualMachine/vm1"),
@@ -820,7 +814,7 @@ fn vm_backup_snapshot_pauses_for_the_clone_and_stop_restarts() {
         out.stdout(),
         out.stderr()
     );
-    let (state, status, _) = get_vm(&sb);
+    let (state, status, _) = get_vm(sb);
     assert_eq!(state["state"], "running", "started again: {status}");
     let pid2 = status["pid"].as_i64().expect("pid");
     assert_ne!(pid2, pid, "a new VMM");
@@ -871,7 +865,7 @@ fn vm_backup_snapshot_pauses_for_the_clone_and_stop_restarts() {
 
     sb.run(&["destroy", "--yes", "--allow-data-loss", m])
         .expect_code(0);
-    assert!(sandbox_processes(&sb).is_empty());
+    assert!(sandbox_processes(sb).is_empty());
 }
 
 /// Issue 6, workload snapshots: `stead snapshot create VirtualMachine/vm1` pauses the VM
@@ -880,18 +874,12 @@ fn vm_backup_snapshot_pauses_for_the_clone_and_stop_restarts() {
 #[test]
 fn vm_snapshot_pauses_and_rollback_restarts() {
     let name = "vm_snapshot_pauses_and_rollback_restarts";
-    if !kvm_ok(name) {
-        return;
-    }
-    let sb = Sandbox::with_netns();
-    let Some(fs) = LoopBtrfs::for_test(&sb, name) else {
-        return;
-    };
-    let _leftovers = Leftovers(&sb);
-    let kernel = demo_guest(&sb);
-    let pool = fs.mnt.join("pool");
-    let (m, disk) = btrfs_vm(&sb, &pool, &kernel, None);
-    let m = m.as_str();
+    with_btrfs_vm(name, false, |sb, m, disk| {
+        snapshot_then_rollback(sb, m, disk)
+    });
+}
+
+fn snapshot_then_rollback(sb: &Sandbox, m: &str, disk: PathBuf) {
     let write = |byte: u8| {
         use std::os::unix::fs::FileExt;
         let f = std::fs::OpenOptions::new()
@@ -910,7 +898,7 @@ fn vm_snapshot_pauses_and_rollback_restarts() {
         b[0]
     };
     write(0xa1);
-    let pid = get_vm(&sb).1["pid"].as_i64().expect("pid");
+    let pid = get_vm(sb).1["pid"].as_i64().expect("pid");
 
     let out = sb
         .run(&["snapshot", "create", "VirtualMachine/vm1", "s1"])
@@ -924,8 +912,8 @@ fn vm_snapshot_pauses_and_rollback_restarts() {
         out.stdout(),
         out.stderr()
     );
-    assert_eq!(get_vm(&sb).0["state"], "running", "resumed");
-    assert_eq!(get_vm(&sb).1["pid"].as_i64(), Some(pid));
+    assert_eq!(get_vm(sb).0["state"], "running", "resumed");
+    assert_eq!(get_vm(sb).1["pid"].as_i64(), Some(pid));
     sb.run(&["snapshot", "create", "VirtualMachine/vm1", "s1"])
         .expect_code(1);
     let list = sb
@@ -947,7 +935,7 @@ fn vm_snapshot_pauses_and_rollback_restarts() {
     );
     assert!(out.stderr().contains("--yes"), "{}", out.stderr());
     assert_eq!(read(), 0xb2);
-    assert_eq!(get_vm(&sb).1["pid"].as_i64(), Some(pid), "not restarted");
+    assert_eq!(get_vm(sb).1["pid"].as_i64(), Some(pid), "not restarted");
 
     let out = sb
         .run(&["snapshot", "rollback", "VirtualMachine/vm1", "s1", "--yes"])
@@ -958,7 +946,7 @@ fn vm_snapshot_pauses_and_rollback_restarts() {
         out.stdout()
     );
     assert_eq!(read(), 0xa1, "disk rolled back");
-    let (state, status, _) = get_vm(&sb);
+    let (state, status, _) = get_vm(sb);
     assert_eq!(state["state"], "running", "{status}");
     assert_ne!(status["pid"].as_i64(), Some(pid), "restarted");
     sb.run(&["diff", m]).expect_code(0);
@@ -971,7 +959,7 @@ fn vm_snapshot_pauses_and_rollback_restarts() {
     assert_eq!(list.stdout().trim(), "[]");
     sb.run(&["destroy", "--yes", "--allow-data-loss", m])
         .expect_code(0);
-    assert!(sandbox_processes(&sb).is_empty());
+    assert!(sandbox_processes(sb).is_empty());
 }
 
 /// Kills `stead apply` at several points while it creates the VM and re-applies: one
