@@ -51,361 +51,420 @@ fn check_abs_path(r: &Resource, ptr: &str, p: &Path, what: &str, out: &mut Vec<D
     }
 }
 
+/// Runs the rules of `r`'s kind.
 fn check_resource(r: &Resource, desired: &Desired, out: &mut Vec<Diagnostic>) {
     match &r.spec {
-        Spec::Network(n) => {
-            if r.id.name.len() > 15 {
-                out.push(at(
-                    r,
-                    "/metadata/name",
-                    format!("network name {:?} is {} bytes; it is also the bridge's interface name, at most 15 bytes", r.id.name, r.id.name.len()),
-                    Some("use a shorter name, e.g. lan0"),
-                ));
-            }
-            if let Some(mtu) = n.mtu
-                && !(68..=65535).contains(&mtu)
-            {
-                out.push(at(
-                    r,
-                    "/spec/mtu",
-                    format!("mtu {mtu} is out of range 68..65535"),
-                    None,
-                ));
-            }
-            match (n.net_type, &n.vxlan) {
-                (NetworkType::Vxlan, None) => out.push(at(
-                    r,
-                    "/spec/type",
-                    "type vxlan needs a `vxlan` block",
-                    Some("add vxlan: {vni: 100, remotes: [...]}"),
-                )),
-                (NetworkType::Bridge, Some(_)) => out.push(at(
-                    r,
-                    "/spec/vxlan",
-                    "`vxlan` is only valid with type: vxlan",
-                    Some("set type: vxlan or remove the vxlan block"),
-                )),
-                (_, Some(v)) if v.vni == 0 || v.vni >= (1 << 24) => out.push(at(
-                    r,
-                    "/spec/vxlan/vni",
-                    format!("vni {} must be in 1..16777215", v.vni),
-                    None,
-                )),
-                _ => {}
-            }
-            if let Some(nat) = &n.nat
-                && nat.enabled
-                && n.addresses.is_empty()
-            {
-                out.push(at(
-                    r,
-                    "/spec/nat",
-                    "NAT needs at least one host address on the bridge (its subnet is masqueraded)",
-                    Some("add addresses: [10.10.0.1/24]"),
-                ));
-            }
-            let mut seen_ports = BTreeSet::new();
-            for (i, f) in n.forwards.iter().enumerate() {
-                if !seen_ports.insert((f.protocol, f.host_port)) {
-                    out.push(at(
-                        r,
-                        &format!("/spec/forwards/{i}/hostPort"),
-                        format!("host port {} is forwarded twice", f.host_port),
-                        None,
-                    ));
-                }
-                if !n.addresses.iter().any(|a| a.contains(f.to.ip())) {
-                    out.push(at(
-                        r,
-                        &format!("/spec/forwards/{i}/to"),
-                        format!(
-                            "forward target {} is not inside any subnet of this network",
-                            f.to
-                        ),
-                        None,
-                    ));
-                }
-            }
-            let mut seen = BTreeSet::new();
-            for (i, p) in n.ports.iter().enumerate() {
-                if !seen.insert(p) {
-                    out.push(at(
-                        r,
-                        &format!("/spec/ports/{i}"),
-                        format!("port {p} is listed twice"),
-                        None,
-                    ));
-                }
-            }
+        Spec::Network(n) => check_network(r, n, out),
+        Spec::Bond(b) => check_bond(r, b, out),
+        Spec::StoragePool(p) => check_pool(r, p, out),
+        Spec::Volume(v) => check_volume(r, v, desired, out),
+        Spec::Container(c) => check_container(r, c, desired, out),
+        Spec::VirtualMachine(vm) => check_vm(r, vm, desired, out),
+        Spec::BackupSchedule(b) => check_backup_schedule(r, b, desired, out),
+    }
+}
+
+/// A Network: interface name, MTU, VXLAN, NAT, forwards and ports.
+fn check_network(r: &Resource, n: &NetworkSpec, out: &mut Vec<Diagnostic>) {
+    if r.id.name.len() > 15 {
+        out.push(at(
+            r,
+            "/metadata/name",
+            format!("network name {:?} is {} bytes; it is also the bridge's interface name, at most 15 bytes", r.id.name, r.id.name.len()),
+            Some("use a shorter name, e.g. lan0"),
+        ));
+    }
+    if let Some(mtu) = n.mtu
+        && !(68..=65535).contains(&mtu)
+    {
+        out.push(at(
+            r,
+            "/spec/mtu",
+            format!("mtu {mtu} is out of range 68..65535"),
+            None,
+        ));
+    }
+    match (n.net_type, &n.vxlan) {
+        (NetworkType::Vxlan, None) => out.push(at(
+            r,
+            "/spec/type",
+            "type vxlan needs a `vxlan` block",
+            Some("add vxlan: {vni: 100, remotes: [...]}"),
+        )),
+        (NetworkType::Bridge, Some(_)) => out.push(at(
+            r,
+            "/spec/vxlan",
+            "`vxlan` is only valid with type: vxlan",
+            Some("set type: vxlan or remove the vxlan block"),
+        )),
+        (_, Some(v)) if v.vni == 0 || v.vni >= (1 << 24) => out.push(at(
+            r,
+            "/spec/vxlan/vni",
+            format!("vni {} must be in 1..16777215", v.vni),
+            None,
+        )),
+        _ => {}
+    }
+    if let Some(nat) = &n.nat
+        && nat.enabled
+        && n.addresses.is_empty()
+    {
+        out.push(at(
+            r,
+            "/spec/nat",
+            "NAT needs at least one host address on the bridge (its subnet is masqueraded)",
+            Some("add addresses: [10.10.0.1/24]"),
+        ));
+    }
+    let mut seen_ports = BTreeSet::new();
+    for (i, f) in n.forwards.iter().enumerate() {
+        if !seen_ports.insert((f.protocol, f.host_port)) {
+            out.push(at(
+                r,
+                &format!("/spec/forwards/{i}/hostPort"),
+                format!("host port {} is forwarded twice", f.host_port),
+                None,
+            ));
         }
-        Spec::Bond(b) => {
-            if r.id.name.len() > 15 {
-                out.push(at(
-                    r,
-                    "/metadata/name",
-                    "bond name is the interface name: at most 15 bytes",
-                    None,
-                ));
-            }
-            if b.slaves.is_empty() {
-                out.push(at(
-                    r,
-                    "/spec/slaves",
-                    "a bond needs at least one slave",
-                    None,
-                ));
-            }
-        }
-        Spec::StoragePool(p) => {
-            check_abs_path(r, "/spec/path", &p.path, "pool path", out);
-            if p.path == Path::new("/") {
-                out.push(at(
-                    r,
-                    "/spec/path",
-                    "the root directory cannot be a pool",
-                    None,
-                ));
-            }
-            let need = |ok: bool, ptr: &str, msg: &str| {
-                if ok {
-                    None
-                } else {
-                    Some(at(r, ptr, msg, None))
-                }
-            };
-            out.extend(match p.pool_type {
-                PoolType::Nfs => need(
-                    p.nfs.is_some(),
-                    "/spec/type",
-                    "type nfs needs an `nfs` block {server, export}",
+        if !n.addresses.iter().any(|a| a.contains(f.to.ip())) {
+            out.push(at(
+                r,
+                &format!("/spec/forwards/{i}/to"),
+                format!(
+                    "forward target {} is not inside any subnet of this network",
+                    f.to
                 ),
-                PoolType::Lvmthin => need(
-                    p.lvm.is_some(),
-                    "/spec/type",
-                    "type lvmthin needs an `lvm` block {volumeGroup, thinPool}",
-                ),
-                PoolType::Zfs => need(
-                    p.zfs.is_some(),
-                    "/spec/type",
-                    "type zfs needs a `zfs` block {dataset}",
-                ),
-                _ => None,
-            });
-            check_pool_tool_names(r, p, out);
+                None,
+            ));
         }
-        Spec::Volume(v) => {
-            if v.size.0 == 0 {
-                out.push(at(r, "/spec/size", "size must be greater than zero", None));
-            }
-            if v.format == VolumeFormat::Qcow2 {
-                out.push(at(
-                    r,
-                    "/spec/format",
-                    "qcow2 volumes are not supported yet",
-                    Some("use format: raw"),
-                ));
-            }
-            if let Some(src) = &v.source {
-                check_abs_path(r, "/spec/source/file", &src.file, "source file", out);
-            }
-            if let Some(pool) = desired.get(&ResourceId::new(Kind::StoragePool, v.pool.as_str()))
-                && let Spec::StoragePool(p) = &pool.spec
-                && !p
-                    .content
-                    .iter()
-                    .any(|c| matches!(c, Content::Images | Content::Rootdir))
-            {
-                out.push(at(
-                    r,
-                    "/spec/pool",
-                    format!("pool {} does not allow images or rootdir content", v.pool),
-                    None,
-                ));
-            }
+    }
+    let mut seen = BTreeSet::new();
+    for (i, p) in n.ports.iter().enumerate() {
+        if !seen.insert(p) {
+            out.push(at(
+                r,
+                &format!("/spec/ports/{i}"),
+                format!("port {p} is listed twice"),
+                None,
+            ));
         }
-        Spec::Container(c) => {
-            let set = [
-                c.rootfs.template.is_some(),
-                c.rootfs.path.is_some(),
-                c.rootfs.volume.is_some(),
-            ]
+    }
+}
+
+/// A Bond: interface name and slaves.
+fn check_bond(r: &Resource, b: &BondSpec, out: &mut Vec<Diagnostic>) {
+    if r.id.name.len() > 15 {
+        out.push(at(
+            r,
+            "/metadata/name",
+            "bond name is the interface name: at most 15 bytes",
+            None,
+        ));
+    }
+    if b.slaves.is_empty() {
+        out.push(at(
+            r,
+            "/spec/slaves",
+            "a bond needs at least one slave",
+            None,
+        ));
+    }
+}
+
+/// A StoragePool: its path, the block its type needs, tool names.
+fn check_pool(r: &Resource, p: &StoragePoolSpec, out: &mut Vec<Diagnostic>) {
+    check_abs_path(r, "/spec/path", &p.path, "pool path", out);
+    if p.path == Path::new("/") {
+        out.push(at(
+            r,
+            "/spec/path",
+            "the root directory cannot be a pool",
+            None,
+        ));
+    }
+    let need = |ok: bool, ptr: &str, msg: &str| {
+        if ok {
+            None
+        } else {
+            Some(at(r, ptr, msg, None))
+        }
+    };
+    out.extend(match p.pool_type {
+        PoolType::Nfs => need(
+            p.nfs.is_some(),
+            "/spec/type",
+            "type nfs needs an `nfs` block {server, export}",
+        ),
+        PoolType::Lvmthin => need(
+            p.lvm.is_some(),
+            "/spec/type",
+            "type lvmthin needs an `lvm` block {volumeGroup, thinPool}",
+        ),
+        PoolType::Zfs => need(
+            p.zfs.is_some(),
+            "/spec/type",
+            "type zfs needs a `zfs` block {dataset}",
+        ),
+        _ => None,
+    });
+    check_pool_tool_names(r, p, out);
+}
+
+/// A Volume: size, format, source, and a pool that takes images.
+fn check_volume(r: &Resource, v: &VolumeSpec, desired: &Desired, out: &mut Vec<Diagnostic>) {
+    if v.size.0 == 0 {
+        out.push(at(r, "/spec/size", "size must be greater than zero", None));
+    }
+    if v.format == VolumeFormat::Qcow2 {
+        out.push(at(
+            r,
+            "/spec/format",
+            "qcow2 volumes are not supported yet",
+            Some("use format: raw"),
+        ));
+    }
+    if let Some(src) = &v.source {
+        check_abs_path(r, "/spec/source/file", &src.file, "source file", out);
+    }
+    if let Some(pool) = desired.get(&ResourceId::new(Kind::StoragePool, v.pool.as_str()))
+        && let Spec::StoragePool(p) = &pool.spec
+        && !p
+            .content
             .iter()
-            .filter(|b| **b)
-            .count();
-            if set != 1 {
-                out.push(at(
-                    r,
-                    "/spec/rootfs",
-                    format!("rootfs needs exactly one of template, path, volume ({set} given)"),
-                    None,
-                ));
-            }
-            if let Some(t) = &c.rootfs.template {
-                check_abs_path(r, "/spec/rootfs/template", t, "template", out);
-            }
-            if let Some(p) = &c.rootfs.path {
-                check_abs_path(r, "/spec/rootfs/path", p, "rootfs path", out);
-            }
-            if let Some(h) = &c.hostname
-                && (h.is_empty()
-                    || h.len() > 64
-                    || !h
-                        .chars()
-                        .all(|ch| ch.is_ascii_alphanumeric() || ch == '-' || ch == '.'))
-            {
-                out.push(at(
-                    r,
-                    "/spec/hostname",
-                    format!("invalid hostname {h:?}"),
-                    None,
-                ));
-            }
-            if c.command.as_ref().is_some_and(|v| v.is_empty()) {
-                out.push(at(r, "/spec/command", "command must not be empty", None));
-            }
-            if let Some(cpus) = c.resources.cpus
-                && !(cpus > 0.0 && cpus <= 1024.0)
-            {
-                out.push(at(
-                    r,
-                    "/spec/resources/cpus",
-                    format!("cpus {cpus} must be > 0"),
-                    None,
-                ));
-            }
-            if c.resources.memory.is_some_and(|m| m.0 < (4 << 20)) {
-                out.push(at(
-                    r,
-                    "/spec/resources/memory",
-                    "memory limit below 4Mi cannot run a container",
-                    None,
-                ));
-            }
-            let mut names = BTreeSet::new();
-            for (i, ifc) in c.interfaces.iter().enumerate() {
-                if !names.insert(&ifc.name) {
-                    out.push(at(
-                        r,
-                        &format!("/spec/interfaces/{i}/name"),
-                        format!("interface name {} used twice", ifc.name),
-                        None,
-                    ));
-                }
-                check_vlan(
-                    r,
-                    desired,
-                    &format!("/spec/interfaces/{i}"),
-                    ifc.network.as_str(),
-                    ifc.vlan,
-                    out,
-                );
-                if let (Some(addr), Some(gw)) = (&ifc.address, &ifc.gateway)
-                    && !addr.contains(*gw)
-                {
-                    out.push(at(
-                        r,
-                        &format!("/spec/interfaces/{i}/gateway"),
-                        format!("gateway {gw} is not in {addr}"),
-                        None,
-                    ));
-                }
-                if let Some(addr) = &ifc.address {
-                    check_in_network(
-                        r,
-                        desired,
-                        &format!("/spec/interfaces/{i}/address"),
-                        ifc.network.as_str(),
-                        addr,
-                        out,
-                    );
-                }
-            }
-            let mut paths = BTreeSet::new();
-            for (i, m) in c.mounts.iter().enumerate() {
-                check_abs_path(
-                    r,
-                    &format!("/spec/mounts/{i}/path"),
-                    &m.path,
-                    "mount path",
-                    out,
-                );
-                if !paths.insert(&m.path) {
-                    out.push(at(
-                        r,
-                        &format!("/spec/mounts/{i}/path"),
-                        format!("{} is mounted twice", m.path.display()),
-                        None,
-                    ));
-                }
-            }
+            .any(|c| matches!(c, Content::Images | Content::Rootdir))
+    {
+        out.push(at(
+            r,
+            "/spec/pool",
+            format!("pool {} does not allow images or rootdir content", v.pool),
+            None,
+        ));
+    }
+}
+
+/// A Container: rootfs, hostname, command, limits, interfaces, mounts.
+fn check_container(r: &Resource, c: &ContainerSpec, desired: &Desired, out: &mut Vec<Diagnostic>) {
+    check_container_rootfs(r, c, out);
+    check_container_process(r, c, out);
+    check_container_interfaces(r, c, desired, out);
+    check_container_mounts(r, c, out);
+}
+
+/// Exactly one rootfs source, its paths absolute.
+fn check_container_rootfs(r: &Resource, c: &ContainerSpec, out: &mut Vec<Diagnostic>) {
+    let set = [
+        c.rootfs.template.is_some(),
+        c.rootfs.path.is_some(),
+        c.rootfs.volume.is_some(),
+    ]
+    .iter()
+    .filter(|b| **b)
+    .count();
+    if set != 1 {
+        out.push(at(
+            r,
+            "/spec/rootfs",
+            format!("rootfs needs exactly one of template, path, volume ({set} given)"),
+            None,
+        ));
+    }
+    if let Some(t) = &c.rootfs.template {
+        check_abs_path(r, "/spec/rootfs/template", t, "template", out);
+    }
+    if let Some(p) = &c.rootfs.path {
+        check_abs_path(r, "/spec/rootfs/path", p, "rootfs path", out);
+    }
+}
+
+/// Hostname, command and resource limits.
+fn check_container_process(r: &Resource, c: &ContainerSpec, out: &mut Vec<Diagnostic>) {
+    if let Some(h) = &c.hostname
+        && (h.is_empty()
+            || h.len() > 64
+            || !h
+                .chars()
+                .all(|ch| ch.is_ascii_alphanumeric() || ch == '-' || ch == '.'))
+    {
+        out.push(at(
+            r,
+            "/spec/hostname",
+            format!("invalid hostname {h:?}"),
+            None,
+        ));
+    }
+    if c.command.as_ref().is_some_and(|v| v.is_empty()) {
+        out.push(at(r, "/spec/command", "command must not be empty", None));
+    }
+    if let Some(cpus) = c.resources.cpus
+        && !(cpus > 0.0 && cpus <= 1024.0)
+    {
+        out.push(at(
+            r,
+            "/spec/resources/cpus",
+            format!("cpus {cpus} must be > 0"),
+            None,
+        ));
+    }
+    if c.resources.memory.is_some_and(|m| m.0 < (4 << 20)) {
+        out.push(at(
+            r,
+            "/spec/resources/memory",
+            "memory limit below 4Mi cannot run a container",
+            None,
+        ));
+    }
+}
+
+/// Interface names unique, VLANs, gateways and addresses inside their networks.
+fn check_container_interfaces(
+    r: &Resource,
+    c: &ContainerSpec,
+    desired: &Desired,
+    out: &mut Vec<Diagnostic>,
+) {
+    let mut names = BTreeSet::new();
+    for (i, ifc) in c.interfaces.iter().enumerate() {
+        if !names.insert(&ifc.name) {
+            out.push(at(
+                r,
+                &format!("/spec/interfaces/{i}/name"),
+                format!("interface name {} used twice", ifc.name),
+                None,
+            ));
         }
-        Spec::VirtualMachine(vm) => {
-            if vm.cpus == 0 || vm.cpus > 254 {
-                out.push(at(
-                    r,
-                    "/spec/cpus",
-                    format!("cpus {} must be in 1..254", vm.cpus),
-                    None,
-                ));
-            }
-            if vm.memory.0 < (2 << 20) {
-                out.push(at(r, "/spec/memory", "memory must be at least 2Mi", None));
-            }
-            check_abs_path(r, "/spec/boot/kernel", &vm.boot.kernel, "kernel", out);
-            if let Some(i) = &vm.boot.initrd {
-                check_abs_path(r, "/spec/boot/initrd", i, "initrd", out);
-            }
-            let mut disks = BTreeSet::new();
-            for (i, d) in vm.disks.iter().enumerate() {
-                if !disks.insert(&d.volume) {
-                    out.push(at(
-                        r,
-                        &format!("/spec/disks/{i}/volume"),
-                        format!("volume {} attached twice", d.volume),
-                        None,
-                    ));
-                }
-            }
-            for (i, ifc) in vm.interfaces.iter().enumerate() {
-                check_vlan(
-                    r,
-                    desired,
-                    &format!("/spec/interfaces/{i}"),
-                    ifc.network.as_str(),
-                    ifc.vlan,
-                    out,
-                );
-            }
+        check_vlan(
+            r,
+            desired,
+            &format!("/spec/interfaces/{i}"),
+            ifc.network.as_str(),
+            ifc.vlan,
+            out,
+        );
+        if let (Some(addr), Some(gw)) = (&ifc.address, &ifc.gateway)
+            && !addr.contains(*gw)
+        {
+            out.push(at(
+                r,
+                &format!("/spec/interfaces/{i}/gateway"),
+                format!("gateway {gw} is not in {addr}"),
+                None,
+            ));
         }
-        Spec::BackupSchedule(b) => {
-            if b.targets.selector.is_none() && b.targets.names.is_empty() {
-                out.push(at(
-                    r,
-                    "/spec/targets",
-                    "targets needs a selector or names",
-                    None,
-                ));
-            }
-            for (i, t) in b.targets.names.iter().enumerate() {
-                if !matches!(
-                    t.kind,
-                    Kind::Container | Kind::VirtualMachine | Kind::Volume
-                ) {
-                    out.push(at(r, &format!("/spec/targets/names/{i}"), format!("{t} cannot be backed up: targets are Containers, VirtualMachines or Volumes"), None));
-                }
-            }
-            if let Some(pool) = desired.get(&ResourceId::new(Kind::StoragePool, b.storage.as_str()))
-                && let Spec::StoragePool(p) = &pool.spec
-                && !p.content.contains(&Content::Backup)
-            {
-                out.push(at(
-                    r,
-                    "/spec/storage",
-                    format!("pool {} does not allow backup content", b.storage),
-                    Some("add backup to the pool's content list"),
-                ));
-            }
+        if let Some(addr) = &ifc.address {
+            check_in_network(
+                r,
+                desired,
+                &format!("/spec/interfaces/{i}/address"),
+                ifc.network.as_str(),
+                addr,
+                out,
+            );
         }
+    }
+}
+
+/// Mount paths absolute and mounted once.
+fn check_container_mounts(r: &Resource, c: &ContainerSpec, out: &mut Vec<Diagnostic>) {
+    let mut paths = BTreeSet::new();
+    for (i, m) in c.mounts.iter().enumerate() {
+        check_abs_path(
+            r,
+            &format!("/spec/mounts/{i}/path"),
+            &m.path,
+            "mount path",
+            out,
+        );
+        if !paths.insert(&m.path) {
+            out.push(at(
+                r,
+                &format!("/spec/mounts/{i}/path"),
+                format!("{} is mounted twice", m.path.display()),
+                None,
+            ));
+        }
+    }
+}
+
+/// A VirtualMachine: CPUs, memory, boot files, disks, interfaces.
+fn check_vm(r: &Resource, vm: &VirtualMachineSpec, desired: &Desired, out: &mut Vec<Diagnostic>) {
+    if vm.cpus == 0 || vm.cpus > 254 {
+        out.push(at(
+            r,
+            "/spec/cpus",
+            format!("cpus {} must be in 1..254", vm.cpus),
+            None,
+        ));
+    }
+    if vm.memory.0 < (2 << 20) {
+        out.push(at(r, "/spec/memory", "memory must be at least 2Mi", None));
+    }
+    check_abs_path(r, "/spec/boot/kernel", &vm.boot.kernel, "kernel", out);
+    if let Some(i) = &vm.boot.initrd {
+        check_abs_path(r, "/spec/boot/initrd", i, "initrd", out);
+    }
+    let mut disks = BTreeSet::new();
+    for (i, d) in vm.disks.iter().enumerate() {
+        if !disks.insert(&d.volume) {
+            out.push(at(
+                r,
+                &format!("/spec/disks/{i}/volume"),
+                format!("volume {} attached twice", d.volume),
+                None,
+            ));
+        }
+    }
+    for (i, ifc) in vm.interfaces.iter().enumerate() {
+        check_vlan(
+            r,
+            desired,
+            &format!("/spec/interfaces/{i}"),
+            ifc.network.as_str(),
+            ifc.vlan,
+            out,
+        );
+    }
+}
+
+/// A BackupSchedule: targets and a pool that takes backups.
+fn check_backup_schedule(
+    r: &Resource,
+    b: &BackupScheduleSpec,
+    desired: &Desired,
+    out: &mut Vec<Diagnostic>,
+) {
+    if b.targets.selector.is_none() && b.targets.names.is_empty() {
+        out.push(at(
+            r,
+            "/spec/targets",
+            "targets needs a selector or names",
+            None,
+        ));
+    }
+    for (i, t) in b.targets.names.iter().enumerate() {
+        if !matches!(
+            t.kind,
+            Kind::Container | Kind::VirtualMachine | Kind::Volume
+        ) {
+            out.push(at(
+                r,
+                &format!("/spec/targets/names/{i}"),
+                format!(
+                    "{t} cannot be backed up: targets are Containers, VirtualMachines or Volumes"
+                ),
+                None,
+            ));
+        }
+    }
+    if let Some(pool) = desired.get(&ResourceId::new(Kind::StoragePool, b.storage.as_str()))
+        && let Spec::StoragePool(p) = &pool.spec
+        && !p.content.contains(&Content::Backup)
+    {
+        out.push(at(
+            r,
+            "/spec/storage",
+            format!("pool {} does not allow backup content", b.storage),
+            Some("add backup to the pool's content list"),
+        ));
     }
 }
 
@@ -555,116 +614,149 @@ fn check_references_and_cycles(desired: &Desired, out: &mut Vec<Diagnostic>) {
     }
 }
 
+/// First claims of a key (an address on a network, a MAC, a read-write volume): a
+/// second claim is refused with the place of the first.
+struct Claims<'d, K> {
+    desired: &'d Desired,
+    first: BTreeMap<K, (ResourceId, String)>,
+}
+
+impl<'d, K: Ord> Claims<'d, K> {
+    fn new(desired: &'d Desired) -> Self {
+        Claims {
+            desired,
+            first: BTreeMap::new(),
+        }
+    }
+
+    /// Records `r`'s claim of `key` at `ptr`; when `key` is taken, the first claimant
+    /// and its location instead.
+    fn claim(&mut self, key: K, r: &Resource, ptr: &str) -> Option<(ResourceId, String)> {
+        match self.first.get(&key) {
+            Some((first, first_ptr)) => {
+                let loc = self
+                    .desired
+                    .get(first)
+                    .map(|f| f.origin.locate(first_ptr))
+                    .unwrap_or_default();
+                Some((first.clone(), loc))
+            }
+            None => {
+                self.first.insert(key, (r.id.clone(), ptr.to_string()));
+                None
+            }
+        }
+    }
+}
+
+/// What two resources must not share: an address on one network, a MAC, a volume
+/// attached read-write.
+struct Conflicts<'d> {
+    ips: Claims<'d, (String, IpAddr)>,
+    macs: Claims<'d, String>,
+    rw: Claims<'d, String>,
+}
+
+impl<'d> Conflicts<'d> {
+    fn ip(&mut self, net: &str, ip: IpAddr, r: &Resource, ptr: &str, out: &mut Vec<Diagnostic>) {
+        if let Some((first, loc)) = self.ips.claim((net.to_string(), ip), r, ptr) {
+            let msg = format!("address {ip} on network {net} is already used by {first} ({loc})");
+            out.push(at(r, ptr, msg, None));
+        }
+    }
+
+    fn mac(&mut self, mac: String, r: &Resource, ptr: &str, out: &mut Vec<Diagnostic>) {
+        if let Some((first, loc)) = self.macs.claim(mac.clone(), r, ptr) {
+            let msg = format!("MAC {mac} is already used by {first} ({loc})");
+            out.push(at(r, ptr, msg, None));
+        }
+    }
+
+    fn read_write(&mut self, vol: &str, r: &Resource, ptr: &str, out: &mut Vec<Diagnostic>) {
+        if let Some((first, loc)) = self.rw.claim(vol.to_string(), r, ptr) {
+            let msg =
+                format!("volume {vol} is attached read-write twice (also by {first} at {loc})");
+            out.push(at(
+                r,
+                ptr,
+                msg,
+                Some("attach it readOnly in all but one place"),
+            ));
+        }
+    }
+}
+
 fn check_conflicts(desired: &Desired, out: &mut Vec<Diagnostic>) {
-    // Same IP on one network (bridge host addresses and container interfaces).
-    let mut ips: BTreeMap<(String, IpAddr), (ResourceId, String)> = BTreeMap::new();
-    let mut claim =
-        |net: &str, ip: IpAddr, r: &Resource, ptr: String, out: &mut Vec<Diagnostic>| match ips
-            .get(&(net.to_string(), ip))
-        {
-            Some((first, first_ptr)) => {
-                let loc = desired
-                    .get(first)
-                    .map(|f| f.origin.locate(first_ptr))
-                    .unwrap_or_default();
-                out.push(at(
-                    r,
-                    &ptr,
-                    format!("address {ip} on network {net} is already used by {first} ({loc})"),
-                    None,
-                ));
-            }
-            None => {
-                ips.insert((net.to_string(), ip), (r.id.clone(), ptr));
-            }
-        };
-    let mut macs: BTreeMap<String, (ResourceId, String)> = BTreeMap::new();
-    let mut claim_mac =
-        |mac: String, r: &Resource, ptr: String, out: &mut Vec<Diagnostic>| match macs.get(&mac) {
-            Some((first, first_ptr)) => {
-                let loc = desired
-                    .get(first)
-                    .map(|f| f.origin.locate(first_ptr))
-                    .unwrap_or_default();
-                out.push(at(
-                    r,
-                    &ptr,
-                    format!("MAC {mac} is already used by {first} ({loc})"),
-                    None,
-                ));
-            }
-            None => {
-                macs.insert(mac, (r.id.clone(), ptr));
-            }
-        };
-    let mut rw: BTreeMap<String, (ResourceId, String)> = BTreeMap::new();
-    let mut claim_rw =
-        |vol: &str, r: &Resource, ptr: String, out: &mut Vec<Diagnostic>| match rw.get(vol) {
-            Some((first, first_ptr)) => {
-                let loc = desired
-                    .get(first)
-                    .map(|f| f.origin.locate(first_ptr))
-                    .unwrap_or_default();
-                out.push(at(
-                    r,
-                    &ptr,
-                    format!("volume {vol} is attached read-write twice (also by {first} at {loc})"),
-                    Some("attach it readOnly in all but one place"),
-                ));
-            }
-            None => {
-                rw.insert(vol.to_string(), (r.id.clone(), ptr));
-            }
-        };
+    let mut c = Conflicts {
+        ips: Claims::new(desired),
+        macs: Claims::new(desired),
+        rw: Claims::new(desired),
+    };
     for r in desired.resources.values() {
         match &r.spec {
             Spec::Network(n) => {
                 for (i, a) in n.addresses.iter().enumerate() {
-                    claim(&r.id.name, a.addr, r, format!("/spec/addresses/{i}"), out);
+                    c.ip(&r.id.name, a.addr, r, &format!("/spec/addresses/{i}"), out);
                 }
             }
-            Spec::Container(c) => {
-                for (i, ifc) in c.interfaces.iter().enumerate() {
-                    if let Some(a) = &ifc.address {
-                        claim(
-                            ifc.network.as_str(),
-                            a.addr,
-                            r,
-                            format!("/spec/interfaces/{i}/address"),
-                            out,
-                        );
-                    }
-                    if let Some(m) = &ifc.mac {
-                        claim_mac(m.to_string(), r, format!("/spec/interfaces/{i}/mac"), out);
-                    }
-                }
-                if let Some(v) = &c.rootfs.volume {
-                    claim_rw(v.as_str(), r, "/spec/rootfs/volume".into(), out);
-                }
-                for (i, m) in c.mounts.iter().enumerate() {
-                    if !m.read_only {
-                        claim_rw(
-                            m.volume.as_str(),
-                            r,
-                            format!("/spec/mounts/{i}/volume"),
-                            out,
-                        );
-                    }
-                }
-            }
-            Spec::VirtualMachine(vm) => {
-                for (i, ifc) in vm.interfaces.iter().enumerate() {
-                    if let Some(m) = &ifc.mac {
-                        claim_mac(m.to_string(), r, format!("/spec/interfaces/{i}/mac"), out);
-                    }
-                }
-                for (i, d) in vm.disks.iter().enumerate() {
-                    if !d.read_only {
-                        claim_rw(d.volume.as_str(), r, format!("/spec/disks/{i}/volume"), out);
-                    }
-                }
-            }
+            Spec::Container(ct) => claim_container(&mut c, r, ct, out),
+            Spec::VirtualMachine(vm) => claim_vm(&mut c, r, vm, out),
             _ => {}
+        }
+    }
+}
+
+/// A container's addresses, MACs and read-write volumes.
+fn claim_container(
+    c: &mut Conflicts<'_>,
+    r: &Resource,
+    ct: &ContainerSpec,
+    out: &mut Vec<Diagnostic>,
+) {
+    for (i, ifc) in ct.interfaces.iter().enumerate() {
+        if let Some(a) = &ifc.address {
+            let ptr = format!("/spec/interfaces/{i}/address");
+            c.ip(ifc.network.as_str(), a.addr, r, &ptr, out);
+        }
+        if let Some(m) = &ifc.mac {
+            c.mac(m.to_string(), r, &format!("/spec/interfaces/{i}/mac"), out);
+        }
+    }
+    if let Some(v) = &ct.rootfs.volume {
+        c.read_write(v.as_str(), r, "/spec/rootfs/volume", out);
+    }
+    for (i, m) in ct.mounts.iter().enumerate() {
+        if !m.read_only {
+            c.read_write(
+                m.volume.as_str(),
+                r,
+                &format!("/spec/mounts/{i}/volume"),
+                out,
+            );
+        }
+    }
+}
+
+/// A VM's MACs and read-write disks.
+fn claim_vm(
+    c: &mut Conflicts<'_>,
+    r: &Resource,
+    vm: &VirtualMachineSpec,
+    out: &mut Vec<Diagnostic>,
+) {
+    for (i, ifc) in vm.interfaces.iter().enumerate() {
+        if let Some(m) = &ifc.mac {
+            c.mac(m.to_string(), r, &format!("/spec/interfaces/{i}/mac"), out);
+        }
+    }
+    for (i, d) in vm.disks.iter().enumerate() {
+        if !d.read_only {
+            c.read_write(
+                d.volume.as_str(),
+                r,
+                &format!("/spec/disks/{i}/volume"),
+                out,
+            );
         }
     }
 }
