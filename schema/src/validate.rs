@@ -760,3 +760,275 @@ fn claim_vm(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    /// One document: kind, name, and the lines of its spec (indented by two).
+    fn doc(kind: &str, name: &str, spec: &[&str]) -> String {
+        let mut s = format!(
+            "---\napiVersion: stead.dev/v1alpha1\nkind: {kind}\nmetadata: {{name: {name}}}\nspec:\n"
+        );
+        for line in spec {
+            s.push_str("  ");
+            s.push_str(line);
+            s.push('\n');
+        }
+        s
+    }
+
+    /// The diagnostics of `validate` over `text`, as `file:line:col: field: message`.
+    fn diagnostics(text: &str) -> Vec<String> {
+        let mut resources = Vec::new();
+        let mut errors = Vec::new();
+        crate::load::load_str(Path::new("m.yaml"), text, &mut resources, &mut errors);
+        let desired = crate::load::into_desired(resources, &mut errors);
+        assert!(errors.is_empty(), "the test manifest must load: {errors:?}");
+        validate(&desired).iter().map(|d| d.to_string()).collect()
+    }
+
+    const POOL: &[&str] = &["type: dir", "path: /p", "content: [images, rootdir]"];
+
+    #[test]
+    fn a_valid_set_has_no_diagnostics() {
+        let text = doc("StoragePool", "local", POOL)
+            + &doc("Network", "lan0", &["addresses: [10.0.0.1/24]"])
+            + &doc("Volume", "data", &["pool: local", "size: 1Mi"])
+            + &doc(
+                "Container",
+                "web",
+                &[
+                    "rootfs: {path: /srv/web}",
+                    "interfaces: [{name: eth0, network: lan0, address: 10.0.0.2/24}]",
+                    "mounts: [{volume: data, path: /data}]",
+                ],
+            );
+        assert_eq!(diagnostics(&text), Vec::<String>::new());
+    }
+
+    #[test]
+    fn network_rules() {
+        let text = doc(
+            "Network",
+            "abcdefghijklmnop",
+            &[
+                "mtu: 70000",                                                                   // line 5
+                "type: vxlan",                                                                  // 6
+                "nat: {enabled: true}",                                                         // 7
+                "ports: [eth1, eth1]",                                                          // 8
+                "forwards: [{hostPort: 80, to: 10.9.0.2:80}, {hostPort: 80, to: 10.9.0.3:80}]", // 9
+            ],
+        );
+        assert_eq!(
+            diagnostics(&text),
+            [
+                "m.yaml:4:18: Network/abcdefghijklmnop metadata.name: network name \"abcdefghijklmnop\" is 16 bytes; it is also the bridge's interface name, at most 15 bytes (hint: use a shorter name, e.g. lan0)",
+                "m.yaml:6:8: Network/abcdefghijklmnop spec.mtu: mtu 70000 is out of range 68..65535",
+                "m.yaml:7:9: Network/abcdefghijklmnop spec.type: type vxlan needs a `vxlan` block (hint: add vxlan: {vni: 100, remotes: [...]})",
+                "m.yaml:8:3: Network/abcdefghijklmnop spec.nat: NAT needs at least one host address on the bridge (its subnet is masqueraded) (hint: add addresses: [10.10.0.1/24])",
+                "m.yaml:9:17: Network/abcdefghijklmnop spec.ports[1]: port eth1 is listed twice",
+                "m.yaml:10:33: Network/abcdefghijklmnop spec.forwards[0].to: forward target 10.9.0.2:80 is not inside any subnet of this network",
+                "m.yaml:10:58: Network/abcdefghijklmnop spec.forwards[1].hostPort: host port 80 is forwarded twice",
+                "m.yaml:10:66: Network/abcdefghijklmnop spec.forwards[1].to: forward target 10.9.0.3:80 is not inside any subnet of this network",
+            ]
+        );
+    }
+
+    #[test]
+    fn bond_and_pool_rules() {
+        let text = doc(
+            "Bond",
+            "abcdefghijklmnop",
+            &["mode: active-backup", "slaves: []"],
+        ) + &doc("StoragePool", "root", &["type: dir", "path: /"])
+            + &doc("StoragePool", "rel", &["type: nfs", "path: srv/../x"])
+            + &doc("StoragePool", "thin", &["type: lvmthin", "path: /t"])
+            + &doc("StoragePool", "tank", &["type: zfs", "path: /z"]);
+        assert_eq!(
+            diagnostics(&text),
+            [
+                "m.yaml:4:18: Bond/abcdefghijklmnop metadata.name: bond name is the interface name: at most 15 bytes",
+                "m.yaml:7:3: Bond/abcdefghijklmnop spec.slaves: a bond needs at least one slave",
+                "m.yaml:14:9: StoragePool/root spec.path: the root directory cannot be a pool",
+                "m.yaml:20:9: StoragePool/rel spec.type: type nfs needs an `nfs` block {server, export}",
+                "m.yaml:21:9: StoragePool/rel spec.path: pool path srv/../x must be an absolute path",
+                "m.yaml:27:9: StoragePool/thin spec.type: type lvmthin needs an `lvm` block {volumeGroup, thinPool}",
+                "m.yaml:34:9: StoragePool/tank spec.type: type zfs needs a `zfs` block {dataset}",
+            ]
+        );
+    }
+
+    #[test]
+    fn volume_rules() {
+        let pool = doc(
+            "StoragePool",
+            "bk",
+            &["type: dir", "path: /b", "content: [backup]"],
+        );
+        let text = pool
+            + &doc("Volume", "empty", &["pool: bk", "size: 0", "format: qcow2"])
+            + &doc(
+                "Volume",
+                "copy",
+                &["pool: bk", "size: 1Mi", "source: {file: img.raw}"],
+            );
+        assert_eq!(
+            diagnostics(&text),
+            [
+                "m.yaml:14:9: Volume/empty spec.pool: pool bk does not allow images or rootdir content",
+                "m.yaml:15:9: Volume/empty spec.size: size must be greater than zero",
+                "m.yaml:16:11: Volume/empty spec.format: qcow2 volumes are not supported yet (hint: use format: raw)",
+                "m.yaml:22:9: Volume/copy spec.pool: pool bk does not allow images or rootdir content",
+                "m.yaml:24:18: Volume/copy spec.source.file: source file img.raw must be an absolute path",
+            ]
+        );
+    }
+
+    #[test]
+    fn container_rules() {
+        let net = doc("Network", "lan0", &["addresses: [10.0.0.1/24]"]);
+        let text = net
+            + &doc(
+                "Container",
+                "web",
+                &[
+                    "rootfs: {path: rel/root, template: /t.tar}",
+                    "hostname: \"bad host\"",
+                    "command: []",
+                    "resources: {cpus: 0, memory: 1Mi}",
+                    "interfaces: [{name: eth0, network: lan0, address: 10.1.0.2/24, gateway: 10.2.0.1, vlan: 5}, {name: eth0, network: lan0}]",
+                    "mounts: [{volume: a, path: /d}, {volume: b, path: /d}, {volume: c, path: x/../y}]",
+                ],
+            );
+        assert_eq!(
+            diagnostics(&text),
+            [
+                "m.yaml:12:3: Container/web spec.rootfs: rootfs needs exactly one of template, path, volume (2 given)",
+                "m.yaml:12:18: Container/web spec.rootfs.path: rootfs path rel/root must be an absolute path",
+                "m.yaml:13:13: Container/web spec.hostname: invalid hostname \"bad host\"",
+                "m.yaml:14:3: Container/web spec.command: command must not be empty",
+                "m.yaml:15:21: Container/web spec.resources.cpus: cpus 0 must be > 0",
+                "m.yaml:15:32: Container/web spec.resources.memory: memory limit below 4Mi cannot run a container",
+                "m.yaml:16:53: Container/web spec.interfaces[0].address: 10.1.0.2/24 is not in a subnet of network lan0 (10.0.0.0/24)",
+                "m.yaml:16:75: Container/web spec.interfaces[0].gateway: gateway 10.2.0.1 is not in 10.1.0.2/24",
+                "m.yaml:16:91: Container/web spec.interfaces[0].vlan: network lan0 is not vlanAware (hint: set vlanAware: true on the network)",
+                "m.yaml:16:102: Container/web spec.interfaces[1].name: interface name eth0 used twice",
+                "m.yaml:17:21: Container/web spec.mounts[0].volume: Container/web references Volume/a which is not defined",
+                "m.yaml:17:44: Container/web spec.mounts[1].volume: Container/web references Volume/b which is not defined",
+                "m.yaml:17:53: Container/web spec.mounts[1].path: /d is mounted twice",
+                "m.yaml:17:67: Container/web spec.mounts[2].volume: Container/web references Volume/c which is not defined",
+                "m.yaml:17:76: Container/web spec.mounts[2].path: mount path x/../y must be an absolute path",
+            ]
+        );
+    }
+
+    #[test]
+    fn vm_rules() {
+        let text = doc(
+            "VirtualMachine",
+            "vm1",
+            &[
+                "cpus: 0",
+                "memory: 1Mi",
+                "boot: {kernel: vmlinuz, initrd: /i/../x}",
+                "disks: [{volume: d}, {volume: d}]",
+                "interfaces: [{network: lan0, vlan: 5000}]",
+            ],
+        );
+        assert_eq!(
+            diagnostics(&text),
+            [
+                "m.yaml:6:9: VirtualMachine/vm1 spec.cpus: cpus 0 must be in 1..254",
+                "m.yaml:7:11: VirtualMachine/vm1 spec.memory: memory must be at least 2Mi",
+                "m.yaml:8:18: VirtualMachine/vm1 spec.boot.kernel: kernel vmlinuz must be an absolute path",
+                "m.yaml:8:35: VirtualMachine/vm1 spec.boot.initrd: initrd /i/../x must not contain `..`",
+                "m.yaml:9:20: VirtualMachine/vm1 spec.disks[0].volume: VirtualMachine/vm1 references Volume/d which is not defined",
+                "m.yaml:9:33: VirtualMachine/vm1 spec.disks[1].volume: volume d attached twice",
+                "m.yaml:9:33: VirtualMachine/vm1 spec.disks[1].volume: VirtualMachine/vm1 references Volume/d which is not defined",
+                "m.yaml:9:33: VirtualMachine/vm1 spec.disks[1].volume: volume d is attached read-write twice (also by VirtualMachine/vm1 at m.yaml:9:20) (hint: attach it readOnly in all but one place)",
+                "m.yaml:10:26: VirtualMachine/vm1 spec.interfaces[0].network: VirtualMachine/vm1 references Network/lan0 which is not defined",
+                "m.yaml:10:38: VirtualMachine/vm1 spec.interfaces[0].vlan: vlan 5000 must be in 1..4094",
+            ]
+        );
+    }
+
+    #[test]
+    fn backup_schedule_rules() {
+        let text = doc("StoragePool", "local", POOL)
+            + &doc(
+                "BackupSchedule",
+                "nightly",
+                &[
+                    "schedule: '0 2 * * *'",
+                    "targets: {names: [Network/lan0]}",
+                    "storage: local",
+                ],
+            )
+            + &doc(
+                "BackupSchedule",
+                "none",
+                &["schedule: '0 2 * * *'", "targets: {}", "storage: elsewhere"],
+            );
+        assert_eq!(
+            diagnostics(&text),
+            [
+                "m.yaml:15:21: BackupSchedule/nightly spec.targets.names[0]: Network/lan0 cannot be backed up: targets are Containers, VirtualMachines or Volumes",
+                "m.yaml:15:21: BackupSchedule/nightly spec.targets.names[0]: BackupSchedule/nightly references Network/lan0 which is not defined",
+                "m.yaml:16:12: BackupSchedule/nightly spec.storage: pool local does not allow backup content (hint: add backup to the pool's content list)",
+                "m.yaml:23:3: BackupSchedule/none spec.targets: targets needs a selector or names",
+                "m.yaml:24:12: BackupSchedule/none spec.storage: BackupSchedule/none references StoragePool/elsewhere which is not defined",
+            ]
+        );
+    }
+
+    #[test]
+    fn dangling_references_and_cycles() {
+        let text = doc("StoragePool", "local", POOL)
+            + &doc("Volume", "data", &["pool: locl", "size: 1Mi"])
+            + &doc("Network", "a", &["dependsOn: [Network/b]"])
+            + &doc("Network", "b", &["dependsOn: [Network/a]"]);
+        assert_eq!(
+            diagnostics(&text),
+            [
+                "m.yaml:14:9: Volume/data spec.pool: Volume/data references StoragePool/locl which is not defined (hint: did you mean StoragePool/local?)",
+                "m.yaml:19:18: Network/a metadata.name: dependency cycle: Network/a -> Network/b -> Network/a (hint: remove one of the references or dependsOn entries)",
+            ]
+        );
+    }
+
+    #[test]
+    fn shared_addresses_macs_and_volumes_conflict() {
+        let text = doc("StoragePool", "local", POOL)
+            + &doc("Volume", "data", &["pool: local", "size: 1Mi"])
+            + &doc("Network", "lan0", &["addresses: [10.0.0.1/24]"])
+            + &doc(
+                "Container",
+                "a",
+                &[
+                    "rootfs: {volume: data}",
+                    "interfaces: [{name: eth0, network: lan0, address: 10.0.0.1/24, mac: '02:00:00:00:00:01'}]",
+                ],
+            )
+            + &doc(
+                "VirtualMachine",
+                "b",
+                &[
+                    "boot: {kernel: /k}",
+                    "disks: [{volume: data}, {volume: data, readOnly: true}]",
+                    "interfaces: [{network: lan0, mac: '02:00:00:00:00:01'}]",
+                ],
+            );
+        assert_eq!(
+            diagnostics(&text),
+            [
+                "m.yaml:28:53: Container/a spec.interfaces[0].address: address 10.0.0.1 on network lan0 is already used by Network/lan0 (m.yaml:21:15)",
+                "m.yaml:35:20: VirtualMachine/b spec.disks[0].volume: volume data is attached read-write twice (also by Container/a at m.yaml:27:20) (hint: attach it readOnly in all but one place)",
+                "m.yaml:35:36: VirtualMachine/b spec.disks[1].volume: volume data attached twice",
+                "m.yaml:36:37: VirtualMachine/b spec.interfaces[0].mac: MAC 02:00:00:00:00:01 is already used by Container/a (m.yaml:28:71)",
+            ]
+        );
+    }
+}
