@@ -739,9 +739,9 @@ mod tests {
         let c = change(&p, "Volume/a");
         assert_eq!(c.impact, None);
         assert!(
-            c.fields
-                .iter()
-                .any(|f| f.path == "/size" && f.old.is_none() && f.new == Some(json!("1000000000")))
+            c.fields.iter().any(|f| f.path == "/size"
+                && f.old.is_none()
+                && f.new == Some(json!("1000000000")))
         );
         assert!(p.errors.is_empty(), "{:?}", p.errors);
     }

@@ -103,6 +103,13 @@ pub(crate) struct Script {
     pub log: Mutex<Vec<String>>,
 }
 
+impl Script {
+    /// What was done, in order.
+    pub fn log(&self) -> Vec<String> {
+        self.log.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+}
+
 /// A driver whose desired state is the spec itself and whose host is [`Script::log`].
 pub(crate) struct FakeDriver {
     kind: Kind,
