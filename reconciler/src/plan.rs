@@ -491,6 +491,7 @@ fn delete_change(
     })
 }
 
+/// The change of one desired resource, or the error refusing it.
 fn plan_one(
     r: &Resource,
     obs: &Observed,
@@ -500,7 +501,7 @@ fn plan_one(
     world: &World<'_>,
     opts: &PlanOptions,
 ) -> Result<Change, String> {
-    let mut change = Change {
+    let change = Change {
         id: r.id.clone(),
         action: Action::Noop,
         impact: None,
@@ -511,26 +512,7 @@ fn plan_one(
     };
     let want = driver.desired_state(r, world);
     if !obs.exists {
-        change.action = Action::Create;
-        let mut leaves = Vec::new();
-        diff_values("", None, Some(&want), &mut leaves);
-        change.fields = leaves
-            .into_iter()
-            .map(|(path, _, new)| FieldChange {
-                path,
-                old: None,
-                new,
-                impact: Impact::Hot,
-            })
-            .collect();
-        if inv.is_some() {
-            change.drift = true;
-            change.note =
-                Some("owned object is missing from the host; it will be created again".into());
-        }
-        // A create is checked like an update: its refusal is a plan error, not an apply one.
-        driver.check(r, obs, &change.fields)?;
-        return Ok(change);
+        return create_change(change, r, obs, inv, driver, &want);
     }
     if !obs.owned && inv.is_none() && !pending {
         return Err(format!(
@@ -538,9 +520,52 @@ fn plan_one(
             r.id.name
         ));
     }
+    let mut fields = observed_field_changes(driver, obs, &want);
+    if let Some(inv) = inv {
+        fields.extend(unobservable_field_changes(r, inv, &want, &fields));
+    }
+    if fields.is_empty() {
+        return Ok(change);
+    }
+    update_change(change, r, obs, inv, fields, driver, world, opts)
+}
+
+/// `+ create`: every desired leaf is new. Checked like an update, so a refusal is a
+/// plan error, not an apply one.
+fn create_change(
+    mut change: Change,
+    r: &Resource,
+    obs: &Observed,
+    inv: Option<&InventoryEntry>,
+    driver: &dyn Driver,
+    want: &Value,
+) -> Result<Change, String> {
+    change.action = Action::Create;
     let mut leaves = Vec::new();
-    diff_values("", Some(&obs.state), Some(&want), &mut leaves);
-    let mut fields: Vec<FieldChange> = leaves
+    diff_values("", None, Some(want), &mut leaves);
+    change.fields = leaves
+        .into_iter()
+        .map(|(path, _, new)| FieldChange {
+            path,
+            old: None,
+            new,
+            impact: Impact::Hot,
+        })
+        .collect();
+    if inv.is_some() {
+        change.drift = true;
+        change.note =
+            Some("owned object is missing from the host; it will be created again".into());
+    }
+    driver.check(r, obs, &change.fields)?;
+    Ok(change)
+}
+
+/// The fields where the host differs from the desired state, each with its impact.
+fn observed_field_changes(driver: &dyn Driver, obs: &Observed, want: &Value) -> Vec<FieldChange> {
+    let mut leaves = Vec::new();
+    diff_values("", Some(&obs.state), Some(want), &mut leaves);
+    leaves
         .into_iter()
         .map(|(path, old, new)| {
             let impact = driver.impact(&path);
@@ -551,38 +576,62 @@ fn plan_one(
                 impact,
             }
         })
-        .collect();
-    // Fields the host cannot show: compare the spec with the last-applied spec.
-    if let Some(inv) = inv {
-        let spec_now = serde_json::to_value(&r.spec).unwrap_or(Value::Null);
-        let spec_then = serde_json::to_value(&inv.resource.spec).unwrap_or(Value::Null);
-        let mut spec_leaves = Vec::new();
-        diff_values("", Some(&spec_then), Some(&spec_now), &mut spec_leaves);
-        for (path, old, new) in spec_leaves {
-            if want.pointer(&path).is_none()
-                && !fields.iter().any(|f| path.starts_with(&f.path))
-                && !is_observable_prefix(&want, &path)
-            {
-                fields.push(FieldChange {
-                    path,
-                    old,
-                    new,
-                    impact: Impact::Hot,
-                });
-            }
-        }
-        if inv.resource.metadata.labels != r.metadata.labels {
-            fields.push(FieldChange {
-                path: "/metadata/labels".into(),
-                old: serde_json::to_value(&inv.resource.metadata.labels).ok(),
-                new: serde_json::to_value(&r.metadata.labels).ok(),
+        .collect()
+}
+
+/// Changes the host cannot show (fields outside the desired state, labels): the spec
+/// against the last-applied spec. Hot: nothing on the host changes for them.
+fn unobservable_field_changes(
+    r: &Resource,
+    inv: &InventoryEntry,
+    want: &Value,
+    observed: &[FieldChange],
+) -> Vec<FieldChange> {
+    let spec_now = serde_json::to_value(&r.spec).unwrap_or(Value::Null);
+    let spec_then = serde_json::to_value(&inv.resource.spec).unwrap_or(Value::Null);
+    let mut spec_leaves = Vec::new();
+    diff_values("", Some(&spec_then), Some(&spec_now), &mut spec_leaves);
+    let mut out: Vec<FieldChange> = Vec::new();
+    for (path, old, new) in spec_leaves {
+        let shown = want.pointer(&path).is_some()
+            || observed
+                .iter()
+                .chain(&out)
+                .any(|f| path.starts_with(&f.path))
+            || is_observable_prefix(want, &path);
+        if !shown {
+            out.push(FieldChange {
+                path,
+                old,
+                new,
                 impact: Impact::Hot,
             });
         }
     }
-    if fields.is_empty() {
-        return Ok(change);
+    if inv.resource.metadata.labels != r.metadata.labels {
+        out.push(FieldChange {
+            path: "/metadata/labels".into(),
+            old: serde_json::to_value(&inv.resource.metadata.labels).ok(),
+            new: serde_json::to_value(&r.metadata.labels).ok(),
+            impact: Impact::Hot,
+        });
     }
+    out
+}
+
+/// `~ update` or `-/+ replace` by the highest field impact; `data-loss` needs the
+/// opt-in and gets a safety snapshot when the driver can take one.
+#[allow(clippy::too_many_arguments)]
+fn update_change(
+    mut change: Change,
+    r: &Resource,
+    obs: &Observed,
+    inv: Option<&InventoryEntry>,
+    fields: Vec<FieldChange>,
+    driver: &dyn Driver,
+    world: &World<'_>,
+    opts: &PlanOptions,
+) -> Result<Change, String> {
     driver.check(r, obs, &fields)?;
     let impact = fields.iter().map(|f| f.impact).max().unwrap_or(Impact::Hot);
     if impact == Impact::DataLoss && !opts.allow_data_loss {
@@ -790,6 +839,42 @@ mod tests {
             (Action::Replace, Some(Impact::Recreate))
         );
         assert_eq!(v.safety_snapshot, None);
+    }
+
+    #[test]
+    fn fields_the_host_cannot_show_are_diffed_against_the_last_apply() {
+        let before = pool("local") + &vol("a", "1Gi", "Retain");
+        let after = pool("local")
+            + &doc(
+                "Volume",
+                "a",
+                "{pool: local, size: 1Gi, deletionPolicy: Delete}",
+            )
+            .replace("{name: a}", "{name: a, labels: {tier: db}}");
+        let p = Case::new(&after, &before).plan(&opts());
+        let v = change(&p, "Volume/a");
+        assert_eq!((v.action, v.impact), (Action::Update, Some(Impact::Hot)));
+        assert!(!v.drift, "the manifest changed");
+        let fields: Vec<(&str, Option<&Value>, Option<&Value>)> = v
+            .fields
+            .iter()
+            .map(|f| (f.path.as_str(), f.old.as_ref(), f.new.as_ref()))
+            .collect();
+        assert_eq!(
+            fields,
+            [
+                (
+                    "/deletionPolicy",
+                    Some(&json!("Retain")),
+                    Some(&json!("Delete"))
+                ),
+                (
+                    "/metadata/labels",
+                    Some(&json!({})),
+                    Some(&json!({"tier": "db"}))
+                ),
+            ]
+        );
     }
 
     #[test]
