@@ -17,7 +17,7 @@ use stead_schema::graph::edges;
 use stead_schema::{Desired, Kind, Resource, ResourceId};
 use tracing::{info, info_span, warn};
 
-use crate::plan::{Action, Plan, World};
+use crate::plan::{Action, Change, Plan, World};
 use crate::state::{InventoryEntry, StateDb, StateError};
 
 /// How one change ended.
@@ -167,7 +167,12 @@ impl Default for ExecOptions {
     }
 }
 
+/// The executor's schedule: which changes wait, which are ready, which failed.
 struct Sched {
+    /// prerequisites[i]: the changes that must finish before change i starts.
+    prereq: Vec<BTreeSet<usize>>,
+    /// dependents[i]: the changes waiting for change i.
+    dependents: Vec<Vec<usize>>,
     waiting_on: Vec<usize>,
     ready: VecDeque<usize>,
     running: usize,
@@ -175,28 +180,73 @@ struct Sched {
     failed: BTreeMap<usize, ResourceId>,
 }
 
-/// Runs `plan`. `observed` is what the plan was computed from.
-#[allow(clippy::too_many_arguments)]
-pub fn execute(
-    plan: &Plan,
+impl Sched {
+    fn new(prereq: Vec<BTreeSet<usize>>) -> Self {
+        let n = prereq.len();
+        let mut dependents: Vec<Vec<usize>> = vec![Vec::new(); n];
+        for (i, ps) in prereq.iter().enumerate() {
+            for &p in ps {
+                dependents[p].push(i);
+            }
+        }
+        Sched {
+            waiting_on: prereq.iter().map(|p| p.len()).collect(),
+            ready: (0..n).filter(|&i| prereq[i].is_empty()).collect(),
+            prereq,
+            dependents,
+            running: 0,
+            finished: 0,
+            failed: BTreeMap::new(),
+        }
+    }
+
+    /// The next ready change and the failed prerequisite that blocks it, if any; `None`
+    /// when nothing is left to start (waits while running changes may free more).
+    fn take(sched: &Mutex<Sched>, cv: &Condvar) -> Option<(usize, Option<ResourceId>)> {
+        let mut s = sched.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(i) = s.ready.pop_front() {
+                s.running += 1;
+                let blocked = s.prereq[i].iter().find_map(|p| s.failed.get(p).cloned());
+                return Some((i, blocked));
+            }
+            if s.finished == s.prereq.len() || (s.running == 0 && s.ready.is_empty()) {
+                return None;
+            }
+            s = cv.wait(s).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Change `i` ended (`bad`: failed or skipped): its dependents may become ready.
+    fn finish(&mut self, i: usize, id: &ResourceId, bad: bool) {
+        self.running -= 1;
+        self.finished += 1;
+        if bad {
+            self.failed.insert(i, id.clone());
+        }
+        for &d in &self.dependents[i] {
+            self.waiting_on[d] -= 1;
+            if self.waiting_on[d] == 0 {
+                self.ready.push_back(d);
+            }
+        }
+    }
+}
+
+/// prerequisites[i]: the changes that must finish before change i starts. Creates and
+/// updates wait for what they reference now; deletes and retains wait for whatever
+/// referenced them in the last apply.
+fn prerequisites(
+    changes: &[Change],
     desired: &Desired,
     inventory: &BTreeMap<ResourceId, InventoryEntry>,
-    observed: &BTreeMap<ResourceId, Observed>,
-    drivers: &BTreeMap<Kind, Box<dyn Driver>>,
-    db: &Mutex<StateDb>,
-    opts: &ExecOptions,
-    on_step: &(dyn Fn(&StepResult) + Sync),
-) -> Report {
-    let changes = &plan.changes;
-    let n = changes.len();
+) -> Vec<BTreeSet<usize>> {
     let index: BTreeMap<&ResourceId, usize> = changes
         .iter()
         .enumerate()
         .map(|(i, c)| (&c.id, i))
         .collect();
-
-    // prerequisites[i] = changes that must finish before change i starts.
-    let mut prereq: Vec<BTreeSet<usize>> = vec![BTreeSet::new(); n];
+    let mut prereq: Vec<BTreeSet<usize>> = vec![BTreeSet::new(); changes.len()];
     for e in edges(desired.resources.values()) {
         if let (Some(&from), Some(&to)) = (index.get(&e.from), index.get(&e.to))
             && changes[from].action != Action::Delete
@@ -213,19 +263,24 @@ pub fn execute(
             prereq[used].insert(user);
         }
     }
-    let mut dependents: Vec<Vec<usize>> = vec![Vec::new(); n];
-    for (i, ps) in prereq.iter().enumerate() {
-        for &p in ps {
-            dependents[p].push(i);
-        }
-    }
-    let sched = Mutex::new(Sched {
-        waiting_on: prereq.iter().map(|p| p.len()).collect(),
-        ready: (0..n).filter(|&i| prereq[i].is_empty()).collect(),
-        running: 0,
-        finished: 0,
-        failed: BTreeMap::new(),
-    });
+    prereq
+}
+
+/// Runs `plan`. `observed` is what the plan was computed from.
+#[allow(clippy::too_many_arguments)]
+pub fn execute(
+    plan: &Plan,
+    desired: &Desired,
+    inventory: &BTreeMap<ResourceId, InventoryEntry>,
+    observed: &BTreeMap<ResourceId, Observed>,
+    drivers: &BTreeMap<Kind, Box<dyn Driver>>,
+    db: &Mutex<StateDb>,
+    opts: &ExecOptions,
+    on_step: &(dyn Fn(&StepResult) + Sync),
+) -> Report {
+    let changes = &plan.changes;
+    let n = changes.len();
+    let sched = Mutex::new(Sched::new(prerequisites(changes, desired, inventory)));
     let cv = Condvar::new();
     let results = Mutex::new(Vec::with_capacity(n));
     let steps = AtomicUsize::new(0);
@@ -240,21 +295,7 @@ pub fn execute(
     let absent = Observed::absent();
 
     let worker = || {
-        loop {
-            let (i, blocked_by) = {
-                let mut s = sched.lock().unwrap_or_else(|p| p.into_inner());
-                loop {
-                    if let Some(i) = s.ready.pop_front() {
-                        s.running += 1;
-                        let blocked = prereq[i].iter().find_map(|p| s.failed.get(p).cloned());
-                        break (i, blocked);
-                    }
-                    if s.finished == n || (s.running == 0 && s.ready.is_empty()) {
-                        return;
-                    }
-                    s = cv.wait(s).unwrap_or_else(|p| p.into_inner());
-                }
-            };
+        while let Some((i, blocked_by)) = Sched::take(&sched, &cv) {
             let c = &changes[i];
             let start = Instant::now();
             let (outcome, error) = match blocked_by {
@@ -285,17 +326,7 @@ pub fn execute(
                 .unwrap_or_else(|p| p.into_inner())
                 .push(result);
             let mut s = sched.lock().unwrap_or_else(|p| p.into_inner());
-            s.running -= 1;
-            s.finished += 1;
-            if bad {
-                s.failed.insert(i, c.id.clone());
-            }
-            for &d in &dependents[i] {
-                s.waiting_on[d] -= 1;
-                if s.waiting_on[d] == 0 {
-                    s.ready.push_back(d);
-                }
-            }
+            s.finish(i, &c.id, bad);
             cv.notify_all();
         }
     };
