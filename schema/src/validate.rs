@@ -66,6 +66,12 @@ fn check_resource(r: &Resource, desired: &Desired, out: &mut Vec<Diagnostic>) {
 
 /// A Network: interface name, MTU, VXLAN, NAT, forwards and ports.
 fn check_network(r: &Resource, n: &NetworkSpec, out: &mut Vec<Diagnostic>) {
+    check_network_link(r, n, out);
+    check_network_ports(r, n, out);
+}
+
+/// The bridge itself: name, MTU, VXLAN block, NAT.
+fn check_network_link(r: &Resource, n: &NetworkSpec, out: &mut Vec<Diagnostic>) {
     if r.id.name.len() > 15 {
         out.push(at(
             r,
@@ -116,6 +122,10 @@ fn check_network(r: &Resource, n: &NetworkSpec, out: &mut Vec<Diagnostic>) {
             Some("add addresses: [10.10.0.1/24]"),
         ));
     }
+}
+
+/// Port forwards (each host port once, into a subnet of the network) and member ports.
+fn check_network_ports(r: &Resource, n: &NetworkSpec, out: &mut Vec<Diagnostic>) {
     let mut seen_ports = BTreeSet::new();
     for (i, f) in n.forwards.iter().enumerate() {
         if !seen_ports.insert((f.protocol, f.host_port)) {
