@@ -281,3 +281,39 @@ pub fn plan_run(
     run.plan = run.compute(drivers, desired);
     Ok(run)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::testkit::*;
+
+    #[test]
+    fn replan_plans_the_same_observation_with_new_options() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = StateDb::open(dir.path()).unwrap();
+        let d = desired(&(net("lan0", 1500) + &net("lan1", 1500)));
+        // lan0 was applied before; the fake host shows nothing, so it drifted away.
+        db.upsert(&d.resources[&id(Kind::Network, "lan0")]).unwrap();
+        let drivers = drivers(&Arc::new(Script::default()));
+
+        let mut run = plan_run(&drivers, &d, &db, PlanOptions::default()).unwrap();
+        let ids = |run: &PlannedRun| -> Vec<String> {
+            run.plan.changes.iter().map(|c| c.id.to_string()).collect()
+        };
+        assert_eq!(ids(&run), ["Network/lan0", "Network/lan1"]);
+        assert!(run.plan.changes[0].drift);
+        let now = run.options().now;
+
+        run.replan(&drivers, &d, |o| o.skip_drift = true);
+        assert_eq!(ids(&run), ["Network/lan1"]);
+        run.replan(&drivers, &d, |o| {
+            o.exclude.insert(id(Kind::Network, "lan1"), "held".into());
+        });
+        assert!(run.plan.changes.is_empty(), "{:?}", run.plan);
+        assert!(run.options().skip_drift, "options accumulate");
+        assert_eq!(run.options().now, now, "the time of the first plan is kept");
+        assert_eq!(run.inventory.len(), 1);
+    }
+}
