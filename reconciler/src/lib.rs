@@ -269,8 +269,17 @@ pub fn plan_run(
     add_unrecorded(&mut inventory, db.journal_open_resources()?, desired);
     let (observed, observe_errors) = observe_all(drivers, desired, &inventory);
     let warnings = unknown_marked(drivers, desired, &inventory);
-    let mut run = PlannedRun {
-        plan: Plan::default(),
+    let input = plan::PlanInput {
+        desired,
+        observed: &observed,
+        inventory: &inventory,
+        pending: &pending,
+        observe_errors: &observe_errors,
+        warnings: &warnings,
+    };
+    let plan = plan::plan(&input, drivers, &opts);
+    let run = PlannedRun {
+        plan,
         observed,
         inventory,
         pending,
@@ -278,7 +287,6 @@ pub fn plan_run(
         warnings,
         opts,
     };
-    run.plan = run.compute(drivers, desired);
     Ok(run)
 }
 

@@ -157,8 +157,10 @@ impl Default for PlanOptions {
     }
 }
 
-/// The plan, computed once and executed as shown.
-#[derive(Debug, Clone, Serialize, Default)]
+/// The plan, computed once by [`plan`] and executed as shown. It cannot be built
+/// outside this crate; no caller edits one (every filter is a [`PlanOptions`] field).
+#[derive(Debug, Clone, Serialize)]
+#[non_exhaustive]
 pub struct Plan {
     /// Changes in execution order: creates/updates/replaces by dependency waves, then
     /// deletes in reverse dependency order. No-ops are included (action `noop`).
