@@ -310,6 +310,7 @@ pub fn run(cmd: EnvCmd, g: &Global) -> Result<u8> {
                     opts: PlanOptions {
                         no_prune: false,
                         allow_data_loss: false,
+                        ..Default::default()
                     },
                     purge: false,
                     yes: true,
@@ -389,6 +390,7 @@ fn down(g: &Global, base: &HostEnv, name: &str) -> Result<u8> {
                 opts: PlanOptions {
                     no_prune: false,
                     allow_data_loss: true,
+                    ..Default::default()
                 },
                 purge: true,
                 yes: true,

@@ -420,6 +420,7 @@ fn run(cli: Cli) -> Result<u8> {
                 PlanOptions {
                     no_prune,
                     allow_data_loss,
+                    ..Default::default()
                 },
             )?;
             match output {
@@ -460,6 +461,7 @@ fn run(cli: Cli) -> Result<u8> {
                     opts: PlanOptions {
                         no_prune,
                         allow_data_loss,
+                        ..Default::default()
                     },
                     purge: false,
                     yes,
@@ -489,6 +491,7 @@ fn run(cli: Cli) -> Result<u8> {
                     opts: PlanOptions {
                         no_prune: false,
                         allow_data_loss,
+                        ..Default::default()
                     },
                     purge: false,
                     yes,
@@ -608,27 +611,14 @@ pub(crate) fn apply(g: &Global, env: &HostEnv, req: ApplyRequest<'_>) -> Result<
     };
     let db = StateDb::open(&env.state_dir)?;
     let drivers = drivers_for(env, &opts_drivers, kinds_used(desired, &db)?)?;
+    let only_ids = only.as_ref().map(|o| o.iter().cloned().collect());
+    let opts = PlanOptions {
+        only: only_ids,
+        purge_retained: purge,
+        ..opts
+    };
     let mut run = plan_run(&drivers, desired, &db, opts)?;
-    if purge {
-        // Environment teardown: what `Retain` would keep goes too.
-        for c in run
-            .plan
-            .changes
-            .iter_mut()
-            .filter(|c| c.action == stead_reconciler::Action::Retain)
-        {
-            c.action = stead_reconciler::Action::Delete;
-            c.impact = drivers.get(&c.id.kind).and_then(|d| {
-                run.inventory
-                    .get(&c.id)
-                    .map(|e| d.delete_impact(&e.resource))
-            });
-            c.note = Some("environment teardown deletes retained data too".into());
-        }
-    }
     if let Some(only) = &only {
-        run.plan.changes.retain(|c| only.contains(&c.id));
-        run.plan.errors.retain(|e| only.contains(&e.id));
         run.inventory.retain(|id, _| only.contains(id));
     }
     let style = style(g);

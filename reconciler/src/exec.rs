@@ -17,7 +17,7 @@ use stead_schema::graph::edges;
 use stead_schema::{Desired, Kind, Resource, ResourceId};
 use tracing::{info, info_span, warn};
 
-use crate::plan::{Action, Plan, World};
+use crate::plan::{Action, Change, Plan, World};
 use crate::state::{InventoryEntry, StateDb, StateError};
 
 /// How one change ended.
@@ -167,7 +167,12 @@ impl Default for ExecOptions {
     }
 }
 
+/// The executor's schedule: which changes wait, which are ready, which failed.
 struct Sched {
+    /// prerequisites[i]: the changes that must finish before change i starts.
+    prereq: Vec<BTreeSet<usize>>,
+    /// dependents[i]: the changes waiting for change i.
+    dependents: Vec<Vec<usize>>,
     waiting_on: Vec<usize>,
     ready: VecDeque<usize>,
     running: usize,
@@ -175,28 +180,73 @@ struct Sched {
     failed: BTreeMap<usize, ResourceId>,
 }
 
-/// Runs `plan`. `observed` is what the plan was computed from.
-#[allow(clippy::too_many_arguments)]
-pub fn execute(
-    plan: &Plan,
+impl Sched {
+    fn new(prereq: Vec<BTreeSet<usize>>) -> Self {
+        let n = prereq.len();
+        let mut dependents: Vec<Vec<usize>> = vec![Vec::new(); n];
+        for (i, ps) in prereq.iter().enumerate() {
+            for &p in ps {
+                dependents[p].push(i);
+            }
+        }
+        Sched {
+            waiting_on: prereq.iter().map(|p| p.len()).collect(),
+            ready: (0..n).filter(|&i| prereq[i].is_empty()).collect(),
+            prereq,
+            dependents,
+            running: 0,
+            finished: 0,
+            failed: BTreeMap::new(),
+        }
+    }
+
+    /// The next ready change and the failed prerequisite that blocks it, if any; `None`
+    /// when nothing is left to start (waits while running changes may free more).
+    fn take(sched: &Mutex<Sched>, cv: &Condvar) -> Option<(usize, Option<ResourceId>)> {
+        let mut s = sched.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(i) = s.ready.pop_front() {
+                s.running += 1;
+                let blocked = s.prereq[i].iter().find_map(|p| s.failed.get(p).cloned());
+                return Some((i, blocked));
+            }
+            if s.finished == s.prereq.len() || (s.running == 0 && s.ready.is_empty()) {
+                return None;
+            }
+            s = cv.wait(s).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Change `i` ended (`bad`: failed or skipped): its dependents may become ready.
+    fn finish(&mut self, i: usize, id: &ResourceId, bad: bool) {
+        self.running -= 1;
+        self.finished += 1;
+        if bad {
+            self.failed.insert(i, id.clone());
+        }
+        for &d in &self.dependents[i] {
+            self.waiting_on[d] -= 1;
+            if self.waiting_on[d] == 0 {
+                self.ready.push_back(d);
+            }
+        }
+    }
+}
+
+/// prerequisites[i]: the changes that must finish before change i starts. Creates and
+/// updates wait for what they reference now; deletes and retains wait for whatever
+/// referenced them in the last apply.
+fn prerequisites(
+    changes: &[Change],
     desired: &Desired,
     inventory: &BTreeMap<ResourceId, InventoryEntry>,
-    observed: &BTreeMap<ResourceId, Observed>,
-    drivers: &BTreeMap<Kind, Box<dyn Driver>>,
-    db: &Mutex<StateDb>,
-    opts: &ExecOptions,
-    on_step: &(dyn Fn(&StepResult) + Sync),
-) -> Report {
-    let changes = &plan.changes;
-    let n = changes.len();
+) -> Vec<BTreeSet<usize>> {
     let index: BTreeMap<&ResourceId, usize> = changes
         .iter()
         .enumerate()
         .map(|(i, c)| (&c.id, i))
         .collect();
-
-    // prerequisites[i] = changes that must finish before change i starts.
-    let mut prereq: Vec<BTreeSet<usize>> = vec![BTreeSet::new(); n];
+    let mut prereq: Vec<BTreeSet<usize>> = vec![BTreeSet::new(); changes.len()];
     for e in edges(desired.resources.values()) {
         if let (Some(&from), Some(&to)) = (index.get(&e.from), index.get(&e.to))
             && changes[from].action != Action::Delete
@@ -213,19 +263,24 @@ pub fn execute(
             prereq[used].insert(user);
         }
     }
-    let mut dependents: Vec<Vec<usize>> = vec![Vec::new(); n];
-    for (i, ps) in prereq.iter().enumerate() {
-        for &p in ps {
-            dependents[p].push(i);
-        }
-    }
-    let sched = Mutex::new(Sched {
-        waiting_on: prereq.iter().map(|p| p.len()).collect(),
-        ready: (0..n).filter(|&i| prereq[i].is_empty()).collect(),
-        running: 0,
-        finished: 0,
-        failed: BTreeMap::new(),
-    });
+    prereq
+}
+
+/// Runs `plan`. `observed` is what the plan was computed from.
+#[allow(clippy::too_many_arguments)]
+pub fn execute(
+    plan: &Plan,
+    desired: &Desired,
+    inventory: &BTreeMap<ResourceId, InventoryEntry>,
+    observed: &BTreeMap<ResourceId, Observed>,
+    drivers: &BTreeMap<Kind, Box<dyn Driver>>,
+    db: &Mutex<StateDb>,
+    opts: &ExecOptions,
+    on_step: &(dyn Fn(&StepResult) + Sync),
+) -> Report {
+    let changes = &plan.changes;
+    let n = changes.len();
+    let sched = Mutex::new(Sched::new(prerequisites(changes, desired, inventory)));
     let cv = Condvar::new();
     let results = Mutex::new(Vec::with_capacity(n));
     let steps = AtomicUsize::new(0);
@@ -240,21 +295,7 @@ pub fn execute(
     let absent = Observed::absent();
 
     let worker = || {
-        loop {
-            let (i, blocked_by) = {
-                let mut s = sched.lock().unwrap_or_else(|p| p.into_inner());
-                loop {
-                    if let Some(i) = s.ready.pop_front() {
-                        s.running += 1;
-                        let blocked = prereq[i].iter().find_map(|p| s.failed.get(p).cloned());
-                        break (i, blocked);
-                    }
-                    if s.finished == n || (s.running == 0 && s.ready.is_empty()) {
-                        return;
-                    }
-                    s = cv.wait(s).unwrap_or_else(|p| p.into_inner());
-                }
-            };
+        while let Some((i, blocked_by)) = Sched::take(&sched, &cv) {
             let c = &changes[i];
             let start = Instant::now();
             let (outcome, error) = match blocked_by {
@@ -285,17 +326,7 @@ pub fn execute(
                 .unwrap_or_else(|p| p.into_inner())
                 .push(result);
             let mut s = sched.lock().unwrap_or_else(|p| p.into_inner());
-            s.running -= 1;
-            s.finished += 1;
-            if bad {
-                s.failed.insert(i, c.id.clone());
-            }
-            for &d in &dependents[i] {
-                s.waiting_on[d] -= 1;
-                if s.waiting_on[d] == 0 {
-                    s.ready.push_back(d);
-                }
-            }
+            s.finish(i, &c.id, bad);
             cv.notify_all();
         }
     };
@@ -587,4 +618,201 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
         cur = c.source();
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use chrono::TimeZone;
+
+    use super::*;
+    use crate::plan::{PlanError, PlanInput, PlanOptions, plan};
+    use crate::testkit::*;
+
+    /// A host (the fake drivers' script) and a state database in a temp dir.
+    struct Host {
+        _dir: tempfile::TempDir,
+        db: Mutex<StateDb>,
+        script: Arc<Script>,
+    }
+
+    fn host(script: Script) -> Host {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Mutex::new(StateDb::open(dir.path()).unwrap());
+        Host {
+            _dir: dir,
+            db,
+            script: Arc::new(script),
+        }
+    }
+
+    impl Host {
+        /// Plans `desired` against what the database holds, with every recorded resource
+        /// observed in sync and every other absent, then executes the plan.
+        fn apply(&self, desired: &Desired, opts: &PlanOptions) -> Report {
+            let inventory = self.db.lock().unwrap().inventory().unwrap();
+            let observed: BTreeMap<ResourceId, Observed> = inventory
+                .values()
+                .map(|e| {
+                    let state = FakeDriver::project(&e.resource);
+                    (e.resource.id.clone(), present(state))
+                })
+                .collect();
+            let drivers = drivers(&self.script);
+            let no_errors: [PlanError; 0] = [];
+            let input = PlanInput {
+                desired,
+                observed: &observed,
+                inventory: &inventory,
+                pending: &BTreeSet::new(),
+                observe_errors: &no_errors,
+                warnings: &no_errors,
+            };
+            let p = plan(&input, &drivers, opts);
+            assert!(p.errors.is_empty(), "{:?}", p.errors);
+            let exec = ExecOptions {
+                parallelism: 4,
+                pause_after_steps: None,
+            };
+            execute(
+                &p,
+                desired,
+                &inventory,
+                &observed,
+                &drivers,
+                &self.db,
+                &exec,
+                &|_| {},
+            )
+        }
+
+        fn inventory_ids(&self) -> Vec<String> {
+            let inv = self.db.lock().unwrap().inventory().unwrap();
+            inv.keys().map(|id| id.to_string()).collect()
+        }
+
+        fn journal_last(&self, kind: Kind, name: &str) -> Option<(String, Option<String>)> {
+            let db = self.db.lock().unwrap();
+            db.journal_last(&id(kind, name)).unwrap()
+        }
+    }
+
+    fn opts() -> PlanOptions {
+        PlanOptions::at(
+            chrono::Utc
+                .with_ymd_and_hms(2026, 11, 26, 15, 0, 0)
+                .unwrap(),
+        )
+    }
+
+    fn outcome<'r>(report: &'r Report, id: &str) -> &'r StepResult {
+        report
+            .results
+            .iter()
+            .find(|r| r.id.to_string() == id)
+            .unwrap_or_else(|| panic!("no result for {id}: {report:?}"))
+    }
+
+    /// Position of `entry` in `log`.
+    fn at(log: &[String], entry: &str) -> usize {
+        log.iter()
+            .position(|l| l == entry)
+            .unwrap_or_else(|| panic!("{entry} not in {log:?}"))
+    }
+
+    #[test]
+    fn a_change_starts_after_the_changes_it_depends_on() {
+        let h = host(Script::default());
+        let d = desired(&(vol("a", "1Mi", "Delete") + &vol("b", "1Mi", "Delete") + &pool("local")));
+        let report = h.apply(&d, &opts());
+        assert!(report.success(), "{report:?}");
+        assert_eq!(report.summary(), [("created", 3)].into());
+        let log = h.script.log();
+        let pool = at(&log, "apply StoragePool/local");
+        assert!(pool < at(&log, "apply Volume/a"), "{log:?}");
+        assert!(pool < at(&log, "apply Volume/b"), "{log:?}");
+        assert_eq!(
+            h.inventory_ids(),
+            ["StoragePool/local", "Volume/a", "Volume/b"]
+        );
+        assert_eq!(
+            h.journal_last(Kind::Volume, "a"),
+            Some(("done".to_string(), None))
+        );
+    }
+
+    #[test]
+    fn a_delete_starts_after_the_deletes_of_its_users() {
+        let h = host(Script::default());
+        let d = desired(&(pool("local") + &vol("a", "1Mi", "Delete")));
+        assert!(h.apply(&d, &opts()).success());
+        let report = h.apply(&Desired::default(), &opts());
+        assert!(report.success(), "{report:?}");
+        assert_eq!(report.summary(), [("deleted", 2)].into());
+        let log = h.script.log();
+        assert!(at(&log, "delete Volume/a") < at(&log, "delete StoragePool/local"));
+        assert!(h.inventory_ids().is_empty());
+        let events = h.db.lock().unwrap().events(Some("Volume/a"), 10).unwrap();
+        assert!(events.iter().any(|e| e.reason == "Deleted"), "{events:?}");
+    }
+
+    #[test]
+    fn a_failed_change_skips_its_dependents_and_the_rest_goes_on() {
+        let h = host(Script {
+            fail: ["local".to_string()].into(),
+            ..Script::default()
+        });
+        let d = desired(&(pool("local") + &vol("a", "1Mi", "Delete") + &net("lan0", 1500)));
+        let report = h.apply(&d, &opts());
+        assert!(!report.success());
+
+        let pool = outcome(&report, "StoragePool/local");
+        assert_eq!(pool.outcome, Outcome::Failed("injected failure".into()));
+        let error = pool.error.as_ref().unwrap();
+        assert_eq!((error.reason, error.terminal), ("Failed", false));
+        assert_eq!(
+            outcome(&report, "Volume/a").outcome,
+            Outcome::Skipped("dependency StoragePool/local did not converge".into())
+        );
+        assert_eq!(outcome(&report, "Network/lan0").outcome, Outcome::Created);
+
+        assert_eq!(h.script.log(), ["apply Network/lan0"]);
+        assert_eq!(h.inventory_ids(), ["Network/lan0"]);
+        // The failed step's intent stays open with its error; the skipped one has none.
+        assert_eq!(
+            h.journal_last(Kind::StoragePool, "local"),
+            Some((
+                "open".to_string(),
+                Some("Failed (transient): injected failure".to_string())
+            ))
+        );
+        assert_eq!(h.journal_last(Kind::Volume, "a"), None);
+    }
+
+    #[test]
+    fn a_data_loss_delete_takes_its_safety_snapshot_first() {
+        let mut script = Script::default();
+        script.data_loss_delete.insert(Kind::Volume);
+        script.snapshots.insert(Kind::Volume);
+        let h = host(script);
+        let d = desired(&(pool("local") + &vol("a", "1Mi", "Delete")));
+        assert!(h.apply(&d, &opts()).success());
+        let report = h.apply(&desired(&pool("local")), &opts());
+        assert!(report.success(), "{report:?}");
+        let log = h.script.log();
+        let snap = at(&log, "snapshot pre-delete-20261126T150000Z Volume/a");
+        assert!(snap < at(&log, "delete Volume/a"), "{log:?}");
+    }
+
+    #[test]
+    fn a_retained_resource_is_forgotten_not_deleted() {
+        let h = host(Script::default());
+        let d = desired(&(pool("local") + &vol("keep", "1Mi", "Retain")));
+        assert!(h.apply(&d, &opts()).success());
+        let report = h.apply(&desired(&pool("local")), &opts());
+        assert_eq!(outcome(&report, "Volume/keep").outcome, Outcome::Retained);
+        assert!(h.script.log().iter().all(|l| !l.starts_with("delete")));
+        assert_eq!(h.inventory_ids(), ["StoragePool/local"]);
+    }
 }

@@ -9,6 +9,8 @@ pub mod exec;
 pub mod plan;
 pub mod render;
 pub mod state;
+#[cfg(test)]
+mod testkit;
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -17,7 +19,7 @@ use stead_schema::{Desired, Kind, Resource, ResourceId};
 use tracing::info_span;
 
 pub use exec::{ExecOptions, Outcome, Report, StepResult, execute};
-pub use plan::{Action, Change, Plan, PlanError, PlanOptions, World, plan};
+pub use plan::{Action, Change, Plan, PlanError, PlanInput, PlanOptions, World, plan};
 pub use state::{ApplyLock, InventoryEntry, StateDb, StateError};
 
 /// The registered drivers, one per kind.
@@ -207,12 +209,52 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
 
 /// Everything a run needs: the plan and the inputs it was computed from.
 pub struct PlannedRun {
-    /// The plan.
+    /// The plan, as [`plan::plan`] returned it.
     pub plan: Plan,
     /// Observed state it was computed from.
     pub observed: BTreeMap<ResourceId, Observed>,
     /// The inventory it was computed from.
     pub inventory: BTreeMap<ResourceId, InventoryEntry>,
+    /// Ids with open journal entries.
+    pending: BTreeSet<ResourceId>,
+    /// Resources whose observation failed.
+    observe_errors: Vec<PlanError>,
+    /// Marked objects nobody knows.
+    warnings: Vec<PlanError>,
+    /// The options the plan was computed with.
+    opts: PlanOptions,
+}
+
+impl PlannedRun {
+    /// The options the plan was computed with.
+    pub fn options(&self) -> &PlanOptions {
+        &self.opts
+    }
+
+    /// Plans again from the same observation, with the options `adjust` changes (the
+    /// controller leaves out drift repairs and held resources once it has seen the
+    /// first plan). The new plan replaces the old one whole.
+    pub fn replan(
+        &mut self,
+        drivers: &Drivers,
+        desired: &Desired,
+        adjust: impl FnOnce(&mut PlanOptions),
+    ) {
+        adjust(&mut self.opts);
+        self.plan = self.compute(drivers, desired);
+    }
+
+    fn compute(&self, drivers: &Drivers, desired: &Desired) -> Plan {
+        let input = plan::PlanInput {
+            desired,
+            observed: &self.observed,
+            inventory: &self.inventory,
+            pending: &self.pending,
+            observe_errors: &self.observe_errors,
+            warnings: &self.warnings,
+        };
+        plan::plan(&input, drivers, &self.opts)
+    }
 }
 
 /// Observes and plans `desired` against the host and `db`.
@@ -226,17 +268,60 @@ pub fn plan_run(
     let pending: BTreeSet<ResourceId> = state::pending_ids(db)?;
     add_unrecorded(&mut inventory, db.journal_open_resources()?, desired);
     let (observed, observe_errors) = observe_all(drivers, desired, &inventory);
-    let mut p = plan::plan(desired, &observed, &inventory, &pending, drivers, opts);
-    let failed: BTreeSet<&ResourceId> = observe_errors.iter().map(|e| &e.id).collect();
-    p.changes.retain(|c| !failed.contains(&c.id));
-    // The observe error says it better than the planner's echo of it.
-    p.errors.retain(|e| !failed.contains(&e.id));
-    p.errors.extend(observe_errors);
-    p.warnings
-        .extend(unknown_marked(drivers, desired, &inventory));
-    Ok(PlannedRun {
-        plan: p,
+    let warnings = unknown_marked(drivers, desired, &inventory);
+    let input = plan::PlanInput {
+        desired,
+        observed: &observed,
+        inventory: &inventory,
+        pending: &pending,
+        observe_errors: &observe_errors,
+        warnings: &warnings,
+    };
+    let plan = plan::plan(&input, drivers, &opts);
+    let run = PlannedRun {
+        plan,
         observed,
         inventory,
-    })
+        pending,
+        observe_errors,
+        warnings,
+        opts,
+    };
+    Ok(run)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::testkit::*;
+
+    #[test]
+    fn replan_plans_the_same_observation_with_new_options() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = StateDb::open(dir.path()).unwrap();
+        let d = desired(&(net("lan0", 1500) + &net("lan1", 1500)));
+        // lan0 was applied before; the fake host shows nothing, so it drifted away.
+        db.upsert(&d.resources[&id(Kind::Network, "lan0")]).unwrap();
+        let drivers = drivers(&Arc::new(Script::default()));
+
+        let mut run = plan_run(&drivers, &d, &db, PlanOptions::default()).unwrap();
+        let ids = |run: &PlannedRun| -> Vec<String> {
+            run.plan.changes.iter().map(|c| c.id.to_string()).collect()
+        };
+        assert_eq!(ids(&run), ["Network/lan0", "Network/lan1"]);
+        assert!(run.plan.changes[0].drift);
+        let now = run.options().now;
+
+        run.replan(&drivers, &d, |o| o.skip_drift = true);
+        assert_eq!(ids(&run), ["Network/lan1"]);
+        run.replan(&drivers, &d, |o| {
+            o.exclude.insert(id(Kind::Network, "lan1"), "held".into());
+        });
+        assert!(run.plan.changes.is_empty(), "{:?}", run.plan);
+        assert!(run.options().skip_drift, "options accumulate");
+        assert_eq!(run.options().now, now, "the time of the first plan is kept");
+        assert_eq!(run.inventory.len(), 1);
+    }
 }

@@ -9,9 +9,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::driver::{Driver, FieldChange, Impact, Lookup, Observed, PruneAction};
+use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::Value;
-use stead_schema::graph::{DepGraph, edges};
+use stead_schema::graph::{DepGraph, Edge, edges};
 use stead_schema::{Desired, Kind, Resource, ResourceId};
 
 use crate::state::InventoryEntry;
@@ -85,14 +86,14 @@ pub struct Change {
     pub safety_snapshot: Option<String>,
 }
 
-/// The name of a safety snapshot for `action` taken now: `pre-delete-20261126T150000Z`.
-pub fn safety_snapshot_name(action: Action) -> String {
-    let now = chrono::Utc::now().format("%Y%m%dT%H%M%SZ");
+/// The name of a safety snapshot for `action` taken at `now`: `pre-delete-20261126T150000Z`.
+pub fn safety_snapshot_name(action: Action, now: DateTime<Utc>) -> String {
+    let stamp = now.format("%Y%m%dT%H%M%SZ");
     let verb = match action {
         Action::Replace => "replace",
         _ => "delete",
     };
-    format!("pre-{verb}-{now}")
+    format!("pre-{verb}-{stamp}")
 }
 
 /// An error that stops the plan from being applied.
@@ -104,17 +105,62 @@ pub struct PlanError {
     pub message: String,
 }
 
-/// Options that change the plan.
-#[derive(Debug, Clone, Copy, Default)]
+/// Options that shape the plan: everything it depends on besides the desired, observed
+/// and recorded state. Every filter lives here, so [`plan`] returns the final plan, the
+/// one that is shown and executed; nobody edits a plan afterwards.
+#[derive(Debug, Clone)]
 pub struct PlanOptions {
     /// Do not delete owned resources missing from the manifests.
     pub no_prune: bool,
     /// Allow `data-loss` changes that are not opted in by `deletionPolicy: Delete`.
     pub allow_data_loss: bool,
+    /// Environment teardown: owned resources that left the manifests are deleted even
+    /// when their policy is to retain them.
+    pub purge_retained: bool,
+    /// Leave out the changes that only repair drift (the host changed, the manifest did
+    /// not): the controller's `--drift=report`.
+    pub skip_drift: bool,
+    /// Plan only these ids (destroy): the others get neither a change nor an error.
+    pub only: Option<BTreeSet<ResourceId>>,
+    /// Ids left out of the plan, each with why (a resource held back by the controller,
+    /// or one of its dependents): they get neither a change nor an error.
+    pub exclude: BTreeMap<ResourceId, String>,
+    /// When the plan is made: names the safety snapshots. The planner never reads the
+    /// clock.
+    pub now: DateTime<Utc>,
 }
 
-/// The plan, computed once and executed as shown.
-#[derive(Debug, Clone, Serialize, Default)]
+impl PlanOptions {
+    /// Default options at `now`: prune, no data loss, nothing left out.
+    pub fn at(now: DateTime<Utc>) -> Self {
+        PlanOptions {
+            no_prune: false,
+            allow_data_loss: false,
+            purge_retained: false,
+            skip_drift: false,
+            only: None,
+            exclude: BTreeMap::new(),
+            now,
+        }
+    }
+
+    /// Whether the plan covers `id` (it is in `only`, when set, and not excluded).
+    pub fn selects(&self, id: &ResourceId) -> bool {
+        self.only.as_ref().is_none_or(|only| only.contains(id)) && !self.exclude.contains_key(id)
+    }
+}
+
+impl Default for PlanOptions {
+    /// [`PlanOptions::at`] the current time: the caller's clock read, not the planner's.
+    fn default() -> Self {
+        PlanOptions::at(Utc::now())
+    }
+}
+
+/// The plan, computed once by [`plan`] and executed as shown. It cannot be built
+/// outside this crate; no caller edits one (every filter is a [`PlanOptions`] field).
+#[derive(Debug, Clone, Serialize)]
+#[non_exhaustive]
 pub struct Plan {
     /// Changes in execution order: creates/updates/replaces by dependency waves, then
     /// deletes in reverse dependency order. No-ops are included (action `noop`).
@@ -190,65 +236,136 @@ pub fn diff_values(
     }
 }
 
-/// Computes the plan.
-///
-/// - `observed` holds an entry for every desired and inventory id (absent ones too);
-/// - `pending` are ids with open journal entries from an interrupted run: objects found
-///   for them are stead's own even if their mark was not yet written.
-pub fn plan(
-    desired: &Desired,
-    observed: &BTreeMap<ResourceId, Observed>,
-    inventory: &BTreeMap<ResourceId, InventoryEntry>,
-    pending: &BTreeSet<ResourceId>,
-    drivers: &BTreeMap<Kind, Box<dyn Driver>>,
-    opts: PlanOptions,
-) -> Plan {
-    let world = World {
-        desired,
-        applied: inventory,
-    };
-    let mut plan = Plan::default();
-    let absent = Observed::absent();
+/// What a plan is computed from: the desired set and what observing the host and
+/// reading the state database found.
+#[derive(Debug, Clone, Copy)]
+pub struct PlanInput<'a> {
+    /// The desired set.
+    pub desired: &'a Desired,
+    /// An entry for every desired and inventory id that was observed (absent ones too).
+    pub observed: &'a BTreeMap<ResourceId, Observed>,
+    /// Owned resources as last applied.
+    pub inventory: &'a BTreeMap<ResourceId, InventoryEntry>,
+    /// Ids with open journal entries from an interrupted run: objects found for them are
+    /// stead's own even if their mark was not yet written.
+    pub pending: &'a BTreeSet<ResourceId>,
+    /// Resources whose observation failed: they are not planned (absent would read as
+    /// "create"), and each is reported as its error.
+    pub observe_errors: &'a [PlanError],
+    /// Things to report beside the plan (objects carrying stead's mark that nobody
+    /// knows): never acted on.
+    pub warnings: &'a [PlanError],
+}
 
-    // Creates / updates in dependency waves.
-    let desired_edges = edges(desired.resources.values());
-    let graph = DepGraph::new(desired.resources.keys().cloned(), &desired_edges);
-    for wave in graph.waves() {
-        for id in wave {
+/// The registered drivers, one per kind.
+type DriverMap = BTreeMap<Kind, Box<dyn Driver>>;
+
+/// Computes the plan: creates and updates in dependency waves, then the prune of owned
+/// resources that left the manifests, in reverse dependency order. The result is final.
+pub fn plan(input: &PlanInput<'_>, drivers: &DriverMap, opts: &PlanOptions) -> Plan {
+    let mut planner = Planner::new(input, drivers, opts);
+    let desired_edges = edges(input.desired.resources.values());
+    planner.plan_desired(&desired_edges);
+    planner.plan_prune(&desired_edges);
+    planner.finish()
+}
+
+/// The planner's working state: the inputs and the plan built so far.
+struct Planner<'a> {
+    input: PlanInput<'a>,
+    drivers: &'a DriverMap,
+    opts: &'a PlanOptions,
+    world: World<'a>,
+    unobserved: BTreeSet<&'a ResourceId>,
+    absent: Observed,
+    changes: Vec<Change>,
+    errors: Vec<PlanError>,
+}
+
+impl<'a> Planner<'a> {
+    fn new(input: &PlanInput<'a>, drivers: &'a DriverMap, opts: &'a PlanOptions) -> Self {
+        Planner {
+            input: *input,
+            drivers,
+            opts,
+            world: World {
+                desired: input.desired,
+                applied: input.inventory,
+            },
+            unobserved: input.observe_errors.iter().map(|e| &e.id).collect(),
+            absent: Observed::absent(),
+            changes: Vec::new(),
+            errors: Vec::new(),
+        }
+    }
+
+    /// Whether `id` is planned at all: observed, and selected by the options.
+    fn covers(&self, id: &ResourceId) -> bool {
+        !self.unobserved.contains(id) && self.opts.selects(id)
+    }
+
+    fn error(&mut self, id: &ResourceId, message: String) {
+        self.errors.push(PlanError {
+            id: id.clone(),
+            message,
+        });
+    }
+
+    /// The driver of `id`'s kind, or a plan error saying there is none.
+    fn driver(&mut self, id: &ResourceId) -> Option<&'a dyn Driver> {
+        let drivers: &'a DriverMap = self.drivers;
+        let driver = drivers.get(&id.kind).map(|d| d.as_ref());
+        if driver.is_none() {
+            self.error(id, format!("no driver for kind {}", id.kind));
+        }
+        driver
+    }
+
+    fn observed(&self, id: &ResourceId) -> &Observed {
+        self.input.observed.get(id).unwrap_or(&self.absent)
+    }
+
+    /// Creates and updates of the desired resources, in dependency waves.
+    fn plan_desired(&mut self, desired_edges: &[Edge]) {
+        let desired = self.input.desired;
+        let graph = DepGraph::new(desired.resources.keys().cloned(), desired_edges);
+        for id in graph.waves().into_iter().flatten() {
             let Some(r) = desired.get(&id) else { continue };
-            let Some(driver) = drivers.get(&id.kind) else {
-                plan.errors.push(PlanError {
-                    id: id.clone(),
-                    message: format!("no driver for kind {}", id.kind),
-                });
+            if !self.covers(&id) {
+                continue;
+            }
+            let Some(driver) = self.driver(&id) else {
                 continue;
             };
-            let obs = observed.get(&id).unwrap_or(&absent);
-            match plan_one(
+            let planned = plan_one(
                 r,
-                obs,
-                inventory.get(&id),
-                pending.contains(&id),
-                driver.as_ref(),
-                &world,
-                opts,
-            ) {
-                Ok(c) => plan.changes.push(c),
-                Err(msg) => plan.errors.push(PlanError {
-                    id: id.clone(),
-                    message: msg,
-                }),
+                self.observed(&id),
+                self.input.inventory.get(&id),
+                self.input.pending.contains(&id),
+                driver,
+                &self.world,
+                self.opts,
+            );
+            match planned {
+                Ok(c) if c.drift && self.opts.skip_drift => {}
+                Ok(c) => self.changes.push(c),
+                Err(msg) => self.error(&id, msg),
             }
         }
     }
 
-    // Prune: owned and no longer desired, in reverse dependency order.
-    let gone: Vec<&InventoryEntry> = inventory
-        .iter()
-        .filter(|(id, _)| desired.get(id).is_none())
-        .map(|(_, e)| e)
-        .collect();
-    if !gone.is_empty() {
+    /// Deletes (or retains) owned resources that left the manifests, in reverse
+    /// dependency order.
+    fn plan_prune(&mut self, desired_edges: &[Edge]) {
+        let inventory = self.input.inventory;
+        let gone: Vec<&InventoryEntry> = inventory
+            .iter()
+            .filter(|(id, _)| self.input.desired.get(id).is_none())
+            .map(|(_, e)| e)
+            .collect();
+        if gone.is_empty() {
+            return;
+        }
         let gone_edges = edges(gone.iter().map(|e| &e.resource));
         let g = DepGraph::new(gone.iter().map(|e| e.resource.id.clone()), &gone_edges);
         let mut waves = g.waves();
@@ -257,86 +374,126 @@ pub fn plan(
             let Some(entry) = inventory.get(&id) else {
                 continue;
             };
-            let Some(driver) = drivers.get(&id.kind) else {
-                plan.errors.push(PlanError {
-                    id: id.clone(),
-                    message: format!("no driver for kind {}", id.kind),
-                });
-                continue;
-            };
-            if opts.no_prune {
-                continue;
+            if self.covers(&id) {
+                self.prune_one(entry, desired_edges);
             }
-            // A desired resource that still references this one blocks the delete.
-            if let Some(user) = desired_edges.iter().find(|e| e.to == id) {
-                plan.errors.push(PlanError {
-                    id: id.clone(),
-                    message: format!("cannot delete: {} still references it", user.from),
-                });
-                continue;
-            }
-            let obs = observed.get(&id).unwrap_or(&absent);
-            let unrecorded = !entry.recorded;
-            if unrecorded && obs.exists && !obs.owned {
-                // An interrupted step's intent, but the object found does not carry
-                // stead's mark: it may be someone else's. Never touched.
-                continue;
-            }
-            let change = match driver.prune_action(&entry.resource) {
-                PruneAction::Retain => Change {
-                    id: id.clone(),
-                    action: Action::Retain,
-                    impact: None,
-                    fields: Vec::new(),
-                    drift: false,
-                    note: Some(
-                        "deletionPolicy: Retain: data kept on the host, no longer managed".into(),
-                    ),
-                    safety_snapshot: None,
-                },
-                PruneAction::Delete => {
-                    let impact = driver.delete_impact(&entry.resource);
-                    // `deletionPolicy: Delete` in the last-applied spec is the opt-in.
-                    let opted_in = entry.resource.spec_json().get("deletionPolicy")
-                        == Some(&Value::from("Delete"));
-                    if impact == Impact::DataLoss && !opted_in && !opts.allow_data_loss {
-                        plan.errors.push(PlanError {
-                            id: id.clone(),
-                            message: "deleting it destroys data: re-run with --allow-data-loss to confirm".into(),
-                        });
-                        continue;
-                    }
-                    let safety_snapshot = (impact == Impact::DataLoss
-                        && obs.exists
-                        && driver.supports_safety_snapshot(&entry.resource, &world))
-                    .then(|| safety_snapshot_name(Action::Delete));
-                    Change {
-                        id: id.clone(),
-                        action: Action::Delete,
-                        impact: Some(impact),
-                        fields: Vec::new(),
-                        drift: false,
-                        safety_snapshot,
-                        note: if !obs.exists {
-                            Some("already absent from the host; forgetting it".into())
-                        } else if unrecorded {
-                            Some(
-                                "made by an interrupted apply that the state never recorded".into(),
-                            )
-                        } else if opted_in && impact == Impact::DataLoss {
-                            Some("deletionPolicy: Delete".into())
-                        } else {
-                            None
-                        },
-                    }
-                }
-            };
-            plan.changes.push(change);
         }
     }
-    plan
+
+    /// The prune of one owned resource that left the manifests.
+    fn prune_one(&mut self, entry: &InventoryEntry, desired_edges: &[Edge]) {
+        let id = &entry.resource.id;
+        let Some(driver) = self.driver(id) else {
+            return;
+        };
+        if self.opts.no_prune {
+            return;
+        }
+        // A desired resource that still references this one blocks the delete.
+        if let Some(user) = desired_edges.iter().find(|e| &e.to == id) {
+            let message = format!("cannot delete: {} still references it", user.from);
+            self.error(id, message);
+            return;
+        }
+        let obs = self.observed(id);
+        if !entry.recorded && obs.exists && !obs.owned {
+            // An interrupted step's intent, but the object found does not carry
+            // stead's mark: it may be someone else's. Never touched.
+            return;
+        }
+        let planned = match driver.prune_action(&entry.resource) {
+            PruneAction::Retain if self.opts.purge_retained => Ok(purge_change(entry, driver)),
+            PruneAction::Retain => Ok(retain_change(id)),
+            PruneAction::Delete => delete_change(entry, obs, driver, &self.world, self.opts),
+        };
+        match planned {
+            Ok(c) => self.changes.push(c),
+            Err(msg) => self.error(id, msg),
+        }
+    }
+
+    /// The plan: the planner's errors first, then the observe errors it covers.
+    fn finish(mut self) -> Plan {
+        let observe_errors = self.input.observe_errors;
+        let covered = observe_errors
+            .iter()
+            .filter(|e| self.opts.selects(&e.id))
+            .cloned();
+        self.errors.extend(covered);
+        Plan {
+            changes: self.changes,
+            errors: self.errors,
+            warnings: self.input.warnings.to_vec(),
+        }
+    }
 }
 
+/// `= retain`: the resource leaves management, its data stays on the host.
+fn retain_change(id: &ResourceId) -> Change {
+    Change {
+        id: id.clone(),
+        action: Action::Retain,
+        impact: None,
+        fields: Vec::new(),
+        drift: false,
+        note: Some("deletionPolicy: Retain: data kept on the host, no longer managed".into()),
+        safety_snapshot: None,
+    }
+}
+
+/// Environment teardown of a resource whose policy is to retain it: deleted, data too.
+fn purge_change(entry: &InventoryEntry, driver: &dyn Driver) -> Change {
+    Change {
+        id: entry.resource.id.clone(),
+        action: Action::Delete,
+        impact: Some(driver.delete_impact(&entry.resource)),
+        fields: Vec::new(),
+        drift: false,
+        note: Some("environment teardown deletes retained data too".into()),
+        safety_snapshot: None,
+    }
+}
+
+/// `- delete` of an owned resource that left the manifests, or the error refusing it
+/// (data loss without an opt-in).
+fn delete_change(
+    entry: &InventoryEntry,
+    obs: &Observed,
+    driver: &dyn Driver,
+    world: &World<'_>,
+    opts: &PlanOptions,
+) -> Result<Change, String> {
+    let impact = driver.delete_impact(&entry.resource);
+    // `deletionPolicy: Delete` in the last-applied spec is the opt-in.
+    let opted_in = entry.resource.spec_json().get("deletionPolicy") == Some(&Value::from("Delete"));
+    if impact == Impact::DataLoss && !opted_in && !opts.allow_data_loss {
+        return Err("deleting it destroys data: re-run with --allow-data-loss to confirm".into());
+    }
+    let safety_snapshot = (impact == Impact::DataLoss
+        && obs.exists
+        && driver.supports_safety_snapshot(&entry.resource, world))
+    .then(|| safety_snapshot_name(Action::Delete, opts.now));
+    let note = if !obs.exists {
+        Some("already absent from the host; forgetting it".into())
+    } else if !entry.recorded {
+        Some("made by an interrupted apply that the state never recorded".into())
+    } else if opted_in && impact == Impact::DataLoss {
+        Some("deletionPolicy: Delete".into())
+    } else {
+        None
+    };
+    Ok(Change {
+        id: entry.resource.id.clone(),
+        action: Action::Delete,
+        impact: Some(impact),
+        fields: Vec::new(),
+        drift: false,
+        safety_snapshot,
+        note,
+    })
+}
+
+/// The change of one desired resource, or the error refusing it.
 fn plan_one(
     r: &Resource,
     obs: &Observed,
@@ -344,9 +501,9 @@ fn plan_one(
     pending: bool,
     driver: &dyn Driver,
     world: &World<'_>,
-    opts: PlanOptions,
+    opts: &PlanOptions,
 ) -> Result<Change, String> {
-    let mut change = Change {
+    let change = Change {
         id: r.id.clone(),
         action: Action::Noop,
         impact: None,
@@ -357,26 +514,7 @@ fn plan_one(
     };
     let want = driver.desired_state(r, world);
     if !obs.exists {
-        change.action = Action::Create;
-        let mut leaves = Vec::new();
-        diff_values("", None, Some(&want), &mut leaves);
-        change.fields = leaves
-            .into_iter()
-            .map(|(path, _, new)| FieldChange {
-                path,
-                old: None,
-                new,
-                impact: Impact::Hot,
-            })
-            .collect();
-        if inv.is_some() {
-            change.drift = true;
-            change.note =
-                Some("owned object is missing from the host; it will be created again".into());
-        }
-        // A create is checked like an update: its refusal is a plan error, not an apply one.
-        driver.check(r, obs, &change.fields)?;
-        return Ok(change);
+        return create_change(change, r, obs, inv, driver, &want);
     }
     if !obs.owned && inv.is_none() && !pending {
         return Err(format!(
@@ -384,9 +522,52 @@ fn plan_one(
             r.id.name
         ));
     }
+    let mut fields = observed_field_changes(driver, obs, &want);
+    if let Some(inv) = inv {
+        fields.extend(unobservable_field_changes(r, inv, &want, &fields));
+    }
+    if fields.is_empty() {
+        return Ok(change);
+    }
+    update_change(change, r, obs, inv, fields, driver, world, opts)
+}
+
+/// `+ create`: every desired leaf is new. Checked like an update, so a refusal is a
+/// plan error, not an apply one.
+fn create_change(
+    mut change: Change,
+    r: &Resource,
+    obs: &Observed,
+    inv: Option<&InventoryEntry>,
+    driver: &dyn Driver,
+    want: &Value,
+) -> Result<Change, String> {
+    change.action = Action::Create;
     let mut leaves = Vec::new();
-    diff_values("", Some(&obs.state), Some(&want), &mut leaves);
-    let mut fields: Vec<FieldChange> = leaves
+    diff_values("", None, Some(want), &mut leaves);
+    change.fields = leaves
+        .into_iter()
+        .map(|(path, _, new)| FieldChange {
+            path,
+            old: None,
+            new,
+            impact: Impact::Hot,
+        })
+        .collect();
+    if inv.is_some() {
+        change.drift = true;
+        change.note =
+            Some("owned object is missing from the host; it will be created again".into());
+    }
+    driver.check(r, obs, &change.fields)?;
+    Ok(change)
+}
+
+/// The fields where the host differs from the desired state, each with its impact.
+fn observed_field_changes(driver: &dyn Driver, obs: &Observed, want: &Value) -> Vec<FieldChange> {
+    let mut leaves = Vec::new();
+    diff_values("", Some(&obs.state), Some(want), &mut leaves);
+    leaves
         .into_iter()
         .map(|(path, old, new)| {
             let impact = driver.impact(&path);
@@ -397,38 +578,62 @@ fn plan_one(
                 impact,
             }
         })
-        .collect();
-    // Fields the host cannot show: compare the spec with the last-applied spec.
-    if let Some(inv) = inv {
-        let spec_now = serde_json::to_value(&r.spec).unwrap_or(Value::Null);
-        let spec_then = serde_json::to_value(&inv.resource.spec).unwrap_or(Value::Null);
-        let mut spec_leaves = Vec::new();
-        diff_values("", Some(&spec_then), Some(&spec_now), &mut spec_leaves);
-        for (path, old, new) in spec_leaves {
-            if want.pointer(&path).is_none()
-                && !fields.iter().any(|f| path.starts_with(&f.path))
-                && !is_observable_prefix(&want, &path)
-            {
-                fields.push(FieldChange {
-                    path,
-                    old,
-                    new,
-                    impact: Impact::Hot,
-                });
-            }
-        }
-        if inv.resource.metadata.labels != r.metadata.labels {
-            fields.push(FieldChange {
-                path: "/metadata/labels".into(),
-                old: serde_json::to_value(&inv.resource.metadata.labels).ok(),
-                new: serde_json::to_value(&r.metadata.labels).ok(),
+        .collect()
+}
+
+/// Changes the host cannot show (fields outside the desired state, labels): the spec
+/// against the last-applied spec. Hot: nothing on the host changes for them.
+fn unobservable_field_changes(
+    r: &Resource,
+    inv: &InventoryEntry,
+    want: &Value,
+    observed: &[FieldChange],
+) -> Vec<FieldChange> {
+    let spec_now = serde_json::to_value(&r.spec).unwrap_or(Value::Null);
+    let spec_then = serde_json::to_value(&inv.resource.spec).unwrap_or(Value::Null);
+    let mut spec_leaves = Vec::new();
+    diff_values("", Some(&spec_then), Some(&spec_now), &mut spec_leaves);
+    let mut out: Vec<FieldChange> = Vec::new();
+    for (path, old, new) in spec_leaves {
+        let shown = want.pointer(&path).is_some()
+            || observed
+                .iter()
+                .chain(&out)
+                .any(|f| path.starts_with(&f.path))
+            || is_observable_prefix(want, &path);
+        if !shown {
+            out.push(FieldChange {
+                path,
+                old,
+                new,
                 impact: Impact::Hot,
             });
         }
     }
-    if fields.is_empty() {
-        return Ok(change);
+    if inv.resource.metadata.labels != r.metadata.labels {
+        out.push(FieldChange {
+            path: "/metadata/labels".into(),
+            old: serde_json::to_value(&inv.resource.metadata.labels).ok(),
+            new: serde_json::to_value(&r.metadata.labels).ok(),
+            impact: Impact::Hot,
+        });
     }
+    out
+}
+
+/// `~ update` or `-/+ replace` by the highest field impact; `data-loss` needs the
+/// opt-in and gets a safety snapshot when the driver can take one.
+#[allow(clippy::too_many_arguments)]
+fn update_change(
+    mut change: Change,
+    r: &Resource,
+    obs: &Observed,
+    inv: Option<&InventoryEntry>,
+    fields: Vec<FieldChange>,
+    driver: &dyn Driver,
+    world: &World<'_>,
+    opts: &PlanOptions,
+) -> Result<Change, String> {
     driver.check(r, obs, &fields)?;
     let impact = fields.iter().map(|f| f.impact).max().unwrap_or(Impact::Hot);
     if impact == Impact::DataLoss && !opts.allow_data_loss {
@@ -450,7 +655,7 @@ fn plan_one(
     if impact == Impact::DataLoss {
         let subject = inv.map(|i| &i.resource).unwrap_or(r);
         if driver.supports_safety_snapshot(subject, world) {
-            change.safety_snapshot = Some(safety_snapshot_name(Action::Replace));
+            change.safety_snapshot = Some(safety_snapshot_name(Action::Replace, opts.now));
         }
     }
     change.impact = Some(impact);
@@ -472,4 +677,517 @@ fn is_observable_prefix(want: &Value, path: &str) -> bool {
         }
     }
     false
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use chrono::TimeZone;
+    use serde_json::json;
+
+    use super::*;
+    use crate::testkit::*;
+
+    fn t0() -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 11, 26, 15, 0, 0).unwrap()
+    }
+
+    /// A planning problem: what is desired, what was applied, what the host shows.
+    struct Case {
+        desired: Desired,
+        inventory: BTreeMap<ResourceId, InventoryEntry>,
+        observed: BTreeMap<ResourceId, Observed>,
+        pending: BTreeSet<ResourceId>,
+        observe_errors: Vec<PlanError>,
+        script: Arc<Script>,
+    }
+
+    impl Case {
+        /// `desired` against a host where `applied` was applied and is still in sync.
+        fn new(desired_yaml: &str, applied_yaml: &str) -> Case {
+            let applied = desired(applied_yaml);
+            Case {
+                desired: desired(desired_yaml),
+                inventory: inventory(&applied),
+                observed: in_sync(&applied),
+                pending: BTreeSet::new(),
+                observe_errors: Vec::new(),
+                script: Arc::new(Script::default()),
+            }
+        }
+
+        fn script(mut self, edit: impl FnOnce(&mut Script)) -> Case {
+            let mut script = Script::default();
+            edit(&mut script);
+            self.script = Arc::new(script);
+            self
+        }
+
+        fn plan(&self, opts: &PlanOptions) -> Plan {
+            let input = PlanInput {
+                desired: &self.desired,
+                observed: &self.observed,
+                inventory: &self.inventory,
+                pending: &self.pending,
+                observe_errors: &self.observe_errors,
+                warnings: &[],
+            };
+            plan(&input, &drivers(&self.script), opts)
+        }
+    }
+
+    fn opts() -> PlanOptions {
+        PlanOptions::at(t0())
+    }
+
+    /// `(id, action)` of every change, in plan order.
+    fn actions(p: &Plan) -> Vec<(String, Action)> {
+        p.changes
+            .iter()
+            .map(|c| (c.id.to_string(), c.action))
+            .collect()
+    }
+
+    fn errors(p: &Plan) -> Vec<(String, String)> {
+        p.errors
+            .iter()
+            .map(|e| (e.id.to_string(), e.message.clone()))
+            .collect()
+    }
+
+    fn change<'p>(p: &'p Plan, id: &str) -> &'p Change {
+        p.changes
+            .iter()
+            .find(|c| c.id.to_string() == id)
+            .unwrap_or_else(|| panic!("no change for {id} in {p:?}"))
+    }
+
+    #[test]
+    fn safety_snapshot_names_come_from_the_given_time() {
+        assert_eq!(
+            safety_snapshot_name(Action::Delete, t0()),
+            "pre-delete-20261126T150000Z"
+        );
+        assert_eq!(
+            safety_snapshot_name(Action::Replace, t0()),
+            "pre-replace-20261126T150000Z"
+        );
+    }
+
+    #[test]
+    fn creates_come_in_dependency_order() {
+        let yaml = vol("a", "1G", "Retain") + &pool("local") + &net("lan0", 1500);
+        let p = Case::new(&yaml, "").plan(&opts());
+        assert_eq!(
+            actions(&p),
+            [
+                ("StoragePool/local".to_string(), Action::Create),
+                ("Network/lan0".to_string(), Action::Create),
+                ("Volume/a".to_string(), Action::Create),
+            ]
+        );
+        let c = change(&p, "Volume/a");
+        assert_eq!(c.impact, None);
+        assert!(
+            c.fields.iter().any(|f| f.path == "/size"
+                && f.old.is_none()
+                && f.new == Some(json!("1000000000")))
+        );
+        assert!(p.errors.is_empty(), "{:?}", p.errors);
+    }
+
+    #[test]
+    fn in_sync_resources_are_noops() {
+        let yaml = pool("local") + &vol("a", "1G", "Retain");
+        let p = Case::new(&yaml, &yaml).plan(&opts());
+        assert!(!p.has_changes(), "{p:?}");
+        assert_eq!(p.changes.len(), 2);
+    }
+
+    #[test]
+    fn the_impact_of_a_change_is_its_highest_field_impact() {
+        let before = pool("local") + &net("lan0", 1500) + &vol("a", "1Gi", "Retain");
+        let after = pool("local") + &net("lan0", 9000) + &vol("a", "2Gi", "Retain");
+        let labelled = |impact| {
+            Case::new(&after, &before)
+                .script(|s| {
+                    s.impacts.insert("/size".into(), impact);
+                })
+                .plan(&opts())
+        };
+
+        let p = labelled(Impact::Restart);
+        let net = change(&p, "Network/lan0");
+        assert_eq!(
+            (net.action, net.impact),
+            (Action::Update, Some(Impact::Hot))
+        );
+        let v = change(&p, "Volume/a");
+        assert_eq!(
+            (v.action, v.impact),
+            (Action::Update, Some(Impact::Restart))
+        );
+        assert_eq!(v.fields.len(), 1);
+        assert_eq!(v.fields[0].path, "/size");
+        assert_eq!(v.fields[0].old, Some(json!("1Gi")));
+        assert_eq!(v.fields[0].new, Some(json!("2Gi")));
+        assert!(!v.drift);
+
+        let p = labelled(Impact::Recreate);
+        let v = change(&p, "Volume/a");
+        assert_eq!(
+            (v.action, v.impact),
+            (Action::Replace, Some(Impact::Recreate))
+        );
+        assert_eq!(v.safety_snapshot, None);
+    }
+
+    #[test]
+    fn fields_the_host_cannot_show_are_diffed_against_the_last_apply() {
+        let before = pool("local") + &vol("a", "1Gi", "Retain");
+        let after = pool("local")
+            + &doc(
+                "Volume",
+                "a",
+                "{pool: local, size: 1Gi, deletionPolicy: Delete}",
+            )
+            .replace("{name: a}", "{name: a, labels: {tier: db}}");
+        let p = Case::new(&after, &before).plan(&opts());
+        let v = change(&p, "Volume/a");
+        assert_eq!((v.action, v.impact), (Action::Update, Some(Impact::Hot)));
+        assert!(!v.drift, "the manifest changed");
+        let fields: Vec<(&str, Option<&Value>, Option<&Value>)> = v
+            .fields
+            .iter()
+            .map(|f| (f.path.as_str(), f.old.as_ref(), f.new.as_ref()))
+            .collect();
+        assert_eq!(
+            fields,
+            [
+                (
+                    "/deletionPolicy",
+                    Some(&json!("Retain")),
+                    Some(&json!("Delete"))
+                ),
+                (
+                    "/metadata/labels",
+                    Some(&json!({})),
+                    Some(&json!({"tier": "db"}))
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_data_loss_change_needs_the_opt_in() {
+        let before = pool("local") + &vol("a", "1G", "Retain");
+        let after = pool("local") + &vol("a", "2G", "Retain");
+        let case = Case::new(&after, &before).script(|s| {
+            s.impacts.insert("/size".into(), Impact::DataLoss);
+            s.snapshots.insert(Kind::Volume);
+        });
+
+        let p = case.plan(&opts());
+        assert_eq!(
+            errors(&p),
+            [(
+                "Volume/a".to_string(),
+                "changing /size destroys data: re-run with --allow-data-loss to confirm"
+                    .to_string()
+            )]
+        );
+        assert!(p.changes.iter().all(|c| c.id.name != "a"));
+
+        let allowed = PlanOptions {
+            allow_data_loss: true,
+            ..opts()
+        };
+        let p = case.plan(&allowed);
+        let v = change(&p, "Volume/a");
+        assert_eq!(v.action, Action::Replace);
+        assert_eq!(v.impact, Some(Impact::DataLoss));
+        assert_eq!(
+            v.safety_snapshot.as_deref(),
+            Some("pre-replace-20261126T150000Z")
+        );
+    }
+
+    #[test]
+    fn host_drift_is_marked_and_a_missing_owned_object_is_created_again() {
+        let yaml = net("lan0", 9000) + &net("lan1", 9000);
+        let mut case = Case::new(&yaml, &yaml);
+        let lan0 = id(Kind::Network, "lan0");
+        let mut changed = FakeDriver::project(&case.desired.resources[&lan0]);
+        changed["mtu"] = json!(1400);
+        case.observed.insert(lan0, present(changed));
+        case.observed
+            .insert(id(Kind::Network, "lan1"), Observed::absent());
+
+        let p = case.plan(&opts());
+        let c = change(&p, "Network/lan0");
+        assert_eq!(c.action, Action::Update);
+        assert!(c.drift);
+        let c = change(&p, "Network/lan1");
+        assert_eq!(c.action, Action::Create);
+        assert!(c.drift);
+        assert_eq!(
+            c.note.as_deref(),
+            Some("owned object is missing from the host; it will be created again")
+        );
+    }
+
+    #[test]
+    fn an_unowned_object_in_the_way_is_not_adopted() {
+        let yaml = net("lan0", 9000);
+        let mut case = Case::new(&yaml, "");
+        let lan0 = id(Kind::Network, "lan0");
+        let state = FakeDriver::project(&case.desired.resources[&lan0]);
+        let found = Observed {
+            owned: false,
+            ..present(state)
+        };
+        case.observed.insert(lan0.clone(), found);
+        let p = case.plan(&opts());
+        assert!(p.changes.is_empty(), "{p:?}");
+        assert_eq!(p.errors.len(), 1);
+        assert!(p.errors[0].message.starts_with(
+            "an object named \"lan0\" already exists on the host and is not owned by stead"
+        ));
+
+        // The same object left by an interrupted apply of ours is taken over.
+        case.pending.insert(lan0);
+        let p = case.plan(&opts());
+        assert_eq!(actions(&p), [("Network/lan0".to_string(), Action::Noop)]);
+        assert_eq!(
+            p.changes[0].note.as_deref(),
+            Some("recovering an interrupted apply")
+        );
+    }
+
+    #[test]
+    fn prune_deletes_users_before_what_they_use() {
+        let applied = pool("local") + &vol("a", "1G", "Delete") + &net("lan0", 1500);
+        let p = Case::new("", &applied).plan(&opts());
+        let order = actions(&p);
+        assert_eq!(order.len(), 3, "{order:?}");
+        assert!(order.iter().all(|(_, a)| *a == Action::Delete));
+        let at = |id: &str| order.iter().position(|(i, _)| i == id).unwrap();
+        assert!(at("Volume/a") < at("StoragePool/local"), "{order:?}");
+        assert_eq!(change(&p, "Volume/a").impact, Some(Impact::Recreate));
+    }
+
+    #[test]
+    fn prune_follows_the_deletion_policy() {
+        let applied = pool("local") + &vol("keep", "1G", "Retain") + &vol("drop", "1G", "Delete");
+        let case = Case::new(&pool("local"), &applied).script(|s| {
+            s.data_loss_delete.insert(Kind::Volume);
+            s.snapshots.insert(Kind::Volume);
+        });
+        let p = case.plan(&opts());
+        let keep = change(&p, "Volume/keep");
+        assert_eq!((keep.action, keep.impact), (Action::Retain, None));
+        assert_eq!(
+            keep.note.as_deref(),
+            Some("deletionPolicy: Retain: data kept on the host, no longer managed")
+        );
+        let drop = change(&p, "Volume/drop");
+        assert_eq!(
+            (drop.action, drop.impact),
+            (Action::Delete, Some(Impact::DataLoss))
+        );
+        assert_eq!(drop.note.as_deref(), Some("deletionPolicy: Delete"));
+        assert_eq!(
+            drop.safety_snapshot.as_deref(),
+            Some("pre-delete-20261126T150000Z")
+        );
+    }
+
+    #[test]
+    fn a_data_loss_prune_without_the_policy_needs_the_opt_in() {
+        let case = Case::new("", &pool("local")).script(|s| {
+            s.data_loss_delete.insert(Kind::StoragePool);
+        });
+        let p = case.plan(&opts());
+        assert_eq!(
+            errors(&p),
+            [(
+                "StoragePool/local".to_string(),
+                "deleting it destroys data: re-run with --allow-data-loss to confirm".to_string()
+            )]
+        );
+        let p = case.plan(&PlanOptions {
+            allow_data_loss: true,
+            ..opts()
+        });
+        let c = change(&p, "StoragePool/local");
+        assert_eq!((c.action, c.note.as_deref()), (Action::Delete, None));
+        assert_eq!(c.safety_snapshot, None, "the driver cannot snapshot");
+    }
+
+    #[test]
+    fn prune_is_refused_while_a_desired_resource_references_it() {
+        let applied = pool("local") + &vol("a", "1G", "Delete");
+        let p = Case::new(&vol("a", "1G", "Delete"), &applied).plan(&opts());
+        assert_eq!(
+            errors(&p),
+            [(
+                "StoragePool/local".to_string(),
+                "cannot delete: Volume/a still references it".to_string()
+            )]
+        );
+    }
+
+    #[test]
+    fn no_prune_keeps_owned_resources_that_left() {
+        let applied = pool("local") + &net("lan0", 1500);
+        let p = Case::new(&pool("local"), &applied).plan(&PlanOptions {
+            no_prune: true,
+            ..opts()
+        });
+        assert_eq!(
+            actions(&p),
+            [("StoragePool/local".to_string(), Action::Noop)]
+        );
+        assert!(p.errors.is_empty());
+    }
+
+    #[test]
+    fn an_unrecorded_intent_prunes_only_a_marked_object() {
+        let mut case = Case::new("", &(net("lan0", 1500) + &net("lan1", 1500)));
+        for (name, owned) in [("lan0", false), ("lan1", true)] {
+            let id = id(Kind::Network, name);
+            if let Some(e) = case.inventory.get_mut(&id) {
+                e.recorded = false;
+            }
+            if let Some(o) = case.observed.get_mut(&id) {
+                o.owned = owned;
+            }
+        }
+        let p = case.plan(&opts());
+        assert_eq!(actions(&p), [("Network/lan1".to_string(), Action::Delete)]);
+        assert_eq!(
+            p.changes[0].note.as_deref(),
+            Some("made by an interrupted apply that the state never recorded")
+        );
+    }
+
+    #[test]
+    fn a_kind_without_driver_is_a_plan_error() {
+        let yaml = doc(
+            "BackupSchedule",
+            "nightly",
+            "{schedule: '0 3 * * *', targets: {selector: {matchLabels: {a: b}}}, storage: lab}",
+        );
+        let case = Case::new("", "");
+        let mut case = case;
+        case.desired = desired(&yaml);
+        let p = case.plan(&opts());
+        assert_eq!(
+            errors(&p),
+            [(
+                "BackupSchedule/nightly".to_string(),
+                "no driver for kind BackupSchedule".to_string()
+            )]
+        );
+    }
+
+    #[test]
+    fn observe_failures_are_left_out_and_reported_as_their_error() {
+        let yaml = pool("local") + &net("lan0", 1500);
+        let mut case = Case::new(&yaml, "");
+        let lan0 = id(Kind::Network, "lan0");
+        case.observe_errors.push(PlanError {
+            id: lan0,
+            message: "cannot observe Network: boom".into(),
+        });
+        let p = case.plan(&opts());
+        // Not a "create" of what could not be seen.
+        assert_eq!(
+            actions(&p),
+            [("StoragePool/local".to_string(), Action::Create)]
+        );
+        assert_eq!(
+            errors(&p),
+            [(
+                "Network/lan0".to_string(),
+                "cannot observe Network: boom".to_string()
+            )]
+        );
+    }
+
+    #[test]
+    fn skip_drift_leaves_out_drift_repairs_only() {
+        let before = net("lan0", 1500) + &net("lan1", 1500);
+        let after = net("lan0", 1500) + &net("lan1", 9000);
+        let mut case = Case::new(&after, &before);
+        case.observed
+            .insert(id(Kind::Network, "lan0"), Observed::absent());
+        let all = case.plan(&opts());
+        assert!(change(&all, "Network/lan0").drift);
+        let p = case.plan(&PlanOptions {
+            skip_drift: true,
+            ..opts()
+        });
+        assert_eq!(actions(&p), [("Network/lan1".to_string(), Action::Update)]);
+    }
+
+    #[test]
+    fn only_restricts_changes_and_errors() {
+        let applied = pool("local") + &net("lan0", 1500) + &net("lan1", 1500);
+        let case = Case::new("", &applied).script(|s| {
+            s.data_loss_delete.insert(Kind::StoragePool);
+        });
+        let lan0 = id(Kind::Network, "lan0");
+        let p = case.plan(&PlanOptions {
+            only: Some([lan0].into()),
+            ..opts()
+        });
+        assert_eq!(actions(&p), [("Network/lan0".to_string(), Action::Delete)]);
+        assert!(p.errors.is_empty(), "the pool's refusal is outside: {p:?}");
+    }
+
+    #[test]
+    fn excluded_resources_get_neither_change_nor_error() {
+        let yaml = pool("local") + &net("lan0", 1500) + &net("lan1", 1500);
+        let mut case = Case::new(&yaml, "");
+        case.observe_errors.push(PlanError {
+            id: id(Kind::Network, "lan1"),
+            message: "cannot observe".into(),
+        });
+        let mut o = opts();
+        for name in ["lan0", "lan1"] {
+            o.exclude
+                .insert(id(Kind::Network, name), "held back".into());
+        }
+        let p = case.plan(&o);
+        assert_eq!(
+            actions(&p),
+            [("StoragePool/local".to_string(), Action::Create)]
+        );
+        assert!(p.errors.is_empty(), "{p:?}");
+    }
+
+    #[test]
+    fn purge_deletes_what_retain_would_keep() {
+        let applied = pool("local") + &vol("keep", "1G", "Retain");
+        let case = Case::new(&pool("local"), &applied).script(|s| {
+            s.data_loss_delete.insert(Kind::Volume);
+            s.snapshots.insert(Kind::Volume);
+        });
+        let p = case.plan(&PlanOptions {
+            purge_retained: true,
+            ..opts()
+        });
+        let c = change(&p, "Volume/keep");
+        assert_eq!(
+            (c.action, c.impact),
+            (Action::Delete, Some(Impact::DataLoss))
+        );
+        assert_eq!(
+            c.note.as_deref(),
+            Some("environment teardown deletes retained data too")
+        );
+        assert_eq!(c.safety_snapshot, None);
+    }
 }

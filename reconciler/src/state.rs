@@ -551,4 +551,89 @@ mod tests {
             assert_eq!(mode, STATE_DIR_MODE, "{}", p.display());
         }
     }
+
+    fn volume() -> Resource {
+        let yaml = "---
+apiVersion: stead.dev/v1alpha1
+kind: Volume
+metadata: {name: data, labels: {tier: db}}
+spec: {pool: local, size: 1Mi, deletionPolicy: Delete}
+";
+        let d = crate::testkit::desired(yaml);
+        d.resources.into_values().next().unwrap()
+    }
+
+    #[test]
+    fn inventory_keeps_what_was_applied() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = StateDb::open(dir.path()).unwrap();
+        let r = volume();
+        db.upsert(&r).unwrap();
+        // Reopened: the rows are on disk.
+        drop(db);
+        let db = StateDb::open(dir.path()).unwrap();
+        let inv = db.inventory().unwrap();
+        let e = &inv[&r.id];
+        assert_eq!(e.resource.spec, r.spec);
+        assert_eq!(e.resource.metadata, r.metadata);
+        assert_eq!(e.spec_hash, r.spec_hash());
+        assert!(e.recorded);
+        assert!(e.applied_at > 0.0);
+        db.remove(&r.id).unwrap();
+        assert!(db.inventory().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_journal_entry_is_open_until_closed() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = StateDb::open(dir.path()).unwrap();
+        let r = volume();
+        db.journal_intent(&r, "create").unwrap();
+        assert_eq!(
+            db.journal_open().unwrap(),
+            [(r.id.clone(), "create".to_string())].into()
+        );
+        assert_eq!(pending_ids(&db).unwrap(), [r.id.clone()].into());
+        let journaled = db.journal_open_resources().unwrap();
+        assert_eq!(journaled[&r.id].spec, r.spec);
+        assert_eq!(journaled[&r.id].metadata, r.metadata);
+
+        // A noted error keeps it open; closing marks it done.
+        db.journal_note_error(&r.id, "boom").unwrap();
+        assert_eq!(
+            db.journal_last(&r.id).unwrap(),
+            Some(("open".to_string(), Some("boom".to_string())))
+        );
+        db.journal_close(&r.id, None).unwrap();
+        assert_eq!(
+            db.journal_last(&r.id).unwrap(),
+            Some(("done".to_string(), None))
+        );
+        assert!(db.journal_open().unwrap().is_empty());
+        assert!(db.journal_open_resources().unwrap().is_empty());
+
+        // Closing with an error marks it failed.
+        db.journal_begin(&r.id, "delete").unwrap();
+        db.journal_close(&r.id, Some("conflict")).unwrap();
+        assert_eq!(
+            db.journal_last(&r.id).unwrap(),
+            Some(("failed".to_string(), Some("conflict".to_string())))
+        );
+    }
+
+    #[test]
+    fn the_apply_lock_is_exclusive_until_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let held = ApplyLock::acquire(dir.path(), Duration::ZERO).unwrap();
+        match ApplyLock::acquire(dir.path(), Duration::from_millis(150)) {
+            Err(StateError::Locked(path, waited)) => {
+                assert_eq!(path, dir.path().join("lock"));
+                assert!(waited >= Duration::from_millis(150), "{waited:?}");
+            }
+            Err(e) => panic!("unexpected error: {e}"),
+            Ok(_) => panic!("a second holder got the lock"),
+        }
+        drop(held);
+        ApplyLock::acquire(dir.path(), Duration::ZERO).unwrap();
+    }
 }

@@ -175,3 +175,117 @@ impl DepGraph {
         out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(kind: Kind, name: &str) -> ResourceId {
+        ResourceId::new(kind, name)
+    }
+
+    fn net(name: &str) -> ResourceId {
+        id(Kind::Network, name)
+    }
+
+    /// `from` depends on `to`.
+    fn edge(from: &ResourceId, to: &ResourceId) -> Edge {
+        Edge {
+            from: from.clone(),
+            to: to.clone(),
+            pointer: "/spec/dependsOn/0".into(),
+        }
+    }
+
+    #[test]
+    fn waves_put_dependencies_first_and_sort_each_wave() {
+        let (a, b, c, d) = (net("a"), net("b"), net("c"), net("d"));
+        // d -> b -> a, c -> a; d also -> c.
+        let edges = [edge(&d, &b), edge(&b, &a), edge(&c, &a), edge(&d, &c)];
+        let g = DepGraph::new([d.clone(), c.clone(), b.clone(), a.clone()], &edges);
+        assert_eq!(
+            g.waves(),
+            [vec![a.clone()], vec![b.clone(), c.clone()], vec![d.clone()]]
+        );
+        assert_eq!(g.dependents(&a), [b, c, d].into());
+        assert!(g.cycles().is_empty());
+    }
+
+    #[test]
+    fn edges_to_ids_outside_the_set_are_ignored() {
+        let (a, b) = (net("a"), net("b"));
+        let g = DepGraph::new([a.clone()], &[edge(&a, &b)]);
+        assert_eq!(g.waves(), [vec![a.clone()]]);
+        assert!(g.dependents(&b).is_empty());
+    }
+
+    #[test]
+    fn cycles_are_reported_from_their_smallest_id_and_left_out_of_the_waves() {
+        let (a, b, c, z) = (net("a"), net("b"), net("c"), net("z"));
+        // a -> b -> c -> a is a cycle; z depends on nothing; self-loop on z is one too.
+        let edges = [edge(&a, &b), edge(&b, &c), edge(&c, &a)];
+        let g = DepGraph::new([c.clone(), b.clone(), a.clone(), z.clone()], &edges);
+        assert_eq!(
+            g.cycles(),
+            [vec![a.clone(), b.clone(), c.clone(), a.clone()]]
+        );
+        assert_eq!(g.waves(), [vec![z.clone()]]);
+
+        let g = DepGraph::new([z.clone()], &[edge(&z, &z)]);
+        assert_eq!(g.cycles(), [vec![z.clone(), z.clone()]]);
+    }
+
+    #[test]
+    fn edges_come_from_references_depends_on_and_bond_ports() {
+        let yaml = "---
+apiVersion: stead.dev/v1alpha1
+kind: Bond
+metadata: {name: bond0}
+spec: {mode: active-backup, slaves: [eth0]}
+---
+apiVersion: stead.dev/v1alpha1
+kind: Network
+metadata: {name: lan0}
+spec: {ports: [bond0, eth9], dependsOn: [Network/wan]}
+---
+apiVersion: stead.dev/v1alpha1
+kind: Volume
+metadata: {name: data}
+spec: {pool: local, size: 1Mi}
+";
+        let mut resources = Vec::new();
+        let mut errors = Vec::new();
+        crate::load::load_str(
+            std::path::Path::new("m.yaml"),
+            yaml,
+            &mut resources,
+            &mut errors,
+        );
+        assert!(errors.is_empty(), "{errors:?}");
+        let mut found: Vec<(String, String, String)> = edges(resources.iter())
+            .into_iter()
+            .map(|e| (e.from.to_string(), e.to.to_string(), e.pointer))
+            .collect();
+        found.sort();
+        assert_eq!(
+            found,
+            [
+                (
+                    "Network/lan0".to_string(),
+                    "Bond/bond0".to_string(),
+                    "/spec/ports/0".to_string()
+                ),
+                (
+                    "Network/lan0".to_string(),
+                    "Network/wan".to_string(),
+                    "/spec/dependsOn/0".to_string()
+                ),
+                (
+                    "Volume/data".to_string(),
+                    "StoragePool/local".to_string(),
+                    "/spec/pool".to_string()
+                ),
+            ]
+        );
+    }
+}

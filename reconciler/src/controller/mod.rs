@@ -541,6 +541,7 @@ impl Engine {
                 PlanOptions {
                     no_prune: self.cfg.no_prune,
                     allow_data_loss: false,
+                    ..Default::default()
                 },
             )
         };
@@ -586,7 +587,7 @@ impl Engine {
             }
         }
         if self.cfg.drift == DriftMode::Report {
-            run.plan.changes.retain(|c| !c.drift);
+            run.replan(&self.drivers, &good.desired, |o| o.skip_drift = true);
         }
 
         // Leave out plan errors, resources in backoff and their dependents.
@@ -623,7 +624,10 @@ impl Engine {
                     break;
                 }
             }
-            run.plan.changes.retain(|c| !blocked.contains_key(&c.id));
+            let held = blocked
+                .iter()
+                .map(|(id, (why, _))| (id.clone(), why.clone()));
+            run.replan(&self.drivers, &good.desired, |o| o.exclude.extend(held));
         }
 
         // 3. Execute.
