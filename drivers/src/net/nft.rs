@@ -482,23 +482,27 @@ impl Nft {
         Ok(t)
     }
 
-    /// Reads a sysctl of the namespace (`/proc/sys/...` is per netns of the reader).
-    pub(crate) fn sysctl_get(&self, path: &'static str) -> Result<String, DriverError> {
+    /// Reads the sysctl `key` (`net/ipv4/ip_forward`) of the namespace (procfs's sysctl
+    /// tree is per netns of the reader).
+    pub(crate) fn sysctl_get(&self, key: &'static str) -> Result<String, DriverError> {
         run_in(self.ns_ref.as_ref(), move || {
-            std::fs::read_to_string(path)
+            let path = stead_host::ProcFs::host().sysctl(key);
+            std::fs::read_to_string(&path)
                 .map(|s| s.trim().to_string())
-                .map_err(|e| DriverError::io(format!("read {path}"), e))
+                .map_err(|e| DriverError::io(format!("read {}", path.display()), e))
         })
     }
 
     /// Writes a sysctl of the namespace.
     pub(crate) fn sysctl_set(
         &self,
-        path: &'static str,
+        key: &'static str,
         value: &'static str,
     ) -> Result<(), DriverError> {
         run_in(self.ns_ref.as_ref(), move || {
-            std::fs::write(path, value).map_err(|e| DriverError::io(format!("write {path}"), e))
+            let path = stead_host::ProcFs::host().sysctl(key);
+            std::fs::write(&path, value)
+                .map_err(|e| DriverError::io(format!("write {}", path.display()), e))
         })
     }
 }

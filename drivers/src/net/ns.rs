@@ -31,8 +31,9 @@ impl NetnsRef {
                 File::open(p).map_err(|e| DriverError::io(format!("open netns {}", p.display()), e))
             }
             NetnsRef::Pid(pid) => {
-                let p = format!("/proc/{pid}/ns/net");
-                File::open(&p).map_err(|e| DriverError::io(format!("open netns {p}"), e))
+                let p = stead_host::ProcFs::host().pid_ns(pid, "net");
+                File::open(&p)
+                    .map_err(|e| DriverError::io(format!("open netns {}", p.display()), e))
             }
             NetnsRef::Fd(fd) => {
                 // SAFETY: the caller promises `fd` is open for the duration of the call;
