@@ -7,7 +7,8 @@
 //! It is also the only code that names host paths under `/proc`, `/sys` and `/run`:
 //! [`procfs::ProcFs`], [`sysfs::SysFs`] and [`netns::NetnsDir`] take their root as a
 //! parameter (`::host()` for the real one, `::at(dir)` in tests);
-//! `scripts/lint-host-paths.sh` checks that no other crate spells such a path.
+//! `scripts/lint-host-paths.sh` checks that no other crate spells such a path. Extended
+//! attributes are read and written only through [`xattr`].
 
 pub mod confine;
 pub mod fs;
@@ -17,6 +18,7 @@ pub mod paths;
 pub mod procfs;
 pub mod sysfs;
 pub mod tree;
+pub mod xattr;
 
 pub use fs::{HostError, is_atomic_temp_name, write_atomic, write_atomic_mode};
 pub use netns::NetnsDir;
