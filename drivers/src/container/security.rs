@@ -517,7 +517,8 @@ mod tests {
                 } else {
                     100
                 };
-                // SAFETY: ends the forked child without running the harness's handlers.
+                // SAFETY: ends the forked child without running the harness's handlers;
+                // _exit has no preconditions (neither nix nor rustix wraps it safely).
                 unsafe { libc::_exit(code) }
             }
             nix::unistd::ForkResult::Parent { child } => {

@@ -15,7 +15,6 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -153,26 +152,19 @@ impl Nft {
             })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        if let Some(fd) = &self.netns {
-            let raw = fd.as_raw_fd();
-            // SAFETY: the closure runs in the forked child before exec and only calls
-            // setns(2), which is async-signal-safe; `raw` stays open (the parent holds
-            // the OwnedFd for the whole call and the child inherited it).
-            unsafe {
-                c.pre_exec(move || {
-                    if libc::setns(raw, libc::CLONE_NEWNET) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
-        }
-        let mut child = c.spawn().map_err(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound {
-                DriverError::Unsupported("the nft binary is missing (apt package nftables)".into())
-            } else {
-                DriverError::io("spawn nft", e)
-            }
+        // A child starts in the network namespace of the thread that spawns it: spawn
+        // from a thread that entered the namespace.
+        let ns = self.netns.as_ref().map(|fd| NetnsRef::Fd(fd.as_raw_fd()));
+        let mut child = run_in(ns.as_ref(), || {
+            c.spawn().map_err(|e| {
+                if e.kind() == std::io::ErrorKind::NotFound {
+                    DriverError::Unsupported(
+                        "the nft binary is missing (apt package nftables)".into(),
+                    )
+                } else {
+                    DriverError::io("spawn nft", e)
+                }
+            })
         })?;
         if let Some(input) = stdin
             && let Some(mut si) = child.stdin.take()

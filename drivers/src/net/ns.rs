@@ -37,7 +37,8 @@ impl NetnsRef {
             }
             NetnsRef::Fd(fd) => {
                 // SAFETY: the caller promises `fd` is open for the duration of the call;
-                // we only borrow it long enough to duplicate it.
+                // we only borrow it long enough to duplicate it. `NetnsRef::Fd` holds a raw
+                // fd (so the enum carries no lifetime); no safe borrow of it exists.
                 let b = unsafe { BorrowedFd::borrow_raw(*fd) };
                 b.try_clone_to_owned()
                     .map(File::from)

@@ -425,9 +425,7 @@ mod tests {
         let d = tempfile::tempdir().expect("tempdir");
         let tree = d.path().join("vol");
         let (res, survived) = std::thread::spawn(move || {
-            // SAFETY: unshares only this thread's mount namespace (and fs struct).
-            unsafe { rustix::thread::unshare_unsafe(rustix::thread::UnshareFlags::NEWNS) }
-                .expect("unshare");
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).expect("unshare");
             rustix::mount::mount_change(
                 "/",
                 rustix::mount::MountPropagationFlags::PRIVATE
