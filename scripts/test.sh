@@ -21,6 +21,9 @@ echo "== dependency hygiene: no unused dependencies; bans and licenses (deny.tom
 cargo machete
 cargo deny --offline check bans licenses
 
+echo "== host paths (/proc, /sys, /run) only in the host layer"
+scripts/lint-host-paths.sh
+
 echo "== build"
 cargo build --workspace --bins
 

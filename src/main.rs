@@ -50,7 +50,7 @@ pub(crate) struct Global {
         long,
         global = true,
         env = "STEAD_RUN_DIR",
-        default_value = "/run/stead"
+        default_value = stead_host::paths::RUN_DIR
     )]
     run_dir: PathBuf,
     /// Cgroup parent for workloads.
@@ -294,7 +294,7 @@ pub(crate) fn host_env(g: &Global) -> Result<HostEnv> {
         if n.contains('/') {
             PathBuf::from(n)
         } else {
-            PathBuf::from("/run/netns").join(n)
+            stead_host::NetnsDir::host().path_of(n)
         }
     });
     if let Some(p) = &netns

@@ -100,8 +100,7 @@ fn main() {
         eprintln!("container_bench needs root and /bin/busybox (apt busybox-static)");
         std::process::exit(1);
     }
-    // SAFETY: prctl with integer arguments only.
-    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    let _ = nix::sys::prctl::set_child_subreaper(true);
     let tmp = tempfile::tempdir().expect("tmp");
     let netns = tmp.path().join("netns");
     fs::File::create(&netns).expect("netns file");

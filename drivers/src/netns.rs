@@ -8,16 +8,14 @@ use nix::mount::{MntFlags, MsFlags, mount, umount2};
 use nix::sched::{CloneFlags, unshare};
 use rtnetlink::LinkUnspec;
 use rtnetlink::packet_route::RouteNetlinkMessage;
+use stead_host::{NetnsDir, ProcFs};
 use stead_reconciler::driver::DriverError;
 
 use crate::net::nl::Netlink;
 
-/// Where named namespaces live.
-pub const NETNS_DIR: &str = "/run/netns";
-
 /// The path of the named namespace `name`.
 pub fn path_of(name: &str) -> PathBuf {
-    Path::new(NETNS_DIR).join(name)
+    NetnsDir::host().path_of(name)
 }
 
 fn is_mounted(path: &Path) -> bool {
@@ -41,18 +39,20 @@ pub fn create_named(name: &str) -> Result<PathBuf, DriverError> {
     if is_mounted(&path) {
         return Ok(path);
     }
-    std::fs::create_dir_all(NETNS_DIR)
-        .map_err(|e| DriverError::io(format!("create {NETNS_DIR}"), e))?;
+    let dir = NetnsDir::host();
+    std::fs::create_dir_all(dir.root())
+        .map_err(|e| DriverError::io(format!("create {}", dir.root().display()), e))?;
     std::fs::File::create(&path)
         .map_err(|e| DriverError::io(format!("create {}", path.display()), e))?;
     let target = path.clone();
+    let own_ns = ProcFs::host().thread_self_ns("net");
     // unshare(CLONE_NEWNET) changes only the calling thread: do it on a thread that ends
     // right after, once the namespace is pinned by the bind mount.
     let res = std::thread::spawn(move || -> Result<(), DriverError> {
         unshare(CloneFlags::CLONE_NEWNET)
             .map_err(|e| DriverError::io("unshare(CLONE_NEWNET)", e.into()))?;
         mount(
-            Some("/proc/thread-self/ns/net"),
+            Some(own_ns.as_path()),
             &target,
             None::<&str>,
             MsFlags::MS_BIND,

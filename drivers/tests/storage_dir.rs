@@ -658,7 +658,7 @@ fn storage_marks_outside_finds_files_not_marked_for_the_scope_without_following_
     fs::create_dir_all(area.join("images/sub")).expect("mkdir");
     let mark = |p: &std::path::Path, m: &str| {
         fs::write(p, b"x").expect("write");
-        xattr::set(p, storage::OWNER_XATTR, m.as_bytes()).expect("set mark");
+        stead_host::xattr::set(p, storage::OWNER_XATTR, m.as_bytes()).expect("set mark");
     };
     mark(&area.join("images/mine.raw"), "env/a/Volume/mine");
     mark(&area.join("images/sub/prod.raw"), "Volume/prod");

@@ -24,8 +24,17 @@ pub fn stead_bin() -> PathBuf {
 
 /// Whether we run as root (the privileged tests need it).
 pub fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
+    rustix::process::geteuid().is_root()
+}
+
+/// Sends `sig` to process `pid`; whether it was delivered. A pid that is not a process id
+/// (zero or negative: a group or every process) is refused, not signalled.
+pub fn signal(pid: i32, sig: rustix::process::Signal) -> bool {
+    if pid <= 0 {
+        return false;
+    }
+    rustix::process::Pid::from_raw(pid)
+        .is_some_and(|p| rustix::process::kill_process(p, sig).is_ok())
 }
 
 /// Prints a SKIP line and returns true when `cond` is false.

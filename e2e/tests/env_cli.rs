@@ -244,36 +244,13 @@ fn env_down_stops_at_a_mount_left_in_its_pool_area_and_keeps_its_files() {
 }
 
 fn owner_mark(p: &std::path::Path) -> Option<String> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(p.as_os_str().as_bytes()).expect("path");
-    let mut buf = [0u8; 512];
-    // SAFETY: `c` and the name are NUL-terminated; `buf` is writable for its length.
-    let n = unsafe {
-        libc::lgetxattr(
-            c.as_ptr(),
-            c"user.stead.owner".as_ptr(),
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-        )
-    };
-    let n = usize::try_from(n).ok()?;
-    Some(String::from_utf8_lossy(&buf[..n]).into_owned())
+    let v = stead_host::xattr::get(p, "user.stead.owner").ok()??;
+    Some(String::from_utf8_lossy(&v).into_owned())
 }
 
 fn set_owner_mark(p: &std::path::Path, mark: &str) {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(p.as_os_str().as_bytes()).expect("path");
-    // SAFETY: `c` and the name are NUL-terminated; the value pointer/length describe `mark`.
-    let r = unsafe {
-        libc::lsetxattr(
-            c.as_ptr(),
-            c"user.stead.owner".as_ptr(),
-            mark.as_ptr().cast(),
-            mark.len(),
-            0,
-        )
-    };
-    assert_eq!(r, 0, "setxattr on {}", p.display());
+    stead_host::xattr::set(p, "user.stead.owner", mark.as_bytes())
+        .unwrap_or_else(|e| panic!("setxattr on {}: {e}", p.display()));
 }
 
 #[test]

@@ -43,8 +43,7 @@ fn pids(procs: &[(i32, String)]) -> Vec<i32> {
 }
 
 fn sigkill(pid: i32) {
-    // SAFETY: kill(2) on a process of this sandbox; no memory is involved.
-    unsafe { libc::kill(pid, libc::SIGKILL) };
+    stead_e2e::signal(pid, rustix::process::Signal::KILL);
 }
 
 /// Which of the sandbox's `stead <sub>` processes to kill.

@@ -136,8 +136,7 @@ impl Drop for Leftovers<'_> {
     fn drop(&mut self) {
         for p in sandbox_processes(self.0) {
             if let Some(pid) = p.split(':').next().and_then(|n| n.parse::<i32>().ok()) {
-                // SAFETY: kill(2) on a process of this sandbox.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
+                stead_e2e::signal(pid, rustix::process::Signal::KILL);
             }
         }
         std::thread::sleep(Duration::from_millis(100));
@@ -273,8 +272,7 @@ fn vm_apply_console_restart_resize_delete() {
     assert_eq!(status["pid"].as_i64(), Some(pid), "resumed, not restarted");
 
     // Kill the VMM by hand: the supervisor boots it again and counts the restart.
-    // SAFETY: kill(2) on a pid we read from stead's status; no memory involved.
-    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
+    assert!(stead_e2e::signal(pid as i32, rustix::process::Signal::KILL));
     wait_for("a restarted VMM", Duration::from_secs(15), || {
         let (state, status, _) = get_vm(&sb);
         state["state"] == "running"
@@ -398,8 +396,7 @@ fn vm_stopped_state_and_restart_policy_never() {
     let pid = status["pid"].as_i64().expect("pid");
 
     // restartPolicy never: a killed VMM stays down; that is drift the next apply heals.
-    // SAFETY: kill(2) on a pid we read from stead's status.
-    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
+    assert!(stead_e2e::signal(pid as i32, rustix::process::Signal::KILL));
     wait_for(
         "the VM to be reported stopped",
         Duration::from_secs(10),
@@ -458,8 +455,7 @@ fn vm_stopped_state_and_restart_policy_never() {
     // shows as stopped (drift) and the next apply starts a new supervisor.
     let sup = status["supervisorPid"].as_i64().expect("supervisor pid");
     let vmm = status["pid"].as_i64().expect("vmm pid");
-    // SAFETY: kill(2) on a pid we read from stead's status.
-    assert_eq!(unsafe { libc::kill(sup as i32, libc::SIGKILL) }, 0);
+    assert!(stead_e2e::signal(sup as i32, rustix::process::Signal::KILL));
     wait_for(
         "the VMM to die with its supervisor",
         Duration::from_secs(10),
@@ -1034,9 +1030,12 @@ fn packet_socket_in(netns: &str, ifname: &str) -> (std::os::fd::OwnedFd, i32) {
     let ifname = ifname.to_string();
     std::thread::spawn(move || {
         let f = std::fs::File::open(&ns).expect("open netns");
-        // SAFETY: setns on this helper thread only, with an open namespace fd.
-        let r = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) };
-        assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
+        // This helper thread alone enters the namespace.
+        rustix::thread::move_into_link_name_space(
+            std::os::fd::AsFd::as_fd(&f),
+            Some(rustix::thread::LinkNameSpaceType::Network),
+        )
+        .expect("setns");
         let cname = std::ffi::CString::new(ifname).expect("ifname");
         // SAFETY: FFI with valid pointers; the descriptor is owned at once.
         unsafe {

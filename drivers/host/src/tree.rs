@@ -232,10 +232,7 @@ mod tests {
     /// never reach the host and vanish with the thread (even if `f` panics).
     fn in_private_mount_ns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
         std::thread::spawn(move || {
-            // SAFETY: only CLONE_NEWNS (which implies CLONE_FS) is unshared, on this
-            // thread alone; no file-descriptor table or memory is shared differently after.
-            unsafe { rustix::thread::unshare_unsafe(rustix::thread::UnshareFlags::NEWNS) }
-                .expect("unshare mount ns");
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).expect("unshare mount ns");
             rustix::mount::mount_change(
                 "/",
                 rustix::mount::MountPropagationFlags::PRIVATE

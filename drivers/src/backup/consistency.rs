@@ -554,10 +554,8 @@ mod tests {
         let mnt = clone.join("mnt");
         fs::create_dir_all(&mnt).expect("clone dir");
         std::thread::spawn(move || {
-            // SAFETY: only CLONE_NEWNS (which implies CLONE_FS) is unshared, on this thread
-            // alone; the mounts made below vanish with it and never reach the host.
-            let unshared =
-                unsafe { rustix::thread::unshare_unsafe(rustix::thread::UnshareFlags::NEWNS) };
+            // This thread alone: the mounts made below vanish with it, never reach the host.
+            let unshared = nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS);
             if let Err(e) = unshared {
                 eprintln!("SKIP a_stale_clone_with_a_mount_inside: unshare: {e}");
                 return;

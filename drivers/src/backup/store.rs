@@ -2283,7 +2283,9 @@ fn apply_metadata(e: &FileEntry, at: &Placed) -> Result<(), BackupError> {
     }
     // After chown, which clears security.capability; l*xattr calls do not follow the
     // entry, and the parent is reached through its fd.
-    let via_fd = PathBuf::from(format!("/proc/self/fd/{}", at.dir.as_raw_fd())).join(&at.name);
+    let via_fd = stead_host::ProcFs::host()
+        .self_fd(at.dir.as_raw_fd())
+        .join(&at.name);
     super::xattrs::restore(&via_fd, &e.xattrs)?;
     let t = rustix::fs::Timestamps {
         last_access: rustix::fs::Timespec {

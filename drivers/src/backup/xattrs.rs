@@ -1,24 +1,20 @@
-//! Extended attributes of backed-up entries, through the `xattr` crate: read with
-//! `llistxattr`/`lgetxattr`, restored with `lsetxattr` (never following symlinks). All namespaces are kept: `user.*`,
+//! Extended attributes of backed-up entries, through the host layer's
+//! [`stead_host::xattr`]: read with `llistxattr`/`lgetxattr`, restored with `lsetxattr`
+//! (never following symlinks). All namespaces are kept: `user.*`,
 //! `trusted.*` (an overlay upper layer's `trusted.overlay.opaque`), `security.*` (file
 //! capabilities, SELinux labels) and `system.posix_acl_*` (POSIX ACLs). stead's own
 //! ownership marks (`user.stead.*`) are not: they describe where a file lives in a pool,
 //! not its content.
 
 use std::collections::BTreeMap;
-use std::io;
 use std::path::Path;
 
+use stead_host::xattr::{self, is_unsupported as unsupported};
 use tracing::warn;
 
 use super::BackupError;
 
 const SKIP_PREFIX: &str = "user.stead.";
-
-fn unsupported(e: &io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::ENOTSUP) | Some(libc::ENOSYS))
-        || e.kind() == io::ErrorKind::Unsupported
-}
 
 /// The extended attributes of `p` (not following a symlink), values hex-encoded.
 pub fn read(p: &Path) -> Result<BTreeMap<String, String>, BackupError> {

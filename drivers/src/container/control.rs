@@ -101,7 +101,10 @@ pub(crate) fn recv_request(conn: &UnixStream) -> Result<(Request, Vec<OwnedFd>),
         if let Ok(cmsgs) = msg.cmsgs() {
             for c in cmsgs {
                 if let ControlMessageOwned::ScmRights(r) = c {
-                    // SAFETY: the kernel just installed these descriptors for us.
+                    // SAFETY: the kernel just installed these descriptors for us (close-on-exec)
+                    // and nothing else owns them; each becomes one OwnedFd. nix hands
+                    // SCM_RIGHTS out as raw fds, and rustix's owned-fd variant needs its
+                    // `net` feature, which the workspace does not build.
                     fds.extend(r.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }));
                 }
             }

@@ -169,7 +169,7 @@ pub fn attach(cgroup: &Path, rules: &[&str]) -> Result<(), DriverError> {
     };
     // SAFETY: `attr` points at a properly laid out `union bpf_attr` prefix for
     // BPF_PROG_LOAD; the instruction, license and log buffers it references are alive
-    // for the duration of the call.
+    // for the duration of the call. Neither nix nor rustix wraps bpf(2).
     let fd = unsafe {
         libc::syscall(
             libc::SYS_bpf,
@@ -189,7 +189,8 @@ pub fn attach(cgroup: &Path, rules: &[&str]) -> Result<(), DriverError> {
             e,
         ));
     }
-    // SAFETY: the kernel returned a new file descriptor we now own.
+    // SAFETY: the kernel returned a new file descriptor (checked non-negative above) that
+    // nothing else owns; a raw syscall has no owned-fd return.
     let prog_fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
     let dir =
         File::open(cgroup).map_err(|e| DriverError::io(format!("open {}", cgroup.display()), e))?;
@@ -199,7 +200,8 @@ pub fn attach(cgroup: &Path, rules: &[&str]) -> Result<(), DriverError> {
         attach_type: BPF_CGROUP_DEVICE,
         ..ProgAttachAttr::default()
     };
-    // SAFETY: `attr` is a valid BPF_PROG_ATTACH attribute; both fds are open.
+    // SAFETY: `attr` is a valid BPF_PROG_ATTACH attribute; both fds are open. No safe
+    // wrapper of bpf(2) exists.
     let r = unsafe {
         libc::syscall(
             libc::SYS_bpf,

@@ -37,7 +37,7 @@ pub(crate) struct Root {
 
 /// The magic-link path through which a mount lands on exactly the object `fd` refers to.
 pub(crate) fn fd_path(fd: &OwnedFd) -> PathBuf {
-    PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+    stead_host::ProcFs::host().self_fd(fd.as_raw_fd())
 }
 
 /// `rel` as a path relative to the root (`"."` for the root itself).

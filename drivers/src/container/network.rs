@@ -8,12 +8,15 @@
 //! leaves no veth behind. [`detach`] removes a host end that is still there (owned ones only).
 
 use nix::unistd::Pid;
+use rtnetlink::LinkUnspec;
+use rtnetlink::packet_route::RouteNetlinkMessage;
 use stead_reconciler::driver::DriverError;
 use stead_schema::Kind;
 
 use super::config::ContainerConfig;
 use crate::net::NetnsRef;
 use crate::net::attach::{VethPeer, VethSpec, delete_link, ensure_veth};
+use crate::net::nl::Netlink;
 
 /// Ownership alias of container `name`'s links.
 pub fn owner(name: &str) -> String {
@@ -49,44 +52,14 @@ pub(crate) fn attach(cfg: &ContainerConfig, pid: Pid) -> Result<(), DriverError>
 }
 
 fn loopback_up(pid: Pid) -> Result<(), DriverError> {
-    // A veth-less container still gets `lo` up: an ioctl inside its netns.
-    let ns = std::fs::File::open(format!("/proc/{pid}/ns/net"))
-        .map_err(|e| DriverError::io("open container netns", e))?;
-    std::thread::scope(|s| {
-        s.spawn(move || -> Result<(), DriverError> {
-            nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
-                .map_err(|e| DriverError::io("setns container netns", e.into()))?;
-            let sock = nix::sys::socket::socket(
-                nix::sys::socket::AddressFamily::Inet,
-                nix::sys::socket::SockType::Datagram,
-                nix::sys::socket::SockFlag::SOCK_CLOEXEC,
-                None,
-            )
-            .map_err(|e| DriverError::io("socket", e.into()))?;
-            let mut req: libc::ifreq = unsafe_zeroed_ifreq();
-            req.ifr_name[0] = b'l' as libc::c_char;
-            req.ifr_name[1] = b'o' as libc::c_char;
-            req.ifr_ifru.ifru_flags =
-                (libc::IFF_UP | libc::IFF_LOOPBACK | libc::IFF_RUNNING) as i16;
-            use std::os::fd::AsRawFd;
-            // SAFETY: SIOCSIFFLAGS reads a struct ifreq that lives for the call.
-            let r = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req) };
-            if r < 0 {
-                return Err(DriverError::io(
-                    "bring up lo",
-                    std::io::Error::last_os_error(),
-                ));
-            }
-            Ok(())
-        })
-        .join()
-        .map_err(|_| DriverError::Other("loopback thread panicked".into()))?
-    })
-}
-
-fn unsafe_zeroed_ifreq() -> libc::ifreq {
-    // SAFETY: ifreq is a plain C struct/union for which all-zero bytes is a valid value.
-    unsafe { std::mem::zeroed() }
+    // A veth-less container still gets `lo` up: a netlink request inside its netns.
+    let mut nl = Netlink::open(Some(&NetnsRef::Pid(pid.as_raw() as u32)))?;
+    let lo = nl
+        .link_by_name("lo")?
+        .ok_or_else(|| DriverError::Other("the container's netns has no lo".into()))?;
+    let up = LinkUnspec::new_with_index(lo.index).up().build();
+    nl.ack(RouteNetlinkMessage::SetLink(up), 0)
+        .map_err(|e| DriverError::io("bring up lo", e))
 }
 
 /// Deletes host ends of `cfg`'s veth pairs that are still present (normally the kernel

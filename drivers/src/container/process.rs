@@ -109,8 +109,9 @@ pub(crate) fn start_init(
         if let Some(m) = cfg.idmap {
             let map = format!("0 {} {}\n", m.base, m.size);
             for f in ["uid_map", "gid_map"] {
-                let p = format!("/proc/{pid}/{f}");
-                fs::write(&p, &map).map_err(|e| DriverError::io(format!("write {p}"), e))?;
+                let p = stead_host::ProcFs::host().pid_file(pid, f);
+                fs::write(&p, &map)
+                    .map_err(|e| DriverError::io(format!("write {}", p.display()), e))?;
             }
         }
         go_w.write_all(b"1")
@@ -371,12 +372,7 @@ fn mount_kernel_fs(root: &Root, console: &Path) -> Result<(), String> {
     let mq = Some(Path::new("mqueue"));
     let _ = mount_dir(root, mq, "dev/mqueue", Some("mqueue"), nsd, None);
     bind_file(root, console, "dev/console")?;
-    for (l, t) in [
-        ("fd", "/proc/self/fd"),
-        ("stdin", "/proc/self/fd/0"),
-        ("stdout", "/proc/self/fd/1"),
-        ("stderr", "/proc/self/fd/2"),
-    ] {
+    for (l, t) in stead_host::confine::DEV_PROC_LINKS {
         symlink_in(root, "dev", l, t);
     }
     Ok(())
@@ -541,8 +537,9 @@ pub(crate) fn spawn_exec(
     }
     let mut ns = Vec::new();
     for (k, f) in kinds {
-        let p = format!("/proc/{init_pid}/ns/{k}");
-        let file = fs::File::open(&p).map_err(|e| DriverError::io(format!("open {p}"), e))?;
+        let p = stead_host::ProcFs::host().pid_ns(init_pid, k);
+        let file =
+            fs::File::open(&p).map_err(|e| DriverError::io(format!("open {}", p.display()), e))?;
         ns.push((file, f));
     }
     let procs = cgroup.procs_dirs();

@@ -40,8 +40,7 @@ fn io(ctx: impl Into<String>) -> impl FnOnce(io::Error) -> DriverError {
 
 /// Whether the kernel has overlayfs.
 pub fn overlay_supported() -> bool {
-    fs::read_to_string("/proc/filesystems")
-        .is_ok_and(|s| s.lines().any(|l| l.ends_with("\toverlay")))
+    stead_host::ProcFs::host().has_filesystem("overlay")
 }
 
 /// Prepares the root file system of container `name` and says how to mount it.

@@ -58,28 +58,9 @@ pub const KEPT_CAPS: [(u32, &str); 16] = [
 
 const CAP_MKNOD: u32 = 27;
 
-/// Files hidden behind `/dev/null`.
-pub const MASKED_FILES: [&str; 7] = [
-    "/proc/kcore",
-    "/proc/keys",
-    "/proc/timer_list",
-    "/proc/sched_debug",
-    "/proc/latency_stats",
-    "/proc/timer_stats",
-    "/proc/kallsyms",
-];
-
-/// Directories hidden behind an empty read-only tmpfs.
-pub const MASKED_DIRS: [&str; 4] = ["/proc/acpi", "/proc/scsi", "/sys/firmware", "/proc/asound"];
-
-/// Paths made read-only.
-pub const READONLY_PATHS: [&str; 5] = [
-    "/proc/sys",
-    "/proc/sysrq-trigger",
-    "/proc/irq",
-    "/proc/bus",
-    "/proc/fs",
-];
+// Files hidden behind `/dev/null`, directories behind an empty read-only tmpfs, paths
+// made read-only: the lists live in the host layer, with every other procfs/sysfs path.
+pub use stead_host::confine::{MASKED_DIRS, MASKED_FILES, READONLY_PATHS};
 
 /// Syscalls allowed to every container, on every architecture (Docker's default profile,
 /// less `io_uring_*`, plus the calls of the capabilities stead keeps: `reboot` for
@@ -536,7 +517,8 @@ mod tests {
                 } else {
                     100
                 };
-                // SAFETY: ends the forked child without running the harness's handlers.
+                // SAFETY: ends the forked child without running the harness's handlers;
+                // _exit has no preconditions (neither nix nor rustix wraps it safely).
                 unsafe { libc::_exit(code) }
             }
             nix::unistd::ForkResult::Parent { child } => {

@@ -54,6 +54,30 @@ struct LoopConfig {
     reserved: [u64; 8],
 }
 
+impl LoopConfig {
+    /// All fields zero (what the kernel reads as "not set").
+    const ZERO: LoopConfig = LoopConfig {
+        fd: 0,
+        block_size: 0,
+        info: LoopInfo64 {
+            lo_device: 0,
+            lo_inode: 0,
+            lo_rdevice: 0,
+            lo_offset: 0,
+            lo_sizelimit: 0,
+            lo_number: 0,
+            lo_encrypt_type: 0,
+            lo_encrypt_key_size: 0,
+            lo_flags: 0,
+            lo_file_name: [0; 64],
+            lo_crypt_name: [0; 64],
+            lo_encrypt_key: [0; 32],
+            lo_init: [0; 2],
+        },
+        reserved: [0; 8],
+    };
+}
+
 /// File-system type found on an image.
 fn detect_fs(dev: &Path) -> Result<Option<&'static str>, DriverError> {
     let mut f =
@@ -118,7 +142,8 @@ fn loop_attach(image: &Path, read_only: bool) -> Result<(File, PathBuf), DriverE
     let ctl = File::open("/dev/loop-control")
         .map_err(|e| DriverError::io("open /dev/loop-control", e))?;
     for _ in 0..10 {
-        // SAFETY: LOOP_CTL_GET_FREE takes no argument and returns a device number.
+        // SAFETY: LOOP_CTL_GET_FREE takes no argument and returns a device number; `ctl`
+        // is open. Neither nix nor rustix wraps the loop-control ioctls.
         let n = unsafe { libc::ioctl(ctl.as_raw_fd(), LOOP_CTL_GET_FREE) };
         if n < 0 {
             return Err(DriverError::io(
@@ -132,11 +157,11 @@ fn loop_attach(image: &Path, read_only: bool) -> Result<(File, PathBuf), DriverE
             .write(!read_only)
             .open(&path)
             .map_err(|e| DriverError::io(format!("open {}", path.display()), e))?;
-        // SAFETY: all-zero is a valid LoopConfig (plain integers and byte arrays).
-        let mut cfg: LoopConfig = unsafe { std::mem::zeroed() };
+        let mut cfg = LoopConfig::ZERO;
         cfg.fd = backing.as_raw_fd() as u32;
         cfg.info.lo_flags = LO_FLAGS_AUTOCLEAR | if read_only { LO_FLAGS_READ_ONLY } else { 0 };
-        // SAFETY: LOOP_CONFIGURE reads a struct loop_config that lives for the call.
+        // SAFETY: LOOP_CONFIGURE reads a `struct loop_config` (same `repr(C)` layout) that
+        // lives for the call; `dev` and the backing fd are open. No safe wrapper exists.
         let r = unsafe { libc::ioctl(dev.as_raw_fd(), LOOP_CONFIGURE, &cfg as *const LoopConfig) };
         if r == 0 {
             return Ok((dev, path));

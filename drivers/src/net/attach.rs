@@ -365,6 +365,7 @@ fn tun_open(spec: &TapSpec) -> Result<OwnedFd, DriverError> {
     req.name[..n.len()].copy_from_slice(n);
     // SAFETY: TUNSETIFF reads and writes a struct ifreq; `req` is a properly sized,
     // initialised ifreq layout that lives for the call, and `f` is an open tun fd.
+    // Neither nix nor rustix wraps the TUN ioctls.
     let r = unsafe { libc::ioctl(f.as_raw_fd(), TUNSETIFF, &mut req as *mut IfReq) };
     if r < 0 {
         let e = std::io::Error::last_os_error();
@@ -372,6 +373,7 @@ fn tun_open(spec: &TapSpec) -> Result<OwnedFd, DriverError> {
     }
     if let Some(uid) = spec.owner_uid {
         // SAFETY: TUNSETOWNER takes an integer argument by value; `f` is an open tun fd.
+        // No safe wrapper exists.
         let r = unsafe { libc::ioctl(f.as_raw_fd(), TUNSETOWNER, uid as libc::c_ulong) };
         if r < 0 {
             let e = std::io::Error::last_os_error();
@@ -385,6 +387,7 @@ fn tun_open(spec: &TapSpec) -> Result<OwnedFd, DriverError> {
 /// before this point leaves nothing behind: the tap dies with the fd).
 fn tun_persist(fd: &OwnedFd, name: &str) -> Result<(), DriverError> {
     // SAFETY: TUNSETPERSIST takes an integer argument by value; `fd` is an open tun fd.
+    // No safe wrapper exists.
     let r = unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETPERSIST, 1 as libc::c_ulong) };
     if r < 0 {
         let e = std::io::Error::last_os_error();

@@ -705,8 +705,8 @@ fn set_vlan_filtering(nl: &mut Netlink, msg: LinkMessage, name: &str) -> Result<
 /// usual observe → apply sequence of one reconcile pass falls well inside).
 const NFT_CACHE_TTL: Duration = Duration::from_secs(5);
 
-const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
-const IP6_FORWARD: &str = "/proc/sys/net/ipv6/conf/all/forwarding";
+const IP_FORWARD: &str = "net/ipv4/ip_forward";
+const IP6_FORWARD: &str = "net/ipv6/conf/all/forwarding";
 
 impl Driver for NetworkDriver {
     fn kind(&self) -> Kind {

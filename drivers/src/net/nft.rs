@@ -15,7 +15,6 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -153,26 +152,19 @@ impl Nft {
             })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        if let Some(fd) = &self.netns {
-            let raw = fd.as_raw_fd();
-            // SAFETY: the closure runs in the forked child before exec and only calls
-            // setns(2), which is async-signal-safe; `raw` stays open (the parent holds
-            // the OwnedFd for the whole call and the child inherited it).
-            unsafe {
-                c.pre_exec(move || {
-                    if libc::setns(raw, libc::CLONE_NEWNET) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
-        }
-        let mut child = c.spawn().map_err(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound {
-                DriverError::Unsupported("the nft binary is missing (apt package nftables)".into())
-            } else {
-                DriverError::io("spawn nft", e)
-            }
+        // A child starts in the network namespace of the thread that spawns it: spawn
+        // from a thread that entered the namespace.
+        let ns = self.netns.as_ref().map(|fd| NetnsRef::Fd(fd.as_raw_fd()));
+        let mut child = run_in(ns.as_ref(), || {
+            c.spawn().map_err(|e| {
+                if e.kind() == std::io::ErrorKind::NotFound {
+                    DriverError::Unsupported(
+                        "the nft binary is missing (apt package nftables)".into(),
+                    )
+                } else {
+                    DriverError::io("spawn nft", e)
+                }
+            })
         })?;
         if let Some(input) = stdin
             && let Some(mut si) = child.stdin.take()
@@ -482,23 +474,27 @@ impl Nft {
         Ok(t)
     }
 
-    /// Reads a sysctl of the namespace (`/proc/sys/...` is per netns of the reader).
-    pub(crate) fn sysctl_get(&self, path: &'static str) -> Result<String, DriverError> {
+    /// Reads the sysctl `key` (`net/ipv4/ip_forward`) of the namespace (procfs's sysctl
+    /// tree is per netns of the reader).
+    pub(crate) fn sysctl_get(&self, key: &'static str) -> Result<String, DriverError> {
         run_in(self.ns_ref.as_ref(), move || {
-            std::fs::read_to_string(path)
+            let path = stead_host::ProcFs::host().sysctl(key);
+            std::fs::read_to_string(&path)
                 .map(|s| s.trim().to_string())
-                .map_err(|e| DriverError::io(format!("read {path}"), e))
+                .map_err(|e| DriverError::io(format!("read {}", path.display()), e))
         })
     }
 
     /// Writes a sysctl of the namespace.
     pub(crate) fn sysctl_set(
         &self,
-        path: &'static str,
+        key: &'static str,
         value: &'static str,
     ) -> Result<(), DriverError> {
         run_in(self.ns_ref.as_ref(), move || {
-            std::fs::write(path, value).map_err(|e| DriverError::io(format!("write {path}"), e))
+            let path = stead_host::ProcFs::host().sysctl(key);
+            std::fs::write(&path, value)
+                .map_err(|e| DriverError::io(format!("write {}", path.display()), e))
         })
     }
 }

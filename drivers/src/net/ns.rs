@@ -31,12 +31,14 @@ impl NetnsRef {
                 File::open(p).map_err(|e| DriverError::io(format!("open netns {}", p.display()), e))
             }
             NetnsRef::Pid(pid) => {
-                let p = format!("/proc/{pid}/ns/net");
-                File::open(&p).map_err(|e| DriverError::io(format!("open netns {p}"), e))
+                let p = stead_host::ProcFs::host().pid_ns(pid, "net");
+                File::open(&p)
+                    .map_err(|e| DriverError::io(format!("open netns {}", p.display()), e))
             }
             NetnsRef::Fd(fd) => {
                 // SAFETY: the caller promises `fd` is open for the duration of the call;
-                // we only borrow it long enough to duplicate it.
+                // we only borrow it long enough to duplicate it. `NetnsRef::Fd` holds a raw
+                // fd (so the enum carries no lifetime); no safe borrow of it exists.
                 let b = unsafe { BorrowedFd::borrow_raw(*fd) };
                 b.try_clone_to_owned()
                     .map(File::from)

@@ -94,6 +94,7 @@ pub fn subvol_create(parent: &Path, name: &str) -> Result<(), DriverError> {
     };
     // SAFETY: `dir` is an open directory fd and `args` is a properly sized, initialized
     // `btrfs_ioctl_vol_args` that outlives the call; the kernel only reads it.
+    // The btrfs ioctls have no safe wrapper (nix's ioctl macros make unsafe fns).
     unsafe { ioc_subvol_create(dir.as_raw_fd(), &args) }
         .map(|_| ())
         .map_err(|e| map_err(e, format!("create subvolume {}/{name}", parent.display())))
@@ -117,6 +118,7 @@ pub fn snapshot(
     };
     // SAFETY: both fds are open; `args` is a properly sized, initialized
     // `btrfs_ioctl_vol_args_v2` (no qgroup inherit pointer) that outlives the call.
+    // The btrfs ioctls have no safe wrapper (nix's ioctl macros make unsafe fns).
     unsafe { ioc_snap_create_v2(dir.as_raw_fd(), &args) }
         .map(|_| ())
         .map_err(|e| {
@@ -143,6 +145,7 @@ pub fn subvol_destroy(parent: &Path, name: &str) -> Result<(), DriverError> {
     };
     // SAFETY: `dir` is an open directory fd and `args` is a properly sized, initialized
     // `btrfs_ioctl_vol_args` that outlives the call; the kernel only reads it.
+    // The btrfs ioctls have no safe wrapper (nix's ioctl macros make unsafe fns).
     match unsafe { ioc_snap_destroy(dir.as_raw_fd(), &args) } {
         Ok(_) | Err(Errno::ENOENT) => Ok(()),
         Err(e) => Err(map_err(

@@ -10,6 +10,7 @@ use std::path::{Component, Path, PathBuf};
 use indicatif::{ProgressBar, ProgressStyle};
 use nix::errno::Errno;
 use nix::unistd::{Whence, lseek};
+use stead_host::xattr;
 use stead_reconciler::driver::DriverError;
 
 /// Name of the xattr holding a volume's ownership mark.
@@ -208,20 +209,12 @@ pub fn sidecar_of(path: &Path) -> PathBuf {
     PathBuf::from(s)
 }
 
-fn xattr_unsupported(e: &io::Error) -> bool {
-    matches!(
-        e.raw_os_error().map(Errno::from_raw),
-        Some(Errno::EOPNOTSUPP | Errno::ENOSYS)
-    )
-}
-
 /// Sets the ownership mark on an open file: the xattr, or the sidecar next to `path` if
 /// the file system does not support user xattrs.
 pub fn set_owner(file: &File, path: &Path, owner: &str) -> Result<MarkKind, DriverError> {
-    use xattr::FileExt as _;
-    match file.set_xattr(OWNER_XATTR, owner.as_bytes()) {
+    match xattr::set_on(file, OWNER_XATTR, owner.as_bytes()) {
         Ok(()) => return Ok(MarkKind::Xattr),
-        Err(e) if !xattr_unsupported(&e) => {
+        Err(e) if !xattr::is_unsupported(&e) => {
             return Err(DriverError::io(
                 format!("set xattr on {}", path.display()),
                 e,
@@ -245,7 +238,7 @@ pub fn get_owner(path: &Path) -> Result<Option<(String, MarkKind)>, DriverError>
             )));
         }
         Ok(None) => {}
-        Err(e) if xattr_unsupported(&e) => {}
+        Err(e) if xattr::is_unsupported(&e) => {}
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => {
             return Err(DriverError::io(
@@ -432,9 +425,7 @@ mod tests {
         let d = tempfile::tempdir().expect("tempdir");
         let tree = d.path().join("vol");
         let (res, survived) = std::thread::spawn(move || {
-            // SAFETY: unshares only this thread's mount namespace (and fs struct).
-            unsafe { rustix::thread::unshare_unsafe(rustix::thread::UnshareFlags::NEWNS) }
-                .expect("unshare");
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).expect("unshare");
             rustix::mount::mount_change(
                 "/",
                 rustix::mount::MountPropagationFlags::PRIVATE

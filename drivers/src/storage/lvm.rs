@@ -177,9 +177,7 @@ impl Lv {
 /// Whether the kernel has device-mapper (needed for any LVM volume).
 pub fn have_device_mapper() -> bool {
     Path::new("/dev/mapper/control").exists()
-        || std::fs::read_to_string("/proc/misc")
-            .map(|t| t.contains("device-mapper"))
-            .unwrap_or(false)
+        || stead_host::ProcFs::host().has_misc_device("device-mapper")
 }
 
 /// Runs an LVM command, returning stdout.

@@ -63,12 +63,7 @@ pub fn nfs_mount_data(nfs: &NfsSpec, addr: &str) -> String {
 
 /// Whether the running kernel has an NFS client.
 pub fn kernel_has_nfs() -> bool {
-    std::fs::read_to_string("/proc/filesystems")
-        .map(|t| {
-            t.lines()
-                .any(|l| l.split_whitespace().last() == Some("nfs"))
-        })
-        .unwrap_or(false)
+    stead_host::ProcFs::host().has_filesystem("nfs")
 }
 
 /// Refuses NFS fields that a mount tool would read as options (a leading `-`). stead
@@ -86,9 +81,10 @@ pub fn check_nfs_spec(nfs: &NfsSpec) -> Result<(), DriverError> {
 pub fn mount_nfs(nfs: &NfsSpec, path: &Path) -> Result<(), DriverError> {
     check_nfs_spec(nfs)?;
     if !kernel_has_nfs() {
-        return Err(DriverError::Unsupported(
-            "kernel lacks an NFS client (no nfs in /proc/filesystems)".into(),
-        ));
+        return Err(DriverError::Unsupported(format!(
+            "kernel lacks an NFS client (no nfs in {})",
+            stead_host::ProcFs::host().filesystems().display()
+        )));
     }
     let addr = (nfs.server.as_str(), 2049u16)
         .to_socket_addrs()

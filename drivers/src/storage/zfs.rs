@@ -157,7 +157,7 @@ pub fn parse_list(text: &str) -> Vec<Zvol> {
 
 /// Whether the kernel has ZFS loaded.
 pub fn have_zfs() -> bool {
-    Path::new("/dev/zfs").exists() || Path::new("/sys/module/zfs").exists()
+    Path::new("/dev/zfs").exists() || stead_host::SysFs::host().has_module("zfs")
 }
 
 /// Runs a zfs command, returning stdout.

@@ -185,9 +185,7 @@ impl Drop for LoopBtrfs {
 /// reach the host and go away with the thread, even when `f` panics.
 pub fn in_private_mount_ns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
     std::thread::spawn(move || {
-        // SAFETY: unshares only this thread's mount namespace (and its fs struct).
-        unsafe { rustix::thread::unshare_unsafe(rustix::thread::UnshareFlags::NEWNS) }
-            .expect("unshare mount namespace");
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).expect("unshare mount namespace");
         rustix::mount::mount_change(
             "/",
             rustix::mount::MountPropagationFlags::PRIVATE

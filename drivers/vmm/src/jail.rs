@@ -44,8 +44,9 @@ fn jail_err(what: &'static str) -> impl Fn(nix::Error) -> VmmError {
 /// Confines the calling (single-threaded) process: empty root in its own mount
 /// namespace under `run_dir/jail`, no capabilities, its own uid/gid. Returns the id.
 pub(crate) fn enter(run_dir: &Path) -> Result<u32, VmmError> {
-    let threads = std::fs::read_dir("/proc/self/task")
-        .map_err(VmmError::io("list /proc/self/task"))?
+    let tasks = stead_host::ProcFs::host().self_tasks();
+    let threads = std::fs::read_dir(&tasks)
+        .map_err(VmmError::io(format!("list {}", tasks.display())))?
         .count();
     if threads != 1 {
         return Err(VmmError::Config(format!(

@@ -991,11 +991,5 @@ pub fn kvm_unavailable() -> Option<String> {
 
 /// Whether the CPU advertises hardware virtualization (vmx or svm) in /proc/cpuinfo.
 pub fn has_hardware_virtualization() -> bool {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .map(|s| {
-            s.lines()
-                .filter(|l| l.starts_with("flags"))
-                .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"))
-        })
-        .unwrap_or(false)
+    stead_host::ProcFs::host().cpu_has_any_flag(&["vmx", "svm"])
 }

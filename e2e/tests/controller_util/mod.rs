@@ -205,8 +205,7 @@ impl Controller {
 
     /// SIGTERM and wait; returns the exit code.
     pub fn stop(&mut self) -> Option<i32> {
-        // SAFETY: kill(2) on our own child's pid.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        stead_e2e::signal(self.child.id() as i32, rustix::process::Signal::TERM);
         let start = Instant::now();
         while start.elapsed() < Duration::from_secs(20) {
             if let Ok(Some(st)) = self.child.try_wait() {
