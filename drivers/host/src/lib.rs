@@ -4,6 +4,7 @@
 //! caller's umask (modes are set explicitly), and about symlinks planted by someone else.
 //! Higher crates (reconciler, drivers, the CLI) call these instead of writing their own.
 
+pub mod cgroup;
 pub mod fs;
 pub mod mounts;
 pub mod tree;

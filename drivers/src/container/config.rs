@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use stead_reconciler::driver::DriverError;
 use stead_schema::{Cidr, MacAddr, RestartPolicy};
 
-use super::cgroup::Limits;
+use stead_host::cgroup::Limits;
 
 /// Default init command.
 pub const DEFAULT_COMMAND: &str = "/sbin/init";

@@ -19,8 +19,8 @@ use serde::{Deserialize, Serialize};
 use stead_reconciler::driver::DriverError;
 use stead_schema::RestartPolicy;
 
-use super::cgroup::Limits;
 use super::config::{Paths, ShimState};
+use stead_host::cgroup::Limits;
 
 /// A control request.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

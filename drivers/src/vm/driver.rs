@@ -30,10 +30,10 @@ use super::config::{
     tap_name, vms_dir,
 };
 use super::supervisor::{VmmArgs, control_request, control_status, lock_held};
-use crate::container::cgroup::{Cgroup, Hierarchy};
 use crate::container::config::{read_json, write_json};
 use crate::net::attach::{TapSpec, delete_link, ensure_tap, owned_links};
 use crate::net::owner_alias;
+use stead_host::cgroup::{Cgroup, Hierarchy};
 use stead_vmm::{Reply, Request};
 
 /// Default graceful shutdown time before a VM is forced off.
