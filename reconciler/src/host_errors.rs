@@ -10,7 +10,9 @@ impl From<CgroupError> for DriverError {
         match e {
             CgroupError::Io { context, source } => DriverError::Io { context, source },
             CgroupError::Unsupported(m) => DriverError::Unsupported(m),
-            e @ CgroupError::Other(_) => DriverError::Other(e.to_string()),
+            e @ (CgroupError::Populated { .. } | CgroupError::Other(_)) => {
+                DriverError::Other(e.to_string())
+            }
         }
     }
 }

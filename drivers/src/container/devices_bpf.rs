@@ -325,7 +325,7 @@ mod tests {
             eprintln!("SKIP v2_device_filter_denies_unlisted_devices: no cgroup2 mount");
             return;
         };
-        let hier = Hierarchy::V2 { root };
+        let hier = Hierarchy::v2(root);
         let cg = hier.cgroup(&format!("stead-test-{}-bpf", std::process::id()), "c1");
         struct Guard(stead_host::cgroup::Cgroup);
         impl Drop for Guard {

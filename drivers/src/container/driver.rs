@@ -635,9 +635,7 @@ mod tests {
         };
         let d = ContainerDriver {
             env,
-            hier: Hierarchy::V2 {
-                root: "/nonexistent".into(),
-            },
+            hier: Hierarchy::v2("/nonexistent"),
             stop_timeout_secs: 10,
         };
         assert_eq!(d.impact("/resources/memory"), Impact::Hot);

@@ -545,7 +545,7 @@ pub(crate) fn spawn_exec(
         let file = fs::File::open(&p).map_err(|e| DriverError::io(format!("open {p}"), e))?;
         ns.push((file, f));
     }
-    let procs = cgroup.procs_dirs();
+    let procs = cgroup.procs_files();
     // SAFETY: called from the single-threaded shim; the child only runs this function's
     // code and ends with execve or _exit.
     match unsafe { nix::unistd::fork() }.map_err(|e| DriverError::io("fork", e.into()))? {
@@ -578,9 +578,8 @@ fn exec_child(
     seccomp: &[BpfProgram],
 ) -> Result<i32, String> {
     let me = std::process::id().to_string();
-    for d in procs {
-        fs::write(d.join("cgroup.procs"), &me)
-            .map_err(|e| format!("join cgroup {}: {e}", d.display()))?;
+    for f in procs {
+        fs::write(f, &me).map_err(|e| format!("join cgroup {}: {e}", f.display()))?;
     }
     for (f, kind) in ns {
         setns(f.as_fd(), *kind).map_err(|e| format!("setns {kind:?}: {e}"))?;

@@ -667,9 +667,7 @@ mod tests {
         };
         let d = VmDriver {
             env,
-            hier: Hierarchy::V2 {
-                root: "/nonexistent".into(),
-            },
+            hier: Hierarchy::v2("/nonexistent"),
             shutdown_timeout_secs: 1,
         };
         assert_eq!(d.impact("/state"), Impact::Hot);
@@ -690,9 +688,7 @@ mod tests {
                 netns: None,
                 self_exe: "/bin/false".into(),
             },
-            hier: Hierarchy::V2 {
-                root: run_dir.join("no-cgroups"),
-            },
+            hier: Hierarchy::v2(run_dir.join("no-cgroups")),
             shutdown_timeout_secs: 1,
         }
     }

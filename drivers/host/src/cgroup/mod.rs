@@ -1,25 +1,41 @@
-//! Cgroups for containers, v1 and v2 behind one interface.
+//! Cgroups, v1 and v2 behind one interface: the [`CgroupManager`] trait, with a backend per
+//! version ([`v1::V1`], [`v2::V2`]), and the handles callers use ([`Hierarchy`], [`Cgroup`]).
 //!
-//! The hierarchy is detected at run time ([`Hierarchy::detect`]):
-//! - **v2** when `/sys/fs/cgroup` is a cgroup2 mount with a `cgroup.controllers` file; the
+//! Every backend works below a cgroupfs root it is given ([`DEFAULT_ROOT`] on a real host,
+//! a temp dir in tests). The hierarchy is detected at run time ([`Hierarchy::detect_at`]):
+//! - **v2** when the root is a cgroup2 mount with a `cgroup.controllers` file; the
 //!   controllers `cpu memory pids` are enabled in `cgroup.subtree_control` of every
 //!   ancestor stead creates;
 //! - **v1** otherwise: each controller stead uses (`cpu`, `cpuacct`, `memory`, `pids`,
-//!   `freezer`) is found in `/proc/self/mountinfo` (so both split `cpu` / `cpuacct` mounts and
-//!   the combined `cpu,cpuacct` mount work). A v1 hybrid host's empty cgroup2 mount is ignored.
+//!   `freezer`, `devices`) is found in the mount table below the root (so both split `cpu` /
+//!   `cpuacct` mounts and the combined `cpu,cpuacct` mount work). A v1 hybrid host's empty
+//!   cgroup2 mount is ignored.
 //!
 //! A container's cgroup is `<parent>/<name>` in every hierarchy (the parent may be nested,
 //! e.g. `stead-test-123/x`). Removing a cgroup also removes the parents when they are empty
 //! (`rmdir` fails with `EBUSY` while another container lives there, which stops the walk).
 
+pub mod v1;
+pub mod v2;
+
+use std::fmt;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
+
+use crate::mounts::MountTable;
+
+/// Where the cgroup file systems are mounted on a real host.
+pub const DEFAULT_ROOT: &str = "/sys/fs/cgroup";
+
+/// CFS period used for CPU quotas (µs).
+const CFS_PERIOD_US: u64 = 100_000;
 
 /// An error of the cgroup layer.
 #[derive(Debug, thiserror::Error)]
@@ -36,9 +52,24 @@ pub enum CgroupError {
     /// The host lacks what is needed (a controller not mounted or not enabled, no cgroup BPF).
     #[error("{0}")]
     Unsupported(String),
-    /// Anything else (a cgroup that stays busy or populated, a freeze that does not complete).
+    /// Processes are still in a cgroup that is to be removed.
+    #[error("processes {} in {}", join_pids(.pids), .dir.display())]
+    Populated {
+        /// The cgroup directory.
+        dir: PathBuf,
+        /// The processes in it.
+        pids: Vec<i32>,
+    },
+    /// Anything else (a cgroup that stays busy, a freeze that does not complete).
     #[error("{0}")]
     Other(String),
+}
+
+fn join_pids(pids: &[i32]) -> String {
+    pids.iter()
+        .map(i32::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 impl CgroupError {
@@ -59,15 +90,7 @@ pub trait DeviceProgram {
     fn attach(&self, dir: &Path, allow: &[&str]) -> Result<(), CgroupError>;
 }
 
-/// v1 controllers stead uses. `freezer` makes kill-all atomic against forking processes.
-const V1_CONTROLLERS: [&str; 6] = ["cpu", "cpuacct", "memory", "pids", "freezer", "devices"];
-
-/// v2 controllers enabled in the parents' `cgroup.subtree_control`.
-const V2_CONTROLLERS: [&str; 3] = ["cpu", "memory", "pids"];
-/// CFS period used for CPU quotas (µs).
-const CFS_PERIOD_US: u64 = 100_000;
-
-/// Limits applied to a container cgroup. `None` = unlimited.
+/// Limits applied to a cgroup. `None` = unlimited.
 #[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
 pub struct Limits {
     /// CPU quota in cores.
@@ -91,107 +114,194 @@ pub struct Usage {
     pub oom_kills: u64,
 }
 
-/// The cgroup hierarchy of this host.
+/// The files of a cgroup's freezer.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Hierarchy {
-    /// Unified hierarchy mounted at `root`.
-    V2 {
-        /// Mount point (normally `/sys/fs/cgroup`).
-        root: PathBuf,
-    },
-    /// Legacy hierarchies: controller name → mount point.
-    V1 {
-        /// `(controller, mount point)` for each controller stead uses.
-        mounts: Vec<(String, PathBuf)>,
-    },
+pub struct Freezer {
+    /// The file written to freeze or thaw.
+    pub control: PathBuf,
+    /// The value that freezes.
+    pub on: &'static str,
+    /// The value that thaws.
+    pub off: &'static str,
+    /// The file that reports the state.
+    pub state: PathBuf,
+    /// The line of `state` that says "frozen".
+    pub frozen: &'static str,
 }
 
-fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> CgroupError {
-    let context = context.into();
-    move |e| CgroupError::io(context, e)
+impl Freezer {
+    fn reports_frozen(&self, state: &str) -> bool {
+        state.lines().any(|l| l.trim() == self.frozen)
+    }
+}
+
+/// One cgroup version's way of doing things, below its cgroupfs root. Paths `rel` are
+/// relative to the root of every hierarchy (`parent/name`).
+pub trait CgroupManager: fmt::Debug + Send + Sync {
+    /// Whether this is the unified (v2) hierarchy.
+    fn is_v2(&self) -> bool;
+    /// The directory of `rel` in each hierarchy, with its controller (`""` on v2).
+    fn dirs(&self, rel: &Path) -> Vec<(String, PathBuf)>;
+    /// Creates `rel` and its parents (idempotent).
+    fn create(&self, rel: &Path) -> Result<(), CgroupError>;
+    /// Writes the limits (hot: no restart needed).
+    fn set_limits(&self, rel: &Path, limits: &Limits) -> Result<(), CgroupError>;
+    /// Reads the limits in force.
+    fn limits(&self, rel: &Path) -> Result<Limits, CgroupError>;
+    /// Reads the usage counters.
+    fn usage(&self, rel: &Path) -> Result<Usage, CgroupError>;
+    /// Denies every device, then allows `allow` (v1 `devices.allow` lines); v2 loads
+    /// `program` for that.
+    fn restrict_devices(
+        &self,
+        rel: &Path,
+        allow: &[&str],
+        program: &dyn DeviceProgram,
+    ) -> Result<(), CgroupError>;
+    /// The v1 `devices.list` (None on v2 or without the controller).
+    fn devices_list(&self, rel: &Path) -> Option<String>;
+    /// The freezer files of `rel`.
+    fn freezer(&self, rel: &Path) -> Result<Freezer, CgroupError>;
+    /// One round of killing every process in `rel` (`first`: the first round).
+    fn kill_round(&self, rel: &Path, first: bool) -> Result<(), CgroupError>;
+
+    /// The directory of `rel` in the hierarchy of `controller` (v2: the only one).
+    fn dir(&self, rel: &Path, controller: &str) -> Option<PathBuf> {
+        self.dirs(rel)
+            .into_iter()
+            .find(|(c, _)| c.is_empty() || c == controller)
+            .map(|(_, d)| d)
+    }
+
+    /// The directory that lists `rel`'s processes (memory hierarchy on v1).
+    fn procs_dir(&self, rel: &Path) -> Option<PathBuf> {
+        self.dir(rel, "memory")
+    }
+}
+
+/// The cgroup hierarchy of a host: a shared handle on its [`CgroupManager`].
+#[derive(Debug, Clone)]
+pub struct Hierarchy {
+    manager: Arc<dyn CgroupManager>,
 }
 
 impl Hierarchy {
-    /// Detects the hierarchy of this host.
+    /// Detects the hierarchy of this host, below [`DEFAULT_ROOT`].
     pub fn detect() -> Result<Self, CgroupError> {
-        let root = Path::new("/sys/fs/cgroup");
-        if root.join("cgroup.controllers").exists() {
-            return Ok(Hierarchy::V2 {
-                root: root.to_path_buf(),
-            });
+        Self::detect_at(Path::new(DEFAULT_ROOT))
+    }
+
+    /// Detects the hierarchy mounted below `root`, reading this thread's mount table.
+    pub fn detect_at(root: &Path) -> Result<Self, CgroupError> {
+        if v2::is_unified_root(root) {
+            return Ok(Self::v2(root));
         }
-        let mountinfo = fs::read_to_string("/proc/self/mountinfo")
-            .map_err(io_err("read /proc/self/mountinfo"))?;
-        let mounts = parse_v1_mounts(&mountinfo);
-        for c in ["cpu", "memory", "pids"] {
-            if !mounts.iter().any(|(n, _)| n == c) {
-                return Err(CgroupError::Unsupported(format!(
-                    "cgroup v1 controller {c} is not mounted and /sys/fs/cgroup is not cgroup2"
-                )));
-            }
+        let table = MountTable::read()
+            .map_err(|e| CgroupError::io(format!("{} {}", e.op, e.path.display()), e.source))?;
+        Self::detect_in(root, &table)
+    }
+
+    /// Detects the hierarchy below `root` from the mount table `table` (v2 still needs
+    /// `root` to hold `cgroup.controllers`).
+    pub fn detect_in(root: &Path, table: &MountTable) -> Result<Self, CgroupError> {
+        if v2::is_unified_root(root) {
+            return Ok(Self::v2(root));
         }
-        Ok(Hierarchy::V1 { mounts })
+        Ok(Self::with(v1::V1::from_mounts(root, table)?))
+    }
+
+    /// The unified hierarchy mounted at `root`.
+    pub fn v2(root: impl Into<PathBuf>) -> Self {
+        Self::with(v2::V2::new(root))
+    }
+
+    /// Legacy hierarchies: `(controller, mount point)` for each controller used.
+    pub fn v1(mounts: Vec<(String, PathBuf)>) -> Self {
+        Self::with(v1::V1::new(mounts))
+    }
+
+    /// A hierarchy handled by `manager`.
+    pub fn with(manager: impl CgroupManager + 'static) -> Self {
+        Self {
+            manager: Arc::new(manager),
+        }
+    }
+
+    /// The backend.
+    pub fn manager(&self) -> &dyn CgroupManager {
+        &*self.manager
     }
 
     /// Whether this is the unified hierarchy.
     pub fn is_v2(&self) -> bool {
-        matches!(self, Hierarchy::V2 { .. })
+        self.manager.is_v2()
     }
 
     /// The cgroup `<parent>/<name>` in this hierarchy (not created).
     pub fn cgroup(&self, parent: &str, name: &str) -> Cgroup {
         let parent = parent.trim_matches('/');
         Cgroup {
-            hier: self.clone(),
+            manager: self.manager.clone(),
             parent: PathBuf::from(parent),
             rel: Path::new(parent).join(name),
         }
     }
 
-    fn dirs(&self, rel: &Path) -> Vec<(String, PathBuf)> {
-        match self {
-            Hierarchy::V2 { root } => vec![(String::new(), root.join(rel))],
-            Hierarchy::V1 { mounts } => mounts
-                .iter()
-                .map(|(c, m)| (c.clone(), m.join(rel)))
-                .collect(),
+    /// The cgroup parent `parent` itself, as a cgroup (for its usage; not created).
+    pub fn parent(&self, parent: &str) -> Cgroup {
+        let rel = PathBuf::from(parent.trim_matches('/'));
+        Cgroup {
+            manager: self.manager.clone(),
+            parent: rel.parent().map(Path::to_path_buf).unwrap_or_default(),
+            rel,
         }
+    }
+
+    /// Removes the cgroup parent `parent` with everything below it, children first, in
+    /// every hierarchy. Processes are not killed: a hierarchy whose parent still holds
+    /// processes is left alone and reported. Returns what could not be removed (one error
+    /// per hierarchy directory; empty when all is gone).
+    pub fn remove_parent(&self, parent: &str) -> Vec<CgroupError> {
+        let rel = Path::new(parent.trim_matches('/'));
+        let mut seen = Vec::new();
+        let mut problems = Vec::new();
+        for (_, dir) in self.manager.dirs(rel) {
+            if seen.contains(&dir) || !dir.is_dir() {
+                continue;
+            }
+            seen.push(dir.clone());
+            let pids = read_pids(&dir);
+            if !pids.is_empty() {
+                problems.push(CgroupError::Populated { dir, pids });
+                continue;
+            }
+            if let Err(e) = remove_tree(&dir) {
+                problems.push(CgroupError::io(format!("cgroup {}", dir.display()), e));
+            }
+        }
+        problems
     }
 }
 
-/// Extracts the mount points of the v1 controllers stead uses from a mountinfo text.
-fn parse_v1_mounts(mountinfo: &str) -> Vec<(String, PathBuf)> {
-    let mut out: Vec<(String, PathBuf)> = Vec::new();
-    // Only mounts of a hierarchy's root (a bind of a sub-cgroup has another root).
-    for m in crate::mounts::parse_mountinfo(mountinfo)
-        .into_iter()
-        .filter(|m| m.fstype == "cgroup" && m.root == Path::new("/"))
-    {
-        for opt in m.super_options.split(',') {
-            if V1_CONTROLLERS.contains(&opt) && !out.iter().any(|(c, _)| c == opt) {
-                out.push((opt.to_string(), m.mount_point.clone()));
+/// Removes the cgroup directory `dir` and the cgroups below it, children first (a cgroup
+/// directory holds only control files, which `rmdir` takes along).
+fn remove_tree(dir: &Path) -> io::Result<()> {
+    if let Ok(rd) = fs::read_dir(dir) {
+        for e in rd.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_tree(&e.path())?;
             }
         }
     }
-    out
+    fs::remove_dir(dir)
 }
 
-/// One container cgroup (`<parent>/<name>`) in every hierarchy stead uses.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One cgroup (`<parent>/<name>`) in every hierarchy stead uses.
+#[derive(Debug, Clone)]
 pub struct Cgroup {
-    hier: Hierarchy,
+    manager: Arc<dyn CgroupManager>,
     parent: PathBuf,
     rel: PathBuf,
-}
-
-fn write_file(path: &Path, value: &str) -> Result<(), CgroupError> {
-    fs::write(path, value).map_err(io_err(format!("write {value:?} to {}", path.display())))
-}
-
-fn read_trim(path: &Path) -> Result<String, CgroupError> {
-    fs::read_to_string(path)
-        .map(|s| s.trim().to_string())
-        .map_err(io_err(format!("read {}", path.display())))
 }
 
 impl Cgroup {
@@ -200,59 +310,39 @@ impl Cgroup {
         &self.rel
     }
 
-    /// Directory in the memory (v1) or unified (v2) hierarchy — the one holding `cgroup.procs`
-    /// that `exec` joins.
+    /// The cgroup's directory in every hierarchy (each holds a `cgroup.procs` that `exec`
+    /// joins).
     pub fn procs_dirs(&self) -> Vec<PathBuf> {
-        self.hier
+        self.manager
             .dirs(&self.rel)
             .into_iter()
             .map(|(_, d)| d)
             .collect()
     }
 
-    fn dir(&self, controller: &str) -> Option<PathBuf> {
-        self.hier
-            .dirs(&self.rel)
+    /// The `cgroup.procs` file of every hierarchy: writing a pid there moves it in.
+    pub fn procs_files(&self) -> Vec<PathBuf> {
+        self.procs_dirs()
             .into_iter()
-            .find(|(c, _)| c.is_empty() || c == controller)
-            .map(|(_, d)| d)
+            .map(|d| d.join("cgroup.procs"))
+            .collect()
     }
 
     /// Whether the cgroup exists (in the memory or unified hierarchy).
     pub fn exists(&self) -> bool {
-        self.dir("memory").is_some_and(|d| d.is_dir())
+        self.manager
+            .procs_dir(&self.rel)
+            .is_some_and(|d| d.is_dir())
     }
 
     /// Creates the cgroup and its parents (idempotent). On v2 enables the controllers in
     /// every ancestor's `cgroup.subtree_control` below the root.
     pub fn create(&self) -> Result<(), CgroupError> {
-        match &self.hier {
-            Hierarchy::V2 { root } => {
-                let mut cur = root.clone();
-                for comp in self.rel.components() {
-                    enable_v2_controllers(&cur)?;
-                    cur.push(comp);
-                    mkdir(&cur)?;
-                }
-            }
-            Hierarchy::V1 { .. } => {
-                for (ctrl, dir) in self.hier.dirs(&self.rel) {
-                    create_all(&dir)?;
-                    if ctrl == "cpuset" {
-                        copy_cpuset(&dir)?;
-                    }
-                    if ctrl == "memory" {
-                        // Children account into their parent (default on new kernels).
-                        let _ = fs::write(dir.join("memory.use_hierarchy"), "1");
-                    }
-                }
-            }
-        }
-        Ok(())
+        self.manager.create(&self.rel)
     }
 
     /// Denies every device to the cgroup's processes, then allows `allow` (lines as in
-    /// v1 `devices.allow`): v1 through the `devices` controller, v2 through an eBPF
+    /// v1 `devices.allow`): v1 through the `devices` controller, v2 through the eBPF
     /// device program that `program` loads (cgroup2 has no `devices.allow`). A container
     /// never runs unfiltered: a host with no way to filter (v1 without the `devices`
     /// controller mounted, v2 without cgroup BPF) is an `Unsupported` error, any other
@@ -262,81 +352,17 @@ impl Cgroup {
         allow: &[&str],
         program: &dyn DeviceProgram,
     ) -> Result<(), CgroupError> {
-        if let Hierarchy::V2 { root } = &self.hier {
-            return match program.attach(&root.join(&self.rel), allow) {
-                Ok(()) => Ok(()),
-                // No BPF here (kernel without CONFIG_CGROUP_BPF, or a sandbox that forbids
-                // bpf(2)): nothing can filter device access.
-                Err(CgroupError::Io { source, .. })
-                    if matches!(
-                        source.raw_os_error(),
-                        Some(libc::ENOSYS | libc::EPERM | libc::EOPNOTSUPP)
-                    ) =>
-                {
-                    Err(CgroupError::Unsupported(format!(
-                        "cgroup v2 device filter: the kernel refused a cgroup BPF program \
-                         ({source}); containers are not started without a device filter"
-                    )))
-                }
-                Err(e) => Err(e),
-            };
-        }
-        let Some(d) = self.dir("devices") else {
-            return Err(CgroupError::Unsupported(
-                "the cgroup v1 devices controller is not mounted: containers are not started \
-                 without a device filter (mount it at /sys/fs/cgroup/devices)"
-                    .into(),
-            ));
-        };
-        let filter_err = |e: CgroupError| {
-            CgroupError::Other(format!("device filter of {}: {e}", self.rel.display()))
-        };
-        write_file(&d.join("devices.deny"), "a").map_err(filter_err)?;
-        for a in allow {
-            write_file(&d.join("devices.allow"), a).map_err(filter_err)?;
-        }
-        Ok(())
+        self.manager.restrict_devices(&self.rel, allow, program)
     }
 
     /// The v1 `devices.list` of the cgroup (None on v2 or without the controller).
     pub fn devices_list(&self) -> Option<String> {
-        if self.hier.is_v2() {
-            return None;
-        }
-        fs::read_to_string(self.dir("devices")?.join("devices.list")).ok()
+        self.manager.devices_list(&self.rel)
     }
 
     /// Writes the limits (hot: no restart needed).
     pub fn set_limits(&self, l: &Limits) -> Result<(), CgroupError> {
-        match &self.hier {
-            Hierarchy::V2 { root } => {
-                let d = root.join(&self.rel);
-                let cpu = l.cpus.map(|c| format!("{} {CFS_PERIOD_US}", quota_us(c)));
-                write_v2(&d, "cpu.max", cpu, &format!("max {CFS_PERIOD_US}"))?;
-                write_v2(&d, "memory.max", l.memory.map(|m| m.to_string()), "max")?;
-                if d.join("memory.swap.max").exists() {
-                    // Like the v1 memsw limit: the memory limit is not bypassed by swap.
-                    let swap = if l.memory.is_some() { "0" } else { "max" };
-                    write_file(&d.join("memory.swap.max"), swap)?;
-                }
-                write_v2(&d, "pids.max", l.pids.map(|p| p.to_string()), "max")?;
-            }
-            Hierarchy::V1 { .. } => {
-                if let Some(d) = self.dir("cpu") {
-                    write_file(&d.join("cpu.cfs_period_us"), &CFS_PERIOD_US.to_string())?;
-                    let q = l.cpus.map_or("-1".to_string(), |c| quota_us(c).to_string());
-                    write_file(&d.join("cpu.cfs_quota_us"), &q)?;
-                }
-                if let Some(d) = self.dir("memory") {
-                    set_v1_memory(&d, l.memory)?;
-                }
-                if let Some(d) = self.dir("pids") {
-                    let p = l.pids.map_or("max".to_string(), |p| p.to_string());
-                    write_file(&d.join("pids.max"), &p)?;
-                }
-            }
-        }
-        Ok(())
+        self.manager.set_limits(&self.rel, l)
     }
 
     /// [`Cgroup::limits`], or `None` when the cgroup is gone (also when it goes while
@@ -355,103 +381,28 @@ impl Cgroup {
 
     /// Reads the limits currently in force.
     pub fn limits(&self) -> Result<Limits, CgroupError> {
-        let mut l = Limits::default();
-        match &self.hier {
-            Hierarchy::V2 { root } => {
-                let d = root.join(&self.rel);
-                let cpu = read_opt(&d.join("cpu.max"));
-                let mut it = cpu.split_whitespace();
-                if let (Some(q), Some(p)) = (it.next(), it.next())
-                    && let (Ok(q), Ok(p)) = (q.parse::<u64>(), p.parse::<u64>())
-                    && p > 0
-                {
-                    l.cpus = Some(round_cpus(q as f64 / p as f64));
-                }
-                l.memory = read_opt(&d.join("memory.max")).parse().ok();
-                l.pids = read_opt(&d.join("pids.max")).parse().ok();
-            }
-            Hierarchy::V1 { .. } => {
-                if let Some(d) = self.dir("cpu") {
-                    let q: i64 = read_trim(&d.join("cpu.cfs_quota_us"))?
-                        .parse()
-                        .unwrap_or(-1);
-                    let p: i64 = read_trim(&d.join("cpu.cfs_period_us"))?
-                        .parse()
-                        .unwrap_or(0);
-                    if q > 0 && p > 0 {
-                        l.cpus = Some(round_cpus(q as f64 / p as f64));
-                    }
-                }
-                if let Some(d) = self.dir("memory") {
-                    let m: u64 = read_trim(&d.join("memory.limit_in_bytes"))?
-                        .parse()
-                        .unwrap_or(u64::MAX);
-                    // "Unlimited" reads as a huge page-aligned number.
-                    l.memory = (m < (1u64 << 62)).then_some(m);
-                }
-                if let Some(d) = self.dir("pids") {
-                    l.pids = read_trim(&d.join("pids.max"))?.parse().ok();
-                }
-            }
-        }
-        Ok(l)
+        self.manager.limits(&self.rel)
     }
 
     /// Moves `pid` into the cgroup (every hierarchy).
     pub fn add_pid(&self, pid: i32) -> Result<(), CgroupError> {
-        for d in self.procs_dirs() {
-            write_file(&d.join("cgroup.procs"), &pid.to_string())?;
+        for f in self.procs_files() {
+            write_file(&f, &pid.to_string())?;
         }
         Ok(())
     }
 
     /// Process ids in the cgroup (memory or unified hierarchy); empty when absent.
     pub fn pids(&self) -> Vec<i32> {
-        let Some(d) = self.dir("memory") else {
-            return Vec::new();
-        };
-        fs::read_to_string(d.join("cgroup.procs"))
+        self.manager
+            .procs_dir(&self.rel)
+            .map(|d| read_pids(&d))
             .unwrap_or_default()
-            .lines()
-            .filter_map(|l| l.trim().parse().ok())
-            .collect()
     }
 
     /// Usage counters.
     pub fn usage(&self) -> Result<Usage, CgroupError> {
-        let mut u = Usage::default();
-        match &self.hier {
-            Hierarchy::V2 { root } => {
-                let d = root.join(&self.rel);
-                let stat = read_trim(&d.join("cpu.stat"))?;
-                u.cpu_seconds = kv(&stat, "usage_usec") as f64 / 1e6;
-                u.memory_bytes = read_opt(&d.join("memory.current")).parse().unwrap_or(0);
-                u.pids = read_opt(&d.join("pids.current")).parse().unwrap_or(0);
-                u.oom_kills = kv(
-                    &fs::read_to_string(d.join("memory.events")).unwrap_or_default(),
-                    "oom_kill",
-                );
-            }
-            Hierarchy::V1 { .. } => {
-                if let Some(d) = self.dir("cpuacct") {
-                    let ns: u64 = read_trim(&d.join("cpuacct.usage"))?.parse().unwrap_or(0);
-                    u.cpu_seconds = ns as f64 / 1e9;
-                }
-                if let Some(d) = self.dir("memory") {
-                    u.memory_bytes = read_trim(&d.join("memory.usage_in_bytes"))?
-                        .parse()
-                        .unwrap_or(0);
-                    u.oom_kills = kv(
-                        &fs::read_to_string(d.join("memory.oom_control")).unwrap_or_default(),
-                        "oom_kill",
-                    );
-                }
-                if let Some(d) = self.dir("pids") {
-                    u.pids = read_trim(&d.join("pids.current"))?.parse().unwrap_or(0);
-                }
-            }
-        }
-        Ok(u)
+        self.manager.usage(&self.rel)
     }
 
     /// Freezes every process of the cgroup (v1 `freezer.state = FROZEN`, v2
@@ -460,13 +411,13 @@ impl Cgroup {
     /// within `timeout` (e.g. a task stuck in an uninterruptible wait), the cgroup is thawed
     /// again and an error returned.
     pub fn freeze(&self, timeout: Duration) -> Result<(), CgroupError> {
-        let (file, on, state_file, frozen) = self.freezer_files()?;
-        write_file(&file, on)?;
+        let f = self.manager.freezer(&self.rel)?;
+        write_file(&f.control, f.on)?;
         let t = Instant::now();
         loop {
-            let st = fs::read_to_string(&state_file)
-                .map_err(io_err(format!("read {}", state_file.display())))?;
-            if frozen(&st) {
+            let st = fs::read_to_string(&f.state)
+                .map_err(io_err(format!("read {}", f.state.display())))?;
+            if f.reports_frozen(&st) {
                 return Ok(());
             }
             if t.elapsed() > timeout {
@@ -482,46 +433,18 @@ impl Cgroup {
 
     /// Lets the processes of a frozen cgroup run again. Idempotent.
     pub fn thaw(&self) -> Result<(), CgroupError> {
-        let (file, _, _, _) = self.freezer_files()?;
-        let off = if self.hier.is_v2() { "0" } else { "THAWED" };
-        write_file(&file, off)
+        let f = self.manager.freezer(&self.rel)?;
+        write_file(&f.control, f.off)
     }
 
     /// Whether the cgroup is frozen (or freezing).
     pub fn is_frozen(&self) -> bool {
-        match self.freezer_files() {
-            Ok((file, on, _, _)) => fs::read_to_string(file).is_ok_and(|s| {
+        match self.manager.freezer(&self.rel) {
+            Ok(f) => fs::read_to_string(&f.control).is_ok_and(|s| {
                 let s = s.trim();
-                s == on || s == "FREEZING"
+                s == f.on || s == "FREEZING"
             }),
             Err(_) => false,
-        }
-    }
-
-    /// (control file, value that freezes, file that reports the state, "is frozen" test).
-    #[allow(clippy::type_complexity)]
-    fn freezer_files(
-        &self,
-    ) -> Result<(PathBuf, &'static str, PathBuf, fn(&str) -> bool), CgroupError> {
-        if self.hier.is_v2() {
-            let d = self
-                .dir("")
-                .ok_or_else(|| CgroupError::Unsupported("no cgroup2 directory".into()))?;
-            Ok(
-                (d.join("cgroup.freeze"), "1", d.join("cgroup.events"), |s| {
-                    s.lines().any(|l| l.trim() == "frozen 1")
-                }),
-            )
-        } else {
-            let d = self.dir("freezer").ok_or_else(|| {
-                CgroupError::Unsupported("the cgroup v1 freezer controller is not mounted".into())
-            })?;
-            Ok((
-                d.join("freezer.state"),
-                "FROZEN",
-                d.join("freezer.state"),
-                |s| s.trim() == "FROZEN",
-            ))
         }
     }
 
@@ -530,30 +453,11 @@ impl Cgroup {
         if !self.exists() {
             return Ok(());
         }
-        let kill_file = self.dir("").map(|d| d.join("cgroup.kill"));
-        let freezer = self.dir("freezer").filter(|_| !self.hier.is_v2());
         for round in 0..500 {
-            let pids = self.pids();
-            if pids.is_empty() {
+            if self.pids().is_empty() {
                 return Ok(());
             }
-            if round == 0
-                && let Some(k) = kill_file.as_ref().filter(|_| self.hier.is_v2())
-                && k.exists()
-            {
-                write_file(k, "1")?;
-            } else {
-                // v1: freeze so nothing forks between the read and the kills.
-                let frozen = freezer
-                    .as_ref()
-                    .is_some_and(|f| fs::write(f.join("freezer.state"), "FROZEN").is_ok());
-                for p in self.pids() {
-                    let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
-                }
-                if frozen && let Some(f) = &freezer {
-                    let _ = fs::write(f.join("freezer.state"), "THAWED");
-                }
-            }
+            self.manager.kill_round(&self.rel, round == 0)?;
             std::thread::sleep(Duration::from_millis(10));
         }
         Err(CgroupError::Other(format!(
@@ -565,7 +469,7 @@ impl Cgroup {
     /// Kills everything, removes the cgroup, then the parents that are empty. Idempotent.
     pub fn destroy(&self) -> Result<(), CgroupError> {
         self.kill_all()?;
-        for (_, dir) in self.hier.dirs(&self.rel) {
+        for dir in self.procs_dirs() {
             rmdir_retry(&dir)?;
             // Parents stead created: remove while empty (EBUSY = still used, stop there).
             let mut p = dir.parent().map(Path::to_path_buf);
@@ -594,14 +498,6 @@ pub fn normalize_memory(bytes: u64) -> u64 {
     (bytes / page * page).max(page)
 }
 
-fn kv(text: &str, key: &str) -> u64 {
-    text.lines()
-        .filter_map(|l| l.split_once(' '))
-        .find(|(k, _)| *k == key)
-        .and_then(|(_, v)| v.trim().parse().ok())
-        .unwrap_or(0)
-}
-
 fn quota_us(cpus: f64) -> u64 {
     // The kernel refuses quotas under 1 ms.
     ((cpus * CFS_PERIOD_US as f64).round() as u64).max(1000)
@@ -611,58 +507,28 @@ fn round_cpus(c: f64) -> f64 {
     (c * 1000.0).round() / 1000.0
 }
 
-fn set_v1_memory(d: &Path, memory: Option<u64>) -> Result<(), CgroupError> {
-    let limit = memory.map_or("-1".to_string(), |m| m.to_string());
-    let memsw = d.join("memory.memsw.limit_in_bytes");
-    let mem = d.join("memory.limit_in_bytes");
-    if !memsw.exists() {
-        return write_file(&mem, &limit);
-    }
-    // memsw must stay >= memory: raise memsw first when growing, memory first when shrinking.
-    if fs::write(&mem, &limit).is_ok() {
-        write_file(&memsw, &limit)
-    } else {
-        write_file(&memsw, &limit)?;
-        write_file(&mem, &limit)
-    }
+/// The value of `key` in a `key value` per line text (`cpu.stat`, `memory.events`).
+fn kv(text: &str, key: &str) -> u64 {
+    text.lines()
+        .filter_map(|l| l.split_once(' '))
+        .find(|(k, _)| *k == key)
+        .and_then(|(_, v)| v.trim().parse().ok())
+        .unwrap_or(0)
 }
 
-/// Enables stead's controllers in `dir`'s `cgroup.subtree_control`, as far as `dir`
-/// offers them (`cgroup.controllers`); a missing one surfaces when a limit needs it.
-fn enable_v2_controllers(dir: &Path) -> Result<(), CgroupError> {
-    let available = read_opt(&dir.join("cgroup.controllers"));
-    let enabled = read_opt(&dir.join("cgroup.subtree_control"));
-    let missing: Vec<String> = V2_CONTROLLERS
-        .iter()
-        .filter(|c| available.split_whitespace().any(|x| x == **c))
-        .filter(|c| !enabled.split_whitespace().any(|x| x == **c))
-        .map(|c| format!("+{c}"))
-        .collect();
-    if missing.is_empty() {
-        return Ok(());
-    }
-    write_file(&dir.join("cgroup.subtree_control"), &missing.join(" "))
+fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> CgroupError {
+    let context = context.into();
+    move |e| CgroupError::io(context, e)
 }
 
-/// Writes a v2 limit file. Unlimited and absent (controller not enabled) is fine; a limit
-/// whose controller is missing is an error.
-fn write_v2(
-    dir: &Path,
-    file: &str,
-    value: Option<String>,
-    unlimited: &str,
-) -> Result<(), CgroupError> {
-    let p = dir.join(file);
-    if !p.exists() {
-        return match value {
-            None => Ok(()),
-            Some(_) => Err(CgroupError::Unsupported(format!(
-                "cgroup v2 controller for {file} is not enabled in {}",
-                dir.display()
-            ))),
-        };
-    }
-    write_file(&p, value.as_deref().unwrap_or(unlimited))
+fn write_file(path: &Path, value: &str) -> Result<(), CgroupError> {
+    fs::write(path, value).map_err(io_err(format!("write {value:?} to {}", path.display())))
+}
+
+fn read_trim(path: &Path) -> Result<String, CgroupError> {
+    fs::read_to_string(path)
+        .map(|s| s.trim().to_string())
+        .map_err(io_err(format!("read {}", path.display())))
 }
 
 /// Contents of a file, trimmed; empty when unreadable.
@@ -672,44 +538,20 @@ fn read_opt(path: &Path) -> String {
         .unwrap_or_default()
 }
 
-fn mkdir(d: &Path) -> Result<(), CgroupError> {
-    match fs::create_dir(d) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
-        Err(e) => Err(CgroupError::io(format!("mkdir {}", d.display()), e)),
-    }
+/// The pids listed in `dir`'s `cgroup.procs`; empty when unreadable.
+fn read_pids(dir: &Path) -> Vec<i32> {
+    fs::read_to_string(dir.join("cgroup.procs"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
 }
 
-/// `create_dir_all` that tolerates a concurrent `destroy` removing an empty parent.
-fn create_all(d: &Path) -> Result<(), CgroupError> {
-    let mut last = None;
-    for _ in 0..5 {
-        match fs::create_dir_all(d) {
-            Ok(()) => return Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => last = Some(e),
-            Err(e) => return Err(CgroupError::io(format!("mkdir {}", d.display()), e)),
-        }
+/// SIGKILL to every pid (a pid gone meanwhile is fine).
+fn kill_pids(pids: &[i32]) {
+    for p in pids {
+        let _ = kill(Pid::from_raw(*p), Signal::SIGKILL);
     }
-    Err(CgroupError::io(
-        format!("mkdir {}", d.display()),
-        last.unwrap_or_else(|| io::Error::from(io::ErrorKind::NotFound)),
-    ))
-}
-
-/// A new v1 cpuset cgroup is unusable until cpus/mems are copied from its parent.
-fn copy_cpuset(dir: &Path) -> Result<(), CgroupError> {
-    for f in ["cpuset.cpus", "cpuset.mems"] {
-        let mine = read_trim(&dir.join(f))?;
-        if mine.is_empty()
-            && let Some(p) = dir.parent()
-        {
-            if read_trim(&p.join(f))?.is_empty() {
-                copy_cpuset(p)?;
-            }
-            write_file(&dir.join(f), &read_trim(&p.join(f))?)?;
-        }
-    }
-    Ok(())
 }
 
 fn rmdir_retry(d: &Path) -> Result<(), CgroupError> {
@@ -731,208 +573,4 @@ fn rmdir_retry(d: &Path) -> Result<(), CgroupError> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_split_and_combined_v1_mounts() {
-        let mi = "\
-30 25 0:26 / /sys/fs/cgroup/cpu rw,relatime shared:8 - cgroup cgroup rw,cpu
-31 25 0:27 / /sys/fs/cgroup/cpuacct rw - cgroup cgroup rw,cpuacct
-32 25 0:28 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory
-33 25 0:29 / /sys/fs/cgroup/pids rw - cgroup cgroup rw,pids
-34 25 0:30 / /sys/fs/cgroup/unified rw - cgroup2 cgroup2 rw
-35 25 0:28 /sub /mnt/x rw - cgroup cgroup rw,memory
-";
-        let m = parse_v1_mounts(mi);
-        assert_eq!(
-            m,
-            vec![
-                ("cpu".into(), PathBuf::from("/sys/fs/cgroup/cpu")),
-                ("cpuacct".into(), PathBuf::from("/sys/fs/cgroup/cpuacct")),
-                ("memory".into(), PathBuf::from("/sys/fs/cgroup/memory")),
-                ("pids".into(), PathBuf::from("/sys/fs/cgroup/pids")),
-            ]
-        );
-        let combined =
-            "30 25 0:26 / /sys/fs/cgroup/cpu,cpuacct rw - cgroup cgroup rw,cpu,cpuacct\n";
-        let m = parse_v1_mounts(combined);
-        assert_eq!(m.len(), 2);
-        assert!(
-            m.iter()
-                .all(|(_, p)| p == Path::new("/sys/fs/cgroup/cpu,cpuacct"))
-        );
-    }
-
-    #[test]
-    fn quota_math() {
-        assert_eq!(quota_us(1.5), 150_000);
-        assert_eq!(quota_us(0.001), 1000);
-        assert_eq!(round_cpus(150_000.0 / 100_000.0), 1.5);
-        assert_eq!(normalize_cpus(0.33333), 0.333);
-        assert_eq!(normalize_cpus(2.0), 2.0);
-        assert_eq!(normalize_memory(100_000_000), 99_999_744);
-        assert_eq!(normalize_memory(64 << 20), 64 << 20);
-        assert_eq!(kv("usage_usec 1234\nuser_usec 1", "usage_usec"), 1234);
-        assert_eq!(
-            kv("oom_kill_disable 0\nunder_oom 0\noom_kill 3", "oom_kill"),
-            3
-        );
-    }
-
-    #[test]
-    fn no_device_filter_is_an_error() {
-        let hier = Hierarchy::V1 {
-            mounts: vec![("memory".into(), PathBuf::from("/nonexistent"))],
-        };
-        struct Unused;
-        impl DeviceProgram for Unused {
-            fn attach(&self, _: &Path, _: &[&str]) -> Result<(), CgroupError> {
-                unreachable!("v1 has no device program")
-            }
-        }
-        let err = hier
-            .cgroup("p", "c")
-            .restrict_devices(&["c 1:3 rwm"], &Unused)
-            .expect_err("no devices controller: refused");
-        assert!(matches!(err, CgroupError::Unsupported(_)), "{err}");
-        assert!(err.to_string().contains("devices controller"), "{err}");
-    }
-
-    /// Freezes `cg` (holding `pid`), checks the kernel reports the task frozen, thaws.
-    fn freeze_thaw(cg: &Cgroup, pid: i32) {
-        cg.freeze(Duration::from_secs(5)).expect("freeze");
-        assert!(cg.is_frozen());
-        // v1 reports the frozen task in the refrigerator (state D); v2 keeps it in S, so
-        // the cgroup's own report (checked by `freeze`) is the witness there.
-        if !cg.hier.is_v2() {
-            let st = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
-            let state = st
-                .rsplit(')')
-                .next()
-                .and_then(|r| r.split_whitespace().next());
-            assert_eq!(state, Some("D"), "{st}");
-        }
-        cg.freeze(Duration::from_secs(5))
-            .expect("freezing twice is fine");
-        cg.thaw().expect("thaw");
-        assert!(!cg.is_frozen());
-        cg.thaw().expect("thawing twice is fine");
-    }
-
-    /// The v2 code paths on a real cgroup2 mount: the unified hierarchy of a v1-hybrid
-    /// host (no controllers there: limits are refused, unlimited is accepted), or the host's
-    /// own when it is v2.
-    #[test]
-    fn v2_create_attach_kill_destroy() {
-        if !nix::unistd::geteuid().is_root() {
-            eprintln!("SKIP v2_create_attach_kill_destroy: needs root");
-            return;
-        }
-        let root = ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"]
-            .into_iter()
-            .map(PathBuf::from)
-            .find(|r| r.join("cgroup.controllers").exists());
-        let Some(root) = root else {
-            eprintln!("SKIP v2_create_attach_kill_destroy: no cgroup2 mount");
-            return;
-        };
-        let hier = Hierarchy::V2 { root: root.clone() };
-        let parent = format!("stead-test-{}-v2/nested", std::process::id());
-        let cg = hier.cgroup(&parent, "c1");
-        struct Guard(Cgroup);
-        impl Drop for Guard {
-            fn drop(&mut self) {
-                let _ = self.0.destroy();
-            }
-        }
-        let _guard = Guard(cg.clone());
-        cg.create().expect("create");
-        assert!(cg.exists());
-        cg.set_limits(&Limits::default())
-            .expect("unlimited always works");
-        let has_pids = root.join("cgroup.controllers").exists()
-            && read_opt(&root.join("cgroup.controllers")).contains("pids");
-        let r = cg.set_limits(&Limits {
-            pids: Some(10),
-            ..Default::default()
-        });
-        assert_eq!(r.is_ok(), has_pids, "{r:?}");
-        let mut child = std::process::Command::new("/bin/sleep")
-            .arg("30")
-            .spawn()
-            .expect("spawn sleep");
-        let pid = child.id() as i32;
-        cg.add_pid(pid).expect("attach");
-        assert_eq!(cg.pids(), vec![pid]);
-        assert!(cg.usage().is_ok());
-        freeze_thaw(&cg, pid);
-        cg.destroy().expect("destroy");
-        assert!(!child.wait().expect("wait").success());
-        assert!(
-            !root
-                .join(format!("stead-test-{}-v2", std::process::id()))
-                .exists()
-        );
-    }
-
-    /// Real test against the host's hierarchy, inside a private test parent.
-    #[test]
-    fn create_limit_attach_destroy() {
-        if !nix::unistd::geteuid().is_root() {
-            eprintln!("SKIP create_limit_attach_destroy: needs root");
-            return;
-        }
-        let hier = match Hierarchy::detect() {
-            Ok(h) => h,
-            Err(e) => {
-                eprintln!("SKIP create_limit_attach_destroy: {e}");
-                return;
-            }
-        };
-        let parent = format!("stead-test-{}-unit/nested", std::process::id());
-        let cg = hier.cgroup(&parent, "c1");
-        struct Guard(Cgroup);
-        impl Drop for Guard {
-            fn drop(&mut self) {
-                let _ = self.0.destroy();
-            }
-        }
-        let _guard = Guard(cg.clone());
-        cg.create().expect("create");
-        assert!(cg.exists());
-        let l = Limits {
-            cpus: Some(0.5),
-            memory: Some(64 << 20),
-            pids: Some(20),
-        };
-        cg.set_limits(&l).expect("limits");
-        assert_eq!(cg.limits().expect("read"), l);
-        cg.set_limits(&Limits::default()).expect("unlimit");
-        assert_eq!(cg.limits().expect("read"), Limits::default());
-        cg.set_limits(&l).expect("limits again");
-
-        let mut child = std::process::Command::new("/bin/sleep")
-            .arg("30")
-            .spawn()
-            .expect("spawn sleep");
-        let pid = child.id() as i32;
-        cg.add_pid(pid).expect("attach");
-        assert_eq!(cg.pids(), vec![pid]);
-        let u = cg.usage().expect("usage");
-        assert_eq!(u.pids, 1);
-        if hier.is_v2() || cg.dir("freezer").is_some() {
-            freeze_thaw(&cg, pid);
-        } else {
-            eprintln!("SKIP create_limit_attach_destroy (freeze part): no v1 freezer mounted");
-        }
-        cg.destroy().expect("destroy");
-        let status = child.wait().expect("wait");
-        assert!(!status.success(), "sleep was killed");
-        assert!(!cg.exists());
-        for d in hier.cgroup(&parent, "c1").procs_dirs() {
-            let top = d.parent().and_then(Path::parent).expect("top");
-            assert!(!top.exists(), "{} left behind", top.display());
-        }
-    }
-}
+mod tests;
