@@ -76,13 +76,14 @@ fn driver_for(
     })
 }
 
-/// Where the cgroup file systems are mounted.
-const CGROUP_ROOT: &str = "/sys/fs/cgroup";
-
-/// Adds the likely cause to a driver's set-up error when `/sys/fs/cgroup` is empty:
+/// Adds the likely cause to a driver's set-up error when the cgroupfs root is empty:
 /// `ip netns exec` remounts `/sys`, which hides the cgroup file systems.
 fn explain_hidden_cgroupfs(kind: Kind, e: DriverError) -> DriverError {
-    explain_hidden_cgroupfs_at(std::path::Path::new(CGROUP_ROOT), kind, e)
+    explain_hidden_cgroupfs_at(
+        std::path::Path::new(stead_host::cgroup::DEFAULT_ROOT),
+        kind,
+        e,
+    )
 }
 
 /// [`explain_hidden_cgroupfs`] with the cgroup root at `root`.

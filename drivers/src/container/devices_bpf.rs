@@ -317,10 +317,10 @@ mod tests {
             eprintln!("SKIP v2_device_filter_denies_unlisted_devices: needs root");
             return;
         }
-        let root = ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"]
+        let host = Path::new(stead_host::cgroup::DEFAULT_ROOT);
+        let root = [host.to_path_buf(), host.join("unified")]
             .into_iter()
-            .map(std::path::PathBuf::from)
-            .find(|r| r.join("cgroup.controllers").exists());
+            .find(|r| stead_host::cgroup::v2::is_unified_root(r));
         let Some(root) = root else {
             eprintln!("SKIP v2_device_filter_denies_unlisted_devices: no cgroup2 mount");
             return;

@@ -464,10 +464,10 @@ fn v2_create_attach_kill_destroy() {
         eprintln!("SKIP v2_create_attach_kill_destroy: needs root");
         return;
     }
-    let root = ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"]
+    let host = Path::new(DEFAULT_ROOT);
+    let root = [host.to_path_buf(), host.join("unified")]
         .into_iter()
-        .map(PathBuf::from)
-        .find(|r| r.join("cgroup.controllers").exists());
+        .find(|r| v2::is_unified_root(r));
     let Some(root) = root else {
         eprintln!("SKIP v2_create_attach_kill_destroy: no cgroup2 mount");
         return;
