@@ -570,3 +570,46 @@ fn create_limit_attach_destroy() {
         assert!(!top.exists(), "{} left behind", top.display());
     }
 }
+
+/// `remove_parent` on the host's hierarchy: a parent whose child holds a process stays
+/// (and is reported); once the process is gone, the whole parent goes in every hierarchy.
+#[test]
+fn remove_parent_on_the_host() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIP remove_parent_on_the_host: needs root");
+        return;
+    }
+    let hier = match Hierarchy::detect() {
+        Ok(h) => h,
+        Err(e) => {
+            eprintln!("SKIP remove_parent_on_the_host: {e}");
+            return;
+        }
+    };
+    let parent = format!("stead-test-{}-rmparent", std::process::id());
+    let cg = hier.cgroup(&format!("{parent}/env-a"), "c1");
+    struct Guard(Cgroup);
+    impl Drop for Guard {
+        fn drop(&mut self) {
+            let _ = self.0.destroy();
+        }
+    }
+    let _guard = Guard(cg.clone());
+    cg.create().expect("create");
+    let mut child = std::process::Command::new("/bin/sleep")
+        .arg("30")
+        .spawn()
+        .expect("spawn sleep");
+    cg.add_pid(child.id() as i32).expect("attach");
+    let problems = hier.remove_parent(&parent);
+    assert!(!problems.is_empty(), "a populated tree is reported");
+    assert!(cg.exists(), "and left alone");
+    cg.kill_all().expect("kill");
+    let _ = child.wait();
+    let problems = hier.remove_parent(&parent);
+    assert!(problems.is_empty(), "{problems:?}");
+    for d in cg.procs_dirs() {
+        let top = d.parent().and_then(Path::parent).expect("top");
+        assert!(!top.exists(), "{} left behind", top.display());
+    }
+}
