@@ -16,11 +16,11 @@ use std::time::Duration;
 
 use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
 use serde::{Deserialize, Serialize};
+use stead_host::cgroup::Limits;
 use stead_reconciler::driver::DriverError;
 use stead_schema::RestartPolicy;
 
 use super::config::{Paths, ShimState};
-use stead_host::cgroup::Limits;
 
 /// A control request.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

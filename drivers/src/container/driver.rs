@@ -18,6 +18,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
+use stead_host::cgroup::{Cgroup, Hierarchy, Limits};
 use stead_reconciler::driver::{
     Driver, DriverError, FieldChange, Health, HostEnv, Impact, Lookup, Observed,
 };
@@ -31,7 +32,6 @@ use super::control::{Request, request};
 use super::shim::{ShimArgs, lock_held};
 use super::{network, rootfs, rootfs_snapshot};
 use crate::vm::config::generated_container_mac;
-use stead_host::cgroup::{Cgroup, Hierarchy, Limits};
 
 /// Fields whose change only needs a hot update.
 const HOT_FIELDS: [&str; 3] = ["state", "resources", "restartPolicy"];

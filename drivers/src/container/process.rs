@@ -28,12 +28,12 @@ use nix::sched::{CloneFlags, setns, unshare};
 use nix::sys::signal::Signal;
 use nix::unistd::{Gid, Pid, Uid, chdir, execve, pipe2, pivot_root, sethostname};
 use seccompiler::BpfProgram;
+use stead_host::cgroup::Cgroup;
 use stead_reconciler::driver::DriverError;
 
 use super::config::{ContainerConfig, RootfsMount};
 use super::inroot::{self, Root};
 use super::security;
-use stead_host::cgroup::Cgroup;
 
 /// Default PATH inside containers.
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";

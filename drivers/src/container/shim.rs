@@ -35,13 +35,13 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
+use stead_host::cgroup::{Cgroup, Hierarchy, Limits};
 use stead_reconciler::driver::DriverError;
 use stead_schema::RestartPolicy;
 
 use super::config::{ContainerConfig, ExitInfo, Paths, Phase, ShimState, write_json};
 use super::control::{Request, recv_request};
 use super::{network, process};
-use stead_host::cgroup::{Cgroup, Hierarchy, Limits};
 
 /// Size cap of `console.log`.
 pub const LOG_CAP: u64 = 1 << 20;

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::{Value, json};
+use stead_host::cgroup::{Cgroup, Hierarchy};
 use stead_reconciler::driver::{
     Driver, DriverError, FieldChange, Health, HostEnv, Impact, Lookup, Observed,
 };
@@ -33,7 +34,6 @@ use super::supervisor::{VmmArgs, control_request, control_status, lock_held};
 use crate::container::config::{read_json, write_json};
 use crate::net::attach::{TapSpec, delete_link, ensure_tap, owned_links};
 use crate::net::owner_alias;
-use stead_host::cgroup::{Cgroup, Hierarchy};
 use stead_vmm::{Reply, Request};
 
 /// Default graceful shutdown time before a VM is forced off.

@@ -39,12 +39,12 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{SigSet, Signal, kill};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
+use stead_host::cgroup::{Cgroup, Hierarchy, Limits};
 use stead_schema::RestartPolicy;
 use stead_vmm::{Reply, Request, RunState, StatusReply};
 
 use super::config::{Paths, Phase, SupervisorState, VmRunConfig, cgroup_name};
 use crate::container::config::{read_json, write_json};
-use stead_host::cgroup::{Cgroup, Hierarchy, Limits};
 
 /// Size cap of `console.log`.
 pub const LOG_CAP: u64 = 1 << 20;
