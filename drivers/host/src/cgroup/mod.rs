@@ -261,6 +261,7 @@ impl Hierarchy {
     /// every hierarchy. Processes are not killed: a hierarchy whose parent still holds
     /// processes is left alone and reported. Returns what could not be removed (one error
     /// per hierarchy directory; empty when all is gone).
+    #[tracing::instrument(level = "debug", skip(self))]
     pub fn remove_parent(&self, parent: &str) -> Vec<CgroupError> {
         let rel = Path::new(parent.trim_matches('/'));
         let mut seen = Vec::new();
@@ -337,6 +338,7 @@ impl Cgroup {
 
     /// Creates the cgroup and its parents (idempotent). On v2 enables the controllers in
     /// every ancestor's `cgroup.subtree_control` below the root.
+    #[tracing::instrument(level = "debug", skip_all, fields(cgroup = %self.rel.display()))]
     pub fn create(&self) -> Result<(), CgroupError> {
         self.manager.create(&self.rel)
     }
@@ -467,6 +469,7 @@ impl Cgroup {
     }
 
     /// Kills everything, removes the cgroup, then the parents that are empty. Idempotent.
+    #[tracing::instrument(level = "debug", skip_all, fields(cgroup = %self.rel.display()))]
     pub fn destroy(&self) -> Result<(), CgroupError> {
         self.kill_all()?;
         for dir in self.procs_dirs() {
