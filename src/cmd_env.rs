@@ -18,6 +18,7 @@ use anyhow::{Context, Result, bail};
 use clap::Subcommand;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
+use stead_host::cgroup::{CgroupError, Hierarchy};
 use stead_reconciler::PlanOptions;
 use stead_reconciler::driver::HostEnv;
 use stead_reconciler::state::now_secs;
@@ -422,51 +423,27 @@ fn down(g: &Global, base: &HostEnv, name: &str) -> Result<u8> {
     Ok(0)
 }
 
-fn cgroup_dirs(parent: &str) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let root = Path::new("/sys/fs/cgroup");
-    if root.join("cgroup.controllers").exists() {
-        out.push(root.join(parent));
-    } else if let Ok(rd) = std::fs::read_dir(root) {
-        for e in rd.flatten() {
-            let p = e.path().join(parent);
-            if p.is_dir() {
-                out.push(p);
-            }
-        }
-    }
-    out.retain(|p| p.is_dir());
-    out
+/// The host's cgroup hierarchy; `None` where the cgroup file systems are not visible
+/// (then nothing of an environment can be in them either).
+fn cgroups() -> Option<Hierarchy> {
+    Hierarchy::detect().ok()
 }
 
-fn remove_cgroup_tree(dir: &Path) -> std::io::Result<()> {
-    if let Ok(rd) = std::fs::read_dir(dir) {
-        for e in rd.flatten() {
-            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
-                remove_cgroup_tree(&e.path())?;
-            }
-        }
+/// A cgroup that could not be removed, as a leftover line.
+fn cgroup_leftover(e: &CgroupError) -> String {
+    match e {
+        CgroupError::Io { context, source } => format!("{context}: {source}"),
+        e => e.to_string(),
     }
-    std::fs::remove_dir(dir)
 }
 
 /// Removes the environment's scope (namespace, cgroups, run dir, pool areas) and returns
 /// whatever could not be removed.
 fn teardown_scope(env: &HostEnv, rec: &EnvRecord) -> Vec<String> {
     let mut left = Vec::new();
-    for dir in cgroup_dirs(&env.cgroup_parent) {
-        let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
-        if !procs.trim().is_empty() {
-            left.push(format!(
-                "processes {} in {}",
-                procs.split_whitespace().collect::<Vec<_>>().join(","),
-                dir.display()
-            ));
-            continue;
-        }
-        if let Err(e) = remove_cgroup_tree(&dir) {
-            left.push(format!("cgroup {}: {e}", dir.display()));
-        }
+    if let Some(h) = cgroups() {
+        let problems = h.remove_parent(&env.cgroup_parent);
+        left.extend(problems.iter().map(cgroup_leftover));
     }
     if let Err(e) = stead_drivers::netns::delete_named(&rec.netns) {
         left.push(format!("network namespace {}: {e}", rec.netns));
@@ -512,41 +489,28 @@ fn foreign_marks(area: &Path, env: &str) -> Vec<String> {
         .collect()
 }
 
-fn usage(env: &HostEnv) -> (f64, u64) {
-    let mut cpu = 0.0;
-    let mut mem = 0;
-    for dir in cgroup_dirs(&env.cgroup_parent) {
-        if let Ok(t) = std::fs::read_to_string(dir.join("cpuacct.usage")) {
-            cpu += t.trim().parse::<f64>().unwrap_or(0.0) / 1e9;
-        }
-        if let Ok(t) = std::fs::read_to_string(dir.join("cpu.stat"))
-            && let Some(l) = t.lines().find(|l| l.starts_with("usage_usec"))
-        {
-            cpu += l
-                .split_whitespace()
-                .nth(1)
-                .and_then(|v| v.parse::<f64>().ok())
-                .unwrap_or(0.0)
-                / 1e6;
-        }
-        for f in ["memory.usage_in_bytes", "memory.current"] {
-            if let Ok(t) = std::fs::read_to_string(dir.join(f)) {
-                mem += t.trim().parse::<u64>().unwrap_or(0);
-            }
-        }
+/// CPU seconds and memory bytes used by the environment's cgroup parent (zero when it
+/// has none).
+fn usage(cgroups: Option<&Hierarchy>, env: &HostEnv) -> (f64, u64) {
+    let Some(parent) = cgroups.map(|h| h.parent(&env.cgroup_parent)) else {
+        return (0.0, 0);
+    };
+    match parent.usage() {
+        Ok(u) if parent.exists() => (u.cpu_seconds, u.memory_bytes),
+        _ => (0.0, 0),
     }
-    (cpu, mem)
 }
 
 fn list(base: &HostEnv, output: PlanFormat) -> Result<u8> {
     let mut rows = Vec::new();
+    let cgroups = cgroups();
     for rec in records(base)? {
         let env = env_host(base, &rec.name);
         let resources = stead_reconciler::StateDb::open(&env.state_dir)
             .and_then(|db| db.inventory())
             .map(|i| i.len())
             .unwrap_or(0);
-        let (cpu, mem) = usage(&env);
+        let (cpu, mem) = usage(cgroups.as_ref(), &env);
         rows.push(json!({
             "name": rec.name,
             "ageSeconds": (now_secs() - rec.created_at).max(0.0) as u64,

@@ -23,9 +23,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use stead_drivers::container::cgroup::Hierarchy;
 use stead_drivers::container::shim::{self, ShimArgs};
 use stead_drivers::container::{ContainerDriver, exec_with};
+use stead_host::cgroup::Hierarchy;
 use stead_reconciler::driver::{Driver, HostEnv, Lookup, Observed};
 use stead_schema::{Kind, Metadata, Origin, Resource, ResourceId, Spec};
 

@@ -6,6 +6,7 @@
 pub mod controller;
 pub mod driver;
 pub mod exec;
+mod host_errors;
 pub mod plan;
 pub mod render;
 pub mod state;

@@ -10,6 +10,7 @@
 //! `scripts/lint-host-paths.sh` checks that no other crate spells such a path. Extended
 //! attributes are read and written only through [`xattr`].
 
+pub mod cgroup;
 pub mod confine;
 pub mod fs;
 pub mod mounts;

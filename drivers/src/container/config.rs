@@ -12,10 +12,9 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+use stead_host::cgroup::Limits;
 use stead_reconciler::driver::DriverError;
 use stead_schema::{Cidr, MacAddr, RestartPolicy};
-
-use super::cgroup::Limits;
 
 /// Default init command.
 pub const DEFAULT_COMMAND: &str = "/sbin/init";

@@ -16,10 +16,10 @@ use std::time::Duration;
 
 use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
 use serde::{Deserialize, Serialize};
+use stead_host::cgroup::Limits;
 use stead_reconciler::driver::DriverError;
 use stead_schema::RestartPolicy;
 
-use super::cgroup::Limits;
 use super::config::{Paths, ShimState};
 
 /// A control request.

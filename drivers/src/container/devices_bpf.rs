@@ -18,6 +18,7 @@ use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
 
+use stead_host::cgroup::{CgroupError, DeviceProgram};
 use stead_reconciler::driver::DriverError;
 
 const BPF_PROG_LOAD: libc::c_long = 5;
@@ -219,6 +220,20 @@ pub fn attach(cgroup: &Path, rules: &[&str]) -> Result<(), DriverError> {
     Ok(())
 }
 
+/// The cgroup v2 device filter as the host cgroup layer's [`DeviceProgram`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BpfDeviceProgram;
+
+impl DeviceProgram for BpfDeviceProgram {
+    fn attach(&self, dir: &Path, allow: &[&str]) -> Result<(), CgroupError> {
+        attach(dir, allow).map_err(|e| match e {
+            DriverError::Io { context, source } => CgroupError::Io { context, source },
+            DriverError::Unsupported(m) => CgroupError::Unsupported(m),
+            e => CgroupError::Other(e.to_string()),
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -260,5 +275,69 @@ mod tests {
         assert_eq!(p[9], insn(JNE_K, 2, 0, 3, DEV_CHAR));
         assert_eq!(p[10], insn(JNE_K, 4, 0, 2, 136));
         assert_eq!(p[p.len() - 1], insn(EXIT, 0, 0, 0, 0));
+    }
+
+    /// Restricts `cg` to /dev/null only; a shell moved into it can write /dev/null but
+    /// not read /dev/zero.
+    fn device_filter(cg: &stead_host::cgroup::Cgroup) {
+        use std::io::{BufRead, BufReader, Write};
+        cg.restrict_devices(&["c 1:3 rwm"], &BpfDeviceProgram)
+            .expect("restrict");
+        let mut sh = std::process::Command::new("/bin/sh")
+            .args([
+                "-c",
+                "read x; if head -c 1 /dev/zero >/dev/null 2>&1; then echo zero-open; else echo zero-denied; fi; if echo x >/dev/null; then echo null-ok; fi",
+            ])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn sh");
+        cg.add_pid(sh.id() as i32).expect("attach sh");
+        sh.stdin
+            .take()
+            .expect("stdin")
+            .write_all(b"go\n")
+            .expect("go");
+        let out: Vec<String> = BufReader::new(sh.stdout.take().expect("stdout"))
+            .lines()
+            .map_while(Result::ok)
+            .collect();
+        let _ = sh.wait();
+        assert_eq!(out, ["zero-denied", "null-ok"]);
+        // Replaced by a wider program: /dev/zero opens again.
+        cg.restrict_devices(&["c 1:3 rwm", "c 1:5 rwm"], &BpfDeviceProgram)
+            .expect("replace");
+    }
+
+    /// The v2 device filter on a real cgroup2 mount: the unified hierarchy of a v1-hybrid
+    /// host, or the host's own when it is v2.
+    #[test]
+    fn v2_device_filter_denies_unlisted_devices() {
+        use stead_host::cgroup::Hierarchy;
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("SKIP v2_device_filter_denies_unlisted_devices: needs root");
+            return;
+        }
+        let host = Path::new(stead_host::cgroup::DEFAULT_ROOT);
+        let root = [host.to_path_buf(), host.join("unified")]
+            .into_iter()
+            .find(|r| stead_host::cgroup::v2::is_unified_root(r));
+        let Some(root) = root else {
+            eprintln!("SKIP v2_device_filter_denies_unlisted_devices: no cgroup2 mount");
+            return;
+        };
+        let hier = Hierarchy::v2(root);
+        let cg = hier.cgroup(&format!("stead-test-{}-bpf", std::process::id()), "c1");
+        struct Guard(stead_host::cgroup::Cgroup);
+        impl Drop for Guard {
+            fn drop(&mut self) {
+                let _ = self.0.destroy();
+            }
+        }
+        let _guard = Guard(cg.clone());
+        cg.create().expect("create");
+        device_filter(&cg);
+        cg.destroy().expect("destroy");
     }
 }

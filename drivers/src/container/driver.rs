@@ -18,12 +18,12 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
+use stead_host::cgroup::{Cgroup, Hierarchy, Limits};
 use stead_reconciler::driver::{
     Driver, DriverError, FieldChange, Health, HostEnv, Impact, Lookup, Observed,
 };
 use stead_schema::{ContainerSpec, DeletionPolicy, Kind, Resource, ResourceId, RunState, Spec};
 
-use super::cgroup::{Cgroup, Hierarchy, Limits};
 use super::config::{
     ContainerConfig, DEFAULT_COMMAND, DEFAULT_STOP_TIMEOUT_SECS, InterfaceConfig, MountConfig,
     Paths, Phase, ShimState, host_veth_name, read_json, write_json,
@@ -99,12 +99,12 @@ impl ContainerDriver {
         let mut res = serde_json::Map::new();
         // Normalized to what the kernel reports back, so a converged container shows no diff.
         if let Some(c) = spec.resources.cpus {
-            res.insert("cpus".into(), json!(super::cgroup::normalize_cpus(c)));
+            res.insert("cpus".into(), json!(stead_host::cgroup::normalize_cpus(c)));
         }
         if let Some(m) = spec.resources.memory {
             res.insert(
                 "memory".into(),
-                json!(super::cgroup::normalize_memory(m.bytes())),
+                json!(stead_host::cgroup::normalize_memory(m.bytes())),
             );
         }
         if let Some(p) = spec.resources.pids {
@@ -246,7 +246,7 @@ impl ContainerDriver {
     /// Freezes every process of container `name` (cgroup freezer) and waits until they
     /// are all frozen, at most `timeout`.
     pub fn freeze(&self, name: &str, timeout: Duration) -> Result<(), DriverError> {
-        self.cgroup(name).freeze(timeout)
+        Ok(self.cgroup(name).freeze(timeout)?)
     }
 
     /// Thaws container `name` (idempotent; a cgroup that is gone is not an error).
@@ -255,7 +255,7 @@ impl ContainerDriver {
         if !cg.exists() {
             return Ok(());
         }
-        cg.thaw()
+        Ok(cg.thaw()?)
     }
 
     /// Whether container `name`'s cgroup is frozen.
@@ -635,9 +635,7 @@ mod tests {
         };
         let d = ContainerDriver {
             env,
-            hier: Hierarchy::V2 {
-                root: "/nonexistent".into(),
-            },
+            hier: Hierarchy::v2("/nonexistent"),
             stop_timeout_secs: 10,
         };
         assert_eq!(d.impact("/resources/memory"), Impact::Hot);

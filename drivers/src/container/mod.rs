@@ -2,8 +2,9 @@
 //! v1/v2, rootfs templates, veth networking, and a per-container supervisor (`stead shim`).
 //!
 //! # Pieces
-//! - [`cgroup`]: one interface over cgroup v1 (split or combined controller mounts, found
-//!   in mountinfo) and v2 (detected when `/sys/fs/cgroup` has `cgroup.controllers`).
+//! - cgroups: [`stead_host::cgroup`], one interface over cgroup v1 (split or combined
+//!   controller mounts, found in mountinfo) and v2 (detected when the cgroupfs root has
+//!   `cgroup.controllers`); the v2 device filter program is built here (`devices_bpf`).
 //! - [`shim`]: the supervisor. [`shim::main`] is what `stead shim` runs (`src/cmd_shim.rs`).
 //!   Test and benchmark binaries (`drivers/tests/container_e2e.rs`,
 //!   `drivers/examples/container_bench.rs`) call it themselves when started as
@@ -52,7 +53,7 @@
 //!   Interface `vlan` needs bridge VLAN filtering, which this kernel lacks (refused in
 //!   `check`). No cgroupfs is mounted inside the container.
 //! - **Devices:** everything is denied but the nodes of the container's /dev, the console
-//!   and ptys ([`cgroup::CONTAINER_DEVICES`]), so a device node that is in a rootfs or a
+//!   and ptys ([`CONTAINER_DEVICES`]), so a device node that is in a rootfs or a
 //!   volume cannot be opened: on cgroup v1 through the `devices` controller, on v2
 //!   through an eBPF device program stead assembles (`devices_bpf`). A container is never
 //!   started unfiltered: a host with neither (v1 without the `devices` controller, v2
@@ -60,7 +61,6 @@
 //!   bind-mounted nodes exist, privileged containers lose `CAP_MKNOD`, and `CAP_MKNOD`
 //!   inside a user namespace cannot create usable devices.
 
-pub mod cgroup;
 pub mod config;
 pub mod control;
 mod devices_bpf;
@@ -75,4 +75,20 @@ pub mod shim;
 pub mod volume;
 
 pub use control::{console, exec, exec_with, logs};
+pub use devices_bpf::BpfDeviceProgram;
 pub use driver::ContainerDriver;
+
+/// The devices a container may use (v1 `devices.allow` lines): the nodes stead binds into
+/// its /dev (null, zero, full, random, urandom, tty), `/dev/console`, `/dev/ptmx` and the
+/// ptys. Everything else is denied, as LXC and runc do by default.
+pub const CONTAINER_DEVICES: [&str; 9] = [
+    "c 1:3 rwm",
+    "c 1:5 rwm",
+    "c 1:7 rwm",
+    "c 1:8 rwm",
+    "c 1:9 rwm",
+    "c 5:0 rwm",
+    "c 5:1 rwm",
+    "c 5:2 rwm",
+    "c 136:* rwm",
+];

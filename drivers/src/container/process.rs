@@ -28,9 +28,9 @@ use nix::sched::{CloneFlags, setns, unshare};
 use nix::sys::signal::Signal;
 use nix::unistd::{Gid, Pid, Uid, chdir, execve, pipe2, pivot_root, sethostname};
 use seccompiler::BpfProgram;
+use stead_host::cgroup::Cgroup;
 use stead_reconciler::driver::DriverError;
 
-use super::cgroup::Cgroup;
 use super::config::{ContainerConfig, RootfsMount};
 use super::inroot::{self, Root};
 use super::security;
@@ -542,7 +542,7 @@ pub(crate) fn spawn_exec(
             fs::File::open(&p).map_err(|e| DriverError::io(format!("open {}", p.display()), e))?;
         ns.push((file, f));
     }
-    let procs = cgroup.procs_dirs();
+    let procs = cgroup.procs_files();
     // SAFETY: called from the single-threaded shim; the child only runs this function's
     // code and ends with execve or _exit.
     match unsafe { nix::unistd::fork() }.map_err(|e| DriverError::io("fork", e.into()))? {
@@ -575,9 +575,8 @@ fn exec_child(
     seccomp: &[BpfProgram],
 ) -> Result<i32, String> {
     let me = std::process::id().to_string();
-    for d in procs {
-        fs::write(d.join("cgroup.procs"), &me)
-            .map_err(|e| format!("join cgroup {}: {e}", d.display()))?;
+    for f in procs {
+        fs::write(f, &me).map_err(|e| format!("join cgroup {}: {e}", f.display()))?;
     }
     for (f, kind) in ns {
         setns(f.as_fd(), *kind).map_err(|e| format!("setns {kind:?}: {e}"))?;

@@ -35,10 +35,10 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
+use stead_host::cgroup::{Cgroup, Hierarchy, Limits};
 use stead_reconciler::driver::DriverError;
 use stead_schema::RestartPolicy;
 
-use super::cgroup::{Cgroup, Hierarchy, Limits};
 use super::config::{ContainerConfig, ExitInfo, Paths, Phase, ShimState, write_json};
 use super::control::{Request, recv_request};
 use super::{network, process};
@@ -362,7 +362,7 @@ impl Shim {
     ) -> Result<Self, DriverError> {
         cgroup.create()?;
         cgroup.set_limits(&cfg.limits)?;
-        cgroup.restrict_devices(&super::cgroup::CONTAINER_DEVICES)?;
+        cgroup.restrict_devices(&super::CONTAINER_DEVICES, &super::BpfDeviceProgram)?;
         if let super::config::RootfsMount::Image { source, target } = &cfg.rootfs {
             super::volume::mount_image(source, target, false, cfg.idmap, false)?;
         }

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::{Value, json};
+use stead_host::cgroup::{Cgroup, Hierarchy};
 use stead_reconciler::driver::{
     Driver, DriverError, FieldChange, Health, HostEnv, Impact, Lookup, Observed,
 };
@@ -30,7 +31,6 @@ use super::config::{
     tap_name, vms_dir,
 };
 use super::supervisor::{VmmArgs, control_request, control_status, lock_held};
-use crate::container::cgroup::{Cgroup, Hierarchy};
 use crate::container::config::{read_json, write_json};
 use crate::net::attach::{TapSpec, delete_link, ensure_tap, owned_links};
 use crate::net::owner_alias;
@@ -667,9 +667,7 @@ mod tests {
         };
         let d = VmDriver {
             env,
-            hier: Hierarchy::V2 {
-                root: "/nonexistent".into(),
-            },
+            hier: Hierarchy::v2("/nonexistent"),
             shutdown_timeout_secs: 1,
         };
         assert_eq!(d.impact("/state"), Impact::Hot);
@@ -690,9 +688,7 @@ mod tests {
                 netns: None,
                 self_exe: "/bin/false".into(),
             },
-            hier: Hierarchy::V2 {
-                root: run_dir.join("no-cgroups"),
-            },
+            hier: Hierarchy::v2(run_dir.join("no-cgroups")),
             shutdown_timeout_secs: 1,
         }
     }

@@ -8,7 +8,7 @@
 //! The supervisor (single-threaded):
 //! - holds an exclusive `flock` on `supervisor.lock` (never two supervisors for one VM);
 //! - creates the cgroup `<cgroup-parent>/vm-<name>` (v1 or v2, through
-//!   [`crate::container::cgroup`]), kills whatever a dead predecessor left there, sets the
+//!   [`stead_host::cgroup`]), kills whatever a dead predecessor left there, sets the
 //!   limits (CPU quota = vCPUs, memory = guest RAM + [`MEMORY_OVERHEAD`]) and joins it;
 //! - enters the configured network namespace (where the taps live);
 //! - forks one **VMM child per boot**, which calls [`stead_vmm::run_vmm_process`]. The VMM
@@ -39,11 +39,11 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{SigSet, Signal, kill};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
+use stead_host::cgroup::{Cgroup, Hierarchy, Limits};
 use stead_schema::RestartPolicy;
 use stead_vmm::{Reply, Request, RunState, StatusReply};
 
 use super::config::{Paths, Phase, SupervisorState, VmRunConfig, cgroup_name};
-use crate::container::cgroup::{Cgroup, Hierarchy, Limits};
 use crate::container::config::{read_json, write_json};
 
 /// Size cap of `console.log`.
