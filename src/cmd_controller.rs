@@ -1,12 +1,12 @@
-//! `stead controller`: the GitOps loop (see `stead_reconciler::controller`).
+//! `stead controller`: the GitOps loop (see `stead_controller`).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
+use stead_controller::source::{GitAuth, SourceSpec};
+use stead_controller::{Config, DriftMode};
 use stead_reconciler::Drivers;
-use stead_reconciler::controller::source::{GitAuth, SourceSpec};
-use stead_reconciler::controller::{Config, DriftMode};
 use stead_reconciler::driver::HostEnv;
 use stead_schema::DurationSpec;
 
@@ -110,6 +110,6 @@ pub fn run(args: ControllerArgs, global_env: &HostEnv, drivers: Drivers) -> Resu
     cfg.allow_empty = args.allow_empty;
     cfg.allow_rewind = args.allow_rewind;
     cfg.parallelism = args.parallelism.max(1);
-    stead_reconciler::controller::run(cfg, global_env.clone(), drivers)?;
+    stead_controller::run(cfg, global_env.clone(), drivers)?;
     Ok(0)
 }

@@ -37,17 +37,17 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use crate::driver::{Health, HostEnv};
 use serde_json::Value;
+use stead_reconciler::driver::{Health, HostEnv};
 use stead_schema::graph::edges;
 use stead_schema::{Desired, ResourceId};
 use tokio::sync::Notify;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
-use crate::exec::{ExecOptions, Outcome, Report, execute};
-use crate::plan::{Action, PlanOptions};
-use crate::state::{ApplyLock, StateDb, StateError, now_secs};
-use crate::{Drivers, plan_run};
+use stead_reconciler::exec::{ExecOptions, Outcome, Report, execute};
+use stead_reconciler::plan::{Action, PlanOptions};
+use stead_reconciler::state::{ApplyLock, StateDb, StateError, now_secs};
+use stead_reconciler::{Drivers, plan_run};
 
 use backoff::{Backoff, Hold, Wait};
 use metrics::Metrics;
@@ -251,8 +251,8 @@ const KV_REVISION: &str = "controller.revision";
 fn hold_key(
     id: &ResourceId,
     desired: &Desired,
-    inventory: &BTreeMap<ResourceId, crate::InventoryEntry>,
-    observed: &BTreeMap<ResourceId, crate::driver::Observed>,
+    inventory: &BTreeMap<ResourceId, stead_reconciler::InventoryEntry>,
+    observed: &BTreeMap<ResourceId, stead_reconciler::driver::Observed>,
 ) -> Hold {
     use std::hash::{Hash, Hasher};
     let resource = desired
@@ -547,7 +547,7 @@ impl Engine {
         let mut run = match planned {
             Ok(r) => r,
             Err(e) => {
-                error!(error = %crate::exec::error_chain(&e), "cannot plan");
+                error!(error = %stead_reconciler::exec::error_chain(&e), "cannot plan");
                 self.finish(
                     result.unwrap_or("error"),
                     start,
@@ -882,7 +882,7 @@ impl Engine {
 /// Holds `<state-dir>/controller.lock` for the controller's lifetime.
 /// The guard is the open file: the `flock` is released when it is closed.
 fn controller_lock(state_dir: &Path) -> Result<File, ControllerError> {
-    crate::state::ensure_state_dir(state_dir)?;
+    stead_reconciler::state::ensure_state_dir(state_dir)?;
     let path = state_dir.join("controller.lock");
     let f = File::options()
         .create(true)
@@ -1322,8 +1322,8 @@ mod tests {
         drop(first);
         assert!(controller_lock(t.path()).is_ok());
     }
-    use crate::driver::Observed;
     use serde_json::json;
+    use stead_reconciler::driver::Observed;
     use stead_schema::Kind;
 
     fn desired(size: &str) -> Desired {
