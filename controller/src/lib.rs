@@ -24,6 +24,8 @@
 //!    the status document and metrics.
 
 pub mod backoff;
+pub mod env;
+pub mod housekeeping;
 pub mod metrics;
 pub mod server;
 pub mod source;
@@ -53,6 +55,8 @@ use backoff::{Backoff, Hold, Wait};
 use metrics::Metrics;
 use source::{GitAuth, GitSource, Head, SourceSpec, short};
 use status::{Condition, ResourceStatus, Status};
+
+pub use housekeeping::{Housekeeping, HousekeepingError, StopSignal};
 
 /// Controller errors (startup and fatal ones; reconcile errors go to status/metrics).
 #[derive(Debug, thiserror::Error)]
@@ -187,6 +191,9 @@ pub(crate) struct Shared {
     pub(crate) trigger: Trigger,
     pub(crate) webhook_token: Option<String>,
     pub(crate) busy_since: Mutex<Option<Instant>>,
+    /// Held by a reconcile and by an environment teardown: one at a time, since both
+    /// drive the drivers (whose ownership scope is process-wide).
+    pub(crate) work: Mutex<()>,
 }
 
 /// A seed for jitter and temp names (time and pid; not for cryptography).
@@ -901,17 +908,28 @@ fn controller_lock(state_dir: &Path) -> Result<File, ControllerError> {
 
 /// Runs the controller until SIGTERM/SIGINT, on a private current-thread runtime.
 /// Workloads are left running on exit; a restart picks up from the state DB.
-pub fn run(cfg: Config, env: HostEnv, drivers: Drivers) -> Result<(), ControllerError> {
+/// `housekeeping` runs the backup schedules and collects expired environments.
+pub fn run(
+    cfg: Config,
+    env: HostEnv,
+    drivers: Drivers,
+    housekeeping: Arc<dyn Housekeeping>,
+) -> Result<(), ControllerError> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .max_blocking_threads(4)
         .thread_name("stead-controller")
         .build()
         .map_err(|e| ControllerError::io("cannot start the async runtime".into(), e))?;
-    rt.block_on(run_async(cfg, env, drivers))
+    rt.block_on(run_async(cfg, env, drivers, housekeeping))
 }
 
-async fn run_async(cfg: Config, env: HostEnv, drivers: Drivers) -> Result<(), ControllerError> {
+async fn run_async(
+    cfg: Config,
+    env: HostEnv,
+    drivers: Drivers,
+    hk: Arc<dyn Housekeeping>,
+) -> Result<(), ControllerError> {
     use tokio::signal::unix::{SignalKind, signal};
 
     if cfg.verify_commits.is_some() && matches!(cfg.source, SourceSpec::Dir(_)) {
@@ -956,6 +974,7 @@ async fn run_async(cfg: Config, env: HostEnv, drivers: Drivers) -> Result<(), Co
         },
         webhook_token: cfg.webhook_token.clone(),
         busy_since: Mutex::new(None),
+        work: Mutex::new(()),
     });
 
     let listener = tokio::net::TcpListener::bind(cfg.listen)
@@ -1024,9 +1043,10 @@ async fn run_async(cfg: Config, env: HostEnv, drivers: Drivers) -> Result<(), Co
         .map_err(|e| ControllerError::io("SIGINT handler".into(), e))?;
 
     let housekeeping = tokio::spawn(
-        housekeeping_task(
+        housekeeping::housekeeping_task(
             shared.clone(),
-            env.clone(),
+            hk,
+            housekeeping::Paths::new(&env.state_dir),
             cfg.resync.min(Duration::from_secs(30)),
         )
         .instrument(info_span!("housekeeping")),
@@ -1099,6 +1119,8 @@ async fn run_async(cfg: Config, env: HostEnv, drivers: Drivers) -> Result<(), Co
         let Some(mut e) = engine.take() else { break };
         *shared.busy_since.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
         let mut task = tokio::task::spawn_blocking(move || {
+            let shared = e.shared.clone();
+            let _work = shared.work.lock().unwrap_or_else(|p| p.into_inner());
             let next = e.reconcile(fetch);
             (e, next)
         });
@@ -1132,184 +1154,24 @@ async fn run_async(cfg: Config, env: HostEnv, drivers: Drivers) -> Result<(), Co
     Ok(())
 }
 
-/// What identifies the set of registered backup schedules: their names and contents.
-fn schedules_key(dir: &Path) -> String {
-    let mut parts: Vec<String> = std::fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().ends_with(".json"))
-        .map(|e| {
-            let body = std::fs::read_to_string(e.path()).unwrap_or_default();
-            format!("{}={body}", e.file_name().to_string_lossy())
-        })
-        .collect();
-    parts.sort();
-    parts.join("\n")
-}
-
-/// Sets the backup schedule gauges from the daemon's state file (absent: no schedules).
-fn export_backup_state(m: &Metrics, path: &std::path::Path) {
-    let state: serde_json::Value = match std::fs::read_to_string(path) {
-        Ok(t) => match serde_json::from_str(&t) {
-            Ok(v) => v,
-            Err(e) => {
-                warn!(path = %path.display(), error = %e, "unreadable backup state");
-                return;
-            }
-        },
-        Err(_) => serde_json::Value::Null,
-    };
-    m.backup_last_run.reset();
-    m.backup_last_success.reset();
-    m.backup_last_failed.reset();
-    let ts = |v: &serde_json::Value| {
-        v.as_str()
-            .and_then(|s| chrono::DateTime::parse_from_rfc3339(s).ok())
-            .map(|t| t.timestamp() as f64)
-    };
-    let Some(obj) = state.as_object() else { return };
-    for (name, st) in obj {
-        if let Some(t) = ts(&st["lastRun"]) {
-            m.backup_last_run.with_label_values(&[name.as_str()]).set(t);
-            let failed = st["lastResult"].as_str().is_some_and(|r| r != "ok");
-            m.backup_last_failed
-                .with_label_values(&[name.as_str()])
-                .set(if failed { 1.0 } else { 0.0 });
-        }
-        if let Some(t) = ts(&st["lastSuccess"]) {
-            m.backup_last_success
-                .with_label_values(&[name.as_str()])
-                .set(t);
-        }
-    }
-}
-
-/// Housekeeping next to the reconcile loop:
-/// - backup schedules registered by the BackupSchedule driver run in a `stead backup
-///   daemon` child, restarted when the set of schedules changes (or the child dies) and
-///   killed when the controller stops;
-/// - backup schedules: the daemon's `backup/schedules.json` is exported as
-///   `stead_backup_last_run_timestamp_seconds`, `…_last_success_…` and
-///   `stead_backup_last_run_failed` per schedule;
-/// - environments (`stead env`): their count, ages and teardown failures are exported,
-///   and expired ones are torn down by running `stead env gc` (the CLI's code path).
-async fn housekeeping_task(shared: Arc<Shared>, env: HostEnv, every: Duration) {
-    let dir = env.state_dir.join("envs");
-    let mut failures_seen: u64 = 0;
-    let mut daemon: Option<tokio::process::Child> = None;
-    let mut daemon_key = String::new();
-    loop {
-        if !env.self_exe.as_os_str().is_empty() {
-            let key = schedules_key(&env.state_dir.join("schedules"));
-            let alive = match daemon.as_mut() {
-                Some(c) => matches!(c.try_wait(), Ok(None)),
-                None => false,
-            };
-            if key != daemon_key || (!alive && !key.is_empty()) {
-                if let Some(mut c) = daemon.take() {
-                    let _ = c.kill().await;
-                }
-                if !key.is_empty() {
-                    let log = env.run_dir.join("backup-daemon.log");
-                    let stderr = std::fs::OpenOptions::new()
-                        .create(true)
-                        .append(true)
-                        .open(&log)
-                        .map(std::process::Stdio::from)
-                        .unwrap_or_else(|_| std::process::Stdio::null());
-                    match tokio::process::Command::new(&env.self_exe)
-                        .arg("--state-dir")
-                        .arg(&env.state_dir)
-                        .arg("--run-dir")
-                        .arg(&env.run_dir)
-                        .arg("--cgroup-parent")
-                        .arg(&env.cgroup_parent)
-                        .args(["backup", "daemon"])
-                        .stdout(std::process::Stdio::null())
-                        .stderr(stderr)
-                        .kill_on_drop(true)
-                        .spawn()
-                    {
-                        Ok(c) => {
-                            info!(log = %log.display(), "backup schedules: daemon started");
-                            daemon = Some(c);
-                        }
-                        Err(e) => warn!(error = %e, "cannot start the backup daemon"),
-                    }
-                }
-                daemon_key = key;
-            }
-        }
-        let now = now_secs();
-        let mut count = 0.0;
-        let mut expired = false;
-        shared.metrics.environment_age.reset();
-        if let Ok(rd) = std::fs::read_dir(&dir) {
-            for e in rd.flatten() {
-                let Ok(text) = std::fs::read_to_string(e.path().join("env.json")) else {
-                    continue;
-                };
-                let Ok(rec) = serde_json::from_str::<serde_json::Value>(&text) else {
-                    continue;
-                };
-                let name = rec["name"].as_str().unwrap_or_default().to_string();
-                let created = rec["createdAt"].as_f64().unwrap_or(now);
-                count += 1.0;
-                shared
-                    .metrics
-                    .environment_age
-                    .with_label_values(&[name.as_str()])
-                    .set((now - created).max(0.0));
-                if let Some(ttl) = rec["ttlSeconds"].as_f64()
-                    && created + ttl <= now
-                {
-                    expired = true;
-                }
-            }
-        }
-        shared.metrics.environments.set(count);
-        export_backup_state(
-            &shared.metrics,
-            &env.state_dir.join("backup/schedules.json"),
-        );
-        if expired && !env.self_exe.as_os_str().is_empty() {
-            let out = tokio::process::Command::new(&env.self_exe)
-                .arg("--state-dir")
-                .arg(&env.state_dir)
-                .arg("--run-dir")
-                .arg(&env.run_dir)
-                .arg("--cgroup-parent")
-                .arg(&env.cgroup_parent)
-                .args(["-q", "env", "gc"])
-                .output()
-                .await;
-            match out {
-                Ok(o) if o.status.success() => info!("expired environments collected"),
-                Ok(o) => {
-                    warn!(stderr = %String::from_utf8_lossy(&o.stderr).trim(), "env gc failed")
-                }
-                Err(e) => warn!(error = %e, "cannot run env gc"),
-            }
-        }
-        let failures = std::fs::read_to_string(dir.join(".teardown-failures"))
-            .ok()
-            .and_then(|t| t.trim().parse::<u64>().ok())
-            .unwrap_or(0);
-        if failures > failures_seen {
-            shared
-                .metrics
-                .environment_teardown_failures
-                .inc_by(failures - failures_seen);
-            failures_seen = failures;
-        }
-        tokio::time::sleep(every).await;
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A fresh shared context for tests.
+    pub(crate) fn shared() -> Arc<Shared> {
+        Arc::new(Shared {
+            metrics: Metrics::new().expect("metrics"),
+            status: RwLock::new(Status::default()),
+            trigger: Trigger {
+                notify: Notify::new(),
+                fetch: AtomicBool::new(false),
+            },
+            webhook_token: None,
+            busy_since: Mutex::new(None),
+            work: Mutex::new(()),
+        })
+    }
 
     #[test]
     fn a_second_controller_is_refused_until_the_first_lock_is_closed() {
