@@ -25,6 +25,7 @@
 
 pub mod backoff;
 pub mod env;
+mod gate;
 pub mod housekeeping;
 pub mod metrics;
 pub mod server;
@@ -39,22 +40,20 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
-use stead_reconciler::driver::{Health, HostEnv};
-use stead_schema::graph::edges;
+use stead_reconciler::driver::HostEnv;
 use stead_schema::{Desired, ResourceId};
 use tokio::sync::Notify;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
-use stead_reconciler::exec::{ExecOptions, Outcome, Report, execute};
+use stead_reconciler::exec::{ExecOptions, Report, execute};
 use stead_reconciler::plan::{Action, PlanOptions};
 use stead_reconciler::state::{ApplyLock, StateDb, StateError, now_secs};
-use stead_reconciler::{Drivers, plan_run};
+use stead_reconciler::{Drivers, PlannedRun, plan_run};
 
-use backoff::{Backoff, Hold, Wait};
+use backoff::Backoff;
 use metrics::Metrics;
 use source::{GitAuth, GitSource, Head, SourceSpec, short};
-use status::{Condition, ResourceStatus, Status};
+use status::{ResourceStatus, Status};
 
 pub use housekeeping::{Housekeeping, HousekeepingError, StopSignal};
 
@@ -251,57 +250,52 @@ struct Engine {
 
 const KV_REVISION: &str = "controller.revision";
 
-/// What a terminal hold of `id` is checked against: its spec hash (desired, or last
-/// applied for a delete) and a fingerprint of what observe saw of it and of the resources
-/// it references (existence, ownership and state; not runtime status, which moves on its
-/// own). A fix on the host — of the object or of what it depends on — releases the hold.
-fn hold_key(
-    id: &ResourceId,
-    desired: &Desired,
-    inventory: &BTreeMap<ResourceId, stead_reconciler::InventoryEntry>,
-    observed: &BTreeMap<ResourceId, stead_reconciler::driver::Observed>,
-) -> Hold {
-    use std::hash::{Hash, Hasher};
-    let resource = desired
-        .get(id)
-        .or_else(|| inventory.get(id).map(|e| &e.resource));
-    let spec_hash = resource.map(|r| r.spec_hash()).unwrap_or_default();
-    let mut h = std::hash::DefaultHasher::new();
-    let deps = resource.map(|r| r.spec.references()).unwrap_or_default();
-    for seen in std::iter::once(id).chain(deps.iter().map(|(to, _)| to)) {
-        if let Some(o) = observed.get(seen) {
-            (seen, o.exists, o.owned, o.state.to_string()).hash(&mut h);
-        }
-    }
-    Hold {
-        spec_hash,
-        observed: h.finish(),
-    }
+/// A reconcile's result label, if decided before the apply (a rejected revision, a
+/// failed fetch), and the messages for the status.
+#[derive(Debug, Default)]
+struct RunLog {
+    result: Option<&'static str>,
+    messages: Vec<String>,
 }
 
-/// The status condition (reason, message) of a change that waits.
-fn waiting_condition(wait: &Wait, b: &backoff::Entry) -> (String, String) {
-    match wait {
-        Wait::Held => (
-            b.reason.clone(),
-            format!(
-                "not retried until the manifest or the host changes: {}",
-                b.message
-            ),
-        ),
-        Wait::Backoff(d) => (
-            "Backoff".into(),
-            format!(
-                "retrying in {}s after {} failure(s): {}",
-                d.as_secs().max(1),
-                b.failures,
-                b.message
-            ),
-        ),
+impl RunLog {
+    /// The result decided early, else `otherwise`.
+    fn result_or(&self, otherwise: &'static str) -> &'static str {
+        self.result.unwrap_or(otherwise)
     }
 }
 
 impl Engine {
+    fn new(
+        cfg: Config,
+        env: HostEnv,
+        drivers: Drivers,
+        db: StateDb,
+        source: Source,
+        shared: Arc<Shared>,
+    ) -> Self {
+        Engine {
+            backoff: Backoff::new(cfg.backoff_base, cfg.backoff_cap),
+            cfg,
+            env,
+            drivers,
+            db: Mutex::new(db),
+            source,
+            head: None,
+            good: None,
+            rejected: None,
+            drifted: BTreeSet::new(),
+            conditions: BTreeMap::new(),
+            shared,
+            runs: 0,
+            restored: false,
+        }
+    }
+
+    fn is_git(&self) -> bool {
+        matches!(self.source, Source::Git(_))
+    }
+
     fn fetch_head(&mut self) -> Result<Head, ControllerError> {
         match &self.source {
             Source::Git(g) => g.fetch(),
@@ -413,93 +407,202 @@ impl Engine {
         );
         let _g = span.enter();
         let start = Instant::now();
-        let shared = self.shared.clone();
-        let m = &shared.metrics;
-        let mut result: Option<&'static str> = None;
-        let mut messages: Vec<String> = Vec::new();
+        let mut log = RunLog::default();
 
         // 1. Source.
         if fetch || self.head.is_none() || matches!(self.source, Source::Dir(_)) {
-            let t = Instant::now();
-            match self.fetch_head() {
-                Ok(h) => {
-                    m.fetch_duration
-                        .with_label_values(&["success"])
-                        .observe(t.elapsed().as_secs_f64());
-                    if self.head.as_ref().map(|x| &x.revision) != Some(&h.revision) {
-                        info!(revision = short(&h.revision), message = %h.message, "source head");
-                    }
-                    self.set_status(|s| s.fetch_error = None);
-                    self.head = Some(h);
+            self.fetch_source(&mut log);
+        }
+        self.load_head(&mut log);
+        self.publish_head();
+        let Some(good) = self.good.as_ref() else {
+            let res = log.result.unwrap_or("error");
+            if log.messages.is_empty() {
+                log.messages.push("no revision could be loaded yet".into());
+            }
+            self.finish(res, start, log.messages.join("; "), false, |_| {});
+            return None;
+        };
+        span.record("revision", short(&good.revision));
+        let revision = good.revision.clone();
+
+        // 2. Lock, observe, plan.
+        let lock = match ApplyLock::acquire(&self.env.state_dir, Duration::from_secs(10)) {
+            Ok(l) => l,
+            Err(e) => {
+                warn!(error = %e, "apply lock busy; retrying in 5s");
+                self.finish(log.result_or("error"), start, e.to_string(), false, |_| {});
+                return Some(Duration::from_secs(5));
+            }
+        };
+        let mut run = match self.plan(&good.desired) {
+            Ok(r) => r,
+            Err(e) => {
+                error!(error = %stead_reconciler::exec::error_chain(&e), "cannot plan");
+                self.finish(log.result_or("error"), start, e.to_string(), false, |_| {});
+                return Some(Duration::from_secs(5));
+            }
+        };
+
+        // Drift.
+        let drift = gate::drift_of(&run.plan);
+        self.report_new_drift(&drift);
+        if self.cfg.drift == DriftMode::Report {
+            run.plan.changes.retain(|c| !c.drift);
+        }
+
+        // Leave out plan errors, resources in backoff and their dependents.
+        let mut blocked = gate::waiting(&run, &good.desired, &mut self.backoff, Instant::now());
+        if !blocked.is_empty() {
+            gate::block_dependents(&mut blocked, &good.desired);
+            run.plan.changes.retain(|c| !blocked.contains_key(&c.id));
+        }
+
+        // 3. Execute.
+        let report = self.execute(&run, &good.desired);
+        drop(lock);
+        let results = gate::record_results(
+            &report,
+            &mut self.backoff,
+            &mut blocked,
+            &self.shared.metrics,
+            |id| gate::hold_key(id, &good.desired, &run.inventory, &run.observed),
+        );
+        self.drifted = gate::still_drifted(self.cfg.drift, &drift, &results.applied);
+
+        // 4. Status and metrics.
+        let t = now_secs();
+        let no_drift = BTreeMap::new();
+        let verdicts = status::RunVerdicts {
+            blocked: &blocked,
+            failed: &results.failed,
+            reported_drift: match self.cfg.drift {
+                DriftMode::Report => &drift,
+                DriftMode::Heal => &no_drift,
+            },
+            applied: &results.applied,
+            revision: &revision,
+        };
+        let report =
+            status::resource_report(&good.desired, &run.observed, &verdicts, &self.conditions, t);
+        self.publish_resources(report);
+
+        let apply_ok = blocked.is_empty() && results.failed.is_empty();
+        if !apply_ok {
+            let n = blocked.len() + results.failed.len();
+            log.messages.push(format!("{n} resource(s) not converged"));
+        }
+        let res = log.result_or(if apply_ok { "success" } else { "failed" });
+        if self.record_revision(&revision) {
+            self.clean_source(&revision);
+        }
+        self.shared.metrics.set_revision(&revision);
+        let resources: Vec<ResourceStatus> = self.conditions.values().cloned().collect();
+        self.shared.metrics.ready.set(1.0);
+        // One status update, so readers never see the new revision with the old result.
+        self.finish(res, start, log.messages.join("; "), apply_ok, |s| {
+            s.revision = Some(revision.clone());
+            s.last_apply_time = Some(t);
+            s.ready = true;
+            s.resources = resources;
+        });
+        let now = Instant::now();
+        self.backoff
+            .next_due(now)
+            .map(|d| d.saturating_duration_since(now))
+    }
+
+    /// Fetches the source head; on failure keeps healing against the last good revision.
+    fn fetch_source(&mut self, log: &mut RunLog) {
+        let shared = self.shared.clone();
+        let m = &shared.metrics;
+        let t = Instant::now();
+        match self.fetch_head() {
+            Ok(h) => {
+                m.fetch_duration
+                    .with_label_values(&["success"])
+                    .observe(t.elapsed().as_secs_f64());
+                if self.head.as_ref().map(|x| &x.revision) != Some(&h.revision) {
+                    info!(revision = short(&h.revision), message = %h.message, "source head");
                 }
-                Err(e) => {
-                    m.fetch_duration
-                        .with_label_values(&["error"])
-                        .observe(t.elapsed().as_secs_f64());
-                    m.fetch_errors.inc();
-                    let msg = e.to_string();
-                    warn!(error = %msg, "fetch failed");
-                    self.set_status(|s| s.fetch_error = Some(msg.clone()));
-                    messages.push(format!("fetch: {msg}"));
-                    // After a restart with the remote unreachable: keep healing against
-                    // the revision applied last.
-                    self.restore_last_good();
-                    if self.good.is_none() {
-                        result = Some("error");
-                    }
+                self.set_status(|s| s.fetch_error = None);
+                self.head = Some(h);
+            }
+            Err(e) => {
+                m.fetch_duration
+                    .with_label_values(&["error"])
+                    .observe(t.elapsed().as_secs_f64());
+                m.fetch_errors.inc();
+                let msg = e.to_string();
+                warn!(error = %msg, "fetch failed");
+                self.set_status(|s| s.fetch_error = Some(msg.clone()));
+                log.messages.push(format!("fetch: {msg}"));
+                // After a restart with the remote unreachable: keep healing against
+                // the revision applied last.
+                self.restore_last_good();
+                if self.good.is_none() {
+                    log.result = Some("error");
                 }
             }
         }
-        if let Some(head) = self.head.clone() {
-            let known = self
-                .good
+    }
+
+    /// Loads the head if it is new: it becomes the good revision, or is rejected (the
+    /// last good revision stays).
+    fn load_head(&mut self, log: &mut RunLog) {
+        let Some(head) = self.head.clone() else {
+            return;
+        };
+        let known = self
+            .good
+            .as_ref()
+            .is_some_and(|g| g.revision == head.revision)
+            || self
+                .rejected
                 .as_ref()
-                .is_some_and(|g| g.revision == head.revision)
-                || self
-                    .rejected
-                    .as_ref()
-                    .is_some_and(|r| r.revision == head.revision);
-            if !known {
-                match self.load(&head.revision) {
-                    Ok(desired) => {
-                        info!(
-                            revision = short(&head.revision),
-                            resources = desired.len(),
-                            "new revision loaded"
-                        );
-                        self.good = Some(Loaded {
-                            revision: head.revision.clone(),
-                            desired,
-                        });
-                        self.rejected = None;
-                        self.backoff.reset();
-                    }
-                    Err((res, msg)) => {
-                        warn!(revision = short(&head.revision), result = res, error = %msg, "revision rejected; the last good revision stays applied");
-                        {
-                            let db = self.db.lock().unwrap_or_else(|p| p.into_inner());
-                            let _ = db.event(
-                                "",
-                                "Warning",
-                                if res == "unsigned" {
-                                    "Unsigned"
-                                } else {
-                                    "Invalid"
-                                },
-                                &format!("revision {}: {msg}", short(&head.revision)),
-                            );
-                        }
-                        self.rejected = Some(Rejected {
-                            revision: head.revision.clone(),
-                            result: res,
-                            message: msg,
-                        });
-                        result = Some(res);
-                        self.restore_last_good();
-                    }
-                }
+                .is_some_and(|r| r.revision == head.revision);
+        if known {
+            return;
+        }
+        match self.load(&head.revision) {
+            Ok(desired) => {
+                info!(
+                    revision = short(&head.revision),
+                    resources = desired.len(),
+                    "new revision loaded"
+                );
+                self.good = Some(Loaded {
+                    revision: head.revision.clone(),
+                    desired,
+                });
+                self.rejected = None;
+                self.backoff.reset();
+            }
+            Err((res, msg)) => {
+                warn!(revision = short(&head.revision), result = res, error = %msg, "revision rejected; the last good revision stays applied");
+                self.event(
+                    "",
+                    "Warning",
+                    if res == "unsigned" {
+                        "Unsigned"
+                    } else {
+                        "Invalid"
+                    },
+                    &format!("revision {}: {msg}", short(&head.revision)),
+                );
+                self.rejected = Some(Rejected {
+                    revision: head.revision.clone(),
+                    result: res,
+                    message: msg,
+                });
+                log.result = Some(res);
+                self.restore_last_good();
             }
         }
+    }
+
+    /// Puts the head and why it was rejected (if it was) into the status.
+    fn publish_head(&self) {
         let rejected = self
             .rejected
             .as_ref()
@@ -512,343 +615,108 @@ impl Engine {
             s.head_revision = head_rev;
             s.head_error = head_error;
         });
+    }
 
-        let Some(good) = self.good.as_ref() else {
-            let res = result.unwrap_or("error");
-            if messages.is_empty() {
-                messages.push("no revision could be loaded yet".into());
-            }
-            self.finish(res, start, messages.join("; "), false, |_| {});
-            return None;
-        };
-        span.record("revision", short(&good.revision));
-        let revision = good.revision.clone();
+    /// Observes and plans `desired` (the apply lock is held).
+    fn plan(&self, desired: &Desired) -> Result<PlannedRun, StateError> {
+        let db = self.db.lock().unwrap_or_else(|p| p.into_inner());
+        plan_run(
+            &self.drivers,
+            desired,
+            &db,
+            PlanOptions {
+                no_prune: self.cfg.no_prune,
+                allow_data_loss: false,
+            },
+        )
+    }
 
-        // 2. Lock, observe, plan.
-        let lock = match ApplyLock::acquire(&self.env.state_dir, Duration::from_secs(10)) {
-            Ok(l) => l,
-            Err(e) => {
-                warn!(error = %e, "apply lock busy; retrying in 5s");
-                self.finish(
-                    result.unwrap_or("error"),
-                    start,
-                    e.to_string(),
-                    false,
-                    |_| {},
-                );
-                return Some(Duration::from_secs(5));
-            }
-        };
-        let planned = {
-            let db = self.db.lock().unwrap_or_else(|p| p.into_inner());
-            plan_run(
-                &self.drivers,
-                &good.desired,
-                &db,
-                PlanOptions {
-                    no_prune: self.cfg.no_prune,
-                    allow_data_loss: false,
-                },
-            )
-        };
-        let mut run = match planned {
-            Ok(r) => r,
-            Err(e) => {
-                error!(error = %stead_reconciler::exec::error_chain(&e), "cannot plan");
-                self.finish(
-                    result.unwrap_or("error"),
-                    start,
-                    e.to_string(),
-                    false,
-                    |_| {},
-                );
-                return Some(Duration::from_secs(5));
-            }
-        };
-
-        // Drift.
-        let drift: BTreeMap<ResourceId, String> = run
-            .plan
-            .changes
-            .iter()
-            .filter(|c| c.drift)
-            .map(|c| {
-                let what = if c.action == Action::Create {
-                    "missing from the host".to_string()
-                } else {
-                    let paths: Vec<&str> = c.fields.iter().map(|f| f.path.as_str()).collect();
-                    format!("changed on the host: {}", paths.join(", "))
-                };
-                (c.id.clone(), what)
-            })
-            .collect();
-        for (id, what) in &drift {
+    /// Counts, logs and records an event for drift not seen in the previous run.
+    fn report_new_drift(&self, drift: &BTreeMap<ResourceId, String>) {
+        for (id, what) in drift {
             if !self.drifted.contains(id) {
-                m.drift_detected
+                self.shared
+                    .metrics
+                    .drift_detected
                     .with_label_values(&[id.kind.as_str()])
                     .inc();
                 warn!(resource = %id, drift = %what, mode = ?self.cfg.drift, "drift detected");
-                let db = self.db.lock().unwrap_or_else(|p| p.into_inner());
-                let _ = db.event(&id.to_string(), "Warning", "Drift", what);
+                self.event(&id.to_string(), "Warning", "Drift", what);
             }
         }
-        if self.cfg.drift == DriftMode::Report {
-            run.plan.changes.retain(|c| !c.drift);
-        }
+    }
 
-        // Leave out plan errors, resources in backoff and their dependents.
-        let now = Instant::now();
-        let mut blocked: BTreeMap<ResourceId, (String, String)> = BTreeMap::new();
-        for e in &run.plan.errors {
-            blocked.insert(e.id.clone(), ("PlanError".into(), e.message.clone()));
+    /// Executes what is left of the plan (nothing to do: an empty report).
+    fn execute(&self, run: &PlannedRun, desired: &Desired) -> Report {
+        if !run.plan.has_changes() {
+            return Report::default();
         }
-        for c in &run.plan.changes {
-            if c.action == Action::Noop {
-                continue;
-            }
-            let current = hold_key(&c.id, &good.desired, &run.inventory, &run.observed);
-            if let Some((wait, b)) = self.backoff.waiting(&c.id, now, &current) {
-                blocked
-                    .entry(c.id.clone())
-                    .or_insert_with(|| waiting_condition(&wait, b));
-            }
-        }
-        if !blocked.is_empty() {
-            let es = edges(good.desired.resources.values());
-            loop {
-                let mut grew = false;
-                for e in &es {
-                    if blocked.contains_key(&e.to) && !blocked.contains_key(&e.from) {
-                        blocked.insert(
-                            e.from.clone(),
-                            ("DependencyNotReady".into(), format!("waiting for {}", e.to)),
-                        );
-                        grew = true;
-                    }
-                }
-                if !grew {
-                    break;
-                }
-            }
-            run.plan.changes.retain(|c| !blocked.contains_key(&c.id));
-        }
+        let summary: Vec<String> = run
+            .plan
+            .summary()
+            .iter()
+            .filter(|(a, _)| **a != Action::Noop)
+            .map(|(a, n)| format!("{n} {}", a.verb()))
+            .collect();
+        info!(changes = %summary.join(", "), "applying");
+        execute(
+            &run.plan,
+            desired,
+            &run.inventory,
+            &run.observed,
+            &self.drivers,
+            &self.db,
+            &ExecOptions {
+                parallelism: self.cfg.parallelism,
+                pause_after_steps: None,
+            },
+            &|_| {},
+        )
+    }
 
-        // 3. Execute.
-        let report = if run.plan.has_changes() {
-            let summary: Vec<String> = run
-                .plan
-                .summary()
-                .iter()
-                .filter(|(a, _)| **a != Action::Noop)
-                .map(|(a, n)| format!("{n} {}", a.verb()))
-                .collect();
-            info!(changes = %summary.join(", "), "applying");
-            execute(
-                &run.plan,
-                &good.desired,
-                &run.inventory,
-                &run.observed,
-                &self.drivers,
-                &self.db,
-                &ExecOptions {
-                    parallelism: self.cfg.parallelism,
-                    pause_after_steps: None,
-                },
-                &|_| {},
-            )
-        } else {
-            Report::default()
-        };
-        drop(lock);
+    /// Keeps the resources' statuses and sets the resource metrics.
+    fn publish_resources(&mut self, report: status::ResourceReport) {
+        let m = &self.shared.metrics;
+        m.set_resources(&report.counts);
+        m.set_failed(&report.failed);
+        m.set_workloads(&report.usage);
+        self.conditions = report.statuses;
+    }
 
-        let mut failed: BTreeMap<ResourceId, (String, String)> = BTreeMap::new();
-        let mut applied: BTreeMap<ResourceId, Action> = BTreeMap::new();
-        for r in &report.results {
-            match &r.outcome {
-                Outcome::Skipped(msg) => {
-                    // Not tried: it waits for its dependency, which carries the backoff.
-                    m.apply_failures
-                        .with_label_values(&[r.id.kind.as_str()])
-                        .inc();
-                    blocked.insert(r.id.clone(), ("DependencyNotReady".into(), msg.clone()));
-                }
-                Outcome::Failed(msg) => {
-                    m.apply_failures
-                        .with_label_values(&[r.id.kind.as_str()])
-                        .inc();
-                    let (reason, terminal) = r
-                        .error
-                        .as_ref()
-                        .map_or(("Failed", false), |e| (e.reason, e.terminal));
-                    if terminal {
-                        let hold = hold_key(&r.id, &good.desired, &run.inventory, &run.observed);
-                        self.backoff.failed_terminal(&r.id, reason, msg, hold);
-                        warn!(resource = %r.id, error = %msg, reason, "change failed; not retried until the manifest or the host changes");
-                        failed.insert(r.id.clone(), (reason.to_string(), msg.clone()));
-                    } else {
-                        let delay = self.backoff.failed(&r.id, reason, msg, Instant::now());
-                        warn!(resource = %r.id, error = %msg, reason, retry_in = ?delay, "change failed");
-                        failed.insert(r.id.clone(), ("ApplyFailed".into(), msg.clone()));
-                    }
-                }
-                _ => {
-                    self.backoff.succeeded(&r.id);
-                    if r.action != Action::Noop {
-                        let action = match r.action {
-                            Action::Create => "create",
-                            Action::Update => "update",
-                            Action::Replace => "replace",
-                            Action::Delete => "delete",
-                            Action::Retain => "retain",
-                            Action::Noop => "noop",
-                        };
-                        m.apply_changes
-                            .with_label_values(&[r.id.kind.as_str(), action])
-                            .inc();
-                        applied.insert(r.id.clone(), r.action);
-                    }
-                }
-            }
+    /// Records `revision` as the one applied last; whether it is applied for the first
+    /// time (then an event says so).
+    fn record_revision(&self, revision: &str) -> bool {
+        let db = self.db.lock().unwrap_or_else(|p| p.into_inner());
+        let prev = db.get_kv(KV_REVISION).ok().flatten();
+        if prev.as_deref() == Some(revision) {
+            return false;
         }
-        self.drifted = match self.cfg.drift {
-            DriftMode::Report => drift.keys().cloned().collect(),
-            DriftMode::Heal => drift
-                .keys()
-                .filter(|id| !applied.contains_key(*id))
-                .cloned()
-                .collect(),
-        };
+        let _ = db.set_kv(KV_REVISION, revision);
+        let _ = db.event(
+            "",
+            "Normal",
+            "Revision",
+            &format!("applied revision {}", short(revision)),
+        );
+        true
+    }
 
-        // 4. Status and metrics.
-        let t = now_secs();
-        let mut new_conditions = BTreeMap::new();
-        let mut counts: BTreeMap<(stead_schema::Kind, &'static str), usize> = BTreeMap::new();
-        let mut usage = Vec::new();
-        let mut failed_metric = Vec::new();
-        for id in good.desired.resources.keys() {
-            let obs = run.observed.get(id);
-            let (word, reason, message): (&'static str, String, String) =
-                if let Some((reason, msg)) = blocked.get(id) {
-                    ("Failed", reason.clone(), msg.clone())
-                } else if let Some((reason, msg)) = failed.get(id) {
-                    ("Failed", reason.clone(), msg.clone())
-                } else if self.cfg.drift == DriftMode::Report && drift.contains_key(id) {
-                    ("Drifted", "Drifted".into(), drift[id].clone())
-                } else if let Some(a) = applied.get(id) {
-                    (
-                        "Ready",
-                        "Applied".into(),
-                        format!("{} at {}", a.verb(), short(&revision)),
-                    )
-                } else {
-                    match obs.map(|o| &o.health) {
-                        Some(Health::Ready) | None => ("Ready", "Converged".into(), String::new()),
-                        Some(Health::Progressing) => {
-                            ("Progressing", "Progressing".into(), String::new())
-                        }
-                        Some(Health::Degraded(m)) => ("Failed", "Degraded".into(), m.clone()),
-                        Some(Health::Failed(m)) => ("Failed", "Unhealthy".into(), m.clone()),
-                    }
-                };
-            *counts.entry((id.kind, word)).or_insert(0) += 1;
-            if word == "Failed" {
-                failed_metric.push((id.kind, id.name.clone(), reason.clone()));
-            }
-            let prev = self.conditions.get(id);
-            let cond = |type_: &str, status: &str| {
-                let since = prev
-                    .and_then(|p| {
-                        p.conditions
-                            .iter()
-                            .find(|c| c.type_ == type_ && c.status == status && c.reason == reason)
-                    })
-                    .map(|c| c.last_transition_time)
-                    .unwrap_or(t);
-                Condition {
-                    type_: type_.into(),
-                    status: status.into(),
-                    reason: reason.clone(),
-                    message: message.clone(),
-                    last_transition_time: since,
-                }
-            };
-            let mut conditions = vec![cond(
-                "Ready",
-                if word == "Ready" { "True" } else { "False" },
-            )];
-            match word {
-                "Progressing" => conditions.push(cond("Progressing", "True")),
-                "Failed" => conditions.push(cond("Failed", "True")),
-                _ => {}
-            }
-            new_conditions.insert(
-                id.clone(),
-                ResourceStatus {
-                    kind: id.kind.as_str().into(),
-                    name: id.name.clone(),
-                    status: word.into(),
-                    conditions,
-                },
-            );
-            if let Some(o) = obs {
-                let num = |k: &str| o.status.get(k).and_then(Value::as_f64);
-                // Drivers write camelCase (`cpuSeconds`); snake_case is accepted too.
-                let cpu = num("cpuSeconds").or_else(|| num("cpu_seconds"));
-                let mem = num("memoryBytes").or_else(|| num("memory_bytes"));
-                if cpu.is_some() || mem.is_some() {
-                    usage.push((id.kind, id.name.clone(), cpu, mem));
-                }
-            }
-        }
-        self.conditions = new_conditions;
-        m.set_resources(&counts);
-        m.set_failed(&failed_metric);
-        m.set_workloads(&usage);
-
-        let apply_ok = blocked.is_empty() && failed.is_empty();
-        if !apply_ok {
-            let n = blocked.len() + failed.len();
-            messages.push(format!("{n} resource(s) not converged"));
-        }
-        let res = result.unwrap_or(if apply_ok { "success" } else { "failed" });
-        let first_apply_of_rev = {
-            let db = self.db.lock().unwrap_or_else(|p| p.into_inner());
-            let prev = db.get_kv(KV_REVISION).ok().flatten();
-            if prev.as_deref() != Some(revision.as_str()) {
-                let _ = db.set_kv(KV_REVISION, &revision);
-                let _ = db.event(
-                    "",
-                    "Normal",
-                    "Revision",
-                    &format!("applied revision {}", short(&revision)),
-                );
-                true
-            } else {
-                false
-            }
-        };
-        if first_apply_of_rev && let Source::Git(g) = &self.source {
+    /// Removes the git checkouts other than `revision`'s and the head's.
+    fn clean_source(&self, revision: &str) {
+        if let Source::Git(g) = &self.source {
             let head = self
                 .head
                 .as_ref()
                 .map(|h| h.revision.clone())
                 .unwrap_or_default();
-            g.clean(&[revision.as_str(), head.as_str()]);
+            g.clean(&[revision, head.as_str()]);
         }
-        m.set_revision(&revision);
-        let resources: Vec<ResourceStatus> = self.conditions.values().cloned().collect();
-        m.ready.set(1.0);
-        // One status update, so readers never see the new revision with the old result.
-        self.finish(res, start, messages.join("; "), apply_ok, |s| {
-            s.revision = Some(revision.clone());
-            s.last_apply_time = Some(t);
-            s.ready = true;
-            s.resources = resources;
-        });
-        let now = Instant::now();
-        self.backoff
-            .next_due(now)
-            .map(|d| d.saturating_duration_since(now))
+    }
+
+    /// Records an event in the state DB (best effort).
+    fn event(&self, resource: &str, type_: &str, reason: &str, message: &str) {
+        let db = self.db.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = db.event(resource, type_, reason, message);
     }
 
     fn finish(
@@ -906,38 +774,58 @@ fn controller_lock(state_dir: &Path) -> Result<File, ControllerError> {
     }
 }
 
-/// Runs the controller until SIGTERM/SIGINT, on a private current-thread runtime.
-/// Workloads are left running on exit; a restart picks up from the state DB.
-/// `housekeeping` runs the backup schedules and collects expired environments.
+/// Runs the controller until SIGTERM/SIGINT. Workloads are left running on exit; a
+/// restart picks up from the state DB. `housekeeping` runs the backup schedules and
+/// collects expired environments.
+///
+/// Threads: the blocking start (controller lock, state DB, source directory) runs on
+/// the calling thread before the runtime turns. The runtime has one thread: it serves
+/// HTTP and the status socket, debounces file-system events and keeps the timers. Each
+/// reconcile and each housekeeping round runs on its blocking pool (git, state DB,
+/// drivers, file reads); the backup schedule runner has a thread of its own.
 pub fn run(
     cfg: Config,
     env: HostEnv,
     drivers: Drivers,
     housekeeping: Arc<dyn Housekeeping>,
 ) -> Result<(), ControllerError> {
+    check_config(&cfg)?;
+    let Prepared { lock, db, source } = prepare(&cfg, &env)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .max_blocking_threads(4)
         .thread_name("stead-controller")
         .build()
         .map_err(|e| ControllerError::io("cannot start the async runtime".into(), e))?;
-    rt.block_on(run_async(cfg, env, drivers, housekeeping))
+    let sock_path = rt.block_on(run_async(cfg, env, drivers, housekeeping, db, source))?;
+    // Still under the controller lock: the socket is ours to remove.
+    let _ = std::fs::remove_file(&sock_path);
+    drop(lock);
+    Ok(())
 }
 
-async fn run_async(
-    cfg: Config,
-    env: HostEnv,
-    drivers: Drivers,
-    hk: Arc<dyn Housekeeping>,
-) -> Result<(), ControllerError> {
-    use tokio::signal::unix::{SignalKind, signal};
-
+/// Refuses settings that cannot work together.
+fn check_config(cfg: &Config) -> Result<(), ControllerError> {
     if cfg.verify_commits.is_some() && matches!(cfg.source, SourceSpec::Dir(_)) {
         return Err(ControllerError::Config(
             "--verify-commits needs a git source".into(),
         ));
     }
-    let _controller_lock = controller_lock(&env.state_dir)?;
+    Ok(())
+}
+
+/// What the blocking start makes: the controller lock (held while this lives), the
+/// state DB and the source.
+struct Prepared {
+    lock: File,
+    db: StateDb,
+    source: Source,
+}
+
+/// Takes the controller lock, opens the state DB and resolves the source. Blocking: runs
+/// before the runtime.
+fn prepare(cfg: &Config, env: &HostEnv) -> Result<Prepared, ControllerError> {
+    let lock = controller_lock(&env.state_dir)?;
     let db = StateDb::open(&env.state_dir)?;
     let source = match &cfg.source {
         SourceSpec::Git {
@@ -958,7 +846,12 @@ async fn run_async(
         }
     };
     source::describe(&cfg.source);
-    let shared = Arc::new(Shared {
+    Ok(Prepared { lock, db, source })
+}
+
+/// The context the loop, the HTTP server and the status socket share.
+fn new_shared(cfg: &Config) -> Result<Arc<Shared>, ControllerError> {
+    Ok(Arc::new(Shared {
         metrics: Metrics::new()?,
         status: RwLock::new(Status {
             source: cfg.source.to_string(),
@@ -975,73 +868,29 @@ async fn run_async(
         webhook_token: cfg.webhook_token.clone(),
         busy_since: Mutex::new(None),
         work: Mutex::new(()),
-    });
+    }))
+}
 
-    let listener = tokio::net::TcpListener::bind(cfg.listen)
-        .await
-        .map_err(|e| ControllerError::io(format!("listen on {}", cfg.listen), e))?;
-    let local = listener
-        .local_addr()
-        .map_err(|e| ControllerError::io("local address".into(), e))?;
-    info!(addr = %local, "serving /metrics /healthz /readyz /hooks/git");
-    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
-    let http = {
-        let app = server::router(shared.clone());
-        tokio::spawn(async move {
-            let r = axum::serve(
-                server::limited(listener, server::HttpLimits::default()),
-                app,
-            )
-            .with_graceful_shutdown(async move {
-                let _ = stop_rx.wait_for(|v| *v).await;
-            })
-            .await;
-            if let Err(e) = r {
-                error!(error = %e, "http server");
-            }
-        })
-    };
+/// Serves the controller until a signal; the path of the status socket to remove.
+async fn run_async(
+    cfg: Config,
+    env: HostEnv,
+    drivers: Drivers,
+    hk: Arc<dyn Housekeeping>,
+    db: StateDb,
+    source: Source,
+) -> Result<PathBuf, ControllerError> {
+    let shared = new_shared(&cfg)?;
+    let (stop_tx, http) = serve_http(cfg.listen, shared.clone()).await?;
+    // Start-up only, before any other task runs: create the run dir, bind, chmod.
     let (sock, sock_path) = server::bind_status_socket(&env.run_dir)?;
     info!(socket = %sock_path.display(), "serving status");
     let status_task = tokio::spawn(server::serve_status(sock, shared.clone()));
-
-    // File-system events of a directory source, debounced.
-    let _watcher = if let Source::Dir(d) = &source {
-        use notify::Watcher;
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
-        let mut w = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
-            if let Ok(ev) = ev
-                && !matches!(ev.kind, notify::EventKind::Access(_))
-            {
-                let _ = tx.send(());
-            }
-        })
-        .map_err(|e| ControllerError::Config(format!("cannot watch {}: {e}", d.display())))?;
-        w.watch(d, notify::RecursiveMode::Recursive)
-            .map_err(|e| ControllerError::Config(format!("cannot watch {}: {e}", d.display())))?;
-        let debounce = cfg.debounce;
-        let sh = shared.clone();
-        tokio::spawn(
-            async move {
-                while rx.recv().await.is_some() {
-                    // Wait for a quiet period so an editor's or a sync's burst is one run.
-                    while let Ok(Some(())) = tokio::time::timeout(debounce, rx.recv()).await {}
-                    debug!("source directory changed");
-                    sh.trigger.fire(true);
-                }
-            }
-            .instrument(info_span!("watch")),
-        );
-        Some(w)
-    } else {
-        None
+    let _watcher = match &source {
+        Source::Dir(d) => Some(watch_dir(d, cfg.debounce, shared.clone())?),
+        Source::Git(_) => None,
     };
-
-    let mut sigterm = signal(SignalKind::terminate())
-        .map_err(|e| ControllerError::io("SIGTERM handler".into(), e))?;
-    let mut sigint = signal(SignalKind::interrupt())
-        .map_err(|e| ControllerError::io("SIGINT handler".into(), e))?;
-
+    let mut signals = Signals::new()?;
     let housekeeping = tokio::spawn(
         housekeeping::housekeeping_task(
             shared.clone(),
@@ -1051,107 +900,253 @@ async fn run_async(
         )
         .instrument(info_span!("housekeeping")),
     );
-    let is_git = matches!(source, Source::Git(_));
-    let mut engine = Some(Engine {
-        backoff: Backoff::new(cfg.backoff_base, cfg.backoff_cap),
-        cfg: cfg.clone(),
-        env,
-        drivers,
-        db: Mutex::new(db),
-        source,
-        head: None,
-        good: None,
-        rejected: None,
-        drifted: BTreeSet::new(),
-        conditions: BTreeMap::new(),
-        shared: shared.clone(),
-        runs: 0,
-        restored: false,
-    });
-
-    shared.trigger.fire(true);
-    let far = Duration::from_secs(86400 * 365);
-    let mut next_resync = tokio::time::Instant::now() + jittered(cfg.resync);
-    let mut next_poll = tokio::time::Instant::now() + if is_git { cfg.interval } else { far };
-    let mut requeue: Option<tokio::time::Instant> = None;
-    let mut stopping = false;
-    while !stopping {
-        let wake = requeue
-            .into_iter()
-            .chain([next_resync, next_poll])
-            .min()
-            .unwrap_or(next_resync);
-        let triggered = tokio::select! {
-            _ = sigterm.recv() => break,
-            _ = sigint.recv() => break,
-            _ = shared.trigger.notify.notified() => true,
-            _ = tokio::time::sleep_until(wake) => false,
-        };
-        if triggered {
-            // A burst of webhook calls (a forge sends one per pushed ref) or of pushes
-            // collapses into one run: wait until triggers stop for `BURST_SETTLE`, but
-            // never longer than `BURST_MAX` in all.
-            let cap = tokio::time::Instant::now() + BURST_MAX;
-            loop {
-                let quiet = (tokio::time::Instant::now() + BURST_SETTLE).min(cap);
-                tokio::select! {
-                    _ = sigterm.recv() => { stopping = true; break }
-                    _ = sigint.recv() => { stopping = true; break }
-                    _ = shared.trigger.notify.notified() => {}
-                    _ = tokio::time::sleep_until(quiet) => break,
-                }
-                if tokio::time::Instant::now() >= cap {
-                    break;
-                }
-            }
-            if stopping {
-                break;
-            }
-        }
-        let now = tokio::time::Instant::now();
-        let mut fetch = shared.trigger.take_fetch();
-        if now >= next_poll {
-            fetch = true;
-        }
-        if fetch && is_git {
-            next_poll = now + cfg.interval;
-        }
-        let Some(mut e) = engine.take() else { break };
-        *shared.busy_since.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
-        let mut task = tokio::task::spawn_blocking(move || {
-            let shared = e.shared.clone();
-            let _work = shared.work.lock().unwrap_or_else(|p| p.into_inner());
-            let next = e.reconcile(fetch);
-            (e, next)
-        });
-        let joined = tokio::select! {
-            r = &mut task => r,
-            _ = sigterm.recv() => { stopping = true; info!("SIGTERM: finishing the running reconcile"); task.await }
-            _ = sigint.recv() => { stopping = true; info!("SIGINT: finishing the running reconcile"); task.await }
-        };
-        *shared.busy_since.lock().unwrap_or_else(|p| p.into_inner()) = None;
-        let (e, next) = match joined {
-            Ok(x) => x,
-            Err(err) => {
-                error!(error = %err, "reconcile panicked");
-                let _ = stop_tx.send(true);
-                return Err(ControllerError::Config(format!(
-                    "reconcile panicked: {err}"
-                )));
-            }
-        };
-        engine = Some(e);
-        // Every reconcile observes everything: the resync clock restarts.
-        next_resync = tokio::time::Instant::now() + jittered(cfg.resync);
-        requeue = next.map(|d| tokio::time::Instant::now() + d.max(Duration::from_millis(100)));
+    let engine = Engine::new(cfg.clone(), env, drivers, db, source, shared.clone());
+    if let Err(e) = drive(engine, &cfg, &shared, &mut signals).await {
+        let _ = stop_tx.send(true);
+        return Err(e);
     }
     info!("shutting down; workloads keep running");
     let _ = stop_tx.send(true);
     let _ = http.await;
     status_task.abort();
     housekeeping.abort();
-    let _ = std::fs::remove_file(&sock_path);
-    Ok(())
+    Ok(sock_path)
+}
+
+/// Binds `listen` and serves `/metrics`, `/healthz`, `/readyz` and `/hooks/git` until
+/// the returned sender says `true`.
+async fn serve_http(
+    listen: SocketAddr,
+    shared: Arc<Shared>,
+) -> Result<
+    (
+        tokio::sync::watch::Sender<bool>,
+        tokio::task::JoinHandle<()>,
+    ),
+    ControllerError,
+> {
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| ControllerError::io(format!("listen on {listen}"), e))?;
+    let local = listener
+        .local_addr()
+        .map_err(|e| ControllerError::io("local address".into(), e))?;
+    info!(addr = %local, "serving /metrics /healthz /readyz /hooks/git");
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let app = server::router(shared);
+    let http = tokio::spawn(async move {
+        let r = axum::serve(
+            server::limited(listener, server::HttpLimits::default()),
+            app,
+        )
+        .with_graceful_shutdown(async move {
+            let _ = stop_rx.wait_for(|v| *v).await;
+        })
+        .await;
+        if let Err(e) = r {
+            error!(error = %e, "http server");
+        }
+    });
+    Ok((stop_tx, http))
+}
+
+/// Watches a directory source: file-system events, debounced, trigger a fetch.
+fn watch_dir(
+    dir: &Path,
+    debounce: Duration,
+    shared: Arc<Shared>,
+) -> Result<notify::RecommendedWatcher, ControllerError> {
+    use notify::Watcher;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let mut w = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+        if let Ok(ev) = ev
+            && !matches!(ev.kind, notify::EventKind::Access(_))
+        {
+            let _ = tx.send(());
+        }
+    })
+    .map_err(|e| ControllerError::Config(format!("cannot watch {}: {e}", dir.display())))?;
+    w.watch(dir, notify::RecursiveMode::Recursive)
+        .map_err(|e| ControllerError::Config(format!("cannot watch {}: {e}", dir.display())))?;
+    tokio::spawn(
+        async move {
+            while rx.recv().await.is_some() {
+                // Wait for a quiet period so an editor's or a sync's burst is one run.
+                while let Ok(Some(())) = tokio::time::timeout(debounce, rx.recv()).await {}
+                debug!("source directory changed");
+                shared.trigger.fire(true);
+            }
+        }
+        .instrument(info_span!("watch")),
+    );
+    Ok(w)
+}
+
+/// SIGTERM and SIGINT.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> Result<Self, ControllerError> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Signals {
+            term: signal(SignalKind::terminate())
+                .map_err(|e| ControllerError::io("SIGTERM handler".into(), e))?,
+            int: signal(SignalKind::interrupt())
+                .map_err(|e| ControllerError::io("SIGINT handler".into(), e))?,
+        })
+    }
+
+    /// Waits for either; its name.
+    async fn recv(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        }
+    }
+}
+
+/// The loop's timers: the resync (jittered, restarted by every run), the git poll and
+/// a requeue for a due retry.
+struct Clocks {
+    next_resync: tokio::time::Instant,
+    next_poll: tokio::time::Instant,
+    requeue: Option<tokio::time::Instant>,
+}
+
+impl Clocks {
+    fn new(cfg: &Config, is_git: bool, now: tokio::time::Instant) -> Self {
+        let far = Duration::from_secs(86400 * 365);
+        Clocks {
+            next_resync: now + jittered(cfg.resync),
+            next_poll: now + if is_git { cfg.interval } else { far },
+            requeue: None,
+        }
+    }
+
+    /// When the loop wakes without a trigger.
+    fn wake(&self) -> tokio::time::Instant {
+        self.requeue
+            .into_iter()
+            .chain([self.next_resync, self.next_poll])
+            .min()
+            .unwrap_or(self.next_resync)
+    }
+
+    /// Whether a run at `now` fetches: a trigger asked, or the poll is due. A git
+    /// source's poll restarts with each fetch.
+    fn fetch(
+        &mut self,
+        asked: bool,
+        now: tokio::time::Instant,
+        cfg: &Config,
+        is_git: bool,
+    ) -> bool {
+        let fetch = asked || now >= self.next_poll;
+        if fetch && is_git {
+            self.next_poll = now + cfg.interval;
+        }
+        fetch
+    }
+
+    /// After a run at `now`: every reconcile observes everything, so the resync clock
+    /// restarts; `next` is the run's requeue delay (at least 100 ms).
+    fn reconciled(&mut self, next: Option<Duration>, resync: Duration, now: tokio::time::Instant) {
+        self.next_resync = now + jittered(resync);
+        self.requeue = next.map(|d| now + d.max(Duration::from_millis(100)));
+    }
+}
+
+/// Runs reconciles on triggers and timers until a signal.
+async fn drive(
+    mut engine: Engine,
+    cfg: &Config,
+    shared: &Shared,
+    signals: &mut Signals,
+) -> Result<(), ControllerError> {
+    let is_git = engine.is_git();
+    shared.trigger.fire(true);
+    let mut clocks = Clocks::new(cfg, is_git, tokio::time::Instant::now());
+    loop {
+        if !wait_for_work(shared, signals, clocks.wake()).await {
+            return Ok(());
+        }
+        let asked = shared.trigger.take_fetch();
+        let fetch = clocks.fetch(asked, tokio::time::Instant::now(), cfg, is_git);
+        let (e, next, stopping) = reconcile_blocking(engine, fetch, shared, signals).await?;
+        engine = e;
+        clocks.reconciled(next, cfg.resync, tokio::time::Instant::now());
+        if stopping {
+            return Ok(());
+        }
+    }
+}
+
+/// Waits for a trigger or the wake time; a trigger then waits for its burst to settle.
+/// `false`: a signal came.
+async fn wait_for_work(shared: &Shared, signals: &mut Signals, wake: tokio::time::Instant) -> bool {
+    let triggered = tokio::select! {
+        _ = signals.recv() => return false,
+        _ = shared.trigger.notify.notified() => true,
+        _ = tokio::time::sleep_until(wake) => false,
+    };
+    !triggered || settle_burst(shared, signals).await
+}
+
+/// A burst of webhook calls (a forge sends one per pushed ref) or of pushes collapses
+/// into one run: waits until triggers stop for `BURST_SETTLE`, but never longer than
+/// `BURST_MAX` in all. `false`: a signal came.
+async fn settle_burst(shared: &Shared, signals: &mut Signals) -> bool {
+    let cap = tokio::time::Instant::now() + BURST_MAX;
+    loop {
+        let quiet = (tokio::time::Instant::now() + BURST_SETTLE).min(cap);
+        tokio::select! {
+            _ = signals.recv() => return false,
+            _ = shared.trigger.notify.notified() => {}
+            _ = tokio::time::sleep_until(quiet) => return true,
+        }
+        if tokio::time::Instant::now() >= cap {
+            return true;
+        }
+    }
+}
+
+/// Runs one reconcile on a blocking thread, under the work lock. A signal meanwhile
+/// lets it finish and asks to stop (the third value). A panic is fatal.
+async fn reconcile_blocking(
+    mut engine: Engine,
+    fetch: bool,
+    shared: &Shared,
+    signals: &mut Signals,
+) -> Result<(Engine, Option<Duration>, bool), ControllerError> {
+    *shared.busy_since.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+    let mut task = tokio::task::spawn_blocking(move || {
+        let shared = engine.shared.clone();
+        let _work = shared.work.lock().unwrap_or_else(|p| p.into_inner());
+        let next = engine.reconcile(fetch);
+        (engine, next)
+    });
+    let mut stopping = false;
+    let joined = tokio::select! {
+        r = &mut task => r,
+        name = signals.recv() => {
+            stopping = true;
+            info!("{name}: finishing the running reconcile");
+            task.await
+        }
+    };
+    *shared.busy_since.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    match joined {
+        Ok((engine, next)) => Ok((engine, next, stopping)),
+        Err(err) => {
+            error!(error = %err, "reconcile panicked");
+            Err(ControllerError::Config(format!(
+                "reconcile panicked: {err}"
+            )))
+        }
+    }
 }
 
 #[cfg(test)]
@@ -1184,62 +1179,63 @@ mod tests {
         drop(first);
         assert!(controller_lock(t.path()).is_ok());
     }
-    use serde_json::json;
-    use stead_reconciler::driver::Observed;
-    use stead_schema::Kind;
 
-    fn desired(size: &str) -> Desired {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("m.yaml");
-        std::fs::write(
-            &p,
-            format!(
-                "apiVersion: stead.dev/v1alpha1\nkind: StoragePool\nmetadata: {{name: p}}\nspec: {{type: dir, path: /p}}\n---\napiVersion: stead.dev/v1alpha1\nkind: Volume\nmetadata: {{name: v}}\nspec: {{pool: p, size: {size}}}\n---\napiVersion: stead.dev/v1alpha1\nkind: Network\nmetadata: {{name: n}}\nspec: {{}}\n"
-            ),
-        )
-        .unwrap();
-        stead_schema::load_and_validate(&[p]).unwrap()
-    }
-
-    fn seen(state: serde_json::Value) -> Observed {
-        Observed {
-            exists: true,
-            owned: true,
-            state,
-            ..Observed::absent()
-        }
+    fn cfg(interval: u64, resync: u64) -> Config {
+        let mut c = Config::new(SourceSpec::Dir(PathBuf::from("/m")));
+        c.interval = Duration::from_secs(interval);
+        c.resync = Duration::from_secs(resync);
+        c
     }
 
     #[test]
-    fn terminal_hold_key_follows_spec_the_object_and_its_dependencies() {
-        let v = ResourceId::new(Kind::Volume, "v");
-        let (pool, net) = (
-            ResourceId::new(Kind::StoragePool, "p"),
-            ResourceId::new(Kind::Network, "n"),
+    fn a_git_source_polls_on_its_interval_and_a_fetch_restarts_the_poll() {
+        let c = cfg(60, 3600);
+        let t0 = tokio::time::Instant::now();
+        let mut clocks = Clocks::new(&c, true, t0);
+        assert_eq!(
+            clocks.wake(),
+            t0 + Duration::from_secs(60),
+            "the poll comes first"
         );
-        let inv = BTreeMap::new();
-        let d = desired("1Mi");
-        let mut obs = BTreeMap::from([
-            (v.clone(), Observed::absent()),
-            (pool.clone(), seen(json!({"path": "/p"}))),
-            (net.clone(), seen(json!({"mtu": 1500}))),
-        ]);
-        let k0 = hold_key(&v, &d, &inv, &obs);
-        // Runtime status and unrelated resources do not release the hold.
-        obs.get_mut(&pool).unwrap().status = json!({"free": 1});
-        obs.insert(net.clone(), seen(json!({"mtu": 9000})));
-        assert_eq!(hold_key(&v, &d, &inv, &obs), k0);
-        // The manifest changed.
-        assert_ne!(
-            hold_key(&v, &desired("2Mi"), &inv, &obs).spec_hash,
-            k0.spec_hash
+        assert!(!clocks.fetch(false, t0 + Duration::from_secs(10), &c, true));
+        // A triggered fetch restarts the poll.
+        assert!(clocks.fetch(true, t0 + Duration::from_secs(10), &c, true));
+        assert_eq!(clocks.next_poll, t0 + Duration::from_secs(70));
+        assert!(clocks.fetch(false, t0 + Duration::from_secs(70), &c, true));
+    }
+
+    #[test]
+    fn a_directory_source_never_polls_and_a_requeue_wakes_the_loop_first() {
+        let c = cfg(60, 60);
+        let t0 = tokio::time::Instant::now();
+        let mut clocks = Clocks::new(&c, false, t0);
+        assert!(!clocks.fetch(false, t0 + Duration::from_secs(3600), &c, false));
+        let resync = clocks.wake() - t0;
+        assert!(resync >= Duration::from_secs(54) && resync <= Duration::from_secs(66));
+        clocks.reconciled(Some(Duration::from_millis(1)), c.resync, t0);
+        assert_eq!(
+            clocks.wake(),
+            t0 + Duration::from_millis(100),
+            "at least 100 ms"
         );
-        // The pool it uses changed on the host.
-        obs.insert(pool.clone(), seen(json!({"path": "/q"})));
-        assert_ne!(hold_key(&v, &d, &inv, &obs).observed, k0.observed);
-        // The volume itself appeared.
-        obs.insert(pool, seen(json!({"path": "/p"})));
-        obs.insert(v.clone(), seen(json!({})));
-        assert_ne!(hold_key(&v, &d, &inv, &obs).observed, k0.observed);
+        clocks.reconciled(None, c.resync, t0);
+        assert!(clocks.requeue.is_none());
+    }
+
+    #[test]
+    fn verify_commits_needs_a_git_source() {
+        let mut c = cfg(60, 60);
+        c.verify_commits = Some(PathBuf::from("/keys"));
+        assert!(matches!(check_config(&c), Err(ControllerError::Config(_))));
+        c.source = SourceSpec::parse("git+file:///srv/r.git").expect("git source");
+        assert!(check_config(&c).is_ok());
+    }
+
+    #[test]
+    fn the_run_log_keeps_a_result_decided_early() {
+        let mut log = RunLog::default();
+        assert_eq!(log.result_or("success"), "success");
+        log.result = Some("invalid");
+        assert_eq!(log.result_or("success"), "invalid");
     }
 }
