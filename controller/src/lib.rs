@@ -40,7 +40,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use stead_reconciler::driver::HostEnv;
+use stead_reconciler::driver::{HostEnv, Observed};
 use stead_schema::{Desired, ResourceId};
 use tokio::sync::Notify;
 use tracing::{Instrument, debug, error, info, info_span, warn};
@@ -224,6 +224,16 @@ struct Loaded {
     desired: Desired,
 }
 
+/// What a run's gate and execution decided, for its status.
+struct Ran {
+    /// Drift found by the plan.
+    drift: BTreeMap<ResourceId, String>,
+    /// Left out of the run (or skipped for a dependency).
+    blocked: gate::Blocked,
+    /// Failed and applied changes.
+    results: gate::RunResults,
+}
+
 struct Rejected {
     revision: String,
     result: &'static str,
@@ -238,7 +248,7 @@ struct Engine {
     db: Mutex<StateDb>,
     source: Source,
     head: Option<Head>,
-    good: Option<Loaded>,
+    good: Option<Arc<Loaded>>,
     rejected: Option<Rejected>,
     backoff: Backoff,
     drifted: BTreeSet<ResourceId>,
@@ -385,10 +395,10 @@ impl Engine {
                     revision = short(&rev),
                     "keeping the last good revision applied"
                 );
-                self.good = Some(Loaded {
+                self.good = Some(Arc::new(Loaded {
                     revision: rev,
                     desired,
-                });
+                }));
             }
             Err((_, msg)) => {
                 warn!(revision = short(&rev), error = %msg, "cannot reload the last good revision")
@@ -410,36 +420,17 @@ impl Engine {
         let mut log = RunLog::default();
 
         // 1. Source.
-        if fetch || self.head.is_none() || matches!(self.source, Source::Dir(_)) {
-            self.fetch_source(&mut log);
-        }
-        self.load_head(&mut log);
-        self.publish_head();
-        let Some(good) = self.good.as_ref() else {
-            let res = log.result.unwrap_or("error");
-            if log.messages.is_empty() {
-                log.messages.push("no revision could be loaded yet".into());
-            }
-            self.finish(res, start, log.messages.join("; "), false, |_| {});
-            return None;
+        self.sync_source(fetch, &mut log);
+        let Some(good) = self.good.clone() else {
+            return self.no_revision(log, start);
         };
         span.record("revision", short(&good.revision));
-        let revision = good.revision.clone();
 
         // 2. Lock, observe, plan.
-        let lock = match ApplyLock::acquire(&self.env.state_dir, Duration::from_secs(10)) {
-            Ok(l) => l,
-            Err(e) => {
-                warn!(error = %e, "apply lock busy; retrying in 5s");
-                self.finish(log.result_or("error"), start, e.to_string(), false, |_| {});
-                return Some(Duration::from_secs(5));
-            }
-        };
-        let mut run = match self.plan(&good.desired) {
-            Ok(r) => r,
-            Err(e) => {
-                error!(error = %stead_reconciler::exec::error_chain(&e), "cannot plan");
-                self.finish(log.result_or("error"), start, e.to_string(), false, |_| {});
+        let (lock, mut run) = match self.lock_and_plan(&good.desired) {
+            Ok(planned) => planned,
+            Err(message) => {
+                self.finish(log.result_or("error"), start, message, false, |_| {});
                 return Some(Duration::from_secs(5));
             }
         };
@@ -471,37 +462,96 @@ impl Engine {
         self.drifted = gate::still_drifted(self.cfg.drift, &drift, &results.applied);
 
         // 4. Status and metrics.
+        let ran = Ran {
+            drift,
+            blocked,
+            results,
+        };
+        self.conclude(&good, &run.observed, &ran, log, start)
+    }
+
+    /// Fetches the source when asked (a directory source always: it is cheap) and loads
+    /// a new head.
+    fn sync_source(&mut self, fetch: bool, log: &mut RunLog) {
+        if fetch || self.head.is_none() || matches!(self.source, Source::Dir(_)) {
+            self.fetch_source(log);
+        }
+        self.load_head(log);
+        self.publish_head();
+    }
+
+    /// Ends a run that has no revision to apply (none could be loaded yet).
+    fn no_revision(&self, mut log: RunLog, start: Instant) -> Option<Duration> {
+        if log.messages.is_empty() {
+            log.messages.push("no revision could be loaded yet".into());
+        }
+        self.finish(
+            log.result_or("error"),
+            start,
+            log.messages.join("; "),
+            false,
+            |_| {},
+        );
+        None
+    }
+
+    /// Takes the apply lock and plans `desired` under it; the error's message otherwise.
+    fn lock_and_plan(&self, desired: &Desired) -> Result<(ApplyLock, PlannedRun), String> {
+        let lock =
+            ApplyLock::acquire(&self.env.state_dir, Duration::from_secs(10)).map_err(|e| {
+                warn!(error = %e, "apply lock busy; retrying in 5s");
+                e.to_string()
+            })?;
+        let run = self.plan(desired).map_err(|e| {
+            error!(error = %stead_reconciler::exec::error_chain(&e), "cannot plan");
+            e.to_string()
+        })?;
+        Ok((lock, run))
+    }
+
+    /// Publishes a run's outcome: resource statuses and metrics, the revision applied, the
+    /// result. Returns the requeue delay of the next due retry.
+    fn conclude(
+        &mut self,
+        good: &Loaded,
+        observed: &BTreeMap<ResourceId, Observed>,
+        ran: &Ran,
+        mut log: RunLog,
+        start: Instant,
+    ) -> Option<Duration> {
+        let revision = good.revision.as_str();
         let t = now_secs();
         let no_drift = BTreeMap::new();
         let verdicts = status::RunVerdicts {
-            blocked: &blocked,
-            failed: &results.failed,
+            blocked: &ran.blocked,
+            failed: &ran.results.failed,
             reported_drift: match self.cfg.drift {
-                DriftMode::Report => &drift,
+                DriftMode::Report => &ran.drift,
                 DriftMode::Heal => &no_drift,
             },
-            applied: &results.applied,
-            revision: &revision,
+            applied: &ran.results.applied,
+            revision,
         };
         let report =
-            status::resource_report(&good.desired, &run.observed, &verdicts, &self.conditions, t);
+            status::resource_report(&good.desired, observed, &verdicts, &self.conditions, t);
         self.publish_resources(report);
 
-        let apply_ok = blocked.is_empty() && results.failed.is_empty();
+        let not_converged = ran.blocked.len() + ran.results.failed.len();
+        let apply_ok = not_converged == 0;
         if !apply_ok {
-            let n = blocked.len() + results.failed.len();
-            log.messages.push(format!("{n} resource(s) not converged"));
+            log.messages
+                .push(format!("{not_converged} resource(s) not converged"));
         }
         let res = log.result_or(if apply_ok { "success" } else { "failed" });
-        if self.record_revision(&revision) {
-            self.clean_source(&revision);
+        if self.record_revision(revision) {
+            self.clean_source(revision);
         }
-        self.shared.metrics.set_revision(&revision);
+        self.shared.metrics.set_revision(revision);
         let resources: Vec<ResourceStatus> = self.conditions.values().cloned().collect();
         self.shared.metrics.ready.set(1.0);
         // One status update, so readers never see the new revision with the old result.
         self.finish(res, start, log.messages.join("; "), apply_ok, |s| {
-            s.revision = Some(revision.clone());
+            s.revision = Some(revision.to_string());
             s.last_apply_time = Some(t);
             s.ready = true;
             s.resources = resources;
@@ -571,10 +621,10 @@ impl Engine {
                     resources = desired.len(),
                     "new revision loaded"
                 );
-                self.good = Some(Loaded {
+                self.good = Some(Arc::new(Loaded {
                     revision: head.revision.clone(),
                     desired,
-                });
+                }));
                 self.rejected = None;
                 self.backoff.reset();
             }
