@@ -6,7 +6,9 @@
 //! timer, `POST /hooks/git`, debounced file-system events, the jittered resync timer and
 //! per-resource backoff requeues. Triggers that arrive while a reconcile runs collapse
 //! into one more run. A reconcile is blocking work (git, disk, drivers) and runs on
-//! `spawn_blocking`; the runtime threads only serve HTTP and the status socket.
+//! `spawn_blocking`, as does each housekeeping round ([`housekeeping`]); the runtime's one
+//! thread only serves HTTP and the status socket, debounces file-system events and keeps
+//! the timers. The blocking start (controller lock, state DB) runs before the runtime.
 //!
 //! A reconcile:
 //! 1. fetches the source (on a fetch trigger) and, for a new head, verifies its
@@ -19,9 +21,9 @@
 //!    controller out);
 //! 3. observes and plans (the reconciler API); changes marked `drift` are counted and,
 //!    with `--drift=report`, dropped from the plan; resources with plan errors or in
-//!    backoff are left out together with everything that depends on them;
+//!    backoff are left out together with everything that depends on them (`gate.rs`);
 //! 4. executes the rest, records per-resource results (backoff on failure) and updates
-//!    the status document and metrics.
+//!    the status document ([`status`]) and metrics.
 
 pub mod backoff;
 pub mod env;
