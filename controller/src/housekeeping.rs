@@ -190,7 +190,9 @@ pub(crate) async fn housekeeping_task(
     let tick = Arc::new(Mutex::new(Tick::default()));
     loop {
         let (tick, shared, hk, paths) = (tick.clone(), shared.clone(), hk.clone(), paths.clone());
+        let span = tracing::Span::current();
         let round = tokio::task::spawn_blocking(move || {
+            let _span = span.entered();
             let mut t = tick.lock().unwrap_or_else(|p| p.into_inner());
             t.run(&hk, &shared, &paths);
         });
