@@ -13,7 +13,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand, ValueEnum};
 use stead_drivers::backup::consistency::{WorkloadHooks, WorldLoader};
 use stead_drivers::backup::hooks::{BackupHooks, NoHooks, backup_target};
-use stead_drivers::backup::runner::{Job, Runner, SystemClock};
+use stead_drivers::backup::runner::{Clock, Job, Runner, SystemClock};
 use stead_drivers::backup::store::{BackupOptions, BackupStore, DEFAULT_ZSTD_LEVEL};
 use stead_drivers::backup::{retention, schedule, targets};
 use stead_reconciler::driver::{HostEnv, Lookup};
@@ -564,41 +564,8 @@ pub fn run_with(
             Ok(0)
         }
         BackupCmd::Daemon { manifests } => {
-            let w = World::load(&manifests, world)?;
-            let mut jobs = Vec::new();
-            for r in w.map.values() {
-                let Spec::BackupSchedule(spec) = &r.spec else {
-                    continue;
-                };
-                let pool = w.pool_path(spec.storage.as_str())?;
-                let mut ts = Vec::new();
-                for id in targets::select(&spec.targets, w.map.values()) {
-                    match targets::resolve(env, &w.map, &id) {
-                        Ok(t) => ts.push(t),
-                        Err(e) => eprintln!("warning: BackupSchedule/{}: {id}: {e}", r.id.name),
-                    }
-                }
-                jobs.push(Job::from_spec(&r.id.name, spec, &pool, ts)?);
-            }
-            if jobs.is_empty() {
-                bail!("no BackupSchedule in the given manifests");
-            }
-            let clock = SystemClock;
-            // The manifests given with -f stay; the applied world is read again each time.
-            let from_files: BTreeMap<ResourceId, Resource> = match &reload {
-                Some(_) if !manifests.manifests.is_empty() => World::load(&manifests, None)?.map,
-                _ => BTreeMap::new(),
-            };
-            let reload = reload.map(|l| -> WorldLoader {
-                Arc::new(move || {
-                    let mut m = l()?;
-                    m.extend(from_files.clone());
-                    Some(m)
-                })
-            });
-            let hooks = hooks_for(env, &w.map, reload);
-            let schedules = jobs.len();
-            let mut runner = Runner::new(jobs, clock, hooks, &env.state_dir)?;
+            let (mut runner, schedules) =
+                schedule_runner(&manifests, env, world, reload, SystemClock)?;
             eprintln!(
                 "backup daemon: {schedules} schedules; state in {}",
                 env.state_dir.join("backup/schedules.json").display()
@@ -607,6 +574,53 @@ pub fn run_with(
             Ok(0)
         }
     }
+}
+
+/// The runner of `stead backup daemon`: one job per BackupSchedule of `manifests` and
+/// `world` (the applied resources), consistency hooks that fetch the applied world again
+/// through `reload` before each backup, time from `clock`; and the number of schedules.
+/// The controller's housekeeping builds the same runner with a clock it can stop.
+pub fn schedule_runner<C: Clock>(
+    manifests: &ManifestArgs,
+    env: &HostEnv,
+    world: Option<&BTreeMap<ResourceId, Resource>>,
+    reload: Option<WorldLoader>,
+    clock: C,
+) -> Result<(Runner<C>, usize)> {
+    let w = World::load(manifests, world)?;
+    let mut jobs = Vec::new();
+    for r in w.map.values() {
+        let Spec::BackupSchedule(spec) = &r.spec else {
+            continue;
+        };
+        let pool = w.pool_path(spec.storage.as_str())?;
+        let mut ts = Vec::new();
+        for id in targets::select(&spec.targets, w.map.values()) {
+            match targets::resolve(env, &w.map, &id) {
+                Ok(t) => ts.push(t),
+                Err(e) => eprintln!("warning: BackupSchedule/{}: {id}: {e}", r.id.name),
+            }
+        }
+        jobs.push(Job::from_spec(&r.id.name, spec, &pool, ts)?);
+    }
+    if jobs.is_empty() {
+        bail!("no BackupSchedule in the given manifests");
+    }
+    // The manifests given with -f stay; the applied world is read again each time.
+    let from_files: BTreeMap<ResourceId, Resource> = match &reload {
+        Some(_) if !manifests.manifests.is_empty() => World::load(manifests, None)?.map,
+        _ => BTreeMap::new(),
+    };
+    let reload = reload.map(|l| -> WorldLoader {
+        Arc::new(move || {
+            let mut m = l()?;
+            m.extend(from_files.clone());
+            Some(m)
+        })
+    });
+    let hooks = hooks_for(env, &w.map, reload);
+    let schedules = jobs.len();
+    Ok((Runner::new(jobs, clock, hooks, &env.state_dir)?, schedules))
 }
 
 /// `Kind/name` means its newest backup; `Kind/name/TIME` is taken as is.

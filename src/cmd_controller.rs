@@ -1,14 +1,18 @@
-//! `stead controller`: the GitOps loop (see `stead_reconciler::controller`).
+//! `stead controller`: the GitOps loop (see `stead_controller`).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
+use stead_controller::source::{GitAuth, SourceSpec};
+use stead_controller::{Config, DriftMode};
 use stead_reconciler::Drivers;
-use stead_reconciler::controller::source::{GitAuth, SourceSpec};
-use stead_reconciler::controller::{Config, DriftMode};
 use stead_reconciler::driver::HostEnv;
 use stead_schema::DurationSpec;
+
+use crate::Global;
+use crate::housekeeping::CliHousekeeping;
 
 /// What to do when the host drifts from the applied manifests.
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,7 +74,7 @@ pub struct ControllerArgs {
 }
 
 /// Runs the controller until SIGTERM/SIGINT. Exit 0 on a clean shutdown.
-pub fn run(args: ControllerArgs, global_env: &HostEnv, drivers: Drivers) -> Result<u8> {
+pub fn run(args: ControllerArgs, g: &Global, global_env: &HostEnv, drivers: Drivers) -> Result<u8> {
     let source = SourceSpec::parse(&args.source).map_err(anyhow::Error::msg)?;
     let webhook_token = match (
         &args.webhook_token_file,
@@ -110,6 +114,7 @@ pub fn run(args: ControllerArgs, global_env: &HostEnv, drivers: Drivers) -> Resu
     cfg.allow_empty = args.allow_empty;
     cfg.allow_rewind = args.allow_rewind;
     cfg.parallelism = args.parallelism.max(1);
-    stead_reconciler::controller::run(cfg, global_env.clone(), drivers)?;
+    let housekeeping = Arc::new(CliHousekeeping::new(g, global_env)?);
+    stead_controller::run(cfg, global_env.clone(), drivers, housekeeping)?;
     Ok(0)
 }

@@ -16,9 +16,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::Subcommand;
-use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use stead_host::cgroup::{CgroupError, Hierarchy};
+use stead_controller::env::{self, EnvRecord};
 use stead_reconciler::PlanOptions;
 use stead_reconciler::driver::HostEnv;
 use stead_reconciler::state::now_secs;
@@ -62,30 +62,6 @@ pub enum EnvCmd {
     Gc,
 }
 
-/// What `env up` records before touching the host, so `down` can always find it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct EnvRecord {
-    /// Name.
-    pub name: String,
-    /// Seconds since the epoch.
-    pub created_at: f64,
-    /// TTL in seconds.
-    pub ttl_seconds: Option<u64>,
-    /// Manifest paths it was made from.
-    pub manifests: Vec<PathBuf>,
-    /// Network namespace name.
-    pub netns: String,
-    /// Pool areas created for it.
-    pub pool_areas: Vec<PathBuf>,
-}
-
-impl EnvRecord {
-    fn expires_at(&self) -> Option<f64> {
-        self.ttl_seconds.map(|t| self.created_at + t as f64)
-    }
-}
-
 fn check_env_name(name: &str) -> Result<()> {
     stead_schema::check_name(name).map_err(|e| anyhow::anyhow!("environment name: {e}"))?;
     if name.len() > 40 {
@@ -118,21 +94,11 @@ fn drivers_netns_path(name: &str) -> PathBuf {
 }
 
 fn read_record(base: &HostEnv, name: &str) -> Result<Option<EnvRecord>> {
-    let p = env_dir(base, name).join("env.json");
-    match std::fs::read_to_string(&p) {
-        Ok(t) => Ok(Some(
-            serde_json::from_str(&t).with_context(|| format!("corrupt {}", p.display()))?,
-        )),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(e).with_context(|| format!("cannot read {}", p.display())),
-    }
+    Ok(env::read(&base.state_dir, name)?)
 }
 
 fn write_record(base: &HostEnv, rec: &EnvRecord) -> Result<()> {
-    let dir = env_dir(base, &rec.name);
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    stead_host::write_atomic(&dir.join("env.json"), &serde_json::to_vec_pretty(rec)?)?;
-    Ok(())
+    Ok(env::write(&base.state_dir, rec)?)
 }
 
 /// The name of an environment's own child (zfs dataset, nfs export subdirectory).
@@ -340,34 +306,25 @@ pub fn run(cmd: EnvCmd, g: &Global) -> Result<u8> {
         }
         EnvCmd::Down { name } => down(g, &base, &name),
         EnvCmd::List { output } => list(&base, output),
-        EnvCmd::Gc => {
-            let mut worst = 0;
-            for rec in records(&base)? {
-                if rec.expires_at().is_some_and(|t| t <= now_secs()) {
-                    eprintln!("environment {} expired: tearing it down", rec.name);
-                    worst = worst.max(down(g, &base, &rec.name)?);
-                }
-            }
-            Ok(worst)
-        }
+        EnvCmd::Gc => gc(g, &base),
     }
 }
 
 fn records(base: &HostEnv) -> Result<Vec<EnvRecord>> {
-    let dir = base.state_dir.join("envs");
-    let mut out = Vec::new();
-    let Ok(rd) = std::fs::read_dir(&dir) else {
-        return Ok(out);
-    };
-    for e in rd.flatten() {
-        if let Some(name) = e.file_name().to_str()
-            && let Some(rec) = read_record(base, name)?
-        {
-            out.push(rec);
+    Ok(env::list(&base.state_dir)?)
+}
+
+/// `stead env gc`: tears down every environment whose TTL has run out; the exit code
+/// is the worst of their teardowns. The controller's housekeeping calls it too.
+pub fn gc(g: &Global, base: &HostEnv) -> Result<u8> {
+    let mut worst = 0;
+    for rec in records(base)? {
+        if rec.is_expired(now_secs()) {
+            eprintln!("environment {} expired: tearing it down", rec.name);
+            worst = worst.max(down(g, base, &rec.name)?);
         }
     }
-    out.sort_by(|a, b| a.name.cmp(&b.name));
-    Ok(out)
+    Ok(worst)
 }
 
 fn down(g: &Global, base: &HostEnv, name: &str) -> Result<u8> {
@@ -516,7 +473,7 @@ fn list(base: &HostEnv, output: PlanFormat) -> Result<u8> {
             "ageSeconds": (now_secs() - rec.created_at).max(0.0) as u64,
             "ttlSeconds": rec.ttl_seconds,
             "expiresAt": rec.expires_at(),
-            "expired": rec.expires_at().is_some_and(|t| t <= now_secs()),
+            "expired": rec.is_expired(now_secs()),
             "resources": resources,
             "cpuSeconds": cpu,
             "memoryBytes": mem,
@@ -555,15 +512,10 @@ fn list(base: &HostEnv, output: PlanFormat) -> Result<u8> {
     Ok(0)
 }
 
-/// Counts a failed teardown in `<state-dir>/envs/.teardown-failures` (the controller
-/// exports it as `stead_environment_teardown_failures_total`).
+/// Counts a failed teardown (the controller exports it as
+/// `stead_environment_teardown_failures_total`).
 fn count_teardown_failure(base: &HostEnv) {
-    let p = base.state_dir.join("envs").join(".teardown-failures");
-    let n = std::fs::read_to_string(&p)
-        .ok()
-        .and_then(|t| t.trim().parse::<u64>().ok())
-        .unwrap_or(0);
-    let _ = stead_host::write_atomic(&p, format!("{}\n", n + 1).as_bytes());
+    let _ = env::count_teardown_failure(&base.state_dir);
 }
 
 #[cfg(test)]

@@ -23,6 +23,7 @@ mod cmd_env;
 mod cmd_snapshot;
 mod cmd_vmm;
 mod get;
+mod housekeeping;
 
 /// Declarative, GitOps-style reconciler for Linux virtualization hosts.
 #[derive(Parser, Debug)]
@@ -543,7 +544,7 @@ fn run(cli: Cli) -> Result<u8> {
         Command::Controller(args) => {
             let env = host_env(&g)?;
             let drivers = drivers(&env)?;
-            cmd_controller::run(args, &env, drivers)
+            cmd_controller::run(args, &g, &env, drivers)
         }
         Command::Console(args) => {
             let env = host_env(&g)?;

@@ -3,7 +3,6 @@
 
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
-pub mod controller;
 pub mod driver;
 pub mod exec;
 mod host_errors;

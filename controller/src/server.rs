@@ -548,6 +548,7 @@ mod tests {
             },
             webhook_token: Some(tok.into()),
             busy_since: Default::default(),
+            work: Default::default(),
         });
         let mut l = limits(2000, 8);
         l.webhook_body_limit = limit;

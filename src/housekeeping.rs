@@ -1,0 +1,134 @@
+//! The controller's housekeeping, done in this process by the CLI's own code paths:
+//! expired environments go through `stead env gc`'s function, backup schedules run on
+//! the same runner `stead backup daemon` builds, with a clock the controller can stop.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use stead_controller::env::{self, EnvRecord};
+use stead_controller::{Housekeeping, HousekeepingError, StopSignal};
+use stead_drivers::backup::consistency::WorldLoader;
+use stead_drivers::backup::runner::Clock;
+use stead_reconciler::driver::HostEnv;
+use tracing::{debug, info};
+
+use crate::{Global, applied_world, cmd_backup, cmd_env};
+
+/// Housekeeping by library calls, in the controller's process.
+pub(crate) struct CliHousekeeping {
+    /// The global flags, quiet (a teardown prints no step lines).
+    g: Global,
+    /// The host handles environments are made under (no `--netns`: each brings its own).
+    base: HostEnv,
+    /// The controller's host handles (the backup schedules run against them).
+    env: HostEnv,
+}
+
+impl CliHousekeeping {
+    /// Housekeeping for the controller started with `g` on `env`.
+    pub(crate) fn new(g: &Global, env: &HostEnv) -> anyhow::Result<Self> {
+        let mut g = g.clone();
+        g.quiet = true;
+        let base = crate::host_env_unchecked(&g)?;
+        Ok(CliHousekeeping {
+            g,
+            base,
+            env: env.clone(),
+        })
+    }
+}
+
+impl Housekeeping for CliHousekeeping {
+    fn environments(&self) -> Vec<EnvRecord> {
+        let (records, errors) = env::list_lenient(&self.base.state_dir);
+        for e in errors {
+            debug!(error = %e, "environment record skipped");
+        }
+        records
+    }
+
+    fn collect_expired(&self) -> Result<(), HousekeepingError> {
+        // `env down` scopes the storage drivers' ownership marks to the environment,
+        // process-wide: back to the host's own scope afterwards, whatever happens.
+        let _scope = HostScope;
+        match cmd_env::gc(&self.g, &self.base) {
+            Ok(0) => Ok(()),
+            Ok(code) => Err(HousekeepingError(format!(
+                "a teardown did not complete (exit code {code}); it is retried"
+            ))),
+            Err(e) => Err(HousekeepingError(format!("{e:#}"))),
+        }
+    }
+
+    fn run_backup_schedules(&self, stop: &StopSignal) -> Result<(), HousekeepingError> {
+        let err = |e: anyhow::Error| HousekeepingError(format!("{e:#}"));
+        let world = applied_world(&self.env).map_err(err)?;
+        let reload_env = self.env.clone();
+        let reload: WorldLoader = Arc::new(move || applied_world(&reload_env).ok());
+        let (mut runner, schedules) = cmd_backup::schedule_runner(
+            &cmd_backup::ManifestArgs::default(),
+            &self.env,
+            Some(&world),
+            Some(reload),
+            StoppableClock(stop.clone()),
+        )
+        .map_err(err)?;
+        info!(schedules, "backup schedules: running");
+        runner
+            .run()
+            .map_err(|e| HousekeepingError(format!("{:#}", anyhow::Error::from(e))))
+    }
+}
+
+/// Returns the storage drivers to the host's own ownership scope when dropped.
+struct HostScope;
+
+impl Drop for HostScope {
+    fn drop(&mut self) {
+        stead_drivers::storage::set_owner_scope(None);
+    }
+}
+
+/// The wall clock, whose sleeps end early (and stop the runner) once `0` is raised.
+struct StoppableClock(StopSignal);
+
+impl Clock for StoppableClock {
+    fn now(&self) -> DateTime<Utc> {
+        Utc::now()
+    }
+
+    fn sleep_until(&self, t: DateTime<Utc>) -> bool {
+        loop {
+            if self.0.is_stopped() {
+                return false;
+            }
+            let left = t - Utc::now();
+            if left <= chrono::Duration::zero() {
+                return true;
+            }
+            // Short steps: notice a stop request and wall-clock jumps (suspend, NTP).
+            let step = left
+                .to_std()
+                .unwrap_or_default()
+                .min(Duration::from_secs(1));
+            std::thread::sleep(step);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_raised_stop_ends_the_clock_s_sleep_and_the_runner() {
+        let stop = StopSignal::new();
+        let clock = StoppableClock(stop.clone());
+        assert!(clock.sleep_until(Utc::now() - chrono::Duration::seconds(1)));
+        stop.stop();
+        let t0 = std::time::Instant::now();
+        assert!(!clock.sleep_until(Utc::now() + chrono::Duration::hours(1)));
+        assert!(t0.elapsed() < Duration::from_secs(1));
+    }
+}
