@@ -3,6 +3,7 @@
 //!
 //! - [`retention`]: pure prune decisions (Proxmox VE / PBS semantics).
 //! - [`schedule`]: cron next-fire times in a time zone, catch-up after downtime.
+//! - [`schedule_driver`]: the BackupSchedule driver (registers schedules for the runner).
 //! - [`store`]: the chunk store, manifests, backup / verify / restore / prune / gc.
 //! - [`runner`]: runs schedules on an injectable clock, then prunes.
 //! - [`hooks`]: consistency hooks (snapshot / stop) the workload drivers implement.
@@ -15,6 +16,7 @@ pub mod hooks;
 pub mod retention;
 pub mod runner;
 pub mod schedule;
+pub mod schedule_driver;
 pub mod store;
 pub mod targets;
 pub mod xattrs;
