@@ -5,7 +5,7 @@
 //! `--path/--name/--storage PATH` arguments work without any manifest.
 
 use std::collections::BTreeMap;
-use std::io::{IsTerminal, Read};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -382,7 +382,8 @@ pub fn run_with(
             let mut failed = false;
             let mut results = Vec::new();
             for t in &targets {
-                let pb = progress_bar(&t.resource);
+                let pb =
+                    stead_host::progress::start(&t.resource, stead_host::progress::Meter::Transfer);
                 let opts = BackupOptions {
                     zstd_level: zstd,
                     threads,
@@ -617,20 +618,6 @@ fn newest_if_resource(store: &BackupStore, s: &str) -> Result<String> {
     store
         .newest(s)?
         .with_context(|| format!("no backup of {s}"))
-}
-
-fn progress_bar(label: &str) -> indicatif::ProgressBar {
-    if !std::io::stderr().is_terminal() {
-        return indicatif::ProgressBar::hidden();
-    }
-    let pb = indicatif::ProgressBar::new(0);
-    if let Ok(style) = indicatif::ProgressStyle::with_template(
-        "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-    ) {
-        pb.set_style(style.progress_chars("=> "));
-    }
-    pb.set_message(label.to_string());
-    pb
 }
 
 fn human(b: u64) -> String {

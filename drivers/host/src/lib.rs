@@ -6,7 +6,9 @@
 
 pub mod fs;
 pub mod mounts;
+pub mod progress;
 pub mod tree;
 
 pub use fs::{HostError, is_atomic_temp_name, write_atomic, write_atomic_mode};
+pub use progress::{NoProgress, Progress};
 pub use tree::{TreeError, remove_tree_beneath};

@@ -21,6 +21,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use rustix::fs::{AtFlags, Mode, OFlags, ResolveFlags};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use stead_host::progress::{NoProgress, Progress};
 use stead_schema::kinds::Retention;
 use tracing::{debug, info, info_span, warn};
 
@@ -54,8 +55,8 @@ pub struct BackupOptions {
     pub zstd_level: Option<i32>,
     /// Worker threads hashing and compressing chunks (default: available cores).
     pub threads: Option<usize>,
-    /// Progress bar to advance by bytes read (hidden by default).
-    pub progress: indicatif::ProgressBar,
+    /// Progress to advance by bytes read (none shown by default).
+    pub progress: Arc<dyn Progress>,
     /// Read every file even when the previous backup of the resource recorded the same
     /// change stamp (see [`Stamp`]); `false` reuses those files' chunk lists.
     pub reread: bool,
@@ -79,7 +80,7 @@ impl Default for BackupOptions {
             time: None,
             zstd_level: Some(DEFAULT_ZSTD_LEVEL),
             threads: None,
-            progress: indicatif::ProgressBar::hidden(),
+            progress: Arc::new(NoProgress),
             reread: false,
             stat_of: HashMap::new(),
             origins: HashMap::new(),
@@ -806,7 +807,7 @@ impl BackupStore {
                 &job_tx,
                 &abort,
                 &bytes_read,
-                &opts.progress,
+                &*opts.progress,
             );
             drop(job_tx);
             r
@@ -853,7 +854,7 @@ impl BackupStore {
             }
             f.chunks[d.index] = d.chunk;
         }
-        opts.progress.finish_and_clear();
+        opts.progress.finish();
 
         // Make the chunks durable before the manifest that references them: each chunk
         // file was fsynced before its rename; the renames are made durable here, one
@@ -1009,7 +1010,7 @@ impl BackupStore {
         job_tx: &SyncSender<Job>,
         abort: &AtomicBool,
         bytes_read: &AtomicU64,
-        progress: &indicatif::ProgressBar,
+        progress: &dyn Progress,
     ) -> Result<(), BackupError> {
         let (hash_tx, hash_rx) = sync_channel::<Feed>(8);
         let (digest_tx, digest_rx) = channel::<(usize, String)>();
@@ -1050,7 +1051,7 @@ impl BackupStore {
         hash_tx: &SyncSender<Feed>,
         abort: &AtomicBool,
         bytes_read: &AtomicU64,
-        progress: &indicatif::ProgressBar,
+        progress: &dyn Progress,
     ) -> Result<(), BackupError> {
         let mut buf = vec![0u8; READ_BUF];
         for (fi, src) in sources.iter().enumerate() {

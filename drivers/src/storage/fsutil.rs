@@ -3,13 +3,13 @@
 //! fsync of files and directories.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, IsTerminal};
+use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Component, Path, PathBuf};
 
-use indicatif::{ProgressBar, ProgressStyle};
 use nix::errno::Errno;
 use nix::unistd::{Whence, lseek};
+use stead_host::progress::{self, Meter, Progress};
 use stead_reconciler::driver::DriverError;
 
 /// Name of the xattr holding a volume's ownership mark.
@@ -298,32 +298,17 @@ impl CopyMethod {
     }
 }
 
-/// A progress bar on stderr if it is a terminal, else none.
-pub fn progress(len: u64, label: &str) -> Option<ProgressBar> {
-    if !io::stderr().is_terminal() {
-        return None;
-    }
-    let pb = ProgressBar::new(len);
-    if let Ok(style) = ProgressStyle::with_template(
-        "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-    ) {
-        pb.set_style(style.progress_chars("=> "));
-    }
-    pb.set_message(label.to_string());
-    Some(pb)
-}
-
 const CHUNK: usize = 1 << 20;
 
 /// Copies `src` into `dst` (which must be empty), skipping holes (SEEK_DATA/SEEK_HOLE)
 /// and all-zero blocks, so sparse files stay sparse. Sets `dst`'s length to `src`'s.
-/// Returns the number of bytes actually written.
-pub fn sparse_copy(src: &File, dst: &File, label: &str) -> Result<u64, DriverError> {
+/// Returns the number of bytes actually written. `progress` follows the bytes copied.
+pub fn sparse_copy(src: &File, dst: &File, progress: &dyn Progress) -> Result<u64, DriverError> {
     let len = src
         .metadata()
         .map_err(|e| DriverError::io("stat copy source", e))?
         .len();
-    let pb = progress(len, label);
+    progress.set_length(len);
     let mut buf = vec![0u8; CHUNK];
     let mut written = 0u64;
     let mut pos: u64 = 0;
@@ -357,27 +342,23 @@ pub fn sparse_copy(src: &File, dst: &File, label: &str) -> Result<u64, DriverErr
                 written += n as u64;
             }
             off += n as u64;
-            if let Some(pb) = &pb {
-                pb.set_position(off);
-            }
+            progress.set_position(off);
         }
         pos = hole.max(data + 1);
     }
     dst.set_len(len)
         .map_err(|e| DriverError::io("set length of copy target", e))?;
-    if let Some(pb) = pb {
-        pb.finish_and_clear();
-    }
+    progress.finish();
     Ok(written)
 }
 
 /// Copies all of `src` into the empty file `dst`: a reflink when possible, else a
-/// sparse-aware copy (with a progress bar on a terminal).
+/// sparse-aware copy, whose progress is shown under `label` (see [`progress::start`]).
 pub fn clone_or_copy(src: &File, dst: &File, label: &str) -> Result<CopyMethod, DriverError> {
     if try_reflink(src, dst)? {
         return Ok(CopyMethod::Reflink);
     }
-    sparse_copy(src, dst, label)?;
+    sparse_copy(src, dst, &*progress::start(label, Meter::Transfer))?;
     Ok(CopyMethod::Sparse)
 }
 
