@@ -8,11 +8,15 @@
 //! - [`runner`]: runs schedules on an injectable clock, then prunes.
 //! - [`hooks`]: consistency hooks (snapshot / stop) the workload drivers implement.
 //! - [`targets`]: `Kind/name` and schedule selectors → files and directories to read.
+//! - [`ops`]: the backup commands (run, prune, name and storage resolution) as calls.
+//! - [`report`]: their results as text lines.
 
 use std::path::PathBuf;
 
 pub mod consistency;
 pub mod hooks;
+pub mod ops;
+pub mod report;
 pub mod retention;
 pub mod runner;
 pub mod schedule;
