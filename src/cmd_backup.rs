@@ -283,13 +283,19 @@ pub fn run_with(
             storage,
             manifests,
             output,
-        } => list(resource.as_deref(), &storage, &manifests, world, output),
+        } => {
+            let w = World::load(&manifests, world)?;
+            list(&w, resource.as_deref(), &storage, output)
+        }
         BackupCmd::Verify {
             backup,
             storage,
             manifests,
             output,
-        } => verify(&backup, &storage, &manifests, world, output),
+        } => {
+            let w = World::load(&manifests, world)?;
+            verify(&w, &backup, &storage, output)
+        }
         BackupCmd::Restore {
             backup,
             as_name,
@@ -453,14 +459,7 @@ fn print_run_event(ev: RunEvent<'_>, output: Format) {
 }
 
 /// `list`.
-fn list(
-    resource: Option<&str>,
-    storage: &StorageArg,
-    manifests: &ManifestArgs,
-    world: Option<&BTreeMap<ResourceId, Resource>>,
-    output: Format,
-) -> Result<i32> {
-    let w = World::load(manifests, world)?;
+fn list(w: &World, resource: Option<&str>, storage: &StorageArg, output: Format) -> Result<i32> {
     let list = w.store(storage.storage.as_deref())?.list(resource)?;
     match output {
         Format::Json => println!("{}", serde_json::to_string_pretty(&list)?),
@@ -470,14 +469,7 @@ fn list(
 }
 
 /// `verify`: 1 if anything is wrong.
-fn verify(
-    backup: &str,
-    storage: &StorageArg,
-    manifests: &ManifestArgs,
-    world: Option<&BTreeMap<ResourceId, Resource>>,
-    output: Format,
-) -> Result<i32> {
-    let w = World::load(manifests, world)?;
+fn verify(w: &World, backup: &str, storage: &StorageArg, output: Format) -> Result<i32> {
     let store = w.store(storage.storage.as_deref())?;
     let r = store.verify(&ops::backup_id(&store, backup)?)?;
     match output {
