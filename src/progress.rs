@@ -82,3 +82,33 @@ impl Progress for Bar {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn unused_bar() -> Bar {
+        Bar {
+            label: "copy".into(),
+            meter: Meter::Transfer,
+            bar: OnceLock::new(),
+        }
+    }
+
+    #[test]
+    fn a_bar_is_made_on_first_use_only() {
+        let b = unused_bar();
+        b.finish();
+        assert!(
+            b.bar.get().is_none(),
+            "finishing an unused progress draws nothing"
+        );
+        b.set_length(10);
+        b.inc(4);
+        let pb = b.bar.get().expect("made by set_length");
+        assert_eq!((pb.length(), pb.position()), (Some(10), 4));
+        assert_eq!(pb.message(), "copy");
+        b.finish();
+        assert!(pb.is_finished());
+    }
+}
