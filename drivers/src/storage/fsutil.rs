@@ -392,6 +392,57 @@ pub fn allocated(meta: &fs::Metadata) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Mutex;
+
+    /// Records what a copy reports.
+    #[derive(Default)]
+    struct Recorded(Mutex<(u64, u64, bool)>);
+
+    impl Progress for Recorded {
+        fn set_length(&self, len: u64) {
+            if let Ok(mut r) = self.0.lock() {
+                r.0 = len;
+            }
+        }
+        fn inc(&self, delta: u64) {
+            if let Ok(mut r) = self.0.lock() {
+                r.1 += delta;
+            }
+        }
+        fn set_position(&self, pos: u64) {
+            if let Ok(mut r) = self.0.lock() {
+                r.1 = pos;
+            }
+        }
+        fn set_message(&self, _msg: &str) {}
+        fn finish(&self) {
+            if let Ok(mut r) = self.0.lock() {
+                r.2 = true;
+            }
+        }
+    }
+
+    #[test]
+    fn a_sparse_copy_reports_its_progress_and_keeps_holes() {
+        let d = tempfile::tempdir().expect("tmp");
+        let src = File::create(d.path().join("src")).expect("src");
+        src.write_all_at(b"data", 1 << 20).expect("write");
+        src.set_len(3 << 20).expect("len");
+        let dst = File::create(d.path().join("dst")).expect("dst");
+        let src = File::open(d.path().join("src")).expect("open");
+        let rec = Recorded::default();
+        let written = sparse_copy(&src, &dst, &rec).expect("copy");
+        assert!(written < 1 << 20, "holes are not written: {written}");
+        assert_eq!(dst.metadata().expect("stat").len(), 3 << 20);
+        let r = *rec.0.lock().expect("lock");
+        assert_eq!(r.0, 3 << 20, "length set");
+        assert!(
+            r.1 > 1 << 20 && r.1 <= 3 << 20,
+            "position follows the data: {}",
+            r.1
+        );
+        assert!(r.2, "finished");
+    }
 
     #[test]
     fn components_are_confined() {
