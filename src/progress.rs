@@ -37,9 +37,10 @@ struct Bar {
 }
 
 impl Bar {
-    fn get(&self) -> &ProgressBar {
+    /// The bar, made with length `len` if it does not exist yet.
+    fn get_with(&self, len: u64) -> &ProgressBar {
         self.bar.get_or_init(|| {
-            let pb = ProgressBar::new(0);
+            let pb = ProgressBar::new(len);
             let (template, chars) = match self.meter {
                 Meter::Transfer => (
                     "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
@@ -61,19 +62,19 @@ impl Bar {
 
 impl Progress for Bar {
     fn set_length(&self, len: u64) {
-        self.get().set_length(len);
+        self.get_with(len).set_length(len);
     }
 
     fn inc(&self, delta: u64) {
-        self.get().inc(delta);
+        self.get_with(0).inc(delta);
     }
 
     fn set_position(&self, pos: u64) {
-        self.get().set_position(pos);
+        self.get_with(0).set_position(pos);
     }
 
     fn set_message(&self, msg: &str) {
-        self.get().set_message(msg.to_string());
+        self.get_with(0).set_message(msg.to_string());
     }
 
     fn finish(&self) {
