@@ -1,24 +1,28 @@
-//! `stead backup run|list|verify|restore|prune|gc|simulate-prune|daemon`.
+//! `stead backup run|list|verify|restore|prune|gc|simulate-prune|daemon`: the arguments
+//! and the printing. The work is done by [`stead_drivers::backup::ops`].
 //!
 //! Targets and pools resolve through the manifests given with `-f/--manifests` (or a world
 //! the caller passes to [`run_with`], e.g. the state DB inventory). Explicit
 //! `--path/--name/--storage PATH` arguments work without any manifest.
 
 use std::collections::BTreeMap;
-use std::io::{IsTerminal, Read};
-use std::path::{Path, PathBuf};
+use std::io::Read;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand, ValueEnum};
-use stead_drivers::backup::consistency::{WorkloadHooks, WorldLoader};
-use stead_drivers::backup::hooks::{BackupHooks, NoHooks, backup_target};
+use stead_drivers::backup::consistency::WorldLoader;
+use stead_drivers::backup::hooks::{BackupHooks, NoHooks};
+use stead_drivers::backup::ops::{self, OpsError, RunEvent, RunRequest, RunTarget, World};
+use stead_drivers::backup::report;
 use stead_drivers::backup::runner::{Clock, Job, Runner, SystemClock};
-use stead_drivers::backup::store::{BackupOptions, BackupStore, DEFAULT_ZSTD_LEVEL};
+use stead_drivers::backup::store::DEFAULT_ZSTD_LEVEL;
 use stead_drivers::backup::{retention, schedule, targets};
-use stead_reconciler::driver::{HostEnv, Lookup};
+use stead_host::progress::Meter;
+use stead_reconciler::driver::HostEnv;
 use stead_schema::kinds::{BackupMode, Retention};
-use stead_schema::{Kind, Resource, ResourceId, Spec};
+use stead_schema::{Resource, ResourceId, Spec};
 
 /// Output format.
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,18 +72,7 @@ impl KeepArgs {
     }
 
     fn zone(&self) -> Result<schedule::Tz> {
-        zone(self.timezone.as_deref())
-    }
-}
-
-fn zone(tz: Option<&str>) -> Result<schedule::Tz> {
-    match tz {
-        None => Ok(schedule::host_zone()),
-        Some(s) => s.parse().map_err(|_| {
-            anyhow::anyhow!(
-                "unknown time zone {s:?}: use an IANA name such as UTC or Europe/Berlin"
-            )
-        }),
+        Ok(ops::zone(self.timezone.as_deref())?)
     }
 }
 
@@ -98,6 +91,12 @@ pub struct ManifestArgs {
     /// Manifest files or directories to resolve names from.
     #[arg(long = "manifests", short = 'f', value_name = "PATH")]
     pub manifests: Vec<PathBuf>,
+}
+
+impl AsRef<[PathBuf]> for ManifestArgs {
+    fn as_ref(&self) -> &[PathBuf] {
+        &self.manifests
+    }
 }
 
 /// `--mode` of `stead backup run`.
@@ -125,64 +124,17 @@ fn hooks_for(
     map: &BTreeMap<ResourceId, Resource>,
     reload: Option<WorldLoader>,
 ) -> Arc<dyn BackupHooks> {
-    match WorkloadHooks::new(env, Arc::new(map.clone())) {
-        Ok(h) => match reload {
-            Some(l) => Arc::new(h.with_loader(l)),
-            None => Arc::new(h),
-        },
-        Err(e) => {
-            eprintln!("warning: workloads cannot be quiesced here ({e}); reading live");
-            Arc::new(NoHooks)
-        }
-    }
+    ops::workload_hooks(env, map, reload).unwrap_or_else(|e| {
+        eprintln!("warning: workloads cannot be quiesced here ({e}); reading live");
+        Arc::new(NoHooks)
+    })
 }
 
 /// `stead backup` subcommands.
 #[derive(Subcommand, Debug)]
 pub enum BackupCmd {
     /// Back up a resource (Kind/name), every target of a schedule, or explicit paths.
-    Run {
-        /// Volume/NAME, Container/NAME or VirtualMachine/NAME.
-        target: Option<String>,
-        /// Run this BackupSchedule's targets now (its storage, compression and retention).
-        #[arg(long, conflicts_with = "target")]
-        schedule: Option<String>,
-        /// Explicit input instead of a resolved target: `PATH` or `NAME=PATH` (repeatable;
-        /// a file such as a volume image, or a directory tree).
-        #[arg(long, value_name = "[NAME=]PATH", conflicts_with_all = ["target", "schedule"])]
-        path: Vec<String>,
-        /// Kind/name to record for `--path` backups.
-        #[arg(long, value_name = "KIND/NAME", requires = "path")]
-        name: Option<String>,
-        /// How running workloads are made consistent: `snapshot` (freeze or pause them,
-        /// reflink-clone their volumes, let them run again) or `stop` (stop them, read,
-        /// start them again). Default: the schedule's mode, else snapshot.
-        #[arg(long, value_enum)]
-        mode: Option<ModeArg>,
-        #[command(flatten)]
-        storage: StorageArg,
-        /// Store chunks uncompressed.
-        #[arg(long)]
-        no_compress: bool,
-        /// zstd level for new chunks.
-        #[arg(long, default_value_t = DEFAULT_ZSTD_LEVEL)]
-        level: i32,
-        /// Worker threads (default: all cores).
-        #[arg(long)]
-        threads: Option<usize>,
-        /// Read every file, even those whose size, mtime, inode and ctime show them
-        /// unchanged since the previous backup (whose chunk lists are reused otherwise).
-        #[arg(long)]
-        reread: bool,
-        /// Prune afterwards with these rules (a schedule uses its own retention).
-        #[command(flatten)]
-        keep: KeepArgs,
-        #[command(flatten)]
-        manifests: ManifestArgs,
-        /// Output format.
-        #[arg(short, long, value_enum, default_value_t = Format::Text)]
-        output: Format,
-    },
+    Run(RunArgs),
     /// List backups, oldest first.
     List {
         /// Only backups of this Kind/name.
@@ -265,6 +217,51 @@ pub enum BackupCmd {
     },
 }
 
+/// Arguments of `stead backup run`.
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// Volume/NAME, Container/NAME or VirtualMachine/NAME.
+    pub target: Option<String>,
+    /// Run this BackupSchedule's targets now (its storage, compression and retention).
+    #[arg(long, conflicts_with = "target")]
+    pub schedule: Option<String>,
+    /// Explicit input instead of a resolved target: `PATH` or `NAME=PATH` (repeatable;
+    /// a file such as a volume image, or a directory tree).
+    #[arg(long, value_name = "[NAME=]PATH", conflicts_with_all = ["target", "schedule"])]
+    pub path: Vec<String>,
+    /// Kind/name to record for `--path` backups.
+    #[arg(long, value_name = "KIND/NAME", requires = "path")]
+    pub name: Option<String>,
+    /// How running workloads are made consistent: `snapshot` (freeze or pause them,
+    /// reflink-clone their volumes, let them run again) or `stop` (stop them, read,
+    /// start them again). Default: the schedule's mode, else snapshot.
+    #[arg(long, value_enum)]
+    pub mode: Option<ModeArg>,
+    #[command(flatten)]
+    pub storage: StorageArg,
+    /// Store chunks uncompressed.
+    #[arg(long)]
+    pub no_compress: bool,
+    /// zstd level for new chunks.
+    #[arg(long, default_value_t = DEFAULT_ZSTD_LEVEL)]
+    pub level: i32,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Read every file, even those whose size, mtime, inode and ctime show them
+    /// unchanged since the previous backup (whose chunk lists are reused otherwise).
+    #[arg(long)]
+    pub reread: bool,
+    /// Prune afterwards with these rules (a schedule uses its own retention).
+    #[command(flatten)]
+    pub keep: KeepArgs,
+    #[command(flatten)]
+    pub manifests: ManifestArgs,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value_t = Format::Text)]
+    pub output: Format,
+}
+
 /// Runs a `stead backup` subcommand; `world` (e.g. the state DB inventory) resolves names
 /// that `-f` manifests do not define, and `reload` fetches it again (the daemon does so
 /// before each backup, so its consistency hooks see workloads applied since it started).
@@ -274,171 +271,13 @@ pub fn run_with(
     world: Option<&BTreeMap<ResourceId, Resource>>,
     reload: Option<WorldLoader>,
 ) -> Result<i32> {
-    match cmd {
+    let code = match cmd {
         BackupCmd::SimulatePrune {
             keep,
             show_rule,
             file,
-        } => {
-            let mut input = String::new();
-            match &file {
-                Some(f) => {
-                    input = std::fs::read_to_string(f)
-                        .with_context(|| format!("read {}", f.display()))?
-                }
-                None => {
-                    std::io::stdin()
-                        .read_to_string(&mut input)
-                        .context("read standard input")?;
-                }
-            }
-            let out = retention::simulate(&input, &keep.retention(), &keep.zone()?, show_rule)?;
-            print!("{out}");
-            Ok(0)
-        }
-        BackupCmd::Run {
-            target,
-            schedule,
-            path,
-            name,
-            mode,
-            storage,
-            no_compress,
-            level,
-            threads,
-            reread,
-            keep,
-            manifests,
-            output,
-        } => {
-            let w = World::load(&manifests, world)?;
-            let mut mode = mode.map(BackupMode::from);
-            let (store, targets, ret, tz, zstd) = if let Some(s) = schedule {
-                let (spec, _) = w.schedule(&s)?;
-                let store = w.store_named(spec.storage.as_str())?;
-                let ids = targets::select(&spec.targets, w.map.values());
-                if ids.is_empty() {
-                    bail!("BackupSchedule/{s} selects no targets");
-                }
-                let ts = ids
-                    .iter()
-                    .map(|id| {
-                        targets::resolve(env, &w.map, id).with_context(|| format!("resolve {id}"))
-                    })
-                    .collect::<Result<Vec<_>>>()?;
-                let tz = zone(spec.timezone.as_ref().map(|t| t.0.name()))?;
-                mode.get_or_insert(spec.mode);
-                let zstd = match spec.compression {
-                    stead_schema::kinds::Compression::Zstd => Some(level),
-                    stead_schema::kinds::Compression::None => None,
-                };
-                (store, ts, spec.retention, tz, zstd)
-            } else if !path.is_empty() {
-                let name = name.context("--path needs --name Kind/name")?;
-                let inputs = path
-                    .iter()
-                    .map(|p| match p.split_once('=') {
-                        Some((n, p)) => (n.to_string(), PathBuf::from(p)),
-                        None => {
-                            let pb = PathBuf::from(p);
-                            let n = pb
-                                .file_name()
-                                .and_then(|s| s.to_str())
-                                .unwrap_or("input")
-                                .to_string();
-                            (n, pb)
-                        }
-                    })
-                    .collect();
-                let t = stead_drivers::backup::hooks::Target {
-                    resource: name,
-                    spec: serde_json::json!({}),
-                    inputs,
-                };
-                (
-                    w.store(&storage)?,
-                    vec![t],
-                    keep.retention(),
-                    keep.zone()?,
-                    Some(level),
-                )
-            } else if let Some(t) = target {
-                let id = ResourceId::parse_loose(&t)?;
-                let t = targets::resolve(env, &w.map, &id)?;
-                (
-                    w.store(&storage)?,
-                    vec![t],
-                    keep.retention(),
-                    keep.zone()?,
-                    Some(level),
-                )
-            } else {
-                bail!("give a TARGET (Kind/name), --schedule NAME, or --path with --name");
-            };
-            // --no-compress wins over a schedule's compression too.
-            let zstd = if no_compress { None } else { zstd };
-            let mode = mode.unwrap_or_default();
-            let hooks = hooks_for(env, &w.map, None);
-            let mut failed = false;
-            let mut results = Vec::new();
-            for t in &targets {
-                let pb = progress_bar(&t.resource);
-                let opts = BackupOptions {
-                    zstd_level: zstd,
-                    threads,
-                    progress: pb,
-                    reread,
-                    ..BackupOptions::default()
-                };
-                match backup_target(&store, t, mode, hooks.as_ref(), opts) {
-                    Ok(info) => {
-                        if output == Format::Text {
-                            let s = &info.stats;
-                            if let Some(c) = &info.consistency {
-                                println!("{}: consistency: {c}", info.id);
-                            }
-                            let secs = s.duration_ms.max(1) as f64 / 1000.0;
-                            println!(
-                                "{}: {} ({} unchanged, not read), {} new ({} stored), {} zero, {:.1}s, {:.0} MB/s",
-                                info.id,
-                                human(s.bytes),
-                                human(s.reused_bytes),
-                                human(s.new_bytes),
-                                human(s.stored_bytes),
-                                human(s.zero_bytes),
-                                secs,
-                                s.bytes as f64 / 1e6 / secs
-                            );
-                        }
-                        results.push(info);
-                    }
-                    Err(e) => {
-                        failed = true;
-                        eprintln!(
-                            "error: backup of {}: {:#}",
-                            t.resource,
-                            anyhow::Error::from(e)
-                        );
-                    }
-                }
-                if retention::has_rules(&ret) {
-                    let r = store.prune_manifests(Some(&t.resource), &ret, &tz, false)?;
-                    for id in &r.removed {
-                        if output == Format::Text {
-                            println!("pruned {id}");
-                        }
-                    }
-                }
-            }
-            // One garbage collection after all targets are pruned.
-            if retention::has_rules(&ret) {
-                store.gc()?;
-            }
-            if output == Format::Json {
-                println!("{}", serde_json::to_string_pretty(&results)?);
-            }
-            Ok(if failed { 1 } else { 0 })
-        }
+        } => simulate_prune(&keep, show_rule, file.as_deref()),
+        BackupCmd::Run(args) => run(args, env, world),
         BackupCmd::List {
             resource,
             storage,
@@ -446,24 +285,7 @@ pub fn run_with(
             output,
         } => {
             let w = World::load(&manifests, world)?;
-            let store = w.store(&storage)?;
-            let list = store.list(resource.as_deref())?;
-            match output {
-                Format::Json => println!("{}", serde_json::to_string_pretty(&list)?),
-                Format::Text => {
-                    println!("{:<56} {:>10} {:>10}  INPUTS", "BACKUP", "SIZE", "NEW");
-                    for b in &list {
-                        println!(
-                            "{:<56} {:>10} {:>10}  {}",
-                            b.id,
-                            human(b.stats.bytes),
-                            human(b.stats.stored_bytes),
-                            b.inputs.join(",")
-                        );
-                    }
-                }
-            }
-            Ok(0)
+            list(&w, resource.as_deref(), &storage, output)
         }
         BackupCmd::Verify {
             backup,
@@ -472,26 +294,7 @@ pub fn run_with(
             output,
         } => {
             let w = World::load(&manifests, world)?;
-            let store = w.store(&storage)?;
-            let id = newest_if_resource(&store, &backup)?;
-            let r = store.verify(&id)?;
-            match output {
-                Format::Json => println!("{}", serde_json::to_string_pretty(&r)?),
-                Format::Text => {
-                    for p in &r.problems {
-                        println!("{}: {p}", r.id);
-                    }
-                    println!(
-                        "{}: {} ({} files, {} chunks, {} checked)",
-                        r.id,
-                        if r.ok() { "ok" } else { "FAILED" },
-                        r.files,
-                        r.chunks,
-                        human(r.bytes)
-                    );
-                }
-            }
-            Ok(if r.ok() { 0 } else { 1 })
+            verify(&w, &backup, &storage, output)
         }
         BackupCmd::Restore {
             backup,
@@ -501,17 +304,7 @@ pub fn run_with(
             manifests,
         } => {
             let w = World::load(&manifests, world)?;
-            let store = w.store(&storage)?;
-            let id = newest_if_resource(&store, &backup)?;
-            let dest = match to {
-                Some(d) => d,
-                None => std::env::current_dir().context("current directory")?,
-            };
-            let r = store.restore(&id, &dest, as_name.as_deref())?;
-            for (n, p) in &r.restored {
-                println!("restored {}:{n} to {}", r.id, p.display());
-            }
-            Ok(0)
+            restore(&w, &backup, as_name.as_deref(), to, &storage)
         }
         BackupCmd::Prune {
             resource,
@@ -522,45 +315,19 @@ pub fn run_with(
             manifests,
         } => {
             let w = World::load(&manifests, world)?;
-            let (store, ret, tz) = match schedule {
-                Some(s) => {
-                    let (spec, _) = w.schedule(&s)?;
-                    let tz = zone(spec.timezone.as_ref().map(|t| t.0.name()))?;
-                    (w.store_named(spec.storage.as_str())?, spec.retention, tz)
-                }
-                None => (w.store(&storage)?, keep.retention(), keep.zone()?),
-            };
-            if !retention::has_rules(&ret) {
-                eprintln!("no keep rule given: every backup is kept");
-            }
-            let r = store.prune(resource.as_deref(), &ret, &tz, dry_run)?;
-            for (id, what) in &r.decisions {
-                println!("{id} {what}");
-            }
-            if let Some(gc) = &r.gc {
-                println!(
-                    "removed {} backups; gc removed {} chunks ({}), kept {}",
-                    r.removed.len(),
-                    gc.removed,
-                    human(gc.removed_bytes),
-                    gc.kept
-                );
-            } else {
-                println!("dry run: would remove {} backups", r.removed.len());
-            }
-            Ok(0)
+            prune(
+                &w,
+                resource.as_deref(),
+                &keep,
+                schedule.as_deref(),
+                dry_run,
+                &storage,
+            )
         }
         BackupCmd::Gc { storage, manifests } => {
             let w = World::load(&manifests, world)?;
-            let r = w.store(&storage)?.gc()?;
-            println!(
-                "gc: {} chunks referenced, {} kept, {} removed ({}), {} temp files removed",
-                r.referenced,
-                r.kept,
-                r.removed,
-                human(r.removed_bytes),
-                r.temp_removed
-            );
+            let r = w.store(storage.storage.as_deref())?.gc()?;
+            println!("{}", report::gc_result(&r));
             Ok(0)
         }
         BackupCmd::Daemon { manifests } => {
@@ -573,7 +340,8 @@ pub fn run_with(
             runner.run()?;
             Ok(0)
         }
-    }
+    };
+    code.inspect_err(print_manifest_diagnostics)
 }
 
 /// The runner of `stead backup daemon`: one job per BackupSchedule of `manifests` and
@@ -623,96 +391,152 @@ pub fn schedule_runner<C: Clock>(
     Ok((Runner::new(jobs, clock, hooks, &env.state_dir)?, schedules))
 }
 
-/// `Kind/name` means its newest backup; `Kind/name/TIME` is taken as is.
-fn newest_if_resource(store: &BackupStore, s: &str) -> Result<String> {
-    if s.matches('/').count() >= 2 {
-        return Ok(s.to_string());
-    }
-    store
-        .newest(s)?
-        .with_context(|| format!("no backup of {s}"))
-}
-
-fn progress_bar(label: &str) -> indicatif::ProgressBar {
-    if !std::io::stderr().is_terminal() {
-        return indicatif::ProgressBar::hidden();
-    }
-    let pb = indicatif::ProgressBar::new(0);
-    if let Ok(style) = indicatif::ProgressStyle::with_template(
-        "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-    ) {
-        pb.set_style(style.progress_chars("=> "));
-    }
-    pb.set_message(label.to_string());
-    pb
-}
-
-fn human(b: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = b as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{b} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
+/// Before the error itself: each problem of manifests that do not validate.
+fn print_manifest_diagnostics(e: &anyhow::Error) {
+    if let Some(OpsError::Manifests(diags)) = e.downcast_ref::<OpsError>() {
+        for d in diags {
+            eprintln!("{d}");
+        }
     }
 }
 
-/// Resources to resolve names from: `-f` manifests first, then the caller's world.
-struct World {
-    map: BTreeMap<ResourceId, Resource>,
+/// `simulate-prune`: timestamps from `file` (or stdin) through the rules.
+fn simulate_prune(keep: &KeepArgs, show_rule: bool, file: Option<&std::path::Path>) -> Result<i32> {
+    let mut input = String::new();
+    match file {
+        Some(f) => {
+            input = std::fs::read_to_string(f).with_context(|| format!("read {}", f.display()))?
+        }
+        None => {
+            std::io::stdin()
+                .read_to_string(&mut input)
+                .context("read standard input")?;
+        }
+    }
+    let out = retention::simulate(&input, &keep.retention(), &keep.zone()?, show_rule)?;
+    print!("{out}");
+    Ok(0)
 }
 
-impl World {
-    fn load(m: &ManifestArgs, world: Option<&BTreeMap<ResourceId, Resource>>) -> Result<World> {
-        let mut map = world.cloned().unwrap_or_default();
-        if !m.manifests.is_empty() {
-            match stead_schema::load_and_validate(&m.manifests) {
-                Ok(d) => map.extend(d.resources),
-                Err(diags) => {
-                    for d in &diags {
-                        eprintln!("{d}");
-                    }
-                    bail!("the manifests have {} errors", diags.len());
-                }
+/// The library's request for `run`'s arguments.
+fn run_request(a: RunArgs) -> Result<RunRequest> {
+    Ok(RunRequest {
+        target: RunTarget::from_args(a.target, a.schedule, &a.path, a.name)?,
+        mode: a.mode.map(BackupMode::from),
+        storage: a.storage.storage,
+        compress: !a.no_compress,
+        level: a.level,
+        threads: a.threads,
+        reread: a.reread,
+        retention: a.keep.retention(),
+        timezone: a.keep.timezone,
+    })
+}
+
+/// `run`: back up, print each outcome as it comes; 1 if any target failed.
+fn run(
+    args: RunArgs,
+    env: &HostEnv,
+    world: Option<&BTreeMap<ResourceId, Resource>>,
+) -> Result<i32> {
+    let w = World::load(&args.manifests, world)?;
+    let output = args.output;
+    let plan = w.plan_run(env, &run_request(args)?)?;
+    let hooks = hooks_for(env, &w.map, None);
+    let progress = |label: &str| stead_host::progress::start(label, Meter::Transfer);
+    let outcome = ops::execute_run(&plan, hooks.as_ref(), &progress, &mut |ev| {
+        print_run_event(ev, output)
+    })?;
+    if output == Format::Json {
+        println!("{}", serde_json::to_string_pretty(&outcome.results)?);
+    }
+    Ok(if outcome.failed { 1 } else { 0 })
+}
+
+/// One outcome of a run: figures and prunes in text output, errors always.
+fn print_run_event(ev: RunEvent<'_>, output: Format) {
+    match ev {
+        RunEvent::BackedUp(info) if output == Format::Text => {
+            for l in report::backup_written(info) {
+                println!("{l}");
             }
         }
-        Ok(World { map })
-    }
-
-    fn schedule(
-        &self,
-        name: &str,
-    ) -> Result<(&stead_schema::kinds::BackupScheduleSpec, &Resource)> {
-        let id = ResourceId::new(Kind::BackupSchedule, name);
-        match self.map.resource(&id) {
-            Some(r) => match &r.spec {
-                Spec::BackupSchedule(s) => Ok((s, r)),
-                _ => bail!("{id} is not a BackupSchedule"),
-            },
-            None => bail!("{id} is not known; pass the manifests with -f"),
+        RunEvent::Failed { resource, error } => {
+            eprintln!(
+                "error: backup of {resource}: {:#}",
+                anyhow::Error::from(error)
+            );
         }
+        RunEvent::Pruned(id) if output == Format::Text => println!("pruned {id}"),
+        RunEvent::BackedUp(_) | RunEvent::Pruned(_) => {}
     }
+}
 
-    fn pool_path(&self, name: &str) -> Result<PathBuf> {
-        stead_drivers::storage::pool_path(&self.map, name).with_context(|| {
-            format!("StoragePool/{name} (pass the manifests with -f, or a pool path)")
-        })
+/// `list`.
+fn list(w: &World, resource: Option<&str>, storage: &StorageArg, output: Format) -> Result<i32> {
+    let list = w.store(storage.storage.as_deref())?.list(resource)?;
+    match output {
+        Format::Json => println!("{}", serde_json::to_string_pretty(&list)?),
+        Format::Text => print_lines(&report::backup_table(&list)),
     }
+    Ok(0)
+}
 
-    fn store_named(&self, name: &str) -> Result<BackupStore> {
-        Ok(BackupStore::for_pool(&self.pool_path(name)?))
+/// `verify`: 1 if anything is wrong.
+fn verify(w: &World, backup: &str, storage: &StorageArg, output: Format) -> Result<i32> {
+    let store = w.store(storage.storage.as_deref())?;
+    let r = store.verify(&ops::backup_id(&store, backup)?)?;
+    match output {
+        Format::Json => println!("{}", serde_json::to_string_pretty(&r)?),
+        Format::Text => print_lines(&report::verify_result(&r)),
     }
+    Ok(if r.ok() { 0 } else { 1 })
+}
 
-    fn store(&self, s: &StorageArg) -> Result<BackupStore> {
-        match s.storage.as_deref() {
-            Some(p) if p.contains('/') => Ok(BackupStore::for_pool(Path::new(p))),
-            Some(name) => self.store_named(name),
-            None => bail!("--storage POOL (a StoragePool name or a pool path) is required"),
-        }
+/// `restore`, into `to` or the current directory.
+fn restore(
+    w: &World,
+    backup: &str,
+    as_name: Option<&str>,
+    to: Option<PathBuf>,
+    storage: &StorageArg,
+) -> Result<i32> {
+    let store = w.store(storage.storage.as_deref())?;
+    let id = ops::backup_id(&store, backup)?;
+    let dest = match to {
+        Some(d) => d,
+        None => std::env::current_dir().context("current directory")?,
+    };
+    let r = store.restore(&id, &dest, as_name)?;
+    print_lines(&report::restored(&r));
+    Ok(0)
+}
+
+/// `prune`, by a schedule's rules or the `--keep-*` ones.
+fn prune(
+    w: &World,
+    resource: Option<&str>,
+    keep: &KeepArgs,
+    schedule: Option<&str>,
+    dry_run: bool,
+    storage: &StorageArg,
+) -> Result<i32> {
+    let p = w.prune_target(
+        schedule,
+        storage.storage.as_deref(),
+        keep.retention(),
+        keep.timezone.as_deref(),
+    )?;
+    if !retention::has_rules(&p.retention) {
+        eprintln!("no keep rule given: every backup is kept");
+    }
+    let r = p.store.prune(resource, &p.retention, &p.tz, dry_run)?;
+    print_lines(&report::prune_result(&r));
+    Ok(0)
+}
+
+fn print_lines(lines: &[String]) {
+    for l in lines {
+        println!("{l}");
     }
 }

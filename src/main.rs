@@ -24,6 +24,7 @@ mod cmd_snapshot;
 mod cmd_vmm;
 mod get;
 mod housekeeping;
+mod progress;
 
 /// Declarative, GitOps-style reconciler for Linux virtualization hosts.
 #[derive(Parser, Debug)]
@@ -236,6 +237,7 @@ fn main() -> ExitCode {
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(UMASK));
     let cli = Cli::parse();
     init_logging(&cli.global);
+    stead_host::progress::install(Box::new(progress::Terminal));
     match run(cli) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {

@@ -7,7 +7,6 @@ pub mod backup;
 pub mod container;
 pub mod net;
 pub mod netns;
-pub mod schedules;
 pub mod storage;
 pub mod supervise;
 pub mod vm;
@@ -72,7 +71,7 @@ fn driver_for(
             Box::new(containers)
         }
         Kind::VirtualMachine => Box::new(vm::VmDriver::new(env)?),
-        Kind::BackupSchedule => Box::new(schedules::ScheduleDriver::new(env)),
+        Kind::BackupSchedule => Box::new(backup::schedule_driver::ScheduleDriver::new(env)),
     })
 }
 

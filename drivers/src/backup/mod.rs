@@ -3,23 +3,33 @@
 //!
 //! - [`retention`]: pure prune decisions (Proxmox VE / PBS semantics).
 //! - [`schedule`]: cron next-fire times in a time zone, catch-up after downtime.
+//! - [`schedule_driver`]: the BackupSchedule driver (registers schedules for the runner).
 //! - [`store`]: the chunk store, manifests, backup / verify / restore / prune / gc.
 //! - [`runner`]: runs schedules on an injectable clock, then prunes.
 //! - [`hooks`]: consistency hooks (snapshot / stop) the workload drivers implement.
 //! - [`targets`]: `Kind/name` and schedule selectors → files and directories to read.
+//! - [`ops`]: the backup commands (run, prune, name and storage resolution) as calls.
+//! - [`report`]: their results as text lines.
 
 use std::path::PathBuf;
 
 pub mod consistency;
 pub mod hooks;
+pub mod ops;
+pub mod report;
 pub mod retention;
 pub mod runner;
 pub mod schedule;
+pub mod schedule_driver;
 pub mod store;
 pub mod targets;
 pub mod xattrs;
 
 pub use store::{BackupInfo, BackupOptions, BackupStore, Manifest, VerifyReport};
+
+// Container root file systems: reflink clones and their own data (the one place the backup
+// room reaches into another room's files).
+use crate::container::rootfs_snapshot;
 
 /// Errors of the backup module.
 #[derive(Debug, thiserror::Error)]

@@ -21,6 +21,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use rustix::fs::{AtFlags, Mode, OFlags, ResolveFlags};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use stead_host::progress::{NoProgress, Progress};
 use stead_schema::kinds::Retention;
 use tracing::{debug, info, info_span, warn};
 
@@ -54,8 +55,8 @@ pub struct BackupOptions {
     pub zstd_level: Option<i32>,
     /// Worker threads hashing and compressing chunks (default: available cores).
     pub threads: Option<usize>,
-    /// Progress bar to advance by bytes read (hidden by default).
-    pub progress: indicatif::ProgressBar,
+    /// Progress to advance by bytes read (none shown by default).
+    pub progress: Arc<dyn Progress>,
     /// Read every file even when the previous backup of the resource recorded the same
     /// change stamp (see [`Stamp`]); `false` reuses those files' chunk lists.
     pub reread: bool,
@@ -79,7 +80,7 @@ impl Default for BackupOptions {
             time: None,
             zstd_level: Some(DEFAULT_ZSTD_LEVEL),
             threads: None,
-            progress: indicatif::ProgressBar::hidden(),
+            progress: Arc::new(NoProgress),
             reread: false,
             stat_of: HashMap::new(),
             origins: HashMap::new(),
@@ -575,6 +576,162 @@ struct Done {
     stored: u64,
 }
 
+/// The metadata of a backup's inputs, before their contents are read.
+struct Scan {
+    /// One entry per input.
+    inputs: Vec<InputEntry>,
+    /// Every file, directory and link of every input, in order.
+    files: Vec<FileEntry>,
+    /// Per entry of `files`: the path to read its contents from (regular files only).
+    sources: Vec<Option<PathBuf>>,
+}
+
+/// Refuses bad input names and a name given twice.
+fn check_input_names(inputs: &[(String, PathBuf)]) -> Result<(), BackupError> {
+    let mut seen = HashSet::new();
+    for (n, _) in inputs {
+        validate_input_name(n)?;
+        if !seen.insert(n.as_str()) {
+            return Err(BackupError::Invalid(format!(
+                "input name {n:?} given twice"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Walks every input and records its entries' metadata.
+fn scan_inputs(inputs: &[(String, PathBuf)], opts: &BackupOptions) -> Result<Scan, BackupError> {
+    let mut scan = Scan {
+        inputs: Vec::new(),
+        files: Vec::new(),
+        sources: Vec::new(),
+    };
+    for (n, p) in inputs {
+        let md = fs::metadata(p).map_err(BackupError::io("stat", p))?;
+        scan.inputs.push(InputEntry {
+            name: n.clone(),
+            kind: input_kind(n, p, &md)?,
+            source: opts.origins.get(n).unwrap_or(p).display().to_string(),
+        });
+        let first = scan.files.len();
+        let mut ctx = WalkCtx {
+            input: n,
+            dev: md.dev(),
+            links: HashMap::new(),
+        };
+        walk(&mut ctx, p, "", &mut scan.files, &mut scan.sources)?;
+        if let Some(orig) = opts.stat_of.get(n)
+            && let Some(top) = scan.files.get_mut(first)
+            && top.kind == EntryKind::File
+        {
+            record_original(top, orig);
+        }
+    }
+    Ok(scan)
+}
+
+/// A directory input is a tree; a regular file or a block device is one file.
+fn input_kind(name: &str, path: &Path, md: &fs::Metadata) -> Result<EntryKind, BackupError> {
+    if md.is_dir() {
+        Ok(EntryKind::Dir)
+    } else if md.is_file() || md.file_type().is_block_device() {
+        Ok(EntryKind::File)
+    } else {
+        Err(BackupError::Invalid(format!(
+            "input {name}: {} is neither a regular file, a block device nor a directory",
+            path.display()
+        )))
+    }
+}
+
+/// The file read is a clone taken at the moment `orig` was: record the original's metadata.
+fn record_original(top: &mut FileEntry, orig: &fs::Metadata) {
+    top.mode = orig.permissions().mode() & 0o7777;
+    top.uid = orig.uid();
+    top.gid = orig.gid();
+    top.mtime = orig.mtime();
+    top.mtime_nsec = orig.mtime_nsec().clamp(0, 999_999_999) as u32;
+    top.stamp = (orig.len() == top.size).then(|| Stamp::of(orig));
+}
+
+/// "Racy" stamps: a file changed in the last `racy_secs` before `now` may change again
+/// within the same coarse ctime tick after it was read, unseen by the stamp. Such files get
+/// no stamp and are read again next time (git's racy-clean rule).
+fn clear_racy_stamps(files: &mut [FileEntry], now: DateTime<Utc>, racy_secs: i64) {
+    let racy_from = i128::from(now.timestamp()) * 1_000_000_000
+        + i128::from(now.timestamp_subsec_nanos())
+        - i128::from(racy_secs) * 1_000_000_000;
+    for f in files.iter_mut() {
+        if f.stamp.is_some_and(|st| {
+            i128::from(st.ctime) * 1_000_000_000 + i128::from(st.ctime_nsec) >= racy_from
+        }) {
+            f.stamp = None;
+        }
+    }
+}
+
+/// Bytes of content to back up: regular files, each hard-linked file once.
+fn content_bytes(files: &[FileEntry]) -> u64 {
+    files
+        .iter()
+        .filter(|f| f.kind == EntryKind::File && f.link.is_none())
+        .map(|f| f.size)
+        .sum()
+}
+
+/// Chunk workers: `threads` or all cores, between 1 and 16.
+fn worker_count(threads: Option<usize>) -> usize {
+    threads
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2)
+        })
+        .clamp(1, 16)
+}
+
+/// Counts the chunks of the files that were not read (their chunk lists were reused).
+fn count_reused_chunks(files: &[FileEntry], sources: &[Option<PathBuf>], stats: &mut Stats) {
+    for (f, src) in files.iter().zip(sources) {
+        if src.is_none() && f.kind == EntryKind::File && f.link.is_none() {
+            for c in &f.chunks {
+                if c.zero {
+                    stats.zero_bytes += c.size;
+                } else {
+                    stats.chunks += 1;
+                }
+            }
+        }
+    }
+}
+
+/// Puts a chunk a worker stored at its place in its file's chunk list, and counts it.
+fn place_done_chunk(files: &mut [FileEntry], d: Done, stats: &mut Stats) {
+    let f = &mut files[d.file];
+    if f.chunks.len() <= d.index {
+        f.chunks.resize(
+            d.index + 1,
+            ChunkRef {
+                digest: None,
+                size: 0,
+                zero: false,
+            },
+        );
+    }
+    if d.chunk.zero {
+        stats.zero_bytes += d.chunk.size;
+    } else {
+        stats.chunks += 1;
+    }
+    if d.new {
+        stats.new_chunks += 1;
+        stats.new_bytes += d.chunk.size;
+        stats.stored_bytes += d.stored;
+    }
+    f.chunks[d.index] = d.chunk;
+}
+
 impl BackupStore {
     /// The store of the pool at `pool_path` (`<pool_path>/backups`); nothing is created yet.
     pub fn for_pool(pool_path: &Path) -> Self {
@@ -690,96 +847,67 @@ impl BackupStore {
         let span = info_span!("backup", resource = resource);
         let _g = span.enter();
         let started = Instant::now();
-        let mut seen_names = HashSet::new();
-        for (n, _) in inputs {
-            validate_input_name(n)?;
-            if !seen_names.insert(n.as_str()) {
-                return Err(BackupError::Invalid(format!(
-                    "input name {n:?} given twice"
-                )));
-            }
-        }
+        check_input_names(inputs)?;
         let _lock = self.lock(true)?;
 
         // Phase 1: walk the inputs and record metadata.
-        let mut input_entries = Vec::new();
-        let mut files: Vec<FileEntry> = Vec::new();
-        let mut sources: Vec<Option<PathBuf>> = Vec::new();
-        for (n, p) in inputs {
-            let md = fs::metadata(p).map_err(BackupError::io("stat", p))?;
-            let kind = if md.is_dir() {
-                EntryKind::Dir
-            } else if md.is_file() || md.file_type().is_block_device() {
-                EntryKind::File
-            } else {
-                return Err(BackupError::Invalid(format!(
-                    "input {n}: {} is neither a regular file, a block device nor a directory",
-                    p.display()
-                )));
-            };
-            input_entries.push(InputEntry {
-                name: n.clone(),
-                kind,
-                source: opts.origins.get(n).unwrap_or(p).display().to_string(),
-            });
-            let first = files.len();
-            let mut ctx = WalkCtx {
-                input: n,
-                dev: md.dev(),
-                links: HashMap::new(),
-            };
-            walk(&mut ctx, p, "", &mut files, &mut sources)?;
-            if let Some(orig) = opts.stat_of.get(n)
-                && let Some(top) = files.get_mut(first)
-                && top.kind == EntryKind::File
-            {
-                // `p` is a clone taken at the moment `orig` was: record the original.
-                top.mode = orig.permissions().mode() & 0o7777;
-                top.uid = orig.uid();
-                top.gid = orig.gid();
-                top.mtime = orig.mtime();
-                top.mtime_nsec = orig.mtime_nsec().clamp(0, 999_999_999) as u32;
-                top.stamp = (orig.len() == top.size).then(|| Stamp::of(orig));
-            }
-        }
-        // "Racy" stamps: a file changed in the last seconds may change again within the same
-        // coarse ctime tick after it was read, unseen by the stamp. Such files get no stamp
-        // and are read again next time (git's racy-clean rule).
-        let now = Utc::now();
-        let racy_from = i128::from(now.timestamp()) * 1_000_000_000
-            + i128::from(now.timestamp_subsec_nanos())
-            - i128::from(opts.racy_secs) * 1_000_000_000;
-        for f in files.iter_mut() {
-            if f.stamp.is_some_and(|st| {
-                i128::from(st.ctime) * 1_000_000_000 + i128::from(st.ctime_nsec) >= racy_from
-            }) {
-                f.stamp = None;
-            }
-        }
-        let total: u64 = files
-            .iter()
-            .filter(|f| f.kind == EntryKind::File && f.link.is_none())
-            .map(|f| f.size)
-            .sum();
-        opts.progress.set_length(total);
+        let mut scan = scan_inputs(inputs, opts)?;
+        clear_racy_stamps(&mut scan.files, Utc::now(), opts.racy_secs);
+        opts.progress.set_length(content_bytes(&scan.files));
 
         // Files unchanged since the previous backup keep its chunk lists without being read.
         let reused = if opts.reread {
             0
         } else {
-            self.reuse_unchanged(resource, &mut files, &mut sources)
+            self.reuse_unchanged(resource, &mut scan.files, &mut scan.sources)
         };
         opts.progress.inc(reused);
 
         // Phase 2: stream the contents through the chunk pipeline.
-        let threads = opts
-            .threads
-            .unwrap_or_else(|| {
-                std::thread::available_parallelism()
-                    .map(|n| n.get())
-                    .unwrap_or(2)
-            })
-            .clamp(1, 16);
+        let mut stats = self.chunk_files(&mut scan.files, &scan.sources, opts)?;
+        stats.bytes += reused;
+        stats.reused_bytes = reused;
+
+        let id = self.free_id(kind, name, opts.time.unwrap_or_else(Utc::now));
+        stats.duration_ms = started.elapsed().as_millis() as u64;
+        let manifest = Manifest {
+            format: FORMAT.into(),
+            id: id.to_id(),
+            resource: resource.into(),
+            time: id.time.to_rfc3339_opts(SecondsFormat::Secs, true),
+            stead_version: env!("CARGO_PKG_VERSION").into(),
+            spec: spec.clone(),
+            chunking: Chunking {
+                algorithm: "fastcdc-v2020".into(),
+                min: CHUNK_MIN,
+                avg: CHUNK_AVG,
+                max: CHUNK_MAX,
+            },
+            compression: if opts.zstd_level.is_some() {
+                "zstd".into()
+            } else {
+                "none".into()
+            },
+            inputs: scan.inputs,
+            consistency: opts.consistency.clone(),
+            files: scan.files,
+            stats,
+        };
+        let path = self.write_manifest(&id, &manifest)?;
+        Ok(info_of(&manifest, path, id.time))
+    }
+
+    /// Reads the files of `sources` (those not reused) through the chunk pipeline: one
+    /// reader cuts chunks, `threads` workers hash, compress and store them. Fills in each
+    /// file's chunk list and sha256, makes the new chunks durable, and returns the counts
+    /// (bytes read, chunks of all files, new chunks and bytes).
+    fn chunk_files(
+        &self,
+        files: &mut [FileEntry],
+        sources: &[Option<PathBuf>],
+        opts: &BackupOptions,
+    ) -> Result<Stats, BackupError> {
+        let threads = worker_count(opts.threads);
         let (job_tx, job_rx) = sync_channel::<Job>(threads * 2);
         let job_rx = Arc::new(Mutex::new(job_rx));
         let (done_tx, done_rx) = channel::<Result<Done, BackupError>>();
@@ -801,105 +929,56 @@ impl BackupStore {
             // (on an error), the reader's blocked send fails instead of waiting forever.
             drop(job_rx);
             let r = self.read_all(
-                &mut files,
-                &sources,
+                files,
+                sources,
                 &job_tx,
                 &abort,
                 &bytes_read,
-                &opts.progress,
+                &*opts.progress,
             );
             drop(job_tx);
             r
         });
         result?;
         let mut stats = Stats {
-            bytes: bytes_read.load(Ordering::Relaxed) + reused,
-            reused_bytes: reused,
+            bytes: bytes_read.load(Ordering::Relaxed),
             ..Stats::default()
         };
-        for (f, src) in files.iter().zip(&sources) {
-            if src.is_none() && f.kind == EntryKind::File && f.link.is_none() {
-                for c in &f.chunks {
-                    if c.zero {
-                        stats.zero_bytes += c.size;
-                    } else {
-                        stats.chunks += 1;
-                    }
-                }
-            }
-        }
+        count_reused_chunks(files, sources, &mut stats);
         for d in done_rx.iter() {
-            let d = d?;
-            let f = &mut files[d.file];
-            if f.chunks.len() <= d.index {
-                f.chunks.resize(
-                    d.index + 1,
-                    ChunkRef {
-                        digest: None,
-                        size: 0,
-                        zero: false,
-                    },
-                );
-            }
-            if d.chunk.zero {
-                stats.zero_bytes += d.chunk.size;
-            } else {
-                stats.chunks += 1;
-            }
-            if d.new {
-                stats.new_chunks += 1;
-                stats.new_bytes += d.chunk.size;
-                stats.stored_bytes += d.stored;
-            }
-            f.chunks[d.index] = d.chunk;
+            place_done_chunk(files, d?, &mut stats);
         }
-        opts.progress.finish_and_clear();
-
+        opts.progress.finish();
         // Make the chunks durable before the manifest that references them: each chunk
         // file was fsynced before its rename; the renames are made durable here, one
         // fsync per directory written to.
         self.sync_dirty_dirs(shared)?;
+        Ok(stats)
+    }
 
-        let mut time = opts.time.unwrap_or_else(Utc::now).with_nanosecond_zero();
+    /// The id of a new backup of `kind/name` at `time` (to the second), a second later
+    /// for each backup that already has that time.
+    fn free_id(&self, kind: &str, name: &str, time: DateTime<Utc>) -> BackupId {
         let mut id = BackupId {
             kind: kind.into(),
             name: name.into(),
-            time,
+            time: time.with_nanosecond_zero(),
         };
         while self.manifest_path(&id).exists() {
-            time += chrono::Duration::seconds(1);
-            id.time = time;
+            id.time += chrono::Duration::seconds(1);
         }
-        stats.duration_ms = started.elapsed().as_millis() as u64;
-        let manifest = Manifest {
-            format: FORMAT.into(),
-            id: id.to_id(),
-            resource: resource.into(),
-            time: time.to_rfc3339_opts(SecondsFormat::Secs, true),
-            stead_version: env!("CARGO_PKG_VERSION").into(),
-            spec: spec.clone(),
-            chunking: Chunking {
-                algorithm: "fastcdc-v2020".into(),
-                min: CHUNK_MIN,
-                avg: CHUNK_AVG,
-                max: CHUNK_MAX,
-            },
-            compression: if opts.zstd_level.is_some() {
-                "zstd".into()
-            } else {
-                "none".into()
-            },
-            inputs: input_entries,
-            consistency: opts.consistency.clone(),
-            files,
-            stats: stats.clone(),
-        };
-        let path = self.manifest_path(&id);
-        let json = serde_json::to_vec_pretty(&manifest).map_err(|e| BackupError::Parse {
+        id
+    }
+
+    /// Writes `manifest` as backup `id`, atomically; returns its path.
+    fn write_manifest(&self, id: &BackupId, manifest: &Manifest) -> Result<PathBuf, BackupError> {
+        let path = self.manifest_path(id);
+        let json = serde_json::to_vec_pretty(manifest).map_err(|e| BackupError::Parse {
             path: path.clone(),
             source: e,
         })?;
         write_atomic(&path, &json)?;
+        let stats = &manifest.stats;
         info!(
             id = %manifest.id,
             bytes = stats.bytes,
@@ -908,7 +987,7 @@ impl BackupStore {
             ms = stats.duration_ms,
             "backup written"
         );
-        Ok(info_of(&manifest, path, time))
+        Ok(path)
     }
 
     /// For each regular file whose size, mtime and [`Stamp`] equal those recorded for the
@@ -1009,7 +1088,7 @@ impl BackupStore {
         job_tx: &SyncSender<Job>,
         abort: &AtomicBool,
         bytes_read: &AtomicU64,
-        progress: &indicatif::ProgressBar,
+        progress: &dyn Progress,
     ) -> Result<(), BackupError> {
         let (hash_tx, hash_rx) = sync_channel::<Feed>(8);
         let (digest_tx, digest_rx) = channel::<(usize, String)>();
@@ -1050,7 +1129,7 @@ impl BackupStore {
         hash_tx: &SyncSender<Feed>,
         abort: &AtomicBool,
         bytes_read: &AtomicU64,
-        progress: &indicatif::ProgressBar,
+        progress: &dyn Progress,
     ) -> Result<(), BackupError> {
         let mut buf = vec![0u8; READ_BUF];
         for (fi, src) in sources.iter().enumerate() {
@@ -2399,6 +2478,94 @@ mod tests {
             link: None,
             xattrs: BTreeMap::new(),
         }
+    }
+
+    fn stamped(ctime: i64) -> FileEntry {
+        let mut f = entry("f", EntryKind::File);
+        f.stamp = Some(Stamp {
+            ino: 1,
+            ctime,
+            ctime_nsec: 0,
+        });
+        f
+    }
+
+    #[test]
+    fn stamps_younger_than_the_racy_window_are_dropped() {
+        let now = DateTime::from_timestamp(1_000, 0).expect("time");
+        let mut files = vec![stamped(997), stamped(998), stamped(1_000)];
+        clear_racy_stamps(&mut files, now, 2);
+        let kept: Vec<bool> = files.iter().map(|f| f.stamp.is_some()).collect();
+        assert_eq!(kept, [true, false, false]);
+        let mut files = vec![stamped(1_000)];
+        clear_racy_stamps(&mut files, now, -1);
+        assert!(
+            files[0].stamp.is_some(),
+            "a window in the past keeps every stamp"
+        );
+    }
+
+    #[test]
+    fn content_counts_each_hard_linked_file_once() {
+        let mut a = entry("a", EntryKind::File);
+        a.size = 10;
+        let mut b = entry("b", EntryKind::File);
+        b.size = 10;
+        b.link = Some("a".into());
+        let mut d = entry("d", EntryKind::Dir);
+        d.size = 4096;
+        assert_eq!(content_bytes(&[a, b, d]), 10);
+    }
+
+    #[test]
+    fn input_names_are_checked_and_unique() {
+        let i = |n: &str| (n.to_string(), PathBuf::from("/x"));
+        assert!(check_input_names(&[i("disk"), i("rootfs")]).is_ok());
+        let e = check_input_names(&[i("disk"), i("disk")]);
+        assert!(
+            matches!(&e, Err(BackupError::Invalid(m)) if m.contains("given twice")),
+            "{e:?}"
+        );
+        assert!(check_input_names(&[i("../x")]).is_err());
+    }
+
+    #[test]
+    fn workers_are_between_one_and_sixteen() {
+        assert_eq!(worker_count(Some(0)), 1);
+        assert_eq!(worker_count(Some(4)), 4);
+        assert_eq!(worker_count(Some(64)), 16);
+        assert!((1..=16).contains(&worker_count(None)));
+    }
+
+    #[test]
+    fn stored_chunks_land_at_their_index_and_are_counted() {
+        let mut files = vec![entry("f", EntryKind::File)];
+        let mut stats = Stats::default();
+        let chunk = |size: u64, zero: bool| ChunkRef {
+            digest: (!zero).then(|| "ab".repeat(32)),
+            size,
+            zero,
+        };
+        let done = |index: usize, c: ChunkRef, new: bool| Done {
+            file: 0,
+            index,
+            chunk: c,
+            new,
+            stored: if new { 5 } else { 0 },
+        };
+        place_done_chunk(&mut files, done(1, chunk(8, false), true), &mut stats);
+        place_done_chunk(&mut files, done(0, chunk(4, true), false), &mut stats);
+        assert_eq!(files[0].chunks, vec![chunk(4, true), chunk(8, false)]);
+        assert_eq!(
+            (
+                stats.chunks,
+                stats.zero_bytes,
+                stats.new_chunks,
+                stats.new_bytes
+            ),
+            (1, 4, 1, 8)
+        );
+        assert_eq!(stats.stored_bytes, 5);
     }
 
     #[test]

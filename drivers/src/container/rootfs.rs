@@ -23,6 +23,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Component, Path, PathBuf};
 
 use sha2::{Digest, Sha256};
+use stead_host::progress::{self, Meter, Progress};
 use stead_reconciler::driver::DriverError;
 use stead_schema::RootfsSpec;
 
@@ -231,17 +232,15 @@ fn template_key(tpl: &Path) -> Result<String, DriverError> {
     Ok(hex::encode(&h.finalize()[..12]))
 }
 
-struct Counting<R> {
+struct Counting<'p, R> {
     inner: R,
-    bar: Option<indicatif::ProgressBar>,
+    progress: &'p dyn Progress,
 }
 
-impl<R: Read> Read for Counting<R> {
+impl<R: Read> Read for Counting<'_, R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
-        if let Some(b) = &self.bar {
-            b.inc(n as u64);
-        }
+        self.progress.inc(n as u64);
         Ok(n)
     }
 }
@@ -274,19 +273,11 @@ pub fn unpack(tpl: &Path, dest: &Path, idmap: Option<IdMap>) -> Result<(), Drive
     }
     let file = File::open(tpl).map_err(io(format!("open template {}", tpl.display())))?;
     let len = file.metadata().map(|m| m.len()).unwrap_or(0);
-    let bar = std::io::IsTerminal::is_terminal(&io::stderr()).then(|| {
-        let b = indicatif::ProgressBar::new(len);
-        if let Ok(s) =
-            indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {eta}")
-        {
-            b.set_style(s);
-        }
-        b.set_message(format!("unpacking {}", tpl.display()));
-        b
-    });
+    let progress = progress::start(&format!("unpacking {}", tpl.display()), Meter::Unpack);
+    progress.set_length(len);
     let mut reader = BufReader::new(Counting {
         inner: file,
-        bar: bar.clone(),
+        progress: &*progress,
     });
     let mut magic = [0u8; 4];
     let is_zstd = {
@@ -306,9 +297,7 @@ pub fn unpack(tpl: &Path, dest: &Path, idmap: Option<IdMap>) -> Result<(), Drive
     } else {
         extract(reader, &tmp, idmap)
     };
-    if let Some(b) = &bar {
-        b.finish_and_clear();
-    }
+    progress.finish();
     if let Err(e) = result {
         let _ = crate::storage::fsutil::remove_tree_if_exists(&tmp);
         return Err(e);

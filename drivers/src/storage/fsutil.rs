@@ -3,13 +3,13 @@
 //! fsync of files and directories.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, IsTerminal};
+use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Component, Path, PathBuf};
 
-use indicatif::{ProgressBar, ProgressStyle};
 use nix::errno::Errno;
 use nix::unistd::{Whence, lseek};
+use stead_host::progress::{self, Meter, Progress};
 use stead_host::xattr;
 use stead_reconciler::driver::DriverError;
 
@@ -291,32 +291,17 @@ impl CopyMethod {
     }
 }
 
-/// A progress bar on stderr if it is a terminal, else none.
-pub fn progress(len: u64, label: &str) -> Option<ProgressBar> {
-    if !io::stderr().is_terminal() {
-        return None;
-    }
-    let pb = ProgressBar::new(len);
-    if let Ok(style) = ProgressStyle::with_template(
-        "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-    ) {
-        pb.set_style(style.progress_chars("=> "));
-    }
-    pb.set_message(label.to_string());
-    Some(pb)
-}
-
 const CHUNK: usize = 1 << 20;
 
 /// Copies `src` into `dst` (which must be empty), skipping holes (SEEK_DATA/SEEK_HOLE)
 /// and all-zero blocks, so sparse files stay sparse. Sets `dst`'s length to `src`'s.
-/// Returns the number of bytes actually written.
-pub fn sparse_copy(src: &File, dst: &File, label: &str) -> Result<u64, DriverError> {
+/// Returns the number of bytes actually written. `progress` follows the bytes copied.
+pub fn sparse_copy(src: &File, dst: &File, progress: &dyn Progress) -> Result<u64, DriverError> {
     let len = src
         .metadata()
         .map_err(|e| DriverError::io("stat copy source", e))?
         .len();
-    let pb = progress(len, label);
+    progress.set_length(len);
     let mut buf = vec![0u8; CHUNK];
     let mut written = 0u64;
     let mut pos: u64 = 0;
@@ -350,27 +335,23 @@ pub fn sparse_copy(src: &File, dst: &File, label: &str) -> Result<u64, DriverErr
                 written += n as u64;
             }
             off += n as u64;
-            if let Some(pb) = &pb {
-                pb.set_position(off);
-            }
+            progress.set_position(off);
         }
         pos = hole.max(data + 1);
     }
     dst.set_len(len)
         .map_err(|e| DriverError::io("set length of copy target", e))?;
-    if let Some(pb) = pb {
-        pb.finish_and_clear();
-    }
+    progress.finish();
     Ok(written)
 }
 
 /// Copies all of `src` into the empty file `dst`: a reflink when possible, else a
-/// sparse-aware copy (with a progress bar on a terminal).
+/// sparse-aware copy, whose progress is shown under `label` (see [`progress::start`]).
 pub fn clone_or_copy(src: &File, dst: &File, label: &str) -> Result<CopyMethod, DriverError> {
     if try_reflink(src, dst)? {
         return Ok(CopyMethod::Reflink);
     }
-    sparse_copy(src, dst, label)?;
+    sparse_copy(src, dst, &*progress::start(label, Meter::Transfer))?;
     Ok(CopyMethod::Sparse)
 }
 
@@ -404,6 +385,57 @@ pub fn allocated(meta: &fs::Metadata) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Mutex;
+
+    /// Records what a copy reports.
+    #[derive(Default)]
+    struct Recorded(Mutex<(u64, u64, bool)>);
+
+    impl Progress for Recorded {
+        fn set_length(&self, len: u64) {
+            if let Ok(mut r) = self.0.lock() {
+                r.0 = len;
+            }
+        }
+        fn inc(&self, delta: u64) {
+            if let Ok(mut r) = self.0.lock() {
+                r.1 += delta;
+            }
+        }
+        fn set_position(&self, pos: u64) {
+            if let Ok(mut r) = self.0.lock() {
+                r.1 = pos;
+            }
+        }
+        fn set_message(&self, _msg: &str) {}
+        fn finish(&self) {
+            if let Ok(mut r) = self.0.lock() {
+                r.2 = true;
+            }
+        }
+    }
+
+    #[test]
+    fn a_sparse_copy_reports_its_progress_and_keeps_holes() {
+        let d = tempfile::tempdir().expect("tmp");
+        let src = File::create(d.path().join("src")).expect("src");
+        src.write_all_at(b"data", 1 << 20).expect("write");
+        src.set_len(3 << 20).expect("len");
+        let dst = File::create(d.path().join("dst")).expect("dst");
+        let src = File::open(d.path().join("src")).expect("open");
+        let rec = Recorded::default();
+        let written = sparse_copy(&src, &dst, &rec).expect("copy");
+        assert!(written < 1 << 20, "holes are not written: {written}");
+        assert_eq!(dst.metadata().expect("stat").len(), 3 << 20);
+        let r = *rec.0.lock().expect("lock");
+        assert_eq!(r.0, 3 << 20, "length set");
+        assert!(
+            r.1 > 1 << 20 && r.1 <= 3 << 20,
+            "position follows the data: {}",
+            r.1
+        );
+        assert!(r.2, "finished");
+    }
 
     #[test]
     fn components_are_confined() {
