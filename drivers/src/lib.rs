@@ -6,7 +6,6 @@
 pub mod backup;
 pub mod container;
 pub mod net;
-pub mod netns;
 pub mod schedules;
 pub mod storage;
 pub mod supervise;

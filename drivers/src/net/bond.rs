@@ -14,8 +14,8 @@ use serde_json::{Value, json};
 use stead_reconciler::driver::{Driver, DriverError, Health, HostEnv, Impact, Lookup, Observed};
 use stead_schema::{BondMode, BondSpec, Kind, Resource, ResourceId, Spec};
 
+use super::netns::NetnsRef;
 use super::nl::{Netlink, nl_err};
-use super::ns::NetnsRef;
 use super::{
     Ownership, STEAD_LINK_GROUP, claim, create_link, delete_link_index, owner_alias, ownership,
     set_link,

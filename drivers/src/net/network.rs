@@ -21,9 +21,9 @@ use stead_schema::{
     ForwardSpec, Kind, NetworkSpec, NetworkType, Resource, ResourceId, Spec, VxlanSpec,
 };
 
+use super::netns::NetnsRef;
 use super::nft::{self, Nft, NftTable};
 use super::nl::{Addr, Link, Netlink, nl_err};
-use super::ns::NetnsRef;
 use super::{
     ALIAS_PREFIX, Ownership, STEAD_LINK_GROUP, addr_strings, claim, create_link, delete_link_index,
     owner_alias, ownership, set_link, sync_addresses,
