@@ -30,7 +30,8 @@ use super::config::{
 };
 use super::control::{Request, request};
 use super::shim::{ShimArgs, lock_held};
-use super::{network, rootfs, rootfs_snapshot};
+use super::{network, rootfs};
+use crate::storage::rootfs_snapshot;
 use crate::vm::config::generated_container_mac;
 
 /// Fields whose change only needs a hot update.

@@ -21,6 +21,7 @@ pub(crate) mod fsutil;
 pub mod lvm;
 pub(crate) mod mounts;
 mod pool;
+pub mod rootfs_snapshot;
 pub mod snapshot;
 mod volume;
 pub mod zfs;
