@@ -10,7 +10,6 @@ pub mod schedules;
 pub mod storage;
 pub mod supervise;
 pub mod vm;
-pub mod workload_snapshots;
 
 use stead_reconciler::driver::{Driver, DriverError, HostEnv};
 use stead_schema::Kind;

@@ -24,6 +24,7 @@ mod pool;
 pub mod rootfs_snapshot;
 pub mod snapshot;
 mod volume;
+pub mod workload_snapshot;
 pub mod zfs;
 
 pub mod btrfs;
