@@ -1,5 +1,6 @@
-//! stead's host drivers, one module per domain. Each implements
-//! [`stead_reconciler::driver::Driver`] for its kinds; [`registry`] builds them all for a host.
+//! stead's host drivers, one module (room) per domain. Each driver implements
+//! [`stead_reconciler::driver::KindDriver`] for its kind (and so `Driver`); [`registry`] builds
+//! them all for a host.
 
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
