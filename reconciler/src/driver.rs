@@ -709,6 +709,46 @@ mod tests {
     }
 
     #[test]
+    fn every_spec_type_takes_its_own_kind_only() {
+        fn takes<S: KindSpec>(specs: &[Spec]) {
+            let taken: Vec<Kind> = specs
+                .iter()
+                .filter(|s| S::from_spec(s).is_some())
+                .map(Spec::kind)
+                .collect();
+            assert_eq!(taken, [S::KIND]);
+        }
+        use serde_json::json;
+        use stead_schema::*;
+        let specs: Vec<Spec> = [
+            (Kind::StoragePool, json!({"type": "dir", "path": "/srv/p"})),
+            (Kind::Network, json!({})),
+            (Kind::Bond, json!({"mode": "active-backup", "slaves": []})),
+            (Kind::Volume, json!({"pool": "p", "size": "1Gi"})),
+            (Kind::Container, json!({"rootfs": {"template": "/t.tar"}})),
+            (
+                Kind::VirtualMachine,
+                json!({"cpus": 1, "memory": "32Mi", "boot": {"kernel": "/k"}}),
+            ),
+            (
+                Kind::BackupSchedule,
+                json!({"schedule": "0 2 * * *", "targets": {"names": ["Volume/v"]}, "storage": "p"}),
+            ),
+        ]
+        .into_iter()
+        .map(|(kind, v)| Spec::from_value(kind, v).expect("spec"))
+        .collect();
+        assert_eq!(specs.iter().map(Spec::kind).collect::<Vec<_>>(), Kind::ALL);
+        takes::<StoragePoolSpec>(&specs);
+        takes::<NetworkSpec>(&specs);
+        takes::<BondSpec>(&specs);
+        takes::<VolumeSpec>(&specs);
+        takes::<ContainerSpec>(&specs);
+        takes::<VirtualMachineSpec>(&specs);
+        takes::<BackupScheduleSpec>(&specs);
+    }
+
+    #[test]
     fn the_adapter_hands_each_call_the_typed_spec() {
         let d = Networks::default();
         let world: BTreeMap<ResourceId, Resource> = BTreeMap::new();
