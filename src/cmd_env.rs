@@ -90,7 +90,7 @@ fn netns_name(name: &str) -> String {
 }
 
 fn drivers_netns_path(name: &str) -> PathBuf {
-    stead_drivers::netns::path_of(&netns_name(name))
+    stead_drivers::net::netns::path_of(&netns_name(name))
 }
 
 fn read_record(base: &HostEnv, name: &str) -> Result<Option<EnvRecord>> {
@@ -218,7 +218,7 @@ fn outputs(desired: &stead_schema::Desired, rec: &EnvRecord) -> Value {
         "kind": "Environment",
         "name": rec.name,
         "netns": rec.netns,
-        "netnsPath": stead_drivers::netns::path_of(&rec.netns),
+        "netnsPath": stead_drivers::net::netns::path_of(&rec.netns),
         "expiresAt": rec.expires_at(),
         "workloads": workloads,
         "forwards": forwards,
@@ -265,7 +265,7 @@ pub fn run(cmd: EnvCmd, g: &Global) -> Result<u8> {
             // Record first: a crash from here on is still cleaned up by `env down`.
             write_record(&base, &rec)?;
             stead_drivers::storage::set_owner_scope(Some(&name));
-            stead_drivers::netns::create_named(&rec.netns)
+            stead_drivers::net::netns::create_named(&rec.netns)
                 .context("cannot create the environment's network namespace")?;
             let env = env_host(&base, &name);
             let code = crate::apply(
@@ -338,7 +338,7 @@ fn down(g: &Global, base: &HostEnv, name: &str) -> Result<u8> {
     if env.state_dir.join("stead.db").exists() {
         // The namespace may be gone after a crash; networking then has nothing to delete,
         // but the drivers need the namespace to exist to open it.
-        stead_drivers::netns::create_named(&rec.netns)?;
+        stead_drivers::net::netns::create_named(&rec.netns)?;
         code = crate::apply(
             g,
             &env,
@@ -402,7 +402,7 @@ fn teardown_scope(env: &HostEnv, rec: &EnvRecord) -> Vec<String> {
         let problems = h.remove_parent(&env.cgroup_parent);
         left.extend(problems.iter().map(cgroup_leftover));
     }
-    if let Err(e) = stead_drivers::netns::delete_named(&rec.netns) {
+    if let Err(e) = stead_drivers::net::netns::delete_named(&rec.netns) {
         left.push(format!("network namespace {}: {e}", rec.netns));
     }
     for p in std::iter::once(&env.run_dir).chain(rec.pool_areas.iter()) {
@@ -424,7 +424,7 @@ fn teardown_scope(env: &HostEnv, rec: &EnvRecord) -> Vec<String> {
             let _ = std::fs::remove_dir(parent);
         }
     }
-    if stead_drivers::netns::exists(&rec.netns) {
+    if stead_drivers::net::netns::exists(&rec.netns) {
         left.push(format!("network namespace {} still mounted", rec.netns));
     }
     left

@@ -1,14 +1,14 @@
 //! `stead snapshot create|list|rollback|delete Kind/name [SNAP]`: snapshots of a Volume,
 //! or of a Container or VirtualMachine as a whole (every volume it uses and a container's
 //! own rootfs), taken with the workload quiesced and rolled back with it stopped. See
-//! `stead_drivers::workload_snapshots`.
+//! `stead_drivers::storage::workload_snapshot`.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, IsTerminal, Write};
 
 use anyhow::{Context, Result};
 use clap::{Subcommand, ValueEnum};
-use stead_drivers::workload_snapshots as ws;
+use stead_drivers::storage::workload_snapshot as ws;
 use stead_reconciler::driver::HostEnv;
 use stead_schema::{Resource, ResourceId};
 

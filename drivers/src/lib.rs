@@ -1,16 +1,15 @@
-//! stead's host drivers, one module per domain. Each implements
-//! [`stead_reconciler::driver::Driver`] for its kinds; [`registry`] builds them all for a host.
+//! stead's host drivers, one module (room) per domain. Each driver implements
+//! [`stead_reconciler::driver::KindDriver`] for its kind (and so `Driver`); [`registry`] builds
+//! them all for a host.
 
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
 pub mod backup;
 pub mod container;
 pub mod net;
-pub mod netns;
 pub mod storage;
 pub mod supervise;
 pub mod vm;
-pub mod workload_snapshots;
 
 use stead_reconciler::driver::{Driver, DriverError, HostEnv};
 use stead_schema::Kind;

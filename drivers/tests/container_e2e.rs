@@ -779,7 +779,7 @@ fn shared_lock_free(file: &Path) -> Option<bool> {
 /// Issue 6, workload snapshots of a container: its own rootfs directory is snapshotted
 /// with the container frozen; a rollback stops it, restores the tree and starts it again.
 fn container_snapshot_and_rollback() {
-    use stead_drivers::workload_snapshots as ws;
+    use stead_drivers::storage::workload_snapshot as ws;
 
     let mut sb = Sandbox::new("10.77.0.1/24");
     let c = sb.resource("sn", container_spec(&sb, "10.77.0.11/24", json!({})));

@@ -82,17 +82,36 @@ fn storage_lvmthin_pool() {
     }
     let w = world(&[&p]);
     let pd = PoolDriver::new(&env);
+    let e = apply(&pd, &p, &w).expect_err("the VG does not exist");
     if !lvm::have_device_mapper() {
-        let e = apply(&pd, &p, &w).expect_err("no device-mapper");
         assert!(
-            matches!(&e, DriverError::Unsupported(m) if m.contains("device-mapper")),
-            "{e}"
+            matches!(&e, DriverError::Unsupported(m) if m == "kernel lacks device-mapper"),
+            "{e:?}"
+        );
+        assert_eq!(
+            e.to_string(),
+            "unsupported on this host: kernel lacks device-mapper"
         );
         eprintln!("SKIP storage_lvmthin_pool: kernel lacks device-mapper");
         return;
     }
-    // With device-mapper: a VG that does not exist is an error, never a panic.
-    assert!(apply(&pd, &p, &w).is_err());
+    // With device-mapper: a VG that does not exist is lvs's failure, never a panic.
+    match &e {
+        DriverError::Command {
+            command, stderr, ..
+        } => {
+            assert!(
+                command.starts_with("lvs ") && command.ends_with(&format!(" -- {vg}")),
+                "{command}"
+            );
+            assert!(
+                stderr.contains(&format!("Volume group \"{vg}\" not found")),
+                "{stderr}"
+            );
+        }
+        DriverError::Unsupported(m) => assert_eq!(m, "lvs not found (install lvm2)"),
+        other => panic!("expected lvs to fail on the missing VG, got {other:?}"),
+    }
     eprintln!(
         "SKIP storage_lvmthin_pool (volume part): needs a scratch VG {vg}; run on a CI host with lvm2"
     );
@@ -110,19 +129,31 @@ fn storage_zfs_pool() {
     }
     let w = world(&[&p]);
     let pd = PoolDriver::new(&env);
+    let dataset = format!("steadtest{}/data", std::process::id());
+    let e = apply(&pd, &p, &w).expect_err("the dataset does not exist");
     if !zfs::have_zfs() {
-        let e = apply(&pd, &p, &w).expect_err("no ZFS");
         assert!(
-            matches!(&e, DriverError::Unsupported(m) if m.contains("ZFS")),
-            "{e}"
+            matches!(&e, DriverError::Unsupported(m) if m == "kernel lacks ZFS"),
+            "{e:?}"
         );
+        assert_eq!(e.to_string(), "unsupported on this host: kernel lacks ZFS");
         eprintln!("SKIP storage_zfs_pool: kernel lacks ZFS");
         return;
     }
-    assert!(
-        apply(&pd, &p, &w).is_err(),
-        "missing dataset must be an error"
-    );
+    // With ZFS: a missing dataset is zfs's failure, never a panic.
+    match &e {
+        DriverError::Command {
+            command, stderr, ..
+        } => {
+            assert_eq!(command, &format!("zfs list -Hp -o name -- {dataset}"));
+            assert!(
+                stderr.contains(&format!("cannot open '{dataset}': dataset does not exist")),
+                "{stderr}"
+            );
+        }
+        DriverError::Unsupported(m) => assert_eq!(m, "zfs not found (install zfsutils-linux)"),
+        other => panic!("expected zfs to fail on the missing dataset, got {other:?}"),
+    }
     eprintln!(
         "SKIP storage_zfs_pool (volume part): needs a scratch zpool; run on a CI host with zfsutils-linux"
     );
@@ -167,5 +198,9 @@ fn storage_volume_needs_images_content() {
     apply(&PoolDriver::new(&env), &p, &w).expect("pool");
     assert!(tmp.path().join("bk/backups").is_dir());
     let e = apply(&VolumeDriver::new(&env), &v, &w).expect_err("no images content");
-    assert!(matches!(e, DriverError::Refused(_)), "{e}");
+    assert!(
+        matches!(&e, DriverError::Refused(m)
+            if m == "StoragePool/bk does not allow volumes (content needs images or rootdir)"),
+        "{e:?}"
+    );
 }

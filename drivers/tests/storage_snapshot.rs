@@ -111,7 +111,7 @@ fn storage_snapshot_dir_create_list_rollback_delete() {
 /// otherwise (nothing running: no restart). A Volume target works the same way.
 #[test]
 fn workload_snapshot_covers_every_disk_and_refuses_an_incomplete_one() {
-    use stead_drivers::workload_snapshots as ws;
+    use stead_drivers::storage::workload_snapshot as ws;
     use stead_schema::{Kind, ResourceId};
 
     let tmp = tempfile::tempdir().expect("tempdir");

@@ -8,6 +8,11 @@
 //! - [`Driver::check`] refuses changes that must never happen (shrink a volume, …);
 //! - [`Driver::apply`] and [`Driver::delete`] converge, idempotently.
 //!
+//! A driver for one kind implements [`KindDriver`] on its own spec type instead: the
+//! blanket `impl<T: KindDriver> Driver for T` takes the spec out of each resource once
+//! (through [`KindSpec`]) and reports a resource of another kind as an error, so no
+//! driver matches on [`stead_schema::Spec`] itself.
+//!
 //! Host access goes through the [`HostEnv`] handed to the driver's constructor, so tests
 //! can point a driver at a sandbox (temp dirs, a network namespace, a cgroup parent).
 
@@ -17,7 +22,7 @@ use std::path::PathBuf;
 use serde::Serialize;
 use serde_json::Value;
 
-use stead_schema::{Kind, Resource, ResourceId};
+use stead_schema::{Kind, KindSpec, Resource, ResourceId};
 
 /// How disruptive a change is. Ordered: a change's impact is the max of its fields.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -310,6 +315,223 @@ pub trait Driver: Send + Sync {
     ) -> Result<(), DriverError>;
 }
 
+/// A resource whose spec is of the type `S` its driver handles.
+#[derive(Debug)]
+pub struct Typed<'a, S> {
+    /// The whole resource (id, metadata, origin, spec).
+    pub resource: &'a Resource,
+    /// Its spec.
+    pub spec: &'a S,
+}
+
+impl<S> Clone for Typed<'_, S> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<S> Copy for Typed<'_, S> {}
+
+impl<'a, S: KindSpec> Typed<'a, S> {
+    /// `resource` with its spec as `S`; an error when the spec is of another kind.
+    pub fn new(resource: &'a Resource) -> Result<Self, KindMismatch> {
+        match S::from_spec(&resource.spec) {
+            Some(spec) => Ok(Typed { resource, spec }),
+            None => Err(KindMismatch {
+                driver: S::KIND,
+                id: resource.id.clone(),
+            }),
+        }
+    }
+}
+
+impl<'a, S> Typed<'a, S> {
+    /// The resource's id.
+    pub fn id(&self) -> &'a ResourceId {
+        &self.resource.id
+    }
+
+    /// The resource's name.
+    pub fn name(&self) -> &'a str {
+        &self.resource.id.name
+    }
+}
+
+/// A driver was handed a resource of another kind (a wiring fault, never a manifest's).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the {driver} driver got {id}, a resource of another kind")]
+pub struct KindMismatch {
+    /// The kind of the driver.
+    pub driver: Kind,
+    /// The resource it got.
+    pub id: ResourceId,
+}
+
+impl From<KindMismatch> for DriverError {
+    fn from(e: KindMismatch) -> Self {
+        DriverError::Other(e.to_string())
+    }
+}
+
+/// A host driver for one kind, written against its spec type. Every type implementing it
+/// is a [`Driver`]; the methods mean what the [`Driver`] methods of the same name mean,
+/// with each resource handed over as a [`Typed`].
+pub trait KindDriver: Send + Sync {
+    /// The spec type of the kind handled; its [`KindSpec::KIND`] is the driver's kind.
+    type Spec: KindSpec;
+
+    /// See [`Driver::observe`].
+    fn observe(
+        &self,
+        targets: &[Typed<'_, Self::Spec>],
+        world: &dyn Lookup,
+    ) -> Result<BTreeMap<ResourceId, Observed>, DriverError>;
+
+    /// See [`Driver::desired_state`].
+    fn desired_state(&self, desired: Typed<'_, Self::Spec>, world: &dyn Lookup) -> Value;
+
+    /// See [`Driver::impact`].
+    fn impact(&self, path: &str) -> Impact;
+
+    /// See [`Driver::check`].
+    fn check(
+        &self,
+        _desired: Typed<'_, Self::Spec>,
+        _observed: &Observed,
+        _changes: &[FieldChange],
+    ) -> Result<(), String> {
+        Ok(())
+    }
+
+    /// See [`Driver::apply`].
+    fn apply(
+        &self,
+        desired: Typed<'_, Self::Spec>,
+        observed: &Observed,
+        world: &dyn Lookup,
+    ) -> Result<(), DriverError>;
+
+    /// See [`Driver::prune_action`].
+    fn prune_action(&self, _last_applied: Typed<'_, Self::Spec>) -> PruneAction {
+        PruneAction::Delete
+    }
+
+    /// See [`Driver::delete_impact`].
+    fn delete_impact(&self, _last_applied: Typed<'_, Self::Spec>) -> Impact {
+        Impact::Recreate
+    }
+
+    /// See [`Driver::supports_safety_snapshot`].
+    fn supports_safety_snapshot(&self, _r: Typed<'_, Self::Spec>, _world: &dyn Lookup) -> bool {
+        false
+    }
+
+    /// See [`Driver::safety_snapshot`].
+    fn safety_snapshot(
+        &self,
+        _r: Typed<'_, Self::Spec>,
+        _world: &dyn Lookup,
+        _name: &str,
+    ) -> Result<(), DriverError> {
+        Ok(())
+    }
+
+    /// See [`Driver::marked_on_host`].
+    fn marked_on_host(&self) -> Result<Vec<String>, DriverError> {
+        Ok(Vec::new())
+    }
+
+    /// See [`Driver::delete`].
+    fn delete(
+        &self,
+        last_applied: Typed<'_, Self::Spec>,
+        observed: &Observed,
+        world: &dyn Lookup,
+    ) -> Result<(), DriverError>;
+}
+
+/// The adapter: a resource of another kind is an error for the calls that can fail, no
+/// state for [`Driver::desired_state`], no safety snapshot, [`Impact::Recreate`] to
+/// delete and [`PruneAction::Retain`] (what a driver cannot read, it does not remove).
+impl<T: KindDriver> Driver for T {
+    fn kind(&self) -> Kind {
+        T::Spec::KIND
+    }
+
+    fn observe(
+        &self,
+        targets: &[&Resource],
+        world: &dyn Lookup,
+    ) -> Result<BTreeMap<ResourceId, Observed>, DriverError> {
+        let typed = targets
+            .iter()
+            .map(|r| Typed::new(r))
+            .collect::<Result<Vec<_>, _>>()?;
+        KindDriver::observe(self, &typed, world)
+    }
+
+    fn desired_state(&self, desired: &Resource, world: &dyn Lookup) -> Value {
+        Typed::new(desired).map_or(Value::Null, |d| KindDriver::desired_state(self, d, world))
+    }
+
+    fn impact(&self, path: &str) -> Impact {
+        KindDriver::impact(self, path)
+    }
+
+    fn check(
+        &self,
+        desired: &Resource,
+        observed: &Observed,
+        changes: &[FieldChange],
+    ) -> Result<(), String> {
+        let desired = Typed::new(desired).map_err(|e| e.to_string())?;
+        KindDriver::check(self, desired, observed, changes)
+    }
+
+    fn apply(
+        &self,
+        desired: &Resource,
+        observed: &Observed,
+        world: &dyn Lookup,
+    ) -> Result<(), DriverError> {
+        KindDriver::apply(self, Typed::new(desired)?, observed, world)
+    }
+
+    fn prune_action(&self, last_applied: &Resource) -> PruneAction {
+        Typed::new(last_applied).map_or(PruneAction::Retain, |l| KindDriver::prune_action(self, l))
+    }
+
+    fn delete_impact(&self, last_applied: &Resource) -> Impact {
+        Typed::new(last_applied).map_or(Impact::Recreate, |l| KindDriver::delete_impact(self, l))
+    }
+
+    fn supports_safety_snapshot(&self, r: &Resource, world: &dyn Lookup) -> bool {
+        Typed::new(r).is_ok_and(|r| KindDriver::supports_safety_snapshot(self, r, world))
+    }
+
+    fn safety_snapshot(
+        &self,
+        r: &Resource,
+        world: &dyn Lookup,
+        name: &str,
+    ) -> Result<(), DriverError> {
+        KindDriver::safety_snapshot(self, Typed::new(r)?, world, name)
+    }
+
+    fn marked_on_host(&self) -> Result<Vec<String>, DriverError> {
+        KindDriver::marked_on_host(self)
+    }
+
+    fn delete(
+        &self,
+        last_applied: &Resource,
+        observed: &Observed,
+        world: &dyn Lookup,
+    ) -> Result<(), DriverError> {
+        KindDriver::delete(self, Typed::new(last_applied)?, observed, world)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -335,5 +557,265 @@ mod tests {
             assert_eq!(e.reason(), reason);
         }
         assert_eq!(io(28).reason(), "IoError");
+    }
+
+    use std::sync::Mutex;
+    use stead_schema::{BondMode, BondSpec, NetworkSpec, Spec};
+
+    /// A Network driver that records what the adapter hands it.
+    #[derive(Default)]
+    struct Networks {
+        seen: Mutex<Vec<(String, Option<u32>)>>,
+    }
+
+    impl Networks {
+        fn saw(&self, n: Typed<'_, NetworkSpec>) {
+            let mut seen = self.seen.lock().expect("lock");
+            seen.push((n.name().to_string(), n.spec.mtu));
+        }
+    }
+
+    impl KindDriver for Networks {
+        type Spec = NetworkSpec;
+
+        fn observe(
+            &self,
+            targets: &[Typed<'_, NetworkSpec>],
+            _world: &dyn Lookup,
+        ) -> Result<BTreeMap<ResourceId, Observed>, DriverError> {
+            targets.iter().for_each(|t| self.saw(*t));
+            Ok(targets
+                .iter()
+                .map(|t| (t.id().clone(), Observed::absent()))
+                .collect())
+        }
+
+        fn desired_state(&self, desired: Typed<'_, NetworkSpec>, _world: &dyn Lookup) -> Value {
+            serde_json::json!({ "mtu": desired.spec.mtu })
+        }
+
+        fn impact(&self, _path: &str) -> Impact {
+            Impact::Hot
+        }
+
+        fn check(
+            &self,
+            desired: Typed<'_, NetworkSpec>,
+            _observed: &Observed,
+            _changes: &[FieldChange],
+        ) -> Result<(), String> {
+            self.saw(desired);
+            Ok(())
+        }
+
+        fn apply(
+            &self,
+            desired: Typed<'_, NetworkSpec>,
+            _observed: &Observed,
+            _world: &dyn Lookup,
+        ) -> Result<(), DriverError> {
+            self.saw(desired);
+            Ok(())
+        }
+
+        fn prune_action(&self, _last_applied: Typed<'_, NetworkSpec>) -> PruneAction {
+            PruneAction::Delete
+        }
+
+        fn delete_impact(&self, _last_applied: Typed<'_, NetworkSpec>) -> Impact {
+            Impact::DataLoss
+        }
+
+        fn supports_safety_snapshot(
+            &self,
+            _r: Typed<'_, NetworkSpec>,
+            _world: &dyn Lookup,
+        ) -> bool {
+            true
+        }
+
+        fn safety_snapshot(
+            &self,
+            r: Typed<'_, NetworkSpec>,
+            _world: &dyn Lookup,
+            _name: &str,
+        ) -> Result<(), DriverError> {
+            self.saw(r);
+            Ok(())
+        }
+
+        fn delete(
+            &self,
+            last_applied: Typed<'_, NetworkSpec>,
+            _observed: &Observed,
+            _world: &dyn Lookup,
+        ) -> Result<(), DriverError> {
+            self.saw(last_applied);
+            Ok(())
+        }
+    }
+
+    fn resource(kind: Kind, name: &str, spec: Spec) -> Resource {
+        Resource {
+            id: ResourceId::new(kind, name),
+            metadata: Default::default(),
+            spec,
+            origin: Default::default(),
+        }
+    }
+
+    fn network(name: &str, mtu: u32) -> Resource {
+        let spec = NetworkSpec {
+            mtu: Some(mtu),
+            ..NetworkSpec::default()
+        };
+        resource(Kind::Network, name, Spec::Network(spec))
+    }
+
+    fn bond(name: &str) -> Resource {
+        let spec = BondSpec {
+            mode: BondMode::ActiveBackup,
+            slaves: Vec::new(),
+            miimon: None,
+            mtu: None,
+            depends_on: Vec::new(),
+        };
+        resource(Kind::Bond, name, Spec::Bond(spec))
+    }
+
+    const MISMATCH: &str = "the Network driver got Bond/b0, a resource of another kind";
+
+    #[test]
+    fn typed_takes_the_spec_of_its_kind_out_of_a_resource() {
+        let r = network("lan0", 1400);
+        let t = Typed::<NetworkSpec>::new(&r).expect("a Network");
+        assert_eq!((t.id(), t.name(), t.spec.mtu), (&r.id, "lan0", Some(1400)));
+        let b = bond("b0");
+        let e = Typed::<NetworkSpec>::new(&b).expect_err("a Bond is no Network");
+        assert_eq!(
+            e,
+            KindMismatch {
+                driver: Kind::Network,
+                id: b.id.clone(),
+            }
+        );
+        assert_eq!(e.to_string(), MISMATCH);
+        let e = DriverError::from(e);
+        assert!(
+            matches!(&e, DriverError::Other(m) if m == MISMATCH),
+            "{e:?}"
+        );
+        assert_eq!(e.reason(), "Failed");
+    }
+
+    #[test]
+    fn every_spec_type_takes_its_own_kind_only() {
+        fn takes<S: KindSpec>(specs: &[Spec]) {
+            let taken: Vec<Kind> = specs
+                .iter()
+                .filter(|s| S::from_spec(s).is_some())
+                .map(Spec::kind)
+                .collect();
+            assert_eq!(taken, [S::KIND]);
+        }
+        use serde_json::json;
+        use stead_schema::*;
+        let specs: Vec<Spec> = [
+            (Kind::StoragePool, json!({"type": "dir", "path": "/srv/p"})),
+            (Kind::Network, json!({})),
+            (Kind::Bond, json!({"mode": "active-backup", "slaves": []})),
+            (Kind::Volume, json!({"pool": "p", "size": "1Gi"})),
+            (Kind::Container, json!({"rootfs": {"template": "/t.tar"}})),
+            (
+                Kind::VirtualMachine,
+                json!({"cpus": 1, "memory": "32Mi", "boot": {"kernel": "/k"}}),
+            ),
+            (
+                Kind::BackupSchedule,
+                json!({"schedule": "0 2 * * *", "targets": {"names": ["Volume/v"]}, "storage": "p"}),
+            ),
+        ]
+        .into_iter()
+        .map(|(kind, v)| Spec::from_value(kind, v).expect("spec"))
+        .collect();
+        assert_eq!(specs.iter().map(Spec::kind).collect::<Vec<_>>(), Kind::ALL);
+        takes::<StoragePoolSpec>(&specs);
+        takes::<NetworkSpec>(&specs);
+        takes::<BondSpec>(&specs);
+        takes::<VolumeSpec>(&specs);
+        takes::<ContainerSpec>(&specs);
+        takes::<VirtualMachineSpec>(&specs);
+        takes::<BackupScheduleSpec>(&specs);
+    }
+
+    #[test]
+    fn the_adapter_hands_each_call_the_typed_spec() {
+        let d = Networks::default();
+        let world: BTreeMap<ResourceId, Resource> = BTreeMap::new();
+        let (a, b) = (network("a", 1400), network("b", 9000));
+        assert_eq!(Driver::kind(&d), Kind::Network);
+        let seen = Driver::observe(&d, &[&a, &b], &world).expect("observe");
+        assert_eq!(seen.keys().collect::<Vec<_>>(), [&a.id, &b.id]);
+        let obs = Observed::absent();
+        assert_eq!(
+            Driver::desired_state(&d, &a, &world),
+            serde_json::json!({"mtu": 1400})
+        );
+        Driver::check(&d, &a, &obs, &[]).expect("check");
+        Driver::apply(&d, &b, &obs, &world).expect("apply");
+        Driver::safety_snapshot(&d, &a, &world, "pre-x").expect("snapshot");
+        Driver::delete(&d, &b, &obs, &world).expect("delete");
+        assert_eq!(Driver::impact(&d, "/mtu"), Impact::Hot);
+        assert_eq!(Driver::prune_action(&d, &a), PruneAction::Delete);
+        assert_eq!(Driver::delete_impact(&d, &a), Impact::DataLoss);
+        assert!(Driver::supports_safety_snapshot(&d, &a, &world));
+        assert_eq!(
+            Driver::marked_on_host(&d).expect("marked"),
+            Vec::<String>::new()
+        );
+        let seen = d.seen.lock().expect("lock").clone();
+        let want: Vec<(String, Option<u32>)> = [
+            ("a", 1400),
+            ("b", 9000),
+            ("a", 1400),
+            ("b", 9000),
+            ("a", 1400),
+            ("b", 9000),
+        ]
+        .iter()
+        .map(|(n, m)| (n.to_string(), Some(*m)))
+        .collect();
+        assert_eq!(seen, want);
+    }
+
+    #[test]
+    fn the_adapter_reports_a_resource_of_another_kind_and_touches_nothing() {
+        let d = Networks::default();
+        let world: BTreeMap<ResourceId, Resource> = BTreeMap::new();
+        let (ok, wrong) = (network("a", 1400), bond("b0"));
+        let obs = Observed::absent();
+        let other = |e: DriverError| matches!(&e, DriverError::Other(m) if m == MISMATCH);
+        let e = Driver::observe(&d, &[&ok, &wrong], &world).expect_err("observe");
+        assert!(other(e));
+        assert!(other(
+            Driver::apply(&d, &wrong, &obs, &world).expect_err("apply")
+        ));
+        assert!(other(
+            Driver::delete(&d, &wrong, &obs, &world).expect_err("delete")
+        ));
+        let e = Driver::safety_snapshot(&d, &wrong, &world, "pre-x").expect_err("snapshot");
+        assert!(other(e));
+        assert_eq!(
+            Driver::check(&d, &wrong, &obs, &[]),
+            Err(MISMATCH.to_string())
+        );
+        assert_eq!(Driver::desired_state(&d, &wrong, &world), Value::Null);
+        assert_eq!(Driver::prune_action(&d, &wrong), PruneAction::Retain);
+        assert_eq!(Driver::delete_impact(&d, &wrong), Impact::Recreate);
+        assert!(!Driver::supports_safety_snapshot(&d, &wrong, &world));
+        assert!(
+            d.seen.lock().expect("lock").is_empty(),
+            "nothing reached the driver"
+        );
     }
 }

@@ -16,7 +16,9 @@ pub mod values;
 
 pub use kinds::*;
 pub use load::Diagnostic;
-pub use resource::{API_VERSION, Desired, Kind, Metadata, Origin, Pos, Resource, ResourceId, Spec};
+pub use resource::{
+    API_VERSION, Desired, Kind, KindSpec, Metadata, Origin, Pos, Resource, ResourceId, Spec,
+};
 pub use values::*;
 
 use std::path::PathBuf;

@@ -296,6 +296,39 @@ impl Spec {
     }
 }
 
+/// A kind's spec type: which [`Kind`] it belongs to, and how to pick it out of a [`Spec`].
+/// Drivers written for one spec type (`stead_reconciler::driver::KindDriver`) get their
+/// spec through it.
+pub trait KindSpec: Sized {
+    /// The kind whose spec this is.
+    const KIND: Kind;
+
+    /// The spec as this type, or `None` when it is of another kind.
+    fn from_spec(spec: &Spec) -> Option<&Self>;
+}
+
+macro_rules! kind_specs {
+    ($($kind:ident => $ty:ty),* $(,)?) => {$(
+        impl KindSpec for $ty {
+            const KIND: Kind = Kind::$kind;
+
+            fn from_spec(spec: &Spec) -> Option<&Self> {
+                if let Spec::$kind(s) = spec { Some(s) } else { None }
+            }
+        }
+    )*};
+}
+
+kind_specs!(
+    StoragePool => StoragePoolSpec,
+    Network => NetworkSpec,
+    Bond => BondSpec,
+    Volume => VolumeSpec,
+    Container => ContainerSpec,
+    VirtualMachine => VirtualMachineSpec,
+    BackupSchedule => BackupScheduleSpec,
+);
+
 /// A position in a manifest file. `line` and `col` are 1-based.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize)]
 pub struct Pos {

@@ -39,11 +39,11 @@ use tracing::{info, info_span, warn};
 
 use super::BackupError;
 use super::hooks::{BackupHooks, Prepared, Target};
-use super::rootfs_snapshot::{Reflink, copy_tree};
 use crate::container::ContainerDriver;
 use crate::storage::fsutil::{
     create_new, reflink_supported, remove_file_if_exists, remove_tree_if_exists, try_reflink,
 };
+use crate::storage::rootfs_snapshot::{Reflink, copy_tree};
 use crate::supervise::hold;
 use crate::vm::VmDriver;
 

@@ -29,7 +29,6 @@ pub use store::{BackupInfo, BackupOptions, BackupStore, Manifest, VerifyReport};
 
 // Container root file systems: reflink clones and their own data (the one place the backup
 // room reaches into another room's files).
-use crate::container::rootfs_snapshot;
 
 /// Errors of the backup module.
 #[derive(Debug, thiserror::Error)]

@@ -7,8 +7,8 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use serde_json::{Value, json};
-use stead_reconciler::driver::{Driver, DriverError, Health, HostEnv, Impact, Lookup, Observed};
-use stead_schema::{Kind, Resource, ResourceId, Spec};
+use stead_reconciler::driver::{DriverError, Health, HostEnv, Impact, Lookup, Observed, Typed};
+use stead_schema::{BackupScheduleSpec, ResourceId};
 
 /// Driver for `Kind::BackupSchedule`.
 pub struct ScheduleDriver {
@@ -41,14 +41,12 @@ fn next_run(spec: &Value) -> Option<String> {
     sched.next_after(chrono::Utc::now()).map(|t| t.to_rfc3339())
 }
 
-impl Driver for ScheduleDriver {
-    fn kind(&self) -> Kind {
-        Kind::BackupSchedule
-    }
+impl stead_reconciler::driver::KindDriver for ScheduleDriver {
+    type Spec = BackupScheduleSpec;
 
     fn observe(
         &self,
-        targets: &[&Resource],
+        targets: &[Typed<'_, BackupScheduleSpec>],
         _world: &dyn Lookup,
     ) -> Result<BTreeMap<ResourceId, Observed>, DriverError> {
         let mut out = BTreeMap::new();
@@ -57,7 +55,7 @@ impl Driver for ScheduleDriver {
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
             .unwrap_or(Value::Null);
-        for r in targets {
+        for r in targets.iter().map(|t| t.resource) {
             let p = self.path(&r.id.name);
             let run = &runs[r.id.name.as_str()];
             let obs = match std::fs::read(&p) {
@@ -107,11 +105,8 @@ impl Driver for ScheduleDriver {
         Ok(out)
     }
 
-    fn desired_state(&self, desired: &Resource, _world: &dyn Lookup) -> Value {
-        match &desired.spec {
-            Spec::BackupSchedule(s) => serde_json::to_value(s).unwrap_or(Value::Null),
-            _ => Value::Null,
-        }
+    fn desired_state(&self, desired: Typed<'_, BackupScheduleSpec>, _world: &dyn Lookup) -> Value {
+        serde_json::to_value(desired.spec).unwrap_or(Value::Null)
     }
 
     fn impact(&self, _path: &str) -> Impact {
@@ -120,28 +115,27 @@ impl Driver for ScheduleDriver {
 
     fn apply(
         &self,
-        desired: &Resource,
+        desired: Typed<'_, BackupScheduleSpec>,
         _observed: &Observed,
         world: &dyn Lookup,
     ) -> Result<(), DriverError> {
         std::fs::create_dir_all(&self.dir)
             .map_err(|e| DriverError::io(format!("create {}", self.dir.display()), e))?;
-        let doc =
-            json!({"owner": owner(&desired.id.name), "spec": self.desired_state(desired, world)});
+        let doc = json!({"owner": owner(desired.name()), "spec": Self::desired_state(self, desired, world)});
         let bytes =
             serde_json::to_vec_pretty(&doc).map_err(|e| DriverError::Other(e.to_string()))?;
         // Temp file, fsync, rename, fsync the directory: never a truncated registration.
-        crate::storage::fsutil::write_atomic(&self.path(&desired.id.name), &bytes)
+        crate::storage::fsutil::write_atomic(&self.path(desired.name()), &bytes)
     }
 
     fn delete(
         &self,
-        last: &Resource,
+        last: Typed<'_, BackupScheduleSpec>,
         _observed: &Observed,
         _world: &dyn Lookup,
     ) -> Result<(), DriverError> {
         // Backups already taken stay in their pool; only the registration goes.
-        match std::fs::remove_file(self.path(&last.id.name)) {
+        match std::fs::remove_file(self.path(last.name())) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(DriverError::io("remove schedule registration", e)),
@@ -152,6 +146,8 @@ impl Driver for ScheduleDriver {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use stead_reconciler::driver::Driver;
+    use stead_schema::Resource;
 
     #[test]
     fn register_observe_update_delete() {

@@ -60,7 +60,7 @@ pub fn resolve(env: &HostEnv, world: &dyn Lookup, id: &ResourceId) -> Result<Tar
                     Some(p) => storage::pool_path(world, p.as_str()).map_err(not_ready)?,
                     None => env.state_dir.clone(),
                 };
-                match super::rootfs_snapshot::own_data(&id.name, &base) {
+                match crate::storage::rootfs_snapshot::own_data(&id.name, &base) {
                     Some((input, dir)) => inputs.push((input.into(), dir)),
                     None => {
                         return Err(BackupError::Invalid(format!(

@@ -20,9 +20,9 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use stead_host::cgroup::{Cgroup, Hierarchy, Limits};
 use stead_reconciler::driver::{
-    Driver, DriverError, FieldChange, Health, HostEnv, Impact, Lookup, Observed,
+    DriverError, FieldChange, Health, HostEnv, Impact, Lookup, Observed, Typed,
 };
-use stead_schema::{ContainerSpec, DeletionPolicy, Kind, Resource, ResourceId, RunState, Spec};
+use stead_schema::{ContainerSpec, DeletionPolicy, Resource, ResourceId, RunState};
 
 use super::config::{
     ContainerConfig, DEFAULT_COMMAND, DEFAULT_STOP_TIMEOUT_SECS, InterfaceConfig, MountConfig,
@@ -30,7 +30,8 @@ use super::config::{
 };
 use super::control::{Request, request};
 use super::shim::{ShimArgs, lock_held};
-use super::{network, rootfs, rootfs_snapshot};
+use super::{network, rootfs};
+use crate::storage::rootfs_snapshot;
 use crate::vm::config::generated_container_mac;
 
 /// Fields whose change only needs a hot update.
@@ -43,16 +44,6 @@ pub struct ContainerDriver {
     hier: Hierarchy,
     /// Seconds between the stop signal and SIGKILL.
     pub stop_timeout_secs: u64,
-}
-
-fn spec_of(r: &Resource) -> Result<&ContainerSpec, DriverError> {
-    match &r.spec {
-        Spec::Container(c) => Ok(c),
-        _ => Err(DriverError::Other(format!(
-            "{} is not a Container",
-            r.id.name
-        ))),
-    }
 }
 
 impl ContainerDriver {
@@ -86,11 +77,14 @@ impl ContainerDriver {
 
     /// The base dir and the own rootfs data (unpacked copy or overlay upper layer) of
     /// container `r`, when stead made one for it.
-    fn own_rootfs(&self, r: &Resource, world: &dyn Lookup) -> Option<(PathBuf, PathBuf)> {
-        let spec = spec_of(r).ok()?;
-        spec.rootfs.template.as_ref()?;
-        let base = self.base_dir(spec, world).ok()?;
-        let (_, data) = rootfs_snapshot::own_data(&r.id.name, &base)?;
+    fn own_rootfs(
+        &self,
+        r: Typed<'_, ContainerSpec>,
+        world: &dyn Lookup,
+    ) -> Option<(PathBuf, PathBuf)> {
+        r.spec.rootfs.template.as_ref()?;
+        let base = self.base_dir(r.spec, world).ok()?;
+        let (_, data) = rootfs_snapshot::own_data(r.name(), &base)?;
         Some((base, data))
     }
 
@@ -431,27 +425,23 @@ fn check_traversable(rootfs: &std::path::Path, root_uid: u32) -> Result<(), Driv
     Ok(())
 }
 
-impl Driver for ContainerDriver {
-    fn kind(&self) -> Kind {
-        Kind::Container
-    }
+impl stead_reconciler::driver::KindDriver for ContainerDriver {
+    type Spec = ContainerSpec;
 
     fn observe(
         &self,
-        targets: &[&Resource],
+        targets: &[Typed<'_, ContainerSpec>],
         _world: &dyn Lookup,
     ) -> Result<BTreeMap<ResourceId, Observed>, DriverError> {
         let _span = tracing::info_span!("observe", kind = "Container").entered();
-        crate::supervise::observe_instances(&self.env.run_dir.join("containers"), targets, |r| {
+        let targets: Vec<&Resource> = targets.iter().map(|t| t.resource).collect();
+        crate::supervise::observe_instances(&self.env.run_dir.join("containers"), &targets, |r| {
             self.observe_one(r)
         })
     }
 
-    fn desired_state(&self, desired: &Resource, _world: &dyn Lookup) -> Value {
-        match spec_of(desired) {
-            Ok(s) => Self::project(&desired.id.name, s),
-            Err(_) => Value::Null,
-        }
+    fn desired_state(&self, desired: Typed<'_, ContainerSpec>, _world: &dyn Lookup) -> Value {
+        Self::project(desired.name(), desired.spec)
     }
 
     fn impact(&self, path: &str) -> Impact {
@@ -460,11 +450,11 @@ impl Driver for ContainerDriver {
 
     fn check(
         &self,
-        desired: &Resource,
+        desired: Typed<'_, ContainerSpec>,
         _observed: &Observed,
         _changes: &[FieldChange],
     ) -> Result<(), String> {
-        let spec = spec_of(desired).map_err(|e| e.to_string())?;
+        let spec = desired.spec;
         if spec.interfaces.iter().any(|i| i.vlan.is_some()) {
             return Err(
                 "container interface vlan: bridge VLAN filtering is not available on this kernel"
@@ -476,13 +466,13 @@ impl Driver for ContainerDriver {
 
     fn apply(
         &self,
-        desired: &Resource,
+        desired: Typed<'_, ContainerSpec>,
         _observed: &Observed,
         world: &dyn Lookup,
     ) -> Result<(), DriverError> {
+        let (desired, spec) = (desired.resource, desired.spec);
         let name = desired.id.name.as_str();
         let _span = tracing::info_span!("apply", resource = %format!("Container/{name}")).entered();
-        let spec = spec_of(desired)?;
         crate::supervise::hold::check(&self.env.run_dir, "Container", name)?;
         let want = Self::project(name, spec);
         let paths = self.paths(name);
@@ -528,20 +518,17 @@ impl Driver for ContainerDriver {
         }
     }
 
-    fn delete_impact(&self, last_applied: &Resource) -> Impact {
-        match spec_of(last_applied) {
-            // The tree stead unpacked from the template holds the container's data.
-            Ok(s)
-                if s.rootfs.template.is_some()
-                    && s.deletion_policy != Some(DeletionPolicy::Retain) =>
-            {
-                Impact::DataLoss
-            }
-            _ => Impact::Recreate,
+    fn delete_impact(&self, last_applied: Typed<'_, ContainerSpec>) -> Impact {
+        let s = last_applied.spec;
+        // The tree stead unpacked from the template holds the container's data.
+        if s.rootfs.template.is_some() && s.deletion_policy != Some(DeletionPolicy::Retain) {
+            Impact::DataLoss
+        } else {
+            Impact::Recreate
         }
     }
 
-    fn supports_safety_snapshot(&self, r: &Resource, world: &dyn Lookup) -> bool {
+    fn supports_safety_snapshot(&self, r: Typed<'_, ContainerSpec>, world: &dyn Lookup) -> bool {
         // Probed in the container's private dir (where snapshots go), not in its tree.
         self.own_rootfs(r, world).is_some_and(|(_, data)| {
             data.parent()
@@ -551,7 +538,7 @@ impl Driver for ContainerDriver {
 
     fn safety_snapshot(
         &self,
-        r: &Resource,
+        r: Typed<'_, ContainerSpec>,
         world: &dyn Lookup,
         name: &str,
     ) -> Result<(), DriverError> {
@@ -559,7 +546,7 @@ impl Driver for ContainerDriver {
         match self.own_rootfs(r, world) {
             Some((base, data)) => rootfs_snapshot::create(
                 &data,
-                &rootfs_snapshot::snapshots_dir(&r.id.name, &base),
+                &rootfs_snapshot::snapshots_dir(r.name(), &base),
                 name,
             )
             .map(|_| ()),
@@ -569,11 +556,11 @@ impl Driver for ContainerDriver {
 
     fn delete(
         &self,
-        last_applied: &Resource,
+        last_applied: Typed<'_, ContainerSpec>,
         _observed: &Observed,
         world: &dyn Lookup,
     ) -> Result<(), DriverError> {
-        let name = last_applied.id.name.as_str();
+        let name = last_applied.name();
         let _span =
             tracing::info_span!("delete", resource = %format!("Container/{name}")).entered();
         // A backup that stopped it would start it again when done.
@@ -583,18 +570,16 @@ impl Driver for ContainerDriver {
         if let Some(cfg) = read_json::<ContainerConfig>(&paths.config())? {
             network::detach(&cfg)?;
         }
-        let spec = spec_of(last_applied).ok();
-        if spec.is_some_and(|s| s.deletion_policy == Some(DeletionPolicy::Retain)) {
+        let spec = last_applied.spec;
+        if spec.deletion_policy == Some(DeletionPolicy::Retain) {
             // The rootfs stays, and so does its id range: a container of the same name
             // created again finds its tree owned by the ids it gets back.
             tracing::info!("deletionPolicy: Retain: root file system kept");
         } else {
-            if let Some(spec) = spec {
-                let base = self
-                    .base_dir(spec, world)
-                    .unwrap_or_else(|_| self.env.state_dir.clone());
-                rootfs::remove(name, &base)?;
-            }
+            let base = self
+                .base_dir(spec, world)
+                .unwrap_or_else(|_| self.env.state_dir.clone());
+            rootfs::remove(name, &base)?;
             rootfs::remove(name, &self.env.state_dir)?;
             rootfs::release_ids(&self.env.state_dir, name)?;
         }
@@ -605,6 +590,7 @@ impl Driver for ContainerDriver {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use stead_reconciler::driver::Driver;
 
     #[test]
     fn a_dropped_connection_during_stop_means_the_supervisor_is_exiting() {

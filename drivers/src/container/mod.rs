@@ -69,7 +69,6 @@ mod inroot;
 pub mod network;
 mod process;
 pub mod rootfs;
-pub mod rootfs_snapshot;
 pub mod security;
 pub mod shim;
 pub mod volume;

@@ -132,7 +132,7 @@ pub fn prepare(
 pub fn remove(name: &str, base: &Path) -> Result<(), DriverError> {
     use crate::storage::fsutil::remove_tree_if_exists;
     let own = base.join("rootfs").join(name);
-    let snaps = super::rootfs_snapshot::snapshots_dir(name, base);
+    let snaps = crate::storage::rootfs_snapshot::snapshots_dir(name, base);
     let entries = match fs::read_dir(&own) {
         Ok(rd) => rd,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),

@@ -17,8 +17,8 @@ use rtnetlink::{LinkBridgeVlan, LinkUnspec, LinkVeth, RouteMessageBuilder};
 use stead_reconciler::driver::DriverError;
 use stead_schema::{Cidr, MacAddr};
 
+use super::netns::{NetnsRef, run_in};
 use super::nl::{Link, Netlink, nl_err};
-use super::ns::{NetnsRef, run_in};
 use super::{
     Ownership, STEAD_LINK_GROUP, claim, create_link, delete_link_index, ownership, set_link,
     sync_addresses,

@@ -11,11 +11,11 @@ use rtnetlink::packet_route::link::{BondMode as NlBondMode, InfoBond, InfoData, 
 use rtnetlink::packet_route::link::{LinkAttribute, LinkMessage};
 use rtnetlink::{LinkBond, LinkUnspec};
 use serde_json::{Value, json};
-use stead_reconciler::driver::{Driver, DriverError, Health, HostEnv, Impact, Lookup, Observed};
-use stead_schema::{BondMode, BondSpec, Kind, Resource, ResourceId, Spec};
+use stead_reconciler::driver::{DriverError, Health, HostEnv, Impact, Lookup, Observed, Typed};
+use stead_schema::{BondMode, BondSpec, Kind, ResourceId};
 
+use super::netns::NetnsRef;
 use super::nl::{Netlink, nl_err};
-use super::ns::NetnsRef;
 use super::{
     Ownership, STEAD_LINK_GROUP, claim, create_link, delete_link_index, owner_alias, ownership,
     set_link,
@@ -25,16 +25,6 @@ use super::{
 #[derive(Debug)]
 pub struct BondDriver {
     nl: Mutex<Netlink>,
-}
-
-fn spec_of(r: &Resource) -> Result<&BondSpec, DriverError> {
-    match &r.spec {
-        Spec::Bond(s) => Ok(s),
-        other => Err(DriverError::Other(format!(
-            "Bond driver got a {} resource",
-            other.kind()
-        ))),
-    }
 }
 
 fn mode_name(m: BondMode) -> &'static str {
@@ -113,14 +103,12 @@ impl BondDriver {
     }
 }
 
-impl Driver for BondDriver {
-    fn kind(&self) -> Kind {
-        Kind::Bond
-    }
+impl stead_reconciler::driver::KindDriver for BondDriver {
+    type Spec = BondSpec;
 
     fn observe(
         &self,
-        targets: &[&Resource],
+        targets: &[Typed<'_, BondSpec>],
         _world: &dyn Lookup,
     ) -> Result<BTreeMap<ResourceId, Observed>, DriverError> {
         let mut nl = self.lock()?;
@@ -136,8 +124,8 @@ impl Driver for BondDriver {
             .collect();
         let links: Vec<_> = raw.iter().map(super::nl::Link::from_msg).collect();
         let mut out = BTreeMap::new();
-        for r in targets {
-            let spec = spec_of(r)?;
+        for t in targets {
+            let (r, spec) = (t.resource, t.spec);
             let owner = owner_alias(Kind::Bond, &r.id.name);
             let Some((i, l)) = links.iter().enumerate().find(|(_, l)| l.name == r.id.name) else {
                 out.insert(r.id.clone(), Observed::absent());
@@ -178,10 +166,8 @@ impl Driver for BondDriver {
         Ok(out)
     }
 
-    fn desired_state(&self, desired: &Resource, _world: &dyn Lookup) -> Value {
-        let Ok(spec) = spec_of(desired) else {
-            return Value::Null;
-        };
+    fn desired_state(&self, desired: Typed<'_, BondSpec>, _world: &dyn Lookup) -> Value {
+        let spec = desired.spec;
         let mut slaves: Vec<&str> = spec.slaves.iter().map(|s| s.as_str()).collect();
         slaves.sort();
         slaves.dedup();
@@ -208,12 +194,12 @@ impl Driver for BondDriver {
 
     fn apply(
         &self,
-        desired: &Resource,
+        desired: Typed<'_, BondSpec>,
         _observed: &Observed,
         _world: &dyn Lookup,
     ) -> Result<(), DriverError> {
+        let (desired, spec) = (desired.resource, desired.spec);
         let _span = tracing::info_span!("apply", resource = %desired.id).entered();
-        let spec = spec_of(desired)?;
         let name = desired.id.name.as_str();
         let owner = owner_alias(Kind::Bond, name);
         let mut nl = self.lock()?;
@@ -294,11 +280,11 @@ impl Driver for BondDriver {
 
     fn delete(
         &self,
-        last_applied: &Resource,
+        last_applied: Typed<'_, BondSpec>,
         _observed: &Observed,
         _world: &dyn Lookup,
     ) -> Result<(), DriverError> {
-        let name = last_applied.id.name.as_str();
+        let name = last_applied.name();
         let owner = owner_alias(Kind::Bond, name);
         let mut nl = self.lock()?;
         let Some(l) = nl.link_by_name(name)? else {

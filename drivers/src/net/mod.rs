@@ -15,16 +15,16 @@
 
 pub mod attach;
 pub mod bond;
+pub mod netns;
 mod network;
 mod nft;
 pub(crate) mod nl;
-mod ns;
 
 use std::net::IpAddr;
 
 pub use bond::BondDriver;
+pub use netns::NetnsRef;
 pub use network::{NetworkDriver, vxlan_link_name};
-pub use ns::NetnsRef;
 
 use rtnetlink::packet_core::{NLM_F_CREATE, NLM_F_EXCL};
 use rtnetlink::packet_route::RouteNetlinkMessage;

@@ -16,14 +16,12 @@ use rtnetlink::packet_route::route::RouteType;
 use rtnetlink::packet_route::{AddressFamily, RouteNetlinkMessage};
 use rtnetlink::{LinkBridge, LinkMessageBuilder, LinkUnspec, LinkVxlan};
 use serde_json::{Value, json};
-use stead_reconciler::driver::{Driver, DriverError, Health, HostEnv, Impact, Lookup, Observed};
-use stead_schema::{
-    ForwardSpec, Kind, NetworkSpec, NetworkType, Resource, ResourceId, Spec, VxlanSpec,
-};
+use stead_reconciler::driver::{DriverError, Health, HostEnv, Impact, Lookup, Observed, Typed};
+use stead_schema::{ForwardSpec, Kind, NetworkSpec, NetworkType, ResourceId, VxlanSpec};
 
+use super::netns::NetnsRef;
 use super::nft::{self, Nft, NftTable};
 use super::nl::{Addr, Link, Netlink, nl_err};
-use super::ns::NetnsRef;
 use super::{
     ALIAS_PREFIX, Ownership, STEAD_LINK_GROUP, addr_strings, claim, create_link, delete_link_index,
     owner_alias, ownership, set_link, sync_addresses,
@@ -46,16 +44,6 @@ pub struct NetworkDriver {
 pub fn vxlan_link_name(name: &str, vni: u32) -> String {
     let n = format!("{name}-vx");
     if n.len() <= 15 { n } else { format!("vx{vni}") }
-}
-
-fn spec_of(r: &Resource) -> Result<&NetworkSpec, DriverError> {
-    match &r.spec {
-        Spec::Network(s) => Ok(s),
-        other => Err(DriverError::Other(format!(
-            "Network driver got a {} resource",
-            other.kind()
-        ))),
-    }
 }
 
 /// Links one apply created (ifindex, name), so that a failure later in the same apply
@@ -708,31 +696,26 @@ const NFT_CACHE_TTL: Duration = Duration::from_secs(5);
 const IP_FORWARD: &str = "net/ipv4/ip_forward";
 const IP6_FORWARD: &str = "net/ipv6/conf/all/forwarding";
 
-impl Driver for NetworkDriver {
-    fn kind(&self) -> Kind {
-        Kind::Network
-    }
+impl stead_reconciler::driver::KindDriver for NetworkDriver {
+    type Spec = NetworkSpec;
 
     fn observe(
         &self,
-        targets: &[&Resource],
+        targets: &[Typed<'_, NetworkSpec>],
         _world: &dyn Lookup,
     ) -> Result<BTreeMap<ResourceId, Observed>, DriverError> {
         let _span = tracing::debug_span!("observe", kind = "Network", n = targets.len()).entered();
-        let specs: Vec<&NetworkSpec> = targets.iter().filter_map(|r| spec_of(r).ok()).collect();
+        let specs: Vec<&NetworkSpec> = targets.iter().map(|t| t.spec).collect();
         let snap = self.snapshot(&specs)?;
         let mut out = BTreeMap::new();
-        for r in targets {
-            let spec = spec_of(r)?;
-            out.insert(r.id.clone(), self.observe_one(&r.id.name, spec, &snap));
+        for t in targets {
+            out.insert(t.id().clone(), self.observe_one(t.name(), t.spec, &snap));
         }
         Ok(out)
     }
 
-    fn desired_state(&self, desired: &Resource, _world: &dyn Lookup) -> Value {
-        let Ok(spec) = spec_of(desired) else {
-            return Value::Null;
-        };
+    fn desired_state(&self, desired: Typed<'_, NetworkSpec>, _world: &dyn Lookup) -> Value {
+        let spec = desired.spec;
         let mut st = serde_json::Map::new();
         let ty = match spec.net_type {
             NetworkType::Bridge => "bridge",
@@ -788,11 +771,11 @@ impl Driver for NetworkDriver {
 
     fn check(
         &self,
-        desired: &Resource,
+        desired: Typed<'_, NetworkSpec>,
         observed: &Observed,
         _changes: &[stead_reconciler::driver::FieldChange],
     ) -> Result<(), String> {
-        let spec = spec_of(desired).map_err(|e| e.to_string())?;
+        let (desired, spec) = (desired.resource, desired.spec);
         if observed.exists && !observed.owned {
             return Err(format!(
                 "interface {} exists and is not owned by stead (no alias {:?})",
@@ -813,13 +796,12 @@ impl Driver for NetworkDriver {
 
     fn apply(
         &self,
-        desired: &Resource,
+        desired: Typed<'_, NetworkSpec>,
         _observed: &Observed,
         _world: &dyn Lookup,
     ) -> Result<(), DriverError> {
-        let name = desired.id.name.as_str();
-        let _span = tracing::info_span!("apply", resource = %desired.id).entered();
-        let spec = spec_of(desired)?;
+        let (name, spec) = (desired.name(), desired.spec);
+        let _span = tracing::info_span!("apply", resource = %desired.id()).entered();
         // The plan's check refuses bad targets; this guards callers that skip the plan,
         // before anything is made.
         check_forward_targets(spec).map_err(DriverError::Refused)?;
@@ -845,12 +827,12 @@ impl Driver for NetworkDriver {
 
     fn delete(
         &self,
-        last_applied: &Resource,
+        last_applied: Typed<'_, NetworkSpec>,
         _observed: &Observed,
         _world: &dyn Lookup,
     ) -> Result<(), DriverError> {
-        let name = last_applied.id.name.as_str();
-        let _span = tracing::info_span!("delete", resource = %last_applied.id).entered();
+        let name = last_applied.name();
+        let _span = tracing::info_span!("delete", resource = %last_applied.id()).entered();
         let owner = owner_alias(Kind::Network, name);
         // Rules first: a crash after this leaves a bridge that apply/delete still finds.
         self.converge_rules(name, None)?;

@@ -30,7 +30,7 @@ use serde_json::{Value, json};
 use stead_reconciler::driver::DriverError;
 use stead_schema::{Cidr, ForwardSpec, NetworkSpec, Protocol};
 
-use super::ns::{NetnsRef, run_in};
+use super::netns::{NetnsRef, run_in};
 
 /// The table stead owns (family `inet`).
 pub const TABLE: &str = "stead";

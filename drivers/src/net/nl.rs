@@ -21,7 +21,7 @@ use rtnetlink::packet_route::link::{
 use rtnetlink::sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 use stead_reconciler::driver::DriverError;
 
-use super::ns::{NetnsRef, run_in};
+use super::netns::{NetnsRef, run_in};
 
 /// A blocking NETLINK_ROUTE socket bound to one network namespace.
 #[derive(Debug)]

@@ -282,7 +282,10 @@ mod tests {
             other => panic!("expected a refusal, got {other:?}"),
         }
         match run(&argv) {
-            Err(DriverError::Refused(_)) => {}
+            Err(DriverError::Refused(m)) => assert_eq!(
+                m,
+                "argument \"--config=x\" starts with '-' and would be read as an option"
+            ),
             other => panic!("must not run: {other:?}"),
         }
         assert!(super::super::check_operands(&cmd_list(&spec())).is_ok());
@@ -303,15 +306,62 @@ mod tests {
 
     #[test]
     fn real_lvm_or_skip() {
+        let vg = format!("stead-test-missing-{}", std::process::id());
+        let l = LvmSpec {
+            volume_group: vg.clone(),
+            thin_pool: "none".into(),
+        };
+        let r = check_thin_pool(&l);
         if !have_device_mapper() {
+            match r {
+                Err(DriverError::Unsupported(m)) => assert_eq!(m, "kernel lacks device-mapper"),
+                other => panic!("expected Unsupported, got {other:?}"),
+            }
             eprintln!("SKIP real_lvm_or_skip: kernel lacks device-mapper");
             return;
         }
-        // With device-mapper present, a missing VG must be reported, not panic.
-        let r = check_thin_pool(&LvmSpec {
-            volume_group: format!("stead-test-missing-{}", std::process::id()),
-            thin_pool: "none".into(),
-        });
-        assert!(r.is_err());
+        // With device-mapper present, a missing VG is lvs's failure, naming the VG.
+        match r {
+            Err(DriverError::Command {
+                command, stderr, ..
+            }) => {
+                assert_eq!(command, cmd_list(&l).join(" "));
+                assert!(
+                    stderr.contains(&format!("Volume group \"{vg}\" not found")),
+                    "{stderr}"
+                );
+            }
+            Err(DriverError::Unsupported(m)) => {
+                assert_eq!(m, "lvs not found (install lvm2)");
+                eprintln!("SKIP real_lvm_or_skip (lvs part): lvm2 is not installed");
+            }
+            other => panic!("expected lvs to fail on the missing VG, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_missing_or_failing_tool_is_reported_exactly() {
+        let missing = vec![format!("stead-no-such-tool-{}", std::process::id())];
+        match super::super::run_tool(&missing, "lvm2") {
+            Err(DriverError::Unsupported(m)) => {
+                assert_eq!(m, format!("{} not found (install lvm2)", missing[0]));
+            }
+            other => panic!("expected Unsupported, got {other:?}"),
+        }
+        let failing: Vec<String> = ["sh", "-c", "echo ' no such VG ' >&2; exit 5"]
+            .map(String::from)
+            .to_vec();
+        match super::super::run_tool(&failing, "lvm2") {
+            Err(DriverError::Command {
+                command,
+                status,
+                stderr,
+            }) => {
+                assert_eq!(command, "sh -c echo ' no such VG ' >&2; exit 5");
+                assert_eq!(status, "exit status: 5");
+                assert_eq!(stderr, "no such VG");
+            }
+            other => panic!("expected a command failure, got {other:?}"),
+        }
     }
 }

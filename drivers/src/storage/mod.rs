@@ -21,8 +21,10 @@ pub(crate) mod fsutil;
 pub mod lvm;
 pub(crate) mod mounts;
 mod pool;
+pub mod rootfs_snapshot;
 pub mod snapshot;
 mod volume;
+pub mod workload_snapshot;
 pub mod zfs;
 
 pub mod btrfs;

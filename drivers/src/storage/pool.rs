@@ -8,9 +8,9 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use stead_reconciler::driver::{
-    Driver, DriverError, FieldChange, Health, HostEnv, Impact, Lookup, Observed, PruneAction,
+    DriverError, FieldChange, Health, HostEnv, Impact, Lookup, Observed, PruneAction, Typed,
 };
-use stead_schema::{Content, Kind, PoolType, Resource, ResourceId, Spec, StoragePoolSpec};
+use stead_schema::{Content, PoolType, ResourceId, StoragePoolSpec};
 use tracing::{info, info_span, warn};
 
 use super::fsutil::{self, check_pool_root};
@@ -495,36 +495,24 @@ fn retained_entries(path: &Path) -> Result<Vec<String>, DriverError> {
     Ok(out)
 }
 
-fn pool_of(r: &Resource) -> Option<&StoragePoolSpec> {
-    match &r.spec {
-        Spec::StoragePool(s) => Some(s),
-        _ => None,
-    }
-}
-
-impl Driver for PoolDriver {
-    fn kind(&self) -> Kind {
-        Kind::StoragePool
-    }
+impl stead_reconciler::driver::KindDriver for PoolDriver {
+    type Spec = StoragePoolSpec;
 
     fn observe(
         &self,
-        targets: &[&Resource],
+        targets: &[Typed<'_, StoragePoolSpec>],
         _world: &dyn Lookup,
     ) -> Result<BTreeMap<ResourceId, Observed>, DriverError> {
         let mounts = mounts::read_mounts();
         let mut out = BTreeMap::new();
-        for r in targets {
-            let Some(spec) = pool_of(r) else { continue };
-            out.insert(r.id.clone(), self.observe_one(&r.id.name, spec, &mounts));
+        for t in targets {
+            out.insert(t.id().clone(), self.observe_one(t.name(), t.spec, &mounts));
         }
         Ok(out)
     }
 
-    fn desired_state(&self, desired: &Resource, _world: &dyn Lookup) -> Value {
-        let Some(spec) = pool_of(desired) else {
-            return Value::Null;
-        };
+    fn desired_state(&self, desired: Typed<'_, StoragePoolSpec>, _world: &dyn Lookup) -> Value {
+        let spec = desired.spec;
         let mut m = serde_json::Map::new();
         m.insert("type".into(), json!(pool_type_str(spec.pool_type)));
         m.insert("path".into(), json!(spec.path));
@@ -552,13 +540,11 @@ impl Driver for PoolDriver {
 
     fn check(
         &self,
-        desired: &Resource,
+        desired: Typed<'_, StoragePoolSpec>,
         observed: &Observed,
         _changes: &[FieldChange],
     ) -> Result<(), String> {
-        let Some(spec) = pool_of(desired) else {
-            return Err("not a StoragePool".into());
-        };
+        let (desired, spec) = (desired.resource, desired.spec);
         check_pool_root(&spec.path).map_err(|e| format!("{}: {e}", desired.id))?;
         let need = match spec.pool_type {
             PoolType::Nfs if spec.nfs.is_none() => Some("nfs: {server, export}"),
@@ -585,32 +571,28 @@ impl Driver for PoolDriver {
 
     fn apply(
         &self,
-        desired: &Resource,
+        desired: Typed<'_, StoragePoolSpec>,
         _observed: &Observed,
         _world: &dyn Lookup,
     ) -> Result<(), DriverError> {
-        let spec = pool_of(desired)
-            .ok_or_else(|| DriverError::Other(format!("{} is not a StoragePool", desired.id)))?;
-        let _span = info_span!("pool_apply", pool = %desired.id.name, path = %spec.path.display())
-            .entered();
-        self.apply_spec(&desired.id.name, spec)
+        let spec = desired.spec;
+        let _span =
+            info_span!("pool_apply", pool = %desired.name(), path = %spec.path.display()).entered();
+        self.apply_spec(desired.name(), spec)
     }
 
-    fn prune_action(&self, _last_applied: &Resource) -> PruneAction {
+    fn prune_action(&self, _last_applied: Typed<'_, StoragePoolSpec>) -> PruneAction {
         // Safe: delete only removes an empty layout, never data.
         PruneAction::Delete
     }
 
     fn delete(
         &self,
-        last_applied: &Resource,
+        last_applied: Typed<'_, StoragePoolSpec>,
         _observed: &Observed,
         _world: &dyn Lookup,
     ) -> Result<(), DriverError> {
-        let spec = pool_of(last_applied).ok_or_else(|| {
-            DriverError::Other(format!("{} is not a StoragePool", last_applied.id))
-        })?;
-        let _span = info_span!("pool_delete", pool = %last_applied.id.name).entered();
-        self.delete_spec(&last_applied.id.name, spec)
+        let _span = info_span!("pool_delete", pool = %last_applied.name()).entered();
+        self.delete_spec(last_applied.name(), last_applied.spec)
     }
 }

@@ -7,10 +7,10 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{Value, json};
 use stead_reconciler::driver::{
-    Driver, DriverError, FieldChange, Health, HostEnv, Impact, Lookup, Observed, PruneAction,
+    DriverError, FieldChange, Health, HostEnv, Impact, Lookup, Observed, PruneAction, Typed,
 };
 use stead_schema::{
-    ByteSize, Content, DeletionPolicy, Kind, PoolType, Resource, ResourceId, Spec, StoragePoolSpec,
+    ByteSize, Content, DeletionPolicy, PoolType, Resource, ResourceId, StoragePoolSpec,
     VolumeFormat, VolumeSpec,
 };
 use tracing::{info, info_span};
@@ -118,13 +118,6 @@ pub(crate) fn disk_path(
             .ok_or_else(|| {
                 DriverError::Refused(format!("StoragePool/{pool_name} has no spec.zfs"))
             }),
-    }
-}
-
-fn vol_of(r: &Resource) -> Option<&VolumeSpec> {
-    match &r.spec {
-        Spec::Volume(v) => Some(v),
-        _ => None,
     }
 }
 
@@ -370,14 +363,13 @@ struct Target<'a> {
 }
 
 impl<'a> Target<'a> {
-    fn resolve(r: &'a Resource, world: &'a dyn Lookup) -> Result<Self, DriverError> {
-        let spec =
-            vol_of(r).ok_or_else(|| DriverError::Other(format!("{} is not a Volume", r.id)))?;
-        check_component("volume name", &r.id.name)?;
+    fn resolve(r: Typed<'a, VolumeSpec>, world: &'a dyn Lookup) -> Result<Self, DriverError> {
+        let spec = r.spec;
+        check_component("volume name", r.name())?;
         let pool = super::pool_spec(world, spec.pool.as_str())?;
         fsutil::check_pool_root(&pool.path)?;
         Ok(Target {
-            name: &r.id.name,
+            name: r.name(),
             spec,
             pool_name: spec.pool.as_str(),
             pool,
@@ -628,21 +620,20 @@ pub(crate) fn shrink_message(name: &str, from: u64, to: u64) -> String {
     )
 }
 
-impl Driver for VolumeDriver {
-    fn kind(&self) -> Kind {
-        Kind::Volume
-    }
+impl stead_reconciler::driver::KindDriver for VolumeDriver {
+    type Spec = VolumeSpec;
 
     fn observe(
         &self,
-        targets: &[&Resource],
+        targets: &[Typed<'_, VolumeSpec>],
         world: &dyn Lookup,
     ) -> Result<BTreeMap<ResourceId, Observed>, DriverError> {
         let mut by_pool: BTreeMap<&str, Vec<&Resource>> = BTreeMap::new();
-        for r in targets {
-            if let Some(v) = vol_of(r) {
-                by_pool.entry(v.pool.as_str()).or_default().push(r);
-            }
+        for t in targets {
+            by_pool
+                .entry(t.spec.pool.as_str())
+                .or_default()
+                .push(t.resource);
         }
         let mut out = BTreeMap::new();
         for (pool_name, vols) in by_pool {
@@ -652,15 +643,13 @@ impl Driver for VolumeDriver {
         Ok(out)
     }
 
-    fn desired_state(&self, desired: &Resource, _world: &dyn Lookup) -> Value {
-        match vol_of(desired) {
-            Some(v) => json!({
-                "pool": v.pool.as_str(),
-                "size": v.size.bytes(),
-                "format": format_str(v.format),
-            }),
-            None => Value::Null,
-        }
+    fn desired_state(&self, desired: Typed<'_, VolumeSpec>, _world: &dyn Lookup) -> Value {
+        let v = desired.spec;
+        json!({
+            "pool": v.pool.as_str(),
+            "size": v.size.bytes(),
+            "format": format_str(v.format),
+        })
     }
 
     fn impact(&self, path: &str) -> Impact {
@@ -672,13 +661,11 @@ impl Driver for VolumeDriver {
 
     fn check(
         &self,
-        desired: &Resource,
+        desired: Typed<'_, VolumeSpec>,
         observed: &Observed,
         changes: &[FieldChange],
     ) -> Result<(), String> {
-        let Some(v) = vol_of(desired) else {
-            return Err(format!("{} is not a Volume", desired.id));
-        };
+        let (desired, v) = (desired.resource, desired.spec);
         check_component("volume name", &desired.id.name)
             .map_err(|e| format!("{}: {e}", desired.id))?;
         if v.format != VolumeFormat::Raw {
@@ -717,7 +704,7 @@ impl Driver for VolumeDriver {
 
     fn apply(
         &self,
-        desired: &Resource,
+        desired: Typed<'_, VolumeSpec>,
         observed: &Observed,
         world: &dyn Lookup,
     ) -> Result<(), DriverError> {
@@ -750,36 +737,36 @@ impl Driver for VolumeDriver {
         }
     }
 
-    fn delete_impact(&self, _last_applied: &Resource) -> Impact {
+    fn delete_impact(&self, _last_applied: Typed<'_, VolumeSpec>) -> Impact {
         Impact::DataLoss
     }
 
-    fn supports_safety_snapshot(&self, r: &Resource, world: &dyn Lookup) -> bool {
-        vol_of(r)
-            .and_then(|v| super::pool_spec(world, v.pool.as_str()).ok())
+    fn supports_safety_snapshot(&self, r: Typed<'_, VolumeSpec>, world: &dyn Lookup) -> bool {
+        super::pool_spec(world, r.spec.pool.as_str())
+            .ok()
             .is_some_and(snapshot::supports_cheap_snapshots)
     }
 
     fn safety_snapshot(
         &self,
-        r: &Resource,
+        r: Typed<'_, VolumeSpec>,
         world: &dyn Lookup,
         name: &str,
     ) -> Result<(), DriverError> {
         // Names start with `pre-` (snapshot::SAFETY_PREFIX), so they outlive the volume.
-        snapshot::snapshot_create(&self.env, world, &r.id.name, name).map(|_| ())
+        snapshot::snapshot_create(&self.env, world, r.name(), name).map(|_| ())
     }
 
-    fn prune_action(&self, last_applied: &Resource) -> PruneAction {
-        match vol_of(last_applied).map(|v| v.deletion_policy) {
-            Some(DeletionPolicy::Delete) => PruneAction::Delete,
+    fn prune_action(&self, last_applied: Typed<'_, VolumeSpec>) -> PruneAction {
+        match last_applied.spec.deletion_policy {
+            DeletionPolicy::Delete => PruneAction::Delete,
             _ => PruneAction::Retain,
         }
     }
 
     fn delete(
         &self,
-        last_applied: &Resource,
+        last_applied: Typed<'_, VolumeSpec>,
         observed: &Observed,
         world: &dyn Lookup,
     ) -> Result<(), DriverError> {
@@ -876,6 +863,7 @@ impl Driver for VolumeDriver {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use stead_reconciler::driver::Driver;
 
     #[test]
     fn a_sweep_never_removes_a_temp_file_being_created_in_parallel() {

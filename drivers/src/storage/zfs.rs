@@ -245,7 +245,13 @@ mod tests {
             ),
             other => panic!("expected a refusal, got {other:?}"),
         }
-        assert!(super::super::check_operands(&cmd_list(&z)).is_err());
+        match super::super::check_operands(&cmd_list(&z)) {
+            Err(DriverError::Refused(m)) => assert_eq!(
+                m,
+                "argument \"-r\" starts with '-' and would be read as an option"
+            ),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
         assert!(super::super::check_operands(&cmd_list(&spec())).is_ok());
     }
 
@@ -260,13 +266,34 @@ mod tests {
 
     #[test]
     fn real_zfs_or_skip() {
+        let dataset = format!("stead-test-missing-{}", std::process::id());
+        let r = check_dataset(&ZfsSpec {
+            dataset: dataset.clone(),
+        });
         if !have_zfs() {
+            match r {
+                Err(DriverError::Unsupported(m)) => assert_eq!(m, "kernel lacks ZFS"),
+                other => panic!("expected Unsupported, got {other:?}"),
+            }
             eprintln!("SKIP real_zfs_or_skip: kernel lacks ZFS");
             return;
         }
-        let r = check_dataset(&ZfsSpec {
-            dataset: format!("stead-test-missing-{}", std::process::id()),
-        });
-        assert!(r.is_err());
+        // With ZFS loaded, a missing dataset is zfs's failure, naming the dataset.
+        match r {
+            Err(DriverError::Command {
+                command, stderr, ..
+            }) => {
+                assert_eq!(command, format!("zfs list -Hp -o name -- {dataset}"));
+                assert!(
+                    stderr.contains(&format!("cannot open '{dataset}': dataset does not exist")),
+                    "{stderr}"
+                );
+            }
+            Err(DriverError::Unsupported(m)) => {
+                assert_eq!(m, "zfs not found (install zfsutils-linux)");
+                eprintln!("SKIP real_zfs_or_skip (zfs part): zfsutils-linux is not installed");
+            }
+            other => panic!("expected zfs to fail on the missing dataset, got {other:?}"),
+        }
     }
 }

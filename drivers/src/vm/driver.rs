@@ -22,9 +22,9 @@ use nix::unistd::Pid;
 use serde_json::{Value, json};
 use stead_host::cgroup::{Cgroup, Hierarchy};
 use stead_reconciler::driver::{
-    Driver, DriverError, FieldChange, Health, HostEnv, Impact, Lookup, Observed,
+    DriverError, FieldChange, Health, HostEnv, Impact, Lookup, Observed, Typed,
 };
-use stead_schema::{Kind, Resource, ResourceId, RestartPolicy, RunState, Spec, VirtualMachineSpec};
+use stead_schema::{Kind, Resource, ResourceId, RestartPolicy, RunState, VirtualMachineSpec};
 
 use super::config::{
     DiskRun, InterfaceRun, Paths, Phase, SupervisorState, VmRunConfig, cgroup_name, generated_mac,
@@ -79,16 +79,6 @@ impl std::fmt::Display for ApplyError {
 impl From<DriverError> for ApplyError {
     fn from(e: DriverError) -> Self {
         ApplyError::Other(e)
-    }
-}
-
-fn spec_of(r: &Resource) -> Result<&VirtualMachineSpec, DriverError> {
-    match &r.spec {
-        Spec::VirtualMachine(v) => Ok(v),
-        _ => Err(DriverError::Other(format!(
-            "{} is not a VirtualMachine",
-            r.id.name
-        ))),
     }
 }
 
@@ -520,27 +510,23 @@ impl VmDriver {
     }
 }
 
-impl Driver for VmDriver {
-    fn kind(&self) -> Kind {
-        Kind::VirtualMachine
-    }
+impl stead_reconciler::driver::KindDriver for VmDriver {
+    type Spec = VirtualMachineSpec;
 
     fn observe(
         &self,
-        targets: &[&Resource],
+        targets: &[Typed<'_, VirtualMachineSpec>],
         _world: &dyn Lookup,
     ) -> Result<BTreeMap<ResourceId, Observed>, DriverError> {
         let _span = tracing::debug_span!("vm_observe").entered();
-        crate::supervise::observe_instances(&vms_dir(&self.env.run_dir), targets, |r| {
+        let targets: Vec<&Resource> = targets.iter().map(|t| t.resource).collect();
+        crate::supervise::observe_instances(&vms_dir(&self.env.run_dir), &targets, |r| {
             self.observe_one(&r.id.name)
         })
     }
 
-    fn desired_state(&self, desired: &Resource, _world: &dyn Lookup) -> Value {
-        match spec_of(desired) {
-            Ok(s) => Self::project(&desired.id.name, s),
-            Err(_) => Value::Null,
-        }
+    fn desired_state(&self, desired: Typed<'_, VirtualMachineSpec>, _world: &dyn Lookup) -> Value {
+        Self::project(desired.name(), desired.spec)
     }
 
     fn impact(&self, path: &str) -> Impact {
@@ -549,11 +535,11 @@ impl Driver for VmDriver {
 
     fn check(
         &self,
-        desired: &Resource,
+        desired: Typed<'_, VirtualMachineSpec>,
         _observed: &Observed,
         _changes: &[FieldChange],
     ) -> Result<(), String> {
-        let spec = spec_of(desired).map_err(|e| e.to_string())?;
+        let spec = desired.spec;
         if spec.cpus > u32::from(stead_vmm::MAX_VCPUS) {
             return Err(format!(
                 "cpus {} exceeds the VMM's maximum of {}",
@@ -577,12 +563,11 @@ impl Driver for VmDriver {
 
     fn apply(
         &self,
-        desired: &Resource,
+        desired: Typed<'_, VirtualMachineSpec>,
         _observed: &Observed,
         world: &dyn Lookup,
     ) -> Result<(), DriverError> {
-        let spec = spec_of(desired)?;
-        let name = desired.id.name.as_str();
+        let (spec, name) = (desired.spec, desired.name());
         let _span = tracing::info_span!("vm_apply", vm = name).entered();
         crate::supervise::hold::check(&self.env.run_dir, "VirtualMachine", name)?;
         let cfg = self.resolve(name, spec, world)?;
@@ -609,11 +594,11 @@ impl Driver for VmDriver {
 
     fn delete(
         &self,
-        last_applied: &Resource,
+        last_applied: Typed<'_, VirtualMachineSpec>,
         _observed: &Observed,
         _world: &dyn Lookup,
     ) -> Result<(), DriverError> {
-        let name = last_applied.id.name.as_str();
+        let name = last_applied.name();
         let _span = tracing::info_span!("vm_delete", vm = name).entered();
         // A backup that stopped it would start it again when done.
         crate::supervise::hold::check(&self.env.run_dir, "VirtualMachine", name)?;
@@ -624,6 +609,8 @@ impl Driver for VmDriver {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use stead_reconciler::driver::Driver;
+    use stead_schema::Spec;
 
     fn vm(yaml_spec: &str) -> Resource {
         let v: serde_json::Value = serde_json::from_str(yaml_spec).expect("json");

@@ -27,8 +27,8 @@ use stead_schema::{Resource, ResourceId, Spec};
 use tracing::info_span;
 
 use crate::backup::consistency::WorkloadHooks;
-use crate::container::rootfs_snapshot as tree;
 use crate::storage;
+use crate::storage::rootfs_snapshot as tree;
 
 /// One part of a workload snapshot.
 #[derive(Debug, Clone, PartialEq, Eq)]

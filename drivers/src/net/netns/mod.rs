@@ -12,6 +12,10 @@ use std::path::{Path, PathBuf};
 use nix::sched::{CloneFlags, setns};
 use stead_reconciler::driver::DriverError;
 
+mod named;
+
+pub use named::{create_named, delete_named, exists, path_of};
+
 /// A network namespace, named the ways callers hold one.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NetnsRef {
