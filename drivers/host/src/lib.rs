@@ -6,6 +6,7 @@
 
 pub mod fs;
 pub mod mounts;
+pub mod process;
 pub mod tree;
 
 pub use fs::{HostError, is_atomic_temp_name, write_atomic, write_atomic_mode};

@@ -21,11 +21,11 @@
 //!   means the same.
 
 use std::collections::HashMap;
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::fs::{self, File};
+use std::io::{Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use nix::fcntl::{FcntlArg, FdFlag, OFlag, fcntl};
@@ -42,9 +42,9 @@ use super::cgroup::{Cgroup, Hierarchy, Limits};
 use super::config::{ContainerConfig, ExitInfo, Paths, Phase, ShimState, write_json};
 use super::control::{Request, recv_request};
 use super::{network, process};
+use crate::supervise::console::{Clients, ConsoleLog};
 
-/// Size cap of `console.log`.
-pub const LOG_CAP: u64 = 1 << 20;
+pub use crate::supervise::console::LOG_CAP;
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 
@@ -116,22 +116,9 @@ pub fn main(args: &ShimArgs) -> i32 {
     )
 }
 
-fn now_rfc3339() -> String {
-    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
-}
-
-/// Points fds 0 (at /dev/null), 1 and 2 (at the shim log) of this daemon process.
-fn redirect_stdio(log: &Path) -> Result<(), String> {
-    let null = File::open("/dev/null").map_err(|e| format!("open /dev/null: {e}"))?;
-    let f = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .map_err(|e| format!("open {}: {e}", log.display()))?;
-    nix::unistd::dup2_stdin(&null).map_err(|e| format!("dup2 stdin: {e}"))?;
-    nix::unistd::dup2_stdout(&f).map_err(|e| format!("dup2 stdout: {e}"))?;
-    nix::unistd::dup2_stderr(&f).map_err(|e| format!("dup2 stderr: {e}"))?;
-    Ok(())
+/// Whether a live shim holds the lock of `paths` (used by observe).
+pub fn lock_held(paths: &Paths) -> bool {
+    paths.instance().lock_held()
 }
 
 fn daemon(cfg: ContainerConfig, cfg_path: PathBuf, paths: Paths, ready: OwnedFd) -> i32 {
@@ -141,12 +128,13 @@ fn daemon(cfg: ContainerConfig, cfg_path: PathBuf, paths: Paths, ready: OwnedFd)
             let _ = r.write_all(msg.as_bytes());
         }
     };
-    if let Err(e) = redirect_stdio(&paths.shim_log()) {
+    let instance = paths.instance();
+    if let Err(e) = instance.redirect_stdio() {
         report(&e);
         return 1;
     }
     let _ = std::env::set_current_dir("/");
-    let lock = match lock_file(&paths.lock()) {
+    let lock = match instance.lock() {
         Ok(l) => l,
         Err(e) => {
             report(&e);
@@ -174,92 +162,6 @@ fn daemon(cfg: ContainerConfig, cfg_path: PathBuf, paths: Paths, ready: OwnedFd)
     code
 }
 
-fn lock_file(p: &Path) -> Result<File, String> {
-    let f = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(p)
-        .map_err(|e| format!("open {}: {e}", p.display()))?;
-    // Retry briefly: observe's `lock_held` probe takes the lock for a moment.
-    for _ in 0..50 {
-        match f.try_lock() {
-            Ok(()) => return Ok(f),
-            Err(std::fs::TryLockError::WouldBlock) => {
-                std::thread::sleep(Duration::from_millis(2));
-            }
-            Err(std::fs::TryLockError::Error(e)) => {
-                return Err(format!("lock {}: {e}", p.display()));
-            }
-        }
-    }
-    Err(format!("another supervisor holds {}", p.display()))
-}
-
-/// Whether a live shim holds the lock of `paths` (used by observe).
-pub fn lock_held(paths: &Paths) -> bool {
-    let Ok(f) = File::open(paths.lock()) else {
-        return false;
-    };
-    // A shared probe: it never blocks the supervisor for more than this moment (and the
-    // supervisor retries its exclusive lock briefly). An error to take it counts as held.
-    match f.try_lock_shared() {
-        Ok(()) => {
-            let _ = f.unlock();
-            false
-        }
-        Err(_) => true,
-    }
-}
-
-struct ConsoleLog {
-    path: PathBuf,
-    file: Option<File>,
-    size: u64,
-}
-
-impl ConsoleLog {
-    fn open(path: PathBuf) -> Self {
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .ok();
-        let size = file
-            .as_ref()
-            .and_then(|f| f.metadata().ok())
-            .map_or(0, |m| m.len());
-        ConsoleLog { path, file, size }
-    }
-
-    fn write(&mut self, data: &[u8]) {
-        if let Some(f) = &mut self.file
-            && f.write_all(data).is_ok()
-        {
-            self.size += data.len() as u64;
-        }
-        if self.size > LOG_CAP {
-            self.rotate();
-        }
-    }
-
-    /// Keeps the newest half (from a line start), atomically.
-    fn rotate(&mut self) {
-        let Ok(data) = fs::read(&self.path) else {
-            return;
-        };
-        let keep = (LOG_CAP / 2) as usize;
-        let mut start = data.len().saturating_sub(keep);
-        if let Some(nl) = data[start..].iter().position(|b| *b == b'\n') {
-            start += nl + 1;
-        }
-        if stead_host::write_atomic(&self.path, &data[start..]).is_ok() {
-            self.file = OpenOptions::new().append(true).open(&self.path).ok();
-            self.size = (data.len() - start) as u64;
-        }
-    }
-}
-
 struct Shim {
     cfg: ContainerConfig,
     cfg_path: PathBuf,
@@ -275,7 +177,7 @@ struct Shim {
     log: ConsoleLog,
     listener: UnixListener,
     sigfd: SignalFd,
-    consoles: Vec<UnixStream>,
+    consoles: Clients,
     execs: HashMap<Pid, UnixStream>,
     stop_waiters: Vec<UnixStream>,
     stop_deadline: Option<Instant>,
@@ -421,7 +323,7 @@ impl Shim {
             log,
             listener,
             sigfd,
-            consoles: Vec::new(),
+            consoles: Clients::default(),
             execs: HashMap::new(),
             stop_waiters: Vec::new(),
             stop_deadline: None,
@@ -449,7 +351,7 @@ impl Shim {
         self.started = Instant::now();
         self.state.phase = Phase::Running;
         self.state.init_pid = Some(pid.as_raw());
-        self.state.started_at = Some(now_rfc3339());
+        self.state.started_at = Some(crate::supervise::now_rfc3339());
         self.state.last_error = None;
         self.state.start_micros = Some(t.elapsed().as_micros() as u64);
         self.save();
@@ -465,8 +367,8 @@ impl Shim {
                     PollFd::new(self.listener.as_fd(), PollFlags::POLLIN),
                     PollFd::new(self.master.as_fd(), PollFlags::POLLIN),
                 ];
-                for c in &self.consoles {
-                    fds.push(PollFd::new(c.as_fd(), PollFlags::POLLIN));
+                for c in self.consoles.fds() {
+                    fds.push(PollFd::new(c, PollFlags::POLLIN));
                 }
                 match poll(&mut fds, timeout) {
                     Ok(_) => fds
@@ -491,8 +393,7 @@ impl Shim {
             if ready[2] {
                 self.on_console_output();
             }
-            let console_ready: Vec<bool> = ready[3..].to_vec();
-            self.on_console_input(&console_ready);
+            self.consoles.relay_input(&ready[3..], &mut self.master);
             if let Some(code) = self.on_timers() {
                 return code;
             }
@@ -556,7 +457,7 @@ impl Shim {
         let exit = ExitInfo {
             code,
             signal,
-            at: now_rfc3339(),
+            at: crate::supervise::now_rfc3339(),
         };
         tracing::info!(?code, ?signal, container = %self.cfg.name, "init exited");
         self.init = None;
@@ -734,8 +635,7 @@ impl Shim {
             },
             Request::Console => {
                 send_reply(&mut conn, &Reply::ok());
-                let _ = conn.set_nonblocking(true);
-                self.consoles.push(conn);
+                self.consoles.add(conn);
             }
         }
     }
@@ -762,33 +662,11 @@ impl Shim {
                 Ok(0) => break,
                 Ok(n) => {
                     self.log.write(&buf[..n]);
-                    self.consoles
-                        .retain_mut(|c| !matches!(c.write(&buf[..n]), Err(e) if e.kind() != io::ErrorKind::WouldBlock));
+                    self.consoles.broadcast(&buf[..n]);
                 }
                 Err(_) => break,
             }
         }
-    }
-
-    fn on_console_input(&mut self, ready: &[bool]) {
-        let mut keep = Vec::with_capacity(self.consoles.len());
-        let mut buf = [0u8; 4096];
-        for (i, mut c) in std::mem::take(&mut self.consoles).into_iter().enumerate() {
-            if !ready.get(i).copied().unwrap_or(false) {
-                keep.push(c);
-                continue;
-            }
-            match c.read(&mut buf) {
-                Ok(0) => {}
-                Ok(n) => {
-                    let _ = self.master.write_all(&buf[..n]);
-                    keep.push(c);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => keep.push(c),
-                Err(_) => {}
-            }
-        }
-        self.consoles = keep;
     }
 }
 
@@ -805,40 +683,5 @@ mod tests {
         };
         assert_eq!(ShimArgs::parse(a.to_args()).expect("parse"), a);
         assert!(ShimArgs::parse(vec!["--name".to_string()]).is_err());
-    }
-
-    #[test]
-    fn one_supervisor_lock_per_container() {
-        let dir = tempfile::tempdir().expect("tmp");
-        let paths = Paths::new(dir.path(), "c");
-        fs::create_dir_all(&paths.dir).expect("mkdir");
-        assert!(!lock_held(&paths), "no lock file yet");
-        let held = lock_file(&paths.lock()).expect("first lock");
-        assert!(lock_held(&paths));
-        let second = lock_file(&paths.lock()).expect_err("second supervisor refused");
-        assert!(second.contains("another supervisor"), "{second}");
-        drop(held);
-        assert!(!lock_held(&paths));
-        let _again = lock_file(&paths.lock()).expect("free again");
-    }
-
-    #[test]
-    fn console_log_is_capped() {
-        let dir = tempfile::tempdir().expect("tmp");
-        let p = dir.path().join("console.log");
-        let mut log = ConsoleLog::open(p.clone());
-        let line = vec![b'x'; 1023]
-            .into_iter()
-            .chain([b'\n'])
-            .collect::<Vec<u8>>();
-        for _ in 0..3000 {
-            log.write(&line);
-        }
-        let len = fs::metadata(&p).expect("meta").len();
-        assert!(len <= LOG_CAP, "{len}");
-        assert!(len >= LOG_CAP / 2 - 1024, "{len}");
-        let data = fs::read(&p).expect("read");
-        assert_eq!(data.first(), Some(&b'x'));
-        assert_eq!(data.last(), Some(&b'\n'));
     }
 }

@@ -1,10 +1,25 @@
-//! Detaching a per-instance supervisor (`stead shim`, `stead vmm`) from the CLI that
-//! started it: double fork into a new session, then wait for the supervisor's readiness
-//! message on a pipe, so the launcher's exit code says whether the workload started.
+//! The supervisor framework shared by the per-instance supervisors (`stead shim` for a
+//! container, `stead vmm` for a VM):
+//! - [`instance`]: one instance's files under the run dir (config, state, lock, socket,
+//!   logs), its exclusive lock and liveness probe, the detached supervisor's stdio;
+//! - [`console`]: the size-capped console log, the fan-out to attached clients, and the
+//!   CLI ends (`stead console`, `stead logs`);
+//! - [`hold`]: backup holds that keep `apply` from restarting a workload a backup stopped;
+//! - here: detaching a supervisor from the CLI that started it (double fork into a new
+//!   session, then wait for the supervisor's readiness message on a pipe, so the
+//!   launcher's exit code says whether the workload started), loading its config, and the
+//!   driver-side helpers every supervised kind shares.
 
 use std::fs::File;
 use std::io::Read;
 use std::os::fd::OwnedFd;
+
+pub mod console;
+pub mod hold;
+pub mod instance;
+
+pub use console::copy_log;
+pub use instance::{Instance, Layout, now_rfc3339};
 
 use nix::fcntl::OFlag;
 use nix::sys::wait::waitpid;
@@ -131,45 +146,6 @@ pub fn observe_instances(
     Ok(out)
 }
 
-/// Copies a supervisor's console log (`path`, opened with `open`) to `out`; with
-/// `follow`, keeps copying new output every 200 ms while `alive()` holds. The supervisor
-/// trims the log in place: when it shrank, copying starts over from its beginning.
-pub fn copy_log(
-    path: &std::path::Path,
-    open: impl Fn() -> Result<File, stead_reconciler::driver::DriverError>,
-    follow: bool,
-    alive: impl Fn() -> bool,
-    out: &mut dyn std::io::Write,
-) -> Result<(), stead_reconciler::driver::DriverError> {
-    use stead_reconciler::driver::DriverError;
-    let mut f = open()?;
-    let mut pos = 0u64;
-    let mut buf = vec![0u8; 65536];
-    loop {
-        let len = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
-        if len < pos {
-            f = open()?;
-            pos = 0;
-        }
-        loop {
-            let n = f
-                .read(&mut buf)
-                .map_err(|e| DriverError::io("read log", e))?;
-            if n == 0 {
-                break;
-            }
-            pos += n as u64;
-            out.write_all(&buf[..n])
-                .map_err(|e| DriverError::io("write log", e))?;
-        }
-        out.flush().map_err(|e| DriverError::io("flush", e))?;
-        if !follow || !alive() {
-            return Ok(());
-        }
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    }
-}
-
 /// The impact of a change at JSON pointer `path` of a supervised workload: `hot` when its
 /// top-level field is one of `hot` (applied to the running instance), else `restart`.
 pub fn hot_or_restart(path: &str, hot: &[&str]) -> stead_reconciler::driver::Impact {
@@ -180,5 +156,3 @@ pub fn hot_or_restart(path: &str, hot: &[&str]) -> stead_reconciler::driver::Imp
         stead_reconciler::driver::Impact::Restart
     }
 }
-
-pub mod hold;

@@ -28,10 +28,9 @@
 //!   forced by the VMM after the configured timeout), `SIGKILL` to the child if it is
 //!   still there 5 s later, phase `stopped`, exit.
 
-use std::fs::{self, File, OpenOptions, TryLockError};
+use std::fs::{self, File};
 use std::io::{self, BufReader, Write};
 use std::os::fd::OwnedFd;
-use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -45,9 +44,9 @@ use stead_vmm::{Reply, Request, RunState, StatusReply};
 use super::config::{Paths, Phase, SupervisorState, VmRunConfig, cgroup_name};
 use crate::container::cgroup::{Cgroup, Hierarchy, Limits};
 use crate::container::config::{read_json, write_json};
+use crate::supervise::console::trim_log;
 
-/// Size cap of `console.log`.
-pub const LOG_CAP: u64 = 1 << 20;
+pub use crate::supervise::console::LOG_CAP;
 /// Memory allowed to the VM's cgroup on top of guest RAM (VMM code, stacks, queues).
 pub const MEMORY_OVERHEAD: u64 = 64 << 20;
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -111,52 +110,9 @@ pub fn main(args: &VmmArgs) -> i32 {
     )
 }
 
-fn now_rfc3339() -> String {
-    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
-}
-
-/// Points stdin at `/dev/null` and stdout/stderr at `log` (appending).
-fn redirect_stdio(log: &Path) -> Result<(), String> {
-    let null = File::open("/dev/null").map_err(|e| format!("open /dev/null: {e}"))?;
-    nix::unistd::dup2_stdin(&null).map_err(|e| format!("dup2 stdin: {e}"))?;
-    let f = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .map_err(|e| format!("open {}: {e}", log.display()))?;
-    nix::unistd::dup2_stdout(&f).map_err(|e| format!("dup2 stdout: {e}"))?;
-    nix::unistd::dup2_stderr(&f).map_err(|e| format!("dup2 stderr: {e}"))?;
-    Ok(())
-}
-
-fn lock_file(p: &Path) -> Result<File, String> {
-    let f = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(p)
-        .map_err(|e| format!("open {}: {e}", p.display()))?;
-    // A concurrent `lock_held` probe holds a shared lock for an instant: retry briefly.
-    let deadline = Instant::now() + Duration::from_secs(2);
-    loop {
-        match f.try_lock() {
-            Ok(()) => return Ok(f),
-            Err(TryLockError::WouldBlock) if Instant::now() <= deadline => {
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            Err(e) => return Err(format!("another supervisor holds {} ({e})", p.display())),
-        }
-    }
-}
-
 /// Whether a live supervisor holds the lock of `paths`.
 pub fn lock_held(paths: &Paths) -> bool {
-    let Ok(f) = File::open(paths.lock()) else {
-        return false;
-    };
-    // Shared: probes never conflict with each other, only with the supervisor's
-    // exclusive lock. Closing `f` releases a lock taken here.
-    matches!(f.try_lock_shared(), Err(TryLockError::WouldBlock))
+    paths.instance().lock_held()
 }
 
 /// Sends one request to the VMM's control socket and returns its reply.
@@ -193,23 +149,28 @@ fn daemon(cfg: VmRunConfig, paths: Paths, ready: OwnedFd) -> i32 {
             let _ = r.write_all(msg.as_bytes());
         }
     };
-    if let Err(e) = redirect_stdio(&paths.vmm_log()) {
+    let instance = paths.instance();
+    if let Err(e) = instance.redirect_stdio() {
         report(&e);
         return 1;
     }
     let _ = std::env::set_current_dir("/");
-    let lock = match lock_file(&paths.lock()) {
+    let lock = match instance.lock() {
         Ok(l) => l,
         Err(e) => {
             report(&e);
             return 1;
         }
     };
-    eprintln!("{} stead vmm: supervising VM {}", now_rfc3339(), cfg.name);
+    eprintln!(
+        "{} stead vmm: supervising VM {}",
+        crate::supervise::now_rfc3339(),
+        cfg.name
+    );
     let mut sup = match Supervisor::new(cfg, paths) {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("{} stead vmm: {e}", now_rfc3339());
+            eprintln!("{} stead vmm: {e}", crate::supervise::now_rfc3339());
             report(&e);
             return 1;
         }
@@ -217,7 +178,7 @@ fn daemon(cfg: VmRunConfig, paths: Paths, ready: OwnedFd) -> i32 {
     match sup.first_boot() {
         Ok(()) => report("ok"),
         Err(e) => {
-            eprintln!("{} stead vmm: {e}", now_rfc3339());
+            eprintln!("{} stead vmm: {e}", crate::supervise::now_rfc3339());
             sup.state.last_error = Some(e.clone());
             sup.state.phase = Phase::Exited;
             sup.state.vmm_pid = None;
@@ -305,7 +266,7 @@ impl Supervisor {
 
     fn save(&self) {
         if let Err(e) = write_json(&self.paths.supervisor_state(), &self.state) {
-            eprintln!("{} stead vmm: {e}", now_rfc3339());
+            eprintln!("{} stead vmm: {e}", crate::supervise::now_rfc3339());
         }
     }
 
@@ -349,13 +310,16 @@ impl Supervisor {
                 unsafe { libc::_exit(c) }
             }
             Ok(nix::unistd::ForkResult::Parent { child }) => {
-                eprintln!("{} stead vmm: boot, VMM pid {child}", now_rfc3339());
+                eprintln!(
+                    "{} stead vmm: boot, VMM pid {child}",
+                    crate::supervise::now_rfc3339()
+                );
                 self.child = Some(child);
                 self.boot_at = Instant::now();
                 self.restart_at = None;
                 self.state.vmm_pid = Some(child.as_raw());
                 self.state.phase = Phase::Running;
-                self.state.started_at = Some(now_rfc3339());
+                self.state.started_at = Some(crate::supervise::now_rfc3339());
                 self.save();
                 Ok(())
             }
@@ -421,7 +385,10 @@ impl Supervisor {
             if let (Some(d), Some(child)) = (self.stop_deadline, self.child)
                 && now > d
             {
-                eprintln!("{} stead vmm: shutdown timed out, killing", now_rfc3339());
+                eprintln!(
+                    "{} stead vmm: shutdown timed out, killing",
+                    crate::supervise::now_rfc3339()
+                );
                 let _ = kill(child, Signal::SIGKILL);
             }
             if self.stop_deadline.is_some() && self.child.is_none() {
@@ -431,7 +398,10 @@ impl Supervisor {
                 && now >= at
                 && let Err(e) = self.boot()
             {
-                eprintln!("{} stead vmm: restart failed: {e}", now_rfc3339());
+                eprintln!(
+                    "{} stead vmm: restart failed: {e}",
+                    crate::supervise::now_rfc3339()
+                );
                 self.state.last_error = Some(e);
                 self.schedule_restart();
             }
@@ -444,13 +414,16 @@ impl Supervisor {
             Ok(Some(c)) if c.name == self.cfg.name => {
                 eprintln!(
                     "{} stead vmm: reload, restart policy {:?}",
-                    now_rfc3339(),
+                    crate::supervise::now_rfc3339(),
                     c.restart_policy
                 );
                 self.cfg.restart_policy = c.restart_policy;
             }
-            Ok(_) => eprintln!("{} stead vmm: reload: no usable config", now_rfc3339()),
-            Err(e) => eprintln!("{} stead vmm: reload: {e}", now_rfc3339()),
+            Ok(_) => eprintln!(
+                "{} stead vmm: reload: no usable config",
+                crate::supervise::now_rfc3339()
+            ),
+            Err(e) => eprintln!("{} stead vmm: reload: {e}", crate::supervise::now_rfc3339()),
         }
     }
 
@@ -458,7 +431,10 @@ impl Supervisor {
         if self.stop_deadline.is_some() {
             return;
         }
-        eprintln!("{} stead vmm: stop requested", now_rfc3339());
+        eprintln!(
+            "{} stead vmm: stop requested",
+            crate::supervise::now_rfc3339()
+        );
         self.restart_at = None;
         self.stop_deadline = Some(
             Instant::now()
@@ -468,7 +444,10 @@ impl Supervisor {
         if self.child.is_some()
             && let Err(e) = control_request(&self.paths.control_socket(), Request::Shutdown)
         {
-            eprintln!("{} stead vmm: shutdown request: {e}", now_rfc3339());
+            eprintln!(
+                "{} stead vmm: shutdown request: {e}",
+                crate::supervise::now_rfc3339()
+            );
         }
     }
 
@@ -476,7 +455,7 @@ impl Supervisor {
         self.state.phase = Phase::Stopped;
         self.state.vmm_pid = None;
         self.save();
-        eprintln!("{} stead vmm: stopped", now_rfc3339());
+        eprintln!("{} stead vmm: stopped", crate::supervise::now_rfc3339());
         0
     }
 
@@ -487,14 +466,20 @@ impl Supervisor {
             Ok(WaitStatus::StillAlive) => return None,
             Ok(st) => st,
             Err(e) => {
-                eprintln!("{} stead vmm: waitpid: {e}", now_rfc3339());
+                eprintln!(
+                    "{} stead vmm: waitpid: {e}",
+                    crate::supervise::now_rfc3339()
+                );
                 return None;
             }
         };
         self.child = None;
         self.state.vmm_pid = None;
         let how = describe(&st);
-        eprintln!("{} stead vmm: VMM ended: {how}", now_rfc3339());
+        eprintln!(
+            "{} stead vmm: VMM ended: {how}",
+            crate::supervise::now_rfc3339()
+        );
         self.state.last_exit = Some(how);
         if self.stop_deadline.is_some() {
             return Some(self.stopped());
@@ -534,32 +519,6 @@ impl Supervisor {
 
     fn trim_log(&self) {
         trim_log(&self.paths.console_log(), LOG_CAP);
-    }
-}
-
-/// Keeps the newest half (from a line start) of the log at `p` once it passes `cap`
-/// bytes. In place, because the VMM appends through its own `O_APPEND` descriptor.
-fn trim_log(p: &Path, cap: u64) {
-    let Ok(f) = OpenOptions::new().read(true).write(true).open(p) else {
-        return;
-    };
-    let Ok(len) = f.metadata().map(|m| m.len()) else {
-        return;
-    };
-    if len <= cap {
-        return;
-    }
-    // Only the newest half is read: the log may be far larger than the cap.
-    let keep = cap / 2;
-    let Ok(mut data) = usize::try_from(keep).map(|k| vec![0u8; k]) else {
-        return;
-    };
-    if f.read_exact_at(&mut data, len - keep).is_err() {
-        return;
-    }
-    let start = data.iter().position(|b| *b == b'\n').map_or(0, |nl| nl + 1);
-    if f.write_all_at(&data[start..], 0).is_ok() {
-        let _ = f.set_len((data.len() - start) as u64);
     }
 }
 
@@ -659,50 +618,6 @@ mod tests {
     }
 
     #[test]
-    fn log_is_trimmed_in_place_to_the_newest_half() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let p = dir.path().join("console.log");
-        let mut text = String::new();
-        for i in 0..200 {
-            text.push_str(&format!("line {i:04}\n"));
-        }
-        fs::write(&p, &text).expect("write");
-        // An appending writer keeps its descriptor across the trim (like the VMM).
-        let mut appender = OpenOptions::new().append(true).open(&p).expect("open");
-        trim_log(&p, 4096);
-        let after = fs::read_to_string(&p).expect("read");
-        assert!(after.len() <= 2048 && after.len() > 1900, "{}", after.len());
-        assert!(after.starts_with("line "), "starts at a line: {after:.20}");
-        assert!(after.ends_with("line 0199\n"));
-        appender.write_all(b"next\n").expect("append");
-        let after2 = fs::read_to_string(&p).expect("read");
-        assert_eq!(after2.len(), after.len() + 5, "appends land at the new end");
-        trim_log(&p, 1 << 20);
-        assert_eq!(
-            fs::read_to_string(&p).expect("read"),
-            after2,
-            "under the cap: untouched"
-        );
-    }
-
-    #[test]
-    fn supervisor_lock_is_exclusive_and_probed_shared() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let paths = Paths::new(dir.path(), "vm1");
-        fs::create_dir_all(&paths.dir).expect("run dir");
-        assert!(!lock_held(&paths), "no lock file yet");
-        let held = lock_file(&paths.lock()).expect("first lock");
-        assert!(lock_held(&paths), "a probe sees the held lock");
-        let second = lock_file(&paths.lock()).expect_err("a second supervisor is refused");
-        assert!(second.contains("another supervisor holds"), "{second}");
-        drop(held);
-        assert!(!lock_held(&paths), "released on close");
-        // A probe's shared lock is gone once the probe returns.
-        let again = lock_file(&paths.lock()).expect("lock after the probe");
-        drop(again);
-    }
-
-    #[test]
     fn control_reply_from_a_hostile_vmm_is_bounded() {
         let dir = tempfile::tempdir().expect("tempdir");
         let p = dir.path().join("control.sock");
@@ -724,40 +639,6 @@ mod tests {
             sent < (16 << 20),
             "the client read {sent} bytes of one reply"
         );
-    }
-
-    /// Peak resident memory of this process, in KiB.
-    fn peak_rss_kib() -> u64 {
-        fs::read_to_string("/proc/self/status")
-            .expect("status")
-            .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .expect("VmHWM")
-    }
-
-    #[test]
-    fn huge_log_is_trimmed_without_reading_it_whole() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let p = dir.path().join("console.log");
-        // 256 MiB, sparse, with real lines at the end.
-        let f = File::create(&p).expect("create");
-        f.set_len(256 << 20).expect("grow");
-        let tail = "x".repeat(100) + "\n";
-        let tail = tail.repeat(1000);
-        f.write_all_at(tail.as_bytes(), 256 << 20).expect("tail");
-        drop(f);
-        let before = peak_rss_kib();
-        trim_log(&p, 64 << 10);
-        let grew = peak_rss_kib().saturating_sub(before);
-        assert!(grew < 16 << 10, "peak RSS grew by {grew} KiB");
-        let after = fs::read_to_string(&p).expect("read");
-        assert!(
-            after.len() <= 32 << 10 && after.len() > 31 << 10,
-            "{}",
-            after.len()
-        );
-        assert!(after.starts_with('x') && after.ends_with("x\n"));
     }
 
     #[test]
