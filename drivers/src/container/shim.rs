@@ -23,16 +23,13 @@
 use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::{Read, Write};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use nix::fcntl::{FcntlArg, FdFlag, OFlag, fcntl};
-use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-use nix::sys::signal::{SigSet, Signal, kill};
-use nix::sys::signalfd::{SfdFlags, SignalFd};
-use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 use stead_reconciler::driver::DriverError;
@@ -43,10 +40,9 @@ use super::config::{ContainerConfig, ExitInfo, Paths, Phase, ShimState, write_js
 use super::control::{Request, recv_request};
 use super::{network, process};
 use crate::supervise::console::{Clients, ConsoleLog};
+use crate::supervise::workload::{Backoff, Exit, Workload, restart_wanted};
 
 pub use crate::supervise::console::LOG_CAP;
-const BACKOFF_MIN: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(10);
 
 /// Arguments of `stead shim`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -122,44 +118,14 @@ pub fn lock_held(paths: &Paths) -> bool {
 }
 
 fn daemon(cfg: ContainerConfig, cfg_path: PathBuf, paths: Paths, ready: OwnedFd) -> i32 {
-    let mut ready = Some(File::from(ready));
-    let mut report = |msg: &str| {
-        if let Some(mut r) = ready.take() {
-            let _ = r.write_all(msg.as_bytes());
-        }
-    };
     let instance = paths.instance();
-    if let Err(e) = instance.redirect_stdio() {
-        report(&e);
-        return 1;
-    }
-    let _ = std::env::set_current_dir("/");
-    let lock = match instance.lock() {
-        Ok(l) => l,
-        Err(e) => {
-            report(&e);
-            return 1;
-        }
-    };
-    let dir = paths.dir.clone();
-    let mut shim = match Shim::new(cfg, cfg_path, paths) {
-        Ok(s) => s,
-        Err(e) => {
+    crate::supervise::serve(&instance, ready, || {
+        let dir = paths.dir.clone();
+        Shim::new(cfg, cfg_path, paths).map_err(|e| {
             let _ = super::volume::unmount_all(&dir);
-            report(&e.to_string());
-            return 1;
-        }
-    };
-    if let Err(e) = shim.start() {
-        shim.state.last_error = Some(e.to_string());
-        shim.finish(Phase::Exited);
-        report(&e.to_string());
-        return 1;
-    }
-    report("ok");
-    let code = shim.run();
-    drop(lock);
-    code
+            e.to_string()
+        })
+    })
 }
 
 struct Shim {
@@ -176,14 +142,13 @@ struct Shim {
     slave_path: PathBuf,
     log: ConsoleLog,
     listener: UnixListener,
-    sigfd: SignalFd,
     consoles: Clients,
     execs: HashMap<Pid, UnixStream>,
     stop_waiters: Vec<UnixStream>,
     stop_deadline: Option<Instant>,
     stop_requested: bool,
     restart_at: Option<Instant>,
-    backoff: Duration,
+    backoff: Backoff,
     started: Instant,
 }
 
@@ -270,20 +235,6 @@ impl Shim {
         }
         let mounts = super::volume::mount_images(&paths.dir, &cfg.mounts, cfg.idmap)?;
 
-        let mut mask = SigSet::empty();
-        for s in [
-            Signal::SIGCHLD,
-            Signal::SIGTERM,
-            Signal::SIGINT,
-            Signal::SIGHUP,
-        ] {
-            mask.add(s);
-        }
-        mask.thread_block()
-            .map_err(|e| DriverError::io("block signals", e.into()))?;
-        let sigfd = SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
-            .map_err(|e| DriverError::io("signalfd", e.into()))?;
-
         let pty =
             nix::pty::openpty(None, None).map_err(|e| DriverError::io("openpty", e.into()))?;
         set_cloexec_nonblock(&pty.master, true)?;
@@ -322,14 +273,13 @@ impl Shim {
             slave_path,
             log,
             listener,
-            sigfd,
             consoles: Clients::default(),
             execs: HashMap::new(),
             stop_waiters: Vec::new(),
             stop_deadline: None,
             stop_requested: false,
             restart_at: None,
-            backoff: BACKOFF_MIN,
+            backoff: Backoff::default(),
             started: Instant::now(),
         })
     }
@@ -340,7 +290,8 @@ impl Shim {
         }
     }
 
-    fn start(&mut self) -> Result<(), DriverError> {
+    /// Starts init (one run of the container).
+    fn start_init(&mut self) -> Result<(), DriverError> {
         let t = Instant::now();
         let mut run_cfg = self.cfg.clone();
         run_cfg.mounts = self.mounts.clone();
@@ -358,101 +309,6 @@ impl Shim {
         Ok(())
     }
 
-    fn run(&mut self) -> i32 {
-        loop {
-            let timeout = self.next_timeout();
-            let ready = {
-                let mut fds = vec![
-                    PollFd::new(self.sigfd.as_fd(), PollFlags::POLLIN),
-                    PollFd::new(self.listener.as_fd(), PollFlags::POLLIN),
-                    PollFd::new(self.master.as_fd(), PollFlags::POLLIN),
-                ];
-                for c in self.consoles.fds() {
-                    fds.push(PollFd::new(c, PollFlags::POLLIN));
-                }
-                match poll(&mut fds, timeout) {
-                    Ok(_) => fds
-                        .iter()
-                        .map(|f| f.revents().is_some_and(|r| !r.is_empty()))
-                        .collect::<Vec<_>>(),
-                    Err(nix::Error::EINTR) => continue,
-                    Err(e) => {
-                        tracing::error!(error = %e, "poll");
-                        return 1;
-                    }
-                }
-            };
-            if ready[0]
-                && let Some(code) = self.on_signals()
-            {
-                return code;
-            }
-            if ready[1] {
-                self.on_accept();
-            }
-            if ready[2] {
-                self.on_console_output();
-            }
-            self.consoles.relay_input(&ready[3..], &mut self.master);
-            if let Some(code) = self.on_timers() {
-                return code;
-            }
-        }
-    }
-
-    fn next_timeout(&self) -> PollTimeout {
-        let now = Instant::now();
-        let next = [self.restart_at, self.stop_deadline]
-            .into_iter()
-            .flatten()
-            .min();
-        match next {
-            None => PollTimeout::NONE,
-            Some(t) => {
-                let ms = t.saturating_duration_since(now).as_millis().min(60_000) as u16;
-                PollTimeout::from(ms.max(1))
-            }
-        }
-    }
-
-    fn on_signals(&mut self) -> Option<i32> {
-        let mut chld = false;
-        while let Ok(Some(si)) = self.sigfd.read_signal() {
-            match Signal::try_from(si.ssi_signo as i32) {
-                Ok(Signal::SIGCHLD) => chld = true,
-                Ok(Signal::SIGTERM | Signal::SIGINT) => self.request_stop(None),
-                _ => {}
-            }
-        }
-        if chld {
-            return self.reap();
-        }
-        None
-    }
-
-    fn reap(&mut self) -> Option<i32> {
-        loop {
-            let st = match waitpid(None::<Pid>, Some(WaitPidFlag::WNOHANG)) {
-                Ok(WaitStatus::StillAlive) | Err(_) => return None,
-                Ok(st) => st,
-            };
-            let (pid, code, signal) = match st {
-                WaitStatus::Exited(p, c) => (p, Some(c), None),
-                WaitStatus::Signaled(p, s, _) => (p, None, Some(s as i32)),
-                _ => continue,
-            };
-            if Some(pid) == self.init {
-                if let Some(c) = self.on_init_exit(code, signal) {
-                    return Some(c);
-                }
-            } else if let Some(mut conn) = self.execs.remove(&pid) {
-                let mut r = Reply::ok();
-                r.exit_code = Some(code.unwrap_or_else(|| 128 + signal.unwrap_or(0)));
-                send_reply(&mut conn, &r);
-            }
-        }
-    }
-
     fn on_init_exit(&mut self, code: Option<i32>, signal: Option<i32>) -> Option<i32> {
         let exit = ExitInfo {
             code,
@@ -463,13 +319,8 @@ impl Shim {
         self.init = None;
         self.state.init_pid = None;
         let reboot = signal == Some(Signal::SIGHUP as i32);
-        let restart = !self.stop_requested
-            && (reboot
-                || match self.cfg.restart_policy {
-                    RestartPolicy::Always => true,
-                    RestartPolicy::OnFailure => exit.failed(),
-                    RestartPolicy::Never => false,
-                });
+        let restart =
+            !self.stop_requested && restart_wanted(self.cfg.restart_policy, exit.failed(), reboot);
         self.state.last_exit = Some(exit);
         if self.stop_requested {
             return Some(self.finish(Phase::Stopped));
@@ -479,17 +330,14 @@ impl Shim {
         }
         // Leftovers (e.g. processes that escaped into the cgroup) go before the restart.
         let _ = self.cgroup.kill_all();
-        if self.started.elapsed() >= BACKOFF_MAX {
-            self.backoff = BACKOFF_MIN;
-        }
-        self.restart_at = Some(Instant::now() + self.backoff);
-        self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+        self.restart_at = Some(Instant::now() + self.backoff.after_run(self.started));
         self.state.phase = Phase::Restarting;
         self.save();
         None
     }
 
-    fn on_timers(&mut self) -> Option<i32> {
+    /// Kills init after the stop timeout; restarts it after the backoff.
+    fn fire_timers(&mut self) -> Option<i32> {
         let now = Instant::now();
         if let Some(t) = self.stop_deadline
             && now >= t
@@ -511,11 +359,10 @@ impl Shim {
         {
             self.restart_at = None;
             self.state.restarts += 1;
-            if let Err(e) = self.start() {
+            if let Err(e) = self.start_init() {
                 tracing::error!(error = %e, container = %self.cfg.name, "restart failed");
                 self.state.last_error = Some(e.to_string());
-                self.restart_at = Some(Instant::now() + self.backoff);
-                self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+                self.restart_at = Some(Instant::now() + self.backoff.next_delay());
                 self.state.phase = Phase::Restarting;
                 self.save();
             }
@@ -523,7 +370,9 @@ impl Shim {
         None
     }
 
-    fn request_stop(&mut self, timeout: Option<u64>) {
+    /// Stops init gracefully: its stop signal, SIGKILL after `timeout` seconds (default:
+    /// the config's).
+    fn stop_within(&mut self, timeout: Option<u64>) {
         self.stop_requested = true;
         self.restart_at = None;
         match self.init {
@@ -590,7 +439,7 @@ impl Shim {
             }
             Request::Stop { timeout_secs } => {
                 self.stop_waiters.push(conn);
-                self.request_stop(timeout_secs);
+                self.stop_within(timeout_secs);
             }
             Request::Signal { signal } => {
                 let r = match (self.init, Signal::try_from(signal)) {
@@ -667,6 +516,76 @@ impl Shim {
                 Err(_) => break,
             }
         }
+    }
+}
+
+impl Workload for Shim {
+    type State = ShimState;
+
+    fn start(&mut self) -> Result<(), String> {
+        self.start_init().map_err(|e| e.to_string())
+    }
+
+    fn start_failed(&mut self, error: &str) {
+        self.state.last_error = Some(error.to_string());
+        self.finish(Phase::Exited);
+    }
+
+    fn state(&self) -> &ShimState {
+        &self.state
+    }
+
+    fn pid(&self) -> Option<Pid> {
+        self.init
+    }
+
+    fn run_ended(&mut self, exit: Exit) -> Option<i32> {
+        match exit {
+            Exit::Code(c) => self.on_init_exit(Some(c), None),
+            Exit::Signal(s) => self.on_init_exit(None, Some(s)),
+        }
+    }
+
+    /// A command run by `exec` ended: its client gets the exit code.
+    fn child_ended(&mut self, pid: Pid, exit: Exit) {
+        if let Some(mut conn) = self.execs.remove(&pid) {
+            let mut r = Reply::ok();
+            r.exit_code = Some(exit.shell_code());
+            send_reply(&mut conn, &r);
+        }
+    }
+
+    fn request_stop(&mut self) {
+        self.stop_within(None);
+    }
+
+    /// The control socket, the console pty, the attached console clients.
+    fn fds(&self) -> Vec<BorrowedFd<'_>> {
+        let mut fds = vec![self.listener.as_fd(), self.master.as_fd()];
+        fds.extend(self.consoles.fds());
+        fds
+    }
+
+    fn on_ready(&mut self, ready: &[bool]) {
+        if ready.first() == Some(&true) {
+            self.on_accept();
+        }
+        if ready.get(1) == Some(&true) {
+            self.on_console_output();
+        }
+        self.consoles
+            .relay_input(ready.get(2..).unwrap_or_default(), &mut self.master);
+    }
+
+    fn next_wakeup(&self) -> Option<Instant> {
+        [self.restart_at, self.stop_deadline]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    fn on_timers(&mut self) -> Option<i32> {
+        self.fire_timers()
     }
 }
 

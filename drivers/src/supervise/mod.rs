@@ -4,6 +4,8 @@
 //!   logs), its exclusive lock and liveness probe, the detached supervisor's stdio;
 //! - [`console`]: the size-capped console log, the fan-out to attached clients, and the
 //!   CLI ends (`stead console`, `stead logs`);
+//! - [`workload`]: the [`Workload`] trait a supervised engine implements, and the
+//!   supervisor process around it ([`serve`]: lock, signals, first start, event loop);
 //! - [`hold`]: backup holds that keep `apply` from restarting a workload a backup stopped;
 //! - here: detaching a supervisor from the CLI that started it (double fork into a new
 //!   session, then wait for the supervisor's readiness message on a pipe, so the
@@ -17,9 +19,11 @@ use std::os::fd::OwnedFd;
 pub mod console;
 pub mod hold;
 pub mod instance;
+pub mod workload;
 
 pub use console::copy_log;
 pub use instance::{Instance, Layout, now_rfc3339};
+pub use workload::{Workload, serve};
 
 use nix::fcntl::OFlag;
 use nix::sys::wait::waitpid;
