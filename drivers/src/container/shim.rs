@@ -204,6 +204,45 @@ fn set_cloexec_nonblock(fd: &impl AsFd, nonblock: bool) -> Result<(), DriverErro
     Ok(())
 }
 
+/// The host side of a container start: its cgroup (created, limited, device-restricted),
+/// the rootfs image and volume images mounted. Returns the volume mounts as the container
+/// sees them.
+fn prepare_host(
+    cfg: &ContainerConfig,
+    paths: &Paths,
+    cgroup: &Cgroup,
+) -> Result<Vec<super::config::MountConfig>, DriverError> {
+    cgroup.create()?;
+    cgroup.set_limits(&cfg.limits)?;
+    cgroup.restrict_devices(&super::cgroup::CONTAINER_DEVICES)?;
+    if let super::config::RootfsMount::Image { source, target } = &cfg.rootfs {
+        super::volume::mount_image(source, target, false, cfg.idmap, false)?;
+    }
+    super::volume::mount_images(&paths.dir, &cfg.mounts, cfg.idmap)
+}
+
+/// The console pty (master non-blocking) and the path of its slave.
+fn open_console_pty() -> Result<(nix::pty::OpenptyResult, PathBuf), DriverError> {
+    let pty = nix::pty::openpty(None, None).map_err(|e| DriverError::io("openpty", e.into()))?;
+    set_cloexec_nonblock(&pty.master, true)?;
+    set_cloexec_nonblock(&pty.slave, false)?;
+    let slave_path = nix::unistd::ttyname(pty.slave.as_fd())
+        .map_err(|e| DriverError::io("ttyname", e.into()))?;
+    Ok((pty, slave_path))
+}
+
+/// Binds the control socket (replacing a dead predecessor's), non-blocking.
+fn bind_control(paths: &Paths) -> Result<UnixListener, DriverError> {
+    let sock = paths.socket();
+    let _ = fs::remove_file(&sock);
+    let listener = UnixListener::bind(&sock)
+        .map_err(|e| DriverError::io(format!("bind {}", sock.display()), e))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| DriverError::io("nonblocking listener", e))?;
+    Ok(listener)
+}
+
 impl Shim {
     fn new(cfg: ContainerConfig, cfg_path: PathBuf, paths: Paths) -> Result<Self, DriverError> {
         let hier = Hierarchy::detect()?;
@@ -227,29 +266,9 @@ impl Shim {
         paths: Paths,
         cgroup: Cgroup,
     ) -> Result<Self, DriverError> {
-        cgroup.create()?;
-        cgroup.set_limits(&cfg.limits)?;
-        cgroup.restrict_devices(&super::cgroup::CONTAINER_DEVICES)?;
-        if let super::config::RootfsMount::Image { source, target } = &cfg.rootfs {
-            super::volume::mount_image(source, target, false, cfg.idmap, false)?;
-        }
-        let mounts = super::volume::mount_images(&paths.dir, &cfg.mounts, cfg.idmap)?;
-
-        let pty =
-            nix::pty::openpty(None, None).map_err(|e| DriverError::io("openpty", e.into()))?;
-        set_cloexec_nonblock(&pty.master, true)?;
-        set_cloexec_nonblock(&pty.slave, false)?;
-        let slave_path = nix::unistd::ttyname(pty.slave.as_fd())
-            .map_err(|e| DriverError::io("ttyname", e.into()))?;
-
-        let sock = paths.socket();
-        let _ = fs::remove_file(&sock);
-        let listener = UnixListener::bind(&sock)
-            .map_err(|e| DriverError::io(format!("bind {}", sock.display()), e))?;
-        listener
-            .set_nonblocking(true)
-            .map_err(|e| DriverError::io("nonblocking listener", e))?;
-
+        let mounts = prepare_host(&cfg, &paths, &cgroup)?;
+        let (pty, slave_path) = open_console_pty()?;
+        let listener = bind_control(&paths)?;
         let log = ConsoleLog::open(paths.console_log());
         Ok(Shim {
             state: ShimState {
@@ -442,14 +461,7 @@ impl Shim {
                 self.stop_within(timeout_secs);
             }
             Request::Signal { signal } => {
-                let r = match (self.init, Signal::try_from(signal)) {
-                    (Some(p), Ok(s)) => match kill(p, s) {
-                        Ok(()) => Reply::ok(),
-                        Err(e) => Reply::err(e),
-                    },
-                    (None, _) => Reply::err("container is not running"),
-                    (_, Err(e)) => Reply::err(e),
-                };
+                let r = self.signal_init(signal);
                 send_reply(&mut conn, &r);
             }
             Request::Update {
@@ -463,29 +475,53 @@ impl Shim {
                 };
                 send_reply(&mut conn, &r);
             }
-            Request::Exec { args, env } => match self.init {
-                None => send_reply(&mut conn, &Reply::err("container is not running")),
-                Some(_) if fds.len() != 3 => {
-                    let e = format!(
-                        "exec needs 3 fds (stdin, stdout, stderr), got {}",
-                        fds.len()
-                    );
-                    send_reply(&mut conn, &Reply::err(e));
-                }
-                Some(init) => {
-                    match process::spawn_exec(&self.cfg, &self.cgroup, init, &args, &env, &fds) {
-                        Ok(pid) => {
-                            drop(fds);
-                            self.execs.insert(pid, conn);
-                        }
-                        Err(e) => send_reply(&mut conn, &Reply::err(e)),
-                    }
-                }
-            },
+            Request::Exec { args, env } => self.start_exec(conn, &args, &env, fds),
             Request::Console => {
                 send_reply(&mut conn, &Reply::ok());
                 self.consoles.add(conn);
             }
+        }
+    }
+
+    /// `signal`: sends signal number `signal` to init.
+    fn signal_init(&self, signal: i32) -> Reply {
+        match (self.init, Signal::try_from(signal)) {
+            (Some(p), Ok(s)) => match kill(p, s) {
+                Ok(()) => Reply::ok(),
+                Err(e) => Reply::err(e),
+            },
+            (None, _) => Reply::err("container is not running"),
+            (_, Err(e)) => Reply::err(e),
+        }
+    }
+
+    /// `exec`: runs `args` in the container with the client's stdio `fds`; the client
+    /// gets its reply (the exit code) when the command ends ([`Workload::child_ended`]).
+    fn start_exec(
+        &mut self,
+        mut conn: UnixStream,
+        args: &[String],
+        env: &std::collections::BTreeMap<String, String>,
+        fds: Vec<OwnedFd>,
+    ) {
+        let Some(init) = self.init else {
+            send_reply(&mut conn, &Reply::err("container is not running"));
+            return;
+        };
+        if fds.len() != 3 {
+            let e = format!(
+                "exec needs 3 fds (stdin, stdout, stderr), got {}",
+                fds.len()
+            );
+            send_reply(&mut conn, &Reply::err(e));
+            return;
+        }
+        match process::spawn_exec(&self.cfg, &self.cgroup, init, args, env, &fds) {
+            Ok(pid) => {
+                drop(fds);
+                self.execs.insert(pid, conn);
+            }
+            Err(e) => send_reply(&mut conn, &Reply::err(e)),
         }
     }
 
@@ -596,9 +632,9 @@ mod tests {
     #[test]
     fn args_roundtrip() {
         let a = ShimArgs {
-            run_dir: "/run/stead".into(),
+            run_dir: "/r/stead".into(),
             name: "web".into(),
-            config: "/run/stead/containers/web/config.json".into(),
+            config: "/r/stead/containers/web/config.json".into(),
         };
         assert_eq!(ShimArgs::parse(a.to_args()).expect("parse"), a);
         assert!(ShimArgs::parse(vec!["--name".to_string()]).is_err());

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use stead_host::process;
 use stead_reconciler::driver::DriverError;
 
 /// How long a starting supervisor retries its exclusive lock: a concurrent
@@ -125,6 +126,26 @@ impl Instance {
         f.try_lock_shared().is_err()
     }
 
+    /// Sends signal number `signal` to the supervisor `pid` (as its state file names it),
+    /// only while a supervisor holds the instance's lock. The pid is pinned by a pidfd
+    /// before the lock is checked, so a supervisor that has exited is never confused with
+    /// a process that reused its pid. Returns whether the signal was sent.
+    pub fn signal_supervisor(&self, pid: i32, signal: i32) -> Result<bool, DriverError> {
+        let fd = match process::pidfd_open(pid) {
+            Ok(fd) => fd,
+            Err(e) if e.is_gone() => return Ok(false),
+            Err(e) => return Err(DriverError::Other(e.to_string())),
+        };
+        if !self.lock_held() {
+            return Ok(false);
+        }
+        match process::pidfd_kill(&fd, pid, signal) {
+            Ok(()) => Ok(true),
+            Err(e) if e.is_gone() => Ok(false),
+            Err(e) => Err(DriverError::Other(e.to_string())),
+        }
+    }
+
     /// Reads the state file; `Ok(None)` when there is none.
     pub fn read_state<T: DeserializeOwned>(&self) -> Result<Option<T>, DriverError> {
         crate::container::config::read_json(&self.state())
@@ -197,6 +218,28 @@ mod tests {
         // A probe's shared lock is gone once the probe returns.
         let again = i.lock().expect("lock after the probe");
         drop(again);
+    }
+
+    #[test]
+    fn only_a_supervisor_holding_the_lock_is_signalled() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let i = Instance::new(dir.path(), "a", &LAYOUT);
+        std::fs::create_dir_all(i.dir()).expect("mkdir");
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("sleep");
+        let pid = child.id() as i32;
+        assert!(
+            !i.signal_supervisor(pid, 15).expect("no lock"),
+            "nobody holds the lock: not signalled"
+        );
+        let held = i.lock().expect("lock");
+        assert!(i.signal_supervisor(pid, 15).expect("signal"));
+        let st = child.wait().expect("wait");
+        assert_eq!(std::os::unix::process::ExitStatusExt::signal(&st), Some(15));
+        assert!(!i.signal_supervisor(pid, 15).expect("gone"), "reaped: gone");
+        drop(held);
     }
 
     #[test]

@@ -560,20 +560,20 @@ mod tests {
     #[test]
     fn vmm_args_round_trip_shape() {
         let a = VmmArgs {
-            run_dir: "/run/stead".into(),
+            run_dir: "/r/stead".into(),
             name: "vm1".into(),
-            config: "/run/stead/vms/vm1/config.json".into(),
+            config: "/r/stead/vms/vm1/config.json".into(),
         };
         assert_eq!(
             a.to_args(),
             vec![
                 "vmm",
                 "--run-dir",
-                "/run/stead",
+                "/r/stead",
                 "--name",
                 "vm1",
                 "--config",
-                "/run/stead/vms/vm1/config.json"
+                "/r/stead/vms/vm1/config.json"
             ]
         );
     }
