@@ -19,6 +19,10 @@
 //! - on stop: the stop signal to init (see [`ContainerConfig::stop_signal`]), SIGKILL after
 //!   the timeout, cgroup emptied and removed, state `stopped`, exit. SIGTERM to the shim
 //!   means the same.
+//!
+//! The process around it (lock, signals, readiness report, event loop) is the shared
+//! supervisor ([`crate::supervise::serve`]); this file is the container's
+//! `Workload`.
 
 use std::collections::HashMap;
 use std::fs::{self, File};

@@ -339,6 +339,121 @@ pub fn supervise<W: Workload>(w: &mut W, signals: &Signals) -> i32 {
 mod tests {
     use super::*;
 
+    /// A workload whose main process is a child the test spawns; it records what the
+    /// loop told it and ends as the test arranges.
+    struct Fake {
+        main: Option<Pid>,
+        ended: Option<Exit>,
+        stops: u32,
+        reloads: u32,
+        reads: u32,
+        pipe: Option<OwnedFd>,
+        state: (),
+    }
+
+    impl Fake {
+        fn new(main: Option<Pid>) -> Self {
+            Fake {
+                main,
+                ended: None,
+                stops: 0,
+                reloads: 0,
+                reads: 0,
+                pipe: None,
+                state: (),
+            }
+        }
+    }
+
+    impl Workload for Fake {
+        type State = ();
+        fn start(&mut self) -> Result<(), String> {
+            Ok(())
+        }
+        fn start_failed(&mut self, _error: &str) {}
+        fn state(&self) -> &() {
+            &self.state
+        }
+        fn pid(&self) -> Option<Pid> {
+            self.main
+        }
+        fn run_ended(&mut self, exit: Exit) -> Option<i32> {
+            self.ended = Some(exit);
+            self.main = None;
+            Some(exit.shell_code())
+        }
+        fn request_stop(&mut self) {
+            self.stops += 1;
+        }
+        fn reload(&mut self) {
+            self.reloads += 1;
+        }
+        fn fds(&self) -> Vec<BorrowedFd<'_>> {
+            self.pipe.iter().map(|p| p.as_fd()).collect()
+        }
+        fn on_ready(&mut self, ready: &[bool]) {
+            if ready.first() == Some(&true)
+                && let Some(p) = &self.pipe
+            {
+                let mut b = [0u8; 16];
+                let _ = nix::unistd::read(p, &mut b);
+                self.reads += 1;
+            }
+        }
+        fn next_wakeup(&self) -> Option<Instant> {
+            Some(Instant::now() + Duration::from_millis(5))
+        }
+        fn on_timers(&mut self) -> Option<i32> {
+            (self.main.is_none() && self.stops > 0 && self.reloads > 0 && self.reads > 0)
+                .then_some(42)
+        }
+    }
+
+    /// Sends `s` to this thread (which blocks it, so the signalfd reads it). A child's
+    /// own SIGCHLD may go to another thread of the test process, so the test raises it.
+    fn raise(s: Signal) {
+        // SAFETY: raise(3) sends a signal to the calling thread; no memory is involved.
+        assert_eq!(unsafe { libc::raise(s as i32) }, 0, "raise {s}");
+    }
+
+    #[test]
+    fn the_loop_dispatches_signals_descriptors_and_timers() {
+        let signals = Signals::block().expect("signals");
+        let (r, w) = nix::unistd::pipe().expect("pipe");
+        let mut f = Fake::new(None);
+        f.pipe = Some(r);
+        nix::unistd::write(&w, b"x").expect("write");
+        raise(Signal::SIGHUP);
+        raise(Signal::SIGTERM);
+        assert_eq!(supervise(&mut f, &signals), 42);
+        assert_eq!((f.stops, f.reloads, f.reads), (1, 1, 1));
+    }
+
+    #[test]
+    #[allow(
+        clippy::zombie_processes,
+        reason = "the loop under test reaps the child"
+    )]
+    fn the_main_process_ending_ends_the_loop() {
+        let signals = Signals::block().expect("signals");
+        let child = std::process::Command::new("sh")
+            .args(["-c", "exit 3"])
+            .spawn()
+            .expect("sh");
+        let mut f = Fake::new(Some(Pid::from_raw(child.id() as i32)));
+        // Wait until it is a zombie, then deliver the SIGCHLD to the loop's thread.
+        let proc = stead_host::process::Proc::host();
+        while proc
+            .read(child.id() as i32, "stat")
+            .is_ok_and(|s| !s.contains(") Z"))
+        {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        raise(Signal::SIGCHLD);
+        assert_eq!(supervise(&mut f, &signals), 3);
+        assert_eq!(f.ended, Some(Exit::Code(3)));
+    }
+
     #[test]
     fn backoff_doubles_to_the_cap_and_resets_after_a_healthy_run() {
         let mut b = Backoff::default();

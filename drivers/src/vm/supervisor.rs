@@ -27,6 +27,10 @@
 //! - on `SIGTERM`/`SIGINT`: graceful stop — `shutdown` on the control socket (Ctrl-Alt-Del,
 //!   forced by the VMM after the configured timeout), `SIGKILL` to the child if it is
 //!   still there 5 s later, phase `stopped`, exit.
+//!
+//! The process around it (lock, signals, readiness report, event loop) is the shared
+//! supervisor ([`crate::supervise::serve`]); this file is the VM's
+//! `Workload`.
 
 use std::fs::{self, File};
 use std::io::{self, BufReader, Write};
