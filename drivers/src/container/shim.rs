@@ -22,7 +22,7 @@
 //!
 //! The process around it (lock, signals, readiness report, event loop) is the shared
 //! supervisor ([`crate::supervise::serve`]); this file is the container's
-//! `Workload`.
+//! [`crate::supervise::Workload`].
 
 use std::collections::HashMap;
 use std::fs::{self, File};
@@ -308,7 +308,7 @@ impl Shim {
     }
 
     fn save(&self) {
-        if let Err(e) = write_json(&self.paths.state(), &self.state) {
+        if let Err(e) = self.paths.instance().write_state(&self.state) {
             tracing::warn!(error = %e, "write state");
         }
     }

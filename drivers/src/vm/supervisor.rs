@@ -30,7 +30,7 @@
 //!
 //! The process around it (lock, signals, readiness report, event loop) is the shared
 //! supervisor ([`crate::supervise::serve`]); this file is the VM's
-//! `Workload`.
+//! [`crate::supervise::Workload`].
 
 use std::fs::{self, File};
 use std::io::{self, BufReader, Write};
@@ -46,7 +46,7 @@ use stead_vmm::{Reply, Request, RunState, StatusReply};
 
 use super::config::{Paths, Phase, SupervisorState, VmRunConfig, cgroup_name};
 use crate::container::cgroup::{Cgroup, Hierarchy, Limits};
-use crate::container::config::{read_json, write_json};
+use crate::container::config::read_json;
 use crate::supervise::console::trim_log;
 use crate::supervise::workload::{Backoff, Exit, Workload, restart_wanted};
 
@@ -201,7 +201,7 @@ fn enter_netns(cfg: &VmRunConfig) -> Result<(), String> {
 /// The state a new supervisor starts from: restarts and the last exit carry over from a
 /// predecessor's `supervisor.json`.
 fn initial_state(paths: &Paths) -> SupervisorState {
-    let prev: Option<SupervisorState> = read_json(&paths.supervisor_state()).ok().flatten();
+    let prev: Option<SupervisorState> = paths.instance().read_state().ok().flatten();
     // A predecessor that did not stop on request died or gave up: this start counts.
     let restarts = match &prev {
         Some(p) if p.phase == Phase::Stopped => p.restarts,
@@ -273,7 +273,7 @@ impl Supervisor {
     }
 
     fn save(&self) {
-        if let Err(e) = write_json(&self.paths.supervisor_state(), &self.state) {
+        if let Err(e) = self.paths.instance().write_state(&self.state) {
             log(&e.to_string());
         }
     }
