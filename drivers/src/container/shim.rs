@@ -44,7 +44,7 @@ use super::config::{ContainerConfig, ExitInfo, Paths, Phase, ShimState, write_js
 use super::control::{Request, recv_request};
 use super::{network, process};
 use crate::supervise::console::{Clients, ConsoleLog};
-use crate::supervise::workload::{Backoff, Exit, Workload, restart_wanted};
+use crate::supervise::workload::{Exit, RestartTimer, Workload, restart_wanted};
 
 pub use crate::supervise::console::LOG_CAP;
 
@@ -151,8 +151,7 @@ struct Shim {
     stop_waiters: Vec<UnixStream>,
     stop_deadline: Option<Instant>,
     stop_requested: bool,
-    restart_at: Option<Instant>,
-    backoff: Backoff,
+    restart: RestartTimer,
     started: Instant,
 }
 
@@ -301,8 +300,7 @@ impl Shim {
             stop_waiters: Vec::new(),
             stop_deadline: None,
             stop_requested: false,
-            restart_at: None,
-            backoff: Backoff::default(),
+            restart: RestartTimer::default(),
             started: Instant::now(),
         })
     }
@@ -353,7 +351,7 @@ impl Shim {
         }
         // Leftovers (e.g. processes that escaped into the cgroup) go before the restart.
         let _ = self.cgroup.kill_all();
-        self.restart_at = Some(Instant::now() + self.backoff.after_run(self.started));
+        self.restart.after_run(self.started);
         self.state.phase = Phase::Restarting;
         self.save();
         None
@@ -377,15 +375,12 @@ impl Shim {
                 None => {}
             }
         }
-        if let Some(t) = self.restart_at
-            && now >= t
-        {
-            self.restart_at = None;
+        if self.restart.take_due(now) {
             self.state.restarts += 1;
             if let Err(e) = self.start_init() {
                 tracing::error!(error = %e, container = %self.cfg.name, "restart failed");
                 self.state.last_error = Some(e.to_string());
-                self.restart_at = Some(Instant::now() + self.backoff.next_delay());
+                self.restart.retry();
                 self.state.phase = Phase::Restarting;
                 self.save();
             }
@@ -397,7 +392,7 @@ impl Shim {
     /// the config's).
     fn stop_within(&mut self, timeout: Option<u64>) {
         self.stop_requested = true;
-        self.restart_at = None;
+        self.restart.cancel();
         match self.init {
             None => {
                 // Between restarts: nothing to signal; finish on the next timer tick.
@@ -618,7 +613,7 @@ impl Workload for Shim {
     }
 
     fn next_wakeup(&self) -> Option<Instant> {
-        [self.restart_at, self.stop_deadline]
+        [self.restart.at(), self.stop_deadline]
             .into_iter()
             .flatten()
             .min()

@@ -176,6 +176,44 @@ impl Backoff {
     }
 }
 
+/// When the next run of a workload starts: the pending restart time and its [`Backoff`].
+#[derive(Debug, Default)]
+pub struct RestartTimer {
+    at: Option<Instant>,
+    backoff: Backoff,
+}
+
+impl RestartTimer {
+    /// Schedules the restart after a run that started at `started` ended.
+    pub fn after_run(&mut self, started: Instant) {
+        self.at = Some(Instant::now() + self.backoff.after_run(started));
+    }
+
+    /// Schedules another try after a restart failed.
+    pub fn retry(&mut self) {
+        self.at = Some(Instant::now() + self.backoff.next_delay());
+    }
+
+    /// No restart pending any more (a stop, or the run started).
+    pub fn cancel(&mut self) {
+        self.at = None;
+    }
+
+    /// When the pending restart is due.
+    pub fn at(&self) -> Option<Instant> {
+        self.at
+    }
+
+    /// Whether a restart is due at `now`; it is then no longer pending.
+    pub fn take_due(&mut self, now: Instant) -> bool {
+        let due = self.at.is_some_and(|t| now >= t);
+        if due {
+            self.at = None;
+        }
+        due
+    }
+}
+
 /// Whether a run that ended is started again: a reboot from inside always is, otherwise
 /// the restart policy decides on whether it `failed`.
 pub fn restart_wanted(policy: RestartPolicy, failed: bool, reboot: bool) -> bool {
@@ -470,6 +508,27 @@ mod tests {
         };
         assert_eq!(b.after_run(long_ago), Backoff::MIN);
         assert_eq!(b.next_delay(), Duration::from_millis(200));
+    }
+
+    #[test]
+    fn restart_timer_is_due_once() {
+        let mut t = RestartTimer::default();
+        assert_eq!(t.at(), None);
+        assert!(!t.take_due(Instant::now()));
+        t.after_run(Instant::now());
+        let at = t.at().expect("pending");
+        assert!(!t.take_due(at - Duration::from_millis(1)), "not yet");
+        assert!(t.take_due(at));
+        assert!(!t.take_due(at), "taken");
+        let before = Instant::now();
+        t.retry();
+        let second = t.at().expect("retry pending");
+        assert!(
+            second >= before + Duration::from_millis(200),
+            "the backoff doubled"
+        );
+        t.cancel();
+        assert_eq!(t.at(), None);
     }
 
     #[test]

@@ -48,7 +48,7 @@ use super::config::{Paths, Phase, SupervisorState, VmRunConfig, cgroup_name};
 use crate::container::cgroup::{Cgroup, Hierarchy, Limits};
 use crate::container::config::read_json;
 use crate::supervise::console::trim_log;
-use crate::supervise::workload::{Backoff, Exit, Workload, restart_wanted};
+use crate::supervise::workload::{Exit, RestartTimer, Workload, restart_wanted};
 
 pub use crate::supervise::console::LOG_CAP;
 /// Memory allowed to the VM's cgroup on top of guest RAM (VMM code, stacks, queues).
@@ -164,8 +164,7 @@ struct Supervisor {
     state: SupervisorState,
     child: Option<Pid>,
     boot_at: Instant,
-    backoff: Backoff,
-    restart_at: Option<Instant>,
+    restart: RestartTimer,
     stop_deadline: Option<Instant>,
 }
 
@@ -266,8 +265,7 @@ impl Supervisor {
             state,
             child: None,
             boot_at: Instant::now(),
-            backoff: Backoff::default(),
-            restart_at: None,
+            restart: RestartTimer::default(),
             stop_deadline: None,
         })
     }
@@ -291,7 +289,7 @@ impl Supervisor {
                 log(&format!("boot, VMM pid {child}"));
                 self.child = Some(child);
                 self.boot_at = Instant::now();
-                self.restart_at = None;
+                self.restart.cancel();
                 self.state.vmm_pid = Some(child.as_raw());
                 self.state.phase = Phase::Running;
                 self.state.started_at = Some(crate::supervise::now_rfc3339());
@@ -365,7 +363,7 @@ impl Supervisor {
             return;
         }
         log("stop requested");
-        self.restart_at = None;
+        self.restart.cancel();
         self.stop_deadline = Some(
             Instant::now()
                 + Duration::from_secs(self.cfg.shutdown_timeout_secs)
@@ -409,15 +407,15 @@ impl Supervisor {
             self.save();
             return Some(0);
         }
-        let delay = self.backoff.after_run(self.boot_at);
-        self.schedule_restart(delay);
+        self.restart.after_run(self.boot_at);
+        self.note_restart();
         None
     }
 
-    fn schedule_restart(&mut self, delay: Duration) {
+    /// Records a scheduled restart in the state file.
+    fn note_restart(&mut self) {
         self.state.restarts += 1;
         self.state.phase = Phase::Restarting;
-        self.restart_at = Some(Instant::now() + delay);
         self.save();
     }
 
@@ -435,14 +433,13 @@ impl Supervisor {
 
     /// Boots again once the restart backoff passed.
     fn restart_when_due(&mut self) {
-        if let Some(at) = self.restart_at
-            && Instant::now() >= at
+        if self.restart.take_due(Instant::now())
             && let Err(e) = self.boot()
         {
             log(&format!("restart failed: {e}"));
             self.state.last_error = Some(e);
-            let delay = self.backoff.next_delay();
-            self.schedule_restart(delay);
+            self.restart.retry();
+            self.note_restart();
         }
     }
 }
@@ -487,7 +484,7 @@ impl Workload for Supervisor {
 
     fn next_wakeup(&self) -> Option<Instant> {
         let tick = Instant::now() + TICK;
-        Some(self.restart_at.map_or(tick, |at| at.min(tick)))
+        Some(self.restart.at().map_or(tick, |at| at.min(tick)))
     }
 
     fn on_timers(&mut self) -> Option<i32> {
