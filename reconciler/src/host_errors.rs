@@ -36,10 +36,13 @@ mod tests {
         assert!(matches!(io, DriverError::Io { .. }) && io.retryable());
         assert_eq!(io.to_string(), "write 1 to cgroup.kill");
         let busy = DriverError::from(CgroupError::Populated {
-            dir: "/sys/fs/cgroup/memory/x".into(),
+            dir: "/sandbox/cgroup/memory/x".into(),
             pids: vec![1, 2],
         });
         assert!(busy.retryable());
-        assert_eq!(busy.to_string(), "processes 1,2 in /sys/fs/cgroup/memory/x");
+        assert_eq!(
+            busy.to_string(),
+            "processes 1,2 in /sandbox/cgroup/memory/x"
+        );
     }
 }

@@ -16,6 +16,7 @@ pub mod fs;
 pub mod mounts;
 pub mod netns;
 pub mod paths;
+pub mod process;
 pub mod procfs;
 pub mod progress;
 pub mod sysfs;

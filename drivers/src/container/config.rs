@@ -212,36 +212,50 @@ pub struct Paths {
     pub dir: PathBuf,
 }
 
+/// The file names of a container's run directory (the on-disk format of `stead shim`).
+pub static LAYOUT: crate::supervise::Layout = crate::supervise::Layout {
+    kind_dir: "containers",
+    state: "state.json",
+    lock: "shim.lock",
+    socket: "control.sock",
+    log: "shim.log",
+    console_log: "console.log",
+};
+
 impl Paths {
     /// Paths of container `name` under `run_dir`.
     pub fn new(run_dir: &Path, name: &str) -> Self {
         Paths {
-            dir: run_dir.join("containers").join(name),
+            dir: run_dir.join(LAYOUT.kind_dir).join(name),
         }
+    }
+    /// The supervised instance these files belong to.
+    pub fn instance(&self) -> crate::supervise::Instance {
+        crate::supervise::Instance::in_dir(self.dir.clone(), &LAYOUT)
     }
     /// Recorded config.
     pub fn config(&self) -> PathBuf {
-        self.dir.join("config.json")
+        self.instance().config()
     }
     /// Shim state.
     pub fn state(&self) -> PathBuf {
-        self.dir.join("state.json")
+        self.instance().state()
     }
     /// Control socket.
     pub fn socket(&self) -> PathBuf {
-        self.dir.join("control.sock")
+        self.instance().socket()
     }
     /// Console log (ring-buffered).
     pub fn console_log(&self) -> PathBuf {
-        self.dir.join("console.log")
+        self.instance().console_log()
     }
     /// Shim's own log.
     pub fn shim_log(&self) -> PathBuf {
-        self.dir.join("shim.log")
+        self.instance().log()
     }
     /// flock held by the live shim (no duplicate shims).
     pub fn lock(&self) -> PathBuf {
-        self.dir.join("shim.lock")
+        self.instance().lock_path()
     }
     /// Overlay mount point.
     pub fn rootfs_mount(&self) -> PathBuf {

@@ -242,74 +242,18 @@ pub fn logs(
 }
 
 /// Detach key for [`console`]: Ctrl-].
-pub const CONSOLE_DETACH: u8 = 0x1d;
+pub use crate::supervise::console::CONSOLE_DETACH;
 
 /// `stead console`: attaches the terminal to the container's console (raw mode) until
 /// Ctrl-] or the container goes away.
 pub fn console(run_dir: &Path, name: &str) -> Result<(), DriverError> {
-    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-    use nix::sys::termios;
     let conn = connect(run_dir, name)?;
     send(&conn, &Request::Console, &[])?;
     let r = read_reply(&conn)?;
     if !r.ok {
         return Err(DriverError::Other(r.error.unwrap_or_default()));
     }
-    let stdin = io::stdin();
-    let saved = termios::tcgetattr(&stdin).ok();
-    if let Some(t) = &saved {
-        let mut raw = t.clone();
-        termios::cfmakeraw(&mut raw);
-        let _ = termios::tcsetattr(&stdin, termios::SetArg::TCSANOW, &raw);
-    }
-    let mut out = io::stdout();
-    let mut buf = [0u8; 4096];
-    let result = (|| -> Result<(), DriverError> {
-        loop {
-            let mut fds = [
-                PollFd::new(stdin.as_fd(), PollFlags::POLLIN),
-                PollFd::new(conn.as_fd(), PollFlags::POLLIN),
-            ];
-            match poll(&mut fds, PollTimeout::NONE) {
-                Ok(_) => {}
-                Err(nix::Error::EINTR) => continue,
-                Err(e) => return Err(DriverError::io("poll", e.into())),
-            }
-            let r0 = fds[0].revents().is_some_and(|r| !r.is_empty());
-            let r1 = fds[1].revents().is_some_and(|r| !r.is_empty());
-            if r0 {
-                let n = io::stdin()
-                    .lock()
-                    .read(&mut buf)
-                    .map_err(|e| DriverError::io("stdin", e))?;
-                if n == 0 {
-                    return Ok(());
-                }
-                if let Some(i) = buf[..n].iter().position(|b| *b == CONSOLE_DETACH) {
-                    let _ = (&conn).write_all(&buf[..i]);
-                    return Ok(());
-                }
-                (&conn)
-                    .write_all(&buf[..n])
-                    .map_err(|e| DriverError::io("console write", e))?;
-            }
-            if r1 {
-                let n = (&conn)
-                    .read(&mut buf)
-                    .map_err(|e| DriverError::io("console read", e))?;
-                if n == 0 {
-                    return Ok(());
-                }
-                out.write_all(&buf[..n])
-                    .map_err(|e| DriverError::io("stdout", e))?;
-                out.flush().map_err(|e| DriverError::io("stdout", e))?;
-            }
-        }
-    })();
-    if let Some(t) = &saved {
-        let _ = termios::tcsetattr(&stdin, termios::SetArg::TCSANOW, t);
-    }
-    result
+    crate::supervise::console::attach(&conn, &Default::default())
 }
 
 #[cfg(test)]

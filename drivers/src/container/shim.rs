@@ -19,20 +19,21 @@
 //! - on stop: the stop signal to init (see [`ContainerConfig::stop_signal`]), SIGKILL after
 //!   the timeout, cgroup emptied and removed, state `stopped`, exit. SIGTERM to the shim
 //!   means the same.
+//!
+//! The process around it (lock, signals, readiness report, event loop) is the shared
+//! supervisor ([`crate::supervise::serve`]); this file is the container's
+//! [`crate::supervise::Workload`].
 
 use std::collections::HashMap;
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
-use std::os::fd::{AsFd, OwnedFd};
+use std::fs::{self, File};
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use nix::fcntl::{FcntlArg, FdFlag, OFlag, fcntl};
-use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-use nix::sys::signal::{SigSet, Signal, kill};
-use nix::sys::signalfd::{SfdFlags, SignalFd};
-use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 use stead_host::cgroup::{Cgroup, Hierarchy, Limits};
@@ -42,11 +43,10 @@ use stead_schema::RestartPolicy;
 use super::config::{ContainerConfig, ExitInfo, Paths, Phase, ShimState, write_json};
 use super::control::{Request, recv_request};
 use super::{network, process};
+use crate::supervise::console::{Clients, ConsoleLog};
+use crate::supervise::workload::{Exit, RestartTimer, Workload, restart_wanted};
 
-/// Size cap of `console.log`.
-pub const LOG_CAP: u64 = 1 << 20;
-const BACKOFF_MIN: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(10);
+pub use crate::supervise::console::LOG_CAP;
 
 /// Arguments of `stead shim`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -116,148 +116,20 @@ pub fn main(args: &ShimArgs) -> i32 {
     )
 }
 
-fn now_rfc3339() -> String {
-    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
-}
-
-/// Points fds 0 (at /dev/null), 1 and 2 (at the shim log) of this daemon process.
-fn redirect_stdio(log: &Path) -> Result<(), String> {
-    let null = File::open("/dev/null").map_err(|e| format!("open /dev/null: {e}"))?;
-    let f = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .map_err(|e| format!("open {}: {e}", log.display()))?;
-    nix::unistd::dup2_stdin(&null).map_err(|e| format!("dup2 stdin: {e}"))?;
-    nix::unistd::dup2_stdout(&f).map_err(|e| format!("dup2 stdout: {e}"))?;
-    nix::unistd::dup2_stderr(&f).map_err(|e| format!("dup2 stderr: {e}"))?;
-    Ok(())
+/// Whether a live shim holds the lock of `paths` (used by observe).
+pub fn lock_held(paths: &Paths) -> bool {
+    paths.instance().lock_held()
 }
 
 fn daemon(cfg: ContainerConfig, cfg_path: PathBuf, paths: Paths, ready: OwnedFd) -> i32 {
-    let mut ready = Some(File::from(ready));
-    let mut report = |msg: &str| {
-        if let Some(mut r) = ready.take() {
-            let _ = r.write_all(msg.as_bytes());
-        }
-    };
-    if let Err(e) = redirect_stdio(&paths.shim_log()) {
-        report(&e);
-        return 1;
-    }
-    let _ = std::env::set_current_dir("/");
-    let lock = match lock_file(&paths.lock()) {
-        Ok(l) => l,
-        Err(e) => {
-            report(&e);
-            return 1;
-        }
-    };
-    let dir = paths.dir.clone();
-    let mut shim = match Shim::new(cfg, cfg_path, paths) {
-        Ok(s) => s,
-        Err(e) => {
+    let instance = paths.instance();
+    crate::supervise::serve(&instance, ready, || {
+        let dir = paths.dir.clone();
+        Shim::new(cfg, cfg_path, paths).map_err(|e| {
             let _ = super::volume::unmount_all(&dir);
-            report(&e.to_string());
-            return 1;
-        }
-    };
-    if let Err(e) = shim.start() {
-        shim.state.last_error = Some(e.to_string());
-        shim.finish(Phase::Exited);
-        report(&e.to_string());
-        return 1;
-    }
-    report("ok");
-    let code = shim.run();
-    drop(lock);
-    code
-}
-
-fn lock_file(p: &Path) -> Result<File, String> {
-    let f = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(p)
-        .map_err(|e| format!("open {}: {e}", p.display()))?;
-    // Retry briefly: observe's `lock_held` probe takes the lock for a moment.
-    for _ in 0..50 {
-        match f.try_lock() {
-            Ok(()) => return Ok(f),
-            Err(std::fs::TryLockError::WouldBlock) => {
-                std::thread::sleep(Duration::from_millis(2));
-            }
-            Err(std::fs::TryLockError::Error(e)) => {
-                return Err(format!("lock {}: {e}", p.display()));
-            }
-        }
-    }
-    Err(format!("another supervisor holds {}", p.display()))
-}
-
-/// Whether a live shim holds the lock of `paths` (used by observe).
-pub fn lock_held(paths: &Paths) -> bool {
-    let Ok(f) = File::open(paths.lock()) else {
-        return false;
-    };
-    // A shared probe: it never blocks the supervisor for more than this moment (and the
-    // supervisor retries its exclusive lock briefly). An error to take it counts as held.
-    match f.try_lock_shared() {
-        Ok(()) => {
-            let _ = f.unlock();
-            false
-        }
-        Err(_) => true,
-    }
-}
-
-struct ConsoleLog {
-    path: PathBuf,
-    file: Option<File>,
-    size: u64,
-}
-
-impl ConsoleLog {
-    fn open(path: PathBuf) -> Self {
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .ok();
-        let size = file
-            .as_ref()
-            .and_then(|f| f.metadata().ok())
-            .map_or(0, |m| m.len());
-        ConsoleLog { path, file, size }
-    }
-
-    fn write(&mut self, data: &[u8]) {
-        if let Some(f) = &mut self.file
-            && f.write_all(data).is_ok()
-        {
-            self.size += data.len() as u64;
-        }
-        if self.size > LOG_CAP {
-            self.rotate();
-        }
-    }
-
-    /// Keeps the newest half (from a line start), atomically.
-    fn rotate(&mut self) {
-        let Ok(data) = fs::read(&self.path) else {
-            return;
-        };
-        let keep = (LOG_CAP / 2) as usize;
-        let mut start = data.len().saturating_sub(keep);
-        if let Some(nl) = data[start..].iter().position(|b| *b == b'\n') {
-            start += nl + 1;
-        }
-        if stead_host::write_atomic(&self.path, &data[start..]).is_ok() {
-            self.file = OpenOptions::new().append(true).open(&self.path).ok();
-            self.size = (data.len() - start) as u64;
-        }
-    }
+            e.to_string()
+        })
+    })
 }
 
 struct Shim {
@@ -274,14 +146,12 @@ struct Shim {
     slave_path: PathBuf,
     log: ConsoleLog,
     listener: UnixListener,
-    sigfd: SignalFd,
-    consoles: Vec<UnixStream>,
+    consoles: Clients,
     execs: HashMap<Pid, UnixStream>,
     stop_waiters: Vec<UnixStream>,
     stop_deadline: Option<Instant>,
     stop_requested: bool,
-    restart_at: Option<Instant>,
-    backoff: Duration,
+    restart: RestartTimer,
     started: Instant,
 }
 
@@ -337,6 +207,45 @@ fn set_cloexec_nonblock(fd: &impl AsFd, nonblock: bool) -> Result<(), DriverErro
     Ok(())
 }
 
+/// The host side of a container start: its cgroup (created, limited, device-restricted),
+/// the rootfs image and volume images mounted. Returns the volume mounts as the container
+/// sees them.
+fn prepare_host(
+    cfg: &ContainerConfig,
+    paths: &Paths,
+    cgroup: &Cgroup,
+) -> Result<Vec<super::config::MountConfig>, DriverError> {
+    cgroup.create()?;
+    cgroup.set_limits(&cfg.limits)?;
+    cgroup.restrict_devices(&super::CONTAINER_DEVICES, &super::BpfDeviceProgram)?;
+    if let super::config::RootfsMount::Image { source, target } = &cfg.rootfs {
+        super::volume::mount_image(source, target, false, cfg.idmap, false)?;
+    }
+    super::volume::mount_images(&paths.dir, &cfg.mounts, cfg.idmap)
+}
+
+/// The console pty (master non-blocking) and the path of its slave.
+fn open_console_pty() -> Result<(nix::pty::OpenptyResult, PathBuf), DriverError> {
+    let pty = nix::pty::openpty(None, None).map_err(|e| DriverError::io("openpty", e.into()))?;
+    set_cloexec_nonblock(&pty.master, true)?;
+    set_cloexec_nonblock(&pty.slave, false)?;
+    let slave_path = nix::unistd::ttyname(pty.slave.as_fd())
+        .map_err(|e| DriverError::io("ttyname", e.into()))?;
+    Ok((pty, slave_path))
+}
+
+/// Binds the control socket (replacing a dead predecessor's), non-blocking.
+fn bind_control(paths: &Paths) -> Result<UnixListener, DriverError> {
+    let sock = paths.socket();
+    let _ = fs::remove_file(&sock);
+    let listener = UnixListener::bind(&sock)
+        .map_err(|e| DriverError::io(format!("bind {}", sock.display()), e))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| DriverError::io("nonblocking listener", e))?;
+    Ok(listener)
+}
+
 impl Shim {
     fn new(cfg: ContainerConfig, cfg_path: PathBuf, paths: Paths) -> Result<Self, DriverError> {
         let hier = Hierarchy::detect()?;
@@ -360,43 +269,9 @@ impl Shim {
         paths: Paths,
         cgroup: Cgroup,
     ) -> Result<Self, DriverError> {
-        cgroup.create()?;
-        cgroup.set_limits(&cfg.limits)?;
-        cgroup.restrict_devices(&super::CONTAINER_DEVICES, &super::BpfDeviceProgram)?;
-        if let super::config::RootfsMount::Image { source, target } = &cfg.rootfs {
-            super::volume::mount_image(source, target, false, cfg.idmap, false)?;
-        }
-        let mounts = super::volume::mount_images(&paths.dir, &cfg.mounts, cfg.idmap)?;
-
-        let mut mask = SigSet::empty();
-        for s in [
-            Signal::SIGCHLD,
-            Signal::SIGTERM,
-            Signal::SIGINT,
-            Signal::SIGHUP,
-        ] {
-            mask.add(s);
-        }
-        mask.thread_block()
-            .map_err(|e| DriverError::io("block signals", e.into()))?;
-        let sigfd = SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
-            .map_err(|e| DriverError::io("signalfd", e.into()))?;
-
-        let pty =
-            nix::pty::openpty(None, None).map_err(|e| DriverError::io("openpty", e.into()))?;
-        set_cloexec_nonblock(&pty.master, true)?;
-        set_cloexec_nonblock(&pty.slave, false)?;
-        let slave_path = nix::unistd::ttyname(pty.slave.as_fd())
-            .map_err(|e| DriverError::io("ttyname", e.into()))?;
-
-        let sock = paths.socket();
-        let _ = fs::remove_file(&sock);
-        let listener = UnixListener::bind(&sock)
-            .map_err(|e| DriverError::io(format!("bind {}", sock.display()), e))?;
-        listener
-            .set_nonblocking(true)
-            .map_err(|e| DriverError::io("nonblocking listener", e))?;
-
+        let mounts = prepare_host(&cfg, &paths, &cgroup)?;
+        let (pty, slave_path) = open_console_pty()?;
+        let listener = bind_control(&paths)?;
         let log = ConsoleLog::open(paths.console_log());
         Ok(Shim {
             state: ShimState {
@@ -420,25 +295,24 @@ impl Shim {
             slave_path,
             log,
             listener,
-            sigfd,
-            consoles: Vec::new(),
+            consoles: Clients::default(),
             execs: HashMap::new(),
             stop_waiters: Vec::new(),
             stop_deadline: None,
             stop_requested: false,
-            restart_at: None,
-            backoff: BACKOFF_MIN,
+            restart: RestartTimer::default(),
             started: Instant::now(),
         })
     }
 
     fn save(&self) {
-        if let Err(e) = write_json(&self.paths.state(), &self.state) {
+        if let Err(e) = self.paths.instance().write_state(&self.state) {
             tracing::warn!(error = %e, "write state");
         }
     }
 
-    fn start(&mut self) -> Result<(), DriverError> {
+    /// Starts init (one run of the container).
+    fn start_init(&mut self) -> Result<(), DriverError> {
         let t = Instant::now();
         let mut run_cfg = self.cfg.clone();
         run_cfg.mounts = self.mounts.clone();
@@ -449,126 +323,25 @@ impl Shim {
         self.started = Instant::now();
         self.state.phase = Phase::Running;
         self.state.init_pid = Some(pid.as_raw());
-        self.state.started_at = Some(now_rfc3339());
+        self.state.started_at = Some(crate::supervise::now_rfc3339());
         self.state.last_error = None;
         self.state.start_micros = Some(t.elapsed().as_micros() as u64);
         self.save();
         Ok(())
     }
 
-    fn run(&mut self) -> i32 {
-        loop {
-            let timeout = self.next_timeout();
-            let ready = {
-                let mut fds = vec![
-                    PollFd::new(self.sigfd.as_fd(), PollFlags::POLLIN),
-                    PollFd::new(self.listener.as_fd(), PollFlags::POLLIN),
-                    PollFd::new(self.master.as_fd(), PollFlags::POLLIN),
-                ];
-                for c in &self.consoles {
-                    fds.push(PollFd::new(c.as_fd(), PollFlags::POLLIN));
-                }
-                match poll(&mut fds, timeout) {
-                    Ok(_) => fds
-                        .iter()
-                        .map(|f| f.revents().is_some_and(|r| !r.is_empty()))
-                        .collect::<Vec<_>>(),
-                    Err(nix::Error::EINTR) => continue,
-                    Err(e) => {
-                        tracing::error!(error = %e, "poll");
-                        return 1;
-                    }
-                }
-            };
-            if ready[0]
-                && let Some(code) = self.on_signals()
-            {
-                return code;
-            }
-            if ready[1] {
-                self.on_accept();
-            }
-            if ready[2] {
-                self.on_console_output();
-            }
-            let console_ready: Vec<bool> = ready[3..].to_vec();
-            self.on_console_input(&console_ready);
-            if let Some(code) = self.on_timers() {
-                return code;
-            }
-        }
-    }
-
-    fn next_timeout(&self) -> PollTimeout {
-        let now = Instant::now();
-        let next = [self.restart_at, self.stop_deadline]
-            .into_iter()
-            .flatten()
-            .min();
-        match next {
-            None => PollTimeout::NONE,
-            Some(t) => {
-                let ms = t.saturating_duration_since(now).as_millis().min(60_000) as u16;
-                PollTimeout::from(ms.max(1))
-            }
-        }
-    }
-
-    fn on_signals(&mut self) -> Option<i32> {
-        let mut chld = false;
-        while let Ok(Some(si)) = self.sigfd.read_signal() {
-            match Signal::try_from(si.ssi_signo as i32) {
-                Ok(Signal::SIGCHLD) => chld = true,
-                Ok(Signal::SIGTERM | Signal::SIGINT) => self.request_stop(None),
-                _ => {}
-            }
-        }
-        if chld {
-            return self.reap();
-        }
-        None
-    }
-
-    fn reap(&mut self) -> Option<i32> {
-        loop {
-            let st = match waitpid(None::<Pid>, Some(WaitPidFlag::WNOHANG)) {
-                Ok(WaitStatus::StillAlive) | Err(_) => return None,
-                Ok(st) => st,
-            };
-            let (pid, code, signal) = match st {
-                WaitStatus::Exited(p, c) => (p, Some(c), None),
-                WaitStatus::Signaled(p, s, _) => (p, None, Some(s as i32)),
-                _ => continue,
-            };
-            if Some(pid) == self.init {
-                if let Some(c) = self.on_init_exit(code, signal) {
-                    return Some(c);
-                }
-            } else if let Some(mut conn) = self.execs.remove(&pid) {
-                let mut r = Reply::ok();
-                r.exit_code = Some(code.unwrap_or_else(|| 128 + signal.unwrap_or(0)));
-                send_reply(&mut conn, &r);
-            }
-        }
-    }
-
     fn on_init_exit(&mut self, code: Option<i32>, signal: Option<i32>) -> Option<i32> {
         let exit = ExitInfo {
             code,
             signal,
-            at: now_rfc3339(),
+            at: crate::supervise::now_rfc3339(),
         };
         tracing::info!(?code, ?signal, container = %self.cfg.name, "init exited");
         self.init = None;
         self.state.init_pid = None;
         let reboot = signal == Some(Signal::SIGHUP as i32);
-        let restart = !self.stop_requested
-            && (reboot
-                || match self.cfg.restart_policy {
-                    RestartPolicy::Always => true,
-                    RestartPolicy::OnFailure => exit.failed(),
-                    RestartPolicy::Never => false,
-                });
+        let restart =
+            !self.stop_requested && restart_wanted(self.cfg.restart_policy, exit.failed(), reboot);
         self.state.last_exit = Some(exit);
         if self.stop_requested {
             return Some(self.finish(Phase::Stopped));
@@ -578,17 +351,14 @@ impl Shim {
         }
         // Leftovers (e.g. processes that escaped into the cgroup) go before the restart.
         let _ = self.cgroup.kill_all();
-        if self.started.elapsed() >= BACKOFF_MAX {
-            self.backoff = BACKOFF_MIN;
-        }
-        self.restart_at = Some(Instant::now() + self.backoff);
-        self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+        self.restart.after_run(self.started);
         self.state.phase = Phase::Restarting;
         self.save();
         None
     }
 
-    fn on_timers(&mut self) -> Option<i32> {
+    /// Kills init after the stop timeout; restarts it after the backoff.
+    fn fire_timers(&mut self) -> Option<i32> {
         let now = Instant::now();
         if let Some(t) = self.stop_deadline
             && now >= t
@@ -605,16 +375,12 @@ impl Shim {
                 None => {}
             }
         }
-        if let Some(t) = self.restart_at
-            && now >= t
-        {
-            self.restart_at = None;
+        if self.restart.take_due(now) {
             self.state.restarts += 1;
-            if let Err(e) = self.start() {
+            if let Err(e) = self.start_init() {
                 tracing::error!(error = %e, container = %self.cfg.name, "restart failed");
                 self.state.last_error = Some(e.to_string());
-                self.restart_at = Some(Instant::now() + self.backoff);
-                self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+                self.restart.retry();
                 self.state.phase = Phase::Restarting;
                 self.save();
             }
@@ -622,9 +388,11 @@ impl Shim {
         None
     }
 
-    fn request_stop(&mut self, timeout: Option<u64>) {
+    /// Stops init gracefully: its stop signal, SIGKILL after `timeout` seconds (default:
+    /// the config's).
+    fn stop_within(&mut self, timeout: Option<u64>) {
         self.stop_requested = true;
-        self.restart_at = None;
+        self.restart.cancel();
         match self.init {
             None => {
                 // Between restarts: nothing to signal; finish on the next timer tick.
@@ -689,17 +457,10 @@ impl Shim {
             }
             Request::Stop { timeout_secs } => {
                 self.stop_waiters.push(conn);
-                self.request_stop(timeout_secs);
+                self.stop_within(timeout_secs);
             }
             Request::Signal { signal } => {
-                let r = match (self.init, Signal::try_from(signal)) {
-                    (Some(p), Ok(s)) => match kill(p, s) {
-                        Ok(()) => Reply::ok(),
-                        Err(e) => Reply::err(e),
-                    },
-                    (None, _) => Reply::err("container is not running"),
-                    (_, Err(e)) => Reply::err(e),
-                };
+                let r = self.signal_init(signal);
                 send_reply(&mut conn, &r);
             }
             Request::Update {
@@ -713,30 +474,53 @@ impl Shim {
                 };
                 send_reply(&mut conn, &r);
             }
-            Request::Exec { args, env } => match self.init {
-                None => send_reply(&mut conn, &Reply::err("container is not running")),
-                Some(_) if fds.len() != 3 => {
-                    let e = format!(
-                        "exec needs 3 fds (stdin, stdout, stderr), got {}",
-                        fds.len()
-                    );
-                    send_reply(&mut conn, &Reply::err(e));
-                }
-                Some(init) => {
-                    match process::spawn_exec(&self.cfg, &self.cgroup, init, &args, &env, &fds) {
-                        Ok(pid) => {
-                            drop(fds);
-                            self.execs.insert(pid, conn);
-                        }
-                        Err(e) => send_reply(&mut conn, &Reply::err(e)),
-                    }
-                }
-            },
+            Request::Exec { args, env } => self.start_exec(conn, &args, &env, fds),
             Request::Console => {
                 send_reply(&mut conn, &Reply::ok());
-                let _ = conn.set_nonblocking(true);
-                self.consoles.push(conn);
+                self.consoles.add(conn);
             }
+        }
+    }
+
+    /// `signal`: sends signal number `signal` to init.
+    fn signal_init(&self, signal: i32) -> Reply {
+        match (self.init, Signal::try_from(signal)) {
+            (Some(p), Ok(s)) => match kill(p, s) {
+                Ok(()) => Reply::ok(),
+                Err(e) => Reply::err(e),
+            },
+            (None, _) => Reply::err("container is not running"),
+            (_, Err(e)) => Reply::err(e),
+        }
+    }
+
+    /// `exec`: runs `args` in the container with the client's stdio `fds`; the client
+    /// gets its reply (the exit code) when the command ends ([`Workload::child_ended`]).
+    fn start_exec(
+        &mut self,
+        mut conn: UnixStream,
+        args: &[String],
+        env: &std::collections::BTreeMap<String, String>,
+        fds: Vec<OwnedFd>,
+    ) {
+        let Some(init) = self.init else {
+            send_reply(&mut conn, &Reply::err("container is not running"));
+            return;
+        };
+        if fds.len() != 3 {
+            let e = format!(
+                "exec needs 3 fds (stdin, stdout, stderr), got {}",
+                fds.len()
+            );
+            send_reply(&mut conn, &Reply::err(e));
+            return;
+        }
+        match process::spawn_exec(&self.cfg, &self.cgroup, init, args, env, &fds) {
+            Ok(pid) => {
+                drop(fds);
+                self.execs.insert(pid, conn);
+            }
+            Err(e) => send_reply(&mut conn, &Reply::err(e)),
         }
     }
 
@@ -762,33 +546,81 @@ impl Shim {
                 Ok(0) => break,
                 Ok(n) => {
                     self.log.write(&buf[..n]);
-                    self.consoles
-                        .retain_mut(|c| !matches!(c.write(&buf[..n]), Err(e) if e.kind() != io::ErrorKind::WouldBlock));
+                    self.consoles.broadcast(&buf[..n]);
                 }
                 Err(_) => break,
             }
         }
     }
+}
 
-    fn on_console_input(&mut self, ready: &[bool]) {
-        let mut keep = Vec::with_capacity(self.consoles.len());
-        let mut buf = [0u8; 4096];
-        for (i, mut c) in std::mem::take(&mut self.consoles).into_iter().enumerate() {
-            if !ready.get(i).copied().unwrap_or(false) {
-                keep.push(c);
-                continue;
-            }
-            match c.read(&mut buf) {
-                Ok(0) => {}
-                Ok(n) => {
-                    let _ = self.master.write_all(&buf[..n]);
-                    keep.push(c);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => keep.push(c),
-                Err(_) => {}
-            }
+impl Workload for Shim {
+    type State = ShimState;
+
+    fn start(&mut self) -> Result<(), String> {
+        self.start_init().map_err(|e| e.to_string())
+    }
+
+    fn start_failed(&mut self, error: &str) {
+        self.state.last_error = Some(error.to_string());
+        self.finish(Phase::Exited);
+    }
+
+    fn state(&self) -> &ShimState {
+        &self.state
+    }
+
+    fn pid(&self) -> Option<Pid> {
+        self.init
+    }
+
+    fn run_ended(&mut self, exit: Exit) -> Option<i32> {
+        match exit {
+            Exit::Code(c) => self.on_init_exit(Some(c), None),
+            Exit::Signal(s) => self.on_init_exit(None, Some(s)),
         }
-        self.consoles = keep;
+    }
+
+    /// A command run by `exec` ended: its client gets the exit code.
+    fn child_ended(&mut self, pid: Pid, exit: Exit) {
+        if let Some(mut conn) = self.execs.remove(&pid) {
+            let mut r = Reply::ok();
+            r.exit_code = Some(exit.shell_code());
+            send_reply(&mut conn, &r);
+        }
+    }
+
+    fn request_stop(&mut self) {
+        self.stop_within(None);
+    }
+
+    /// The control socket, the console pty, the attached console clients.
+    fn fds(&self) -> Vec<BorrowedFd<'_>> {
+        let mut fds = vec![self.listener.as_fd(), self.master.as_fd()];
+        fds.extend(self.consoles.fds());
+        fds
+    }
+
+    fn on_ready(&mut self, ready: &[bool]) {
+        if ready.first() == Some(&true) {
+            self.on_accept();
+        }
+        if ready.get(1) == Some(&true) {
+            self.on_console_output();
+        }
+        self.consoles
+            .relay_input(ready.get(2..).unwrap_or_default(), &mut self.master);
+    }
+
+    fn next_wakeup(&self) -> Option<Instant> {
+        [self.restart.at(), self.stop_deadline]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    fn on_timers(&mut self) -> Option<i32> {
+        self.fire_timers()
     }
 }
 
@@ -799,46 +631,11 @@ mod tests {
     #[test]
     fn args_roundtrip() {
         let a = ShimArgs {
-            run_dir: "/run/stead".into(),
+            run_dir: "/r/stead".into(),
             name: "web".into(),
-            config: "/run/stead/containers/web/config.json".into(),
+            config: "/r/stead/containers/web/config.json".into(),
         };
         assert_eq!(ShimArgs::parse(a.to_args()).expect("parse"), a);
         assert!(ShimArgs::parse(vec!["--name".to_string()]).is_err());
-    }
-
-    #[test]
-    fn one_supervisor_lock_per_container() {
-        let dir = tempfile::tempdir().expect("tmp");
-        let paths = Paths::new(dir.path(), "c");
-        fs::create_dir_all(&paths.dir).expect("mkdir");
-        assert!(!lock_held(&paths), "no lock file yet");
-        let held = lock_file(&paths.lock()).expect("first lock");
-        assert!(lock_held(&paths));
-        let second = lock_file(&paths.lock()).expect_err("second supervisor refused");
-        assert!(second.contains("another supervisor"), "{second}");
-        drop(held);
-        assert!(!lock_held(&paths));
-        let _again = lock_file(&paths.lock()).expect("free again");
-    }
-
-    #[test]
-    fn console_log_is_capped() {
-        let dir = tempfile::tempdir().expect("tmp");
-        let p = dir.path().join("console.log");
-        let mut log = ConsoleLog::open(p.clone());
-        let line = vec![b'x'; 1023]
-            .into_iter()
-            .chain([b'\n'])
-            .collect::<Vec<u8>>();
-        for _ in 0..3000 {
-            log.write(&line);
-        }
-        let len = fs::metadata(&p).expect("meta").len();
-        assert!(len <= LOG_CAP, "{len}");
-        assert!(len >= LOG_CAP / 2 - 1024, "{len}");
-        let data = fs::read(&p).expect("read");
-        assert_eq!(data.first(), Some(&b'x'));
-        assert_eq!(data.last(), Some(&b'\n'));
     }
 }

@@ -15,6 +15,16 @@ pub struct Paths {
     pub dir: PathBuf,
 }
 
+/// The file names of a VM's run directory (the on-disk format of `stead vmm`).
+pub static LAYOUT: crate::supervise::Layout = crate::supervise::Layout {
+    kind_dir: "vms",
+    state: "supervisor.json",
+    lock: "supervisor.lock",
+    socket: "control.sock",
+    log: "vmm.log",
+    console_log: "console.log",
+};
+
 impl Paths {
     /// Paths of VM `name` under `run_dir`.
     pub fn new(run_dir: &Path, name: &str) -> Self {
@@ -22,13 +32,17 @@ impl Paths {
             dir: vms_dir(run_dir).join(name),
         }
     }
+    /// The supervised instance these files belong to.
+    pub fn instance(&self) -> crate::supervise::Instance {
+        crate::supervise::Instance::in_dir(self.dir.clone(), &LAYOUT)
+    }
     /// The configuration the supervisor runs ([`VmRunConfig`]).
     pub fn config(&self) -> PathBuf {
-        self.dir.join("config.json")
+        self.instance().config()
     }
     /// The supervisor's state ([`SupervisorState`]).
     pub fn supervisor_state(&self) -> PathBuf {
-        self.dir.join("supervisor.json")
+        self.instance().state()
     }
     /// The VMM's own state file (written by `stead_vmm`).
     pub fn vmm_state(&self) -> PathBuf {
@@ -36,29 +50,29 @@ impl Paths {
     }
     /// The VMM's control socket.
     pub fn control_socket(&self) -> PathBuf {
-        self.dir.join("control.sock")
+        self.instance().socket()
     }
     /// The VMM's serial console socket.
     pub fn console_socket(&self) -> PathBuf {
         self.dir.join("console.sock")
     }
-    /// Serial output, size-capped (oldest half dropped past [`super::supervisor::LOG_CAP`]).
+    /// Serial output, size-capped (oldest half dropped past [`crate::supervise::console::LOG_CAP`]).
     pub fn console_log(&self) -> PathBuf {
-        self.dir.join("console.log")
+        self.instance().console_log()
     }
     /// The supervisor's and VMM's own stdout/stderr.
     pub fn vmm_log(&self) -> PathBuf {
-        self.dir.join("vmm.log")
+        self.instance().log()
     }
     /// `flock` held by the live supervisor.
     pub fn lock(&self) -> PathBuf {
-        self.dir.join("supervisor.lock")
+        self.instance().lock_path()
     }
 }
 
 /// `<run_dir>/vms`.
 pub fn vms_dir(run_dir: &Path) -> PathBuf {
-    run_dir.join("vms")
+    run_dir.join(LAYOUT.kind_dir)
 }
 
 /// A disk as the VMM opens it.

@@ -9,27 +9,24 @@
 //! `logs` prints `console.log` (size-capped serial output of every boot), optionally
 //! following it while the supervisor lives.
 
-use std::io::{self, Read, Write};
-use std::os::fd::AsFd;
+use std::io::{self, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use stead_reconciler::driver::DriverError;
 
 use super::config::Paths;
 use super::supervisor::lock_held;
+use crate::supervise::console::AttachOptions;
 
-/// Detach key: Ctrl-].
-pub const CONSOLE_DETACH: u8 = 0x1d;
+pub use crate::supervise::console::CONSOLE_DETACH;
 /// How long output is still shown after a non-terminal stdin ends.
 pub const LINGER: Duration = Duration::from_secs(1);
 
 /// Attaches stdin/stdout to VM `name`'s serial console until Ctrl-], end of input (plus
 /// [`LINGER`]), or the VM going away.
 pub fn console(run_dir: &Path, name: &str) -> Result<(), DriverError> {
-    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-    use nix::sys::termios;
     let paths = Paths::new(run_dir, name);
     let sock = paths.console_socket();
     let conn = UnixStream::connect(&sock).map_err(|e| {
@@ -39,78 +36,11 @@ pub fn console(run_dir: &Path, name: &str) -> Result<(), DriverError> {
             DriverError::NotReady(format!("VirtualMachine/{name} is not running"))
         }
     })?;
-    let stdin = io::stdin();
-    let saved = termios::tcgetattr(&stdin).ok();
-    if let Some(t) = &saved {
-        eprint!("Connected to VirtualMachine/{name}; Ctrl-] detaches.\r\n");
-        let mut raw = t.clone();
-        termios::cfmakeraw(&mut raw);
-        let _ = termios::tcsetattr(&stdin, termios::SetArg::TCSANOW, &raw);
-    }
-    let mut out = io::stdout();
-    let mut buf = [0u8; 4096];
-    let mut stdin_open = true;
-    let mut linger_until: Option<Instant> = None;
-    let result = (|| -> Result<(), DriverError> {
-        loop {
-            let timeout = match linger_until {
-                Some(t) => {
-                    let left = t.saturating_duration_since(Instant::now());
-                    if left.is_zero() {
-                        return Ok(());
-                    }
-                    PollTimeout::try_from(left.as_millis().min(60_000) as i32)
-                        .unwrap_or(PollTimeout::ZERO)
-                }
-                None => PollTimeout::NONE,
-            };
-            let mut fds = vec![PollFd::new(conn.as_fd(), PollFlags::POLLIN)];
-            if stdin_open {
-                fds.push(PollFd::new(stdin.as_fd(), PollFlags::POLLIN));
-            }
-            match poll(&mut fds, timeout) {
-                Ok(_) => {}
-                Err(nix::Error::EINTR) => continue,
-                Err(e) => return Err(DriverError::io("poll", e.into())),
-            }
-            let conn_ready = fds[0].revents().is_some_and(|r| !r.is_empty());
-            let stdin_ready = stdin_open && fds[1].revents().is_some_and(|r| !r.is_empty());
-            if conn_ready {
-                let n = (&conn)
-                    .read(&mut buf)
-                    .map_err(|e| DriverError::io("console read", e))?;
-                if n == 0 {
-                    return Ok(());
-                }
-                out.write_all(&buf[..n])
-                    .map_err(|e| DriverError::io("stdout", e))?;
-                out.flush().map_err(|e| DriverError::io("stdout", e))?;
-            }
-            if stdin_ready {
-                let n = io::stdin()
-                    .lock()
-                    .read(&mut buf)
-                    .map_err(|e| DriverError::io("stdin", e))?;
-                if n == 0 {
-                    stdin_open = false;
-                    linger_until = Some(Instant::now() + LINGER);
-                    continue;
-                }
-                if let Some(i) = buf[..n].iter().position(|b| *b == CONSOLE_DETACH) {
-                    let _ = (&conn).write_all(&buf[..i]);
-                    return Ok(());
-                }
-                (&conn)
-                    .write_all(&buf[..n])
-                    .map_err(|e| DriverError::io("console write", e))?;
-            }
-        }
-    })();
-    if let Some(t) = &saved {
-        let _ = termios::tcsetattr(&stdin, termios::SetArg::TCSANOW, t);
-        eprint!("\r\nDetached from VirtualMachine/{name}.\r\n");
-    }
-    result
+    let opts = AttachOptions {
+        banner: Some(format!("VirtualMachine/{name}")),
+        linger: Some(LINGER),
+    };
+    crate::supervise::console::attach(&conn, &opts)
 }
 
 /// Writes VM `name`'s serial log to `out`; with `follow`, keeps printing new output while

@@ -17,8 +17,6 @@ use std::fs;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
 use serde_json::{Value, json};
 use stead_host::cgroup::{Cgroup, Hierarchy};
 use stead_reconciler::driver::{
@@ -339,14 +337,18 @@ impl VmDriver {
             let st: Option<SupervisorState> = read_json(&paths.supervisor_state())?;
             let timeout = Duration::from_secs(self.shutdown_timeout_secs + 10);
             if let Some(st) = &st {
-                let _ = kill(Pid::from_raw(st.supervisor_pid), Signal::SIGTERM);
+                let _ = paths
+                    .instance()
+                    .signal_supervisor(st.supervisor_pid, libc::SIGTERM);
             }
             let t = Instant::now();
             while lock_held(&paths) {
                 if t.elapsed() > timeout {
                     tracing::warn!("supervisor did not stop in time, killing it");
                     if let Some(st) = &st {
-                        let _ = kill(Pid::from_raw(st.supervisor_pid), Signal::SIGKILL);
+                        let _ = paths
+                            .instance()
+                            .signal_supervisor(st.supervisor_pid, libc::SIGKILL);
                     }
                     break;
                 }
@@ -397,8 +399,9 @@ impl VmDriver {
             if policy_changed
                 && let Some(st) = read_json::<SupervisorState>(&paths.supervisor_state())?
             {
-                kill(Pid::from_raw(st.supervisor_pid), Signal::SIGHUP)
-                    .map_err(|e| DriverError::io("signal the VM supervisor", e.into()))?;
+                paths
+                    .instance()
+                    .signal_supervisor(st.supervisor_pid, libc::SIGHUP)?;
             }
             // Running with this config: resume a paused VM.
             if control_status(&paths.control_socket())

@@ -27,11 +27,14 @@
 //! - on `SIGTERM`/`SIGINT`: graceful stop — `shutdown` on the control socket (Ctrl-Alt-Del,
 //!   forced by the VMM after the configured timeout), `SIGKILL` to the child if it is
 //!   still there 5 s later, phase `stopped`, exit.
+//!
+//! The process around it (lock, signals, readiness report, event loop) is the shared
+//! supervisor ([`crate::supervise::serve`]); this file is the VM's
+//! [`crate::supervise::Workload`].
 
-use std::fs::{self, File, OpenOptions, TryLockError};
+use std::fs::{self, File};
 use std::io::{self, BufReader, Write};
 use std::os::fd::OwnedFd;
-use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -39,19 +42,17 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{SigSet, Signal, kill};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
-use stead_host::cgroup::{Cgroup, Hierarchy, Limits};
-use stead_schema::RestartPolicy;
 use stead_vmm::{Reply, Request, RunState, StatusReply};
 
 use super::config::{Paths, Phase, SupervisorState, VmRunConfig, cgroup_name};
-use crate::container::config::{read_json, write_json};
+use crate::container::config::read_json;
+use crate::supervise::console::trim_log;
+use crate::supervise::workload::{Exit, RestartTimer, Workload, restart_wanted};
+use stead_host::cgroup::{Cgroup, Hierarchy, Limits};
 
-/// Size cap of `console.log`.
-pub const LOG_CAP: u64 = 1 << 20;
+pub use crate::supervise::console::LOG_CAP;
 /// Memory allowed to the VM's cgroup on top of guest RAM (VMM code, stacks, queues).
 pub const MEMORY_OVERHEAD: u64 = 64 << 20;
-const BACKOFF_MIN: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(10);
 /// How long the first boot may take to report `running`.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -111,52 +112,9 @@ pub fn main(args: &VmmArgs) -> i32 {
     )
 }
 
-fn now_rfc3339() -> String {
-    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
-}
-
-/// Points stdin at `/dev/null` and stdout/stderr at `log` (appending).
-fn redirect_stdio(log: &Path) -> Result<(), String> {
-    let null = File::open("/dev/null").map_err(|e| format!("open /dev/null: {e}"))?;
-    nix::unistd::dup2_stdin(&null).map_err(|e| format!("dup2 stdin: {e}"))?;
-    let f = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .map_err(|e| format!("open {}: {e}", log.display()))?;
-    nix::unistd::dup2_stdout(&f).map_err(|e| format!("dup2 stdout: {e}"))?;
-    nix::unistd::dup2_stderr(&f).map_err(|e| format!("dup2 stderr: {e}"))?;
-    Ok(())
-}
-
-fn lock_file(p: &Path) -> Result<File, String> {
-    let f = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(p)
-        .map_err(|e| format!("open {}: {e}", p.display()))?;
-    // A concurrent `lock_held` probe holds a shared lock for an instant: retry briefly.
-    let deadline = Instant::now() + Duration::from_secs(2);
-    loop {
-        match f.try_lock() {
-            Ok(()) => return Ok(f),
-            Err(TryLockError::WouldBlock) if Instant::now() <= deadline => {
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            Err(e) => return Err(format!("another supervisor holds {} ({e})", p.display())),
-        }
-    }
-}
-
 /// Whether a live supervisor holds the lock of `paths`.
 pub fn lock_held(paths: &Paths) -> bool {
-    let Ok(f) = File::open(paths.lock()) else {
-        return false;
-    };
-    // Shared: probes never conflict with each other, only with the supervisor's
-    // exclusive lock. Closing `f` releases a lock taken here.
-    matches!(f.try_lock_shared(), Err(TryLockError::WouldBlock))
+    paths.instance().lock_held()
 }
 
 /// Sends one request to the VMM's control socket and returns its reply.
@@ -187,48 +145,16 @@ fn tail(p: &Path, n: usize) -> String {
 }
 
 fn daemon(cfg: VmRunConfig, paths: Paths, ready: OwnedFd) -> i32 {
-    let mut ready = Some(File::from(ready));
-    let mut report = |msg: &str| {
-        if let Some(mut r) = ready.take() {
-            let _ = r.write_all(msg.as_bytes());
-        }
-    };
-    if let Err(e) = redirect_stdio(&paths.vmm_log()) {
-        report(&e);
-        return 1;
-    }
-    let _ = std::env::set_current_dir("/");
-    let lock = match lock_file(&paths.lock()) {
-        Ok(l) => l,
-        Err(e) => {
-            report(&e);
-            return 1;
-        }
-    };
-    eprintln!("{} stead vmm: supervising VM {}", now_rfc3339(), cfg.name);
-    let mut sup = match Supervisor::new(cfg, paths) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("{} stead vmm: {e}", now_rfc3339());
-            report(&e);
-            return 1;
-        }
-    };
-    match sup.first_boot() {
-        Ok(()) => report("ok"),
-        Err(e) => {
-            eprintln!("{} stead vmm: {e}", now_rfc3339());
-            sup.state.last_error = Some(e.clone());
-            sup.state.phase = Phase::Exited;
-            sup.state.vmm_pid = None;
-            sup.save();
-            report(&e);
-            return 1;
-        }
-    }
-    let code = sup.run();
-    drop(lock);
-    code
+    let instance = paths.instance();
+    crate::supervise::serve(&instance, ready, || {
+        log(&format!("supervising VM {}", cfg.name));
+        Supervisor::new(cfg, paths).inspect_err(|e| log(e))
+    })
+}
+
+/// A line of the supervisor's own log (`vmm.log`).
+fn log(msg: &str) {
+    eprintln!("{} stead vmm: {msg}", crate::supervise::now_rfc3339());
 }
 
 struct Supervisor {
@@ -238,58 +164,100 @@ struct Supervisor {
     state: SupervisorState,
     child: Option<Pid>,
     boot_at: Instant,
-    backoff: Duration,
-    restart_at: Option<Instant>,
+    restart: RestartTimer,
     stop_deadline: Option<Instant>,
+}
+
+/// Creates the VM's cgroup (killing what a dead predecessor left there), sets its limits
+/// and moves the supervisor into it (its VMM children are born there).
+fn join_cgroup(cfg: &VmRunConfig) -> Result<Cgroup, String> {
+    let hier = Hierarchy::detect().map_err(|e| format!("cgroups: {e}"))?;
+    let cg = hier.cgroup(&cfg.cgroup_parent, &cgroup_name(&cfg.name));
+    cg.kill_all()
+        .map_err(|e| format!("clean cgroup of a dead predecessor: {e}"))?;
+    cg.create().map_err(|e| format!("create cgroup: {e}"))?;
+    cg.set_limits(&Limits {
+        cpus: Some(f64::from(cfg.cpus)),
+        memory: Some(cfg.memory + MEMORY_OVERHEAD),
+        pids: None,
+    })
+    .map_err(|e| format!("cgroup limits: {e}"))?;
+    cg.add_pid(std::process::id() as i32)
+        .map_err(|e| format!("join cgroup: {e}"))?;
+    Ok(cg)
+}
+
+/// Enters the configured network namespace (where the taps live).
+fn enter_netns(cfg: &VmRunConfig) -> Result<(), String> {
+    if let Some(ns) = &cfg.netns {
+        let f = File::open(ns).map_err(|e| format!("open netns {}: {e}", ns.display()))?;
+        nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET)
+            .map_err(|e| format!("setns {}: {e}", ns.display()))?;
+    }
+    Ok(())
+}
+
+/// The state a new supervisor starts from: restarts and the last exit carry over from a
+/// predecessor's `supervisor.json`.
+fn initial_state(paths: &Paths) -> SupervisorState {
+    let prev: Option<SupervisorState> = paths.instance().read_state().ok().flatten();
+    // A predecessor that did not stop on request died or gave up: this start counts.
+    let restarts = match &prev {
+        Some(p) if p.phase == Phase::Stopped => p.restarts,
+        Some(p) => p.restarts + 1,
+        None => 0,
+    };
+    SupervisorState {
+        supervisor_pid: std::process::id() as i32,
+        vmm_pid: None,
+        phase: Phase::Starting,
+        restarts,
+        started_at: None,
+        last_exit: prev.and_then(|p| p.last_exit),
+        last_error: None,
+    }
+}
+
+/// The VMM child of one boot, after the fork: never returns. It unblocks the signals,
+/// drops inherited descriptors, dies with its supervisor (`supervisor` is its pid), runs
+/// the VM and exits with the [`code`] of how the VM ended.
+fn vmm_child(vm_cfg: stead_vmm::VmConfig, supervisor: Pid) -> ! {
+    let _ = SigSet::empty().thread_set_mask();
+    // Drop inherited descriptors (the supervisor's lock and signalfd, the launcher's ready
+    // pipe): stdio stays, the VMM opens what it needs.
+    // SAFETY: close_range on descriptors this fresh child does not use.
+    let closed = unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
+    // A VMM that kept the supervisor's lock would look like a live supervisor.
+    if closed != 0
+        || nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).is_err()
+        || nix::unistd::getppid() != supervisor
+    {
+        // SAFETY: _exit ends this forked child without running atexit handlers.
+        unsafe { libc::_exit(code::SETUP_FAILED) };
+    }
+    let c = match stead_vmm::run_vmm_process(vm_cfg) {
+        Ok(stead_vmm::ExitReason::Shutdown) => code::SHUTDOWN,
+        Ok(stead_vmm::ExitReason::Reset) => code::RESET,
+        Ok(stead_vmm::ExitReason::Killed) => code::KILLED,
+        Ok(stead_vmm::ExitReason::Error(e)) => {
+            eprintln!("stead vmm: guest error: {e}");
+            code::GUEST_ERROR
+        }
+        Err(e) => {
+            eprintln!("stead vmm: {e}");
+            code::SETUP_FAILED
+        }
+    };
+    // SAFETY: the process may be confined by seccomp now; _exit is allowed and skips the
+    // atexit handlers.
+    unsafe { libc::_exit(c) }
 }
 
 impl Supervisor {
     fn new(cfg: VmRunConfig, paths: Paths) -> Result<Self, String> {
-        let prev: Option<SupervisorState> = read_json(&paths.supervisor_state()).ok().flatten();
-        // A predecessor that did not stop on request died or gave up: this start counts.
-        let restarts = match &prev {
-            Some(p) if p.phase == Phase::Stopped => p.restarts,
-            Some(p) => p.restarts + 1,
-            None => 0,
-        };
-        let hier = Hierarchy::detect().map_err(|e| format!("cgroups: {e}"))?;
-        let cg = hier.cgroup(&cfg.cgroup_parent, &cgroup_name(&cfg.name));
-        cg.kill_all()
-            .map_err(|e| format!("clean cgroup of a dead predecessor: {e}"))?;
-        cg.create().map_err(|e| format!("create cgroup: {e}"))?;
-        cg.set_limits(&Limits {
-            cpus: Some(f64::from(cfg.cpus)),
-            memory: Some(cfg.memory + MEMORY_OVERHEAD),
-            pids: None,
-        })
-        .map_err(|e| format!("cgroup limits: {e}"))?;
-        cg.add_pid(std::process::id() as i32)
-            .map_err(|e| format!("join cgroup: {e}"))?;
-        if let Some(ns) = &cfg.netns {
-            let f = File::open(ns).map_err(|e| format!("open netns {}: {e}", ns.display()))?;
-            nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET)
-                .map_err(|e| format!("setns {}: {e}", ns.display()))?;
-        }
-        let mut mask = SigSet::empty();
-        for s in [
-            Signal::SIGCHLD,
-            Signal::SIGTERM,
-            Signal::SIGINT,
-            Signal::SIGHUP,
-        ] {
-            mask.add(s);
-        }
-        mask.thread_block()
-            .map_err(|e| format!("block signals: {e}"))?;
-        let state = SupervisorState {
-            supervisor_pid: std::process::id() as i32,
-            vmm_pid: None,
-            phase: Phase::Starting,
-            restarts,
-            started_at: None,
-            last_exit: prev.and_then(|p| p.last_exit),
-            last_error: None,
-        };
+        let state = initial_state(&paths);
+        let cg = join_cgroup(&cfg)?;
+        enter_netns(&cfg)?;
         Ok(Supervisor {
             cfg,
             paths,
@@ -297,15 +265,14 @@ impl Supervisor {
             state,
             child: None,
             boot_at: Instant::now(),
-            backoff: BACKOFF_MIN,
-            restart_at: None,
+            restart: RestartTimer::default(),
             stop_deadline: None,
         })
     }
 
     fn save(&self) {
-        if let Err(e) = write_json(&self.paths.supervisor_state(), &self.state) {
-            eprintln!("{} stead vmm: {e}", now_rfc3339());
+        if let Err(e) = self.paths.instance().write_state(&self.state) {
+            log(&e.to_string());
         }
     }
 
@@ -317,45 +284,15 @@ impl Supervisor {
         // safe functions before `run_vmm_process`, which builds its own threads.
         match unsafe { nix::unistd::fork() } {
             Err(e) => Err(format!("fork: {e}")),
-            Ok(nix::unistd::ForkResult::Child) => {
-                let _ = SigSet::empty().thread_set_mask();
-                // Drop inherited descriptors (the supervisor's lock and the launcher's
-                // ready pipe): stdio stays, the VMM opens what it needs.
-                // SAFETY: close_range on descriptors this fresh child does not use.
-                let closed = unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
-                // A VMM that kept the supervisor's lock would look like a live supervisor.
-                if closed != 0
-                    || nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).is_err()
-                    || nix::unistd::getppid() != me
-                {
-                    // SAFETY: _exit ends this forked child without running atexit handlers.
-                    unsafe { libc::_exit(code::SETUP_FAILED) };
-                }
-                let c = match stead_vmm::run_vmm_process(vm_cfg) {
-                    Ok(stead_vmm::ExitReason::Shutdown) => code::SHUTDOWN,
-                    Ok(stead_vmm::ExitReason::Reset) => code::RESET,
-                    Ok(stead_vmm::ExitReason::Killed) => code::KILLED,
-                    Ok(stead_vmm::ExitReason::Error(e)) => {
-                        eprintln!("stead vmm: guest error: {e}");
-                        code::GUEST_ERROR
-                    }
-                    Err(e) => {
-                        eprintln!("stead vmm: {e}");
-                        code::SETUP_FAILED
-                    }
-                };
-                // SAFETY: the process may be confined by seccomp now; _exit is allowed
-                // and skips the atexit handlers.
-                unsafe { libc::_exit(c) }
-            }
+            Ok(nix::unistd::ForkResult::Child) => vmm_child(vm_cfg, me),
             Ok(nix::unistd::ForkResult::Parent { child }) => {
-                eprintln!("{} stead vmm: boot, VMM pid {child}", now_rfc3339());
+                log(&format!("boot, VMM pid {child}"));
                 self.child = Some(child);
                 self.boot_at = Instant::now();
-                self.restart_at = None;
+                self.restart.cancel();
                 self.state.vmm_pid = Some(child.as_raw());
                 self.state.phase = Phase::Running;
-                self.state.started_at = Some(now_rfc3339());
+                self.state.started_at = Some(crate::supervise::now_rfc3339());
                 self.save();
                 Ok(())
             }
@@ -374,18 +311,13 @@ impl Supervisor {
                     self.child = None;
                     return Err(format!(
                         "the VMM exited during start ({}): {}",
-                        describe(&st),
+                        describe_status(&st),
                         tail(&self.paths.vmm_log(), 3)
                     ));
                 }
                 Err(e) => return Err(format!("waitpid: {e}")),
             }
-            if let Some(st) = control_status(&self.paths.control_socket())
-                && matches!(
-                    st.state,
-                    RunState::Running | RunState::Paused | RunState::Exited
-                )
-            {
+            if self.vm_is_up() {
                 return Ok(());
             }
             if Instant::now() > deadline {
@@ -402,64 +334,36 @@ impl Supervisor {
         }
     }
 
-    fn run(&mut self) -> i32 {
-        loop {
-            let mut wait = Duration::from_millis(500);
-            if let Some(at) = self.restart_at {
-                wait = wait.min(at.saturating_duration_since(Instant::now()));
-            }
-            match wait_signal(wait.max(Duration::from_millis(1))) {
-                Some(libc::SIGTERM | libc::SIGINT) => self.request_stop(),
-                Some(libc::SIGHUP) => self.reload(),
-                _ => {}
-            }
-            if let Some(done) = self.reap() {
-                return done;
-            }
-            self.trim_log();
-            let now = Instant::now();
-            if let (Some(d), Some(child)) = (self.stop_deadline, self.child)
-                && now > d
-            {
-                eprintln!("{} stead vmm: shutdown timed out, killing", now_rfc3339());
-                let _ = kill(child, Signal::SIGKILL);
-            }
-            if self.stop_deadline.is_some() && self.child.is_none() {
-                return self.stopped();
-            }
-            if let Some(at) = self.restart_at
-                && now >= at
-                && let Err(e) = self.boot()
-            {
-                eprintln!("{} stead vmm: restart failed: {e}", now_rfc3339());
-                self.state.last_error = Some(e);
-                self.schedule_restart();
-            }
-        }
+    /// Whether the VMM's control socket reports the VM as set up (running, paused or
+    /// already ended).
+    fn vm_is_up(&self) -> bool {
+        control_status(&self.paths.control_socket()).is_some_and(|st| {
+            matches!(
+                st.state,
+                RunState::Running | RunState::Paused | RunState::Exited
+            )
+        })
     }
 
     /// Re-reads `config.json` for the hot fields (the restart policy).
-    fn reload(&mut self) {
+    fn reload_config(&mut self) {
         match read_json::<VmRunConfig>(&self.paths.config()) {
             Ok(Some(c)) if c.name == self.cfg.name => {
-                eprintln!(
-                    "{} stead vmm: reload, restart policy {:?}",
-                    now_rfc3339(),
-                    c.restart_policy
-                );
+                log(&format!("reload, restart policy {:?}", c.restart_policy));
                 self.cfg.restart_policy = c.restart_policy;
             }
-            Ok(_) => eprintln!("{} stead vmm: reload: no usable config", now_rfc3339()),
-            Err(e) => eprintln!("{} stead vmm: reload: {e}", now_rfc3339()),
+            Ok(_) => log("reload: no usable config"),
+            Err(e) => log(&format!("reload: {e}")),
         }
     }
 
-    fn request_stop(&mut self) {
+    /// Begins a graceful stop: `shutdown` on the control socket, a deadline for the kill.
+    fn begin_stop(&mut self) {
         if self.stop_deadline.is_some() {
             return;
         }
-        eprintln!("{} stead vmm: stop requested", now_rfc3339());
-        self.restart_at = None;
+        log("stop requested");
+        self.restart.cancel();
         self.stop_deadline = Some(
             Instant::now()
                 + Duration::from_secs(self.cfg.shutdown_timeout_secs)
@@ -468,7 +372,7 @@ impl Supervisor {
         if self.child.is_some()
             && let Err(e) = control_request(&self.paths.control_socket(), Request::Shutdown)
         {
-            eprintln!("{} stead vmm: shutdown request: {e}", now_rfc3339());
+            log(&format!("shutdown request: {e}"));
         }
     }
 
@@ -476,90 +380,120 @@ impl Supervisor {
         self.state.phase = Phase::Stopped;
         self.state.vmm_pid = None;
         self.save();
-        eprintln!("{} stead vmm: stopped", now_rfc3339());
+        log("stopped");
         0
     }
 
-    /// Reaps the child; decides on a restart. `Some(code)` = the supervisor is done.
-    fn reap(&mut self) -> Option<i32> {
-        let child = self.child?;
-        let st = match waitpid(child, Some(WaitPidFlag::WNOHANG)) {
-            Ok(WaitStatus::StillAlive) => return None,
-            Ok(st) => st,
-            Err(e) => {
-                eprintln!("{} stead vmm: waitpid: {e}", now_rfc3339());
-                return None;
-            }
-        };
+    /// The VMM child ended: record it, then stop, end or schedule a restart.
+    /// `Some(code)` = the supervisor is done.
+    fn vmm_ended(&mut self, exit: Exit) -> Option<i32> {
         self.child = None;
         self.state.vmm_pid = None;
-        let how = describe(&st);
-        eprintln!("{} stead vmm: VMM ended: {how}", now_rfc3339());
+        let how = describe(exit);
+        log(&format!("VMM ended: {how}"));
         self.state.last_exit = Some(how);
         if self.stop_deadline.is_some() {
             return Some(self.stopped());
         }
-        let (reset, failed) = match st {
-            WaitStatus::Exited(_, c) => (
+        let (reset, failed) = match exit {
+            Exit::Code(c) => (
                 c == code::RESET,
                 !matches!(c, code::SHUTDOWN | code::KILLED),
             ),
-            _ => (false, true),
+            Exit::Signal(_) => (false, true),
         };
-        let restart = reset
-            || match self.cfg.restart_policy {
-                RestartPolicy::Always => true,
-                RestartPolicy::OnFailure => failed,
-                RestartPolicy::Never => false,
-            };
-        if !restart {
+        if !restart_wanted(self.cfg.restart_policy, failed, reset) {
             self.state.phase = Phase::Exited;
             self.save();
             return Some(0);
         }
-        if self.boot_at.elapsed() > BACKOFF_MAX {
-            self.backoff = BACKOFF_MIN;
-        }
-        self.schedule_restart();
+        self.restart.after_run(self.boot_at);
+        self.note_restart();
         None
     }
 
-    fn schedule_restart(&mut self) {
+    /// Records a scheduled restart in the state file.
+    fn note_restart(&mut self) {
         self.state.restarts += 1;
         self.state.phase = Phase::Restarting;
-        self.restart_at = Some(Instant::now() + self.backoff);
-        self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
         self.save();
     }
 
-    fn trim_log(&self) {
-        trim_log(&self.paths.console_log(), LOG_CAP);
+    /// Kills the VMM once the stop deadline passed; `Some(code)` once it is gone.
+    fn enforce_stop(&mut self) -> Option<i32> {
+        let deadline = self.stop_deadline?;
+        if let Some(child) = self.child
+            && Instant::now() > deadline
+        {
+            log("shutdown timed out, killing");
+            let _ = kill(child, Signal::SIGKILL);
+        }
+        self.child.is_none().then(|| self.stopped())
+    }
+
+    /// Boots again once the restart backoff passed.
+    fn restart_when_due(&mut self) {
+        if self.restart.take_due(Instant::now())
+            && let Err(e) = self.boot()
+        {
+            log(&format!("restart failed: {e}"));
+            self.state.last_error = Some(e);
+            self.restart.retry();
+            self.note_restart();
+        }
     }
 }
 
-/// Keeps the newest half (from a line start) of the log at `p` once it passes `cap`
-/// bytes. In place, because the VMM appends through its own `O_APPEND` descriptor.
-fn trim_log(p: &Path, cap: u64) {
-    let Ok(f) = OpenOptions::new().read(true).write(true).open(p) else {
-        return;
-    };
-    let Ok(len) = f.metadata().map(|m| m.len()) else {
-        return;
-    };
-    if len <= cap {
-        return;
+/// How often the supervisor wakes up without an event (to trim the console log and check
+/// the stop deadline).
+const TICK: Duration = Duration::from_millis(500);
+
+impl Workload for Supervisor {
+    type State = SupervisorState;
+
+    fn start(&mut self) -> Result<(), String> {
+        self.first_boot()
     }
-    // Only the newest half is read: the log may be far larger than the cap.
-    let keep = cap / 2;
-    let Ok(mut data) = usize::try_from(keep).map(|k| vec![0u8; k]) else {
-        return;
-    };
-    if f.read_exact_at(&mut data, len - keep).is_err() {
-        return;
+
+    fn start_failed(&mut self, error: &str) {
+        log(error);
+        self.state.last_error = Some(error.to_string());
+        self.state.phase = Phase::Exited;
+        self.state.vmm_pid = None;
     }
-    let start = data.iter().position(|b| *b == b'\n').map_or(0, |nl| nl + 1);
-    if f.write_all_at(&data[start..], 0).is_ok() {
-        let _ = f.set_len((data.len() - start) as u64);
+
+    fn state(&self) -> &SupervisorState {
+        &self.state
+    }
+
+    fn pid(&self) -> Option<Pid> {
+        self.child
+    }
+
+    fn run_ended(&mut self, exit: Exit) -> Option<i32> {
+        self.vmm_ended(exit)
+    }
+
+    fn request_stop(&mut self) {
+        self.begin_stop();
+    }
+
+    fn reload(&mut self) {
+        self.reload_config();
+    }
+
+    fn next_wakeup(&self) -> Option<Instant> {
+        let tick = Instant::now() + TICK;
+        Some(self.restart.at().map_or(tick, |at| at.min(tick)))
+    }
+
+    fn on_timers(&mut self) -> Option<i32> {
+        trim_log(&self.paths.console_log(), LOG_CAP);
+        if let Some(code) = self.enforce_stop() {
+            return Some(code);
+        }
+        self.restart_when_due();
+        None
     }
 }
 
@@ -600,37 +534,24 @@ fn vm_config(cfg: &VmRunConfig, paths: &Paths) -> Result<stead_vmm::VmConfig, St
     Ok(v)
 }
 
-fn describe(st: &WaitStatus) -> String {
-    match st {
-        WaitStatus::Exited(_, code::SHUTDOWN) => "shutdown".into(),
-        WaitStatus::Exited(_, code::RESET) => "reset".into(),
-        WaitStatus::Exited(_, code::KILLED) => "killed".into(),
-        WaitStatus::Exited(_, code::GUEST_ERROR) => "guest error".into(),
-        WaitStatus::Exited(_, c) => format!("exit code {c}"),
-        WaitStatus::Signaled(_, s, _) => format!("signal {}", *s as i32),
-        other => format!("{other:?}"),
+/// How a VMM child ended, in words.
+fn describe(exit: Exit) -> String {
+    match exit {
+        Exit::Code(code::SHUTDOWN) => "shutdown".into(),
+        Exit::Code(code::RESET) => "reset".into(),
+        Exit::Code(code::KILLED) => "killed".into(),
+        Exit::Code(code::GUEST_ERROR) => "guest error".into(),
+        Exit::Code(c) => format!("exit code {c}"),
+        Exit::Signal(s) => format!("signal {s}"),
     }
 }
 
-/// Waits up to `timeout` for one of the blocked signals; returns its number.
-fn wait_signal(timeout: Duration) -> Option<i32> {
-    let mut set = SigSet::empty();
-    for s in [
-        Signal::SIGCHLD,
-        Signal::SIGTERM,
-        Signal::SIGINT,
-        Signal::SIGHUP,
-    ] {
-        set.add(s);
+/// [`describe`] for any wait status.
+fn describe_status(st: &WaitStatus) -> String {
+    match Exit::of(st) {
+        Some((_, exit)) => describe(exit),
+        None => format!("{st:?}"),
     }
-    let ts = libc::timespec {
-        tv_sec: timeout.as_secs() as libc::time_t,
-        tv_nsec: libc::c_long::from(timeout.subsec_nanos() as i32),
-    };
-    let raw: &libc::sigset_t = set.as_ref();
-    // SAFETY: sigtimedwait with a valid set and timespec; siginfo may be null.
-    let r = unsafe { libc::sigtimedwait(raw, std::ptr::null_mut(), &ts) };
-    (r > 0).then_some(r)
 }
 
 #[cfg(test)]
@@ -640,66 +561,22 @@ mod tests {
     #[test]
     fn vmm_args_round_trip_shape() {
         let a = VmmArgs {
-            run_dir: "/run/stead".into(),
+            run_dir: "/r/stead".into(),
             name: "vm1".into(),
-            config: "/run/stead/vms/vm1/config.json".into(),
+            config: "/r/stead/vms/vm1/config.json".into(),
         };
         assert_eq!(
             a.to_args(),
             vec![
                 "vmm",
                 "--run-dir",
-                "/run/stead",
+                "/r/stead",
                 "--name",
                 "vm1",
                 "--config",
-                "/run/stead/vms/vm1/config.json"
+                "/r/stead/vms/vm1/config.json"
             ]
         );
-    }
-
-    #[test]
-    fn log_is_trimmed_in_place_to_the_newest_half() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let p = dir.path().join("console.log");
-        let mut text = String::new();
-        for i in 0..200 {
-            text.push_str(&format!("line {i:04}\n"));
-        }
-        fs::write(&p, &text).expect("write");
-        // An appending writer keeps its descriptor across the trim (like the VMM).
-        let mut appender = OpenOptions::new().append(true).open(&p).expect("open");
-        trim_log(&p, 4096);
-        let after = fs::read_to_string(&p).expect("read");
-        assert!(after.len() <= 2048 && after.len() > 1900, "{}", after.len());
-        assert!(after.starts_with("line "), "starts at a line: {after:.20}");
-        assert!(after.ends_with("line 0199\n"));
-        appender.write_all(b"next\n").expect("append");
-        let after2 = fs::read_to_string(&p).expect("read");
-        assert_eq!(after2.len(), after.len() + 5, "appends land at the new end");
-        trim_log(&p, 1 << 20);
-        assert_eq!(
-            fs::read_to_string(&p).expect("read"),
-            after2,
-            "under the cap: untouched"
-        );
-    }
-
-    #[test]
-    fn supervisor_lock_is_exclusive_and_probed_shared() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let paths = Paths::new(dir.path(), "vm1");
-        fs::create_dir_all(&paths.dir).expect("run dir");
-        assert!(!lock_held(&paths), "no lock file yet");
-        let held = lock_file(&paths.lock()).expect("first lock");
-        assert!(lock_held(&paths), "a probe sees the held lock");
-        let second = lock_file(&paths.lock()).expect_err("a second supervisor is refused");
-        assert!(second.contains("another supervisor holds"), "{second}");
-        drop(held);
-        assert!(!lock_held(&paths), "released on close");
-        // A probe's shared lock is gone once the probe returns.
-        let again = lock_file(&paths.lock()).expect("lock after the probe");
-        drop(again);
     }
 
     #[test]
@@ -726,48 +603,17 @@ mod tests {
         );
     }
 
-    /// Peak resident memory of this process, in KiB.
-    fn peak_rss_kib() -> u64 {
-        fs::read_to_string("/proc/self/status")
-            .expect("status")
-            .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .expect("VmHWM")
-    }
-
-    #[test]
-    fn huge_log_is_trimmed_without_reading_it_whole() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let p = dir.path().join("console.log");
-        // 256 MiB, sparse, with real lines at the end.
-        let f = File::create(&p).expect("create");
-        f.set_len(256 << 20).expect("grow");
-        let tail = "x".repeat(100) + "\n";
-        let tail = tail.repeat(1000);
-        f.write_all_at(tail.as_bytes(), 256 << 20).expect("tail");
-        drop(f);
-        let before = peak_rss_kib();
-        trim_log(&p, 64 << 10);
-        let grew = peak_rss_kib().saturating_sub(before);
-        assert!(grew < 16 << 10, "peak RSS grew by {grew} KiB");
-        let after = fs::read_to_string(&p).expect("read");
-        assert!(
-            after.len() <= 32 << 10 && after.len() > 31 << 10,
-            "{}",
-            after.len()
-        );
-        assert!(after.starts_with('x') && after.ends_with("x\n"));
-    }
-
     #[test]
     fn exit_descriptions() {
         let p = Pid::from_raw(1);
-        assert_eq!(describe(&WaitStatus::Exited(p, code::RESET)), "reset");
         assert_eq!(
-            describe(&WaitStatus::Signaled(p, Signal::SIGKILL, false)),
+            describe_status(&WaitStatus::Exited(p, code::RESET)),
+            "reset"
+        );
+        assert_eq!(
+            describe_status(&WaitStatus::Signaled(p, Signal::SIGKILL, false)),
             "signal 9"
         );
-        assert_eq!(describe(&WaitStatus::Exited(p, 7)), "exit code 7");
+        assert_eq!(describe(Exit::Code(7)), "exit code 7");
     }
 }

@@ -1,0 +1,162 @@
+//! The supervisor framework shared by the per-instance supervisors (`stead shim` for a
+//! container, `stead vmm` for a VM):
+//! - [`instance`]: one instance's files under the run dir (config, state, lock, socket,
+//!   logs), its exclusive lock and liveness probe, the detached supervisor's stdio;
+//! - [`console`]: the size-capped console log, the fan-out to attached clients, and the
+//!   CLI ends (`stead console`, `stead logs`);
+//! - [`workload`]: the [`Workload`] trait a supervised engine implements, and the
+//!   supervisor process around it ([`serve`]: lock, signals, first start, event loop);
+//! - [`hold`]: backup holds that keep `apply` from restarting a workload a backup stopped;
+//! - here: detaching a supervisor from the CLI that started it (double fork into a new
+//!   session, then wait for the supervisor's readiness message on a pipe, so the
+//!   launcher's exit code says whether the workload started), loading its config, and the
+//!   driver-side helpers every supervised kind shares.
+
+use std::fs::File;
+use std::io::Read;
+use std::os::fd::OwnedFd;
+
+pub mod console;
+pub mod hold;
+pub mod instance;
+pub mod workload;
+
+pub use console::copy_log;
+pub use instance::{Instance, Layout, now_rfc3339};
+pub use workload::{Workload, serve};
+
+use nix::fcntl::OFlag;
+use nix::sys::wait::waitpid;
+
+/// Runs `supervisor` double-forked in its own session and returns the launcher's exit
+/// code: 0 once the supervisor wrote `ok` to the readiness pipe (the `OwnedFd` it gets),
+/// else 1 with its message (or `early_exit` if it wrote nothing) on stderr prefixed by
+/// `what`. The supervisor's own return value becomes its process exit code.
+///
+/// Must be called from a single-threaded process (it forks without exec).
+pub fn detach(what: &str, early_exit: &str, supervisor: impl FnOnce(OwnedFd) -> i32) -> i32 {
+    let (ready_r, ready_w) = match nix::unistd::pipe2(OFlag::O_CLOEXEC) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("{what}: pipe: {e}");
+            return 1;
+        }
+    };
+    // SAFETY: the caller guarantees a single-threaded process (documented above), so the
+    // child can run arbitrary code after fork.
+    match unsafe { nix::unistd::fork() } {
+        Err(e) => {
+            eprintln!("{what}: fork: {e}");
+            1
+        }
+        Ok(nix::unistd::ForkResult::Parent { child }) => {
+            drop(ready_w);
+            let _ = waitpid(child, None);
+            let mut msg = String::new();
+            let _ = File::from(ready_r).read_to_string(&mut msg);
+            if msg == "ok" {
+                0
+            } else {
+                if msg.is_empty() {
+                    msg = early_exit.to_string();
+                }
+                eprintln!("{what}: {msg}");
+                1
+            }
+        }
+        Ok(nix::unistd::ForkResult::Child) => {
+            drop(ready_r);
+            let _ = nix::unistd::setsid();
+            // SAFETY: still single-threaded.
+            match unsafe { nix::unistd::fork() } {
+                Ok(nix::unistd::ForkResult::Child) => std::process::exit(supervisor(ready_w)),
+                // The middle process exits at once: the supervisor is orphaned to init
+                // (or the nearest subreaper) and no longer a child of the CLI.
+                _ => std::process::exit(0),
+            }
+        }
+    }
+}
+
+/// Loads a supervisor's config (JSON written by its driver), checks that it is for
+/// `name`, and creates the instance's run dir `dir`. On failure the reason is printed
+/// prefixed by `what` and `None` is returned (the launcher then exits 1).
+pub fn load_config<T: serde::de::DeserializeOwned>(
+    what: &str,
+    config: &std::path::Path,
+    name: &str,
+    name_of: fn(&T) -> &str,
+    dir: &std::path::Path,
+) -> Option<T> {
+    let cfg: T = match crate::container::config::read_json(config) {
+        Ok(Some(c)) => c,
+        Ok(None) => {
+            eprintln!("{what}: config {} not found", config.display());
+            return None;
+        }
+        Err(e) => {
+            eprintln!("{what}: {e}");
+            return None;
+        }
+    };
+    if name_of(&cfg) != name {
+        eprintln!("{what}: config is for {:?}, not {name:?}", name_of(&cfg));
+        return None;
+    }
+    if let Err(e) = std::fs::create_dir_all(dir) {
+        eprintln!("{what}: mkdir {}: {e}", dir.display());
+        return None;
+    }
+    Some(cfg)
+}
+
+/// Observes supervised instances (containers, VMs) whose state lives in `dir/<name>/`:
+/// one readdir, then `one` for each target that has a directory; the rest are absent.
+pub fn observe_instances(
+    dir: &std::path::Path,
+    targets: &[&stead_schema::Resource],
+    mut one: impl FnMut(
+        &stead_schema::Resource,
+    ) -> Result<
+        stead_reconciler::driver::Observed,
+        stead_reconciler::driver::DriverError,
+    >,
+) -> Result<
+    std::collections::BTreeMap<stead_schema::ResourceId, stead_reconciler::driver::Observed>,
+    stead_reconciler::driver::DriverError,
+> {
+    let present: std::collections::BTreeSet<String> = match std::fs::read_dir(dir) {
+        Ok(rd) => rd
+            .filter_map(Result::ok)
+            .filter_map(|e| e.file_name().into_string().ok())
+            .collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Default::default(),
+        Err(e) => {
+            return Err(stead_reconciler::driver::DriverError::io(
+                format!("read {}", dir.display()),
+                e,
+            ));
+        }
+    };
+    let mut out = std::collections::BTreeMap::new();
+    for r in targets {
+        let o = if present.contains(&r.id.name) {
+            one(r)?
+        } else {
+            stead_reconciler::driver::Observed::absent()
+        };
+        out.insert(r.id.clone(), o);
+    }
+    Ok(out)
+}
+
+/// The impact of a change at JSON pointer `path` of a supervised workload: `hot` when its
+/// top-level field is one of `hot` (applied to the running instance), else `restart`.
+pub fn hot_or_restart(path: &str, hot: &[&str]) -> stead_reconciler::driver::Impact {
+    let top = path.trim_start_matches('/').split('/').next().unwrap_or("");
+    if hot.contains(&top) {
+        stead_reconciler::driver::Impact::Hot
+    } else {
+        stead_reconciler::driver::Impact::Restart
+    }
+}
