@@ -17,6 +17,7 @@ mod control;
 mod devices;
 mod jail;
 mod mptable;
+mod protocol;
 mod seccomp;
 mod tap;
 mod vcpu;
@@ -39,12 +40,15 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 pub use arch::{MAX_VCPUS, TINY_LOAD_ADDR, VIRTIO_GSI_BASE, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE};
 pub use control::{
-    CLIENT_IDLE_TIMEOUT, ControlClient, LineBuffer, LineTooLong, MAX_CLIENTS, MAX_REPLY_LINE,
-    MAX_REQUEST_LINE, Reply, Request, StatusReply, execute, handle_command, parse_request,
-    read_reply_line, run_vmm_process, serve_console, serve_control,
+    CLIENT_IDLE_TIMEOUT, ControlClient, MAX_CLIENTS, execute, handle_command, run_vmm_process,
+    serve_console, serve_control,
 };
 pub use devices::{FORBIDDEN_SYSCALL_PORT, POWER_PORT};
 pub use jail::{VMM_ID_BASE, vmm_id};
+pub use protocol::{
+    LineBuffer, LineTooLong, MAX_REPLY_LINE, MAX_REQUEST_LINE, Reply, Request, StatusReply,
+    parse_request, read_reply_line,
+};
 #[doc(hidden)]
 pub use virtio::fuzzing as virtio_fuzzing;
 
