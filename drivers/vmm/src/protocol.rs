@@ -18,7 +18,9 @@ use crate::{RunState, VmmError};
 /// Longest request line the control socket accepts (bytes, newline excluded).
 pub const MAX_REQUEST_LINE: usize = 64 * 1024;
 
-/// A control request.
+/// A control request. Serialized alone it is its command word (`"status"`); a request
+/// line is the [`RequestLine`] object `{"command":"status"}` ([`Request::to_line`]), and
+/// [`parse_request`] also takes the bare word.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Request {
@@ -34,7 +36,9 @@ pub enum Request {
     Kill,
 }
 
-/// The JSON form of a request line.
+/// The JSON form of a request line. Not `#[serde(tag = "command")]` on [`Request`]: serde
+/// ignores unknown fields beside the tag of a unit variant, and a line with any field but
+/// `command` has always been refused.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RequestLine {
@@ -42,6 +46,33 @@ struct RequestLine {
 }
 
 impl Request {
+    /// Every request, for the bare-word form.
+    const ALL: [Request; 5] = [
+        Request::Status,
+        Request::Pause,
+        Request::Resume,
+        Request::Shutdown,
+        Request::Kill,
+    ];
+
+    /// The command word (the value of `command` on the wire).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Request::Status => "status",
+            Request::Pause => "pause",
+            Request::Resume => "resume",
+            Request::Shutdown => "shutdown",
+            Request::Kill => "kill",
+        }
+    }
+
+    /// The request named by a bare command word, in any case.
+    fn from_word(word: &str) -> Option<Request> {
+        Request::ALL
+            .into_iter()
+            .find(|r| r.as_str().eq_ignore_ascii_case(word))
+    }
+
     /// The request as one JSON line (without the newline).
     pub fn to_line(self) -> String {
         serde_json::to_string(&RequestLine { command: self }).unwrap_or_else(|_| String::from("{}"))
@@ -57,17 +88,12 @@ pub fn parse_request(line: &str) -> Result<Request, VmmError> {
             .map(|r| r.command)
             .map_err(|e| VmmError::Control(format!("bad request: {e}")));
     }
-    match line.to_ascii_lowercase().as_str() {
-        "status" => Ok(Request::Status),
-        "pause" => Ok(Request::Pause),
-        "resume" => Ok(Request::Resume),
-        "shutdown" => Ok(Request::Shutdown),
-        "kill" => Ok(Request::Kill),
-        _ => Err(VmmError::Control(format!(
+    Request::from_word(line).ok_or_else(|| {
+        VmmError::Control(format!(
             "unknown command {:?}",
             line.chars().take(64).collect::<String>()
-        ))),
-    }
+        ))
+    })
 }
 
 /// The state part of a successful reply.
@@ -86,8 +112,11 @@ pub struct StatusReply {
     pub exit_reason: Option<String>,
 }
 
-/// A reply to one request.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A reply to one request. On the wire: `ok` first, then the [`StatusReply`] fields
+/// (`{"ok":true,"state":...}`) or the error (`{"ok":false,"error":"..."}`); readers ignore
+/// fields they do not know.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(into = "WireReply", try_from = "WireReply")]
 pub enum Reply {
     /// The request was carried out; the VM's state after it.
     Ok(StatusReply),
@@ -95,7 +124,8 @@ pub enum Reply {
     Error(String),
 }
 
-/// The wire form of [`Reply`]: `ok` plus the status fields or `error`.
+/// The wire form of [`Reply`]: serde cannot tag an enum by a boolean, so `ok` is a field
+/// beside the flattened status or the error.
 #[derive(Debug, Serialize, Deserialize)]
 struct WireReply {
     ok: bool,
@@ -105,35 +135,49 @@ struct WireReply {
     error: Option<String>,
 }
 
-impl Reply {
-    /// The reply as one JSON line (without the newline).
-    pub fn to_line(&self) -> String {
-        let w = match self {
+impl From<Reply> for WireReply {
+    fn from(r: Reply) -> WireReply {
+        match r {
             Reply::Ok(s) => WireReply {
                 ok: true,
-                status: Some(s.clone()),
+                status: Some(s),
                 error: None,
             },
             Reply::Error(e) => WireReply {
                 ok: false,
                 status: None,
-                error: Some(e.clone()),
+                error: Some(e),
             },
-        };
-        serde_json::to_string(&w).unwrap_or_else(|_| String::from("{\"ok\":false}"))
+        }
+    }
+}
+
+/// A reply line with `ok` but without what `ok` promises (the status or the error).
+#[derive(Debug, thiserror::Error)]
+#[error("neither status nor error")]
+struct IncompleteReply;
+
+impl TryFrom<WireReply> for Reply {
+    type Error = IncompleteReply;
+
+    fn try_from(w: WireReply) -> Result<Reply, IncompleteReply> {
+        match (w.ok, w.status, w.error) {
+            (true, Some(s), _) => Ok(Reply::Ok(s)),
+            (false, _, Some(e)) => Ok(Reply::Error(e)),
+            _ => Err(IncompleteReply),
+        }
+    }
+}
+
+impl Reply {
+    /// The reply as one JSON line (without the newline).
+    pub fn to_line(&self) -> String {
+        serde_json::to_string(self).unwrap_or_else(|_| String::from("{\"ok\":false}"))
     }
 
     /// Parses one reply line.
     pub fn parse(line: &str) -> Result<Reply, VmmError> {
-        let w: WireReply = serde_json::from_str(line.trim())
-            .map_err(|e| VmmError::Control(format!("bad reply: {e}")))?;
-        match (w.ok, w.status, w.error) {
-            (true, Some(s), _) => Ok(Reply::Ok(s)),
-            (false, _, Some(e)) => Ok(Reply::Error(e)),
-            _ => Err(VmmError::Control(
-                "bad reply: neither status nor error".into(),
-            )),
-        }
+        serde_json::from_str(line.trim()).map_err(|e| VmmError::Control(format!("bad reply: {e}")))
     }
 
     pub(crate) fn error(e: &VmmError) -> Reply {
@@ -265,6 +309,26 @@ mod tests {
         );
         assert_eq!(Reply::parse(&err.to_line()).ok(), Some(err));
         assert!(Reply::parse("{\"ok\":true}").is_err());
+    }
+
+    #[test]
+    fn bare_words_are_the_wire_command_names() {
+        for r in Request::ALL {
+            assert_eq!(parse_request(r.as_str()).ok(), Some(r));
+            assert_eq!(parse_request(&r.as_str().to_uppercase()).ok(), Some(r));
+            assert_eq!(r.to_line(), format!("{{\"command\":\"{}\"}}", r.as_str()));
+        }
+    }
+
+    #[test]
+    fn replies_are_serde_values_in_the_wire_form() {
+        let err = Reply::Error("x".into());
+        let v = serde_json::to_value(&err).expect("serialize");
+        assert_eq!(v, serde_json::json!({"ok": false, "error": "x"}));
+        assert_eq!(serde_json::from_value::<Reply>(v).ok(), Some(err));
+        let incomplete = serde_json::json!({"ok": false, "state": "running"});
+        let e = serde_json::from_value::<Reply>(incomplete).expect_err("no error field");
+        assert!(e.to_string().contains("neither status nor error"), "{e}");
     }
 
     #[test]
