@@ -17,7 +17,8 @@ use crate::protocol::{
     LineBuffer, LineTooLong, MAX_REQUEST_LINE, Reply, Request, StatusReply, parse_request,
     read_reply_line,
 };
-use crate::{ExitReason, Vm, VmConfig, VmHandle, VmmError, json_str, seccomp};
+use crate::state_file::StateSockets;
+use crate::{ExitReason, Vm, VmConfig, VmHandle, VmmError, seccomp};
 
 /// A control client that sends nothing for this long is disconnected.
 pub const CLIENT_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -353,16 +354,15 @@ pub fn run_vmm_process(cfg: VmConfig) -> Result<ExitReason, VmmError> {
             return Err(e);
         }
     };
-    let mut extra = String::new();
-    for (key, p) in [
-        ("control_socket", &socket_path),
-        ("console_socket", &console_path),
-    ] {
-        if let Some(p) = p {
-            extra.push_str(&format!(",\"{key}\":{}", json_str(&p.to_string_lossy())));
-        }
-    }
-    let result = run_with_sockets(cfg, listener, console_listener, extra);
+    let sockets = StateSockets {
+        control: socket_path
+            .as_ref()
+            .map(|p| p.to_string_lossy().into_owned()),
+        console: console_path
+            .as_ref()
+            .map(|p| p.to_string_lossy().into_owned()),
+    };
+    let result = run_with_sockets(cfg, listener, console_listener, sockets);
     remove_sockets(&[&socket_path, &console_path]);
     result
 }
@@ -395,7 +395,7 @@ fn run_with_sockets(
     cfg: VmConfig,
     listener: Option<UnixListener>,
     console_listener: Option<UnixListener>,
-    extra: String,
+    sockets: StateSockets,
 ) -> Result<ExitReason, VmmError> {
     let seccomp_on = cfg.seccomp;
     let jail = cfg.jail;
@@ -406,7 +406,7 @@ fn run_with_sockets(
     let mut vm = Vm::new(cfg)?;
     let handle = vm.handle();
     if let Some(dir) = &run_dir {
-        handle.set_state_file(dir.join("state.json"), extra);
+        handle.set_state_file(dir.join("state.json"), sockets);
         if jail {
             handle.hold_state_file()?;
             let id = crate::jail::enter(dir)?;
@@ -462,11 +462,6 @@ fn run_with_sockets(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn json_strings_are_escaped() {
-        assert_eq!(json_str("a\"b\\c\n\u{1}"), "\"a\\\"b\\\\c\\n\\u0001\"");
-    }
 
     #[test]
     fn stale_socket_is_replaced_live_one_refused() {

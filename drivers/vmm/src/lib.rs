@@ -19,6 +19,7 @@ mod jail;
 mod mptable;
 mod protocol;
 mod seccomp;
+mod state_file;
 mod tap;
 mod vcpu;
 mod virtio;
@@ -37,6 +38,8 @@ use kvm_bindings::{KVM_PIT_SPEAKER_DUMMY, kvm_mp_state, kvm_pit_config};
 use kvm_ioctls::{IoEventAddress, Kvm, VcpuFd, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+
+use state_file::{StateFile, StateSockets};
 
 pub use arch::{MAX_VCPUS, TINY_LOAD_ADDR, VIRTIO_GSI_BASE, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE};
 pub use control::{
@@ -287,7 +290,7 @@ pub(crate) struct Shared {
     shutdown_timeout: Duration,
     started: Instant,
     started_unix: u64,
-    state_file: Mutex<Option<(PathBuf, String)>>,
+    state_file: Mutex<Option<(PathBuf, StateSockets)>>,
     /// The state file opened for in-place rewrites (after a jail hides its path).
     state_fd: Mutex<Option<File>>,
     console: Mutex<Option<std::os::unix::net::UnixStream>>,
@@ -334,26 +337,25 @@ impl Shared {
         }
     }
 
+    /// The state file's content now.
+    fn state_file_content(&self, sockets: &StateSockets) -> StateFile {
+        let c = self.ctl();
+        StateFile {
+            pid: std::process::id(),
+            state: c.state,
+            vcpus: self.vcpus,
+            mem_bytes: self.mem_bytes,
+            started_unix: self.started_unix,
+            control_socket: sockets.control.clone(),
+            console_socket: sockets.console.clone(),
+            exit_reason: c.exit.as_ref().map(ExitReason::to_string),
+        }
+    }
+
     fn write_state_file(&self) {
         let file = lock(&self.state_file).clone();
-        if let Some((path, extra)) = file {
-            let c = self.ctl();
-            let exit = c
-                .exit
-                .as_ref()
-                .map(|e| format!(",\"exit_reason\":{}", json_str(&e.to_string())))
-                .unwrap_or_default();
-            let body = format!(
-                "{{\"pid\":{},\"state\":\"{}\",\"vcpus\":{},\"mem_bytes\":{},\"started_unix\":{}{}{}}}\n",
-                std::process::id(),
-                c.state.as_str(),
-                self.vcpus,
-                self.mem_bytes,
-                self.started_unix,
-                extra,
-                exit
-            );
-            drop(c);
+        if let Some((path, sockets)) = file {
+            let body = self.state_file_content(&sockets).render();
             if let Some(f) = lock(&self.state_fd).as_ref() {
                 use std::os::unix::fs::FileExt;
                 if f.write_all_at(body.as_bytes(), 0).is_ok() {
@@ -367,23 +369,6 @@ impl Shared {
             }
         }
     }
-}
-
-/// Quotes a string as a JSON string literal.
-pub(crate) fn json_str(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for ch in s.chars() {
-        match ch {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
 }
 
 /// A cheap, clonable handle to control a VM from other threads.
@@ -536,10 +521,9 @@ impl VmHandle {
         self.shared.has_exited.load(Ordering::SeqCst)
     }
 
-    /// Keeps `path` up to date with the VM state; `extra` is appended to the JSON
-    /// object verbatim (`,"key":value...`).
-    pub(crate) fn set_state_file(&self, path: PathBuf, extra: String) {
-        *lock(&self.shared.state_file) = Some((path, extra));
+    /// Keeps `path` up to date with the VM state, naming `sockets` in it.
+    pub(crate) fn set_state_file(&self, path: PathBuf, sockets: StateSockets) {
+        *lock(&self.shared.state_file) = Some((path, sockets));
         self.shared.write_state_file();
     }
 
