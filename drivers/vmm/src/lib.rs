@@ -304,6 +304,37 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Shared {
+    /// The shared state of a VM built from `cfg`, in [`RunState::Created`].
+    fn new(cfg: &VmConfig, i8042: Arc<Mutex<devices::I8042>>) -> Result<Shared, VmmError> {
+        Ok(Shared {
+            ctl: Mutex::new(Ctl {
+                state: RunState::Created,
+                parked: 0,
+                running_vcpus: 0,
+                exit: None,
+                shutdown_deadline: None,
+            }),
+            cond: Condvar::new(),
+            vcpu_threads: Mutex::new(Vec::new()),
+            serial_ring: Mutex::new(VecDeque::with_capacity(4096)),
+            serial_callback: Mutex::new(None),
+            i8042,
+            vcpus: cfg.vcpus,
+            mem_bytes: cfg.mem_bytes,
+            shutdown_timeout: cfg.shutdown_timeout,
+            started: Instant::now(),
+            started_unix: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            state_file: Mutex::new(None),
+            state_fd: Mutex::new(None),
+            console: Mutex::new(None),
+            exited_evt: EventFd::new(EFD_NONBLOCK).map_err(VmmError::io("eventfd"))?,
+            has_exited: AtomicBool::new(false),
+        })
+    }
+
     fn ctl(&self) -> MutexGuard<'_, Ctl> {
         lock(&self.ctl)
     }
@@ -606,196 +637,28 @@ impl Vm {
     /// Validates `cfg` and builds the VM: memory, KVM VM with irqchip and PIT, devices,
     /// kernel, vCPUs. Nothing runs until [`Vm::run`].
     pub fn new(cfg: VmConfig) -> Result<Vm, VmmError> {
-        if cfg.vcpus == 0 || cfg.vcpus > MAX_VCPUS {
-            return Err(VmmError::Config(format!(
-                "vcpus must be 1..={MAX_VCPUS}, got {}",
-                cfg.vcpus
-            )));
-        }
-        if cfg.mem_bytes < (16 << 20) || !cfg.mem_bytes.is_multiple_of(4096) {
-            return Err(VmmError::Config(
-                "mem_bytes must be at least 16 MiB and a multiple of 4 KiB".into(),
-            ));
-        }
-        if cfg.disks.len() + cfg.nets.len() > 16 {
-            return Err(VmmError::Config("at most 16 virtio devices".into()));
-        }
-        let kerr = |what: &'static str| move |e| VmmError::Kvm { what, source: e };
-        let kvm = Kvm::new().map_err(kerr("open /dev/kvm"))?;
-        let vm_fd = kvm.create_vm().map_err(kerr("KVM_CREATE_VM"))?;
-
-        let mem = GuestMemoryMmap::from_ranges(&arch::ram_regions(cfg.mem_bytes))
-            .map_err(|e| VmmError::Memory(e.to_string()))?;
-        for (slot, region) in mem.iter().enumerate() {
-            let host = mem
-                .get_host_address(region.start_addr())
-                .map_err(|e| VmmError::Memory(e.to_string()))?;
-            let r = kvm_bindings::kvm_userspace_memory_region {
-                slot: slot as u32,
-                flags: 0,
-                guest_phys_addr: region.start_addr().0,
-                memory_size: region.len(),
-                userspace_addr: host as u64,
-            };
-            // SAFETY: the region is a live mapping owned by `mem`, which the Vm keeps
-            // alive (in an Arc) for as long as the VM fd exists.
-            unsafe { vm_fd.set_user_memory_region(r) }
-                .map_err(kerr("KVM_SET_USER_MEMORY_REGION"))?;
-        }
-        // Needed on Intel; other KVM flavours may not implement it.
-        let _ = vm_fd.set_tss_address(0xfffb_d000);
-        vm_fd
-            .create_irq_chip()
-            .map_err(kerr("KVM_CREATE_IRQCHIP"))?;
-        let pit = kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        };
-        vm_fd.create_pit2(pit).map_err(kerr("KVM_CREATE_PIT2"))?;
-
-        let mem = Arc::new(mem);
+        validate(&cfg)?;
+        let kvm = Kvm::new().map_err(kvm_err("open /dev/kvm"))?;
+        let vm_fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        let mem = Arc::new(create_guest_memory(&vm_fd, cfg.mem_bytes)?);
+        create_irqchip_and_pit(&vm_fd)?;
         let vm_fd = Arc::new(vm_fd);
 
-        // Devices.
-        let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(VmmError::io("eventfd"))?;
-        vm_fd
-            .register_irqfd(&serial_irq, 4)
-            .map_err(kerr("KVM_IRQFD serial"))?;
-        let kbd_irq = EventFd::new(EFD_NONBLOCK).map_err(VmmError::io("eventfd"))?;
-        vm_fd
-            .register_irqfd(&kbd_irq, 1)
-            .map_err(kerr("KVM_IRQFD i8042"))?;
-        let i8042 = Arc::new(Mutex::new(devices::I8042::new(kbd_irq)));
-        let serial_file = match &cfg.serial_log {
-            Some(p) => Some(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(p)
-                    .map_err(VmmError::io(format!("open serial log {}", p.display())))?,
-            ),
-            None => None,
-        };
-        let shared = Arc::new(Shared {
-            ctl: Mutex::new(Ctl {
-                state: RunState::Created,
-                parked: 0,
-                running_vcpus: 0,
-                exit: None,
-                shutdown_deadline: None,
-            }),
-            cond: Condvar::new(),
-            vcpu_threads: Mutex::new(Vec::new()),
-            serial_ring: Mutex::new(VecDeque::with_capacity(4096)),
-            serial_callback: Mutex::new(None),
-            i8042: i8042.clone(),
-            vcpus: cfg.vcpus,
-            mem_bytes: cfg.mem_bytes,
-            shutdown_timeout: cfg.shutdown_timeout,
-            started: Instant::now(),
-            started_unix: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0),
-            state_file: Mutex::new(None),
-            state_fd: Mutex::new(None),
-            console: Mutex::new(None),
-            exited_evt: EventFd::new(EFD_NONBLOCK).map_err(VmmError::io("eventfd"))?,
-            has_exited: AtomicBool::new(false),
-        });
-        let serial = devices::new_serial(serial_irq, serial_file, shared.clone());
-
-        let mut transports = Vec::new();
-        let mut cmdline_extra = String::new();
-        let mut mmio_devices = Vec::new();
-        let mut idx = 0u64;
-        let mut add = |dev: virtio::DeviceKind,
-                       transports: &mut Vec<Arc<Mutex<virtio::MmioTransport>>>|
-         -> Result<(), VmmError> {
-            let base = VIRTIO_MMIO_BASE + idx * VIRTIO_MMIO_SIZE;
-            let gsi = VIRTIO_GSI_BASE + idx as u32;
-            let irq = EventFd::new(EFD_NONBLOCK).map_err(VmmError::io("eventfd"))?;
-            vm_fd
-                .register_irqfd(&irq, gsi)
-                .map_err(kerr("KVM_IRQFD virtio"))?;
-            let t = virtio::MmioTransport::new(dev, irq)?;
-            for (q, evt) in t.queue_evts.iter().enumerate() {
-                vm_fd
-                    .register_ioevent(
-                        evt,
-                        &IoEventAddress::Mmio(base + virtio::QUEUE_NOTIFY_OFFSET),
-                        q as u32,
-                    )
-                    .map_err(kerr("KVM_IOEVENTFD"))?;
-            }
-            cmdline_extra.push_str(&format!(" virtio_mmio.device=4K@{base:#x}:{gsi}"));
-            mmio_devices.push(acpi::MmioDevice {
-                base,
-                size: VIRTIO_MMIO_SIZE,
-                gsi,
-            });
-            transports.push(Arc::new(Mutex::new(t)));
-            idx += 1;
-            Ok(())
-        };
-        for d in &cfg.disks {
-            add(
-                virtio::DeviceKind::Blk(virtio::Blk::open(d)?),
-                &mut transports,
-            )?;
-        }
-        for n in &cfg.nets {
-            let tap = tap::Tap::open(&n.tap)?;
-            add(
-                virtio::DeviceKind::Net(virtio::Net::new(tap, n.mac)),
-                &mut transports,
-            )?;
-        }
-
+        let legacy = LegacyIrqs::register(&vm_fd)?;
+        let i8042 = Arc::new(Mutex::new(devices::I8042::new(legacy.i8042)));
+        let shared = Arc::new(Shared::new(&cfg, i8042.clone())?);
+        let serial = devices::new_serial(legacy.serial, open_serial_log(&cfg)?, shared.clone());
+        let virtio = VirtioDevices::attach(&vm_fd, &cfg)?;
         let bus = Arc::new(devices::Bus::new(
             serial,
             i8042,
-            transports.clone(),
+            virtio.transports.clone(),
             cfg.test_forbidden_syscall_port,
         ));
-        let worker = virtio::Worker::new(transports, mem.clone())?;
+        let worker = virtio::Worker::new(virtio.transports.clone(), mem.clone())?;
 
-        // Kernel and boot structures.
-        arch::write_tables(&mem)?;
-        let mut cmdline = cfg.cmdline.clone();
-        let mut rsdp = None;
-        if arch::is_linux_image(&cfg.kernel)? {
-            cmdline.push_str(&cmdline_extra);
-            mptable::write(&mem, cfg.vcpus)?;
-            if cfg.acpi {
-                rsdp = Some(acpi::write(&mem, cfg.vcpus, &mmio_devices)?);
-            }
-        }
-        let boot = arch::load_guest(
-            &mem,
-            cfg.mem_bytes,
-            &cfg.kernel,
-            cfg.initrd.as_deref(),
-            cmdline.trim(),
-            rsdp,
-        )?;
-
-        let mut vcpu_fds = Vec::new();
-        for id in 0..cfg.vcpus {
-            let vcpu = vm_fd
-                .create_vcpu(id as u64)
-                .map_err(kerr("KVM_CREATE_VCPU"))?;
-            arch::setup_vcpu(&kvm, &vcpu, id, cfg.vcpus, boot)?;
-            if id > 0 && matches!(boot, arch::BootEntry::Tiny { .. }) {
-                // Tiny guests start every vCPU at the entry point (no INIT/SIPI).
-                vcpu.set_mp_state(kvm_mp_state {
-                    mp_state: kvm_bindings::KVM_MP_STATE_RUNNABLE,
-                })
-                .map_err(kerr("KVM_SET_MP_STATE"))?;
-            }
-            vcpu_fds.push(vcpu);
-        }
-
+        let boot = load_kernel(&mem, &cfg, &virtio)?;
+        let vcpu_fds = create_vcpus(&kvm, &vm_fd, cfg.vcpus, boot)?;
         Ok(Vm {
             cfg,
             _kvm: kvm,
@@ -967,6 +830,212 @@ impl Vm {
     pub(crate) fn confine_caller(&mut self) {
         self.confine_caller = true;
     }
+}
+
+/// Maps a failed KVM ioctl to [`VmmError::Kvm`].
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmmError {
+    move |source| VmmError::Kvm { what, source }
+}
+
+/// Checks the limits of `cfg` that KVM and the guest layout impose.
+fn validate(cfg: &VmConfig) -> Result<(), VmmError> {
+    if cfg.vcpus == 0 || cfg.vcpus > MAX_VCPUS {
+        return Err(VmmError::Config(format!(
+            "vcpus must be 1..={MAX_VCPUS}, got {}",
+            cfg.vcpus
+        )));
+    }
+    if cfg.mem_bytes < (16 << 20) || !cfg.mem_bytes.is_multiple_of(4096) {
+        return Err(VmmError::Config(
+            "mem_bytes must be at least 16 MiB and a multiple of 4 KiB".into(),
+        ));
+    }
+    if cfg.disks.len() + cfg.nets.len() > 16 {
+        return Err(VmmError::Config("at most 16 virtio devices".into()));
+    }
+    Ok(())
+}
+
+/// Maps `mem_bytes` of guest RAM (around the 32-bit hole) and registers each region
+/// with KVM as a memory slot.
+fn create_guest_memory(vm_fd: &VmFd, mem_bytes: u64) -> Result<GuestMemoryMmap, VmmError> {
+    let mem = GuestMemoryMmap::from_ranges(&arch::ram_regions(mem_bytes))
+        .map_err(|e| VmmError::Memory(e.to_string()))?;
+    for (slot, region) in mem.iter().enumerate() {
+        let host = mem
+            .get_host_address(region.start_addr())
+            .map_err(|e| VmmError::Memory(e.to_string()))?;
+        let r = kvm_bindings::kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: 0,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+        };
+        // SAFETY: the region is a live mapping owned by `mem`, which the Vm keeps
+        // alive (in an Arc) for as long as the VM fd exists.
+        unsafe { vm_fd.set_user_memory_region(r) }
+            .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+    }
+    Ok(mem)
+}
+
+/// The in-kernel interrupt controllers (PIC, IOAPIC, LAPICs) and PIT.
+fn create_irqchip_and_pit(vm_fd: &VmFd) -> Result<(), VmmError> {
+    // Needed on Intel; other KVM flavours may not implement it.
+    let _ = vm_fd.set_tss_address(0xfffb_d000);
+    vm_fd
+        .create_irq_chip()
+        .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm_fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))
+}
+
+/// The irqfds of the legacy devices: COM1 on IRQ 4, the i8042 on IRQ 1.
+struct LegacyIrqs {
+    serial: EventFd,
+    i8042: EventFd,
+}
+
+impl LegacyIrqs {
+    fn register(vm_fd: &VmFd) -> Result<LegacyIrqs, VmmError> {
+        let serial = EventFd::new(EFD_NONBLOCK).map_err(VmmError::io("eventfd"))?;
+        vm_fd
+            .register_irqfd(&serial, 4)
+            .map_err(kvm_err("KVM_IRQFD serial"))?;
+        let i8042 = EventFd::new(EFD_NONBLOCK).map_err(VmmError::io("eventfd"))?;
+        vm_fd
+            .register_irqfd(&i8042, 1)
+            .map_err(kvm_err("KVM_IRQFD i8042"))?;
+        Ok(LegacyIrqs { serial, i8042 })
+    }
+}
+
+/// Opens `cfg.serial_log` for appending, if set.
+fn open_serial_log(cfg: &VmConfig) -> Result<Option<File>, VmmError> {
+    let Some(p) = &cfg.serial_log else {
+        return Ok(None);
+    };
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(p)
+        .map(Some)
+        .map_err(VmmError::io(format!("open serial log {}", p.display())))
+}
+
+/// The virtio-mmio devices of a VM, wired to KVM (irqfd, ioeventfds), and what the
+/// guest needs to find them.
+struct VirtioDevices {
+    transports: Vec<Arc<Mutex<virtio::MmioTransport>>>,
+    /// `virtio_mmio.device=` entries for a Linux command line.
+    cmdline: String,
+    /// The devices for the ACPI DSDT.
+    mmio: Vec<acpi::MmioDevice>,
+}
+
+impl VirtioDevices {
+    /// The disks, then the nets of `cfg`, one 4 KiB window and GSI each from
+    /// [`VIRTIO_MMIO_BASE`] and [`VIRTIO_GSI_BASE`].
+    fn attach(vm_fd: &VmFd, cfg: &VmConfig) -> Result<VirtioDevices, VmmError> {
+        let mut devs = VirtioDevices {
+            transports: Vec::new(),
+            cmdline: String::new(),
+            mmio: Vec::new(),
+        };
+        for d in &cfg.disks {
+            devs.add(vm_fd, virtio::DeviceKind::Blk(virtio::Blk::open(d)?))?;
+        }
+        for n in &cfg.nets {
+            let tap = tap::Tap::open(&n.tap)?;
+            devs.add(vm_fd, virtio::DeviceKind::Net(virtio::Net::new(tap, n.mac)))?;
+        }
+        Ok(devs)
+    }
+
+    fn add(&mut self, vm_fd: &VmFd, dev: virtio::DeviceKind) -> Result<(), VmmError> {
+        let idx = self.transports.len() as u64;
+        let base = VIRTIO_MMIO_BASE + idx * VIRTIO_MMIO_SIZE;
+        let gsi = VIRTIO_GSI_BASE + idx as u32;
+        let irq = EventFd::new(EFD_NONBLOCK).map_err(VmmError::io("eventfd"))?;
+        vm_fd
+            .register_irqfd(&irq, gsi)
+            .map_err(kvm_err("KVM_IRQFD virtio"))?;
+        let t = virtio::MmioTransport::new(dev, irq)?;
+        for (q, evt) in t.queue_evts.iter().enumerate() {
+            vm_fd
+                .register_ioevent(
+                    evt,
+                    &IoEventAddress::Mmio(base + virtio::QUEUE_NOTIFY_OFFSET),
+                    q as u32,
+                )
+                .map_err(kvm_err("KVM_IOEVENTFD"))?;
+        }
+        self.cmdline
+            .push_str(&format!(" virtio_mmio.device=4K@{base:#x}:{gsi}"));
+        self.mmio.push(acpi::MmioDevice {
+            base,
+            size: VIRTIO_MMIO_SIZE,
+            gsi,
+        });
+        self.transports.push(Arc::new(Mutex::new(t)));
+        Ok(())
+    }
+}
+
+/// Writes the boot tables (and, for a Linux kernel, the MP table, ACPI and the virtio
+/// command-line entries) and loads the kernel and initrd; returns where to enter.
+fn load_kernel(
+    mem: &GuestMemoryMmap,
+    cfg: &VmConfig,
+    virtio: &VirtioDevices,
+) -> Result<arch::BootEntry, VmmError> {
+    arch::write_tables(mem)?;
+    let mut cmdline = cfg.cmdline.clone();
+    let mut rsdp = None;
+    if arch::is_linux_image(&cfg.kernel)? {
+        cmdline.push_str(&virtio.cmdline);
+        mptable::write(mem, cfg.vcpus)?;
+        if cfg.acpi {
+            rsdp = Some(acpi::write(mem, cfg.vcpus, &virtio.mmio)?);
+        }
+    }
+    arch::load_guest(
+        mem,
+        cfg.mem_bytes,
+        &cfg.kernel,
+        cfg.initrd.as_deref(),
+        cmdline.trim(),
+        rsdp,
+    )
+}
+
+/// Creates `vcpus` vCPUs with their registers set for `boot`.
+fn create_vcpus(
+    kvm: &Kvm,
+    vm_fd: &VmFd,
+    vcpus: u8,
+    boot: arch::BootEntry,
+) -> Result<Vec<VcpuFd>, VmmError> {
+    let mut fds = Vec::with_capacity(usize::from(vcpus));
+    for id in 0..vcpus {
+        let vcpu = vm_fd
+            .create_vcpu(u64::from(id))
+            .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+        arch::setup_vcpu(kvm, &vcpu, id, vcpus, boot)?;
+        if id > 0 && matches!(boot, arch::BootEntry::Tiny { .. }) {
+            // Tiny guests start every vCPU at the entry point (no INIT/SIPI).
+            vcpu.set_mp_state(kvm_mp_state {
+                mp_state: kvm_bindings::KVM_MP_STATE_RUNNABLE,
+            })
+            .map_err(kvm_err("KVM_SET_MP_STATE"))?;
+        }
+        fds.push(vcpu);
+    }
+    Ok(fds)
 }
 
 /// Returns `Some(reason)` when KVM cannot be used here (no /dev/kvm).
