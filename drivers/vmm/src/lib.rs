@@ -357,6 +357,56 @@ impl Shared {
         self.kick_vcpus();
     }
 
+    /// Enters [`RunState::Running`] with `vcpus` vCPU threads about to start.
+    fn mark_running(&self, vcpus: usize) {
+        {
+            let mut c = self.ctl();
+            c.state = RunState::Running;
+            c.running_vcpus = vcpus;
+        }
+        self.write_state_file();
+    }
+
+    /// Blocks until an exit is requested, forcing it once a graceful shutdown's
+    /// deadline has passed.
+    fn wait_for_exit(&self) {
+        let mut c = self.ctl();
+        loop {
+            if c.exit.is_some() {
+                return;
+            }
+            let wait = match c.shutdown_deadline {
+                Some(d) => {
+                    let now = Instant::now();
+                    if now >= d {
+                        drop(c);
+                        self.request_exit(ExitReason::Shutdown);
+                        c = self.ctl();
+                        continue;
+                    }
+                    d - now
+                }
+                None => Duration::from_secs(3600),
+            };
+            c = match self.cond.wait_timeout(c, wait) {
+                Ok((c, _)) => c,
+                Err(p) => p.into_inner().0,
+            };
+        }
+    }
+
+    /// Kicks the vCPU `threads` until each has left KVM_RUN, then joins them.
+    fn stop_vcpus(&self, threads: Vec<JoinHandle<()>>) {
+        while threads.iter().any(|t| !t.is_finished()) {
+            self.kick_vcpus();
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        lock(&self.vcpu_threads).clear();
+        for t in threads {
+            let _ = t.join();
+        }
+    }
+
     fn kick_vcpus(&self) {
         let sig = vcpu::kick_signal();
         for t in lock(&self.vcpu_threads).iter() {
@@ -704,63 +754,9 @@ impl Vm {
         } else {
             None
         };
-
-        {
-            let mut c = shared.ctl();
-            c.state = RunState::Running;
-            c.running_vcpus = vcpu_fds.len();
-        }
-        shared.write_state_file();
-
-        let worker_stop = EventFd::new(EFD_NONBLOCK).map_err(VmmError::io("eventfd"))?;
-        let worker_stop2 = worker_stop
-            .try_clone()
-            .map_err(VmmError::io("eventfd clone"))?;
-        let wfilter = filter.clone();
-        let wshared = shared.clone();
-        let worker_thread = std::thread::Builder::new()
-            .name("vmm-dev".into())
-            .spawn(move || {
-                if let Some(f) = wfilter
-                    && let Err(e) = seccomp::apply(&f)
-                {
-                    wshared.request_exit(ExitReason::Error(e.to_string()));
-                    return;
-                }
-                if let Err(e) = worker.run(&worker_stop2) {
-                    wshared.request_exit(ExitReason::Error(format!("device thread: {e}")));
-                }
-            })
-            .map_err(VmmError::io("spawn device thread"))?;
-
-        let mut threads: Vec<JoinHandle<()>> = Vec::new();
-        let mut setup_err: Option<VmmError> = None;
-        for (id, fd) in vcpu_fds.into_iter().enumerate() {
-            let v = vcpu::Vcpu {
-                id: id as u8,
-                fd,
-                bus: bus.clone(),
-                shared: shared.clone(),
-                filter: filter.clone(),
-            };
-            let t = match std::thread::Builder::new()
-                .name(format!("vcpu{id}"))
-                .spawn(move || v.run())
-            {
-                Ok(t) => t,
-                Err(e) => {
-                    // Stop what already runs, then report the error after cleanup.
-                    setup_err = Some(VmmError::io("spawn vcpu thread")(e));
-                    break;
-                }
-            };
-            {
-                use std::os::unix::thread::JoinHandleExt;
-                lock(&shared.vcpu_threads).push(t.as_pthread_t());
-            }
-            threads.push(t);
-        }
-
+        shared.mark_running(vcpu_fds.len());
+        let device_thread = DeviceThread::spawn(worker, shared.clone(), filter.clone())?;
+        let (threads, mut setup_err) = spawn_vcpus(vcpu_fds, &bus, &shared, &filter);
         if setup_err.is_none()
             && confine_caller
             && let Some(f) = &filter
@@ -772,43 +768,9 @@ impl Vm {
             shared.request_exit(ExitReason::Error(e.to_string()));
         }
 
-        // Wait for an exit, enforcing the graceful-shutdown deadline.
-        {
-            let mut c = shared.ctl();
-            loop {
-                if c.exit.is_some() {
-                    break;
-                }
-                let wait = match c.shutdown_deadline {
-                    Some(d) => {
-                        let now = Instant::now();
-                        if now >= d {
-                            drop(c);
-                            shared.request_exit(ExitReason::Shutdown);
-                            c = shared.ctl();
-                            continue;
-                        }
-                        d - now
-                    }
-                    None => Duration::from_secs(3600),
-                };
-                c = match shared.cond.wait_timeout(c, wait) {
-                    Ok((c, _)) => c,
-                    Err(p) => p.into_inner().0,
-                };
-            }
-        }
-        // Stop the vCPUs (kick until each thread has left KVM_RUN).
-        while threads.iter().any(|t| !t.is_finished()) {
-            shared.kick_vcpus();
-            std::thread::sleep(Duration::from_micros(100));
-        }
-        lock(&shared.vcpu_threads).clear();
-        for t in threads {
-            let _ = t.join();
-        }
-        let _ = worker_stop.write(1);
-        let _ = worker_thread.join();
+        shared.wait_for_exit();
+        shared.stop_vcpus(threads);
+        device_thread.stop();
         shared.has_exited.store(true, Ordering::SeqCst);
         let _ = shared.exited_evt.write(1);
         shared.write_state_file();
@@ -830,6 +792,80 @@ impl Vm {
     pub(crate) fn confine_caller(&mut self) {
         self.confine_caller = true;
     }
+}
+
+/// The virtio device thread ("vmm-dev") and the eventfd that stops it.
+struct DeviceThread {
+    stop: EventFd,
+    thread: JoinHandle<()>,
+}
+
+impl DeviceThread {
+    /// Starts serving the virtio queues (confined by `filter` first, when given); a failure
+    /// stops the VM.
+    fn spawn(
+        worker: virtio::Worker,
+        shared: Arc<Shared>,
+        filter: Option<Arc<seccompiler::BpfProgram>>,
+    ) -> Result<DeviceThread, VmmError> {
+        let stop = EventFd::new(EFD_NONBLOCK).map_err(VmmError::io("eventfd"))?;
+        let stop2 = stop.try_clone().map_err(VmmError::io("eventfd clone"))?;
+        let thread = std::thread::Builder::new()
+            .name("vmm-dev".into())
+            .spawn(move || {
+                if let Some(f) = filter
+                    && let Err(e) = seccomp::apply(&f)
+                {
+                    shared.request_exit(ExitReason::Error(e.to_string()));
+                    return;
+                }
+                if let Err(e) = worker.run(&stop2) {
+                    shared.request_exit(ExitReason::Error(format!("device thread: {e}")));
+                }
+            })
+            .map_err(VmmError::io("spawn device thread"))?;
+        Ok(DeviceThread { stop, thread })
+    }
+
+    /// Tells the thread to stop and waits for it.
+    fn stop(self) {
+        let _ = self.stop.write(1);
+        let _ = self.thread.join();
+    }
+}
+
+/// Starts one thread per vCPU ("vcpuN"), each recorded in `shared` so it can be kicked.
+/// A failed spawn stops there: the threads started so far and the error are returned.
+fn spawn_vcpus(
+    vcpu_fds: Vec<VcpuFd>,
+    bus: &Arc<devices::Bus>,
+    shared: &Arc<Shared>,
+    filter: &Option<Arc<seccompiler::BpfProgram>>,
+) -> (Vec<JoinHandle<()>>, Option<VmmError>) {
+    let mut threads = Vec::with_capacity(vcpu_fds.len());
+    for (id, fd) in vcpu_fds.into_iter().enumerate() {
+        let v = vcpu::Vcpu {
+            id: id as u8,
+            fd,
+            bus: bus.clone(),
+            shared: shared.clone(),
+            filter: filter.clone(),
+        };
+        let t = match std::thread::Builder::new()
+            .name(format!("vcpu{id}"))
+            .spawn(move || v.run())
+        {
+            Ok(t) => t,
+            // Stop what already runs, then report the error after cleanup.
+            Err(e) => return (threads, Some(VmmError::io("spawn vcpu thread")(e))),
+        };
+        {
+            use std::os::unix::thread::JoinHandleExt;
+            lock(&shared.vcpu_threads).push(t.as_pthread_t());
+        }
+        threads.push(t);
+    }
+    (threads, None)
 }
 
 /// Maps a failed KVM ioctl to [`VmmError::Kvm`].
