@@ -8,10 +8,13 @@
 //! closed; so is a client idle for [`CLIENT_IDLE_TIMEOUT`].
 
 use std::io::{BufReader, ErrorKind, Read, Write};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::poll::{PollFd, PollFlags};
 
 use crate::protocol::{
     LineBuffer, LineTooLong, MAX_REQUEST_LINE, Reply, Request, StatusReply, parse_request,
@@ -165,24 +168,19 @@ pub fn serve_control(listener: UnixListener, handle: VmHandle) -> Result<(), Vmm
             return Ok(());
         }
         let mut fds = vec![
-            libc::pollfd {
-                fd: listener.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: handle.exited_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
+            PollFd::new(listener.as_fd(), PollFlags::POLLIN),
+            PollFd::new(handle.exited_fd(), PollFlags::POLLIN),
         ];
-        fds.extend(clients.iter().map(|c| libc::pollfd {
-            fd: c.stream.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        }));
+        fds.extend(
+            clients
+                .iter()
+                .map(|c| PollFd::new(c.stream.as_fd(), PollFlags::POLLIN)),
+        );
         poll(&mut fds, 1000)?;
-        let mut ready = fds[2..].iter().map(|f| f.revents != 0);
+        let listener_ready = is_ready(&fds[0]);
+        let ready: Vec<bool> = fds[2..].iter().map(is_ready).collect();
+        drop(fds);
+        let mut ready = ready.into_iter();
         let now = Instant::now();
         clients.retain_mut(|c| {
             let keep = if ready.next() == Some(true) {
@@ -192,43 +190,34 @@ pub fn serve_control(listener: UnixListener, handle: VmHandle) -> Result<(), Vmm
             };
             keep && now.duration_since(c.last) < CLIENT_IDLE_TIMEOUT
         });
-        if fds[0].revents != 0 {
+        if listener_ready {
             accept_clients(&listener, &mut clients)?;
         }
     }
 }
 
 /// poll(2) on `fds`; EINTR counts as a timeout.
-fn poll(fds: &mut [libc::pollfd], timeout_ms: i32) -> Result<(), VmmError> {
-    let n = libc::nfds_t::try_from(fds.len())
-        .map_err(|_| VmmError::Control("too many descriptors to poll".into()))?;
-    // SAFETY: `fds` is a valid, exclusively borrowed array of `n` pollfd for the call.
-    let r = unsafe { libc::poll(fds.as_mut_ptr(), n, timeout_ms) };
-    if r < 0 {
-        let e = std::io::Error::last_os_error();
-        if e.kind() != ErrorKind::Interrupted {
-            return Err(VmmError::io("poll")(e));
-        }
+fn poll(fds: &mut [PollFd<'_>], timeout_ms: u16) -> Result<(), VmmError> {
+    match nix::poll::poll(fds, timeout_ms) {
+        Ok(_) | Err(Errno::EINTR) => Ok(()),
+        Err(e) => Err(VmmError::io("poll")(e.into())),
     }
-    Ok(())
+}
+
+/// Whether poll(2) reported anything for `fd` (readable, hung up, error, or a flag nix
+/// does not know).
+fn is_ready(fd: &PollFd<'_>) -> bool {
+    fd.any().unwrap_or(true)
 }
 
 /// Polls `fd` and the VM's exit eventfd; returns true when `fd` is readable.
-fn wait_readable(fd: i32, handle: &VmHandle, timeout_ms: i32) -> Result<bool, VmmError> {
+fn wait_readable(fd: BorrowedFd<'_>, handle: &VmHandle, timeout_ms: u16) -> Result<bool, VmmError> {
     let mut fds = [
-        libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        },
-        libc::pollfd {
-            fd: handle.exited_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
+        PollFd::new(fd, PollFlags::POLLIN),
+        PollFd::new(handle.exited_fd(), PollFlags::POLLIN),
     ];
     poll(&mut fds, timeout_ms)?;
-    Ok(fds[0].revents != 0)
+    Ok(is_ready(&fds[0]))
 }
 
 /// Serves the serial console on `listener` until the VM behind `handle` has exited.
@@ -242,7 +231,7 @@ pub fn serve_console(listener: UnixListener, handle: VmHandle) -> Result<(), Vmm
         if handle.has_exited() {
             return Ok(());
         }
-        wait_readable(listener.as_raw_fd(), &handle, 1000)?;
+        wait_readable(listener.as_fd(), &handle, 1000)?;
         let stream = match listener.accept() {
             Ok((s, _)) => s,
             Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted => {
@@ -260,7 +249,7 @@ pub fn serve_console(listener: UnixListener, handle: VmHandle) -> Result<(), Vmm
             if handle.has_exited() {
                 break;
             }
-            if !wait_readable(input.as_raw_fd(), &handle, 100)? {
+            if !wait_readable(input.as_fd(), &handle, 100)? {
                 continue;
             }
             let n = match std::io::Read::read(&mut input, &mut buf) {

@@ -27,7 +27,7 @@ mod virtio;
 use std::collections::VecDeque;
 use std::fmt;
 use std::fs::File;
-use std::os::fd::RawFd;
+use std::os::fd::{BorrowedFd, RawFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -410,6 +410,8 @@ impl Shared {
     fn kick_vcpus(&self) {
         let sig = vcpu::kick_signal();
         for t in lock(&self.vcpu_threads).iter() {
+            // libc, not nix: nix's pthread_kill takes a `Signal`, which cannot name the
+            // real-time kick signal.
             // SAFETY: the pthread_t values belong to vCPU threads that are joined only
             // after this list is cleared, so they are valid thread handles.
             unsafe {
@@ -593,9 +595,12 @@ impl VmHandle {
         }
     }
 
-    pub(crate) fn exited_fd(&self) -> RawFd {
+    /// The eventfd that becomes readable once the VM has exited.
+    pub(crate) fn exited_fd(&self) -> BorrowedFd<'_> {
         use std::os::fd::AsRawFd;
-        self.shared.exited_evt.as_raw_fd()
+        // SAFETY: the eventfd is owned by `Shared`, which this handle keeps alive (Arc)
+        // for at least the borrow's lifetime, and it is never closed before `Shared` drops.
+        unsafe { BorrowedFd::borrow_raw(self.shared.exited_evt.as_raw_fd()) }
     }
 
     pub(crate) fn has_exited(&self) -> bool {

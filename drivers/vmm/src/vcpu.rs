@@ -100,14 +100,13 @@ impl Vcpu {
                 IoAction::ForbiddenSyscall => {
                     // Test hook: a syscall no VMM thread needs after setup. Under the
                     // seccomp filter this kills the process with SIGSYS.
-                    // SAFETY: socket() has no memory-safety preconditions; the result
-                    // (if the process survives) is closed right away.
-                    unsafe {
-                        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0);
-                        if fd >= 0 {
-                            libc::close(fd);
-                        }
-                    }
+                    // The socket, if the process survives, is closed right away.
+                    let _ = nix::sys::socket::socket(
+                        nix::sys::socket::AddressFamily::Inet,
+                        nix::sys::socket::SockType::Datagram,
+                        nix::sys::socket::SockFlag::empty(),
+                        None,
+                    );
                 }
             }
         }
