@@ -357,11 +357,15 @@ impl Shared {
         self.kick_vcpus();
     }
 
-    /// Enters [`RunState::Running`] with `vcpus` vCPU threads about to start.
+    /// Enters [`RunState::Running`] with `vcpus` vCPU threads about to start, unless
+    /// the VM was stopped before it ran (a kill on the control socket can come first):
+    /// then it stays [`RunState::Exited`] and the vCPU threads end at once.
     fn mark_running(&self, vcpus: usize) {
         {
             let mut c = self.ctl();
-            c.state = RunState::Running;
+            if c.state == RunState::Created {
+                c.state = RunState::Running;
+            }
             c.running_vcpus = vcpus;
         }
         self.write_state_file();
