@@ -433,7 +433,30 @@ pub fn setup_vcpu(
     let kerr = |what: &'static str| move |e| VmmError::Kvm { what, source: e };
     vcpu.set_cpuid2(&cpuid_for(kvm, id, count)?)
         .map_err(kerr("KVM_SET_CPUID2"))?;
+    // Not every MSR is accepted by every KVM flavour (e.g. PVM); a short count is fine.
+    vcpu.set_msrs(&boot_msrs()?).map_err(kerr("KVM_SET_MSRS"))?;
+    let fpu = kvm_fpu {
+        fcw: 0x37f,
+        mxcsr: 0x1f80,
+        ..Default::default()
+    };
+    vcpu.set_fpu(&fpu).map_err(kerr("KVM_SET_FPU"))?;
+    let mut sregs: kvm_sregs = vcpu.get_sregs().map_err(kerr("KVM_GET_SREGS"))?;
+    set_boot_segments(&mut sregs, boot);
+    vcpu.set_sregs(&sregs).map_err(kerr("KVM_SET_SREGS"))?;
+    vcpu.set_regs(&boot_regs(boot, id, count))
+        .map_err(kerr("KVM_SET_REGS"))?;
+    // LINT0 = ExtINT, LINT1 = NMI, as a BIOS would leave them.
+    let mut lapic: kvm_lapic_state = vcpu.get_lapic().map_err(kerr("KVM_GET_LAPIC"))?;
+    set_lvt(&mut lapic, 0x350, 7);
+    set_lvt(&mut lapic, 0x360, 4);
+    vcpu.set_lapic(&lapic).map_err(kerr("KVM_SET_LAPIC"))?;
+    Ok(())
+}
 
+/// The MSRs a vCPU starts with (syscall MSRs and TSC zero, fast strings on, MTRRs
+/// enabled with write-back as the default type).
+fn boot_msrs() -> Result<Msrs, VmmError> {
     let entries: Vec<kvm_msr_entry> = [
         (MSR_IA32_SYSENTER_CS, 0),
         (MSR_IA32_SYSENTER_ESP, 0),
@@ -454,18 +477,13 @@ pub fn setup_vcpu(
         ..Default::default()
     })
     .collect();
-    let msrs = Msrs::from_entries(&entries).map_err(|e| VmmError::Config(e.to_string()))?;
-    // Not every MSR is accepted by every KVM flavour (e.g. PVM); a short count is fine.
-    vcpu.set_msrs(&msrs).map_err(kerr("KVM_SET_MSRS"))?;
+    Msrs::from_entries(&entries).map_err(|e| VmmError::Config(e.to_string()))
+}
 
-    let fpu = kvm_fpu {
-        fcw: 0x37f,
-        mxcsr: 0x1f80,
-        ..Default::default()
-    };
-    vcpu.set_fpu(&fpu).map_err(kerr("KVM_SET_FPU"))?;
-
-    let mut sregs: kvm_sregs = vcpu.get_sregs().map_err(kerr("KVM_GET_SREGS"))?;
+/// Points `sregs` at the boot GDT and IDT and sets the mode `boot` enters in: flat 32-bit
+/// protected mode without paging for PVH, 64-bit long mode on the boot page tables
+/// otherwise.
+fn set_boot_segments(sregs: &mut kvm_sregs, boot: BootEntry) {
     sregs.gdt.base = GDT_ADDR;
     sregs.gdt.limit = (GDT.len() * 8 - 1) as u16;
     sregs.idt.base = IDT_ADDR;
@@ -493,8 +511,12 @@ pub fn setup_vcpu(
         sregs.cr4 |= 0x20; // PAE
         sregs.efer |= 0x500; // LME | LMA
     }
-    vcpu.set_sregs(&sregs).map_err(kerr("KVM_SET_SREGS"))?;
+}
 
+/// The general registers vCPU `id` (of `count`) starts with for `boot`: the entry point
+/// and what each boot protocol passes (Linux: the zero page in rsi; PVH: the start info
+/// in rbx; tiny guests: id, count and command line in rdi, rsi, rdx and a stack each).
+fn boot_regs(boot: BootEntry, id: u8, count: u8) -> kvm_regs {
     let mut regs = kvm_regs {
         rflags: 0x2,
         ..Default::default()
@@ -518,14 +540,7 @@ pub fn setup_vcpu(
             regs.rdx = CMDLINE_ADDR;
         }
     }
-    vcpu.set_regs(&regs).map_err(kerr("KVM_SET_REGS"))?;
-
-    // LINT0 = ExtINT, LINT1 = NMI, as a BIOS would leave them.
-    let mut lapic: kvm_lapic_state = vcpu.get_lapic().map_err(kerr("KVM_GET_LAPIC"))?;
-    set_lvt(&mut lapic, 0x350, 7);
-    set_lvt(&mut lapic, 0x360, 4);
-    vcpu.set_lapic(&lapic).map_err(kerr("KVM_SET_LAPIC"))?;
-    Ok(())
+    regs
 }
 
 fn set_lvt(lapic: &mut kvm_lapic_state, offset: usize, delivery_mode: u32) {
@@ -562,5 +577,35 @@ mod tests {
         let r = ram_regions(4 << 30);
         assert_eq!(r[1].0, GuestAddress(MMIO_GAP_END));
         assert_eq!(r[0].1 + r[1].1, 4 << 30);
+    }
+
+    #[test]
+    fn boot_registers_follow_each_protocol() {
+        let linux = boot_regs(BootEntry::Linux { entry: 0x100_0000 }, 0, 2);
+        assert_eq!(
+            (linux.rip, linux.rsi, linux.rsp, linux.rflags),
+            (0x100_0000, ZERO_PAGE, BOOT_STACK, 0x2)
+        );
+        let pvh = boot_regs(BootEntry::Pvh { entry: 0x20_0000 }, 0, 1);
+        assert_eq!((pvh.rip, pvh.rbx), (0x20_0000, PVH_INFO));
+        let tiny = |id| boot_regs(BootEntry::Tiny { entry: 0x10_0000 }, id, 3);
+        assert_eq!(
+            (tiny(2).rdi, tiny(2).rsi, tiny(2).rdx),
+            (2, 3, CMDLINE_ADDR)
+        );
+        assert_eq!(tiny(0).rsp - tiny(1).rsp, TINY_STACK_SIZE);
+    }
+
+    #[test]
+    fn boot_segments_enter_long_mode_except_pvh() {
+        let mut long = kvm_sregs::default();
+        set_boot_segments(&mut long, BootEntry::Linux { entry: 0 });
+        assert_eq!(long.efer & 0x500, 0x500);
+        assert_eq!(long.cr3, PML4_ADDR);
+        assert_ne!(long.cr0 & 0x8000_0000, 0, "paging on");
+        let mut pvh = kvm_sregs::default();
+        set_boot_segments(&mut pvh, BootEntry::Pvh { entry: 0 });
+        assert_eq!((pvh.efer, pvh.cr4, pvh.cr0 & 0x8000_0001), (0, 0, 1));
+        assert_eq!(pvh.gdt.base, GDT_ADDR);
     }
 }

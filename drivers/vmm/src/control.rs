@@ -1,155 +1,32 @@
 //! Control socket and the whole-process entry point.
 //!
-//! Protocol: unix stream socket, JSON lines. A request is `{"command":"status"}` (or,
-//! for older clients, the bare word `status`); commands are `status`, `pause`,
-//! `resume`, `shutdown` (graceful, forced after the configured timeout) and `kill`
-//! ([`Request`], parsed by [`parse_request`]). Each request gets one reply line
-//! ([`Reply`]): `{"ok":true,"state":"running","vcpus":2,"uptime_ms":12,"pid":42}` or
-//! `{"ok":false,"error":"..."}`.
+//! Protocol: unix stream socket, JSON lines (the wire format is in `protocol.rs`: one
+//! [`Request`] per line, one [`Reply`] line back).
 //!
 //! Up to [`MAX_CLIENTS`] clients are served at once by one poll loop. A request line
 //! longer than [`MAX_REQUEST_LINE`] bytes gets an error reply and the connection is
 //! closed; so is a client idle for [`CLIENT_IDLE_TIMEOUT`].
 
-use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
-use std::os::fd::AsRawFd;
+use std::io::{BufReader, ErrorKind, Read, Write};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
+use nix::errno::Errno;
+use nix::poll::{PollFd, PollFlags};
 
-use crate::{ExitReason, RunState, Vm, VmConfig, VmHandle, VmmError, json_str, seccomp};
+use crate::protocol::{
+    LineBuffer, LineTooLong, MAX_REQUEST_LINE, Reply, Request, StatusReply, parse_request,
+    read_reply_line,
+};
+use crate::state_file::StateSockets;
+use crate::{ExitReason, Vm, VmConfig, VmHandle, VmmError, seccomp};
 
-/// Longest request line the control socket accepts (bytes, newline excluded).
-pub const MAX_REQUEST_LINE: usize = 64 * 1024;
 /// A control client that sends nothing for this long is disconnected.
 pub const CLIENT_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Control clients served at once; more are answered with an error and closed.
 pub const MAX_CLIENTS: usize = 16;
-
-/// A control request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Request {
-    /// Report the run state.
-    Status,
-    /// Park every vCPU.
-    Pause,
-    /// Resume a paused VM.
-    Resume,
-    /// Graceful shutdown (Ctrl-Alt-Del), forced after the shutdown timeout.
-    Shutdown,
-    /// Stop at once.
-    Kill,
-}
-
-/// The JSON form of a request line.
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RequestLine {
-    command: Request,
-}
-
-impl Request {
-    /// The request as one JSON line (without the newline).
-    pub fn to_line(self) -> String {
-        serde_json::to_string(&RequestLine { command: self }).unwrap_or_else(|_| String::from("{}"))
-    }
-}
-
-/// Parses one request line: a JSON object `{"command":"..."}` or a bare command word
-/// (any case). Surrounding whitespace is ignored.
-pub fn parse_request(line: &str) -> Result<Request, VmmError> {
-    let line = line.trim();
-    if line.starts_with('{') {
-        return serde_json::from_str::<RequestLine>(line)
-            .map(|r| r.command)
-            .map_err(|e| VmmError::Control(format!("bad request: {e}")));
-    }
-    match line.to_ascii_lowercase().as_str() {
-        "status" => Ok(Request::Status),
-        "pause" => Ok(Request::Pause),
-        "resume" => Ok(Request::Resume),
-        "shutdown" => Ok(Request::Shutdown),
-        "kill" => Ok(Request::Kill),
-        _ => Err(VmmError::Control(format!(
-            "unknown command {:?}",
-            line.chars().take(64).collect::<String>()
-        ))),
-    }
-}
-
-/// The state part of a successful reply.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct StatusReply {
-    /// Run state.
-    pub state: RunState,
-    /// Number of vCPUs.
-    pub vcpus: u8,
-    /// Milliseconds since the VM was created.
-    pub uptime_ms: u64,
-    /// The VMM's process id.
-    pub pid: u32,
-    /// Why the VM exited, once it has.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub exit_reason: Option<String>,
-}
-
-/// A reply to one request.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Reply {
-    /// The request was carried out; the VM's state after it.
-    Ok(StatusReply),
-    /// The request failed.
-    Error(String),
-}
-
-/// The wire form of [`Reply`]: `ok` plus the status fields or `error`.
-#[derive(Debug, Serialize, Deserialize)]
-struct WireReply {
-    ok: bool,
-    #[serde(flatten, default, skip_serializing_if = "Option::is_none")]
-    status: Option<StatusReply>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    error: Option<String>,
-}
-
-impl Reply {
-    /// The reply as one JSON line (without the newline).
-    pub fn to_line(&self) -> String {
-        let w = match self {
-            Reply::Ok(s) => WireReply {
-                ok: true,
-                status: Some(s.clone()),
-                error: None,
-            },
-            Reply::Error(e) => WireReply {
-                ok: false,
-                status: None,
-                error: Some(e.clone()),
-            },
-        };
-        serde_json::to_string(&w).unwrap_or_else(|_| String::from("{\"ok\":false}"))
-    }
-
-    /// Parses one reply line.
-    pub fn parse(line: &str) -> Result<Reply, VmmError> {
-        let w: WireReply = serde_json::from_str(line.trim())
-            .map_err(|e| VmmError::Control(format!("bad reply: {e}")))?;
-        match (w.ok, w.status, w.error) {
-            (true, Some(s), _) => Ok(Reply::Ok(s)),
-            (false, _, Some(e)) => Ok(Reply::Error(e)),
-            _ => Err(VmmError::Control(
-                "bad reply: neither status nor error".into(),
-            )),
-        }
-    }
-
-    fn error(e: &VmmError) -> Reply {
-        Reply::Error(e.to_string())
-    }
-}
 
 fn status_of(h: &VmHandle) -> Reply {
     Reply::Ok(StatusReply {
@@ -193,51 +70,6 @@ struct Client {
     stream: UnixStream,
     lines: LineBuffer,
     last: Instant,
-}
-
-/// A request line longer than [`MAX_REQUEST_LINE`] bytes (newline excluded).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct LineTooLong;
-
-/// Splits the bytes a control client sends into request lines of at most
-/// [`MAX_REQUEST_LINE`] bytes, however the stream is cut into reads.
-#[derive(Debug, Default)]
-pub struct LineBuffer {
-    buf: Vec<u8>,
-    /// How much of `buf` is known to hold no newline (so each byte is scanned once).
-    scanned: usize,
-}
-
-impl LineBuffer {
-    /// Appends bytes read from the client.
-    pub fn push(&mut self, bytes: &[u8]) {
-        self.buf.extend_from_slice(bytes);
-    }
-
-    /// Takes the next complete line (with its newline); `None` until one is complete.
-    /// A line longer than [`MAX_REQUEST_LINE`] is an error whether or not its newline
-    /// has arrived yet.
-    pub fn next_line(&mut self) -> Result<Option<Vec<u8>>, LineTooLong> {
-        let from = self.scanned;
-        let newline = self
-            .buf
-            .get(from..)
-            .unwrap_or_default()
-            .iter()
-            .position(|b| *b == b'\n');
-        match newline.map(|i| i + from) {
-            Some(i) if i > MAX_REQUEST_LINE => Err(LineTooLong),
-            Some(i) => {
-                self.scanned = 0;
-                Ok(Some(self.buf.drain(..=i).collect()))
-            }
-            None if self.buf.len() > MAX_REQUEST_LINE => Err(LineTooLong),
-            None => {
-                self.scanned = self.buf.len();
-                Ok(None)
-            }
-        }
-    }
 }
 
 impl Client {
@@ -336,24 +168,19 @@ pub fn serve_control(listener: UnixListener, handle: VmHandle) -> Result<(), Vmm
             return Ok(());
         }
         let mut fds = vec![
-            libc::pollfd {
-                fd: listener.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: handle.exited_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
+            PollFd::new(listener.as_fd(), PollFlags::POLLIN),
+            PollFd::new(handle.exited_fd(), PollFlags::POLLIN),
         ];
-        fds.extend(clients.iter().map(|c| libc::pollfd {
-            fd: c.stream.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        }));
+        fds.extend(
+            clients
+                .iter()
+                .map(|c| PollFd::new(c.stream.as_fd(), PollFlags::POLLIN)),
+        );
         poll(&mut fds, 1000)?;
-        let mut ready = fds[2..].iter().map(|f| f.revents != 0);
+        let listener_ready = is_ready(&fds[0]);
+        let ready: Vec<bool> = fds[2..].iter().map(is_ready).collect();
+        drop(fds);
+        let mut ready = ready.into_iter();
         let now = Instant::now();
         clients.retain_mut(|c| {
             let keep = if ready.next() == Some(true) {
@@ -363,43 +190,34 @@ pub fn serve_control(listener: UnixListener, handle: VmHandle) -> Result<(), Vmm
             };
             keep && now.duration_since(c.last) < CLIENT_IDLE_TIMEOUT
         });
-        if fds[0].revents != 0 {
+        if listener_ready {
             accept_clients(&listener, &mut clients)?;
         }
     }
 }
 
 /// poll(2) on `fds`; EINTR counts as a timeout.
-fn poll(fds: &mut [libc::pollfd], timeout_ms: i32) -> Result<(), VmmError> {
-    let n = libc::nfds_t::try_from(fds.len())
-        .map_err(|_| VmmError::Control("too many descriptors to poll".into()))?;
-    // SAFETY: `fds` is a valid, exclusively borrowed array of `n` pollfd for the call.
-    let r = unsafe { libc::poll(fds.as_mut_ptr(), n, timeout_ms) };
-    if r < 0 {
-        let e = std::io::Error::last_os_error();
-        if e.kind() != ErrorKind::Interrupted {
-            return Err(VmmError::io("poll")(e));
-        }
+fn poll(fds: &mut [PollFd<'_>], timeout_ms: u16) -> Result<(), VmmError> {
+    match nix::poll::poll(fds, timeout_ms) {
+        Ok(_) | Err(Errno::EINTR) => Ok(()),
+        Err(e) => Err(VmmError::io("poll")(e.into())),
     }
-    Ok(())
+}
+
+/// Whether poll(2) reported anything for `fd` (readable, hung up, error, or a flag nix
+/// does not know).
+fn is_ready(fd: &PollFd<'_>) -> bool {
+    fd.any().unwrap_or(true)
 }
 
 /// Polls `fd` and the VM's exit eventfd; returns true when `fd` is readable.
-fn wait_readable(fd: i32, handle: &VmHandle, timeout_ms: i32) -> Result<bool, VmmError> {
+fn wait_readable(fd: BorrowedFd<'_>, handle: &VmHandle, timeout_ms: u16) -> Result<bool, VmmError> {
     let mut fds = [
-        libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        },
-        libc::pollfd {
-            fd: handle.exited_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
+        PollFd::new(fd, PollFlags::POLLIN),
+        PollFd::new(handle.exited_fd(), PollFlags::POLLIN),
     ];
     poll(&mut fds, timeout_ms)?;
-    Ok(fds[0].revents != 0)
+    Ok(is_ready(&fds[0]))
 }
 
 /// Serves the serial console on `listener` until the VM behind `handle` has exited.
@@ -413,7 +231,7 @@ pub fn serve_console(listener: UnixListener, handle: VmHandle) -> Result<(), Vmm
         if handle.has_exited() {
             return Ok(());
         }
-        wait_readable(listener.as_raw_fd(), &handle, 1000)?;
+        wait_readable(listener.as_fd(), &handle, 1000)?;
         let stream = match listener.accept() {
             Ok((s, _)) => s,
             Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted => {
@@ -431,7 +249,7 @@ pub fn serve_console(listener: UnixListener, handle: VmHandle) -> Result<(), Vmm
             if handle.has_exited() {
                 break;
             }
-            if !wait_readable(input.as_raw_fd(), &handle, 100)? {
+            if !wait_readable(input.as_fd(), &handle, 100)? {
                 continue;
             }
             let n = match std::io::Read::read(&mut input, &mut buf) {
@@ -494,28 +312,6 @@ impl ControlClient {
     }
 }
 
-/// Longest reply line a control client accepts (bytes, newline excluded).
-pub const MAX_REPLY_LINE: usize = 64 * 1024;
-
-/// Reads one reply line of at most [`MAX_REPLY_LINE`] bytes (without the newline): a
-/// VMM that sends more, or closes the connection first, is an error.
-pub fn read_reply_line(reader: &mut impl BufRead) -> Result<String, VmmError> {
-    let mut line = String::new();
-    reader
-        .take(MAX_REPLY_LINE as u64 + 1)
-        .read_line(&mut line)
-        .map_err(VmmError::io("control socket read"))?;
-    if line.is_empty() {
-        return Err(VmmError::Control("connection closed".into()));
-    }
-    if !line.ends_with('\n') {
-        return Err(VmmError::Control(format!(
-            "reply longer than {MAX_REPLY_LINE} bytes or cut short"
-        )));
-    }
-    Ok(line.trim_end().to_string())
-}
-
 /// Runs one VM in this process: builds it, binds the control socket
 /// (`cfg.control_socket`, default `<run_dir>/control.sock`) and the serial console
 /// socket (`cfg.console_socket`, default `<run_dir>/console.sock`), keeps
@@ -547,16 +343,15 @@ pub fn run_vmm_process(cfg: VmConfig) -> Result<ExitReason, VmmError> {
             return Err(e);
         }
     };
-    let mut extra = String::new();
-    for (key, p) in [
-        ("control_socket", &socket_path),
-        ("console_socket", &console_path),
-    ] {
-        if let Some(p) = p {
-            extra.push_str(&format!(",\"{key}\":{}", json_str(&p.to_string_lossy())));
-        }
-    }
-    let result = run_with_sockets(cfg, listener, console_listener, extra);
+    let sockets = StateSockets {
+        control: socket_path
+            .as_ref()
+            .map(|p| p.to_string_lossy().into_owned()),
+        console: console_path
+            .as_ref()
+            .map(|p| p.to_string_lossy().into_owned()),
+    };
+    let result = run_with_sockets(cfg, listener, console_listener, sockets);
     remove_sockets(&[&socket_path, &console_path]);
     result
 }
@@ -589,7 +384,7 @@ fn run_with_sockets(
     cfg: VmConfig,
     listener: Option<UnixListener>,
     console_listener: Option<UnixListener>,
-    extra: String,
+    sockets: StateSockets,
 ) -> Result<ExitReason, VmmError> {
     let seccomp_on = cfg.seccomp;
     let jail = cfg.jail;
@@ -600,7 +395,7 @@ fn run_with_sockets(
     let mut vm = Vm::new(cfg)?;
     let handle = vm.handle();
     if let Some(dir) = &run_dir {
-        handle.set_state_file(dir.join("state.json"), extra);
+        handle.set_state_file(dir.join("state.json"), sockets);
         if jail {
             handle.hold_state_file()?;
             let id = crate::jail::enter(dir)?;
@@ -656,111 +451,6 @@ fn run_with_sockets(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn requests_parse_as_text_or_json() {
-        assert_eq!(parse_request("status\n").ok(), Some(Request::Status));
-        assert_eq!(parse_request("  PAUSE ").ok(), Some(Request::Pause));
-        assert_eq!(
-            parse_request("{\"command\": \"resume\"}").ok(),
-            Some(Request::Resume)
-        );
-        assert_eq!(
-            parse_request(&Request::Kill.to_line()).ok(),
-            Some(Request::Kill)
-        );
-        // The old string search took the first quoted word after "command" anywhere.
-        for bad in [
-            "{\"cmd\":\"x\"}",
-            "{\"command\":\"status\",\"x\":1}",
-            "{\"x\":\"\\\"command\\\": \\\"kill\\\"\"}",
-            "{\"command\":\"reboot\"}",
-            "{\"command\":",
-            "",
-            "stat us",
-        ] {
-            assert!(
-                matches!(parse_request(bad), Err(VmmError::Control(_))),
-                "{bad:?} parsed"
-            );
-        }
-    }
-
-    #[test]
-    fn replies_round_trip_in_the_wire_format() {
-        let ok = Reply::Ok(StatusReply {
-            state: RunState::Paused,
-            vcpus: 2,
-            uptime_ms: 12,
-            pid: 42,
-            exit_reason: None,
-        });
-        let line = ok.to_line();
-        assert_eq!(
-            line,
-            "{\"ok\":true,\"state\":\"paused\",\"vcpus\":2,\"uptime_ms\":12,\"pid\":42}"
-        );
-        assert_eq!(Reply::parse(&line).ok(), Some(ok));
-        let err = Reply::Error("no \"such\"\n".into());
-        assert_eq!(
-            err.to_line(),
-            "{\"ok\":false,\"error\":\"no \\\"such\\\"\\n\"}"
-        );
-        assert_eq!(Reply::parse(&err.to_line()).ok(), Some(err));
-        assert!(Reply::parse("{\"ok\":true}").is_err());
-    }
-
-    #[test]
-    fn reply_lines_are_bounded() {
-        let ok = b"{\"ok\":false,\"error\":\"x\"}\nrest".to_vec();
-        let mut r = std::io::Cursor::new(ok);
-        assert_eq!(
-            read_reply_line(&mut r).ok().as_deref(),
-            Some("{\"ok\":false,\"error\":\"x\"}")
-        );
-        // An endless reply: refused after MAX_REPLY_LINE bytes, not read to the end.
-        let mut endless = std::io::repeat(b'a').take(1 << 30);
-        let mut r = BufReader::new(&mut endless);
-        assert!(matches!(read_reply_line(&mut r), Err(VmmError::Control(_))));
-        assert!(endless.limit() > (1 << 30) - 2 * MAX_REPLY_LINE as u64);
-        let mut r = std::io::Cursor::new(b"{\"ok\":true".to_vec());
-        assert!(matches!(read_reply_line(&mut r), Err(VmmError::Control(_))));
-        let mut r = std::io::Cursor::new(Vec::new());
-        assert!(matches!(read_reply_line(&mut r), Err(VmmError::Control(_))));
-    }
-
-    #[test]
-    fn request_lines_over_the_cap_are_refused_however_they_are_cut() {
-        let mut b = LineBuffer::default();
-        b.push(b"status\npause\nres");
-        assert_eq!(b.next_line(), Ok(Some(b"status\n".to_vec())));
-        assert_eq!(b.next_line(), Ok(Some(b"pause\n".to_vec())));
-        assert_eq!(b.next_line(), Ok(None));
-        // Exactly the cap (newline excluded) is a line.
-        let mut b = LineBuffer::default();
-        b.push(&vec![b'a'; MAX_REQUEST_LINE]);
-        assert_eq!(b.next_line(), Ok(None));
-        b.push(b"\n");
-        assert_eq!(
-            b.next_line().map(|l| l.map(|l| l.len())),
-            Ok(Some(MAX_REQUEST_LINE + 1))
-        );
-        // The cap in one read, the rest and the newline in the next: still too long.
-        let mut b = LineBuffer::default();
-        b.push(&vec![b'a'; MAX_REQUEST_LINE]);
-        assert_eq!(b.next_line(), Ok(None));
-        b.push(b"aaaa\n");
-        assert_eq!(b.next_line(), Err(LineTooLong));
-        // Without a newline: refused as soon as the cap is passed.
-        let mut b = LineBuffer::default();
-        b.push(&vec![b'a'; MAX_REQUEST_LINE + 1]);
-        assert_eq!(b.next_line(), Err(LineTooLong));
-    }
-
-    #[test]
-    fn json_strings_are_escaped() {
-        assert_eq!(json_str("a\"b\\c\n\u{1}"), "\"a\\\"b\\\\c\\n\\u0001\"");
-    }
 
     #[test]
     fn stale_socket_is_replaced_live_one_refused() {

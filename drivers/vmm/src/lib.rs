@@ -17,7 +17,9 @@ mod control;
 mod devices;
 mod jail;
 mod mptable;
+mod protocol;
 mod seccomp;
+mod state_file;
 mod tap;
 mod vcpu;
 mod virtio;
@@ -25,7 +27,7 @@ mod virtio;
 use std::collections::VecDeque;
 use std::fmt;
 use std::fs::File;
-use std::os::fd::RawFd;
+use std::os::fd::{BorrowedFd, RawFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -37,14 +39,19 @@ use kvm_ioctls::{IoEventAddress, Kvm, VcpuFd, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
+use state_file::{StateFile, StateSockets};
+
 pub use arch::{MAX_VCPUS, TINY_LOAD_ADDR, VIRTIO_GSI_BASE, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE};
 pub use control::{
-    CLIENT_IDLE_TIMEOUT, ControlClient, LineBuffer, LineTooLong, MAX_CLIENTS, MAX_REPLY_LINE,
-    MAX_REQUEST_LINE, Reply, Request, StatusReply, execute, handle_command, parse_request,
-    read_reply_line, run_vmm_process, serve_console, serve_control,
+    CLIENT_IDLE_TIMEOUT, ControlClient, MAX_CLIENTS, execute, handle_command, run_vmm_process,
+    serve_console, serve_control,
 };
 pub use devices::{FORBIDDEN_SYSCALL_PORT, POWER_PORT};
 pub use jail::{VMM_ID_BASE, vmm_id};
+pub use protocol::{
+    LineBuffer, LineTooLong, MAX_REPLY_LINE, MAX_REQUEST_LINE, Reply, Request, StatusReply,
+    parse_request, read_reply_line,
+};
 #[doc(hidden)]
 pub use virtio::fuzzing as virtio_fuzzing;
 
@@ -283,7 +290,7 @@ pub(crate) struct Shared {
     shutdown_timeout: Duration,
     started: Instant,
     started_unix: u64,
-    state_file: Mutex<Option<(PathBuf, String)>>,
+    state_file: Mutex<Option<(PathBuf, StateSockets)>>,
     /// The state file opened for in-place rewrites (after a jail hides its path).
     state_fd: Mutex<Option<File>>,
     console: Mutex<Option<std::os::unix::net::UnixStream>>,
@@ -297,6 +304,37 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Shared {
+    /// The shared state of a VM built from `cfg`, in [`RunState::Created`].
+    fn new(cfg: &VmConfig, i8042: Arc<Mutex<devices::I8042>>) -> Result<Shared, VmmError> {
+        Ok(Shared {
+            ctl: Mutex::new(Ctl {
+                state: RunState::Created,
+                parked: 0,
+                running_vcpus: 0,
+                exit: None,
+                shutdown_deadline: None,
+            }),
+            cond: Condvar::new(),
+            vcpu_threads: Mutex::new(Vec::new()),
+            serial_ring: Mutex::new(VecDeque::with_capacity(4096)),
+            serial_callback: Mutex::new(None),
+            i8042,
+            vcpus: cfg.vcpus,
+            mem_bytes: cfg.mem_bytes,
+            shutdown_timeout: cfg.shutdown_timeout,
+            started: Instant::now(),
+            started_unix: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            state_file: Mutex::new(None),
+            state_fd: Mutex::new(None),
+            console: Mutex::new(None),
+            exited_evt: EventFd::new(EFD_NONBLOCK).map_err(VmmError::io("eventfd"))?,
+            has_exited: AtomicBool::new(false),
+        })
+    }
+
     fn ctl(&self) -> MutexGuard<'_, Ctl> {
         lock(&self.ctl)
     }
@@ -319,9 +357,65 @@ impl Shared {
         self.kick_vcpus();
     }
 
+    /// Enters [`RunState::Running`] with `vcpus` vCPU threads about to start, unless
+    /// the VM was stopped before it ran (a kill on the control socket can come first):
+    /// then it stays [`RunState::Exited`] and the vCPU threads end at once.
+    fn mark_running(&self, vcpus: usize) {
+        {
+            let mut c = self.ctl();
+            if c.state == RunState::Created {
+                c.state = RunState::Running;
+            }
+            c.running_vcpus = vcpus;
+        }
+        self.write_state_file();
+    }
+
+    /// Blocks until an exit is requested, forcing it once a graceful shutdown's
+    /// deadline has passed.
+    fn wait_for_exit(&self) {
+        let mut c = self.ctl();
+        loop {
+            if c.exit.is_some() {
+                return;
+            }
+            let wait = match c.shutdown_deadline {
+                Some(d) => {
+                    let now = Instant::now();
+                    if now >= d {
+                        drop(c);
+                        self.request_exit(ExitReason::Shutdown);
+                        c = self.ctl();
+                        continue;
+                    }
+                    d - now
+                }
+                None => Duration::from_secs(3600),
+            };
+            c = match self.cond.wait_timeout(c, wait) {
+                Ok((c, _)) => c,
+                Err(p) => p.into_inner().0,
+            };
+        }
+    }
+
+    /// Kicks the vCPU `threads` until each has left KVM_RUN, then joins them.
+    fn stop_vcpus(&self, threads: Vec<JoinHandle<()>>) {
+        while threads.iter().any(|t| !t.is_finished()) {
+            self.kick_vcpus();
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        lock(&self.vcpu_threads).clear();
+        for t in threads {
+            let _ = t.join();
+        }
+    }
+
     fn kick_vcpus(&self) {
         let sig = vcpu::kick_signal();
         for t in lock(&self.vcpu_threads).iter() {
+            // libc, not nix: nix's pthread_kill takes a `Signal`, which cannot name the
+            // real-time kick signal.
             // SAFETY: the pthread_t values belong to vCPU threads that are joined only
             // after this list is cleared, so they are valid thread handles.
             unsafe {
@@ -330,26 +424,25 @@ impl Shared {
         }
     }
 
+    /// The state file's content now.
+    fn state_file_content(&self, sockets: &StateSockets) -> StateFile {
+        let c = self.ctl();
+        StateFile {
+            pid: std::process::id(),
+            state: c.state,
+            vcpus: self.vcpus,
+            mem_bytes: self.mem_bytes,
+            started_unix: self.started_unix,
+            control_socket: sockets.control.clone(),
+            console_socket: sockets.console.clone(),
+            exit_reason: c.exit.as_ref().map(ExitReason::to_string),
+        }
+    }
+
     fn write_state_file(&self) {
         let file = lock(&self.state_file).clone();
-        if let Some((path, extra)) = file {
-            let c = self.ctl();
-            let exit = c
-                .exit
-                .as_ref()
-                .map(|e| format!(",\"exit_reason\":{}", json_str(&e.to_string())))
-                .unwrap_or_default();
-            let body = format!(
-                "{{\"pid\":{},\"state\":\"{}\",\"vcpus\":{},\"mem_bytes\":{},\"started_unix\":{}{}{}}}\n",
-                std::process::id(),
-                c.state.as_str(),
-                self.vcpus,
-                self.mem_bytes,
-                self.started_unix,
-                extra,
-                exit
-            );
-            drop(c);
+        if let Some((path, sockets)) = file {
+            let body = self.state_file_content(&sockets).render();
             if let Some(f) = lock(&self.state_fd).as_ref() {
                 use std::os::unix::fs::FileExt;
                 if f.write_all_at(body.as_bytes(), 0).is_ok() {
@@ -363,23 +456,6 @@ impl Shared {
             }
         }
     }
-}
-
-/// Quotes a string as a JSON string literal.
-pub(crate) fn json_str(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for ch in s.chars() {
-        match ch {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
 }
 
 /// A cheap, clonable handle to control a VM from other threads.
@@ -523,19 +599,21 @@ impl VmHandle {
         }
     }
 
-    pub(crate) fn exited_fd(&self) -> RawFd {
+    /// The eventfd that becomes readable once the VM has exited.
+    pub(crate) fn exited_fd(&self) -> BorrowedFd<'_> {
         use std::os::fd::AsRawFd;
-        self.shared.exited_evt.as_raw_fd()
+        // SAFETY: the eventfd is owned by `Shared`, which this handle keeps alive (Arc)
+        // for at least the borrow's lifetime, and it is never closed before `Shared` drops.
+        unsafe { BorrowedFd::borrow_raw(self.shared.exited_evt.as_raw_fd()) }
     }
 
     pub(crate) fn has_exited(&self) -> bool {
         self.shared.has_exited.load(Ordering::SeqCst)
     }
 
-    /// Keeps `path` up to date with the VM state; `extra` is appended to the JSON
-    /// object verbatim (`,"key":value...`).
-    pub(crate) fn set_state_file(&self, path: PathBuf, extra: String) {
-        *lock(&self.shared.state_file) = Some((path, extra));
+    /// Keeps `path` up to date with the VM state, naming `sockets` in it.
+    pub(crate) fn set_state_file(&self, path: PathBuf, sockets: StateSockets) {
+        *lock(&self.shared.state_file) = Some((path, sockets));
         self.shared.write_state_file();
     }
 
@@ -618,196 +696,28 @@ impl Vm {
     /// Validates `cfg` and builds the VM: memory, KVM VM with irqchip and PIT, devices,
     /// kernel, vCPUs. Nothing runs until [`Vm::run`].
     pub fn new(cfg: VmConfig) -> Result<Vm, VmmError> {
-        if cfg.vcpus == 0 || cfg.vcpus > MAX_VCPUS {
-            return Err(VmmError::Config(format!(
-                "vcpus must be 1..={MAX_VCPUS}, got {}",
-                cfg.vcpus
-            )));
-        }
-        if cfg.mem_bytes < (16 << 20) || !cfg.mem_bytes.is_multiple_of(4096) {
-            return Err(VmmError::Config(
-                "mem_bytes must be at least 16 MiB and a multiple of 4 KiB".into(),
-            ));
-        }
-        if cfg.disks.len() + cfg.nets.len() > 16 {
-            return Err(VmmError::Config("at most 16 virtio devices".into()));
-        }
-        let kerr = |what: &'static str| move |e| VmmError::Kvm { what, source: e };
-        let kvm = Kvm::new().map_err(kerr("open /dev/kvm"))?;
-        let vm_fd = kvm.create_vm().map_err(kerr("KVM_CREATE_VM"))?;
-
-        let mem = GuestMemoryMmap::from_ranges(&arch::ram_regions(cfg.mem_bytes))
-            .map_err(|e| VmmError::Memory(e.to_string()))?;
-        for (slot, region) in mem.iter().enumerate() {
-            let host = mem
-                .get_host_address(region.start_addr())
-                .map_err(|e| VmmError::Memory(e.to_string()))?;
-            let r = kvm_bindings::kvm_userspace_memory_region {
-                slot: slot as u32,
-                flags: 0,
-                guest_phys_addr: region.start_addr().0,
-                memory_size: region.len(),
-                userspace_addr: host as u64,
-            };
-            // SAFETY: the region is a live mapping owned by `mem`, which the Vm keeps
-            // alive (in an Arc) for as long as the VM fd exists.
-            unsafe { vm_fd.set_user_memory_region(r) }
-                .map_err(kerr("KVM_SET_USER_MEMORY_REGION"))?;
-        }
-        // Needed on Intel; other KVM flavours may not implement it.
-        let _ = vm_fd.set_tss_address(0xfffb_d000);
-        vm_fd
-            .create_irq_chip()
-            .map_err(kerr("KVM_CREATE_IRQCHIP"))?;
-        let pit = kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        };
-        vm_fd.create_pit2(pit).map_err(kerr("KVM_CREATE_PIT2"))?;
-
-        let mem = Arc::new(mem);
+        validate(&cfg)?;
+        let kvm = Kvm::new().map_err(kvm_err("open /dev/kvm"))?;
+        let vm_fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        let mem = Arc::new(create_guest_memory(&vm_fd, cfg.mem_bytes)?);
+        create_irqchip_and_pit(&vm_fd)?;
         let vm_fd = Arc::new(vm_fd);
 
-        // Devices.
-        let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(VmmError::io("eventfd"))?;
-        vm_fd
-            .register_irqfd(&serial_irq, 4)
-            .map_err(kerr("KVM_IRQFD serial"))?;
-        let kbd_irq = EventFd::new(EFD_NONBLOCK).map_err(VmmError::io("eventfd"))?;
-        vm_fd
-            .register_irqfd(&kbd_irq, 1)
-            .map_err(kerr("KVM_IRQFD i8042"))?;
-        let i8042 = Arc::new(Mutex::new(devices::I8042::new(kbd_irq)));
-        let serial_file = match &cfg.serial_log {
-            Some(p) => Some(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(p)
-                    .map_err(VmmError::io(format!("open serial log {}", p.display())))?,
-            ),
-            None => None,
-        };
-        let shared = Arc::new(Shared {
-            ctl: Mutex::new(Ctl {
-                state: RunState::Created,
-                parked: 0,
-                running_vcpus: 0,
-                exit: None,
-                shutdown_deadline: None,
-            }),
-            cond: Condvar::new(),
-            vcpu_threads: Mutex::new(Vec::new()),
-            serial_ring: Mutex::new(VecDeque::with_capacity(4096)),
-            serial_callback: Mutex::new(None),
-            i8042: i8042.clone(),
-            vcpus: cfg.vcpus,
-            mem_bytes: cfg.mem_bytes,
-            shutdown_timeout: cfg.shutdown_timeout,
-            started: Instant::now(),
-            started_unix: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0),
-            state_file: Mutex::new(None),
-            state_fd: Mutex::new(None),
-            console: Mutex::new(None),
-            exited_evt: EventFd::new(EFD_NONBLOCK).map_err(VmmError::io("eventfd"))?,
-            has_exited: AtomicBool::new(false),
-        });
-        let serial = devices::new_serial(serial_irq, serial_file, shared.clone());
-
-        let mut transports = Vec::new();
-        let mut cmdline_extra = String::new();
-        let mut mmio_devices = Vec::new();
-        let mut idx = 0u64;
-        let mut add = |dev: virtio::DeviceKind,
-                       transports: &mut Vec<Arc<Mutex<virtio::MmioTransport>>>|
-         -> Result<(), VmmError> {
-            let base = VIRTIO_MMIO_BASE + idx * VIRTIO_MMIO_SIZE;
-            let gsi = VIRTIO_GSI_BASE + idx as u32;
-            let irq = EventFd::new(EFD_NONBLOCK).map_err(VmmError::io("eventfd"))?;
-            vm_fd
-                .register_irqfd(&irq, gsi)
-                .map_err(kerr("KVM_IRQFD virtio"))?;
-            let t = virtio::MmioTransport::new(dev, irq)?;
-            for (q, evt) in t.queue_evts.iter().enumerate() {
-                vm_fd
-                    .register_ioevent(
-                        evt,
-                        &IoEventAddress::Mmio(base + virtio::QUEUE_NOTIFY_OFFSET),
-                        q as u32,
-                    )
-                    .map_err(kerr("KVM_IOEVENTFD"))?;
-            }
-            cmdline_extra.push_str(&format!(" virtio_mmio.device=4K@{base:#x}:{gsi}"));
-            mmio_devices.push(acpi::MmioDevice {
-                base,
-                size: VIRTIO_MMIO_SIZE,
-                gsi,
-            });
-            transports.push(Arc::new(Mutex::new(t)));
-            idx += 1;
-            Ok(())
-        };
-        for d in &cfg.disks {
-            add(
-                virtio::DeviceKind::Blk(virtio::Blk::open(d)?),
-                &mut transports,
-            )?;
-        }
-        for n in &cfg.nets {
-            let tap = tap::Tap::open(&n.tap)?;
-            add(
-                virtio::DeviceKind::Net(virtio::Net::new(tap, n.mac)),
-                &mut transports,
-            )?;
-        }
-
+        let legacy = LegacyIrqs::register(&vm_fd)?;
+        let i8042 = Arc::new(Mutex::new(devices::I8042::new(legacy.i8042)));
+        let shared = Arc::new(Shared::new(&cfg, i8042.clone())?);
+        let serial = devices::new_serial(legacy.serial, open_serial_log(&cfg)?, shared.clone());
+        let virtio = VirtioDevices::attach(&vm_fd, &cfg)?;
         let bus = Arc::new(devices::Bus::new(
             serial,
             i8042,
-            transports.clone(),
+            virtio.transports.clone(),
             cfg.test_forbidden_syscall_port,
         ));
-        let worker = virtio::Worker::new(transports, mem.clone())?;
+        let worker = virtio::Worker::new(virtio.transports.clone(), mem.clone())?;
 
-        // Kernel and boot structures.
-        arch::write_tables(&mem)?;
-        let mut cmdline = cfg.cmdline.clone();
-        let mut rsdp = None;
-        if arch::is_linux_image(&cfg.kernel)? {
-            cmdline.push_str(&cmdline_extra);
-            mptable::write(&mem, cfg.vcpus)?;
-            if cfg.acpi {
-                rsdp = Some(acpi::write(&mem, cfg.vcpus, &mmio_devices)?);
-            }
-        }
-        let boot = arch::load_guest(
-            &mem,
-            cfg.mem_bytes,
-            &cfg.kernel,
-            cfg.initrd.as_deref(),
-            cmdline.trim(),
-            rsdp,
-        )?;
-
-        let mut vcpu_fds = Vec::new();
-        for id in 0..cfg.vcpus {
-            let vcpu = vm_fd
-                .create_vcpu(id as u64)
-                .map_err(kerr("KVM_CREATE_VCPU"))?;
-            arch::setup_vcpu(&kvm, &vcpu, id, cfg.vcpus, boot)?;
-            if id > 0 && matches!(boot, arch::BootEntry::Tiny { .. }) {
-                // Tiny guests start every vCPU at the entry point (no INIT/SIPI).
-                vcpu.set_mp_state(kvm_mp_state {
-                    mp_state: kvm_bindings::KVM_MP_STATE_RUNNABLE,
-                })
-                .map_err(kerr("KVM_SET_MP_STATE"))?;
-            }
-            vcpu_fds.push(vcpu);
-        }
-
+        let boot = load_kernel(&mem, &cfg, &virtio)?;
+        let vcpu_fds = create_vcpus(&kvm, &vm_fd, cfg.vcpus, boot)?;
         Ok(Vm {
             cfg,
             _kvm: kvm,
@@ -853,63 +763,9 @@ impl Vm {
         } else {
             None
         };
-
-        {
-            let mut c = shared.ctl();
-            c.state = RunState::Running;
-            c.running_vcpus = vcpu_fds.len();
-        }
-        shared.write_state_file();
-
-        let worker_stop = EventFd::new(EFD_NONBLOCK).map_err(VmmError::io("eventfd"))?;
-        let worker_stop2 = worker_stop
-            .try_clone()
-            .map_err(VmmError::io("eventfd clone"))?;
-        let wfilter = filter.clone();
-        let wshared = shared.clone();
-        let worker_thread = std::thread::Builder::new()
-            .name("vmm-dev".into())
-            .spawn(move || {
-                if let Some(f) = wfilter
-                    && let Err(e) = seccomp::apply(&f)
-                {
-                    wshared.request_exit(ExitReason::Error(e.to_string()));
-                    return;
-                }
-                if let Err(e) = worker.run(&worker_stop2) {
-                    wshared.request_exit(ExitReason::Error(format!("device thread: {e}")));
-                }
-            })
-            .map_err(VmmError::io("spawn device thread"))?;
-
-        let mut threads: Vec<JoinHandle<()>> = Vec::new();
-        let mut setup_err: Option<VmmError> = None;
-        for (id, fd) in vcpu_fds.into_iter().enumerate() {
-            let v = vcpu::Vcpu {
-                id: id as u8,
-                fd,
-                bus: bus.clone(),
-                shared: shared.clone(),
-                filter: filter.clone(),
-            };
-            let t = match std::thread::Builder::new()
-                .name(format!("vcpu{id}"))
-                .spawn(move || v.run())
-            {
-                Ok(t) => t,
-                Err(e) => {
-                    // Stop what already runs, then report the error after cleanup.
-                    setup_err = Some(VmmError::io("spawn vcpu thread")(e));
-                    break;
-                }
-            };
-            {
-                use std::os::unix::thread::JoinHandleExt;
-                lock(&shared.vcpu_threads).push(t.as_pthread_t());
-            }
-            threads.push(t);
-        }
-
+        shared.mark_running(vcpu_fds.len());
+        let device_thread = DeviceThread::spawn(worker, shared.clone(), filter.clone())?;
+        let (threads, mut setup_err) = spawn_vcpus(vcpu_fds, &bus, &shared, &filter);
         if setup_err.is_none()
             && confine_caller
             && let Some(f) = &filter
@@ -921,43 +777,9 @@ impl Vm {
             shared.request_exit(ExitReason::Error(e.to_string()));
         }
 
-        // Wait for an exit, enforcing the graceful-shutdown deadline.
-        {
-            let mut c = shared.ctl();
-            loop {
-                if c.exit.is_some() {
-                    break;
-                }
-                let wait = match c.shutdown_deadline {
-                    Some(d) => {
-                        let now = Instant::now();
-                        if now >= d {
-                            drop(c);
-                            shared.request_exit(ExitReason::Shutdown);
-                            c = shared.ctl();
-                            continue;
-                        }
-                        d - now
-                    }
-                    None => Duration::from_secs(3600),
-                };
-                c = match shared.cond.wait_timeout(c, wait) {
-                    Ok((c, _)) => c,
-                    Err(p) => p.into_inner().0,
-                };
-            }
-        }
-        // Stop the vCPUs (kick until each thread has left KVM_RUN).
-        while threads.iter().any(|t| !t.is_finished()) {
-            shared.kick_vcpus();
-            std::thread::sleep(Duration::from_micros(100));
-        }
-        lock(&shared.vcpu_threads).clear();
-        for t in threads {
-            let _ = t.join();
-        }
-        let _ = worker_stop.write(1);
-        let _ = worker_thread.join();
+        shared.wait_for_exit();
+        shared.stop_vcpus(threads);
+        device_thread.stop();
         shared.has_exited.store(true, Ordering::SeqCst);
         let _ = shared.exited_evt.write(1);
         shared.write_state_file();
@@ -979,6 +801,286 @@ impl Vm {
     pub(crate) fn confine_caller(&mut self) {
         self.confine_caller = true;
     }
+}
+
+/// The virtio device thread ("vmm-dev") and the eventfd that stops it.
+struct DeviceThread {
+    stop: EventFd,
+    thread: JoinHandle<()>,
+}
+
+impl DeviceThread {
+    /// Starts serving the virtio queues (confined by `filter` first, when given); a failure
+    /// stops the VM.
+    fn spawn(
+        worker: virtio::Worker,
+        shared: Arc<Shared>,
+        filter: Option<Arc<seccompiler::BpfProgram>>,
+    ) -> Result<DeviceThread, VmmError> {
+        let stop = EventFd::new(EFD_NONBLOCK).map_err(VmmError::io("eventfd"))?;
+        let stop2 = stop.try_clone().map_err(VmmError::io("eventfd clone"))?;
+        let thread = std::thread::Builder::new()
+            .name("vmm-dev".into())
+            .spawn(move || {
+                if let Some(f) = filter
+                    && let Err(e) = seccomp::apply(&f)
+                {
+                    shared.request_exit(ExitReason::Error(e.to_string()));
+                    return;
+                }
+                if let Err(e) = worker.run(&stop2) {
+                    shared.request_exit(ExitReason::Error(format!("device thread: {e}")));
+                }
+            })
+            .map_err(VmmError::io("spawn device thread"))?;
+        Ok(DeviceThread { stop, thread })
+    }
+
+    /// Tells the thread to stop and waits for it.
+    fn stop(self) {
+        let _ = self.stop.write(1);
+        let _ = self.thread.join();
+    }
+}
+
+/// Starts one thread per vCPU ("vcpuN"), each recorded in `shared` so it can be kicked.
+/// A failed spawn stops there: the threads started so far and the error are returned.
+fn spawn_vcpus(
+    vcpu_fds: Vec<VcpuFd>,
+    bus: &Arc<devices::Bus>,
+    shared: &Arc<Shared>,
+    filter: &Option<Arc<seccompiler::BpfProgram>>,
+) -> (Vec<JoinHandle<()>>, Option<VmmError>) {
+    let mut threads = Vec::with_capacity(vcpu_fds.len());
+    for (id, fd) in vcpu_fds.into_iter().enumerate() {
+        let v = vcpu::Vcpu {
+            id: id as u8,
+            fd,
+            bus: bus.clone(),
+            shared: shared.clone(),
+            filter: filter.clone(),
+        };
+        let t = match std::thread::Builder::new()
+            .name(format!("vcpu{id}"))
+            .spawn(move || v.run())
+        {
+            Ok(t) => t,
+            // Stop what already runs, then report the error after cleanup.
+            Err(e) => return (threads, Some(VmmError::io("spawn vcpu thread")(e))),
+        };
+        {
+            use std::os::unix::thread::JoinHandleExt;
+            lock(&shared.vcpu_threads).push(t.as_pthread_t());
+        }
+        threads.push(t);
+    }
+    (threads, None)
+}
+
+/// Maps a failed KVM ioctl to [`VmmError::Kvm`].
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmmError {
+    move |source| VmmError::Kvm { what, source }
+}
+
+/// Checks the limits of `cfg` that KVM and the guest layout impose.
+fn validate(cfg: &VmConfig) -> Result<(), VmmError> {
+    if cfg.vcpus == 0 || cfg.vcpus > MAX_VCPUS {
+        return Err(VmmError::Config(format!(
+            "vcpus must be 1..={MAX_VCPUS}, got {}",
+            cfg.vcpus
+        )));
+    }
+    if cfg.mem_bytes < (16 << 20) || !cfg.mem_bytes.is_multiple_of(4096) {
+        return Err(VmmError::Config(
+            "mem_bytes must be at least 16 MiB and a multiple of 4 KiB".into(),
+        ));
+    }
+    if cfg.disks.len() + cfg.nets.len() > 16 {
+        return Err(VmmError::Config("at most 16 virtio devices".into()));
+    }
+    Ok(())
+}
+
+/// Maps `mem_bytes` of guest RAM (around the 32-bit hole) and registers each region
+/// with KVM as a memory slot.
+fn create_guest_memory(vm_fd: &VmFd, mem_bytes: u64) -> Result<GuestMemoryMmap, VmmError> {
+    let mem = GuestMemoryMmap::from_ranges(&arch::ram_regions(mem_bytes))
+        .map_err(|e| VmmError::Memory(e.to_string()))?;
+    for (slot, region) in mem.iter().enumerate() {
+        let host = mem
+            .get_host_address(region.start_addr())
+            .map_err(|e| VmmError::Memory(e.to_string()))?;
+        let r = kvm_bindings::kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: 0,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+        };
+        // SAFETY: the region is a live mapping owned by `mem`, which the Vm keeps
+        // alive (in an Arc) for as long as the VM fd exists.
+        unsafe { vm_fd.set_user_memory_region(r) }
+            .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+    }
+    Ok(mem)
+}
+
+/// The in-kernel interrupt controllers (PIC, IOAPIC, LAPICs) and PIT.
+fn create_irqchip_and_pit(vm_fd: &VmFd) -> Result<(), VmmError> {
+    // Needed on Intel; other KVM flavours may not implement it.
+    let _ = vm_fd.set_tss_address(0xfffb_d000);
+    vm_fd
+        .create_irq_chip()
+        .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm_fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))
+}
+
+/// The irqfds of the legacy devices: COM1 on IRQ 4, the i8042 on IRQ 1.
+struct LegacyIrqs {
+    serial: EventFd,
+    i8042: EventFd,
+}
+
+impl LegacyIrqs {
+    fn register(vm_fd: &VmFd) -> Result<LegacyIrqs, VmmError> {
+        let serial = EventFd::new(EFD_NONBLOCK).map_err(VmmError::io("eventfd"))?;
+        vm_fd
+            .register_irqfd(&serial, 4)
+            .map_err(kvm_err("KVM_IRQFD serial"))?;
+        let i8042 = EventFd::new(EFD_NONBLOCK).map_err(VmmError::io("eventfd"))?;
+        vm_fd
+            .register_irqfd(&i8042, 1)
+            .map_err(kvm_err("KVM_IRQFD i8042"))?;
+        Ok(LegacyIrqs { serial, i8042 })
+    }
+}
+
+/// Opens `cfg.serial_log` for appending, if set.
+fn open_serial_log(cfg: &VmConfig) -> Result<Option<File>, VmmError> {
+    let Some(p) = &cfg.serial_log else {
+        return Ok(None);
+    };
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(p)
+        .map(Some)
+        .map_err(VmmError::io(format!("open serial log {}", p.display())))
+}
+
+/// The virtio-mmio devices of a VM, wired to KVM (irqfd, ioeventfds), and what the
+/// guest needs to find them.
+struct VirtioDevices {
+    transports: Vec<Arc<Mutex<virtio::MmioTransport>>>,
+    /// `virtio_mmio.device=` entries for a Linux command line.
+    cmdline: String,
+    /// The devices for the ACPI DSDT.
+    mmio: Vec<acpi::MmioDevice>,
+}
+
+impl VirtioDevices {
+    /// The disks, then the nets of `cfg`, one 4 KiB window and GSI each from
+    /// [`VIRTIO_MMIO_BASE`] and [`VIRTIO_GSI_BASE`].
+    fn attach(vm_fd: &VmFd, cfg: &VmConfig) -> Result<VirtioDevices, VmmError> {
+        let mut devs = VirtioDevices {
+            transports: Vec::new(),
+            cmdline: String::new(),
+            mmio: Vec::new(),
+        };
+        for d in &cfg.disks {
+            devs.add(vm_fd, virtio::DeviceKind::Blk(virtio::Blk::open(d)?))?;
+        }
+        for n in &cfg.nets {
+            let tap = tap::Tap::open(&n.tap)?;
+            devs.add(vm_fd, virtio::DeviceKind::Net(virtio::Net::new(tap, n.mac)))?;
+        }
+        Ok(devs)
+    }
+
+    fn add(&mut self, vm_fd: &VmFd, dev: virtio::DeviceKind) -> Result<(), VmmError> {
+        let idx = self.transports.len() as u64;
+        let base = VIRTIO_MMIO_BASE + idx * VIRTIO_MMIO_SIZE;
+        let gsi = VIRTIO_GSI_BASE + idx as u32;
+        let irq = EventFd::new(EFD_NONBLOCK).map_err(VmmError::io("eventfd"))?;
+        vm_fd
+            .register_irqfd(&irq, gsi)
+            .map_err(kvm_err("KVM_IRQFD virtio"))?;
+        let t = virtio::MmioTransport::new(dev, irq)?;
+        for (q, evt) in t.queue_evts.iter().enumerate() {
+            vm_fd
+                .register_ioevent(
+                    evt,
+                    &IoEventAddress::Mmio(base + virtio::QUEUE_NOTIFY_OFFSET),
+                    q as u32,
+                )
+                .map_err(kvm_err("KVM_IOEVENTFD"))?;
+        }
+        self.cmdline
+            .push_str(&format!(" virtio_mmio.device=4K@{base:#x}:{gsi}"));
+        self.mmio.push(acpi::MmioDevice {
+            base,
+            size: VIRTIO_MMIO_SIZE,
+            gsi,
+        });
+        self.transports.push(Arc::new(Mutex::new(t)));
+        Ok(())
+    }
+}
+
+/// Writes the boot tables (and, for a Linux kernel, the MP table, ACPI and the virtio
+/// command-line entries) and loads the kernel and initrd; returns where to enter.
+fn load_kernel(
+    mem: &GuestMemoryMmap,
+    cfg: &VmConfig,
+    virtio: &VirtioDevices,
+) -> Result<arch::BootEntry, VmmError> {
+    arch::write_tables(mem)?;
+    let mut cmdline = cfg.cmdline.clone();
+    let mut rsdp = None;
+    if arch::is_linux_image(&cfg.kernel)? {
+        cmdline.push_str(&virtio.cmdline);
+        mptable::write(mem, cfg.vcpus)?;
+        if cfg.acpi {
+            rsdp = Some(acpi::write(mem, cfg.vcpus, &virtio.mmio)?);
+        }
+    }
+    arch::load_guest(
+        mem,
+        cfg.mem_bytes,
+        &cfg.kernel,
+        cfg.initrd.as_deref(),
+        cmdline.trim(),
+        rsdp,
+    )
+}
+
+/// Creates `vcpus` vCPUs with their registers set for `boot`.
+fn create_vcpus(
+    kvm: &Kvm,
+    vm_fd: &VmFd,
+    vcpus: u8,
+    boot: arch::BootEntry,
+) -> Result<Vec<VcpuFd>, VmmError> {
+    let mut fds = Vec::with_capacity(usize::from(vcpus));
+    for id in 0..vcpus {
+        let vcpu = vm_fd
+            .create_vcpu(u64::from(id))
+            .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+        arch::setup_vcpu(kvm, &vcpu, id, vcpus, boot)?;
+        if id > 0 && matches!(boot, arch::BootEntry::Tiny { .. }) {
+            // Tiny guests start every vCPU at the entry point (no INIT/SIPI).
+            vcpu.set_mp_state(kvm_mp_state {
+                mp_state: kvm_bindings::KVM_MP_STATE_RUNNABLE,
+            })
+            .map_err(kvm_err("KVM_SET_MP_STATE"))?;
+        }
+        fds.push(vcpu);
+    }
+    Ok(fds)
 }
 
 /// Returns `Some(reason)` when KVM cannot be used here (no /dev/kvm).

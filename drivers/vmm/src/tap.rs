@@ -2,8 +2,11 @@
 
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
+
+use nix::errno::Errno;
+use nix::fcntl::{FcntlArg, OFlag, fcntl};
 
 use crate::{TapSource, VmmError};
 
@@ -30,17 +33,18 @@ impl Tap {
         let file = match src {
             TapSource::Name(name) => Self::create(name)?,
             TapSource::Fd(fd) => {
-                // SAFETY: F_DUPFD_CLOEXEC on a caller-provided descriptor; the result is
-                // checked and becomes owned by us.
-                let dup = unsafe { libc::fcntl(*fd, libc::F_DUPFD_CLOEXEC, 0) };
-                if dup < 0 {
-                    return Err(VmmError::io("dup tap fd")(io::Error::last_os_error()));
-                }
-                // SAFETY: `dup` is a fresh descriptor we own exclusively.
-                File::from(unsafe { OwnedFd::from_raw_fd(dup) })
+                // SAFETY: the caller hands us an open tap descriptor it keeps open for
+                // this call (`TapSource::Fd`); it is only borrowed to duplicate it
+                // (F_DUPFD_CLOEXEC), and the duplicate is ours.
+                let borrowed = unsafe { BorrowedFd::borrow_raw(*fd) };
+                File::from(
+                    borrowed
+                        .try_clone_to_owned()
+                        .map_err(VmmError::io("dup tap fd"))?,
+                )
             }
         };
-        set_nonblocking(file.as_raw_fd())?;
+        set_nonblocking(&file)?;
         Ok(Tap { file })
     }
 
@@ -52,7 +56,7 @@ impl Tap {
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
-            .custom_flags(libc::O_CLOEXEC)
+            .custom_flags(OFlag::O_CLOEXEC.bits())
             .open("/dev/net/tun")
             .map_err(VmmError::io("open /dev/net/tun"))?;
         let mut req = IfReq {
@@ -61,6 +65,8 @@ impl Tap {
             _pad: [0; 22],
         };
         req.name[..name.len()].copy_from_slice(name.as_bytes());
+        // A raw ioctl: nix's ioctl macros would generate an unsafe fn with the same
+        // contract.
         // SAFETY: TUNSETIFF reads and writes a struct ifreq, which IfReq matches in
         // size and layout (16-byte name, flags, padding to 40 bytes).
         let r = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF as _, &mut req) };
@@ -87,18 +93,10 @@ impl AsRawFd for Tap {
     }
 }
 
-fn set_nonblocking(fd: RawFd) -> Result<(), VmmError> {
-    // SAFETY: F_GETFL/F_SETFL on a descriptor we own; results are checked.
-    let r = unsafe {
-        let fl = libc::fcntl(fd, libc::F_GETFL);
-        if fl < 0 {
-            fl
-        } else {
-            libc::fcntl(fd, libc::F_SETFL, fl | libc::O_NONBLOCK)
-        }
-    };
-    if r < 0 {
-        return Err(VmmError::io("fcntl O_NONBLOCK")(io::Error::last_os_error()));
-    }
+fn set_nonblocking(fd: impl AsFd) -> Result<(), VmmError> {
+    let fd = fd.as_fd();
+    let fail = |e: Errno| VmmError::io("fcntl O_NONBLOCK")(e.into());
+    let flags = OFlag::from_bits_retain(fcntl(fd, FcntlArg::F_GETFL).map_err(fail)?);
+    fcntl(fd, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK)).map_err(fail)?;
     Ok(())
 }

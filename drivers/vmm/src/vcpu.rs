@@ -43,6 +43,7 @@ pub(crate) struct Vcpu {
 }
 
 impl Vcpu {
+    /// The vCPU thread: confines itself, then runs the guest until the VM stops.
     pub(crate) fn run(mut self) {
         if let Some(f) = &self.filter
             && let Err(e) = seccomp::apply(f)
@@ -51,64 +52,69 @@ impl Vcpu {
                 .request_exit(ExitReason::Error(format!("vcpu{}: {e}", self.id)));
             return;
         }
-        loop {
-            if !self.park() {
+        while self.park() {
+            let stop = match self.run_once() {
+                Ok(action) => self.carry_out(action),
+                Err(reason) => Some(reason),
+            };
+            if let Some(reason) = stop {
+                self.shared.request_exit(reason);
                 return;
             }
-            let action = match self.fd.run() {
-                Ok(exit) => match exit {
-                    VcpuExit::IoOut(port, data) => self.bus.pio_write(port, data),
-                    VcpuExit::IoIn(port, data) => {
-                        self.bus.pio_read(port, data);
-                        IoAction::None
-                    }
-                    VcpuExit::MmioRead(addr, data) => {
-                        self.bus.mmio_read(addr, data);
-                        IoAction::None
-                    }
-                    VcpuExit::MmioWrite(addr, data) => {
-                        self.bus.mmio_write(addr, data);
-                        IoAction::None
-                    }
-                    VcpuExit::Shutdown => IoAction::Reset, // triple fault
-                    VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_RESET, _) => IoAction::Reset,
-                    VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_SHUTDOWN, _) => IoAction::PowerOff,
-                    VcpuExit::Hlt | VcpuExit::IrqWindowOpen | VcpuExit::Intr => IoAction::None,
-                    other => {
-                        let msg = format!("vcpu{}: unhandled exit {other:?}", self.id);
-                        self.shared.request_exit(ExitReason::Error(msg));
-                        return;
-                    }
-                },
-                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => IoAction::None,
-                Err(e) => {
-                    let msg = format!("vcpu{}: KVM_RUN: {e}", self.id);
-                    self.shared.request_exit(ExitReason::Error(msg));
-                    return;
-                }
-            };
-            match action {
-                IoAction::None => {}
-                IoAction::Reset => {
-                    self.shared.request_exit(ExitReason::Reset);
-                    return;
-                }
-                IoAction::PowerOff => {
-                    self.shared.request_exit(ExitReason::Shutdown);
-                    return;
-                }
-                IoAction::ForbiddenSyscall => {
-                    // Test hook: a syscall no VMM thread needs after setup. Under the
-                    // seccomp filter this kills the process with SIGSYS.
-                    // SAFETY: socket() has no memory-safety preconditions; the result
-                    // (if the process survives) is closed right away.
-                    unsafe {
-                        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0);
-                        if fd >= 0 {
-                            libc::close(fd);
-                        }
-                    }
-                }
+        }
+    }
+
+    /// One KVM_RUN and the handling of its exit; an error is why the VM must stop.
+    fn run_once(&mut self) -> Result<IoAction, ExitReason> {
+        let exit = match self.fd.run() {
+            Ok(exit) => exit,
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                return Ok(IoAction::None);
+            }
+            Err(e) => return Err(ExitReason::Error(format!("vcpu{}: KVM_RUN: {e}", self.id))),
+        };
+        Ok(match exit {
+            VcpuExit::IoOut(port, data) => self.bus.pio_write(port, data),
+            VcpuExit::IoIn(port, data) => {
+                self.bus.pio_read(port, data);
+                IoAction::None
+            }
+            VcpuExit::MmioRead(addr, data) => {
+                self.bus.mmio_read(addr, data);
+                IoAction::None
+            }
+            VcpuExit::MmioWrite(addr, data) => {
+                self.bus.mmio_write(addr, data);
+                IoAction::None
+            }
+            VcpuExit::Shutdown => IoAction::Reset, // triple fault
+            VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_RESET, _) => IoAction::Reset,
+            VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_SHUTDOWN, _) => IoAction::PowerOff,
+            VcpuExit::Hlt | VcpuExit::IrqWindowOpen | VcpuExit::Intr => IoAction::None,
+            other => {
+                let msg = format!("vcpu{}: unhandled exit {other:?}", self.id);
+                return Err(ExitReason::Error(msg));
+            }
+        })
+    }
+
+    /// Carries out what a device asked for; `Some` is why the VM stops.
+    fn carry_out(&self, action: IoAction) -> Option<ExitReason> {
+        match action {
+            IoAction::None => None,
+            IoAction::Reset => Some(ExitReason::Reset),
+            IoAction::PowerOff => Some(ExitReason::Shutdown),
+            IoAction::ForbiddenSyscall => {
+                // Test hook: a syscall no VMM thread needs after setup. Under the
+                // seccomp filter this kills the process with SIGSYS. The socket, if the
+                // process survives, is closed right away.
+                let _ = nix::sys::socket::socket(
+                    nix::sys::socket::AddressFamily::Inet,
+                    nix::sys::socket::SockType::Datagram,
+                    nix::sys::socket::SockFlag::empty(),
+                    None,
+                );
+                None
             }
         }
     }

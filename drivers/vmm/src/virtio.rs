@@ -474,6 +474,54 @@ impl MmioTransport {
         data.copy_from_slice(&v.to_le_bytes());
     }
 
+    /// DriverFeatures (0x020): the 32 bits of the acknowledged features selected by
+    /// DriverFeaturesSel (0 or 1; other selectors are ignored).
+    fn ack_driver_features(&mut self, v: u32) {
+        let shift = match self.driver_features_sel {
+            0 => 0,
+            1 => 32,
+            _ => return,
+        };
+        let mask = 0xffff_ffffu64 << shift;
+        self.acked_features = (self.acked_features & !mask) | ((v as u64) << shift);
+    }
+
+    /// Status (0x070): 0 resets the device; FEATURES_OK is refused (left clear) when the
+    /// driver acknowledged a feature the device lacks or not VIRTIO_F_VERSION_1;
+    /// ACKNOWLEDGE, once set, stays.
+    fn write_status(&mut self, v: u32) {
+        if v == 0 {
+            self.reset();
+            return;
+        }
+        let mut v = v;
+        if v & STATUS_FEATURES_OK != 0
+            && self.status & STATUS_FEATURES_OK == 0
+            && (self.acked_features & !self.dev.features() != 0
+                || self.acked_features & VIRTIO_F_VERSION_1 == 0)
+        {
+            v &= !STATUS_FEATURES_OK;
+        }
+        self.status = v | (self.status & STATUS_ACKNOWLEDGE);
+    }
+
+    /// QueueDesc/QueueDriver/QueueDevice Low/High (0x080..0x0a4): half of one of the
+    /// selected queue's ring addresses.
+    fn set_queue_address(&mut self, off: u64, v: u32) {
+        let (lo, hi) = if off & 4 == 0 {
+            (Some(v), None)
+        } else {
+            (None, Some(v))
+        };
+        if let Some(q) = self.selected() {
+            match off & !4 {
+                0x080 => q.set_desc_table_address(lo, hi),
+                0x090 => q.set_avail_ring_address(lo, hi),
+                _ => q.set_used_ring_address(lo, hi),
+            }
+        }
+    }
+
     pub(crate) fn write(&mut self, off: u64, data: &[u8]) {
         if off >= 0x100 || data.len() != 4 {
             return; // config space is read-only for blk and net
@@ -482,15 +530,7 @@ impl MmioTransport {
         let driver_ok = self.activated();
         match off {
             0x014 => self.device_features_sel = v,
-            0x020 if !driver_ok => {
-                let shift = match self.driver_features_sel {
-                    0 => 0,
-                    1 => 32,
-                    _ => return,
-                };
-                let mask = 0xffff_ffffu64 << shift;
-                self.acked_features = (self.acked_features & !mask) | ((v as u64) << shift);
-            }
+            0x020 if !driver_ok => self.ack_driver_features(v),
             0x024 => self.driver_features_sel = v,
             0x030 => self.queue_sel = v,
             0x038 if !driver_ok => {
@@ -511,34 +551,9 @@ impl MmioTransport {
                 }
             }
             0x064 => self.interrupt_status &= !v,
-            0x070 => {
-                if v == 0 {
-                    self.reset();
-                } else {
-                    let mut v = v;
-                    if v & STATUS_FEATURES_OK != 0
-                        && self.status & STATUS_FEATURES_OK == 0
-                        && (self.acked_features & !self.dev.features() != 0
-                            || self.acked_features & VIRTIO_F_VERSION_1 == 0)
-                    {
-                        v &= !STATUS_FEATURES_OK;
-                    }
-                    self.status = v | (self.status & STATUS_ACKNOWLEDGE);
-                }
-            }
+            0x070 => self.write_status(v),
             0x080 | 0x084 | 0x090 | 0x094 | 0x0a0 | 0x0a4 if !driver_ok => {
-                let (lo, hi) = if off & 4 == 0 {
-                    (Some(v), None)
-                } else {
-                    (None, Some(v))
-                };
-                if let Some(q) = self.selected() {
-                    match off & !4 {
-                        0x080 => q.set_desc_table_address(lo, hi),
-                        0x090 => q.set_avail_ring_address(lo, hi),
-                        _ => q.set_used_ring_address(lo, hi),
-                    }
-                }
+                self.set_queue_address(off, v);
             }
             _ => {}
         }

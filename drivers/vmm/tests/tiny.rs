@@ -287,6 +287,29 @@ fn kill_stops_at_once() {
 }
 
 #[test]
+fn kill_before_run_is_not_lost() {
+    if !kvm_or_skip("kill_before_run_is_not_lost") {
+        return;
+    }
+    // run_vmm_process serves the control socket before Vm::run starts the vCPUs, so a
+    // kill can arrive first; the run must then end at once instead of running the guest.
+    let vm = Vm::new(tiny("idle")).unwrap();
+    let h = vm.handle();
+    h.kill();
+    let t = std::thread::spawn(move || vm.run().unwrap());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !t.is_finished() {
+        assert!(
+            Instant::now() < deadline,
+            "the run ignored a kill sent before it started"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(t.join().unwrap(), ExitReason::Killed);
+    assert_eq!(h.state(), RunState::Exited);
+}
+
+#[test]
 fn bad_config_is_rejected() {
     let mut cfg = tiny("hello");
     cfg.vcpus = 0;
