@@ -53,8 +53,8 @@ mod tests {
             vcpus: 2,
             mem_bytes: 64 << 20,
             started_unix: 1_700_000_000,
-            control_socket: Some("/run/stead/vm/a/control.sock".into()),
-            console_socket: Some("/run/stead/vm/a/console.sock".into()),
+            control_socket: Some("/sandbox/vm/a/control.sock".into()),
+            console_socket: Some("/sandbox/vm/a/console.sock".into()),
             exit_reason: Some("error: \"x\"\n\u{1}".into()),
         }
     }
@@ -64,8 +64,8 @@ mod tests {
         // What the format string wrote before the state file was typed.
         let old = "{\"pid\":42,\"state\":\"exited\",\"vcpus\":2,\"mem_bytes\":67108864,\
                    \"started_unix\":1700000000,\
-                   \"control_socket\":\"/run/stead/vm/a/control.sock\",\
-                   \"console_socket\":\"/run/stead/vm/a/console.sock\",\
+                   \"control_socket\":\"/sandbox/vm/a/control.sock\",\
+                   \"console_socket\":\"/sandbox/vm/a/console.sock\",\
                    \"exit_reason\":\"error: \\\"x\\\"\\n\\u0001\"}\n";
         assert_eq!(sample().render(), old);
         let bare = StateFile {
