@@ -94,7 +94,13 @@ fn apply_killing(sb: &Sandbox, m: &str, sub: &str, pick: Pick, delay: Duration) 
         let exited = child.try_wait().ok().flatten().is_some();
         if !pick(&sandbox_processes(sb, sub)).is_empty() {
             std::thread::sleep(delay);
-            for pid in pick(&sandbox_processes(sb, sub)) {
+            let now = pick(&sandbox_processes(sb, sub));
+            // Seen, then gone by the second look (a process between fork and exec, or a
+            // supervisor restarting its VMM): look again rather than kill nothing.
+            if now.is_empty() {
+                continue;
+            }
+            for pid in now {
                 sigkill(pid);
                 killed.push(pid);
             }
