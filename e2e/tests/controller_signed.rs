@@ -12,6 +12,20 @@ use stead_e2e::{Sandbox, skip_unless};
 const MI: u64 = 1 << 20;
 const TOKEN: &str = "signed-token";
 
+/// Whether `test` is skipped for want of ssh-keygen.
+fn skip_without_ssh_keygen(test: &str) -> bool {
+    let have = Command::new("ssh-keygen").arg("-?").output().is_ok();
+    skip_unless(have, test, "ssh-keygen not installed")
+}
+
+/// The allowed-signers file that trusts the SSH public key `public` for git.
+fn allowed_signers(sb: &Sandbox, public: &str) -> std::path::PathBuf {
+    sb.write(
+        "allowed_signers",
+        &format!("test@example.com namespaces=\"git\" {public}\n"),
+    )
+}
+
 fn keygen(sb: &Sandbox, name: &str) -> (String, String) {
     let key = sb.path(name);
     let st = Command::new("ssh-keygen")
@@ -55,37 +69,22 @@ fn commit(
 
 #[test]
 fn only_signed_commits_from_trusted_keys_are_applied() {
-    let have = Command::new("ssh-keygen").arg("-?").output().is_ok();
-    if skip_unless(
-        have,
-        "only_signed_commits_from_trusted_keys_are_applied",
-        "ssh-keygen not installed",
-    ) {
+    if skip_without_ssh_keygen("only_signed_commits_from_trusted_keys_are_applied") {
         return;
     }
     let sb = Sandbox::new();
     let (trusted, trusted_pub) = keygen(&sb, "trusted");
     let (stranger, _) = keygen(&sb, "stranger");
-    let signers = sb.write(
-        "allowed_signers",
-        &format!("test@example.com namespaces=\"git\" {trusted_pub}\n"),
-    );
+    let signers = allowed_signers(&sb, &trusted_pub);
     let tok = sb.write("token", TOKEN);
     let repo = Repo::new(&sb);
     let c1 = commit(&repo, &sb, "one", &[("a", "1Mi")], Some(&trusted));
     let source = repo.source();
-    let ctl = Controller::start(
+    let ctl = Controller::on_webhook(
         &sb,
-        &[
-            "--source",
-            &source,
-            "--resync",
-            "1h",
-            "--verify-commits",
-            signers.to_str().unwrap(),
-            "--webhook-token-file",
-            tok.to_str().unwrap(),
-        ],
+        &source,
+        &tok,
+        &["--verify-commits", signers.to_str().unwrap()],
     );
     within!(ctl, 20, size(&image(&sb, "a")) == MI);
     ctl.expect_revision(5, &c1);
@@ -208,18 +207,11 @@ fn openpgp_signed_commits_are_verified_with_gpgv() {
     };
     let c1 = commit_pgp("one", &[("a", "1Mi")], true);
     let source = repo.source();
-    let ctl = Controller::start(
+    let ctl = Controller::on_webhook(
         &sb,
-        &[
-            "--source",
-            &source,
-            "--resync",
-            "1h",
-            "--verify-commits",
-            keyring.to_str().unwrap(),
-            "--webhook-token-file",
-            tok.to_str().unwrap(),
-        ],
+        &source,
+        &tok,
+        &["--verify-commits", keyring.to_str().unwrap()],
     );
     within!(ctl, 20, size(&image(&sb, "a")) == MI);
     ctl.expect_revision(5, &c1);
@@ -238,20 +230,12 @@ fn openpgp_signed_commits_are_verified_with_gpgv() {
 
 #[test]
 fn force_push_of_an_older_signed_commit_is_refused() {
-    let have = Command::new("ssh-keygen").arg("-?").output().is_ok();
-    if skip_unless(
-        have,
-        "force_push_of_an_older_signed_commit_is_refused",
-        "ssh-keygen not installed",
-    ) {
+    if skip_without_ssh_keygen("force_push_of_an_older_signed_commit_is_refused") {
         return;
     }
     let sb = Sandbox::new();
     let (trusted, trusted_pub) = keygen(&sb, "trusted");
-    let signers = sb.write(
-        "allowed_signers",
-        &format!("test@example.com namespaces=\"git\" {trusted_pub}\n"),
-    );
+    let signers = allowed_signers(&sb, &trusted_pub);
     let tok = sb.write("token", TOKEN);
     let repo = Repo::new(&sb);
     let c1 = commit(&repo, &sb, "one", &[("a", "1Mi")], Some(&trusted));
