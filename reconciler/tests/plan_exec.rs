@@ -265,6 +265,19 @@ impl Env {
     }
 }
 
+/// An env where the pool `local` and the volume `a` (1 MiB) were applied, its log
+/// cleared.
+fn env_with_volume_a() -> Env {
+    let e = env();
+    apply(
+        &e,
+        &desired(&(pool() + &vol("a", "1Mi", "Delete"))),
+        PlanOptions::default(),
+    );
+    e.host.log.lock().unwrap().clear();
+    e
+}
+
 fn apply(
     e: &Env,
     d: &Desired,
@@ -473,13 +486,7 @@ fn failure_skips_dependents_and_the_rest_continues() {
 
 #[test]
 fn deletes_run_in_reverse_dependency_order() {
-    let e = env();
-    apply(
-        &e,
-        &desired(&(pool() + &vol("a", "1Mi", "Delete"))),
-        PlanOptions::default(),
-    );
-    e.host.log.lock().unwrap().clear();
+    let e = env_with_volume_a();
     let (p, r) = apply(&e, &desired(""), PlanOptions::default());
     assert!(r.success());
     assert_eq!(
@@ -540,13 +547,7 @@ fn apply_lock_is_exclusive() {
 
 #[test]
 fn data_loss_takes_a_safety_snapshot_first() {
-    let e = env();
-    apply(
-        &e,
-        &desired(&(pool() + &vol("a", "1Mi", "Delete"))),
-        PlanOptions::default(),
-    );
-    e.host.log.lock().unwrap().clear();
+    let e = env_with_volume_a();
     let (p, r) = apply(&e, &desired(&pool()), PlanOptions::default());
     assert!(r.success());
     let c = p.changes.iter().find(|c| c.id.name == "a").unwrap();
