@@ -535,12 +535,18 @@ mod tests {
         }
     }
 
+    /// `p` isolated for the environment ci1 as the pool `name`; its path moves to the
+    /// environment's area whatever its type.
+    fn scoped(mut p: StoragePoolSpec, name: &str) -> StoragePoolSpec {
+        scope_pool("ci1", name, &mut p).expect("isolated");
+        assert_eq!(p.path, PathBuf::from("/srv/pool/envs/ci1"));
+        p
+    }
+
     #[test]
     fn dir_and_btrfs_pools_move_to_the_env_area() {
         for t in [PoolType::Dir, PoolType::Btrfs] {
-            let mut p = pool(t);
-            scope_pool("ci1", "p", &mut p).expect("isolated");
-            assert_eq!(p.path, PathBuf::from("/srv/pool/envs/ci1"));
+            scoped(pool(t), "p");
         }
     }
 
@@ -550,12 +556,11 @@ mod tests {
         p.zfs = Some(ZfsSpec {
             dataset: "rpool/data/".into(),
         });
-        scope_pool("ci1", "p", &mut p).expect("isolated");
+        let p = scoped(p, "p");
         assert_eq!(
             p.zfs.map(|z| z.dataset),
             Some("rpool/data/stead-env-ci1".to_string())
         );
-        assert_eq!(p.path, PathBuf::from("/srv/pool/envs/ci1"));
     }
 
     #[test]
@@ -566,11 +571,9 @@ mod tests {
             export: "/export/vms".into(),
             options: Some("soft".into()),
         });
-        scope_pool("ci1", "p", &mut p).expect("isolated");
-        let nfs = p.nfs.expect("nfs");
+        let nfs = scoped(p, "p").nfs.expect("nfs");
         assert_eq!(nfs.export, "/export/vms/stead-env-ci1");
         assert_eq!(nfs.server, "fs1");
-        assert_eq!(p.path, PathBuf::from("/srv/pool/envs/ci1"));
     }
 
     #[test]
@@ -582,8 +585,7 @@ mod tests {
             thin_pool: "data".into(),
         };
         p.lvm = Some(l.clone());
-        scope_pool("ci1", "fast", &mut p).expect("isolated");
-        assert_eq!(p.path, PathBuf::from("/srv/pool/envs/ci1"));
+        let p = scoped(p, "fast");
         assert_eq!(p.lvm.as_ref(), Some(&l), "same volume group and thin pool");
 
         set_owner_scope(Some("ci1"));

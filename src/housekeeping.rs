@@ -3,13 +3,12 @@
 //! the same runner `stead backup daemon` builds, with a clock the controller can stop.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use stead_controller::env::{self, EnvRecord};
 use stead_controller::{Housekeeping, HousekeepingError, StopSignal};
 use stead_drivers::backup::consistency::WorldLoader;
-use stead_drivers::backup::runner::Clock;
+use stead_drivers::backup::runner::{self, Clock};
 use stead_reconciler::driver::HostEnv;
 use tracing::{debug, info};
 
@@ -99,27 +98,14 @@ impl Clock for StoppableClock {
     }
 
     fn sleep_until(&self, t: DateTime<Utc>) -> bool {
-        loop {
-            if self.0.is_stopped() {
-                return false;
-            }
-            let left = t - Utc::now();
-            if left <= chrono::Duration::zero() {
-                return true;
-            }
-            // Short steps: notice a stop request and wall-clock jumps (suspend, NTP).
-            let step = left
-                .to_std()
-                .unwrap_or_default()
-                .min(Duration::from_secs(1));
-            std::thread::sleep(step);
-        }
+        runner::sleep_until_unless(t, || self.0.is_stopped())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn a_raised_stop_ends_the_clock_s_sleep_and_the_runner() {

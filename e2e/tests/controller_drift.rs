@@ -109,19 +109,7 @@ fn drift_heal_restores_volume_and_bridge() {
 #[test]
 fn drift_report_mode_only_reports() {
     let sb = Sandbox::new();
-    sb.write("m/all.yaml", &storage_yaml(&sb, &[("a", "1Mi")]));
-    let m = sb.path("m");
-    let ctl = Controller::start(
-        &sb,
-        &[
-            "--source",
-            m.to_str().unwrap(),
-            "--resync",
-            "1s",
-            "--drift",
-            "report",
-        ],
-    );
+    let ctl = Controller::on_volume_a(&sb, "1s", &["--drift", "report"]);
     within!(ctl, 20, size(&image(&sb, "a")) == MI);
     std::fs::remove_file(image(&sb, "a")).unwrap();
     within!(

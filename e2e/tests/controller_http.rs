@@ -166,20 +166,8 @@ fn hook_with_length(port: u16, token: &str, len: usize, body_sent: usize) -> u16
 #[test]
 fn webhook_body_over_one_mib_is_refused_with_413() {
     let sb = Sandbox::new();
-    sb.write("m/all.yaml", &storage_yaml(&sb, &[("a", "1Mi")]));
     let tok = sb.write("token", "body-limit-token");
-    let m = sb.path("m");
-    let ctl = Controller::start(
-        &sb,
-        &[
-            "--source",
-            m.to_str().unwrap(),
-            "--resync",
-            "1h",
-            "--webhook-token-file",
-            tok.to_str().unwrap(),
-        ],
-    );
+    let ctl = Controller::on_volume_a(&sb, "1h", &["--webhook-token-file", tok.to_str().unwrap()]);
     assert_eq!(
         hook_with_length(ctl.port, "body-limit-token", 2 << 20, 0),
         413

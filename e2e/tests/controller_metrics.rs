@@ -26,9 +26,7 @@ fn scrape_passes_promtool_check_metrics() {
         return;
     }
     let sb = Sandbox::new();
-    sb.write("m/all.yaml", &storage_yaml(&sb, &[("a", "1Mi")]));
-    let m = sb.path("m");
-    let ctl = Controller::start(&sb, &["--source", m.to_str().unwrap(), "--resync", "1s"]);
+    let ctl = Controller::on_volume_a(&sb, "1s", &[]);
     within!(ctl, 20, size(&image(&sb, "a")) == MI);
     // Some activity: drift, an invalid revision.
     std::fs::remove_file(image(&sb, "a")).unwrap();
@@ -100,9 +98,7 @@ fn prometheus_scrapes_the_controller() {
         return;
     }
     let sb = Sandbox::new();
-    sb.write("m/all.yaml", &storage_yaml(&sb, &[("a", "1Mi")]));
-    let m = sb.path("m");
-    let ctl = Controller::start(&sb, &["--source", m.to_str().unwrap(), "--resync", "1s"]);
+    let ctl = Controller::on_volume_a(&sb, "1s", &[]);
     within!(ctl, 20, size(&image(&sb, "a")) == MI);
     let rules = std::path::Path::new(
         &std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").into()),
@@ -198,9 +194,7 @@ fn prometheus_scrapes_the_controller() {
 #[test]
 fn directory_source_follows_file_changes() {
     let sb = Sandbox::new();
-    sb.write("m/all.yaml", &storage_yaml(&sb, &[("a", "1Mi")]));
-    let m = sb.path("m");
-    let ctl = Controller::start(&sb, &["--source", m.to_str().unwrap(), "--resync", "1h"]);
+    let ctl = Controller::on_volume_a(&sb, "1h", &[]);
     within!(ctl, 20, size(&image(&sb, "a")) == MI);
     within!(ctl, 5, ctl.get("/readyz").0 == 200);
     let n = ctl.status()["reconciles"].as_u64().unwrap();

@@ -4,6 +4,7 @@
 
 mod controller_util;
 
+use std::path::Path;
 use std::process::Command;
 
 use controller_util::*;
@@ -11,6 +12,51 @@ use stead_e2e::{Sandbox, skip_unless};
 
 const MI: u64 = 1 << 20;
 const TOKEN: &str = "signed-token";
+
+/// Whether `test` is skipped for want of ssh-keygen.
+fn skip_without_ssh_keygen(test: &str) -> bool {
+    let have = Command::new("ssh-keygen").arg("-?").output().is_ok();
+    skip_unless(have, test, "ssh-keygen not installed")
+}
+
+/// The allowed-signers file that trusts the SSH public key `public` for git.
+fn allowed_signers(sb: &Sandbox, public: &str) -> std::path::PathBuf {
+    sb.write(
+        "allowed_signers",
+        &format!("test@example.com namespaces=\"git\" {public}\n"),
+    )
+}
+
+/// Starts a controller on `repo`'s webhook that verifies commits against `trusted`
+/// (`--verify-commits`), and waits for its first revision `c1` (volume a of 1 MiB).
+fn start_verifying(
+    sb: &Sandbox,
+    repo: &Repo,
+    token: &Path,
+    trusted: &Path,
+    c1: &str,
+) -> Controller {
+    let source = repo.source();
+    let ctl = Controller::on_webhook(
+        sb,
+        &source,
+        token,
+        &["--verify-commits", trusted.to_str().unwrap()],
+    );
+    within!(ctl, 20, size(&image(sb, "a")) == MI);
+    ctl.expect_revision(5, c1);
+    ctl
+}
+
+/// Calls the webhook and waits for the `n`th head refused as unsigned.
+fn hook_expect_unsigned(ctl: &Controller, n: f64) {
+    assert_eq!(ctl.hook(TOKEN), 202);
+    within!(
+        ctl,
+        10,
+        ctl.metric("stead_reconcile_total{result=\"unsigned\"}") == n,
+    );
+}
 
 fn keygen(sb: &Sandbox, name: &str) -> (String, String) {
     let key = sb.path(name);
@@ -55,49 +101,21 @@ fn commit(
 
 #[test]
 fn only_signed_commits_from_trusted_keys_are_applied() {
-    let have = Command::new("ssh-keygen").arg("-?").output().is_ok();
-    if skip_unless(
-        have,
-        "only_signed_commits_from_trusted_keys_are_applied",
-        "ssh-keygen not installed",
-    ) {
+    if skip_without_ssh_keygen("only_signed_commits_from_trusted_keys_are_applied") {
         return;
     }
     let sb = Sandbox::new();
     let (trusted, trusted_pub) = keygen(&sb, "trusted");
     let (stranger, _) = keygen(&sb, "stranger");
-    let signers = sb.write(
-        "allowed_signers",
-        &format!("test@example.com namespaces=\"git\" {trusted_pub}\n"),
-    );
+    let signers = allowed_signers(&sb, &trusted_pub);
     let tok = sb.write("token", TOKEN);
     let repo = Repo::new(&sb);
     let c1 = commit(&repo, &sb, "one", &[("a", "1Mi")], Some(&trusted));
-    let source = repo.source();
-    let ctl = Controller::start(
-        &sb,
-        &[
-            "--source",
-            &source,
-            "--resync",
-            "1h",
-            "--verify-commits",
-            signers.to_str().unwrap(),
-            "--webhook-token-file",
-            tok.to_str().unwrap(),
-        ],
-    );
-    within!(ctl, 20, size(&image(&sb, "a")) == MI);
-    ctl.expect_revision(5, &c1);
+    let ctl = start_verifying(&sb, &repo, &tok, &signers, &c1);
 
     // Unsigned head: refused, reported, the signed revision stays applied.
     let c2 = commit(&repo, &sb, "unsigned", &[("a", "2Mi")], None);
-    assert_eq!(ctl.hook(TOKEN), 202);
-    within!(
-        ctl,
-        10,
-        ctl.metric("stead_reconcile_total{result=\"unsigned\"}") == 1.0,
-    );
+    hook_expect_unsigned(&ctl, 1.0);
     let st = ctl.status();
     assert_eq!(st["headRevision"], c2.as_str(), "{st}");
     assert_eq!(st["revision"], c1.as_str(), "{st}");
@@ -109,12 +127,7 @@ fn only_signed_commits_from_trusted_keys_are_applied() {
 
     // Signed by a key that is not trusted: refused too.
     commit(&repo, &sb, "stranger", &[("a", "3Mi")], Some(&stranger));
-    assert_eq!(ctl.hook(TOKEN), 202);
-    within!(
-        ctl,
-        10,
-        ctl.metric("stead_reconcile_total{result=\"unsigned\"}") == 2.0,
-    );
+    hook_expect_unsigned(&ctl, 2.0);
     assert_eq!(size(&image(&sb, "a")), MI);
 
     // Signed by the trusted key: applied.
@@ -207,29 +220,9 @@ fn openpgp_signed_commits_are_verified_with_gpgv() {
         repo.push()
     };
     let c1 = commit_pgp("one", &[("a", "1Mi")], true);
-    let source = repo.source();
-    let ctl = Controller::start(
-        &sb,
-        &[
-            "--source",
-            &source,
-            "--resync",
-            "1h",
-            "--verify-commits",
-            keyring.to_str().unwrap(),
-            "--webhook-token-file",
-            tok.to_str().unwrap(),
-        ],
-    );
-    within!(ctl, 20, size(&image(&sb, "a")) == MI);
-    ctl.expect_revision(5, &c1);
+    let ctl = start_verifying(&sb, &repo, &tok, &keyring, &c1);
     commit_pgp("unsigned", &[("a", "2Mi")], false);
-    assert_eq!(ctl.hook(TOKEN), 202);
-    within!(
-        ctl,
-        10,
-        ctl.metric("stead_reconcile_total{result=\"unsigned\"}") == 1.0,
-    );
+    hook_expect_unsigned(&ctl, 1.0);
     assert_eq!(size(&image(&sb, "a")), MI);
     commit_pgp("signed", &[("a", "3Mi")], true);
     assert_eq!(ctl.hook(TOKEN), 202);
@@ -238,20 +231,12 @@ fn openpgp_signed_commits_are_verified_with_gpgv() {
 
 #[test]
 fn force_push_of_an_older_signed_commit_is_refused() {
-    let have = Command::new("ssh-keygen").arg("-?").output().is_ok();
-    if skip_unless(
-        have,
-        "force_push_of_an_older_signed_commit_is_refused",
-        "ssh-keygen not installed",
-    ) {
+    if skip_without_ssh_keygen("force_push_of_an_older_signed_commit_is_refused") {
         return;
     }
     let sb = Sandbox::new();
     let (trusted, trusted_pub) = keygen(&sb, "trusted");
-    let signers = sb.write(
-        "allowed_signers",
-        &format!("test@example.com namespaces=\"git\" {trusted_pub}\n"),
-    );
+    let signers = allowed_signers(&sb, &trusted_pub);
     let tok = sb.write("token", TOKEN);
     let repo = Repo::new(&sb);
     let c1 = commit(&repo, &sb, "one", &[("a", "1Mi")], Some(&trusted));

@@ -112,23 +112,16 @@ pub fn plan_text(plan: &Plan, style: Style) -> String {
             }
         }
     }
-    for e in &plan.errors {
-        let _ = writeln!(
-            out,
-            "{} {}: {}",
-            style.paint("31;1", "error:"),
-            e.id,
-            e.message
-        );
-    }
-    for w in &plan.warnings {
-        let _ = writeln!(
-            out,
-            "{} {}: {}",
-            style.paint("33;1", "warning:"),
-            w.id,
-            w.message
-        );
+    let errors = plan
+        .errors
+        .iter()
+        .map(|e| ("31;1", "error:", &e.id, &e.message));
+    let warnings = plan
+        .warnings
+        .iter()
+        .map(|w| ("33;1", "warning:", &w.id, &w.message));
+    for (color, label, id, message) in errors.chain(warnings) {
+        let _ = writeln!(out, "{} {}: {}", style.paint(color, label), id, message);
     }
     let s = plan.summary();
     let n = |a| s.get(&a).copied().unwrap_or(0);

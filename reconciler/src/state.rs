@@ -141,6 +141,18 @@ impl StateDb {
         }
     }
 
+    /// Every row of `sql`, each mapped by `f`.
+    fn rows<T>(
+        &self,
+        sql: &str,
+        params: impl rusqlite::Params,
+        f: impl FnMut(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+    ) -> Result<Vec<T>, StateError> {
+        let mut stmt = self.conn.prepare(sql).map_err(|e| self.err(e))?;
+        let rows = stmt.query_map(params, f).map_err(|e| self.err(e))?;
+        rows.collect::<Result<_, _>>().map_err(|e| self.err(e))
+    }
+
     /// Runs `f` in one transaction: all of its writes land together or none does (one
     /// fsync instead of one per statement).
     pub fn atomically(
@@ -154,12 +166,10 @@ impl StateDb {
 
     /// Every owned resource.
     pub fn inventory(&self) -> Result<BTreeMap<ResourceId, InventoryEntry>, StateError> {
-        let mut stmt = self
-            .conn
-            .prepare("SELECT kind, name, spec_hash, spec, metadata, applied_at FROM inventory")
-            .map_err(|e| self.err(e))?;
-        let rows = stmt
-            .query_map([], |row| {
+        let rows = self.rows(
+            "SELECT kind, name, spec_hash, spec, metadata, applied_at FROM inventory",
+            [],
+            |row| {
                 Ok((
                     row.get::<_, String>(0)?,
                     row.get::<_, String>(1)?,
@@ -168,12 +178,10 @@ impl StateDb {
                     row.get::<_, String>(4)?,
                     row.get::<_, f64>(5)?,
                 ))
-            })
-            .map_err(|e| self.err(e))?;
+            },
+        )?;
         let mut out = BTreeMap::new();
-        for row in rows {
-            let (kind, name, spec_hash, spec, metadata, applied_at) =
-                row.map_err(|e| self.err(e))?;
+        for (kind, name, spec_hash, spec, metadata, applied_at) in rows {
             let resource = decode_resource(&kind, name, &spec, &metadata)?;
             out.insert(
                 resource.id.clone(),
@@ -234,25 +242,14 @@ impl StateDb {
     /// Entries written before resources were journaled, or that fail to decode, are
     /// left out: their ids are still in [`Self::journal_open`].
     pub fn journal_open_resources(&self) -> Result<BTreeMap<ResourceId, Resource>, StateError> {
-        let mut stmt = self
-            .conn
-            .prepare(
-                "SELECT kind, name, resource FROM journal
-                 WHERE state='open' AND resource IS NOT NULL ORDER BY id",
-            )
-            .map_err(|e| self.err(e))?;
-        let rows = stmt
-            .query_map([], |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, String>(2)?,
-                ))
-            })
-            .map_err(|e| self.err(e))?;
+        let rows = self.rows(
+            "SELECT kind, name, resource FROM journal
+             WHERE state='open' AND resource IS NOT NULL ORDER BY id",
+            [],
+            three_strings,
+        )?;
         let mut out = BTreeMap::new();
-        for row in rows {
-            let (kind, name, resource) = row.map_err(|e| self.err(e))?;
+        for (kind, name, resource) in rows {
             let Ok(v) = serde_json::from_str::<serde_json::Value>(&resource) else {
                 continue;
             };
@@ -317,22 +314,13 @@ impl StateDb {
     /// Resources with an open journal entry: a previous run was interrupted while
     /// changing them. Objects found on the host for these ids are stead's own.
     pub fn journal_open(&self) -> Result<BTreeMap<ResourceId, String>, StateError> {
-        let mut stmt = self
-            .conn
-            .prepare("SELECT kind, name, action FROM journal WHERE state='open' ORDER BY id")
-            .map_err(|e| self.err(e))?;
-        let rows = stmt
-            .query_map([], |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, String>(2)?,
-                ))
-            })
-            .map_err(|e| self.err(e))?;
+        let rows = self.rows(
+            "SELECT kind, name, action FROM journal WHERE state='open' ORDER BY id",
+            [],
+            three_strings,
+        )?;
         let mut out = BTreeMap::new();
-        for row in rows {
-            let (k, n, a) = row.map_err(|e| self.err(e))?;
+        for (k, n, a) in rows {
             if let Ok(kind) = k.parse::<Kind>() {
                 out.insert(ResourceId::new(kind, n), a);
             }
@@ -365,15 +353,11 @@ impl StateDb {
 
     /// The newest `limit` events, optionally of one resource, oldest first.
     pub fn events(&self, resource: Option<&str>, limit: usize) -> Result<Vec<Event>, StateError> {
-        let mut stmt = self
-            .conn
-            .prepare(
-                "SELECT ts, resource, level, reason, message FROM events
-                 WHERE (?1 IS NULL OR resource = ?1) ORDER BY id DESC LIMIT ?2",
-            )
-            .map_err(|e| self.err(e))?;
-        let rows = stmt
-            .query_map(params![resource, limit as i64], |r| {
+        let mut out = self.rows(
+            "SELECT ts, resource, level, reason, message FROM events
+             WHERE (?1 IS NULL OR resource = ?1) ORDER BY id DESC LIMIT ?2",
+            params![resource, limit as i64],
+            |r| {
                 Ok(Event {
                     ts: r.get(0)?,
                     resource: r.get(1)?,
@@ -381,9 +365,8 @@ impl StateDb {
                     reason: r.get(3)?,
                     message: r.get(4)?,
                 })
-            })
-            .map_err(|e| self.err(e))?;
-        let mut out: Vec<Event> = rows.collect::<Result<_, _>>().map_err(|e| self.err(e))?;
+            },
+        )?;
         out.reverse();
         Ok(out)
     }
@@ -411,6 +394,11 @@ impl StateDb {
 }
 
 /// Adds the `resource` column to a journal made by an older stead.
+/// The first three columns of a row, as text.
+fn three_strings(r: &rusqlite::Row<'_>) -> rusqlite::Result<(String, String, String)> {
+    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+}
+
 fn add_journal_resource_column(conn: &Connection) -> Result<(), rusqlite::Error> {
     let has: bool = conn
         .prepare("SELECT 1 FROM pragma_table_info('journal') WHERE name='resource'")?

@@ -9,7 +9,7 @@ use stead_reconciler::driver::{
     Driver, DriverError, FieldChange, Health, Impact, Lookup, Observed, PruneAction,
 };
 use stead_reconciler::{
-    Action, Drivers, ExecOptions, Outcome, PlanOptions, StateDb, execute, plan_run,
+    Action, Drivers, ExecOptions, Outcome, PlanOptions, PlannedRun, StateDb, execute, plan_run,
 };
 use stead_schema::{Desired, Kind, Resource, ResourceId, Spec};
 
@@ -25,6 +25,23 @@ struct FakeHost {
     /// Kinds whose observe panics.
     panic_observe: Mutex<BTreeSet<Kind>>,
     log: Mutex<Vec<String>>,
+}
+
+impl FakeHost {
+    /// What the drivers did, in order.
+    fn log(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Appends to the log.
+    fn record(&self, what: String) {
+        self.log.lock().unwrap().push(what);
+    }
+
+    /// Puts an object on the host, owned (marked) or not.
+    fn put(&self, id: ResourceId, state: Value, owned: bool) {
+        self.objects.lock().unwrap().insert(id, (state, owned));
+    }
 }
 
 struct FakeDriver {
@@ -113,11 +130,7 @@ impl Driver for FakeDriver {
                 "an unowned object is in the way".into(),
             ));
         }
-        self.host
-            .log
-            .lock()
-            .unwrap()
-            .push(format!("apply {}", r.id));
+        self.host.record(format!("apply {}", r.id));
         let state = self.desired_state(r, w);
         self.host
             .objects
@@ -162,18 +175,11 @@ impl Driver for FakeDriver {
         name: &str,
     ) -> Result<(), DriverError> {
         self.host
-            .log
-            .lock()
-            .unwrap()
-            .push(format!("snapshot {} {}", r.id, &name[..11]));
+            .record(format!("snapshot {} {}", r.id, &name[..11]));
         Ok(())
     }
     fn delete(&self, r: &Resource, _o: &Observed, _w: &dyn Lookup) -> Result<(), DriverError> {
-        self.host
-            .log
-            .lock()
-            .unwrap()
-            .push(format!("delete {}", r.id));
+        self.host.record(format!("delete {}", r.id));
         self.host.objects.lock().unwrap().remove(&r.id);
         Ok(())
     }
@@ -238,23 +244,48 @@ fn env() -> Env {
     }
 }
 
+impl Env {
+    /// The planned run of `d` against this host and state.
+    fn plan(&self, d: &Desired, opts: PlanOptions) -> PlannedRun {
+        plan_run(&self.drivers, d, &self.db.lock().unwrap(), opts).unwrap()
+    }
+
+    /// Executes a planned run of `d` with the default options.
+    fn execute(&self, d: &Desired, run: &PlannedRun) -> stead_reconciler::Report {
+        execute(
+            &run.plan,
+            d,
+            &run.inventory,
+            &run.observed,
+            &self.drivers,
+            &self.db,
+            &ExecOptions::default(),
+            &|_| {},
+        )
+    }
+}
+
+/// An env where the pool `local` and the volume `a` (1 MiB) were applied, its log
+/// cleared.
+fn env_with_volume_a() -> Env {
+    let e = env();
+    apply(
+        &e,
+        &desired(&(pool() + &vol("a", "1Mi", "Delete"))),
+        PlanOptions::default(),
+    );
+    e.host.log.lock().unwrap().clear();
+    e
+}
+
 fn apply(
     e: &Env,
     d: &Desired,
     opts: PlanOptions,
 ) -> (stead_reconciler::Plan, stead_reconciler::Report) {
-    let run = plan_run(&e.drivers, d, &e.db.lock().unwrap(), opts).unwrap();
+    let run = e.plan(d, opts);
     assert!(run.plan.errors.is_empty(), "{:?}", run.plan.errors);
-    let report = execute(
-        &run.plan,
-        d,
-        &run.inventory,
-        &run.observed,
-        &e.drivers,
-        &e.db,
-        &ExecOptions::default(),
-        &|_| {},
-    );
+    let report = e.execute(d, &run);
     (run.plan, report)
 }
 
@@ -266,26 +297,14 @@ fn create_then_noop_then_grow() {
     assert_eq!(p.summary().get(&Action::Create), Some(&2));
     assert!(r.success());
     // Pool before volume.
-    let log = e.host.log.lock().unwrap().clone();
+    let log = e.host.log();
     assert_eq!(log, ["apply StoragePool/local", "apply Volume/a"]);
 
-    let run = plan_run(
-        &e.drivers,
-        &d,
-        &e.db.lock().unwrap(),
-        PlanOptions::default(),
-    )
-    .unwrap();
+    let run = e.plan(&d, PlanOptions::default());
     assert!(!run.plan.has_changes(), "{:?}", run.plan.changes);
 
     let d2 = desired(&(pool() + &vol("a", "32Mi", "Delete")));
-    let run = plan_run(
-        &e.drivers,
-        &d2,
-        &e.db.lock().unwrap(),
-        PlanOptions::default(),
-    )
-    .unwrap();
+    let run = e.plan(&d2, PlanOptions::default());
     let c = run
         .plan
         .changes
@@ -305,13 +324,7 @@ fn check_runs_on_creates_and_its_refusal_is_a_plan_error() {
     let e = env();
     e.host.refuse_check.lock().unwrap().insert("bad".into());
     let d = desired(&(doc("Network", "bad", "{mtu: 9000}") + &pool()));
-    let run = plan_run(
-        &e.drivers,
-        &d,
-        &e.db.lock().unwrap(),
-        PlanOptions::default(),
-    )
-    .unwrap();
+    let run = e.plan(&d, PlanOptions::default());
     assert_eq!(run.plan.errors.len(), 1, "{:?}", run.plan.errors);
     assert_eq!(run.plan.errors[0].id.to_string(), "Network/bad");
     assert!(
@@ -326,18 +339,9 @@ fn check_runs_on_creates_and_its_refusal_is_a_plan_error() {
         "a refused create is not planned: {:?}",
         run.plan.changes
     );
-    let report = execute(
-        &run.plan,
-        &d,
-        &run.inventory,
-        &run.observed,
-        &e.drivers,
-        &e.db,
-        &ExecOptions::default(),
-        &|_| {},
-    );
+    let report = e.execute(&d, &run);
     assert!(report.success());
-    let log = e.host.log.lock().unwrap().clone();
+    let log = e.host.log();
     assert_eq!(
         log,
         ["apply StoragePool/local"],
@@ -353,13 +357,10 @@ fn shrink_is_a_plan_error() {
         &desired(&(pool() + &vol("a", "32Mi", "Delete"))),
         PlanOptions::default(),
     );
-    let run = plan_run(
-        &e.drivers,
+    let run = e.plan(
         &desired(&(pool() + &vol("a", "16Mi", "Delete"))),
-        &e.db.lock().unwrap(),
         PlanOptions::default(),
-    )
-    .unwrap();
+    );
     assert_eq!(run.plan.errors.len(), 1);
     assert!(
         run.plan.errors[0]
@@ -377,16 +378,13 @@ fn prune_deletes_and_retains_by_policy() {
         PlanOptions::default(),
     );
     let d = desired(&pool());
-    let run = plan_run(
-        &e.drivers,
+    let run = e.plan(
         &d,
-        &e.db.lock().unwrap(),
         PlanOptions {
             no_prune: true,
             ..Default::default()
         },
-    )
-    .unwrap();
+    );
     assert!(!run.plan.has_changes(), "--no-prune plans no deletes");
     let (p, r) = apply(&e, &d, PlanOptions::default());
     let by_id: BTreeMap<String, Action> = p
@@ -405,13 +403,7 @@ fn prune_deletes_and_retains_by_policy() {
     );
     drop(objs);
     // Retained volume is no longer in the inventory: the next plan is clean.
-    let run = plan_run(
-        &e.drivers,
-        &d,
-        &e.db.lock().unwrap(),
-        PlanOptions::default(),
-    )
-    .unwrap();
+    let run = e.plan(&d, PlanOptions::default());
     assert!(!run.plan.has_changes());
 }
 
@@ -425,13 +417,7 @@ fn data_loss_needs_opt_in() {
         PlanOptions::default(),
     );
     let moved = two_pools + &doc("Volume", "a", "{pool: other, size: 1Mi}");
-    let run = plan_run(
-        &e.drivers,
-        &desired(&moved),
-        &e.db.lock().unwrap(),
-        PlanOptions::default(),
-    )
-    .unwrap();
+    let run = e.plan(&desired(&moved), PlanOptions::default());
     assert!(
         run.plan.errors[0].message.contains("--allow-data-loss"),
         "{:?}",
@@ -441,7 +427,7 @@ fn data_loss_needs_opt_in() {
         allow_data_loss: true,
         ..Default::default()
     };
-    let run = plan_run(&e.drivers, &desired(&moved), &e.db.lock().unwrap(), opts).unwrap();
+    let run = e.plan(&desired(&moved), opts);
     let c = run.plan.changes.iter().find(|c| c.id.name == "a").unwrap();
     assert_eq!(c.action, Action::Replace);
     assert_eq!(c.impact, Some(Impact::DataLoss));
@@ -450,18 +436,13 @@ fn data_loss_needs_opt_in() {
 #[test]
 fn unowned_object_is_a_conflict_and_drift_is_flagged() {
     let e = env();
-    e.host.objects.lock().unwrap().insert(
+    e.host.put(
         ResourceId::new(Kind::Network, "br0"),
-        (json!({"mtu": 1500}), false),
+        json!({"mtu": 1500}),
+        false,
     );
     let d = desired(&doc("Network", "br0", "{mtu: 9000}"));
-    let run = plan_run(
-        &e.drivers,
-        &d,
-        &e.db.lock().unwrap(),
-        PlanOptions::default(),
-    )
-    .unwrap();
+    let run = e.plan(&d, PlanOptions::default());
     assert!(
         run.plan.errors[0].message.contains("not owned by stead"),
         "{:?}",
@@ -470,29 +451,18 @@ fn unowned_object_is_a_conflict_and_drift_is_flagged() {
 
     let d = desired(&doc("Network", "lan0", "{mtu: 9000}"));
     apply(&e, &d, PlanOptions::default());
-    e.host.objects.lock().unwrap().insert(
+    e.host.put(
         ResourceId::new(Kind::Network, "lan0"),
-        (json!({"mtu": 1400}), true),
+        json!({"mtu": 1400}),
+        true,
     );
-    let run = plan_run(
-        &e.drivers,
-        &d,
-        &e.db.lock().unwrap(),
-        PlanOptions::default(),
-    )
-    .unwrap();
+    let run = e.plan(&d, PlanOptions::default());
     let c = &run.plan.changes[0];
     assert_eq!(c.action, Action::Update);
     assert!(c.drift, "host changed while the manifest did not");
     // Deleted by hand: re-created, flagged as drift.
     e.host.objects.lock().unwrap().clear();
-    let run = plan_run(
-        &e.drivers,
-        &d,
-        &e.db.lock().unwrap(),
-        PlanOptions::default(),
-    )
-    .unwrap();
+    let run = e.plan(&d, PlanOptions::default());
     assert_eq!(run.plan.changes[0].action, Action::Create);
     assert!(run.plan.changes[0].drift);
 }
@@ -516,13 +486,7 @@ fn failure_skips_dependents_and_the_rest_continues() {
 
 #[test]
 fn deletes_run_in_reverse_dependency_order() {
-    let e = env();
-    apply(
-        &e,
-        &desired(&(pool() + &vol("a", "1Mi", "Delete"))),
-        PlanOptions::default(),
-    );
-    e.host.log.lock().unwrap().clear();
+    let e = env_with_volume_a();
     let (p, r) = apply(&e, &desired(""), PlanOptions::default());
     assert!(r.success());
     assert_eq!(
@@ -531,7 +495,7 @@ fn deletes_run_in_reverse_dependency_order() {
         "volume first in the plan"
     );
     assert_eq!(
-        *e.host.log.lock().unwrap(),
+        e.host.log(),
         [
             "snapshot Volume/a pre-delete-",
             "delete Volume/a",
@@ -549,9 +513,10 @@ fn interrupted_create_is_adopted() {
         .unwrap()
         .journal_begin(&ResourceId::new(Kind::Network, "lan0"), "create")
         .unwrap();
-    e.host.objects.lock().unwrap().insert(
+    e.host.put(
         ResourceId::new(Kind::Network, "lan0"),
-        (json!({"mtu": 9000}), false),
+        json!({"mtu": 9000}),
+        false,
     );
     let d = desired(&doc("Network", "lan0", "{mtu: 9000}"));
     let (p, r) = apply(&e, &d, PlanOptions::default());
@@ -582,13 +547,7 @@ fn apply_lock_is_exclusive() {
 
 #[test]
 fn data_loss_takes_a_safety_snapshot_first() {
-    let e = env();
-    apply(
-        &e,
-        &desired(&(pool() + &vol("a", "1Mi", "Delete"))),
-        PlanOptions::default(),
-    );
-    e.host.log.lock().unwrap().clear();
+    let e = env_with_volume_a();
     let (p, r) = apply(&e, &desired(&pool()), PlanOptions::default());
     assert!(r.success());
     let c = p.changes.iter().find(|c| c.id.name == "a").unwrap();
@@ -600,7 +559,7 @@ fn data_loss_takes_a_safety_snapshot_first() {
     let text = stead_reconciler::render::plan_text(&p, Default::default());
     assert!(text.contains("safety snapshot pre-delete-"), "{text}");
     assert_eq!(
-        *e.host.log.lock().unwrap(),
+        e.host.log(),
         ["snapshot Volume/a pre-delete-", "delete Volume/a"]
     );
 }
@@ -663,13 +622,7 @@ fn panicking_observe_is_an_error_not_an_absent_object() {
     e.host.log.lock().unwrap().clear();
     // Still desired: no create (it would read as absent).
     let d = desired(&(pool() + &doc("Network", "lan0", "{}") + &doc("Network", "lan1", "{}")));
-    let run = plan_run(
-        &e.drivers,
-        &d,
-        &e.db.lock().unwrap(),
-        PlanOptions::default(),
-    )
-    .unwrap();
+    let run = e.plan(&d, PlanOptions::default());
     assert!(
         run.plan.changes.iter().all(|c| c.id.kind != Kind::Network),
         "{:?}",
@@ -686,13 +639,7 @@ fn panicking_observe_is_an_error_not_an_absent_object() {
         );
     }
     // Left the manifests: no delete either.
-    let run = plan_run(
-        &e.drivers,
-        &desired(&pool()),
-        &e.db.lock().unwrap(),
-        PlanOptions::default(),
-    )
-    .unwrap();
+    let run = e.plan(&desired(&pool()), PlanOptions::default());
     assert!(run.plan.changes.iter().all(|c| c.id.kind != Kind::Network));
     assert!(run.plan.errors.iter().any(|er| er.id.name == "lan0"));
     // The other kinds are observed and planned as usual.
@@ -712,11 +659,7 @@ fn unrecorded_object_of_an_interrupted_step_is_pruned() {
     let d = desired(&(doc("Network", "br0", "{}") + &doc("Network", "br1", "{mtu: 9000}")));
     let br1 = d.get(&ResourceId::new(Kind::Network, "br1")).unwrap();
     e.db.lock().unwrap().journal_intent(br1, "create").unwrap();
-    e.host
-        .objects
-        .lock()
-        .unwrap()
-        .insert(br1.id.clone(), (json!({"mtu": 9000}), true));
+    e.host.put(br1.id.clone(), json!({"mtu": 9000}), true);
     // An unmarked object under an open intent is not ours to delete.
     let br2 = ResourceId::new(Kind::Network, "br2");
     let d2 = desired(&doc("Network", "br2", "{}"));
@@ -724,11 +667,7 @@ fn unrecorded_object_of_an_interrupted_step_is_pruned() {
         .unwrap()
         .journal_intent(d2.get(&br2).unwrap(), "create")
         .unwrap();
-    e.host
-        .objects
-        .lock()
-        .unwrap()
-        .insert(br2.clone(), (json!({}), false));
+    e.host.put(br2.clone(), json!({}), false);
 
     let only_br0 = desired(&doc("Network", "br0", "{}"));
     let (p, r) = apply(&e, &only_br0, PlanOptions::default());
@@ -745,13 +684,7 @@ fn unrecorded_object_of_an_interrupted_step_is_pruned() {
     assert!(objs.contains_key(&br2), "the unmarked object is left alone");
     drop(objs);
     // Converged: the next plan has nothing to do.
-    let run = plan_run(
-        &e.drivers,
-        &only_br0,
-        &e.db.lock().unwrap(),
-        PlanOptions::default(),
-    )
-    .unwrap();
+    let run = e.plan(&only_br0, PlanOptions::default());
     assert!(!run.plan.has_changes(), "{:?}", run.plan.changes);
 }
 
@@ -759,11 +692,7 @@ fn unrecorded_object_of_an_interrupted_step_is_pruned() {
 fn marked_object_unknown_to_the_state_is_a_warning_and_left_alone() {
     let e = env();
     let lost = ResourceId::new(Kind::Network, "lost0");
-    e.host
-        .objects
-        .lock()
-        .unwrap()
-        .insert(lost.clone(), (json!({}), true));
+    e.host.put(lost.clone(), json!({}), true);
     let d = desired(&doc("Network", "lan0", "{}"));
     let (p, r) = apply(&e, &d, PlanOptions::default());
     assert!(r.success());
@@ -789,18 +718,8 @@ fn a_conflict_closes_its_intent_so_the_object_is_never_adopted() {
     assert_eq!(state, "failed");
     assert!(e.db.lock().unwrap().journal_open().unwrap().is_empty());
     // The unowned object in the way stays a plan error, not an adoption.
-    e.host
-        .objects
-        .lock()
-        .unwrap()
-        .insert(id.clone(), (json!({}), false));
-    let run = plan_run(
-        &e.drivers,
-        &d,
-        &e.db.lock().unwrap(),
-        PlanOptions::default(),
-    )
-    .unwrap();
+    e.host.put(id.clone(), json!({}), false);
+    let run = e.plan(&d, PlanOptions::default());
     assert!(
         run.plan
             .errors

@@ -36,18 +36,27 @@ impl Clock for SystemClock {
     }
 
     fn sleep_until(&self, t: DateTime<Utc>) -> bool {
-        loop {
-            let left = t - Utc::now();
-            if left <= chrono::Duration::zero() {
-                return true;
-            }
-            // Short steps: notice wall-clock jumps (suspend, NTP).
-            let step = left
-                .to_std()
-                .unwrap_or_default()
-                .min(std::time::Duration::from_secs(1));
-            std::thread::sleep(step);
+        sleep_until_unless(t, || false)
+    }
+}
+
+/// Sleeps on the wall clock until `t`: true then, or false as soon as `stopped` says so
+/// (asked before each step). Short steps notice a stop request and wall-clock jumps
+/// (suspend, NTP).
+pub fn sleep_until_unless(t: DateTime<Utc>, stopped: impl Fn() -> bool) -> bool {
+    loop {
+        if stopped() {
+            return false;
         }
+        let left = t - Utc::now();
+        if left <= chrono::Duration::zero() {
+            return true;
+        }
+        let step = left
+            .to_std()
+            .unwrap_or_default()
+            .min(std::time::Duration::from_secs(1));
+        std::thread::sleep(step);
     }
 }
 

@@ -134,6 +134,21 @@ impl Controller {
         Controller::start(sb, &args)
     }
 
+    /// Starts a controller on the folder source `m` holding the 1 MiB volume `a` (see
+    /// [`storage_yaml`]): `--resync <resync>`, then `extra`.
+    pub fn on_volume_a(sb: &Sandbox, resync: &str, extra: &[&str]) -> Controller {
+        sb.write("m/all.yaml", &storage_yaml(sb, &[("a", "1Mi")]));
+        let m = sb.path("m");
+        let mut args = vec![
+            "--source",
+            m.to_str().expect("utf-8 path"),
+            "--resync",
+            resync,
+        ];
+        args.extend_from_slice(extra);
+        Controller::start(sb, &args)
+    }
+
     /// Waits up to `secs` for `cond`; panics with `what` and the controller's log if it
     /// does not hold by then. [`within!`] names the condition for you.
     pub fn expect(&self, secs: u64, what: &str, cond: impl FnMut() -> bool) {
