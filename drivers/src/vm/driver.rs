@@ -14,7 +14,6 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -268,29 +267,13 @@ impl VmDriver {
     }
 
     fn spawn(&self, cfg: &VmRunConfig) -> Result<(), DriverError> {
-        let paths = self.paths(&cfg.name);
         let args = VmmArgs {
             run_dir: self.env.run_dir.clone(),
             name: cfg.name.clone(),
-            config: paths.config(),
+            config: self.paths(&cfg.name).config(),
         };
         let _span = tracing::info_span!("vm_start", vm = %cfg.name).entered();
-        let out = Command::new(&self.env.self_exe)
-            .args(args.to_args())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .output()
-            .map_err(|e| {
-                DriverError::io(format!("spawn {} vmm", self.env.self_exe.display()), e)
-            })?;
-        if !out.status.success() {
-            return Err(DriverError::Command {
-                command: format!("{} vmm --name {}", self.env.self_exe.display(), cfg.name),
-                status: out.status.to_string(),
-                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-            });
-        }
+        crate::supervise::launch(&self.env.self_exe, "vmm", &args)?;
         tracing::info!("VM started");
         Ok(())
     }
