@@ -631,18 +631,7 @@ mod tests {
 
     #[test]
     fn impacts() {
-        let env = HostEnv {
-            state_dir: "/nonexistent".into(),
-            run_dir: "/nonexistent".into(),
-            cgroup_parent: "x".into(),
-            netns: None,
-            self_exe: "/bin/false".into(),
-        };
-        let d = VmDriver {
-            env,
-            hier: Hierarchy::v2("/nonexistent"),
-            shutdown_timeout_secs: 1,
-        };
+        let d = sandbox_driver(std::path::Path::new("/nonexistent"));
         assert_eq!(d.impact("/state"), Impact::Hot);
         assert_eq!(d.impact("/restartPolicy"), Impact::Hot);
         assert_eq!(d.impact("/cpus"), Impact::Restart);
