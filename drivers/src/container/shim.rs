@@ -56,19 +56,13 @@ pub type ShimArgs = crate::supervise::SupervisorArgs;
 /// supervisor itself never returns (it exits the process).
 pub fn main(args: &ShimArgs) -> i32 {
     let paths = Paths::new(&args.run_dir, &args.name);
-    let Some(cfg) = crate::supervise::load_config::<ContainerConfig>(
-        "stead shim",
-        &args.config,
-        &args.name,
-        |c| &c.name,
-        &paths.dir,
-    ) else {
-        return 1;
-    };
-    crate::supervise::detach(
+    crate::supervise::run::<ContainerConfig>(
         "stead shim",
         "supervisor exited before starting the container",
-        |ready_w| daemon(cfg, args.config.clone(), paths, ready_w),
+        args,
+        &paths.dir.clone(),
+        |c| &c.name,
+        |cfg, ready_w| daemon(cfg, args.config.clone(), paths, ready_w),
     )
 }
 

@@ -7,10 +7,11 @@
 //! - [`workload`]: the [`Workload`] trait a supervised engine implements, and the
 //!   supervisor process around it ([`serve`]: lock, signals, first start, event loop);
 //! - [`hold`]: backup holds that keep `apply` from restarting a workload a backup stopped;
-//! - here: detaching a supervisor from the CLI that started it (double fork into a new
-//!   session, then wait for the supervisor's readiness message on a pipe, so the
-//!   launcher's exit code says whether the workload started), loading its config, and the
-//!   driver-side helpers every supervised kind shares.
+//! - here: a supervisor's arguments ([`SupervisorArgs`]) and entry point ([`run`]):
+//!   loading its config, then detaching it from the CLI that started it (double fork into
+//!   a new session, then wait for the supervisor's readiness message on a pipe, so the
+//!   launcher's exit code says whether the workload started); and the driver-side helpers
+//!   every supervised kind shares ([`launch`], [`observe_instances`], [`hot_or_restart`]).
 
 use std::fs::File;
 use std::io::Read;
@@ -185,6 +186,26 @@ pub fn load_config<T: serde::de::DeserializeOwned>(
         return None;
     }
     Some(cfg)
+}
+
+/// The entry point of a supervisor subcommand (`stead shim`, `stead vmm`): loads the
+/// config named by `args` ([`load_config`], instance dir `dir`), then runs
+/// `supervisor(config, readiness pipe)` detached ([`detach`]). Returns the launcher's exit
+/// code; `what` prefixes its messages.
+///
+/// Must be called from a single-threaded process (it forks without exec).
+pub fn run<T: serde::de::DeserializeOwned>(
+    what: &str,
+    early_exit: &str,
+    args: &SupervisorArgs,
+    dir: &std::path::Path,
+    name_of: fn(&T) -> &str,
+    supervisor: impl FnOnce(T, OwnedFd) -> i32,
+) -> i32 {
+    let Some(cfg) = load_config(what, &args.config, &args.name, name_of, dir) else {
+        return 1;
+    };
+    detach(what, early_exit, |ready_w| supervisor(cfg, ready_w))
 }
 
 /// Observes supervised instances (containers, VMs) whose state lives in `dir/<name>/`:

@@ -74,19 +74,13 @@ pub type VmmArgs = crate::supervise::SupervisorArgs;
 /// supervisor itself never returns (it exits the process).
 pub fn main(args: &VmmArgs) -> i32 {
     let paths = Paths::new(&args.run_dir, &args.name);
-    let Some(cfg) = crate::supervise::load_config::<VmRunConfig>(
-        "stead vmm",
-        &args.config,
-        &args.name,
-        |c| &c.name,
-        &paths.dir,
-    ) else {
-        return 1;
-    };
-    crate::supervise::detach(
+    crate::supervise::run::<VmRunConfig>(
         "stead vmm",
         "supervisor exited before the VM started",
-        |ready_w| daemon(cfg, paths, ready_w),
+        args,
+        &paths.dir.clone(),
+        |c| &c.name,
+        |cfg, ready_w| daemon(cfg, paths, ready_w),
     )
 }
 
