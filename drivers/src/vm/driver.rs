@@ -655,6 +655,26 @@ mod tests {
         }
     }
 
+    /// The run config of a running VM `vm1` (1 vCPU, 32 MiB, kernel `/k`, no disks or
+    /// interfaces, restart policy `always`).
+    fn run_config(cgroup_parent: &str) -> VmRunConfig {
+        VmRunConfig {
+            name: "vm1".into(),
+            cpus: 1,
+            memory: 32 << 20,
+            kernel: "/k".into(),
+            initrd: None,
+            cmdline: None,
+            disks: vec![],
+            interfaces: vec![],
+            restart_policy: RestartPolicy::Always,
+            running: true,
+            cgroup_parent: cgroup_parent.into(),
+            netns: None,
+            shutdown_timeout_secs: 1,
+        }
+    }
+
     #[test]
     fn observe_absent_half_created_and_dead_supervisor() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -675,21 +695,7 @@ mod tests {
         let Spec::VirtualMachine(spec) = &r.spec else {
             panic!("not a VM")
         };
-        let mut cfg = VmRunConfig {
-            name: "vm1".into(),
-            cpus: 1,
-            memory: 32 << 20,
-            kernel: "/k".into(),
-            initrd: None,
-            cmdline: None,
-            disks: vec![],
-            interfaces: vec![],
-            restart_policy: RestartPolicy::Always,
-            running: true,
-            cgroup_parent: d.env.cgroup_parent.clone(),
-            netns: None,
-            shutdown_timeout_secs: 1,
-        };
+        let mut cfg = run_config(&d.env.cgroup_parent);
         write_json(&paths.config(), &cfg).expect("config");
         let o = &d.observe(&[&r], &world).expect("observe")[&r.id];
         assert_eq!(o.state["state"], "stopped");
@@ -714,12 +720,6 @@ mod tests {
             panic!("not a VM")
         };
         let cfg = VmRunConfig {
-            name: "vm1".into(),
-            cpus: 1,
-            memory: 32 << 20,
-            kernel: "/k".into(),
-            initrd: None,
-            cmdline: None,
             disks: vec![DiskRun {
                 volume: "d1".into(),
                 path: "/p".into(),
@@ -731,10 +731,7 @@ mod tests {
                 mac: "52:54:00:00:00:01".into(),
             }],
             restart_policy: RestartPolicy::OnFailure,
-            running: true,
-            cgroup_parent: "x".into(),
-            netns: None,
-            shutdown_timeout_secs: 1,
+            ..run_config("x")
         };
         assert_eq!(
             VmDriver::project_run(&cfg, "running"),
