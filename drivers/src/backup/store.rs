@@ -692,6 +692,12 @@ fn worker_count(threads: Option<usize>) -> usize {
 }
 
 /// Counts the chunks of the files that were not read (their chunk lists were reused).
+/// The next job of a worker pool sharing one receiver; `None` once the sender is gone (or
+/// the lock is poisoned): the worker then returns.
+fn next_job<T>(rx: &Mutex<Receiver<T>>) -> Option<T> {
+    rx.lock().ok()?.recv().ok()
+}
+
 fn count_reused_chunks(files: &[FileEntry], sources: &[Option<PathBuf>], stats: &mut Stats) {
     for (f, src) in files.iter().zip(sources) {
         if src.is_none() && f.kind == EntryKind::File && f.link.is_none() {
@@ -1253,13 +1259,7 @@ impl BackupStore {
             }
         };
         loop {
-            let job = {
-                let Ok(rx) = job_rx.lock() else { return };
-                match rx.recv() {
-                    Ok(j) => j,
-                    Err(_) => return,
-                }
-            };
+            let Some(job) = next_job(job_rx) else { return };
             let r = self.store_chunk(t, &job, comp.as_mut(), shared);
             let failed = r.is_err();
             if failed {
@@ -1707,8 +1707,7 @@ impl BackupStore {
                         Ok(d) => d,
                         Err(err) => {
                             // Report on the first job this worker gets.
-                            let Ok(rx) = job_rx.lock() else { return };
-                            if let Ok(i) = rx.recv() {
+                            if let Some(i) = next_job(&job_rx) {
                                 let _ = res_tx
                                     .send((i, Err(ProblemKind::UnreadableChunk(err.to_string()))));
                             }
@@ -1716,13 +1715,7 @@ impl BackupStore {
                         }
                     };
                     loop {
-                        let i = {
-                            let Ok(rx) = job_rx.lock() else { return };
-                            match rx.recv() {
-                                Ok(i) => i,
-                                Err(_) => return,
-                            }
-                        };
+                        let Some(i) = next_job(&job_rx) else { return };
                         let c = &e.chunks[i];
                         let r = self.read_chunk(
                             c.digest.as_deref().unwrap_or_default(),

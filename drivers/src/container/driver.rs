@@ -14,7 +14,6 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -206,30 +205,12 @@ impl ContainerDriver {
     }
 
     fn spawn_shim(&self, cfg: &ContainerConfig) -> Result<(), DriverError> {
-        let paths = self.paths(&cfg.name);
         let args = ShimArgs {
             run_dir: self.env.run_dir.clone(),
             name: cfg.name.clone(),
-            config: paths.config(),
+            config: self.paths(&cfg.name).config(),
         };
-        let out = Command::new(&self.env.self_exe)
-            .arg("shim")
-            .args(args.to_args())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .output()
-            .map_err(|e| {
-                DriverError::io(format!("spawn {} shim", self.env.self_exe.display()), e)
-            })?;
-        if !out.status.success() {
-            return Err(DriverError::Command {
-                command: format!("{} shim --name {}", self.env.self_exe.display(), cfg.name),
-                status: out.status.to_string(),
-                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-            });
-        }
-        Ok(())
+        crate::supervise::launch(&self.env.self_exe, "shim", &args)
     }
 
     /// Whether container `name` has a live supervisor and a cgroup.

@@ -188,6 +188,19 @@ fn wait_release(go: BorrowedFd<'_>, want: u8) -> Result<(), String> {
     }
 }
 
+/// Becomes root of the container's user namespace (when it has an id map) and drops the
+/// supplementary groups: the first step of the container's init and of an exec'd process
+/// once inside the namespaces.
+fn become_root(cfg: &ContainerConfig) -> Result<(), String> {
+    if cfg.idmap.is_some() {
+        nix::unistd::setresgid(Gid::from_raw(0), Gid::from_raw(0), Gid::from_raw(0))
+            .map_err(errno_ctx("setresgid 0"))?;
+        nix::unistd::setresuid(Uid::from_raw(0), Uid::from_raw(0), Uid::from_raw(0))
+            .map_err(errno_ctx("setresuid 0"))?;
+    }
+    nix::unistd::setgroups(&[]).map_err(errno_ctx("setgroups"))
+}
+
 fn child_setup(ctx: &ChildCtx<'_>) -> Result<std::convert::Infallible, String> {
     let cfg = ctx.cfg;
     reset_signals()?;
@@ -195,13 +208,7 @@ fn child_setup(ctx: &ChildCtx<'_>) -> Result<std::convert::Infallible, String> {
     // SAFETY: go_r is the read end of the start pipe, open in the child.
     let go = unsafe { BorrowedFd::borrow_raw(ctx.go_r) };
     wait_release(go, b'1')?;
-    if cfg.idmap.is_some() {
-        nix::unistd::setresgid(Gid::from_raw(0), Gid::from_raw(0), Gid::from_raw(0))
-            .map_err(errno_ctx("setresgid 0"))?;
-        nix::unistd::setresuid(Uid::from_raw(0), Uid::from_raw(0), Uid::from_raw(0))
-            .map_err(errno_ctx("setresuid 0"))?;
-    }
-    nix::unistd::setgroups(&[]).map_err(errno_ctx("setgroups"))?;
+    become_root(cfg)?;
     nix::unistd::setsid().map_err(errno_ctx("setsid"))?;
     // SAFETY: console is the pty slave fd inherited from the shim.
     let console = unsafe { BorrowedFd::borrow_raw(ctx.console) };
@@ -581,13 +588,7 @@ fn exec_child(
     for (f, kind) in ns {
         setns(f.as_fd(), *kind).map_err(|e| format!("setns {kind:?}: {e}"))?;
     }
-    if cfg.idmap.is_some() {
-        nix::unistd::setresgid(Gid::from_raw(0), Gid::from_raw(0), Gid::from_raw(0))
-            .map_err(errno_ctx("setresgid 0"))?;
-        nix::unistd::setresuid(Uid::from_raw(0), Uid::from_raw(0), Uid::from_raw(0))
-            .map_err(errno_ctx("setresuid 0"))?;
-    }
-    nix::unistd::setgroups(&[]).map_err(errno_ctx("setgroups"))?;
+    become_root(cfg)?;
     // SAFETY: still single-threaded (a fork of the single-threaded shim).
     match unsafe { nix::unistd::fork() }.map_err(errno_ctx("fork into pid namespace"))? {
         nix::unistd::ForkResult::Parent { child } => loop {

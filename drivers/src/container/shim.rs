@@ -48,71 +48,21 @@ use crate::supervise::workload::{Exit, RestartTimer, Workload, restart_wanted};
 
 pub use crate::supervise::console::LOG_CAP;
 
-/// Arguments of `stead shim`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ShimArgs {
-    /// Run dir (`--run-dir`).
-    pub run_dir: PathBuf,
-    /// Container name (`--name`).
-    pub name: String,
-    /// Config file (`--config`).
-    pub config: PathBuf,
-}
-
-impl ShimArgs {
-    /// Parses `--run-dir D --name N --config F` (for binaries without clap).
-    pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Self, String> {
-        let mut run_dir = None;
-        let mut name = None;
-        let mut config = None;
-        let mut it = args.into_iter();
-        while let Some(a) = it.next() {
-            let v = it.next().ok_or_else(|| format!("{a} needs a value"))?;
-            match a.as_str() {
-                "--run-dir" => run_dir = Some(PathBuf::from(v)),
-                "--name" => name = Some(v),
-                "--config" => config = Some(PathBuf::from(v)),
-                _ => return Err(format!("unknown argument {a}")),
-            }
-        }
-        Ok(ShimArgs {
-            run_dir: run_dir.ok_or("--run-dir is required")?,
-            name: name.ok_or("--name is required")?,
-            config: config.ok_or("--config is required")?,
-        })
-    }
-
-    /// The command-line arguments that [`ShimArgs::parse`] reads back.
-    pub fn to_args(&self) -> Vec<String> {
-        vec![
-            "--run-dir".into(),
-            self.run_dir.display().to_string(),
-            "--name".into(),
-            self.name.clone(),
-            "--config".into(),
-            self.config.display().to_string(),
-        ]
-    }
-}
+/// Arguments of `stead shim` (`--run-dir D --name N --config F`).
+pub type ShimArgs = crate::supervise::SupervisorArgs;
 
 /// Entry point of `stead shim`. Must be called from a single-threaded process before any
 /// thread or async runtime exists. Returns the exit code of the launching process; the
 /// supervisor itself never returns (it exits the process).
 pub fn main(args: &ShimArgs) -> i32 {
     let paths = Paths::new(&args.run_dir, &args.name);
-    let Some(cfg) = crate::supervise::load_config::<ContainerConfig>(
-        "stead shim",
-        &args.config,
-        &args.name,
-        |c| &c.name,
-        &paths.dir,
-    ) else {
-        return 1;
-    };
-    crate::supervise::detach(
+    crate::supervise::run::<ContainerConfig>(
         "stead shim",
         "supervisor exited before starting the container",
-        |ready_w| daemon(cfg, args.config.clone(), paths, ready_w),
+        args,
+        &paths.dir.clone(),
+        |c| &c.name,
+        |cfg, ready_w| daemon(cfg, args.config.clone(), paths, ready_w),
     )
 }
 
@@ -621,21 +571,5 @@ impl Workload for Shim {
 
     fn on_timers(&mut self) -> Option<i32> {
         self.fire_timers()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn args_roundtrip() {
-        let a = ShimArgs {
-            run_dir: "/r/stead".into(),
-            name: "web".into(),
-            config: "/r/stead/containers/web/config.json".into(),
-        };
-        assert_eq!(ShimArgs::parse(a.to_args()).expect("parse"), a);
-        assert!(ShimArgs::parse(vec!["--name".to_string()]).is_err());
     }
 }

@@ -7,10 +7,11 @@
 //! - [`workload`]: the [`Workload`] trait a supervised engine implements, and the
 //!   supervisor process around it ([`serve`]: lock, signals, first start, event loop);
 //! - [`hold`]: backup holds that keep `apply` from restarting a workload a backup stopped;
-//! - here: detaching a supervisor from the CLI that started it (double fork into a new
-//!   session, then wait for the supervisor's readiness message on a pipe, so the
-//!   launcher's exit code says whether the workload started), loading its config, and the
-//!   driver-side helpers every supervised kind shares.
+//! - here: a supervisor's arguments ([`SupervisorArgs`]) and entry point ([`run`]):
+//!   loading its config, then detaching it from the CLI that started it (double fork into
+//!   a new session, then wait for the supervisor's readiness message on a pipe, so the
+//!   launcher's exit code says whether the workload started); and the driver-side helpers
+//!   every supervised kind shares ([`launch`], [`observe_instances`], [`hot_or_restart`]).
 
 use std::fs::File;
 use std::io::Read;
@@ -27,6 +28,83 @@ pub use workload::{Workload, serve};
 
 use nix::fcntl::OFlag;
 use nix::sys::wait::waitpid;
+
+/// Arguments of a supervisor subcommand (`stead shim`, `stead vmm`):
+/// `--run-dir D --name N --config F`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SupervisorArgs {
+    /// Run dir (`--run-dir`).
+    pub run_dir: std::path::PathBuf,
+    /// Instance name (`--name`).
+    pub name: String,
+    /// Config file (`--config`), written by the driver.
+    pub config: std::path::PathBuf,
+}
+
+impl SupervisorArgs {
+    /// Parses `--run-dir D --name N --config F` (for binaries without clap).
+    pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Self, String> {
+        let mut run_dir = None;
+        let mut name = None;
+        let mut config = None;
+        let mut it = args.into_iter();
+        while let Some(a) = it.next() {
+            let v = it.next().ok_or_else(|| format!("{a} needs a value"))?;
+            match a.as_str() {
+                "--run-dir" => run_dir = Some(std::path::PathBuf::from(v)),
+                "--name" => name = Some(v),
+                "--config" => config = Some(std::path::PathBuf::from(v)),
+                _ => return Err(format!("unknown argument {a}")),
+            }
+        }
+        Ok(SupervisorArgs {
+            run_dir: run_dir.ok_or("--run-dir is required")?,
+            name: name.ok_or("--name is required")?,
+            config: config.ok_or("--config is required")?,
+        })
+    }
+
+    /// The command-line arguments (after the subcommand) that [`SupervisorArgs::parse`]
+    /// reads back.
+    pub fn to_args(&self) -> Vec<String> {
+        vec![
+            "--run-dir".into(),
+            self.run_dir.display().to_string(),
+            "--name".into(),
+            self.name.clone(),
+            "--config".into(),
+            self.config.display().to_string(),
+        ]
+    }
+}
+
+/// Runs `self_exe <subcommand> <args>` (a supervisor launcher, see [`detach`]) and waits
+/// for it: `Ok` once the supervisor reported ready, else its stderr in a
+/// [`stead_reconciler::driver::DriverError::Command`].
+pub fn launch(
+    self_exe: &std::path::Path,
+    subcommand: &str,
+    args: &SupervisorArgs,
+) -> Result<(), stead_reconciler::driver::DriverError> {
+    use std::process::{Command, Stdio};
+    use stead_reconciler::driver::DriverError;
+    let out = Command::new(self_exe)
+        .arg(subcommand)
+        .args(args.to_args())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+        .map_err(|e| DriverError::io(format!("spawn {} {subcommand}", self_exe.display()), e))?;
+    if !out.status.success() {
+        return Err(DriverError::Command {
+            command: format!("{} {subcommand} --name {}", self_exe.display(), args.name),
+            status: out.status.to_string(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(())
+}
 
 /// Runs `supervisor` double-forked in its own session and returns the launcher's exit
 /// code: 0 once the supervisor wrote `ok` to the readiness pipe (the `OwnedFd` it gets),
@@ -110,6 +188,26 @@ pub fn load_config<T: serde::de::DeserializeOwned>(
     Some(cfg)
 }
 
+/// The entry point of a supervisor subcommand (`stead shim`, `stead vmm`): loads the
+/// config named by `args` ([`load_config`], instance dir `dir`), then runs
+/// `supervisor(config, readiness pipe)` detached ([`detach`]). Returns the launcher's exit
+/// code; `what` prefixes its messages.
+///
+/// Must be called from a single-threaded process (it forks without exec).
+pub fn run<T: serde::de::DeserializeOwned>(
+    what: &str,
+    early_exit: &str,
+    args: &SupervisorArgs,
+    dir: &std::path::Path,
+    name_of: fn(&T) -> &str,
+    supervisor: impl FnOnce(T, OwnedFd) -> i32,
+) -> i32 {
+    let Some(cfg) = load_config(what, &args.config, &args.name, name_of, dir) else {
+        return 1;
+    };
+    detach(what, early_exit, |ready_w| supervisor(cfg, ready_w))
+}
+
 /// Observes supervised instances (containers, VMs) whose state lives in `dir/<name>/`:
 /// one readdir, then `one` for each target that has a directory; the rest are absent.
 pub fn observe_instances(
@@ -158,5 +256,33 @@ pub fn hot_or_restart(path: &str, hot: &[&str]) -> stead_reconciler::driver::Imp
         stead_reconciler::driver::Impact::Hot
     } else {
         stead_reconciler::driver::Impact::Restart
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn supervisor_args_round_trip() {
+        let a = SupervisorArgs {
+            run_dir: "/r/stead".into(),
+            name: "vm1".into(),
+            config: "/r/stead/vms/vm1/config.json".into(),
+        };
+        assert_eq!(
+            a.to_args(),
+            vec![
+                "--run-dir",
+                "/r/stead",
+                "--name",
+                "vm1",
+                "--config",
+                "/r/stead/vms/vm1/config.json"
+            ]
+        );
+        assert_eq!(SupervisorArgs::parse(a.to_args()).expect("parse"), a);
+        assert!(SupervisorArgs::parse(vec!["--name".to_string()]).is_err());
+        assert!(SupervisorArgs::parse(vec!["--x".to_string(), "y".to_string()]).is_err());
     }
 }

@@ -14,7 +14,6 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -268,29 +267,13 @@ impl VmDriver {
     }
 
     fn spawn(&self, cfg: &VmRunConfig) -> Result<(), DriverError> {
-        let paths = self.paths(&cfg.name);
         let args = VmmArgs {
             run_dir: self.env.run_dir.clone(),
             name: cfg.name.clone(),
-            config: paths.config(),
+            config: self.paths(&cfg.name).config(),
         };
         let _span = tracing::info_span!("vm_start", vm = %cfg.name).entered();
-        let out = Command::new(&self.env.self_exe)
-            .args(args.to_args())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .output()
-            .map_err(|e| {
-                DriverError::io(format!("spawn {} vmm", self.env.self_exe.display()), e)
-            })?;
-        if !out.status.success() {
-            return Err(DriverError::Command {
-                command: format!("{} vmm --name {}", self.env.self_exe.display(), cfg.name),
-                status: out.status.to_string(),
-                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-            });
-        }
+        crate::supervise::launch(&self.env.self_exe, "vmm", &args)?;
         tracing::info!("VM started");
         Ok(())
     }
@@ -648,18 +631,7 @@ mod tests {
 
     #[test]
     fn impacts() {
-        let env = HostEnv {
-            state_dir: "/nonexistent".into(),
-            run_dir: "/nonexistent".into(),
-            cgroup_parent: "x".into(),
-            netns: None,
-            self_exe: "/bin/false".into(),
-        };
-        let d = VmDriver {
-            env,
-            hier: Hierarchy::v2("/nonexistent"),
-            shutdown_timeout_secs: 1,
-        };
+        let d = sandbox_driver(std::path::Path::new("/nonexistent"));
         assert_eq!(d.impact("/state"), Impact::Hot);
         assert_eq!(d.impact("/restartPolicy"), Impact::Hot);
         assert_eq!(d.impact("/cpus"), Impact::Restart);
@@ -679,6 +651,26 @@ mod tests {
                 self_exe: "/bin/false".into(),
             },
             hier: Hierarchy::v2(run_dir.join("no-cgroups")),
+            shutdown_timeout_secs: 1,
+        }
+    }
+
+    /// The run config of a running VM `vm1` (1 vCPU, 32 MiB, kernel `/k`, no disks or
+    /// interfaces, restart policy `always`).
+    fn run_config(cgroup_parent: &str) -> VmRunConfig {
+        VmRunConfig {
+            name: "vm1".into(),
+            cpus: 1,
+            memory: 32 << 20,
+            kernel: "/k".into(),
+            initrd: None,
+            cmdline: None,
+            disks: vec![],
+            interfaces: vec![],
+            restart_policy: RestartPolicy::Always,
+            running: true,
+            cgroup_parent: cgroup_parent.into(),
+            netns: None,
             shutdown_timeout_secs: 1,
         }
     }
@@ -703,21 +695,7 @@ mod tests {
         let Spec::VirtualMachine(spec) = &r.spec else {
             panic!("not a VM")
         };
-        let mut cfg = VmRunConfig {
-            name: "vm1".into(),
-            cpus: 1,
-            memory: 32 << 20,
-            kernel: "/k".into(),
-            initrd: None,
-            cmdline: None,
-            disks: vec![],
-            interfaces: vec![],
-            restart_policy: RestartPolicy::Always,
-            running: true,
-            cgroup_parent: d.env.cgroup_parent.clone(),
-            netns: None,
-            shutdown_timeout_secs: 1,
-        };
+        let mut cfg = run_config(&d.env.cgroup_parent);
         write_json(&paths.config(), &cfg).expect("config");
         let o = &d.observe(&[&r], &world).expect("observe")[&r.id];
         assert_eq!(o.state["state"], "stopped");
@@ -742,12 +720,6 @@ mod tests {
             panic!("not a VM")
         };
         let cfg = VmRunConfig {
-            name: "vm1".into(),
-            cpus: 1,
-            memory: 32 << 20,
-            kernel: "/k".into(),
-            initrd: None,
-            cmdline: None,
             disks: vec![DiskRun {
                 volume: "d1".into(),
                 path: "/p".into(),
@@ -759,10 +731,7 @@ mod tests {
                 mac: "52:54:00:00:00:01".into(),
             }],
             restart_policy: RestartPolicy::OnFailure,
-            running: true,
-            cgroup_parent: "x".into(),
-            netns: None,
-            shutdown_timeout_secs: 1,
+            ..run_config("x")
         };
         assert_eq!(
             VmDriver::project_run(&cfg, "running"),

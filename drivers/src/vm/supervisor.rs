@@ -36,7 +36,7 @@ use std::fs::{self, File};
 use std::io::{self, BufReader, Write};
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{SigSet, Signal, kill};
@@ -65,50 +65,22 @@ mod code {
     pub const GUEST_ERROR: i32 = 5;
 }
 
-/// Arguments of `stead vmm`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VmmArgs {
-    /// Run dir (`--run-dir`).
-    pub run_dir: PathBuf,
-    /// VM name (`--name`).
-    pub name: String,
-    /// Config file (`--config`), a [`VmRunConfig`].
-    pub config: PathBuf,
-}
-
-impl VmmArgs {
-    /// The command-line arguments of `stead vmm` for these values.
-    pub fn to_args(&self) -> Vec<String> {
-        vec![
-            "vmm".into(),
-            "--run-dir".into(),
-            self.run_dir.display().to_string(),
-            "--name".into(),
-            self.name.clone(),
-            "--config".into(),
-            self.config.display().to_string(),
-        ]
-    }
-}
+/// Arguments of `stead vmm` (`--run-dir D --name N --config F`, the config a
+/// [`VmRunConfig`]).
+pub type VmmArgs = crate::supervise::SupervisorArgs;
 
 /// Entry point of `stead vmm`. Must be called from a single-threaded process before any
 /// thread or async runtime exists. Returns the exit code of the launching process; the
 /// supervisor itself never returns (it exits the process).
 pub fn main(args: &VmmArgs) -> i32 {
     let paths = Paths::new(&args.run_dir, &args.name);
-    let Some(cfg) = crate::supervise::load_config::<VmRunConfig>(
-        "stead vmm",
-        &args.config,
-        &args.name,
-        |c| &c.name,
-        &paths.dir,
-    ) else {
-        return 1;
-    };
-    crate::supervise::detach(
+    crate::supervise::run::<VmRunConfig>(
         "stead vmm",
         "supervisor exited before the VM started",
-        |ready_w| daemon(cfg, paths, ready_w),
+        args,
+        &paths.dir.clone(),
+        |c| &c.name,
+        |cfg, ready_w| daemon(cfg, paths, ready_w),
     )
 }
 
@@ -557,27 +529,6 @@ fn describe_status(st: &WaitStatus) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn vmm_args_round_trip_shape() {
-        let a = VmmArgs {
-            run_dir: "/r/stead".into(),
-            name: "vm1".into(),
-            config: "/r/stead/vms/vm1/config.json".into(),
-        };
-        assert_eq!(
-            a.to_args(),
-            vec![
-                "vmm",
-                "--run-dir",
-                "/r/stead",
-                "--name",
-                "vm1",
-                "--config",
-                "/r/stead/vms/vm1/config.json"
-            ]
-        );
-    }
 
     #[test]
     fn control_reply_from_a_hostile_vmm_is_bounded() {

@@ -499,20 +499,36 @@ impl VmHandle {
         lock(&self.shared.serial_ring).iter().copied().collect()
     }
 
+    /// Moves the run state from `from` to `to` (what `verb`, `pause` or `resume`, does) and
+    /// returns the still-held control lock; `None` when the VM is in state `to` already, an
+    /// error in any other state.
+    fn switch_state(
+        &self,
+        verb: &str,
+        from: RunState,
+        to: RunState,
+    ) -> Result<Option<MutexGuard<'_, Ctl>>, VmmError> {
+        let mut c = self.shared.ctl();
+        if c.state == from {
+            c.state = to;
+            Ok(Some(c))
+        } else if c.state == to {
+            Ok(None)
+        } else {
+            Err(VmmError::Control(format!(
+                "cannot {verb}: VM is {}",
+                c.state.as_str()
+            )))
+        }
+    }
+
     /// Parks all vCPUs; returns once they are all parked (or the VM exited).
     pub fn pause(&self) -> Result<(), VmmError> {
-        {
-            let mut c = self.shared.ctl();
-            match c.state {
-                RunState::Running => c.state = RunState::Paused,
-                RunState::Paused => return Ok(()),
-                s => {
-                    return Err(VmmError::Control(format!(
-                        "cannot pause: VM is {}",
-                        s.as_str()
-                    )));
-                }
-            }
+        let moved = self
+            .switch_state("pause", RunState::Running, RunState::Paused)?
+            .is_some();
+        if !moved {
+            return Ok(());
         }
         loop {
             self.shared.kick_vcpus();
@@ -537,17 +553,10 @@ impl VmHandle {
     /// Lets parked vCPUs run again.
     pub fn resume(&self) -> Result<(), VmmError> {
         {
-            let mut c = self.shared.ctl();
-            match c.state {
-                RunState::Paused => c.state = RunState::Running,
-                RunState::Running => return Ok(()),
-                s => {
-                    return Err(VmmError::Control(format!(
-                        "cannot resume: VM is {}",
-                        s.as_str()
-                    )));
-                }
-            }
+            let Some(_ctl) = self.switch_state("resume", RunState::Paused, RunState::Running)?
+            else {
+                return Ok(());
+            };
             self.shared.cond.notify_all();
         }
         self.shared.write_state_file();

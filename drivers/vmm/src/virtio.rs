@@ -162,66 +162,67 @@ impl Blk {
     }
 
     fn read(&self, data: &[Descriptor], mem: &GuestMemoryMmap, sector: u64, n: &mut u32) -> u8 {
-        let Some((mut off, total)) = self.check_data(data, mem, sector, true) else {
+        let Some((off, total)) = self.check_data(data, mem, sector, true) else {
             return VIRTIO_BLK_S_IOERR;
         };
-        let mut buf = vec![0u8; COPY_CHUNK];
-        for d in data {
-            let Some((addr, len)) = guest_range(mem, d) else {
-                return VIRTIO_BLK_S_IOERR;
-            };
-            let mut done = 0usize;
-            while done < len {
-                let k = (len - done).min(COPY_CHUNK);
-                // done < len <= u32::MAX and off + total fits the disk (check_data).
-                let (Some(at), Some(dst)) = (
-                    off.checked_add(done as u64),
-                    addr.0.checked_add(done as u64),
-                ) else {
-                    return VIRTIO_BLK_S_IOERR;
-                };
-                if self.file.read_exact_at(&mut buf[..k], at).is_err()
-                    || mem.write_slice(&buf[..k], GuestAddress(dst)).is_err()
-                {
-                    return VIRTIO_BLK_S_IOERR;
-                }
-                done += k;
-            }
-            off += u64::from(d.len());
+        let copied = copy_data(data, mem, off, |buf, at, dst| {
+            self.file.read_exact_at(buf, at).is_ok() && mem.write_slice(buf, dst).is_ok()
+        });
+        if !copied {
+            return VIRTIO_BLK_S_IOERR;
         }
         *n = total;
         VIRTIO_BLK_S_OK
     }
 
     fn write(&self, data: &[Descriptor], mem: &GuestMemoryMmap, sector: u64) -> u8 {
-        let Some((mut off, _)) = self.check_data(data, mem, sector, false) else {
+        let Some((off, _)) = self.check_data(data, mem, sector, false) else {
             return VIRTIO_BLK_S_IOERR;
         };
-        let mut buf = vec![0u8; COPY_CHUNK];
-        for d in data {
-            let Some((addr, len)) = guest_range(mem, d) else {
-                return VIRTIO_BLK_S_IOERR;
-            };
-            let mut done = 0usize;
-            while done < len {
-                let k = (len - done).min(COPY_CHUNK);
-                let (Some(at), Some(src)) = (
-                    off.checked_add(done as u64),
-                    addr.0.checked_add(done as u64),
-                ) else {
-                    return VIRTIO_BLK_S_IOERR;
-                };
-                if mem.read_slice(&mut buf[..k], GuestAddress(src)).is_err()
-                    || self.file.write_all_at(&buf[..k], at).is_err()
-                {
-                    return VIRTIO_BLK_S_IOERR;
-                }
-                done += k;
-            }
-            off += u64::from(d.len());
+        let copied = copy_data(data, mem, off, |buf, at, src| {
+            mem.read_slice(buf, src).is_ok() && self.file.write_all_at(buf, at).is_ok()
+        });
+        if copied {
+            VIRTIO_BLK_S_OK
+        } else {
+            VIRTIO_BLK_S_IOERR
         }
-        VIRTIO_BLK_S_OK
     }
+}
+
+/// Walks the data descriptors of a block request (checked by `check_data`) from disk
+/// offset `off` on, one [`COPY_CHUNK`] at most at a time: `step(buf, disk offset, guest
+/// address)` moves one chunk between the disk and guest memory through `buf`. False
+/// when a step fails (the request then ends with an I/O error).
+fn copy_data(
+    data: &[Descriptor],
+    mem: &GuestMemoryMmap,
+    mut off: u64,
+    mut step: impl FnMut(&mut [u8], u64, GuestAddress) -> bool,
+) -> bool {
+    let mut buf = vec![0u8; COPY_CHUNK];
+    for d in data {
+        let Some((addr, len)) = guest_range(mem, d) else {
+            return false;
+        };
+        let mut done = 0usize;
+        while done < len {
+            let k = (len - done).min(COPY_CHUNK);
+            // done < len <= u32::MAX and off + total fits the disk (check_data).
+            let (Some(at), Some(guest)) = (
+                off.checked_add(done as u64),
+                addr.0.checked_add(done as u64),
+            ) else {
+                return false;
+            };
+            if !step(&mut buf[..k], at, GuestAddress(guest)) {
+                return false;
+            }
+            done += k;
+        }
+        off += u64::from(d.len());
+    }
+    true
 }
 
 /// Block data is copied through a buffer of this size (a guest descriptor of up to
