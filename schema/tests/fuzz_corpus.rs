@@ -2,29 +2,22 @@
 //! docs/fuzzing.md) through load + validate in every test run: no input may panic, and
 //! the corpus must keep exercising both the accepting and the rejecting paths.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use stead_schema::load::{into_desired, load_str};
 use stead_schema::validate::validate;
 
-fn corpus() -> Vec<PathBuf> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/manifest");
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
-        .map(|e| e.expect("corpus entry").path())
-        .collect();
-    files.sort();
-    files
-}
+#[path = "../../fuzz/fuzz_targets/harness/corpus.rs"]
+mod corpus;
 
 #[test]
 fn manifest_fuzz_corpus_loads_and_validates_without_panicking() {
-    let files = corpus();
+    let files =
+        corpus::inputs(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/manifest"));
     assert!(files.len() > 100, "corpus too small: {}", files.len());
     let (mut accepted, mut rejected) = (0usize, 0usize);
-    for f in &files {
-        let bytes = std::fs::read(f).expect("read corpus file");
-        let Ok(text) = std::str::from_utf8(&bytes) else {
+    for (f, bytes) in &files {
+        let Ok(text) = std::str::from_utf8(bytes) else {
             continue;
         };
         let mut resources = Vec::new();

@@ -7,25 +7,17 @@ use std::path::{Path, PathBuf};
 
 #[path = "../../../fuzz/fuzz_targets/harness/control.rs"]
 mod control;
+#[path = "../../../fuzz/fuzz_targets/harness/corpus.rs"]
+mod corpus;
 #[path = "../../../fuzz/fuzz_targets/harness/virtio.rs"]
 mod virtio;
 
 fn corpus(target: &str) -> Vec<(PathBuf, Vec<u8>)> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../fuzz/corpus")
-        .join(target);
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
-        .map(|e| e.expect("corpus entry").path())
-        .collect();
-    files.sort();
-    files
-        .into_iter()
-        .map(|f| {
-            let data = std::fs::read(&f).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
-            (f, data)
-        })
-        .collect()
+    corpus::inputs(
+        &Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../fuzz/corpus")
+            .join(target),
+    )
 }
 
 #[test]
