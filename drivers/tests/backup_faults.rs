@@ -278,6 +278,13 @@ fn push_file(v: &mut serde_json::Value, entry: serde_json::Value) {
     v["files"].as_array_mut().expect("files").push(entry);
 }
 
+/// Appends a copy of the `etc/hostname` entry under another `path`.
+fn push_hostname_copy_at(v: &mut serde_json::Value, path: impl Into<serde_json::Value>) {
+    let mut e = hostname_entry(v);
+    e["path"] = path.into();
+    push_file(v, e);
+}
+
 #[test]
 fn a_tampered_store_cannot_make_restore_write_outside_its_target() {
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -305,27 +312,21 @@ fn a_tampered_store_cannot_make_restore_write_outside_its_target() {
             "entry path with ..",
             "OUTSIDE/x",
             Box::new(move |v| {
-                let mut e = hostname_entry(v);
-                e["path"] = format!("{up}/OUTSIDE/x").into();
-                push_file(v, e);
+                push_hostname_copy_at(v, format!("{up}/OUTSIDE/x"));
             }),
         ),
         (
             "absolute entry path",
             "/etc/x",
             Box::new(|v| {
-                let mut e = hostname_entry(v);
-                e["path"] = "/etc/x".into();
-                push_file(v, e);
+                push_hostname_copy_at(v, "/etc/x");
             }),
         ),
         (
             "NUL in a name",
             "etc/a",
             Box::new(|v| {
-                let mut e = hostname_entry(v);
-                e["path"] = "etc/a\u{0}b".into();
-                push_file(v, e);
+                push_hostname_copy_at(v, "etc/a\u{0}b");
             }),
         ),
         (
@@ -340,9 +341,7 @@ fn a_tampered_store_cannot_make_restore_write_outside_its_target() {
                 link.as_object_mut().expect("obj").remove("chunks");
                 link.as_object_mut().expect("obj").remove("sha256");
                 push_file(v, link);
-                let mut e = hostname_entry(v);
-                e["path"] = "a/victim".into();
-                push_file(v, e);
+                push_hostname_copy_at(v, "a/victim");
             }),
         ),
         (
