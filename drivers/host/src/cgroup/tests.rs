@@ -434,6 +434,51 @@ fn no_device_filter_is_an_error() {
     assert!(err.to_string().contains("devices controller"), "{err}");
 }
 
+/// Whether the privileged test `test` runs as root; prints its SKIP line when not.
+fn running_as_root(test: &str) -> bool {
+    let root = nix::unistd::geteuid().is_root();
+    if !root {
+        eprintln!("SKIP {test}: needs root");
+    }
+    root
+}
+
+/// The host's hierarchy for the privileged test `test`, or `None` (after its SKIP line)
+/// when not root or none is found.
+fn host_hierarchy(test: &str) -> Option<Hierarchy> {
+    if !running_as_root(test) {
+        return None;
+    }
+    Hierarchy::detect()
+        .inspect_err(|e| eprintln!("SKIP {test}: {e}"))
+        .ok()
+}
+
+/// Destroys the test cgroup on drop, so a failed assertion leaves nothing behind.
+struct DestroyOnDrop(Cgroup);
+
+impl Drop for DestroyOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.destroy();
+    }
+}
+
+/// A `sleep 30` to attach to a test cgroup.
+fn sleeper() -> std::process::Child {
+    std::process::Command::new("/bin/sleep")
+        .arg("30")
+        .spawn()
+        .expect("spawn sleep")
+}
+
+/// Asserts the top test parent of `cg` is gone from every hierarchy.
+fn assert_parents_gone(cg: &Cgroup) {
+    for d in cg.procs_dirs() {
+        let top = d.parent().and_then(Path::parent).expect("top");
+        assert!(!top.exists(), "{} left behind", top.display());
+    }
+}
+
 /// Freezes `cg` (holding `pid`), checks the kernel reports the task frozen, thaws.
 fn freeze_thaw(cg: &Cgroup, pid: i32) {
     cg.freeze(Duration::from_secs(5)).expect("freeze");
@@ -460,8 +505,7 @@ fn freeze_thaw(cg: &Cgroup, pid: i32) {
 /// own when it is v2.
 #[test]
 fn v2_create_attach_kill_destroy() {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("SKIP v2_create_attach_kill_destroy: needs root");
+    if !running_as_root("v2_create_attach_kill_destroy") {
         return;
     }
     let host = Path::new(DEFAULT_ROOT);
@@ -475,13 +519,7 @@ fn v2_create_attach_kill_destroy() {
     let hier = Hierarchy::v2(root.clone());
     let parent = format!("stead-test-{}-v2/nested", std::process::id());
     let cg = hier.cgroup(&parent, "c1");
-    struct Guard(Cgroup);
-    impl Drop for Guard {
-        fn drop(&mut self) {
-            let _ = self.0.destroy();
-        }
-    }
-    let _guard = Guard(cg.clone());
+    let _guard = DestroyOnDrop(cg.clone());
     cg.create().expect("create");
     assert!(cg.exists());
     cg.set_limits(&Limits::default())
@@ -493,10 +531,7 @@ fn v2_create_attach_kill_destroy() {
         ..Default::default()
     });
     assert_eq!(r.is_ok(), has_pids, "{r:?}");
-    let mut child = std::process::Command::new("/bin/sleep")
-        .arg("30")
-        .spawn()
-        .expect("spawn sleep");
+    let mut child = sleeper();
     let pid = child.id() as i32;
     cg.add_pid(pid).expect("attach");
     assert_eq!(cg.pids(), vec![pid]);
@@ -514,26 +549,12 @@ fn v2_create_attach_kill_destroy() {
 /// Real test against the host's hierarchy, inside a private test parent.
 #[test]
 fn create_limit_attach_destroy() {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("SKIP create_limit_attach_destroy: needs root");
+    let Some(hier) = host_hierarchy("create_limit_attach_destroy") else {
         return;
-    }
-    let hier = match Hierarchy::detect() {
-        Ok(h) => h,
-        Err(e) => {
-            eprintln!("SKIP create_limit_attach_destroy: {e}");
-            return;
-        }
     };
     let parent = format!("stead-test-{}-unit/nested", std::process::id());
     let cg = hier.cgroup(&parent, "c1");
-    struct Guard(Cgroup);
-    impl Drop for Guard {
-        fn drop(&mut self) {
-            let _ = self.0.destroy();
-        }
-    }
-    let _guard = Guard(cg.clone());
+    let _guard = DestroyOnDrop(cg.clone());
     cg.create().expect("create");
     assert!(cg.exists());
     let l = Limits {
@@ -547,10 +568,7 @@ fn create_limit_attach_destroy() {
     assert_eq!(cg.limits().expect("read"), Limits::default());
     cg.set_limits(&l).expect("limits again");
 
-    let mut child = std::process::Command::new("/bin/sleep")
-        .arg("30")
-        .spawn()
-        .expect("spawn sleep");
+    let mut child = sleeper();
     let pid = child.id() as i32;
     cg.add_pid(pid).expect("attach");
     assert_eq!(cg.pids(), vec![pid]);
@@ -565,41 +583,21 @@ fn create_limit_attach_destroy() {
     let status = child.wait().expect("wait");
     assert!(!status.success(), "sleep was killed");
     assert!(!cg.exists());
-    for d in hier.cgroup(&parent, "c1").procs_dirs() {
-        let top = d.parent().and_then(Path::parent).expect("top");
-        assert!(!top.exists(), "{} left behind", top.display());
-    }
+    assert_parents_gone(&hier.cgroup(&parent, "c1"));
 }
 
 /// `remove_parent` on the host's hierarchy: a parent whose child holds a process stays
 /// (and is reported); once the process is gone, the whole parent goes in every hierarchy.
 #[test]
 fn remove_parent_on_the_host() {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("SKIP remove_parent_on_the_host: needs root");
+    let Some(hier) = host_hierarchy("remove_parent_on_the_host") else {
         return;
-    }
-    let hier = match Hierarchy::detect() {
-        Ok(h) => h,
-        Err(e) => {
-            eprintln!("SKIP remove_parent_on_the_host: {e}");
-            return;
-        }
     };
     let parent = format!("stead-test-{}-rmparent", std::process::id());
     let cg = hier.cgroup(&format!("{parent}/env-a"), "c1");
-    struct Guard(Cgroup);
-    impl Drop for Guard {
-        fn drop(&mut self) {
-            let _ = self.0.destroy();
-        }
-    }
-    let _guard = Guard(cg.clone());
+    let _guard = DestroyOnDrop(cg.clone());
     cg.create().expect("create");
-    let mut child = std::process::Command::new("/bin/sleep")
-        .arg("30")
-        .spawn()
-        .expect("spawn sleep");
+    let mut child = sleeper();
     cg.add_pid(child.id() as i32).expect("attach");
     let problems = hier.remove_parent(&parent);
     assert!(!problems.is_empty(), "a populated tree is reported");
@@ -608,8 +606,5 @@ fn remove_parent_on_the_host() {
     let _ = child.wait();
     let problems = hier.remove_parent(&parent);
     assert!(problems.is_empty(), "{problems:?}");
-    for d in cg.procs_dirs() {
-        let top = d.parent().and_then(Path::parent).expect("top");
-        assert!(!top.exists(), "{} left behind", top.display());
-    }
+    assert_parents_gone(&cg);
 }
