@@ -24,9 +24,13 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use stead_drivers::container::ContainerDriver;
-use stead_drivers::container::shim::{self, ShimArgs};
 use stead_reconciler::driver::{Driver, HostEnv};
-use stead_schema::{Kind, Metadata, Origin, Resource, ResourceId, Spec};
+use stead_schema::{Kind, Resource, ResourceId};
+
+#[path = "../tests/container_util/mod.rs"]
+mod container_util;
+
+use container_util::{new_netns_on, nsenter, resource, run_as_shim_if_asked};
 
 const LOOP: &str = "trap 'exit 0' TERM; while :; do sleep 1000 & wait; done";
 
@@ -40,27 +44,6 @@ fn build_rootfs(dir: &Path) {
     }
     let _ = symlink("../bin/busybox", dir.join("sbin/init"));
     fs::write(dir.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").expect("passwd");
-}
-
-fn nsenter(netns: &Path, args: &[&str]) {
-    let st = Command::new("nsenter")
-        .arg(format!("--net={}", netns.display()))
-        .args(args)
-        .status()
-        .expect("nsenter");
-    assert!(st.success(), "{args:?}");
-}
-
-fn resource(name: &str, spec: Value) -> Resource {
-    Resource {
-        id: ResourceId::new(Kind::Container, name),
-        metadata: Metadata {
-            name: name.parse().expect("name"),
-            ..Default::default()
-        },
-        spec: Spec::from_value(Kind::Container, spec).expect("spec"),
-        origin: Origin::default(),
-    }
 }
 
 fn stats(label: &str, mut v: Vec<Duration>) {
@@ -80,16 +63,7 @@ fn stats(label: &str, mut v: Vec<Duration>) {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    if args.get(1).map(String::as_str) == Some("shim") {
-        let code = match ShimArgs::parse(args[2..].iter().cloned()) {
-            Ok(a) => shim::main(&a),
-            Err(e) => {
-                eprintln!("shim: {e}");
-                2
-            }
-        };
-        std::process::exit(code);
-    }
+    run_as_shim_if_asked(&args);
     if args.get(1).map(String::as_str) == Some("crun-loop") {
         let n = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(10);
         crun_loop(Path::new(&args[2]), n);
@@ -103,21 +77,7 @@ fn main() {
     let _ = nix::sys::prctl::set_child_subreaper(true);
     let tmp = tempfile::tempdir().expect("tmp");
     let netns = tmp.path().join("netns");
-    fs::File::create(&netns).expect("netns file");
-    let target = netns.clone();
-    std::thread::spawn(move || {
-        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare");
-        nix::mount::mount(
-            Some("/proc/thread-self/ns/net"),
-            &target,
-            None::<&str>,
-            nix::mount::MsFlags::MS_BIND,
-            None::<&str>,
-        )
-        .expect("bind netns");
-    })
-    .join()
-    .expect("thread");
+    new_netns_on(&netns);
     nsenter(&netns, &["ip", "link", "add", "br0", "type", "bridge"]);
     nsenter(&netns, &["ip", "link", "set", "br0", "up"]);
     let rootfs = tmp.path().join("rootfs");
@@ -156,7 +116,7 @@ fn main() {
         let mut inner = Vec::new();
         let mut apply = Vec::new();
         for i in 0..iters {
-            let r = resource("bench", spec(veth, i));
+            let r = resource(Kind::Container, "bench", spec(veth, i));
             let t = Instant::now();
             driver
                 .apply(&r, &Default::default(), &world)
@@ -194,7 +154,7 @@ fn main() {
 
     let n = 50;
     let rs: Vec<Resource> = (0..n)
-        .map(|i| resource(&format!("c{i}"), spec(true, i)))
+        .map(|i| resource(Kind::Container, &format!("c{i}"), spec(true, i)))
         .collect();
     let t = Instant::now();
     for r in &rs {

@@ -23,13 +23,15 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use stead_drivers::container::shim::{self, ShimArgs};
 use stead_drivers::container::{ContainerDriver, exec_with};
 use stead_host::cgroup::Hierarchy;
 use stead_reconciler::driver::{Driver, HostEnv, Lookup, Observed};
-use stead_schema::{Kind, Metadata, Origin, Resource, ResourceId, Spec};
+use stead_schema::{Kind, Resource, ResourceId, Spec};
 
+mod container_util;
 mod storage_util;
+
+use container_util::{new_netns_on, nsenter, resource, run_as_shim_if_asked};
 
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
@@ -81,41 +83,13 @@ struct Sandbox {
     template: PathBuf,
 }
 
-fn nsenter(netns: &Path, args: &[&str]) -> String {
-    let out = Command::new("nsenter")
-        .arg(format!("--net={}", netns.display()))
-        .args(args)
-        .output()
-        .expect("nsenter");
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 impl Sandbox {
     fn new(bridge_addr: &str) -> Sandbox {
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
         let name = format!("stead-test-{}-{n}", std::process::id());
         let tmp = tempfile::tempdir().expect("tmp");
         let netns = tmp.path().join("netns");
-        fs::File::create(&netns).expect("netns file");
-        let target = netns.clone();
-        std::thread::spawn(move || {
-            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare net");
-            nix::mount::mount(
-                Some("/proc/thread-self/ns/net"),
-                &target,
-                None::<&str>,
-                nix::mount::MsFlags::MS_BIND,
-                None::<&str>,
-            )
-            .expect("bind netns");
-        })
-        .join()
-        .expect("netns thread");
+        new_netns_on(&netns);
         nsenter(&netns, &["ip", "link", "add", "br0", "type", "bridge"]);
         nsenter(&netns, &["ip", "link", "set", "br0", "up"]);
         nsenter(&netns, &["ip", "link", "set", "lo", "up"]);
@@ -145,30 +119,14 @@ impl Sandbox {
     }
 
     fn resource(&mut self, name: &str, spec: Value) -> Resource {
-        let r = Resource {
-            id: ResourceId::new(Kind::Container, name),
-            metadata: Metadata {
-                name: name.parse().expect("name"),
-                ..Default::default()
-            },
-            spec: Spec::from_value(Kind::Container, spec).expect("spec"),
-            origin: Origin::default(),
-        };
+        let r = resource(Kind::Container, name, spec);
         self.world.insert(r.id.clone(), r.clone());
         r
     }
 
     /// Adds a non-container resource (pool, volume) to the lookup world.
     fn insert(&mut self, kind: Kind, name: &str, spec: Value) {
-        let r = Resource {
-            id: ResourceId::new(kind, name),
-            metadata: Metadata {
-                name: name.parse().expect("name"),
-                ..Default::default()
-            },
-            spec: Spec::from_value(kind, spec).expect("spec"),
-            origin: Origin::default(),
-        };
+        let r = resource(kind, name, spec);
         self.world.insert(r.id.clone(), r);
     }
 
@@ -1360,16 +1318,7 @@ fn seccomp_refuses_new_namespaces() {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    if args.get(1).map(String::as_str) == Some("shim") {
-        let code = match ShimArgs::parse(args[2..].iter().cloned()) {
-            Ok(a) => shim::main(&a),
-            Err(e) => {
-                eprintln!("shim: {e}");
-                2
-            }
-        };
-        std::process::exit(code);
-    }
+    run_as_shim_if_asked(&args);
     let tests: [(&str, fn()); 16] = [
         (
             "seccomp_refuses_new_namespaces",
