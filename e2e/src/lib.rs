@@ -46,6 +46,70 @@ pub fn skip_unless(cond: bool, test: &str, reason: &str) -> bool {
     !cond
 }
 
+/// Whether a test needing KVM can run: root and a `/dev/kvm` open for read and write;
+/// prints the SKIP line when not.
+pub fn kvm_ok(test: &str) -> bool {
+    if skip_unless(is_root(), test, "needs root") {
+        return false;
+    }
+    let kvm = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    !skip_unless(kvm, test, "/dev/kvm absent")
+}
+
+/// Whether a test running a busybox container can run: root and `/bin/busybox` (Debian
+/// package busybox-static); prints the SKIP line when not.
+pub fn busybox_ok(test: &str) -> bool {
+    !(skip_unless(is_root(), test, "needs root")
+        || skip_unless(
+            Path::new("/bin/busybox").exists(),
+            test,
+            "busybox-static not installed",
+        ))
+}
+
+/// A tmpfs mounted on a path for a test, lazily unmounted on drop (even on failure).
+pub struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `size` (`mount -o size=`), mode 0700, on `path` (created if
+    /// missing); `None` when that fails.
+    pub fn mount(path: &Path, size: &str) -> Option<Tmpfs> {
+        std::fs::create_dir_all(path).ok()?;
+        let ok = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(path)
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then(|| Tmpfs(path.to_path_buf()))
+    }
+
+    /// Remounts it with another `size`; must succeed.
+    pub fn resize(&self, size: &str) {
+        let st = Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(&self.0)
+            .status()
+            .expect("mount");
+        assert!(st.success(), "remount {} to {size}", self.0.display());
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
 /// A private sandbox for one test.
 pub struct Sandbox {
     /// Temp dir holding state, run and data dirs.
@@ -100,6 +164,20 @@ impl Sandbox {
     /// A path inside the sandbox.
     pub fn path(&self, rel: &str) -> PathBuf {
         self.dir.path().join(rel)
+    }
+
+    /// A busybox root file system at `<sandbox>/ct-root` (owned by root) with the `sh`
+    /// and `sleep` applets, from the host's `/bin/busybox` (see [`busybox_ok`]).
+    pub fn busybox_rootfs(&self) -> PathBuf {
+        let root = self.path("ct-root");
+        for d in ["bin", "proc", "sys", "dev", "tmp", "etc"] {
+            std::fs::create_dir_all(root.join(d)).expect("mkdir rootfs");
+        }
+        std::fs::copy("/bin/busybox", root.join("bin/busybox")).expect("copy /bin/busybox");
+        for a in ["sh", "sleep"] {
+            let _ = std::os::unix::fs::symlink("busybox", root.join("bin").join(a));
+        }
+        root
     }
 
     /// Writes a file inside the sandbox and returns its path.

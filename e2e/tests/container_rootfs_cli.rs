@@ -9,38 +9,16 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use stead_e2e::{Sandbox, is_root, skip_unless};
+use stead_e2e::{Sandbox, busybox_ok};
 
 /// Size of a container's id range.
 const RANGE: u32 = 65536;
-
-fn can_run(test: &str) -> bool {
-    !(skip_unless(is_root(), test, "needs root")
-        || skip_unless(
-            Path::new("/bin/busybox").exists(),
-            test,
-            "busybox-static not installed",
-        ))
-}
 
 /// A sandbox whose dir an unprivileged container's root may traverse.
 fn sandbox() -> Sandbox {
     let sb = Sandbox::new();
     std::fs::set_permissions(sb.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     sb
-}
-
-/// A busybox tree at `<sandbox>/ct-root` (owned by root).
-fn busybox_tree(sb: &Sandbox) -> PathBuf {
-    let root = sb.path("ct-root");
-    for d in ["bin", "proc", "sys", "dev", "tmp", "etc"] {
-        std::fs::create_dir_all(root.join(d)).unwrap();
-    }
-    std::fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
-    for a in ["sh", "sleep"] {
-        let _ = std::os::unix::fs::symlink("busybox", root.join("bin").join(a));
-    }
-    root
 }
 
 /// `tar -P -cf <out> -C <root> . <extra…>`: absolute `extra` names stay absolute.
@@ -102,11 +80,11 @@ fn owners(root: &Path) -> Vec<(PathBuf, u32, u32)> {
 #[test]
 fn template_member_with_absolute_path_leaves_host_file_alone() {
     const TEST: &str = "template_member_with_absolute_path_leaves_host_file_alone";
-    if !can_run(TEST) {
+    if !busybox_ok(TEST) {
         return;
     }
     let sb = sandbox();
-    let root = busybox_tree(&sb);
+    let root = sb.busybox_rootfs();
     // A host file outside the rootfs, named by an absolute member of the template.
     let victim = sb.path("outside/victim");
     sb.write("outside/victim", "host data\n");
@@ -136,11 +114,11 @@ fn template_member_with_absolute_path_leaves_host_file_alone() {
 #[test]
 fn template_ids_stay_in_the_container_range() {
     const TEST: &str = "template_ids_stay_in_the_container_range";
-    if !can_run(TEST) {
+    if !busybox_ok(TEST) {
         return;
     }
     let sb = sandbox();
-    let root = busybox_tree(&sb);
+    let root = sb.busybox_rootfs();
     sb.write("ct-root/etc/last", "x\n");
     std::os::unix::fs::chown(root.join("etc/last"), Some(RANGE - 1), Some(RANGE - 1)).unwrap();
     let tpl = sb.path("ok.tar");
@@ -189,11 +167,11 @@ fn mode(p: &Path) -> u32 {
 #[test]
 fn rootfs_trees_sit_in_private_dirs() {
     const TEST: &str = "rootfs_trees_sit_in_private_dirs";
-    if !can_run(TEST) {
+    if !busybox_ok(TEST) {
         return;
     }
     let sb = sandbox();
-    let root = busybox_tree(&sb);
+    let root = sb.busybox_rootfs();
     std::fs::set_permissions(
         root.join("bin/busybox"),
         std::fs::Permissions::from_mode(0o4755),
@@ -241,14 +219,14 @@ fn rootfs_trees_sit_in_private_dirs() {
 #[test]
 fn container_rootfs_delete_is_gated_snapshotted_or_retained() {
     const TEST: &str = "container_rootfs_delete_is_gated_snapshotted_or_retained";
-    if !can_run(TEST) {
+    if !busybox_ok(TEST) {
         return;
     }
     let sb = sandbox();
     let Some(btrfs) = stead_e2e::LoopBtrfs::for_test(&sb, TEST) else {
         return;
     };
-    let root = busybox_tree(&sb);
+    let root = sb.busybox_rootfs();
     let tpl = sb.path("t.tar");
     pack(&root, &tpl, &[]);
     let pool = btrfs.mnt.join("pool");

@@ -9,21 +9,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use controller_util::*;
-use stead_e2e::{Sandbox, is_root, skip_unless};
+use stead_e2e::{Sandbox, busybox_ok};
 
 const TEST: &str = "workload_metrics_and_sigterm_leaves_container_running";
-
-fn busybox_rootfs(sb: &Sandbox) -> PathBuf {
-    let root = sb.path("ct-root");
-    for d in ["bin", "proc", "sys", "dev", "tmp", "etc"] {
-        std::fs::create_dir_all(root.join(d)).unwrap();
-    }
-    std::fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
-    for a in ["sh", "sleep"] {
-        let _ = std::os::unix::fs::symlink("busybox", root.join("bin").join(a));
-    }
-    root
-}
 
 /// Destroys what the manifests own when the test ends (stops the container).
 struct Destroy<'a>(&'a Sandbox, PathBuf);
@@ -41,17 +29,11 @@ impl Drop for Destroy<'_> {
 
 #[test]
 fn workload_metrics_and_sigterm_leaves_container_running() {
-    if skip_unless(is_root(), TEST, "needs root")
-        || skip_unless(
-            Path::new("/bin/busybox").exists(),
-            TEST,
-            "busybox-static not installed",
-        )
-    {
+    if !busybox_ok(TEST) {
         return;
     }
     let sb = Sandbox::new();
-    let root = busybox_rootfs(&sb);
+    let root = sb.busybox_rootfs();
     let text = format!(
         "apiVersion: stead.dev/v1alpha1\nkind: Container\nmetadata: {{name: busy}}\nspec:\n  rootfs: {{path: {}}}\n  unprivileged: false\n  command: [/bin/sh, -c, \"i=0; while [ $i -lt 300000 ]; do i=$((i+1)); done; sleep 100000\"]\n",
         root.display()

@@ -14,7 +14,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use stead_e2e::{Sandbox, is_root, skip_unless};
+use stead_e2e::{Sandbox, Tmpfs, busybox_ok, is_root, kvm_ok, skip_unless};
 
 /// Pids and command lines of processes whose command line names this sandbox and runs
 /// `stead <sub>` (`shim` or `vmm`).
@@ -218,18 +218,6 @@ impl Drop for Leftovers<'_> {
 
 // ------------------------------------------------------------------ container shim
 
-fn busybox_rootfs(sb: &Sandbox) -> PathBuf {
-    let root = sb.path("ct-root");
-    for d in ["bin", "proc", "sys", "dev", "tmp", "etc"] {
-        std::fs::create_dir_all(root.join(d)).unwrap();
-    }
-    std::fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
-    for a in ["sh", "sleep"] {
-        let _ = std::os::unix::fs::symlink("busybox", root.join("bin").join(a));
-    }
-    root
-}
-
 /// Links enslaved to `bridge` in the sandbox's netns.
 fn attached(sb: &Sandbox, bridge: &str) -> Vec<String> {
     let ns = sb.netns.as_deref().expect("netns");
@@ -254,18 +242,12 @@ fn container_pid(sb: &Sandbox) -> Option<i32> {
 #[test]
 fn fault_shim_sigkill_during_apply_converges_and_destroy_leaves_nothing() {
     const TEST: &str = "fault_shim_sigkill_during_apply_converges_and_destroy_leaves_nothing";
-    if skip_unless(is_root(), TEST, "needs root")
-        || skip_unless(
-            Path::new("/bin/busybox").exists(),
-            TEST,
-            "busybox-static not installed",
-        )
-    {
+    if !busybox_ok(TEST) {
         return;
     }
     let sb = Sandbox::with_netns();
     let _leftovers = Leftovers(&sb);
-    let root = busybox_rootfs(&sb);
+    let root = sb.busybox_rootfs();
     sb.write(
         "m/ct.yaml",
         &format!(
@@ -327,18 +309,6 @@ fn fault_shim_sigkill_during_apply_converges_and_destroy_leaves_nothing() {
 }
 
 // ------------------------------------------------------------------ VM supervisor/VMM
-
-fn kvm_ok(test: &str) -> bool {
-    if skip_unless(is_root(), test, "needs root") {
-        return false;
-    }
-    let kvm = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    !skip_unless(kvm, test, "/dev/kvm absent")
-}
 
 fn vm_manifest(sb: &Sandbox, kernel: &Path) -> PathBuf {
     let text = format!(
@@ -437,42 +407,6 @@ fn fault_vmm_sigkill_during_apply_converges_and_destroy_leaves_nothing() {
 }
 
 // ------------------------------------------------------------------ ENOSPC on the pool
-
-/// A tmpfs of `size` mounted at `path`, unmounted on drop.
-struct Tmpfs(PathBuf);
-
-impl Tmpfs {
-    fn mount(path: &Path, size: &str) -> Option<Tmpfs> {
-        std::fs::create_dir_all(path).ok()?;
-        let ok = Command::new("mount")
-            .args([
-                "-t",
-                "tmpfs",
-                "-o",
-                &format!("size={size},mode=0700"),
-                "tmpfs",
-            ])
-            .arg(path)
-            .status()
-            .is_ok_and(|s| s.success());
-        ok.then(|| Tmpfs(path.to_path_buf()))
-    }
-
-    fn resize(&self, size: &str) {
-        let st = Command::new("mount")
-            .args(["-o", &format!("remount,size={size}")])
-            .arg(&self.0)
-            .status()
-            .expect("mount");
-        assert!(st.success(), "remount {size}");
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
 
 /// Files under `dir` (relative paths), recursively.
 fn files_under(dir: &Path) -> Vec<String> {

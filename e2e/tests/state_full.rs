@@ -4,47 +4,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use stead_e2e::{Sandbox, is_root, skip_unless};
-
-/// A tmpfs mounted on `path` for the test, lazily unmounted on drop (even on failure).
-struct Tmpfs(PathBuf);
-
-impl Tmpfs {
-    fn mount(path: &Path, size: &str) -> Tmpfs {
-        std::fs::create_dir_all(path).unwrap();
-        let st = Command::new("mount")
-            .args([
-                "-t",
-                "tmpfs",
-                "-o",
-                &format!("size={size},mode=0700"),
-                "tmpfs",
-            ])
-            .arg(path)
-            .status()
-            .unwrap();
-        assert!(st.success(), "mount tmpfs on {}", path.display());
-        Tmpfs(path.to_path_buf())
-    }
-
-    fn resize(&self, size: &str) {
-        let st = Command::new("mount")
-            .args(["-o", &format!("remount,size={size}")])
-            .arg(&self.0)
-            .status()
-            .unwrap();
-        assert!(st.success(), "remount {}", self.0.display());
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
+use stead_e2e::{Sandbox, Tmpfs, is_root, skip_unless};
 
 fn bridges_yaml(names: &[String]) -> String {
     names
@@ -90,7 +52,7 @@ fn full_state_disk_leaks_no_bridge() {
 fn fill_then_prune() {
     let sb = Sandbox::with_netns();
     let ns = sb.netns.clone().unwrap();
-    let state = Tmpfs::mount(&sb.path("state"), "256k");
+    let state = Tmpfs::mount(&sb.path("state"), "256k").expect("mount tmpfs on the state dir");
     let names: Vec<String> = (0..300).map(|i| format!("br{i}")).collect();
     sb.write("many/n.yaml", &bridges_yaml(&names));
     let out = sb.run(&["apply", "--yes", sb.path("many").to_str().unwrap()]);

@@ -11,19 +11,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use stead_e2e::{LoopBtrfs, Sandbox, is_root, skip_unless};
-
-fn kvm_ok(test: &str) -> bool {
-    if skip_unless(is_root(), test, "needs root") {
-        return false;
-    }
-    let kvm = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    !skip_unless(kvm, test, "/dev/kvm absent")
-}
+use stead_e2e::{LoopBtrfs, Sandbox, kvm_ok};
 
 struct Vm<'a> {
     cpus: u32,
