@@ -216,6 +216,27 @@ impl Drop for Leftovers<'_> {
     }
 }
 
+/// After a round of a kill test (`round`, named in failures): the workload's cgroups are
+/// all named `leaf`, the leak list sees it running (so an empty list after destroy means
+/// something), and `stead destroy` of the manifests `m` leaves nothing.
+fn destroy_leaves_nothing(sb: &Sandbox, m: &str, leaf: &str, round: impl std::fmt::Display) {
+    let cgs = child_cgroups(sb);
+    assert!(!cgs.is_empty());
+    assert!(
+        cgs.iter().all(|c| c.ends_with(&format!("/{leaf}"))),
+        "delay {round}: cgroups {cgs:?}"
+    );
+    let running = leaks(sb);
+    assert!(
+        running.iter().any(|l| l.starts_with("process"))
+            && running.iter().any(|l| l.starts_with("cgroup")),
+        "{running:?}"
+    );
+    sb.run(&["destroy", "--yes", "--allow-data-loss", m])
+        .expect_code(0);
+    assert_eq!(leaks(sb), Vec::<String>::new(), "delay {round}");
+}
+
 // ------------------------------------------------------------------ container shim
 
 /// Links enslaved to `bridge` in the sandbox's netns.
@@ -287,24 +308,8 @@ fn fault_shim_sigkill_during_apply_converges_and_destroy_leaves_nothing() {
         // One veth on the bridge: none left over from the killed start.
         let ports = attached(&sb, "lan0");
         assert_eq!(ports.len(), 1, "delay {delay_ms}: {ports:?}");
-        let cgs = child_cgroups(&sb);
-        assert!(!cgs.is_empty());
-        assert!(
-            cgs.iter().all(|c| c.ends_with("/busy")),
-            "delay {delay_ms}: cgroups {cgs:?}"
-        );
         // Stop it again so that the next round starts the shim anew.
-        // The leak list sees the running workload (so an empty list after destroy means
-        // something).
-        let running = leaks(&sb);
-        assert!(
-            running.iter().any(|l| l.starts_with("process"))
-                && running.iter().any(|l| l.starts_with("cgroup")),
-            "{running:?}"
-        );
-        sb.run(&["destroy", "--yes", "--allow-data-loss", m])
-            .expect_code(0);
-        assert_eq!(leaks(&sb), Vec::<String>::new(), "delay {delay_ms}");
+        destroy_leaves_nothing(&sb, m, "busy", delay_ms);
     }
 }
 
@@ -385,23 +390,7 @@ fn fault_vmm_sigkill_during_apply_converges_and_destroy_leaves_nothing() {
         let have = pids(&sandbox_processes(&sb, "vmm"));
         assert_eq!(have, want, "delay {delay_ms}: {status}");
         assert!(!killed.iter().any(|k| have.contains(k)));
-        let cgs = child_cgroups(&sb);
-        assert!(!cgs.is_empty());
-        assert!(
-            cgs.iter().all(|c| c.ends_with("/vm-vm1")),
-            "delay {delay_ms}: cgroups {cgs:?}"
-        );
-        // The leak list sees the running workload (so an empty list after destroy means
-        // something).
-        let running = leaks(&sb);
-        assert!(
-            running.iter().any(|l| l.starts_with("process"))
-                && running.iter().any(|l| l.starts_with("cgroup")),
-            "{running:?}"
-        );
-        sb.run(&["destroy", "--yes", "--allow-data-loss", m])
-            .expect_code(0);
-        assert_eq!(leaks(&sb), Vec::<String>::new(), "delay {delay_ms}");
+        destroy_leaves_nothing(&sb, m, "vm-vm1", &delay_ms);
         assert!(!sb.path("run/vms/vm1").exists());
     }
 }
