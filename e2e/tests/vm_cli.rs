@@ -707,10 +707,11 @@ fn vm_backup_snapshot_pauses_for_the_clone_and_stop_restarts() {
 }
 
 fn backup_snapshot_then_stop(sb: &Sandbox, m: &str, disk: PathBuf) {
-    let backup_run = |extra: &[&str]| {
+    // `stead backup <verb> VirtualMachine/vm1 -f <m> -s backups <extra…>`, must succeed.
+    let backup = |verb: &str, extra: &[&str]| {
         let mut args = vec![
             "backup",
-            "run",
+            verb,
             "VirtualMachine/vm1",
             "-f",
             m,
@@ -719,6 +720,15 @@ fn backup_snapshot_then_stop(sb: &Sandbox, m: &str, disk: PathBuf) {
         ];
         args.extend_from_slice(extra);
         sb.run(&args).expect_code(0)
+    };
+    let backup_run = |extra: &[&str]| backup("run", extra);
+    // Restores into `<sandbox>/<dir>` and checks the disk comes back bit-identical.
+    let same = |a: &Path, b: &Path| std::fs::read(a).unwrap() == std::fs::read(b).unwrap();
+    let restore_is_identical = |dir: &str, what: &str| {
+        let restored = sb.path(dir);
+        backup("restore", &["--to", restored.to_str().unwrap()]);
+        assert!(same(&restored.join("vm1-root"), &disk), "{what}");
+        restored
     };
     // Content to recognise in the restore (the idle guest does not write its disk).
     {
@@ -752,24 +762,7 @@ fn backup_snapshot_then_stop(sb: &Sandbox, m: &str, disk: PathBuf) {
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
     assert_eq!(left, vec!["disk.raw".to_string()], "clone removed");
-    let restored = sb.path("restore1");
-    sb.run(&[
-        "backup",
-        "restore",
-        "VirtualMachine/vm1",
-        "-f",
-        m,
-        "-s",
-        "backups",
-        "--to",
-        restored.to_str().unwrap(),
-    ])
-    .expect_code(0);
-    let same = |a: &Path, b: &Path| std::fs::read(a).unwrap() == std::fs::read(b).unwrap();
-    assert!(
-        same(&restored.join("vm1-root"), &disk),
-        "snapshot-mode restore is bit-identical"
-    );
+    let restored = restore_is_identical("restore1", "snapshot-mode restore is bit-identical");
     let info = std::fs::metadata(&disk).unwrap();
     let rinfo = std::fs::metadata(restored.join("vm1-root")).unwrap();
     {
@@ -802,19 +795,7 @@ fn backup_snapshot_then_stop(sb: &Sandbox, m: &str, disk: PathBuf) {
     assert_eq!(state["state"], "running", "started again: {status}");
     let pid2 = status["pid"].as_i64().expect("pid");
     assert_ne!(pid2, pid, "a new VMM");
-    let list = sb
-        .run(&[
-            "backup",
-            "list",
-            "VirtualMachine/vm1",
-            "-f",
-            m,
-            "-s",
-            "backups",
-            "-o",
-            "json",
-        ])
-        .expect_code(0);
+    let list = backup("list", &["-o", "json"]);
     let v: Value = serde_json::from_str(&list.stdout()).expect("list json");
     assert_eq!(v.as_array().map(Vec::len), Some(3), "{v}");
     // The manifest names the disk it is a backup of, not the clone it was read from.
@@ -829,23 +810,7 @@ fn backup_snapshot_then_stop(sb: &Sandbox, m: &str, disk: PathBuf) {
         "{}",
         first["inputs"]
     );
-    let restored = sb.path("restore2");
-    sb.run(&[
-        "backup",
-        "restore",
-        "VirtualMachine/vm1",
-        "-f",
-        m,
-        "-s",
-        "backups",
-        "--to",
-        restored.to_str().unwrap(),
-    ])
-    .expect_code(0);
-    assert!(
-        same(&restored.join("vm1-root"), &disk),
-        "stop-mode restore is bit-identical"
-    );
+    restore_is_identical("restore2", "stop-mode restore is bit-identical");
 
     sb.run(&["destroy", "--yes", "--allow-data-loss", m])
         .expect_code(0);
