@@ -358,15 +358,17 @@ fn memory_and_pids_limits() {
     assert_eq!(o.status["lastExit"]["signal"], 9, "{}", o.status);
     assert_eq!(o.state["resources"]["memory"], 32 << 20);
 
-    let p = sb.resource(
-        "pids",
+    // The same looping container with other pids and cpus limits.
+    let rootfs = sb.rootfs.clone();
+    let limited = move |pids: u32, cpus: f64| {
         json!({
-            "rootfs": {"path": sb.rootfs},
+            "rootfs": {"path": rootfs},
             "command": ["/bin/sh", "-c", LOOP],
             "unprivileged": false,
-            "resources": {"pids": 8, "cpus": 0.5},
-        }),
-    );
+            "resources": {"pids": pids, "cpus": cpus},
+        })
+    };
+    let p = sb.resource("pids", limited(8, 0.5));
     sb.apply(&p);
     let (_, out) = sb.exec(
         "pids",
@@ -382,15 +384,7 @@ fn memory_and_pids_limits() {
     assert_eq!(o.state["resources"]["cpus"], 0.5);
     // Hot update: new limits without a restart.
     let pid_before = o.status["pid"].clone();
-    let p2 = sb.resource(
-        "pids",
-        json!({
-            "rootfs": {"path": sb.rootfs},
-            "command": ["/bin/sh", "-c", LOOP],
-            "unprivileged": false,
-            "resources": {"pids": 64, "cpus": 1.0},
-        }),
-    );
+    let p2 = sb.resource("pids", limited(64, 1.0));
     sb.apply(&p2);
     let o = sb.observe(&p2);
     assert_eq!(o.state["resources"]["pids"], 64);
