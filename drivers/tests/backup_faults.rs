@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use stead_drivers::backup::store::{BackupOptions, BackupStore};
+use stead_drivers::backup::store::{BackupInfo, BackupOptions, BackupStore};
 
 /// A small tmpfs mounted in the test's temp dir, unmounted on drop.
 struct SmallFs {
@@ -139,6 +139,18 @@ fn a_full_store_ends_the_backup_with_enospc_and_releases_the_lock() {
 }
 
 /// Every chunk file of the store.
+/// Backs up `path` as the one input `input` of `resource`, with the default options.
+fn backup_one(store: &BackupStore, resource: &str, input: &str, path: PathBuf) -> BackupInfo {
+    store
+        .backup_paths(
+            resource,
+            &serde_json::json!({}),
+            &[(input.to_string(), path)],
+            &BackupOptions::default(),
+        )
+        .expect("backup")
+}
+
 fn chunk_files(store: &BackupStore) -> Vec<PathBuf> {
     walkdir::WalkDir::new(store.root().join(".chunks"))
         .into_iter()
@@ -215,14 +227,7 @@ fn store_files_are_private_whatever_the_umask() {
     let store = BackupStore::for_pool(&pool);
     let vol = tmp.path().join("vol.raw");
     fs::write(&vol, random_bytes(3, 1 << 20)).expect("write");
-    let info = store
-        .backup_paths(
-            "Volume/v",
-            &serde_json::json!({}),
-            &[("disk".to_string(), vol)],
-            &BackupOptions::default(),
-        )
-        .expect("backup");
+    let info = backup_one(&store, "Volume/v", "disk", vol);
     umask(old);
     let mut seen_files = 0;
     for e in walkdir::WalkDir::new(store.root()) {
@@ -244,14 +249,7 @@ fn small_backup(store: &BackupStore, dir: &Path) -> (String, PathBuf) {
     let src = dir.join("src");
     fs::create_dir_all(src.join("etc")).expect("mkdir");
     fs::write(src.join("etc/hostname"), b"web\n").expect("write");
-    let info = store
-        .backup_paths(
-            "Container/web",
-            &serde_json::json!({}),
-            &[("rootfs".to_string(), src)],
-            &BackupOptions::default(),
-        )
-        .expect("backup");
+    let info = backup_one(store, "Container/web", "rootfs", src);
     (info.id, info.manifest)
 }
 
@@ -420,14 +418,7 @@ fn an_unreadable_chunk_is_named_by_verify_and_fails_restore() {
     let store = BackupStore::for_pool(&tmp.path().join("pool"));
     let vol = tmp.path().join("vol.raw");
     fs::write(&vol, random_bytes(5, 6 << 20)).expect("write");
-    let info = store
-        .backup_paths(
-            "Volume/v",
-            &serde_json::json!({}),
-            &[("disk".to_string(), vol)],
-            &BackupOptions::default(),
-        )
-        .expect("backup");
+    let info = backup_one(&store, "Volume/v", "disk", vol);
     let chunks = chunk_files(&store);
     assert!(chunks.len() >= 4, "several chunks: {}", chunks.len());
     let victim = &chunks[chunks.len() / 2];
