@@ -184,288 +184,294 @@ fn control(socket: &str, command: &str) -> String {
     line
 }
 
-#[test]
-fn vm_apply_console_restart_resize_delete() {
-    if !kvm_ok("vm_apply_console_restart_resize_delete") {
+/// Runs `body` in a sandbox with its own network namespace whose VM processes are killed
+/// when it ends (`Leftovers`), or skips (with a SKIP line) without KVM.
+fn with_vm_sandbox(name: &str, body: impl FnOnce(&Sandbox)) {
+    if !kvm_ok(name) {
         return;
     }
     let sb = Sandbox::with_netns();
     let _leftovers = Leftovers(&sb);
-    let kernel = demo_guest(&sb);
-    let m = manifest(&sb, &kernel, &Vm::default());
-    let m = m.to_str().unwrap();
+    body(&sb);
+}
 
-    let out = sb.run(&["apply", "--yes", m]).expect_code(0);
-    assert!(
-        out.stderr().contains("VirtualMachine/vm1: created"),
-        "{}",
-        out.stderr()
-    );
-    let (state, status, health) = get_vm(&sb);
-    assert_eq!(state["state"], "running", "{state}");
-    assert_eq!(health, "Ready", "{status}");
-    assert_eq!(status["restarts"], 0);
-    let pid = status["pid"].as_i64().expect("vmm pid");
-    assert!(pid_alive(pid));
-    let text = sb.run(&["get", "vm"]).expect_code(0).stdout();
-    assert!(
-        text.contains("vm1") && text.contains("running") && text.contains("pid="),
-        "{text}"
-    );
-    // Nothing to do on a second run.
-    let out = sb.run(&["diff", m]).expect_code(0);
-    assert!(out.stdout().contains("No changes"), "{}", out.stdout());
+#[test]
+fn vm_apply_console_restart_resize_delete() {
+    with_vm_sandbox("vm_apply_console_restart_resize_delete", |sb| {
+        let kernel = demo_guest(sb);
+        let m = manifest(sb, &kernel, &Vm::default());
+        let m = m.to_str().unwrap();
 
-    // The tap is on the bridge, with stead's alias; the cgroup holds the VMM.
-    let l = links(&sb);
-    let tap = status["taps"][0].as_str().expect("tap").to_string();
-    assert!(
-        l.lines()
-            .any(|x| x.contains(&format!("{tap}:")) && x.contains("master lan0")),
-        "{l}"
-    );
-    let procs =
-        std::fs::read_to_string(cgroup_dir(&sb, "memory").join("cgroup.procs")).expect("VM cgroup");
-    assert!(procs.lines().any(|p| p == pid.to_string()), "{procs}");
+        let out = sb.run(&["apply", "--yes", m]).expect_code(0);
+        assert!(
+            out.stderr().contains("VirtualMachine/vm1: created"),
+            "{}",
+            out.stderr()
+        );
+        let (state, status, health) = get_vm(sb);
+        assert_eq!(state["state"], "running", "{state}");
+        assert_eq!(health, "Ready", "{status}");
+        assert_eq!(status["restarts"], 0);
+        let pid = status["pid"].as_i64().expect("vmm pid");
+        assert!(pid_alive(pid));
+        let text = sb.run(&["get", "vm"]).expect_code(0).stdout();
+        assert!(
+            text.contains("vm1") && text.contains("running") && text.contains("pid="),
+            "{text}"
+        );
+        // Nothing to do on a second run.
+        let out = sb.run(&["diff", m]).expect_code(0);
+        assert!(out.stdout().contains("No changes"), "{}", out.stdout());
 
-    // Serial output: logs and an interactive console (the guest echoes upper-cased).
-    let banner = "stead tiny guest: idle";
-    wait_for("the banner in the log", Duration::from_secs(10), || {
-        sb.run(&["logs", "vm/vm1"]).stdout().contains(banner)
-    });
-    let seen = console(&sb, b"hello stead\n");
-    assert!(seen.contains(banner), "console replays output: {seen}");
-    assert!(seen.contains("HELLO STEAD"), "guest echo: {seen}");
-    assert!(
-        sb.run(&["logs", "vm/vm1"])
-            .expect_code(0)
-            .stdout()
-            .contains("HELLO STEAD")
-    );
+        // The tap is on the bridge, with stead's alias; the cgroup holds the VMM.
+        let l = links(sb);
+        let tap = status["taps"][0].as_str().expect("tap").to_string();
+        assert!(
+            l.lines()
+                .any(|x| x.contains(&format!("{tap}:")) && x.contains("master lan0")),
+            "{l}"
+        );
+        let procs = std::fs::read_to_string(cgroup_dir(sb, "memory").join("cgroup.procs"))
+            .expect("VM cgroup");
+        assert!(procs.lines().any(|p| p == pid.to_string()), "{procs}");
 
-    // A VM paused behind stead's back is drift with a hot fix: apply resumes it.
-    let ctl = status["controlSocket"].as_str().expect("control socket");
-    let reply = control(ctl, "pause");
-    assert!(reply.contains("\"ok\":true"), "{reply}");
-    assert_eq!(get_vm(&sb).0["state"], "paused");
-    let out = sb.run(&["diff", m]).expect_code(2);
-    assert!(
-        out.stdout().contains("state: paused -> running") && out.stdout().contains("impact: hot"),
-        "{}",
-        out.stdout()
-    );
-    sb.run(&["apply", "--yes", m]).expect_code(0);
-    let (state, status, _) = get_vm(&sb);
-    assert_eq!(state["state"], "running");
-    assert_eq!(status["pid"].as_i64(), Some(pid), "resumed, not restarted");
+        // Serial output: logs and an interactive console (the guest echoes upper-cased).
+        let banner = "stead tiny guest: idle";
+        wait_for("the banner in the log", Duration::from_secs(10), || {
+            sb.run(&["logs", "vm/vm1"]).stdout().contains(banner)
+        });
+        let seen = console(sb, b"hello stead\n");
+        assert!(seen.contains(banner), "console replays output: {seen}");
+        assert!(seen.contains("HELLO STEAD"), "guest echo: {seen}");
+        assert!(
+            sb.run(&["logs", "vm/vm1"])
+                .expect_code(0)
+                .stdout()
+                .contains("HELLO STEAD")
+        );
 
-    // Kill the VMM by hand: the supervisor boots it again and counts the restart.
-    assert!(stead_e2e::signal(pid as i32, rustix::process::Signal::KILL));
-    wait_for("a restarted VMM", Duration::from_secs(15), || {
-        let (state, status, _) = get_vm(&sb);
-        state["state"] == "running"
-            && status["restarts"] == 1
-            && status["pid"].as_i64().is_some_and(|p| p != pid)
-            && status["vmState"] == "running"
-    });
-    let (_, status, _) = get_vm(&sb);
-    assert_eq!(status["lastExit"], "signal 9", "{status}");
-    let pid2 = status["pid"].as_i64().expect("pid");
+        // A VM paused behind stead's back is drift with a hot fix: apply resumes it.
+        let ctl = status["controlSocket"].as_str().expect("control socket");
+        let reply = control(ctl, "pause");
+        assert!(reply.contains("\"ok\":true"), "{reply}");
+        assert_eq!(get_vm(sb).0["state"], "paused");
+        let out = sb.run(&["diff", m]).expect_code(2);
+        assert!(
+            out.stdout().contains("state: paused -> running")
+                && out.stdout().contains("impact: hot"),
+            "{}",
+            out.stdout()
+        );
+        sb.run(&["apply", "--yes", m]).expect_code(0);
+        let (state, status, _) = get_vm(sb);
+        assert_eq!(state["state"], "running");
+        assert_eq!(status["pid"].as_i64(), Some(pid), "resumed, not restarted");
 
-    // cpus: 1 -> 2 is a restart-impact change.
-    let m2 = manifest(
-        &sb,
-        &kernel,
-        &Vm {
-            cpus: 2,
-            ..Vm::default()
-        },
-    );
-    let m2 = m2.to_str().unwrap();
-    let out = sb.run(&["diff", m2]).expect_code(2);
-    assert!(out.stdout().contains("cpus: 1 -> 2"), "{}", out.stdout());
-    assert!(out.stdout().contains("impact: restart"), "{}", out.stdout());
-    let json = sb.run(&["diff", "-o", "json", m2]).expect_code(2);
-    let v: Value = serde_json::from_str(&json.stdout()).expect("plan json");
-    assert_eq!(v["changes"][0]["impact"], "restart", "{v}");
-    sb.run(&["apply", "--yes", m2]).expect_code(0);
-    let (state, status, _) = get_vm(&sb);
-    assert_eq!(state["cpus"], 2);
-    assert_eq!(state["state"], "running");
-    assert!(!pid_alive(pid2), "old VMM {pid2} must be gone");
-    assert_ne!(status["pid"].as_i64(), Some(pid2));
-    let quota = std::fs::read_to_string(cgroup_dir(&sb, "cpu").join("cpu.cfs_quota_us"))
-        .or_else(|_| std::fs::read_to_string(cgroup_dir(&sb, "unified").join("cpu.max")))
-        .unwrap_or_default();
-    assert!(
-        quota.starts_with("200000"),
-        "CPU quota for 2 vCPUs: {quota}"
-    );
-    sb.run(&["diff", m2]).expect_code(0);
+        // Kill the VMM by hand: the supervisor boots it again and counts the restart.
+        assert!(stead_e2e::signal(pid as i32, rustix::process::Signal::KILL));
+        wait_for("a restarted VMM", Duration::from_secs(15), || {
+            let (state, status, _) = get_vm(sb);
+            state["state"] == "running"
+                && status["restarts"] == 1
+                && status["pid"].as_i64().is_some_and(|p| p != pid)
+                && status["vmState"] == "running"
+        });
+        let (_, status, _) = get_vm(sb);
+        assert_eq!(status["lastExit"], "signal 9", "{status}");
+        let pid2 = status["pid"].as_i64().expect("pid");
 
-    // restartPolicy is hot: the supervisor re-reads it, the VMM keeps running.
-    let pid3 = get_vm(&sb).1["pid"].as_i64().expect("pid");
-    let m_pol = manifest(
-        &sb,
-        &kernel,
-        &Vm {
-            cpus: 2,
-            policy: "on-failure",
-            ..Vm::default()
-        },
-    );
-    let m_pol = m_pol.to_str().unwrap();
-    let out = sb.run(&["diff", m_pol]).expect_code(2);
-    assert!(
-        out.stdout().contains("restartPolicy: always -> on-failure")
-            && out.stdout().contains("impact: hot"),
-        "{}",
-        out.stdout()
-    );
-    sb.run(&["apply", "--yes", m_pol]).expect_code(0);
-    assert_eq!(get_vm(&sb).1["pid"].as_i64(), Some(pid3), "not restarted");
-    wait_for("the supervisor to reload", Duration::from_secs(5), || {
-        std::fs::read_to_string(sb.path("run/vms/vm1/vmm.log"))
-            .unwrap_or_default()
-            .contains("restart policy OnFailure")
-    });
-    sb.run(&["diff", m_pol]).expect_code(0);
+        // cpus: 1 -> 2 is a restart-impact change.
+        let m2 = manifest(
+            sb,
+            &kernel,
+            &Vm {
+                cpus: 2,
+                ..Vm::default()
+            },
+        );
+        let m2 = m2.to_str().unwrap();
+        let out = sb.run(&["diff", m2]).expect_code(2);
+        assert!(out.stdout().contains("cpus: 1 -> 2"), "{}", out.stdout());
+        assert!(out.stdout().contains("impact: restart"), "{}", out.stdout());
+        let json = sb.run(&["diff", "-o", "json", m2]).expect_code(2);
+        let v: Value = serde_json::from_str(&json.stdout()).expect("plan json");
+        assert_eq!(v["changes"][0]["impact"], "restart", "{v}");
+        sb.run(&["apply", "--yes", m2]).expect_code(0);
+        let (state, status, _) = get_vm(sb);
+        assert_eq!(state["cpus"], 2);
+        assert_eq!(state["state"], "running");
+        assert!(!pid_alive(pid2), "old VMM {pid2} must be gone");
+        assert_ne!(status["pid"].as_i64(), Some(pid2));
+        let quota = std::fs::read_to_string(cgroup_dir(sb, "cpu").join("cpu.cfs_quota_us"))
+            .or_else(|_| std::fs::read_to_string(cgroup_dir(sb, "unified").join("cpu.max")))
+            .unwrap_or_default();
+        assert!(
+            quota.starts_with("200000"),
+            "CPU quota for 2 vCPUs: {quota}"
+        );
+        sb.run(&["diff", m2]).expect_code(0);
 
-    // Delete: remove the VM from the manifests.
-    let m3 = manifest(
-        &sb,
-        &kernel,
-        &Vm {
-            with_vm: false,
-            ..Vm::default()
-        },
-    );
-    let out = sb
-        .run(&["apply", "--yes", m3.to_str().unwrap()])
+        // restartPolicy is hot: the supervisor re-reads it, the VMM keeps running.
+        let pid3 = get_vm(sb).1["pid"].as_i64().expect("pid");
+        let m_pol = manifest(
+            sb,
+            &kernel,
+            &Vm {
+                cpus: 2,
+                policy: "on-failure",
+                ..Vm::default()
+            },
+        );
+        let m_pol = m_pol.to_str().unwrap();
+        let out = sb.run(&["diff", m_pol]).expect_code(2);
+        assert!(
+            out.stdout().contains("restartPolicy: always -> on-failure")
+                && out.stdout().contains("impact: hot"),
+            "{}",
+            out.stdout()
+        );
+        sb.run(&["apply", "--yes", m_pol]).expect_code(0);
+        assert_eq!(get_vm(sb).1["pid"].as_i64(), Some(pid3), "not restarted");
+        wait_for("the supervisor to reload", Duration::from_secs(5), || {
+            std::fs::read_to_string(sb.path("run/vms/vm1/vmm.log"))
+                .unwrap_or_default()
+                .contains("restart policy OnFailure")
+        });
+        sb.run(&["diff", m_pol]).expect_code(0);
+
+        // Delete: remove the VM from the manifests.
+        let m3 = manifest(
+            sb,
+            &kernel,
+            &Vm {
+                with_vm: false,
+                ..Vm::default()
+            },
+        );
+        let out = sb
+            .run(&["apply", "--yes", m3.to_str().unwrap()])
+            .expect_code(0);
+        assert!(
+            out.stderr().contains("VirtualMachine/vm1: deleted"),
+            "{}",
+            out.stderr()
+        );
+        assert!(!links(sb).contains(&tap), "tap left behind");
+        assert!(!cgroup_dir(sb, "memory").exists(), "cgroup left behind");
+        assert!(!sb.path("run/vms/vm1").exists(), "run dir left behind");
+        assert!(
+            sandbox_processes(sb).is_empty(),
+            "{:?}",
+            sandbox_processes(sb)
+        );
+        sb.run(&[
+            "destroy",
+            "--yes",
+            "--allow-data-loss",
+            m3.to_str().unwrap(),
+        ])
         .expect_code(0);
-    assert!(
-        out.stderr().contains("VirtualMachine/vm1: deleted"),
-        "{}",
-        out.stderr()
-    );
-    assert!(!links(&sb).contains(&tap), "tap left behind");
-    assert!(!cgroup_dir(&sb, "memory").exists(), "cgroup left behind");
-    assert!(!sb.path("run/vms/vm1").exists(), "run dir left behind");
-    assert!(
-        sandbox_processes(&sb).is_empty(),
-        "{:?}",
-        sandbox_processes(&sb)
-    );
-    sb.run(&[
-        "destroy",
-        "--yes",
-        "--allow-data-loss",
-        m3.to_str().unwrap(),
-    ])
-    .expect_code(0);
+    });
 }
 
 #[test]
 fn vm_stopped_state_and_restart_policy_never() {
-    if !kvm_ok("vm_stopped_state_and_restart_policy_never") {
-        return;
-    }
-    let sb = Sandbox::with_netns();
-    let _leftovers = Leftovers(&sb);
-    let kernel = demo_guest(&sb);
-    let never = Vm {
-        policy: "never",
-        ..Vm::default()
-    };
-    let m = manifest(&sb, &kernel, &never);
-    let m = m.to_str().unwrap();
-    sb.run(&["apply", "--yes", m]).expect_code(0);
-    let (_, status, _) = get_vm(&sb);
-    let pid = status["pid"].as_i64().expect("pid");
+    with_vm_sandbox("vm_stopped_state_and_restart_policy_never", |sb| {
+        let kernel = demo_guest(sb);
+        let never = Vm {
+            policy: "never",
+            ..Vm::default()
+        };
+        let m = manifest(sb, &kernel, &never);
+        let m = m.to_str().unwrap();
+        sb.run(&["apply", "--yes", m]).expect_code(0);
+        let (_, status, _) = get_vm(sb);
+        let pid = status["pid"].as_i64().expect("pid");
 
-    // restartPolicy never: a killed VMM stays down; that is drift the next apply heals.
-    assert!(stead_e2e::signal(pid as i32, rustix::process::Signal::KILL));
-    wait_for(
-        "the VM to be reported stopped",
-        Duration::from_secs(10),
-        || get_vm(&sb).0["state"] == "stopped",
-    );
-    let (_, status, health) = get_vm(&sb);
-    assert_eq!(health, "Failed", "{status}");
-    assert_eq!(status["lastExit"], "signal 9");
-    let out = sb.run(&["diff", m]).expect_code(2);
-    assert!(
-        out.stdout().contains("state: stopped -> running"),
-        "{}",
-        out.stdout()
-    );
-    sb.run(&["apply", "--yes", m]).expect_code(0);
-    let (state, status, _) = get_vm(&sb);
-    assert_eq!(state["state"], "running");
-    assert_eq!(status["restarts"], 1, "the re-start counts: {status}");
+        // restartPolicy never: a killed VMM stays down; that is drift the next apply heals.
+        assert!(stead_e2e::signal(pid as i32, rustix::process::Signal::KILL));
+        wait_for(
+            "the VM to be reported stopped",
+            Duration::from_secs(10),
+            || get_vm(sb).0["state"] == "stopped",
+        );
+        let (_, status, health) = get_vm(sb);
+        assert_eq!(health, "Failed", "{status}");
+        assert_eq!(status["lastExit"], "signal 9");
+        let out = sb.run(&["diff", m]).expect_code(2);
+        assert!(
+            out.stdout().contains("state: stopped -> running"),
+            "{}",
+            out.stdout()
+        );
+        sb.run(&["apply", "--yes", m]).expect_code(0);
+        let (state, status, _) = get_vm(sb);
+        assert_eq!(state["state"], "running");
+        assert_eq!(status["restarts"], 1, "the re-start counts: {status}");
 
-    // state: stopped is a hot change; the config and taps stay.
-    let stopped = manifest(
-        &sb,
-        &kernel,
-        &Vm {
-            state: "stopped",
-            ..never
-        },
-    );
-    let out = sb.run(&["diff", stopped.to_str().unwrap()]).expect_code(2);
-    assert!(out.stdout().contains("impact: hot"), "{}", out.stdout());
-    sb.run(&["apply", "--yes", stopped.to_str().unwrap()])
-        .expect_code(0);
-    let (state, status, health) = get_vm(&sb);
-    assert_eq!(state["state"], "stopped");
-    assert_eq!(health, "Ready", "{status}");
-    assert!(status["pid"].is_null(), "{status}");
-    assert!(sandbox_processes(&sb).is_empty());
-    let err = sb.run(&["console", "vm/vm1"]).expect_code(1);
-    assert!(err.stderr().contains("not running"), "{}", err.stderr());
+        // state: stopped is a hot change; the config and taps stay.
+        let stopped = manifest(
+            sb,
+            &kernel,
+            &Vm {
+                state: "stopped",
+                ..never
+            },
+        );
+        let out = sb.run(&["diff", stopped.to_str().unwrap()]).expect_code(2);
+        assert!(out.stdout().contains("impact: hot"), "{}", out.stdout());
+        sb.run(&["apply", "--yes", stopped.to_str().unwrap()])
+            .expect_code(0);
+        let (state, status, health) = get_vm(sb);
+        assert_eq!(state["state"], "stopped");
+        assert_eq!(health, "Ready", "{status}");
+        assert!(status["pid"].is_null(), "{status}");
+        assert!(sandbox_processes(sb).is_empty());
+        let err = sb.run(&["console", "vm/vm1"]).expect_code(1);
+        assert!(err.stderr().contains("not running"), "{}", err.stderr());
 
-    // Back to running, then destroy everything.
-    let m = manifest(&sb, &kernel, &never);
-    let m = m.to_str().unwrap();
-    let out = sb.run(&["apply", "--yes", m]).expect_code(0);
-    let (state, status, _) = get_vm(&sb);
-    assert_eq!(
-        state["state"],
-        "running",
-        "{}\n{}\n{status}\n{}",
-        out.stdout(),
-        out.stderr(),
-        std::fs::read_to_string(sb.path("run/vms/vm1/vmm.log")).unwrap_or_default()
-    );
+        // Back to running, then destroy everything.
+        let m = manifest(sb, &kernel, &never);
+        let m = m.to_str().unwrap();
+        let out = sb.run(&["apply", "--yes", m]).expect_code(0);
+        let (state, status, _) = get_vm(sb);
+        assert_eq!(
+            state["state"],
+            "running",
+            "{}\n{}\n{status}\n{}",
+            out.stdout(),
+            out.stderr(),
+            std::fs::read_to_string(sb.path("run/vms/vm1/vmm.log")).unwrap_or_default()
+        );
 
-    // A supervisor killed by hand takes its VMM along (parent-death signal); the VM
-    // shows as stopped (drift) and the next apply starts a new supervisor.
-    let sup = status["supervisorPid"].as_i64().expect("supervisor pid");
-    let vmm = status["pid"].as_i64().expect("vmm pid");
-    assert!(stead_e2e::signal(sup as i32, rustix::process::Signal::KILL));
-    wait_for(
-        "the VMM to die with its supervisor",
-        Duration::from_secs(10),
-        || !pid_alive(vmm) && !pid_alive(sup),
-    );
-    let (state, status, health) = get_vm(&sb);
-    assert_eq!(state["state"], "stopped", "{status}");
-    assert_eq!(health, "Degraded", "{status}");
-    sb.run(&["diff", m]).expect_code(2);
-    sb.run(&["apply", "--yes", m]).expect_code(0);
-    let (state, status2, _) = get_vm(&sb);
-    assert_eq!(state["state"], "running");
-    assert_eq!(
-        status2["restarts"].as_u64(),
-        status["restarts"].as_u64().map(|r| r + 1),
-        "{status2}"
-    );
-    sb.run(&["destroy", "--yes", "--allow-data-loss", m])
-        .expect_code(0);
-    assert!(sandbox_processes(&sb).is_empty());
-    assert!(!cgroup_dir(&sb, "memory").exists());
-    assert!(!links(&sb).contains("master lan0"));
+        // A supervisor killed by hand takes its VMM along (parent-death signal); the VM
+        // shows as stopped (drift) and the next apply starts a new supervisor.
+        let sup = status["supervisorPid"].as_i64().expect("supervisor pid");
+        let vmm = status["pid"].as_i64().expect("vmm pid");
+        assert!(stead_e2e::signal(sup as i32, rustix::process::Signal::KILL));
+        wait_for(
+            "the VMM to die with its supervisor",
+            Duration::from_secs(10),
+            || !pid_alive(vmm) && !pid_alive(sup),
+        );
+        let (state, status, health) = get_vm(sb);
+        assert_eq!(state["state"], "stopped", "{status}");
+        assert_eq!(health, "Degraded", "{status}");
+        sb.run(&["diff", m]).expect_code(2);
+        sb.run(&["apply", "--yes", m]).expect_code(0);
+        let (state, status2, _) = get_vm(sb);
+        assert_eq!(state["state"], "running");
+        assert_eq!(
+            status2["restarts"].as_u64(),
+            status["restarts"].as_u64().map(|r| r + 1),
+            "{status2}"
+        );
+        sb.run(&["destroy", "--yes", "--allow-data-loss", m])
+            .expect_code(0);
+        assert!(sandbox_processes(sb).is_empty());
+        assert!(!cgroup_dir(sb, "memory").exists());
+        assert!(!links(sb).contains("master lan0"));
+    });
 }
 
 /// VM cgroups named `vm-vm1` under the sandbox's cgroup parent, in every mounted
@@ -487,62 +493,51 @@ fn vm_cgroups(sb: &Sandbox) -> Vec<PathBuf> {
 
 #[test]
 fn vm_failed_start_leaves_nothing_behind() {
-    if !kvm_ok("vm_failed_start_leaves_nothing_behind") {
-        return;
-    }
-    let sb = Sandbox::with_netns();
-    let _leftovers = Leftovers(&sb);
-    // An ELF header over garbage: the VMM fails to load it and exits during start.
-    let kernel = sb.write(
-        "images/garbage.elf",
-        &format!("\x7fELF{}", "garbage ".repeat(4096)),
-    );
-    let m = manifest(
-        &sb,
-        &kernel,
-        &Vm {
-            policy: "never",
-            ..Vm::default()
-        },
-    );
-    let m = m.to_str().unwrap();
-    let out = sb.run(&["apply", "--yes", m]).expect_code(1);
-    assert!(
-        out.stderr().contains("during start") || out.stdout().contains("during start"),
-        "{}\n{}",
-        out.stdout(),
-        out.stderr()
-    );
-    assert!(
-        sandbox_processes(&sb).is_empty(),
-        "{:?}",
-        sandbox_processes(&sb)
-    );
-    assert_eq!(
-        vm_cgroups(&sb),
-        Vec::<PathBuf>::new(),
-        "cgroups left behind"
-    );
-    assert!(
-        !sb.path("run/vms/vm1").exists(),
-        "run dir left behind: {:?}",
-        std::fs::read_dir(sb.path("run/vms/vm1")).map(|d| d.count())
-    );
-    assert!(!links(&sb).contains("master lan0"), "{}", links(&sb));
-    // The VM is not there: a second apply tries again (and fails the same way).
-    let out = sb.run(&["get", "vm/vm1", "-o", "json"]);
-    assert!(!out.stdout().contains("\"running\""), "{}", out.stdout());
-    sb.run(&["apply", "--yes", m]).expect_code(1);
-    assert_eq!(
-        vm_cgroups(&sb),
-        Vec::<PathBuf>::new(),
-        "cgroups left behind"
-    );
-    sb.run(&["destroy", "--yes", "--allow-data-loss", m])
-        .expect_code(0);
-    assert!(sandbox_processes(&sb).is_empty());
-    assert_eq!(vm_cgroups(&sb), Vec::<PathBuf>::new());
-    assert!(!sb.path("run/vms/vm1").exists());
+    with_vm_sandbox("vm_failed_start_leaves_nothing_behind", |sb| {
+        // An ELF header over garbage: the VMM fails to load it and exits during start.
+        let kernel = sb.write(
+            "images/garbage.elf",
+            &format!("\x7fELF{}", "garbage ".repeat(4096)),
+        );
+        let m = manifest(
+            sb,
+            &kernel,
+            &Vm {
+                policy: "never",
+                ..Vm::default()
+            },
+        );
+        let m = m.to_str().unwrap();
+        let out = sb.run(&["apply", "--yes", m]).expect_code(1);
+        assert!(
+            out.stderr().contains("during start") || out.stdout().contains("during start"),
+            "{}\n{}",
+            out.stdout(),
+            out.stderr()
+        );
+        assert!(
+            sandbox_processes(sb).is_empty(),
+            "{:?}",
+            sandbox_processes(sb)
+        );
+        assert_eq!(vm_cgroups(sb), Vec::<PathBuf>::new(), "cgroups left behind");
+        assert!(
+            !sb.path("run/vms/vm1").exists(),
+            "run dir left behind: {:?}",
+            std::fs::read_dir(sb.path("run/vms/vm1")).map(|d| d.count())
+        );
+        assert!(!links(sb).contains("master lan0"), "{}", links(sb));
+        // The VM is not there: a second apply tries again (and fails the same way).
+        let out = sb.run(&["get", "vm/vm1", "-o", "json"]);
+        assert!(!out.stdout().contains("\"running\""), "{}", out.stdout());
+        sb.run(&["apply", "--yes", m]).expect_code(1);
+        assert_eq!(vm_cgroups(sb), Vec::<PathBuf>::new(), "cgroups left behind");
+        sb.run(&["destroy", "--yes", "--allow-data-loss", m])
+            .expect_code(0);
+        assert!(sandbox_processes(sb).is_empty());
+        assert_eq!(vm_cgroups(sb), Vec::<PathBuf>::new());
+        assert!(!sb.path("run/vms/vm1").exists());
+    });
 }
 
 /// The `Name:\tv1\tv2...` fields of `/proc/<pid>/status`.
@@ -558,98 +553,95 @@ fn proc_status_field(pid: i64, name: &str) -> Vec<String> {
 
 #[test]
 fn vm_vmm_runs_jailed_without_privileges() {
-    if !kvm_ok("vm_vmm_runs_jailed_without_privileges") {
-        return;
-    }
     use std::os::unix::fs::MetadataExt;
-    let sb = Sandbox::with_netns();
-    let _leftovers = Leftovers(&sb);
-    let kernel = demo_guest(&sb);
-    let m = manifest(&sb, &kernel, &Vm::default());
-    let m = m.to_str().unwrap();
-    sb.run(&["apply", "--yes", m]).expect_code(0);
-    let (_, status, _) = get_vm(&sb);
-    let pid = status["pid"].as_i64().expect("vmm pid");
+    with_vm_sandbox("vm_vmm_runs_jailed_without_privileges", |sb| {
+        let kernel = demo_guest(sb);
+        let m = manifest(sb, &kernel, &Vm::default());
+        let m = m.to_str().unwrap();
+        sb.run(&["apply", "--yes", m]).expect_code(0);
+        let (_, status, _) = get_vm(sb);
+        let pid = status["pid"].as_i64().expect("vmm pid");
 
-    // Its own non-root uid and gid (real, effective, saved, fs), no groups, no caps.
-    for field in ["Uid", "Gid"] {
-        let ids = proc_status_field(pid, field);
-        assert_eq!(ids.len(), 4, "{ids:?}");
-        assert!(
-            ids.iter().all(|i| i != "0" && i == &ids[0]),
-            "{field}: {ids:?}"
-        );
-    }
-    assert!(proc_status_field(pid, "Groups").is_empty());
-    for field in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
-        assert_eq!(
-            proc_status_field(pid, field),
-            vec!["0000000000000000"],
-            "{field}"
-        );
-    }
-    assert_eq!(proc_status_field(pid, "NoNewPrivs"), vec!["1"]);
-    assert_eq!(proc_status_field(pid, "Seccomp"), vec!["2"]);
-    // Its root is an empty directory in its own mount namespace, not the host's /.
-    let root = Path::new("/proc").join(pid.to_string()).join("root");
-    let (jail, host) = (
-        std::fs::metadata(&root).expect("vmm root"),
-        std::fs::metadata("/").expect("/"),
-    );
-    assert!(
-        (jail.dev(), jail.ino()) != (host.dev(), host.ino()),
-        "root is the host's /"
-    );
-    assert_eq!(std::fs::read_dir(&root).expect("list vmm root").count(), 0);
-    assert_ne!(
-        std::fs::read_link(format!("/proc/{pid}/ns/mnt")).expect("vmm mnt ns"),
-        std::fs::read_link("/proc/self/ns/mnt").expect("own mnt ns")
-    );
-
-    // Open files: KVM, the tap, the disk, its logs and state file; nothing else.
-    let run = sb.path("run/vms/vm1");
-    let allowed = |p: &Path| {
-        ["/dev/null", "/dev/kvm", "/dev/net/tun"]
-            .iter()
-            .any(|a| p == Path::new(a))
-            || ["console.log", "vmm.log", "state.json"]
-                .iter()
-                .any(|f| p == run.join(f))
-            || p.starts_with(sb.path("pools/local"))
-    };
-    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).expect("vmm fds");
-    let mut disk_open = false;
-    for fd in fds.flatten() {
-        let target = std::fs::read_link(fd.path()).expect("fd link");
-        disk_open |= target.starts_with(sb.path("pools/local"));
-        if target.is_absolute() {
+        // Its own non-root uid and gid (real, effective, saved, fs), no groups, no caps.
+        for field in ["Uid", "Gid"] {
+            let ids = proc_status_field(pid, field);
+            assert_eq!(ids.len(), 4, "{ids:?}");
             assert!(
-                allowed(&target),
-                "unexpected open file {}",
-                target.display()
+                ids.iter().all(|i| i != "0" && i == &ids[0]),
+                "{field}: {ids:?}"
             );
         }
-    }
+        assert!(proc_status_field(pid, "Groups").is_empty());
+        for field in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+            assert_eq!(
+                proc_status_field(pid, field),
+                vec!["0000000000000000"],
+                "{field}"
+            );
+        }
+        assert_eq!(proc_status_field(pid, "NoNewPrivs"), vec!["1"]);
+        assert_eq!(proc_status_field(pid, "Seccomp"), vec!["2"]);
+        // Its root is an empty directory in its own mount namespace, not the host's /.
+        let root = Path::new("/proc").join(pid.to_string()).join("root");
+        let (jail, host) = (
+            std::fs::metadata(&root).expect("vmm root"),
+            std::fs::metadata("/").expect("/"),
+        );
+        assert!(
+            (jail.dev(), jail.ino()) != (host.dev(), host.ino()),
+            "root is the host's /"
+        );
+        assert_eq!(std::fs::read_dir(&root).expect("list vmm root").count(), 0);
+        assert_ne!(
+            std::fs::read_link(format!("/proc/{pid}/ns/mnt")).expect("vmm mnt ns"),
+            std::fs::read_link("/proc/self/ns/mnt").expect("own mnt ns")
+        );
 
-    assert!(disk_open, "the disk image is among the VMM's open files");
+        // Open files: KVM, the tap, the disk, its logs and state file; nothing else.
+        let run = sb.path("run/vms/vm1");
+        let allowed = |p: &Path| {
+            ["/dev/null", "/dev/kvm", "/dev/net/tun"]
+                .iter()
+                .any(|a| p == Path::new(a))
+                || ["console.log", "vmm.log", "state.json"]
+                    .iter()
+                    .any(|f| p == run.join(f))
+                || p.starts_with(sb.path("pools/local"))
+        };
+        let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).expect("vmm fds");
+        let mut disk_open = false;
+        for fd in fds.flatten() {
+            let target = std::fs::read_link(fd.path()).expect("fd link");
+            disk_open |= target.starts_with(sb.path("pools/local"));
+            if target.is_absolute() {
+                assert!(
+                    allowed(&target),
+                    "unexpected open file {}",
+                    target.display()
+                );
+            }
+        }
 
-    // The VM still works: console, pause/resume, stop.
-    let banner = "stead tiny guest: idle";
-    wait_for("the banner in the log", Duration::from_secs(10), || {
-        sb.run(&["logs", "vm/vm1"]).stdout().contains(banner)
+        assert!(disk_open, "the disk image is among the VMM's open files");
+
+        // The VM still works: console, pause/resume, stop.
+        let banner = "stead tiny guest: idle";
+        wait_for("the banner in the log", Duration::from_secs(10), || {
+            sb.run(&["logs", "vm/vm1"]).stdout().contains(banner)
+        });
+        let seen = console(sb, b"jailed\n");
+        assert!(seen.contains("JAILED"), "guest echo: {seen}");
+        let ctl = status["controlSocket"].as_str().expect("control socket");
+        assert!(control(ctl, "pause").contains("\"state\":\"paused\""));
+        let state = std::fs::read_to_string(sb.path("run/vms/vm1/state.json")).expect("state.json");
+        assert!(state.contains("\"state\":\"paused\""), "{state}");
+        assert!(control(ctl, "resume").contains("\"state\":\"running\""));
+        sb.run(&["destroy", "--yes", "--allow-data-loss", m])
+            .expect_code(0);
+        assert!(!pid_alive(pid));
+        assert!(sandbox_processes(sb).is_empty());
+        assert_eq!(vm_cgroups(sb), Vec::<PathBuf>::new());
     });
-    let seen = console(&sb, b"jailed\n");
-    assert!(seen.contains("JAILED"), "guest echo: {seen}");
-    let ctl = status["controlSocket"].as_str().expect("control socket");
-    assert!(control(ctl, "pause").contains("\"state\":\"paused\""));
-    let state = std::fs::read_to_string(sb.path("run/vms/vm1/state.json")).expect("state.json");
-    assert!(state.contains("\"state\":\"paused\""), "{state}");
-    assert!(control(ctl, "resume").contains("\"state\":\"running\""));
-    sb.run(&["destroy", "--yes", "--allow-data-loss", m])
-        .expect_code(0);
-    assert!(!pid_alive(pid));
-    assert!(sandbox_processes(&sb).is_empty());
-    assert_eq!(vm_cgroups(&sb), Vec::<PathBuf>::new());
 }
 
 /// A btrfs pool `local` at `pool` with the 16 MiB volume `vm1-root`, an idle VM `vm1` on
@@ -915,61 +907,61 @@ fn snapshot_then_rollback(sb: &Sandbox, m: &str, disk: PathBuf) {
 /// supervisor and one VMM, recorded in the inventory, deleted cleanly.
 #[test]
 fn vm_apply_killed_midway_converges_without_duplicates() {
-    if !kvm_ok("vm_apply_killed_midway_converges_without_duplicates") {
-        return;
-    }
-    let sb = Sandbox::with_netns();
-    let _leftovers = Leftovers(&sb);
-    let kernel = demo_guest(&sb);
-    let with_vm = manifest(&sb, &kernel, &Vm::default());
-    let with_vm = with_vm.to_str().unwrap().to_string();
-    let without = sb.path("m-novm");
-    std::fs::create_dir_all(&without).expect("mkdir");
-    {
-        let m = manifest(
-            &sb,
-            &kernel,
-            &Vm {
-                with_vm: false,
-                ..Vm::default()
-            },
-        );
-        std::fs::copy(m.join("all.yaml"), without.join("all.yaml")).expect("copy");
-        manifest(&sb, &kernel, &Vm::default());
-    }
-    let without = without.to_str().unwrap();
-    sb.run(&["apply", "--yes", without]).expect_code(0);
-    for delay_ms in [0u64, 30, 60, 90, 120, 160, 220] {
-        let mut child = sb
-            .cmd()
-            .args(["apply", "--yes", &with_vm])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn apply");
-        std::thread::sleep(Duration::from_millis(delay_ms));
-        let _ = child.kill();
-        let _ = child.wait();
-        sb.run(&["apply", "--yes", &with_vm]).expect_code(0);
-        let (state, status, health) = get_vm(&sb);
-        assert_eq!(state["state"], "running", "delay {delay_ms}: {status}");
-        assert_eq!(health, "Ready", "delay {delay_ms}: {status}");
-        // Once the killed run's launcher is gone: exactly one supervisor and one VMM.
-        wait_for("launchers to exit", Duration::from_secs(10), || {
-            sandbox_processes(&sb).len() == 2
-        });
-        sb.run(&["diff", &with_vm]).expect_code(0);
-        sb.run(&["apply", "--yes", without]).expect_code(0);
-        assert!(
-            sandbox_processes(&sb).is_empty(),
-            "delay {delay_ms}: {:?}",
-            sandbox_processes(&sb)
-        );
-        assert!(!sb.path("run/vms/vm1").exists());
-        assert!(!links(&sb).contains("master lan0"));
-    }
-    sb.run(&["destroy", "--yes", "--allow-data-loss", without])
-        .expect_code(0);
+    with_vm_sandbox(
+        "vm_apply_killed_midway_converges_without_duplicates",
+        |sb| {
+            let kernel = demo_guest(sb);
+            let with_vm = manifest(sb, &kernel, &Vm::default());
+            let with_vm = with_vm.to_str().unwrap().to_string();
+            let without = sb.path("m-novm");
+            std::fs::create_dir_all(&without).expect("mkdir");
+            {
+                let m = manifest(
+                    sb,
+                    &kernel,
+                    &Vm {
+                        with_vm: false,
+                        ..Vm::default()
+                    },
+                );
+                std::fs::copy(m.join("all.yaml"), without.join("all.yaml")).expect("copy");
+                manifest(sb, &kernel, &Vm::default());
+            }
+            let without = without.to_str().unwrap();
+            sb.run(&["apply", "--yes", without]).expect_code(0);
+            for delay_ms in [0u64, 30, 60, 90, 120, 160, 220] {
+                let mut child = sb
+                    .cmd()
+                    .args(["apply", "--yes", &with_vm])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .expect("spawn apply");
+                std::thread::sleep(Duration::from_millis(delay_ms));
+                let _ = child.kill();
+                let _ = child.wait();
+                sb.run(&["apply", "--yes", &with_vm]).expect_code(0);
+                let (state, status, health) = get_vm(sb);
+                assert_eq!(state["state"], "running", "delay {delay_ms}: {status}");
+                assert_eq!(health, "Ready", "delay {delay_ms}: {status}");
+                // Once the killed run's launcher is gone: exactly one supervisor and one VMM.
+                wait_for("launchers to exit", Duration::from_secs(10), || {
+                    sandbox_processes(sb).len() == 2
+                });
+                sb.run(&["diff", &with_vm]).expect_code(0);
+                sb.run(&["apply", "--yes", without]).expect_code(0);
+                assert!(
+                    sandbox_processes(sb).is_empty(),
+                    "delay {delay_ms}: {:?}",
+                    sandbox_processes(sb)
+                );
+                assert!(!sb.path("run/vms/vm1").exists());
+                assert!(!links(sb).contains("master lan0"));
+            }
+            sb.run(&["destroy", "--yes", "--allow-data-loss", without])
+                .expect_code(0);
+        },
+    );
 }
 
 const ETH_P_STEAD_TEST: u16 = 0x88b5;
@@ -1032,102 +1024,99 @@ fn packet_socket_in(netns: &str, ifname: &str) -> (std::os::fd::OwnedFd, i32) {
 
 #[test]
 fn vm_frames_cross_the_bridge_through_the_tap() {
-    if !kvm_ok("vm_frames_cross_the_bridge_through_the_tap") {
-        return;
-    }
     use std::os::fd::AsRawFd;
-    let sb = Sandbox::with_netns();
-    let _leftovers = Leftovers(&sb);
-    let kernel = demo_guest(&sb);
-    // Storage and bridge first; then listen on the bridge before the guest boots.
-    let m = manifest(
-        &sb,
-        &kernel,
-        &Vm {
-            with_vm: false,
-            ..Vm::default()
-        },
-    );
-    sb.run(&["apply", "--yes", m.to_str().unwrap()])
-        .expect_code(0);
-    let (sock, ifindex) = packet_socket_in(sb.netns.as_deref().expect("netns"), "lan0");
-    let m = manifest(
-        &sb,
-        &kernel,
-        &Vm {
-            policy: "never",
-            ..Vm::default()
-        },
-    );
-    let text = std::fs::read_to_string(m.join("all.yaml"))
-        .expect("read")
-        .replace("mode=idle", "mode=net")
-        // The test guest drives the first virtio device: no disk in front of the NIC.
-        .replace("  disks: [{volume: vm1-root}]\n", "");
-    std::fs::write(m.join("all.yaml"), text).expect("write");
-    let m = m.to_str().unwrap();
-    sb.run(&["apply", "--yes", m]).expect_code(0);
-    let mac = get_vm(&sb).0["interfaces"][0]["mac"]
-        .as_str()
-        .expect("mac")
-        .to_string();
+    with_vm_sandbox("vm_frames_cross_the_bridge_through_the_tap", |sb| {
+        let kernel = demo_guest(sb);
+        // Storage and bridge first; then listen on the bridge before the guest boots.
+        let m = manifest(
+            sb,
+            &kernel,
+            &Vm {
+                with_vm: false,
+                ..Vm::default()
+            },
+        );
+        sb.run(&["apply", "--yes", m.to_str().unwrap()])
+            .expect_code(0);
+        let (sock, ifindex) = packet_socket_in(sb.netns.as_deref().expect("netns"), "lan0");
+        let m = manifest(
+            sb,
+            &kernel,
+            &Vm {
+                policy: "never",
+                ..Vm::default()
+            },
+        );
+        let text = std::fs::read_to_string(m.join("all.yaml"))
+            .expect("read")
+            .replace("mode=idle", "mode=net")
+            // The test guest drives the first virtio device: no disk in front of the NIC.
+            .replace("  disks: [{volume: vm1-root}]\n", "");
+        std::fs::write(m.join("all.yaml"), text).expect("write");
+        let m = m.to_str().unwrap();
+        sb.run(&["apply", "--yes", m]).expect_code(0);
+        let mac = get_vm(sb).0["interfaces"][0]["mac"]
+            .as_str()
+            .expect("mac")
+            .to_string();
 
-    // Guest -> tap -> bridge: the guest's broadcast frame.
-    let mut buf = [0u8; 2048];
-    let t = Instant::now();
-    let mut got = None;
-    while got.is_none() && t.elapsed() < Duration::from_secs(10) {
-        // SAFETY: recv into a buffer we own.
-        let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-        if n > 14 {
-            got = Some(buf[..n as usize].to_vec());
-        }
-    }
-    let frame = got.expect("no frame from the guest on the bridge");
-    let src: Vec<String> = frame[6..12].iter().map(|b| format!("{b:02x}")).collect();
-    assert_eq!(
-        src.join(":"),
-        mac,
-        "source MAC is the declared/generated one"
-    );
-    assert!(
-        String::from_utf8_lossy(&frame[14..]).starts_with("stead-guest-tx"),
-        "{frame:?}"
-    );
-
-    // Bridge -> tap -> guest: the guest prints the payload and powers off.
-    let mut out = vec![0xffu8; 6];
-    out.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x01]);
-    out.extend_from_slice(&ETH_P_STEAD_TEST.to_be_bytes());
-    out.extend_from_slice(b"stead-host-rx");
-    out.resize(60, 0);
-    wait_for(
-        "the guest to receive the frame",
-        Duration::from_secs(10),
-        || {
-            // SAFETY: sockaddr_ll is plain data; sendto reads `out` and `sll` only.
-            unsafe {
-                let mut sll: libc::sockaddr_ll = std::mem::zeroed();
-                sll.sll_family = libc::AF_PACKET as u16;
-                sll.sll_ifindex = ifindex;
-                sll.sll_halen = 6;
-                sll.sll_addr[..6].copy_from_slice(&[0xff; 6]);
-                libc::sendto(
-                    sock.as_raw_fd(),
-                    out.as_ptr().cast(),
-                    out.len(),
-                    0,
-                    &sll as *const libc::sockaddr_ll as *const libc::sockaddr,
-                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
-                );
+        // Guest -> tap -> bridge: the guest's broadcast frame.
+        let mut buf = [0u8; 2048];
+        let t = Instant::now();
+        let mut got = None;
+        while got.is_none() && t.elapsed() < Duration::from_secs(10) {
+            // SAFETY: recv into a buffer we own.
+            let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            if n > 14 {
+                got = Some(buf[..n as usize].to_vec());
             }
-            sb.run(&["logs", "vm/vm1"])
-                .stdout()
-                .contains("net: rx stead-host-rx")
-        },
-    );
-    drop(sock);
-    sb.run(&["destroy", "--yes", "--allow-data-loss", m])
-        .expect_code(0);
-    assert!(sandbox_processes(&sb).is_empty());
+        }
+        let frame = got.expect("no frame from the guest on the bridge");
+        let src: Vec<String> = frame[6..12].iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(
+            src.join(":"),
+            mac,
+            "source MAC is the declared/generated one"
+        );
+        assert!(
+            String::from_utf8_lossy(&frame[14..]).starts_with("stead-guest-tx"),
+            "{frame:?}"
+        );
+
+        // Bridge -> tap -> guest: the guest prints the payload and powers off.
+        let mut out = vec![0xffu8; 6];
+        out.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x01]);
+        out.extend_from_slice(&ETH_P_STEAD_TEST.to_be_bytes());
+        out.extend_from_slice(b"stead-host-rx");
+        out.resize(60, 0);
+        wait_for(
+            "the guest to receive the frame",
+            Duration::from_secs(10),
+            || {
+                // SAFETY: sockaddr_ll is plain data; sendto reads `out` and `sll` only.
+                unsafe {
+                    let mut sll: libc::sockaddr_ll = std::mem::zeroed();
+                    sll.sll_family = libc::AF_PACKET as u16;
+                    sll.sll_ifindex = ifindex;
+                    sll.sll_halen = 6;
+                    sll.sll_addr[..6].copy_from_slice(&[0xff; 6]);
+                    libc::sendto(
+                        sock.as_raw_fd(),
+                        out.as_ptr().cast(),
+                        out.len(),
+                        0,
+                        &sll as *const libc::sockaddr_ll as *const libc::sockaddr,
+                        std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                    );
+                }
+                sb.run(&["logs", "vm/vm1"])
+                    .stdout()
+                    .contains("net: rx stead-host-rx")
+            },
+        );
+        drop(sock);
+        sb.run(&["destroy", "--yes", "--allow-data-loss", m])
+            .expect_code(0);
+        assert!(sandbox_processes(sb).is_empty());
+    });
 }
