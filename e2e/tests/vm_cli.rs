@@ -184,6 +184,12 @@ fn control(socket: &str, command: &str) -> String {
     line
 }
 
+/// `stead diff <m>` reports changes (exit 2) and its output holds every one of `want`.
+fn assert_diff(sb: &Sandbox, m: &str, want: &[&str]) {
+    let text = sb.run(&["diff", m]).expect_code(2).stdout();
+    assert!(want.iter().all(|w| text.contains(w)), "{text}");
+}
+
 /// Runs `body` in a sandbox with its own network namespace whose VM processes are killed
 /// when it ends (`Leftovers`), or skips (with a SKIP line) without KVM.
 fn with_vm_sandbox(name: &str, body: impl FnOnce(&Sandbox)) {
@@ -255,13 +261,7 @@ fn vm_apply_console_restart_resize_delete() {
         let reply = control(ctl, "pause");
         assert!(reply.contains("\"ok\":true"), "{reply}");
         assert_eq!(get_vm(sb).0["state"], "paused");
-        let out = sb.run(&["diff", m]).expect_code(2);
-        assert!(
-            out.stdout().contains("state: paused -> running")
-                && out.stdout().contains("impact: hot"),
-            "{}",
-            out.stdout()
-        );
+        assert_diff(sb, m, &["state: paused -> running", "impact: hot"]);
         sb.run(&["apply", "--yes", m]).expect_code(0);
         let (state, status, _) = get_vm(sb);
         assert_eq!(state["state"], "running");
@@ -290,9 +290,7 @@ fn vm_apply_console_restart_resize_delete() {
             },
         );
         let m2 = m2.to_str().unwrap();
-        let out = sb.run(&["diff", m2]).expect_code(2);
-        assert!(out.stdout().contains("cpus: 1 -> 2"), "{}", out.stdout());
-        assert!(out.stdout().contains("impact: restart"), "{}", out.stdout());
+        assert_diff(sb, m2, &["cpus: 1 -> 2", "impact: restart"]);
         let json = sb.run(&["diff", "-o", "json", m2]).expect_code(2);
         let v: Value = serde_json::from_str(&json.stdout()).expect("plan json");
         assert_eq!(v["changes"][0]["impact"], "restart", "{v}");
@@ -323,12 +321,10 @@ fn vm_apply_console_restart_resize_delete() {
             },
         );
         let m_pol = m_pol.to_str().unwrap();
-        let out = sb.run(&["diff", m_pol]).expect_code(2);
-        assert!(
-            out.stdout().contains("restartPolicy: always -> on-failure")
-                && out.stdout().contains("impact: hot"),
-            "{}",
-            out.stdout()
+        assert_diff(
+            sb,
+            m_pol,
+            &["restartPolicy: always -> on-failure", "impact: hot"],
         );
         sb.run(&["apply", "--yes", m_pol]).expect_code(0);
         assert_eq!(get_vm(sb).1["pid"].as_i64(), Some(pid3), "not restarted");
@@ -418,8 +414,7 @@ fn vm_stopped_state_and_restart_policy_never() {
                 ..never
             },
         );
-        let out = sb.run(&["diff", stopped.to_str().unwrap()]).expect_code(2);
-        assert!(out.stdout().contains("impact: hot"), "{}", out.stdout());
+        assert_diff(sb, stopped.to_str().unwrap(), &["impact: hot"]);
         sb.run(&["apply", "--yes", stopped.to_str().unwrap()])
             .expect_code(0);
         let (state, status, health) = get_vm(sb);
