@@ -2,8 +2,20 @@
 # Prints the workspace's crate graph from `cargo metadata`: for each crate, the
 # workspace crates it depends on (normal dependencies) and the external crates that
 # say what kind of I/O it does. docs/architecture.md quotes this output.
+#   scripts/crate-graph.sh          print it
+#   scripts/crate-graph.sh --check  fail if docs/architecture.md does not quote it as it is
 set -eu
 cd "$(dirname "$0")/.."
+if [ "${1:-}" = "--check" ]; then
+  graph=$("$0")
+  if ! python3 -c 'import sys; sys.exit(0 if sys.argv[1] in open("docs/architecture.md").read() else 1)' "$graph"; then
+    echo "docs/architecture.md does not show the crate graph as it is; paste this in:"
+    echo "$graph"
+    exit 1
+  fi
+  echo "crate graph in docs/architecture.md: up to date"
+  exit 0
+fi
 cargo metadata --format-version 1 --no-deps --offline | python3 -c '
 import json, sys
 IO = ["tokio", "nix", "rustix", "libc", "git2", "axum", "rusqlite", "rtnetlink", "nftables",

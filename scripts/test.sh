@@ -23,6 +23,7 @@ cargo deny --offline check bans licenses
 
 echo "== host paths (/proc, /sys, /run) only in the host layer"
 scripts/lint-host-paths.sh
+scripts/crate-graph.sh --check
 
 echo "== build"
 cargo build --workspace --bins
