@@ -124,9 +124,11 @@ impl<'a> From<&'a PlannedRun> for PlanView<'a> {
 
 /// The resources with plan errors and the changes that must wait at `now` (a backoff
 /// delay or a terminal hold; a hold whose spec or observation changed is released).
-/// A change with nothing to do never waits.
+/// A change with nothing to do never waits, nor does a drift repair when `skip_drift`
+/// (drift is only reported: the run leaves it out anyway).
 pub(crate) fn waiting(
     run: PlanView<'_>,
+    skip_drift: bool,
     desired: &Desired,
     backoff: &mut Backoff,
     now: Instant,
@@ -136,7 +138,7 @@ pub(crate) fn waiting(
         blocked.insert(e.id.clone(), ("PlanError".into(), e.message.clone()));
     }
     for c in run.changes {
-        if c.action == Action::Noop {
+        if c.action == Action::Noop || (skip_drift && c.drift) {
             continue;
         }
         let current = hold_key(&c.id, desired, run.inventory, run.observed);
@@ -427,6 +429,33 @@ mod tests {
     }
 
     #[test]
+    fn a_drift_repair_only_reported_never_waits() {
+        let (pool, _, _) = ids();
+        let d = desired("1Mi");
+        let mut b = backoff();
+        let now = Instant::now();
+        let changes = vec![Change {
+            id: pool.clone(),
+            action: Action::Create,
+            impact: None,
+            fields: vec![],
+            drift: true,
+            note: None,
+            safety_snapshot: None,
+        }];
+        let (inventory, observed) = (BTreeMap::new(), BTreeMap::new());
+        let run = || PlanView {
+            errors: &[],
+            changes: &changes,
+            inventory: &inventory,
+            observed: &observed,
+        };
+        b.failed(&pool, "Busy", "boom", now);
+        assert_eq!(waiting(run(), false, &d, &mut b, now)[&pool].0, "Backoff");
+        assert!(waiting(run(), true, &d, &mut b, now).is_empty());
+    }
+
+    #[test]
     fn waiting_changes_and_plan_errors_are_blocked_with_their_condition() {
         let (pool, v, net) = ids();
         let d = desired("1Mi");
@@ -456,7 +485,7 @@ mod tests {
             observed: &observed,
         };
         b.failed(&pool, "Busy", "boom", now);
-        let blocked = waiting(run(), &d, &mut b, now);
+        let blocked = waiting(run(), false, &d, &mut b, now);
         assert_eq!(blocked[&net], ("PlanError".into(), "no such bridge".into()));
         assert_eq!(blocked[&pool].0, "Backoff");
         assert!(blocked[&pool].1.contains("after 1 failure(s): boom"));
@@ -464,9 +493,9 @@ mod tests {
         // A terminal hold on the same key waits; on a changed spec it is released.
         let key = hold_key(&v, &d, &inventory, &observed);
         b.failed_terminal(&v, "InvalidSpec", "bad size", key);
-        let blocked = waiting(run(), &d, &mut b, now);
+        let blocked = waiting(run(), false, &d, &mut b, now);
         assert!(blocked[&v].1.starts_with("not retried until"));
-        let blocked = waiting(run(), &desired("2Mi"), &mut b, now);
+        let blocked = waiting(run(), false, &desired("2Mi"), &mut b, now);
         assert!(!blocked.contains_key(&v));
     }
 

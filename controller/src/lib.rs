@@ -440,23 +440,28 @@ impl Engine {
         // Drift.
         let drift = gate::drift_of(&run.plan);
         self.report_new_drift(&drift);
-        if self.cfg.drift == DriftMode::Report {
-            run.replan(&self.drivers, &good.desired, |o| o.skip_drift = true);
-        }
+        let skip_drift = self.cfg.drift == DriftMode::Report;
 
-        // Leave out plan errors, resources in backoff and their dependents.
+        // Leave out drift repairs when only reporting, plan errors, resources in backoff
+        // and their dependents: one re-plan for all of it.
         let mut blocked = gate::waiting(
             (&run).into(),
+            skip_drift,
             &good.desired,
             &mut self.backoff,
             Instant::now(),
         );
         if !blocked.is_empty() {
             gate::block_dependents(&mut blocked, &good.desired);
+        }
+        if skip_drift || !blocked.is_empty() {
             let held = blocked
                 .iter()
                 .map(|(id, (why, _))| (id.clone(), why.clone()));
-            run.replan(&self.drivers, &good.desired, |o| o.exclude.extend(held));
+            run.replan(&self.drivers, &good.desired, |o| {
+                o.skip_drift |= skip_drift;
+                o.exclude.extend(held);
+            });
         }
 
         // 3. Execute.
