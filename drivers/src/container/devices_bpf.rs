@@ -319,7 +319,8 @@ mod tests {
             eprintln!("SKIP v2_device_filter_denies_unlisted_devices: needs root");
             return;
         }
-        let host = Path::new(stead_host::cgroup::DEFAULT_ROOT);
+        let host = stead_host::SysFs::host().cgroup_root();
+        let host = host.as_path();
         let root = [host.to_path_buf(), host.join("unified")]
             .into_iter()
             .find(|r| stead_host::cgroup::v2::is_unified_root(r));

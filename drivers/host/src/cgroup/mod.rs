@@ -1,7 +1,7 @@
 //! Cgroups, v1 and v2 behind one interface: the [`CgroupManager`] trait, with a backend per
 //! version ([`v1::V1`], [`v2::V2`]), and the handles callers use ([`Hierarchy`], [`Cgroup`]).
 //!
-//! Every backend works below a cgroupfs root it is given ([`DEFAULT_ROOT`] on a real host,
+//! Every backend works below a cgroupfs root it is given ([`crate::SysFs::cgroup_root`] on a real host,
 //! a temp dir in tests). The hierarchy is detected at run time ([`Hierarchy::detect_at`]):
 //! - **v2** when the root is a cgroup2 mount with a `cgroup.controllers` file; the
 //!   controllers `cpu memory pids` are enabled in `cgroup.subtree_control` of every
@@ -30,9 +30,6 @@ use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 
 use crate::mounts::MountTable;
-
-/// Where the cgroup file systems are mounted on a real host.
-pub const DEFAULT_ROOT: &str = "/sys/fs/cgroup";
 
 /// CFS period used for CPU quotas (µs).
 const CFS_PERIOD_US: u64 = 100_000;
@@ -186,9 +183,9 @@ pub struct Hierarchy {
 }
 
 impl Hierarchy {
-    /// Detects the hierarchy of this host, below [`DEFAULT_ROOT`].
+    /// Detects the hierarchy of this host, below the host's `SysFs::cgroup_root`.
     pub fn detect() -> Result<Self, CgroupError> {
-        Self::detect_at(Path::new(DEFAULT_ROOT))
+        Self::detect_at(&crate::SysFs::host().cgroup_root())
     }
 
     /// Detects the hierarchy mounted below `root`, reading this thread's mount table.

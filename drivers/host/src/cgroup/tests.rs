@@ -104,7 +104,11 @@ fn v1_split_mounts_are_found_too() {
 32 25 0:28 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory
 33 25 0:29 / /sys/fs/cgroup/pids rw - cgroup cgroup rw,pids
 ";
-    let v1 = v1::V1::from_mounts(Path::new(DEFAULT_ROOT), &MountTable::parse(text)).expect("v1");
+    let v1 = v1::V1::from_mounts(
+        &crate::SysFs::host().cgroup_root(),
+        &MountTable::parse(text),
+    )
+    .expect("v1");
     let names: Vec<&str> = v1.mounts().iter().map(|(c, _)| c.as_str()).collect();
     assert_eq!(names, ["cpu", "cpuacct", "memory", "pids"]);
     assert_eq!(v1.mounts()[1].1, Path::new("/sys/fs/cgroup/cpuacct"));
@@ -508,7 +512,8 @@ fn v2_create_attach_kill_destroy() {
     if !running_as_root("v2_create_attach_kill_destroy") {
         return;
     }
-    let host = Path::new(DEFAULT_ROOT);
+    let host = crate::SysFs::host().cgroup_root();
+    let host = host.as_path();
     let root = [host.to_path_buf(), host.join("unified")]
         .into_iter()
         .find(|r| v2::is_unified_root(r));
