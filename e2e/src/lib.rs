@@ -161,6 +161,19 @@ impl Sandbox {
         s
     }
 
+    /// `ip -n <netns> -o link show`: one line per link in the sandbox's network namespace
+    /// (empty without one, or when `ip` fails).
+    pub fn links(&self) -> String {
+        let Some(ns) = self.netns.as_deref() else {
+            return String::new();
+        };
+        Command::new("ip")
+            .args(["-n", ns, "-o", "link", "show"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    }
+
     /// A path inside the sandbox.
     pub fn path(&self, rel: &str) -> PathBuf {
         self.dir.path().join(rel)

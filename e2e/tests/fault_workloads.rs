@@ -115,6 +115,19 @@ fn apply_killing(sb: &Sandbox, m: &str, sub: &str, pick: Pick, delay: Duration) 
     (killed, code)
 }
 
+/// After a kill in round `round`: `stead apply` succeeds and `stead diff` is clean.
+fn reapply_converges(sb: &Sandbox, m: &str, round: &str) {
+    let out = sb.run(&["apply", "--yes", m]);
+    assert_eq!(
+        out.code(),
+        0,
+        "delay {round}: the apply after the kill\n{}\n{}",
+        out.stdout(),
+        out.stderr()
+    );
+    sb.run(&["diff", m]).expect_code(0);
+}
+
 fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     let t = Instant::now();
     while !f() {
@@ -179,18 +192,12 @@ fn leaks(sb: &Sandbox) -> Vec<String> {
                 .map(|l| format!("loop {l}")),
         );
     }
-    if let Some(ns) = &sb.netns
-        && let Ok(o) = Command::new("ip")
-            .args(["-n", ns, "-o", "link", "show"])
-            .output()
-    {
-        out.extend(
-            String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .filter(|l| l.contains("stead") || l.contains("master"))
-                .map(|l| format!("link {l}")),
-        );
-    }
+    out.extend(
+        sb.links()
+            .lines()
+            .filter(|l| l.contains("stead") || l.contains("master"))
+            .map(|l| format!("link {l}")),
+    );
     out
 }
 
@@ -282,15 +289,7 @@ fn fault_shim_sigkill_during_apply_converges_and_destroy_leaves_nothing() {
         let (killed, code) = apply_killing(&sb, m, "shim", all, Duration::from_millis(delay_ms));
         assert!(!killed.is_empty(), "delay {delay_ms}: no shim was seen");
         eprintln!("delay {delay_ms}: killed {killed:?}, apply exited {code}");
-        let out = sb.run(&["apply", "--yes", m]);
-        assert_eq!(
-            out.code(),
-            0,
-            "delay {delay_ms}: the apply after the kill\n{}\n{}",
-            out.stdout(),
-            out.stderr()
-        );
-        sb.run(&["diff", m]).expect_code(0);
+        reapply_converges(&sb, m, &delay_ms.to_string());
         let pid = container_pid(&sb).expect("container pid");
         assert!(
             Path::new(&format!("/proc/{pid}")).exists(),
@@ -364,15 +363,7 @@ fn fault_vmm_sigkill_during_apply_converges_and_destroy_leaves_nothing() {
         let (killed, code) = apply_killing(&sb, m, "vmm", pick, delay);
         assert!(!killed.is_empty(), "delay {delay_ms}: no VMM was seen");
         eprintln!("delay {delay_ms}: killed {killed:?}, apply exited {code}");
-        let out = sb.run(&["apply", "--yes", m]);
-        assert_eq!(
-            out.code(),
-            0,
-            "delay {delay_ms}: the apply after the kill\n{}\n{}",
-            out.stdout(),
-            out.stderr()
-        );
-        sb.run(&["diff", m]).expect_code(0);
+        reapply_converges(&sb, m, &delay_ms);
         let (state, status) = get_vm(&sb);
         assert_eq!(state["state"], "running", "delay {delay_ms}: {status}");
         // One supervisor and one VMM, the ones stead reports, none of the killed ones.
@@ -507,15 +498,6 @@ fn ruleset(sb: &Sandbox) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-fn link_list(sb: &Sandbox) -> String {
-    let ns = sb.netns.as_deref().expect("netns");
-    let out = Command::new("ip")
-        .args(["-n", ns, "-o", "link", "show"])
-        .output()
-        .expect("ip link");
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 fn network_doc(name: &str, spec: &str) -> String {
     format!(
         "---\napiVersion: stead.dev/v1alpha1\nkind: Network\nmetadata: {{name: {name}}}\nspec: {spec}\n"
@@ -546,7 +528,7 @@ fn fault_network_refused_by_nft_then_destroy_leaves_nothing() {
     let out = sb.run(&["apply", "--yes", m]).expect_code(1);
     let text = format!("{}{}", out.stdout(), out.stderr());
     assert!(text.contains("Network/bad0"), "{text}");
-    let links = link_list(&sb);
+    let links = sb.links();
     assert!(links.contains("lan0"), "{links}");
     assert!(!links.contains("bad0"), "half-made bridge: {links}");
     let rules = ruleset(&sb);
@@ -558,7 +540,7 @@ fn fault_network_refused_by_nft_then_destroy_leaves_nothing() {
     assert!(!out.stdout().contains("Network/lan0"), "{}", out.stdout());
 
     sb.run(&["destroy", "--yes", m]).expect_code(0);
-    let links = link_list(&sb);
+    let links = sb.links();
     assert!(
         !links.contains("lan0") && !links.contains("bad0"),
         "{links}"
@@ -597,5 +579,5 @@ fn fault_network_forward_to_bad_address_refused_before_anything_is_made() {
         );
         assert!(!text.contains("+ Network/fw0"), "{cmd:?}: {text}");
     }
-    assert!(!link_list(&sb).contains("fw0"), "{}", link_list(&sb));
+    assert!(!sb.links().contains("fw0"), "{}", sb.links());
 }

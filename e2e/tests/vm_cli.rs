@@ -7,7 +7,7 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -83,15 +83,6 @@ fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
 
 fn pid_alive(pid: i64) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
-}
-
-fn links(sb: &Sandbox) -> String {
-    let ns = sb.netns.as_deref().expect("netns");
-    let out = Command::new("ip")
-        .args(["-n", ns, "-o", "link", "show"])
-        .output()
-        .expect("ip link");
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn cgroup_dir(sb: &Sandbox, ctrl: &str) -> PathBuf {
@@ -230,7 +221,7 @@ fn vm_apply_console_restart_resize_delete() {
         assert!(out.stdout().contains("No changes"), "{}", out.stdout());
 
         // The tap is on the bridge, with stead's alias; the cgroup holds the VMM.
-        let l = links(sb);
+        let l = sb.links();
         let tap = status["taps"][0].as_str().expect("tap").to_string();
         assert!(
             l.lines()
@@ -352,7 +343,7 @@ fn vm_apply_console_restart_resize_delete() {
             "{}",
             out.stderr()
         );
-        assert!(!links(sb).contains(&tap), "tap left behind");
+        assert!(!sb.links().contains(&tap), "tap left behind");
         assert!(!cgroup_dir(sb, "memory").exists(), "cgroup left behind");
         assert!(!sb.path("run/vms/vm1").exists(), "run dir left behind");
         assert!(
@@ -465,7 +456,7 @@ fn vm_stopped_state_and_restart_policy_never() {
             .expect_code(0);
         assert!(sandbox_processes(sb).is_empty());
         assert!(!cgroup_dir(sb, "memory").exists());
-        assert!(!links(sb).contains("master lan0"));
+        assert!(!sb.links().contains("master lan0"));
     });
 }
 
@@ -521,7 +512,7 @@ fn vm_failed_start_leaves_nothing_behind() {
             "run dir left behind: {:?}",
             std::fs::read_dir(sb.path("run/vms/vm1")).map(|d| d.count())
         );
-        assert!(!links(sb).contains("master lan0"), "{}", links(sb));
+        assert!(!sb.links().contains("master lan0"), "{}", sb.links());
         // The VM is not there: a second apply tries again (and fails the same way).
         let out = sb.run(&["get", "vm/vm1", "-o", "json"]);
         assert!(!out.stdout().contains("\"running\""), "{}", out.stdout());
@@ -951,7 +942,7 @@ fn vm_apply_killed_midway_converges_without_duplicates() {
                     sandbox_processes(sb)
                 );
                 assert!(!sb.path("run/vms/vm1").exists());
-                assert!(!links(sb).contains("master lan0"));
+                assert!(!sb.links().contains("master lan0"));
             }
             sb.run(&["destroy", "--yes", "--allow-data-loss", without])
                 .expect_code(0);
