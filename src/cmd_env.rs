@@ -168,7 +168,12 @@ fn scope_desired(
                     base.join(snap).join("disk.raw"),
                 ];
                 match candidates.iter().find(|c| c.is_file()) {
-                    Some(file) => v.source = Some(VolumeSource { file: file.clone() }),
+                    Some(file) => {
+                        v.source = Some(VolumeSource {
+                            file: Some(file.clone()),
+                            ..VolumeSource::default()
+                        })
+                    }
                     None => bail!(
                         "--from-snapshot {snap}: Volume/{} has no snapshot {snap} (looked for {})",
                         r.id.name,

@@ -292,7 +292,8 @@ pub enum VolumeFormat {
     /// A raw sparse file.
     #[default]
     Raw,
-    /// qcow2 (reserved).
+    /// qcow2 (QEMU's copy-on-write format; needed for linked clones on dir pools and for
+    /// incremental backups through persistent dirty bitmaps).
     Qcow2,
 }
 
@@ -320,6 +321,13 @@ pub struct VolumeSpec {
     /// Initial content, copied once at creation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<VolumeSource>,
+    /// A template: read-only once created; the base of clones. A template with clones
+    /// cannot be deleted.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub template: bool,
+    /// Create this volume as a clone of another.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clone: Option<VolumeClone>,
     /// Retain (default) or Delete.
     #[serde(default)]
     pub deletion_policy: DeletionPolicy,
@@ -328,12 +336,33 @@ pub struct VolumeSpec {
     pub depends_on: Vec<ResourceRef>,
 }
 
-/// Initial content of a volume.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+/// Initial content of a volume: exactly one of `file` or `url`. Either is an image (raw,
+/// qcow2, …) that is converted to the volume's format once, at creation.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct VolumeSource {
-    /// A file whose bytes are copied into the new volume.
-    pub file: PathBuf,
+    /// A local image file (absolute path).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<PathBuf>,
+    /// An http(s) URL of an image. Requires `sha256`: it is never fetched without a digest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// Expected SHA-256 of the image (64 lowercase hex digits). Required with `url`,
+    /// optional with `file` (then checked too).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+}
+
+/// A volume made as a clone of another volume (usually a template).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct VolumeClone {
+    /// The volume cloned from (same pool).
+    pub from: Name,
+    /// Linked clone (default true): a qcow2 backing file, or a btrfs reflink, sharing the
+    /// source's blocks. `false` copies every block.
+    #[serde(default = "default_true")]
+    pub linked: bool,
 }
 
 // ------------------------------------------------------------------ workloads
@@ -473,6 +502,71 @@ pub struct ContainerSpec {
     pub depends_on: Vec<ResourceRef>,
 }
 
+/// Which engine runs a VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum VmEngine {
+    /// stead's own KVM VMM: direct kernel boot, microVM devices.
+    Vmm,
+    /// QEMU (`qemu-system-x86_64`): firmware, disk images, cloud-init, guest agent.
+    Qemu,
+}
+
+/// Accelerator for the QEMU engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum VmAccel {
+    /// KVM when the host can run a full guest under it (hardware virtualization), else
+    /// TCG with a warning.
+    #[default]
+    Auto,
+    /// KVM; refused when the host cannot run a full guest under KVM.
+    Kvm,
+    /// QEMU's software emulation.
+    Tcg,
+}
+
+/// Firmware of a QEMU VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Firmware {
+    /// SeaBIOS.
+    #[default]
+    Bios,
+    /// OVMF (UEFI), with a per-VM NVRAM vars file that persists and is backed up.
+    Uefi,
+}
+
+/// Bus a QEMU disk is attached to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskBus {
+    /// virtio-blk (vda, vdb, …).
+    #[default]
+    Virtio,
+    /// virtio-scsi (sda, …).
+    Scsi,
+    /// AHCI SATA.
+    Sata,
+}
+
+/// Host cache mode of a QEMU disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskCache {
+    /// O_DIRECT, no host page cache (default).
+    #[default]
+    None,
+    /// Host page cache, guest flushes honoured.
+    Writeback,
+    /// Host page cache, every write synchronous.
+    Writethrough,
+    /// O_DIRECT and every write synchronous.
+    Directsync,
+    /// Host page cache, guest flushes ignored (test rigs only).
+    Unsafe,
+}
+
 /// VM boot settings (direct kernel boot).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -496,6 +590,73 @@ pub struct DiskSpec {
     /// Attach read-only.
     #[serde(default, skip_serializing_if = "is_false")]
     pub read_only: bool,
+    /// Bus (QEMU engine): virtio (default) | scsi | sata.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bus: Option<DiskBus>,
+    /// Host cache mode (QEMU engine); default none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<DiskCache>,
+    /// Pass the guest's discard (TRIM) requests down (QEMU engine).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub discard: bool,
+    /// Boot index (QEMU engine): lower boots first, across disks, cdroms and interfaces.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot: Option<u32>,
+}
+
+/// A VM cdrom drive (QEMU engine) holding an ISO volume.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct CdromSpec {
+    /// Volume holding the ISO image.
+    pub volume: Name,
+    /// Boot index (see [`DiskSpec::boot`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot: Option<u32>,
+}
+
+/// A cloud-init user.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct CloudInitUser {
+    /// Login name.
+    pub name: String,
+    /// SSH public keys.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ssh_authorized_keys: Vec<String>,
+    /// crypt(3) password hash (e.g. `$6$…`); never a plain password.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_hash: Option<String>,
+    /// Passwordless sudo.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub sudo: bool,
+    /// Supplementary groups.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<String>,
+    /// Login shell.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shell: Option<String>,
+}
+
+/// cloud-init NoCloud settings: stead generates the seed (`cidata`) from these.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct CloudInitSpec {
+    /// Guest host name (default: metadata.name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    /// Users to create.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub users: Vec<CloudInitUser>,
+    /// Network config, version 2 (netplan syntax), passed through as `network-config`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<serde_json::Value>,
+    /// Raw user-data (`#cloud-config` …), merged after the fields above.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_data: Option<String>,
+    /// Raw vendor-data.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vendor_data: Option<String>,
 }
 
 /// A VM network interface (virtio-net on a tap).
@@ -510,6 +671,9 @@ pub struct VmInterface {
     /// VLAN tag.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vlan: Option<u16>,
+    /// Boot index for network boot (QEMU engine; see [`DiskSpec::boot`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot: Option<u32>,
 }
 
 /// `VirtualMachine.spec`.
@@ -522,11 +686,35 @@ pub struct VirtualMachineSpec {
     /// Guest memory (default 512Mi).
     #[serde(default = "default_vm_memory")]
     pub memory: ByteSize,
-    /// Direct kernel boot.
-    pub boot: BootSpec,
+    /// vmm | qemu. Default: vmm when `boot.kernel` is set, else qemu
+    /// ([`VirtualMachineSpec::engine`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine: Option<VmEngine>,
+    /// auto | kvm | tcg (QEMU engine).
+    #[serde(default)]
+    pub accel: VmAccel,
+    /// Direct kernel boot; required by the vmm engine, optional with qemu (then the
+    /// firmware boots the disks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot: Option<BootSpec>,
+    /// bios | uefi (QEMU engine).
+    #[serde(default)]
+    pub firmware: Firmware,
+    /// UEFI secure boot (OVMF with Microsoft keys enrolled).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub secure_boot: bool,
     /// Disks, in order vda, vdb, …
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub disks: Vec<DiskSpec>,
+    /// Cdrom drives (QEMU engine).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cdroms: Vec<CdromSpec>,
+    /// cloud-init NoCloud seed generated from the manifest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cloud_init: Option<CloudInitSpec>,
+    /// QEMU guest agent channel (QEMU engine).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub agent: bool,
     /// Network interfaces.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub interfaces: Vec<VmInterface>,
@@ -539,6 +727,18 @@ pub struct VirtualMachineSpec {
     /// Explicit dependencies.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub depends_on: Vec<ResourceRef>,
+}
+
+impl VirtualMachineSpec {
+    /// The engine that runs this VM: `engine` when set, else vmm with a direct kernel boot
+    /// and qemu without one.
+    pub fn engine(&self) -> VmEngine {
+        match (self.engine, &self.boot) {
+            (Some(e), _) => e,
+            (None, Some(_)) => VmEngine::Vmm,
+            (None, None) => VmEngine::Qemu,
+        }
+    }
 }
 
 fn default_vm_cpus() -> u32 {

@@ -236,7 +236,12 @@ impl Spec {
         match self {
             Spec::StoragePool(_) | Spec::Bond(_) => {}
             Spec::Network(_) => {}
-            Spec::Volume(v) => push(Kind::StoragePool, v.pool.as_str(), "/spec/pool".into()),
+            Spec::Volume(v) => {
+                push(Kind::StoragePool, v.pool.as_str(), "/spec/pool".into());
+                if let Some(c) = &v.clone {
+                    push(Kind::Volume, c.from.as_str(), "/spec/clone/from".into());
+                }
+            }
             Spec::Container(c) => {
                 if let Some(v) = &c.rootfs.volume {
                     push(Kind::Volume, v.as_str(), "/spec/rootfs/volume".into());
@@ -265,6 +270,13 @@ impl Spec {
                         Kind::Volume,
                         d.volume.as_str(),
                         format!("/spec/disks/{i}/volume"),
+                    );
+                }
+                for (i, c) in vm.cdroms.iter().enumerate() {
+                    push(
+                        Kind::Volume,
+                        c.volume.as_str(),
+                        format!("/spec/cdroms/{i}/volume"),
                     );
                 }
                 for (i, n) in vm.interfaces.iter().enumerate() {

@@ -234,7 +234,25 @@ fn check_volume(r: &Resource, v: &VolumeSpec, desired: &Desired, out: &mut Vec<D
         ));
     }
     if let Some(src) = &v.source {
-        check_abs_path(r, "/spec/source/file", &src.file, "source file", out);
+        if let Some(f) = &src.file {
+            check_abs_path(r, "/spec/source/file", f, "source file", out);
+        }
+        if src.url.is_some() || src.sha256.is_some() {
+            out.push(at(
+                r,
+                "/spec/source",
+                "image import (source.url / source.sha256) is not supported yet",
+                Some("use source.file"),
+            ));
+        }
+    }
+    if v.template || v.clone.is_some() {
+        out.push(at(
+            r,
+            "/spec",
+            "templates and clones are not supported yet",
+            None,
+        ));
     }
     if let Some(pool) = desired.get(&ResourceId::new(Kind::StoragePool, v.pool.as_str()))
         && let Spec::StoragePool(p) = &pool.spec
@@ -408,9 +426,26 @@ fn check_vm(r: &Resource, vm: &VirtualMachineSpec, desired: &Desired, out: &mut 
     if vm.memory.0 < (2 << 20) {
         out.push(at(r, "/spec/memory", "memory must be at least 2Mi", None));
     }
-    check_abs_path(r, "/spec/boot/kernel", &vm.boot.kernel, "kernel", out);
-    if let Some(i) = &vm.boot.initrd {
-        check_abs_path(r, "/spec/boot/initrd", i, "initrd", out);
+    match (vm.engine(), &vm.boot) {
+        (VmEngine::Vmm, None) => out.push(at(
+            r,
+            "/spec/boot",
+            "the vmm engine needs a direct kernel boot (spec.boot.kernel)",
+            Some("set boot.kernel, or use engine: qemu to boot from firmware"),
+        )),
+        (VmEngine::Qemu, _) => out.push(at(
+            r,
+            "/spec/engine",
+            "the qemu engine is not supported yet",
+            Some("use engine: vmm with boot.kernel"),
+        )),
+        (VmEngine::Vmm, Some(_)) => {}
+    }
+    if let Some(boot) = &vm.boot {
+        check_abs_path(r, "/spec/boot/kernel", &boot.kernel, "kernel", out);
+        if let Some(i) = &boot.initrd {
+            check_abs_path(r, "/spec/boot/initrd", i, "initrd", out);
+        }
     }
     let mut disks = BTreeSet::new();
     for (i, d) in vm.disks.iter().enumerate() {

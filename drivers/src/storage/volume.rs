@@ -487,7 +487,7 @@ fn create_file_volume(
 ) -> Result<(), DriverError> {
     let f = create_locked_tmp(tmp)?;
     let mark = fsutil::set_owner(&f, path, &owner_of(t.name))?;
-    let src = t.spec.source.as_ref().map(|s| s.file.as_path());
+    let src = t.spec.source.as_ref().and_then(|s| s.file.as_deref());
     fill_new(&f, tmp, t.name, size, src)?;
     fs::rename(tmp, path).map_err(|e| {
         DriverError::io(format!("rename {} -> {}", tmp.display(), path.display()), e)
@@ -524,7 +524,7 @@ fn apply_btrfs(t: &Target<'_>) -> Result<(), DriverError> {
     let tmp_disk = images.join(&tmp_sub).join(BTRFS_DISK);
     let filled = fsutil::create_new(&tmp_disk).and_then(|f| {
         fsutil::set_owner(&f, &tmp_disk, &owner_of(t.name))?;
-        let src = t.spec.source.as_ref().map(|s| s.file.as_path());
+        let src = t.spec.source.as_ref().and_then(|s| s.file.as_deref());
         fill_new(&f, &tmp_disk, t.name, size, src)
     });
     if let Err(e) = filled {

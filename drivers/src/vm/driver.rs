@@ -130,16 +130,18 @@ impl VmDriver {
             "state": match spec.state { RunState::Running => "running", RunState::Stopped => "stopped" },
             "cpus": spec.cpus,
             "memory": spec.memory.bytes(),
-            "kernel": spec.boot.kernel,
             "disks": disks,
             "interfaces": interfaces,
             "restartPolicy": policy_str(spec.restart_policy),
         });
-        if let Some(i) = &spec.boot.initrd {
-            v["initrd"] = json!(i);
-        }
-        if let Some(c) = &spec.boot.cmdline {
-            v["cmdline"] = json!(c);
+        if let Some(boot) = &spec.boot {
+            v["kernel"] = json!(boot.kernel);
+            if let Some(i) = &boot.initrd {
+                v["initrd"] = json!(i);
+            }
+            if let Some(c) = &boot.cmdline {
+                v["cmdline"] = json!(c);
+            }
         }
         v
     }
@@ -181,9 +183,14 @@ impl VmDriver {
         spec: &VirtualMachineSpec,
         world: &dyn Lookup,
     ) -> Result<VmRunConfig, DriverError> {
+        let boot = spec.boot.as_ref().ok_or_else(|| {
+            DriverError::Unsupported(
+                "the vmm engine needs a direct kernel boot (spec.boot.kernel)".into(),
+            )
+        })?;
         for (what, p) in [
-            ("kernel", Some(&spec.boot.kernel)),
-            ("initrd", spec.boot.initrd.as_ref()),
+            ("kernel", Some(&boot.kernel)),
+            ("initrd", boot.initrd.as_ref()),
         ] {
             if let Some(p) = p
                 && !p.is_file()
@@ -228,9 +235,9 @@ impl VmDriver {
             name: name.to_string(),
             cpus: spec.cpus,
             memory: spec.memory.bytes(),
-            kernel: spec.boot.kernel.clone(),
-            initrd: spec.boot.initrd.clone(),
-            cmdline: spec.boot.cmdline.clone(),
+            kernel: boot.kernel.clone(),
+            initrd: boot.initrd.clone(),
+            cmdline: boot.cmdline.clone(),
             disks,
             interfaces,
             restart_policy: spec.restart_policy,

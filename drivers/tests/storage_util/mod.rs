@@ -59,6 +59,8 @@ pub fn volume(name: &str, pool: &str, size: u64) -> Resource {
             size: ByteSize(size),
             format: VolumeFormat::Raw,
             source: None,
+            template: false,
+            clone: None,
             deletion_policy: DeletionPolicy::Retain,
             depends_on: vec![],
         }),
@@ -68,7 +70,8 @@ pub fn volume(name: &str, pool: &str, size: u64) -> Resource {
 pub fn with_source(mut r: Resource, file: &Path) -> Resource {
     if let Spec::Volume(v) = &mut r.spec {
         v.source = Some(VolumeSource {
-            file: file.to_path_buf(),
+            file: Some(file.to_path_buf()),
+            ..VolumeSource::default()
         });
     }
     r
