@@ -68,6 +68,23 @@ impl Paths {
     pub fn lock(&self) -> PathBuf {
         self.instance().lock_path()
     }
+    /// QEMU engine: the QMP socket (one client at a time: the supervisor, or a short-lived
+    /// connection of the driver or the backup runner).
+    pub fn qmp_socket(&self) -> PathBuf {
+        self.dir.join("qmp.sock")
+    }
+    /// QEMU engine: the guest agent's virtio-serial socket.
+    pub fn qga_socket(&self) -> PathBuf {
+        self.dir.join("qga.sock")
+    }
+    /// QEMU engine: the VNC display's unix socket.
+    pub fn vnc_socket(&self) -> PathBuf {
+        self.dir.join("vnc.sock")
+    }
+    /// The cloud-init NoCloud seed image (`cidata` ISO) generated from the manifest.
+    pub fn seed_iso(&self) -> PathBuf {
+        self.dir.join("seed.iso")
+    }
 }
 
 /// `<run_dir>/vms`.

@@ -13,6 +13,7 @@ pub mod config;
 pub mod console;
 mod driver;
 pub mod supervisor;
+pub mod qemu;
 
 use std::path::Path;
 
