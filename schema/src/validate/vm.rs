@@ -294,7 +294,8 @@ fn check_cloud_init_user(r: &Resource, base: &str, u: &CloudInitUser, out: &mut 
             None,
         ));
     }
-    if u.ssh_authorized_keys.is_empty() && u.password_hash.is_none() {
+    // `default` is the image's own default user, kept as it is (cloud-init's rule).
+    if u.name != "default" && u.ssh_authorized_keys.is_empty() && u.password_hash.is_none() {
         out.push(at(
             r,
             base,
@@ -528,6 +529,7 @@ mod tests {
                 "  hostname: web_1",
                 "  users:",
                 "    - {name: ops}",
+                "    - {name: default}",
                 "    - {name: Admin, passwordHash: hunter2, groups: [sudo, 'Wheel'], shell: bash}",
                 "    - {name: ops, sshAuthorizedKeys: ['ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIPigcUEKHRZOtbOlOIhStPbDat1nOYfki95ife3CbA05 ok', 'ssh-ed25519 AAAAC3Nza']}",
                 "  network: {ethernets: {eth0: {dhcp4: true}}}",
@@ -542,15 +544,15 @@ mod tests {
             [
                 "+8:15: VirtualMachine/vm1 spec.cloudInit.hostname: hostname \"web_1\": contains '_': host names use only a-z A-Z 0-9 - .",
                 "+10:9: VirtualMachine/vm1 spec.cloudInit.users[0]: user ops has neither sshAuthorizedKeys nor passwordHash: nobody could log in as it (hint: add sshAuthorizedKeys: [\"ssh-ed25519 AAAA…\"], or a passwordHash from `mkpasswd -m sha-512`)",
-                "+11:16: VirtualMachine/vm1 spec.cloudInit.users[1].name: user name \"Admin\": must start with a lowercase letter or `_`",
-                "+11:37: VirtualMachine/vm1 spec.cloudInit.users[1].passwordHash: passwordHash is not a crypt(3) hash (`$id$salt$hash`); a plain-text password is never accepted (hint: generate one with `mkpasswd -m sha-512` and paste its output)",
-                "+11:61: VirtualMachine/vm1 spec.cloudInit.users[1].groups[1]: group name \"Wheel\": must start with a lowercase letter or `_`",
-                "+11:78: VirtualMachine/vm1 spec.cloudInit.users[1].shell: shell \"bash\" must be an absolute path (hint: e.g. /bin/bash)",
-                "+12:16: VirtualMachine/vm1 spec.cloudInit.users[2].name: user ops is listed twice",
-                "+12:128: VirtualMachine/vm1 spec.cloudInit.users[2].sshAuthorizedKeys[1]: SSH key has key data that is not valid base64 (a truncated copy?) (hint: paste the whole line of the .pub file: `type base64 [comment]`)",
-                "+13:5: VirtualMachine/vm1 spec.cloudInit.network.version: network config needs `version: 2` (netplan syntax) or `version: 1`",
-                "+15:7: VirtualMachine/vm1 spec.cloudInit.userData: userData is not valid YAML: line 3: while parsing a flow sequence, expected ',' or ']'",
-                "+17:17: VirtualMachine/vm1 spec.cloudInit.vendorData: vendorData is a YAML list (line 2); #cloud-config must be a mapping of modules",
+                "+12:16: VirtualMachine/vm1 spec.cloudInit.users[2].name: user name \"Admin\": must start with a lowercase letter or `_`",
+                "+12:37: VirtualMachine/vm1 spec.cloudInit.users[2].passwordHash: passwordHash is not a crypt(3) hash (`$id$salt$hash`); a plain-text password is never accepted (hint: generate one with `mkpasswd -m sha-512` and paste its output)",
+                "+12:61: VirtualMachine/vm1 spec.cloudInit.users[2].groups[1]: group name \"Wheel\": must start with a lowercase letter or `_`",
+                "+12:78: VirtualMachine/vm1 spec.cloudInit.users[2].shell: shell \"bash\" must be an absolute path (hint: e.g. /bin/bash)",
+                "+13:16: VirtualMachine/vm1 spec.cloudInit.users[3].name: user ops is listed twice",
+                "+13:128: VirtualMachine/vm1 spec.cloudInit.users[3].sshAuthorizedKeys[1]: SSH key has key data that is not valid base64 (a truncated copy?) (hint: paste the whole line of the .pub file: `type base64 [comment]`)",
+                "+14:5: VirtualMachine/vm1 spec.cloudInit.network.version: network config needs `version: 2` (netplan syntax) or `version: 1`",
+                "+16:7: VirtualMachine/vm1 spec.cloudInit.userData: userData is not valid YAML: line 3: while parsing a flow sequence, expected ',' or ']'",
+                "+18:17: VirtualMachine/vm1 spec.cloudInit.vendorData: vendorData is a YAML list (line 2); #cloud-config must be a mapping of modules",
             ]
         );
     }

@@ -176,8 +176,9 @@ fn check_volume_clone(
     }
 }
 
-/// A linked clone is a qcow2 file over its source (dir, nfs) or a btrfs reflink; a
-/// qcow2 clone's source must be a template, or writes to it would show in the clone.
+/// A linked clone is a qcow2 file over its source (dir, nfs) or a btrfs reflink (same
+/// format as its source); a qcow2 clone's source must be a template, or writes to it
+/// would show in the clone.
 fn check_linked_clone(
     r: &Resource,
     v: &VolumeSpec,
@@ -188,8 +189,26 @@ fn check_linked_clone(
     let Some(p) = pool_spec(desired, v.pool.as_str()) else {
         return;
     };
+    let from = volume_spec(desired, c.from.as_str());
     match p.pool_type {
-        PoolType::Btrfs => {}
+        PoolType::Btrfs => {
+            if let Some(f) = from.filter(|f| f.pool == v.pool && f.format != v.format) {
+                out.push(at(
+                    r,
+                    "/spec/format",
+                    format!(
+                        "a linked clone on btrfs pool {} is a reflink copy of Volume/{}, so it has its format ({})",
+                        v.pool,
+                        c.from,
+                        format_name(f.format)
+                    ),
+                    Some(&format!(
+                        "set format: {}, or linked: false for a converted full copy",
+                        format_name(f.format)
+                    )),
+                ));
+            }
+        }
         PoolType::Dir | PoolType::Nfs => {
             if v.format != VolumeFormat::Qcow2 {
                 out.push(at(
@@ -206,7 +225,7 @@ fn check_linked_clone(
                     )),
                 ));
             }
-            if volume_spec(desired, c.from.as_str()).is_some_and(|f| !f.template) {
+            if from.is_some_and(|f| !f.template) {
                 out.push(at(
                     r,
                     "/spec/clone/from",
@@ -268,6 +287,14 @@ fn check_template_deletion(
             ),
             Some("use deletionPolicy: Retain, or delete the clones first"),
         ));
+    }
+}
+
+/// The manifest spelling of a volume format.
+fn format_name(f: VolumeFormat) -> &'static str {
+    match f {
+        VolumeFormat::Raw => "raw",
+        VolumeFormat::Qcow2 => "qcow2",
     }
 }
 
@@ -421,7 +448,17 @@ mod tests {
             + &doc("Volume", "copy", &["pool: local", "size: 4Gi", "clone: {from: web-2, linked: false}"])
             // btrfs reflinks: any format, any source.
             + &doc("Volume", "b-base", &["pool: b", "size: 2Gi"])
-            + &doc("Volume", "b-clone", &["pool: b", "size: 2Gi", "clone: {from: b-base}"]);
+            + &doc("Volume", "b-clone", &["pool: b", "size: 2Gi", "clone: {from: b-base}"])
+            + &doc(
+                "Volume",
+                "b-qcow2",
+                &["pool: b", "size: 2Gi", "format: qcow2", "clone: {from: b-base}"],
+            )
+            + &doc(
+                "Volume",
+                "b-converted",
+                &["pool: b", "size: 2Gi", "format: qcow2", "clone: {from: b-base, linked: false}"],
+            );
         assert_eq!(
             diagnostics(&text),
             [
@@ -431,6 +468,7 @@ mod tests {
                 "m.yaml:75:3: Volume/small spec.source: a clone takes its content from Volume/tpl; it has no source (hint: remove source, or remove clone)",
                 "m.yaml:83:17: Volume/elsewhere spec.clone.from: Volume/tpl is in pool local, not b: a clone lives in the pool of its source (hint: set pool: local)",
                 "m.yaml:91:3: Volume/thin-linked spec.clone: linked clones need a dir pool (qcow2 backing file) or a btrfs pool (reflink); pool thin is lvmthin (hint: use linked: false for a full copy, or a dir or btrfs pool)",
+                "m.yaml:156:11: Volume/b-qcow2 spec.format: a linked clone on btrfs pool b is a reflink copy of Volume/b-base, so it has its format (raw) (hint: set format: raw, or linked: false for a converted full copy)",
             ]
         );
     }
