@@ -708,8 +708,8 @@ pub struct VirtualMachineSpec {
     /// auto | kvm | tcg (QEMU engine).
     #[serde(default)]
     pub accel: VmAccel,
-    /// Direct kernel boot; required by the vmm engine, optional with qemu (then the
-    /// firmware boots the disks).
+    /// Direct kernel boot: the vmm engine's (required there). The qemu engine boots
+    /// from firmware (its disks, cdroms or network) and refuses it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub boot: Option<BootSpec>,
     /// bios | uefi (QEMU engine).

@@ -70,13 +70,21 @@ fn check_vm_engine(r: &Resource, vm: &VirtualMachineSpec, out: &mut Vec<Diagnost
             check_no_qemu_fields(r, vm, out);
         }
         VmEngine::Qemu => {
+            if vm.boot.is_some() {
+                out.push(at(
+                    r,
+                    "/spec/boot",
+                    "the qemu engine boots from firmware; a direct kernel boot (spec.boot) is the vmm engine's",
+                    Some("remove boot and boot a disk, or set engine: vmm"),
+                ));
+            }
             let net_boot = vm.interfaces.iter().any(|i| i.boot.is_some());
             if vm.boot.is_none() && vm.disks.is_empty() && vm.cdroms.is_empty() && !net_boot {
                 out.push(at(
                     r,
                     "/spec/disks",
-                    "a qemu VM without boot.kernel starts its firmware, which needs a disk or cdrom to boot from",
-                    Some("add disks: [{volume: NAME, boot: 1}], a cdrom, or boot.kernel"),
+                    "a qemu VM starts its firmware, which needs a disk, a cdrom or a network boot index to boot from",
+                    Some("add disks: [{volume: NAME, boot: 1}], or a cdrom"),
                 ));
             }
         }
@@ -469,8 +477,9 @@ mod tests {
         assert_eq!(
             vm_diagnostics(&text),
             [
-                "+5:1: VirtualMachine/empty spec.disks: a qemu VM without boot.kernel starts its firmware, which needs a disk or cdrom to boot from (hint: add disks: [{volume: NAME, boot: 1}], a cdrom, or boot.kernel)",
+                "+5:1: VirtualMachine/empty spec.disks: a qemu VM starts its firmware, which needs a disk, a cdrom or a network boot index to boot from (hint: add disks: [{volume: NAME, boot: 1}], or a cdrom)",
                 "+11:1: VirtualMachine/nokernel spec.boot: the vmm engine needs a direct kernel boot (spec.boot.kernel) (hint: set boot.kernel, or use engine: qemu to boot from firmware)",
+                "+20:3: VirtualMachine/direct spec.boot: the qemu engine boots from firmware; a direct kernel boot (spec.boot) is the vmm engine's (hint: remove boot and boot a disk, or set engine: vmm)",
                 "+32:15: VirtualMachine/sb spec.secureBoot: secureBoot needs firmware: uefi (SeaBIOS has no secure boot) (hint: set firmware: uefi)",
             ]
         );
