@@ -54,8 +54,8 @@ fn check_vm_size(r: &Resource, vm: &VirtualMachineSpec, out: &mut Vec<Diagnostic
     }
 }
 
-/// vmm needs a kernel and takes no QEMU-only field; qemu without a kernel needs
-/// something to boot from; secure boot needs UEFI.
+/// vmm needs a kernel and takes no QEMU-only field; qemu takes no kernel and needs a
+/// disk, cdrom or network boot index; secure boot needs UEFI.
 fn check_vm_engine(r: &Resource, vm: &VirtualMachineSpec, out: &mut Vec<Diagnostic>) {
     match vm.engine() {
         VmEngine::Vmm => {
