@@ -1,0 +1,6 @@
+//! Full VMs through QEMU: the QMP and guest agent clients, and (with the engine) the
+//! command line, supervisor wiring, cloud-init seed and backups.
+
+mod jsonline;
+pub mod qga;
+pub mod qmp;
