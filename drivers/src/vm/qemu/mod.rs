@@ -4,3 +4,5 @@
 mod jsonline;
 pub mod qga;
 pub mod qmp;
+#[cfg(test)]
+mod test_qemu;

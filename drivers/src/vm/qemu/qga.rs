@@ -1137,4 +1137,31 @@ mod tests {
         q.write_file("/tmp/x", b"xyz").expect("write");
         t.join().expect("agent");
     }
+
+    #[test]
+    fn qemu_agent_socket_without_an_agent_is_not_responding() {
+        use super::super::test_qemu::TestQemu;
+        let dir = tempfile::tempdir().expect("tmp");
+        let sock = dir.path().join("qga.sock");
+        let chardev = format!("socket,id=qga0,path={},server=on,wait=off", sock.display());
+        let args = [
+            "-machine",
+            "pc",
+            "-S",
+            "-device",
+            "virtio-serial-pci,id=vs",
+            "-chardev",
+            &chardev,
+            "-device",
+            "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
+        ];
+        let Some(vm) = TestQemu::start_in("qemu_agent_socket", dir, &args) else {
+            return;
+        };
+        drop(vm.qmp()); // QEMU is up, so is the agent socket.
+        let started = Instant::now();
+        let e = Qga::connect(&sock, Duration::from_millis(1500)).expect_err("no agent");
+        assert!(matches!(e, QgaError::NotResponding(_)), "{e}");
+        assert!(started.elapsed() < Duration::from_secs(4));
+    }
 }

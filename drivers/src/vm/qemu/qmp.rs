@@ -196,6 +196,15 @@ pub struct DeviceDeleted {
     pub path: String,
 }
 
+/// How [`Qmp::powerdown_then_quit`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PowerdownOutcome {
+    /// The guest shut down after the ACPI request.
+    Guest,
+    /// The guest did not react within the grace time; QEMU was told to quit.
+    Forced,
+}
+
 /// `SHUTDOWN` data.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub struct Shutdown {
@@ -550,6 +559,23 @@ impl Qmp {
             ev.data.get("device").and_then(Value::as_str) == Some(id)
         })?;
         Ok(())
+    }
+
+    /// Stops the VM: `system_powerdown` (the ACPI power button), up to `grace` for the
+    /// guest's `SHUTDOWN`, then `quit` in any case (QEMU started with `-no-shutdown` stays
+    /// after a guest shutdown). Tells whether the guest went down by itself.
+    pub fn powerdown_then_quit(&mut self, grace: Duration) -> Result<PowerdownOutcome, QmpError> {
+        self.execute(&SystemPowerdown)?;
+        let outcome = match self.wait_event("SHUTDOWN", grace, |_| true) {
+            Ok(_) => PowerdownOutcome::Guest,
+            Err(QmpError::Closed(_)) => return Ok(PowerdownOutcome::Guest),
+            Err(QmpError::Timeout { .. }) => PowerdownOutcome::Forced,
+            Err(e) => return Err(e),
+        };
+        match self.execute(&Quit) {
+            Ok(_) | Err(QmpError::Closed(_)) => Ok(outcome),
+            Err(e) => Err(e),
+        }
     }
 
     /// `getfd`: hands `fd` to QEMU under `name` (then usable as e.g. a tap netdev's `fd`).
@@ -1475,94 +1501,9 @@ mod tests {
 #[cfg(test)]
 mod qemu_tests {
     use std::os::fd::AsFd;
-    use std::process::{Child, Command, Stdio};
 
+    use super::super::test_qemu::{TestQemu, make_qcow2, qemu_img};
     use super::*;
-
-    const QEMU: &str = "qemu-system-x86_64";
-
-    /// A QEMU process killed (and reaped) when dropped.
-    struct TestQemu {
-        child: Child,
-        sock: PathBuf,
-        dir: tempfile::TempDir,
-    }
-
-    impl TestQemu {
-        /// Starts QEMU with a QMP socket and `extra` arguments; `None` (after printing
-        /// SKIP) when QEMU is not installed.
-        fn start(test: &str, extra: &[&str]) -> Option<Self> {
-            let dir = tempfile::tempdir().expect("tempdir");
-            Self::start_in(test, dir, extra)
-        }
-
-        fn start_in(test: &str, dir: tempfile::TempDir, extra: &[&str]) -> Option<Self> {
-            let sock = dir.path().join("qmp.sock");
-            let spawned = Command::new(QEMU)
-                .args(["-machine", "none", "-nodefaults", "-display", "none"])
-                .arg("-qmp")
-                .arg(format!("unix:{},server=on,wait=off", sock.display()))
-                .args(extra)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::inherit())
-                .spawn();
-            match spawned {
-                Ok(child) => Some(TestQemu { child, sock, dir }),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    println!("SKIP {test}: {QEMU} is not installed");
-                    None
-                }
-                Err(e) => panic!("spawn {QEMU}: {e}"),
-            }
-        }
-
-        fn qmp(&self) -> Qmp {
-            Qmp::connect_retry(&self.sock, Duration::from_secs(10)).expect("QMP connect")
-        }
-
-        fn path(&self, name: &str) -> PathBuf {
-            self.dir.path().join(name)
-        }
-
-        /// Waits for QEMU to exit on its own.
-        fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
-            let deadline = Instant::now() + timeout;
-            loop {
-                if let Some(st) = self.child.try_wait().expect("try_wait") {
-                    return st;
-                }
-                assert!(Instant::now() < deadline, "QEMU did not exit");
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-    }
-
-    impl Drop for TestQemu {
-        fn drop(&mut self) {
-            if let Ok(None) = self.child.try_wait() {
-                let _ = self.child.kill();
-            }
-            let _ = self.child.wait();
-        }
-    }
-
-    fn qemu_img(args: &[&str]) -> String {
-        let out = Command::new("qemu-img")
-            .args(args)
-            .output()
-            .expect("qemu-img");
-        assert!(
-            out.status.success(),
-            "qemu-img {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    fn make_qcow2(path: &Path, size: &str) {
-        qemu_img(&["create", "-q", "-f", "qcow2", &path.to_string_lossy(), size]);
-    }
 
     fn add_qcow2(q: &mut Qmp, node: &str, path: &Path) {
         let file = format!("{node}-file");
@@ -1586,7 +1527,7 @@ mod qemu_tests {
 
     #[test]
     fn qemu_status_stop_cont_with_events_and_quit_ends_the_process() {
-        let Some(mut vm) = TestQemu::start("qemu_status_stop_cont", &[]) else {
+        let Some(mut vm) = TestQemu::start("qemu_status_stop_cont", &["-machine", "none"]) else {
             return;
         };
         let mut q = vm.qmp();
@@ -1630,9 +1571,11 @@ mod qemu_tests {
             "if=none,id=drive0,node-name=drive0-fmt,format=qcow2,file={}",
             drive.display()
         );
-        let Some(mut vm) =
-            TestQemu::start_in("qemu_persistent_bitmap", dir, &["-drive", &drive_arg])
-        else {
+        let Some(mut vm) = TestQemu::start_in(
+            "qemu_persistent_bitmap",
+            dir,
+            &["-machine", "none", "-drive", &drive_arg],
+        ) else {
             return;
         };
         let mut q = vm.qmp();
@@ -1706,7 +1649,7 @@ mod qemu_tests {
 
     #[test]
     fn qemu_errors_keep_class_and_desc_and_the_connection_stays_usable() {
-        let Some(vm) = TestQemu::start("qemu_errors", &[]) else {
+        let Some(vm) = TestQemu::start("qemu_errors", &["-machine", "none"]) else {
             return;
         };
         let mut q = vm.qmp();
@@ -1741,7 +1684,7 @@ mod qemu_tests {
 
     #[test]
     fn qemu_opens_a_disk_passed_as_an_fd_and_keeps_named_fds() {
-        let Some(vm) = TestQemu::start("qemu_fd_passing", &[]) else {
+        let Some(vm) = TestQemu::start("qemu_fd_passing", &["-machine", "none"]) else {
             return;
         };
         let mut q = vm.qmp();
@@ -1790,7 +1733,7 @@ mod qemu_tests {
 
     #[test]
     fn qemu_full_then_incremental_backup_jobs_follow_the_bitmap() {
-        let Some(vm) = TestQemu::start("qemu_backup_jobs", &[]) else {
+        let Some(vm) = TestQemu::start("qemu_backup_jobs", &["-machine", "none"]) else {
             return;
         };
         let mut q = vm.qmp();
@@ -1866,5 +1809,80 @@ mod qemu_tests {
             ))
             .expect_err("no such bitmap");
         assert_eq!(e.class(), Some("GenericError"), "{e}");
+    }
+
+    #[test]
+    fn qemu_powerdown_without_a_guest_falls_back_to_quit() {
+        let Some(mut vm) = TestQemu::start("qemu_powerdown", &["-machine", "pc", "-S"]) else {
+            return;
+        };
+        let mut q = vm.qmp();
+        assert_eq!(
+            q.query_status().expect("status").status,
+            RunState::Prelaunch
+        );
+        let out = q
+            .powerdown_then_quit(Duration::from_millis(300))
+            .expect("powerdown");
+        assert_eq!(out, PowerdownOutcome::Forced);
+        assert!(vm.wait_exit(Duration::from_secs(10)).success());
+    }
+
+    #[test]
+    fn qemu_hotplugs_a_usb_disk_and_a_netdev_over_a_passed_fd() {
+        let args = ["-machine", "pc", "-S", "-device", "qemu-xhci,id=xhci"];
+        let Some(vm) = TestQemu::start("qemu_hotplug", &args) else {
+            return;
+        };
+        let mut q = vm.qmp();
+        let disk = vm.path("hot.qcow2");
+        make_qcow2(&disk, "16M");
+        add_qcow2(&mut q, "hot", &disk);
+        let mut props = Map::new();
+        props.insert("drive".into(), json!("hot"));
+        props.insert("bus".into(), json!("xhci.0"));
+        q.execute(&DeviceAdd {
+            driver: "usb-storage".into(),
+            id: "usb0".into(),
+            props,
+        })
+        .expect("device_add");
+        let block = q.execute(&QueryBlock).expect("query-block");
+        let attached = block
+            .iter()
+            .find(|b| b.inserted.as_ref().and_then(|i| i.node_name.as_deref()) == Some("hot"))
+            .expect("the disk is attached");
+        assert!(
+            attached.qdev.as_deref().is_some_and(|d| d.contains("usb0")),
+            "{attached:?}"
+        );
+        q.device_del_wait("usb0", Duration::from_secs(5))
+            .expect("DEVICE_DELETED");
+        let block = q.execute(&QueryBlock).expect("query-block");
+        assert!(block.iter().all(|b| b.inserted.is_none()), "{block:?}");
+        q.execute(&BlockdevDel {
+            node_name: "hot".into(),
+        })
+        .expect("blockdev-del");
+
+        // A socket handed over with getfd backs a netdev (as a tap fd would).
+        let (ours, theirs) = UnixStream::pair().expect("pair");
+        q.getfd("net0fd", theirs.as_fd()).expect("getfd");
+        drop(theirs);
+        let mut props = Map::new();
+        props.insert("fd".into(), json!("net0fd"));
+        q.execute(&NetdevAdd {
+            kind: "socket".into(),
+            id: "net0".into(),
+            props,
+        })
+        .expect("netdev_add");
+        q.execute(&NetdevDel { id: "net0".into() })
+            .expect("netdev_del");
+        let e = q
+            .execute(&NetdevDel { id: "net0".into() })
+            .expect_err("deleted twice");
+        assert!(e.to_string().contains("net0"), "{e}");
+        drop(ours);
     }
 }
