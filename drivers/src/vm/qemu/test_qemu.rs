@@ -96,3 +96,50 @@ pub(crate) fn qemu_img(args: &[&str]) -> String {
 pub(crate) fn make_qcow2(path: &Path, size: &str) {
     qemu_img(&["create", "-q", "-f", "qcow2", &path.to_string_lossy(), size]);
 }
+
+/// The cached Debian guest image of `scripts/guest-image.sh` (or `$STEAD_GUEST_IMAGE`);
+/// `None`, after printing SKIP, when it has not been built (tests never build it).
+pub(crate) fn guest_image(test: &str) -> Option<PathBuf> {
+    let path = match std::env::var_os("STEAD_GUEST_IMAGE") {
+        Some(p) => PathBuf::from(p),
+        None => {
+            let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/guest-image.sh");
+            let out = Command::new("bash")
+                .arg(&script)
+                .arg("--print-path")
+                .output()
+                .expect("run guest-image.sh --print-path");
+            PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+        }
+    };
+    if path.is_file() {
+        Some(path)
+    } else {
+        println!(
+            "SKIP {test}: no guest image at {} (build it with scripts/guest-image.sh)",
+            path.display()
+        );
+        None
+    }
+}
+
+/// A qcow2 overlay over `base` (the cached image is never written).
+pub(crate) fn make_overlay(base: &Path, path: &Path) {
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-F",
+        "qcow2",
+        "-b",
+        &base.to_string_lossy(),
+        &path.to_string_lossy(),
+    ]);
+}
+
+/// The last `n` bytes of a file, for failure messages.
+pub(crate) fn tail(path: &Path, n: usize) -> String {
+    let data = std::fs::read(path).unwrap_or_default();
+    String::from_utf8_lossy(&data[data.len().saturating_sub(n)..]).into_owned()
+}
