@@ -1885,4 +1885,47 @@ mod qemu_tests {
         assert!(e.to_string().contains("net0"), "{e}");
         drop(ours);
     }
+
+    #[test]
+    fn qemu_snapshot_jobs_save_and_delete_and_a_failed_job_reports_its_error() {
+        let Some(vm) = TestQemu::start("qemu_snapshot_jobs", &["-machine", "none"]) else {
+            return;
+        };
+        let mut q = vm.qmp();
+        let disk = vm.path("snap.qcow2");
+        make_qcow2(&disk, "16M");
+        add_qcow2(&mut q, "snap", &disk);
+        let save = |job: &str| SnapshotSave {
+            job_id: job.into(),
+            tag: "before".into(),
+            vmstate: "snap".into(),
+            devices: vec!["snap".into()],
+        };
+        q.execute(&save("save1")).expect("snapshot-save");
+        q.wait_job("save1", Duration::from_secs(30)).expect("saved");
+        let list = qemu_img(&["snapshot", "-U", "-l", &disk.to_string_lossy()]);
+        assert!(list.contains("before"), "{list}");
+
+        // The same tag again: the job starts, then fails; wait_job reports QEMU's reason.
+        q.execute(&save("save2")).expect("snapshot-save");
+        match q.wait_job("save2", Duration::from_secs(30)) {
+            Err(QmpError::Job { id, error }) => {
+                assert_eq!(id, "save2");
+                assert!(error.contains("before"), "{error}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(q.execute(&QueryJobs).expect("jobs").is_empty(), "dismissed");
+
+        q.execute(&SnapshotDelete {
+            job_id: "del1".into(),
+            tag: "before".into(),
+            devices: vec!["snap".into()],
+        })
+        .expect("snapshot-delete");
+        q.wait_job("del1", Duration::from_secs(30))
+            .expect("deleted");
+        let list = qemu_img(&["snapshot", "-U", "-l", &disk.to_string_lossy()]);
+        assert!(!list.contains("before"), "{list}");
+    }
 }
