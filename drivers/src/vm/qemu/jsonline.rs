@@ -105,6 +105,11 @@ impl JsonLines {
         Ok(())
     }
 
+    /// The socket.
+    pub(crate) fn as_fd(&self) -> BorrowedFd<'_> {
+        std::os::fd::AsFd::as_fd(&self.stream)
+    }
+
     /// Serializes `value` and sends it as one line.
     pub(crate) fn send_json(
         &mut self,

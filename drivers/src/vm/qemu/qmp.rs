@@ -661,6 +661,15 @@ impl Qmp {
     }
 }
 
+impl std::os::fd::AsFd for Qmp {
+    /// The connection's socket, for an event loop to poll. Readable means [`Qmp::events`]
+    /// has something to read; events that arrived with a command's reply are already queued
+    /// without the socket turning readable, so drain after commands too.
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.conn.as_fd()
+    }
+}
+
 // ----- typed commands -----
 
 macro_rules! unit_command {
@@ -1473,6 +1482,26 @@ mod tests {
             .map(|e| e.event)
             .collect();
         assert_eq!(names, ["STOP", "RESUME"]);
+    }
+
+    #[test]
+    fn the_socket_polls_readable_when_an_event_waits() {
+        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+        use std::os::fd::AsFd;
+        let (mut q, mut peer) = fake_pair();
+        let d = Instant::now() + Duration::from_secs(5);
+        peer.send_json(
+            &json!({"event": "POWERDOWN", "timestamp": {"seconds": 1, "microseconds": 0}}),
+            &[],
+            d,
+        )
+        .expect("send");
+        let mut fds = [PollFd::new(q.as_fd(), PollFlags::POLLIN)];
+        assert_eq!(poll(&mut fds, PollTimeout::from(5000u16)).expect("poll"), 1);
+        let evs = q.events().expect("events");
+        assert_eq!(evs.len(), 1);
+        assert_eq!(evs[0].event, "POWERDOWN");
+        assert!(q.events().expect("none left").is_empty());
     }
 
     #[test]
