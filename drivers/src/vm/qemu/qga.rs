@@ -470,6 +470,32 @@ impl Qga {
     }
 }
 
+/// Asks the agent at `path` to shut the guest down without waiting for anything: connects,
+/// writes 0xFF (the agent drops any half-read input of an earlier client) and
+/// `guest-shutdown`, and closes. For an event loop that must not block on a guest that may
+/// not answer; success means the request was written, not that the guest obeys (watch QMP's
+/// `SHUTDOWN`, and escalate after a deadline).
+pub fn request_shutdown(
+    path: &Path,
+    mode: ShutdownMode,
+    timeout: Duration,
+) -> Result<(), QgaError> {
+    let stream = UnixStream::connect(path).map_err(|source| QgaError::Connect {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mut conn = JsonLines::new(stream);
+    let mut msg = vec![SENTINEL];
+    msg.extend_from_slice(
+        json!({"execute": "guest-shutdown", "arguments": {"mode": mode}})
+            .to_string()
+            .as_bytes(),
+    );
+    msg.push(b'\n');
+    conn.write(&msg, &[], Instant::now() + timeout)
+        .map_err(|e| QgaError::from_line(e, "guest-shutdown", timeout))
+}
+
 // ----- typed commands -----
 
 /// A guest agent command with typed arguments and reply (a unit struct sends none).
@@ -1107,6 +1133,29 @@ mod tests {
             .expect_err("refused");
         assert!(e.to_string().contains("command disabled"), "{e}");
         t.join().expect("agent");
+    }
+
+    #[test]
+    fn request_shutdown_writes_a_reset_byte_and_the_command_only() {
+        use std::io::Read;
+        let dir = tempfile::tempdir().expect("tmp");
+        let sock = dir.path().join("qga.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&sock).expect("bind");
+        request_shutdown(&sock, ShutdownMode::Halt, Duration::from_secs(5)).expect("request");
+        let (mut conn, _) = listener.accept().expect("accept");
+        let mut got = Vec::new();
+        conn.read_to_end(&mut got).expect("read");
+        assert_eq!(got[0], SENTINEL);
+        let v: Value = serde_json::from_slice(&got[1..]).expect("json");
+        assert_eq!(
+            v,
+            json!({"execute": "guest-shutdown", "arguments": {"mode": "halt"}})
+        );
+        assert_eq!(got.last(), Some(&b'\n'));
+        let missing = dir.path().join("none.sock");
+        let e = request_shutdown(&missing, ShutdownMode::Halt, Duration::from_secs(1))
+            .expect_err("no socket");
+        assert!(matches!(DriverError::from(e), DriverError::NotReady(_)));
     }
 
     #[test]

@@ -1564,6 +1564,14 @@ mod qemu_tests {
         let v = q.execute(&QueryVersion).expect("query-version");
         assert_eq!(&v, q.version());
         assert!(q.query_status().expect("status").running);
+        let started = Instant::now();
+        for _ in 0..200 {
+            q.query_status().expect("status");
+        }
+        println!(
+            "qemu_status_stop_cont: query-status round trip {:?} (mean of 200)",
+            started.elapsed() / 200
+        );
 
         q.execute(&Stop).expect("stop");
         q.wait_event("STOP", Duration::from_secs(5), |_| true)
