@@ -497,9 +497,15 @@ impl Qmp {
         self.events.push_back(ev);
     }
 
-    /// Reads the events that already arrived (without waiting) and drains the queue.
+    /// Reads the events that already arrived (without waiting) and drains the queue. When
+    /// QEMU has closed the connection, the events it sent first (its `SHUTDOWN`) are still
+    /// returned; the next call reports the closing.
     pub fn events(&mut self) -> Result<Vec<QmpEvent>, QmpError> {
-        self.pump(Instant::now() + Duration::from_millis(1))?;
+        match self.pump(Instant::now() + Duration::from_millis(1)) {
+            Ok(()) => {}
+            Err(QmpError::Closed(_) | QmpError::Io { .. }) if !self.events.is_empty() => {}
+            Err(e) => return Err(e),
+        }
         Ok(self.events.drain(..).collect())
     }
 
@@ -1502,6 +1508,25 @@ mod tests {
         assert_eq!(evs.len(), 1);
         assert_eq!(evs[0].event, "POWERDOWN");
         assert!(q.events().expect("none left").is_empty());
+    }
+
+    #[test]
+    fn events_sent_before_the_close_are_returned_before_the_close_is_reported() {
+        let (mut q, mut peer) = fake_pair();
+        let d = Instant::now() + Duration::from_secs(5);
+        peer.send_json(
+            &json!({"event": "SHUTDOWN", "data": {"guest": true, "reason": "guest-shutdown"},
+                    "timestamp": {"seconds": 1, "microseconds": 0}}),
+            &[],
+            d,
+        )
+        .expect("send");
+        drop(peer);
+        let evs = q.events().expect("the SHUTDOWN first");
+        assert_eq!(evs.len(), 1);
+        let sd: Shutdown = evs[0].data_as().expect("data");
+        assert!(sd.guest);
+        assert!(matches!(q.events(), Err(QmpError::Closed(_))));
     }
 
     #[test]
