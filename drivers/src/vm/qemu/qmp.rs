@@ -1148,6 +1148,35 @@ pub struct BlockdevBackup {
 }
 command!(BlockdevBackup, "blockdev-backup", Empty);
 
+/// `transaction`: several actions done atomically (all or none), at one point in time.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Transaction {
+    /// The actions, in order.
+    pub actions: Vec<TransactionAction>,
+}
+command!(Transaction, "transaction", Empty);
+
+/// One action of a [`Transaction`]: a command's name and its arguments.
+#[derive(Debug, Clone, Serialize)]
+pub struct TransactionAction {
+    /// The action (`block-dirty-bitmap-add`, `blockdev-backup`, …).
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Its arguments.
+    pub data: Value,
+}
+
+impl TransactionAction {
+    /// The action of a typed command that may be part of a transaction.
+    pub fn of<C: QmpCommand>(cmd: &C) -> Result<Self, QmpError> {
+        Ok(TransactionAction {
+            kind: C::NAME.to_string(),
+            data: serde_json::to_value(cmd)
+                .map_err(|e| QmpError::Protocol(format!("encode {}: {e}", C::NAME)))?,
+        })
+    }
+}
+
 /// How `drive-backup` treats its target file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -1989,5 +2018,65 @@ mod qemu_tests {
             .expect("deleted");
         let list = qemu_img(&["snapshot", "-U", "-l", &disk.to_string_lossy()]);
         assert!(!list.contains("before"), "{list}");
+    }
+
+    #[test]
+    fn qemu_transactions_are_all_or_nothing() {
+        let Some(vm) = TestQemu::start("qemu_transactions", &["-machine", "none"]) else {
+            return;
+        };
+        let mut q = vm.qmp();
+        let (src, dst) = (vm.path("src.qcow2"), vm.path("dst.qcow2"));
+        make_qcow2(&src, "16M");
+        make_qcow2(&dst, "16M");
+        add_qcow2(&mut q, "src", &src);
+        add_qcow2(&mut q, "dst", &dst);
+        q.hmp(r#"qemu-io src "write -P 0x07 0 1M""#).expect("write");
+        let bitmap = |name: &str| BlockDirtyBitmapAdd {
+            node: "src".into(),
+            name: name.into(),
+            granularity: None,
+            persistent: true,
+            disabled: None,
+        };
+        let backup = BlockdevBackup {
+            job_id: "tx-full".into(),
+            device: "src".into(),
+            target: "dst".into(),
+            sync: BackupSync::Full,
+            bitmap: None,
+            bitmap_mode: None,
+            auto_dismiss: false,
+            speed: None,
+        };
+        // A bitmap and a full backup at the same instant: the bitmap counts what came after.
+        let tx = Transaction {
+            actions: vec![
+                TransactionAction::of(&bitmap("since-full")).expect("action"),
+                TransactionAction::of(&backup).expect("action"),
+            ],
+        };
+        q.execute(&tx).expect("transaction");
+        q.wait_job("tx-full", Duration::from_secs(30))
+            .expect("backup");
+        let n = flat_nodes(&mut q);
+        assert_eq!(node(&n, "src").dirty_bitmaps[0].count, 0);
+
+        // The second action fails (that bitmap exists): the first is undone.
+        let tx = Transaction {
+            actions: vec![
+                TransactionAction::of(&bitmap("other")).expect("action"),
+                TransactionAction::of(&bitmap("since-full")).expect("action"),
+            ],
+        };
+        let e = q.execute(&tx).expect_err("duplicate bitmap");
+        assert!(e.to_string().contains("since-full"), "{e}");
+        let n = flat_nodes(&mut q);
+        let names: Vec<_> = node(&n, "src")
+            .dirty_bitmaps
+            .iter()
+            .filter_map(|b| b.name.clone())
+            .collect();
+        assert_eq!(names, ["since-full"]);
     }
 }
