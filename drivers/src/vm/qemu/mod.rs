@@ -1,3 +1,8 @@
-//! Full VMs through QEMU (`qemu-system-x86_64`): firmware boot of disk images,
-//! cloud-init, the guest agent, QMP. One QEMU process per VM under the shared
-//! supervisor ([`crate::supervise`]).
+//! Full VMs through QEMU: the QMP and guest agent clients, and (with the engine) the
+//! command line, supervisor wiring, cloud-init seed and backups.
+
+mod jsonline;
+pub mod qga;
+pub mod qmp;
+#[cfg(test)]
+mod test_qemu;
