@@ -1,0 +1,1 @@
+//! The QEMU engine for full VMs (firmware boot of disk images).
