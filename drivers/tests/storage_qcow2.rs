@@ -384,7 +384,14 @@ fn storage_qcow2_template_and_linked_clones_on_a_dir_pool() {
     let e = apply(&vd, &bad, &wp).expect_err("not a template");
     assert!(e.to_string().contains("is not a template"), "{e}");
 
-    // Deleting the template is refused while clones stand on it; nothing deleted.
+    // Deleting the template is refused while clones stand on it: at plan time, and at
+    // apply; nothing deleted.
+    let o = vd.observe(&[&tmpl], &w).expect("observe");
+    let blockers = vd
+        .delete_blockers(&tmpl, &o[&tmpl.id], &w)
+        .expect("blockers");
+    let names: Vec<&str> = blockers.iter().map(|b| b.name.as_str()).collect();
+    assert_eq!(names, ["c1", "c2"], "the plan refuses the delete");
     let e = delete(&vd, &tmpl, &w).expect_err("template with clones");
     let msg = e.to_string();
     assert!(
@@ -421,6 +428,8 @@ fn storage_qcow2_template_and_linked_clones_on_a_dir_pool() {
     delete(&vd, &c2, &w).expect("delete c2");
     let c1d = with_policy(c1.clone(), DeletionPolicy::Delete);
     delete(&vd, &c1d, &world(&[&p, &tmpl, &c1d])).expect("delete c1");
+    let o = vd.observe(&[&tmpl], &w).expect("observe");
+    assert_eq!(vd.delete_blockers(&tmpl, &o[&tmpl.id], &w), Ok(vec![]));
     delete(&vd, &tmpl, &w).expect("delete template");
     assert!(!tf.exists());
 }

@@ -860,7 +860,7 @@ pub(crate) fn linked_clones(
 pub(crate) fn has_clones_message(name: &str, clones: &[String]) -> String {
     format!(
         "Volume/{name} is the template of linked clones ({}): deleting it would break them; \
-         delete the clones first (or recreate them with linked: false); nothing was deleted",
+         delete the clones first (or recreate them with linked: false)",
         clones
             .iter()
             .map(|c| format!("Volume/{c}"))
@@ -1265,6 +1265,35 @@ impl stead_reconciler::driver::KindDriver for VolumeDriver {
             DeletionPolicy::Delete => PruneAction::Delete,
             _ => PruneAction::Retain,
         }
+    }
+
+    fn delete_blockers(
+        &self,
+        last_applied: Typed<'_, VolumeSpec>,
+        _observed: &Observed,
+        world: &dyn Lookup,
+    ) -> Result<Vec<ResourceId>, String> {
+        let Ok(t) = Target::resolve(last_applied, world) else {
+            return Ok(Vec::new());
+        };
+        if !matches!(t.pool.pool_type, PoolType::Dir | PoolType::Nfs) {
+            return Ok(Vec::new());
+        }
+        let path =
+            disk_path(t.pool_name, t.pool, t.name, t.spec.format).map_err(|e| e.to_string())?;
+        if !fs::symlink_metadata(&path).is_ok_and(|m| m.is_file()) {
+            return Ok(Vec::new());
+        }
+        let clones = linked_clones(t.pool, &path).map_err(|e| {
+            format!(
+                "Volume/{}: cannot tell whether linked clones use it: {e}",
+                t.name
+            )
+        })?;
+        Ok(clones
+            .iter()
+            .map(|c| ResourceId::new(stead_schema::Kind::Volume, c))
+            .collect())
     }
 
     fn delete(
