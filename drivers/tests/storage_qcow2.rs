@@ -499,3 +499,52 @@ fn storage_qcow2_btrfs_volumes_and_reflink_clones() {
     delete(&vd, &td, &world(&[&p, &td, &c])).expect("delete btrfs template");
     assert!(holds(&cf, "raw", 0x11, 3 * MI, MI));
 }
+
+/// Ten linked clones of a 64 MiB template: time and disk used (figures on stderr).
+#[test]
+fn storage_qcow2_ten_linked_clones_are_quick_and_small() {
+    need_qemu!("storage_qcow2_ten_linked_clones_are_quick_and_small");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (_pd, vd, p) = dir_pool(tmp.path());
+    let src = tmp.path().join("base.raw");
+    {
+        use std::os::unix::fs::FileExt;
+        let f = fs::File::create(&src).expect("create");
+        f.set_len(64 * MI).expect("len");
+        f.write_all_at(&vec![0x5a; 48 * MI as usize], 0).expect("w");
+    }
+    let tmpl = as_template(with_format(
+        with_source(volume("tmpl", "local", 64 * MI), &src),
+        VolumeFormat::Qcow2,
+    ));
+    let clones: Vec<Resource> = (0..10)
+        .map(|i| {
+            with_format(
+                with_clone(volume(&format!("c{i}"), "local", 1024 * MI), "tmpl", true),
+                VolumeFormat::Qcow2,
+            )
+        })
+        .collect();
+    let mut all: Vec<&Resource> = vec![&p, &tmpl];
+    all.extend(clones.iter());
+    let w = world(&all);
+    apply(&vd, &tmpl, &w).expect("template");
+    let t0 = std::time::Instant::now();
+    for c in &clones {
+        apply(&vd, c, &w).expect("clone");
+    }
+    let took = t0.elapsed();
+    let used: u64 = (0..10)
+        .map(|i| allocated(&tmp.path().join(format!("pool/images/c{i}.qcow2"))))
+        .sum();
+    let tmpl_used = allocated(&tmp.path().join("pool/images/tmpl.qcow2"));
+    eprintln!(
+        "10 linked clones of a {} MiB template: {:.0} ms, {} KiB on disk in all (template {} KiB)",
+        64,
+        took.as_secs_f64() * 1000.0,
+        used / 1024,
+        tmpl_used / 1024
+    );
+    assert!(used < 10 * MI, "clones share the template's blocks: {used}");
+    assert!(took.as_secs() < 30, "{took:?}");
+}
