@@ -35,6 +35,35 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
+# The QEMU engine (full VMs) and its guest image: Debian bookworm's QEMU 7.2. A qemu-utils
+# from backports (8.0 and later) breaks bookworm's qemu-system-common, so it is brought to
+# bookworm's version with it.
+qemu_pkgs=(
+  qemu-system-x86     # qemu-system-x86_64: the QEMU engine
+  qemu-utils          # qemu-img, qemu-io: qcow2 volumes, clones, image import, tests
+  ovmf                # UEFI firmware (OVMF) and its QEMU firmware descriptors
+  seabios             # BIOS firmware
+  genisoimage         # cloud-init NoCloud seed ISO (cidata); isoinfo in tests
+  mmdebstrap          # scripts/guest-image.sh: the Debian test guest
+  grub-pc-bin         # the guest image's BIOS boot loader
+  grub-efi-amd64-bin  # the guest image's UEFI boot loader
+  mtools              # the guest image's EFI system partition
+  dosfstools          # mkfs.vfat for the EFI system partition
+  fdisk               # sfdisk: the guest image's partition table
+)
+qmissing=()
+for p in "${qemu_pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || qmissing+=("$p")
+done
+if [ ${#qmissing[@]} -gt 0 ]; then
+  echo "installing: ${qmissing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  if dpkg --compare-versions "$(dpkg-query -W -f='${Version}' qemu-utils 2>/dev/null || echo 0)" ge 1:8; then
+    qmissing+=(qemu-utils/bookworm)
+  fi
+  apt-get install -y -qq --no-install-recommends --allow-downgrades "${qmissing[@]}" >/dev/null
+fi
 command -v cargo-nextest >/dev/null || cargo install --locked cargo-nextest
 # Dependency hygiene in CI: unused dependencies, and bans/licenses (offline checks).
 command -v cargo-machete >/dev/null || cargo install --locked cargo-machete

@@ -12,6 +12,9 @@ for c in /sys/fs/cgroup/*/stead* /sys/fs/cgroup/stead*; do
 done
 losetup -a 2>/dev/null | grep -E 'stead' | grep -v "$demo" && say "loop devices above"
 grep -E 'stead' /proc/mounts | grep -v "$demo" && say "mounts above"
-pgrep -af 'stead (shim|vmm)' | grep -v "$demo" && say "processes above"
+pgrep -af 'stead (shim|vmm|qemu)' | grep -v "$demo" && say "processes above"
+# QEMU processes a test or the QEMU engine started (their command lines name stead's run
+# or temp directories; a QEMU of the operator's own is not ours).
+pgrep -af 'qemu-system' | grep -E 'stead' | grep -v "$demo" && say "QEMU processes above"
 [ $bad -eq 0 ] && echo "leak check: clean"
 exit $bad

@@ -29,7 +29,7 @@ echo "== build"
 cargo build --workspace --bins
 
 echo "== examples validate"
-for d in examples/storage examples/homelab examples/datacenter; do
+for d in examples/storage examples/homelab examples/datacenter examples/qemu; do
   "$CARGO_TARGET_DIR/debug/stead" validate "$d"
 done
 
