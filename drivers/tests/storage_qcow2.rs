@@ -8,7 +8,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 
 use stead_drivers::storage::{self, PoolDriver, VolumeDriver, qemu_img};
-use stead_reconciler::driver::{Driver, DriverError, PruneAction};
+use stead_reconciler::driver::{Driver, DriverError, Impact, PruneAction};
 use stead_schema::{DeletionPolicy, PoolType, Resource, VolumeFormat};
 use storage_util::*;
 
@@ -122,15 +122,17 @@ fn storage_qcow2_create_observe_grow_refuse_shrink_and_snapshot() {
     ));
     assert_eq!(info(&file).virtual_size, 128 * MI);
 
-    // A format change is refused, nothing made.
+    // A format change is data-loss: the plan replaces the volume (delete, then create)
+    // only with --allow-data-loss. Applied without the delete, it is refused.
     let vraw = volume("q", "local", 128 * MI);
     let wraw = world(&[&p, &vraw]);
+    assert_eq!(vd.impact("/format"), Impact::DataLoss);
     let o = vd.observe(&[&vraw], &wraw).expect("observe");
-    let e = vd
-        .check(&vraw, &o[&vraw.id], &[])
-        .expect_err("format change");
-    assert!(e.contains("exists as qcow2"), "{e}");
-    assert!(apply(&vd, &vraw, &wraw).is_err());
+    assert_eq!(o[&vraw.id].state["format"], "qcow2", "the file as it is");
+    vd.check(&vraw, &o[&vraw.id], &[])
+        .expect("planned as a replace");
+    let e = vd.apply(&vraw, &o[&vraw.id], &wraw).expect_err("in place");
+    assert!(e.to_string().contains("exists as qcow2"), "{e}");
     assert_eq!(images(tmp.path()), ["q.qcow2"]);
 
     // Snapshot (a copy of the qcow2 file), change, roll back.

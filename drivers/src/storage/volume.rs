@@ -1165,18 +1165,8 @@ impl stead_reconciler::driver::KindDriver for VolumeDriver {
             .map_err(|e| format!("{}: {e}", desired.id))?;
         check_spec(&desired.id.name, v)?;
         let want = v.size.bytes();
-        if observed.exists
-            && observed.owned
-            && let Some(cur) = observed.state.get("format").and_then(Value::as_str)
-            && cur != format_str(v.format)
-        {
-            let from = if cur == "qcow2" {
-                VolumeFormat::Qcow2
-            } else {
-                VolumeFormat::Raw
-            };
-            return Err(format_change_message(&desired.id.name, from, v.format));
-        }
+        // A format change is `data-loss` (impact of `/format`): the plan replaces the volume
+        // only with --allow-data-loss, deleting the old file first.
         let was_template = observed.state.get("template") == Some(&json!(true));
         if v.template
             && was_template
