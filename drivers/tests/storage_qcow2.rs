@@ -264,6 +264,22 @@ fn storage_qcow2_import_from_an_http_url_checks_sha256_first() {
     assert_eq!(server.join().expect("server"), 1);
     assert!(images(tmp.path()).is_empty(), "{:?}", images(tmp.path()));
 
+    // A body cut short: refused, nothing left.
+    let (url, server) = serve_http_declaring(body[..body.len() / 2].to_vec(), 1, body.len());
+    let cut = with_url(volume("web", "local", 16 * MI), &url, &sha);
+    let e = apply(&vd, &cut, &world(&[&p, &cut])).expect_err("short body");
+    assert!(e.to_string().contains("bytes of"), "{e}");
+    assert_eq!(server.join().expect("server"), 1);
+    assert!(images(tmp.path()).is_empty(), "{:?}", images(tmp.path()));
+
+    // More than any image that fits the volume: refused before it fills the pool.
+    let (url, server) = serve_http_declaring(Vec::new(), 1, 1 << 40);
+    let huge = with_url(volume("web", "local", 16 * MI), &url, &sha);
+    let e = apply(&vd, &huge, &world(&[&p, &huge])).expect_err("too large");
+    assert!(e.to_string().contains("too large for the volume"), "{e}");
+    assert_eq!(server.join().expect("server"), 1);
+    assert!(images(tmp.path()).is_empty(), "{:?}", images(tmp.path()));
+
     // The right digest: fetched, converted to raw, grown.
     let (url, server) = serve_http(body, 1);
     let good = with_url(volume("web", "local", 16 * MI), &url, &sha);

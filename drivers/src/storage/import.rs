@@ -97,9 +97,23 @@ pub fn sha256_file(path: &Path) -> Result<String, DriverError> {
     copy_hashing(&mut f, None, len, &format!("sha256 {}", path.display())).map(|(d, _)| d)
 }
 
-/// Fetches `url` into the empty file `to` (at `to_path`), fsyncs it and checks its
-/// SHA-256 against `sha256`. On any error the caller removes `to_path`.
-pub fn fetch(url: &str, sha256: &str, to: &mut File, to_path: &Path) -> Result<(), DriverError> {
+/// The most bytes a fetch for a volume of `size` bytes may bring: an image larger than
+/// that could not fit the volume (a qcow2 file holds at most its guest size plus about an
+/// eighth for its tables), so a server sending more is cut off rather than filling the
+/// pool.
+pub fn fetch_limit(size: u64) -> u64 {
+    size.saturating_add(size / 8).saturating_add(64 << 20)
+}
+
+/// Fetches `url` into the empty file `to` (at `to_path`), at most `limit` bytes, fsyncs
+/// it and checks its SHA-256 against `sha256`. On any error the caller removes `to_path`.
+pub fn fetch(
+    url: &str,
+    sha256: &str,
+    limit: u64,
+    to: &mut File,
+    to_path: &Path,
+) -> Result<(), DriverError> {
     check_url(url)?;
     let want = normalize_sha256(sha256)?;
     let _span = tracing::info_span!("image_fetch", url).entered();
@@ -119,8 +133,17 @@ pub fn fetch(url: &str, sha256: &str, to: &mut File, to_path: &Path) -> Result<(
         .iter()
         .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
         .and_then(|(_, v)| v.trim().parse::<u64>().ok());
-    let mut resp = resp;
-    let (got, n) = copy_hashing(&mut resp, Some(to), len, &format!("fetch {url}"))?;
+    if let Some(l) = len
+        && l > limit
+    {
+        return Err(too_large(url, l, limit));
+    }
+    // One byte past the limit tells a server that sends too much.
+    let mut body = resp.take(limit.saturating_add(1));
+    let (got, n) = copy_hashing(&mut body, Some(to), len, &format!("fetch {url}"))?;
+    if n > limit {
+        return Err(too_large(url, n, limit));
+    }
     if let Some(l) = len
         && l != n
     {
@@ -135,6 +158,13 @@ pub fn fetch(url: &str, sha256: &str, to: &mut File, to_path: &Path) -> Result<(
         .map_err(|e| DriverError::io(format!("fsync {}", to_path.display()), e))?;
     info!(url, bytes = n, sha256 = %got, "image fetched and verified");
     Ok(())
+}
+
+fn too_large(url: &str, n: u64, limit: u64) -> DriverError {
+    DriverError::Refused(format!(
+        "fetch {url}: more than {} ({n} bytes or more), too large for the volume",
+        stead_schema::ByteSize(limit)
+    ))
 }
 
 #[cfg(test)]
@@ -152,6 +182,12 @@ mod tests {
         assert!(check_url("ftp://example.org/a").is_err());
         assert!(check_url("file:///etc/passwd").is_err());
         assert!(check_url("http:///x").is_err());
+    }
+
+    #[test]
+    fn the_fetch_limit_leaves_room_for_qcow2_tables() {
+        assert_eq!(fetch_limit(8 << 30), (9 << 30) + (64 << 20));
+        assert_eq!(fetch_limit(u64::MAX), u64::MAX);
     }
 
     #[test]

@@ -643,7 +643,7 @@ fn build_image(t: &Target<'_>, f: &File, tmp: &Path, scratch: &Path) -> Result<(
         })?;
         let _cleanup = RemoveOnDrop(scratch.to_path_buf());
         let mut sf = create_locked_tmp(scratch)?;
-        import::fetch(url, sha, &mut sf, scratch)?;
+        import::fetch(url, sha, import::fetch_limit(t.size()), &mut sf, scratch)?;
         import_image(t, scratch, f, tmp)?;
     } else if let Some(file) = source.and_then(|s| s.file.as_deref()) {
         let meta = fs::metadata(file)

@@ -284,6 +284,16 @@ pub fn sha256_hex(p: &Path) -> String {
 /// Serves `body` over HTTP/1.0 on 127.0.0.1 for `requests` requests, from a thread.
 /// Returns the URL and the thread (joined by the caller, after its requests).
 pub fn serve_http(body: Vec<u8>, requests: usize) -> (String, std::thread::JoinHandle<usize>) {
+    let len = body.len();
+    serve_http_declaring(body, requests, len)
+}
+
+/// [`serve_http`], announcing `declared` bytes in Content-Length whatever the body's size.
+pub fn serve_http_declaring(
+    body: Vec<u8>,
+    requests: usize,
+    declared: usize,
+) -> (String, std::thread::JoinHandle<usize>) {
     use std::io::{BufRead, BufReader, Write};
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = l.local_addr().expect("addr").port();
@@ -301,8 +311,7 @@ pub fn serve_http(body: Vec<u8>, requests: usize) -> (String, std::thread::JoinH
             }
             let mut s = s;
             let head = format!(
-                "HTTP/1.0 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                body.len()
+                "HTTP/1.0 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {declared}\r\nConnection: close\r\n\r\n"
             );
             let _ = s.write_all(head.as_bytes());
             let _ = s.write_all(&body);
