@@ -1,11 +1,13 @@
 //! Storage: `StoragePool` and `Volume` drivers, and volume snapshots.
 //!
 //! Pool types:
-//! - `dir`: a directory. Volumes are sparse raw files `<pool>/images/<name>.raw`.
+//! - `dir`: a directory. Volumes are sparse raw files `<pool>/images/<name>.raw`, or
+//!   qcow2 files `<pool>/images/<name>.qcow2` (made with `qemu-img`, see [`qemu_img`]).
 //! - `nfs`: the declared export mounted at `path` (mount(2)), then laid out as `dir`.
 //! - `btrfs`: a directory on a btrfs file system. Each volume is a subvolume
-//!   `<pool>/images/<name>/` holding `disk.raw`; snapshots are read-only btrfs snapshots
-//!   `<pool>/snapshots/<volume>/<snap>` made with the btrfs ioctls (no `btrfs` CLI).
+//!   `<pool>/images/<name>/` holding `disk.raw` or `disk.qcow2`; snapshots are read-only
+//!   btrfs snapshots `<pool>/snapshots/<volume>/<snap>` made with the btrfs ioctls (no
+//!   `btrfs` CLI).
 //! - `lvmthin`, `zfs`: thin LVs / zvols through the LVM and ZFS command-line tools.
 //!
 //! Ownership: a pool carries a marker file `<path>/.stead-pool` (JSON naming the pool); a
@@ -15,7 +17,13 @@
 //!
 //! Nothing under a pool is reached through a symlink; names that would escape the pool
 //! are refused. Writes are crash-safe: new volume files are built as
-//! `.<name>.raw.tmp`, fsynced and renamed; leftovers are removed by the next apply.
+//! `.<name>.raw.tmp` / `.<name>.qcow2.tmp` (a fetched image in `.<name>.fetch.tmp`),
+//! fsynced and renamed; leftovers are removed by the next apply.
+//!
+//! Images from outside (`source.file`, `source.url` with its SHA-256, see [`import`]) are
+//! converted to the volume's format. A template (`template: true`) is a file of mode
+//! 0444; its linked clones are qcow2 overlays (dir/nfs) or reflinks (btrfs), and a
+//! template that linked clones read is not deleted.
 
 pub(crate) mod fsutil;
 pub mod lvm;
