@@ -1429,6 +1429,23 @@ mod tests {
     }
 
     #[test]
+    fn temp_names_of_each_format_and_of_a_fetch_are_swept_and_nothing_else() {
+        for f in [VolumeFormat::Raw, VolumeFormat::Qcow2] {
+            assert!(is_volume_tmp_name(&tmp_name("vm1", f)));
+        }
+        assert!(is_volume_tmp_name(&fetch_tmp_name("vm1")));
+        for other in [
+            ".vm1.img.tmp",
+            "vm1.raw.tmp",
+            ".vm1.qcow2",
+            "..raw.tmp",
+            ".cache",
+        ] {
+            assert!(!is_volume_tmp_name(other), "{other}");
+        }
+    }
+
+    #[test]
     fn shrink_message_reads_well() {
         assert!(
             shrink_message("x", 32 << 20, 16 << 20)
