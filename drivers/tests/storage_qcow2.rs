@@ -134,6 +134,15 @@ fn storage_qcow2_create_observe_grow_refuse_shrink_and_snapshot() {
     let e = vd.apply(&vraw, &o[&vraw.id], &wraw).expect_err("in place");
     assert!(e.to_string().contains("exists as qcow2"), "{e}");
     assert_eq!(images(tmp.path()), ["q.qcow2"]);
+    // The replace's safety snapshot finds the file in its old format.
+    let info_pre = storage::snapshot_create(&env(tmp.path()), &wraw, "q", "pre-x").expect("pre");
+    assert!(info_pre.location.ends_with("pre-x.raw"), "{info_pre:?}");
+    assert_eq!(
+        info(&tmp.path().join("pool/snapshots/q/pre-x.raw")).format,
+        "qcow2",
+        "a byte copy of the qcow2 file"
+    );
+    storage::snapshot_delete(&env(tmp.path()), &wraw, "q", "pre-x").expect("drop pre");
 
     // Snapshot (a copy of the qcow2 file), change, roll back.
     let env = env(tmp.path());

@@ -96,7 +96,7 @@ pub fn safety_snapshot(
 ) -> Result<Option<SnapshotInfo>, DriverError> {
     let v = super::volume_spec(world, volume)?;
     let pool = super::pool_spec(world, v.pool.as_str())?;
-    let disk = super::volume::disk_path(v.pool.as_str(), pool, volume, v.format)?;
+    let disk = super::volume::existing_disk_path(v.pool.as_str(), pool, volume, v.format)?;
     let exists = match pool.pool_type {
         PoolType::Lvmthin | PoolType::Zfs => true,
         _ => disk.exists(),
@@ -189,7 +189,7 @@ pub fn snapshot_create(
     let _span = info_span!("snapshot_create", volume, snap).entered();
     match c.pool.pool_type {
         PoolType::Dir | PoolType::Nfs => {
-            let vol = super::volume::disk_path(c.pool_name, c.pool, volume, c.format)?;
+            let vol = super::volume::existing_disk_path(c.pool_name, c.pool, volume, c.format)?;
             owned_file(&vol, volume)?;
             let dir = fsutil::ensure_dir(&c.pool.path, &["snapshots", volume])?;
             let target = dir.join(format!("{snap}.raw"));

@@ -162,6 +162,25 @@ pub(crate) fn disk_path(
     }
 }
 
+/// The disk path of `volume` as it is on the host: in `format`, or, when only the other
+/// format's file exists (a format change not yet carried out), that one.
+pub(crate) fn existing_disk_path(
+    pool_name: &str,
+    pool: &StoragePoolSpec,
+    volume: &str,
+    format: VolumeFormat,
+) -> Result<PathBuf, DriverError> {
+    let p = disk_path(pool_name, pool, volume, format)?;
+    if fs::symlink_metadata(&p).is_err() && matches!(pool.pool_type, PoolType::Dir | PoolType::Nfs)
+    {
+        let other = disk_path(pool_name, pool, volume, other_format(format))?;
+        if fs::symlink_metadata(&other).is_ok() {
+            return Ok(other);
+        }
+    }
+    Ok(p)
+}
+
 fn format_str(f: VolumeFormat) -> &'static str {
     qemu_img::format_name(f)
 }
