@@ -108,6 +108,23 @@ fn storage_qcow2_create_observe_grow_refuse_shrink_and_snapshot() {
     assert_eq!(info(&file).virtual_size, 128 * MI);
     assert!(holds(&file, "qcow2", 0x5a, 0, MI));
 
+    // An image a running QEMU holds is not resized under it: not ready, unchanged.
+    let mut holder = std::process::Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "sleep 4000"])
+        .arg(&file)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("qemu-io");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let v256 = with_format(volume("q", "local", 256 * MI), VolumeFormat::Qcow2);
+    let held = apply(&vd, &v256, &world(&[&p, &v256]));
+    let _ = holder.kill();
+    let _ = holder.wait();
+    let e = held.expect_err("in use");
+    assert!(matches!(e, DriverError::NotReady(_)), "{e}");
+    assert!(e.to_string().contains("in use"), "{e}");
+    assert_eq!(info(&file).virtual_size, 128 * MI);
+
     // Shrink refused at plan (check) and at apply.
     let v32 = with_format(volume("q", "local", 32 * MI), VolumeFormat::Qcow2);
     let w32 = world(&[&p, &v32]);

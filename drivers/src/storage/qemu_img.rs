@@ -141,7 +141,9 @@ pub fn create(
     run(&create_args(path, format, size, backing)?).map(drop)
 }
 
-/// Grows the image at `path` to `size` bytes (`qemu-img resize`). Never shrinks.
+/// Grows the image at `path` to `size` bytes (`qemu-img resize`). Never shrinks. An
+/// image a running QEMU holds (its write lock) is `NotReady`: it grows once the VM
+/// stops, or through the VM engine's live resize.
 pub fn grow(path: &Path, format: VolumeFormat, size: u64) -> Result<(), DriverError> {
     run(&[
         "resize".into(),
@@ -152,6 +154,20 @@ pub fn grow(path: &Path, format: VolumeFormat, size: u64) -> Result<(), DriverEr
         size.to_string(),
     ])
     .map(drop)
+    .map_err(|e| match e {
+        DriverError::Command { stderr, .. } if is_lock_error(&stderr) => {
+            DriverError::NotReady(format!(
+                "{} is in use (a running QEMU holds its write lock): it grows when the VM stops",
+                path.display()
+            ))
+        }
+        e => e,
+    })
+}
+
+/// Whether `qemu-img`'s stderr says another process holds the image's lock.
+pub fn is_lock_error(stderr: &str) -> bool {
+    stderr.contains("Failed to get") && stderr.contains("lock")
 }
 
 /// Refuses an outside image that QEMU could not use on its own: a format not in
@@ -296,6 +312,14 @@ mod tests {
         assert!(check_importable(Path::new("/x"), &vmdk).is_err());
         let raw = parse_info(r#"{"virtual-size": 1, "format": "raw"}"#).expect("parse");
         assert!(check_importable(Path::new("/x"), &raw).is_ok());
+    }
+
+    #[test]
+    fn a_lock_error_is_told_apart() {
+        assert!(is_lock_error(
+            "qemu-img: Could not open '/p/a.qcow2': Failed to get \"write\" lock\nIs another process using the image [/p/a.qcow2]?"
+        ));
+        assert!(!is_lock_error("qemu-img: Image is corrupt"));
     }
 
     #[test]
