@@ -592,3 +592,60 @@ fn storage_qcow2_ten_linked_clones_are_quick_and_small() {
     assert!(used < 10 * MI, "clones share the template's blocks: {used}");
     assert!(took.as_secs() < 30, "{took:?}");
 }
+
+/// A raw template, a template that is a linked clone of it, and a clone of that: a
+/// backing chain of three; each base is held by the one above it.
+#[test]
+fn storage_qcow2_a_chain_of_templates_over_a_raw_base() {
+    need_qemu!("storage_qcow2_a_chain_of_templates_over_a_raw_base");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (_pd, vd, p) = dir_pool(tmp.path());
+    let src = tmp.path().join("base.raw");
+    raw_image(&src, 8 * MI);
+    let t1 = as_template(with_source(volume("t1", "local", 16 * MI), &src));
+    let t2 = as_template(with_format(
+        with_clone(volume("t2", "local", 16 * MI), "t1", true),
+        VolumeFormat::Qcow2,
+    ));
+    let leaf = with_format(
+        with_clone(volume("leaf", "local", 16 * MI), "t2", true),
+        VolumeFormat::Qcow2,
+    );
+    let w = world(&[&p, &t1, &t2, &leaf]);
+    for v in [&t1, &t2, &leaf] {
+        apply(&vd, v, &w).expect("apply");
+    }
+    let img = |n: &str| tmp.path().join("pool/images").join(n);
+    let i2 = info(&img("t2.qcow2"));
+    assert_eq!(i2.backing_filename.as_deref(), Some("t1.raw"));
+    assert_eq!(i2.backing_filename_format.as_deref(), Some("raw"));
+    assert_eq!(
+        fs::metadata(img("t2.qcow2"))
+            .expect("stat")
+            .permissions()
+            .mode()
+            & 0o777,
+        0o444
+    );
+    qemu_io(&img("leaf.qcow2"), "qcow2", "write -P 0xcd 0 1M");
+    assert!(
+        holds(&img("leaf.qcow2"), "qcow2", 0x11, 3 * MI, MI),
+        "reads through two bases"
+    );
+    assert!(
+        holds(&img("t1.raw"), "raw", 0xab, 0, MI),
+        "bottom untouched"
+    );
+
+    let blockers = |r: &Resource| {
+        let o = vd.observe(&[r], &w).expect("observe");
+        vd.delete_blockers(r, &o[&r.id], &w)
+            .expect("blockers")
+            .into_iter()
+            .map(|b| b.name)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(blockers(&t1), ["t2"]);
+    assert_eq!(blockers(&t2), ["leaf"]);
+    assert!(blockers(&leaf).is_empty());
+}
