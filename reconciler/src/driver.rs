@@ -306,6 +306,19 @@ pub trait Driver: Send + Sync {
         Ok(Vec::new())
     }
 
+    /// The objects on the host that still need this one, so that it must not be deleted
+    /// (e.g. the linked clones of a template volume); `Err` when the driver cannot tell.
+    /// Checked when a delete is planned: those not deleted earlier in the same plan make
+    /// it a plan error, and nothing is deleted. Default: none.
+    fn delete_blockers(
+        &self,
+        _last_applied: &Resource,
+        _observed: &Observed,
+        _world: &dyn Lookup,
+    ) -> Result<Vec<ResourceId>, String> {
+        Ok(Vec::new())
+    }
+
     /// Removes the object. Idempotent: an absent object is success.
     fn delete(
         &self,
@@ -441,6 +454,16 @@ pub trait KindDriver: Send + Sync {
         Ok(Vec::new())
     }
 
+    /// See [`Driver::delete_blockers`].
+    fn delete_blockers(
+        &self,
+        _last_applied: Typed<'_, Self::Spec>,
+        _observed: &Observed,
+        _world: &dyn Lookup,
+    ) -> Result<Vec<ResourceId>, String> {
+        Ok(Vec::new())
+    }
+
     /// See [`Driver::delete`].
     fn delete(
         &self,
@@ -520,6 +543,18 @@ impl<T: KindDriver> Driver for T {
 
     fn marked_on_host(&self) -> Result<Vec<String>, DriverError> {
         KindDriver::marked_on_host(self)
+    }
+
+    fn delete_blockers(
+        &self,
+        last_applied: &Resource,
+        observed: &Observed,
+        world: &dyn Lookup,
+    ) -> Result<Vec<ResourceId>, String> {
+        match Typed::new(last_applied) {
+            Ok(l) => KindDriver::delete_blockers(self, l, observed, world),
+            Err(_) => Ok(Vec::new()),
+        }
     }
 
     fn delete(

@@ -406,10 +406,46 @@ impl<'a> Planner<'a> {
             PruneAction::Retain => Ok(retain_change(id)),
             PruneAction::Delete => delete_change(entry, obs, driver, &self.world, self.opts),
         };
+        let planned = planned.and_then(|c| {
+            if c.action == Action::Delete && obs.exists {
+                self.check_delete_blockers(entry, obs, driver)?;
+            }
+            Ok(c)
+        });
         match planned {
             Ok(c) => self.changes.push(c),
             Err(msg) => self.error(id, msg),
         }
+    }
+
+    /// Refuses the delete of `entry` while objects on the host need it (the driver's
+    /// [`Driver::delete_blockers`]) and this plan does not delete them first.
+    fn check_delete_blockers(
+        &self,
+        entry: &InventoryEntry,
+        obs: &Observed,
+        driver: &dyn Driver,
+    ) -> Result<(), String> {
+        let blockers = driver.delete_blockers(&entry.resource, obs, &self.world)?;
+        let left: Vec<String> = blockers
+            .iter()
+            .filter(|b| {
+                !self
+                    .changes
+                    .iter()
+                    .any(|c| &c.id == *b && c.action == Action::Delete)
+            })
+            .map(ToString::to_string)
+            .collect();
+        if left.is_empty() {
+            return Ok(());
+        }
+        Err(format!(
+            "cannot delete: {} on the host still need{} it (delete {} first)",
+            left.join(", "),
+            if left.len() == 1 { "s" } else { "" },
+            if left.len() == 1 { "it" } else { "them" }
+        ))
     }
 
     /// The plan: the planner's errors first, then the observe errors it covers.
@@ -1023,6 +1059,40 @@ mod tests {
         let c = change(&p, "StoragePool/local");
         assert_eq!((c.action, c.note.as_deref()), (Action::Delete, None));
         assert_eq!(c.safety_snapshot, None, "the driver cannot snapshot");
+    }
+
+    #[test]
+    fn a_prune_that_objects_on_the_host_need_is_a_plan_error_unless_they_go_first() {
+        let applied = pool("local")
+            + &vol("tmpl", "1G", "Delete")
+            + &vol("keep", "1G", "Retain")
+            + &vol("c1", "1G", "Delete");
+        let clones = vec![id(Kind::Volume, "c1"), id(Kind::Volume, "c2")];
+        let case = Case::new(&(pool("local") + &vol("c1", "1G", "Delete")), &applied).script(|s| {
+            s.blockers.insert("tmpl".into(), clones.clone());
+            s.blockers.insert("keep".into(), clones.clone());
+        });
+        let p = case.plan(&opts());
+        assert_eq!(
+            errors(&p),
+            [(
+                "Volume/tmpl".to_string(),
+                "cannot delete: Volume/c1, Volume/c2 on the host still need it (delete them first)"
+                    .to_string()
+            )]
+        );
+        assert!(p.changes.iter().all(|c| c.id.name != "tmpl"), "{p:?}");
+        // A retained volume is not deleted at all: no refusal, the plan says it is kept.
+        assert_eq!(change(&p, "Volume/keep").action, Action::Retain);
+
+        // A blocker deleted earlier in the same plan does not count.
+        let case = Case::new(&pool("local"), &applied).script(|s| {
+            s.blockers
+                .insert("tmpl".into(), vec![id(Kind::Volume, "c1")]);
+        });
+        let p = case.plan(&opts());
+        assert!(errors(&p).is_empty(), "{:?}", errors(&p));
+        assert_eq!(change(&p, "Volume/tmpl").action, Action::Delete);
     }
 
     #[test]

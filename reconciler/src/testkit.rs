@@ -99,6 +99,8 @@ pub(crate) struct Script {
     pub snapshots: BTreeSet<Kind>,
     /// Names whose apply fails (retryable).
     pub fail: BTreeSet<String>,
+    /// Names whose delete other objects on the host block (`delete_blockers`).
+    pub blockers: BTreeMap<String, Vec<ResourceId>>,
     /// What was done, in order: `apply Kind/name`, `delete Kind/name`.
     pub log: Mutex<Vec<String>>,
 }
@@ -202,6 +204,19 @@ impl Driver for FakeDriver {
     ) -> Result<(), DriverError> {
         self.record(&format!("snapshot {name}"), r);
         Ok(())
+    }
+    fn delete_blockers(
+        &self,
+        r: &Resource,
+        _o: &Observed,
+        _w: &dyn Lookup,
+    ) -> Result<Vec<ResourceId>, String> {
+        Ok(self
+            .script
+            .blockers
+            .get(r.id.name.as_str())
+            .cloned()
+            .unwrap_or_default())
     }
     fn delete(&self, r: &Resource, _o: &Observed, _w: &dyn Lookup) -> Result<(), DriverError> {
         self.record("delete", r);

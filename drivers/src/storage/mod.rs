@@ -1,11 +1,13 @@
 //! Storage: `StoragePool` and `Volume` drivers, and volume snapshots.
 //!
 //! Pool types:
-//! - `dir`: a directory. Volumes are sparse raw files `<pool>/images/<name>.raw`.
+//! - `dir`: a directory. Volumes are sparse raw files `<pool>/images/<name>.raw`, or
+//!   qcow2 files `<pool>/images/<name>.qcow2` (made with `qemu-img`, see [`qemu_img`]).
 //! - `nfs`: the declared export mounted at `path` (mount(2)), then laid out as `dir`.
 //! - `btrfs`: a directory on a btrfs file system. Each volume is a subvolume
-//!   `<pool>/images/<name>/` holding `disk.raw`; snapshots are read-only btrfs snapshots
-//!   `<pool>/snapshots/<volume>/<snap>` made with the btrfs ioctls (no `btrfs` CLI).
+//!   `<pool>/images/<name>/` holding `disk.raw` or `disk.qcow2`; snapshots are read-only
+//!   btrfs snapshots `<pool>/snapshots/<volume>/<snap>` made with the btrfs ioctls (no
+//!   `btrfs` CLI).
 //! - `lvmthin`, `zfs`: thin LVs / zvols through the LVM and ZFS command-line tools.
 //!
 //! Ownership: a pool carries a marker file `<path>/.stead-pool` (JSON naming the pool); a
@@ -15,7 +17,13 @@
 //!
 //! Nothing under a pool is reached through a symlink; names that would escape the pool
 //! are refused. Writes are crash-safe: new volume files are built as
-//! `.<name>.raw.tmp`, fsynced and renamed; leftovers are removed by the next apply.
+//! `.<name>.raw.tmp` / `.<name>.qcow2.tmp` (a fetched image in `.<name>.fetch.tmp`),
+//! fsynced and renamed; leftovers are removed by the next apply.
+//!
+//! Images from outside (`source.file`, `source.url` with its SHA-256, see [`import`]) are
+//! converted to the volume's format. A template (`template: true`) is a file of mode
+//! 0444; its linked clones are qcow2 overlays (dir/nfs) or reflinks (btrfs), and a
+//! template that linked clones read is not deleted.
 
 pub(crate) mod fsutil;
 pub mod lvm;
@@ -28,11 +36,13 @@ pub mod workload_snapshot;
 pub mod zfs;
 
 pub mod btrfs;
+pub mod import;
+pub mod qemu_img;
 
 use std::path::PathBuf;
 
 use stead_reconciler::driver::{DriverError, Lookup};
-use stead_schema::{Kind, ResourceId, Spec, StoragePoolSpec, VolumeSpec};
+use stead_schema::{Kind, ResourceId, Spec, StoragePoolSpec, VolumeFormat, VolumeSpec};
 
 pub use fsutil::{CopyMethod, MarkKind, OWNER_XATTR};
 pub use pool::{MARKER_FILE, PoolDriver};
@@ -140,13 +150,23 @@ pub fn pool_path(world: &dyn Lookup, pool_name: &str) -> Result<PathBuf, DriverE
 }
 
 /// The host path of a Volume's disk image, for container and VM drivers to attach:
-/// `<pool>/images/<name>.raw` (dir, nfs), `<pool>/images/<name>/disk.raw` (btrfs),
-/// `/dev/<vg>/<name>` (lvmthin), `/dev/zvol/<dataset>/<name>` (zfs).
-/// Refuses names and paths that escape the pool.
+/// `<pool>/images/<name>.raw|.qcow2` (dir, nfs), `<pool>/images/<name>/disk.raw|.qcow2`
+/// (btrfs), `/dev/<vg>/<name>` (lvmthin), `/dev/zvol/<dataset>/<name>` (zfs).
+/// Refuses names and paths that escape the pool. See [`volume_image`] for the format.
 pub fn volume_path(world: &dyn Lookup, volume_name: &str) -> Result<PathBuf, DriverError> {
+    volume_image(world, volume_name).map(|(p, _)| p)
+}
+
+/// The host path of a Volume's disk image and the format to open it as (`raw` on
+/// lvmthin and zfs pools, which only hold raw volumes).
+pub fn volume_image(
+    world: &dyn Lookup,
+    volume_name: &str,
+) -> Result<(PathBuf, VolumeFormat), DriverError> {
     let vol = volume_spec(world, volume_name)?;
     let pool = pool_spec(world, vol.pool.as_str())?;
-    volume::disk_path(vol.pool.as_str(), pool, volume_name)
+    let path = volume::disk_path(vol.pool.as_str(), pool, volume_name, vol.format)?;
+    Ok((path, vol.format))
 }
 
 /// Refuses a manifest value that a tool would read as an option (it starts with `-`).
