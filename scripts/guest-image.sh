@@ -28,7 +28,7 @@ mirror="${STEAD_GUEST_MIRROR:-http://deb.debian.org/debian}"
 disk_mib="${STEAD_GUEST_DISK_MIB:-2048}"
 packages=(
     linux-image-cloud-amd64 systemd-sysv udev cloud-init qemu-guest-agent
-    iputils-ping iproute2 e2fsprogs ca-certificates
+    iputils-ping iproute2 e2fsprogs ca-certificates cloud-guest-utils
 )
 extra="${STEAD_GUEST_EXTRA_PACKAGES:-}"
 # shellcheck disable=SC2206
@@ -44,8 +44,121 @@ disk_sectors=$((disk_mib * 2048))
 root_sectors=$((disk_sectors - root_start - 2048)) # leave room for the backup GPT
 root_label=steadroot
 
-self="${BASH_SOURCE[0]}"
+self="$(readlink -f "${BASH_SOURCE[0]}")"
 log() { echo "guest-image: $*" >&2; }
+
+# The guest's own configuration, applied inside the rootfs by mmdebstrap's customize hook
+# (the script runs itself as `guest-image.sh --customize ROOTDIR`, with the chroot's /proc
+# and /dev mounted).
+customize() {
+    local root="$1"
+    if [ -z "$root" ] || [ "$root" = / ] || [ ! -d "$root/etc/apt" ]; then
+        log "--customize: '$root' is not a fresh rootfs"
+        exit 1
+    fi
+    cat >"$root/etc/fstab" <<EOF
+LABEL=$root_label / ext4 defaults,errors=remount-ro 0 1
+EOF
+    echo debian >"$root/etc/hostname"
+    # Empty machine-id: each VM gets its own on first boot.
+    : >"$root/etc/machine-id"
+    rm -f "$root/var/lib/dbus/machine-id"
+    customize_cloud_init "$root"
+    customize_units "$root"
+    customize_boot "$root"
+    rm -rf "$root/var/lib/apt/lists/"* "$root/var/cache/apt/"*.bin "$root/var/cache/apt/archives/"*.deb
+    rm -rf "$root/var/log/"*.log "$root/var/log/apt/"*
+}
+
+# NoCloud only, networking rendered for systemd-networkd, and only the modules that make
+# sense offline (each one costs seconds under TCG).
+customize_cloud_init() {
+    local root="$1"
+    mkdir -p "$root/etc/cloud/cloud.cfg.d"
+    cat >"$root/etc/cloud/cloud.cfg.d/90-stead.cfg" <<'EOF'
+# stead guest image: seeds come from a NoCloud "cidata" disk only.
+datasource_list: [ NoCloud, None ]
+system_info:
+  network:
+    renderers: [ networkd ]
+locale: false
+ssh_genkeytypes: []
+cloud_init_modules:
+  - migrator
+  - seed_random
+  - bootcmd
+  - write-files
+  - growpart
+  - resizefs
+  - disk_setup
+  - mounts
+  - set_hostname
+  - update_hostname
+  - update_etc_hosts
+  - ca-certs
+  - users-groups
+  - ssh
+cloud_config_modules:
+  - set-passwords
+  - timezone
+  - runcmd
+cloud_final_modules:
+  - package-update-upgrade-install
+  - write-files-deferred
+  - scripts-vendor
+  - scripts-per-once
+  - scripts-per-boot
+  - scripts-per-instance
+  - scripts-user
+  - ssh-authkey-fingerprints
+  - phone-home
+  - final-message
+  - power-state-change
+EOF
+}
+
+customize_units() {
+    local root="$1"
+    # A VM without network config (or without DHCP) must not wait two minutes for it.
+    mkdir -p "$root/etc/systemd/system/systemd-networkd-wait-online.service.d"
+    cat >"$root/etc/systemd/system/systemd-networkd-wait-online.service.d/stead.conf" <<'EOF'
+[Unit]
+ConditionPathExistsGlob=/etc/systemd/network/*.network
+[Service]
+ExecStart=
+ExecStart=/lib/systemd/systemd-networkd-wait-online --any --timeout=5
+EOF
+    chroot "$root" systemctl enable systemd-networkd.service >&2
+    # Ext4 scrubbing needs LVM snapshots; its boot-time reaper only costs time here.
+    chroot "$root" systemctl mask e2scrub_reap.service e2scrub_all.timer >&2
+}
+
+customize_boot() {
+    local root="$1"
+    # A small initramfs: the root disk is virtio-blk or virtio-scsi, ext4 is built in.
+    echo MODULES=list >"$root/etc/initramfs-tools/conf.d/stead"
+    printf '%s\n' virtio_pci virtio_blk virtio_scsi sd_mod >>"$root/etc/initramfs-tools/modules"
+    chroot "$root" update-initramfs -u -k all >&2
+    rm -f "$root/vmlinuz.old" "$root/initrd.img.old"
+    mkdir -p "$root/boot/grub"
+    cat >"$root/boot/grub/grub.cfg" <<EOF
+set timeout=0
+set default=0
+serial --unit=0 --speed=115200
+terminal_input serial console
+terminal_output serial console
+menuentry 'Debian' {
+    search --no-floppy --label --set=root $root_label
+    linux /vmlinuz root=LABEL=$root_label ro console=tty0 console=ttyS0,115200n8 quiet
+    initrd /initrd.img
+}
+EOF
+}
+
+if [ "${1:-}" = "--customize" ]; then
+    customize "${2:-}"
+    exit 0
+fi
 
 cache_key() {
     {
@@ -85,51 +198,6 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 started=$SECONDS
 
-# The guest's own configuration, applied inside the rootfs after packages are installed.
-customize() {
-    local root="$1"
-    cat >"$root/etc/fstab" <<EOF
-LABEL=$root_label / ext4 defaults,errors=remount-ro 0 1
-EOF
-    echo debian >"$root/etc/hostname"
-    # Empty machine-id: each VM gets its own on first boot.
-    : >"$root/etc/machine-id"
-    rm -f "$root/var/lib/dbus/machine-id"
-
-    mkdir -p "$root/etc/cloud/cloud.cfg.d"
-    cat >"$root/etc/cloud/cloud.cfg.d/90-stead.cfg" <<'EOF'
-# stead guest image: seeds come from a NoCloud "cidata" disk only.
-datasource_list: [ NoCloud, None ]
-system_info:
-  network:
-    renderers: [ networkd ]
-EOF
-    # Don't let a VM without networking wait two minutes for it.
-    mkdir -p "$root/etc/systemd/system/systemd-networkd-wait-online.service.d"
-    cat >"$root/etc/systemd/system/systemd-networkd-wait-online.service.d/stead.conf" <<'EOF'
-[Service]
-ExecStart=
-ExecStart=/lib/systemd/systemd-networkd-wait-online --any --timeout=10
-EOF
-    chroot "$root" systemctl enable systemd-networkd.service >/dev/null 2>&1 || true
-
-    mkdir -p "$root/boot/grub"
-    cat >"$root/boot/grub/grub.cfg" <<EOF
-set timeout=0
-set default=0
-serial --unit=0 --speed=115200
-terminal_input serial console
-terminal_output serial console
-menuentry 'Debian' {
-    search --no-floppy --label --set=root $root_label
-    linux /vmlinuz root=LABEL=$root_label ro console=tty0 console=ttyS0,115200n8 quiet
-    initrd /initrd.img
-}
-EOF
-    rm -rf "$root/var/lib/apt/lists/"* "$root/var/cache/apt/"*.bin "$root/var/cache/apt/archives/"*.deb
-    rm -rf "$root/var/log/"*.log "$root/var/log/apt/"*
-}
-
 build_rootfs() {
     local root="$1"
     log "mmdebstrap $suite (${packages[*]})"
@@ -145,8 +213,8 @@ build_rootfs() {
         --dpkgopt='path-include=/usr/share/locale/locale.alias' \
         --dpkgopt='path-exclude=/usr/share/info/*' \
         --aptopt='APT::Install-Recommends "false"' \
+        --customize-hook="\"$self\" --customize \"\$1\"" \
         "$suite" "$root" "$mirror" >&2
-    customize "$root"
 }
 
 # Embedded grub config: find the root fs by label and load its grub.cfg.
