@@ -32,12 +32,22 @@ def read_line(sock, buf):
             return json.loads(line), buf
 
 
+# guest-sync ids come from this range; an int reply in it is a (possibly stale) sync reply,
+# never a command's answer (file handles are small, times are far larger).
+SYNC_IDS = (1 << 24, 1 << 31)
+
+
+def is_sync_reply(reply):
+    value = reply.get("return")
+    return isinstance(value, int) and SYNC_IDS[0] <= value < SYNC_IDS[1]
+
+
 def sync(sock, deadline):
     """Sends guest-sync with a fresh id every 0.2 s until one is answered (a guest whose
     agent is not up yet drops them); stale replies to earlier ids are skipped."""
     sent, buf = set(), b""
     while True:
-        sync_id = random.randrange(1, 2**31)
+        sync_id = random.randrange(*SYNC_IDS)
         sent.add(sync_id)
         msg = {"execute": "guest-sync", "arguments": {"id": sync_id}}
         sock.sendall(json.dumps(msg).encode() + b"\n")
@@ -60,7 +70,10 @@ def ask(path, command, deadline):
         buf = sync(sock, deadline)
         sock.sendall(json.dumps(command).encode() + b"\n")
         sock.settimeout(max(5.0, deadline - time.monotonic()))
-        return read_line(sock, buf)[0]
+        while True:
+            reply, buf = read_line(sock, buf)
+            if not is_sync_reply(reply):
+                return reply
     finally:
         sock.close()
 

@@ -133,7 +133,7 @@ pub fn guest_agent(
     timeout: Duration,
 ) -> Option<serde_json::Value> {
     let deadline = Instant::now() + timeout;
-    let mut id: u64 = u64::from(std::process::id()) << 20;
+    let mut id = SYNC_IDS.start + u64::from(std::process::id()) * 4099 % (1 << 30);
     while Instant::now() < deadline {
         if let Some(reply) = agent_exchange(sock, command, deadline, &mut id) {
             return Some(reply);
@@ -141,6 +141,16 @@ pub fn guest_agent(
         std::thread::sleep(Duration::from_millis(100));
     }
     None
+}
+
+/// guest-sync ids come from this range: an integer reply in it is a (possibly stale)
+/// sync reply, never a command's answer (file handles are small, times far larger).
+const SYNC_IDS: std::ops::Range<u64> = (1 << 24)..(1 << 31);
+
+fn is_sync_reply(reply: &serde_json::Value) -> bool {
+    reply["return"]
+        .as_u64()
+        .is_some_and(|r| SYNC_IDS.contains(&r))
 }
 
 fn agent_exchange(
@@ -154,17 +164,19 @@ fn agent_exchange(
         .set_read_timeout(Some(Duration::from_millis(200)))
         .ok()?;
     let mut reader = BufReader::new(stream.try_clone().ok()?);
-    let first = *id + 1;
+    let mut sent = Vec::new();
     let mut synced = false;
     while !synced && Instant::now() < deadline {
-        *id += 1;
+        *id = if *id + 1 < SYNC_IDS.end {
+            *id + 1
+        } else {
+            SYNC_IDS.start
+        };
+        sent.push(*id);
         let sync = serde_json::json!({"execute": "guest-sync", "arguments": {"id": *id}});
         writeln!(stream, "{sync}").ok()?;
         while let Some(reply) = read_reply(&mut reader) {
-            if reply["return"]
-                .as_u64()
-                .is_some_and(|r| (first..=*id).contains(&r))
-            {
+            if reply["return"].as_u64().is_some_and(|r| sent.contains(&r)) {
                 synced = true;
                 break;
             }
@@ -181,7 +193,12 @@ fn agent_exchange(
         ))
         .ok()?;
     writeln!(stream, "{command}").ok()?;
-    read_reply(&mut reader)
+    loop {
+        let reply = read_reply(&mut reader)?;
+        if !is_sync_reply(&reply) {
+            return Some(reply);
+        }
+    }
 }
 
 /// One JSON line from the agent (skipping the 0xff delimiter bytes it may send); `None` on
@@ -211,6 +228,18 @@ mod tests {
         let reply = read_reply(&mut input).expect("a reply");
         assert_eq!(reply["return"], 7);
         assert!(read_reply(&mut input).is_none());
+    }
+
+    #[test]
+    fn sync_replies_are_told_from_answers() {
+        assert!(is_sync_reply(
+            &serde_json::json!({"return": SYNC_IDS.start + 5})
+        ));
+        assert!(!is_sync_reply(&serde_json::json!({"return": 1000})));
+        assert!(!is_sync_reply(&serde_json::json!({"return": {}})));
+        assert!(!is_sync_reply(
+            &serde_json::json!({"return": 1_733_000_000_000_000_000_u64})
+        ));
     }
 
     #[test]
