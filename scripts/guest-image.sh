@@ -12,15 +12,16 @@
 #
 # The disk (2 GiB virtual, GPT) boots under SeaBIOS and OVMF alike:
 #   p1  BIOS boot partition: grub i386-pc core.img (the MBR holds grub's boot.img)
-#   p2  EFI system partition: EFI/BOOT/BOOTX64.EFI (grub x86_64-efi)
+#   p2  EFI system partition: EFI/BOOT/BOOTX64.EFI is Debian's signed shim, beside its
+#       signed grub (so secure boot works too), with EFI/debian/grub.cfg
 #   p3  ext4 root, label "steadroot" (root=LABEL=..., so vda and sda both work)
-# Both grubs carry an embedded config that finds the root fs by label and loads its
+# Both grubs run a small config that finds the root fs by label and loads its
 # /boot/grub/grub.cfg (no menu, no timeout, console=ttyS0).
 # The guest has cloud-init (NoCloud only, networking rendered for systemd-networkd) and
 # qemu-guest-agent (started by udev when the org.qemu.guest_agent.0 port appears).
 #
-# Needs (Debian): mmdebstrap, e2fsprogs, dosfstools, mtools, fdisk, grub-pc-bin,
-# grub-efi-amd64-bin, qemu-utils, and deb.debian.org at build time only.
+# Needs (Debian): mmdebstrap, e2fsprogs, dosfstools, mtools, fdisk, grub-common,
+# grub-pc-bin, qemu-utils, and deb.debian.org at build time only.
 set -euo pipefail
 
 suite="${STEAD_GUEST_SUITE:-bookworm}"
@@ -139,6 +140,7 @@ customize_boot() {
     echo MODULES=list >"$root/etc/initramfs-tools/conf.d/stead"
     printf '%s\n' virtio_pci virtio_blk virtio_scsi sd_mod >>"$root/etc/initramfs-tools/modules"
     chroot "$root" update-initramfs -u -k all >&2
+    fetch_signed_efi "$root"
     rm -f "$root/vmlinuz.old" "$root/initrd.img.old"
     mkdir -p "$root/boot/grub"
     cat >"$root/boot/grub/grub.cfg" <<EOF
@@ -153,6 +155,19 @@ menuentry 'Debian' {
     initrd /initrd.img
 }
 EOF
+}
+
+# Debian's signed shim and grub for the ESP (so the disk also boots with secure boot on),
+# fetched by the chroot's apt from the same suite and unpacked into $STEAD_GUEST_SIGNED_OUT.
+fetch_signed_efi() {
+    local root="$1" out="${STEAD_GUEST_SIGNED_OUT:-}" deb
+    [ -n "$out" ] || return 0
+    mkdir -p "$root/tmp/signed"
+    chroot "$root" sh -c 'cd /tmp/signed && apt-get download -q shim-signed grub-efi-amd64-signed' >&2
+    for deb in "$root"/tmp/signed/*.deb; do
+        dpkg-deb -x "$deb" "$out"
+    done
+    rm -rf "$root/tmp/signed"
 }
 
 if [ "${1:-}" = "--customize" ]; then
@@ -182,12 +197,12 @@ fi
 
 for tool in mmdebstrap mkfs.ext4 mkfs.vfat mcopy mmd sfdisk grub-mkimage qemu-img; do
     command -v "$tool" >/dev/null || {
-        log "missing $tool (apt-get install mmdebstrap e2fsprogs dosfstools mtools fdisk grub-pc-bin grub-efi-amd64-bin qemu-utils)"
+        log "missing $tool (apt-get install mmdebstrap e2fsprogs dosfstools mtools fdisk grub-common grub-pc-bin qemu-utils)"
         exit 1
     }
 done
-[ -d /usr/lib/grub/i386-pc ] && [ -d /usr/lib/grub/x86_64-efi ] || {
-    log "missing grub modules (apt-get install grub-pc-bin grub-efi-amd64-bin)"
+[ -d /usr/lib/grub/i386-pc ] || {
+    log "missing grub's i386-pc modules (apt-get install grub-pc-bin)"
     exit 1
 }
 
@@ -234,11 +249,6 @@ build_bios_core() {
         "${grub_modules_common[@]}" biosdisk
 }
 
-build_efi() {
-    local out="$1" cfg="$2"
-    grub-mkimage -O x86_64-efi -o "$out" -c "$cfg" -p /boot/grub \
-        "${grub_modules_common[@]}" efi_gop efi_uga all_video
-}
 
 # Writes a little-endian integer of $3 bytes at byte offset $2 of file $1.
 put_le() {
@@ -269,12 +279,22 @@ install_bios_boot() {
     put_le "$disk" $((bios_start * 512 + 512 - 12)) 8 $((bios_start + 1))
 }
 
+# The ESP: the removable-media path EFI/BOOT/BOOTX64.EFI is Debian's signed shim, which
+# loads the signed grub beside it (no fbx64.efi: no boot entries are made); that grub reads
+# EFI/debian/grub.cfg (its built-in prefix), the same small config as the BIOS core's.
 build_esp() {
-    local esp="$1" efi="$2"
+    local esp="$1" signed="$2" cfg="$3" shim grub
+    shim="$signed/usr/lib/shim/shimx64.efi.signed"
+    grub="$signed/usr/lib/grub/x86_64-efi-signed/grubx64.efi.signed"
+    for f in "$shim" "$grub"; do
+        [ -f "$f" ] || { log "no $f in shim-signed / grub-efi-amd64-signed"; exit 1; }
+    done
     truncate -s $((esp_sectors * 512)) "$esp"
     mkfs.vfat -F 16 -n ESP "$esp" >/dev/null
-    mmd -i "$esp" ::/EFI ::/EFI/BOOT
-    mcopy -i "$esp" "$efi" ::/EFI/BOOT/BOOTX64.EFI
+    mmd -i "$esp" ::/EFI ::/EFI/BOOT ::/EFI/debian
+    mcopy -i "$esp" "$shim" ::/EFI/BOOT/BOOTX64.EFI
+    mcopy -i "$esp" "$grub" ::/EFI/BOOT/grubx64.efi
+    mcopy -i "$esp" "$cfg" ::/EFI/debian/grub.cfg
 }
 
 build_root_fs() {
@@ -299,14 +319,14 @@ place() {
 }
 
 root="$work/rootfs"
-mkdir -p "$root"
+mkdir -p "$root" "$work/signed"
+export STEAD_GUEST_SIGNED_OUT="$work/signed"
 build_rootfs "$root"
 log "rootfs: $(du -sh "$root" | cut -f1)"
 
 write_embedded_cfg "$work/embedded.cfg"
 build_bios_core "$work/core.img" "$work/embedded.cfg"
-build_efi "$work/BOOTX64.EFI" "$work/embedded.cfg"
-build_esp "$work/esp.img" "$work/BOOTX64.EFI"
+build_esp "$work/esp.img" "$work/signed" "$work/embedded.cfg"
 build_root_fs "$work/root.img" "$root"
 rm -rf "$root"
 

@@ -143,6 +143,25 @@ pub fn guest_agent(
     None
 }
 
+/// Runs `sh -c SHELL` in the guest through the agent (`guest-exec`, then
+/// `guest-exec-status` until it exits) and returns its exit code; `None` when the agent
+/// does not answer or the command outlives `timeout`.
+pub fn guest_exec_status(sock: &Path, shell: &str, timeout: Duration) -> Option<i64> {
+    let deadline = Instant::now() + timeout;
+    let exec = serde_json::json!({"execute": "guest-exec",
+        "arguments": {"path": "/bin/sh", "arg": ["-c", shell]}});
+    let pid = guest_agent(sock, &exec, timeout)?["return"]["pid"].as_i64()?;
+    while Instant::now() < deadline {
+        let status = serde_json::json!({"execute": "guest-exec-status", "arguments": {"pid": pid}});
+        let reply = guest_agent(sock, &status, Duration::from_secs(30))?;
+        if reply["return"]["exited"].as_bool() == Some(true) {
+            return reply["return"]["exitcode"].as_i64();
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    None
+}
+
 /// guest-sync ids come from this range: an integer reply in it is a (possibly stale)
 /// sync reply, never a command's answer (file handles are small, times far larger).
 const SYNC_IDS: std::ops::Range<u64> = (1 << 24)..(1 << 31);

@@ -1,5 +1,6 @@
 //! The guest image from `scripts/guest-image.sh` boots under plain QEMU (TCG) with both
-//! firmwares: SeaBIOS from the GPT disk's BIOS boot partition and OVMF from its ESP, with
+//! firmwares: SeaBIOS from the GPT disk's BIOS boot partition and OVMF from its ESP (also
+//! with secure boot: Debian's signed shim, grub and kernel), with
 //! the root disk on virtio-blk and on virtio-scsi. cloud-init (NoCloud seed ISO) sets the
 //! hostname and writes a file, and the guest agent answers on its virtio-serial port.
 //! SKIPs when the image is not built or QEMU, genisoimage or the firmware are missing.
@@ -9,12 +10,16 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use stead_e2e::guest::guest_agent;
+use stead_e2e::guest::{guest_agent, guest_exec_status};
 use stead_e2e::{GuestDisk, skip_unless};
 
 const SEABIOS: &str = "/usr/share/seabios/bios-256k.bin";
 const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
 const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
+/// OVMF with secure boot (needs SMM) and vars with Microsoft's keys enrolled, which
+/// Debian's shim is signed with.
+const OVMF_CODE_SB: &str = "/usr/share/OVMF/OVMF_CODE_4M.ms.fd";
+const OVMF_VARS_SB: &str = "/usr/share/OVMF/OVMF_VARS_4M.ms.fd";
 /// Boot to the agent takes 30-70 s under TCG on an idle 2-core machine; leave room for a
 /// loaded one.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(420);
@@ -32,6 +37,7 @@ impl Drop for Qemu {
 enum Firmware {
     Bios,
     Uefi,
+    UefiSecureBoot,
 }
 
 enum Bus {
@@ -77,13 +83,13 @@ fn launch(disk: &GuestDisk, firmware: Firmware, bus: Bus, seed: &Path, qga: &Pat
             cmd.args(["-machine", "pc", "-bios", SEABIOS]);
         }
         Firmware::Uefi => {
-            let vars = dir.join("OVMF_VARS.fd");
-            std::fs::copy(OVMF_VARS, &vars).expect("copy OVMF vars");
-            cmd.args(["-machine", "q35"])
-                .arg("-drive")
-                .arg(format!("if=pflash,format=raw,readonly=on,file={OVMF_CODE}"))
-                .arg("-drive")
-                .arg(format!("if=pflash,format=raw,file={}", vars.display()));
+            cmd.args(["-machine", "q35"]);
+            pflash(&mut cmd, dir, OVMF_CODE, OVMF_VARS);
+        }
+        Firmware::UefiSecureBoot => {
+            cmd.args(["-machine", "q35,smm=on"])
+                .args(["-global", "driver=cfi.pflash01,property=secure,value=on"]);
+            pflash(&mut cmd, dir, OVMF_CODE_SB, OVMF_VARS_SB);
         }
     }
     cmd.arg("-drive").arg(format!(
@@ -120,6 +126,16 @@ fn launch(disk: &GuestDisk, firmware: Firmware, bus: Bus, seed: &Path, qga: &Pat
     Qemu(cmd.spawn().expect("spawn qemu-system-x86_64"))
 }
 
+/// OVMF's code (read-only) and a per-VM copy of its vars as the two pflash drives.
+fn pflash(cmd: &mut Command, dir: &Path, code: &str, vars_template: &str) {
+    let vars = dir.join("OVMF_VARS.fd");
+    std::fs::copy(vars_template, &vars).expect("copy OVMF vars");
+    cmd.arg("-drive")
+        .arg(format!("if=pflash,format=raw,readonly=on,file={code}"))
+        .arg("-drive")
+        .arg(format!("if=pflash,format=raw,file={}", vars.display()));
+}
+
 fn wait_for_socket(path: &Path, qemu: &mut Qemu) {
     let deadline = Instant::now() + Duration::from_secs(30);
     while !path.exists() {
@@ -142,6 +158,7 @@ fn tools_ok(test: &str, firmware: &Firmware) -> bool {
     let fw_ok = match firmware {
         Firmware::Bios => has(SEABIOS),
         Firmware::Uefi => has(OVMF_CODE) && has(OVMF_VARS),
+        Firmware::UefiSecureBoot => has(OVMF_CODE_SB) && has(OVMF_VARS_SB),
     };
     !(skip_unless(genisoimage, test, "genisoimage not installed")
         || skip_unless(fw_ok, test, "firmware not installed (seabios / ovmf)"))
@@ -151,6 +168,7 @@ fn boots_with_cloud_init_and_agent(test: &str, firmware: Firmware, bus: Bus) {
     if !tools_ok(test, &firmware) {
         return;
     }
+    let secure_boot = matches!(firmware, Firmware::UefiSecureBoot);
     let Some(disk) = GuestDisk::for_test(test) else {
         return;
     };
@@ -201,6 +219,14 @@ fn boots_with_cloud_init_and_agent(test: &str, firmware: Firmware, bus: Bus) {
         Some("written by cloud-init\n".len() as u64),
         "{read:?}"
     );
+    if secure_boot {
+        let on = guest_exec_status(
+            &qga,
+            "dmesg | grep -q 'Secure boot enabled'",
+            Duration::from_secs(60),
+        );
+        assert_eq!(on, Some(0), "the kernel reports secure boot on");
+    }
 }
 
 #[test]
@@ -218,5 +244,14 @@ fn guest_image_boots_uefi_virtio_scsi() {
         "guest_image_boots_uefi_virtio_scsi",
         Firmware::Uefi,
         Bus::VirtioScsi,
+    );
+}
+
+#[test]
+fn guest_image_boots_uefi_secure_boot() {
+    boots_with_cloud_init_and_agent(
+        "guest_image_boots_uefi_secure_boot",
+        Firmware::UefiSecureBoot,
+        Bus::VirtioBlk,
     );
 }
