@@ -29,7 +29,7 @@ mirror="${STEAD_GUEST_MIRROR:-http://deb.debian.org/debian}"
 disk_mib="${STEAD_GUEST_DISK_MIB:-2048}"
 packages=(
     linux-image-cloud-amd64 systemd-sysv udev cloud-init qemu-guest-agent
-    iputils-ping iproute2 e2fsprogs ca-certificates cloud-guest-utils
+    iputils-ping iproute2 e2fsprogs ca-certificates cloud-guest-utils zstd
 )
 extra="${STEAD_GUEST_EXTRA_PACKAGES:-}"
 # shellcheck disable=SC2206
@@ -208,7 +208,16 @@ done
 
 mkdir -p "$assets"
 work="$(mktemp -d "$assets/.guest-build.XXXXXX")"
-cleanup() { rm -rf "$work"; }
+# An interrupted mmdebstrap may leave the chroot's proc, sys and dev mounted: unmount what
+# is below the work dir, and never let rm cross into another file system.
+cleanup() {
+    local m
+    set +e
+    findmnt -rn -o TARGET | grep -F "$work/" | sort -r | while read -r m; do
+        umount -l "$m" || true
+    done
+    rm -rf --one-file-system "$work"
+}
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 started=$SECONDS
