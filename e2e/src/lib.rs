@@ -4,6 +4,9 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+pub mod guest;
+pub use guest::{GuestDisk, guest_image, qemu_ok};
+
 /// Path of the `stead` binary under test: `$STEAD_BIN`, or `target/<profile>/stead`
 /// next to this test executable. Build it first (`cargo build --bin stead`).
 pub fn stead_bin() -> PathBuf {
