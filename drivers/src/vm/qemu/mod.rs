@@ -1,0 +1,3 @@
+//! Full VMs on QEMU.
+
+pub mod backup;

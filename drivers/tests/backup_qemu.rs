@@ -1,0 +1,456 @@
+//! Backups of running QEMU VMs, for real and without a guest: a `-machine none` QEMU with
+//! the disk attached by `blockdev-add`, data written through `qemu-io`, backed up through
+//! QMP into a chunk store, restored and compared with the live image.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use stead_drivers::backup::BackupStore;
+use stead_drivers::backup::store::{BackupInfo, BackupOptions};
+use stead_drivers::vm::qemu::backup::{
+    self, BITMAP, Disk, DiskFormat, GuestFreeze, Qmp, VmBackupOptions,
+};
+
+const MIB: u64 = 1 << 20;
+
+fn have(tool: &str) -> bool {
+    Command::new(tool)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn qemu_present(test: &str) -> bool {
+    let ok = have("qemu-system-x86_64") && have("qemu-img");
+    if !ok {
+        eprintln!("SKIP {test}: qemu-system-x86_64 or qemu-img missing");
+    }
+    ok
+}
+
+/// A guestless QEMU with a QMP socket, killed on drop.
+struct Qemu {
+    child: Child,
+    conn: BufReader<UnixStream>,
+}
+
+impl Qemu {
+    fn start(dir: &Path) -> Qemu {
+        let sock = dir.join("qmp.sock");
+        let _ = std::fs::remove_file(&sock);
+        let child = Command::new("qemu-system-x86_64")
+            .args([
+                "-machine",
+                "none",
+                "-nodefaults",
+                "-display",
+                "none",
+                "-qmp",
+            ])
+            .arg(format!("unix:{},server=on,wait=off", sock.display()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn qemu");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let stream = loop {
+            match UnixStream::connect(&sock) {
+                Ok(s) => break s,
+                Err(e) if Instant::now() > deadline => panic!("qmp socket: {e}"),
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        };
+        let mut q = Qemu {
+            child,
+            conn: BufReader::new(stream),
+        };
+        q.reply(); // greeting
+        q.execute("qmp_capabilities", Value::Null)
+            .expect("capabilities");
+        q
+    }
+
+    fn reply(&mut self) -> Value {
+        loop {
+            let mut line = String::new();
+            let n = self.conn.read_line(&mut line).expect("read qmp");
+            assert!(n > 0, "qmp closed");
+            let v: Value = serde_json::from_str(&line).expect("qmp json");
+            if v.get("event").is_none() {
+                return v;
+            }
+        }
+    }
+
+    fn attach(&mut self, node: &str, image: &Path) {
+        self.execute(
+            "blockdev-add",
+            json!({"node-name": node, "driver": "qcow2",
+                   "file": {"driver": "file", "filename": image}}),
+        )
+        .expect("blockdev-add");
+    }
+
+    fn io(&mut self, node: &str, cmd: &str) {
+        self.execute(
+            "human-monitor-command",
+            json!({"command-line": format!("qemu-io {node} \"{cmd}\"")}),
+        )
+        .expect("qemu-io");
+    }
+
+    fn bitmap_count(&mut self, node: &str, name: &str) -> Option<u64> {
+        let nodes = self
+            .execute("query-named-block-nodes", json!({"flat": true}))
+            .expect("nodes");
+        nodes.as_array()?.iter().find(|n| n["node-name"] == node)?["dirty-bitmaps"]
+            .as_array()?
+            .iter()
+            .find(|b| b["name"] == name)?["count"]
+            .as_u64()
+    }
+
+    /// Quits cleanly (persistent bitmaps are written into the qcow2).
+    fn quit(mut self) {
+        let _ = self.execute("quit", Value::Null);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Qmp for Qemu {
+    fn execute(&mut self, command: &str, arguments: Value) -> Result<Value, String> {
+        let mut msg = json!({"execute": command});
+        if !arguments.is_null() {
+            msg["arguments"] = arguments;
+        }
+        let mut s = self.conn.get_ref();
+        writeln!(s, "{msg}").map_err(|e| e.to_string())?;
+        let r = self.reply();
+        match r.get("return") {
+            Some(v) => Ok(v.clone()),
+            None => Err(r["error"]["desc"].as_str().unwrap_or("error").to_string()),
+        }
+    }
+}
+
+impl Drop for Qemu {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Fixture {
+    _tmp: tempfile::TempDir,
+    dir: PathBuf,
+    image: PathBuf,
+    store: BackupStore,
+}
+
+fn fixture(size_mib: u64) -> Fixture {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().to_path_buf();
+    let image = dir.join("disk0.qcow2");
+    let ok = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&image)
+        .arg(format!("{size_mib}M"))
+        .status()
+        .expect("qemu-img");
+    assert!(ok.success());
+    Fixture {
+        store: BackupStore::for_pool(&dir.join("pool")),
+        _tmp: tmp,
+        dir,
+        image,
+    }
+}
+
+impl Fixture {
+    fn disks(&self) -> Vec<Disk> {
+        vec![Disk {
+            input: "disk0".into(),
+            node: "disk0".into(),
+            image: self.image.clone(),
+        }]
+    }
+
+    fn vm_opts(&self) -> VmBackupOptions {
+        VmBackupOptions {
+            work_dir: self.dir.clone(),
+            speed: None,
+            nvram: None,
+        }
+    }
+
+    fn backup(&self, q: &mut Qemu) -> BackupInfo {
+        backup::backup_vm(
+            q,
+            None,
+            &self.store,
+            "VirtualMachine/vm",
+            &json!({}),
+            &self.disks(),
+            &self.vm_opts(),
+            BackupOptions::default(),
+        )
+        .expect("backup")
+    }
+
+    /// Restores `id` as qcow2 and raw and checks both equal the (quit) live image.
+    fn assert_restores_live(&self, id: &str, name: &str) {
+        let q = self.dir.join(format!("{name}.qcow2"));
+        backup::restore_disk(&self.store, id, "disk0", &q, DiskFormat::Qcow2).expect("restore");
+        let raw = self.dir.join(format!("{name}.raw"));
+        backup::restore_disk(&self.store, id, "disk0", &raw, DiskFormat::Raw).expect("restore");
+        for (img, fmt) in [(&q, "qcow2"), (&raw, "raw")] {
+            let st = Command::new("qemu-img")
+                .args(["compare", "-q", "-f", fmt, "-F", "qcow2"])
+                .arg(img)
+                .arg(&self.image)
+                .status()
+                .expect("qemu-img compare");
+            assert!(
+                st.success(),
+                "{} differs from the live image",
+                img.display()
+            );
+        }
+        assert!(self.store.verify(id).expect("verify").ok());
+    }
+}
+
+fn read(info: &BackupInfo) -> u64 {
+    info.stats.read_bytes.expect("read bytes reported")
+}
+
+#[test]
+fn a_re_backup_reads_only_the_changed_blocks_and_restores_the_live_image() {
+    let t = "a_re_backup_reads_only_the_changed_blocks_and_restores_the_live_image";
+    if !qemu_present(t) {
+        return;
+    }
+    let f = fixture(256);
+    let mut q = Qemu::start(&f.dir);
+    q.attach("disk0", &f.image);
+    q.io("disk0", "write -P 0xab 0 10M");
+    let first = f.backup(&mut q);
+    eprintln!("first backup: read {} bytes", read(&first));
+    let c = first.consistency.clone().unwrap_or_default();
+    assert!(c.contains("disk0 full read (no dirty bitmap yet)"), "{c}");
+    assert!(c.contains("crash-consistent"), "{c}");
+    assert!((10 * MIB..=12 * MIB).contains(&read(&first)));
+    assert_eq!(
+        q.bitmap_count("disk0", BITMAP),
+        Some(0),
+        "bitmap made at commit"
+    );
+
+    q.io("disk0", "write -P 0xcd 100M 10M");
+    q.io("disk0", "write -z 4M 1M");
+    let second = f.backup(&mut q);
+    eprintln!("second backup: read {} bytes", read(&second));
+    let c = second.consistency.clone().unwrap_or_default();
+    assert!(c.contains("disk0 incremental from"), "{c}");
+    // 10 MiB of 0xcd, and the 3 MiB of 0xab around the zeroed MiB in the block at 4 MiB
+    // (the zeros themselves are not read).
+    assert_eq!(read(&second), 13 * MIB);
+    assert_eq!(second.stats.reused_bytes, 256 * MIB - 4 * 4 * MIB);
+    q.quit();
+    f.assert_restores_live(&second.id, "second");
+    // The first backup is untouched by the second.
+    assert!(f.store.verify(&first.id).expect("verify").ok());
+}
+
+#[test]
+fn a_cancelled_incremental_backup_loses_no_dirty_block() {
+    let t = "a_cancelled_incremental_backup_loses_no_dirty_block";
+    if !qemu_present(t) {
+        return;
+    }
+    let f = fixture(64);
+    let mut q = Qemu::start(&f.dir);
+    q.attach("disk0", &f.image);
+    q.io("disk0", "write -P 0x11 0 8M");
+    f.backup(&mut q);
+    q.io("disk0", "write -P 0x22 40M 10M");
+    let slow = VmBackupOptions {
+        speed: Some(MIB),
+        ..f.vm_opts()
+    };
+    let t0 = Instant::now();
+    let started = backup::start(
+        &mut q,
+        None,
+        &f.store,
+        "VirtualMachine/vm",
+        &f.disks(),
+        &slow,
+    )
+    .expect("start");
+    for id in started.job_ids() {
+        q.execute("job-cancel", json!({"id": id})).expect("cancel");
+    }
+    let waited = backup::wait(&mut q, &started);
+    assert!(waited.is_err(), "a cancelled job is an error");
+    backup::abort(&mut q, started);
+    eprintln!("cancelled in {:?}", t0.elapsed());
+    assert_eq!(q.bitmap_count("disk0", backup::NEXT), None);
+    assert_eq!(q.bitmap_count("disk0", BITMAP), Some(12 * MIB), "bits kept");
+    assert_eq!(f.store.list(None).expect("list").len(), 1);
+
+    let third = f.backup(&mut q);
+    let c = third.consistency.clone().unwrap_or_default();
+    assert!(c.contains("incremental"), "{c}");
+    assert!(
+        (10 * MIB..=12 * MIB).contains(&read(&third)),
+        "{}",
+        read(&third)
+    );
+    q.quit();
+    f.assert_restores_live(&third.id, "third");
+    let leftovers: Vec<_> = std::fs::read_dir(&f.dir)
+        .expect("dir")
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().contains(".stead-backup-"))
+        .collect();
+    assert!(leftovers.is_empty(), "job targets removed: {leftovers:?}");
+}
+
+#[test]
+fn the_bitmap_survives_a_qemu_restart_and_a_killed_qemu_means_a_full_read() {
+    let t = "the_bitmap_survives_a_qemu_restart_and_a_killed_qemu_means_a_full_read";
+    if !qemu_present(t) {
+        return;
+    }
+    let f = fixture(64);
+    let mut q = Qemu::start(&f.dir);
+    q.attach("disk0", &f.image);
+    q.io("disk0", "write -P 0x33 0 20M");
+    f.backup(&mut q);
+    q.quit();
+
+    let mut q = Qemu::start(&f.dir);
+    q.attach("disk0", &f.image);
+    q.io("disk0", "write -P 0x44 32M 4M");
+    let second = f.backup(&mut q);
+    let c = second.consistency.clone().unwrap_or_default();
+    assert!(c.contains("incremental"), "after a clean restart: {c}");
+    assert_eq!(read(&second), 4 * MIB);
+    q.io("disk0", "write -P 0x55 48M 4M");
+    q.io("disk0", "flush");
+    drop(q); // killed: the persistent bitmap is left marked in use
+
+    let mut q = Qemu::start(&f.dir);
+    q.attach("disk0", &f.image);
+    let third = f.backup(&mut q);
+    let c = third.consistency.clone().unwrap_or_default();
+    assert!(c.contains("full read"), "after a kill: {c}");
+    assert_eq!(read(&third), 28 * MIB);
+    q.io("disk0", "write -P 0x66 8M 4M");
+    let fourth = f.backup(&mut q);
+    let c = fourth.consistency.clone().unwrap_or_default();
+    assert!(
+        c.contains("incremental"),
+        "a fresh bitmap after the full read: {c}"
+    );
+    q.quit();
+    f.assert_restores_live(&fourth.id, "fourth");
+}
+
+/// Records freeze/thaw calls.
+#[derive(Default)]
+struct Agent {
+    calls: Vec<&'static str>,
+}
+
+impl GuestFreeze for Agent {
+    fn freeze(&mut self) -> Result<u64, String> {
+        self.calls.push("freeze");
+        Ok(2)
+    }
+    fn thaw(&mut self) -> Result<u64, String> {
+        self.calls.push("thaw");
+        Ok(2)
+    }
+}
+
+#[test]
+fn the_guest_is_thawed_even_when_the_jobs_cannot_start() {
+    let t = "the_guest_is_thawed_even_when_the_jobs_cannot_start";
+    if !qemu_present(t) {
+        return;
+    }
+    let f = fixture(16);
+    let mut q = Qemu::start(&f.dir);
+    q.attach("disk0", &f.image);
+    let mut agent = Agent::default();
+    let ok = backup::backup_vm(
+        &mut q,
+        Some(&mut agent),
+        &f.store,
+        "VirtualMachine/vm",
+        &json!({}),
+        &f.disks(),
+        &f.vm_opts(),
+        BackupOptions::default(),
+    )
+    .expect("backup");
+    assert_eq!(agent.calls, ["freeze", "thaw"]);
+    let c = ok.consistency.unwrap_or_default();
+    assert!(c.contains("guest agent froze 2 file systems"), "{c}");
+
+    // Another job already has the id the backup wants: its transaction fails, after the
+    // freeze. The guest is thawed, and the other job is left alone.
+    let other = f.dir.join("other.qcow2");
+    let other_target = f.dir.join("other-target.qcow2");
+    for p in [&other, &other_target] {
+        let st = Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(p)
+            .arg("16M")
+            .status()
+            .expect("qemu-img");
+        assert!(st.success());
+    }
+    q.attach("other", &other);
+    q.attach("other-target", &other_target);
+    q.io("other", "write -P 1 0 8M");
+    let foreign = "stead-backup-0";
+    q.execute(
+        "blockdev-backup",
+        json!({"job-id": foreign, "device": "other", "target": "other-target",
+               "sync": "full", "speed": 1}),
+    )
+    .expect("foreign job");
+    let mut agent = Agent::default();
+    let r = backup::start(
+        &mut q,
+        Some(&mut agent),
+        &f.store,
+        "VirtualMachine/vm",
+        &f.disks(),
+        &f.vm_opts(),
+    );
+    assert!(r.is_err(), "the transaction fails");
+    assert_eq!(agent.calls, ["freeze", "thaw"]);
+    let jobs = q.execute("query-jobs", Value::Null).expect("jobs");
+    assert_eq!(jobs.as_array().map(Vec::len), Some(1), "{jobs}");
+    assert_eq!(jobs[0]["id"], foreign);
+    assert_eq!(q.bitmap_count("disk0", backup::NEXT), None);
+    q.execute("job-cancel", json!({"id": foreign}))
+        .expect("cancel");
+    q.quit();
+}
