@@ -2,8 +2,6 @@
 //! the disk attached by `blockdev-add`, data written through `qemu-io`, backed up through
 //! QMP into a chunk store, restored and compared with the live image.
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -12,8 +10,9 @@ use serde_json::{Value, json};
 use stead_drivers::backup::BackupStore;
 use stead_drivers::backup::store::{BackupInfo, BackupOptions};
 use stead_drivers::vm::qemu::backup::{
-    self, BITMAP, Disk, DiskFormat, GuestFreeze, Qmp, VmBackupOptions,
+    self, BITMAP, Disk, DiskFormat, GuestFreeze, VmBackupOptions,
 };
+use stead_drivers::vm::qemu::qmp::Qmp;
 
 const MIB: u64 = 1 << 20;
 
@@ -34,10 +33,10 @@ fn qemu_present(test: &str) -> bool {
     ok
 }
 
-/// A guestless QEMU with a QMP socket, killed on drop.
+/// A guestless QEMU and its QMP client, killed on drop.
 struct Qemu {
     child: Child,
-    conn: BufReader<UnixStream>,
+    qmp: Qmp,
 }
 
 impl Qemu {
@@ -58,34 +57,22 @@ impl Qemu {
             .stdout(Stdio::null())
             .spawn()
             .expect("spawn qemu");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let stream = loop {
-            match UnixStream::connect(&sock) {
-                Ok(s) => break s,
-                Err(e) if Instant::now() > deadline => panic!("qmp socket: {e}"),
-                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        let mut child = child;
+        let qmp = match Qmp::connect_retry(&sock, Duration::from_secs(20)) {
+            Ok(q) => q,
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("qmp: {e}");
             }
         };
-        let mut q = Qemu {
-            child,
-            conn: BufReader::new(stream),
-        };
-        q.reply(); // greeting
-        q.execute("qmp_capabilities", Value::Null)
-            .expect("capabilities");
-        q
+        Qemu { child, qmp }
     }
 
-    fn reply(&mut self) -> Value {
-        loop {
-            let mut line = String::new();
-            let n = self.conn.read_line(&mut line).expect("read qmp");
-            assert!(n > 0, "qmp closed");
-            let v: Value = serde_json::from_str(&line).expect("qmp json");
-            if v.get("event").is_none() {
-                return v;
-            }
-        }
+    fn execute(&mut self, command: &str, arguments: Value) -> Result<Value, String> {
+        self.qmp
+            .execute_raw(command, arguments)
+            .map_err(|e| e.to_string())
     }
 
     fn attach(&mut self, node: &str, image: &Path) {
@@ -98,11 +85,9 @@ impl Qemu {
     }
 
     fn io(&mut self, node: &str, cmd: &str) {
-        self.execute(
-            "human-monitor-command",
-            json!({"command-line": format!("qemu-io {node} \"{cmd}\"")}),
-        )
-        .expect("qemu-io");
+        self.qmp
+            .hmp(&format!("qemu-io {node} \"{cmd}\""))
+            .expect("qemu-io");
     }
 
     fn bitmap_count(&mut self, node: &str, name: &str) -> Option<u64> {
@@ -125,22 +110,6 @@ impl Qemu {
                 return;
             }
             std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Qmp for Qemu {
-    fn execute(&mut self, command: &str, arguments: Value) -> Result<Value, String> {
-        let mut msg = json!({"execute": command});
-        if !arguments.is_null() {
-            msg["arguments"] = arguments;
-        }
-        let mut s = self.conn.get_ref();
-        writeln!(s, "{msg}").map_err(|e| e.to_string())?;
-        let r = self.reply();
-        match r.get("return") {
-            Some(v) => Ok(v.clone()),
-            None => Err(r["error"]["desc"].as_str().unwrap_or("error").to_string()),
         }
     }
 }
@@ -197,7 +166,7 @@ impl Fixture {
 
     fn backup(&self, q: &mut Qemu) -> BackupInfo {
         backup::backup_vm(
-            q,
+            &mut q.qmp,
             None,
             &self.store,
             "VirtualMachine/vm",
@@ -245,6 +214,8 @@ fn a_re_backup_reads_only_the_changed_blocks_and_restores_the_live_image() {
     let f = fixture(256);
     let mut q = Qemu::start(&f.dir);
     q.attach("disk0", &f.image);
+    let found = backup::find_disks(&mut q.qmp, &[("disk0".into(), f.image.clone())]);
+    assert_eq!(found.expect("the node of the image"), f.disks());
     q.io("disk0", "write -P 0xab 0 10M");
     let first = f.backup(&mut q);
     eprintln!("first backup: read {} bytes", read(&first));
@@ -292,7 +263,7 @@ fn a_cancelled_incremental_backup_loses_no_dirty_block() {
     };
     let t0 = Instant::now();
     let started = backup::start(
-        &mut q,
+        &mut q.qmp,
         None,
         &f.store,
         "VirtualMachine/vm",
@@ -303,9 +274,9 @@ fn a_cancelled_incremental_backup_loses_no_dirty_block() {
     for id in started.job_ids() {
         q.execute("job-cancel", json!({"id": id})).expect("cancel");
     }
-    let waited = backup::wait(&mut q, &started);
+    let waited = backup::wait(&mut q.qmp, &started);
     assert!(waited.is_err(), "a cancelled job is an error");
-    backup::abort(&mut q, started);
+    backup::abort(&mut q.qmp, started);
     eprintln!("cancelled in {:?}", t0.elapsed());
     assert_eq!(q.bitmap_count("disk0", backup::NEXT), None);
     assert_eq!(q.bitmap_count("disk0", BITMAP), Some(12 * MIB), "bits kept");
@@ -398,7 +369,7 @@ fn the_guest_is_thawed_even_when_the_jobs_cannot_start() {
     q.attach("disk0", &f.image);
     let mut agent = Agent::default();
     let ok = backup::backup_vm(
-        &mut q,
+        &mut q.qmp,
         Some(&mut agent),
         &f.store,
         "VirtualMachine/vm",
@@ -437,7 +408,7 @@ fn the_guest_is_thawed_even_when_the_jobs_cannot_start() {
     .expect("foreign job");
     let mut agent = Agent::default();
     let r = backup::start(
-        &mut q,
+        &mut q.qmp,
         Some(&mut agent),
         &f.store,
         "VirtualMachine/vm",

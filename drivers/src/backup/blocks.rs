@@ -444,6 +444,11 @@ impl BackupStore {
         let len = end - start;
         let (pieces, covered) = block_pieces(&input.extents, start, end);
         let base = input.base.as_ref().and_then(|c| c.get(b));
+        let no_data = pieces.iter().all(|p| matches!(p, Piece::Zero { .. }));
+        let rest_zero = covered == len || base.is_none_or(|c| c.zero);
+        if !pieces.is_empty() && no_data && rest_zero {
+            return Ok(BlockOut::Zero(len));
+        }
         if pieces.is_empty() {
             return Ok(match base {
                 Some(c) => BlockOut::Reuse(c.clone()),

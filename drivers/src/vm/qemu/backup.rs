@@ -40,11 +40,18 @@ pub const NEXT: &str = "stead-backup-next";
 /// How often the jobs are polled.
 const POLL: Duration = Duration::from_millis(20);
 
-/// Runs QMP commands (the VM's QMP client implements it).
-pub trait Qmp {
+/// Runs QMP commands ([`super::qmp::Qmp`] implements it).
+pub trait QmpExec {
     /// Runs `command` with `arguments` (an object, or `null` for none): its `return` value,
     /// or the error QEMU gave, as text.
     fn execute(&mut self, command: &str, arguments: Value) -> Result<Value, String>;
+}
+
+impl QmpExec for super::qmp::Qmp {
+    fn execute(&mut self, command: &str, arguments: Value) -> Result<Value, String> {
+        self.execute_raw(command, arguments)
+            .map_err(|e| e.to_string())
+    }
 }
 
 /// Freezes and thaws the guest's file systems (the guest agent client implements it).
@@ -117,6 +124,45 @@ impl Started {
     pub fn job_ids(&self) -> Vec<String> {
         self.jobs.iter().map(|j| j.job.clone()).collect()
     }
+}
+
+/// The format node QEMU reads each `(input, image)` through: the `qcow2` or `raw` node
+/// whose file is `image` (compared after resolving symlinks), whatever the engine named it.
+pub fn find_disks(
+    qmp: &mut dyn QmpExec,
+    images: &[(String, PathBuf)],
+) -> Result<Vec<Disk>, BackupError> {
+    let nodes = qmp
+        .execute("query-named-block-nodes", json!({"flat": true}))
+        .map_err(qmp_err("query-named-block-nodes"))?;
+    let canon = |p: &Path| fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    let list = nodes.as_array().cloned().unwrap_or_default();
+    images
+        .iter()
+        .map(|(input, image)| {
+            let want = canon(image);
+            let node = list
+                .iter()
+                .filter(|n| matches!(n["drv"].as_str(), Some("qcow2" | "raw")))
+                .find(|n| {
+                    n["file"]
+                        .as_str()
+                        .is_some_and(|f| canon(Path::new(f)) == want)
+                })
+                .and_then(|n| n["node-name"].as_str())
+                .ok_or_else(|| {
+                    BackupError::Invalid(format!(
+                        "QEMU has no disk node for {} ({input})",
+                        image.display()
+                    ))
+                })?;
+            Ok(Disk {
+                input: input.clone(),
+                node: node.to_string(),
+                image: image.clone(),
+            })
+        })
+        .collect()
 }
 
 /// What QEMU says of [`BITMAP`] on one node.
@@ -226,7 +272,7 @@ fn run_tool(cmd: &mut Command) -> Result<Vec<u8>, BackupError> {
 /// Freezes the guest (if it has an agent), starts every disk's backup job in one
 /// transaction, and thaws at once. Nothing is left behind on an error.
 pub fn start(
-    qmp: &mut dyn Qmp,
+    qmp: &mut dyn QmpExec,
     agent: Option<&mut dyn GuestFreeze>,
     store: &BackupStore,
     resource: &str,
@@ -286,7 +332,7 @@ pub fn start(
 
 /// Makes the targets, then freeze → transaction → thaw.
 fn start_jobs(
-    qmp: &mut dyn Qmp,
+    qmp: &mut dyn QmpExec,
     agent: Option<&mut dyn GuestFreeze>,
     started: &mut Started,
     opts: &VmBackupOptions,
@@ -366,7 +412,7 @@ fn transaction_actions(jobs: &[DiskJob], speed: Option<u64>) -> Vec<Value> {
 
 /// Waits until every job of `started` has concluded, then dismisses them; the first job
 /// error (e.g. cancelled, or an I/O error) is returned.
-pub fn wait(qmp: &mut dyn Qmp, started: &Started) -> Result<(), BackupError> {
+pub fn wait(qmp: &mut dyn QmpExec, started: &Started) -> Result<(), BackupError> {
     let ids = started.job_ids();
     let mut first_err = None;
     loop {
@@ -407,7 +453,7 @@ pub fn wait(qmp: &mut dyn Qmp, started: &Started) -> Result<(), BackupError> {
 /// Reads what the jobs wrote into `store` as one backup, then moves each [`BITMAP`] on to
 /// the point in time. On an error the bitmaps keep every bit (see [`abort`]).
 pub fn finish(
-    qmp: &mut dyn Qmp,
+    qmp: &mut dyn QmpExec,
     store: &BackupStore,
     started: Started,
     resource: &str,
@@ -464,7 +510,7 @@ fn image_input(j: &DiskJob) -> Result<ImageInput, BackupError> {
 /// Makes each [`BITMAP`] count from the point in time of backup `id` (it becomes
 /// [`NEXT`]), atomically per disk, and records that. A failure only costs a full read next
 /// time.
-fn commit(qmp: &mut dyn Qmp, store: &BackupStore, started: &Started, resource: &str, id: &str) {
+fn commit(qmp: &mut dyn QmpExec, store: &BackupStore, started: &Started, resource: &str, id: &str) {
     for j in &started.jobs {
         let node = &j.disk.node;
         let mut actions = Vec::new();
@@ -502,7 +548,7 @@ fn commit(qmp: &mut dyn Qmp, store: &BackupStore, started: &Started, resource: &
 
 /// Undoes a backup that did not complete: cancels its jobs, drops the targets and the
 /// scratch bitmaps. [`BITMAP`] is untouched, so no change is lost.
-pub fn abort(qmp: &mut dyn Qmp, started: Started) {
+pub fn abort(qmp: &mut dyn QmpExec, started: Started) {
     for j in &started.jobs {
         let _ = qmp.execute("blockdev-del", json!({"node-name": j.target_node}));
     }
@@ -514,7 +560,7 @@ pub fn abort(qmp: &mut dyn Qmp, started: Started) {
 
 /// Cancels the jobs of `started` (an atomic transaction started them: all or none exist),
 /// waits until QEMU dropped them, and removes the scratch bitmaps.
-fn cancel_jobs(qmp: &mut dyn Qmp, started: &Started) {
+fn cancel_jobs(qmp: &mut dyn QmpExec, started: &Started) {
     for j in &started.jobs {
         // Each may already be gone; errors only mean there was nothing to undo.
         let _ = qmp.execute("job-cancel", json!({"id": j.job, "force": true}));
@@ -533,7 +579,7 @@ fn cancel_jobs(qmp: &mut dyn Qmp, started: &Started) {
     }
 }
 
-fn job_exists(qmp: &mut dyn Qmp, id: &str) -> bool {
+fn job_exists(qmp: &mut dyn QmpExec, id: &str) -> bool {
     qmp.execute("query-jobs", Value::Null)
         .ok()
         .and_then(|v| v.as_array().map(|a| a.iter().any(|j| j["id"] == id)))
@@ -554,7 +600,7 @@ fn remove_targets(started: &Started) {
 /// [`wait`], [`finish`]; on any error the jobs are undone and the bitmaps keep their bits.
 #[allow(clippy::too_many_arguments)]
 pub fn backup_vm(
-    qmp: &mut dyn Qmp,
+    qmp: &mut dyn QmpExec,
     agent: Option<&mut dyn GuestFreeze>,
     store: &BackupStore,
     resource: &str,
