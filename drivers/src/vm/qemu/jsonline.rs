@@ -105,6 +105,11 @@ impl JsonLines {
         Ok(())
     }
 
+    /// The socket.
+    pub(crate) fn as_fd(&self) -> BorrowedFd<'_> {
+        std::os::fd::AsFd::as_fd(&self.stream)
+    }
+
     /// Serializes `value` and sends it as one line.
     pub(crate) fn send_json(
         &mut self,
@@ -163,7 +168,6 @@ impl JsonLines {
 
     /// Drops everything received up to and including the next `byte` (the guest agent's
     /// 0xFF sentinel), reading as needed.
-    #[allow(dead_code)] // the guest agent client's, next
     pub(crate) fn discard_through(&mut self, byte: u8, deadline: Instant) -> Result<(), LineError> {
         loop {
             if let Some(pos) = self.buf.iter().position(|b| *b == byte) {

@@ -5,3 +5,5 @@ pub mod backup;
 mod jsonline;
 pub mod qga;
 pub mod qmp;
+#[cfg(test)]
+mod test_qemu;

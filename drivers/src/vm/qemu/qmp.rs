@@ -196,6 +196,15 @@ pub struct DeviceDeleted {
     pub path: String,
 }
 
+/// How [`Qmp::powerdown_then_quit`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PowerdownOutcome {
+    /// The guest shut down after the ACPI request.
+    Guest,
+    /// The guest did not react within the grace time; QEMU was told to quit.
+    Forced,
+}
+
 /// `SHUTDOWN` data.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub struct Shutdown {
@@ -552,6 +561,23 @@ impl Qmp {
         Ok(())
     }
 
+    /// Stops the VM: `system_powerdown` (the ACPI power button), up to `grace` for the
+    /// guest's `SHUTDOWN`, then `quit` in any case (QEMU started with `-no-shutdown` stays
+    /// after a guest shutdown). Tells whether the guest went down by itself.
+    pub fn powerdown_then_quit(&mut self, grace: Duration) -> Result<PowerdownOutcome, QmpError> {
+        self.execute(&SystemPowerdown)?;
+        let outcome = match self.wait_event("SHUTDOWN", grace, |_| true) {
+            Ok(_) => PowerdownOutcome::Guest,
+            Err(QmpError::Closed(_)) => return Ok(PowerdownOutcome::Guest),
+            Err(QmpError::Timeout { .. }) => PowerdownOutcome::Forced,
+            Err(e) => return Err(e),
+        };
+        match self.execute(&Quit) {
+            Ok(_) | Err(QmpError::Closed(_)) => Ok(outcome),
+            Err(e) => Err(e),
+        }
+    }
+
     /// `getfd`: hands `fd` to QEMU under `name` (then usable as e.g. a tap netdev's `fd`).
     pub fn getfd(&mut self, name: &str, fd: BorrowedFd<'_>) -> Result<(), QmpError> {
         let timeout = self.timeout;
@@ -632,6 +658,15 @@ impl Qmp {
                 Err(e) => return Err(e),
             }
         }
+    }
+}
+
+impl std::os::fd::AsFd for Qmp {
+    /// The connection's socket, for an event loop to poll. Readable means [`Qmp::events`]
+    /// has something to read; events that arrived with a command's reply are already queued
+    /// without the socket turning readable, so drain after commands too.
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.conn.as_fd()
     }
 }
 
@@ -1450,6 +1485,26 @@ mod tests {
     }
 
     #[test]
+    fn the_socket_polls_readable_when_an_event_waits() {
+        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+        use std::os::fd::AsFd;
+        let (mut q, mut peer) = fake_pair();
+        let d = Instant::now() + Duration::from_secs(5);
+        peer.send_json(
+            &json!({"event": "POWERDOWN", "timestamp": {"seconds": 1, "microseconds": 0}}),
+            &[],
+            d,
+        )
+        .expect("send");
+        let mut fds = [PollFd::new(q.as_fd(), PollFlags::POLLIN)];
+        assert_eq!(poll(&mut fds, PollTimeout::from(5000u16)).expect("poll"), 1);
+        let evs = q.events().expect("events");
+        assert_eq!(evs.len(), 1);
+        assert_eq!(evs[0].event, "POWERDOWN");
+        assert!(q.events().expect("none left").is_empty());
+    }
+
+    #[test]
     fn a_silent_peer_times_out_and_a_closed_one_is_reported() {
         let (mut q, peer) = fake_pair();
         q.set_timeout(Duration::from_millis(100));
@@ -1475,94 +1530,9 @@ mod tests {
 #[cfg(test)]
 mod qemu_tests {
     use std::os::fd::AsFd;
-    use std::process::{Child, Command, Stdio};
 
+    use super::super::test_qemu::{TestQemu, make_qcow2, qemu_img};
     use super::*;
-
-    const QEMU: &str = "qemu-system-x86_64";
-
-    /// A QEMU process killed (and reaped) when dropped.
-    struct TestQemu {
-        child: Child,
-        sock: PathBuf,
-        dir: tempfile::TempDir,
-    }
-
-    impl TestQemu {
-        /// Starts QEMU with a QMP socket and `extra` arguments; `None` (after printing
-        /// SKIP) when QEMU is not installed.
-        fn start(test: &str, extra: &[&str]) -> Option<Self> {
-            let dir = tempfile::tempdir().expect("tempdir");
-            Self::start_in(test, dir, extra)
-        }
-
-        fn start_in(test: &str, dir: tempfile::TempDir, extra: &[&str]) -> Option<Self> {
-            let sock = dir.path().join("qmp.sock");
-            let spawned = Command::new(QEMU)
-                .args(["-machine", "none", "-nodefaults", "-display", "none"])
-                .arg("-qmp")
-                .arg(format!("unix:{},server=on,wait=off", sock.display()))
-                .args(extra)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::inherit())
-                .spawn();
-            match spawned {
-                Ok(child) => Some(TestQemu { child, sock, dir }),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    println!("SKIP {test}: {QEMU} is not installed");
-                    None
-                }
-                Err(e) => panic!("spawn {QEMU}: {e}"),
-            }
-        }
-
-        fn qmp(&self) -> Qmp {
-            Qmp::connect_retry(&self.sock, Duration::from_secs(10)).expect("QMP connect")
-        }
-
-        fn path(&self, name: &str) -> PathBuf {
-            self.dir.path().join(name)
-        }
-
-        /// Waits for QEMU to exit on its own.
-        fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
-            let deadline = Instant::now() + timeout;
-            loop {
-                if let Some(st) = self.child.try_wait().expect("try_wait") {
-                    return st;
-                }
-                assert!(Instant::now() < deadline, "QEMU did not exit");
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-    }
-
-    impl Drop for TestQemu {
-        fn drop(&mut self) {
-            if let Ok(None) = self.child.try_wait() {
-                let _ = self.child.kill();
-            }
-            let _ = self.child.wait();
-        }
-    }
-
-    fn qemu_img(args: &[&str]) -> String {
-        let out = Command::new("qemu-img")
-            .args(args)
-            .output()
-            .expect("qemu-img");
-        assert!(
-            out.status.success(),
-            "qemu-img {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    fn make_qcow2(path: &Path, size: &str) {
-        qemu_img(&["create", "-q", "-f", "qcow2", &path.to_string_lossy(), size]);
-    }
 
     fn add_qcow2(q: &mut Qmp, node: &str, path: &Path) {
         let file = format!("{node}-file");
@@ -1586,7 +1556,7 @@ mod qemu_tests {
 
     #[test]
     fn qemu_status_stop_cont_with_events_and_quit_ends_the_process() {
-        let Some(mut vm) = TestQemu::start("qemu_status_stop_cont", &[]) else {
+        let Some(mut vm) = TestQemu::start("qemu_status_stop_cont", &["-machine", "none"]) else {
             return;
         };
         let mut q = vm.qmp();
@@ -1594,6 +1564,14 @@ mod qemu_tests {
         let v = q.execute(&QueryVersion).expect("query-version");
         assert_eq!(&v, q.version());
         assert!(q.query_status().expect("status").running);
+        let started = Instant::now();
+        for _ in 0..200 {
+            q.query_status().expect("status");
+        }
+        println!(
+            "qemu_status_stop_cont: query-status round trip {:?} (mean of 200)",
+            started.elapsed() / 200
+        );
 
         q.execute(&Stop).expect("stop");
         q.wait_event("STOP", Duration::from_secs(5), |_| true)
@@ -1630,9 +1608,11 @@ mod qemu_tests {
             "if=none,id=drive0,node-name=drive0-fmt,format=qcow2,file={}",
             drive.display()
         );
-        let Some(mut vm) =
-            TestQemu::start_in("qemu_persistent_bitmap", dir, &["-drive", &drive_arg])
-        else {
+        let Some(mut vm) = TestQemu::start_in(
+            "qemu_persistent_bitmap",
+            dir,
+            &["-machine", "none", "-drive", &drive_arg],
+        ) else {
             return;
         };
         let mut q = vm.qmp();
@@ -1706,7 +1686,7 @@ mod qemu_tests {
 
     #[test]
     fn qemu_errors_keep_class_and_desc_and_the_connection_stays_usable() {
-        let Some(vm) = TestQemu::start("qemu_errors", &[]) else {
+        let Some(vm) = TestQemu::start("qemu_errors", &["-machine", "none"]) else {
             return;
         };
         let mut q = vm.qmp();
@@ -1741,7 +1721,7 @@ mod qemu_tests {
 
     #[test]
     fn qemu_opens_a_disk_passed_as_an_fd_and_keeps_named_fds() {
-        let Some(vm) = TestQemu::start("qemu_fd_passing", &[]) else {
+        let Some(vm) = TestQemu::start("qemu_fd_passing", &["-machine", "none"]) else {
             return;
         };
         let mut q = vm.qmp();
@@ -1790,7 +1770,7 @@ mod qemu_tests {
 
     #[test]
     fn qemu_full_then_incremental_backup_jobs_follow_the_bitmap() {
-        let Some(vm) = TestQemu::start("qemu_backup_jobs", &[]) else {
+        let Some(vm) = TestQemu::start("qemu_backup_jobs", &["-machine", "none"]) else {
             return;
         };
         let mut q = vm.qmp();
@@ -1866,5 +1846,123 @@ mod qemu_tests {
             ))
             .expect_err("no such bitmap");
         assert_eq!(e.class(), Some("GenericError"), "{e}");
+    }
+
+    #[test]
+    fn qemu_powerdown_without_a_guest_falls_back_to_quit() {
+        let Some(mut vm) = TestQemu::start("qemu_powerdown", &["-machine", "pc", "-S"]) else {
+            return;
+        };
+        let mut q = vm.qmp();
+        assert_eq!(
+            q.query_status().expect("status").status,
+            RunState::Prelaunch
+        );
+        let out = q
+            .powerdown_then_quit(Duration::from_millis(300))
+            .expect("powerdown");
+        assert_eq!(out, PowerdownOutcome::Forced);
+        assert!(vm.wait_exit(Duration::from_secs(10)).success());
+    }
+
+    #[test]
+    fn qemu_hotplugs_a_usb_disk_and_a_netdev_over_a_passed_fd() {
+        let args = ["-machine", "pc", "-S", "-device", "qemu-xhci,id=xhci"];
+        let Some(vm) = TestQemu::start("qemu_hotplug", &args) else {
+            return;
+        };
+        let mut q = vm.qmp();
+        let disk = vm.path("hot.qcow2");
+        make_qcow2(&disk, "16M");
+        add_qcow2(&mut q, "hot", &disk);
+        let mut props = Map::new();
+        props.insert("drive".into(), json!("hot"));
+        props.insert("bus".into(), json!("xhci.0"));
+        q.execute(&DeviceAdd {
+            driver: "usb-storage".into(),
+            id: "usb0".into(),
+            props,
+        })
+        .expect("device_add");
+        let block = q.execute(&QueryBlock).expect("query-block");
+        let attached = block
+            .iter()
+            .find(|b| b.inserted.as_ref().and_then(|i| i.node_name.as_deref()) == Some("hot"))
+            .expect("the disk is attached");
+        assert!(
+            attached.qdev.as_deref().is_some_and(|d| d.contains("usb0")),
+            "{attached:?}"
+        );
+        q.device_del_wait("usb0", Duration::from_secs(5))
+            .expect("DEVICE_DELETED");
+        let block = q.execute(&QueryBlock).expect("query-block");
+        assert!(block.iter().all(|b| b.inserted.is_none()), "{block:?}");
+        q.execute(&BlockdevDel {
+            node_name: "hot".into(),
+        })
+        .expect("blockdev-del");
+
+        // A socket handed over with getfd backs a netdev (as a tap fd would).
+        let (ours, theirs) = UnixStream::pair().expect("pair");
+        q.getfd("net0fd", theirs.as_fd()).expect("getfd");
+        drop(theirs);
+        let mut props = Map::new();
+        props.insert("fd".into(), json!("net0fd"));
+        q.execute(&NetdevAdd {
+            kind: "socket".into(),
+            id: "net0".into(),
+            props,
+        })
+        .expect("netdev_add");
+        q.execute(&NetdevDel { id: "net0".into() })
+            .expect("netdev_del");
+        let e = q
+            .execute(&NetdevDel { id: "net0".into() })
+            .expect_err("deleted twice");
+        assert!(e.to_string().contains("net0"), "{e}");
+        drop(ours);
+    }
+
+    #[test]
+    fn qemu_snapshot_jobs_save_and_delete_and_a_failed_job_reports_its_error() {
+        let Some(vm) = TestQemu::start("qemu_snapshot_jobs", &["-machine", "none"]) else {
+            return;
+        };
+        let mut q = vm.qmp();
+        let disk = vm.path("snap.qcow2");
+        make_qcow2(&disk, "16M");
+        add_qcow2(&mut q, "snap", &disk);
+        let save = |job: &str| SnapshotSave {
+            job_id: job.into(),
+            tag: "before".into(),
+            vmstate: "snap".into(),
+            devices: vec!["snap".into()],
+        };
+        q.execute(&save("save1")).expect("snapshot-save");
+        q.wait_job("save1", Duration::from_secs(30)).expect("saved");
+        let list = qemu_img(&["snapshot", "-U", "-l", &disk.to_string_lossy()]);
+        assert!(list.contains("before"), "{list}");
+
+        // The same tag again: the job starts, then fails; wait_job reports QEMU's reason.
+        q.execute(&save("save2")).expect("snapshot-save");
+        match q.wait_job("save2", Duration::from_secs(30)) {
+            Err(QmpError::Job { id, error }) => {
+                assert_eq!(id, "save2");
+                assert!(error.contains("before"), "{error}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(q.execute(&QueryJobs).expect("jobs").is_empty(), "dismissed");
+
+        q.execute(&SnapshotDelete {
+            job_id: "del1".into(),
+            tag: "before".into(),
+            devices: vec!["snap".into()],
+        })
+        .expect("snapshot-delete");
+        q.wait_job("del1", Duration::from_secs(30))
+            .expect("deleted");
+        let list = qemu_img(&["snapshot", "-U", "-l", &disk.to_string_lossy()]);
+        assert!(!list.contains("before"), "{list}");
     }
 }
