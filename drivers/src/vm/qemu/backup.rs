@@ -62,6 +62,21 @@ pub trait GuestFreeze {
     fn thaw(&mut self) -> Result<u64, String>;
 }
 
+impl GuestFreeze for super::qga::Qga {
+    fn freeze(&mut self) -> Result<u64, String> {
+        self.fsfreeze_freeze(FREEZE_TIMEOUT)
+            .map_err(|e| e.to_string())
+    }
+    fn thaw(&mut self) -> Result<u64, String> {
+        self.fsfreeze_thaw().map_err(|e| e.to_string())
+    }
+}
+
+/// Longest wait for the guest to flush and freeze its file systems.
+const FREEZE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Longest wait for the guest agent to answer its first sync.
+const AGENT_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// One disk of the VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Disk {
@@ -350,9 +365,22 @@ fn start_jobs(
     let point = match agent {
         Some(agent) => {
             let t = Instant::now();
-            let frozen = agent
-                .freeze()
-                .map_err(|e| BackupError::Invalid(format!("guest agent freeze: {e}")))?;
+            let frozen = match agent.freeze() {
+                Ok(n) => n,
+                Err(e) => {
+                    // A freeze that failed half-way leaves some file systems frozen.
+                    let _ = agent.thaw();
+                    warn!(error = %e, "guest agent freeze failed: the backup is crash-consistent");
+                    qmp.execute("transaction", json!({"actions": actions}))
+                        .map_err(qmp_err("start the backup jobs"))?;
+                    started.running = true;
+                    describe(
+                        started,
+                        format!("crash-consistent (guest agent freeze failed: {e})"),
+                    );
+                    return Ok(());
+                }
+            };
             let r = qmp.execute("transaction", json!({"actions": actions}));
             let thawed = agent.thaw();
             let ms = t.elapsed().as_millis();
@@ -372,6 +400,12 @@ fn start_jobs(
             "crash-consistent (no guest agent)".to_string()
         }
     };
+    describe(started, point);
+    Ok(())
+}
+
+/// Sets the consistency line: how the point in time was had, and each disk's read.
+fn describe(started: &mut Started, point: String) {
     let disks: Vec<String> = started
         .jobs
         .iter()
@@ -384,7 +418,6 @@ fn start_jobs(
         "QEMU backup job point in time, {point}; {}",
         disks.join("; ")
     );
-    Ok(())
 }
 
 /// One transaction: per disk, the scratch bitmap and the backup job.
@@ -615,6 +648,39 @@ pub fn backup_vm(
         return Err(e);
     }
     finish(qmp, store, started, resource, spec, vm_opts, opts)
+}
+
+/// Backs up running VM `resource` through its QMP connection: `images` are its disks'
+/// `(input, image file)`; `agent_socket`, when the VM has a guest agent, freezes the guest
+/// (an agent that does not answer makes the backup crash-consistent, and says so). The job
+/// targets are made in the store's directory.
+#[allow(clippy::too_many_arguments)]
+pub fn backup_running_vm(
+    qmp: &mut dyn QmpExec,
+    agent_socket: Option<&Path>,
+    store: &BackupStore,
+    resource: &str,
+    spec: &Value,
+    images: &[(String, PathBuf)],
+    nvram: Option<PathBuf>,
+    opts: BackupOptions,
+) -> Result<BackupInfo, BackupError> {
+    let disks = find_disks(qmp, images)?;
+    let mut agent = agent_socket.and_then(|p| match super::qga::Qga::connect(p, AGENT_TIMEOUT) {
+        Ok(a) => Some(a),
+        Err(e) => {
+            warn!(error = %e, "guest agent not answering: the backup is crash-consistent");
+            None
+        }
+    });
+    fs::create_dir_all(store.root()).map_err(BackupError::io("create", store.root()))?;
+    let vm_opts = VmBackupOptions {
+        work_dir: store.root().to_path_buf(),
+        speed: None,
+        nvram,
+    };
+    let agent = agent.as_mut().map(|a| a as &mut dyn GuestFreeze);
+    backup_vm(qmp, agent, store, resource, spec, &disks, &vm_opts, opts)
 }
 
 /// Format of a restored disk.
