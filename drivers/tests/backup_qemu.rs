@@ -425,3 +425,111 @@ fn the_guest_is_thawed_even_when_the_jobs_cannot_start() {
         .expect("cancel");
     q.quit();
 }
+
+#[test]
+fn stead_backup_of_a_running_qemu_vm_goes_through_its_qmp_socket() {
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+    use stead_drivers::backup::consistency::WorkloadHooks;
+    use stead_drivers::backup::hooks::{Target, backup_target};
+    use stead_reconciler::driver::HostEnv;
+    use stead_schema::kinds::BackupMode;
+    use stead_schema::{Kind, Metadata, Origin, Resource, ResourceId, Spec};
+
+    let t = "stead_backup_of_a_running_qemu_vm_goes_through_its_qmp_socket";
+    if !qemu_present(t) {
+        return;
+    }
+    let f = fixture(64);
+    let env = HostEnv {
+        state_dir: f.dir.join("state"),
+        run_dir: f.dir.join("run"),
+        cgroup_parent: "stead-unit".into(),
+        netns: None,
+        self_exe: PathBuf::from("/bin/true"),
+    };
+    let spec_json = json!({"disks": [{"volume": "v0"}]});
+    let vm = Resource {
+        id: ResourceId::new(Kind::VirtualMachine, "vm1"),
+        metadata: Metadata {
+            name: "vm1".parse().expect("name"),
+            ..Default::default()
+        },
+        spec: Spec::from_value(Kind::VirtualMachine, spec_json.clone()).expect("spec"),
+        origin: Origin::default(),
+    };
+    let world = Arc::new(BTreeMap::from([(vm.id.clone(), vm)]));
+    let hooks = match WorkloadHooks::new(&env, world) {
+        Ok(h) => h,
+        Err(e) => {
+            eprintln!("SKIP {t}: {e}");
+            return;
+        }
+    };
+    // The VM's QEMU: the engine's QMP socket for short-lived clients, and one for the test.
+    let sock = stead_drivers::vm::config::Paths::new(&env.run_dir, "vm1").qmp_socket();
+    std::fs::create_dir_all(sock.parent().expect("dir")).expect("run dir");
+    let test_sock = f.dir.join("test-qmp.sock");
+    let mut child = Command::new("qemu-system-x86_64")
+        .args([
+            "-machine",
+            "none",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-qmp",
+        ])
+        .arg(format!("unix:{},server=on,wait=off", test_sock.display()))
+        .arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", sock.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawn qemu");
+    let qmp = Qmp::connect_retry(&test_sock, Duration::from_secs(20));
+    let mut q = match qmp {
+        Ok(qmp) => Qemu { child, qmp },
+        Err(e) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("qmp: {e}");
+        }
+    };
+    q.attach("drive-v0", &f.image);
+    q.io("drive-v0", "write -P 0x77 0 6M");
+    let target = Target {
+        resource: "VirtualMachine/vm1".into(),
+        spec: spec_json,
+        inputs: vec![("v0".into(), f.image.clone())],
+    };
+    let run = || {
+        backup_target(
+            &f.store,
+            &target,
+            BackupMode::Snapshot,
+            &hooks,
+            BackupOptions::default(),
+        )
+        .expect("backup")
+    };
+    let first = run();
+    let c = first.consistency.clone().unwrap_or_default();
+    assert!(c.contains("QEMU backup job point in time"), "{c}");
+    assert!(c.contains("v0 full read"), "{c}");
+    assert_eq!(read(&first), 6 * MIB);
+    q.io("drive-v0", "write -P 0x78 32M 2M");
+    let second = run();
+    let c = second.consistency.clone().unwrap_or_default();
+    assert!(c.contains("v0 incremental"), "{c}");
+    assert_eq!(read(&second), 2 * MIB);
+    q.quit();
+    let out = f.dir.join("v0.restored.qcow2");
+    backup::restore_disk(&f.store, &second.id, "v0", &out, DiskFormat::Qcow2).expect("restore");
+    let st = Command::new("qemu-img")
+        .args(["compare", "-q"])
+        .arg(&out)
+        .arg(&f.image)
+        .status()
+        .expect("compare");
+    assert!(st.success(), "restored image differs");
+}
