@@ -533,3 +533,166 @@ fn stead_backup_of_a_running_qemu_vm_goes_through_its_qmp_socket() {
         .expect("compare");
     assert!(st.success(), "restored image differs");
 }
+
+/// The cached Debian guest image (`scripts/guest-image.sh`), or `None` after a SKIP line.
+fn guest_image(test: &str) -> Option<PathBuf> {
+    let path = match std::env::var_os("STEAD_GUEST_IMAGE") {
+        Some(p) => Some(PathBuf::from(p)),
+        None => Command::new("bash")
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/guest-image.sh"))
+            .arg("--print-path")
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim())),
+    };
+    let path = path.filter(|p| p.is_file());
+    if path.is_none() {
+        eprintln!("SKIP {test}: guest image not built (scripts/guest-image.sh)");
+    }
+    path
+}
+
+/// A Debian guest under TCG with its agent (one client at a time: each use connects);
+/// killed on drop.
+struct Guest {
+    vm: Qemu,
+    agent_sock: PathBuf,
+}
+
+fn boot(dir: &Path, disk: &Path, tag: &str) -> Guest {
+    let qmp_sock = dir.join(format!("{tag}-qmp.sock"));
+    let agent_sock = dir.join(format!("{tag}-qga.sock"));
+    let mut child = Command::new("qemu-system-x86_64")
+        .args([
+            "-accel",
+            "tcg",
+            "-m",
+            "512",
+            "-nodefaults",
+            "-display",
+            "none",
+        ])
+        .arg("-serial")
+        .arg(format!(
+            "file:{}",
+            dir.join(format!("{tag}-serial.log")).display()
+        ))
+        .arg("-blockdev")
+        .arg(format!(
+            "driver=file,filename={},node-name=disk0-file",
+            disk.display()
+        ))
+        .args(["-blockdev", "driver=qcow2,file=disk0-file,node-name=disk0"])
+        .args(["-device", "virtio-blk-pci,drive=disk0,bootindex=1"])
+        .arg("-chardev")
+        .arg(format!(
+            "socket,path={},server=on,wait=off,id=qga0",
+            agent_sock.display()
+        ))
+        .args(["-device", "virtio-serial-pci"])
+        .args([
+            "-device",
+            "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
+        ])
+        .arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", qmp_sock.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawn qemu");
+    let qmp = match Qmp::connect_retry(&qmp_sock, Duration::from_secs(20)) {
+        Ok(q) => q,
+        Err(e) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("qmp: {e}");
+        }
+    };
+    let vm = Qemu { child, qmp };
+    let t = Instant::now();
+    stead_drivers::vm::qemu::qga::Qga::connect(&agent_sock, Duration::from_secs(300))
+        .expect("the guest agent answers");
+    eprintln!("{tag}: guest agent up after {:?}", t.elapsed());
+    Guest { vm, agent_sock }
+}
+
+impl Guest {
+    fn sh(&mut self, script: &str) -> String {
+        let mut agent =
+            stead_drivers::vm::qemu::qga::Qga::connect(&self.agent_sock, Duration::from_secs(60))
+                .expect("agent");
+        let out = agent
+            .exec("/bin/sh", &["-c", script], None, Duration::from_secs(300))
+            .expect("guest-exec");
+        assert!(
+            out.success(),
+            "{script}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+}
+
+#[test]
+fn a_file_written_in_the_guest_between_backups_is_intact_after_restore_and_boot() {
+    let t = "a_file_written_in_the_guest_between_backups_is_intact_after_restore_and_boot";
+    if !qemu_present(t) {
+        return;
+    }
+    let Some(image) = guest_image(t) else { return };
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path();
+    // A copy-on-write overlay: the cached image is never written.
+    let disk = dir.join("disk0.qcow2");
+    let st = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+        .arg(&image)
+        .arg(&disk)
+        .status()
+        .expect("qemu-img");
+    assert!(st.success());
+    let store = BackupStore::for_pool(&dir.join("pool"));
+    let images = [("disk0".to_string(), disk.clone())];
+    let mut g = boot(dir, &disk, "orig");
+    let backup = |g: &mut Guest| {
+        let sock = g.agent_sock.clone();
+        backup::backup_running_vm(
+            &mut g.vm.qmp,
+            Some(&sock),
+            &store,
+            "VirtualMachine/guest",
+            &json!({}),
+            &images,
+            None,
+            BackupOptions::default(),
+        )
+        .expect("backup")
+    };
+    let first = backup(&mut g);
+    eprintln!(
+        "first: read {} MiB, {:?}",
+        read(&first) / MIB,
+        first.consistency
+    );
+    let hash = g.sh(
+        "dd if=/dev/urandom of=/root/ten bs=1M count=10 status=none && sync && sha256sum /root/ten",
+    );
+    let second = backup(&mut g);
+    let c = second.consistency.clone().unwrap_or_default();
+    eprintln!("second: read {} MiB, {c}", read(&second) / MIB);
+    assert!(c.contains("guest agent froze"), "{c}");
+    assert!(c.contains("disk0 incremental"), "{c}");
+    assert!(read(&second) >= 10 * MIB);
+    assert!(
+        read(&second) < read(&first) / 4 && read(&second) < 64 * MIB,
+        "the re-backup reads about the changed data"
+    );
+    drop(g);
+
+    let restored = dir.join("restored.qcow2");
+    backup::restore_disk(&store, &second.id, "disk0", &restored, DiskFormat::Qcow2)
+        .expect("restore");
+    let mut g = boot(dir, &restored, "restored");
+    assert_eq!(g.sh("sha256sum /root/ten"), hash);
+}
