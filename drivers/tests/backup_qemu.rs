@@ -367,6 +367,14 @@ fn the_guest_is_thawed_even_when_the_jobs_cannot_start() {
     let f = fixture(16);
     let mut q = Qemu::start(&f.dir);
     q.attach("disk0", &f.image);
+    // A UEFI VM: its NVRAM vars file goes with the disks.
+    let nvram = f.dir.join("nvram.fd");
+    let vars: Vec<u8> = (0..540_672u32).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&nvram, &vars).expect("nvram");
+    let with_nvram = VmBackupOptions {
+        nvram: Some(nvram),
+        ..f.vm_opts()
+    };
     let mut agent = Agent::default();
     let ok = backup::backup_vm(
         &mut q.qmp,
@@ -375,10 +383,16 @@ fn the_guest_is_thawed_even_when_the_jobs_cannot_start() {
         "VirtualMachine/vm",
         &json!({}),
         &f.disks(),
-        &f.vm_opts(),
+        &with_nvram,
         BackupOptions::default(),
     )
     .expect("backup");
+    assert_eq!(ok.inputs, ["disk0", backup::NVRAM_INPUT]);
+    let restored_vars = f.dir.join("vars.restored");
+    f.store
+        .restore_image(&ok.id, backup::NVRAM_INPUT, &restored_vars)
+        .expect("restore the vars");
+    assert_eq!(std::fs::read(&restored_vars).expect("read"), vars);
     assert_eq!(agent.calls, ["freeze", "thaw"]);
     let c = ok.consistency.unwrap_or_default();
     assert!(c.contains("guest agent froze 2 file systems"), "{c}");
