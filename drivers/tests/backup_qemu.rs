@@ -301,8 +301,8 @@ fn a_cancelled_incremental_backup_loses_no_dirty_block() {
 }
 
 #[test]
-fn the_bitmap_survives_a_qemu_restart_and_a_killed_qemu_means_a_full_read() {
-    let t = "the_bitmap_survives_a_qemu_restart_and_a_killed_qemu_means_a_full_read";
+fn the_bitmap_survives_a_qemu_restart_and_a_kill_or_a_replaced_image_means_a_full_read() {
+    let t = "the_bitmap_survives_a_qemu_restart_and_a_kill_or_a_replaced_image_means_a_full_read";
     if !qemu_present(t) {
         return;
     }
@@ -339,6 +339,17 @@ fn the_bitmap_survives_a_qemu_restart_and_a_killed_qemu_means_a_full_read() {
     );
     q.quit();
     f.assert_restores_live(&fourth.id, "fourth");
+
+    // The image replaced by a copy (bitmap and all, but another file): a full read.
+    let copy = f.dir.join("copy.qcow2");
+    std::fs::copy(&f.image, &copy).expect("copy");
+    std::fs::rename(&copy, &f.image).expect("replace");
+    let mut q = Qemu::start(&f.dir);
+    q.attach("disk0", &f.image);
+    let fifth = f.backup(&mut q);
+    let c = fifth.consistency.clone().unwrap_or_default();
+    assert!(c.contains("full read (the disk image was replaced"), "{c}");
+    q.quit();
 }
 
 /// Records freeze/thaw calls.
