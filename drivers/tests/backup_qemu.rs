@@ -721,3 +721,59 @@ fn a_file_written_in_the_guest_between_backups_is_intact_after_restore_and_boot(
     let mut g = boot(dir, &restored, "restored");
     assert_eq!(g.sh("sha256sum /root/ten"), hash);
 }
+
+#[test]
+fn a_raw_disk_is_incremental_while_its_qemu_runs() {
+    let t = "a_raw_disk_is_incremental_while_its_qemu_runs";
+    if !qemu_present(t) {
+        return;
+    }
+    let f = fixture(16);
+    let raw = f.dir.join("disk0.raw");
+    let st = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "raw"])
+        .arg(&raw)
+        .arg("64M")
+        .status()
+        .expect("qemu-img");
+    assert!(st.success());
+    let mut q = Qemu::start(&f.dir);
+    q.execute(
+        "blockdev-add",
+        json!({"node-name": "disk0", "driver": "raw",
+               "file": {"driver": "file", "filename": raw}}),
+    )
+    .expect("blockdev-add");
+    let disks = [Disk {
+        input: "disk0".into(),
+        node: "disk0".into(),
+        image: raw.clone(),
+    }];
+    let run = |q: &mut Qemu| {
+        backup::backup_vm(
+            &mut q.qmp,
+            None,
+            &f.store,
+            "VirtualMachine/vm",
+            &json!({}),
+            &disks,
+            &f.vm_opts(),
+            BackupOptions::default(),
+        )
+        .expect("backup")
+    };
+    q.io("disk0", "write -P 0x10 0 8M");
+    run(&mut q);
+    q.io("disk0", "write -P 0x20 32M 4M");
+    let second = run(&mut q);
+    let c = second.consistency.clone().unwrap_or_default();
+    assert!(c.contains("disk0 incremental"), "{c}");
+    assert_eq!(read(&second), 4 * MIB);
+    q.quit();
+    let out = f.dir.join("restored.raw");
+    backup::restore_disk(&f.store, &second.id, "disk0", &out, DiskFormat::Raw).expect("restore");
+    assert_eq!(
+        std::fs::read(&out).expect("restored"),
+        std::fs::read(&raw).expect("live")
+    );
+}

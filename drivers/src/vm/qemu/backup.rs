@@ -118,6 +118,8 @@ struct DiskJob {
     base: Result<crate::backup::blocks::Base, String>,
     /// [`BITMAP`] exists and is usable (kept and cleared at commit, else created then).
     bitmap_ok: bool,
+    /// [`BITMAP`] is made persistent (qcow2).
+    persistent: bool,
 }
 
 /// Backup jobs started at one point in time; [`finish`] or [`abort`] it.
@@ -190,7 +192,20 @@ enum BitmapState {
 
 /// The virtual size of `node` and the state of its [`BITMAP`] (and whether [`NEXT`]
 /// exists), from `query-named-block-nodes`.
-fn node_state(nodes: &Value, node: &str) -> Result<(u64, BitmapState, bool), BackupError> {
+/// What a disk's node says for a backup.
+#[derive(Debug, PartialEq, Eq)]
+struct NodeState {
+    /// Virtual size.
+    size: u64,
+    /// [`BITMAP`].
+    bitmap: BitmapState,
+    /// [`NEXT`] exists (left by an interrupted backup).
+    next: bool,
+    /// The image keeps bitmaps (qcow2); a raw image's bitmap lives as long as its QEMU.
+    persistent: bool,
+}
+
+fn node_state(nodes: &Value, node: &str) -> Result<NodeState, BackupError> {
     let n = nodes
         .as_array()
         .and_then(|a| a.iter().find(|n| n["node-name"] == node))
@@ -198,16 +213,22 @@ fn node_state(nodes: &Value, node: &str) -> Result<(u64, BitmapState, bool), Bac
     let size = n["image"]["virtual-size"]
         .as_u64()
         .ok_or_else(|| BackupError::Invalid(format!("QEMU node {node}: no virtual size")))?;
+    let persistent = n["drv"] == "qcow2";
     let bitmaps = n["dirty-bitmaps"].as_array().cloned().unwrap_or_default();
     let find = |name: &str| bitmaps.iter().find(|b| b["name"] == name).cloned();
-    let state = match find(BITMAP) {
+    let bitmap = match find(BITMAP) {
         None => BitmapState::Missing,
-        Some(b) => bitmap_state(&b),
+        Some(b) => bitmap_state(&b, persistent),
     };
-    Ok((size, state, find(NEXT).is_some()))
+    Ok(NodeState {
+        size,
+        bitmap,
+        next: find(NEXT).is_some(),
+        persistent,
+    })
 }
 
-fn bitmap_state(b: &Value) -> BitmapState {
+fn bitmap_state(b: &Value, persistent: bool) -> BitmapState {
     if b["inconsistent"].as_bool() == Some(true) {
         BitmapState::Unusable("dirty bitmap inconsistent (QEMU was not shut down cleanly)".into())
     } else if b["granularity"].as_u64() != Some(IMAGE_BLOCK) {
@@ -215,8 +236,10 @@ fn bitmap_state(b: &Value) -> BitmapState {
             "dirty bitmap granularity {} is not {IMAGE_BLOCK}",
             b["granularity"]
         ))
-    } else if b["persistent"].as_bool() != Some(true) || b["recording"].as_bool() != Some(true) {
-        BitmapState::Unusable("dirty bitmap not persistent and recording".into())
+    } else if b["persistent"].as_bool() != Some(persistent)
+        || b["recording"].as_bool() != Some(true)
+    {
+        BitmapState::Unusable("dirty bitmap not recording, or not kept with the image".into())
     } else {
         BitmapState::Usable
     }
@@ -304,7 +327,12 @@ pub fn start(
         running: false,
     };
     for (i, d) in disks.iter().enumerate() {
-        let (size, state, next) = node_state(&nodes, &d.node)?;
+        let NodeState {
+            size,
+            bitmap: state,
+            next,
+            persistent,
+        } = node_state(&nodes, &d.node)?;
         if next {
             // Left by an interrupted backup: BITMAP still has every bit.
             qmp.execute(
@@ -334,6 +362,7 @@ pub fn start(
             size,
             base,
             bitmap_ok: state == BitmapState::Usable,
+            persistent,
         });
     }
     match start_jobs(qmp, agent, &mut started, opts) {
@@ -553,7 +582,7 @@ fn commit(qmp: &mut dyn QmpExec, store: &BackupStore, started: &Started, resourc
         } else {
             actions.push(
                 json!({"type": "block-dirty-bitmap-add", "data": {"node": node,
-                "name": BITMAP, "granularity": IMAGE_BLOCK, "persistent": true}}),
+                "name": BITMAP, "granularity": IMAGE_BLOCK, "persistent": j.persistent}}),
             );
         }
         actions.push(json!({"type": "block-dirty-bitmap-merge",
@@ -734,28 +763,43 @@ mod tests {
     use super::*;
 
     fn nodes(bitmaps: Value) -> Value {
-        json!([{"node-name": "disk0", "image": {"virtual-size": 1024}, "dirty-bitmaps": bitmaps}])
+        json!([{"node-name": "disk0", "drv": "qcow2", "image": {"virtual-size": 1024},
+                "dirty-bitmaps": bitmaps}])
     }
 
     #[test]
     fn the_bitmap_state_comes_from_query_named_block_nodes() {
         let ok = json!({"name": BITMAP, "granularity": IMAGE_BLOCK, "persistent": true, "recording": true});
-        let (size, state, next) = node_state(&nodes(json!([ok])), "disk0").expect("node");
-        assert_eq!((size, state, next), (1024, BitmapState::Usable, false));
-        let (_, state, next) = node_state(
+        let st = node_state(&nodes(json!([ok])), "disk0").expect("node");
+        assert_eq!(
+            st,
+            NodeState {
+                size: 1024,
+                bitmap: BitmapState::Usable,
+                next: false,
+                persistent: true
+            }
+        );
+        let st = node_state(
             &nodes(json!([{"name": NEXT}, {"name": BITMAP, "inconsistent": true}])),
             "disk0",
         )
         .expect("node");
-        assert!(matches!(state, BitmapState::Unusable(w) if w.contains("inconsistent")));
-        assert!(next);
+        assert!(matches!(st.bitmap, BitmapState::Unusable(w) if w.contains("inconsistent")));
+        assert!(st.next);
         let fine =
             json!({"name": BITMAP, "granularity": 65536, "persistent": true, "recording": true});
-        let (_, state, _) = node_state(&nodes(json!([fine])), "disk0").expect("node");
-        assert!(matches!(state, BitmapState::Unusable(w) if w.contains("granularity")));
-        let (_, state, _) = node_state(&nodes(Value::Null), "disk0").expect("node");
-        assert_eq!(state, BitmapState::Missing);
+        let st = node_state(&nodes(json!([fine])), "disk0").expect("node");
+        assert!(matches!(st.bitmap, BitmapState::Unusable(w) if w.contains("granularity")));
+        let st = node_state(&nodes(Value::Null), "disk0").expect("node");
+        assert_eq!(st.bitmap, BitmapState::Missing);
         assert!(node_state(&nodes(Value::Null), "disk1").is_err());
+        // A raw image keeps no bitmap: QEMU's own (not persistent) is the usable one.
+        let raw = json!([{"node-name": "r", "drv": "raw", "image": {"virtual-size": 1},
+            "dirty-bitmaps": [{"name": BITMAP, "granularity": IMAGE_BLOCK, "persistent": false,
+                               "recording": true}]}]);
+        let st = node_state(&raw, "r").expect("node");
+        assert_eq!((st.bitmap, st.persistent), (BitmapState::Usable, false));
     }
 
     #[test]
@@ -795,6 +839,7 @@ mod tests {
             size: 1,
             base,
             bitmap_ok: true,
+            persistent: true,
         };
         let inc = job(Ok(crate::backup::blocks::Base {
             id: "x".into(),
