@@ -70,6 +70,7 @@ impl BackupHooks for ChangingData {
             stat_of: Default::default(),
             consistency: format!("test hook, call {n}"),
             cleanup: Box::new(|| Ok(())),
+            run: None,
         })
     }
 }

@@ -33,7 +33,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use stead_reconciler::driver::{Driver, HostEnv, Observed};
-use stead_schema::kinds::BackupMode;
+use stead_schema::kinds::{BackupMode, VmEngine};
 use stead_schema::{Kind, Resource, ResourceId, Spec};
 use tracing::{info, info_span, warn};
 
@@ -46,7 +46,11 @@ use crate::storage::fsutil::{
 use crate::storage::rootfs_snapshot::{Reflink, copy_tree};
 use crate::supervise::hold;
 use crate::vm::VmDriver;
+use crate::vm::qemu::backup as qemu_backup;
+use crate::vm::qemu::qmp::{Qmp, QmpError};
 
+/// Longest wait for QEMU's QMP greeting and each command's answer.
+const QMP_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest wait for a cgroup to report frozen.
 const FREEZE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Marker in the name of consistency clones.
@@ -376,6 +380,64 @@ fn clone_file(p: &Path) -> Result<Option<(PathBuf, fs::Metadata, File)>, BackupE
     }
 }
 
+impl WorkloadHooks {
+    /// A running VM of the QEMU engine: backed up through QEMU's own backup jobs (one point
+    /// in time, guest agent freeze, dirty bitmaps; see `vm::qemu::backup`) over its QMP
+    /// socket, held against other applies meanwhile. `None` when `target` is not such a VM
+    /// or its QEMU does not answer (not running: its files are read as they are).
+    fn prepare_qemu(&self, target: &Target) -> Result<Option<Prepared>, BackupError> {
+        let Some(name) = target.resource.strip_prefix("VirtualMachine/") else {
+            return Ok(None);
+        };
+        let world = self.world();
+        let id = ResourceId::new(Kind::VirtualMachine, name);
+        let Some(Spec::VirtualMachine(vm)) = world.get(&id).map(|r| &r.spec) else {
+            return Ok(None);
+        };
+        if vm.engine() != VmEngine::Qemu {
+            return Ok(None);
+        }
+        let paths = crate::vm::config::Paths::new(&self.run_dir, name);
+        let mut qmp = match Qmp::connect(&paths.qmp_socket(), QMP_TIMEOUT) {
+            Ok(q) => q,
+            Err(QmpError::Connect { .. }) => return Ok(None),
+            Err(e) => {
+                return Err(BackupError::Invalid(format!(
+                    "{id}: QEMU's QMP socket does not answer: {e}"
+                )));
+            }
+        };
+        let guard = hold::take(&self.run_dir, "VirtualMachine", name).map_err(err)?;
+        let agent = vm.agent.then(|| paths.qga_socket());
+        let (resource, spec, images) = (
+            target.resource.clone(),
+            target.spec.clone(),
+            target.inputs.clone(),
+        );
+        // TODO(engine): the UEFI NVRAM path (`QemuConfig::nvram()`) once the engine lands.
+        let nvram = None;
+        Ok(Some(Prepared {
+            inputs: target.inputs.clone(),
+            stat_of: HashMap::new(),
+            consistency: "QEMU backup job".into(),
+            cleanup: Box::new(|| Ok(())),
+            run: Some(Box::new(move |store, opts| {
+                let _held = guard;
+                qemu_backup::backup_running_vm(
+                    &mut qmp,
+                    agent.as_deref(),
+                    store,
+                    &resource,
+                    &spec,
+                    &images,
+                    nvram,
+                    opts,
+                )
+            })),
+        }))
+    }
+}
+
 impl BackupHooks for WorkloadHooks {
     fn prepare(&self, target: &Target, mode: BackupMode) -> Result<Prepared, BackupError> {
         let _span = info_span!("consistency", resource = %target.resource, ?mode).entered();
@@ -394,10 +456,14 @@ impl BackupHooks for WorkloadHooks {
                 stat_of: HashMap::new(),
                 consistency,
                 cleanup: Box::new(move || hold.release()),
+                run: None,
             });
         }
 
         // snapshot
+        if let Some(p) = self.prepare_qemu(target)? {
+            return Ok(p);
+        }
         for (_, p) in &target.inputs {
             remove_stale_clones(p);
         }
@@ -482,6 +548,7 @@ impl BackupHooks for WorkloadHooks {
                 drop(locks);
                 r
             }),
+            run: None,
         })
     }
 }

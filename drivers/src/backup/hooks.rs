@@ -42,7 +42,15 @@ pub struct Prepared {
     pub consistency: String,
     /// Run after the backup, whether it succeeded or not.
     pub cleanup: Cleanup,
+    /// A backup the hook makes itself instead of the store reading `inputs` (a running
+    /// QEMU VM: its disks through QEMU's backup jobs and dirty bitmaps); it records its
+    /// own consistency.
+    pub run: Option<RunBackup>,
 }
+
+/// See [`Prepared::run`].
+pub type RunBackup =
+    Box<dyn FnOnce(&BackupStore, BackupOptions) -> Result<BackupInfo, BackupError> + Send>;
 
 /// Makes a target consistent for the duration of its backup.
 pub trait BackupHooks: Send + Sync {
@@ -71,6 +79,7 @@ impl BackupHooks for NoHooks {
             stat_of: HashMap::new(),
             consistency: "live".into(),
             cleanup: Box::new(|| Ok(())),
+            run: None,
         })
     }
 }
@@ -94,7 +103,10 @@ pub fn backup_target(
         .map(|(n, p)| (n.clone(), p.clone()))
         .collect();
     opts.consistency = Some(prepared.consistency);
-    let r = store.backup_paths(&target.resource, &target.spec, &prepared.inputs, &opts);
+    let r = match prepared.run {
+        Some(run) => run(store, opts),
+        None => store.backup_paths(&target.resource, &target.spec, &prepared.inputs, &opts),
+    };
     let c = (prepared.cleanup)();
     let info = r?;
     c?;

@@ -5,6 +5,7 @@
 //! - [`schedule`]: cron next-fire times in a time zone, catch-up after downtime.
 //! - [`schedule_driver`]: the BackupSchedule driver (registers schedules for the runner).
 //! - [`store`]: the chunk store, manifests, backup / verify / restore / prune / gc.
+//! - [`blocks`]: disk images backed up block by block (incremental from dirty extents).
 //! - [`runner`]: runs schedules on an injectable clock, then prunes.
 //! - [`hooks`]: consistency hooks (snapshot / stop) the workload drivers implement.
 //! - [`targets`]: `Kind/name` and schedule selectors → files and directories to read.
@@ -13,6 +14,7 @@
 
 use std::path::PathBuf;
 
+pub mod blocks;
 pub mod consistency;
 pub mod hooks;
 pub mod ops;

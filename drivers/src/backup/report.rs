@@ -27,8 +27,13 @@ pub fn backup_written(info: &BackupInfo) -> Vec<String> {
         lines.push(format!("{}: consistency: {c}", info.id));
     }
     let secs = s.duration_ms.max(1) as f64 / 1000.0;
+    // Disk images backed up block-wise say how much was actually read.
+    let read = s
+        .read_bytes
+        .map(|r| format!("; {} read", human(r)))
+        .unwrap_or_default();
     lines.push(format!(
-        "{}: {} ({} unchanged, not read), {} new ({} stored), {} zero, {:.1}s, {:.0} MB/s",
+        "{}: {} ({} unchanged, not read{read}), {} new ({} stored), {} zero, {:.1}s, {:.0} MB/s",
         info.id,
         human(s.bytes),
         human(s.reused_bytes),
@@ -120,6 +125,36 @@ pub fn gc_result(r: &GcReport) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_block_wise_backup_reports_the_bytes_it_read() {
+        use crate::backup::store::{BackupInfo, Stats};
+        let info = BackupInfo {
+            id: "VirtualMachine/vm/2026-01-01T00:00:00Z".into(),
+            resource: "VirtualMachine/vm".into(),
+            time: chrono::DateTime::UNIX_EPOCH,
+            manifest: "/m.json".into(),
+            inputs: vec!["disk0".into()],
+            stats: Stats {
+                bytes: 2 << 30,
+                reused_bytes: (2 << 30) - (12 << 20),
+                read_bytes: Some(10 << 20),
+                duration_ms: 500,
+                ..Stats::default()
+            },
+            consistency: Some("crash-consistent".into()),
+        };
+        let lines = backup_written(&info);
+        assert_eq!(
+            lines[0],
+            format!("{}: consistency: crash-consistent", info.id)
+        );
+        assert!(
+            lines[1].contains("2.0 GiB (2.0 GiB unchanged, not read; 10.0 MiB read)"),
+            "{}",
+            lines[1]
+        );
+    }
 
     #[test]
     fn bytes_are_shown_in_binary_units() {

@@ -197,6 +197,12 @@ pub struct FileEntry {
     /// Extended attributes (name → hex value), see [`super::xattrs`].
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub xattrs: BTreeMap<String, String>,
+    /// A disk image cut into fixed blocks of this size (one chunk per block, the last one
+    /// shorter) instead of content-defined chunks, so an incremental backup can take over
+    /// the previous backup's chunks of clean blocks (see [`super::blocks`]). Such an entry
+    /// may lack the whole-file `sha256`: its chunk digests alone check it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub block_size: Option<u64>,
 }
 
 /// What tells that a file is unchanged since the previous backup, together with its size
@@ -246,6 +252,10 @@ pub struct Stats {
     pub stored_bytes: u64,
     /// Wall time of the backup in milliseconds.
     pub duration_ms: u64,
+    /// Bytes read from the sources, when that differs from `bytes - reused_bytes` (disk
+    /// images backed up block-wise: only allocated and dirty blocks are read).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_bytes: Option<u64>,
 }
 
 /// A backup manifest (`<store>/<Kind>/<name>/<time>.json`).
@@ -428,10 +438,10 @@ pub struct BackupStore {
 
 /// Parsed backup id.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct BackupId {
-    kind: String,
-    name: String,
-    time: DateTime<Utc>,
+pub(super) struct BackupId {
+    pub(super) kind: String,
+    pub(super) name: String,
+    pub(super) time: DateTime<Utc>,
 }
 
 impl BackupId {
@@ -456,14 +466,14 @@ impl BackupId {
         })
     }
 
-    fn to_id(&self) -> String {
+    pub(super) fn to_id(&self) -> String {
         format!("{}/{}/{}", self.kind, self.name, self.time.format(TIME_FMT))
     }
 }
 
 /// Checks `Kind/name`: a kind of ASCII letters and a name of `[a-z0-9-]`, so both are safe
 /// path components.
-fn validate_resource(r: &str) -> Result<(&str, &str), BackupError> {
+pub(super) fn validate_resource(r: &str) -> Result<(&str, &str), BackupError> {
     let bad = || BackupError::Invalid(format!("invalid resource {r:?}: expected Kind/name"));
     let (k, n) = r.split_once('/').ok_or_else(bad)?;
     let k_ok = !k.is_empty() && k.bytes().all(|b| b.is_ascii_alphabetic());
@@ -475,7 +485,7 @@ fn validate_resource(r: &str) -> Result<(&str, &str), BackupError> {
     if k_ok && n_ok { Ok((k, n)) } else { Err(bad()) }
 }
 
-fn validate_input_name(n: &str) -> Result<(), BackupError> {
+pub(super) fn validate_input_name(n: &str) -> Result<(), BackupError> {
     let ok = !n.is_empty()
         && !n.starts_with('.')
         && n.bytes()
@@ -493,7 +503,7 @@ fn hex32(d: &[u8]) -> String {
     hex::encode(d)
 }
 
-fn is_zero(data: &[u8]) -> bool {
+pub(super) fn is_zero(data: &[u8]) -> bool {
     data.chunks(4096)
         .all(|c| c.iter().fold(0u8, |a, &b| a | b) == 0)
 }
@@ -506,12 +516,12 @@ enum Feed {
     End(usize),
 }
 
-struct Job {
-    file: usize,
-    index: usize,
-    data: Arc<Vec<u8>>,
+pub(super) struct Job {
+    pub(super) file: usize,
+    pub(super) index: usize,
+    pub(super) data: Arc<Vec<u8>>,
     /// Non-zero: an all-zero chunk of this length (`data` is empty).
-    zero_len: usize,
+    pub(super) zero_len: usize,
 }
 
 /// Zero runs are detected in blocks of this size, aligned to the file offset.
@@ -568,12 +578,12 @@ fn next_cut(
     (end, false)
 }
 
-struct Done {
-    file: usize,
-    index: usize,
-    chunk: ChunkRef,
-    new: bool,
-    stored: u64,
+pub(super) struct Done {
+    pub(super) file: usize,
+    pub(super) index: usize,
+    pub(super) chunk: ChunkRef,
+    pub(super) new: bool,
+    pub(super) stored: u64,
 }
 
 /// The metadata of a backup's inputs, before their contents are read.
@@ -681,7 +691,7 @@ fn content_bytes(files: &[FileEntry]) -> u64 {
 }
 
 /// Chunk workers: `threads` or all cores, between 1 and 16.
-fn worker_count(threads: Option<usize>) -> usize {
+pub(super) fn worker_count(threads: Option<usize>) -> usize {
     threads
         .unwrap_or_else(|| {
             std::thread::available_parallelism()
@@ -713,7 +723,7 @@ fn count_reused_chunks(files: &[FileEntry], sources: &[Option<PathBuf>], stats: 
 }
 
 /// Puts a chunk a worker stored at its place in its file's chunk list, and counts it.
-fn place_done_chunk(files: &mut [FileEntry], d: Done, stats: &mut Stats) {
+pub(super) fn place_done_chunk(files: &mut [FileEntry], d: Done, stats: &mut Stats) {
     let f = &mut files[d.file];
     if f.chunks.len() <= d.index {
         f.chunks.resize(
@@ -764,7 +774,7 @@ impl BackupStore {
         ))
     }
 
-    fn existing_chunk(&self, digest: &str) -> Option<(PathBuf, bool)> {
+    pub(super) fn existing_chunk(&self, digest: &str) -> Option<(PathBuf, bool)> {
         let z = self.chunk_path(digest, true);
         if z.exists() {
             return Some((z, true));
@@ -776,7 +786,7 @@ impl BackupStore {
     /// The stored chunk `digest` if it is whole: a `.raw` file of exactly `size` bytes, or a
     /// `.zst` file holding exactly one complete zstd frame that declares `size` bytes. A
     /// torn or truncated chunk is not whole, so the next backup writes it again.
-    fn valid_chunk(&self, digest: &str, size: u64) -> Option<(PathBuf, bool)> {
+    pub(super) fn valid_chunk(&self, digest: &str, size: u64) -> Option<(PathBuf, bool)> {
         [true, false].into_iter().find_map(|compressed| {
             let p = self.chunk_path(digest, compressed);
             let f = File::open(&p).ok()?;
@@ -795,7 +805,7 @@ impl BackupStore {
 
     /// Fsyncs every chunk directory this run renamed a chunk into, then `.chunks` (which
     /// may have gained a prefix directory).
-    fn sync_dirty_dirs(&self, shared: RunShared) -> Result<(), BackupError> {
+    pub(super) fn sync_dirty_dirs(&self, shared: RunShared) -> Result<(), BackupError> {
         let dirs = shared.dirty.into_inner().unwrap_or_else(|p| p.into_inner());
         if dirs.is_empty() {
             return Ok(());
@@ -824,7 +834,7 @@ impl BackupStore {
 
     /// Takes the store's lock (`shared` for readers, else exclusive), waiting for it.
     /// The guard is the open file: the `flock` is released when it is closed.
-    fn lock(&self, shared: bool) -> Result<File, BackupError> {
+    pub(super) fn lock(&self, shared: bool) -> Result<File, BackupError> {
         self.init()?;
         let p = self.root.join(LOCK_FILE);
         let f = OpenOptions::new()
@@ -964,7 +974,7 @@ impl BackupStore {
 
     /// The id of a new backup of `kind/name` at `time` (to the second), a second later
     /// for each backup that already has that time.
-    fn free_id(&self, kind: &str, name: &str, time: DateTime<Utc>) -> BackupId {
+    pub(super) fn free_id(&self, kind: &str, name: &str, time: DateTime<Utc>) -> BackupId {
         let mut id = BackupId {
             kind: kind.into(),
             name: name.into(),
@@ -977,7 +987,11 @@ impl BackupStore {
     }
 
     /// Writes `manifest` as backup `id`, atomically; returns its path.
-    fn write_manifest(&self, id: &BackupId, manifest: &Manifest) -> Result<PathBuf, BackupError> {
+    pub(super) fn write_manifest(
+        &self,
+        id: &BackupId,
+        manifest: &Manifest,
+    ) -> Result<PathBuf, BackupError> {
         let path = self.manifest_path(id);
         let json = serde_json::to_vec_pretty(manifest).map_err(|e| BackupError::Parse {
             path: path.clone(),
@@ -1237,7 +1251,7 @@ impl BackupStore {
         Ok(())
     }
 
-    fn worker(
+    pub(super) fn worker(
         &self,
         t: usize,
         level: Option<i32>,
@@ -1271,7 +1285,7 @@ impl BackupStore {
         }
     }
 
-    fn store_chunk(
+    pub(super) fn store_chunk(
         &self,
         t: usize,
         job: &Job,
@@ -1355,7 +1369,10 @@ impl BackupStore {
         Ok(out)
     }
 
-    fn manifest_paths(&self, resource: Option<&str>) -> Result<Vec<PathBuf>, BackupError> {
+    pub(super) fn manifest_paths(
+        &self,
+        resource: Option<&str>,
+    ) -> Result<Vec<PathBuf>, BackupError> {
         let mut dirs = Vec::new();
         if let Some(r) = resource {
             let (k, n) = validate_resource(r)?;
@@ -1417,15 +1434,20 @@ impl BackupStore {
         {
             report.files += 1;
             let mut hasher = Sha256::new();
+            // A block image without a whole-file digest is checked by its chunks alone.
+            let whole = f.sha256.is_some();
             let mut offset = 0u64;
             let mut file_ok = true;
             self.chunks_in_order(f, |i, c, data| {
                 report.chunks += 1;
                 if c.zero {
-                    feed_zeros(&mut hasher, c.size);
+                    if whole {
+                        feed_zeros(&mut hasher, c.size);
+                    }
                 } else {
                     match data {
-                        Ok(d) => hasher.update(&d),
+                        Ok(d) if whole => hasher.update(&d),
+                        Ok(_) => {}
                         Err(kind) => {
                             file_ok = false;
                             report.problems.push(Problem {
@@ -1443,7 +1465,8 @@ impl BackupStore {
                 report.bytes += c.size;
                 Ok(())
             })?;
-            if file_ok && f.sha256.as_deref() != Some(hex32(&hasher.finalize()).as_str()) {
+            let got = hex32(&hasher.finalize());
+            if file_ok && !whole_digest_matches(f, &got) {
                 report.problems.push(Problem {
                     input: f.input.clone(),
                     path: f.path.clone(),
@@ -1461,7 +1484,7 @@ impl BackupStore {
     }
 
     /// Reads, decompresses and checks one chunk.
-    fn read_chunk(
+    pub(super) fn read_chunk(
         &self,
         digest: &str,
         size: u64,
@@ -1626,12 +1649,20 @@ impl BackupStore {
 
     /// Restores one regular file: written in order, holes for zero chunks, its sha256
     /// checked at the end.
-    fn restore_file(&self, e: &FileEntry, mut out: File, p: &Path) -> Result<u64, BackupError> {
+    pub(super) fn restore_file(
+        &self,
+        e: &FileEntry,
+        mut out: File,
+        p: &Path,
+    ) -> Result<u64, BackupError> {
         let mut hasher = Sha256::new();
+        let whole = e.sha256.is_some();
         let mut offset = 0u64;
         self.chunks_in_order(e, |i, c, data| {
             if c.zero {
-                feed_zeros(&mut hasher, c.size);
+                if whole {
+                    feed_zeros(&mut hasher, c.size);
+                }
                 out.seek(SeekFrom::Current(c.size as i64))
                     .map_err(BackupError::io("seek", p))?;
             } else {
@@ -1648,7 +1679,9 @@ impl BackupStore {
                         .to_string(),
                     )
                 })?;
-                hasher.update(&data);
+                if whole {
+                    hasher.update(&data);
+                }
                 out.write_all(&data).map_err(BackupError::io("write", p))?;
             }
             offset += c.size;
@@ -1658,7 +1691,7 @@ impl BackupStore {
             .map_err(BackupError::io("truncate", p))?;
         out.sync_all().map_err(BackupError::io("fsync", p))?;
         let got = hex32(&hasher.finalize());
-        if e.sha256.as_deref() != Some(got.as_str()) {
+        if !whole_digest_matches(e, &got) {
             return Err(BackupError::Integrity(format!(
                 "{}:{}: restored sha256 {got} differs from the manifest",
                 e.input, e.path
@@ -1905,7 +1938,7 @@ impl NanoZero for DateTime<Utc> {
     }
 }
 
-fn info_of(m: &Manifest, manifest: PathBuf, time: DateTime<Utc>) -> BackupInfo {
+pub(super) fn info_of(m: &Manifest, manifest: PathBuf, time: DateTime<Utc>) -> BackupInfo {
     BackupInfo {
         id: m.id.clone(),
         resource: m.resource.clone(),
@@ -1921,7 +1954,16 @@ fn ser_time<S: serde::Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::E
     s.serialize_str(&t.to_rfc3339_opts(SecondsFormat::Secs, true))
 }
 
-fn feed_zeros(h: &mut Sha256, mut n: u64) {
+/// Whether `got` is `e`'s whole-content sha256; a block image may have none recorded (its
+/// chunk digests, each checked as read, are the check).
+fn whole_digest_matches(e: &FileEntry, got: &str) -> bool {
+    match e.sha256.as_deref() {
+        Some(want) => want == got,
+        None => e.block_size.is_some(),
+    }
+}
+
+pub(super) fn feed_zeros(h: &mut Sha256, mut n: u64) {
     static ZEROS: [u8; 65536] = [0; 65536];
     while n > 0 {
         let k = n.min(ZEROS.len() as u64) as usize;
@@ -1930,7 +1972,7 @@ fn feed_zeros(h: &mut Sha256, mut n: u64) {
     }
 }
 
-fn read_manifest(p: &Path) -> Result<Manifest, BackupError> {
+pub(super) fn read_manifest(p: &Path) -> Result<Manifest, BackupError> {
     let data = fs::read(p).map_err(BackupError::io("read", p))?;
     let m: Manifest = serde_json::from_slice(&data).map_err(|e| BackupError::Parse {
         path: p.to_path_buf(),
@@ -1990,7 +2032,7 @@ fn tree_err(e: stead_host::TreeError) -> BackupError {
 }
 
 /// Creates `dir` and its missing parents with mode 0700.
-fn create_private_dir(dir: &Path) -> Result<(), BackupError> {
+pub(super) fn create_private_dir(dir: &Path) -> Result<(), BackupError> {
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -2005,11 +2047,11 @@ fn comp_other(path: &Path) -> bool {
 
 /// Chunk-dedup state shared by the workers of one run.
 #[derive(Default)]
-struct RunShared {
+pub(super) struct RunShared {
     /// Digests a worker has taken on in this run (written once even if seen twice).
-    claimed: Mutex<HashSet<[u8; 32]>>,
+    pub(super) claimed: Mutex<HashSet<[u8; 32]>>,
     /// Directories a chunk was renamed into (fsynced before the manifest is written).
-    dirty: Mutex<std::collections::BTreeSet<PathBuf>>,
+    pub(super) dirty: Mutex<std::collections::BTreeSet<PathBuf>>,
 }
 
 /// Whether `f` (`len` bytes) is exactly one complete zstd frame whose declared content
@@ -2298,6 +2340,7 @@ fn walk(
             .then(|| Stamp::of(&md)),
         link: link.clone(),
         xattrs,
+        block_size: None,
     });
     sources.push((kind == EntryKind::File && link.is_none()).then(|| path.to_path_buf()));
     if kind == EntryKind::Dir {
@@ -2470,6 +2513,7 @@ mod tests {
             stamp: None,
             link: None,
             xattrs: BTreeMap::new(),
+            block_size: None,
         }
     }
 

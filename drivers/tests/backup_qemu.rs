@@ -1,0 +1,779 @@
+//! Backups of running QEMU VMs, for real and without a guest: a `-machine none` QEMU with
+//! the disk attached by `blockdev-add`, data written through `qemu-io`, backed up through
+//! QMP into a chunk store, restored and compared with the live image.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use stead_drivers::backup::BackupStore;
+use stead_drivers::backup::store::{BackupInfo, BackupOptions};
+use stead_drivers::vm::qemu::backup::{
+    self, BITMAP, Disk, DiskFormat, GuestFreeze, VmBackupOptions,
+};
+use stead_drivers::vm::qemu::qmp::Qmp;
+
+const MIB: u64 = 1 << 20;
+
+fn have(tool: &str) -> bool {
+    Command::new(tool)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn qemu_present(test: &str) -> bool {
+    let ok = have("qemu-system-x86_64") && have("qemu-img");
+    if !ok {
+        eprintln!("SKIP {test}: qemu-system-x86_64 or qemu-img missing");
+    }
+    ok
+}
+
+/// A guestless QEMU and its QMP client, killed on drop.
+struct Qemu {
+    child: Child,
+    qmp: Qmp,
+}
+
+impl Qemu {
+    fn start(dir: &Path) -> Qemu {
+        let sock = dir.join("qmp.sock");
+        let _ = std::fs::remove_file(&sock);
+        let child = Command::new("qemu-system-x86_64")
+            .args([
+                "-machine",
+                "none",
+                "-nodefaults",
+                "-display",
+                "none",
+                "-qmp",
+            ])
+            .arg(format!("unix:{},server=on,wait=off", sock.display()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn qemu");
+        let mut child = child;
+        let qmp = match Qmp::connect_retry(&sock, Duration::from_secs(20)) {
+            Ok(q) => q,
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("qmp: {e}");
+            }
+        };
+        Qemu { child, qmp }
+    }
+
+    fn execute(&mut self, command: &str, arguments: Value) -> Result<Value, String> {
+        self.qmp
+            .execute_raw(command, arguments)
+            .map_err(|e| e.to_string())
+    }
+
+    fn attach(&mut self, node: &str, image: &Path) {
+        self.execute(
+            "blockdev-add",
+            json!({"node-name": node, "driver": "qcow2",
+                   "file": {"driver": "file", "filename": image}}),
+        )
+        .expect("blockdev-add");
+    }
+
+    fn io(&mut self, node: &str, cmd: &str) {
+        self.qmp
+            .hmp(&format!("qemu-io {node} \"{cmd}\""))
+            .expect("qemu-io");
+    }
+
+    fn bitmap_count(&mut self, node: &str, name: &str) -> Option<u64> {
+        let nodes = self
+            .execute("query-named-block-nodes", json!({"flat": true}))
+            .expect("nodes");
+        nodes.as_array()?.iter().find(|n| n["node-name"] == node)?["dirty-bitmaps"]
+            .as_array()?
+            .iter()
+            .find(|b| b["name"] == name)?["count"]
+            .as_u64()
+    }
+
+    /// Quits cleanly (persistent bitmaps are written into the qcow2).
+    fn quit(mut self) {
+        let _ = self.execute("quit", Value::Null);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Qemu {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Fixture {
+    _tmp: tempfile::TempDir,
+    dir: PathBuf,
+    image: PathBuf,
+    store: BackupStore,
+}
+
+fn fixture(size_mib: u64) -> Fixture {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().to_path_buf();
+    let image = dir.join("disk0.qcow2");
+    let ok = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&image)
+        .arg(format!("{size_mib}M"))
+        .status()
+        .expect("qemu-img");
+    assert!(ok.success());
+    Fixture {
+        store: BackupStore::for_pool(&dir.join("pool")),
+        _tmp: tmp,
+        dir,
+        image,
+    }
+}
+
+impl Fixture {
+    fn disks(&self) -> Vec<Disk> {
+        vec![Disk {
+            input: "disk0".into(),
+            node: "disk0".into(),
+            image: self.image.clone(),
+        }]
+    }
+
+    fn vm_opts(&self) -> VmBackupOptions {
+        VmBackupOptions {
+            work_dir: self.dir.clone(),
+            speed: None,
+            nvram: None,
+        }
+    }
+
+    fn backup(&self, q: &mut Qemu) -> BackupInfo {
+        backup::backup_vm(
+            &mut q.qmp,
+            None,
+            &self.store,
+            "VirtualMachine/vm",
+            &json!({}),
+            &self.disks(),
+            &self.vm_opts(),
+            BackupOptions::default(),
+        )
+        .expect("backup")
+    }
+
+    /// Restores `id` as qcow2 and raw and checks both equal the (quit) live image.
+    fn assert_restores_live(&self, id: &str, name: &str) {
+        let q = self.dir.join(format!("{name}.qcow2"));
+        backup::restore_disk(&self.store, id, "disk0", &q, DiskFormat::Qcow2).expect("restore");
+        let raw = self.dir.join(format!("{name}.raw"));
+        backup::restore_disk(&self.store, id, "disk0", &raw, DiskFormat::Raw).expect("restore");
+        for (img, fmt) in [(&q, "qcow2"), (&raw, "raw")] {
+            let st = Command::new("qemu-img")
+                .args(["compare", "-q", "-f", fmt, "-F", "qcow2"])
+                .arg(img)
+                .arg(&self.image)
+                .status()
+                .expect("qemu-img compare");
+            assert!(
+                st.success(),
+                "{} differs from the live image",
+                img.display()
+            );
+        }
+        assert!(self.store.verify(id).expect("verify").ok());
+    }
+}
+
+fn read(info: &BackupInfo) -> u64 {
+    info.stats.read_bytes.expect("read bytes reported")
+}
+
+#[test]
+fn a_re_backup_reads_only_the_changed_blocks_and_restores_the_live_image() {
+    let t = "a_re_backup_reads_only_the_changed_blocks_and_restores_the_live_image";
+    if !qemu_present(t) {
+        return;
+    }
+    let f = fixture(256);
+    let mut q = Qemu::start(&f.dir);
+    q.attach("disk0", &f.image);
+    let found = backup::find_disks(&mut q.qmp, &[("disk0".into(), f.image.clone())]);
+    assert_eq!(found.expect("the node of the image"), f.disks());
+    q.io("disk0", "write -P 0xab 0 10M");
+    let first = f.backup(&mut q);
+    eprintln!("first backup: read {} bytes", read(&first));
+    let c = first.consistency.clone().unwrap_or_default();
+    assert!(c.contains("disk0 full read (no dirty bitmap yet)"), "{c}");
+    assert!(c.contains("crash-consistent"), "{c}");
+    assert!((10 * MIB..=12 * MIB).contains(&read(&first)));
+    assert_eq!(
+        q.bitmap_count("disk0", BITMAP),
+        Some(0),
+        "bitmap made at commit"
+    );
+
+    q.io("disk0", "write -P 0xcd 100M 10M");
+    q.io("disk0", "write -z 4M 1M");
+    let second = f.backup(&mut q);
+    eprintln!("second backup: read {} bytes", read(&second));
+    let c = second.consistency.clone().unwrap_or_default();
+    assert!(c.contains("disk0 incremental from"), "{c}");
+    // 10 MiB of 0xcd, and the 3 MiB of 0xab around the zeroed MiB in the block at 4 MiB
+    // (the zeros themselves are not read).
+    assert_eq!(read(&second), 13 * MIB);
+    assert_eq!(second.stats.reused_bytes, 256 * MIB - 4 * 4 * MIB);
+    q.quit();
+    f.assert_restores_live(&second.id, "second");
+    // The first backup is untouched by the second.
+    assert!(f.store.verify(&first.id).expect("verify").ok());
+}
+
+#[test]
+fn a_cancelled_incremental_backup_loses_no_dirty_block() {
+    let t = "a_cancelled_incremental_backup_loses_no_dirty_block";
+    if !qemu_present(t) {
+        return;
+    }
+    let f = fixture(64);
+    let mut q = Qemu::start(&f.dir);
+    q.attach("disk0", &f.image);
+    q.io("disk0", "write -P 0x11 0 8M");
+    f.backup(&mut q);
+    q.io("disk0", "write -P 0x22 40M 10M");
+    let slow = VmBackupOptions {
+        speed: Some(MIB),
+        ..f.vm_opts()
+    };
+    let t0 = Instant::now();
+    let started = backup::start(
+        &mut q.qmp,
+        None,
+        &f.store,
+        "VirtualMachine/vm",
+        &f.disks(),
+        &slow,
+    )
+    .expect("start");
+    for id in started.job_ids() {
+        q.execute("job-cancel", json!({"id": id})).expect("cancel");
+    }
+    let waited = backup::wait(&mut q.qmp, &started);
+    assert!(waited.is_err(), "a cancelled job is an error");
+    backup::abort(&mut q.qmp, started);
+    eprintln!("cancelled in {:?}", t0.elapsed());
+    assert_eq!(q.bitmap_count("disk0", backup::NEXT), None);
+    assert_eq!(q.bitmap_count("disk0", BITMAP), Some(12 * MIB), "bits kept");
+    assert_eq!(f.store.list(None).expect("list").len(), 1);
+
+    let third = f.backup(&mut q);
+    let c = third.consistency.clone().unwrap_or_default();
+    assert!(c.contains("incremental"), "{c}");
+    assert!(
+        (10 * MIB..=12 * MIB).contains(&read(&third)),
+        "{}",
+        read(&third)
+    );
+    q.quit();
+    f.assert_restores_live(&third.id, "third");
+    let leftovers: Vec<_> = std::fs::read_dir(&f.dir)
+        .expect("dir")
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().contains(".stead-backup-"))
+        .collect();
+    assert!(leftovers.is_empty(), "job targets removed: {leftovers:?}");
+}
+
+#[test]
+fn the_bitmap_survives_a_qemu_restart_and_a_kill_or_a_replaced_image_means_a_full_read() {
+    let t = "the_bitmap_survives_a_qemu_restart_and_a_kill_or_a_replaced_image_means_a_full_read";
+    if !qemu_present(t) {
+        return;
+    }
+    let f = fixture(64);
+    let mut q = Qemu::start(&f.dir);
+    q.attach("disk0", &f.image);
+    q.io("disk0", "write -P 0x33 0 20M");
+    f.backup(&mut q);
+    q.quit();
+
+    let mut q = Qemu::start(&f.dir);
+    q.attach("disk0", &f.image);
+    q.io("disk0", "write -P 0x44 32M 4M");
+    let second = f.backup(&mut q);
+    let c = second.consistency.clone().unwrap_or_default();
+    assert!(c.contains("incremental"), "after a clean restart: {c}");
+    assert_eq!(read(&second), 4 * MIB);
+    q.io("disk0", "write -P 0x55 48M 4M");
+    q.io("disk0", "flush");
+    drop(q); // killed: the persistent bitmap is left marked in use
+
+    let mut q = Qemu::start(&f.dir);
+    q.attach("disk0", &f.image);
+    let third = f.backup(&mut q);
+    let c = third.consistency.clone().unwrap_or_default();
+    assert!(c.contains("full read"), "after a kill: {c}");
+    assert_eq!(read(&third), 28 * MIB);
+    q.io("disk0", "write -P 0x66 8M 4M");
+    let fourth = f.backup(&mut q);
+    let c = fourth.consistency.clone().unwrap_or_default();
+    assert!(
+        c.contains("incremental"),
+        "a fresh bitmap after the full read: {c}"
+    );
+    q.quit();
+    f.assert_restores_live(&fourth.id, "fourth");
+
+    // The image replaced by a copy (bitmap and all, but another file): a full read.
+    let copy = f.dir.join("copy.qcow2");
+    std::fs::copy(&f.image, &copy).expect("copy");
+    std::fs::rename(&copy, &f.image).expect("replace");
+    let mut q = Qemu::start(&f.dir);
+    q.attach("disk0", &f.image);
+    let fifth = f.backup(&mut q);
+    let c = fifth.consistency.clone().unwrap_or_default();
+    assert!(c.contains("full read (the disk image was replaced"), "{c}");
+    q.quit();
+}
+
+/// Records freeze/thaw calls.
+#[derive(Default)]
+struct Agent {
+    calls: Vec<&'static str>,
+}
+
+impl GuestFreeze for Agent {
+    fn freeze(&mut self) -> Result<u64, String> {
+        self.calls.push("freeze");
+        Ok(2)
+    }
+    fn thaw(&mut self) -> Result<u64, String> {
+        self.calls.push("thaw");
+        Ok(2)
+    }
+}
+
+#[test]
+fn the_guest_is_thawed_even_when_the_jobs_cannot_start() {
+    let t = "the_guest_is_thawed_even_when_the_jobs_cannot_start";
+    if !qemu_present(t) {
+        return;
+    }
+    let f = fixture(16);
+    let mut q = Qemu::start(&f.dir);
+    q.attach("disk0", &f.image);
+    // A UEFI VM: its NVRAM vars file goes with the disks.
+    let nvram = f.dir.join("nvram.fd");
+    let vars: Vec<u8> = (0..540_672u32).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&nvram, &vars).expect("nvram");
+    let with_nvram = VmBackupOptions {
+        nvram: Some(nvram),
+        ..f.vm_opts()
+    };
+    let mut agent = Agent::default();
+    let ok = backup::backup_vm(
+        &mut q.qmp,
+        Some(&mut agent),
+        &f.store,
+        "VirtualMachine/vm",
+        &json!({}),
+        &f.disks(),
+        &with_nvram,
+        BackupOptions::default(),
+    )
+    .expect("backup");
+    assert_eq!(ok.inputs, ["disk0", backup::NVRAM_INPUT]);
+    let restored_vars = f.dir.join("vars.restored");
+    f.store
+        .restore_image(&ok.id, backup::NVRAM_INPUT, &restored_vars)
+        .expect("restore the vars");
+    assert_eq!(std::fs::read(&restored_vars).expect("read"), vars);
+    assert_eq!(agent.calls, ["freeze", "thaw"]);
+    let c = ok.consistency.unwrap_or_default();
+    assert!(c.contains("guest agent froze 2 file systems"), "{c}");
+
+    // Another job already has the id the backup wants: its transaction fails, after the
+    // freeze. The guest is thawed, and the other job is left alone.
+    let other = f.dir.join("other.qcow2");
+    let other_target = f.dir.join("other-target.qcow2");
+    for p in [&other, &other_target] {
+        let st = Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(p)
+            .arg("16M")
+            .status()
+            .expect("qemu-img");
+        assert!(st.success());
+    }
+    q.attach("other", &other);
+    q.attach("other-target", &other_target);
+    q.io("other", "write -P 1 0 8M");
+    let foreign = "stead-backup-0";
+    q.execute(
+        "blockdev-backup",
+        json!({"job-id": foreign, "device": "other", "target": "other-target",
+               "sync": "full", "speed": 1}),
+    )
+    .expect("foreign job");
+    let mut agent = Agent::default();
+    let r = backup::start(
+        &mut q.qmp,
+        Some(&mut agent),
+        &f.store,
+        "VirtualMachine/vm",
+        &f.disks(),
+        &f.vm_opts(),
+    );
+    assert!(r.is_err(), "the transaction fails");
+    assert_eq!(agent.calls, ["freeze", "thaw"]);
+    let jobs = q.execute("query-jobs", Value::Null).expect("jobs");
+    assert_eq!(jobs.as_array().map(Vec::len), Some(1), "{jobs}");
+    assert_eq!(jobs[0]["id"], foreign);
+    assert_eq!(q.bitmap_count("disk0", backup::NEXT), None);
+    q.execute("job-cancel", json!({"id": foreign}))
+        .expect("cancel");
+    q.quit();
+}
+
+#[test]
+fn stead_backup_of_a_running_qemu_vm_goes_through_its_qmp_socket() {
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+    use stead_drivers::backup::consistency::WorkloadHooks;
+    use stead_drivers::backup::hooks::{Target, backup_target};
+    use stead_reconciler::driver::HostEnv;
+    use stead_schema::kinds::BackupMode;
+    use stead_schema::{Kind, Metadata, Origin, Resource, ResourceId, Spec};
+
+    let t = "stead_backup_of_a_running_qemu_vm_goes_through_its_qmp_socket";
+    if !qemu_present(t) {
+        return;
+    }
+    let f = fixture(64);
+    let env = HostEnv {
+        state_dir: f.dir.join("state"),
+        run_dir: f.dir.join("run"),
+        cgroup_parent: "stead-unit".into(),
+        netns: None,
+        self_exe: PathBuf::from("/bin/true"),
+    };
+    let spec_json = json!({"disks": [{"volume": "v0"}]});
+    let vm = Resource {
+        id: ResourceId::new(Kind::VirtualMachine, "vm1"),
+        metadata: Metadata {
+            name: "vm1".parse().expect("name"),
+            ..Default::default()
+        },
+        spec: Spec::from_value(Kind::VirtualMachine, spec_json.clone()).expect("spec"),
+        origin: Origin::default(),
+    };
+    let world = Arc::new(BTreeMap::from([(vm.id.clone(), vm)]));
+    let hooks = match WorkloadHooks::new(&env, world) {
+        Ok(h) => h,
+        Err(e) => {
+            eprintln!("SKIP {t}: {e}");
+            return;
+        }
+    };
+    // The VM's QEMU: the engine's QMP socket for short-lived clients, and one for the test.
+    let sock = stead_drivers::vm::config::Paths::new(&env.run_dir, "vm1").qmp_socket();
+    std::fs::create_dir_all(sock.parent().expect("dir")).expect("run dir");
+    let test_sock = f.dir.join("test-qmp.sock");
+    let mut child = Command::new("qemu-system-x86_64")
+        .args([
+            "-machine",
+            "none",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-qmp",
+        ])
+        .arg(format!("unix:{},server=on,wait=off", test_sock.display()))
+        .arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", sock.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawn qemu");
+    let qmp = Qmp::connect_retry(&test_sock, Duration::from_secs(20));
+    let mut q = match qmp {
+        Ok(qmp) => Qemu { child, qmp },
+        Err(e) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("qmp: {e}");
+        }
+    };
+    q.attach("drive-v0", &f.image);
+    q.io("drive-v0", "write -P 0x77 0 6M");
+    let target = Target {
+        resource: "VirtualMachine/vm1".into(),
+        spec: spec_json,
+        inputs: vec![("v0".into(), f.image.clone())],
+    };
+    let run = || {
+        backup_target(
+            &f.store,
+            &target,
+            BackupMode::Snapshot,
+            &hooks,
+            BackupOptions::default(),
+        )
+        .expect("backup")
+    };
+    let first = run();
+    let c = first.consistency.clone().unwrap_or_default();
+    assert!(c.contains("QEMU backup job point in time"), "{c}");
+    assert!(c.contains("v0 full read"), "{c}");
+    assert_eq!(read(&first), 6 * MIB);
+    q.io("drive-v0", "write -P 0x78 32M 2M");
+    let second = run();
+    let c = second.consistency.clone().unwrap_or_default();
+    assert!(c.contains("v0 incremental"), "{c}");
+    assert_eq!(read(&second), 2 * MIB);
+    q.quit();
+    let out = f.dir.join("v0.restored.qcow2");
+    backup::restore_disk(&f.store, &second.id, "v0", &out, DiskFormat::Qcow2).expect("restore");
+    let st = Command::new("qemu-img")
+        .args(["compare", "-q"])
+        .arg(&out)
+        .arg(&f.image)
+        .status()
+        .expect("compare");
+    assert!(st.success(), "restored image differs");
+}
+
+/// The cached Debian guest image (`scripts/guest-image.sh`), or `None` after a SKIP line.
+fn guest_image(test: &str) -> Option<PathBuf> {
+    let path = match std::env::var_os("STEAD_GUEST_IMAGE") {
+        Some(p) => Some(PathBuf::from(p)),
+        None => Command::new("bash")
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/guest-image.sh"))
+            .arg("--print-path")
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim())),
+    };
+    let path = path.filter(|p| p.is_file());
+    if path.is_none() {
+        eprintln!("SKIP {test}: guest image not built (scripts/guest-image.sh)");
+    }
+    path
+}
+
+/// A Debian guest under TCG with its agent (one client at a time: each use connects);
+/// killed on drop.
+struct Guest {
+    vm: Qemu,
+    agent_sock: PathBuf,
+}
+
+fn boot(dir: &Path, disk: &Path, tag: &str) -> Guest {
+    let qmp_sock = dir.join(format!("{tag}-qmp.sock"));
+    let agent_sock = dir.join(format!("{tag}-qga.sock"));
+    let mut child = Command::new("qemu-system-x86_64")
+        .args([
+            "-accel",
+            "tcg",
+            "-m",
+            "512",
+            "-nodefaults",
+            "-display",
+            "none",
+        ])
+        .arg("-serial")
+        .arg(format!(
+            "file:{}",
+            dir.join(format!("{tag}-serial.log")).display()
+        ))
+        .arg("-blockdev")
+        .arg(format!(
+            "driver=file,filename={},node-name=disk0-file",
+            disk.display()
+        ))
+        .args(["-blockdev", "driver=qcow2,file=disk0-file,node-name=disk0"])
+        .args(["-device", "virtio-blk-pci,drive=disk0,bootindex=1"])
+        .arg("-chardev")
+        .arg(format!(
+            "socket,path={},server=on,wait=off,id=qga0",
+            agent_sock.display()
+        ))
+        .args(["-device", "virtio-serial-pci"])
+        .args([
+            "-device",
+            "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
+        ])
+        .arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", qmp_sock.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawn qemu");
+    let qmp = match Qmp::connect_retry(&qmp_sock, Duration::from_secs(20)) {
+        Ok(q) => q,
+        Err(e) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("qmp: {e}");
+        }
+    };
+    let vm = Qemu { child, qmp };
+    let t = Instant::now();
+    stead_drivers::vm::qemu::qga::Qga::connect(&agent_sock, Duration::from_secs(300))
+        .expect("the guest agent answers");
+    eprintln!("{tag}: guest agent up after {:?}", t.elapsed());
+    Guest { vm, agent_sock }
+}
+
+impl Guest {
+    fn sh(&mut self, script: &str) -> String {
+        let mut agent =
+            stead_drivers::vm::qemu::qga::Qga::connect(&self.agent_sock, Duration::from_secs(60))
+                .expect("agent");
+        let out = agent
+            .exec("/bin/sh", &["-c", script], None, Duration::from_secs(300))
+            .expect("guest-exec");
+        assert!(
+            out.success(),
+            "{script}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+}
+
+#[test]
+fn a_file_written_in_the_guest_between_backups_is_intact_after_restore_and_boot() {
+    let t = "a_file_written_in_the_guest_between_backups_is_intact_after_restore_and_boot";
+    if !qemu_present(t) {
+        return;
+    }
+    let Some(image) = guest_image(t) else { return };
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path();
+    // A copy-on-write overlay: the cached image is never written.
+    let disk = dir.join("disk0.qcow2");
+    let st = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+        .arg(&image)
+        .arg(&disk)
+        .status()
+        .expect("qemu-img");
+    assert!(st.success());
+    let store = BackupStore::for_pool(&dir.join("pool"));
+    let images = [("disk0".to_string(), disk.clone())];
+    let mut g = boot(dir, &disk, "orig");
+    let backup = |g: &mut Guest| {
+        let sock = g.agent_sock.clone();
+        backup::backup_running_vm(
+            &mut g.vm.qmp,
+            Some(&sock),
+            &store,
+            "VirtualMachine/guest",
+            &json!({}),
+            &images,
+            None,
+            BackupOptions::default(),
+        )
+        .expect("backup")
+    };
+    let first = backup(&mut g);
+    eprintln!(
+        "first: read {} MiB, {:?}",
+        read(&first) / MIB,
+        first.consistency
+    );
+    let hash = g.sh(
+        "dd if=/dev/urandom of=/root/ten bs=1M count=10 status=none && sync && sha256sum /root/ten",
+    );
+    let second = backup(&mut g);
+    let c = second.consistency.clone().unwrap_or_default();
+    eprintln!("second: read {} MiB, {c}", read(&second) / MIB);
+    assert!(c.contains("guest agent froze"), "{c}");
+    assert!(c.contains("disk0 incremental"), "{c}");
+    assert!(read(&second) >= 10 * MIB);
+    assert!(
+        read(&second) < read(&first) / 4 && read(&second) < 64 * MIB,
+        "the re-backup reads about the changed data"
+    );
+    drop(g);
+
+    let restored = dir.join("restored.qcow2");
+    backup::restore_disk(&store, &second.id, "disk0", &restored, DiskFormat::Qcow2)
+        .expect("restore");
+    let mut g = boot(dir, &restored, "restored");
+    assert_eq!(g.sh("sha256sum /root/ten"), hash);
+}
+
+#[test]
+fn a_raw_disk_is_incremental_while_its_qemu_runs() {
+    let t = "a_raw_disk_is_incremental_while_its_qemu_runs";
+    if !qemu_present(t) {
+        return;
+    }
+    let f = fixture(16);
+    let raw = f.dir.join("disk0.raw");
+    let st = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "raw"])
+        .arg(&raw)
+        .arg("64M")
+        .status()
+        .expect("qemu-img");
+    assert!(st.success());
+    let mut q = Qemu::start(&f.dir);
+    q.execute(
+        "blockdev-add",
+        json!({"node-name": "disk0", "driver": "raw",
+               "file": {"driver": "file", "filename": raw}}),
+    )
+    .expect("blockdev-add");
+    let disks = [Disk {
+        input: "disk0".into(),
+        node: "disk0".into(),
+        image: raw.clone(),
+    }];
+    let run = |q: &mut Qemu| {
+        backup::backup_vm(
+            &mut q.qmp,
+            None,
+            &f.store,
+            "VirtualMachine/vm",
+            &json!({}),
+            &disks,
+            &f.vm_opts(),
+            BackupOptions::default(),
+        )
+        .expect("backup")
+    };
+    q.io("disk0", "write -P 0x10 0 8M");
+    run(&mut q);
+    q.io("disk0", "write -P 0x20 32M 4M");
+    let second = run(&mut q);
+    let c = second.consistency.clone().unwrap_or_default();
+    assert!(c.contains("disk0 incremental"), "{c}");
+    assert_eq!(read(&second), 4 * MIB);
+    q.quit();
+    let out = f.dir.join("restored.raw");
+    backup::restore_disk(&f.store, &second.id, "disk0", &out, DiskFormat::Raw).expect("restore");
+    assert_eq!(
+        std::fs::read(&out).expect("restored"),
+        std::fs::read(&raw).expect("live")
+    );
+}
