@@ -5,11 +5,12 @@
 //! - [`firmware`]: SeaBIOS / OVMF through the firmware descriptors QEMU packages ship, and
 //!   the per-VM UEFI NVRAM;
 //! - [`accel`]: KVM or TCG;
-//! - [`supervisor`]: `stead qemu`, one supervising process per VM running one QEMU;
-//! - [`driver`]: observe / apply / delete of a qemu-engine VM (called by the VM driver).
+//! - [`qmp`], [`qga`]: the QMP and guest agent clients.
 
 pub mod accel;
 pub mod argv;
 pub mod config;
-
 pub mod firmware;
+mod jsonline;
+pub mod qga;
+pub mod qmp;

@@ -1,0 +1,1 @@
+//! A blocking client for the QEMU guest agent over its virtio-serial unix socket.
