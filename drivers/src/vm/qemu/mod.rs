@@ -5,7 +5,8 @@
 //! - [`firmware`]: SeaBIOS / OVMF through the firmware descriptors QEMU packages ship, and
 //!   the per-VM UEFI NVRAM;
 //! - [`accel`]: KVM or TCG;
-//! - [`qmp`], [`qga`]: the QMP and guest agent clients.
+//! - [`qmp`], [`qga`]: the QMP and guest agent clients;
+//! - [`supervisor`]: `stead qemu`, one supervising process per VM running one QEMU.
 
 pub mod accel;
 pub mod argv;
@@ -14,3 +15,4 @@ pub mod firmware;
 mod jsonline;
 pub mod qga;
 pub mod qmp;
+pub mod supervisor;
