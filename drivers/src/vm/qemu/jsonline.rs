@@ -163,7 +163,6 @@ impl JsonLines {
 
     /// Drops everything received up to and including the next `byte` (the guest agent's
     /// 0xFF sentinel), reading as needed.
-    #[allow(dead_code)] // the guest agent client's, next
     pub(crate) fn discard_through(&mut self, byte: u8, deadline: Instant) -> Result<(), LineError> {
         loop {
             if let Some(pos) = self.buf.iter().position(|b| *b == byte) {
