@@ -12,8 +12,8 @@
 pub mod config;
 pub mod console;
 mod driver;
-pub mod supervisor;
 pub mod qemu;
+pub mod supervisor;
 
 use std::path::Path;
 
