@@ -3,8 +3,9 @@
 //! State shape (desired and observed):
 //! `{"state": "running"|"paused"|"stopped", "cpus", "memory" (bytes), "kernel",
 //! "initrd"?, "cmdline"?, "disks": [{"volume","readOnly"}], "interfaces":
-//! [{"network","mac"}], "restartPolicy"}`. A missing MAC is generated from the VM name
-//! ([`generated_mac`]). Impact: `state` and `restartPolicy` are hot; everything else
+//! [{"network","mac"}], "restartPolicy", "cloudInit"?}` (`cloudInit`: the seed's
+//! instance-id; the seed ISO is the VM's last disk, read-only). A missing MAC is
+//! generated from the VM name ([`generated_mac`]). Impact: `state` and `restartPolicy` are hot; everything else
 //! restarts the VM.
 //!
 //! Observe lists `<run_dir>/vms/` once and, per VM, reads `config.json` (what the
@@ -27,6 +28,7 @@ use super::config::{
     DiskRun, InterfaceRun, Paths, Phase, SupervisorState, VmRunConfig, cgroup_name, generated_mac,
     tap_name, vms_dir,
 };
+use super::qemu::cloudinit::{seed_files, write_seed_iso};
 use super::supervisor::{VmmArgs, control_request, control_status, lock_held};
 use crate::container::config::{read_json, write_json};
 use crate::net::attach::{TapSpec, delete_link, ensure_tap, owned_links};
@@ -35,6 +37,9 @@ use stead_vmm::{Reply, Request};
 
 /// Default graceful shutdown time before a VM is forced off.
 pub const DEFAULT_SHUTDOWN_TIMEOUT_SECS: u64 = 10;
+
+/// `volume` prefix of the cloud-init seed disk in a run config (no Volume name has a `:`).
+const SEED_DISK: &str = "cidata:";
 
 /// Fields whose change needs no restart.
 const HOT_FIELDS: [&str; 2] = ["state", "restartPolicy"];
@@ -143,13 +148,19 @@ impl VmDriver {
                 v["cmdline"] = json!(c);
             }
         }
+        if let Some(ci) = &spec.cloud_init {
+            v["cloudInit"] = json!(seed_files(name, ci).instance_id);
+        }
         v
     }
 
     /// The state projection of a recorded run config (what observe reports).
     fn project_run(cfg: &VmRunConfig, run: &str) -> Value {
-        let disks: Vec<Value> = cfg
+        let (seed, disks): (Vec<&DiskRun>, Vec<&DiskRun>) = cfg
             .disks
+            .iter()
+            .partition(|d| d.volume.starts_with(SEED_DISK));
+        let disks: Vec<Value> = disks
             .iter()
             .map(|d| json!({"volume": d.volume, "readOnly": d.read_only}))
             .collect();
@@ -172,6 +183,9 @@ impl VmDriver {
         }
         if let Some(c) = &cfg.cmdline {
             v["cmdline"] = json!(c);
+        }
+        if let Some(d) = seed.first() {
+            v["cloudInit"] = json!(&d.volume[SEED_DISK.len()..]);
         }
         v
     }
@@ -231,6 +245,7 @@ impl VmDriver {
                 mac: n.mac.unwrap_or_else(|| generated_mac(name, i)).to_string(),
             });
         }
+        disks.extend(self.seed_disk(name, spec)?);
         Ok(VmRunConfig {
             name: name.to_string(),
             cpus: spec.cpus,
@@ -246,6 +261,36 @@ impl VmDriver {
             netns: self.env.netns.clone(),
             shutdown_timeout_secs: self.shutdown_timeout_secs,
         })
+    }
+
+    /// The cloud-init seed of `spec` (if any) as the VM's last disk: a read-only `cidata`
+    /// ISO written to the run dir. Its `volume` is [`SEED_DISK`] + the instance-id, so a
+    /// seed change is a config change (restart) and observe reports it as `cloudInit`.
+    fn seed_disk(
+        &self,
+        name: &str,
+        spec: &VirtualMachineSpec,
+    ) -> Result<Option<DiskRun>, DriverError> {
+        let Some(ci) = &spec.cloud_init else {
+            return Ok(None);
+        };
+        let seed = seed_files(name, ci);
+        let paths = self.paths(name);
+        let fresh = !paths.dir.exists();
+        fs::create_dir_all(&paths.dir)
+            .map_err(|e| DriverError::io(format!("create {}", paths.dir.display()), e))?;
+        if let Err(e) = write_seed_iso(&seed, &paths.seed_iso()) {
+            if fresh {
+                // Nothing half made: the (empty) run dir would read as a crashed create.
+                let _ = fs::remove_dir(&paths.dir);
+            }
+            return Err(e);
+        }
+        Ok(Some(DiskRun {
+            volume: format!("{SEED_DISK}{}", seed.instance_id),
+            path: paths.seed_iso(),
+            read_only: true,
+        }))
     }
 
     /// Creates the taps of `cfg` and removes taps of this VM that are no longer wanted.
@@ -744,5 +789,50 @@ mod tests {
             VmDriver::project_run(&cfg, "running"),
             VmDriver::project("vm1", s)
         );
+    }
+
+    #[test]
+    fn a_cloud_init_seed_is_a_last_read_only_disk_named_by_its_instance_id() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = sandbox_driver(dir.path());
+        let r = vm(r#"{"cpus":1,"memory":"32Mi","boot":{"kernel":"/k"},
+                "cloudInit":{"users":[{"name":"ops","sshAuthorizedKeys":["k"]}]}}"#);
+        let Spec::VirtualMachine(s) = &r.spec else {
+            panic!("not a VM")
+        };
+        let want = VmDriver::project("vm1", s);
+        let id = want["cloudInit"].as_str().expect("instance-id").to_string();
+        assert!(id.starts_with("stead-vm1-"), "{id}");
+        let seed = match d.seed_disk("vm1", s) {
+            Err(DriverError::Unsupported(why)) => {
+                println!(
+                    "SKIP a_cloud_init_seed_is_a_last_read_only_disk_named_by_its_instance_id: {why}"
+                );
+                return;
+            }
+            r => r.expect("seed disk").expect("a seed"),
+        };
+        assert!(seed.read_only);
+        assert_eq!(seed.path, d.paths("vm1").seed_iso());
+        assert!(seed.path.is_file());
+        let cfg = VmRunConfig {
+            disks: vec![seed],
+            ..run_config("x")
+        };
+        let got = VmDriver::project_run(&cfg, "running");
+        assert_eq!(
+            got, want,
+            "the seed disk reads back as cloudInit, not as a disk"
+        );
+        assert_eq!(d.impact("/cloudInit"), Impact::Restart);
+
+        // Without cloudInit: no seed, nothing written.
+        let plain = vm(r#"{"boot":{"kernel":"/k"}}"#);
+        let Spec::VirtualMachine(p) = &plain.spec else {
+            panic!("not a VM")
+        };
+        assert!(d.seed_disk("vm2", p).expect("no seed").is_none());
+        assert!(!d.paths("vm2").dir.exists());
+        assert!(VmDriver::project("vm2", p).get("cloudInit").is_none());
     }
 }

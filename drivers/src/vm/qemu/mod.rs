@@ -1,15 +1,18 @@
 //! Full virtual machines on QEMU (`qemu-system-x86_64`), the `qemu` engine of
-//! `VirtualMachine`:
+//! `VirtualMachine`, and what both engines share with it:
 //! - [`config`]: the typed VM configuration ([`config::QemuConfig`]) resolved from a spec;
 //! - [`argv`]: the QEMU command line, a pure function of that configuration;
 //! - [`firmware`]: SeaBIOS / OVMF through the firmware descriptors QEMU packages ship, and
 //!   the per-VM UEFI NVRAM;
 //! - [`accel`]: KVM or TCG;
 //! - [`qmp`], [`qga`]: the QMP and guest agent clients;
-//! - [`supervisor`]: `stead qemu`, one supervising process per VM running one QEMU.
+//! - [`supervisor`]: `stead qemu`, one supervising process per VM running one QEMU;
+//! - [`cloudinit`]: the cloud-init NoCloud seed (`cidata` ISO) generated from a manifest
+//!   (both engines attach it).
 
 pub mod accel;
 pub mod argv;
+pub mod cloudinit;
 pub mod config;
 pub mod firmware;
 mod jsonline;
