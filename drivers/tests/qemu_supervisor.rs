@@ -8,8 +8,16 @@
 //! runs `stead_drivers::vm::qemu::supervisor::main` in a fresh single-threaded process,
 //! exactly as `stead qemu` does.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
+
+#[path = "container_util/mod.rs"]
+mod container_util;
+
+use container_util::{new_netns_on, nsenter, resource};
+use serde_json::json;
+use stead_reconciler::driver::{Driver, Health, HostEnv, Impact};
+use stead_schema::{Kind, Resource, ResourceId};
 
 use stead_drivers::supervise::SupervisorArgs;
 use stead_drivers::vm::config::{Paths, Phase, cgroup_name};
@@ -62,6 +70,7 @@ impl Rig {
             binary: "qemu-system-x86_64".into(),
             cpus: 1,
             memory: 64 << 20,
+            requested_accel: stead_schema::VmAccel::Auto,
             accel: Accel::Tcg,
             accel_warning: None,
             machine: Machine::Pc,
@@ -70,6 +79,7 @@ impl Rig {
             cdroms: vec![],
             nics: vec![],
             agent: false,
+            cloud_init: None,
             sockets: Sockets {
                 qmp: p.qmp_socket(),
                 qga: p.qga_socket(),
@@ -259,9 +269,271 @@ fn never_policy_and_bad_start() {
     cfg.machine = Machine::Q35;
     let e = rig.launch(&cfg).expect_err("bad firmware");
     assert!(e.contains("OVMF_CODE.fd"), "{e}");
-    assert!(!rig.paths().instance().lock_held());
+    // The supervisor reports the failure, then releases its lock and exits.
+    wait_until("the failed supervisor to exit", Duration::from_secs(5), || {
+        !rig.paths().instance().lock_held()
+    });
     assert_eq!(rig.state().phase, Phase::Exited);
     assert!(rig.cgroup_pids().is_empty());
+}
+
+/// A world, a netns with bridge `lan0`, and the VM driver, for driver-level tests.
+struct DriverRig {
+    dir: tempfile::TempDir,
+    netns: PathBuf,
+    env: HostEnv,
+    world: std::collections::BTreeMap<ResourceId, Resource>,
+}
+
+impl DriverRig {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let netns = dir.path().join("netns");
+        new_netns_on(&netns);
+        nsenter(&netns, &["ip", "link", "add", "lan0", "type", "bridge"]);
+        nsenter(&netns, &["ip", "link", "set", "lan0", "up"]);
+        let env = HostEnv {
+            state_dir: dir.path().join("state"),
+            run_dir: dir.path().join("run"),
+            cgroup_parent: format!("stead-qdrv-{}", std::process::id()),
+            netns: Some(netns.clone()),
+            self_exe: std::env::current_exe().expect("current_exe"),
+        };
+        let mut world = std::collections::BTreeMap::new();
+        let pool = dir.path().join("pool");
+        let mut add = |r: Resource| {
+            world.insert(r.id.clone(), r);
+        };
+        add(resource(
+            Kind::StoragePool,
+            "p",
+            json!({"type": "dir", "path": pool}),
+        ));
+        for v in ["root", "data"] {
+            add(resource(
+                Kind::Volume,
+                v,
+                json!({"pool": "p", "size": "8Mi"}),
+            ));
+        }
+        for v in ["root", "data"] {
+            let p = stead_drivers::storage::volume_path(&world, v).expect("path");
+            std::fs::create_dir_all(p.parent().expect("dir")).expect("mkdir");
+            std::fs::File::create(&p)
+                .expect("disk")
+                .set_len(8 << 20)
+                .expect("size");
+        }
+        DriverRig {
+            dir,
+            netns,
+            env,
+            world,
+        }
+    }
+
+    fn driver(&self) -> stead_drivers::vm::VmDriver {
+        let mut d = stead_drivers::vm::VmDriver::new(&self.env).expect("driver");
+        d.shutdown_timeout_secs = 1;
+        d
+    }
+
+    fn vm(&self, name: &str, spec: serde_json::Value) -> Resource {
+        resource(Kind::VirtualMachine, name, spec)
+    }
+
+    fn observe(
+        &self,
+        d: &stead_drivers::vm::VmDriver,
+        r: &Resource,
+    ) -> stead_reconciler::driver::Observed {
+        d.observe(&[r], &self.world)
+            .expect("observe")
+            .remove(&r.id)
+            .expect("entry")
+    }
+
+    fn apply(&self, d: &stead_drivers::vm::VmDriver, r: &Resource) {
+        let o = self.observe(d, r);
+        d.apply(r, &o, &self.world).expect("apply");
+        let o = self.observe(d, r);
+        assert_eq!(o.state, d.desired_state(r, &self.world), "converged");
+        assert_eq!(o.health, Health::Ready, "{:?} {}", o.health, o.status);
+    }
+
+    fn pid(&self, d: &stead_drivers::vm::VmDriver, r: &Resource) -> i64 {
+        self.observe(d, r).status["pid"].as_i64().expect("pid")
+    }
+
+    fn links(&self) -> String {
+        nsenter(&self.netns, &["ip", "-o", "link", "show"])
+    }
+}
+
+impl Drop for DriverRig {
+    fn drop(&mut self) {
+        let run = self.env.run_dir.join("vms");
+        if let Ok(rd) = std::fs::read_dir(&run) {
+            for e in rd.flatten() {
+                if let Ok(text) = std::fs::read_to_string(e.path().join("supervisor.json"))
+                    && let Ok(st) = serde_json::from_str::<QemuState>(&text)
+                {
+                    for pid in [Some(st.supervisor_pid), st.qemu_pid].into_iter().flatten() {
+                        let _ = nix::sys::signal::kill(
+                            nix::unistd::Pid::from_raw(pid),
+                            nix::sys::signal::Signal::SIGKILL,
+                        );
+                    }
+                }
+                if let Ok(h) = Hierarchy::detect() {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    let cg = h.cgroup(&self.env.cgroup_parent, &cgroup_name(&name));
+                    let _ = cg.kill_all();
+                    let _ = cg.destroy();
+                }
+            }
+        }
+        if let Ok(h) = Hierarchy::detect() {
+            let _ = h.remove_parent(&self.env.cgroup_parent);
+        }
+        let _ = nix::mount::umount2(&self.netns, nix::mount::MntFlags::MNT_DETACH);
+        reap();
+        let _ = self.dir.path();
+    }
+}
+
+fn driver_apply_hot_plug_restart_delete() {
+    let rig = DriverRig::new();
+    let d = rig.driver();
+    let mac1 = "52:54:00:aa:00:01";
+    let mac2 = "52:54:00:aa:00:02";
+    let v1 = rig.vm(
+        "hp",
+        json!({"accel": "tcg", "memory": "64Mi", "agent": true,
+               "disks": [{"volume": "root", "cache": "writeback", "boot": 1}],
+               "interfaces": [{"network": "lan0", "mac": mac1}]}),
+    );
+    assert!(!rig.observe(&d, &v1).exists);
+    let t = Instant::now();
+    rig.apply(&d, &v1);
+    eprintln!("  created in {:?}", t.elapsed());
+    let o = rig.observe(&d, &v1);
+    assert_eq!(o.status["accel"], "tcg");
+    assert_eq!(o.status["vmState"], "running");
+    assert_eq!(o.status["disks"][0]["node"], "disk0");
+    let pid = rig.pid(&d, &v1);
+    let links = rig.links();
+    let tap1 = o.status["taps"][0].as_str().expect("tap").to_string();
+    assert!(links.contains(&tap1), "{links}");
+
+    // Adding a disk and an interface: hot, plugged into the running QEMU.
+    let v2 = rig.vm(
+        "hp",
+        json!({"accel": "tcg", "memory": "64Mi", "agent": true,
+               "disks": [{"volume": "root", "cache": "writeback", "boot": 1},
+                         {"volume": "data", "cache": "writeback"}],
+               "interfaces": [{"network": "lan0", "mac": mac1}, {"network": "lan0", "mac": mac2}]}),
+    );
+    assert_eq!(d.impact("/disks/data"), Impact::Hot);
+    assert_eq!(d.impact(&format!("/interfaces/{mac2}")), Impact::Hot);
+    rig.apply(&d, &v2);
+    assert_eq!(rig.pid(&d, &v2), pid, "hot-plugged, not restarted");
+    let sock = rig.env.run_dir.join("vms/hp/qmp.sock");
+    let mut q = Qmp::connect(&sock, Duration::from_secs(5)).expect("qmp");
+    let blocks = q
+        .execute(&stead_drivers::vm::qemu::qmp::QueryBlock)
+        .expect("query-block");
+    let names: Vec<String> = blocks.iter().filter_map(|b| b.qdev.clone()).collect();
+    assert!(names.iter().any(|n| n.contains("disk1-dev")), "{names:?}");
+    drop(q);
+    let o = rig.observe(&d, &v2);
+    assert_eq!(o.status["taps"].as_array().map(Vec::len), Some(2));
+    let tap2 = o.status["taps"][1].as_str().expect("tap").to_string();
+    assert!(rig.links().contains(&tap2));
+
+    // A change of memory: restart.
+    let v3 = rig.vm(
+        "hp",
+        json!({"accel": "tcg", "memory": "96Mi", "agent": true,
+               "disks": [{"volume": "root", "cache": "writeback", "boot": 1},
+                         {"volume": "data", "cache": "writeback"}],
+               "interfaces": [{"network": "lan0", "mac": mac1}, {"network": "lan0", "mac": mac2}]}),
+    );
+    assert_eq!(d.impact("/memory"), Impact::Restart);
+    rig.apply(&d, &v3);
+    let pid3 = rig.pid(&d, &v3);
+    assert_ne!(pid3, pid, "restarted");
+
+    // Stopped, then running again.
+    let mut stopped = v3.clone();
+    if let stead_schema::Spec::VirtualMachine(s) = &mut stopped.spec {
+        s.state = stead_schema::RunState::Stopped;
+    }
+    rig.apply(&d, &stopped);
+    assert_eq!(rig.observe(&d, &stopped).state["state"], "stopped");
+    rig.apply(&d, &v3);
+
+    // Delete: graceful stop (ignored ACPI, no agent in the guest: quit), run files,
+    // taps and cgroup gone; the disks stay.
+    let o = rig.observe(&d, &v3);
+    let t = Instant::now();
+    d.delete(&v3, &o, &rig.world).expect("delete");
+    eprintln!("  deleted in {:?}", t.elapsed());
+    assert!(!rig.observe(&d, &v3).exists);
+    assert!(!rig.env.run_dir.join("vms/hp").exists());
+    let links = rig.links();
+    assert!(!links.contains(&tap1) && !links.contains(&tap2), "{links}");
+    for v in ["root", "data"] {
+        assert!(
+            stead_drivers::storage::volume_path(&rig.world, v)
+                .expect("p")
+                .exists()
+        );
+    }
+    let h = Hierarchy::detect().expect("cgroups");
+    assert!(
+        !h.cgroup(&rig.env.cgroup_parent, &cgroup_name("hp"))
+            .exists()
+    );
+}
+
+fn uefi_nvram_survives_restarts_and_goes_with_the_vm() {
+    if !Path::new("/usr/share/qemu/firmware").is_dir() {
+        eprintln!("SKIP uefi_nvram_survives_restarts_and_goes_with_the_vm: no OVMF (apt ovmf)");
+        return;
+    }
+    let rig = DriverRig::new();
+    let d = rig.driver();
+    let v = rig.vm(
+        "uefi",
+        json!({"accel": "tcg", "memory": "128Mi", "firmware": "uefi",
+               "disks": [{"volume": "root", "boot": 1}]}),
+    );
+    rig.apply(&d, &v);
+    let o = rig.observe(&d, &v);
+    let nvram = PathBuf::from(o.status["nvram"].as_str().expect("nvram path"));
+    assert!(nvram.starts_with(&rig.env.state_dir), "{}", nvram.display());
+    assert!(nvram.is_file());
+    // Mark the NVRAM (as a guest writing a boot entry would) with QEMU stopped; the mark
+    // survives the next start.
+    let mut stopped = v.clone();
+    if let stead_schema::Spec::VirtualMachine(s) = &mut stopped.spec {
+        s.state = stead_schema::RunState::Stopped;
+    }
+    rig.apply(&d, &stopped);
+    let mut data = std::fs::read(&nvram).expect("read nvram");
+    let n = data.len();
+    data[n - 16..].copy_from_slice(b"stead-nvram-mark");
+    std::fs::write(&nvram, &data).expect("mark");
+    rig.apply(&d, &v);
+    assert!(
+        std::fs::read(&nvram)
+            .expect("read")
+            .ends_with(b"stead-nvram-mark")
+    );
+    let o = rig.observe(&d, &v);
+    d.delete(&v, &o, &rig.world).expect("delete");
+    assert!(!nvram.exists(), "the NVRAM goes with the VM");
 }
 
 fn have_qemu() -> bool {
@@ -274,7 +546,15 @@ fn have_qemu() -> bool {
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     run_as_supervisor_if_asked(&args);
-    let tests: [(&str, fn()); 2] = [
+    let tests: [(&str, fn()); 4] = [
+        (
+            "driver_apply_hot_plug_restart_delete",
+            driver_apply_hot_plug_restart_delete,
+        ),
+        (
+            "uefi_nvram_survives_restarts_and_goes_with_the_vm",
+            uefi_nvram_survives_restarts_and_goes_with_the_vm,
+        ),
         (
             "start_status_restart_and_graceful_stop",
             start_status_restart_and_graceful_stop,

@@ -298,6 +298,7 @@ mod tests {
             binary: "qemu-system-x86_64".into(),
             cpus: 2,
             memory: 512 << 20,
+            requested_accel: stead_schema::VmAccel::Auto,
             accel: Accel::Tcg,
             accel_warning: None,
             machine: Machine::Pc,
@@ -306,6 +307,7 @@ mod tests {
             cdroms: vec![],
             nics: vec![],
             agent: false,
+            cloud_init: None,
             sockets: Sockets {
                 qmp: "/r/vms/vm1/qmp.sock".into(),
                 qga: "/r/vms/vm1/qga.sock".into(),

@@ -8,12 +8,13 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use stead_reconciler::driver::{DriverError, HostEnv, Lookup};
 use stead_schema::{
-    DiskBus, DiskCache, Firmware, RestartPolicy, RunState, VirtualMachineSpec, VolumeFormat,
+    DiskBus, DiskCache, Firmware, MacAddr, RestartPolicy, RunState, VirtualMachineSpec, VmAccel,
+    VolumeFormat,
 };
 
 use super::accel::{Accel, HostCaps};
 use super::firmware;
-use crate::vm::config::{Paths, generated_mac, tap_name};
+use crate::vm::config::{Paths, generated_mac};
 
 /// The QEMU binary.
 pub const QEMU_BINARY: &str = "qemu-system-x86_64";
@@ -180,7 +181,9 @@ pub struct QemuConfig {
     pub cpus: u32,
     /// Guest RAM in bytes (a whole number of MiB).
     pub memory: u64,
-    /// Accelerator.
+    /// Accelerator as declared.
+    pub requested_accel: VmAccel,
+    /// Accelerator chosen.
     pub accel: Accel,
     /// Why `auto` fell back to TCG (shown by apply and `stead get`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -200,6 +203,9 @@ pub struct QemuConfig {
     pub nics: Vec<QemuNic>,
     /// Guest agent channel.
     pub agent: bool,
+    /// The cloud-init seed's instance-id (the seed is the cdrom `seed`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cloud_init: Option<String>,
     /// Sockets.
     pub sockets: Sockets,
     /// `-sandbox on` with obsolete/elevateprivileges/spawn/resourcecontrol denied.
@@ -243,8 +249,9 @@ pub struct ResolveEnv<'a> {
     pub caps: HostCaps,
     /// Graceful shutdown time.
     pub shutdown_timeout_secs: u64,
-    /// The cloud-init seed ISO, when the VM has `cloudInit` (written by the driver).
-    pub seed_iso: Option<PathBuf>,
+    /// The cloud-init seed ISO and its instance-id, when the VM has `cloudInit` (written
+    /// by the driver).
+    pub seed: Option<(PathBuf, String)>,
 }
 
 /// Guest RAM rounded up to a whole MiB.
@@ -292,13 +299,13 @@ pub fn resolve(
     };
     let mut disks = Vec::new();
     for (i, d) in spec.disks.iter().enumerate() {
-        let vol = crate::storage::volume_spec(world, d.volume.as_str())?;
-        let path = existing_volume_path(world, d.volume.as_str())?;
+        let (path, format) = crate::storage::volume_image(world, d.volume.as_str())?;
+        check_exists(d.volume.as_str(), &path)?;
         disks.push(QemuDisk {
             id: format!("disk{i}"),
             volume: d.volume.as_str().to_string(),
             path,
-            format: match vol.format {
+            format: match format {
                 VolumeFormat::Raw => DiskFormat::Raw,
                 VolumeFormat::Qcow2 => DiskFormat::Qcow2,
             },
@@ -318,7 +325,7 @@ pub fn resolve(
             boot: c.boot,
         });
     }
-    if let Some(seed) = &env.seed_iso {
+    if let Some((seed, _)) = &env.seed {
         cdroms.push(QemuCdrom {
             id: "seed".into(),
             volume: None,
@@ -334,11 +341,18 @@ pub fn resolve(
                     .into(),
             ));
         }
+        let mac = n.mac.unwrap_or_else(|| generated_mac(name, i));
+        let tap = tap_name(name, &mac);
+        if nics.iter().any(|o: &QemuNic| o.tap == tap) {
+            return Err(DriverError::Unsupported(format!(
+                "interfaces {i} and another have MACs ending alike ({mac}): give one another MAC"
+            )));
+        }
         nics.push(QemuNic {
             id: format!("net{i}"),
             network: n.network.as_str().to_string(),
-            tap: tap_name(name, i),
-            mac: n.mac.unwrap_or_else(|| generated_mac(name, i)).to_string(),
+            tap,
+            mac: mac.to_string(),
             boot: n.boot,
         });
     }
@@ -349,6 +363,7 @@ pub fn resolve(
         binary: PathBuf::from(QEMU_BINARY),
         cpus: spec.cpus,
         memory: whole_mib(spec.memory.bytes()),
+        requested_accel: spec.accel,
         accel,
         accel_warning,
         machine,
@@ -357,6 +372,7 @@ pub fn resolve(
         cdroms,
         nics,
         agent: spec.agent,
+        cloud_init: env.seed.as_ref().map(|(_, id)| id.clone()),
         sockets: Sockets {
             qmp: paths.qmp_socket(),
             qga: paths.qga_socket(),
@@ -371,15 +387,28 @@ pub fn resolve(
     })
 }
 
-/// The path of Volume `name`, which must exist on the host.
-fn existing_volume_path(world: &dyn Lookup, name: &str) -> Result<PathBuf, DriverError> {
-    let path = crate::storage::volume_path(world, name)?;
+/// The tap of the interface with `mac` of VM `name` (≤ 15 bytes): stable while the
+/// interface exists, whatever is hot-plugged around it.
+pub fn tap_name(name: &str, mac: &MacAddr) -> String {
+    let h = crate::vm::config::tap_name(name, 0);
+    format!("{}m{:02x}{:02x}", &h[..10], mac.0[4], mac.0[5])
+}
+
+/// Refuses a Volume whose image is not on the host yet.
+fn check_exists(name: &str, path: &Path) -> Result<(), DriverError> {
     if !path.exists() {
         return Err(DriverError::NotReady(format!(
             "disk of Volume/{name} ({}) does not exist yet",
             path.display()
         )));
     }
+    Ok(())
+}
+
+/// The path of Volume `name`, which must exist on the host.
+fn existing_volume_path(world: &dyn Lookup, name: &str) -> Result<PathBuf, DriverError> {
+    let path = crate::storage::volume_path(world, name)?;
+    check_exists(name, &path)?;
     Ok(path)
 }
 
@@ -463,7 +492,7 @@ pub(crate) mod tests {
             firmware_dir: Path::new("/nonexistent"),
             caps: PVM,
             shutdown_timeout_secs: 7,
-            seed_iso: Some(t.path().join("seed.iso")),
+            seed: Some((t.path().join("seed.iso"), "iid-1".into())),
         };
         let s = vm_spec(serde_json::json!({
             "cpus": 2, "memory": "1000000000",
@@ -499,7 +528,9 @@ pub(crate) mod tests {
         assert_eq!(c.cdroms.len(), 2);
         assert_eq!(c.cdroms[0].volume.as_deref(), Some("iso"));
         assert_eq!(c.cdroms[1].id, "seed");
-        assert_eq!(c.nics[0].tap, tap_name("vm1", 0));
+        assert_eq!(c.nics[0].tap, tap_name("vm1", &generated_mac("vm1", 0)));
+        assert!(c.nics[0].tap.len() <= 15, "{}", c.nics[0].tap);
+        assert_eq!(c.cloud_init.as_deref(), Some("iid-1"));
         assert_eq!(c.nics[0].mac, generated_mac("vm1", 0).to_string());
         assert_eq!(c.sockets.qmp, Paths::new(&h.run_dir, "vm1").qmp_socket());
         assert_eq!(c.shutdown_timeout_secs, 7);
@@ -519,7 +550,7 @@ pub(crate) mod tests {
             firmware_dir: &t.path().join("no-firmware"),
             caps: PVM,
             shutdown_timeout_secs: 1,
-            seed_iso: None,
+            seed: None,
         };
         let err = |v| {
             resolve("vm1", &vm_spec(v), &w, &env)
@@ -559,7 +590,7 @@ pub(crate) mod tests {
             firmware_dir: &fw,
             caps: PVM,
             shutdown_timeout_secs: 1,
-            seed_iso: None,
+            seed: None,
         };
         let c = resolve(
             "vm1",

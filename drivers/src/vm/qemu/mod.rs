@@ -7,6 +7,7 @@
 //! - [`accel`]: KVM or TCG;
 //! - [`qmp`], [`qga`]: the QMP and guest agent clients;
 //! - [`supervisor`]: `stead qemu`, one supervising process per VM running one QEMU;
+//! - [`driver`]: the qemu engine's observe / apply / delete (the VM driver dispatches);
 //! - [`cloudinit`]: the cloud-init NoCloud seed (`cidata` ISO) generated from a manifest
 //!   (both engines attach it).
 
@@ -14,6 +15,7 @@ pub mod accel;
 pub mod argv;
 pub mod cloudinit;
 pub mod config;
+pub mod driver;
 pub mod firmware;
 mod jsonline;
 pub mod qga;
