@@ -270,9 +270,11 @@ fn never_policy_and_bad_start() {
     let e = rig.launch(&cfg).expect_err("bad firmware");
     assert!(e.contains("OVMF_CODE.fd"), "{e}");
     // The supervisor reports the failure, then releases its lock and exits.
-    wait_until("the failed supervisor to exit", Duration::from_secs(5), || {
-        !rig.paths().instance().lock_held()
-    });
+    wait_until(
+        "the failed supervisor to exit",
+        Duration::from_secs(5),
+        || !rig.paths().instance().lock_held(),
+    );
     assert_eq!(rig.state().phase, Phase::Exited);
     assert!(rig.cgroup_pids().is_empty());
 }
