@@ -3,8 +3,9 @@
 //! State shape (desired and observed):
 //! `{"state": "running"|"paused"|"stopped", "cpus", "memory" (bytes), "kernel",
 //! "initrd"?, "cmdline"?, "disks": [{"volume","readOnly"}], "interfaces":
-//! [{"network","mac"}], "restartPolicy"}`. A missing MAC is generated from the VM name
-//! ([`generated_mac`]). Impact: `state` and `restartPolicy` are hot; everything else
+//! [{"network","mac"}], "restartPolicy", "cloudInit"?}` (`cloudInit`: the seed's
+//! instance-id; the seed ISO is the VM's last disk, read-only). A missing MAC is
+//! generated from the VM name ([`generated_mac`]). Impact: `state` and `restartPolicy` are hot; everything else
 //! restarts the VM.
 //!
 //! Observe lists `<run_dir>/vms/` once and, per VM, reads `config.json` (what the
@@ -21,12 +22,16 @@ use stead_host::cgroup::{Cgroup, Hierarchy};
 use stead_reconciler::driver::{
     DriverError, FieldChange, Health, HostEnv, Impact, Lookup, Observed, Typed,
 };
-use stead_schema::{Kind, Resource, ResourceId, RestartPolicy, RunState, VirtualMachineSpec};
+use stead_schema::{
+    Kind, Resource, ResourceId, RestartPolicy, RunState, VirtualMachineSpec, VmEngine,
+};
 
 use super::config::{
     DiskRun, InterfaceRun, Paths, Phase, SupervisorState, VmRunConfig, cgroup_name, generated_mac,
     tap_name, vms_dir,
 };
+use super::qemu::cloudinit::{seed_files, write_seed_iso};
+use super::qemu::driver as qemu;
 use super::supervisor::{VmmArgs, control_request, control_status, lock_held};
 use crate::container::config::{read_json, write_json};
 use crate::net::attach::{TapSpec, delete_link, ensure_tap, owned_links};
@@ -36,8 +41,8 @@ use stead_vmm::{Reply, Request};
 /// Default graceful shutdown time before a VM is forced off.
 pub const DEFAULT_SHUTDOWN_TIMEOUT_SECS: u64 = 10;
 
-/// Fields whose change needs no restart.
-const HOT_FIELDS: [&str; 2] = ["state", "restartPolicy"];
+/// `volume` prefix of the cloud-init seed disk in a run config (no Volume name has a `:`).
+const SEED_DISK: &str = "cidata:";
 
 /// The VirtualMachine driver.
 #[derive(Debug, Clone)]
@@ -97,11 +102,16 @@ impl VmDriver {
         })
     }
 
-    fn paths(&self, name: &str) -> Paths {
+    pub(crate) fn paths(&self, name: &str) -> Paths {
         Paths::new(&self.env.run_dir, name)
     }
 
-    fn cgroup(&self, name: &str) -> Cgroup {
+    /// The host environment.
+    pub(crate) fn env(&self) -> &HostEnv {
+        &self.env
+    }
+
+    pub(crate) fn cgroup(&self, name: &str) -> Cgroup {
         self.hier
             .cgroup(&self.env.cgroup_parent, &cgroup_name(name))
     }
@@ -143,13 +153,19 @@ impl VmDriver {
                 v["cmdline"] = json!(c);
             }
         }
+        if let Some(ci) = &spec.cloud_init {
+            v["cloudInit"] = json!(seed_files(name, ci).instance_id);
+        }
         v
     }
 
     /// The state projection of a recorded run config (what observe reports).
     fn project_run(cfg: &VmRunConfig, run: &str) -> Value {
-        let disks: Vec<Value> = cfg
+        let (seed, disks): (Vec<&DiskRun>, Vec<&DiskRun>) = cfg
             .disks
+            .iter()
+            .partition(|d| d.volume.starts_with(SEED_DISK));
+        let disks: Vec<Value> = disks
             .iter()
             .map(|d| json!({"volume": d.volume, "readOnly": d.read_only}))
             .collect();
@@ -172,6 +188,9 @@ impl VmDriver {
         }
         if let Some(c) = &cfg.cmdline {
             v["cmdline"] = json!(c);
+        }
+        if let Some(d) = seed.first() {
+            v["cloudInit"] = json!(&d.volume[SEED_DISK.len()..]);
         }
         v
     }
@@ -231,6 +250,7 @@ impl VmDriver {
                 mac: n.mac.unwrap_or_else(|| generated_mac(name, i)).to_string(),
             });
         }
+        disks.extend(self.seed_disk(name, spec)?);
         Ok(VmRunConfig {
             name: name.to_string(),
             cpus: spec.cpus,
@@ -246,6 +266,36 @@ impl VmDriver {
             netns: self.env.netns.clone(),
             shutdown_timeout_secs: self.shutdown_timeout_secs,
         })
+    }
+
+    /// The cloud-init seed of `spec` (if any) as the VM's last disk: a read-only `cidata`
+    /// ISO written to the run dir. Its `volume` is [`SEED_DISK`] + the instance-id, so a
+    /// seed change is a config change (restart) and observe reports it as `cloudInit`.
+    fn seed_disk(
+        &self,
+        name: &str,
+        spec: &VirtualMachineSpec,
+    ) -> Result<Option<DiskRun>, DriverError> {
+        let Some(ci) = &spec.cloud_init else {
+            return Ok(None);
+        };
+        let seed = seed_files(name, ci);
+        let paths = self.paths(name);
+        let fresh = !paths.dir.exists();
+        fs::create_dir_all(&paths.dir)
+            .map_err(|e| DriverError::io(format!("create {}", paths.dir.display()), e))?;
+        if let Err(e) = write_seed_iso(&seed, &paths.seed_iso()) {
+            if fresh {
+                // Nothing half made: the (empty) run dir would read as a crashed create.
+                let _ = fs::remove_dir(&paths.dir);
+            }
+            return Err(e);
+        }
+        Ok(Some(DiskRun {
+            volume: format!("{SEED_DISK}{}", seed.instance_id),
+            path: paths.seed_iso(),
+            read_only: true,
+        }))
     }
 
     /// Creates the taps of `cfg` and removes taps of this VM that are no longer wanted.
@@ -325,7 +375,8 @@ impl VmDriver {
         let _span = tracing::info_span!("vm_stop", vm = name).entered();
         if lock_held(&paths) {
             let st: Option<SupervisorState> = read_json(&paths.supervisor_state())?;
-            let timeout = Duration::from_secs(self.shutdown_timeout_secs + 10);
+            // The QEMU engine's stop may add the guest agent's and quit's grace periods.
+            let timeout = Duration::from_secs(self.shutdown_timeout_secs + 25);
             if let Some(st) = &st {
                 let _ = paths
                     .instance()
@@ -348,7 +399,13 @@ impl VmDriver {
         // Leftovers of a dead supervisor (its VMM child dies with it; the cgroup may
         // still hold a process being torn down).
         self.cgroup(name).destroy()?;
-        for s in [paths.control_socket(), paths.console_socket()] {
+        for s in [
+            paths.control_socket(),
+            paths.console_socket(),
+            paths.qmp_socket(),
+            paths.qga_socket(),
+            paths.vnc_socket(),
+        ] {
             match fs::remove_file(&s) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -404,9 +461,50 @@ impl VmDriver {
         self.spawn(cfg).map_err(ApplyError::Start)
     }
 
+    /// A VM that the qemu engine ran and the vmm engine takes over: stop it, drop its
+    /// config.
+    fn leave_qemu(&self, name: &str) -> Result<(), DriverError> {
+        let paths = self.paths(name);
+        let raw: Option<Value> = read_json(&paths.config())?;
+        if raw.as_ref().is_some_and(qemu::is_qemu_config) {
+            self.stop(name)?;
+            match fs::remove_file(paths.config()) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(DriverError::io("remove the qemu config", e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies a qemu-engine VM ([`qemu::apply`]); a failed create leaves nothing.
+    fn apply_qemu(
+        &self,
+        name: &str,
+        spec: &VirtualMachineSpec,
+        world: &dyn Lookup,
+    ) -> Result<(), DriverError> {
+        let fresh = read_json::<Value>(&self.paths(name).config())?.is_none();
+        let result = qemu::apply(self, name, spec, world);
+        if let Err((start, e)) = &result {
+            tracing::warn!(error = %e, fresh, "VM apply failed, undoing what it made");
+            let undo = if fresh {
+                self.remove_all(name)
+            } else if *start {
+                self.stop(name)
+            } else {
+                Ok(())
+            };
+            if let Err(u) = undo {
+                tracing::warn!(error = %u, "cleanup after a failed VM apply");
+            }
+        }
+        result.map_err(|(_, e)| e)
+    }
+
     /// Removes everything VM `name` has on the host: supervisor and VMM, cgroups in
     /// every controller, sockets, owned taps, run dir. Idempotent.
-    fn remove_all(&self, name: &str) -> Result<(), DriverError> {
+    pub(crate) fn remove_all(&self, name: &str) -> Result<(), DriverError> {
         self.stop(name)?;
         let owner = owner_alias(Kind::VirtualMachine, name);
         let netns = self.env.netns.as_deref();
@@ -418,7 +516,17 @@ impl VmDriver {
 
     fn observe_one(&self, name: &str) -> Result<Observed, DriverError> {
         let paths = self.paths(name);
-        let Some(cfg) = read_json::<VmRunConfig>(&paths.config())? else {
+        let raw: Option<Value> = read_json(&paths.config())?;
+        if let Some(v) = raw.as_ref().filter(|v| qemu::is_qemu_config(v)) {
+            let cfg = serde_json::from_value(v.clone())
+                .map_err(|e| DriverError::Other(format!("{}: {e}", paths.config().display())))?;
+            return qemu::observe_one(self, name, &cfg);
+        }
+        let Some(cfg) = raw
+            .map(serde_json::from_value::<VmRunConfig>)
+            .transpose()
+            .map_err(|e| DriverError::Other(format!("{}: {e}", paths.config().display())))?
+        else {
             if paths.dir.exists() {
                 // Crashed before writing the config: ours, converge by apply.
                 return Ok(Observed {
@@ -519,11 +627,16 @@ impl stead_reconciler::driver::KindDriver for VmDriver {
     }
 
     fn desired_state(&self, desired: Typed<'_, VirtualMachineSpec>, _world: &dyn Lookup) -> Value {
-        Self::project(desired.name(), desired.spec)
+        match desired.spec.engine() {
+            VmEngine::Vmm => Self::project(desired.name(), desired.spec),
+            VmEngine::Qemu => qemu::project(desired.name(), desired.spec),
+        }
     }
 
     fn impact(&self, path: &str) -> Impact {
-        crate::supervise::hot_or_restart(path, &HOT_FIELDS)
+        // Both engines: the qemu engine's state keeps disks and interfaces in maps (one
+        // key added or removed is a hot-plug); the vmm engine's lists change whole.
+        qemu::impact(path)
     }
 
     fn check(
@@ -533,6 +646,9 @@ impl stead_reconciler::driver::KindDriver for VmDriver {
         _changes: &[FieldChange],
     ) -> Result<(), String> {
         let spec = desired.spec;
+        if spec.engine() == VmEngine::Qemu {
+            return qemu::check(spec);
+        }
         if spec.cpus > u32::from(stead_vmm::MAX_VCPUS) {
             return Err(format!(
                 "cpus {} exceeds the VMM's maximum of {}",
@@ -563,6 +679,10 @@ impl stead_reconciler::driver::KindDriver for VmDriver {
         let (spec, name) = (desired.spec, desired.name());
         let _span = tracing::info_span!("vm_apply", vm = name).entered();
         crate::supervise::hold::check(&self.env.run_dir, "VirtualMachine", name)?;
+        if spec.engine() == VmEngine::Qemu {
+            return self.apply_qemu(name, spec, world);
+        }
+        self.leave_qemu(name)?;
         let cfg = self.resolve(name, spec, world)?;
         // Without a config this apply creates the VM: the resource is recorded only
         // when it succeeds, so a failure must leave nothing behind.
@@ -595,7 +715,11 @@ impl stead_reconciler::driver::KindDriver for VmDriver {
         let _span = tracing::info_span!("vm_delete", vm = name).entered();
         // A backup that stopped it would start it again when done.
         crate::supervise::hold::check(&self.env.run_dir, "VirtualMachine", name)?;
-        self.remove_all(name)
+        self.remove_all(name)?;
+        if last_applied.spec.engine() == VmEngine::Qemu {
+            qemu::remove_state(self, name)?;
+        }
+        Ok(())
     }
 }
 
@@ -744,5 +868,50 @@ mod tests {
             VmDriver::project_run(&cfg, "running"),
             VmDriver::project("vm1", s)
         );
+    }
+
+    #[test]
+    fn a_cloud_init_seed_is_a_last_read_only_disk_named_by_its_instance_id() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = sandbox_driver(dir.path());
+        let r = vm(r#"{"cpus":1,"memory":"32Mi","boot":{"kernel":"/k"},
+                "cloudInit":{"users":[{"name":"ops","sshAuthorizedKeys":["k"]}]}}"#);
+        let Spec::VirtualMachine(s) = &r.spec else {
+            panic!("not a VM")
+        };
+        let want = VmDriver::project("vm1", s);
+        let id = want["cloudInit"].as_str().expect("instance-id").to_string();
+        assert!(id.starts_with("stead-vm1-"), "{id}");
+        let seed = match d.seed_disk("vm1", s) {
+            Err(DriverError::Unsupported(why)) => {
+                println!(
+                    "SKIP a_cloud_init_seed_is_a_last_read_only_disk_named_by_its_instance_id: {why}"
+                );
+                return;
+            }
+            r => r.expect("seed disk").expect("a seed"),
+        };
+        assert!(seed.read_only);
+        assert_eq!(seed.path, d.paths("vm1").seed_iso());
+        assert!(seed.path.is_file());
+        let cfg = VmRunConfig {
+            disks: vec![seed],
+            ..run_config("x")
+        };
+        let got = VmDriver::project_run(&cfg, "running");
+        assert_eq!(
+            got, want,
+            "the seed disk reads back as cloudInit, not as a disk"
+        );
+        assert_eq!(d.impact("/cloudInit"), Impact::Restart);
+
+        // Without cloudInit: no seed, nothing written.
+        let plain = vm(r#"{"boot":{"kernel":"/k"}}"#);
+        let Spec::VirtualMachine(p) = &plain.spec else {
+            panic!("not a VM")
+        };
+        assert!(d.seed_disk("vm2", p).expect("no seed").is_none());
+        assert!(!d.paths("vm2").dir.exists());
+        assert!(VmDriver::project("vm2", p).get("cloudInit").is_none());
     }
 }

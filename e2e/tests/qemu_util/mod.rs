@@ -1,0 +1,158 @@
+//! Helpers for the full-guest tests (QEMU engine, TCG): the cached guest image, a serial
+//! console log to wait on, QEMU processes killed on drop.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use stead_e2e::skip_unless;
+
+/// How long one TCG boot to cloud-init's final stage may take here (≈30 s on an idle
+/// machine; CI shares two cores between many jobs).
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// An SSH key the schema accepts (the public half of a throwaway key).
+pub const SSH_KEY: &str =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIPigcUEKHRZOtbOlOIhStPbDat1nOYfki95ife3CbA05 e2e@stead";
+
+/// A SHA-512 crypt hash (of "stead-e2e").
+pub const PASSWORD_HASH: &str = "$6$e2esalt$gWr4UN9LQWNNjqsM53X0SlefX8eGsEOWGEdnDRNnqFDpFKEMUew4yMyMU8I0hoT8o1BGwLr5p7mhHqO5MzM4C0";
+
+/// Whether `prog` runs (`prog --version` exits 0).
+pub fn have(prog: &str) -> bool {
+    Command::new(prog)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// The guest disk image of `scripts/guest-image.sh` (`$STEAD_GUEST_IMAGE` first), or
+/// `None` after a SKIP line when it is not built or QEMU/genisoimage are missing.
+pub fn guest_image(test: &str) -> Option<PathBuf> {
+    if skip_unless(
+        have("qemu-system-x86_64"),
+        test,
+        "qemu-system-x86_64 missing (apt package qemu-system-x86)",
+    ) || skip_unless(
+        have("qemu-img"),
+        test,
+        "qemu-img missing (apt package qemu-utils)",
+    ) || skip_unless(
+        have("genisoimage"),
+        test,
+        "genisoimage missing (apt package genisoimage)",
+    ) {
+        return None;
+    }
+    let path = match std::env::var_os("STEAD_GUEST_IMAGE") {
+        Some(p) => PathBuf::from(p),
+        None => {
+            let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/guest-image.sh");
+            let out = Command::new("bash")
+                .arg(&script)
+                .arg("--print-path")
+                .output()
+                .ok()?;
+            PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+        }
+    };
+    if skip_unless(
+        path.is_file(),
+        test,
+        &format!(
+            "guest image {} not built (run scripts/guest-image.sh once, or set STEAD_GUEST_IMAGE)",
+            path.display()
+        ),
+    ) {
+        return None;
+    }
+    Some(path)
+}
+
+/// Waits until `read()` holds every one of `needles` (or fails the test with the text).
+pub fn wait_for_text(
+    what: &str,
+    timeout: Duration,
+    needles: &[&str],
+    mut read: impl FnMut() -> String,
+) -> String {
+    let t = Instant::now();
+    loop {
+        let text = read();
+        if needles.iter().all(|n| text.contains(n)) {
+            return text;
+        }
+        assert!(
+            t.elapsed() < timeout,
+            "timed out after {:?} waiting for {what} ({needles:?}); last text:\n{}",
+            t.elapsed(),
+            tail(&text, 6000)
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// The last `n` bytes of `s` (on a char boundary).
+pub fn tail(s: &str, n: usize) -> &str {
+    let mut start = s.len().saturating_sub(n);
+    while !s.is_char_boundary(start) {
+        start += 1;
+    }
+    &s[start..]
+}
+
+/// A file read as (lossy) text; empty when absent.
+pub fn read_text(p: &Path) -> String {
+    std::fs::read(p)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default()
+}
+
+/// A child process killed and reaped on drop.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Kills, on drop, every process whose command line names `needle` (this test's
+/// sandbox dir): QEMU and supervisors a failed test left running. Only processes that
+/// name the test's own temp dir, never by program name.
+pub struct KillNaming(pub String);
+
+impl KillNaming {
+    /// Pids of the processes naming the needle (not this one).
+    pub fn pids(&self) -> Vec<i32> {
+        let me = std::process::id() as i32;
+        let mut out = Vec::new();
+        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+                continue;
+            };
+            if pid == me {
+                continue;
+            }
+            if let Ok(c) = std::fs::read(e.path().join("cmdline"))
+                && String::from_utf8_lossy(&c).contains(&self.0)
+            {
+                out.push(pid);
+            }
+        }
+        out
+    }
+}
+
+impl Drop for KillNaming {
+    fn drop(&mut self) {
+        for pid in self.pids() {
+            stead_e2e::signal(pid, rustix::process::Signal::KILL);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
