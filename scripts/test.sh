@@ -33,6 +33,9 @@ for d in examples/storage examples/homelab examples/datacenter examples/qemu; do
   "$CARGO_TARGET_DIR/debug/stead" validate "$d"
 done
 
+echo "== the QEMU tests' guest image (built once, cached outside the clone by its inputs)"
+scripts/guest-image.sh >/dev/null
+
 echo "== tests"
 export STEAD_BIN="$CARGO_TARGET_DIR/debug/stead"
 # Tests for kernel features this host may lack print `SKIP <test>: <reason>` and return;

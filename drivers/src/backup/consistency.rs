@@ -414,8 +414,11 @@ impl WorkloadHooks {
             target.spec.clone(),
             target.inputs.clone(),
         );
-        // TODO(engine): the UEFI NVRAM path (`QemuConfig::nvram()`) once the engine lands.
-        let nvram = None;
+        // The UEFI NVRAM file of the running configuration (what QEMU has open).
+        let nvram = std::fs::read(paths.config())
+            .ok()
+            .and_then(|b| serde_json::from_slice::<crate::vm::qemu::config::QemuConfig>(&b).ok())
+            .and_then(|c| c.nvram().map(std::path::Path::to_path_buf));
         Ok(Some(Prepared {
             inputs: target.inputs.clone(),
             stat_of: HashMap::new(),
