@@ -151,21 +151,22 @@ print(f"{name} runs={len(xs)} min={xs[0]:.2f} median={statistics.median(xs):.2f}
 ' "$@"
 }
 
+# Plain and stead runs alternate, so that a change in the machine's load hits both sides.
+if [ -n "$stead_cmd" ] && [ -z "$stead_qga" ]; then
+    echo "--stead needs --stead-qga SOCKET" >&2
+    exit 2
+fi
 plain=()
+stead=()
 for ((i = 1; i <= runs; i++)); do
     measure_plain "$i"
     echo "plain-$firmware run $i: $result s" >&2
     plain+=("$result")
-done
-summary "plain-$firmware" "${plain[@]}"
-
-if [ -n "$stead_cmd" ]; then
-    [ -n "$stead_qga" ] || { echo "--stead needs --stead-qga SOCKET" >&2; exit 2; }
-    stead=()
-    for ((i = 1; i <= runs; i++)); do
+    if [ -n "$stead_cmd" ]; then
         measure_stead "$i"
         echo "stead-$firmware run $i: $result s" >&2
         stead+=("$result")
-    done
-    summary "stead-$firmware" "${stead[@]}"
-fi
+    fi
+done
+summary "plain-$firmware" "${plain[@]}"
+[ -z "$stead_cmd" ] || summary "stead-$firmware" "${stead[@]}"
