@@ -28,7 +28,7 @@ suite="${STEAD_GUEST_SUITE:-bookworm}"
 mirror="${STEAD_GUEST_MIRROR:-http://deb.debian.org/debian}"
 disk_mib="${STEAD_GUEST_DISK_MIB:-2048}"
 packages=(
-    linux-image-cloud-amd64 systemd-sysv udev cloud-init qemu-guest-agent
+    linux-image-cloud-amd64 systemd-sysv udev dbus cloud-init qemu-guest-agent
     iputils-ping iproute2 e2fsprogs ca-certificates cloud-guest-utils zstd
 )
 extra="${STEAD_GUEST_EXTRA_PACKAGES:-}"
