@@ -2,6 +2,7 @@
 # The main job: install what is missing, build stead, build guest assets, converge
 # examples/homelab on this host inside a sandbox, then show `stead get`.
 #   scripts/demo.sh        bring the demo up (idempotent: re-running converges)
+#   scripts/demo.sh qemu   the same, plus examples/qemu (full VMs through QEMU)
 #   scripts/demo.sh down   remove everything the demo created
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,7 +13,22 @@ RUN=/run/stead-demo
 stead="$CARGO_TARGET_DIR/release/stead"
 args=(--state-dir "$STATE" --run-dir "$RUN" --cgroup-parent stead-demo --netns "$NS")
 
+# `scripts/demo.sh qemu` also converges examples/qemu (full VMs through QEMU: a cloud-init
+# Debian VM, a UEFI VM, a template with two linked clones) from the cached guest image,
+# with its paths moved under the demo's own directories.
+QEMU_MANIFESTS="$STATE/examples-qemu"
+qemu_manifests() {
+  rm -rf "$QEMU_MANIFESTS"; mkdir -p "$QEMU_MANIFESTS"
+  for f in examples/qemu/*.yaml; do
+    sed -e 's#/var/lib/stead/images/#/var/lib/stead-demo-pools/images/#' \
+        -e 's#/var/lib/stead/pools/vms#/var/lib/stead-demo-pools/vms#' "$f" >"$QEMU_MANIFESTS/$(basename "$f")"
+  done
+}
+
 if [ "${1:-}" = "down" ]; then
+  if [ -x "$stead" ] && [ -d "$QEMU_MANIFESTS" ]; then
+    "$stead" "${args[@]}" destroy --yes --allow-data-loss "$QEMU_MANIFESTS" || true
+  fi
   [ -x "$stead" ] && "$stead" "${args[@]}" destroy --yes --allow-data-loss examples/homelab/ || true
   ip netns del "$NS" 2>/dev/null || true
   rm -rf "$STATE" "$RUN" /var/lib/stead-demo-pools
@@ -39,6 +55,13 @@ echo "== stead apply"
 "$stead" "${args[@]}" apply --yes examples/homelab/
 echo "== stead diff (must be clean)"
 "$stead" "${args[@]}" diff examples/homelab/
+if [ "${1:-}" = "qemu" ]; then
+  echo "== the guest image for examples/qemu (scripts/guest-image.sh, cached)"
+  install -D -m 0644 "$(scripts/guest-image.sh)" /var/lib/stead-demo-pools/images/debian-12.qcow2
+  qemu_manifests
+  echo "== stead apply examples/qemu (full VMs; under TCG they take a minute or two to boot)"
+  "$stead" "${args[@]}" apply --yes "$QEMU_MANIFESTS"
+fi
 echo "== stead get"
 "$stead" "${args[@]}" get
 echo "== the web container answers through the port forward (10.42.0.1:8080 -> 10.42.0.10:80)"
