@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# The stead side of the boot benchmark: `stead apply` of a VM (a linked clone of the guest
+# image, the same size, memory, firmware and cloud-init seed as plain-boot.sh's runs) until
+# the guest agent answers, alternating with plain QEMU through plain-boot.sh, then the
+# supervisor's RSS. Everything lives in a sandbox (own state/run dirs, cgroup parent,
+# network namespace, pool dir) that is removed at the end.
+#
+#   benches/qemu/stead-boot.sh [-n RUNS] [-f bios|uefi] [STEAD_BIN]
+#
+# STEAD_BIN defaults to the release build (cargo build --release --bin stead).
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+repo="$(cd "$here/../.." && pwd)"
+runs=3
+firmware=bios
+while [ $# -gt 0 ]; do
+    case "$1" in
+    -n) runs="$2"; shift 2 ;;
+    -f) firmware="$2"; shift 2 ;;
+    -h | --help) sed -n '2,10p' "$0"; exit 0 ;;
+    *) break ;;
+    esac
+done
+stead="${1:-${CARGO_TARGET_DIR:-/var/cache/stead/target}/release/stead}"
+[ -x "$stead" ] || { echo "no stead binary at $stead (cargo build --release --bin stead)" >&2; exit 1; }
+image="$("$repo/scripts/guest-image.sh")"
+
+box="$(mktemp -d /tmp/stead-boot-bench.XXXXXX)"
+ns="stead-bench-$$"
+args=(--state-dir "$box/state" --run-dir "$box/run" --cgroup-parent "$ns" --netns "$ns")
+ip netns add "$ns"
+cleanup() {
+    "$stead" "${args[@]}" destroy --yes --allow-data-loss "$box/base" "$box/vm" >/dev/null 2>&1 || true
+    ip netns del "$ns" 2>/dev/null || true
+    rm -rf "$box"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+mkdir -p "$box/base" "$box/vm" "$box/pool"
+cat >"$box/base/base.yaml" <<YAML
+apiVersion: stead.dev/v1alpha1
+kind: StoragePool
+metadata: {name: bench}
+spec: {type: dir, path: $box/pool, content: [images]}
+---
+apiVersion: stead.dev/v1alpha1
+kind: Volume
+metadata: {name: tpl}
+spec: {pool: bench, size: 2Gi, format: qcow2, template: true, source: {file: $image}}
+YAML
+cat >"$box/vm/vm.yaml" <<YAML
+apiVersion: stead.dev/v1alpha1
+kind: Volume
+metadata: {name: bench-root}
+spec: {pool: bench, size: 2Gi, format: qcow2, clone: {from: tpl}, deletionPolicy: Delete}
+---
+apiVersion: stead.dev/v1alpha1
+kind: VirtualMachine
+metadata: {name: bench}
+spec:
+  accel: tcg
+  firmware: $firmware
+  cpus: 1
+  memory: 1Gi
+  disks: [{volume: bench-root, boot: 1}]
+  agent: true
+  restartPolicy: never
+  cloudInit: {hostname: bench-stead}
+YAML
+echo "importing the template once (not timed)" >&2
+"$stead" "${args[@]}" apply --yes "$box/base" >/dev/null
+
+# The supervisor's RSS is read while the guest runs (before the VM is destroyed).
+rss_log="$box/rss"
+up="'$stead' ${args[*]} apply --yes '$box/base' '$box/vm' >/dev/null && sleep 0"
+down="ps -o rss= -C stead | sort -n | tail -1 >>'$rss_log'; pgrep -f 'stead qemu' | xargs -r ps -o rss= -p >>'$rss_log.qemu-sup' ; '$stead' ${args[*]} destroy --yes --allow-data-loss '$box/vm'"
+"$here/plain-boot.sh" -n "$runs" -f "$firmware" -i "$image" \
+    --stead "$up" --stead-qga "$box/run/vms/bench/qga.sock" --stead-down "$down"
+if [ -s "$rss_log.qemu-sup" ]; then
+    sort -n "$rss_log.qemu-sup" | awk '{a[NR]=$1} END {printf "stead qemu supervisor RSS: min=%d max=%d KiB over %d runs\n", a[1], a[NR], NR}'
+fi
