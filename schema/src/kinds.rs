@@ -346,10 +346,12 @@ pub struct VolumeSource {
     pub file: Option<PathBuf>,
     /// An http(s) URL of an image. Requires `sha256`: it is never fetched without a digest.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(r"^https?://[^/\s]"))]
     pub url: Option<String>,
     /// Expected SHA-256 of the image (64 lowercase hex digits). Required with `url`,
     /// optional with `file` (then checked too).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(r"^[0-9a-f]{64}$"))]
     pub sha256: Option<String>,
 }
 
@@ -619,13 +621,16 @@ pub struct CdromSpec {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct CloudInitUser {
-    /// Login name.
+    /// Login name (`[a-z_][a-z0-9_-]*`, at most 32 characters).
+    #[schemars(pattern(r"^[a-z_][a-z0-9_-]{0,31}$"))]
     pub name: String,
     /// SSH public keys.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ssh_authorized_keys: Vec<String>,
-    /// crypt(3) password hash (e.g. `$6$…`); never a plain password.
+    /// crypt(3) password hash (e.g. `$6$…` from `mkpasswd -m sha-512`); never a plain
+    /// password.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(r"^\$[A-Za-z0-9]+\$"))]
     pub password_hash: Option<String>,
     /// Passwordless sudo.
     #[serde(default, skip_serializing_if = "is_false")]
@@ -648,8 +653,9 @@ pub struct CloudInitSpec {
     /// Users to create.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub users: Vec<CloudInitUser>,
-    /// Network config, version 2 (netplan syntax), passed through as `network-config`.
+    /// Network config, version 2 (netplan syntax) or 1, passed through as `network-config`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "network_config_schema")]
     pub network: Option<serde_json::Value>,
     /// Raw user-data (`#cloud-config` …), merged after the fields above.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -657,6 +663,15 @@ pub struct CloudInitSpec {
     /// Raw vendor-data.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vendor_data: Option<String>,
+}
+
+/// The JSON Schema of a cloud-init network config: a mapping with `version: 1 | 2`.
+fn network_config_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "object",
+        "required": ["version"],
+        "properties": {"version": {"enum": [1, 2]}}
+    })
 }
 
 /// A VM network interface (virtio-net on a tap).
@@ -693,8 +708,8 @@ pub struct VirtualMachineSpec {
     /// auto | kvm | tcg (QEMU engine).
     #[serde(default)]
     pub accel: VmAccel,
-    /// Direct kernel boot; required by the vmm engine, optional with qemu (then the
-    /// firmware boots the disks).
+    /// Direct kernel boot: the vmm engine's (required there). The qemu engine boots
+    /// from firmware (its disks, cdroms or network) and refuses it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub boot: Option<BootSpec>,
     /// bios | uefi (QEMU engine).

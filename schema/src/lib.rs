@@ -4,6 +4,7 @@
 
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
+pub mod cloudinit;
 pub mod files;
 pub mod graph;
 pub mod kinds;

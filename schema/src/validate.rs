@@ -11,6 +11,9 @@ use crate::load::Diagnostic;
 use crate::resource::{Desired, Kind, Resource, ResourceId, Spec};
 use crate::values::Cidr;
 
+mod vm;
+mod volume;
+
 fn at(r: &Resource, ptr: &str, message: impl Into<String>, hint: Option<&str>) -> Diagnostic {
     Diagnostic {
         file: r.origin.file.clone(),
@@ -18,6 +21,22 @@ fn at(r: &Resource, ptr: &str, message: impl Into<String>, hint: Option<&str>) -
         field: format!("{} {}", r.id, crate::load::pointer_to_field(ptr)),
         message: message.into(),
         hint: hint.map(str::to_string),
+    }
+}
+
+/// The spec of the Volume `name`, when it is defined.
+fn volume_spec<'d>(desired: &'d Desired, name: &str) -> Option<&'d VolumeSpec> {
+    match &desired.get(&ResourceId::new(Kind::Volume, name))?.spec {
+        Spec::Volume(v) => Some(v),
+        _ => None,
+    }
+}
+
+/// The spec of the StoragePool `name`, when it is defined.
+fn pool_spec<'d>(desired: &'d Desired, name: &str) -> Option<&'d StoragePoolSpec> {
+    match &desired.get(&ResourceId::new(Kind::StoragePool, name))?.spec {
+        Spec::StoragePool(p) => Some(p),
+        _ => None,
     }
 }
 
@@ -57,9 +76,9 @@ fn check_resource(r: &Resource, desired: &Desired, out: &mut Vec<Diagnostic>) {
         Spec::Network(n) => check_network(r, n, out),
         Spec::Bond(b) => check_bond(r, b, out),
         Spec::StoragePool(p) => check_pool(r, p, out),
-        Spec::Volume(v) => check_volume(r, v, desired, out),
+        Spec::Volume(v) => volume::check_volume(r, v, desired, out),
         Spec::Container(c) => check_container(r, c, desired, out),
-        Spec::VirtualMachine(vm) => check_vm(r, vm, desired, out),
+        Spec::VirtualMachine(vm) => vm::check_vm(r, vm, desired, out),
         Spec::BackupSchedule(b) => check_backup_schedule(r, b, desired, out),
     }
 }
@@ -220,56 +239,6 @@ fn check_pool(r: &Resource, p: &StoragePoolSpec, out: &mut Vec<Diagnostic>) {
     check_pool_tool_names(r, p, out);
 }
 
-/// A Volume: size, format, source, and a pool that takes images.
-fn check_volume(r: &Resource, v: &VolumeSpec, desired: &Desired, out: &mut Vec<Diagnostic>) {
-    if v.size.0 == 0 {
-        out.push(at(r, "/spec/size", "size must be greater than zero", None));
-    }
-    if v.format == VolumeFormat::Qcow2 {
-        out.push(at(
-            r,
-            "/spec/format",
-            "qcow2 volumes are not supported yet",
-            Some("use format: raw"),
-        ));
-    }
-    if let Some(src) = &v.source {
-        if let Some(f) = &src.file {
-            check_abs_path(r, "/spec/source/file", f, "source file", out);
-        }
-        if src.url.is_some() || src.sha256.is_some() {
-            out.push(at(
-                r,
-                "/spec/source",
-                "image import (source.url / source.sha256) is not supported yet",
-                Some("use source.file"),
-            ));
-        }
-    }
-    if v.template || v.clone.is_some() {
-        out.push(at(
-            r,
-            "/spec",
-            "templates and clones are not supported yet",
-            None,
-        ));
-    }
-    if let Some(pool) = desired.get(&ResourceId::new(Kind::StoragePool, v.pool.as_str()))
-        && let Spec::StoragePool(p) = &pool.spec
-        && !p
-            .content
-            .iter()
-            .any(|c| matches!(c, Content::Images | Content::Rootdir))
-    {
-        out.push(at(
-            r,
-            "/spec/pool",
-            format!("pool {} does not allow images or rootdir content", v.pool),
-            None,
-        ));
-    }
-}
-
 /// A Container: rootfs, hostname, command, limits, interfaces, mounts.
 fn check_container(r: &Resource, c: &ContainerSpec, desired: &Desired, out: &mut Vec<Diagnostic>) {
     check_container_rootfs(r, c, out);
@@ -410,63 +379,6 @@ fn check_container_mounts(r: &Resource, c: &ContainerSpec, out: &mut Vec<Diagnos
                 None,
             ));
         }
-    }
-}
-
-/// A VirtualMachine: CPUs, memory, boot files, disks, interfaces.
-fn check_vm(r: &Resource, vm: &VirtualMachineSpec, desired: &Desired, out: &mut Vec<Diagnostic>) {
-    if vm.cpus == 0 || vm.cpus > 254 {
-        out.push(at(
-            r,
-            "/spec/cpus",
-            format!("cpus {} must be in 1..254", vm.cpus),
-            None,
-        ));
-    }
-    if vm.memory.0 < (2 << 20) {
-        out.push(at(r, "/spec/memory", "memory must be at least 2Mi", None));
-    }
-    match (vm.engine(), &vm.boot) {
-        (VmEngine::Vmm, None) => out.push(at(
-            r,
-            "/spec/boot",
-            "the vmm engine needs a direct kernel boot (spec.boot.kernel)",
-            Some("set boot.kernel, or use engine: qemu to boot from firmware"),
-        )),
-        (VmEngine::Qemu, _) => out.push(at(
-            r,
-            "/spec/engine",
-            "the qemu engine is not supported yet",
-            Some("use engine: vmm with boot.kernel"),
-        )),
-        (VmEngine::Vmm, Some(_)) => {}
-    }
-    if let Some(boot) = &vm.boot {
-        check_abs_path(r, "/spec/boot/kernel", &boot.kernel, "kernel", out);
-        if let Some(i) = &boot.initrd {
-            check_abs_path(r, "/spec/boot/initrd", i, "initrd", out);
-        }
-    }
-    let mut disks = BTreeSet::new();
-    for (i, d) in vm.disks.iter().enumerate() {
-        if !disks.insert(&d.volume) {
-            out.push(at(
-                r,
-                &format!("/spec/disks/{i}/volume"),
-                format!("volume {} attached twice", d.volume),
-                None,
-            ));
-        }
-    }
-    for (i, ifc) in vm.interfaces.iter().enumerate() {
-        check_vlan(
-            r,
-            desired,
-            &format!("/spec/interfaces/{i}"),
-            ifc.network.as_str(),
-            ifc.vlan,
-            out,
-        );
     }
 }
 
@@ -622,6 +534,19 @@ fn check_in_network(
     }
 }
 
+/// What a reference to an undefined resource means. A clone's source is most often a
+/// template that was removed from the manifests while clones still use it.
+fn dangling_message(e: &crate::graph::Edge) -> String {
+    if e.from.kind == Kind::Volume && e.pointer == "/spec/clone/from" {
+        format!(
+            "{} is a clone of {}, which is not defined (a template with clones cannot be deleted)",
+            e.from, e.to
+        )
+    } else {
+        format!("{} references {} which is not defined", e.from, e.to)
+    }
+}
+
 fn check_references_and_cycles(desired: &Desired, out: &mut Vec<Diagnostic>) {
     let all = edges(desired.resources.values());
     for e in &all {
@@ -636,12 +561,7 @@ fn check_references_and_cycles(desired: &Desired, out: &mut Vec<Diagnostic>) {
                 .min_by_key(|k| crate::load::edit_distance(&k.name, &e.to.name))
                 .filter(|k| crate::load::edit_distance(&k.name, &e.to.name) <= 2)
                 .map(|k| format!("did you mean {k}?"));
-            out.push(at(
-                r,
-                &e.pointer,
-                format!("{} references {} which is not defined", e.from, e.to),
-                similar.as_deref(),
-            ));
+            out.push(at(r, &e.pointer, dangling_message(e), similar.as_deref()));
         }
     }
     let graph = DepGraph::new(desired.resources.keys().cloned(), &all);
@@ -718,6 +638,19 @@ impl<'d> Conflicts<'d> {
     }
 
     fn read_write(&mut self, vol: &str, r: &Resource, ptr: &str, out: &mut Vec<Diagnostic>) {
+        if volume_spec(self.rw.desired, vol).is_some_and(|v| v.template) {
+            out.push(at(
+                r,
+                ptr,
+                format!(
+                    "volume {vol} is a template: it is attached read-only or cloned, never written"
+                ),
+                Some(&format!(
+                    "attach it with readOnly: true, or attach a Volume with clone: {{from: {vol}}}"
+                )),
+            ));
+            return;
+        }
         if let Some((first, loc)) = self.rw.claim(vol.to_string(), r, ptr) {
             let msg =
                 format!("volume {vol} is attached read-write twice (also by {first} at {loc})");
@@ -813,7 +746,7 @@ mod tests {
     use super::*;
 
     /// One document: kind, name, and the lines of its spec (indented by two).
-    fn doc(kind: &str, name: &str, spec: &[&str]) -> String {
+    pub(super) fn doc(kind: &str, name: &str, spec: &[&str]) -> String {
         let mut s = format!(
             "---\napiVersion: stead.dev/v1alpha1\nkind: {kind}\nmetadata: {{name: {name}}}\nspec:\n"
         );
@@ -826,7 +759,7 @@ mod tests {
     }
 
     /// The diagnostics of `validate` over `text`, as `file:line:col: field: message`.
-    fn diagnostics(text: &str) -> Vec<String> {
+    pub(super) fn diagnostics(text: &str) -> Vec<String> {
         let mut resources = Vec::new();
         let mut errors = Vec::new();
         crate::load::load_str(Path::new("m.yaml"), text, &mut resources, &mut errors);
@@ -835,7 +768,7 @@ mod tests {
         validate(&desired).iter().map(|d| d.to_string()).collect()
     }
 
-    const POOL: &[&str] = &["type: dir", "path: /p", "content: [images, rootdir]"];
+    pub(super) const POOL: &[&str] = &["type: dir", "path: /p", "content: [images, rootdir]"];
 
     #[test]
     fn a_valid_set_has_no_diagnostics() {
@@ -923,10 +856,9 @@ mod tests {
         assert_eq!(
             diagnostics(&text),
             [
-                "m.yaml:14:9: Volume/empty spec.pool: pool bk does not allow images or rootdir content",
+                "m.yaml:14:9: Volume/empty spec.pool: pool bk does not allow images, rootdir or iso content",
                 "m.yaml:15:9: Volume/empty spec.size: size must be greater than zero",
-                "m.yaml:16:11: Volume/empty spec.format: qcow2 volumes are not supported yet (hint: use format: raw)",
-                "m.yaml:22:9: Volume/copy spec.pool: pool bk does not allow images or rootdir content",
+                "m.yaml:22:9: Volume/copy spec.pool: pool bk does not allow images, rootdir or iso content",
                 "m.yaml:24:18: Volume/copy spec.source.file: source file img.raw must be an absolute path",
             ]
         );

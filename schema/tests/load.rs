@@ -567,3 +567,44 @@ spec:
     }
     assert_eq!(e.len(), 7, "{joined}");
 }
+
+#[test]
+fn the_qemu_examples_validate() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/qemu");
+    let desired = match load_and_validate(&[dir]) {
+        Ok(d) => d,
+        Err(errs) => {
+            let lines: Vec<String> = errs.iter().map(|d| d.to_string()).collect();
+            panic!("examples/qemu must validate:\n{}", lines.join("\n"));
+        }
+    };
+    // The three examples: a cloud-init VM, a UEFI VM, a template with two
+    // linked clones; every VM on the QEMU engine.
+    let vms: Vec<_> = desired
+        .resources
+        .values()
+        .filter_map(|r| match &r.spec {
+            stead_schema::Spec::VirtualMachine(vm) => Some((r.id.name.as_str(), vm)),
+            _ => None,
+        })
+        .collect();
+    let names: Vec<&str> = vms.iter().map(|(n, _)| *n).collect();
+    assert_eq!(names, ["debian", "uefi", "web-1", "web-2"]);
+    assert!(
+        vms.iter()
+            .all(|(_, vm)| vm.engine() == stead_schema::VmEngine::Qemu)
+    );
+    assert!(
+        vms.iter()
+            .any(|(_, vm)| vm.firmware == stead_schema::Firmware::Uefi)
+    );
+    let clones = desired
+        .resources
+        .values()
+        .filter(|r| {
+            matches!(&r.spec, stead_schema::Spec::Volume(v)
+                if v.clone.as_ref().is_some_and(|c| c.linked && c.from.as_str() == "debian-tpl"))
+        })
+        .count();
+    assert_eq!(clones, 2);
+}
