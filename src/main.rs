@@ -20,6 +20,7 @@ mod cmd_backup;
 mod cmd_console;
 mod cmd_controller;
 mod cmd_env;
+mod cmd_qemu;
 mod cmd_snapshot;
 mod cmd_vmm;
 mod get;
@@ -218,6 +219,9 @@ enum Command {
     /// Per-VM supervisor started by the VirtualMachine driver (internal).
     #[command(hide = true)]
     Vmm(cmd_vmm::VmmArgs),
+    /// Per-VM QEMU supervisor started by the VirtualMachine driver (internal).
+    #[command(hide = true)]
+    Qemu(cmd_qemu::QemuArgs),
     /// Print the JSON Schema of all kinds.
     Schema,
     /// Print shell completions.
@@ -557,6 +561,7 @@ fn run(cli: Cli) -> Result<u8> {
             cmd_console::run_logs(args, &env)
         }
         Command::Vmm(args) => cmd_vmm::run(args, &g.run_dir),
+        Command::Qemu(args) => cmd_qemu::run(args, &g.run_dir),
         Command::Schema => {
             print!("{}", stead_schema::schema::json_schema_text());
             Ok(0)

@@ -28,11 +28,13 @@ pub mod workload_snapshot;
 pub mod zfs;
 
 pub mod btrfs;
+pub mod import;
+pub mod qemu_img;
 
 use std::path::PathBuf;
 
 use stead_reconciler::driver::{DriverError, Lookup};
-use stead_schema::{Kind, ResourceId, Spec, StoragePoolSpec, VolumeSpec};
+use stead_schema::{Kind, ResourceId, Spec, StoragePoolSpec, VolumeFormat, VolumeSpec};
 
 pub use fsutil::{CopyMethod, MarkKind, OWNER_XATTR};
 pub use pool::{MARKER_FILE, PoolDriver};
@@ -140,13 +142,23 @@ pub fn pool_path(world: &dyn Lookup, pool_name: &str) -> Result<PathBuf, DriverE
 }
 
 /// The host path of a Volume's disk image, for container and VM drivers to attach:
-/// `<pool>/images/<name>.raw` (dir, nfs), `<pool>/images/<name>/disk.raw` (btrfs),
-/// `/dev/<vg>/<name>` (lvmthin), `/dev/zvol/<dataset>/<name>` (zfs).
-/// Refuses names and paths that escape the pool.
+/// `<pool>/images/<name>.raw|.qcow2` (dir, nfs), `<pool>/images/<name>/disk.raw|.qcow2`
+/// (btrfs), `/dev/<vg>/<name>` (lvmthin), `/dev/zvol/<dataset>/<name>` (zfs).
+/// Refuses names and paths that escape the pool. See [`volume_image`] for the format.
 pub fn volume_path(world: &dyn Lookup, volume_name: &str) -> Result<PathBuf, DriverError> {
+    volume_image(world, volume_name).map(|(p, _)| p)
+}
+
+/// The host path of a Volume's disk image and the format to open it as (`raw` on
+/// lvmthin and zfs pools, which only hold raw volumes).
+pub fn volume_image(
+    world: &dyn Lookup,
+    volume_name: &str,
+) -> Result<(PathBuf, VolumeFormat), DriverError> {
     let vol = volume_spec(world, volume_name)?;
     let pool = pool_spec(world, vol.pool.as_str())?;
-    volume::disk_path(vol.pool.as_str(), pool, volume_name)
+    let path = volume::disk_path(vol.pool.as_str(), pool, volume_name, vol.format)?;
+    Ok((path, vol.format))
 }
 
 /// Refuses a manifest value that a tool would read as an option (it starts with `-`).

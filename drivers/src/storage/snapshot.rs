@@ -3,7 +3,10 @@
 //! - `dir`/`nfs` pools: `<pool>/snapshots/<volume>/<snap>.raw`, a reflink (FICLONE)
 //!   copy where the file system supports it (instant, CoW), else a full sparse copy with
 //!   a progress bar. A sparse copy of a volume in use is not crash-consistent; a reflink
-//!   is atomic.
+//!   is atomic. A qcow2 volume's snapshot is the same byte copy of its qcow2 file (still
+//!   named `.raw`); a linked clone's copy names its backing file relative to `images/`, so
+//!   it is only meant to be rolled back, not opened where it lies.
+//! - Templates are read-only: a rollback of one is refused.
 //! - `btrfs` pools: read-only btrfs snapshots `<pool>/snapshots/<volume>/<snap>`.
 //! - `lvmthin`: thin snapshot LVs `<volume>--snap--<snap>`; `zfs`: `<zvol>@<snap>`.
 //!
@@ -18,11 +21,11 @@ use std::path::{Path, PathBuf};
 use nix::fcntl::{AT_FDCWD, RenameFlags, renameat2};
 use serde::Serialize;
 use stead_reconciler::driver::{DriverError, HostEnv, Lookup};
-use stead_schema::{PoolType, StoragePoolSpec};
+use stead_schema::{PoolType, StoragePoolSpec, VolumeFormat};
 use tracing::{info, info_span};
 
 use super::fsutil::{self, CopyMethod, check_component, confined, nix_err};
-use super::volume::{owner_of, remove_btrfs_tmp, tmp_name};
+use super::volume::{btrfs_disk_in, owner_of, remove_btrfs_tmp, tmp_name};
 use super::{btrfs, lvm, pool, zfs};
 
 /// One snapshot of a volume.
@@ -93,7 +96,7 @@ pub fn safety_snapshot(
 ) -> Result<Option<SnapshotInfo>, DriverError> {
     let v = super::volume_spec(world, volume)?;
     let pool = super::pool_spec(world, v.pool.as_str())?;
-    let disk = super::volume::disk_path(v.pool.as_str(), pool, volume)?;
+    let disk = super::volume::disk_path(v.pool.as_str(), pool, volume, v.format)?;
     let exists = match pool.pool_type {
         PoolType::Lvmthin | PoolType::Zfs => true,
         _ => disk.exists(),
@@ -112,6 +115,8 @@ pub fn safety_snapshot(
 struct Ctx<'a> {
     pool_name: &'a str,
     pool: &'a StoragePoolSpec,
+    format: VolumeFormat,
+    template: bool,
 }
 
 fn resolve<'a>(world: &'a dyn Lookup, volume: &'a str) -> Result<Ctx<'a>, DriverError> {
@@ -123,6 +128,8 @@ fn resolve<'a>(world: &'a dyn Lookup, volume: &'a str) -> Result<Ctx<'a>, Driver
     Ok(Ctx {
         pool_name: v.pool.as_str(),
         pool,
+        format: v.format,
+        template: v.template,
     })
 }
 
@@ -182,7 +189,7 @@ pub fn snapshot_create(
     let _span = info_span!("snapshot_create", volume, snap).entered();
     match c.pool.pool_type {
         PoolType::Dir | PoolType::Nfs => {
-            let vol = super::volume::disk_path(c.pool_name, c.pool, volume)?;
+            let vol = super::volume::disk_path(c.pool_name, c.pool, volume, c.format)?;
             owned_file(&vol, volume)?;
             let dir = fsutil::ensure_dir(&c.pool.path, &["snapshots", volume])?;
             let target = dir.join(format!("{snap}.raw"));
@@ -223,7 +230,7 @@ pub fn snapshot_create(
                     sub.display()
                 )));
             }
-            owned_file(&sub.join(super::volume::BTRFS_DISK), volume)?;
+            owned_file(&btrfs_disk_in(&sub), volume)?;
             let dir = fsutil::ensure_dir(&c.pool.path, &["snapshots", volume])?;
             if fs::symlink_metadata(dir.join(snap)).is_ok() {
                 return Err(DriverError::Conflict(format!(
@@ -302,7 +309,7 @@ pub fn snapshot_list(
                     continue;
                 }
                 let (name, file) = if btrfs_pool {
-                    (fname.clone(), e.path().join(super::volume::BTRFS_DISK))
+                    (fname.clone(), btrfs_disk_in(&e.path()))
                 } else {
                     match fname.strip_suffix(".raw") {
                         Some(n) => (n.to_string(), e.path()),
@@ -383,6 +390,12 @@ pub fn snapshot_rollback(
     check_snapshot_name(snap)?;
     let c = resolve(world, volume)?;
     let _span = info_span!("snapshot_rollback", volume, snap).entered();
+    if c.template {
+        return Err(DriverError::Refused(super::volume::template_message(
+            volume,
+            "rolling it back",
+        )));
+    }
     match c.pool.pool_type {
         PoolType::Dir | PoolType::Nfs => {
             let src_path = confined(&c.pool.path, &["snapshots", volume, &format!("{snap}.raw")])?;
@@ -393,12 +406,12 @@ pub fn snapshot_rollback(
                 }
                 Err(e) => return Err(DriverError::io(format!("open {}", src_path.display()), e)),
             };
-            let vol = super::volume::disk_path(c.pool_name, c.pool, volume)?;
+            let vol = super::volume::disk_path(c.pool_name, c.pool, volume, c.format)?;
             if vol.exists() {
                 owned_file(&vol, volume)?;
             }
             let images = fsutil::ensure_dir(&c.pool.path, &["images"])?;
-            let tmp = images.join(tmp_name(volume));
+            let tmp = images.join(tmp_name(volume, c.format));
             fsutil::remove_file_if_exists(&tmp)?;
             let dst = super::volume::create_locked_tmp(&tmp)?;
             fsutil::set_owner(&dst, &vol, &owner_of(volume))?;
@@ -424,7 +437,7 @@ pub fn snapshot_rollback(
             btrfs::snapshot(&snap_dir, &images, &tmp, false)?;
             let cur = confined(&c.pool.path, &["images", volume])?;
             if cur.exists() {
-                owned_file(&cur.join(super::volume::BTRFS_DISK), volume)?;
+                owned_file(&btrfs_disk_in(&cur), volume)?;
                 renameat2(
                     AT_FDCWD,
                     &images.join(&tmp),

@@ -16,10 +16,37 @@ use stead_schema::{
 use tracing::{info, info_span};
 
 use super::fsutil::{self, check_component, confined};
-use super::{btrfs, lvm, pool, snapshot, zfs};
+use super::{btrfs, import, lvm, pool, qemu_img, snapshot, zfs};
 
-/// File name of the disk image inside a btrfs volume subvolume.
+/// File name of a raw disk image inside a btrfs volume subvolume.
 pub const BTRFS_DISK: &str = "disk.raw";
+
+/// File name of a qcow2 disk image inside a btrfs volume subvolume.
+pub const BTRFS_DISK_QCOW2: &str = "disk.qcow2";
+
+/// The file name extension of a volume format (`raw`, `qcow2`).
+pub(crate) fn ext(format: VolumeFormat) -> &'static str {
+    qemu_img::format_name(format)
+}
+
+/// File name of the disk image inside a btrfs volume subvolume of `format`.
+pub(crate) fn btrfs_disk(format: VolumeFormat) -> &'static str {
+    match format {
+        VolumeFormat::Raw => BTRFS_DISK,
+        VolumeFormat::Qcow2 => BTRFS_DISK_QCOW2,
+    }
+}
+
+/// The disk file inside a btrfs volume (or snapshot) subvolume `dir`, whatever its
+/// format: `disk.qcow2` when present, else `disk.raw`.
+pub(crate) fn btrfs_disk_in(dir: &Path) -> PathBuf {
+    let q = dir.join(BTRFS_DISK_QCOW2);
+    if fs::symlink_metadata(&q).is_ok() {
+        q
+    } else {
+        dir.join(BTRFS_DISK)
+    }
+}
 
 /// The ownership mark text of a volume: `Volume/<name>`, or
 /// `env/<env>/Volume/<name>` inside an environment (see [`super::set_owner_scope`]).
@@ -27,18 +54,30 @@ pub(crate) fn owner_of(volume: &str) -> String {
     format!("{}Volume/{volume}", super::owner_prefix())
 }
 
-/// Temp name of a file volume being built.
-pub(crate) fn tmp_name(volume: &str) -> String {
-    format!(".{volume}.raw.tmp")
+/// Temp name of a file volume of `format` being built (`.NAME.raw.tmp`,
+/// `.NAME.qcow2.tmp`).
+pub(crate) fn tmp_name(volume: &str, format: VolumeFormat) -> String {
+    format!(".{volume}.{}.tmp", ext(format))
+}
+
+/// Temp name of an image being fetched for a file volume (`.NAME.fetch.tmp`).
+pub(crate) fn fetch_tmp_name(volume: &str) -> String {
+    format!(".{volume}.fetch.tmp")
 }
 
 /// Whether `file_name` is a temp name stead gives a file volume it builds
-/// (`.NAME.raw.tmp` with NAME a valid volume name).
+/// (`.NAME.raw.tmp`, `.NAME.qcow2.tmp`, `.NAME.fetch.tmp` with NAME a valid volume name).
 pub(crate) fn is_volume_tmp_name(file_name: &str) -> bool {
-    file_name
+    let Some(n) = file_name
         .strip_prefix('.')
-        .and_then(|n| n.strip_suffix(".raw.tmp"))
-        .is_some_and(|v| check_component("volume name", v).is_ok())
+        .and_then(|n| n.strip_suffix(".tmp"))
+    else {
+        return false;
+    };
+    [".raw", ".qcow2", ".fetch"]
+        .iter()
+        .filter_map(|s| n.strip_suffix(s))
+        .any(|v| check_component("volume name", v).is_ok())
 }
 
 /// Serialises, within this process, a sweep with the creation + locking of a temp file:
@@ -92,18 +131,20 @@ pub(crate) fn sweep_stale_temps(images: &Path) -> Result<usize, DriverError> {
     Ok(removed)
 }
 
-/// The disk path of `volume` in `pool` (see [`super::volume_path`]).
+/// The disk path of `volume` of `format` in `pool` (see [`super::volume_path`]).
 pub(crate) fn disk_path(
     pool_name: &str,
     pool: &StoragePoolSpec,
     volume: &str,
+    format: VolumeFormat,
 ) -> Result<PathBuf, DriverError> {
     check_component("volume name", volume)?;
     match pool.pool_type {
-        PoolType::Dir | PoolType::Nfs => {
-            confined(&pool.path, &["images", &format!("{volume}.raw")])
-        }
-        PoolType::Btrfs => confined(&pool.path, &["images", volume, BTRFS_DISK]),
+        PoolType::Dir | PoolType::Nfs => confined(
+            &pool.path,
+            &["images", &format!("{volume}.{}", ext(format))],
+        ),
+        PoolType::Btrfs => confined(&pool.path, &["images", volume, btrfs_disk(format)]),
         PoolType::Lvmthin => pool
             .lvm
             .as_ref()
@@ -122,10 +163,7 @@ pub(crate) fn disk_path(
 }
 
 fn format_str(f: VolumeFormat) -> &'static str {
-    match f {
-        VolumeFormat::Raw => "raw",
-        VolumeFormat::Qcow2 => "qcow2",
-    }
+    qemu_img::format_name(f)
 }
 
 /// The `Volume` driver.
@@ -179,8 +217,14 @@ fn failed(exists: bool, why: String) -> Observed {
     }
 }
 
-/// Observes a disk file at `path` already known to exist as a regular file.
-fn observe_file(pool_name: &str, volume: &str, path: &Path) -> Observed {
+/// Whether a volume file's mode says it is a template (no write bit at all).
+fn is_read_only(meta: &fs::Metadata) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    meta.permissions().mode() & 0o222 == 0
+}
+
+/// Observes a disk file of `format` at `path` already known to exist as a regular file.
+fn observe_file(pool_name: &str, volume: &str, path: &Path, format: VolumeFormat) -> Observed {
     let meta = match fs::symlink_metadata(path) {
         Ok(m) if m.is_file() => m,
         Ok(_) => return failed(true, format!("{} is not a regular file", path.display())),
@@ -191,6 +235,13 @@ fn observe_file(pool_name: &str, volume: &str, path: &Path) -> Observed {
         Ok(Some((o, k))) => (o == owner_of(volume), Some(k.as_str()), Some(o)),
         Ok(None) => (false, None, None),
         Err(e) => return failed(true, e.to_string()),
+    };
+    let (size, backing) = match format {
+        VolumeFormat::Raw => (meta.len(), None),
+        VolumeFormat::Qcow2 => match qemu_img::info(path, Some("qcow2")) {
+            Ok(i) => (i.virtual_size, i.backing_filename),
+            Err(e) => return failed(true, format!("{}: {e}", path.display())),
+        },
     };
     let health = if owned {
         Health::Ready
@@ -204,17 +255,38 @@ fn observe_file(pool_name: &str, volume: &str, path: &Path) -> Observed {
                 .unwrap_or_default()
         ))
     };
+    let mut state = json!({"pool": pool_name, "size": size, "format": format_str(format)});
+    if is_read_only(&meta) {
+        state["template"] = json!(true);
+    }
     Observed {
         exists: true,
         owned,
-        state: json!({"pool": pool_name, "size": meta.len(), "format": "raw"}),
+        state,
         status: json!({
             "path": path,
-            "size": ByteSize(meta.len()).to_string(),
+            "size": ByteSize(size).to_string(),
             "allocated": fsutil::allocated(&meta),
             "ownerMark": mark,
+            "backingFile": backing,
         }),
         health,
+    }
+}
+
+/// The format a volume's spec asks for.
+fn spec_format(r: &Resource) -> VolumeFormat {
+    match &r.spec {
+        stead_schema::Spec::Volume(v) => v.format,
+        _ => VolumeFormat::Raw,
+    }
+}
+
+/// The other file format (what a volume may exist as when its spec changed format).
+fn other_format(f: VolumeFormat) -> VolumeFormat {
+    match f {
+        VolumeFormat::Raw => VolumeFormat::Qcow2,
+        VolumeFormat::Qcow2 => VolumeFormat::Raw,
     }
 }
 
@@ -271,29 +343,11 @@ impl VolumeDriver {
                         out.insert(r.id.clone(), failed(false, e.to_string()));
                         continue;
                     }
-                    let (entry, expect) = if pool.pool_type == PoolType::Btrfs {
-                        (name.clone(), EntryType::Dir)
+                    let want = spec_format(r);
+                    let o = if pool.pool_type == PoolType::Btrfs {
+                        observe_btrfs_entry(&images, &listing, pool_name, pool, name, want)
                     } else {
-                        (format!("{name}.raw"), EntryType::File)
-                    };
-                    let o = match listing.get(&entry) {
-                        None => Observed::absent(),
-                        Some(t) if *t != expect => failed(
-                            true,
-                            format!(
-                                "{} exists and is not a {}",
-                                images.join(&entry).display(),
-                                if expect == EntryType::Dir {
-                                    "btrfs subvolume"
-                                } else {
-                                    "regular file"
-                                }
-                            ),
-                        ),
-                        Some(_) => match disk_path(pool_name, pool, name) {
-                            Ok(p) => observe_file(pool_name, name, &p),
-                            Err(e) => failed(true, e.to_string()),
-                        },
+                        observe_file_entry(&images, &listing, pool_name, pool, name, want)
                     };
                     out.insert(r.id.clone(), o);
                 }
@@ -337,7 +391,7 @@ impl VolumeDriver {
                                     exists: true,
                                     owned,
                                     state: json!({"pool": pool_name, "size": size, "format": "raw"}),
-                                    status: json!({"path": disk_path(pool_name, pool, name).ok()}),
+                                    status: json!({"path": disk_path(pool_name, pool, name, VolumeFormat::Raw).ok()}),
                                     health: if owned {
                                         Health::Ready
                                     } else {
@@ -354,12 +408,80 @@ impl VolumeDriver {
     }
 }
 
+/// Observes a dir/nfs volume file in the `images` listing: `NAME.<ext of want>`, or the
+/// other format's file (reported as such, so the plan sees a format change).
+fn observe_file_entry(
+    images: &Path,
+    listing: &HashMap<String, EntryType>,
+    pool_name: &str,
+    pool: &StoragePoolSpec,
+    name: &str,
+    want: VolumeFormat,
+) -> Observed {
+    for f in [want, other_format(want)] {
+        let entry = format!("{name}.{}", ext(f));
+        match listing.get(&entry) {
+            None => continue,
+            Some(EntryType::File) => {}
+            Some(_) => {
+                return failed(
+                    true,
+                    format!(
+                        "{} exists and is not a regular file",
+                        images.join(&entry).display()
+                    ),
+                );
+            }
+        }
+        return match disk_path(pool_name, pool, name, f) {
+            Ok(p) => observe_file(pool_name, name, &p, f),
+            Err(e) => failed(true, e.to_string()),
+        };
+    }
+    Observed::absent()
+}
+
+/// Observes a btrfs volume subvolume `images/NAME` and the disk file in it.
+fn observe_btrfs_entry(
+    images: &Path,
+    listing: &HashMap<String, EntryType>,
+    pool_name: &str,
+    pool: &StoragePoolSpec,
+    name: &str,
+    want: VolumeFormat,
+) -> Observed {
+    match listing.get(name) {
+        None => return Observed::absent(),
+        Some(EntryType::Dir) => {}
+        Some(_) => {
+            return failed(
+                true,
+                format!(
+                    "{} exists and is not a btrfs subvolume",
+                    images.join(name).display()
+                ),
+            );
+        }
+    }
+    for f in [want, other_format(want)] {
+        match disk_path(pool_name, pool, name, f) {
+            Ok(p) if fs::symlink_metadata(&p).is_ok() => {
+                return observe_file(pool_name, name, &p, f);
+            }
+            Ok(_) => {}
+            Err(e) => return failed(true, e.to_string()),
+        }
+    }
+    Observed::absent()
+}
+
 /// Everything needed to act on one volume.
 struct Target<'a> {
     name: &'a str,
     spec: &'a VolumeSpec,
     pool_name: &'a str,
     pool: &'a StoragePoolSpec,
+    world: &'a dyn Lookup,
 }
 
 impl<'a> Target<'a> {
@@ -373,27 +495,378 @@ impl<'a> Target<'a> {
             spec,
             pool_name: spec.pool.as_str(),
             pool,
+            world,
         })
+    }
+
+    fn size(&self) -> u64 {
+        self.spec.size.bytes()
     }
 }
 
-fn grow_file(path: &Path, name: &str, size: u64) -> Result<(), DriverError> {
-    let f = fsutil::open_rw_nofollow(path)?;
-    let cur = f
-        .metadata()
-        .map_err(|e| DriverError::io(format!("stat {}", path.display()), e))?
-        .len();
+/// The size the guest sees of the image at `path` read as `format`.
+fn image_size(path: &Path, format: VolumeFormat) -> Result<u64, DriverError> {
+    match format {
+        VolumeFormat::Raw => fs::symlink_metadata(path)
+            .map(|m| m.len())
+            .map_err(|e| DriverError::io(format!("stat {}", path.display()), e)),
+        VolumeFormat::Qcow2 => qemu_img::info(path, Some("qcow2")).map(|i| i.virtual_size),
+    }
+}
+
+/// Grows the image in the open file `f` at `path` to `size` bytes if it is smaller.
+fn grow_to(f: &File, path: &Path, format: VolumeFormat, size: u64) -> Result<(), DriverError> {
+    match format {
+        VolumeFormat::Raw => {
+            let cur = f
+                .metadata()
+                .map_err(|e| DriverError::io(format!("stat {}", path.display()), e))?
+                .len();
+            if size > cur {
+                f.set_len(size)
+                    .map_err(|e| DriverError::io(format!("grow {}", path.display()), e))?;
+            }
+        }
+        VolumeFormat::Qcow2 => {
+            if qemu_img::info(path, Some("qcow2"))?.virtual_size < size {
+                qemu_img::grow(path, format, size)?;
+            }
+        }
+    }
+    f.sync_all()
+        .map_err(|e| DriverError::io(format!("fsync {}", path.display()), e))
+}
+
+/// The refusal of a change to a template's content or size.
+pub(crate) fn template_message(name: &str, what: &str) -> String {
+    format!(
+        "Volume/{name} is a template and read-only: {what} is refused; \
+         clone it (clone: {{from: {name}}}) and change the clone"
+    )
+}
+
+/// The refusal of a format change.
+fn format_change_message(name: &str, from: VolumeFormat, to: VolumeFormat) -> String {
+    format!(
+        "Volume/{name} exists as {}; changing its format to {} is refused: make a new \
+         volume as a clone of it (clone: {{from: {name}, linked: false}}, format: {})",
+        format_str(from),
+        format_str(to),
+        format_str(to)
+    )
+}
+
+fn set_mode(path: &Path, mode: u32) -> Result<(), DriverError> {
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))
+        .map_err(|e| DriverError::io(format!("chmod {}", path.display()), e))
+}
+
+/// Updates an existing, owned volume file at `path`: grows it (never shrinks), and makes
+/// it a template (mode 0444) or a plain volume again (0600, refused while linked clones
+/// stand on it). A template is never resized.
+fn update_existing(t: &Target<'_>, path: &Path) -> Result<(), DriverError> {
+    check_owned(path, t.name)?;
+    let format = t.spec.format;
+    let cur = image_size(path, format)?;
+    let size = t.size();
     if size < cur {
-        return Err(DriverError::Refused(shrink_message(name, cur, size)));
+        return Err(DriverError::Refused(shrink_message(t.name, cur, size)));
+    }
+    let meta = fs::symlink_metadata(path)
+        .map_err(|e| DriverError::io(format!("stat {}", path.display()), e))?;
+    if t.spec.template {
+        if size > cur {
+            return Err(DriverError::Refused(template_message(t.name, "growing it")));
+        }
+        if !is_read_only(&meta) {
+            set_mode(path, TEMPLATE_MODE)?;
+            info!(volume = t.name, "volume is now a read-only template");
+        }
+        return Ok(());
+    }
+    if is_read_only(&meta) {
+        let clones = linked_clones(t.pool, path)?;
+        if !clones.is_empty() {
+            return Err(DriverError::Refused(format!(
+                "Volume/{} has linked clones ({}): it stays a read-only template while they exist",
+                t.name,
+                clones.join(", ")
+            )));
+        }
+        set_mode(path, VOLUME_MODE)?;
+        info!(volume = t.name, "volume is no longer a template");
     }
     if size > cur {
-        info!(volume = name, from = cur, to = size, "growing volume");
-        f.set_len(size)
-            .map_err(|e| DriverError::io(format!("grow {}", path.display()), e))?;
-        f.sync_all()
-            .map_err(|e| DriverError::io(format!("fsync {}", path.display()), e))?;
+        info!(volume = t.name, from = cur, to = size, "growing volume");
+        let f = fsutil::open_rw_nofollow(path)?;
+        grow_to(&f, path, format, size)?;
     }
     Ok(())
+}
+
+/// Mode of a template's disk file.
+pub(crate) const TEMPLATE_MODE: u32 = 0o444;
+/// Mode of a volume's disk file.
+pub(crate) const VOLUME_MODE: u32 = 0o600;
+
+/// Removes a file when dropped (the scratch file of a fetch).
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.0);
+    }
+}
+
+/// Fills the new, empty, marked file `f` at `tmp` with the volume's content, in its
+/// format and size: a clone of another volume, an imported image, or an empty image.
+/// A fetched image goes to `scratch` first (removed before returning). A template ends
+/// read-only.
+fn build_image(t: &Target<'_>, f: &File, tmp: &Path, scratch: &Path) -> Result<(), DriverError> {
+    let format = t.spec.format;
+    let source = t.spec.source.as_ref();
+    if let Some(c) = &t.spec.clone {
+        if source.is_some() {
+            return Err(DriverError::Refused(format!(
+                "Volume/{}: source and clone exclude each other",
+                t.name
+            )));
+        }
+        build_clone(t, &c.from, c.linked, f, tmp)?;
+    } else if let Some(url) = source.and_then(|s| s.url.as_deref()) {
+        let sha = source.and_then(|s| s.sha256.as_deref()).ok_or_else(|| {
+            DriverError::Refused(format!(
+                "Volume/{}: source.url needs source.sha256 (an image is never fetched unchecked)",
+                t.name
+            ))
+        })?;
+        let _cleanup = RemoveOnDrop(scratch.to_path_buf());
+        let mut sf = create_locked_tmp(scratch)?;
+        import::fetch(url, sha, &mut sf, scratch)?;
+        import_image(t, scratch, f, tmp)?;
+    } else if let Some(file) = source.and_then(|s| s.file.as_deref()) {
+        let meta = fs::metadata(file)
+            .map_err(|e| DriverError::io(format!("stat source {}", file.display()), e))?;
+        if !meta.is_file() {
+            return Err(DriverError::Refused(format!(
+                "source {} is not a regular file",
+                file.display()
+            )));
+        }
+        if let Some(sha) = source.and_then(|s| s.sha256.as_deref()) {
+            let want = import::normalize_sha256(sha)?;
+            let got = import::sha256_file(file)?;
+            if got != want {
+                return Err(import::mismatch(&file.display().to_string(), &want, &got));
+            }
+        }
+        import_image(t, file, f, tmp)?;
+    } else if format == VolumeFormat::Qcow2 {
+        qemu_img::create(tmp, format, t.size(), None)?;
+    }
+    grow_to(f, tmp, format, t.size())?;
+    if t.spec.template {
+        f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(TEMPLATE_MODE))
+            .map_err(|e| DriverError::io(format!("chmod {}", tmp.display()), e))?;
+    }
+    Ok(())
+}
+
+/// Writes the outside image `src` into `f` at `tmp` in the volume's format: checked
+/// ([`qemu_img::check_importable`]), no larger than the volume, reflinked or copied when
+/// both are raw, else converted.
+fn import_image(t: &Target<'_>, src: &Path, f: &File, tmp: &Path) -> Result<(), DriverError> {
+    let info = qemu_img::info(src, None)?;
+    qemu_img::check_importable(src, &info)?;
+    if info.virtual_size > t.size() {
+        return Err(DriverError::Refused(format!(
+            "source {} ({}) is larger than Volume/{} ({})",
+            src.display(),
+            ByteSize(info.virtual_size),
+            t.name,
+            ByteSize(t.size())
+        )));
+    }
+    let label = format!("Volume/{} <- {}", t.name, src.display());
+    if info.format == "raw" && t.spec.format == VolumeFormat::Raw {
+        let sf = File::open(src)
+            .map_err(|e| DriverError::io(format!("open source {}", src.display()), e))?;
+        let how = fsutil::clone_or_copy(&sf, f, &label)?;
+        info!(volume = t.name, source = %src.display(), method = how.as_str(), "copied initial content");
+    } else {
+        qemu_img::convert(
+            src,
+            &info.format,
+            tmp,
+            t.spec.format,
+            info.virtual_size,
+            &label,
+        )?;
+        info!(volume = t.name, source = %src.display(), from = %info.format, to = format_str(t.spec.format), "converted initial content");
+    }
+    Ok(())
+}
+
+/// Makes `f` at `tmp` a clone of Volume/`from` (same pool): linked on dir/nfs is a
+/// qcow2 overlay on the read-only template (backing file named relative to the
+/// `images` dir, so the pool can move); linked on btrfs is a reflink; unlinked is a full
+/// copy (converted when the formats differ).
+fn build_clone(
+    t: &Target<'_>,
+    from: &stead_schema::Name,
+    linked: bool,
+    f: &File,
+    tmp: &Path,
+) -> Result<(), DriverError> {
+    let from = from.as_str();
+    let base_spec = super::volume_spec(t.world, from)?;
+    if base_spec.pool != t.spec.pool {
+        return Err(DriverError::Refused(format!(
+            "Volume/{}: clone.from Volume/{from} is in StoragePool/{}, not {}: a clone lives in its base's pool",
+            t.name,
+            base_spec.pool.as_str(),
+            t.pool_name
+        )));
+    }
+    let base_format = base_spec.format;
+    let base = disk_path(t.pool_name, t.pool, from, base_format)?;
+    if fs::symlink_metadata(&base).is_err() {
+        return Err(DriverError::NotReady(format!(
+            "Volume/{}: clone base Volume/{from} does not exist yet",
+            t.name
+        )));
+    }
+    check_owned(&base, from)?;
+    let base_size = image_size(&base, base_format)?;
+    if base_size > t.size() {
+        return Err(DriverError::Refused(format!(
+            "Volume/{} ({}) is smaller than its clone base Volume/{from} ({})",
+            t.name,
+            ByteSize(t.size()),
+            ByteSize(base_size)
+        )));
+    }
+    let format = t.spec.format;
+    let label = format!("Volume/{} <- Volume/{from}", t.name);
+    if !linked {
+        if base_format == VolumeFormat::Raw && format == VolumeFormat::Raw {
+            let sf = File::open(&base)
+                .map_err(|e| DriverError::io(format!("open {}", base.display()), e))?;
+            fsutil::clone_or_copy(&sf, f, &label)?;
+        } else {
+            qemu_img::convert(
+                &base,
+                format_str(base_format),
+                tmp,
+                format,
+                base_size,
+                &label,
+            )?;
+        }
+        info!(volume = t.name, base = from, "full clone made");
+        return Ok(());
+    }
+    match t.pool.pool_type {
+        PoolType::Btrfs => {
+            if format != base_format {
+                return Err(DriverError::Refused(format!(
+                    "Volume/{}: a linked clone on btrfs is a reflink copy: use format {} like Volume/{from}, or linked: false",
+                    t.name,
+                    format_str(base_format)
+                )));
+            }
+            let sf = File::open(&base)
+                .map_err(|e| DriverError::io(format!("open {}", base.display()), e))?;
+            if !fsutil::try_reflink(&sf, f)? {
+                return Err(DriverError::Unsupported(format!(
+                    "reflink of {} refused by the file system",
+                    base.display()
+                )));
+            }
+        }
+        _ => {
+            if format != VolumeFormat::Qcow2 {
+                return Err(DriverError::Refused(format!(
+                    "Volume/{}: a linked clone on a {} pool is a qcow2 overlay: set format: qcow2, or linked: false for a full copy",
+                    t.name,
+                    if t.pool.pool_type == PoolType::Nfs {
+                        "nfs"
+                    } else {
+                        "dir"
+                    }
+                )));
+            }
+            if !base_spec.template {
+                return Err(DriverError::Refused(format!(
+                    "Volume/{}: Volume/{from} is not a template: a linked clone needs a read-only base (set template: true on it), or use linked: false",
+                    t.name
+                )));
+            }
+            let base_meta = fs::symlink_metadata(&base)
+                .map_err(|e| DriverError::io(format!("stat {}", base.display()), e))?;
+            if !is_read_only(&base_meta) {
+                return Err(DriverError::NotReady(format!(
+                    "Volume/{}: template Volume/{from} is not read-only yet",
+                    t.name
+                )));
+            }
+            let file_name = base
+                .file_name()
+                .and_then(|n| n.to_str())
+                .ok_or_else(|| DriverError::Other(format!("{} has no name", base.display())))?;
+            qemu_img::create(tmp, format, t.size(), Some((file_name, base_format)))?;
+        }
+    }
+    info!(volume = t.name, base = from, "linked clone made");
+    Ok(())
+}
+
+/// The volumes of a dir/nfs pool whose qcow2 file has `template` (a path in its
+/// `images` dir) as backing file: the linked clones that need it. None on other pools
+/// (btrfs clones are reflinks, which need nothing of their base).
+pub(crate) fn linked_clones(
+    pool: &StoragePoolSpec,
+    template: &Path,
+) -> Result<Vec<String>, DriverError> {
+    if !matches!(pool.pool_type, PoolType::Dir | PoolType::Nfs) {
+        return Ok(Vec::new());
+    }
+    let images = confined(&pool.path, &["images"])?;
+    let want = fs::canonicalize(template).unwrap_or_else(|_| template.to_path_buf());
+    let mut out = Vec::new();
+    for (name, kind) in list_dir(&images)? {
+        let Some(vol) = name.strip_suffix(".qcow2") else {
+            continue;
+        };
+        if kind != EntryType::File || name.starts_with('.') {
+            continue;
+        }
+        let p = images.join(&name);
+        let info = qemu_img::info(&p, Some("qcow2"))?;
+        let Some(b) = info.backing_filename.as_deref() else {
+            continue;
+        };
+        let bp = images.join(b);
+        if fs::canonicalize(&bp).unwrap_or(bp) == want {
+            out.push(vol.to_string());
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// The refusal to delete a template that linked clones need.
+pub(crate) fn has_clones_message(name: &str, clones: &[String]) -> String {
+    format!(
+        "Volume/{name} is the template of linked clones ({}): deleting it would break them; \
+         delete the clones first (or recreate them with linked: false); nothing was deleted",
+        clones
+            .iter()
+            .map(|c| format!("Volume/{c}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
 }
 
 fn check_owned(path: &Path, name: &str) -> Result<(), DriverError> {
@@ -411,60 +884,35 @@ fn check_owned(path: &Path, name: &str) -> Result<(), DriverError> {
     }
 }
 
-/// Fills the new file `f` (at temp path `tmp`) with `source` (if any) and sizes it.
-fn fill_new(
-    f: &File,
-    tmp: &Path,
-    name: &str,
-    size: u64,
-    source: Option<&Path>,
-) -> Result<(), DriverError> {
-    if let Some(src) = source {
-        let sf = File::open(src)
-            .map_err(|e| DriverError::io(format!("open source {}", src.display()), e))?;
-        let sm = sf
-            .metadata()
-            .map_err(|e| DriverError::io(format!("stat source {}", src.display()), e))?;
-        if !sm.is_file() {
-            return Err(DriverError::Refused(format!(
-                "source {} is not a regular file",
-                src.display()
-            )));
-        }
-        if sm.len() > size {
-            return Err(DriverError::Refused(format!(
-                "source {} ({}) is larger than Volume/{name} ({})",
-                src.display(),
-                ByteSize(sm.len()),
-                ByteSize(size)
-            )));
-        }
-        let how = fsutil::clone_or_copy(&sf, f, &format!("Volume/{name} <- {}", src.display()))?;
-        info!(volume = name, source = %src.display(), method = how.as_str(), "copied initial content");
+/// Refuses to go on when the volume exists in the other format than its spec asks.
+fn check_no_other_format(t: &Target<'_>) -> Result<(), DriverError> {
+    let other = other_format(t.spec.format);
+    let p = disk_path(t.pool_name, t.pool, t.name, other)?;
+    if fs::symlink_metadata(&p).is_ok() {
+        return Err(DriverError::Conflict(format_change_message(
+            t.name,
+            other,
+            t.spec.format,
+        )));
     }
-    f.set_len(size)
-        .map_err(|e| DriverError::io(format!("size {}", tmp.display()), e))?;
-    f.sync_all()
-        .map_err(|e| DriverError::io(format!("fsync {}", tmp.display()), e))
+    Ok(())
 }
 
 fn apply_file(t: &Target<'_>) -> Result<(), DriverError> {
-    let size = t.spec.size.bytes();
     let images = fsutil::ensure_dir(&t.pool.path, &["images"])?;
-    let tmp = images.join(tmp_name(t.name));
     sweep_stale_temps(&images)?;
-    let path = disk_path(t.pool_name, t.pool, t.name)?;
+    check_no_other_format(t)?;
+    let path = disk_path(t.pool_name, t.pool, t.name, t.spec.format)?;
     match fs::symlink_metadata(&path) {
         Ok(m) if !m.is_file() => Err(DriverError::Conflict(format!(
             "{} exists and is not a regular file",
             path.display()
         ))),
-        Ok(_) => {
-            check_owned(&path, t.name)?;
-            grow_file(&path, t.name, size)
-        }
+        Ok(_) => update_existing(t, &path),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            let made = create_file_volume(t, &tmp, &path, size);
+            let tmp = images.join(tmp_name(t.name, t.spec.format));
+            let scratch = images.join(fetch_tmp_name(t.name));
+            let made = create_file_volume(t, &tmp, &scratch, &path);
             if made.is_err() {
                 // A failed copy (a full pool) must not keep its space, nor its mark.
                 let _ = fsutil::remove_file_if_exists(&tmp);
@@ -482,23 +930,21 @@ fn apply_file(t: &Target<'_>) -> Result<(), DriverError> {
 fn create_file_volume(
     t: &Target<'_>,
     tmp: &Path,
+    scratch: &Path,
     path: &Path,
-    size: u64,
 ) -> Result<(), DriverError> {
     let f = create_locked_tmp(tmp)?;
     let mark = fsutil::set_owner(&f, path, &owner_of(t.name))?;
-    let src = t.spec.source.as_ref().and_then(|s| s.file.as_deref());
-    fill_new(&f, tmp, t.name, size, src)?;
+    build_image(t, &f, tmp, scratch)?;
     fs::rename(tmp, path).map_err(|e| {
         DriverError::io(format!("rename {} -> {}", tmp.display(), path.display()), e)
     })?;
     drop(f);
-    info!(volume = t.name, path = %path.display(), size, mark = mark.as_str(), "volume created");
+    info!(volume = t.name, path = %path.display(), size = t.size(), format = format_str(t.spec.format), mark = mark.as_str(), "volume created");
     Ok(())
 }
 
 fn apply_btrfs(t: &Target<'_>) -> Result<(), DriverError> {
-    let size = t.spec.size.bytes();
     if !btrfs::is_btrfs(&t.pool.path)? {
         return Err(DriverError::Unsupported(format!(
             "{} is not on btrfs",
@@ -509,7 +955,7 @@ fn apply_btrfs(t: &Target<'_>) -> Result<(), DriverError> {
     let tmp_sub = format!(".{}.tmp", t.name);
     remove_btrfs_tmp(&images, &tmp_sub)?;
     let dir = confined(&t.pool.path, &["images", t.name])?;
-    let path = disk_path(t.pool_name, t.pool, t.name)?;
+    let path = disk_path(t.pool_name, t.pool, t.name, t.spec.format)?;
     if dir.exists() {
         if !btrfs::is_subvolume(&dir)? {
             return Err(DriverError::Conflict(format!(
@@ -517,15 +963,17 @@ fn apply_btrfs(t: &Target<'_>) -> Result<(), DriverError> {
                 dir.display()
             )));
         }
-        check_owned(&path, t.name)?;
-        return grow_file(&path, t.name, size);
+        check_no_other_format(t)?;
+        return update_existing(t, &path);
     }
     btrfs::subvol_create(&images, &tmp_sub)?;
-    let tmp_disk = images.join(&tmp_sub).join(BTRFS_DISK);
+    let tmp_disk = images.join(&tmp_sub).join(btrfs_disk(t.spec.format));
+    let scratch = images.join(&tmp_sub).join("fetch.tmp");
     let filled = fsutil::create_new(&tmp_disk).and_then(|f| {
         fsutil::set_owner(&f, &tmp_disk, &owner_of(t.name))?;
-        let src = t.spec.source.as_ref().and_then(|s| s.file.as_deref());
-        fill_new(&f, &tmp_disk, t.name, size, src)
+        build_image(t, &f, &tmp_disk, &scratch)?;
+        f.sync_all()
+            .map_err(|e| DriverError::io(format!("fsync {}", tmp_disk.display()), e))
     });
     if let Err(e) = filled {
         // A failed copy (a full pool) must not keep its space.
@@ -535,7 +983,7 @@ fn apply_btrfs(t: &Target<'_>) -> Result<(), DriverError> {
     fs::rename(images.join(&tmp_sub), &dir)
         .map_err(|e| DriverError::io(format!("rename subvolume to {}", dir.display()), e))?;
     fsutil::fsync_dir(&images)?;
-    info!(volume = t.name, path = %path.display(), size, "btrfs volume created");
+    info!(volume = t.name, path = %path.display(), size = t.size(), format = format_str(t.spec.format), "btrfs volume created");
     Ok(())
 }
 
@@ -590,7 +1038,13 @@ fn apply_block(
     let size = t.spec.size.bytes();
     if t.spec.source.is_some() {
         return Err(DriverError::Unsupported(format!(
-            "source.file on {backend} pools is not implemented"
+            "source on {backend} pools is not implemented"
+        )));
+    }
+    if t.spec.format != VolumeFormat::Raw || t.spec.template || t.spec.clone.is_some() {
+        return Err(DriverError::Unsupported(format!(
+            "Volume/{}: qcow2, templates and clones need a dir, nfs or btrfs pool ({backend} volumes are raw block devices)",
+            t.name
         )));
     }
     if !observed.exists {
@@ -608,6 +1062,43 @@ fn apply_block(
     } else {
         Ok(())
     }
+}
+
+/// Checks the parts of a volume spec the driver relies on (validation checks them too):
+/// `source` has exactly one of `file`/`url`, a `url` comes with a well-formed `sha256`,
+/// and `source` and `clone` exclude each other.
+fn check_spec(name: &str, v: &VolumeSpec) -> Result<(), String> {
+    if let Some(s) = &v.source {
+        if s.file.is_some() == s.url.is_some() {
+            return Err(format!(
+                "Volume/{name}: source needs exactly one of file and url"
+            ));
+        }
+        if let Some(u) = &s.url {
+            import::check_url(u).map_err(|e| format!("Volume/{name}: {e}"))?;
+            if s.sha256.is_none() {
+                return Err(format!(
+                    "Volume/{name}: source.url needs source.sha256 (an image is never fetched unchecked)"
+                ));
+            }
+        }
+        if let Some(d) = &s.sha256 {
+            import::normalize_sha256(d).map_err(|e| format!("Volume/{name}: {e}"))?;
+        }
+        if v.clone.is_some() {
+            return Err(format!(
+                "Volume/{name}: source and clone exclude each other"
+            ));
+        }
+    }
+    if let Some(c) = &v.clone
+        && c.from.as_str() == name
+    {
+        return Err(format!(
+            "Volume/{name}: a volume cannot be a clone of itself"
+        ));
+    }
+    Ok(())
 }
 
 /// The plan error for a shrink.
@@ -645,16 +1136,20 @@ impl stead_reconciler::driver::KindDriver for VolumeDriver {
 
     fn desired_state(&self, desired: Typed<'_, VolumeSpec>, _world: &dyn Lookup) -> Value {
         let v = desired.spec;
-        json!({
+        let mut state = json!({
             "pool": v.pool.as_str(),
             "size": v.size.bytes(),
             "format": format_str(v.format),
-        })
+        });
+        if v.template {
+            state["template"] = json!(true);
+        }
+        state
     }
 
     fn impact(&self, path: &str) -> Impact {
         match path {
-            "/size" => Impact::Hot,
+            "/size" | "/template" => Impact::Hot,
             _ => Impact::DataLoss,
         }
     }
@@ -668,14 +1163,28 @@ impl stead_reconciler::driver::KindDriver for VolumeDriver {
         let (desired, v) = (desired.resource, desired.spec);
         check_component("volume name", &desired.id.name)
             .map_err(|e| format!("{}: {e}", desired.id))?;
-        if v.format != VolumeFormat::Raw {
-            return Err(format!(
-                "{}: format {} is not supported yet (use raw)",
-                desired.id,
-                format_str(v.format)
-            ));
-        }
+        check_spec(&desired.id.name, v)?;
         let want = v.size.bytes();
+        if observed.exists
+            && observed.owned
+            && let Some(cur) = observed.state.get("format").and_then(Value::as_str)
+            && cur != format_str(v.format)
+        {
+            let from = if cur == "qcow2" {
+                VolumeFormat::Qcow2
+            } else {
+                VolumeFormat::Raw
+            };
+            return Err(format_change_message(&desired.id.name, from, v.format));
+        }
+        let was_template = observed.state.get("template") == Some(&json!(true));
+        if v.template
+            && was_template
+            && let Some(cur) = observed.state.get("size").and_then(Value::as_u64)
+            && want > cur
+        {
+            return Err(template_message(&desired.id.name, "growing it"));
+        }
         for c in changes.iter().filter(|c| c.path == "/size") {
             if let (Some(old), Some(new)) = (
                 c.old.as_ref().and_then(Value::as_u64),
@@ -710,13 +1219,7 @@ impl stead_reconciler::driver::KindDriver for VolumeDriver {
     ) -> Result<(), DriverError> {
         let t = Target::resolve(desired, world)?;
         let _span = info_span!("volume_apply", volume = t.name, pool = t.pool_name).entered();
-        if t.spec.format != VolumeFormat::Raw {
-            return Err(DriverError::Unsupported(format!(
-                "Volume/{}: format {} is not supported yet",
-                t.name,
-                format_str(t.spec.format)
-            )));
-        }
+        check_spec(t.name, t.spec).map_err(DriverError::Refused)?;
         pool::require_owned(t.pool_name, &t.pool.path)?;
         if !t
             .pool
@@ -777,9 +1280,12 @@ impl stead_reconciler::driver::KindDriver for VolumeDriver {
         }
         match t.pool.pool_type {
             PoolType::Dir | PoolType::Nfs => {
-                let path = disk_path(t.pool_name, t.pool, t.name)?;
+                let path = disk_path(t.pool_name, t.pool, t.name, t.spec.format)?;
                 let images = path.parent().map(Path::to_path_buf).unwrap_or_default();
-                fsutil::remove_file_if_exists(&images.join(tmp_name(t.name)))?;
+                for f in [VolumeFormat::Raw, VolumeFormat::Qcow2] {
+                    fsutil::remove_file_if_exists(&images.join(tmp_name(t.name, f)))?;
+                }
+                fsutil::remove_file_if_exists(&images.join(fetch_tmp_name(t.name)))?;
                 match fs::symlink_metadata(&path) {
                     Ok(m) if !m.is_file() => {
                         return Err(DriverError::Conflict(format!(
@@ -789,6 +1295,10 @@ impl stead_reconciler::driver::KindDriver for VolumeDriver {
                     }
                     Ok(_) => {
                         check_owned(&path, t.name)?;
+                        let clones = linked_clones(t.pool, &path)?;
+                        if !clones.is_empty() {
+                            return Err(DriverError::Refused(has_clones_message(t.name, &clones)));
+                        }
                         snapshot::delete_all(t.pool_name, t.pool, t.name)?;
                         fsutil::remove_file_if_exists(&path)?;
                         fsutil::remove_file_if_exists(&fsutil::sidecar_of(&path))?;
@@ -815,7 +1325,7 @@ impl stead_reconciler::driver::KindDriver for VolumeDriver {
                         dir.display()
                     )));
                 }
-                let disk = disk_path(t.pool_name, t.pool, t.name)?;
+                let disk = btrfs_disk_in(&dir);
                 check_owned(&disk, t.name)?;
                 snapshot::delete_all(t.pool_name, t.pool, t.name)?;
                 btrfs::subvol_destroy(&images, t.name)?;

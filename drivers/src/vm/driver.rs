@@ -22,13 +22,16 @@ use stead_host::cgroup::{Cgroup, Hierarchy};
 use stead_reconciler::driver::{
     DriverError, FieldChange, Health, HostEnv, Impact, Lookup, Observed, Typed,
 };
-use stead_schema::{Kind, Resource, ResourceId, RestartPolicy, RunState, VirtualMachineSpec};
+use stead_schema::{
+    Kind, Resource, ResourceId, RestartPolicy, RunState, VirtualMachineSpec, VmEngine,
+};
 
 use super::config::{
     DiskRun, InterfaceRun, Paths, Phase, SupervisorState, VmRunConfig, cgroup_name, generated_mac,
     tap_name, vms_dir,
 };
 use super::qemu::cloudinit::{seed_files, write_seed_iso};
+use super::qemu::driver as qemu;
 use super::supervisor::{VmmArgs, control_request, control_status, lock_held};
 use crate::container::config::{read_json, write_json};
 use crate::net::attach::{TapSpec, delete_link, ensure_tap, owned_links};
@@ -40,9 +43,6 @@ pub const DEFAULT_SHUTDOWN_TIMEOUT_SECS: u64 = 10;
 
 /// `volume` prefix of the cloud-init seed disk in a run config (no Volume name has a `:`).
 const SEED_DISK: &str = "cidata:";
-
-/// Fields whose change needs no restart.
-const HOT_FIELDS: [&str; 2] = ["state", "restartPolicy"];
 
 /// The VirtualMachine driver.
 #[derive(Debug, Clone)]
@@ -102,11 +102,16 @@ impl VmDriver {
         })
     }
 
-    fn paths(&self, name: &str) -> Paths {
+    pub(crate) fn paths(&self, name: &str) -> Paths {
         Paths::new(&self.env.run_dir, name)
     }
 
-    fn cgroup(&self, name: &str) -> Cgroup {
+    /// The host environment.
+    pub(crate) fn env(&self) -> &HostEnv {
+        &self.env
+    }
+
+    pub(crate) fn cgroup(&self, name: &str) -> Cgroup {
         self.hier
             .cgroup(&self.env.cgroup_parent, &cgroup_name(name))
     }
@@ -370,7 +375,8 @@ impl VmDriver {
         let _span = tracing::info_span!("vm_stop", vm = name).entered();
         if lock_held(&paths) {
             let st: Option<SupervisorState> = read_json(&paths.supervisor_state())?;
-            let timeout = Duration::from_secs(self.shutdown_timeout_secs + 10);
+            // The QEMU engine's stop may add the guest agent's and quit's grace periods.
+            let timeout = Duration::from_secs(self.shutdown_timeout_secs + 25);
             if let Some(st) = &st {
                 let _ = paths
                     .instance()
@@ -393,7 +399,13 @@ impl VmDriver {
         // Leftovers of a dead supervisor (its VMM child dies with it; the cgroup may
         // still hold a process being torn down).
         self.cgroup(name).destroy()?;
-        for s in [paths.control_socket(), paths.console_socket()] {
+        for s in [
+            paths.control_socket(),
+            paths.console_socket(),
+            paths.qmp_socket(),
+            paths.qga_socket(),
+            paths.vnc_socket(),
+        ] {
             match fs::remove_file(&s) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -449,9 +461,50 @@ impl VmDriver {
         self.spawn(cfg).map_err(ApplyError::Start)
     }
 
+    /// A VM that the qemu engine ran and the vmm engine takes over: stop it, drop its
+    /// config.
+    fn leave_qemu(&self, name: &str) -> Result<(), DriverError> {
+        let paths = self.paths(name);
+        let raw: Option<Value> = read_json(&paths.config())?;
+        if raw.as_ref().is_some_and(qemu::is_qemu_config) {
+            self.stop(name)?;
+            match fs::remove_file(paths.config()) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(DriverError::io("remove the qemu config", e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies a qemu-engine VM ([`qemu::apply`]); a failed create leaves nothing.
+    fn apply_qemu(
+        &self,
+        name: &str,
+        spec: &VirtualMachineSpec,
+        world: &dyn Lookup,
+    ) -> Result<(), DriverError> {
+        let fresh = read_json::<Value>(&self.paths(name).config())?.is_none();
+        let result = qemu::apply(self, name, spec, world);
+        if let Err((start, e)) = &result {
+            tracing::warn!(error = %e, fresh, "VM apply failed, undoing what it made");
+            let undo = if fresh {
+                self.remove_all(name)
+            } else if *start {
+                self.stop(name)
+            } else {
+                Ok(())
+            };
+            if let Err(u) = undo {
+                tracing::warn!(error = %u, "cleanup after a failed VM apply");
+            }
+        }
+        result.map_err(|(_, e)| e)
+    }
+
     /// Removes everything VM `name` has on the host: supervisor and VMM, cgroups in
     /// every controller, sockets, owned taps, run dir. Idempotent.
-    fn remove_all(&self, name: &str) -> Result<(), DriverError> {
+    pub(crate) fn remove_all(&self, name: &str) -> Result<(), DriverError> {
         self.stop(name)?;
         let owner = owner_alias(Kind::VirtualMachine, name);
         let netns = self.env.netns.as_deref();
@@ -463,7 +516,17 @@ impl VmDriver {
 
     fn observe_one(&self, name: &str) -> Result<Observed, DriverError> {
         let paths = self.paths(name);
-        let Some(cfg) = read_json::<VmRunConfig>(&paths.config())? else {
+        let raw: Option<Value> = read_json(&paths.config())?;
+        if let Some(v) = raw.as_ref().filter(|v| qemu::is_qemu_config(v)) {
+            let cfg = serde_json::from_value(v.clone())
+                .map_err(|e| DriverError::Other(format!("{}: {e}", paths.config().display())))?;
+            return qemu::observe_one(self, name, &cfg);
+        }
+        let Some(cfg) = raw
+            .map(serde_json::from_value::<VmRunConfig>)
+            .transpose()
+            .map_err(|e| DriverError::Other(format!("{}: {e}", paths.config().display())))?
+        else {
             if paths.dir.exists() {
                 // Crashed before writing the config: ours, converge by apply.
                 return Ok(Observed {
@@ -564,11 +627,16 @@ impl stead_reconciler::driver::KindDriver for VmDriver {
     }
 
     fn desired_state(&self, desired: Typed<'_, VirtualMachineSpec>, _world: &dyn Lookup) -> Value {
-        Self::project(desired.name(), desired.spec)
+        match desired.spec.engine() {
+            VmEngine::Vmm => Self::project(desired.name(), desired.spec),
+            VmEngine::Qemu => qemu::project(desired.name(), desired.spec),
+        }
     }
 
     fn impact(&self, path: &str) -> Impact {
-        crate::supervise::hot_or_restart(path, &HOT_FIELDS)
+        // Both engines: the qemu engine's state keeps disks and interfaces in maps (one
+        // key added or removed is a hot-plug); the vmm engine's lists change whole.
+        qemu::impact(path)
     }
 
     fn check(
@@ -578,6 +646,9 @@ impl stead_reconciler::driver::KindDriver for VmDriver {
         _changes: &[FieldChange],
     ) -> Result<(), String> {
         let spec = desired.spec;
+        if spec.engine() == VmEngine::Qemu {
+            return qemu::check(spec);
+        }
         if spec.cpus > u32::from(stead_vmm::MAX_VCPUS) {
             return Err(format!(
                 "cpus {} exceeds the VMM's maximum of {}",
@@ -608,6 +679,10 @@ impl stead_reconciler::driver::KindDriver for VmDriver {
         let (spec, name) = (desired.spec, desired.name());
         let _span = tracing::info_span!("vm_apply", vm = name).entered();
         crate::supervise::hold::check(&self.env.run_dir, "VirtualMachine", name)?;
+        if spec.engine() == VmEngine::Qemu {
+            return self.apply_qemu(name, spec, world);
+        }
+        self.leave_qemu(name)?;
         let cfg = self.resolve(name, spec, world)?;
         // Without a config this apply creates the VM: the resource is recorded only
         // when it succeeds, so a failure must leave nothing behind.
@@ -640,7 +715,11 @@ impl stead_reconciler::driver::KindDriver for VmDriver {
         let _span = tracing::info_span!("vm_delete", vm = name).entered();
         // A backup that stopped it would start it again when done.
         crate::supervise::hold::check(&self.env.run_dir, "VirtualMachine", name)?;
-        self.remove_all(name)
+        self.remove_all(name)?;
+        if last_applied.spec.engine() == VmEngine::Qemu {
+            qemu::remove_state(self, name)?;
+        }
+        Ok(())
     }
 }
 

@@ -214,3 +214,101 @@ pub fn mount_tmpfs(at: &Path, size: u64) {
     )
     .expect("mount tmpfs");
 }
+
+pub fn with_format(mut r: Resource, f: VolumeFormat) -> Resource {
+    if let Spec::Volume(v) = &mut r.spec {
+        v.format = f;
+    }
+    r
+}
+
+pub fn with_url(mut r: Resource, url: &str, sha256: &str) -> Resource {
+    if let Spec::Volume(v) = &mut r.spec {
+        v.source = Some(VolumeSource {
+            url: Some(url.to_string()),
+            sha256: Some(sha256.to_string()),
+            ..VolumeSource::default()
+        });
+    }
+    r
+}
+
+pub fn with_sha256(mut r: Resource, sha256: &str) -> Resource {
+    if let Spec::Volume(v) = &mut r.spec
+        && let Some(s) = &mut v.source
+    {
+        s.sha256 = Some(sha256.to_string());
+    }
+    r
+}
+
+pub fn as_template(mut r: Resource) -> Resource {
+    if let Spec::Volume(v) = &mut r.spec {
+        v.template = true;
+    }
+    r
+}
+
+pub fn with_clone(mut r: Resource, from: &str, linked: bool) -> Resource {
+    if let Spec::Volume(v) = &mut r.spec {
+        v.clone = Some(stead_schema::VolumeClone {
+            from: Name(from.to_string()),
+            linked,
+        });
+    }
+    r
+}
+
+/// Runs a command; its stdout, or why it failed.
+pub fn run_cmd(cmd: &str, args: &[&str]) -> Result<String, String> {
+    run(cmd, args)
+}
+
+/// Why qemu-img or qemu-io cannot run here (for a SKIP line), or `None`.
+pub fn qemu_tools_missing() -> Option<String> {
+    for t in ["qemu-img", "qemu-io"] {
+        if run(t, &["--version"]).is_err() {
+            return Some(format!("{t} not installed (apt qemu-utils)"));
+        }
+    }
+    None
+}
+
+/// The hex SHA-256 of a file.
+pub fn sha256_hex(p: &Path) -> String {
+    use sha2::Digest;
+    let data = std::fs::read(p).expect("read for sha256");
+    hex::encode(sha2::Sha256::digest(&data))
+}
+
+/// Serves `body` over HTTP/1.0 on 127.0.0.1 for `requests` requests, from a thread.
+/// Returns the URL and the thread (joined by the caller, after its requests).
+pub fn serve_http(body: Vec<u8>, requests: usize) -> (String, std::thread::JoinHandle<usize>) {
+    use std::io::{BufRead, BufReader, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = l.local_addr().expect("addr").port();
+    let h = std::thread::spawn(move || {
+        let mut served = 0;
+        for _ in 0..requests {
+            let Ok((s, _)) = l.accept() else { break };
+            let mut r = BufReader::new(s.try_clone().expect("clone stream"));
+            let mut line = String::new();
+            while r.read_line(&mut line).is_ok_and(|n| n > 0) {
+                if line == "\r\n" || line == "\n" {
+                    break;
+                }
+                line.clear();
+            }
+            let mut s = s;
+            let head = format!(
+                "HTTP/1.0 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = s.write_all(head.as_bytes());
+            let _ = s.write_all(&body);
+            served += 1;
+        }
+        served
+    });
+    (format!("http://127.0.0.1:{port}/images/base.qcow2"), h)
+}

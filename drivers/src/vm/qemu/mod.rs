@@ -1,6 +1,23 @@
-//! Full virtual machines through QEMU, and what both engines share with it.
-//!
+//! Full virtual machines on QEMU (`qemu-system-x86_64`), the `qemu` engine of
+//! `VirtualMachine`, and what both engines share with it:
+//! - [`config`]: the typed VM configuration ([`config::QemuConfig`]) resolved from a spec;
+//! - [`argv`]: the QEMU command line, a pure function of that configuration;
+//! - [`firmware`]: SeaBIOS / OVMF through the firmware descriptors QEMU packages ship, and
+//!   the per-VM UEFI NVRAM;
+//! - [`accel`]: KVM or TCG;
+//! - [`qmp`], [`qga`]: the QMP and guest agent clients;
+//! - [`supervisor`]: `stead qemu`, one supervising process per VM running one QEMU;
+//! - [`driver`]: the qemu engine's observe / apply / delete (the VM driver dispatches);
 //! - [`cloudinit`]: the cloud-init NoCloud seed (`cidata` ISO) generated from a manifest
 //!   (both engines attach it).
 
+pub mod accel;
+pub mod argv;
 pub mod cloudinit;
+pub mod config;
+pub mod driver;
+pub mod firmware;
+mod jsonline;
+pub mod qga;
+pub mod qmp;
+pub mod supervisor;

@@ -1,0 +1,693 @@
+//! `stead qemu`: the per-VM supervisor of a qemu-engine VM.
+//!
+//! The VM driver starts `<self_exe> qemu --run-dir DIR --name NAME --config FILE`; like
+//! `stead vmm` it detaches (double fork, new session, [`crate::supervise::run`]) so the
+//! VM survives the CLI and the controller, and the launcher exits 0 once QEMU answers QMP
+//! with the guest running.
+//!
+//! The supervisor (single-threaded, the shared [`crate::supervise::serve`] loop):
+//! - holds the VM's lock, joins the cgroup `<cgroup-parent>/vm-<name>` (killing what a
+//!   dead predecessor left there) with the CPU quota of the vCPUs and a memory limit of
+//!   guest RAM + [`memory_overhead`], and enters the configured network namespace (where
+//!   the taps live); QEMU is born in both;
+//! - runs one `qemu-system-x86_64` per boot ([`super::argv::argv`]) with
+//!   `PR_SET_PDEATHSIG = SIGKILL` (a QEMU never outlives its supervisor), the serial port
+//!   on a socket pair ([`super::argv::SERIAL_FD`]) and its own QMP channel on another
+//!   ([`super::argv::SUPERVISOR_QMP_FD`]); QEMU's stderr goes to the supervisor's log;
+//! - relays serial output to the size-capped `console.log` and to the clients of
+//!   `console.sock` (`stead console`; a new client first gets the log's last 64 KiB), and
+//!   their input to the serial port;
+//! - applies the restart policy when QEMU ends: exit code 0 without a stop request is the
+//!   guest powering off (restarted by `always` only), anything else is a failure
+//!   (restarted by `always` and `on-failure`); a guest reboot stays inside QEMU. Restarts
+//!   wait the shared exponential backoff and are counted in `supervisor.json`;
+//! - on `SIGTERM`: graceful stop — QMP `system_powerdown` (ACPI), after
+//!   `shutdownTimeout` the guest agent's `guest-shutdown` (when the VM has the agent)
+//!   with [`AGENT_GRACE`] more, then QMP `quit`, then `SIGKILL` after [`QUIT_GRACE`];
+//! - on `SIGHUP`: re-reads the restart policy.
+
+use std::fs::File;
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{SigSet, Signal, kill};
+use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
+
+use super::accel::Accel;
+use super::argv::{SERIAL_FD, SUPERVISOR_QMP_FD, TCG_TB_SIZE_MIB, argv};
+use super::config::QemuConfig;
+use super::qmp::{Qmp, Quit, RunState as QmpRunState, SystemPowerdown};
+use crate::container::config::read_json;
+use crate::supervise::console::{Clients, ConsoleLog};
+use crate::supervise::workload::{Exit, RestartTimer, Workload, restart_wanted};
+use crate::vm::config::{Paths, Phase, cgroup_name};
+use stead_host::cgroup::{Cgroup, Hierarchy, Limits};
+
+/// Arguments of `stead qemu` (`--run-dir D --name N --config F`, the config a
+/// [`QemuConfig`]).
+pub type QemuArgs = crate::supervise::SupervisorArgs;
+
+/// How long a boot may take until QEMU answers QMP.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// Time the guest agent's `guest-shutdown` gets before `quit`.
+pub const AGENT_GRACE: Duration = Duration::from_secs(10);
+/// Time `quit` gets before `SIGKILL`.
+pub const QUIT_GRACE: Duration = Duration::from_secs(5);
+/// Timeout of one QMP exchange of the supervisor.
+const QMP_TIMEOUT: Duration = Duration::from_secs(3);
+/// How much console output a new console client gets replayed.
+const REPLAY: u64 = 64 << 10;
+/// How often the supervisor wakes up without an event.
+const TICK: Duration = Duration::from_millis(500);
+
+/// Memory allowed to the VM's cgroup on top of guest RAM: QEMU itself, plus the TCG
+/// translation cache when emulating.
+pub fn memory_overhead(accel: Accel) -> u64 {
+    let base: u64 = 192 << 20;
+    match accel {
+        Accel::Kvm => base,
+        Accel::Tcg => base + (TCG_TB_SIZE_MIB << 20),
+    }
+}
+
+/// `supervisor.json` of a qemu-engine VM, written atomically on every change.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct QemuState {
+    /// Supervisor pid.
+    pub supervisor_pid: i32,
+    /// Pid of the current QEMU process.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qemu_pid: Option<i32>,
+    /// Phase.
+    pub phase: Phase,
+    /// Accelerator QEMU runs with.
+    pub accel: Accel,
+    /// Restarts since the VM was first started (kept across supervisors).
+    pub restarts: u64,
+    /// When the current boot started (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<String>,
+    /// How the previous QEMU ended (`shutdown`, `exit code 1`, `signal 9`, `stopped`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_exit: Option<String>,
+    /// Last error of a failed start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+/// Entry point of `stead qemu`. Must be called from a single-threaded process before any
+/// thread exists. Returns the launcher's exit code; the supervisor exits the process.
+pub fn main(args: &QemuArgs) -> i32 {
+    let paths = Paths::new(&args.run_dir, &args.name);
+    crate::supervise::run::<QemuConfig>(
+        "stead qemu",
+        "supervisor exited before the VM started",
+        args,
+        &paths.dir.clone(),
+        |c| &c.name,
+        |cfg, ready_w| daemon(cfg, paths, ready_w),
+    )
+}
+
+fn daemon(cfg: QemuConfig, paths: Paths, ready: OwnedFd) -> i32 {
+    let instance = paths.instance();
+    crate::supervise::serve(&instance, ready, || {
+        log(&format!(
+            "supervising VM {} (QEMU, {})",
+            cfg.name,
+            cfg.accel.as_str()
+        ));
+        Supervisor::new(cfg, paths).inspect_err(|e| log(e))
+    })
+}
+
+/// A line of the supervisor's own log.
+fn log(msg: &str) {
+    eprintln!("{} stead qemu: {msg}", crate::supervise::now_rfc3339());
+}
+
+/// The last `n` lines of a file (for error messages).
+fn tail(p: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(p).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("; ")
+}
+
+/// The graceful stop's current step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StopStep {
+    /// ACPI power button pressed.
+    Powerdown,
+    /// The guest agent was asked to shut down.
+    Agent,
+    /// QEMU was told to quit.
+    Quit,
+    /// QEMU was killed.
+    Killed,
+}
+
+/// One running QEMU.
+struct Run {
+    pid: Pid,
+    serial: Option<UnixStream>,
+    qmp: Option<Qmp>,
+}
+
+struct Supervisor {
+    cfg: QemuConfig,
+    paths: Paths,
+    _cgroup: Cgroup,
+    state: QemuState,
+    run: Option<Run>,
+    console: UnixListener,
+    clients: Clients,
+    log: ConsoleLog,
+    boot_at: Instant,
+    restart: RestartTimer,
+    stop: Option<(StopStep, Instant)>,
+}
+
+/// Creates the VM's cgroup (killing what a dead predecessor left there), sets its limits
+/// and moves the supervisor into it.
+fn join_cgroup(cfg: &QemuConfig) -> Result<Cgroup, String> {
+    let hier = Hierarchy::detect().map_err(|e| format!("cgroups: {e}"))?;
+    let cg = hier.cgroup(&cfg.cgroup_parent, &cgroup_name(&cfg.name));
+    cg.kill_all()
+        .map_err(|e| format!("clean cgroup of a dead predecessor: {e}"))?;
+    cg.create().map_err(|e| format!("create cgroup: {e}"))?;
+    cg.set_limits(&Limits {
+        cpus: Some(f64::from(cfg.cpus)),
+        memory: Some(cfg.memory + memory_overhead(cfg.accel)),
+        pids: None,
+    })
+    .map_err(|e| format!("cgroup limits: {e}"))?;
+    cg.add_pid(std::process::id() as i32)
+        .map_err(|e| format!("join cgroup: {e}"))?;
+    Ok(cg)
+}
+
+/// Enters the configured network namespace.
+fn enter_netns(cfg: &QemuConfig) -> Result<(), String> {
+    if let Some(ns) = &cfg.netns {
+        let f = File::open(ns).map_err(|e| format!("open netns {}: {e}", ns.display()))?;
+        nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET)
+            .map_err(|e| format!("setns {}: {e}", ns.display()))?;
+    }
+    Ok(())
+}
+
+/// The state a new supervisor starts from (restarts and the last exit carry over).
+fn initial_state(paths: &Paths, accel: Accel) -> QemuState {
+    let prev: Option<QemuState> = paths.instance().read_state().ok().flatten();
+    let restarts = match &prev {
+        Some(p) if p.phase == Phase::Stopped => p.restarts,
+        Some(p) => p.restarts + 1,
+        None => 0,
+    };
+    QemuState {
+        supervisor_pid: std::process::id() as i32,
+        qemu_pid: None,
+        phase: Phase::Starting,
+        accel,
+        restarts,
+        started_at: None,
+        last_exit: prev.and_then(|p| p.last_exit),
+        last_error: None,
+    }
+}
+
+/// Binds the console socket (replacing a stale one).
+fn bind_console(p: &Path) -> Result<UnixListener, String> {
+    let _ = std::fs::remove_file(p);
+    let l = UnixListener::bind(p).map_err(|e| format!("bind {}: {e}", p.display()))?;
+    l.set_nonblocking(true)
+        .map_err(|e| format!("console socket: {e}"))?;
+    Ok(l)
+}
+
+/// Moves `fd` to descriptor `to` in a forked child (clearing close-on-exec). Only
+/// async-signal-safe calls.
+fn move_fd(fd: i32, to: i32) -> io::Result<()> {
+    // SAFETY: fcntl/dup2 on descriptors the child owns; no allocation.
+    unsafe {
+        let high = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 10);
+        if high < 0 || libc::dup2(high, to) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Starts QEMU with `args`; its serial port and QMP channel are the other ends of
+/// `serial` and `qmp`.
+fn spawn_qemu(args: &[String], serial: OwnedFd, qmp: OwnedFd) -> io::Result<Pid> {
+    let (s, q) = (serial.as_raw_fd(), qmp.as_raw_fd());
+    let mut cmd = Command::new(&args[0]);
+    cmd.args(&args[1..]).stdin(Stdio::null());
+    // SAFETY: runs in the forked child before exec; only async-signal-safe calls
+    // (sigprocmask, prctl, fcntl, dup2, close_range).
+    unsafe {
+        cmd.pre_exec(move || {
+            SigSet::empty().thread_set_mask().map_err(io::Error::from)?;
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            move_fd(s, SERIAL_FD)?;
+            move_fd(q, SUPERVISOR_QMP_FD)?;
+            // Everything else the supervisor holds (lock, signalfd, sockets) stays out.
+            libc::syscall(
+                libc::SYS_close_range,
+                (SUPERVISOR_QMP_FD + 1) as u32,
+                u32::MAX,
+                libc::CLOSE_RANGE_CLOEXEC,
+            );
+            Ok(())
+        });
+    }
+    let child = cmd.spawn()?;
+    drop((serial, qmp));
+    Ok(Pid::from_raw(child.id() as i32))
+}
+
+impl Supervisor {
+    fn new(cfg: QemuConfig, paths: Paths) -> Result<Self, String> {
+        let state = initial_state(&paths, cfg.accel);
+        let cg = join_cgroup(&cfg)?;
+        enter_netns(&cfg)?;
+        let console = bind_console(&paths.console_socket())?;
+        let log = ConsoleLog::open(paths.console_log());
+        Ok(Supervisor {
+            cfg,
+            paths,
+            _cgroup: cg,
+            state,
+            run: None,
+            console,
+            clients: Clients::default(),
+            log,
+            boot_at: Instant::now(),
+            restart: RestartTimer::default(),
+            stop: None,
+        })
+    }
+
+    fn save(&self) {
+        if let Err(e) = self.paths.instance().write_state(&self.state) {
+            log(&e.to_string());
+        }
+    }
+
+    /// Starts one QEMU and waits until its QMP channel says the guest runs.
+    fn boot(&mut self) -> Result<(), String> {
+        for s in [
+            &self.cfg.sockets.qmp,
+            &self.cfg.sockets.qga,
+            &self.cfg.sockets.vnc,
+        ] {
+            let _ = std::fs::remove_file(s);
+        }
+        let (serial, qemu_serial) =
+            UnixStream::pair().map_err(|e| format!("serial socket pair: {e}"))?;
+        let (qmp, qemu_qmp) = UnixStream::pair().map_err(|e| format!("QMP socket pair: {e}"))?;
+        let args = argv(&self.cfg);
+        let pid = spawn_qemu(&args, qemu_serial.into(), qemu_qmp.into())
+            .map_err(|e| format!("start {}: {e}", args[0]))?;
+        log(&format!("boot, QEMU pid {pid}"));
+        let _ = serial.set_nonblocking(true);
+        self.run = Some(Run {
+            pid,
+            serial: Some(serial),
+            qmp: None,
+        });
+        self.boot_at = Instant::now();
+        self.restart.cancel();
+        self.state.qemu_pid = Some(pid.as_raw());
+        self.state.phase = Phase::Starting;
+        self.save();
+        let mut q = Qmp::handshake(qmp, START_TIMEOUT).map_err(|e| {
+            format!(
+                "QEMU did not answer QMP ({e}): {}",
+                tail(&self.paths.vmm_log(), 3)
+            )
+        })?;
+        q.set_timeout(QMP_TIMEOUT);
+        let st = q.query_status().map_err(|e| format!("query-status: {e}"))?;
+        if st.status != QmpRunState::Running {
+            return Err(format!("QEMU reports {:?}, not running", st.status));
+        }
+        if let Some(r) = &mut self.run {
+            r.qmp = Some(q);
+        }
+        self.state.phase = Phase::Running;
+        self.state.started_at = Some(crate::supervise::now_rfc3339());
+        self.save();
+        Ok(())
+    }
+
+    /// Kills the current QEMU (after a failed boot) and reaps it.
+    fn kill_run(&mut self) {
+        if let Some(r) = self.run.take() {
+            let _ = kill(r.pid, Signal::SIGKILL);
+            let _ = nix::sys::wait::waitpid(r.pid, None);
+        }
+        self.state.qemu_pid = None;
+    }
+
+    /// Re-reads `config.json` for the restart policy.
+    fn reload_config(&mut self) {
+        match read_json::<QemuConfig>(&self.paths.config()) {
+            Ok(Some(c)) if c.name == self.cfg.name => {
+                log(&format!("reload, restart policy {:?}", c.restart_policy));
+                self.cfg.restart_policy = c.restart_policy;
+            }
+            Ok(_) => log("reload: no usable config"),
+            Err(e) => log(&format!("reload: {e}")),
+        }
+    }
+
+    /// Runs one QMP command on the supervisor's channel, logging a failure.
+    fn qmp<C: super::qmp::QmpCommand>(&mut self, cmd: &C) -> bool {
+        let Some(q) = self.run.as_mut().and_then(|r| r.qmp.as_mut()) else {
+            return false;
+        };
+        match q.execute(cmd) {
+            Ok(_) => true,
+            Err(e) => {
+                log(&format!("QMP {}: {e}", C::NAME));
+                false
+            }
+        }
+    }
+
+    /// Asks the guest agent to power the guest off (no reply comes on success).
+    fn agent_shutdown(&self) -> bool {
+        let r = UnixStream::connect(&self.cfg.sockets.qga).and_then(|mut s| {
+            s.set_write_timeout(Some(QMP_TIMEOUT))?;
+            s.write_all(
+                b"{\"execute\":\"guest-shutdown\",\"arguments\":{\"mode\":\"powerdown\"}}\n",
+            )
+        });
+        if let Err(e) = &r {
+            log(&format!("guest agent shutdown: {e}"));
+        }
+        r.is_ok()
+    }
+
+    /// Begins a graceful stop: the ACPI power button.
+    fn begin_stop(&mut self) {
+        if self.stop.is_some() {
+            return;
+        }
+        log("stop requested: ACPI power button");
+        self.restart.cancel();
+        let deadline = Instant::now() + Duration::from_secs(self.cfg.shutdown_timeout_secs);
+        self.stop = Some((StopStep::Powerdown, deadline));
+        if !self.qmp(&SystemPowerdown) {
+            self.stop = Some((StopStep::Powerdown, Instant::now()));
+        }
+    }
+
+    /// The next step of a stop whose deadline passed.
+    fn escalate_stop(&mut self) {
+        let Some((step, deadline)) = self.stop else {
+            return;
+        };
+        if self.run.is_none() || Instant::now() < deadline {
+            return;
+        }
+        let now = Instant::now();
+        let next = match step {
+            StopStep::Powerdown if self.cfg.agent && self.agent_shutdown() => {
+                log("ACPI shutdown timed out: guest agent shutdown");
+                (StopStep::Agent, now + AGENT_GRACE)
+            }
+            StopStep::Powerdown | StopStep::Agent => {
+                log("shutdown timed out: quit");
+                self.qmp(&Quit);
+                (StopStep::Quit, now + QUIT_GRACE)
+            }
+            StopStep::Quit | StopStep::Killed => {
+                log("quit timed out: SIGKILL");
+                if let Some(r) = &self.run {
+                    let _ = kill(r.pid, Signal::SIGKILL);
+                }
+                (StopStep::Killed, now + QUIT_GRACE)
+            }
+        };
+        self.stop = Some(next);
+    }
+
+    fn stopped(&mut self) -> i32 {
+        self.state.phase = Phase::Stopped;
+        self.state.qemu_pid = None;
+        self.save();
+        log("stopped");
+        0
+    }
+
+    /// QEMU ended: record it, then stop, end or schedule a restart.
+    fn qemu_ended(&mut self, exit: Exit) -> Option<i32> {
+        if let Some(mut r) = self.run.take()
+            && let Some(s) = r.serial.take()
+        {
+            self.drain_serial(&s);
+        }
+        self.state.qemu_pid = None;
+        let how = describe(exit);
+        log(&format!("QEMU ended: {how}"));
+        self.state.last_exit = Some(how);
+        if self.stop.is_some() {
+            return Some(self.stopped());
+        }
+        let failed = exit != Exit::Code(0);
+        if !restart_wanted(self.cfg.restart_policy, failed, false) {
+            self.state.phase = Phase::Exited;
+            self.save();
+            return Some(0);
+        }
+        self.restart.after_run(self.boot_at);
+        self.note_restart();
+        None
+    }
+
+    fn note_restart(&mut self) {
+        self.state.restarts += 1;
+        self.state.phase = Phase::Restarting;
+        self.save();
+    }
+
+    /// Boots again once the restart backoff passed.
+    fn restart_when_due(&mut self) {
+        if self.restart.take_due(Instant::now())
+            && let Err(e) = self.boot()
+        {
+            log(&format!("restart failed: {e}"));
+            self.kill_run();
+            self.state.last_error = Some(e);
+            self.restart.retry();
+            self.note_restart();
+        }
+    }
+
+    /// Copies what the serial port has to the log and the console clients.
+    fn drain_serial(&mut self, mut s: &UnixStream) -> bool {
+        let mut buf = [0u8; 8192];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) => return false,
+                Ok(n) => {
+                    self.log.write(&buf[..n]);
+                    self.clients.broadcast(&buf[..n]);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return false,
+            }
+        }
+    }
+
+    /// Accepts console clients, replaying the end of the log to each.
+    fn accept_clients(&mut self) {
+        while let Ok((mut c, _)) = self.console.accept() {
+            if let Ok(mut f) = File::open(self.paths.console_log()) {
+                let len = f.metadata().map_or(0, |m| m.len());
+                let mut old = Vec::new();
+                if f.seek(SeekFrom::Start(len.saturating_sub(REPLAY))).is_ok()
+                    && f.read_to_end(&mut old).is_ok()
+                {
+                    let _ = c.write_all(&old);
+                }
+            }
+            self.clients.add(c);
+        }
+    }
+
+    /// Drains queued QMP events of the supervisor's channel (logging the notable ones).
+    fn pump_events(&mut self) {
+        let Some(q) = self.run.as_mut().and_then(|r| r.qmp.as_mut()) else {
+            return;
+        };
+        match q.events() {
+            Ok(evs) => {
+                for ev in evs {
+                    if matches!(
+                        ev.event.as_str(),
+                        "SHUTDOWN" | "RESET" | "POWERDOWN" | "GUEST_PANICKED"
+                    ) {
+                        log(&format!("event {} {}", ev.event, ev.data));
+                    }
+                }
+            }
+            Err(e) => {
+                log(&format!("QMP channel: {e}"));
+                if let Some(r) = &mut self.run {
+                    r.qmp = None;
+                }
+            }
+        }
+    }
+}
+
+impl Workload for Supervisor {
+    type State = QemuState;
+
+    fn start(&mut self) -> Result<(), String> {
+        self.boot()
+    }
+
+    fn start_failed(&mut self, error: &str) {
+        log(error);
+        self.kill_run();
+        self.state.last_error = Some(error.to_string());
+        self.state.phase = Phase::Exited;
+    }
+
+    fn state(&self) -> &QemuState {
+        &self.state
+    }
+
+    fn pid(&self) -> Option<Pid> {
+        self.run.as_ref().map(|r| r.pid)
+    }
+
+    fn run_ended(&mut self, exit: Exit) -> Option<i32> {
+        self.qemu_ended(exit)
+    }
+
+    fn request_stop(&mut self) {
+        if self.run.is_none() {
+            self.stop = Some((StopStep::Quit, Instant::now()));
+            return;
+        }
+        self.begin_stop();
+    }
+
+    fn reload(&mut self) {
+        self.reload_config();
+    }
+
+    fn fds(&self) -> Vec<BorrowedFd<'_>> {
+        let mut v = vec![self.console.as_fd()];
+        if let Some(s) = self.run.as_ref().and_then(|r| r.serial.as_ref()) {
+            v.push(s.as_fd());
+        }
+        v.extend(self.clients.fds());
+        v
+    }
+
+    fn on_ready(&mut self, ready: &[bool]) {
+        if ready.first().copied().unwrap_or(false) {
+            self.accept_clients();
+        }
+        let has_serial = self.run.as_ref().is_some_and(|r| r.serial.is_some());
+        let mut rest = &ready[1.min(ready.len())..];
+        if has_serial {
+            if rest.first().copied().unwrap_or(false)
+                && let Some(s) = self.run.as_mut().and_then(|r| r.serial.take())
+                && self.drain_serial(&s)
+                && let Some(r) = &mut self.run
+            {
+                r.serial = Some(s);
+            }
+            rest = &rest[1.min(rest.len())..];
+        }
+        if let Some(mut s) = self.run.as_ref().and_then(|r| r.serial.as_ref()) {
+            self.clients.relay_input(rest, &mut s);
+        } else {
+            self.clients.relay_input(rest, &mut io::sink());
+        }
+    }
+
+    fn next_wakeup(&self) -> Option<Instant> {
+        let mut at = Instant::now() + TICK;
+        if let Some(t) = self.restart.at() {
+            at = at.min(t);
+        }
+        if let Some((_, t)) = self.stop {
+            at = at.min(t);
+        }
+        Some(at)
+    }
+
+    fn on_timers(&mut self) -> Option<i32> {
+        self.pump_events();
+        if self.stop.is_some() {
+            if self.run.is_none() {
+                return Some(self.stopped());
+            }
+            self.escalate_stop();
+            return None;
+        }
+        self.restart_when_due();
+        None
+    }
+}
+
+/// How QEMU ended, in words.
+fn describe(exit: Exit) -> String {
+    match exit {
+        Exit::Code(0) => "shutdown".into(),
+        Exit::Code(c) => format!("exit code {c}"),
+        Exit::Signal(s) => format!("signal {s}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_descriptions_and_overhead() {
+        assert_eq!(describe(Exit::Code(0)), "shutdown");
+        assert_eq!(describe(Exit::Code(1)), "exit code 1");
+        assert_eq!(describe(Exit::Signal(9)), "signal 9");
+        assert!(memory_overhead(Accel::Tcg) > memory_overhead(Accel::Kvm));
+    }
+
+    #[test]
+    fn state_round_trips() {
+        let s = QemuState {
+            supervisor_pid: 1,
+            qemu_pid: Some(2),
+            phase: Phase::Running,
+            accel: Accel::Tcg,
+            restarts: 3,
+            started_at: None,
+            last_exit: Some("signal 9".into()),
+            last_error: None,
+        };
+        let j = serde_json::to_string(&s).expect("json");
+        assert!(
+            j.contains("\"qemuPid\":2") && j.contains("\"accel\":\"tcg\""),
+            "{j}"
+        );
+        assert_eq!(serde_json::from_str::<QemuState>(&j).expect("parse"), s);
+    }
+}

@@ -1,0 +1,616 @@
+//! The QEMU supervisor (`stead qemu`) with a real `qemu-system-x86_64` under TCG and no
+//! guest image (SeaBIOS finds nothing to boot and idles): start, QMP status, restart after
+//! a kill per the restart policy, the graceful stop falling back to `quit` when the guest
+//! ignores the ACPI button, cgroup placement, and nothing left behind.
+//!
+//! `harness = false`: `main` first checks whether it was started as
+//! `<this-binary> qemu ...` (the supervisor launcher re-executes this binary) and then
+//! runs `stead_drivers::vm::qemu::supervisor::main` in a fresh single-threaded process,
+//! exactly as `stead qemu` does.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+#[path = "container_util/mod.rs"]
+mod container_util;
+
+use container_util::{new_netns_on, nsenter, resource};
+use serde_json::json;
+use stead_reconciler::driver::{Driver, Health, HostEnv, Impact};
+use stead_schema::{Kind, Resource, ResourceId};
+
+use stead_drivers::supervise::SupervisorArgs;
+use stead_drivers::vm::config::{Paths, Phase, cgroup_name};
+use stead_drivers::vm::qemu::accel::Accel;
+use stead_drivers::vm::qemu::config::{FirmwareRun, Machine, QemuConfig, Sockets};
+use stead_drivers::vm::qemu::qmp::{Qmp, RunState};
+use stead_drivers::vm::qemu::supervisor::{self, QemuState};
+use stead_host::cgroup::Hierarchy;
+use stead_schema::RestartPolicy;
+
+fn run_as_supervisor_if_asked(args: &[String]) {
+    if args.get(1).map(String::as_str) == Some("qemu") {
+        let code = match SupervisorArgs::parse(args[2..].iter().cloned()) {
+            Ok(a) => supervisor::main(&a),
+            Err(e) => {
+                eprintln!("qemu: {e}");
+                2
+            }
+        };
+        std::process::exit(code);
+    }
+}
+
+/// One VM's sandbox: temp run dir, own cgroup parent; kills and removes everything on
+/// drop, even after a failed assertion.
+struct Rig {
+    dir: tempfile::TempDir,
+    name: String,
+    parent: String,
+}
+
+impl Rig {
+    fn new(tag: &str) -> Self {
+        Rig {
+            dir: tempfile::tempdir().expect("tempdir"),
+            name: format!("q{tag}{}", std::process::id()),
+            parent: format!("stead-qtest-{}", std::process::id()),
+        }
+    }
+
+    fn paths(&self) -> Paths {
+        Paths::new(self.dir.path(), &self.name)
+    }
+
+    fn config(&self, policy: RestartPolicy) -> QemuConfig {
+        let p = self.paths();
+        QemuConfig {
+            engine: "qemu".into(),
+            name: self.name.clone(),
+            binary: "qemu-system-x86_64".into(),
+            cpus: 1,
+            memory: 64 << 20,
+            requested_accel: stead_schema::VmAccel::Auto,
+            accel: Accel::Tcg,
+            accel_warning: None,
+            machine: Machine::Pc,
+            firmware: FirmwareRun::Bios,
+            disks: vec![],
+            cdroms: vec![],
+            nics: vec![],
+            agent: false,
+            cloud_init: None,
+            sockets: Sockets {
+                qmp: p.qmp_socket(),
+                qga: p.qga_socket(),
+                vnc: p.vnc_socket(),
+            },
+            sandbox: true,
+            restart_policy: policy,
+            running: true,
+            cgroup_parent: self.parent.clone(),
+            netns: None,
+            shutdown_timeout_secs: 1,
+        }
+    }
+
+    /// Writes `cfg` and launches its supervisor (this binary as `qemu`).
+    fn launch(&self, cfg: &QemuConfig) -> Result<(), String> {
+        let p = self.paths();
+        std::fs::create_dir_all(&p.dir).expect("run dir");
+        std::fs::write(p.config(), serde_json::to_vec(cfg).expect("json")).expect("config");
+        let args = SupervisorArgs {
+            run_dir: self.dir.path().to_path_buf(),
+            name: self.name.clone(),
+            config: p.config(),
+        };
+        let exe = std::env::current_exe().expect("current_exe");
+        stead_drivers::supervise::launch(&exe, "qemu", &args).map_err(|e| e.to_string())
+    }
+
+    fn state(&self) -> QemuState {
+        let text = std::fs::read_to_string(self.paths().supervisor_state()).expect("state");
+        serde_json::from_str(&text).expect("parse state")
+    }
+
+    fn cgroup_pids(&self) -> Vec<i32> {
+        let h = Hierarchy::detect().expect("cgroups");
+        h.cgroup(&self.parent, &cgroup_name(&self.name)).pids()
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.paths().vmm_log()).unwrap_or_default()
+    }
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        if let Ok(text) = std::fs::read_to_string(self.paths().supervisor_state())
+            && let Ok(st) = serde_json::from_str::<QemuState>(&text)
+        {
+            for pid in [Some(st.supervisor_pid), st.qemu_pid].into_iter().flatten() {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+        if let Ok(h) = Hierarchy::detect() {
+            let cg = h.cgroup(&self.parent, &cgroup_name(&self.name));
+            let _ = cg.kill_all();
+            let _ = cg.destroy();
+            let _ = h.remove_parent(&self.parent);
+        }
+        reap();
+    }
+}
+
+/// Reaps re-parented supervisors (this process is their subreaper).
+fn reap() {
+    use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+    while let Ok(st) = waitpid(None::<nix::unistd::Pid>, Some(WaitPidFlag::WNOHANG)) {
+        if st == WaitStatus::StillAlive {
+            break;
+        }
+    }
+}
+
+fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !f() {
+        assert!(t.elapsed() < timeout, "timed out waiting for {what}");
+        reap();
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn alive(pid: i32) -> bool {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
+}
+
+fn start_status_restart_and_graceful_stop() {
+    let rig = Rig::new("a");
+    let cfg = rig.config(RestartPolicy::Always);
+    let t = Instant::now();
+    rig.launch(&cfg).expect("launch");
+    eprintln!("  started in {:?}", t.elapsed());
+    let st = rig.state();
+    assert_eq!(st.phase, Phase::Running);
+    assert_eq!(st.accel, Accel::Tcg);
+    let qemu = st.qemu_pid.expect("qemu pid");
+    assert!(rig.paths().lock().exists());
+
+    // The public QMP socket answers; the guest runs.
+    let mut q = Qmp::connect(&cfg.sockets.qmp, Duration::from_secs(5)).expect("qmp");
+    assert_eq!(q.query_status().expect("status").status, RunState::Running);
+    drop(q);
+
+    // Supervisor and QEMU sit in the VM's cgroup.
+    let pids = rig.cgroup_pids();
+    assert!(pids.contains(&qemu), "qemu {qemu} not in {pids:?}");
+    assert!(pids.contains(&st.supervisor_pid), "{pids:?}");
+
+    // Killed QEMU: restarted (policy always), counted.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(qemu),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill qemu");
+    wait_until("a restarted QEMU", Duration::from_secs(20), || {
+        let s = rig.state();
+        s.phase == Phase::Running && s.qemu_pid.is_some_and(|p| p != qemu)
+    });
+    let st = rig.state();
+    assert_eq!(st.restarts, 1);
+    assert_eq!(st.last_exit.as_deref(), Some("signal 9"));
+    let qemu2 = st.qemu_pid.expect("new pid");
+    let mut q = Qmp::connect(&cfg.sockets.qmp, Duration::from_secs(5)).expect("qmp");
+    assert_eq!(q.query_status().expect("status").status, RunState::Running);
+    drop(q);
+
+    // Graceful stop: SeaBIOS ignores the ACPI button, so after the 1 s shutdown timeout
+    // the supervisor quits QEMU.
+    let t = Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(st.supervisor_pid),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("sigterm");
+    wait_until("the supervisor to stop", Duration::from_secs(15), || {
+        !rig.paths().instance().lock_held()
+    });
+    let took = t.elapsed();
+    eprintln!("  stopped in {took:?}");
+    assert!(took >= Duration::from_secs(1), "waited for ACPI: {took:?}");
+    assert!(took < Duration::from_secs(6), "quit, not SIGKILL: {took:?}");
+    let st = rig.state();
+    assert_eq!(st.phase, Phase::Stopped);
+    assert_eq!(
+        st.last_exit.as_deref(),
+        Some("shutdown"),
+        "QEMU quit cleanly"
+    );
+    let log = rig.log();
+    assert!(
+        log.contains("ACPI power button") && log.contains("quit"),
+        "{log}"
+    );
+    assert!(!log.contains("SIGKILL"), "{log}");
+    wait_until("QEMU gone", Duration::from_secs(5), || !alive(qemu2));
+    assert!(rig.cgroup_pids().is_empty(), "{:?}", rig.cgroup_pids());
+}
+
+fn never_policy_and_bad_start() {
+    let rig = Rig::new("b");
+    let cfg = rig.config(RestartPolicy::Never);
+    rig.launch(&cfg).expect("launch");
+    let st = rig.state();
+    let qemu = st.qemu_pid.expect("pid");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(qemu),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill");
+    wait_until("the supervisor to give up", Duration::from_secs(10), || {
+        !rig.paths().instance().lock_held()
+    });
+    assert_eq!(rig.state().phase, Phase::Exited);
+    assert_eq!(rig.state().restarts, 0);
+
+    // A QEMU that cannot start: the launcher fails with QEMU's own words, nothing runs.
+    let rig = Rig::new("c");
+    let mut cfg = rig.config(RestartPolicy::Always);
+    cfg.firmware = FirmwareRun::Uefi {
+        code: PathBuf::from("/nonexistent/OVMF_CODE.fd"),
+        vars: rig.dir.path().join("vars.fd"),
+        vars_template: PathBuf::from("/nonexistent/OVMF_VARS.fd"),
+        secure_boot: false,
+    };
+    cfg.machine = Machine::Q35;
+    let e = rig.launch(&cfg).expect_err("bad firmware");
+    assert!(e.contains("OVMF_CODE.fd"), "{e}");
+    // The supervisor reports the failure, then releases its lock and exits.
+    wait_until(
+        "the failed supervisor to exit",
+        Duration::from_secs(5),
+        || !rig.paths().instance().lock_held(),
+    );
+    assert_eq!(rig.state().phase, Phase::Exited);
+    assert!(rig.cgroup_pids().is_empty());
+}
+
+/// A world, a netns with bridge `lan0`, and the VM driver, for driver-level tests.
+struct DriverRig {
+    dir: tempfile::TempDir,
+    netns: PathBuf,
+    env: HostEnv,
+    world: std::collections::BTreeMap<ResourceId, Resource>,
+}
+
+impl DriverRig {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let netns = dir.path().join("netns");
+        new_netns_on(&netns);
+        nsenter(&netns, &["ip", "link", "add", "lan0", "type", "bridge"]);
+        nsenter(&netns, &["ip", "link", "set", "lan0", "up"]);
+        let env = HostEnv {
+            state_dir: dir.path().join("state"),
+            run_dir: dir.path().join("run"),
+            cgroup_parent: format!("stead-qdrv-{}", std::process::id()),
+            netns: Some(netns.clone()),
+            self_exe: std::env::current_exe().expect("current_exe"),
+        };
+        let mut world = std::collections::BTreeMap::new();
+        let pool = dir.path().join("pool");
+        let mut add = |r: Resource| {
+            world.insert(r.id.clone(), r);
+        };
+        add(resource(
+            Kind::StoragePool,
+            "p",
+            json!({"type": "dir", "path": pool}),
+        ));
+        for v in ["root", "data"] {
+            add(resource(
+                Kind::Volume,
+                v,
+                json!({"pool": "p", "size": "8Mi"}),
+            ));
+        }
+        for v in ["root", "data"] {
+            let p = stead_drivers::storage::volume_path(&world, v).expect("path");
+            std::fs::create_dir_all(p.parent().expect("dir")).expect("mkdir");
+            std::fs::File::create(&p)
+                .expect("disk")
+                .set_len(8 << 20)
+                .expect("size");
+        }
+        DriverRig {
+            dir,
+            netns,
+            env,
+            world,
+        }
+    }
+
+    fn driver(&self) -> stead_drivers::vm::VmDriver {
+        let mut d = stead_drivers::vm::VmDriver::new(&self.env).expect("driver");
+        d.shutdown_timeout_secs = 1;
+        d
+    }
+
+    fn vm(&self, name: &str, spec: serde_json::Value) -> Resource {
+        resource(Kind::VirtualMachine, name, spec)
+    }
+
+    fn observe(
+        &self,
+        d: &stead_drivers::vm::VmDriver,
+        r: &Resource,
+    ) -> stead_reconciler::driver::Observed {
+        d.observe(&[r], &self.world)
+            .expect("observe")
+            .remove(&r.id)
+            .expect("entry")
+    }
+
+    fn apply(&self, d: &stead_drivers::vm::VmDriver, r: &Resource) {
+        let o = self.observe(d, r);
+        d.apply(r, &o, &self.world).expect("apply");
+        let o = self.observe(d, r);
+        assert_eq!(o.state, d.desired_state(r, &self.world), "converged");
+        assert_eq!(o.health, Health::Ready, "{:?} {}", o.health, o.status);
+    }
+
+    fn pid(&self, d: &stead_drivers::vm::VmDriver, r: &Resource) -> i64 {
+        self.observe(d, r).status["pid"].as_i64().expect("pid")
+    }
+
+    fn links(&self) -> String {
+        nsenter(&self.netns, &["ip", "-o", "link", "show"])
+    }
+}
+
+impl Drop for DriverRig {
+    fn drop(&mut self) {
+        let run = self.env.run_dir.join("vms");
+        if let Ok(rd) = std::fs::read_dir(&run) {
+            for e in rd.flatten() {
+                if let Ok(text) = std::fs::read_to_string(e.path().join("supervisor.json"))
+                    && let Ok(st) = serde_json::from_str::<QemuState>(&text)
+                {
+                    for pid in [Some(st.supervisor_pid), st.qemu_pid].into_iter().flatten() {
+                        let _ = nix::sys::signal::kill(
+                            nix::unistd::Pid::from_raw(pid),
+                            nix::sys::signal::Signal::SIGKILL,
+                        );
+                    }
+                }
+                if let Ok(h) = Hierarchy::detect() {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    let cg = h.cgroup(&self.env.cgroup_parent, &cgroup_name(&name));
+                    let _ = cg.kill_all();
+                    let _ = cg.destroy();
+                }
+            }
+        }
+        if let Ok(h) = Hierarchy::detect() {
+            let _ = h.remove_parent(&self.env.cgroup_parent);
+        }
+        let _ = nix::mount::umount2(&self.netns, nix::mount::MntFlags::MNT_DETACH);
+        reap();
+        let _ = self.dir.path();
+    }
+}
+
+fn driver_apply_hot_plug_restart_delete() {
+    let rig = DriverRig::new();
+    let d = rig.driver();
+    let mac1 = "52:54:00:aa:00:01";
+    let mac2 = "52:54:00:aa:00:02";
+    let v1 = rig.vm(
+        "hp",
+        json!({"accel": "tcg", "memory": "64Mi", "agent": true,
+               "disks": [{"volume": "root", "cache": "writeback", "boot": 1}],
+               "interfaces": [{"network": "lan0", "mac": mac1}]}),
+    );
+    assert!(!rig.observe(&d, &v1).exists);
+    let t = Instant::now();
+    rig.apply(&d, &v1);
+    eprintln!("  created in {:?}", t.elapsed());
+    let o = rig.observe(&d, &v1);
+    assert_eq!(o.status["accel"], "tcg");
+    assert_eq!(o.status["vmState"], "running");
+    assert_eq!(o.status["disks"][0]["node"], "disk0");
+    let pid = rig.pid(&d, &v1);
+    let links = rig.links();
+    let tap1 = o.status["taps"][0].as_str().expect("tap").to_string();
+    assert!(links.contains(&tap1), "{links}");
+
+    // Adding a disk and an interface: hot, plugged into the running QEMU.
+    let v2 = rig.vm(
+        "hp",
+        json!({"accel": "tcg", "memory": "64Mi", "agent": true,
+               "disks": [{"volume": "root", "cache": "writeback", "boot": 1},
+                         {"volume": "data", "cache": "writeback"}],
+               "interfaces": [{"network": "lan0", "mac": mac1}, {"network": "lan0", "mac": mac2}]}),
+    );
+    assert_eq!(d.impact("/disks/data"), Impact::Hot);
+    assert_eq!(d.impact(&format!("/interfaces/{mac2}")), Impact::Hot);
+    rig.apply(&d, &v2);
+    assert_eq!(rig.pid(&d, &v2), pid, "hot-plugged, not restarted");
+    let sock = rig.env.run_dir.join("vms/hp/qmp.sock");
+    let mut q = Qmp::connect(&sock, Duration::from_secs(5)).expect("qmp");
+    let blocks = q
+        .execute(&stead_drivers::vm::qemu::qmp::QueryBlock)
+        .expect("query-block");
+    let names: Vec<String> = blocks.iter().filter_map(|b| b.qdev.clone()).collect();
+    assert!(names.iter().any(|n| n.contains("disk1-dev")), "{names:?}");
+    drop(q);
+    let o = rig.observe(&d, &v2);
+    assert_eq!(o.status["taps"].as_array().map(Vec::len), Some(2));
+    let tap2 = o.status["taps"][1].as_str().expect("tap").to_string();
+    assert!(rig.links().contains(&tap2));
+
+    // A change of memory: restart.
+    let v3 = rig.vm(
+        "hp",
+        json!({"accel": "tcg", "memory": "96Mi", "agent": true,
+               "disks": [{"volume": "root", "cache": "writeback", "boot": 1},
+                         {"volume": "data", "cache": "writeback"}],
+               "interfaces": [{"network": "lan0", "mac": mac1}, {"network": "lan0", "mac": mac2}]}),
+    );
+    assert_eq!(d.impact("/memory"), Impact::Restart);
+    rig.apply(&d, &v3);
+    let pid3 = rig.pid(&d, &v3);
+    assert_ne!(pid3, pid, "restarted");
+
+    // Stopped, then running again.
+    let mut stopped = v3.clone();
+    if let stead_schema::Spec::VirtualMachine(s) = &mut stopped.spec {
+        s.state = stead_schema::RunState::Stopped;
+    }
+    rig.apply(&d, &stopped);
+    assert_eq!(rig.observe(&d, &stopped).state["state"], "stopped");
+    rig.apply(&d, &v3);
+
+    // Delete: graceful stop (ignored ACPI, no agent in the guest: quit), run files,
+    // taps and cgroup gone; the disks stay.
+    let o = rig.observe(&d, &v3);
+    let t = Instant::now();
+    d.delete(&v3, &o, &rig.world).expect("delete");
+    eprintln!("  deleted in {:?}", t.elapsed());
+    assert!(!rig.observe(&d, &v3).exists);
+    assert!(!rig.env.run_dir.join("vms/hp").exists());
+    let links = rig.links();
+    assert!(!links.contains(&tap1) && !links.contains(&tap2), "{links}");
+    for v in ["root", "data"] {
+        assert!(
+            stead_drivers::storage::volume_path(&rig.world, v)
+                .expect("p")
+                .exists()
+        );
+    }
+    let h = Hierarchy::detect().expect("cgroups");
+    assert!(
+        !h.cgroup(&rig.env.cgroup_parent, &cgroup_name("hp"))
+            .exists()
+    );
+}
+
+fn uefi_nvram_survives_restarts_and_goes_with_the_vm() {
+    if !Path::new("/usr/share/qemu/firmware").is_dir() {
+        eprintln!("SKIP uefi_nvram_survives_restarts_and_goes_with_the_vm: no OVMF (apt ovmf)");
+        return;
+    }
+    let rig = DriverRig::new();
+    let d = rig.driver();
+    let v = rig.vm(
+        "uefi",
+        json!({"accel": "tcg", "memory": "128Mi", "firmware": "uefi",
+               "disks": [{"volume": "root", "boot": 1}]}),
+    );
+    rig.apply(&d, &v);
+    let o = rig.observe(&d, &v);
+    let nvram = PathBuf::from(o.status["nvram"].as_str().expect("nvram path"));
+    assert!(nvram.starts_with(&rig.env.state_dir), "{}", nvram.display());
+    assert!(nvram.is_file());
+    // Mark the NVRAM (as a guest writing a boot entry would) with QEMU stopped; the mark
+    // survives the next start.
+    let mut stopped = v.clone();
+    if let stead_schema::Spec::VirtualMachine(s) = &mut stopped.spec {
+        s.state = stead_schema::RunState::Stopped;
+    }
+    rig.apply(&d, &stopped);
+    let mut data = std::fs::read(&nvram).expect("read nvram");
+    let n = data.len();
+    data[n - 16..].copy_from_slice(b"stead-nvram-mark");
+    std::fs::write(&nvram, &data).expect("mark");
+    rig.apply(&d, &v);
+    assert!(
+        std::fs::read(&nvram)
+            .expect("read")
+            .ends_with(b"stead-nvram-mark")
+    );
+    let o = rig.observe(&d, &v);
+    d.delete(&v, &o, &rig.world).expect("delete");
+    assert!(!nvram.exists(), "the NVRAM goes with the VM");
+}
+
+fn have_qemu() -> bool {
+    std::process::Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    run_as_supervisor_if_asked(&args);
+    let tests: [(&str, fn()); 4] = [
+        (
+            "driver_apply_hot_plug_restart_delete",
+            driver_apply_hot_plug_restart_delete,
+        ),
+        (
+            "uefi_nvram_survives_restarts_and_goes_with_the_vm",
+            uefi_nvram_survives_restarts_and_goes_with_the_vm,
+        ),
+        (
+            "start_status_restart_and_graceful_stop",
+            start_status_restart_and_graceful_stop,
+        ),
+        ("never_policy_and_bad_start", never_policy_and_bad_start),
+    ];
+    if args.iter().any(|a| a == "--list") {
+        if !args.iter().any(|a| a == "--ignored") {
+            for (name, _) in tests {
+                println!("{name}: test");
+            }
+        }
+        return;
+    }
+    let exact = args.iter().any(|a| a == "--exact");
+    let filter: Vec<&String> = args[1..]
+        .iter()
+        .filter(|a| !a.starts_with('-'))
+        .filter(|a| a.parse::<u32>().is_err())
+        .collect();
+    if !nix::unistd::geteuid().is_root() || !have_qemu() {
+        for (name, _) in tests {
+            eprintln!("SKIP {name}: needs root and qemu-system-x86_64 (apt qemu-system-x86)");
+        }
+        return;
+    }
+    nix::sys::prctl::set_child_subreaper(true).expect("become a subreaper");
+    let mut failed = 0;
+    let mut ran = 0;
+    for (name, f) in tests {
+        let selected = filter.iter().any(|p| {
+            if exact {
+                name == p.as_str()
+            } else {
+                name.contains(p.as_str())
+            }
+        });
+        if !filter.is_empty() && !selected {
+            continue;
+        }
+        ran += 1;
+        eprintln!("test {name} ...");
+        let t = Instant::now();
+        match std::panic::catch_unwind(f) {
+            Ok(()) => eprintln!("test {name} ... ok ({:?})", t.elapsed()),
+            Err(_) => {
+                eprintln!("test {name} ... FAILED");
+                failed += 1;
+            }
+        }
+    }
+    eprintln!("qemu_supervisor: {ran} run, {failed} failed");
+    println!("{} passed, {failed} failed", ran - failed);
+    if failed > 0 {
+        std::process::exit(1);
+    }
+}
