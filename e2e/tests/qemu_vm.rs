@@ -213,9 +213,13 @@ runcmd:
 
 fn bios_manifest(gs: &GuestSandbox, image: &Path, memory: &str, with_vm: bool) -> String {
     let sb = &gs.sb;
-    let root = sb.busybox_rootfs();
-    for a in ["ping", "ip"] {
-        let _ = std::os::unix::fs::symlink("busybox", root.join("bin").join(a));
+    // Made once: the running container's busybox cannot be copied over.
+    let mut root = sb.path("ct-root");
+    if !root.join("bin/busybox").exists() {
+        root = sb.busybox_rootfs();
+        for a in ["ping", "ip"] {
+            let _ = std::os::unix::fs::symlink("busybox", root.join("bin").join(a));
+        }
     }
     let mut text = format!(
         "{}---\napiVersion: stead.dev/v1alpha1\nkind: Network\nmetadata: {{name: lan0}}\n\
@@ -287,10 +291,10 @@ fn qemu_bios_vm_cloud_init_bridge_restart_delete() {
 
     // The guest agent's view: `stead get` shows the guest's address.
     wait_for_text(
-        "the guest IP in `stead get`",
+        "the guest IP in `stead get -o json`",
         Duration::from_secs(120),
         &[GUEST_IP],
-        || sb.run(&["get", "vm/guest"]).stdout(),
+        || gs.get_vm("guest")["status"]["runtime"]["guestIps"].to_string(),
     );
 
     // memory 512Mi -> 640Mi: planned as a restart, applied, the guest boots with it.
@@ -378,7 +382,10 @@ write_files:
     permissions: "0755"
     content: |
       #!/bin/sh
-      v=$(tail -c +5 /sys/firmware/efi/efivars/{EFI_VAR} 2>/dev/null || echo none)
+      # efivarfs files cannot seek: read through a pipe, skip the 4 attribute bytes.
+      f=/sys/firmware/efi/efivars/{EFI_VAR}
+      v=none
+      [ -e "$f" ] && v=$(cat "$f" | tail -c +5)
       echo "stead-e2e: up efi=$([ -d /sys/firmware/efi ] && echo yes || echo no) nvram=$v" > /dev/ttyS0
 runcmd:
   - [sh, -c, "printf '\\007\\000\\000\\000stead-nvram-ok' > /sys/firmware/efi/efivars/{EFI_VAR} && echo 'stead-e2e: var written' > /dev/ttyS0"]
