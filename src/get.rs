@@ -157,10 +157,36 @@ fn summary(kind: Kind, state: &Value, status: &Value) -> String {
                     ));
                 }
             }
+            if kind == Kind::VirtualMachine {
+                v.extend(vm_summary(status));
+            }
             v
         }
     };
     parts.join(" ")
+}
+
+/// The qemu engine's extra VM details: accelerator, guest IPs and agent state (from the
+/// guest agent), and the accelerator warning (TCG fallback).
+fn vm_summary(status: &Value) -> Vec<String> {
+    let text = |k: &str| status.get(k).and_then(Value::as_str).map(str::to_string);
+    let mut v = Vec::new();
+    if let Some(a) = text("accel") {
+        v.push(format!("accel={a}"));
+    }
+    if let Some(ips) = status.get("guestIps").and_then(Value::as_array) {
+        let ips: Vec<&str> = ips.iter().filter_map(Value::as_str).collect();
+        if !ips.is_empty() {
+            v.push(format!("ips={}", ips.join(",")));
+        }
+    }
+    if let Some(a) = text("agent") {
+        v.push(format!("agent={}", if a == "ok" { "ok" } else { "down" }));
+    }
+    if let Some(w) = text("warning") {
+        v.push(format!("warning: {w}"));
+    }
+    v
 }
 
 /// What `stead get` was asked for: a kind, a name of it, or everything.
@@ -578,5 +604,27 @@ mod tests {
         let rows = pending_items(Some(&ctl), &none, &BTreeMap::new());
         assert_eq!(rows.len(), 3, "an unknown kind is left out");
         assert_eq!(rows[2].1[2], "Pending", "no status: Pending");
+    }
+
+    #[test]
+    fn qemu_vm_details_show_accel_ips_agent_and_the_warning() {
+        let state = json!({"state": "running"});
+        let status = json!({"pid": 7, "restarts": 0, "accel": "tcg",
+            "guestIps": ["10.0.0.5", "fe80::1"], "agent": "ok",
+            "warning": "running under TCG emulation (slow)"});
+        let s = summary(Kind::VirtualMachine, &state, &status);
+        assert!(s.contains("accel=tcg"), "{s}");
+        assert!(s.contains("ips=10.0.0.5,fe80::1"), "{s}");
+        assert!(s.contains("agent=ok"), "{s}");
+        assert!(
+            s.ends_with("warning: running under TCG emulation (slow)"),
+            "{s}"
+        );
+        let s = summary(
+            Kind::VirtualMachine,
+            &state,
+            &json!({"agent": "not answering: x"}),
+        );
+        assert!(s.contains("agent=down") && !s.contains("ips="), "{s}");
     }
 }

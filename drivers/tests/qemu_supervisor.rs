@@ -538,6 +538,125 @@ fn uefi_nvram_survives_restarts_and_goes_with_the_vm() {
     assert!(!nvram.exists(), "the NVRAM goes with the VM");
 }
 
+/// The guest image of `scripts/guest-image.sh`, if built (`STEAD_GUEST_IMAGE` overrides).
+fn guest_image() -> Option<PathBuf> {
+    if let Ok(p) = std::env::var("STEAD_GUEST_IMAGE") {
+        return Some(PathBuf::from(p)).filter(|p| p.is_file());
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/guest-image.sh");
+    let out = std::process::Command::new(script)
+        .arg("--print-path")
+        .output()
+        .ok()?;
+    let p = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    p.is_file().then_some(p)
+}
+
+fn real_guest_cloud_init_agent_ips_and_acpi_shutdown() {
+    let Some(image) = guest_image() else {
+        eprintln!(
+            "SKIP real_guest_cloud_init_agent_ips_and_acpi_shutdown: no guest image (scripts/guest-image.sh)"
+        );
+        return;
+    };
+    let mut rig = DriverRig::new();
+    let pool = rig.dir.path().join("pool");
+    let vol = resource(
+        Kind::Volume,
+        "guest",
+        json!({"pool": "p", "size": "2Gi", "format": "qcow2"}),
+    );
+    rig.world.insert(vol.id.clone(), vol);
+    let _ = pool;
+    let disk = stead_drivers::storage::volume_path(&rig.world, "guest").expect("path");
+    let st = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+        .arg(&image)
+        .arg(&disk)
+        .status()
+        .expect("qemu-img");
+    assert!(st.success());
+    let mut d = rig.driver();
+    // This guest image does not act on the ACPI button: after 5 s the guest agent is
+    // asked to power it off, then QEMU is told to quit.
+    d.shutdown_timeout_secs = 5;
+    let mac = "52:54:00:bb:00:05";
+    let v = rig.vm(
+        "g1",
+        json!({"memory": "512Mi", "agent": true,
+               "disks": [{"volume": "guest", "boot": 1, "cache": "unsafe"}],
+               "interfaces": [{"network": "lan0", "mac": mac}],
+               "cloudInit": {"hostname": "stead-g1", "network": {"version": 2, "ethernets": {
+                   "e0": {"match": {"macaddress": mac}, "addresses": ["10.77.0.5/24"]}}}}}),
+    );
+    let t = Instant::now();
+    rig.apply(&d, &v);
+    let o = rig.observe(&d, &v);
+    if o.status["accel"] == "tcg" {
+        assert!(
+            o.status["warning"]
+                .as_str()
+                .is_some_and(|w| w.contains("TCG")),
+            "{}",
+            o.status
+        );
+    }
+    let mut ips = json!(null);
+    let deadline = Instant::now() + Duration::from_secs(240);
+    let run = rig.env.run_dir.join("vms/g1");
+    loop {
+        let st = rig.observe(&d, &v).status;
+        ips = st["guestIps"].clone();
+        if ips
+            .as_array()
+            .is_some_and(|a| a.iter().any(|i| i == "10.77.0.5"))
+        {
+            break;
+        }
+        if Instant::now() > deadline {
+            let tail = |f: &str| {
+                let t = std::fs::read_to_string(run.join(f)).unwrap_or_default();
+                t[t.len().saturating_sub(3000)..].to_string()
+            };
+            panic!(
+                "no guest IPs: {st}\nconsole: {}\nlog: {}",
+                tail("console.log"),
+                tail("vmm.log")
+            );
+        }
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    eprintln!("  agent reported {ips} after {:?}", t.elapsed());
+    let o = rig.observe(&d, &v);
+    assert_eq!(o.status["agent"], "ok");
+    let console =
+        std::fs::read_to_string(rig.env.run_dir.join("vms/g1/console.log")).expect("console log");
+    // The serial port reaches the console log (kernel and cloud-init output).
+    assert!(
+        console.contains("cloud-init"),
+        "{}",
+        &console[console.len().saturating_sub(2000)..]
+    );
+    // Stop: the guest powers off through the agent, QEMU is not told to quit.
+    let mut stopped = v.clone();
+    if let stead_schema::Spec::VirtualMachine(s) = &mut stopped.spec {
+        s.state = stead_schema::RunState::Stopped;
+    }
+    let t = Instant::now();
+    rig.apply(&d, &stopped);
+    eprintln!("  stopped in {:?}", t.elapsed());
+    let log = std::fs::read_to_string(rig.env.run_dir.join("vms/g1/vmm.log")).expect("log");
+    assert!(log.contains("ACPI power button"), "{log}");
+    // Under TCG this image may take longer than the agent's grace to power off, then
+    // `quit` ends it: never a SIGKILL.
+    assert!(!log.contains("SIGKILL"), "{log}");
+    assert!(log.contains("QEMU ended: shutdown"), "{log}");
+    let o = rig.observe(&d, &stopped);
+    d.delete(&stopped, &o, &rig.world).expect("delete");
+    assert!(disk.exists(), "the disk stays with its Volume");
+    rig.world.clear();
+}
+
 fn have_qemu() -> bool {
     std::process::Command::new("qemu-system-x86_64")
         .arg("--version")
@@ -548,7 +667,11 @@ fn have_qemu() -> bool {
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     run_as_supervisor_if_asked(&args);
-    let tests: [(&str, fn()); 4] = [
+    let tests: [(&str, fn()); 5] = [
+        (
+            "real_guest_cloud_init_agent_ips_and_acpi_shutdown",
+            real_guest_cloud_init_agent_ips_and_acpi_shutdown,
+        ),
         (
             "driver_apply_hot_plug_restart_delete",
             driver_apply_hot_plug_restart_delete,

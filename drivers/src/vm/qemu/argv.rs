@@ -9,7 +9,7 @@
 //!   socket; the guest agent's virtio-serial port on a unix socket;
 //! - every disk as a `-blockdev` pair (file node `<id>-file`, format node `<id>`) and a
 //!   device `<id>-dev` on its bus (virtio-blk, a virtio-scsi controller only when a disk
-//!   needs one, AHCI ports for SATA disks and cdroms);
+//!   needs one, AHCI ports for SATA disks and cdroms, the cloud-init seed on virtio-blk);
 //! - taps by name (persistent taps the driver made on the bridge).
 
 use std::path::Path;
@@ -107,6 +107,12 @@ pub fn cdrom_blockdev(c: &QemuCdrom) -> String {
         c.id,
         esc(&c.path)
     )
+}
+
+/// The `-device` value of the cloud-init seed: a read-only virtio disk (guest kernels
+/// built for clouds may lack AHCI and cdrom drivers; cloud-init finds it by its label).
+pub fn seed_device(c: &QemuCdrom) -> String {
+    format!("virtio-blk-pci,drive={},id={}-dev", c.id, c.id)
 }
 
 /// The `-device` value of a cdrom on AHCI port `port`.
@@ -222,7 +228,7 @@ fn storage(c: &QemuConfig, out: &mut Vec<String>) {
     if c.uses_bus(DiskBus::Scsi) {
         push(out, "-device", "virtio-scsi-pci,id=scsi0");
     }
-    let needs_ahci = c.uses_bus(DiskBus::Sata) || !c.cdroms.is_empty();
+    let needs_ahci = c.uses_bus(DiskBus::Sata) || c.cdroms.iter().any(|cd| cd.volume.is_some());
     if needs_ahci {
         push(out, "-device", "ahci,id=sata0");
     }
@@ -239,17 +245,22 @@ fn storage(c: &QemuConfig, out: &mut Vec<String>) {
     }
     for cd in &c.cdroms {
         push(out, "-blockdev", cdrom_blockdev(cd));
-        push(out, "-device", cdrom_device(cd, port));
-        port += 1;
+        if cd.volume.is_none() {
+            push(out, "-device", seed_device(cd));
+        } else {
+            push(out, "-device", cdrom_device(cd, port));
+            port += 1;
+        }
     }
 }
 
 /// Checks what [`argv`] cannot express: more SATA disks and cdroms than AHCI ports.
 pub fn check(c: &QemuConfig) -> Result<(), String> {
-    let ports = c.disks.iter().filter(|d| d.bus == DiskBus::Sata).count() + c.cdroms.len();
+    let ports = c.disks.iter().filter(|d| d.bus == DiskBus::Sata).count()
+        + c.cdroms.iter().filter(|cd| cd.volume.is_some()).count();
     if ports > AHCI_PORTS {
         return Err(format!(
-            "{ports} SATA disks and cdroms (with the cloud-init seed): at most {AHCI_PORTS}"
+            "{ports} SATA disks and cdroms: at most {AHCI_PORTS}"
         ));
     }
     Ok(())
@@ -376,12 +387,11 @@ mod tests {
             "-chardev socket,id=qga0,path=/r/vms/vm1/qga.sock,server=on,wait=off",
             "-device virtio-serial-pci,id=vser0",
             "-device virtserialport,bus=vser0.0,chardev=qga0,name=org.qemu.guest_agent.0",
-            "-device ahci,id=sata0",
             "-blockdev driver=file,filename=/p/images/v0.qcow2,node-name=disk0-file,cache.direct=on,cache.no-flush=off,discard=ignore,read-only=off,auto-read-only=off",
             "-blockdev driver=qcow2,file=disk0-file,node-name=disk0,cache.direct=on,cache.no-flush=off,discard=ignore,read-only=off",
             "-device virtio-blk-pci,drive=disk0,id=disk0-dev,write-cache=on,bootindex=1",
             "-blockdev driver=raw,node-name=seed,read-only=on,file.driver=file,file.filename=/r/vms/vm1/seed.iso,file.read-only=on",
-            "-device ide-cd,bus=sata0.0,drive=seed,id=seed-dev",
+            "-device virtio-blk-pci,drive=seed,id=seed-dev",
             "-netdev tap,id=net0,ifname=tv12345678i0,script=no,downscript=no",
             "-device virtio-net-pci,netdev=net0,id=net0-dev,mac=52:54:00:12:34:56",
             "-device virtio-rng-pci,id=rng0",
@@ -488,7 +498,7 @@ mod tests {
         for i in 0..5 {
             c.cdroms.push(QemuCdrom {
                 id: format!("x{i}"),
-                volume: None,
+                volume: Some("x".into()),
                 path: "/x".into(),
                 boot: None,
             });

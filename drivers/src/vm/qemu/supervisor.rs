@@ -386,13 +386,11 @@ impl Supervisor {
         }
     }
 
-    /// Asks the guest agent to power the guest off (no reply comes on success).
+    /// Asks the guest agent to power the guest off (synced first; no reply comes on
+    /// success). Bounded by [`QMP_TIMEOUT`] for the sync and one second for a refusal.
     fn agent_shutdown(&self) -> bool {
-        let r = UnixStream::connect(&self.cfg.sockets.qga).and_then(|mut s| {
-            s.set_write_timeout(Some(QMP_TIMEOUT))?;
-            s.write_all(
-                b"{\"execute\":\"guest-shutdown\",\"arguments\":{\"mode\":\"powerdown\"}}\n",
-            )
+        let r = super::qga::Qga::connect(&self.cfg.sockets.qga, QMP_TIMEOUT).and_then(|mut a| {
+            a.shutdown(super::qga::ShutdownMode::Powerdown, Duration::from_secs(1))
         });
         if let Err(e) = &r {
             log(&format!("guest agent shutdown: {e}"));
