@@ -159,6 +159,46 @@ fn pool_and_volume(sb: &Sandbox, image: &Path, volume: &str) -> String {
     )
 }
 
+/// The pool, a template Volume made from `image` (`policy`: its deletionPolicy) and, when
+/// `clone` is set, a linked clone of it named `clone`.
+fn pool_template_and_clone(
+    sb: &Sandbox,
+    image: &Path,
+    policy: &str,
+    clone: Option<&str>,
+) -> String {
+    let mut text = format!(
+        "apiVersion: stead.dev/v1alpha1\nkind: StoragePool\nmetadata: {{name: vms}}\n\
+         spec: {{type: dir, path: {}, content: [images, rootdir]}}\n\
+         ---\napiVersion: stead.dev/v1alpha1\nkind: Volume\nmetadata: {{name: tpl}}\n\
+         spec: {{pool: vms, size: 2Gi, format: qcow2, template: true, deletionPolicy: {policy}, \
+         source: {{file: {}}}}}\n",
+        sb.path("pools/vms").display(),
+        image.display()
+    );
+    if let Some(c) = clone {
+        text.push_str(&format!(
+            "---\napiVersion: stead.dev/v1alpha1\nkind: Volume\nmetadata: {{name: {c}}}\n\
+             spec: {{pool: vms, size: 2Gi, format: qcow2, clone: {{from: tpl}}}}\n"
+        ));
+    }
+    text
+}
+
+/// SHA-256 (hex) of a file, through `sha256sum`.
+fn sha256_of(p: &Path) -> String {
+    let out = std::process::Command::new("sha256sum")
+        .arg(p)
+        .output()
+        .expect("sha256sum");
+    assert!(out.status.success(), "sha256sum {}", p.display());
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
 /// A TCG VirtualMachine booting `volume` with `firmware`; `extra` is more spec lines
 /// (indented two spaces), `cloud_init` the `cloudInit` block's lines (indented four).
 fn vm_yaml(
@@ -229,7 +269,7 @@ fn bios_manifest(gs: &GuestSandbox, image: &Path, memory: &str, with_vm: bool) -
          ---\napiVersion: stead.dev/v1alpha1\nkind: Container\nmetadata: {{name: peer}}\nspec:\n  \
          rootfs: {{path: {}}}\n  unprivileged: false\n  command: [/bin/sh, -c, \"sleep 100000\"]\n  \
          interfaces: [{{name: eth0, network: lan0, address: {PEER_IP}/24}}]\n",
-        pool_and_volume(sb, image, "guest-root"),
+        pool_template_and_clone(sb, image, "Retain", Some("guest-root")),
         root.display()
     );
     if with_vm {
@@ -273,6 +313,9 @@ fn qemu_bios_vm_cloud_init_bridge_restart_delete() {
     let sb = &gs.sb;
     let m = bios_manifest(&gs, &image, "512Mi", true);
     sb.run(&["apply", "--yes", &m]).expect_code(0);
+    // The guest boots from a linked clone of a template; the template never changes.
+    let tpl = sb.path("pools/vms/images/tpl.qcow2");
+    let tpl_sum = sha256_of(&tpl);
 
     // cloud-init: host name, the manifest's file, the container reached over the bridge.
     let console = wait_for_text(
@@ -353,6 +396,57 @@ fn qemu_bios_vm_cloud_init_bridge_restart_delete() {
         .filter(|n| n.starts_with("guest-root"))
         .collect();
     assert!(!files.is_empty(), "disk of Volume/guest-root kept");
+
+    // The template is unchanged by everything its clone's guest did.
+    assert_eq!(sha256_of(&tpl), tpl_sum, "the template's bytes changed");
+    // A template that a clone on the host still needs cannot be deleted: the clone leaves
+    // the manifests (kept on disk, Retain), the template is set to Delete, then leaves too.
+    let rest = m3_rest(&std::fs::read_to_string(sb.path("m/all.yaml")).expect("manifest"));
+    let with_tpl = format!(
+        "{}{rest}",
+        pool_template_and_clone(sb, &image, "Delete", None)
+    );
+    let m4 = gs.set_manifest(&with_tpl);
+    sb.run(&["apply", "--yes", &m4]).expect_code(0);
+    let without_tpl = with_tpl.replace(
+        &pool_template_and_clone(sb, &image, "Delete", None),
+        &format!(
+            "apiVersion: stead.dev/v1alpha1\nkind: StoragePool\nmetadata: {{name: vms}}\n\
+             spec: {{type: dir, path: {}, content: [images, rootdir]}}\n",
+            sb.path("pools/vms").display()
+        ),
+    );
+    let m5 = gs.set_manifest(&without_tpl);
+    let refused = sb.run(&["apply", "--yes", &m5]);
+    let text = format!("{}{}", refused.stdout(), refused.stderr());
+    assert_ne!(
+        refused.code(),
+        0,
+        "deleting a template with a clone: {text}"
+    );
+    assert!(
+        text.contains("Volume/guest-root") && text.contains("still needs it"),
+        "{text}"
+    );
+    assert!(tpl.exists(), "the refused delete left the template");
+    // The operator deletes the clone first; then the template goes.
+    for f in files {
+        let _ = std::fs::remove_file(sb.path("pools/vms/images").join(f));
+    }
+    sb.run(&["apply", "--yes", &m5]).expect_code(0);
+    assert!(
+        !tpl.exists(),
+        "the template is deleted once no clone needs it"
+    );
+}
+
+/// The BIOS manifest after the pool and volumes (network and container).
+fn m3_rest(text: &str) -> String {
+    let at = text
+        .find("kind: Network")
+        .and_then(|i| text[..i].rfind("---\n"))
+        .expect("network in the manifest");
+    text[at..].to_string()
 }
 
 fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
