@@ -78,14 +78,18 @@ make_seed() {
 # an ide-cd on q35 would be invisible to the guest.
 qemu_args() {
     local dir="$1"
+    # The options stead's engine gives the same VM (drivers/src/vm/qemu/argv.rs): TCG with
+    # its translation cache size, -cpu max, the seccomp sandbox, cache=none disks, an RNG.
     local -a a=(-name bench,debug-threads=on -nodefaults -no-user-config -display none
-        -accel tcg -m "$mem" -smp 1
+        -sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny
+        -accel tcg,tb-size=256 -cpu max -m "$mem" -smp 1
         -serial "file:$dir/serial.log"
         -qmp "unix:$dir/qmp.sock,server=on,wait=off"
-        -drive "file=$dir/disk.qcow2,format=qcow2,if=none,id=disk0,cache=writeback"
-        -device virtio-blk-pci,drive=disk0,bootindex=0
+        -drive "file=$dir/disk.qcow2,format=qcow2,if=none,id=disk0,cache=none"
+        -device virtio-blk-pci,drive=disk0,bootindex=1
         -drive "file=$dir/seed.iso,format=raw,if=none,id=seed,readonly=on"
         -device virtio-blk-pci,drive=seed
+        -device virtio-rng-pci
         -chardev "socket,path=$dir/qga.sock,server=on,wait=off,id=qga0"
         -device virtio-serial-pci
         -device virtserialport,chardev=qga0,name=org.qemu.guest_agent.0)

@@ -71,10 +71,11 @@ YAML
 echo "importing the template once (not timed)" >&2
 "$stead" "${args[@]}" apply --yes "$box/base" >/dev/null
 
-# The supervisor's RSS is read while the guest runs (before the VM is destroyed).
+# The supervisor's RSS is read while the guest runs, before the VM leaves the manifests
+# (an apply of the base alone deletes the VM and its clone).
 rss_log="$box/rss"
-up="'$stead' ${args[*]} apply --yes '$box/base' '$box/vm' >/dev/null && sleep 0"
-down="ps -o rss= -C stead | sort -n | tail -1 >>'$rss_log'; pgrep -f 'stead qemu' | xargs -r ps -o rss= -p >>'$rss_log.qemu-sup' ; '$stead' ${args[*]} destroy --yes --allow-data-loss '$box/vm'"
+up="'$stead' ${args[*]} apply --yes '$box/base' '$box/vm' >/dev/null"
+down="pgrep -f '^$stead qemu --run-dir $box/run' | xargs -r ps -o rss= -p >>'$rss_log.qemu-sup'; '$stead' ${args[*]} apply --yes --allow-data-loss '$box/base'"
 "$here/plain-boot.sh" -n "$runs" -f "$firmware" -i "$image" \
     --stead "$up" --stead-qga "$box/run/vms/bench/qga.sock" --stead-down "$down"
 if [ -s "$rss_log.qemu-sup" ]; then
