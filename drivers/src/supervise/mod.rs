@@ -259,6 +259,36 @@ pub fn hot_or_restart(path: &str, hot: &[&str]) -> stead_reconciler::driver::Imp
     }
 }
 
+/// Creates the cgroup `<parent>/<name>` of a supervised workload (killing what a dead
+/// predecessor left there), sets `limits` and moves the calling supervisor into it, so
+/// the workload's processes are born there.
+pub fn join_cgroup(
+    parent: &str,
+    name: &str,
+    limits: &stead_host::cgroup::Limits,
+) -> Result<stead_host::cgroup::Cgroup, String> {
+    let hier = stead_host::cgroup::Hierarchy::detect().map_err(|e| format!("cgroups: {e}"))?;
+    let cg = hier.cgroup(parent, name);
+    cg.kill_all()
+        .map_err(|e| format!("clean cgroup of a dead predecessor: {e}"))?;
+    cg.create().map_err(|e| format!("create cgroup: {e}"))?;
+    cg.set_limits(limits)
+        .map_err(|e| format!("cgroup limits: {e}"))?;
+    cg.add_pid(std::process::id() as i32)
+        .map_err(|e| format!("join cgroup: {e}"))?;
+    Ok(cg)
+}
+
+/// Enters the network namespace at `ns`, if any (where a VM's taps live).
+pub fn enter_netns(ns: Option<&std::path::Path>) -> Result<(), String> {
+    if let Some(ns) = ns {
+        let f = File::open(ns).map_err(|e| format!("open netns {}: {e}", ns.display()))?;
+        nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET)
+            .map_err(|e| format!("setns {}: {e}", ns.display()))?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -32,7 +32,7 @@
 //! supervisor ([`crate::supervise::serve`]); this file is the VM's
 //! [`crate::supervise::Workload`].
 
-use std::fs::{self, File};
+use std::fs;
 use std::io::{self, BufReader, Write};
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
@@ -48,7 +48,7 @@ use super::config::{Paths, Phase, SupervisorState, VmRunConfig, cgroup_name};
 use crate::container::config::read_json;
 use crate::supervise::console::trim_log;
 use crate::supervise::workload::{Exit, RestartTimer, Workload, restart_wanted};
-use stead_host::cgroup::{Cgroup, Hierarchy, Limits};
+use stead_host::cgroup::{Cgroup, Limits};
 
 pub use crate::supervise::console::LOG_CAP;
 /// Memory allowed to the VM's cgroup on top of guest RAM (VMM code, stacks, queues).
@@ -143,30 +143,15 @@ struct Supervisor {
 /// Creates the VM's cgroup (killing what a dead predecessor left there), sets its limits
 /// and moves the supervisor into it (its VMM children are born there).
 fn join_cgroup(cfg: &VmRunConfig) -> Result<Cgroup, String> {
-    let hier = Hierarchy::detect().map_err(|e| format!("cgroups: {e}"))?;
-    let cg = hier.cgroup(&cfg.cgroup_parent, &cgroup_name(&cfg.name));
-    cg.kill_all()
-        .map_err(|e| format!("clean cgroup of a dead predecessor: {e}"))?;
-    cg.create().map_err(|e| format!("create cgroup: {e}"))?;
-    cg.set_limits(&Limits {
-        cpus: Some(f64::from(cfg.cpus)),
-        memory: Some(cfg.memory + MEMORY_OVERHEAD),
-        pids: None,
-    })
-    .map_err(|e| format!("cgroup limits: {e}"))?;
-    cg.add_pid(std::process::id() as i32)
-        .map_err(|e| format!("join cgroup: {e}"))?;
-    Ok(cg)
-}
-
-/// Enters the configured network namespace (where the taps live).
-fn enter_netns(cfg: &VmRunConfig) -> Result<(), String> {
-    if let Some(ns) = &cfg.netns {
-        let f = File::open(ns).map_err(|e| format!("open netns {}: {e}", ns.display()))?;
-        nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET)
-            .map_err(|e| format!("setns {}: {e}", ns.display()))?;
-    }
-    Ok(())
+    crate::supervise::join_cgroup(
+        &cfg.cgroup_parent,
+        &cgroup_name(&cfg.name),
+        &Limits {
+            cpus: Some(f64::from(cfg.cpus)),
+            memory: Some(cfg.memory + MEMORY_OVERHEAD),
+            pids: None,
+        },
+    )
 }
 
 /// The state a new supervisor starts from: restarts and the last exit carry over from a
@@ -229,7 +214,7 @@ impl Supervisor {
     fn new(cfg: VmRunConfig, paths: Paths) -> Result<Self, String> {
         let state = initial_state(&paths);
         let cg = join_cgroup(&cfg)?;
-        enter_netns(&cfg)?;
+        crate::supervise::enter_netns(cfg.netns.as_deref())?;
         Ok(Supervisor {
             cfg,
             paths,

@@ -48,7 +48,7 @@ use crate::container::config::read_json;
 use crate::supervise::console::{Clients, ConsoleLog};
 use crate::supervise::workload::{Exit, RestartTimer, Workload, restart_wanted};
 use crate::vm::config::{Paths, Phase, cgroup_name};
-use stead_host::cgroup::{Cgroup, Hierarchy, Limits};
+use stead_host::cgroup::{Cgroup, Limits};
 
 /// Arguments of `stead qemu` (`--run-dir D --name N --config F`, the config a
 /// [`QemuConfig`]).
@@ -183,30 +183,15 @@ pub const EMULATOR_CPUS: f64 = 1.0;
 /// Creates the VM's cgroup (killing what a dead predecessor left there), sets its limits
 /// and moves the supervisor into it.
 fn join_cgroup(cfg: &QemuConfig) -> Result<Cgroup, String> {
-    let hier = Hierarchy::detect().map_err(|e| format!("cgroups: {e}"))?;
-    let cg = hier.cgroup(&cfg.cgroup_parent, &cgroup_name(&cfg.name));
-    cg.kill_all()
-        .map_err(|e| format!("clean cgroup of a dead predecessor: {e}"))?;
-    cg.create().map_err(|e| format!("create cgroup: {e}"))?;
-    cg.set_limits(&Limits {
-        cpus: Some(f64::from(cfg.cpus) + EMULATOR_CPUS),
-        memory: Some(cfg.memory + memory_overhead(cfg.accel)),
-        pids: None,
-    })
-    .map_err(|e| format!("cgroup limits: {e}"))?;
-    cg.add_pid(std::process::id() as i32)
-        .map_err(|e| format!("join cgroup: {e}"))?;
-    Ok(cg)
-}
-
-/// Enters the configured network namespace.
-fn enter_netns(cfg: &QemuConfig) -> Result<(), String> {
-    if let Some(ns) = &cfg.netns {
-        let f = File::open(ns).map_err(|e| format!("open netns {}: {e}", ns.display()))?;
-        nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET)
-            .map_err(|e| format!("setns {}: {e}", ns.display()))?;
-    }
-    Ok(())
+    crate::supervise::join_cgroup(
+        &cfg.cgroup_parent,
+        &cgroup_name(&cfg.name),
+        &Limits {
+            cpus: Some(f64::from(cfg.cpus) + EMULATOR_CPUS),
+            memory: Some(cfg.memory + memory_overhead(cfg.accel)),
+            pids: None,
+        },
+    )
 }
 
 /// The state a new supervisor starts from (restarts and the last exit carry over).
@@ -286,7 +271,7 @@ impl Supervisor {
     fn new(cfg: QemuConfig, paths: Paths) -> Result<Self, String> {
         let state = initial_state(&paths, cfg.accel);
         let cg = join_cgroup(&cfg)?;
-        enter_netns(&cfg)?;
+        crate::supervise::enter_netns(cfg.netns.as_deref())?;
         let console = bind_console(&paths.console_socket())?;
         let log = ConsoleLog::open(paths.console_log());
         Ok(Supervisor {
