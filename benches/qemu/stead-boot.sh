@@ -21,34 +21,9 @@ while [ $# -gt 0 ]; do
     *) break ;;
     esac
 done
-stead="${1:-${CARGO_TARGET_DIR:-/var/cache/stead/target}/release/stead}"
-[ -x "$stead" ] || { echo "no stead binary at $stead (cargo build --release --bin stead)" >&2; exit 1; }
-image="$("$repo/scripts/guest-image.sh")"
-
-box="$(mktemp -d /tmp/stead-boot-bench.XXXXXX)"
-ns="stead-bench-$$"
-args=(--state-dir "$box/state" --run-dir "$box/run" --cgroup-parent "$ns" --netns "$ns")
-ip netns add "$ns"
-cleanup() {
-    "$stead" "${args[@]}" destroy --yes --allow-data-loss "$box/base" "$box/vm" >/dev/null 2>&1 || true
-    ip netns del "$ns" 2>/dev/null || true
-    rm -rf "$box"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-mkdir -p "$box/base" "$box/vm" "$box/pool"
-cat >"$box/base/base.yaml" <<YAML
-apiVersion: stead.dev/v1alpha1
-kind: StoragePool
-metadata: {name: bench}
-spec: {type: dir, path: $box/pool, content: [images]}
----
-apiVersion: stead.dev/v1alpha1
-kind: Volume
-metadata: {name: tpl}
-spec: {pool: bench, size: 2Gi, format: qcow2, template: true, source: {file: $image}}
-YAML
+# shellcheck source=benches/qemu/sandbox.sh
+. "$here/sandbox.sh"
+bench_sandbox vm boot "${1:-}"
 cat >"$box/vm/vm.yaml" <<YAML
 apiVersion: stead.dev/v1alpha1
 kind: Volume
