@@ -23,16 +23,15 @@ use std::sync::mpsc::{Sender, SyncSender, channel, sync_channel};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use chrono::{SecondsFormat, Utc};
+use chrono::Utc;
 use serde::{Deserialize, Serialize};
 use tracing::{info, info_span};
 
 use super::BackupError;
 use super::store::{
-    BackupInfo, BackupOptions, BackupStore, CHUNK_AVG, CHUNK_MAX, CHUNK_MIN, ChunkRef, Chunking,
-    Done, EntryKind, FORMAT, FileEntry, InputEntry, Job, Manifest, RunShared, Stats,
-    create_private_dir, info_of, is_zero, place_done_chunk, read_manifest, validate_input_name,
-    validate_resource, worker_count, write_atomic,
+    BackupInfo, BackupOptions, BackupStore, ChunkRef, Done, EntryKind, FileEntry, InputEntry, Job,
+    RunShared, Stats, create_private_dir, is_zero, place_done_chunk, read_manifest,
+    validate_input_name, validate_resource, worker_count, write_atomic,
 };
 
 /// Block size of disk images in the store (the chunk size of clean-block reuse).
@@ -275,47 +274,22 @@ impl BackupStore {
         inputs: &[ImageInput],
         opts: &BackupOptions,
     ) -> Result<BackupInfo, BackupError> {
-        let (kind, name) = validate_resource(resource)?;
+        validate_resource(resource)?;
         let _span = info_span!("backup_images", resource = resource).entered();
         let started = Instant::now();
         check_images(inputs)?;
         let _lock = self.lock(true)?;
         let mut files: Vec<FileEntry> = inputs.iter().map(entry_of).collect();
-        let mut stats = self.chunk_images(&mut files, inputs, opts)?;
-        let id = self.free_id(kind, name, opts.time.unwrap_or_else(Utc::now));
-        stats.duration_ms = started.elapsed().as_millis() as u64;
-        let manifest = Manifest {
-            format: FORMAT.into(),
-            id: id.to_id(),
-            resource: resource.into(),
-            time: id.time.to_rfc3339_opts(SecondsFormat::Secs, true),
-            stead_version: env!("CARGO_PKG_VERSION").into(),
-            spec: spec.clone(),
-            chunking: Chunking {
-                algorithm: "fastcdc-v2020".into(),
-                min: CHUNK_MIN,
-                avg: CHUNK_AVG,
-                max: CHUNK_MAX,
-            },
-            compression: if opts.zstd_level.is_some() {
-                "zstd".into()
-            } else {
-                "none".into()
-            },
-            inputs: inputs
-                .iter()
-                .map(|i| InputEntry {
-                    name: i.name.clone(),
-                    kind: EntryKind::File,
-                    source: i.source.display().to_string(),
-                })
-                .collect(),
-            consistency: opts.consistency.clone(),
-            files,
-            stats,
-        };
-        let path = self.write_manifest(&id, &manifest)?;
-        Ok(info_of(&manifest, path, id.time))
+        let stats = self.chunk_images(&mut files, inputs, opts)?;
+        let inputs = inputs
+            .iter()
+            .map(|i| InputEntry {
+                name: i.name.clone(),
+                kind: EntryKind::File,
+                source: i.source.display().to_string(),
+            })
+            .collect();
+        self.commit_snapshot(resource, spec, opts, started, inputs, files, stats)
     }
 
     /// Reads the blocks of every image on this thread while workers hash, compress and

@@ -859,7 +859,7 @@ impl BackupStore {
         inputs: &[(String, PathBuf)],
         opts: &BackupOptions,
     ) -> Result<BackupInfo, BackupError> {
-        let (kind, name) = validate_resource(resource)?;
+        validate_resource(resource)?;
         let span = info_span!("backup", resource = resource);
         let _g = span.enter();
         let started = Instant::now();
@@ -884,6 +884,32 @@ impl BackupStore {
         stats.bytes += reused;
         stats.reused_bytes = reused;
 
+        self.commit_snapshot(
+            resource,
+            spec,
+            opts,
+            started,
+            scan.inputs,
+            scan.files,
+            stats,
+        )
+    }
+
+    /// The last step of every backup: a free id for `resource`, the manifest of what was
+    /// stored (`inputs`, `files` with their chunk lists, `stats` with the time since
+    /// `started`), written durably. The caller holds the store's lock.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn commit_snapshot(
+        &self,
+        resource: &str,
+        spec: &serde_json::Value,
+        opts: &BackupOptions,
+        started: Instant,
+        inputs: Vec<InputEntry>,
+        files: Vec<FileEntry>,
+        mut stats: Stats,
+    ) -> Result<BackupInfo, BackupError> {
+        let (kind, name) = validate_resource(resource)?;
         let id = self.free_id(kind, name, opts.time.unwrap_or_else(Utc::now));
         stats.duration_ms = started.elapsed().as_millis() as u64;
         let manifest = Manifest {
@@ -904,9 +930,9 @@ impl BackupStore {
             } else {
                 "none".into()
             },
-            inputs: scan.inputs,
+            inputs,
             consistency: opts.consistency.clone(),
-            files: scan.files,
+            files,
             stats,
         };
         let path = self.write_manifest(&id, &manifest)?;
