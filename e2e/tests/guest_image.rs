@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use serde_json::json;
-use stead_e2e::guest::{guest_agent, guest_exec_status};
+use serde_json::{Value, json};
+use stead_drivers::vm::qemu::qga::Qga;
 use stead_e2e::{GuestDisk, skip_unless};
 
 const SEABIOS: &str = "/usr/share/seabios/bios-256k.bin";
@@ -179,53 +179,49 @@ fn boots_with_cloud_init_and_agent(test: &str, firmware: Firmware, bus: Bus) {
     let mut qemu = launch(&disk, firmware, bus, &seed, &qga);
     wait_for_socket(&qga, &mut qemu);
 
-    let ping = guest_agent(&qga, &json!({"execute": "guest-ping"}), BOOT_TIMEOUT);
+    // stead's own agent client: it syncs with the agent, retrying until BOOT_TIMEOUT.
     let serial = || std::fs::read_to_string(disk.dir().join("serial.log")).unwrap_or_default();
-    assert!(
-        ping.as_ref().is_some_and(|r| r.get("return").is_some()),
-        "{test}: no guest agent after {:?} ({ping:?}); serial log:\n{}",
-        started.elapsed(),
-        serial()
-    );
+    let mut agent = Qga::connect(&qga, BOOT_TIMEOUT).unwrap_or_else(|e| {
+        panic!(
+            "{test}: no guest agent after {:?} ({e}); serial log:\n{}",
+            started.elapsed(),
+            serial()
+        )
+    });
+    let t = Duration::from_secs(30);
+    let ping = agent.execute_raw("guest-ping", Value::Null, t);
+    assert!(ping.is_ok(), "{test}: guest-ping: {ping:?}");
     eprintln!("{test}: guest agent answered after {:?}", started.elapsed());
 
     // The agent starts after cloud-init's init stage, which sets the hostname and
     // writes files.
-    let name = guest_agent(
-        &qga,
-        &json!({"execute": "guest-get-host-name"}),
-        Duration::from_secs(30),
-    );
+    let name = agent.execute_raw("guest-get-host-name", Value::Null, t);
     assert_eq!(
-        name.as_ref()
-            .and_then(|r| r["return"]["host-name"].as_str()),
+        name.as_ref().ok().and_then(|r| r["host-name"].as_str()),
         Some(hostname),
         "hostname from the seed: {name:?}"
     );
-    let open = guest_agent(
-        &qga,
-        &json!({"execute": "guest-file-open", "arguments": {"path": "/root/seeded.txt"}}),
-        Duration::from_secs(30),
-    );
-    let handle = open.as_ref().and_then(|r| r["return"].as_i64());
+    let open = agent.execute_raw("guest-file-open", json!({"path": "/root/seeded.txt"}), t);
+    let handle = open.as_ref().ok().and_then(Value::as_i64);
     assert!(handle.is_some(), "file written by cloud-init: {open:?}");
-    let read = guest_agent(
-        &qga,
-        &json!({"execute": "guest-file-read", "arguments": {"handle": handle}}),
-        Duration::from_secs(30),
-    );
+    let read = agent.execute_raw("guest-file-read", json!({"handle": handle}), t);
     assert_eq!(
-        read.as_ref().and_then(|r| r["return"]["count"].as_u64()),
+        read.as_ref().ok().and_then(|r| r["count"].as_u64()),
         Some("written by cloud-init\n".len() as u64),
         "{read:?}"
     );
     if secure_boot {
-        let on = guest_exec_status(
-            &qga,
-            "dmesg | grep -q 'Secure boot enabled'",
+        let on = agent.exec(
+            "/bin/sh",
+            &["-c", "dmesg | grep -q 'Secure boot enabled'"],
+            None,
             Duration::from_secs(60),
         );
-        assert_eq!(on, Some(0), "the kernel reports secure boot on");
+        assert_eq!(
+            on.as_ref().ok().and_then(|o| o.exit_code),
+            Some(0),
+            "the kernel reports secure boot on: {on:?}"
+        );
     }
 }
 
