@@ -29,47 +29,20 @@ pub fn have(prog: &str) -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
-/// The guest disk image of `scripts/guest-image.sh` (`$STEAD_GUEST_IMAGE` first), or
-/// `None` after a SKIP line when it is not built or QEMU/genisoimage are missing.
+/// The guest disk image of `scripts/guest-image.sh` (`$STEAD_GUEST_IMAGE` first; see
+/// [`stead_e2e::guest_image`]), or `None` after a SKIP line when it is not built or
+/// QEMU/genisoimage are missing.
 pub fn guest_image(test: &str) -> Option<PathBuf> {
-    if skip_unless(
-        have("qemu-system-x86_64"),
-        test,
-        "qemu-system-x86_64 missing (apt package qemu-system-x86)",
-    ) || skip_unless(
-        have("qemu-img"),
-        test,
-        "qemu-img missing (apt package qemu-utils)",
-    ) || skip_unless(
-        have("genisoimage"),
-        test,
-        "genisoimage missing (apt package genisoimage)",
-    ) {
+    if !stead_e2e::qemu_ok(test)
+        || skip_unless(
+            have("genisoimage"),
+            test,
+            "genisoimage missing (apt package genisoimage)",
+        )
+    {
         return None;
     }
-    let path = match std::env::var_os("STEAD_GUEST_IMAGE") {
-        Some(p) => PathBuf::from(p),
-        None => {
-            let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/guest-image.sh");
-            let out = Command::new("bash")
-                .arg(&script)
-                .arg("--print-path")
-                .output()
-                .ok()?;
-            PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
-        }
-    };
-    if skip_unless(
-        path.is_file(),
-        test,
-        &format!(
-            "guest image {} not built (run scripts/guest-image.sh once, or set STEAD_GUEST_IMAGE)",
-            path.display()
-        ),
-    ) {
-        return None;
-    }
-    Some(path)
+    stead_e2e::guest_image(test)
 }
 
 /// Waits until `read()` holds every one of `needles` (or fails the test with the text).
