@@ -20,7 +20,7 @@ cargo metadata --format-version 1 --no-deps --offline | python3 -c '
 import json, sys
 IO = ["tokio", "nix", "rustix", "libc", "git2", "axum", "rusqlite", "rtnetlink", "nftables",
       "kvm-ioctls", "vm-memory", "notify", "prometheus", "caps", "seccompiler", "xattr",
-      "indicatif", "walkdir"]
+      "indicatif", "walkdir", "etcd-client"]
 m = json.load(sys.stdin)
 names = {p["name"] for p in m["packages"]}
 root = m["workspace_root"]

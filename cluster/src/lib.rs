@@ -1,0 +1,11 @@
+//! stead's cluster layer: many hosts on etcd.
+//!
+//! - [`model`]: the records the cluster keeps (nodes, assignments, owners), shared by every
+//!   other module.
+//!
+//! Each node runs an agent that registers itself under a lease; one elected controller places
+//! workloads and writes assignments; each agent converges only what is assigned to it with the
+//! single-host engine. A running workload is owned through a key bound to its node's lease, and
+//! side effects carry that key's revision as a fencing token. See docs/architecture.md.
+
+pub mod model;
