@@ -549,6 +549,13 @@ impl FromStr for NodeName {
     }
 }
 
+/// Node names look up maps keyed by them with a plain `&str`.
+impl std::borrow::Borrow<str> for NodeName {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
 impl fmt::Display for NodeName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
