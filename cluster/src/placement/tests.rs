@@ -529,3 +529,52 @@ fn bench_place_1000_workloads_on_3_nodes() {
         "placement of 1000 workloads on 3 nodes: from scratch {cold:?}, steady state {warm:?}"
     );
 }
+
+/// examples/cluster on its three nodes: the webs spread, the database and its cache on
+/// pve1; when pve1 dies, both fail over to the replica node pve2, and the third web has
+/// nowhere to go (its anti-affinity leaves no node).
+#[test]
+fn the_cluster_example_places_and_fails_over() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/cluster");
+    let desired = stead_schema::load_and_validate(&[dir]).expect("examples/cluster validates");
+    let big = |mut n: NodeState, pools: &[&str]| {
+        n.info.capacity = Capacity {
+            milli_cpus: 8000,
+            memory_bytes: 16 * GI,
+        };
+        n.info.pools = pools.iter().map(|p| p.to_string()).collect();
+        n
+    };
+    let mut nodes = vec![
+        big(node("pve1", &[("zone", "a"), ("disk", "ssd")]), &["fast"]),
+        big(node("pve2", &[("zone", "b"), ("disk", "ssd")]), &["fast"]),
+        big(node("pve3", &[("zone", "b")]), &[]),
+    ];
+    let mut c = Case::new(nodes.clone(), workloads(&desired));
+    c.groups = ha_groups(&desired);
+    let first = c.run();
+    assert!(first.unplaceable.is_empty(), "{:?}", reasons(&first));
+    let on = |r: &PlacementResult, w: &str| r.assignments[&id(w)].node.clone();
+    assert_eq!(on(&first, "VirtualMachine/db"), "pve1");
+    assert_eq!(on(&first, "Container/cache"), "pve1");
+    assert_ne!(on(&first, "Container/batch"), "pve1", "zone b");
+    let webs: BTreeSet<String> = ["Container/web1", "Container/web2", "Container/web3"]
+        .iter()
+        .map(|w| on(&first, w))
+        .collect();
+    assert_eq!(webs.len(), 3, "{:?}", placed(&first));
+
+    nodes[0].alive = false;
+    c.nodes = nodes;
+    c.current = first.assignments.clone();
+    let after = c.run();
+    assert_eq!(on(&after, "VirtualMachine/db"), "pve2");
+    assert_eq!(on(&after, "Container/cache"), "pve2");
+    let stranded: Vec<String> = after.unplaceable.iter().map(|u| u.id.to_string()).collect();
+    let web_on_pve1 = ["Container/web1", "Container/web2", "Container/web3"]
+        .into_iter()
+        .find(|w| on(&first, w) == "pve1")
+        .expect("a web on pve1");
+    assert_eq!(stranded, [web_on_pve1]);
+    assert_eq!(after.unavailable, [id(web_on_pve1)]);
+}
