@@ -11,6 +11,7 @@
 //! - [`fence`]: self-fencing before the lease can expire.
 //! - [`agent`]: the loop each node runs, over a [`agent::Converge`] engine.
 //! - [`placement`]: which node runs each workload (pure, deterministic).
+//! - [`leader`]: the elected controller's loop: place, write assignments, step down.
 //!
 //! Each node runs an agent that registers itself under a lease; one elected controller places
 //! workloads and writes assignments; each agent converges only what is assigned to it with the
@@ -22,6 +23,7 @@ pub mod election;
 pub mod etcd;
 pub mod fence;
 pub mod keys;
+pub mod leader;
 pub mod model;
 pub mod owner;
 pub mod placement;
