@@ -10,6 +10,7 @@
 //! - [`owner`]: owner keys and fencing tokens; guarded writes.
 //! - [`fence`]: self-fencing before the lease can expire.
 //! - [`agent`]: the loop each node runs, over a [`agent::Converge`] engine.
+//! - `testkit` (feature `testkit`): one real etcd member on loopback for tests.
 //!
 //! Each node runs an agent that registers itself under a lease; one elected controller places
 //! workloads and writes assignments; each agent converges only what is assigned to it with the
@@ -24,4 +25,6 @@ pub mod keys;
 pub mod model;
 pub mod owner;
 pub mod registry;
+#[cfg(feature = "testkit")]
+pub mod testkit;
 pub mod watch;
