@@ -61,21 +61,38 @@ pub struct EtcdMember {
 impl EtcdMember {
     /// Starts a single-member cluster and waits (up to 20 s) until it answers.
     pub async fn start() -> Result<Self, TestkitError> {
+        let mut member = Self::spawn_member(None)?;
+        let probe = member.config("/ready");
+        member.wait_ready(probe).await?;
+        Ok(member)
+    }
+
+    /// Starts a single-member cluster serving clients over TLS and requiring client
+    /// certificates signed by `tls.ca`; waits until it answers a client configured as `client`
+    /// (its endpoints are replaced by this member's).
+    pub async fn start_tls(tls: &ServerTls, client: &EtcdConfig) -> Result<Self, TestkitError> {
+        let mut member = Self::spawn_member(Some(tls))?;
+        let mut probe = client.clone();
+        probe.endpoints = vec![member.client_url.clone()];
+        member.wait_ready(probe).await?;
+        Ok(member)
+    }
+
+    fn spawn_member(tls: Option<&ServerTls>) -> Result<Self, TestkitError> {
         let bin = etcd_binary()?;
         let dir = tempfile::Builder::new()
             .prefix("stead-etcd-")
             .tempdir()
             .map_err(|e| TestkitError::Start(e.to_string()))?;
-        let client_url = format!("http://127.0.0.1:{}", free_port()?);
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let client_url = format!("{scheme}://127.0.0.1:{}", free_port()?);
         let peer_url = format!("http://127.0.0.1:{}", free_port()?);
-        let child = spawn(&bin, dir.path(), &client_url, &peer_url)?;
-        let mut member = Self {
+        let child = spawn(&bin, dir.path(), &client_url, &peer_url, tls)?;
+        Ok(Self {
             child: Some(child),
             dir,
             client_url,
-        };
-        member.wait_ready().await?;
-        Ok(member)
+        })
     }
 
     /// The client URL (`http://127.0.0.1:PORT`).
@@ -142,9 +159,8 @@ impl EtcdMember {
         }
     }
 
-    async fn wait_ready(&mut self) -> Result<(), TestkitError> {
+    async fn wait_ready(&mut self, mut config: EtcdConfig) -> Result<(), TestkitError> {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        let mut config = self.config("/ready");
         config.dial_timeout = Duration::from_millis(500);
         loop {
             if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
@@ -173,7 +189,24 @@ impl Drop for EtcdMember {
     }
 }
 
-fn spawn(bin: &Path, dir: &Path, client_url: &str, peer_url: &str) -> Result<Child, TestkitError> {
+/// PEM files of a member's server certificate and the CA its clients must be signed by.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerTls {
+    /// CA that signed the client certificates (and, for the clients, the server's).
+    pub ca: PathBuf,
+    /// Server certificate (valid for 127.0.0.1).
+    pub cert: PathBuf,
+    /// Its key.
+    pub key: PathBuf,
+}
+
+fn spawn(
+    bin: &Path,
+    dir: &Path,
+    client_url: &str,
+    peer_url: &str,
+    tls: Option<&ServerTls>,
+) -> Result<Child, TestkitError> {
     let log = File::create(dir.join("etcd.log")).map_err(|e| TestkitError::Start(e.to_string()))?;
     let mut cmd = Command::new(bin);
     cmd.arg("--name=m0")
@@ -188,6 +221,7 @@ fn spawn(bin: &Path, dir: &Path, client_url: &str, peer_url: &str) -> Result<Chi
         .arg("--grpc-keepalive-min-time=1s")
         .arg("--logger=zap")
         .env_remove("ETCD_NAME")
+        .args(tls.map(tls_args).unwrap_or_default())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log)
@@ -204,4 +238,13 @@ fn spawn(bin: &Path, dir: &Path, client_url: &str, peer_url: &str) -> Result<Chi
     }
     cmd.spawn()
         .map_err(|e| TestkitError::Start(format!("{}: {e}", bin.display())))
+}
+
+fn tls_args(tls: &ServerTls) -> Vec<String> {
+    vec![
+        format!("--cert-file={}", tls.cert.display()),
+        format!("--key-file={}", tls.key.display()),
+        format!("--trusted-ca-file={}", tls.ca.display()),
+        "--client-cert-auth=true".into(),
+    ]
 }
