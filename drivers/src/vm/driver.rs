@@ -323,6 +323,36 @@ impl VmDriver {
         Ok(())
     }
 
+    /// The taps of `cfg` that are gone from the host or no longer carry this VM's alias
+    /// (deleted by hand, or by a failed apply's undo while a supervisor lived on): drift,
+    /// which apply repairs by making them again.
+    fn lost_taps(&self, cfg: &VmRunConfig) -> Result<Vec<String>, DriverError> {
+        if cfg.interfaces.is_empty() {
+            return Ok(Vec::new());
+        }
+        let owner = owner_alias(Kind::VirtualMachine, &cfg.name);
+        let owned: BTreeSet<String> = owned_links(self.env.netns.as_deref(), &owner)?
+            .into_iter()
+            .collect();
+        Ok(cfg
+            .interfaces
+            .iter()
+            .filter(|i| !owned.contains(&i.tap))
+            .map(|i| i.tap.clone())
+            .collect())
+    }
+
+    /// `state` (a [`Self::project_run`]) with no network on the interfaces whose tap is
+    /// `lost`, so the plan shows them as changes.
+    fn without_networks(mut state: Value, cfg: &VmRunConfig, lost: &[String]) -> Value {
+        for (i, n) in cfg.interfaces.iter().enumerate() {
+            if lost.contains(&n.tap) {
+                state["interfaces"][i]["network"] = Value::Null;
+            }
+        }
+        state
+    }
+
     fn spawn(&self, cfg: &VmRunConfig) -> Result<(), DriverError> {
         let args = VmmArgs {
             run_dir: self.env.run_dir.clone(),
@@ -555,7 +585,9 @@ impl VmDriver {
         };
         let cg = self.cgroup(name);
         let usage = if cg.exists() { cg.usage().ok() } else { None };
+        let lost = self.lost_taps(&cfg)?;
         let status = json!({
+            "lostTaps": lost,
             "phase": phase,
             "vmState": vm_state,
             "pid": sup.as_ref().and_then(|s| s.vmm_pid).filter(|_| alive),
@@ -604,7 +636,7 @@ impl VmDriver {
         Ok(Observed {
             exists: true,
             owned: true,
-            state: Self::project_run(&cfg, run),
+            state: Self::without_networks(Self::project_run(&cfg, run), &cfg, &lost),
             status,
             health,
         })
