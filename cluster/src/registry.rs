@@ -16,7 +16,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::etcd::{Store, StoreError};
 use crate::model::NodeInfo;
-use crate::watch::{Change, PrefixWatch, list_prefix};
+use crate::watch::{Change, PrefixWatch, decode_or_skip, list_prefix};
 
 /// How a node's lease is kept.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -267,14 +267,14 @@ impl RttWindow {
     }
 }
 
-/// Every registered node (alive: their leases hold) and the store revision of the listing.
+/// Every registered node (alive: their leases hold; unreadable records skipped with a
+/// warning) and the store revision of the listing.
 pub async fn list_nodes(store: &Store) -> Result<(Vec<NodeInfo>, i64), StoreError> {
     let (entries, revision) = list_prefix(store, &store.keys().nodes()).await?;
-    let mut nodes = Vec::with_capacity(entries.len());
-    for e in entries {
-        nodes
-            .push(serde_json::from_slice(&e.value).map_err(|err| StoreError::decode(&e.key, err))?);
-    }
+    let nodes = entries
+        .iter()
+        .filter_map(|e| decode_or_skip(&e.key, &e.value))
+        .collect();
     Ok((nodes, revision))
 }
 
@@ -309,14 +309,21 @@ impl NodeWatch {
     /// The next changes. Errors are worth retrying when retryable: the watch resumes where it
     /// stopped.
     pub async fn next(&mut self) -> Result<Vec<NodeEvent>, StoreError> {
+        loop {
+            let out = self.next_changes().await?;
+            if !out.is_empty() {
+                return Ok(out);
+            }
+        }
+    }
+
+    async fn next_changes(&mut self) -> Result<Vec<NodeEvent>, StoreError> {
         let changes = self.inner.next_batch().await?;
         let mut out = Vec::with_capacity(changes.len());
         for change in changes {
             match change {
                 Change::Put { key, value, .. } => {
-                    let info =
-                        serde_json::from_slice(&value).map_err(|e| StoreError::decode(&key, e))?;
-                    out.push(NodeEvent::Up(info));
+                    out.extend(decode_or_skip(&key, &value).map(NodeEvent::Up));
                 }
                 Change::Delete { key, .. } => {
                     if let Some(name) = self.store.keys().parse_node(&key) {

@@ -238,6 +238,32 @@ async fn assignment_watch_follows_one_node() {
     ])
     .await;
 
+    // Values stead cannot read, or naming another workload than their key, are skipped.
+    let mut raw = store.client();
+    raw.put(
+        store.keys().assignment(&res("Container/bad")),
+        "{not json",
+        None,
+    )
+    .await
+    .expect("put");
+    let lying = serde_json::to_vec(&assignment("Container/a", "n1", true)).expect("json");
+    raw.put(store.keys().assignment(&res("Container/liar")), lying, None)
+        .await
+        .expect("put");
+    raw.put(store.keys().node("garbage"), "nope", None)
+        .await
+        .expect("put");
+    assert!(list_nodes(&store).await.expect("list").0.is_empty());
+    assert_eq!(
+        election::list_assignments(&store)
+            .await
+            .expect("list")
+            .0
+            .len(),
+        2
+    );
+
     let mut watch = AssignmentWatch::new(&store, "n1");
     assert_eq!(
         next_events(&mut watch).await,
@@ -247,6 +273,9 @@ async fn assignment_watch_follows_one_node() {
             true
         )])]
     );
+    raw.put(store.keys().assignment(&res("Container/bad")), "[]", None)
+        .await
+        .expect("put");
     put(vec![assignment("Container/c", "n1", false)]).await;
     assert_eq!(
         next_events(&mut watch).await,
