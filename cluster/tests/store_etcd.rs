@@ -90,6 +90,17 @@ async fn registry_lists_nodes_and_watches_them_expire() {
         a.current().acked_at.elapsed() < Duration::from_secs(1),
         "keepalives acknowledged"
     );
+    let left = store
+        .lease_remaining(a.lease())
+        .await
+        .expect("ttl")
+        .expect("alive");
+    assert!(left <= Duration::from_secs(2));
+    let l = a.current();
+    println!(
+        "keepalive round trip {:?}, largest {:?} (loopback)",
+        l.rtt, l.max_rtt
+    );
 
     // a stops keeping its lease alive (as if killed): it is gone about a TTL after the last ack.
     let last_ack = a.current().acked_at;
@@ -107,7 +118,9 @@ async fn registry_lists_nodes_and_watches_them_expire() {
 
     // b leaves: revoked at once.
     let t = Instant::now();
+    let b_lease = b.lease();
     b.leave().await.expect("leave");
+    assert_eq!(store.lease_remaining(b_lease).await.expect("ttl"), None);
     let events = timeout(Duration::from_secs(2), watch.next())
         .await
         .expect("in time")
@@ -364,6 +377,8 @@ async fn an_old_owners_guarded_write_is_rejected_after_takeover() {
         .expect("owner")
         .expect("some");
     assert_eq!((who.record.node.as_str(), who.lease), ("n2", new.lease));
+    let all = owner::list_owners(&store).await.expect("owners");
+    assert_eq!(all, vec![who.clone()]);
     assert!(owner::release(&store, &t2).await.expect("release"));
     assert_eq!(owner::owner_of(&store, &web).await.expect("owner"), None);
 }
