@@ -160,9 +160,14 @@ async fn keep_alive(
     tx: watch::Sender<Liveness>,
 ) {
     let mut rtts = RttWindow::default();
+    let mut backoff = RETRY_MIN;
     loop {
         let current = *tx.borrow();
-        match keep_stream(&store, &current, config, &tx, &mut rtts).await {
+        let result = keep_stream(&store, &current, config, &tx, &mut rtts).await;
+        if tx.borrow().acked_at != current.acked_at {
+            backoff = RETRY_MIN;
+        }
+        match result {
             Err(StoreError::LeaseExpired(_)) => {
                 warn!(
                     lease = format!("{:x}", current.lease),
@@ -170,14 +175,20 @@ async fn keep_alive(
                 );
                 replace_lease(&store, &info, config, &tx, current.generation + 1).await;
             }
+            // Soon after a failure (an etcd leader election lasts 1-2 s: the first keepalive
+            // after it should not wait a whole interval), then less often up to the interval.
             Err(e) => {
-                debug!(error = %e, "keepalive stream failed; reconnecting");
-                sleep(config.interval).await;
+                debug!(error = %e, ?backoff, "keepalive stream failed; reconnecting");
+                sleep(backoff).await;
+                backoff = (backoff * 2).min(config.interval.max(RETRY_MIN));
             }
             Ok(()) => sleep(config.interval).await,
         }
     }
 }
+
+/// The first retry after a failed keepalive stream.
+const RETRY_MIN: Duration = Duration::from_millis(100);
 
 async fn replace_lease(
     store: &Store,
