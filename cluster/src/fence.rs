@@ -10,6 +10,7 @@
 //! Once fenced, the agent's tokens are stale: when keepalives resume the guard re-arms with a
 //! new epoch, and the agent must acquire ownership again before starting anything.
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -179,6 +180,16 @@ impl FenceGuard {
         policy: FencePolicy,
         on_fence: FenceCallback,
     ) -> Self {
+        Self::spawn_with_watchdog(liveness, policy, on_fence, None)
+    }
+
+    /// The same, also publishing the deadline in `deadline_file` for a watchdog.
+    pub fn spawn_with_watchdog(
+        liveness: watch::Receiver<Liveness>,
+        policy: FencePolicy,
+        on_fence: FenceCallback,
+        deadline_file: Option<DeadlineFile>,
+    ) -> Self {
         let first = FenceState::Armed {
             epoch: 0,
             generation: liveness.borrow().generation,
@@ -186,7 +197,8 @@ impl FenceGuard {
         };
         let (tx, rx) = watch::channel(first);
         let task = tokio::spawn(
-            guard_loop(liveness, policy, on_fence, tx).instrument(info_span!("fence")),
+            guard_loop(liveness, policy, on_fence, tx, deadline_file)
+                .instrument(info_span!("fence")),
         );
         Self { state: rx, task }
     }
@@ -207,11 +219,19 @@ async fn guard_loop(
     policy: FencePolicy,
     on_fence: FenceCallback,
     tx: watch::Sender<FenceState>,
+    deadline_file: Option<DeadlineFile>,
 ) {
+    let mut published = None;
     loop {
         let state = *tx.borrow();
         let current = *liveness.borrow_and_update();
         let next = next_state(state, &current, &policy, Instant::now());
+        if let Some(file) = &deadline_file
+            && published != Some(next)
+        {
+            file.publish(&next).await;
+            published = Some(next);
+        }
         if let (FenceState::Armed { .. }, FenceState::Fenced { .. }) = (state, next) {
             warn!(
                 lease = format!("{:x}", current.lease),
@@ -242,6 +262,80 @@ async fn guard_loop(
             }
         }
     }
+}
+
+/// The guard's deadline, published in a file for a watchdog below the agent: a process that
+/// is not the agent (a workload's supervisor) stops HA workloads once the deadline has passed,
+/// even when the agent itself is stopped (SIGSTOP, a hung runtime) and cannot fence.
+///
+/// The file holds one decimal number: the fence deadline in nanoseconds of `CLOCK_BOOTTIME`
+/// (monotonic, counts suspend, the same for every process of the host), `0` once fenced. It
+/// is replaced atomically at every change (about every keepalive interval).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadlineFile {
+    path: PathBuf,
+}
+
+impl DeadlineFile {
+    /// A deadline file at `path` (its directory must exist; a tmpfs is best).
+    pub fn new(path: PathBuf) -> Self {
+        Self { path }
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Writes `0`: HA workloads must not run (the agent stopped them and is going away).
+    pub async fn publish_fenced(&self) {
+        self.write("0\n".to_string()).await;
+    }
+
+    async fn publish(&self, state: &FenceState) {
+        self.write(deadline_text(state, Instant::now(), boottime_now()))
+            .await;
+    }
+
+    async fn write(&self, text: String) {
+        let tmp = self.path.with_extension("tmp");
+        let written = async {
+            tokio::fs::write(&tmp, text).await?;
+            tokio::fs::rename(&tmp, &self.path).await
+        };
+        if let Err(e) = written.await {
+            warn!(path = %self.path.display(), error = %e, "cannot publish the fence deadline");
+        }
+    }
+}
+
+/// The deadline file's content for `state`, seen at `now` (monotonic) and `boottime` (pure).
+pub fn deadline_text(state: &FenceState, now: Instant, boottime: Duration) -> String {
+    match state {
+        FenceState::Armed { deadline, .. } => {
+            let left = deadline.saturating_duration_since(now);
+            format!("{}\n", (boottime + left).as_nanos())
+        }
+        FenceState::Fenced { .. } => "0\n".to_string(),
+    }
+}
+
+/// Whether a watchdog reading `content` at `boottime` must stop the HA workloads: the deadline
+/// passed, the node is fenced (`0`), or the content is unreadable (fail safe).
+pub fn watchdog_expired(content: &str, boottime: Duration) -> bool {
+    match content.trim().parse::<u128>() {
+        Ok(deadline) => deadline == 0 || boottime.as_nanos() >= deadline,
+        Err(_) => true,
+    }
+}
+
+/// Now on `CLOCK_BOOTTIME`.
+pub fn boottime_now() -> Duration {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::Boottime);
+    Duration::new(
+        u64::try_from(t.tv_sec).unwrap_or(0),
+        u32::try_from(t.tv_nsec).unwrap_or(0),
+    )
 }
 
 #[cfg(test)]
@@ -373,6 +467,38 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn deadline_file_content_and_watchdog_decision() {
+        let now = Instant::now();
+        let boot = Duration::from_secs(1000);
+        let armed = FenceState::Armed {
+            epoch: 0,
+            generation: 0,
+            deadline: now + Duration::from_millis(2500),
+        };
+        let text = deadline_text(&armed, now, boot);
+        assert_eq!(text, "1002500000000\n");
+        assert!(!watchdog_expired(&text, boot));
+        assert!(!watchdog_expired(&text, boot + Duration::from_millis(2499)));
+        assert!(watchdog_expired(&text, boot + Duration::from_millis(2500)));
+        let fenced = FenceState::Fenced {
+            epoch: 0,
+            since: now,
+        };
+        assert_eq!(deadline_text(&fenced, now, boot), "0\n");
+        assert!(watchdog_expired("0\n", boot));
+        assert!(watchdog_expired("garbage", boot), "unreadable fails safe");
+        // A deadline already passed is published as now, never in the past of boottime.
+        let late = FenceState::Armed {
+            epoch: 0,
+            generation: 0,
+            deadline: now,
+        };
+        let later = now + Duration::from_secs(1);
+        assert_eq!(deadline_text(&late, later, boot), "1000000000000\n");
+        assert!(boottime_now() > Duration::ZERO);
     }
 
     #[tokio::test(start_paused = true)]

@@ -10,7 +10,7 @@ use stead_cluster::election::{
     self, AssignmentEvent, AssignmentWatch, Election, LeaderWatch, current_leader,
 };
 use stead_cluster::etcd::{Store, StoreError};
-use stead_cluster::fence::FencePolicy;
+use stead_cluster::fence::{FencePolicy, boottime_now, watchdog_expired};
 use stead_cluster::keys::ResourceRef;
 use stead_cluster::model::{Assignment, Capacity, NodeInfo};
 use stead_cluster::owner::{self, Holder};
@@ -444,12 +444,22 @@ struct RunningAgent {
 }
 
 fn start_agent(store: &Store, name: &str, ttl: Duration) -> RunningAgent {
+    start_agent_with(store, name, ttl, None)
+}
+
+fn start_agent_with(
+    store: &Store,
+    name: &str,
+    ttl: Duration,
+    deadline_file: Option<std::path::PathBuf>,
+) -> RunningAgent {
     let engine = Arc::new(FakeEngine::default());
     let (stop, rx) = tokio::sync::watch::channel(false);
     let mut config = AgentConfig::new(node(name));
     config.lease = LeaseConfig::with_ttl(ttl);
     config.fence = FencePolicy::default();
     config.retry = Duration::from_millis(100);
+    config.deadline_file = deadline_file;
     let (store, dyn_engine) = (store.clone(), engine.clone() as Arc<dyn Converge>);
     let task = tokio::spawn(async move { agent::run(&store, &config, dyn_engine, rx).await });
     RunningAgent { engine, stop, task }
@@ -559,7 +569,10 @@ async fn agent_fences_before_its_lease_can_expire_and_reacquires_after() {
     let ctl = Election::new(&store, "ctl", lease(&store, 30).await);
     let token = ctl.try_campaign().await.expect("campaign").expect("leads");
     let ttl = Duration::from_secs(4);
-    let agent = start_agent(&store, "n1", ttl);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let deadline_file = dir.path().join("fence-deadline");
+    let agent = start_agent_with(&store, "n1", ttl, Some(deadline_file.clone()));
+    let read_deadline = || std::fs::read_to_string(&deadline_file).expect("deadline file");
     election::put_assignments(&store, &token, &[assignment("Container/web", "n1", true)])
         .await
         .expect("assign");
@@ -574,6 +587,15 @@ async fn agent_fences_before_its_lease_can_expire_and_reacquires_after() {
 
     // etcd stops answering for longer than the TTL: the agent stops web before the lease
     // could expire (lease deadline = last acknowledged send + TTL, so < TTL after the pause).
+    // The watchdog's view while keepalives flow: a deadline ahead, less than the TTL away.
+    let published: u128 = read_deadline().trim().parse().expect("a number");
+    let boot = boottime_now().as_nanos();
+    assert!(
+        published > boot && published < boot + ttl.as_nanos(),
+        "{published} vs {boot}"
+    );
+    assert!(!watchdog_expired(&read_deadline(), boottime_now()));
+
     let paused = Instant::now();
     etcd.pause();
     let fenced = agent
@@ -588,6 +610,11 @@ async fn agent_fences_before_its_lease_can_expire_and_reacquires_after() {
     assert!(
         fenced_after < ttl - Duration::from_secs(1),
         "{fenced_after:?}"
+    );
+    assert_eq!(
+        read_deadline(),
+        "0\n",
+        "fenced: the watchdog stops HA workloads too"
     );
     tokio::time::sleep(ttl).await;
     etcd.resume();
@@ -621,7 +648,12 @@ async fn agent_fences_before_its_lease_can_expire_and_reacquires_after() {
         .expect("owned");
     assert_eq!(now.token.revision(), again);
     assert_ne!(now.lease, first.lease);
+    assert!(
+        !watchdog_expired(&read_deadline(), boottime_now()),
+        "re-armed"
+    );
     agent.stop().await;
+    assert_eq!(read_deadline(), "0\n", "stopped agent: nothing HA may run");
 }
 
 /// The next events, retrying retryable errors (a broken stream reconnects from its revision).
