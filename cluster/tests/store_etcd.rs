@@ -393,6 +393,8 @@ enum Call {
 #[derive(Default)]
 struct FakeEngine {
     calls: Mutex<Vec<Call>>,
+    /// How many converges fail before one succeeds.
+    failures: Mutex<usize>,
 }
 
 impl Converge for FakeEngine {
@@ -402,6 +404,11 @@ impl Converge for FakeEngine {
             .map(|o| (o.resource.to_string(), o.token.revision()))
             .collect();
         self.calls.lock().expect("lock").push(Call::Converge(set));
+        let mut failures = self.failures.lock().expect("lock");
+        if *failures > 0 {
+            *failures -= 1;
+            return Err(ConvergeError("the engine failed".into()));
+        }
         Ok(())
     }
 
@@ -573,7 +580,11 @@ async fn agent_fences_before_its_lease_can_expire_and_reacquires_after() {
     let deadline_file = dir.path().join("fence-deadline");
     let agent = start_agent_with(&store, "n1", ttl, Some(deadline_file.clone()));
     let read_deadline = || std::fs::read_to_string(&deadline_file).expect("deadline file");
-    election::put_assignments(&store, &token, &[assignment("Container/web", "n1", true)])
+    let both = [
+        assignment("Container/web", "n1", true),
+        assignment("Container/batch", "n1", false),
+    ];
+    election::put_assignments(&store, &token, &both)
         .await
         .expect("assign");
     agent
@@ -730,4 +741,48 @@ async fn assignment_watch_resumes_after_etcd_restarts() {
         next_events(&mut watch).await,
         vec![AssignmentEvent::Unassigned(res("Container/a"))]
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_retries_a_failed_converge() {
+    let Some(etcd) = member("agent_retries_a_failed_converge").await else {
+        return;
+    };
+    let store = etcd.store("/t").await.expect("store");
+    let ctl = Election::new(&store, "ctl", lease(&store, 10).await);
+    let token = ctl.try_campaign().await.expect("campaign").expect("leads");
+    let agent = start_agent(&store, "n1", Duration::from_secs(4));
+    *agent.engine.failures.lock().expect("lock") = 2;
+    election::put_assignments(&store, &token, &[assignment("Container/web", "n1", true)])
+        .await
+        .expect("assign");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while *agent.engine.failures.lock().expect("lock") > 0
+        || agent
+            .engine
+            .calls()
+            .iter()
+            .filter(|c| runs(c, "Container/web"))
+            .count()
+            < 3
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no retry: {:?}",
+            agent.engine.calls()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Retried with the same token: ownership was kept across the failures.
+    let tokens: std::collections::BTreeSet<_> = agent
+        .engine
+        .calls()
+        .into_iter()
+        .filter_map(|c| match c {
+            Call::Converge(set) => set.first().map(|(_, t)| *t),
+            Call::StopHa(_) => None,
+        })
+        .collect();
+    assert_eq!(tokens.len(), 1, "{tokens:?}");
+    agent.stop().await;
 }
