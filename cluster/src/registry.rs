@@ -81,7 +81,10 @@ impl Registration {
         info: &NodeInfo,
         config: LeaseConfig,
     ) -> Result<Self, StoreError> {
-        let first = grant_and_put(store, info, config, 0).await?;
+        let first = match adopt_lease(store, info, config).await? {
+            Some(adopted) => adopted,
+            None => grant_and_put(store, info, config, 0).await?,
+        };
         let (tx, rx) = watch::channel(first);
         let span = info_span!("keepalive", node = %info.name);
         let task =
@@ -124,6 +127,56 @@ impl Registration {
         info!(node = %self.node, "left");
         Ok(())
     }
+}
+
+/// The lease of this node's previous agent, if it is still alive: the agent was restarted
+/// (crashed, upgraded) while its workloads kept running. Keeping that lease keeps their owner
+/// keys, so the new agent owns them with the same tokens instead of stopping them and waiting
+/// for the old lease to expire. Only a record with the same address and a lease of the same
+/// TTL is adopted; the first keepalive proves the lease alive and dates it.
+async fn adopt_lease(
+    store: &Store,
+    info: &NodeInfo,
+    config: LeaseConfig,
+) -> Result<Option<Liveness>, StoreError> {
+    let key = store.keys().node(&info.name);
+    let mut client = store.client();
+    let response = store.timed(client.get(key.clone(), None)).await?;
+    let Some(kv) = response.kvs().first() else {
+        return Ok(None);
+    };
+    let previous: Option<NodeInfo> = decode_or_skip(&key, kv.value());
+    let lease = kv.lease();
+    if lease == 0 || previous.is_none_or(|p| p.address != info.address) {
+        return Ok(None);
+    }
+    let granted = store.timed(client.lease_time_to_live(lease, None)).await?;
+    let ttl = Duration::from_secs(u64::try_from(granted.granted_ttl()).unwrap_or(0));
+    if granted.ttl() <= 0 || ttl != config.ttl {
+        return Ok(None);
+    }
+    let sent = Instant::now();
+    match store.timed(client.lease_keep_alive(lease)).await {
+        Ok(_) => {}
+        Err(StoreError::LeaseExpired(_)) => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let rtt = sent.elapsed();
+    let value = serde_json::to_vec(info).map_err(|e| StoreError::decode(&info.name, e))?;
+    let put = client.put(key, value, Some(PutOptions::new().with_lease(lease)));
+    store.timed(put).await?;
+    info!(
+        lease = format!("{lease:x}"),
+        "adopted the lease of this node's previous agent"
+    );
+    Ok(Some(Liveness {
+        lease,
+        generation: 0,
+        ttl,
+        acked_at: sent,
+        rtt,
+        max_rtt: rtt,
+    }))
 }
 
 async fn grant_and_put(

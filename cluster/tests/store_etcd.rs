@@ -786,3 +786,58 @@ async fn agent_retries_a_failed_converge() {
     assert_eq!(tokens.len(), 1, "{tokens:?}");
     agent.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_agent_adopts_its_live_lease_and_keeps_its_tokens() {
+    let test = "a_restarted_agent_adopts_its_live_lease_and_keeps_its_tokens";
+    let Some(etcd) = member(test).await else {
+        return;
+    };
+    let store = etcd.store("/t").await.expect("store");
+    let config = LeaseConfig::with_ttl(Duration::from_secs(3));
+    let web = res("Container/web");
+    let first = Registration::register(&store, &node("n1"), config)
+        .await
+        .expect("register");
+    let lease = first.lease();
+    let holder = Holder {
+        node: "n1".into(),
+        lease,
+    };
+    let token = owner::acquire(&store, &web, &holder)
+        .await
+        .expect("acquire")
+        .expect("owned");
+    drop(first); // the agent crashes: no revoke
+
+    let second = Registration::register(&store, &node("n1"), config)
+        .await
+        .expect("register");
+    assert_eq!(second.lease(), lease, "the live lease is adopted");
+    let again = owner::acquire(&store, &web, &holder)
+        .await
+        .expect("acquire");
+    assert_eq!(again, Some(token.clone()), "same ownership, same token");
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(
+        owner::is_current(&store, &token).await.expect("check"),
+        "kept alive past the TTL"
+    );
+    drop(second);
+
+    // Another address under the same name (another host): a lease of its own.
+    let mut elsewhere = node("n1");
+    elsewhere.address = "10.0.0.9".into();
+    let third = Registration::register(&store, &elsewhere, config)
+        .await
+        .expect("register");
+    assert_ne!(third.lease(), lease);
+    // A TTL that changed: a new lease too.
+    let third_lease = third.lease();
+    drop(third);
+    let other_ttl = LeaseConfig::with_ttl(Duration::from_secs(5));
+    let fourth = Registration::register(&store, &elsewhere, other_ttl)
+        .await
+        .expect("register");
+    assert_ne!(fourth.lease(), third_lease);
+}
