@@ -291,6 +291,12 @@ impl AgentLoop {
                 }
             }
         }
+        let now = *fence_rx.borrow();
+        if now.is_fenced() || now.epoch() != self.epoch {
+            // Fenced while acquiring: start nothing; the next round acquires again.
+            self.held.clear();
+            return false;
+        }
         let step = decide(&self.assigned, &self.held, false);
         if let Err(e) = self.converge(step.run).await {
             warn!(error = %e, "converge failed");
