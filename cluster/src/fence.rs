@@ -61,6 +61,11 @@ impl FencePolicy {
         self.margin(max_rtt) + (interval + max_rtt) * 2
     }
 
+    /// When to fence for `liveness` on `CLOCK_BOOTTIME`.
+    pub fn fence_at_boot(&self, liveness: &Liveness) -> Duration {
+        liveness.acked_at_boot + liveness.ttl.saturating_sub(self.margin(liveness.max_rtt))
+    }
+
     /// When to fence for `liveness`.
     pub fn fence_at(&self, liveness: &Liveness) -> Instant {
         fence_deadline(
@@ -118,19 +123,21 @@ impl FenceState {
     }
 }
 
-/// The guard's decision on the latest liveness at `now` (pure).
+/// The guard's decision on the latest liveness at `now` and `boot_now` (`CLOCK_BOOTTIME`)
+/// (pure). The deadline passes when it passes on either clock: the monotonic one drives the
+/// timers, the boot one also counts a suspended host (etcd's lease timers ran meanwhile).
 pub fn next_state(
     state: FenceState,
     liveness: &Liveness,
     policy: &FencePolicy,
     now: Instant,
+    boot_now: Duration,
 ) -> FenceState {
     let deadline = policy.fence_at(liveness);
+    let expired = now >= deadline || boot_now >= policy.fence_at_boot(liveness);
     let generation = liveness.generation;
     match state {
-        FenceState::Armed { epoch, .. } if now >= deadline => {
-            FenceState::Fenced { epoch, since: now }
-        }
+        FenceState::Armed { epoch, .. } if expired => FenceState::Fenced { epoch, since: now },
         // The lease was replaced: the old one expired, so another node may own our workloads
         // already, whatever the new lease's deadline says.
         FenceState::Armed {
@@ -145,7 +152,7 @@ pub fn next_state(
         },
         // Only an acknowledgement sent after the fence re-arms: an answer to a keepalive sent
         // before it proves nothing about the time since.
-        FenceState::Fenced { epoch, since } if liveness.acked_at > since && now < deadline => {
+        FenceState::Fenced { epoch, since } if liveness.acked_at > since && !expired => {
             FenceState::Armed {
                 epoch: epoch + 1,
                 generation,
@@ -155,6 +162,9 @@ pub fn next_state(
         fenced @ FenceState::Fenced { .. } => fenced,
     }
 }
+
+/// How often the guard also checks the boot clock.
+const BOOT_CHECK: Duration = Duration::from_millis(250);
 
 /// What the guard calls when it fences (stop the node's HA workloads). It runs on a blocking
 /// thread; the guard waits for it before reporting [`FenceState::Fenced`].
@@ -225,11 +235,11 @@ async fn guard_loop(
     loop {
         let state = *tx.borrow();
         let current = *liveness.borrow_and_update();
-        let next = next_state(state, &current, &policy, Instant::now());
+        let next = next_state(state, &current, &policy, Instant::now(), boottime_now());
         if let Some(file) = &deadline_file
             && published != Some(next)
         {
-            file.publish(&next).await;
+            file.publish(&next, policy.fence_at_boot(&current)).await;
             published = Some(next);
         }
         if let (FenceState::Armed { .. }, FenceState::Fenced { .. }) = (state, next) {
@@ -253,6 +263,9 @@ async fn guard_loop(
                 tokio::select! {
                     changed = liveness.changed() => if changed.is_err() { return },
                     () = sleep_until(deadline) => {}
+                    // Timers run on the monotonic clock, which stops while the host is
+                    // suspended: look at the boot clock now and then too.
+                    () = tokio::time::sleep(BOOT_CHECK) => {}
                 }
             }
             FenceState::Fenced { .. } => {
@@ -292,9 +305,9 @@ impl DeadlineFile {
         self.write("0\n".to_string()).await;
     }
 
-    async fn publish(&self, state: &FenceState) {
-        self.write(deadline_text(state, Instant::now(), boottime_now()))
-            .await;
+    async fn publish(&self, state: &FenceState, boot_deadline: Duration) {
+        let text = deadline_text(state, Instant::now(), boottime_now(), boot_deadline);
+        self.write(text).await;
     }
 
     async fn write(&self, text: String) {
@@ -309,12 +322,18 @@ impl DeadlineFile {
     }
 }
 
-/// The deadline file's content for `state`, seen at `now` (monotonic) and `boottime` (pure).
-pub fn deadline_text(state: &FenceState, now: Instant, boottime: Duration) -> String {
+/// The deadline file's content for `state`, seen at `now` (monotonic) and `boottime`: the
+/// earlier of the monotonic deadline (as boot time) and `boot_deadline` (pure).
+pub fn deadline_text(
+    state: &FenceState,
+    now: Instant,
+    boottime: Duration,
+    boot_deadline: Duration,
+) -> String {
     match state {
         FenceState::Armed { deadline, .. } => {
             let left = deadline.saturating_duration_since(now);
-            format!("{}\n", (boottime + left).as_nanos())
+            format!("{}\n", (boottime + left).min(boot_deadline).as_nanos())
         }
         FenceState::Fenced { .. } => "0\n".to_string(),
     }
@@ -349,6 +368,7 @@ mod tests {
             generation: 0,
             ttl: Duration::from_secs(ttl_s),
             acked_at,
+            acked_at_boot: boottime_now(),
             rtt: Duration::from_millis(5),
             max_rtt: Duration::from_millis(5),
         }
@@ -392,6 +412,7 @@ mod tests {
             &l,
             &p,
             t0,
+            Duration::ZERO,
         );
         assert_eq!(
             armed,
@@ -402,7 +423,7 @@ mod tests {
             }
         );
         let at = t0 + Duration::from_millis(3500);
-        let fenced = next_state(armed, &l, &p, at);
+        let fenced = next_state(armed, &l, &p, at, Duration::ZERO);
         assert_eq!(
             fenced,
             FenceState::Fenced {
@@ -412,7 +433,7 @@ mod tests {
         );
         // The same acknowledgement again does not re-arm.
         assert_eq!(
-            next_state(fenced, &l, &p, at + Duration::from_secs(1)),
+            next_state(fenced, &l, &p, at + Duration::from_secs(1), Duration::ZERO),
             fenced
         );
         // An acknowledgement of a keepalive sent after the fence does, with a new epoch.
@@ -422,6 +443,7 @@ mod tests {
             &live(later, 5),
             &p,
             later + Duration::from_millis(5),
+            Duration::ZERO,
         );
         assert_eq!(
             again,
@@ -447,7 +469,7 @@ mod tests {
         let now = t0 + Duration::from_secs(1);
         let mut replaced = live(now, 5);
         replaced.generation = 1;
-        let fenced = next_state(armed, &replaced, &p, now);
+        let fenced = next_state(armed, &replaced, &p, now, Duration::ZERO);
         assert_eq!(
             fenced,
             FenceState::Fenced {
@@ -458,7 +480,7 @@ mod tests {
         // The first acknowledgement on the new lease after the fence re-arms.
         let later = now + Duration::from_millis(200);
         replaced.acked_at = later;
-        let again = next_state(fenced, &replaced, &p, later);
+        let again = next_state(fenced, &replaced, &p, later, Duration::ZERO);
         assert!(matches!(
             again,
             FenceState::Armed {
@@ -470,6 +492,24 @@ mod tests {
     }
 
     #[test]
+    fn a_suspended_host_fences_on_the_boot_clock() {
+        let p = FencePolicy::default();
+        let t0 = Instant::now();
+        let l = live(t0, 5);
+        let armed = FenceState::Armed {
+            epoch: 0,
+            generation: 0,
+            deadline: p.fence_at(&l),
+        };
+        // The monotonic clock barely moved (it stops during suspend); the boot clock did.
+        let boot = l.acked_at_boot + Duration::from_secs(10);
+        let state = next_state(armed, &l, &p, t0 + Duration::from_millis(10), boot);
+        assert!(state.is_fenced());
+        // And an old acknowledgement cannot re-arm it.
+        assert!(next_state(state, &l, &p, t0 + Duration::from_millis(20), boot).is_fenced());
+    }
+
+    #[test]
     fn deadline_file_content_and_watchdog_decision() {
         let now = Instant::now();
         let boot = Duration::from_secs(1000);
@@ -478,7 +518,8 @@ mod tests {
             generation: 0,
             deadline: now + Duration::from_millis(2500),
         };
-        let text = deadline_text(&armed, now, boot);
+        let far = Duration::MAX;
+        let text = deadline_text(&armed, now, boot, far);
         assert_eq!(text, "1002500000000\n");
         assert!(!watchdog_expired(&text, boot));
         assert!(!watchdog_expired(&text, boot + Duration::from_millis(2499)));
@@ -487,7 +528,7 @@ mod tests {
             epoch: 0,
             since: now,
         };
-        assert_eq!(deadline_text(&fenced, now, boot), "0\n");
+        assert_eq!(deadline_text(&fenced, now, boot, far), "0\n");
         assert!(watchdog_expired("0\n", boot));
         assert!(watchdog_expired("garbage", boot), "unreadable fails safe");
         // A deadline already passed is published as now, never in the past of boottime.
@@ -497,7 +538,10 @@ mod tests {
             deadline: now,
         };
         let later = now + Duration::from_secs(1);
-        assert_eq!(deadline_text(&late, later, boot), "1000000000000\n");
+        assert_eq!(deadline_text(&late, later, boot, far), "1000000000000\n");
+        // The boot clock's deadline wins when it is earlier.
+        let early = boot + Duration::from_secs(1);
+        assert_eq!(deadline_text(&armed, now, boot, early), "1001000000000\n");
         assert!(boottime_now() > Duration::ZERO);
     }
 

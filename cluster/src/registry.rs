@@ -15,6 +15,7 @@ use tokio::time::{Instant, sleep, timeout};
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::etcd::{Store, StoreError};
+use crate::fence::boottime_now;
 use crate::model::NodeInfo;
 use crate::watch::{Change, PrefixWatch, decode_or_skip, list_prefix};
 
@@ -53,6 +54,9 @@ pub struct Liveness {
     pub ttl: Duration,
     /// When the latest acknowledged keepalive (or the grant) was sent.
     pub acked_at: Instant,
+    /// The same moment on `CLOCK_BOOTTIME`, which keeps counting while the host is suspended
+    /// (the monotonic clock does not, but etcd's lease timers do).
+    pub acked_at_boot: Duration,
     /// Its round trip.
     pub rtt: Duration,
     /// The largest round trip seen over the last 64 acknowledgements.
@@ -155,7 +159,7 @@ async fn adopt_lease(
     if granted.ttl() <= 0 || ttl != config.ttl {
         return Ok(None);
     }
-    let sent = Instant::now();
+    let (sent, sent_boot) = (Instant::now(), boottime_now());
     match store.timed(client.lease_keep_alive(lease)).await {
         Ok(_) => {}
         Err(StoreError::LeaseExpired(_)) => return Ok(None),
@@ -174,6 +178,7 @@ async fn adopt_lease(
         generation: 0,
         ttl,
         acked_at: sent,
+        acked_at_boot: sent_boot,
         rtt,
         max_rtt: rtt,
     }))
@@ -185,7 +190,7 @@ async fn grant_and_put(
     config: LeaseConfig,
     generation: u64,
 ) -> Result<Liveness, StoreError> {
-    let sent = Instant::now();
+    let (sent, sent_boot) = (Instant::now(), boottime_now());
     let (lease, ttl) = store.grant_lease(config.ttl).await?;
     let rtt = sent.elapsed();
     let value = serde_json::to_vec(info).map_err(|e| StoreError::decode(&info.name, e))?;
@@ -199,6 +204,7 @@ async fn grant_and_put(
         generation,
         ttl,
         acked_at: sent,
+        acked_at_boot: sent_boot,
         rtt,
         max_rtt: rtt,
     })
@@ -273,15 +279,15 @@ async fn keep_stream(
 ) -> Result<(), StoreError> {
     let mut client = store.client();
     let wait = config.interval.max(Duration::from_millis(500));
-    let sent = Instant::now();
+    let (sent, sent_boot) = (Instant::now(), boottime_now());
     let opened = timeout(wait, client.lease_keep_alive(current.lease))
         .await
         .map_err(|_| StoreError::Unreachable("keepalive stream: no answer".into()))?;
     let (mut keeper, mut stream) = opened.map_err(|e| lease_error(e.into(), current.lease))?;
-    publish(tx, current, sent, rtts);
+    publish(tx, current, (sent, sent_boot), rtts);
     loop {
         sleep(config.interval).await;
-        let sent = Instant::now();
+        let (sent, sent_boot) = (Instant::now(), boottime_now());
         keeper.keep_alive().await?;
         let answer = timeout(wait, stream.message())
             .await
@@ -292,7 +298,7 @@ async fn keep_stream(
         if answer.ttl() <= 0 {
             return Err(StoreError::LeaseExpired(current.lease));
         }
-        publish(tx, current, sent, rtts);
+        publish(tx, current, (sent, sent_boot), rtts);
     }
 }
 
@@ -303,12 +309,18 @@ fn lease_error(e: StoreError, lease: i64) -> StoreError {
     }
 }
 
-fn publish(tx: &watch::Sender<Liveness>, current: &Liveness, sent: Instant, rtts: &mut RttWindow) {
+fn publish(
+    tx: &watch::Sender<Liveness>,
+    current: &Liveness,
+    (sent, sent_boot): (Instant, Duration),
+    rtts: &mut RttWindow,
+) {
     let rtt = sent.elapsed();
     let max_rtt = rtts.push(rtt);
     tx.send_modify(|l| {
         if l.lease == current.lease {
             l.acked_at = sent;
+            l.acked_at_boot = sent_boot;
             l.rtt = rtt;
             l.max_rtt = max_rtt;
         }
