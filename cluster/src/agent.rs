@@ -5,6 +5,7 @@
 //! HA workloads before the lease can expire, and every token is acquired again afterwards.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -14,7 +15,7 @@ use tracing::{debug, info, instrument, warn};
 
 use crate::election::{AssignmentEvent, AssignmentWatch};
 use crate::etcd::{Store, StoreError};
-use crate::fence::{FenceCallback, FenceGuard, FencePolicy, FenceState};
+use crate::fence::{DeadlineFile, FenceCallback, FenceGuard, FencePolicy, FenceState};
 use crate::keys::ResourceRef;
 use crate::model::{Assignment, NodeInfo};
 use crate::owner::{self, FencingToken, Holder};
@@ -58,6 +59,9 @@ pub struct AgentConfig {
     /// How often to retry acquiring a workload whose old owner's key still exists, and a
     /// converge that failed.
     pub retry: Duration,
+    /// Where to publish the fence deadline for a watchdog below the agent (see
+    /// [`DeadlineFile`]); `0` is written there at shutdown too.
+    pub deadline_file: Option<PathBuf>,
 }
 
 impl AgentConfig {
@@ -68,6 +72,7 @@ impl AgentConfig {
             lease: LeaseConfig::default(),
             fence: FencePolicy::default(),
             retry: Duration::from_millis(500),
+            deadline_file: None,
         }
     }
 }
@@ -129,10 +134,12 @@ pub async fn run(
 ) -> Result<(), StoreError> {
     let registration = Registration::register(store, &config.node, config.lease).await?;
     let running: Running = Arc::default();
-    let guard = FenceGuard::spawn(
+    let deadline_file = config.deadline_file.clone().map(DeadlineFile::new);
+    let guard = FenceGuard::spawn_with_watchdog(
         registration.liveness(),
         config.fence,
         fence_callback(&engine, &running),
+        deadline_file.clone(),
     );
     let mut agent = AgentLoop {
         store: store.clone(),
@@ -148,6 +155,9 @@ pub async fn run(
     let result = agent.run(&registration, &guard, &mut shutdown).await;
     agent.stop_all().await;
     drop(guard);
+    if let Some(file) = &deadline_file {
+        file.publish_fenced().await;
+    }
     registration.leave().await?;
     result
 }
@@ -280,6 +290,12 @@ impl AgentLoop {
                     retry = true;
                 }
             }
+        }
+        let now = *fence_rx.borrow();
+        if now.is_fenced() || now.epoch() != self.epoch {
+            // Fenced while acquiring: start nothing; the next round acquires again.
+            self.held.clear();
+            return false;
         }
         let step = decide(&self.assigned, &self.held, false);
         if let Err(e) = self.converge(step.run).await {

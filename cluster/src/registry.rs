@@ -15,8 +15,9 @@ use tokio::time::{Instant, sleep, timeout};
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::etcd::{Store, StoreError};
+use crate::fence::boottime_now;
 use crate::model::NodeInfo;
-use crate::watch::{Change, PrefixWatch, list_prefix};
+use crate::watch::{Change, PrefixWatch, decode_or_skip, list_prefix};
 
 /// How a node's lease is kept.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,6 +54,9 @@ pub struct Liveness {
     pub ttl: Duration,
     /// When the latest acknowledged keepalive (or the grant) was sent.
     pub acked_at: Instant,
+    /// The same moment on `CLOCK_BOOTTIME`, which keeps counting while the host is suspended
+    /// (the monotonic clock does not, but etcd's lease timers do).
+    pub acked_at_boot: Duration,
     /// Its round trip.
     pub rtt: Duration,
     /// The largest round trip seen over the last 64 acknowledgements.
@@ -81,7 +85,10 @@ impl Registration {
         info: &NodeInfo,
         config: LeaseConfig,
     ) -> Result<Self, StoreError> {
-        let first = grant_and_put(store, info, config, 0).await?;
+        let first = match adopt_lease(store, info, config).await? {
+            Some(adopted) => adopted,
+            None => grant_and_put(store, info, config, 0).await?,
+        };
         let (tx, rx) = watch::channel(first);
         let span = info_span!("keepalive", node = %info.name);
         let task =
@@ -126,13 +133,64 @@ impl Registration {
     }
 }
 
+/// The lease of this node's previous agent, if it is still alive: the agent was restarted
+/// (crashed, upgraded) while its workloads kept running. Keeping that lease keeps their owner
+/// keys, so the new agent owns them with the same tokens instead of stopping them and waiting
+/// for the old lease to expire. Only a record with the same address and a lease of the same
+/// TTL is adopted; the first keepalive proves the lease alive and dates it.
+async fn adopt_lease(
+    store: &Store,
+    info: &NodeInfo,
+    config: LeaseConfig,
+) -> Result<Option<Liveness>, StoreError> {
+    let key = store.keys().node(&info.name);
+    let mut client = store.client();
+    let response = store.timed(client.get(key.clone(), None)).await?;
+    let Some(kv) = response.kvs().first() else {
+        return Ok(None);
+    };
+    let previous: Option<NodeInfo> = decode_or_skip(&key, kv.value());
+    let lease = kv.lease();
+    if lease == 0 || previous.is_none_or(|p| p.address != info.address) {
+        return Ok(None);
+    }
+    let granted = store.timed(client.lease_time_to_live(lease, None)).await?;
+    let ttl = Duration::from_secs(u64::try_from(granted.granted_ttl()).unwrap_or(0));
+    if granted.ttl() <= 0 || ttl != config.ttl {
+        return Ok(None);
+    }
+    let (sent, sent_boot) = (Instant::now(), boottime_now());
+    match store.timed(client.lease_keep_alive(lease)).await {
+        Ok(_) => {}
+        Err(StoreError::LeaseExpired(_)) => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let rtt = sent.elapsed();
+    let value = serde_json::to_vec(info).map_err(|e| StoreError::decode(&info.name, e))?;
+    let put = client.put(key, value, Some(PutOptions::new().with_lease(lease)));
+    store.timed(put).await?;
+    info!(
+        lease = format!("{lease:x}"),
+        "adopted the lease of this node's previous agent"
+    );
+    Ok(Some(Liveness {
+        lease,
+        generation: 0,
+        ttl,
+        acked_at: sent,
+        acked_at_boot: sent_boot,
+        rtt,
+        max_rtt: rtt,
+    }))
+}
+
 async fn grant_and_put(
     store: &Store,
     info: &NodeInfo,
     config: LeaseConfig,
     generation: u64,
 ) -> Result<Liveness, StoreError> {
-    let sent = Instant::now();
+    let (sent, sent_boot) = (Instant::now(), boottime_now());
     let (lease, ttl) = store.grant_lease(config.ttl).await?;
     let rtt = sent.elapsed();
     let value = serde_json::to_vec(info).map_err(|e| StoreError::decode(&info.name, e))?;
@@ -146,6 +204,7 @@ async fn grant_and_put(
         generation,
         ttl,
         acked_at: sent,
+        acked_at_boot: sent_boot,
         rtt,
         max_rtt: rtt,
     })
@@ -160,9 +219,14 @@ async fn keep_alive(
     tx: watch::Sender<Liveness>,
 ) {
     let mut rtts = RttWindow::default();
+    let mut backoff = RETRY_MIN;
     loop {
         let current = *tx.borrow();
-        match keep_stream(&store, &current, config, &tx, &mut rtts).await {
+        let result = keep_stream(&store, &current, config, &tx, &mut rtts).await;
+        if tx.borrow().acked_at != current.acked_at {
+            backoff = RETRY_MIN;
+        }
+        match result {
             Err(StoreError::LeaseExpired(_)) => {
                 warn!(
                     lease = format!("{:x}", current.lease),
@@ -170,14 +234,20 @@ async fn keep_alive(
                 );
                 replace_lease(&store, &info, config, &tx, current.generation + 1).await;
             }
+            // Soon after a failure (an etcd leader election lasts 1-2 s: the first keepalive
+            // after it should not wait a whole interval), then less often up to the interval.
             Err(e) => {
-                debug!(error = %e, "keepalive stream failed; reconnecting");
-                sleep(config.interval).await;
+                debug!(error = %e, ?backoff, "keepalive stream failed; reconnecting");
+                sleep(backoff).await;
+                backoff = (backoff * 2).min(config.interval.max(RETRY_MIN));
             }
             Ok(()) => sleep(config.interval).await,
         }
     }
 }
+
+/// The first retry after a failed keepalive stream.
+const RETRY_MIN: Duration = Duration::from_millis(100);
 
 async fn replace_lease(
     store: &Store,
@@ -209,15 +279,15 @@ async fn keep_stream(
 ) -> Result<(), StoreError> {
     let mut client = store.client();
     let wait = config.interval.max(Duration::from_millis(500));
-    let sent = Instant::now();
+    let (sent, sent_boot) = (Instant::now(), boottime_now());
     let opened = timeout(wait, client.lease_keep_alive(current.lease))
         .await
         .map_err(|_| StoreError::Unreachable("keepalive stream: no answer".into()))?;
     let (mut keeper, mut stream) = opened.map_err(|e| lease_error(e.into(), current.lease))?;
-    publish(tx, current, sent, rtts);
+    publish(tx, current, (sent, sent_boot), rtts);
     loop {
         sleep(config.interval).await;
-        let sent = Instant::now();
+        let (sent, sent_boot) = (Instant::now(), boottime_now());
         keeper.keep_alive().await?;
         let answer = timeout(wait, stream.message())
             .await
@@ -228,7 +298,7 @@ async fn keep_stream(
         if answer.ttl() <= 0 {
             return Err(StoreError::LeaseExpired(current.lease));
         }
-        publish(tx, current, sent, rtts);
+        publish(tx, current, (sent, sent_boot), rtts);
     }
 }
 
@@ -239,12 +309,18 @@ fn lease_error(e: StoreError, lease: i64) -> StoreError {
     }
 }
 
-fn publish(tx: &watch::Sender<Liveness>, current: &Liveness, sent: Instant, rtts: &mut RttWindow) {
+fn publish(
+    tx: &watch::Sender<Liveness>,
+    current: &Liveness,
+    (sent, sent_boot): (Instant, Duration),
+    rtts: &mut RttWindow,
+) {
     let rtt = sent.elapsed();
     let max_rtt = rtts.push(rtt);
     tx.send_modify(|l| {
         if l.lease == current.lease {
             l.acked_at = sent;
+            l.acked_at_boot = sent_boot;
             l.rtt = rtt;
             l.max_rtt = max_rtt;
         }
@@ -267,14 +343,14 @@ impl RttWindow {
     }
 }
 
-/// Every registered node (alive: their leases hold) and the store revision of the listing.
+/// Every registered node (alive: their leases hold; unreadable records skipped with a
+/// warning) and the store revision of the listing.
 pub async fn list_nodes(store: &Store) -> Result<(Vec<NodeInfo>, i64), StoreError> {
     let (entries, revision) = list_prefix(store, &store.keys().nodes()).await?;
-    let mut nodes = Vec::with_capacity(entries.len());
-    for e in entries {
-        nodes
-            .push(serde_json::from_slice(&e.value).map_err(|err| StoreError::decode(&e.key, err))?);
-    }
+    let nodes = entries
+        .iter()
+        .filter_map(|e| decode_or_skip(&e.key, &e.value))
+        .collect();
     Ok((nodes, revision))
 }
 
@@ -309,14 +385,21 @@ impl NodeWatch {
     /// The next changes. Errors are worth retrying when retryable: the watch resumes where it
     /// stopped.
     pub async fn next(&mut self) -> Result<Vec<NodeEvent>, StoreError> {
+        loop {
+            let out = self.next_changes().await?;
+            if !out.is_empty() {
+                return Ok(out);
+            }
+        }
+    }
+
+    async fn next_changes(&mut self) -> Result<Vec<NodeEvent>, StoreError> {
         let changes = self.inner.next_batch().await?;
         let mut out = Vec::with_capacity(changes.len());
         for change in changes {
             match change {
                 Change::Put { key, value, .. } => {
-                    let info =
-                        serde_json::from_slice(&value).map_err(|e| StoreError::decode(&key, e))?;
-                    out.push(NodeEvent::Up(info));
+                    out.extend(decode_or_skip(&key, &value).map(NodeEvent::Up));
                 }
                 Change::Delete { key, .. } => {
                     if let Some(name) = self.store.keys().parse_node(&key) {

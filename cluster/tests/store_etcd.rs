@@ -10,7 +10,7 @@ use stead_cluster::election::{
     self, AssignmentEvent, AssignmentWatch, Election, LeaderWatch, current_leader,
 };
 use stead_cluster::etcd::{Store, StoreError};
-use stead_cluster::fence::FencePolicy;
+use stead_cluster::fence::{FencePolicy, boottime_now, watchdog_expired};
 use stead_cluster::keys::ResourceRef;
 use stead_cluster::model::{Assignment, Capacity, NodeInfo};
 use stead_cluster::owner::{self, Holder};
@@ -90,6 +90,17 @@ async fn registry_lists_nodes_and_watches_them_expire() {
         a.current().acked_at.elapsed() < Duration::from_secs(1),
         "keepalives acknowledged"
     );
+    let left = store
+        .lease_remaining(a.lease())
+        .await
+        .expect("ttl")
+        .expect("alive");
+    assert!(left <= Duration::from_secs(2));
+    let l = a.current();
+    println!(
+        "keepalive round trip {:?}, largest {:?} (loopback)",
+        l.rtt, l.max_rtt
+    );
 
     // a stops keeping its lease alive (as if killed): it is gone about a TTL after the last ack.
     let last_ack = a.current().acked_at;
@@ -107,7 +118,9 @@ async fn registry_lists_nodes_and_watches_them_expire() {
 
     // b leaves: revoked at once.
     let t = Instant::now();
+    let b_lease = b.lease();
     b.leave().await.expect("leave");
+    assert_eq!(store.lease_remaining(b_lease).await.expect("ttl"), None);
     let events = timeout(Duration::from_secs(2), watch.next())
         .await
         .expect("in time")
@@ -238,6 +251,32 @@ async fn assignment_watch_follows_one_node() {
     ])
     .await;
 
+    // Values stead cannot read, or naming another workload than their key, are skipped.
+    let mut raw = store.client();
+    raw.put(
+        store.keys().assignment(&res("Container/bad")),
+        "{not json",
+        None,
+    )
+    .await
+    .expect("put");
+    let lying = serde_json::to_vec(&assignment("Container/a", "n1", true)).expect("json");
+    raw.put(store.keys().assignment(&res("Container/liar")), lying, None)
+        .await
+        .expect("put");
+    raw.put(store.keys().node("garbage"), "nope", None)
+        .await
+        .expect("put");
+    assert!(list_nodes(&store).await.expect("list").0.is_empty());
+    assert_eq!(
+        election::list_assignments(&store)
+            .await
+            .expect("list")
+            .0
+            .len(),
+        2
+    );
+
     let mut watch = AssignmentWatch::new(&store, "n1");
     assert_eq!(
         next_events(&mut watch).await,
@@ -247,6 +286,9 @@ async fn assignment_watch_follows_one_node() {
             true
         )])]
     );
+    raw.put(store.keys().assignment(&res("Container/bad")), "[]", None)
+        .await
+        .expect("put");
     put(vec![assignment("Container/c", "n1", false)]).await;
     assert_eq!(
         next_events(&mut watch).await,
@@ -335,6 +377,8 @@ async fn an_old_owners_guarded_write_is_rejected_after_takeover() {
         .expect("owner")
         .expect("some");
     assert_eq!((who.record.node.as_str(), who.lease), ("n2", new.lease));
+    let all = owner::list_owners(&store).await.expect("owners");
+    assert_eq!(all, vec![who.clone()]);
     assert!(owner::release(&store, &t2).await.expect("release"));
     assert_eq!(owner::owner_of(&store, &web).await.expect("owner"), None);
 }
@@ -349,6 +393,8 @@ enum Call {
 #[derive(Default)]
 struct FakeEngine {
     calls: Mutex<Vec<Call>>,
+    /// How many converges fail before one succeeds.
+    failures: Mutex<usize>,
 }
 
 impl Converge for FakeEngine {
@@ -358,6 +404,11 @@ impl Converge for FakeEngine {
             .map(|o| (o.resource.to_string(), o.token.revision()))
             .collect();
         self.calls.lock().expect("lock").push(Call::Converge(set));
+        let mut failures = self.failures.lock().expect("lock");
+        if *failures > 0 {
+            *failures -= 1;
+            return Err(ConvergeError("the engine failed".into()));
+        }
         Ok(())
     }
 
@@ -400,12 +451,22 @@ struct RunningAgent {
 }
 
 fn start_agent(store: &Store, name: &str, ttl: Duration) -> RunningAgent {
+    start_agent_with(store, name, ttl, None)
+}
+
+fn start_agent_with(
+    store: &Store,
+    name: &str,
+    ttl: Duration,
+    deadline_file: Option<std::path::PathBuf>,
+) -> RunningAgent {
     let engine = Arc::new(FakeEngine::default());
     let (stop, rx) = tokio::sync::watch::channel(false);
     let mut config = AgentConfig::new(node(name));
     config.lease = LeaseConfig::with_ttl(ttl);
     config.fence = FencePolicy::default();
     config.retry = Duration::from_millis(100);
+    config.deadline_file = deadline_file;
     let (store, dyn_engine) = (store.clone(), engine.clone() as Arc<dyn Converge>);
     let task = tokio::spawn(async move { agent::run(&store, &config, dyn_engine, rx).await });
     RunningAgent { engine, stop, task }
@@ -515,8 +576,15 @@ async fn agent_fences_before_its_lease_can_expire_and_reacquires_after() {
     let ctl = Election::new(&store, "ctl", lease(&store, 30).await);
     let token = ctl.try_campaign().await.expect("campaign").expect("leads");
     let ttl = Duration::from_secs(4);
-    let agent = start_agent(&store, "n1", ttl);
-    election::put_assignments(&store, &token, &[assignment("Container/web", "n1", true)])
+    let dir = tempfile::tempdir().expect("tempdir");
+    let deadline_file = dir.path().join("fence-deadline");
+    let agent = start_agent_with(&store, "n1", ttl, Some(deadline_file.clone()));
+    let read_deadline = || std::fs::read_to_string(&deadline_file).expect("deadline file");
+    let both = [
+        assignment("Container/web", "n1", true),
+        assignment("Container/batch", "n1", false),
+    ];
+    election::put_assignments(&store, &token, &both)
         .await
         .expect("assign");
     agent
@@ -530,6 +598,15 @@ async fn agent_fences_before_its_lease_can_expire_and_reacquires_after() {
 
     // etcd stops answering for longer than the TTL: the agent stops web before the lease
     // could expire (lease deadline = last acknowledged send + TTL, so < TTL after the pause).
+    // The watchdog's view while keepalives flow: a deadline ahead, less than the TTL away.
+    let published: u128 = read_deadline().trim().parse().expect("a number");
+    let boot = boottime_now().as_nanos();
+    assert!(
+        published > boot && published < boot + ttl.as_nanos(),
+        "{published} vs {boot}"
+    );
+    assert!(!watchdog_expired(&read_deadline(), boottime_now()));
+
     let paused = Instant::now();
     etcd.pause();
     let fenced = agent
@@ -544,6 +621,11 @@ async fn agent_fences_before_its_lease_can_expire_and_reacquires_after() {
     assert!(
         fenced_after < ttl - Duration::from_secs(1),
         "{fenced_after:?}"
+    );
+    assert_eq!(
+        read_deadline(),
+        "0\n",
+        "fenced: the watchdog stops HA workloads too"
     );
     tokio::time::sleep(ttl).await;
     etcd.resume();
@@ -577,5 +659,185 @@ async fn agent_fences_before_its_lease_can_expire_and_reacquires_after() {
         .expect("owned");
     assert_eq!(now.token.revision(), again);
     assert_ne!(now.lease, first.lease);
+    assert!(
+        !watchdog_expired(&read_deadline(), boottime_now()),
+        "re-armed"
+    );
     agent.stop().await;
+    assert_eq!(read_deadline(), "0\n", "stopped agent: nothing HA may run");
+}
+
+/// The next events, retrying retryable errors (a broken stream reconnects from its revision).
+async fn next_events_across_outages(watch: &mut AssignmentWatch) -> Vec<AssignmentEvent> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        match timeout(Duration::from_secs(5), watch.next()).await {
+            Ok(Ok(events)) => return events,
+            Ok(Err(e)) if e.is_retryable() => {}
+            Ok(Err(e)) => panic!("watch: {e}"),
+            Err(_) => {}
+        }
+        assert!(Instant::now() < deadline, "no events");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn assignment_watch_resumes_after_etcd_restarts() {
+    let Some(mut etcd) = member("assignment_watch_resumes_after_etcd_restarts").await else {
+        return;
+    };
+    let store = etcd.store("/t").await.expect("store");
+    let ctl = Election::new(&store, "ctl", lease(&store, 60).await);
+    let token = ctl.try_campaign().await.expect("campaign").expect("leads");
+    election::put_assignments(&store, &token, &[assignment("Container/a", "n1", true)])
+        .await
+        .expect("put");
+    let mut watch = AssignmentWatch::new(&store, "n1");
+    assert!(
+        matches!(&next_events(&mut watch).await[..], [AssignmentEvent::Snapshot(s)] if s.len() == 1)
+    );
+    election::put_assignments(&store, &token, &[assignment("Container/b", "n1", true)])
+        .await
+        .expect("put");
+    assert_eq!(
+        next_events(&mut watch).await,
+        vec![AssignmentEvent::Assigned(assignment(
+            "Container/b",
+            "n1",
+            true
+        ))]
+    );
+    let resume_at = watch.next_revision();
+
+    // etcd dies and comes back; a change lands before the watch reconnects.
+    etcd.restart().await.expect("restart");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let revision = loop {
+        match election::put_assignments(&store, &token, &[assignment("Container/c", "n1", false)])
+            .await
+        {
+            Ok(r) => break r,
+            Err(e) if e.is_retryable() && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("put after restart: {e}"),
+        }
+    };
+    assert!(revision >= resume_at);
+    // Delivered once, nothing replayed from before the outage.
+    assert_eq!(
+        next_events_across_outages(&mut watch).await,
+        vec![AssignmentEvent::Assigned(assignment(
+            "Container/c",
+            "n1",
+            false
+        ))]
+    );
+    election::delete_assignment(&store, &token, &res("Container/a"))
+        .await
+        .expect("delete");
+    assert_eq!(
+        next_events(&mut watch).await,
+        vec![AssignmentEvent::Unassigned(res("Container/a"))]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_retries_a_failed_converge() {
+    let Some(etcd) = member("agent_retries_a_failed_converge").await else {
+        return;
+    };
+    let store = etcd.store("/t").await.expect("store");
+    let ctl = Election::new(&store, "ctl", lease(&store, 10).await);
+    let token = ctl.try_campaign().await.expect("campaign").expect("leads");
+    let agent = start_agent(&store, "n1", Duration::from_secs(4));
+    *agent.engine.failures.lock().expect("lock") = 2;
+    election::put_assignments(&store, &token, &[assignment("Container/web", "n1", true)])
+        .await
+        .expect("assign");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while *agent.engine.failures.lock().expect("lock") > 0
+        || agent
+            .engine
+            .calls()
+            .iter()
+            .filter(|c| runs(c, "Container/web"))
+            .count()
+            < 3
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no retry: {:?}",
+            agent.engine.calls()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Retried with the same token: ownership was kept across the failures.
+    let tokens: std::collections::BTreeSet<_> = agent
+        .engine
+        .calls()
+        .into_iter()
+        .filter_map(|c| match c {
+            Call::Converge(set) => set.first().map(|(_, t)| *t),
+            Call::StopHa(_) => None,
+        })
+        .collect();
+    assert_eq!(tokens.len(), 1, "{tokens:?}");
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_agent_adopts_its_live_lease_and_keeps_its_tokens() {
+    let test = "a_restarted_agent_adopts_its_live_lease_and_keeps_its_tokens";
+    let Some(etcd) = member(test).await else {
+        return;
+    };
+    let store = etcd.store("/t").await.expect("store");
+    let config = LeaseConfig::with_ttl(Duration::from_secs(3));
+    let web = res("Container/web");
+    let first = Registration::register(&store, &node("n1"), config)
+        .await
+        .expect("register");
+    let lease = first.lease();
+    let holder = Holder {
+        node: "n1".into(),
+        lease,
+    };
+    let token = owner::acquire(&store, &web, &holder)
+        .await
+        .expect("acquire")
+        .expect("owned");
+    drop(first); // the agent crashes: no revoke
+
+    let second = Registration::register(&store, &node("n1"), config)
+        .await
+        .expect("register");
+    assert_eq!(second.lease(), lease, "the live lease is adopted");
+    let again = owner::acquire(&store, &web, &holder)
+        .await
+        .expect("acquire");
+    assert_eq!(again, Some(token.clone()), "same ownership, same token");
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(
+        owner::is_current(&store, &token).await.expect("check"),
+        "kept alive past the TTL"
+    );
+    drop(second);
+
+    // Another address under the same name (another host): a lease of its own.
+    let mut elsewhere = node("n1");
+    elsewhere.address = "10.0.0.9".into();
+    let third = Registration::register(&store, &elsewhere, config)
+        .await
+        .expect("register");
+    assert_ne!(third.lease(), lease);
+    // A TTL that changed: a new lease too.
+    let third_lease = third.lease();
+    drop(third);
+    let other_ttl = LeaseConfig::with_ttl(Duration::from_secs(5));
+    let fourth = Registration::register(&store, &elsewhere, other_ttl)
+        .await
+        .expect("register");
+    assert_ne!(fourth.lease(), third_lease);
 }
