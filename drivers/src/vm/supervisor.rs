@@ -439,7 +439,9 @@ impl Workload for Supervisor {
     type State = SupervisorState;
 
     fn start(&mut self) -> Result<(), String> {
-        self.first_boot()
+        self.first_boot()?;
+        crate::supervise::release_free_heap();
+        Ok(())
     }
 
     fn start_failed(&mut self, error: &str) {

@@ -548,7 +548,9 @@ impl Workload for Supervisor {
     type State = QemuState;
 
     fn start(&mut self) -> Result<(), String> {
-        self.boot()
+        self.boot()?;
+        crate::supervise::release_free_heap();
+        Ok(())
     }
 
     fn start_failed(&mut self, error: &str) {
