@@ -34,6 +34,7 @@ use super::qmp::{self, DeviceAdd, NetdevAdd, NetdevDel, Qmp};
 use super::supervisor::QemuState;
 use crate::container::config::{read_json, write_json};
 use crate::net::attach::{TapSpec, delete_link, ensure_tap, owned_links};
+use crate::net::netns::{NetnsRef, run_in};
 use crate::net::owner_alias;
 use crate::vm::config::{Paths, Phase, generated_mac};
 use crate::vm::driver::VmDriver;
@@ -489,11 +490,19 @@ fn unplug_disk(q: &mut Qmp, d: &QemuDisk) -> Result<(), DriverError> {
     Ok(())
 }
 
-fn plug_nic(q: &mut Qmp, n: &QemuNic) -> Result<(), DriverError> {
+fn plug_nic(q: &mut Qmp, cfg: &QemuConfig, n: &QemuNic) -> Result<(), DriverError> {
+    // The tap is opened here (in the VM's namespace) and handed over: QEMU never makes a
+    // tap by name (see `crate::vm::tap`).
+    let owner = owner_alias(Kind::VirtualMachine, &cfg.name);
+    let ns = cfg.netns.as_deref().map(NetnsRef::from);
+    let fd = run_in(ns.as_ref(), || {
+        crate::vm::tap::open_owned(&n.tap, &owner, true).map_err(DriverError::Other)
+    })?;
+    q.getfd(&n.id, std::os::fd::AsFd::as_fd(&fd))?;
     q.execute(&NetdevAdd {
         kind: "tap".into(),
         id: n.id.clone(),
-        props: props(json!({"ifname": n.tap, "script": "no", "downscript": "no"})),
+        props: props(json!({"fd": n.id})),
     })?;
     let mut p = json!({"netdev": n.id, "mac": n.mac});
     if let Some(b) = n.boot {
@@ -527,7 +536,7 @@ fn apply_hot_plug(cfg: &QemuConfig, hp: &HotPlug) -> Result<(), DriverError> {
         plug_disk(&mut q, d)?;
     }
     for n in &hp.add_nics {
-        plug_nic(&mut q, n)?;
+        plug_nic(&mut q, cfg, n)?;
     }
     tracing::info!(
         disks_added = hp.add_disks.len(),
