@@ -237,8 +237,10 @@ pub fn observe_one(vm: &VmDriver, name: &str, cfg: &QemuConfig) -> Result<Observ
     let cg = vm.cgroup(name);
     let usage = if cg.exists() { cg.usage().ok() } else { None };
     let s = sup.as_ref();
+    let lost = vm.lost_taps(name, cfg.nics.iter().map(|n| n.tap.as_str()))?;
     let status = json!({
         "engine": "qemu",
+        "lostTaps": lost,
         "phase": phase,
         "vmState": vm_state,
         "accel": cfg.accel.as_str(),
@@ -282,10 +284,15 @@ pub fn observe_one(vm: &VmDriver, name: &str, cfg: &QemuConfig) -> Result<Observ
         )),
         (false, _, _) => Health::Degraded("supervisor not running".into()),
     };
+    let mut state = project_config(cfg, run);
+    for n in cfg.nics.iter().filter(|n| lost.contains(&n.tap)) {
+        // Drift the plan shows; apply makes the tap again and restarts the VM.
+        state["interfaces"][&n.mac]["network"] = Value::Null;
+    }
     Ok(Observed {
         exists: true,
         owned: true,
-        state: project_config(cfg, run),
+        state,
         status,
         health,
     })
@@ -600,11 +607,21 @@ pub fn apply(
     {
         firmware::ensure_nvram(&t, vars_template).map_err(other)?;
     }
+    // Taps the running QEMU has (not new interfaces, which hot-plug makes).
+    let lost = match &current {
+        Some(cur) => vm
+            .lost_taps(name, cur.nics.iter().map(|n| n.tap.as_str()))
+            .map_err(other)?,
+        None => Vec::new(),
+    };
     sync_taps(vm, &cfg).map_err(other)?;
     let alive = paths.instance().lock_held();
     if let Some(cur) = current.as_ref().filter(|_| alive) {
         cfg = keep_ids(cfg, cur);
+        // A tap made again: QEMU holds a dead queue of the old one (or waits for it), so
+        // the VM boots afresh rather than being hot-plugged.
         if cfg.running
+            && lost.is_empty()
             && let Some(hp) = hot_plug(cur, &cfg)
         {
             let policy_changed = cur.restart_policy != cfg.restart_policy;
