@@ -226,6 +226,7 @@ fn qemu_snapshot_freezes_the_guest_through_its_agent() {
     });
 
     let out = snapshot(sb, "fz", "s1");
+    eprintln!("{}", out.trim());
     assert!(
         out.contains("consistency: paused VirtualMachine/fz (guest agent froze "),
         "{out}"

@@ -324,22 +324,27 @@ impl VmDriver {
         Ok(())
     }
 
-    /// The taps of `cfg` that are gone from the host or no longer carry this VM's alias
-    /// (deleted by hand, or by a failed apply's undo while a supervisor lived on): drift,
-    /// which apply repairs by making them again.
-    fn lost_taps(&self, cfg: &VmRunConfig) -> Result<Vec<String>, DriverError> {
-        if cfg.interfaces.is_empty() {
+    /// Those of `taps` (VM `name`'s) that are gone from the host or no longer carry the
+    /// VM's alias (deleted by hand, or by a failed apply's undo while a supervisor lived
+    /// on): drift, which apply repairs by making them again and restarting the VM (a
+    /// running VMM or QEMU keeps a dead queue of a deleted tap).
+    pub(crate) fn lost_taps<'a>(
+        &self,
+        name: &str,
+        taps: impl IntoIterator<Item = &'a str>,
+    ) -> Result<Vec<String>, DriverError> {
+        let taps: Vec<&str> = taps.into_iter().collect();
+        if taps.is_empty() {
             return Ok(Vec::new());
         }
-        let owner = owner_alias(Kind::VirtualMachine, &cfg.name);
+        let owner = owner_alias(Kind::VirtualMachine, name);
         let owned: BTreeSet<String> = owned_links(self.env.netns.as_deref(), &owner)?
             .into_iter()
             .collect();
-        Ok(cfg
-            .interfaces
-            .iter()
-            .filter(|i| !owned.contains(&i.tap))
-            .map(|i| i.tap.clone())
+        Ok(taps
+            .into_iter()
+            .filter(|t| !owned.contains(*t))
+            .map(str::to_string)
             .collect())
     }
 
@@ -492,9 +497,20 @@ impl VmDriver {
         let paths = self.paths(name);
         fs::create_dir_all(&paths.dir)
             .map_err(|e| DriverError::io(format!("create {}", paths.dir.display()), e))?;
-        self.sync_taps(cfg)?;
         let current: Option<VmRunConfig> = read_json(&paths.config())?;
+        // Taps the running VMM has (a new interface restarts it anyway).
+        let lost = match &current {
+            Some(c) => self.lost_taps(name, c.interfaces.iter().map(|i| i.tap.as_str()))?,
+            None => Vec::new(),
+        };
+        self.sync_taps(cfg)?;
         let alive = lock_held(&paths);
+        if alive && !lost.is_empty() {
+            // Its VMM holds a dead queue of the old tap, or waits for one: boot afresh.
+            tracing::info!(taps = ?lost, "taps made again: restarting the VM");
+            self.stop(name)?;
+        }
+        let alive = alive && lost.is_empty();
         // Same VM apart from the hot fields (run state, restart policy)?
         let same = current.as_ref().is_some_and(|c| {
             let mut c = c.clone();
@@ -625,7 +641,7 @@ impl VmDriver {
         };
         let cg = self.cgroup(name);
         let usage = if cg.exists() { cg.usage().ok() } else { None };
-        let lost = self.lost_taps(&cfg)?;
+        let lost = self.lost_taps(name, cfg.interfaces.iter().map(|i| i.tap.as_str()))?;
         let status = json!({
             "lostTaps": lost,
             "phase": phase,

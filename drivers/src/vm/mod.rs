@@ -14,6 +14,7 @@ pub mod console;
 mod driver;
 pub mod qemu;
 pub mod supervisor;
+mod tap;
 
 use std::path::Path;
 

@@ -36,7 +36,6 @@
 //! [`crate::supervise::Workload`].
 
 use std::fs;
-use std::fs::File;
 use std::io::{self, BufReader, Write};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
@@ -182,7 +181,7 @@ fn initial_state(paths: &Paths) -> SupervisorState {
 /// The VMM child of one boot, after the fork: never returns. It unblocks the signals,
 /// drops inherited descriptors, dies with its supervisor (`supervisor` is its pid), runs
 /// the VM and exits with the [`code`] of how the VM ended.
-fn vmm_child(vm_cfg: stead_vmm::VmConfig, taps: &[File], supervisor: Pid) -> ! {
+fn vmm_child(vm_cfg: stead_vmm::VmConfig, taps: &[OwnedFd], supervisor: Pid) -> ! {
     let _ = SigSet::empty().thread_set_mask();
     // Drop inherited descriptors (the supervisor's lock and signalfd, the launcher's ready
     // pipe): stdio and the taps stay, the VMM opens what else it needs.
@@ -439,7 +438,9 @@ impl Workload for Supervisor {
     type State = SupervisorState;
 
     fn start(&mut self) -> Result<(), String> {
-        self.first_boot()
+        self.first_boot()?;
+        crate::supervise::release_free_heap();
+        Ok(())
     }
 
     fn start_failed(&mut self, error: &str) {
@@ -484,44 +485,19 @@ impl Workload for Supervisor {
     }
 }
 
-/// Opens the queue of each tap of `cfg` (in the supervisor's network namespace, the VM's).
-/// Each must exist, be a persistent tap, and carry this VM's owner alias, the same link
-/// before and after the open: the supervisor attaches only to taps its driver made.
-fn open_owned_taps(cfg: &VmRunConfig) -> Result<Vec<File>, String> {
+/// Opens the queue of each tap of `cfg` (in the supervisor's network namespace, the VM's):
+/// only taps the driver made for this VM ([`crate::vm::tap::open_owned`]).
+fn open_owned_taps(cfg: &VmRunConfig) -> Result<Vec<OwnedFd>, String> {
     let owner = crate::net::owner_alias(stead_schema::Kind::VirtualMachine, &cfg.name);
-    let mut nl = crate::net::nl::Netlink::open(None).map_err(|e| e.to_string())?;
-    let mut owned_link = |name: &str| -> Result<u32, String> {
-        match nl.link_by_name(name).map_err(|e| e.to_string())? {
-            Some(l)
-                if l.alias.as_deref() == Some(owner.as_str())
-                    && l.kind.as_deref() == Some("tun") =>
-            {
-                Ok(l.index)
-            }
-            Some(l) => Err(format!(
-                "tap {name} is not this VM's (alias {:?}, kind {:?}): not attaching",
-                l.alias, l.kind
-            )),
-            None => Err(format!("tap {name} does not exist (apply makes it)")),
-        }
-    };
-    let mut taps = Vec::with_capacity(cfg.interfaces.len());
-    for i in &cfg.interfaces {
-        let before = owned_link(&i.tap)?;
-        let f = stead_vmm::Tap::attach(&i.tap).map_err(|e| e.to_string())?;
-        if owned_link(&i.tap)? != before {
-            return Err(format!("tap {} was replaced while it was opened", i.tap));
-        }
-        taps.push(f);
-    }
-    Ok(taps)
+    let names: Vec<&str> = cfg.interfaces.iter().map(|i| i.tap.as_str()).collect();
+    crate::vm::tap::open_all_owned(&names, &owner, false)
 }
 
 /// Builds the VMM configuration of one boot, on the open `taps` (one per interface).
 fn vm_config(
     cfg: &VmRunConfig,
     paths: &Paths,
-    taps: &[File],
+    taps: &[OwnedFd],
 ) -> Result<stead_vmm::VmConfig, String> {
     let mut v = stead_vmm::VmConfig::new(&cfg.kernel);
     v.vcpus = u8::try_from(cfg.cpus).map_err(|_| format!("{} vCPUs is too many", cfg.cpus))?;

@@ -10,7 +10,9 @@
 //! - every disk as a `-blockdev` pair (file node `<id>-file`, format node `<id>`) and a
 //!   device `<id>-dev` on its bus (virtio-blk, a virtio-scsi controller only when a disk
 //!   needs one, AHCI ports for SATA disks and cdroms, the cloud-init seed on virtio-blk);
-//! - taps by name (persistent taps the driver made on the bridge).
+//! - taps on inherited descriptors ([`TAP_FD_BASE`] + the interface's index) that the
+//!   supervisor opened: persistent taps the driver made on the bridge, never made by QEMU
+//!   (`ifname=` would create a tap that apply had deleted).
 
 use std::path::Path;
 
@@ -23,6 +25,9 @@ use super::config::{FirmwareRun, QemuCdrom, QemuConfig, QemuDisk, QemuNic};
 pub const SERIAL_FD: i32 = 3;
 /// The descriptor QEMU inherits for the supervisor's QMP channel (a stream socket).
 pub const SUPERVISOR_QMP_FD: i32 = 4;
+/// The descriptor QEMU inherits for the tap of interface 0 (interface `i` at
+/// `TAP_FD_BASE + i`).
+pub const TAP_FD_BASE: i32 = 5;
 /// TCG translation cache size in MiB (QEMU's default of 1 GiB would be charged to the
 /// VM's memory cgroup).
 pub const TCG_TB_SIZE_MIB: u64 = 256;
@@ -125,9 +130,9 @@ pub fn cdrom_device(c: &QemuCdrom, port: usize) -> String {
     )
 }
 
-/// The `-netdev` value of an interface.
-pub fn nic_netdev(n: &QemuNic) -> String {
-    format!("tap,id={},ifname={},script=no,downscript=no", n.id, n.tap)
+/// The `-netdev` value of an interface whose tap QEMU inherits as descriptor `fd`.
+pub fn nic_netdev(n: &QemuNic, fd: i32) -> String {
+    format!("tap,id={},fd={fd}", n.id)
 }
 
 /// The `-device` value of an interface.
@@ -285,8 +290,8 @@ pub fn argv(c: &QemuConfig) -> Vec<String> {
     push(&mut out, "-m", format!("{}M", c.memory >> 20));
     channels(c, &mut out);
     storage(c, &mut out);
-    for n in &c.nics {
-        push(&mut out, "-netdev", nic_netdev(n));
+    for (n, fd) in c.nics.iter().zip(TAP_FD_BASE..) {
+        push(&mut out, "-netdev", nic_netdev(n, fd));
         push(&mut out, "-device", nic_device(n));
     }
     push(&mut out, "-device", "virtio-rng-pci,id=rng0");
@@ -392,7 +397,7 @@ mod tests {
             "-device virtio-blk-pci,drive=disk0,id=disk0-dev,write-cache=on,bootindex=1",
             "-blockdev driver=raw,node-name=seed,read-only=on,file.driver=file,file.filename=/r/vms/vm1/seed.iso,file.read-only=on",
             "-device virtio-blk-pci,drive=seed,id=seed-dev",
-            "-netdev tap,id=net0,ifname=tv12345678i0,script=no,downscript=no",
+            "-netdev tap,id=net0,fd=5",
             "-device virtio-net-pci,netdev=net0,id=net0-dev,mac=52:54:00:12:34:56",
             "-device virtio-rng-pci,id=rng0",
         ]

@@ -34,6 +34,7 @@ use super::qmp::{self, DeviceAdd, NetdevAdd, NetdevDel, Qmp};
 use super::supervisor::QemuState;
 use crate::container::config::{read_json, write_json};
 use crate::net::attach::{TapSpec, delete_link, ensure_tap, owned_links};
+use crate::net::netns::{NetnsRef, run_in};
 use crate::net::owner_alias;
 use crate::vm::config::{Paths, Phase, generated_mac};
 use crate::vm::driver::VmDriver;
@@ -236,8 +237,10 @@ pub fn observe_one(vm: &VmDriver, name: &str, cfg: &QemuConfig) -> Result<Observ
     let cg = vm.cgroup(name);
     let usage = if cg.exists() { cg.usage().ok() } else { None };
     let s = sup.as_ref();
+    let lost = vm.lost_taps(name, cfg.nics.iter().map(|n| n.tap.as_str()))?;
     let status = json!({
         "engine": "qemu",
+        "lostTaps": lost,
         "phase": phase,
         "vmState": vm_state,
         "accel": cfg.accel.as_str(),
@@ -281,10 +284,15 @@ pub fn observe_one(vm: &VmDriver, name: &str, cfg: &QemuConfig) -> Result<Observ
         )),
         (false, _, _) => Health::Degraded("supervisor not running".into()),
     };
+    let mut state = project_config(cfg, run);
+    for n in cfg.nics.iter().filter(|n| lost.contains(&n.tap)) {
+        // Drift the plan shows; apply makes the tap again and restarts the VM.
+        state["interfaces"][&n.mac]["network"] = Value::Null;
+    }
     Ok(Observed {
         exists: true,
         owned: true,
-        state: project_config(cfg, run),
+        state,
         status,
         health,
     })
@@ -489,11 +497,19 @@ fn unplug_disk(q: &mut Qmp, d: &QemuDisk) -> Result<(), DriverError> {
     Ok(())
 }
 
-fn plug_nic(q: &mut Qmp, n: &QemuNic) -> Result<(), DriverError> {
+fn plug_nic(q: &mut Qmp, cfg: &QemuConfig, n: &QemuNic) -> Result<(), DriverError> {
+    // The tap is opened here (in the VM's namespace) and handed over: QEMU never makes a
+    // tap by name (see `crate::vm::tap`).
+    let owner = owner_alias(Kind::VirtualMachine, &cfg.name);
+    let ns = cfg.netns.as_deref().map(NetnsRef::from);
+    let fd = run_in(ns.as_ref(), || {
+        crate::vm::tap::open_owned(&n.tap, &owner, true).map_err(DriverError::Other)
+    })?;
+    q.getfd(&n.id, std::os::fd::AsFd::as_fd(&fd))?;
     q.execute(&NetdevAdd {
         kind: "tap".into(),
         id: n.id.clone(),
-        props: props(json!({"ifname": n.tap, "script": "no", "downscript": "no"})),
+        props: props(json!({"fd": n.id})),
     })?;
     let mut p = json!({"netdev": n.id, "mac": n.mac});
     if let Some(b) = n.boot {
@@ -527,7 +543,7 @@ fn apply_hot_plug(cfg: &QemuConfig, hp: &HotPlug) -> Result<(), DriverError> {
         plug_disk(&mut q, d)?;
     }
     for n in &hp.add_nics {
-        plug_nic(&mut q, n)?;
+        plug_nic(&mut q, cfg, n)?;
     }
     tracing::info!(
         disks_added = hp.add_disks.len(),
@@ -591,11 +607,21 @@ pub fn apply(
     {
         firmware::ensure_nvram(&t, vars_template).map_err(other)?;
     }
+    // Taps the running QEMU has (not new interfaces, which hot-plug makes).
+    let lost = match &current {
+        Some(cur) => vm
+            .lost_taps(name, cur.nics.iter().map(|n| n.tap.as_str()))
+            .map_err(other)?,
+        None => Vec::new(),
+    };
     sync_taps(vm, &cfg).map_err(other)?;
     let alive = paths.instance().lock_held();
     if let Some(cur) = current.as_ref().filter(|_| alive) {
         cfg = keep_ids(cfg, cur);
+        // A tap made again: QEMU holds a dead queue of the old one (or waits for it), so
+        // the VM boots afresh rather than being hot-plugged.
         if cfg.running
+            && lost.is_empty()
             && let Some(hp) = hot_plug(cur, &cfg)
         {
             let policy_changed = cur.restart_policy != cfg.restart_policy;

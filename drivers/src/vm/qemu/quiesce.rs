@@ -39,7 +39,10 @@ impl Quiesced {
     /// or why it did not (`None` for a VM without an agent).
     pub fn agent_report(&self) -> Option<String> {
         match (self.frozen, &self.agent_note) {
-            (Some(n), _) => Some(format!("guest agent froze {n} file systems")),
+            (Some(n), _) => Some(format!(
+                "guest agent froze {n} file system{}",
+                if n == 1 { "" } else { "s" }
+            )),
             (None, Some(note)) => Some(format!("crash-consistent: {note}")),
             (None, None) => None,
         }

@@ -41,7 +41,10 @@ use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 
 use super::accel::Accel;
-use super::argv::{SERIAL_FD, SUPERVISOR_QMP_FD, TCG_TB_SIZE_MIB, argv};
+use super::argv::{SERIAL_FD, SUPERVISOR_QMP_FD, TAP_FD_BASE, TCG_TB_SIZE_MIB, argv};
+
+// `spawn_qemu` places serial, QMP and the taps at consecutive descriptors.
+const _: () = assert!(SUPERVISOR_QMP_FD == SERIAL_FD + 1 && TAP_FD_BASE == SERIAL_FD + 2);
 use super::config::QemuConfig;
 use super::qmp::{Qmp, Quit, RunState as QmpRunState, SystemPowerdown};
 use crate::container::config::read_json;
@@ -223,13 +226,25 @@ fn bind_console(p: &Path) -> Result<UnixListener, String> {
     Ok(l)
 }
 
-/// Moves `fd` to descriptor `to` in a forked child (clearing close-on-exec). Only
-/// async-signal-safe calls.
-fn move_fd(fd: i32, to: i32) -> io::Result<()> {
-    // SAFETY: fcntl/dup2 on descriptors the child owns; no allocation.
-    unsafe {
-        let high = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 10);
-        if high < 0 || libc::dup2(high, to) < 0 {
+/// Puts each of `fds` at descriptor `first + i` in a forked child (close-on-exec cleared):
+/// all are first copied above every target, so no move overwrites a source. Only
+/// async-signal-safe calls, no allocation.
+fn place_fds(fds: &[i32], first: i32) -> io::Result<()> {
+    const HIGH: i32 = 64;
+    if fds.len() > (HIGH - first) as usize {
+        return Err(io::Error::other("too many descriptors for QEMU"));
+    }
+    let mut high = [0i32; 64];
+    for (i, &fd) in fds.iter().enumerate() {
+        // SAFETY: fcntl on a descriptor the child owns.
+        high[i] = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, HIGH) };
+        if high[i] < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    for (i, &h) in high[..fds.len()].iter().enumerate() {
+        // SAFETY: dup2 onto a target below HIGH; the new descriptor has no close-on-exec.
+        if unsafe { libc::dup2(h, first + i as i32) } < 0 {
             return Err(io::Error::last_os_error());
         }
     }
@@ -237,9 +252,16 @@ fn move_fd(fd: i32, to: i32) -> io::Result<()> {
 }
 
 /// Starts QEMU with `args`; its serial port and QMP channel are the other ends of
-/// `serial` and `qmp`.
-fn spawn_qemu(args: &[String], serial: OwnedFd, qmp: OwnedFd) -> io::Result<Pid> {
-    let (s, q) = (serial.as_raw_fd(), qmp.as_raw_fd());
+/// `serial` and `qmp`, and `taps` are its interfaces' taps (at [`TAP_FD_BASE`] on).
+fn spawn_qemu(
+    args: &[String],
+    serial: OwnedFd,
+    qmp: OwnedFd,
+    taps: Vec<OwnedFd>,
+) -> io::Result<Pid> {
+    let mut fds: Vec<i32> = vec![serial.as_raw_fd(), qmp.as_raw_fd()];
+    fds.extend(taps.iter().map(AsRawFd::as_raw_fd));
+    let keep_below = (SERIAL_FD + fds.len() as i32) as u32;
     let mut cmd = Command::new(&args[0]);
     cmd.args(&args[1..]).stdin(Stdio::null());
     // SAFETY: runs in the forked child before exec; only async-signal-safe calls
@@ -250,12 +272,12 @@ fn spawn_qemu(args: &[String], serial: OwnedFd, qmp: OwnedFd) -> io::Result<Pid>
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                 return Err(io::Error::last_os_error());
             }
-            move_fd(s, SERIAL_FD)?;
-            move_fd(q, SUPERVISOR_QMP_FD)?;
+            // Serial, QMP, then the taps: SERIAL_FD, SUPERVISOR_QMP_FD, TAP_FD_BASE…
+            place_fds(&fds, SERIAL_FD)?;
             // Everything else the supervisor holds (lock, signalfd, sockets) stays out.
             libc::syscall(
                 libc::SYS_close_range,
-                (SUPERVISOR_QMP_FD + 1) as u32,
+                keep_below,
                 u32::MAX,
                 libc::CLOSE_RANGE_CLOEXEC,
             );
@@ -263,7 +285,7 @@ fn spawn_qemu(args: &[String], serial: OwnedFd, qmp: OwnedFd) -> io::Result<Pid>
         });
     }
     let child = cmd.spawn()?;
-    drop((serial, qmp));
+    drop((serial, qmp, taps));
     Ok(Pid::from_raw(child.id() as i32))
 }
 
@@ -307,8 +329,12 @@ impl Supervisor {
         let (serial, qemu_serial) =
             UnixStream::pair().map_err(|e| format!("serial socket pair: {e}"))?;
         let (qmp, qemu_qmp) = UnixStream::pair().map_err(|e| format!("QMP socket pair: {e}"))?;
+        // Opened here, checked as this VM's: QEMU never makes a tap (see `crate::vm::tap`).
+        let owner = crate::net::owner_alias(stead_schema::Kind::VirtualMachine, &self.cfg.name);
+        let names: Vec<&str> = self.cfg.nics.iter().map(|n| n.tap.as_str()).collect();
+        let taps = crate::vm::tap::open_all_owned(&names, &owner, true)?;
         let args = argv(&self.cfg);
-        let pid = spawn_qemu(&args, qemu_serial.into(), qemu_qmp.into())
+        let pid = spawn_qemu(&args, qemu_serial.into(), qemu_qmp.into(), taps)
             .map_err(|e| format!("start {}: {e}", args[0]))?;
         log(&format!("boot, QEMU pid {pid}"));
         let _ = serial.set_nonblocking(true);
@@ -548,7 +574,9 @@ impl Workload for Supervisor {
     type State = QemuState;
 
     fn start(&mut self) -> Result<(), String> {
-        self.boot()
+        self.boot()?;
+        crate::supervise::release_free_heap();
+        Ok(())
     }
 
     fn start_failed(&mut self, error: &str) {
