@@ -235,11 +235,11 @@ async fn keep_alive(
                 replace_lease(&store, &info, config, &tx, current.generation + 1).await;
             }
             // Soon after a failure (an etcd leader election lasts 1-2 s: the first keepalive
-            // after it should not wait a whole interval), then less often up to the interval.
+            // after it should not wait a whole interval), then less often up to RETRY_MAX.
             Err(e) => {
                 debug!(error = %e, ?backoff, "keepalive stream failed; reconnecting");
                 sleep(backoff).await;
-                backoff = (backoff * 2).min(config.interval.max(RETRY_MIN));
+                backoff = (backoff * 2).min(RETRY_MAX);
             }
             Ok(()) => sleep(config.interval).await,
         }
@@ -254,6 +254,10 @@ const ANSWER_WAIT: Duration = Duration::from_millis(500);
 
 /// The first retry after a failed keepalive stream.
 const RETRY_MIN: Duration = Duration::from_millis(100);
+
+/// The longest wait between retries: a retry is one small request, and after an etcd leader
+/// election (or while the client still picks a dead member) the next one should come soon.
+const RETRY_MAX: Duration = Duration::from_millis(300);
 
 async fn replace_lease(
     store: &Store,
