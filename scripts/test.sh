@@ -47,7 +47,7 @@ export STEAD_BIN="$CARGO_TARGET_DIR/debug/stead"
 echo "-- tests that depend on optional kernel features (SKIP lines below, if any)"
 cargo nextest run --workspace --success-output immediate --failure-output immediate \
   --status-level fail --final-status-level none \
-  -E 'binary(net_bond_vlan) | binary(storage_backends) | binary(linux) | binary(vm_linux) | binary(store_etcd) | binary(store_tls)' 2>&1 \
+  -E 'binary(net_bond_vlan) | binary(storage_backends) | binary(linux) | binary(vm_linux) | binary(store_etcd) | binary(store_tls) | binary(store_cluster)' 2>&1 \
   | grep -E "SKIP|FAIL|panicked" || true
 cargo nextest run --workspace --no-fail-fast --failure-output final --success-output never --status-level fail --final-status-level skip "$@"
 

@@ -197,20 +197,26 @@ impl AgentLoop {
         let mut fence = guard.subscribe();
         let mut liveness = registration.liveness();
         let mut retry_at: Option<Instant> = None;
+        let mut watch_backoff = Backoff::default();
         loop {
             let mut dirty = false;
             tokio::select! {
                 changed = shutdown.changed() => {
                     if changed.is_err() || *shutdown.borrow() { return Ok(()); }
                 }
-                events = assignments.next() => match events {
-                    Ok(events) => { self.apply(events); dirty = true; }
+                events = assignments.next(), if watch_backoff.ready() => match events {
+                    Ok(events) => {
+                        watch_backoff.reset();
+                        self.apply(events);
+                        dirty = true;
+                    }
                     Err(e) if e.is_retryable() => {
-                        debug!(error = %e, "assignment watch interrupted");
-                        retry_at.get_or_insert(Instant::now() + self.retry);
+                        let wait = watch_backoff.failed();
+                        debug!(error = %e, ?wait, "assignment watch interrupted");
                     }
                     Err(e) => return Err(e),
                 },
+                () = watch_backoff.wait(), if !watch_backoff.ready() => watch_backoff.resume(),
                 changed = fence.changed() => {
                     changed.map_err(|_| stopped("fence guard"))?;
                     dirty = true;
@@ -372,6 +378,43 @@ impl AgentLoop {
     }
 }
 
+/// Waiting before reconnecting a watch that failed: 100 ms, doubling up to 2 s.
+#[derive(Debug, Default)]
+struct Backoff {
+    next: Option<Duration>,
+    until: Option<Instant>,
+}
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_millis(100);
+    const MAX: Duration = Duration::from_secs(2);
+
+    fn ready(&self) -> bool {
+        self.until.is_none()
+    }
+
+    /// Records a failure; returns how long to wait.
+    fn failed(&mut self) -> Duration {
+        let wait = self.next.unwrap_or(Self::FIRST);
+        self.next = Some((wait * 2).min(Self::MAX));
+        self.until = Some(Instant::now() + wait);
+        wait
+    }
+
+    async fn wait(&self) {
+        sleep_until(self.until.unwrap_or_else(Instant::now)).await;
+    }
+
+    fn resume(&mut self) {
+        self.until = None;
+    }
+
+    fn reset(&mut self) {
+        self.next = None;
+        self.until = None;
+    }
+}
+
 fn stopped(what: &str) -> StoreError {
     StoreError::Protocol(format!("the {what} task stopped"))
 }
@@ -425,6 +468,21 @@ mod tests {
         let step = decide(&assigned, &BTreeMap::new(), false);
         assert!(step.run.is_empty());
         assert_eq!(step.acquire.len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn watch_backoff_doubles_up_to_two_seconds_and_resets() {
+        let mut b = Backoff::default();
+        assert!(b.ready());
+        let waits: Vec<_> = (0..7).map(|_| b.failed()).collect();
+        let ms: Vec<u128> = waits.iter().map(Duration::as_millis).collect();
+        assert_eq!(ms, [100, 200, 400, 800, 1600, 2000, 2000]);
+        assert!(!b.ready());
+        b.wait().await;
+        b.resume();
+        assert!(b.ready());
+        b.reset();
+        assert_eq!(b.failed(), Duration::from_millis(100));
     }
 
     #[test]

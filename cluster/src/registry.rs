@@ -235,19 +235,29 @@ async fn keep_alive(
                 replace_lease(&store, &info, config, &tx, current.generation + 1).await;
             }
             // Soon after a failure (an etcd leader election lasts 1-2 s: the first keepalive
-            // after it should not wait a whole interval), then less often up to the interval.
+            // after it should not wait a whole interval), then less often up to RETRY_MAX.
             Err(e) => {
                 debug!(error = %e, ?backoff, "keepalive stream failed; reconnecting");
                 sleep(backoff).await;
-                backoff = (backoff * 2).min(config.interval.max(RETRY_MIN));
+                backoff = (backoff * 2).min(RETRY_MAX);
             }
             Ok(()) => sleep(config.interval).await,
         }
     }
 }
 
+/// How long a keepalive answer is awaited before the stream is opened again. A lease renewal
+/// is answered by the etcd leader without a disk write; waiting longer mostly waits on a dead
+/// member (measured on 3 members with the leader killed: the largest gap between
+/// acknowledgements fell from 3.5 s to 1.8-2.7 s going from a 1 s to this 500 ms wait).
+const ANSWER_WAIT: Duration = Duration::from_millis(500);
+
 /// The first retry after a failed keepalive stream.
 const RETRY_MIN: Duration = Duration::from_millis(100);
+
+/// The longest wait between retries: a retry is one small request, and after an etcd leader
+/// election (or while the client still picks a dead member) the next one should come soon.
+const RETRY_MAX: Duration = Duration::from_millis(300);
 
 async fn replace_lease(
     store: &Store,
@@ -278,7 +288,7 @@ async fn keep_stream(
     rtts: &mut RttWindow,
 ) -> Result<(), StoreError> {
     let mut client = store.client();
-    let wait = config.interval.max(Duration::from_millis(500));
+    let wait = ANSWER_WAIT;
     let (sent, sent_boot) = (Instant::now(), boottime_now());
     let opened = timeout(wait, client.lease_keep_alive(current.lease))
         .await

@@ -231,15 +231,28 @@ fn spawn(
     peer_url: &str,
     tls: Option<&ServerTls>,
 ) -> Result<Child, TestkitError> {
+    let single = format!("m0={peer_url}");
+    spawn_named(bin, dir, "m0", &single, client_url, peer_url, tls)
+}
+
+fn spawn_named(
+    bin: &Path,
+    dir: &Path,
+    name: &str,
+    initial_cluster: &str,
+    client_url: &str,
+    peer_url: &str,
+    tls: Option<&ServerTls>,
+) -> Result<Child, TestkitError> {
     let log = File::create(dir.join("etcd.log")).map_err(|e| TestkitError::Start(e.to_string()))?;
     let mut cmd = Command::new(bin);
-    cmd.arg("--name=m0")
+    cmd.arg(format!("--name={name}"))
         .arg(format!("--data-dir={}", dir.join("data").display()))
         .arg(format!("--listen-client-urls={client_url}"))
         .arg(format!("--advertise-client-urls={client_url}"))
         .arg(format!("--listen-peer-urls={peer_url}"))
         .arg(format!("--initial-advertise-peer-urls={peer_url}"))
-        .arg(format!("--initial-cluster=m0={peer_url}"))
+        .arg(format!("--initial-cluster={initial_cluster}"))
         .arg("--initial-cluster-state=new")
         .arg("--pre-vote=true")
         .arg("--grpc-keepalive-min-time=1s")
@@ -271,4 +284,133 @@ fn tls_args(tls: &ServerTls) -> Vec<String> {
         format!("--trusted-ca-file={}", tls.ca.display()),
         "--client-cert-auth=true".into(),
     ]
+}
+
+/// Three etcd members on 127.0.0.1 (plaintext), for faults a single member cannot show: a
+/// leader killed while clients keep leases alive. Dropping it kills every member.
+#[derive(Debug)]
+pub struct EtcdCluster {
+    members: Vec<Option<Child>>,
+    client_urls: Vec<String>,
+    peer_urls: Vec<String>,
+    initial: String,
+    dir: TempDir,
+}
+
+impl EtcdCluster {
+    /// Starts three members and waits until they answer through every endpoint.
+    pub async fn start() -> Result<Self, TestkitError> {
+        let bin = etcd_binary()?;
+        let dir = tempfile::Builder::new()
+            .prefix("stead-etcd-")
+            .tempdir()
+            .map_err(|e| TestkitError::Start(e.to_string()))?;
+        let mut peers = Vec::new();
+        let mut client_urls = Vec::new();
+        for _ in 0..3 {
+            peers.push(format!("http://127.0.0.1:{}", free_port()?));
+            client_urls.push(format!("http://127.0.0.1:{}", free_port()?));
+        }
+        let initial: Vec<String> = peers
+            .iter()
+            .enumerate()
+            .map(|(i, p)| format!("m{i}={p}"))
+            .collect();
+        let initial = initial.join(",");
+        let mut members = Vec::new();
+        for (i, (peer, client)) in peers.iter().zip(&client_urls).enumerate() {
+            let member_dir = dir.path().join(format!("m{i}"));
+            std::fs::create_dir_all(&member_dir).map_err(|e| TestkitError::Start(e.to_string()))?;
+            let name = format!("m{i}");
+            members.push(Some(spawn_named(
+                &bin,
+                &member_dir,
+                &name,
+                &initial,
+                client,
+                peer,
+                None,
+            )?));
+        }
+        let cluster = Self {
+            members,
+            client_urls,
+            peer_urls: peers,
+            initial,
+            dir,
+        };
+        cluster.wait_ready().await?;
+        Ok(cluster)
+    }
+
+    /// A configuration with every member's endpoint under `prefix`, short timeouts.
+    pub fn config(&self, prefix: &str) -> EtcdConfig {
+        let mut c = EtcdConfig::new(self.client_urls.clone()).with_prefix(prefix);
+        c.dial_timeout = Duration::from_secs(3);
+        c.request_timeout = Duration::from_secs(3);
+        c
+    }
+
+    /// The index of the member that leads now, if one answers.
+    pub async fn leader(&self) -> Option<usize> {
+        for (i, url) in self.client_urls.iter().enumerate() {
+            if self.members[i].is_none() {
+                continue;
+            }
+            let Ok(mut client) = etcd_client::Client::connect([url.as_str()], None).await else {
+                continue;
+            };
+            if let Ok(Ok(status)) =
+                tokio::time::timeout(Duration::from_secs(1), client.status()).await
+            {
+                let me = status.header().map(|h| h.member_id());
+                if me == Some(status.leader()) {
+                    return Some(i);
+                }
+            }
+        }
+        None
+    }
+
+    /// Kills member `i` (SIGKILL) and waits for it.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut child) = self.members.get_mut(i).and_then(Option::take) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts member `i` again on its data (after [`EtcdCluster::kill`]).
+    pub fn restart(&mut self, i: usize) -> Result<(), TestkitError> {
+        let bin = etcd_binary()?;
+        let member_dir = self.dir.path().join(format!("m{i}"));
+        let name = format!("m{i}");
+        let (url, peer) = (&self.client_urls[i], &self.peer_urls[i]);
+        let child = spawn_named(&bin, &member_dir, &name, &self.initial, url, peer, None)?;
+        self.members[i] = Some(child);
+        Ok(())
+    }
+
+    async fn wait_ready(&self) -> Result<(), TestkitError> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        let mut config = self.config("/ready");
+        config.dial_timeout = Duration::from_millis(500);
+        loop {
+            if Store::connect(&config).await.is_ok() && self.leader().await.is_some() {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(TestkitError::Start("etcd cluster not ready in 30 s".into()));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+impl Drop for EtcdCluster {
+    fn drop(&mut self) {
+        for i in 0..self.members.len() {
+            self.kill(i);
+        }
+    }
 }

@@ -841,3 +841,47 @@ async fn a_restarted_agent_adopts_its_live_lease_and_keeps_its_tokens() {
         .expect("register");
     assert_ne!(fourth.lease(), third_lease);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_carries_on_after_etcd_restarts() {
+    let Some(mut etcd) = member("agent_carries_on_after_etcd_restarts").await else {
+        return;
+    };
+    let store = etcd.store("/t").await.expect("store");
+    let ctl = Election::new(&store, "ctl", lease(&store, 60).await);
+    let token = ctl.try_campaign().await.expect("campaign").expect("leads");
+    let agent = start_agent(&store, "n1", Duration::from_secs(10));
+    let web = assignment("Container/web", "n1", true);
+    election::put_assignments(&store, &token, std::slice::from_ref(&web))
+        .await
+        .expect("assign");
+    agent
+        .engine
+        .wait_for("web started", |c| runs(c, "Container/web"))
+        .await;
+
+    etcd.restart().await.expect("restart");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let batch = assignment("Container/batch", "n1", false);
+    while let Err(e) =
+        election::put_assignments(&store, &token, &[web.clone(), batch.clone()]).await
+    {
+        assert!(e.is_retryable() && Instant::now() < deadline, "{e}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    agent
+        .engine
+        .wait_for("batch started after the restart", |c| {
+            runs(c, "Container/batch")
+        })
+        .await;
+    assert!(
+        !agent
+            .engine
+            .calls()
+            .iter()
+            .any(|c| matches!(c, Call::StopHa(_))),
+        "a 10 s lease outlives a restart: no fence"
+    );
+    agent.stop().await;
+}
