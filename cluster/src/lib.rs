@@ -2,6 +2,8 @@
 //!
 //! - [`model`]: the records the cluster keeps (nodes, assignments, owners), shared by every
 //!   other module.
+//! - [`pki`]: the cluster's certificate authority and the etcd member, agent and operator
+//!   certificates (`stead cluster init`).
 //!
 //! Each node runs an agent that registers itself under a lease; one elected controller places
 //! workloads and writes assignments; each agent converges only what is assigned to it with the
@@ -9,3 +11,4 @@
 //! side effects carry that key's revision as a fencing token. See docs/architecture.md.
 
 pub mod model;
+pub mod pki;
