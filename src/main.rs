@@ -17,6 +17,7 @@ use stead_reconciler::{ApplyLock, Drivers, ExecOptions, PlanOptions, StateDb, ex
 use stead_schema::{Desired, Diagnostic, Kind, ResourceId};
 
 mod cmd_backup;
+mod cmd_cluster;
 mod cmd_console;
 mod cmd_controller;
 mod cmd_env;
@@ -222,6 +223,11 @@ enum Command {
     /// Per-VM QEMU supervisor started by the VirtualMachine driver (internal).
     #[command(hide = true)]
     Qemu(cmd_qemu::QemuArgs),
+    /// The cluster on etcd: certificates (init).
+    Cluster {
+        #[command(subcommand)]
+        cmd: cmd_cluster::ClusterCmd,
+    },
     /// Print the JSON Schema of all kinds.
     Schema,
     /// Print shell completions.
@@ -562,6 +568,7 @@ fn run(cli: Cli) -> Result<u8> {
         }
         Command::Vmm(args) => cmd_vmm::run(args, &g.run_dir),
         Command::Qemu(args) => cmd_qemu::run(args, &g.run_dir),
+        Command::Cluster { cmd } => cmd_cluster::run(cmd),
         Command::Schema => {
             print!("{}", stead_schema::schema::json_schema_text());
             Ok(0)
