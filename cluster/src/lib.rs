@@ -2,6 +2,8 @@
 //!
 //! - [`model`]: the records the cluster keeps (nodes, assignments, owners), shared by every
 //!   other module.
+//! - [`local`]: the part of the desired set one node converges (its workloads and what they
+//!   need).
 //! - [`pki`]: the cluster's certificate authority and the etcd member, agent and operator
 //!   certificates (`stead cluster init`).
 //!
@@ -10,5 +12,6 @@
 //! single-host engine. A running workload is owned through a key bound to its node's lease, and
 //! side effects carry that key's revision as a fencing token. See docs/architecture.md.
 
+pub mod local;
 pub mod model;
 pub mod pki;
