@@ -536,6 +536,7 @@ mod tests {
             nfs: None,
             lvm: None,
             zfs: None,
+            shared: false,
             depends_on: vec![],
         }
     }

@@ -6,6 +6,7 @@
 //!   need).
 //! - [`pki`]: the cluster's certificate authority and the etcd member, agent and operator
 //!   certificates (`stead cluster init`).
+//! - [`placement`]: which node runs each workload (pure, deterministic).
 //!
 //! Each node runs an agent that registers itself under a lease; one elected controller places
 //! workloads and writes assignments; each agent converges only what is assigned to it with the
@@ -15,3 +16,4 @@
 pub mod local;
 pub mod model;
 pub mod pki;
+pub mod placement;

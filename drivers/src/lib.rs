@@ -42,7 +42,7 @@ pub fn registry_for(
     opts: &RegistryOptions,
     kinds: impl IntoIterator<Item = Kind>,
 ) -> Result<Vec<Box<dyn Driver>>, DriverError> {
-    let mut kinds: Vec<Kind> = kinds.into_iter().collect();
+    let mut kinds: Vec<Kind> = kinds.into_iter().filter(|k| k.is_host_object()).collect();
     kinds.sort();
     kinds.dedup();
     kinds
@@ -71,6 +71,11 @@ fn driver_for(
         }
         Kind::VirtualMachine => Box::new(vm::VmDriver::new(env)?),
         Kind::BackupSchedule => Box::new(backup::schedule_driver::ScheduleDriver::new(env)),
+        Kind::HaGroup => {
+            return Err(DriverError::Unsupported(
+                "HaGroup is cluster configuration: no driver".into(),
+            ));
+        }
     })
 }
 

@@ -769,6 +769,7 @@ mod tests {
                 Kind::BackupSchedule,
                 json!({"schedule": "0 2 * * *", "targets": {"names": ["Volume/v"]}, "storage": "p"}),
             ),
+            (Kind::HaGroup, json!({"nodes": {"pve1": 1}})),
         ]
         .into_iter()
         .map(|(kind, v)| Spec::from_value(kind, v).expect("spec"))
@@ -781,6 +782,7 @@ mod tests {
         takes::<ContainerSpec>(&specs);
         takes::<VirtualMachineSpec>(&specs);
         takes::<BackupScheduleSpec>(&specs);
+        takes::<HaGroupSpec>(&specs);
     }
 
     #[test]

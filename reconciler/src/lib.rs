@@ -56,7 +56,8 @@ pub fn observe_where(
         applied: inventory,
     };
     let mut by_kind: BTreeMap<Kind, Vec<&Resource>> = BTreeMap::new();
-    for r in desired.resources.values().filter(|r| wanted(&r.id)) {
+    let on_host = |r: &&Resource| r.id.kind.is_host_object() && wanted(&r.id);
+    for r in desired.resources.values().filter(on_host) {
         by_kind.entry(r.id.kind).or_default().push(r);
     }
     for (id, e) in inventory {
@@ -296,6 +297,22 @@ mod tests {
 
     use super::*;
     use crate::testkit::*;
+
+    #[test]
+    fn a_single_host_skips_cluster_configuration() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = StateDb::open(dir.path()).unwrap();
+        let d = desired(&(net("lan0", 1500) + &doc("HaGroup", "prod", "{nodes: {pve1: 2}}")));
+        let script = Arc::new(Script::default());
+        let drivers = drivers(&script);
+        assert!(!drivers.contains_key(&Kind::HaGroup));
+
+        let run = plan_run(&drivers, &d, &db, PlanOptions::default()).unwrap();
+        assert!(run.plan.errors.is_empty(), "{:?}", run.plan.errors);
+        assert!(run.observe_errors.is_empty(), "{:?}", run.observe_errors);
+        let ids: Vec<String> = run.plan.changes.iter().map(|c| c.id.to_string()).collect();
+        assert_eq!(ids, ["Network/lan0"], "the HaGroup is no host object");
+    }
 
     #[test]
     fn replan_plans_the_same_observation_with_new_options() {

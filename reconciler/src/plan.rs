@@ -331,7 +331,7 @@ impl<'a> Planner<'a> {
         let graph = DepGraph::new(desired.resources.keys().cloned(), desired_edges);
         for id in graph.waves().into_iter().flatten() {
             let Some(r) = desired.get(&id) else { continue };
-            if !self.covers(&id) {
+            if !id.kind.is_host_object() || !self.covers(&id) {
                 continue;
             }
             let Some(driver) = self.driver(&id) else {

@@ -243,6 +243,11 @@ pub struct StoragePoolSpec {
     /// ZFS dataset (type zfs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub zfs: Option<ZfsSpec>,
+    /// Cluster: the same storage is reachable from every node (NFS, a cluster file
+    /// system), so a workload whose volumes live here can fail over to any node without
+    /// replication. Type nfs is always shared. A single host ignores it.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub shared: bool,
     /// Explicit dependencies.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub depends_on: Vec<ResourceRef>,
@@ -331,9 +336,24 @@ pub struct VolumeSpec {
     /// Retain (default) or Delete.
     #[serde(default)]
     pub deletion_policy: DeletionPolicy,
+    /// Cluster: periodic incremental copies of this volume to another node (btrfs or zfs
+    /// pools), so its workload can fail over there. A single host ignores it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replication: Option<ReplicationSpec>,
     /// Explicit dependencies.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub depends_on: Vec<ResourceRef>,
+}
+
+/// `Volume.spec.replication`: incremental send/receive to a peer node (like Proxmox's
+/// storage replication).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ReplicationSpec {
+    /// The node that receives the copies.
+    pub to: NodeName,
+    /// Interval between two copies (`5m`); the data-loss window of a failover.
+    pub every: DurationSpec,
 }
 
 /// Initial content of a volume: exactly one of `file` or `url`. Either is an image (raw,
@@ -499,6 +519,9 @@ pub struct ContainerSpec {
     /// without asking; `Retain` keeps it on the host.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deletion_policy: Option<DeletionPolicy>,
+    /// Cluster: where it may run. A single host ignores it.
+    #[serde(default, skip_serializing_if = "Placement::is_empty")]
+    pub placement: Placement,
     /// Explicit dependencies.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub depends_on: Vec<ResourceRef>,
@@ -739,6 +762,9 @@ pub struct VirtualMachineSpec {
     /// always | on-failure | never.
     #[serde(default)]
     pub restart_policy: RestartPolicy,
+    /// Cluster: where it may run. A single host ignores it.
+    #[serde(default, skip_serializing_if = "Placement::is_empty")]
+    pub placement: Placement,
     /// Explicit dependencies.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub depends_on: Vec<ResourceRef>,
@@ -762,6 +788,72 @@ fn default_vm_cpus() -> u32 {
 
 fn default_vm_memory() -> ByteSize {
     ByteSize(512 << 20)
+}
+
+// ------------------------------------------------------------------ cluster placement
+
+/// `spec.placement` of a Container or VirtualMachine: the rules the cluster's controller
+/// places it by. Required rules (`node`, `nodeSelector`, `affinity`, `antiAffinity`, an
+/// HA group's `restricted`) exclude nodes; preferred ones rank the nodes left. A single
+/// host ignores the whole block. Its references are checked but are not dependency edges.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Placement {
+    /// Pin to this node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<NodeName>,
+    /// Only nodes carrying all these labels.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    /// Only on the node where each of these workloads (`Kind/name`) runs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub affinity: Vec<ResourceRef>,
+    /// Never on a node where one of these workloads runs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub anti_affinity: Vec<ResourceRef>,
+    /// Rather on the node where these workloads run.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub preferred_affinity: Vec<ResourceRef>,
+    /// Rather not on a node where these workloads run.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub preferred_anti_affinity: Vec<ResourceRef>,
+    /// Highly available through this HaGroup (its node priorities, `restricted`,
+    /// `noFailback`): moved to another node when its node dies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ha_group: Option<Name>,
+    /// Highly available without a group: moved to any eligible node when its node dies.
+    /// Implied by `haGroup`.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub ha: bool,
+}
+
+impl Placement {
+    /// Whether no rule is set (the serialized form leaves it out).
+    pub fn is_empty(&self) -> bool {
+        self == &Placement::default()
+    }
+
+    /// Whether the workload fails over when its node dies: `ha`, or an HA group.
+    pub fn is_ha(&self) -> bool {
+        self.ha || self.ha_group.is_some()
+    }
+}
+
+/// `HaGroup.spec`: the nodes an HA workload prefers, like a Proxmox VE HA group.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct HaGroupSpec {
+    /// Member nodes and their priorities (`{pve1: 2, pve2: 1}`): alive members of the
+    /// highest priority run the group's workloads first.
+    pub nodes: BTreeMap<NodeName, u32>,
+    /// Only the member nodes may run the group's workloads; when none is alive, they stay
+    /// stopped. Unrestricted groups fall back to any node.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub restricted: bool,
+    /// A workload stays where it runs when a higher-priority member comes back (no move
+    /// back). Proxmox spells it `nofailback`, which is accepted too.
+    #[serde(default, skip_serializing_if = "is_false", alias = "nofailback")]
+    pub no_failback: bool,
 }
 
 // ------------------------------------------------------------------ BackupSchedule

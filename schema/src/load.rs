@@ -531,6 +531,7 @@ fn deserialize_spec(
         Kind::Container => typed(v, origin, errors, Spec::Container),
         Kind::VirtualMachine => typed(v, origin, errors, Spec::VirtualMachine),
         Kind::BackupSchedule => typed(v, origin, errors, Spec::BackupSchedule),
+        Kind::HaGroup => typed(v, origin, errors, Spec::HaGroup),
     }
 }
 

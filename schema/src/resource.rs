@@ -34,11 +34,13 @@ pub enum Kind {
     VirtualMachine,
     /// A backup schedule.
     BackupSchedule,
+    /// A cluster HA group (node priorities). Cluster configuration: nothing on a host.
+    HaGroup,
 }
 
 impl Kind {
     /// All kinds, in a stable order.
-    pub const ALL: [Kind; 7] = [
+    pub const ALL: [Kind; 8] = [
         Kind::StoragePool,
         Kind::Network,
         Kind::Bond,
@@ -46,6 +48,7 @@ impl Kind {
         Kind::Container,
         Kind::VirtualMachine,
         Kind::BackupSchedule,
+        Kind::HaGroup,
     ];
 
     /// The kind's name as written in manifests.
@@ -58,7 +61,19 @@ impl Kind {
             Kind::Container => "Container",
             Kind::VirtualMachine => "VirtualMachine",
             Kind::BackupSchedule => "BackupSchedule",
+            Kind::HaGroup => "HaGroup",
         }
+    }
+
+    /// Whether resources of this kind are objects on a host that a driver converges.
+    /// HaGroup is cluster configuration only: the single-host engine skips it.
+    pub fn is_host_object(self) -> bool {
+        !matches!(self, Kind::HaGroup)
+    }
+
+    /// Whether this kind is a workload the cluster places on a node.
+    pub fn is_workload(self) -> bool {
+        matches!(self, Kind::Container | Kind::VirtualMachine)
     }
 
     /// Parses a kind as the CLI accepts it: exact, lowercase, plural or short
@@ -74,6 +89,7 @@ impl Kind {
             "container" | "ct" => Kind::Container,
             "virtualmachine" | "vm" => Kind::VirtualMachine,
             "backupschedule" | "backup" => Kind::BackupSchedule,
+            "hagroup" | "ha" => Kind::HaGroup,
             _ => return None,
         })
     }
@@ -185,6 +201,8 @@ pub enum Spec {
     VirtualMachine(VirtualMachineSpec),
     /// BackupSchedule spec.
     BackupSchedule(BackupScheduleSpec),
+    /// HaGroup spec.
+    HaGroup(HaGroupSpec),
 }
 
 impl Spec {
@@ -198,6 +216,7 @@ impl Spec {
             Spec::Container(_) => Kind::Container,
             Spec::VirtualMachine(_) => Kind::VirtualMachine,
             Spec::BackupSchedule(_) => Kind::BackupSchedule,
+            Spec::HaGroup(_) => Kind::HaGroup,
         }
     }
 
@@ -211,6 +230,7 @@ impl Spec {
             Kind::Container => Spec::Container(serde_json::from_value(v)?),
             Kind::VirtualMachine => Spec::VirtualMachine(serde_json::from_value(v)?),
             Kind::BackupSchedule => Spec::BackupSchedule(serde_json::from_value(v)?),
+            Kind::HaGroup => Spec::HaGroup(serde_json::from_value(v)?),
         })
     }
 
@@ -224,6 +244,7 @@ impl Spec {
             Spec::Container(s) => &s.depends_on,
             Spec::VirtualMachine(s) => &s.depends_on,
             Spec::BackupSchedule(s) => &s.depends_on,
+            Spec::HaGroup(_) => &[],
         }
     }
 
@@ -234,7 +255,7 @@ impl Spec {
         let mut push =
             |kind: Kind, name: &str, ptr: String| out.push((ResourceId::new(kind, name), ptr));
         match self {
-            Spec::StoragePool(_) | Spec::Bond(_) => {}
+            Spec::StoragePool(_) | Spec::Bond(_) | Spec::HaGroup(_) => {}
             Spec::Network(_) => {}
             Spec::Volume(v) => {
                 push(Kind::StoragePool, v.pool.as_str(), "/spec/pool".into());
@@ -339,6 +360,7 @@ kind_specs!(
     Container => ContainerSpec,
     VirtualMachine => VirtualMachineSpec,
     BackupSchedule => BackupScheduleSpec,
+    HaGroup => HaGroupSpec,
 );
 
 /// A position in a manifest file. `line` and `col` are 1-based.

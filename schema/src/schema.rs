@@ -28,6 +28,7 @@ pub fn json_schema() -> Value {
             Kind::BackupSchedule,
             generator.subschema_for::<BackupScheduleSpec>(),
         ),
+        (Kind::HaGroup, generator.subschema_for::<HaGroupSpec>()),
     ];
     let one_of: Vec<Value> = specs
         .into_iter()

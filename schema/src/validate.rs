@@ -11,6 +11,7 @@ use crate::load::Diagnostic;
 use crate::resource::{Desired, Kind, Resource, ResourceId, Spec};
 use crate::values::Cidr;
 
+mod placement;
 mod vm;
 mod volume;
 
@@ -80,6 +81,11 @@ fn check_resource(r: &Resource, desired: &Desired, out: &mut Vec<Diagnostic>) {
         Spec::Container(c) => check_container(r, c, desired, out),
         Spec::VirtualMachine(vm) => vm::check_vm(r, vm, desired, out),
         Spec::BackupSchedule(b) => check_backup_schedule(r, b, desired, out),
+        Spec::HaGroup(g) => placement::check_ha_group(r, g, out),
+    }
+    placement::check_placement(r, desired, out);
+    if let Spec::Volume(v) = &r.spec {
+        placement::check_replication(r, v, desired, out);
     }
 }
 
@@ -237,6 +243,7 @@ fn check_pool(r: &Resource, p: &StoragePoolSpec, out: &mut Vec<Diagnostic>) {
         _ => None,
     });
     check_pool_tool_names(r, p, out);
+    placement::check_pool_shared(r, p, out);
 }
 
 /// A Container: rootfs, hostname, command, limits, interfaces, mounts.

@@ -511,6 +511,69 @@ impl JsonSchema for Name {
     }
 }
 
+// ---------------------------------------------------------------- NodeName
+
+/// A cluster node's name (by default its host name): DNS labels of letters, digits and
+/// `-` joined by `.`, at most 253 bytes.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct NodeName(pub String);
+
+impl NodeName {
+    /// The name as a string slice.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Whether `label` is one DNS label: 1 to 63 letters, digits or `-`, not starting or
+/// ending with `-`.
+fn is_dns_label(label: &str) -> bool {
+    let b = label.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && b[0] != b'-'
+        && b[b.len() - 1] != b'-'
+        && b.iter().all(|c| c.is_ascii_alphanumeric() || *c == b'-')
+}
+
+impl FromStr for NodeName {
+    type Err = ValueError;
+    fn from_str(s: &str) -> Result<Self, ValueError> {
+        if s.len() <= 253 && s.split('.').all(is_dns_label) {
+            Ok(NodeName(s.to_string()))
+        } else {
+            Err(verr(format!(
+                "invalid node name {s:?}: a host name (letters, digits and '-' in labels joined by '.')"
+            )))
+        }
+    }
+}
+
+/// Node names look up maps keyed by them with a plain `&str`.
+impl std::borrow::Borrow<str> for NodeName {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for NodeName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+serde_via_str!(NodeName, "a node name (a host name)");
+
+impl JsonSchema for NodeName {
+    fn schema_name() -> Cow<'static, str> {
+        "NodeName".into()
+    }
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({"type": "string", "maxLength": 253,
+            "pattern": "^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"})
+    }
+}
+
 // ---------------------------------------------------------------- ResourceRef
 
 /// A typed reference `Kind/name`, used by `dependsOn` and backup targets.
@@ -645,6 +708,16 @@ impl JsonSchema for TimeZone {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn node_names_are_host_names() {
+        for ok in ["pve1", "node-a.example.org", "A1"] {
+            assert_eq!(ok.parse::<NodeName>().unwrap().to_string(), ok);
+        }
+        for bad in ["", "-a", "a-", "a..b", "a_b", "a b", ".a", &"x".repeat(64)] {
+            assert!(bad.parse::<NodeName>().is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn sizes_parse_and_print() {

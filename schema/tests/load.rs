@@ -569,6 +569,24 @@ spec:
 }
 
 #[test]
+fn the_cluster_example_validates() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/cluster");
+    let desired = match load_and_validate(&[dir]) {
+        Ok(d) => d,
+        Err(errs) => {
+            let lines: Vec<String> = errs.iter().map(|d| d.to_string()).collect();
+            panic!("examples/cluster must validate:\n{}", lines.join("\n"));
+        }
+    };
+    let groups = desired
+        .resources
+        .keys()
+        .filter(|id| id.kind == stead_schema::Kind::HaGroup)
+        .count();
+    assert_eq!(groups, 2);
+}
+
+#[test]
 fn the_qemu_examples_validate() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/qemu");
     let desired = match load_and_validate(&[dir]) {

@@ -45,6 +45,7 @@ pub fn pool(name: &str, t: PoolType, path: &Path) -> Resource {
             nfs: None,
             lvm: None,
             zfs: None,
+            shared: false,
             depends_on: vec![],
         }),
     )
@@ -62,6 +63,7 @@ pub fn volume(name: &str, pool: &str, size: u64) -> Resource {
             template: false,
             clone: None,
             deletion_policy: DeletionPolicy::Retain,
+            replication: None,
             depends_on: vec![],
         }),
     )

@@ -299,7 +299,7 @@ fn format_name(f: VolumeFormat) -> &'static str {
 }
 
 /// The manifest spelling of a pool type.
-fn pool_type_name(t: PoolType) -> &'static str {
+pub(super) fn pool_type_name(t: PoolType) -> &'static str {
     match t {
         PoolType::Dir => "dir",
         PoolType::Btrfs => "btrfs",

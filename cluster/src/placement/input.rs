@@ -1,0 +1,305 @@
+//! The placement inputs a manifest set gives: each workload's request, rules, needs and
+//! where its data lives, and the HA groups. Pure: reads the desired set only.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use stead_schema::{
+    ContainerSpec, Desired, HaGroupSpec, Kind, NetworkSpec, PoolType, Resource, ResourceId, Spec,
+    StoragePoolSpec, VirtualMachineSpec, VolumeSpec,
+};
+
+use super::{DataLocality, Need, Workload};
+use crate::model::Capacity;
+
+/// Every workload of `desired` (Containers and VirtualMachines), sorted by id.
+pub fn workloads(desired: &Desired) -> Vec<Workload> {
+    desired
+        .resources
+        .values()
+        .filter_map(|r| workload(r, desired))
+        .collect()
+}
+
+/// The HA groups of `desired`, by name.
+pub fn ha_groups(desired: &Desired) -> BTreeMap<String, HaGroupSpec> {
+    desired
+        .resources
+        .values()
+        .filter_map(|r| match &r.spec {
+            Spec::HaGroup(g) => Some((r.id.name.clone(), g.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The placement input of `r` when it is a workload.
+pub fn workload(r: &Resource, desired: &Desired) -> Option<Workload> {
+    let (request, placement, volumes, networks) = match &r.spec {
+        Spec::Container(c) => (
+            container_request(c),
+            c.placement.clone(),
+            container_volumes(c),
+            c.interfaces
+                .iter()
+                .map(|i| i.network.0.clone())
+                .collect::<Vec<_>>(),
+        ),
+        Spec::VirtualMachine(vm) => (
+            vm_request(vm),
+            vm.placement.clone(),
+            vm_volumes(vm),
+            vm.interfaces
+                .iter()
+                .map(|i| i.network.0.clone())
+                .collect::<Vec<_>>(),
+        ),
+        _ => return None,
+    };
+    let mut pools: Vec<String> = volumes
+        .iter()
+        .filter_map(|v| volume(desired, v).map(|s| s.pool.0.clone()))
+        .collect();
+    if let Spec::Container(c) = &r.spec
+        && let Some(p) = &c.rootfs.pool
+    {
+        pools.push(p.0.clone());
+    }
+    Some(Workload {
+        id: r.id.clone(),
+        request,
+        needs: needs(desired, &pools, &networks),
+        data: data_locality(desired, &volumes),
+        placement,
+    })
+}
+
+/// A container asks for its limits; without limits, for nothing.
+fn container_request(c: &ContainerSpec) -> Capacity {
+    Capacity {
+        milli_cpus: c.resources.cpus.map_or(0, |c| (c * 1000.0).round() as u64),
+        memory_bytes: c.resources.memory.map_or(0, |m| m.bytes()),
+    }
+}
+
+/// A VM asks for its vCPUs and guest memory.
+fn vm_request(vm: &VirtualMachineSpec) -> Capacity {
+    Capacity {
+        milli_cpus: u64::from(vm.cpus) * 1000,
+        memory_bytes: vm.memory.bytes(),
+    }
+}
+
+/// The volumes a container uses: its root volume and mounts.
+fn container_volumes(c: &ContainerSpec) -> BTreeSet<String> {
+    let root = c.rootfs.volume.iter().map(|v| v.0.clone());
+    root.chain(c.mounts.iter().map(|m| m.volume.0.clone()))
+        .collect()
+}
+
+/// The volumes a VM uses: disks and cdroms.
+fn vm_volumes(vm: &VirtualMachineSpec) -> BTreeSet<String> {
+    let disks = vm.disks.iter().map(|d| d.volume.0.clone());
+    disks
+        .chain(vm.cdroms.iter().map(|c| c.volume.0.clone()))
+        .collect()
+}
+
+fn volume<'d>(desired: &'d Desired, name: &str) -> Option<&'d VolumeSpec> {
+    match &desired.get(&ResourceId::new(Kind::Volume, name))?.spec {
+        Spec::Volume(v) => Some(v),
+        _ => None,
+    }
+}
+
+fn pool<'d>(desired: &'d Desired, name: &str) -> Option<&'d StoragePoolSpec> {
+    match &desired.get(&ResourceId::new(Kind::StoragePool, name))?.spec {
+        Spec::StoragePool(p) => Some(p),
+        _ => None,
+    }
+}
+
+fn network<'d>(desired: &'d Desired, name: &str) -> Option<&'d NetworkSpec> {
+    match &desired.get(&ResourceId::new(Kind::Network, name))?.spec {
+        Spec::Network(n) => Some(n),
+        _ => None,
+    }
+}
+
+/// Whether every node sees the same pool (NFS, or declared shared).
+fn pool_is_shared(p: &StoragePoolSpec) -> bool {
+    p.shared || p.pool_type == PoolType::Nfs
+}
+
+/// Whether a pool can be made on any node (a directory, an NFS mount) rather than
+/// needing the node's own disks (btrfs, zfs, lvmthin), which its agent must report.
+fn pool_is_cluster_wide(p: &StoragePoolSpec) -> bool {
+    pool_is_shared(p) || p.pool_type == PoolType::Dir
+}
+
+/// A network with host ports enslaves the node's own interfaces, which its agent must
+/// report; a bridge or VXLAN without ports can be made on any node.
+fn network_is_cluster_wide(n: &NetworkSpec) -> bool {
+    n.ports.is_empty()
+}
+
+/// The pools and networks a workload needs on its node.
+fn needs(desired: &Desired, pools: &[String], networks: &[String]) -> Vec<Need> {
+    let mut out: BTreeSet<Need> = BTreeSet::new();
+    for p in pools {
+        let cluster_wide = pool(desired, p).is_none_or(pool_is_cluster_wide);
+        out.insert(Need {
+            kind: Kind::StoragePool,
+            name: p.clone(),
+            cluster_wide,
+        });
+    }
+    for n in networks {
+        let cluster_wide = network(desired, n).is_none_or(network_is_cluster_wide);
+        out.insert(Need {
+            kind: Kind::Network,
+            name: n.clone(),
+            cluster_wide,
+        });
+    }
+    out.into_iter().collect()
+}
+
+/// Where the data of `volumes` lives: anywhere (shared pools or no volume), on the
+/// replica nodes every replicated volume shares, or only where the workload runs now.
+fn data_locality(desired: &Desired, volumes: &BTreeSet<String>) -> DataLocality {
+    let mut replicas: Option<BTreeSet<String>> = None;
+    for name in volumes {
+        let Some(v) = volume(desired, name) else {
+            continue;
+        };
+        if pool(desired, &v.pool.0).is_some_and(pool_is_shared) {
+            continue;
+        }
+        let Some(rep) = &v.replication else {
+            return DataLocality::Local {
+                volume: name.clone(),
+            };
+        };
+        let to = BTreeSet::from([rep.to.0.clone()]);
+        replicas = Some(match replicas {
+            None => to,
+            Some(r) => r.intersection(&to).cloned().collect(),
+        });
+    }
+    match replicas {
+        None => DataLocality::Anywhere,
+        Some(nodes) => DataLocality::Replicated { nodes },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    fn desired(yaml: &str) -> Desired {
+        let mut resources = Vec::new();
+        let mut errors = Vec::new();
+        stead_schema::load::load_str(Path::new("m.yaml"), yaml, &mut resources, &mut errors);
+        let d = stead_schema::load::into_desired(resources, &mut errors);
+        assert!(errors.is_empty(), "{errors:?}");
+        d
+    }
+
+    fn doc(kind: &str, name: &str, spec: &str) -> String {
+        format!(
+            "---\napiVersion: stead.dev/v1alpha1\nkind: {kind}\nmetadata: {{name: {name}}}\nspec: {spec}\n"
+        )
+    }
+
+    #[test]
+    fn requests_needs_and_data_come_from_the_manifests() {
+        let d = desired(
+            &(doc(
+                "StoragePool",
+                "nfs",
+                "{type: nfs, path: /n, nfs: {server: s, export: /x}}",
+            ) + &doc("StoragePool", "fast", "{type: btrfs, path: /f}")
+                + &doc("StoragePool", "dir", "{type: dir, path: /d}")
+                + &doc("Network", "lan0", "{}")
+                + &doc("Network", "uplink", "{ports: [eth1]}")
+                + &doc("Volume", "shared", "{pool: nfs, size: 1Gi}")
+                + &doc(
+                    "Volume",
+                    "rep",
+                    "{pool: fast, size: 1Gi, replication: {to: b, every: 1m}}",
+                )
+                + &doc("Volume", "local", "{pool: dir, size: 1Gi}")
+                + &doc(
+                    "Container",
+                    "web",
+                    "{rootfs: {volume: shared}, resources: {cpus: 1.5, memory: 1Gi}, interfaces: [{name: eth0, network: uplink}]}",
+                )
+                + &doc(
+                    "VirtualMachine",
+                    "db",
+                    "{boot: {kernel: /k}, cpus: 2, memory: 2Gi, disks: [{volume: rep}, {volume: shared}], interfaces: [{network: lan0}]}",
+                )
+                + &doc(
+                    "Container",
+                    "app",
+                    "{rootfs: {path: /r}, mounts: [{volume: local, path: /d}]}",
+                )
+                + &doc("HaGroup", "prod", "{nodes: {a: 1}}")),
+        );
+        let w = workloads(&d);
+        let ids: Vec<String> = w.iter().map(|w| w.id.to_string()).collect();
+        assert_eq!(ids, ["Container/app", "Container/web", "VirtualMachine/db"]);
+        let (app, web, db) = (&w[0], &w[1], &w[2]);
+        assert_eq!(
+            web.request,
+            Capacity {
+                milli_cpus: 1500,
+                memory_bytes: 1 << 30
+            }
+        );
+        assert_eq!(
+            db.request,
+            Capacity {
+                milli_cpus: 2000,
+                memory_bytes: 2 << 30
+            }
+        );
+        assert_eq!(app.request, Capacity::default());
+        assert_eq!(web.data, DataLocality::Anywhere);
+        assert_eq!(
+            db.data,
+            DataLocality::Replicated {
+                nodes: BTreeSet::from(["b".to_string()])
+            }
+        );
+        assert_eq!(
+            app.data,
+            DataLocality::Local {
+                volume: "local".into()
+            }
+        );
+        let need = |k, n: &str, c| Need {
+            kind: k,
+            name: n.into(),
+            cluster_wide: c,
+        };
+        assert_eq!(
+            web.needs,
+            [
+                need(Kind::StoragePool, "nfs", true),
+                need(Kind::Network, "uplink", false)
+            ]
+        );
+        assert_eq!(
+            db.needs,
+            [
+                need(Kind::StoragePool, "fast", false),
+                need(Kind::StoragePool, "nfs", true),
+                need(Kind::Network, "lan0", true)
+            ]
+        );
+        assert_eq!(ha_groups(&d).keys().collect::<Vec<_>>(), ["prod"]);
+    }
+}
