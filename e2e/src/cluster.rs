@@ -75,6 +75,8 @@ pub struct ClusterLab {
     /// Processes started with [`ClusterLab::spawn`], killed on drop.
     pub procs: Vec<LabProcess>,
     namespaces: Vec<String>,
+    stead_nodes: Vec<usize>,
+    destroy_paths: Vec<PathBuf>,
     tmpfs: Option<Tmpfs>,
     /// Temp dir: `pki/`, `data/` (tmpfs), `log/`.
     pub dir: tempfile::TempDir,
@@ -127,6 +129,8 @@ impl ClusterLab {
             nodes: Vec::new(),
             procs: Vec::new(),
             namespaces: Vec::new(),
+            stead_nodes: Vec::new(),
+            destroy_paths: Vec::new(),
             tmpfs: None,
             dir,
         };
@@ -304,6 +308,59 @@ impl ClusterLab {
         let mut c = Command::new("nsenter");
         c.arg(format!("--net={}", ns.display())).arg("--").arg(prog);
         c
+    }
+
+    /// A command running `prog` in the hub namespace (it reaches every node).
+    pub fn in_hub(&self, prog: &Path) -> Command {
+        let ns = stead_host::netns::NetnsDir::host().path_of(&self.hub);
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net={}", ns.display())).arg("--").arg(prog);
+        c
+    }
+
+    /// Node `i`'s stead state dir (`node-nI/state`).
+    pub fn node_state(&self, i: usize) -> PathBuf {
+        self.path(&format!("node-{}/state", self.nodes[i].name))
+    }
+
+    /// Node `i`'s stead run dir.
+    pub fn node_run(&self, i: usize) -> PathBuf {
+        self.path(&format!("node-{}/run", self.nodes[i].name))
+    }
+
+    /// Node `i`'s cgroup parent (`stead-lab-PID-K-nI`).
+    pub fn node_cgroup(&self, i: usize) -> String {
+        self.nodes[i].netns.clone()
+    }
+
+    /// `stead` with node `i`'s state dir, run dir and cgroup parent, in its namespace. The
+    /// workloads it starts are stopped and their cgroups removed when the lab drops.
+    pub fn stead(&mut self, i: usize) -> Command {
+        if !self.stead_nodes.contains(&i) {
+            self.stead_nodes.push(i);
+        }
+        let mut c = self.in_netns(i, &stead_bin());
+        c.arg("--state-dir").arg(self.node_state(i));
+        c.arg("--run-dir").arg(self.node_run(i));
+        c.args(["--cgroup-parent", &self.node_cgroup(i), "--color", "never"]);
+        c
+    }
+
+    /// Manifests `stead destroy` runs with on every node the lab used `stead` on, at drop.
+    pub fn destroy_on_drop(&mut self, paths: &[PathBuf]) {
+        self.destroy_paths = paths.to_vec();
+    }
+
+    /// SIGKILLs node `i`'s workloads: its supervisors (`stead shim` of its run dir) and
+    /// every process in its cgroup parent. Returns how many processes were signalled.
+    pub fn kill_workloads(&self, i: usize) -> usize {
+        let run = self.node_run(i).to_string_lossy().into_owned();
+        let mut pids = processes_with(&[&run, " shim "]);
+        pids.extend(cgroup_pids(&self.node_cgroup(i)));
+        for &p in &pids {
+            crate::signal(p, Signal::KILL);
+        }
+        pids.len()
     }
 
     /// Starts `cmd` (built with [`ClusterLab::in_netns`]) and keeps it to be killed on drop;
@@ -613,6 +670,7 @@ impl Drop for ClusterLab {
             let _ = p.child.kill();
             let _ = p.child.wait();
         }
+        self.stop_workloads();
         for n in &mut self.nodes {
             if let Some(mut c) = n.etcd.take() {
                 let _ = c.kill();
@@ -624,6 +682,101 @@ impl Drop for ClusterLab {
         }
         self.tmpfs.take();
     }
+}
+
+impl ClusterLab {
+    /// At drop: `stead destroy` on every node used, then SIGKILL whatever is left in the
+    /// nodes' cgroups and supervisors, and remove the cgroups.
+    fn stop_workloads(&mut self) {
+        for i in std::mem::take(&mut self.stead_nodes) {
+            if !self.destroy_paths.is_empty() {
+                let mut c = self.stead(i);
+                c.args(["destroy", "--yes"]).args(&self.destroy_paths);
+                let _ = c.stdout(Stdio::null()).stderr(Stdio::null()).status();
+            }
+            for _ in 0..3 {
+                if self.kill_workloads(i) == 0 {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            remove_cgroups(&self.node_cgroup(i));
+        }
+    }
+}
+
+/// The cgroup controller mounts a node's cgroup parent may have a directory under.
+const CGROUP_ROOTS: [&str; 11] = [
+    "unified", "memory", "cpu", "cpuacct", "pids", "cpuset", "freezer", "devices", "blkio",
+    "systemd", "",
+];
+
+fn cgroup_dirs(parent: &str) -> Vec<PathBuf> {
+    let base = stead_host::SysFs::host().root().join("fs/cgroup");
+    let mut out = Vec::new();
+    for ctrl in CGROUP_ROOTS {
+        let top = base.join(ctrl).join(parent);
+        if top.is_dir() {
+            walk_dirs(&top, &mut out);
+        }
+    }
+    out
+}
+
+/// `dir` and every directory below it, parents first.
+fn walk_dirs(dir: &Path, out: &mut Vec<PathBuf>) {
+    out.push(dir.to_path_buf());
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if e.file_type().is_ok_and(|t| t.is_dir()) {
+            walk_dirs(&e.path(), out);
+        }
+    }
+}
+
+/// Every process in cgroup `parent` or below, in any controller.
+fn cgroup_pids(parent: &str) -> Vec<i32> {
+    let mut pids: Vec<i32> = cgroup_dirs(parent)
+        .iter()
+        .filter_map(|d| std::fs::read_to_string(d.join("cgroup.procs")).ok())
+        .flat_map(|t| {
+            t.lines()
+                .filter_map(|l| l.trim().parse().ok())
+                .collect::<Vec<i32>>()
+        })
+        .collect();
+    pids.sort_unstable();
+    pids.dedup();
+    pids
+}
+
+/// Removes cgroup `parent` and everything below it (deepest first).
+fn remove_cgroups(parent: &str) {
+    for d in cgroup_dirs(parent).iter().rev() {
+        let _ = std::fs::remove_dir(d);
+    }
+}
+
+/// Processes whose command line contains every one of `needles`.
+fn processes_with(needles: &[&str]) -> Vec<i32> {
+    let proc = stead_host::ProcFs::host();
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(proc.root())
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(c) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let c = String::from_utf8_lossy(&c).replace('\0', " ");
+        if needles.iter().all(|n| c.contains(n)) {
+            out.push(pid);
+        }
+    }
+    out
 }
 
 /// Runs `ip ARGS`; panics with its output when it fails.
