@@ -24,6 +24,8 @@ pkgs=(
   gpgv            # OpenPGP signature verification
   python3         # benchmark generators, test HTTP servers
   file            # build-rootfs.sh checks busybox is static
+  etcd-server     # etcd 3.4: the cluster's store (tests start their own members on loopback)
+  protobuf-compiler # protoc: builds the etcd client's gRPC code
 )
 missing=()
 for p in "${pkgs[@]}"; do
@@ -34,6 +36,16 @@ if [ ${#missing[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+# etcd-server's package starts an etcd for the host; stead's tests start their own members, and
+# a cluster node runs etcd as stead's docs say: never this one.
+if [ -e /lib/systemd/system/etcd.service ] || [ -e /etc/init.d/etcd ]; then
+  if [ -d /run/systemd/system ]; then
+    systemctl disable --now etcd.service >/dev/null 2>&1 || true
+  else
+    service etcd stop >/dev/null 2>&1 || true
+    update-rc.d etcd disable >/dev/null 2>&1 || true
+  fi
 fi
 # The QEMU engine (full VMs) and its guest image: Debian bookworm's QEMU 7.2. A qemu-utils
 # from backports (8.0 and later) breaks bookworm's qemu-system-common, so it is brought to

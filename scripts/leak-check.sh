@@ -16,5 +16,7 @@ pgrep -af 'stead (shim|vmm|qemu)' | grep -v "$demo" && say "processes above"
 # QEMU processes a test or the QEMU engine started (their command lines name stead's run
 # or temp directories; a QEMU of the operator's own is not ours).
 pgrep -af 'qemu-system' | grep -E 'stead' | grep -v "$demo" && say "QEMU processes above"
+# etcd members the cluster tests started (their data directories are stead-etcd-* temp dirs).
+pgrep -af 'etcd .*--data-dir=[^ ]*stead-etcd-' && say "etcd processes above"
 [ $bad -eq 0 ] && echo "leak check: clean"
 exit $bad

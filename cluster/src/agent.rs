@@ -1,0 +1,420 @@
+//! The agent: what each node runs. It registers the node, watches what is assigned to it,
+//! owns each assigned workload before running it, and hands the owned set to a [`Converge`]
+//! implementation (the single-host engine, wired in by the binary). A workload is never
+//! started without a current [`FencingToken`]; when etcd is lost the [`FenceGuard`] stops the
+//! HA workloads before the lease can expire, and every token is acquired again afterwards.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::time::{Instant, sleep_until};
+use tracing::{debug, info, instrument, warn};
+
+use crate::election::{AssignmentEvent, AssignmentWatch};
+use crate::etcd::{Store, StoreError};
+use crate::fence::{FenceCallback, FenceGuard, FencePolicy, FenceState};
+use crate::keys::ResourceRef;
+use crate::model::{Assignment, NodeInfo};
+use crate::owner::{self, FencingToken, Holder};
+use crate::registry::{LeaseConfig, Liveness, Registration};
+
+/// A failure of the local engine to converge (reported, retried on the next round).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct ConvergeError(pub String);
+
+/// A workload the agent may run, with the token that proves it owns it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Owned {
+    /// The workload.
+    pub resource: ResourceRef,
+    /// Its ownership.
+    pub token: FencingToken,
+    /// Whether it is highly available (stopped when the node fences).
+    pub ha: bool,
+}
+
+/// The node's engine, as the agent sees it. Calls run on a blocking thread.
+pub trait Converge: Send + Sync + 'static {
+    /// Make the node run exactly `owned` (start what is missing, stop what is not listed).
+    /// Side effects that matter carry the tokens.
+    fn converge(&self, owned: &[Owned]) -> Result<(), ConvergeError>;
+
+    /// Stop these HA workloads now: the node is fencing itself.
+    fn stop_ha(&self, resources: &[ResourceRef]);
+}
+
+/// How an agent runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentConfig {
+    /// What the node registers.
+    pub node: NodeInfo,
+    /// The node's lease.
+    pub lease: LeaseConfig,
+    /// When to fence.
+    pub fence: FencePolicy,
+    /// How often to retry acquiring a workload whose old owner's key still exists, and a
+    /// converge that failed.
+    pub retry: Duration,
+}
+
+impl AgentConfig {
+    /// Defaults for `node`: 10 s lease, the default fence policy, retry every 500 ms.
+    pub fn new(node: NodeInfo) -> Self {
+        Self {
+            node,
+            lease: LeaseConfig::default(),
+            fence: FencePolicy::default(),
+            retry: Duration::from_millis(500),
+        }
+    }
+}
+
+/// What one round of the agent does (pure decision, see [`decide`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Step {
+    /// Workloads to acquire first.
+    pub acquire: Vec<ResourceRef>,
+    /// The set to converge to (owned and assigned).
+    pub run: Vec<Owned>,
+    /// Tokens to release once the converge has stopped their workloads.
+    pub release: Vec<FencingToken>,
+    /// Whether anything is still waiting for ownership (retry later).
+    pub waiting: bool,
+}
+
+/// Decides a round: acquire what is assigned but not owned, run what is assigned and owned,
+/// release what is owned but no longer assigned. Fenced: do nothing at all.
+pub fn decide(
+    assigned: &BTreeMap<ResourceRef, Assignment>,
+    held: &BTreeMap<ResourceRef, FencingToken>,
+    fenced: bool,
+) -> Step {
+    if fenced {
+        return Step::default();
+    }
+    let mut step = Step::default();
+    for (resource, a) in assigned {
+        match held.get(resource) {
+            Some(token) => step.run.push(Owned {
+                resource: resource.clone(),
+                token: token.clone(),
+                ha: a.ha,
+            }),
+            None => step.acquire.push(resource.clone()),
+        }
+    }
+    step.release = held
+        .iter()
+        .filter(|(r, _)| !assigned.contains_key(*r))
+        .map(|(_, t)| t.clone())
+        .collect();
+    step.waiting = !step.acquire.is_empty();
+    step
+}
+
+/// The HA workloads the node runs now, shared with the fence callback.
+type Running = Arc<Mutex<Vec<ResourceRef>>>;
+
+/// Runs the agent until `shutdown` turns true: then its HA workloads are stopped, its
+/// ownerships released and its lease revoked.
+#[instrument(skip_all, fields(node = %config.node.name))]
+pub async fn run(
+    store: &Store,
+    config: &AgentConfig,
+    engine: Arc<dyn Converge>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), StoreError> {
+    let registration = Registration::register(store, &config.node, config.lease).await?;
+    let running: Running = Arc::default();
+    let guard = FenceGuard::spawn(
+        registration.liveness(),
+        config.fence,
+        fence_callback(&engine, &running),
+    );
+    let mut agent = AgentLoop {
+        store: store.clone(),
+        node: config.node.name.clone(),
+        retry: config.retry,
+        engine,
+        running,
+        assigned: BTreeMap::new(),
+        held: BTreeMap::new(),
+        epoch: 0,
+        generation: 0,
+    };
+    let result = agent.run(&registration, &guard, &mut shutdown).await;
+    agent.stop_all().await;
+    drop(guard);
+    registration.leave().await?;
+    result
+}
+
+fn fence_callback(engine: &Arc<dyn Converge>, running: &Running) -> FenceCallback {
+    let engine = engine.clone();
+    let running = running.clone();
+    Arc::new(move || {
+        let ha = running
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        engine.stop_ha(&ha);
+    })
+}
+
+struct AgentLoop {
+    store: Store,
+    node: String,
+    retry: Duration,
+    engine: Arc<dyn Converge>,
+    running: Running,
+    assigned: BTreeMap<ResourceRef, Assignment>,
+    held: BTreeMap<ResourceRef, FencingToken>,
+    epoch: u64,
+    generation: u64,
+}
+
+impl AgentLoop {
+    async fn run(
+        &mut self,
+        registration: &Registration,
+        guard: &FenceGuard,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<(), StoreError> {
+        let mut assignments = AssignmentWatch::new(&self.store, &self.node);
+        let mut fence = guard.subscribe();
+        let mut liveness = registration.liveness();
+        let mut retry_at: Option<Instant> = None;
+        loop {
+            let mut dirty = false;
+            tokio::select! {
+                changed = shutdown.changed() => {
+                    if changed.is_err() || *shutdown.borrow() { return Ok(()); }
+                }
+                events = assignments.next() => match events {
+                    Ok(events) => { self.apply(events); dirty = true; }
+                    Err(e) if e.is_retryable() => {
+                        debug!(error = %e, "assignment watch interrupted");
+                        retry_at.get_or_insert(Instant::now() + self.retry);
+                    }
+                    Err(e) => return Err(e),
+                },
+                changed = fence.changed() => {
+                    changed.map_err(|_| stopped("fence guard"))?;
+                    dirty = true;
+                }
+                changed = liveness.changed() => {
+                    changed.map_err(|_| stopped("keepalive"))?;
+                    dirty = self.lease_replaced(&liveness.borrow_and_update());
+                }
+                () = sleep_until(retry_at.unwrap_or_else(far_future)) => { retry_at = None; dirty = true; }
+            }
+            if *shutdown.borrow() {
+                return Ok(());
+            }
+            if dirty && self.round(&mut fence, registration.lease()).await {
+                retry_at.get_or_insert(Instant::now() + self.retry);
+            }
+        }
+    }
+
+    fn apply(&mut self, events: Vec<AssignmentEvent>) {
+        for event in events {
+            match event {
+                AssignmentEvent::Snapshot(all) => {
+                    self.assigned = all.into_iter().filter_map(keyed).collect();
+                }
+                AssignmentEvent::Assigned(a) => {
+                    if let Some((r, a)) = keyed(a) {
+                        self.assigned.insert(r, a);
+                    }
+                }
+                AssignmentEvent::Unassigned(r) => {
+                    self.assigned.remove(&r);
+                }
+            }
+        }
+    }
+
+    /// A new lease (the old one expired): every token bound to the old one is gone.
+    fn lease_replaced(&mut self, liveness: &Liveness) -> bool {
+        if liveness.generation == self.generation {
+            return false;
+        }
+        self.generation = liveness.generation;
+        self.held.clear();
+        true
+    }
+
+    /// One round; returns whether to retry later.
+    async fn round(&mut self, fence_rx: &mut watch::Receiver<FenceState>, lease: i64) -> bool {
+        let fence = *fence_rx.borrow_and_update();
+        if fence.epoch() != self.epoch {
+            info!(
+                epoch = fence.epoch(),
+                "re-armed after a fence: acquiring ownership again"
+            );
+            self.epoch = fence.epoch();
+            self.held.clear();
+        }
+        if fence.is_fenced() {
+            self.held.clear();
+            return false;
+        }
+        let step = decide(&self.assigned, &self.held, false);
+        let holder = Holder {
+            node: self.node.clone(),
+            lease,
+        };
+        let mut retry = false;
+        for resource in &step.acquire {
+            match owner::acquire(&self.store, resource, &holder).await {
+                Ok(Some(token)) => {
+                    self.held.insert(resource.clone(), token);
+                }
+                Ok(None) => retry = true,
+                Err(e) => {
+                    warn!(%resource, error = %e, "acquiring ownership failed");
+                    retry = true;
+                }
+            }
+        }
+        let step = decide(&self.assigned, &self.held, false);
+        if let Err(e) = self.converge(step.run).await {
+            warn!(error = %e, "converge failed");
+            return true;
+        }
+        if self.fenced_meanwhile(fence_rx).await {
+            return false;
+        }
+        for token in &step.release {
+            match owner::release(&self.store, token).await {
+                Ok(_) => {
+                    self.held.remove(token.resource());
+                }
+                Err(e) => {
+                    warn!(resource = %token.resource(), error = %e, "release failed");
+                    retry = true;
+                }
+            }
+        }
+        retry
+    }
+
+    async fn converge(&self, run: Vec<Owned>) -> Result<(), ConvergeError> {
+        let ha: Vec<ResourceRef> = run
+            .iter()
+            .filter(|o| o.ha)
+            .map(|o| o.resource.clone())
+            .collect();
+        {
+            // Recorded before starting, so a fence during the converge stops them too.
+            let mut running = self.running.lock().unwrap_or_else(PoisonError::into_inner);
+            running.extend(ha.iter().cloned());
+            running.sort();
+            running.dedup();
+        }
+        let engine = self.engine.clone();
+        let result = tokio::task::spawn_blocking(move || engine.converge(&run))
+            .await
+            .unwrap_or_else(|e| Err(ConvergeError(format!("converge panicked: {e}"))));
+        if result.is_ok() {
+            *self.running.lock().unwrap_or_else(PoisonError::into_inner) = ha;
+        }
+        result
+    }
+
+    /// A fence that fired while the engine was converging may have run before the engine
+    /// started something: stop the HA workloads again and forget the tokens.
+    async fn fenced_meanwhile(&mut self, fence_rx: &watch::Receiver<FenceState>) -> bool {
+        let now = *fence_rx.borrow();
+        if !now.is_fenced() && now.epoch() == self.epoch {
+            return false;
+        }
+        warn!("fenced during converge: stopping HA workloads again");
+        let ha = self
+            .running
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let engine = self.engine.clone();
+        let _ = tokio::task::spawn_blocking(move || engine.stop_ha(&ha)).await;
+        self.held.clear();
+        true
+    }
+
+    /// Shutdown: stop the HA workloads (their ownership goes with the lease), release tokens.
+    async fn stop_all(&mut self) {
+        let ha = std::mem::take(&mut *self.running.lock().unwrap_or_else(PoisonError::into_inner));
+        if !ha.is_empty() {
+            let engine = self.engine.clone();
+            let _ = tokio::task::spawn_blocking(move || engine.stop_ha(&ha)).await;
+        }
+        self.held.clear();
+    }
+}
+
+fn stopped(what: &str) -> StoreError {
+    StoreError::Protocol(format!("the {what} task stopped"))
+}
+
+fn keyed(a: Assignment) -> Option<(ResourceRef, Assignment)> {
+    a.resource.parse().ok().map(|r| (r, a))
+}
+
+fn far_future() -> Instant {
+    Instant::now() + Duration::from_secs(86400 * 365)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn assign(r: &str, ha: bool) -> (ResourceRef, Assignment) {
+        let a = Assignment {
+            resource: r.into(),
+            node: "n1".into(),
+            ha,
+            revision: String::new(),
+        };
+        (r.parse().expect("ref"), a)
+    }
+
+    fn token(r: &str, rev: i64) -> (ResourceRef, FencingToken) {
+        let res: ResourceRef = r.parse().expect("ref");
+        (res.clone(), FencingToken::new(res, rev))
+    }
+
+    #[test]
+    fn acquires_the_unowned_runs_the_owned_releases_the_unassigned() {
+        let assigned = BTreeMap::from([assign("Container/a", true), assign("Container/b", false)]);
+        let held = BTreeMap::from([token("Container/a", 7), token("Container/old", 3)]);
+        let step = decide(&assigned, &held, false);
+        assert_eq!(
+            step.acquire,
+            vec!["Container/b".parse::<ResourceRef>().expect("ref")]
+        );
+        assert_eq!(step.run.len(), 1);
+        assert_eq!(step.run[0].token.revision(), 7);
+        assert!(step.run[0].ha);
+        assert_eq!(step.release, vec![token("Container/old", 3).1]);
+        assert!(step.waiting);
+    }
+
+    #[test]
+    fn never_runs_without_a_token() {
+        let assigned = BTreeMap::from([assign("Container/a", true)]);
+        let step = decide(&assigned, &BTreeMap::new(), false);
+        assert!(step.run.is_empty());
+        assert_eq!(step.acquire.len(), 1);
+    }
+
+    #[test]
+    fn fenced_does_nothing() {
+        let assigned = BTreeMap::from([assign("Container/a", true)]);
+        let held = BTreeMap::from([token("Container/a", 7)]);
+        assert_eq!(decide(&assigned, &held, true), Step::default());
+    }
+}

@@ -1,0 +1,507 @@
+//! The elected controller's loop: campaign; while leading, place the workloads of the
+//! manifests on the registered nodes and write the assignments that change, again on every
+//! manifest change and every node change; step down cleanly.
+//!
+//! Every assignment write is guarded by the leader token ([`crate::election`]), so a
+//! deposed leader cannot write. The candidate's leadership is bound to a lease of its own,
+//! kept alive here; when the lease is lost the term ends and the loop campaigns again.
+//!
+//! Right after an election, assignments on nodes this leader has not seen yet are held
+//! for a settle period (one lease TTL by default): at a cold start of the cluster the
+//! agents register one by one, and a leader that moved HA workloads off every node not
+//! registered yet would shuffle the whole cluster. A node that registered and then
+//! disappeared is dead at once.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use stead_schema::{Desired, ResourceId};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio::time::{Instant, sleep, sleep_until, timeout};
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::election::{self, Election, LeaderToken};
+use crate::etcd::{Store, StoreError};
+use crate::keys::ResourceRef;
+use crate::model::{Assignment, NodeInfo};
+use crate::placement::{self, NodeState, PlacementInput, PlacementResult, Unplaceable};
+use crate::registry::{self, NodeEvent, NodeWatch};
+
+/// How the controller campaigns and leads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaderConfig {
+    /// Candidate name (the controller's host name), stored in the leader key.
+    pub name: String,
+    /// TTL of the candidate's lease: how long a dead leader keeps the leadership.
+    pub lease_ttl: Duration,
+    /// After an election, how long assignments on nodes not seen yet are held.
+    pub settle: Duration,
+    /// Pause before campaigning again after a retryable error.
+    pub retry: Duration,
+}
+
+impl LeaderConfig {
+    /// A candidate `name` with a lease of `ttl`, settling for one TTL.
+    pub fn new(name: &str, ttl: Duration) -> Self {
+        LeaderConfig {
+            name: name.to_string(),
+            lease_ttl: ttl,
+            settle: ttl,
+            retry: Duration::from_millis(500),
+        }
+    }
+}
+
+/// A manifest set to place, and its revision (a git commit, a content hash).
+#[derive(Debug, Clone)]
+pub struct Manifests {
+    /// The validated desired set.
+    pub desired: Desired,
+    /// Written into new assignments.
+    pub revision: String,
+}
+
+/// What the loop publishes after every placement (for status, metrics and logs).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LeaderStatus {
+    /// Whether this candidate leads now.
+    pub leading: bool,
+    /// The leader token of the current term.
+    pub token: Option<i64>,
+    /// Revision of the manifests last placed.
+    pub revision: String,
+    /// Nodes alive at the last placement.
+    pub nodes: Vec<String>,
+    /// Workloads no node can take, with the reasons.
+    pub unplaceable: Vec<Unplaceable>,
+    /// Workloads assigned to a dead node that stay there.
+    pub unavailable: Vec<ResourceId>,
+    /// Assignments written (put or deleted) since this candidate started.
+    pub writes: u64,
+}
+
+/// Why the loop stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum LeaderError {
+    /// etcd refused us, or the configuration cannot work: campaigning again would not help.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// How a term ended.
+enum TermEnd {
+    /// Shutdown asked: resign.
+    Shutdown,
+    /// Leadership lost (lease gone, fenced write, etcd unreachable for too long).
+    Lost(String),
+}
+
+/// Runs the controller: campaigns, leads while elected, campaigns again after losing, and
+/// resigns when `shutdown` turns true. `manifests` gives the desired set (`None`: nothing
+/// loaded yet, nothing is written); `status` receives what every placement decided.
+pub async fn run(
+    store: &Store,
+    config: &LeaderConfig,
+    manifests: watch::Receiver<Option<Arc<Manifests>>>,
+    status: watch::Sender<LeaderStatus>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), LeaderError> {
+    let span = info_span!("leader", candidate = %config.name);
+    async move {
+        loop {
+            if *shutdown.borrow() {
+                return Ok(());
+            }
+            match campaign_and_lead(store, config, &manifests, &status, &mut shutdown).await {
+                Ok(true) => return Ok(()),
+                Ok(false) => {}
+                Err(e) if e.is_retryable() => {
+                    debug!(error = %e, "campaign failed; trying again");
+                    sleep(config.retry).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+/// One campaign and, when elected, one term. True when the loop should stop (shutdown).
+async fn campaign_and_lead(
+    store: &Store,
+    config: &LeaderConfig,
+    manifests: &watch::Receiver<Option<Arc<Manifests>>>,
+    status: &watch::Sender<LeaderStatus>,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<bool, StoreError> {
+    let lease = CandidateLease::grant(store, config.lease_ttl).await?;
+    let election = Election::new(store, &config.name, lease.id);
+    let mut lost = lease.lost.clone();
+    let token = tokio::select! {
+        t = election.campaign() => t?,
+        _ = turned_true(&mut lost) => return Ok(false),
+        _ = turned_true(shutdown) => {
+            lease.revoke(store).await;
+            return Ok(true);
+        }
+    };
+    info!(token = token.revision(), "leading");
+    let mut term = Term::new(store, config, token, status);
+    let end = term.lead(manifests, &mut lost, shutdown).await;
+    status.send_modify(|s| {
+        s.leading = false;
+        s.token = None;
+    });
+    match end {
+        TermEnd::Shutdown => {
+            if let Err(e) = election.resign(token).await {
+                warn!(error = %e, "resign failed; the lease ends the term");
+            }
+            lease.revoke(store).await;
+            info!("stepped down");
+            Ok(true)
+        }
+        TermEnd::Lost(why) => {
+            warn!(reason = %why, "leadership lost");
+            lease.revoke(store).await;
+            Ok(false)
+        }
+    }
+}
+
+/// Resolves once `flag` is true (or its sender is gone), holding no borrow of it.
+async fn turned_true(flag: &mut watch::Receiver<bool>) {
+    let _ = flag.wait_for(|v| *v).await.map(|_| ());
+}
+
+/// The candidate's lease, kept alive by a task until dropped; `lost` turns true once it
+/// cannot be kept (expired, or no keepalive acknowledged for a whole TTL).
+struct CandidateLease {
+    id: i64,
+    lost: watch::Receiver<bool>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for CandidateLease {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl CandidateLease {
+    async fn grant(store: &Store, ttl: Duration) -> Result<Self, StoreError> {
+        let sent = Instant::now();
+        let (id, granted) = store.grant_lease(ttl).await?;
+        let (tx, lost) = watch::channel(false);
+        let span = info_span!("candidate-lease", lease = format!("{id:x}"));
+        let task = tokio::spawn(keep_lease(store.clone(), id, granted, sent, tx).instrument(span));
+        Ok(CandidateLease { id, lost, task })
+    }
+
+    /// Ends the keepalive and revokes the lease (the leader key goes with it).
+    async fn revoke(self, store: &Store) {
+        self.task.abort();
+        if let Err(e) = store.revoke_lease(self.id).await {
+            debug!(error = %e, "revoking the candidate lease failed; it expires");
+        }
+    }
+}
+
+/// Keeps lease `id` alive every third of its TTL; sets `lost` when the lease expired or
+/// the last acknowledged keepalive was sent a whole TTL ago.
+async fn keep_lease(
+    store: Store,
+    id: i64,
+    ttl: Duration,
+    granted_at: Instant,
+    lost: watch::Sender<bool>,
+) {
+    let interval = (ttl / 3).max(Duration::from_millis(200));
+    let mut acked = granted_at;
+    loop {
+        match keep_stream(&store, id, interval, &mut acked).await {
+            Err(StoreError::LeaseExpired(_)) => break,
+            Err(e) => debug!(error = %e, "keepalive stream failed"),
+            Ok(()) => {}
+        }
+        if acked.elapsed() >= ttl {
+            break;
+        }
+        sleep(interval).await;
+    }
+    lost.send_replace(true);
+}
+
+/// Keeps `id` alive on one stream until it fails; `acked` is when the latest acknowledged
+/// keepalive was sent (opening the stream is one).
+async fn keep_stream(
+    store: &Store,
+    id: i64,
+    interval: Duration,
+    acked: &mut Instant,
+) -> Result<(), StoreError> {
+    let no_answer = || StoreError::Unreachable("keepalive: no answer".into());
+    let mut client = store.client();
+    let sent = Instant::now();
+    let opened = timeout(interval, client.lease_keep_alive(id))
+        .await
+        .map_err(|_| no_answer())?;
+    let (mut keeper, mut stream) = opened?;
+    *acked = sent;
+    loop {
+        sleep(interval).await;
+        let sent = Instant::now();
+        keeper.keep_alive().await?;
+        match timeout(interval, stream.message())
+            .await
+            .map_err(|_| no_answer())??
+        {
+            Some(a) if a.ttl() > 0 => *acked = sent,
+            Some(_) => return Err(StoreError::LeaseExpired(id)),
+            None => return Err(StoreError::Unreachable("keepalive stream closed".into())),
+        }
+    }
+}
+
+/// One term of leadership: the nodes and assignments as this leader knows them.
+struct Term<'a> {
+    store: &'a Store,
+    config: &'a LeaderConfig,
+    token: LeaderToken,
+    status: &'a watch::Sender<LeaderStatus>,
+    nodes: BTreeMap<String, NodeState>,
+    current: BTreeMap<ResourceId, Assignment>,
+    settle_until: Instant,
+    unplaceable_seen: BTreeSet<String>,
+}
+
+impl<'a> Term<'a> {
+    fn new(
+        store: &'a Store,
+        config: &'a LeaderConfig,
+        token: LeaderToken,
+        status: &'a watch::Sender<LeaderStatus>,
+    ) -> Self {
+        Term {
+            store,
+            config,
+            token,
+            status,
+            nodes: BTreeMap::new(),
+            current: BTreeMap::new(),
+            settle_until: Instant::now() + config.settle,
+            unplaceable_seen: BTreeSet::new(),
+        }
+    }
+
+    /// Leads until shutdown or until leadership is lost.
+    async fn lead(
+        &mut self,
+        manifests: &watch::Receiver<Option<Arc<Manifests>>>,
+        lost: &mut watch::Receiver<bool>,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> TermEnd {
+        let mut manifests = manifests.clone();
+        let mut nodes = match self.load().await {
+            Ok(w) => w,
+            Err(e) => return TermEnd::Lost(format!("cannot read the cluster: {e}")),
+        };
+        loop {
+            let desired = manifests.borrow_and_update().clone();
+            if let Err(e) = self.reconcile(desired.as_deref()).await {
+                if *lost.borrow() {
+                    return TermEnd::Lost("candidate lease lost".into());
+                }
+                if !e.is_retryable() {
+                    return TermEnd::Lost(e.to_string());
+                }
+                warn!(error = %e, "writing assignments failed; retrying");
+                sleep(self.config.retry).await;
+                continue;
+            }
+            let settling = Instant::now() < self.settle_until;
+            tokio::select! {
+                events = nodes.next() => self.on_node_events(events).await,
+                changed = manifests.changed() => {
+                    if changed.is_err() {
+                        return TermEnd::Shutdown;
+                    }
+                }
+                _ = sleep_until(self.settle_until), if settling => debug!("settled"),
+                _ = turned_true(lost) => return TermEnd::Lost("candidate lease lost".into()),
+                _ = turned_true(shutdown) => return TermEnd::Shutdown,
+            }
+        }
+    }
+
+    /// Reads the nodes and the assignments; returns the node watch from there on.
+    async fn load(&mut self) -> Result<NodeWatch, StoreError> {
+        let (infos, revision) = registry::list_nodes(self.store).await?;
+        for info in infos {
+            self.node_up(info);
+        }
+        let (assignments, _) = election::list_assignments(self.store).await?;
+        for a in assignments {
+            match a.resource.parse::<ResourceId>() {
+                Ok(id) => {
+                    self.current.insert(id, a);
+                }
+                Err(e) => warn!(resource = %a.resource, error = %e, "ignoring an assignment"),
+            }
+        }
+        info!(
+            nodes = self.nodes.len(),
+            assignments = self.current.len(),
+            "cluster read"
+        );
+        Ok(NodeWatch::new(self.store, revision))
+    }
+
+    fn node_up(&mut self, info: NodeInfo) {
+        let name = info.name.clone();
+        let was = self
+            .nodes
+            .insert(name.clone(), NodeState { info, alive: true });
+        if was.is_none_or(|n| !n.alive) {
+            info!(node = %name, "node up");
+        }
+    }
+
+    async fn on_node_events(&mut self, events: Result<Vec<NodeEvent>, StoreError>) {
+        let events = match events {
+            Ok(e) => e,
+            Err(e) => {
+                debug!(error = %e, "node watch failed; resuming");
+                sleep(self.config.retry).await;
+                return;
+            }
+        };
+        for e in events {
+            match e {
+                NodeEvent::Up(info) => self.node_up(info),
+                NodeEvent::Down(name) => self.node_down(&name),
+                NodeEvent::Resync(infos) => {
+                    let alive: BTreeSet<String> = infos.iter().map(|i| i.name.clone()).collect();
+                    let gone: Vec<String> = self
+                        .nodes
+                        .keys()
+                        .filter(|n| !alive.contains(*n))
+                        .cloned()
+                        .collect();
+                    gone.iter().for_each(|n| self.node_down(n));
+                    infos.into_iter().for_each(|i| self.node_up(i));
+                }
+            }
+        }
+    }
+
+    fn node_down(&mut self, name: &str) {
+        if let Some(n) = self.nodes.get_mut(name)
+            && n.alive
+        {
+            n.alive = false;
+            warn!(node = %name, "node down");
+        }
+    }
+
+    /// Places the workloads of `manifests` and writes what changed.
+    async fn reconcile(&mut self, manifests: Option<&Manifests>) -> Result<(), StoreError> {
+        let Some(m) = manifests else {
+            debug!("no manifests yet: nothing to place");
+            return Ok(());
+        };
+        let result = self.place(m);
+        let (puts, deletes) = result.diff(&self.current);
+        if !puts.is_empty() {
+            election::put_assignments(self.store, &self.token, &puts).await?;
+            for a in &puts {
+                info!(resource = %a.resource, node = %a.node, "assigned");
+            }
+        }
+        for id in &deletes {
+            let r = ResourceRef::new(id.kind.as_str(), &id.name)
+                .map_err(|e| StoreError::Protocol(e.to_string()))?;
+            election::delete_assignment(self.store, &self.token, &r).await?;
+            info!(resource = %id, "unassigned");
+        }
+        let writes = (puts.len() + deletes.len()) as u64;
+        self.current = result.assignments.clone();
+        self.forget_idle_dead_nodes();
+        self.publish(m, result, writes);
+        Ok(())
+    }
+
+    /// The placement of `m` now; while settling, assignments on nodes not seen yet are
+    /// held as they are.
+    fn place(&self, m: &Manifests) -> PlacementResult {
+        let settling = Instant::now() < self.settle_until;
+        let held: BTreeMap<ResourceId, Assignment> = self
+            .current
+            .iter()
+            .filter(|(_, a)| settling && !self.nodes.contains_key(&a.node))
+            .map(|(id, a)| (id.clone(), a.clone()))
+            .collect();
+        let workloads: Vec<placement::Workload> = placement::workloads(&m.desired)
+            .into_iter()
+            .filter(|w| !held.contains_key(&w.id))
+            .collect();
+        let current: BTreeMap<ResourceId, Assignment> = self
+            .current
+            .iter()
+            .filter(|(id, _)| !held.contains_key(*id))
+            .map(|(id, a)| (id.clone(), a.clone()))
+            .collect();
+        let nodes: Vec<NodeState> = self.nodes.values().cloned().collect();
+        let groups = placement::ha_groups(&m.desired);
+        let mut result = placement::place(&PlacementInput {
+            nodes: &nodes,
+            workloads: &workloads,
+            groups: &groups,
+            current: &current,
+            revision: &m.revision,
+        });
+        let wanted: BTreeSet<ResourceId> = placement::workloads(&m.desired)
+            .into_iter()
+            .map(|w| w.id)
+            .collect();
+        for (id, a) in held.into_iter().filter(|(id, _)| wanted.contains(id)) {
+            result.assignments.insert(id, a);
+        }
+        result
+    }
+
+    /// Drops dead nodes that no assignment names any more.
+    fn forget_idle_dead_nodes(&mut self) {
+        let used: BTreeSet<&str> = self.current.values().map(|a| a.node.as_str()).collect();
+        self.nodes
+            .retain(|name, n| n.alive || used.contains(name.as_str()));
+    }
+
+    /// Logs newly unplaceable workloads and publishes the status.
+    fn publish(&mut self, m: &Manifests, result: PlacementResult, writes: u64) {
+        let now: BTreeSet<String> = result.unplaceable.iter().map(ToString::to_string).collect();
+        for u in now.difference(&self.unplaceable_seen) {
+            warn!("{u}");
+        }
+        self.unplaceable_seen = now;
+        let nodes = self
+            .nodes
+            .values()
+            .filter(|n| n.alive)
+            .map(|n| n.info.name.clone())
+            .collect();
+        let token = self.token.revision();
+        self.status.send_modify(|s| {
+            s.leading = true;
+            s.token = Some(token);
+            s.revision = m.revision.clone();
+            s.nodes = nodes;
+            s.unplaceable = result.unplaceable;
+            s.unavailable = result.unavailable;
+            s.writes += writes;
+        });
+    }
+}

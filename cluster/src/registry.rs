@@ -1,0 +1,367 @@
+//! The node registry: a node registers its [`NodeInfo`] under a lease and keeps the lease
+//! alive; the leader lists nodes and watches them join and leave.
+//!
+//! The keepalive task publishes a [`Liveness`] after every acknowledged keepalive: the
+//! monotonic time the acknowledged request was *sent* (etcd extended the lease no earlier
+//! than that, so the lease lives at least until `acked_at + ttl`), and the round trip. The
+//! fence guard ([`crate::fence`]) works from it.
+
+use std::time::Duration;
+
+use etcd_client::PutOptions;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio::time::{Instant, sleep, timeout};
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::etcd::{Store, StoreError};
+use crate::model::NodeInfo;
+use crate::watch::{Change, PrefixWatch, list_prefix};
+
+/// How a node's lease is kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaseConfig {
+    /// Time to live of the lease (etcd raises anything below 2 s to 2 s).
+    pub ttl: Duration,
+    /// Time between keepalives (also how long an answer is awaited before reconnecting).
+    pub interval: Duration,
+}
+
+impl LeaseConfig {
+    /// A lease of `ttl` kept alive five times per TTL (at least every 200 ms, at most 1 s).
+    pub fn with_ttl(ttl: Duration) -> Self {
+        let interval = (ttl / 5).clamp(Duration::from_millis(200), Duration::from_secs(1));
+        Self { ttl, interval }
+    }
+}
+
+impl Default for LeaseConfig {
+    fn default() -> Self {
+        Self::with_ttl(Duration::from_secs(10))
+    }
+}
+
+/// What the keepalive task last knew about the lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Liveness {
+    /// The lease (changes when an expired lease is replaced: then every key bound to the old
+    /// one, owner keys included, is gone).
+    pub lease: i64,
+    /// How many times the lease was replaced after expiring (0 for the first).
+    pub generation: u64,
+    /// TTL etcd granted.
+    pub ttl: Duration,
+    /// When the latest acknowledged keepalive (or the grant) was sent.
+    pub acked_at: Instant,
+    /// Its round trip.
+    pub rtt: Duration,
+    /// The largest round trip seen over the last 64 acknowledgements.
+    pub max_rtt: Duration,
+}
+
+/// A registered node: the keepalive task runs until [`Registration::leave`] or drop.
+#[derive(Debug)]
+pub struct Registration {
+    store: Store,
+    node: String,
+    liveness: watch::Receiver<Liveness>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Registration {
+    /// Grants a lease, writes the node key bound to it, and starts keeping it alive.
+    pub async fn register(
+        store: &Store,
+        info: &NodeInfo,
+        config: LeaseConfig,
+    ) -> Result<Self, StoreError> {
+        let first = grant_and_put(store, info, config, 0).await?;
+        let (tx, rx) = watch::channel(first);
+        let span = info_span!("keepalive", node = %info.name);
+        let task =
+            tokio::spawn(keep_alive(store.clone(), info.clone(), config, tx).instrument(span));
+        info!(node = %info.name, lease = format!("{:x}", first.lease), "registered");
+        Ok(Self {
+            store: store.clone(),
+            node: info.name.clone(),
+            liveness: rx,
+            task,
+        })
+    }
+
+    /// The current lease.
+    pub fn lease(&self) -> i64 {
+        self.liveness.borrow().lease
+    }
+
+    /// The latest liveness.
+    pub fn current(&self) -> Liveness {
+        *self.liveness.borrow()
+    }
+
+    /// A receiver of every liveness update.
+    pub fn liveness(&self) -> watch::Receiver<Liveness> {
+        self.liveness.clone()
+    }
+
+    /// The node's name.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// Stops keeping the lease alive and revokes it: the node key and every key bound to the
+    /// lease (owner keys) disappear at once.
+    pub async fn leave(self) -> Result<(), StoreError> {
+        self.task.abort();
+        let lease = self.lease();
+        self.store.revoke_lease(lease).await?;
+        info!(node = %self.node, "left");
+        Ok(())
+    }
+}
+
+async fn grant_and_put(
+    store: &Store,
+    info: &NodeInfo,
+    config: LeaseConfig,
+    generation: u64,
+) -> Result<Liveness, StoreError> {
+    let sent = Instant::now();
+    let (lease, ttl) = store.grant_lease(config.ttl).await?;
+    let rtt = sent.elapsed();
+    let value = serde_json::to_vec(info).map_err(|e| StoreError::decode(&info.name, e))?;
+    let key = store.keys().node(&info.name);
+    let mut client = store.client();
+    store
+        .timed(client.put(key, value, Some(PutOptions::new().with_lease(lease))))
+        .await?;
+    Ok(Liveness {
+        lease,
+        generation,
+        ttl,
+        acked_at: sent,
+        rtt,
+        max_rtt: rtt,
+    })
+}
+
+/// The keepalive loop: one stream while it works, a new stream after a failure, a new lease
+/// (and node key) once the old one has expired.
+async fn keep_alive(
+    store: Store,
+    info: NodeInfo,
+    config: LeaseConfig,
+    tx: watch::Sender<Liveness>,
+) {
+    let mut rtts = RttWindow::default();
+    loop {
+        let current = *tx.borrow();
+        match keep_stream(&store, &current, config, &tx, &mut rtts).await {
+            Err(StoreError::LeaseExpired(_)) => {
+                warn!(
+                    lease = format!("{:x}", current.lease),
+                    "lease expired; registering again"
+                );
+                replace_lease(&store, &info, config, &tx, current.generation + 1).await;
+            }
+            Err(e) => {
+                debug!(error = %e, "keepalive stream failed; reconnecting");
+                sleep(config.interval).await;
+            }
+            Ok(()) => sleep(config.interval).await,
+        }
+    }
+}
+
+async fn replace_lease(
+    store: &Store,
+    info: &NodeInfo,
+    config: LeaseConfig,
+    tx: &watch::Sender<Liveness>,
+    generation: u64,
+) {
+    loop {
+        match grant_and_put(store, info, config, generation).await {
+            Ok(l) => {
+                tx.send_replace(l);
+                return;
+            }
+            Err(e) => {
+                debug!(error = %e, "registering again failed");
+                sleep(config.interval).await;
+            }
+        }
+    }
+}
+
+async fn keep_stream(
+    store: &Store,
+    current: &Liveness,
+    config: LeaseConfig,
+    tx: &watch::Sender<Liveness>,
+    rtts: &mut RttWindow,
+) -> Result<(), StoreError> {
+    let mut client = store.client();
+    let wait = config.interval.max(Duration::from_millis(500));
+    let sent = Instant::now();
+    let opened = timeout(wait, client.lease_keep_alive(current.lease))
+        .await
+        .map_err(|_| StoreError::Unreachable("keepalive stream: no answer".into()))?;
+    let (mut keeper, mut stream) = opened.map_err(|e| lease_error(e.into(), current.lease))?;
+    publish(tx, current, sent, rtts);
+    loop {
+        sleep(config.interval).await;
+        let sent = Instant::now();
+        keeper.keep_alive().await?;
+        let answer = timeout(wait, stream.message())
+            .await
+            .map_err(|_| StoreError::Unreachable("keepalive: no answer".into()))??;
+        let Some(answer) = answer else {
+            return Err(StoreError::Unreachable("keepalive stream closed".into()));
+        };
+        if answer.ttl() <= 0 {
+            return Err(StoreError::LeaseExpired(current.lease));
+        }
+        publish(tx, current, sent, rtts);
+    }
+}
+
+fn lease_error(e: StoreError, lease: i64) -> StoreError {
+    match e {
+        StoreError::LeaseExpired(_) => StoreError::LeaseExpired(lease),
+        other => other,
+    }
+}
+
+fn publish(tx: &watch::Sender<Liveness>, current: &Liveness, sent: Instant, rtts: &mut RttWindow) {
+    let rtt = sent.elapsed();
+    let max_rtt = rtts.push(rtt);
+    tx.send_modify(|l| {
+        if l.lease == current.lease {
+            l.acked_at = sent;
+            l.rtt = rtt;
+            l.max_rtt = max_rtt;
+        }
+    });
+}
+
+/// The largest of the last 64 round trips.
+#[derive(Debug, Default)]
+struct RttWindow {
+    samples: std::collections::VecDeque<Duration>,
+}
+
+impl RttWindow {
+    fn push(&mut self, rtt: Duration) -> Duration {
+        if self.samples.len() == 64 {
+            self.samples.pop_front();
+        }
+        self.samples.push_back(rtt);
+        self.samples.iter().copied().max().unwrap_or(rtt)
+    }
+}
+
+/// Every registered node (alive: their leases hold) and the store revision of the listing.
+pub async fn list_nodes(store: &Store) -> Result<(Vec<NodeInfo>, i64), StoreError> {
+    let (entries, revision) = list_prefix(store, &store.keys().nodes()).await?;
+    let mut nodes = Vec::with_capacity(entries.len());
+    for e in entries {
+        nodes
+            .push(serde_json::from_slice(&e.value).map_err(|err| StoreError::decode(&e.key, err))?);
+    }
+    Ok((nodes, revision))
+}
+
+/// A change in the set of nodes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NodeEvent {
+    /// A node joined or updated its record.
+    Up(NodeInfo),
+    /// A node left or its lease expired.
+    Down(String),
+    /// The watch lost its history: here is every node now.
+    Resync(Vec<NodeInfo>),
+}
+
+/// Node joins and departures, from a revision on (for the leader).
+#[derive(Debug)]
+pub struct NodeWatch {
+    store: Store,
+    inner: PrefixWatch,
+}
+
+impl NodeWatch {
+    /// Watches nodes after `revision` (the one [`list_nodes`] returned; 0: from now on).
+    pub fn new(store: &Store, revision: i64) -> Self {
+        let from = if revision > 0 { revision + 1 } else { 0 };
+        Self {
+            store: store.clone(),
+            inner: PrefixWatch::new(store, store.keys().nodes(), from),
+        }
+    }
+
+    /// The next changes. Errors are worth retrying when retryable: the watch resumes where it
+    /// stopped.
+    pub async fn next(&mut self) -> Result<Vec<NodeEvent>, StoreError> {
+        let changes = self.inner.next_batch().await?;
+        let mut out = Vec::with_capacity(changes.len());
+        for change in changes {
+            match change {
+                Change::Put { key, value, .. } => {
+                    let info =
+                        serde_json::from_slice(&value).map_err(|e| StoreError::decode(&key, e))?;
+                    out.push(NodeEvent::Up(info));
+                }
+                Change::Delete { key, .. } => {
+                    if let Some(name) = self.store.keys().parse_node(&key) {
+                        out.push(NodeEvent::Down(name));
+                    }
+                }
+                Change::Resync => {
+                    let (nodes, revision) = list_nodes(&self.store).await?;
+                    self.inner =
+                        PrefixWatch::new(&self.store, self.store.keys().nodes(), revision + 1);
+                    out.push(NodeEvent::Resync(nodes));
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keepalive_interval_follows_ttl_within_bounds() {
+        assert_eq!(
+            LeaseConfig::with_ttl(Duration::from_secs(2)).interval,
+            Duration::from_millis(400)
+        );
+        assert_eq!(
+            LeaseConfig::with_ttl(Duration::from_secs(30)).interval,
+            Duration::from_secs(1)
+        );
+        assert_eq!(
+            LeaseConfig::with_ttl(Duration::from_millis(500)).interval,
+            Duration::from_millis(200)
+        );
+    }
+
+    #[test]
+    fn rtt_window_keeps_the_largest_of_the_last_64() {
+        let mut w = RttWindow::default();
+        assert_eq!(w.push(Duration::from_millis(90)), Duration::from_millis(90));
+        for _ in 0..63 {
+            w.push(Duration::from_millis(1));
+        }
+        assert_eq!(w.push(Duration::from_millis(2)), Duration::from_millis(2));
+    }
+}

@@ -1,0 +1,418 @@
+//! The controller's leader loop against a real etcd on loopback: placement written as
+//! assignments, node departures followed, manifest changes followed, a clean step-down and
+//! a takeover by the next candidate whose predecessor's token is fenced.
+
+use std::collections::BTreeMap;
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use stead_cluster::election::{self, current_leader};
+use stead_cluster::etcd::{EtcdConfig, Store, StoreError};
+use stead_cluster::leader::{self, LeaderConfig, LeaderStatus, Manifests};
+use stead_cluster::model::{Assignment, Capacity, NodeInfo};
+use stead_cluster::registry::{LeaseConfig, Registration};
+use stead_schema::Desired;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio::time::{Instant, sleep};
+
+/// One etcd member on loopback ports picked free, in a temporary directory; killed on drop.
+struct Etcd {
+    child: Child,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").port()
+}
+
+impl Etcd {
+    /// Starts a member, or `None` (with a SKIP line) when etcd is not installed.
+    fn start(test: &str) -> Option<Etcd> {
+        if Command::new("etcd").arg("--version").output().is_err() {
+            println!("SKIP {test}: etcd is not installed (apt-get install etcd-server)");
+            return None;
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (client, peer) = (free_port(), free_port());
+        let url = format!("http://127.0.0.1:{client}");
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let child = Command::new("etcd")
+            .args(["--name", "t", "--data-dir"])
+            .arg(dir.path().join("data"))
+            .args([
+                "--listen-client-urls",
+                &url,
+                "--advertise-client-urls",
+                &url,
+            ])
+            .args(["--listen-peer-urls", &peer_url])
+            .args(["--initial-advertise-peer-urls", &peer_url])
+            .args(["--initial-cluster", &format!("t={peer_url}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start etcd");
+        Some(Etcd {
+            child,
+            url,
+            _dir: dir,
+        })
+    }
+
+    async fn store(&self) -> Store {
+        let config = EtcdConfig::new(vec![self.url.clone()]);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            match Store::connect(&config).await {
+                Ok(s) => return s,
+                Err(e) if Instant::now() < deadline => {
+                    let _ = e;
+                    sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("etcd did not come up: {e}"),
+            }
+        }
+    }
+}
+
+fn node(name: &str) -> NodeInfo {
+    NodeInfo {
+        name: name.into(),
+        address: format!("127.0.0.1:{}", 7000),
+        labels: BTreeMap::from([("zone".to_string(), name.to_string())]),
+        capacity: Capacity {
+            milli_cpus: 4000,
+            memory_bytes: 8 << 30,
+        },
+        pools: vec![],
+        networks: vec![],
+        version: "test".into(),
+    }
+}
+
+async fn register(store: &Store, name: &str) -> Registration {
+    Registration::register(
+        store,
+        &node(name),
+        LeaseConfig::with_ttl(Duration::from_secs(2)),
+    )
+    .await
+    .expect("register")
+}
+
+/// Manifests: containers `names`, each with the placement `placement` (YAML flow).
+fn manifests(revision: &str, workloads: &[(&str, &str)]) -> Arc<Manifests> {
+    let mut text = String::new();
+    for (name, placement) in workloads {
+        text.push_str(&format!(
+            "---\napiVersion: stead.dev/v1alpha1\nkind: Container\nmetadata: {{name: {name}}}\n\
+             spec: {{rootfs: {{path: /srv/r}}, resources: {{cpus: 1, memory: 1Gi}}, placement: {placement}}}\n"
+        ));
+    }
+    let mut resources = Vec::new();
+    let mut errors = Vec::new();
+    stead_schema::load::load_str(Path::new("m.yaml"), &text, &mut resources, &mut errors);
+    let desired: Desired = stead_schema::load::into_desired(resources, &mut errors);
+    assert!(errors.is_empty(), "{errors:?}");
+    Arc::new(Manifests {
+        desired,
+        revision: revision.into(),
+    })
+}
+
+/// A running leader loop and its handles.
+struct Candidate {
+    status: watch::Receiver<LeaderStatus>,
+    shutdown: watch::Sender<bool>,
+    task: JoinHandle<Result<(), leader::LeaderError>>,
+}
+
+impl Drop for Candidate {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn candidate(
+    store: &Store,
+    name: &str,
+    manifests: watch::Receiver<Option<Arc<Manifests>>>,
+) -> Candidate {
+    let mut config = LeaderConfig::new(name, Duration::from_secs(2));
+    config.settle = Duration::ZERO;
+    let (status_tx, status) = watch::channel(LeaderStatus::default());
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let store = store.clone();
+    let task = tokio::spawn(async move {
+        leader::run(&store, &config, manifests, status_tx, shutdown_rx).await
+    });
+    Candidate {
+        status,
+        shutdown,
+        task,
+    }
+}
+
+/// Assignments in etcd as `name=node`, sorted.
+async fn assignments(store: &Store) -> Vec<String> {
+    let (list, _) = election::list_assignments(store).await.expect("list");
+    let mut out: Vec<String> = list
+        .iter()
+        .map(|a| format!("{}={}", a.resource, a.node))
+        .collect();
+    out.sort();
+    out
+}
+
+/// Waits up to 15 s for `check` on the assignments in etcd.
+async fn wait_for(store: &Store, what: &str, check: impl Fn(&[String]) -> bool) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let now = assignments(store).await;
+        if check(&now) {
+            return now;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}: {now:?}"
+        );
+        sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn node_of(list: &[String], resource: &str) -> Option<String> {
+    list.iter()
+        .find_map(|l| l.strip_prefix(&format!("{resource}=")))
+        .map(str::to_string)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_places_and_follows_nodes_and_manifests() {
+    let Some(etcd) = Etcd::start("the_leader_places_and_follows_nodes_and_manifests") else {
+        return;
+    };
+    let store = etcd.store().await;
+    let n1 = register(&store, "n1").await;
+    let _n2 = register(&store, "n2").await;
+    let _n3 = register(&store, "n3").await;
+    let anti = |others: &[&str]| {
+        let list: Vec<String> = others.iter().map(|o| format!("Container/{o}")).collect();
+        format!("{{antiAffinity: [{}], ha: true}}", list.join(", "))
+    };
+    let first = manifests(
+        "r1",
+        &[
+            ("a", &anti(&["b", "c"])),
+            ("b", &anti(&["a", "c"])),
+            ("c", &anti(&["a", "b"])),
+            ("pinned", "{node: n1}"),
+        ],
+    );
+    let (manifests_tx, manifests_rx) = watch::channel(Some(first));
+    let c = candidate(&store, "ctl1", manifests_rx);
+
+    let placed = wait_for(&store, "four assignments", |l| l.len() == 4).await;
+    assert_eq!(
+        placed,
+        [
+            "Container/a=n1",
+            "Container/b=n2",
+            "Container/c=n3",
+            "Container/pinned=n1"
+        ]
+    );
+
+    // n1 leaves: a (HA) has no node left (anti-affinity), pinned (not HA) stays on n1.
+    n1.leave().await.expect("leave");
+    let mut status = c.status.clone();
+    let s = status
+        .wait_for(|s| !s.unplaceable.is_empty())
+        .await
+        .expect("status")
+        .clone();
+    assert!(s.leading);
+    let unplaceable: Vec<String> = s.unplaceable.iter().map(|u| u.id.to_string()).collect();
+    assert_eq!(unplaceable, ["Container/a"]);
+    assert_eq!(s.nodes, ["n2", "n3"]);
+    let mut unavailable: Vec<String> = s.unavailable.iter().map(ToString::to_string).collect();
+    unavailable.sort();
+    assert_eq!(unavailable, ["Container/a", "Container/pinned"]);
+
+    // The manifests drop c and pinned: a moves to n3, the two assignments are deleted.
+    manifests_tx.send_replace(Some(manifests(
+        "r2",
+        &[("a", &anti(&["b"])), ("b", &anti(&["a"]))],
+    )));
+    let after = wait_for(&store, "a on n3", |l| {
+        l.len() == 2 && node_of(l, "Container/a").as_deref() == Some("n3")
+    })
+    .await;
+    assert_eq!(after, ["Container/a=n3", "Container/b=n2"]);
+    let (list, _) = election::list_assignments(&store).await.expect("list");
+    let a: Vec<&Assignment> = list
+        .iter()
+        .filter(|a| a.resource == "Container/a")
+        .collect();
+    assert_eq!(a[0].revision, "r2", "a moved under the new manifests");
+    assert!(a[0].ha);
+
+    c.shutdown.send_replace(true);
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut s = c.status.clone();
+        s.wait_for(|s| !s.leading).await.map(|_| ())
+    })
+    .await;
+    assert!(ended.is_ok(), "the leader steps down");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_candidate_takes_over_and_the_first_is_fenced() {
+    let Some(etcd) = Etcd::start("a_second_candidate_takes_over_and_the_first_is_fenced") else {
+        return;
+    };
+    let store = etcd.store().await;
+    let _n1 = register(&store, "n1").await;
+    let _n2 = register(&store, "n2").await;
+    let (manifests_tx, manifests_rx) = watch::channel(Some(manifests("r1", &[("a", "{}")])));
+    let first = candidate(&store, "ctl1", manifests_rx.clone());
+    wait_for(&store, "a placed", |l| l.len() == 1).await;
+    let leader = current_leader(&store)
+        .await
+        .expect("leader")
+        .expect("some leader");
+    assert_eq!(leader.name, "ctl1");
+    let second = candidate(&store, "ctl2", manifests_rx);
+    sleep(Duration::from_millis(500)).await;
+    assert!(!second.status.borrow().leading, "one leader at a time");
+
+    // The first steps down: the second is elected and follows the next manifest change.
+    let started = Instant::now();
+    first.shutdown.send_replace(true);
+    let mut s2 = second.status.clone();
+    tokio::time::timeout(Duration::from_secs(10), s2.wait_for(|s| s.leading))
+        .await
+        .expect("the second candidate is elected")
+        .expect("status");
+    println!("takeover after a clean step-down: {:?}", started.elapsed());
+    let now = current_leader(&store)
+        .await
+        .expect("leader")
+        .expect("some leader");
+    assert_eq!(now.name, "ctl2");
+    manifests_tx.send_replace(Some(manifests("r2", &[("a", "{}"), ("b", "{}")])));
+    wait_for(&store, "b placed by ctl2", |l| l.len() == 2).await;
+
+    // A write with the first leader's token is refused.
+    let stale = Assignment {
+        resource: "Container/a".into(),
+        node: "n2".into(),
+        ha: false,
+        revision: "stale".into(),
+    };
+    let err = election::put_assignments(&store, &leader.token, &[stale])
+        .await
+        .expect_err("fenced");
+    assert!(matches!(err, StoreError::Fenced(_)), "{err}");
+    assert_eq!(
+        node_of(&assignments(&store).await, "Container/a").as_deref(),
+        Some("n1")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_leader_is_replaced_once_its_lease_expires() {
+    let Some(etcd) = Etcd::start("a_crashed_leader_is_replaced_once_its_lease_expires") else {
+        return;
+    };
+    let store = etcd.store().await;
+    let _n1 = register(&store, "n1").await;
+    let (manifests_tx, manifests_rx) = watch::channel(Some(manifests("r1", &[("a", "{}")])));
+    let first = candidate(&store, "ctl1", manifests_rx.clone());
+    wait_for(&store, "a placed", |l| l.len() == 1).await;
+    let second = candidate(&store, "ctl2", manifests_rx);
+    // The first dies without resigning (its task and lease keepalive stop).
+    let started = Instant::now();
+    drop(first);
+    let mut s2 = second.status.clone();
+    tokio::time::timeout(Duration::from_secs(15), s2.wait_for(|s| s.leading))
+        .await
+        .expect("the second candidate is elected")
+        .expect("status");
+    let took = started.elapsed();
+    println!("takeover after a leader crash (lease TTL 2 s): {took:?}");
+    assert!(
+        took >= Duration::from_secs(1),
+        "not before the lease expires: {took:?}"
+    );
+    manifests_tx.send_replace(Some(manifests("r2", &[("b", "{}")])));
+    wait_for(&store, "b replaces a", |l| l == ["Container/b=n1"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn assignments_on_nodes_not_seen_yet_are_held_while_settling() {
+    let Some(etcd) = Etcd::start("assignments_on_nodes_not_seen_yet_are_held_while_settling")
+    else {
+        return;
+    };
+    let store = etcd.store().await;
+    // A previous leader placed an HA workload on n2, which has not registered again yet.
+    let (lease, _) = store
+        .grant_lease(Duration::from_secs(2))
+        .await
+        .expect("lease");
+    let old = election::Election::new(&store, "old", lease);
+    let token = old.campaign().await.expect("elected");
+    let before = Assignment {
+        resource: "Container/a".into(),
+        node: "n2".into(),
+        ha: true,
+        revision: "r0".into(),
+    };
+    election::put_assignments(&store, &token, &[before])
+        .await
+        .expect("put");
+    old.resign(token).await.expect("resign");
+    store.revoke_lease(lease).await.expect("revoke");
+
+    let _n1 = register(&store, "n1").await;
+    let (_tx, rx) = watch::channel(Some(manifests("r1", &[("a", "{ha: true}")])));
+    let mut config = LeaderConfig::new("ctl", Duration::from_secs(2));
+    config.settle = Duration::from_secs(3);
+    let (status_tx, mut status) = watch::channel(LeaderStatus::default());
+    let (_shutdown, shutdown_rx) = watch::channel(false);
+    let s = store.clone();
+    let started = Instant::now();
+    let task =
+        tokio::spawn(async move { leader::run(&s, &config, rx, status_tx, shutdown_rx).await });
+    let token = status.wait_for(|s| s.leading).await.expect("leading").token;
+    sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        assignments(&store).await,
+        ["Container/a=n2"],
+        "held while settling"
+    );
+    let moved = wait_for(&store, "a moved to n1", |l| l == ["Container/a=n1"]).await;
+    assert!(
+        started.elapsed() >= Duration::from_secs(3),
+        "{moved:?} before the settle time"
+    );
+    let now = status.borrow().clone();
+    assert!(
+        now.leading && now.token == token,
+        "one term, longer than the lease TTL: {now:?}"
+    );
+    task.abort();
+}
