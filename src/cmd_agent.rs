@@ -48,6 +48,12 @@ pub struct AgentFile {
     pub labels: BTreeMap<String, String>,
     /// Node lease TTL in milliseconds.
     pub lease_ttl_ms: u64,
+    /// Node-local pools this node has (besides those it applied).
+    #[serde(default)]
+    pub pools: Vec<String>,
+    /// Node-local networks this node has (besides those it applied).
+    #[serde(default)]
+    pub networks: Vec<String>,
 }
 
 impl AgentFile {
@@ -132,6 +138,12 @@ pub struct JoinArgs {
     /// Address other nodes reach this node on (default: the name).
     #[arg(long)]
     address: Option<String>,
+    /// A node-local pool this node has (a btrfs, zfs or lvmthin pool on its disks; repeat).
+    #[arg(long = "pool", value_name = "NAME")]
+    pools: Vec<String>,
+    /// A node-local network this node has (one with ports on its interfaces; repeat).
+    #[arg(long = "network", value_name = "NAME")]
+    networks: Vec<String>,
     /// Node lease TTL: a dead node's workloads move after about this long.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     lease_ttl: Duration,
@@ -175,6 +187,8 @@ pub fn join(a: JoinArgs, g: &Global) -> Result<u8> {
         key: a.key,
         labels: a.labels.into_iter().collect(),
         lease_ttl_ms: u64::try_from(a.lease_ttl.as_millis()).unwrap_or(u64::MAX),
+        pools: a.pools,
+        networks: a.networks,
     };
     let etcd = file.etcd();
     let revision = runtime()?.block_on(async {
@@ -221,7 +235,7 @@ pub struct AgentArgs {
 /// Runs the agent until SIGINT or SIGTERM.
 pub fn run(a: AgentArgs, g: &Global, env: HostEnv) -> Result<u8> {
     let file = AgentFile::read(&g.state_dir)?;
-    let node = node_info(&file, &a.paths)?;
+    let node = node_info(&file, &env)?;
     let mut config = AgentConfig::new(node);
     config.lease = LeaseConfig::with_ttl(Duration::from_millis(file.lease_ttl_ms));
     let engine: Arc<dyn Converge> = Arc::new(NodeEngine {
@@ -259,26 +273,27 @@ pub async fn shutdown_signal() {
     }
 }
 
-/// What the node registers: its capacity from the host, and the pools and networks of the
-/// manifests it already has (the inventory) or can make (cluster-wide ones are made by any
-/// node that needs them; placement decides that).
-fn node_info(file: &AgentFile, paths: &[PathBuf]) -> Result<NodeInfo> {
-    let desired = load(paths)?;
-    let names = |k: Kind| -> Vec<String> {
-        desired
-            .resources
+/// What the node registers: its capacity from the host, and the pools and networks it has:
+/// those in its inventory (applied here before) and those declared with `node join --pool
+/// / --network` (a btrfs pool on its disks, a network on its ports). Placement asks only for
+/// node-local ones; cluster-wide ones are made by any node that needs them.
+fn node_info(file: &AgentFile, env: &HostEnv) -> Result<NodeInfo> {
+    let inventory = crate::applied_world(env)?;
+    let has = |k: Kind, declared: &[String]| -> Vec<String> {
+        let applied = inventory
             .keys()
             .filter(|id| id.kind == k)
-            .map(|id| id.name.clone())
-            .collect()
+            .map(|id| id.name.clone());
+        let all: BTreeSet<String> = applied.chain(declared.iter().cloned()).collect();
+        all.into_iter().collect()
     };
     Ok(NodeInfo {
         name: file.name.clone(),
         address: file.address.clone(),
         labels: file.labels.clone(),
         capacity: host_capacity(),
-        pools: names(Kind::StoragePool),
-        networks: names(Kind::Network),
+        pools: has(Kind::StoragePool, &file.pools),
+        networks: has(Kind::Network, &file.networks),
         version: env!("CARGO_PKG_VERSION").to_string(),
     })
 }

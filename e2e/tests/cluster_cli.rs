@@ -80,7 +80,21 @@ fn cluster_status_shows_a_running_agent_s_node() {
         return;
     };
     let (cert, key) = lab.agent_cert(1);
-    let out = join(&mut lab, 1, &cert, &key);
+    let eps = lab.endpoints().join(",");
+    let ca = lab.ca();
+    let out = lab
+        .stead(1)
+        .args([
+            "node", "join", "--etcd", &eps, "--name", "n2", "--label", "zone=a",
+        ])
+        .args(["--pool", "fast", "--network", "lan0", "--ca"])
+        .arg(ca)
+        .arg("--cert")
+        .arg(cert)
+        .arg("--key")
+        .arg(key)
+        .output()
+        .expect("stead node join");
     assert!(out.status.success(), "{}", show(&out));
     let manifests = lab.path("manifests");
     std::fs::create_dir_all(&manifests).unwrap();
@@ -129,7 +143,8 @@ fn cluster_status_shows_a_running_agent_s_node() {
         "{node}"
     );
     assert!(node["leaseTtlSeconds"].as_i64().unwrap_or(-1) > 0, "{node}");
-    assert_eq!(node["networks"][0], "lan0");
+    assert_eq!(node["networks"], serde_json::json!(["lan0"]));
+    assert_eq!(node["pools"], serde_json::json!(["fast"]));
 
     let text = lab.stead(1).args(["cluster", "status"]).output().unwrap();
     let text = String::from_utf8_lossy(&text.stdout).into_owned();
