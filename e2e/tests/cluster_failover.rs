@@ -399,3 +399,47 @@ fn etcd_leader_kills_never_double_run_the_workload() {
         all.len() - start_runs
     );
 }
+
+/// Loss of etcd quorum (two of three members SIGSTOPped for 8 s, twice the node lease),
+/// five times, with the probe running: never a double run; what happened to the workload
+/// (kept running, or fenced and started again after the quorum returned) is printed.
+#[test]
+fn etcd_quorum_loss_never_double_runs_the_workload() {
+    let test = "etcd_quorum_loss_never_double_runs_the_workload";
+    let Some((mut lab, _agents, probe, _manifests)) = probe_lab(test) else {
+        return;
+    };
+    for round in 0..ROUNDS {
+        let before = runs(&probe).len();
+        let stopped = lab.stop_quorum(round % lab.nodes.len());
+        std::thread::sleep(Duration::from_secs(8));
+        let during = host_uptime();
+        lab.resume(&stopped);
+        lab.wait_healthy(Duration::from_secs(30));
+        let t0 = Instant::now();
+        wait_for(
+            "the probe runs after the quorum returned",
+            Duration::from_secs(60),
+            || {
+                let now = host_uptime();
+                runs(&probe).values().any(|r| now - r.last < 1.0)
+            },
+            &lab,
+        );
+        let all = runs(&probe);
+        assert_no_overlap(&all);
+        let ran_through = all
+            .values()
+            .any(|r| r.first < during - 8.0 && r.last > during);
+        println!(
+            "quorum loss {round}: {} new run(s), {}, running again {:.2} s after the quorum returned",
+            all.len() - before,
+            if ran_through {
+                "kept running"
+            } else {
+                "stopped (fenced)"
+            },
+            t0.elapsed().as_secs_f64()
+        );
+    }
+}
