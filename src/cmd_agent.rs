@@ -242,7 +242,7 @@ pub fn run(a: AgentArgs, g: &Global, env: HostEnv) -> Result<u8> {
         g: g.clone(),
         env,
         paths: a.paths,
-        running: Mutex::default(),
+        ledger: Mutex::default(),
     });
     let rt = runtime()?;
     rt.block_on(async {
@@ -324,13 +324,54 @@ pub fn load(paths: &[PathBuf]) -> Result<Desired> {
     })
 }
 
-/// The single-host engine as the agent's [`Converge`].
+/// What the engine runs, with the fencing token it runs each workload under, and the tokens
+/// a fence revoked: a converge that was already on its way when the fence stopped a workload
+/// must not start it again under the same token (only a new ownership may). Pure.
+#[derive(Debug, Default)]
+struct Ledger {
+    running: BTreeMap<ResourceId, i64>,
+    revoked: BTreeSet<(ResourceId, i64)>,
+}
+
+impl Ledger {
+    /// The workloads of `owned` that may run: those whose token no fence revoked.
+    fn admit(&self, owned: &[(ResourceId, i64)]) -> BTreeMap<ResourceId, i64> {
+        owned
+            .iter()
+            .filter(|(id, rev)| !self.revoked.contains(&(id.clone(), *rev)))
+            .cloned()
+            .collect()
+    }
+
+    /// Records that `run` runs now; revocations older than its tokens are forgotten.
+    fn ran(&mut self, run: BTreeMap<ResourceId, i64>) {
+        self.revoked
+            .retain(|(id, rev)| run.get(id).is_none_or(|now| now <= rev));
+        self.running = run;
+    }
+
+    /// A fence stops `stop`: their tokens are revoked; what keeps running.
+    fn fence(&mut self, stop: &BTreeSet<ResourceId>) -> BTreeMap<ResourceId, i64> {
+        for (id, rev) in &self.running {
+            if stop.contains(id) {
+                self.revoked.insert((id.clone(), *rev));
+            }
+        }
+        self.running
+            .iter()
+            .filter(|(id, _)| !stop.contains(*id))
+            .map(|(id, rev)| (id.clone(), *rev))
+            .collect()
+    }
+}
+
+/// The single-host engine as the agent's [`Converge`]. Converges and fences are serialized
+/// (the ledger's lock is held across the apply).
 struct NodeEngine {
     g: Global,
     env: HostEnv,
     paths: Vec<PathBuf>,
-    /// The workloads the last converge ran.
-    running: Mutex<BTreeSet<ResourceId>>,
+    ledger: Mutex<Ledger>,
 }
 
 impl NodeEngine {
@@ -354,7 +395,6 @@ impl NodeEngine {
             },
         )
         .map_err(|e| ConvergeError(format!("{e:#}")))?;
-        *self.running.lock().unwrap_or_else(PoisonError::into_inner) = ids.clone();
         if code == 0 {
             Ok(())
         } else {
@@ -369,25 +409,28 @@ fn resource_id(r: &ResourceRef) -> Option<ResourceId> {
 
 impl Converge for NodeEngine {
     fn converge(&self, owned: &[Owned]) -> Result<(), ConvergeError> {
-        let ids = owned
+        let owned: Vec<(ResourceId, i64)> = owned
             .iter()
-            .filter_map(|o| resource_id(&o.resource))
+            .filter_map(|o| Some((resource_id(&o.resource)?, o.token.revision())))
             .collect();
-        self.apply_local(&ids)
+        let mut ledger = self.ledger.lock().unwrap_or_else(PoisonError::into_inner);
+        let run = ledger.admit(&owned);
+        if run.len() < owned.len() {
+            tracing::warn!("a converge under revoked tokens: those workloads stay stopped");
+        }
+        let result = self.apply_local(&run.keys().cloned().collect());
+        ledger.ran(run);
+        result
     }
 
     fn stop_ha(&self, resources: &[ResourceRef]) {
         let stop: BTreeSet<ResourceId> = resources.iter().filter_map(resource_id).collect();
-        let keep: BTreeSet<ResourceId> = self
-            .running
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .difference(&stop)
-            .cloned()
-            .collect();
-        if let Err(e) = self.apply_local(&keep) {
+        let mut ledger = self.ledger.lock().unwrap_or_else(PoisonError::into_inner);
+        let keep = ledger.fence(&stop);
+        if let Err(e) = self.apply_local(&keep.keys().cloned().collect()) {
             tracing::error!(error = %e, "fencing: stopping HA workloads failed");
         }
+        ledger.running = keep;
     }
 }
 
@@ -405,6 +448,29 @@ mod tests {
         assert_eq!(parse_label("zone=a"), Ok(("zone".into(), "a".into())));
         assert!(parse_label("zone").is_err());
         assert!(parse_label("=a").is_err());
+    }
+
+    fn ct(name: &str) -> ResourceId {
+        ResourceId::new(Kind::Container, name)
+    }
+
+    #[test]
+    fn a_fenced_token_never_runs_again_but_a_new_ownership_does() {
+        let mut l = Ledger::default();
+        let run = l.admit(&[(ct("a"), 7), (ct("b"), 9)]);
+        assert_eq!(run.len(), 2);
+        l.ran(run);
+        let keep = l.fence(&[ct("a")].into());
+        assert_eq!(keep.keys().collect::<Vec<_>>(), [&ct("b")]);
+        l.running = keep;
+        // A converge that set out before the fence, under the old token: a stays stopped.
+        let stale = l.admit(&[(ct("a"), 7), (ct("b"), 9)]);
+        assert_eq!(stale.keys().collect::<Vec<_>>(), [&ct("b")]);
+        // Owned again after the fence: a new token runs, and the old revocation is dropped.
+        let fresh = l.admit(&[(ct("a"), 12), (ct("b"), 9)]);
+        assert_eq!(fresh.len(), 2);
+        l.ran(fresh);
+        assert!(l.revoked.is_empty());
     }
 
     #[test]
