@@ -396,3 +396,34 @@ async fn log_status(mut rx: tokio::sync::watch::Receiver<LeaderStatus>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    fn desired(yaml: &str) -> stead_schema::Desired {
+        let mut out = Vec::new();
+        let mut errors = Vec::new();
+        stead_schema::load::load_str(Path::new("t.yaml"), yaml, &mut out, &mut errors);
+        assert!(errors.is_empty(), "{errors:?}");
+        stead_schema::Desired {
+            resources: out.into_iter().map(|r| (r.id.clone(), r)).collect(),
+        }
+    }
+
+    const NET: &str = "apiVersion: stead.dev/v1alpha1\nkind: Network\nmetadata: {name: lan0}\nspec: {addresses: [10.10.0.1/24]}\n";
+
+    #[test]
+    fn the_revision_follows_the_content() {
+        let a = revision(&desired(NET));
+        assert_eq!(a, revision(&desired(NET)), "stable");
+        assert_eq!(a.len(), 16);
+        assert_ne!(
+            a,
+            revision(&desired(&NET.replace("10.10.0.1", "10.10.0.2")))
+        );
+        assert_ne!(a, revision(&desired(&NET.replace("lan0", "lan1"))));
+    }
+}
