@@ -159,28 +159,36 @@ async fn wait_for_vacancy(store: &Store) -> Result<(), StoreError> {
     }
 }
 
-/// Watches who leads: yields the leader after every change (`None`: vacant).
+/// Watches who leads: the first [`LeaderWatch::next`] gives the current leader, every later one
+/// the leader after the next change (`None`: vacant).
 #[derive(Debug)]
 pub struct LeaderWatch {
     store: Store,
     inner: PrefixWatch,
+    listed: bool,
 }
 
 impl LeaderWatch {
-    /// Starts watching after `revision` (0: from now on).
-    pub fn new(store: &Store, revision: i64) -> Self {
-        let from = if revision > 0 { revision + 1 } else { 0 };
+    /// A watch of the leader key.
+    pub fn new(store: &Store) -> Self {
+        let inner = PrefixWatch::new(store, store.keys().leader(), 0);
         Self {
             store: store.clone(),
-            inner: PrefixWatch::new(store, store.keys().leader(), from),
+            inner,
+            listed: false,
         }
     }
 
-    /// The leader after the next change.
+    /// The current leader at first, then the leader after each change.
     pub async fn next(&mut self) -> Result<Option<Leader>, StoreError> {
-        let changes = self.inner.next_batch().await?;
-        if changes.iter().any(|c| matches!(c, Change::Resync)) {
+        if self.listed {
+            let changes = self.inner.next_batch().await?;
+            if changes.iter().any(|c| matches!(c, Change::Resync)) {
+                self.inner.list().await?;
+            }
+        } else {
             self.inner.list().await?;
+            self.listed = true;
         }
         current_leader(&self.store).await
     }

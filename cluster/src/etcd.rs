@@ -116,7 +116,7 @@ fn classify(e: etcd_client::Error) -> StoreError {
     use etcd_client::Error as E;
     match e {
         E::GRpcStatus(s) => classify_status(&s),
-        E::TransportError(t) => classify_message(format!("{t}: {:?}", t)),
+        E::TransportError(t) => classify_message(with_sources(&t)),
         E::IoError(io) => StoreError::Unreachable(io.to_string()),
         E::InvalidArgs(m) | E::EndpointError(m) => StoreError::Config(m),
         E::InvalidUri(u) => StoreError::Config(u.to_string()),
@@ -129,6 +129,7 @@ fn classify(e: etcd_client::Error) -> StoreError {
 fn classify_status(s: &tonic_status::Status) -> StoreError {
     use tonic_status::Code;
     let msg = format!("{}: {}", code_name(s.code()), s.message());
+    let msg = append_sources(msg, s);
     match s.code() {
         Code::Unauthenticated | Code::PermissionDenied => StoreError::Auth(msg),
         Code::Unavailable
@@ -158,6 +159,25 @@ fn classify_message(msg: String) -> StoreError {
     } else {
         StoreError::Unreachable(msg)
     }
+}
+
+/// An error's message followed by those of its sources (a TLS failure is often only named
+/// deep in the chain).
+fn with_sources(e: &dyn std::error::Error) -> String {
+    append_sources(e.to_string(), e)
+}
+
+fn append_sources(mut text: String, e: &dyn std::error::Error) -> String {
+    let mut source = e.source();
+    while let Some(s) = source {
+        let part = s.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        source = s.source();
+    }
+    text
 }
 
 fn code_name(c: tonic_status::Code) -> String {
@@ -202,9 +222,16 @@ impl Store {
             keys: Keys::new(&config.prefix),
             request_timeout: config.request_timeout,
         };
-        store.ping(dial).await?;
-        debug!("connected");
-        Ok(store)
+        match store.ping(dial).await {
+            Ok(_) => {
+                debug!("connected");
+                Ok(store)
+            }
+            Err(StoreError::Unreachable(m)) if config.ca.is_some() && dropped(&m) => {
+                Err(dropped_tls(config, m).await)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Asks a member for its status (a cheap liveness check), waiting at most `timeout`.
@@ -265,6 +292,42 @@ impl Store {
     }
 }
 
+/// Whether a failure is the peer closing an accepted connection.
+fn dropped(message: &str) -> bool {
+    let m = message.to_ascii_lowercase();
+    [
+        "connection closed",
+        "broken pipe",
+        "connection reset",
+        "stream closed",
+    ]
+    .iter()
+    .any(|w| m.contains(w))
+}
+
+/// With TLS 1.3 a member that refuses the client certificate just closes the connection after
+/// the handshake. If a member accepts TCP connections, a dropped TLS connection at connect time
+/// is that refusal: an authentication error, not an outage.
+async fn dropped_tls(config: &EtcdConfig, message: String) -> StoreError {
+    for endpoint in &config.endpoints {
+        let Some(authority) = endpoint
+            .split("://")
+            .nth(1)
+            .map(|a| a.trim_end_matches('/'))
+        else {
+            continue;
+        };
+        let tcp = tokio::net::TcpStream::connect(authority);
+        if let Ok(Ok(_)) = tokio::time::timeout(config.dial_timeout, tcp).await {
+            return StoreError::Auth(format!(
+                "{authority} accepts connections but closed the TLS session (client certificate \
+                 refused? the member's log says why): {message}"
+            ));
+        }
+    }
+    StoreError::Unreachable(message)
+}
+
 fn connect_options(config: &EtcdConfig) -> Result<ConnectOptions, StoreError> {
     let mut options = ConnectOptions::new()
         .with_connect_timeout(config.dial_timeout)
@@ -276,29 +339,31 @@ fn connect_options(config: &EtcdConfig) -> Result<ConnectOptions, StoreError> {
     Ok(options)
 }
 
+/// TLS needs all three files: etcd members of a stead cluster require client certificates
+/// (a client without one would only see the connection drop, like an outage). None of them:
+/// plaintext, for `http://` endpoints only.
 fn tls_options(config: &EtcdConfig) -> Result<Option<TlsOptions>, StoreError> {
     let read = |p: &PathBuf| {
         std::fs::read(p).map_err(|e| StoreError::Config(format!("{}: {e}", p.display())))
     };
-    let mut tls = TlsOptions::new();
-    let mut any = false;
-    if let Some(ca) = &config.ca {
-        tls = tls.ca_certificate(Certificate::from_pem(read(ca)?));
-        any = true;
-    }
-    match (&config.cert, &config.key) {
-        (Some(cert), Some(key)) => {
-            tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
-            any = true;
+    match (&config.ca, &config.cert, &config.key) {
+        (Some(ca), Some(cert), Some(key)) => Ok(Some(
+            TlsOptions::new()
+                .ca_certificate(Certificate::from_pem(read(ca)?))
+                .identity(Identity::from_pem(read(cert)?, read(key)?)),
+        )),
+        (None, None, None) => {
+            if config.endpoints.iter().any(|e| e.starts_with("https://")) {
+                return Err(StoreError::Config(
+                    "https endpoints need a CA, a client certificate and its key".into(),
+                ));
+            }
+            Ok(None)
         }
-        (None, None) => {}
-        _ => {
-            return Err(StoreError::Config(
-                "a client certificate needs its key".into(),
-            ));
-        }
+        _ => Err(StoreError::Config(
+            "TLS needs a CA, a client certificate and its key".into(),
+        )),
     }
-    Ok(any.then_some(tls))
 }
 
 #[cfg(test)]

@@ -16,6 +16,7 @@
 //! - [`agent`]: the loop each node runs, over a [`agent::Converge`] engine.
 //! - [`placement`]: which node runs each workload (pure, deterministic).
 //! - [`leader`]: the elected controller's loop: place, write assignments, step down.
+//! - `testkit` (feature `testkit`): one real etcd member on loopback for tests.
 //!
 //! Each node runs an agent that registers itself under a lease; one elected controller places
 //! workloads and writes assignments; each agent converges only what is assigned to it with the
@@ -34,4 +35,6 @@ pub mod owner;
 pub mod pki;
 pub mod placement;
 pub mod registry;
+#[cfg(feature = "testkit")]
+pub mod testkit;
 pub mod watch;

@@ -3,88 +3,33 @@
 //! a takeover by the next candidate whose predecessor's token is fenced.
 
 use std::collections::BTreeMap;
-use std::net::TcpListener;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
 use stead_cluster::election::{self, current_leader};
-use stead_cluster::etcd::{EtcdConfig, Store, StoreError};
+use stead_cluster::etcd::{Store, StoreError};
 use stead_cluster::leader::{self, LeaderConfig, LeaderStatus, Manifests};
 use stead_cluster::model::{Assignment, Capacity, NodeInfo};
 use stead_cluster::registry::{LeaseConfig, Registration};
+use stead_cluster::testkit::{EtcdMember, TestkitError};
 use stead_schema::Desired;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep};
 
-/// One etcd member on loopback ports picked free, in a temporary directory; killed on drop.
-struct Etcd {
-    child: Child,
-    url: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").port()
-}
-
-impl Etcd {
-    /// Starts a member, or `None` (with a SKIP line) when etcd is not installed.
-    fn start(test: &str) -> Option<Etcd> {
-        if Command::new("etcd").arg("--version").output().is_err() {
-            println!("SKIP {test}: etcd is not installed (apt-get install etcd-server)");
-            return None;
+/// One etcd member on loopback (the store tests' member), or `None` with a SKIP line.
+async fn member(test: &str) -> Option<(EtcdMember, Store)> {
+    match EtcdMember::start().await {
+        Ok(m) => {
+            let store = m.store("/leader-test").await.expect("store");
+            Some((m, store))
         }
-        let dir = tempfile::tempdir().expect("tempdir");
-        let (client, peer) = (free_port(), free_port());
-        let url = format!("http://127.0.0.1:{client}");
-        let peer_url = format!("http://127.0.0.1:{peer}");
-        let child = Command::new("etcd")
-            .args(["--name", "t", "--data-dir"])
-            .arg(dir.path().join("data"))
-            .args([
-                "--listen-client-urls",
-                &url,
-                "--advertise-client-urls",
-                &url,
-            ])
-            .args(["--listen-peer-urls", &peer_url])
-            .args(["--initial-advertise-peer-urls", &peer_url])
-            .args(["--initial-cluster", &format!("t={peer_url}")])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start etcd");
-        Some(Etcd {
-            child,
-            url,
-            _dir: dir,
-        })
-    }
-
-    async fn store(&self) -> Store {
-        let config = EtcdConfig::new(vec![self.url.clone()]);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            match Store::connect(&config).await {
-                Ok(s) => return s,
-                Err(e) if Instant::now() < deadline => {
-                    let _ = e;
-                    sleep(Duration::from_millis(100)).await;
-                }
-                Err(e) => panic!("etcd did not come up: {e}"),
-            }
+        Err(TestkitError::Missing(p)) => {
+            println!("SKIP {test}: no etcd binary at {}", p.display());
+            None
         }
+        Err(e) => panic!("{test}: {e}"),
     }
 }
 
@@ -201,10 +146,10 @@ fn node_of(list: &[String], resource: &str) -> Option<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_leader_places_and_follows_nodes_and_manifests() {
-    let Some(etcd) = Etcd::start("the_leader_places_and_follows_nodes_and_manifests") else {
+    let Some((_etcd, store)) = member("the_leader_places_and_follows_nodes_and_manifests").await
+    else {
         return;
     };
-    let store = etcd.store().await;
     let n1 = register(&store, "n1").await;
     let _n2 = register(&store, "n2").await;
     let _n3 = register(&store, "n3").await;
@@ -280,10 +225,11 @@ async fn the_leader_places_and_follows_nodes_and_manifests() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_candidate_takes_over_and_the_first_is_fenced() {
-    let Some(etcd) = Etcd::start("a_second_candidate_takes_over_and_the_first_is_fenced") else {
+    let Some((_etcd, store)) =
+        member("a_second_candidate_takes_over_and_the_first_is_fenced").await
+    else {
         return;
     };
-    let store = etcd.store().await;
     let _n1 = register(&store, "n1").await;
     let _n2 = register(&store, "n2").await;
     let (manifests_tx, manifests_rx) = watch::channel(Some(manifests("r1", &[("a", "{}")])));
@@ -334,10 +280,10 @@ async fn a_second_candidate_takes_over_and_the_first_is_fenced() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crashed_leader_is_replaced_once_its_lease_expires() {
-    let Some(etcd) = Etcd::start("a_crashed_leader_is_replaced_once_its_lease_expires") else {
+    let Some((_etcd, store)) = member("a_crashed_leader_is_replaced_once_its_lease_expires").await
+    else {
         return;
     };
-    let store = etcd.store().await;
     let _n1 = register(&store, "n1").await;
     let (manifests_tx, manifests_rx) = watch::channel(Some(manifests("r1", &[("a", "{}")])));
     let first = candidate(&store, "ctl1", manifests_rx.clone());
@@ -363,11 +309,11 @@ async fn a_crashed_leader_is_replaced_once_its_lease_expires() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn assignments_on_nodes_not_seen_yet_are_held_while_settling() {
-    let Some(etcd) = Etcd::start("assignments_on_nodes_not_seen_yet_are_held_while_settling")
+    let Some((_etcd, store)) =
+        member("assignments_on_nodes_not_seen_yet_are_held_while_settling").await
     else {
         return;
     };
-    let store = etcd.store().await;
     // A previous leader placed an HA workload on n2, which has not registered again yet.
     let (lease, _) = store
         .grant_lease(Duration::from_secs(2))

@@ -128,6 +128,40 @@ mod tests {
         assert!(msg.to_string().contains("--netns"), "{msg}");
     }
 
+    /// `spec.placement` is cluster configuration: adding or changing it is no change on a
+    /// host (no restart of a running workload).
+    #[test]
+    fn placement_is_not_host_state() {
+        use serde_json::json;
+        let p = json!({"nodeSelector": {"zone": "a"}, "haGroup": "prod", "antiAffinity": ["Container/b"]});
+        let with = |mut v: serde_json::Value| {
+            let bare = v.clone();
+            v["placement"] = p.clone();
+            (bare, v)
+        };
+        let (a, b) = with(json!({"rootfs": {"path": "/r"}}));
+        let (a, b): (stead_schema::ContainerSpec, stead_schema::ContainerSpec) = (
+            serde_json::from_value(a).unwrap(),
+            serde_json::from_value(b).unwrap(),
+        );
+        assert_eq!(
+            container::ContainerDriver::project("c", &a),
+            container::ContainerDriver::project("c", &b)
+        );
+        let (a, b) = with(json!({"boot": {"kernel": "/k"}, "disks": [{"volume": "d"}]}));
+        let (a, b): (
+            stead_schema::VirtualMachineSpec,
+            stead_schema::VirtualMachineSpec,
+        ) = (
+            serde_json::from_value(a).unwrap(),
+            serde_json::from_value(b).unwrap(),
+        );
+        assert_eq!(
+            vm::VmDriver::project("v", &a),
+            vm::VmDriver::project("v", &b)
+        );
+    }
+
     #[test]
     fn a_populated_cgroup_root_keeps_the_error() {
         let root = tempfile::tempdir().unwrap();

@@ -626,3 +626,41 @@ fn the_qemu_examples_validate() {
         .count();
     assert_eq!(clones, 2);
 }
+
+#[test]
+fn cluster_values_are_refused_at_their_node() {
+    let text = "apiVersion: stead.dev/v1alpha1
+kind: HaGroup
+metadata: {name: prod}
+spec:
+  nodes: {pve_1: 2, pve2: x}
+---
+apiVersion: stead.dev/v1alpha1
+kind: StoragePool
+metadata: {name: fast}
+spec: {type: btrfs, path: /f}
+---
+apiVersion: stead.dev/v1alpha1
+kind: Volume
+metadata: {name: v}
+spec: {pool: fast, size: 1Gi, replication: {to: \"bad node\", every: 5 minutes}}
+---
+apiVersion: stead.dev/v1alpha1
+kind: Container
+metadata: {name: c}
+spec: {rootfs: {path: /r}, placement: {node: \"-x\", antiAffinity: [Gadget/x], hagroup: prod}}
+";
+    let host = "a host name (letters, digits and '-' in labels joined by '.')";
+    assert_eq!(
+        errors(text),
+        [
+            format!("m.yaml:5:18: spec.nodes.pve_1: invalid node name \"pve_1\": {host}"),
+            "m.yaml:5:27: spec.nodes.pve2: invalid type: string \"x\", expected u32".into(),
+            format!("m.yaml:15:49: spec.replication.to: invalid node name \"bad node\": {host}"),
+            "m.yaml:15:68: spec.replication.every: invalid duration \"5 minutes\": expected e.g. 500ms, 30s, 5m, 2h, 1d".into(),
+            format!("m.yaml:20:46: spec.placement.node: invalid node name \"-x\": {host}"),
+            "m.yaml:20:67: spec.placement.antiAffinity[0]: unknown kind \"Gadget\": expected one of StoragePool, Network, Bond, Volume, Container, VirtualMachine, BackupSchedule, HaGroup".into(),
+            "m.yaml:20:78: spec.placement.hagroup: unknown field `hagroup`, expected one of `node`, `nodeSelector`, `affinity`, `antiAffinity`, `preferredAffinity`, `preferredAntiAffinity`, `haGroup`, `ha` (hint: did you mean `haGroup`?)".into(),
+        ]
+    );
+}

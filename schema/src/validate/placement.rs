@@ -203,9 +203,11 @@ fn check_contradictions(r: &Resource, p: &Placement, desired: &Desired, out: &mu
     }
 }
 
-/// An HaGroup has at least one member.
+/// An HaGroup has at least one member. (Members the loader refused were left out of
+/// `nodes`: they are reported there, so an empty map counts only when nothing was written.)
 pub(super) fn check_ha_group(r: &Resource, g: &HaGroupSpec, out: &mut Vec<Diagnostic>) {
-    if g.nodes.is_empty() {
+    let written = r.origin.spans.keys().any(|k| k.starts_with("/spec/nodes/"));
+    if g.nodes.is_empty() && !written {
         out.push(at(
             r,
             "/spec/nodes",

@@ -1,0 +1,250 @@
+//! Test support (feature `testkit`): one real etcd member on loopback, killed and removed on
+//! drop. Tests that cannot find the etcd binary print `SKIP <name>: <reason>` and return.
+
+use std::fs::File;
+use std::net::TcpListener;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use tempfile::TempDir;
+
+use crate::etcd::{EtcdConfig, Store};
+
+/// Where the etcd binary is looked for unless `STEAD_ETCD_BIN` names one.
+pub const ETCD_BIN: &str = "/usr/bin/etcd";
+
+/// Why a member could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum TestkitError {
+    /// No etcd binary (the test should SKIP).
+    #[error("no etcd binary at {0} (apt-get install etcd-server)")]
+    Missing(PathBuf),
+    /// Setting up or starting failed.
+    #[error("{0}")]
+    Start(String),
+}
+
+/// The etcd binary, if present.
+pub fn etcd_binary() -> Result<PathBuf, TestkitError> {
+    let path =
+        std::env::var_os("STEAD_ETCD_BIN").map_or_else(|| PathBuf::from(ETCD_BIN), PathBuf::from);
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(TestkitError::Missing(path))
+    }
+}
+
+/// A free TCP port on 127.0.0.1 (bound and released; a race with other processes is possible
+/// but harmless in tests).
+pub fn free_port() -> Result<u16, TestkitError> {
+    let listener =
+        TcpListener::bind("127.0.0.1:0").map_err(|e| TestkitError::Start(e.to_string()))?;
+    listener
+        .local_addr()
+        .map(|a| a.port())
+        .map_err(|e| TestkitError::Start(e.to_string()))
+}
+
+/// One etcd 3.4 member on 127.0.0.1, with its own data directory and free ports, started with
+/// `--pre-vote=true` and `--grpc-keepalive-min-time=1s`. Dropping it kills the process and
+/// removes the directory.
+#[derive(Debug)]
+pub struct EtcdMember {
+    child: Option<Child>,
+    dir: TempDir,
+    client_url: String,
+}
+
+impl EtcdMember {
+    /// Starts a single-member cluster and waits (up to 20 s) until it answers.
+    pub async fn start() -> Result<Self, TestkitError> {
+        let mut member = Self::spawn_member(None)?;
+        let probe = member.config("/ready");
+        member.wait_ready(probe).await?;
+        Ok(member)
+    }
+
+    /// Starts a single-member cluster serving clients over TLS and requiring client
+    /// certificates signed by `tls.ca`; waits until it answers a client configured as `client`
+    /// (its endpoints are replaced by this member's).
+    pub async fn start_tls(tls: &ServerTls, client: &EtcdConfig) -> Result<Self, TestkitError> {
+        let mut member = Self::spawn_member(Some(tls))?;
+        let mut probe = client.clone();
+        probe.endpoints = vec![member.client_url.clone()];
+        member.wait_ready(probe).await?;
+        Ok(member)
+    }
+
+    fn spawn_member(tls: Option<&ServerTls>) -> Result<Self, TestkitError> {
+        let bin = etcd_binary()?;
+        let dir = tempfile::Builder::new()
+            .prefix("stead-etcd-")
+            .tempdir()
+            .map_err(|e| TestkitError::Start(e.to_string()))?;
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let client_url = format!("{scheme}://127.0.0.1:{}", free_port()?);
+        let peer_url = format!("http://127.0.0.1:{}", free_port()?);
+        let child = spawn(&bin, dir.path(), &client_url, &peer_url, tls)?;
+        Ok(Self {
+            child: Some(child),
+            dir,
+            client_url,
+        })
+    }
+
+    /// The client URL (`http://127.0.0.1:PORT`).
+    pub fn client_url(&self) -> &str {
+        &self.client_url
+    }
+
+    /// A configuration for this member under `prefix` (each test its own prefix), with short
+    /// timeouts.
+    pub fn config(&self, prefix: &str) -> EtcdConfig {
+        let mut c = EtcdConfig::new(vec![self.client_url.clone()]).with_prefix(prefix);
+        c.dial_timeout = Duration::from_secs(3);
+        c.request_timeout = Duration::from_secs(3);
+        c
+    }
+
+    /// Connects a store under `prefix`.
+    pub async fn store(&self, prefix: &str) -> Result<Store, TestkitError> {
+        Store::connect(&self.config(prefix))
+            .await
+            .map_err(|e| TestkitError::Start(e.to_string()))
+    }
+
+    /// The member's log so far (stderr of etcd).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("etcd.log")).unwrap_or_default()
+    }
+
+    /// Kills the member now (SIGKILL) and waits for it.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            if let Ok(pid) = libc::pid_t::try_from(child.id()) {
+                // SAFETY: as in `signal`; a stopped process must be continued to die promptly.
+                unsafe {
+                    libc::kill(pid, libc::SIGCONT);
+                }
+            }
+            let _ = child.wait();
+        }
+    }
+
+    /// Stops the member (SIGSTOP): it neither answers nor expires leases until resumed.
+    pub fn pause(&self) {
+        self.signal(libc::SIGSTOP);
+    }
+
+    /// Resumes a paused member (SIGCONT).
+    pub fn resume(&self) {
+        self.signal(libc::SIGCONT);
+    }
+
+    fn signal(&self, signal: libc::c_int) {
+        let Some(pid) = self
+            .child
+            .as_ref()
+            .and_then(|c| libc::pid_t::try_from(c.id()).ok())
+        else {
+            return;
+        };
+        // SAFETY: kill(2) on the pid of our own child, which has not been waited for yet.
+        unsafe {
+            libc::kill(pid, signal);
+        }
+    }
+
+    async fn wait_ready(&mut self, mut config: EtcdConfig) -> Result<(), TestkitError> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        config.dial_timeout = Duration::from_millis(500);
+        loop {
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
+                return Err(TestkitError::Start(format!(
+                    "etcd exited ({status}):\n{}",
+                    self.log()
+                )));
+            }
+            match Store::connect(&config).await {
+                Ok(_) => return Ok(()),
+                Err(e) if tokio::time::Instant::now() > deadline => {
+                    return Err(TestkitError::Start(format!(
+                        "etcd not ready: {e}\n{}",
+                        self.log()
+                    )));
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    }
+}
+
+impl Drop for EtcdMember {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// PEM files of a member's server certificate and the CA its clients must be signed by.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerTls {
+    /// CA that signed the client certificates (and, for the clients, the server's).
+    pub ca: PathBuf,
+    /// Server certificate (valid for 127.0.0.1).
+    pub cert: PathBuf,
+    /// Its key.
+    pub key: PathBuf,
+}
+
+fn spawn(
+    bin: &Path,
+    dir: &Path,
+    client_url: &str,
+    peer_url: &str,
+    tls: Option<&ServerTls>,
+) -> Result<Child, TestkitError> {
+    let log = File::create(dir.join("etcd.log")).map_err(|e| TestkitError::Start(e.to_string()))?;
+    let mut cmd = Command::new(bin);
+    cmd.arg("--name=m0")
+        .arg(format!("--data-dir={}", dir.join("data").display()))
+        .arg(format!("--listen-client-urls={client_url}"))
+        .arg(format!("--advertise-client-urls={client_url}"))
+        .arg(format!("--listen-peer-urls={peer_url}"))
+        .arg(format!("--initial-advertise-peer-urls={peer_url}"))
+        .arg(format!("--initial-cluster=m0={peer_url}"))
+        .arg("--initial-cluster-state=new")
+        .arg("--pre-vote=true")
+        .arg("--grpc-keepalive-min-time=1s")
+        .arg("--logger=zap")
+        .env_remove("ETCD_NAME")
+        .args(tls.map(tls_args).unwrap_or_default())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .process_group(0);
+    // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no memory of the parent;
+    // it makes the kernel kill etcd if the test process dies without dropping the member.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn()
+        .map_err(|e| TestkitError::Start(format!("{}: {e}", bin.display())))
+}
+
+fn tls_args(tls: &ServerTls) -> Vec<String> {
+    vec![
+        format!("--cert-file={}", tls.cert.display()),
+        format!("--key-file={}", tls.key.display()),
+        format!("--trusted-ca-file={}", tls.ca.display()),
+        "--client-cert-auth=true".into(),
+    ]
+}

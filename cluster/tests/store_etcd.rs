@@ -1,0 +1,581 @@
+//! The store against a real etcd 3.4 member on 127.0.0.1 (stead_cluster::testkit). Each test
+//! starts its own member; without the etcd binary a test prints SKIP and returns.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use stead_cluster::agent::{self, AgentConfig, Converge, ConvergeError, Owned};
+use stead_cluster::election::{
+    self, AssignmentEvent, AssignmentWatch, Election, LeaderWatch, current_leader,
+};
+use stead_cluster::etcd::{Store, StoreError};
+use stead_cluster::fence::FencePolicy;
+use stead_cluster::keys::ResourceRef;
+use stead_cluster::model::{Assignment, Capacity, NodeInfo};
+use stead_cluster::owner::{self, Holder};
+use stead_cluster::registry::{LeaseConfig, NodeEvent, NodeWatch, Registration, list_nodes};
+use stead_cluster::testkit::{EtcdMember, TestkitError};
+use tokio::time::{Instant, timeout};
+
+async fn member(test: &str) -> Option<EtcdMember> {
+    match EtcdMember::start().await {
+        Ok(m) => Some(m),
+        Err(TestkitError::Missing(p)) => {
+            println!("SKIP {test}: no etcd binary at {}", p.display());
+            None
+        }
+        Err(e) => panic!("{test}: {e}"),
+    }
+}
+
+fn node(name: &str) -> NodeInfo {
+    NodeInfo {
+        name: name.into(),
+        address: "127.0.0.1".into(),
+        labels: BTreeMap::new(),
+        capacity: Capacity {
+            milli_cpus: 2000,
+            memory_bytes: 1 << 30,
+        },
+        pools: vec![],
+        networks: vec![],
+        version: "test".into(),
+    }
+}
+
+fn res(s: &str) -> ResourceRef {
+    s.parse().expect("resource ref")
+}
+
+fn assignment(resource: &str, node: &str, ha: bool) -> Assignment {
+    Assignment {
+        resource: resource.into(),
+        node: node.into(),
+        ha,
+        revision: "r1".into(),
+    }
+}
+
+async fn lease(store: &Store, secs: u64) -> i64 {
+    store
+        .grant_lease(Duration::from_secs(secs))
+        .await
+        .expect("lease")
+        .0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registry_lists_nodes_and_watches_them_expire() {
+    let Some(etcd) = member("registry_lists_nodes_and_watches_them_expire").await else {
+        return;
+    };
+    let store = etcd.store("/t").await.expect("store");
+    let config = LeaseConfig::with_ttl(Duration::from_secs(2));
+    let a = Registration::register(&store, &node("a"), config)
+        .await
+        .expect("register a");
+    let b = Registration::register(&store, &node("b"), config)
+        .await
+        .expect("register b");
+    let (nodes, revision) = list_nodes(&store).await.expect("list");
+    let names: Vec<_> = nodes.iter().map(|n| n.name.as_str()).collect();
+    assert_eq!(names, ["a", "b"]);
+    let mut watch = NodeWatch::new(&store, revision);
+
+    // Keepalives hold the lease well past its TTL.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(list_nodes(&store).await.expect("list").0.len(), 2);
+    assert!(
+        a.current().acked_at.elapsed() < Duration::from_secs(1),
+        "keepalives acknowledged"
+    );
+
+    // a stops keeping its lease alive (as if killed): it is gone about a TTL after the last ack.
+    let last_ack = a.current().acked_at;
+    drop(a);
+    let events = timeout(Duration::from_secs(10), watch.next())
+        .await
+        .expect("in time")
+        .expect("watch");
+    let gone_after = last_ack.elapsed();
+    assert_eq!(events, vec![NodeEvent::Down("a".into())]);
+    println!(
+        "lease TTL 2 s: node key deleted {gone_after:?} after the last acknowledged keepalive"
+    );
+    assert!(gone_after >= Duration::from_secs(2), "{gone_after:?}");
+
+    // b leaves: revoked at once.
+    let t = Instant::now();
+    b.leave().await.expect("leave");
+    let events = timeout(Duration::from_secs(2), watch.next())
+        .await
+        .expect("in time")
+        .expect("watch");
+    assert_eq!(events, vec![NodeEvent::Down("b".into())]);
+    assert!(t.elapsed() < Duration::from_secs(1));
+
+    // A join shows up too.
+    let _c = Registration::register(&store, &node("c"), config)
+        .await
+        .expect("register c");
+    let events = timeout(Duration::from_secs(2), watch.next())
+        .await
+        .expect("in time")
+        .expect("watch");
+    assert_eq!(events, vec![NodeEvent::Up(node("c"))]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn election_hands_over_when_the_leaders_lease_is_revoked() {
+    let Some(etcd) = member("election_hands_over_when_the_leaders_lease_is_revoked").await else {
+        return;
+    };
+    let store = etcd.store("/t").await.expect("store");
+    let (la, lb) = (lease(&store, 10).await, lease(&store, 10).await);
+    let a = Election::new(&store, "ctl-a", la);
+    let b = Election::new(&store, "ctl-b", lb);
+    let ta = a.try_campaign().await.expect("campaign").expect("a leads");
+    assert_eq!(
+        a.try_campaign().await.expect("again"),
+        Some(ta),
+        "re-entrant with the same lease"
+    );
+    assert_eq!(b.try_campaign().await.expect("campaign"), None);
+    let leader = current_leader(&store).await.expect("leader").expect("some");
+    assert_eq!((leader.name.as_str(), leader.token), ("ctl-a", ta));
+
+    let mut observe = LeaderWatch::new(&store);
+    let first = observe.next().await.expect("observe").expect("a leader");
+    assert_eq!(first.name, "ctl-a");
+    let waiting = tokio::spawn({
+        let b = b.clone();
+        async move { b.campaign().await }
+    });
+    election::put_assignments(&store, &ta, &[assignment("Container/web", "n1", true)])
+        .await
+        .expect("leader writes");
+
+    // a's lease ends (its node died): b is elected, a's token is dead.
+    store.revoke_lease(la).await.expect("revoke");
+    let tb = timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("in time")
+        .expect("task")
+        .expect("b");
+    assert!(tb > ta);
+    let seen = timeout(Duration::from_secs(5), async {
+        loop {
+            if let Some(l) = observe.next().await.expect("observe")
+                && l.name == "ctl-b"
+            {
+                return l;
+            }
+        }
+    })
+    .await
+    .expect("observed");
+    assert_eq!(seen.token, tb);
+
+    let stale =
+        election::put_assignments(&store, &ta, &[assignment("Container/web", "n2", true)]).await;
+    assert!(matches!(stale, Err(StoreError::Fenced(_))), "{stale:?}");
+    let stale = election::delete_assignment(&store, &ta, &res("Container/web")).await;
+    assert!(matches!(stale, Err(StoreError::Fenced(_))), "{stale:?}");
+    let (all, _) = election::list_assignments(&store).await.expect("list");
+    assert_eq!(
+        all,
+        vec![assignment("Container/web", "n1", true)],
+        "the deposed leader wrote nothing"
+    );
+
+    // Many assignments go in several guarded transactions.
+    let many: Vec<_> = (0..250)
+        .map(|i| assignment(&format!("Container/c{i}"), "n1", false))
+        .collect();
+    election::put_assignments(&store, &tb, &many)
+        .await
+        .expect("b writes");
+    assert_eq!(
+        election::list_assignments(&store)
+            .await
+            .expect("list")
+            .0
+            .len(),
+        251
+    );
+
+    b.resign(tb).await.expect("resign");
+    assert_eq!(current_leader(&store).await.expect("leader"), None);
+}
+
+async fn next_events(watch: &mut AssignmentWatch) -> Vec<AssignmentEvent> {
+    timeout(Duration::from_secs(5), watch.next())
+        .await
+        .expect("in time")
+        .expect("watch")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn assignment_watch_follows_one_node() {
+    let Some(etcd) = member("assignment_watch_follows_one_node").await else {
+        return;
+    };
+    let store = etcd.store("/t").await.expect("store");
+    let ctl = Election::new(&store, "ctl", lease(&store, 10).await);
+    let token = ctl.try_campaign().await.expect("campaign").expect("leads");
+    let put = |a: Vec<Assignment>| {
+        let store = store.clone();
+        async move {
+            election::put_assignments(&store, &token, &a)
+                .await
+                .expect("put")
+        }
+    };
+    put(vec![
+        assignment("Container/a", "n1", true),
+        assignment("Container/b", "n2", true),
+    ])
+    .await;
+
+    let mut watch = AssignmentWatch::new(&store, "n1");
+    assert_eq!(
+        next_events(&mut watch).await,
+        vec![AssignmentEvent::Snapshot(vec![assignment(
+            "Container/a",
+            "n1",
+            true
+        )])]
+    );
+    put(vec![assignment("Container/c", "n1", false)]).await;
+    assert_eq!(
+        next_events(&mut watch).await,
+        vec![AssignmentEvent::Assigned(assignment(
+            "Container/c",
+            "n1",
+            false
+        ))]
+    );
+    put(vec![assignment("Container/b", "n2", false)]).await; // not ours: nothing
+    put(vec![assignment("Container/a", "n2", true)]).await; // moved away
+    assert_eq!(
+        next_events(&mut watch).await,
+        vec![AssignmentEvent::Unassigned(res("Container/a"))]
+    );
+    election::delete_assignment(&store, &token, &res("Container/c"))
+        .await
+        .expect("delete");
+    assert_eq!(
+        next_events(&mut watch).await,
+        vec![AssignmentEvent::Unassigned(res("Container/c"))]
+    );
+    assert!(watch.next_revision() > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_old_owners_guarded_write_is_rejected_after_takeover() {
+    let Some(etcd) = member("an_old_owners_guarded_write_is_rejected_after_takeover").await else {
+        return;
+    };
+    let store = etcd.store("/t").await.expect("store");
+    let web = res("Container/web");
+    let old = Holder {
+        node: "n1".into(),
+        lease: lease(&store, 10).await,
+    };
+    let new = Holder {
+        node: "n2".into(),
+        lease: lease(&store, 10).await,
+    };
+
+    let t1 = owner::acquire(&store, &web, &old)
+        .await
+        .expect("acquire")
+        .expect("owned");
+    assert_eq!(
+        owner::acquire(&store, &web, &old).await.expect("again"),
+        Some(t1.clone())
+    );
+    assert_eq!(
+        owner::acquire(&store, &web, &new).await.expect("acquire"),
+        None,
+        "owner key exists"
+    );
+    let data = store.keys().replication(&web);
+    owner::guarded_put(&store, &data, "from n1", &t1)
+        .await
+        .expect("owner writes");
+
+    // n1's lease expires (partitioned away): n2 takes over with a newer token.
+    store.revoke_lease(old.lease).await.expect("revoke");
+    let t2 = owner::acquire(&store, &web, &new)
+        .await
+        .expect("acquire")
+        .expect("taken over");
+    assert!(t2.revision() > t1.revision());
+    assert!(!owner::is_current(&store, &t1).await.expect("check"));
+    assert!(owner::is_current(&store, &t2).await.expect("check"));
+
+    // n1 comes back and writes with its old token: rejected; n2's write stands.
+    owner::guarded_put(&store, &data, "from n2", &t2)
+        .await
+        .expect("new owner writes");
+    let stale = owner::guarded_put(&store, &data, "late write from n1", &t1).await;
+    assert!(matches!(stale, Err(StoreError::Fenced(_))), "{stale:?}");
+    let mut c = store.client();
+    let value = c.get(data.as_str(), None).await.expect("get").kvs()[0]
+        .value()
+        .to_vec();
+    assert_eq!(value, b"from n2");
+    // n1's release with the old token does not delete n2's key.
+    assert!(!owner::release(&store, &t1).await.expect("release"));
+    assert!(owner::is_current(&store, &t2).await.expect("check"));
+    let who = owner::owner_of(&store, &web)
+        .await
+        .expect("owner")
+        .expect("some");
+    assert_eq!((who.record.node.as_str(), who.lease), ("n2", new.lease));
+    assert!(owner::release(&store, &t2).await.expect("release"));
+    assert_eq!(owner::owner_of(&store, &web).await.expect("owner"), None);
+}
+
+/// What the fake engine was asked to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Call {
+    Converge(Vec<(String, i64)>),
+    StopHa(Vec<String>),
+}
+
+#[derive(Default)]
+struct FakeEngine {
+    calls: Mutex<Vec<Call>>,
+}
+
+impl Converge for FakeEngine {
+    fn converge(&self, owned: &[Owned]) -> Result<(), ConvergeError> {
+        let set = owned
+            .iter()
+            .map(|o| (o.resource.to_string(), o.token.revision()))
+            .collect();
+        self.calls.lock().expect("lock").push(Call::Converge(set));
+        Ok(())
+    }
+
+    fn stop_ha(&self, resources: &[ResourceRef]) {
+        let set = resources.iter().map(ToString::to_string).collect();
+        self.calls.lock().expect("lock").push(Call::StopHa(set));
+    }
+}
+
+impl FakeEngine {
+    fn calls(&self) -> Vec<Call> {
+        self.calls.lock().expect("lock").clone()
+    }
+
+    /// Waits until a call matches `pred`; returns the calls so far and when it matched.
+    async fn wait_for(&self, what: &str, pred: impl Fn(&Call) -> bool) -> Instant {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if self.calls().iter().any(&pred) {
+                return Instant::now();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: calls {:?}",
+                self.calls()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+fn runs(call: &Call, resource: &str) -> bool {
+    matches!(call, Call::Converge(set) if set.iter().any(|(r, _)| r == resource))
+}
+
+struct RunningAgent {
+    engine: Arc<FakeEngine>,
+    stop: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Result<(), StoreError>>,
+}
+
+fn start_agent(store: &Store, name: &str, ttl: Duration) -> RunningAgent {
+    let engine = Arc::new(FakeEngine::default());
+    let (stop, rx) = tokio::sync::watch::channel(false);
+    let mut config = AgentConfig::new(node(name));
+    config.lease = LeaseConfig::with_ttl(ttl);
+    config.fence = FencePolicy::default();
+    config.retry = Duration::from_millis(100);
+    let (store, dyn_engine) = (store.clone(), engine.clone() as Arc<dyn Converge>);
+    let task = tokio::spawn(async move { agent::run(&store, &config, dyn_engine, rx).await });
+    RunningAgent { engine, stop, task }
+}
+
+impl RunningAgent {
+    async fn stop(self) {
+        let _ = self.stop.send(true);
+        timeout(Duration::from_secs(10), self.task)
+            .await
+            .expect("stops")
+            .expect("task")
+            .expect("ok");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_acquires_runs_and_releases_what_is_assigned() {
+    let Some(etcd) = member("agent_acquires_runs_and_releases_what_is_assigned").await else {
+        return;
+    };
+    let store = etcd.store("/t").await.expect("store");
+    let ctl = Election::new(&store, "ctl", lease(&store, 10).await);
+    let token = ctl.try_campaign().await.expect("campaign").expect("leads");
+    let web = res("Container/web");
+
+    // An old owner (another node's live lease) still holds web.
+    let other = Holder {
+        node: "old".into(),
+        lease: lease(&store, 10).await,
+    };
+    owner::acquire(&store, &web, &other)
+        .await
+        .expect("acquire")
+        .expect("old owns");
+
+    let agent = start_agent(&store, "n1", Duration::from_secs(4));
+    election::put_assignments(&store, &token, &[assignment("Container/web", "n1", true)])
+        .await
+        .expect("assign");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        !agent
+            .engine
+            .calls()
+            .iter()
+            .any(|c| runs(c, "Container/web")),
+        "ran without a token"
+    );
+
+    // The old owner's key goes: the agent acquires and runs it with the new token.
+    store.revoke_lease(other.lease).await.expect("revoke");
+    agent
+        .engine
+        .wait_for("web started", |c| runs(c, "Container/web"))
+        .await;
+    let who = owner::owner_of(&store, &web)
+        .await
+        .expect("owner")
+        .expect("owned");
+    assert_eq!(who.record.node, "n1");
+    let started = agent
+        .engine
+        .calls()
+        .into_iter()
+        .find(|c| runs(c, "Container/web"));
+    assert_eq!(
+        started,
+        Some(Call::Converge(vec![(
+            "Container/web".into(),
+            who.token.revision()
+        )]))
+    );
+
+    // Moved to another node: stopped (converge without it), then released.
+    election::put_assignments(&store, &token, &[assignment("Container/web", "n2", true)])
+        .await
+        .expect("move");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while owner::owner_of(&store, &web)
+        .await
+        .expect("owner")
+        .is_some()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "not released: {:?}",
+            agent.engine.calls()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(agent.engine.calls().last(), Some(&Call::Converge(vec![])));
+    agent.stop().await;
+    assert!(
+        list_nodes(&store).await.expect("list").0.is_empty(),
+        "the lease was revoked"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_fences_before_its_lease_can_expire_and_reacquires_after() {
+    let test = "agent_fences_before_its_lease_can_expire_and_reacquires_after";
+    let Some(etcd) = member(test).await else {
+        return;
+    };
+    let store = etcd.store("/t").await.expect("store");
+    let ctl = Election::new(&store, "ctl", lease(&store, 30).await);
+    let token = ctl.try_campaign().await.expect("campaign").expect("leads");
+    let ttl = Duration::from_secs(4);
+    let agent = start_agent(&store, "n1", ttl);
+    election::put_assignments(&store, &token, &[assignment("Container/web", "n1", true)])
+        .await
+        .expect("assign");
+    agent
+        .engine
+        .wait_for("web started", |c| runs(c, "Container/web"))
+        .await;
+    let first = owner::owner_of(&store, &res("Container/web"))
+        .await
+        .expect("owner")
+        .expect("owned");
+
+    // etcd stops answering for longer than the TTL: the agent stops web before the lease
+    // could expire (lease deadline = last acknowledged send + TTL, so < TTL after the pause).
+    let paused = Instant::now();
+    etcd.pause();
+    let fenced = agent
+        .engine
+        .wait_for(
+            "fenced",
+            |c| matches!(c, Call::StopHa(s) if s == &["Container/web"]),
+        )
+        .await;
+    let fenced_after = fenced - paused;
+    println!("TTL {ttl:?}: fenced {fenced_after:?} after etcd stopped answering");
+    assert!(
+        fenced_after < ttl - Duration::from_secs(1),
+        "{fenced_after:?}"
+    );
+    tokio::time::sleep(ttl).await;
+    etcd.resume();
+
+    // Back: the old lease expired on resume, a new one is granted, ownership is acquired again
+    // with a new token before web runs again.
+    let before = agent.engine.calls().len();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let again = loop {
+        let calls = agent.engine.calls();
+        let restarted = calls[before..].iter().find_map(|c| match c {
+            Call::Converge(set) => set
+                .iter()
+                .find(|(r, _)| r == "Container/web")
+                .map(|(_, t)| *t),
+            Call::StopHa(_) => None,
+        });
+        if let Some(t) = restarted {
+            break t;
+        }
+        assert!(Instant::now() < deadline, "not restarted: {calls:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        again > first.token.revision(),
+        "a new token, not the stale one"
+    );
+    let now = owner::owner_of(&store, &res("Container/web"))
+        .await
+        .expect("owner")
+        .expect("owned");
+    assert_eq!(now.token.revision(), again);
+    assert_ne!(now.lease, first.lease);
+    agent.stop().await;
+}
