@@ -13,7 +13,7 @@ use tracing::{debug, info, instrument};
 use crate::etcd::{Store, StoreError};
 use crate::keys::ResourceRef;
 use crate::model::Assignment;
-use crate::watch::{Change, PrefixWatch, list_prefix};
+use crate::watch::{Change, PrefixWatch, decode_or_skip, list_prefix};
 
 /// Proof of leadership: the create revision of the leader key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -250,14 +250,27 @@ fn parse_resource(text: &str) -> Result<ResourceRef, StoreError> {
     text.parse().map_err(|e| StoreError::decode(text, e))
 }
 
-/// Every assignment and the store revision of the listing.
+/// Every assignment (unreadable ones skipped with a warning) and the store revision of the
+/// listing.
 pub async fn list_assignments(store: &Store) -> Result<(Vec<Assignment>, i64), StoreError> {
     let (entries, revision) = list_prefix(store, &store.keys().assignments()).await?;
-    let mut out = Vec::with_capacity(entries.len());
-    for e in entries {
-        out.push(serde_json::from_slice(&e.value).map_err(|err| StoreError::decode(&e.key, err))?);
-    }
+    let out = entries
+        .iter()
+        .filter_map(|e| read_assignment(store, &e.key, &e.value))
+        .map(|(_, a)| a)
+        .collect();
     Ok((out, revision))
+}
+
+/// An assignment and its workload, if the value is readable and names the workload of its key.
+fn read_assignment(store: &Store, key: &str, value: &[u8]) -> Option<(ResourceRef, Assignment)> {
+    let resource = store.keys().parse_assignment(key)?;
+    let a: Assignment = decode_or_skip(key, value)?;
+    if a.resource != resource.to_string() {
+        tracing::warn!(%key, named = %a.resource, "skipping an assignment for another workload");
+        return None;
+    }
+    Some((resource, a))
 }
 
 /// A change to what one node must run.
@@ -327,10 +340,10 @@ impl AssignmentWatch {
         let entries = self.inner.list().await?;
         let mut mine = BTreeMap::new();
         for e in entries {
-            let a: Assignment =
-                serde_json::from_slice(&e.value).map_err(|err| StoreError::decode(&e.key, err))?;
-            if a.node == self.node {
-                mine.insert(parse_resource(&a.resource)?, a);
+            if let Some((resource, a)) = read_assignment(&self.store, &e.key, &e.value)
+                && a.node == self.node
+            {
+                mine.insert(resource, a);
             }
         }
         self.mine = mine.keys().cloned().collect();
@@ -341,9 +354,9 @@ impl AssignmentWatch {
     fn event(&mut self, change: Change) -> Result<Option<AssignmentEvent>, StoreError> {
         match change {
             Change::Put { key, value, .. } => {
-                let a: Assignment =
-                    serde_json::from_slice(&value).map_err(|e| StoreError::decode(&key, e))?;
-                let resource = parse_resource(&a.resource)?;
+                let Some((resource, a)) = read_assignment(&self.store, &key, &value) else {
+                    return Ok(None);
+                };
                 if a.node == self.node {
                     self.mine.insert(resource);
                     Ok(Some(AssignmentEvent::Assigned(a)))

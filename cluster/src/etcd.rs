@@ -282,6 +282,13 @@ impl Store {
         Ok((r.id(), granted))
     }
 
+    /// How long a lease has left on etcd (`None`: it does not exist any more).
+    pub async fn lease_remaining(&self, id: i64) -> Result<Option<Duration>, StoreError> {
+        let mut c = self.client.clone();
+        let r = self.timed(c.lease_time_to_live(id, None)).await?;
+        Ok(u64::try_from(r.ttl()).ok().map(Duration::from_secs))
+    }
+
     /// Revokes a lease: every key bound to it is deleted at once.
     pub async fn revoke_lease(&self, id: i64) -> Result<(), StoreError> {
         let mut c = self.client.clone();

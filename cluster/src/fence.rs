@@ -89,6 +89,8 @@ pub enum FenceState {
     Armed {
         /// Epoch: incremented at every re-arm after a fence.
         epoch: u64,
+        /// The lease generation the deadline belongs to.
+        generation: u64,
         /// When it fires.
         deadline: Instant,
     },
@@ -123,16 +125,29 @@ pub fn next_state(
     now: Instant,
 ) -> FenceState {
     let deadline = policy.fence_at(liveness);
+    let generation = liveness.generation;
     match state {
         FenceState::Armed { epoch, .. } if now >= deadline => {
             FenceState::Fenced { epoch, since: now }
         }
-        FenceState::Armed { epoch, .. } => FenceState::Armed { epoch, deadline },
+        // The lease was replaced: the old one expired, so another node may own our workloads
+        // already, whatever the new lease's deadline says.
+        FenceState::Armed {
+            epoch,
+            generation: armed,
+            ..
+        } if armed != generation => FenceState::Fenced { epoch, since: now },
+        FenceState::Armed { epoch, .. } => FenceState::Armed {
+            epoch,
+            generation,
+            deadline,
+        },
         // Only an acknowledgement sent after the fence re-arms: an answer to a keepalive sent
         // before it proves nothing about the time since.
         FenceState::Fenced { epoch, since } if liveness.acked_at > since && now < deadline => {
             FenceState::Armed {
                 epoch: epoch + 1,
+                generation,
                 deadline,
             }
         }
@@ -166,6 +181,7 @@ impl FenceGuard {
     ) -> Self {
         let first = FenceState::Armed {
             epoch: 0,
+            generation: liveness.borrow().generation,
             deadline: policy.fence_at(&liveness.borrow()),
         };
         let (tx, rx) = watch::channel(first);
@@ -276,6 +292,7 @@ mod tests {
         let armed = next_state(
             FenceState::Armed {
                 epoch: 0,
+                generation: 0,
                 deadline: t0,
             },
             &l,
@@ -286,6 +303,7 @@ mod tests {
             armed,
             FenceState::Armed {
                 epoch: 0,
+                generation: 0,
                 deadline: t0 + Duration::from_millis(3500)
             }
         );
@@ -315,11 +333,46 @@ mod tests {
             again,
             FenceState::Armed {
                 epoch: 1,
+                generation: 0,
                 deadline: later + Duration::from_millis(3500)
             }
         );
         assert_eq!(again.epoch(), 1);
         assert!(!again.is_fenced() && fenced.is_fenced());
+    }
+
+    #[test]
+    fn a_replaced_lease_fences_even_with_a_fresh_deadline() {
+        let p = FencePolicy::default();
+        let t0 = Instant::now();
+        let armed = FenceState::Armed {
+            epoch: 0,
+            generation: 0,
+            deadline: t0 + Duration::from_millis(3500),
+        };
+        let now = t0 + Duration::from_secs(1);
+        let mut replaced = live(now, 5);
+        replaced.generation = 1;
+        let fenced = next_state(armed, &replaced, &p, now);
+        assert_eq!(
+            fenced,
+            FenceState::Fenced {
+                epoch: 0,
+                since: now
+            }
+        );
+        // The first acknowledgement on the new lease after the fence re-arms.
+        let later = now + Duration::from_millis(200);
+        replaced.acked_at = later;
+        let again = next_state(fenced, &replaced, &p, later);
+        assert!(matches!(
+            again,
+            FenceState::Armed {
+                epoch: 1,
+                generation: 1,
+                ..
+            }
+        ));
     }
 
     #[tokio::test(start_paused = true)]

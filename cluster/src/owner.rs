@@ -11,7 +11,8 @@ use serde::{Deserialize, Serialize};
 use tracing::{debug, instrument};
 
 use crate::etcd::{Store, StoreError};
-use crate::keys::ResourceRef;
+use crate::keys::{Key, ResourceRef};
+use crate::watch::{decode_or_skip, list_prefix};
 
 /// The value of an owner key.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -117,6 +118,27 @@ pub async fn owner_of(
         lease: kv.lease(),
         token,
     }))
+}
+
+/// Every owned workload (for status; unreadable owner records skipped with a warning).
+pub async fn list_owners(store: &Store) -> Result<Vec<Ownership>, StoreError> {
+    let (entries, _) = list_prefix(store, &store.keys().owners()).await?;
+    let mut out = Vec::with_capacity(entries.len());
+    for e in entries {
+        let Some(Key::Owner(resource)) = store.keys().parse(&e.key) else {
+            continue;
+        };
+        let Some(record) = decode_or_skip::<OwnerRecord>(&e.key, &e.value) else {
+            continue;
+        };
+        let token = FencingToken::new(resource, e.create_revision);
+        out.push(Ownership {
+            record,
+            lease: e.lease,
+            token,
+        });
+    }
+    Ok(out)
 }
 
 /// Gives up ownership (only if `token` is still current); returns whether a key was deleted.

@@ -16,7 +16,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::etcd::{Store, StoreError};
 use crate::model::NodeInfo;
-use crate::watch::{Change, PrefixWatch, list_prefix};
+use crate::watch::{Change, PrefixWatch, decode_or_skip, list_prefix};
 
 /// How a node's lease is kept.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -160,9 +160,14 @@ async fn keep_alive(
     tx: watch::Sender<Liveness>,
 ) {
     let mut rtts = RttWindow::default();
+    let mut backoff = RETRY_MIN;
     loop {
         let current = *tx.borrow();
-        match keep_stream(&store, &current, config, &tx, &mut rtts).await {
+        let result = keep_stream(&store, &current, config, &tx, &mut rtts).await;
+        if tx.borrow().acked_at != current.acked_at {
+            backoff = RETRY_MIN;
+        }
+        match result {
             Err(StoreError::LeaseExpired(_)) => {
                 warn!(
                     lease = format!("{:x}", current.lease),
@@ -170,14 +175,20 @@ async fn keep_alive(
                 );
                 replace_lease(&store, &info, config, &tx, current.generation + 1).await;
             }
+            // Soon after a failure (an etcd leader election lasts 1-2 s: the first keepalive
+            // after it should not wait a whole interval), then less often up to the interval.
             Err(e) => {
-                debug!(error = %e, "keepalive stream failed; reconnecting");
-                sleep(config.interval).await;
+                debug!(error = %e, ?backoff, "keepalive stream failed; reconnecting");
+                sleep(backoff).await;
+                backoff = (backoff * 2).min(config.interval.max(RETRY_MIN));
             }
             Ok(()) => sleep(config.interval).await,
         }
     }
 }
+
+/// The first retry after a failed keepalive stream.
+const RETRY_MIN: Duration = Duration::from_millis(100);
 
 async fn replace_lease(
     store: &Store,
@@ -267,14 +278,14 @@ impl RttWindow {
     }
 }
 
-/// Every registered node (alive: their leases hold) and the store revision of the listing.
+/// Every registered node (alive: their leases hold; unreadable records skipped with a
+/// warning) and the store revision of the listing.
 pub async fn list_nodes(store: &Store) -> Result<(Vec<NodeInfo>, i64), StoreError> {
     let (entries, revision) = list_prefix(store, &store.keys().nodes()).await?;
-    let mut nodes = Vec::with_capacity(entries.len());
-    for e in entries {
-        nodes
-            .push(serde_json::from_slice(&e.value).map_err(|err| StoreError::decode(&e.key, err))?);
-    }
+    let nodes = entries
+        .iter()
+        .filter_map(|e| decode_or_skip(&e.key, &e.value))
+        .collect();
     Ok((nodes, revision))
 }
 
@@ -309,14 +320,21 @@ impl NodeWatch {
     /// The next changes. Errors are worth retrying when retryable: the watch resumes where it
     /// stopped.
     pub async fn next(&mut self) -> Result<Vec<NodeEvent>, StoreError> {
+        loop {
+            let out = self.next_changes().await?;
+            if !out.is_empty() {
+                return Ok(out);
+            }
+        }
+    }
+
+    async fn next_changes(&mut self) -> Result<Vec<NodeEvent>, StoreError> {
         let changes = self.inner.next_batch().await?;
         let mut out = Vec::with_capacity(changes.len());
         for change in changes {
             match change {
                 Change::Put { key, value, .. } => {
-                    let info =
-                        serde_json::from_slice(&value).map_err(|e| StoreError::decode(&key, e))?;
-                    out.push(NodeEvent::Up(info));
+                    out.extend(decode_or_skip(&key, &value).map(NodeEvent::Up));
                 }
                 Change::Delete { key, .. } => {
                     if let Some(name) = self.store.keys().parse_node(&key) {

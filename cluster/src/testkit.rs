@@ -56,6 +56,8 @@ pub struct EtcdMember {
     child: Option<Child>,
     dir: TempDir,
     client_url: String,
+    peer_url: String,
+    tls: Option<ServerTls>,
 }
 
 impl EtcdMember {
@@ -92,6 +94,8 @@ impl EtcdMember {
             child: Some(child),
             dir,
             client_url,
+            peer_url,
+            tls: tls.cloned(),
         })
     }
 
@@ -119,6 +123,26 @@ impl EtcdMember {
     /// The member's log so far (stderr of etcd).
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("etcd.log")).unwrap_or_default()
+    }
+
+    /// Kills the member (SIGKILL) and starts it again on the same data and ports; waits until
+    /// it answers (plaintext members only).
+    pub async fn restart(&mut self) -> Result<(), TestkitError> {
+        self.kill();
+        let bin = etcd_binary()?;
+        let log = self.dir.path().join("etcd.log");
+        let before = std::fs::read(&log).unwrap_or_default();
+        let child = spawn(
+            &bin,
+            self.dir.path(),
+            &self.client_url,
+            &self.peer_url,
+            self.tls.as_ref(),
+        )?;
+        let _ = std::fs::write(self.dir.path().join("etcd.log.1"), before);
+        self.child = Some(child);
+        let probe = self.config("/ready");
+        self.wait_ready(probe).await
     }
 
     /// Kills the member now (SIGKILL) and waits for it.

@@ -3,7 +3,8 @@
 //! compacted) so the caller lists again.
 
 use etcd_client::{EventType, GetOptions, WatchOptions, WatchStream};
-use tracing::debug;
+use serde::de::DeserializeOwned;
+use tracing::{debug, warn};
 
 use crate::etcd::{Store, StoreError};
 
@@ -176,4 +177,15 @@ pub async fn list_prefix(store: &Store, prefix: &str) -> Result<(Vec<Entry>, i64
         });
     }
     Ok((entries, revision))
+}
+
+/// A JSON value, or `None` with a warning: one bad value must not stop a listing or a watch.
+pub(crate) fn decode_or_skip<T: DeserializeOwned>(key: &str, value: &[u8]) -> Option<T> {
+    match serde_json::from_slice(value) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            warn!(%key, error = %e, "skipping a value stead cannot read");
+            None
+        }
+    }
 }

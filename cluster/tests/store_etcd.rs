@@ -90,6 +90,17 @@ async fn registry_lists_nodes_and_watches_them_expire() {
         a.current().acked_at.elapsed() < Duration::from_secs(1),
         "keepalives acknowledged"
     );
+    let left = store
+        .lease_remaining(a.lease())
+        .await
+        .expect("ttl")
+        .expect("alive");
+    assert!(left <= Duration::from_secs(2));
+    let l = a.current();
+    println!(
+        "keepalive round trip {:?}, largest {:?} (loopback)",
+        l.rtt, l.max_rtt
+    );
 
     // a stops keeping its lease alive (as if killed): it is gone about a TTL after the last ack.
     let last_ack = a.current().acked_at;
@@ -107,7 +118,9 @@ async fn registry_lists_nodes_and_watches_them_expire() {
 
     // b leaves: revoked at once.
     let t = Instant::now();
+    let b_lease = b.lease();
     b.leave().await.expect("leave");
+    assert_eq!(store.lease_remaining(b_lease).await.expect("ttl"), None);
     let events = timeout(Duration::from_secs(2), watch.next())
         .await
         .expect("in time")
@@ -238,6 +251,32 @@ async fn assignment_watch_follows_one_node() {
     ])
     .await;
 
+    // Values stead cannot read, or naming another workload than their key, are skipped.
+    let mut raw = store.client();
+    raw.put(
+        store.keys().assignment(&res("Container/bad")),
+        "{not json",
+        None,
+    )
+    .await
+    .expect("put");
+    let lying = serde_json::to_vec(&assignment("Container/a", "n1", true)).expect("json");
+    raw.put(store.keys().assignment(&res("Container/liar")), lying, None)
+        .await
+        .expect("put");
+    raw.put(store.keys().node("garbage"), "nope", None)
+        .await
+        .expect("put");
+    assert!(list_nodes(&store).await.expect("list").0.is_empty());
+    assert_eq!(
+        election::list_assignments(&store)
+            .await
+            .expect("list")
+            .0
+            .len(),
+        2
+    );
+
     let mut watch = AssignmentWatch::new(&store, "n1");
     assert_eq!(
         next_events(&mut watch).await,
@@ -247,6 +286,9 @@ async fn assignment_watch_follows_one_node() {
             true
         )])]
     );
+    raw.put(store.keys().assignment(&res("Container/bad")), "[]", None)
+        .await
+        .expect("put");
     put(vec![assignment("Container/c", "n1", false)]).await;
     assert_eq!(
         next_events(&mut watch).await,
@@ -335,6 +377,8 @@ async fn an_old_owners_guarded_write_is_rejected_after_takeover() {
         .expect("owner")
         .expect("some");
     assert_eq!((who.record.node.as_str(), who.lease), ("n2", new.lease));
+    let all = owner::list_owners(&store).await.expect("owners");
+    assert_eq!(all, vec![who.clone()]);
     assert!(owner::release(&store, &t2).await.expect("release"));
     assert_eq!(owner::owner_of(&store, &web).await.expect("owner"), None);
 }
@@ -578,4 +622,80 @@ async fn agent_fences_before_its_lease_can_expire_and_reacquires_after() {
     assert_eq!(now.token.revision(), again);
     assert_ne!(now.lease, first.lease);
     agent.stop().await;
+}
+
+/// The next events, retrying retryable errors (a broken stream reconnects from its revision).
+async fn next_events_across_outages(watch: &mut AssignmentWatch) -> Vec<AssignmentEvent> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        match timeout(Duration::from_secs(5), watch.next()).await {
+            Ok(Ok(events)) => return events,
+            Ok(Err(e)) if e.is_retryable() => {}
+            Ok(Err(e)) => panic!("watch: {e}"),
+            Err(_) => {}
+        }
+        assert!(Instant::now() < deadline, "no events");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn assignment_watch_resumes_after_etcd_restarts() {
+    let Some(mut etcd) = member("assignment_watch_resumes_after_etcd_restarts").await else {
+        return;
+    };
+    let store = etcd.store("/t").await.expect("store");
+    let ctl = Election::new(&store, "ctl", lease(&store, 60).await);
+    let token = ctl.try_campaign().await.expect("campaign").expect("leads");
+    election::put_assignments(&store, &token, &[assignment("Container/a", "n1", true)])
+        .await
+        .expect("put");
+    let mut watch = AssignmentWatch::new(&store, "n1");
+    assert!(
+        matches!(&next_events(&mut watch).await[..], [AssignmentEvent::Snapshot(s)] if s.len() == 1)
+    );
+    election::put_assignments(&store, &token, &[assignment("Container/b", "n1", true)])
+        .await
+        .expect("put");
+    assert_eq!(
+        next_events(&mut watch).await,
+        vec![AssignmentEvent::Assigned(assignment(
+            "Container/b",
+            "n1",
+            true
+        ))]
+    );
+    let resume_at = watch.next_revision();
+
+    // etcd dies and comes back; a change lands before the watch reconnects.
+    etcd.restart().await.expect("restart");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let revision = loop {
+        match election::put_assignments(&store, &token, &[assignment("Container/c", "n1", false)])
+            .await
+        {
+            Ok(r) => break r,
+            Err(e) if e.is_retryable() && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("put after restart: {e}"),
+        }
+    };
+    assert!(revision >= resume_at);
+    // Delivered once, nothing replayed from before the outage.
+    assert_eq!(
+        next_events_across_outages(&mut watch).await,
+        vec![AssignmentEvent::Assigned(assignment(
+            "Container/c",
+            "n1",
+            false
+        ))]
+    );
+    election::delete_assignment(&store, &token, &res("Container/a"))
+        .await
+        .expect("delete");
+    assert_eq!(
+        next_events(&mut watch).await,
+        vec![AssignmentEvent::Unassigned(res("Container/a"))]
+    );
 }
