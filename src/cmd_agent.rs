@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -243,19 +244,46 @@ pub fn run(a: AgentArgs, g: &Global, env: HostEnv) -> Result<u8> {
         env,
         paths: a.paths,
         ledger: Mutex::default(),
+        tickets: AtomicU64::new(0),
     });
     let rt = runtime()?;
     rt.block_on(async {
-        let store = Store::connect(&file.etcd()).await?;
         let (tx, rx) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {
             shutdown_signal().await;
             let _ = tx.send(true);
         });
-        agent::run(&store, &config, engine, rx).await?;
-        anyhow::Ok(())
+        supervise(&file.etcd(), &config, engine, rx).await
     })?;
     Ok(0)
+}
+
+/// Pause before the agent starts again after etcd failed it.
+const RESTART_PAUSE: Duration = Duration::from_secs(1);
+
+/// Runs the agent until shutdown; when it stops on an error trying again can help (etcd
+/// unreachable, a timeout during an election) it starts again: registering anew, owning
+/// anew. Its workloads were fenced already if the outage was long enough.
+async fn supervise(
+    etcd: &EtcdConfig,
+    config: &AgentConfig,
+    engine: Arc<dyn Converge>,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+) -> Result<()> {
+    loop {
+        let result = match Store::connect(etcd).await {
+            Ok(store) => agent::run(&store, config, engine.clone(), shutdown.clone()).await,
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(()) => return Ok(()),
+            Err(e) if e.is_retryable() && !*shutdown.borrow() => {
+                tracing::warn!(error = %e, "agent stopped; starting again");
+                tokio::time::sleep(RESTART_PAUSE).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 /// Resolves on SIGTERM or SIGINT.
@@ -324,44 +352,35 @@ pub fn load(paths: &[PathBuf]) -> Result<Desired> {
     })
 }
 
-/// What the engine runs, with the fencing token it runs each workload under, and the tokens
-/// a fence revoked: a converge that was already on its way when the fence stopped a workload
-/// must not start it again under the same token (only a new ownership may). Pure.
+/// What the engine runs, and what the last fence stopped: a converge that was already on
+/// its way (called before the fence) when the fence stopped a workload must not start it
+/// again; a converge called after the fence (the agent re-armed and owns it again) may.
+/// Calls are numbered on arrival, before they wait for the engine. Pure.
 #[derive(Debug, Default)]
 struct Ledger {
-    running: BTreeMap<ResourceId, i64>,
-    revoked: BTreeSet<(ResourceId, i64)>,
+    running: BTreeSet<ResourceId>,
+    /// Calls numbered below this one arrived before the last fence.
+    fence_ticket: u64,
+    /// What the last fence stopped.
+    fenced: BTreeSet<ResourceId>,
 }
 
 impl Ledger {
-    /// The workloads of `owned` that may run: those whose token no fence revoked.
-    fn admit(&self, owned: &[(ResourceId, i64)]) -> BTreeMap<ResourceId, i64> {
-        owned
-            .iter()
-            .filter(|(id, rev)| !self.revoked.contains(&(id.clone(), *rev)))
-            .cloned()
-            .collect()
-    }
-
-    /// Records that `run` runs now; revocations older than its tokens are forgotten.
-    fn ran(&mut self, run: BTreeMap<ResourceId, i64>) {
-        self.revoked
-            .retain(|(id, rev)| run.get(id).is_none_or(|now| now <= rev));
-        self.running = run;
-    }
-
-    /// A fence stops `stop`: their tokens are revoked; what keeps running.
-    fn fence(&mut self, stop: &BTreeSet<ResourceId>) -> BTreeMap<ResourceId, i64> {
-        for (id, rev) in &self.running {
-            if stop.contains(id) {
-                self.revoked.insert((id.clone(), *rev));
-            }
+    /// The workloads of `owned` that a converge numbered `ticket` may run.
+    fn admit(&self, owned: &BTreeSet<ResourceId>, ticket: u64) -> BTreeSet<ResourceId> {
+        if ticket < self.fence_ticket {
+            owned.difference(&self.fenced).cloned().collect()
+        } else {
+            owned.clone()
         }
-        self.running
-            .iter()
-            .filter(|(id, _)| !stop.contains(*id))
-            .map(|(id, rev)| (id.clone(), *rev))
-            .collect()
+    }
+
+    /// A fence stops `stop`; `next_ticket` is the number the next call will get. What keeps
+    /// running.
+    fn fence(&mut self, stop: &BTreeSet<ResourceId>, next_ticket: u64) -> BTreeSet<ResourceId> {
+        self.fence_ticket = next_ticket;
+        self.fenced = stop.clone();
+        self.running.difference(stop).cloned().collect()
     }
 }
 
@@ -372,6 +391,8 @@ struct NodeEngine {
     env: HostEnv,
     paths: Vec<PathBuf>,
     ledger: Mutex<Ledger>,
+    /// Numbers converge calls on arrival.
+    tickets: AtomicU64,
 }
 
 impl NodeEngine {
@@ -409,25 +430,26 @@ fn resource_id(r: &ResourceRef) -> Option<ResourceId> {
 
 impl Converge for NodeEngine {
     fn converge(&self, owned: &[Owned]) -> Result<(), ConvergeError> {
-        let owned: Vec<(ResourceId, i64)> = owned
+        let ticket = self.tickets.fetch_add(1, Ordering::SeqCst);
+        let owned: BTreeSet<ResourceId> = owned
             .iter()
-            .filter_map(|o| Some((resource_id(&o.resource)?, o.token.revision())))
+            .filter_map(|o| resource_id(&o.resource))
             .collect();
         let mut ledger = self.ledger.lock().unwrap_or_else(PoisonError::into_inner);
-        let run = ledger.admit(&owned);
+        let run = ledger.admit(&owned, ticket);
         if run.len() < owned.len() {
-            tracing::warn!("a converge under revoked tokens: those workloads stay stopped");
+            tracing::warn!("a converge from before the fence: the fenced workloads stay stopped");
         }
-        let result = self.apply_local(&run.keys().cloned().collect());
-        ledger.ran(run);
+        let result = self.apply_local(&run);
+        ledger.running = run;
         result
     }
 
     fn stop_ha(&self, resources: &[ResourceRef]) {
         let stop: BTreeSet<ResourceId> = resources.iter().filter_map(resource_id).collect();
         let mut ledger = self.ledger.lock().unwrap_or_else(PoisonError::into_inner);
-        let keep = ledger.fence(&stop);
-        if let Err(e) = self.apply_local(&keep.keys().cloned().collect()) {
+        let keep = ledger.fence(&stop, self.tickets.load(Ordering::SeqCst));
+        if let Err(e) = self.apply_local(&keep) {
             tracing::error!(error = %e, "fencing: stopping HA workloads failed");
         }
         ledger.running = keep;
@@ -455,22 +477,19 @@ mod tests {
     }
 
     #[test]
-    fn a_fenced_token_never_runs_again_but_a_new_ownership_does() {
+    fn a_converge_from_before_a_fence_cannot_restart_what_it_stopped() {
         let mut l = Ledger::default();
-        let run = l.admit(&[(ct("a"), 7), (ct("b"), 9)]);
-        assert_eq!(run.len(), 2);
-        l.ran(run);
-        let keep = l.fence(&[ct("a")].into());
-        assert_eq!(keep.keys().collect::<Vec<_>>(), [&ct("b")]);
+        let both: BTreeSet<_> = [ct("a"), ct("b")].into();
+        l.running = l.admit(&both, 0);
+        assert_eq!(l.running, both);
+        // Calls 1 and 2 arrived; the fence comes before they run: the next call gets 3.
+        let keep = l.fence(&[ct("a")].into(), 3);
+        assert_eq!(keep, [ct("b")].into());
         l.running = keep;
-        // A converge that set out before the fence, under the old token: a stays stopped.
-        let stale = l.admit(&[(ct("a"), 7), (ct("b"), 9)]);
-        assert_eq!(stale.keys().collect::<Vec<_>>(), [&ct("b")]);
-        // Owned again after the fence: a new token runs, and the old revocation is dropped.
-        let fresh = l.admit(&[(ct("a"), 12), (ct("b"), 9)]);
-        assert_eq!(fresh.len(), 2);
-        l.ran(fresh);
-        assert!(l.revoked.is_empty());
+        assert_eq!(l.admit(&both, 1), [ct("b")].into(), "stale call");
+        assert_eq!(l.admit(&both, 2), [ct("b")].into(), "stale call");
+        // Called after the fence (the agent owns a again, same token or not): it runs.
+        assert_eq!(l.admit(&both, 3), both);
     }
 
     #[test]

@@ -14,7 +14,7 @@ use stead_cluster::election::{current_leader, list_assignments};
 use stead_cluster::etcd::{EtcdConfig, Store};
 use stead_cluster::leader::{self, LeaderConfig, LeaderStatus, Manifests};
 use stead_cluster::model::{Assignment, NodeInfo};
-use stead_cluster::owner::OwnerRecord;
+use stead_cluster::owner::list_owners;
 use stead_cluster::pki::{self, CaMode, InitReport, InitRequest, Layout, Member};
 use stead_cluster::watch::list_prefix;
 
@@ -213,6 +213,8 @@ struct AssignmentStatus {
     assignment: Assignment,
     /// The node holding its owner key (running it), if any.
     owner: Option<String>,
+    /// The owner key's revision: the token its side effects carry.
+    fencing_token: Option<i64>,
 }
 
 fn status(a: StatusArgs, g: &Global) -> Result<u8> {
@@ -244,9 +246,13 @@ async fn read_status(etcd: &EtcdConfig) -> Result<Status> {
     let (assigned, _) = list_assignments(&store).await?;
     let assignments = assigned
         .into_iter()
-        .map(|a| AssignmentStatus {
-            owner: owners.get(&a.resource).cloned(),
-            assignment: a,
+        .map(|a| {
+            let owned = owners.get(&a.resource);
+            AssignmentStatus {
+                owner: owned.map(|(n, _)| n.clone()),
+                fencing_token: owned.map(|(_, t)| *t),
+                assignment: a,
+            }
         })
         .collect();
     Ok(Status {
@@ -257,26 +263,24 @@ async fn read_status(etcd: &EtcdConfig) -> Result<Status> {
     })
 }
 
-/// `Kind/name` → owning node.
-async fn owners(store: &Store) -> Result<BTreeMap<String, String>> {
-    let prefix = store.keys().owners();
-    let (entries, _) = list_prefix(store, &prefix).await?;
-    Ok(entries
+/// `Kind/name` → owning node and its fencing token.
+async fn owners(store: &Store) -> Result<BTreeMap<String, (String, i64)>> {
+    Ok(list_owners(store)
+        .await?
         .into_iter()
-        .filter_map(|e| {
-            let r = e.key.strip_prefix(&prefix)?.to_string();
-            let rec: OwnerRecord = serde_json::from_slice(&e.value).ok()?;
-            Some((r, rec.node))
+        .map(|o| {
+            (
+                o.token.resource().to_string(),
+                (o.record.node, o.token.revision()),
+            )
         })
         .collect())
 }
 
-/// Seconds left on `lease` (-1 when etcd does not say).
+/// Seconds left on `lease` (-1 when etcd does not say or it is gone).
 async fn lease_ttl(store: &Store, lease: i64) -> i64 {
-    let mut client = store.client();
-    let ask = client.lease_time_to_live(lease, None);
-    match tokio::time::timeout(Duration::from_secs(2), ask).await {
-        Ok(Ok(r)) => r.ttl(),
+    match store.lease_remaining(lease).await {
+        Ok(Some(d)) => i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
         _ => -1,
     }
 }
