@@ -25,6 +25,10 @@ echo "== host paths (/proc, /sys, /run) only in the host layer"
 scripts/lint-host-paths.sh
 scripts/crate-graph.sh --check
 
+echo "== etcd for the cluster tests (a SKIP otherwise) and protoc for the etcd client"
+command -v etcd >/dev/null && etcd --version | head -1 || echo "no etcd: the cluster tests will SKIP"
+command -v protoc >/dev/null || { echo "protoc missing (apt-get install protobuf-compiler)"; exit 1; }
+
 echo "== build"
 cargo build --workspace --bins
 
@@ -43,7 +47,7 @@ export STEAD_BIN="$CARGO_TARGET_DIR/debug/stead"
 echo "-- tests that depend on optional kernel features (SKIP lines below, if any)"
 cargo nextest run --workspace --success-output immediate --failure-output immediate \
   --status-level fail --final-status-level none \
-  -E 'binary(net_bond_vlan) | binary(storage_backends) | binary(linux) | binary(vm_linux)' 2>&1 \
+  -E 'binary(net_bond_vlan) | binary(storage_backends) | binary(linux) | binary(vm_linux) | binary(store_etcd) | binary(store_tls)' 2>&1 \
   | grep -E "SKIP|FAIL|panicked" || true
 cargo nextest run --workspace --no-fail-fast --failure-output final --success-output never --status-level fail --final-status-level skip "$@"
 

@@ -5,6 +5,7 @@
 //! HA workloads before the lease can expire, and every token is acquired again afterwards.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -14,7 +15,7 @@ use tracing::{debug, info, instrument, warn};
 
 use crate::election::{AssignmentEvent, AssignmentWatch};
 use crate::etcd::{Store, StoreError};
-use crate::fence::{FenceCallback, FenceGuard, FencePolicy, FenceState};
+use crate::fence::{DeadlineFile, FenceCallback, FenceGuard, FencePolicy, FenceState};
 use crate::keys::ResourceRef;
 use crate::model::{Assignment, NodeInfo};
 use crate::owner::{self, FencingToken, Holder};
@@ -58,6 +59,9 @@ pub struct AgentConfig {
     /// How often to retry acquiring a workload whose old owner's key still exists, and a
     /// converge that failed.
     pub retry: Duration,
+    /// Where to publish the fence deadline for a watchdog below the agent (see
+    /// [`DeadlineFile`]); `0` is written there at shutdown too.
+    pub deadline_file: Option<PathBuf>,
 }
 
 impl AgentConfig {
@@ -68,6 +72,7 @@ impl AgentConfig {
             lease: LeaseConfig::default(),
             fence: FencePolicy::default(),
             retry: Duration::from_millis(500),
+            deadline_file: None,
         }
     }
 }
@@ -129,10 +134,12 @@ pub async fn run(
 ) -> Result<(), StoreError> {
     let registration = Registration::register(store, &config.node, config.lease).await?;
     let running: Running = Arc::default();
-    let guard = FenceGuard::spawn(
+    let deadline_file = config.deadline_file.clone().map(DeadlineFile::new);
+    let guard = FenceGuard::spawn_with_watchdog(
         registration.liveness(),
         config.fence,
         fence_callback(&engine, &running),
+        deadline_file.clone(),
     );
     let mut agent = AgentLoop {
         store: store.clone(),
@@ -148,6 +155,9 @@ pub async fn run(
     let result = agent.run(&registration, &guard, &mut shutdown).await;
     agent.stop_all().await;
     drop(guard);
+    if let Some(file) = &deadline_file {
+        file.publish_fenced().await;
+    }
     registration.leave().await?;
     result
 }
@@ -187,20 +197,26 @@ impl AgentLoop {
         let mut fence = guard.subscribe();
         let mut liveness = registration.liveness();
         let mut retry_at: Option<Instant> = None;
+        let mut watch_backoff = Backoff::default();
         loop {
             let mut dirty = false;
             tokio::select! {
                 changed = shutdown.changed() => {
                     if changed.is_err() || *shutdown.borrow() { return Ok(()); }
                 }
-                events = assignments.next() => match events {
-                    Ok(events) => { self.apply(events); dirty = true; }
+                events = assignments.next(), if watch_backoff.ready() => match events {
+                    Ok(events) => {
+                        watch_backoff.reset();
+                        self.apply(events);
+                        dirty = true;
+                    }
                     Err(e) if e.is_retryable() => {
-                        debug!(error = %e, "assignment watch interrupted");
-                        retry_at.get_or_insert(Instant::now() + self.retry);
+                        let wait = watch_backoff.failed();
+                        debug!(error = %e, ?wait, "assignment watch interrupted");
                     }
                     Err(e) => return Err(e),
                 },
+                () = watch_backoff.wait(), if !watch_backoff.ready() => watch_backoff.resume(),
                 changed = fence.changed() => {
                     changed.map_err(|_| stopped("fence guard"))?;
                     dirty = true;
@@ -281,6 +297,12 @@ impl AgentLoop {
                 }
             }
         }
+        let now = *fence_rx.borrow();
+        if now.is_fenced() || now.epoch() != self.epoch {
+            // Fenced while acquiring: start nothing; the next round acquires again.
+            self.held.clear();
+            return false;
+        }
         let step = decide(&self.assigned, &self.held, false);
         if let Err(e) = self.converge(step.run).await {
             warn!(error = %e, "converge failed");
@@ -356,6 +378,43 @@ impl AgentLoop {
     }
 }
 
+/// Waiting before reconnecting a watch that failed: 100 ms, doubling up to 2 s.
+#[derive(Debug, Default)]
+struct Backoff {
+    next: Option<Duration>,
+    until: Option<Instant>,
+}
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_millis(100);
+    const MAX: Duration = Duration::from_secs(2);
+
+    fn ready(&self) -> bool {
+        self.until.is_none()
+    }
+
+    /// Records a failure; returns how long to wait.
+    fn failed(&mut self) -> Duration {
+        let wait = self.next.unwrap_or(Self::FIRST);
+        self.next = Some((wait * 2).min(Self::MAX));
+        self.until = Some(Instant::now() + wait);
+        wait
+    }
+
+    async fn wait(&self) {
+        sleep_until(self.until.unwrap_or_else(Instant::now)).await;
+    }
+
+    fn resume(&mut self) {
+        self.until = None;
+    }
+
+    fn reset(&mut self) {
+        self.next = None;
+        self.until = None;
+    }
+}
+
 fn stopped(what: &str) -> StoreError {
     StoreError::Protocol(format!("the {what} task stopped"))
 }
@@ -409,6 +468,21 @@ mod tests {
         let step = decide(&assigned, &BTreeMap::new(), false);
         assert!(step.run.is_empty());
         assert_eq!(step.acquire.len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn watch_backoff_doubles_up_to_two_seconds_and_resets() {
+        let mut b = Backoff::default();
+        assert!(b.ready());
+        let waits: Vec<_> = (0..7).map(|_| b.failed()).collect();
+        let ms: Vec<u128> = waits.iter().map(Duration::as_millis).collect();
+        assert_eq!(ms, [100, 200, 400, 800, 1600, 2000, 2000]);
+        assert!(!b.ready());
+        b.wait().await;
+        b.resume();
+        assert!(b.ready());
+        b.reset();
+        assert_eq!(b.failed(), Duration::from_millis(100));
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //! Once fenced, the agent's tokens are stale: when keepalives resume the guard re-arms with a
 //! new epoch, and the agent must acquire ownership again before starting anything.
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -58,6 +59,11 @@ impl FencePolicy {
     /// for a slow answer.
     pub fn min_ttl(&self, max_rtt: Duration, interval: Duration) -> Duration {
         self.margin(max_rtt) + (interval + max_rtt) * 2
+    }
+
+    /// When to fence for `liveness` on `CLOCK_BOOTTIME`.
+    pub fn fence_at_boot(&self, liveness: &Liveness) -> Duration {
+        liveness.acked_at_boot + liveness.ttl.saturating_sub(self.margin(liveness.max_rtt))
     }
 
     /// When to fence for `liveness`.
@@ -117,19 +123,21 @@ impl FenceState {
     }
 }
 
-/// The guard's decision on the latest liveness at `now` (pure).
+/// The guard's decision on the latest liveness at `now` and `boot_now` (`CLOCK_BOOTTIME`)
+/// (pure). The deadline passes when it passes on either clock: the monotonic one drives the
+/// timers, the boot one also counts a suspended host (etcd's lease timers ran meanwhile).
 pub fn next_state(
     state: FenceState,
     liveness: &Liveness,
     policy: &FencePolicy,
     now: Instant,
+    boot_now: Duration,
 ) -> FenceState {
     let deadline = policy.fence_at(liveness);
+    let expired = now >= deadline || boot_now >= policy.fence_at_boot(liveness);
     let generation = liveness.generation;
     match state {
-        FenceState::Armed { epoch, .. } if now >= deadline => {
-            FenceState::Fenced { epoch, since: now }
-        }
+        FenceState::Armed { epoch, .. } if expired => FenceState::Fenced { epoch, since: now },
         // The lease was replaced: the old one expired, so another node may own our workloads
         // already, whatever the new lease's deadline says.
         FenceState::Armed {
@@ -144,7 +152,7 @@ pub fn next_state(
         },
         // Only an acknowledgement sent after the fence re-arms: an answer to a keepalive sent
         // before it proves nothing about the time since.
-        FenceState::Fenced { epoch, since } if liveness.acked_at > since && now < deadline => {
+        FenceState::Fenced { epoch, since } if liveness.acked_at > since && !expired => {
             FenceState::Armed {
                 epoch: epoch + 1,
                 generation,
@@ -154,6 +162,9 @@ pub fn next_state(
         fenced @ FenceState::Fenced { .. } => fenced,
     }
 }
+
+/// How often the guard also checks the boot clock.
+const BOOT_CHECK: Duration = Duration::from_millis(250);
 
 /// What the guard calls when it fences (stop the node's HA workloads). It runs on a blocking
 /// thread; the guard waits for it before reporting [`FenceState::Fenced`].
@@ -179,6 +190,16 @@ impl FenceGuard {
         policy: FencePolicy,
         on_fence: FenceCallback,
     ) -> Self {
+        Self::spawn_with_watchdog(liveness, policy, on_fence, None)
+    }
+
+    /// The same, also publishing the deadline in `deadline_file` for a watchdog.
+    pub fn spawn_with_watchdog(
+        liveness: watch::Receiver<Liveness>,
+        policy: FencePolicy,
+        on_fence: FenceCallback,
+        deadline_file: Option<DeadlineFile>,
+    ) -> Self {
         let first = FenceState::Armed {
             epoch: 0,
             generation: liveness.borrow().generation,
@@ -186,7 +207,8 @@ impl FenceGuard {
         };
         let (tx, rx) = watch::channel(first);
         let task = tokio::spawn(
-            guard_loop(liveness, policy, on_fence, tx).instrument(info_span!("fence")),
+            guard_loop(liveness, policy, on_fence, tx, deadline_file)
+                .instrument(info_span!("fence")),
         );
         Self { state: rx, task }
     }
@@ -207,11 +229,19 @@ async fn guard_loop(
     policy: FencePolicy,
     on_fence: FenceCallback,
     tx: watch::Sender<FenceState>,
+    deadline_file: Option<DeadlineFile>,
 ) {
+    let mut published = None;
     loop {
         let state = *tx.borrow();
         let current = *liveness.borrow_and_update();
-        let next = next_state(state, &current, &policy, Instant::now());
+        let next = next_state(state, &current, &policy, Instant::now(), boottime_now());
+        if let Some(file) = &deadline_file
+            && published != Some(next)
+        {
+            file.publish(&next, policy.fence_at_boot(&current)).await;
+            published = Some(next);
+        }
         if let (FenceState::Armed { .. }, FenceState::Fenced { .. }) = (state, next) {
             warn!(
                 lease = format!("{:x}", current.lease),
@@ -233,6 +263,9 @@ async fn guard_loop(
                 tokio::select! {
                     changed = liveness.changed() => if changed.is_err() { return },
                     () = sleep_until(deadline) => {}
+                    // Timers run on the monotonic clock, which stops while the host is
+                    // suspended: look at the boot clock now and then too.
+                    () = tokio::time::sleep(BOOT_CHECK) => {}
                 }
             }
             FenceState::Fenced { .. } => {
@@ -242,6 +275,86 @@ async fn guard_loop(
             }
         }
     }
+}
+
+/// The guard's deadline, published in a file for a watchdog below the agent: a process that
+/// is not the agent (a workload's supervisor) stops HA workloads once the deadline has passed,
+/// even when the agent itself is stopped (SIGSTOP, a hung runtime) and cannot fence.
+///
+/// The file holds one decimal number: the fence deadline in nanoseconds of `CLOCK_BOOTTIME`
+/// (monotonic, counts suspend, the same for every process of the host), `0` once fenced. It
+/// is replaced atomically at every change (about every keepalive interval).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadlineFile {
+    path: PathBuf,
+}
+
+impl DeadlineFile {
+    /// A deadline file at `path` (its directory must exist; a tmpfs is best).
+    pub fn new(path: PathBuf) -> Self {
+        Self { path }
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Writes `0`: HA workloads must not run (the agent stopped them and is going away).
+    pub async fn publish_fenced(&self) {
+        self.write("0\n".to_string()).await;
+    }
+
+    async fn publish(&self, state: &FenceState, boot_deadline: Duration) {
+        let text = deadline_text(state, Instant::now(), boottime_now(), boot_deadline);
+        self.write(text).await;
+    }
+
+    async fn write(&self, text: String) {
+        let tmp = self.path.with_extension("tmp");
+        let written = async {
+            tokio::fs::write(&tmp, text).await?;
+            tokio::fs::rename(&tmp, &self.path).await
+        };
+        if let Err(e) = written.await {
+            warn!(path = %self.path.display(), error = %e, "cannot publish the fence deadline");
+        }
+    }
+}
+
+/// The deadline file's content for `state`, seen at `now` (monotonic) and `boottime`: the
+/// earlier of the monotonic deadline (as boot time) and `boot_deadline` (pure).
+pub fn deadline_text(
+    state: &FenceState,
+    now: Instant,
+    boottime: Duration,
+    boot_deadline: Duration,
+) -> String {
+    match state {
+        FenceState::Armed { deadline, .. } => {
+            let left = deadline.saturating_duration_since(now);
+            format!("{}\n", (boottime + left).min(boot_deadline).as_nanos())
+        }
+        FenceState::Fenced { .. } => "0\n".to_string(),
+    }
+}
+
+/// Whether a watchdog reading `content` at `boottime` must stop the HA workloads: the deadline
+/// passed, the node is fenced (`0`), or the content is unreadable (fail safe).
+pub fn watchdog_expired(content: &str, boottime: Duration) -> bool {
+    match content.trim().parse::<u128>() {
+        Ok(deadline) => deadline == 0 || boottime.as_nanos() >= deadline,
+        Err(_) => true,
+    }
+}
+
+/// Now on `CLOCK_BOOTTIME`.
+pub fn boottime_now() -> Duration {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::Boottime);
+    Duration::new(
+        u64::try_from(t.tv_sec).unwrap_or(0),
+        u32::try_from(t.tv_nsec).unwrap_or(0),
+    )
 }
 
 #[cfg(test)]
@@ -255,6 +368,7 @@ mod tests {
             generation: 0,
             ttl: Duration::from_secs(ttl_s),
             acked_at,
+            acked_at_boot: boottime_now(),
             rtt: Duration::from_millis(5),
             max_rtt: Duration::from_millis(5),
         }
@@ -298,6 +412,7 @@ mod tests {
             &l,
             &p,
             t0,
+            Duration::ZERO,
         );
         assert_eq!(
             armed,
@@ -308,7 +423,7 @@ mod tests {
             }
         );
         let at = t0 + Duration::from_millis(3500);
-        let fenced = next_state(armed, &l, &p, at);
+        let fenced = next_state(armed, &l, &p, at, Duration::ZERO);
         assert_eq!(
             fenced,
             FenceState::Fenced {
@@ -318,7 +433,7 @@ mod tests {
         );
         // The same acknowledgement again does not re-arm.
         assert_eq!(
-            next_state(fenced, &l, &p, at + Duration::from_secs(1)),
+            next_state(fenced, &l, &p, at + Duration::from_secs(1), Duration::ZERO),
             fenced
         );
         // An acknowledgement of a keepalive sent after the fence does, with a new epoch.
@@ -328,6 +443,7 @@ mod tests {
             &live(later, 5),
             &p,
             later + Duration::from_millis(5),
+            Duration::ZERO,
         );
         assert_eq!(
             again,
@@ -353,7 +469,7 @@ mod tests {
         let now = t0 + Duration::from_secs(1);
         let mut replaced = live(now, 5);
         replaced.generation = 1;
-        let fenced = next_state(armed, &replaced, &p, now);
+        let fenced = next_state(armed, &replaced, &p, now, Duration::ZERO);
         assert_eq!(
             fenced,
             FenceState::Fenced {
@@ -364,7 +480,7 @@ mod tests {
         // The first acknowledgement on the new lease after the fence re-arms.
         let later = now + Duration::from_millis(200);
         replaced.acked_at = later;
-        let again = next_state(fenced, &replaced, &p, later);
+        let again = next_state(fenced, &replaced, &p, later, Duration::ZERO);
         assert!(matches!(
             again,
             FenceState::Armed {
@@ -373,6 +489,60 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn a_suspended_host_fences_on_the_boot_clock() {
+        let p = FencePolicy::default();
+        let t0 = Instant::now();
+        let l = live(t0, 5);
+        let armed = FenceState::Armed {
+            epoch: 0,
+            generation: 0,
+            deadline: p.fence_at(&l),
+        };
+        // The monotonic clock barely moved (it stops during suspend); the boot clock did.
+        let boot = l.acked_at_boot + Duration::from_secs(10);
+        let state = next_state(armed, &l, &p, t0 + Duration::from_millis(10), boot);
+        assert!(state.is_fenced());
+        // And an old acknowledgement cannot re-arm it.
+        assert!(next_state(state, &l, &p, t0 + Duration::from_millis(20), boot).is_fenced());
+    }
+
+    #[test]
+    fn deadline_file_content_and_watchdog_decision() {
+        let now = Instant::now();
+        let boot = Duration::from_secs(1000);
+        let armed = FenceState::Armed {
+            epoch: 0,
+            generation: 0,
+            deadline: now + Duration::from_millis(2500),
+        };
+        let far = Duration::MAX;
+        let text = deadline_text(&armed, now, boot, far);
+        assert_eq!(text, "1002500000000\n");
+        assert!(!watchdog_expired(&text, boot));
+        assert!(!watchdog_expired(&text, boot + Duration::from_millis(2499)));
+        assert!(watchdog_expired(&text, boot + Duration::from_millis(2500)));
+        let fenced = FenceState::Fenced {
+            epoch: 0,
+            since: now,
+        };
+        assert_eq!(deadline_text(&fenced, now, boot, far), "0\n");
+        assert!(watchdog_expired("0\n", boot));
+        assert!(watchdog_expired("garbage", boot), "unreadable fails safe");
+        // A deadline already passed is published as now, never in the past of boottime.
+        let late = FenceState::Armed {
+            epoch: 0,
+            generation: 0,
+            deadline: now,
+        };
+        let later = now + Duration::from_secs(1);
+        assert_eq!(deadline_text(&late, later, boot, far), "1000000000000\n");
+        // The boot clock's deadline wins when it is earlier.
+        let early = boot + Duration::from_secs(1);
+        assert_eq!(deadline_text(&armed, now, boot, early), "1001000000000\n");
+        assert!(boottime_now() > Duration::ZERO);
     }
 
     #[tokio::test(start_paused = true)]

@@ -15,6 +15,7 @@ use tokio::time::{Instant, sleep, timeout};
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::etcd::{Store, StoreError};
+use crate::fence::boottime_now;
 use crate::model::NodeInfo;
 use crate::watch::{Change, PrefixWatch, decode_or_skip, list_prefix};
 
@@ -53,6 +54,9 @@ pub struct Liveness {
     pub ttl: Duration,
     /// When the latest acknowledged keepalive (or the grant) was sent.
     pub acked_at: Instant,
+    /// The same moment on `CLOCK_BOOTTIME`, which keeps counting while the host is suspended
+    /// (the monotonic clock does not, but etcd's lease timers do).
+    pub acked_at_boot: Duration,
     /// Its round trip.
     pub rtt: Duration,
     /// The largest round trip seen over the last 64 acknowledgements.
@@ -81,7 +85,10 @@ impl Registration {
         info: &NodeInfo,
         config: LeaseConfig,
     ) -> Result<Self, StoreError> {
-        let first = grant_and_put(store, info, config, 0).await?;
+        let first = match adopt_lease(store, info, config).await? {
+            Some(adopted) => adopted,
+            None => grant_and_put(store, info, config, 0).await?,
+        };
         let (tx, rx) = watch::channel(first);
         let span = info_span!("keepalive", node = %info.name);
         let task =
@@ -126,13 +133,64 @@ impl Registration {
     }
 }
 
+/// The lease of this node's previous agent, if it is still alive: the agent was restarted
+/// (crashed, upgraded) while its workloads kept running. Keeping that lease keeps their owner
+/// keys, so the new agent owns them with the same tokens instead of stopping them and waiting
+/// for the old lease to expire. Only a record with the same address and a lease of the same
+/// TTL is adopted; the first keepalive proves the lease alive and dates it.
+async fn adopt_lease(
+    store: &Store,
+    info: &NodeInfo,
+    config: LeaseConfig,
+) -> Result<Option<Liveness>, StoreError> {
+    let key = store.keys().node(&info.name);
+    let mut client = store.client();
+    let response = store.timed(client.get(key.clone(), None)).await?;
+    let Some(kv) = response.kvs().first() else {
+        return Ok(None);
+    };
+    let previous: Option<NodeInfo> = decode_or_skip(&key, kv.value());
+    let lease = kv.lease();
+    if lease == 0 || previous.is_none_or(|p| p.address != info.address) {
+        return Ok(None);
+    }
+    let granted = store.timed(client.lease_time_to_live(lease, None)).await?;
+    let ttl = Duration::from_secs(u64::try_from(granted.granted_ttl()).unwrap_or(0));
+    if granted.ttl() <= 0 || ttl != config.ttl {
+        return Ok(None);
+    }
+    let (sent, sent_boot) = (Instant::now(), boottime_now());
+    match store.timed(client.lease_keep_alive(lease)).await {
+        Ok(_) => {}
+        Err(StoreError::LeaseExpired(_)) => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let rtt = sent.elapsed();
+    let value = serde_json::to_vec(info).map_err(|e| StoreError::decode(&info.name, e))?;
+    let put = client.put(key, value, Some(PutOptions::new().with_lease(lease)));
+    store.timed(put).await?;
+    info!(
+        lease = format!("{lease:x}"),
+        "adopted the lease of this node's previous agent"
+    );
+    Ok(Some(Liveness {
+        lease,
+        generation: 0,
+        ttl,
+        acked_at: sent,
+        acked_at_boot: sent_boot,
+        rtt,
+        max_rtt: rtt,
+    }))
+}
+
 async fn grant_and_put(
     store: &Store,
     info: &NodeInfo,
     config: LeaseConfig,
     generation: u64,
 ) -> Result<Liveness, StoreError> {
-    let sent = Instant::now();
+    let (sent, sent_boot) = (Instant::now(), boottime_now());
     let (lease, ttl) = store.grant_lease(config.ttl).await?;
     let rtt = sent.elapsed();
     let value = serde_json::to_vec(info).map_err(|e| StoreError::decode(&info.name, e))?;
@@ -146,6 +204,7 @@ async fn grant_and_put(
         generation,
         ttl,
         acked_at: sent,
+        acked_at_boot: sent_boot,
         rtt,
         max_rtt: rtt,
     })
@@ -220,15 +279,15 @@ async fn keep_stream(
 ) -> Result<(), StoreError> {
     let mut client = store.client();
     let wait = config.interval.max(Duration::from_millis(500));
-    let sent = Instant::now();
+    let (sent, sent_boot) = (Instant::now(), boottime_now());
     let opened = timeout(wait, client.lease_keep_alive(current.lease))
         .await
         .map_err(|_| StoreError::Unreachable("keepalive stream: no answer".into()))?;
     let (mut keeper, mut stream) = opened.map_err(|e| lease_error(e.into(), current.lease))?;
-    publish(tx, current, sent, rtts);
+    publish(tx, current, (sent, sent_boot), rtts);
     loop {
         sleep(config.interval).await;
-        let sent = Instant::now();
+        let (sent, sent_boot) = (Instant::now(), boottime_now());
         keeper.keep_alive().await?;
         let answer = timeout(wait, stream.message())
             .await
@@ -239,7 +298,7 @@ async fn keep_stream(
         if answer.ttl() <= 0 {
             return Err(StoreError::LeaseExpired(current.lease));
         }
-        publish(tx, current, sent, rtts);
+        publish(tx, current, (sent, sent_boot), rtts);
     }
 }
 
@@ -250,12 +309,18 @@ fn lease_error(e: StoreError, lease: i64) -> StoreError {
     }
 }
 
-fn publish(tx: &watch::Sender<Liveness>, current: &Liveness, sent: Instant, rtts: &mut RttWindow) {
+fn publish(
+    tx: &watch::Sender<Liveness>,
+    current: &Liveness,
+    (sent, sent_boot): (Instant, Duration),
+    rtts: &mut RttWindow,
+) {
     let rtt = sent.elapsed();
     let max_rtt = rtts.push(rtt);
     tx.send_modify(|l| {
         if l.lease == current.lease {
             l.acked_at = sent;
+            l.acked_at_boot = sent_boot;
             l.rtt = rtt;
             l.max_rtt = max_rtt;
         }

@@ -10,7 +10,7 @@ use stead_cluster::election::{
     self, AssignmentEvent, AssignmentWatch, Election, LeaderWatch, current_leader,
 };
 use stead_cluster::etcd::{Store, StoreError};
-use stead_cluster::fence::FencePolicy;
+use stead_cluster::fence::{FencePolicy, boottime_now, watchdog_expired};
 use stead_cluster::keys::ResourceRef;
 use stead_cluster::model::{Assignment, Capacity, NodeInfo};
 use stead_cluster::owner::{self, Holder};
@@ -393,6 +393,8 @@ enum Call {
 #[derive(Default)]
 struct FakeEngine {
     calls: Mutex<Vec<Call>>,
+    /// How many converges fail before one succeeds.
+    failures: Mutex<usize>,
 }
 
 impl Converge for FakeEngine {
@@ -402,6 +404,11 @@ impl Converge for FakeEngine {
             .map(|o| (o.resource.to_string(), o.token.revision()))
             .collect();
         self.calls.lock().expect("lock").push(Call::Converge(set));
+        let mut failures = self.failures.lock().expect("lock");
+        if *failures > 0 {
+            *failures -= 1;
+            return Err(ConvergeError("the engine failed".into()));
+        }
         Ok(())
     }
 
@@ -444,12 +451,22 @@ struct RunningAgent {
 }
 
 fn start_agent(store: &Store, name: &str, ttl: Duration) -> RunningAgent {
+    start_agent_with(store, name, ttl, None)
+}
+
+fn start_agent_with(
+    store: &Store,
+    name: &str,
+    ttl: Duration,
+    deadline_file: Option<std::path::PathBuf>,
+) -> RunningAgent {
     let engine = Arc::new(FakeEngine::default());
     let (stop, rx) = tokio::sync::watch::channel(false);
     let mut config = AgentConfig::new(node(name));
     config.lease = LeaseConfig::with_ttl(ttl);
     config.fence = FencePolicy::default();
     config.retry = Duration::from_millis(100);
+    config.deadline_file = deadline_file;
     let (store, dyn_engine) = (store.clone(), engine.clone() as Arc<dyn Converge>);
     let task = tokio::spawn(async move { agent::run(&store, &config, dyn_engine, rx).await });
     RunningAgent { engine, stop, task }
@@ -559,8 +576,15 @@ async fn agent_fences_before_its_lease_can_expire_and_reacquires_after() {
     let ctl = Election::new(&store, "ctl", lease(&store, 30).await);
     let token = ctl.try_campaign().await.expect("campaign").expect("leads");
     let ttl = Duration::from_secs(4);
-    let agent = start_agent(&store, "n1", ttl);
-    election::put_assignments(&store, &token, &[assignment("Container/web", "n1", true)])
+    let dir = tempfile::tempdir().expect("tempdir");
+    let deadline_file = dir.path().join("fence-deadline");
+    let agent = start_agent_with(&store, "n1", ttl, Some(deadline_file.clone()));
+    let read_deadline = || std::fs::read_to_string(&deadline_file).expect("deadline file");
+    let both = [
+        assignment("Container/web", "n1", true),
+        assignment("Container/batch", "n1", false),
+    ];
+    election::put_assignments(&store, &token, &both)
         .await
         .expect("assign");
     agent
@@ -574,6 +598,15 @@ async fn agent_fences_before_its_lease_can_expire_and_reacquires_after() {
 
     // etcd stops answering for longer than the TTL: the agent stops web before the lease
     // could expire (lease deadline = last acknowledged send + TTL, so < TTL after the pause).
+    // The watchdog's view while keepalives flow: a deadline ahead, less than the TTL away.
+    let published: u128 = read_deadline().trim().parse().expect("a number");
+    let boot = boottime_now().as_nanos();
+    assert!(
+        published > boot && published < boot + ttl.as_nanos(),
+        "{published} vs {boot}"
+    );
+    assert!(!watchdog_expired(&read_deadline(), boottime_now()));
+
     let paused = Instant::now();
     etcd.pause();
     let fenced = agent
@@ -588,6 +621,11 @@ async fn agent_fences_before_its_lease_can_expire_and_reacquires_after() {
     assert!(
         fenced_after < ttl - Duration::from_secs(1),
         "{fenced_after:?}"
+    );
+    assert_eq!(
+        read_deadline(),
+        "0\n",
+        "fenced: the watchdog stops HA workloads too"
     );
     tokio::time::sleep(ttl).await;
     etcd.resume();
@@ -621,7 +659,12 @@ async fn agent_fences_before_its_lease_can_expire_and_reacquires_after() {
         .expect("owned");
     assert_eq!(now.token.revision(), again);
     assert_ne!(now.lease, first.lease);
+    assert!(
+        !watchdog_expired(&read_deadline(), boottime_now()),
+        "re-armed"
+    );
     agent.stop().await;
+    assert_eq!(read_deadline(), "0\n", "stopped agent: nothing HA may run");
 }
 
 /// The next events, retrying retryable errors (a broken stream reconnects from its revision).
@@ -698,4 +741,147 @@ async fn assignment_watch_resumes_after_etcd_restarts() {
         next_events(&mut watch).await,
         vec![AssignmentEvent::Unassigned(res("Container/a"))]
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_retries_a_failed_converge() {
+    let Some(etcd) = member("agent_retries_a_failed_converge").await else {
+        return;
+    };
+    let store = etcd.store("/t").await.expect("store");
+    let ctl = Election::new(&store, "ctl", lease(&store, 10).await);
+    let token = ctl.try_campaign().await.expect("campaign").expect("leads");
+    let agent = start_agent(&store, "n1", Duration::from_secs(4));
+    *agent.engine.failures.lock().expect("lock") = 2;
+    election::put_assignments(&store, &token, &[assignment("Container/web", "n1", true)])
+        .await
+        .expect("assign");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while *agent.engine.failures.lock().expect("lock") > 0
+        || agent
+            .engine
+            .calls()
+            .iter()
+            .filter(|c| runs(c, "Container/web"))
+            .count()
+            < 3
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no retry: {:?}",
+            agent.engine.calls()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Retried with the same token: ownership was kept across the failures.
+    let tokens: std::collections::BTreeSet<_> = agent
+        .engine
+        .calls()
+        .into_iter()
+        .filter_map(|c| match c {
+            Call::Converge(set) => set.first().map(|(_, t)| *t),
+            Call::StopHa(_) => None,
+        })
+        .collect();
+    assert_eq!(tokens.len(), 1, "{tokens:?}");
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_agent_adopts_its_live_lease_and_keeps_its_tokens() {
+    let test = "a_restarted_agent_adopts_its_live_lease_and_keeps_its_tokens";
+    let Some(etcd) = member(test).await else {
+        return;
+    };
+    let store = etcd.store("/t").await.expect("store");
+    let config = LeaseConfig::with_ttl(Duration::from_secs(3));
+    let web = res("Container/web");
+    let first = Registration::register(&store, &node("n1"), config)
+        .await
+        .expect("register");
+    let lease = first.lease();
+    let holder = Holder {
+        node: "n1".into(),
+        lease,
+    };
+    let token = owner::acquire(&store, &web, &holder)
+        .await
+        .expect("acquire")
+        .expect("owned");
+    drop(first); // the agent crashes: no revoke
+
+    let second = Registration::register(&store, &node("n1"), config)
+        .await
+        .expect("register");
+    assert_eq!(second.lease(), lease, "the live lease is adopted");
+    let again = owner::acquire(&store, &web, &holder)
+        .await
+        .expect("acquire");
+    assert_eq!(again, Some(token.clone()), "same ownership, same token");
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(
+        owner::is_current(&store, &token).await.expect("check"),
+        "kept alive past the TTL"
+    );
+    drop(second);
+
+    // Another address under the same name (another host): a lease of its own.
+    let mut elsewhere = node("n1");
+    elsewhere.address = "10.0.0.9".into();
+    let third = Registration::register(&store, &elsewhere, config)
+        .await
+        .expect("register");
+    assert_ne!(third.lease(), lease);
+    // A TTL that changed: a new lease too.
+    let third_lease = third.lease();
+    drop(third);
+    let other_ttl = LeaseConfig::with_ttl(Duration::from_secs(5));
+    let fourth = Registration::register(&store, &elsewhere, other_ttl)
+        .await
+        .expect("register");
+    assert_ne!(fourth.lease(), third_lease);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_carries_on_after_etcd_restarts() {
+    let Some(mut etcd) = member("agent_carries_on_after_etcd_restarts").await else {
+        return;
+    };
+    let store = etcd.store("/t").await.expect("store");
+    let ctl = Election::new(&store, "ctl", lease(&store, 60).await);
+    let token = ctl.try_campaign().await.expect("campaign").expect("leads");
+    let agent = start_agent(&store, "n1", Duration::from_secs(10));
+    let web = assignment("Container/web", "n1", true);
+    election::put_assignments(&store, &token, std::slice::from_ref(&web))
+        .await
+        .expect("assign");
+    agent
+        .engine
+        .wait_for("web started", |c| runs(c, "Container/web"))
+        .await;
+
+    etcd.restart().await.expect("restart");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let batch = assignment("Container/batch", "n1", false);
+    while let Err(e) =
+        election::put_assignments(&store, &token, &[web.clone(), batch.clone()]).await
+    {
+        assert!(e.is_retryable() && Instant::now() < deadline, "{e}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    agent
+        .engine
+        .wait_for("batch started after the restart", |c| {
+            runs(c, "Container/batch")
+        })
+        .await;
+    assert!(
+        !agent
+            .engine
+            .calls()
+            .iter()
+            .any(|c| matches!(c, Call::StopHa(_))),
+        "a 10 s lease outlives a restart: no fence"
+    );
+    agent.stop().await;
 }
