@@ -239,6 +239,11 @@ pub fn run(a: AgentArgs, g: &Global, env: HostEnv) -> Result<u8> {
     let node = node_info(&file, &env)?;
     let mut config = AgentConfig::new(node);
     config.lease = LeaseConfig::with_ttl(Duration::from_millis(file.lease_ttl_ms));
+    let deadline = deadline_file(&g.run_dir);
+    if let Some(dir) = deadline.parent() {
+        std::fs::create_dir_all(dir).with_context(|| dir.display().to_string())?;
+    }
+    config.deadline_file = Some(deadline);
     let engine: Arc<dyn Converge> = Arc::new(NodeEngine {
         g: g.clone(),
         env,
@@ -256,6 +261,12 @@ pub fn run(a: AgentArgs, g: &Global, env: HostEnv) -> Result<u8> {
         supervise(&file.etcd(), &config, engine, rx).await
     })?;
     Ok(0)
+}
+
+/// Where the agent publishes its fence deadline for a watchdog below it
+/// (`RUN_DIR/cluster/fence-deadline`; see `stead_cluster::fence::watchdog_expired`).
+pub fn deadline_file(run_dir: &Path) -> PathBuf {
+    run_dir.join("cluster").join("fence-deadline")
 }
 
 /// Pause before the agent starts again after etcd failed it.

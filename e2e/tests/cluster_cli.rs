@@ -146,6 +146,14 @@ fn cluster_status_shows_a_running_agent_s_node() {
     assert_eq!(node["networks"], serde_json::json!(["lan0"]));
     assert_eq!(node["pools"], serde_json::json!(["fast"]));
 
+    // The fence deadline for a watchdog: a CLOCK_BOOTTIME time while the agent runs.
+    let deadline =
+        std::fs::read_to_string(lab.node_run(1).join("cluster/fence-deadline")).unwrap_or_default();
+    assert!(
+        deadline.trim().parse::<u64>().is_ok_and(|ns| ns > 0),
+        "fence deadline {deadline:?}"
+    );
+
     let text = lab.stead(1).args(["cluster", "status"]).output().unwrap();
     let text = String::from_utf8_lossy(&text.stdout).into_owned();
     assert!(text.contains("leader: (none)"), "{text}");
