@@ -564,7 +564,13 @@ fn guest_image(test: &str) -> Option<PathBuf> {
     let path = match std::env::var_os("STEAD_GUEST_IMAGE") {
         Some(p) => Some(PathBuf::from(p)),
         None => Command::new("bash")
-            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/guest-image.sh"))
+            .arg(
+                Path::new(
+                    &std::env::var_os("CARGO_MANIFEST_DIR")
+                        .unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into()),
+                )
+                .join("../scripts/guest-image.sh"),
+            )
             .arg("--print-path")
             .output()
             .ok()

@@ -14,8 +14,13 @@ mod restore;
 
 #[test]
 fn restore_fuzz_corpus_replays_without_a_broken_property() {
-    let files =
-        corpus::inputs(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/restore"));
+    let files = corpus::inputs(
+        &Path::new(
+            &std::env::var_os("CARGO_MANIFEST_DIR")
+                .unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into()),
+        )
+        .join("../fuzz/corpus/restore"),
+    );
     assert!(files.len() >= 5, "corpus too small: {}", files.len());
     let restored = files.iter().filter(|(_, data)| restore::run(data)).count();
     assert!(restored > 0, "no corpus manifest restored");

@@ -543,7 +543,11 @@ fn guest_image() -> Option<PathBuf> {
     if let Ok(p) = std::env::var("STEAD_GUEST_IMAGE") {
         return Some(PathBuf::from(p)).filter(|p| p.is_file());
     }
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/guest-image.sh");
+    let script = Path::new(
+        &std::env::var_os("CARGO_MANIFEST_DIR")
+            .unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into()),
+    )
+    .join("../scripts/guest-image.sh");
     let out = std::process::Command::new(script)
         .arg("--print-path")
         .output()

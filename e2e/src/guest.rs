@@ -12,10 +12,13 @@ pub const GUEST_IMAGE_ENV: &str = "STEAD_GUEST_IMAGE";
 
 /// `scripts/guest-image.sh` in this checkout.
 pub fn guest_image_script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .join("scripts")
-        .join("guest-image.sh")
+    Path::new(
+        &std::env::var_os("CARGO_MANIFEST_DIR")
+            .unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into()),
+    )
+    .join("..")
+    .join("scripts")
+    .join("guest-image.sh")
 }
 
 /// Where the cached image for this checkout's script is (built or not): `$STEAD_GUEST_IMAGE`,

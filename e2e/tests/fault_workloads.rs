@@ -386,6 +386,64 @@ fn fault_vmm_sigkill_during_apply_converges_and_destroy_leaves_nothing() {
     }
 }
 
+/// The line of `ip -o link show` for link `name` in the sandbox's netns, if any.
+fn link_line(sb: &Sandbox, name: &str) -> Option<String> {
+    sb.links()
+        .lines()
+        .find(|l| l.split(':').nth(1).map(str::trim) == Some(name))
+        .map(str::to_string)
+}
+
+/// A VMM restarted after its tap was deleted (what a failed apply's undo does while an
+/// orphaned supervisor lives on) must not make the tap again: a tap without stead's alias
+/// would make every later apply refuse it as not owned. The deleted tap is drift that
+/// apply repairs, and the VM runs again on the tap apply made.
+#[test]
+fn fault_vmm_restart_after_its_tap_was_deleted_makes_no_tap_and_apply_repairs_it() {
+    const TEST: &str =
+        "fault_vmm_restart_after_its_tap_was_deleted_makes_no_tap_and_apply_repairs_it";
+    if !kvm_ok(TEST) {
+        return;
+    }
+    let sb = Sandbox::with_netns();
+    let _leftovers = Leftovers(&sb);
+    let kernel = sb.path("images/tiny-guest.bin");
+    sb.run(&["vmm", "--write-demo-guest", kernel.to_str().unwrap()])
+        .expect_code(0);
+    let m = vm_manifest(&sb, &kernel);
+    let m = m.to_str().unwrap();
+    sb.run(&["apply", "--yes", m]).expect_code(0);
+    let (_, status) = get_vm(&sb);
+    let tap = status["taps"][0].as_str().expect("a tap").to_string();
+    let vmm = status["pid"].as_i64().expect("VMM pid") as i32;
+    assert!(link_line(&sb, &tap).is_some_and(|l| l.contains("stead:VirtualMachine/vm1")));
+
+    let ns = sb.netns.as_deref().expect("netns");
+    let del = Command::new("ip")
+        .args(["-n", ns, "link", "del", &tap])
+        .status()
+        .expect("ip link del");
+    assert!(del.success());
+    sigkill(vmm);
+    // The supervisor tries again (backoff from 100 ms): no try may make the tap.
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(3) {
+        assert_eq!(link_line(&sb, &tap), None, "a restarted VMM made {tap}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (_, status) = get_vm(&sb);
+    assert_eq!(status["lostTaps"][0], tap.as_str(), "{status}");
+    assert_ne!(sb.run(&["diff", m]).code(), 0, "a lost tap is drift");
+
+    reapply_converges(&sb, m, "tap deleted");
+    assert!(link_line(&sb, &tap).is_some_and(|l| l.contains("stead:VirtualMachine/vm1")));
+    wait_for("the VM running again", Duration::from_secs(20), || {
+        let (_, st) = get_vm(&sb);
+        st["vmState"] == "running" && st["pid"].as_i64().is_some_and(|p| p as i32 != vmm)
+    });
+    destroy_leaves_nothing(&sb, m, "vm-vm1", "tap deleted");
+}
+
 // ------------------------------------------------------------------ ENOSPC on the pool
 
 /// Files under `dir` (relative paths), recursively.

@@ -17,8 +17,8 @@
 //!
 //! Each test runs in its own sandbox (netns, cgroup parent, state/run dirs, pool in a temp
 //! dir) and tears down on failure. Needs root, QEMU, genisoimage and the built guest
-//! image; otherwise prints `SKIP`. A missing firmware file is left to the engine's unit
-//! tests (the CLI has no knob for the firmware descriptor dir).
+//! image; otherwise prints `SKIP`. A missing firmware file and a wrong image digest are
+//! in `qemu_import.rs` (no guest needed).
 
 mod qemu_util;
 

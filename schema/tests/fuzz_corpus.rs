@@ -12,8 +12,13 @@ mod corpus;
 
 #[test]
 fn manifest_fuzz_corpus_loads_and_validates_without_panicking() {
-    let files =
-        corpus::inputs(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/manifest"));
+    let files = corpus::inputs(
+        &Path::new(
+            &std::env::var_os("CARGO_MANIFEST_DIR")
+                .unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into()),
+        )
+        .join("../fuzz/corpus/manifest"),
+    );
     assert!(files.len() > 100, "corpus too small: {}", files.len());
     let (mut accepted, mut rejected) = (0usize, 0usize);
     for (f, bytes) in &files {

@@ -588,7 +588,11 @@ fn the_cluster_example_validates() {
 
 #[test]
 fn the_qemu_examples_validate() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/qemu");
+    let dir = Path::new(
+        &std::env::var_os("CARGO_MANIFEST_DIR")
+            .unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into()),
+    )
+    .join("../examples/qemu");
     let desired = match load_and_validate(&[dir]) {
         Ok(d) => d,
         Err(errs) => {

@@ -48,6 +48,7 @@ use crate::supervise::hold;
 use crate::vm::VmDriver;
 use crate::vm::qemu::backup as qemu_backup;
 use crate::vm::qemu::qmp::{Qmp, QmpError};
+use crate::vm::qemu::quiesce::Quiesced;
 
 /// Longest wait for QEMU's QMP greeting and each command's answer.
 const QMP_TIMEOUT: Duration = Duration::from_secs(30);
@@ -78,7 +79,7 @@ pub struct WorkloadHooks {
 #[derive(Debug)]
 enum Held {
     Frozen(String, hold::Guard),
-    Paused(String, hold::Guard),
+    Paused(String, Quiesced, hold::Guard),
     Stopped(ResourceId, hold::Guard),
 }
 
@@ -86,7 +87,10 @@ impl Held {
     fn label(&self) -> String {
         match self {
             Held::Frozen(n, _) => format!("Container/{n}"),
-            Held::Paused(n, _) => format!("VirtualMachine/{n}"),
+            Held::Paused(n, q, _) => match q.agent_report() {
+                Some(r) => format!("VirtualMachine/{n} ({r})"),
+                None => format!("VirtualMachine/{n}"),
+            },
             Held::Stopped(id, _) => id.to_string(),
         }
     }
@@ -210,8 +214,8 @@ impl WorkloadHooks {
                 .map(|()| Held::Frozen(id.name.clone(), guard)),
             _ => self
                 .vms
-                .pause(&id.name)
-                .map(|()| Held::Paused(id.name.clone(), guard)),
+                .quiesce(&id.name)
+                .map(|q| Held::Paused(id.name.clone(), q, guard)),
         };
         r.map_err(|e| {
             BackupError::Invalid(format!(
@@ -236,7 +240,7 @@ impl WorkloadHooks {
     fn release(&self, h: Held) -> Result<(), BackupError> {
         match h {
             Held::Frozen(n, _guard) => self.containers.thaw(&n).map_err(err),
-            Held::Paused(n, _guard) => self.vms.resume(&n).map_err(err),
+            Held::Paused(n, q, _guard) => self.vms.release(&n, &q).map_err(err),
             Held::Stopped(id, _guard) => {
                 let world = self.world();
                 let r = world.get(&id).ok_or_else(|| {

@@ -1,17 +1,26 @@
 //! Image import: fetching an http(s) URL and checking SHA-256 digests.
 //!
-//! A fetch writes into a temp file that the caller made (in the pool, never at the
-//! volume's final name) and hashes the bytes as they arrive; the digest is compared
-//! before the image is used, and a mismatch names both digests.
+//! A fetch writes into a temp file (never at the volume's final name) and hashes the bytes
+//! as they arrive; the digest is compared before the image is used, and a mismatch names
+//! both digests.
+//!
+//! Fetched images are kept in a download cache keyed by their SHA-256
+//! ([`ImageCache`], `<state-dir>/cache/images/sha256/<digest>`): importing the same
+//! `url` + `sha256` again reads the cached file, whose digest is checked again on every use
+//! (a damaged entry is dropped and fetched anew). Entries not used for
+//! [`CACHE_MAX_IDLE_DAYS`] days are removed at the next URL import. Imports take the
+//! cache's lock one at a time, so volumes made from one image in one apply wait for a
+//! single download.
 
-use std::fs::File;
+use std::fs::{self, File};
 use std::io::{Read, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
 
 use sha2::{Digest, Sha256};
 use stead_host::progress::{self, Meter};
 use stead_reconciler::driver::DriverError;
-use tracing::info;
+use tracing::{info, warn};
 
 /// The longest a fetch may take, in seconds (the whole transfer, not one read).
 pub const FETCH_TIMEOUT_SECS: u64 = 3600;
@@ -160,6 +169,135 @@ pub fn fetch(
     Ok(())
 }
 
+/// Cache entries unused (by their mtime, set on every use) for this many days are pruned.
+pub const CACHE_MAX_IDLE_DAYS: u64 = 14;
+
+/// A temp file of a fetch into the cache older than this is a leftover of a crash.
+const CACHE_TMP_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
+
+/// The download cache of fetched images, keyed by SHA-256 (see the module docs).
+#[derive(Debug, Clone)]
+pub struct ImageCache {
+    dir: PathBuf,
+}
+
+impl ImageCache {
+    /// The cache under state dir `state_dir`: `<state_dir>/cache/images/sha256`.
+    pub fn in_state_dir(state_dir: &Path) -> Self {
+        ImageCache {
+            dir: state_dir.join("cache").join("images").join("sha256"),
+        }
+    }
+
+    /// The directory holding the entries.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The image of `url` with digest `sha256`: the cached file when its digest still
+    /// matches, else fetched (at most `limit` bytes) into the cache first. Returns the
+    /// path of the verified entry, which the caller only reads.
+    pub fn get(&self, url: &str, sha256: &str, limit: u64) -> Result<PathBuf, DriverError> {
+        check_url(url)?;
+        let want = normalize_sha256(sha256)?;
+        fs::create_dir_all(&self.dir)
+            .map_err(|e| DriverError::io(format!("create {}", self.dir.display()), e))?;
+        // One import at a time reads or fills the cache (also across processes): two
+        // volumes from one image wait for one download rather than making two.
+        let _lock = self.lock()?;
+        self.prune(SystemTime::now());
+        let entry = self.dir.join(&want);
+        if entry.is_file() {
+            match sha256_file(&entry) {
+                Ok(got) if got == want => {
+                    touch(&entry);
+                    info!(url, sha256 = %want, path = %entry.display(), "image taken from the download cache (digest checked again)");
+                    return Ok(entry);
+                }
+                Ok(got) => {
+                    warn!(path = %entry.display(), %got, "cached image is damaged: fetching it again")
+                }
+                Err(e) => {
+                    warn!(path = %entry.display(), error = %e, "cached image unreadable: fetching it again")
+                }
+            }
+            let _ = fs::remove_file(&entry);
+        }
+        let tmp = self.dir.join(format!(".{want}.{}.tmp", std::process::id()));
+        let fetched = File::create_new(&tmp)
+            .map_err(|e| DriverError::io(format!("create {}", tmp.display()), e))
+            .and_then(|mut f| fetch(url, &want, limit, &mut f, &tmp));
+        if let Err(e) = fetched {
+            let _ = fs::remove_file(&tmp);
+            return Err(e);
+        }
+        fs::rename(&tmp, &entry).map_err(|e| {
+            let _ = fs::remove_file(&tmp);
+            DriverError::io(
+                format!("rename {} -> {}", tmp.display(), entry.display()),
+                e,
+            )
+        })?;
+        sync_dir(&self.dir);
+        Ok(entry)
+    }
+
+    /// Takes the cache's lock file (`.lock`), waiting for another import to finish.
+    fn lock(&self) -> Result<File, DriverError> {
+        let p = self.dir.join(".lock");
+        let f = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&p)
+            .map_err(|e| DriverError::io(format!("open {}", p.display()), e))?;
+        f.lock()
+            .map_err(|e| DriverError::io(format!("lock {}", p.display()), e))?;
+        Ok(f)
+    }
+
+    /// Removes entries idle for more than [`CACHE_MAX_IDLE_DAYS`] at `now`, and temp files
+    /// of fetches older than a day (a crash's). Errors are logged, not returned.
+    pub fn prune(&self, now: SystemTime) {
+        let Ok(rd) = fs::read_dir(&self.dir) else {
+            return;
+        };
+        let idle = Duration::from_secs(CACHE_MAX_IDLE_DAYS * 24 * 3600);
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let max = if name.starts_with('.') && name.ends_with(".tmp") {
+                CACHE_TMP_MAX_AGE
+            } else if normalize_sha256(&name).is_ok_and(|n| n == name) {
+                idle
+            } else {
+                continue;
+            };
+            let Ok(m) = e.metadata().and_then(|m| m.modified()) else {
+                continue;
+            };
+            if now.duration_since(m).is_ok_and(|age| age > max) {
+                match fs::remove_file(e.path()) {
+                    Ok(()) => info!(path = %e.path().display(), "pruned from the download cache"),
+                    Err(err) => warn!(path = %e.path().display(), error = %err, "prune"),
+                }
+            }
+        }
+    }
+}
+
+/// Sets `p`'s mtime to now (the cache's "last used").
+fn touch(p: &Path) {
+    if let Ok(f) = File::options().write(true).open(p) {
+        let _ = f.set_modified(SystemTime::now());
+    }
+}
+
+fn sync_dir(dir: &Path) {
+    if let Ok(d) = File::open(dir) {
+        let _ = d.sync_all();
+    }
+}
+
 fn too_large(url: &str, n: u64, limit: u64) -> DriverError {
     DriverError::Refused(format!(
         "fetch {url}: more than {} ({n} bytes or more), too large for the volume",
@@ -182,6 +320,40 @@ mod tests {
         assert!(check_url("ftp://example.org/a").is_err());
         assert!(check_url("file:///etc/passwd").is_err());
         assert!(check_url("http:///x").is_err());
+    }
+
+    #[test]
+    fn the_cache_prunes_idle_entries_and_stale_temps_only() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let c = ImageCache::in_state_dir(d.path());
+        fs::create_dir_all(c.dir()).expect("mkdir");
+        let (old, new) = ("aa".repeat(32), "bb".repeat(32));
+        for n in [
+            &old,
+            &new,
+            &format!(".{old}.1.tmp"),
+            &"other".to_string(),
+            &".lock".to_string(),
+        ] {
+            fs::write(c.dir().join(n), b"x").expect("write");
+        }
+        let day = Duration::from_secs(24 * 3600);
+        // Two days on: only the temp is stale.
+        c.prune(SystemTime::now() + 2 * day);
+        let names = |c: &ImageCache| {
+            let mut v: Vec<String> = fs::read_dir(c.dir())
+                .expect("read")
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect();
+            v.sort();
+            v
+        };
+        assert_eq!(names(&c), [".lock", old.as_str(), new.as_str(), "other"]);
+        // Past the idle age: both entries go; what is not the cache's stays.
+        touch(&c.dir().join(&new));
+        c.prune(SystemTime::now() + day * (CACHE_MAX_IDLE_DAYS as u32 + 1));
+        assert_eq!(names(&c), [".lock", "other"]);
     }
 
     #[test]

@@ -501,6 +501,9 @@ struct Target<'a> {
     pool_name: &'a str,
     pool: &'a StoragePoolSpec,
     world: &'a dyn Lookup,
+    /// Where fetched images are kept by digest (set by apply; without it a URL is fetched
+    /// into the pool's scratch file each time).
+    image_cache: Option<import::ImageCache>,
 }
 
 impl<'a> Target<'a> {
@@ -515,6 +518,7 @@ impl<'a> Target<'a> {
             pool_name: spec.pool.as_str(),
             pool,
             world,
+            image_cache: None,
         })
     }
 
@@ -660,10 +664,16 @@ fn build_image(t: &Target<'_>, f: &File, tmp: &Path, scratch: &Path) -> Result<(
                 t.name
             ))
         })?;
-        let _cleanup = RemoveOnDrop(scratch.to_path_buf());
-        let mut sf = create_locked_tmp(scratch)?;
-        import::fetch(url, sha, import::fetch_limit(t.size()), &mut sf, scratch)?;
-        import_image(t, scratch, f, tmp)?;
+        let limit = import::fetch_limit(t.size());
+        if let Some(cache) = &t.image_cache {
+            let entry = cache.get(url, sha, limit)?;
+            import_image(t, &entry, f, tmp)?;
+        } else {
+            let _cleanup = RemoveOnDrop(scratch.to_path_buf());
+            let mut sf = create_locked_tmp(scratch)?;
+            import::fetch(url, sha, limit, &mut sf, scratch)?;
+            import_image(t, scratch, f, tmp)?;
+        }
     } else if let Some(file) = source.and_then(|s| s.file.as_deref()) {
         let meta = fs::metadata(file)
             .map_err(|e| DriverError::io(format!("stat source {}", file.display()), e))?;
@@ -1226,7 +1236,8 @@ impl stead_reconciler::driver::KindDriver for VolumeDriver {
         observed: &Observed,
         world: &dyn Lookup,
     ) -> Result<(), DriverError> {
-        let t = Target::resolve(desired, world)?;
+        let mut t = Target::resolve(desired, world)?;
+        t.image_cache = Some(import::ImageCache::in_state_dir(&self.env.state_dir));
         let _span = info_span!("volume_apply", volume = t.name, pool = t.pool_name).entered();
         check_spec(t.name, t.spec).map_err(DriverError::Refused)?;
         pool::require_owned(t.pool_name, &t.pool.path)?;

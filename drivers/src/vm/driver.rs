@@ -32,6 +32,7 @@ use super::config::{
 };
 use super::qemu::cloudinit::{seed_files, write_seed_iso};
 use super::qemu::driver as qemu;
+use super::qemu::quiesce::{self as qemu_quiesce, Quiesced};
 use super::supervisor::{VmmArgs, control_request, control_status, lock_held};
 use crate::container::config::{read_json, write_json};
 use crate::net::attach::{TapSpec, delete_link, ensure_tap, owned_links};
@@ -323,6 +324,36 @@ impl VmDriver {
         Ok(())
     }
 
+    /// The taps of `cfg` that are gone from the host or no longer carry this VM's alias
+    /// (deleted by hand, or by a failed apply's undo while a supervisor lived on): drift,
+    /// which apply repairs by making them again.
+    fn lost_taps(&self, cfg: &VmRunConfig) -> Result<Vec<String>, DriverError> {
+        if cfg.interfaces.is_empty() {
+            return Ok(Vec::new());
+        }
+        let owner = owner_alias(Kind::VirtualMachine, &cfg.name);
+        let owned: BTreeSet<String> = owned_links(self.env.netns.as_deref(), &owner)?
+            .into_iter()
+            .collect();
+        Ok(cfg
+            .interfaces
+            .iter()
+            .filter(|i| !owned.contains(&i.tap))
+            .map(|i| i.tap.clone())
+            .collect())
+    }
+
+    /// `state` (a [`Self::project_run`]) with no network on the interfaces whose tap is
+    /// `lost`, so the plan shows them as changes.
+    fn without_networks(mut state: Value, cfg: &VmRunConfig, lost: &[String]) -> Value {
+        for (i, n) in cfg.interfaces.iter().enumerate() {
+            if lost.contains(&n.tap) {
+                state["interfaces"][i]["network"] = Value::Null;
+            }
+        }
+        state
+    }
+
     fn spawn(&self, cfg: &VmRunConfig) -> Result<(), DriverError> {
         let args = VmmArgs {
             run_dir: self.env.run_dir.clone(),
@@ -335,19 +366,35 @@ impl VmDriver {
         Ok(())
     }
 
-    /// The VMM's run state of VM `name` (`running`, `paused`, …); `None` when no VMM
-    /// answers on its control socket.
+    /// The config of VM `name` when the qemu engine runs it.
+    fn qemu_config(&self, name: &str) -> Option<super::qemu::config::QemuConfig> {
+        let raw: Value = read_json(&self.paths(name).config()).ok()??;
+        if !qemu::is_qemu_config(&raw) {
+            return None;
+        }
+        serde_json::from_value(raw).ok()
+    }
+
+    /// The run state of VM `name` (`running`, `paused`, …) from its VMM's control socket
+    /// or QEMU's QMP; `None` when nothing answers.
     pub fn run_state(&self, name: &str) -> Option<String> {
         let paths = self.paths(name);
         if !lock_held(&paths) {
             return None;
         }
+        if let Some(cfg) = self.qemu_config(name) {
+            return qemu_quiesce::run_state(&cfg, qemu_quiesce::QMP_TIMEOUT);
+        }
         control_status(&paths.control_socket()).map(|s| s.state.as_str().to_string())
     }
 
     /// Pauses VM `name`: returns once every vCPU is parked (device I/O the guest queued
-    /// before completes in the VMM; nothing new is issued).
+    /// before completes in the VMM, or QEMU drains and flushes its block devices; nothing
+    /// new is issued).
     pub fn pause(&self, name: &str) -> Result<(), DriverError> {
+        if let Some(cfg) = self.qemu_config(name) {
+            return qemu_quiesce::pause(&cfg);
+        }
         let r = control_request(&self.paths(name).control_socket(), Request::Pause)
             .map_err(|e| DriverError::io(format!("pause VM {name}"), e))?;
         match r {
@@ -361,10 +408,33 @@ impl VmDriver {
 
     /// Resumes a paused VM `name`.
     pub fn resume(&self, name: &str) -> Result<(), DriverError> {
+        if let Some(cfg) = self.qemu_config(name) {
+            return qemu_quiesce::resume(&cfg);
+        }
         match control_request(&self.paths(name).control_socket(), Request::Resume) {
             Ok(Reply::Ok(_)) => Ok(()),
             Ok(Reply::Error(e)) => Err(DriverError::Other(format!("resume VM {name}: {e}"))),
             Err(e) => Err(DriverError::io(format!("resume VM {name}"), e)),
+        }
+    }
+
+    /// Quiesces running VM `name` for a copy of its disks: a pause, preceded on the qemu
+    /// engine by a guest agent freeze when the VM has an agent and it answers.
+    pub fn quiesce(&self, name: &str) -> Result<Quiesced, DriverError> {
+        match self.qemu_config(name) {
+            Some(cfg) => qemu_quiesce::quiesce(&cfg),
+            None => self.pause(name).map(|()| Quiesced {
+                frozen: None,
+                agent_note: None,
+            }),
+        }
+    }
+
+    /// Undoes [`Self::quiesce`]: resume, then thaw.
+    pub fn release(&self, name: &str, held: &Quiesced) -> Result<(), DriverError> {
+        match self.qemu_config(name) {
+            Some(cfg) => qemu_quiesce::release(&cfg, held),
+            None => self.resume(name),
         }
     }
 
@@ -555,7 +625,9 @@ impl VmDriver {
         };
         let cg = self.cgroup(name);
         let usage = if cg.exists() { cg.usage().ok() } else { None };
+        let lost = self.lost_taps(&cfg)?;
         let status = json!({
+            "lostTaps": lost,
             "phase": phase,
             "vmState": vm_state,
             "pid": sup.as_ref().and_then(|s| s.vmm_pid).filter(|_| alive),
@@ -604,7 +676,7 @@ impl VmDriver {
         Ok(Observed {
             exists: true,
             owned: true,
-            state: Self::project_run(&cfg, run),
+            state: Self::without_networks(Self::project_run(&cfg, run), &cfg, &lost),
             status,
             health,
         })

@@ -11,6 +11,9 @@
 //!   [`stead_host::cgroup`]), kills whatever a dead predecessor left there, sets the
 //!   limits (CPU quota = vCPUs, memory = guest RAM + [`MEMORY_OVERHEAD`]) and joins it;
 //! - enters the configured network namespace (where the taps live);
+//! - opens the VM's taps for each boot (each must exist, be persistent and carry the VM's
+//!   owner alias) and hands the VMM their descriptors: nothing here or in the VMM ever
+//!   creates a tap, which a restart after apply's undo deleted it would otherwise do;
 //! - forks one **VMM child per boot**, which calls [`stead_vmm::run_vmm_process`]. The VMM
 //!   confines every thread of that process with seccomp (only KVM_RUN-style ioctls, no
 //!   fork or exec), so a confined process can never build the next VM: the supervisor
@@ -33,8 +36,9 @@
 //! [`crate::supervise::Workload`].
 
 use std::fs;
+use std::fs::File;
 use std::io::{self, BufReader, Write};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -178,14 +182,13 @@ fn initial_state(paths: &Paths) -> SupervisorState {
 /// The VMM child of one boot, after the fork: never returns. It unblocks the signals,
 /// drops inherited descriptors, dies with its supervisor (`supervisor` is its pid), runs
 /// the VM and exits with the [`code`] of how the VM ended.
-fn vmm_child(vm_cfg: stead_vmm::VmConfig, supervisor: Pid) -> ! {
+fn vmm_child(vm_cfg: stead_vmm::VmConfig, taps: &[File], supervisor: Pid) -> ! {
     let _ = SigSet::empty().thread_set_mask();
     // Drop inherited descriptors (the supervisor's lock and signalfd, the launcher's ready
-    // pipe): stdio stays, the VMM opens what it needs.
-    // SAFETY: close_range on descriptors this fresh child does not use.
-    let closed = unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
+    // pipe): stdio and the taps stay, the VMM opens what else it needs.
+    let keep: Vec<RawFd> = taps.iter().map(AsRawFd::as_raw_fd).collect();
     // A VMM that kept the supervisor's lock would look like a live supervisor.
-    if closed != 0
+    if !close_fds_except(&keep)
         || nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).is_err()
         || nix::unistd::getppid() != supervisor
     {
@@ -208,6 +211,30 @@ fn vmm_child(vm_cfg: stead_vmm::VmConfig, supervisor: Pid) -> ! {
     // SAFETY: the process may be confined by seccomp now; _exit is allowed and skips the
     // atexit handlers.
     unsafe { libc::_exit(c) }
+}
+
+/// Closes every descriptor from 3 up except those in `keep`; false if a close failed.
+/// For the forked child of the single-threaded supervisor (allocating is safe there).
+fn close_fds_except(keep: &[RawFd]) -> bool {
+    let mut keep: Vec<u32> = keep
+        .iter()
+        .filter_map(|&fd| u32::try_from(fd).ok())
+        .collect();
+    keep.sort_unstable();
+    let mut from: u32 = 3;
+    for fd in keep {
+        if fd > from && !close_range(from, fd - 1) {
+            return false;
+        }
+        from = from.max(fd.saturating_add(1));
+    }
+    close_range(from, u32::MAX)
+}
+
+/// `close_range(first, last, 0)`; false if it failed.
+fn close_range(first: u32, last: u32) -> bool {
+    // SAFETY: close_range on descriptors the caller (a fresh child) does not use.
+    unsafe { libc::syscall(libc::SYS_close_range, first, last, 0u32) == 0 }
 }
 
 impl Supervisor {
@@ -235,13 +262,16 @@ impl Supervisor {
 
     /// Forks a VMM child for one boot.
     fn boot(&mut self) -> Result<(), String> {
-        let vm_cfg = vm_config(&self.cfg, &self.paths)?;
+        // Opened here, checked as this VM's, and closed in the supervisor after the fork:
+        // a restarted VMM never makes a tap that apply or delete removed meanwhile.
+        let taps = open_owned_taps(&self.cfg)?;
+        let vm_cfg = vm_config(&self.cfg, &self.paths, &taps)?;
         let me = nix::unistd::getpid();
         // SAFETY: the supervisor is single-threaded; the child only calls async-signal-
         // safe functions before `run_vmm_process`, which builds its own threads.
         match unsafe { nix::unistd::fork() } {
             Err(e) => Err(format!("fork: {e}")),
-            Ok(nix::unistd::ForkResult::Child) => vmm_child(vm_cfg, me),
+            Ok(nix::unistd::ForkResult::Child) => vmm_child(vm_cfg, &taps, me),
             Ok(nix::unistd::ForkResult::Parent { child }) => {
                 log(&format!("boot, VMM pid {child}"));
                 self.child = Some(child);
@@ -454,8 +484,45 @@ impl Workload for Supervisor {
     }
 }
 
-/// Builds the VMM configuration of one boot.
-fn vm_config(cfg: &VmRunConfig, paths: &Paths) -> Result<stead_vmm::VmConfig, String> {
+/// Opens the queue of each tap of `cfg` (in the supervisor's network namespace, the VM's).
+/// Each must exist, be a persistent tap, and carry this VM's owner alias, the same link
+/// before and after the open: the supervisor attaches only to taps its driver made.
+fn open_owned_taps(cfg: &VmRunConfig) -> Result<Vec<File>, String> {
+    let owner = crate::net::owner_alias(stead_schema::Kind::VirtualMachine, &cfg.name);
+    let mut nl = crate::net::nl::Netlink::open(None).map_err(|e| e.to_string())?;
+    let mut owned_link = |name: &str| -> Result<u32, String> {
+        match nl.link_by_name(name).map_err(|e| e.to_string())? {
+            Some(l)
+                if l.alias.as_deref() == Some(owner.as_str())
+                    && l.kind.as_deref() == Some("tun") =>
+            {
+                Ok(l.index)
+            }
+            Some(l) => Err(format!(
+                "tap {name} is not this VM's (alias {:?}, kind {:?}): not attaching",
+                l.alias, l.kind
+            )),
+            None => Err(format!("tap {name} does not exist (apply makes it)")),
+        }
+    };
+    let mut taps = Vec::with_capacity(cfg.interfaces.len());
+    for i in &cfg.interfaces {
+        let before = owned_link(&i.tap)?;
+        let f = stead_vmm::Tap::attach(&i.tap).map_err(|e| e.to_string())?;
+        if owned_link(&i.tap)? != before {
+            return Err(format!("tap {} was replaced while it was opened", i.tap));
+        }
+        taps.push(f);
+    }
+    Ok(taps)
+}
+
+/// Builds the VMM configuration of one boot, on the open `taps` (one per interface).
+fn vm_config(
+    cfg: &VmRunConfig,
+    paths: &Paths,
+    taps: &[File],
+) -> Result<stead_vmm::VmConfig, String> {
     let mut v = stead_vmm::VmConfig::new(&cfg.kernel);
     v.vcpus = u8::try_from(cfg.cpus).map_err(|_| format!("{} vCPUs is too many", cfg.cpus))?;
     v.mem_bytes = cfg.memory;
@@ -472,13 +539,13 @@ fn vm_config(cfg: &VmRunConfig, paths: &Paths) -> Result<stead_vmm::VmConfig, St
             read_only: d.read_only,
         })
         .collect();
-    for i in &cfg.interfaces {
+    for (i, tap) in cfg.interfaces.iter().zip(taps) {
         let mac: stead_schema::MacAddr = i
             .mac
             .parse()
             .map_err(|e| format!("interface {}: {e}", i.tap))?;
         v.nets.push(stead_vmm::NetConfig {
-            tap: stead_vmm::TapSource::Name(i.tap.clone()),
+            tap: stead_vmm::TapSource::Fd(tap.as_raw_fd()),
             mac: mac.0,
         });
     }

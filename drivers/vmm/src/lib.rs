@@ -52,6 +52,7 @@ pub use protocol::{
     LineBuffer, LineTooLong, MAX_REPLY_LINE, MAX_REQUEST_LINE, Reply, Request, StatusReply,
     parse_request, read_reply_line,
 };
+pub use tap::Tap;
 #[doc(hidden)]
 pub use virtio::fuzzing as virtio_fuzzing;
 
@@ -79,7 +80,8 @@ pub struct DiskConfig {
 /// Where a virtio-net device gets its tap.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TapSource {
-    /// Open (or create) the tap interface with this name.
+    /// Attach to the existing persistent tap interface with this name ([`Tap::attach`]:
+    /// the VMM never creates one).
     Name(String),
     /// Use an already open tap file descriptor (duplicated; the caller keeps its copy).
     /// It must have been opened with `IFF_TAP | IFF_NO_PI` and no `IFF_VNET_HDR`.

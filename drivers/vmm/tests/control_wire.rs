@@ -149,7 +149,11 @@ fn reply_lines_of_older_vmms_parse_to_the_same_replies_and_back() {
 }
 
 fn corpus() -> Vec<(String, Vec<u8>)> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus/control");
+    let dir = Path::new(
+        &std::env::var_os("CARGO_MANIFEST_DIR")
+            .unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into()),
+    )
+    .join("../../fuzz/corpus/control");
     let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -191,7 +195,11 @@ fn outcome(name: &str, data: &[u8]) -> Value {
 
 #[test]
 fn control_corpus_parses_as_the_golden_file_recorded() {
-    let golden = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/control_wire.golden");
+    let golden = Path::new(
+        &std::env::var_os("CARGO_MANIFEST_DIR")
+            .unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into()),
+    )
+    .join("tests/data/control_wire.golden");
     let got: Vec<String> = corpus()
         .iter()
         .map(|(name, data)| outcome(name, data).to_string())

@@ -14,9 +14,12 @@ mod virtio;
 
 fn corpus(target: &str) -> Vec<(PathBuf, Vec<u8>)> {
     corpus::inputs(
-        &Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../fuzz/corpus")
-            .join(target),
+        &Path::new(
+            &std::env::var_os("CARGO_MANIFEST_DIR")
+                .unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into()),
+        )
+        .join("../../fuzz/corpus")
+        .join(target),
     )
 }
 

@@ -109,6 +109,23 @@ fn open_tap(name: &str) -> OwnedFd {
     }
 }
 
+/// Makes tap `name` persistent, the way stead's VM driver hands taps to the VMM by name.
+fn make_persistent_tap(name: &str) {
+    const TUNSETPERSIST: libc::c_ulong = 0x4004_54cb;
+    let fd = open_tap(name);
+    // SAFETY: TUNSETPERSIST takes an integer argument by value on an open tun fd.
+    check(
+        unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETPERSIST as _, 1 as libc::c_ulong) },
+        "TUNSETPERSIST",
+    );
+}
+
+fn link_exists(name: &str) -> bool {
+    let c = std::ffi::CString::new(name).unwrap();
+    // SAFETY: if_nametoindex reads the NUL-terminated string, which outlives the call.
+    unsafe { libc::if_nametoindex(c.as_ptr()) != 0 }
+}
+
 fn net_test_body(pass_fd: bool) {
     // SAFETY: unshare affects only this (dedicated) thread's network namespace.
     check(
@@ -116,8 +133,12 @@ fn net_test_body(pass_fd: bool) {
         "unshare(CLONE_NEWNET)",
     );
     let mut cfg = tiny("net");
-    // Either the VMM opens the tap by name, or it gets (and duplicates) our fd.
+    // Either the VMM attaches to a persistent tap by name, or it gets (and duplicates)
+    // our fd.
     let own_fd = pass_fd.then(|| open_tap(TAP));
+    if !pass_fd {
+        make_persistent_tap(TAP);
+    }
     cfg.nets.push(NetConfig {
         tap: match &own_fd {
             Some(fd) => TapSource::Fd(fd.as_raw_fd()),
@@ -219,4 +240,36 @@ fn virtio_net_on_passed_tap_fd() {
         return;
     }
     std::thread::spawn(|| net_test_body(true)).join().unwrap();
+}
+
+#[test]
+fn a_tap_named_but_missing_is_refused_and_not_created() {
+    const NAME: &str = "a_tap_named_but_missing_is_refused_and_not_created";
+    if !kvm_or_skip(NAME) || !have_tun(NAME) {
+        return;
+    }
+    std::thread::spawn(|| {
+        // SAFETY: unshare affects only this (dedicated) thread's network namespace.
+        check(
+            unsafe { libc::unshare(libc::CLONE_NEWNET) },
+            "unshare(CLONE_NEWNET)",
+        );
+        let mut cfg = tiny("net");
+        cfg.nets.push(NetConfig {
+            tap: TapSource::Name(TAP.into()),
+            mac: GUEST_MAC,
+        });
+        let Err(e) = Vm::new(cfg.clone()) else {
+            panic!("a VM on a missing tap was built");
+        };
+        assert!(e.to_string().contains("does not exist"), "{e}");
+        assert!(!link_exists(TAP), "the VMM created {TAP}");
+        // A tap that is not persistent (held by someone else) is refused too.
+        let held = open_tap(TAP);
+        assert!(Vm::new(cfg).is_err());
+        drop(held);
+        assert!(!link_exists(TAP));
+    })
+    .join()
+    .unwrap();
 }

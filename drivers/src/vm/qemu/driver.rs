@@ -213,13 +213,7 @@ fn guest_ips(cfg: &QemuConfig) -> (Value, Value) {
 
 /// The guest's run state from QMP (`running`, `paused`, …).
 fn qmp_state(cfg: &QemuConfig) -> Option<String> {
-    let mut q = Qmp::connect(&cfg.sockets.qmp, OBSERVE_TIMEOUT).ok()?;
-    let st = q.query_status().ok()?;
-    Some(match st.status {
-        qmp::RunState::Running => "running".into(),
-        qmp::RunState::Paused => "paused".into(),
-        other => format!("{other:?}").to_lowercase(),
-    })
+    super::quiesce::run_state(cfg, OBSERVE_TIMEOUT)
 }
 
 /// Observes qemu-engine VM `name` whose `config.json` is `cfg`.
@@ -556,9 +550,10 @@ fn resolve_config(
     fs::create_dir_all(&paths.dir)
         .map_err(|e| DriverError::io(format!("create {}", paths.dir.display()), e))?;
     let seed = write_seed(&paths, name, spec)?;
+    let firmware_dir = firmware::descriptor_dir();
     let env = ResolveEnv {
         host: vm.env(),
-        firmware_dir: std::path::Path::new(firmware::DESCRIPTOR_DIR),
+        firmware_dir: &firmware_dir,
         caps: HostCaps::detect(),
         shutdown_timeout_secs: vm.shutdown_timeout_secs,
         seed,

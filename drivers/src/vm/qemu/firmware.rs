@@ -20,6 +20,18 @@ use stead_reconciler::driver::DriverError;
 /// Where QEMU packages install firmware descriptors.
 pub const DESCRIPTOR_DIR: &str = "/usr/share/qemu/firmware";
 
+/// The environment variable that moves the firmware descriptor directory (another QEMU
+/// build's `share/qemu/firmware`, or a test's).
+pub const DESCRIPTOR_DIR_ENV: &str = "STEAD_QEMU_FIRMWARE_DIR";
+
+/// The firmware descriptor directory: `$STEAD_QEMU_FIRMWARE_DIR` when set and not empty,
+/// else [`DESCRIPTOR_DIR`].
+pub fn descriptor_dir() -> PathBuf {
+    std::env::var_os(DESCRIPTOR_DIR_ENV)
+        .filter(|v| !v.is_empty())
+        .map_or_else(|| PathBuf::from(DESCRIPTOR_DIR), PathBuf::from)
+}
+
 /// The OVMF files of a UEFI VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Uefi {

@@ -22,6 +22,7 @@ pub mod firmware;
 mod jsonline;
 pub mod qga;
 pub mod qmp;
+pub mod quiesce;
 pub mod supervisor;
 #[cfg(test)]
 mod test_qemu;

@@ -103,7 +103,11 @@ pub(crate) fn guest_image(test: &str) -> Option<PathBuf> {
     let path = match std::env::var_os("STEAD_GUEST_IMAGE") {
         Some(p) => PathBuf::from(p),
         None => {
-            let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/guest-image.sh");
+            let script = Path::new(
+                &std::env::var_os("CARGO_MANIFEST_DIR")
+                    .unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into()),
+            )
+            .join("../scripts/guest-image.sh");
             let out = Command::new("bash")
                 .arg(&script)
                 .arg("--print-path")
