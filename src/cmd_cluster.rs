@@ -1,15 +1,14 @@
-//! `stead cluster init|status`: the cluster's certificates and its state in etcd.
-
-use std::path::PathBuf;
+//! `stead cluster init|status|lead`: the cluster's certificates, its state in etcd, and a
+//! controller candidate.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Result;
 use clap::{Subcommand, ValueEnum};
 use serde::Serialize;
-use std::sync::Arc;
-
 use stead_cluster::election::{current_leader, list_assignments};
 use stead_cluster::etcd::{EtcdConfig, Store};
 use stead_cluster::leader::{self, LeaderConfig, LeaderStatus, Manifests};
