@@ -38,6 +38,7 @@ pub mod zfs;
 pub mod btrfs;
 pub mod import;
 pub mod qemu_img;
+pub mod replicate;
 
 use std::path::PathBuf;
 
