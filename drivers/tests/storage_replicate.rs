@@ -10,10 +10,10 @@ use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
-use stead_drivers::storage::btrfs;
 use stead_drivers::storage::replicate::{
     self, BtrfsReplication, ReplicationBackend, SendReport, ZfsReplication,
 };
+use stead_drivers::storage::{btrfs, replicate_tls};
 use stead_reconciler::driver::DriverError;
 use storage_util::*;
 
@@ -292,4 +292,135 @@ fn storage_replicate_zfs() {
     // With ZFS present: an empty dataset has no replicas, promotion has nothing to use.
     let z = ZfsReplication::new("stead-test-absent/volumes");
     assert!(z.promote(VOLUME).is_err());
+}
+
+/// PEM files of a CA and node certificates signed by it (client and server use, SAN = name).
+struct Pki {
+    dir: tempfile::TempDir,
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+}
+
+impl Pki {
+    fn new() -> Pki {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, KeyUsagePurpose};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key = KeyPair::generate().expect("CA key");
+        let mut p = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let cert = p.self_signed(&key).expect("CA");
+        fs::write(dir.path().join("ca.crt"), cert.pem()).expect("write CA");
+        Pki {
+            dir,
+            issuer: rcgen::Issuer::new(p, key),
+        }
+    }
+
+    fn node(&self, name: &str) -> replicate_tls::TlsFiles {
+        use rcgen::{CertificateParams, ExtendedKeyUsagePurpose, KeyPair};
+        let key = KeyPair::generate().expect("key");
+        let mut p = CertificateParams::new(vec![name.to_string()]).expect("params");
+        p.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let cert = p.signed_by(&key, &self.issuer).expect("sign");
+        let files = replicate_tls::TlsFiles {
+            ca: self.dir.path().join("ca.crt"),
+            cert: self.dir.path().join(format!("{name}.crt")),
+            key: self.dir.path().join(format!("{name}.key")),
+        };
+        fs::write(&files.cert, cert.pem()).expect("write cert");
+        fs::write(&files.key, key.serialize_pem()).expect("write key");
+        files
+    }
+}
+
+/// One transfer over TCP + mutual TLS on 127.0.0.1 from `sender` (calling the peer `peer`).
+fn tls_transfer(
+    a: &Node,
+    b: &Node,
+    sender: &replicate_tls::TlsFiles,
+    receiver: &replicate_tls::TlsFiles,
+    peer: &str,
+) -> (
+    Result<SendReport, DriverError>,
+    Result<(String, replicate::ReplicaInfo), DriverError>,
+) {
+    let server_tls = replicate_tls::ReplicationTls::load(receiver).expect("receiver TLS");
+    let server =
+        replicate_tls::ReplicationServer::bind("127.0.0.1:0".parse().expect("addr"), server_tls)
+            .expect("bind");
+    let addr = server.local_addr().expect("addr");
+    let to = b.repl.clone();
+    let receiving = std::thread::spawn(move || server.serve_one(&to, &|v| v == VOLUME));
+    let client_tls = replicate_tls::ReplicationTls::load(sender).expect("sender TLS");
+    let sent = replicate_tls::send_to(&client_tls, &a.repl, VOLUME, peer, addr);
+    (sent, receiving.join().expect("receiver thread"))
+}
+
+#[test]
+fn storage_replicate_over_mutual_tls() {
+    if run_cmd("btrfs", &["--version"]).is_err() {
+        eprintln!("SKIP storage_replicate_over_mutual_tls: btrfs-progs missing");
+        return;
+    }
+    let (a, b) = match (node(), node()) {
+        (Ok(a), Ok(b)) => (a, b),
+        (Err(why), _) | (_, Err(why)) => {
+            eprintln!("SKIP storage_replicate_over_mutual_tls: {why}");
+            return;
+        }
+    };
+    btrfs::subvol_create(&a.pool.join("images"), VOLUME).expect("subvolume");
+    let disk = a.pool.join("images").join(VOLUME).join("disk.raw");
+    fs::File::create(&disk)
+        .and_then(|f| f.set_len(64 << 20))
+        .expect("disk");
+    write_pattern(&disk, 0, 8 << 20, 5);
+    let pki = Pki::new();
+    let (na, nb) = (pki.node("node-a"), pki.node("node-b"));
+
+    let (sent, received) = tls_transfer(&a, &b, &na, &nb, "node-b");
+    let report = sent.expect("send over TLS");
+    assert_eq!(received.expect("receive over TLS").1, report.point);
+    let replica = b
+        .pool
+        .join("replicas")
+        .join(VOLUME)
+        .join(replicate::snapshot_name(report.point.seq))
+        .join("disk.raw");
+    assert_eq!(sha(&replica), sha(&disk));
+
+    // The receiver's certificate does not name the node the sender means to reach.
+    let (sent, received) = tls_transfer(&a, &b, &na, &nb, "node-c");
+    assert!(sent.is_err(), "sent to the wrong node");
+    assert!(received.is_err());
+
+    // A sender whose certificate another CA signed is refused.
+    let other = Pki::new();
+    let impostor = other.node("node-a");
+    let impostor = replicate_tls::TlsFiles {
+        ca: na.ca.clone(),
+        ..impostor
+    };
+    let (sent, received) = tls_transfer(&a, &b, &impostor, &nb, "node-b");
+    assert!(sent.is_err(), "an impostor replicated");
+    assert!(received.is_err());
+    assert_eq!(
+        b.repl
+            .replicas(VOLUME)
+            .expect("replicas")
+            .last()
+            .map(|r| r.seq),
+        Some(report.point.seq),
+        "refused transfers leave the replica"
+    );
+    assert_eq!(
+        a.repl.source_snapshots(VOLUME).expect("snaps"),
+        [report.point.seq]
+    );
 }

@@ -39,6 +39,7 @@ pub mod btrfs;
 pub mod import;
 pub mod qemu_img;
 pub mod replicate;
+pub mod replicate_tls;
 
 use std::path::PathBuf;
 
