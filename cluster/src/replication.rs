@@ -91,6 +91,25 @@ pub struct ReplicationStatus {
     /// The last attempt's error, if it failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// The last failover that started the volume from its replica.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failover: Option<FailoverRecord>,
+}
+
+/// A failover that made a replica the live volume.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FailoverRecord {
+    /// The node the volume now lives on.
+    pub node: String,
+    /// When the replica was promoted (Unix seconds).
+    pub at: u64,
+    /// The replica's sequence number.
+    pub seq: u64,
+    /// When the replica's snapshot was taken (Unix seconds).
+    pub point: u64,
+    /// Data-loss window in seconds: writes after `point` on the old node are lost.
+    pub window_s: u64,
 }
 
 /// When `status`'s volume is next due (Unix seconds); `None` status: now.
@@ -130,6 +149,7 @@ pub fn after_success(
         last_attempt: started,
         failures: 0,
         last_error: None,
+        failover: None,
     }
 }
 
@@ -170,6 +190,24 @@ pub async fn write_status(
     owner::guarded_put(store, &key, value, token)
         .await
         .map(|_| ())
+}
+
+/// Records that `node` promoted replica `seq` (taken at `point`) of `volume` at `now`, under
+/// the new owner's `token`; the replication schedule starts over from there (the next
+/// transfer is a full one).
+pub async fn record_failover(
+    store: &Store,
+    volume: &str,
+    record: FailoverRecord,
+    token: &FencingToken,
+) -> Result<(), StoreError> {
+    let previous = read_status(store, volume).await?.unwrap_or_default();
+    let status = ReplicationStatus {
+        from: record.node.clone(),
+        failover: Some(record),
+        ..previous
+    };
+    write_status(store, volume, &status, token).await
 }
 
 /// Reads the status of `volume`, if any.

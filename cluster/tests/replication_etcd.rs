@@ -160,6 +160,24 @@ async fn replication_runs_when_due_records_status_and_stops_when_fenced() {
     replication::write_status(&store, "data", &s, &t2)
         .await
         .expect("new owner writes");
+    let record = replication::FailoverRecord {
+        node: "n2".into(),
+        at: 2010,
+        seq: 1,
+        point: 1001,
+        window_s: 1009,
+    };
+    replication::record_failover(&store, "data", record.clone(), &token)
+        .await
+        .expect_err("the old owner cannot record a failover");
+    replication::record_failover(&store, "data", record.clone(), &t2)
+        .await
+        .expect("failover recorded");
+    let s = replication::read_status(&store, "data")
+        .await
+        .expect("read")
+        .expect("status");
+    assert_eq!((s.from.as_str(), s.failover), ("n2", Some(record)));
     let all = replication::list_status(&store).await.expect("list");
     assert_eq!(all.keys().collect::<Vec<_>>(), ["data"]);
 }

@@ -65,7 +65,7 @@ fn transfer(
     let to = to.clone();
     let receiver = std::thread::spawn(move || {
         let mut b = b;
-        replicate::receive_volume(&to, &|v| v == VOLUME, &mut b)
+        replicate::receive_volume(&resolver(to), &mut b)
     });
     let sent = {
         let mut a = Cut {
@@ -79,6 +79,11 @@ fn transfer(
     };
     let received = receiver.join().expect("receiver thread");
     (sent, received)
+}
+
+/// Replicas of [`VOLUME`] only, into `to`.
+fn resolver(to: BtrfsReplication) -> impl Fn(&str) -> Option<Box<dyn ReplicationBackend>> {
+    move |v: &str| (v == VOLUME).then(|| Box::new(to.clone()) as Box<dyn ReplicationBackend>)
 }
 
 /// A transport that breaks after `left` bytes written.
@@ -241,7 +246,13 @@ fn storage_replicate_btrfs_incremental_cut_and_promote() {
     assert_eq!(sha(&replica(again.point.seq)), point3);
 
     // Failover: the replica becomes the volume on the other node, writable.
-    let promoted = b.repl.promote(VOLUME).expect("promote");
+    assert_eq!(
+        replicate::promote_if_absent(&a.repl, VOLUME).expect("nothing on the source"),
+        None
+    );
+    let promoted = replicate::promote_if_absent(&b.repl, VOLUME)
+        .expect("promote")
+        .expect("a replica to promote");
     assert_eq!(promoted.point.seq, again.point.seq);
     assert!(promoted.window.as_secs() < 120, "{:?}", promoted.window);
     let live = b.pool.join("images").join(VOLUME).join("disk.raw");
@@ -250,6 +261,11 @@ fn storage_replicate_btrfs_incremental_cut_and_promote() {
     assert!(
         b.repl.promote(VOLUME).is_err(),
         "promoting over a live volume"
+    );
+    assert_eq!(
+        replicate::promote_if_absent(&b.repl, VOLUME).expect("live"),
+        None,
+        "the live volume stays"
     );
     println!(
         "FIGURE replication promote: data-loss window {} s",
@@ -275,7 +291,7 @@ fn storage_replicate_refuses_unknown_volumes() {
     let to = b.repl.clone();
     let receiver = std::thread::spawn(move || {
         let mut y = y;
-        replicate::receive_volume(&to, &|v| v == VOLUME, &mut y)
+        replicate::receive_volume(&resolver(to), &mut y)
     });
     let mut x = x;
     assert!(replicate::send_volume(&a.repl, "other", &mut x).is_err());
@@ -356,7 +372,7 @@ fn tls_transfer(
             .expect("bind");
     let addr = server.local_addr().expect("addr");
     let to = b.repl.clone();
-    let receiving = std::thread::spawn(move || server.serve_one(&to, &|v| v == VOLUME));
+    let receiving = std::thread::spawn(move || server.serve_one(&resolver(to)));
     let client_tls = replicate_tls::ReplicationTls::load(sender).expect("sender TLS");
     let sent = replicate_tls::send_to(&client_tls, &a.repl, VOLUME, peer, addr);
     (sent, receiving.join().expect("receiver thread"))

@@ -359,18 +359,22 @@ fn prune_snapshots(
     Ok(())
 }
 
-/// Receives one replication point over `stream` from a peer running [`send_volume`], for a
-/// volume `accept` allows. Returns the volume and the new point.
+/// Chooses where a volume's replicas go on the receiving node: `None` refuses the volume
+/// (it is not replicated to this node).
+pub type Resolve<'a> = &'a dyn Fn(&str) -> Option<Box<dyn ReplicationBackend>>;
+
+/// Receives one replication point over `stream` from a peer running [`send_volume`], into
+/// the backend `resolve` gives for its volume. Returns the volume and the new point.
 #[instrument(skip_all)]
 pub fn receive_volume<S: Read + Write>(
-    backend: &dyn ReplicationBackend,
-    accept: &dyn Fn(&str) -> bool,
+    resolve: Resolve<'_>,
     stream: &mut S,
 ) -> Result<(String, ReplicaInfo), DriverError> {
     let Message::Hello { volume } = read_message(stream)? else {
         return Err(proto_err("expected Hello"));
     };
-    if !accept(&volume) {
+    let backend = resolve(&volume);
+    let Some(backend) = backend.as_deref() else {
         let error = format!("volume {volume:?} is not replicated to this node");
         write_message(
             stream,
@@ -379,7 +383,7 @@ pub fn receive_volume<S: Read + Write>(
             },
         )?;
         return Err(DriverError::Refused(error));
-    }
+    };
     let latest = backend.replicas(&volume)?.last().map(|r| r.seq);
     write_message(stream, &Message::Have { latest })?;
     let Message::Offer { point, parent } = read_message(stream)? else {
@@ -879,6 +883,35 @@ impl ReplicationBackend for ZfsReplication {
         super::zfs::run(&[s("zfs"), s("clone"), s("--"), snap, target])?;
         let window = Duration::from_secs(unix_now().saturating_sub(point.taken_at));
         Ok(Promoted { point, window })
+    }
+}
+
+/// The replication backend of a pool, if its type supports replication (btrfs, zfs).
+pub fn backend_for(pool: &stead_schema::StoragePoolSpec) -> Option<Box<dyn ReplicationBackend>> {
+    match pool.pool_type {
+        stead_schema::PoolType::Btrfs => Some(Box::new(BtrfsReplication::new(&pool.path))),
+        stead_schema::PoolType::Zfs => pool
+            .zfs
+            .as_ref()
+            .map(|z| Box::new(ZfsReplication::new(&z.dataset)) as Box<dyn ReplicationBackend>),
+        _ => None,
+    }
+}
+
+/// At failover, before the volume driver runs: promotes the last replica of `volume` when
+/// the volume is absent here and a replica exists. `None`: nothing to promote (the volume
+/// is live here, or there is no replica and the volume driver creates it empty).
+pub fn promote_if_absent(
+    backend: &dyn ReplicationBackend,
+    volume: &str,
+) -> Result<Option<Promoted>, DriverError> {
+    if backend.replicas(volume)?.is_empty() {
+        return Ok(None);
+    }
+    match backend.promote(volume) {
+        Ok(p) => Ok(Some(p)),
+        Err(DriverError::Conflict(_)) => Ok(None),
+        Err(e) => Err(e),
     }
 }
 

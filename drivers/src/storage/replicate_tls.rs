@@ -21,8 +21,10 @@ use rustls::{
 use stead_reconciler::driver::DriverError;
 use tracing::{info, instrument};
 
-use super::replicate::{self, ReplicaInfo, ReplicationBackend, SendReport};
+use super::replicate::{self, ReplicaInfo, ReplicationBackend, Resolve, SendReport};
 
+/// The TCP port nodes receive replicas on unless configured otherwise.
+pub const DEFAULT_PORT: u16 = 7443;
 /// How long one read or write on the connection may block.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -157,14 +159,11 @@ impl ReplicationServer {
             .map_err(|e| DriverError::io("replication listener", e))
     }
 
-    /// Accepts one connection and receives one replication point over it, for a volume
-    /// `accept` allows. A peer without a certificate from the cluster's CA fails the
-    /// handshake (an error here, nothing written).
-    pub fn serve_one(
-        &self,
-        backend: &dyn ReplicationBackend,
-        accept: &dyn Fn(&str) -> bool,
-    ) -> Result<(String, ReplicaInfo), DriverError> {
+    /// Accepts one connection and receives one replication point over it, into the backend
+    /// `resolve` gives for its volume (`None`: refused). A peer without a certificate from
+    /// the cluster's CA fails the handshake (an error here, nothing written). Call it in a
+    /// loop on a thread of its own; one transfer at a time.
+    pub fn serve_one(&self, resolve: Resolve<'_>) -> Result<(String, ReplicaInfo), DriverError> {
         let (sock, from) = self
             .listener
             .accept()
@@ -173,7 +172,7 @@ impl ReplicationServer {
         let conn =
             ServerConnection::new(self.tls.server.clone()).map_err(|e| tls_err("server", e))?;
         let mut stream = StreamOwned::new(conn, sock);
-        let received = replicate::receive_volume(backend, accept, &mut stream)?;
+        let received = replicate::receive_volume(resolve, &mut stream)?;
         info!(%from, volume = %received.0, seq = received.1.seq, "replica received over TLS");
         Ok(received)
     }
