@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use stead_drivers::storage::replicate::{
     self, BtrfsReplication, ReplicationBackend, SendReport, ZfsReplication,
 };
-use stead_drivers::storage::{btrfs, replicate_tls};
+use stead_drivers::storage::{self, btrfs, replicate_tls};
 use stead_reconciler::driver::DriverError;
 use storage_util::*;
 
@@ -166,6 +166,8 @@ fn storage_replicate_btrfs_incremental_cut_and_promote() {
         .and_then(|f| f.set_len(GIB))
         .expect("disk");
     write_pattern(&disk, 0, 256 << 20, 1);
+    let owner = fs::File::open(&disk).expect("open disk");
+    stead_host::xattr::set_on(&owner, storage::OWNER_XATTR, b"Volume/vm1").expect("mark");
 
     // Full send.
     let (sent, received) = transfer(&a.repl, &b.repl, None);
@@ -257,6 +259,11 @@ fn storage_replicate_btrfs_incremental_cut_and_promote() {
     assert!(promoted.window.as_secs() < 120, "{:?}", promoted.window);
     let live = b.pool.join("images").join(VOLUME).join("disk.raw");
     assert_eq!(sha(&live), point3);
+    assert_eq!(
+        stead_host::xattr::get(&live, storage::OWNER_XATTR).expect("xattr"),
+        Some(b"Volume/vm1".to_vec()),
+        "the ownership mark travels with the replica"
+    );
     write_pattern(&live, 0, 1 << 20, 4);
     assert!(
         b.repl.promote(VOLUME).is_err(),

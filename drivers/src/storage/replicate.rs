@@ -484,11 +484,13 @@ fn pipe_out(argv: &[String], out: &mut dyn Write) -> Result<(), DriverError> {
     let output = child
         .wait_with_output()
         .map_err(|e| DriverError::io(format!("wait {line}"), e))?;
-    copied.map_err(|e| DriverError::io(format!("{line}: stream"), e))?;
+    // The tool's own error first: a stream broken by the tool exiting says less.
     if !output.status.success() {
         return Err(tool_err(&line, &output.status.to_string(), &output.stderr));
     }
-    Ok(())
+    copied
+        .map(|_| ())
+        .map_err(|e| DriverError::io(format!("{line}: stream"), e))
 }
 
 /// Runs `argv` with `input` copied to its stdin.
@@ -511,11 +513,13 @@ fn pipe_in(argv: &[String], input: &mut dyn Read) -> Result<(), DriverError> {
     let output = child
         .wait_with_output()
         .map_err(|e| DriverError::io(format!("wait {line}"), e))?;
-    copied.map_err(|e| DriverError::io(format!("{line}: stream"), e))?;
+    // The tool's own error first: a stream broken by the tool exiting says less.
     if !output.status.success() {
         return Err(tool_err(&line, &output.status.to_string(), &output.stderr));
     }
-    Ok(())
+    copied
+        .map(|_| ())
+        .map_err(|e| DriverError::io(format!("{line}: stream"), e))
 }
 
 fn s(v: &str) -> String {
