@@ -19,6 +19,8 @@ use storage_util::*;
 
 const VOLUME: &str = "vm1";
 const GIB: u64 = 1 << 30;
+/// The sender's fencing token in these tests.
+const TOKEN: i64 = 5;
 
 /// Fills `len` bytes at `offset` with a pattern seeded by `seed` (not compressible, not zero).
 fn write_pattern(path: &Path, offset: u64, len: u64, seed: u64) {
@@ -56,6 +58,7 @@ fn sha(path: &Path) -> String {
 fn transfer(
     from: &BtrfsReplication,
     to: &BtrfsReplication,
+    token: i64,
     cut_after: Option<u64>,
 ) -> (
     Result<SendReport, DriverError>,
@@ -72,7 +75,7 @@ fn transfer(
             inner: a,
             left: cut_after.unwrap_or(u64::MAX),
         };
-        let sent = replicate::send_volume(from, VOLUME, &mut a);
+        let sent = replicate::send_volume(from, VOLUME, token, &mut a);
         // Closing the sender's end is what a broken link looks like to the receiver.
         let _ = a.inner.shutdown(std::net::Shutdown::Both);
         sent
@@ -170,7 +173,7 @@ fn storage_replicate_btrfs_incremental_cut_and_promote() {
     stead_host::xattr::set_on(&owner, storage::OWNER_XATTR, b"Volume/vm1").expect("mark");
 
     // Full send.
-    let (sent, received) = transfer(&a.repl, &b.repl, None);
+    let (sent, received) = transfer(&a.repl, &b.repl, TOKEN, None);
     let full = sent.expect("full send");
     received.expect("full receive");
     assert_eq!(full.parent, None);
@@ -186,7 +189,7 @@ fn storage_replicate_btrfs_incremental_cut_and_promote() {
 
     // 10 MiB more, incremental send.
     write_pattern(&disk, 600 << 20, 10 << 20, 2);
-    let (sent, received) = transfer(&a.repl, &b.repl, None);
+    let (sent, received) = transfer(&a.repl, &b.repl, TOKEN, None);
     let inc = sent.expect("incremental send");
     received.expect("incremental receive");
     assert_eq!(inc.parent, Some(1));
@@ -220,7 +223,7 @@ fn storage_replicate_btrfs_incremental_cut_and_promote() {
 
     // A transfer cut short after 4 MiB keeps the previous replica.
     write_pattern(&disk, 700 << 20, 10 << 20, 3);
-    let (sent, received) = transfer(&a.repl, &b.repl, Some(4 << 20));
+    let (sent, received) = transfer(&a.repl, &b.repl, TOKEN, Some(4 << 20));
     assert!(sent.is_err(), "cut-short send reported success");
     assert!(received.is_err(), "cut-short receive reported success");
     assert_eq!(
@@ -240,11 +243,25 @@ fn storage_replicate_btrfs_incremental_cut_and_promote() {
     assert_eq!(a.repl.source_snapshots(VOLUME).expect("snaps"), [2]);
 
     // The next transfer works again, incrementally from the common point.
-    let (sent, received) = transfer(&a.repl, &b.repl, None);
+    let (sent, received) = transfer(&a.repl, &b.repl, TOKEN, None);
     let again = sent.expect("send after a cut");
     received.expect("receive after a cut");
     assert_eq!(again.parent, Some(2));
     let point3 = sha(&disk);
+    assert_eq!(sha(&replica(again.point.seq)), point3);
+
+    // A sender with an older fencing token (a deposed owner) is refused before it snapshots.
+    write_pattern(&disk, 800 << 20, 1 << 20, 6);
+    let (sent, received) = transfer(&a.repl, &b.repl, TOKEN - 2, None);
+    assert!(
+        matches!(sent, Err(DriverError::Refused(_))),
+        "stale owner: {sent:?}"
+    );
+    assert!(received.is_err());
+    assert_eq!(
+        a.repl.source_snapshots(VOLUME).expect("snaps"),
+        [again.point.seq]
+    );
     assert_eq!(sha(&replica(again.point.seq)), point3);
 
     // Failover: the replica becomes the volume on the other node, writable.
@@ -301,7 +318,7 @@ fn storage_replicate_refuses_unknown_volumes() {
         replicate::receive_volume(&resolver(to), &mut y)
     });
     let mut x = x;
-    assert!(replicate::send_volume(&a.repl, "other", &mut x).is_err());
+    assert!(replicate::send_volume(&a.repl, "other", TOKEN, &mut x).is_err());
     assert!(receiver.join().expect("join").is_err());
     assert!(a.repl.source_snapshots("other").expect("snaps").is_empty());
 }
@@ -381,7 +398,7 @@ fn tls_transfer(
     let to = b.repl.clone();
     let receiving = std::thread::spawn(move || server.serve_one(&resolver(to)));
     let client_tls = replicate_tls::ReplicationTls::load(sender).expect("sender TLS");
-    let sent = replicate_tls::send_to(&client_tls, &a.repl, VOLUME, peer, addr);
+    let sent = replicate_tls::send_to(&client_tls, &a.repl, VOLUME, TOKEN, peer, addr);
     (sent, receiving.join().expect("receiver thread"))
 }
 

@@ -70,6 +70,10 @@ pub struct ReplicaInfo {
     pub seq: u64,
     /// When the sending side took the snapshot (Unix seconds): the point the replica holds.
     pub taken_at: u64,
+    /// The sender's fencing token (its ownership of the volume's workload; 0: none). A
+    /// receiver refuses a sender whose token is older than its last replica's.
+    #[serde(default)]
+    pub token: i64,
 }
 
 /// What one successful transfer did.
@@ -135,6 +139,8 @@ pub trait ReplicationBackend {
 enum Message {
     Hello {
         volume: String,
+        #[serde(default)]
+        token: i64,
     },
     Have {
         latest: Option<u64>,
@@ -256,11 +262,13 @@ pub fn plan(local: &[u64], peer_latest: Option<u64>) -> (u64, Option<u64>) {
 }
 
 /// Sends one replication point of `volume` over `stream` to a peer running
-/// [`receive_volume`]. On success both sides keep only the new point.
+/// [`receive_volume`], as the owner holding fencing token `token` (the owner key's revision,
+/// 0 without a cluster). On success both sides keep only the new point.
 #[instrument(skip(backend, stream))]
 pub fn send_volume<S: Read + Write>(
     backend: &dyn ReplicationBackend,
     volume: &str,
+    token: i64,
     stream: &mut S,
 ) -> Result<SendReport, DriverError> {
     let started = Instant::now();
@@ -268,16 +276,24 @@ pub fn send_volume<S: Read + Write>(
         stream,
         &Message::Hello {
             volume: volume.to_string(),
+            token,
         },
     )?;
-    let Message::Have { latest } = read_message(stream)? else {
-        return Err(proto_err("expected Have"));
+    let latest = match read_message(stream)? {
+        Message::Have { latest } => latest,
+        Message::Failed { error } => {
+            return Err(DriverError::Refused(format!(
+                "the receiver refused: {error}"
+            )));
+        }
+        other => return Err(proto_err(format!("expected Have, got {other:?}"))),
     };
     let (seq, parent) = plan(&backend.source_snapshots(volume)?, latest);
     backend.take_snapshot(volume, seq)?;
     let point = ReplicaInfo {
         seq,
         taken_at: unix_now(),
+        token,
     };
     let result = stream_point(backend, volume, &point, parent, stream);
     match result {
@@ -370,25 +386,37 @@ pub fn receive_volume<S: Read + Write>(
     resolve: Resolve<'_>,
     stream: &mut S,
 ) -> Result<(String, ReplicaInfo), DriverError> {
-    let Message::Hello { volume } = read_message(stream)? else {
+    let Message::Hello { volume, token } = read_message(stream)? else {
         return Err(proto_err("expected Hello"));
     };
     let backend = resolve(&volume);
     let Some(backend) = backend.as_deref() else {
-        let error = format!("volume {volume:?} is not replicated to this node");
-        write_message(
+        return refuse(
             stream,
-            &Message::Failed {
-                error: error.clone(),
-            },
-        )?;
-        return Err(DriverError::Refused(error));
+            format!("volume {volume:?} is not replicated to this node"),
+        );
     };
-    let latest = backend.replicas(&volume)?.last().map(|r| r.seq);
+    let last = backend.replicas(&volume)?.pop();
+    if let Some(held) = last.as_ref().filter(|r| r.token > token) {
+        return refuse(
+            stream,
+            format!(
+                "fencing token {token} is older than {} of the replica held: not the owner",
+                held.token
+            ),
+        );
+    }
+    let latest = last.map(|r| r.seq);
     write_message(stream, &Message::Have { latest })?;
     let Message::Offer { point, parent } = read_message(stream)? else {
         return Err(proto_err("expected Offer"));
     };
+    if point.token != token {
+        return refuse(
+            stream,
+            "the offer's token differs from the greeting's".into(),
+        );
+    }
     let outcome = receive_point(backend, &volume, &point, parent, latest, stream);
     match outcome {
         Ok(()) => {
@@ -406,6 +434,16 @@ pub fn receive_volume<S: Read + Write>(
             Err(e)
         }
     }
+}
+
+fn refuse<T>(stream: &mut dyn Write, error: String) -> Result<T, DriverError> {
+    write_message(
+        stream,
+        &Message::Failed {
+            error: error.clone(),
+        },
+    )?;
+    Err(DriverError::Refused(error))
 }
 
 fn receive_point(
@@ -845,7 +883,11 @@ impl ReplicationBackend for ZfsReplication {
     fn replicas(&self, volume: &str) -> Result<Vec<ReplicaInfo>, DriverError> {
         Ok(Self::snapshots_of(&self.replica(volume)?)?
             .into_iter()
-            .map(|(seq, taken_at)| ReplicaInfo { seq, taken_at })
+            .map(|(seq, taken_at)| ReplicaInfo {
+                seq,
+                taken_at,
+                token: 0,
+            })
             .collect())
     }
 
@@ -988,6 +1030,7 @@ mod tests {
             point: ReplicaInfo {
                 seq: 2,
                 taken_at: 10,
+                token: 4,
             },
             parent: Some(1),
         };

@@ -124,17 +124,19 @@ pub fn connect(
     Ok(StreamOwned::new(conn, sock))
 }
 
-/// Sends one replication point of `volume` to node `peer` at `addr`.
+/// Sends one replication point of `volume` to node `peer` at `addr`, as the owner holding
+/// fencing token `token`.
 #[instrument(skip(tls, backend))]
 pub fn send_to(
     tls: &ReplicationTls,
     backend: &dyn ReplicationBackend,
     volume: &str,
+    token: i64,
     peer: &str,
     addr: SocketAddr,
 ) -> Result<SendReport, DriverError> {
     let mut stream = connect(tls, addr, peer)?;
-    replicate::send_volume(backend, volume, &mut stream)
+    replicate::send_volume(backend, volume, token, &mut stream)
 }
 
 /// The receiving end: a TCP listener that speaks TLS and receives replicas.
