@@ -20,9 +20,13 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tracing::{info, instrument, warn};
 
+use stead_schema::{Desired, Kind, ResourceId, Spec, StoragePoolSpec, VolumeSpec};
+
+use crate::agent::Owned;
 use crate::etcd::{Store, StoreError};
 use crate::keys::{Key, ResourceRef};
 use crate::owner::{self, FencingToken};
+use crate::placement::volumes_of;
 use crate::watch::{decode_or_skip, list_prefix};
 
 /// First retry delay after a failed transfer (doubled per further failure, capped at `every`).
@@ -170,6 +174,68 @@ pub fn after_failure(
     s.failures = s.failures.saturating_add(1);
     s.last_error = Some(error.to_string());
     s
+}
+
+/// The replication jobs of the workloads `node` owns: each volume of an owned workload that
+/// declares `replication` to another node, once (the first owner by id guards it). A volume
+/// whose `to` is `node` itself (the workload failed over to its replica node) has no job until
+/// the manifest names another peer.
+pub fn jobs_for(desired: &Desired, owned: &[Owned], node: &str) -> Vec<ReplicationJob> {
+    let mut jobs: BTreeMap<String, ReplicationJob> = BTreeMap::new();
+    let mut owned: Vec<&Owned> = owned.iter().collect();
+    owned.sort_by(|a, b| a.resource.cmp(&b.resource));
+    for o in owned {
+        let Ok(kind) = o.resource.kind().parse::<Kind>() else {
+            continue;
+        };
+        let Some(r) = desired.get(&ResourceId::new(kind, o.resource.name())) else {
+            continue;
+        };
+        for volume in volumes_of(r) {
+            let Some(rep) = volume_spec(desired, &volume).and_then(|v| v.replication.as_ref())
+            else {
+                continue;
+            };
+            if rep.to.0 == node || jobs.contains_key(&volume) {
+                continue;
+            }
+            let job = ReplicationJob {
+                volume: volume.clone(),
+                to: rep.to.0.clone(),
+                every: rep.every.0,
+                token: o.token.clone(),
+            };
+            jobs.insert(volume, job);
+        }
+    }
+    jobs.into_values().collect()
+}
+
+/// The pool that receives replicas of `volume` on `node`: `None` unless the volume declares
+/// replication to `node` (the receiver refuses everything else).
+pub fn receiving_pool<'d>(
+    desired: &'d Desired,
+    node: &str,
+    volume: &str,
+) -> Option<&'d StoragePoolSpec> {
+    let v = volume_spec(desired, volume)?;
+    if v.replication.as_ref()?.to.0 != node {
+        return None;
+    }
+    match &desired
+        .get(&ResourceId::new(Kind::StoragePool, &v.pool.0))?
+        .spec
+    {
+        Spec::StoragePool(p) => Some(p),
+        _ => None,
+    }
+}
+
+fn volume_spec<'d>(desired: &'d Desired, name: &str) -> Option<&'d VolumeSpec> {
+    match &desired.get(&ResourceId::new(Kind::Volume, name))?.spec {
+        Spec::Volume(v) => Some(v),
+        _ => None,
+    }
 }
 
 /// The status key of volume `volume`.
@@ -346,6 +412,83 @@ mod tests {
             every: Duration::from_secs(300),
             token: FencingToken::new(ResourceRef::new("Container", "web").expect("ref"), 7),
         }
+    }
+
+    fn desired(yaml: &str) -> Desired {
+        let mut resources = Vec::new();
+        let mut errors = Vec::new();
+        stead_schema::load::load_str(
+            std::path::Path::new("m.yaml"),
+            yaml,
+            &mut resources,
+            &mut errors,
+        );
+        let d = stead_schema::load::into_desired(resources, &mut errors);
+        assert!(errors.is_empty(), "{errors:?}");
+        d
+    }
+
+    fn doc(kind: &str, name: &str, spec: &str) -> String {
+        format!(
+            "---\napiVersion: stead.dev/v1alpha1\nkind: {kind}\nmetadata: {{name: {name}}}\nspec: {spec}\n"
+        )
+    }
+
+    fn owned(kind: &str, name: &str, revision: i64) -> Owned {
+        let resource = ResourceRef::new(kind, name).expect("ref");
+        Owned {
+            token: FencingToken::new(resource.clone(), revision),
+            resource,
+            ha: true,
+        }
+    }
+
+    fn cluster() -> Desired {
+        desired(
+            &(doc("StoragePool", "fast", "{type: btrfs, path: /f}")
+                + &doc(
+                    "Volume",
+                    "data",
+                    "{pool: fast, size: 1Gi, replication: {to: b, every: 5m}}",
+                )
+                + &doc(
+                    "Volume",
+                    "back",
+                    "{pool: fast, size: 1Gi, replication: {to: a, every: 1m}}",
+                )
+                + &doc("Volume", "plain", "{pool: fast, size: 1Gi}")
+                + &doc(
+                    "Container",
+                    "web",
+                    "{rootfs: {volume: data}, mounts: [{volume: plain, path: /p}, {volume: back, path: /b}]}",
+                )),
+        )
+    }
+
+    #[test]
+    fn jobs_are_the_owned_workloads_replicated_volumes_to_other_nodes() {
+        let d = cluster();
+        let jobs = jobs_for(&d, &[owned("Container", "web", 9)], "a");
+        assert_eq!(jobs.len(), 1, "{jobs:?}");
+        assert_eq!(jobs[0].volume, "data");
+        assert_eq!(jobs[0].to, "b");
+        assert_eq!(jobs[0].every, Duration::from_secs(300));
+        assert_eq!(jobs[0].token.revision(), 9);
+        let on_b: Vec<String> = jobs_for(&d, &[owned("Container", "web", 9)], "b")
+            .into_iter()
+            .map(|j| j.volume)
+            .collect();
+        assert_eq!(on_b, ["back"]);
+        assert!(jobs_for(&d, &[owned("Container", "gone", 1)], "a").is_empty());
+    }
+
+    #[test]
+    fn only_volumes_replicated_to_this_node_are_received() {
+        let d = cluster();
+        assert!(receiving_pool(&d, "b", "data").is_some());
+        assert!(receiving_pool(&d, "a", "data").is_none());
+        assert!(receiving_pool(&d, "b", "plain").is_none());
+        assert!(receiving_pool(&d, "b", "missing").is_none());
     }
 
     #[test]
