@@ -15,6 +15,7 @@
 //! - [`fence`]: self-fencing before the lease can expire.
 //! - [`agent`]: the loop each node runs, over a [`agent::Converge`] engine.
 //! - [`placement`]: which node runs each workload (pure, deterministic).
+//! - [`replication`]: storage replication schedule and fenced status records.
 //! - [`leader`]: the elected controller's loop: place, write assignments, step down.
 //! - `testkit` (feature `testkit`): one real etcd member on loopback for tests.
 //!
@@ -35,6 +36,7 @@ pub mod owner;
 pub mod pki;
 pub mod placement;
 pub mod registry;
+pub mod replication;
 #[cfg(feature = "testkit")]
 pub mod testkit;
 pub mod watch;

@@ -73,6 +73,15 @@ pub fn workload(r: &Resource, desired: &Desired) -> Option<Workload> {
     })
 }
 
+/// The volumes workload `r` uses (empty for other kinds).
+pub fn volumes_of(r: &Resource) -> BTreeSet<String> {
+    match &r.spec {
+        Spec::Container(c) => container_volumes(c),
+        Spec::VirtualMachine(vm) => vm_volumes(vm),
+        _ => BTreeSet::new(),
+    }
+}
+
 /// A container asks for its limits; without limits, for nothing.
 fn container_request(c: &ContainerSpec) -> Capacity {
     Capacity {

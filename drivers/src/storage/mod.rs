@@ -38,6 +38,8 @@ pub mod zfs;
 pub mod btrfs;
 pub mod import;
 pub mod qemu_img;
+pub mod replicate;
+pub mod replicate_tls;
 
 use std::path::PathBuf;
 

@@ -127,6 +127,11 @@ fn run(cmd: &str, args: &[&str]) -> Result<String, String> {
 impl LoopBtrfs {
     /// Makes one, or returns the reason it cannot (for a SKIP line).
     pub fn new() -> Result<LoopBtrfs, String> {
+        Self::with_size(256 << 20)
+    }
+
+    /// Like [`LoopBtrfs::new`] with a sparse image of `size` bytes.
+    pub fn with_size(size: u64) -> Result<LoopBtrfs, String> {
         let fs = std::fs::read_to_string("/proc/filesystems").unwrap_or_default();
         if !fs
             .lines()
@@ -148,7 +153,7 @@ impl LoopBtrfs {
             mounted: false,
         };
         std::fs::File::create(&me.image)
-            .and_then(|f| f.set_len(256 << 20))
+            .and_then(|f| f.set_len(size))
             .map_err(|e| e.to_string())?;
         let img = me.image.to_string_lossy().into_owned();
         run("mkfs.btrfs", &["-q", "-f", &img])?;

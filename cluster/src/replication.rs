@@ -1,0 +1,539 @@
+//! Storage replication schedule and status: which volumes are due for a copy to their peer
+//! node (`Volume.spec.replication: {to, every}`), and the status record in etcd under
+//! `replication/Volume/<name>` (last replicated point, bytes, duration, lag, last error).
+//!
+//! The agent owning a volume's workload calls [`Replicator::tick`] on a timer with the jobs
+//! of the workloads it owns and their fencing tokens. A job runs only while its token is
+//! current, and its status is written in a transaction guarded by that token: an agent that
+//! lost ownership neither starts a transfer nor records one over the new owner's status.
+//! The transfer itself is the [`Transfer`] given by the binary (btrfs/zfs send over mutual
+//! TLS in stead-drivers).
+//!
+//! Schedule ([`next_due`]): a volume never replicated is due at once; after a success, one
+//! `every` after that attempt started; after `n` failures in a row, a backoff of 10 s × 2ⁿ⁻¹,
+//! never longer than `every`.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tracing::{info, instrument, warn};
+
+use stead_schema::{Desired, Kind, ResourceId, Spec, StoragePoolSpec, VolumeSpec};
+
+use crate::agent::Owned;
+use crate::etcd::{Store, StoreError};
+use crate::keys::{Key, ResourceRef};
+use crate::owner::{self, FencingToken};
+use crate::placement::volumes_of;
+use crate::watch::{decode_or_skip, list_prefix};
+
+/// First retry delay after a failed transfer (doubled per further failure, capped at `every`).
+pub const FIRST_BACKOFF: Duration = Duration::from_secs(10);
+
+/// One volume to replicate from this node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicationJob {
+    /// The volume's name.
+    pub volume: String,
+    /// The node receiving the copies.
+    pub to: String,
+    /// Interval between copies.
+    pub every: Duration,
+    /// The workload using the volume, whose ownership guards the job.
+    pub token: FencingToken,
+}
+
+/// What a successful transfer reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TransferReport {
+    /// Sequence number of the replication point.
+    pub seq: u64,
+    /// When the point's snapshot was taken (Unix seconds).
+    pub taken_at: u64,
+    /// Bytes sent.
+    pub bytes: u64,
+    /// Whether it was incremental.
+    pub incremental: bool,
+    /// How long it took.
+    pub duration: Duration,
+}
+
+/// The transfer of one replication point (blocking; run off the async runtime).
+pub trait Transfer: Send + Sync {
+    /// Sends the next point of `job.volume` to `job.to`; the error is shown in status.
+    fn transfer(&self, job: &ReplicationJob) -> Result<TransferReport, String>;
+}
+
+/// The status record of one volume's replication, as written to etcd.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplicationStatus {
+    /// The sending node.
+    pub from: String,
+    /// The receiving node.
+    pub to: String,
+    /// The last replicated point's sequence number.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq: Option<u64>,
+    /// When the last replicated point was taken (Unix seconds): a failover loses what was
+    /// written after it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_point: Option<u64>,
+    /// Bytes of the last successful transfer.
+    pub bytes: u64,
+    /// Duration of the last successful transfer, in milliseconds.
+    pub duration_ms: u64,
+    /// Seconds between the last point and the time this record was written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lag_s: Option<u64>,
+    /// When the last attempt started (Unix seconds).
+    pub last_attempt: u64,
+    /// Failures in a row since the last success.
+    pub failures: u32,
+    /// The last attempt's error, if it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// The last failover that started the volume from its replica.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failover: Option<FailoverRecord>,
+}
+
+/// A failover that made a replica the live volume.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FailoverRecord {
+    /// The node the volume now lives on.
+    pub node: String,
+    /// When the replica was promoted (Unix seconds).
+    pub at: u64,
+    /// The replica's sequence number.
+    pub seq: u64,
+    /// When the replica's snapshot was taken (Unix seconds).
+    pub point: u64,
+    /// Data-loss window in seconds: writes after `point` on the old node are lost.
+    pub window_s: u64,
+}
+
+/// When `status`'s volume is next due (Unix seconds); `None` status: now.
+pub fn next_due(status: Option<&ReplicationStatus>, every: Duration, now: u64) -> u64 {
+    let Some(s) = status else {
+        return now;
+    };
+    if s.failures == 0 {
+        return s.last_attempt.saturating_add(every.as_secs());
+    }
+    s.last_attempt
+        .saturating_add(backoff(s.failures, every).as_secs())
+}
+
+/// The delay after `failures` failures in a row: 10 s × 2ⁿ⁻¹, at most `every`.
+pub fn backoff(failures: u32, every: Duration) -> Duration {
+    let exp = failures.saturating_sub(1).min(20);
+    FIRST_BACKOFF.saturating_mul(1 << exp).min(every)
+}
+
+/// The status after a successful transfer started at `started`, written at `now`.
+pub fn after_success(
+    job: &ReplicationJob,
+    from: &str,
+    report: &TransferReport,
+    started: u64,
+    now: u64,
+) -> ReplicationStatus {
+    ReplicationStatus {
+        from: from.to_string(),
+        to: job.to.clone(),
+        seq: Some(report.seq),
+        last_point: Some(report.taken_at),
+        bytes: report.bytes,
+        duration_ms: u64::try_from(report.duration.as_millis()).unwrap_or(u64::MAX),
+        lag_s: Some(now.saturating_sub(report.taken_at)),
+        last_attempt: started,
+        failures: 0,
+        last_error: None,
+        failover: None,
+    }
+}
+
+/// The status after a failed attempt started at `started`: the last point is kept.
+pub fn after_failure(
+    previous: Option<&ReplicationStatus>,
+    job: &ReplicationJob,
+    from: &str,
+    error: &str,
+    started: u64,
+    now: u64,
+) -> ReplicationStatus {
+    let mut s = previous.cloned().unwrap_or_default();
+    s.from = from.to_string();
+    s.to = job.to.clone();
+    s.lag_s = s.last_point.map(|p| now.saturating_sub(p));
+    s.last_attempt = started;
+    s.failures = s.failures.saturating_add(1);
+    s.last_error = Some(error.to_string());
+    s
+}
+
+/// The replication jobs of the workloads `node` owns: each volume of an owned workload that
+/// declares `replication` to another node, once (the first owner by id guards it). A volume
+/// whose `to` is `node` itself (the workload failed over to its replica node) has no job until
+/// the manifest names another peer.
+pub fn jobs_for(desired: &Desired, owned: &[Owned], node: &str) -> Vec<ReplicationJob> {
+    let mut jobs: BTreeMap<String, ReplicationJob> = BTreeMap::new();
+    let mut owned: Vec<&Owned> = owned.iter().collect();
+    owned.sort_by(|a, b| a.resource.cmp(&b.resource));
+    for o in owned {
+        let Ok(kind) = o.resource.kind().parse::<Kind>() else {
+            continue;
+        };
+        let Some(r) = desired.get(&ResourceId::new(kind, o.resource.name())) else {
+            continue;
+        };
+        for volume in volumes_of(r) {
+            let Some(rep) = volume_spec(desired, &volume).and_then(|v| v.replication.as_ref())
+            else {
+                continue;
+            };
+            if rep.to.0 == node || jobs.contains_key(&volume) {
+                continue;
+            }
+            let job = ReplicationJob {
+                volume: volume.clone(),
+                to: rep.to.0.clone(),
+                every: rep.every.0,
+                token: o.token.clone(),
+            };
+            jobs.insert(volume, job);
+        }
+    }
+    jobs.into_values().collect()
+}
+
+/// The pool that receives replicas of `volume` on `node`: `None` unless the volume declares
+/// replication to `node` (the receiver refuses everything else).
+pub fn receiving_pool<'d>(
+    desired: &'d Desired,
+    node: &str,
+    volume: &str,
+) -> Option<&'d StoragePoolSpec> {
+    let v = volume_spec(desired, volume)?;
+    if v.replication.as_ref()?.to.0 != node {
+        return None;
+    }
+    match &desired
+        .get(&ResourceId::new(Kind::StoragePool, &v.pool.0))?
+        .spec
+    {
+        Spec::StoragePool(p) => Some(p),
+        _ => None,
+    }
+}
+
+fn volume_spec<'d>(desired: &'d Desired, name: &str) -> Option<&'d VolumeSpec> {
+    match &desired.get(&ResourceId::new(Kind::Volume, name))?.spec {
+        Spec::Volume(v) => Some(v),
+        _ => None,
+    }
+}
+
+/// The status key of volume `volume`.
+pub fn status_key(store: &Store, volume: &str) -> Result<String, StoreError> {
+    let r = ResourceRef::new("Volume", volume).map_err(|e| StoreError::Config(e.to_string()))?;
+    Ok(store.keys().replication(&r))
+}
+
+/// Writes `status` for `volume` while `token` is current ([`StoreError::Fenced`] otherwise).
+pub async fn write_status(
+    store: &Store,
+    volume: &str,
+    status: &ReplicationStatus,
+    token: &FencingToken,
+) -> Result<(), StoreError> {
+    let key = status_key(store, volume)?;
+    let value = serde_json::to_vec(status).map_err(|e| StoreError::decode(&key, e))?;
+    owner::guarded_put(store, &key, value, token)
+        .await
+        .map(|_| ())
+}
+
+/// Records that `node` promoted replica `seq` (taken at `point`) of `volume` at `now`, under
+/// the new owner's `token`; the replication schedule starts over from there (the next
+/// transfer is a full one).
+pub async fn record_failover(
+    store: &Store,
+    volume: &str,
+    record: FailoverRecord,
+    token: &FencingToken,
+) -> Result<(), StoreError> {
+    let previous = read_status(store, volume).await?.unwrap_or_default();
+    let status = ReplicationStatus {
+        from: record.node.clone(),
+        failover: Some(record),
+        ..previous
+    };
+    write_status(store, volume, &status, token).await
+}
+
+/// Reads the status of `volume`, if any.
+pub async fn read_status(
+    store: &Store,
+    volume: &str,
+) -> Result<Option<ReplicationStatus>, StoreError> {
+    let key = status_key(store, volume)?;
+    let mut client = store.client();
+    let response = store.timed(client.get(key.clone(), None)).await?;
+    let Some(kv) = response.kvs().first() else {
+        return Ok(None);
+    };
+    serde_json::from_slice(kv.value())
+        .map(Some)
+        .map_err(|e| StoreError::decode(&key, e))
+}
+
+/// Every volume's replication status (for `stead cluster status`; unreadable ones skipped).
+pub async fn list_status(store: &Store) -> Result<BTreeMap<String, ReplicationStatus>, StoreError> {
+    let (entries, _) = list_prefix(store, &store.keys().replications()).await?;
+    let mut out = BTreeMap::new();
+    for e in entries {
+        let Some(Key::Replication(r)) = store.keys().parse(&e.key) else {
+            continue;
+        };
+        if let Some(s) = decode_or_skip::<ReplicationStatus>(&e.key, &e.value) {
+            out.insert(r.name().to_string(), s);
+        }
+    }
+    Ok(out)
+}
+
+/// What one job did in a tick.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Not due yet (until this Unix time).
+    NotDue(u64),
+    /// Replicated; the status was written.
+    Replicated(TransferReport),
+    /// The transfer failed; the status says why.
+    Failed(String),
+    /// The token is no longer current: nothing was sent or written.
+    Fenced,
+}
+
+/// Runs the replication of one node's volumes.
+pub struct Replicator {
+    store: Store,
+    node: String,
+    transfer: Arc<dyn Transfer>,
+}
+
+impl std::fmt::Debug for Replicator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Replicator")
+            .field("node", &self.node)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Replicator {
+    /// A replicator for node `node`, sending with `transfer`.
+    pub fn new(store: Store, node: &str, transfer: Arc<dyn Transfer>) -> Self {
+        Self {
+            store,
+            node: node.to_string(),
+            transfer,
+        }
+    }
+
+    /// Runs every due job once, one after the other (call it on a timer, e.g. every 5 s).
+    /// `now` gives the wall clock in Unix seconds.
+    pub async fn tick(
+        &self,
+        jobs: &[ReplicationJob],
+        now: &dyn Fn() -> u64,
+    ) -> Result<Vec<(String, Outcome)>, StoreError> {
+        let mut out = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            let outcome = self.run_job(job, now).await?;
+            out.push((job.volume.clone(), outcome));
+        }
+        Ok(out)
+    }
+
+    #[instrument(skip(self, now), fields(node = %self.node, volume = %job.volume, to = %job.to))]
+    async fn run_job(
+        &self,
+        job: &ReplicationJob,
+        now: &dyn Fn() -> u64,
+    ) -> Result<Outcome, StoreError> {
+        let previous = read_status(&self.store, &job.volume).await?;
+        let started = now();
+        let due = next_due(previous.as_ref(), job.every, started);
+        if due > started {
+            return Ok(Outcome::NotDue(due));
+        }
+        if !owner::is_current(&self.store, &job.token).await? {
+            warn!("not the owner any more: no replication");
+            return Ok(Outcome::Fenced);
+        }
+        let transfer = self.transfer.clone();
+        let j = job.clone();
+        let result = tokio::task::spawn_blocking(move || transfer.transfer(&j))
+            .await
+            .unwrap_or_else(|e| Err(format!("transfer task: {e}")));
+        let (status, outcome) = match result {
+            Ok(report) => {
+                info!(seq = report.seq, bytes = report.bytes, "replicated");
+                let s = after_success(job, &self.node, &report, started, now());
+                (s, Outcome::Replicated(report))
+            }
+            Err(e) => {
+                warn!(error = %e, "replication failed");
+                let s = after_failure(previous.as_ref(), job, &self.node, &e, started, now());
+                (s, Outcome::Failed(e))
+            }
+        };
+        match write_status(&self.store, &job.volume, &status, &job.token).await {
+            Ok(()) => Ok(outcome),
+            Err(StoreError::Fenced(_)) => Ok(Outcome::Fenced),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job() -> ReplicationJob {
+        ReplicationJob {
+            volume: "data".into(),
+            to: "n2".into(),
+            every: Duration::from_secs(300),
+            token: FencingToken::new(ResourceRef::new("Container", "web").expect("ref"), 7),
+        }
+    }
+
+    fn desired(yaml: &str) -> Desired {
+        let mut resources = Vec::new();
+        let mut errors = Vec::new();
+        stead_schema::load::load_str(
+            std::path::Path::new("m.yaml"),
+            yaml,
+            &mut resources,
+            &mut errors,
+        );
+        let d = stead_schema::load::into_desired(resources, &mut errors);
+        assert!(errors.is_empty(), "{errors:?}");
+        d
+    }
+
+    fn doc(kind: &str, name: &str, spec: &str) -> String {
+        format!(
+            "---\napiVersion: stead.dev/v1alpha1\nkind: {kind}\nmetadata: {{name: {name}}}\nspec: {spec}\n"
+        )
+    }
+
+    fn owned(kind: &str, name: &str, revision: i64) -> Owned {
+        let resource = ResourceRef::new(kind, name).expect("ref");
+        Owned {
+            token: FencingToken::new(resource.clone(), revision),
+            resource,
+            ha: true,
+        }
+    }
+
+    fn cluster() -> Desired {
+        desired(
+            &(doc("StoragePool", "fast", "{type: btrfs, path: /f}")
+                + &doc(
+                    "Volume",
+                    "data",
+                    "{pool: fast, size: 1Gi, replication: {to: b, every: 5m}}",
+                )
+                + &doc(
+                    "Volume",
+                    "back",
+                    "{pool: fast, size: 1Gi, replication: {to: a, every: 1m}}",
+                )
+                + &doc("Volume", "plain", "{pool: fast, size: 1Gi}")
+                + &doc(
+                    "Container",
+                    "web",
+                    "{rootfs: {volume: data}, mounts: [{volume: plain, path: /p}, {volume: back, path: /b}]}",
+                )),
+        )
+    }
+
+    #[test]
+    fn jobs_are_the_owned_workloads_replicated_volumes_to_other_nodes() {
+        let d = cluster();
+        let jobs = jobs_for(&d, &[owned("Container", "web", 9)], "a");
+        assert_eq!(jobs.len(), 1, "{jobs:?}");
+        assert_eq!(jobs[0].volume, "data");
+        assert_eq!(jobs[0].to, "b");
+        assert_eq!(jobs[0].every, Duration::from_secs(300));
+        assert_eq!(jobs[0].token.revision(), 9);
+        let on_b: Vec<String> = jobs_for(&d, &[owned("Container", "web", 9)], "b")
+            .into_iter()
+            .map(|j| j.volume)
+            .collect();
+        assert_eq!(on_b, ["back"]);
+        assert!(jobs_for(&d, &[owned("Container", "gone", 1)], "a").is_empty());
+    }
+
+    #[test]
+    fn only_volumes_replicated_to_this_node_are_received() {
+        let d = cluster();
+        assert!(receiving_pool(&d, "b", "data").is_some());
+        assert!(receiving_pool(&d, "a", "data").is_none());
+        assert!(receiving_pool(&d, "b", "plain").is_none());
+        assert!(receiving_pool(&d, "b", "missing").is_none());
+    }
+
+    #[test]
+    fn never_replicated_is_due_now() {
+        assert_eq!(next_due(None, Duration::from_secs(300), 1000), 1000);
+    }
+
+    #[test]
+    fn a_success_is_followed_one_interval_later() {
+        let report = TransferReport {
+            seq: 3,
+            taken_at: 1000,
+            bytes: 10,
+            incremental: true,
+            duration: Duration::from_millis(1500),
+        };
+        let s = after_success(&job(), "n1", &report, 999, 1002);
+        assert_eq!(s.lag_s, Some(2));
+        assert_eq!(s.duration_ms, 1500);
+        assert_eq!(next_due(Some(&s), job().every, 1002), 1299);
+    }
+
+    #[test]
+    fn failures_back_off_up_to_the_interval_and_keep_the_last_point() {
+        let every = Duration::from_secs(60);
+        assert_eq!(backoff(1, every), Duration::from_secs(10));
+        assert_eq!(backoff(2, every), Duration::from_secs(20));
+        assert_eq!(backoff(3, every), Duration::from_secs(40));
+        assert_eq!(backoff(4, every), every);
+        assert_eq!(backoff(u32::MAX, every), every);
+        let ok = ReplicationStatus {
+            seq: Some(3),
+            last_point: Some(900),
+            last_attempt: 899,
+            ..Default::default()
+        };
+        let f1 = after_failure(Some(&ok), &job(), "n1", "peer down", 1000, 1001);
+        assert_eq!(
+            (f1.failures, f1.seq, f1.last_point),
+            (1, Some(3), Some(900))
+        );
+        assert_eq!(f1.lag_s, Some(101));
+        assert_eq!(f1.last_error.as_deref(), Some("peer down"));
+        assert_eq!(next_due(Some(&f1), job().every, 1001), 1010);
+        let f2 = after_failure(Some(&f1), &job(), "n1", "peer down", 1010, 1011);
+        assert_eq!(next_due(Some(&f2), job().every, 1011), 1030);
+    }
+}

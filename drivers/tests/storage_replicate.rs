@@ -1,0 +1,466 @@
+//! Replication between two btrfs pools on loop devices, as two "nodes" joined by a socket
+//! pair (root needed): full send, incremental send of 10 MiB changed on a 1 GiB volume,
+//! pruning, a transfer cut short, promotion of the replica. Prints the figures.
+
+mod storage_util;
+
+use std::fs;
+use std::io::{self, Read, Write};
+use std::os::unix::fs::FileExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+
+use stead_drivers::storage::replicate::{
+    self, BtrfsReplication, ReplicationBackend, SendReport, ZfsReplication,
+};
+use stead_drivers::storage::{self, btrfs, replicate_tls};
+use stead_reconciler::driver::DriverError;
+use storage_util::*;
+
+const VOLUME: &str = "vm1";
+const GIB: u64 = 1 << 30;
+/// The sender's fencing token in these tests.
+const TOKEN: i64 = 5;
+
+/// Fills `len` bytes at `offset` with a pattern seeded by `seed` (not compressible, not zero).
+fn write_pattern(path: &Path, offset: u64, len: u64, seed: u64) {
+    let f = fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .expect("open disk");
+    let mut x = seed | 1;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut done = 0;
+    while done < len {
+        for b in buf.chunks_exact_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            b.copy_from_slice(&x.to_le_bytes());
+        }
+        let n = (len - done).min(buf.len() as u64) as usize;
+        f.write_all_at(&buf[..n], offset + done)
+            .expect("write disk");
+        done += n as u64;
+    }
+    f.sync_all().expect("sync disk");
+}
+
+fn sha(path: &Path) -> String {
+    let out = run_cmd("sha256sum", &[&path.to_string_lossy()]).expect("sha256sum");
+    out.split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Runs one transfer from `from` to `to` over a socket pair (the receiver on a thread).
+fn transfer(
+    from: &BtrfsReplication,
+    to: &BtrfsReplication,
+    token: i64,
+    cut_after: Option<u64>,
+) -> (
+    Result<SendReport, DriverError>,
+    Result<(String, replicate::ReplicaInfo), DriverError>,
+) {
+    let (a, b) = UnixStream::pair().expect("socket pair");
+    let to = to.clone();
+    let receiver = std::thread::spawn(move || {
+        let mut b = b;
+        replicate::receive_volume(&resolver(to), &mut b)
+    });
+    let sent = {
+        let mut a = Cut {
+            inner: a,
+            left: cut_after.unwrap_or(u64::MAX),
+        };
+        let sent = replicate::send_volume(from, VOLUME, token, &mut a);
+        // Closing the sender's end is what a broken link looks like to the receiver.
+        let _ = a.inner.shutdown(std::net::Shutdown::Both);
+        sent
+    };
+    let received = receiver.join().expect("receiver thread");
+    (sent, received)
+}
+
+/// Replicas of [`VOLUME`] only, into `to`.
+fn resolver(to: BtrfsReplication) -> impl Fn(&str) -> Option<Box<dyn ReplicationBackend>> {
+    move |v: &str| (v == VOLUME).then(|| Box::new(to.clone()) as Box<dyn ReplicationBackend>)
+}
+
+/// A transport that breaks after `left` bytes written.
+struct Cut {
+    inner: UnixStream,
+    left: u64,
+}
+
+impl Write for Cut {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.left == 0 {
+            return Err(io::ErrorKind::BrokenPipe.into());
+        }
+        let n = buf
+            .len()
+            .min(usize::try_from(self.left).unwrap_or(usize::MAX));
+        let n = self.inner.write(&buf[..n])?;
+        self.left -= n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+impl Read for Cut {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.inner.read(buf)
+    }
+}
+
+struct Node {
+    _fs: LoopBtrfs,
+    pool: PathBuf,
+    repl: BtrfsReplication,
+}
+
+fn node() -> Result<Node, String> {
+    let fs = LoopBtrfs::with_size(3 * GIB)?;
+    let pool = fs.mnt.join("pool");
+    fs::create_dir_all(pool.join("images")).map_err(|e| e.to_string())?;
+    let repl = BtrfsReplication::new(&pool);
+    Ok(Node {
+        _fs: fs,
+        pool,
+        repl,
+    })
+}
+
+fn subvolumes(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(Result::ok)
+                .filter(|e| btrfs::is_subvolume(&e.path()).unwrap_or(false))
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+#[test]
+fn storage_replicate_btrfs_incremental_cut_and_promote() {
+    if run_cmd("btrfs", &["--version"]).is_err() {
+        eprintln!("SKIP storage_replicate_btrfs_incremental_cut_and_promote: btrfs-progs missing");
+        return;
+    }
+    let (a, b) = match (node(), node()) {
+        (Ok(a), Ok(b)) => (a, b),
+        (Err(why), _) | (_, Err(why)) => {
+            eprintln!("SKIP storage_replicate_btrfs_incremental_cut_and_promote: {why}");
+            return;
+        }
+    };
+    // A 1 GiB volume (sparse) with 256 MiB of data.
+    btrfs::subvol_create(&a.pool.join("images"), VOLUME).expect("subvolume");
+    let disk = a.pool.join("images").join(VOLUME).join("disk.raw");
+    fs::File::create(&disk)
+        .and_then(|f| f.set_len(GIB))
+        .expect("disk");
+    write_pattern(&disk, 0, 256 << 20, 1);
+    let owner = fs::File::open(&disk).expect("open disk");
+    stead_host::xattr::set_on(&owner, storage::OWNER_XATTR, b"Volume/vm1").expect("mark");
+
+    // Full send.
+    let (sent, received) = transfer(&a.repl, &b.repl, TOKEN, None);
+    let full = sent.expect("full send");
+    received.expect("full receive");
+    assert_eq!(full.parent, None);
+    assert_eq!(full.point.seq, 1);
+    let replica = |seq: u64| {
+        b.pool
+            .join("replicas")
+            .join(VOLUME)
+            .join(replicate::snapshot_name(seq))
+            .join("disk.raw")
+    };
+    assert_eq!(sha(&replica(1)), sha(&disk));
+
+    // 10 MiB more, incremental send.
+    write_pattern(&disk, 600 << 20, 10 << 20, 2);
+    let (sent, received) = transfer(&a.repl, &b.repl, TOKEN, None);
+    let inc = sent.expect("incremental send");
+    received.expect("incremental receive");
+    assert_eq!(inc.parent, Some(1));
+    assert_eq!(inc.point.seq, 2);
+    let point2 = sha(&disk);
+    assert_eq!(sha(&replica(2)), point2);
+    assert!(
+        (10 << 20..12 << 20).contains(&inc.bytes),
+        "incremental of 10 MiB sent {} bytes",
+        inc.bytes
+    );
+    // Exactly the last common point on both sides.
+    assert_eq!(
+        subvolumes(&a.pool.join("replication").join(VOLUME)),
+        ["stead-repl-2"]
+    );
+    assert_eq!(
+        subvolumes(&b.pool.join("replicas").join(VOLUME)),
+        ["stead-repl-2"]
+    );
+    println!(
+        "FIGURE replication full send: 256 MiB written on a 1 GiB volume: {} bytes in {} ms",
+        full.bytes,
+        full.duration.as_millis()
+    );
+    println!(
+        "FIGURE replication incremental send: 10 MiB changed on a 1 GiB volume: {} bytes in {} ms",
+        inc.bytes,
+        inc.duration.as_millis()
+    );
+
+    // A transfer cut short after 4 MiB keeps the previous replica.
+    write_pattern(&disk, 700 << 20, 10 << 20, 3);
+    let (sent, received) = transfer(&a.repl, &b.repl, TOKEN, Some(4 << 20));
+    assert!(sent.is_err(), "cut-short send reported success");
+    assert!(received.is_err(), "cut-short receive reported success");
+    assert_eq!(
+        b.repl
+            .replicas(VOLUME)
+            .expect("replicas")
+            .last()
+            .map(|r| r.seq),
+        Some(2)
+    );
+    assert_eq!(
+        subvolumes(&b.pool.join("replicas").join(VOLUME)),
+        ["stead-repl-2"],
+        "no partial replica left"
+    );
+    assert_eq!(sha(&replica(2)), point2);
+    assert_eq!(a.repl.source_snapshots(VOLUME).expect("snaps"), [2]);
+
+    // The next transfer works again, incrementally from the common point.
+    let (sent, received) = transfer(&a.repl, &b.repl, TOKEN, None);
+    let again = sent.expect("send after a cut");
+    received.expect("receive after a cut");
+    assert_eq!(again.parent, Some(2));
+    let point3 = sha(&disk);
+    assert_eq!(sha(&replica(again.point.seq)), point3);
+
+    // A sender with an older fencing token (a deposed owner) is refused before it snapshots.
+    write_pattern(&disk, 800 << 20, 1 << 20, 6);
+    let (sent, received) = transfer(&a.repl, &b.repl, TOKEN - 2, None);
+    assert!(
+        matches!(sent, Err(DriverError::Refused(_))),
+        "stale owner: {sent:?}"
+    );
+    assert!(received.is_err());
+    assert_eq!(
+        a.repl.source_snapshots(VOLUME).expect("snaps"),
+        [again.point.seq]
+    );
+    assert_eq!(sha(&replica(again.point.seq)), point3);
+
+    // Failover: the replica becomes the volume on the other node, writable.
+    assert_eq!(
+        replicate::promote_if_absent(&a.repl, VOLUME).expect("nothing on the source"),
+        None
+    );
+    let promoted = replicate::promote_if_absent(&b.repl, VOLUME)
+        .expect("promote")
+        .expect("a replica to promote");
+    assert_eq!(promoted.point.seq, again.point.seq);
+    assert!(promoted.window.as_secs() < 120, "{:?}", promoted.window);
+    let live = b.pool.join("images").join(VOLUME).join("disk.raw");
+    assert_eq!(sha(&live), point3);
+    assert_eq!(
+        stead_host::xattr::get(&live, storage::OWNER_XATTR).expect("xattr"),
+        Some(b"Volume/vm1".to_vec()),
+        "the ownership mark travels with the replica"
+    );
+    write_pattern(&live, 0, 1 << 20, 4);
+    assert!(
+        b.repl.promote(VOLUME).is_err(),
+        "promoting over a live volume"
+    );
+    assert_eq!(
+        replicate::promote_if_absent(&b.repl, VOLUME).expect("live"),
+        None,
+        "the live volume stays"
+    );
+    println!(
+        "FIGURE replication promote: data-loss window {} s",
+        promoted.window.as_secs()
+    );
+}
+
+#[test]
+fn storage_replicate_refuses_unknown_volumes() {
+    if run_cmd("btrfs", &["--version"]).is_err() {
+        eprintln!("SKIP storage_replicate_refuses_unknown_volumes: btrfs-progs missing");
+        return;
+    }
+    let (a, b) = match (node(), node()) {
+        (Ok(a), Ok(b)) => (a, b),
+        (Err(why), _) | (_, Err(why)) => {
+            eprintln!("SKIP storage_replicate_refuses_unknown_volumes: {why}");
+            return;
+        }
+    };
+    btrfs::subvol_create(&a.pool.join("images"), "other").expect("subvolume");
+    let (x, y) = UnixStream::pair().expect("pair");
+    let to = b.repl.clone();
+    let receiver = std::thread::spawn(move || {
+        let mut y = y;
+        replicate::receive_volume(&resolver(to), &mut y)
+    });
+    let mut x = x;
+    assert!(replicate::send_volume(&a.repl, "other", TOKEN, &mut x).is_err());
+    assert!(receiver.join().expect("join").is_err());
+    assert!(a.repl.source_snapshots("other").expect("snaps").is_empty());
+}
+
+#[test]
+fn storage_replicate_zfs() {
+    if run_cmd("zfs", &["list"]).is_err() {
+        eprintln!("SKIP storage_replicate_zfs: ZFS is absent from this kernel");
+        return;
+    }
+    // With ZFS present: an empty dataset has no replicas, promotion has nothing to use.
+    let z = ZfsReplication::new("stead-test-absent/volumes");
+    assert!(z.promote(VOLUME).is_err());
+}
+
+/// PEM files of a CA and node certificates signed by it (client and server use, SAN = name).
+struct Pki {
+    dir: tempfile::TempDir,
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+}
+
+impl Pki {
+    fn new() -> Pki {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, KeyUsagePurpose};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key = KeyPair::generate().expect("CA key");
+        let mut p = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let cert = p.self_signed(&key).expect("CA");
+        fs::write(dir.path().join("ca.crt"), cert.pem()).expect("write CA");
+        Pki {
+            dir,
+            issuer: rcgen::Issuer::new(p, key),
+        }
+    }
+
+    fn node(&self, name: &str) -> replicate_tls::TlsFiles {
+        use rcgen::{CertificateParams, ExtendedKeyUsagePurpose, KeyPair};
+        let key = KeyPair::generate().expect("key");
+        let mut p = CertificateParams::new(vec![name.to_string()]).expect("params");
+        p.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let cert = p.signed_by(&key, &self.issuer).expect("sign");
+        let files = replicate_tls::TlsFiles {
+            ca: self.dir.path().join("ca.crt"),
+            cert: self.dir.path().join(format!("{name}.crt")),
+            key: self.dir.path().join(format!("{name}.key")),
+        };
+        fs::write(&files.cert, cert.pem()).expect("write cert");
+        fs::write(&files.key, key.serialize_pem()).expect("write key");
+        files
+    }
+}
+
+/// One transfer over TCP + mutual TLS on 127.0.0.1 from `sender` (calling the peer `peer`).
+fn tls_transfer(
+    a: &Node,
+    b: &Node,
+    sender: &replicate_tls::TlsFiles,
+    receiver: &replicate_tls::TlsFiles,
+    peer: &str,
+) -> (
+    Result<SendReport, DriverError>,
+    Result<(String, replicate::ReplicaInfo), DriverError>,
+) {
+    let server_tls = replicate_tls::ReplicationTls::load(receiver).expect("receiver TLS");
+    let server =
+        replicate_tls::ReplicationServer::bind("127.0.0.1:0".parse().expect("addr"), server_tls)
+            .expect("bind");
+    let addr = server.local_addr().expect("addr");
+    let to = b.repl.clone();
+    let receiving = std::thread::spawn(move || server.serve_one(&resolver(to)));
+    let client_tls = replicate_tls::ReplicationTls::load(sender).expect("sender TLS");
+    let sent = replicate_tls::send_to(&client_tls, &a.repl, VOLUME, TOKEN, peer, addr);
+    (sent, receiving.join().expect("receiver thread"))
+}
+
+#[test]
+fn storage_replicate_over_mutual_tls() {
+    if run_cmd("btrfs", &["--version"]).is_err() {
+        eprintln!("SKIP storage_replicate_over_mutual_tls: btrfs-progs missing");
+        return;
+    }
+    let (a, b) = match (node(), node()) {
+        (Ok(a), Ok(b)) => (a, b),
+        (Err(why), _) | (_, Err(why)) => {
+            eprintln!("SKIP storage_replicate_over_mutual_tls: {why}");
+            return;
+        }
+    };
+    btrfs::subvol_create(&a.pool.join("images"), VOLUME).expect("subvolume");
+    let disk = a.pool.join("images").join(VOLUME).join("disk.raw");
+    fs::File::create(&disk)
+        .and_then(|f| f.set_len(64 << 20))
+        .expect("disk");
+    write_pattern(&disk, 0, 8 << 20, 5);
+    let pki = Pki::new();
+    let (na, nb) = (pki.node("node-a"), pki.node("node-b"));
+
+    let (sent, received) = tls_transfer(&a, &b, &na, &nb, "node-b");
+    let report = sent.expect("send over TLS");
+    assert_eq!(received.expect("receive over TLS").1, report.point);
+    let replica = b
+        .pool
+        .join("replicas")
+        .join(VOLUME)
+        .join(replicate::snapshot_name(report.point.seq))
+        .join("disk.raw");
+    assert_eq!(sha(&replica), sha(&disk));
+
+    // The receiver's certificate does not name the node the sender means to reach.
+    let (sent, received) = tls_transfer(&a, &b, &na, &nb, "node-c");
+    assert!(sent.is_err(), "sent to the wrong node");
+    assert!(received.is_err());
+
+    // A sender whose certificate another CA signed is refused.
+    let other = Pki::new();
+    let impostor = other.node("node-a");
+    let impostor = replicate_tls::TlsFiles {
+        ca: na.ca.clone(),
+        ..impostor
+    };
+    let (sent, received) = tls_transfer(&a, &b, &impostor, &nb, "node-b");
+    assert!(sent.is_err(), "an impostor replicated");
+    assert!(received.is_err());
+    assert_eq!(
+        b.repl
+            .replicas(VOLUME)
+            .expect("replicas")
+            .last()
+            .map(|r| r.seq),
+        Some(report.point.seq),
+        "refused transfers leave the replica"
+    );
+    assert_eq!(
+        a.repl.source_snapshots(VOLUME).expect("snaps"),
+        [report.point.seq]
+    );
+}
