@@ -300,6 +300,7 @@ impl DriverRig {
             cgroup_parent: format!("stead-qdrv-{}", std::process::id()),
             netns: Some(netns.clone()),
             self_exe: std::env::current_exe().expect("current_exe"),
+            fence_file: None,
         };
         let mut world = std::collections::BTreeMap::new();
         let pool = dir.path().join("pool");

@@ -868,6 +868,7 @@ mod tests {
                 cgroup_parent: format!("stead-unit-{}", std::process::id()),
                 netns: None,
                 self_exe: "/bin/false".into(),
+                fence_file: None,
             },
             hier: Hierarchy::v2(run_dir.join("no-cgroups")),
             shutdown_timeout_secs: 1,

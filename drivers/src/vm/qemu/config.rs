@@ -474,6 +474,7 @@ pub(crate) mod tests {
             cgroup_parent: "stead-test".into(),
             netns: None,
             self_exe: "/bin/false".into(),
+            fence_file: None,
         }
     }
 

@@ -892,6 +892,7 @@ mod tests {
             cgroup_parent: "x".into(),
             netns: None,
             self_exe: "/bin/false".into(),
+            fence_file: None,
         };
         let env = ResolveEnv {
             host: &host,
