@@ -290,8 +290,11 @@ fn write_fenced(file: &Path) {
     fs::write(file, stead_host::fence::FENCED).expect("write fenced");
 }
 
+/// Whether `pid` still runs: it exists and is not a zombie (dead, waiting to be reaped).
 fn pid_alive(pid: i32) -> bool {
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
+    stead_host::process::Proc::host()
+        .read(pid, "stat")
+        .is_ok_and(|s| !s.contains(") Z") && !s.contains(") X"))
 }
 
 /// A sandbox with a fence file, and an HA container `name` running in it.
@@ -348,14 +351,32 @@ fn fence_deadline_kills_an_ha_container() {
     let (sb, r, _file, deadline) = fenced_sandbox("fa", true, Duration::from_secs(3));
     let pid = running_pid(&sb, &r);
     let gone = wait_gone(pid, Duration::from_secs(6));
-    assert!(gone >= deadline, "killed before the deadline");
-    let late = gone - deadline;
+    assert_fenced(&sb, &r);
+    // When the watchdog sent SIGKILL, and when the test saw init dead (a zombie or gone:
+    // that includes the kernel's teardown of the container's namespaces).
+    let killed = Duration::from_nanos(fenced_at(&sb, "fa"));
+    assert!(killed >= deadline, "killed before the deadline");
+    let late = killed - deadline;
+    let dead = gone.saturating_sub(deadline);
     println!(
-        "fence kill latency after the deadline: {} ms",
-        late.as_millis()
+        "fence: SIGKILL {} ms after the deadline, init dead after {} ms",
+        late.as_millis(),
+        dead.as_millis()
     );
     assert!(late <= Duration::from_millis(500), "{late:?}");
-    assert_fenced(&sb, &r);
+    assert!(dead <= Duration::from_secs(2), "{dead:?}");
+}
+
+/// `fencedAtBootNs` of container `name`'s state file.
+fn fenced_at(sb: &Sandbox, name: &str) -> u64 {
+    let path = sb
+        .env
+        .run_dir
+        .join("containers")
+        .join(name)
+        .join("state.json");
+    let st: Value = serde_json::from_slice(&fs::read(&path).expect("state")).expect("json");
+    st["fencedAtBootNs"].as_u64().expect("fencedAtBootNs")
 }
 
 fn renewed_deadline_keeps_the_container() {
@@ -376,11 +397,11 @@ fn fenced_file_kills_at_once_and_refuses_a_start() {
     let pid = running_pid(&sb, &r);
     write_fenced(&file);
     let at = stead_host::fence::boottime_now();
-    let gone = wait_gone(pid, Duration::from_secs(2));
-    let late = gone - at;
-    println!("fence kill latency after `0`: {} ms", late.as_millis());
-    assert!(late <= Duration::from_millis(500), "{late:?}");
+    wait_gone(pid, Duration::from_secs(3));
     assert_fenced(&sb, &r);
+    let late = Duration::from_nanos(fenced_at(&sb, "fz")).saturating_sub(at);
+    println!("fence: SIGKILL {} ms after `0`", late.as_millis());
+    assert!(late <= Duration::from_millis(500), "{late:?}");
     // Applying again while fenced: refused, retryable.
     let o = sb.observe(&r);
     let err = sb

@@ -210,6 +210,10 @@ pub struct ShimState {
     /// id maps and network), in microseconds.
     #[serde(default)]
     pub start_micros: Option<u64>,
+    /// When the fence watchdog killed the container, in nanoseconds of `CLOCK_BOOTTIME`
+    /// (compare with the fence deadline file).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fenced_at_boot_ns: Option<u64>,
 }
 
 /// Files of one container under `<run_dir>/containers/<name>/`.

@@ -235,6 +235,7 @@ impl Shim {
                 last_exit: None,
                 last_error: None,
                 start_micros: None,
+                fenced_at_boot_ns: None,
             },
             cfg,
             cfg_path,
@@ -584,9 +585,10 @@ impl Workload for Shim {
     }
 
     /// SIGKILL to everything in the cgroup; the shim ends as `fenced` once init is reaped.
-    fn fenced(&mut self) -> Option<i32> {
+    fn fenced(&mut self, killed_at: Duration) -> Option<i32> {
         self.stop_requested = true;
         self.fenced = true;
+        self.state.fenced_at_boot_ns = u64::try_from(killed_at.as_nanos()).ok();
         self.restart.cancel();
         self.stop_deadline = None;
         if let Some(p) = self.init {

@@ -17,7 +17,7 @@ use std::io::Write;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
@@ -100,11 +100,13 @@ pub trait Workload {
     fn fence_file(&self) -> Option<&Path> {
         None
     }
-    /// The fence deadline passed: the watchdog already sent SIGKILL to the main process.
-    /// Kill the rest at once (no graceful stop), record `fenced` in the state, never
-    /// restart. `Some(code)`: the supervisor is done now; else it ends when the main
-    /// process is reaped ([`Workload::run_ended`]). The default stops as on SIGTERM.
-    fn fenced(&mut self) -> Option<i32> {
+    /// The fence deadline passed: the watchdog already sent SIGKILL to the main process,
+    /// at `killed_at` on `CLOCK_BOOTTIME`. Kill the rest at once (no graceful stop),
+    /// record `fenced` in the state, never restart. `Some(code)`: the supervisor is done
+    /// now; else it ends when the main process is reaped ([`Workload::run_ended`]). The
+    /// default stops as on SIGTERM.
+    fn fenced(&mut self, killed_at: Duration) -> Option<i32> {
+        let _ = killed_at;
         self.request_stop();
         None
     }
@@ -120,6 +122,7 @@ pub const FENCE_CHECK: Duration = Duration::from_millis(250);
 #[derive(Debug)]
 pub struct Watchdog {
     pid: Arc<AtomicI32>,
+    killed_at: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
     fired: OwnedFd,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -133,15 +136,17 @@ impl Watchdog {
             .map_err(|e| format!("watchdog pipe: {e}"))?;
         let shared = Arc::new(AtomicI32::new(pid.map_or(0, Pid::as_raw)));
         let stop = Arc::new(AtomicBool::new(false));
+        let killed_at = Arc::new(AtomicU64::new(0));
         let fence = stead_host::fence::FenceFile::new(file);
-        let (p, s) = (shared.clone(), stop.clone());
+        let (p, s, k) = (shared.clone(), stop.clone(), killed_at.clone());
         let thread = std::thread::Builder::new()
             .name("fence-watchdog".into())
             .stack_size(64 * 1024)
-            .spawn(move || watch_deadline(&fence, &p, &s, notify))
+            .spawn(move || watch_deadline(&fence, &p, &s, &k, notify))
             .map_err(|e| format!("watchdog thread: {e}"))?;
         Ok(Watchdog {
             pid: shared,
+            killed_at,
             stop,
             fired,
             thread: Some(thread),
@@ -151,6 +156,11 @@ impl Watchdog {
     /// The main process to kill now (`None` between runs).
     pub fn set_pid(&self, pid: Option<Pid>) {
         self.pid.store(pid.map_or(0, Pid::as_raw), Ordering::SeqCst);
+    }
+
+    /// When the thread sent its SIGKILL, on `CLOCK_BOOTTIME` (zero before).
+    pub fn killed_at(&self) -> Duration {
+        Duration::from_nanos(self.killed_at.load(Ordering::SeqCst))
     }
 
     /// Readable once the deadline has passed.
@@ -173,6 +183,7 @@ fn watch_deadline(
     fence: &stead_host::fence::FenceFile,
     pid: &AtomicI32,
     stop: &AtomicBool,
+    killed_at: &AtomicU64,
     notify: OwnedFd,
 ) {
     while !stop.load(Ordering::SeqCst) {
@@ -181,6 +192,8 @@ fn watch_deadline(
             if p > 0 {
                 let _ = nix::sys::signal::kill(Pid::from_raw(p), Signal::SIGKILL);
             }
+            let now = stead_host::fence::boottime_now().as_nanos();
+            killed_at.store(u64::try_from(now).unwrap_or(u64::MAX), Ordering::SeqCst);
             let _ = nix::unistd::write(&notify, b"f");
             return;
         }
@@ -369,7 +382,8 @@ pub fn serve<W: Workload>(
             Some(Err(e)) => {
                 // Not watched would be unsafe: stop it at once.
                 report(&e);
-                w.fenced().unwrap_or_else(|| supervise(&mut w, &signals))
+                let now = stead_host::fence::boottime_now();
+                w.fenced(now).unwrap_or_else(|| supervise(&mut w, &signals))
             }
             watchdog => {
                 report("ok");
@@ -503,8 +517,10 @@ pub fn supervise_watched<W: Workload>(
         };
         if fired {
             tracing::warn!("fence deadline passed: workload killed, not restarted");
+            let killed_at =
+                watchdog.map_or_else(stead_host::fence::boottime_now, Watchdog::killed_at);
             watchdog = None;
-            if let Some(code) = w.fenced() {
+            if let Some(code) = w.fenced(killed_at) {
                 return code;
             }
         }
@@ -640,6 +656,28 @@ mod tests {
         raise(Signal::SIGCHLD);
         assert_eq!(supervise(&mut f, &signals), 3);
         assert_eq!(f.ended, Some(Exit::Code(3)));
+    }
+
+    #[test]
+    fn the_watchdog_kills_the_main_process_once_the_deadline_passes() {
+        use std::os::unix::process::ExitStatusExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("deadline");
+        let deadline = stead_host::fence::boottime_now() + Duration::from_millis(300);
+        std::fs::write(&file, stead_host::fence::deadline_content(deadline)).expect("write");
+        let mut child = std::process::Command::new("sleep")
+            .arg("10")
+            .spawn()
+            .expect("sleep");
+        let wd = Watchdog::spawn(&file, Some(Pid::from_raw(child.id() as i32))).expect("spawn");
+        let status = child.wait().expect("wait");
+        assert_eq!(status.signal(), Some(9), "SIGKILL");
+        wd.set_pid(None);
+        let mut fds = [PollFd::new(wd.fd(), PollFlags::POLLIN)];
+        assert_eq!(poll(&mut fds, PollTimeout::from(1000u16)).expect("poll"), 1);
+        let late = wd.killed_at().saturating_sub(deadline);
+        assert!(wd.killed_at() >= deadline, "not before the deadline");
+        assert!(late < FENCE_CHECK + Duration::from_millis(200), "{late:?}");
     }
 
     #[test]
