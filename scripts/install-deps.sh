@@ -26,6 +26,8 @@ pkgs=(
   file            # build-rootfs.sh checks busybox is static
   etcd-server     # etcd 3.4: the cluster's store (tests start their own members on loopback)
   protobuf-compiler # protoc: builds the etcd client's gRPC code
+  curl            # the cluster lab's client of etcd's JSON gateway (e2e/src/cluster.rs)
+  openssl         # second opinion on the certificates of stead cluster init (pki tests)
 )
 missing=()
 for p in "${pkgs[@]}"; do

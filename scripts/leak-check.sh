@@ -18,5 +18,8 @@ pgrep -af 'stead (shim|vmm|qemu)' | grep -v "$demo" && say "processes above"
 pgrep -af 'qemu-system' | grep -E 'stead' | grep -v "$demo" && say "QEMU processes above"
 # etcd members the cluster tests started (their data directories are stead-etcd-* temp dirs).
 pgrep -af 'etcd .*--data-dir=[^ ]*stead-etcd-' && say "etcd processes above"
+# etcd members, agents and controllers of the cluster lab (their command lines name the
+# lab's stead-lab-* temp dir).
+pgrep -af '/stead-lab-' && say "cluster lab processes above"
 [ $bad -eq 0 ] && echo "leak check: clean"
 exit $bad

@@ -16,7 +16,9 @@ use stead_reconciler::render::{self, Style};
 use stead_reconciler::{ApplyLock, Drivers, ExecOptions, PlanOptions, StateDb, execute, plan_run};
 use stead_schema::{Desired, Diagnostic, Kind, ResourceId};
 
+mod cmd_agent;
 mod cmd_backup;
+mod cmd_cluster;
 mod cmd_console;
 mod cmd_controller;
 mod cmd_env;
@@ -222,6 +224,18 @@ enum Command {
     /// Per-VM QEMU supervisor started by the VirtualMachine driver (internal).
     #[command(hide = true)]
     Qemu(cmd_qemu::QemuArgs),
+    /// The cluster on etcd: certificates (init), state (status).
+    Cluster {
+        #[command(subcommand)]
+        cmd: cmd_cluster::ClusterCmd,
+    },
+    /// This host as a cluster node: join.
+    Node {
+        #[command(subcommand)]
+        cmd: cmd_agent::NodeCmd,
+    },
+    /// Run this node's cluster agent: register, converge what is assigned here.
+    Agent(cmd_agent::AgentArgs),
     /// Print the JSON Schema of all kinds.
     Schema,
     /// Print shell completions.
@@ -564,6 +578,12 @@ fn run(cli: Cli) -> Result<u8> {
         }
         Command::Vmm(args) => cmd_vmm::run(args, &g.run_dir),
         Command::Qemu(args) => cmd_qemu::run(args, &g.run_dir),
+        Command::Cluster { cmd } => cmd_cluster::run(cmd, &g),
+        Command::Node { cmd } => cmd_agent::node(cmd, &g),
+        Command::Agent(args) => {
+            let env = host_env(&g)?;
+            cmd_agent::run(args, &g, env)
+        }
         Command::Schema => {
             print!("{}", stead_schema::schema::json_schema_text());
             Ok(0)

@@ -2,6 +2,10 @@
 //!
 //! - [`model`]: the records the cluster keeps (nodes, assignments, owners), shared by every
 //!   other module.
+//! - [`local`]: the part of the desired set one node converges (its workloads and what they
+//!   need).
+//! - [`pki`]: the cluster's certificate authority and the etcd member, agent and operator
+//!   certificates (`stead cluster init`).
 //! - [`keys`]: the key layout (the one place keys are built and parsed).
 //! - [`etcd`]: the connection ([`etcd::EtcdConfig`] → [`etcd::Store`]) and typed errors.
 //! - [`watch`]: prefix watches that resume after a reconnect.
@@ -25,8 +29,10 @@ pub mod etcd;
 pub mod fence;
 pub mod keys;
 pub mod leader;
+pub mod local;
 pub mod model;
 pub mod owner;
+pub mod pki;
 pub mod placement;
 pub mod registry;
 #[cfg(feature = "testkit")]

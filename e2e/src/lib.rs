@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+pub mod cluster;
 pub mod guest;
 pub use guest::{GuestDisk, guest_image, qemu_ok};
 
@@ -72,6 +73,19 @@ pub fn busybox_ok(test: &str) -> bool {
             test,
             "busybox-static not installed",
         ))
+}
+
+/// A busybox root file system at `root` (owned by root) with the `sh` and `sleep` applets,
+/// from the host's `/bin/busybox` (see [`busybox_ok`]); returns `root`.
+pub fn busybox_rootfs_at(root: &Path) -> PathBuf {
+    for d in ["bin", "proc", "sys", "dev", "tmp", "etc"] {
+        std::fs::create_dir_all(root.join(d)).expect("mkdir rootfs");
+    }
+    std::fs::copy("/bin/busybox", root.join("bin/busybox")).expect("copy /bin/busybox");
+    for a in ["sh", "sleep"] {
+        let _ = std::os::unix::fs::symlink("busybox", root.join("bin").join(a));
+    }
+    root.to_path_buf()
 }
 
 /// A tmpfs mounted on a path for a test, lazily unmounted on drop (even on failure).
@@ -185,15 +199,7 @@ impl Sandbox {
     /// A busybox root file system at `<sandbox>/ct-root` (owned by root) with the `sh`
     /// and `sleep` applets, from the host's `/bin/busybox` (see [`busybox_ok`]).
     pub fn busybox_rootfs(&self) -> PathBuf {
-        let root = self.path("ct-root");
-        for d in ["bin", "proc", "sys", "dev", "tmp", "etc"] {
-            std::fs::create_dir_all(root.join(d)).expect("mkdir rootfs");
-        }
-        std::fs::copy("/bin/busybox", root.join("bin/busybox")).expect("copy /bin/busybox");
-        for a in ["sh", "sleep"] {
-            let _ = std::os::unix::fs::symlink("busybox", root.join("bin").join(a));
-        }
-        root
+        busybox_rootfs_at(&self.path("ct-root"))
     }
 
     /// Writes a file inside the sandbox and returns its path.

@@ -1,0 +1,512 @@
+//! `stead node join` (the agent's configuration) and `stead agent` (the node's agent: it
+//! registers the node with its capacity and converges what the cluster assigns to it with
+//! the same plan/execute path `stead apply` uses).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+use stead_cluster::agent::{self, AgentConfig, Converge, ConvergeError, Owned};
+use stead_cluster::etcd::{EtcdConfig, Store};
+use stead_cluster::keys::ResourceRef;
+use stead_cluster::local::local_set;
+use stead_cluster::model::{Capacity, NodeInfo};
+use stead_cluster::registry::LeaseConfig;
+use stead_reconciler::driver::HostEnv;
+use stead_reconciler::plan::PlanOptions;
+use stead_schema::{Desired, Kind, ResourceId};
+
+use crate::{ApplyRequest, Global, PlanFormat};
+
+/// The agent's configuration file, under the state dir.
+const CONFIG_FILE: &str = "cluster/agent.json";
+
+/// What `stead node join` writes and `stead agent` reads.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentFile {
+    /// Node name.
+    pub name: String,
+    /// Address other nodes reach this node on.
+    pub address: String,
+    /// etcd client URLs.
+    pub endpoints: Vec<String>,
+    /// CA certificate of the cluster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<PathBuf>,
+    /// This node's client certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert: Option<PathBuf>,
+    /// Its key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<PathBuf>,
+    /// Labels placement matches.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Node lease TTL in milliseconds.
+    pub lease_ttl_ms: u64,
+    /// Node-local pools this node has (besides those it applied).
+    #[serde(default)]
+    pub pools: Vec<String>,
+    /// Node-local networks this node has (besides those it applied).
+    #[serde(default)]
+    pub networks: Vec<String>,
+}
+
+impl AgentFile {
+    /// The file's path under `state_dir`.
+    pub fn path(state_dir: &Path) -> PathBuf {
+        state_dir.join(CONFIG_FILE)
+    }
+
+    /// Reads it from `state_dir`.
+    pub fn read(state_dir: &Path) -> Result<AgentFile> {
+        let p = Self::path(state_dir);
+        let text = std::fs::read(&p)
+            .with_context(|| format!("{} (run `stead node join` first)", p.display()))?;
+        serde_json::from_slice(&text).with_context(|| format!("{}", p.display()))
+    }
+
+    /// The etcd connection it describes.
+    pub fn etcd(&self) -> EtcdConfig {
+        etcd_config(
+            &self.endpoints,
+            self.ca.clone(),
+            self.cert.clone(),
+            self.key.clone(),
+        )
+    }
+}
+
+/// An etcd configuration: TLS when a CA, certificate and key are all given.
+pub fn etcd_config(
+    endpoints: &[String],
+    ca: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+) -> EtcdConfig {
+    let c = EtcdConfig::new(endpoints.to_vec());
+    match (ca, cert, key) {
+        (Some(ca), Some(cert), Some(key)) => c.with_tls(ca, cert, key),
+        _ => c,
+    }
+}
+
+/// `stead node` subcommands.
+#[derive(clap::Subcommand, Debug)]
+pub enum NodeCmd {
+    /// Write this node's agent configuration after checking etcd answers.
+    Join(JoinArgs),
+}
+
+/// Runs a `stead node` subcommand.
+pub fn node(cmd: NodeCmd, g: &Global) -> Result<u8> {
+    match cmd {
+        NodeCmd::Join(a) => join(a, g),
+    }
+}
+
+/// `stead node join` arguments.
+#[derive(clap::Args, Debug)]
+pub struct JoinArgs {
+    /// etcd client URLs (repeat, or comma-separated).
+    #[arg(
+        long = "etcd",
+        value_name = "URL",
+        required = true,
+        value_delimiter = ','
+    )]
+    endpoints: Vec<String>,
+    /// CA certificate of the cluster (from `stead cluster init`).
+    #[arg(long, requires_all = ["cert", "key"])]
+    ca: Option<PathBuf>,
+    /// This node's client certificate.
+    #[arg(long, requires_all = ["ca", "key"])]
+    cert: Option<PathBuf>,
+    /// Its key.
+    #[arg(long, requires_all = ["ca", "cert"])]
+    key: Option<PathBuf>,
+    /// A label placement matches, k=v (repeat).
+    #[arg(long = "label", value_name = "K=V", value_parser = parse_label)]
+    labels: Vec<(String, String)>,
+    /// Node name (default: the host name).
+    #[arg(long)]
+    name: Option<String>,
+    /// Address other nodes reach this node on (default: the name).
+    #[arg(long)]
+    address: Option<String>,
+    /// A node-local pool this node has (a btrfs, zfs or lvmthin pool on its disks; repeat).
+    #[arg(long = "pool", value_name = "NAME")]
+    pools: Vec<String>,
+    /// A node-local network this node has (one with ports on its interfaces; repeat).
+    #[arg(long = "network", value_name = "NAME")]
+    networks: Vec<String>,
+    /// Node lease TTL: a dead node's workloads move after about this long.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    lease_ttl: Duration,
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s.split_once('=').ok_or("expected K=V")?;
+    if k.is_empty() {
+        return Err("empty label key".into());
+    }
+    Ok((k.to_string(), v.to_string()))
+}
+
+/// `500ms`, `10s`, `2m`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num.parse().map_err(|_| format!("bad duration {s:?}"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" | "" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        _ => Err(format!("bad duration unit in {s:?} (ms, s, m)")),
+    }
+}
+
+/// Writes the agent configuration after checking that etcd answers with these credentials.
+pub fn join(a: JoinArgs, g: &Global) -> Result<u8> {
+    let name = match a.name {
+        Some(n) => n,
+        None => host_name().context("no --name and no host name")?,
+    };
+    if !stead_cluster::pki::is_dns_label(&name) {
+        bail!("node name {name:?} must be a DNS label (a-z, 0-9, '-')");
+    }
+    let file = AgentFile {
+        address: a.address.unwrap_or_else(|| name.clone()),
+        name,
+        endpoints: a.endpoints,
+        ca: a.ca,
+        cert: a.cert,
+        key: a.key,
+        labels: a.labels.into_iter().collect(),
+        lease_ttl_ms: u64::try_from(a.lease_ttl.as_millis()).unwrap_or(u64::MAX),
+        pools: a.pools,
+        networks: a.networks,
+    };
+    let etcd = file.etcd();
+    let revision = runtime()?.block_on(async {
+        let store = Store::connect(&etcd).await?;
+        store.ping(Duration::from_secs(5)).await
+    })?;
+    let path = AgentFile::path(&g.state_dir);
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).with_context(|| parent.display().to_string())?;
+    }
+    std::fs::write(&path, serde_json::to_vec_pretty(&file)?)
+        .with_context(|| path.display().to_string())?;
+    println!(
+        "node {} joined (etcd at revision {revision}); configuration in {}",
+        file.name,
+        path.display()
+    );
+    Ok(0)
+}
+
+/// The kernel's host name (of this UTS namespace).
+pub fn host_name() -> Option<String> {
+    let path = stead_host::ProcFs::host().sysctl("kernel.hostname");
+    let name = std::fs::read_to_string(path).ok()?;
+    Some(name.trim().to_string()).filter(|n| !n.is_empty())
+}
+
+/// A tokio runtime for one verb.
+pub fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?)
+}
+
+/// `stead agent` arguments.
+#[derive(clap::Args, Debug)]
+pub struct AgentArgs {
+    /// The cluster's manifests (files or directories; read again on every round).
+    #[arg(required = true)]
+    paths: Vec<PathBuf>,
+}
+
+/// Runs the agent until SIGINT or SIGTERM.
+pub fn run(a: AgentArgs, g: &Global, env: HostEnv) -> Result<u8> {
+    let file = AgentFile::read(&g.state_dir)?;
+    let node = node_info(&file, &env)?;
+    let mut config = AgentConfig::new(node);
+    config.lease = LeaseConfig::with_ttl(Duration::from_millis(file.lease_ttl_ms));
+    let deadline = deadline_file(&g.run_dir);
+    if let Some(dir) = deadline.parent() {
+        std::fs::create_dir_all(dir).with_context(|| dir.display().to_string())?;
+    }
+    config.deadline_file = Some(deadline);
+    let engine: Arc<dyn Converge> = Arc::new(NodeEngine {
+        g: g.clone(),
+        env,
+        paths: a.paths,
+        ledger: Mutex::default(),
+        tickets: AtomicU64::new(0),
+    });
+    let rt = runtime()?;
+    rt.block_on(async {
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            let _ = tx.send(true);
+        });
+        supervise(&file.etcd(), &config, engine, rx).await
+    })?;
+    Ok(0)
+}
+
+/// Where the agent publishes its fence deadline for a watchdog below it
+/// (`RUN_DIR/cluster/fence-deadline`; see `stead_cluster::fence::watchdog_expired`).
+pub fn deadline_file(run_dir: &Path) -> PathBuf {
+    run_dir.join("cluster").join("fence-deadline")
+}
+
+/// Pause before the agent starts again after etcd failed it.
+const RESTART_PAUSE: Duration = Duration::from_secs(1);
+
+/// Runs the agent until shutdown; when it stops on an error trying again can help (etcd
+/// unreachable, a timeout during an election) it starts again: registering anew, owning
+/// anew. Its workloads were fenced already if the outage was long enough.
+async fn supervise(
+    etcd: &EtcdConfig,
+    config: &AgentConfig,
+    engine: Arc<dyn Converge>,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+) -> Result<()> {
+    loop {
+        let result = match Store::connect(etcd).await {
+            Ok(store) => agent::run(&store, config, engine.clone(), shutdown.clone()).await,
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(()) => return Ok(()),
+            Err(e) if e.is_retryable() && !*shutdown.borrow() => {
+                tracing::warn!(error = %e, "agent stopped; starting again");
+                tokio::time::sleep(RESTART_PAUSE).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+/// What the node registers: its capacity from the host, and the pools and networks it has:
+/// those in its inventory (applied here before) and those declared with `node join --pool
+/// / --network` (a btrfs pool on its disks, a network on its ports). Placement asks only for
+/// node-local ones; cluster-wide ones are made by any node that needs them.
+fn node_info(file: &AgentFile, env: &HostEnv) -> Result<NodeInfo> {
+    let inventory = crate::applied_world(env)?;
+    let has = |k: Kind, declared: &[String]| -> Vec<String> {
+        let applied = inventory
+            .keys()
+            .filter(|id| id.kind == k)
+            .map(|id| id.name.clone());
+        let all: BTreeSet<String> = applied.chain(declared.iter().cloned()).collect();
+        all.into_iter().collect()
+    };
+    Ok(NodeInfo {
+        name: file.name.clone(),
+        address: file.address.clone(),
+        labels: file.labels.clone(),
+        capacity: host_capacity(),
+        pools: has(Kind::StoragePool, &file.pools),
+        networks: has(Kind::Network, &file.networks),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+    })
+}
+
+/// CPUs this process may use and the host's memory.
+pub fn host_capacity() -> Capacity {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    Capacity {
+        milli_cpus: u64::try_from(cpus).unwrap_or(1) * 1000,
+        memory_bytes: mem_total().unwrap_or(0),
+    }
+}
+
+/// `MemTotal` of the host, in bytes.
+fn mem_total() -> Option<u64> {
+    let path = stead_host::ProcFs::host().root().join("meminfo");
+    let text = std::fs::read_to_string(path).ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Loads and validates the cluster's manifests.
+pub fn load(paths: &[PathBuf]) -> Result<Desired> {
+    stead_schema::load_and_validate(paths).map_err(|diags| {
+        let first: Vec<String> = diags.iter().take(5).map(ToString::to_string).collect();
+        anyhow::anyhow!("the cluster's manifests are invalid: {}", first.join("; "))
+    })
+}
+
+/// What the engine runs, and what the last fence stopped: a converge that was already on
+/// its way (called before the fence) when the fence stopped a workload must not start it
+/// again; a converge called after the fence (the agent re-armed and owns it again) may.
+/// Calls are numbered on arrival, before they wait for the engine. Pure.
+#[derive(Debug, Default)]
+struct Ledger {
+    running: BTreeSet<ResourceId>,
+    /// Calls numbered below this one arrived before the last fence.
+    fence_ticket: u64,
+    /// What the last fence stopped.
+    fenced: BTreeSet<ResourceId>,
+}
+
+impl Ledger {
+    /// The workloads of `owned` that a converge numbered `ticket` may run.
+    fn admit(&self, owned: &BTreeSet<ResourceId>, ticket: u64) -> BTreeSet<ResourceId> {
+        if ticket < self.fence_ticket {
+            owned.difference(&self.fenced).cloned().collect()
+        } else {
+            owned.clone()
+        }
+    }
+
+    /// A fence stops `stop`; `next_ticket` is the number the next call will get. What keeps
+    /// running.
+    fn fence(&mut self, stop: &BTreeSet<ResourceId>, next_ticket: u64) -> BTreeSet<ResourceId> {
+        self.fence_ticket = next_ticket;
+        self.fenced = stop.clone();
+        self.running.difference(stop).cloned().collect()
+    }
+}
+
+/// The single-host engine as the agent's [`Converge`]. Converges and fences are serialized
+/// (the ledger's lock is held across the apply).
+struct NodeEngine {
+    g: Global,
+    env: HostEnv,
+    paths: Vec<PathBuf>,
+    ledger: Mutex<Ledger>,
+    /// Numbers converge calls on arrival.
+    tickets: AtomicU64,
+}
+
+impl NodeEngine {
+    /// Applies the part of the manifests that `ids` need (workloads not in `ids` stop).
+    fn apply_local(&self, ids: &BTreeSet<ResourceId>) -> Result<(), ConvergeError> {
+        let desired = load(&self.paths).map_err(|e| ConvergeError(format!("{e:#}")))?;
+        let local = local_set(&desired, ids);
+        let code = crate::apply(
+            &self.g,
+            &self.env,
+            ApplyRequest {
+                desired: &local,
+                only: None,
+                opts: PlanOptions::default(),
+                purge: false,
+                yes: true,
+                dry_run: false,
+                parallelism: 4,
+                lock_timeout: Duration::from_secs(30),
+                output: PlanFormat::Text,
+            },
+        )
+        .map_err(|e| ConvergeError(format!("{e:#}")))?;
+        if code == 0 {
+            Ok(())
+        } else {
+            Err(ConvergeError(format!("apply exited {code}")))
+        }
+    }
+}
+
+fn resource_id(r: &ResourceRef) -> Option<ResourceId> {
+    Kind::parse_loose(r.kind()).map(|k| ResourceId::new(k, r.name()))
+}
+
+impl Converge for NodeEngine {
+    fn converge(&self, owned: &[Owned]) -> Result<(), ConvergeError> {
+        let ticket = self.tickets.fetch_add(1, Ordering::SeqCst);
+        let owned: BTreeSet<ResourceId> = owned
+            .iter()
+            .filter_map(|o| resource_id(&o.resource))
+            .collect();
+        let mut ledger = self.ledger.lock().unwrap_or_else(PoisonError::into_inner);
+        let run = ledger.admit(&owned, ticket);
+        if run.len() < owned.len() {
+            tracing::warn!("a converge from before the fence: the fenced workloads stay stopped");
+        }
+        let result = self.apply_local(&run);
+        ledger.running = run;
+        result
+    }
+
+    fn stop_ha(&self, resources: &[ResourceRef]) {
+        let stop: BTreeSet<ResourceId> = resources.iter().filter_map(resource_id).collect();
+        let mut ledger = self.ledger.lock().unwrap_or_else(PoisonError::into_inner);
+        let keep = ledger.fence(&stop, self.tickets.load(Ordering::SeqCst));
+        if let Err(e) = self.apply_local(&keep) {
+            tracing::error!(error = %e, "fencing: stopping HA workloads failed");
+        }
+        ledger.running = keep;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_and_labels_parse() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("2h").is_err());
+        assert!(parse_duration("s").is_err());
+        assert_eq!(parse_label("zone=a"), Ok(("zone".into(), "a".into())));
+        assert!(parse_label("zone").is_err());
+        assert!(parse_label("=a").is_err());
+    }
+
+    fn ct(name: &str) -> ResourceId {
+        ResourceId::new(Kind::Container, name)
+    }
+
+    #[test]
+    fn a_converge_from_before_a_fence_cannot_restart_what_it_stopped() {
+        let mut l = Ledger::default();
+        let both: BTreeSet<_> = [ct("a"), ct("b")].into();
+        l.running = l.admit(&both, 0);
+        assert_eq!(l.running, both);
+        // Calls 1 and 2 arrived; the fence comes before they run: the next call gets 3.
+        let keep = l.fence(&[ct("a")].into(), 3);
+        assert_eq!(keep, [ct("b")].into());
+        l.running = keep;
+        assert_eq!(l.admit(&both, 1), [ct("b")].into(), "stale call");
+        assert_eq!(l.admit(&both, 2), [ct("b")].into(), "stale call");
+        // Called after the fence (the agent owns a again, same token or not): it runs.
+        assert_eq!(l.admit(&both, 3), both);
+    }
+
+    #[test]
+    fn the_host_has_some_capacity() {
+        let c = host_capacity();
+        assert!(c.milli_cpus >= 1000);
+        assert!(c.memory_bytes > 0);
+    }
+}

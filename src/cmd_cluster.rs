@@ -1,0 +1,432 @@
+//! `stead cluster init|status|lead`: the cluster's certificates, its state in etcd, and a
+//! controller candidate.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::{Subcommand, ValueEnum};
+use serde::Serialize;
+use stead_cluster::election::{current_leader, list_assignments};
+use stead_cluster::etcd::{EtcdConfig, Store};
+use stead_cluster::leader::{self, LeaderConfig, LeaderStatus, Manifests};
+use stead_cluster::model::{Assignment, NodeInfo};
+use stead_cluster::owner::list_owners;
+use stead_cluster::pki::{self, CaMode, InitReport, InitRequest, Layout, Member};
+use stead_cluster::watch::list_prefix;
+
+use crate::Global;
+use crate::cmd_agent::{
+    AgentFile, etcd_config, host_name, load, parse_duration, runtime, shutdown_signal,
+};
+
+/// Output format of the cluster verbs.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// For people.
+    Text,
+    /// One JSON document.
+    Json,
+}
+
+/// `stead cluster` subcommands.
+#[derive(Subcommand, Debug)]
+pub enum ClusterCmd {
+    /// Make the cluster's CA and the certificates of every etcd member, agent and the
+    /// operator, and print the etcd flags of each member.
+    Init(InitArgs),
+    /// Nodes with their lease, the elected controller, capacity and placements.
+    Status(StatusArgs),
+    /// Run a controller candidate: campaign for leadership through etcd and, while elected,
+    /// place the manifests' workloads on the live nodes (any number may run; one leads).
+    Lead(LeadArgs),
+}
+
+/// How to reach etcd, for verbs run off a node (default: the node's `agent.json`).
+#[derive(clap::Args, Debug)]
+pub struct EtcdArgs {
+    /// etcd client URLs (default: the ones `stead node join` wrote under the state dir).
+    #[arg(long = "etcd", value_name = "URL", value_delimiter = ',')]
+    endpoints: Vec<String>,
+    /// CA certificate of the cluster.
+    #[arg(long, requires_all = ["cert", "key"])]
+    ca: Option<PathBuf>,
+    /// Client certificate (the operator's `admin.crt`, or a node's).
+    #[arg(long, requires_all = ["ca", "key"])]
+    cert: Option<PathBuf>,
+    /// Its key.
+    #[arg(long, requires_all = ["ca", "cert"])]
+    key: Option<PathBuf>,
+}
+
+impl EtcdArgs {
+    fn config(&self, g: &Global) -> Result<EtcdConfig> {
+        if self.endpoints.is_empty() {
+            return Ok(AgentFile::read(&g.state_dir)?.etcd());
+        }
+        Ok(etcd_config(
+            &self.endpoints,
+            self.ca.clone(),
+            self.cert.clone(),
+            self.key.clone(),
+        ))
+    }
+}
+
+/// `stead cluster status` arguments.
+#[derive(clap::Args, Debug)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    etcd: EtcdArgs,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value_t = Format::Text)]
+    output: Format,
+}
+
+/// `stead cluster lead` arguments.
+#[derive(clap::Args, Debug)]
+pub struct LeadArgs {
+    /// The cluster's manifests (files or directories; read again every `--reload`).
+    #[arg(required = true)]
+    paths: Vec<PathBuf>,
+    #[command(flatten)]
+    etcd: EtcdArgs,
+    /// Candidate name (default: the host name).
+    #[arg(long)]
+    name: Option<String>,
+    /// TTL of the leadership lease: a dead controller is replaced after about this long.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    lease_ttl: Duration,
+    /// How often the manifests are read again.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    reload: Duration,
+}
+
+/// `stead cluster init` arguments.
+#[derive(clap::Args, Debug)]
+pub struct InitArgs {
+    /// Directory of the certificates (created; keys are written 0600).
+    #[arg(long, default_value = "/etc/stead/pki")]
+    dir: PathBuf,
+    /// An etcd member and node, NAME=IP (repeat for each).
+    #[arg(long = "node", value_name = "NAME=IP", required = true)]
+    nodes: Vec<Member>,
+    /// Sign with the CA already in DIR (adding nodes).
+    #[arg(long, conflicts_with = "force_new_ca")]
+    reuse_ca: bool,
+    /// Replace a CA already in DIR: every certificate it signed stops working.
+    #[arg(long)]
+    force_new_ca: bool,
+    /// Validity of the member and client certificates in days (the CA: ten times this).
+    #[arg(long, default_value_t = 825)]
+    days: u32,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value_t = Format::Text)]
+    output: Format,
+}
+
+/// Runs a `stead cluster` subcommand.
+pub fn run(cmd: ClusterCmd, g: &Global) -> Result<u8> {
+    match cmd {
+        ClusterCmd::Init(a) => init(a),
+        ClusterCmd::Status(a) => status(a, g),
+        ClusterCmd::Lead(a) => lead(a, g),
+    }
+}
+
+fn init(a: InitArgs) -> Result<u8> {
+    let ca = match (a.reuse_ca, a.force_new_ca) {
+        (true, _) => CaMode::Reuse,
+        (_, true) => CaMode::Replace,
+        _ => CaMode::New,
+    };
+    let report = pki::init(&InitRequest {
+        layout: Layout::new(&a.dir),
+        members: a.nodes,
+        ca,
+        days: a.days,
+    })?;
+    match a.output {
+        Format::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+        Format::Text => print_init(&report),
+    }
+    Ok(0)
+}
+
+fn print_init(r: &InitReport) {
+    let ca = if r.ca_created { "created" } else { "reused" };
+    println!("CA {ca}: {}", r.ca_cert.display());
+    println!(
+        "operator client certificate: {} (key {})",
+        r.admin.0.display(),
+        r.admin.1.display()
+    );
+    for m in &r.members {
+        println!();
+        println!(
+            "# {}: agent certificate {} (key {})",
+            m.name,
+            m.agent.0.display(),
+            m.agent.1.display()
+        );
+        println!("etcd --data-dir=/var/lib/etcd/stead \\");
+        let n = m.etcd_flags.len();
+        for (i, f) in m.etcd_flags.iter().enumerate() {
+            let end = if i + 1 < n { " \\" } else { "" };
+            println!("  {f}{end}");
+        }
+    }
+}
+
+/// What `stead cluster status` shows.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Status {
+    /// The elected controller, if any.
+    leader: Option<String>,
+    /// Registered (live) nodes.
+    nodes: Vec<NodeStatus>,
+    /// Every assignment, with its current owner.
+    assignments: Vec<AssignmentStatus>,
+    /// etcd revision of the reading.
+    revision: i64,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct NodeStatus {
+    #[serde(flatten)]
+    info: NodeInfo,
+    /// The node's lease.
+    lease: i64,
+    /// Seconds left on it (-1: unknown).
+    lease_ttl_seconds: i64,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct AssignmentStatus {
+    #[serde(flatten)]
+    assignment: Assignment,
+    /// The node holding its owner key (running it), if any.
+    owner: Option<String>,
+    /// The owner key's revision: the token its side effects carry.
+    fencing_token: Option<i64>,
+}
+
+fn status(a: StatusArgs, g: &Global) -> Result<u8> {
+    let etcd = a.etcd.config(g)?;
+    let st = runtime()?.block_on(read_status(&etcd))?;
+    match a.output {
+        Format::Json => println!("{}", serde_json::to_string_pretty(&st)?),
+        Format::Text => print_status(&st),
+    }
+    Ok(0)
+}
+
+async fn read_status(etcd: &EtcdConfig) -> Result<Status> {
+    let store = Store::connect(etcd).await?;
+    let leader = current_leader(&store).await?.map(|l| l.name);
+    let (entries, revision) = list_prefix(&store, &store.keys().nodes()).await?;
+    let mut nodes = Vec::new();
+    for e in entries {
+        let Ok(info) = serde_json::from_slice::<NodeInfo>(&e.value) else {
+            continue;
+        };
+        nodes.push(NodeStatus {
+            info,
+            lease: e.lease,
+            lease_ttl_seconds: lease_ttl(&store, e.lease).await,
+        });
+    }
+    let owners = owners(&store).await?;
+    let (assigned, _) = list_assignments(&store).await?;
+    let assignments = assigned
+        .into_iter()
+        .map(|a| {
+            let owned = owners.get(&a.resource);
+            AssignmentStatus {
+                owner: owned.map(|(n, _)| n.clone()),
+                fencing_token: owned.map(|(_, t)| *t),
+                assignment: a,
+            }
+        })
+        .collect();
+    Ok(Status {
+        leader,
+        nodes,
+        assignments,
+        revision,
+    })
+}
+
+/// `Kind/name` → owning node and its fencing token.
+async fn owners(store: &Store) -> Result<BTreeMap<String, (String, i64)>> {
+    Ok(list_owners(store)
+        .await?
+        .into_iter()
+        .map(|o| {
+            (
+                o.token.resource().to_string(),
+                (o.record.node, o.token.revision()),
+            )
+        })
+        .collect())
+}
+
+/// Seconds left on `lease` (-1 when etcd does not say or it is gone).
+async fn lease_ttl(store: &Store, lease: i64) -> i64 {
+    match store.lease_remaining(lease).await {
+        Ok(Some(d)) => i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        _ => -1,
+    }
+}
+
+fn print_status(st: &Status) {
+    println!("leader: {}", st.leader.as_deref().unwrap_or("(none)"));
+    println!();
+    println!(
+        "{:<16} {:<16} {:>6} {:>10} {:>9}  LABELS",
+        "NODE", "ADDRESS", "CPUS", "MEMORY", "LEASE"
+    );
+    for n in &st.nodes {
+        let labels: Vec<String> = n
+            .info
+            .labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        println!(
+            "{:<16} {:<16} {:>6.1} {:>9}M {:>8}s  {}",
+            n.info.name,
+            n.info.address,
+            n.info.capacity.milli_cpus as f64 / 1000.0,
+            n.info.capacity.memory_bytes >> 20,
+            n.lease_ttl_seconds,
+            labels.join(",")
+        );
+    }
+    println!();
+    println!("{:<32} {:<16} {:<4} OWNER", "WORKLOAD", "NODE", "HA");
+    for a in &st.assignments {
+        println!(
+            "{:<32} {:<16} {:<4} {}",
+            a.assignment.resource,
+            a.assignment.node,
+            if a.assignment.ha { "yes" } else { "no" },
+            a.owner.as_deref().unwrap_or("-")
+        );
+    }
+}
+
+fn lead(a: LeadArgs, g: &Global) -> Result<u8> {
+    let etcd = a.etcd.config(g)?;
+    let name = match a.name {
+        Some(n) => n,
+        None => host_name().ok_or_else(|| anyhow::anyhow!("no --name and no host name"))?,
+    };
+    let config = LeaderConfig::new(&name, a.lease_ttl);
+    runtime()?.block_on(async {
+        let store = Store::connect(&etcd).await?;
+        let (manifests_tx, manifests_rx) = tokio::sync::watch::channel(None);
+        let (status_tx, status_rx) = tokio::sync::watch::channel(LeaderStatus::default());
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            let _ = stop_tx.send(true);
+        });
+        tokio::spawn(reload_manifests(a.paths, a.reload, manifests_tx));
+        tokio::spawn(log_status(status_rx));
+        leader::run(&store, &config, manifests_rx, status_tx, stop_rx).await?;
+        anyhow::Ok(())
+    })?;
+    Ok(0)
+}
+
+/// Loads the manifests every `every` and publishes them when they changed (a set that does
+/// not validate is logged and the last good one kept).
+async fn reload_manifests(
+    paths: Vec<PathBuf>,
+    every: Duration,
+    tx: tokio::sync::watch::Sender<Option<Arc<Manifests>>>,
+) {
+    let mut last = String::new();
+    loop {
+        let p = paths.clone();
+        match tokio::task::spawn_blocking(move || load(&p)).await {
+            Ok(Ok(desired)) => {
+                let revision = revision(&desired);
+                if revision != last {
+                    tracing::info!(%revision, resources = desired.len(), "manifests loaded");
+                    last.clone_from(&revision);
+                    let _ = tx.send(Some(Arc::new(Manifests { desired, revision })));
+                }
+            }
+            Ok(Err(e)) => tracing::warn!(error = %format!("{e:#}"), "manifests not loaded"),
+            Err(e) => tracing::warn!(error = %e, "manifest loader failed"),
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+/// A content hash of the desired set (ids and spec hashes).
+fn revision(d: &stead_schema::Desired) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for (id, r) in &d.resources {
+        for b in format!("{id}={};", r.spec_hash()).bytes() {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    format!("{h:016x}")
+}
+
+async fn log_status(mut rx: tokio::sync::watch::Receiver<LeaderStatus>) {
+    while rx.changed().await.is_ok() {
+        let s = rx.borrow_and_update().clone();
+        tracing::info!(
+            leading = s.leading,
+            revision = %s.revision,
+            nodes = ?s.nodes,
+            unavailable = ?s.unavailable,
+            writes = s.writes,
+            "placement"
+        );
+        for u in &s.unplaceable {
+            tracing::warn!(unplaceable = ?u, "workload cannot be placed");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    fn desired(yaml: &str) -> stead_schema::Desired {
+        let mut out = Vec::new();
+        let mut errors = Vec::new();
+        stead_schema::load::load_str(Path::new("t.yaml"), yaml, &mut out, &mut errors);
+        assert!(errors.is_empty(), "{errors:?}");
+        stead_schema::Desired {
+            resources: out.into_iter().map(|r| (r.id.clone(), r)).collect(),
+        }
+    }
+
+    const NET: &str = "apiVersion: stead.dev/v1alpha1\nkind: Network\nmetadata: {name: lan0}\nspec: {addresses: [10.10.0.1/24]}\n";
+
+    #[test]
+    fn the_revision_follows_the_content() {
+        let a = revision(&desired(NET));
+        assert_eq!(a, revision(&desired(NET)), "stable");
+        assert_eq!(a.len(), 16);
+        assert_ne!(
+            a,
+            revision(&desired(&NET.replace("10.10.0.1", "10.10.0.2")))
+        );
+        assert_ne!(a, revision(&desired(&NET.replace("lan0", "lan1"))));
+    }
+}
