@@ -364,7 +364,9 @@ fn fence_deadline_kills_an_ha_container() {
         dead.as_millis()
     );
     assert!(late <= Duration::from_millis(500), "{late:?}");
-    assert!(dead <= Duration::from_secs(2), "{dead:?}");
+    // After the SIGKILL no code of the container runs; the kernel's unmounting of its
+    // mount namespace before init turns zombie took up to 1.7 s at load 6 on 2 cores.
+    assert!(dead <= Duration::from_secs(3), "{dead:?}");
 }
 
 /// `fencedAtBootNs` of container `name`'s state file.
