@@ -302,7 +302,7 @@ impl DeadlineFile {
 
     /// Writes `0`: HA workloads must not run (the agent stopped them and is going away).
     pub async fn publish_fenced(&self) {
-        self.write("0\n".to_string()).await;
+        self.write(stead_host::fence::FENCED.to_string()).await;
     }
 
     async fn publish(&self, state: &FenceState, boot_deadline: Duration) {
@@ -333,29 +333,20 @@ pub fn deadline_text(
     match state {
         FenceState::Armed { deadline, .. } => {
             let left = deadline.saturating_duration_since(now);
-            format!("{}\n", (boottime + left).min(boot_deadline).as_nanos())
+            stead_host::fence::deadline_content((boottime + left).min(boot_deadline))
         }
-        FenceState::Fenced { .. } => "0\n".to_string(),
+        FenceState::Fenced { .. } => stead_host::fence::FENCED.to_string(),
     }
 }
 
 /// Whether a watchdog reading `content` at `boottime` must stop the HA workloads: the deadline
-/// passed, the node is fenced (`0`), or the content is unreadable (fail safe).
+/// passed, the node is fenced (`0`), or the content is unreadable (fail safe). The reader
+/// lives in `stead-host` (the supervisors use it); this is the same function.
 pub fn watchdog_expired(content: &str, boottime: Duration) -> bool {
-    match content.trim().parse::<u128>() {
-        Ok(deadline) => deadline == 0 || boottime.as_nanos() >= deadline,
-        Err(_) => true,
-    }
+    stead_host::fence::expired(content.as_bytes(), boottime)
 }
 
-/// Now on `CLOCK_BOOTTIME`.
-pub fn boottime_now() -> Duration {
-    let t = rustix::time::clock_gettime(rustix::time::ClockId::Boottime);
-    Duration::new(
-        u64::try_from(t.tv_sec).unwrap_or(0),
-        u32::try_from(t.tv_nsec).unwrap_or(0),
-    )
-}
+pub use stead_host::fence::boottime_now;
 
 #[cfg(test)]
 mod tests {
