@@ -194,6 +194,7 @@ pub struct Store {
     client: Client,
     keys: Keys,
     request_timeout: Duration,
+    options: ConnectOptions,
 }
 
 impl std::fmt::Debug for Store {
@@ -213,7 +214,7 @@ impl Store {
         }
         let options = connect_options(config)?;
         let dial = config.dial_timeout;
-        let connecting = Client::connect(&config.endpoints, Some(options));
+        let connecting = Client::connect(&config.endpoints, Some(options.clone()));
         let client = tokio::time::timeout(dial, connecting)
             .await
             .map_err(|_| StoreError::Unreachable(format!("no answer within {dial:?}")))??;
@@ -221,6 +222,7 @@ impl Store {
             client,
             keys: Keys::new(&config.prefix),
             request_timeout: config.request_timeout,
+            options,
         };
         match store.ping(dial).await {
             Ok(_) => {
@@ -251,6 +253,13 @@ impl Store {
     /// A clone of the client (cheap; it shares the connection).
     pub fn client(&self) -> Client {
         self.client.clone()
+    }
+
+    /// A client of the one member at `url`, with the store's TLS identity, that does not ask
+    /// for a leader (a member without one still answers `status`). Connects lazily.
+    pub(crate) async fn member_client(&self, url: &str) -> Result<Client, StoreError> {
+        let options = self.options.clone().with_require_leader(false);
+        Ok(Client::connect([url], Some(options)).await?)
     }
 
     /// The timeout for one request.

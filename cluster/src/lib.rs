@@ -13,6 +13,7 @@
 //! - [`election`]: the controller's election, guarded assignment writes, a node's assignments.
 //! - [`owner`]: owner keys and fencing tokens; guarded writes.
 //! - [`fence`]: self-fencing before the lease can expire.
+//! - [`quorum`]: holding workloads (not fencing) while no etcd member has a leader.
 //! - [`agent`]: the loop each node runs, over a [`agent::Converge`] engine.
 //! - [`placement`]: which node runs each workload (pure, deterministic).
 //! - [`leader`]: the elected controller's loop: place, write assignments, step down.
@@ -34,6 +35,7 @@ pub mod model;
 pub mod owner;
 pub mod pki;
 pub mod placement;
+pub mod quorum;
 pub mod registry;
 #[cfg(feature = "testkit")]
 pub mod testkit;
