@@ -2,8 +2,8 @@
 //! (stead_cluster::testkit::EtcdCluster): two members crashed (their ports refuse, the third
 //! has no leader) is proven leaderless everywhere, so the agent holds its HA workload; two
 //! members paused (they accept connections and answer nothing: they may be a majority with a
-//! leader elsewhere) is not, so it fences before its lease can expire. Without the etcd binary
-//! a test prints SKIP.
+//! leader elsewhere) is not, so it fences before its lease can expire. A silent follower
+//! costs keepalives no fence. Without the etcd binary a test prints SKIP.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -247,4 +247,56 @@ async fn paused_majority_is_not_proof_and_the_agent_fences_in_time() {
     assert!(after < TTL, "fenced {after:?} after the pause, TTL {TTL:?}");
     let _ = agent.stop.send(true);
     let _ = timeout(Duration::from_secs(10), agent.task).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keepalives_move_off_a_silent_member_without_fencing() {
+    let test = "keepalives_move_off_a_silent_member_without_fencing";
+    let Some(etcd) = cluster(test).await else {
+        return;
+    };
+    let store = Store::connect(&etcd.config("/k")).await.expect("store");
+    let registration = stead_cluster::registry::Registration::register(
+        &store,
+        &node("n1"),
+        LeaseConfig::with_ttl(TTL),
+    )
+    .await
+    .expect("register");
+    let fences = Arc::new(Mutex::new(0usize));
+    let counter = fences.clone();
+    let guard = stead_cluster::fence::FenceGuard::spawn(
+        registration.liveness(),
+        FencePolicy::default(),
+        Arc::new(move || *counter.lock().expect("lock") += 1),
+    );
+    let mut liveness = registration.liveness();
+    let gaps = tokio::spawn(async move {
+        let mut last = liveness.borrow().acked_at;
+        let mut largest = Duration::ZERO;
+        while liveness.changed().await.is_ok() {
+            let at = liveness.borrow_and_update().acked_at;
+            largest = largest.max(at.saturating_duration_since(last));
+            last = at;
+        }
+        largest
+    });
+    // Each follower in turn goes silent (paused: connections accepted, nothing answered) for
+    // two TTLs, as a member cut off from the others and from this client would.
+    let leader = etcd.leader().await.expect("a leader");
+    for silent in (0..3).filter(|&i| i != leader) {
+        etcd.pause(silent);
+        sleep(TTL * 2).await;
+        etcd.resume(silent);
+        wait_leader(&etcd).await;
+        sleep(Duration::from_secs(2)).await;
+    }
+    drop(guard);
+    drop(registration);
+    let largest = gaps.await.expect("gaps");
+    let fenced = *fences.lock().expect("lock");
+    println!(
+        "{test}: TTL {TTL:?}: largest gap between acknowledged keepalives {largest:?}; fences {fenced}"
+    );
+    assert_eq!(fenced, 0, "largest ack gap {largest:?}");
 }
