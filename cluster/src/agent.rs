@@ -157,14 +157,17 @@ pub async fn run(
         quorum: probe.subscribe(),
     };
     let result = agent.run(&registration, &guard, &mut shutdown).await;
+    if let Err(e) = &result {
+        warn!(error = %e, "agent loop stopped");
+    }
     agent.stop_all().await;
     drop(guard);
     drop(probe);
     if let Some(file) = &deadline_file {
         file.publish_fenced().await;
     }
-    registration.leave().await?;
-    result
+    let left = registration.leave().await;
+    result.and(left)
 }
 
 fn fence_callback(engine: &Arc<dyn Converge>, running: &Running) -> FenceCallback {

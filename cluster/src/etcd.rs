@@ -147,6 +147,22 @@ fn classify_status(s: &tonic_status::Status) -> StoreError {
 /// problem, not an outage; everything else on the wire is retryable.
 fn classify_message(msg: String) -> StoreError {
     let lower = msg.to_ascii_lowercase();
+    // A member that died or restarted under an open TLS connection: an outage, whatever the
+    // TLS layer's words in the chain.
+    let gone = [
+        "connection refused",
+        "connection reset",
+        "broken pipe",
+        "os error 111",
+        "os error 104",
+        "os error 32",
+        "close_notify",
+        "unexpected eof",
+        "unexpected-eof",
+    ];
+    if gone.iter().any(|w| lower.contains(w)) {
+        return StoreError::Unreachable(msg);
+    }
     let tls = [
         "certificate",
         "unknownissuer",
@@ -316,6 +332,8 @@ fn dropped(message: &str) -> bool {
         "broken pipe",
         "connection reset",
         "stream closed",
+        "close_notify",
+        "unexpected eof",
     ]
     .iter()
     .any(|w| m.contains(w))
@@ -389,6 +407,10 @@ mod tests {
     #[test]
     fn transport_outages_are_retryable_and_tls_failures_are_not() {
         assert!(classify_message("connection refused".into()).is_retryable());
+        // A member killed under an open TLS connection.
+        let killed = "h2 protocol error: error reading a body from connection: peer closed \
+                      connection without sending TLS close_notify";
+        assert!(classify_message(killed.into()).is_retryable());
         let tls = classify_message("invalid peer certificate: UnknownIssuer".into());
         assert!(matches!(tls, StoreError::Auth(_)));
         assert!(!tls.is_retryable());

@@ -7,8 +7,8 @@
 //! unanswered ([`QuorumProbe`]), and each round that proves it ([`leaderless_everywhere`])
 //! moves the fence deadline to `round start + ttl − margin` ([`crate::fence`]).
 //!
-//! A member proves itself leaderless by answering `status` with no leader, or by refusing the
-//! connection (its process is not running; restarted, it needs an election, which re-arms the
+//! A member proves it does not lead by answering `status` with no leader or another member
+//! as leader, or by refusing the connection (its process is not running; restarted, it needs an election, which re-arms the
 //! lease). A member that does not answer in time proves nothing: it may be a leader cut off
 //! from the agent, or a paused old leader whose lease timers ran out and which, resumed, could
 //! still commit a revoke through a leaderless member of its term. So any such member ends the
@@ -34,11 +34,15 @@ pub const PROBE_EVERY: Duration = Duration::from_millis(250);
 /// How long one member's answer (connection, then `status`) is awaited.
 pub const PROBE_WAIT: Duration = Duration::from_millis(200);
 
-/// What one member said in a round.
+/// What one member said in a round. What matters is whether the member itself leads: a
+/// follower still naming a leader that has died (its election timer has not fired yet) is
+/// no leader itself; the one it names answers for itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MemberView {
-    /// It answered and knows a leader (member id).
-    Leader(u64),
+    /// It answered: it is the leader.
+    Leads,
+    /// It answered: it follows another member (id), which answers for itself.
+    Follows(u64),
     /// It answered without a leader (no quorum, or an election under way).
     NoLeader,
     /// It refused the connection: no etcd process listens there.
@@ -65,15 +69,18 @@ pub struct QuorumView {
     pub lost: bool,
 }
 
-/// Whether a round proves that no member of a cluster of `members` has a leader (pure):
-/// every member was seen, none knows a leader, and each either answered without one or is not
-/// running. One silent member is enough to say no.
+/// Whether a round proves that no member of a cluster of `members` is a leader (pure): every
+/// member was seen, and each answered that it does not lead or is not running. One silent
+/// member, or one that leads, is enough to say no.
 pub fn leaderless_everywhere(members: usize, views: &[MemberView]) -> bool {
     members > 0
         && views.len() == members
-        && views
-            .iter()
-            .all(|v| matches!(v, MemberView::NoLeader | MemberView::Down))
+        && views.iter().all(|v| {
+            matches!(
+                v,
+                MemberView::NoLeader | MemberView::Follows(_) | MemberView::Down
+            )
+        })
 }
 
 /// The latest fence deadline a hold justifies: `at + ttl − margin`, on both clocks (pure).
@@ -249,7 +256,11 @@ async fn probe_member(url: &str, client: Option<Client>) -> MemberView {
     };
     match timeout(PROBE_WAIT, client.status()).await {
         Ok(Ok(status)) if status.leader() == 0 => MemberView::NoLeader,
-        Ok(Ok(status)) => MemberView::Leader(status.leader()),
+        Ok(Ok(status)) => match status.header().map(|h| h.member_id()) {
+            Some(me) if me == status.leader() => MemberView::Leads,
+            Some(_) => MemberView::Follows(status.leader()),
+            None => MemberView::Unknown,
+        },
         Ok(Err(e)) if e.to_string().contains("no leader") => MemberView::NoLeader,
         _ => MemberView::Unknown,
     }
@@ -265,15 +276,23 @@ fn authority(url: &str) -> Option<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use MemberView::{Down, Leader, NoLeader, Unknown};
+    use MemberView::{Down, Follows, Leads, NoLeader, Unknown};
 
     #[test]
     fn every_member_must_be_seen_leaderless() {
         assert!(leaderless_everywhere(3, &[NoLeader, NoLeader, NoLeader]));
         assert!(leaderless_everywhere(3, &[NoLeader, Down, Down]));
         assert!(leaderless_everywhere(3, &[Down, Down, Down]));
+        // A follower still naming a dead leader does not lead itself.
+        assert!(leaderless_everywhere(3, &[Follows(7), Down, Down]));
+        assert!(leaderless_everywhere(3, &[Follows(7), NoLeader, Down]));
         // A leader anywhere, or a silent member (a partitioned majority, a paused leader).
-        assert!(!leaderless_everywhere(3, &[NoLeader, NoLeader, Leader(7)]));
+        assert!(!leaderless_everywhere(3, &[NoLeader, NoLeader, Leads]));
+        assert!(!leaderless_everywhere(3, &[Follows(7), Follows(7), Leads]));
+        assert!(!leaderless_everywhere(
+            3,
+            &[Follows(7), Follows(7), Unknown]
+        ));
         assert!(!leaderless_everywhere(3, &[NoLeader, Unknown, Unknown]));
         assert!(!leaderless_everywhere(3, &[NoLeader, NoLeader, Unknown]));
         // A round that does not cover every member proves nothing.
