@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use rustix::process::Signal;
 use serde_json::Value;
 use stead_e2e::cluster::ClusterLab;
 use stead_e2e::{busybox_ok, busybox_rootfs_at, stead_bin};
@@ -231,6 +232,10 @@ enum Fault {
     /// Its link to the hub goes down (the node is cut off, its workloads keep running
     /// until its agent fences them).
     Partition,
+    /// Its agent is stopped with SIGSTOP (its workloads keep running: only their
+    /// supervisors' watchdog, reading the agent's fence deadline, can stop them in time),
+    /// and continued once the workload runs elsewhere.
+    Pause,
 }
 
 /// Waits for an owner, takes its node away with `fault`, waits for a run elsewhere, checks
@@ -269,6 +274,7 @@ fn fail_over_once(
             assert!(killed > 0, "no workload process of {first} was found");
         }
         Fault::Partition => lab.partition(victim),
+        Fault::Pause => assert!(lab.signal_proc(agents[victim], Signal::STOP)),
     }
     // Done when another node owns it and a run started after the fault is writing. (A
     // cut-off node may start it once more for an instant before its agent sees the fence:
@@ -302,6 +308,7 @@ fn fail_over_once(
     match fault {
         Fault::Kill => agents[victim] = start_agent(lab, victim, manifests),
         Fault::Partition => lab.heal(victim),
+        Fault::Pause => assert!(lab.signal_proc(agents[victim], Signal::CONT)),
     }
     wait_for(
         "the restarted node registers",
@@ -385,6 +392,14 @@ fn a_partitioned_node_fences_its_ha_container_before_it_runs_elsewhere() {
     run_failovers(
         "a_partitioned_node_fences_its_ha_container_before_it_runs_elsewhere",
         Fault::Partition,
+    );
+}
+
+#[test]
+fn a_paused_agent_s_ha_container_is_killed_by_its_watchdog_before_it_runs_elsewhere() {
+    run_failovers(
+        "a_paused_agent_s_ha_container_is_killed_by_its_watchdog_before_it_runs_elsewhere",
+        Fault::Pause,
     );
 }
 
