@@ -135,6 +135,28 @@ impl ReplState {
     }
 }
 
+/// The StoragePools of the volumes the manifests replicate to `node`: the node keeps them
+/// applied (it receives into them) whether or not it runs their workloads.
+pub fn receiving_pools(desired: &Desired, node: &str) -> Vec<ResourceId> {
+    desired
+        .resources
+        .values()
+        .filter_map(|r| match &r.spec {
+            Spec::Volume(v) if v.replication.as_ref().is_some_and(|rep| rep.to.0 == node) => {
+                Some(ResourceId::new(Kind::StoragePool, &v.pool.0))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+impl ReplState {
+    /// The node's name.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+}
+
 /// The pool `volume` lives in, per the manifests.
 fn pool_of<'d>(desired: &'d Desired, volume: &str) -> Option<&'d StoragePoolSpec> {
     let Spec::Volume(v) = &desired.get(&ResourceId::new(Kind::Volume, volume))?.spec else {
@@ -365,5 +387,6 @@ mod tests {
         let pool = pool_of(&desired, "data").expect("pool");
         assert_eq!(pool.path, std::path::Path::new("/srv/fast"));
         assert!(pool_of(&desired, "other").is_none());
+        assert!(receiving_pools(&desired, "n2").is_empty(), "not replicated");
     }
 }

@@ -455,7 +455,16 @@ impl NodeEngine {
     /// Applies the part of the manifests that `ids` need (workloads not in `ids` stop).
     fn apply_local(&self, ids: &BTreeSet<ResourceId>) -> Result<(), ConvergeError> {
         let desired = load(&self.paths).map_err(|e| ConvergeError(format!("{e:#}")))?;
-        let local = local_set(&desired, ids);
+        let mut local = local_set(&desired, ids);
+        if let Some(repl) = &self.repl {
+            // The pools it receives replicas into stay applied (only them: not the volumes
+            // on them, which would start empty where a replica is to be promoted).
+            for id in agent_repl::receiving_pools(&desired, repl.node()) {
+                if let Some(r) = desired.get(&id) {
+                    local.resources.insert(id, r.clone());
+                }
+            }
+        }
         let code = crate::apply(
             &self.g,
             &self.env,
