@@ -256,7 +256,12 @@ pub fn run(a: AgentArgs, g: &Global, env: HostEnv) -> Result<u8> {
         std::fs::create_dir_all(dir).with_context(|| dir.display().to_string())?;
     }
     config.deadline_file = Some(deadline);
-    let replication = start_replication(&file, &a.paths)?;
+    // Replication is not what the node's workloads need to run: a receiver that cannot
+    // start (an address that does not resolve, a port taken) leaves it off, loudly.
+    let replication = start_replication(&file, &a.paths).unwrap_or_else(|e| {
+        tracing::error!(error = format!("{e:#}"), "volume replication is off");
+        None
+    });
     let engine: Arc<dyn Converge> = Arc::new(NodeEngine {
         g: g.clone(),
         env,
