@@ -255,6 +255,10 @@ pub fn run(a: AgentArgs, g: &Global, env: HostEnv) -> Result<u8> {
     if let Some(dir) = deadline.parent() {
         std::fs::create_dir_all(dir).with_context(|| dir.display().to_string())?;
     }
+    // The supervisors of HA workloads read the same file: a frozen agent cannot keep them
+    // running past the node's fence deadline.
+    let mut env = env;
+    env.fence_file = Some(deadline.clone());
     config.deadline_file = Some(deadline);
     // Replication is not what the node's workloads need to run: a receiver that cannot
     // start (an address that does not resolve, a port taken) leaves it off, loudly.

@@ -82,6 +82,7 @@ pub fn env_host(base: &HostEnv, name: &str) -> HostEnv {
         cgroup_parent: format!("{}/env-{name}", base.cgroup_parent),
         netns: Some(drivers_netns_path(name)),
         self_exe: base.self_exe.clone(),
+        fence_file: base.fence_file.clone(),
     }
 }
 

@@ -308,6 +308,7 @@ pub(crate) fn host_env_unchecked(g: &Global) -> Result<HostEnv> {
         cgroup_parent: g.cgroup_parent.clone(),
         netns: None,
         self_exe: std::env::current_exe().context("cannot find the stead binary")?,
+        fence_file: None,
     })
 }
 
@@ -330,6 +331,7 @@ pub(crate) fn host_env(g: &Global) -> Result<HostEnv> {
         cgroup_parent: g.cgroup_parent.clone(),
         netns,
         self_exe: std::env::current_exe().context("cannot find the stead binary")?,
+        fence_file: None,
     })
 }
 

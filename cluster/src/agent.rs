@@ -19,6 +19,7 @@ use crate::fence::{DeadlineFile, FenceCallback, FenceGuard, FencePolicy, FenceSt
 use crate::keys::ResourceRef;
 use crate::model::{Assignment, NodeInfo};
 use crate::owner::{self, FencingToken, Holder};
+use crate::quorum::{QuorumProbe, QuorumView};
 use crate::registry::{LeaseConfig, Liveness, Registration};
 
 /// A failure of the local engine to converge (reported, retried on the next round).
@@ -135,8 +136,10 @@ pub async fn run(
     let registration = Registration::register(store, &config.node, config.lease).await?;
     let running: Running = Arc::default();
     let deadline_file = config.deadline_file.clone().map(DeadlineFile::new);
-    let guard = FenceGuard::spawn_with_watchdog(
+    let probe = QuorumProbe::spawn(store, registration.liveness(), config.lease.interval);
+    let guard = FenceGuard::spawn_with_quorum(
         registration.liveness(),
+        Some(probe.subscribe()),
         config.fence,
         fence_callback(&engine, &running),
         deadline_file.clone(),
@@ -151,15 +154,20 @@ pub async fn run(
         held: BTreeMap::new(),
         epoch: 0,
         generation: 0,
+        quorum: probe.subscribe(),
     };
     let result = agent.run(&registration, &guard, &mut shutdown).await;
+    if let Err(e) = &result {
+        warn!(error = %e, "agent loop stopped");
+    }
     agent.stop_all().await;
     drop(guard);
+    drop(probe);
     if let Some(file) = &deadline_file {
         file.publish_fenced().await;
     }
-    registration.leave().await?;
-    result
+    let left = registration.leave().await;
+    result.and(left)
 }
 
 fn fence_callback(engine: &Arc<dyn Converge>, running: &Running) -> FenceCallback {
@@ -184,6 +192,8 @@ struct AgentLoop {
     held: BTreeMap<ResourceRef, FencingToken>,
     epoch: u64,
     generation: u64,
+    /// While it says quorum is lost, nothing is acquired, started or restarted.
+    quorum: watch::Receiver<QuorumView>,
 }
 
 impl AgentLoop {
@@ -224,6 +234,10 @@ impl AgentLoop {
                 changed = liveness.changed() => {
                     changed.map_err(|_| stopped("keepalive"))?;
                     dirty = self.lease_replaced(&liveness.borrow_and_update());
+                }
+                changed = self.quorum.changed() => {
+                    changed.map_err(|_| stopped("quorum probe"))?;
+                    dirty = !self.quorum.borrow_and_update().lost;
                 }
                 () = sleep_until(retry_at.unwrap_or_else(far_future)) => { retry_at = None; dirty = true; }
             }
@@ -277,6 +291,12 @@ impl AgentLoop {
         }
         if fence.is_fenced() {
             self.held.clear();
+            return false;
+        }
+        if self.quorum.borrow().lost {
+            // Holding through a quorum loss: what runs keeps running, nothing else starts
+            // (not even a workload that stopped); the round runs again when quorum returns.
+            debug!("etcd has no leader anywhere: holding, converging nothing");
             return false;
         }
         let step = decide(&self.assigned, &self.held, false);

@@ -147,6 +147,22 @@ fn classify_status(s: &tonic_status::Status) -> StoreError {
 /// problem, not an outage; everything else on the wire is retryable.
 fn classify_message(msg: String) -> StoreError {
     let lower = msg.to_ascii_lowercase();
+    // A member that died or restarted under an open TLS connection: an outage, whatever the
+    // TLS layer's words in the chain.
+    let gone = [
+        "connection refused",
+        "connection reset",
+        "broken pipe",
+        "os error 111",
+        "os error 104",
+        "os error 32",
+        "close_notify",
+        "unexpected eof",
+        "unexpected-eof",
+    ];
+    if gone.iter().any(|w| lower.contains(w)) {
+        return StoreError::Unreachable(msg);
+    }
     let tls = [
         "certificate",
         "unknownissuer",
@@ -194,6 +210,7 @@ pub struct Store {
     client: Client,
     keys: Keys,
     request_timeout: Duration,
+    options: ConnectOptions,
 }
 
 impl std::fmt::Debug for Store {
@@ -213,7 +230,7 @@ impl Store {
         }
         let options = connect_options(config)?;
         let dial = config.dial_timeout;
-        let connecting = Client::connect(&config.endpoints, Some(options));
+        let connecting = Client::connect(&config.endpoints, Some(options.clone()));
         let client = tokio::time::timeout(dial, connecting)
             .await
             .map_err(|_| StoreError::Unreachable(format!("no answer within {dial:?}")))??;
@@ -221,6 +238,7 @@ impl Store {
             client,
             keys: Keys::new(&config.prefix),
             request_timeout: config.request_timeout,
+            options,
         };
         match store.ping(dial).await {
             Ok(_) => {
@@ -251,6 +269,13 @@ impl Store {
     /// A clone of the client (cheap; it shares the connection).
     pub fn client(&self) -> Client {
         self.client.clone()
+    }
+
+    /// A client of the one member at `url`, with the store's TLS identity, that does not ask
+    /// for a leader (a member without one still answers `status`). Connects lazily.
+    pub(crate) async fn member_client(&self, url: &str) -> Result<Client, StoreError> {
+        let options = self.options.clone().with_require_leader(false);
+        Ok(Client::connect([url], Some(options)).await?)
     }
 
     /// The timeout for one request.
@@ -307,6 +332,8 @@ fn dropped(message: &str) -> bool {
         "broken pipe",
         "connection reset",
         "stream closed",
+        "close_notify",
+        "unexpected eof",
     ]
     .iter()
     .any(|w| m.contains(w))
@@ -380,6 +407,10 @@ mod tests {
     #[test]
     fn transport_outages_are_retryable_and_tls_failures_are_not() {
         assert!(classify_message("connection refused".into()).is_retryable());
+        // A member killed under an open TLS connection.
+        let killed = "h2 protocol error: error reading a body from connection: peer closed \
+                      connection without sending TLS close_notify";
+        assert!(classify_message(killed.into()).is_retryable());
         let tls = classify_message("invalid peer certificate: UnknownIssuer".into());
         assert!(matches!(tls, StoreError::Auth(_)));
         assert!(!tls.is_retryable());

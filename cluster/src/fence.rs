@@ -19,6 +19,7 @@ use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep_until};
 use tracing::{Instrument, info_span, warn};
 
+use crate::quorum::{Hold, QuorumView, hold_deadline};
 use crate::registry::Liveness;
 
 /// Measured on 3-member etcd 3.4 clusters under partition: fencing 1.5 s before the local
@@ -133,8 +134,50 @@ pub fn next_state(
     now: Instant,
     boot_now: Duration,
 ) -> FenceState {
-    let deadline = policy.fence_at(liveness);
-    let expired = now >= deadline || boot_now >= policy.fence_at_boot(liveness);
+    next_state_held(state, liveness, None, policy, now, boot_now)
+}
+
+/// The deadlines for `liveness`, moved forward by `hold` when it counts (pure): a round that
+/// proved no etcd member had a leader ([`crate::quorum`]) counts if it started before the
+/// deadline the guard is armed with, while the lease was still certainly alive.
+pub fn deadlines(
+    state: &FenceState,
+    liveness: &Liveness,
+    hold: Option<Hold>,
+    policy: &FencePolicy,
+) -> (Instant, Duration) {
+    let mut deadline = policy.fence_at(liveness);
+    let mut boot = policy.fence_at_boot(liveness);
+    if let FenceState::Armed {
+        deadline: armed,
+        generation,
+        ..
+    } = *state
+        && generation == liveness.generation
+    {
+        let valid = |h: &Hold| h.at <= armed;
+        if let Some(h) = hold.filter(valid) {
+            let (m, b) = hold_deadline(&h, liveness.ttl, policy.margin(liveness.max_rtt));
+            deadline = deadline.max(m);
+            boot = boot.max(b);
+        }
+        // A deadline once justified stays justified (a hold earlier in this generation).
+        deadline = deadline.max(armed);
+    }
+    (deadline, boot)
+}
+
+/// [`next_state`] with the latest quorum hold.
+pub fn next_state_held(
+    state: FenceState,
+    liveness: &Liveness,
+    hold: Option<Hold>,
+    policy: &FencePolicy,
+    now: Instant,
+    boot_now: Duration,
+) -> FenceState {
+    let (deadline, boot_deadline) = deadlines(&state, liveness, hold, policy);
+    let expired = now >= deadline || boot_now >= boot_deadline;
     let generation = liveness.generation;
     match state {
         FenceState::Armed { epoch, .. } if expired => FenceState::Fenced { epoch, since: now },
@@ -200,6 +243,18 @@ impl FenceGuard {
         on_fence: FenceCallback,
         deadline_file: Option<DeadlineFile>,
     ) -> Self {
+        Self::spawn_with_quorum(liveness, None, policy, on_fence, deadline_file)
+    }
+
+    /// The same, also holding the deadline while `quorum` proves that no etcd member has a
+    /// leader (see [`crate::quorum`]).
+    pub fn spawn_with_quorum(
+        liveness: watch::Receiver<Liveness>,
+        quorum: Option<watch::Receiver<QuorumView>>,
+        policy: FencePolicy,
+        on_fence: FenceCallback,
+        deadline_file: Option<DeadlineFile>,
+    ) -> Self {
         let first = FenceState::Armed {
             epoch: 0,
             generation: liveness.borrow().generation,
@@ -207,7 +262,7 @@ impl FenceGuard {
         };
         let (tx, rx) = watch::channel(first);
         let task = tokio::spawn(
-            guard_loop(liveness, policy, on_fence, tx, deadline_file)
+            guard_loop(liveness, quorum, policy, on_fence, tx, deadline_file)
                 .instrument(info_span!("fence")),
         );
         Self { state: rx, task }
@@ -226,6 +281,7 @@ impl FenceGuard {
 
 async fn guard_loop(
     mut liveness: watch::Receiver<Liveness>,
+    mut quorum: Option<watch::Receiver<QuorumView>>,
     policy: FencePolicy,
     on_fence: FenceCallback,
     tx: watch::Sender<FenceState>,
@@ -235,11 +291,16 @@ async fn guard_loop(
     loop {
         let state = *tx.borrow();
         let current = *liveness.borrow_and_update();
-        let next = next_state(state, &current, &policy, Instant::now(), boottime_now());
+        let hold = quorum
+            .as_mut()
+            .and_then(|q| q.borrow_and_update().last_hold);
+        let now = Instant::now();
+        let next = next_state_held(state, &current, hold, &policy, now, boottime_now());
         if let Some(file) = &deadline_file
             && published != Some(next)
         {
-            file.publish(&next, policy.fence_at_boot(&current)).await;
+            let (_, boot_deadline) = deadlines(&state, &current, hold, &policy);
+            file.publish(&next, boot_deadline).await;
             published = Some(next);
         }
         if let (FenceState::Armed { .. }, FenceState::Fenced { .. }) = (state, next) {
@@ -262,6 +323,7 @@ async fn guard_loop(
             FenceState::Armed { deadline, .. } => {
                 tokio::select! {
                     changed = liveness.changed() => if changed.is_err() { return },
+                    changed = quorum_changed(&mut quorum) => if changed.is_err() { quorum = None },
                     () = sleep_until(deadline) => {}
                     // Timers run on the monotonic clock, which stops while the host is
                     // suspended: look at the boot clock now and then too.
@@ -274,6 +336,16 @@ async fn guard_loop(
                 }
             }
         }
+    }
+}
+
+/// The next change of the quorum view (never, without one).
+async fn quorum_changed(
+    quorum: &mut Option<watch::Receiver<QuorumView>>,
+) -> Result<(), watch::error::RecvError> {
+    match quorum {
+        Some(q) => q.changed().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -302,7 +374,7 @@ impl DeadlineFile {
 
     /// Writes `0`: HA workloads must not run (the agent stopped them and is going away).
     pub async fn publish_fenced(&self) {
-        self.write("0\n".to_string()).await;
+        self.write(stead_host::fence::FENCED.to_string()).await;
     }
 
     async fn publish(&self, state: &FenceState, boot_deadline: Duration) {
@@ -333,29 +405,20 @@ pub fn deadline_text(
     match state {
         FenceState::Armed { deadline, .. } => {
             let left = deadline.saturating_duration_since(now);
-            format!("{}\n", (boottime + left).min(boot_deadline).as_nanos())
+            stead_host::fence::deadline_content((boottime + left).min(boot_deadline))
         }
-        FenceState::Fenced { .. } => "0\n".to_string(),
+        FenceState::Fenced { .. } => stead_host::fence::FENCED.to_string(),
     }
 }
 
 /// Whether a watchdog reading `content` at `boottime` must stop the HA workloads: the deadline
-/// passed, the node is fenced (`0`), or the content is unreadable (fail safe).
+/// passed, the node is fenced (`0`), or the content is unreadable (fail safe). The reader
+/// lives in `stead-host` (the supervisors use it); this is the same function.
 pub fn watchdog_expired(content: &str, boottime: Duration) -> bool {
-    match content.trim().parse::<u128>() {
-        Ok(deadline) => deadline == 0 || boottime.as_nanos() >= deadline,
-        Err(_) => true,
-    }
+    stead_host::fence::expired(content.as_bytes(), boottime)
 }
 
-/// Now on `CLOCK_BOOTTIME`.
-pub fn boottime_now() -> Duration {
-    let t = rustix::time::clock_gettime(rustix::time::ClockId::Boottime);
-    Duration::new(
-        u64::try_from(t.tv_sec).unwrap_or(0),
-        u32::try_from(t.tv_nsec).unwrap_or(0),
-    )
-}
+pub use stead_host::fence::boottime_now;
 
 #[cfg(test)]
 mod tests {
@@ -507,6 +570,91 @@ mod tests {
         assert!(state.is_fenced());
         // And an old acknowledgement cannot re-arm it.
         assert!(next_state(state, &l, &p, t0 + Duration::from_millis(20), boot).is_fenced());
+    }
+
+    #[test]
+    fn a_quorum_hold_moves_the_deadline_while_it_started_in_time() {
+        let p = FencePolicy::default();
+        let t0 = Instant::now();
+        let l = live(t0, 5);
+        let boot0 = l.acked_at_boot;
+        let armed = next_state(
+            FenceState::Armed {
+                epoch: 0,
+                generation: 0,
+                deadline: t0,
+            },
+            &l,
+            &p,
+            t0,
+            boot0,
+        );
+        // Rounds proving no leader anywhere, every 250 ms from 3 s on: the deadline follows
+        // each round's start + TTL − margin, far past the lease's own 3.5 s.
+        let mut state = armed;
+        let mut at = t0 + Duration::from_secs(3);
+        while at < t0 + Duration::from_secs(15) {
+            let hold = Hold {
+                at,
+                at_boot: boot0 + (at - t0),
+            };
+            let now = at + Duration::from_millis(200);
+            state = next_state_held(state, &l, Some(hold), &p, now, boot0 + (now - t0));
+            assert_eq!(
+                state,
+                FenceState::Armed {
+                    epoch: 0,
+                    generation: 0,
+                    deadline: at + Duration::from_millis(3500)
+                }
+            );
+            at += Duration::from_millis(250);
+        }
+        // The rounds stop proving it: the last hold's deadline still stands, then fences.
+        let last = at - Duration::from_millis(250);
+        let hold = Some(Hold {
+            at: last,
+            at_boot: boot0 + (last - t0),
+        });
+        let end = last + Duration::from_millis(3500);
+        let before = end - Duration::from_millis(1);
+        let boot = |i: Instant| boot0 + (i - t0);
+        assert!(!next_state_held(state, &l, hold, &p, before, boot(before)).is_fenced());
+        assert!(next_state_held(state, &l, hold, &p, end, boot(end)).is_fenced());
+        // On the boot clock too (a suspend during the hold).
+        let held_boot = next_state_held(state, &l, hold, &p, before, boot(end));
+        assert!(held_boot.is_fenced());
+    }
+
+    #[test]
+    fn a_hold_that_started_after_the_deadline_counts_for_nothing() {
+        let p = FencePolicy::default();
+        let t0 = Instant::now();
+        let l = live(t0, 5);
+        let armed = FenceState::Armed {
+            epoch: 0,
+            generation: 0,
+            deadline: t0 + Duration::from_millis(3500),
+        };
+        // The lease may have expired already when this round started.
+        let late = t0 + Duration::from_millis(3600);
+        let hold = Some(Hold {
+            at: late,
+            at_boot: l.acked_at_boot + Duration::from_millis(3600),
+        });
+        let now = late + Duration::from_millis(10);
+        let boot = l.acked_at_boot + Duration::from_millis(3610);
+        assert!(next_state_held(armed, &l, hold, &p, now, boot).is_fenced());
+        // Nor for another lease generation.
+        let mut replaced = l;
+        replaced.generation = 1;
+        let early = Some(Hold {
+            at: t0 + Duration::from_secs(1),
+            at_boot: l.acked_at_boot + Duration::from_secs(1),
+        });
+        let now = t0 + Duration::from_secs(2);
+        let boot = l.acked_at_boot + Duration::from_secs(2);
+        assert!(next_state_held(armed, &replaced, early, &p, now, boot).is_fenced());
     }
 
     #[test]

@@ -13,6 +13,7 @@
 //! - [`election`]: the controller's election, guarded assignment writes, a node's assignments.
 //! - [`owner`]: owner keys and fencing tokens; guarded writes.
 //! - [`fence`]: self-fencing before the lease can expire.
+//! - [`quorum`]: holding workloads (not fencing) while no etcd member has a leader.
 //! - [`agent`]: the loop each node runs, over a [`agent::Converge`] engine.
 //! - [`placement`]: which node runs each workload (pure, deterministic).
 //! - [`replication`]: storage replication schedule and fenced status records.
@@ -35,6 +36,7 @@ pub mod model;
 pub mod owner;
 pub mod pki;
 pub mod placement;
+pub mod quorum;
 pub mod registry;
 pub mod replication;
 #[cfg(feature = "testkit")]

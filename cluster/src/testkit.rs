@@ -374,9 +374,34 @@ impl EtcdCluster {
 
     /// Kills member `i` (SIGKILL) and waits for it.
     pub fn kill(&mut self, i: usize) {
+        self.resume(i);
         if let Some(mut child) = self.members.get_mut(i).and_then(Option::take) {
             let _ = child.kill();
             let _ = child.wait();
+        }
+    }
+
+    /// Stops member `i` (SIGSTOP): it accepts connections but answers nothing until resumed.
+    pub fn pause(&self, i: usize) {
+        self.signal(i, libc::SIGSTOP);
+    }
+
+    /// Resumes member `i` (SIGCONT).
+    pub fn resume(&self, i: usize) {
+        self.signal(i, libc::SIGCONT);
+    }
+
+    fn signal(&self, i: usize, signal: libc::c_int) {
+        let pid = self
+            .members
+            .get(i)
+            .and_then(Option::as_ref)
+            .and_then(|c| libc::pid_t::try_from(c.id()).ok());
+        if let Some(pid) = pid {
+            // SAFETY: kill(2) on the pid of our own child, which has not been waited for yet.
+            unsafe {
+                libc::kill(pid, signal);
+            }
         }
     }
 

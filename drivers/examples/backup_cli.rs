@@ -246,6 +246,7 @@ fn main() {
         cgroup_parent: "stead".into(),
         netns: None,
         self_exe: std::env::current_exe().unwrap_or_default(),
+        fence_file: None,
     };
     match run(cli.cmd, &env) {
         Ok(code) => std::process::exit(code),

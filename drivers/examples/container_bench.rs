@@ -88,6 +88,7 @@ fn main() {
         cgroup_parent: format!("stead-bench-{}", std::process::id()),
         netns: Some(netns.clone()),
         self_exe: std::env::current_exe().expect("exe"),
+        fence_file: None,
     };
     let driver = ContainerDriver::new(&env).expect("driver");
     let world: BTreeMap<ResourceId, Resource> = BTreeMap::new();

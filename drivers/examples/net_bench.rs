@@ -59,6 +59,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         cgroup_parent: "stead-bench".into(),
         netns: Some(format!("/run/netns/{}", ns.0).into()),
         self_exe: "/bin/false".into(),
+        fence_file: None,
     };
     let d = NetworkDriver::new(&env)?;
     let rs: Vec<Resource> = (0..n).map(|i| network(i, nat)).collect();

@@ -61,6 +61,7 @@ fn env(dir: &std::path::Path) -> HostEnv {
         cgroup_parent: format!("stead-holds-{}", std::process::id()),
         netns: None,
         self_exe: PathBuf::from("/bin/true"),
+        fence_file: None,
     }
 }
 

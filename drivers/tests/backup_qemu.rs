@@ -472,6 +472,7 @@ fn stead_backup_of_a_running_qemu_vm_goes_through_its_qmp_socket() {
         cgroup_parent: "stead-unit".into(),
         netns: None,
         self_exe: PathBuf::from("/bin/true"),
+        fence_file: None,
     };
     let spec_json = json!({"disks": [{"volume": "v0"}]});
     let vm = Resource {

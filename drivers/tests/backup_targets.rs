@@ -103,6 +103,7 @@ spec:
         cgroup_parent: "stead-test".into(),
         netns: None,
         self_exe: "/bin/true".into(),
+        fence_file: None,
     };
     let web = targets::resolve(&env, world, &ids[0]).expect("resolve web");
     assert_eq!(web.resource, "Container/web");

@@ -91,6 +91,7 @@ impl Rig {
             cgroup_parent: self.parent.clone(),
             netns: None,
             shutdown_timeout_secs: 1,
+            fence_file: None,
         }
     }
 
@@ -166,6 +167,46 @@ fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
 
 fn alive(pid: i32) -> bool {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
+}
+
+/// A guestless QEMU with a fence deadline 3 s ahead, never renewed: killed within 0.5 s of
+/// the deadline, `fenced`, not restarted; a launch while the file says `0` is refused.
+fn fence_deadline_kills_qemu() {
+    let rig = Rig::new("f");
+    let file = rig.dir.path().join("fence-deadline");
+    let deadline = stead_host::fence::boottime_now() + Duration::from_secs(3);
+    std::fs::write(&file, stead_host::fence::deadline_content(deadline)).expect("deadline");
+    let mut cfg = rig.config(RestartPolicy::Always);
+    cfg.fence_file = Some(file.clone());
+    rig.launch(&cfg).expect("launch");
+    let st = rig.state();
+    assert_eq!(st.phase, Phase::Running);
+    let qemu = st.qemu_pid.expect("qemu pid");
+    let t = Instant::now();
+    while alive(qemu) {
+        assert!(t.elapsed() < Duration::from_secs(6), "QEMU still runs");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let gone = stead_host::fence::boottime_now();
+    assert!(gone >= deadline, "killed before the deadline");
+    let late = gone - deadline;
+    println!(
+        "fence: QEMU gone {} ms after the deadline",
+        late.as_millis()
+    );
+    assert!(late <= Duration::from_millis(500), "{late:?}");
+    wait_until("supervisor exit", Duration::from_secs(5), || {
+        !rig.paths().lock().exists() || !alive(rig.state().supervisor_pid)
+    });
+    let st = rig.state();
+    assert_eq!(st.phase, Phase::Fenced, "{}", rig.log());
+    assert_eq!(st.restarts, 0);
+    assert!(st.qemu_pid.is_none());
+    assert!(rig.cgroup_pids().is_empty(), "nothing left in the cgroup");
+    // Fenced now: the supervisor refuses to start it.
+    std::fs::write(&file, stead_host::fence::FENCED).expect("fenced");
+    let err = rig.launch(&cfg).expect_err("refused while fenced");
+    assert!(err.contains("fenced"), "{err}");
 }
 
 fn start_status_restart_and_graceful_stop() {
@@ -300,6 +341,7 @@ impl DriverRig {
             cgroup_parent: format!("stead-qdrv-{}", std::process::id()),
             netns: Some(netns.clone()),
             self_exe: std::env::current_exe().expect("current_exe"),
+            fence_file: None,
         };
         let mut world = std::collections::BTreeMap::new();
         let pool = dir.path().join("pool");
@@ -671,7 +713,8 @@ fn have_qemu() -> bool {
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     run_as_supervisor_if_asked(&args);
-    let tests: [(&str, fn()); 5] = [
+    let tests: [(&str, fn()); 6] = [
+        ("fence_deadline_kills_qemu", fence_deadline_kills_qemu),
         (
             "real_guest_cloud_init_agent_ips_and_acpi_shutdown",
             real_guest_cloud_init_agent_ips_and_acpi_shutdown,

@@ -6,7 +6,7 @@
 //!
 //! Faults: signals to any process the lab started (SIGKILL, SIGSTOP, SIGCONT), link down/up
 //! of a node's veth on the hub side (a partition), killing the etcd leader, stopping a
-//! quorum. Everything (processes, namespaces with their links, the tmpfs, the temp dir) is
+//! quorum (paused members) or crashing one (killed members). Everything (processes, namespaces with their links, the tmpfs, the temp dir) is
 //! removed on drop, also when the test panics.
 //!
 //! Clients: the lab talks to members with `curl` over etcd's JSON gateway (`/v3/...`), from
@@ -420,6 +420,21 @@ impl ClusterLab {
             self.signal_etcd(i, Signal::STOP);
         }
         stop
+    }
+
+    /// SIGKILLs members other than `keep` until a majority is gone (crashed: their ports
+    /// refuse connections); the killed ones, for [`ClusterLab::start_etcd`].
+    pub fn crash_quorum(&mut self, keep: usize) -> Vec<usize> {
+        let need = self.nodes.len() / 2 + 1;
+        let kill: Vec<usize> = (0..self.nodes.len())
+            .filter(|&i| i != keep)
+            .take(need)
+            .collect();
+        assert_eq!(kill.len(), need, "not enough members to crash a quorum");
+        for &i in &kill {
+            self.kill_etcd(i);
+        }
+        kill
     }
 
     /// SIGCONTs the given members.

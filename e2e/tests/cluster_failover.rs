@@ -429,7 +429,9 @@ fn etcd_leader_kills_never_double_run_the_workload() {
 
 /// Loss of etcd quorum (two of three members SIGSTOPped for 8 s, twice the node lease),
 /// five times, with the probe running: never a double run; what happened to the workload
-/// (kept running, or fenced and started again after the quorum returned) is printed.
+/// (kept running, or fenced and started again after the quorum returned) is printed. Paused
+/// members accept connections and answer nothing: no agent can tell them from a majority
+/// with a leader beyond a partition, so the node running the workload fences.
 #[test]
 fn etcd_quorum_loss_never_double_runs_the_workload() {
     let test = "etcd_quorum_loss_never_double_runs_the_workload";
@@ -467,6 +469,52 @@ fn etcd_quorum_loss_never_double_runs_the_workload() {
                 "stopped (fenced)"
             },
             t0.elapsed().as_secs_f64()
+        );
+    }
+}
+
+/// Loss of etcd quorum by crash (two of three members SIGKILLed for 8 s, twice the node
+/// lease, then started again), five times, with the probe running: every agent sees each
+/// member either without a leader or refusing connections, so the workload keeps running
+/// where it is, is not started anywhere else, and never runs twice.
+#[test]
+fn etcd_quorum_crash_keeps_the_workload_running_where_it_is() {
+    let test = "etcd_quorum_crash_keeps_the_workload_running_where_it_is";
+    let Some((mut lab, _agents, probe, _manifests)) = probe_lab(test) else {
+        return;
+    };
+    for round in 0..ROUNDS {
+        let before = runs(&probe);
+        let lost_at = host_uptime();
+        let killed = lab.crash_quorum(round % lab.nodes.len());
+        std::thread::sleep(Duration::from_secs(8));
+        let during = host_uptime();
+        for &i in &killed {
+            lab.start_etcd(i);
+        }
+        let healthy = lab.wait_healthy(Duration::from_secs(30));
+        std::thread::sleep(Duration::from_secs(2));
+        let all = runs(&probe);
+        assert_no_overlap(&all);
+        assert_eq!(
+            all.len(),
+            before.len(),
+            "quorum crash {round}: the workload was started again\n{}",
+            logs(&lab)
+        );
+        let now = host_uptime();
+        let through = all
+            .values()
+            .any(|r| r.first < lost_at && r.last > during && now - r.last < 1.0);
+        assert!(
+            through,
+            "quorum crash {round}: the workload did not run through the loss: {all:?}\n{}",
+            logs(&lab)
+        );
+        println!(
+            "quorum crash {round}: kept running through {:.1} s without quorum, healthy again after {:.2} s, 0 new runs",
+            during - lost_at,
+            healthy.as_secs_f64()
         );
     }
 }

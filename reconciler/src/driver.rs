@@ -130,6 +130,10 @@ pub struct HostEnv {
     pub netns: Option<PathBuf>,
     /// Path of the stead binary, for spawning `stead shim` / `stead vmm`.
     pub self_exe: PathBuf,
+    /// The cluster agent's fence deadline file (see `stead_host::fence`): when set, the
+    /// supervisors of HA workloads kill them once its deadline passes. `None` on a single
+    /// host.
+    pub fence_file: Option<PathBuf>,
 }
 
 /// Resolves references while planning and applying: desired resources first, then the

@@ -12,6 +12,7 @@
 
 pub mod cgroup;
 pub mod confine;
+pub mod fence;
 pub mod fs;
 pub mod mounts;
 pub mod netns;

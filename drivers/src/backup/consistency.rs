@@ -670,6 +670,7 @@ mod tests {
             cgroup_parent: "stead-unit".into(),
             netns: None,
             self_exe: PathBuf::from("/bin/true"),
+            fence_file: None,
         };
         let Ok(h) = WorkloadHooks::new(&env, Arc::new(BTreeMap::new())) else {
             eprintln!("SKIP a_loader_refreshes_the_users_of_a_volume: no cgroup hierarchy");

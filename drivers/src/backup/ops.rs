@@ -663,6 +663,7 @@ mod tests {
             cgroup_parent: "stead-test".into(),
             netns: None,
             self_exe: PathBuf::new(),
+            fence_file: None,
         };
         let plan = World::default().plan_run(&env, &req).expect("plan");
         assert_eq!(plan.targets.len(), 1);

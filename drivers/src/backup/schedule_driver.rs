@@ -158,6 +158,7 @@ mod tests {
             cgroup_parent: "x".into(),
             netns: None,
             self_exe: PathBuf::from("/bin/true"),
+            fence_file: None,
         };
         let d = ScheduleDriver::new(&env);
         let yaml = "apiVersion: stead.dev/v1alpha1\nkind: BackupSchedule\nmetadata: {name: nightly}\nspec: {schedule: \"0 2 * * *\", timezone: UTC, targets: {names: [Volume/v]}, storage: p}\n";

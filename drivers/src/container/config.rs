@@ -132,6 +132,10 @@ pub struct ContainerConfig {
     /// The driver's desired-state projection this config was built from (observe reports
     /// it back, with live values for state and resources).
     pub desired: serde_json::Value,
+    /// The node's fence deadline file, for an HA container on a cluster node: the shim
+    /// kills the container once its deadline passes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fence_file: Option<PathBuf>,
 }
 
 impl ContainerConfig {
@@ -179,6 +183,9 @@ pub enum Phase {
     Stopped,
     /// Init exited and the policy says no restart; the shim has exited.
     Exited,
+    /// Killed because the node's fence deadline passed (cluster HA); the shim has exited.
+    /// The node's agent starts it again once it owns the workload again.
+    Fenced,
 }
 
 /// The shim's state file (`state.json`), rewritten atomically on every change.
@@ -203,6 +210,10 @@ pub struct ShimState {
     /// id maps and network), in microseconds.
     #[serde(default)]
     pub start_micros: Option<u64>,
+    /// When the fence watchdog killed the container, in nanoseconds of `CLOCK_BOOTTIME`
+    /// (compare with the fence deadline file).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fenced_at_boot_ns: Option<u64>,
 }
 
 /// Files of one container under `<run_dir>/containers/<name>/`.

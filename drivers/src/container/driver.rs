@@ -201,6 +201,11 @@ impl ContainerDriver {
             host_netns: self.env.netns.clone(),
             stop_timeout_secs: self.stop_timeout_secs,
             desired,
+            fence_file: self
+                .env
+                .fence_file
+                .clone()
+                .filter(|_| spec.placement.is_ha()),
         })
     }
 
@@ -335,6 +340,9 @@ impl ContainerDriver {
             (true, _) => Health::Progressing,
             (false, Some(Phase::Running | Phase::Restarting | Phase::Stopping)) => {
                 Health::Degraded("supervisor died".into())
+            }
+            (false, Some(Phase::Fenced)) => {
+                Health::Failed("fenced: the node's fence deadline passed".into())
             }
             (false, Some(Phase::Exited)) => Health::Failed(format!(
                 "exited: {}",
@@ -487,6 +495,7 @@ impl stead_reconciler::driver::KindDriver for ContainerDriver {
             }
             RunState::Running => {
                 let cfg = self.resolve(desired, spec, want, world)?;
+                crate::supervise::refuse_fenced(cfg.fence_file.as_deref())?;
                 write_json(&paths.config(), &cfg)?;
                 self.spawn_shim(&cfg)
             }
@@ -599,6 +608,7 @@ mod tests {
             cgroup_parent: "stead".into(),
             netns: None,
             self_exe: "/bin/false".into(),
+            fence_file: None,
         };
         let d = ContainerDriver {
             env,

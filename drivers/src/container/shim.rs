@@ -101,6 +101,8 @@ struct Shim {
     stop_waiters: Vec<UnixStream>,
     stop_deadline: Option<Instant>,
     stop_requested: bool,
+    /// The fence deadline passed: ends as [`Phase::Fenced`].
+    fenced: bool,
     restart: RestartTimer,
     started: Instant,
 }
@@ -233,6 +235,7 @@ impl Shim {
                 last_exit: None,
                 last_error: None,
                 start_micros: None,
+                fenced_at_boot_ns: None,
             },
             cfg,
             cfg_path,
@@ -250,6 +253,7 @@ impl Shim {
             stop_waiters: Vec::new(),
             stop_deadline: None,
             stop_requested: false,
+            fenced: false,
             restart: RestartTimer::default(),
             started: Instant::now(),
         })
@@ -293,6 +297,9 @@ impl Shim {
         let restart =
             !self.stop_requested && restart_wanted(self.cfg.restart_policy, exit.failed(), reboot);
         self.state.last_exit = Some(exit);
+        if self.fenced {
+            return Some(self.finish(Phase::Fenced));
+        }
         if self.stop_requested {
             return Some(self.finish(Phase::Stopped));
         }
@@ -571,5 +578,30 @@ impl Workload for Shim {
 
     fn on_timers(&mut self) -> Option<i32> {
         self.fire_timers()
+    }
+
+    fn fence_file(&self) -> Option<&std::path::Path> {
+        self.cfg.fence_file.as_deref()
+    }
+
+    /// SIGKILL to everything in the cgroup; the shim ends as `fenced` once init is reaped.
+    fn fenced(&mut self, killed_at: Duration) -> Option<i32> {
+        self.stop_requested = true;
+        self.fenced = true;
+        self.state.fenced_at_boot_ns = u64::try_from(killed_at.as_nanos()).ok();
+        self.restart.cancel();
+        self.stop_deadline = None;
+        if let Some(p) = self.init {
+            let _ = kill(p, Signal::SIGKILL);
+        }
+        let _ = self.cgroup.kill_all();
+        match self.init {
+            Some(_) => {
+                self.state.phase = Phase::Stopping;
+                self.save();
+                None
+            }
+            None => Some(self.finish(Phase::Fenced)),
+        }
     }
 }

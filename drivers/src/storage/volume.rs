@@ -1491,6 +1491,7 @@ mod tests {
             cgroup_parent: "stead".into(),
             netns: None,
             self_exe: PathBuf::from("/nonexistent"),
+            fence_file: None,
         });
         assert_eq!(d.impact("/size"), Impact::Hot);
         assert_eq!(d.impact("/pool"), Impact::DataLoss);

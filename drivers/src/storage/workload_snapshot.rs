@@ -439,6 +439,7 @@ mod tests {
             cgroup_parent: "stead-test".into(),
             netns: None,
             self_exe: PathBuf::from("/bin/true"),
+            fence_file: None,
         };
         std::fs::create_dir_all(env.state_dir.join("rootfs/web/upper")).expect("mkdir");
         let mut w: BTreeMap<ResourceId, Resource> = BTreeMap::new();

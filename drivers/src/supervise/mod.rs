@@ -208,6 +208,22 @@ pub fn run<T: serde::de::DeserializeOwned>(
     detach(what, early_exit, |ready_w| supervisor(cfg, ready_w))
 }
 
+/// Refuses to start an HA workload whose fence deadline file says the node is fenced (a
+/// retryable [`stead_reconciler::driver::DriverError::NotReady`]).
+pub fn refuse_fenced(
+    fence_file: Option<&std::path::Path>,
+) -> Result<(), stead_reconciler::driver::DriverError> {
+    match fence_file {
+        Some(f) if stead_host::fence::FenceFile::new(f).expired() => {
+            Err(stead_reconciler::driver::DriverError::NotReady(format!(
+                "the node is fenced (deadline in {} passed): HA workloads start once its agent holds a live lease again",
+                f.display()
+            )))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Observes supervised instances (containers, VMs) whose state lives in `dir/<name>/`:
 /// one readdir, then `one` for each target that has a directory; the rest are absent.
 pub fn observe_instances(

@@ -6,10 +6,18 @@
 //!
 //! The container shim and the VM supervisor implement [`Workload`]; a further engine
 //! (e.g. a QEMU process) plugs in the same way.
+//!
+//! A workload with a fence deadline file ([`Workload::fence_file`], set for the HA
+//! workloads of a cluster node) is watched by a [`Watchdog`] thread: once the deadline
+//! passes, the workload is killed at once and not restarted, even if the node's agent is
+//! stopped and cannot fence it itself.
 
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
@@ -87,6 +95,110 @@ pub trait Workload {
     /// Timers due (kill after the stop timeout, restart after the backoff, housekeeping).
     /// `Some(code)`: the supervisor is done.
     fn on_timers(&mut self) -> Option<i32>;
+    /// The fence deadline file this workload must not outlive (see `stead_host::fence`);
+    /// `None`: not watched.
+    fn fence_file(&self) -> Option<&Path> {
+        None
+    }
+    /// The fence deadline passed: the watchdog already sent SIGKILL to the main process,
+    /// at `killed_at` on `CLOCK_BOOTTIME`. Kill the rest at once (no graceful stop),
+    /// record `fenced` in the state, never restart. `Some(code)`: the supervisor is done
+    /// now; else it ends when the main process is reaped ([`Workload::run_ended`]). The
+    /// default stops as on SIGTERM.
+    fn fenced(&mut self, killed_at: Duration) -> Option<i32> {
+        let _ = killed_at;
+        self.request_stop();
+        None
+    }
+}
+
+/// How often the watchdog reads the fence deadline file.
+pub const FENCE_CHECK: Duration = Duration::from_millis(250);
+
+/// A thread that reads a workload's fence deadline file every [`FENCE_CHECK`] and, once the
+/// deadline has passed, sends SIGKILL to the workload's main process and wakes the
+/// supervisor's loop (its [`Watchdog::fd`] becomes readable). Its loop allocates nothing,
+/// so the supervisor's thread may fork meanwhile; it needs nothing from the node's agent.
+#[derive(Debug)]
+pub struct Watchdog {
+    pid: Arc<AtomicI32>,
+    killed_at: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    fired: OwnedFd,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Watchdog {
+    /// Starts watching `file` for the main process `pid` (updated with
+    /// [`Watchdog::set_pid`]).
+    pub fn spawn(file: &Path, pid: Option<Pid>) -> Result<Self, String> {
+        let (fired, notify) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+            .map_err(|e| format!("watchdog pipe: {e}"))?;
+        let shared = Arc::new(AtomicI32::new(pid.map_or(0, Pid::as_raw)));
+        let stop = Arc::new(AtomicBool::new(false));
+        let killed_at = Arc::new(AtomicU64::new(0));
+        let fence = stead_host::fence::FenceFile::new(file);
+        let (p, s, k) = (shared.clone(), stop.clone(), killed_at.clone());
+        let thread = std::thread::Builder::new()
+            .name("fence-watchdog".into())
+            .stack_size(64 * 1024)
+            .spawn(move || watch_deadline(&fence, &p, &s, &k, notify))
+            .map_err(|e| format!("watchdog thread: {e}"))?;
+        Ok(Watchdog {
+            pid: shared,
+            killed_at,
+            stop,
+            fired,
+            thread: Some(thread),
+        })
+    }
+
+    /// The main process to kill now (`None` between runs).
+    pub fn set_pid(&self, pid: Option<Pid>) {
+        self.pid.store(pid.map_or(0, Pid::as_raw), Ordering::SeqCst);
+    }
+
+    /// When the thread sent its SIGKILL, on `CLOCK_BOOTTIME` (zero before).
+    pub fn killed_at(&self) -> Duration {
+        Duration::from_nanos(self.killed_at.load(Ordering::SeqCst))
+    }
+
+    /// Readable once the deadline has passed.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.fired.as_fd()
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The watchdog thread's loop: no allocation, no lock.
+fn watch_deadline(
+    fence: &stead_host::fence::FenceFile,
+    pid: &AtomicI32,
+    stop: &AtomicBool,
+    killed_at: &AtomicU64,
+    notify: OwnedFd,
+) {
+    while !stop.load(Ordering::SeqCst) {
+        if fence.expired() {
+            let p = pid.load(Ordering::SeqCst);
+            if p > 0 {
+                let _ = nix::sys::signal::kill(Pid::from_raw(p), Signal::SIGKILL);
+            }
+            let now = stead_host::fence::boottime_now().as_nanos();
+            killed_at.store(u64::try_from(now).unwrap_or(u64::MAX), Ordering::SeqCst);
+            let _ = nix::unistd::write(&notify, b"f");
+            return;
+        }
+        std::thread::sleep(FENCE_CHECK);
+    }
 }
 
 /// The signals a supervisor handles, blocked and read from a signalfd: SIGCHLD (a child
@@ -254,7 +366,7 @@ pub fn serve<W: Workload>(
     };
     let started = Signals::block().and_then(|signals| {
         let mut w = make()?;
-        match w.start() {
+        match refuse_if_fenced(&w).and_then(|()| w.start()) {
             Ok(()) => Ok((w, signals)),
             Err(e) => {
                 w.start_failed(&e);
@@ -266,10 +378,19 @@ pub fn serve<W: Workload>(
         }
     });
     let code = match started {
-        Ok((mut w, signals)) => {
-            report("ok");
-            supervise(&mut w, &signals)
-        }
+        Ok((mut w, signals)) => match w.fence_file().map(|f| Watchdog::spawn(f, w.pid())) {
+            Some(Err(e)) => {
+                // Not watched would be unsafe: stop it at once.
+                report(&e);
+                let now = stead_host::fence::boottime_now();
+                w.fenced(now).unwrap_or_else(|| supervise(&mut w, &signals))
+            }
+            watchdog => {
+                report("ok");
+                let watchdog = watchdog.and_then(Result::ok);
+                supervise_watched(&mut w, &signals, watchdog.as_ref())
+            }
+        },
         Err(e) => {
             report(&e);
             1
@@ -277,6 +398,11 @@ pub fn serve<W: Workload>(
     };
     drop(lock);
     code
+}
+
+/// Refuses to start a workload whose fence deadline has already passed.
+fn refuse_if_fenced<W: Workload>(w: &W) -> Result<(), String> {
+    super::refuse_fenced(w.fence_file()).map_err(|e| e.to_string())
 }
 
 /// The poll timeout until `at` (at least 1 ms, at most a minute); none without a time.
@@ -295,9 +421,16 @@ fn timeout_until(at: Option<Instant>) -> PollTimeout {
 
 /// Waits for the signals or the workload's descriptors, until the next wakeup; returns
 /// which were ready (the signals first), or `None` when polling failed.
-fn wait_ready<W: Workload>(w: &W, signals: &Signals) -> Option<Vec<bool>> {
+fn wait_ready<W: Workload>(
+    w: &W,
+    signals: &Signals,
+    watchdog: Option<&Watchdog>,
+) -> Option<(bool, Vec<bool>)> {
     loop {
         let mut fds = vec![PollFd::new(signals.as_fd(), PollFlags::POLLIN)];
+        if let Some(wd) = watchdog {
+            fds.push(PollFd::new(wd.fd(), PollFlags::POLLIN));
+        }
         fds.extend(
             w.fds()
                 .into_iter()
@@ -305,11 +438,12 @@ fn wait_ready<W: Workload>(w: &W, signals: &Signals) -> Option<Vec<bool>> {
         );
         match poll(&mut fds, timeout_until(w.next_wakeup())) {
             Ok(_) => {
-                return Some(
-                    fds.iter()
-                        .map(|f| f.revents().is_some_and(|r| !r.is_empty()))
-                        .collect(),
-                );
+                let mut ready: Vec<bool> = fds
+                    .iter()
+                    .map(|f| f.revents().is_some_and(|r| !r.is_empty()))
+                    .collect();
+                let fired = watchdog.is_some() && ready.remove(1);
+                return Some((fired, ready));
             }
             Err(nix::Error::EINTR) => continue,
             Err(e) => {
@@ -321,7 +455,11 @@ fn wait_ready<W: Workload>(w: &W, signals: &Signals) -> Option<Vec<bool>> {
 }
 
 /// Handles pending signals; `Some(code)` when the workload ended for good.
-fn on_signals<W: Workload>(w: &mut W, signals: &Signals) -> Option<i32> {
+fn on_signals<W: Workload>(
+    w: &mut W,
+    signals: &Signals,
+    watchdog: Option<&Watchdog>,
+) -> Option<i32> {
     let mut child = false;
     for s in signals.drain() {
         match s {
@@ -331,11 +469,11 @@ fn on_signals<W: Workload>(w: &mut W, signals: &Signals) -> Option<i32> {
             _ => {}
         }
     }
-    if child { reap(w) } else { None }
+    if child { reap(w, watchdog) } else { None }
 }
 
 /// Reaps every ended child and tells the workload; `Some(code)` when it ended for good.
-fn reap<W: Workload>(w: &mut W) -> Option<i32> {
+fn reap<W: Workload>(w: &mut W, watchdog: Option<&Watchdog>) -> Option<i32> {
     loop {
         let st = match waitpid(None::<Pid>, Some(WaitPidFlag::WNOHANG)) {
             Ok(WaitStatus::StillAlive) | Err(_) => return None,
@@ -345,6 +483,10 @@ fn reap<W: Workload>(w: &mut W) -> Option<i32> {
             continue;
         };
         if Some(pid) == w.pid() {
+            // Reaped: the watchdog must not kill whatever gets this pid next.
+            if let Some(wd) = watchdog {
+                wd.set_pid(None);
+            }
             if let Some(code) = w.run_ended(exit) {
                 return Some(code);
             }
@@ -357,18 +499,42 @@ fn reap<W: Workload>(w: &mut W) -> Option<i32> {
 /// The supervisor's event loop: signals (children ending, stop, reload), the workload's
 /// descriptors, its timers; until the workload ends for good. Returns the exit code.
 pub fn supervise<W: Workload>(w: &mut W, signals: &Signals) -> i32 {
+    supervise_watched(w, signals, None)
+}
+
+/// [`supervise`] with a fence [`Watchdog`]: once it fires, the workload is told
+/// ([`Workload::fenced`]) before anything else of that round (a reaped run is then not
+/// restarted), and the watchdog is dropped.
+pub fn supervise_watched<W: Workload>(
+    w: &mut W,
+    signals: &Signals,
+    watchdog: Option<&Watchdog>,
+) -> i32 {
+    let mut watchdog = watchdog;
     loop {
-        let Some(ready) = wait_ready(w, signals) else {
+        let Some((fired, ready)) = wait_ready(w, signals, watchdog) else {
             return 1;
         };
+        if fired {
+            tracing::warn!("fence deadline passed: workload killed, not restarted");
+            let killed_at =
+                watchdog.map_or_else(stead_host::fence::boottime_now, Watchdog::killed_at);
+            watchdog = None;
+            if let Some(code) = w.fenced(killed_at) {
+                return code;
+            }
+        }
         if ready[0]
-            && let Some(code) = on_signals(w, signals)
+            && let Some(code) = on_signals(w, signals, watchdog)
         {
             return code;
         }
         w.on_ready(&ready[1..]);
         if let Some(code) = w.on_timers() {
             return code;
+        }
+        if let Some(wd) = watchdog {
+            wd.set_pid(w.pid());
         }
     }
 }
@@ -490,6 +656,28 @@ mod tests {
         raise(Signal::SIGCHLD);
         assert_eq!(supervise(&mut f, &signals), 3);
         assert_eq!(f.ended, Some(Exit::Code(3)));
+    }
+
+    #[test]
+    fn the_watchdog_kills_the_main_process_once_the_deadline_passes() {
+        use std::os::unix::process::ExitStatusExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("deadline");
+        let deadline = stead_host::fence::boottime_now() + Duration::from_millis(300);
+        std::fs::write(&file, stead_host::fence::deadline_content(deadline)).expect("write");
+        let mut child = std::process::Command::new("sleep")
+            .arg("10")
+            .spawn()
+            .expect("sleep");
+        let wd = Watchdog::spawn(&file, Some(Pid::from_raw(child.id() as i32))).expect("spawn");
+        let status = child.wait().expect("wait");
+        assert_eq!(status.signal(), Some(9), "SIGKILL");
+        wd.set_pid(None);
+        let mut fds = [PollFd::new(wd.fd(), PollFlags::POLLIN)];
+        assert_eq!(poll(&mut fds, PollTimeout::from(1000u16)).expect("poll"), 1);
+        let late = wd.killed_at().saturating_sub(deadline);
+        assert!(wd.killed_at() >= deadline, "not before the deadline");
+        assert!(late < FENCE_CHECK + Duration::from_millis(200), "{late:?}");
     }
 
     #[test]

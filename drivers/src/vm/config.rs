@@ -167,6 +167,9 @@ pub enum Phase {
     Stopped,
     /// The VMM stopped and the restart policy says not to restart.
     Exited,
+    /// Killed because the node's fence deadline passed (cluster HA); the supervisor has
+    /// exited. The node's agent starts it again once it owns the VM again.
+    Fenced,
 }
 
 /// `supervisor.json`, written atomically by the supervisor on every change.

@@ -672,6 +672,9 @@ impl VmDriver {
             )),
             (true, _, _) => Health::Progressing,
             (false, _, _) if !cfg.running => Health::Ready,
+            (false, Some(Phase::Fenced), _) => {
+                Health::Failed("fenced: the node's fence deadline passed".into())
+            }
             (false, Some(Phase::Exited), _)
                 if sup.as_ref().and_then(|s| s.last_exit.as_deref()) == Some("shutdown") =>
             {
@@ -868,6 +871,7 @@ mod tests {
                 cgroup_parent: format!("stead-unit-{}", std::process::id()),
                 netns: None,
                 self_exe: "/bin/false".into(),
+                fence_file: None,
             },
             hier: Hierarchy::v2(run_dir.join("no-cgroups")),
             shutdown_timeout_secs: 1,

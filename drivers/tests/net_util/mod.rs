@@ -144,6 +144,7 @@ pub fn env(ns: &Netns) -> stead_reconciler::driver::HostEnv {
         cgroup_parent: format!("stead-test-{}", std::process::id()),
         netns: Some(ns.path()),
         self_exe: PathBuf::from("/bin/false"),
+        fence_file: None,
     }
 }
 

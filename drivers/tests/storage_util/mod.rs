@@ -19,6 +19,7 @@ pub fn env(dir: &Path) -> HostEnv {
         cgroup_parent: format!("stead-test-{}", std::process::id()),
         netns: None,
         self_exe: PathBuf::from("/nonexistent/stead"),
+        fence_file: None,
     }
 }
 

@@ -335,6 +335,7 @@ mod tests {
             cgroup_parent: "stead".into(),
             netns: None,
             shutdown_timeout_secs: 10,
+            fence_file: None,
         }
     }
 

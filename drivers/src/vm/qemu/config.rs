@@ -221,6 +221,10 @@ pub struct QemuConfig {
     pub netns: Option<PathBuf>,
     /// Graceful shutdown time (ACPI, then the guest agent) before `quit`, in seconds.
     pub shutdown_timeout_secs: u64,
+    /// The node's fence deadline file, for an HA VM on a cluster node: the supervisor
+    /// kills QEMU once its deadline passes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fence_file: Option<PathBuf>,
 }
 
 impl QemuConfig {
@@ -384,6 +388,11 @@ pub fn resolve(
         cgroup_parent: env.host.cgroup_parent.clone(),
         netns: env.host.netns.clone(),
         shutdown_timeout_secs: env.shutdown_timeout_secs,
+        fence_file: env
+            .host
+            .fence_file
+            .clone()
+            .filter(|_| spec.placement.is_ha()),
     })
 }
 
@@ -474,6 +483,7 @@ pub(crate) mod tests {
             cgroup_parent: "stead-test".into(),
             netns: None,
             self_exe: "/bin/false".into(),
+            fence_file: None,
         }
     }
 

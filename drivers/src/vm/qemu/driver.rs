@@ -273,6 +273,9 @@ pub fn observe_one(vm: &VmDriver, name: &str, cfg: &QemuConfig) -> Result<Observ
         }
         (true, _, _) => Health::Progressing,
         (false, _, _) if !cfg.running => Health::Ready,
+        (false, Some(Phase::Fenced), _) => {
+            Health::Failed("fenced: the node's fence deadline passed".into())
+        }
         (false, Some(Phase::Exited), _) if last_exit == "shutdown" => {
             Health::Degraded("the guest powered off".into())
         }
@@ -671,6 +674,7 @@ fn resume_if_paused(cfg: &QemuConfig) {
 
 /// Starts `stead qemu` for `cfg` (already written as the VM's config.json).
 fn spawn(vm: &VmDriver, cfg: &QemuConfig) -> Result<(), DriverError> {
+    crate::supervise::refuse_fenced(cfg.fence_file.as_deref())?;
     let args = super::supervisor::QemuArgs {
         run_dir: vm.env().run_dir.clone(),
         name: cfg.name.clone(),
@@ -818,6 +822,7 @@ mod tests {
             cgroup_parent: "p".into(),
             netns: None,
             shutdown_timeout_secs: 1,
+            fence_file: None,
         }
     }
 
@@ -892,6 +897,7 @@ mod tests {
             cgroup_parent: "x".into(),
             netns: None,
             self_exe: "/bin/false".into(),
+            fence_file: None,
         };
         let env = ResolveEnv {
             host: &host,

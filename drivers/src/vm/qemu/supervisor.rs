@@ -598,6 +598,20 @@ impl Workload for Supervisor {
         self.qemu_ended(exit)
     }
 
+    fn fence_file(&self) -> Option<&std::path::Path> {
+        self.cfg.fence_file.as_deref()
+    }
+
+    /// QEMU is the whole VM: it was SIGKILLed; reap it and end as `fenced`.
+    fn fenced(&mut self, _killed_at: Duration) -> Option<i32> {
+        log("fence deadline passed: QEMU killed");
+        self.kill_run();
+        self.restart.cancel();
+        self.state.phase = Phase::Fenced;
+        self.save();
+        Some(0)
+    }
+
     fn request_stop(&mut self) {
         if self.run.is_none() {
             self.stop = Some((StopStep::Quit, Instant::now()));
