@@ -3,6 +3,7 @@
 //! the same plan/execute path `stead apply` uses).
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::ToSocketAddrs;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -16,10 +17,13 @@ use stead_cluster::keys::ResourceRef;
 use stead_cluster::local::local_set;
 use stead_cluster::model::{Capacity, NodeInfo};
 use stead_cluster::registry::LeaseConfig;
+use stead_cluster::replication::Transfer;
+use stead_drivers::storage::replicate_tls::{DEFAULT_PORT, ReplicationTls, TlsFiles};
 use stead_reconciler::driver::HostEnv;
 use stead_reconciler::plan::PlanOptions;
 use stead_schema::{Desired, Kind, ResourceId};
 
+use crate::agent_repl::{self, ReplState};
 use crate::{ApplyRequest, Global, PlanFormat};
 
 /// The agent's configuration file, under the state dir.
@@ -55,6 +59,10 @@ pub struct AgentFile {
     /// Node-local networks this node has (besides those it applied).
     #[serde(default)]
     pub networks: Vec<String>,
+    /// TCP port this node receives volume replicas on, and dials its peers on (default
+    /// 7443). Replication needs the CA, certificate and key above.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replication_port: Option<u16>,
 }
 
 impl AgentFile {
@@ -148,6 +156,9 @@ pub struct JoinArgs {
     /// Node lease TTL: a dead node's workloads move after about this long.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     lease_ttl: Duration,
+    /// TCP port for volume replication between nodes (the same on every node).
+    #[arg(long)]
+    replication_port: Option<u16>,
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -190,6 +201,7 @@ pub fn join(a: JoinArgs, g: &Global) -> Result<u8> {
         lease_ttl_ms: u64::try_from(a.lease_ttl.as_millis()).unwrap_or(u64::MAX),
         pools: a.pools,
         networks: a.networks,
+        replication_port: a.replication_port,
     };
     let etcd = file.etcd();
     let revision = runtime()?.block_on(async {
@@ -248,12 +260,19 @@ pub fn run(a: AgentArgs, g: &Global, env: HostEnv) -> Result<u8> {
     let mut env = env;
     env.fence_file = Some(deadline.clone());
     config.deadline_file = Some(deadline);
+    // Replication is not what the node's workloads need to run: a receiver that cannot
+    // start (an address that does not resolve, a port taken) leaves it off, loudly.
+    let replication = start_replication(&file, &a.paths).unwrap_or_else(|e| {
+        tracing::error!(error = format!("{e:#}"), "volume replication is off");
+        None
+    });
     let engine: Arc<dyn Converge> = Arc::new(NodeEngine {
         g: g.clone(),
         env,
         paths: a.paths,
         ledger: Mutex::default(),
         tickets: AtomicU64::new(0),
+        repl: replication.as_ref().map(|(s, _)| s.clone()),
     });
     let rt = runtime()?;
     rt.block_on(async {
@@ -262,9 +281,38 @@ pub fn run(a: AgentArgs, g: &Global, env: HostEnv) -> Result<u8> {
             shutdown_signal().await;
             let _ = tx.send(true);
         });
+        if let Some((state, transfer)) = replication {
+            agent_repl::spawn_loop(file.etcd(), state, transfer, rx.clone())?;
+        }
         supervise(&file.etcd(), &config, engine, rx).await
     })?;
     Ok(0)
+}
+
+/// A node's replication state and its sender.
+type Replication = (Arc<ReplState>, Arc<dyn Transfer>);
+
+/// The replication state and sender of this node, its receiver started; `None` (with a
+/// warning) when the agent has no certificate to authenticate peers with.
+fn start_replication(file: &AgentFile, paths: &[PathBuf]) -> Result<Option<Replication>> {
+    let (Some(ca), Some(cert), Some(key)) = (&file.ca, &file.cert, &file.key) else {
+        tracing::warn!("no certificates in agent.json: volume replication is off");
+        return Ok(None);
+    };
+    let tls = ReplicationTls::load(&TlsFiles {
+        ca: ca.clone(),
+        cert: cert.clone(),
+        key: key.clone(),
+    })?;
+    let port = file.replication_port.unwrap_or(DEFAULT_PORT);
+    let state = Arc::new(ReplState::new(&file.name, paths.to_vec(), port));
+    let bind = (file.address.as_str(), port)
+        .to_socket_addrs()
+        .with_context(|| format!("replication address {}", file.address))?
+        .next()
+        .with_context(|| format!("replication address {}: none", file.address))?;
+    agent_repl::start_receiver(bind, tls.clone(), state.clone())?;
+    Ok(Some((state.clone(), agent_repl::transfer(tls, state))))
 }
 
 /// Where the agent publishes its fence deadline for a watchdog below it
@@ -408,13 +456,24 @@ struct NodeEngine {
     ledger: Mutex<Ledger>,
     /// Numbers converge calls on arrival.
     tickets: AtomicU64,
+    /// Volume replication (`None`: off).
+    repl: Option<Arc<ReplState>>,
 }
 
 impl NodeEngine {
     /// Applies the part of the manifests that `ids` need (workloads not in `ids` stop).
     fn apply_local(&self, ids: &BTreeSet<ResourceId>) -> Result<(), ConvergeError> {
         let desired = load(&self.paths).map_err(|e| ConvergeError(format!("{e:#}")))?;
-        let local = local_set(&desired, ids);
+        let mut local = local_set(&desired, ids);
+        if let Some(repl) = &self.repl {
+            // The pools it receives replicas into stay applied (only them: not the volumes
+            // on them, which would start empty where a replica is to be promoted).
+            for id in agent_repl::receiving_pools(&desired, repl.node()) {
+                if let Some(r) = desired.get(&id) {
+                    local.resources.insert(id, r.clone());
+                }
+            }
+        }
         let code = crate::apply(
             &self.g,
             &self.env,
@@ -446,22 +505,38 @@ fn resource_id(r: &ResourceRef) -> Option<ResourceId> {
 impl Converge for NodeEngine {
     fn converge(&self, owned: &[Owned]) -> Result<(), ConvergeError> {
         let ticket = self.tickets.fetch_add(1, Ordering::SeqCst);
-        let owned: BTreeSet<ResourceId> = owned
+        let ids: BTreeSet<ResourceId> = owned
             .iter()
             .filter_map(|o| resource_id(&o.resource))
             .collect();
         let mut ledger = self.ledger.lock().unwrap_or_else(PoisonError::into_inner);
-        let run = ledger.admit(&owned, ticket);
-        if run.len() < owned.len() {
+        let run = ledger.admit(&ids, ticket);
+        if run.len() < ids.len() {
             tracing::warn!("a converge from before the fence: the fenced workloads stay stopped");
+        }
+        let admitted: Vec<Owned> = owned
+            .iter()
+            .filter(|o| resource_id(&o.resource).is_some_and(|id| run.contains(&id)))
+            .cloned()
+            .collect();
+        if let Some(repl) = &self.repl {
+            // A failover: the replicas become the volumes before the volume driver runs.
+            let desired = load(&self.paths).map_err(|e| ConvergeError(format!("{e:#}")))?;
+            repl.promote_replicas(&desired, &admitted);
         }
         let result = self.apply_local(&run);
         ledger.running = run;
+        if let Some(repl) = &self.repl {
+            repl.set_owned(admitted);
+        }
         result
     }
 
     fn stop_ha(&self, resources: &[ResourceRef]) {
         let stop: BTreeSet<ResourceId> = resources.iter().filter_map(resource_id).collect();
+        if let Some(repl) = &self.repl {
+            repl.drop_owned(&stop.iter().cloned().collect::<Vec<_>>());
+        }
         let mut ledger = self.ledger.lock().unwrap_or_else(PoisonError::into_inner);
         let keep = ledger.fence(&stop, self.tickets.load(Ordering::SeqCst));
         if let Err(e) = self.apply_local(&keep) {

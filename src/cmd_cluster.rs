@@ -15,6 +15,7 @@ use stead_cluster::leader::{self, LeaderConfig, LeaderStatus, Manifests};
 use stead_cluster::model::{Assignment, NodeInfo};
 use stead_cluster::owner::list_owners;
 use stead_cluster::pki::{self, CaMode, InitReport, InitRequest, Layout, Member};
+use stead_cluster::replication::{ReplicationStatus, list_status};
 use stead_cluster::watch::list_prefix;
 
 use crate::Global;
@@ -190,6 +191,8 @@ struct Status {
     nodes: Vec<NodeStatus>,
     /// Every assignment, with its current owner.
     assignments: Vec<AssignmentStatus>,
+    /// Replicated volumes: last point, lag, bytes, last error, last failover.
+    replication: BTreeMap<String, ReplicationStatus>,
     /// etcd revision of the reading.
     revision: i64,
 }
@@ -254,10 +257,12 @@ async fn read_status(etcd: &EtcdConfig) -> Result<Status> {
             }
         })
         .collect();
+    let replication = list_status(&store).await?;
     Ok(Status {
         leader,
         nodes,
         assignments,
+        replication,
         revision,
     })
 }
@@ -317,6 +322,37 @@ fn print_status(st: &Status) {
             a.assignment.node,
             if a.assignment.ha { "yes" } else { "no" },
             a.owner.as_deref().unwrap_or("-")
+        );
+    }
+    if !st.replication.is_empty() {
+        println!();
+        print_replication(&st.replication);
+    }
+}
+
+fn print_replication(r: &BTreeMap<String, ReplicationStatus>) {
+    println!(
+        "{:<24} {:<12} {:<12} {:>6} {:>8} {:>12}  LAST ERROR / FAILOVER",
+        "VOLUME", "FROM", "TO", "POINT", "LAG", "BYTES"
+    );
+    for (volume, s) in r {
+        let opt = |v: Option<u64>, unit: &str| v.map_or("-".to_string(), |v| format!("{v}{unit}"));
+        let mut note = s.last_error.clone().unwrap_or_default();
+        if let Some(f) = &s.failover {
+            note = format!(
+                "failover to {} at {} from point {} (data-loss window {}s) {note}",
+                f.node, f.at, f.seq, f.window_s
+            );
+        }
+        println!(
+            "{:<24} {:<12} {:<12} {:>6} {:>8} {:>12}  {}",
+            volume,
+            s.from,
+            s.to,
+            opt(s.seq, ""),
+            opt(s.lag_s, "s"),
+            s.bytes,
+            note.trim_end()
         );
     }
 }

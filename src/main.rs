@@ -16,6 +16,7 @@ use stead_reconciler::render::{self, Style};
 use stead_reconciler::{ApplyLock, Drivers, ExecOptions, PlanOptions, StateDb, execute, plan_run};
 use stead_schema::{Desired, Diagnostic, Kind, ResourceId};
 
+mod agent_repl;
 mod cmd_agent;
 mod cmd_backup;
 mod cmd_cluster;

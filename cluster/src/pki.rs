@@ -1,6 +1,7 @@
 //! The cluster's certificates (`stead cluster init`): one certificate authority, and signed by
 //! it, for each etcd member a server certificate (clients → member) and a peer certificate
-//! (member ↔ member), for each node an agent client certificate (CN = node name), and one
+//! (member ↔ member), for each node an agent certificate (CN = node name; a client of etcd,
+//! and both ends of replication between agents), and one
 //! operator client certificate (`admin`). etcd runs with `--client-cert-auth` and
 //! `--peer-client-cert-auth`, so nothing without a certificate from this CA talks to it.
 //!
@@ -10,7 +11,8 @@
 //! ca.crt ca.key                         the authority (keep ca.key offline once nodes exist)
 //! etcd/NAME/server.crt server.key       SANs: NAME, the member's IP, localhost, 127.0.0.1
 //! etcd/NAME/peer.crt peer.key           same SANs, server and client use
-//! agent/NAME.crt agent/NAME.key         client use, CN = NAME
+//! agent/NAME.crt agent/NAME.key         client and server use, CN = NAME, SANs: NAME, the
+//!                                       node's IP (agents replicate volumes to each other)
 //! admin.crt admin.key                   client use, CN = stead-admin
 //! ```
 //!
@@ -414,28 +416,38 @@ fn client_params(cn: &str, v: Validity) -> CertificateParams {
     leaf_params(cn, v, vec![ExtendedKeyUsagePurpose::ClientAuth])
 }
 
+/// Both TLS uses: server and client.
+fn both_uses() -> Vec<ExtendedKeyUsagePurpose> {
+    vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ]
+}
+
+fn dns_san(s: &str) -> Result<SanType, PkiError> {
+    s.to_string()
+        .try_into()
+        .map(SanType::DnsName)
+        .map_err(cert_err("SAN"))
+}
+
 /// Server and peer certificates: both uses (etcd's gateway and peers dial with them).
 fn member_params(m: &Member, v: Validity) -> Result<CertificateParams, PkiError> {
-    let mut p = leaf_params(
-        &m.name,
-        v,
-        vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ],
-    );
-    let dns = |s: &str| {
-        s.to_string()
-            .try_into()
-            .map(SanType::DnsName)
-            .map_err(cert_err("SAN"))
-    };
+    let mut p = leaf_params(&m.name, v, both_uses());
     p.subject_alt_names = vec![
-        dns(&m.name)?,
-        dns("localhost")?,
+        dns_san(&m.name)?,
+        dns_san("localhost")?,
         SanType::IpAddress(m.ip),
         SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)),
     ];
+    Ok(p)
+}
+
+/// An agent's certificate: a client of etcd, and both ends of replication between agents
+/// (the sender checks the receiver's certificate names the node it dials).
+fn agent_params(m: &Member, v: Validity) -> Result<CertificateParams, PkiError> {
+    let mut p = leaf_params(&m.name, v, both_uses());
+    p.subject_alt_names = vec![dns_san(&m.name)?, SanType::IpAddress(m.ip)];
     Ok(p)
 }
 
@@ -469,11 +481,7 @@ fn issue_member(
     write_pair(&server, &l.server_cert(&m.name), &l.server_key(&m.name))?;
     let peer = issue(issuer, &params, &format!("{} peer", m.name))?;
     write_pair(&peer, &l.peer_cert(&m.name), &l.peer_key(&m.name))?;
-    let agent = issue(
-        issuer,
-        &client_params(&m.name, v),
-        &format!("{} agent", m.name),
-    )?;
+    let agent = issue(issuer, &agent_params(m, v)?, &format!("{} agent", m.name))?;
     write_pair(&agent, &l.agent_cert(&m.name), &l.agent_key(&m.name))?;
     Ok(MemberReport {
         name: m.name.clone(),

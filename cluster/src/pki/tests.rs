@@ -129,7 +129,11 @@ fn init_writes_certificates_that_chain_to_the_ca_with_their_sans() {
         assert_eq!(common_name(&agent), m.name);
         let a = agent.parse_x509().expect("agent");
         let eku = a.extended_key_usage().expect("eku").expect("has eku").value;
-        assert!(eku.client_auth && !eku.server_auth);
+        assert!(eku.client_auth && eku.server_auth);
+        let s = sans(&agent);
+        for want in [format!("DNS:{}", m.name), format!("IP:{}", m.ip)] {
+            assert!(s.contains(&want), "agent of {} lacks {want}: {s:?}", m.name);
+        }
         for key in [
             l.server_key(&m.name),
             l.peer_key(&m.name),
@@ -202,6 +206,7 @@ fn openssl_verifies_each_certificate_for_its_purpose() {
     verify("sslserver", l.peer_cert("n2"));
     verify("sslclient", l.peer_cert("n2"));
     verify("sslclient", l.agent_cert("n2"));
+    verify("sslserver", l.agent_cert("n2"));
     verify("sslclient", l.admin_cert());
 }
 

@@ -1,0 +1,347 @@
+//! Storage replication end to end (issue 15): three nodes of the cluster lab; n1 and n2 each
+//! have a btrfs pool `fast` on a loop file of their own (each agent reads manifests naming
+//! its own mount point, as two hosts would each mount their disk at the pool's path). An HA
+//! container (HA group: n1 first, then n2) mounts volume `data` on that pool, replicated to
+//! n2 `every: 2s`. It writes its run token into `/data/hello` once (the volume is empty) and
+//! then appends `RUN-TOKEN HELLO` to its rootfs every 200 ms. After status shows a replication
+//! point taken after the write, SIGKILL of n1's agent and workloads → the container runs on
+//! n2 from the promoted replica and reads the first run's token; status shows the failover's
+//! data-loss window. Figures printed: replication lag, failover time.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde_json::Value;
+use stead_e2e::cluster::ClusterLab;
+use stead_e2e::{LoopBtrfs, Sandbox, busybox_ok, busybox_rootfs_at, stead_bin};
+
+const TEST: &str = "an_ha_container_fails_over_to_its_volume_s_replica";
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn manifest(root: &Path, pool: &Path) -> String {
+    format!(
+        r#"apiVersion: stead.dev/v1alpha1
+kind: StoragePool
+metadata: {{name: fast}}
+spec: {{type: btrfs, path: {pool}}}
+---
+apiVersion: stead.dev/v1alpha1
+kind: Volume
+metadata: {{name: data}}
+spec:
+  pool: fast
+  size: 64Mi
+  deletionPolicy: Delete
+  replication: {{to: n2, every: 2s}}
+---
+apiVersion: stead.dev/v1alpha1
+kind: HaGroup
+metadata: {{name: pair}}
+spec:
+  nodes: {{n1: 2, n2: 1}}
+  restricted: true
+  noFailback: true
+---
+apiVersion: stead.dev/v1alpha1
+kind: Container
+metadata: {{name: probe}}
+spec:
+  rootfs: {{path: {root}}}
+  unprivileged: false
+  placement: {{haGroup: pair}}
+  mounts: [{{volume: data, path: /data}}]
+  command:
+    - /bin/sh
+    - -c
+    - "trap 'exit 0' TERM; t=$RANDOM$RANDOM; [ -s /data/hello ] || {{ echo $t > /data/hello; sync; }}; while :; do echo \"$t $(cat /data/hello)\" >> /seen.log; sleep 0.2; done"
+"#,
+        pool = pool.display(),
+        root = root.display()
+    )
+}
+
+/// `(run token, what it read from /data/hello)` per line of the probe's record.
+fn seen(log: &Path) -> Vec<(String, String)> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let mut it = l.split_whitespace();
+            Some((it.next()?.to_string(), it.next()?.to_string()))
+        })
+        .collect()
+}
+
+fn status(lab: &ClusterLab) -> Value {
+    let (cert, key) = lab.admin();
+    let out = lab
+        .in_hub(&stead_bin())
+        .args(["cluster", "status", "-o", "json", "--etcd"])
+        .arg(lab.endpoints().join(","))
+        .arg("--ca")
+        .arg(lab.ca())
+        .arg("--cert")
+        .arg(cert)
+        .arg("--key")
+        .arg(key)
+        .output()
+        .expect("stead cluster status");
+    serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+}
+
+fn owner(st: &Value) -> Option<String> {
+    st["assignments"]
+        .as_array()?
+        .iter()
+        .find(|a| a["resource"] == "Container/probe")?["owner"]
+        .as_str()
+        .map(str::to_string)
+}
+
+fn logs(lab: &ClusterLab) -> String {
+    let mut s = String::new();
+    for name in ["agent-n1", "agent-n2", "controller"] {
+        let text = std::fs::read_to_string(lab.log_path(name)).unwrap_or_default();
+        let noise = ["h2::", "hyper", "tower::", "rustls::", "tonic::"];
+        let lines: Vec<&str> = text
+            .lines()
+            .filter(|l| !noise.iter().any(|n| l.contains(n)))
+            .collect();
+        let from = lines.len().saturating_sub(30);
+        let repl: Vec<&str> = lines
+            .iter()
+            .filter(|l| l.contains("promot") || l.contains("failover") || l.contains("WARN"))
+            .take(20)
+            .copied()
+            .collect();
+        s.push_str(&format!(
+            "--- {name} (replication, warnings)\n{}\n--- {name}\n{}\n",
+            repl.join("\n"),
+            lines[from..].join("\n")
+        ));
+    }
+    s
+}
+
+fn wait_for(what: &str, limit: Duration, lab: &ClusterLab, mut ok: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !ok() {
+        if t0.elapsed() > limit {
+            panic!("{what}: not after {limit:?}\n{}", logs(lab));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn join(lab: &mut ClusterLab, i: usize, pool: bool) {
+    let (cert, key) = lab.agent_cert(i);
+    let (name, ip) = (lab.nodes[i].name.clone(), lab.nodes[i].ip.to_string());
+    let eps = lab.endpoints().join(",");
+    let ca = lab.ca();
+    let mut c = lab.stead(i);
+    c.args(["node", "join", "--etcd", &eps, "--name", &name])
+        .args(["--address", &ip, "--lease-ttl", "4s", "--ca"])
+        .arg(ca)
+        .arg("--cert")
+        .arg(cert)
+        .arg("--key")
+        .arg(key);
+    if pool {
+        c.args(["--pool", "fast"]);
+    }
+    let out = c.output().expect("stead node join");
+    assert!(
+        out.status.success(),
+        "node join {name}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn start_agent(lab: &mut ClusterLab, i: usize, manifests: &Path) -> usize {
+    let log = std::fs::File::create(lab.log_path(&format!("agent-{}", lab.nodes[i].name)))
+        .expect("agent log");
+    let mut c = lab.stead(i);
+    c.args(["-vv", "agent"]).arg(manifests);
+    c.stdin(Stdio::null())
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log);
+    let what = format!("agent {}", lab.nodes[i].name);
+    lab.spawn(i, &what, c)
+}
+
+fn start_controller(lab: &mut ClusterLab, manifests: &Path) {
+    let (cert, key) = lab.admin();
+    let log = std::fs::File::create(lab.log_path("controller")).expect("log");
+    let mut c = lab.in_hub(&stead_bin());
+    c.args(["-vv", "cluster", "lead"])
+        .arg(manifests)
+        .args(["--name", "ctl", "--lease-ttl", "4s", "--etcd"])
+        .arg(lab.endpoints().join(","))
+        .arg("--ca")
+        .arg(lab.ca())
+        .arg("--cert")
+        .arg(cert)
+        .arg("--key")
+        .arg(key)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log);
+    lab.spawn(0, "controller", c);
+}
+
+/// `stead destroy` of each node's own manifests, before the lab goes (declared after it,
+/// dropped first): the container's volume mounts sit on the loop file systems.
+struct DestroyEach(Vec<Command>);
+
+impl Drop for DestroyEach {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.stdout(Stdio::null()).stderr(Stdio::null()).status();
+        }
+    }
+}
+
+/// A node's pool: its own loop btrfs (in a sandbox of its own) and manifests naming it.
+struct NodePool {
+    fs: LoopBtrfs,
+    manifests: PathBuf,
+    _sb: Sandbox,
+}
+
+fn node_pool(root: &Path) -> Option<NodePool> {
+    let sb = Sandbox::new();
+    let fs = LoopBtrfs::for_test(&sb, TEST)?;
+    let manifests = sb.path("manifests");
+    std::fs::create_dir_all(&manifests).unwrap();
+    std::fs::write(
+        manifests.join("m.yaml"),
+        manifest(root, &fs.mnt.join("pool")),
+    )
+    .unwrap();
+    Some(NodePool {
+        fs,
+        manifests,
+        _sb: sb,
+    })
+}
+
+#[test]
+fn an_ha_container_fails_over_to_its_volume_s_replica() {
+    if !busybox_ok(TEST) {
+        return;
+    }
+    let rootfs_sb = Sandbox::new();
+    let root = busybox_rootfs_at(&rootfs_sb.path("ct-root"));
+    let seen_log = root.join("seen.log");
+    // Declared before the lab: dropped after it (mounts go once its processes are gone).
+    let Some(p1) = node_pool(&root) else { return };
+    let Some(p2) = node_pool(&root) else { return };
+    let Some(mut lab) = ClusterLab::for_test(TEST, 3) else {
+        return;
+    };
+    let pools = [&p1, &p2];
+    let mut destroy = Vec::new();
+    for (i, p) in pools.iter().enumerate() {
+        let mut c = lab.stead(i);
+        c.args(["destroy", "--yes"]).arg(&p.manifests);
+        destroy.push(c);
+    }
+    let _destroy = DestroyEach(destroy);
+    // n3 has no pool: its manifests are n1's (it never runs the container).
+    let manifests = [&p1.manifests, &p2.manifests, &p1.manifests];
+    let mut agents = Vec::new();
+    for (i, m) in manifests.iter().enumerate() {
+        join(&mut lab, i, i < 2);
+        agents.push(start_agent(&mut lab, i, m));
+    }
+    start_controller(&mut lab, &p1.manifests);
+
+    wait_for(
+        "the probe runs on n1",
+        Duration::from_secs(90),
+        &lab,
+        || seen(&seen_log).len() >= 3,
+    );
+    let hello = seen(&seen_log)[0].1.clone();
+    let written = unix_now();
+    assert_eq!(owner(&status(&lab)).as_deref(), Some("n1"));
+
+    let mut lag = None;
+    wait_for(
+        "a replication point after the write",
+        Duration::from_secs(60),
+        &lab,
+        || {
+            let st = status(&lab);
+            let r = &st["replication"]["data"];
+            let fresh = r["lastPoint"].as_u64().is_some_and(|p| p > written);
+            lag = r["lagS"].as_u64();
+            fresh
+        },
+    );
+    let st = status(&lab);
+    println!(
+        "FIGURE replication: lag {:?} s, last transfer {} bytes in {} ms",
+        lag, st["replication"]["data"]["bytes"], st["replication"]["data"]["durationMs"]
+    );
+
+    let t0 = Instant::now();
+    lab.kill_proc(agents[0]);
+    assert!(lab.kill_workloads(0) > 0, "no workload process of n1 found");
+    let on_replica = || {
+        let lines = seen(&seen_log);
+        let first = lines.first().map(|l| l.0.clone());
+        lines
+            .last()
+            .is_some_and(|(t, h)| Some(t) != first.as_ref() && *h == hello)
+    };
+    while !on_replica() {
+        if t0.elapsed() > Duration::from_secs(120) {
+            let lines = seen(&seen_log);
+            panic!(
+                "the probe does not run on n2 reading the first run's file; hello {hello}, \
+                 record: first {:?} last {:?}\n{}",
+                lines.first(),
+                lines.last(),
+                logs(&lab)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let failover = t0.elapsed();
+    let tail = seen(&seen_log);
+    println!(
+        "probe record: first {:?}, last {:?}",
+        tail.first(),
+        tail.last()
+    );
+    let st = status(&lab);
+    assert_eq!(owner(&st).as_deref(), Some("n2"), "{st:#}");
+    assert!(
+        p2.fs.mnt.join("pool/images/data").exists(),
+        "the replica became n2's volume"
+    );
+    let mut window = None;
+    wait_for(
+        "the failover in status",
+        Duration::from_secs(30),
+        &lab,
+        || {
+            window = status(&lab)["replication"]["data"]["failover"]["windowS"].as_u64();
+            window.is_some()
+        },
+    );
+    println!(
+        "FIGURE failover: {:.2} s from SIGKILL to the container reading the replica on n2; data-loss window {} s",
+        failover.as_secs_f64(),
+        window.unwrap_or(0)
+    );
+}
