@@ -865,6 +865,113 @@ pub fn unb64(s: &str) -> Option<Vec<u8>> {
     Some(out)
 }
 
+/// stead's cluster verbs on the lab, as the cluster tests run them: nodes joined with a 4 s
+/// lease, agents and a controller candidate logging to `log/`, status read with the
+/// operator certificate from the hub.
+impl ClusterLab {
+    /// `stead node join` of node `i` (its agent certificate, its lab IP as address, a 4 s
+    /// lease) with `extra` arguments (e.g. `--pool NAME`); panics when it fails.
+    pub fn join_node(&mut self, i: usize, extra: &[&str]) {
+        let (cert, key) = self.agent_cert(i);
+        let (name, ip) = (self.nodes[i].name.clone(), self.nodes[i].ip.to_string());
+        let eps = self.endpoints().join(",");
+        let ca = self.ca();
+        let mut c = self.stead(i);
+        c.args(["node", "join", "--etcd", &eps, "--name", &name])
+            .args(["--address", &ip, "--lease-ttl", "4s", "--ca"])
+            .arg(ca)
+            .arg("--cert")
+            .arg(cert)
+            .arg("--key")
+            .arg(key)
+            .args(extra);
+        let out = c.output().expect("stead node join");
+        assert!(
+            out.status.success(),
+            "node join {name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Starts `stead agent MANIFESTS` on node `i` (log `agent-NAME`); its index in
+    /// [`ClusterLab::procs`].
+    pub fn start_agent(&mut self, i: usize, manifests: &Path) -> usize {
+        let log = std::fs::File::create(self.log_path(&format!("agent-{}", self.nodes[i].name)))
+            .expect("agent log");
+        let mut c = self.stead(i);
+        c.args(["-vv", "agent"]).arg(manifests);
+        c.stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log);
+        let what = format!("agent {}", self.nodes[i].name);
+        self.spawn(i, &what, c)
+    }
+
+    /// Starts a controller candidate `stead cluster lead MANIFESTS` in the hub (log
+    /// `controller`, a 4 s lease); its index in [`ClusterLab::procs`].
+    pub fn start_controller(&mut self, manifests: &Path) -> usize {
+        let (cert, key) = self.admin();
+        let log = std::fs::File::create(self.log_path("controller")).expect("log");
+        let mut c = self.in_hub(&stead_bin());
+        c.args(["-vv", "cluster", "lead"]).arg(manifests).args([
+            "--name",
+            "ctl",
+            "--lease-ttl",
+            "4s",
+        ]);
+        self.operator_args(&mut c, &cert, &key);
+        c.stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log);
+        self.spawn(0, "controller", c)
+    }
+
+    /// `stead cluster status -o json` from the hub (`null` when it fails).
+    pub fn cluster_status(&self) -> Value {
+        let (cert, key) = self.admin();
+        let mut c = self.in_hub(&stead_bin());
+        c.args(["cluster", "status", "-o", "json"]);
+        self.operator_args(&mut c, &cert, &key);
+        let out = c.output().expect("stead cluster status");
+        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+    }
+
+    fn operator_args(&self, c: &mut Command, cert: &Path, key: &Path) {
+        c.arg("--etcd")
+            .arg(self.endpoints().join(","))
+            .arg("--ca")
+            .arg(self.ca())
+            .arg("--cert")
+            .arg(cert)
+            .arg("--key")
+            .arg(key);
+    }
+
+    /// The last `n` lines of log `name`, without the transport crates' chatter (HTTP/2
+    /// frames, connection pools drown what matters).
+    pub fn log_tail(&self, name: &str, n: usize) -> Vec<String> {
+        let text = std::fs::read_to_string(self.log_path(name)).unwrap_or_default();
+        let noise = ["h2::", "hyper", "tower::", "rustls::", "tonic::"];
+        let lines: Vec<String> = text
+            .lines()
+            .filter(|l| !noise.iter().any(|x| l.contains(x)))
+            .map(str::to_string)
+            .collect();
+        let from = lines.len().saturating_sub(n);
+        lines[from..].to_vec()
+    }
+}
+
+/// The node owning `resource` (`Kind/name`) in a `stead cluster status -o json` document.
+pub fn owner_in(status: &Value, resource: &str) -> Option<String> {
+    status["assignments"]
+        .as_array()?
+        .iter()
+        .find(|a| a["resource"] == resource)?["owner"]
+        .as_str()
+        .map(str::to_string)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

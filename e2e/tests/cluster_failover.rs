@@ -12,13 +12,11 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use rustix::process::Signal;
-use serde_json::Value;
-use stead_e2e::cluster::ClusterLab;
-use stead_e2e::{busybox_ok, busybox_rootfs_at, stead_bin};
+use stead_e2e::cluster::{ClusterLab, owner_in};
+use stead_e2e::{busybox_ok, busybox_rootfs_at};
 
 /// One run of the probe: its token and the first and last uptime it wrote.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -97,15 +95,10 @@ fn wait_for(what: &str, limit: Duration, mut ok: impl FnMut() -> bool, lab: &Clu
 fn logs(lab: &ClusterLab) -> String {
     let mut s = String::new();
     for name in ["agent-n1", "agent-n2", "agent-n3", "controller"] {
-        let text = std::fs::read_to_string(lab.log_path(name)).unwrap_or_default();
-        // Transport chatter (HTTP/2 frames, connection pools) drowns what matters.
-        let noise = ["h2::", "hyper", "tower::", "rustls::", "tonic::"];
-        let lines: Vec<&str> = text
-            .lines()
-            .filter(|l| !noise.iter().any(|n| l.contains(n)))
-            .collect();
-        let from = lines.len().saturating_sub(25);
-        s.push_str(&format!("--- {name}\n{}\n", lines[from..].join("\n")));
+        s.push_str(&format!(
+            "--- {name}\n{}\n",
+            lab.log_tail(name, 25).join("\n")
+        ));
     }
     s
 }
@@ -128,97 +121,9 @@ spec:
     )
 }
 
-/// `stead cluster status -o json` from the hub with the operator certificate.
-fn status(lab: &ClusterLab) -> Value {
-    let (cert, key) = lab.admin();
-    let out = lab
-        .in_hub(&stead_bin())
-        .args(["cluster", "status", "-o", "json", "--etcd"])
-        .arg(lab.endpoints().join(","))
-        .arg("--ca")
-        .arg(lab.ca())
-        .arg("--cert")
-        .arg(cert)
-        .arg("--key")
-        .arg(key)
-        .output()
-        .expect("stead cluster status");
-    serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
-}
-
 /// The node owning `Container/probe` now, if any.
 fn owner(lab: &ClusterLab) -> Option<String> {
-    let st = status(lab);
-    st["assignments"]
-        .as_array()?
-        .iter()
-        .find(|a| a["resource"] == "Container/probe")?["owner"]
-        .as_str()
-        .map(str::to_string)
-}
-
-fn join(lab: &mut ClusterLab, i: usize) {
-    let (cert, key) = lab.agent_cert(i);
-    let (name, ip) = (lab.nodes[i].name.clone(), lab.nodes[i].ip.to_string());
-    let eps = lab.endpoints().join(",");
-    let ca = lab.ca();
-    let out = lab
-        .stead(i)
-        .args([
-            "node",
-            "join",
-            "--etcd",
-            &eps,
-            "--name",
-            &name,
-            "--address",
-            &ip,
-        ])
-        .args(["--lease-ttl", "4s", "--ca"])
-        .arg(ca)
-        .arg("--cert")
-        .arg(cert)
-        .arg("--key")
-        .arg(key)
-        .output()
-        .expect("stead node join");
-    assert!(
-        out.status.success(),
-        "node join {name}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn start_agent(lab: &mut ClusterLab, i: usize, manifests: &Path) -> usize {
-    let log = std::fs::File::create(lab.log_path(&format!("agent-{}", lab.nodes[i].name)))
-        .expect("agent log");
-    let mut c = lab.stead(i);
-    c.args(["-vv", "agent"]).arg(manifests);
-    c.stdin(Stdio::null())
-        .stdout(log.try_clone().expect("log"))
-        .stderr(log);
-    let what = format!("agent {}", lab.nodes[i].name);
-    lab.spawn(i, &what, c)
-}
-
-fn start_controller(lab: &mut ClusterLab, manifests: &Path) -> usize {
-    let (cert, key) = lab.admin();
-    let log = std::fs::File::create(lab.log_path("controller")).expect("log");
-    let mut c = lab.in_hub(&stead_bin());
-    c.args(["-vv", "cluster", "lead"])
-        .arg(manifests)
-        .args(["--name", "ctl", "--lease-ttl", "4s", "--etcd"])
-        .arg(lab.endpoints().join(","))
-        .arg("--ca")
-        .arg(lab.ca())
-        .arg("--cert")
-        .arg(cert)
-        .arg("--key")
-        .arg(key)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().expect("log"))
-        .stderr(log);
-    lab.spawn(0, "controller", c)
+    owner_in(&lab.cluster_status(), "Container/probe")
 }
 
 /// Failovers in one run.
@@ -306,7 +211,7 @@ fn fail_over_once(
         all.len() - before
     );
     match fault {
-        Fault::Kill => agents[victim] = start_agent(lab, victim, manifests),
+        Fault::Kill => agents[victim] = lab.start_agent(victim, manifests),
         Fault::Partition => lab.heal(victim),
         Fault::Pause => assert!(lab.signal_proc(agents[victim], Signal::CONT)),
     }
@@ -314,7 +219,7 @@ fn fail_over_once(
         "the restarted node registers",
         Duration::from_secs(30),
         || {
-            status(lab)["nodes"]
+            lab.cluster_status()["nodes"]
                 .as_array()
                 .is_some_and(|n| n.len() == lab.nodes.len())
         },
@@ -339,10 +244,10 @@ fn probe_lab(test: &str) -> Option<(ClusterLab, Vec<usize>, PathBuf, PathBuf)> {
 
     let mut agents = Vec::new();
     for i in 0..lab.nodes.len() {
-        join(&mut lab, i);
-        agents.push(start_agent(&mut lab, i, &manifests));
+        lab.join_node(i, &[]);
+        agents.push(lab.start_agent(i, &manifests));
     }
-    start_controller(&mut lab, &manifests);
+    lab.start_controller(&manifests);
 
     let t_start = Instant::now();
     wait_for(

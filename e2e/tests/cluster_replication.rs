@@ -15,8 +15,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
-use stead_e2e::cluster::ClusterLab;
-use stead_e2e::{LoopBtrfs, Sandbox, busybox_ok, busybox_rootfs_at, stead_bin};
+use stead_e2e::cluster::{ClusterLab, owner_in};
+use stead_e2e::{LoopBtrfs, Sandbox, busybox_ok, busybox_rootfs_at};
 
 const TEST: &str = "an_ha_container_fails_over_to_its_volume_s_replica";
 
@@ -80,47 +80,20 @@ fn seen(log: &Path) -> Vec<(String, String)> {
         .collect()
 }
 
-fn status(lab: &ClusterLab) -> Value {
-    let (cert, key) = lab.admin();
-    let out = lab
-        .in_hub(&stead_bin())
-        .args(["cluster", "status", "-o", "json", "--etcd"])
-        .arg(lab.endpoints().join(","))
-        .arg("--ca")
-        .arg(lab.ca())
-        .arg("--cert")
-        .arg(cert)
-        .arg("--key")
-        .arg(key)
-        .output()
-        .expect("stead cluster status");
-    serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
-}
-
 fn owner(st: &Value) -> Option<String> {
-    st["assignments"]
-        .as_array()?
-        .iter()
-        .find(|a| a["resource"] == "Container/probe")?["owner"]
-        .as_str()
-        .map(str::to_string)
+    owner_in(st, "Container/probe")
 }
 
 fn logs(lab: &ClusterLab) -> String {
     let mut s = String::new();
     for name in ["agent-n1", "agent-n2", "controller"] {
-        let text = std::fs::read_to_string(lab.log_path(name)).unwrap_or_default();
-        let noise = ["h2::", "hyper", "tower::", "rustls::", "tonic::"];
-        let lines: Vec<&str> = text
-            .lines()
-            .filter(|l| !noise.iter().any(|n| l.contains(n)))
-            .collect();
+        let lines = lab.log_tail(name, usize::MAX);
         let from = lines.len().saturating_sub(30);
         let repl: Vec<&str> = lines
             .iter()
+            .map(String::as_str)
             .filter(|l| l.contains("promot") || l.contains("failover") || l.contains("WARN"))
             .take(20)
-            .copied()
             .collect();
         s.push_str(&format!(
             "--- {name} (replication, warnings)\n{}\n--- {name}\n{}\n",
@@ -139,62 +112,6 @@ fn wait_for(what: &str, limit: Duration, lab: &ClusterLab, mut ok: impl FnMut() 
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-}
-
-fn join(lab: &mut ClusterLab, i: usize, pool: bool) {
-    let (cert, key) = lab.agent_cert(i);
-    let (name, ip) = (lab.nodes[i].name.clone(), lab.nodes[i].ip.to_string());
-    let eps = lab.endpoints().join(",");
-    let ca = lab.ca();
-    let mut c = lab.stead(i);
-    c.args(["node", "join", "--etcd", &eps, "--name", &name])
-        .args(["--address", &ip, "--lease-ttl", "4s", "--ca"])
-        .arg(ca)
-        .arg("--cert")
-        .arg(cert)
-        .arg("--key")
-        .arg(key);
-    if pool {
-        c.args(["--pool", "fast"]);
-    }
-    let out = c.output().expect("stead node join");
-    assert!(
-        out.status.success(),
-        "node join {name}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn start_agent(lab: &mut ClusterLab, i: usize, manifests: &Path) -> usize {
-    let log = std::fs::File::create(lab.log_path(&format!("agent-{}", lab.nodes[i].name)))
-        .expect("agent log");
-    let mut c = lab.stead(i);
-    c.args(["-vv", "agent"]).arg(manifests);
-    c.stdin(Stdio::null())
-        .stdout(log.try_clone().expect("log"))
-        .stderr(log);
-    let what = format!("agent {}", lab.nodes[i].name);
-    lab.spawn(i, &what, c)
-}
-
-fn start_controller(lab: &mut ClusterLab, manifests: &Path) {
-    let (cert, key) = lab.admin();
-    let log = std::fs::File::create(lab.log_path("controller")).expect("log");
-    let mut c = lab.in_hub(&stead_bin());
-    c.args(["-vv", "cluster", "lead"])
-        .arg(manifests)
-        .args(["--name", "ctl", "--lease-ttl", "4s", "--etcd"])
-        .arg(lab.endpoints().join(","))
-        .arg("--ca")
-        .arg(lab.ca())
-        .arg("--cert")
-        .arg(cert)
-        .arg("--key")
-        .arg(key)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().expect("log"))
-        .stderr(log);
-    lab.spawn(0, "controller", c);
 }
 
 /// `stead destroy` of each node's own manifests, before the lab goes (declared after it,
@@ -259,10 +176,10 @@ fn an_ha_container_fails_over_to_its_volume_s_replica() {
     let manifests = [&p1.manifests, &p2.manifests, &p1.manifests];
     let mut agents = Vec::new();
     for (i, m) in manifests.iter().enumerate() {
-        join(&mut lab, i, i < 2);
-        agents.push(start_agent(&mut lab, i, m));
+        lab.join_node(i, if i < 2 { &["--pool", "fast"] } else { &[] });
+        agents.push(lab.start_agent(i, m));
     }
-    start_controller(&mut lab, &p1.manifests);
+    lab.start_controller(&p1.manifests);
 
     wait_for(
         "the probe runs on n1",
@@ -272,7 +189,7 @@ fn an_ha_container_fails_over_to_its_volume_s_replica() {
     );
     let hello = seen(&seen_log)[0].1.clone();
     let written = unix_now();
-    assert_eq!(owner(&status(&lab)).as_deref(), Some("n1"));
+    assert_eq!(owner(&lab.cluster_status()).as_deref(), Some("n1"));
 
     let mut lag = None;
     wait_for(
@@ -280,14 +197,14 @@ fn an_ha_container_fails_over_to_its_volume_s_replica() {
         Duration::from_secs(60),
         &lab,
         || {
-            let st = status(&lab);
+            let st = lab.cluster_status();
             let r = &st["replication"]["data"];
             let fresh = r["lastPoint"].as_u64().is_some_and(|p| p > written);
             lag = r["lagS"].as_u64();
             fresh
         },
     );
-    let st = status(&lab);
+    let st = lab.cluster_status();
     println!(
         "FIGURE replication: lag {:?} s, last transfer {} bytes in {} ms",
         lag, st["replication"]["data"]["bytes"], st["replication"]["data"]["durationMs"]
@@ -323,7 +240,7 @@ fn an_ha_container_fails_over_to_its_volume_s_replica() {
         tail.first(),
         tail.last()
     );
-    let st = status(&lab);
+    let st = lab.cluster_status();
     assert_eq!(owner(&st).as_deref(), Some("n2"), "{st:#}");
     assert!(
         p2.fs.mnt.join("pool/images/data").exists(),
@@ -335,7 +252,7 @@ fn an_ha_container_fails_over_to_its_volume_s_replica() {
         Duration::from_secs(30),
         &lab,
         || {
-            window = status(&lab)["replication"]["data"]["failover"]["windowS"].as_u64();
+            window = lab.cluster_status()["replication"]["data"]["failover"]["windowS"].as_u64();
             window.is_some()
         },
     );
