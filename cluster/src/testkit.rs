@@ -1,6 +1,7 @@
 //! Test support (feature `testkit`): one real etcd member on loopback, killed and removed on
 //! drop. Tests that cannot find the etcd binary print `SKIP <name>: <reason>` and return.
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
@@ -9,8 +10,12 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use tempfile::TempDir;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
 
 use crate::etcd::{EtcdConfig, Store};
+use crate::model::{Capacity, NodeInfo};
+use crate::registry::Liveness;
 
 /// Where the etcd binary is looked for unless `STEAD_ETCD_BIN` names one.
 pub const ETCD_BIN: &str = "/usr/bin/etcd";
@@ -35,6 +40,59 @@ pub fn etcd_binary() -> Result<PathBuf, TestkitError> {
     } else {
         Err(TestkitError::Missing(path))
     }
+}
+
+/// What a test does with `started` (a member or cluster it just started): keeps it, or
+/// prints `SKIP <test>: ...` and gives `None` when the etcd binary is missing (the test
+/// returns); any other failure panics.
+pub fn or_skip<T>(test: &str, started: Result<T, TestkitError>) -> Option<T> {
+    match started {
+        Ok(t) => Some(t),
+        Err(TestkitError::Missing(p)) => {
+            println!("SKIP {test}: no etcd binary at {}", p.display());
+            None
+        }
+        Err(e) => panic!("{test}: {e}"),
+    }
+}
+
+/// One member started for `test` and a store on it under `prefix`; `None` (after the SKIP
+/// line of [`or_skip`]) without the etcd binary.
+pub async fn member_with_store(test: &str, prefix: &str) -> Option<(EtcdMember, Store)> {
+    let member = or_skip(test, EtcdMember::start().await)?;
+    let store = member
+        .store(prefix)
+        .await
+        .unwrap_or_else(|e| panic!("{test}: store: {e}"));
+    Some((member, store))
+}
+
+/// A node for tests: `name` at 127.0.0.1, no labels, pools or networks, zero capacity.
+pub fn test_node(name: &str) -> NodeInfo {
+    NodeInfo {
+        name: name.into(),
+        address: "127.0.0.1".into(),
+        labels: BTreeMap::new(),
+        capacity: Capacity::default(),
+        pools: vec![],
+        networks: vec![],
+        version: "test".into(),
+    }
+}
+
+/// Records the largest gap between acknowledged keepalives that `liveness` shows, until its
+/// registration goes away (the task's result).
+pub fn largest_ack_gap(mut liveness: watch::Receiver<Liveness>) -> JoinHandle<Duration> {
+    tokio::spawn(async move {
+        let mut last = liveness.borrow().acked_at;
+        let mut largest = Duration::ZERO;
+        while liveness.changed().await.is_ok() {
+            let at = liveness.borrow_and_update().acked_at;
+            largest = largest.max(at.saturating_duration_since(last));
+            last = at;
+        }
+        largest
+    })
 }
 
 /// A free TCP port on 127.0.0.1 (bound and released; a race with other processes is possible

@@ -12,26 +12,11 @@ use stead_cluster::etcd::{Store, StoreError};
 use stead_cluster::leader::{self, LeaderConfig, LeaderStatus, Manifests};
 use stead_cluster::model::{Assignment, Capacity, NodeInfo};
 use stead_cluster::registry::{LeaseConfig, Registration};
-use stead_cluster::testkit::{EtcdMember, TestkitError};
+use stead_cluster::testkit::member_with_store;
 use stead_schema::Desired;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep};
-
-/// One etcd member on loopback (the store tests' member), or `None` with a SKIP line.
-async fn member(test: &str) -> Option<(EtcdMember, Store)> {
-    match EtcdMember::start().await {
-        Ok(m) => {
-            let store = m.store("/leader-test").await.expect("store");
-            Some((m, store))
-        }
-        Err(TestkitError::Missing(p)) => {
-            println!("SKIP {test}: no etcd binary at {}", p.display());
-            None
-        }
-        Err(e) => panic!("{test}: {e}"),
-    }
-}
 
 fn node(name: &str) -> NodeInfo {
     NodeInfo {
@@ -146,7 +131,11 @@ fn node_of(list: &[String], resource: &str) -> Option<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_leader_places_and_follows_nodes_and_manifests() {
-    let Some((_etcd, store)) = member("the_leader_places_and_follows_nodes_and_manifests").await
+    let Some((_etcd, store)) = member_with_store(
+        "the_leader_places_and_follows_nodes_and_manifests",
+        "/leader-test",
+    )
+    .await
     else {
         return;
     };
@@ -225,8 +214,11 @@ async fn the_leader_places_and_follows_nodes_and_manifests() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_candidate_takes_over_and_the_first_is_fenced() {
-    let Some((_etcd, store)) =
-        member("a_second_candidate_takes_over_and_the_first_is_fenced").await
+    let Some((_etcd, store)) = member_with_store(
+        "a_second_candidate_takes_over_and_the_first_is_fenced",
+        "/leader-test",
+    )
+    .await
     else {
         return;
     };
@@ -280,7 +272,11 @@ async fn a_second_candidate_takes_over_and_the_first_is_fenced() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crashed_leader_is_replaced_once_its_lease_expires() {
-    let Some((_etcd, store)) = member("a_crashed_leader_is_replaced_once_its_lease_expires").await
+    let Some((_etcd, store)) = member_with_store(
+        "a_crashed_leader_is_replaced_once_its_lease_expires",
+        "/leader-test",
+    )
+    .await
     else {
         return;
     };
@@ -309,8 +305,11 @@ async fn a_crashed_leader_is_replaced_once_its_lease_expires() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn assignments_on_nodes_not_seen_yet_are_held_while_settling() {
-    let Some((_etcd, store)) =
-        member("assignments_on_nodes_not_seen_yet_are_held_while_settling").await
+    let Some((_etcd, store)) = member_with_store(
+        "assignments_on_nodes_not_seen_yet_are_held_while_settling",
+        "/leader-test",
+    )
+    .await
     else {
         return;
     };

@@ -1,44 +1,25 @@
 //! Keepalives across etcd leader elections, on three real members on 127.0.0.1
 //! (stead_cluster::testkit::EtcdCluster). Without the etcd binary the test prints SKIP.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use stead_cluster::etcd::Store;
 use stead_cluster::fence::{FenceGuard, FencePolicy};
-use stead_cluster::model::{Capacity, NodeInfo};
 use stead_cluster::registry::{LeaseConfig, Registration};
-use stead_cluster::testkit::{EtcdCluster, TestkitError};
+use stead_cluster::testkit::{EtcdCluster, largest_ack_gap, or_skip, test_node};
 use tokio::time::{Instant, sleep};
-
-fn node(name: &str) -> NodeInfo {
-    NodeInfo {
-        name: name.into(),
-        address: "127.0.0.1".into(),
-        labels: BTreeMap::new(),
-        capacity: Capacity::default(),
-        pools: vec![],
-        networks: vec![],
-        version: "test".into(),
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keepalives_survive_etcd_leader_kills_without_fencing() {
     let test = "keepalives_survive_etcd_leader_kills_without_fencing";
-    let mut etcd = match EtcdCluster::start().await {
-        Ok(c) => c,
-        Err(TestkitError::Missing(p)) => {
-            println!("SKIP {test}: no etcd binary at {}", p.display());
-            return;
-        }
-        Err(e) => panic!("{test}: {e}"),
+    let Some(mut etcd) = or_skip(test, EtcdCluster::start().await) else {
+        return;
     };
     let store = Store::connect(&etcd.config("/t")).await.expect("store");
     let ttl = Duration::from_secs(6);
-    let registration = Registration::register(&store, &node("n1"), LeaseConfig::with_ttl(ttl))
+    let registration = Registration::register(&store, &test_node("n1"), LeaseConfig::with_ttl(ttl))
         .await
         .expect("register");
     let fences = Arc::new(AtomicUsize::new(0));
@@ -52,17 +33,7 @@ async fn keepalives_survive_etcd_leader_kills_without_fencing() {
     );
 
     // Record the largest gap between acknowledged keepalives while leaders are killed.
-    let mut liveness = registration.liveness();
-    let gaps = tokio::spawn(async move {
-        let mut last = liveness.borrow().acked_at;
-        let mut largest = Duration::ZERO;
-        while liveness.changed().await.is_ok() {
-            let at = liveness.borrow_and_update().acked_at;
-            largest = largest.max(at.saturating_duration_since(last));
-            last = at;
-        }
-        largest
-    });
+    let gaps = largest_ack_gap(registration.liveness());
 
     for round in 0..3 {
         let leader = etcd.leader().await.expect("a leader");

@@ -1,7 +1,6 @@
 //! The store against a real etcd 3.4 member on 127.0.0.1 (stead_cluster::testkit). Each test
 //! starts its own member; without the etcd binary a test prints SKIP and returns.
 
-use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -12,37 +11,11 @@ use stead_cluster::election::{
 use stead_cluster::etcd::{Store, StoreError};
 use stead_cluster::fence::{FencePolicy, boottime_now, watchdog_expired};
 use stead_cluster::keys::ResourceRef;
-use stead_cluster::model::{Assignment, Capacity, NodeInfo};
+use stead_cluster::model::Assignment;
 use stead_cluster::owner::{self, Holder};
 use stead_cluster::registry::{LeaseConfig, NodeEvent, NodeWatch, Registration, list_nodes};
-use stead_cluster::testkit::{EtcdMember, TestkitError};
+use stead_cluster::testkit::{member_with_store, test_node};
 use tokio::time::{Instant, timeout};
-
-async fn member(test: &str) -> Option<EtcdMember> {
-    match EtcdMember::start().await {
-        Ok(m) => Some(m),
-        Err(TestkitError::Missing(p)) => {
-            println!("SKIP {test}: no etcd binary at {}", p.display());
-            None
-        }
-        Err(e) => panic!("{test}: {e}"),
-    }
-}
-
-fn node(name: &str) -> NodeInfo {
-    NodeInfo {
-        name: name.into(),
-        address: "127.0.0.1".into(),
-        labels: BTreeMap::new(),
-        capacity: Capacity {
-            milli_cpus: 2000,
-            memory_bytes: 1 << 30,
-        },
-        pools: vec![],
-        networks: vec![],
-        version: "test".into(),
-    }
-}
 
 fn res(s: &str) -> ResourceRef {
     s.parse().expect("resource ref")
@@ -67,15 +40,16 @@ async fn lease(store: &Store, secs: u64) -> i64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registry_lists_nodes_and_watches_them_expire() {
-    let Some(etcd) = member("registry_lists_nodes_and_watches_them_expire").await else {
+    let Some((_etcd, store)) =
+        member_with_store("registry_lists_nodes_and_watches_them_expire", "/t").await
+    else {
         return;
     };
-    let store = etcd.store("/t").await.expect("store");
     let config = LeaseConfig::with_ttl(Duration::from_secs(2));
-    let a = Registration::register(&store, &node("a"), config)
+    let a = Registration::register(&store, &test_node("a"), config)
         .await
         .expect("register a");
-    let b = Registration::register(&store, &node("b"), config)
+    let b = Registration::register(&store, &test_node("b"), config)
         .await
         .expect("register b");
     let (nodes, revision) = list_nodes(&store).await.expect("list");
@@ -129,22 +103,26 @@ async fn registry_lists_nodes_and_watches_them_expire() {
     assert!(t.elapsed() < Duration::from_secs(1));
 
     // A join shows up too.
-    let _c = Registration::register(&store, &node("c"), config)
+    let _c = Registration::register(&store, &test_node("c"), config)
         .await
         .expect("register c");
     let events = timeout(Duration::from_secs(2), watch.next())
         .await
         .expect("in time")
         .expect("watch");
-    assert_eq!(events, vec![NodeEvent::Up(node("c"))]);
+    assert_eq!(events, vec![NodeEvent::Up(test_node("c"))]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn election_hands_over_when_the_leaders_lease_is_revoked() {
-    let Some(etcd) = member("election_hands_over_when_the_leaders_lease_is_revoked").await else {
+    let Some((_etcd, store)) = member_with_store(
+        "election_hands_over_when_the_leaders_lease_is_revoked",
+        "/t",
+    )
+    .await
+    else {
         return;
     };
-    let store = etcd.store("/t").await.expect("store");
     let (la, lb) = (lease(&store, 10).await, lease(&store, 10).await);
     let a = Election::new(&store, "ctl-a", la);
     let b = Election::new(&store, "ctl-b", lb);
@@ -231,10 +209,10 @@ async fn next_events(watch: &mut AssignmentWatch) -> Vec<AssignmentEvent> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn assignment_watch_follows_one_node() {
-    let Some(etcd) = member("assignment_watch_follows_one_node").await else {
+    let Some((_etcd, store)) = member_with_store("assignment_watch_follows_one_node", "/t").await
+    else {
         return;
     };
-    let store = etcd.store("/t").await.expect("store");
     let ctl = Election::new(&store, "ctl", lease(&store, 10).await);
     let token = ctl.try_campaign().await.expect("campaign").expect("leads");
     let put = |a: Vec<Assignment>| {
@@ -316,10 +294,14 @@ async fn assignment_watch_follows_one_node() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_old_owners_guarded_write_is_rejected_after_takeover() {
-    let Some(etcd) = member("an_old_owners_guarded_write_is_rejected_after_takeover").await else {
+    let Some((_etcd, store)) = member_with_store(
+        "an_old_owners_guarded_write_is_rejected_after_takeover",
+        "/t",
+    )
+    .await
+    else {
         return;
     };
-    let store = etcd.store("/t").await.expect("store");
     let web = res("Container/web");
     let old = Holder {
         node: "n1".into(),
@@ -462,7 +444,7 @@ fn start_agent_with(
 ) -> RunningAgent {
     let engine = Arc::new(FakeEngine::default());
     let (stop, rx) = tokio::sync::watch::channel(false);
-    let mut config = AgentConfig::new(node(name));
+    let mut config = AgentConfig::new(test_node(name));
     config.lease = LeaseConfig::with_ttl(ttl);
     config.fence = FencePolicy::default();
     config.retry = Duration::from_millis(100);
@@ -485,10 +467,11 @@ impl RunningAgent {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_acquires_runs_and_releases_what_is_assigned() {
-    let Some(etcd) = member("agent_acquires_runs_and_releases_what_is_assigned").await else {
+    let Some((_etcd, store)) =
+        member_with_store("agent_acquires_runs_and_releases_what_is_assigned", "/t").await
+    else {
         return;
     };
-    let store = etcd.store("/t").await.expect("store");
     let ctl = Election::new(&store, "ctl", lease(&store, 10).await);
     let token = ctl.try_campaign().await.expect("campaign").expect("leads");
     let web = res("Container/web");
@@ -569,10 +552,9 @@ async fn agent_acquires_runs_and_releases_what_is_assigned() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_fences_before_its_lease_can_expire_and_reacquires_after() {
     let test = "agent_fences_before_its_lease_can_expire_and_reacquires_after";
-    let Some(etcd) = member(test).await else {
+    let Some((etcd, store)) = member_with_store(test, "/t").await else {
         return;
     };
-    let store = etcd.store("/t").await.expect("store");
     let ctl = Election::new(&store, "ctl", lease(&store, 30).await);
     let token = ctl.try_campaign().await.expect("campaign").expect("leads");
     let ttl = Duration::from_secs(4);
@@ -684,10 +666,11 @@ async fn next_events_across_outages(watch: &mut AssignmentWatch) -> Vec<Assignme
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn assignment_watch_resumes_after_etcd_restarts() {
-    let Some(mut etcd) = member("assignment_watch_resumes_after_etcd_restarts").await else {
+    let Some((mut etcd, store)) =
+        member_with_store("assignment_watch_resumes_after_etcd_restarts", "/t").await
+    else {
         return;
     };
-    let store = etcd.store("/t").await.expect("store");
     let ctl = Election::new(&store, "ctl", lease(&store, 60).await);
     let token = ctl.try_campaign().await.expect("campaign").expect("leads");
     election::put_assignments(&store, &token, &[assignment("Container/a", "n1", true)])
@@ -745,10 +728,10 @@ async fn assignment_watch_resumes_after_etcd_restarts() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_retries_a_failed_converge() {
-    let Some(etcd) = member("agent_retries_a_failed_converge").await else {
+    let Some((_etcd, store)) = member_with_store("agent_retries_a_failed_converge", "/t").await
+    else {
         return;
     };
-    let store = etcd.store("/t").await.expect("store");
     let ctl = Election::new(&store, "ctl", lease(&store, 10).await);
     let token = ctl.try_campaign().await.expect("campaign").expect("leads");
     let agent = start_agent(&store, "n1", Duration::from_secs(4));
@@ -790,13 +773,12 @@ async fn agent_retries_a_failed_converge() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_agent_adopts_its_live_lease_and_keeps_its_tokens() {
     let test = "a_restarted_agent_adopts_its_live_lease_and_keeps_its_tokens";
-    let Some(etcd) = member(test).await else {
+    let Some((_etcd, store)) = member_with_store(test, "/t").await else {
         return;
     };
-    let store = etcd.store("/t").await.expect("store");
     let config = LeaseConfig::with_ttl(Duration::from_secs(3));
     let web = res("Container/web");
-    let first = Registration::register(&store, &node("n1"), config)
+    let first = Registration::register(&store, &test_node("n1"), config)
         .await
         .expect("register");
     let lease = first.lease();
@@ -810,7 +792,7 @@ async fn a_restarted_agent_adopts_its_live_lease_and_keeps_its_tokens() {
         .expect("owned");
     drop(first); // the agent crashes: no revoke
 
-    let second = Registration::register(&store, &node("n1"), config)
+    let second = Registration::register(&store, &test_node("n1"), config)
         .await
         .expect("register");
     assert_eq!(second.lease(), lease, "the live lease is adopted");
@@ -826,7 +808,7 @@ async fn a_restarted_agent_adopts_its_live_lease_and_keeps_its_tokens() {
     drop(second);
 
     // Another address under the same name (another host): a lease of its own.
-    let mut elsewhere = node("n1");
+    let mut elsewhere = test_node("n1");
     elsewhere.address = "10.0.0.9".into();
     let third = Registration::register(&store, &elsewhere, config)
         .await
@@ -844,10 +826,11 @@ async fn a_restarted_agent_adopts_its_live_lease_and_keeps_its_tokens() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_carries_on_after_etcd_restarts() {
-    let Some(mut etcd) = member("agent_carries_on_after_etcd_restarts").await else {
+    let Some((mut etcd, store)) =
+        member_with_store("agent_carries_on_after_etcd_restarts", "/t").await
+    else {
         return;
     };
-    let store = etcd.store("/t").await.expect("store");
     let ctl = Election::new(&store, "ctl", lease(&store, 60).await);
     let token = ctl.try_campaign().await.expect("campaign").expect("leads");
     let agent = start_agent(&store, "n1", Duration::from_secs(10));

@@ -5,7 +5,6 @@
 //! leader elsewhere) is not, so it fences before its lease can expire. A silent follower
 //! costs keepalives no fence. Without the etcd binary a test prints SKIP.
 
-use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -14,38 +13,15 @@ use stead_cluster::election::{self, Election};
 use stead_cluster::etcd::{Store, StoreError};
 use stead_cluster::fence::FencePolicy;
 use stead_cluster::keys::ResourceRef;
-use stead_cluster::model::{Assignment, Capacity, NodeInfo};
+use stead_cluster::model::Assignment;
 use stead_cluster::owner;
 use stead_cluster::registry::LeaseConfig;
-use stead_cluster::testkit::{EtcdCluster, TestkitError};
+use stead_cluster::testkit::{EtcdCluster, largest_ack_gap, or_skip, test_node};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep, timeout};
 
 const TTL: Duration = Duration::from_secs(5);
-
-async fn cluster(test: &str) -> Option<EtcdCluster> {
-    match EtcdCluster::start().await {
-        Ok(c) => Some(c),
-        Err(TestkitError::Missing(p)) => {
-            println!("SKIP {test}: no etcd binary at {}", p.display());
-            None
-        }
-        Err(e) => panic!("{test}: {e}"),
-    }
-}
-
-fn node(name: &str) -> NodeInfo {
-    NodeInfo {
-        name: name.into(),
-        address: "127.0.0.1".into(),
-        labels: BTreeMap::new(),
-        capacity: Capacity::default(),
-        pools: vec![],
-        networks: vec![],
-        version: "test".into(),
-    }
-}
 
 /// Records what the agent asked: converges (with the HA set) and HA stops, with their times.
 #[derive(Default)]
@@ -101,7 +77,7 @@ async fn agent_running_web(store: &Store) -> (Agent, i64) {
     let token = ctl.try_campaign().await.expect("campaign").expect("leads");
     let engine = Arc::new(Recorder::default());
     let (stop, rx) = watch::channel(false);
-    let mut config = AgentConfig::new(node("n1"));
+    let mut config = AgentConfig::new(test_node("n1"));
     config.lease = LeaseConfig::with_ttl(TTL);
     config.fence = FencePolicy::default();
     config.retry = Duration::from_millis(100);
@@ -155,7 +131,7 @@ async fn wait_leader(etcd: &EtcdCluster) -> Duration {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crashed_quorum_holds_ha_workloads_without_fencing() {
     let test = "crashed_quorum_holds_ha_workloads_without_fencing";
-    let Some(mut etcd) = cluster(test).await else {
+    let Some(mut etcd) = or_skip(test, EtcdCluster::start().await) else {
         return;
     };
     let config = etcd.config("/q");
@@ -221,7 +197,7 @@ async fn crashed_quorum_holds_ha_workloads_without_fencing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn paused_majority_is_not_proof_and_the_agent_fences_in_time() {
     let test = "paused_majority_is_not_proof_and_the_agent_fences_in_time";
-    let Some(etcd) = cluster(test).await else {
+    let Some(etcd) = or_skip(test, EtcdCluster::start().await) else {
         return;
     };
     let store = Store::connect(&etcd.config("/q")).await.expect("store");
@@ -257,13 +233,13 @@ async fn paused_majority_is_not_proof_and_the_agent_fences_in_time() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keepalives_move_off_a_silent_member_without_fencing() {
     let test = "keepalives_move_off_a_silent_member_without_fencing";
-    let Some(etcd) = cluster(test).await else {
+    let Some(etcd) = or_skip(test, EtcdCluster::start().await) else {
         return;
     };
     let store = Store::connect(&etcd.config("/k")).await.expect("store");
     let registration = stead_cluster::registry::Registration::register(
         &store,
-        &node("n1"),
+        &test_node("n1"),
         LeaseConfig::with_ttl(TTL),
     )
     .await
@@ -275,17 +251,7 @@ async fn keepalives_move_off_a_silent_member_without_fencing() {
         FencePolicy::default(),
         Arc::new(move || *counter.lock().expect("lock") += 1),
     );
-    let mut liveness = registration.liveness();
-    let gaps = tokio::spawn(async move {
-        let mut last = liveness.borrow().acked_at;
-        let mut largest = Duration::ZERO;
-        while liveness.changed().await.is_ok() {
-            let at = liveness.borrow_and_update().acked_at;
-            largest = largest.max(at.saturating_duration_since(last));
-            last = at;
-        }
-        largest
-    });
+    let gaps = largest_ack_gap(registration.liveness());
     // Each follower in turn goes silent (paused: connections accepted, nothing answered) for
     // two TTLs, as a member cut off from the others and from this client would.
     let leader = etcd.leader().await.expect("a leader");

@@ -8,7 +8,7 @@ use rcgen::{
     KeyPair,
 };
 use stead_cluster::etcd::{EtcdConfig, Store, StoreError};
-use stead_cluster::testkit::{EtcdMember, ServerTls, TestkitError};
+use stead_cluster::testkit::{EtcdMember, ServerTls, or_skip};
 
 /// A CA in `dir/<name>-ca.pem` with a server certificate for 127.0.0.1 and a client
 /// certificate, each with its key.
@@ -77,13 +77,8 @@ async fn tls_client_certificates_are_required_and_checked() {
         &good.client.0,
         &good.client.1,
     );
-    let etcd = match EtcdMember::start_tls(&tls, &ok).await {
-        Ok(m) => m,
-        Err(TestkitError::Missing(p)) => {
-            println!("SKIP {test}: no etcd binary at {}", p.display());
-            return;
-        }
-        Err(e) => panic!("{test}: {e}"),
+    let Some(etcd) = or_skip(test, EtcdMember::start_tls(&tls, &ok).await) else {
+        return;
     };
     let url = etcd.client_url().to_string();
     assert!(url.starts_with("https://"));
