@@ -199,9 +199,7 @@ async fn sleep_until_next(started: Instant) {
 
 async fn list_members(store: &Store) -> Result<Vec<String>, StoreError> {
     let mut client = store.client();
-    let list = timeout(store.request_timeout(), client.member_list())
-        .await
-        .map_err(|_| StoreError::Unreachable("member list: no answer".into()))??;
+    let list = store.timed(client.member_list()).await?;
     Ok(list
         .members()
         .iter()
