@@ -19,7 +19,7 @@ use std::time::Duration;
 use stead_schema::{Desired, ResourceId};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio::time::{Instant, sleep, sleep_until, timeout};
+use tokio::time::{Instant, sleep, sleep_until};
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::election::{self, Election, LeaderToken};
@@ -222,7 +222,10 @@ async fn keep_lease(
     let interval = (ttl / 3).max(Duration::from_millis(200));
     let mut acked = granted_at;
     loop {
-        match keep_stream(&store, id, interval, &mut acked).await {
+        let kept = registry::keep_lease_stream(&store, id, interval, interval, |(sent, _)| {
+            acked = sent;
+        });
+        match kept.await {
             Err(StoreError::LeaseExpired(_)) => break,
             Err(e) => debug!(error = %e, "keepalive stream failed"),
             Ok(()) => {}
@@ -233,37 +236,6 @@ async fn keep_lease(
         sleep(interval).await;
     }
     lost.send_replace(true);
-}
-
-/// Keeps `id` alive on one stream until it fails; `acked` is when the latest acknowledged
-/// keepalive was sent (opening the stream is one).
-async fn keep_stream(
-    store: &Store,
-    id: i64,
-    interval: Duration,
-    acked: &mut Instant,
-) -> Result<(), StoreError> {
-    let no_answer = || StoreError::Unreachable("keepalive: no answer".into());
-    let mut client = store.client();
-    let sent = Instant::now();
-    let opened = timeout(interval, client.lease_keep_alive(id))
-        .await
-        .map_err(|_| no_answer())?;
-    let (mut keeper, mut stream) = opened?;
-    *acked = sent;
-    loop {
-        sleep(interval).await;
-        let sent = Instant::now();
-        keeper.keep_alive().await?;
-        match timeout(interval, stream.message())
-            .await
-            .map_err(|_| no_answer())??
-        {
-            Some(a) if a.ttl() > 0 => *acked = sent,
-            Some(_) => return Err(StoreError::LeaseExpired(id)),
-            None => return Err(StoreError::Unreachable("keepalive stream closed".into())),
-        }
-    }
 }
 
 /// One term of leadership: the nodes and assignments as this leader knows them.

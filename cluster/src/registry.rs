@@ -287,17 +287,33 @@ async fn keep_stream(
     tx: &watch::Sender<Liveness>,
     rtts: &mut RttWindow,
 ) -> Result<(), StoreError> {
+    keep_lease_stream(store, current.lease, config.interval, ANSWER_WAIT, |sent| {
+        publish(tx, current, sent, rtts)
+    })
+    .await
+}
+
+/// Keeps lease `lease` alive on one stream until it fails: opening the stream is the first
+/// keepalive, then one every `interval`, each answer awaited at most `wait`. `acked` gets the
+/// send time (monotonic, `CLOCK_BOOTTIME`) of every acknowledged keepalive. An answer without
+/// a TTL is [`StoreError::LeaseExpired`]. The node's and the controller candidate's lease.
+pub(crate) async fn keep_lease_stream(
+    store: &Store,
+    lease: i64,
+    interval: Duration,
+    wait: Duration,
+    mut acked: impl FnMut((Instant, Duration)),
+) -> Result<(), StoreError> {
     let mut client = store.client();
-    let wait = ANSWER_WAIT;
-    let (sent, sent_boot) = (Instant::now(), boottime_now());
-    let opened = timeout(wait, client.lease_keep_alive(current.lease))
+    let sent = (Instant::now(), boottime_now());
+    let opened = timeout(wait, client.lease_keep_alive(lease))
         .await
         .map_err(|_| StoreError::Unreachable("keepalive stream: no answer".into()))?;
-    let (mut keeper, mut stream) = opened.map_err(|e| lease_error(e.into(), current.lease))?;
-    publish(tx, current, (sent, sent_boot), rtts);
+    let (mut keeper, mut stream) = opened.map_err(|e| lease_error(e.into(), lease))?;
+    acked(sent);
     loop {
-        sleep(config.interval).await;
-        let (sent, sent_boot) = (Instant::now(), boottime_now());
+        sleep(interval).await;
+        let sent = (Instant::now(), boottime_now());
         keeper.keep_alive().await?;
         let answer = timeout(wait, stream.message())
             .await
@@ -306,9 +322,9 @@ async fn keep_stream(
             return Err(StoreError::Unreachable("keepalive stream closed".into()));
         };
         if answer.ttl() <= 0 {
-            return Err(StoreError::LeaseExpired(current.lease));
+            return Err(StoreError::LeaseExpired(lease));
         }
-        publish(tx, current, (sent, sent_boot), rtts);
+        acked(sent);
     }
 }
 
