@@ -461,14 +461,22 @@ struct NodeEngine {
 }
 
 impl NodeEngine {
-    /// Applies the part of the manifests that `ids` need (workloads not in `ids` stop).
-    fn apply_local(&self, ids: &BTreeSet<ResourceId>) -> Result<(), ConvergeError> {
-        let desired = load(&self.paths).map_err(|e| ConvergeError(format!("{e:#}")))?;
-        let mut local = local_set(&desired, ids);
+    /// The cluster's manifests, read again.
+    fn desired(&self) -> Result<Desired, ConvergeError> {
+        load(&self.paths).map_err(|e| ConvergeError(format!("{e:#}")))
+    }
+
+    /// Applies the part of `desired` that `ids` need (workloads not in `ids` stop).
+    fn apply_local(
+        &self,
+        desired: &Desired,
+        ids: &BTreeSet<ResourceId>,
+    ) -> Result<(), ConvergeError> {
+        let mut local = local_set(desired, ids);
         if let Some(repl) = &self.repl {
             // The pools it receives replicas into stay applied (only them: not the volumes
             // on them, which would start empty where a replica is to be promoted).
-            for id in agent_repl::receiving_pools(&desired, repl.node()) {
+            for id in agent_repl::receiving_pools(desired, repl.node()) {
                 if let Some(r) = desired.get(&id) {
                     local.resources.insert(id, r.clone());
                 }
@@ -519,12 +527,13 @@ impl Converge for NodeEngine {
             .filter(|o| resource_id(&o.resource).is_some_and(|id| run.contains(&id)))
             .cloned()
             .collect();
+        // Read once: the replicas' promotion and the apply work on the same manifests.
+        let desired = self.desired();
         if let Some(repl) = &self.repl {
             // A failover: the replicas become the volumes before the volume driver runs.
-            let desired = load(&self.paths).map_err(|e| ConvergeError(format!("{e:#}")))?;
-            repl.promote_replicas(&desired, &admitted);
+            repl.promote_replicas(desired.as_ref().map_err(Clone::clone)?, &admitted);
         }
-        let result = self.apply_local(&run);
+        let result = desired.and_then(|d| self.apply_local(&d, &run));
         ledger.running = run;
         if let Some(repl) = &self.repl {
             repl.set_owned(admitted);
@@ -539,7 +548,7 @@ impl Converge for NodeEngine {
         }
         let mut ledger = self.ledger.lock().unwrap_or_else(PoisonError::into_inner);
         let keep = ledger.fence(&stop, self.tickets.load(Ordering::SeqCst));
-        if let Err(e) = self.apply_local(&keep) {
+        if let Err(e) = self.desired().and_then(|d| self.apply_local(&d, &keep)) {
             tracing::error!(error = %e, "fencing: stopping HA workloads failed");
         }
         ledger.running = keep;
