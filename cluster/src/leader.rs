@@ -416,7 +416,9 @@ impl<'a> Term<'a> {
             .filter(|(_, a)| settling && !self.nodes.contains_key(&a.node))
             .map(|(id, a)| (id.clone(), a.clone()))
             .collect();
-        let workloads: Vec<placement::Workload> = placement::workloads(&m.desired)
+        let all = placement::workloads(&m.desired);
+        let wanted: BTreeSet<ResourceId> = all.iter().map(|w| w.id.clone()).collect();
+        let workloads: Vec<placement::Workload> = all
             .into_iter()
             .filter(|w| !held.contains_key(&w.id))
             .collect();
@@ -435,10 +437,6 @@ impl<'a> Term<'a> {
             current: &current,
             revision: &m.revision,
         });
-        let wanted: BTreeSet<ResourceId> = placement::workloads(&m.desired)
-            .into_iter()
-            .map(|w| w.id)
-            .collect();
         for (id, a) in held.into_iter().filter(|(id, _)| wanted.contains(id)) {
             result.assignments.insert(id, a);
         }
