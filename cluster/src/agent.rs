@@ -87,8 +87,6 @@ pub struct Step {
     pub run: Vec<Owned>,
     /// Tokens to release once the converge has stopped their workloads.
     pub release: Vec<FencingToken>,
-    /// Whether anything is still waiting for ownership (retry later).
-    pub waiting: bool,
 }
 
 /// Decides a round: acquire what is assigned but not owned, run what is assigned and owned,
@@ -117,7 +115,6 @@ pub fn decide(
         .filter(|(r, _)| !assigned.contains_key(*r))
         .map(|(_, t)| t.clone())
         .collect();
-    step.waiting = !step.acquire.is_empty();
     step
 }
 
@@ -479,7 +476,6 @@ mod tests {
         assert_eq!(step.run[0].token.revision(), 7);
         assert!(step.run[0].ha);
         assert_eq!(step.release, vec![token("Container/old", 3).1]);
-        assert!(step.waiting);
     }
 
     #[test]
