@@ -393,7 +393,7 @@ async fn reload_manifests(
         let p = paths.clone();
         match tokio::task::spawn_blocking(move || load(&p)).await {
             Ok(Ok(desired)) => {
-                let revision = revision(&desired);
+                let revision = desired.content_hash();
                 if revision != last {
                     tracing::info!(%revision, resources = desired.len(), "manifests loaded");
                     last.clone_from(&revision);
@@ -405,18 +405,6 @@ async fn reload_manifests(
         }
         tokio::time::sleep(every).await;
     }
-}
-
-/// A content hash of the desired set (ids and spec hashes).
-fn revision(d: &stead_schema::Desired) -> String {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for (id, r) in &d.resources {
-        for b in format!("{id}={};", r.spec_hash()).bytes() {
-            h ^= u64::from(b);
-            h = h.wrapping_mul(0x0100_0000_01b3);
-        }
-    }
-    format!("{h:016x}")
 }
 
 async fn log_status(mut rx: tokio::sync::watch::Receiver<LeaderStatus>) {
@@ -433,36 +421,5 @@ async fn log_status(mut rx: tokio::sync::watch::Receiver<LeaderStatus>) {
         for u in &s.unplaceable {
             tracing::warn!(unplaceable = ?u, "workload cannot be placed");
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use std::path::Path;
-
-    use super::*;
-
-    fn desired(yaml: &str) -> stead_schema::Desired {
-        let mut out = Vec::new();
-        let mut errors = Vec::new();
-        stead_schema::load::load_str(Path::new("t.yaml"), yaml, &mut out, &mut errors);
-        assert!(errors.is_empty(), "{errors:?}");
-        stead_schema::Desired {
-            resources: out.into_iter().map(|r| (r.id.clone(), r)).collect(),
-        }
-    }
-
-    const NET: &str = "apiVersion: stead.dev/v1alpha1\nkind: Network\nmetadata: {name: lan0}\nspec: {addresses: [10.10.0.1/24]}\n";
-
-    #[test]
-    fn the_revision_follows_the_content() {
-        let a = revision(&desired(NET));
-        assert_eq!(a, revision(&desired(NET)), "stable");
-        assert_eq!(a.len(), 16);
-        assert_ne!(
-            a,
-            revision(&desired(&NET.replace("10.10.0.1", "10.10.0.2")))
-        );
-        assert_ne!(a, revision(&desired(&NET.replace("lan0", "lan1"))));
     }
 }

@@ -444,14 +444,19 @@ impl Resource {
     /// A stable content hash of the spec and labels (hex sha-like FNV, fast).
     pub fn spec_hash(&self) -> String {
         let text = serde_json::to_string(&(&self.spec, &self.metadata.labels)).unwrap_or_default();
-        // FNV-1a 64: the hash detects change, it is not a security boundary.
-        let mut h: u64 = 0xcbf29ce484222325;
-        for b in text.bytes() {
-            h ^= u64::from(b);
-            h = h.wrapping_mul(0x100000001b3);
-        }
-        format!("{h:016x}")
+        fnv1a_hex([text.as_bytes()])
     }
+}
+
+/// FNV-1a 64 of the concatenated `parts`, as 16 hex digits: the hash detects change, it is
+/// not a security boundary.
+fn fnv1a_hex<'a>(parts: impl IntoIterator<Item = &'a [u8]>) -> String {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in parts.into_iter().flatten() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    format!("{h:016x}")
 }
 
 /// The desired state: every loaded resource keyed by id.
@@ -462,6 +467,17 @@ pub struct Desired {
 }
 
 impl Desired {
+    /// A content hash of the whole set (each id with its spec hash, in id order): equal for
+    /// equal manifests, whatever files they came from.
+    pub fn content_hash(&self) -> String {
+        let entries: Vec<String> = self
+            .resources
+            .iter()
+            .map(|(id, r)| format!("{id}={};", r.spec_hash()))
+            .collect();
+        fnv1a_hex(entries.iter().map(String::as_bytes))
+    }
+
     /// Looks a resource up.
     pub fn get(&self, id: &ResourceId) -> Option<&Resource> {
         self.resources.get(id)
@@ -480,6 +496,30 @@ impl Desired {
 
 #[cfg(test)]
 mod tests {
+
+    fn desired(yaml: &str) -> Desired {
+        let mut out = Vec::new();
+        let mut errors = Vec::new();
+        crate::load::load_str(std::path::Path::new("t.yaml"), yaml, &mut out, &mut errors);
+        assert!(errors.is_empty(), "{errors:?}");
+        Desired {
+            resources: out.into_iter().map(|r| (r.id.clone(), r)).collect(),
+        }
+    }
+
+    const NET: &str = "apiVersion: stead.dev/v1alpha1\nkind: Network\nmetadata: {name: lan0}\nspec: {addresses: [10.10.0.1/24]}\n";
+
+    #[test]
+    fn the_content_hash_follows_the_content() {
+        let a = desired(NET).content_hash();
+        assert_eq!(a, desired(NET).content_hash(), "stable");
+        assert_eq!(a.len(), 16);
+        assert_ne!(
+            a,
+            desired(&NET.replace("10.10.0.1", "10.10.0.2")).content_hash()
+        );
+        assert_ne!(a, desired(&NET.replace("lan0", "lan1")).content_hash());
+    }
     use super::*;
 
     #[test]
