@@ -16,7 +16,7 @@ use stead_cluster::model::{Assignment, NodeInfo};
 use stead_cluster::owner::list_owners;
 use stead_cluster::pki::{self, CaMode, InitReport, InitRequest, Layout, Member};
 use stead_cluster::replication::{ReplicationStatus, list_status};
-use stead_cluster::watch::list_prefix;
+use stead_cluster::watch::{decode_or_skip, list_prefix};
 
 use crate::Global;
 use crate::cmd_agent::{
@@ -235,7 +235,7 @@ async fn read_status(etcd: &EtcdConfig) -> Result<Status> {
     let (entries, revision) = list_prefix(&store, &store.keys().nodes()).await?;
     let mut nodes = Vec::new();
     for e in entries {
-        let Ok(info) = serde_json::from_slice::<NodeInfo>(&e.value) else {
+        let Some(info) = decode_or_skip::<NodeInfo>(&e.key, &e.value) else {
             continue;
         };
         nodes.push(NodeStatus {

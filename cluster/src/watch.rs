@@ -180,7 +180,7 @@ pub async fn list_prefix(store: &Store, prefix: &str) -> Result<(Vec<Entry>, i64
 }
 
 /// A JSON value, or `None` with a warning: one bad value must not stop a listing or a watch.
-pub(crate) fn decode_or_skip<T: DeserializeOwned>(key: &str, value: &[u8]) -> Option<T> {
+pub fn decode_or_skip<T: DeserializeOwned>(key: &str, value: &[u8]) -> Option<T> {
     match serde_json::from_slice(value) {
         Ok(v) => Some(v),
         Err(e) => {
