@@ -3,7 +3,7 @@
 //! QMP into a chunk store, restored and compared with the live image.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -12,7 +12,11 @@ use stead_drivers::backup::store::{BackupInfo, BackupOptions};
 use stead_drivers::vm::qemu::backup::{
     self, BITMAP, Disk, DiskFormat, GuestFreeze, VmBackupOptions,
 };
-use stead_drivers::vm::qemu::qmp::Qmp;
+
+#[path = "qemu_util/mod.rs"]
+mod qemu_util;
+
+use qemu_util::Qemu;
 
 const MIB: u64 = 1 << 20;
 
@@ -31,94 +35,6 @@ fn qemu_present(test: &str) -> bool {
         eprintln!("SKIP {test}: qemu-system-x86_64 or qemu-img missing");
     }
     ok
-}
-
-/// A guestless QEMU and its QMP client, killed on drop.
-struct Qemu {
-    child: Child,
-    qmp: Qmp,
-}
-
-impl Qemu {
-    fn start(dir: &Path) -> Qemu {
-        let sock = dir.join("qmp.sock");
-        let _ = std::fs::remove_file(&sock);
-        let child = Command::new("qemu-system-x86_64")
-            .args([
-                "-machine",
-                "none",
-                "-nodefaults",
-                "-display",
-                "none",
-                "-qmp",
-            ])
-            .arg(format!("unix:{},server=on,wait=off", sock.display()))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("spawn qemu");
-        let mut child = child;
-        let qmp = match Qmp::connect_retry(&sock, Duration::from_secs(20)) {
-            Ok(q) => q,
-            Err(e) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("qmp: {e}");
-            }
-        };
-        Qemu { child, qmp }
-    }
-
-    fn execute(&mut self, command: &str, arguments: Value) -> Result<Value, String> {
-        self.qmp
-            .execute_raw(command, arguments)
-            .map_err(|e| e.to_string())
-    }
-
-    fn attach(&mut self, node: &str, image: &Path) {
-        self.execute(
-            "blockdev-add",
-            json!({"node-name": node, "driver": "qcow2",
-                   "file": {"driver": "file", "filename": image}}),
-        )
-        .expect("blockdev-add");
-    }
-
-    fn io(&mut self, node: &str, cmd: &str) {
-        self.qmp
-            .hmp(&format!("qemu-io {node} \"{cmd}\""))
-            .expect("qemu-io");
-    }
-
-    fn bitmap_count(&mut self, node: &str, name: &str) -> Option<u64> {
-        let nodes = self
-            .execute("query-named-block-nodes", json!({"flat": true}))
-            .expect("nodes");
-        nodes.as_array()?.iter().find(|n| n["node-name"] == node)?["dirty-bitmaps"]
-            .as_array()?
-            .iter()
-            .find(|b| b["name"] == name)?["count"]
-            .as_u64()
-    }
-
-    /// Quits cleanly (persistent bitmaps are written into the qcow2).
-    fn quit(mut self) {
-        let _ = self.execute("quit", Value::Null);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Qemu {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 struct Fixture {
@@ -212,7 +128,7 @@ fn a_re_backup_reads_only_the_changed_blocks_and_restores_the_live_image() {
         return;
     }
     let f = fixture(256);
-    let mut q = Qemu::start(&f.dir);
+    let mut q = Qemu::start(&f.dir).expect("start qemu");
     q.attach("disk0", &f.image);
     let found = backup::find_disks(&mut q.qmp, &[("disk0".into(), f.image.clone())]);
     assert_eq!(found.expect("the node of the image"), f.disks());
@@ -252,7 +168,7 @@ fn a_cancelled_incremental_backup_loses_no_dirty_block() {
         return;
     }
     let f = fixture(64);
-    let mut q = Qemu::start(&f.dir);
+    let mut q = Qemu::start(&f.dir).expect("start qemu");
     q.attach("disk0", &f.image);
     q.io("disk0", "write -P 0x11 0 8M");
     f.backup(&mut q);
@@ -307,13 +223,13 @@ fn the_bitmap_survives_a_qemu_restart_and_a_kill_or_a_replaced_image_means_a_ful
         return;
     }
     let f = fixture(64);
-    let mut q = Qemu::start(&f.dir);
+    let mut q = Qemu::start(&f.dir).expect("start qemu");
     q.attach("disk0", &f.image);
     q.io("disk0", "write -P 0x33 0 20M");
     f.backup(&mut q);
     q.quit();
 
-    let mut q = Qemu::start(&f.dir);
+    let mut q = Qemu::start(&f.dir).expect("start qemu");
     q.attach("disk0", &f.image);
     q.io("disk0", "write -P 0x44 32M 4M");
     let second = f.backup(&mut q);
@@ -324,7 +240,7 @@ fn the_bitmap_survives_a_qemu_restart_and_a_kill_or_a_replaced_image_means_a_ful
     q.io("disk0", "flush");
     drop(q); // killed: the persistent bitmap is left marked in use
 
-    let mut q = Qemu::start(&f.dir);
+    let mut q = Qemu::start(&f.dir).expect("start qemu");
     q.attach("disk0", &f.image);
     let third = f.backup(&mut q);
     let c = third.consistency.clone().unwrap_or_default();
@@ -344,7 +260,7 @@ fn the_bitmap_survives_a_qemu_restart_and_a_kill_or_a_replaced_image_means_a_ful
     let copy = f.dir.join("copy.qcow2");
     std::fs::copy(&f.image, &copy).expect("copy");
     std::fs::rename(&copy, &f.image).expect("replace");
-    let mut q = Qemu::start(&f.dir);
+    let mut q = Qemu::start(&f.dir).expect("start qemu");
     q.attach("disk0", &f.image);
     let fifth = f.backup(&mut q);
     let c = fifth.consistency.clone().unwrap_or_default();
@@ -376,7 +292,7 @@ fn the_guest_is_thawed_even_when_the_jobs_cannot_start() {
         return;
     }
     let f = fixture(16);
-    let mut q = Qemu::start(&f.dir);
+    let mut q = Qemu::start(&f.dir).expect("start qemu");
     q.attach("disk0", &f.image);
     // A UEFI VM: its NVRAM vars file goes with the disks.
     let nvram = f.dir.join("nvram.fd");
@@ -496,31 +412,16 @@ fn stead_backup_of_a_running_qemu_vm_goes_through_its_qmp_socket() {
     let sock = stead_drivers::vm::config::Paths::new(&env.run_dir, "vm1").qmp_socket();
     std::fs::create_dir_all(sock.parent().expect("dir")).expect("run dir");
     let test_sock = f.dir.join("test-qmp.sock");
-    let mut child = Command::new("qemu-system-x86_64")
-        .args([
-            "-machine",
-            "none",
-            "-nodefaults",
-            "-display",
-            "none",
-            "-qmp",
-        ])
-        .arg(format!("unix:{},server=on,wait=off", test_sock.display()))
-        .arg("-qmp")
-        .arg(format!("unix:{},server=on,wait=off", sock.display()))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("spawn qemu");
-    let qmp = Qmp::connect_retry(&test_sock, Duration::from_secs(20));
-    let mut q = match qmp {
-        Ok(qmp) => Qemu { child, qmp },
-        Err(e) => {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("qmp: {e}");
-        }
-    };
+    let mut q = Qemu::spawn(
+        &test_sock,
+        &[
+            "-machine".to_string(),
+            "none".into(),
+            "-qmp".into(),
+            format!("unix:{},server=on,wait=off", sock.display()),
+        ],
+    )
+    .expect("start qemu");
     q.attach("drive-v0", &f.image);
     q.io("drive-v0", "write -P 0x77 0 6M");
     let target = Target {
@@ -595,53 +496,34 @@ struct Guest {
 fn boot(dir: &Path, disk: &Path, tag: &str) -> Guest {
     let qmp_sock = dir.join(format!("{tag}-qmp.sock"));
     let agent_sock = dir.join(format!("{tag}-qga.sock"));
-    let mut child = Command::new("qemu-system-x86_64")
-        .args([
-            "-accel",
-            "tcg",
-            "-m",
-            "512",
-            "-nodefaults",
-            "-display",
-            "none",
-        ])
-        .arg("-serial")
-        .arg(format!(
-            "file:{}",
-            dir.join(format!("{tag}-serial.log")).display()
-        ))
-        .arg("-blockdev")
-        .arg(format!(
+    let serial = dir.join(format!("{tag}-serial.log"));
+    let args = [
+        "-accel".to_string(),
+        "tcg".into(),
+        "-m".into(),
+        "512".into(),
+        "-serial".into(),
+        format!("file:{}", serial.display()),
+        "-blockdev".into(),
+        format!(
             "driver=file,filename={},node-name=disk0-file",
             disk.display()
-        ))
-        .args(["-blockdev", "driver=qcow2,file=disk0-file,node-name=disk0"])
-        .args(["-device", "virtio-blk-pci,drive=disk0,bootindex=1"])
-        .arg("-chardev")
-        .arg(format!(
+        ),
+        "-blockdev".into(),
+        "driver=qcow2,file=disk0-file,node-name=disk0".into(),
+        "-device".into(),
+        "virtio-blk-pci,drive=disk0,bootindex=1".into(),
+        "-chardev".into(),
+        format!(
             "socket,path={},server=on,wait=off,id=qga0",
             agent_sock.display()
-        ))
-        .args(["-device", "virtio-serial-pci"])
-        .args([
-            "-device",
-            "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
-        ])
-        .arg("-qmp")
-        .arg(format!("unix:{},server=on,wait=off", qmp_sock.display()))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("spawn qemu");
-    let qmp = match Qmp::connect_retry(&qmp_sock, Duration::from_secs(20)) {
-        Ok(q) => q,
-        Err(e) => {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("qmp: {e}");
-        }
-    };
-    let vm = Qemu { child, qmp };
+        ),
+        "-device".into(),
+        "virtio-serial-pci".into(),
+        "-device".into(),
+        "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0".into(),
+    ];
+    let vm = Qemu::spawn(&qmp_sock, &args).expect("start qemu");
     let t = Instant::now();
     stead_drivers::vm::qemu::qga::Qga::connect(&agent_sock, Duration::from_secs(300))
         .expect("the guest agent answers");
@@ -744,7 +626,7 @@ fn a_raw_disk_is_incremental_while_its_qemu_runs() {
         .status()
         .expect("qemu-img");
     assert!(st.success());
-    let mut q = Qemu::start(&f.dir);
+    let mut q = Qemu::start(&f.dir).expect("start qemu");
     q.execute(
         "blockdev-add",
         json!({"node-name": "disk0", "driver": "raw",
