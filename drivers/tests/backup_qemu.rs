@@ -37,6 +37,24 @@ fn qemu_present(test: &str) -> bool {
     ok
 }
 
+/// Runs `qemu-img args`; whether it succeeded.
+fn qemu_img(args: &[&str]) -> bool {
+    Command::new("qemu-img")
+        .args(args)
+        .status()
+        .expect("qemu-img")
+        .success()
+}
+
+/// Disk `disk0` of a VM: node `disk0` reading `image`.
+fn disk0(image: &Path) -> Vec<Disk> {
+    vec![Disk {
+        input: "disk0".into(),
+        node: "disk0".into(),
+        image: image.to_path_buf(),
+    }]
+}
+
 struct Fixture {
     _tmp: tempfile::TempDir,
     dir: PathBuf,
@@ -48,13 +66,15 @@ fn fixture(size_mib: u64) -> Fixture {
     let tmp = tempfile::tempdir().expect("tmp");
     let dir = tmp.path().to_path_buf();
     let image = dir.join("disk0.qcow2");
-    let ok = Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(&image)
-        .arg(format!("{size_mib}M"))
-        .status()
-        .expect("qemu-img");
-    assert!(ok.success());
+    let size = format!("{size_mib}M");
+    assert!(qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        &image.to_string_lossy(),
+        &size
+    ]));
     Fixture {
         store: BackupStore::for_pool(&dir.join("pool")),
         _tmp: tmp,
@@ -65,11 +85,14 @@ fn fixture(size_mib: u64) -> Fixture {
 
 impl Fixture {
     fn disks(&self) -> Vec<Disk> {
-        vec![Disk {
-            input: "disk0".into(),
-            node: "disk0".into(),
-            image: self.image.clone(),
-        }]
+        disk0(&self.image)
+    }
+
+    /// A guestless QEMU with the image attached as node `disk0`.
+    fn qemu(&self) -> Qemu {
+        let mut q = Qemu::start(&self.dir).expect("start qemu");
+        q.attach("disk0", &self.image);
+        q
     }
 
     fn vm_opts(&self) -> VmBackupOptions {
@@ -81,14 +104,24 @@ impl Fixture {
     }
 
     fn backup(&self, q: &mut Qemu) -> BackupInfo {
+        self.backup_with(q, None, &self.disks(), &self.vm_opts())
+    }
+
+    fn backup_with(
+        &self,
+        q: &mut Qemu,
+        agent: Option<&mut dyn GuestFreeze>,
+        disks: &[Disk],
+        opts: &VmBackupOptions,
+    ) -> BackupInfo {
         backup::backup_vm(
             &mut q.qmp,
-            None,
+            agent,
             &self.store,
             "VirtualMachine/vm",
             &json!({}),
-            &self.disks(),
-            &self.vm_opts(),
+            disks,
+            opts,
             BackupOptions::default(),
         )
         .expect("backup")
@@ -101,16 +134,10 @@ impl Fixture {
         let raw = self.dir.join(format!("{name}.raw"));
         backup::restore_disk(&self.store, id, "disk0", &raw, DiskFormat::Raw).expect("restore");
         for (img, fmt) in [(&q, "qcow2"), (&raw, "raw")] {
-            let st = Command::new("qemu-img")
-                .args(["compare", "-q", "-f", fmt, "-F", "qcow2"])
-                .arg(img)
-                .arg(&self.image)
-                .status()
-                .expect("qemu-img compare");
+            let (img, live) = (img.to_string_lossy(), self.image.to_string_lossy());
             assert!(
-                st.success(),
-                "{} differs from the live image",
-                img.display()
+                qemu_img(&["compare", "-q", "-f", fmt, "-F", "qcow2", &img, &live]),
+                "{img} differs from the live image"
             );
         }
         assert!(self.store.verify(id).expect("verify").ok());
@@ -128,8 +155,7 @@ fn a_re_backup_reads_only_the_changed_blocks_and_restores_the_live_image() {
         return;
     }
     let f = fixture(256);
-    let mut q = Qemu::start(&f.dir).expect("start qemu");
-    q.attach("disk0", &f.image);
+    let mut q = f.qemu();
     let found = backup::find_disks(&mut q.qmp, &[("disk0".into(), f.image.clone())]);
     assert_eq!(found.expect("the node of the image"), f.disks());
     q.io("disk0", "write -P 0xab 0 10M");
@@ -168,8 +194,7 @@ fn a_cancelled_incremental_backup_loses_no_dirty_block() {
         return;
     }
     let f = fixture(64);
-    let mut q = Qemu::start(&f.dir).expect("start qemu");
-    q.attach("disk0", &f.image);
+    let mut q = f.qemu();
     q.io("disk0", "write -P 0x11 0 8M");
     f.backup(&mut q);
     q.io("disk0", "write -P 0x22 40M 10M");
@@ -223,14 +248,12 @@ fn the_bitmap_survives_a_qemu_restart_and_a_kill_or_a_replaced_image_means_a_ful
         return;
     }
     let f = fixture(64);
-    let mut q = Qemu::start(&f.dir).expect("start qemu");
-    q.attach("disk0", &f.image);
+    let mut q = f.qemu();
     q.io("disk0", "write -P 0x33 0 20M");
     f.backup(&mut q);
     q.quit();
 
-    let mut q = Qemu::start(&f.dir).expect("start qemu");
-    q.attach("disk0", &f.image);
+    let mut q = f.qemu();
     q.io("disk0", "write -P 0x44 32M 4M");
     let second = f.backup(&mut q);
     let c = second.consistency.clone().unwrap_or_default();
@@ -240,8 +263,7 @@ fn the_bitmap_survives_a_qemu_restart_and_a_kill_or_a_replaced_image_means_a_ful
     q.io("disk0", "flush");
     drop(q); // killed: the persistent bitmap is left marked in use
 
-    let mut q = Qemu::start(&f.dir).expect("start qemu");
-    q.attach("disk0", &f.image);
+    let mut q = f.qemu();
     let third = f.backup(&mut q);
     let c = third.consistency.clone().unwrap_or_default();
     assert!(c.contains("full read"), "after a kill: {c}");
@@ -260,8 +282,7 @@ fn the_bitmap_survives_a_qemu_restart_and_a_kill_or_a_replaced_image_means_a_ful
     let copy = f.dir.join("copy.qcow2");
     std::fs::copy(&f.image, &copy).expect("copy");
     std::fs::rename(&copy, &f.image).expect("replace");
-    let mut q = Qemu::start(&f.dir).expect("start qemu");
-    q.attach("disk0", &f.image);
+    let mut q = f.qemu();
     let fifth = f.backup(&mut q);
     let c = fifth.consistency.clone().unwrap_or_default();
     assert!(c.contains("full read (the disk image was replaced"), "{c}");
@@ -292,8 +313,7 @@ fn the_guest_is_thawed_even_when_the_jobs_cannot_start() {
         return;
     }
     let f = fixture(16);
-    let mut q = Qemu::start(&f.dir).expect("start qemu");
-    q.attach("disk0", &f.image);
+    let mut q = f.qemu();
     // A UEFI VM: its NVRAM vars file goes with the disks.
     let nvram = f.dir.join("nvram.fd");
     let vars: Vec<u8> = (0..540_672u32).map(|i| (i % 251) as u8).collect();
@@ -303,17 +323,7 @@ fn the_guest_is_thawed_even_when_the_jobs_cannot_start() {
         ..f.vm_opts()
     };
     let mut agent = Agent::default();
-    let ok = backup::backup_vm(
-        &mut q.qmp,
-        Some(&mut agent),
-        &f.store,
-        "VirtualMachine/vm",
-        &json!({}),
-        &f.disks(),
-        &with_nvram,
-        BackupOptions::default(),
-    )
-    .expect("backup");
+    let ok = f.backup_with(&mut q, Some(&mut agent), &f.disks(), &with_nvram);
     assert_eq!(ok.inputs, ["disk0", backup::NVRAM_INPUT]);
     let restored_vars = f.dir.join("vars.restored");
     f.store
@@ -329,13 +339,14 @@ fn the_guest_is_thawed_even_when_the_jobs_cannot_start() {
     let other = f.dir.join("other.qcow2");
     let other_target = f.dir.join("other-target.qcow2");
     for p in [&other, &other_target] {
-        let st = Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2"])
-            .arg(p)
-            .arg("16M")
-            .status()
-            .expect("qemu-img");
-        assert!(st.success());
+        assert!(qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            &p.to_string_lossy(),
+            "16M"
+        ]));
     }
     q.attach("other", &other);
     q.attach("other-target", &other_target);
@@ -452,13 +463,11 @@ fn stead_backup_of_a_running_qemu_vm_goes_through_its_qmp_socket() {
     q.quit();
     let out = f.dir.join("v0.restored.qcow2");
     backup::restore_disk(&f.store, &second.id, "v0", &out, DiskFormat::Qcow2).expect("restore");
-    let st = Command::new("qemu-img")
-        .args(["compare", "-q"])
-        .arg(&out)
-        .arg(&f.image)
-        .status()
-        .expect("compare");
-    assert!(st.success(), "restored image differs");
+    let (out, live) = (out.to_string_lossy(), f.image.to_string_lossy());
+    assert!(
+        qemu_img(&["compare", "-q", &out, &live]),
+        "restored image differs"
+    );
 }
 
 /// The cached Debian guest image (`scripts/guest-image.sh`), or `None` after a SKIP line.
@@ -559,13 +568,10 @@ fn a_file_written_in_the_guest_between_backups_is_intact_after_restore_and_boot(
     let dir = tmp.path();
     // A copy-on-write overlay: the cached image is never written.
     let disk = dir.join("disk0.qcow2");
-    let st = Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
-        .arg(&image)
-        .arg(&disk)
-        .status()
-        .expect("qemu-img");
-    assert!(st.success());
+    let (backing, overlay) = (image.to_string_lossy(), disk.to_string_lossy());
+    assert!(qemu_img(&[
+        "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", &backing, &overlay
+    ]));
     let store = BackupStore::for_pool(&dir.join("pool"));
     let images = [("disk0".to_string(), disk.clone())];
     let mut g = boot(dir, &disk, "orig");
@@ -619,13 +625,14 @@ fn a_raw_disk_is_incremental_while_its_qemu_runs() {
     }
     let f = fixture(16);
     let raw = f.dir.join("disk0.raw");
-    let st = Command::new("qemu-img")
-        .args(["create", "-q", "-f", "raw"])
-        .arg(&raw)
-        .arg("64M")
-        .status()
-        .expect("qemu-img");
-    assert!(st.success());
+    assert!(qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "raw",
+        &raw.to_string_lossy(),
+        "64M"
+    ]));
     let mut q = Qemu::start(&f.dir).expect("start qemu");
     q.execute(
         "blockdev-add",
@@ -633,24 +640,8 @@ fn a_raw_disk_is_incremental_while_its_qemu_runs() {
                "file": {"driver": "file", "filename": raw}}),
     )
     .expect("blockdev-add");
-    let disks = [Disk {
-        input: "disk0".into(),
-        node: "disk0".into(),
-        image: raw.clone(),
-    }];
-    let run = |q: &mut Qemu| {
-        backup::backup_vm(
-            &mut q.qmp,
-            None,
-            &f.store,
-            "VirtualMachine/vm",
-            &json!({}),
-            &disks,
-            &f.vm_opts(),
-            BackupOptions::default(),
-        )
-        .expect("backup")
-    };
+    let disks = disk0(&raw);
+    let run = |q: &mut Qemu| f.backup_with(q, None, &disks, &f.vm_opts());
     q.io("disk0", "write -P 0x10 0 8M");
     run(&mut q);
     q.io("disk0", "write -P 0x20 32M 4M");
