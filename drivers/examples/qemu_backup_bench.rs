@@ -86,7 +86,15 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     };
     let change = args.next().and_then(|c| c.parse().ok()).unwrap_or(10);
-    match run(image.into(), work.into(), change) {
+    // The job targets are made in WORKDIR and opened by QEMU: an absolute path.
+    let work = match std::path::absolute(work) {
+        Ok(w) => w,
+        Err(e) => {
+            eprintln!("qemu_backup_bench: WORKDIR: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match run(image.into(), work, change) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("qemu_backup_bench: {e}");

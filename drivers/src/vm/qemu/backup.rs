@@ -27,11 +27,13 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
+use stead_schema::VolumeFormat;
 use tracing::{info, info_span, warn};
 
 use crate::backup::BackupError;
 use crate::backup::blocks::{BitmapRecord, IMAGE_BLOCK, ImageInput, parse_map};
 use crate::backup::store::{BackupInfo, BackupOptions, BackupStore};
+use crate::storage::qemu_img;
 
 /// The persistent dirty bitmap of each disk: blocks written since the last backup.
 pub const BITMAP: &str = "stead-backup";
@@ -280,16 +282,11 @@ fn plan_disk(
     Ok(base)
 }
 
-/// Creates the temporary qcow2 a job writes into.
+/// Creates the temporary qcow2 a job writes into (`path` is absolute: QEMU opens it).
 fn create_target(path: &Path, size: u64) -> Result<(), BackupError> {
     let _ = fs::remove_file(path);
-    run_tool(
-        Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2"])
-            .arg(path)
-            .arg(size.to_string()),
-    )
-    .map(|_| ())
+    qemu_img::create(path, VolumeFormat::Qcow2, size, None)
+        .map_err(|e| BackupError::Invalid(format!("backup job target: {e}")))
 }
 
 /// Runs a tool; its stdout, or an error with its stderr.
