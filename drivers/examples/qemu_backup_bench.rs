@@ -5,62 +5,19 @@
 //! `WORKDIR`, writes `CHANGE_MIB` MiB (default 10) through `qemu-io`, backs up again, and
 //! prints both backups' wall time and bytes read, one `key value` pair per line.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode, Stdio};
-use std::time::{Duration, Instant};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
 
-use serde_json::{Value, json};
+use serde_json::json;
 use stead_drivers::backup::BackupStore;
 use stead_drivers::backup::store::{BackupInfo, BackupOptions};
 use stead_drivers::vm::qemu::backup::{self, Disk, VmBackupOptions};
-use stead_drivers::vm::qemu::qmp::Qmp;
 
-/// A guestless QEMU and its QMP client; quit on drop.
-struct Qemu {
-    child: Child,
-    qmp: Qmp,
-}
+#[path = "../tests/qemu_util/mod.rs"]
+mod qemu_util;
 
-impl Qemu {
-    fn start(sock: &Path) -> Result<Qemu, String> {
-        let _ = std::fs::remove_file(sock);
-        let mut child = Command::new("qemu-system-x86_64")
-            .args([
-                "-machine",
-                "none",
-                "-nodefaults",
-                "-display",
-                "none",
-                "-qmp",
-            ])
-            .arg(format!("unix:{},server=on,wait=off", sock.display()))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()
-            .map_err(|e| format!("qemu-system-x86_64: {e}"))?;
-        match Qmp::connect_retry(sock, Duration::from_secs(20)) {
-            Ok(qmp) => Ok(Qemu { child, qmp }),
-            Err(e) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                Err(e.to_string())
-            }
-        }
-    }
-
-    fn execute(&mut self, command: &str, arguments: Value) -> Result<Value, String> {
-        self.qmp
-            .execute_raw(command, arguments)
-            .map_err(|e| e.to_string())
-    }
-}
-
-impl Drop for Qemu {
-    fn drop(&mut self) {
-        let _ = self.execute("quit", Value::Null);
-        let _ = self.child.wait();
-    }
-}
+use qemu_util::Qemu;
 
 fn timed_backup(
     q: &mut Qemu,
@@ -84,29 +41,28 @@ fn timed_backup(
 }
 
 fn run(image: PathBuf, work: PathBuf, change_mib: u64) -> Result<(), String> {
-    let mut q = Qemu::start(&work.join("qmp.sock"))?;
-    q.execute(
-        "blockdev-add",
-        json!({"node-name": "disk0", "driver": "qcow2",
-               "file": {"driver": "file", "filename": image}}),
-    )?;
+    let mut q = Qemu::start(&work)?;
+    let r = measure(&mut q, image, work, change_mib);
+    q.quit();
+    r
+}
+
+fn measure(q: &mut Qemu, image: PathBuf, work: PathBuf, change_mib: u64) -> Result<(), String> {
+    q.attach("disk0", &image);
     let store = BackupStore::for_pool(&work.join("pool"));
     let disks = [Disk {
         input: "disk0".into(),
         node: "disk0".into(),
-        image: image.clone(),
+        image,
     }];
     let opts = VmBackupOptions {
-        work_dir: work.clone(),
+        work_dir: work,
         speed: None,
         nvram: None,
     };
-    let (first, t1) = timed_backup(&mut q, &store, &disks, &opts)?;
-    q.execute(
-        "human-monitor-command",
-        json!({"command-line": format!("qemu-io disk0 \"write -P 0x5a 1G {change_mib}M\"")}),
-    )?;
-    let (second, t2) = timed_backup(&mut q, &store, &disks, &opts)?;
+    let (first, t1) = timed_backup(q, &store, &disks, &opts)?;
+    q.io("disk0", &format!("write -P 0x5a 1G {change_mib}M"));
+    let (second, t2) = timed_backup(q, &store, &disks, &opts)?;
     let read = |i: &BackupInfo| i.stats.read_bytes.unwrap_or(0);
     println!("disk_bytes {}", first.stats.bytes);
     println!("first_seconds {t1:.3}");
@@ -130,7 +86,15 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     };
     let change = args.next().and_then(|c| c.parse().ok()).unwrap_or(10);
-    match run(image.into(), work.into(), change) {
+    // The job targets are made in WORKDIR and opened by QEMU: an absolute path.
+    let work = match std::path::absolute(work) {
+        Ok(w) => w,
+        Err(e) => {
+            eprintln!("qemu_backup_bench: WORKDIR: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match run(image.into(), work, change) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("qemu_backup_bench: {e}");

@@ -3,7 +3,7 @@
 //! QMP into a chunk store, restored and compared with the live image.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -12,7 +12,11 @@ use stead_drivers::backup::store::{BackupInfo, BackupOptions};
 use stead_drivers::vm::qemu::backup::{
     self, BITMAP, Disk, DiskFormat, GuestFreeze, VmBackupOptions,
 };
-use stead_drivers::vm::qemu::qmp::Qmp;
+
+#[path = "qemu_util/mod.rs"]
+mod qemu_util;
+
+use qemu_util::Qemu;
 
 const MIB: u64 = 1 << 20;
 
@@ -33,92 +37,22 @@ fn qemu_present(test: &str) -> bool {
     ok
 }
 
-/// A guestless QEMU and its QMP client, killed on drop.
-struct Qemu {
-    child: Child,
-    qmp: Qmp,
+/// Runs `qemu-img args`; whether it succeeded.
+fn qemu_img(args: &[&str]) -> bool {
+    Command::new("qemu-img")
+        .args(args)
+        .status()
+        .expect("qemu-img")
+        .success()
 }
 
-impl Qemu {
-    fn start(dir: &Path) -> Qemu {
-        let sock = dir.join("qmp.sock");
-        let _ = std::fs::remove_file(&sock);
-        let child = Command::new("qemu-system-x86_64")
-            .args([
-                "-machine",
-                "none",
-                "-nodefaults",
-                "-display",
-                "none",
-                "-qmp",
-            ])
-            .arg(format!("unix:{},server=on,wait=off", sock.display()))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("spawn qemu");
-        let mut child = child;
-        let qmp = match Qmp::connect_retry(&sock, Duration::from_secs(20)) {
-            Ok(q) => q,
-            Err(e) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("qmp: {e}");
-            }
-        };
-        Qemu { child, qmp }
-    }
-
-    fn execute(&mut self, command: &str, arguments: Value) -> Result<Value, String> {
-        self.qmp
-            .execute_raw(command, arguments)
-            .map_err(|e| e.to_string())
-    }
-
-    fn attach(&mut self, node: &str, image: &Path) {
-        self.execute(
-            "blockdev-add",
-            json!({"node-name": node, "driver": "qcow2",
-                   "file": {"driver": "file", "filename": image}}),
-        )
-        .expect("blockdev-add");
-    }
-
-    fn io(&mut self, node: &str, cmd: &str) {
-        self.qmp
-            .hmp(&format!("qemu-io {node} \"{cmd}\""))
-            .expect("qemu-io");
-    }
-
-    fn bitmap_count(&mut self, node: &str, name: &str) -> Option<u64> {
-        let nodes = self
-            .execute("query-named-block-nodes", json!({"flat": true}))
-            .expect("nodes");
-        nodes.as_array()?.iter().find(|n| n["node-name"] == node)?["dirty-bitmaps"]
-            .as_array()?
-            .iter()
-            .find(|b| b["name"] == name)?["count"]
-            .as_u64()
-    }
-
-    /// Quits cleanly (persistent bitmaps are written into the qcow2).
-    fn quit(mut self) {
-        let _ = self.execute("quit", Value::Null);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Qemu {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// Disk `disk0` of a VM: node `disk0` reading `image`.
+fn disk0(image: &Path) -> Vec<Disk> {
+    vec![Disk {
+        input: "disk0".into(),
+        node: "disk0".into(),
+        image: image.to_path_buf(),
+    }]
 }
 
 struct Fixture {
@@ -132,13 +66,15 @@ fn fixture(size_mib: u64) -> Fixture {
     let tmp = tempfile::tempdir().expect("tmp");
     let dir = tmp.path().to_path_buf();
     let image = dir.join("disk0.qcow2");
-    let ok = Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(&image)
-        .arg(format!("{size_mib}M"))
-        .status()
-        .expect("qemu-img");
-    assert!(ok.success());
+    let size = format!("{size_mib}M");
+    assert!(qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        &image.to_string_lossy(),
+        &size
+    ]));
     Fixture {
         store: BackupStore::for_pool(&dir.join("pool")),
         _tmp: tmp,
@@ -149,11 +85,14 @@ fn fixture(size_mib: u64) -> Fixture {
 
 impl Fixture {
     fn disks(&self) -> Vec<Disk> {
-        vec![Disk {
-            input: "disk0".into(),
-            node: "disk0".into(),
-            image: self.image.clone(),
-        }]
+        disk0(&self.image)
+    }
+
+    /// A guestless QEMU with the image attached as node `disk0`.
+    fn qemu(&self) -> Qemu {
+        let mut q = Qemu::start(&self.dir).expect("start qemu");
+        q.attach("disk0", &self.image);
+        q
     }
 
     fn vm_opts(&self) -> VmBackupOptions {
@@ -165,14 +104,24 @@ impl Fixture {
     }
 
     fn backup(&self, q: &mut Qemu) -> BackupInfo {
+        self.backup_with(q, None, &self.disks(), &self.vm_opts())
+    }
+
+    fn backup_with(
+        &self,
+        q: &mut Qemu,
+        agent: Option<&mut dyn GuestFreeze>,
+        disks: &[Disk],
+        opts: &VmBackupOptions,
+    ) -> BackupInfo {
         backup::backup_vm(
             &mut q.qmp,
-            None,
+            agent,
             &self.store,
             "VirtualMachine/vm",
             &json!({}),
-            &self.disks(),
-            &self.vm_opts(),
+            disks,
+            opts,
             BackupOptions::default(),
         )
         .expect("backup")
@@ -185,16 +134,10 @@ impl Fixture {
         let raw = self.dir.join(format!("{name}.raw"));
         backup::restore_disk(&self.store, id, "disk0", &raw, DiskFormat::Raw).expect("restore");
         for (img, fmt) in [(&q, "qcow2"), (&raw, "raw")] {
-            let st = Command::new("qemu-img")
-                .args(["compare", "-q", "-f", fmt, "-F", "qcow2"])
-                .arg(img)
-                .arg(&self.image)
-                .status()
-                .expect("qemu-img compare");
+            let (img, live) = (img.to_string_lossy(), self.image.to_string_lossy());
             assert!(
-                st.success(),
-                "{} differs from the live image",
-                img.display()
+                qemu_img(&["compare", "-q", "-f", fmt, "-F", "qcow2", &img, &live]),
+                "{img} differs from the live image"
             );
         }
         assert!(self.store.verify(id).expect("verify").ok());
@@ -212,8 +155,7 @@ fn a_re_backup_reads_only_the_changed_blocks_and_restores_the_live_image() {
         return;
     }
     let f = fixture(256);
-    let mut q = Qemu::start(&f.dir);
-    q.attach("disk0", &f.image);
+    let mut q = f.qemu();
     let found = backup::find_disks(&mut q.qmp, &[("disk0".into(), f.image.clone())]);
     assert_eq!(found.expect("the node of the image"), f.disks());
     q.io("disk0", "write -P 0xab 0 10M");
@@ -252,8 +194,7 @@ fn a_cancelled_incremental_backup_loses_no_dirty_block() {
         return;
     }
     let f = fixture(64);
-    let mut q = Qemu::start(&f.dir);
-    q.attach("disk0", &f.image);
+    let mut q = f.qemu();
     q.io("disk0", "write -P 0x11 0 8M");
     f.backup(&mut q);
     q.io("disk0", "write -P 0x22 40M 10M");
@@ -307,14 +248,12 @@ fn the_bitmap_survives_a_qemu_restart_and_a_kill_or_a_replaced_image_means_a_ful
         return;
     }
     let f = fixture(64);
-    let mut q = Qemu::start(&f.dir);
-    q.attach("disk0", &f.image);
+    let mut q = f.qemu();
     q.io("disk0", "write -P 0x33 0 20M");
     f.backup(&mut q);
     q.quit();
 
-    let mut q = Qemu::start(&f.dir);
-    q.attach("disk0", &f.image);
+    let mut q = f.qemu();
     q.io("disk0", "write -P 0x44 32M 4M");
     let second = f.backup(&mut q);
     let c = second.consistency.clone().unwrap_or_default();
@@ -324,8 +263,7 @@ fn the_bitmap_survives_a_qemu_restart_and_a_kill_or_a_replaced_image_means_a_ful
     q.io("disk0", "flush");
     drop(q); // killed: the persistent bitmap is left marked in use
 
-    let mut q = Qemu::start(&f.dir);
-    q.attach("disk0", &f.image);
+    let mut q = f.qemu();
     let third = f.backup(&mut q);
     let c = third.consistency.clone().unwrap_or_default();
     assert!(c.contains("full read"), "after a kill: {c}");
@@ -344,8 +282,7 @@ fn the_bitmap_survives_a_qemu_restart_and_a_kill_or_a_replaced_image_means_a_ful
     let copy = f.dir.join("copy.qcow2");
     std::fs::copy(&f.image, &copy).expect("copy");
     std::fs::rename(&copy, &f.image).expect("replace");
-    let mut q = Qemu::start(&f.dir);
-    q.attach("disk0", &f.image);
+    let mut q = f.qemu();
     let fifth = f.backup(&mut q);
     let c = fifth.consistency.clone().unwrap_or_default();
     assert!(c.contains("full read (the disk image was replaced"), "{c}");
@@ -376,8 +313,7 @@ fn the_guest_is_thawed_even_when_the_jobs_cannot_start() {
         return;
     }
     let f = fixture(16);
-    let mut q = Qemu::start(&f.dir);
-    q.attach("disk0", &f.image);
+    let mut q = f.qemu();
     // A UEFI VM: its NVRAM vars file goes with the disks.
     let nvram = f.dir.join("nvram.fd");
     let vars: Vec<u8> = (0..540_672u32).map(|i| (i % 251) as u8).collect();
@@ -387,17 +323,7 @@ fn the_guest_is_thawed_even_when_the_jobs_cannot_start() {
         ..f.vm_opts()
     };
     let mut agent = Agent::default();
-    let ok = backup::backup_vm(
-        &mut q.qmp,
-        Some(&mut agent),
-        &f.store,
-        "VirtualMachine/vm",
-        &json!({}),
-        &f.disks(),
-        &with_nvram,
-        BackupOptions::default(),
-    )
-    .expect("backup");
+    let ok = f.backup_with(&mut q, Some(&mut agent), &f.disks(), &with_nvram);
     assert_eq!(ok.inputs, ["disk0", backup::NVRAM_INPUT]);
     let restored_vars = f.dir.join("vars.restored");
     f.store
@@ -413,13 +339,14 @@ fn the_guest_is_thawed_even_when_the_jobs_cannot_start() {
     let other = f.dir.join("other.qcow2");
     let other_target = f.dir.join("other-target.qcow2");
     for p in [&other, &other_target] {
-        let st = Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2"])
-            .arg(p)
-            .arg("16M")
-            .status()
-            .expect("qemu-img");
-        assert!(st.success());
+        assert!(qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            &p.to_string_lossy(),
+            "16M"
+        ]));
     }
     q.attach("other", &other);
     q.attach("other-target", &other_target);
@@ -496,31 +423,16 @@ fn stead_backup_of_a_running_qemu_vm_goes_through_its_qmp_socket() {
     let sock = stead_drivers::vm::config::Paths::new(&env.run_dir, "vm1").qmp_socket();
     std::fs::create_dir_all(sock.parent().expect("dir")).expect("run dir");
     let test_sock = f.dir.join("test-qmp.sock");
-    let mut child = Command::new("qemu-system-x86_64")
-        .args([
-            "-machine",
-            "none",
-            "-nodefaults",
-            "-display",
-            "none",
-            "-qmp",
-        ])
-        .arg(format!("unix:{},server=on,wait=off", test_sock.display()))
-        .arg("-qmp")
-        .arg(format!("unix:{},server=on,wait=off", sock.display()))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("spawn qemu");
-    let qmp = Qmp::connect_retry(&test_sock, Duration::from_secs(20));
-    let mut q = match qmp {
-        Ok(qmp) => Qemu { child, qmp },
-        Err(e) => {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("qmp: {e}");
-        }
-    };
+    let mut q = Qemu::spawn(
+        &test_sock,
+        &[
+            "-machine".to_string(),
+            "none".into(),
+            "-qmp".into(),
+            format!("unix:{},server=on,wait=off", sock.display()),
+        ],
+    )
+    .expect("start qemu");
     q.attach("drive-v0", &f.image);
     q.io("drive-v0", "write -P 0x77 0 6M");
     let target = Target {
@@ -551,13 +463,11 @@ fn stead_backup_of_a_running_qemu_vm_goes_through_its_qmp_socket() {
     q.quit();
     let out = f.dir.join("v0.restored.qcow2");
     backup::restore_disk(&f.store, &second.id, "v0", &out, DiskFormat::Qcow2).expect("restore");
-    let st = Command::new("qemu-img")
-        .args(["compare", "-q"])
-        .arg(&out)
-        .arg(&f.image)
-        .status()
-        .expect("compare");
-    assert!(st.success(), "restored image differs");
+    let (out, live) = (out.to_string_lossy(), f.image.to_string_lossy());
+    assert!(
+        qemu_img(&["compare", "-q", &out, &live]),
+        "restored image differs"
+    );
 }
 
 /// The cached Debian guest image (`scripts/guest-image.sh`), or `None` after a SKIP line.
@@ -595,53 +505,34 @@ struct Guest {
 fn boot(dir: &Path, disk: &Path, tag: &str) -> Guest {
     let qmp_sock = dir.join(format!("{tag}-qmp.sock"));
     let agent_sock = dir.join(format!("{tag}-qga.sock"));
-    let mut child = Command::new("qemu-system-x86_64")
-        .args([
-            "-accel",
-            "tcg",
-            "-m",
-            "512",
-            "-nodefaults",
-            "-display",
-            "none",
-        ])
-        .arg("-serial")
-        .arg(format!(
-            "file:{}",
-            dir.join(format!("{tag}-serial.log")).display()
-        ))
-        .arg("-blockdev")
-        .arg(format!(
+    let serial = dir.join(format!("{tag}-serial.log"));
+    let args = [
+        "-accel".to_string(),
+        "tcg".into(),
+        "-m".into(),
+        "512".into(),
+        "-serial".into(),
+        format!("file:{}", serial.display()),
+        "-blockdev".into(),
+        format!(
             "driver=file,filename={},node-name=disk0-file",
             disk.display()
-        ))
-        .args(["-blockdev", "driver=qcow2,file=disk0-file,node-name=disk0"])
-        .args(["-device", "virtio-blk-pci,drive=disk0,bootindex=1"])
-        .arg("-chardev")
-        .arg(format!(
+        ),
+        "-blockdev".into(),
+        "driver=qcow2,file=disk0-file,node-name=disk0".into(),
+        "-device".into(),
+        "virtio-blk-pci,drive=disk0,bootindex=1".into(),
+        "-chardev".into(),
+        format!(
             "socket,path={},server=on,wait=off,id=qga0",
             agent_sock.display()
-        ))
-        .args(["-device", "virtio-serial-pci"])
-        .args([
-            "-device",
-            "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
-        ])
-        .arg("-qmp")
-        .arg(format!("unix:{},server=on,wait=off", qmp_sock.display()))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("spawn qemu");
-    let qmp = match Qmp::connect_retry(&qmp_sock, Duration::from_secs(20)) {
-        Ok(q) => q,
-        Err(e) => {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("qmp: {e}");
-        }
-    };
-    let vm = Qemu { child, qmp };
+        ),
+        "-device".into(),
+        "virtio-serial-pci".into(),
+        "-device".into(),
+        "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0".into(),
+    ];
+    let vm = Qemu::spawn(&qmp_sock, &args).expect("start qemu");
     let t = Instant::now();
     stead_drivers::vm::qemu::qga::Qga::connect(&agent_sock, Duration::from_secs(300))
         .expect("the guest agent answers");
@@ -677,13 +568,10 @@ fn a_file_written_in_the_guest_between_backups_is_intact_after_restore_and_boot(
     let dir = tmp.path();
     // A copy-on-write overlay: the cached image is never written.
     let disk = dir.join("disk0.qcow2");
-    let st = Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
-        .arg(&image)
-        .arg(&disk)
-        .status()
-        .expect("qemu-img");
-    assert!(st.success());
+    let (backing, overlay) = (image.to_string_lossy(), disk.to_string_lossy());
+    assert!(qemu_img(&[
+        "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", &backing, &overlay
+    ]));
     let store = BackupStore::for_pool(&dir.join("pool"));
     let images = [("disk0".to_string(), disk.clone())];
     let mut g = boot(dir, &disk, "orig");
@@ -737,38 +625,23 @@ fn a_raw_disk_is_incremental_while_its_qemu_runs() {
     }
     let f = fixture(16);
     let raw = f.dir.join("disk0.raw");
-    let st = Command::new("qemu-img")
-        .args(["create", "-q", "-f", "raw"])
-        .arg(&raw)
-        .arg("64M")
-        .status()
-        .expect("qemu-img");
-    assert!(st.success());
-    let mut q = Qemu::start(&f.dir);
+    assert!(qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "raw",
+        &raw.to_string_lossy(),
+        "64M"
+    ]));
+    let mut q = Qemu::start(&f.dir).expect("start qemu");
     q.execute(
         "blockdev-add",
         json!({"node-name": "disk0", "driver": "raw",
                "file": {"driver": "file", "filename": raw}}),
     )
     .expect("blockdev-add");
-    let disks = [Disk {
-        input: "disk0".into(),
-        node: "disk0".into(),
-        image: raw.clone(),
-    }];
-    let run = |q: &mut Qemu| {
-        backup::backup_vm(
-            &mut q.qmp,
-            None,
-            &f.store,
-            "VirtualMachine/vm",
-            &json!({}),
-            &disks,
-            &f.vm_opts(),
-            BackupOptions::default(),
-        )
-        .expect("backup")
-    };
+    let disks = disk0(&raw);
+    let run = |q: &mut Qemu| f.backup_with(q, None, &disks, &f.vm_opts());
     q.io("disk0", "write -P 0x10 0 8M");
     run(&mut q);
     q.io("disk0", "write -P 0x20 32M 4M");

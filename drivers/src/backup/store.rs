@@ -438,10 +438,10 @@ pub struct BackupStore {
 
 /// Parsed backup id.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) struct BackupId {
-    pub(super) kind: String,
-    pub(super) name: String,
-    pub(super) time: DateTime<Utc>,
+struct BackupId {
+    kind: String,
+    name: String,
+    time: DateTime<Utc>,
 }
 
 impl BackupId {
@@ -466,7 +466,7 @@ impl BackupId {
         })
     }
 
-    pub(super) fn to_id(&self) -> String {
+    fn to_id(&self) -> String {
         format!("{}/{}/{}", self.kind, self.name, self.time.format(TIME_FMT))
     }
 }
@@ -774,7 +774,7 @@ impl BackupStore {
         ))
     }
 
-    pub(super) fn existing_chunk(&self, digest: &str) -> Option<(PathBuf, bool)> {
+    fn existing_chunk(&self, digest: &str) -> Option<(PathBuf, bool)> {
         let z = self.chunk_path(digest, true);
         if z.exists() {
             return Some((z, true));
@@ -1000,7 +1000,7 @@ impl BackupStore {
 
     /// The id of a new backup of `kind/name` at `time` (to the second), a second later
     /// for each backup that already has that time.
-    pub(super) fn free_id(&self, kind: &str, name: &str, time: DateTime<Utc>) -> BackupId {
+    fn free_id(&self, kind: &str, name: &str, time: DateTime<Utc>) -> BackupId {
         let mut id = BackupId {
             kind: kind.into(),
             name: name.into(),
@@ -1013,11 +1013,7 @@ impl BackupStore {
     }
 
     /// Writes `manifest` as backup `id`, atomically; returns its path.
-    pub(super) fn write_manifest(
-        &self,
-        id: &BackupId,
-        manifest: &Manifest,
-    ) -> Result<PathBuf, BackupError> {
+    fn write_manifest(&self, id: &BackupId, manifest: &Manifest) -> Result<PathBuf, BackupError> {
         let path = self.manifest_path(id);
         let json = serde_json::to_vec_pretty(manifest).map_err(|e| BackupError::Parse {
             path: path.clone(),
@@ -1311,7 +1307,7 @@ impl BackupStore {
         }
     }
 
-    pub(super) fn store_chunk(
+    fn store_chunk(
         &self,
         t: usize,
         job: &Job,
@@ -1964,7 +1960,7 @@ impl NanoZero for DateTime<Utc> {
     }
 }
 
-pub(super) fn info_of(m: &Manifest, manifest: PathBuf, time: DateTime<Utc>) -> BackupInfo {
+fn info_of(m: &Manifest, manifest: PathBuf, time: DateTime<Utc>) -> BackupInfo {
     BackupInfo {
         id: m.id.clone(),
         resource: m.resource.clone(),
@@ -1989,7 +1985,7 @@ fn whole_digest_matches(e: &FileEntry, got: &str) -> bool {
     }
 }
 
-pub(super) fn feed_zeros(h: &mut Sha256, mut n: u64) {
+fn feed_zeros(h: &mut Sha256, mut n: u64) {
     static ZEROS: [u8; 65536] = [0; 65536];
     while n > 0 {
         let k = n.min(ZEROS.len() as u64) as usize;
@@ -2075,9 +2071,9 @@ fn comp_other(path: &Path) -> bool {
 #[derive(Default)]
 pub(super) struct RunShared {
     /// Digests a worker has taken on in this run (written once even if seen twice).
-    pub(super) claimed: Mutex<HashSet<[u8; 32]>>,
+    claimed: Mutex<HashSet<[u8; 32]>>,
     /// Directories a chunk was renamed into (fsynced before the manifest is written).
-    pub(super) dirty: Mutex<std::collections::BTreeSet<PathBuf>>,
+    dirty: Mutex<std::collections::BTreeSet<PathBuf>>,
 }
 
 /// Whether `f` (`len` bytes) is exactly one complete zstd frame whose declared content

@@ -27,11 +27,13 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
+use stead_schema::VolumeFormat;
 use tracing::{info, info_span, warn};
 
 use crate::backup::BackupError;
 use crate::backup::blocks::{BitmapRecord, IMAGE_BLOCK, ImageInput, parse_map};
 use crate::backup::store::{BackupInfo, BackupOptions, BackupStore};
+use crate::storage::qemu_img;
 
 /// The persistent dirty bitmap of each disk: blocks written since the last backup.
 pub const BITMAP: &str = "stead-backup";
@@ -280,16 +282,11 @@ fn plan_disk(
     Ok(base)
 }
 
-/// Creates the temporary qcow2 a job writes into.
+/// Creates the temporary qcow2 a job writes into (`path` is absolute: QEMU opens it).
 fn create_target(path: &Path, size: u64) -> Result<(), BackupError> {
     let _ = fs::remove_file(path);
-    run_tool(
-        Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2"])
-            .arg(path)
-            .arg(size.to_string()),
-    )
-    .map(|_| ())
+    qemu_img::create(path, VolumeFormat::Qcow2, size, None)
+        .map_err(|e| BackupError::Invalid(format!("backup job target: {e}")))
 }
 
 /// Runs a tool; its stdout, or an error with its stderr.
@@ -391,44 +388,33 @@ fn start_jobs(
         .map_err(qmp_err("add the backup target"))?;
     }
     let actions = transaction_actions(&started.jobs, opts.speed);
-    let point = match agent {
-        Some(agent) => {
-            let t = Instant::now();
-            let frozen = match agent.freeze() {
-                Ok(n) => n,
-                Err(e) => {
-                    // A freeze that failed half-way leaves some file systems frozen.
-                    let _ = agent.thaw();
-                    warn!(error = %e, "guest agent freeze failed: the backup is crash-consistent");
-                    qmp.execute("transaction", json!({"actions": actions}))
-                        .map_err(qmp_err("start the backup jobs"))?;
-                    started.running = true;
-                    describe(
-                        started,
-                        format!("crash-consistent (guest agent freeze failed: {e})"),
-                    );
-                    return Ok(());
-                }
-            };
-            let r = qmp.execute("transaction", json!({"actions": actions}));
-            let thawed = agent.thaw();
-            let ms = t.elapsed().as_millis();
-            r.map_err(qmp_err("start the backup jobs"))?;
-            started.running = true;
-            thawed.map_err(|e| BackupError::Invalid(format!("guest agent thaw: {e}")))?;
-            info!(
-                frozen,
-                ms, "guest file systems frozen for the point in time"
-            );
-            format!("guest agent froze {frozen} file systems for {ms} ms")
+    let t = Instant::now();
+    let mut point = "crash-consistent (no guest agent)".to_string();
+    let mut frozen = None;
+    if let Some(agent) = agent {
+        match agent.freeze() {
+            Ok(n) => frozen = Some((agent, n)),
+            Err(e) => {
+                // A freeze that failed half-way leaves some file systems frozen.
+                let _ = agent.thaw();
+                warn!(error = %e, "guest agent freeze failed: the backup is crash-consistent");
+                point = format!("crash-consistent (guest agent freeze failed: {e})");
+            }
         }
-        None => {
-            qmp.execute("transaction", json!({"actions": actions}))
-                .map_err(qmp_err("start the backup jobs"))?;
-            started.running = true;
-            "crash-consistent (no guest agent)".to_string()
-        }
-    };
+    }
+    let r = qmp.execute("transaction", json!({"actions": actions}));
+    // Thawed at once, whether the jobs started or not.
+    let thawed = frozen.map(|(agent, n)| (agent.thaw(), n, t.elapsed().as_millis()));
+    r.map_err(qmp_err("start the backup jobs"))?;
+    started.running = true;
+    if let Some((thawed, frozen, ms)) = thawed {
+        thawed.map_err(|e| BackupError::Invalid(format!("guest agent thaw: {e}")))?;
+        info!(
+            frozen,
+            ms, "guest file systems frozen for the point in time"
+        );
+        point = format!("guest agent froze {frozen} file systems for {ms} ms");
+    }
     describe(started, point);
     Ok(())
 }
@@ -853,5 +839,95 @@ mod tests {
         assert_eq!(a[3]["data"]["sync"], "full");
         assert!(a[3]["data"].get("bitmap").is_none());
         assert_eq!(a[2]["data"]["name"], NEXT);
+    }
+
+    /// A QMP that answers `transaction` with `result` and records the commands.
+    struct FakeQmp {
+        result: Result<Value, String>,
+        calls: Vec<String>,
+    }
+
+    impl QmpExec for FakeQmp {
+        fn execute(&mut self, command: &str, _: Value) -> Result<Value, String> {
+            self.calls.push(command.to_string());
+            self.result.clone()
+        }
+    }
+
+    /// A guest agent whose freeze answers `freeze`, recording the calls.
+    struct FakeAgent {
+        freeze: Result<u64, String>,
+        calls: Vec<&'static str>,
+    }
+
+    impl GuestFreeze for FakeAgent {
+        fn freeze(&mut self) -> Result<u64, String> {
+            self.calls.push("freeze");
+            self.freeze.clone()
+        }
+        fn thaw(&mut self) -> Result<u64, String> {
+            self.calls.push("thaw");
+            Ok(0)
+        }
+    }
+
+    #[test]
+    fn the_point_in_time_says_how_it_was_had_and_the_guest_is_always_thawed() {
+        let opts = VmBackupOptions {
+            work_dir: "/nonexistent".into(),
+            speed: None,
+            nvram: None,
+        };
+        let run = |tx: Result<Value, String>, freeze: Option<Result<u64, String>>| {
+            let mut qmp = FakeQmp {
+                result: tx,
+                calls: Vec::new(),
+            };
+            let mut agent = freeze.map(|freeze| FakeAgent {
+                freeze,
+                calls: Vec::new(),
+            });
+            let mut started = Started {
+                jobs: Vec::new(),
+                consistency: String::new(),
+                running: false,
+            };
+            let r = start_jobs(
+                &mut qmp,
+                agent.as_mut().map(|a| a as &mut dyn GuestFreeze),
+                &mut started,
+                &opts,
+            );
+            assert_eq!(qmp.calls, ["transaction"]);
+            (r, started, agent.map(|a| a.calls).unwrap_or_default())
+        };
+
+        let (r, st, calls) = run(Ok(Value::Null), None);
+        assert!(r.is_ok() && st.running);
+        assert!(st.consistency.contains("crash-consistent (no guest agent)"));
+        assert!(calls.is_empty());
+
+        let (r, st, calls) = run(Ok(Value::Null), Some(Ok(3)));
+        assert!(r.is_ok() && st.running);
+        assert!(
+            st.consistency.contains("guest agent froze 3 file systems"),
+            "{}",
+            st.consistency
+        );
+        assert_eq!(calls, ["freeze", "thaw"]);
+
+        let (r, st, calls) = run(Ok(Value::Null), Some(Err("no fsfreeze".into())));
+        assert!(r.is_ok() && st.running);
+        assert!(
+            st.consistency
+                .contains("crash-consistent (guest agent freeze failed: no fsfreeze)"),
+            "{}",
+            st.consistency
+        );
+        assert_eq!(calls, ["freeze", "thaw"]);
+
+        let (r, st, calls) = run(Err("job id in use".into()), Some(Ok(3)));
+        assert!(r.is_err() && !st.running);
+        assert_eq!(calls, ["freeze", "thaw"]);
     }
 }
