@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use stead_reconciler::driver::DriverError;
 use tracing::{debug, info, instrument, warn};
 
-use super::btrfs;
+use super::{btrfs, fsutil};
 
 /// Name prefix of replication snapshots (`stead-repl-<seq>`).
 pub const SNAPSHOT_PREFIX: &str = "stead-repl-";
@@ -603,17 +603,8 @@ impl BtrfsReplication {
     }
 
     fn write_record(dir: &Path, point: &ReplicaInfo) -> Result<(), DriverError> {
-        let path = Self::record_path(dir, point.seq);
-        let tmp = dir.join(format!(".{}.json.tmp", snapshot_name(point.seq)));
         let body = serde_json::to_vec(point).map_err(|e| DriverError::Other(e.to_string()))?;
-        let write = || -> io::Result<()> {
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(&body)?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, &path)?;
-            std::fs::File::open(dir)?.sync_all()
-        };
-        write().map_err(|e| DriverError::io(format!("write {}", path.display()), e))
+        fsutil::write_atomic(&Self::record_path(dir, point.seq), &body)
     }
 
     /// Subvolumes named `stead-repl-<seq>` in `dir`, ascending.
