@@ -809,6 +809,15 @@ impl ZfsReplication {
     }
 }
 
+/// `zfs destroy` of replication snapshot `seq` of `dataset` (absent is success).
+fn destroy_snapshot(dataset: &str, seq: u64) -> Result<(), DriverError> {
+    let snap = format!("{dataset}@{}", snapshot_name(seq));
+    match super::zfs::run(&[s("zfs"), s("destroy"), s("--"), snap]) {
+        Err(DriverError::Command { stderr, .. }) if stderr.contains("could not find") => Ok(()),
+        other => other.map(|_| ()),
+    }
+}
+
 /// Parses `zfs list -Hp -o name,creation` of snapshots into `(seq, creation)`, ascending.
 pub fn parse_zfs_snapshots(out: &str) -> Vec<(u64, u64)> {
     let mut v: Vec<(u64, u64)> = out
@@ -854,11 +863,7 @@ impl ReplicationBackend for ZfsReplication {
     }
 
     fn delete_snapshot(&self, volume: &str, seq: u64) -> Result<(), DriverError> {
-        let snap = format!("{}@{}", self.source(volume)?, snapshot_name(seq));
-        match super::zfs::run(&[s("zfs"), s("destroy"), s("--"), snap]) {
-            Err(DriverError::Command { stderr, .. }) if stderr.contains("could not find") => Ok(()),
-            other => other.map(|_| ()),
-        }
+        destroy_snapshot(&self.source(volume)?, seq)
     }
 
     fn replicas(&self, volume: &str) -> Result<Vec<ReplicaInfo>, DriverError> {
@@ -887,11 +892,7 @@ impl ReplicationBackend for ZfsReplication {
     }
 
     fn delete_replica(&self, volume: &str, seq: u64) -> Result<(), DriverError> {
-        let snap = format!("{}@{}", self.replica(volume)?, snapshot_name(seq));
-        match super::zfs::run(&[s("zfs"), s("destroy"), s("--"), snap]) {
-            Err(DriverError::Command { stderr, .. }) if stderr.contains("could not find") => Ok(()),
-            other => other.map(|_| ()),
-        }
+        destroy_snapshot(&self.replica(volume)?, seq)
     }
 
     fn promote(&self, volume: &str) -> Result<Promoted, DriverError> {
