@@ -331,8 +331,14 @@ fn storage_replicate_refuses_unknown_volumes() {
         replicate::receive_volume(&resolver(to), &mut y)
     });
     let mut x = x;
-    assert!(replicate::send_volume(&a.repl, "other", TOKEN, &mut x).is_err());
-    assert!(receiver.join().expect("join").is_err());
+    // Refused by the receiver (not any error, such as a volume this side cannot snapshot).
+    let sent = replicate::send_volume(&a.repl, "other", TOKEN, &mut x);
+    assert!(matches!(sent, Err(DriverError::Refused(_))), "{sent:?}");
+    let received = receiver.join().expect("join");
+    assert!(
+        matches!(&received, Err(DriverError::Refused(e)) if e.contains("not replicated to this node")),
+        "{received:?}"
+    );
     assert!(a.repl.source_snapshots("other").expect("snaps").is_empty());
 }
 
