@@ -159,16 +159,7 @@ impl ReplState {
 
 /// The pool `volume` lives in, per the manifests.
 fn pool_of<'d>(desired: &'d Desired, volume: &str) -> Option<&'d StoragePoolSpec> {
-    let Spec::Volume(v) = &desired.get(&ResourceId::new(Kind::Volume, volume))?.spec else {
-        return None;
-    };
-    match &desired
-        .get(&ResourceId::new(Kind::StoragePool, &v.pool.0))?
-        .spec
-    {
-        Spec::StoragePool(p) => Some(p),
-        _ => None,
-    }
+    desired.storage_pool(&desired.volume(volume)?.pool.0)
 }
 
 /// Sends replication points over mutual TLS to the peer's registered address.

@@ -20,7 +20,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tracing::{info, instrument, warn};
 
-use stead_schema::{Desired, Kind, ResourceId, Spec, StoragePoolSpec, VolumeSpec};
+use stead_schema::{Desired, Kind, ResourceId, StoragePoolSpec};
 
 use crate::agent::Owned;
 use crate::etcd::{Store, StoreError};
@@ -192,8 +192,7 @@ pub fn jobs_for(desired: &Desired, owned: &[Owned], node: &str) -> Vec<Replicati
             continue;
         };
         for volume in volumes_of(r) {
-            let Some(rep) = volume_spec(desired, &volume).and_then(|v| v.replication.as_ref())
-            else {
+            let Some(rep) = desired.volume(&volume).and_then(|v| v.replication.as_ref()) else {
                 continue;
             };
             if rep.to.0 == node || jobs.contains_key(&volume) {
@@ -218,24 +217,11 @@ pub fn receiving_pool<'d>(
     node: &str,
     volume: &str,
 ) -> Option<&'d StoragePoolSpec> {
-    let v = volume_spec(desired, volume)?;
+    let v = desired.volume(volume)?;
     if v.replication.as_ref()?.to.0 != node {
         return None;
     }
-    match &desired
-        .get(&ResourceId::new(Kind::StoragePool, &v.pool.0))?
-        .spec
-    {
-        Spec::StoragePool(p) => Some(p),
-        _ => None,
-    }
-}
-
-fn volume_spec<'d>(desired: &'d Desired, name: &str) -> Option<&'d VolumeSpec> {
-    match &desired.get(&ResourceId::new(Kind::Volume, name))?.spec {
-        Spec::Volume(v) => Some(v),
-        _ => None,
-    }
+    desired.storage_pool(&v.pool.0)
 }
 
 /// The status key of volume `volume`.
