@@ -13,7 +13,7 @@
 //! `every` after that attempt started; after `n` failures in a row, a backoff of 10 s × 2ⁿ⁻¹,
 //! never longer than `every`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -185,13 +185,7 @@ pub fn jobs_for(desired: &Desired, owned: &[Owned], node: &str) -> Vec<Replicati
     let mut owned: Vec<&Owned> = owned.iter().collect();
     owned.sort_by(|a, b| a.resource.cmp(&b.resource));
     for o in owned {
-        let Ok(kind) = o.resource.kind().parse::<Kind>() else {
-            continue;
-        };
-        let Some(r) = desired.get(&ResourceId::new(kind, o.resource.name())) else {
-            continue;
-        };
-        for volume in volumes_of(r) {
+        for volume in owned_volumes(desired, o) {
             let Some(rep) = desired.volume(&volume).and_then(|v| v.replication.as_ref()) else {
                 continue;
             };
@@ -208,6 +202,18 @@ pub fn jobs_for(desired: &Desired, owned: &[Owned], node: &str) -> Vec<Replicati
         }
     }
     jobs.into_values().collect()
+}
+
+/// The volumes of the workload `owned` guards, per the manifests (none when it is not in
+/// them).
+pub fn owned_volumes(desired: &Desired, owned: &Owned) -> BTreeSet<String> {
+    let Ok(kind) = owned.resource.kind().parse::<Kind>() else {
+        return BTreeSet::new();
+    };
+    desired
+        .get(&ResourceId::new(kind, owned.resource.name()))
+        .map(volumes_of)
+        .unwrap_or_default()
 }
 
 /// The pool that receives replicas of `volume` on `node`: `None` unless the volume declares
