@@ -14,10 +14,9 @@ use stead_cluster::agent::Owned;
 use stead_cluster::etcd::{EtcdConfig, Store, StoreError};
 use stead_cluster::model::NodeInfo;
 use stead_cluster::owner::FencingToken;
-use stead_cluster::placement::volumes_of;
 use stead_cluster::replication::{
-    FailoverRecord, ReplicationJob, Replicator, Transfer, TransferReport, jobs_for, receiving_pool,
-    record_failover,
+    FailoverRecord, ReplicationJob, Replicator, Transfer, TransferReport, jobs_for, owned_volumes,
+    receiving_pool, record_failover,
 };
 use stead_cluster::watch::list_prefix;
 use stead_drivers::storage::replicate::{
@@ -83,13 +82,7 @@ impl ReplState {
     /// this node receives and does not have live (a failover), and queues its record.
     pub fn promote_replicas(&self, desired: &Desired, owned: &[Owned]) {
         for o in owned {
-            let Some(kind) = Kind::parse_loose(o.resource.kind()) else {
-                continue;
-            };
-            let Some(r) = desired.get(&ResourceId::new(kind, o.resource.name())) else {
-                continue;
-            };
-            for volume in volumes_of(r) {
+            for volume in owned_volumes(desired, o) {
                 self.promote_one(desired, &volume, &o.token);
             }
         }
@@ -159,16 +152,7 @@ impl ReplState {
 
 /// The pool `volume` lives in, per the manifests.
 fn pool_of<'d>(desired: &'d Desired, volume: &str) -> Option<&'d StoragePoolSpec> {
-    let Spec::Volume(v) = &desired.get(&ResourceId::new(Kind::Volume, volume))?.spec else {
-        return None;
-    };
-    match &desired
-        .get(&ResourceId::new(Kind::StoragePool, &v.pool.0))?
-        .spec
-    {
-        Spec::StoragePool(p) => Some(p),
-        _ => None,
-    }
+    desired.storage_pool(&desired.volume(volume)?.pool.0)
 }
 
 /// Sends replication points over mutual TLS to the peer's registered address.

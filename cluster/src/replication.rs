@@ -13,14 +13,14 @@
 //! `every` after that attempt started; after `n` failures in a row, a backoff of 10 s × 2ⁿ⁻¹,
 //! never longer than `every`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tracing::{info, instrument, warn};
 
-use stead_schema::{Desired, Kind, ResourceId, Spec, StoragePoolSpec, VolumeSpec};
+use stead_schema::{Desired, Kind, ResourceId, StoragePoolSpec};
 
 use crate::agent::Owned;
 use crate::etcd::{Store, StoreError};
@@ -185,15 +185,8 @@ pub fn jobs_for(desired: &Desired, owned: &[Owned], node: &str) -> Vec<Replicati
     let mut owned: Vec<&Owned> = owned.iter().collect();
     owned.sort_by(|a, b| a.resource.cmp(&b.resource));
     for o in owned {
-        let Ok(kind) = o.resource.kind().parse::<Kind>() else {
-            continue;
-        };
-        let Some(r) = desired.get(&ResourceId::new(kind, o.resource.name())) else {
-            continue;
-        };
-        for volume in volumes_of(r) {
-            let Some(rep) = volume_spec(desired, &volume).and_then(|v| v.replication.as_ref())
-            else {
+        for volume in owned_volumes(desired, o) {
+            let Some(rep) = desired.volume(&volume).and_then(|v| v.replication.as_ref()) else {
                 continue;
             };
             if rep.to.0 == node || jobs.contains_key(&volume) {
@@ -211,6 +204,18 @@ pub fn jobs_for(desired: &Desired, owned: &[Owned], node: &str) -> Vec<Replicati
     jobs.into_values().collect()
 }
 
+/// The volumes of the workload `owned` guards, per the manifests (none when it is not in
+/// them).
+pub fn owned_volumes(desired: &Desired, owned: &Owned) -> BTreeSet<String> {
+    let Ok(kind) = owned.resource.kind().parse::<Kind>() else {
+        return BTreeSet::new();
+    };
+    desired
+        .get(&ResourceId::new(kind, owned.resource.name()))
+        .map(volumes_of)
+        .unwrap_or_default()
+}
+
 /// The pool that receives replicas of `volume` on `node`: `None` unless the volume declares
 /// replication to `node` (the receiver refuses everything else).
 pub fn receiving_pool<'d>(
@@ -218,24 +223,11 @@ pub fn receiving_pool<'d>(
     node: &str,
     volume: &str,
 ) -> Option<&'d StoragePoolSpec> {
-    let v = volume_spec(desired, volume)?;
+    let v = desired.volume(volume)?;
     if v.replication.as_ref()?.to.0 != node {
         return None;
     }
-    match &desired
-        .get(&ResourceId::new(Kind::StoragePool, &v.pool.0))?
-        .spec
-    {
-        Spec::StoragePool(p) => Some(p),
-        _ => None,
-    }
-}
-
-fn volume_spec<'d>(desired: &'d Desired, name: &str) -> Option<&'d VolumeSpec> {
-    match &desired.get(&ResourceId::new(Kind::Volume, name))?.spec {
-        Spec::Volume(v) => Some(v),
-        _ => None,
-    }
+    desired.storage_pool(&v.pool.0)
 }
 
 /// The status key of volume `volume`.

@@ -149,26 +149,60 @@ fn subvolumes(dir: &Path) -> Vec<String> {
     v
 }
 
+/// The two nodes of `test`, or `None` (printed as a skip) without btrfs-progs or a loop
+/// file system.
+fn two_nodes(test: &str) -> Option<(Node, Node)> {
+    if run_cmd("btrfs", &["--version"]).is_err() {
+        eprintln!("SKIP {test}: btrfs-progs missing");
+        return None;
+    }
+    match (node(), node()) {
+        (Ok(a), Ok(b)) => Some((a, b)),
+        (Err(why), _) | (_, Err(why)) => {
+            eprintln!("SKIP {test}: {why}");
+            None
+        }
+    }
+}
+
+/// Creates [`VOLUME`] on `n`: a sparse disk of `size` bytes whose first `data` bytes hold
+/// pattern `seed`. Returns the disk's path.
+fn source_disk(n: &Node, size: u64, data: u64, seed: u64) -> PathBuf {
+    let images = n.pool.join("images");
+    btrfs::subvol_create(&images, VOLUME).expect("subvolume");
+    let disk = images.join(VOLUME).join("disk.raw");
+    fs::File::create(&disk)
+        .and_then(|f| f.set_len(size))
+        .expect("disk");
+    write_pattern(&disk, 0, data, seed);
+    disk
+}
+
+/// The disk of replica `seq` of [`VOLUME`] on `n`.
+fn replica_disk(n: &Node, seq: u64) -> PathBuf {
+    n.pool
+        .join("replicas")
+        .join(VOLUME)
+        .join(replicate::snapshot_name(seq))
+        .join("disk.raw")
+}
+
+/// The newest complete replica of [`VOLUME`] on `n`.
+fn latest_replica(n: &Node) -> Option<u64> {
+    n.repl
+        .replicas(VOLUME)
+        .expect("replicas")
+        .last()
+        .map(|r| r.seq)
+}
+
 #[test]
 fn storage_replicate_btrfs_incremental_cut_and_promote() {
-    if run_cmd("btrfs", &["--version"]).is_err() {
-        eprintln!("SKIP storage_replicate_btrfs_incremental_cut_and_promote: btrfs-progs missing");
+    let Some((a, b)) = two_nodes("storage_replicate_btrfs_incremental_cut_and_promote") else {
         return;
-    }
-    let (a, b) = match (node(), node()) {
-        (Ok(a), Ok(b)) => (a, b),
-        (Err(why), _) | (_, Err(why)) => {
-            eprintln!("SKIP storage_replicate_btrfs_incremental_cut_and_promote: {why}");
-            return;
-        }
     };
     // A 1 GiB volume (sparse) with 256 MiB of data.
-    btrfs::subvol_create(&a.pool.join("images"), VOLUME).expect("subvolume");
-    let disk = a.pool.join("images").join(VOLUME).join("disk.raw");
-    fs::File::create(&disk)
-        .and_then(|f| f.set_len(GIB))
-        .expect("disk");
-    write_pattern(&disk, 0, 256 << 20, 1);
+    let disk = source_disk(&a, GIB, 256 << 20, 1);
     let owner = fs::File::open(&disk).expect("open disk");
     stead_host::xattr::set_on(&owner, storage::OWNER_XATTR, b"Volume/vm1").expect("mark");
 
@@ -178,13 +212,7 @@ fn storage_replicate_btrfs_incremental_cut_and_promote() {
     received.expect("full receive");
     assert_eq!(full.parent, None);
     assert_eq!(full.point.seq, 1);
-    let replica = |seq: u64| {
-        b.pool
-            .join("replicas")
-            .join(VOLUME)
-            .join(replicate::snapshot_name(seq))
-            .join("disk.raw")
-    };
+    let replica = |seq: u64| replica_disk(&b, seq);
     assert_eq!(sha(&replica(1)), sha(&disk));
 
     // 10 MiB more, incremental send.
@@ -226,14 +254,7 @@ fn storage_replicate_btrfs_incremental_cut_and_promote() {
     let (sent, received) = transfer(&a.repl, &b.repl, TOKEN, Some(4 << 20));
     assert!(sent.is_err(), "cut-short send reported success");
     assert!(received.is_err(), "cut-short receive reported success");
-    assert_eq!(
-        b.repl
-            .replicas(VOLUME)
-            .expect("replicas")
-            .last()
-            .map(|r| r.seq),
-        Some(2)
-    );
+    assert_eq!(latest_replica(&b), Some(2));
     assert_eq!(
         subvolumes(&b.pool.join("replicas").join(VOLUME)),
         ["stead-repl-2"],
@@ -299,16 +320,8 @@ fn storage_replicate_btrfs_incremental_cut_and_promote() {
 
 #[test]
 fn storage_replicate_refuses_unknown_volumes() {
-    if run_cmd("btrfs", &["--version"]).is_err() {
-        eprintln!("SKIP storage_replicate_refuses_unknown_volumes: btrfs-progs missing");
+    let Some((a, b)) = two_nodes("storage_replicate_refuses_unknown_volumes") else {
         return;
-    }
-    let (a, b) = match (node(), node()) {
-        (Ok(a), Ok(b)) => (a, b),
-        (Err(why), _) | (_, Err(why)) => {
-            eprintln!("SKIP storage_replicate_refuses_unknown_volumes: {why}");
-            return;
-        }
     };
     btrfs::subvol_create(&a.pool.join("images"), "other").expect("subvolume");
     let (x, y) = UnixStream::pair().expect("pair");
@@ -318,8 +331,14 @@ fn storage_replicate_refuses_unknown_volumes() {
         replicate::receive_volume(&resolver(to), &mut y)
     });
     let mut x = x;
-    assert!(replicate::send_volume(&a.repl, "other", TOKEN, &mut x).is_err());
-    assert!(receiver.join().expect("join").is_err());
+    // Refused by the receiver (not any error, such as a volume this side cannot snapshot).
+    let sent = replicate::send_volume(&a.repl, "other", TOKEN, &mut x);
+    assert!(matches!(sent, Err(DriverError::Refused(_))), "{sent:?}");
+    let received = receiver.join().expect("join");
+    assert!(
+        matches!(&received, Err(DriverError::Refused(e)) if e.contains("not replicated to this node")),
+        "{received:?}"
+    );
     assert!(a.repl.source_snapshots("other").expect("snaps").is_empty());
 }
 
@@ -404,36 +423,17 @@ fn tls_transfer(
 
 #[test]
 fn storage_replicate_over_mutual_tls() {
-    if run_cmd("btrfs", &["--version"]).is_err() {
-        eprintln!("SKIP storage_replicate_over_mutual_tls: btrfs-progs missing");
+    let Some((a, b)) = two_nodes("storage_replicate_over_mutual_tls") else {
         return;
-    }
-    let (a, b) = match (node(), node()) {
-        (Ok(a), Ok(b)) => (a, b),
-        (Err(why), _) | (_, Err(why)) => {
-            eprintln!("SKIP storage_replicate_over_mutual_tls: {why}");
-            return;
-        }
     };
-    btrfs::subvol_create(&a.pool.join("images"), VOLUME).expect("subvolume");
-    let disk = a.pool.join("images").join(VOLUME).join("disk.raw");
-    fs::File::create(&disk)
-        .and_then(|f| f.set_len(64 << 20))
-        .expect("disk");
-    write_pattern(&disk, 0, 8 << 20, 5);
+    let disk = source_disk(&a, 64 << 20, 8 << 20, 5);
     let pki = Pki::new();
     let (na, nb) = (pki.node("node-a"), pki.node("node-b"));
 
     let (sent, received) = tls_transfer(&a, &b, &na, &nb, "node-b");
     let report = sent.expect("send over TLS");
     assert_eq!(received.expect("receive over TLS").1, report.point);
-    let replica = b
-        .pool
-        .join("replicas")
-        .join(VOLUME)
-        .join(replicate::snapshot_name(report.point.seq))
-        .join("disk.raw");
-    assert_eq!(sha(&replica), sha(&disk));
+    assert_eq!(sha(&replica_disk(&b, report.point.seq)), sha(&disk));
 
     // The receiver's certificate does not name the node the sender means to reach.
     let (sent, received) = tls_transfer(&a, &b, &na, &nb, "node-c");
@@ -451,11 +451,7 @@ fn storage_replicate_over_mutual_tls() {
     assert!(sent.is_err(), "an impostor replicated");
     assert!(received.is_err());
     assert_eq!(
-        b.repl
-            .replicas(VOLUME)
-            .expect("replicas")
-            .last()
-            .map(|r| r.seq),
+        latest_replica(&b),
         Some(report.point.seq),
         "refused transfers leave the replica"
     );

@@ -483,6 +483,22 @@ impl Desired {
         self.resources.get(id)
     }
 
+    /// The spec of the Volume `name`, when it is defined.
+    pub fn volume(&self, name: &str) -> Option<&VolumeSpec> {
+        match &self.get(&ResourceId::new(Kind::Volume, name))?.spec {
+            Spec::Volume(v) => Some(v),
+            _ => None,
+        }
+    }
+
+    /// The spec of the StoragePool `name`, when it is defined.
+    pub fn storage_pool(&self, name: &str) -> Option<&StoragePoolSpec> {
+        match &self.get(&ResourceId::new(Kind::StoragePool, name))?.spec {
+            Spec::StoragePool(p) => Some(p),
+            _ => None,
+        }
+    }
+
     /// Number of resources.
     pub fn len(&self) -> usize {
         self.resources.len()

@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use stead_reconciler::driver::DriverError;
 use tracing::{debug, info, instrument, warn};
 
-use super::btrfs;
+use super::{btrfs, fsutil};
 
 /// Name prefix of replication snapshots (`stead-repl-<seq>`).
 pub const SNAPSHOT_PREFIX: &str = "stead-repl-";
@@ -502,49 +502,39 @@ fn tool_err(command: &str, status: &str, stderr: &[u8]) -> DriverError {
     }
 }
 
-/// Runs `argv` with its stdout copied to `out`.
-fn pipe_out(argv: &[String], out: &mut dyn Write) -> Result<(), DriverError> {
-    let line = argv.join(" ");
-    let mut child = Command::new(&argv[0])
-        .args(&argv[1..])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| DriverError::io(format!("spawn {line}"), e))?;
-    let copied = child
-        .stdout
-        .take()
-        .map_or(Ok(0), |mut stdout| io::copy(&mut stdout, out));
-    if copied.is_err() {
-        let _ = child.kill();
-    }
-    let output = child
-        .wait_with_output()
-        .map_err(|e| DriverError::io(format!("wait {line}"), e))?;
-    // The tool's own error first: a stream broken by the tool exiting says less.
-    if !output.status.success() {
-        return Err(tool_err(&line, &output.status.to_string(), &output.stderr));
-    }
-    copied
-        .map(|_| ())
-        .map_err(|e| DriverError::io(format!("{line}: stream"), e))
+/// The stream a tool run by [`pipe`] reads or writes.
+enum Pipe<'a> {
+    /// The tool's stdout is copied here.
+    Out(&'a mut dyn Write),
+    /// This is copied to the tool's stdin.
+    In(&'a mut dyn Read),
 }
 
-/// Runs `argv` with `input` copied to its stdin.
-fn pipe_in(argv: &[String], input: &mut dyn Read) -> Result<(), DriverError> {
+/// Runs `argv` with its stdout or stdin joined to `pipe`.
+fn pipe(argv: &[String], pipe: Pipe<'_>) -> Result<(), DriverError> {
     let line = argv.join(" ");
+    let (stdin, stdout) = match pipe {
+        Pipe::Out(_) => (Stdio::null(), Stdio::piped()),
+        Pipe::In(_) => (Stdio::piped(), Stdio::null()),
+    };
     let mut child = Command::new(&argv[0])
         .args(&argv[1..])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
+        .stdin(stdin)
+        .stdout(stdout)
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|e| DriverError::io(format!("spawn {line}"), e))?;
-    let copied = child
-        .stdin
-        .take()
-        .map_or(Ok(0), |mut stdin| io::copy(input, &mut stdin));
+    let copied = match pipe {
+        Pipe::Out(out) => child
+            .stdout
+            .take()
+            .map_or(Ok(0), |mut stdout| io::copy(&mut stdout, out)),
+        // The child's stdin is closed when `stdin` drops here: the tool sees the end.
+        Pipe::In(input) => child
+            .stdin
+            .take()
+            .map_or(Ok(0), |mut stdin| io::copy(input, &mut stdin)),
+    };
     if copied.is_err() {
         let _ = child.kill();
     }
@@ -613,17 +603,8 @@ impl BtrfsReplication {
     }
 
     fn write_record(dir: &Path, point: &ReplicaInfo) -> Result<(), DriverError> {
-        let path = Self::record_path(dir, point.seq);
-        let tmp = dir.join(format!(".{}.json.tmp", snapshot_name(point.seq)));
         let body = serde_json::to_vec(point).map_err(|e| DriverError::Other(e.to_string()))?;
-        let write = || -> io::Result<()> {
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(&body)?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, &path)?;
-            std::fs::File::open(dir)?.sync_all()
-        };
-        write().map_err(|e| DriverError::io(format!("write {}", path.display()), e))
+        fsutil::write_atomic(&Self::record_path(dir, point.seq), &body)
     }
 
     /// Subvolumes named `stead-repl-<seq>` in `dir`, ascending.
@@ -689,7 +670,7 @@ impl ReplicationBackend for BtrfsReplication {
             argv.extend([s("-p"), path_arg(&dir.join(snapshot_name(p)))]);
         }
         argv.push(path_arg(&dir.join(snapshot_name(seq))));
-        pipe_out(&argv, out)
+        pipe(&argv, Pipe::Out(out))
     }
 
     fn delete_snapshot(&self, volume: &str, seq: u64) -> Result<(), DriverError> {
@@ -714,7 +695,7 @@ impl ReplicationBackend for BtrfsReplication {
         Self::mkdirs(&dir)?;
         self.remove_partial(&dir)?;
         let argv = vec![self.btrfs.clone(), s("receive"), s("-q"), path_arg(&dir)];
-        let received = pipe_in(&argv, input).and_then(|()| {
+        let received = pipe(&argv, Pipe::In(input)).and_then(|()| {
             if btrfs::is_subvolume(&dir.join(snapshot_name(point.seq)))? {
                 Ok(())
             } else {
@@ -828,6 +809,15 @@ impl ZfsReplication {
     }
 }
 
+/// `zfs destroy` of replication snapshot `seq` of `dataset` (absent is success).
+fn destroy_snapshot(dataset: &str, seq: u64) -> Result<(), DriverError> {
+    let snap = format!("{dataset}@{}", snapshot_name(seq));
+    match super::zfs::run(&[s("zfs"), s("destroy"), s("--"), snap]) {
+        Err(DriverError::Command { stderr, .. }) if stderr.contains("could not find") => Ok(()),
+        other => other.map(|_| ()),
+    }
+}
+
 /// Parses `zfs list -Hp -o name,creation` of snapshots into `(seq, creation)`, ascending.
 pub fn parse_zfs_snapshots(out: &str) -> Vec<(u64, u64)> {
     let mut v: Vec<(u64, u64)> = out
@@ -869,15 +859,11 @@ impl ReplicationBackend for ZfsReplication {
         }
         argv.extend([s("--"), format!("{source}@{}", snapshot_name(seq))]);
         super::check_operands(&argv)?;
-        pipe_out(&argv, out)
+        pipe(&argv, Pipe::Out(out))
     }
 
     fn delete_snapshot(&self, volume: &str, seq: u64) -> Result<(), DriverError> {
-        let snap = format!("{}@{}", self.source(volume)?, snapshot_name(seq));
-        match super::zfs::run(&[s("zfs"), s("destroy"), s("--"), snap]) {
-            Err(DriverError::Command { stderr, .. }) if stderr.contains("could not find") => Ok(()),
-            other => other.map(|_| ()),
-        }
+        destroy_snapshot(&self.source(volume)?, seq)
     }
 
     fn replicas(&self, volume: &str) -> Result<Vec<ReplicaInfo>, DriverError> {
@@ -902,15 +888,11 @@ impl ReplicationBackend for ZfsReplication {
         super::zfs::run(&[s("zfs"), s("create"), s("-p"), s("--"), parent])?;
         let argv = vec![s("zfs"), s("receive"), s("-u"), s("-F"), s("--"), target];
         super::check_operands(&argv)?;
-        pipe_in(&argv, input)
+        pipe(&argv, Pipe::In(input))
     }
 
     fn delete_replica(&self, volume: &str, seq: u64) -> Result<(), DriverError> {
-        let snap = format!("{}@{}", self.replica(volume)?, snapshot_name(seq));
-        match super::zfs::run(&[s("zfs"), s("destroy"), s("--"), snap]) {
-            Err(DriverError::Command { stderr, .. }) if stderr.contains("could not find") => Ok(()),
-            other => other.map(|_| ()),
-        }
+        destroy_snapshot(&self.replica(volume)?, seq)
     }
 
     fn promote(&self, volume: &str) -> Result<Promoted, DriverError> {
