@@ -84,6 +84,21 @@ fn transfer(
     (sent, received)
 }
 
+/// Both ends of a transfer that must succeed; a failure names both sides (a send cut short
+/// by the receiver only says SIGPIPE: the receiver's error says why).
+fn both_ok(
+    (sent, received): (
+        Result<SendReport, DriverError>,
+        Result<(String, replicate::ReplicaInfo), DriverError>,
+    ),
+    what: &str,
+) -> (SendReport, (String, replicate::ReplicaInfo)) {
+    match (sent, received) {
+        (Ok(s), Ok(r)) => (s, r),
+        (s, r) => panic!("{what}: send {s:?}; receive {r:?}"),
+    }
+}
+
 /// Replicas of [`VOLUME`] only, into `to`.
 fn resolver(to: BtrfsReplication) -> impl Fn(&str) -> Option<Box<dyn ReplicationBackend>> {
     move |v: &str| (v == VOLUME).then(|| Box::new(to.clone()) as Box<dyn ReplicationBackend>)
@@ -207,9 +222,7 @@ fn storage_replicate_btrfs_incremental_cut_and_promote() {
     stead_host::xattr::set_on(&owner, storage::OWNER_XATTR, b"Volume/vm1").expect("mark");
 
     // Full send.
-    let (sent, received) = transfer(&a.repl, &b.repl, TOKEN, None);
-    let full = sent.expect("full send");
-    received.expect("full receive");
+    let (full, _) = both_ok(transfer(&a.repl, &b.repl, TOKEN, None), "full");
     assert_eq!(full.parent, None);
     assert_eq!(full.point.seq, 1);
     let replica = |seq: u64| replica_disk(&b, seq);
@@ -217,9 +230,7 @@ fn storage_replicate_btrfs_incremental_cut_and_promote() {
 
     // 10 MiB more, incremental send.
     write_pattern(&disk, 600 << 20, 10 << 20, 2);
-    let (sent, received) = transfer(&a.repl, &b.repl, TOKEN, None);
-    let inc = sent.expect("incremental send");
-    received.expect("incremental receive");
+    let (inc, _) = both_ok(transfer(&a.repl, &b.repl, TOKEN, None), "incremental");
     assert_eq!(inc.parent, Some(1));
     assert_eq!(inc.point.seq, 2);
     let point2 = sha(&disk);
@@ -264,9 +275,7 @@ fn storage_replicate_btrfs_incremental_cut_and_promote() {
     assert_eq!(a.repl.source_snapshots(VOLUME).expect("snaps"), [2]);
 
     // The next transfer works again, incrementally from the common point.
-    let (sent, received) = transfer(&a.repl, &b.repl, TOKEN, None);
-    let again = sent.expect("send after a cut");
-    received.expect("receive after a cut");
+    let (again, _) = both_ok(transfer(&a.repl, &b.repl, TOKEN, None), "after a cut");
     assert_eq!(again.parent, Some(2));
     let point3 = sha(&disk);
     assert_eq!(sha(&replica(again.point.seq)), point3);
