@@ -12,18 +12,7 @@ use stead_cluster::owner::{self, Holder};
 use stead_cluster::replication::{
     self, Outcome, ReplicationJob, Replicator, Transfer, TransferReport,
 };
-use stead_cluster::testkit::{EtcdMember, TestkitError};
-
-async fn member(test: &str) -> Option<EtcdMember> {
-    match EtcdMember::start().await {
-        Ok(m) => Some(m),
-        Err(TestkitError::Missing(p)) => {
-            println!("SKIP {test}: no etcd binary at {}", p.display());
-            None
-        }
-        Err(e) => panic!("{test}: {e}"),
-    }
-}
+use stead_cluster::testkit::member_with_store;
 
 async fn lease(store: &Store) -> i64 {
     store
@@ -58,11 +47,14 @@ impl Transfer for Scripted {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replication_runs_when_due_records_status_and_stops_when_fenced() {
-    let Some(etcd) = member("replication_runs_when_due_records_status_and_stops_when_fenced").await
+    let Some((_etcd, store)) = member_with_store(
+        "replication_runs_when_due_records_status_and_stops_when_fenced",
+        "/t",
+    )
+    .await
     else {
         return;
     };
-    let store = etcd.store("/t").await.expect("store");
     let web = ResourceRef::new("Container", "web").expect("ref");
     let n1 = Holder {
         node: "n1".into(),
@@ -156,7 +148,10 @@ async fn replication_runs_when_due_records_status_and_stops_when_fenced() {
     assert_eq!(s.failures, 1, "a fenced agent wrote status");
     // The stale token cannot write directly either; the new owner can.
     let stale = replication::write_status(&store, "data", &s, &token).await;
-    assert!(stale.is_err(), "{stale:?}");
+    assert!(
+        matches!(stale, Err(stead_cluster::etcd::StoreError::Fenced(_))),
+        "{stale:?}"
+    );
     replication::write_status(&store, "data", &s, &t2)
         .await
         .expect("new owner writes");
