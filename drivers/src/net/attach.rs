@@ -314,6 +314,20 @@ pub fn delete_link(
     Ok(true)
 }
 
+/// The alias of every link in `host_netns` that has one, by link name (one dump, for
+/// callers that check many owners).
+pub fn link_aliases(
+    host_netns: Option<&Path>,
+) -> Result<std::collections::BTreeMap<String, String>, DriverError> {
+    let hns = host_ns(host_netns);
+    let mut nl = Netlink::open(hns.as_ref())?;
+    Ok(nl
+        .links()?
+        .into_iter()
+        .filter_map(|l| Some((l.name, l.alias?)))
+        .collect())
+}
+
 /// Links carrying alias `owner` in `host_netns`, by name (to find leftovers).
 pub fn owned_links(host_netns: Option<&Path>, owner: &str) -> Result<Vec<String>, DriverError> {
     let hns = host_ns(host_netns);
