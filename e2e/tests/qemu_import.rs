@@ -16,6 +16,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod qemu_util;
+
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -24,6 +26,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
+use qemu_util::pool;
 use serde_json::Value;
 use stead_e2e::{Run, Sandbox, is_root, skip_unless};
 
@@ -112,20 +115,12 @@ fn sha256_hex(b: &[u8]) -> String {
 }
 
 fn ready(test: &str) -> bool {
-    let qemu_img = Command::new("qemu-img")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
     !(skip_unless(is_root(), test, "needs root")
-        || skip_unless(qemu_img, test, "qemu-img missing (apt package qemu-utils)"))
-}
-
-fn pool(sb: &Sandbox) -> String {
-    format!(
-        "apiVersion: stead.dev/v1alpha1\nkind: StoragePool\nmetadata: {{name: vms}}\n\
-         spec: {{type: dir, path: {}, content: [images, rootdir]}}\n",
-        sb.path("pools/vms").display()
-    )
+        || skip_unless(
+            qemu_util::have("qemu-img"),
+            test,
+            "qemu-img missing (apt package qemu-utils)",
+        ))
 }
 
 fn url_volume(name: &str, url: &str, sha: &str) -> String {

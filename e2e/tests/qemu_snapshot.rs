@@ -22,84 +22,23 @@ mod qemu_util;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use qemu_util::{BOOT_TIMEOUT, KillNaming, guest_image};
+use qemu_util::{BOOT_TIMEOUT, QemuSandbox, guest_image, pool, wait_until};
 use serde_json::Value;
-use stead_drivers::vm::config::Paths;
 use stead_drivers::vm::qemu::qga::Qga;
 use stead_drivers::vm::qemu::qmp::{self, Qmp};
 use stead_e2e::{Sandbox, is_root, skip_unless};
 
-/// A sandbox whose QEMUs are killed on drop (after a `destroy` of its manifests).
-struct QemuSandbox {
-    _kill: KillNaming,
-    sb: Sandbox,
+/// QEMU's run state, asked over QMP directly.
+fn qmp_status(qs: &QemuSandbox, vm: &str) -> qmp::RunState {
+    let mut q =
+        Qmp::connect(&qs.paths(vm).qmp_socket(), Duration::from_secs(5)).expect("QMP connect");
+    q.query_status().expect("query-status").status
 }
 
-impl QemuSandbox {
-    fn new() -> Self {
-        let sb = Sandbox::with_netns();
-        QemuSandbox {
-            _kill: KillNaming(sb.dir.path().to_string_lossy().into_owned()),
-            sb,
-        }
-    }
-
-    fn manifest(&self, text: &str) -> String {
-        self.sb.write("m/all.yaml", text);
-        self.sb.path("m").to_string_lossy().into_owned()
-    }
-
-    fn paths(&self, vm: &str) -> Paths {
-        Paths::new(&self.sb.path("run"), vm)
-    }
-
-    /// `stead get vm/NAME -o json`: the runtime status.
-    fn status(&self, vm: &str) -> Value {
-        let out = self
-            .sb
-            .run(&["get", &format!("vm/{vm}"), "-o", "json"])
-            .expect_code(0);
-        let v: Value = serde_json::from_str(&out.stdout()).expect("get json");
-        v["items"][0]["status"]["runtime"].clone()
-    }
-
-    /// QEMU's run state, asked over QMP directly.
-    fn qmp_status(&self, vm: &str) -> qmp::RunState {
-        let mut q = Qmp::connect(&self.paths(vm).qmp_socket(), Duration::from_secs(5))
-            .expect("QMP connect");
-        q.query_status().expect("query-status").status
-    }
-
-    fn qmp(&self, vm: &str, cmd: &str) {
-        let mut q = Qmp::connect(&self.paths(vm).qmp_socket(), Duration::from_secs(5))
-            .expect("QMP connect");
-        q.execute_raw(cmd, Value::Null).expect(cmd);
-    }
-}
-
-impl Drop for QemuSandbox {
-    fn drop(&mut self) {
-        let m = self.sb.path("m");
-        if m.exists() {
-            let out = self.sb.run(&[
-                "destroy",
-                "--yes",
-                "--allow-data-loss",
-                m.to_str().unwrap_or_default(),
-            ]);
-            if out.code() != 0 {
-                eprintln!("teardown: stead destroy failed: {}", out.stderr());
-            }
-        }
-    }
-}
-
-fn pool(sb: &Sandbox) -> String {
-    format!(
-        "apiVersion: stead.dev/v1alpha1\nkind: StoragePool\nmetadata: {{name: vms}}\n\
-         spec: {{type: dir, path: {}, content: [images, rootdir]}}\n",
-        sb.path("pools/vms").display()
-    )
+fn qmp(qs: &QemuSandbox, vm: &str, cmd: &str) {
+    let mut q =
+        Qmp::connect(&qs.paths(vm).qmp_socket(), Duration::from_secs(5)).expect("QMP connect");
+    q.execute_raw(cmd, Value::Null).expect(cmd);
 }
 
 /// A guestless VM: SeaBIOS finds nothing to boot on the blank qcow2 disk and waits.
@@ -111,14 +50,6 @@ fn guestless(name: &str, agent: bool) -> String {
          spec:\n  engine: qemu\n  accel: tcg\n  firmware: bios\n  cpus: 1\n  memory: 64Mi\n  \
          disks: [{{volume: {name}-disk}}]\n  agent: {agent}\n  restartPolicy: never\n"
     )
-}
-
-fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let t = Instant::now();
-    while !f() {
-        assert!(t.elapsed() < timeout, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }
 
 /// `stead snapshot create VirtualMachine/vm snap`: its stdout, after exit 0.
@@ -137,15 +68,15 @@ fn qemu_snapshot_of_a_running_guestless_vm_pauses_and_resumes_it() {
     }
     let qs = QemuSandbox::new();
     let sb = &qs.sb;
-    let m = qs.manifest(&format!(
+    let m = qs.set_manifest(&format!(
         "{}{}{}",
         pool(sb),
         guestless("g1", false),
         guestless("g2", true)
     ));
     sb.run(&["apply", "--yes", &m]).expect_code(0);
-    let pid = qs.status("g1")["pid"].as_i64().expect("QEMU pid");
-    assert_eq!(qs.qmp_status("g1"), qmp::RunState::Running);
+    let pid = qs.runtime("g1")["pid"].as_i64().expect("QEMU pid");
+    assert_eq!(qmp_status(&qs, "g1"), qmp::RunState::Running);
 
     // Running: paused for the snapshot, then running again in the same QEMU.
     let out = snapshot(sb, "g1", "s1");
@@ -153,21 +84,21 @@ fn qemu_snapshot_of_a_running_guestless_vm_pauses_and_resumes_it() {
         out.contains("consistency: paused VirtualMachine/g1 "),
         "{out}"
     );
-    assert_eq!(qs.qmp_status("g1"), qmp::RunState::Running, "resumed");
-    assert_eq!(qs.status("g1")["pid"].as_i64(), Some(pid));
+    assert_eq!(qmp_status(&qs, "g1"), qmp::RunState::Running, "resumed");
+    assert_eq!(qs.runtime("g1")["pid"].as_i64(), Some(pid));
     let snap = sb.path("pools/vms/snapshots/g1-disk/s1.raw");
     assert!(snap.is_file(), "{}", snap.display());
 
     // Paused by the operator: not running, so nothing is quiesced, and it stays paused.
-    qs.qmp("g1", "stop");
+    qmp(&qs, "g1", "stop");
     let out = snapshot(sb, "g1", "s2");
     assert!(out.contains("consistency: not running"), "{out}");
     assert_eq!(
-        qs.qmp_status("g1"),
+        qmp_status(&qs, "g1"),
         qmp::RunState::Paused,
         "an operator's pause is kept"
     );
-    qs.qmp("g1", "cont");
+    qmp(&qs, "g1", "cont");
 
     // An agent that does not answer (no guest): paused alone, and the report says so.
     let t = Instant::now();
@@ -179,17 +110,17 @@ fn qemu_snapshot_of_a_running_guestless_vm_pauses_and_resumes_it() {
         "{out}"
     );
     assert!(t.elapsed() < Duration::from_secs(30), "{:?}", t.elapsed());
-    assert_eq!(qs.qmp_status("g2"), qmp::RunState::Running, "resumed");
+    assert_eq!(qmp_status(&qs, "g2"), qmp::RunState::Running, "resumed");
 
     // Rollback: the VM restarts (a new QEMU) on the snapshot.
     let out = sb
         .run(&["snapshot", "rollback", "VirtualMachine/g1", "s1", "--yes"])
         .expect_code(0);
     wait_until("g1 running again", Duration::from_secs(60), || {
-        qs.status("g1")["vmState"] == "running"
+        qs.runtime("g1")["vmState"] == "running"
     });
     assert_ne!(
-        qs.status("g1")["pid"].as_i64(),
+        qs.runtime("g1")["pid"].as_i64(),
         Some(pid),
         "restarted: {}",
         out.stdout()
@@ -218,7 +149,7 @@ fn qemu_snapshot_freezes_the_guest_through_its_agent() {
          disks: [{{volume: fz-root, boot: 1}}]\n  agent: true\n  restartPolicy: never\n",
         image.display()
     );
-    let m = qs.manifest(&format!("{}{vm}", pool(sb)));
+    let m = qs.set_manifest(&format!("{}{vm}", pool(sb)));
     sb.run(&["apply", "--yes", &m]).expect_code(0);
     let qga: PathBuf = qs.paths("fz").qga_socket();
     wait_until("the guest agent", BOOT_TIMEOUT, || {
@@ -231,7 +162,7 @@ fn qemu_snapshot_freezes_the_guest_through_its_agent() {
         out.contains("consistency: paused VirtualMachine/fz (guest agent froze "),
         "{out}"
     );
-    assert_eq!(qs.qmp_status("fz"), qmp::RunState::Running, "resumed");
+    assert_eq!(qmp_status(&qs, "fz"), qmp::RunState::Running, "resumed");
     let mut a = Qga::connect(&qga, Duration::from_secs(10)).expect("agent");
     let st = a.fsfreeze_status().expect("fsfreeze-status");
     assert_eq!(format!("{st:?}").to_lowercase(), "thawed", "{st:?}");

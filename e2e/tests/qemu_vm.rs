@@ -26,7 +26,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use qemu_util::{BOOT_TIMEOUT, KillNaming, SSH_KEY, guest_image, read_text, tail, wait_for_text};
+use qemu_util::{BOOT_TIMEOUT, QemuSandbox, SSH_KEY, guest_image, pool, tail, wait_for_text};
 use serde_json::Value;
 use stead_e2e::{Sandbox, busybox_ok, is_root, skip_unless};
 
@@ -34,79 +34,6 @@ use stead_e2e::{Sandbox, busybox_ok, is_root, skip_unless};
 const GUEST_MAC: &str = "52:54:00:e2:34:10";
 const GUEST_IP: &str = "10.234.0.10";
 const PEER_IP: &str = "10.234.0.3";
-
-/// A sandbox for one full-guest test, torn down on drop even when the test fails:
-/// `stead destroy` of its manifests, then a kill of every process naming its temp dir,
-/// then the sandbox itself (netns, cgroup parent, temp dir).
-struct GuestSandbox {
-    kill: KillNaming,
-    sb: Sandbox,
-}
-
-impl GuestSandbox {
-    fn new() -> Self {
-        let sb = Sandbox::with_netns();
-        GuestSandbox {
-            kill: KillNaming(sb.dir.path().to_string_lossy().into_owned()),
-            sb,
-        }
-    }
-
-    fn manifests(&self) -> PathBuf {
-        self.sb.path("m")
-    }
-
-    /// Writes `text` as the only manifest file and returns the manifest dir.
-    fn set_manifest(&self, text: &str) -> String {
-        self.sb.write("m/all.yaml", text);
-        self.manifests().to_string_lossy().into_owned()
-    }
-
-    /// The serial console of VM `name`: `stead logs`, else its console log file.
-    fn console(&self, name: &str) -> String {
-        let out = self.sb.run(&["logs", &format!("vm/{name}")]);
-        if out.code() == 0 && !out.stdout().is_empty() {
-            return out.stdout();
-        }
-        read_text(&self.console_log(name))
-    }
-
-    fn console_log(&self, name: &str) -> PathBuf {
-        stead_drivers::vm::config::Paths::new(&self.sb.path("run"), name).console_log()
-    }
-
-    /// `stead get vm/NAME -o json`'s item.
-    fn get_vm(&self, name: &str) -> Value {
-        let out = self
-            .sb
-            .run(&["get", &format!("vm/{name}"), "-o", "json"])
-            .expect_code(0);
-        let v: Value = serde_json::from_str(&out.stdout()).expect("get json");
-        v["items"][0].clone()
-    }
-}
-
-impl Drop for GuestSandbox {
-    fn drop(&mut self) {
-        if self.manifests().exists() {
-            let m = self.manifests();
-            let out = self.sb.run(&[
-                "destroy",
-                "--yes",
-                "--allow-data-loss",
-                m.to_str().unwrap_or_default(),
-            ]);
-            if out.code() != 0 {
-                eprintln!("teardown: stead destroy failed: {}", out.stderr());
-            }
-        }
-        let left = self.kill.pids();
-        if !left.is_empty() {
-            eprintln!("teardown: killing leftover processes {left:?}");
-        }
-        // `kill` drops next (kills what is left), then `sb`.
-    }
-}
 
 /// Whether the full-guest tests can run (root, QEMU, the built guest image); `None`
 /// after a SKIP line.
@@ -119,11 +46,9 @@ fn ready(test: &str) -> Option<PathBuf> {
 
 fn pool_and_volume(sb: &Sandbox, image: &Path, volume: &str) -> String {
     format!(
-        "apiVersion: stead.dev/v1alpha1\nkind: StoragePool\nmetadata: {{name: vms}}\n\
-         spec: {{type: dir, path: {}, content: [images, rootdir]}}\n\
-         ---\napiVersion: stead.dev/v1alpha1\nkind: Volume\nmetadata: {{name: {volume}}}\n\
+        "{}---\napiVersion: stead.dev/v1alpha1\nkind: Volume\nmetadata: {{name: {volume}}}\n\
          spec: {{pool: vms, size: 2Gi, format: qcow2, source: {{file: {}}}}}\n",
-        sb.path("pools/vms").display(),
+        pool(sb),
         image.display()
     )
 }
@@ -222,7 +147,7 @@ runcmd:
       } > /dev/kmsg 2>&1
 "#;
 
-fn bios_manifest(gs: &GuestSandbox, image: &Path, memory: &str, with_vm: bool) -> String {
+fn bios_manifest(gs: &QemuSandbox, image: &Path, memory: &str, with_vm: bool) -> String {
     let sb = &gs.sb;
     // Made once: the running container's busybox cannot be copied over.
     let mut root = sb.path("ct-root");
@@ -278,7 +203,7 @@ fn qemu_bios_vm_cloud_init_bridge_restart_delete() {
     let Some(image) = ready(TEST) else {
         return;
     };
-    let gs = GuestSandbox::new();
+    let gs = QemuSandbox::new();
     let sb = &gs.sb;
     let m = bios_manifest(&gs, &image, "512Mi", true);
     sb.run(&["apply", "--yes", &m]).expect_code(0);
@@ -462,7 +387,7 @@ runcmd:
     )
 }
 
-fn uefi_manifest(gs: &GuestSandbox, image: &Path, state: &str) -> String {
+fn uefi_manifest(gs: &QemuSandbox, image: &Path, state: &str) -> String {
     let cloud_init = format!("    userData: |\n{}", indent(&uefi_user_data(), 6));
     let text = format!(
         "{}---\n{}",
@@ -490,7 +415,7 @@ fn qemu_uefi_vm_nvram_survives_a_restart() {
     let Some(image) = ready(TEST) else {
         return;
     };
-    let gs = GuestSandbox::new();
+    let gs = QemuSandbox::new();
     let sb = &gs.sb;
     let m = uefi_manifest(&gs, &image, "running");
     sb.run(&["apply", "--yes", &m]).expect_code(0);
@@ -552,7 +477,7 @@ fn qemu_bad_input_is_refused_with_nothing_made() {
     let Some(image) = ready(TEST) else {
         return;
     };
-    let gs = GuestSandbox::new();
+    let gs = QemuSandbox::new();
     let sb = &gs.sb;
     let cases = [
         (

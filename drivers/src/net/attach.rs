@@ -314,6 +314,20 @@ pub fn delete_link(
     Ok(true)
 }
 
+/// The alias of every link in `host_netns` that has one, by link name (one dump, for
+/// callers that check many owners).
+pub fn link_aliases(
+    host_netns: Option<&Path>,
+) -> Result<std::collections::BTreeMap<String, String>, DriverError> {
+    let hns = host_ns(host_netns);
+    let mut nl = Netlink::open(hns.as_ref())?;
+    Ok(nl
+        .links()?
+        .into_iter()
+        .filter_map(|l| Some((l.name, l.alias?)))
+        .collect())
+}
+
 /// Links carrying alias `owner` in `host_netns`, by name (to find leftovers).
 pub fn owned_links(host_netns: Option<&Path>, owner: &str) -> Result<Vec<String>, DriverError> {
     let hns = host_ns(host_netns);
@@ -329,10 +343,12 @@ pub fn owned_links(host_netns: Option<&Path>, owner: &str) -> Result<Vec<String>
 // ------------------------------------------------------------------ tap
 
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+const TUNGETIFF: libc::c_ulong = 0x8004_54d2;
 const TUNSETPERSIST: libc::c_ulong = 0x4004_54cb;
 const TUNSETOWNER: libc::c_ulong = 0x4004_54cc;
 const IFF_TAP: libc::c_short = 0x0002;
 const IFF_NO_PI: libc::c_short = 0x1000;
+const IFF_PERSIST: libc::c_short = 0x0800;
 const IFF_VNET_HDR: libc::c_short = 0x4000;
 
 #[repr(C)]
@@ -340,6 +356,49 @@ struct IfReq {
     name: [u8; libc::IFNAMSIZ],
     flags: libc::c_short,
     _pad: [u8; 22],
+}
+
+/// A TUN ioctl that reads and/or writes a `struct ifreq` (`TUNSETIFF`, `TUNGETIFF`).
+fn tun_ifreq(fd: &impl AsRawFd, request: libc::c_ulong, req: &mut IfReq) -> std::io::Result<()> {
+    // SAFETY: TUNSETIFF and TUNGETIFF read and write a struct ifreq, which IfReq matches
+    // in size and layout; `req` lives for the call and `fd` is an open tun fd. Neither
+    // nix nor rustix wraps the TUN ioctls.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), request, req as *mut IfReq) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// `TUNSETIFF` on an open `/dev/net/tun`: makes `fd` a queue of tap `name` (no packet
+/// info; virtio-net headers when `vnet_hdr`), creating the tap when the name is free.
+pub(crate) fn tun_set_iff(fd: &impl AsRawFd, name: &str, vnet_hdr: bool) -> std::io::Result<()> {
+    let n = name.as_bytes();
+    if n.is_empty() || n.len() >= libc::IFNAMSIZ {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("bad tap name {name:?}"),
+        ));
+    }
+    let mut req = IfReq {
+        name: [0; libc::IFNAMSIZ],
+        flags: IFF_TAP | IFF_NO_PI | if vnet_hdr { IFF_VNET_HDR } else { 0 },
+        _pad: [0; 22],
+    };
+    req.name[..n.len()].copy_from_slice(n);
+    tun_ifreq(fd, TUNSETIFF, &mut req)
+}
+
+/// Whether the tap behind the queue `fd` is persistent (`TUNGETIFF`): a tap that
+/// [`tun_set_iff`] just made is not, and goes away with its last queue.
+pub(crate) fn tun_is_persistent(fd: &impl AsRawFd) -> std::io::Result<bool> {
+    let mut got = IfReq {
+        name: [0; libc::IFNAMSIZ],
+        flags: 0,
+        _pad: [0; 22],
+    };
+    tun_ifreq(fd, TUNGETIFF, &mut got)?;
+    Ok(got.flags & IFF_PERSIST != 0)
 }
 
 /// Opens `/dev/net/tun` (in the current thread's netns) and attaches to or creates tap
@@ -350,11 +409,6 @@ fn tun_open(spec: &TapSpec) -> Result<OwnedFd, DriverError> {
         .write(true)
         .open("/dev/net/tun")
         .map_err(|e| DriverError::io("open /dev/net/tun", e))?;
-    let mut req = IfReq {
-        name: [0; libc::IFNAMSIZ],
-        flags: IFF_TAP | IFF_NO_PI | if spec.vnet_hdr { IFF_VNET_HDR } else { 0 },
-        _pad: [0; 22],
-    };
     let n = spec.name.as_bytes();
     if n.is_empty() || n.len() >= libc::IFNAMSIZ {
         return Err(DriverError::Refused(format!(
@@ -362,15 +416,8 @@ fn tun_open(spec: &TapSpec) -> Result<OwnedFd, DriverError> {
             spec.name
         )));
     }
-    req.name[..n.len()].copy_from_slice(n);
-    // SAFETY: TUNSETIFF reads and writes a struct ifreq; `req` is a properly sized,
-    // initialised ifreq layout that lives for the call, and `f` is an open tun fd.
-    // Neither nix nor rustix wraps the TUN ioctls.
-    let r = unsafe { libc::ioctl(f.as_raw_fd(), TUNSETIFF, &mut req as *mut IfReq) };
-    if r < 0 {
-        let e = std::io::Error::last_os_error();
-        return Err(DriverError::io(format!("TUNSETIFF {}", spec.name), e));
-    }
+    tun_set_iff(&f, &spec.name, spec.vnet_hdr)
+        .map_err(|e| DriverError::io(format!("TUNSETIFF {}", spec.name), e))?;
     if let Some(uid) = spec.owner_uid {
         // SAFETY: TUNSETOWNER takes an integer argument by value; `f` is an open tun fd.
         // No safe wrapper exists.
@@ -385,7 +432,7 @@ fn tun_open(spec: &TapSpec) -> Result<OwnedFd, DriverError> {
 
 /// Makes the tap behind `fd` persistent (after it carries stead's marks, so a crash
 /// before this point leaves nothing behind: the tap dies with the fd).
-fn tun_persist(fd: &OwnedFd, name: &str) -> Result<(), DriverError> {
+pub(crate) fn tun_persist(fd: &impl AsRawFd, name: &str) -> Result<(), DriverError> {
     // SAFETY: TUNSETPERSIST takes an integer argument by value; `fd` is an open tun fd.
     // No safe wrapper exists.
     let r = unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETPERSIST, 1 as libc::c_ulong) };

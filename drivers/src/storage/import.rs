@@ -238,7 +238,7 @@ impl ImageCache {
                 e,
             )
         })?;
-        sync_dir(&self.dir);
+        let _ = stead_host::fs::fsync_dir(&self.dir);
         Ok(entry)
     }
 
@@ -289,12 +289,6 @@ impl ImageCache {
 fn touch(p: &Path) {
     if let Ok(f) = File::options().write(true).open(p) {
         let _ = f.set_modified(SystemTime::now());
-    }
-}
-
-fn sync_dir(dir: &Path) {
-    if let Ok(d) = File::open(dir) {
-        let _ = d.sync_all();
     }
 }
 

@@ -35,7 +35,7 @@ use super::qemu::driver as qemu;
 use super::qemu::quiesce::{self as qemu_quiesce, Quiesced};
 use super::supervisor::{VmmArgs, control_request, control_status, lock_held};
 use crate::container::config::{read_json, write_json};
-use crate::net::attach::{TapSpec, delete_link, ensure_tap, owned_links};
+use crate::net::attach::{TapSpec, delete_link, ensure_tap, link_aliases, owned_links};
 use crate::net::owner_alias;
 use stead_vmm::{Reply, Request};
 
@@ -327,23 +327,23 @@ impl VmDriver {
     /// Those of `taps` (VM `name`'s) that are gone from the host or no longer carry the
     /// VM's alias (deleted by hand, or by a failed apply's undo while a supervisor lived
     /// on): drift, which apply repairs by making them again and restarting the VM (a
-    /// running VMM or QEMU keeps a dead queue of a deleted tap).
+    /// running VMM or QEMU keeps a dead queue of a deleted tap). `links` holds the links'
+    /// aliases once read (one dump per observe, however many VMs).
     pub(crate) fn lost_taps<'a>(
         &self,
         name: &str,
         taps: impl IntoIterator<Item = &'a str>,
+        links: &LinkAliases,
     ) -> Result<Vec<String>, DriverError> {
         let taps: Vec<&str> = taps.into_iter().collect();
         if taps.is_empty() {
             return Ok(Vec::new());
         }
         let owner = owner_alias(Kind::VirtualMachine, name);
-        let owned: BTreeSet<String> = owned_links(self.env.netns.as_deref(), &owner)?
-            .into_iter()
-            .collect();
+        let aliases = links.get(self.env.netns.as_deref())?;
         Ok(taps
             .into_iter()
-            .filter(|t| !owned.contains(*t))
+            .filter(|t| aliases.get(*t) != Some(&owner))
             .map(str::to_string)
             .collect())
     }
@@ -500,7 +500,11 @@ impl VmDriver {
         let current: Option<VmRunConfig> = read_json(&paths.config())?;
         // Taps the running VMM has (a new interface restarts it anyway).
         let lost = match &current {
-            Some(c) => self.lost_taps(name, c.interfaces.iter().map(|i| i.tap.as_str()))?,
+            Some(c) => self.lost_taps(
+                name,
+                c.interfaces.iter().map(|i| i.tap.as_str()),
+                &LinkAliases::default(),
+            )?,
             None => Vec::new(),
         };
         self.sync_taps(cfg)?;
@@ -600,13 +604,13 @@ impl VmDriver {
         crate::storage::fsutil::remove_tree_if_exists(&self.paths(name).dir)
     }
 
-    fn observe_one(&self, name: &str) -> Result<Observed, DriverError> {
+    fn observe_one(&self, name: &str, links: &LinkAliases) -> Result<Observed, DriverError> {
         let paths = self.paths(name);
         let raw: Option<Value> = read_json(&paths.config())?;
         if let Some(v) = raw.as_ref().filter(|v| qemu::is_qemu_config(v)) {
             let cfg = serde_json::from_value(v.clone())
                 .map_err(|e| DriverError::Other(format!("{}: {e}", paths.config().display())))?;
-            return qemu::observe_one(self, name, &cfg);
+            return qemu::observe_one(self, name, &cfg, links);
         }
         let Some(cfg) = raw
             .map(serde_json::from_value::<VmRunConfig>)
@@ -641,7 +645,7 @@ impl VmDriver {
         };
         let cg = self.cgroup(name);
         let usage = if cg.exists() { cg.usage().ok() } else { None };
-        let lost = self.lost_taps(name, cfg.interfaces.iter().map(|i| i.tap.as_str()))?;
+        let lost = self.lost_taps(name, cfg.interfaces.iter().map(|i| i.tap.as_str()), links)?;
         let status = json!({
             "lostTaps": lost,
             "phase": phase,
@@ -702,6 +706,24 @@ impl VmDriver {
     }
 }
 
+/// The aliases of the links in the VMs' network namespace (by link name), dumped on first
+/// use and then shared: an observe of many VMs checks all their taps against one dump.
+#[derive(Debug, Default)]
+pub(crate) struct LinkAliases(std::cell::OnceCell<BTreeMap<String, String>>);
+
+impl LinkAliases {
+    fn get(
+        &self,
+        netns: Option<&std::path::Path>,
+    ) -> Result<&BTreeMap<String, String>, DriverError> {
+        if let Some(m) = self.0.get() {
+            return Ok(m);
+        }
+        let m = link_aliases(netns)?;
+        Ok(self.0.get_or_init(|| m))
+    }
+}
+
 impl stead_reconciler::driver::KindDriver for VmDriver {
     type Spec = VirtualMachineSpec;
 
@@ -712,8 +734,9 @@ impl stead_reconciler::driver::KindDriver for VmDriver {
     ) -> Result<BTreeMap<ResourceId, Observed>, DriverError> {
         let _span = tracing::debug_span!("vm_observe").entered();
         let targets: Vec<&Resource> = targets.iter().map(|t| t.resource).collect();
+        let links = LinkAliases::default();
         crate::supervise::observe_instances(&vms_dir(&self.env.run_dir), &targets, |r| {
-            self.observe_one(&r.id.name)
+            self.observe_one(&r.id.name, &links)
         })
     }
 

@@ -8,47 +8,11 @@
 //! the open, be persistent after it (a tap the open made is dropped with its descriptor),
 //! and be the same link.
 
-use std::fs::{File, OpenOptions};
-use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::fs::OpenOptionsExt;
+use std::fs::OpenOptions;
+use std::os::fd::OwnedFd;
 
+use crate::net::attach::{tun_is_persistent, tun_set_iff};
 use crate::net::nl::Netlink;
-
-const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
-const TUNGETIFF: libc::c_ulong = 0x8004_54d2;
-const IFF_TAP: libc::c_short = 0x0002;
-const IFF_NO_PI: libc::c_short = 0x1000;
-const IFF_VNET_HDR: libc::c_short = 0x4000;
-const IFF_PERSIST: libc::c_short = 0x0800;
-
-#[repr(C)]
-struct IfReq {
-    name: [u8; libc::IFNAMSIZ],
-    flags: libc::c_short,
-    _pad: [u8; 22],
-}
-
-fn ifreq(name: &str, flags: libc::c_short) -> IfReq {
-    let mut r = IfReq {
-        name: [0; libc::IFNAMSIZ],
-        flags,
-        _pad: [0; 22],
-    };
-    r.name[..name.len()].copy_from_slice(name.as_bytes());
-    r
-}
-
-fn tun_ioctl(f: &File, request: libc::c_ulong, req: &mut IfReq) -> io::Result<()> {
-    // SAFETY: TUNSETIFF and TUNGETIFF read and write a struct ifreq, which IfReq matches
-    // in size and layout; `req` outlives the call and `f` is an open tun fd. Neither nix
-    // nor rustix wraps the TUN ioctls.
-    let r = unsafe { libc::ioctl(f.as_raw_fd(), request, req as *mut IfReq) };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
 
 /// The index of tap `name` in the current network namespace, checked to be a tap that
 /// carries alias `owner`.
@@ -74,19 +38,16 @@ pub(crate) fn open_owned(name: &str, owner: &str, vnet_hdr: bool) -> Result<Owne
     }
     let mut nl = Netlink::open(None).map_err(|e| e.to_string())?;
     let before = owned_index(&mut nl, name, owner)?;
+    // std opens with O_CLOEXEC.
     let f = OpenOptions::new()
         .read(true)
         .write(true)
-        .custom_flags(libc::O_CLOEXEC)
         .open("/dev/net/tun")
         .map_err(|e| format!("open /dev/net/tun: {e}"))?;
-    let flags = IFF_TAP | IFF_NO_PI | if vnet_hdr { IFF_VNET_HDR } else { 0 };
-    tun_ioctl(&f, TUNSETIFF, &mut ifreq(name, flags))
-        .map_err(|e| format!("TUNSETIFF {name}: {e}"))?;
-    let mut got = ifreq("", 0);
-    tun_ioctl(&f, TUNGETIFF, &mut got).map_err(|e| format!("TUNGETIFF {name}: {e}"))?;
+    tun_set_iff(&f, name, vnet_hdr).map_err(|e| format!("TUNSETIFF {name}: {e}"))?;
+    let persistent = tun_is_persistent(&f).map_err(|e| format!("TUNGETIFF {name}: {e}"))?;
     // Deleted after the check: the open made a fresh tap, which goes away with `f`.
-    if got.flags & IFF_PERSIST == 0 || owned_index(&mut nl, name, owner)? != before {
+    if !persistent || owned_index(&mut nl, name, owner)? != before {
         return Err(format!(
             "tap {name} was deleted or replaced while it was opened"
         ));
@@ -120,16 +81,13 @@ mod tests {
 
     /// A persistent tap without alias, the way something else than stead would make it.
     fn foreign_persistent_tap(name: &str) {
-        const TUNSETPERSIST: libc::c_ulong = 0x4004_54cb;
         let f = OpenOptions::new()
             .read(true)
             .write(true)
             .open("/dev/net/tun")
             .expect("tun");
-        tun_ioctl(&f, TUNSETIFF, &mut ifreq(name, IFF_TAP | IFF_NO_PI)).expect("TUNSETIFF");
-        // SAFETY: TUNSETPERSIST takes an integer argument by value on an open tun fd.
-        let r = unsafe { libc::ioctl(f.as_raw_fd(), TUNSETPERSIST, 1 as libc::c_ulong) };
-        assert!(r >= 0, "TUNSETPERSIST");
+        tun_set_iff(&f, name, false).expect("TUNSETIFF");
+        crate::net::attach::tun_persist(&f, name).expect("TUNSETPERSIST");
     }
 
     #[test]

@@ -37,7 +37,7 @@ use crate::net::attach::{TapSpec, delete_link, ensure_tap, owned_links};
 use crate::net::netns::{NetnsRef, run_in};
 use crate::net::owner_alias;
 use crate::vm::config::{Paths, Phase, generated_mac};
-use crate::vm::driver::VmDriver;
+use crate::vm::driver::{LinkAliases, VmDriver};
 
 /// Timeout of the driver's QMP and guest agent exchanges while observing.
 const OBSERVE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -218,7 +218,12 @@ fn qmp_state(cfg: &QemuConfig) -> Option<String> {
 }
 
 /// Observes qemu-engine VM `name` whose `config.json` is `cfg`.
-pub fn observe_one(vm: &VmDriver, name: &str, cfg: &QemuConfig) -> Result<Observed, DriverError> {
+pub(crate) fn observe_one(
+    vm: &VmDriver,
+    name: &str,
+    cfg: &QemuConfig,
+    links: &LinkAliases,
+) -> Result<Observed, DriverError> {
     let paths = vm.paths(name);
     let sup: Option<QemuState> = read_json(&paths.supervisor_state())?;
     let alive = paths.instance().lock_held();
@@ -237,7 +242,7 @@ pub fn observe_one(vm: &VmDriver, name: &str, cfg: &QemuConfig) -> Result<Observ
     let cg = vm.cgroup(name);
     let usage = if cg.exists() { cg.usage().ok() } else { None };
     let s = sup.as_ref();
-    let lost = vm.lost_taps(name, cfg.nics.iter().map(|n| n.tap.as_str()))?;
+    let lost = vm.lost_taps(name, cfg.nics.iter().map(|n| n.tap.as_str()), links)?;
     let status = json!({
         "engine": "qemu",
         "lostTaps": lost,
@@ -613,7 +618,11 @@ pub fn apply(
     // Taps the running QEMU has (not new interfaces, which hot-plug makes).
     let lost = match &current {
         Some(cur) => vm
-            .lost_taps(name, cur.nics.iter().map(|n| n.tap.as_str()))
+            .lost_taps(
+                name,
+                cur.nics.iter().map(|n| n.tap.as_str()),
+                &LinkAliases::default(),
+            )
             .map_err(other)?,
         None => Vec::new(),
     };
