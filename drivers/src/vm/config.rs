@@ -151,6 +151,10 @@ pub struct VmRunConfig {
     pub netns: Option<PathBuf>,
     /// Graceful shutdown time before the VM is forced off, in seconds.
     pub shutdown_timeout_secs: u64,
+    /// The node's fence deadline file an HA VM must not outlive (cluster; see
+    /// `stead_host::fence`); `None`: not watched.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fence_file: Option<PathBuf>,
 }
 
 /// Phase of a supervisor.
@@ -359,6 +363,7 @@ mod tests {
             cgroup_parent: "stead".into(),
             netns: None,
             shutdown_timeout_secs: 10,
+            fence_file: None,
         };
         let s = serde_json::to_string(&c).expect("json");
         assert!(s.contains("\"restartPolicy\":\"on-failure\""), "{s}");

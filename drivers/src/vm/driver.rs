@@ -266,6 +266,11 @@ impl VmDriver {
             cgroup_parent: self.env.cgroup_parent.clone(),
             netns: self.env.netns.clone(),
             shutdown_timeout_secs: self.shutdown_timeout_secs,
+            fence_file: self
+                .env
+                .fence_file
+                .clone()
+                .filter(|_| spec.placement.is_ha()),
         })
     }
 
@@ -366,6 +371,7 @@ impl VmDriver {
             config: self.paths(&cfg.name).config(),
         };
         let _span = tracing::info_span!("vm_start", vm = %cfg.name).entered();
+        crate::supervise::refuse_fenced(cfg.fence_file.as_deref())?;
         crate::supervise::launch(&self.env.self_exe, "vmm", &args)?;
         tracing::info!("VM started");
         Ok(())
@@ -918,6 +924,7 @@ mod tests {
             cgroup_parent: cgroup_parent.into(),
             netns: None,
             shutdown_timeout_secs: 1,
+            fence_file: None,
         }
     }
 

@@ -466,6 +466,24 @@ impl Workload for Supervisor {
         self.begin_stop();
     }
 
+    fn fence_file(&self) -> Option<&std::path::Path> {
+        self.cfg.fence_file.as_deref()
+    }
+
+    /// The VMM is the whole VM: it was SIGKILLed; reap it and end as `fenced`.
+    fn fenced(&mut self, _killed_at: Duration) -> Option<i32> {
+        log("fence deadline passed: VMM killed");
+        if let Some(child) = self.child.take() {
+            let _ = kill(child, Signal::SIGKILL);
+            let _ = nix::sys::wait::waitpid(child, None);
+        }
+        self.restart.cancel();
+        self.state.vmm_pid = None;
+        self.state.phase = Phase::Fenced;
+        self.save();
+        Some(0)
+    }
+
     fn reload(&mut self) {
         self.reload_config();
     }
