@@ -211,6 +211,7 @@ pub struct Store {
     keys: Keys,
     request_timeout: Duration,
     options: ConnectOptions,
+    endpoints: Vec<String>,
 }
 
 impl std::fmt::Debug for Store {
@@ -239,6 +240,7 @@ impl Store {
             keys: Keys::new(&config.prefix),
             request_timeout: config.request_timeout,
             options,
+            endpoints: config.endpoints.clone(),
         };
         match store.ping(dial).await {
             Ok(_) => {
@@ -276,6 +278,17 @@ impl Store {
     pub(crate) async fn member_client(&self, url: &str) -> Result<Client, StoreError> {
         let options = self.options.clone().with_require_leader(false);
         Ok(Client::connect([url], Some(options)).await?)
+    }
+
+    /// The client URLs the store was configured with, in order.
+    pub fn endpoints(&self) -> &[String] {
+        &self.endpoints
+    }
+
+    /// A client of the one member at `url`, with the store's options (it asks for a leader, so
+    /// a member cut off from the majority fails fast instead of answering). Connects lazily.
+    pub(crate) async fn pinned_client(&self, url: &str) -> Result<Client, StoreError> {
+        Ok(Client::connect([url], Some(self.options.clone())).await?)
     }
 
     /// The timeout for one request.

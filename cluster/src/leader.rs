@@ -221,13 +221,18 @@ async fn keep_lease(
 ) {
     let interval = (ttl / 3).max(Duration::from_millis(200));
     let mut acked = granted_at;
+    let mut members = registry::MemberRotation::new(&store);
     loop {
-        let kept = registry::keep_lease_stream(&store, id, interval, interval, |(sent, _)| {
+        let client = members.client().await;
+        let kept = registry::keep_lease_stream(client, id, interval, interval, |(sent, _)| {
             acked = sent;
         });
         match kept.await {
             Err(StoreError::LeaseExpired(_)) => break,
-            Err(e) => debug!(error = %e, "keepalive stream failed"),
+            Err(e) => {
+                debug!(error = %e, "keepalive stream failed");
+                members.advance();
+            }
             Ok(()) => {}
         }
         if acked.elapsed() >= ttl {
