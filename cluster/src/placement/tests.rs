@@ -535,7 +535,12 @@ fn bench_place_1000_workloads_on_3_nodes() {
 /// nowhere to go (its anti-affinity leaves no node).
 #[test]
 fn the_cluster_example_places_and_fails_over() {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/cluster");
+    // The runtime value: a test binary reused from a shared target dir may have been
+    // compiled in another checkout.
+    let dir = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into())
+        .join("../examples/cluster");
     let desired = stead_schema::load_and_validate(&[dir]).expect("examples/cluster validates");
     let big = |mut n: NodeState, pools: &[&str]| {
         n.info.capacity = Capacity {
