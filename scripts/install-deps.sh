@@ -85,6 +85,11 @@ command -v cargo-deny >/dev/null || cargo install --locked cargo-deny
 # The `stead` user owns the subordinate id ranges unprivileged containers get their ids
 # from (docs/operations.md, "Id ranges of unprivileged containers").
 id -u stead >/dev/null 2>&1 || useradd --system --no-create-home --shell /usr/sbin/nologin stead
+# QEMU runs as `stead-qemu` (group kvm for /dev/kvm), not root (docs/security.md, "QEMU's
+# user"). The kvm group comes with udev; make it if this host has none.
+getent group kvm >/dev/null || groupadd --system kvm
+id -u stead-qemu >/dev/null 2>&1 ||
+  useradd --system --no-create-home --shell /usr/sbin/nologin --groups kvm stead-qemu
 stead_ids=1000000000-1999999999
 grep -q '^stead:' /etc/subuid 2>/dev/null || usermod --add-subuids "$stead_ids" stead
 grep -q '^stead:' /etc/subgid 2>/dev/null || usermod --add-subgids "$stead_ids" stead

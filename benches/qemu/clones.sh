@@ -52,7 +52,7 @@ clones_kib=$(du -ck "$box"/pool/images/c*-root.qcow2 | tail -1 | cut -f1)
 echo "apply of $count linked clones + $count VMs (QEMU started): $(echo "$t1 - $t0" | bc) s"
 echo "disk: template ${tpl_kib} KiB; $count clones ${clones_kib} KiB right after the apply"
 for i in $(seq 1 "$count"); do
-    "$here/qga.py" "$box/run/vms/c$i/qga.sock" --wait 1800 >/dev/null
+    "$here/qga.py" "$box/run/vms/c$i/qemu/qga.sock" --wait 1800 >/dev/null
 done
 t2=$(date +%s.%N)
 clones_kib=$(du -ck "$box"/pool/images/c*-root.qcow2 | tail -1 | cut -f1)

@@ -52,7 +52,7 @@ rss_log="$box/rss"
 up="'$stead' ${args[*]} apply --yes '$box/base' '$box/vm' >/dev/null"
 down="pgrep -f '^$stead qemu --run-dir $box/run' | xargs -r ps -o rss= -p >>'$rss_log.qemu-sup'; '$stead' ${args[*]} apply --yes --allow-data-loss '$box/base'"
 "$here/plain-boot.sh" -n "$runs" -f "$firmware" -i "$image" \
-    --stead "$up" --stead-qga "$box/run/vms/bench/qga.sock" --stead-down "$down"
+    --stead "$up" --stead-qga "$box/run/vms/bench/qemu/qga.sock" --stead-down "$down"
 if [ -s "$rss_log.qemu-sup" ]; then
     sort -n "$rss_log.qemu-sup" | awk '{a[NR]=$1} END {printf "stead qemu supervisor RSS: min=%d max=%d KiB over %d runs\n", a[1], a[NR], NR}'
 fi

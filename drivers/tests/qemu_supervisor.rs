@@ -22,8 +22,11 @@ use stead_schema::{Kind, Resource, ResourceId};
 use stead_drivers::supervise::SupervisorArgs;
 use stead_drivers::vm::config::{Paths, Phase, cgroup_name};
 use stead_drivers::vm::qemu::accel::Accel;
-use stead_drivers::vm::qemu::config::{FirmwareRun, Machine, QemuConfig, Sockets};
+use stead_drivers::vm::qemu::config::{
+    DiskFormat, FirmwareRun, Machine, QemuConfig, QemuDisk, Sockets,
+};
 use stead_drivers::vm::qemu::qmp::{Qmp, RunState};
+use stead_drivers::vm::qemu::runas;
 use stead_drivers::vm::qemu::supervisor::{self, QemuState};
 use stead_host::cgroup::Hierarchy;
 use stead_schema::RestartPolicy;
@@ -73,6 +76,8 @@ impl Rig {
             requested_accel: stead_schema::VmAccel::Auto,
             accel: Accel::Tcg,
             accel_warning: None,
+            run_as: None,
+            user_warning: None,
             machine: Machine::Pc,
             firmware: FirmwareRun::Bios,
             disks: vec![],
@@ -207,6 +212,90 @@ fn fence_deadline_kills_qemu() {
     std::fs::write(&file, stead_host::fence::FENCED).expect("fenced");
     let err = rig.launch(&cfg).expect_err("refused while fenced");
     assert!(err.contains("fenced"), "{err}");
+}
+
+/// With an unprivileged user configured, QEMU runs with that uid (and the `kvm` group),
+/// owns its socket directory (0700) and opens a disk it was handed: the QMP socket answers
+/// and the disk's node is open. SKIPs when the host has no `stead-qemu` user
+/// (scripts/install-deps.sh creates it).
+fn qemu_runs_as_the_unprivileged_user() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let name = "qemu_runs_as_the_unprivileged_user";
+    let Some(creds) = runas::lookup(runas::DEFAULT_USER) else {
+        println!("SKIP {name}: no user {} on this host", runas::DEFAULT_USER);
+        return;
+    };
+    let rig = Rig::new("u");
+    // Temp dirs are root's 0700: open the way down to the VM's files.
+    std::fs::set_permissions(rig.dir.path(), std::fs::Permissions::from_mode(0o711))
+        .expect("chmod");
+    let disk = rig.dir.path().join("disk0.raw");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).expect("disk");
+    std::fs::set_permissions(&disk, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let mut cfg = rig.config(RestartPolicy::Never);
+    cfg.disks = vec![QemuDisk {
+        id: "disk0".into(),
+        volume: "d0".into(),
+        path: disk.clone(),
+        format: DiskFormat::Raw,
+        bus: stead_schema::DiskBus::Virtio,
+        cache: stead_schema::DiskCache::default(),
+        discard: false,
+        read_only: false,
+        boot: None,
+    }];
+    let files = [disk.clone(), rig.paths().qemu_dir()];
+    let decided = runas::decide(
+        &runas::Setting::User(runas::DEFAULT_USER.into()),
+        runas::lookup,
+        runas::blocker,
+        &files,
+    )
+    .expect("the user reaches the VM's files");
+    assert_eq!(decided.run_as.as_ref(), Some(&creds));
+    cfg.run_as = decided.run_as;
+    rig.launch(&cfg).expect("launch");
+    let st = rig.state();
+    assert_eq!(st.phase, Phase::Running, "{}", rig.log());
+    let qemu = st.qemu_pid.expect("qemu pid");
+    let status = stead_host::process::Proc::host()
+        .read(qemu, "status")
+        .expect("status");
+    let field = |key: &str| -> Vec<u32> {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .map(|v| {
+                v.split_whitespace()
+                    .filter_map(|x| x.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    assert_eq!(
+        field("Uid:"),
+        vec![creds.uid; 4],
+        "real, effective, saved, fs uid"
+    );
+    assert_eq!(field("Gid:"), vec![creds.gid; 4]);
+    assert_eq!(field("Groups:"), creds.groups);
+    let dir = std::fs::metadata(rig.paths().qemu_dir()).expect("socket dir");
+    assert_eq!((dir.uid(), dir.mode() & 0o777), (creds.uid, 0o700));
+    assert_eq!(std::fs::metadata(&disk).expect("disk").uid(), creds.uid);
+    let mut q = Qmp::connect(&cfg.sockets.qmp, Duration::from_secs(5)).expect("qmp");
+    assert_eq!(q.query_status().expect("status").status, RunState::Running);
+    let nodes = q
+        .execute_raw("query-named-block-nodes", serde_json::json!({}))
+        .expect("block nodes");
+    assert!(
+        nodes.to_string().contains("disk0.raw"),
+        "the disk is open: {nodes}"
+    );
+    drop(q);
+    println!(
+        "{name}: QEMU pid {qemu} runs as {} (uid {}, groups {:?})",
+        creds.user, creds.uid, creds.groups
+    );
 }
 
 fn start_status_restart_and_graceful_stop() {
@@ -482,7 +571,7 @@ fn driver_apply_hot_plug_restart_delete() {
     assert_eq!(d.impact(&format!("/interfaces/{mac2}")), Impact::Hot);
     rig.apply(&d, &v2);
     assert_eq!(rig.pid(&d, &v2), pid, "hot-plugged, not restarted");
-    let sock = rig.env.run_dir.join("vms/hp/qmp.sock");
+    let sock = rig.env.run_dir.join("vms/hp/qemu/qmp.sock");
     let mut q = Qmp::connect(&sock, Duration::from_secs(5)).expect("qmp");
     let blocks = q
         .execute(&stead_drivers::vm::qemu::qmp::QueryBlock)
@@ -713,8 +802,12 @@ fn have_qemu() -> bool {
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     run_as_supervisor_if_asked(&args);
-    let tests: [(&str, fn()); 6] = [
+    let tests: [(&str, fn()); 7] = [
         ("fence_deadline_kills_qemu", fence_deadline_kills_qemu),
+        (
+            "qemu_runs_as_the_unprivileged_user",
+            qemu_runs_as_the_unprivileged_user,
+        ),
         (
             "real_guest_cloud_init_agent_ips_and_acpi_shutdown",
             real_guest_cloud_init_agent_ips_and_acpi_shutdown,

@@ -144,6 +144,13 @@ impl Sandbox {
             .prefix("stead-e2e-")
             .tempdir()
             .expect("tempdir");
+        // Searchable, not listable, by others: QEMU runs as an unprivileged user and opens
+        // the VM's files below (docs/security.md, "QEMU's user").
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o711),
+        )
+        .expect("chmod the sandbox");
         let n = dir
             .path()
             .file_name()

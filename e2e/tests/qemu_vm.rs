@@ -235,6 +235,7 @@ fn qemu_bios_vm_cloud_init_bridge_restart_delete() {
         &[GUEST_IP],
         || gs.get_vm("guest")["status"]["runtime"]["guestIps"].to_string(),
     );
+    assert_unprivileged(&gs.get_vm("guest")["status"]["runtime"]);
 
     // memory 512Mi -> 640Mi: planned as a restart, applied, the guest boots with it.
     let m2 = bios_manifest(&gs, &image, "640Mi", true);
@@ -335,6 +336,32 @@ fn qemu_bios_vm_cloud_init_bridge_restart_delete() {
 }
 
 /// The BIOS manifest after the pool and volumes (network and container).
+/// QEMU runs as `stead-qemu` when the host has that user (scripts/install-deps.sh makes
+/// it; the sandbox is searchable by it), and `stead get` warns of nothing but TCG.
+fn assert_unprivileged(runtime: &serde_json::Value) {
+    use stead_drivers::vm::qemu::runas;
+    let warning = runtime["warning"].as_str().unwrap_or_default();
+    let Some(creds) = runas::lookup(runas::DEFAULT_USER) else {
+        println!(
+            "SKIP unprivileged QEMU check: no user {}",
+            runas::DEFAULT_USER
+        );
+        assert!(warning.contains("QEMU runs as root"), "{runtime}");
+        return;
+    };
+    assert!(!warning.contains("runs as root"), "{warning}");
+    let pid = runtime["pid"].as_i64().expect("QEMU pid") as i32;
+    let status = stead_host::process::Proc::host()
+        .read(pid, "status")
+        .expect("QEMU status");
+    let uid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse::<u32>().ok());
+    assert_eq!(uid, Some(creds.uid), "QEMU's uid");
+}
+
 fn m3_rest(text: &str) -> String {
     let at = text
         .find("kind: Network")
@@ -380,7 +407,9 @@ write_files:
       f=/sys/firmware/efi/efivars/{EFI_VAR}
       v=none
       [ -e "$f" ] && v=$(cat "$f" | tail -c +5)
-      echo "<2>stead-e2e: up efi=$([ -d /sys/firmware/efi ] && echo yes || echo no) nvram=$v" > /dev/kmsg
+      sb=off
+      dmesg | grep -q 'Secure boot enabled' && sb=on
+      echo "<2>stead-e2e: up efi=$([ -d /sys/firmware/efi ] && echo yes || echo no) sb=$sb nvram=$v" > /dev/kmsg
 runcmd:
   - [sh, -c, "printf '\\007\\000\\000\\000stead-nvram-ok' > /sys/firmware/efi/efivars/{EFI_VAR} && echo '<2>stead-e2e: var written' > /dev/kmsg"]
 "#
@@ -397,7 +426,9 @@ fn uefi_manifest(gs: &QemuSandbox, image: &Path, state: &str) -> String {
             "uefi-root",
             "512Mi",
             "uefi",
-            &format!("  state: {state}\n"),
+            // Secure boot through stead: OVMF with Microsoft's keys, the image's signed
+            // shim, grub and kernel.
+            &format!("  state: {state}\n  secureBoot: true\n"),
             &cloud_init
         )
     );
@@ -422,9 +453,15 @@ fn qemu_uefi_vm_nvram_survives_a_restart() {
     let console = wait_for_text(
         "the first UEFI boot and the variable write",
         BOOT_TIMEOUT,
-        &["stead-e2e: up efi=yes nvram=none", "stead-e2e: var written"],
+        &["stead-e2e: up efi=yes", "stead-e2e: var written"],
         || gs.console("uefi"),
     );
+    assert!(
+        console.contains("stead-e2e: up efi=yes sb=on nvram=none"),
+        "secure boot on, no variable yet:\n{}",
+        tail(&console, 6000)
+    );
+    assert_unprivileged(&gs.get_vm("uefi")["status"]["runtime"]);
     assert!(!console.contains("nvram=stead-nvram-ok"), "{console}");
 
     // Stop (graceful), then the NVRAM file holds the variable.
@@ -452,7 +489,7 @@ fn qemu_uefi_vm_nvram_survives_a_restart() {
     wait_for_text(
         "the second UEFI boot",
         BOOT_TIMEOUT,
-        &["stead-e2e: up efi=yes nvram=stead-nvram-ok"],
+        &["stead-e2e: up efi=yes sb=on nvram=stead-nvram-ok"],
         || gs.console("uefi"),
     );
 }

@@ -290,7 +290,8 @@ impl PoolDriver {
             _ => {}
         }
         // 0711 for what stead creates: unprivileged containers' roots must traverse the
-        // pool to reach their rootfs trees; images are 0600 and subdirs 0700.
+        // pool to reach their rootfs trees, QEMU's user its images; images are 0600 and
+        // other subdirs 0700.
         stead_host::fs::create_missing_dirs(path, 0o711)
             .map_err(|e| DriverError::io(format!("create {}", path.display()), e.source))?;
         check_pool_root(path)?;
@@ -366,7 +367,12 @@ impl PoolDriver {
         }
         remove_atomic_temps(path)?;
         for c in &marker.content {
-            fsutil::ensure_dir(path, &[content_dir(*c)])?;
+            let dir = fsutil::ensure_dir(path, &[content_dir(*c)])?;
+            if matches!(c, Content::Images | Content::Iso) {
+                // Searchable, not listable: QEMU runs as an unprivileged user and opens
+                // the disk images and ISOs it was handed by path (docs/security.md).
+                set_dir_mode(&dir, 0o711)?;
+            }
         }
         if marker.content.contains(&Content::Images) || marker.content.contains(&Content::Rootdir) {
             fsutil::ensure_dir(path, &["snapshots"])?;
@@ -595,4 +601,16 @@ impl stead_reconciler::driver::KindDriver for PoolDriver {
         let _span = info_span!("pool_delete", pool = %last_applied.name()).entered();
         self.delete_spec(last_applied.name(), last_applied.spec)
     }
+}
+
+/// Sets `dir`'s permission bits to `mode` unless they are that already.
+fn set_dir_mode(dir: &Path, mode: u32) -> Result<(), DriverError> {
+    use std::os::unix::fs::PermissionsExt;
+    let m = std::fs::metadata(dir)
+        .map_err(|e| DriverError::io(format!("stat {}", dir.display()), e))?;
+    if m.permissions().mode() & 0o7777 != mode {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
+            .map_err(|e| DriverError::io(format!("chmod {}", dir.display()), e))?;
+    }
+    Ok(())
 }

@@ -71,15 +71,20 @@ impl Paths {
     /// QEMU engine: the QMP socket (one client at a time: the supervisor, or a short-lived
     /// connection of the driver or the backup runner).
     pub fn qmp_socket(&self) -> PathBuf {
-        self.dir.join("qmp.sock")
+        self.qemu_dir().join("qmp.sock")
     }
     /// QEMU engine: the guest agent's virtio-serial socket.
     pub fn qga_socket(&self) -> PathBuf {
-        self.dir.join("qga.sock")
+        self.qemu_dir().join("qga.sock")
     }
     /// QEMU engine: the VNC display's unix socket.
     pub fn vnc_socket(&self) -> PathBuf {
-        self.dir.join("vnc.sock")
+        self.qemu_dir().join("vnc.sock")
+    }
+    /// QEMU engine: the directory of the sockets QEMU listens on, owned by the user QEMU
+    /// runs as (mode 0700).
+    pub fn qemu_dir(&self) -> PathBuf {
+        self.dir.join("qemu")
     }
     /// The cloud-init NoCloud seed image (`cidata` ISO) generated from the manifest.
     pub fn seed_iso(&self) -> PathBuf {

@@ -317,6 +317,8 @@ mod tests {
             requested_accel: stead_schema::VmAccel::Auto,
             accel: Accel::Tcg,
             accel_warning: None,
+            run_as: None,
+            user_warning: None,
             machine: Machine::Pc,
             firmware: FirmwareRun::Bios,
             disks: vec![],

@@ -21,6 +21,8 @@
 //!    backup still reads every changed block.
 
 use std::fs;
+use std::os::fd::AsFd;
+use std::os::fd::BorrowedFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -47,11 +49,24 @@ pub trait QmpExec {
     /// Runs `command` with `arguments` (an object, or `null` for none): its `return` value,
     /// or the error QEMU gave, as text.
     fn execute(&mut self, command: &str, arguments: Value) -> Result<Value, String>;
+
+    /// Passes `fd` to QEMU in a new fd set (`add-fd`) and returns the set's id, or `None`
+    /// when this channel cannot pass descriptors (the file is then opened by its path).
+    fn add_fd(&mut self, fd: BorrowedFd<'_>) -> Result<Option<u64>, String> {
+        let _ = fd;
+        Ok(None)
+    }
 }
 
 impl QmpExec for super::qmp::Qmp {
     fn execute(&mut self, command: &str, arguments: Value) -> Result<Value, String> {
         self.execute_raw(command, arguments)
+            .map_err(|e| e.to_string())
+    }
+
+    fn add_fd(&mut self, fd: BorrowedFd<'_>) -> Result<Option<u64>, String> {
+        super::qmp::Qmp::add_fd(self, fd, None, Some("stead backup target"))
+            .map(|i| Some(i.fdset_id))
             .map_err(|e| e.to_string())
     }
 }
@@ -115,6 +130,9 @@ struct DiskJob {
     job: String,
     target_node: String,
     target: PathBuf,
+    /// The fd set QEMU reaches the target through (it may run as a user that cannot open
+    /// the store's directory).
+    fdset: Option<u64>,
     size: u64,
     /// The previous backup's blocks (incremental), or why the disk is read in full.
     base: Result<crate::backup::blocks::Base, String>,
@@ -356,6 +374,7 @@ pub fn start(
             job: format!("stead-backup-{i}"),
             target_node: format!("stead-backup-target-{i}"),
             target,
+            fdset: None,
             size,
             base,
             bitmap_ok: state == BitmapState::Usable,
@@ -378,12 +397,24 @@ fn start_jobs(
     started: &mut Started,
     opts: &VmBackupOptions,
 ) -> Result<(), BackupError> {
-    for j in &started.jobs {
+    for j in started.jobs.iter_mut() {
         create_target(&j.target, j.size)?;
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&j.target)
+            .map_err(BackupError::io("open", &j.target))?;
+        j.fdset = qmp
+            .add_fd(file.as_fd())
+            .map_err(qmp_err("pass the backup target"))?;
+        let filename = match j.fdset {
+            Some(set) => format!("/dev/fdset/{set}"),
+            None => j.target.to_string_lossy().into_owned(),
+        };
         qmp.execute(
             "blockdev-add",
             json!({"node-name": j.target_node, "driver": "qcow2",
-                   "file": {"driver": "file", "filename": j.target}}),
+                   "file": {"driver": "file", "filename": filename}}),
         )
         .map_err(qmp_err("add the backup target"))?;
     }
@@ -515,6 +546,7 @@ pub fn finish(
             qmp.execute("blockdev-del", json!({"node-name": j.target_node}))
                 .map_err(qmp_err("close the backup target"))?;
         }
+        release_fdsets(qmp, &started);
         let mut inputs = Vec::new();
         for j in &started.jobs {
             inputs.push(image_input(j)?);
@@ -603,7 +635,15 @@ pub fn abort(qmp: &mut dyn QmpExec, started: Started) {
     if started.running {
         cancel_jobs(qmp, &started);
     }
+    release_fdsets(qmp, &started);
     remove_targets(&started);
+}
+
+/// Drops the fd sets the targets were passed in (QEMU closes its copies).
+fn release_fdsets(qmp: &mut dyn QmpExec, started: &Started) {
+    for set in started.jobs.iter().filter_map(|j| j.fdset) {
+        let _ = qmp.execute("remove-fd", json!({"fdset-id": set}));
+    }
 }
 
 /// Cancels the jobs of `started` (an atomic transaction started them: all or none exist),
@@ -822,6 +862,7 @@ mod tests {
             job: "j".into(),
             target_node: "t".into(),
             target: "/t".into(),
+            fdset: None,
             size: 1,
             base,
             bitmap_ok: true,

@@ -225,9 +225,26 @@ pub struct QemuConfig {
     /// kills QEMU once its deadline passes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fence_file: Option<PathBuf>,
+    /// The unprivileged user QEMU runs as (`None`: root; see [`super::runas`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_as: Option<super::runas::RunAs>,
+    /// Why QEMU runs as root although an unprivileged user was wanted (shown by apply and
+    /// `stead get`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_warning: Option<String>,
 }
 
 impl QemuConfig {
+    /// What apply and `stead get` warn about: the TCG fallback, QEMU running as root.
+    pub fn warning(&self) -> Option<String> {
+        let all: Vec<&str> = [&self.accel_warning, &self.user_warning]
+            .into_iter()
+            .flatten()
+            .map(String::as_str)
+            .collect();
+        (!all.is_empty()).then(|| all.join("; "))
+    }
+
     /// Whether any disk sits on `bus`.
     pub fn uses_bus(&self, bus: DiskBus) -> bool {
         self.disks.iter().any(|d| d.bus == bus)
@@ -361,6 +378,24 @@ pub fn resolve(
         });
     }
     let paths = Paths::new(&env.host.run_dir, name);
+    let nvram = match &fw {
+        FirmwareRun::Uefi { vars, .. } => Some(vars.clone()),
+        FirmwareRun::Bios => None,
+    };
+    let opened: Vec<PathBuf> = disks
+        .iter()
+        .map(|d| d.path.clone())
+        .chain(cdroms.iter().map(|c| c.path.clone()))
+        .chain(nvram)
+        .chain([paths.qemu_dir()])
+        .collect();
+    let user = super::runas::decide(
+        &super::runas::Setting::from_env(),
+        super::runas::lookup,
+        super::runas::blocker,
+        &opened,
+    )
+    .map_err(DriverError::Unsupported)?;
     Ok(QemuConfig {
         engine: ENGINE.into(),
         name: name.to_string(),
@@ -393,6 +428,8 @@ pub fn resolve(
             .fence_file
             .clone()
             .filter(|_| spec.placement.is_ha()),
+        run_as: user.run_as,
+        user_warning: user.warning,
     })
 }
 

@@ -249,7 +249,7 @@ pub(crate) fn observe_one(
         "phase": phase,
         "vmState": vm_state,
         "accel": cfg.accel.as_str(),
-        "warning": cfg.accel_warning,
+        "warning": cfg.warning(),
         "pid": s.and_then(|s| s.qemu_pid).filter(|_| alive),
         "supervisorPid": s.map(|s| s.supervisor_pid).filter(|_| alive),
         "restarts": s.map_or(0, |s| s.restarts),
@@ -548,6 +548,9 @@ fn apply_hot_plug(cfg: &QemuConfig, hp: &HotPlug) -> Result<(), DriverError> {
         unplug_nic(&mut q, n)?;
     }
     for d in &hp.add_disks {
+        if let Some(creds) = &cfg.run_as {
+            super::runas::prepare_files([d.path.as_path()], creds).map_err(DriverError::Other)?;
+        }
         plug_disk(&mut q, d)?;
     }
     for n in &hp.add_nics {
@@ -573,6 +576,20 @@ fn resolve_config(
     let paths = vm.paths(name);
     fs::create_dir_all(&paths.dir)
         .map_err(|e| DriverError::io(format!("create {}", paths.dir.display()), e))?;
+    if super::runas::Setting::from_env() != super::runas::Setting::Root {
+        // QEMU's user must reach its socket dir and NVRAM through stead's own directories.
+        let env = vm.env();
+        let vms_state = env.state_dir.join("vms");
+        super::runas::open_for_search([
+            env.run_dir.as_path(),
+            paths.dir.parent().unwrap_or(&paths.dir),
+            paths.dir.as_path(),
+            env.state_dir.as_path(),
+            vms_state.as_path(),
+            vms_state.join(name).as_path(),
+        ])
+        .map_err(DriverError::Other)?;
+    }
     let seed = write_seed(&paths, name, spec)?;
     let firmware_dir = firmware::descriptor_dir();
     let env = ResolveEnv {
@@ -607,7 +624,7 @@ pub fn apply(
         .filter(is_qemu_config)
         .and_then(|v| serde_json::from_value(v).ok());
     let mut cfg = resolve_config(vm, name, spec, world).map_err(other)?;
-    if let Some(w) = &cfg.accel_warning {
+    if let Some(w) = cfg.warning() {
         tracing::warn!(vm = name, "{w}");
     }
     if let Some(t) = cfg.nvram().map(|p| p.to_path_buf())
@@ -813,6 +830,8 @@ mod tests {
             requested_accel: stead_schema::VmAccel::Auto,
             accel: super::super::accel::Accel::Tcg,
             accel_warning: None,
+            run_as: None,
+            user_warning: None,
             machine: super::super::config::Machine::Pc,
             firmware: super::super::config::FirmwareRun::Bios,
             disks,

@@ -187,8 +187,9 @@ pub fn ensure_nvram(path: &Path, template: &Path) -> Result<bool, DriverError> {
         return Ok(false);
     }
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| DriverError::io(format!("create {}", dir.display()), e))?;
+        // Searchable, not listable: QEMU's unprivileged user opens the NVRAM by path.
+        stead_host::fs::create_missing_dirs(dir, 0o711)
+            .map_err(crate::storage::fsutil::host_err)?;
     }
     let data = std::fs::read(template)
         .map_err(|e| DriverError::io(format!("read {}", template.display()), e))?;

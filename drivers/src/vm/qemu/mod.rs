@@ -6,6 +6,7 @@
 //!   the per-VM UEFI NVRAM;
 //! - [`accel`]: KVM or TCG;
 //! - [`qmp`], [`qga`]: the QMP and guest agent clients;
+//! - [`runas`]: the unprivileged user QEMU runs as;
 //! - [`supervisor`]: `stead qemu`, one supervising process per VM running one QEMU;
 //! - [`driver`]: the qemu engine's observe / apply / delete (the VM driver dispatches);
 //! - [`cloudinit`]: the cloud-init NoCloud seed (`cidata` ISO) generated from a manifest
@@ -23,6 +24,7 @@ mod jsonline;
 pub mod qga;
 pub mod qmp;
 pub mod quiesce;
+pub mod runas;
 pub mod supervisor;
 #[cfg(test)]
 mod test_qemu;

@@ -252,25 +252,35 @@ fn place_fds(fds: &[i32], first: i32) -> io::Result<()> {
 }
 
 /// Starts QEMU with `args`; its serial port and QMP channel are the other ends of
-/// `serial` and `qmp`, and `taps` are its interfaces' taps (at [`TAP_FD_BASE`] on).
+/// `serial` and `qmp`, and `taps` are its interfaces' taps (at [`TAP_FD_BASE`] on). With
+/// `creds`, QEMU runs as that user.
 fn spawn_qemu(
     args: &[String],
     serial: OwnedFd,
     qmp: OwnedFd,
     taps: Vec<OwnedFd>,
+    creds: Option<super::runas::RunAs>,
 ) -> io::Result<Pid> {
     let mut fds: Vec<i32> = vec![serial.as_raw_fd(), qmp.as_raw_fd()];
     fds.extend(taps.iter().map(AsRawFd::as_raw_fd));
     let keep_below = (SERIAL_FD + fds.len() as i32) as u32;
     let mut cmd = Command::new(&args[0]);
     cmd.args(&args[1..]).stdin(Stdio::null());
+    let parent = std::process::id() as i32;
     // SAFETY: runs in the forked child before exec; only async-signal-safe calls
-    // (sigprocmask, prctl, fcntl, dup2, close_range).
+    // (sigprocmask, setgroups, setgid, setuid, prctl, getppid, fcntl, dup2, close_range).
     unsafe {
         cmd.pre_exec(move || {
             SigSet::empty().thread_set_mask().map_err(io::Error::from)?;
+            if let Some(c) = &creds {
+                super::runas::drop_to(c)?;
+            }
+            // After the credentials change, which clears the parent-death signal.
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                 return Err(io::Error::last_os_error());
+            }
+            if libc::getppid() != parent {
+                return Err(io::Error::other("the supervisor died"));
             }
             // Serial, QMP, then the taps: SERIAL_FD, SUPERVISOR_QMP_FD, TAP_FD_BASE…
             place_fds(&fds, SERIAL_FD)?;
@@ -317,6 +327,28 @@ impl Supervisor {
         }
     }
 
+    /// The socket directory, and with an unprivileged user the files QEMU opens by path,
+    /// handed to that user (again at every boot: a restore may have replaced a file).
+    fn hand_files_to_qemu(&self) -> Result<(), String> {
+        let creds = self.cfg.run_as.as_ref();
+        if let Some(dir) = self.cfg.sockets.qmp.parent() {
+            super::runas::prepare_socket_dir(dir, creds)?;
+        }
+        let Some(creds) = creds else {
+            return Ok(());
+        };
+        let files = self
+            .cfg
+            .disks
+            .iter()
+            .map(|d| d.path.as_path())
+            .chain(self.cfg.cdroms.iter().map(|c| c.path.as_path()))
+            .chain(self.cfg.nvram());
+        super::runas::prepare_files(files, creds)?;
+        log(&format!("QEMU runs as {} (uid {})", creds.user, creds.uid));
+        Ok(())
+    }
+
     /// Starts one QEMU and waits until its QMP channel says the guest runs.
     fn boot(&mut self) -> Result<(), String> {
         for s in [
@@ -326,6 +358,7 @@ impl Supervisor {
         ] {
             let _ = std::fs::remove_file(s);
         }
+        self.hand_files_to_qemu()?;
         let (serial, qemu_serial) =
             UnixStream::pair().map_err(|e| format!("serial socket pair: {e}"))?;
         let (qmp, qemu_qmp) = UnixStream::pair().map_err(|e| format!("QMP socket pair: {e}"))?;
@@ -334,7 +367,8 @@ impl Supervisor {
         let names: Vec<&str> = self.cfg.nics.iter().map(|n| n.tap.as_str()).collect();
         let taps = crate::vm::tap::open_all_owned(&names, &owner, true)?;
         let args = argv(&self.cfg);
-        let pid = spawn_qemu(&args, qemu_serial.into(), qemu_qmp.into(), taps)
+        let creds = self.cfg.run_as.clone();
+        let pid = spawn_qemu(&args, qemu_serial.into(), qemu_qmp.into(), taps, creds)
             .map_err(|e| format!("start {}: {e}", args[0]))?;
         log(&format!("boot, QEMU pid {pid}"));
         let _ = serial.set_nonblocking(true);
