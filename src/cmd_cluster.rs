@@ -11,7 +11,9 @@ use clap::{Subcommand, ValueEnum};
 use serde::Serialize;
 use stead_cluster::election::{current_leader, list_assignments};
 use stead_cluster::etcd::{EtcdConfig, Store};
+use stead_cluster::events::{ClusterEvent, recent};
 use stead_cluster::leader::{self, LeaderConfig, LeaderStatus, Manifests};
+use stead_cluster::metrics::LeaderMetrics;
 use stead_cluster::model::{Assignment, NodeInfo};
 use stead_cluster::owner::list_owners;
 use stead_cluster::pki::{self, CaMode, InitReport, InitRequest, Layout, Member};
@@ -20,7 +22,8 @@ use stead_cluster::watch::{decode_or_skip, list_prefix};
 
 use crate::Global;
 use crate::cmd_agent::{
-    AgentFile, etcd_config, host_name, load, parse_duration, runtime, shutdown_signal,
+    AgentFile, etcd_config, host_name, load, parse_duration, runtime, serve_metrics,
+    shutdown_signal,
 };
 
 /// Output format of the cluster verbs.
@@ -84,6 +87,9 @@ pub struct StatusArgs {
     /// Output format.
     #[arg(short, long, value_enum, default_value_t = Format::Text)]
     output: Format,
+    /// How many of the last cluster events to show.
+    #[arg(long, default_value_t = 10)]
+    events: usize,
 }
 
 /// `stead cluster lead` arguments.
@@ -103,6 +109,10 @@ pub struct LeadArgs {
     /// How often the manifests are read again.
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
     reload: Duration,
+    /// Serve Prometheus metrics (`GET /metrics`) on this address, e.g. `127.0.0.1:9465`
+    /// (default: no metrics endpoint).
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// `stead cluster init` arguments.
@@ -193,6 +203,8 @@ struct Status {
     assignments: Vec<AssignmentStatus>,
     /// Replicated volumes: last point, lag, bytes, last error, last failover.
     replication: BTreeMap<String, ReplicationStatus>,
+    /// The last cluster events (failovers, fences, unplaceable workloads), oldest first.
+    events: Vec<ClusterEvent>,
     /// etcd revision of the reading.
     revision: i64,
 }
@@ -221,7 +233,7 @@ struct AssignmentStatus {
 
 fn status(a: StatusArgs, g: &Global) -> Result<u8> {
     let etcd = a.etcd.config(g)?;
-    let st = runtime()?.block_on(read_status(&etcd))?;
+    let st = runtime()?.block_on(read_status(&etcd, a.events))?;
     match a.output {
         Format::Json => println!("{}", serde_json::to_string_pretty(&st)?),
         Format::Text => print_status(&st),
@@ -229,7 +241,7 @@ fn status(a: StatusArgs, g: &Global) -> Result<u8> {
     Ok(0)
 }
 
-async fn read_status(etcd: &EtcdConfig) -> Result<Status> {
+async fn read_status(etcd: &EtcdConfig, last_events: usize) -> Result<Status> {
     let store = Store::connect(etcd).await?;
     let leader = current_leader(&store).await?.map(|l| l.name);
     let (entries, revision) = list_prefix(&store, &store.keys().nodes()).await?;
@@ -258,11 +270,13 @@ async fn read_status(etcd: &EtcdConfig) -> Result<Status> {
         })
         .collect();
     let replication = list_status(&store).await?;
+    let events = recent(&store, last_events).await?;
     Ok(Status {
         leader,
         nodes,
         assignments,
         replication,
+        events,
         revision,
     })
 }
@@ -328,6 +342,28 @@ fn print_status(st: &Status) {
         println!();
         print_replication(&st.replication);
     }
+    if !st.events.is_empty() {
+        println!();
+        print_events(&st.events);
+    }
+}
+
+fn print_events(events: &[ClusterEvent]) {
+    println!(
+        "{:<20} {:<12} {:<12} MESSAGE",
+        "WHEN (UTC)", "EVENT", "SOURCE"
+    );
+    for e in events {
+        let secs = i64::try_from(e.at_ms / 1000).unwrap_or(i64::MAX);
+        let when = chrono::DateTime::from_timestamp(secs, 0)
+            .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+            .unwrap_or_else(|| e.at_ms.to_string());
+        let kind = serde_json::to_value(e.kind)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default();
+        println!("{when:<20} {kind:<12} {:<12} {}", e.source, e.message);
+    }
 }
 
 fn print_replication(r: &BTreeMap<String, ReplicationStatus>) {
@@ -374,7 +410,11 @@ fn lead(a: LeadArgs, g: &Global) -> Result<u8> {
             let _ = stop_tx.send(true);
         });
         tokio::spawn(reload_manifests(a.paths, a.reload, manifests_tx));
-        tokio::spawn(log_status(status_rx));
+        let metrics = Arc::new(LeaderMetrics::new()?);
+        if let Some(addr) = a.metrics_listen {
+            serve_metrics(addr, metrics.registry.clone(), stop_rx.clone()).await?;
+        }
+        tokio::spawn(log_status(status_rx, metrics));
         leader::run(&store, &config, manifests_rx, status_tx, stop_rx).await?;
         anyhow::Ok(())
     })?;
@@ -407,9 +447,13 @@ async fn reload_manifests(
     }
 }
 
-async fn log_status(mut rx: tokio::sync::watch::Receiver<LeaderStatus>) {
+async fn log_status(
+    mut rx: tokio::sync::watch::Receiver<LeaderStatus>,
+    metrics: Arc<LeaderMetrics>,
+) {
     while rx.changed().await.is_ok() {
         let s = rx.borrow_and_update().clone();
+        metrics.observe(&s);
         tracing::info!(
             leading = s.leading,
             revision = %s.revision,

@@ -24,6 +24,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::election::{self, Election, LeaderToken};
 use crate::etcd::{Store, StoreError};
+use crate::events::{self, ClusterEvent, EventKind};
 use crate::keys::ResourceRef;
 use crate::model::{Assignment, NodeInfo};
 use crate::placement::{self, NodeState, PlacementInput, PlacementResult, Unplaceable};
@@ -80,6 +81,10 @@ pub struct LeaderStatus {
     pub unavailable: Vec<ResourceId>,
     /// Assignments written (put or deleted) since this candidate started.
     pub writes: u64,
+    /// Workloads assigned to each node at the last placement.
+    pub placements: BTreeMap<String, u64>,
+    /// Workloads this candidate moved off a dead node since it started (failovers).
+    pub failovers: u64,
 }
 
 /// Why the loop stopped.
@@ -392,10 +397,19 @@ impl<'a> Term<'a> {
         };
         let result = self.place(m);
         let (puts, deletes) = result.diff(&self.current);
+        let mut failovers = Vec::new();
         if !puts.is_empty() {
             election::put_assignments(self.store, &self.token, &puts).await?;
             for a in &puts {
                 info!(resource = %a.resource, node = %a.node, "assigned");
+                if let Some(from) = self.moved_off_dead_node(a) {
+                    failovers.push(ClusterEvent::now(
+                        EventKind::Failover,
+                        &self.config.name,
+                        Some(a.resource.clone()),
+                        format!("{} moved from dead node {from} to {}", a.resource, a.node),
+                    ));
+                }
             }
         }
         for id in &deletes {
@@ -407,8 +421,20 @@ impl<'a> Term<'a> {
         let writes = (puts.len() + deletes.len()) as u64;
         self.current = result.assignments.clone();
         self.forget_idle_dead_nodes();
-        self.publish(m, result, writes);
+        let moved = failovers.len() as u64;
+        let fresh = self.publish(m, result, writes, moved);
+        for event in failovers.iter().chain(&fresh) {
+            events::record_or_log(self.store, event).await;
+        }
         Ok(())
+    }
+
+    /// The dead node `a`'s workload was assigned to before, if it is moving off one.
+    fn moved_off_dead_node(&self, a: &Assignment) -> Option<String> {
+        let id = a.resource.parse::<ResourceId>().ok()?;
+        let old = self.current.get(&id)?;
+        let dead = self.nodes.get(&old.node).is_none_or(|n| !n.alive);
+        (old.node != a.node && dead).then(|| old.node.clone())
     }
 
     /// The placement of `m` now; while settling, assignments on nodes not seen yet are
@@ -455,13 +481,35 @@ impl<'a> Term<'a> {
             .retain(|name, n| n.alive || used.contains(name.as_str()));
     }
 
-    /// Logs newly unplaceable workloads and publishes the status.
-    fn publish(&mut self, m: &Manifests, result: PlacementResult, writes: u64) {
+    /// Logs newly unplaceable workloads and publishes the status; the events of the newly
+    /// unplaceable.
+    fn publish(
+        &mut self,
+        m: &Manifests,
+        result: PlacementResult,
+        writes: u64,
+        failovers: u64,
+    ) -> Vec<ClusterEvent> {
         let now: BTreeSet<String> = result.unplaceable.iter().map(ToString::to_string).collect();
-        for u in now.difference(&self.unplaceable_seen) {
+        let mut fresh = Vec::new();
+        for u in result
+            .unplaceable
+            .iter()
+            .filter(|u| !self.unplaceable_seen.contains(&u.to_string()))
+        {
             warn!("{u}");
+            fresh.push(ClusterEvent::now(
+                EventKind::Unplaceable,
+                &self.config.name,
+                Some(u.id.to_string()),
+                u.to_string(),
+            ));
         }
         self.unplaceable_seen = now;
+        let mut placements: BTreeMap<String, u64> = BTreeMap::new();
+        for a in result.assignments.values() {
+            *placements.entry(a.node.clone()).or_default() += 1;
+        }
         let nodes = self
             .nodes
             .values()
@@ -477,6 +525,9 @@ impl<'a> Term<'a> {
             s.unplaceable = result.unplaceable;
             s.unavailable = result.unavailable;
             s.writes += writes;
+            s.placements = placements;
+            s.failovers += failovers;
         });
+        fresh
     }
 }
