@@ -244,7 +244,7 @@ pub struct AgentArgs {
     /// The cluster's manifests (files or directories; read again on every round).
     #[arg(required = true)]
     paths: Vec<PathBuf>,
-    /// Serve Prometheus metrics (`GET /metrics`) on this address, e.g. `127.0.0.1:9464`
+    /// Serve Prometheus metrics (`GET /metrics`) on this address, e.g. `127.0.0.1:9474`
     /// (default: no metrics endpoint).
     #[arg(long, value_name = "ADDR")]
     pub metrics_listen: Option<std::net::SocketAddr>,

@@ -26,9 +26,11 @@ use crate::election::{self, Election, LeaderToken};
 use crate::etcd::{Store, StoreError};
 use crate::events::{self, ClusterEvent, EventKind};
 use crate::keys::ResourceRef;
+use crate::migrate::{self, MigrationRecord, MigrationState};
 use crate::model::{Assignment, NodeInfo};
 use crate::placement::{self, NodeState, PlacementInput, PlacementResult, Unplaceable};
 use crate::registry::{self, NodeEvent, NodeWatch};
+use crate::watch::PrefixWatch;
 
 /// How the controller campaigns and leads.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -258,6 +260,8 @@ struct Term<'a> {
     current: BTreeMap<ResourceId, Assignment>,
     settle_until: Instant,
     unplaceable_seen: BTreeSet<String>,
+    /// Operators' migration overrides (`stead migrate`).
+    migrations: BTreeMap<ResourceId, MigrationRecord>,
 }
 
 impl<'a> Term<'a> {
@@ -276,6 +280,7 @@ impl<'a> Term<'a> {
             current: BTreeMap::new(),
             settle_until: Instant::now() + config.settle,
             unplaceable_seen: BTreeSet::new(),
+            migrations: BTreeMap::new(),
         }
     }
 
@@ -287,7 +292,7 @@ impl<'a> Term<'a> {
         shutdown: &mut watch::Receiver<bool>,
     ) -> TermEnd {
         let mut manifests = manifests.clone();
-        let mut nodes = match self.load().await {
+        let (mut nodes, mut overrides) = match self.load().await {
             Ok(w) => w,
             Err(e) => return TermEnd::Lost(format!("cannot read the cluster: {e}")),
         };
@@ -307,6 +312,7 @@ impl<'a> Term<'a> {
             let settling = Instant::now() < self.settle_until;
             tokio::select! {
                 events = nodes.next() => self.on_node_events(events).await,
+                changes = overrides.next_batch() => self.on_migrations(changes).await,
                 changed = manifests.changed() => {
                     if changed.is_err() {
                         return TermEnd::Shutdown;
@@ -319,8 +325,25 @@ impl<'a> Term<'a> {
         }
     }
 
-    /// Reads the nodes and the assignments; returns the node watch from there on.
-    async fn load(&mut self) -> Result<NodeWatch, StoreError> {
+    /// Reads the migration overrides again after a change under their prefix.
+    async fn on_migrations(&mut self, changes: Result<Vec<crate::watch::Change>, StoreError>) {
+        if let Err(e) = changes {
+            debug!(error = %e, "migration watch failed; resuming");
+            sleep(self.config.retry).await;
+            return;
+        }
+        match migrate::list(self.store).await {
+            Ok((m, _)) => self.migrations = m,
+            Err(e) => debug!(error = %e, "reading migrations failed"),
+        }
+    }
+
+    /// Reads the nodes, the assignments and the migration overrides; returns the node and
+    /// migration watches from there on.
+    async fn load(&mut self) -> Result<(NodeWatch, PrefixWatch), StoreError> {
+        let (migrations, at) = migrate::list(self.store).await?;
+        self.migrations = migrations;
+        let overrides = PrefixWatch::new(self.store, self.store.keys().migrations(), at + 1);
         let (infos, revision) = registry::list_nodes(self.store).await?;
         for info in infos {
             self.node_up(info);
@@ -337,9 +360,10 @@ impl<'a> Term<'a> {
         info!(
             nodes = self.nodes.len(),
             assignments = self.current.len(),
+            migrations = self.migrations.len(),
             "cluster read"
         );
-        Ok(NodeWatch::new(self.store, revision))
+        Ok((NodeWatch::new(self.store, revision), overrides))
     }
 
     fn node_up(&mut self, info: NodeInfo) {
@@ -395,7 +419,7 @@ impl<'a> Term<'a> {
             debug!("no manifests yet: nothing to place");
             return Ok(());
         };
-        let result = self.place(m);
+        let (result, refused) = self.place_with_overrides(m);
         let (puts, deletes) = result.diff(&self.current);
         let mut failovers = Vec::new();
         if !puts.is_empty() {
@@ -419,6 +443,7 @@ impl<'a> Term<'a> {
             info!(resource = %id, "unassigned");
         }
         let writes = (puts.len() + deletes.len()) as u64;
+        self.record_migrations(&result, refused).await;
         self.current = result.assignments.clone();
         self.forget_idle_dead_nodes();
         let moved = failovers.len() as u64;
@@ -437,9 +462,94 @@ impl<'a> Term<'a> {
         (old.node != a.node && dead).then(|| old.node.clone())
     }
 
-    /// The placement of `m` now; while settling, assignments on nodes not seen yet are
-    /// held as they are.
-    fn place(&self, m: &Manifests) -> PlacementResult {
+    /// The placement of `m` with the migration overrides; the overrides refused, with why
+    /// (placed again without them).
+    fn place_with_overrides(
+        &self,
+        m: &Manifests,
+    ) -> (PlacementResult, BTreeMap<ResourceId, String>) {
+        let live: BTreeMap<ResourceId, MigrationRecord> = self
+            .migrations
+            .iter()
+            .filter(|(_, r)| r.state != MigrationState::Refused)
+            .map(|(id, r)| (id.clone(), r.clone()))
+            .collect();
+        let result = self.place(m, &live);
+        let refused = migrate::refused_by_placement(&result, &live);
+        let pre = self.pre_refused(m, &live);
+        if refused.is_empty() && pre.is_empty() {
+            return (result, refused);
+        }
+        let kept: BTreeMap<ResourceId, MigrationRecord> = live
+            .into_iter()
+            .filter(|(id, _)| !refused.contains_key(id) && !pre.contains_key(id))
+            .collect();
+        let mut all = refused;
+        all.extend(pre);
+        (self.place(m, &kept), all)
+    }
+
+    /// Overrides the manifests forbid before any node is looked at.
+    fn pre_refused(
+        &self,
+        m: &Manifests,
+        live: &BTreeMap<ResourceId, MigrationRecord>,
+    ) -> BTreeMap<ResourceId, String> {
+        let mut all = placement::workloads(&m.desired);
+        migrate::apply_overrides(&mut all, live)
+    }
+
+    /// Marks honoured overrides `assigned` (with the node they left) and refused ones
+    /// `refused` with the reason; a failed write is retried at the next placement.
+    async fn record_migrations(
+        &mut self,
+        result: &PlacementResult,
+        refused: BTreeMap<ResourceId, String>,
+    ) {
+        let mut updates = Vec::new();
+        for (id, record) in &self.migrations {
+            let mut next = record.clone();
+            if let Some(why) = refused.get(id) {
+                if record.state == MigrationState::Refused {
+                    continue;
+                }
+                warn!(resource = %id, to = %record.to, reason = %why, "migration refused");
+                next.state = MigrationState::Refused;
+                next.message = Some(why.clone());
+            } else if record.state == MigrationState::Requested
+                && result
+                    .assignments
+                    .get(id)
+                    .is_some_and(|a| a.node == record.to)
+            {
+                next.state = MigrationState::Assigned;
+                next.from = self.current.get(id).map(|a| a.node.clone());
+                info!(resource = %id, to = %record.to, from = ?next.from, "migration assigned");
+            } else {
+                continue;
+            }
+            updates.push((id.clone(), next));
+        }
+        for (id, next) in updates {
+            let Ok(r) = ResourceRef::new(id.kind.as_str(), &id.name) else {
+                continue;
+            };
+            match migrate::put(self.store, &r, &next).await {
+                Ok(()) => {
+                    self.migrations.insert(id, next);
+                }
+                Err(e) => debug!(resource = %id, error = %e, "migration state not written"),
+            }
+        }
+    }
+
+    /// The placement of `m` now, with `overrides` pinned; while settling, assignments on
+    /// nodes not seen yet are held as they are.
+    fn place(
+        &self,
+        m: &Manifests,
+        overrides: &BTreeMap<ResourceId, MigrationRecord>,
+    ) -> PlacementResult {
         let settling = Instant::now() < self.settle_until;
         let held: BTreeMap<ResourceId, Assignment> = self
             .current
@@ -449,10 +559,11 @@ impl<'a> Term<'a> {
             .collect();
         let all = placement::workloads(&m.desired);
         let wanted: BTreeSet<ResourceId> = all.iter().map(|w| w.id.clone()).collect();
-        let workloads: Vec<placement::Workload> = all
+        let mut workloads: Vec<placement::Workload> = all
             .into_iter()
             .filter(|w| !held.contains_key(&w.id))
             .collect();
+        migrate::apply_overrides(&mut workloads, overrides);
         let current: BTreeMap<ResourceId, Assignment> = self
             .current
             .iter()

@@ -19,6 +19,7 @@
 //! - [`replication`]: storage replication schedule and fenced status records.
 //! - [`leader`]: the elected controller's loop: place, write assignments, step down.
 //! - [`events`]: cluster events (failover, fence, unplaceable) kept for an hour.
+//! - [`migrate`]: operators' migration overrides (`stead migrate`), honoured by placement.
 //! - [`metrics`]: Prometheus metrics of the agent and the leader, and their endpoint.
 //! - `testkit` (feature `testkit`): one real etcd member on loopback for tests.
 //!
@@ -36,6 +37,7 @@ pub mod keys;
 pub mod leader;
 pub mod local;
 pub mod metrics;
+pub mod migrate;
 pub mod model;
 pub mod owner;
 pub mod pki;

@@ -945,6 +945,16 @@ impl ClusterLab {
         serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
     }
 
+    /// `stead ARGS...` in the hub with the operator's etcd arguments after them (for verbs
+    /// that take `--etcd/--ca/--cert/--key`).
+    pub fn operator_cmd(&self, args: &[&str]) -> Command {
+        let (cert, key) = self.admin();
+        let mut c = self.in_hub(&stead_bin());
+        c.args(args);
+        self.operator_args(&mut c, &cert, &key);
+        c
+    }
+
     fn operator_args(&self, c: &mut Command, cert: &Path, key: &Path) {
         c.arg("--etcd")
             .arg(self.endpoints().join(","))
