@@ -18,7 +18,7 @@ use stead_cluster::local::local_set;
 use stead_cluster::metrics::AgentMetrics;
 use stead_cluster::model::{Capacity, NodeInfo};
 use stead_cluster::registry::LeaseConfig;
-use stead_cluster::replication::Transfer;
+use stead_cluster::replication::{Transfer, jobs_for};
 use stead_drivers::storage::replicate_tls::{DEFAULT_PORT, ReplicationTls, TlsFiles};
 use stead_reconciler::driver::HostEnv;
 use stead_reconciler::plan::PlanOptions;
@@ -279,6 +279,7 @@ pub fn run(a: AgentArgs, g: &Global, env: HostEnv) -> Result<u8> {
         ledger: Mutex::default(),
         tickets: AtomicU64::new(0),
         repl: replication.as_ref().map(|(s, _)| s.clone()),
+        sender: replication.as_ref().map(|(_, t)| t.clone()),
     });
     let rt = runtime()?;
     rt.block_on(async {
@@ -486,6 +487,8 @@ struct NodeEngine {
     tickets: AtomicU64,
     /// Volume replication (`None`: off).
     repl: Option<Arc<ReplState>>,
+    /// Its sender, for the final replication of a migration.
+    sender: Option<Arc<dyn Transfer>>,
 }
 
 impl NodeEngine {
@@ -494,13 +497,23 @@ impl NodeEngine {
         load(&self.paths).map_err(|e| ConvergeError(format!("{e:#}")))
     }
 
-    /// Applies the part of `desired` that `ids` need (workloads not in `ids` stop).
+    /// Applies the part of `desired` that `ids` need (workloads not in `ids` stop), keeping
+    /// what the workloads `keep` reference (their volumes and pools) but not them.
     fn apply_local(
         &self,
         desired: &Desired,
         ids: &BTreeSet<ResourceId>,
+        keep: &BTreeSet<ResourceId>,
     ) -> Result<(), ConvergeError> {
         let mut local = local_set(desired, ids);
+        if !keep.is_empty() {
+            for (id, r) in local_set(desired, keep).resources {
+                if !keep.contains(&id) && !matches!(id.kind, Kind::Container | Kind::VirtualMachine)
+                {
+                    local.resources.entry(id).or_insert(r);
+                }
+            }
+        }
         if let Some(repl) = &self.repl {
             // The pools it receives replicas into stay applied (only them: not the volumes
             // on them, which would start empty where a replica is to be promoted).
@@ -540,6 +553,14 @@ fn resource_id(r: &ResourceRef) -> Option<ResourceId> {
 
 impl Converge for NodeEngine {
     fn converge(&self, owned: &[Owned]) -> Result<(), ConvergeError> {
+        self.converge_keeping(owned, &[])
+    }
+
+    fn converge_keeping(&self, owned: &[Owned], keep: &[Owned]) -> Result<(), ConvergeError> {
+        let keep: BTreeSet<ResourceId> = keep
+            .iter()
+            .filter_map(|o| resource_id(&o.resource))
+            .collect();
         let ticket = self.tickets.fetch_add(1, Ordering::SeqCst);
         let ids: BTreeSet<ResourceId> = owned
             .iter()
@@ -561,12 +582,37 @@ impl Converge for NodeEngine {
             // A failover: the replicas become the volumes before the volume driver runs.
             repl.promote_replicas(desired.as_ref().map_err(Clone::clone)?, &admitted);
         }
-        let result = desired.and_then(|d| self.apply_local(&d, &run));
+        let result = desired.and_then(|d| self.apply_local(&d, &run, &keep));
         ledger.running = run;
         if let Some(repl) = &self.repl {
             repl.set_owned(admitted);
         }
         result
+    }
+
+    fn hand_off(&self, owned: &Owned, to: &str) -> Result<(), ConvergeError> {
+        let (Some(repl), Some(sender)) = (&self.repl, &self.sender) else {
+            return Ok(());
+        };
+        let desired = self.desired()?;
+        let jobs = jobs_for(&desired, std::slice::from_ref(owned), repl.node());
+        for job in jobs.iter().filter(|j| j.to == to) {
+            let r = sender.transfer(job).map_err(|e| {
+                ConvergeError(format!(
+                    "final replication of volume {} to {to}: {e}",
+                    job.volume
+                ))
+            })?;
+            tracing::info!(
+                volume = %job.volume,
+                %to,
+                seq = r.seq,
+                bytes = r.bytes,
+                ms = r.duration.as_millis(),
+                "final replication before the migration"
+            );
+        }
+        Ok(())
     }
 
     fn stop_ha(&self, resources: &[ResourceRef]) {
@@ -576,7 +622,10 @@ impl Converge for NodeEngine {
         }
         let mut ledger = self.ledger.lock().unwrap_or_else(PoisonError::into_inner);
         let keep = ledger.fence(&stop, self.tickets.load(Ordering::SeqCst));
-        if let Err(e) = self.desired().and_then(|d| self.apply_local(&d, &keep)) {
+        if let Err(e) = self
+            .desired()
+            .and_then(|d| self.apply_local(&d, &keep, &BTreeSet::new()))
+        {
             tracing::error!(error = %e, "fencing: stopping HA workloads failed");
         }
         ledger.running = keep;

@@ -19,6 +19,7 @@ use crate::events::{self, ClusterEvent, EventKind};
 use crate::fence::{DeadlineFile, FenceCallback, FenceGuard, FencePolicy, FenceState};
 use crate::keys::ResourceRef;
 use crate::metrics::AgentMetrics;
+use crate::migrate::{self, MigrationState};
 use crate::model::{Assignment, NodeInfo};
 use crate::owner::{self, FencingToken, Holder};
 use crate::quorum::{QuorumProbe, QuorumView};
@@ -48,6 +49,23 @@ pub trait Converge: Send + Sync + 'static {
 
     /// Stop these HA workloads now: the node is fencing itself.
     fn stop_ha(&self, resources: &[ResourceRef]);
+
+    /// [`Converge::converge`], keeping the data of `keep` (workloads being handed off to
+    /// another node: they stop, their volumes stay until [`Converge::hand_off`] is done).
+    fn converge_keeping(&self, owned: &[Owned], keep: &[Owned]) -> Result<(), ConvergeError> {
+        let _ = keep;
+        self.converge(owned)
+    }
+
+    /// A workload this node stopped is being migrated to node `to` (`stead migrate`): copy
+    /// what must follow it (a final replication of its volumes) before its ownership is
+    /// released. Called after [`Converge::converge_keeping`] stopped it and kept its data,
+    /// while `owned.token` is still current; an error keeps the ownership (the target cannot
+    /// start it yet) and is retried.
+    fn hand_off(&self, owned: &Owned, to: &str) -> Result<(), ConvergeError> {
+        let _ = (owned, to);
+        Ok(())
+    }
 }
 
 /// How an agent runs.
@@ -467,7 +485,16 @@ impl AgentLoop {
             return false;
         }
         let step = decide(&self.assigned, &self.held, false);
-        if let Err(e) = self.converge(step.run).await {
+        let draining = self.draining(&step.release).await;
+        let keep: Vec<Owned> = draining
+            .keys()
+            .map(|t| Owned {
+                resource: t.resource().clone(),
+                token: t.clone(),
+                ha: false,
+            })
+            .collect();
+        if let Err(e) = self.converge(step.run, keep).await {
             warn!(error = %e, "converge failed");
             return true;
         }
@@ -475,6 +502,14 @@ impl AgentLoop {
             return false;
         }
         for token in &step.release {
+            match draining.get(token) {
+                Some(Some(to)) if self.hand_off(token, to).await => {}
+                Some(_) => {
+                    retry = true;
+                    continue;
+                }
+                None => {}
+            }
             match owner::release(&self.store, token).await {
                 Ok(_) => {
                     self.metrics.releases.inc();
@@ -491,7 +526,55 @@ impl AgentLoop {
         retry
     }
 
-    async fn converge(&self, run: Vec<Owned>) -> Result<(), ConvergeError> {
+    /// The workloads about to be released that are being migrated away from this node, with
+    /// their target (`None`: the migration could not be read; their data is kept and the
+    /// release waits).
+    async fn draining(&self, release: &[FencingToken]) -> BTreeMap<FencingToken, Option<String>> {
+        let mut out = BTreeMap::new();
+        for token in release {
+            match migrate::read(&self.store, token.resource()).await {
+                Ok(Some(m))
+                    if m.state == MigrationState::Assigned
+                        && m.from.as_deref() == Some(self.node.as_str())
+                        && m.to != self.node =>
+                {
+                    out.insert(token.clone(), Some(m.to));
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    self.metrics.errors.with_label_values(&["handoff"]).inc();
+                    warn!(resource = %token.resource(), error = %e, "reading the migration failed");
+                    out.insert(token.clone(), None);
+                }
+            }
+        }
+        out
+    }
+
+    /// The engine's hand-off of `token`'s workload to `to` (a final replication); false:
+    /// keep the token and try again later.
+    async fn hand_off(&self, token: &FencingToken, to: &str) -> bool {
+        let owned = Owned {
+            resource: token.resource().clone(),
+            token: token.clone(),
+            ha: false,
+        };
+        let engine = self.engine.clone();
+        let target = to.to_string();
+        info!(resource = %owned.resource, %to, "migration: handing off before releasing");
+        let result = tokio::task::spawn_blocking(move || engine.hand_off(&owned, &target))
+            .await
+            .unwrap_or_else(|e| Err(ConvergeError(format!("hand-off panicked: {e}"))));
+        match result {
+            Ok(()) => true,
+            Err(e) => {
+                warn!(resource = %token.resource(), %to, error = %e, "migration hand-off failed; keeping ownership, retrying");
+                false
+            }
+        }
+    }
+
+    async fn converge(&self, run: Vec<Owned>, keep: Vec<Owned>) -> Result<(), ConvergeError> {
         let ha: Vec<ResourceRef> = run
             .iter()
             .filter(|o| o.ha)
@@ -505,9 +588,15 @@ impl AgentLoop {
             running.dedup();
         }
         let engine = self.engine.clone();
-        let result = tokio::task::spawn_blocking(move || engine.converge(&run))
-            .await
-            .unwrap_or_else(|e| Err(ConvergeError(format!("converge panicked: {e}"))));
+        let result = tokio::task::spawn_blocking(move || {
+            if keep.is_empty() {
+                engine.converge(&run)
+            } else {
+                engine.converge_keeping(&run, &keep)
+            }
+        })
+        .await
+        .unwrap_or_else(|e| Err(ConvergeError(format!("converge panicked: {e}"))));
         if result.is_ok() {
             *self.running.lock().unwrap_or_else(PoisonError::into_inner) = ha;
         }

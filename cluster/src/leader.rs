@@ -421,6 +421,9 @@ impl<'a> Term<'a> {
         };
         let (result, refused) = self.place_with_overrides(m);
         let (puts, deletes) = result.diff(&self.current);
+        // Before the assignments: the source's agent reads the record (and so hands the
+        // workload off) as soon as it sees the workload leave.
+        self.record_migrations(&result, refused).await;
         let mut failovers = Vec::new();
         if !puts.is_empty() {
             election::put_assignments(self.store, &self.token, &puts).await?;
@@ -443,7 +446,6 @@ impl<'a> Term<'a> {
             info!(resource = %id, "unassigned");
         }
         let writes = (puts.len() + deletes.len()) as u64;
-        self.record_migrations(&result, refused).await;
         self.current = result.assignments.clone();
         self.forget_idle_dead_nodes();
         let moved = failovers.len() as u64;

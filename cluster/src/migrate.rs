@@ -5,9 +5,11 @@
 //! group, anti-affinity, a missing node-local pool, data that cannot follow, capacity).
 //!
 //! The move itself is the ordinary one: the leader reassigns the workload; the source node's
-//! agent stops it and releases its owner key; only then can the target's agent acquire the key
-//! and start it. A workload with replicated volumes is refused for now: moving it would need a
-//! final replication to the target after the stop, which is not wired yet.
+//! agent stops it, hands it off ([`crate::agent::Converge::hand_off`]: a final replication of
+//! its replicated volumes to the target, with the still-current token) and only then releases
+//! its owner key; the target's agent acquires the key, promotes the replicas and starts it. A
+//! workload with a node-local volume that is not replicated to the target cannot move
+//! (placement excludes the target: its data is not there).
 
 use std::collections::BTreeMap;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -157,11 +159,12 @@ fn forbidden(w: &Workload, to: &str) -> Option<String> {
     {
         return Some(format!("its manifest pins it to node {pin}"));
     }
-    if let DataLocality::Replicated { nodes } = &w.data {
+    if let DataLocality::Replicated { nodes } = &w.data
+        && !nodes.contains(to)
+    {
         let to_list: Vec<&str> = nodes.iter().map(String::as_str).collect();
         return Some(format!(
-            "it has replicated volumes (replicas on {}): a migration with a final \
-             replication is not supported yet; let it fail over, or stop it first",
+            "its volumes are replicated to {} only: the data cannot follow it to {to}",
             to_list.join(", ")
         ));
     }
@@ -288,14 +291,14 @@ mod tests {
             ),
         ];
         let mut o = overrides("a", "n2");
-        o.extend(overrides("b", "n2"));
+        o.extend(overrides("b", "n3"));
         let refused = apply_overrides(&mut ws, &o);
         assert!(
             refused[&ws[0].id].contains("pins it to node n1"),
             "{refused:?}"
         );
         assert!(
-            refused[&ws[1].id].contains("replicated volumes"),
+            refused[&ws[1].id].contains("replicated to n2 only"),
             "{refused:?}"
         );
         assert_eq!(
@@ -305,6 +308,15 @@ mod tests {
         assert!(
             ws[1].placement.node.is_none(),
             "a refused override pins nothing"
+        );
+        let to_replica = overrides("b", "n2");
+        assert!(
+            apply_overrides(&mut ws, &to_replica).is_empty(),
+            "to its replica"
+        );
+        assert_eq!(
+            ws[1].placement.node.as_ref().map(NodeName::as_str),
+            Some("n2")
         );
     }
 
