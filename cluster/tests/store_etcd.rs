@@ -842,6 +842,7 @@ async fn agent_carries_on_after_etcd_restarts() {
         .engine
         .wait_for("web started", |c| runs(c, "Container/web"))
         .await;
+    let before = web_tokens(&agent.engine.calls());
 
     etcd.restart().await.expect("restart");
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -866,5 +867,66 @@ async fn agent_carries_on_after_etcd_restarts() {
             .any(|c| matches!(c, Call::StopHa(_))),
         "a 10 s lease outlives a restart: no fence"
     );
+    let after = web_tokens(&agent.engine.calls());
+    assert_eq!(
+        after.first(),
+        before.first(),
+        "the ownership survived the outage: one token for web throughout ({after:?})"
+    );
+    assert!(after.iter().all(|t| Some(t) == before.first()), "{after:?}");
+    agent.stop().await;
+}
+
+/// The tokens web was converged with, in order, deduplicated.
+fn web_tokens(calls: &[Call]) -> Vec<i64> {
+    let mut out: Vec<i64> = Vec::new();
+    for c in calls {
+        if let Call::Converge(set) = c {
+            for (r, t) in set {
+                if r == "Container/web" && out.last() != Some(t) {
+                    out.push(*t);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// An agent whose etcd is down when it starts keeps trying to register (it does not end)
+/// and runs what is assigned once etcd is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_started_while_etcd_is_down_registers_once_it_is_back() {
+    let Some((mut etcd, store)) = member_with_store(
+        "an_agent_started_while_etcd_is_down_registers_once_it_is_back",
+        "/t",
+    )
+    .await
+    else {
+        return;
+    };
+    etcd.kill();
+    let agent = start_agent(&store, "n1", Duration::from_secs(10));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(!agent.task.is_finished(), "the agent waits for etcd");
+    etcd.restart().await.expect("restart");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let ctl = loop {
+        match store.grant_lease(Duration::from_secs(60)).await {
+            Ok((id, _)) => break Election::new(&store, "ctl", id),
+            Err(e) => assert!(Instant::now() < deadline, "etcd back: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let token = ctl.try_campaign().await.expect("campaign").expect("leads");
+    let web = assignment("Container/web", "n1", true);
+    election::put_assignments(&store, &token, std::slice::from_ref(&web))
+        .await
+        .expect("assign");
+    agent
+        .engine
+        .wait_for("web started after etcd came back", |c| {
+            runs(c, "Container/web")
+        })
+        .await;
     agent.stop().await;
 }
