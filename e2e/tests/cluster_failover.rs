@@ -455,7 +455,7 @@ fn etcd_leader_kills_never_stop_or_fence_the_workload() {
             .lines()
             .filter(|l| l.starts_with("stead_cluster_agent_errors_total{"))
             .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
-            .sum();
+            .fold(0.0, |a, b| a + b);
         println!(
             "{}: fences_total {}, largest keepalive ack gap {:.2} s, etcd errors retried in place {errors}, \
              owner losses {}",
