@@ -306,6 +306,13 @@ fn check_cluster_metrics(lab: &ClusterLab, fault: Fault) {
         count("failover"),
         count("fence"),
     );
+    for line in lab
+        .log_tail("controller", usize::MAX)
+        .iter()
+        .filter(|l| l.contains("leadership lost"))
+    {
+        println!("{fault:?} controller: {line}");
+    }
     assert_eq!(get("stead_cluster_is_leader"), 1.0, "{leader}");
     assert_eq!(placed, 1.0, "one workload placed: {leader}");
     assert!(acquisitions >= 1.0, "the owner counted its acquisition");
