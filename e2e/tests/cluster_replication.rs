@@ -15,7 +15,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
-use stead_e2e::cluster::{ClusterLab, owner_in};
+use stead_e2e::cluster::{ClusterLab, metric, owner_in};
 use stead_e2e::{LoopBtrfs, Sandbox, busybox_ok, busybox_rootfs_at};
 
 const TEST: &str = "an_ha_container_fails_over_to_its_volume_s_replica";
@@ -213,6 +213,29 @@ fn an_ha_container_fails_over_to_its_volume_s_replica() {
         "FIGURE replication: lag {:?} s, last transfer {} bytes in {} ms",
         lag, st["replication"]["data"]["bytes"], st["replication"]["data"]["durationMs"]
     );
+
+    // The sender's metrics: bytes of the last send and the lag of the volume.
+    let mut sent = None;
+    wait_for(
+        "replication metrics on n1",
+        Duration::from_secs(10),
+        &lab,
+        || {
+            let m = lab.agent_metrics(0).unwrap_or_default();
+            sent = metric(
+                &m,
+                "stead_cluster_replication_last_send_bytes",
+                "volume=\"data\"",
+            );
+            let lag = metric(
+                &m,
+                "stead_cluster_replication_lag_seconds",
+                "volume=\"data\"",
+            );
+            sent.is_some_and(|b| b > 0.0) && lag.is_some()
+        },
+    );
+    println!("FIGURE replication metrics: last send {sent:?} bytes");
 
     let t0 = Instant::now();
     lab.kill_proc(agents[0]);
