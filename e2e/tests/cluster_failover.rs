@@ -551,6 +551,19 @@ fn etcd_quorum_crash_keeps_the_workload_running_where_it_is() {
         let killed = lab.crash_quorum(round % lab.nodes.len());
         std::thread::sleep(Duration::from_secs(8));
         let during = host_uptime();
+        // Every agent says it holds (its metrics are served locally, etcd or not).
+        let holding: Vec<f64> = (0..lab.nodes.len())
+            .map(|i| {
+                lab.agent_metrics(i)
+                    .ok()
+                    .and_then(|m| metric(&m, "stead_cluster_quorum_hold", ""))
+                    .unwrap_or(-1.0)
+            })
+            .collect();
+        assert!(
+            holding.iter().all(|h| *h == 1.0),
+            "quorum crash {round}: stead_cluster_quorum_hold per node {holding:?}"
+        );
         for &i in &killed {
             lab.start_etcd(i);
         }
