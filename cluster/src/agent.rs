@@ -306,8 +306,7 @@ fn on_fence_change(
                 since.elapsed().as_secs_f64()
             );
             let event = ClusterEvent::now(EventKind::Fence, node, None, message);
-            let store = store.clone();
-            tokio::spawn(async move { events::record_or_log(&store, &event).await });
+            events::spawn_records(store, vec![event]);
         }
         _ => {}
     }

@@ -78,11 +78,35 @@ pub async fn record(store: &Store, event: &ClusterEvent) -> Result<(), StoreErro
     Ok(())
 }
 
-/// [`record`], logging a failure instead of returning it.
+/// [`record`], tried again once a second later, logging a failure instead of returning it.
 pub async fn record_or_log(store: &Store, event: &ClusterEvent) {
-    if let Err(e) = record(store, event).await {
-        debug!(error = %e, kind = ?event.kind, "cluster event not written");
+    for attempt in 0..2 {
+        match record(store, event).await {
+            Ok(()) => return,
+            Err(e) if attempt == 0 && !e.is_terminal() => {
+                debug!(error = %e, kind = ?event.kind, "cluster event not written; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => {
+                debug!(error = %e, kind = ?event.kind, "cluster event not written");
+                return;
+            }
+        }
     }
+}
+
+/// Writes `events` on a task of their own, in order (a slow etcd must not hold up the
+/// caller's loop).
+pub fn spawn_records(store: &Store, events: Vec<ClusterEvent>) {
+    if events.is_empty() {
+        return;
+    }
+    let store = store.clone();
+    tokio::spawn(async move {
+        for event in &events {
+            record_or_log(&store, event).await;
+        }
+    });
 }
 
 /// The last `n` events, oldest first.

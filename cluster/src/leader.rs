@@ -461,9 +461,7 @@ impl<'a> Term<'a> {
         self.forget_idle_dead_nodes();
         let moved = failovers.len() as u64;
         let fresh = self.publish(m, result, writes, moved);
-        for event in failovers.iter().chain(&fresh) {
-            events::record_or_log(self.store, event).await;
-        }
+        events::spawn_records(self.store, failovers.into_iter().chain(fresh).collect());
         Ok(())
     }
 
