@@ -12,11 +12,12 @@ use std::time::Duration;
 
 use stead_cluster::agent::Owned;
 use stead_cluster::etcd::{EtcdConfig, Store, StoreError};
+use stead_cluster::metrics::AgentMetrics;
 use stead_cluster::model::NodeInfo;
 use stead_cluster::owner::FencingToken;
 use stead_cluster::replication::{
-    FailoverRecord, ReplicationJob, Replicator, Transfer, TransferReport, jobs_for, owned_volumes,
-    receiving_pool, record_failover,
+    FailoverRecord, Outcome, ReplicationJob, Replicator, Transfer, TransferReport, jobs_for,
+    owned_volumes, receiving_pool, record_failover,
 };
 use stead_cluster::watch::list_prefix;
 use stead_drivers::storage::replicate::{
@@ -45,6 +46,8 @@ pub struct ReplState {
     failovers: Mutex<Vec<PendingFailover>>,
     /// Registered node addresses.
     peers: Mutex<BTreeMap<String, String>>,
+    /// Where replication lag, bytes and failures are recorded.
+    metrics: Option<Arc<AgentMetrics>>,
 }
 
 fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -61,7 +64,14 @@ impl ReplState {
             owned: Mutex::default(),
             failovers: Mutex::default(),
             peers: Mutex::default(),
+            metrics: None,
         }
+    }
+
+    /// Records replications into `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<AgentMetrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// The node now runs `owned`.
@@ -286,10 +296,28 @@ async fn round(
     if jobs.is_empty() {
         return Ok(());
     }
-    Replicator::new(store.clone(), &state.node, transfer)
+    let outcomes = Replicator::new(store.clone(), &state.node, transfer)
         .tick(&jobs, &unix_now)
-        .await
-        .map(|_| ())
+        .await?;
+    if let Some(m) = &state.metrics {
+        record_outcomes(m, &outcomes);
+        m.update_lag(unix_now());
+    }
+    Ok(())
+}
+
+/// Replication metrics from one tick's outcomes.
+fn record_outcomes(metrics: &AgentMetrics, outcomes: &[(String, Outcome)]) {
+    for (volume, outcome) in outcomes {
+        match outcome {
+            Outcome::Replicated(r) => metrics.replicated(volume, r.taken_at, r.bytes),
+            Outcome::Failed(_) => metrics
+                .replication_failures
+                .with_label_values(&[volume.as_str()])
+                .inc(),
+            Outcome::NotDue(_) | Outcome::Fenced => {}
+        }
+    }
 }
 
 async fn refresh_peers(store: &Store, state: &ReplState) -> Result<(), StoreError> {

@@ -15,9 +15,10 @@ use stead_cluster::agent::{self, AgentConfig, Converge, ConvergeError, Owned};
 use stead_cluster::etcd::{EtcdConfig, Store};
 use stead_cluster::keys::ResourceRef;
 use stead_cluster::local::local_set;
+use stead_cluster::metrics::AgentMetrics;
 use stead_cluster::model::{Capacity, NodeInfo};
 use stead_cluster::registry::LeaseConfig;
-use stead_cluster::replication::Transfer;
+use stead_cluster::replication::{Transfer, jobs_for};
 use stead_drivers::storage::replicate_tls::{DEFAULT_PORT, ReplicationTls, TlsFiles};
 use stead_reconciler::driver::HostEnv;
 use stead_reconciler::plan::PlanOptions;
@@ -243,6 +244,10 @@ pub struct AgentArgs {
     /// The cluster's manifests (files or directories; read again on every round).
     #[arg(required = true)]
     paths: Vec<PathBuf>,
+    /// Serve Prometheus metrics (`GET /metrics`) on this address, e.g. `127.0.0.1:9474`
+    /// (default: no metrics endpoint).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// Runs the agent until SIGINT or SIGTERM.
@@ -262,7 +267,8 @@ pub fn run(a: AgentArgs, g: &Global, env: HostEnv) -> Result<u8> {
     config.deadline_file = Some(deadline);
     // Replication is not what the node's workloads need to run: a receiver that cannot
     // start (an address that does not resolve, a port taken) leaves it off, loudly.
-    let replication = start_replication(&file, &a.paths).unwrap_or_else(|e| {
+    let metrics = Arc::new(AgentMetrics::new()?);
+    let replication = start_replication(&file, &a.paths, &metrics).unwrap_or_else(|e| {
         tracing::error!(error = format!("{e:#}"), "volume replication is off");
         None
     });
@@ -273,6 +279,7 @@ pub fn run(a: AgentArgs, g: &Global, env: HostEnv) -> Result<u8> {
         ledger: Mutex::default(),
         tickets: AtomicU64::new(0),
         repl: replication.as_ref().map(|(s, _)| s.clone()),
+        sender: replication.as_ref().map(|(_, t)| t.clone()),
     });
     let rt = runtime()?;
     rt.block_on(async {
@@ -284,7 +291,10 @@ pub fn run(a: AgentArgs, g: &Global, env: HostEnv) -> Result<u8> {
         if let Some((state, transfer)) = replication {
             agent_repl::spawn_loop(file.etcd(), state, transfer, rx.clone())?;
         }
-        supervise(&file.etcd(), &config, engine, rx).await
+        if let Some(addr) = a.metrics_listen {
+            serve_metrics(addr, metrics.registry.clone(), rx.clone()).await?;
+        }
+        supervise(&file.etcd(), &config, engine, rx, metrics).await
     })?;
     Ok(0)
 }
@@ -294,7 +304,11 @@ type Replication = (Arc<ReplState>, Arc<dyn Transfer>);
 
 /// The replication state and sender of this node, its receiver started; `None` (with a
 /// warning) when the agent has no certificate to authenticate peers with.
-fn start_replication(file: &AgentFile, paths: &[PathBuf]) -> Result<Option<Replication>> {
+fn start_replication(
+    file: &AgentFile,
+    paths: &[PathBuf],
+    metrics: &Arc<AgentMetrics>,
+) -> Result<Option<Replication>> {
     let (Some(ca), Some(cert), Some(key)) = (&file.ca, &file.cert, &file.key) else {
         tracing::warn!("no certificates in agent.json: volume replication is off");
         return Ok(None);
@@ -305,7 +319,8 @@ fn start_replication(file: &AgentFile, paths: &[PathBuf]) -> Result<Option<Repli
         key: key.clone(),
     })?;
     let port = file.replication_port.unwrap_or(DEFAULT_PORT);
-    let state = Arc::new(ReplState::new(&file.name, paths.to_vec(), port));
+    let state =
+        Arc::new(ReplState::new(&file.name, paths.to_vec(), port).with_metrics(metrics.clone()));
     let bind = (file.address.as_str(), port)
         .to_socket_addrs()
         .with_context(|| format!("replication address {}", file.address))?
@@ -321,32 +336,46 @@ pub fn deadline_file(run_dir: &Path) -> PathBuf {
     run_dir.join("cluster").join("fence-deadline")
 }
 
-/// Pause before the agent starts again after etcd failed it.
-const RESTART_PAUSE: Duration = Duration::from_secs(1);
+/// Pause before connecting to etcd again.
+const CONNECT_PAUSE: Duration = Duration::from_secs(1);
 
-/// Runs the agent until shutdown; when it stops on an error trying again can help (etcd
-/// unreachable, a timeout during an election) it starts again: registering anew, owning
-/// anew. Its workloads were fenced already if the outage was long enough.
+/// Connects to etcd (again and again while no member answers: nothing runs yet), then runs
+/// the agent until shutdown. The agent retries every etcd failure inside its loop, keeping
+/// its lease, its ownerships and its running workloads; it returns only at shutdown or on a
+/// terminal error (a refused certificate, a configuration that cannot work).
 async fn supervise(
     etcd: &EtcdConfig,
     config: &AgentConfig,
     engine: Arc<dyn Converge>,
     shutdown: tokio::sync::watch::Receiver<bool>,
+    metrics: Arc<AgentMetrics>,
 ) -> Result<()> {
-    loop {
-        let result = match Store::connect(etcd).await {
-            Ok(store) => agent::run(&store, config, engine.clone(), shutdown.clone()).await,
-            Err(e) => Err(e),
-        };
-        match result {
-            Ok(()) => return Ok(()),
-            Err(e) if e.is_retryable() && !*shutdown.borrow() => {
-                tracing::warn!(error = %e, "agent stopped; starting again");
-                tokio::time::sleep(RESTART_PAUSE).await;
+    let store = loop {
+        match Store::connect(etcd).await {
+            Ok(store) => break store,
+            Err(e) if !e.is_terminal() && !*shutdown.borrow() => {
+                tracing::warn!(error = %e, "etcd not reachable; trying again");
+                tokio::time::sleep(CONNECT_PAUSE).await;
             }
             Err(e) => return Err(e.into()),
         }
-    }
+    };
+    agent::run_with_metrics(&store, config, engine, shutdown, metrics).await?;
+    Ok(())
+}
+
+/// Binds `addr` and serves `registry` on it (`GET /metrics`) until `shutdown`.
+pub async fn serve_metrics(
+    addr: std::net::SocketAddr,
+    registry: stead_cluster::metrics::Registry,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+) -> Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("metrics address {addr}"))?;
+    tracing::info!(%addr, "serving metrics");
+    tokio::spawn(stead_cluster::metrics::serve(listener, registry, shutdown));
+    Ok(())
 }
 
 /// Resolves on SIGTERM or SIGINT.
@@ -458,6 +487,8 @@ struct NodeEngine {
     tickets: AtomicU64,
     /// Volume replication (`None`: off).
     repl: Option<Arc<ReplState>>,
+    /// Its sender, for the final replication of a migration.
+    sender: Option<Arc<dyn Transfer>>,
 }
 
 impl NodeEngine {
@@ -466,13 +497,23 @@ impl NodeEngine {
         load(&self.paths).map_err(|e| ConvergeError(format!("{e:#}")))
     }
 
-    /// Applies the part of `desired` that `ids` need (workloads not in `ids` stop).
+    /// Applies the part of `desired` that `ids` need (workloads not in `ids` stop), keeping
+    /// what the workloads `keep` reference (their volumes and pools) but not them.
     fn apply_local(
         &self,
         desired: &Desired,
         ids: &BTreeSet<ResourceId>,
+        keep: &BTreeSet<ResourceId>,
     ) -> Result<(), ConvergeError> {
         let mut local = local_set(desired, ids);
+        if !keep.is_empty() {
+            for (id, r) in local_set(desired, keep).resources {
+                if !keep.contains(&id) && !matches!(id.kind, Kind::Container | Kind::VirtualMachine)
+                {
+                    local.resources.entry(id).or_insert(r);
+                }
+            }
+        }
         if let Some(repl) = &self.repl {
             // The pools it receives replicas into stay applied (only them: not the volumes
             // on them, which would start empty where a replica is to be promoted).
@@ -512,6 +553,14 @@ fn resource_id(r: &ResourceRef) -> Option<ResourceId> {
 
 impl Converge for NodeEngine {
     fn converge(&self, owned: &[Owned]) -> Result<(), ConvergeError> {
+        self.converge_keeping(owned, &[])
+    }
+
+    fn converge_keeping(&self, owned: &[Owned], keep: &[Owned]) -> Result<(), ConvergeError> {
+        let keep: BTreeSet<ResourceId> = keep
+            .iter()
+            .filter_map(|o| resource_id(&o.resource))
+            .collect();
         let ticket = self.tickets.fetch_add(1, Ordering::SeqCst);
         let ids: BTreeSet<ResourceId> = owned
             .iter()
@@ -533,12 +582,37 @@ impl Converge for NodeEngine {
             // A failover: the replicas become the volumes before the volume driver runs.
             repl.promote_replicas(desired.as_ref().map_err(Clone::clone)?, &admitted);
         }
-        let result = desired.and_then(|d| self.apply_local(&d, &run));
+        let result = desired.and_then(|d| self.apply_local(&d, &run, &keep));
         ledger.running = run;
         if let Some(repl) = &self.repl {
             repl.set_owned(admitted);
         }
         result
+    }
+
+    fn hand_off(&self, owned: &Owned, to: &str) -> Result<(), ConvergeError> {
+        let (Some(repl), Some(sender)) = (&self.repl, &self.sender) else {
+            return Ok(());
+        };
+        let desired = self.desired()?;
+        let jobs = jobs_for(&desired, std::slice::from_ref(owned), repl.node());
+        for job in jobs.iter().filter(|j| j.to == to) {
+            let r = sender.transfer(job).map_err(|e| {
+                ConvergeError(format!(
+                    "final replication of volume {} to {to}: {e}",
+                    job.volume
+                ))
+            })?;
+            tracing::info!(
+                volume = %job.volume,
+                %to,
+                seq = r.seq,
+                bytes = r.bytes,
+                ms = r.duration.as_millis(),
+                "final replication before the migration"
+            );
+        }
+        Ok(())
     }
 
     fn stop_ha(&self, resources: &[ResourceRef]) {
@@ -548,7 +622,10 @@ impl Converge for NodeEngine {
         }
         let mut ledger = self.ledger.lock().unwrap_or_else(PoisonError::into_inner);
         let keep = ledger.fence(&stop, self.tickets.load(Ordering::SeqCst));
-        if let Err(e) = self.desired().and_then(|d| self.apply_local(&d, &keep)) {
+        if let Err(e) = self
+            .desired()
+            .and_then(|d| self.apply_local(&d, &keep, &BTreeSet::new()))
+        {
             tracing::error!(error = %e, "fencing: stopping HA workloads failed");
         }
         ledger.running = keep;

@@ -11,7 +11,11 @@ use clap::{Subcommand, ValueEnum};
 use serde::Serialize;
 use stead_cluster::election::{current_leader, list_assignments};
 use stead_cluster::etcd::{EtcdConfig, Store};
+use stead_cluster::events::{ClusterEvent, recent};
+use stead_cluster::keys::ResourceRef;
 use stead_cluster::leader::{self, LeaderConfig, LeaderStatus, Manifests};
+use stead_cluster::metrics::LeaderMetrics;
+use stead_cluster::migrate::{self, MigrationRecord, MigrationState};
 use stead_cluster::model::{Assignment, NodeInfo};
 use stead_cluster::owner::list_owners;
 use stead_cluster::pki::{self, CaMode, InitReport, InitRequest, Layout, Member};
@@ -20,7 +24,8 @@ use stead_cluster::watch::{decode_or_skip, list_prefix};
 
 use crate::Global;
 use crate::cmd_agent::{
-    AgentFile, etcd_config, host_name, load, parse_duration, runtime, shutdown_signal,
+    AgentFile, etcd_config, host_name, load, parse_duration, runtime, serve_metrics,
+    shutdown_signal,
 };
 
 /// Output format of the cluster verbs.
@@ -84,6 +89,9 @@ pub struct StatusArgs {
     /// Output format.
     #[arg(short, long, value_enum, default_value_t = Format::Text)]
     output: Format,
+    /// How many of the last cluster events to show.
+    #[arg(long, default_value_t = 10)]
+    events: usize,
 }
 
 /// `stead cluster lead` arguments.
@@ -103,6 +111,10 @@ pub struct LeadArgs {
     /// How often the manifests are read again.
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
     reload: Duration,
+    /// Serve Prometheus metrics (`GET /metrics`) on this address, e.g. `127.0.0.1:9475`
+    /// (default: no metrics endpoint).
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// `stead cluster init` arguments.
@@ -193,6 +205,8 @@ struct Status {
     assignments: Vec<AssignmentStatus>,
     /// Replicated volumes: last point, lag, bytes, last error, last failover.
     replication: BTreeMap<String, ReplicationStatus>,
+    /// The last cluster events (failovers, fences, unplaceable workloads), oldest first.
+    events: Vec<ClusterEvent>,
     /// etcd revision of the reading.
     revision: i64,
 }
@@ -221,7 +235,7 @@ struct AssignmentStatus {
 
 fn status(a: StatusArgs, g: &Global) -> Result<u8> {
     let etcd = a.etcd.config(g)?;
-    let st = runtime()?.block_on(read_status(&etcd))?;
+    let st = runtime()?.block_on(read_status(&etcd, a.events))?;
     match a.output {
         Format::Json => println!("{}", serde_json::to_string_pretty(&st)?),
         Format::Text => print_status(&st),
@@ -229,7 +243,7 @@ fn status(a: StatusArgs, g: &Global) -> Result<u8> {
     Ok(0)
 }
 
-async fn read_status(etcd: &EtcdConfig) -> Result<Status> {
+async fn read_status(etcd: &EtcdConfig, last_events: usize) -> Result<Status> {
     let store = Store::connect(etcd).await?;
     let leader = current_leader(&store).await?.map(|l| l.name);
     let (entries, revision) = list_prefix(&store, &store.keys().nodes()).await?;
@@ -258,11 +272,13 @@ async fn read_status(etcd: &EtcdConfig) -> Result<Status> {
         })
         .collect();
     let replication = list_status(&store).await?;
+    let events = recent(&store, last_events).await?;
     Ok(Status {
         leader,
         nodes,
         assignments,
         replication,
+        events,
         revision,
     })
 }
@@ -328,6 +344,28 @@ fn print_status(st: &Status) {
         println!();
         print_replication(&st.replication);
     }
+    if !st.events.is_empty() {
+        println!();
+        print_events(&st.events);
+    }
+}
+
+fn print_events(events: &[ClusterEvent]) {
+    println!(
+        "{:<20} {:<12} {:<12} MESSAGE",
+        "WHEN (UTC)", "EVENT", "SOURCE"
+    );
+    for e in events {
+        let secs = i64::try_from(e.at_ms / 1000).unwrap_or(i64::MAX);
+        let when = chrono::DateTime::from_timestamp(secs, 0)
+            .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+            .unwrap_or_else(|| e.at_ms.to_string());
+        let kind = serde_json::to_value(e.kind)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default();
+        println!("{when:<20} {kind:<12} {:<12} {}", e.source, e.message);
+    }
 }
 
 fn print_replication(r: &BTreeMap<String, ReplicationStatus>) {
@@ -374,7 +412,11 @@ fn lead(a: LeadArgs, g: &Global) -> Result<u8> {
             let _ = stop_tx.send(true);
         });
         tokio::spawn(reload_manifests(a.paths, a.reload, manifests_tx));
-        tokio::spawn(log_status(status_rx));
+        let metrics = Arc::new(LeaderMetrics::new()?);
+        if let Some(addr) = a.metrics_listen {
+            serve_metrics(addr, metrics.registry.clone(), stop_rx.clone()).await?;
+        }
+        tokio::spawn(log_status(status_rx, metrics));
         leader::run(&store, &config, manifests_rx, status_tx, stop_rx).await?;
         anyhow::Ok(())
     })?;
@@ -407,9 +449,13 @@ async fn reload_manifests(
     }
 }
 
-async fn log_status(mut rx: tokio::sync::watch::Receiver<LeaderStatus>) {
+async fn log_status(
+    mut rx: tokio::sync::watch::Receiver<LeaderStatus>,
+    metrics: Arc<LeaderMetrics>,
+) {
     while rx.changed().await.is_ok() {
         let s = rx.borrow_and_update().clone();
+        metrics.observe(&s);
         tracing::info!(
             leading = s.leading,
             revision = %s.revision,
@@ -420,6 +466,169 @@ async fn log_status(mut rx: tokio::sync::watch::Receiver<LeaderStatus>) {
         );
         for u in &s.unplaceable {
             tracing::warn!(unplaceable = ?u, "workload cannot be placed");
+        }
+    }
+}
+
+/// `stead migrate` arguments.
+#[derive(clap::Args, Debug)]
+pub struct MigrateArgs {
+    /// The workload, `Container/NAME` or `VirtualMachine/NAME`.
+    resource: String,
+    /// The node to move it to.
+    #[arg(long, required_unless_present = "clear", conflicts_with = "clear")]
+    to: Option<String>,
+    /// Remove the override: placement decides again (the workload stays where it is while
+    /// the rules allow).
+    #[arg(long)]
+    clear: bool,
+    /// Return once the override is written instead of following the move.
+    #[arg(long)]
+    no_wait: bool,
+    /// How long to follow the move before giving up (the override stays).
+    #[arg(long, default_value = "120s", value_parser = parse_duration)]
+    timeout: Duration,
+    #[command(flatten)]
+    etcd: EtcdArgs,
+}
+
+/// Writes (or clears) a migration override and follows the move until the target owns the
+/// workload; 1 when the leader refuses it or the timeout passes.
+pub fn migrate(a: MigrateArgs, g: &Global) -> Result<u8> {
+    let etcd = a.etcd.config(g)?;
+    let resource: ResourceRef = a.resource.parse()?;
+    if !matches!(resource.kind(), "Container" | "VirtualMachine") {
+        anyhow::bail!("only a Container or a VirtualMachine can be migrated, not {resource}");
+    }
+    runtime()?.block_on(async {
+        let store = Store::connect(&etcd).await?;
+        if a.clear {
+            let had = migrate::clear(&store, &resource).await?;
+            println!(
+                "{resource}: {}",
+                if had {
+                    "override cleared"
+                } else {
+                    "no override"
+                }
+            );
+            return Ok(0);
+        }
+        let to = a.to.clone().unwrap_or_default();
+        let (nodes, _) = list_prefix(&store, &store.keys().nodes()).await?;
+        if !nodes
+            .iter()
+            .any(|e| store.keys().parse_node(&e.key).as_deref() == Some(&to))
+        {
+            anyhow::bail!("node {to:?} is not registered (see `stead cluster status`)");
+        }
+        let (assigned, _) = list_assignments(&store).await?;
+        let Some(now) = assigned.iter().find(|x| x.resource == resource.to_string()) else {
+            anyhow::bail!(
+                "{resource} is not placed in the cluster (not in the manifests, or no leader yet)"
+            );
+        };
+        println!("{resource}: on {}, moving to {to}", now.node);
+        migrate::put(&store, &resource, &MigrationRecord::request(&to)).await?;
+        if a.no_wait {
+            println!("override written; follow with `stead cluster status`");
+            return Ok(0);
+        }
+        follow_migration(&store, &resource, &to, a.timeout).await
+    })
+}
+
+/// What a migration looks like from etcd at one moment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct MoveView {
+    state: Option<MigrationState>,
+    message: Option<String>,
+    assigned: Option<String>,
+    owner: Option<String>,
+}
+
+/// Prints each change of the move until the target owns the workload.
+async fn follow_migration(
+    store: &Store,
+    resource: &ResourceRef,
+    to: &str,
+    timeout: Duration,
+) -> Result<u8> {
+    let t0 = std::time::Instant::now();
+    let mut last: Option<MoveView> = None;
+    loop {
+        let view = read_move(store, resource).await?;
+        if last.as_ref() != Some(&view) {
+            print_move(t0.elapsed(), &view, last.as_ref(), to);
+        }
+        if view.state == Some(MigrationState::Refused) {
+            eprintln!(
+                "error: migration of {resource} to {to} refused: {}",
+                view.message.as_deref().unwrap_or("no reason given")
+            );
+            return Ok(1);
+        }
+        if view.state.is_none() {
+            eprintln!("error: the override of {resource} was cleared");
+            return Ok(1);
+        }
+        if view.assigned.as_deref() == Some(to) && view.owner.as_deref() == Some(to) {
+            println!(
+                "{resource}: runs on {to} ({:.1} s)",
+                t0.elapsed().as_secs_f64()
+            );
+            return Ok(0);
+        }
+        if t0.elapsed() > timeout {
+            eprintln!("error: {resource} is not on {to} after {timeout:?} (the override stays)");
+            return Ok(1);
+        }
+        last = Some(view);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn read_move(store: &Store, resource: &ResourceRef) -> Result<MoveView> {
+    let record = migrate::read(store, resource).await?;
+    let key = resource.to_string();
+    let (assigned, _) = list_assignments(store).await?;
+    let owners = owners(store).await?;
+    Ok(MoveView {
+        state: record.as_ref().map(|r| r.state),
+        message: record.and_then(|r| r.message),
+        assigned: assigned
+            .into_iter()
+            .find(|x| x.resource == key)
+            .map(|x| x.node),
+        owner: owners.get(&key).map(|(n, _)| n.clone()),
+    })
+}
+
+/// One progress line per change.
+fn print_move(at: Duration, now: &MoveView, before: Option<&MoveView>, to: &str) {
+    let t = at.as_secs_f64();
+    let changed = |f: fn(&MoveView) -> &Option<String>| before.is_none_or(|b| f(b) != f(now));
+    if before.is_none_or(|b| b.state != now.state)
+        && let Some(state) = now.state
+    {
+        let word = match state {
+            MigrationState::Requested => "requested, waiting for the leader",
+            MigrationState::Assigned => "assigned by the leader",
+            MigrationState::Refused => "refused by the leader",
+        };
+        println!("{t:>6.1}s  migration {word}");
+    }
+    if changed(|v| &v.assigned) {
+        println!(
+            "{t:>6.1}s  assigned to {}",
+            now.assigned.as_deref().unwrap_or("(none)")
+        );
+    }
+    if changed(|v| &v.owner) {
+        match now.owner.as_deref() {
+            Some(n) if n == to => println!("{t:>6.1}s  owned by {n}: starting there"),
+            Some(n) => println!("{t:>6.1}s  running on {n}"),
+            None => println!("{t:>6.1}s  stopped and released; waiting for {to} to take it"),
         }
     }
 }

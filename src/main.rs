@@ -237,6 +237,8 @@ enum Command {
     },
     /// Run this node's cluster agent: register, converge what is assigned here.
     Agent(cmd_agent::AgentArgs),
+    /// Move a cluster workload to another node (cold), or clear such an override.
+    Migrate(cmd_cluster::MigrateArgs),
     /// Print the JSON Schema of all kinds.
     Schema,
     /// Print shell completions.
@@ -580,6 +582,7 @@ fn run(cli: Cli) -> Result<u8> {
         Command::Vmm(args) => cmd_vmm::run(args, &g.run_dir),
         Command::Qemu(args) => cmd_qemu::run(args, &g.run_dir),
         Command::Cluster { cmd } => cmd_cluster::run(cmd, &g),
+        Command::Migrate(args) => cmd_cluster::migrate(args, &g),
         Command::Node { cmd } => cmd_agent::node(cmd, &g),
         Command::Agent(args) => {
             let env = host_env(&g)?;

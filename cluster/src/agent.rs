@@ -15,8 +15,11 @@ use tracing::{debug, info, instrument, warn};
 
 use crate::election::{AssignmentEvent, AssignmentWatch};
 use crate::etcd::{Store, StoreError};
+use crate::events::{self, ClusterEvent, EventKind};
 use crate::fence::{DeadlineFile, FenceCallback, FenceGuard, FencePolicy, FenceState};
 use crate::keys::ResourceRef;
+use crate::metrics::AgentMetrics;
+use crate::migrate::{self, MigrationState};
 use crate::model::{Assignment, NodeInfo};
 use crate::owner::{self, FencingToken, Holder};
 use crate::quorum::{QuorumProbe, QuorumView};
@@ -46,6 +49,23 @@ pub trait Converge: Send + Sync + 'static {
 
     /// Stop these HA workloads now: the node is fencing itself.
     fn stop_ha(&self, resources: &[ResourceRef]);
+
+    /// [`Converge::converge`], keeping the data of `keep` (workloads being handed off to
+    /// another node: they stop, their volumes stay until [`Converge::hand_off`] is done).
+    fn converge_keeping(&self, owned: &[Owned], keep: &[Owned]) -> Result<(), ConvergeError> {
+        let _ = keep;
+        self.converge(owned)
+    }
+
+    /// A workload this node stopped is being migrated to node `to` (`stead migrate`): copy
+    /// what must follow it (a final replication of its volumes) before its ownership is
+    /// released. Called after [`Converge::converge_keeping`] stopped it and kept its data,
+    /// while `owned.token` is still current; an error keeps the ownership (the target cannot
+    /// start it yet) and is retried.
+    fn hand_off(&self, owned: &Owned, to: &str) -> Result<(), ConvergeError> {
+        let _ = (owned, to);
+        Ok(())
+    }
 }
 
 /// How an agent runs.
@@ -122,15 +142,38 @@ pub fn decide(
 type Running = Arc<Mutex<Vec<ResourceRef>>>;
 
 /// Runs the agent until `shutdown` turns true: then its HA workloads are stopped, its
-/// ownerships released and its lease revoked.
-#[instrument(skip_all, fields(node = %config.node.name))]
+/// ownerships released and its lease revoked. Metrics go to a registry nobody serves; see
+/// [`run_with_metrics`].
 pub async fn run(
     store: &Store,
     config: &AgentConfig,
     engine: Arc<dyn Converge>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) -> Result<(), StoreError> {
-    let registration = Registration::register(store, &config.node, config.lease).await?;
+    let metrics = AgentMetrics::new().map_err(|e| StoreError::Protocol(e.to_string()))?;
+    run_with_metrics(store, config, engine, shutdown, Arc::new(metrics)).await
+}
+
+/// [`run`], recording into `metrics`.
+///
+/// An etcd failure never ends the loop by itself (only a refusal of who we are or a
+/// configuration that cannot work does): registering is retried until it succeeds, a step
+/// of a round that fails (acquire, release) is retried later with the ownerships kept, and a
+/// broken assignment watch is reopened. While the lease lives, what runs keeps running;
+/// only a fence (the deadline passed) or an ownership lost with the lease stops a workload.
+#[instrument(skip_all, fields(node = %config.node.name))]
+pub async fn run_with_metrics(
+    store: &Store,
+    config: &AgentConfig,
+    engine: Arc<dyn Converge>,
+    mut shutdown: watch::Receiver<bool>,
+    metrics: Arc<AgentMetrics>,
+) -> Result<(), StoreError> {
+    let Some(registration) = register(store, config, &mut shutdown, &metrics).await? else {
+        return Ok(());
+    };
+    metrics.registered.set(1);
+    metrics.up.set(1);
     let running: Running = Arc::default();
     let deadline_file = config.deadline_file.clone().map(DeadlineFile::new);
     let probe = QuorumProbe::spawn(store, registration.liveness(), config.lease.interval);
@@ -141,6 +184,14 @@ pub async fn run(
         fence_callback(&engine, &running),
         deadline_file.clone(),
     );
+    let observer = tokio::spawn(observe(
+        store.clone(),
+        config.node.name.clone(),
+        registration.liveness(),
+        guard.subscribe(),
+        probe.subscribe(),
+        metrics.clone(),
+    ));
     let mut agent = AgentLoop {
         store: store.clone(),
         node: config.node.name.clone(),
@@ -152,19 +203,113 @@ pub async fn run(
         epoch: 0,
         generation: 0,
         quorum: probe.subscribe(),
+        metrics: metrics.clone(),
     };
     let result = agent.run(&registration, &guard, &mut shutdown).await;
     if let Err(e) = &result {
         warn!(error = %e, "agent loop stopped");
     }
     agent.stop_all().await;
+    observer.abort();
     drop(guard);
     drop(probe);
     if let Some(file) = &deadline_file {
         file.publish_fenced().await;
     }
     let left = registration.leave().await;
+    metrics.registered.set(0);
+    metrics.up.set(0);
     result.and(left)
+}
+
+/// Registers the node, retrying every failure that is not terminal (100 ms doubling up to
+/// 2 s); `None` when shutdown came first.
+async fn register(
+    store: &Store,
+    config: &AgentConfig,
+    shutdown: &mut watch::Receiver<bool>,
+    metrics: &AgentMetrics,
+) -> Result<Option<Registration>, StoreError> {
+    let mut backoff = Backoff::default();
+    loop {
+        match Registration::register(store, &config.node, config.lease).await {
+            Ok(r) => return Ok(Some(r)),
+            Err(e) if e.is_terminal() => return Err(e),
+            Err(e) => {
+                metrics.errors.with_label_values(&["register"]).inc();
+                let wait = backoff.failed();
+                warn!(error = %e, ?wait, "registering failed; retrying");
+                tokio::select! {
+                    () = backoff.wait() => backoff.resume(),
+                    changed = shutdown.changed() => {
+                        if changed.is_err() || *shutdown.borrow() { return Ok(None); }
+                    }
+                }
+            }
+        }
+        if *shutdown.borrow() {
+            return Ok(None);
+        }
+    }
+}
+
+/// Keeps the metrics of the lease, the fence guard and the quorum probe, and writes a
+/// fence event once the node is back after a fence (it could not reach etcd while fenced).
+async fn observe(
+    store: Store,
+    node: String,
+    mut liveness: watch::Receiver<Liveness>,
+    mut fence: watch::Receiver<FenceState>,
+    mut quorum: watch::Receiver<QuorumView>,
+    metrics: Arc<AgentMetrics>,
+) {
+    let mut last = *liveness.borrow_and_update();
+    let mut state = *fence.borrow_and_update();
+    loop {
+        tokio::select! {
+            changed = liveness.changed() => {
+                if changed.is_err() { return; }
+                let now = *liveness.borrow_and_update();
+                metrics.observe_liveness(&last, &now);
+                last = now;
+            }
+            changed = fence.changed() => {
+                if changed.is_err() { return; }
+                let next = *fence.borrow_and_update();
+                on_fence_change(&store, &node, &metrics, state, next);
+                state = next;
+            }
+            changed = quorum.changed() => {
+                if changed.is_err() { return; }
+                metrics.observe_quorum(&quorum.borrow_and_update());
+            }
+        }
+    }
+}
+
+fn on_fence_change(
+    store: &Store,
+    node: &str,
+    metrics: &AgentMetrics,
+    from: FenceState,
+    to: FenceState,
+) {
+    match (from, to) {
+        (FenceState::Armed { .. }, FenceState::Fenced { .. }) => {
+            metrics.fences.inc();
+            metrics.up.set(0);
+        }
+        (FenceState::Fenced { since, .. }, FenceState::Armed { .. }) => {
+            metrics.up.set(1);
+            let message = format!(
+                "{node} fenced itself (no keepalive acknowledged in time) and was back {:.1} s later",
+                since.elapsed().as_secs_f64()
+            );
+            let event = ClusterEvent::now(EventKind::Fence, node, None, message);
+            events::spawn_records(store, vec![event]);
+        }
+        _ => {}
+    }
 }
 
 fn fence_callback(engine: &Arc<dyn Converge>, running: &Running) -> FenceCallback {
@@ -191,6 +336,7 @@ struct AgentLoop {
     generation: u64,
     /// While it says quorum is lost, nothing is acquired, started or restarted.
     quorum: watch::Receiver<QuorumView>,
+    metrics: Arc<AgentMetrics>,
 }
 
 impl AgentLoop {
@@ -217,11 +363,19 @@ impl AgentLoop {
                         self.apply(events);
                         dirty = true;
                     }
-                    Err(e) if e.is_retryable() => {
+                    Err(e) if e.is_terminal() => return Err(e),
+                    Err(e) => {
+                        self.metrics.errors.with_label_values(&["watch"]).inc();
                         let wait = watch_backoff.failed();
-                        debug!(error = %e, ?wait, "assignment watch interrupted");
+                        if e.is_retryable() {
+                            debug!(error = %e, ?wait, "assignment watch interrupted");
+                        } else {
+                            // Not an outage (a cancelled watch, an answer it cannot read):
+                            // start over with a fresh snapshot of the assignments.
+                            warn!(error = %e, ?wait, "assignment watch failed; opening it again");
+                            assignments = AssignmentWatch::new(&self.store, &self.node);
+                        }
                     }
-                    Err(e) => return Err(e),
                 },
                 () = watch_backoff.wait(), if !watch_backoff.ready() => watch_backoff.resume(),
                 changed = fence.changed() => {
@@ -271,8 +425,15 @@ impl AgentLoop {
             return false;
         }
         self.generation = liveness.generation;
-        self.held.clear();
+        self.drop_tokens();
         true
+    }
+
+    /// Forgets every token (a fence, a new epoch, a new lease): counted as lost.
+    fn drop_tokens(&mut self) {
+        self.metrics.losses.inc_by(self.held.len() as u64);
+        self.held.clear();
+        self.metrics.owned.set(0);
     }
 
     /// One round; returns whether to retry later.
@@ -284,10 +445,10 @@ impl AgentLoop {
                 "re-armed after a fence: acquiring ownership again"
             );
             self.epoch = fence.epoch();
-            self.held.clear();
+            self.drop_tokens();
         }
         if fence.is_fenced() {
-            self.held.clear();
+            self.drop_tokens();
             return false;
         }
         if self.quorum.borrow().lost {
@@ -305,11 +466,13 @@ impl AgentLoop {
         for resource in &step.acquire {
             match owner::acquire(&self.store, resource, &holder).await {
                 Ok(Some(token)) => {
+                    self.metrics.acquisitions.inc();
                     self.held.insert(resource.clone(), token);
                 }
                 Ok(None) => retry = true,
                 Err(e) => {
-                    warn!(%resource, error = %e, "acquiring ownership failed");
+                    self.metrics.errors.with_label_values(&["acquire"]).inc();
+                    warn!(%resource, error = %e, "acquiring ownership failed; retrying");
                     retry = true;
                 }
             }
@@ -317,11 +480,20 @@ impl AgentLoop {
         let now = *fence_rx.borrow();
         if now.is_fenced() || now.epoch() != self.epoch {
             // Fenced while acquiring: start nothing; the next round acquires again.
-            self.held.clear();
+            self.drop_tokens();
             return false;
         }
         let step = decide(&self.assigned, &self.held, false);
-        if let Err(e) = self.converge(step.run).await {
+        let draining = self.draining(&step.release).await;
+        let keep: Vec<Owned> = draining
+            .keys()
+            .map(|t| Owned {
+                resource: t.resource().clone(),
+                token: t.clone(),
+                ha: false,
+            })
+            .collect();
+        if let Err(e) = self.converge(step.run, keep).await {
             warn!(error = %e, "converge failed");
             return true;
         }
@@ -329,20 +501,79 @@ impl AgentLoop {
             return false;
         }
         for token in &step.release {
+            match draining.get(token) {
+                Some(Some(to)) if self.hand_off(token, to).await => {}
+                Some(_) => {
+                    retry = true;
+                    continue;
+                }
+                None => {}
+            }
             match owner::release(&self.store, token).await {
                 Ok(_) => {
+                    self.metrics.releases.inc();
                     self.held.remove(token.resource());
                 }
                 Err(e) => {
-                    warn!(resource = %token.resource(), error = %e, "release failed");
+                    self.metrics.errors.with_label_values(&["release"]).inc();
+                    warn!(resource = %token.resource(), error = %e, "release failed; retrying");
                     retry = true;
                 }
             }
         }
+        self.metrics.owned.set(self.held.len() as i64);
         retry
     }
 
-    async fn converge(&self, run: Vec<Owned>) -> Result<(), ConvergeError> {
+    /// The workloads about to be released that are being migrated away from this node, with
+    /// their target (`None`: the migration could not be read; their data is kept and the
+    /// release waits).
+    async fn draining(&self, release: &[FencingToken]) -> BTreeMap<FencingToken, Option<String>> {
+        let mut out = BTreeMap::new();
+        for token in release {
+            match migrate::read(&self.store, token.resource()).await {
+                Ok(Some(m))
+                    if m.state == MigrationState::Assigned
+                        && m.from.as_deref() == Some(self.node.as_str())
+                        && m.to != self.node =>
+                {
+                    out.insert(token.clone(), Some(m.to));
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    self.metrics.errors.with_label_values(&["handoff"]).inc();
+                    warn!(resource = %token.resource(), error = %e, "reading the migration failed");
+                    out.insert(token.clone(), None);
+                }
+            }
+        }
+        out
+    }
+
+    /// The engine's hand-off of `token`'s workload to `to` (a final replication); false:
+    /// keep the token and try again later.
+    async fn hand_off(&self, token: &FencingToken, to: &str) -> bool {
+        let owned = Owned {
+            resource: token.resource().clone(),
+            token: token.clone(),
+            ha: false,
+        };
+        let engine = self.engine.clone();
+        let target = to.to_string();
+        info!(resource = %owned.resource, %to, "migration: handing off before releasing");
+        let result = tokio::task::spawn_blocking(move || engine.hand_off(&owned, &target))
+            .await
+            .unwrap_or_else(|e| Err(ConvergeError(format!("hand-off panicked: {e}"))));
+        match result {
+            Ok(()) => true,
+            Err(e) => {
+                warn!(resource = %token.resource(), %to, error = %e, "migration hand-off failed; keeping ownership, retrying");
+                false
+            }
+        }
+    }
+
+    async fn converge(&self, run: Vec<Owned>, keep: Vec<Owned>) -> Result<(), ConvergeError> {
         let ha: Vec<ResourceRef> = run
             .iter()
             .filter(|o| o.ha)
@@ -356,9 +587,15 @@ impl AgentLoop {
             running.dedup();
         }
         let engine = self.engine.clone();
-        let result = tokio::task::spawn_blocking(move || engine.converge(&run))
-            .await
-            .unwrap_or_else(|e| Err(ConvergeError(format!("converge panicked: {e}"))));
+        let result = tokio::task::spawn_blocking(move || {
+            if keep.is_empty() {
+                engine.converge(&run)
+            } else {
+                engine.converge_keeping(&run, &keep)
+            }
+        })
+        .await
+        .unwrap_or_else(|e| Err(ConvergeError(format!("converge panicked: {e}"))));
         if result.is_ok() {
             *self.running.lock().unwrap_or_else(PoisonError::into_inner) = ha;
         }
@@ -380,7 +617,7 @@ impl AgentLoop {
             .clone();
         let engine = self.engine.clone();
         let _ = tokio::task::spawn_blocking(move || engine.stop_ha(&ha)).await;
-        self.held.clear();
+        self.drop_tokens();
         true
     }
 

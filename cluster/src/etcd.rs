@@ -98,6 +98,12 @@ impl StoreError {
         matches!(self, StoreError::Unreachable(_))
     }
 
+    /// Whether nothing this process can do will help (etcd refused who we are, or the
+    /// configuration cannot work): a long-running loop stops on these and only these.
+    pub fn is_terminal(&self) -> bool {
+        matches!(self, StoreError::Auth(_) | StoreError::Config(_))
+    }
+
     pub(crate) fn decode(key: &str, reason: impl ToString) -> Self {
         StoreError::Decode {
             key: key.to_string(),
@@ -427,6 +433,20 @@ mod tests {
         let tls = classify_message("invalid peer certificate: UnknownIssuer".into());
         assert!(matches!(tls, StoreError::Auth(_)));
         assert!(!tls.is_retryable());
+        assert!(tls.is_terminal());
+    }
+
+    #[test]
+    fn only_refusals_and_bad_configuration_are_terminal() {
+        assert!(StoreError::Config("x".into()).is_terminal());
+        for e in [
+            StoreError::Unreachable("x".into()),
+            StoreError::Protocol("watch canceled".into()),
+            StoreError::Fenced("x".into()),
+            StoreError::LeaseExpired(1),
+        ] {
+            assert!(!e.is_terminal(), "{e}");
+        }
     }
 
     #[test]

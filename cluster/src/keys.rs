@@ -9,7 +9,8 @@
 //! | `assign/<Kind>/<name>` | [`Assignment`](crate::model::Assignment) | nothing (guarded by the leader key) |
 //! | `owner/<Kind>/<name>` | [`OwnerRecord`](crate::owner::OwnerRecord) | the owning agent's lease |
 //! | `replication/<Kind>/<name>` | replication status | nothing |
-//! | `events/<id>` | a cluster event | nothing |
+//! | `events/<id>` | a cluster event | its own lease (an hour) |
+//! | `migrate/<Kind>/<name>` | [`MigrationRecord`](crate::migrate::MigrationRecord) | nothing |
 
 use std::fmt;
 use std::str::FromStr;
@@ -125,6 +126,8 @@ pub enum Key {
     Replication(ResourceRef),
     /// `events/<id>`.
     Event(String),
+    /// `migrate/<Kind>/<name>`.
+    Migration(ResourceRef),
 }
 
 /// Builds and parses the keys under one prefix.
@@ -145,6 +148,7 @@ const ASSIGN: &str = "assign/";
 const OWNER: &str = "owner/";
 const REPLICATION: &str = "replication/";
 const EVENTS: &str = "events/";
+const MIGRATE: &str = "migrate/";
 
 impl Keys {
     /// Keys under `prefix` (a trailing `/` is ignored; an empty prefix puts keys at the root).
@@ -212,6 +216,16 @@ impl Keys {
         self.join(&[REPLICATION, &resource.to_string()])
     }
 
+    /// The prefix of every migration override key.
+    pub fn migrations(&self) -> String {
+        self.join(&[MIGRATE])
+    }
+
+    /// A workload's migration override key.
+    pub fn migration(&self, resource: &ResourceRef) -> String {
+        self.join(&[MIGRATE, &resource.to_string()])
+    }
+
     /// The prefix of every event key.
     pub fn events(&self) -> String {
         self.join(&[EVENTS])
@@ -247,6 +261,9 @@ impl Keys {
         }
         if let Some(r) = rest.strip_prefix(REPLICATION) {
             return r.parse().ok().map(Key::Replication);
+        }
+        if let Some(r) = rest.strip_prefix(MIGRATE) {
+            return r.parse().ok().map(Key::Migration);
         }
         None
     }
@@ -297,6 +314,14 @@ mod tests {
         assert_eq!(
             k.replication(&r("Container/web")),
             "/stead/v1/replication/Container/web"
+        );
+        assert_eq!(
+            k.migration(&r("Container/web")),
+            "/stead/v1/migrate/Container/web"
+        );
+        assert_eq!(
+            k.parse("/stead/v1/migrate/Container/web"),
+            Some(Key::Migration(r("Container/web")))
         );
         assert_eq!(
             k.event(&Keys::event_id(42)),

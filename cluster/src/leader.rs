@@ -24,10 +24,13 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::election::{self, Election, LeaderToken};
 use crate::etcd::{Store, StoreError};
+use crate::events::{self, ClusterEvent, EventKind};
 use crate::keys::ResourceRef;
+use crate::migrate::{self, MigrationRecord, MigrationState};
 use crate::model::{Assignment, NodeInfo};
 use crate::placement::{self, NodeState, PlacementInput, PlacementResult, Unplaceable};
 use crate::registry::{self, NodeEvent, NodeWatch};
+use crate::watch::PrefixWatch;
 
 /// How the controller campaigns and leads.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -80,6 +83,10 @@ pub struct LeaderStatus {
     pub unavailable: Vec<ResourceId>,
     /// Assignments written (put or deleted) since this candidate started.
     pub writes: u64,
+    /// Workloads assigned to each node at the last placement.
+    pub placements: BTreeMap<String, u64>,
+    /// Workloads this candidate moved off a dead node since it started (failovers).
+    pub failovers: u64,
 }
 
 /// Why the loop stopped.
@@ -211,7 +218,11 @@ impl CandidateLease {
 }
 
 /// Keeps lease `id` alive every third of its TTL; sets `lost` when the lease expired or
-/// the last acknowledged keepalive was sent a whole TTL ago.
+/// the last acknowledged keepalive was sent a whole TTL ago. An answer is awaited at most
+/// [`registry::ANSWER_WAIT`] and a failed stream is retried on the next member soon (100 ms
+/// doubling to 300 ms), like a node's keepalives: waiting a whole interval for an answer and
+/// again before the retry let one member cut off from the others (its link down) end the
+/// term on every partition in the lab (lease 4 s: 1.3 s + 1.3 s + 1.3 s).
 async fn keep_lease(
     store: Store,
     id: i64,
@@ -220,11 +231,14 @@ async fn keep_lease(
     lost: watch::Sender<bool>,
 ) {
     let interval = (ttl / 3).max(Duration::from_millis(200));
+    let wait = registry::ANSWER_WAIT.min(interval);
     let mut acked = granted_at;
+    let mut backoff = registry::RETRY_MIN;
     let mut members = registry::MemberRotation::new(&store);
     loop {
+        let before = acked;
         let client = members.client().await;
-        let kept = registry::keep_lease_stream(client, id, interval, interval, |(sent, _)| {
+        let kept = registry::keep_lease_stream(client, id, interval, wait, |(sent, _)| {
             acked = sent;
         });
         match kept.await {
@@ -238,7 +252,11 @@ async fn keep_lease(
         if acked.elapsed() >= ttl {
             break;
         }
-        sleep(interval).await;
+        if acked != before {
+            backoff = registry::RETRY_MIN;
+        }
+        sleep(backoff).await;
+        backoff = (backoff * 2).min(registry::RETRY_MAX);
     }
     lost.send_replace(true);
 }
@@ -253,6 +271,8 @@ struct Term<'a> {
     current: BTreeMap<ResourceId, Assignment>,
     settle_until: Instant,
     unplaceable_seen: BTreeSet<String>,
+    /// Operators' migration overrides (`stead migrate`).
+    migrations: BTreeMap<ResourceId, MigrationRecord>,
 }
 
 impl<'a> Term<'a> {
@@ -271,6 +291,7 @@ impl<'a> Term<'a> {
             current: BTreeMap::new(),
             settle_until: Instant::now() + config.settle,
             unplaceable_seen: BTreeSet::new(),
+            migrations: BTreeMap::new(),
         }
     }
 
@@ -282,7 +303,7 @@ impl<'a> Term<'a> {
         shutdown: &mut watch::Receiver<bool>,
     ) -> TermEnd {
         let mut manifests = manifests.clone();
-        let mut nodes = match self.load().await {
+        let (mut nodes, mut overrides) = match self.load().await {
             Ok(w) => w,
             Err(e) => return TermEnd::Lost(format!("cannot read the cluster: {e}")),
         };
@@ -302,6 +323,7 @@ impl<'a> Term<'a> {
             let settling = Instant::now() < self.settle_until;
             tokio::select! {
                 events = nodes.next() => self.on_node_events(events).await,
+                changes = overrides.next_batch() => self.on_migrations(changes).await,
                 changed = manifests.changed() => {
                     if changed.is_err() {
                         return TermEnd::Shutdown;
@@ -314,8 +336,25 @@ impl<'a> Term<'a> {
         }
     }
 
-    /// Reads the nodes and the assignments; returns the node watch from there on.
-    async fn load(&mut self) -> Result<NodeWatch, StoreError> {
+    /// Reads the migration overrides again after a change under their prefix.
+    async fn on_migrations(&mut self, changes: Result<Vec<crate::watch::Change>, StoreError>) {
+        if let Err(e) = changes {
+            debug!(error = %e, "migration watch failed; resuming");
+            sleep(self.config.retry).await;
+            return;
+        }
+        match migrate::list(self.store).await {
+            Ok((m, _)) => self.migrations = m,
+            Err(e) => debug!(error = %e, "reading migrations failed"),
+        }
+    }
+
+    /// Reads the nodes, the assignments and the migration overrides; returns the node and
+    /// migration watches from there on.
+    async fn load(&mut self) -> Result<(NodeWatch, PrefixWatch), StoreError> {
+        let (migrations, at) = migrate::list(self.store).await?;
+        self.migrations = migrations;
+        let overrides = PrefixWatch::new(self.store, self.store.keys().migrations(), at + 1);
         let (infos, revision) = registry::list_nodes(self.store).await?;
         for info in infos {
             self.node_up(info);
@@ -332,9 +371,10 @@ impl<'a> Term<'a> {
         info!(
             nodes = self.nodes.len(),
             assignments = self.current.len(),
+            migrations = self.migrations.len(),
             "cluster read"
         );
-        Ok(NodeWatch::new(self.store, revision))
+        Ok((NodeWatch::new(self.store, revision), overrides))
     }
 
     fn node_up(&mut self, info: NodeInfo) {
@@ -390,12 +430,24 @@ impl<'a> Term<'a> {
             debug!("no manifests yet: nothing to place");
             return Ok(());
         };
-        let result = self.place(m);
+        let (result, refused) = self.place_with_overrides(m);
         let (puts, deletes) = result.diff(&self.current);
+        // Before the assignments: the source's agent reads the record (and so hands the
+        // workload off) as soon as it sees the workload leave.
+        self.record_migrations(&result, refused).await;
+        let mut failovers = Vec::new();
         if !puts.is_empty() {
             election::put_assignments(self.store, &self.token, &puts).await?;
             for a in &puts {
                 info!(resource = %a.resource, node = %a.node, "assigned");
+                if let Some(from) = self.moved_off_dead_node(a) {
+                    failovers.push(ClusterEvent::now(
+                        EventKind::Failover,
+                        &self.config.name,
+                        Some(a.resource.clone()),
+                        format!("{} moved from dead node {from} to {}", a.resource, a.node),
+                    ));
+                }
             }
         }
         for id in &deletes {
@@ -407,13 +459,108 @@ impl<'a> Term<'a> {
         let writes = (puts.len() + deletes.len()) as u64;
         self.current = result.assignments.clone();
         self.forget_idle_dead_nodes();
-        self.publish(m, result, writes);
+        let moved = failovers.len() as u64;
+        let fresh = self.publish(m, result, writes, moved);
+        events::spawn_records(self.store, failovers.into_iter().chain(fresh).collect());
         Ok(())
     }
 
-    /// The placement of `m` now; while settling, assignments on nodes not seen yet are
-    /// held as they are.
-    fn place(&self, m: &Manifests) -> PlacementResult {
+    /// The dead node `a`'s workload was assigned to before, if it is moving off one.
+    fn moved_off_dead_node(&self, a: &Assignment) -> Option<String> {
+        let id = a.resource.parse::<ResourceId>().ok()?;
+        let old = self.current.get(&id)?;
+        let dead = self.nodes.get(&old.node).is_none_or(|n| !n.alive);
+        (old.node != a.node && dead).then(|| old.node.clone())
+    }
+
+    /// The placement of `m` with the migration overrides; the overrides refused, with why
+    /// (placed again without them).
+    fn place_with_overrides(
+        &self,
+        m: &Manifests,
+    ) -> (PlacementResult, BTreeMap<ResourceId, String>) {
+        let live: BTreeMap<ResourceId, MigrationRecord> = self
+            .migrations
+            .iter()
+            .filter(|(_, r)| r.state != MigrationState::Refused)
+            .map(|(id, r)| (id.clone(), r.clone()))
+            .collect();
+        let result = self.place(m, &live);
+        let refused = migrate::refused_by_placement(&result, &live);
+        let pre = self.pre_refused(m, &live);
+        if refused.is_empty() && pre.is_empty() {
+            return (result, refused);
+        }
+        let kept: BTreeMap<ResourceId, MigrationRecord> = live
+            .into_iter()
+            .filter(|(id, _)| !refused.contains_key(id) && !pre.contains_key(id))
+            .collect();
+        let mut all = refused;
+        all.extend(pre);
+        (self.place(m, &kept), all)
+    }
+
+    /// Overrides the manifests forbid before any node is looked at.
+    fn pre_refused(
+        &self,
+        m: &Manifests,
+        live: &BTreeMap<ResourceId, MigrationRecord>,
+    ) -> BTreeMap<ResourceId, String> {
+        let mut all = placement::workloads(&m.desired);
+        migrate::apply_overrides(&mut all, live)
+    }
+
+    /// Marks honoured overrides `assigned` (with the node they left) and refused ones
+    /// `refused` with the reason; a failed write is retried at the next placement.
+    async fn record_migrations(
+        &mut self,
+        result: &PlacementResult,
+        refused: BTreeMap<ResourceId, String>,
+    ) {
+        let mut updates = Vec::new();
+        for (id, record) in &self.migrations {
+            let mut next = record.clone();
+            if let Some(why) = refused.get(id) {
+                if record.state == MigrationState::Refused {
+                    continue;
+                }
+                warn!(resource = %id, to = %record.to, reason = %why, "migration refused");
+                next.state = MigrationState::Refused;
+                next.message = Some(why.clone());
+            } else if record.state == MigrationState::Requested
+                && result
+                    .assignments
+                    .get(id)
+                    .is_some_and(|a| a.node == record.to)
+            {
+                next.state = MigrationState::Assigned;
+                next.from = self.current.get(id).map(|a| a.node.clone());
+                info!(resource = %id, to = %record.to, from = ?next.from, "migration assigned");
+            } else {
+                continue;
+            }
+            updates.push((id.clone(), next));
+        }
+        for (id, next) in updates {
+            let Ok(r) = ResourceRef::new(id.kind.as_str(), &id.name) else {
+                continue;
+            };
+            match migrate::put(self.store, &r, &next).await {
+                Ok(()) => {
+                    self.migrations.insert(id, next);
+                }
+                Err(e) => debug!(resource = %id, error = %e, "migration state not written"),
+            }
+        }
+    }
+
+    /// The placement of `m` now, with `overrides` pinned; while settling, assignments on
+    /// nodes not seen yet are held as they are.
+    fn place(
+        &self,
+        m: &Manifests,
+        overrides: &BTreeMap<ResourceId, MigrationRecord>,
+    ) -> PlacementResult {
         let settling = Instant::now() < self.settle_until;
         let held: BTreeMap<ResourceId, Assignment> = self
             .current
@@ -423,10 +570,11 @@ impl<'a> Term<'a> {
             .collect();
         let all = placement::workloads(&m.desired);
         let wanted: BTreeSet<ResourceId> = all.iter().map(|w| w.id.clone()).collect();
-        let workloads: Vec<placement::Workload> = all
+        let mut workloads: Vec<placement::Workload> = all
             .into_iter()
             .filter(|w| !held.contains_key(&w.id))
             .collect();
+        migrate::apply_overrides(&mut workloads, overrides);
         let current: BTreeMap<ResourceId, Assignment> = self
             .current
             .iter()
@@ -455,13 +603,35 @@ impl<'a> Term<'a> {
             .retain(|name, n| n.alive || used.contains(name.as_str()));
     }
 
-    /// Logs newly unplaceable workloads and publishes the status.
-    fn publish(&mut self, m: &Manifests, result: PlacementResult, writes: u64) {
+    /// Logs newly unplaceable workloads and publishes the status; the events of the newly
+    /// unplaceable.
+    fn publish(
+        &mut self,
+        m: &Manifests,
+        result: PlacementResult,
+        writes: u64,
+        failovers: u64,
+    ) -> Vec<ClusterEvent> {
         let now: BTreeSet<String> = result.unplaceable.iter().map(ToString::to_string).collect();
-        for u in now.difference(&self.unplaceable_seen) {
+        let mut fresh = Vec::new();
+        for u in result
+            .unplaceable
+            .iter()
+            .filter(|u| !self.unplaceable_seen.contains(&u.to_string()))
+        {
             warn!("{u}");
+            fresh.push(ClusterEvent::now(
+                EventKind::Unplaceable,
+                &self.config.name,
+                Some(u.id.to_string()),
+                u.to_string(),
+            ));
         }
         self.unplaceable_seen = now;
+        let mut placements: BTreeMap<String, u64> = BTreeMap::new();
+        for a in result.assignments.values() {
+            *placements.entry(a.node.clone()).or_default() += 1;
+        }
         let nodes = self
             .nodes
             .values()
@@ -477,6 +647,9 @@ impl<'a> Term<'a> {
             s.unplaceable = result.unplaceable;
             s.unavailable = result.unavailable;
             s.writes += writes;
+            s.placements = placements;
+            s.failovers += failovers;
         });
+        fresh
     }
 }

@@ -18,6 +18,9 @@
 //! - [`placement`]: which node runs each workload (pure, deterministic).
 //! - [`replication`]: storage replication schedule and fenced status records.
 //! - [`leader`]: the elected controller's loop: place, write assignments, step down.
+//! - [`events`]: cluster events (failover, fence, unplaceable) kept for an hour.
+//! - [`migrate`]: operators' migration overrides (`stead migrate`), honoured by placement.
+//! - [`metrics`]: Prometheus metrics of the agent and the leader, and their endpoint.
 //! - `testkit` (feature `testkit`): one real etcd member on loopback for tests.
 //!
 //! Each node runs an agent that registers itself under a lease; one elected controller places
@@ -28,10 +31,13 @@
 pub mod agent;
 pub mod election;
 pub mod etcd;
+pub mod events;
 pub mod fence;
 pub mod keys;
 pub mod leader;
 pub mod local;
+pub mod metrics;
+pub mod migrate;
 pub mod model;
 pub mod owner;
 pub mod pki;

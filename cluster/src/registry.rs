@@ -251,14 +251,14 @@ async fn keep_alive(
 /// is answered by the etcd leader without a disk write; waiting longer mostly waits on a dead
 /// member (measured on 3 members with the leader killed: the largest gap between
 /// acknowledgements fell from 3.5 s to 1.8-2.7 s going from a 1 s to this 500 ms wait).
-const ANSWER_WAIT: Duration = Duration::from_millis(500);
+pub(crate) const ANSWER_WAIT: Duration = Duration::from_millis(500);
 
 /// The first retry after a failed keepalive stream.
-const RETRY_MIN: Duration = Duration::from_millis(100);
+pub(crate) const RETRY_MIN: Duration = Duration::from_millis(100);
 
 /// The longest wait between retries: a retry is one small request, and after an etcd leader
 /// election (or while the client still picks a dead member) the next one should come soon.
-const RETRY_MAX: Duration = Duration::from_millis(300);
+pub(crate) const RETRY_MAX: Duration = Duration::from_millis(300);
 
 async fn replace_lease(
     store: &Store,

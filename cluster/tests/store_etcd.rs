@@ -11,6 +11,7 @@ use stead_cluster::election::{
 use stead_cluster::etcd::{Store, StoreError};
 use stead_cluster::fence::{FencePolicy, boottime_now, watchdog_expired};
 use stead_cluster::keys::ResourceRef;
+use stead_cluster::migrate::{self, MigrationRecord, MigrationState};
 use stead_cluster::model::Assignment;
 use stead_cluster::owner::{self, Holder};
 use stead_cluster::registry::{LeaseConfig, NodeEvent, NodeWatch, Registration, list_nodes};
@@ -370,6 +371,10 @@ async fn an_old_owners_guarded_write_is_rejected_after_takeover() {
 enum Call {
     Converge(Vec<(String, i64)>),
     StopHa(Vec<String>),
+    /// A converge that keeps these workloads' data (they are being handed off).
+    Keeping(Vec<String>),
+    /// A hand-off of a workload to a node, and whether it succeeded.
+    HandOff(String, String, bool),
 }
 
 #[derive(Default)]
@@ -377,6 +382,8 @@ struct FakeEngine {
     calls: Mutex<Vec<Call>>,
     /// How many converges fail before one succeeds.
     failures: Mutex<usize>,
+    /// How many hand-offs fail before one succeeds.
+    hand_off_failures: Mutex<usize>,
 }
 
 impl Converge for FakeEngine {
@@ -397,6 +404,28 @@ impl Converge for FakeEngine {
     fn stop_ha(&self, resources: &[ResourceRef]) {
         let set = resources.iter().map(ToString::to_string).collect();
         self.calls.lock().expect("lock").push(Call::StopHa(set));
+    }
+
+    fn converge_keeping(&self, owned: &[Owned], keep: &[Owned]) -> Result<(), ConvergeError> {
+        let set = keep.iter().map(|o| o.resource.to_string()).collect();
+        self.calls.lock().expect("lock").push(Call::Keeping(set));
+        self.converge(owned)
+    }
+
+    fn hand_off(&self, owned: &Owned, to: &str) -> Result<(), ConvergeError> {
+        let mut failures = self.hand_off_failures.lock().expect("lock");
+        let ok = *failures == 0;
+        *failures = failures.saturating_sub(1);
+        self.calls.lock().expect("lock").push(Call::HandOff(
+            owned.resource.to_string(),
+            to.to_string(),
+            ok,
+        ));
+        if ok {
+            Ok(())
+        } else {
+            Err(ConvergeError("the link to the target is down".into()))
+        }
     }
 }
 
@@ -623,7 +652,7 @@ async fn agent_fences_before_its_lease_can_expire_and_reacquires_after() {
                 .iter()
                 .find(|(r, _)| r == "Container/web")
                 .map(|(_, t)| *t),
-            Call::StopHa(_) => None,
+            _ => None,
         });
         if let Some(t) = restarted {
             break t;
@@ -763,7 +792,7 @@ async fn agent_retries_a_failed_converge() {
         .into_iter()
         .filter_map(|c| match c {
             Call::Converge(set) => set.first().map(|(_, t)| *t),
-            Call::StopHa(_) => None,
+            _ => None,
         })
         .collect();
     assert_eq!(tokens.len(), 1, "{tokens:?}");
@@ -842,6 +871,7 @@ async fn agent_carries_on_after_etcd_restarts() {
         .engine
         .wait_for("web started", |c| runs(c, "Container/web"))
         .await;
+    let before = web_tokens(&agent.engine.calls());
 
     etcd.restart().await.expect("restart");
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -865,6 +895,157 @@ async fn agent_carries_on_after_etcd_restarts() {
             .iter()
             .any(|c| matches!(c, Call::StopHa(_))),
         "a 10 s lease outlives a restart: no fence"
+    );
+    let after = web_tokens(&agent.engine.calls());
+    assert_eq!(
+        after.first(),
+        before.first(),
+        "the ownership survived the outage: one token for web throughout ({after:?})"
+    );
+    assert!(after.iter().all(|t| Some(t) == before.first()), "{after:?}");
+    agent.stop().await;
+}
+
+/// The tokens web was converged with, in order, deduplicated.
+fn web_tokens(calls: &[Call]) -> Vec<i64> {
+    let mut out: Vec<i64> = Vec::new();
+    for c in calls {
+        if let Call::Converge(set) = c {
+            for (r, t) in set {
+                if r == "Container/web" && out.last() != Some(t) {
+                    out.push(*t);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// An agent whose etcd is down when it starts keeps trying to register (it does not end)
+/// and runs what is assigned once etcd is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_started_while_etcd_is_down_registers_once_it_is_back() {
+    let Some((mut etcd, store)) = member_with_store(
+        "an_agent_started_while_etcd_is_down_registers_once_it_is_back",
+        "/t",
+    )
+    .await
+    else {
+        return;
+    };
+    etcd.kill();
+    let agent = start_agent(&store, "n1", Duration::from_secs(10));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(!agent.task.is_finished(), "the agent waits for etcd");
+    etcd.restart().await.expect("restart");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let ctl = loop {
+        match store.grant_lease(Duration::from_secs(60)).await {
+            Ok((id, _)) => break Election::new(&store, "ctl", id),
+            Err(e) => assert!(Instant::now() < deadline, "etcd back: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let token = ctl.try_campaign().await.expect("campaign").expect("leads");
+    let web = assignment("Container/web", "n1", true);
+    election::put_assignments(&store, &token, std::slice::from_ref(&web))
+        .await
+        .expect("assign");
+    agent
+        .engine
+        .wait_for("web started after etcd came back", |c| {
+            runs(c, "Container/web")
+        })
+        .await;
+    agent.stop().await;
+}
+
+/// A migration away from the node: the agent stops the workload keeping its data, hands it
+/// off to the target, and releases its owner key only once the hand-off worked (a failed
+/// one keeps the key, so the target cannot start the workload, and is retried).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_migrating_workload_is_handed_off_before_its_ownership_is_released() {
+    let Some((_etcd, store)) = member_with_store(
+        "a_migrating_workload_is_handed_off_before_its_ownership_is_released",
+        "/t",
+    )
+    .await
+    else {
+        return;
+    };
+    let ctl = Election::new(&store, "ctl", lease(&store, 60).await);
+    let token = ctl.try_campaign().await.expect("campaign").expect("leads");
+    let agent = start_agent(&store, "n1", Duration::from_secs(10));
+    *agent.engine.hand_off_failures.lock().expect("lock") = 1;
+    let web = assignment("Container/web", "n1", false);
+    election::put_assignments(&store, &token, std::slice::from_ref(&web))
+        .await
+        .expect("assign");
+    agent
+        .engine
+        .wait_for("web started", |c| runs(c, "Container/web"))
+        .await;
+
+    // What the leader does for `stead migrate Container/web --to n2`: the record first, then
+    // the assignment.
+    let mut record = MigrationRecord::request("n2");
+    record.state = MigrationState::Assigned;
+    record.from = Some("n1".into());
+    migrate::put(&store, &res("Container/web"), &record)
+        .await
+        .expect("record");
+    let moved = assignment("Container/web", "n2", false);
+    election::put_assignments(&store, &token, std::slice::from_ref(&moved))
+        .await
+        .expect("reassign");
+
+    agent
+        .engine
+        .wait_for(
+            "a failed hand-off",
+            |c| matches!(c, Call::HandOff(r, to, false) if r == "Container/web" && to == "n2"),
+        )
+        .await;
+    let held = owner::owner_of(&store, &res("Container/web"))
+        .await
+        .expect("owner");
+    assert_eq!(
+        held.map(|o| o.record.node).as_deref(),
+        Some("n1"),
+        "the ownership stays while the hand-off fails"
+    );
+    agent
+        .engine
+        .wait_for(
+            "a hand-off that worked",
+            |c| matches!(c, Call::HandOff(r, _, true) if r == "Container/web"),
+        )
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while owner::owner_of(&store, &res("Container/web"))
+        .await
+        .expect("owner")
+        .is_some()
+    {
+        assert!(Instant::now() < deadline, "released after the hand-off");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let calls = agent.engine.calls();
+    let first_keep = calls
+        .iter()
+        .position(|c| matches!(c, Call::Keeping(k) if k == &["Container/web".to_string()]))
+        .expect("a converge keeping web's data");
+    let first_hand_off = calls
+        .iter()
+        .position(|c| matches!(c, Call::HandOff(..)))
+        .expect("a hand-off");
+    assert!(
+        first_keep < first_hand_off,
+        "stopped (data kept) before the hand-off: {calls:?}"
+    );
+    assert!(
+        !calls[first_keep..].iter().any(|c| runs(c, "Container/web")),
+        "web no longer runs on n1: {calls:?}"
     );
     agent.stop().await;
 }

@@ -80,6 +80,8 @@ pub struct ClusterLab {
     tmpfs: Option<Tmpfs>,
     /// Temp dir: `pki/`, `data/` (tmpfs), `log/`.
     pub dir: tempfile::TempDir,
+    /// Lease TTL of the nodes joined and of the controller started from now on (`4s`).
+    pub lease_ttl: &'static str,
 }
 
 /// `etcd` status of one member, as its JSON gateway reports it.
@@ -133,6 +135,7 @@ impl ClusterLab {
             destroy_paths: Vec::new(),
             tmpfs: None,
             dir,
+            lease_ttl: "4s",
         };
         lab.add_netns(&lab.hub.clone());
         ip(&["-n", &lab.hub, "link", "add", "br0", "type", "bridge"]);
@@ -869,8 +872,8 @@ pub fn unb64(s: &str) -> Option<Vec<u8>> {
 /// lease, agents and a controller candidate logging to `log/`, status read with the
 /// operator certificate from the hub.
 impl ClusterLab {
-    /// `stead node join` of node `i` (its agent certificate, its lab IP as address, a 4 s
-    /// lease) with `extra` arguments (e.g. `--pool NAME`); panics when it fails.
+    /// `stead node join` of node `i` (its agent certificate, its lab IP as address, a lease of
+    /// [`ClusterLab::lease_ttl`]) with `extra` arguments (e.g. `--pool NAME`); panics when it fails.
     pub fn join_node(&mut self, i: usize, extra: &[&str]) {
         let (cert, key) = self.agent_cert(i);
         let (name, ip) = (self.nodes[i].name.clone(), self.nodes[i].ip.to_string());
@@ -878,7 +881,7 @@ impl ClusterLab {
         let ca = self.ca();
         let mut c = self.stead(i);
         c.args(["node", "join", "--etcd", &eps, "--name", &name])
-            .args(["--address", &ip, "--lease-ttl", "4s", "--ca"])
+            .args(["--address", &ip, "--lease-ttl", self.lease_ttl, "--ca"])
             .arg(ca)
             .arg("--cert")
             .arg(cert)
@@ -900,6 +903,10 @@ impl ClusterLab {
             .expect("agent log");
         let mut c = self.stead(i);
         c.args(["-vv", "agent"]).arg(manifests);
+        c.args([
+            "--metrics-listen",
+            &format!("127.0.0.1:{AGENT_METRICS_PORT}"),
+        ]);
         c.stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log);
@@ -908,7 +915,7 @@ impl ClusterLab {
     }
 
     /// Starts a controller candidate `stead cluster lead MANIFESTS` in the hub (log
-    /// `controller`, a 4 s lease); its index in [`ClusterLab::procs`].
+    /// `controller`, a lease of [`ClusterLab::lease_ttl`]); its index in [`ClusterLab::procs`].
     pub fn start_controller(&mut self, manifests: &Path) -> usize {
         let (cert, key) = self.admin();
         let log = std::fs::File::create(self.log_path("controller")).expect("log");
@@ -917,7 +924,9 @@ impl ClusterLab {
             "--name",
             "ctl",
             "--lease-ttl",
-            "4s",
+            self.lease_ttl,
+            "--metrics-listen",
+            &format!("127.0.0.1:{LEADER_METRICS_PORT}"),
         ]);
         self.operator_args(&mut c, &cert, &key);
         c.stdin(Stdio::null())
@@ -934,6 +943,16 @@ impl ClusterLab {
         self.operator_args(&mut c, &cert, &key);
         let out = c.output().expect("stead cluster status");
         serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+    }
+
+    /// `stead ARGS...` in the hub with the operator's etcd arguments after them (for verbs
+    /// that take `--etcd/--ca/--cert/--key`).
+    pub fn operator_cmd(&self, args: &[&str]) -> Command {
+        let (cert, key) = self.admin();
+        let mut c = self.in_hub(&stead_bin());
+        c.args(args);
+        self.operator_args(&mut c, &cert, &key);
+        c
     }
 
     fn operator_args(&self, c: &mut Command, cert: &Path, key: &Path) {
@@ -962,6 +981,60 @@ impl ClusterLab {
     }
 }
 
+/// The port agents serve metrics on, on the loopback of their node's namespace (each node
+/// has its own, so every agent can use the same port).
+pub const AGENT_METRICS_PORT: u16 = 9464;
+
+/// The port the controller candidate serves metrics on, on the hub's loopback.
+pub const LEADER_METRICS_PORT: u16 = 9465;
+
+impl ClusterLab {
+    /// Node `i`'s agent metrics (the Prometheus text), or why there are none.
+    pub fn agent_metrics(&self, i: usize) -> Result<String, String> {
+        let c = self.in_netns(i, Path::new("curl"));
+        http_get(c, &format!("http://127.0.0.1:{AGENT_METRICS_PORT}/metrics"))
+    }
+
+    /// The controller candidate's metrics, or why there are none.
+    pub fn leader_metrics(&self) -> Result<String, String> {
+        let c = self.in_hub(Path::new("curl"));
+        http_get(
+            c,
+            &format!("http://127.0.0.1:{LEADER_METRICS_PORT}/metrics"),
+        )
+    }
+
+    /// Host pids of the processes whose command line contains every one of `needles`.
+    pub fn pids_with(&self, needles: &[&str]) -> Vec<i32> {
+        processes_with(needles)
+    }
+}
+
+fn http_get(mut curl: Command, url: &str) -> Result<String, String> {
+    let out = curl
+        .args(["-sS", "--max-time", "3", url])
+        .output()
+        .map_err(|e| format!("spawn curl: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("curl {url}: {}", show(&out)));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The value of metric `name` with exactly `labels` (`""` for none, else `a="b",c="d"` as
+/// Prometheus writes them) in a text exposition.
+pub fn metric(text: &str, name: &str, labels: &str) -> Option<f64> {
+    let want = if labels.is_empty() {
+        name.to_string()
+    } else {
+        format!("{name}{{{labels}}}")
+    };
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (series, value) = l.rsplit_once(' ')?;
+        (series == want).then(|| value.parse().ok()).flatten()
+    })
+}
+
 /// The node owning `resource` (`Kind/name`) in a `stead cluster status -o json` document.
 pub fn owner_in(status: &Value, resource: &str) -> Option<String> {
     status["assignments"]
@@ -975,6 +1048,19 @@ pub fn owner_in(status: &Value, resource: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn metric_values_are_found_by_name_and_labels() {
+        let text = "# HELP x y\n# TYPE x counter\nstead_cluster_fences_total 2\n\
+                    stead_cluster_placements{node=\"n1\"} 1\n";
+        assert_eq!(metric(text, "stead_cluster_fences_total", ""), Some(2.0));
+        assert_eq!(
+            metric(text, "stead_cluster_placements", "node=\"n1\""),
+            Some(1.0)
+        );
+        assert_eq!(metric(text, "stead_cluster_placements", ""), None);
+        assert_eq!(metric(text, "stead_cluster_fences", ""), None);
+    }
 
     #[test]
     fn base64_round_trips() {

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use rustix::process::Signal;
-use stead_e2e::cluster::{ClusterLab, owner_in};
+use stead_e2e::cluster::{ClusterLab, metric, owner_in};
 use stead_e2e::{busybox_ok, busybox_rootfs_at};
 
 /// One run of the probe: its token and the first and last uptime it wrote.
@@ -231,10 +231,19 @@ fn fail_over_once(
 /// A lab of three nodes, each with an agent, a controller in the hub, and the probe
 /// running; the agents' process indexes and the probe's file.
 fn probe_lab(test: &str) -> Option<(ClusterLab, Vec<usize>, PathBuf, PathBuf)> {
+    probe_lab_with_lease(test, "4s")
+}
+
+/// [`probe_lab`] with node and controller leases of `ttl`.
+fn probe_lab_with_lease(
+    test: &str,
+    ttl: &'static str,
+) -> Option<(ClusterLab, Vec<usize>, PathBuf, PathBuf)> {
     if !busybox_ok(test) {
         return None;
     }
     let mut lab = ClusterLab::for_test(test, 3)?;
+    lab.lease_ttl = ttl;
     let root = busybox_rootfs_at(&lab.path("ct-root"));
     let probe = root.join("probe.log");
     let manifests: PathBuf = lab.path("manifests");
@@ -263,6 +272,71 @@ fn probe_lab(test: &str) -> Option<(ClusterLab, Vec<usize>, PathBuf, PathBuf)> {
     Some((lab, agents, probe, manifests))
 }
 
+/// A metric of every node's agent, summed (a node that does not answer counts 0).
+fn agents_sum(lab: &ClusterLab, name: &str) -> f64 {
+    (0..lab.nodes.len())
+        .filter_map(|i| lab.agent_metrics(i).ok())
+        .filter_map(|t| metric(&t, name, ""))
+        .sum()
+}
+
+/// After `ROUNDS` faults of kind `fault`: the leader counted the failovers and places the
+/// probe on one node, the agents counted their fences, and `cluster status` lists the
+/// events.
+fn check_cluster_metrics(lab: &ClusterLab, fault: Fault) {
+    let leader = lab.leader_metrics().expect("the controller serves metrics");
+    let get = |name: &str| metric(&leader, name, "").unwrap_or(-1.0);
+    let failovers = get("stead_cluster_failovers_total");
+    let placed: f64 = leader
+        .lines()
+        .filter(|l| l.starts_with("stead_cluster_placements{"))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum();
+    let fences = agents_sum(lab, "stead_cluster_fences_total");
+    let acquisitions = agents_sum(lab, "stead_cluster_owner_acquisitions_total");
+    let status = lab.cluster_status();
+    let events = status["events"].as_array().cloned().unwrap_or_default();
+    let count = |kind: &str| events.iter().filter(|e| e["kind"] == kind).count();
+    println!(
+        "{fault:?} metrics: leader is_leader={} terms={} failovers_total={failovers} placements={placed}; \
+         agents fences_total={fences} owner_acquisitions_total={acquisitions}; \
+         events: {} failover, {} fence",
+        get("stead_cluster_is_leader"),
+        get("stead_cluster_leader_terms_total"),
+        count("failover"),
+        count("fence"),
+    );
+    for line in lab
+        .log_tail("controller", usize::MAX)
+        .iter()
+        .filter(|l| l.contains("leadership lost"))
+    {
+        println!("{fault:?} controller: {line}");
+    }
+    assert_eq!(get("stead_cluster_is_leader"), 1.0, "{leader}");
+    assert_eq!(placed, 1.0, "one workload placed: {leader}");
+    assert!(acquisitions >= 1.0, "the owner counted its acquisition");
+    if fault == Fault::Kill {
+        // One leader term throughout: every move is its own, counted and reported.
+        assert!(
+            failovers >= ROUNDS as f64,
+            "failovers_total {failovers}\n{leader}"
+        );
+        assert!(count("failover") >= ROUNDS, "failover events: {events:?}");
+    } else {
+        // A cut-off member can end the controller's term (a write through it times out);
+        // a move a term wrote just before it ended is counted by nobody.
+        assert!(failovers >= 1.0, "failovers_total {failovers}\n{leader}");
+    }
+    if fault == Fault::Partition {
+        assert!(
+            fences >= ROUNDS as f64,
+            "each cut-off node fenced: {fences}"
+        );
+        assert!(count("fence") >= 1, "fence events: {events:?}");
+    }
+}
+
 /// The failover times of `ROUNDS` faults of kind `fault`.
 fn run_failovers(test: &str, fault: Fault) {
     let Some((mut lab, mut agents, probe, manifests)) = probe_lab(test) else {
@@ -273,6 +347,7 @@ fn run_failovers(test: &str, fault: Fault) {
         let t = fail_over_once(&mut lab, &mut agents, &probe, &manifests, round, fault);
         times.push(t);
     }
+    check_cluster_metrics(&lab, fault);
     times.sort();
     let s = |d: Duration| d.as_secs_f64();
     println!(
@@ -308,28 +383,66 @@ fn a_paused_agent_s_ha_container_is_killed_by_its_watchdog_before_it_runs_elsewh
     );
 }
 
-/// etcd leader SIGKILL, five times, with the probe running: never a double run; how often
-/// the workload restarted or moved (an agent that fenced because its keepalives stalled
-/// during the election) is printed.
+/// Host pid of the probe's shell (the container's main process), if it runs here.
+fn probe_pid(lab: &ClusterLab) -> Option<i32> {
+    lab.pids_with(&["/probe.log", "trap"]).into_iter().min()
+}
+
+/// Node lease of the etcd leader kill test. An etcd election stalls keepalives: the gap
+/// between acknowledged keepalives reached 2.8-2.9 s here (the last keepalive up to one
+/// interval before the kill, then the election, then the first answer), past the fence point
+/// of a 4 s lease (TTL - 1.5 s = 2.5 s), so with 4 s nodes fence on a leader kill, correctly.
+/// With 6 s the fence point is 4.5 s after the last acknowledgement.
+const LEADER_KILL_LEASE: &str = "6s";
+
+/// etcd leader SIGKILL, five times in a row, with the probe running: the agents retry what
+/// failed inside their loop and keep lease, ownership and workload, so the probe's process
+/// never changes (same pid, same run token, same node) and no agent fences. The largest gap
+/// between acknowledged keepalives and the retried etcd errors are printed per node.
 #[test]
-fn etcd_leader_kills_never_double_run_the_workload() {
-    let test = "etcd_leader_kills_never_double_run_the_workload";
-    let Some((mut lab, _agents, probe, _manifests)) = probe_lab(test) else {
+fn etcd_leader_kills_never_stop_or_fence_the_workload() {
+    let test = "etcd_leader_kills_never_stop_or_fence_the_workload";
+    let Some((mut lab, _agents, probe, _manifests)) = probe_lab_with_lease(test, LEADER_KILL_LEASE)
+    else {
         return;
     };
+    let mut first_owner = None;
+    wait_for(
+        "an owner in cluster status",
+        Duration::from_secs(30),
+        || {
+            first_owner = owner(&lab);
+            first_owner.is_some()
+        },
+        &lab,
+    );
+    let pid = probe_pid(&lab).expect("the probe's process");
     let start_runs = runs(&probe).len();
+    let mut problems = Vec::new();
     for round in 0..ROUNDS {
         let killed = lab.kill_leader();
         std::thread::sleep(Duration::from_secs(6));
         lab.start_etcd(killed);
-        lab.wait_healthy(Duration::from_secs(30));
+        let healthy = lab.wait_healthy(Duration::from_secs(30));
         let all = runs(&probe);
         assert_no_overlap(&all);
+        let now_pid = probe_pid(&lab);
+        let now_owner = owner(&lab);
         println!(
-            "etcd leader kill {round}: killed {}, probe runs so far {}",
+            "etcd leader kill {round}: killed {}, healthy again after {:.2} s, probe pid {now_pid:?} \
+             (was {pid}), runs {}, owner {now_owner:?}",
             lab.nodes[killed].name,
+            healthy.as_secs_f64(),
             all.len()
         );
+        if now_pid != Some(pid) {
+            problems.push(format!("round {round}: probe pid {now_pid:?}, was {pid}"));
+        }
+        if now_owner.is_some() && now_owner != first_owner {
+            problems.push(format!(
+                "round {round}: owner {now_owner:?}, was {first_owner:?}"
+            ));
+        }
     }
     std::thread::sleep(Duration::from_secs(2));
     let all = runs(&probe);
@@ -341,10 +454,39 @@ fn etcd_leader_kills_never_double_run_the_workload() {
         "the probe stopped: last line at {last}, now {now}\n{}",
         logs(&lab)
     );
+    let mut fences = 0.0;
+    for i in 0..lab.nodes.len() {
+        let m = lab.agent_metrics(i).expect("agent metrics");
+        let get = |name: &str| metric(&m, name, "").unwrap_or(-1.0);
+        let errors: f64 = m
+            .lines()
+            .filter(|l| l.starts_with("stead_cluster_agent_errors_total{"))
+            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .fold(0.0, |a, b| a + b);
+        println!(
+            "{}: fences_total {}, largest keepalive ack gap {:.2} s, etcd errors retried in place {errors}, \
+             owner losses {}",
+            lab.nodes[i].name,
+            get("stead_cluster_fences_total"),
+            get("stead_cluster_lease_ack_gap_max_seconds"),
+            get("stead_cluster_owner_losses_total"),
+        );
+        fences += get("stead_cluster_fences_total");
+    }
+    let restarts = all.len() - start_runs;
     println!(
-        "etcd leader kill x{ROUNDS}: {} restart(s) or move(s) of the workload, 0 double runs",
-        all.len() - start_runs
+        "etcd leader kill x{ROUNDS}: {restarts} restart(s) or move(s) of the workload, {fences} fence(s), \
+         probe pid unchanged: {}, 0 double runs",
+        problems.is_empty()
     );
+    assert_eq!(
+        restarts,
+        0,
+        "the workload restarted: {all:?}\n{}",
+        logs(&lab)
+    );
+    assert_eq!(fences, 0.0, "an agent fenced\n{}", logs(&lab));
+    assert!(problems.is_empty(), "{problems:?}\n{}", logs(&lab));
 }
 
 /// Loss of etcd quorum (two of three members SIGSTOPped for 8 s, twice the node lease),
@@ -409,6 +551,19 @@ fn etcd_quorum_crash_keeps_the_workload_running_where_it_is() {
         let killed = lab.crash_quorum(round % lab.nodes.len());
         std::thread::sleep(Duration::from_secs(8));
         let during = host_uptime();
+        // Every agent says it holds (its metrics are served locally, etcd or not).
+        let holding: Vec<f64> = (0..lab.nodes.len())
+            .map(|i| {
+                lab.agent_metrics(i)
+                    .ok()
+                    .and_then(|m| metric(&m, "stead_cluster_quorum_hold", ""))
+                    .unwrap_or(-1.0)
+            })
+            .collect();
+        assert!(
+            holding.iter().all(|h| *h == 1.0),
+            "quorum crash {round}: stead_cluster_quorum_hold per node {holding:?}"
+        );
         for &i in &killed {
             lab.start_etcd(i);
         }

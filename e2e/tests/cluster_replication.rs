@@ -15,7 +15,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
-use stead_e2e::cluster::{ClusterLab, owner_in};
+use stead_e2e::cluster::{ClusterLab, metric, owner_in};
 use stead_e2e::{LoopBtrfs, Sandbox, busybox_ok, busybox_rootfs_at};
 
 const TEST: &str = "an_ha_container_fails_over_to_its_volume_s_replica";
@@ -26,7 +26,7 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-fn manifest(root: &Path, pool: &Path) -> String {
+fn manifest(root: &Path, pool: &Path, every: &str) -> String {
     format!(
         r#"apiVersion: stead.dev/v1alpha1
 kind: StoragePool
@@ -40,7 +40,7 @@ spec:
   pool: fast
   size: 64Mi
   deletionPolicy: Delete
-  replication: {{to: n2, every: 2s}}
+  replication: {{to: n2, every: {every}}}
 ---
 apiVersion: stead.dev/v1alpha1
 kind: HaGroup
@@ -61,7 +61,7 @@ spec:
   command:
     - /bin/sh
     - -c
-    - "trap 'exit 0' TERM; t=$RANDOM$RANDOM; [ -s /data/hello ] || {{ echo $t > /data/hello; sync; }}; while :; do echo \"$t $(cat /data/hello)\" >> /seen.log; sleep 0.2; done"
+    - "trap 'exit 0' TERM; t=$RANDOM$RANDOM; [ -s /data/hello ] || {{ echo $t > /data/hello; sync; }}; while :; do [ -f /trigger ] && [ ! -s /data/late ] && {{ cat /trigger > /data/late; sync; }}; echo \"$t $(cat /data/hello) $(cat /data/late 2>/dev/null || echo -)\" >> /seen.log; sleep 0.2; done"
 "#,
         pool = pool.display(),
         root = root.display()
@@ -133,14 +133,14 @@ struct NodePool {
     _sb: Sandbox,
 }
 
-fn node_pool(root: &Path) -> Option<NodePool> {
+fn node_pool(root: &Path, test: &str, every: &str) -> Option<NodePool> {
     let sb = Sandbox::new();
-    let fs = LoopBtrfs::for_test(&sb, TEST)?;
+    let fs = LoopBtrfs::for_test(&sb, test)?;
     let manifests = sb.path("manifests");
     std::fs::create_dir_all(&manifests).unwrap();
     std::fs::write(
         manifests.join("m.yaml"),
-        manifest(root, &fs.mnt.join("pool")),
+        manifest(root, &fs.mnt.join("pool"), every),
     )
     .unwrap();
     Some(NodePool {
@@ -159,8 +159,12 @@ fn an_ha_container_fails_over_to_its_volume_s_replica() {
     let root = busybox_rootfs_at(&rootfs_sb.path("ct-root"));
     let seen_log = root.join("seen.log");
     // Declared before the lab: dropped after it (mounts go once its processes are gone).
-    let Some(p1) = node_pool(&root) else { return };
-    let Some(p2) = node_pool(&root) else { return };
+    let Some(p1) = node_pool(&root, TEST, "2s") else {
+        return;
+    };
+    let Some(p2) = node_pool(&root, TEST, "2s") else {
+        return;
+    };
     let Some(mut lab) = ClusterLab::for_test(TEST, 3) else {
         return;
     };
@@ -209,6 +213,29 @@ fn an_ha_container_fails_over_to_its_volume_s_replica() {
         "FIGURE replication: lag {:?} s, last transfer {} bytes in {} ms",
         lag, st["replication"]["data"]["bytes"], st["replication"]["data"]["durationMs"]
     );
+
+    // The sender's metrics: bytes of the last send and the lag of the volume.
+    let mut sent = None;
+    wait_for(
+        "replication metrics on n1",
+        Duration::from_secs(10),
+        &lab,
+        || {
+            let m = lab.agent_metrics(0).unwrap_or_default();
+            sent = metric(
+                &m,
+                "stead_cluster_replication_last_send_bytes",
+                "volume=\"data\"",
+            );
+            let lag = metric(
+                &m,
+                "stead_cluster_replication_lag_seconds",
+                "volume=\"data\"",
+            );
+            sent.is_some_and(|b| b > 0.0) && lag.is_some()
+        },
+    );
+    println!("FIGURE replication metrics: last send {sent:?} bytes");
 
     let t0 = Instant::now();
     lab.kill_proc(agents[0]);
@@ -261,4 +288,139 @@ fn an_ha_container_fails_over_to_its_volume_s_replica() {
         failover.as_secs_f64(),
         window.unwrap_or(0)
     );
+}
+
+/// The lab of the replication tests: n1 and n2 with a pool each, agents, a controller; the
+/// probe's record file. The destroy guard must outlive the lab (declare it first).
+struct ReplLab {
+    lab: ClusterLab,
+    agents: Vec<usize>,
+}
+
+fn start_repl_lab(test: &str, p1: &NodePool, p2: &NodePool) -> Option<(ReplLab, DestroyEach)> {
+    let mut lab = ClusterLab::for_test(test, 3)?;
+    let mut destroy = Vec::new();
+    for (i, p) in [p1, p2].iter().enumerate() {
+        let mut c = lab.stead(i);
+        c.args(["destroy", "--yes"]).arg(&p.manifests);
+        destroy.push(c);
+    }
+    let manifests = [&p1.manifests, &p2.manifests, &p1.manifests];
+    let mut agents = Vec::new();
+    for (i, m) in manifests.iter().enumerate() {
+        lab.join_node(i, if i < 2 { &["--pool", "fast"] } else { &[] });
+        agents.push(lab.start_agent(i, m));
+    }
+    lab.start_controller(&p1.manifests);
+    Some((ReplLab { lab, agents }, DestroyEach(destroy)))
+}
+
+const MIGRATE_TEST: &str = "migrate_runs_a_final_replication_before_starting_on_the_replica";
+
+/// `stead migrate` of a container whose volume is replicated to the target `every: 1h`:
+/// after the first (immediate) replication the test writes a file into the volume on n1
+/// (from the host, as a late write the schedule would not carry for an hour), then migrates
+/// the container to n2: the source stops it, sends a final replication, releases it, and n2
+/// promotes the replica and starts it, reading the late file.
+#[test]
+fn migrate_runs_a_final_replication_before_starting_on_the_replica() {
+    if !busybox_ok(MIGRATE_TEST) {
+        return;
+    }
+    let rootfs_sb = Sandbox::new();
+    let root = busybox_rootfs_at(&rootfs_sb.path("ct-root"));
+    let seen_log = root.join("seen.log");
+    let Some(p1) = node_pool(&root, MIGRATE_TEST, "1h") else {
+        return;
+    };
+    let Some(p2) = node_pool(&root, MIGRATE_TEST, "1h") else {
+        return;
+    };
+    let Some((r, _destroy)) = start_repl_lab(MIGRATE_TEST, &p1, &p2) else {
+        return;
+    };
+    let lab = &r.lab;
+    let _ = &r.agents;
+    wait_for("the probe runs on n1", Duration::from_secs(90), lab, || {
+        seen(&seen_log).len() >= 3
+    });
+    let hello = seen(&seen_log)[0].1.clone();
+    let written = unix_now();
+    wait_for(
+        "the first replication point",
+        Duration::from_secs(60),
+        lab,
+        || {
+            lab.cluster_status()["replication"]["data"]["lastPoint"]
+                .as_u64()
+                .is_some_and(|p| p >= written.saturating_sub(5))
+        },
+    );
+    // A late write, after the last replication point: the probe copies the trigger file of
+    // its rootfs into its volume. The trigger goes before the move, so only the replica can
+    // bring the late file to n2.
+    let late = format!("late{}", unix_now());
+    let trigger = root.join("trigger");
+    std::fs::write(&trigger, &late).expect("trigger");
+    wait_for(
+        "the probe reads the late file on n1",
+        Duration::from_secs(10),
+        lab,
+        || late_of(&seen_log).is_some_and(|(_, l)| l == late),
+    );
+    std::fs::remove_file(&trigger).expect("remove the trigger");
+
+    let t0 = Instant::now();
+    let out = lab
+        .operator_cmd(&[
+            "migrate",
+            "Container/probe",
+            "--to",
+            "n2",
+            "--timeout",
+            "90s",
+        ])
+        .output()
+        .expect("stead migrate");
+    let cli = t0.elapsed();
+    println!(
+        "stead migrate output:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "stead migrate failed\n{}", logs(lab));
+    let first = seen(&seen_log).first().map(|l| l.0.clone());
+    wait_for(
+        "the probe runs on n2 with the late file",
+        Duration::from_secs(60),
+        lab,
+        || late_of(&seen_log).is_some_and(|(t, l)| Some(&t) != first.as_ref() && l == late),
+    );
+    let moved = t0.elapsed();
+    let lines = seen(&seen_log);
+    assert!(
+        lines.iter().all(|(_, h)| *h == hello),
+        "every run read the first run's hello"
+    );
+    let final_line = lab
+        .log_tail("agent-n1", usize::MAX)
+        .into_iter()
+        .find(|l| l.contains("final replication before the migration"))
+        .unwrap_or_default();
+    println!(
+        "FIGURE migrate with final replication: CLI done {:.2} s, probe on n2 reading the late write {:.2} s; {final_line}",
+        cli.as_secs_f64(),
+        moved.as_secs_f64()
+    );
+    assert_eq!(owner(&lab.cluster_status()).as_deref(), Some("n2"));
+}
+
+/// The last record line's run token and late-file content.
+fn late_of(log: &Path) -> Option<(String, String)> {
+    let text = std::fs::read_to_string(log).ok()?;
+    let line = text.lines().last()?;
+    let mut it = line.split_whitespace();
+    let token = it.next()?.to_string();
+    let _hello = it.next()?;
+    Some((token, it.next()?.to_string()))
 }

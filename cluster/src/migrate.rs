@@ -1,0 +1,356 @@
+//! Cold migration: an operator's override that moves one workload to a named node, stored in
+//! etcd under `migrate/<Kind>/<name>` (not a manifest edit). The elected leader honours it in
+//! placement (as a pin to that node) until it is cleared, or refuses it with the reason when
+//! the manifest's placement forbids that node (another pin, a selector, a restricted HA
+//! group, anti-affinity, a missing node-local pool, data that cannot follow, capacity).
+//!
+//! The move itself is the ordinary one: the leader reassigns the workload; the source node's
+//! agent stops it, hands it off ([`crate::agent::Converge::hand_off`]: a final replication of
+//! its replicated volumes to the target, with the still-current token) and only then releases
+//! its owner key; the target's agent acquires the key, promotes the replicas and starts it. A
+//! workload with a node-local volume that is not replicated to the target cannot move
+//! (placement excludes the target: its data is not there).
+
+use std::collections::BTreeMap;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use stead_schema::{NodeName, ResourceId};
+
+use crate::etcd::{Store, StoreError};
+use crate::keys::{Key, ResourceRef};
+use crate::placement::{DataLocality, PlacementResult, Workload};
+use crate::watch::{decode_or_skip, list_prefix};
+
+/// Where a migration stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MigrationState {
+    /// Written by the operator; the leader has not placed it yet.
+    Requested,
+    /// The leader assigned the workload to the target (the move is under way or done).
+    Assigned,
+    /// The leader refused it ([`MigrationRecord::message`] says why); placement ignores it.
+    Refused,
+}
+
+/// A migration override.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MigrationRecord {
+    /// The target node.
+    pub to: String,
+    /// The node it was assigned to when the leader moved it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+    /// When it was asked for (Unix milliseconds).
+    pub requested_at_ms: u64,
+    /// Where it stands.
+    pub state: MigrationState,
+    /// Why it was refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+impl MigrationRecord {
+    /// A new request to move to `to`.
+    pub fn request(to: &str) -> Self {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        Self {
+            to: to.to_string(),
+            from: None,
+            requested_at_ms: now,
+            state: MigrationState::Requested,
+            message: None,
+        }
+    }
+}
+
+/// Writes (or replaces) the override of `resource`.
+pub async fn put(
+    store: &Store,
+    resource: &ResourceRef,
+    record: &MigrationRecord,
+) -> Result<(), StoreError> {
+    let key = store.keys().migration(resource);
+    let value = serde_json::to_vec(record).map_err(|e| StoreError::decode(&key, e))?;
+    let mut client = store.client();
+    store.timed(client.put(key, value, None)).await?;
+    Ok(())
+}
+
+/// Deletes the override of `resource`; whether there was one.
+pub async fn clear(store: &Store, resource: &ResourceRef) -> Result<bool, StoreError> {
+    let mut client = store.client();
+    let key = store.keys().migration(resource);
+    let r = store.timed(client.delete(key, None)).await?;
+    Ok(r.deleted() > 0)
+}
+
+/// The override of `resource`, if any.
+pub async fn read(
+    store: &Store,
+    resource: &ResourceRef,
+) -> Result<Option<MigrationRecord>, StoreError> {
+    let key = store.keys().migration(resource);
+    let mut client = store.client();
+    let r = store.timed(client.get(key.clone(), None)).await?;
+    Ok(r.kvs()
+        .first()
+        .and_then(|kv| decode_or_skip(&key, kv.value())))
+}
+
+/// Every override, by workload, and the revision of the reading.
+pub async fn list(
+    store: &Store,
+) -> Result<(BTreeMap<ResourceId, MigrationRecord>, i64), StoreError> {
+    let (entries, revision) = list_prefix(store, &store.keys().migrations()).await?;
+    let mut out = BTreeMap::new();
+    for e in entries {
+        let Some(Key::Migration(r)) = store.keys().parse(&e.key) else {
+            continue;
+        };
+        let (Ok(id), Some(record)) = (
+            r.to_string().parse::<ResourceId>(),
+            decode_or_skip::<MigrationRecord>(&e.key, &e.value),
+        ) else {
+            continue;
+        };
+        out.insert(id, record);
+    }
+    Ok((out, revision))
+}
+
+/// Pins each workload with a live override to its target (pure). Overrides the manifest
+/// forbids outright are not applied: the refusals, by workload. An override of a workload
+/// the manifests do not have is ignored.
+pub fn apply_overrides(
+    workloads: &mut [Workload],
+    overrides: &BTreeMap<ResourceId, MigrationRecord>,
+) -> BTreeMap<ResourceId, String> {
+    let mut refused = BTreeMap::new();
+    for w in workloads.iter_mut() {
+        let Some(m) = overrides.get(&w.id) else {
+            continue;
+        };
+        if m.state == MigrationState::Refused {
+            continue;
+        }
+        if let Some(reason) = forbidden(w, &m.to) {
+            refused.insert(w.id.clone(), reason);
+            continue;
+        }
+        match m.to.parse::<NodeName>() {
+            Ok(node) => w.placement.node = Some(node),
+            Err(e) => {
+                refused.insert(w.id.clone(), format!("{:?} is not a node name: {e}", m.to));
+            }
+        }
+    }
+    refused
+}
+
+/// Why the manifest alone forbids moving `w` to `to`, before looking at the nodes.
+fn forbidden(w: &Workload, to: &str) -> Option<String> {
+    if let Some(pin) = &w.placement.node
+        && pin.as_str() != to
+    {
+        return Some(format!("its manifest pins it to node {pin}"));
+    }
+    if let DataLocality::Replicated { nodes } = &w.data
+        && !nodes.contains(to)
+    {
+        let to_list: Vec<&str> = nodes.iter().map(String::as_str).collect();
+        return Some(format!(
+            "its volumes are replicated to {} only: the data cannot follow it to {to}",
+            to_list.join(", ")
+        ));
+    }
+    None
+}
+
+/// After placing with the overrides applied: the overridden workloads no node could take,
+/// each with why its target was excluded (pure).
+pub fn refused_by_placement(
+    result: &PlacementResult,
+    overrides: &BTreeMap<ResourceId, MigrationRecord>,
+) -> BTreeMap<ResourceId, String> {
+    let mut out = BTreeMap::new();
+    for u in &result.unplaceable {
+        let Some(m) = overrides.get(&u.id) else {
+            continue;
+        };
+        if m.state == MigrationState::Refused {
+            continue;
+        }
+        let why = match u.excluded.get(&m.to) {
+            Some(rules) => rules
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; "),
+            None => format!("node {} is not registered", m.to),
+        };
+        out.insert(u.id.clone(), format!("node {} cannot take it: {why}", m.to));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Capacity, NodeInfo};
+    use crate::placement::{NodeState, PlacementInput, place};
+    use stead_schema::{Kind, Placement};
+
+    fn workload(name: &str, placement: Placement, data: DataLocality) -> Workload {
+        Workload {
+            id: ResourceId::new(Kind::Container, name),
+            request: Capacity::default(),
+            placement,
+            needs: Vec::new(),
+            data,
+        }
+    }
+
+    fn node(name: &str, label: Option<(&str, &str)>) -> NodeState {
+        NodeState {
+            info: NodeInfo {
+                name: name.into(),
+                address: name.into(),
+                labels: label
+                    .map(|(k, v)| BTreeMap::from([(k.to_string(), v.to_string())]))
+                    .unwrap_or_default(),
+                capacity: Capacity {
+                    milli_cpus: 4000,
+                    memory_bytes: 1 << 33,
+                },
+                pools: Vec::new(),
+                networks: Vec::new(),
+                version: String::new(),
+            },
+            alive: true,
+        }
+    }
+
+    fn overrides(name: &str, to: &str) -> BTreeMap<ResourceId, MigrationRecord> {
+        BTreeMap::from([(
+            ResourceId::new(Kind::Container, name),
+            MigrationRecord::request(to),
+        )])
+    }
+
+    fn placed(nodes: &[NodeState], workloads: &[Workload]) -> PlacementResult {
+        place(&PlacementInput {
+            nodes,
+            workloads,
+            groups: &BTreeMap::new(),
+            current: &BTreeMap::new(),
+            revision: "r",
+        })
+    }
+
+    #[test]
+    fn an_override_pins_the_workload_to_its_target() {
+        let nodes = [node("n1", None), node("n2", None)];
+        let mut ws = [workload("a", Placement::default(), DataLocality::Anywhere)];
+        assert_eq!(
+            placed(&nodes, &ws)
+                .assignments
+                .values()
+                .next()
+                .map(|a| a.node.as_str()),
+            Some("n1")
+        );
+        let o = overrides("a", "n2");
+        assert!(apply_overrides(&mut ws, &o).is_empty());
+        let r = placed(&nodes, &ws);
+        assert_eq!(
+            r.assignments.values().next().map(|a| a.node.as_str()),
+            Some("n2")
+        );
+        assert!(refused_by_placement(&r, &o).is_empty());
+    }
+
+    #[test]
+    fn a_manifest_pin_or_replicated_data_refuses_it() {
+        let pinned = Placement {
+            node: Some("n1".parse().expect("name")),
+            ..Placement::default()
+        };
+        let mut ws = [
+            workload("a", pinned, DataLocality::Anywhere),
+            workload(
+                "b",
+                Placement::default(),
+                DataLocality::Replicated {
+                    nodes: ["n2".to_string()].into(),
+                },
+            ),
+        ];
+        let mut o = overrides("a", "n2");
+        o.extend(overrides("b", "n3"));
+        let refused = apply_overrides(&mut ws, &o);
+        assert!(
+            refused[&ws[0].id].contains("pins it to node n1"),
+            "{refused:?}"
+        );
+        assert!(
+            refused[&ws[1].id].contains("replicated to n2 only"),
+            "{refused:?}"
+        );
+        assert_eq!(
+            ws[0].placement.node.as_ref().map(NodeName::as_str),
+            Some("n1")
+        );
+        assert!(
+            ws[1].placement.node.is_none(),
+            "a refused override pins nothing"
+        );
+        let to_replica = overrides("b", "n2");
+        assert!(
+            apply_overrides(&mut ws, &to_replica).is_empty(),
+            "to its replica"
+        );
+        assert_eq!(
+            ws[1].placement.node.as_ref().map(NodeName::as_str),
+            Some("n2")
+        );
+    }
+
+    #[test]
+    fn a_target_the_rules_exclude_is_refused_with_the_rules() {
+        let nodes = [
+            node("n1", Some(("zone", "a"))),
+            node("n2", Some(("zone", "b"))),
+        ];
+        let selector = Placement {
+            node_selector: BTreeMap::from([("zone".to_string(), "a".to_string())]),
+            ..Placement::default()
+        };
+        let mut ws = [workload("a", selector, DataLocality::Anywhere)];
+        let o = overrides("a", "n2");
+        assert!(apply_overrides(&mut ws, &o).is_empty());
+        let r = placed(&nodes, &ws);
+        let refused = refused_by_placement(&r, &o);
+        assert!(
+            refused[&ws[0].id].contains("node n2 cannot take it: label zone=a does not match"),
+            "{refused:?}"
+        );
+        let gone = refused_by_placement(&placed(&nodes[..1], &ws), &overrides("a", "n9"));
+        assert!(gone[&ws[0].id].contains("n9 is not registered"), "{gone:?}");
+    }
+
+    #[test]
+    fn a_refused_override_is_left_alone() {
+        let mut ws = [workload("a", Placement::default(), DataLocality::Anywhere)];
+        let mut o = overrides("a", "n2");
+        for m in o.values_mut() {
+            m.state = MigrationState::Refused;
+        }
+        assert!(apply_overrides(&mut ws, &o).is_empty());
+        assert!(ws[0].placement.node.is_none());
+    }
+}
