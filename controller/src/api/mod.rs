@@ -465,6 +465,17 @@ fn start_job(s: &Arc<Shared>, p: &Principal, job: Job, target: &str) -> Response
             format!("no {id} in the applied revision"),
         );
     }
+    let reporting = s
+        .status
+        .read()
+        .map(|st| st.drift_mode == "report")
+        .unwrap_or(false);
+    if matches!(job, Job::Restart) && reporting {
+        return error(
+            StatusCode::CONFLICT,
+            "restart stops the workload and lets the reconcile start it again: not with --drift=report",
+        );
+    }
     let Some(hk) = s.housekeeping.clone() else {
         return error(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -492,6 +503,10 @@ fn start_job(s: &Arc<Shared>, p: &Principal, job: Job, target: &str) -> Response
             Job::Backup => hk.backup_now(&id.name),
             Job::Verify => hk.verify_backup(&id.name),
         };
+        if matches!(job, Job::Restart) && result.is_ok() {
+            // The reconcile starts the stopped workload again.
+            shared.trigger.fire(false);
+        }
         let (reason, msg, class) = match result {
             Ok(m) => (format!("{}Done", job.reason()), m, None),
             Err(e) => (format!("{}Failed", job.reason()), e.0, Some("action")),
@@ -508,10 +523,10 @@ fn start_job(s: &Arc<Shared>, p: &Principal, job: Job, target: &str) -> Response
 }
 
 #[utoipa::path(post, path = "/api/v1/actions/restart", tag = "actions", request_body = ResourceTarget,
-    description = "Restarts a Container or VirtualMachine. Operator role; `X-CSRF-Token` from a session.",
+    description = "Restarts a Container or VirtualMachine: stops it, and the reconcile it triggers starts it again (refused with 409 under `--drift=report`). Operator role; `X-CSRF-Token` from a session.",
     responses((status = 202, body = ActionAccepted), (status = 400, body = ApiError),
               (status = 404, body = ApiError), (status = 401, body = ApiError),
-              (status = 403, body = ApiError)))]
+              (status = 403, body = ApiError), (status = 409, body = ApiError)))]
 async fn action_restart(
     Operator(p): Operator,
     State(s): State<Arc<Shared>>,
@@ -534,7 +549,7 @@ async fn action_backup(
 }
 
 #[utoipa::path(post, path = "/api/v1/actions/verify", tag = "actions", request_body = ResourceTarget,
-    description = "Verifies the newest backup of a BackupSchedule. Operator role; `X-CSRF-Token` from a session.",
+    description = "Verifies the newest backup of each target of a BackupSchedule (every chunk re-read, checksums checked). Operator role; `X-CSRF-Token` from a session.",
     responses((status = 202, body = ActionAccepted), (status = 400, body = ApiError),
               (status = 404, body = ApiError), (status = 401, body = ApiError),
               (status = 403, body = ApiError)))]

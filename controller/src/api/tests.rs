@@ -489,3 +489,113 @@ fn the_stream_pushes_events_and_status_updates() {
         t0.elapsed()
     );
 }
+
+/// Housekeeping that records what it was asked.
+#[derive(Default)]
+struct FakeHk {
+    asked: std::sync::Mutex<Vec<String>>,
+}
+
+impl crate::Housekeeping for FakeHk {
+    fn environments(&self) -> Vec<crate::env::EnvRecord> {
+        Vec::new()
+    }
+    fn collect_expired(&self) -> Result<(), crate::HousekeepingError> {
+        Ok(())
+    }
+    fn run_backup_schedules(&self, _: &crate::StopSignal) -> Result<(), crate::HousekeepingError> {
+        Ok(())
+    }
+    fn restart_workload(&self, id: &ResourceId) -> Result<String, crate::HousekeepingError> {
+        self.asked
+            .lock()
+            .expect("lock")
+            .push(format!("restart {id}"));
+        Ok(format!("{id} stopped"))
+    }
+    fn backup_now(&self, schedule: &str) -> Result<String, crate::HousekeepingError> {
+        self.asked
+            .lock()
+            .expect("lock")
+            .push(format!("backup {schedule}"));
+        Err(crate::HousekeepingError("disk full".into()))
+    }
+}
+
+#[test]
+fn actions_run_through_housekeeping_and_log_their_outcome() {
+    let hk = Arc::new(FakeHk::default());
+    let cfg = UiConfig::new(Some(TOKEN.into()), vec![]).expect("cfg");
+    let shared = crate::tests::shared_with(None, Some(cfg), Some(hk.clone()));
+    let mut st = view::tests::status();
+    st.resources.push(crate::status::ResourceStatus {
+        kind: "BackupSchedule".into(),
+        name: "nightly".into(),
+        status: "Ready".into(),
+        conditions: vec![],
+    });
+    *shared.status.write().expect("status") = st;
+    let s = serve(shared);
+    let auth = bearer();
+    let h = [
+        ("authorization", auth.as_str()),
+        ("content-type", "application/json"),
+    ];
+    let r = request(
+        s.port,
+        "POST",
+        "/api/v1/actions/restart",
+        &h,
+        r#"{"resource":"Container/web"}"#,
+    );
+    assert_eq!(r.code, 202, "{}", r.body);
+    let r = request(
+        s.port,
+        "POST",
+        "/api/v1/actions/backup",
+        &h,
+        r#"{"resource":"BackupSchedule/nightly"}"#,
+    );
+    assert_eq!(r.code, 202, "{}", r.body);
+    let done = wait(|| {
+        let e = s.shared.events.recent(None, None, 10);
+        e.iter().any(|e| e.reason == "RestartDone")
+            && e.iter().any(|e| e.reason == "BackupNowFailed")
+    });
+    assert!(done, "{:?}", s.shared.events.recent(None, None, 10));
+    let failed = s
+        .shared
+        .events
+        .recent(None, None, 10)
+        .into_iter()
+        .find(|e| e.reason == "BackupNowFailed");
+    assert_eq!(failed.and_then(|e| e.class).as_deref(), Some("action"));
+    assert_eq!(
+        *hk.asked.lock().expect("lock"),
+        vec![
+            "restart Container/web".to_string(),
+            "backup nightly".to_string()
+        ]
+    );
+    // Under --drift=report a restart would leave the workload stopped.
+    s.shared.status.write().expect("status").drift_mode = "report".into();
+    let r = request(
+        s.port,
+        "POST",
+        "/api/v1/actions/restart",
+        &h,
+        r#"{"resource":"Container/web"}"#,
+    );
+    assert_eq!(r.code, 409);
+}
+
+fn wait(mut f: impl FnMut() -> bool) -> bool {
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(10) {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
