@@ -517,7 +517,6 @@ impl Engine {
             |id| gate::hold_key(id, &good.desired, &run.inventory, &run.observed),
         );
         self.drifted = gate::still_drifted(self.cfg.drift, &drift, &results.applied);
-        self.record_run_events(&good.revision, &drift, &results);
         let proposed = self.plan_proposed();
 
         // 4. Status and metrics.
@@ -530,6 +529,8 @@ impl Engine {
         if let Some(plan) = first_plan {
             self.publish_snapshot(&good, run, plan, &ran, proposed);
         }
+        // After the snapshot: whoever sees these events reads a model that has them.
+        self.record_run_events(&good.revision, &ran.drift, &ran.results);
         next
     }
 

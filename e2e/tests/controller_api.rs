@@ -120,3 +120,102 @@ fn manual_sync_shows_the_pending_plan_until_sync_now() {
     eprintln!("sync now to applied: {} ms", took.as_millis());
     assert!(took < Duration::from_secs(20));
 }
+
+/// Reads SSE lines from `r` until `want` holds for the text so far or `secs` pass.
+fn read_sse_until(
+    r: &mut impl std::io::BufRead,
+    secs: u64,
+    mut want: impl FnMut(&str) -> bool,
+) -> String {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let mut got = String::new();
+    while !want(&got) && Instant::now() < deadline {
+        let mut line = String::new();
+        match r.read_line(&mut line) {
+            Ok(0) => break,
+            Ok(_) => got.push_str(&line),
+            Err(_) => continue,
+        }
+    }
+    got
+}
+
+/// The resident set of process `pid` in KiB (`VmRSS` of its status file).
+fn rss_kib(pid: u32) -> Option<u64> {
+    let text = std::fs::read_to_string(stead_host::ProcFs::host().pid_file(pid, "status")).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+}
+
+#[test]
+fn drift_is_pushed_on_the_stream_and_repaired() {
+    use std::io::Write;
+    let sb = Sandbox::new();
+    sb.write("m/all.yaml", &storage_yaml(&sb, &[("a", "1Mi")]));
+    let ui = sb.write("ui-token", &format!("{UI}\n"));
+    let m = sb.path("m");
+    let ctl = Controller::start(
+        &sb,
+        &[
+            "--source",
+            m.to_str().unwrap(),
+            "--resync",
+            "1s",
+            "--ui",
+            "--ui-token-file",
+            ui.to_str().unwrap(),
+        ],
+    );
+    ctl.expect(20, "not converged", || size(&image(&sb, "a")) == MI);
+    ctl.expect(10, "no tree yet", || {
+        let (_, t) = api(&ctl, "GET", "/api/v1/resources");
+        t["total"] == 2
+    });
+
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", ctl.port)).unwrap();
+    c.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    write!(
+        c,
+        "GET /api/v1/stream HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {UI}\r\n\r\n"
+    )
+    .unwrap();
+    let mut r = std::io::BufReader::new(c);
+    let hello = read_sse_until(&mut r, 10, |t| t.contains("event: hello"));
+    assert!(hello.contains("event: hello"), "{hello}");
+
+    // Delete the volume's file behind stead's back.
+    let t0 = Instant::now();
+    std::fs::remove_file(image(&sb, "a")).unwrap();
+    let got = read_sse_until(&mut r, 15, |t| t.contains("\"kind\":\"drift\""));
+    let drift_at = t0.elapsed();
+    assert!(
+        got.contains("\"resource\":\"Volume/a\""),
+        "{got}\n{}",
+        ctl.logs()
+    );
+    let got = read_sse_until(&mut r, 15, |t| t.contains("drift-repaired"));
+    assert!(got.contains("drift-repaired"), "{got}");
+    assert_eq!(size(&image(&sb, "a")), MI);
+    let (_, d) = api(&ctl, "GET", "/api/v1/resources/Volume/a");
+    // The drift of the last reconcile is gone once the next resync runs; the events stay.
+    assert_eq!(d["resource"]["drifted"], false, "{d}");
+    let kinds: Vec<&str> = d["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["kind"].as_str())
+        .collect();
+    assert!(
+        kinds.contains(&"drift") && kinds.contains(&"drift-repaired"),
+        "{d}"
+    );
+    let rss = rss_kib(ctl.child.id()).unwrap_or(0);
+    eprintln!(
+        "drift to SSE event: {} ms (resync 1 s); controller RSS with the UI on: {} KiB",
+        drift_at.as_millis(),
+        rss
+    );
+    assert!(drift_at < Duration::from_secs(5), "{drift_at:?}");
+}
