@@ -219,3 +219,96 @@ fn drift_is_pushed_on_the_stream_and_repaired() {
     );
     assert!(drift_at < Duration::from_secs(5), "{drift_at:?}");
 }
+
+/// Waits for an event with `reason` (newest 50) and returns it.
+fn wait_event(c: &Controller, secs: u64, reason: &str) -> serde_json::Value {
+    let mut found = serde_json::Value::Null;
+    c.expect(secs, &format!("no {reason} event"), || {
+        let (_, ev) = api(c, "GET", "/api/v1/events?limit=50");
+        if let Some(e) = ev
+            .as_array()
+            .and_then(|a| a.iter().find(|e| e["reason"] == reason))
+        {
+            found = e.clone();
+            return true;
+        }
+        false
+    });
+    found
+}
+
+#[test]
+fn backup_now_and_verify_show_in_the_volume_detail() {
+    let sb = Sandbox::new();
+    let pool = sb.path("pools/p");
+    let text = format!(
+        "apiVersion: stead.dev/v1alpha1
+kind: StoragePool
+metadata: {{name: p}}
+spec: {{type: dir, path: {}, content: [images, backup]}}
+---
+apiVersion: stead.dev/v1alpha1
+kind: Volume
+metadata: {{name: v, labels: {{backup: \"yes\"}}}}
+spec: {{pool: p, size: 4Mi}}
+---
+apiVersion: stead.dev/v1alpha1
+kind: BackupSchedule
+metadata: {{name: nightly}}
+spec:
+  schedule: \"0 3 * * *\"
+  timezone: UTC
+  targets: {{selector: {{matchLabels: {{backup: \"yes\"}}}}}}
+  storage: p
+  retention: {{keepLast: 3}}
+",
+        pool.display()
+    );
+    sb.write("m/all.yaml", &text);
+    let ui = sb.write("ui-token", &format!("{UI}\n"));
+    let m = sb.path("m");
+    let ctl = Controller::start(
+        &sb,
+        &[
+            "--source",
+            m.to_str().unwrap(),
+            "--ui",
+            "--ui-token-file",
+            ui.to_str().unwrap(),
+        ],
+    );
+    ctl.expect(20, "not converged", || {
+        let (_, o) = api(&ctl, "GET", "/api/v1/overview");
+        o["total"] == 3 && o["sync"]["state"] == "Synced"
+    });
+    let auth = format!("Bearer {UI}");
+    let post = |path: &str, body: &str| {
+        http(
+            ctl.port,
+            "POST",
+            path,
+            &[
+                ("Authorization", &auth),
+                ("Content-Type", "application/json"),
+            ],
+            body,
+        )
+    };
+    let target = r#"{"resource":"BackupSchedule/nightly"}"#;
+    assert_eq!(post("/api/v1/actions/backup", target).0, 202);
+    let done = wait_event(&ctl, 60, "BackupNowDone");
+    assert_eq!(done["user"], "token", "{done}");
+    let (_, d) = api(&ctl, "GET", "/api/v1/resources/Volume/v");
+    let b = &d["backups"][0];
+    assert!(b["id"].as_str().unwrap().starts_with("Volume/v/"), "{d}");
+    assert_eq!(b["storage"], "p", "{d}");
+    assert_eq!(b["bytes"], 4 * MI, "{d}");
+    assert!(b["verified"].is_null(), "{d}");
+
+    assert_eq!(post("/api/v1/actions/verify", target).0, 202);
+    wait_event(&ctl, 60, "VerifyBackupDone");
+    let (_, d) = api(&ctl, "GET", "/api/v1/resources/Volume/v");
+    assert_eq!(d["backups"][0]["verified"]["ok"], true, "{d}");
+    // A volume is not a workload, a schedule is not restarted.
+    assert_eq!(post("/api/v1/actions/restart", target).0, 400);
+}

@@ -112,7 +112,18 @@ pub(crate) fn pending_of(s: &Shared) -> Pending {
 pub(crate) fn detail_of(s: &Shared, id: &ResourceId) -> Option<Detail> {
     let (status, snap) = read_model(s);
     let events = s.events.recent(Some(&id.to_string()), None, 100);
-    view::detail(&status, snap.as_deref(), id, events, view::console_tail)
+    let mut d = view::detail(&status, snap.as_deref(), id, events, view::console_tail)?;
+    let backed_up = matches!(
+        id.kind,
+        Kind::Volume | Kind::Container | Kind::VirtualMachine
+    );
+    if backed_up && let Some(hk) = &s.housekeeping {
+        match hk.backups(id) {
+            Ok(b) => d.backups = b,
+            Err(e) => warn!(resource = %id, error = %e, "cannot list backups"),
+        }
+    }
+    Some(d)
 }
 
 /// The id named by a path's kind and name.
