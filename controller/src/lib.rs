@@ -593,10 +593,23 @@ impl Engine {
         ran: &Ran,
         proposed: Option<(view::RevisionInfo, stead_reconciler::plan::Plan)>,
     ) {
+        // What was just changed is observed again, so the pages show the new state (a
+        // started container's pid) without waiting for the next resync.
+        let mut observed = run.observed;
+        let applied = &ran.results.applied;
+        if !applied.is_empty() {
+            let (fresh, _) = stead_reconciler::observe_where(
+                &self.drivers,
+                &good.desired,
+                &run.inventory,
+                &|id| applied.contains_key(id),
+            );
+            observed.extend(fresh);
+        }
         let snap = Arc::new(view::Snapshot {
             revision: good.info.clone(),
             desired: good.desired.clone(),
-            observed: run.observed,
+            observed,
             plan,
             applied: ran.results.applied.clone(),
             drift: ran.drift.clone(),

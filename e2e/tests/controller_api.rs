@@ -312,3 +312,77 @@ spec:
     // A volume is not a workload, a schedule is not restarted.
     assert_eq!(post("/api/v1/actions/restart", target).0, 400);
 }
+
+/// Destroys what the manifests own when the test ends (stops the container).
+struct Destroy<'a>(&'a Sandbox, std::path::PathBuf);
+
+impl Drop for Destroy<'_> {
+    fn drop(&mut self) {
+        let _ = self
+            .0
+            .cmd()
+            .args(["destroy", "--yes", "--allow-data-loss"])
+            .arg(&self.1)
+            .output();
+    }
+}
+
+#[test]
+fn restart_action_stops_the_container_and_the_reconcile_starts_it() {
+    const TEST: &str = "restart_action_stops_the_container_and_the_reconcile_starts_it";
+    if !stead_e2e::busybox_ok(TEST) {
+        return;
+    }
+    let sb = Sandbox::new();
+    let root = sb.busybox_rootfs();
+    let text = format!(
+        "apiVersion: stead.dev/v1alpha1\nkind: Container\nmetadata: {{name: busy}}\nspec:\n  rootfs: {{path: {}}}\n  unprivileged: false\n  env: {{API_TOKEN: hunter2}}\n  command: [/bin/sh, -c, \"sleep 100000\"]\n",
+        root.display()
+    );
+    sb.write("m/ct.yaml", &text);
+    let m = sb.path("m");
+    let _destroy = Destroy(&sb, m.clone());
+    let ui = sb.write("ui-token", &format!("{UI}\n"));
+    // A long resync: only the action's own reconcile can start the container again.
+    let ctl = Controller::start(
+        &sb,
+        &[
+            "--source",
+            m.to_str().unwrap(),
+            "--resync",
+            "1h",
+            "--ui",
+            "--ui-token-file",
+            ui.to_str().unwrap(),
+        ],
+    );
+    let pid = |c: &Controller| {
+        let (_, d) = api(c, "GET", "/api/v1/resources/Container/busy");
+        d["observed"]["status"]["pid"].as_u64()
+    };
+    ctl.expect(30, "container not running", || pid(&ctl).is_some());
+    let first = pid(&ctl).unwrap();
+    let (_, d) = api(&ctl, "GET", "/api/v1/resources/Container/busy");
+    assert!(!d.to_string().contains("hunter2"), "{d}");
+    assert_eq!(d["desired"]["env"]["API_TOKEN"], "<redacted>", "{d}");
+
+    let auth = format!("Bearer {UI}");
+    let (code, body) = http(
+        ctl.port,
+        "POST",
+        "/api/v1/actions/restart",
+        &[
+            ("Authorization", &auth),
+            ("Content-Type", "application/json"),
+        ],
+        r#"{"resource":"Container/busy"}"#,
+    );
+    assert_eq!(code, 202, "{body}");
+    let done = wait_event(&ctl, 60, "RestartDone");
+    assert_eq!(done["resource"], "Container/busy", "{done}");
+    ctl.expect(30, "container not started again", || {
+        pid(&ctl).is_some_and(|p| p != first)
+    });
+    let (_, ev) = api(&ctl, "GET", "/api/v1/events?resource=Container/busy");
+    assert!(ev.to_string().contains("\"Restart\""), "{ev}");
+}
