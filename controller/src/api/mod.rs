@@ -381,6 +381,9 @@ async fn login(State(s): State<Arc<Shared>>, req: Request) -> Response {
         Ok(b) => b,
         Err(r) => return r,
     };
+    let Ok(_permit) = ui.login_gate.acquire().await else {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
+    };
     let shared = s.clone();
     let (user, password) = (body.username.clone(), body.password);
     let who = tokio::task::spawn_blocking(move || {
