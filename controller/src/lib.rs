@@ -1206,16 +1206,18 @@ async fn serve_http(
         .map_err(|e| ControllerError::io("local address".into(), e))?;
     info!(addr = %local, "serving /metrics /healthz /readyz /hooks/git");
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let limits = if shared.ui.is_some() {
+        server::HttpLimits::with_ui()
+    } else {
+        server::HttpLimits::default()
+    };
     let app = server::router(shared);
     let http = tokio::spawn(async move {
-        let r = axum::serve(
-            server::limited(listener, server::HttpLimits::default()),
-            app,
-        )
-        .with_graceful_shutdown(async move {
-            let _ = stop_rx.wait_for(|v| *v).await;
-        })
-        .await;
+        let r = axum::serve(server::limited(listener, limits), app)
+            .with_graceful_shutdown(async move {
+                let _ = stop_rx.wait_for(|v| *v).await;
+            })
+            .await;
         if let Err(e) = r {
             error!(error = %e, "http server");
         }

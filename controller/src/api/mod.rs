@@ -213,7 +213,7 @@ const KEEP_ALIVE: Duration = Duration::from_secs(4);
     responses((status = 200, content_type = "text/event-stream", body = Update,
         description = "Server-sent events: `event` (an Event, its SSE id its sequence number) \
             and `status` (a StatusUpdate) messages; `resync` when the client fell behind \
-            and should reload. The server closes connections after 60 s; EventSource \
+            and should reload. The server closes a connection after an hour; EventSource \
             reconnects by itself and, with `Last-Event-ID`, gets the events it missed."),
         (status = 401, body = ApiError)))]
 async fn stream(
