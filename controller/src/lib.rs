@@ -836,6 +836,8 @@ impl Engine {
                     result: res,
                     message: msg,
                 });
+                // A head waiting for a sync is no longer the head: nothing to sync.
+                self.proposed = None;
                 log.result = Some(res);
                 self.restore_last_good();
             }
