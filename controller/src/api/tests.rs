@@ -630,3 +630,19 @@ fn a_reconnecting_stream_gets_the_events_it_missed() {
     assert!(got.contains("id: 3") && got.contains("missed 1"), "{got}");
     assert!(!got.contains("id: 1\n"), "event 1 was seen: {got}");
 }
+
+#[test]
+fn only_local_paths_are_followed_after_a_login() {
+    assert_eq!(safe_next(Some("/resources?kind=vm")), "/resources?kind=vm");
+    for bad in [
+        "//evil.example/x",
+        "https://evil.example",
+        "/\\evil.example",
+        "javascript:alert(1)",
+        "/a\nSet-Cookie: x",
+        "",
+    ] {
+        assert_eq!(safe_next(Some(bad)), "/", "{bad:?}");
+    }
+    assert_eq!(safe_next(None), "/");
+}
