@@ -38,7 +38,7 @@ fi
 
 scripts/install-deps.sh
 echo "== building stead (release)"
-cargo build --release --bin stead
+cargo build --release --bin stead --bin stead-supervise
 echo "== building guest assets"
 scripts/build-assets.sh /var/lib/stead-demo-pools/assets "$stead"
 ip netns list | grep -qw "$NS" || { ip netns add "$NS"; ip -n "$NS" link set lo up; }

@@ -50,7 +50,8 @@ echo "importing the template once (not timed)" >&2
 # (an apply of the base alone deletes the VM and its clone).
 rss_log="$box/rss"
 up="'$stead' ${args[*]} apply --yes '$box/base' '$box/vm' >/dev/null"
-down="pgrep -f '^$stead qemu --run-dir $box/run' | xargs -r ps -o rss= -p >>'$rss_log.qemu-sup'; '$stead' ${args[*]} apply --yes --allow-data-loss '$box/base'"
+# The supervisor is `stead-supervise qemu` when that binary sits next to stead, else `stead qemu`.
+down="pgrep -f '^(${stead}|${stead}-supervise) qemu --run-dir $box/run' | xargs -r ps -o rss= -p >>'$rss_log.qemu-sup'; '$stead' ${args[*]} apply --yes --allow-data-loss '$box/base'"
 "$here/plain-boot.sh" -n "$runs" -f "$firmware" -i "$image" \
     --stead "$up" --stead-qga "$box/run/vms/bench/qemu/qga.sock" --stead-down "$down"
 if [ -s "$rss_log.qemu-sup" ]; then

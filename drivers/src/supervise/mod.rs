@@ -78,6 +78,20 @@ impl SupervisorArgs {
     }
 }
 
+/// The small supervisor binary next to `self_exe` (`stead-supervise`, built with `stead`),
+/// when it is there; else `self_exe` itself, whose hidden subcommands run the same code.
+pub fn supervisor_exe(self_exe: &std::path::Path) -> std::path::PathBuf {
+    let small = self_exe.with_file_name(SUPERVISOR_BINARY);
+    if self_exe.file_name() != small.file_name() && small.is_file() {
+        small
+    } else {
+        self_exe.to_path_buf()
+    }
+}
+
+/// File name of the small supervisor binary.
+pub const SUPERVISOR_BINARY: &str = "stead-supervise";
+
 /// Runs `self_exe <subcommand> <args>` (a supervisor launcher, see [`detach`]) and waits
 /// for it: `Ok` once the supervisor reported ready, else its stderr in a
 /// [`stead_reconciler::driver::DriverError::Command`].
@@ -319,6 +333,18 @@ pub fn enter_netns(ns: Option<&std::path::Path>) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_small_supervisor_binary_is_preferred_when_it_sits_next_to_stead() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let stead = d.path().join("stead");
+        std::fs::write(&stead, b"").expect("stead");
+        assert_eq!(supervisor_exe(&stead), stead, "alone: stead runs it");
+        let small = d.path().join(SUPERVISOR_BINARY);
+        std::fs::write(&small, b"").expect("small");
+        assert_eq!(supervisor_exe(&stead), small);
+        assert_eq!(supervisor_exe(&small), small);
+    }
 
     #[test]
     fn supervisor_args_round_trip() {

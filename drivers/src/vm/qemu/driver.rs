@@ -707,7 +707,8 @@ fn spawn(vm: &VmDriver, cfg: &QemuConfig) -> Result<(), DriverError> {
         config: vm.paths(&cfg.name).config(),
     };
     let _span = tracing::info_span!("vm_start", vm = %cfg.name, engine = "qemu").entered();
-    crate::supervise::launch(&vm.env().self_exe, "qemu", &args)?;
+    let exe = crate::supervise::supervisor_exe(&vm.env().self_exe);
+    crate::supervise::launch(&exe, "qemu", &args)?;
     tracing::info!(accel = cfg.accel.as_str(), "VM started");
     Ok(())
 }
