@@ -608,8 +608,9 @@ fn etcd_quorum_crash_keeps_the_workload_running_where_it_is() {
 }
 
 /// Wall-clock offsets (seconds) of the jumped node, in turn: minutes to hours, forward and
-/// back (+1 h, then 2 h back to -1 h), then real time again.
-const CLOCK_JUMPS: [i64; 5] = [600, 3600, -3600, -300, 0];
+/// back (+1 h, then 2 h back to -1 h, then to -2 h: before the node certificates' validity
+/// starts when the cluster was initialised less than an hour ago), then real time again.
+const CLOCK_JUMPS: [i64; 6] = [600, 3600, -3600, -7200, -300, 0];
 
 /// How long each offset holds: twice the node lease.
 const JUMP_DWELL: Duration = Duration::from_secs(8);
@@ -694,7 +695,7 @@ fn agent_metric(lab: &ClusterLab, i: usize, name: &str) -> f64 {
 }
 
 /// Wall-clock jumps on the node running the HA probe (libfaketime shifts its agent's
-/// `CLOCK_REALTIME`; monotonic and boottime clocks, which fencing uses, stay real): five
+/// `CLOCK_REALTIME`; monotonic and boottime clocks, which fencing uses, stay real): six
 /// jumps of minutes to hours, forward and back, each held for twice the lease. The agent's
 /// own log timestamps prove each jump reached it. Throughout: the node's lease stays the
 /// same and alive, no agent fences, nothing fails over, the probe keeps its pid and never
