@@ -699,7 +699,9 @@ fn agent_metric(lab: &ClusterLab, i: usize, name: &str) -> f64 {
 /// jumps of minutes to hours, forward and back, each held for twice the lease. The agent's
 /// own log timestamps prove each jump reached it. Throughout: the node's lease stays the
 /// same and alive, no agent fences, nothing fails over, the probe keeps its pid and never
-/// runs twice. Then the jumped node is killed: failover within 20 s, no double run.
+/// runs twice. Then the jumped node, an hour behind, is cut off: it fences before the probe
+/// runs elsewhere; the new owner, an hour ahead, is killed: failover within 20 s each, no
+/// double run.
 #[test]
 fn wall_clock_jumps_on_a_node_neither_fence_nor_move_its_ha_container() {
     let test = "wall_clock_jumps_on_a_node_neither_fence_nor_move_its_ha_container";
@@ -805,18 +807,45 @@ fn wall_clock_jumps_on_a_node_neither_fence_nor_move_its_ha_container() {
         logs(&lab)
     );
 
-    // Fencing and failover are not late after the jumps: the jumped node dies, the probe
-    // runs elsewhere within the failover goal, never twice.
-    let t = fail_over_once(&mut lab, &mut agents, &probe, &manifests, 0, Fault::Kill);
+    // Fencing is not late on a jumped clock: the node, its clock an hour behind, is cut off;
+    // its agent fences before the probe runs elsewhere, never twice.
+    clocks[victim].set(-3600);
+    wait_log_shift(&log, -3600, Duration::from_secs(15)).expect("the jump reaches the agent");
+    let t_part = fail_over_once(
+        &mut lab,
+        &mut agents,
+        &probe,
+        &manifests,
+        0,
+        Fault::Partition,
+    );
+    let fenced = agent_metric(&lab, victim, "stead_cluster_fences_total");
+    clocks[victim].set(0);
     println!(
-        "clock jumps then kill of {name}: failover after {:.2} s, 0 double runs",
-        t.as_secs_f64()
+        "{name} cut off at real -3600 s: fenced {fenced} time(s), failover after {:.2} s, 0 double runs",
+        t_part.as_secs_f64()
     );
-    assert!(
-        t <= Duration::from_secs(20),
-        "failover took {t:?}\n{}",
-        logs(&lab)
+    assert!(fenced >= 1.0, "{name} did not fence\n{}", logs(&lab));
+
+    // Failover is not late either: the new owner, its clock an hour ahead, dies; the probe
+    // runs elsewhere within the failover goal, never twice.
+    let second = owner(&lab).expect("an owner after the partition");
+    let v2 = lab.nodes.iter().position(|n| n.name == second).unwrap();
+    clocks[v2].set(3600);
+    let log2 = lab.log_path(&format!("agent-{second}"));
+    wait_log_shift(&log2, 3600, Duration::from_secs(15)).expect("the jump reaches the agent");
+    let t_kill = fail_over_once(&mut lab, &mut agents, &probe, &manifests, 0, Fault::Kill);
+    println!(
+        "{second} killed at real +3600 s: failover after {:.2} s, 0 double runs",
+        t_kill.as_secs_f64()
     );
+    for t in [t_part, t_kill] {
+        assert!(
+            t <= Duration::from_secs(20),
+            "failover took {t:?}\n{}",
+            logs(&lab)
+        );
+    }
 }
 
 #[test]
