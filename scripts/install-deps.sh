@@ -28,6 +28,7 @@ pkgs=(
   protobuf-compiler # protoc: builds the etcd client's gRPC code
   curl            # the cluster lab's client of etcd's JSON gateway (e2e/src/cluster.rs)
   openssl         # second opinion on the certificates of stead cluster init (pki tests)
+  faketime        # libfaketime: one lab agent's wall clock jumps, the host's never (cluster clock test)
 )
 missing=()
 for p in "${pkgs[@]}"; do

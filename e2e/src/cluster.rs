@@ -14,6 +14,7 @@
 //! operator certificate. A test that needs root, `etcd`, `curl` or `nsenter` and lacks one
 //! gets `None` from [`ClusterLab::for_test`] after a SKIP line.
 
+use std::ffi::OsString;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -899,6 +900,17 @@ impl ClusterLab {
     /// Starts `stead agent MANIFESTS` on node `i` (log `agent-NAME`); its index in
     /// [`ClusterLab::procs`].
     pub fn start_agent(&mut self, i: usize, manifests: &Path) -> usize {
+        self.start_agent_with_env(i, manifests, &[])
+    }
+
+    /// [`ClusterLab::start_agent`] with `env` added to the agent's environment (e.g.
+    /// [`WallClockShift::env`]); the processes it starts inherit it.
+    pub fn start_agent_with_env(
+        &mut self,
+        i: usize,
+        manifests: &Path,
+        env: &[(String, OsString)],
+    ) -> usize {
         let log = std::fs::File::create(self.log_path(&format!("agent-{}", self.nodes[i].name)))
             .expect("agent log");
         let mut c = self.stead(i);
@@ -907,6 +919,7 @@ impl ClusterLab {
             "--metrics-listen",
             &format!("127.0.0.1:{AGENT_METRICS_PORT}"),
         ]);
+        c.envs(env.iter().map(|(k, v)| (k, v)));
         c.stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log);
@@ -1069,5 +1082,59 @@ mod tests {
         }
         assert_eq!(b64(b"ab"), "YWI=");
         assert_eq!(b64(b"abc"), "YWJj");
+    }
+}
+
+/// Where Debian's `faketime` package installs libfaketime.
+const LIBFAKETIME: &[&str] = &[
+    "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
+    "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1",
+];
+
+/// libfaketime, if installed.
+pub fn libfaketime() -> Option<PathBuf> {
+    LIBFAKETIME.iter().map(PathBuf::from).find(|p| p.is_file())
+}
+
+/// A wall clock shifted for one process tree without touching the host's: libfaketime
+/// preloaded, `CLOCK_REALTIME` offset by what a file says (rewritten by the test, read again
+/// within a second), the monotonic clocks left real.
+#[derive(Debug)]
+pub struct WallClockShift {
+    lib: PathBuf,
+    file: PathBuf,
+}
+
+impl WallClockShift {
+    /// A shift of 0 s kept in `file`, or `None` when libfaketime is not installed.
+    pub fn new(file: PathBuf) -> Option<WallClockShift> {
+        let shift = WallClockShift {
+            lib: libfaketime()?,
+            file,
+        };
+        shift.set(0);
+        Some(shift)
+    }
+
+    /// Shifts the wall clock of the processes started with [`WallClockShift::env`] to real
+    /// time + `offset_s` (replaces the file in one rename: never read half written).
+    pub fn set(&self, offset_s: i64) {
+        let tmp = self.file.with_extension("tmp");
+        std::fs::write(&tmp, format!("{offset_s:+}\n")).expect("write faketime file");
+        std::fs::rename(&tmp, &self.file).expect("rename faketime file");
+    }
+
+    /// The environment of a process whose wall clock follows this shift.
+    pub fn env(&self) -> Vec<(String, OsString)> {
+        let v = |s: &str| OsString::from(s);
+        vec![
+            ("LD_PRELOAD".into(), self.lib.clone().into_os_string()),
+            (
+                "FAKETIME_TIMESTAMP_FILE".into(),
+                self.file.clone().into_os_string(),
+            ),
+            ("FAKETIME_DONT_FAKE_MONOTONIC".into(), v("1")),
+            ("FAKETIME_CACHE_DURATION".into(), v("1")),
+        ]
     }
 }

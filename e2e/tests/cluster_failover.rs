@@ -6,17 +6,21 @@
 //! record must show no overlap of two runs (a double-run). A second test cuts the node
 //! off instead (its veth down): its agent must stop the container before its lease expires
 //! and the container runs elsewhere, again without overlap. Five rounds each, each taking
-//! away the node that runs it then; times are printed.
+//! away the node that runs it then; times are printed. A clock test jumps the wall clock of
+//! the node running it (libfaketime in its agent only, never the host's clock) and checks
+//! that nothing fences, moves or restarts, and that a kill after the jumps still fails over.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use rustix::process::Signal;
-use stead_e2e::cluster::{ClusterLab, metric, owner_in};
-use stead_e2e::{busybox_ok, busybox_rootfs_at};
+use stead_e2e::cluster::{ClusterLab, WallClockShift, libfaketime, metric, owner_in};
+use stead_e2e::{busybox_ok, busybox_rootfs_at, skip_unless};
 
 /// One run of the probe: its token and the first and last uptime it wrote.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -239,6 +243,15 @@ fn probe_lab_with_lease(
     test: &str,
     ttl: &'static str,
 ) -> Option<(ClusterLab, Vec<usize>, PathBuf, PathBuf)> {
+    probe_lab_with(test, ttl, &|_| Vec::new())
+}
+
+/// [`probe_lab_with_lease`] with node `i`'s agent started with `env_of(i)` added.
+fn probe_lab_with(
+    test: &str,
+    ttl: &'static str,
+    env_of: &dyn Fn(usize) -> Vec<(String, OsString)>,
+) -> Option<(ClusterLab, Vec<usize>, PathBuf, PathBuf)> {
     if !busybox_ok(test) {
         return None;
     }
@@ -254,7 +267,7 @@ fn probe_lab_with_lease(
     let mut agents = Vec::new();
     for i in 0..lab.nodes.len() {
         lab.join_node(i, &[]);
-        agents.push(lab.start_agent(i, &manifests));
+        agents.push(lab.start_agent_with_env(i, &manifests, &env_of(i)));
     }
     lab.start_controller(&manifests);
 
@@ -592,4 +605,253 @@ fn etcd_quorum_crash_keeps_the_workload_running_where_it_is() {
             healthy.as_secs_f64()
         );
     }
+}
+
+/// Wall-clock offsets (seconds) of the jumped node, in turn: minutes to hours, forward and
+/// back (+1 h, then 2 h back to -1 h, then to -2 h: before the node certificates' validity
+/// starts when the cluster was initialised less than an hour ago), then real time again.
+const CLOCK_JUMPS: [i64; 6] = [600, 3600, -3600, -7200, -300, 0];
+
+/// How long each offset holds: twice the node lease.
+const JUMP_DWELL: Duration = Duration::from_secs(8);
+
+/// Seconds since the Unix epoch of an RFC 3339 UTC time as the agent logs it
+/// (`2026-12-06T17:15:12.123456Z`).
+fn rfc3339_unix(s: &str) -> Option<f64> {
+    let s = s.strip_suffix('Z')?;
+    let (date, time) = s.split_once('T')?;
+    let mut d = date.splitn(3, '-').map(|x| x.parse::<i64>().ok());
+    let (y, m, day) = (d.next()??, d.next()??, d.next()??);
+    let mut t = time.splitn(3, ':');
+    let (h, min) = (
+        t.next()?.parse::<i64>().ok()?,
+        t.next()?.parse::<i64>().ok()?,
+    );
+    let sec: f64 = t.next()?.parse().ok()?;
+    // Days from 1970-01-01 of a proleptic Gregorian date (H. Hinnant's days_from_civil).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some((days * 86_400 + h * 3600 + min * 60) as f64 + sec)
+}
+
+/// The wall-clock time of the last timestamped line of log `path` (the agent's own
+/// `SystemTime::now()` when it wrote it).
+fn last_log_time(path: &Path) -> Option<f64> {
+    let mut f = std::fs::File::open(path).ok()?;
+    let len = f.metadata().ok()?.len();
+    f.seek(SeekFrom::Start(len.saturating_sub(16 * 1024)))
+        .ok()?;
+    let mut buf = Vec::new();
+    f.read_to_end(&mut buf).ok()?;
+    let text = String::from_utf8_lossy(&buf);
+    text.lines()
+        .rev()
+        .find_map(|l| rfc3339_unix(l.split_whitespace().next()?))
+}
+
+/// The test process's (real) wall clock, in seconds since the epoch.
+fn real_unix() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs_f64()
+}
+
+/// Waits until the agent's log lines carry its wall clock shifted by `offset_s` (± 5 s):
+/// how long that took, or `None` after `limit`.
+fn wait_log_shift(log: &Path, offset_s: i64, limit: Duration) -> Option<Duration> {
+    let t0 = Instant::now();
+    while t0.elapsed() < limit {
+        if let Some(at) = last_log_time(log)
+            && (at - real_unix() - offset_s as f64).abs() < 5.0
+        {
+            return Some(t0.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    None
+}
+
+/// Node `name`'s lease id and the seconds etcd says are left on it, from `status`.
+fn node_lease(status: &serde_json::Value, name: &str) -> Option<(i64, i64)> {
+    let n = status["nodes"]
+        .as_array()?
+        .iter()
+        .find(|n| n["name"] == name)?;
+    Some((n["lease"].as_i64()?, n["leaseTtlSeconds"].as_i64()?))
+}
+
+/// A metric of node `i`'s agent (-1 when absent).
+fn agent_metric(lab: &ClusterLab, i: usize, name: &str) -> f64 {
+    lab.agent_metrics(i)
+        .ok()
+        .and_then(|m| metric(&m, name, ""))
+        .unwrap_or(-1.0)
+}
+
+/// Wall-clock jumps on the node running the HA probe (libfaketime shifts its agent's
+/// `CLOCK_REALTIME`; monotonic and boottime clocks, which fencing uses, stay real): six
+/// jumps of minutes to hours, forward and back, each held for twice the lease. The agent's
+/// own log timestamps prove each jump reached it. Throughout: the node's lease stays the
+/// same and alive, no agent fences, nothing fails over, the probe keeps its pid and never
+/// runs twice. Then the jumped node, an hour behind, is cut off: it fences before the probe
+/// runs elsewhere; the new owner, an hour ahead, is killed: failover within 20 s each, no
+/// double run.
+#[test]
+fn wall_clock_jumps_on_a_node_neither_fence_nor_move_its_ha_container() {
+    let test = "wall_clock_jumps_on_a_node_neither_fence_nor_move_its_ha_container";
+    if skip_unless(
+        libfaketime().is_some(),
+        test,
+        "libfaketime not installed (Debian package faketime)",
+    ) {
+        return;
+    }
+    let clock_dir = tempfile::tempdir().unwrap();
+    let clocks: Vec<WallClockShift> = (1..=3)
+        .map(|i| WallClockShift::new(clock_dir.path().join(format!("clock-n{i}"))).unwrap())
+        .collect();
+    let Some((mut lab, mut agents, probe, manifests)) =
+        probe_lab_with(test, "4s", &|i| clocks[i].env())
+    else {
+        return;
+    };
+    let mut first = None;
+    wait_for(
+        "an owner in cluster status",
+        Duration::from_secs(30),
+        || {
+            first = owner(&lab);
+            first.is_some()
+        },
+        &lab,
+    );
+    let name = first.unwrap();
+    let victim = lab.nodes.iter().position(|n| n.name == name).unwrap();
+    let log = lab.log_path(&format!("agent-{name}"));
+    let pid = probe_pid(&lab).expect("the probe's process");
+    let (lease, _) = node_lease(&lab.cluster_status(), &name).expect("the node's lease");
+    let runs_before = runs(&probe).len();
+    let mut problems = Vec::new();
+    for (k, &offset) in CLOCK_JUMPS.iter().enumerate() {
+        clocks[victim].set(offset);
+        let Some(seen) = wait_log_shift(&log, offset, Duration::from_secs(15)) else {
+            if k == 0 {
+                println!(
+                    "SKIP {test}: libfaketime does not reach the agent: its log times stay real \
+                     after a shift of {offset} s (a statically linked binary?)"
+                );
+                return;
+            }
+            panic!(
+                "jump {k} ({offset:+} s) not seen in {name}'s log\n{}",
+                logs(&lab)
+            );
+        };
+        let t0 = Instant::now();
+        let mut min_left = i64::MAX;
+        while t0.elapsed() < JUMP_DWELL {
+            let status = lab.cluster_status();
+            match node_lease(&status, &name) {
+                Some((l, left)) if l == lease && left > 0 => min_left = min_left.min(left),
+                other => problems.push(format!("jump {k}: {name}'s lease {other:?}, was {lease}")),
+            }
+            let now_owner = owner_in(&status, "Container/probe");
+            if now_owner.as_deref() != Some(name.as_str()) {
+                problems.push(format!("jump {k}: owner {now_owner:?}, was {name}"));
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        let now_pid = probe_pid(&lab);
+        if now_pid != Some(pid) {
+            problems.push(format!("jump {k}: probe pid {now_pid:?}, was {pid}"));
+        }
+        assert_no_overlap(&runs(&probe));
+        println!(
+            "clock jump {k}: {name} at real {offset:+} s, in its agent's log after {:.1} s; held \
+             {:.0} s: lease {lease} alive (least {min_left} s left), probe pid {now_pid:?}, \
+             largest keepalive ack gap {:.2} s",
+            seen.as_secs_f64(),
+            JUMP_DWELL.as_secs_f64(),
+            agent_metric(&lab, victim, "stead_cluster_lease_ack_gap_max_seconds"),
+        );
+    }
+    let all = runs(&probe);
+    assert_no_overlap(&all);
+    let fences: f64 = (0..lab.nodes.len())
+        .map(|i| agent_metric(&lab, i, "stead_cluster_fences_total"))
+        .sum();
+    let replaced = agent_metric(&lab, victim, "stead_cluster_lease_replaced_total");
+    let leader = lab.leader_metrics().expect("the controller serves metrics");
+    let failovers = metric(&leader, "stead_cluster_failovers_total", "").unwrap_or(-1.0);
+    let restarts = all.len() - runs_before;
+    println!(
+        "clock jumps x{}: {fences} fence(s), {failovers} failover(s), {replaced} lease(s) replaced, \
+         {restarts} restart(s), probe pid unchanged: {}, 0 double runs",
+        CLOCK_JUMPS.len(),
+        problems.is_empty()
+    );
+    assert!(problems.is_empty(), "{problems:#?}\n{}", logs(&lab));
+    assert_eq!(fences, 0.0, "an agent fenced\n{}", logs(&lab));
+    assert_eq!(failovers, 0.0, "a failover\n{}", logs(&lab));
+    assert_eq!(replaced, 0.0, "{name}'s lease was replaced\n{}", logs(&lab));
+    assert_eq!(
+        restarts,
+        0,
+        "the workload restarted: {all:?}\n{}",
+        logs(&lab)
+    );
+
+    // Fencing is not late on a jumped clock: the node, its clock an hour behind, is cut off;
+    // its agent fences before the probe runs elsewhere, never twice.
+    clocks[victim].set(-3600);
+    wait_log_shift(&log, -3600, Duration::from_secs(15)).expect("the jump reaches the agent");
+    let t_part = fail_over_once(
+        &mut lab,
+        &mut agents,
+        &probe,
+        &manifests,
+        0,
+        Fault::Partition,
+    );
+    let fenced = agent_metric(&lab, victim, "stead_cluster_fences_total");
+    clocks[victim].set(0);
+    println!(
+        "{name} cut off at real -3600 s: fenced {fenced} time(s), failover after {:.2} s, 0 double runs",
+        t_part.as_secs_f64()
+    );
+    assert!(fenced >= 1.0, "{name} did not fence\n{}", logs(&lab));
+
+    // Failover is not late either: the new owner, its clock an hour ahead, dies; the probe
+    // runs elsewhere within the failover goal, never twice.
+    let second = owner(&lab).expect("an owner after the partition");
+    let v2 = lab.nodes.iter().position(|n| n.name == second).unwrap();
+    clocks[v2].set(3600);
+    let log2 = lab.log_path(&format!("agent-{second}"));
+    wait_log_shift(&log2, 3600, Duration::from_secs(15)).expect("the jump reaches the agent");
+    let t_kill = fail_over_once(&mut lab, &mut agents, &probe, &manifests, 0, Fault::Kill);
+    println!(
+        "{second} killed at real +3600 s: failover after {:.2} s, 0 double runs",
+        t_kill.as_secs_f64()
+    );
+    for t in [t_part, t_kill] {
+        assert!(
+            t <= Duration::from_secs(20),
+            "failover took {t:?}\n{}",
+            logs(&lab)
+        );
+    }
+}
+
+#[test]
+fn rfc3339_times_of_the_log_convert_to_unix_seconds() {
+    assert_eq!(rfc3339_unix("1970-01-01T00:00:00Z"), Some(0.0));
+    assert_eq!(rfc3339_unix("2000-03-01T00:00:01.5Z"), Some(951_868_801.5));
+    assert_eq!(rfc3339_unix("2026-12-06T17:15:12Z"), Some(1_796_577_312.0));
+    assert_eq!(rfc3339_unix("DEBUG"), None);
 }
