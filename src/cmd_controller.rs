@@ -71,6 +71,62 @@ pub struct ControllerArgs {
     /// Quiet time after file-system events before reconciling a directory source.
     #[arg(long, default_value = "200ms")]
     pub debounce: DurationSpec,
+    /// `auto` applies every good head; `manual` plans a new head and shows it (web UI,
+    /// /api/v1/pending) until an operator syncs it. Drift is healed either way.
+    #[arg(long, value_enum, default_value_t = SyncArg::Auto)]
+    pub sync: SyncArg,
+    /// Serve the web UI and /api/v1 on --listen (needs --ui-token-file or --ui-users).
+    #[arg(long, env = "STEAD_UI")]
+    pub ui: bool,
+    /// File holding the UI's bearer token (operator role; at least 16 characters), or
+    /// set STEAD_UI_TOKEN.
+    #[arg(long, requires = "ui")]
+    pub ui_token_file: Option<PathBuf>,
+    /// File of UI users, one `name:role:argon2-hash` a line (role viewer or operator).
+    #[arg(long, requires = "ui")]
+    pub ui_users: Option<PathBuf>,
+    /// Mark the session cookie Secure (the UI is served through a TLS proxy).
+    #[arg(long, requires = "ui")]
+    pub ui_secure_cookie: bool,
+}
+
+/// When a new head is applied.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncArg {
+    /// At once.
+    Auto,
+    /// When an operator asks (POST /api/v1/actions/sync).
+    Manual,
+}
+
+/// The UI settings from the flags, `None` without `--ui`.
+fn ui_config(args: &ControllerArgs) -> Result<Option<stead_controller::auth::UiConfig>> {
+    if !args.ui {
+        return Ok(None);
+    }
+    let token = match (&args.ui_token_file, std::env::var("STEAD_UI_TOKEN")) {
+        (Some(f), _) => Some(
+            std::fs::read_to_string(f)
+                .with_context(|| format!("cannot read {}", f.display()))?
+                .trim()
+                .to_string(),
+        ),
+        (None, Ok(t)) => Some(t.trim().to_string()),
+        (None, Err(_)) => None,
+    };
+    let users = match &args.ui_users {
+        Some(f) => {
+            let text = std::fs::read_to_string(f)
+                .with_context(|| format!("cannot read {}", f.display()))?;
+            stead_controller::auth::parse_users(&text)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?
+        }
+        None => Vec::new(),
+    };
+    let mut cfg =
+        stead_controller::auth::UiConfig::new(token, users).map_err(anyhow::Error::msg)?;
+    cfg.secure_cookie = args.ui_secure_cookie;
+    Ok(Some(cfg))
 }
 
 /// Runs the controller until SIGTERM/SIGINT. Exit 0 on a clean shutdown.
@@ -95,7 +151,9 @@ pub fn run(args: ControllerArgs, g: &Global, global_env: &HostEnv, drivers: Driv
     if args.resync.0.is_zero() || args.interval.0.is_zero() {
         bail!("--resync and --interval must be positive");
     }
+    let ui = ui_config(&args)?;
     let mut cfg = Config::new(source);
+    cfg.ui = ui;
     cfg.interval = args.interval.0;
     cfg.resync = args.resync.0;
     cfg.debounce = args.debounce.0;
@@ -114,6 +172,7 @@ pub fn run(args: ControllerArgs, g: &Global, global_env: &HostEnv, drivers: Driv
     cfg.allow_empty = args.allow_empty;
     cfg.allow_rewind = args.allow_rewind;
     cfg.parallelism = args.parallelism.max(1);
+    cfg.manual_sync = args.sync == SyncArg::Manual;
     let housekeeping = Arc::new(CliHousekeeping::new(g, global_env)?);
     stead_controller::run(cfg, global_env.clone(), drivers, housekeeping)?;
     Ok(0)

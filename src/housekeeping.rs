@@ -9,7 +9,11 @@ use stead_controller::env::{self, EnvRecord};
 use stead_controller::{Housekeeping, HousekeepingError, StopSignal};
 use stead_drivers::backup::consistency::WorldLoader;
 use stead_drivers::backup::runner::{self, Clock};
+use stead_drivers::backup::targets;
+use stead_drivers::container::ContainerDriver;
+use stead_drivers::vm::VmDriver;
 use stead_reconciler::driver::HostEnv;
+use stead_schema::{Kind, ResourceId, Spec};
 use tracing::{debug, info};
 
 use crate::{Global, applied_world, cmd_backup, cmd_env};
@@ -78,6 +82,86 @@ impl Housekeeping for CliHousekeeping {
             .run()
             .map_err(|e| HousekeepingError(format!("{:#}", anyhow::Error::from(e))))
     }
+
+    fn restart_workload(&self, id: &ResourceId) -> Result<String, HousekeepingError> {
+        let err = |e: stead_reconciler::driver::DriverError| HousekeepingError(e.to_string());
+        // Stopped here; the reconcile the action triggers starts it again.
+        match id.kind {
+            Kind::Container => ContainerDriver::new(&self.env)
+                .map_err(err)?
+                .stop(&id.name)
+                .map_err(err)?,
+            Kind::VirtualMachine => VmDriver::new(&self.env)
+                .map_err(err)?
+                .stop(&id.name)
+                .map_err(err)?,
+            other => return Err(HousekeepingError(format!("{other} cannot be restarted"))),
+        }
+        Ok(format!("{id} stopped; the reconcile starts it again"))
+    }
+
+    fn backup_now(&self, schedule: &str) -> Result<String, HousekeepingError> {
+        let code = self.backup(&["backup", "run", "--schedule", schedule])?;
+        match code {
+            0 => Ok(format!(
+                "backup schedule {schedule}: every target backed up"
+            )),
+            _ => Err(HousekeepingError(format!(
+                "backup schedule {schedule}: a backup failed (see the controller log)"
+            ))),
+        }
+    }
+
+    fn verify_backup(&self, schedule: &str) -> Result<String, HousekeepingError> {
+        let world = applied_world(&self.env).map_err(|e| HousekeepingError(format!("{e:#}")))?;
+        let Some(Spec::BackupSchedule(spec)) = world
+            .get(&ResourceId::new(Kind::BackupSchedule, schedule))
+            .map(|r| &r.spec)
+        else {
+            return Err(HousekeepingError(format!(
+                "no BackupSchedule/{schedule} applied"
+            )));
+        };
+        let storage = spec.storage.to_string();
+        let ids = targets::select(&spec.targets, world.values());
+        let mut bad = Vec::new();
+        for id in &ids {
+            let target = id.to_string();
+            let args = ["backup", "verify", &target, "--storage", &storage];
+            if self.backup(&args)? != 0 {
+                bad.push(target);
+            }
+        }
+        if bad.is_empty() {
+            Ok(format!(
+                "backup schedule {schedule}: the newest backup of {} target(s) verified",
+                ids.len()
+            ))
+        } else {
+            Err(HousekeepingError(format!(
+                "verify failed for {} (see the controller log)",
+                bad.join(", ")
+            )))
+        }
+    }
+}
+
+/// `stead backup …` parsed from words, for the controller's actions.
+#[derive(clap::Parser, Debug)]
+struct BackupCli {
+    #[command(subcommand)]
+    cmd: cmd_backup::BackupCmd,
+}
+
+impl CliHousekeeping {
+    /// Runs `stead <args>` (a backup subcommand) against the applied world; its exit code.
+    fn backup(&self, args: &[&str]) -> Result<i32, HousekeepingError> {
+        use clap::Parser;
+        let err = |e: anyhow::Error| HousekeepingError(format!("{e:#}"));
+        let cli = BackupCli::try_parse_from(args).map_err(|e| HousekeepingError(e.to_string()))?;
+        let world = applied_world(&self.env).map_err(err)?;
+        cmd_backup::run_with(cli.cmd, &self.env, Some(&world), None).map_err(err)
+    }
 }
 
 /// Returns the storage drivers to the host's own ownership scope when dropped.
@@ -106,6 +190,21 @@ impl Clock for StoppableClock {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn the_actions_backup_words_parse_as_backup_subcommands() {
+        use clap::Parser;
+        let run = BackupCli::try_parse_from(["backup", "run", "--schedule", "nightly"]);
+        assert!(
+            matches!(run.map(|c| c.cmd), Ok(cmd_backup::BackupCmd::Run(a)) if a.schedule.as_deref() == Some("nightly"))
+        );
+        let verify =
+            BackupCli::try_parse_from(["backup", "verify", "Volume/a", "--storage", "lab"]);
+        assert!(matches!(
+            verify.map(|c| c.cmd),
+            Ok(cmd_backup::BackupCmd::Verify { backup, .. }) if backup == "Volume/a"
+        ));
+    }
 
     #[test]
     fn a_raised_stop_ends_the_clock_s_sleep_and_the_runner() {

@@ -59,6 +59,25 @@ pub trait Housekeeping: Send + Sync {
     /// Runs the registered backup schedules until `stop` is raised or no schedule will
     /// fire again (what `stead backup daemon` does).
     fn run_backup_schedules(&self, stop: &StopSignal) -> Result<(), HousekeepingError>;
+    /// Restarts a running container or VM (an operator action; desired state is not
+    /// touched). Returns what was done.
+    fn restart_workload(&self, id: &stead_schema::ResourceId) -> Result<String, HousekeepingError> {
+        Err(HousekeepingError(format!(
+            "restarting {id} is not available in this controller"
+        )))
+    }
+    /// Runs the BackupSchedule `schedule` once now (what `stead backup run` does).
+    fn backup_now(&self, schedule: &str) -> Result<String, HousekeepingError> {
+        Err(HousekeepingError(format!(
+            "running backup schedule {schedule} is not available in this controller"
+        )))
+    }
+    /// Verifies the newest backup of `schedule` (what `stead backup verify` does).
+    fn verify_backup(&self, schedule: &str) -> Result<String, HousekeepingError> {
+        Err(HousekeepingError(format!(
+            "verifying the backups of {schedule} is not available in this controller"
+        )))
+    }
 }
 
 /// What the housekeeping loop reads from the controller's state dir.

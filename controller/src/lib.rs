@@ -25,14 +25,18 @@
 //! 4. executes the rest, records per-resource results (backoff on failure) and updates
 //!    the status document ([`status`]) and metrics.
 
+pub mod api;
+pub mod auth;
 pub mod backoff;
 pub mod env;
+pub mod events;
 mod gate;
 pub mod housekeeping;
 pub mod metrics;
 pub mod server;
 pub mod source;
 pub mod status;
+pub mod view;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
@@ -136,6 +140,12 @@ pub struct Config {
     pub backoff_base: Duration,
     /// Longest retry delay.
     pub backoff_cap: Duration,
+    /// Manual sync: a new head is planned and shown, and applied only when an operator
+    /// asks (`POST /api/v1/actions/sync`). Drift is still healed against the applied
+    /// revision. The first revision on a fresh state dir is applied at once.
+    pub manual_sync: bool,
+    /// The web UI and `/api/v1` (`--ui`); `None`: both are absent.
+    pub ui: Option<auth::UiConfig>,
 }
 
 impl Config {
@@ -157,6 +167,8 @@ impl Config {
             parallelism: 4,
             backoff_base: Duration::from_secs(2),
             backoff_cap: Duration::from_secs(300),
+            manual_sync: false,
+            ui: None,
         }
     }
 }
@@ -180,7 +192,7 @@ impl Trigger {
         self.notify.notify_one();
     }
 
-    fn take_fetch(&self) -> bool {
+    pub(crate) fn take_fetch(&self) -> bool {
         self.fetch.swap(false, Ordering::SeqCst)
     }
 }
@@ -195,6 +207,18 @@ pub(crate) struct Shared {
     /// Held by a reconcile and by an environment teardown: one at a time, since both
     /// drive the drivers (whose ownership scope is process-wide).
     pub(crate) work: Mutex<()>,
+    /// The event log (file-backed with `--ui`).
+    pub(crate) events: events::EventLog,
+    /// What the last reconcile saw and planned (kept with `--ui` only).
+    pub(crate) snapshot: RwLock<Option<Arc<view::Snapshot>>>,
+    /// The UI's authentication state; `None` without `--ui`.
+    pub(crate) ui: Option<auth::UiAuth>,
+    /// An operator asked to apply the head (manual sync).
+    pub(crate) sync_requested: AtomicBool,
+    /// `auto` or `manual`.
+    pub(crate) sync_mode: &'static str,
+    /// Operator actions on workloads and backups (set when the controller runs).
+    pub(crate) housekeeping: Option<Arc<dyn Housekeeping>>,
 }
 
 /// A seed for jitter and temp names (time and pid; not for cryptography).
@@ -223,7 +247,9 @@ enum Source {
 
 struct Loaded {
     revision: String,
-    desired: Desired,
+    desired: Arc<Desired>,
+    /// Commit details and signature status, for the UI.
+    info: view::RevisionInfo,
 }
 
 /// What a run's gate and execution decided, for its status.
@@ -258,6 +284,10 @@ struct Engine {
     shared: Arc<Shared>,
     runs: u64,
     restored: bool,
+    /// A head waiting for an operator's sync (manual sync).
+    proposed: Option<Arc<Loaded>>,
+    /// The resources' live statuses last sent to subscribers.
+    last_nodes: Vec<view::NodeStatus>,
 }
 
 const KV_REVISION: &str = "controller.revision";
@@ -301,6 +331,8 @@ impl Engine {
             shared,
             runs: 0,
             restored: false,
+            proposed: None,
+            last_nodes: Vec::new(),
         }
     }
 
@@ -322,7 +354,8 @@ impl Engine {
     }
 
     /// Verifies, checks out and loads `rev`. Errors carry the result label.
-    fn load(&self, rev: &str) -> Result<Desired, (&'static str, String)> {
+    fn load(&self, rev: &str) -> Result<Loaded, (&'static str, String)> {
+        let mut info = view::RevisionInfo::bare(rev);
         let dir = match &self.source {
             Source::Git(g) => {
                 if !self.cfg.allow_rewind
@@ -334,6 +367,13 @@ impl Engine {
                 if let Some(keyring) = &self.cfg.verify_commits {
                     let who = g.verify(rev, keyring).map_err(|m| ("unsigned", m))?;
                     info!(revision = short(rev), signer = %who, "signature verified");
+                    info.signature = "verified".into();
+                    info.signer = Some(who.to_string());
+                }
+                if let Some(c) = g.commit_info(rev) {
+                    info.author = Some(c.author);
+                    info.message = Some(c.summary);
+                    info.time = Some(c.time);
                 }
                 g.checkout(rev).map_err(|e| ("invalid", e.to_string()))?
             }
@@ -367,7 +407,11 @@ impl Engine {
                 "no manifests found (an empty revision would prune everything; pass --allow-empty to accept it)".into(),
             ));
         }
-        Ok(desired)
+        Ok(Loaded {
+            revision: rev.to_string(),
+            desired: Arc::new(desired),
+            info,
+        })
     }
 
     /// The revision loaded last (in memory), else the one applied last (state DB).
@@ -392,15 +436,12 @@ impl Engine {
         };
         let Some(rev) = rev else { return };
         match self.load(&rev) {
-            Ok(desired) => {
+            Ok(loaded) => {
                 info!(
                     revision = short(&rev),
                     "keeping the last good revision applied"
                 );
-                self.good = Some(Arc::new(Loaded {
-                    revision: rev,
-                    desired,
-                }));
+                self.good = Some(Arc::new(loaded));
             }
             Err((_, msg)) => {
                 warn!(revision = short(&rev), error = %msg, "cannot reload the last good revision")
@@ -438,6 +479,7 @@ impl Engine {
         };
 
         // Drift.
+        let first_plan = self.shared.ui.as_ref().map(|_| run.plan.clone());
         let drift = gate::drift_of(&run.plan);
         self.report_new_drift(&drift);
         let skip_drift = self.cfg.drift == DriftMode::Report;
@@ -475,6 +517,8 @@ impl Engine {
             |id| gate::hold_key(id, &good.desired, &run.inventory, &run.observed),
         );
         self.drifted = gate::still_drifted(self.cfg.drift, &drift, &results.applied);
+        self.record_run_events(&good.revision, &drift, &results);
+        let proposed = self.plan_proposed();
 
         // 4. Status and metrics.
         let ran = Ran {
@@ -482,7 +526,102 @@ impl Engine {
             blocked,
             results,
         };
-        self.conclude(&good, &run.observed, &ran, log, start)
+        let next = self.conclude(&good, &run.observed, &ran, log, start);
+        if let Some(plan) = first_plan {
+            self.publish_snapshot(&good, run, plan, &ran, proposed);
+        }
+        next
+    }
+
+    /// Events for what a run did: changes applied (drift repairs apart) and failures
+    /// with their class.
+    fn record_run_events(
+        &self,
+        revision: &str,
+        drift: &BTreeMap<ResourceId, String>,
+        results: &gate::RunResults,
+    ) {
+        let ev = &self.shared.events;
+        for (id, action) in &results.applied {
+            let e = if drift.contains_key(id) {
+                events::NewEvent::new(
+                    events::EventKind::DriftRepaired,
+                    "DriftRepaired",
+                    format!("{} to repair drift: {}", action.verb(), drift[id]),
+                )
+            } else {
+                events::NewEvent::new(
+                    events::EventKind::Apply,
+                    apply_reason(*action),
+                    format!("{} at {}", action.verb(), short(revision)),
+                )
+            };
+            ev.record(e.on(id).at(Some(revision)));
+        }
+        for (id, (reason, msg)) in &results.failed {
+            let class = if reason == "ApplyFailed" {
+                "transient"
+            } else {
+                "terminal"
+            };
+            ev.record(
+                events::NewEvent::new(events::EventKind::Failure, reason, msg.clone())
+                    .on(id)
+                    .class(class)
+                    .at(Some(revision)),
+            );
+        }
+    }
+
+    /// In manual sync, the plan of the head waiting for a sync (observes again).
+    fn plan_proposed(&self) -> Option<(view::RevisionInfo, stead_reconciler::plan::Plan)> {
+        let p = self.proposed.clone()?;
+        let lock = ApplyLock::acquire(&self.env.state_dir, Duration::from_secs(10)).ok()?;
+        let run = self.plan(&p.desired).ok()?;
+        drop(lock);
+        Some((p.info.clone(), run.plan))
+    }
+
+    /// Publishes what the run saw and planned for the UI, and sends the status changes
+    /// to live subscribers.
+    fn publish_snapshot(
+        &mut self,
+        good: &Loaded,
+        run: PlannedRun,
+        plan: stead_reconciler::plan::Plan,
+        ran: &Ran,
+        proposed: Option<(view::RevisionInfo, stead_reconciler::plan::Plan)>,
+    ) {
+        let snap = Arc::new(view::Snapshot {
+            revision: good.info.clone(),
+            desired: good.desired.clone(),
+            observed: run.observed,
+            plan,
+            applied: ran.results.applied.clone(),
+            drift: ran.drift.clone(),
+            drifted: self.drifted.clone(),
+            proposed,
+        });
+        let status = self
+            .shared
+            .status
+            .read()
+            .map(|s| s.clone())
+            .unwrap_or_default();
+        let nodes = view::node_statuses(&status, Some(&snap));
+        let changed = view::changed_nodes(&self.last_nodes, &nodes);
+        self.last_nodes = nodes;
+        *self
+            .shared
+            .snapshot
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = Some(snap);
+        self.shared.events.publish_status(events::StatusUpdate {
+            reconciles: status.reconciles,
+            last_result: status.last_result.clone(),
+            revision: status.revision.clone(),
+            changed,
+        });
     }
 
     /// Fetches the source when asked (a directory source always: it is cheap) and loads
@@ -618,6 +757,19 @@ impl Engine {
         let Some(head) = self.head.clone() else {
             return;
         };
+        let sync_asked = self.shared.sync_requested.swap(false, Ordering::SeqCst);
+        if self
+            .proposed
+            .as_ref()
+            .is_some_and(|p| p.revision == head.revision)
+        {
+            if sync_asked || !self.cfg.manual_sync {
+                info!(revision = short(&head.revision), "sync: applying the head");
+                self.good = self.proposed.take();
+                self.backoff.reset();
+            }
+            return;
+        }
         let known = self
             .good
             .as_ref()
@@ -630,30 +782,40 @@ impl Engine {
             return;
         }
         match self.load(&head.revision) {
-            Ok(desired) => {
+            Ok(loaded) => {
                 info!(
                     revision = short(&head.revision),
-                    resources = desired.len(),
+                    resources = loaded.desired.len(),
                     "new revision loaded"
                 );
-                self.good = Some(Arc::new(Loaded {
-                    revision: head.revision.clone(),
-                    desired,
-                }));
                 self.rejected = None;
+                if self.cfg.manual_sync && !sync_asked {
+                    self.restore_last_good();
+                    if self.good.is_some() {
+                        info!(
+                            revision = short(&head.revision),
+                            "manual sync: the head waits for a sync"
+                        );
+                        self.proposed = Some(Arc::new(loaded));
+                        return;
+                    }
+                }
+                self.good = Some(Arc::new(loaded));
+                self.proposed = None;
                 self.backoff.reset();
             }
             Err((res, msg)) => {
                 warn!(revision = short(&head.revision), result = res, error = %msg, "revision rejected; the last good revision stays applied");
-                self.event(
-                    "",
-                    "Warning",
-                    if res == "unsigned" {
-                        "Unsigned"
-                    } else {
-                        "Invalid"
-                    },
-                    &format!("revision {}: {msg}", short(&head.revision)),
+                let reason = if res == "unsigned" {
+                    "Unsigned"
+                } else {
+                    "Invalid"
+                };
+                let text = format!("revision {}: {msg}", short(&head.revision));
+                self.event("", "Warning", reason, &text);
+                self.shared.events.record(
+                    events::NewEvent::new(events::EventKind::Rejected, reason, text)
+                        .at(Some(&head.revision)),
                 );
                 self.rejected = Some(Rejected {
                     revision: head.revision.clone(),
@@ -708,6 +870,9 @@ impl Engine {
                     .inc();
                 warn!(resource = %id, drift = %what, mode = ?self.cfg.drift, "drift detected");
                 self.event(&id.to_string(), "Warning", "Drift", what);
+                self.shared.events.record(
+                    events::NewEvent::new(events::EventKind::Drift, "Drift", what.clone()).on(id),
+                );
             }
         }
     }
@@ -758,11 +923,10 @@ impl Engine {
             return false;
         }
         let _ = db.set_kv(KV_REVISION, revision);
-        let _ = db.event(
-            "",
-            "Normal",
-            "Revision",
-            &format!("applied revision {}", short(revision)),
+        let text = format!("applied revision {}", short(revision));
+        let _ = db.event("", "Normal", "Revision", &text);
+        self.shared.events.record(
+            events::NewEvent::new(events::EventKind::Revision, "Revision", text).at(Some(revision)),
         );
         true
     }
@@ -916,7 +1080,15 @@ fn prepare(cfg: &Config, env: &HostEnv) -> Result<Prepared, ControllerError> {
 }
 
 /// The context the loop, the HTTP server and the status socket share.
-fn new_shared(cfg: &Config) -> Result<Arc<Shared>, ControllerError> {
+fn new_shared(
+    cfg: &Config,
+    run_dir: &Path,
+    hk: Option<Arc<dyn Housekeeping>>,
+) -> Result<Arc<Shared>, ControllerError> {
+    let events = match &cfg.ui {
+        Some(_) => events::EventLog::open(run_dir, events::RING_CAPACITY),
+        None => events::EventLog::in_memory(events::RING_CAPACITY),
+    };
     Ok(Arc::new(Shared {
         metrics: Metrics::new()?,
         status: RwLock::new(Status {
@@ -934,7 +1106,25 @@ fn new_shared(cfg: &Config) -> Result<Arc<Shared>, ControllerError> {
         webhook_token: cfg.webhook_token.clone(),
         busy_since: Mutex::new(None),
         work: Mutex::new(()),
+        events,
+        snapshot: RwLock::new(None),
+        ui: cfg.ui.clone().map(auth::UiAuth::new),
+        sync_requested: AtomicBool::new(false),
+        sync_mode: if cfg.manual_sync { "manual" } else { "auto" },
+        housekeeping: hk,
     }))
+}
+
+/// The reason of an `apply` event for `action`.
+fn apply_reason(action: Action) -> &'static str {
+    match action {
+        Action::Create => "Created",
+        Action::Update => "Updated",
+        Action::Replace => "Replaced",
+        Action::Delete => "Deleted",
+        Action::Retain => "Retained",
+        Action::Noop => "Unchanged",
+    }
 }
 
 /// Serves the controller until a signal; the path of the status socket to remove.
@@ -946,7 +1136,10 @@ async fn run_async(
     db: StateDb,
     source: Source,
 ) -> Result<PathBuf, ControllerError> {
-    let shared = new_shared(&cfg)?;
+    let shared = new_shared(&cfg, &env.run_dir, Some(hk.clone()))?;
+    if cfg.ui.is_some() && !cfg.listen.ip().is_loopback() {
+        warn!(listen = %cfg.listen, "the web UI listens beyond loopback: put it behind TLS");
+    }
     let (stop_tx, http) = serve_http(cfg.listen, shared.clone()).await?;
     // Start-up only, before any other task runs: create the run dir, bind, chmod.
     let (sock, sock_path) = server::bind_status_socket(&env.run_dir)?;
@@ -1221,6 +1414,15 @@ mod tests {
 
     /// A fresh shared context for tests.
     pub(crate) fn shared() -> Arc<Shared> {
+        shared_with(None, None, None)
+    }
+
+    /// A fresh shared context with a webhook token, UI settings and housekeeping.
+    pub(crate) fn shared_with(
+        webhook_token: Option<String>,
+        ui: Option<auth::UiConfig>,
+        housekeeping: Option<Arc<dyn Housekeeping>>,
+    ) -> Arc<Shared> {
         Arc::new(Shared {
             metrics: Metrics::new().expect("metrics"),
             status: RwLock::new(Status::default()),
@@ -1228,9 +1430,15 @@ mod tests {
                 notify: Notify::new(),
                 fetch: AtomicBool::new(false),
             },
-            webhook_token: None,
+            webhook_token,
             busy_since: Mutex::new(None),
             work: Mutex::new(()),
+            events: events::EventLog::in_memory(100),
+            snapshot: RwLock::new(None),
+            ui: ui.map(auth::UiAuth::new),
+            sync_requested: AtomicBool::new(false),
+            sync_mode: "auto",
+            housekeeping,
         })
     }
 

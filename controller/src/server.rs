@@ -1,4 +1,5 @@
-//! HTTP (`/metrics`, `/healthz`, `/readyz`, `POST /hooks/git`) and the status socket.
+//! HTTP (`/metrics`, `/healthz`, `/readyz`, `POST /hooks/git`; with `--ui` also `/api/v1`
+//! and the web pages) and the status socket.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -60,6 +61,28 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
 
 /// The HTTP routes, with the webhook body limited to `limits.webhook_body_limit`.
 pub(crate) fn router_with(shared: Arc<Shared>, limits: &HttpLimits) -> Router {
+    let base = base_routes(shared.clone(), limits);
+    if shared.ui.is_none() {
+        return base;
+    }
+    base.merge(ui_routes(shared))
+}
+
+/// With `--ui`: `/api/v1` (and the pages), every route behind the authentication
+/// middleware and with the security headers.
+fn ui_routes(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .merge(crate::api::routes())
+        .layer(axum::middleware::from_fn_with_state(
+            shared.clone(),
+            crate::auth::authenticate,
+        ))
+        .layer(axum::middleware::from_fn(crate::auth::security_headers))
+        .with_state(shared)
+}
+
+/// `/metrics`, `/healthz`, `/readyz` and `/hooks/git`.
+fn base_routes(shared: Arc<Shared>, limits: &HttpLimits) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
@@ -539,17 +562,7 @@ mod tests {
 
     /// The controller's routes with the webhook token `tok` and a `limit`-byte body cap.
     fn serve_controller(tok: &str, limit: usize) -> u16 {
-        let shared = Arc::new(Shared {
-            metrics: super::super::Metrics::new().unwrap(),
-            status: Default::default(),
-            trigger: super::super::Trigger {
-                notify: tokio::sync::Notify::new(),
-                fetch: Default::default(),
-            },
-            webhook_token: Some(tok.into()),
-            busy_since: Default::default(),
-            work: Default::default(),
-        });
+        let shared = crate::tests::shared_with(Some(tok.into()), None, None);
         let mut l = limits(2000, 8);
         l.webhook_body_limit = limit;
         serve_app(router_with(shared, &l), l)

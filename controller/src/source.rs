@@ -148,6 +148,17 @@ pub struct Head {
     pub message: String,
 }
 
+/// A commit's author, summary line and time (Unix seconds).
+#[derive(Debug, Clone)]
+pub struct CommitInfo {
+    /// `Name <email>`.
+    pub author: String,
+    /// Summary line.
+    pub summary: String,
+    /// Commit time.
+    pub time: i64,
+}
+
 /// A git source: a bare mirror at `<state-dir>/source/mirror.git`.
 pub struct GitSource {
     url: String,
@@ -266,6 +277,25 @@ impl GitSource {
         Ok(Head {
             revision: oid.to_string(),
             message: commit.summary().ok().flatten().unwrap_or("").to_string(),
+        })
+    }
+
+    /// The author, summary line and time of commit `rev`, if the mirror has it.
+    pub fn commit_info(&self, rev: &str) -> Option<CommitInfo> {
+        let repo = self.mirror().ok()?;
+        let oid = git2::Oid::from_str(rev).ok()?;
+        let c = repo.find_commit(oid).ok()?;
+        let a = c.author();
+        let author = match (a.name().ok(), a.email().ok()) {
+            (Some(n), Some(e)) => format!("{n} <{e}>"),
+            (Some(n), None) => n.to_string(),
+            (None, Some(e)) => format!("<{e}>"),
+            (None, None) => String::new(),
+        };
+        Some(CommitInfo {
+            author,
+            summary: c.summary().ok().flatten().unwrap_or("").to_string(),
+            time: c.time().seconds(),
         })
     }
 
