@@ -186,35 +186,43 @@
     });
   }
 
-  // Console: a websocket to the workload's serial console; text in, text out.
+  // Console: a websocket to the workload's serial console; text in, text out. The
+  // server closes long connections; the page attaches again unless the user detached.
   function consolePage() {
     var screen = $("#console-screen");
     if (!screen || !window.WebSocket) { return; }
     var form = $("form.console-input");
     var state = $("#console-state");
+    var toggle = $("#console-detach");
+    var replays = screen.getAttribute("data-replays") === "true";
+    var decoder = new TextDecoder();
     var ws = null;
+    var wanted = true;
     function show(text) {
       screen.textContent += text;
       if (screen.textContent.length > 200000) { screen.textContent = screen.textContent.slice(-150000); }
       screen.scrollTop = screen.scrollHeight;
     }
     function attach() {
+      // A VM replays its recent output on every attach: start from a clean screen.
+      if (replays) { screen.textContent = ""; }
       var proto = window.location.protocol === "https:" ? "wss://" : "ws://";
       ws = new WebSocket(proto + window.location.host + screen.getAttribute("data-ws"));
       ws.binaryType = "arraybuffer";
-      ws.onopen = function () { state.textContent = "attached"; };
-      ws.onclose = function () { state.textContent = "detached"; ws = null; };
+      ws.onopen = function () { state.textContent = "attached"; toggle.textContent = "Detach"; };
+      ws.onclose = function () {
+        ws = null;
+        state.textContent = "detached";
+        toggle.textContent = "Attach";
+        if (wanted) { setTimeout(function () { if (wanted && !ws) { attach(); } }, 1000); }
+      };
       ws.onmessage = function (m) {
-        show(typeof m.data === "string" ? m.data : new TextDecoder().decode(m.data));
+        show(typeof m.data === "string" ? m.data : decoder.decode(new Uint8Array(m.data), { stream: true }));
       };
     }
-    var detach = $("#console-detach");
-    if (detach) {
-      detach.addEventListener("click", function () {
-        if (ws) { ws.close(); } else { attach(); }
-        detach.textContent = ws ? "Attach" : "Detach";
-      });
-    }
+    toggle.addEventListener("click", function () {
+      if (ws) { wanted = false; ws.close(); } else { wanted = true; attach(); }
+    });
     form.addEventListener("submit", function (ev) {
       ev.preventDefault();
       var input = form.elements.line;

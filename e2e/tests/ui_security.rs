@@ -108,6 +108,30 @@ fn ui_refuses_without_session_or_csrf_and_shows_the_tree() {
     assert_eq!(a.status, 403, "{a:?}");
     let page = request(port, "GET", "/", &[("Cookie", &cookie)], "");
     assert_eq!(page.status, 200, "still logged in: {page:?}");
+    // The console's websocket: operators only, and only from this server's pages.
+    let ws = |extra: &[(&str, &str)]| {
+        let mut h = vec![
+            ("Connection", "Upgrade, close"),
+            ("Upgrade", "websocket"),
+            ("Sec-WebSocket-Version", "13"),
+            ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
+        ];
+        h.extend_from_slice(extra);
+        request(port, "GET", "/console/vm/vm1/ws", &h, "").status
+    };
+    let origin = format!("http://127.0.0.1:{port}");
+    assert_eq!(ws(&[("Origin", &origin)]), 401);
+    assert_eq!(
+        ws(&[("Cookie", &vcookie), ("Origin", &origin)]),
+        403,
+        "viewer"
+    );
+    assert_eq!(ws(&[("Cookie", &cookie)]), 403, "no Origin");
+    assert_eq!(
+        ws(&[("Cookie", &cookie), ("Origin", "http://evil.example")]),
+        403,
+        "other origin"
+    );
 
     // In the browser.
     let Some(b) = Browser::start(TEST) else {

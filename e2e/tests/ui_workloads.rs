@@ -176,6 +176,26 @@ fn ui_tree_pending_restart_drift_heal_and_console() {
     let detail = b.screenshot("detail-vm");
     axe_check(&b, TEST, "detail");
 
+    // The console: the guest's output, and input echoed (the tiny guest upper-cases it).
+    b.goto(&url("/console/VirtualMachine/vm1"));
+    b.wait_text("#console-state", "attached", Duration::from_secs(10));
+    b.wait_text(
+        "#console-screen",
+        "stead tiny guest: idle",
+        Duration::from_secs(15),
+    );
+    b.type_into("#console-line", "hello stead");
+    b.click("form.console-input button[type=submit]");
+    b.wait_text("#console-screen", "HELLO STEAD", Duration::from_secs(10));
+    let console = b.screenshot("console");
+    axe_check(&b, TEST, "console");
+    // Detach leaves the VM running; attach replays its output.
+    b.click("#console-detach");
+    b.wait_text("#console-state", "detached", Duration::from_secs(5));
+    b.click("#console-detach");
+    b.wait_text("#console-state", "attached", Duration::from_secs(10));
+    b.wait_text("#console-screen", "HELLO STEAD", Duration::from_secs(10));
+
     // No page shows a secret value.
     for p in [
         "/",
@@ -198,4 +218,5 @@ fn ui_tree_pending_restart_drift_heal_and_console() {
 
     maybe_update_doc_image(&pending, "ui-pending.png");
     maybe_update_doc_image(&detail, "ui-detail.png");
+    maybe_update_doc_image(&console, "ui-console.png");
 }

@@ -7,6 +7,7 @@
 //! with the CSRF token) and the console.
 
 pub mod assets;
+mod console;
 pub mod html;
 pub mod layout;
 pub mod pages;
@@ -38,6 +39,7 @@ pub(crate) fn routes() -> Router<Arc<Shared>> {
         .route("/pending", get(pending_page))
         .route("/events", get(events_page))
         .route("/console/{kind}/{name}", get(console_page))
+        .route("/console/{kind}/{name}/ws", get(console::upgrade))
         .route("/login", get(login_page))
         .route("/logout", post(logout))
         .route("/assets/{file}", get(assets::serve))

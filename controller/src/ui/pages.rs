@@ -818,6 +818,14 @@ pub fn console(kind: &str, name: &str) -> Html {
                 "data-ws",
                 &format!("/console/{}/{}/ws", url_part(kind), url_part(name)),
             ),
+            (
+                "data-replays",
+                if kind == "VirtualMachine" {
+                    "true"
+                } else {
+                    "false"
+                },
+            ),
         ],
         "",
     );
