@@ -5,15 +5,20 @@
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
+use std::collections::{BTreeMap, BTreeSet};
 use stead_controller::env::{self, EnvRecord};
 use stead_controller::{Housekeeping, HousekeepingError, StopSignal};
 use stead_drivers::backup::consistency::WorldLoader;
 use stead_drivers::backup::runner::{self, Clock};
+
+use stead_controller::view::{BackupEntry, VerifyState};
+use stead_drivers::backup::ops::{self, World};
 use stead_drivers::backup::targets;
 use stead_drivers::container::ContainerDriver;
 use stead_drivers::vm::VmDriver;
 use stead_reconciler::driver::HostEnv;
-use stead_schema::{Kind, ResourceId, Spec};
+use stead_reconciler::state::now_secs;
+use stead_schema::{Kind, Resource, ResourceId, Spec};
 use tracing::{debug, info};
 
 use crate::{Global, applied_world, cmd_backup, cmd_env};
@@ -126,35 +131,125 @@ impl Housekeeping for CliHousekeeping {
     }
 
     fn verify_backup(&self, schedule: &str) -> Result<String, HousekeepingError> {
-        let world = applied_world(&self.env).map_err(|e| HousekeepingError(format!("{e:#}")))?;
+        let err = |e: String| HousekeepingError(e);
+        let world = applied_world(&self.env).map_err(|e| err(format!("{e:#}")))?;
         let Some(Spec::BackupSchedule(spec)) = world
             .get(&ResourceId::new(Kind::BackupSchedule, schedule))
             .map(|r| &r.spec)
         else {
-            return Err(HousekeepingError(format!(
-                "no BackupSchedule/{schedule} applied"
-            )));
+            return Err(err(format!("no BackupSchedule/{schedule} applied")));
         };
-        let storage = spec.storage.to_string();
         let ids = targets::select(&spec.targets, world.values());
-        let mut bad = Vec::new();
+        let w = World::load(&cmd_backup::ManifestArgs::default(), Some(&world))
+            .map_err(|e| err(e.to_string()))?;
+        let store = w
+            .store(Some(spec.storage.as_str()))
+            .map_err(|e| err(e.to_string()))?;
+        let mut verified = self.read_verified();
+        let (mut good, mut bad, mut none) = (0, Vec::new(), 0);
         for id in &ids {
-            let target = id.to_string();
-            let args = ["backup", "verify", &target, "--storage", &storage];
-            if self.backup(&args)? != 0 {
-                bad.push(target);
+            let Ok(backup) = ops::backup_id(&store, &id.to_string()) else {
+                none += 1;
+                continue;
+            };
+            let state = match store.verify(&backup) {
+                Ok(r) => VerifyState {
+                    ok: r.ok(),
+                    at: now_secs(),
+                    problems: r
+                        .problems
+                        .iter()
+                        .map(|p| serde_json::to_string(p).unwrap_or_default())
+                        .collect(),
+                },
+                Err(e) => VerifyState {
+                    ok: false,
+                    at: now_secs(),
+                    problems: vec![e.to_string()],
+                },
+            };
+            info!(backup = %backup, ok = state.ok, "backup verified");
+            if state.ok {
+                good += 1;
+            } else {
+                bad.push(backup.clone());
             }
+            verified.insert(backup, state);
         }
+        self.write_verified(&verified);
         if bad.is_empty() {
             Ok(format!(
-                "backup schedule {schedule}: the newest backup of {} target(s) verified",
-                ids.len()
+                "backup schedule {schedule}: {good} newest backup(s) verified, {none} target(s) without a backup"
             ))
         } else {
-            Err(HousekeepingError(format!(
-                "verify failed for {} (see the controller log)",
-                bad.join(", ")
-            )))
+            Err(err(format!("verify found problems in {}", bad.join(", "))))
+        }
+    }
+
+    fn backups(&self, id: &ResourceId) -> Result<Vec<BackupEntry>, HousekeepingError> {
+        let err = |e: String| HousekeepingError(e);
+        let world = applied_world(&self.env).map_err(|e| err(format!("{e:#}")))?;
+        let verified = self.read_verified();
+        let w = World::load(&cmd_backup::ManifestArgs::default(), Some(&world))
+            .map_err(|e| err(e.to_string()))?;
+        let mut out = Vec::new();
+        for storage in storages_of(&world, id) {
+            let store = w.store(Some(&storage)).map_err(|e| err(e.to_string()))?;
+            for b in store
+                .list(Some(&id.to_string()))
+                .map_err(|e| err(e.to_string()))?
+            {
+                out.push(BackupEntry {
+                    verified: verified.get(&b.id).cloned(),
+                    id: b.id,
+                    time: b.time.to_rfc3339(),
+                    storage: storage.clone(),
+                    bytes: b.stats.bytes,
+                    stored_bytes: b.stats.stored_bytes,
+                    duration_ms: b.stats.duration_ms,
+                    consistency: b.consistency,
+                });
+            }
+        }
+        out.sort_by(|a, b| (&a.time, &a.id).cmp(&(&b.time, &b.id)));
+        Ok(out)
+    }
+}
+
+/// The storages of the BackupSchedules of `world` that select `id`.
+fn storages_of(world: &BTreeMap<ResourceId, Resource>, id: &ResourceId) -> BTreeSet<String> {
+    world
+        .values()
+        .filter_map(|r| match &r.spec {
+            Spec::BackupSchedule(s) => Some(s),
+            _ => None,
+        })
+        .filter(|s| targets::select(&s.targets, world.values()).contains(id))
+        .map(|s| s.storage.to_string())
+        .collect()
+}
+
+impl CliHousekeeping {
+    /// `<state-dir>/backup/verified.json`: the last verify of each backup from the UI.
+    fn verified_path(&self) -> std::path::PathBuf {
+        self.env.state_dir.join("backup").join("verified.json")
+    }
+
+    fn read_verified(&self) -> BTreeMap<String, VerifyState> {
+        std::fs::read(self.verified_path())
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
+    }
+
+    fn write_verified(&self, m: &BTreeMap<String, VerifyState>) {
+        let path = self.verified_path();
+        let written = std::fs::create_dir_all(path.parent().unwrap_or(&path))
+            .map_err(|e| e.to_string())
+            .and_then(|_| serde_json::to_vec_pretty(m).map_err(|e| e.to_string()))
+            .and_then(|b| stead_host::write_atomic(&path, &b).map_err(|e| e.to_string()));
+        if let Err(e) = written {
+            tracing::warn!(file = %path.display(), error = %e, "cannot record verify results");
         }
     }
 }

@@ -216,6 +216,9 @@ struct Session {
 pub struct UiAuth {
     cfg: UiConfig,
     sessions: Mutex<HashMap<String, Session>>,
+    /// One password check at a time: a flood of logins waits here, on the async side,
+    /// instead of filling the blocking pool that reconciles run on.
+    pub(crate) login_gate: tokio::sync::Semaphore,
     /// A hash to check unknown users against, so they cost what a known user costs.
     dummy_hash: String,
 }
@@ -321,6 +324,7 @@ impl UiAuth {
         UiAuth {
             cfg,
             sessions: Mutex::new(HashMap::new()),
+            login_gate: tokio::sync::Semaphore::new(1),
             dummy_hash,
         }
     }

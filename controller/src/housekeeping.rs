@@ -88,6 +88,13 @@ pub trait Housekeeping: Send + Sync {
             "the console of {id} is not available in this controller"
         )))
     }
+    /// The backups of `id` with their last verify (none known: empty).
+    fn backups(
+        &self,
+        _id: &stead_schema::ResourceId,
+    ) -> Result<Vec<crate::view::BackupEntry>, HousekeepingError> {
+        Ok(Vec::new())
+    }
 }
 
 /// What the housekeeping loop reads from the controller's state dir.

@@ -518,7 +518,6 @@ impl Engine {
             |id| gate::hold_key(id, &good.desired, &run.inventory, &run.observed),
         );
         self.drifted = gate::still_drifted(self.cfg.drift, &drift, &results.applied);
-        self.record_run_events(&good.revision, &drift, &results);
         let proposed = self.plan_proposed();
 
         // 4. Status and metrics.
@@ -531,6 +530,8 @@ impl Engine {
         if let Some(plan) = first_plan {
             self.publish_snapshot(&good, run, plan, &ran, proposed);
         }
+        // After the snapshot: whoever sees these events reads a model that has them.
+        self.record_run_events(&good.revision, &ran.drift, &ran.results);
         next
     }
 
@@ -593,10 +594,23 @@ impl Engine {
         ran: &Ran,
         proposed: Option<(view::RevisionInfo, stead_reconciler::plan::Plan)>,
     ) {
+        // What was just changed is observed again, so the pages show the new state (a
+        // started container's pid) without waiting for the next resync.
+        let mut observed = run.observed;
+        let applied = &ran.results.applied;
+        if !applied.is_empty() {
+            let (fresh, _) = stead_reconciler::observe_where(
+                &self.drivers,
+                &good.desired,
+                &run.inventory,
+                &|id| applied.contains_key(id),
+            );
+            observed.extend(fresh);
+        }
         let snap = Arc::new(view::Snapshot {
             revision: good.info.clone(),
             desired: good.desired.clone(),
-            observed: run.observed,
+            observed,
             plan,
             applied: ran.results.applied.clone(),
             drift: ran.drift.clone(),
@@ -823,6 +837,8 @@ impl Engine {
                     result: res,
                     message: msg,
                 });
+                // A head waiting for a sync is no longer the head: nothing to sync.
+                self.proposed = None;
                 log.result = Some(res);
                 self.restore_last_good();
             }
@@ -1193,16 +1209,18 @@ async fn serve_http(
         .map_err(|e| ControllerError::io("local address".into(), e))?;
     info!(addr = %local, "serving /metrics /healthz /readyz /hooks/git");
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let limits = if shared.ui.is_some() {
+        server::HttpLimits::with_ui()
+    } else {
+        server::HttpLimits::default()
+    };
     let app = server::router(shared);
     let http = tokio::spawn(async move {
-        let r = axum::serve(
-            server::limited(listener, server::HttpLimits::default()),
-            app,
-        )
-        .with_graceful_shutdown(async move {
-            let _ = stop_rx.wait_for(|v| *v).await;
-        })
-        .await;
+        let r = axum::serve(server::limited(listener, limits), app)
+            .with_graceful_shutdown(async move {
+                let _ = stop_rx.wait_for(|v| *v).await;
+            })
+            .await;
         if let Err(e) = r {
             error!(error = %e, "http server");
         }

@@ -54,6 +54,19 @@ impl Default for HttpLimits {
     }
 }
 
+impl HttpLimits {
+    /// With the web UI: live streams (the SSE stream, a console) stay open up to an hour
+    /// and 256 connections are served at once (browser tabs hold one stream each); the
+    /// 10 s idle limit stays, so a stalled client is still closed quickly.
+    pub fn with_ui() -> Self {
+        HttpLimits {
+            max_connections: 256,
+            max_connection_age: Duration::from_secs(3600),
+            ..HttpLimits::default()
+        }
+    }
+}
+
 /// The HTTP routes.
 pub(crate) fn router(shared: Arc<Shared>) -> Router {
     router_with(shared, &HttpLimits::default())

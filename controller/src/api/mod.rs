@@ -112,7 +112,18 @@ pub(crate) fn pending_of(s: &Shared) -> Pending {
 pub(crate) fn detail_of(s: &Shared, id: &ResourceId) -> Option<Detail> {
     let (status, snap) = read_model(s);
     let events = s.events.recent(Some(&id.to_string()), None, 100);
-    view::detail(&status, snap.as_deref(), id, events, view::console_tail)
+    let mut d = view::detail(&status, snap.as_deref(), id, events, view::console_tail)?;
+    let backed_up = matches!(
+        id.kind,
+        Kind::Volume | Kind::Container | Kind::VirtualMachine
+    );
+    if backed_up && let Some(hk) = &s.housekeeping {
+        match hk.backups(id) {
+            Ok(b) => d.backups = b,
+            Err(e) => warn!(resource = %id, error = %e, "cannot list backups"),
+        }
+    }
+    Some(d)
 }
 
 /// The id named by a path's kind and name.
@@ -200,36 +211,76 @@ const KEEP_ALIVE: Duration = Duration::from_secs(4);
 
 #[utoipa::path(get, path = "/api/v1/stream", tag = "live",
     responses((status = 200, content_type = "text/event-stream", body = Update,
-        description = "Server-sent events: `event` (an Event) and `status` (a StatusUpdate) \
-            messages; `resync` when the client fell behind and should reload. The \
-            server closes connections after 60 s; EventSource reconnects by itself."),
+        description = "Server-sent events: `event` (an Event, its SSE id its sequence number) \
+            and `status` (a StatusUpdate) messages; `resync` when the client fell behind \
+            and should reload. The server closes a connection after an hour; EventSource \
+            reconnects by itself and, with `Last-Event-ID`, gets the events it missed."),
         (status = 401, body = ApiError)))]
 async fn stream(
     _: Viewer,
     State(s): State<Arc<Shared>>,
+    headers: axum::http::HeaderMap,
 ) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
+    use futures_util::StreamExt;
+    // Subscribe first, then read the backlog: nothing falls in between (a duplicate is
+    // dropped by its sequence number).
     let rx = s.events.subscribe();
-    let hello = futures_util::stream::once(async {
-        Ok(SseEvent::default()
-            .retry(Duration::from_secs(1))
-            .event("hello")
-            .data("{}"))
-    });
-    let updates = futures_util::stream::unfold(rx, |mut rx| async move {
+    let last = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    let backlog: Vec<Event> = match last {
+        Some(seq) => {
+            let mut b = s
+                .events
+                .recent(None, Some(seq), crate::events::RING_CAPACITY);
+            b.reverse();
+            b
+        }
+        None => Vec::new(),
+    };
+    let mut seen = backlog.last().map(|e| e.seq).or(last).unwrap_or(0);
+    let hello = SseEvent::default()
+        .retry(Duration::from_secs(1))
+        .event("hello")
+        .data("{}");
+    let first: Vec<Result<SseEvent, Infallible>> = std::iter::once(hello)
+        .chain(backlog.iter().filter_map(event_message))
+        .map(Ok)
+        .collect();
+    let updates = futures_util::stream::unfold(rx, move |mut rx| async move {
         loop {
             let msg = match rx.recv().await {
-                Ok(Update::Event(e)) => ("event", serde_json::to_string(&e)),
-                Ok(Update::Status(u)) => ("status", serde_json::to_string(&u)),
-                Err(RecvError::Lagged(_)) => ("resync", Ok("{}".to_string())),
+                Ok(Update::Event(e)) if e.seq <= seen => continue,
+                Ok(Update::Event(e)) => {
+                    seen = e.seq;
+                    event_message(&e)
+                }
+                Ok(Update::Status(u)) => serde_json::to_string(&u)
+                    .ok()
+                    .map(|d| SseEvent::default().event("status").data(d)),
+                Err(RecvError::Lagged(_)) => Some(SseEvent::default().event("resync").data("{}")),
                 Err(RecvError::Closed) => return None,
             };
-            if let (name, Ok(data)) = msg {
-                return Some((Ok(SseEvent::default().event(name).data(data)), rx));
+            if let Some(m) = msg {
+                return Some((Ok(m), rx));
             }
         }
     });
-    use futures_util::StreamExt;
-    Sse::new(hello.chain(updates)).keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
+    Sse::new(futures_util::stream::iter(first).chain(updates))
+        .keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
+}
+
+/// An event as an SSE message whose id is its sequence number (a reconnecting
+/// EventSource sends it back as `Last-Event-ID` and gets what it missed).
+fn event_message(e: &Event) -> Option<SseEvent> {
+    let data = serde_json::to_string(e).ok()?;
+    Some(
+        SseEvent::default()
+            .id(e.seq.to_string())
+            .event("event")
+            .data(data),
+    )
 }
 
 /// `GET /api/v1/session` and the login's answer.
@@ -329,6 +380,9 @@ async fn login(State(s): State<Arc<Shared>>, req: Request) -> Response {
     let body = match body {
         Ok(b) => b,
         Err(r) => return r,
+    };
+    let Ok(_permit) = ui.login_gate.acquire().await else {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
     };
     let shared = s.clone();
     let (user, password) = (body.username.clone(), body.password);

@@ -10,9 +10,9 @@ use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder
 use crate::auth::{Role, Via};
 use crate::events::{Event, EventKind, StatusUpdate, Update};
 use crate::view::{
-    Capacity, ConditionView, Detail, FieldDiff, KindCount, NodeStatus, ObservedView, Overview,
-    Pending, PlanProblem, PlannedChange, PoolUsage, ResourceSummary, RevisionInfo, SyncInfo,
-    SyncState, Tree, TreeEdge, TreeNode, WorkloadInfo,
+    BackupEntry, Capacity, ConditionView, Detail, FieldDiff, KindCount, NodeStatus, ObservedView,
+    Overview, Pending, PlanProblem, PlannedChange, PoolUsage, ResourceSummary, RevisionInfo,
+    SyncInfo, SyncState, Tree, TreeEdge, TreeNode, VerifyState, WorkloadInfo,
 };
 
 use super::{ActionAccepted, ApiError, LoginRequest, ResourceTarget, SessionInfo};
@@ -34,7 +34,7 @@ use super::{ActionAccepted, ApiError, LoginRequest, ResourceTarget, SessionInfo}
     components(schemas(
         Overview, SyncInfo, SyncState, KindCount, Capacity, PoolUsage, RevisionInfo,
         ResourceSummary, Tree, TreeNode, TreeEdge, NodeStatus, Detail, ConditionView,
-        ObservedView, FieldDiff, WorkloadInfo, Pending, PlannedChange, PlanProblem, Event,
+        ObservedView, FieldDiff, WorkloadInfo, BackupEntry, VerifyState, Pending, PlannedChange, PlanProblem, Event,
         EventKind, Update, StatusUpdate, SessionInfo, Role, Via, LoginRequest,
         ResourceTarget, ActionAccepted, ApiError,
     )),

@@ -599,3 +599,50 @@ fn wait(mut f: impl FnMut() -> bool) -> bool {
     }
     false
 }
+
+#[test]
+fn a_reconnecting_stream_gets_the_events_it_missed() {
+    let s = serve(ui_shared());
+    for i in 0..2 {
+        s.shared.events.record(
+            NewEvent::new(EventKind::Apply, "Updated", format!("missed {i}")).on("Volume/disk"),
+        );
+    }
+    let mut c = TcpStream::connect(("127.0.0.1", s.port)).expect("connect");
+    c.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let req = format!(
+        "GET /api/v1/stream HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: {}\r\nLast-Event-ID: 1\r\n\r\n",
+        bearer()
+    );
+    c.write_all(req.as_bytes()).expect("write");
+    let mut r = BufReader::new(c);
+    let mut got = String::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !got.contains("missed 1") && Instant::now() < deadline {
+        let mut line = String::new();
+        if r.read_line(&mut line).unwrap_or(0) == 0 {
+            break;
+        }
+        got.push_str(&line);
+    }
+    assert!(got.contains("id: 2") && got.contains("missed 0"), "{got}");
+    assert!(got.contains("id: 3") && got.contains("missed 1"), "{got}");
+    assert!(!got.contains("id: 1\n"), "event 1 was seen: {got}");
+}
+
+#[test]
+fn only_local_paths_are_followed_after_a_login() {
+    assert_eq!(safe_next(Some("/resources?kind=vm")), "/resources?kind=vm");
+    for bad in [
+        "//evil.example/x",
+        "https://evil.example",
+        "/\\evil.example",
+        "javascript:alert(1)",
+        "/a\nSet-Cookie: x",
+        "",
+    ] {
+        assert_eq!(safe_next(Some(bad)), "/", "{bad:?}");
+    }
+    assert_eq!(safe_next(None), "/");
+}

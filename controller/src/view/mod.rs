@@ -326,6 +326,43 @@ pub struct WorkloadInfo {
     pub console_tail: Option<String>,
 }
 
+/// One backup of a resource.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BackupEntry {
+    /// `Kind/name/TIME`.
+    pub id: String,
+    /// When (RFC 3339).
+    pub time: String,
+    /// The StoragePool holding it.
+    pub storage: String,
+    /// Bytes of content backed up.
+    pub bytes: u64,
+    /// Bytes written to the chunk store for it (compressed new chunks).
+    pub stored_bytes: u64,
+    /// How long it took, milliseconds.
+    pub duration_ms: u64,
+    /// How the data was made consistent (`snapshot`, `stop`, …).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consistency: Option<String>,
+    /// The last verify of it, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verified: Option<VerifyState>,
+}
+
+/// The outcome of a backup's last verify.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VerifyState {
+    /// Every chunk and checksum was right.
+    pub ok: bool,
+    /// When (Unix seconds).
+    pub at: f64,
+    /// Problems found (empty when ok).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub problems: Vec<String>,
+}
+
 /// `GET /api/v1/resources/{kind}/{name}`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
@@ -357,6 +394,9 @@ pub struct Detail {
     /// For containers and VMs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workload: Option<WorkloadInfo>,
+    /// Backups of it (volumes, containers, VMs) in the storages of the BackupSchedules
+    /// that select it, oldest first.
+    pub backups: Vec<BackupEntry>,
 }
 
 /// A condition, as the API shows it.
@@ -896,6 +936,7 @@ pub(crate) fn detail(
         dependents,
         events,
         workload,
+        backups: Vec::new(),
     })
 }
 

@@ -412,3 +412,57 @@ fn condition_messages_are_redacted() {
     };
     assert!(!ConditionView::from(&c).message.contains("hunter2"));
 }
+
+#[test]
+fn a_tree_of_1000_resources_builds_quickly() {
+    let mut yaml = String::from(
+        "apiVersion: stead.dev/v1alpha1\nkind: StoragePool\nmetadata: {name: local}\nspec: {type: dir, path: /p}\n---\napiVersion: stead.dev/v1alpha1\nkind: Network\nmetadata: {name: lan0}\nspec: {}\n",
+    );
+    for i in 0..499 {
+        yaml.push_str(&format!(
+            "---\napiVersion: stead.dev/v1alpha1\nkind: Volume\nmetadata: {{name: d{i}}}\nspec: {{pool: local, size: 1Mi}}\n---\napiVersion: stead.dev/v1alpha1\nkind: VirtualMachine\nmetadata: {{name: vm{i}}}\nspec: {{cpus: 1, memory: 16Mi, boot: {{kernel: /k}}, disks: [{{volume: d{i}}}], interfaces: [{{network: lan0}}]}}\n"
+        ));
+    }
+    let mut resources = Vec::new();
+    let mut errors = Vec::new();
+    stead_schema::load::load_str(
+        std::path::Path::new("m.yaml"),
+        &yaml,
+        &mut resources,
+        &mut errors,
+    );
+    let d = stead_schema::load::into_desired(resources, &mut errors);
+    assert_eq!(d.len(), 1000);
+    let status = Status {
+        ready: true,
+        resources: d
+            .resources
+            .keys()
+            .map(|id| st(&id.to_string(), "Ready", "Converged", ""))
+            .collect(),
+        ..Status::default()
+    };
+    let snap = Snapshot {
+        revision: RevisionInfo::bare("r"),
+        desired: Arc::new(d),
+        observed: BTreeMap::new(),
+        plan: plan_with(vec![]),
+        applied: BTreeMap::new(),
+        drift: BTreeMap::new(),
+        drifted: BTreeSet::new(),
+        proposed: None,
+    };
+    let t0 = std::time::Instant::now();
+    let t = tree(&status, Some(&snap), &TreeFilter::default());
+    let json = serde_json::to_string(&t).expect("json");
+    let took = t0.elapsed();
+    eprintln!(
+        "tree of 1000 resources: {} ms, {} KiB of JSON",
+        took.as_millis(),
+        json.len() / 1024
+    );
+    assert_eq!(t.nodes.len(), 1000);
+    assert_eq!(t.edges.len(), 499 * 3);
+    assert_eq!(t.nodes.last().map(|n| n.level), Some(2));
+    assert!(took < std::time::Duration::from_secs(3), "{took:?}");
+}
