@@ -465,6 +465,9 @@ pub fn detail(d: &Detail, operator: bool) -> Html {
     if let Some(w) = &d.workload {
         workload(&mut h, r, w);
     }
+    if !d.backups.is_empty() {
+        backups(&mut h, &d.backups);
+    }
     h.el("h2", &[], "Diff (host → manifest)");
     if d.diff.is_empty() {
         h.el("p", &[("class", "muted")], "No difference: converged.");
@@ -599,6 +602,29 @@ fn workload(h: &mut Html, r: &ResourceSummary, w: &crate::view::WorkloadInfo) {
         h.el("pre", &[("tabindex", "0")], tail);
     }
     h.close("section");
+}
+
+fn backups(h: &mut Html, list: &[crate::view::BackupEntry]) {
+    h.el("h2", &[], "Backups");
+    h.open("table", &[])
+        .raw("<thead><tr><th scope=\"col\">Time</th><th scope=\"col\">Storage</th><th scope=\"col\">Size</th><th scope=\"col\">Stored</th><th scope=\"col\">Consistency</th><th scope=\"col\">Verified</th></tr></thead>")
+        .open("tbody", &[]);
+    for b in list.iter().rev() {
+        let verified = match &b.verified {
+            None => "not yet".to_string(),
+            Some(v) if v.ok => format!("ok at {}", time(v.at)),
+            Some(v) => format!("FAILED at {}: {}", time(v.at), v.problems.join("; ")),
+        };
+        h.open("tr", &[])
+            .el("td", &[("title", &b.id)], &b.time)
+            .el("td", &[], &b.storage)
+            .el("td", &[], &bytes(b.bytes as f64))
+            .el("td", &[], &bytes(b.stored_bytes as f64))
+            .el("td", &[], b.consistency.as_deref().unwrap_or(""))
+            .el("td", &[], &verified)
+            .close("tr");
+    }
+    h.close("tbody").close("table");
 }
 
 /// A list of events, newest first; `resource` scopes the live additions.
@@ -850,4 +876,169 @@ pub fn console(kind: &str, name: &str) -> Html {
          equivalent of leaving `stead console`.",
     );
     h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::view::TreeEdge;
+
+    fn summary(kind: &str, name: &str, status: &str) -> ResourceSummary {
+        ResourceSummary {
+            id: format!("{kind}/{name}"),
+            kind: kind.into(),
+            name: name.into(),
+            status: status.into(),
+            reason: "Converged".into(),
+            message: String::new(),
+            since: None,
+            drift: None,
+            drifted: false,
+        }
+    }
+
+    fn node(kind: &str, name: &str, level: usize) -> TreeNode {
+        TreeNode {
+            resource: summary(kind, name, "Ready"),
+            level,
+            health: "Ready".into(),
+            pending: None,
+        }
+    }
+
+    fn tree_of(nodes: Vec<TreeNode>, edges: Vec<TreeEdge>) -> Tree {
+        Tree {
+            revision: Some("0123456789abcdef".into()),
+            total: nodes.len(),
+            nodes,
+            edges,
+        }
+    }
+
+    #[test]
+    fn tree_puts_levels_in_columns_with_their_edges() {
+        let t = tree_of(
+            vec![node("StoragePool", "local", 0), node("Volume", "a", 1)],
+            vec![TreeEdge {
+                from: "Volume/a".into(),
+                to: "StoragePool/local".into(),
+                field: "/spec/pool".into(),
+            }],
+        );
+        let html = tree(&t, &TreeFilter::default(), &BTreeSet::new()).into_string();
+        let l0 = html.find("Level 0").unwrap();
+        let l1 = html.find("Level 1").unwrap();
+        let pool = html.find("data-id=\"StoragePool/local\"").unwrap();
+        let vol = html.find("data-id=\"Volume/a\"").unwrap();
+        assert!(l0 < pool && pool < l1 && l1 < vol, "{html}");
+        assert!(html.contains("data-deps=\"StoragePool%2Flocal\""), "{html}");
+        assert!(html.contains("2 of 2 resources, revision 0123456789ab"));
+    }
+
+    #[test]
+    fn tree_escapes_names_and_badges_drift_and_pending() {
+        let mut n = node("Volume", "<img src=x onerror=alert(1)>", 0);
+        n.resource.drift = Some("size 1 -> 2".into());
+        n.resource.drifted = true;
+        n.pending = Some("update in place".into());
+        let html = tree(
+            &tree_of(vec![n], vec![]),
+            &TreeFilter::default(),
+            &BTreeSet::new(),
+        )
+        .into_string();
+        assert!(!html.contains("<img"), "{html}");
+        assert!(html.contains("&lt;img src=x onerror=alert(1)&gt;"));
+        assert!(
+            html.contains(">drifted<") && html.contains(">update in place<"),
+            "{html}"
+        );
+        assert!(
+            html.contains(
+                "href=\"/resources/Volume/%3Cimg%20src%3Dx%20onerror%3Dalert%281%29%3E\""
+            ),
+            "{html}"
+        );
+    }
+
+    #[test]
+    fn filter_form_keeps_the_choice() {
+        let f = TreeFilter {
+            kind: Some("volume".into()),
+            status: Some("Failed".into()),
+            name: Some("we\"b".into()),
+        };
+        let kinds: BTreeSet<String> = ["Volume".to_string(), "Network".to_string()].into();
+        let html = tree(&tree_of(vec![], vec![]), &f, &kinds).into_string();
+        assert!(
+            html.contains("<option value=\"Volume\" selected=\"selected\">"),
+            "{html}"
+        );
+        assert!(
+            html.contains("<option value=\"Failed\" selected=\"selected\">"),
+            "{html}"
+        );
+        assert!(html.contains("value=\"we&quot;b\""), "{html}");
+        assert!(html.contains("No resource matches."));
+    }
+
+    #[test]
+    fn pending_shows_impact_and_fields() {
+        let p = Pending {
+            applied: None,
+            target: None,
+            head_error: None,
+            changes: vec![PlannedChange {
+                id: "VirtualMachine/vm1".into(),
+                action: "update".into(),
+                symbol: "~".into(),
+                verb: "update in place".into(),
+                impact: Some("restart".into()),
+                drift: false,
+                fields: vec![FieldDiff {
+                    path: "/memory".into(),
+                    observed: Some(Value::from(32)),
+                    desired: Some(Value::from(48)),
+                    impact: "restart".into(),
+                    text: "32 -> 48".into(),
+                }],
+                note: None,
+                state: "waiting-for-sync".into(),
+            }],
+            errors: vec![],
+            max_impact: Some("restart".into()),
+            text: "~ VirtualMachine/vm1 <restart>".into(),
+        };
+        let html = pending(&p).into_string();
+        assert!(
+            html.contains("<span class=\"badge i-restart\">restart</span>"),
+            "{html}"
+        );
+        assert!(
+            html.contains(">/memory<") && html.contains(">waiting-for-sync<"),
+            "{html}"
+        );
+        assert!(
+            html.contains("~ VirtualMachine/vm1 &lt;restart&gt;"),
+            "{html}"
+        );
+    }
+
+    #[test]
+    fn console_page_points_at_its_websocket() {
+        let html = console("VirtualMachine", "vm 1").into_string();
+        assert!(
+            html.contains("data-ws=\"/console/VirtualMachine/vm%201/ws\""),
+            "{html}"
+        );
+        assert!(html.contains("data-replays=\"true\""));
+        assert!(has_console("Container") && !has_console("Volume"));
+    }
+
+    #[test]
+    fn login_keeps_next_escaped() {
+        let html = login("/resources?x=\"><script>", true).into_string();
+        assert!(!html.contains("<script>"), "{html}");
+        assert!(html.contains("Wrong user name or password."));
+    }
 }
