@@ -67,7 +67,7 @@ async fn overview_page(State(s): State<Arc<Shared>>, who: Who, uri: Uri) -> Resp
             Nav::Overview,
             Some(p),
             Live::Swap,
-            pages::overview(&o),
+            pages::overview(&o, p.role >= Role::Operator),
         )
     })
 }

@@ -88,8 +88,8 @@ fn drift_badge(h: &mut Html, s: &ResourceSummary) {
     };
 }
 
-/// `/`: the overview.
-pub fn overview(o: &Overview) -> Html {
+/// `/`: the overview; `operator` adds *Sync now*.
+pub fn overview(o: &Overview, operator: bool) -> Html {
     let mut h = Html::new();
     h.el("h1", &[], "Overview");
     h.open("div", &[("class", "grid")]);
@@ -149,13 +149,15 @@ pub fn overview(o: &Overview) -> Html {
             &format!("{} pending change(s)", o.pending_changes),
         )
         .close("p");
-    action_form(
-        &mut h,
-        "/api/v1/actions/sync",
-        None,
-        "Sync now",
-        "Fetch the source and reconcile now?",
-    );
+    if operator {
+        action_form(
+            &mut h,
+            "/api/v1/actions/sync",
+            None,
+            "Sync now",
+            "Fetch the source and reconcile now (and apply the head, in manual sync)?",
+        );
+    }
     h.close("section");
     if let Some(c) = &o.capacity {
         h.open(
