@@ -278,6 +278,20 @@ impl Browser {
             .unwrap_or_else(|e| panic!("type into {css}: {e}"));
     }
 
+    /// Accepts the open `confirm` (or `alert`) dialog, waiting up to 5 s for it.
+    pub fn accept_alert(&self) {
+        let start = Instant::now();
+        loop {
+            match self.rt.block_on(self.client().accept_alert()) {
+                Ok(()) => return,
+                Err(e) if start.elapsed() > Duration::from_secs(5) => {
+                    panic!("no dialog to accept: {e}")
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
+    }
+
     /// Runs `script` (a function body; `arguments` holds `args`) and returns its result.
     pub fn js(&self, script: &str, args: Vec<Value>) -> Value {
         self.rt

@@ -108,6 +108,11 @@ fn ui_refuses_without_session_or_csrf_and_shows_the_tree() {
     assert_eq!(a.status, 403, "{a:?}");
     let page = request(port, "GET", "/", &[("Cookie", &cookie)], "");
     assert_eq!(page.status, 200, "still logged in: {page:?}");
+    // A viewer gets no action buttons.
+    let vpage = request(port, "GET", "/", &[("Cookie", &vcookie)], "");
+    assert_eq!(vpage.status, 200);
+    assert!(!vpage.body.contains("data-action"), "{}", vpage.body);
+    assert!(page.body.contains("data-action=\"/api/v1/actions/sync\""));
     // The console's websocket: operators only, and only from this server's pages.
     let ws = |extra: &[(&str, &str)]| {
         let mut h = vec![
@@ -145,6 +150,10 @@ fn ui_refuses_without_session_or_csrf_and_shows_the_tree() {
     b.wait_text("#sync-state", "Synced", Duration::from_secs(15));
     let overview = b.screenshot("overview");
     axe_check(&b, TEST, "overview");
+    // Sync now: a confirmation, then the answer next to the button.
+    b.click("form[data-action='/api/v1/actions/sync'] button");
+    b.accept_alert();
+    b.wait_text(".action-result", "accepted", Duration::from_secs(10));
 
     b.goto(&format!("http://127.0.0.1:{port}/resources"));
     for id in ["StoragePool/local", "Volume/a", "Volume/b"] {
