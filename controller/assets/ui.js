@@ -64,24 +64,34 @@
     });
   }
 
-  // Pages that are not the tree re-render their main part after a reconcile.
+  // Pages that are not the tree re-render their main part after a reconcile: at once
+  // when a resource changed, else at most every 5 s; never within 10 s of an action
+  // (its answer stays readable) nor while a field of the page has the focus.
   var refreshTimer = null;
-  function refreshMain() {
+  var lastSwap = 0;
+  var holdUntil = 0;
+  function refreshMain(urgent) {
     var main = $("main[data-live='swap']");
     if (!main || refreshTimer) { return; }
+    var now = Date.now();
+    var wait = Math.max(urgent ? 300 : lastSwap + 5000 - now, holdUntil - now, 300);
     refreshTimer = setTimeout(function () {
       refreshTimer = null;
+      var active = document.activeElement;
+      if (active && main.contains(active) && /INPUT|SELECT|TEXTAREA/.test(active.tagName)) { return; }
+      lastSwap = Date.now();
       fetch(window.location.href, { credentials: "same-origin" }).then(function (r) {
         return r.ok ? r.text() : null;
       }).then(function (text) {
-        if (!text) { return; }
+        if (!text || Date.now() < holdUntil) { return; }
         var doc = new DOMParser().parseFromString(text, "text/html");
         var fresh = doc.querySelector("main");
-        if (fresh) { main.innerHTML = fresh.innerHTML; wire(main); }
+        if (fresh && fresh.innerHTML !== main.innerHTML) { main.innerHTML = fresh.innerHTML; wire(main); }
       }).catch(function () {});
-    }, 300);
+    }, wait);
   }
 
+  var lastRevision = null;
   function live() {
     var flag = $("#live");
     if (!window.EventSource || !flag) { return; }
@@ -93,14 +103,16 @@
       try { u = JSON.parse(m.data); } catch (err) { return; }
       (u.changed || []).forEach(applyNode);
       document.body.setAttribute("data-reconciles", String(u.reconciles || 0));
-      refreshMain();
+      var moved = (u.changed || []).length > 0 || u.revision !== lastRevision;
+      lastRevision = u.revision;
+      refreshMain(moved);
     });
     es.addEventListener("event", function (m) {
       var e;
       try { e = JSON.parse(m.data); } catch (err) { return; }
       applyEvent(e);
     });
-    es.addEventListener("resync", function () { refreshMain(); });
+    es.addEventListener("resync", function () { refreshMain(true); });
   }
 
   // Tree: filter nodes as the user types (the form still works without JS).
@@ -156,6 +168,7 @@
         ev.preventDefault();
         var what = form.getAttribute("data-confirm") || "Run this action?";
         if (!window.confirm(what)) { return; }
+        holdUntil = Date.now() + 10000;
         var body = {};
         var target = form.elements.resource;
         if (target) { body.resource = target.value; }

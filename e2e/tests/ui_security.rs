@@ -108,6 +108,25 @@ fn ui_refuses_without_session_or_csrf_and_shows_the_tree() {
     assert_eq!(a.status, 403, "{a:?}");
     let page = request(port, "GET", "/", &[("Cookie", &cookie)], "");
     assert_eq!(page.status, 200, "still logged in: {page:?}");
+    // The stylesheet and the script: from the page's links, cached for good.
+    for ext in ["css", "js"] {
+        let href = page
+            .body
+            .split('"')
+            .find(|p| p.starts_with("/assets/ui.") && p.ends_with(ext))
+            .unwrap_or_else(|| panic!("no {ext} link in {}", page.body))
+            .to_string();
+        let a = request(port, "GET", &href, &[("Cookie", &cookie)], "");
+        assert_eq!(a.status, 200, "{href}");
+        assert_eq!(
+            a.header("cache-control"),
+            Some("public, max-age=31536000, immutable")
+        );
+        assert!(
+            a.header("content-type").unwrap_or("").starts_with("text/"),
+            "{a:?}"
+        );
+    }
     // A viewer gets no action buttons.
     let vpage = request(port, "GET", "/", &[("Cookie", &vcookie)], "");
     assert_eq!(vpage.status, 200);

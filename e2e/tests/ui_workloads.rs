@@ -216,6 +216,20 @@ fn ui_tree_pending_restart_drift_heal_and_console() {
     );
     let _ = c2;
 
+    // Restart from the VM's page: confirmed, accepted, done (an event), running again.
+    b.goto(&url("/resources/VirtualMachine/vm1"));
+    b.click("form[data-action='/api/v1/actions/restart'] button");
+    b.accept_alert();
+    b.wait_text(".action-result", "accepted", Duration::from_secs(10));
+    b.goto(&url("/events"));
+    b.wait_text("#events-live", "RestartDone", Duration::from_secs(30));
+    b.goto(&url("/resources"));
+    b.wait_text(
+        ".node[data-id=\"VirtualMachine/vm1\"] .st",
+        "Ready",
+        Duration::from_secs(30),
+    );
+
     maybe_update_doc_image(&pending, "ui-pending.png");
     maybe_update_doc_image(&detail, "ui-detail.png");
     maybe_update_doc_image(&console, "ui-console.png");
