@@ -11,6 +11,8 @@ mod console;
 pub mod html;
 pub mod layout;
 pub mod pages;
+#[cfg(test)]
+mod tests;
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
