@@ -208,8 +208,7 @@ impl EventLog {
             ring.next_seq = old.last().map_or(1, |e| e.seq + 1);
             ring.events = old.into();
         }
-        let opened = std::fs::create_dir_all(run_dir)
-            .and_then(|_| File::options().create(true).append(true).open(&path));
+        let opened = std::fs::create_dir_all(run_dir).and_then(|_| open_append(&path));
         match opened {
             Ok(f) => {
                 log.file = Some(Mutex::new(f));
@@ -264,7 +263,7 @@ impl EventLog {
         let mut f = file.lock().unwrap_or_else(|p| p.into_inner());
         if f.metadata().is_ok_and(|m| m.len() > FILE_LIMIT) {
             let _ = std::fs::rename(path, path.with_extension("jsonl.1"));
-            if let Ok(new) = File::options().create(true).append(true).open(path) {
+            if let Ok(new) = open_append(path) {
                 *f = new;
             }
         }
@@ -296,6 +295,16 @@ impl EventLog {
             .cloned()
             .collect()
     }
+}
+
+/// Opens `path` for appending, creating it readable by its owner only.
+fn open_append(path: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    File::options()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)
 }
 
 /// The last `n` events of a JSONL file (unparsable lines skipped).
@@ -347,6 +356,12 @@ mod tests {
         }
         let text = std::fs::read_to_string(t.path().join(FILE_NAME)).expect("file");
         assert_eq!(text.lines().count(), 2);
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(t.path().join(FILE_NAME))
+            .expect("meta")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
         let log = EventLog::open(t.path(), 10);
         let got = log.recent(None, None, 10);
         assert_eq!(got.len(), 2);

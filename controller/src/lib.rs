@@ -212,6 +212,8 @@ pub(crate) struct Shared {
     pub(crate) events: events::EventLog,
     /// What the last reconcile saw and planned (kept with `--ui` only).
     pub(crate) snapshot: RwLock<Option<Arc<view::Snapshot>>>,
+    /// The source head's commit details (kept with `--ui` only).
+    pub(crate) head_info: RwLock<Option<view::RevisionInfo>>,
     /// The UI's authentication state; `None` without `--ui`.
     pub(crate) ui: Option<auth::UiAuth>,
     /// An operator asked to apply the head (manual sync).
@@ -855,9 +857,37 @@ impl Engine {
             self.head.as_ref().map(|h| h.revision.clone()),
             rejected.map(|r| format!("{}: {}", r.result, r.message)),
         );
+        self.publish_head_info(head_rev.as_deref());
         self.set_status(|s| {
             s.head_revision = head_rev;
             s.head_error = head_error;
+        });
+    }
+
+    /// With the UI: the head's commit details (author, summary, time), read once per
+    /// new head, so the overview names a rejected or waiting commit too.
+    fn publish_head_info(&self, head: Option<&str>) {
+        if self.shared.ui.is_none() {
+            return;
+        }
+        let mut slot = self
+            .shared
+            .head_info
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        if slot.as_ref().map(|i| i.id.as_str()) == head {
+            return;
+        }
+        *slot = head.map(|rev| {
+            let mut info = view::RevisionInfo::bare(rev);
+            if let Source::Git(g) = &self.source
+                && let Some(c) = g.commit_info(rev)
+            {
+                info.author = Some(c.author);
+                info.message = Some(c.summary);
+                info.time = Some(c.time);
+            }
+            info
         });
     }
 
@@ -1125,6 +1155,7 @@ fn new_shared(
         work: Mutex::new(()),
         events,
         snapshot: RwLock::new(None),
+        head_info: RwLock::new(None),
         ui: cfg.ui.clone().map(auth::UiAuth::new),
         sync_requested: AtomicBool::new(false),
         sync_mode: if cfg.manual_sync { "manual" } else { "auto" },
@@ -1454,6 +1485,7 @@ mod tests {
             work: Mutex::new(()),
             events: events::EventLog::in_memory(100),
             snapshot: RwLock::new(None),
+            head_info: RwLock::new(None),
             ui: ui.map(auth::UiAuth::new),
             sync_requested: AtomicBool::new(false),
             sync_mode: "auto",

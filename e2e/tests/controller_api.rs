@@ -90,6 +90,12 @@ fn manual_sync_shows_the_pending_plan_until_sync_now() {
     let (_, o) = api(&ctl, "GET", "/api/v1/overview");
     assert_eq!(o["sync"]["state"], "OutOfSync", "{o}");
     assert_eq!(o["head"]["id"], c2.as_str(), "{o}");
+    assert_eq!(o["head"]["message"], "grow a", "{o}");
+    assert!(
+        o["head"]["author"].as_str().is_some_and(|a| !a.is_empty()),
+        "{o}"
+    );
+    assert_eq!(o["applied"]["id"], c1.as_str(), "{o}");
 
     // Sync now applies it, and says so in the events.
     let t0 = Instant::now();

@@ -76,14 +76,23 @@ fn read_model(s: &Shared) -> (crate::status::Status, Option<Arc<view::Snapshot>>
 pub(crate) fn overview_of(s: &Shared) -> Overview {
     let (status, snap) = read_model(s);
     let busy = s.busy_since.lock().map(|b| b.is_some()).unwrap_or(false);
-    let head = snap
+    // The applied revision's info when it is the head (it carries the signature
+    // status), else the waiting head's, else the head's commit details.
+    let applied_head = snap
+        .as_ref()
+        .filter(|x| status.head_revision.as_deref() == Some(x.revision.id.as_str()))
+        .map(|x| x.revision.clone());
+    let proposed = snap
         .as_ref()
         .and_then(|x| x.proposed.as_ref().map(|(r, _)| r.clone()))
-        .or_else(|| {
-            snap.as_ref()
-                .filter(|x| status.head_revision.as_deref() == Some(x.revision.id.as_str()))
-                .map(|x| x.revision.clone())
-        });
+        .filter(|r| status.head_revision.as_deref() == Some(r.id.as_str()));
+    let read = s
+        .head_info
+        .read()
+        .map(|h| h.clone())
+        .unwrap_or_else(|p| p.into_inner().clone())
+        .filter(|r| status.head_revision.as_deref() == Some(r.id.as_str()));
+    let head = applied_head.or(proposed).or(read);
     view::overview(
         &status,
         snap.as_deref(),
