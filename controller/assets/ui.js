@@ -103,7 +103,7 @@
       try { u = JSON.parse(m.data); } catch (err) { return; }
       (u.changed || []).forEach(applyNode);
       document.body.setAttribute("data-reconciles", String(u.reconciles || 0));
-      var moved = (u.changed || []).length > 0 || u.revision !== lastRevision;
+      var moved = (u.changed || []).length > 0 || (lastRevision !== null && u.revision !== lastRevision);
       lastRevision = u.revision;
       refreshMain(moved);
     });

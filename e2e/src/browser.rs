@@ -258,14 +258,24 @@ impl Browser {
             })
     }
 
-    /// Clicks the first element matching `css`.
+    /// Clicks the first element matching `css` (found again if a live update replaced
+    /// it between the lookup and the click).
     pub fn click(&self, css: &str) {
-        self.rt
-            .block_on(async {
+        let mut tries = 0;
+        loop {
+            let r = self.rt.block_on(async {
                 let el = self.client().find(Locator::Css(css)).await?;
                 el.click().await
-            })
-            .unwrap_or_else(|e| panic!("click {css}: {e}"));
+            });
+            match r {
+                Ok(()) => return,
+                Err(e) if tries >= 20 => panic!("click {css}: {e}\n{}", self.source()),
+                Err(_) => {
+                    tries += 1;
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        }
     }
 
     /// Types `text` into the first element matching `css`.
