@@ -96,6 +96,9 @@
     var flag = $("#live");
     if (!window.EventSource || !flag) { return; }
     var es = new EventSource("/api/v1/stream");
+    // Close the stream when the page goes: otherwise the browser may keep it (and one of
+    // its few connections to this server) open after the navigation.
+    window.addEventListener("pagehide", function () { es.close(); });
     es.addEventListener("open", function () { flag.textContent = "live"; flag.className = "live on"; });
     es.addEventListener("error", function () { flag.textContent = "reconnecting"; flag.className = "live off"; });
     es.addEventListener("status", function (m) {
@@ -233,6 +236,7 @@
         show(typeof m.data === "string" ? m.data : decoder.decode(new Uint8Array(m.data), { stream: true }));
       };
     }
+    window.addEventListener("pagehide", function () { wanted = false; if (ws) { ws.close(); } });
     toggle.addEventListener("click", function () {
       if (ws) { wanted = false; ws.close(); } else { wanted = true; attach(); }
     });

@@ -62,8 +62,14 @@ fn page_or_login(who: Who, uri: &Uri, render: impl FnOnce(&Principal) -> String)
 }
 
 async fn overview_page(State(s): State<Arc<Shared>>, who: Who, uri: Uri) -> Response {
+    if who.is_none() {
+        return page_or_login(who, &uri, |_| String::new());
+    }
+    // Reads the host's capacity (the pools' file systems): off the async workers.
+    let Ok(o) = tokio::task::spawn_blocking(move || crate::api::overview_of(&s)).await else {
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    };
     page_or_login(who, &uri, |p| {
-        let o = crate::api::overview_of(&s);
         layout::page(
             "Overview",
             Nav::Overview,
@@ -108,7 +114,14 @@ async fn detail_page(
     if who.is_none() {
         return page_or_login(who, &uri, |_| String::new());
     }
-    let found = crate::api::parse_id(&kind, &name).and_then(|id| crate::api::detail_of(&s, &id));
+    // Reads the console log and the backups: off the async workers.
+    let found = match crate::api::parse_id(&kind, &name) {
+        Some(id) => tokio::task::spawn_blocking(move || crate::api::detail_of(&s, &id))
+            .await
+            .ok()
+            .flatten(),
+        None => None,
+    };
     let Some(d) = found else {
         return not_found(who, &format!("No {kind}/{name} in the applied revision."));
     };
