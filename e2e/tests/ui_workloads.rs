@@ -152,7 +152,7 @@ fn ui_tree_pending_restart_drift_heal_and_console() {
         "Ready",
         Duration::from_secs(15),
     );
-    b.screenshot("tree-drift-healed");
+    let tree = b.screenshot("tree-drift-healed");
     phase("drift healed");
 
     // A commit that changes the VM's memory: planned with a restart, not applied.
@@ -179,7 +179,7 @@ fn ui_tree_pending_restart_drift_heal_and_console() {
     // The VM's page: the pending change, the workload and its events.
     b.goto(&url("/resources/VirtualMachine/vm1"));
     b.wait_text("h1", "VirtualMachine / vm1", Duration::from_secs(10));
-    let detail = b.screenshot("detail-vm");
+    b.screenshot("detail-vm");
     axe_check(&b, TEST, "detail");
 
     // The console: the guest's output, and input echoed (the tiny guest upper-cases it).
@@ -252,7 +252,7 @@ fn ui_tree_pending_restart_drift_heal_and_console() {
     );
 
     phase("restarted");
+    maybe_update_doc_image(&tree, "ui-tree.png");
     maybe_update_doc_image(&pending, "ui-pending.png");
-    maybe_update_doc_image(&detail, "ui-detail.png");
     maybe_update_doc_image(&console, "ui-console.png");
 }

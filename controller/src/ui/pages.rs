@@ -394,14 +394,20 @@ fn json_block(h: &mut Html, v: &Value) {
 
 fn diff_table(h: &mut Html, fields: &[FieldDiff]) {
     h.open("table", &[("class", "diff")])
-        .raw("<thead><tr><th scope=\"col\">Field</th><th scope=\"col\">Host</th><th scope=\"col\">Manifest</th><th scope=\"col\">Impact</th></tr></thead>")
+        .raw("<thead><tr><th scope=\"col\">Field</th><th scope=\"col\">Host → manifest</th><th scope=\"col\">Impact</th></tr></thead>")
         .open("tbody", &[]);
     for f in fields {
-        let show = |v: &Option<Value>| v.as_ref().map_or("(none)".to_string(), |v| v.to_string());
+        // The CLI's words (`32Mi -> 48Mi`), else the raw values.
+        let change = if f.text.is_empty() {
+            let show =
+                |v: &Option<Value>| v.as_ref().map_or("(none)".to_string(), |v| v.to_string());
+            format!("{} -> {}", show(&f.observed), show(&f.desired))
+        } else {
+            f.text.clone()
+        };
         h.open("tr", &[])
             .el("td", &[("class", "mono")], &f.path)
-            .el("td", &[("class", "old")], &show(&f.observed))
-            .el("td", &[("class", "new")], &show(&f.desired))
+            .el("td", &[("class", "mono")], &change)
             .open("td", &[]);
         impact_badge(h, &f.impact);
         h.close("td").close("tr");
