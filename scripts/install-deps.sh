@@ -29,6 +29,8 @@ pkgs=(
   curl            # the cluster lab's client of etcd's JSON gateway (e2e/src/cluster.rs)
   openssl         # second opinion on the certificates of stead cluster init (pki tests)
   faketime        # libfaketime: one lab agent's wall clock jumps, the host's never (cluster clock test)
+  chromium        # the web UI's browser tests (headless)
+  chromium-driver # chromedriver: WebDriver server the browser tests drive Chromium through
 )
 missing=()
 for p in "${pkgs[@]}"; do
@@ -78,6 +80,14 @@ if [ ${#qmissing[@]} -gt 0 ]; then
     qmissing+=(qemu-utils/bookworm)
   fi
   apt-get install -y -qq --no-install-recommends --allow-downgrades "${qmissing[@]}" >/dev/null
+fi
+# axe-core for the web UI's accessibility checks (injected by e2e/tests/ui_*.rs), kept
+# outside the clone; the tests SKIP that check when it is absent.
+axe_dir=/var/cache/stead/axe
+if [ ! -s "$axe_dir/node_modules/axe-core/axe.min.js" ] && command -v npm >/dev/null; then
+  mkdir -p "$axe_dir"
+  npm install --prefix "$axe_dir" --no-audit --no-fund --silent axe-core@4 >/dev/null || \
+    echo "warning: axe-core not installed; the UI accessibility checks will SKIP" >&2
 fi
 command -v cargo-nextest >/dev/null || cargo install --locked cargo-nextest
 # Dependency hygiene in CI: unused dependencies, and bans/licenses (offline checks).

@@ -105,6 +105,19 @@ impl Housekeeping for CliHousekeeping {
         Ok(format!("{id} stopped; the reconcile starts it again"))
     }
 
+    fn open_console(
+        &self,
+        id: &ResourceId,
+    ) -> Result<std::os::unix::net::UnixStream, HousekeepingError> {
+        let run_dir = &self.env.run_dir;
+        let conn = match id.kind {
+            Kind::Container => stead_drivers::container::control::console_stream(run_dir, &id.name),
+            Kind::VirtualMachine => stead_drivers::vm::console::console_stream(run_dir, &id.name),
+            other => return Err(HousekeepingError(format!("{other} has no console"))),
+        };
+        conn.map_err(|e| HousekeepingError(e.to_string()))
+    }
+
     fn backup_now(&self, schedule: &str) -> Result<String, HousekeepingError> {
         let code = self.backup(&["backup", "run", "--schedule", schedule])?;
         match code {

@@ -78,6 +78,16 @@ pub trait Housekeeping: Send + Sync {
             "verifying the backups of {schedule} is not available in this controller"
         )))
     }
+    /// Attaches to a running container's or VM's serial console (what `stead console`
+    /// does): a stream of its output that takes input (the web UI's console page).
+    fn open_console(
+        &self,
+        id: &stead_schema::ResourceId,
+    ) -> Result<std::os::unix::net::UnixStream, HousekeepingError> {
+        Err(HousekeepingError(format!(
+            "the console of {id} is not available in this controller"
+        )))
+    }
     /// The backups of `id` with their last verify (none known: empty).
     fn backups(
         &self,

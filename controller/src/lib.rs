@@ -36,6 +36,7 @@ pub mod metrics;
 pub mod server;
 pub mod source;
 pub mod status;
+pub mod ui;
 pub mod view;
 
 use std::collections::{BTreeMap, BTreeSet};

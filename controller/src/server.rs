@@ -86,6 +86,7 @@ pub(crate) fn router_with(shared: Arc<Shared>, limits: &HttpLimits) -> Router {
 fn ui_routes(shared: Arc<Shared>) -> Router {
     Router::new()
         .merge(crate::api::routes())
+        .merge(crate::ui::routes())
         .layer(axum::middleware::from_fn_with_state(
             shared.clone(),
             crate::auth::authenticate,

@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+pub mod browser;
 pub mod cluster;
 pub mod guest;
 pub use guest::{GuestDisk, guest_image, qemu_ok};

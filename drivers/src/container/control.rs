@@ -256,6 +256,18 @@ pub fn console(run_dir: &Path, name: &str) -> Result<(), DriverError> {
     crate::supervise::console::attach(&conn, &Default::default())
 }
 
+/// Container `name`'s console as a stream for a relay of one's own (the web UI's):
+/// the supervisor's socket once it accepted the console request.
+pub fn console_stream(run_dir: &Path, name: &str) -> Result<UnixStream, DriverError> {
+    let conn = connect(run_dir, name)?;
+    send(&conn, &Request::Console, &[])?;
+    let r = read_reply(&conn)?;
+    if !r.ok {
+        return Err(DriverError::Other(r.error.unwrap_or_default()));
+    }
+    Ok(conn)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -43,6 +43,19 @@ pub fn console(run_dir: &Path, name: &str) -> Result<(), DriverError> {
     crate::supervise::console::attach(&conn, &opts)
 }
 
+/// VM `name`'s serial console as a stream for a relay of one's own (the web UI's): the
+/// last 64 KiB of output first, then live output; what is written goes to COM1.
+pub fn console_stream(run_dir: &Path, name: &str) -> Result<UnixStream, DriverError> {
+    let paths = Paths::new(run_dir, name);
+    UnixStream::connect(paths.console_socket()).map_err(|e| {
+        if lock_held(&paths) {
+            DriverError::io(format!("connect {}", paths.console_socket().display()), e)
+        } else {
+            DriverError::NotReady(format!("VirtualMachine/{name} is not running"))
+        }
+    })
+}
+
 /// Writes VM `name`'s serial log to `out`; with `follow`, keeps printing new output while
 /// its supervisor lives.
 pub fn logs(
