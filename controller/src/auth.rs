@@ -13,7 +13,7 @@
 //!   another host is refused. A bearer request needs no CSRF token: a browser never
 //!   sends one on its own.
 //! - Every UI and API response carries a strict CSP, `X-Content-Type-Options: nosniff`,
-//!   `frame-ancestors 'none'`/`X-Frame-Options: DENY`, `Referrer-Policy: no-referrer` and
+//!   `frame-ancestors 'none'`/`X-Frame-Options: DENY`, `Referrer-Policy: same-origin` and
 //!   `Cache-Control: no-store`.
 //! - Secrets are compared in constant time; an unknown user costs the same argon2 work as
 //!   a wrong password.
@@ -471,7 +471,7 @@ pub async fn security_headers(req: Request, next: Next) -> Response {
     h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
     h.insert(
         header::REFERRER_POLICY,
-        HeaderValue::from_static("no-referrer"),
+        HeaderValue::from_static("same-origin"),
     );
     h.insert(
         "cross-origin-opener-policy",

@@ -565,11 +565,21 @@ fn etcd_quorum_crash_keeps_the_workload_running_where_it_is() {
         std::thread::sleep(Duration::from_secs(8));
         let during = host_uptime();
         // Every agent says it holds (its metrics are served locally, etcd or not).
+        // A scrape may time out on a loaded machine: a few tries before a node counts as
+        // not holding (-1: no answer).
         let holding: Vec<f64> = (0..lab.nodes.len())
             .map(|i| {
-                lab.agent_metrics(i)
-                    .ok()
-                    .and_then(|m| metric(&m, "stead_cluster_quorum_hold", ""))
+                (0..3)
+                    .find_map(|_| {
+                        let m = lab
+                            .agent_metrics(i)
+                            .ok()
+                            .and_then(|m| metric(&m, "stead_cluster_quorum_hold", ""));
+                        if m.is_none() {
+                            std::thread::sleep(Duration::from_millis(500));
+                        }
+                        m
+                    })
                     .unwrap_or(-1.0)
             })
             .collect();

@@ -218,7 +218,7 @@ fn unauthenticated_requests_are_refused_with_401_and_security_headers() {
         let csp = r.header("content-security-policy").unwrap_or("");
         assert!(csp.contains("frame-ancestors 'none'"), "{p}: {csp}");
         assert_eq!(r.header("x-content-type-options"), Some("nosniff"));
-        assert_eq!(r.header("referrer-policy"), Some("no-referrer"));
+        assert_eq!(r.header("referrer-policy"), Some("same-origin"));
     }
     for p in ACTIONS {
         assert_eq!(request(s.port, "POST", p, &[], "").code, 401, "{p}");

@@ -46,9 +46,9 @@ pub fn page(title: &str, nav: Nav, who: Option<&Principal>, live: Live, body: Ht
         .open("head", &[])
         .raw("<meta charset=\"utf-8\">")
         .raw("<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">")
-        // `Referrer-Policy: no-referrer` would make the browser send `Origin: null` with
-        // the login and logout forms, which the origin check refuses; same-origin keeps
-        // referrers off other sites and the Origin on our own POSTs.
+        // As the server's header: `no-referrer` would make the browser send `Origin: null`
+        // with the login and logout forms, which the origin check refuses; same-origin
+        // keeps referrers off other sites and the Origin on our own POSTs.
         .raw("<meta name=\"referrer\" content=\"same-origin\">")
         .el("title", &[], &format!("{title} · stead"));
     if let Some(csrf) = who.and_then(|p| p.csrf.as_deref()) {
