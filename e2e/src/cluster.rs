@@ -1017,9 +1017,19 @@ impl ClusterLab {
         )
     }
 
-    /// Host pids of the processes whose command line contains every one of `needles`.
-    pub fn pids_with(&self, needles: &[&str]) -> Vec<i32> {
+    /// Host pids of this lab's workloads (in one of its nodes' cgroup parents) whose command
+    /// line contains every one of `needles`. Other labs running at the same time start the
+    /// same workloads: matching by command line alone finds theirs too.
+    pub fn workload_pids_with(&self, needles: &[&str]) -> Vec<i32> {
+        let proc = stead_host::ProcFs::host();
+        let cgroups: Vec<String> = (0..self.nodes.len()).map(|i| self.node_cgroup(i)).collect();
         processes_with(needles)
+            .into_iter()
+            .filter(|&pid| {
+                std::fs::read_to_string(proc.pid_file(pid, "cgroup"))
+                    .is_ok_and(|c| cgroups.iter().any(|g| c.contains(&format!("/{g}/"))))
+            })
+            .collect()
     }
 }
 
