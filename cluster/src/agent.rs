@@ -339,6 +339,10 @@ struct AgentLoop {
     metrics: Arc<AgentMetrics>,
 }
 
+/// Refusals of the assignment watch in a row (each after a backoff) before the running agent
+/// takes them for a refused identity and ends.
+const REFUSALS_BEFORE_GIVING_UP: u32 = 10;
+
 impl AgentLoop {
     async fn run(
         &mut self,
@@ -351,6 +355,7 @@ impl AgentLoop {
         let mut liveness = registration.liveness();
         let mut retry_at: Option<Instant> = None;
         let mut watch_backoff = Backoff::default();
+        let mut refused_in_a_row = 0u32;
         loop {
             let mut dirty = false;
             tokio::select! {
@@ -360,11 +365,20 @@ impl AgentLoop {
                 events = assignments.next(), if watch_backoff.ready() => match events {
                     Ok(events) => {
                         watch_backoff.reset();
+                        refused_in_a_row = 0;
                         self.apply(events);
                         dirty = true;
                     }
-                    Err(e) if e.is_terminal() => return Err(e),
+                    // A member killed in the middle of a TLS handshake looks like a refused
+                    // certificate: once the agent has worked, only a refusal that persists
+                    // ends it (its lease, and so its workloads, are safe either way).
+                    Err(e) if e.is_terminal() && refused_in_a_row >= REFUSALS_BEFORE_GIVING_UP => {
+                        return Err(e);
+                    }
                     Err(e) => {
+                        if e.is_terminal() {
+                            refused_in_a_row += 1;
+                        }
                         self.metrics.errors.with_label_values(&["watch"]).inc();
                         let wait = watch_backoff.failed();
                         if e.is_retryable() {

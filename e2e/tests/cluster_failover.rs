@@ -473,7 +473,9 @@ fn etcd_leader_kills_never_stop_or_fence_the_workload() {
     );
     let mut fences = 0.0;
     for i in 0..lab.nodes.len() {
-        let m = lab.agent_metrics(i).expect("agent metrics");
+        let m = lab
+            .agent_metrics(i)
+            .unwrap_or_else(|e| panic!("agent metrics of node {i}: {e}\n{}", logs(&lab)));
         let get = |name: &str| metric(&m, name, "").unwrap_or(-1.0);
         let errors: f64 = m
             .lines()
