@@ -31,6 +31,9 @@ pkgs=(
   faketime        # libfaketime: one lab agent's wall clock jumps, the host's never (cluster clock test)
   chromium        # the web UI's browser tests (headless)
   chromium-driver # chromedriver: WebDriver server the browser tests drive Chromium through
+  crun            # scripts/bench.sh: the container peer (crun run -d / delete -f)
+  hyperfine       # whole-process timings of single commands (docs/performance.md)
+  linux-perf      # perf: profiles and flame graphs (docs/performance.md)
 )
 missing=()
 for p in "${pkgs[@]}"; do

@@ -51,5 +51,8 @@ cargo nextest run --workspace --success-output immediate --failure-output immedi
   | grep -E "SKIP|FAIL|panicked" || true
 cargo nextest run --workspace --no-fail-fast --failure-output final --success-output never --status-level fail --final-status-level skip "$@"
 
+echo "== benchmark suite smoke (one pair of each figure, debug build; no timing is asserted)"
+scripts/bench.sh --smoke
+
 echo "== leak check"
 scripts/leak-check.sh

@@ -9,7 +9,7 @@ bench_sandbox() {
     [ -x "$stead" ] || { echo "no stead binary at $stead (cargo build --release --bin stead)" >&2; exit 1; }
     image="$("$repo/scripts/guest-image.sh")"
     box="$(mktemp -d "/tmp/stead-$name-bench.XXXXXX")"
-    ns="stead-$name-$$"
+    ns="${STEAD_BENCH_TAG:-stead-bench-$name}-$$"
     args=(--state-dir "$box/state" --run-dir "$box/run" --cgroup-parent "$ns" --netns "$ns")
     bench_work="$work"
     ip netns add "$ns"

@@ -8,7 +8,9 @@ Figures:
   - idle CPU (percent of one core) and RSS of the controller holding N resources, over
     IDLE seconds with the default 60 s resync (so resyncs are included).
 
-Usage: e2e/bench/controller_bench.py [--n 1000] [--runs 7] [--idle 125]
+Usage: e2e/bench/controller_bench.py [--n 1000] [--runs 7] [--idle 125] [--json]
+--idle 0 skips the idle figures; --json prints one last line {"latencies": [seconds...]}
+(scripts/bench.sh reads it).
 The binary is $STEAD_BIN or target/release/stead (build it: cargo build --release --bin stead).
 Runs as root or not; uses a temp dir and a free loopback port; cleans up.
 """
@@ -88,6 +90,7 @@ def main():
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--idle", type=float, default=125.0)
+    ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     binary = os.environ.get("STEAD_BIN", "/var/cache/stead/target/release/stead")
@@ -165,6 +168,10 @@ def main():
         print("commit-to-converged via webhook (s): " + " ".join(f"{x:.3f}" for x in lat))
         print(f"median latency: {statistics.median(lat) * 1000:.0f} ms")
 
+        if a.json:
+            print(json.dumps({"latencies": lat}))
+        if a.idle <= 0:
+            return
         time.sleep(2)
         hz = os.sysconf("SC_CLK_TCK")
         c0, w0 = cpu_ticks(proc.pid), time.monotonic()
