@@ -361,6 +361,8 @@ class Plan(Figure):
     """stead diff of N generated resources (pools, networks, volumes, containers)."""
 
     has_peer = False
+    # Runs of seconds on files just written (in the page cache): no warm-up.
+    warmup = 0
 
     def __init__(self, ctx, n, limit):
         super().__init__(ctx)
