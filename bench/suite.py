@@ -715,6 +715,7 @@ def main():
         shutil.copyfile(os.path.join(work, "runs.log"), log_copy)
         shutil.rmtree(work, ignore_errors=True)
     took = (datetime.datetime.now(datetime.timezone.utc) - started).total_seconds()
+    head[0] += f", {os.getloadavg()[0]:.2f} at the end"
     report = "\n".join([
         f"# stead benchmark suite, {started:%Y-%m-%d %H:%M} UTC", "",
         f"`{args.command}` ({'smoke: one pair each' if args.smoke else 'full run'}; "
@@ -722,6 +723,7 @@ def main():
         *head, "", table(results), ""])
     print(report)
     if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
             f.write(report)
     # Every row must have a number or a stated skip; a failed setup is an error.
