@@ -6,7 +6,8 @@
 #   scripts/bench.sh [--smoke] [--only FIGURE]... [--out FILE | --record] [--no-build]
 #                    [--debug | --release]
 #
-#   --smoke       one pair of each figure, no warm-up, smaller data, the debug build unless
+#   --smoke       one pair of each figure, no warm-up, smaller data (a tenth of the plan
+#                 sizes, 16 MiB of backup data), the debug build unless
 #                 --release (CI: asserts that every row has a number or a stated SKIP,
 #                 never a timing)
 #   --only NAME   one figure (repeatable): container, containers-50, microvm, qemu-vm,
@@ -34,7 +35,7 @@ while [ $# -gt 0 ]; do
     --no-build) build=0; shift ;;
     --debug) profile=debug; shift ;;
     --release) profile=release; shift ;;
-    -h | --help) sed -n '2,19p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,20p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
   esac
 done
