@@ -35,7 +35,7 @@ while [ $# -gt 0 ]; do
     --no-build) build=0; shift ;;
     --debug) profile=debug; shift ;;
     --release) profile=release; shift ;;
-    -h | --help) sed -n '2,20p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,19p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
   esac
 done
