@@ -44,7 +44,7 @@ pub(crate) fn routes() -> Router<Arc<Shared>> {
         .route("/console/{kind}/{name}/ws", get(console::upgrade))
         .route("/login", get(login_page))
         .route("/logout", post(logout))
-        .route("/assets/{file}", get(assets::serve))
+        .route("/assets/{*path}", get(assets::serve))
 }
 
 type Who = Option<Extension<Principal>>;
@@ -185,12 +185,16 @@ async fn console_page(who: Who, uri: Uri, Path((kind, name)): Path<(String, Stri
         return not_found(who, &format!("{kind} has no console."));
     }
     page_or_login(who, &uri, |p| {
-        layout::page(
+        layout::page_with(
             &format!("Console {kind}/{}", id.name),
             Nav::None,
             Some(p),
             Live::Off,
             pages::console(&kind, &id.name),
+            layout::Extra {
+                styles: &[assets::xterm_css_url()],
+                scripts: &[assets::xterm_js_url()],
+            },
         )
     })
 }

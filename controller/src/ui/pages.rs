@@ -840,6 +840,28 @@ pub fn console(kind: &str, name: &str) -> Html {
             "Detach",
         )
         .close("p");
+    // xterm.js mounts its terminal in `#console-term` and hides the plain text view;
+    // without it (no script, or xterm.js not loaded) the plain view stays.
+    h.el(
+        "div",
+        &[
+            ("id", "console-term"),
+            ("class", "console-term hidden"),
+            ("role", "region"),
+            ("aria-label", "Terminal"),
+        ],
+        "",
+    );
+    h.open("noscript", &[])
+        .el(
+            "p",
+            &[("class", "notice")],
+            &format!(
+                "The console needs JavaScript; from a shell, `stead console {kind}/{name}` \
+                 attaches to it."
+            ),
+        )
+        .close("noscript");
     h.el(
         "pre",
         &[
@@ -880,8 +902,9 @@ pub fn console(kind: &str, name: &str) -> Html {
     h.el(
         "p",
         &[("class", "muted")],
-        "Lines are sent with a newline. Detach leaves the workload running; it is the browser's \
-         equivalent of leaving `stead console`.",
+        "Type into the terminal, or send a whole line (with a newline) from the field. Detach \
+         leaves the workload running; it is the browser's equivalent of leaving `stead \
+         console`.",
     );
     h
 }
