@@ -298,6 +298,50 @@
     attach();
   }
 
+  // Screen: noVNC's RFB client (an ES module of this server, imported on demand) on the
+  // VM's VNC websocket; it draws into a canvas it puts in #screen.
+  function screenPage() {
+    var box = $("#screen");
+    if (!box || !window.WebSocket) { return; }
+    var state = $("#screen-state");
+    var toggle = $("#screen-detach");
+    var cad = $("#screen-cad");
+    var proto = window.location.protocol === "https:" ? "wss://" : "ws://";
+    var url = proto + window.location.host + box.getAttribute("data-ws");
+    var RFB = null;
+    var rfb = null;
+    function connect() {
+      rfb = new RFB(box, url, {});
+      rfb.scaleViewport = true;
+      rfb.focusOnClick = true;
+      rfb.addEventListener("connect", function () {
+        state.textContent = "connected";
+        toggle.textContent = "Disconnect";
+        box.setAttribute("data-connected", "true");
+      });
+      rfb.addEventListener("disconnect", function (e) {
+        rfb = null;
+        state.textContent = e.detail && e.detail.clean ? "disconnected" : "disconnected (the VM's screen is not reachable)";
+        toggle.textContent = "Connect";
+        box.setAttribute("data-connected", "false");
+      });
+      rfb.addEventListener("securityfailure", function (e) {
+        state.textContent = "refused: " + ((e.detail && e.detail.reason) || "security failure");
+      });
+    }
+    toggle.addEventListener("click", function () {
+      if (rfb) { rfb.disconnect(); } else if (RFB) { connect(); }
+    });
+    cad.addEventListener("click", function () { if (rfb) { rfb.sendCtrlAltDel(); } });
+    window.addEventListener("pagehide", function () { if (rfb) { rfb.disconnect(); } });
+    import(box.getAttribute("data-rfb")).then(function (m) {
+      RFB = m.default;
+      connect();
+    }).catch(function (err) {
+      state.textContent = "noVNC failed to load: " + err;
+    });
+  }
+
   function wire(root) { actions(root); }
 
   document.addEventListener("DOMContentLoaded", function () {
@@ -306,6 +350,7 @@
     drawEdges();
     window.addEventListener("resize", drawEdges);
     consolePage();
+    screenPage();
     live();
     // When the page became usable (read by the browser tests' timing).
     document.documentElement.setAttribute("data-ui-ready", String(Math.round(performance.now())));

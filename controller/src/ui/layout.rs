@@ -15,6 +15,8 @@ pub enum Nav {
     Pending,
     /// `/events`.
     Events,
+    /// `/cluster`.
+    Cluster,
     /// Nothing (detail, console, login).
     None,
 }
@@ -24,6 +26,7 @@ const ENTRIES: &[(Nav, &str, &str)] = &[
     (Nav::Resources, "/resources", "Resources"),
     (Nav::Pending, "/pending", "Pending change"),
     (Nav::Events, "/events", "Events"),
+    (Nav::Cluster, "/cluster", "Cluster"),
 ];
 
 /// How the page's main part is kept current.
