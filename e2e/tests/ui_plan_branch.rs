@@ -1,6 +1,7 @@
 //! `--plan-branch`: the head of a second branch of the git source is planned against the
 //! host and shown beside the pending change (API and page), impact-labelled, and never
-//! applied; a new commit on the branch is planned again.
+//! applied; a new commit on the branch is planned again. (And the cluster page of a
+//! host that joined no cluster says so.)
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -116,6 +117,26 @@ fn ui_plan_branch_is_planned_and_never_applied() {
         page.body
     );
     assert!(page.body.contains("id=\"branch-plan\""));
+
+    // This host joined no cluster: the cluster page and API say so.
+    let c = request(
+        ctl.port,
+        "GET",
+        "/api/v1/cluster",
+        &[("Authorization", &auth)],
+        "",
+    );
+    assert_eq!(c.status, 200, "{c:?}");
+    let c: serde_json::Value = serde_json::from_str(&c.body).unwrap();
+    assert_eq!(c["cluster"], false, "{c:#}");
+    assert!(
+        c["notice"]
+            .as_str()
+            .unwrap()
+            .contains("not a node of a cluster")
+    );
+    let page = request(ctl.port, "GET", "/cluster", &[("Authorization", &auth)], "");
+    assert!(page.body.contains("id=\"cluster-notice\""), "{}", page.body);
 
     // A new commit on the branch is planned again.
     std::fs::write(
