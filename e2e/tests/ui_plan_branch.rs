@@ -11,6 +11,7 @@ mod ui_util;
 use std::time::Duration;
 
 use controller_util::*;
+use stead_e2e::browser::Browser;
 use stead_e2e::{Sandbox, is_root};
 use ui_util::*;
 
@@ -137,6 +138,23 @@ fn ui_plan_branch_is_planned_and_never_applied() {
     );
     let page = request(ctl.port, "GET", "/cluster", &[("Authorization", &auth)], "");
     assert!(page.body.contains("id=\"cluster-notice\""), "{}", page.body);
+
+    // In a browser: the branch's section and the cluster page pass axe-core.
+    if let Some(b) = Browser::start(TEST) {
+        browser_login(&b, ctl.port, "ann");
+        b.goto(&format!("http://127.0.0.1:{}/pending", ctl.port));
+        b.wait_css("#branch-plan", Duration::from_secs(10));
+        assert_eq!(
+            b.text("#branch-max-impact .badge").as_deref(),
+            branch["maxImpact"].as_str()
+        );
+        b.screenshot("pending-branch");
+        axe_check(&b, TEST, "pending with a plan-only branch");
+        b.goto(&format!("http://127.0.0.1:{}/cluster", ctl.port));
+        b.wait_css("#cluster-notice", Duration::from_secs(10));
+        b.screenshot("cluster");
+        axe_check(&b, TEST, "cluster");
+    }
 
     // A new commit on the branch is planned again.
     std::fs::write(
