@@ -243,6 +243,22 @@ fn status(a: StatusArgs, g: &Global) -> Result<u8> {
     Ok(0)
 }
 
+/// The JSON of `stead cluster status` for the controller's cluster page; `None` when this
+/// host never joined a cluster (no agent file in `state_dir`).
+pub(crate) fn status_json(state_dir: &std::path::Path) -> Option<Result<serde_json::Value>> {
+    if !AgentFile::path(state_dir).exists() {
+        return None;
+    }
+    let read = || -> Result<serde_json::Value> {
+        let etcd = AgentFile::read(state_dir)?.etcd();
+        let st = runtime()?.block_on(async {
+            tokio::time::timeout(Duration::from_secs(5), read_status(&etcd, 0)).await
+        })??;
+        Ok(serde_json::to_value(st)?)
+    };
+    Some(read())
+}
+
 async fn read_status(etcd: &EtcdConfig, last_events: usize) -> Result<Status> {
     let store = Store::connect(etcd).await?;
     let leader = current_leader(&store).await?.map(|l| l.name);

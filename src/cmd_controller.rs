@@ -75,6 +75,11 @@ pub struct ControllerArgs {
     /// /api/v1/pending) until an operator syncs it. Drift is healed either way.
     #[arg(long, value_enum, default_value_t = SyncArg::Auto)]
     pub sync: SyncArg,
+    /// A branch of the git source whose head is planned against this host after each
+    /// reconcile and shown on the pending-change page (and /api/v1/pending), never
+    /// applied: what merging it would do.
+    #[arg(long, value_name = "BRANCH")]
+    pub plan_branch: Option<String>,
     /// Serve the web UI and /api/v1 on --listen (needs --ui-token-file or --ui-users).
     #[arg(long, env = "STEAD_UI")]
     pub ui: bool,
@@ -151,8 +156,17 @@ pub fn run(args: ControllerArgs, g: &Global, global_env: &HostEnv, drivers: Driv
     if args.resync.0.is_zero() || args.interval.0.is_zero() {
         bail!("--resync and --interval must be positive");
     }
+    if let Some(b) = &args.plan_branch {
+        if !stead_controller::source::branch_name_is_valid(b) {
+            bail!("--plan-branch {b:?}: not a valid branch name");
+        }
+        if !matches!(source, SourceSpec::Git { .. }) {
+            bail!("--plan-branch needs a git source");
+        }
+    }
     let ui = ui_config(&args)?;
     let mut cfg = Config::new(source);
+    cfg.plan_branch = args.plan_branch.clone();
     cfg.ui = ui;
     cfg.interval = args.interval.0;
     cfg.resync = args.resync.0;

@@ -118,6 +118,26 @@ impl Housekeeping for CliHousekeeping {
         conn.map_err(|e| HousekeepingError(e.to_string()))
     }
 
+    fn open_vnc(
+        &self,
+        id: &ResourceId,
+    ) -> Result<std::os::unix::net::UnixStream, HousekeepingError> {
+        if id.kind != Kind::VirtualMachine {
+            return Err(HousekeepingError(format!("{id} has no screen")));
+        }
+        let sock = stead_drivers::vm::config::Paths::new(&self.env.run_dir, &id.name).vnc_socket();
+        std::os::unix::net::UnixStream::connect(&sock).map_err(|e| {
+            HousekeepingError(format!(
+                "{id} has no screen now (only a running QEMU VM has one): {e}"
+            ))
+        })
+    }
+
+    fn cluster_status(&self) -> Option<Result<serde_json::Value, HousekeepingError>> {
+        crate::cmd_cluster::status_json(&self.base.state_dir)
+            .map(|r| r.map_err(|e| HousekeepingError(format!("{e:#}"))))
+    }
+
     fn backup_now(&self, schedule: &str) -> Result<String, HousekeepingError> {
         let code = self.backup(&["backup", "run", "--schedule", schedule])?;
         match code {

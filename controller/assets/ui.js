@@ -1,5 +1,5 @@
 // stead web UI: live updates over server-sent events, tree filters and edges, action
-// confirmations, logout and the console. Plain JavaScript, no build step; the pages work
+// confirmations, logout and the console (xterm.js when the page loads it). Plain JavaScript, no build step; the pages work
 // without it (links and GET forms), this only adds to them.
 (function () {
   "use strict";
@@ -202,30 +202,79 @@
     });
   }
 
-  // Console: a websocket to the workload's serial console; text in, text out. The
-  // server closes long connections; the page attaches again unless the user detached.
+  // Console: a websocket to the workload's serial console. With xterm.js loaded, a
+  // terminal shows it (keys go straight to the workload, the terminal fits its box);
+  // else a plain text view. The line field sends a whole line either way. The server
+  // closes long connections; the page attaches again unless the user detached.
+  function plainView(screen) {
+    var decoder = new TextDecoder();
+    return {
+      reset: function () { screen.textContent = ""; decoder = new TextDecoder(); },
+      write: function (data) {
+        screen.textContent += typeof data === "string" ? data : decoder.decode(data, { stream: true });
+        if (screen.textContent.length > 200000) { screen.textContent = screen.textContent.slice(-150000); }
+        screen.scrollTop = screen.scrollHeight;
+      },
+      onInput: function () {}
+    };
+  }
+
+  function terminalView(box, screen) {
+    var term = new window.Terminal({
+      convertEol: true,
+      cursorBlink: true,
+      fontFamily: getComputedStyle(screen).fontFamily,
+      fontSize: 14,
+      scrollback: 5000,
+      theme: { background: "#101418", foreground: "#d7dde4", cursor: "#d7dde4" }
+    });
+    box.classList.remove("hidden");
+    screen.classList.add("hidden");
+    term.open(box);
+    // Fit the terminal to its box: the cell size is the rendered screen's over its grid.
+    function fit() {
+      var el = $(".xterm-screen", box);
+      if (!el || !el.clientWidth || !el.clientHeight) { return; }
+      var cw = el.clientWidth / term.cols, ch = el.clientHeight / term.rows;
+      var cols = Math.max(20, Math.floor((box.clientWidth - 24) / cw));
+      var rows = Math.max(5, Math.floor((box.clientHeight - 8) / ch));
+      if (cols !== term.cols || rows !== term.rows) { term.resize(cols, rows); }
+    }
+    fit();
+    window.addEventListener("resize", fit);
+    box.setAttribute("data-ready", "true");
+    return {
+      reset: function () { term.reset(); },
+      write: function (data) { term.write(data); },
+      onInput: function (send) { term.onData(send); },
+      focus: function () { term.focus(); }
+    };
+  }
+
   function consolePage() {
     var screen = $("#console-screen");
     if (!screen || !window.WebSocket) { return; }
+    var box = $("#console-term");
     var form = $("form.console-input");
     var state = $("#console-state");
     var toggle = $("#console-detach");
     var replays = screen.getAttribute("data-replays") === "true";
-    var decoder = new TextDecoder();
+    var view = box && window.Terminal ? terminalView(box, screen) : plainView(screen);
     var ws = null;
     var wanted = true;
-    function show(text) {
-      screen.textContent += text;
-      if (screen.textContent.length > 200000) { screen.textContent = screen.textContent.slice(-150000); }
-      screen.scrollTop = screen.scrollHeight;
-    }
+    function send(data) { if (ws && ws.readyState === 1) { ws.send(data); } }
+    view.onInput(send);
     function attach() {
       // A VM replays its recent output on every attach: start from a clean screen.
-      if (replays) { screen.textContent = ""; }
+      if (replays) { view.reset(); }
       var proto = window.location.protocol === "https:" ? "wss://" : "ws://";
       ws = new WebSocket(proto + window.location.host + screen.getAttribute("data-ws"));
       ws.binaryType = "arraybuffer";
-      ws.onopen = function () { state.textContent = "attached"; toggle.textContent = "Detach"; };
+      ws.onopen = function () {
+        state.textContent = "attached";
+        toggle.textContent = "Detach";
+        if (view.focus) { view.focus(); }
+      };
       ws.onclose = function () {
         ws = null;
         state.textContent = "detached";
@@ -233,7 +282,7 @@
         if (wanted) { setTimeout(function () { if (wanted && !ws) { attach(); } }, 1000); }
       };
       ws.onmessage = function (m) {
-        show(typeof m.data === "string" ? m.data : decoder.decode(new Uint8Array(m.data), { stream: true }));
+        view.write(typeof m.data === "string" ? m.data : new Uint8Array(m.data));
       };
     }
     window.addEventListener("pagehide", function () { wanted = false; if (ws) { ws.close(); } });
@@ -243,10 +292,54 @@
     form.addEventListener("submit", function (ev) {
       ev.preventDefault();
       var input = form.elements.line;
-      if (ws && ws.readyState === 1) { ws.send(input.value + "\n"); }
+      send(input.value + "\n");
       input.value = "";
     });
     attach();
+  }
+
+  // Screen: noVNC's RFB client (an ES module of this server, imported on demand) on the
+  // VM's VNC websocket; it draws into a canvas it puts in #screen.
+  function screenPage() {
+    var box = $("#screen");
+    if (!box || !window.WebSocket) { return; }
+    var state = $("#screen-state");
+    var toggle = $("#screen-detach");
+    var cad = $("#screen-cad");
+    var proto = window.location.protocol === "https:" ? "wss://" : "ws://";
+    var url = proto + window.location.host + box.getAttribute("data-ws");
+    var RFB = null;
+    var rfb = null;
+    function connect() {
+      rfb = new RFB(box, url, {});
+      rfb.scaleViewport = true;
+      rfb.focusOnClick = true;
+      rfb.addEventListener("connect", function () {
+        state.textContent = "connected";
+        toggle.textContent = "Disconnect";
+        box.setAttribute("data-connected", "true");
+      });
+      rfb.addEventListener("disconnect", function (e) {
+        rfb = null;
+        state.textContent = e.detail && e.detail.clean ? "disconnected" : "disconnected (the VM's screen is not reachable)";
+        toggle.textContent = "Connect";
+        box.setAttribute("data-connected", "false");
+      });
+      rfb.addEventListener("securityfailure", function (e) {
+        state.textContent = "refused: " + ((e.detail && e.detail.reason) || "security failure");
+      });
+    }
+    toggle.addEventListener("click", function () {
+      if (rfb) { rfb.disconnect(); } else if (RFB) { connect(); }
+    });
+    cad.addEventListener("click", function () { if (rfb) { rfb.sendCtrlAltDel(); } });
+    window.addEventListener("pagehide", function () { if (rfb) { rfb.disconnect(); } });
+    import(box.getAttribute("data-rfb")).then(function (m) {
+      RFB = m.default;
+      connect();
+    }).catch(function (err) {
+      state.textContent = "noVNC failed to load: " + err;
+    });
   }
 
   function wire(root) { actions(root); }
@@ -257,6 +350,7 @@
     drawEdges();
     window.addEventListener("resize", drawEdges);
     consolePage();
+    screenPage();
     live();
     // When the page became usable (read by the browser tests' timing).
     document.documentElement.setAttribute("data-ui-ready", String(Math.round(performance.now())));

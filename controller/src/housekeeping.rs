@@ -88,6 +88,21 @@ pub trait Housekeeping: Send + Sync {
             "the console of {id} is not available in this controller"
         )))
     }
+    /// Connects to a running QEMU VM's VNC server (a unix socket in its run dir; the web
+    /// UI's screen page relays it to noVNC).
+    fn open_vnc(
+        &self,
+        id: &stead_schema::ResourceId,
+    ) -> Result<std::os::unix::net::UnixStream, HousekeepingError> {
+        Err(HousekeepingError(format!(
+            "the screen of {id} is not available in this controller"
+        )))
+    }
+    /// What `stead cluster status -o json` reads from etcd, when this host is a node of a
+    /// cluster (`None`: not a cluster).
+    fn cluster_status(&self) -> Option<Result<serde_json::Value, HousekeepingError>> {
+        None
+    }
     /// The backups of `id` with their last verify (none known: empty).
     fn backups(
         &self,

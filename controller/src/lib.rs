@@ -145,6 +145,10 @@ pub struct Config {
     /// asks (`POST /api/v1/actions/sync`). Drift is still healed against the applied
     /// revision. The first revision on a fresh state dir is applied at once.
     pub manual_sync: bool,
+    /// A plan-only branch of the git source (`--plan-branch`): its head is planned
+    /// against the host after each reconcile and shown beside the pending change, never
+    /// applied.
+    pub plan_branch: Option<String>,
     /// The web UI and `/api/v1` (`--ui`); `None`: both are absent.
     pub ui: Option<auth::UiConfig>,
 }
@@ -169,6 +173,7 @@ impl Config {
             backoff_base: Duration::from_secs(2),
             backoff_cap: Duration::from_secs(300),
             manual_sync: false,
+            plan_branch: None,
             ui: None,
         }
     }
@@ -289,11 +294,18 @@ struct Engine {
     restored: bool,
     /// A head waiting for an operator's sync (manual sync).
     proposed: Option<Arc<Loaded>>,
+    /// The plan-only branch's head, loaded (`--plan-branch`).
+    branch_head: Option<Arc<Loaded>>,
     /// The resources' live statuses last sent to subscribers.
     last_nodes: Vec<view::NodeStatus>,
 }
 
 const KV_REVISION: &str = "controller.revision";
+
+/// A head waiting for a sync, with its plan.
+type ProposedPlan = (view::RevisionInfo, stead_reconciler::plan::Plan);
+/// The plan-only branch's name, head and plan.
+type BranchPlanned = (String, view::RevisionInfo, stead_reconciler::plan::Plan);
 
 /// A reconcile's result label, if decided before the apply (a rejected revision, a
 /// failed fetch), and the messages for the status.
@@ -335,6 +347,7 @@ impl Engine {
             runs: 0,
             restored: false,
             proposed: None,
+            branch_head: None,
             last_nodes: Vec::new(),
         }
     }
@@ -358,10 +371,16 @@ impl Engine {
 
     /// Verifies, checks out and loads `rev`. Errors carry the result label.
     fn load(&self, rev: &str) -> Result<Loaded, (&'static str, String)> {
+        self.load_revision(rev, true)
+    }
+
+    /// [`Self::load`], with the fast-forward check only when `to_apply`.
+    fn load_revision(&self, rev: &str, to_apply: bool) -> Result<Loaded, (&'static str, String)> {
         let mut info = view::RevisionInfo::bare(rev);
         let dir = match &self.source {
             Source::Git(g) => {
-                if !self.cfg.allow_rewind
+                if to_apply
+                    && !self.cfg.allow_rewind
                     && let Some(last) = self.last_applied()
                 {
                     g.check_fast_forward(&last, rev)
@@ -521,6 +540,7 @@ impl Engine {
         );
         self.drifted = gate::still_drifted(self.cfg.drift, &drift, &results.applied);
         let proposed = self.plan_proposed();
+        let branch = self.plan_branch();
 
         // 4. Status and metrics.
         let ran = Ran {
@@ -530,7 +550,7 @@ impl Engine {
         };
         let next = self.conclude(&good, &run.observed, &ran, log, start);
         if let Some(plan) = first_plan {
-            self.publish_snapshot(&good, run, plan, &ran, proposed);
+            self.publish_snapshot(&good, run, plan, &ran, (proposed, branch));
         }
         // After the snapshot: whoever sees these events reads a model that has them.
         self.record_run_events(&good.revision, &ran.drift, &ran.results);
@@ -586,6 +606,37 @@ impl Engine {
         Some((p.info.clone(), run.plan))
     }
 
+    /// With `--plan-branch`: fetches the branch, loads its head when it moved (no
+    /// fast-forward check: it is never applied) and plans it against the host.
+    fn plan_branch(&mut self) -> Option<BranchPlanned> {
+        let name = self.cfg.plan_branch.clone()?;
+        let Source::Git(g) = &self.source else {
+            return None;
+        };
+        let head = match g.fetch_branch(&name, "refs/stead/plan") {
+            Ok(h) => h,
+            Err(e) => {
+                warn!(branch = %name, error = %e, "plan-only branch: fetch failed");
+                return None;
+            }
+        };
+        if self.branch_head.as_ref().map(|l| l.revision.as_str()) != Some(&head.revision) {
+            match self.load_revision(&head.revision, false) {
+                Ok(l) => self.branch_head = Some(Arc::new(l)),
+                Err((_, msg)) => {
+                    warn!(branch = %name, revision = short(&head.revision), error = %msg, "plan-only branch: head refused");
+                    self.branch_head = None;
+                    return None;
+                }
+            }
+        }
+        let loaded = self.branch_head.clone()?;
+        let lock = ApplyLock::acquire(&self.env.state_dir, Duration::from_secs(10)).ok()?;
+        let run = self.plan(&loaded.desired).ok()?;
+        drop(lock);
+        Some((name, loaded.info.clone(), run.plan))
+    }
+
     /// Publishes what the run saw and planned for the UI, and sends the status changes
     /// to live subscribers.
     fn publish_snapshot(
@@ -594,7 +645,7 @@ impl Engine {
         run: PlannedRun,
         plan: stead_reconciler::plan::Plan,
         ran: &Ran,
-        proposed: Option<(view::RevisionInfo, stead_reconciler::plan::Plan)>,
+        (proposed, branch): (Option<ProposedPlan>, Option<BranchPlanned>),
     ) {
         // What was just changed is observed again, so the pages show the new state (a
         // started container's pid) without waiting for the next resync.
@@ -618,6 +669,7 @@ impl Engine {
             drift: ran.drift.clone(),
             drifted: self.drifted.clone(),
             proposed,
+            branch,
         });
         let status = self
             .shared
@@ -986,7 +1038,12 @@ impl Engine {
                 .as_ref()
                 .map(|h| h.revision.clone())
                 .unwrap_or_default();
-            g.clean(&[revision, head.as_str()]);
+            let branch = self
+                .branch_head
+                .as_ref()
+                .map(|l| l.revision.clone())
+                .unwrap_or_default();
+            g.clean(&[revision, head.as_str(), branch.as_str()]);
         }
     }
 

@@ -263,15 +263,28 @@ impl GitSource {
                 name.trim_start_matches("refs/heads/").to_string()
             }
         };
+        drop(remote);
+        self.fetch_branch(&branch, "refs/stead/head")
+    }
+
+    /// Fetches `branch` into the mirror's `local_ref` and returns its head commit.
+    pub fn fetch_branch(&self, branch: &str, local_ref: &str) -> Result<Head, ControllerError> {
+        let repo = self.mirror()?;
+        let gerr = |what: &str, e: git2::Error| {
+            ControllerError::Git(format!("{what} {}: {}", self.url, e.message()))
+        };
+        let mut remote = repo
+            .remote_anonymous(&self.url)
+            .map_err(|e| gerr("remote", e))?;
         let mut fo = git2::FetchOptions::new();
         fo.remote_callbacks(self.callbacks());
         fo.download_tags(git2::AutotagOption::None);
-        let refspec = format!("+refs/heads/{branch}:refs/stead/head");
+        let refspec = format!("+refs/heads/{branch}:{local_ref}");
         remote
             .fetch(&[refspec.as_str()], Some(&mut fo), None)
             .map_err(|e| gerr(&format!("fetch branch {branch} of"), e))?;
         let oid = repo
-            .refname_to_id("refs/stead/head")
+            .refname_to_id(local_ref)
             .map_err(|e| gerr(&format!("branch {branch} not found in"), e))?;
         let commit = repo.find_commit(oid).map_err(|e| gerr("read commit", e))?;
         Ok(Head {

@@ -49,6 +49,7 @@ pub(crate) fn routes() -> Router<Arc<Shared>> {
         .route("/api/v1/resources", get(get_resources))
         .route("/api/v1/resources/{kind}/{name}", get(get_resource))
         .route("/api/v1/pending", get(get_pending))
+        .route("/api/v1/cluster", get(get_cluster))
         .route("/api/v1/events", get(get_events))
         .route("/api/v1/stream", get(stream))
         .route("/api/v1/session", get(get_session))
@@ -109,6 +110,19 @@ pub(crate) fn overview_of(s: &Shared) -> Overview {
 pub(crate) fn tree_of(s: &Shared, filter: &TreeFilter) -> Tree {
     let (status, snap) = read_model(s);
     view::tree(&status, snap.as_deref(), filter)
+}
+
+/// The cluster as etcd has it, or why there is none (blocking: it reads etcd).
+pub(crate) fn cluster_of(s: &Shared) -> view::cluster::ClusterView {
+    use view::cluster::ClusterView;
+    match s.housekeeping.as_ref().and_then(|hk| hk.cluster_status()) {
+        None => ClusterView::not_a_cluster(),
+        Some(Ok(st)) => ClusterView::from_status(&st),
+        Some(Err(e)) => {
+            warn!(error = %e.0, "cluster status");
+            ClusterView::unreadable(&e.0)
+        }
+    }
 }
 
 /// The pending plan (read model).
@@ -188,6 +202,15 @@ async fn get_resource(
     responses((status = 200, body = Pending), (status = 401, body = ApiError)))]
 async fn get_pending(_: Viewer, State(s): State<Arc<Shared>>) -> Json<Pending> {
     Json(pending_of(&s))
+}
+
+#[utoipa::path(get, path = "/api/v1/cluster", tag = "read",
+    responses((status = 200, body = view::cluster::ClusterView), (status = 401, body = ApiError)))]
+async fn get_cluster(_: Viewer, State(s): State<Arc<Shared>>) -> Response {
+    match tokio::task::spawn_blocking(move || cluster_of(&s)).await {
+        Ok(v) => Json(v).into_response(),
+        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
 }
 
 /// `GET /api/v1/events` parameters.

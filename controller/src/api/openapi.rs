@@ -9,10 +9,11 @@ use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder
 
 use crate::auth::{Role, Via};
 use crate::events::{Event, EventKind, StatusUpdate, Update};
+use crate::view::cluster::{ClusterNode, ClusterView, Placement, Replication};
 use crate::view::{
-    BackupEntry, Capacity, ConditionView, Detail, FieldDiff, KindCount, NodeStatus, ObservedView,
-    Overview, Pending, PlanProblem, PlannedChange, PoolUsage, ResourceSummary, RevisionInfo,
-    SyncInfo, SyncState, Tree, TreeEdge, TreeNode, VerifyState, WorkloadInfo,
+    BackupEntry, BranchPlan, Capacity, ConditionView, Detail, FieldDiff, KindCount, NodeStatus,
+    ObservedView, Overview, Pending, PlanProblem, PlannedChange, PoolUsage, ResourceSummary,
+    RevisionInfo, SyncInfo, SyncState, Tree, TreeEdge, TreeNode, VerifyState, WorkloadInfo,
 };
 
 use super::{ActionAccepted, ApiError, LoginRequest, ResourceTarget, SessionInfo};
@@ -28,20 +29,22 @@ use super::{ActionAccepted, ApiError, LoginRequest, ResourceTarget, SessionInfo}
     ),
     paths(
         super::get_overview, super::get_resources, super::get_resource, super::get_pending,
+        super::get_cluster,
         super::get_events, super::stream, super::get_session, super::login, super::logout,
         super::action_sync, super::action_restart, super::action_backup, super::action_verify,
     ),
     components(schemas(
         Overview, SyncInfo, SyncState, KindCount, Capacity, PoolUsage, RevisionInfo,
         ResourceSummary, Tree, TreeNode, TreeEdge, NodeStatus, Detail, ConditionView,
-        ObservedView, FieldDiff, WorkloadInfo, BackupEntry, VerifyState, Pending, PlannedChange, PlanProblem, Event,
+        ObservedView, FieldDiff, WorkloadInfo, BackupEntry, VerifyState, Pending, PlannedChange, PlanProblem, BranchPlan, Event,
         EventKind, Update, StatusUpdate, SessionInfo, Role, Via, LoginRequest,
-        ResourceTarget, ActionAccepted, ApiError,
+        ResourceTarget, ActionAccepted, ApiError, ClusterView, ClusterNode, Placement,
+        Replication,
     )),
     modifiers(&Security),
     security(("bearer" = []), ("session" = [])),
     tags(
-        (name = "read", description = "The read model: overview, resource tree, detail, pending plan, events"),
+        (name = "read", description = "The read model: overview, resource tree, detail, pending plan, events, cluster"),
         (name = "live", description = "Server-sent events"),
         (name = "auth", description = "Login, logout, the caller's session and CSRF token"),
         (name = "actions", description = "Operator actions (operator role; CSRF token from a session)"),
@@ -109,6 +112,7 @@ mod tests {
             "/api/v1/resources",
             "/api/v1/resources/{kind}/{name}",
             "/api/v1/pending",
+            "/api/v1/cluster",
             "/api/v1/events",
             "/api/v1/stream",
             "/api/v1/session",

@@ -1,7 +1,9 @@
 //! The console page's websocket: a container's or VM's serial console relayed to the
 //! browser, attached the way `stead console` attaches (through the binary's
-//! [`Housekeeping`](crate::Housekeeping)). Operators only; the upgrade must come from a
-//! page of this server (a browser always sends `Origin` with a websocket).
+//! [`Housekeeping`](crate::Housekeeping)); and the screen page's: a QEMU VM's VNC server
+//! (its unix socket, never TCP) relayed in binary frames to noVNC. Operators only; the
+//! upgrade must come from a page of this server (a browser always sends `Origin` with a
+//! websocket).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -40,6 +42,13 @@ pub(crate) fn refusal(
     }
 }
 
+/// What a relay attaches to: the serial console, or a QEMU VM's VNC server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Target {
+    Console,
+    Screen,
+}
+
 /// `GET /console/{kind}/{name}/ws`.
 pub(crate) async fn upgrade(
     State(s): State<Arc<Shared>>,
@@ -47,6 +56,30 @@ pub(crate) async fn upgrade(
     headers: HeaderMap,
     Path((kind, name)): Path<(String, String)>,
     ws: WebSocketUpgrade,
+) -> Response {
+    attach(s, who, headers, (kind, name), ws, Target::Console).await
+}
+
+/// `GET /screen/VirtualMachine/{name}/ws`: the VM's VNC stream in binary frames (the
+/// RFB protocol, spoken by noVNC in the page). Same checks as the console.
+pub(crate) async fn upgrade_screen(
+    State(s): State<Arc<Shared>>,
+    who: Option<Extension<Principal>>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let id = ("VirtualMachine".to_string(), name);
+    attach(s, who, headers, id, ws, Target::Screen).await
+}
+
+async fn attach(
+    s: Arc<Shared>,
+    who: Option<Extension<Principal>>,
+    headers: HeaderMap,
+    (kind, name): (String, String),
+    ws: WebSocketUpgrade,
+    target: Target,
 ) -> Response {
     let who = who.map(|Extension(p)| p);
     if let Some((code, msg)) = refusal(who.as_ref(), crate::auth::same_origin(&headers)) {
@@ -65,8 +98,12 @@ pub(crate) async fn upgrade(
         )
             .into_response();
     };
-    let target = id.clone();
-    let opened = tokio::task::spawn_blocking(move || hk.open_console(&target)).await;
+    let for_open = id.clone();
+    let opened = tokio::task::spawn_blocking(move || match target {
+        Target::Console => hk.open_console(&for_open),
+        Target::Screen => hk.open_vnc(&for_open),
+    })
+    .await;
     let conn = match opened {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => return (StatusCode::CONFLICT, e.0).into_response(),
@@ -79,14 +116,17 @@ pub(crate) async fn upgrade(
         Ok(c) => c,
         Err(e) => return (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
     };
-    let span = info_span!("console", resource = %id, user = %user);
+    let span = match target {
+        Target::Console => info_span!("console", resource = %id, user = %user),
+        Target::Screen => info_span!("screen", resource = %id, user = %user),
+    };
     ws.on_upgrade(move |socket| relay(socket, conn).instrument(span))
 }
 
 /// Copies console output to the browser and the browser's input to the console until
 /// either side closes.
 async fn relay(mut ws: WebSocket, conn: tokio::net::UnixStream) {
-    info!("console attached");
+    info!("attached");
     let (mut rd, mut wr) = conn.into_split();
     let mut buf = vec![0u8; 8192];
     let mut ping = tokio::time::interval(PING_EVERY);
@@ -123,7 +163,7 @@ async fn relay(mut ws: WebSocket, conn: tokio::net::UnixStream) {
         }
     }
     let _ = ws.send(Message::Close(None)).await;
-    info!("console detached");
+    info!("detached");
 }
 
 #[cfg(test)]

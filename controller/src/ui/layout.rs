@@ -15,6 +15,8 @@ pub enum Nav {
     Pending,
     /// `/events`.
     Events,
+    /// `/cluster`.
+    Cluster,
     /// Nothing (detail, console, login).
     None,
 }
@@ -24,6 +26,7 @@ const ENTRIES: &[(Nav, &str, &str)] = &[
     (Nav::Resources, "/resources", "Resources"),
     (Nav::Pending, "/pending", "Pending change"),
     (Nav::Events, "/events", "Events"),
+    (Nav::Cluster, "/cluster", "Cluster"),
 ];
 
 /// How the page's main part is kept current.
@@ -37,9 +40,30 @@ pub enum Live {
     Off,
 }
 
+/// Third-party files a page loads before `ui.js` (the console's xterm.js).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Extra<'a> {
+    /// Stylesheet URLs.
+    pub styles: &'a [&'a str],
+    /// Classic script URLs (deferred, in order, before `ui.js`).
+    pub scripts: &'a [&'a str],
+}
+
 /// A full page: `title`, the navigation with `nav` current, the user `who` (none on the
 /// login page) and `body` inside `<main>`.
 pub fn page(title: &str, nav: Nav, who: Option<&Principal>, live: Live, body: Html) -> String {
+    page_with(title, nav, who, live, body, Extra::default())
+}
+
+/// [`page`] with `extra` files in its head.
+pub fn page_with(
+    title: &str,
+    nav: Nav,
+    who: Option<&Principal>,
+    live: Live,
+    body: Html,
+    extra: Extra<'_>,
+) -> String {
     let mut h = Html::new();
     h.raw("<!doctype html>")
         .open("html", &[("lang", "en")])
@@ -57,12 +81,19 @@ pub fn page(title: &str, nav: Nav, who: Option<&Principal>, live: Live, body: Ht
     h.open(
         "link",
         &[("rel", "stylesheet"), ("href", assets::css_url())],
-    )
-    .open("script", &[("src", assets::js_url()), ("defer", "defer")])
-    .close("script")
-    .close("head")
-    .open("body", &[])
-    .raw("<a class=\"skip\" href=\"#main\">Skip to content</a>");
+    );
+    for href in extra.styles {
+        h.open("link", &[("rel", "stylesheet"), ("href", href)]);
+    }
+    for src in extra.scripts {
+        h.open("script", &[("src", src), ("defer", "defer")])
+            .close("script");
+    }
+    h.open("script", &[("src", assets::js_url()), ("defer", "defer")])
+        .close("script")
+        .close("head")
+        .open("body", &[])
+        .raw("<a class=\"skip\" href=\"#main\">Skip to content</a>");
     header(&mut h, nav, who);
     let live_attr = match live {
         Live::InPlace => "in-place",

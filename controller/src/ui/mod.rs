@@ -40,11 +40,17 @@ pub(crate) fn routes() -> Router<Arc<Shared>> {
         .route("/resources/{kind}/{name}", get(detail_page))
         .route("/pending", get(pending_page))
         .route("/events", get(events_page))
+        .route("/cluster", get(cluster_page))
         .route("/console/{kind}/{name}", get(console_page))
         .route("/console/{kind}/{name}/ws", get(console::upgrade))
+        .route("/screen/VirtualMachine/{name}", get(screen_page))
+        .route(
+            "/screen/VirtualMachine/{name}/ws",
+            get(console::upgrade_screen),
+        )
         .route("/login", get(login_page))
         .route("/logout", post(logout))
-        .route("/assets/{file}", get(assets::serve))
+        .route("/assets/{*path}", get(assets::serve))
 }
 
 type Who = Option<Extension<Principal>>;
@@ -176,6 +182,25 @@ async fn events_page(State(s): State<Arc<Shared>>, who: Who, uri: Uri) -> Respon
     })
 }
 
+async fn cluster_page(State(s): State<Arc<Shared>>, who: Who, uri: Uri) -> Response {
+    if who.is_none() {
+        return page_or_login(who, &uri, |_| String::new());
+    }
+    // Reads etcd: off the async workers.
+    let Ok(c) = tokio::task::spawn_blocking(move || crate::api::cluster_of(&s)).await else {
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    };
+    page_or_login(who, &uri, |p| {
+        layout::page(
+            "Cluster",
+            Nav::Cluster,
+            Some(p),
+            Live::Swap,
+            pages::cluster(&c),
+        )
+    })
+}
+
 async fn console_page(who: Who, uri: Uri, Path((kind, name)): Path<(String, String)>) -> Response {
     let Some(id) = crate::api::parse_id(&kind, &name) else {
         return not_found(who, &format!("No {kind}/{name}."));
@@ -185,12 +210,31 @@ async fn console_page(who: Who, uri: Uri, Path((kind, name)): Path<(String, Stri
         return not_found(who, &format!("{kind} has no console."));
     }
     page_or_login(who, &uri, |p| {
-        layout::page(
+        layout::page_with(
             &format!("Console {kind}/{}", id.name),
             Nav::None,
             Some(p),
             Live::Off,
             pages::console(&kind, &id.name),
+            layout::Extra {
+                styles: &[assets::xterm_css_url()],
+                scripts: &[assets::xterm_js_url()],
+            },
+        )
+    })
+}
+
+async fn screen_page(who: Who, uri: Uri, Path(name): Path<String>) -> Response {
+    let Some(id) = crate::api::parse_id("VirtualMachine", &name) else {
+        return not_found(who, &format!("No VirtualMachine/{name}."));
+    };
+    page_or_login(who, &uri, |p| {
+        layout::page(
+            &format!("Screen VirtualMachine/{}", id.name),
+            Nav::None,
+            Some(p),
+            Live::Off,
+            pages::screen(&id.name, &assets::novnc_rfb_url()),
         )
     })
 }

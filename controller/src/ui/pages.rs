@@ -471,7 +471,7 @@ pub fn detail(d: &Detail, operator: bool) -> Html {
     }
     h.close("section");
     if let Some(w) = &d.workload {
-        workload(&mut h, r, w);
+        workload(&mut h, r, w, &d.desired);
     }
     if !d.backups.is_empty() {
         backups(&mut h, &d.backups);
@@ -563,7 +563,12 @@ fn detail_actions(h: &mut Html, r: &ResourceSummary) {
     h.close("div");
 }
 
-fn workload(h: &mut Html, r: &ResourceSummary, w: &crate::view::WorkloadInfo) {
+fn workload(
+    h: &mut Html,
+    r: &ResourceSummary,
+    w: &crate::view::WorkloadInfo,
+    desired: &serde_json::Value,
+) {
     h.open(
         "section",
         &[("class", "panel"), ("aria-labelledby", "wl-h")],
@@ -602,6 +607,14 @@ fn workload(h: &mut Html, r: &ResourceSummary, w: &crate::view::WorkloadInfo) {
             .link(
                 &format!("/console/{}/{}", url_part(&r.kind), url_part(&r.name)),
                 "Open the console",
+            )
+            .close("p");
+    }
+    if r.kind == "VirtualMachine" && desired["engine"] == "qemu" {
+        h.open("p", &[])
+            .link(
+                &format!("/screen/VirtualMachine/{}", url_part(&r.name)),
+                "Open the screen",
             )
             .close("p");
     }
@@ -735,7 +748,73 @@ pub fn pending(p: &Pending) -> Html {
         h.el("h2", &[], "As the CLI prints it");
         h.el("pre", &[("tabindex", "0"), ("id", "plan-text")], &p.text);
     }
+    if let Some(b) = &p.branch {
+        branch_plan(&mut h, b);
+    }
     h
+}
+
+/// The plan-only branch's section of the pending page.
+fn branch_plan(h: &mut Html, b: &crate::view::BranchPlan) {
+    h.open(
+        "section",
+        &[
+            ("class", "panel"),
+            ("id", "branch-plan"),
+            ("aria-labelledby", "branch-h"),
+        ],
+    )
+    .el(
+        "h2",
+        &[("id", "branch-h")],
+        &format!("Plan-only branch {}", b.branch),
+    )
+    .el(
+        "p",
+        &[("class", "muted")],
+        "What merging this branch would do to this host. It is planned, never applied.",
+    );
+    h.open("dl", &[("class", "kv")])
+        .el("dt", &[], "Head")
+        .open("dd", &[]);
+    revision(h, Some(&b.target));
+    h.close("dd")
+        .el("dt", &[], "Highest impact")
+        .open("dd", &[("id", "branch-max-impact")]);
+    match &b.max_impact {
+        Some(i) => impact_badge(h, i),
+        None => {
+            h.text("none");
+        }
+    }
+    h.close("dd").close("dl");
+    for e in &b.errors {
+        h.el(
+            "p",
+            &[("class", "notice error")],
+            &format!("{}: {}", e.id, e.message),
+        );
+    }
+    if b.changes.is_empty() {
+        h.el(
+            "p",
+            &[("class", "notice")],
+            "No change: the branch's head matches the host.",
+        );
+    }
+    h.open("div", &[("class", "plan")]);
+    for c in &b.changes {
+        planned_change(h, c);
+    }
+    h.close("div");
+    if !b.text.is_empty() {
+        h.el(
+            "pre",
+            &[("tabindex", "0"), ("id", "branch-plan-text")],
+            &b.text,
+        );
+    }
+    h.close("section");
 }
 
 fn planned_change(h: &mut Html, c: &PlannedChange) {
@@ -840,6 +919,28 @@ pub fn console(kind: &str, name: &str) -> Html {
             "Detach",
         )
         .close("p");
+    // xterm.js mounts its terminal in `#console-term` and hides the plain text view;
+    // without it (no script, or xterm.js not loaded) the plain view stays.
+    h.el(
+        "div",
+        &[
+            ("id", "console-term"),
+            ("class", "console-term hidden"),
+            ("role", "region"),
+            ("aria-label", "Terminal"),
+        ],
+        "",
+    );
+    h.open("noscript", &[])
+        .el(
+            "p",
+            &[("class", "notice")],
+            &format!(
+                "The console needs JavaScript; from a shell, `stead console {kind}/{name}` \
+                 attaches to it."
+            ),
+        )
+        .close("noscript");
     h.el(
         "pre",
         &[
@@ -880,8 +981,162 @@ pub fn console(kind: &str, name: &str) -> Html {
     h.el(
         "p",
         &[("class", "muted")],
-        "Lines are sent with a newline. Detach leaves the workload running; it is the browser's \
-         equivalent of leaving `stead console`.",
+        "Type into the terminal, or send a whole line (with a newline) from the field. Detach \
+         leaves the workload running; it is the browser's equivalent of leaving `stead \
+         console`.",
+    );
+    h
+}
+
+/// The cluster page: nodes with their leases, the leader, placements and owners,
+/// replication lag; or the notice of why there is nothing to show.
+pub fn cluster(c: &crate::view::cluster::ClusterView) -> Html {
+    let mut h = Html::new();
+    h.el("h1", &[], "Cluster");
+    if let Some(n) = &c.notice {
+        h.el("p", &[("class", "notice"), ("id", "cluster-notice")], n);
+    }
+    if !c.cluster || c.notice.is_some() {
+        return h;
+    }
+    h.open("dl", &[("class", "kv")])
+        .el("dt", &[], "Leader")
+        .el(
+            "dd",
+            &[("id", "cluster-leader")],
+            c.leader.as_deref().unwrap_or("none elected"),
+        )
+        .el("dt", &[], "etcd revision")
+        .el("dd", &[], &c.revision.to_string())
+        .close("dl");
+    h.el("h2", &[], "Nodes");
+    h.open("table", &[("id", "cluster-nodes")])
+        .raw("<thead><tr><th scope=\"col\">Node</th><th scope=\"col\">Address</th><th scope=\"col\">CPUs</th><th scope=\"col\">Memory</th><th scope=\"col\">Lease</th><th scope=\"col\">Lease left</th><th scope=\"col\">Version</th></tr></thead>")
+        .open("tbody", &[]);
+    for n in &c.nodes {
+        let name = if n.leader {
+            format!("{} (leader)", n.name)
+        } else {
+            n.name.clone()
+        };
+        let left = if n.lease_ttl_seconds < 0 {
+            "unknown".to_string()
+        } else {
+            format!("{} s", n.lease_ttl_seconds)
+        };
+        h.open("tr", &[("data-node", &n.name)])
+            .el("td", &[], &name)
+            .el("td", &[], &n.address)
+            .el("td", &[], &format!("{:.1}", n.milli_cpus as f64 / 1000.0))
+            .el("td", &[], &bytes(n.memory_bytes as f64))
+            .el("td", &[("class", "mono")], &n.lease)
+            .el("td", &[], &left)
+            .el("td", &[], &n.version)
+            .close("tr");
+    }
+    h.close("tbody").close("table");
+    h.el("h2", &[], "Placements");
+    h.open("table", &[("id", "cluster-placements")])
+        .raw("<thead><tr><th scope=\"col\">Workload</th><th scope=\"col\">Assigned to</th><th scope=\"col\">Running on</th><th scope=\"col\">HA</th><th scope=\"col\">Fencing token</th></tr></thead>")
+        .open("tbody", &[]);
+    for p in &c.placements {
+        h.open("tr", &[("data-id", &p.resource)])
+            .el("td", &[], &p.resource)
+            .el("td", &[], &p.node)
+            .el("td", &[], p.owner.as_deref().unwrap_or("nobody"))
+            .el("td", &[], if p.ha { "yes" } else { "no" })
+            .el(
+                "td",
+                &[],
+                &p.fencing_token.map(|t| t.to_string()).unwrap_or_default(),
+            )
+            .close("tr");
+    }
+    h.close("tbody").close("table");
+    h.el("h2", &[], "Replication");
+    if c.replication.is_empty() {
+        h.el("p", &[("class", "muted")], "No replicated volumes.");
+        return h;
+    }
+    h.open("table", &[("id", "cluster-replication")])
+        .raw("<thead><tr><th scope=\"col\">Volume</th><th scope=\"col\">From</th><th scope=\"col\">To</th><th scope=\"col\">Lag</th><th scope=\"col\">Last point</th><th scope=\"col\">Failures</th><th scope=\"col\">Last error</th></tr></thead>")
+        .open("tbody", &[]);
+    for r in &c.replication {
+        h.open("tr", &[])
+            .el("td", &[], &r.volume)
+            .el("td", &[], &r.from)
+            .el("td", &[], &r.to)
+            .el(
+                "td",
+                &[],
+                &r.lag_seconds
+                    .map(|s| format!("{s} s"))
+                    .unwrap_or_else(|| "unknown".into()),
+            )
+            .el(
+                "td",
+                &[],
+                &r.last_point.map(|t| time(t as f64)).unwrap_or_default(),
+            )
+            .el("td", &[], &r.failures.to_string())
+            .el("td", &[], r.last_error.as_deref().unwrap_or(""))
+            .close("tr");
+    }
+    h.close("tbody").close("table");
+    h
+}
+
+/// The screen page of QEMU VM `name`: noVNC (loaded by the script from `rfb_url`) draws
+/// the VM's display in `#screen` from the websocket in its `data-ws`.
+pub fn screen(name: &str, rfb_url: &str) -> Html {
+    let mut h = Html::new();
+    let id = format!("VirtualMachine/{name}");
+    h.open("h1", &[])
+        .text("Screen of ")
+        .link(&detail_href("VirtualMachine", name), &id)
+        .close("h1");
+    h.open("p", &[])
+        .el(
+            "span",
+            &[("id", "screen-state"), ("role", "status")],
+            "connecting",
+        )
+        .text(" ")
+        .el(
+            "button",
+            &[("type", "button"), ("id", "screen-detach")],
+            "Disconnect",
+        )
+        .text(" ")
+        .el(
+            "button",
+            &[("type", "button"), ("id", "screen-cad")],
+            "Send Ctrl-Alt-Del",
+        )
+        .close("p");
+    h.open("noscript", &[])
+        .el("p", &[("class", "notice")], "The screen needs JavaScript.")
+        .close("noscript");
+    h.el(
+        "div",
+        &[
+            ("id", "screen"),
+            ("class", "screen"),
+            ("role", "region"),
+            ("aria-label", "Screen of the VM"),
+            (
+                "data-ws",
+                &format!("/screen/VirtualMachine/{}/ws", url_part(name)),
+            ),
+            ("data-rfb", rfb_url),
+        ],
+        "",
+    );
+    h.el(
+        "p",
+        &[("class", "muted")],
+        "The VM's display (QEMU's VNC server, through the controller). Click it to type into \
+         the VM; Disconnect leaves the VM running.",
     );
     h
 }
@@ -920,6 +1175,33 @@ mod tests {
             total: nodes.len(),
             nodes,
             edges,
+        }
+    }
+
+    #[test]
+    fn cluster_page_shows_nodes_leader_placements_and_lag_or_a_notice() {
+        use crate::view::cluster::ClusterView;
+        let none = cluster(&ClusterView::not_a_cluster()).into_string();
+        assert!(none.contains("not a node of a cluster"), "{none}");
+        assert!(!none.contains("<table"));
+        let st = serde_json::json!({
+            "leader": "n1",
+            "nodes": [{"name": "n1", "address": "a:1", "capacity": {"milliCpus": 2000, "memoryBytes": 1073741824u64}, "version": "0.1.0", "lease": 16, "leaseTtlSeconds": 7}],
+            "assignments": [{"resource": "VirtualMachine/db<x>", "node": "n1", "ha": true, "owner": "n1", "fencingToken": 9}],
+            "replication": {"data": {"from": "n1", "to": "n2", "lagS": 3, "failures": 0}},
+            "revision": 5
+        });
+        let page = cluster(&ClusterView::from_status(&st)).into_string();
+        for want in [
+            "n1 (leader)",
+            "7 s",
+            "1.0 GiB",
+            "VirtualMachine/db&lt;x&gt;",
+            ">9<",
+            "3 s",
+            "2.0",
+        ] {
+            assert!(page.contains(want), "{want} in {page}");
         }
     }
 
@@ -1016,8 +1298,25 @@ mod tests {
             errors: vec![],
             max_impact: Some("restart".into()),
             text: "~ VirtualMachine/vm1 <restart>".into(),
+            branch: None,
         };
         let html = pending(&p).into_string();
+        assert!(!html.contains("branch-plan"));
+        let mut with_branch = p.clone();
+        with_branch.branch = Some(crate::view::BranchPlan {
+            branch: "preview<1>".into(),
+            target: crate::view::RevisionInfo::bare(&"c".repeat(40)),
+            changes: p.changes.clone(),
+            errors: vec![],
+            max_impact: Some("data-loss".into()),
+            text: "- Volume/old".into(),
+        });
+        let b = pending(&with_branch).into_string();
+        assert!(b.contains("Plan-only branch preview&lt;1&gt;"), "{b}");
+        assert!(
+            b.contains("id=\"branch-max-impact\"><span class=\"badge i-data-loss\">"),
+            "{b}"
+        );
         assert!(
             html.contains("<span class=\"badge i-restart\">restart</span>"),
             "{html}"

@@ -156,7 +156,7 @@ fn form_login(port: u16, user: &str) -> String {
     set.split(';').next().expect("cookie").to_string()
 }
 
-const PAGES: [&str; 7] = [
+const PAGES: [&str; 9] = [
     "/",
     "/resources",
     "/resources?kind=container&status=Failed&name=w",
@@ -164,6 +164,8 @@ const PAGES: [&str; 7] = [
     "/pending",
     "/events",
     "/console/Container/web",
+    "/screen/VirtualMachine/vm1",
+    "/cluster",
 ];
 
 #[test]
@@ -249,6 +251,8 @@ fn unknown_resources_and_consoles_are_404() {
         "/resources/Nokind/x",
         "/console/Volume/data",
         "/assets/other.txt",
+        "/assets/novnc.0123456789ab/core/nope.js",
+        "/assets/vendor.0123456789ab/core/rfb.js",
     ] {
         let r = request(s.port, "GET", p, &[("cookie", &cookie)], "");
         assert_eq!(r.code, 404, "{p}");
@@ -283,5 +287,67 @@ fn the_logout_form_needs_the_csrf_token() {
     assert_eq!(
         request(s.port, "GET", "/", &[("cookie", &cookie)], "").code,
         303
+    );
+}
+
+#[test]
+fn vendored_scripts_are_served_under_their_hash() {
+    let s = serve(ui_shared());
+    let rfb = super::assets::novnc_rfb_url();
+    let inflate = rfb.replace("core/rfb.js", "vendor/pako/lib/zlib/inflate.js");
+    for url in [
+        super::assets::xterm_js_url(),
+        super::assets::xterm_css_url(),
+        &rfb,
+        &inflate,
+    ] {
+        let r = request(s.port, "GET", url, &[], "");
+        assert_eq!(r.code, 200, "{url}");
+        assert!(
+            r.header("cache-control")
+                .unwrap_or("")
+                .contains("immutable"),
+            "{url}"
+        );
+    }
+    let stale = request(
+        s.port,
+        "GET",
+        "/assets/novnc.000000000000/core/rfb.js",
+        &[],
+        "",
+    );
+    assert_eq!(stale.code, 200);
+    assert_eq!(stale.header("cache-control"), Some("no-cache"));
+    let cookie = form_login(s.port, "ann");
+    let console = request(
+        s.port,
+        "GET",
+        "/console/Container/web",
+        &[("cookie", &cookie)],
+        "",
+    );
+    assert!(
+        console.body.contains(super::assets::xterm_js_url()),
+        "{}",
+        console.body
+    );
+    assert!(console.body.contains("<noscript>"));
+    let screen = request(
+        s.port,
+        "GET",
+        "/screen/VirtualMachine/vm1",
+        &[("cookie", &cookie)],
+        "",
+    );
+    assert!(
+        screen.body.contains(&format!("data-rfb=\"{rfb}\"")),
+        "{}",
+        screen.body
+    );
+    assert!(
+        screen
+            .body
+            .contains("data-ws=\"/screen/VirtualMachine/vm1/ws\"")
     );
 }

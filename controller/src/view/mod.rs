@@ -6,6 +6,7 @@
 //! module: specs, observed state, diffs and plan text go through [`redact`].
 
 pub mod capacity;
+pub mod cluster;
 pub mod redact;
 
 pub use capacity::console_tail;
@@ -486,6 +487,29 @@ pub struct Pending {
     pub max_impact: Option<String>,
     /// The plan as `stead diff` prints it (redacted).
     pub text: String,
+    /// The plan of the plan-only branch's head (`--plan-branch`), never applied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub branch: Option<BranchPlan>,
+}
+
+/// The plan of the head of a plan-only branch against the host: what merging it would
+/// do. Never applied.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BranchPlan {
+    /// The branch.
+    pub branch: String,
+    /// Its head commit.
+    pub target: RevisionInfo,
+    /// The changes, in execution order (state `plan-only`).
+    pub changes: Vec<PlannedChange>,
+    /// Plan errors.
+    pub errors: Vec<PlanProblem>,
+    /// The highest impact of all changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_impact: Option<String>,
+    /// The plan as `stead diff` prints it (redacted).
+    pub text: String,
 }
 
 /// What the last reconcile saw and planned: the read model's input besides the status
@@ -507,6 +531,8 @@ pub(crate) struct Snapshot {
     pub(crate) drifted: BTreeSet<ResourceId>,
     /// A head waiting for `sync` (manual sync), with its plan.
     pub(crate) proposed: Option<(RevisionInfo, Plan)>,
+    /// The plan-only branch's name, head and plan (`--plan-branch`).
+    pub(crate) branch: Option<(String, RevisionInfo, Plan)>,
 }
 
 /// The summary of `id` from its status (if the controller has one) and the snapshot.
@@ -1014,6 +1040,7 @@ pub(crate) fn pending(status: &Status, snap: Option<&Snapshot>) -> Pending {
             errors: Vec::new(),
             max_impact: None,
             text: String::new(),
+            branch: None,
         };
     };
     let (target, plan, waiting): (RevisionInfo, &Plan, Vec<(&Change, String)>) =
@@ -1070,6 +1097,53 @@ pub(crate) fn pending(status: &Status, snap: Option<&Snapshot>) -> Pending {
             })
             .collect(),
         max_impact,
+        text: render::plan_text(&shown, render::Style::default()),
+        branch: snap
+            .branch
+            .as_ref()
+            .map(|(name, rev, plan)| branch_plan(name, rev, plan)),
+    }
+}
+
+/// The [`BranchPlan`] of `plan`, the plan of branch `name`'s head `rev`.
+pub(crate) fn branch_plan(name: &str, rev: &RevisionInfo, plan: &Plan) -> BranchPlan {
+    let live: Vec<&Change> = plan
+        .changes
+        .iter()
+        .filter(|c| c.action != Action::Noop)
+        .collect();
+    let mut shown = plan.clone();
+    shown.changes = plan.changes.iter().map(redacted_change).collect();
+    BranchPlan {
+        branch: name.to_string(),
+        target: rev.clone(),
+        changes: live
+            .iter()
+            .map(|c| PlannedChange {
+                id: c.id.to_string(),
+                action: format!("{:?}", c.action).to_lowercase(),
+                symbol: c.action.symbol().into(),
+                verb: c.action.verb().into(),
+                impact: c.impact.map(|i| i.as_str().to_string()),
+                drift: c.drift,
+                fields: field_diffs(c),
+                note: c.note.as_deref().map(redact::redact_text),
+                state: "plan-only".into(),
+            })
+            .collect(),
+        errors: plan
+            .errors
+            .iter()
+            .map(|e| PlanProblem {
+                id: e.id.to_string(),
+                message: redact::redact_text(&e.message),
+            })
+            .collect(),
+        max_impact: live
+            .iter()
+            .filter_map(|c| c.impact)
+            .max()
+            .map(|i| i.as_str().to_string()),
         text: render::plan_text(&shown, render::Style::default()),
     }
 }

@@ -189,6 +189,7 @@ pub(crate) fn snapshot() -> Snapshot {
         drift,
         drifted: BTreeSet::new(),
         proposed: None,
+        branch: None,
     }
 }
 
@@ -451,6 +452,7 @@ fn a_tree_of_1000_resources_builds_quickly() {
         drift: BTreeMap::new(),
         drifted: BTreeSet::new(),
         proposed: None,
+        branch: None,
     };
     let t0 = std::time::Instant::now();
     let t = tree(&status, Some(&snap), &TreeFilter::default());

@@ -168,3 +168,28 @@ pub fn maybe_update_doc_image(shot: &Path, name: &str) {
     std::fs::create_dir_all(&docs).expect("docs/img");
     std::fs::copy(shot, docs.join(name)).expect("copy screenshot");
 }
+
+/// The text xterm.js shows on the console page (its rows, non-breaking spaces as
+/// spaces); empty before the terminal is there.
+pub fn terminal_text(b: &Browser) -> String {
+    b.js(
+        "var r = document.querySelector('#console-term .xterm-rows');
+         return r ? r.textContent.replace(/\\u00a0/g, ' ') : '';",
+        vec![],
+    )
+    .as_str()
+    .unwrap_or_default()
+    .to_string()
+}
+
+/// Waits until the console's terminal shows `text`; panics with what it shows.
+pub fn wait_terminal(b: &Browser, text: &str, timeout: Duration) {
+    if b.wait(timeout, |b| terminal_text(b).contains(text))
+        .is_none()
+    {
+        panic!(
+            "the terminal never showed {text:?} after {timeout:?}; it shows {:?}",
+            terminal_text(b)
+        );
+    }
+}

@@ -1,7 +1,8 @@
 //! The QEMU command line of a VM: [`argv`], a pure function of its [`QemuConfig`].
 //!
 //! Layout:
-//! - no defaults, no user config, no display; `-sandbox on` with obsolete system calls,
+//! - no defaults, no user config, no local display (a standard VGA adapter, the last
+//!   device, for the VNC screen); `-sandbox on` with obsolete system calls,
 //!   privilege elevation, spawning and resource control denied;
 //! - the serial port on an inherited socket ([`SERIAL_FD`]) the supervisor relays to the
 //!   console log and `stead console`; the supervisor's own QMP channel on another
@@ -295,6 +296,9 @@ pub fn argv(c: &QemuConfig) -> Vec<String> {
         push(&mut out, "-device", nic_device(n));
     }
     push(&mut out, "-device", "virtio-rng-pci,id=rng0");
+    // The screen VNC shows (the firmware's, then the guest's): added last so the other
+    // devices keep the PCI slots they had without it.
+    push(&mut out, "-device", "VGA,id=video0");
     out
 }
 
@@ -403,6 +407,7 @@ mod tests {
             "-netdev tap,id=net0,fd=5",
             "-device virtio-net-pci,netdev=net0,id=net0-dev,mac=52:54:00:12:34:56",
             "-device virtio-rng-pci,id=rng0",
+            "-device VGA,id=video0",
         ]
         .join(" ");
         assert_eq!(joined(&c), want);
@@ -443,6 +448,7 @@ mod tests {
             "-blockdev driver=qcow2,file=disk0-file,node-name=disk0,cache.direct=on,cache.no-flush=off,discard=ignore,read-only=off",
             "-device virtio-blk-pci,drive=disk0,id=disk0-dev,write-cache=on,bootindex=1",
             "-device virtio-rng-pci,id=rng0",
+            "-device VGA,id=video0",
         ]
         .join(" ");
         assert_eq!(joined(&c), want);
