@@ -78,6 +78,7 @@ impl Rig {
             accel_warning: None,
             run_as: None,
             user_warning: None,
+            incoming: false,
             machine: Machine::Pc,
             firmware: FirmwareRun::Bios,
             disks: vec![],

@@ -295,6 +295,9 @@ pub fn argv(c: &QemuConfig) -> Vec<String> {
         push(&mut out, "-device", nic_device(n));
     }
     push(&mut out, "-device", "virtio-rng-pci,id=rng0");
+    if c.incoming {
+        push(&mut out, "-incoming", "defer");
+    }
     out
 }
 
@@ -319,6 +322,7 @@ mod tests {
             accel_warning: None,
             run_as: None,
             user_warning: None,
+            incoming: false,
             machine: Machine::Pc,
             firmware: FirmwareRun::Bios,
             disks: vec![],
@@ -406,6 +410,15 @@ mod tests {
         ]
         .join(" ");
         assert_eq!(joined(&c), want);
+    }
+
+    #[test]
+    fn an_incoming_vm_waits_for_a_migration_last() {
+        let mut c = base();
+        assert!(!argv(&c).iter().any(|a| a == "-incoming"));
+        c.incoming = true;
+        let args = argv(&c);
+        assert_eq!(args[args.len() - 2..], ["-incoming", "defer"]);
     }
 
     #[test]
