@@ -46,12 +46,16 @@ pub struct MigrateOptions {
     pub poll: Duration,
     /// Longest pause of the guest QEMU may plan for the final copy, in milliseconds.
     pub downtime_limit_ms: u64,
-    /// Bandwidth cap in bytes per second (0: QEMU's default).
+    /// Bandwidth cap in bytes per second (set on every migration: QEMU keeps the last
+    /// value it was given).
     pub max_bandwidth: u64,
     /// Throttle the guest's vCPUs when it dirties RAM faster than it can be sent (TCG
     /// guests are slow to copy; this bounds the number of rounds).
     pub auto_converge: bool,
 }
+
+/// The default bandwidth cap: QEMU's own default, 128 MiB/s (about a 1 Gbit/s link).
+pub const DEFAULT_MAX_BANDWIDTH: u64 = 128 << 20;
 
 impl Default for MigrateOptions {
     fn default() -> Self {
@@ -59,7 +63,7 @@ impl Default for MigrateOptions {
             timeout: Duration::from_secs(300),
             poll: Duration::from_millis(250),
             downtime_limit_ms: 300,
-            max_bandwidth: 0,
+            max_bandwidth: DEFAULT_MAX_BANDWIDTH,
             auto_converge: true,
         }
     }
@@ -92,8 +96,7 @@ pub struct MigrateSetParameters {
     /// Longest planned pause, in milliseconds.
     pub downtime_limit: u64,
     /// Bandwidth cap in bytes per second.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub max_bandwidth: Option<u64>,
+    pub max_bandwidth: u64,
 }
 impl QmpCommand for MigrateSetParameters {
     const NAME: &'static str = "migrate-set-parameters";
@@ -430,7 +433,7 @@ pub fn migrate_out(
     })?;
     qmp.execute(&MigrateSetParameters {
         downtime_limit: opts.downtime_limit_ms,
-        max_bandwidth: (opts.max_bandwidth > 0).then_some(opts.max_bandwidth),
+        max_bandwidth: opts.max_bandwidth,
     })?;
     let started = Instant::now();
     qmp.execute(&Migrate { uri: uri.into() })?;
@@ -611,10 +614,13 @@ mod tests {
         assert_eq!(names, [("events", true), ("auto-converge", true)]);
         let v = serde_json::to_value(MigrateSetParameters {
             downtime_limit: 300,
-            max_bandwidth: None,
+            max_bandwidth: DEFAULT_MAX_BANDWIDTH,
         })
         .expect("encode");
-        assert_eq!(v, json!({"downtime-limit": 300}));
+        assert_eq!(
+            v,
+            json!({"downtime-limit": 300, "max-bandwidth": 134217728})
+        );
     }
 
     /// The same small machine on both ends (a BIOS guest without disks).
@@ -754,12 +760,12 @@ mod tests {
     fn boot_id(qga: &mut Qga) -> String {
         let out = qga
             .exec(
-                "/bin/cat",
-                &["/proc/sys/kernel/random/boot_id"],
+                "/usr/bin/systemd-id128",
+                &["boot-id"],
                 None,
                 Duration::from_secs(60),
             )
-            .expect("cat boot_id");
+            .expect("systemd-id128 boot-id");
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     }
 
@@ -799,7 +805,7 @@ mod tests {
             booted.elapsed()
         );
         let before = boot_id(&mut agent);
-        assert_eq!(before.len(), 36, "{before:?}");
+        assert_eq!(before.len(), 32, "{before:?}");
         let marker: Vec<u8> = (0..200_000u32).map(|i| (i % 253) as u8).collect();
         agent
             .write_file("/dev/shm/marker", &marker)
