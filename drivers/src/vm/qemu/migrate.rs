@@ -437,11 +437,14 @@ pub fn migrate_out(
     })?;
     let started = Instant::now();
     qmp.execute(&Migrate { uri: uri.into() })?;
-    let result = poll_until_final(qmp, started, opts, &mut progress);
-    if result.is_err() {
-        cancel_and_resume(qmp);
+    match poll_until_final(qmp, started, opts, &mut progress) {
+        Ok(done) => Ok(done),
+        Err(e) => match cancel_and_resume(qmp) {
+            // It completed as it was being given up: the guest runs on the target.
+            Some(done) => Ok(done),
+            None => Err(e),
+        },
     }
-    result
 }
 
 /// How many extra `query-migrate` a `completed` without times gets (20 ms apart).
@@ -479,15 +482,34 @@ fn poll_until_final(
 }
 
 /// After a failed outgoing migration: cancels it if it still runs, waits for it to end and
-/// resumes the guest if QEMU left it paused. Errors are logged (best effort: the caller
-/// reports the migration's own error).
-fn cancel_and_resume(qmp: &mut Qmp) {
-    if let Err(e) = cancel(qmp, Duration::from_secs(10)) {
-        tracing::warn!(error = %e, "cancelling the migration");
+/// resumes the guest if QEMU left it paused. A migration that completed meanwhile is
+/// returned (the guest must not be resumed here: it runs on the target). Errors are logged
+/// (best effort: the caller reports the migration's own error).
+fn cancel_and_resume(qmp: &mut Qmp) -> Option<Completed> {
+    match cancel(qmp, Duration::from_secs(10)) {
+        Ok(MigrationStatus::Completed) => {
+            tracing::warn!("the migration completed while it was being cancelled");
+            let info = qmp.execute(&QueryMigrate).unwrap_or_default();
+            return match next_step(&info, Duration::ZERO, Duration::MAX) {
+                Step::Done(c) => Some(c),
+                _ => Some(Completed {
+                    total_time_ms: 0,
+                    downtime_ms: 0,
+                    transferred: 0,
+                }),
+            };
+        }
+        Ok(_) => {}
+        Err(e) => {
+            // State unknown: resuming could run the guest twice.
+            tracing::warn!(error = %e, "cancelling the migration");
+            return None;
+        }
     }
     if let Err(e) = ensure_running(qmp) {
         tracing::warn!(error = %e, "resuming the guest after a failed migration");
     }
+    None
 }
 
 /// `migrate_cancel`, then waits up to `timeout` for the migration to end.
@@ -512,12 +534,13 @@ pub fn cancel(qmp: &mut Qmp, timeout: Duration) -> Result<MigrationStatus, Migra
 }
 
 /// Resumes the guest when a failed migration left it paused (`cont`); a guest that runs is
-/// left alone.
+/// left alone, and one in `postmigrate` (its migration completed: it runs on the target)
+/// is refused.
 pub fn ensure_running(qmp: &mut Qmp) -> Result<(), MigrateError> {
     let st = qmp.query_status()?;
     match st.status {
         RunState::Running => Ok(()),
-        RunState::Paused | RunState::Postmigrate | RunState::FinishMigrate => {
+        RunState::Paused | RunState::FinishMigrate => {
             qmp.execute(&Cont)?;
             Ok(())
         }
