@@ -153,6 +153,26 @@ pub fn choose_method(mode: MigrationMode, facts: Option<&LiveFacts>) -> Result<M
     }
 }
 
+/// Why the cluster cannot move a workload live yet: the driver migrates a QEMU VM live, but
+/// the agents do not hand a running VM over (incoming target, release, adoption).
+pub const LIVE_NOT_WIRED: &str = "live migration through the cluster is not wired yet";
+
+/// How `stead migrate` moves a workload through the cluster today (pure): `--cold` and the
+/// default move cold (the default says why not live); `--live` is refused, for a VM with
+/// [`LIVE_NOT_WIRED`] until the agents hand a running VM over.
+pub fn cluster_method(mode: MigrationMode, is_vm: bool) -> Result<Method, String> {
+    let why = if is_vm {
+        LIVE_NOT_WIRED.to_string()
+    } else {
+        live_blocker(None).unwrap_or_default()
+    };
+    match mode {
+        MigrationMode::Cold => Ok(Method::Cold("--cold".into())),
+        MigrationMode::Auto => Ok(Method::Cold(why)),
+        MigrationMode::Live => Err(format!("cannot move live: {why}")),
+    }
+}
+
 /// Writes (or replaces) the override of `resource`.
 pub async fn put(
     store: &Store,
@@ -493,6 +513,32 @@ mod tests {
                 "{e}"
             );
         }
+    }
+
+    #[test]
+    fn the_cluster_moves_cold_and_refuses_live_until_the_hand_over_is_wired() {
+        for vm in [true, false] {
+            assert_eq!(
+                cluster_method(MigrationMode::Cold, vm),
+                Ok(Method::Cold("--cold".into()))
+            );
+        }
+        assert_eq!(
+            cluster_method(MigrationMode::Auto, true),
+            Ok(Method::Cold(LIVE_NOT_WIRED.into()))
+        );
+        assert_eq!(
+            cluster_method(MigrationMode::Live, true),
+            Err(format!("cannot move live: {LIVE_NOT_WIRED}"))
+        );
+        assert_eq!(
+            cluster_method(MigrationMode::Auto, false),
+            Ok(Method::Cold("only a VirtualMachine moves live".into()))
+        );
+        assert_eq!(
+            cluster_method(MigrationMode::Live, false),
+            Err("cannot move live: only a VirtualMachine moves live".into())
+        );
     }
 
     #[test]
