@@ -159,3 +159,44 @@ fn cluster_status_shows_a_running_agent_s_node() {
     assert!(text.contains("leader: (none)"), "{text}");
     assert!(text.lines().any(|l| l.starts_with("n2 ")), "{text}");
 }
+
+/// `stead migrate --live` is refused with the reason before anything is written (no etcd
+/// needed: live migration through the cluster is not wired yet), and `--live --cold` is a
+/// usage error.
+#[test]
+fn migrate_live_is_refused_with_the_reason_until_the_hand_over_is_wired() {
+    let state = tempfile::tempdir().expect("tempdir");
+    let run = |args: &[&str]| {
+        std::process::Command::new(stead_bin())
+            .arg("--state-dir")
+            .arg(state.path())
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("stead migrate")
+    };
+    let vm = run(&["migrate", "VirtualMachine/vm1", "--to", "n2", "--live"]);
+    assert_eq!(vm.status.code(), Some(1), "{}", show(&vm));
+    let err = String::from_utf8_lossy(&vm.stderr);
+    assert!(
+        err.contains("VirtualMachine/vm1 cannot move live: live migration through the cluster is not wired yet"),
+        "{}",
+        show(&vm)
+    );
+    let ct = run(&["migrate", "Container/c1", "--to", "n2", "--live"]);
+    assert_eq!(ct.status.code(), Some(1), "{}", show(&ct));
+    assert!(
+        String::from_utf8_lossy(&ct.stderr).contains("only a VirtualMachine moves live"),
+        "{}",
+        show(&ct)
+    );
+    let both = run(&[
+        "migrate",
+        "VirtualMachine/vm1",
+        "--to",
+        "n2",
+        "--live",
+        "--cold",
+    ]);
+    assert_eq!(both.status.code(), Some(2), "{}", show(&both));
+}
