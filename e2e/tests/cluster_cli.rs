@@ -1,6 +1,7 @@
 //! The cluster verbs against the lab's etcd (issue 15): `stead node join` checks etcd with
 //! the credentials it is given before writing the agent's configuration, and `stead cluster
-//! status` shows a running agent's node with its lease and capacity.
+//! status` shows a running agent's node with its lease and capacity; `stead migrate --live`
+//! is refused with the reason until the agents run a live hand-over.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
