@@ -15,7 +15,7 @@ use stead_cluster::events::{ClusterEvent, recent};
 use stead_cluster::keys::ResourceRef;
 use stead_cluster::leader::{self, LeaderConfig, LeaderStatus, Manifests};
 use stead_cluster::metrics::LeaderMetrics;
-use stead_cluster::migrate::{self, MigrationRecord, MigrationState};
+use stead_cluster::migrate::{self, Method, MigrationMode, MigrationRecord, MigrationState};
 use stead_cluster::model::{Assignment, NodeInfo};
 use stead_cluster::owner::list_owners;
 use stead_cluster::pki::{self, CaMode, InitReport, InitRequest, Layout, Member};
@@ -498,6 +498,13 @@ pub struct MigrateArgs {
     /// the rules allow).
     #[arg(long)]
     clear: bool,
+    /// Move it live (a running QEMU VM keeps running) or not at all. Refused for now: live
+    /// migration through the cluster is not wired yet.
+    #[arg(long, conflicts_with_all = ["cold", "clear"])]
+    live: bool,
+    /// Move it cold (stop, hand off, start on the target) even when live is possible.
+    #[arg(long, conflicts_with = "clear")]
+    cold: bool,
     /// Return once the override is written instead of following the move.
     #[arg(long)]
     no_wait: bool,
@@ -508,14 +515,43 @@ pub struct MigrateArgs {
     etcd: EtcdArgs,
 }
 
+impl MigrateArgs {
+    /// The mode the flags ask for.
+    fn mode(&self) -> MigrationMode {
+        if self.live {
+            MigrationMode::Live
+        } else if self.cold {
+            MigrationMode::Cold
+        } else {
+            MigrationMode::Auto
+        }
+    }
+}
+
+/// How the move is announced: `live`, or `cold` with why.
+fn method_words(m: &Method) -> String {
+    match m {
+        Method::Live => "live".into(),
+        Method::Cold(why) => format!("cold ({why})"),
+    }
+}
+
 /// Writes (or clears) a migration override and follows the move until the target owns the
 /// workload; 1 when the leader refuses it or the timeout passes.
 pub fn migrate(a: MigrateArgs, g: &Global) -> Result<u8> {
-    let etcd = a.etcd.config(g)?;
     let resource: ResourceRef = a.resource.parse()?;
     if !matches!(resource.kind(), "Container" | "VirtualMachine") {
         anyhow::bail!("only a Container or a VirtualMachine can be migrated, not {resource}");
     }
+    let mode = a.mode();
+    let method = match migrate::cluster_method(mode, resource.kind() == "VirtualMachine") {
+        Ok(m) => m,
+        Err(why) => {
+            eprintln!("error: {resource} {why} (use --cold)");
+            return Ok(1);
+        }
+    };
+    let etcd = a.etcd.config(g)?;
     runtime()?.block_on(async {
         let store = Store::connect(&etcd).await?;
         if a.clear {
@@ -544,8 +580,14 @@ pub fn migrate(a: MigrateArgs, g: &Global) -> Result<u8> {
                 "{resource} is not placed in the cluster (not in the manifests, or no leader yet)"
             );
         };
-        println!("{resource}: on {}, moving to {to}", now.node);
-        migrate::put(&store, &resource, &MigrationRecord::request(&to)).await?;
+        println!(
+            "{resource}: on {}, moving to {to} {}",
+            now.node,
+            method_words(&method)
+        );
+        let mut record = MigrationRecord::request(&to);
+        record.mode = mode;
+        migrate::put(&store, &resource, &record).await?;
         if a.no_wait {
             println!("override written; follow with `stead cluster status`");
             return Ok(0);

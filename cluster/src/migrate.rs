@@ -50,6 +50,13 @@ pub struct MigrationRecord {
     /// Why it was refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// How the operator asked to move it (absent: [`MigrationMode::Auto`]).
+    #[serde(default, skip_serializing_if = "is_auto")]
+    pub mode: MigrationMode,
+}
+
+fn is_auto(m: &MigrationMode) -> bool {
+    *m == MigrationMode::Auto
 }
 
 impl MigrationRecord {
@@ -64,7 +71,105 @@ impl MigrationRecord {
             requested_at_ms: now,
             state: MigrationState::Requested,
             message: None,
+            mode: MigrationMode::Auto,
         }
+    }
+}
+
+/// How the operator asked to move a workload (`stead migrate --live / --cold`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MigrationMode {
+    /// Live when [`choose_method`] finds it possible, else cold.
+    #[default]
+    Auto,
+    /// Live or not at all (refused with the reason).
+    Live,
+    /// Cold even when live is possible.
+    Cold,
+}
+
+/// Where one volume of a VM lives, for [`LiveFacts`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeSite {
+    /// The volume.
+    pub volume: String,
+    /// Its pool.
+    pub pool: String,
+    /// Whether the pool is declared `shared: true` (every node sees the same data).
+    pub shared: bool,
+}
+
+/// What decides whether a VM can move live, read from its manifest and its node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LiveFacts {
+    /// Its engine (`qemu`, `vmm`).
+    pub engine: String,
+    /// Whether it runs now.
+    pub running: bool,
+    /// Its volumes.
+    pub volumes: Vec<VolumeSite>,
+}
+
+/// How a workload moves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Method {
+    /// QMP `migrate` to a QEMU waiting on the target: the guest keeps running.
+    Live,
+    /// Stop, final replication, start on the target; with why it is not live.
+    Cold(String),
+}
+
+/// Why `facts` (`None`: not a VM) rule out a live migration, if they do (pure).
+pub fn live_blocker(facts: Option<&LiveFacts>) -> Option<String> {
+    let Some(f) = facts else {
+        return Some("only a VirtualMachine moves live".into());
+    };
+    if f.engine != "qemu" {
+        return Some(format!(
+            "its engine is {}: only qemu VMs move live",
+            f.engine
+        ));
+    }
+    if !f.running {
+        return Some("it is not running".into());
+    }
+    f.volumes.iter().find(|v| !v.shared).map(|v| {
+        format!(
+            "volume {} is on pool {}, which is not shared (both nodes must see its disk)",
+            v.volume, v.pool
+        )
+    })
+}
+
+/// Chooses how to move a workload: the operator's `mode` against what the workload allows
+/// (pure). `Err` when live was required and is impossible, with the reason.
+pub fn choose_method(mode: MigrationMode, facts: Option<&LiveFacts>) -> Result<Method, String> {
+    match (mode, live_blocker(facts)) {
+        (MigrationMode::Cold, _) => Ok(Method::Cold("--cold".into())),
+        (_, None) => Ok(Method::Live),
+        (MigrationMode::Live, Some(why)) => Err(format!("cannot move live: {why}")),
+        (MigrationMode::Auto, Some(why)) => Ok(Method::Cold(why)),
+    }
+}
+
+/// Why the cluster cannot move a workload live yet: the driver migrates a QEMU VM live, but
+/// the agents do not hand a running VM over (incoming target, release, adoption).
+pub const LIVE_NOT_WIRED: &str = "live migration through the cluster is not wired yet";
+
+/// How `stead migrate` moves a workload through the cluster today (pure): `--cold` and the
+/// default move cold (the default says why not live); `--live` is refused, for a VM with
+/// [`LIVE_NOT_WIRED`] until the agents hand a running VM over.
+pub fn cluster_method(mode: MigrationMode, is_vm: bool) -> Result<Method, String> {
+    let why = if is_vm {
+        LIVE_NOT_WIRED.to_string()
+    } else {
+        live_blocker(None).unwrap_or_default()
+    };
+    match mode {
+        MigrationMode::Cold => Ok(Method::Cold("--cold".into())),
+        MigrationMode::Auto => Ok(Method::Cold(why)),
+        MigrationMode::Live => Err(format!("cannot move live: {why}")),
     }
 }
 
@@ -341,6 +446,117 @@ mod tests {
         );
         let gone = refused_by_placement(&placed(&nodes[..1], &ws), &overrides("a", "n9"));
         assert!(gone[&ws[0].id].contains("n9 is not registered"), "{gone:?}");
+    }
+
+    fn qemu_vm(running: bool, shared: &[bool]) -> LiveFacts {
+        LiveFacts {
+            engine: "qemu".into(),
+            running,
+            volumes: shared
+                .iter()
+                .enumerate()
+                .map(|(i, &shared)| VolumeSite {
+                    volume: format!("disk{i}"),
+                    pool: if shared { "nfs" } else { "local" }.into(),
+                    shared,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn a_running_qemu_vm_on_shared_pools_moves_live_unless_told_cold() {
+        let vm = qemu_vm(true, &[true, true]);
+        assert_eq!(
+            choose_method(MigrationMode::Auto, Some(&vm)),
+            Ok(Method::Live)
+        );
+        assert_eq!(
+            choose_method(MigrationMode::Live, Some(&vm)),
+            Ok(Method::Live)
+        );
+        assert_eq!(
+            choose_method(MigrationMode::Cold, Some(&vm)),
+            Ok(Method::Cold("--cold".into()))
+        );
+        let diskless = qemu_vm(true, &[]);
+        assert_eq!(
+            choose_method(MigrationMode::Auto, Some(&diskless)),
+            Ok(Method::Live)
+        );
+    }
+
+    #[test]
+    fn what_rules_out_live_is_said_and_live_is_refused_for_it() {
+        let local = qemu_vm(true, &[true, false]);
+        let stopped = qemu_vm(false, &[true]);
+        let vmm = LiveFacts {
+            engine: "vmm".into(),
+            ..qemu_vm(true, &[])
+        };
+        for (facts, why) in [
+            (
+                Some(&local),
+                "volume disk1 is on pool local, which is not shared",
+            ),
+            (Some(&stopped), "it is not running"),
+            (Some(&vmm), "its engine is vmm"),
+            (None, "only a VirtualMachine moves live"),
+        ] {
+            match choose_method(MigrationMode::Auto, facts) {
+                Ok(Method::Cold(reason)) => assert!(reason.contains(why), "{reason}"),
+                other => panic!("{other:?}"),
+            }
+            let e = choose_method(MigrationMode::Live, facts).expect_err("live refused");
+            assert!(
+                e.starts_with("cannot move live: ") && e.contains(why),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_cluster_moves_cold_and_refuses_live_until_the_hand_over_is_wired() {
+        for vm in [true, false] {
+            assert_eq!(
+                cluster_method(MigrationMode::Cold, vm),
+                Ok(Method::Cold("--cold".into()))
+            );
+        }
+        assert_eq!(
+            cluster_method(MigrationMode::Auto, true),
+            Ok(Method::Cold(LIVE_NOT_WIRED.into()))
+        );
+        assert_eq!(
+            cluster_method(MigrationMode::Live, true),
+            Err(format!("cannot move live: {LIVE_NOT_WIRED}"))
+        );
+        assert_eq!(
+            cluster_method(MigrationMode::Auto, false),
+            Ok(Method::Cold("only a VirtualMachine moves live".into()))
+        );
+        assert_eq!(
+            cluster_method(MigrationMode::Live, false),
+            Err("cannot move live: only a VirtualMachine moves live".into())
+        );
+    }
+
+    #[test]
+    fn a_record_without_a_mode_reads_as_auto() {
+        let r: MigrationRecord =
+            serde_json::from_str(r#"{"to":"n2","requestedAtMs":1,"state":"requested"}"#)
+                .expect("decode");
+        assert_eq!(r.mode, MigrationMode::Auto);
+        let mut live = MigrationRecord::request("n2");
+        live.mode = MigrationMode::Live;
+        let v = serde_json::to_value(&live).expect("encode");
+        assert_eq!(v["mode"], "live");
+        assert!(
+            serde_json::to_value(MigrationRecord::request("n2"))
+                .expect("encode")
+                .get("mode")
+                .is_none()
+        );
     }
 
     #[test]

@@ -78,6 +78,7 @@ impl Rig {
             accel_warning: None,
             run_as: None,
             user_warning: None,
+            incoming: false,
             machine: Machine::Pc,
             firmware: FirmwareRun::Bios,
             disks: vec![],
@@ -368,6 +369,77 @@ fn start_status_restart_and_graceful_stop() {
     assert!(!log.contains("SIGKILL"), "{log}");
     wait_until("QEMU gone", Duration::from_secs(5), || !alive(qemu2));
     assert!(rig.cgroup_pids().is_empty(), "{:?}", rig.cgroup_pids());
+}
+
+/// Two supervised QEMUs from the same config, the second started as a migration target:
+/// it waits in `inmigrate`, the first migrates its (guestless) VM to it; the source's stop
+/// then quits at once (no ACPI wait: its guest lives elsewhere), and the target, killed, is
+/// not restarted (policy `always`: a fresh boot there would be a second copy of the guest).
+fn live_migration_between_two_supervised_qemus() {
+    use stead_drivers::vm::qemu::migrate::{
+        MigrateOptions, listen_incoming, migrate_out, wait_incoming,
+    };
+    let (src, dst) = (Rig::new("ms"), Rig::new("md"));
+    let mut scfg = src.config(RestartPolicy::Always);
+    scfg.shutdown_timeout_secs = 10;
+    src.launch(&scfg).expect("launch the source");
+    let mut dcfg = dst.config(RestartPolicy::Always);
+    dcfg.incoming = true;
+    dst.launch(&dcfg).expect("launch the target");
+    assert_eq!(dst.state().phase, Phase::Running);
+    let mut qd = Qmp::connect(&dcfg.sockets.qmp, Duration::from_secs(5)).expect("qmp target");
+    assert_eq!(
+        qd.query_status().expect("status").status,
+        RunState::Inmigrate
+    );
+    let uri = listen_incoming(&mut qd, "127.0.0.1", 0).expect("listen");
+    let mut qs = Qmp::connect(&scfg.sockets.qmp, Duration::from_secs(5)).expect("qmp source");
+    let done = migrate_out(&mut qs, &uri, &MigrateOptions::default(), |_| {}).expect("migrate");
+    wait_incoming(&mut qd, Duration::from_secs(10)).expect("the target runs");
+    eprintln!(
+        "  migrated in {} ms, downtime {} ms",
+        done.total_time_ms, done.downtime_ms
+    );
+    assert_eq!(
+        qs.query_status().expect("status").status,
+        RunState::Postmigrate
+    );
+    drop((qs, qd));
+
+    let t = Instant::now();
+    let sst = src.state();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(sst.supervisor_pid),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("sigterm");
+    wait_until(
+        "the source supervisor to stop",
+        Duration::from_secs(8),
+        || !src.paths().instance().lock_held(),
+    );
+    let took = t.elapsed();
+    eprintln!("  source stopped in {took:?}");
+    assert!(
+        took < Duration::from_secs(5),
+        "quit without the 10 s ACPI wait: {took:?}"
+    );
+    assert!(src.log().contains("migrated away"), "{}", src.log());
+    assert_eq!(src.state().phase, Phase::Stopped);
+
+    let qemu = dst.state().qemu_pid.expect("target qemu");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(qemu),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill the target qemu");
+    wait_until(
+        "the target supervisor to end",
+        Duration::from_secs(10),
+        || !dst.paths().instance().lock_held(),
+    );
+    let st = dst.state();
+    assert_eq!((st.phase, st.restarts), (Phase::Exited, 0), "{}", dst.log());
 }
 
 fn never_policy_and_bad_start() {
@@ -802,7 +874,7 @@ fn have_qemu() -> bool {
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     run_as_supervisor_if_asked(&args);
-    let tests: [(&str, fn()); 7] = [
+    let tests: [(&str, fn()); 8] = [
         ("fence_deadline_kills_qemu", fence_deadline_kills_qemu),
         (
             "qemu_runs_as_the_unprivileged_user",
@@ -825,6 +897,10 @@ fn main() {
             start_status_restart_and_graceful_stop,
         ),
         ("never_policy_and_bad_start", never_policy_and_bad_start),
+        (
+            "live_migration_between_two_supervised_qemus",
+            live_migration_between_two_supervised_qemus,
+        ),
     ];
     if args.iter().any(|a| a == "--list") {
         if !args.iter().any(|a| a == "--ignored") {

@@ -299,6 +299,9 @@ pub fn argv(c: &QemuConfig) -> Vec<String> {
     // The screen VNC shows (the firmware's, then the guest's): added last so the other
     // devices keep the PCI slots they had without it.
     push(&mut out, "-device", "VGA,id=video0");
+    if c.incoming {
+        push(&mut out, "-incoming", "defer");
+    }
     out
 }
 
@@ -323,6 +326,7 @@ mod tests {
             accel_warning: None,
             run_as: None,
             user_warning: None,
+            incoming: false,
             machine: Machine::Pc,
             firmware: FirmwareRun::Bios,
             disks: vec![],
@@ -411,6 +415,15 @@ mod tests {
         ]
         .join(" ");
         assert_eq!(joined(&c), want);
+    }
+
+    #[test]
+    fn an_incoming_vm_waits_for_a_migration_last() {
+        let mut c = base();
+        assert!(!argv(&c).iter().any(|a| a == "-incoming"));
+        c.incoming = true;
+        let args = argv(&c);
+        assert_eq!(args[args.len() - 2..], ["-incoming", "defer"]);
     }
 
     #[test]

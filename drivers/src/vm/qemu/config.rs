@@ -232,6 +232,12 @@ pub struct QemuConfig {
     /// `stead get`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user_warning: Option<String>,
+    /// Start as the target of a live migration: QEMU waits in `inmigrate` (`-incoming
+    /// defer`) for [`super::migrate::listen_incoming`] instead of booting the guest, and
+    /// the supervisor never restarts it (a restart would boot a second copy of a guest
+    /// that still runs on the source).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub incoming: bool,
 }
 
 impl QemuConfig {
@@ -430,6 +436,7 @@ pub fn resolve(
             .filter(|_| spec.placement.is_ha()),
         run_as: user.run_as,
         user_warning: user.warning,
+        incoming: false,
     })
 }
 

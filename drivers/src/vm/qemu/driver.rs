@@ -833,6 +833,7 @@ mod tests {
             accel_warning: None,
             run_as: None,
             user_warning: None,
+            incoming: false,
             machine: super::super::config::Machine::Pc,
             firmware: super::super::config::FirmwareRun::Bios,
             disks,

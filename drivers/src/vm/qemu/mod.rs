@@ -11,7 +11,8 @@
 //! - [`driver`]: the qemu engine's observe / apply / delete (the VM driver dispatches);
 //! - [`cloudinit`]: the cloud-init NoCloud seed (`cidata` ISO) generated from a manifest
 //!   (both engines attach it);
-//! - [`backup`]: consistent, incremental backups of a running QEMU VM's disks.
+//! - [`backup`]: consistent, incremental backups of a running QEMU VM's disks;
+//! - [`migrate`]: live migration of a running VM to a QEMU waiting in incoming mode.
 
 pub mod accel;
 pub mod argv;
@@ -21,6 +22,7 @@ pub mod config;
 pub mod driver;
 pub mod firmware;
 mod jsonline;
+pub mod migrate;
 pub mod qga;
 pub mod qmp;
 pub mod quiesce;

@@ -25,7 +25,11 @@
 //! - on `SIGTERM`: graceful stop — QMP `system_powerdown` (ACPI), after
 //!   `shutdownTimeout` the guest agent's `guest-shutdown` (when the VM has the agent)
 //!   with [`AGENT_GRACE`] more, then QMP `quit`, then `SIGKILL` after [`QUIT_GRACE`];
-//! - on `SIGHUP`: re-reads the restart policy.
+//! - as a live migration target (`incoming` in the config): accepts QEMU waiting in
+//!   `inmigrate` as booted and never restarts it until a reload clears `incoming` (once
+//!   the migration completed); a stop of a QEMU whose guest migrated away (`postmigrate`)
+//!   goes straight to `quit`;
+//! - on `SIGHUP`: re-reads the restart policy and `incoming`.
 
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom, Write};
@@ -390,7 +394,7 @@ impl Supervisor {
         })?;
         q.set_timeout(QMP_TIMEOUT);
         let st = q.query_status().map_err(|e| format!("query-status: {e}"))?;
-        if st.status != QmpRunState::Running {
+        if !boot_state_ok(st.status, self.cfg.incoming) {
             return Err(format!("QEMU reports {:?}, not running", st.status));
         }
         if let Some(r) = &mut self.run {
@@ -415,8 +419,12 @@ impl Supervisor {
     fn reload_config(&mut self) {
         match read_json::<QemuConfig>(&self.paths.config()) {
             Ok(Some(c)) if c.name == self.cfg.name => {
-                log(&format!("reload, restart policy {:?}", c.restart_policy));
+                log(&format!(
+                    "reload, restart policy {:?}, incoming {}",
+                    c.restart_policy, c.incoming
+                ));
                 self.cfg.restart_policy = c.restart_policy;
+                self.cfg.incoming = c.incoming;
             }
             Ok(_) => log("reload: no usable config"),
             Err(e) => log(&format!("reload: {e}")),
@@ -454,13 +462,28 @@ impl Supervisor {
         if self.stop.is_some() {
             return;
         }
-        log("stop requested: ACPI power button");
         self.restart.cancel();
+        if self.migrated_away() {
+            log("stop requested: the guest migrated away, quit");
+            self.qmp(&Quit);
+            self.stop = Some((StopStep::Quit, Instant::now() + QUIT_GRACE));
+            return;
+        }
+        log("stop requested: ACPI power button");
         let deadline = Instant::now() + Duration::from_secs(self.cfg.shutdown_timeout_secs);
         self.stop = Some((StopStep::Powerdown, deadline));
         if !self.qmp(&SystemPowerdown) {
             self.stop = Some((StopStep::Powerdown, Instant::now()));
         }
+    }
+
+    /// Whether this QEMU handed its guest to a migration target (run state
+    /// `postmigrate`): nothing is left to shut down gracefully.
+    fn migrated_away(&mut self) -> bool {
+        let Some(q) = self.run.as_mut().and_then(|r| r.qmp.as_mut()) else {
+            return false;
+        };
+        matches!(q.query_status(), Ok(st) if st.status == QmpRunState::Postmigrate)
     }
 
     /// The next step of a stop whose deadline passed.
@@ -516,7 +539,9 @@ impl Supervisor {
             return Some(self.stopped());
         }
         let failed = exit != Exit::Code(0);
-        if !restart_wanted(self.cfg.restart_policy, failed, false) {
+        if !may_restart(self.cfg.incoming)
+            || !restart_wanted(self.cfg.restart_policy, failed, false)
+        {
             self.state.phase = Phase::Exited;
             self.save();
             return Some(0);
@@ -716,6 +741,18 @@ impl Workload for Supervisor {
 }
 
 /// How QEMU ended, in words.
+/// Whether QEMU's run state right after its start is the expected one: running, or
+/// waiting for a migration when started as a migration target.
+fn boot_state_ok(state: QmpRunState, incoming: bool) -> bool {
+    state == QmpRunState::Running || (incoming && state == QmpRunState::Inmigrate)
+}
+
+/// Whether an ended QEMU may be restarted: never a migration target (a fresh boot would
+/// run a second copy of the guest the source still runs, or ran until it was handed over).
+fn may_restart(incoming: bool) -> bool {
+    !incoming
+}
+
 fn describe(exit: Exit) -> String {
     match exit {
         Exit::Code(0) => "shutdown".into(),
@@ -727,6 +764,15 @@ fn describe(exit: Exit) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_migration_target_waits_in_inmigrate_and_is_never_restarted() {
+        assert!(boot_state_ok(QmpRunState::Running, false));
+        assert!(!boot_state_ok(QmpRunState::Inmigrate, false));
+        assert!(boot_state_ok(QmpRunState::Inmigrate, true));
+        assert!(!boot_state_ok(QmpRunState::Paused, true));
+        assert!(may_restart(false) && !may_restart(true));
+    }
 
     #[test]
     fn exit_descriptions_and_overhead() {

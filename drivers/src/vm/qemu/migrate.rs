@@ -1,0 +1,876 @@
+//! Live migration of a running QEMU VM over TCP (QMP `migrate`).
+//!
+//! Both ends run QEMU from the same [`super::config::QemuConfig`] (same machine type,
+//! devices and RAM): the target starts with `-incoming defer`
+//! ([`super::config::QemuConfig::incoming`]) and waits in run state `inmigrate` until
+//! [`listen_incoming`] has it listen on an address its node picks; the source then runs
+//! [`migrate_out`], which sets the capabilities and parameters both sides need
+//! ([`capabilities`], [`MigrateOptions`]), starts `migrate` and polls `query-migrate`,
+//! reporting [`Progress`] (status, RAM transferred and remaining, expected downtime) until
+//! `completed`. On a failure, a timeout or an error the outgoing migration is cancelled
+//! (`migrate_cancel`) and the source guest is left running ([`ensure_running`]): only
+//! `completed` ends the source's ownership of the guest.
+
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use super::qmp::{Cont, Empty, Qmp, QmpCommand, QmpError, RunState};
+
+/// Errors of a migration.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    /// A QMP exchange failed.
+    #[error(transparent)]
+    Qmp(#[from] QmpError),
+    /// QEMU reported the migration failed (its `error-desc`).
+    #[error("migration failed: {0}")]
+    Failed(String),
+    /// The migration was cancelled (by QEMU or another client).
+    #[error("migration was cancelled")]
+    Cancelled,
+    /// The migration did not complete in time (it was cancelled).
+    #[error("migration did not complete within {0:?} (cancelled)")]
+    TimedOut(Duration),
+    /// The guest is not in the run state the step needs.
+    #[error("{0}")]
+    State(String),
+}
+
+/// How an outgoing migration runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MigrateOptions {
+    /// Time allowed from `migrate` to `completed`; past it the migration is cancelled.
+    pub timeout: Duration,
+    /// How often `query-migrate` is polled (and progress reported).
+    pub poll: Duration,
+    /// Longest pause of the guest QEMU may plan for the final copy, in milliseconds.
+    pub downtime_limit_ms: u64,
+    /// Bandwidth cap in bytes per second (set on every migration: QEMU keeps the last
+    /// value it was given).
+    pub max_bandwidth: u64,
+    /// Throttle the guest's vCPUs when it dirties RAM faster than it can be sent (TCG
+    /// guests are slow to copy; this bounds the number of rounds).
+    pub auto_converge: bool,
+}
+
+/// The default bandwidth cap: QEMU's own default, 128 MiB/s (about a 1 Gbit/s link).
+pub const DEFAULT_MAX_BANDWIDTH: u64 = 128 << 20;
+
+impl Default for MigrateOptions {
+    fn default() -> Self {
+        MigrateOptions {
+            timeout: Duration::from_secs(300),
+            poll: Duration::from_millis(250),
+            downtime_limit_ms: 300,
+            max_bandwidth: DEFAULT_MAX_BANDWIDTH,
+            auto_converge: true,
+        }
+    }
+}
+
+/// One migration capability and whether it is on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CapabilityState {
+    /// The capability (`events`, `auto-converge`, …).
+    pub capability: String,
+    /// On or off.
+    pub state: bool,
+}
+
+/// `migrate-set-capabilities`.
+#[derive(Debug, Clone, Serialize)]
+pub struct MigrateSetCapabilities {
+    /// The capabilities to set.
+    pub capabilities: Vec<CapabilityState>,
+}
+impl QmpCommand for MigrateSetCapabilities {
+    const NAME: &'static str = "migrate-set-capabilities";
+    type Ret = Empty;
+}
+
+/// `migrate-set-parameters` (only the parameters stead sets).
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct MigrateSetParameters {
+    /// Longest planned pause, in milliseconds.
+    pub downtime_limit: u64,
+    /// Bandwidth cap in bytes per second.
+    pub max_bandwidth: u64,
+}
+impl QmpCommand for MigrateSetParameters {
+    const NAME: &'static str = "migrate-set-parameters";
+    type Ret = Empty;
+}
+
+/// `migrate-incoming`: a target started with `-incoming defer` listens on `uri`.
+#[derive(Debug, Clone, Serialize)]
+pub struct MigrateIncoming {
+    /// `tcp:HOST:PORT` (port 0: QEMU picks one, see [`MigrationInfo::socket_address`]).
+    pub uri: String,
+}
+impl QmpCommand for MigrateIncoming {
+    const NAME: &'static str = "migrate-incoming";
+    type Ret = Empty;
+}
+
+/// `migrate`: starts an outgoing migration to `uri`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Migrate {
+    /// `tcp:HOST:PORT` of the listening target.
+    pub uri: String,
+}
+impl QmpCommand for Migrate {
+    const NAME: &'static str = "migrate";
+    type Ret = Empty;
+}
+
+/// `query-migrate`.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct QueryMigrate;
+impl QmpCommand for QueryMigrate {
+    const NAME: &'static str = "query-migrate";
+    type Ret = MigrationInfo;
+}
+
+/// `migrate_cancel`.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct MigrateCancel;
+impl QmpCommand for MigrateCancel {
+    const NAME: &'static str = "migrate_cancel";
+    type Ret = Empty;
+}
+
+/// A migration's status (`query-migrate`, event `MIGRATION`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MigrationStatus {
+    /// No migration ran.
+    None,
+    /// Setting up.
+    Setup,
+    /// Being cancelled.
+    Cancelling,
+    /// Cancelled.
+    Cancelled,
+    /// Copying RAM and devices.
+    Active,
+    /// Stopped for the final copy of devices.
+    Device,
+    /// Waiting before the switch-over.
+    PreSwitchover,
+    /// Done: the target runs the guest.
+    Completed,
+    /// Failed.
+    Failed,
+    /// A status this client does not act on (postcopy, COLO, …).
+    #[serde(other)]
+    Other,
+}
+
+impl MigrationStatus {
+    /// Whether the migration has ended (completed, failed or cancelled).
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            MigrationStatus::Completed | MigrationStatus::Failed | MigrationStatus::Cancelled
+        )
+    }
+}
+
+/// RAM counters of a migration.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct RamStats {
+    /// Bytes sent so far.
+    #[serde(default)]
+    pub transferred: u64,
+    /// Bytes still dirty.
+    #[serde(default)]
+    pub remaining: u64,
+    /// Guest RAM in bytes.
+    #[serde(default)]
+    pub total: u64,
+    /// Rounds over the dirty bitmap so far.
+    #[serde(default)]
+    pub dirty_sync_count: u64,
+    /// Current throughput in Mbit/s.
+    #[serde(default)]
+    pub mbps: f64,
+}
+
+/// A listening socket of an incoming migration.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct SocketAddress {
+    /// `inet`, `unix`, ….
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The host of an `inet` socket.
+    #[serde(default)]
+    pub host: Option<String>,
+    /// The port of an `inet` socket.
+    #[serde(default)]
+    pub port: Option<String>,
+}
+
+/// `query-migrate` reply.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct MigrationInfo {
+    /// The status (absent before any migration).
+    #[serde(default)]
+    pub status: Option<MigrationStatus>,
+    /// RAM counters (while active and once completed).
+    #[serde(default)]
+    pub ram: Option<RamStats>,
+    /// Milliseconds since `migrate` (total once completed).
+    #[serde(default)]
+    pub total_time: Option<u64>,
+    /// Milliseconds the guest was paused (once completed).
+    #[serde(default)]
+    pub downtime: Option<u64>,
+    /// Downtime QEMU expects for the final copy, in milliseconds (while active).
+    #[serde(default)]
+    pub expected_downtime: Option<u64>,
+    /// Percentage of vCPU throttling by auto-converge.
+    #[serde(default)]
+    pub cpu_throttle_percentage: Option<u64>,
+    /// Why the migration failed.
+    #[serde(default)]
+    pub error_desc: Option<String>,
+    /// Where an incoming migration listens (target side).
+    #[serde(default)]
+    pub socket_address: Vec<SocketAddress>,
+}
+
+/// A progress report of an outgoing migration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Progress {
+    /// Time since `migrate`.
+    pub elapsed: Duration,
+    /// The status.
+    pub status: MigrationStatus,
+    /// RAM sent so far, in bytes.
+    pub transferred: u64,
+    /// RAM still dirty, in bytes.
+    pub remaining: u64,
+    /// Guest RAM, in bytes.
+    pub total: u64,
+    /// Expected (while active) or actual (once completed) guest pause, in milliseconds.
+    pub downtime_ms: Option<u64>,
+}
+
+impl Progress {
+    /// Reads a progress report from `query-migrate`.
+    pub fn from_info(info: &MigrationInfo, elapsed: Duration) -> Self {
+        let ram = info.ram.unwrap_or_default();
+        let status = info.status.unwrap_or(MigrationStatus::None);
+        let downtime_ms = if status == MigrationStatus::Completed {
+            info.downtime
+        } else {
+            info.expected_downtime
+        };
+        Progress {
+            elapsed,
+            status,
+            transferred: ram.transferred,
+            remaining: ram.remaining,
+            total: ram.total,
+            downtime_ms,
+        }
+    }
+
+    /// Share of guest RAM already copied, 0–100 (100 once completed).
+    pub fn ram_percent(&self) -> u8 {
+        if self.status == MigrationStatus::Completed {
+            return 100;
+        }
+        if self.total == 0 {
+            return 0;
+        }
+        let done = self.total.saturating_sub(self.remaining.min(self.total));
+        u8::try_from(done.saturating_mul(100) / self.total).unwrap_or(100)
+    }
+}
+
+/// The result of a completed migration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Completed {
+    /// Total time QEMU reports, in milliseconds.
+    pub total_time_ms: u64,
+    /// How long the guest was paused, in milliseconds.
+    pub downtime_ms: u64,
+    /// RAM bytes sent.
+    pub transferred: u64,
+}
+
+/// What the poll loop does after one `query-migrate`.
+#[derive(Debug)]
+enum Step {
+    /// Keep polling.
+    Wait,
+    /// Done.
+    Done(Completed),
+    /// Ended without completing.
+    Fail(MigrateError),
+    /// Took too long: cancel.
+    Cancel,
+}
+
+/// Decides the next step from one `query-migrate` reply.
+fn next_step(info: &MigrationInfo, elapsed: Duration, timeout: Duration) -> Step {
+    match info.status {
+        Some(MigrationStatus::Completed) => Step::Done(Completed {
+            total_time_ms: info.total_time.unwrap_or(0),
+            downtime_ms: info.downtime.unwrap_or(0),
+            transferred: info.ram.map(|r| r.transferred).unwrap_or(0),
+        }),
+        Some(MigrationStatus::Failed) => Step::Fail(MigrateError::Failed(
+            info.error_desc
+                .clone()
+                .unwrap_or_else(|| "no reason given".into()),
+        )),
+        Some(MigrationStatus::Cancelled) => Step::Fail(MigrateError::Cancelled),
+        _ if elapsed >= timeout => Step::Cancel,
+        _ => Step::Wait,
+    }
+}
+
+/// The capabilities both ends set: `events` (the `MIGRATION` event) and, on the source,
+/// `auto-converge`.
+pub fn capabilities(opts: &MigrateOptions) -> Vec<CapabilityState> {
+    let cap = |name: &str, state| CapabilityState {
+        capability: name.into(),
+        state,
+    };
+    vec![
+        cap("events", true),
+        cap("auto-converge", opts.auto_converge),
+    ]
+}
+
+/// `tcp:HOST:PORT` (IPv6 hosts bracketed).
+pub fn tcp_uri(host: &str, port: u16) -> String {
+    if host.contains(':') {
+        format!("tcp:[{host}]:{port}")
+    } else {
+        format!("tcp:{host}:{port}")
+    }
+}
+
+/// Target side: has QEMU (started with `-incoming defer`, run state `inmigrate`) listen
+/// on `host` (port 0: QEMU picks one) and returns the `tcp:` URI the source migrates to.
+#[tracing::instrument(level = "info", skip(qmp))]
+pub fn listen_incoming(qmp: &mut Qmp, host: &str, port: u16) -> Result<String, MigrateError> {
+    let st = qmp.query_status()?;
+    if st.status != RunState::Inmigrate {
+        return Err(MigrateError::State(format!(
+            "the target QEMU is {:?}, not waiting for a migration (started without -incoming defer?)",
+            st.status
+        )));
+    }
+    qmp.execute(&MigrateSetCapabilities {
+        capabilities: capabilities(&MigrateOptions::default()),
+    })?;
+    qmp.execute(&MigrateIncoming {
+        uri: tcp_uri(host, port),
+    })?;
+    let info = qmp.execute(&QueryMigrate)?;
+    let bound = info
+        .socket_address
+        .iter()
+        .find_map(|s| s.port.as_deref()?.parse::<u16>().ok())
+        .unwrap_or(port);
+    if bound == 0 {
+        return Err(MigrateError::State(
+            "QEMU did not report the port it listens on".into(),
+        ));
+    }
+    Ok(tcp_uri(host, bound))
+}
+
+/// Target side: waits until the incoming migration has completed and the guest runs here.
+pub fn wait_incoming(qmp: &mut Qmp, timeout: Duration) -> Result<(), MigrateError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let st = qmp.query_status()?;
+        match st.status {
+            RunState::Running => return Ok(()),
+            RunState::Inmigrate | RunState::Prelaunch | RunState::Paused => {}
+            other => {
+                return Err(MigrateError::State(format!(
+                    "the target QEMU is {other:?} after the migration"
+                )));
+            }
+        }
+        if Instant::now() >= deadline {
+            return Err(MigrateError::TimedOut(timeout));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Source side: migrates the running guest to `uri`, calling `progress` after every poll.
+/// On `completed` the guest runs on the target and this QEMU is in `postmigrate` (the
+/// caller quits it). On any failure the migration is cancelled and the guest keeps
+/// running here.
+#[tracing::instrument(level = "info", skip(qmp, opts, progress))]
+pub fn migrate_out(
+    qmp: &mut Qmp,
+    uri: &str,
+    opts: &MigrateOptions,
+    mut progress: impl FnMut(&Progress),
+) -> Result<Completed, MigrateError> {
+    let st = qmp.query_status()?;
+    if st.status != RunState::Running {
+        return Err(MigrateError::State(format!(
+            "the source QEMU is {:?}, not running",
+            st.status
+        )));
+    }
+    qmp.execute(&MigrateSetCapabilities {
+        capabilities: capabilities(opts),
+    })?;
+    qmp.execute(&MigrateSetParameters {
+        downtime_limit: opts.downtime_limit_ms,
+        max_bandwidth: opts.max_bandwidth,
+    })?;
+    let started = Instant::now();
+    qmp.execute(&Migrate { uri: uri.into() })?;
+    match poll_until_final(qmp, started, opts, &mut progress) {
+        Ok(done) => Ok(done),
+        Err(e) => match cancel_and_resume(qmp) {
+            // It completed as it was being given up: the guest runs on the target.
+            Some(done) => Ok(done),
+            None => Err(e),
+        },
+    }
+}
+
+/// How many extra `query-migrate` a `completed` without times gets (20 ms apart).
+const SETTLE_POLLS: u32 = 50;
+
+/// Polls `query-migrate` until the migration ends or times out.
+fn poll_until_final(
+    qmp: &mut Qmp,
+    started: Instant,
+    opts: &MigrateOptions,
+    progress: &mut impl FnMut(&Progress),
+) -> Result<Completed, MigrateError> {
+    let mut settle = 0;
+    loop {
+        let info = qmp.execute(&QueryMigrate)?;
+        let elapsed = started.elapsed();
+        match next_step(&info, elapsed, opts.timeout) {
+            // QEMU reports `completed` a moment before it has filled in the times.
+            Step::Done(c) if c.total_time_ms == 0 && settle < SETTLE_POLLS => {
+                settle += 1;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Step::Wait => {
+                progress(&Progress::from_info(&info, elapsed));
+                std::thread::sleep(opts.poll);
+            }
+            Step::Done(c) => {
+                progress(&Progress::from_info(&info, elapsed));
+                return Ok(c);
+            }
+            Step::Fail(e) => return Err(e),
+            Step::Cancel => return Err(MigrateError::TimedOut(opts.timeout)),
+        }
+    }
+}
+
+/// After a failed outgoing migration: cancels it if it still runs, waits for it to end and
+/// resumes the guest if QEMU left it paused. A migration that completed meanwhile is
+/// returned (the guest must not be resumed here: it runs on the target). Errors are logged
+/// (best effort: the caller reports the migration's own error).
+fn cancel_and_resume(qmp: &mut Qmp) -> Option<Completed> {
+    match cancel(qmp, Duration::from_secs(10)) {
+        Ok(MigrationStatus::Completed) => {
+            tracing::warn!("the migration completed while it was being cancelled");
+            let info = qmp.execute(&QueryMigrate).unwrap_or_default();
+            return match next_step(&info, Duration::ZERO, Duration::MAX) {
+                Step::Done(c) => Some(c),
+                _ => Some(Completed {
+                    total_time_ms: 0,
+                    downtime_ms: 0,
+                    transferred: 0,
+                }),
+            };
+        }
+        Ok(_) => {}
+        Err(e) => {
+            // State unknown: resuming could run the guest twice.
+            tracing::warn!(error = %e, "cancelling the migration");
+            return None;
+        }
+    }
+    if let Err(e) = ensure_running(qmp) {
+        tracing::warn!(error = %e, "resuming the guest after a failed migration");
+    }
+    None
+}
+
+/// `migrate_cancel`, then waits up to `timeout` for the migration to end.
+pub fn cancel(qmp: &mut Qmp, timeout: Duration) -> Result<MigrationStatus, MigrateError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let status = qmp
+            .execute(&QueryMigrate)?
+            .status
+            .unwrap_or(MigrationStatus::None);
+        if status.is_final() || status == MigrationStatus::None {
+            return Ok(status);
+        }
+        if status != MigrationStatus::Cancelling {
+            qmp.execute(&MigrateCancel)?;
+        }
+        if Instant::now() >= deadline {
+            return Err(MigrateError::TimedOut(timeout));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Resumes the guest when a failed migration left it paused (`cont`); a guest that runs is
+/// left alone, and one in `postmigrate` (its migration completed: it runs on the target)
+/// is refused.
+pub fn ensure_running(qmp: &mut Qmp) -> Result<(), MigrateError> {
+    let st = qmp.query_status()?;
+    match st.status {
+        RunState::Running => Ok(()),
+        RunState::Paused | RunState::FinishMigrate => {
+            qmp.execute(&Cont)?;
+            Ok(())
+        }
+        other => Err(MigrateError::State(format!(
+            "the source QEMU is {other:?} after the failed migration"
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use serde_json::json;
+
+    use super::*;
+    use crate::vm::qemu::qga::Qga;
+    use crate::vm::qemu::test_qemu::TestQemu;
+
+    fn info(v: serde_json::Value) -> MigrationInfo {
+        serde_json::from_value(v).expect("decode query-migrate")
+    }
+
+    #[test]
+    fn query_migrate_replies_decode_and_give_progress() {
+        let active = info(json!({
+            "status": "active", "expected-downtime": 120, "total-time": 900,
+            "ram": {"transferred": 300, "remaining": 250, "total": 1000,
+                    "dirty-sync-count": 2, "mbps": 8.5, "duplicate": 7},
+            "setup-time": 3
+        }));
+        let p = Progress::from_info(&active, Duration::from_secs(1));
+        assert_eq!(p.status, MigrationStatus::Active);
+        assert_eq!((p.transferred, p.remaining, p.total), (300, 250, 1000));
+        assert_eq!(p.ram_percent(), 75);
+        assert_eq!(p.downtime_ms, Some(120));
+        let done = info(
+            json!({"status": "completed", "downtime": 42, "total-time": 1500,
+                               "ram": {"transferred": 900, "remaining": 0, "total": 1000}}),
+        );
+        let p = Progress::from_info(&done, Duration::from_secs(2));
+        assert_eq!((p.ram_percent(), p.downtime_ms), (100, Some(42)));
+        let none = info(json!({}));
+        assert_eq!(Progress::from_info(&none, Duration::ZERO).ram_percent(), 0);
+        let odd = info(json!({"status": "postcopy-paused"}));
+        assert_eq!(odd.status, Some(MigrationStatus::Other));
+        let target = info(json!({"status": "setup", "socket-address":
+            [{"type": "inet", "host": "10.0.0.2", "port": "40123"}]}));
+        assert_eq!(target.socket_address[0].port.as_deref(), Some("40123"));
+    }
+
+    #[test]
+    fn the_poll_loop_completes_fails_or_cancels_past_the_timeout() {
+        let t = Duration::from_secs(10);
+        let done = info(
+            json!({"status": "completed", "downtime": 42, "total-time": 1500,
+                               "ram": {"transferred": 900}}),
+        );
+        assert!(matches!(
+            next_step(&done, Duration::from_secs(30), t),
+            Step::Done(Completed {
+                total_time_ms: 1500,
+                downtime_ms: 42,
+                transferred: 900
+            })
+        ));
+        let failed = info(json!({"status": "failed", "error-desc": "Connection reset"}));
+        match next_step(&failed, Duration::ZERO, t) {
+            Step::Fail(MigrateError::Failed(d)) => assert_eq!(d, "Connection reset"),
+            other => panic!("{other:?}"),
+        }
+        let cancelled = info(json!({"status": "cancelled"}));
+        assert!(matches!(
+            next_step(&cancelled, Duration::ZERO, t),
+            Step::Fail(MigrateError::Cancelled)
+        ));
+        let active = info(json!({"status": "active"}));
+        assert!(matches!(
+            next_step(&active, Duration::from_secs(9), t),
+            Step::Wait
+        ));
+        assert!(matches!(next_step(&active, t, t), Step::Cancel));
+    }
+
+    #[test]
+    fn uris_and_capabilities() {
+        assert_eq!(tcp_uri("10.1.0.2", 4444), "tcp:10.1.0.2:4444");
+        assert_eq!(tcp_uri("fd00::2", 4444), "tcp:[fd00::2]:4444");
+        let caps = capabilities(&MigrateOptions::default());
+        let names: Vec<(&str, bool)> = caps
+            .iter()
+            .map(|c| (c.capability.as_str(), c.state))
+            .collect();
+        assert_eq!(names, [("events", true), ("auto-converge", true)]);
+        let v = serde_json::to_value(MigrateSetParameters {
+            downtime_limit: 300,
+            max_bandwidth: DEFAULT_MAX_BANDWIDTH,
+        })
+        .expect("encode");
+        assert_eq!(
+            v,
+            json!({"downtime-limit": 300, "max-bandwidth": 134217728})
+        );
+    }
+
+    /// The same small machine on both ends (a BIOS guest without disks).
+    const MACHINE: [&str; 6] = ["-machine", "pc", "-m", "128M", "-smp", "1"];
+
+    /// A running source and a target waiting in `-incoming defer`.
+    fn pair(test: &str) -> Option<(TestQemu, TestQemu)> {
+        let src = TestQemu::start(test, &MACHINE)?;
+        let mut args = MACHINE.to_vec();
+        args.extend(["-incoming", "defer"]);
+        let dst = TestQemu::start(test, &args)?;
+        Some((src, dst))
+    }
+
+    #[test]
+    fn qemu_live_migration_moves_the_running_guest_to_the_target() {
+        let Some((src, dst)) = pair("qemu_live_migration") else {
+            return;
+        };
+        let (mut qs, mut qd) = (src.qmp(), dst.qmp());
+        let e = listen_incoming(&mut qs, "127.0.0.1", 0).expect_err("source is not incoming");
+        assert!(e.to_string().contains("not waiting"), "{e}");
+        let uri = listen_incoming(&mut qd, "127.0.0.1", 0).expect("listen");
+        assert!(
+            uri.starts_with("tcp:127.0.0.1:") && !uri.ends_with(":0"),
+            "{uri}"
+        );
+        let mut seen = Vec::new();
+        let done = migrate_out(&mut qs, &uri, &MigrateOptions::default(), |p| {
+            seen.push(p.clone())
+        })
+        .expect("migrate");
+        wait_incoming(&mut qd, Duration::from_secs(10)).expect("target runs");
+        assert_eq!(
+            qs.query_status().expect("status").status,
+            RunState::Postmigrate
+        );
+        assert_eq!(qd.query_status().expect("status").status, RunState::Running);
+        assert!(done.transferred > 0 && done.total_time_ms > 0, "{done:?}");
+        assert_eq!(seen.last().map(|p| p.ram_percent()), Some(100));
+        println!(
+            "qemu_live_migration: 128 MiB guest, total {} ms, downtime {} ms, {} bytes, {} polls",
+            done.total_time_ms,
+            done.downtime_ms,
+            done.transferred,
+            seen.len()
+        );
+    }
+
+    /// Options that make a migration of the small guest last several seconds.
+    fn slow() -> MigrateOptions {
+        MigrateOptions {
+            max_bandwidth: 32 << 10,
+            poll: Duration::from_millis(100),
+            ..MigrateOptions::default()
+        }
+    }
+
+    #[test]
+    fn qemu_a_killed_target_fails_the_migration_and_the_source_keeps_running() {
+        let Some((src, dst)) = pair("qemu_killed_target") else {
+            return;
+        };
+        let (mut qs, mut qd) = (src.qmp(), dst.qmp());
+        let uri = listen_incoming(&mut qd, "127.0.0.1", 0).expect("listen");
+        let mut dst = Some(dst);
+        let started = Instant::now();
+        let e = migrate_out(&mut qs, &uri, &slow(), |p| {
+            if p.elapsed > Duration::from_millis(500) && p.status == MigrationStatus::Active {
+                drop(dst.take());
+            }
+        })
+        .expect_err("the target died");
+        assert!(matches!(e, MigrateError::Failed(_)), "{e}");
+        assert_eq!(qs.query_status().expect("status").status, RunState::Running);
+        assert!(started.elapsed() < Duration::from_secs(30));
+        println!("qemu_killed_target: {e} after {:?}", started.elapsed());
+    }
+
+    #[test]
+    fn qemu_a_migration_past_its_timeout_is_cancelled_and_the_source_keeps_running() {
+        let Some((src, dst)) = pair("qemu_migration_timeout") else {
+            return;
+        };
+        let (mut qs, mut qd) = (src.qmp(), dst.qmp());
+        let uri = listen_incoming(&mut qd, "127.0.0.1", 0).expect("listen");
+        let opts = MigrateOptions {
+            timeout: Duration::from_millis(700),
+            ..slow()
+        };
+        let e = migrate_out(&mut qs, &uri, &opts, |_| {}).expect_err("timeout");
+        assert!(matches!(e, MigrateError::TimedOut(_)), "{e}");
+        let info = qs.execute(&QueryMigrate).expect("query-migrate");
+        assert_eq!(info.status, Some(MigrationStatus::Cancelled));
+        assert_eq!(qs.query_status().expect("status").status, RunState::Running);
+    }
+
+    /// The command line of the booted guest test: one shared disk, its own agent socket and
+    /// serial log per QEMU.
+    fn guest_args(disk: &std::path::Path, dir: &std::path::Path, side: &str) -> Vec<String> {
+        let mut args: Vec<String> = [
+            "-machine",
+            "pc",
+            "-m",
+            "512",
+            "-smp",
+            "1",
+            "-device",
+            "virtio-serial-pci",
+            "-device",
+            "virtio-blk-pci,drive=root,bootindex=0",
+            "-device",
+            "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
+        ]
+        .map(String::from)
+        .to_vec();
+        args.push("-drive".into());
+        args.push(format!(
+            "file={},format=qcow2,if=none,id=root",
+            disk.display()
+        ));
+        args.push("-chardev".into());
+        let sock = dir.join(format!("qga-{side}.sock"));
+        args.push(format!(
+            "socket,id=qga0,path={},server=on,wait=off",
+            sock.display()
+        ));
+        args.push("-serial".into());
+        args.push(format!(
+            "file:{}",
+            dir.join(format!("serial-{side}.log")).display()
+        ));
+        args
+    }
+
+    /// The guest's boot id, read by its agent.
+    fn boot_id(qga: &mut Qga) -> String {
+        let out = qga
+            .exec(
+                "/usr/bin/systemd-id128",
+                &["boot-id"],
+                None,
+                Duration::from_secs(60),
+            )
+            .expect("systemd-id128 boot-id");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    /// Boots the cached Debian guest under TCG on a disk both QEMUs open (shared storage),
+    /// then live-migrates it: the same boot, its RAM (a file in tmpfs) and its agent on the
+    /// target.
+    #[test]
+    fn qemu_a_booted_debian_guest_migrates_live_with_its_boot_and_memory() {
+        use crate::vm::qemu::test_qemu::{guest_image, make_overlay, tail};
+        let test = "qemu_a_booted_debian_guest_migrates_live";
+        let Some(image) = guest_image(test) else {
+            return;
+        };
+        let shared = tempfile::tempdir().expect("tmp");
+        let disk = shared.path().join("disk.qcow2");
+        make_overlay(&image, &disk);
+        let sargs = guest_args(&disk, shared.path(), "src");
+        let sargs: Vec<&str> = sargs.iter().map(String::as_str).collect();
+        let Some(src) = TestQemu::start(test, &sargs) else {
+            return;
+        };
+        let mut qs = src.qmp();
+        let booted = Instant::now();
+        let mut agent = Qga::connect(
+            &shared.path().join("qga-src.sock"),
+            Duration::from_secs(300),
+        )
+        .unwrap_or_else(|e| {
+            panic!(
+                "{e}; serial log ends with:\n{}",
+                tail(&shared.path().join("serial-src.log"), 3000)
+            )
+        });
+        agent.set_timeout(Duration::from_secs(30));
+        println!(
+            "{test}: agent answered {:?} after QEMU started",
+            booted.elapsed()
+        );
+        let before = boot_id(&mut agent);
+        assert_eq!(before.len(), 32, "{before:?}");
+        let marker: Vec<u8> = (0..200_000u32).map(|i| (i % 253) as u8).collect();
+        agent
+            .write_file("/dev/shm/marker", &marker)
+            .expect("write marker");
+        drop(agent);
+
+        let mut dargs = guest_args(&disk, shared.path(), "dst");
+        dargs.extend(["-incoming".into(), "defer".into()]);
+        let dargs: Vec<&str> = dargs.iter().map(String::as_str).collect();
+        let dst = TestQemu::start(test, &dargs).expect("target QEMU");
+        let mut qd = dst.qmp();
+        let uri = listen_incoming(&mut qd, "127.0.0.1", 0).expect("listen");
+        let mut last = None;
+        let done = migrate_out(&mut qs, &uri, &MigrateOptions::default(), |p| {
+            last = Some(p.clone())
+        })
+        .expect("migrate");
+        wait_incoming(&mut qd, Duration::from_secs(30)).expect("the target runs the guest");
+        assert_eq!(
+            qs.query_status().expect("status").status,
+            RunState::Postmigrate
+        );
+        qs.execute(&super::super::qmp::Quit)
+            .expect("quit the source");
+        drop(src);
+
+        let mut agent = Qga::connect(&shared.path().join("qga-dst.sock"), Duration::from_secs(60))
+            .expect("the agent answers on the target");
+        agent.set_timeout(Duration::from_secs(30));
+        assert_eq!(boot_id(&mut agent), before, "the same boot goes on");
+        assert_eq!(
+            agent
+                .read_file("/dev/shm/marker", 1 << 20)
+                .expect("read marker"),
+            marker
+        );
+        println!(
+            "{test}: 512 MiB TCG guest, total {} ms, downtime {} ms, {} MiB sent, last poll {:?}",
+            done.total_time_ms,
+            done.downtime_ms,
+            done.transferred >> 20,
+            last.map(|p| (p.status, p.ram_percent()))
+        );
+    }
+}

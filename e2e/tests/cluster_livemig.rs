@@ -1,0 +1,284 @@
+//! Live migration of a QEMU VM between two lab nodes: each QEMU runs as the unprivileged
+//! `stead-qemu` user in its node's network namespace, the disk sits in one directory both
+//! open (a shared pool), and the migration stream crosses the lab bridge to the address the
+//! target's node picked. A killed target leaves the guest running on the source; a
+//! completed migration leaves the same boot running on the target, with its agent, and no
+//! QEMU on the source.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use stead_drivers::vm::qemu::migrate::{
+    MigrateError, MigrateOptions, MigrationStatus, listen_incoming, migrate_out, wait_incoming,
+};
+use stead_drivers::vm::qemu::qga::Qga;
+use stead_drivers::vm::qemu::qmp::{Qmp, Quit, RunState};
+use stead_e2e::cluster::ClusterLab;
+use stead_e2e::{GuestDisk, is_root, skip_unless};
+use stead_host::process::Proc;
+
+/// The unprivileged user QEMU runs as.
+const QEMU_USER: &str = "stead-qemu";
+
+/// Whether `cmd --version`-like probing of a program works.
+fn runs(prog: &str, args: &[&str]) -> bool {
+    Command::new(prog)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// One VM's files on a node: QMP, agent socket and serial log in a dir of its own.
+struct Side {
+    dir: PathBuf,
+}
+
+impl Side {
+    fn new(shared: &Path, name: &str) -> Side {
+        let dir = shared.join(name);
+        std::fs::create_dir(&dir).expect("side dir");
+        chown_qemu(&dir);
+        Side { dir }
+    }
+
+    fn qmp_sock(&self) -> PathBuf {
+        self.dir.join("qmp.sock")
+    }
+
+    fn qga_sock(&self) -> PathBuf {
+        self.dir.join("qga.sock")
+    }
+
+    fn serial(&self) -> PathBuf {
+        self.dir.join("serial.log")
+    }
+
+    /// QEMU's arguments: the same machine and devices on every node (what the manifest
+    /// derives), only the sockets differ; `incoming` waits for a migration.
+    fn args(&self, disk: &Path, incoming: bool) -> Vec<String> {
+        let mut a: Vec<String> = [
+            "-nodefaults",
+            "-display",
+            "none",
+            "-accel",
+            "tcg",
+            "-machine",
+            "pc",
+            "-m",
+            "512",
+            "-smp",
+            "1",
+            "-device",
+            "virtio-blk-pci,drive=root,bootindex=0",
+            "-device",
+            "virtio-serial-pci",
+            "-device",
+            "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
+        ]
+        .map(String::from)
+        .to_vec();
+        a.push("-drive".into());
+        a.push(format!(
+            "file={},format=qcow2,if=none,id=root",
+            disk.display()
+        ));
+        a.push("-qmp".into());
+        a.push(format!(
+            "unix:{},server=on,wait=off",
+            self.qmp_sock().display()
+        ));
+        a.push("-chardev".into());
+        a.push(format!(
+            "socket,id=qga0,path={},server=on,wait=off",
+            self.qga_sock().display()
+        ));
+        a.push("-serial".into());
+        a.push(format!("file:{}", self.serial().display()));
+        if incoming {
+            a.extend(["-incoming".into(), "defer".into()]);
+        }
+        a
+    }
+}
+
+fn chown_qemu(p: &Path) {
+    let ok = Command::new("chown")
+        .arg(format!("{QEMU_USER}:{QEMU_USER}"))
+        .arg(p)
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "chown {}", p.display());
+}
+
+/// Starts QEMU as `stead-qemu` in node `i`'s namespace; its index in the lab's processes.
+fn start_qemu(lab: &mut ClusterLab, i: usize, side: &Side, disk: &Path, incoming: bool) -> usize {
+    let mut cmd = lab.in_netns(i, Path::new("setpriv"));
+    cmd.args([
+        &format!("--reuid={QEMU_USER}"),
+        &format!("--regid={QEMU_USER}"),
+        "--clear-groups",
+        "--",
+        "qemu-system-x86_64",
+    ]);
+    cmd.args(side.args(disk, incoming));
+    cmd.stdin(Stdio::null()).stdout(Stdio::null());
+    let name = &lab.nodes[i].name;
+    lab.spawn(i, &format!("qemu on {name}"), cmd)
+}
+
+/// The guest's boot id, read by its agent.
+fn boot_id(qga: &mut Qga) -> String {
+    let out = qga
+        .exec(
+            "/usr/bin/systemd-id128",
+            &["boot-id"],
+            None,
+            Duration::from_secs(60),
+        )
+        .expect("systemd-id128 boot-id");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn tail(p: &Path) -> String {
+    let data = std::fs::read(p).unwrap_or_default();
+    String::from_utf8_lossy(&data[data.len().saturating_sub(3000)..]).into_owned()
+}
+
+fn qmp(side: &Side) -> Qmp {
+    Qmp::connect_retry(&side.qmp_sock(), Duration::from_secs(20)).expect("QMP")
+}
+
+fn pid_alive(pid: i32) -> bool {
+    Proc::host().exists(pid)
+}
+
+#[test]
+fn qemu_vm_live_migrates_between_lab_nodes_and_a_killed_target_leaves_it_on_the_source() {
+    let test = "qemu_vm_live_migrates_between_lab_nodes";
+    if skip_unless(is_root(), test, "needs root for network namespaces")
+        || skip_unless(runs("id", &[QEMU_USER]), test, "no user stead-qemu")
+        || skip_unless(runs("setpriv", &["--version"]), test, "setpriv missing")
+        || skip_unless(runs("nsenter", &["--version"]), test, "nsenter missing")
+    {
+        return;
+    }
+    let Some(disk) = GuestDisk::for_test(test) else {
+        return;
+    };
+    std::fs::set_permissions(disk.dir(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    chown_qemu(disk.path());
+    let mut lab = ClusterLab::network(2);
+    let (src, dst1, dst2) = (
+        Side::new(disk.dir(), "n1"),
+        Side::new(disk.dir(), "n2-killed"),
+        Side::new(disk.dir(), "n2"),
+    );
+    let target_ip = lab.nodes[1].ip.to_string();
+
+    let p_src = start_qemu(&mut lab, 0, &src, disk.path(), false);
+    let mut qs = qmp(&src);
+    let booted = Instant::now();
+    let mut agent = Qga::connect(&src.qga_sock(), Duration::from_secs(300))
+        .unwrap_or_else(|e| panic!("{e}; serial log ends with:\n{}", tail(&src.serial())));
+    agent.set_timeout(Duration::from_secs(30));
+    println!("{test}: agent on n1 answered after {:?}", booted.elapsed());
+    let before = boot_id(&mut agent);
+    assert_eq!(before.len(), 32, "{before:?}");
+    drop(agent);
+
+    // A migration whose target dies half-way: the guest stays on n1 and keeps running.
+    let p_dst1 = start_qemu(&mut lab, 1, &dst1, disk.path(), true);
+    let uri = listen_incoming(&mut qmp(&dst1), &target_ip, 0).expect("listen on n2");
+    assert!(uri.starts_with(&format!("tcp:{target_ip}:")), "{uri}");
+    let slow = MigrateOptions {
+        max_bandwidth: 16 << 20,
+        ..MigrateOptions::default()
+    };
+    let mut killed = false;
+    let e = migrate_out(&mut qs, &uri, &slow, |p| {
+        if !killed && p.status == MigrationStatus::Active && p.ram_percent() >= 10 {
+            lab.kill_proc(p_dst1);
+            killed = true;
+        }
+    })
+    .expect_err("the target was killed");
+    assert!(
+        killed,
+        "the migration ended before the target could be killed: {e}"
+    );
+    assert!(matches!(e, MigrateError::Failed(_)), "{e}");
+    assert_eq!(qs.query_status().expect("status").status, RunState::Running);
+    let mut agent = Qga::connect(&src.qga_sock(), Duration::from_secs(30)).expect("agent on n1");
+    agent.set_timeout(Duration::from_secs(30));
+    assert_eq!(boot_id(&mut agent), before, "still the same boot on n1");
+    drop(agent);
+    println!("{test}: killed target: {e}; the guest runs on n1");
+
+    // The real one, over the lab bridge.
+    let p_dst2 = start_qemu(&mut lab, 1, &dst2, disk.path(), true);
+    let mut qd = qmp(&dst2);
+    let uri = listen_incoming(&mut qd, &target_ip, 0).expect("listen on n2");
+    let started = Instant::now();
+    let mut lines = Vec::new();
+    let done = migrate_out(&mut qs, &uri, &MigrateOptions::default(), |p| {
+        lines.push(format!(
+            "{:>5.1}s  {:?} RAM {}% ({} MiB sent, {} MiB left)",
+            p.elapsed.as_secs_f64(),
+            p.status,
+            p.ram_percent(),
+            p.transferred >> 20,
+            p.remaining >> 20
+        ))
+    })
+    .expect("migrate n1 -> n2");
+    wait_incoming(&mut qd, Duration::from_secs(30)).expect("n2 runs the guest");
+    let wall = started.elapsed();
+    assert_eq!(
+        qs.query_status().expect("status").status,
+        RunState::Postmigrate,
+        "n1 no longer runs the guest"
+    );
+    qs.execute(&Quit).expect("quit on n1");
+    let src_pid = lab.procs[p_src].pid();
+    let quit_at = Instant::now();
+    let exited = loop {
+        // A QEMU that quit stays a zombie until the lab reaps it.
+        let stat = Proc::host().read(src_pid, "stat").unwrap_or_default();
+        if !pid_alive(src_pid) || stat.contains(") Z") {
+            break true;
+        }
+        if quit_at.elapsed() > Duration::from_secs(10) {
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    lab.kill_proc(p_src);
+    assert!(exited, "the QEMU on n1 did not exit on quit");
+    assert!(!pid_alive(src_pid), "the QEMU on n1 is gone");
+
+    for l in &lines {
+        println!("{test}: {l}");
+    }
+    println!(
+        "{test}: n1 -> n2 over the lab bridge: total {} ms (QEMU), {:?} until n2 ran it, \
+         downtime {} ms, {} MiB sent",
+        done.total_time_ms,
+        wall,
+        done.downtime_ms,
+        done.transferred >> 20
+    );
+    let mut agent = Qga::connect(&dst2.qga_sock(), Duration::from_secs(120)).unwrap_or_else(|e| {
+        panic!(
+            "agent on n2: {e}; n2 QEMU {:?}; serial on n2 ends with:\n{}",
+            qd.query_status(),
+            tail(&dst2.serial())
+        )
+    });
+    agent.set_timeout(Duration::from_secs(30));
+    assert_eq!(boot_id(&mut agent), before, "the same boot runs on n2");
+    lab.kill_proc(p_dst2);
+}
