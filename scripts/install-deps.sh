@@ -93,6 +93,11 @@ command -v cargo-nextest >/dev/null || cargo install --locked cargo-nextest
 # Dependency hygiene in CI: unused dependencies, and bans/licenses (offline checks).
 command -v cargo-machete >/dev/null || cargo install --locked cargo-machete
 command -v cargo-deny >/dev/null || cargo install --locked cargo-deny
+# Profiling the start path (scripts/flamegraph.sh, docs/performance.md "Profile"):
+# perf from Debian, inferno for the flame graph.
+dpkg -s linux-perf >/dev/null 2>&1 || \
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends linux-perf >/dev/null
+command -v inferno-flamegraph >/dev/null || cargo install --locked inferno
 # The `stead` user owns the subordinate id ranges unprivileged containers get their ids
 # from (docs/operations.md, "Id ranges of unprivileged containers").
 id -u stead >/dev/null 2>&1 || useradd --system --no-create-home --shell /usr/sbin/nologin stead

@@ -299,7 +299,7 @@ impl ContainerDriver {
                         "supervisor of {name} did not exit after stop"
                     )));
                 }
-                std::thread::sleep(Duration::from_millis(5));
+                std::thread::sleep(Duration::from_millis(1));
             }
         }
         // Leftovers of a dead supervisor.
@@ -313,8 +313,16 @@ impl ContainerDriver {
         let Some(cfg) = read_json::<ContainerConfig>(&paths.config())? else {
             return Ok(Observed::absent());
         };
-        let st: Option<ShimState> = read_json(&paths.state())?;
         let alive = lock_held(&paths);
+        // The state file is written without fsync: after a host crash it may be torn,
+        // and it means nothing without a live supervisor anyway.
+        let st: Option<ShimState> = match read_json(&paths.state()) {
+            Err(e) if !alive => {
+                tracing::debug!(container = name, error = %e, "state of a dead supervisor unreadable");
+                None
+            }
+            r => r?,
+        };
         let cg = self.cgroup(name);
         let leftovers = !alive && !cg.pids().is_empty();
         let mut state = cfg.desired.clone();
