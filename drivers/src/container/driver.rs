@@ -227,7 +227,8 @@ impl ContainerDriver {
             name: cfg.name.clone(),
             config: self.paths(&cfg.name).config(),
         };
-        crate::supervise::launch(&self.env.self_exe, "shim", &args)
+        let exe = crate::supervise::supervisor_exe(&self.env.self_exe);
+        crate::supervise::launch(&exe, "shim", &args)
     }
 
     /// Whether container `name` has a live supervisor and a cgroup.
