@@ -1051,6 +1051,26 @@ mod tests {
     }
 
     #[test]
+    fn changes_that_stop_a_running_object_carry_its_stop_timeout() {
+        let applied = pool("local") + &vol("a", "1G", "Delete");
+        let case = Case::new(&pool("local"), &applied).script(|s| {
+            s.stop_secs.insert(Kind::Volume, 7);
+            s.stop_secs.insert(Kind::Network, 3);
+        });
+        let p = case.plan(&opts());
+        assert_eq!(change(&p, "Volume/a").action, Action::Delete);
+        assert_eq!(change(&p, "Volume/a").stop_timeout_secs, Some(7));
+        // A create stops nothing.
+        let p = Case::new(&net("lan0", 1500), "")
+            .script(|s| {
+                s.stop_secs.insert(Kind::Network, 3);
+            })
+            .plan(&opts());
+        assert_eq!(change(&p, "Network/lan0").action, Action::Create);
+        assert_eq!(change(&p, "Network/lan0").stop_timeout_secs, None);
+    }
+
+    #[test]
     fn prune_follows_the_deletion_policy() {
         let applied = pool("local") + &vol("keep", "1G", "Retain") + &vol("drop", "1G", "Delete");
         let case = Case::new(&pool("local"), &applied).script(|s| {
