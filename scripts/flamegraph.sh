@@ -25,6 +25,7 @@ done
 
 work=$(mktemp -d /tmp/stead-flame.XXXXXX)
 trap 'rm -rf "$work"' EXIT
+trap 'exit 130' INT TERM
 "$here/scripts/build-rootfs.sh" "$work" >/dev/null
 cat > "$work/c.yaml" <<YAML
 apiVersion: stead.dev/v1alpha1
