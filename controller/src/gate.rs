@@ -442,6 +442,7 @@ mod tests {
             drift: true,
             note: None,
             safety_snapshot: None,
+            stop_timeout_secs: None,
         }];
         let (inventory, observed) = (BTreeMap::new(), BTreeMap::new());
         let run = || PlanView {
@@ -475,6 +476,7 @@ mod tests {
                 drift: false,
                 note: None,
                 safety_snapshot: None,
+                stop_timeout_secs: None,
             })
             .collect();
         let (inventory, observed) = (BTreeMap::new(), BTreeMap::new());

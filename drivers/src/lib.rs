@@ -64,9 +64,7 @@ fn driver_for(
         Kind::Bond => Box::new(net::BondDriver::new(env)?),
         Kind::Container => {
             let mut containers = container::ContainerDriver::new(env)?;
-            if let Some(secs) = opts.container_stop_timeout_secs {
-                containers.stop_timeout_secs = secs;
-            }
+            containers.stop_timeout_secs = opts.container_stop_timeout_secs;
             Box::new(containers)
         }
         Kind::VirtualMachine => Box::new(vm::VmDriver::new(env)?),

@@ -1301,6 +1301,86 @@ fn wait_for_term_trap(sb: &Sandbox, c: &Resource) {
     });
 }
 
+/// A container spec without network, with memory and pids limits, running `command`.
+fn plain_spec(sb: &Sandbox, command: &[&str], extra: Value) -> Value {
+    let mut spec = json!({
+        "rootfs": {"template": sb.template},
+        "command": command,
+        "unprivileged": false,
+        "resources": {"memory": "64Mi", "pids": 64},
+    });
+    if let (Some(s), Some(e)) = (spec.as_object_mut(), extra.as_object()) {
+        s.extend(e.clone());
+    }
+    spec
+}
+
+/// Waits until init of `c` catches SIGTERM.
+fn wait_until_term_caught(sb: &Sandbox, c: &Resource) {
+    let pid = sb.observe(c).status["pid"].as_i64().expect("init pid");
+    wait_until("TERM handler", Duration::from_secs(5), || {
+        stead_host::procfs::ProcFs::host()
+            .signal_masks(pid)
+            .is_ok_and(|m| m.catches(libc::SIGTERM))
+    });
+}
+
+/// Deletes `c` and returns how long it took.
+fn timed_delete(sb: &Sandbox, c: &Resource) -> Duration {
+    let t = Instant::now();
+    sb.delete(c);
+    let took = t.elapsed();
+    eprintln!("  delete of {} took {took:?}", c.id.name);
+    took
+}
+
+/// Issue 17: a stop honours SIGTERM handling. An init that exits on TERM is gone at once;
+/// `sleep` as PID 1 (no handler: the kernel drops the TERM) is killed at once instead of
+/// after the timeout; an init that handles TERM but keeps running gets its `stopTimeout`.
+fn stop_detects_how_init_handles_term() {
+    let mut sb = Sandbox::new("10.77.0.1/24");
+    let trap = plain_spec(
+        &sb,
+        &["/bin/sh", "-c", "trap 'exit 0' TERM; sleep 1000 & wait"],
+        json!({}),
+    );
+    let c = sb.resource("trapexit", trap);
+    sb.apply(&c);
+    wait_until_term_caught(&sb, &c);
+    assert_eq!(sb.driver.stop_timeout_secs(&c, &sb.observe(&c)), Some(10));
+    assert!(timed_delete(&sb, &c) < Duration::from_secs(2));
+
+    let sleep = plain_spec(&sb, &["/bin/sleep", "1000"], json!({}));
+    let c = sb.resource("sleeper", sleep);
+    sb.apply(&c);
+    let pid = sb.observe(&c).status["pid"].as_i64().expect("init pid");
+    let masks = stead_host::procfs::ProcFs::host()
+        .signal_masks(pid)
+        .expect("masks of sleep");
+    assert!(!masks.catches(libc::SIGTERM), "{masks:?}");
+    assert!(timed_delete(&sb, &c) < Duration::from_secs(2));
+
+    let stubborn = plain_spec(
+        &sb,
+        &[
+            "/bin/sh",
+            "-c",
+            "trap 'echo got-term' TERM; while :; do sleep 1; done",
+        ],
+        json!({"stopTimeout": "3s"}),
+    );
+    let c = sb.resource("stubborn", stubborn);
+    sb.apply(&c);
+    wait_until_term_caught(&sb, &c);
+    assert_eq!(sb.driver.stop_timeout_secs(&c, &sb.observe(&c)), Some(3));
+    let took = timed_delete(&sb, &c);
+    assert!(
+        took >= Duration::from_millis(2900) && took < Duration::from_secs(8),
+        "{took:?}"
+    );
+    sb.assert_clean();
+}
+
 /// Raises a capability in this thread's inheritable and ambient sets until dropped.
 struct InheritedCap(caps::Capability);
 
@@ -1471,7 +1551,11 @@ fn seccomp_refuses_new_namespaces() {
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     run_as_shim_if_asked(&args);
-    let tests: [(&str, fn()); 20] = [
+    let tests: [(&str, fn()); 21] = [
+        (
+            "stop_detects_how_init_handles_term",
+            stop_detects_how_init_handles_term,
+        ),
         (
             "fence_deadline_kills_an_ha_container",
             fence_deadline_kills_an_ha_container,

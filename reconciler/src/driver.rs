@@ -284,6 +284,13 @@ pub trait Driver: Send + Sync {
         Impact::Recreate
     }
 
+    /// The longest a stop of `r` (observed as `observed`) waits for it to end gracefully
+    /// before it is killed, in seconds; `None` when it is not running or has no graceful
+    /// stop (default). The plan shows it on changes that stop the object.
+    fn stop_timeout_secs(&self, _r: &Resource, _observed: &Observed) -> Option<u64> {
+        None
+    }
+
     /// Whether a cheap (copy-on-write) snapshot of this object can be taken before a
     /// `data-loss` change. The plan says so when it can.
     fn supports_safety_snapshot(&self, _r: &Resource, _world: &dyn Lookup) -> bool {
@@ -438,6 +445,11 @@ pub trait KindDriver: Send + Sync {
         Impact::Recreate
     }
 
+    /// See [`Driver::stop_timeout_secs`].
+    fn stop_timeout_secs(&self, _r: Typed<'_, Self::Spec>, _observed: &Observed) -> Option<u64> {
+        None
+    }
+
     /// See [`Driver::supports_safety_snapshot`].
     fn supports_safety_snapshot(&self, _r: Typed<'_, Self::Spec>, _world: &dyn Lookup) -> bool {
         false
@@ -530,6 +542,12 @@ impl<T: KindDriver> Driver for T {
 
     fn delete_impact(&self, last_applied: &Resource) -> Impact {
         Typed::new(last_applied).map_or(Impact::Recreate, |l| KindDriver::delete_impact(self, l))
+    }
+
+    fn stop_timeout_secs(&self, r: &Resource, observed: &Observed) -> Option<u64> {
+        Typed::new(r)
+            .ok()
+            .and_then(|r| KindDriver::stop_timeout_secs(self, r, observed))
     }
 
     fn supports_safety_snapshot(&self, r: &Resource, world: &dyn Lookup) -> bool {

@@ -84,6 +84,37 @@ pub struct Change {
     /// supports cheap snapshots.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub safety_snapshot: Option<String>,
+    /// The change stops the running object: the longest its graceful stop may take
+    /// before it is killed, in seconds.
+    #[serde(rename = "stopTimeoutSecs", skip_serializing_if = "Option::is_none")]
+    pub stop_timeout_secs: Option<u64>,
+}
+
+impl Change {
+    /// Whether carrying out this change stops the object when it runs: a delete, a
+    /// replace, an update with a restart impact or one that sets `state: stopped`.
+    pub fn stops(&self) -> bool {
+        match self.action {
+            Action::Delete | Action::Replace => true,
+            Action::Update => {
+                self.impact.is_some_and(|i| i >= Impact::Restart)
+                    || self.fields.iter().any(|f| {
+                        f.path == "/state"
+                            && f.new.as_ref().and_then(Value::as_str) == Some("stopped")
+                    })
+            }
+            Action::Create | Action::Retain | Action::Noop => false,
+        }
+    }
+
+    /// Records the stop timeout `driver` gives `r` (observed as `obs`) when this change
+    /// stops it.
+    fn with_stop(mut self, driver: &dyn Driver, r: &Resource, obs: &Observed) -> Self {
+        if self.stops() {
+            self.stop_timeout_secs = driver.stop_timeout_secs(r, obs);
+        }
+        self
+    }
 }
 
 /// The name of a safety snapshot for `action` taken at `now`: `pre-delete-20261126T150000Z`.
@@ -348,7 +379,9 @@ impl<'a> Planner<'a> {
             );
             match planned {
                 Ok(c) if c.drift && self.opts.skip_drift => {}
-                Ok(c) => self.changes.push(c),
+                Ok(c) => self
+                    .changes
+                    .push(c.with_stop(driver, r, self.observed(&id))),
                 Err(msg) => self.error(&id, msg),
             }
         }
@@ -410,7 +443,7 @@ impl<'a> Planner<'a> {
             if c.action == Action::Delete && obs.exists {
                 self.check_delete_blockers(entry, obs, driver)?;
             }
-            Ok(c)
+            Ok(c.with_stop(driver, &entry.resource, obs))
         });
         match planned {
             Ok(c) => self.changes.push(c),
@@ -474,6 +507,7 @@ fn retain_change(id: &ResourceId) -> Change {
         drift: false,
         note: Some("deletionPolicy: Retain: data kept on the host, no longer managed".into()),
         safety_snapshot: None,
+        stop_timeout_secs: None,
     }
 }
 
@@ -487,6 +521,7 @@ fn purge_change(entry: &InventoryEntry, driver: &dyn Driver) -> Change {
         drift: false,
         note: Some("environment teardown deletes retained data too".into()),
         safety_snapshot: None,
+        stop_timeout_secs: None,
     }
 }
 
@@ -526,6 +561,7 @@ fn delete_change(
         drift: false,
         safety_snapshot,
         note,
+        stop_timeout_secs: None,
     })
 }
 
@@ -547,6 +583,7 @@ fn plan_one(
         drift: false,
         note: pending.then(|| "recovering an interrupted apply".to_string()),
         safety_snapshot: None,
+        stop_timeout_secs: None,
     };
     let want = driver.desired_state(r, world);
     if !obs.exists {
@@ -1011,6 +1048,26 @@ mod tests {
         let at = |id: &str| order.iter().position(|(i, _)| i == id).unwrap();
         assert!(at("Volume/a") < at("StoragePool/local"), "{order:?}");
         assert_eq!(change(&p, "Volume/a").impact, Some(Impact::Recreate));
+    }
+
+    #[test]
+    fn changes_that_stop_a_running_object_carry_its_stop_timeout() {
+        let applied = pool("local") + &vol("a", "1G", "Delete");
+        let case = Case::new(&pool("local"), &applied).script(|s| {
+            s.stop_secs.insert(Kind::Volume, 7);
+            s.stop_secs.insert(Kind::Network, 3);
+        });
+        let p = case.plan(&opts());
+        assert_eq!(change(&p, "Volume/a").action, Action::Delete);
+        assert_eq!(change(&p, "Volume/a").stop_timeout_secs, Some(7));
+        // A create stops nothing.
+        let p = Case::new(&net("lan0", 1500), "")
+            .script(|s| {
+                s.stop_secs.insert(Kind::Network, 3);
+            })
+            .plan(&opts());
+        assert_eq!(change(&p, "Network/lan0").action, Action::Create);
+        assert_eq!(change(&p, "Network/lan0").stop_timeout_secs, None);
     }
 
     #[test]

@@ -76,6 +76,9 @@ pub fn plan_text(plan: &Plan, style: Style) -> String {
         if let Some(i) = c.impact {
             let _ = write!(tail, ", impact: {}", i.as_str());
         }
+        if let Some(secs) = c.stop_timeout_secs {
+            let _ = write!(tail, ", stop up to {secs}s");
+        }
         if c.drift {
             tail.push_str(", drift");
         }
@@ -208,5 +211,77 @@ pub fn report_summary(report: &Report) -> String {
         format!("Apply complete: {}.", parts.join(", "))
     } else {
         format!("Apply finished with errors: {}.", parts.join(", "))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::driver::{FieldChange, Impact};
+    use crate::plan::Change;
+    use stead_schema::{Kind, ResourceId};
+
+    fn change(action: Action, impact: Option<Impact>, fields: Vec<FieldChange>) -> Change {
+        Change {
+            id: ResourceId::new(Kind::Container, "web"),
+            action,
+            impact,
+            fields,
+            drift: false,
+            note: None,
+            safety_snapshot: None,
+            stop_timeout_secs: None,
+        }
+    }
+
+    fn field(path: &str, old: &str, new: &str, impact: Impact) -> FieldChange {
+        FieldChange {
+            path: path.into(),
+            old: Some(Value::from(old)),
+            new: Some(Value::from(new)),
+            impact,
+        }
+    }
+
+    #[test]
+    fn changes_that_stop_the_object_are_told_apart() {
+        let restart = field("/command", "a", "b", Impact::Restart);
+        let stop = field("/state", "running", "stopped", Impact::Hot);
+        let start = field("/state", "stopped", "running", Impact::Hot);
+        assert!(change(Action::Delete, Some(Impact::Recreate), vec![]).stops());
+        assert!(change(Action::Replace, Some(Impact::Recreate), vec![]).stops());
+        assert!(change(Action::Update, Some(Impact::Restart), vec![restart]).stops());
+        assert!(change(Action::Update, Some(Impact::Hot), vec![stop]).stops());
+        assert!(!change(Action::Update, Some(Impact::Hot), vec![start]).stops());
+        assert!(!change(Action::Create, None, vec![]).stops());
+        assert!(!change(Action::Retain, None, vec![]).stops());
+    }
+
+    #[test]
+    fn the_plan_text_shows_how_long_a_stop_may_take() {
+        let mut c = change(
+            Action::Update,
+            Some(Impact::Restart),
+            vec![field("/command", "a", "b", Impact::Restart)],
+        );
+        c.stop_timeout_secs = Some(10);
+        let mut d = change(Action::Delete, Some(Impact::Recreate), vec![]);
+        d.id = ResourceId::new(Kind::Container, "old");
+        d.stop_timeout_secs = Some(30);
+        let plan = Plan {
+            changes: vec![c, d],
+            errors: vec![],
+            warnings: vec![],
+        };
+        let text = plan_text(&plan, Style::default());
+        assert!(
+            text.contains("Container/web  (update in place, impact: restart, stop up to 10s)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("Container/old  (delete, impact: recreate, stop up to 30s)"),
+            "{text}"
+        );
+        assert_eq!(plan_json(&plan)["changes"][1]["stopTimeoutSecs"], 30);
     }
 }

@@ -97,6 +97,8 @@ pub(crate) struct Script {
     pub data_loss_delete: BTreeSet<Kind>,
     /// Kinds that take safety snapshots.
     pub snapshots: BTreeSet<Kind>,
+    /// Stop timeout of running objects, per kind (default: no graceful stop).
+    pub stop_secs: BTreeMap<Kind, u64>,
     /// Names whose apply fails (retryable).
     pub fail: BTreeSet<String>,
     /// Names whose delete other objects on the host block (`delete_blockers`).
@@ -195,6 +197,9 @@ impl Driver for FakeDriver {
     }
     fn supports_safety_snapshot(&self, _r: &Resource, _w: &dyn Lookup) -> bool {
         self.script.snapshots.contains(&self.kind)
+    }
+    fn stop_timeout_secs(&self, _r: &Resource, _o: &Observed) -> Option<u64> {
+        self.script.stop_secs.get(&self.kind).copied()
     }
     fn safety_snapshot(
         &self,

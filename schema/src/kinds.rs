@@ -514,6 +514,11 @@ pub struct ContainerSpec {
     /// always | on-failure | never.
     #[serde(default)]
     pub restart_policy: RestartPolicy,
+    /// Time between the stop signal and SIGKILL when the container is stopped, restarted
+    /// or deleted (whole seconds, at most 1h; default 10s). An init without a handler
+    /// for the stop signal is killed at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_timeout: Option<DurationSpec>,
     /// What deleting the container does to the root file system stead unpacked from its
     /// template: unset, it is deleted once `--allow-data-loss` confirms; `Delete` deletes it
     /// without asking; `Retain` keeps it on the host.
@@ -525,6 +530,21 @@ pub struct ContainerSpec {
     /// Explicit dependencies.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub depends_on: Vec<ResourceRef>,
+}
+
+/// Default `Container.spec.stopTimeout`.
+pub const DEFAULT_STOP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Longest `stopTimeout` accepted.
+pub const MAX_STOP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3600);
+
+impl ContainerSpec {
+    /// The stop timeout in seconds (`stopTimeout`, default 10).
+    pub fn stop_timeout_secs(&self) -> u64 {
+        self.stop_timeout
+            .map_or(DEFAULT_STOP_TIMEOUT, |d| d.0)
+            .as_secs()
+    }
 }
 
 /// Which engine runs a VM.

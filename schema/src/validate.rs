@@ -299,6 +299,16 @@ fn check_container_process(r: &Resource, c: &ContainerSpec, out: &mut Vec<Diagno
     if c.command.as_ref().is_some_and(|v| v.is_empty()) {
         out.push(at(r, "/spec/command", "command must not be empty", None));
     }
+    if let Some(t) = c.stop_timeout
+        && (t.0 > crate::kinds::MAX_STOP_TIMEOUT || t.0.subsec_nanos() != 0)
+    {
+        out.push(at(
+            r,
+            "/spec/stopTimeout",
+            format!("stopTimeout {t} must be whole seconds between 0s and 1h"),
+            None,
+        ));
+    }
     if let Some(cpus) = c.resources.cpus
         && !(cpus > 0.0 && cpus <= 1024.0)
     {
@@ -792,6 +802,28 @@ mod tests {
                 ],
             );
         assert_eq!(diagnostics(&text), Vec::<String>::new());
+    }
+
+    #[test]
+    fn stop_timeout_is_whole_seconds_up_to_an_hour() {
+        let ct = |name: &str, t: &str| {
+            doc(
+                "Container",
+                name,
+                &["rootfs: {path: /srv/web}", &format!("stopTimeout: {t}")],
+            )
+        };
+        let text = ct("a", "30s") + &ct("b", "0s") + &ct("c", "1500ms") + &ct("d", "2h");
+        let d = diagnostics(&text);
+        assert_eq!(d.len(), 2, "{d:?}");
+        assert!(
+            d[0].ends_with("Container/c spec.stopTimeout: stopTimeout 1500ms must be whole seconds between 0s and 1h"),
+            "{d:?}"
+        );
+        assert!(
+            d[1].contains("Container/d spec.stopTimeout: stopTimeout 2h"),
+            "{d:?}"
+        );
     }
 
     #[test]

@@ -125,6 +125,7 @@ fn change(id: &str, action: Action, fields: Vec<FieldChange>, drift: bool) -> Ch
         drift,
         note: None,
         safety_snapshot: None,
+        stop_timeout_secs: None,
     }
 }
 

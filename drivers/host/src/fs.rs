@@ -60,6 +60,20 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), HostError> {
 
 /// [`write_atomic`] with an explicit permission `mode` (e.g. 0o644 for public files).
 pub fn write_atomic_mode(path: &Path, data: &[u8], mode: u32) -> Result<(), HostError> {
+    replace_file(path, data, mode, true)
+}
+
+/// [`write_atomic`] without the fsyncs: a reader still sees the old content or the new,
+/// never a mix, but a crash of the host may lose the write. For runtime files (a
+/// supervisor's state in the run dir) that describe live processes and mean nothing
+/// once the host went down; they are rewritten on every change, and two fsyncs each time
+/// would be most of the cost of a container start or stop.
+pub fn write_atomic_volatile(path: &Path, data: &[u8]) -> Result<(), HostError> {
+    replace_file(path, data, 0o600, false)
+}
+
+/// Temp file, write, optional fsync, rename over `path`, optional fsync of the directory.
+fn replace_file(path: &Path, data: &[u8], mode: u32, durable: bool) -> Result<(), HostError> {
     let dir = parent_dir(path);
     let mut tmp = tempfile::Builder::new()
         .prefix(TEMP_PREFIX)
@@ -71,13 +85,18 @@ pub fn write_atomic_mode(path: &Path, data: &[u8], mode: u32) -> Result<(), Host
         .map_err(|e| HostError::new("chmod", tmp.path(), e))?;
     tmp.write_all(data)
         .map_err(|e| HostError::new("write", tmp.path().to_path_buf(), e))?;
-    tmp.as_file()
-        .sync_all()
-        .map_err(|e| HostError::new("fsync", tmp.path().to_path_buf(), e))?;
+    if durable {
+        tmp.as_file()
+            .sync_all()
+            .map_err(|e| HostError::new("fsync", tmp.path().to_path_buf(), e))?;
+    }
     // On error the NamedTempFile inside is dropped, which removes the temp file.
     tmp.persist(path)
         .map_err(|e| HostError::new("rename over", path, e.error))?;
-    fsync_dir(dir)
+    if durable {
+        fsync_dir(dir)?;
+    }
+    Ok(())
 }
 
 const TEMP_PREFIX: &str = ".stead-";
@@ -146,6 +165,8 @@ mod tests {
         let d = tempfile::tempdir().expect("tempdir");
         let p = d.path().join("a.json");
         write_atomic(&p, b"one").expect("first write");
+        write_atomic_volatile(&p, b"half").expect("volatile write");
+        assert_eq!(fs::read(&p).expect("read"), b"half");
         write_atomic(&p, b"two").expect("second write");
         assert_eq!(fs::read(&p).expect("read"), b"two");
         assert_eq!(fs::metadata(&p).expect("stat").mode() & 0o777, 0o600);

@@ -101,6 +101,60 @@ impl ProcFs {
     pub fn cpu_has_any_flag(&self, flags: &[&str]) -> bool {
         fs::read_to_string(self.cpuinfo()).is_ok_and(|t| cpuinfo_has_any_flag(&t, flags))
     }
+
+    /// The signal dispositions of process `pid`, from `<root>/<pid>/status`.
+    pub fn signal_masks(&self, pid: impl std::fmt::Display) -> std::io::Result<SignalMasks> {
+        let text = fs::read_to_string(self.pid_file(pid, "status"))?;
+        SignalMasks::parse(&text).ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "status has no SigIgn/SigCgt lines",
+            )
+        })
+    }
+}
+
+/// A process's signal dispositions: bit `n - 1` stands for signal `n`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SignalMasks {
+    /// Signals with a handler (`SigCgt`).
+    pub caught: u64,
+    /// Signals set to `SIG_IGN` (`SigIgn`).
+    pub ignored: u64,
+    /// Signals blocked by the main thread (`SigBlk`).
+    pub blocked: u64,
+}
+
+impl SignalMasks {
+    /// Reads the `SigBlk`, `SigIgn` and `SigCgt` lines of a `status` text; `None` when
+    /// `SigIgn` or `SigCgt` is missing or not hex.
+    pub fn parse(status: &str) -> Option<Self> {
+        let mask = |key: &str| {
+            status.lines().find_map(|l| {
+                let v = l.strip_prefix(key)?.strip_prefix(':')?;
+                u64::from_str_radix(v.trim(), 16).ok()
+            })
+        };
+        Some(SignalMasks {
+            caught: mask("SigCgt")?,
+            ignored: mask("SigIgn")?,
+            blocked: mask("SigBlk").unwrap_or(0),
+        })
+    }
+
+    /// Whether signal `signo` (1..=64) has a handler.
+    pub fn catches(&self, signo: i32) -> bool {
+        bit(self.caught, signo)
+    }
+
+    /// Whether signal `signo` (1..=64) is set to `SIG_IGN`.
+    pub fn ignores(&self, signo: i32) -> bool {
+        bit(self.ignored, signo)
+    }
+}
+
+fn bit(mask: u64, signo: i32) -> bool {
+    (1..=64).contains(&signo) && mask & (1u64 << (signo - 1)) != 0
 }
 
 /// Whether a `filesystems` listing (`nodev\tproc`, `\text4`) names `fstype`.
@@ -158,6 +212,31 @@ mod tests {
         let t = "model name\t: vmx-like cpu\nflags\t\t: fpu sse svm\n";
         assert!(cpuinfo_has_any_flag(t, &["vmx", "svm"]));
         assert!(!cpuinfo_has_any_flag(t, &["vmx"]));
+    }
+
+    #[test]
+    fn signal_masks_are_read_from_the_status_lines() {
+        // `sh -c 'trap "exit 0" TERM; ...'`: SIGINT (2) ignored, SIGTERM (15) and
+        // SIGCHLD (17) caught.
+        let t = "Name:\tsh\nSigQ:\t0/7823\nSigPnd:\t0000000000000000\n\
+                 SigBlk:\t0000000000000000\nSigIgn:\t0000000000000002\n\
+                 SigCgt:\t0000000000014000\nCapInh:\t0000000000000000\n";
+        let m = SignalMasks::parse(t).expect("masks");
+        assert!(m.catches(15));
+        assert!(m.catches(17));
+        assert!(!m.catches(1));
+        assert!(m.ignores(2));
+        assert!(!m.ignores(15));
+        assert_eq!(m.blocked, 0);
+        // `sleep` as PID 1: nothing caught.
+        let sleep = "SigIgn:\t0000000000000000\nSigCgt:\t0000000000000000\n";
+        assert!(!SignalMasks::parse(sleep).expect("masks").catches(15));
+        // Signal 64 is the top bit; numbers outside 1..=64 are never set.
+        let all = SignalMasks::parse("SigIgn:\t0\nSigCgt:\tffffffffffffffff\n").expect("m");
+        assert!(all.catches(64) && all.catches(1));
+        assert!(!all.catches(0) && !all.catches(65));
+        assert_eq!(SignalMasks::parse("SigCgt:\tzz\nSigIgn:\t0\n"), None);
+        assert_eq!(SignalMasks::parse("Name:\tx\n"), None);
     }
 
     #[test]

@@ -146,14 +146,28 @@ fn send(conn: &UnixStream, req: &Request, fds: &[RawFd]) -> Result<(), DriverErr
     Ok(())
 }
 
+/// Reads the reply line byte by byte: after a `console` reply the stream goes on, and
+/// nothing past the newline may be consumed.
 fn read_reply(conn: &UnixStream) -> Result<Reply, DriverError> {
+    read_reply_in(conn, 1)
+}
+
+/// Reads the reply line `chunk` bytes at a time (more than 1 only when the reply is the
+/// last thing on the connection) and parses it.
+fn read_reply_in(conn: &UnixStream, chunk: usize) -> Result<Reply, DriverError> {
     let mut data = Vec::new();
-    let mut b = [0u8; 1];
+    let mut b = vec![0u8; chunk];
     loop {
         match (&*conn).read(&mut b) {
             Ok(0) => break,
-            Ok(_) if b[0] == b'\n' => break,
-            Ok(_) => data.push(b[0]),
+            Ok(n) => {
+                let got = &b[..n];
+                if let Some(end) = got.iter().position(|c| *c == b'\n') {
+                    data.extend_from_slice(&got[..end]);
+                    break;
+                }
+                data.extend_from_slice(got);
+            }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(DriverError::io("read reply", e)),
         }
@@ -177,7 +191,9 @@ pub fn request(
     conn.set_read_timeout(Some(timeout))
         .map_err(|e| DriverError::io("socket timeout", e))?;
     send(&conn, req, &[])?;
-    let r = read_reply(&conn)?;
+    // The reply is the last thing on this connection: read it in one go, not a syscall
+    // per byte.
+    let r = read_reply_in(&conn, 4096)?;
     if !r.ok {
         return Err(DriverError::Other(
             r.error.unwrap_or_else(|| "request failed".into()),

@@ -34,15 +34,16 @@ use crate::storage::rootfs_snapshot;
 use crate::vm::config::generated_container_mac;
 
 /// Fields whose change only needs a hot update.
-const HOT_FIELDS: [&str; 3] = ["state", "resources", "restartPolicy"];
+const HOT_FIELDS: [&str; 4] = ["state", "resources", "restartPolicy", "stopTimeout"];
 
 /// The Container driver.
 #[derive(Debug, Clone)]
 pub struct ContainerDriver {
     env: HostEnv,
     hier: Hierarchy,
-    /// Seconds between the stop signal and SIGKILL.
-    pub stop_timeout_secs: u64,
+    /// Seconds between the stop signal and SIGKILL for every container, overriding
+    /// each one's `stopTimeout` (environment teardown uses 0).
+    pub stop_timeout_secs: Option<u64>,
 }
 
 impl ContainerDriver {
@@ -55,7 +56,7 @@ impl ContainerDriver {
         Ok(ContainerDriver {
             env: env.clone(),
             hier: Hierarchy::detect()?,
-            stop_timeout_secs: DEFAULT_STOP_TIMEOUT_SECS,
+            stop_timeout_secs: None,
         })
     }
 
@@ -103,7 +104,7 @@ impl ContainerDriver {
         if let Some(p) = spec.resources.pids {
             res.insert("pids".into(), json!(p));
         }
-        json!({
+        let mut v = json!({
             "state": match spec.state { RunState::Running => "running", RunState::Stopped => "stopped" },
             "rootfs": spec.rootfs,
             "hostname": spec.hostname.clone().unwrap_or_else(|| name.to_string()),
@@ -114,7 +115,18 @@ impl ContainerDriver {
             "interfaces": spec.interfaces,
             "mounts": spec.mounts,
             "restartPolicy": spec.restart_policy,
-        })
+        });
+        // Only when set, so a container applied before the field existed shows no diff.
+        if let (Some(t), Some(o)) = (spec.stop_timeout, v.as_object_mut()) {
+            o.insert("stopTimeout".into(), json!(t.to_string()));
+        }
+        v
+    }
+
+    /// Seconds `spec`'s container gets between its stop signal and SIGKILL.
+    fn stop_timeout_of(&self, spec: &ContainerSpec) -> u64 {
+        self.stop_timeout_secs
+            .unwrap_or_else(|| spec.stop_timeout_secs())
     }
 
     fn limits(spec: &ContainerSpec) -> Limits {
@@ -199,7 +211,7 @@ impl ContainerDriver {
             restart_policy: spec.restart_policy,
             cgroup_parent: self.env.cgroup_parent.clone(),
             host_netns: self.env.netns.clone(),
-            stop_timeout_secs: self.stop_timeout_secs,
+            stop_timeout_secs: self.stop_timeout_of(spec),
             desired,
             fence_file: self
                 .env
@@ -215,7 +227,8 @@ impl ContainerDriver {
             name: cfg.name.clone(),
             config: self.paths(&cfg.name).config(),
         };
-        crate::supervise::launch(&self.env.self_exe, "shim", &args)
+        let exe = crate::supervise::supervisor_exe(&self.env.self_exe);
+        crate::supervise::launch(&exe, "shim", &args)
     }
 
     /// Whether container `name` has a live supervisor and a cgroup.
@@ -243,16 +256,31 @@ impl ContainerDriver {
         self.cgroup(name).is_frozen()
     }
 
-    /// Stops a running container gracefully and waits for its supervisor to exit.
+    /// Stops a running container gracefully within the stop timeout it runs with and
+    /// waits for its supervisor to exit.
     pub fn stop(&self, name: &str) -> Result<(), DriverError> {
+        let running: Option<u64> = read_json::<ContainerConfig>(&self.paths(name).config())
+            .ok()
+            .flatten()
+            .map(|c| c.stop_timeout_secs);
+        let secs = self
+            .stop_timeout_secs
+            .or(running)
+            .unwrap_or(DEFAULT_STOP_TIMEOUT_SECS);
+        self.stop_within(name, secs)
+    }
+
+    /// Stops a running container gracefully (its stop signal, SIGKILL after `secs`) and
+    /// waits for its supervisor to exit.
+    fn stop_within(&self, name: &str, secs: u64) -> Result<(), DriverError> {
         let paths = self.paths(name);
         if lock_held(&paths) {
-            let timeout = Duration::from_secs(self.stop_timeout_secs + 10);
+            let timeout = Duration::from_secs(secs + 10);
             match request(
                 &self.env.run_dir,
                 name,
                 &Request::Stop {
-                    timeout_secs: Some(self.stop_timeout_secs),
+                    timeout_secs: Some(secs),
                 },
                 timeout,
             ) {
@@ -272,7 +300,7 @@ impl ContainerDriver {
                         "supervisor of {name} did not exit after stop"
                     )));
                 }
-                std::thread::sleep(Duration::from_millis(5));
+                std::thread::sleep(Duration::from_millis(1));
             }
         }
         // Leftovers of a dead supervisor.
@@ -286,8 +314,16 @@ impl ContainerDriver {
         let Some(cfg) = read_json::<ContainerConfig>(&paths.config())? else {
             return Ok(Observed::absent());
         };
-        let st: Option<ShimState> = read_json(&paths.state())?;
         let alive = lock_held(&paths);
+        // The state file is written without fsync: after a host crash it may be torn,
+        // and it means nothing without a live supervisor anyway.
+        let st: Option<ShimState> = match read_json(&paths.state()) {
+            Err(e) if !alive => {
+                tracing::debug!(container = name, error = %e, "state of a dead supervisor unreadable");
+                None
+            }
+            r => r?,
+        };
         let cg = self.cgroup(name);
         let leftovers = !alive && !cg.pids().is_empty();
         let mut state = cfg.desired.clone();
@@ -475,7 +511,7 @@ impl stead_reconciler::driver::KindDriver for ContainerDriver {
                 .is_none_or(|o| restart_fields(&o.desired) != restart_fields(&want))
         {
             tracing::info!("restart-impact change: stopping the running instance");
-            self.stop(name)?;
+            self.stop_within(name, self.stop_timeout_of(spec))?;
             alive = false;
         }
         match spec.state {
@@ -500,7 +536,7 @@ impl stead_reconciler::driver::KindDriver for ContainerDriver {
                 self.spawn_shim(&cfg)
             }
             RunState::Stopped => {
-                self.stop(name)?;
+                self.stop_within(name, self.stop_timeout_of(spec))?;
                 // Record the config so observe shows the stopped container's fields.
                 let cfg = self.resolve(desired, spec, want, world)?;
                 write_json(&paths.config(), &cfg)
@@ -516,6 +552,11 @@ impl stead_reconciler::driver::KindDriver for ContainerDriver {
         } else {
             Impact::Recreate
         }
+    }
+
+    fn stop_timeout_secs(&self, r: Typed<'_, ContainerSpec>, observed: &Observed) -> Option<u64> {
+        let running = observed.state.get("state").and_then(Value::as_str) == Some("running");
+        running.then(|| self.stop_timeout_of(r.spec))
     }
 
     fn supports_safety_snapshot(&self, r: Typed<'_, ContainerSpec>, world: &dyn Lookup) -> bool {
@@ -555,7 +596,7 @@ impl stead_reconciler::driver::KindDriver for ContainerDriver {
             tracing::info_span!("delete", resource = %format!("Container/{name}")).entered();
         // A backup that stopped it would start it again when done.
         crate::supervise::hold::check(&self.env.run_dir, "Container", name)?;
-        self.stop(name)?;
+        self.stop_within(name, self.stop_timeout_of(last_applied.spec))?;
         let paths = self.paths(name);
         if let Some(cfg) = read_json::<ContainerConfig>(&paths.config())? {
             network::detach(&cfg)?;
@@ -613,7 +654,7 @@ mod tests {
         let d = ContainerDriver {
             env,
             hier: Hierarchy::v2("/nonexistent"),
-            stop_timeout_secs: 10,
+            stop_timeout_secs: None,
         };
         assert_eq!(d.impact("/resources/memory"), Impact::Hot);
         assert_eq!(d.impact("/state"), Impact::Hot);

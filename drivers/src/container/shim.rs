@@ -357,7 +357,19 @@ impl Shim {
             }
             Some(p) => {
                 if self.state.phase != Phase::Stopping {
-                    let _ = kill(p, self.cfg.stop_signal());
+                    let signal = self.cfg.stop_signal();
+                    if acts_on(p, signal) {
+                        let _ = kill(p, signal);
+                    } else {
+                        tracing::debug!(
+                            container = %self.cfg.name,
+                            %signal,
+                            "init has no handler for the stop signal (dropped for a PID 1): SIGKILL now"
+                        );
+                        let _ = kill(p, Signal::SIGKILL);
+                        let _ = self.cgroup.kill_all();
+                    }
+                    // Also the bound of an immediate kill that somehow did not end init.
                     let secs = timeout.unwrap_or(self.cfg.stop_timeout_secs);
                     self.stop_deadline = Some(Instant::now() + Duration::from_secs(secs));
                     self.state.phase = Phase::Stopping;
@@ -491,6 +503,7 @@ impl Shim {
         self.cfg.limits = limits;
         self.cfg.restart_policy = restart_policy;
         if let Some(d) = desired {
+            self.cfg.stop_timeout_secs = stop_timeout_in(&d);
             self.cfg.desired = d;
         }
         write_json(&self.cfg_path, &self.cfg)
@@ -602,6 +615,29 @@ impl Workload for Shim {
                 None
             }
             None => Some(self.finish(Phase::Fenced)),
+        }
+    }
+}
+
+/// The `stopTimeout` of a desired-state projection in seconds (default when unset).
+fn stop_timeout_in(desired: &serde_json::Value) -> u64 {
+    desired
+        .get("stopTimeout")
+        .and_then(serde_json::Value::as_str)
+        .and_then(|t| t.parse::<stead_schema::DurationSpec>().ok())
+        .map_or(super::config::DEFAULT_STOP_TIMEOUT_SECS, |d| d.0.as_secs())
+}
+
+/// Whether init `pid` (PID 1 of its own pid namespace) would act on `signal`. The kernel
+/// drops a signal sent from outside to such an init unless it has a handler for it, so
+/// only a caught signal counts. When the masks cannot be read, the signal is sent and the
+/// timeout waited, as before.
+fn acts_on(pid: Pid, signal: Signal) -> bool {
+    match stead_host::procfs::ProcFs::host().signal_masks(pid) {
+        Ok(m) => m.catches(signal as i32),
+        Err(e) => {
+            tracing::debug!(%pid, error = %e, "cannot read the signal masks of init");
+            true
         }
     }
 }

@@ -151,9 +151,14 @@ impl Instance {
         crate::container::config::read_json(&self.state())
     }
 
-    /// Writes the state file atomically.
+    /// Writes the state file atomically, not durably: it describes a live supervisor
+    /// and counts only while the supervisor's lock is held, which no host crash leaves.
     pub fn write_state<T: Serialize>(&self, state: &T) -> Result<(), DriverError> {
-        crate::container::config::write_json(&self.state(), state)
+        let path = self.state();
+        let data = serde_json::to_vec_pretty(state)
+            .map_err(|e| DriverError::Other(format!("serialize {}: {e}", path.display())))?;
+        stead_host::fs::write_atomic_volatile(&path, &data)
+            .map_err(crate::storage::fsutil::host_err)
     }
 
     /// Points this process's stdin at `/dev/null` and stdout/stderr at the supervisor's
