@@ -1516,6 +1516,8 @@ async fn reconcile_blocking(
 }
 
 #[cfg(test)]
+mod testserve;
+#[cfg(test)]
 mod tests {
     use super::*;
 
