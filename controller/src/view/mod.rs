@@ -1058,17 +1058,7 @@ pub(crate) fn pending(status: &Status, snap: Option<&Snapshot>) -> Pending {
         };
     let changes: Vec<PlannedChange> = waiting
         .iter()
-        .map(|(c, why)| PlannedChange {
-            id: c.id.to_string(),
-            action: format!("{:?}", c.action).to_lowercase(),
-            symbol: c.action.symbol().into(),
-            verb: c.action.verb().into(),
-            impact: c.impact.map(|i| i.as_str().to_string()),
-            drift: c.drift,
-            fields: field_diffs(c),
-            note: c.note.as_deref().map(redact::redact_text),
-            state: why.clone(),
-        })
+        .map(|(c, why)| planned_change(c, why.clone()))
         .collect();
     let max_impact = waiting
         .iter()
@@ -1088,14 +1078,7 @@ pub(crate) fn pending(status: &Status, snap: Option<&Snapshot>) -> Pending {
         target: Some(target),
         head_error: status.head_error.clone(),
         changes,
-        errors: plan
-            .errors
-            .iter()
-            .map(|e| PlanProblem {
-                id: e.id.to_string(),
-                message: redact::redact_text(&e.message),
-            })
-            .collect(),
+        errors: plan_problems(plan),
         max_impact,
         text: render::plan_text(&shown, render::Style::default()),
         branch: snap
@@ -1119,26 +1102,9 @@ pub(crate) fn branch_plan(name: &str, rev: &RevisionInfo, plan: &Plan) -> Branch
         target: rev.clone(),
         changes: live
             .iter()
-            .map(|c| PlannedChange {
-                id: c.id.to_string(),
-                action: format!("{:?}", c.action).to_lowercase(),
-                symbol: c.action.symbol().into(),
-                verb: c.action.verb().into(),
-                impact: c.impact.map(|i| i.as_str().to_string()),
-                drift: c.drift,
-                fields: field_diffs(c),
-                note: c.note.as_deref().map(redact::redact_text),
-                state: "plan-only".into(),
-            })
+            .map(|c| planned_change(c, "plan-only".into()))
             .collect(),
-        errors: plan
-            .errors
-            .iter()
-            .map(|e| PlanProblem {
-                id: e.id.to_string(),
-                message: redact::redact_text(&e.message),
-            })
-            .collect(),
+        errors: plan_problems(plan),
         max_impact: live
             .iter()
             .filter_map(|c| c.impact)
@@ -1146,6 +1112,32 @@ pub(crate) fn branch_plan(name: &str, rev: &RevisionInfo, plan: &Plan) -> Branch
             .map(|i| i.as_str().to_string()),
         text: render::plan_text(&shown, render::Style::default()),
     }
+}
+
+/// The [`PlannedChange`] the API shows for `c` (redacted), in `state`.
+fn planned_change(c: &Change, state: String) -> PlannedChange {
+    PlannedChange {
+        id: c.id.to_string(),
+        action: format!("{:?}", c.action).to_lowercase(),
+        symbol: c.action.symbol().into(),
+        verb: c.action.verb().into(),
+        impact: c.impact.map(|i| i.as_str().to_string()),
+        drift: c.drift,
+        fields: field_diffs(c),
+        note: c.note.as_deref().map(redact::redact_text),
+        state,
+    }
+}
+
+/// The errors of `plan`, redacted.
+fn plan_problems(plan: &Plan) -> Vec<PlanProblem> {
+    plan.errors
+        .iter()
+        .map(|e| PlanProblem {
+            id: e.id.to_string(),
+            message: redact::redact_text(&e.message),
+        })
+        .collect()
 }
 
 /// `c` with its field values redacted.
