@@ -304,7 +304,7 @@ pub fn run(cmd: EnvCmd, g: &Global) -> Result<u8> {
                     "{}",
                     serde_json::to_string_pretty(&outputs(&desired, &rec))?
                 ),
-                PlanFormat::Text => {
+                PlanFormat::Text | PlanFormat::Markdown => {
                     println!("environment {name} is up (network namespace {})", rec.netns)
                 }
             }
@@ -488,7 +488,7 @@ fn list(base: &HostEnv, output: PlanFormat) -> Result<u8> {
     }
     match output {
         PlanFormat::Json => println!("{}", serde_json::to_string_pretty(&json!({"items": rows}))?),
-        PlanFormat::Text => {
+        PlanFormat::Text | PlanFormat::Markdown => {
             if rows.is_empty() {
                 println!("No environments.");
                 return Ok(0);

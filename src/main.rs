@@ -101,6 +101,8 @@ enum ColorWhen {
 pub(crate) enum PlanFormat {
     Text,
     Json,
+    // A pull-request comment (plans only; `env` prints text for it).
+    Markdown,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -455,6 +457,7 @@ fn run(cli: Cli) -> Result<u8> {
                     serde_json::to_string_pretty(&render::plan_json(&run.plan))?
                 ),
                 PlanFormat::Text => print!("{}", render::plan_text(&run.plan, style(&g))),
+                PlanFormat::Markdown => print!("{}", render::plan_markdown(&run.plan)),
             }
             Ok(if !run.plan.errors.is_empty() {
                 1
@@ -662,6 +665,7 @@ pub(crate) fn apply(g: &Global, env: &HostEnv, req: ApplyRequest<'_>) -> Result<
             serde_json::to_string_pretty(&render::plan_json(&run.plan))?
         ),
         PlanFormat::Text => print!("{}", render::plan_text(&run.plan, style)),
+        PlanFormat::Markdown => print!("{}", render::plan_markdown(&run.plan)),
     }
     if !run.plan.errors.is_empty() {
         return Ok(1);
