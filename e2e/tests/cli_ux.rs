@@ -1,0 +1,290 @@
+//! The CLI habits of issue 19 part 3: the CI examples that post `stead diff -o markdown`
+//! on pull requests.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use stead_e2e::{Sandbox, skip_unless, stead_bin};
+
+/// The repository root (the e2e crate's parent).
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// Whether `prog --version` runs.
+fn have(prog: &str) -> bool {
+    Command::new(prog)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Whether python3 with PyYAML is there; prints the SKIP line when not.
+fn pyyaml_ok(test: &str) -> bool {
+    let ok = Command::new("python3")
+        .args(["-c", "import yaml"])
+        .status()
+        .is_ok_and(|s| s.success());
+    !skip_unless(ok, test, "needs python3 with PyYAML")
+}
+
+/// Python that prints the shell of one CI file's job: the `run:` of its steps (GitHub,
+/// Forgejo) or its `script:` lines (GitLab), joined.
+const EXTRACT_SHELL: &str = r#"
+import sys, yaml
+doc = yaml.safe_load(open(sys.argv[1]))
+parts = []
+for name, job in (doc.get("jobs") or {}).items():
+    for step in job.get("steps", []):
+        if "run" in step:
+            parts.append(step["run"])
+for name, job in doc.items():
+    if isinstance(job, dict) and "script" in job:
+        parts.extend(job["script"])
+print("\n".join(parts))
+"#;
+
+/// The shell a CI file runs (see [`EXTRACT_SHELL`]).
+fn ci_shell(file: &Path) -> String {
+    let out = Command::new("python3")
+        .args(["-c", EXTRACT_SHELL])
+        .arg(file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}: {}",
+        file.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn ci_examples_parse_and_their_shell_is_valid() {
+    if !pyyaml_ok("ci_examples_parse_and_their_shell_is_valid") {
+        return;
+    }
+    let dir = repo_root().join("examples/ci");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yml" || e == "yaml"))
+        .collect();
+    files.sort();
+    for name in [
+        "github-pr-plan.yml",
+        "gitlab-mr-plan.yml",
+        "forgejo-pr-plan.yml",
+    ] {
+        assert!(
+            files.contains(&dir.join(name)),
+            "{name} missing in {files:?}"
+        );
+    }
+    for f in &files {
+        let shell = ci_shell(f);
+        assert!(!shell.trim().is_empty(), "{}: no shell found", f.display());
+        let st = Command::new("bash")
+            .args(["-n", "-c", &shell])
+            .status()
+            .unwrap();
+        assert!(st.success(), "{}: bash -n failed on\n{shell}", f.display());
+        let text = std::fs::read_to_string(f).unwrap();
+        assert!(text.starts_with('#'), "{}: no header comment", f.display());
+        if f.file_name().unwrap().to_str().unwrap().contains("-plan") {
+            assert!(shell.contains("stead diff -o markdown"), "{}", f.display());
+            assert!(shell.contains("<!-- stead-plan -->"), "{}", f.display());
+        }
+    }
+}
+
+/// The fake forge API (`cli_ux_util/fake_forge.py`), killed on drop.
+struct FakeForge {
+    child: Child,
+    port: u16,
+    state: PathBuf,
+}
+
+impl FakeForge {
+    fn start(sb: &Sandbox, auth_header: &str, auth_value: &str) -> FakeForge {
+        let state = sb.path("forge.json");
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/cli_ux_util/fake_forge.py");
+        let mut child = Command::new("python3")
+            .arg(script)
+            .arg(&state)
+            .args([auth_header, auth_value])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let port = line.trim().parse().expect("fake forge port");
+        FakeForge { child, port, state }
+    }
+
+    /// The comments it holds: `(id, body)`.
+    fn comments(&self) -> Vec<(u64, String)> {
+        let text = std::fs::read_to_string(&self.state).unwrap_or_else(|_| "[]".into());
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|c| {
+                (
+                    c["id"].as_u64().unwrap(),
+                    c["body"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
+    }
+}
+
+impl Drop for FakeForge {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A checkout with `deploy/` holding a dir pool and a volume in the sandbox, and a
+/// `bin/stead` that runs the binary under test with the sandbox's state.
+fn checkout(sb: &Sandbox) -> PathBuf {
+    let work = sb.path("checkout");
+    sb.write(
+        "checkout/deploy/storage.yaml",
+        &format!(
+            "apiVersion: stead.dev/v1alpha1\nkind: StoragePool\nmetadata: {{name: local}}\nspec: {{type: dir, path: {}}}\n---\napiVersion: stead.dev/v1alpha1\nkind: Volume\nmetadata: {{name: data}}\nspec: {{pool: local, size: 1Mi}}\n",
+            sb.path("pools/local").display()
+        ),
+    );
+    let wrapper = sb.write(
+        "bin/stead",
+        &format!(
+            "#!/bin/sh\nexec '{}' --state-dir '{}' --run-dir '{}' --color never \"$@\"\n",
+            stead_bin().display(),
+            sb.path("state").display(),
+            sb.path("run").display()
+        ),
+    );
+    std::fs::set_permissions(
+        &wrapper,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    work
+}
+
+/// Runs `shell` as a CI job would (`bash -eo pipefail`) in `dir` with `env` and the
+/// sandbox's `bin/` first on PATH; returns (success, stderr).
+fn run_job(sb: &Sandbox, dir: &Path, shell: &str, env: &[(&str, String)]) -> (bool, String) {
+    let path = format!(
+        "{}:{}",
+        sb.path("bin").display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let out = Command::new("bash")
+        .args(["-eo", "pipefail", "-c", shell])
+        .current_dir(dir)
+        .env("PATH", path)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Runs one forge's example job twice against the fake API and checks it left one
+/// comment with the plan (posted, then updated in place).
+fn one_sticky_comment(
+    test: &str,
+    file: &str,
+    auth: (&str, &str),
+    env: impl Fn(u16) -> Vec<(&'static str, String)>,
+) {
+    if !pyyaml_ok(test) || skip_unless(have("jq") && have("curl"), test, "needs jq and curl") {
+        return;
+    }
+    let sb = Sandbox::new();
+    let dir = checkout(&sb);
+    let forge = FakeForge::start(&sb, auth.0, auth.1);
+    let shell = ci_shell(&repo_root().join("examples/ci").join(file));
+    let (ok, err) = run_job(&sb, &dir, &shell, &env(forge.port));
+    assert!(ok, "{file}: first run failed: {err}");
+    let first = forge.comments();
+    assert_eq!(first.len(), 1, "{first:?}");
+    assert!(
+        first[0]
+            .1
+            .starts_with("<!-- stead-plan -->\n### stead plan: 2 to create"),
+        "{}",
+        first[0].1
+    );
+    assert!(
+        first[0].1.contains("<code>+ Volume/data</code>"),
+        "{}",
+        first[0].1
+    );
+
+    // A second push: the same comment is updated, none is added.
+    sb.write("checkout/deploy/broken.yaml", "apiVersion: stead.dev/v1alpha1\nkind: Volume\nmetadata: {name: bad}\nspec: {pool: nowhere}\n");
+    let (ok, _) = run_job(&sb, &dir, &shell, &env(forge.port));
+    assert!(!ok, "{file}: invalid manifests must fail the job");
+    let second = forge.comments();
+    assert_eq!(second.len(), 1, "{second:?}");
+    assert_eq!(second[0].0, first[0].0);
+    assert!(
+        second[0].1.contains("the manifests do not validate"),
+        "{}",
+        second[0].1
+    );
+    assert!(second[0].1.contains("broken.yaml"), "{}", second[0].1);
+}
+
+#[test]
+fn gitlab_example_keeps_one_merge_request_note_with_the_plan() {
+    one_sticky_comment(
+        "gitlab_example_keeps_one_merge_request_note_with_the_plan",
+        "gitlab-mr-plan.yml",
+        ("PRIVATE-TOKEN", "glpat-test"),
+        |port| {
+            vec![
+                ("CI_API_V4_URL", format!("http://127.0.0.1:{port}/api/v4")),
+                ("CI_PROJECT_ID", "42".into()),
+                ("CI_MERGE_REQUEST_IID", "7".into()),
+                ("STEAD_PLAN_TOKEN", "glpat-test".into()),
+            ]
+        },
+    );
+}
+
+#[test]
+fn forgejo_example_keeps_one_pull_request_comment_with_the_plan() {
+    one_sticky_comment(
+        "forgejo_example_keeps_one_pull_request_comment_with_the_plan",
+        "forgejo-pr-plan.yml",
+        ("Authorization", "token fj-test"),
+        |port| {
+            vec![
+                (
+                    "REPO_API",
+                    format!("http://127.0.0.1:{port}/api/v1/repos/o/r"),
+                ),
+                ("PR", "7".into()),
+                ("TOKEN", "fj-test".into()),
+            ]
+        },
+    );
+}
