@@ -10,7 +10,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand, ValueEnum};
 use stead_reconciler::driver::HostEnv;
 use stead_reconciler::render::{self, Style};
 use stead_reconciler::{ApplyLock, Drivers, ExecOptions, PlanOptions, StateDb, execute, plan_run};
@@ -26,6 +26,7 @@ mod cmd_env;
 mod cmd_qemu;
 mod cmd_snapshot;
 mod cmd_vmm;
+mod completions;
 mod get;
 mod housekeeping;
 mod progress;
@@ -243,7 +244,7 @@ enum Command {
     Migrate(cmd_cluster::MigrateArgs),
     /// Print the JSON Schema of all kinds.
     Schema,
-    /// Print shell completions.
+    /// Print the shell completion script (it completes Kind/name from the state dir too).
     Completions {
         /// Shell.
         shell: clap_complete::Shell,
@@ -258,6 +259,7 @@ const UMASK: u32 = 0o077;
 
 fn main() -> ExitCode {
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(UMASK));
+    completions::answer_if_asked();
     let cli = Cli::parse();
     init_logging(&cli.global);
     stead_host::progress::install(Box::new(progress::Terminal));
@@ -596,7 +598,7 @@ fn run(cli: Cli) -> Result<u8> {
             Ok(0)
         }
         Command::Completions { shell } => {
-            clap_complete::generate(shell, &mut Cli::command(), "stead", &mut std::io::stdout());
+            completions::write_script(shell, &mut std::io::stdout())?;
             Ok(0)
         }
     }

@@ -288,3 +288,125 @@ fn forgejo_example_keeps_one_pull_request_comment_with_the_plan() {
         },
     );
 }
+
+/// A sandbox whose state owns a dir pool and two volumes (applied for real).
+fn sandbox_with_resources() -> Sandbox {
+    let sb = Sandbox::new();
+    let m = sb.write(
+        "m/storage.yaml",
+        &format!(
+            "apiVersion: stead.dev/v1alpha1\nkind: StoragePool\nmetadata: {{name: local}}\nspec: {{type: dir, path: {}}}\n---\napiVersion: stead.dev/v1alpha1\nkind: Volume\nmetadata: {{name: web-data}}\nspec: {{pool: local, size: 1Mi, deletionPolicy: Delete}}\n---\napiVersion: stead.dev/v1alpha1\nkind: Volume\nmetadata: {{name: db-data}}\nspec: {{pool: local, size: 1Mi, deletionPolicy: Delete}}\n",
+            sb.path("pools/local").display()
+        ),
+    );
+    sb.run(&["apply", "--yes", m.to_str().unwrap()])
+        .expect_code(0);
+    sb
+}
+
+/// The candidates `stead` offers for the last of `words` (`stead get Vol` …), asked the
+/// way the bash script asks, with the sandbox's state dir in the environment.
+fn candidates(sb: &Sandbox, words: &[&str]) -> (Vec<String>, String) {
+    let out = Command::new(stead_bin())
+        .arg("--")
+        .args(words)
+        .env("STEAD_COMPLETE", "bash")
+        .env("_CLAP_COMPLETE_INDEX", (words.len() - 1).to_string())
+        .env("_CLAP_IFS", "\n")
+        .env("STEAD_STATE_DIR", sb.path("state"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let list = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.starts_with('-'))
+        .map(str::to_string)
+        .collect();
+    (list, String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[test]
+fn resource_arguments_complete_kind_and_name_from_the_state_dir() {
+    let sb = sandbox_with_resources();
+    let (all, err) = candidates(&sb, &["stead", "get", ""]);
+    assert_eq!(
+        all,
+        ["StoragePool/local", "Volume/db-data", "Volume/web-data"]
+    );
+    assert_eq!(err, "");
+    let (vols, _) = candidates(&sb, &["stead", "get", "vol"]);
+    assert_eq!(vols, ["Volume/db-data", "Volume/web-data"]);
+    let (one, _) = candidates(&sb, &["stead", "snapshot", "create", "Volume/w"]);
+    assert_eq!(one, ["Volume/web-data"]);
+    // Second positional of `snapshot create` is the snapshot name: no resources there.
+    let (snap, _) = candidates(&sb, &["stead", "snapshot", "create", "Volume/web-data", ""]);
+    assert_eq!(snap, Vec::<String>::new());
+    // Workload arguments offer workloads only.
+    let (workloads, _) = candidates(&sb, &["stead", "console", ""]);
+    assert_eq!(workloads, Vec::<String>::new());
+    // Subcommands still complete.
+    let (subs, _) = candidates(&sb, &["stead", "snaps"]);
+    assert_eq!(subs, ["snapshot"]);
+}
+
+#[test]
+fn completion_without_state_is_silent() {
+    let sb = Sandbox::new();
+    let (list, err) = candidates(&sb, &["stead", "get", ""]);
+    assert_eq!(list, Vec::<String>::new());
+    assert_eq!(err, "");
+    assert!(
+        !sb.path("state").exists(),
+        "completion created the state dir"
+    );
+}
+
+#[test]
+fn the_bash_script_completes_resources_in_a_real_bash() {
+    let test = "the_bash_script_completes_resources_in_a_real_bash";
+    if skip_unless(have("bash"), test, "needs bash") {
+        return;
+    }
+    let sb = sandbox_with_resources();
+    let bin = sb.path("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    std::os::unix::fs::symlink(stead_bin(), bin.join("stead")).unwrap();
+    for shell in ["bash", "zsh", "fish"] {
+        let out = sb.run(&["completions", shell]).expect_code(0);
+        assert!(
+            out.stdout().contains("STEAD_COMPLETE"),
+            "{shell}: {}",
+            out.stdout()
+        );
+    }
+    let script = sb.run(&["completions", "bash"]).expect_code(0).stdout();
+    sb.write("stead.bash", &script);
+    let probe = format!(
+        "source '{}'\nCOMP_WORDS=(stead snapshot list Vol)\nCOMP_CWORD=3\nCOMP_TYPE=9\n_clap_complete_stead stead Vol stead\nprintf '%s\\n' \"${{COMPREPLY[@]}}\"\n",
+        sb.path("stead.bash").display()
+    );
+    let out = Command::new("bash")
+        .args(["--norc", "--noprofile", "-c", &probe])
+        .env(
+            "PATH",
+            format!(
+                "{}:{}",
+                bin.display(),
+                std::env::var("PATH").unwrap_or_default()
+            ),
+        )
+        .env("STEAD_STATE_DIR", sb.path("state"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        stdout.lines().collect::<Vec<_>>(),
+        ["Volume/db-data", "Volume/web-data"],
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
