@@ -29,6 +29,7 @@ mod cmd_vmm;
 mod completions;
 mod get;
 mod housekeeping;
+mod manpages;
 mod progress;
 
 /// Declarative, GitOps-style reconciler for Linux virtualization hosts.
@@ -244,6 +245,8 @@ enum Command {
     Migrate(cmd_cluster::MigrateArgs),
     /// Print the JSON Schema of all kinds.
     Schema,
+    /// Print the manual page, or write one per subcommand with --out DIR.
+    Man(manpages::ManArgs),
     /// Print the shell completion script (it completes Kind/name from the state dir too).
     Completions {
         /// Shell.
@@ -597,6 +600,7 @@ fn run(cli: Cli) -> Result<u8> {
             print!("{}", stead_schema::schema::json_schema_text());
             Ok(0)
         }
+        Command::Man(args) => manpages::run(&args),
         Command::Completions { shell } => {
             completions::write_script(shell, &mut std::io::stdout())?;
             Ok(0)

@@ -410,3 +410,64 @@ fn the_bash_script_completes_resources_in_a_real_bash() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn man_writes_a_page_per_subcommand_with_header_and_name() {
+    let sb = Sandbox::new();
+    let dir = sb.path("man");
+    let run = sb
+        .run(&["man", "--out", dir.to_str().unwrap()])
+        .expect_code(0);
+    assert!(
+        run.stderr().contains("manual pages written"),
+        "{}",
+        run.stderr()
+    );
+    for cmd in [
+        "stead",
+        "stead-apply",
+        "stead-diff",
+        "stead-snapshot-rollback",
+        "stead-completions",
+    ] {
+        let page = std::fs::read_to_string(dir.join(format!("{cmd}.1")))
+            .unwrap_or_else(|e| panic!("{cmd}.1: {e}"));
+        let th = page
+            .lines()
+            .find(|l| l.starts_with(".TH "))
+            .unwrap_or_else(|| panic!("{cmd}.1 has no .TH"));
+        assert!(th.starts_with(&format!(".TH {cmd} 1 ")), "{th}");
+        assert!(th.contains("\"stead manual\""), "{th}");
+        let name = page
+            .split(".SH NAME\n")
+            .nth(1)
+            .unwrap_or_else(|| panic!("{cmd}.1 has no NAME"));
+        assert!(
+            name.starts_with(&cmd.replace('-', "\\-")),
+            "{cmd}.1 NAME: {name:.60}"
+        );
+        assert!(page.contains(".SH SYNOPSIS"), "{cmd}.1");
+    }
+    assert!(
+        !dir.join("stead-shim.1").exists(),
+        "hidden subcommands get no page"
+    );
+    // Without --out: stead.1 on stdout.
+    let top = sb.run(&["man"]).expect_code(0).stdout();
+    assert!(top.contains(".TH stead 1 "), "{top:.200}");
+    if have("man") {
+        let out = Command::new("man")
+            .args(["-l", "-P", "cat"])
+            .arg(dir.join("stead-diff.1"))
+            .env("MANWIDTH", "80")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(text.contains("markdown"), "{text}");
+    }
+}
