@@ -34,6 +34,9 @@ pkgs=(
   crun            # scripts/bench.sh: the container peer (crun run -d / delete -f)
   hyperfine       # whole-process timings of single commands (docs/performance.md)
   linux-perf      # perf: profiles and flame graphs (docs/performance.md)
+  jq              # the CI examples' comment posting, run by the e2e tests (examples/ci)
+  python3-yaml    # the e2e tests parse the CI examples
+  man-db          # man -l: the e2e tests render a generated manual page
 )
 missing=()
 for p in "${pkgs[@]}"; do

@@ -471,3 +471,95 @@ fn man_writes_a_page_per_subcommand_with_header_and_name() {
         assert!(text.contains("markdown"), "{text}");
     }
 }
+
+/// Every file under `root` with its mode and a digest of its content, sorted.
+fn tree(root: &Path) -> Vec<(String, u32, u64)> {
+    use std::hash::{Hash, Hasher};
+    use std::os::unix::fs::PermissionsExt;
+    let mut out = Vec::new();
+    let mut todo = vec![root.to_path_buf()];
+    while let Some(dir) = todo.pop() {
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                todo.push(p);
+                continue;
+            }
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            std::fs::read(&p).unwrap().hash(&mut h);
+            let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o7777;
+            let rel = p.strip_prefix(root).unwrap().display().to_string();
+            out.push((rel, mode, h.finish()));
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn the_installer_stages_binaries_pages_completions_and_unit_under_destdir() {
+    let test = "the_installer_stages_binaries_pages_completions_and_unit_under_destdir";
+    let from = stead_bin().parent().unwrap().to_path_buf();
+    if skip_unless(
+        from.join("stead-supervise").exists(),
+        test,
+        "stead-supervise is not built (cargo build --bin stead-supervise)",
+    ) {
+        return;
+    }
+    let sb = Sandbox::new();
+    let dest = sb.path("pkg");
+    let install = || {
+        let out = Command::new(repo_root().join("scripts/install.sh"))
+            .args(["--prefix", "/usr", "--systemd", "--destdir"])
+            .arg(&dest)
+            .arg("--from")
+            .arg(&from)
+            .env("SOURCE_DATE_EPOCH", "1780000000")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    install();
+    let first = tree(&dest);
+    let files: Vec<&str> = first.iter().map(|(p, _, _)| p.as_str()).collect();
+    for (want, mode) in [
+        ("usr/bin/stead", 0o755),
+        ("usr/bin/stead-supervise", 0o755),
+        ("usr/share/man/man1/stead.1", 0o644),
+        ("usr/share/man/man1/stead-apply.1", 0o644),
+        ("usr/share/bash-completion/completions/stead", 0o644),
+        ("usr/share/zsh/site-functions/_stead", 0o644),
+        ("usr/share/fish/vendor_completions.d/stead.fish", 0o644),
+        ("usr/lib/systemd/system/stead-controller.service", 0o644),
+    ] {
+        let got = first.iter().find(|(p, _, _)| p == want);
+        assert_eq!(got.map(|g| g.1), Some(mode), "{want} in {files:?}");
+    }
+    assert!(
+        files.iter().all(|f| f.starts_with("usr/")),
+        "outside the prefix: {files:?}"
+    );
+    let unit =
+        std::fs::read_to_string(dest.join("usr/lib/systemd/system/stead-controller.service"))
+            .unwrap();
+    assert!(unit.contains("ExecStart=/usr/bin/stead "), "{unit}");
+    let zsh = std::fs::read_to_string(dest.join("usr/share/zsh/site-functions/_stead")).unwrap();
+    assert!(zsh.starts_with("#compdef stead"), "{zsh:.80}");
+    // The installed binary runs.
+    let v = Command::new(dest.join("usr/bin/stead"))
+        .arg("--version")
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&v.stdout).starts_with("stead "));
+
+    // Idempotent: a second run gives the same tree, a stale page is removed.
+    std::fs::write(dest.join("usr/share/man/man1/stead-gone.1"), "old").unwrap();
+    install();
+    assert_eq!(tree(&dest), first);
+}
