@@ -37,6 +37,7 @@ pkgs=(
   jq              # the CI examples' comment posting, run by the e2e tests (examples/ci)
   python3-yaml    # the e2e tests parse the CI examples
   man-db          # man -l: the e2e tests render a generated manual page
+  fish            # the e2e tests run the generated fish completions in a real fish
 )
 missing=()
 for p in "${pkgs[@]}"; do

@@ -563,3 +563,44 @@ fn the_installer_stages_binaries_pages_completions_and_unit_under_destdir() {
     install();
     assert_eq!(tree(&dest), first);
 }
+
+#[test]
+fn the_fish_script_completes_resources_in_a_real_fish() {
+    let test = "the_fish_script_completes_resources_in_a_real_fish";
+    if skip_unless(have("fish"), test, "needs fish (scripts/install-deps.sh)") {
+        return;
+    }
+    let sb = sandbox_with_resources();
+    let bin = sb.path("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    std::os::unix::fs::symlink(stead_bin(), bin.join("stead")).unwrap();
+    let script = sb.write(
+        "stead.fish",
+        &sb.run(&["completions", "fish"]).expect_code(0).stdout(),
+    );
+    let out = Command::new("fish")
+        .args(["--no-config", "-c"])
+        .arg(format!(
+            "source '{}'; complete --do-complete 'stead snapshot list Vol'",
+            script.display()
+        ))
+        .env(
+            "PATH",
+            format!(
+                "{}:{}",
+                bin.display(),
+                std::env::var("PATH").unwrap_or_default()
+            ),
+        )
+        .env("STEAD_STATE_DIR", sb.path("state"))
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .collect::<Vec<_>>(),
+        ["Volume/db-data", "Volume/web-data"],
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
