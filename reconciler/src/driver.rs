@@ -231,6 +231,11 @@ impl DriverError {
     }
 }
 
+/// The refusal of a kind whose driver cannot adopt existing objects.
+pub fn cannot_adopt(kind: Kind) -> String {
+    format!("stead cannot adopt a {kind}: remove the object or rename the resource")
+}
+
 /// A host driver for one kind.
 pub trait Driver: Send + Sync {
     /// The kind handled.
@@ -262,6 +267,32 @@ pub trait Driver: Send + Sync {
         _changes: &[FieldChange],
     ) -> Result<(), String> {
         Ok(())
+    }
+
+    /// Whether the existing object `observed`, which stead does not own, can be taken
+    /// over safely as `desired` (adoption): nothing on the host changes, and the message
+    /// of a refusal (what is in the way, what to do) becomes a plan error. Called at plan
+    /// time. Default: refused, the driver cannot adopt.
+    fn adopt_check(
+        &self,
+        desired: &Resource,
+        _observed: &Observed,
+        _world: &dyn Lookup,
+    ) -> Result<(), String> {
+        Err(cannot_adopt(desired.id.kind))
+    }
+
+    /// Records stead's ownership of the existing object `observed` without recreating or
+    /// changing anything else (the ownership mark the driver uses for the objects it
+    /// creates). The ordinary [`Driver::apply`] follows for the remaining differences.
+    /// Idempotent. Default: refused.
+    fn adopt(
+        &self,
+        desired: &Resource,
+        _observed: &Observed,
+        _world: &dyn Lookup,
+    ) -> Result<(), DriverError> {
+        Err(DriverError::Refused(cannot_adopt(desired.id.kind)))
     }
 
     /// Converges the host to `desired`. Idempotent: safe to re-run after a crash at any point.
@@ -427,6 +458,26 @@ pub trait KindDriver: Send + Sync {
         Ok(())
     }
 
+    /// See [`Driver::adopt_check`].
+    fn adopt_check(
+        &self,
+        _desired: Typed<'_, Self::Spec>,
+        _observed: &Observed,
+        _world: &dyn Lookup,
+    ) -> Result<(), String> {
+        Err(cannot_adopt(Self::Spec::KIND))
+    }
+
+    /// See [`Driver::adopt`].
+    fn adopt(
+        &self,
+        _desired: Typed<'_, Self::Spec>,
+        _observed: &Observed,
+        _world: &dyn Lookup,
+    ) -> Result<(), DriverError> {
+        Err(DriverError::Refused(cannot_adopt(Self::Spec::KIND)))
+    }
+
     /// See [`Driver::apply`].
     fn apply(
         &self,
@@ -525,6 +576,25 @@ impl<T: KindDriver> Driver for T {
     ) -> Result<(), String> {
         let desired = Typed::new(desired).map_err(|e| e.to_string())?;
         KindDriver::check(self, desired, observed, changes)
+    }
+
+    fn adopt_check(
+        &self,
+        desired: &Resource,
+        observed: &Observed,
+        world: &dyn Lookup,
+    ) -> Result<(), String> {
+        let desired = Typed::new(desired).map_err(|e| e.to_string())?;
+        KindDriver::adopt_check(self, desired, observed, world)
+    }
+
+    fn adopt(
+        &self,
+        desired: &Resource,
+        observed: &Observed,
+        world: &dyn Lookup,
+    ) -> Result<(), DriverError> {
+        KindDriver::adopt(self, Typed::new(desired)?, observed, world)
     }
 
     fn apply(
