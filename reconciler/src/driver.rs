@@ -236,6 +236,16 @@ pub fn cannot_adopt(kind: Kind) -> String {
     format!("stead cannot adopt a {kind}: remove the object or rename the resource")
 }
 
+/// The default adoption check: an existing object is refused ([`cannot_adopt`]), an
+/// absent one is fine (it is created).
+fn refuse_existing(kind: Kind, observed: &Observed) -> Result<(), String> {
+    if observed.exists {
+        Err(cannot_adopt(kind))
+    } else {
+        Ok(())
+    }
+}
+
 /// A host driver for one kind.
 pub trait Driver: Send + Sync {
     /// The kind handled.
@@ -272,14 +282,17 @@ pub trait Driver: Send + Sync {
     /// Whether the existing object `observed`, which stead does not own, can be taken
     /// over safely as `desired` (adoption): nothing on the host changes, and the message
     /// of a refusal (what is in the way, what to do) becomes a plan error. Called at plan
-    /// time. Default: refused, the driver cannot adopt.
+    /// time when adoption is asked for, also for an object the driver does not see
+    /// (`observed` absent), where it refuses only what another manager runs or holds
+    /// under that identity (e.g. a QEMU process it did not start). Default: an existing
+    /// object is refused (the driver cannot adopt), an absent one is created as usual.
     fn adopt_check(
         &self,
         desired: &Resource,
-        _observed: &Observed,
+        observed: &Observed,
         _world: &dyn Lookup,
     ) -> Result<(), String> {
-        Err(cannot_adopt(desired.id.kind))
+        refuse_existing(desired.id.kind, observed)
     }
 
     /// Records stead's ownership of the existing object `observed` without recreating or
@@ -462,10 +475,10 @@ pub trait KindDriver: Send + Sync {
     fn adopt_check(
         &self,
         _desired: Typed<'_, Self::Spec>,
-        _observed: &Observed,
+        observed: &Observed,
         _world: &dyn Lookup,
     ) -> Result<(), String> {
-        Err(cannot_adopt(Self::Spec::KIND))
+        refuse_existing(Self::Spec::KIND, observed)
     }
 
     /// See [`Driver::adopt`].

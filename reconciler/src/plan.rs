@@ -626,6 +626,12 @@ fn plan_one(
     };
     let want = driver.desired_state(r, world);
     if !obs.exists {
+        if opts.adopts(r) && inv.is_none() {
+            // Nothing stead sees, but another manager may run it under this identity.
+            driver
+                .adopt_check(r, obs, world)
+                .map_err(|m| format!("cannot adopt the existing object: {m}"))?;
+        }
         return create_change(change, r, obs, inv, driver, &want);
     }
     if !obs.owned && inv.is_none() && opts.adopts(r) {
@@ -1204,6 +1210,33 @@ mod tests {
                 "cannot adopt the existing object: its ports [eth9] differ: add them".to_string()
             )]
         );
+    }
+
+    #[test]
+    fn with_adoption_asked_an_absent_object_is_created_unless_another_manager_runs_it() {
+        let yaml = net("lan0", 1500) + &net("lan1", 1500);
+        let case = Case::new(&yaml, "").script(|s| {
+            s.adopt_refusals.insert(
+                "lan1".into(),
+                "a process not started by stead runs it".into(),
+            );
+        });
+        let adopt = PlanOptions {
+            adopt: true,
+            ..opts()
+        };
+        let p = case.plan(&adopt);
+        assert_eq!(actions(&p), [("Network/lan0".to_string(), Action::Create)]);
+        assert_eq!(
+            errors(&p),
+            [(
+                "Network/lan1".to_string(),
+                "cannot adopt the existing object: a process not started by stead runs it"
+                    .to_string()
+            )]
+        );
+        // Without adoption asked, nothing is checked.
+        assert!(case.plan(&opts()).errors.is_empty());
     }
 
     #[test]

@@ -898,6 +898,66 @@ pub(crate) fn has_clones_message(name: &str, clones: &[String]) -> String {
     )
 }
 
+/// Refuses to adopt the existing image `observed` as the volume `t` unless it is a file
+/// image of the manifest's format in a dir, nfs or btrfs pool, carries no other mark, and
+/// is no larger than the manifest's size (a smaller one is grown by the update that
+/// follows; nothing is ever shrunk).
+fn check_adoptable(t: &Target<'_>, observed: &Observed) -> Result<(), String> {
+    let name = t.name;
+    if matches!(t.pool.pool_type, PoolType::Lvmthin | PoolType::Zfs) {
+        return Err(format!(
+            "stead adopts image files in dir, nfs and btrfs pools, not volumes of a {} pool",
+            pool_type_str(t.pool.pool_type)
+        ));
+    }
+    if t.spec.clone.is_some() {
+        return Err(format!(
+            "Volume/{name} is declared as a clone: an existing image cannot become one; drop spec.clone"
+        ));
+    }
+    let path = disk_path(t.pool_name, t.pool, name, t.spec.format).map_err(|e| e.to_string())?;
+    if let Some((o, _)) = fsutil::get_owner(&path).map_err(|e| e.to_string())?
+        && o != owner_of(name)
+    {
+        return Err(format!(
+            "{} carries the mark {o:?} of another owner",
+            path.display()
+        ));
+    }
+    let found = observed.state.get("format").and_then(Value::as_str);
+    let want = format_str(t.spec.format);
+    if found != Some(want) {
+        return Err(format!(
+            "the image of Volume/{name} is {}, the manifest says format {want}: set format to {}",
+            found.unwrap_or("unreadable"),
+            found.unwrap_or("its format")
+        ));
+    }
+    let size = observed.state.get("size").and_then(Value::as_u64);
+    match size {
+        Some(cur) if cur > t.size() => Err(format!(
+            "the image of Volume/{name} holds {} and the manifest asks for {}: stead never shrinks a volume; set size to at least {}",
+            ByteSize(cur),
+            ByteSize(t.size()),
+            ByteSize(cur)
+        )),
+        Some(_) => Ok(()),
+        None => Err(format!(
+            "the size of the image of Volume/{name} cannot be read"
+        )),
+    }
+}
+
+fn pool_type_str(t: PoolType) -> &'static str {
+    match t {
+        PoolType::Dir => "dir",
+        PoolType::Btrfs => "btrfs",
+        PoolType::Lvmthin => "lvmthin",
+        PoolType::Zfs => "zfs",
+        PoolType::Nfs => "nfs",
+    }
+}
+
 fn check_owned(path: &Path, name: &str) -> Result<(), DriverError> {
     match fsutil::get_owner(path)? {
         Some((o, _)) if o == owner_of(name) => Ok(()),
@@ -1227,6 +1287,46 @@ impl stead_reconciler::driver::KindDriver for VolumeDriver {
             };
             return Err(format!("{}: {why}", desired.id));
         }
+        Ok(())
+    }
+
+    fn adopt_check(
+        &self,
+        desired: Typed<'_, VolumeSpec>,
+        observed: &Observed,
+        world: &dyn Lookup,
+    ) -> Result<(), String> {
+        if !observed.exists {
+            return Ok(());
+        }
+        let t = Target::resolve(desired, world).map_err(|e| e.to_string())?;
+        check_adoptable(&t, observed)
+    }
+
+    fn adopt(
+        &self,
+        desired: Typed<'_, VolumeSpec>,
+        _observed: &Observed,
+        world: &dyn Lookup,
+    ) -> Result<(), DriverError> {
+        let t = Target::resolve(desired, world)?;
+        let _span = info_span!("volume_adopt", volume = t.name, pool = t.pool_name).entered();
+        let path = disk_path(t.pool_name, t.pool, t.name, t.spec.format)?;
+        let owner = owner_of(t.name);
+        match fsutil::get_owner(&path)? {
+            Some((o, _)) if o == owner => return Ok(()),
+            Some((o, _)) => {
+                return Err(DriverError::Conflict(format!(
+                    "{} is marked {o}, not {owner}",
+                    path.display()
+                )));
+            }
+            None => {}
+        }
+        let f = File::open(&path)
+            .map_err(|e| DriverError::io(format!("open {}", path.display()), e))?;
+        info!(path = %path.display(), "adopting: writing the ownership mark");
+        fsutil::set_owner(&f, &path, &owner)?;
         Ok(())
     }
 
