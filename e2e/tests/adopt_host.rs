@@ -1,0 +1,309 @@
+//! Issue 19, part 2: adoption of objects that exist on the host before stead. A bridge
+//! with an address and a guest's veth port, a directory with files and a raw image are
+//! made by hand in a sandbox (own network namespace, temp dir); `apply --adopt` takes
+//! them over without changing them, a later MTU change is a `hot` update, and a prune
+//! after their manifests are removed retains them. A bridge whose physical port differs
+//! from the manifest is refused at plan time, nothing changed.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::Value;
+use stead_e2e::{Run, Sandbox, is_root, skip_unless};
+
+/// `ip -n NS ARGS`; panics on failure.
+fn ip(ns: &str, args: &[&str]) -> String {
+    let out = Command::new("ip")
+        .arg("-n")
+        .arg(ns)
+        .args(args)
+        .output()
+        .expect("spawn ip");
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `ip -j -d link show NAME` in `ns`, parsed.
+fn link(ns: &str, name: &str) -> Value {
+    let v: Value = serde_json::from_str(&ip(ns, &["-j", "-d", "link", "show", name])).unwrap();
+    v[0].clone()
+}
+
+/// The IPv4 addresses of `name` as `addr/prefix`, sorted.
+fn addresses(ns: &str, name: &str) -> Vec<String> {
+    let v: Value = serde_json::from_str(&ip(ns, &["-j", "-4", "addr", "show", name])).unwrap();
+    let mut out: Vec<String> = v[0]["addr_info"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|i| format!("{}/{}", i["local"].as_str().unwrap_or(""), i["prefixlen"]))
+                .collect()
+        })
+        .unwrap_or_default();
+    out.sort();
+    out
+}
+
+/// Every regular file under `root` (relative path → bytes).
+fn files(root: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<PathBuf, Vec<u8>>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            let meta = std::fs::symlink_metadata(&p).unwrap();
+            if meta.is_dir() {
+                walk(root, &p, out);
+            } else if meta.is_file() {
+                let rel = p.strip_prefix(root).unwrap().to_path_buf();
+                out.insert(rel, std::fs::read(&p).unwrap());
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(root, root, &mut out);
+    out
+}
+
+/// A known, non-trivial 4 MiB pattern.
+fn image_bytes() -> Vec<u8> {
+    (0..4u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect()
+}
+
+fn show(r: &Run) -> String {
+    format!("stdout:\n{}\nstderr:\n{}", r.stdout(), r.stderr())
+}
+
+/// The manifests of the adopted objects (`mtu` on the bridge when given).
+fn manifests(sb: &Sandbox, pool: &Path, mtu: Option<u32>) -> String {
+    let mtu = mtu.map(|m| format!(", mtu: {m}")).unwrap_or_default();
+    let text = format!(
+        "apiVersion: stead.dev/v1alpha1\nkind: Network\nmetadata: {{name: br0}}\nspec: {{type: bridge, addresses: [10.77.0.1/24]{mtu}}}\n\
+         ---\napiVersion: stead.dev/v1alpha1\nkind: StoragePool\nmetadata: {{name: legacy}}\nspec: {{type: dir, path: {}, content: [images]}}\n\
+         ---\napiVersion: stead.dev/v1alpha1\nkind: Volume\nmetadata: {{name: disk0}}\nspec: {{pool: legacy, size: 4Mi, format: raw}}\n",
+        pool.display()
+    );
+    sb.write("m/adopt.yaml", &text);
+    sb.path("m").to_string_lossy().into_owned()
+}
+
+#[test]
+fn adopt_takes_over_a_bridge_a_dir_pool_and_an_image_without_changing_them() {
+    let test = "adopt_takes_over_a_bridge_a_dir_pool_and_an_image_without_changing_them";
+    if skip_unless(is_root(), test, "needs root for a network namespace") {
+        return;
+    }
+    let sb = Sandbox::with_netns();
+    let ns = sb.netns.clone().unwrap();
+
+    // By hand: a bridge with an address and a guest's veth port, a directory with files
+    // and a raw image with known bytes.
+    ip(&ns, &["link", "add", "br0", "type", "bridge"]);
+    ip(&ns, &["addr", "add", "10.77.0.1/24", "dev", "br0"]);
+    ip(&ns, &["link", "set", "br0", "up"]);
+    ip(
+        &ns,
+        &[
+            "link", "add", "vm1p", "type", "veth", "peer", "name", "vm1c",
+        ],
+    );
+    ip(&ns, &["link", "set", "vm1p", "master", "br0", "up"]);
+    let pool = sb.path("legacy-pool");
+    sb.write("legacy-pool/notes.txt", "kept as it is\n");
+    sb.write("legacy-pool/dump/vzdump-qemu-100.log", "backup log\n");
+    std::fs::create_dir_all(pool.join("images")).unwrap();
+    std::fs::write(pool.join("images/disk0.raw"), image_bytes()).unwrap();
+
+    let ifindex = link(&ns, "br0")["ifindex"].clone();
+    let files_before = files(&pool);
+    assert_eq!(addresses(&ns, "br0"), ["10.77.0.1/24"]);
+
+    let m = manifests(&sb, &pool, None);
+    // Without adoption: refused, as before.
+    let out = sb.run(&["diff", &m]);
+    assert_eq!(out.code(), 1, "{}", show(&out));
+    assert!(
+        out.stdout().contains("not owned by stead"),
+        "{}",
+        show(&out)
+    );
+    assert!(out.stdout().contains("--adopt"), "{}", show(&out));
+
+    // The plan: one adopt line per object, the pool's missing content dirs as the one
+    // difference left.
+    let out = sb.run(&["diff", "--adopt", &m]);
+    assert_eq!(out.code(), 2, "{}", show(&out));
+    let plan = out.stdout();
+    for line in [
+        "  & Network/br0  (adopt)",
+        "  & StoragePool/legacy  (adopt, impact: hot)",
+        "  & Volume/disk0  (adopt)",
+        "content: [] -> [images]",
+        "Plan: 3 to adopt, 0 to create, 0 to update",
+    ] {
+        assert!(plan.contains(line), "{line:?} not in\n{plan}");
+    }
+    let json = sb.run(&["diff", "--adopt", "-o", "json", &m]);
+    let v: Value = serde_json::from_str(&json.stdout()).unwrap();
+    assert_eq!(v["summary"]["adopt"], 3, "{v}");
+    assert!(
+        v["changes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|c| c["action"] == "adopt"),
+        "{v}"
+    );
+
+    let out = sb.run(&["apply", "--adopt", "--yes", &m]);
+    assert_eq!(out.code(), 0, "{}", show(&out));
+
+    // Nothing changed: the same bridge, address and port; every file with its bytes.
+    let br = link(&ns, "br0");
+    assert_eq!(br["ifindex"], ifindex, "the bridge was not recreated");
+    assert_eq!(br["ifalias"], "stead:Network/br0", "ownership recorded");
+    assert_eq!(addresses(&ns, "br0"), ["10.77.0.1/24"]);
+    assert_eq!(link(&ns, "vm1p")["master"], "br0", "the guest port stays");
+    let files_after = files(&pool);
+    for (path, bytes) in &files_before {
+        assert!(
+            files_after.get(path) == Some(bytes),
+            "{} changed or vanished",
+            path.display()
+        );
+    }
+    let added: Vec<&PathBuf> = files_after
+        .keys()
+        .filter(|p| !files_before.contains_key(*p))
+        .collect();
+    assert_eq!(
+        added,
+        [&PathBuf::from(".stead-pool")],
+        "only the pool marker is new"
+    );
+
+    // `stead get` shows them owned and adopted.
+    let out = sb.run(&["get", "-o", "json"]);
+    assert_eq!(out.code(), 0, "{}", show(&out));
+    let v: Value = serde_json::from_str(&out.stdout()).unwrap();
+    let items = v["items"].as_array().unwrap();
+    assert_eq!(items.len(), 3, "{v}");
+    for item in items {
+        assert_eq!(item["status"]["owned"], true, "{item}");
+        assert_eq!(item["status"]["adopted"], true, "{item}");
+    }
+    // Owned now: the same manifests plan nothing, without --adopt.
+    let out = sb.run(&["diff", &m]);
+    assert_eq!(out.code(), 0, "{}", show(&out));
+
+    // A later MTU change is an ordinary hot update of the same bridge.
+    let m = manifests(&sb, &pool, Some(1400));
+    let out = sb.run(&["diff", &m]);
+    assert_eq!(out.code(), 2, "{}", show(&out));
+    assert!(
+        out.stdout()
+            .contains("  ~ Network/br0  (update in place, impact: hot)"),
+        "{}",
+        show(&out)
+    );
+    let out = sb.run(&["apply", "--yes", &m]);
+    assert_eq!(out.code(), 0, "{}", show(&out));
+    let br = link(&ns, "br0");
+    assert_eq!(
+        (br["mtu"].clone(), br["ifindex"].clone()),
+        (1400.into(), ifindex.clone())
+    );
+
+    // Their manifests removed: the prune retains all three.
+    sb.write(
+        "m/adopt.yaml",
+        "apiVersion: stead.dev/v1alpha1\nkind: Network\nmetadata: {name: other0}\nspec: {type: bridge}\n",
+    );
+    let m = sb.path("m").to_string_lossy().into_owned();
+    let out = sb.run(&["apply", "--yes", &m]);
+    assert_eq!(out.code(), 0, "{}", show(&out));
+    for line in [
+        "  = Network/br0",
+        "  = StoragePool/legacy",
+        "  = Volume/disk0",
+    ] {
+        assert!(
+            out.stdout().contains(line),
+            "{line:?} not in {}",
+            show(&out)
+        );
+    }
+    assert!(
+        out.stdout()
+            .contains("adopted, so deletionPolicy defaults to Retain"),
+        "{}",
+        show(&out)
+    );
+    assert_eq!(link(&ns, "br0")["ifindex"], ifindex, "the bridge is kept");
+    assert_eq!(link(&ns, "vm1p")["master"], "br0");
+    let files_kept = files(&pool);
+    for (path, bytes) in &files_before {
+        assert!(
+            files_kept.get(path) == Some(bytes),
+            "{} changed or vanished by the prune",
+            path.display()
+        );
+    }
+}
+
+#[test]
+fn adopt_refuses_a_bridge_whose_physical_port_differs_and_changes_nothing() {
+    let test = "adopt_refuses_a_bridge_whose_physical_port_differs_and_changes_nothing";
+    if skip_unless(is_root(), test, "needs root for a network namespace") {
+        return;
+    }
+    let sb = Sandbox::with_netns();
+    let ns = sb.netns.clone().unwrap();
+    ip(&ns, &["link", "add", "br1", "type", "bridge"]);
+    // A port that is not a guest's: a VXLAN link (this kernel has no dummy links, and
+    // there is no NIC to spare).
+    let port = Command::new("ip")
+        .args(["-n", &ns, "link", "add", "eth9", "type", "vxlan"])
+        .args(["id", "9", "dstport", "4789"])
+        .output()
+        .expect("spawn ip");
+    if skip_unless(port.status.success(), test, "no vxlan links on this kernel") {
+        return;
+    }
+    ip(&ns, &["link", "set", "eth9", "master", "br1", "up"]);
+    let before = link(&ns, "br1");
+    sb.write(
+        "m/br1.yaml",
+        "apiVersion: stead.dev/v1alpha1\nkind: Network\nmetadata:\n  name: br1\n  annotations: {stead.dev/adopt: \"true\"}\nspec: {type: bridge, ports: [eth1]}\n",
+    );
+    let m = sb.path("m").to_string_lossy().into_owned();
+    // The annotation asks for adoption; the plan refuses it, naming the bridge and what
+    // to do.
+    for args in [vec!["diff", m.as_str()], vec!["apply", "--yes", m.as_str()]] {
+        let out = sb.run(&args);
+        assert_eq!(out.code(), 1, "{args:?}: {}", show(&out));
+        let text = out.stdout() + &out.stderr();
+        assert!(
+            text.contains(
+                "Network/br1: cannot adopt the existing object: the physical ports of bridge br1 [eth9] differ from the manifest's ports [eth1]"
+            ),
+            "{}",
+            show(&out)
+        );
+        assert!(text.contains("set ports to [eth9]"), "{}", show(&out));
+    }
+    let after = link(&ns, "br1");
+    assert_eq!(after["ifindex"], before["ifindex"]);
+    assert!(after.get("ifalias").is_none(), "no mark written: {after}");
+    assert_eq!(link(&ns, "eth9")["master"], "br1", "the port stays");
+    let inventory = sb.run(&["get", "-o", "json"]);
+    let v: Value = serde_json::from_str(&inventory.stdout()).unwrap();
+    assert_eq!(v["items"], Value::Array(vec![]), "nothing recorded: {v}");
+}
