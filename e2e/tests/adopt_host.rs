@@ -307,3 +307,96 @@ fn adopt_refuses_a_bridge_whose_physical_port_differs_and_changes_nothing() {
     let v: Value = serde_json::from_str(&inventory.stdout()).unwrap();
     assert_eq!(v["items"], Value::Array(vec![]), "nothing recorded: {v}");
 }
+
+/// A process whose command line looks like another manager's guest (`argv0 ARGS…`),
+/// killed on drop.
+struct FakeGuest(std::process::Child);
+
+impl FakeGuest {
+    fn start(argv0: &str, args: &[&str]) -> FakeGuest {
+        let script = format!("exec -a {argv0} /usr/bin/perl -e 'sleep 120' -- \"$@\"");
+        let child = Command::new("bash")
+            .args(["-c", &script, "fake-guest"])
+            .args(args)
+            .spawn()
+            .expect("spawn a fake guest");
+        // Until exec has happened, the command line is bash's.
+        let pid = child.id().to_string();
+        for _ in 0..100 {
+            let ps = Command::new("ps")
+                .args(["-o", "args=", "-p", &pid])
+                .output();
+            if ps.is_ok_and(|o| o.stdout.starts_with(argv0.as_bytes())) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        FakeGuest(child)
+    }
+}
+
+impl Drop for FakeGuest {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn adopt_refuses_a_vm_and_a_container_that_another_manager_runs() {
+    let test = "adopt_refuses_a_vm_and_a_container_that_another_manager_runs";
+    if skip_unless(is_root(), test, "needs root (cgroups of the guest drivers)") {
+        return;
+    }
+    if skip_unless(
+        Path::new("/usr/bin/perl").exists(),
+        test,
+        "no /usr/bin/perl",
+    ) {
+        return;
+    }
+    let sb = Sandbox::new();
+    // A name of its own per run, so parallel runs do not see each other's fake guests.
+    let tag = sb
+        .cgroup_parent
+        .rsplit('-')
+        .next()
+        .unwrap_or("x")
+        .to_string();
+    let (vm, ct, vmid) = (format!("web-{tag}"), format!("mail-{tag}"), "4242");
+    let _qemu = FakeGuest::start(
+        "/usr/bin/kvm",
+        &["-id", "7", "-name", &format!("{vm},debug-threads=on")],
+    );
+    let _lxc = FakeGuest::start("/usr/bin/lxc-start", &["-F", "-n", vmid]);
+    sb.write(
+        "m/guests.yaml",
+        &format!(
+            "apiVersion: stead.dev/v1alpha1\nkind: VirtualMachine\nmetadata: {{name: {vm}}}\nspec: {{cpus: 1, memory: 64Mi, boot: {{kernel: {}}}, state: stopped}}\n\
+             ---\napiVersion: stead.dev/v1alpha1\nkind: Container\nmetadata: {{name: {ct}, labels: {{pve-vmid: \"{vmid}\"}}}}\nspec: {{rootfs: {{path: {}}}, state: stopped}}\n",
+            sb.path("vmlinux").display(),
+            sb.path("ct-root").display()
+        ),
+    );
+    let m = sb.path("m").to_string_lossy().into_owned();
+    // Adoption asked: stead looks for another manager's processes running them.
+    let out = sb.run(&["diff", "--adopt", &m]);
+    assert_eq!(out.code(), 1, "{}", show(&out));
+    let text = out.stdout();
+    assert!(
+        text.contains(&format!(
+            "VirtualMachine/{vm}: cannot adopt the existing object: a QEMU process that stead did not start runs VirtualMachine/{vm}"
+        )),
+        "{}",
+        show(&out)
+    );
+    assert!(text.contains("qm stop VMID"), "{}", show(&out));
+    assert!(
+        text.contains(&format!(
+            "Container/{ct}: cannot adopt the existing object: an LXC process that stead did not start runs Container/{ct}"
+        )),
+        "{}",
+        show(&out)
+    );
+    assert!(!text.contains("+ VirtualMachine"), "{}", show(&out));
+}
