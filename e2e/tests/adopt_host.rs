@@ -400,3 +400,127 @@ fn adopt_refuses_a_vm_and_a_container_that_another_manager_runs() {
     );
     assert!(!text.contains("+ VirtualMachine"), "{}", show(&out));
 }
+
+#[test]
+fn adopt_grows_a_smaller_image_and_refuses_a_larger_one() {
+    let sb = Sandbox::new();
+    let pool = sb.path("legacy-pool");
+    std::fs::create_dir_all(pool.join("images")).unwrap();
+    let bytes = image_bytes();
+    std::fs::write(pool.join("images/small.raw"), &bytes[..2 << 20]).unwrap();
+    std::fs::write(pool.join("images/big.raw"), &bytes).unwrap();
+    let write = |big: &str| {
+        sb.write(
+            "m/vols.yaml",
+            &format!(
+                "apiVersion: stead.dev/v1alpha1\nkind: StoragePool\nmetadata: {{name: legacy}}\nspec: {{type: dir, path: {}, content: [images]}}\n\
+                 ---\napiVersion: stead.dev/v1alpha1\nkind: Volume\nmetadata: {{name: small}}\nspec: {{pool: legacy, size: 4Mi}}\n\
+                 ---\napiVersion: stead.dev/v1alpha1\nkind: Volume\nmetadata: {{name: big}}\nspec: {{pool: legacy, size: {big}}}\n",
+                pool.display()
+            ),
+        );
+        sb.path("m").to_string_lossy().into_owned()
+    };
+
+    // Larger on the host than in the manifest: refused, stead never shrinks.
+    let m = write("2Mi");
+    let out = sb.run(&["apply", "--adopt", "--yes", &m]);
+    assert_eq!(out.code(), 1, "{}", show(&out));
+    assert!(
+        out.stdout().contains(
+            "Volume/big: cannot adopt the existing object: the image of Volume/big holds 4Mi and the manifest asks for 2Mi: stead never shrinks a volume; set size to at least 4Mi"
+        ),
+        "{}",
+        show(&out)
+    );
+    assert!(!pool.join(".stead-pool").exists(), "nothing adopted");
+    assert_eq!(std::fs::read(pool.join("images/big.raw")).unwrap(), bytes);
+
+    // Smaller: adopted, then grown by the ordinary update the line shows.
+    let m = write("4Mi");
+    let out = sb.run(&["diff", "--adopt", &m]);
+    assert_eq!(out.code(), 2, "{}", show(&out));
+    assert!(
+        out.stdout()
+            .contains("  & Volume/small  (adopt, impact: hot)\n      # exists on the host: ownership is recorded, nothing is recreated; deletionPolicy defaults to Retain\n      size: 2Mi -> 4Mi\n"),
+        "{}",
+        show(&out)
+    );
+    let out = sb.run(&["apply", "--adopt", "--yes", &m]);
+    assert_eq!(out.code(), 0, "{}", show(&out));
+    let small = std::fs::read(pool.join("images/small.raw")).unwrap();
+    assert_eq!(small.len(), 4 << 20);
+    assert_eq!(&small[..2 << 20], &bytes[..2 << 20], "the data is kept");
+    assert!(small[2 << 20..].iter().all(|b| *b == 0), "grown with zeros");
+    assert_eq!(std::fs::read(pool.join("images/big.raw")).unwrap(), bytes);
+    let out = sb.run(&["diff", &m]);
+    assert_eq!(out.code(), 0, "{}", show(&out));
+}
+
+#[test]
+fn adopt_refuses_a_bridge_another_manager_nats() {
+    let test = "adopt_refuses_a_bridge_another_manager_nats";
+    if skip_unless(is_root(), test, "needs root for a network namespace") {
+        return;
+    }
+    let have_nft = Command::new("nft").arg("--version").output();
+    if skip_unless(
+        have_nft.is_ok_and(|o| o.status.success()),
+        test,
+        "nft missing",
+    ) {
+        return;
+    }
+    let sb = Sandbox::with_netns();
+    let ns = sb.netns.clone().unwrap();
+    ip(&ns, &["link", "add", "br2", "type", "bridge"]);
+    ip(&ns, &["addr", "add", "10.78.0.1/24", "dev", "br2"]);
+    let nft = |rules: &str| {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &ns, "nft", "-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .and_then(|mut c| {
+                use std::io::Write;
+                c.stdin.take().unwrap().write_all(rules.as_bytes())?;
+                c.wait_with_output()
+            })
+            .expect("nft");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    nft(
+        "table ip pve {\n chain post {\n  type nat hook postrouting priority 100;\n  iifname \"br2\" masquerade\n }\n}\n",
+    );
+    sb.write(
+        "m/br2.yaml",
+        "apiVersion: stead.dev/v1alpha1\nkind: Network\nmetadata: {name: br2}\nspec: {type: bridge, addresses: [10.78.0.1/24], nat: {}}\n",
+    );
+    let m = sb.path("m").to_string_lossy().into_owned();
+    let out = sb.run(&["diff", "--adopt", &m]);
+    assert_eq!(out.code(), 1, "{}", show(&out));
+    assert!(
+        out.stdout().contains(
+            "Network/br2: cannot adopt the existing object: nftables table(s) ip pve of another manager have rules for br2"
+        ),
+        "{}",
+        show(&out)
+    );
+    // Without NAT in the manifest, the other manager's rules are no business of stead's.
+    sb.write(
+        "m/br2.yaml",
+        "apiVersion: stead.dev/v1alpha1\nkind: Network\nmetadata: {name: br2}\nspec: {type: bridge, addresses: [10.78.0.1/24]}\n",
+    );
+    let out = sb.run(&["diff", "--adopt", &m]);
+    assert_eq!(out.code(), 2, "{}", show(&out));
+    assert!(
+        out.stdout().contains("  & Network/br2  (adopt"),
+        "{}",
+        show(&out)
+    );
+}
