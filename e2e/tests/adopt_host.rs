@@ -246,8 +246,17 @@ fn adopt_takes_over_a_bridge_a_dir_pool_and_an_image_without_changing_them() {
         "{}",
         show(&out)
     );
-    assert_eq!(link(&ns, "br0")["ifindex"], ifindex, "the bridge is kept");
+    let br = link(&ns, "br0");
+    assert_eq!(br["ifindex"], ifindex, "the bridge is kept");
+    assert!(
+        br.get("ifalias").is_none_or(|a| a == ""),
+        "the mark is given back: {br}"
+    );
+    assert_eq!(addresses(&ns, "br0"), ["10.77.0.1/24"]);
     assert_eq!(link(&ns, "vm1p")["master"], "br0");
+    // Released, it is nobody's lost object: no warning about it.
+    let out = sb.run(&["diff", &m]);
+    assert!(!out.stdout().contains("br0"), "{}", show(&out));
     let files_kept = files(&pool);
     for (path, bytes) in &files_before {
         assert!(

@@ -308,6 +308,14 @@ pub trait Driver: Send + Sync {
         Err(DriverError::Refused(cannot_adopt(desired.id.kind)))
     }
 
+    /// Gives an adopted object that leaves the manifests back as it was found: removes
+    /// the ownership mark [`Driver::adopt`] wrote where a mark left behind would make it
+    /// look like a lost object of stead's (e.g. a link alias). Called when such an
+    /// object is retained; the object itself is kept. Default: nothing to do.
+    fn release(&self, _last_applied: &Resource, _observed: &Observed) -> Result<(), DriverError> {
+        Ok(())
+    }
+
     /// Converges the host to `desired`. Idempotent: safe to re-run after a crash at any point.
     fn apply(
         &self,
@@ -491,6 +499,15 @@ pub trait KindDriver: Send + Sync {
         Err(DriverError::Refused(cannot_adopt(Self::Spec::KIND)))
     }
 
+    /// See [`Driver::release`].
+    fn release(
+        &self,
+        _last_applied: Typed<'_, Self::Spec>,
+        _observed: &Observed,
+    ) -> Result<(), DriverError> {
+        Ok(())
+    }
+
     /// See [`Driver::apply`].
     fn apply(
         &self,
@@ -608,6 +625,10 @@ impl<T: KindDriver> Driver for T {
         world: &dyn Lookup,
     ) -> Result<(), DriverError> {
         KindDriver::adopt(self, Typed::new(desired)?, observed, world)
+    }
+
+    fn release(&self, last_applied: &Resource, observed: &Observed) -> Result<(), DriverError> {
+        KindDriver::release(self, Typed::new(last_applied)?, observed)
     }
 
     fn apply(

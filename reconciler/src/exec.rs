@@ -542,6 +542,11 @@ impl Step<'_> {
                 Ok(Outcome::Deleted)
             }
             Action::Retain => {
+                if let Some(entry) = inventory.get(id).filter(|e| e.adopted) {
+                    self.driver
+                        .release(&entry.resource, self.obs)
+                        .map_err(|e| StepError::driver(Some("release the adopted object"), &e))?;
+                }
                 self.db(&|d| {
                     d.remove(id)?;
                     d.journal_close(id, None)?;
@@ -929,6 +934,13 @@ mod tests {
         let report = h.apply(&Desired::default(), &opts());
         assert_eq!(report.summary(), [("retained", 2)].into());
         assert!(h.script.log().iter().all(|l| !l.starts_with("delete")));
+        let released: Vec<String> = h
+            .script
+            .log()
+            .into_iter()
+            .filter(|l| l.starts_with("release"))
+            .collect();
+        assert_eq!(released.len(), 2, "the marks go: {released:?}");
         assert!(h.db.lock().unwrap().adopted().unwrap().is_empty());
     }
 
@@ -940,6 +952,10 @@ mod tests {
         let report = h.apply(&desired(&pool("local")), &opts());
         assert_eq!(outcome(&report, "Volume/keep").outcome, Outcome::Retained);
         assert!(h.script.log().iter().all(|l| !l.starts_with("delete")));
+        assert!(
+            h.script.log().iter().all(|l| !l.starts_with("release")),
+            "not adopted: its mark stays"
+        );
         assert_eq!(h.inventory_ids(), ["StoragePool/local"]);
     }
 }

@@ -183,6 +183,10 @@ impl Driver for FakeDriver {
             None => Ok(()),
         }
     }
+    fn release(&self, r: &Resource, _o: &Observed) -> Result<(), DriverError> {
+        self.record("release", r);
+        Ok(())
+    }
     fn adopt(&self, r: &Resource, _o: &Observed, _w: &dyn Lookup) -> Result<(), DriverError> {
         self.record("adopt", r);
         Ok(())

@@ -907,6 +907,32 @@ impl stead_reconciler::driver::KindDriver for NetworkDriver {
         )
     }
 
+    fn release(
+        &self,
+        last_applied: Typed<'_, NetworkSpec>,
+        _observed: &Observed,
+    ) -> Result<(), DriverError> {
+        let name = last_applied.name();
+        let owner = owner_alias(Kind::Network, name);
+        let mut nl = self.lock_nl()?;
+        let Some(br) = nl.link_by_name(name)? else {
+            return Ok(());
+        };
+        if br.alias.as_deref() != Some(owner.as_str()) {
+            return Ok(());
+        }
+        // Only the mark goes: the bridge, its addresses, ports and any rules stay.
+        tracing::info!(
+            bridge = name,
+            "releasing the adopted bridge: clearing its alias"
+        );
+        set_link(
+            &mut nl,
+            LinkUnspec::new_with_index(br.index).alias("").build(),
+            name,
+        )
+    }
+
     fn apply(
         &self,
         desired: Typed<'_, NetworkSpec>,
