@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use serde_json::Value;
-use stead_e2e::{Run, Sandbox, is_root, skip_unless};
+use stead_e2e::{LoopBtrfs, Run, Sandbox, is_root, skip_unless};
 
 /// `ip -n NS ARGS`; panics on failure.
 fn ip(ns: &str, args: &[&str]) -> String {
@@ -532,4 +532,65 @@ fn adopt_refuses_a_bridge_another_manager_nats() {
         "{}",
         show(&out)
     );
+}
+
+#[test]
+fn adopt_takes_over_a_btrfs_directory_and_refuses_btrfs_elsewhere() {
+    let test = "adopt_takes_over_a_btrfs_directory_and_refuses_btrfs_elsewhere";
+    let sb = Sandbox::new();
+    let Some(fs) = LoopBtrfs::for_test(&sb, test) else {
+        return;
+    };
+    let pool = fs.mnt.join("pve");
+    std::fs::create_dir_all(pool.join("images/100/vm-100-disk-0")).unwrap();
+    std::fs::write(
+        pool.join("images/100/vm-100-disk-0/disk.raw"),
+        image_bytes(),
+    )
+    .unwrap();
+    std::fs::write(pool.join("notes.txt"), "kept\n").unwrap();
+    let plain = sb.path("plain");
+    std::fs::create_dir_all(&plain).unwrap();
+    std::fs::write(plain.join("x"), "x").unwrap();
+    let before = files(&pool);
+    let write = |path: &Path| {
+        sb.write(
+            "m/pool.yaml",
+            &format!(
+                "apiVersion: stead.dev/v1alpha1\nkind: StoragePool\nmetadata: {{name: pve}}\nspec: {{type: btrfs, path: {}, content: [images]}}\n",
+                path.display()
+            ),
+        );
+        sb.path("m").to_string_lossy().into_owned()
+    };
+
+    // Not on btrfs: refused, nothing written.
+    let m = write(&plain);
+    let out = sb.run(&["apply", "--adopt", "--yes", &m]);
+    assert_eq!(out.code(), 1, "{}", show(&out));
+    assert!(
+        out.stdout().contains(&format!(
+            "StoragePool/pve: cannot adopt the existing object: {} is not on a btrfs file system: adopt it as type dir",
+            plain.display()
+        )),
+        "{}",
+        show(&out)
+    );
+    assert!(!plain.join(".stead-pool").exists());
+
+    let m = write(&pool);
+    let out = sb.run(&["apply", "--adopt", "--yes", &m]);
+    assert_eq!(out.code(), 0, "{}", show(&out));
+    assert!(
+        out.stdout().contains("  & StoragePool/pve  (adopt"),
+        "{}",
+        show(&out)
+    );
+    let after = files(&pool);
+    for (path, bytes) in &before {
+        assert!(after.get(path) == Some(bytes), "{} changed", path.display());
+    }
+    assert_eq!(after.len(), before.len() + 1, "only the marker is new");
+    let out = sb.run(&["diff", &m]);
+    assert_eq!(out.code(), 0, "{}", show(&out));
 }
