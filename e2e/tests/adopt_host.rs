@@ -594,3 +594,48 @@ fn adopt_takes_over_a_btrfs_directory_and_refuses_btrfs_elsewhere() {
     let out = sb.run(&["diff", &m]);
     assert_eq!(out.code(), 0, "{}", show(&out));
 }
+
+#[test]
+fn adopt_refuses_to_create_a_volume_whose_image_lies_in_another_layout() {
+    let sb = Sandbox::new();
+    let pool = sb.path("var-lib-vz");
+    std::fs::create_dir_all(pool.join("images/100")).unwrap();
+    std::fs::write(pool.join("images/100/vm-100-disk-0.raw"), image_bytes()).unwrap();
+    sb.write(
+        "m/vz.yaml",
+        &format!(
+            "apiVersion: stead.dev/v1alpha1\nkind: StoragePool\nmetadata: {{name: local}}\nspec: {{type: dir, path: {}, content: [images]}}\n\
+             ---\napiVersion: stead.dev/v1alpha1\nkind: Volume\nmetadata: {{name: vm-100-disk-0}}\nspec: {{pool: local, size: 4Mi}}\n",
+            pool.display()
+        ),
+    );
+    let m = sb.path("m").to_string_lossy().into_owned();
+    let out = sb.run(&["diff", "--adopt", &m]);
+    assert_eq!(out.code(), 1, "{}", show(&out));
+    assert!(
+        out.stdout().contains(&format!(
+            "Volume/vm-100-disk-0: cannot adopt the existing object: no image at stead's path for Volume/vm-100-disk-0, but {} exists: move it to {}",
+            pool.join("images/100/vm-100-disk-0.raw").display(),
+            pool.join("images/vm-100-disk-0.raw").display()
+        )),
+        "{}",
+        show(&out)
+    );
+    // Moved where stead keeps volumes, it is adopted.
+    std::fs::rename(
+        pool.join("images/100/vm-100-disk-0.raw"),
+        pool.join("images/vm-100-disk-0.raw"),
+    )
+    .unwrap();
+    let out = sb.run(&["apply", "--adopt", "--yes", &m]);
+    assert_eq!(out.code(), 0, "{}", show(&out));
+    assert!(
+        out.stdout().contains("  & Volume/vm-100-disk-0  (adopt)"),
+        "{}",
+        show(&out)
+    );
+    assert_eq!(
+        std::fs::read(pool.join("images/vm-100-disk-0.raw")).unwrap(),
+        image_bytes()
+    );
+}

@@ -948,6 +948,49 @@ fn check_adoptable(t: &Target<'_>, observed: &Observed) -> Result<(), String> {
     }
 }
 
+/// With adoption asked for a volume stead does not find, refuses when its image lies one
+/// directory deeper under the pool's `images/` (another manager's layout, e.g. Proxmox
+/// VE's `images/<vmid>/<name>.raw` or `images/<vmid>/<name>/disk.raw`): creating an empty
+/// volume next to it would hide the data the guest expects.
+fn check_not_elsewhere(desired: Typed<'_, VolumeSpec>, world: &dyn Lookup) -> Result<(), String> {
+    let Ok(pool) = super::pool_spec(world, desired.spec.pool.as_str()) else {
+        return Ok(());
+    };
+    if matches!(pool.pool_type, PoolType::Lvmthin | PoolType::Zfs) {
+        return Ok(());
+    }
+    let Ok(images) = confined(&pool.path, &["images"]) else {
+        return Ok(());
+    };
+    let name = desired.name();
+    match image_in_subdir(&images, name) {
+        Some(found) => Err(format!(
+            "no image at stead's path for Volume/{name}, but {} exists: move it to {} (or {}/{name}/{BTRFS_DISK} on btrfs), then adopt it",
+            found.display(),
+            images.join(format!("{name}.raw")).display(),
+            images.display()
+        )),
+        None => Ok(()),
+    }
+}
+
+/// The image of volume `name` in a subdirectory of `images`, if any.
+fn image_in_subdir(images: &Path, name: &str) -> Option<PathBuf> {
+    let dirs = fs::read_dir(images).ok()?;
+    dirs.filter_map(|e| e.ok())
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .flat_map(|e| {
+            let d = e.path();
+            [
+                d.join(format!("{name}.raw")),
+                d.join(format!("{name}.qcow2")),
+                d.join(name).join(BTRFS_DISK),
+                d.join(name).join(BTRFS_DISK_QCOW2),
+            ]
+        })
+        .find(|p| fs::symlink_metadata(p).is_ok_and(|m| m.is_file()))
+}
+
 fn pool_type_str(t: PoolType) -> &'static str {
     match t {
         PoolType::Dir => "dir",
@@ -1297,7 +1340,7 @@ impl stead_reconciler::driver::KindDriver for VolumeDriver {
         world: &dyn Lookup,
     ) -> Result<(), String> {
         if !observed.exists {
-            return Ok(());
+            return check_not_elsewhere(desired, world);
         }
         let t = Target::resolve(desired, world).map_err(|e| e.to_string())?;
         check_adoptable(&t, observed)
@@ -1573,6 +1616,25 @@ mod tests {
         ] {
             assert!(!is_volume_tmp_name(other), "{other}");
         }
+    }
+
+    #[test]
+    fn an_image_in_another_manager_s_layout_is_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let images = dir.path().join("images");
+        fs::create_dir_all(images.join("100/vm-100-disk-1")).unwrap();
+        assert_eq!(image_in_subdir(&images, "vm-100-disk-0"), None);
+        fs::write(images.join("100/vm-100-disk-0.raw"), b"x").unwrap();
+        fs::write(images.join("100/vm-100-disk-1/disk.raw"), b"x").unwrap();
+        assert_eq!(
+            image_in_subdir(&images, "vm-100-disk-0"),
+            Some(images.join("100/vm-100-disk-0.raw"))
+        );
+        assert_eq!(
+            image_in_subdir(&images, "vm-100-disk-1"),
+            Some(images.join("100/vm-100-disk-1/disk.raw"))
+        );
+        assert_eq!(image_in_subdir(&dir.path().join("none"), "x"), None);
     }
 
     #[test]
