@@ -458,7 +458,10 @@ impl<'a> Planner<'a> {
             return;
         }
         let planned = match prune_action(entry, driver) {
-            PruneAction::Retain if self.opts.purge_retained => Ok(purge_change(entry, driver)),
+            // What stead did not make, an environment teardown does not destroy either.
+            PruneAction::Retain if self.opts.purge_retained && !entry.adopted => {
+                Ok(purge_change(entry, driver))
+            }
             PruneAction::Retain => Ok(retain_change(id, entry.adopted)),
             PruneAction::Delete => delete_change(entry, obs, driver, &self.world, self.opts),
         };
@@ -1280,6 +1283,13 @@ mod tests {
         );
         assert_eq!(change(&p, "Volume/kept").action, Action::Retain);
         assert_eq!(change(&p, "Volume/gone").action, Action::Delete);
+        // An environment teardown purges what stead made, not what it adopted.
+        let p = case.plan(&PlanOptions {
+            purge_retained: true,
+            ..opts()
+        });
+        assert_eq!(change(&p, "Network/lan0").action, Action::Retain);
+        assert_eq!(change(&p, "Volume/kept").action, Action::Retain);
         // Not adopted: the driver's policy (delete) as before.
         for e in case.inventory.values_mut() {
             e.adopted = false;
