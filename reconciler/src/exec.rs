@@ -945,6 +945,57 @@ mod tests {
     }
 
     #[test]
+    fn an_adoption_interrupted_after_its_mark_is_recorded_as_adopted_by_the_next_run() {
+        let h = host(Script::default());
+        let d = desired(&net("lan0", 1500));
+        let lan0 = id(Kind::Network, "lan0");
+        // The killed run got as far as the intent, the adoption record and the mark.
+        {
+            let db = h.db.lock().unwrap();
+            db.journal_intent(&d.resources[&lan0], "adopt").unwrap();
+            db.mark_adopted(&lan0).unwrap();
+        }
+        let pending = crate::state::pending_ids(&h.db.lock().unwrap()).unwrap();
+        let observed: BTreeMap<ResourceId, Observed> = [(
+            lan0.clone(),
+            present(FakeDriver::project(&d.resources[&lan0])),
+        )]
+        .into();
+        let drivers = drivers(&h.script);
+        let none: [PlanError; 0] = [];
+        let inventory = BTreeMap::new();
+        let input = PlanInput {
+            desired: &d,
+            observed: &observed,
+            inventory: &inventory,
+            pending: &pending,
+            observe_errors: &none,
+            warnings: &none,
+        };
+        let p = plan(&input, &drivers, &opts());
+        assert!(p.errors.is_empty(), "{:?}", p.errors);
+        assert_eq!(p.changes[0].action, Action::Noop);
+        let exec = ExecOptions::default();
+        let report = execute(
+            &p,
+            &d,
+            &inventory,
+            &observed,
+            &drivers,
+            &h.db,
+            &exec,
+            &|_| {},
+        );
+        assert!(report.success(), "{report:?}");
+        let inv = h.db.lock().unwrap().inventory().unwrap();
+        assert!(inv[&lan0].adopted, "{inv:?}");
+        assert_eq!(
+            h.journal_last(Kind::Network, "lan0"),
+            Some(("done".to_string(), None))
+        );
+    }
+
+    #[test]
     fn a_retained_resource_is_forgotten_not_deleted() {
         let h = host(Script::default());
         let d = desired(&(pool("local") + &vol("keep", "1Mi", "Retain")));
