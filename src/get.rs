@@ -282,6 +282,7 @@ fn managed_item(
         "status": {
             "exists": exists,
             "owned": obs.map(|o| o.owned).unwrap_or(false),
+            "adopted": entry.adopted,
             "health": health_word(&health, exists),
             "appliedAt": rfc3339(entry.applied_at),
             "observed": state,

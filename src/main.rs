@@ -136,6 +136,9 @@ enum Command {
         /// Plan data-loss changes instead of refusing them.
         #[arg(long)]
         allow_data_loss: bool,
+        /// Adopt existing objects stead does not own instead of refusing them.
+        #[arg(long)]
+        adopt: bool,
     },
     /// Converge the host to the manifests. Exit 0: converged, 1: error.
     Apply {
@@ -154,6 +157,9 @@ enum Command {
         /// Confirm changes that destroy data (other than deletionPolicy: Delete prunes).
         #[arg(long)]
         allow_data_loss: bool,
+        /// Adopt existing objects stead does not own instead of refusing them.
+        #[arg(long)]
+        adopt: bool,
         /// Changes run at once.
         #[arg(long, default_value_t = 4)]
         parallelism: usize,
@@ -435,6 +441,7 @@ fn run(cli: Cli) -> Result<u8> {
             output,
             no_prune,
             allow_data_loss,
+            adopt,
         } => {
             let Some(desired) = load(&paths) else {
                 return Ok(1);
@@ -453,6 +460,7 @@ fn run(cli: Cli) -> Result<u8> {
                 PlanOptions {
                     no_prune,
                     allow_data_loss,
+                    adopt,
                     ..Default::default()
                 },
             )?;
@@ -478,6 +486,7 @@ fn run(cli: Cli) -> Result<u8> {
             no_prune,
             dry_run,
             allow_data_loss,
+            adopt,
             parallelism,
             lock_timeout,
             output,
@@ -495,6 +504,7 @@ fn run(cli: Cli) -> Result<u8> {
                     opts: PlanOptions {
                         no_prune,
                         allow_data_loss,
+                        adopt,
                         ..Default::default()
                     },
                     purge: false,

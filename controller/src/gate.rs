@@ -239,6 +239,7 @@ pub(crate) fn record_results(
 fn action_label(a: Action) -> &'static str {
     match a {
         Action::Create => "create",
+        Action::Adopt => "adopt",
         Action::Update => "update",
         Action::Replace => "replace",
         Action::Delete => "delete",

@@ -1224,6 +1224,7 @@ fn new_shared(
 fn apply_reason(action: Action) -> &'static str {
     match action {
         Action::Create => "Created",
+        Action::Adopt => "Adopted",
         Action::Update => "Updated",
         Action::Replace => "Replaced",
         Action::Delete => "Deleted",

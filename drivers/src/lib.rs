@@ -6,6 +6,7 @@
 
 pub mod backup;
 pub mod container;
+pub mod foreign;
 pub mod net;
 pub mod storage;
 pub mod supervise;

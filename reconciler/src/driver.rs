@@ -231,6 +231,21 @@ impl DriverError {
     }
 }
 
+/// The refusal of a kind whose driver cannot adopt existing objects.
+pub fn cannot_adopt(kind: Kind) -> String {
+    format!("stead cannot adopt a {kind}: remove the object or rename the resource")
+}
+
+/// The default adoption check: an existing object is refused ([`cannot_adopt`]), an
+/// absent one is fine (it is created).
+fn refuse_existing(kind: Kind, observed: &Observed) -> Result<(), String> {
+    if observed.exists {
+        Err(cannot_adopt(kind))
+    } else {
+        Ok(())
+    }
+}
+
 /// A host driver for one kind.
 pub trait Driver: Send + Sync {
     /// The kind handled.
@@ -261,6 +276,43 @@ pub trait Driver: Send + Sync {
         _observed: &Observed,
         _changes: &[FieldChange],
     ) -> Result<(), String> {
+        Ok(())
+    }
+
+    /// Whether the existing object `observed`, which stead does not own, can be taken
+    /// over safely as `desired` (adoption): nothing on the host changes, and the message
+    /// of a refusal (what is in the way, what to do) becomes a plan error. Called at plan
+    /// time when adoption is asked for, also for an object the driver does not see
+    /// (`observed` absent), where it refuses only what another manager runs or holds
+    /// under that identity (e.g. a QEMU process it did not start). Default: an existing
+    /// object is refused (the driver cannot adopt), an absent one is created as usual.
+    fn adopt_check(
+        &self,
+        desired: &Resource,
+        observed: &Observed,
+        _world: &dyn Lookup,
+    ) -> Result<(), String> {
+        refuse_existing(desired.id.kind, observed)
+    }
+
+    /// Records stead's ownership of the existing object `observed` without recreating or
+    /// changing anything else (the ownership mark the driver uses for the objects it
+    /// creates). The ordinary [`Driver::apply`] follows for the remaining differences.
+    /// Idempotent. Default: refused.
+    fn adopt(
+        &self,
+        desired: &Resource,
+        _observed: &Observed,
+        _world: &dyn Lookup,
+    ) -> Result<(), DriverError> {
+        Err(DriverError::Refused(cannot_adopt(desired.id.kind)))
+    }
+
+    /// Gives an adopted object that leaves the manifests back as it was found: removes
+    /// the ownership mark [`Driver::adopt`] wrote where a mark left behind would make it
+    /// look like a lost object of stead's (e.g. a link alias). Called when such an
+    /// object is retained; the object itself is kept. Default: nothing to do.
+    fn release(&self, _last_applied: &Resource, _observed: &Observed) -> Result<(), DriverError> {
         Ok(())
     }
 
@@ -427,6 +479,35 @@ pub trait KindDriver: Send + Sync {
         Ok(())
     }
 
+    /// See [`Driver::adopt_check`].
+    fn adopt_check(
+        &self,
+        _desired: Typed<'_, Self::Spec>,
+        observed: &Observed,
+        _world: &dyn Lookup,
+    ) -> Result<(), String> {
+        refuse_existing(Self::Spec::KIND, observed)
+    }
+
+    /// See [`Driver::adopt`].
+    fn adopt(
+        &self,
+        _desired: Typed<'_, Self::Spec>,
+        _observed: &Observed,
+        _world: &dyn Lookup,
+    ) -> Result<(), DriverError> {
+        Err(DriverError::Refused(cannot_adopt(Self::Spec::KIND)))
+    }
+
+    /// See [`Driver::release`].
+    fn release(
+        &self,
+        _last_applied: Typed<'_, Self::Spec>,
+        _observed: &Observed,
+    ) -> Result<(), DriverError> {
+        Ok(())
+    }
+
     /// See [`Driver::apply`].
     fn apply(
         &self,
@@ -525,6 +606,29 @@ impl<T: KindDriver> Driver for T {
     ) -> Result<(), String> {
         let desired = Typed::new(desired).map_err(|e| e.to_string())?;
         KindDriver::check(self, desired, observed, changes)
+    }
+
+    fn adopt_check(
+        &self,
+        desired: &Resource,
+        observed: &Observed,
+        world: &dyn Lookup,
+    ) -> Result<(), String> {
+        let desired = Typed::new(desired).map_err(|e| e.to_string())?;
+        KindDriver::adopt_check(self, desired, observed, world)
+    }
+
+    fn adopt(
+        &self,
+        desired: &Resource,
+        observed: &Observed,
+        world: &dyn Lookup,
+    ) -> Result<(), DriverError> {
+        KindDriver::adopt(self, Typed::new(desired)?, observed, world)
+    }
+
+    fn release(&self, last_applied: &Resource, observed: &Observed) -> Result<(), DriverError> {
+        KindDriver::release(self, Typed::new(last_applied)?, observed)
     }
 
     fn apply(

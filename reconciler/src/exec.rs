@@ -26,6 +26,8 @@ use crate::state::{InventoryEntry, StateDb, StateError};
 pub enum Outcome {
     /// Created.
     Created,
+    /// An existing object became owned (and its differences were converged).
+    Adopted,
     /// Updated in place.
     Configured,
     /// Deleted and created again.
@@ -52,6 +54,7 @@ impl Outcome {
     pub fn word(&self) -> &'static str {
         match self {
             Outcome::Created => "created",
+            Outcome::Adopted => "adopted",
             Outcome::Configured => "configured",
             Outcome::Replaced => "replaced",
             Outcome::Deleted => "deleted",
@@ -306,9 +309,10 @@ pub fn execute(
                 None => {
                     let obs = observed.get(&c.id).unwrap_or(&absent);
                     let snap = c.safety_snapshot.as_deref();
+                    let converge = !c.fields.is_empty();
                     run_one(
-                        c.action, &c.id, snap, desired, inventory, obs, drivers, db, &world,
-                        &steps, &mid, opts,
+                        c.action, &c.id, snap, converge, desired, inventory, obs, drivers, db,
+                        &world, &steps, &mid, opts,
                     )
                 }
             };
@@ -345,6 +349,7 @@ fn run_one(
     action: Action,
     id: &ResourceId,
     safety_snapshot: Option<&str>,
+    converge: bool,
     desired: &Desired,
     inventory: &BTreeMap<ResourceId, InventoryEntry>,
     obs: &Observed,
@@ -366,6 +371,7 @@ fn run_one(
                 world,
                 obs,
                 mid,
+                converge,
             };
             step.run(action, safety_snapshot, desired, inventory)
         }
@@ -466,6 +472,9 @@ struct Step<'a> {
     world: &'a World<'a>,
     obs: &'a Observed,
     mid: &'a MidStepHook,
+    /// The change carries field differences: an adoption converges them after
+    /// recording ownership.
+    converge: bool,
 }
 
 impl Step<'_> {
@@ -507,6 +516,13 @@ impl Step<'_> {
                     _ => Outcome::Replaced,
                 })
             }
+            Action::Adopt => {
+                let r = desired
+                    .get(id)
+                    .ok_or_else(|| StepError::internal("resource vanished from the desired set"))?;
+                self.adopt(r)?;
+                Ok(Outcome::Adopted)
+            }
             Action::Delete => {
                 let last = inventory
                     .get(id)
@@ -526,6 +542,11 @@ impl Step<'_> {
                 Ok(Outcome::Deleted)
             }
             Action::Retain => {
+                if let Some(entry) = inventory.get(id).filter(|e| e.adopted) {
+                    self.driver
+                        .release(&entry.resource, self.obs)
+                        .map_err(|e| StepError::driver(Some("release the adopted object"), &e))?;
+                }
                 self.db(&|d| {
                     d.remove(id)?;
                     d.journal_close(id, None)?;
@@ -574,6 +595,40 @@ impl Step<'_> {
         })
     }
 
+    /// Adopts the existing object of `r`: the intent and the adoption record are durable
+    /// first, then the driver writes its ownership mark (nothing is recreated), the
+    /// ordinary apply converges the remaining differences, and the inventory row follows.
+    fn adopt(&self, r: &Resource) -> Result<(), StepError> {
+        let id = self.id;
+        self.db(&|d| {
+            d.journal_intent(r, Action::Adopt.verb())?;
+            d.mark_adopted(id)
+        })?;
+        self.driver
+            .adopt(r, self.obs, self.world)
+            .map_err(|e| StepError::driver(Some("adopt"), &e))?;
+        if self.converge {
+            let owned = Observed {
+                owned: true,
+                ..self.obs.clone()
+            };
+            self.driver
+                .apply(r, &owned, self.world)
+                .map_err(|e| StepError::driver(Some("converge after adopting"), &e))?;
+        }
+        self.mid.side_effect_done();
+        self.db(&|d| {
+            d.upsert(r)?;
+            d.journal_close(id, None)?;
+            d.event(
+                &id.to_string(),
+                "Normal",
+                action_reason(Action::Adopt),
+                "existing object adopted: ownership recorded, nothing recreated",
+            )
+        })
+    }
+
     fn snapshot(&self, r: &Resource, name: Option<&str>) -> Result<(), StepError> {
         take_safety_snapshot(self.driver, r, self.world, name)
     }
@@ -597,6 +652,7 @@ fn take_safety_snapshot(
 fn action_reason(a: Action) -> &'static str {
     match a {
         Action::Create => "Created",
+        Action::Adopt => "Adopted",
         Action::Update => "Updated",
         Action::Replace => "Replaced",
         Action::Delete => "Deleted",
@@ -806,6 +862,140 @@ mod tests {
     }
 
     #[test]
+    fn an_adoption_records_ownership_then_converges_only_what_differs() {
+        let h = host(Script::default());
+        let d = desired(&(net("lan0", 1500) + &net("lan1", 9000)));
+        let unowned = |mtu: u32, name: &str| {
+            let mut state = FakeDriver::project(&d.resources[&id(Kind::Network, name)]);
+            state["mtu"] = serde_json::json!(mtu);
+            Observed {
+                owned: false,
+                ..present(state)
+            }
+        };
+        let observed: BTreeMap<ResourceId, Observed> = [
+            (id(Kind::Network, "lan0"), unowned(1500, "lan0")),
+            (id(Kind::Network, "lan1"), unowned(1500, "lan1")),
+        ]
+        .into();
+        let drivers = drivers(&h.script);
+        let none: [PlanError; 0] = [];
+        let inventory = BTreeMap::new();
+        let input = PlanInput {
+            desired: &d,
+            observed: &observed,
+            inventory: &inventory,
+            pending: &BTreeSet::new(),
+            observe_errors: &none,
+            warnings: &none,
+        };
+        let p = plan(
+            &input,
+            &drivers,
+            &PlanOptions {
+                adopt: true,
+                ..opts()
+            },
+        );
+        assert!(p.errors.is_empty(), "{:?}", p.errors);
+        let exec = ExecOptions::default();
+        let report = execute(
+            &p,
+            &d,
+            &inventory,
+            &observed,
+            &drivers,
+            &h.db,
+            &exec,
+            &|_| {},
+        );
+        assert!(report.success(), "{report:?}");
+        assert_eq!(report.summary(), [("adopted", 2)].into());
+        let mut log = h.script.log();
+        log.sort();
+        // lan0 matches the host: ownership only; lan1's MTU is then converged.
+        assert_eq!(
+            log,
+            [
+                "adopt Network/lan0",
+                "adopt Network/lan1",
+                "apply Network/lan1"
+            ]
+        );
+        let inv = h.db.lock().unwrap().inventory().unwrap();
+        assert!(inv.values().all(|e| e.adopted && e.recorded), "{inv:?}");
+        let events =
+            h.db.lock()
+                .unwrap()
+                .events(Some("Network/lan0"), 10)
+                .unwrap();
+        assert!(events.iter().any(|e| e.reason == "Adopted"), "{events:?}");
+        // Leaving the manifests retains them (the fake driver would delete a Network).
+        let report = h.apply(&Desired::default(), &opts());
+        assert_eq!(report.summary(), [("retained", 2)].into());
+        assert!(h.script.log().iter().all(|l| !l.starts_with("delete")));
+        let released: Vec<String> = h
+            .script
+            .log()
+            .into_iter()
+            .filter(|l| l.starts_with("release"))
+            .collect();
+        assert_eq!(released.len(), 2, "the marks go: {released:?}");
+        assert!(h.db.lock().unwrap().adopted().unwrap().is_empty());
+    }
+
+    #[test]
+    fn an_adoption_interrupted_after_its_mark_is_recorded_as_adopted_by_the_next_run() {
+        let h = host(Script::default());
+        let d = desired(&net("lan0", 1500));
+        let lan0 = id(Kind::Network, "lan0");
+        // The killed run got as far as the intent, the adoption record and the mark.
+        {
+            let db = h.db.lock().unwrap();
+            db.journal_intent(&d.resources[&lan0], "adopt").unwrap();
+            db.mark_adopted(&lan0).unwrap();
+        }
+        let pending = crate::state::pending_ids(&h.db.lock().unwrap()).unwrap();
+        let observed: BTreeMap<ResourceId, Observed> = [(
+            lan0.clone(),
+            present(FakeDriver::project(&d.resources[&lan0])),
+        )]
+        .into();
+        let drivers = drivers(&h.script);
+        let none: [PlanError; 0] = [];
+        let inventory = BTreeMap::new();
+        let input = PlanInput {
+            desired: &d,
+            observed: &observed,
+            inventory: &inventory,
+            pending: &pending,
+            observe_errors: &none,
+            warnings: &none,
+        };
+        let p = plan(&input, &drivers, &opts());
+        assert!(p.errors.is_empty(), "{:?}", p.errors);
+        assert_eq!(p.changes[0].action, Action::Noop);
+        let exec = ExecOptions::default();
+        let report = execute(
+            &p,
+            &d,
+            &inventory,
+            &observed,
+            &drivers,
+            &h.db,
+            &exec,
+            &|_| {},
+        );
+        assert!(report.success(), "{report:?}");
+        let inv = h.db.lock().unwrap().inventory().unwrap();
+        assert!(inv[&lan0].adopted, "{inv:?}");
+        assert_eq!(
+            h.journal_last(Kind::Network, "lan0"),
+            Some(("done".to_string(), None))
+        );
+    }
+
+    #[test]
     fn a_retained_resource_is_forgotten_not_deleted() {
         let h = host(Script::default());
         let d = desired(&(pool("local") + &vol("keep", "1Mi", "Retain")));
@@ -813,6 +1003,10 @@ mod tests {
         let report = h.apply(&desired(&pool("local")), &opts());
         assert_eq!(outcome(&report, "Volume/keep").outcome, Outcome::Retained);
         assert!(h.script.log().iter().all(|l| !l.starts_with("delete")));
+        assert!(
+            h.script.log().iter().all(|l| !l.starts_with("release")),
+            "not adopted: its mark stays"
+        );
         assert_eq!(h.inventory_ids(), ["StoragePool/local"]);
     }
 }

@@ -117,12 +117,14 @@ pub fn observe_where(
 fn add_unrecorded(
     inventory: &mut BTreeMap<ResourceId, InventoryEntry>,
     journaled: BTreeMap<ResourceId, Resource>,
+    adopted: &BTreeSet<ResourceId>,
     desired: &Desired,
 ) {
     for (id, resource) in journaled {
         if inventory.contains_key(&id) || desired.get(&id).is_some() {
             continue;
         }
+        let adopted = adopted.contains(&id);
         inventory.insert(
             id,
             InventoryEntry {
@@ -130,6 +132,7 @@ fn add_unrecorded(
                 resource,
                 applied_at: 0.0,
                 recorded: false,
+                adopted,
             },
         );
     }
@@ -267,7 +270,13 @@ pub fn plan_run(
 ) -> Result<PlannedRun, StateError> {
     let mut inventory = db.inventory()?;
     let pending: BTreeSet<ResourceId> = state::pending_ids(db)?;
-    add_unrecorded(&mut inventory, db.journal_open_resources()?, desired);
+    let adopted = db.adopted()?;
+    add_unrecorded(
+        &mut inventory,
+        db.journal_open_resources()?,
+        &adopted,
+        desired,
+    );
     let (observed, observe_errors) = observe_all(drivers, desired, &inventory);
     let warnings = unknown_marked(drivers, desired, &inventory);
     let input = plan::PlanInput {

@@ -23,6 +23,9 @@ use crate::state::InventoryEntry;
 pub enum Action {
     /// `+ create`
     Create,
+    /// `& adopt`: an existing object stead did not make becomes owned, nothing is
+    /// recreated; its remaining differences are converged as an update would.
+    Adopt,
     /// `~ update in place`
     Update,
     /// `-/+ replace`
@@ -40,6 +43,7 @@ impl Action {
     pub fn symbol(self) -> &'static str {
         match self {
             Action::Create => "+",
+            Action::Adopt => "&",
             Action::Update => "~",
             Action::Replace => "-/+",
             Action::Delete => "-",
@@ -52,6 +56,7 @@ impl Action {
     pub fn verb(self) -> &'static str {
         match self {
             Action::Create => "create",
+            Action::Adopt => "adopt",
             Action::Update => "update in place",
             Action::Replace => "replace",
             Action::Delete => "delete",
@@ -96,7 +101,7 @@ impl Change {
     pub fn stops(&self) -> bool {
         match self.action {
             Action::Delete | Action::Replace => true,
-            Action::Update => {
+            Action::Update | Action::Adopt => {
                 self.impact.is_some_and(|i| i >= Impact::Restart)
                     || self.fields.iter().any(|f| {
                         f.path == "/state"
@@ -159,7 +164,14 @@ pub struct PlanOptions {
     /// When the plan is made: names the safety snapshots. The planner never reads the
     /// clock.
     pub now: DateTime<Utc>,
+    /// Adopt existing objects stead does not own (`--adopt`) instead of refusing them;
+    /// a resource can ask for it alone with the annotation [`ADOPT_ANNOTATION`].
+    pub adopt: bool,
 }
+
+/// The annotation `stead.dev/adopt: "true"`: adopt this resource's existing object
+/// (as `--adopt` does for all of them).
+pub const ADOPT_ANNOTATION: &str = "stead.dev/adopt";
 
 impl PlanOptions {
     /// Default options at `now`: prune, no data loss, nothing left out.
@@ -172,7 +184,18 @@ impl PlanOptions {
             only: None,
             exclude: BTreeMap::new(),
             now,
+            adopt: false,
         }
+    }
+
+    /// Whether the existing unowned object of `r` is to be adopted: `--adopt`, or the
+    /// resource's annotation [`ADOPT_ANNOTATION`] is `"true"`.
+    pub fn adopts(&self, r: &Resource) -> bool {
+        self.adopt
+            || r.metadata
+                .annotations
+                .get(ADOPT_ANNOTATION)
+                .is_some_and(|v| v == "true")
     }
 
     /// Whether the plan covers `id` (it is in `only`, when set, and not excluded).
@@ -434,9 +457,12 @@ impl<'a> Planner<'a> {
             // stead's mark: it may be someone else's. Never touched.
             return;
         }
-        let planned = match driver.prune_action(&entry.resource) {
-            PruneAction::Retain if self.opts.purge_retained => Ok(purge_change(entry, driver)),
-            PruneAction::Retain => Ok(retain_change(id)),
+        let planned = match prune_action(entry, driver) {
+            // What stead did not make, an environment teardown does not destroy either.
+            PruneAction::Retain if self.opts.purge_retained && !entry.adopted => {
+                Ok(purge_change(entry, driver))
+            }
+            PruneAction::Retain => Ok(retain_change(id, entry.adopted)),
             PruneAction::Delete => delete_change(entry, obs, driver, &self.world, self.opts),
         };
         let planned = planned.and_then(|c| {
@@ -497,15 +523,31 @@ impl<'a> Planner<'a> {
     }
 }
 
+/// What pruning `entry` means: an adopted object is retained unless its last-applied
+/// spec says `deletionPolicy: Delete`; any other follows its driver.
+fn prune_action(entry: &InventoryEntry, driver: &dyn Driver) -> PruneAction {
+    let explicit_delete =
+        entry.resource.spec_json().get("deletionPolicy") == Some(&Value::from("Delete"));
+    match (entry.adopted, explicit_delete) {
+        (true, false) => PruneAction::Retain,
+        _ => driver.prune_action(&entry.resource),
+    }
+}
+
 /// `= retain`: the resource leaves management, its data stays on the host.
-fn retain_change(id: &ResourceId) -> Change {
+fn retain_change(id: &ResourceId, adopted: bool) -> Change {
+    let note = if adopted {
+        "adopted, so deletionPolicy defaults to Retain: kept on the host, no longer managed"
+    } else {
+        "deletionPolicy: Retain: data kept on the host, no longer managed"
+    };
     Change {
         id: id.clone(),
         action: Action::Retain,
         impact: None,
         fields: Vec::new(),
         drift: false,
-        note: Some("deletionPolicy: Retain: data kept on the host, no longer managed".into()),
+        note: Some(note.into()),
         safety_snapshot: None,
         stop_timeout_secs: None,
     }
@@ -587,11 +629,20 @@ fn plan_one(
     };
     let want = driver.desired_state(r, world);
     if !obs.exists {
+        if opts.adopts(r) && inv.is_none() {
+            // Nothing stead sees, but another manager may run it under this identity.
+            driver
+                .adopt_check(r, obs, world)
+                .map_err(|m| format!("cannot adopt the existing object: {m}"))?;
+        }
         return create_change(change, r, obs, inv, driver, &want);
+    }
+    if !obs.owned && inv.is_none() && opts.adopts(r) {
+        return adopt_change(change, r, obs, driver, &want, world);
     }
     if !obs.owned && inv.is_none() && !pending {
         return Err(format!(
-            "an object named {:?} already exists on the host and is not owned by stead; stead will not adopt or change it (rename the resource or remove the object)",
+            "an object named {:?} already exists on the host and is not owned by stead; stead will not adopt or change it (rename the resource, remove the object, or adopt it with --adopt or the annotation {ADOPT_ANNOTATION}: \"true\")",
             r.id.name
         ));
     }
@@ -603,6 +654,49 @@ fn plan_one(
         return Ok(change);
     }
     update_change(change, r, obs, inv, fields, driver, world, opts)
+}
+
+/// `& adopt`: the driver's [`Driver::adopt_check`] says the existing object can be taken
+/// over; the line carries the differences left to converge after ownership is recorded,
+/// each with its impact. A difference that would recreate the object or destroy data is
+/// refused: adoption never recreates.
+fn adopt_change(
+    mut change: Change,
+    r: &Resource,
+    obs: &Observed,
+    driver: &dyn Driver,
+    want: &Value,
+    world: &World<'_>,
+) -> Result<Change, String> {
+    driver
+        .adopt_check(r, obs, world)
+        .map_err(|m| format!("cannot adopt the existing object: {m}"))?;
+    let owned = Observed {
+        owned: true,
+        ..obs.clone()
+    };
+    let fields = observed_field_changes(driver, obs, want);
+    driver.check(r, &owned, &fields)?;
+    let severe: Vec<&str> = fields
+        .iter()
+        .filter(|f| f.impact >= Impact::Recreate)
+        .map(|f| f.path.as_str())
+        .collect();
+    if !severe.is_empty() {
+        return Err(format!(
+            "cannot adopt the existing object: {} differ{} from the manifest and changing {} would recreate it (make the manifest match the host, or remove the object and let stead create it)",
+            severe.join(", "),
+            if severe.len() == 1 { "s" } else { "" },
+            if severe.len() == 1 { "it" } else { "them" },
+        ));
+    }
+    change.action = Action::Adopt;
+    change.impact = fields.iter().map(|f| f.impact).max();
+    change.fields = fields;
+    change.note = Some(
+        "exists on the host: ownership is recorded, nothing is recreated; deletionPolicy defaults to Retain".into(),
+    );
+    Ok(change)
 }
 
 /// `+ create`: every desired leaf is new. Checked like an update, so a refusal is a
@@ -1036,6 +1130,172 @@ mod tests {
             p.changes[0].note.as_deref(),
             Some("recovering an interrupted apply")
         );
+    }
+
+    /// `case` with the objects of `names` (Networks) found on the host but not owned,
+    /// showing the desired state with `mtu` instead.
+    fn unowned_networks(case: &mut Case, names: &[&str], mtu: u32) {
+        for name in names {
+            let nid = id(Kind::Network, name);
+            let mut state = FakeDriver::project(&case.desired.resources[&nid]);
+            state["mtu"] = json!(mtu);
+            let found = Observed {
+                owned: false,
+                ..present(state)
+            };
+            case.observed.insert(nid, found);
+        }
+    }
+
+    #[test]
+    fn adopt_takes_over_an_unowned_object_and_shows_what_is_left_to_change() {
+        let mut case = Case::new(&(net("lan0", 9000) + &net("lan1", 9000)), "");
+        unowned_networks(&mut case, &["lan0", "lan1"], 1500);
+        let p = case.plan(&PlanOptions {
+            adopt: true,
+            ..opts()
+        });
+        assert!(p.errors.is_empty(), "{:?}", p.errors);
+        let c = change(&p, "Network/lan0");
+        assert_eq!((c.action, c.impact), (Action::Adopt, Some(Impact::Hot)));
+        let fields: Vec<_> = c
+            .fields
+            .iter()
+            .map(|f| (f.path.as_str(), f.old.clone(), f.new.clone(), f.impact))
+            .collect();
+        assert_eq!(
+            fields,
+            [("/mtu", Some(json!(1500)), Some(json!(9000)), Impact::Hot)]
+        );
+        assert!(
+            c.note
+                .as_deref()
+                .is_some_and(|n| n.contains("nothing is recreated"))
+        );
+        assert!(!c.drift);
+        assert!(p.has_changes());
+        assert_eq!(p.summary().get(&Action::Adopt), Some(&2));
+    }
+
+    #[test]
+    fn the_annotation_adopts_one_resource_and_the_others_stay_errors() {
+        let annotated = net("lan0", 1500).replace(
+            "{name: lan0}",
+            "{name: lan0, annotations: {stead.dev/adopt: \"true\"}}",
+        );
+        assert_ne!(annotated, net("lan0", 1500), "the annotation is in");
+        let mut case = Case::new(&(annotated + &net("lan1", 1500)), "");
+        unowned_networks(&mut case, &["lan0", "lan1"], 1500);
+        let p = case.plan(&opts());
+        assert_eq!(actions(&p), [("Network/lan0".to_string(), Action::Adopt)]);
+        assert_eq!(change(&p, "Network/lan0").impact, None, "nothing differs");
+        assert_eq!(p.errors.len(), 1);
+        assert_eq!(p.errors[0].id.to_string(), "Network/lan1");
+        assert!(p.errors[0].message.contains("--adopt"), "{:?}", p.errors);
+    }
+
+    #[test]
+    fn a_refused_adoption_is_a_plan_error_and_nothing_is_planned() {
+        let mut case = Case::new(&net("lan0", 1500), "").script(|s| {
+            s.adopt_refusals
+                .insert("lan0".into(), "its ports [eth9] differ: add them".into());
+        });
+        unowned_networks(&mut case, &["lan0"], 1500);
+        let p = case.plan(&PlanOptions {
+            adopt: true,
+            ..opts()
+        });
+        assert!(p.changes.is_empty(), "{p:?}");
+        assert_eq!(
+            errors(&p),
+            [(
+                "Network/lan0".to_string(),
+                "cannot adopt the existing object: its ports [eth9] differ: add them".to_string()
+            )]
+        );
+    }
+
+    #[test]
+    fn with_adoption_asked_an_absent_object_is_created_unless_another_manager_runs_it() {
+        let yaml = net("lan0", 1500) + &net("lan1", 1500);
+        let case = Case::new(&yaml, "").script(|s| {
+            s.adopt_refusals.insert(
+                "lan1".into(),
+                "a process not started by stead runs it".into(),
+            );
+        });
+        let adopt = PlanOptions {
+            adopt: true,
+            ..opts()
+        };
+        let p = case.plan(&adopt);
+        assert_eq!(actions(&p), [("Network/lan0".to_string(), Action::Create)]);
+        assert_eq!(
+            errors(&p),
+            [(
+                "Network/lan1".to_string(),
+                "cannot adopt the existing object: a process not started by stead runs it"
+                    .to_string()
+            )]
+        );
+        // Without adoption asked, nothing is checked.
+        assert!(case.plan(&opts()).errors.is_empty());
+    }
+
+    #[test]
+    fn an_adoption_that_would_recreate_the_object_is_refused() {
+        let mut case = Case::new(&net("lan0", 9000), "").script(|s| {
+            s.impacts.insert("/mtu".into(), Impact::Recreate);
+        });
+        unowned_networks(&mut case, &["lan0"], 1500);
+        let p = case.plan(&PlanOptions {
+            adopt: true,
+            ..opts()
+        });
+        assert!(p.changes.is_empty(), "{p:?}");
+        assert_eq!(p.errors.len(), 1);
+        assert!(
+            p.errors[0]
+                .message
+                .starts_with("cannot adopt the existing object: /mtu differs"),
+            "{:?}",
+            p.errors
+        );
+    }
+
+    #[test]
+    fn an_adopted_object_is_retained_on_prune_unless_its_manifest_said_delete() {
+        let applied =
+            net("lan0", 1500) + &vol("kept", "1G", "Retain") + &vol("gone", "1G", "Delete");
+        let mut case = Case::new(&pool("local"), &(pool("local") + &applied));
+        for e in case.inventory.values_mut() {
+            e.adopted = e.resource.id.kind != Kind::StoragePool;
+        }
+        let p = case.plan(&opts());
+        assert!(p.errors.is_empty(), "{:?}", p.errors);
+        let lan0 = change(&p, "Network/lan0");
+        assert_eq!(lan0.action, Action::Retain, "the driver would delete it");
+        assert_eq!(
+            lan0.note.as_deref(),
+            Some(
+                "adopted, so deletionPolicy defaults to Retain: kept on the host, no longer managed"
+            )
+        );
+        assert_eq!(change(&p, "Volume/kept").action, Action::Retain);
+        assert_eq!(change(&p, "Volume/gone").action, Action::Delete);
+        // An environment teardown purges what stead made, not what it adopted.
+        let p = case.plan(&PlanOptions {
+            purge_retained: true,
+            ..opts()
+        });
+        assert_eq!(change(&p, "Network/lan0").action, Action::Retain);
+        assert_eq!(change(&p, "Volume/kept").action, Action::Retain);
+        // Not adopted: the driver's policy (delete) as before.
+        for e in case.inventory.values_mut() {
+            e.adopted = false;
+        }
+        let p = case.plan(&opts());
+        assert_eq!(change(&p, "Network/lan0").action, Action::Delete);
     }
 
     #[test]

@@ -25,6 +25,7 @@ impl Style {
     fn for_action(&self, a: Action, s: &str) -> String {
         let code = match a {
             Action::Create => "32",
+            Action::Adopt => "34",
             Action::Update => "33",
             Action::Replace => "35",
             Action::Delete => "31",
@@ -129,9 +130,15 @@ pub fn plan_text(plan: &Plan, style: Style) -> String {
     let s = plan.summary();
     let n = |a| s.get(&a).copied().unwrap_or(0);
     if plan.has_changes() {
+        // The adopt count shows only when there is one: plans without adoption read as
+        // they always did.
+        let adopt = match n(Action::Adopt) {
+            0 => String::new(),
+            k => format!("{k} to adopt, "),
+        };
         let _ = writeln!(
             out,
-            "\nPlan: {} to create, {} to update, {} to replace, {} to delete, {} to retain, {} unchanged.",
+            "\nPlan: {adopt}{} to create, {} to update, {} to replace, {} to delete, {} to retain, {} unchanged.",
             n(Action::Create),
             n(Action::Update),
             n(Action::Replace),
@@ -168,6 +175,7 @@ pub fn plan_json(plan: &Plan) -> Value {
         "warnings": plan.warnings,
         "summary": {
             "create": n(Action::Create),
+            "adopt": n(Action::Adopt),
             "update": n(Action::Update),
             "replace": n(Action::Replace),
             "delete": n(Action::Delete),
@@ -435,6 +443,32 @@ mod tests {
         assert!(!change(Action::Update, Some(Impact::Hot), vec![start]).stops());
         assert!(!change(Action::Create, None, vec![]).stops());
         assert!(!change(Action::Retain, None, vec![]).stops());
+    }
+
+    #[test]
+    fn an_adopt_line_has_its_symbol_word_fields_and_count() {
+        let mut c = change(
+            Action::Adopt,
+            Some(Impact::Hot),
+            vec![field("/mtu", "1500", "9000", Impact::Hot)],
+        );
+        c.id = ResourceId::new(Kind::Network, "vmbr0");
+        c.note = Some("exists on the host".into());
+        let plan = Plan {
+            changes: vec![c],
+            errors: vec![],
+            warnings: vec![],
+        };
+        let text = plan_text(&plan, Style::default());
+        assert!(
+            text.contains("  & Network/vmbr0  (adopt, impact: hot)\n      # exists on the host\n      mtu: 1500 -> 9000\n"),
+            "{text}"
+        );
+        assert!(text.contains("Plan: 1 to adopt, 0 to create,"), "{text}");
+        let j = plan_json(&plan);
+        assert_eq!(j["changes"][0]["action"], "adopt");
+        assert_eq!(j["summary"]["adopt"], 1);
+        assert_eq!(j["hasChanges"], true);
     }
 
     #[test]

@@ -62,6 +62,9 @@ pub struct InventoryEntry {
     /// False for a resource known only from an open journal entry: a step changed the
     /// host for it but its inventory row was never written.
     pub recorded: bool,
+    /// The object existed before stead and was adopted: its `deletionPolicy` defaults
+    /// to `Retain` (a prune keeps it unless the manifest said `Delete`).
+    pub adopted: bool,
 }
 
 /// An event for `stead get` and the controller.
@@ -127,7 +130,10 @@ impl StateDb {
                  id INTEGER PRIMARY KEY AUTOINCREMENT,
                  ts REAL NOT NULL, resource TEXT NOT NULL, level TEXT NOT NULL,
                  reason TEXT NOT NULL, message TEXT NOT NULL);
-             CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL);",
+             CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+             CREATE TABLE IF NOT EXISTS adopted (
+                 kind TEXT NOT NULL, name TEXT NOT NULL, ts REAL NOT NULL,
+                 PRIMARY KEY (kind, name));",
         )
         .map_err(db)?;
         add_journal_resource_column(&conn).map_err(db)?;
@@ -180,6 +186,7 @@ impl StateDb {
                 ))
             },
         )?;
+        let adopted = self.adopted()?;
         let mut out = BTreeMap::new();
         for (kind, name, spec_hash, spec, metadata, applied_at) in rows {
             let resource = decode_resource(&kind, name, &spec, &metadata)?;
@@ -187,6 +194,7 @@ impl StateDb {
                 resource.id.clone(),
                 InventoryEntry {
                     spec_hash,
+                    adopted: adopted.contains(&resource.id),
                     resource,
                     applied_at,
                     recorded: true,
@@ -194,6 +202,32 @@ impl StateDb {
             );
         }
         Ok(out)
+    }
+
+    /// The ids whose objects were adopted (existed before stead took them over).
+    pub fn adopted(&self) -> Result<BTreeSet<ResourceId>, StateError> {
+        let rows = self.rows("SELECT kind, name FROM adopted", [], |row| {
+            Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?))
+        })?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(kind, name)| {
+                let kind = kind.parse::<Kind>().ok()?;
+                Some(ResourceId::new(kind, name))
+            })
+            .collect())
+    }
+
+    /// Remembers that the object of `id` was adopted. Written with the adoption's
+    /// intent, so an adoption interrupted before its inventory row still counts.
+    pub fn mark_adopted(&self, id: &ResourceId) -> Result<(), StateError> {
+        self.conn
+            .execute(
+                "INSERT OR IGNORE INTO adopted (kind, name, ts) VALUES (?1, ?2, ?3)",
+                params![id.kind.as_str(), id.name, now_secs()],
+            )
+            .map_err(|e| self.err(e))?;
+        Ok(())
     }
 
     /// Records `r` as applied.
@@ -211,14 +245,16 @@ impl StateDb {
         Ok(())
     }
 
-    /// Forgets `id`.
+    /// Forgets `id` (and that it was adopted).
     pub fn remove(&self, id: &ResourceId) -> Result<(), StateError> {
-        self.conn
-            .execute(
-                "DELETE FROM inventory WHERE kind=?1 AND name=?2",
-                params![id.kind.as_str(), id.name],
-            )
-            .map_err(|e| self.err(e))?;
+        for table in ["inventory", "adopted"] {
+            self.conn
+                .execute(
+                    &format!("DELETE FROM {table} WHERE kind=?1 AND name=?2"),
+                    params![id.kind.as_str(), id.name],
+                )
+                .map_err(|e| self.err(e))?;
+        }
         Ok(())
     }
 

@@ -64,6 +64,7 @@ pub(crate) fn inventory(resources: &Desired) -> BTreeMap<ResourceId, InventoryEn
                 resource: r.clone(),
                 applied_at: 0.0,
                 recorded: true,
+                adopted: false,
             };
             (r.id.clone(), entry)
         })
@@ -103,6 +104,8 @@ pub(crate) struct Script {
     pub fail: BTreeSet<String>,
     /// Names whose delete other objects on the host block (`delete_blockers`).
     pub blockers: BTreeMap<String, Vec<ResourceId>>,
+    /// Names whose adoption the driver refuses, with why.
+    pub adopt_refusals: BTreeMap<String, String>,
     /// What was done, in order: `apply Kind/name`, `delete Kind/name`.
     pub log: Mutex<Vec<String>>,
 }
@@ -172,6 +175,20 @@ impl Driver for FakeDriver {
             .unwrap_or(Impact::Hot)
     }
     fn check(&self, _d: &Resource, _o: &Observed, _c: &[FieldChange]) -> Result<(), String> {
+        Ok(())
+    }
+    fn adopt_check(&self, r: &Resource, _o: &Observed, _w: &dyn Lookup) -> Result<(), String> {
+        match self.script.adopt_refusals.get(r.id.name.as_str()) {
+            Some(why) => Err(why.clone()),
+            None => Ok(()),
+        }
+    }
+    fn release(&self, r: &Resource, _o: &Observed) -> Result<(), DriverError> {
+        self.record("release", r);
+        Ok(())
+    }
+    fn adopt(&self, r: &Resource, _o: &Observed, _w: &dyn Lookup) -> Result<(), DriverError> {
+        self.record("adopt", r);
         Ok(())
     }
     fn apply(&self, r: &Resource, _o: &Observed, _w: &dyn Lookup) -> Result<(), DriverError> {

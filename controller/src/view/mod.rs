@@ -435,9 +435,9 @@ impl From<&Condition> for ConditionView {
 pub struct PlannedChange {
     /// `Kind/name`.
     pub id: String,
-    /// `create`, `update`, `replace`, `delete`, `retain`.
+    /// `create`, `adopt`, `update`, `replace`, `delete`, `retain`.
     pub action: String,
-    /// The plan symbol (`+`, `~`, `-/+`, `-`, `=`).
+    /// The plan symbol (`+`, `&`, `~`, `-/+`, `-`, `=`).
     pub symbol: String,
     /// The verb the CLI prints.
     pub verb: String,

@@ -469,6 +469,17 @@ impl stead_reconciler::driver::KindDriver for ContainerDriver {
         Self::project(desired.name(), desired.spec)
     }
 
+    fn adopt_check(
+        &self,
+        desired: Typed<'_, ContainerSpec>,
+        _observed: &Observed,
+        _world: &dyn Lookup,
+    ) -> Result<(), String> {
+        let who = crate::foreign::GuestIdentity::of(desired.resource, Vec::new());
+        let runner = crate::foreign::Runner::Lxc;
+        crate::foreign::refuse_if_running(runner, &who, &self.env.run_dir, desired.id())
+    }
+
     fn impact(&self, path: &str) -> Impact {
         crate::supervise::hot_or_restart(path, &HOT_FIELDS)
     }

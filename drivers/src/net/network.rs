@@ -79,6 +79,33 @@ fn is_host_port(l: &Link) -> bool {
     }
 }
 
+/// Whether an enslaved link is a guest's tap or veth that stead did not make (another
+/// manager's VM or container): not one of the bridge's physical ports.
+fn is_foreign_guest_port(l: &Link) -> bool {
+    matches!(l.kind.as_deref(), Some("tun" | "veth"))
+        && l.alias
+            .as_deref()
+            .is_none_or(|a| !a.starts_with(ALIAS_PREFIX))
+}
+
+/// Whether the enslaved link `l` counts as one of the bridge's physical ports for
+/// `spec`: a host port, unless it is a foreign guest port the manifest does not list.
+fn is_physical_port(l: &Link, spec: &NetworkSpec) -> bool {
+    is_host_port(l)
+        && (spec.ports.iter().any(|p| p.as_str() == l.name) || !is_foreign_guest_port(l))
+}
+
+/// The names of the physical ports of the bridge with ifindex `br`, sorted.
+fn physical_ports<'a>(links: &'a [Link], br: u32, spec: &NetworkSpec) -> Vec<&'a str> {
+    let mut ports: Vec<&str> = links
+        .iter()
+        .filter(|l| l.controller == Some(br) && is_physical_port(l, spec))
+        .map(|l| l.name.as_str())
+        .collect();
+    ports.sort();
+    ports
+}
+
 fn fdb_dump(nl: &mut Netlink) -> Result<BTreeMap<u32, BTreeSet<IpAddr>>, DriverError> {
     let mut m = NeighbourMessage::default();
     m.header.family = AddressFamily::Bridge;
@@ -256,13 +283,7 @@ impl NetworkDriver {
             "addresses".into(),
             json!(addr_strings(snap.addrs.get(&br.index))),
         );
-        let mut ports: Vec<&str> = snap
-            .links
-            .iter()
-            .filter(|l| l.controller == Some(br.index) && is_host_port(l))
-            .map(|l| l.name.as_str())
-            .collect();
-        ports.sort();
+        let ports = physical_ports(&snap.links, br.index, spec);
         st.insert("ports".into(), json!(ports));
         st.insert("up".into(), json!(br.up));
         if spec.vlan_aware {
@@ -504,7 +525,7 @@ impl NetworkDriver {
         }
         for l in links
             .iter()
-            .filter(|l| l.controller == Some(br.index) && is_host_port(l))
+            .filter(|l| l.controller == Some(br.index) && is_physical_port(l, spec))
         {
             if !spec.ports.iter().any(|p| p.as_str() == l.name) {
                 tracing::info!(bridge = name, port = %l.name, "releasing undeclared port");
@@ -626,6 +647,37 @@ impl NetworkDriver {
         }
         Ok(())
     }
+}
+
+/// Refuses to adopt `br` as the bridge of `spec` unless it is a bridge, carries no other
+/// resource's mark, and its physical ports are exactly the manifest's `ports` (guests'
+/// tap and veth ports do not count).
+fn check_adoptable_bridge(br: &Link, links: &[Link], spec: &NetworkSpec) -> Result<(), String> {
+    let name = &br.name;
+    if br.kind.as_deref() != Some("bridge") {
+        return Err(format!(
+            "{name} is a {} link, not a bridge",
+            br.kind.as_deref().unwrap_or("plain")
+        ));
+    }
+    if let Some(a) = br.alias.as_deref().filter(|a| a.starts_with(ALIAS_PREFIX)) {
+        return Err(format!(
+            "{name} carries the mark {a:?} of another stead resource"
+        ));
+    }
+    let have = physical_ports(links, br.index, spec);
+    let mut want: Vec<&str> = spec.ports.iter().map(|p| p.as_str()).collect();
+    want.sort();
+    want.dedup();
+    if have != want {
+        return Err(format!(
+            "the physical ports of bridge {name} [{}] differ from the manifest's ports [{}] (guest tap and veth ports do not count): set ports to [{}] in the manifest, or change the bridge's ports by hand first",
+            have.join(", "),
+            want.join(", "),
+            have.join(", ")
+        ));
+    }
+    Ok(())
 }
 
 /// Refuses a port forward no host could receive (see [`bad_forward_target`]).
@@ -792,6 +844,93 @@ impl stead_reconciler::driver::KindDriver for NetworkDriver {
             return Err(format!("vxlan.vni {} exceeds 24 bits", v.vni));
         }
         check_forward_targets(spec)
+    }
+
+    fn adopt_check(
+        &self,
+        desired: Typed<'_, NetworkSpec>,
+        observed: &Observed,
+        _world: &dyn Lookup,
+    ) -> Result<(), String> {
+        if !observed.exists {
+            return Ok(());
+        }
+        let (name, spec) = (desired.name(), desired.spec);
+        if spec.net_type == NetworkType::Vxlan {
+            return Err(format!(
+                "stead adopts bridges, not vxlan networks: adopt {name} as type bridge, or remove it and let stead create the vxlan network"
+            ));
+        }
+        let links = self
+            .lock_nl()
+            .and_then(|mut nl| nl.links())
+            .map_err(|e| e.to_string())?;
+        let Some(br) = links.iter().find(|l| l.name == name) else {
+            return Err(format!("interface {name} is gone"));
+        };
+        check_adoptable_bridge(br, &links, spec)?;
+        if nft::routed(spec) {
+            let others = self
+                .nft
+                .other_tables_naming(name)
+                .map_err(|e| e.to_string())?;
+            if !others.is_empty() {
+                return Err(format!(
+                    "nftables table(s) {} of another manager have rules for {name}: stead would add its own NAT and forwards beside them; remove those rules, or drop nat and forwards from the manifest",
+                    others.join(", ")
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn adopt(
+        &self,
+        desired: Typed<'_, NetworkSpec>,
+        _observed: &Observed,
+        _world: &dyn Lookup,
+    ) -> Result<(), DriverError> {
+        let name = desired.name();
+        let owner = owner_alias(Kind::Network, name);
+        let mut nl = self.lock_nl()?;
+        let Some(br) = nl.link_by_name(name)? else {
+            return Err(DriverError::NotReady(format!("bridge {name} is gone")));
+        };
+        if br.alias.as_deref() == Some(owner.as_str()) {
+            return Ok(());
+        }
+        tracing::info!(bridge = name, ifindex = br.index, old_alias = ?br.alias, "adopting: writing the ownership alias");
+        set_link(
+            &mut nl,
+            LinkUnspec::new_with_index(br.index).alias(&owner).build(),
+            name,
+        )
+    }
+
+    fn release(
+        &self,
+        last_applied: Typed<'_, NetworkSpec>,
+        _observed: &Observed,
+    ) -> Result<(), DriverError> {
+        let name = last_applied.name();
+        let owner = owner_alias(Kind::Network, name);
+        let mut nl = self.lock_nl()?;
+        let Some(br) = nl.link_by_name(name)? else {
+            return Ok(());
+        };
+        if br.alias.as_deref() != Some(owner.as_str()) {
+            return Ok(());
+        }
+        // Only the mark goes: the bridge, its addresses, ports and any rules stay.
+        tracing::info!(
+            bridge = name,
+            "releasing the adopted bridge: clearing its alias"
+        );
+        set_link(
+            &mut nl,
+            LinkUnspec::new_with_index(br.index).alias("").build(),
+            name,
+        )
     }
 
     fn apply(

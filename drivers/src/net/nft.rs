@@ -59,6 +59,27 @@ pub(crate) struct NftRule {
     pub(crate) handle: Option<u32>,
 }
 
+/// The tables of `ruleset` (the text of `nft list ruleset`) other than `inet stead`
+/// with a line naming interface `iface` in quotes, as nft prints interface names.
+fn tables_naming(ruleset: &str, iface: &str) -> Vec<String> {
+    let quoted = format!("\"{iface}\"");
+    let mut out: Vec<String> = Vec::new();
+    let mut table: Option<String> = None;
+    for line in ruleset.lines() {
+        let line = line.trim();
+        if let Some(rest) = line.strip_prefix("table ") {
+            table = Some(rest.trim_end_matches('{').trim().to_string());
+            continue;
+        }
+        let Some(t) = &table else { continue };
+        let ours = *t == format!("inet {TABLE}");
+        if !ours && line.contains(&quoted) && !out.contains(t) {
+            out.push(t.clone());
+        }
+    }
+    out
+}
+
 /// The table as listed.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct NftTable {
@@ -180,6 +201,17 @@ impl Nft {
             String::from_utf8_lossy(&out.stdout).into_owned(),
             String::from_utf8_lossy(&out.stderr).into_owned(),
         ))
+    }
+
+    /// The tables other than stead's whose rules name interface `iface` (e.g. another
+    /// tool's NAT for a bridge), as `family name`.
+    pub(crate) fn other_tables_naming(&self, iface: &str) -> Result<Vec<String>, DriverError> {
+        let args = ["list", "ruleset"];
+        let (ok, out, err) = self.run(&args, None)?;
+        if !ok {
+            return Err(cmd_err(&args, "exit".into(), &err));
+        }
+        Ok(tables_naming(&out, iface))
     }
 
     /// Lists the stead table (absent: `exists == false`).
@@ -802,6 +834,16 @@ mod tests {
 
     fn spec(yaml: serde_json::Value) -> NetworkSpec {
         serde_json::from_value(yaml).unwrap()
+    }
+
+    #[test]
+    fn tables_naming_an_interface_are_found_outside_stead_s_own() {
+        let ruleset = "table inet stead {\n\tchain post {\n\t\toifname \"vmbr0\" masquerade\n\t}\n}\n\
+            table ip pve {\n\tchain post {\n\t\toifname \"vmbr0\" masquerade\n\t}\n}\n\
+            table ip other {\n\tchain x {\n\t\tiifname \"vmbr01\" accept\n\t}\n}\n";
+        assert_eq!(tables_naming(ruleset, "vmbr0"), ["ip pve"]);
+        assert_eq!(tables_naming(ruleset, "vmbr01"), ["ip other"]);
+        assert!(tables_naming(ruleset, "lan0").is_empty());
     }
 
     #[test]

@@ -54,6 +54,51 @@ pub(crate) fn content_dir(c: Content) -> &'static str {
     }
 }
 
+/// What a plan compares a foreign directory with when it is to be adopted as a pool of
+/// `spec`: the type it can be (a btrfs pool only on btrfs), its path, no content dirs of
+/// stead's yet.
+fn foreign_dir_state(spec: &StoragePoolSpec) -> Value {
+    let ty = match spec.pool_type {
+        PoolType::Btrfs if btrfs::is_btrfs(&spec.path).unwrap_or(false) => PoolType::Btrfs,
+        PoolType::Btrfs | PoolType::Dir => PoolType::Dir,
+        other => other,
+    };
+    json!({"type": pool_type_str(ty), "path": spec.path, "content": []})
+}
+
+/// Refuses to adopt the directory of `spec` as pool `name` unless the pool is of type
+/// dir or btrfs (on btrfs), its path is a directory, and no other pool's marker is there.
+fn check_adoptable(name: &str, spec: &StoragePoolSpec) -> Result<(), String> {
+    let path = &spec.path;
+    if !matches!(spec.pool_type, PoolType::Dir | PoolType::Btrfs) {
+        return Err(format!(
+            "stead adopts dir and btrfs pools, not {} pools",
+            pool_type_str(spec.pool_type)
+        ));
+    }
+    let meta = fs::symlink_metadata(path).map_err(|e| format!("stat {}: {e}", path.display()))?;
+    if !meta.is_dir() {
+        return Err(format!("{} is not a directory", path.display()));
+    }
+    match read_marker(path)? {
+        Some(m) if m.pool != name => {
+            return Err(format!(
+                "{} belongs to StoragePool/{}",
+                path.display(),
+                m.pool
+            ));
+        }
+        _ => {}
+    }
+    if spec.pool_type == PoolType::Btrfs && !btrfs::is_btrfs(path).map_err(|e| e.to_string())? {
+        return Err(format!(
+            "{} is not on a btrfs file system: adopt it as type dir",
+            path.display()
+        ));
+    }
+    Ok(())
+}
+
 fn pool_type_str(t: PoolType) -> &'static str {
     match t {
         PoolType::Dir => "dir",
@@ -213,10 +258,14 @@ impl PoolDriver {
                     state.insert("path".into(), json!(path));
                 }
                 Ok(false) => {
-                    return unowned(format!(
+                    let why = format!(
                         "{} is not empty and has no {MARKER_FILE} marker",
                         path.display()
-                    ));
+                    );
+                    return Observed {
+                        state: foreign_dir_state(spec),
+                        ..unowned(why)
+                    };
                 }
                 Err(e) => return unowned(e.to_string()),
             },
@@ -573,6 +622,45 @@ impl stead_reconciler::driver::KindDriver for PoolDriver {
             return Err(format!("{}: {why}", desired.id));
         }
         Ok(())
+    }
+
+    fn adopt_check(
+        &self,
+        desired: Typed<'_, StoragePoolSpec>,
+        observed: &Observed,
+        _world: &dyn Lookup,
+    ) -> Result<(), String> {
+        if !observed.exists {
+            return Ok(());
+        }
+        check_pool_root(&desired.spec.path).map_err(|e| e.to_string())?;
+        check_adoptable(desired.name(), desired.spec)
+    }
+
+    fn adopt(
+        &self,
+        desired: Typed<'_, StoragePoolSpec>,
+        _observed: &Observed,
+        _world: &dyn Lookup,
+    ) -> Result<(), DriverError> {
+        let (name, spec) = (desired.name(), desired.spec);
+        let _span = info_span!("pool_adopt", pool = %name, path = %spec.path.display()).entered();
+        check_pool_root(&spec.path)?;
+        check_adoptable(name, spec).map_err(DriverError::Conflict)?;
+        if read_marker(&spec.path).ok().flatten().is_some() {
+            return Ok(());
+        }
+        // Ownership only: the content dirs come with the update that follows, if the
+        // plan showed them.
+        let marker = Marker {
+            pool: name.to_string(),
+            pool_type: spec.pool_type,
+            content: Vec::new(),
+        };
+        let text = serde_json::to_vec_pretty(&marker)
+            .map_err(|e| DriverError::Other(format!("encode marker: {e}")))?;
+        info!(pool = name, "adopting: writing the pool marker");
+        fsutil::write_atomic(&spec.path.join(MARKER_FILE), &text)
     }
 
     fn apply(

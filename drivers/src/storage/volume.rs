@@ -898,6 +898,109 @@ pub(crate) fn has_clones_message(name: &str, clones: &[String]) -> String {
     )
 }
 
+/// Refuses to adopt the existing image `observed` as the volume `t` unless it is a file
+/// image of the manifest's format in a dir, nfs or btrfs pool, carries no other mark, and
+/// is no larger than the manifest's size (a smaller one is grown by the update that
+/// follows; nothing is ever shrunk).
+fn check_adoptable(t: &Target<'_>, observed: &Observed) -> Result<(), String> {
+    let name = t.name;
+    if matches!(t.pool.pool_type, PoolType::Lvmthin | PoolType::Zfs) {
+        return Err(format!(
+            "stead adopts image files in dir, nfs and btrfs pools, not volumes of a {} pool",
+            pool_type_str(t.pool.pool_type)
+        ));
+    }
+    if t.spec.clone.is_some() {
+        return Err(format!(
+            "Volume/{name} is declared as a clone: an existing image cannot become one; drop spec.clone"
+        ));
+    }
+    let path = disk_path(t.pool_name, t.pool, name, t.spec.format).map_err(|e| e.to_string())?;
+    if let Some((o, _)) = fsutil::get_owner(&path).map_err(|e| e.to_string())?
+        && o != owner_of(name)
+    {
+        return Err(format!(
+            "{} carries the mark {o:?} of another owner",
+            path.display()
+        ));
+    }
+    let found = observed.state.get("format").and_then(Value::as_str);
+    let want = format_str(t.spec.format);
+    if found != Some(want) {
+        return Err(format!(
+            "the image of Volume/{name} is {}, the manifest says format {want}: set format to {}",
+            found.unwrap_or("unreadable"),
+            found.unwrap_or("its format")
+        ));
+    }
+    let size = observed.state.get("size").and_then(Value::as_u64);
+    match size {
+        Some(cur) if cur > t.size() => Err(format!(
+            "the image of Volume/{name} holds {} and the manifest asks for {}: stead never shrinks a volume; set size to at least {}",
+            ByteSize(cur),
+            ByteSize(t.size()),
+            ByteSize(cur)
+        )),
+        Some(_) => Ok(()),
+        None => Err(format!(
+            "the size of the image of Volume/{name} cannot be read"
+        )),
+    }
+}
+
+/// With adoption asked for a volume stead does not find, refuses when its image lies one
+/// directory deeper under the pool's `images/` (another manager's layout, e.g. Proxmox
+/// VE's `images/<vmid>/<name>.raw` or `images/<vmid>/<name>/disk.raw`): creating an empty
+/// volume next to it would hide the data the guest expects.
+fn check_not_elsewhere(desired: Typed<'_, VolumeSpec>, world: &dyn Lookup) -> Result<(), String> {
+    let Ok(pool) = super::pool_spec(world, desired.spec.pool.as_str()) else {
+        return Ok(());
+    };
+    if matches!(pool.pool_type, PoolType::Lvmthin | PoolType::Zfs) {
+        return Ok(());
+    }
+    let Ok(images) = confined(&pool.path, &["images"]) else {
+        return Ok(());
+    };
+    let name = desired.name();
+    match image_in_subdir(&images, name) {
+        Some(found) => Err(format!(
+            "no image at stead's path for Volume/{name}, but {} exists: move it to {} (or {}/{name}/{BTRFS_DISK} on btrfs), then adopt it",
+            found.display(),
+            images.join(format!("{name}.raw")).display(),
+            images.display()
+        )),
+        None => Ok(()),
+    }
+}
+
+/// The image of volume `name` in a subdirectory of `images`, if any.
+fn image_in_subdir(images: &Path, name: &str) -> Option<PathBuf> {
+    let dirs = fs::read_dir(images).ok()?;
+    dirs.filter_map(|e| e.ok())
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .flat_map(|e| {
+            let d = e.path();
+            [
+                d.join(format!("{name}.raw")),
+                d.join(format!("{name}.qcow2")),
+                d.join(name).join(BTRFS_DISK),
+                d.join(name).join(BTRFS_DISK_QCOW2),
+            ]
+        })
+        .find(|p| fs::symlink_metadata(p).is_ok_and(|m| m.is_file()))
+}
+
+fn pool_type_str(t: PoolType) -> &'static str {
+    match t {
+        PoolType::Dir => "dir",
+        PoolType::Btrfs => "btrfs",
+        PoolType::Lvmthin => "lvmthin",
+        PoolType::Zfs => "zfs",
+        PoolType::Nfs => "nfs",
+    }
+}
+
 fn check_owned(path: &Path, name: &str) -> Result<(), DriverError> {
     match fsutil::get_owner(path)? {
         Some((o, _)) if o == owner_of(name) => Ok(()),
@@ -1230,6 +1333,46 @@ impl stead_reconciler::driver::KindDriver for VolumeDriver {
         Ok(())
     }
 
+    fn adopt_check(
+        &self,
+        desired: Typed<'_, VolumeSpec>,
+        observed: &Observed,
+        world: &dyn Lookup,
+    ) -> Result<(), String> {
+        if !observed.exists {
+            return check_not_elsewhere(desired, world);
+        }
+        let t = Target::resolve(desired, world).map_err(|e| e.to_string())?;
+        check_adoptable(&t, observed)
+    }
+
+    fn adopt(
+        &self,
+        desired: Typed<'_, VolumeSpec>,
+        _observed: &Observed,
+        world: &dyn Lookup,
+    ) -> Result<(), DriverError> {
+        let t = Target::resolve(desired, world)?;
+        let _span = info_span!("volume_adopt", volume = t.name, pool = t.pool_name).entered();
+        let path = disk_path(t.pool_name, t.pool, t.name, t.spec.format)?;
+        let owner = owner_of(t.name);
+        match fsutil::get_owner(&path)? {
+            Some((o, _)) if o == owner => return Ok(()),
+            Some((o, _)) => {
+                return Err(DriverError::Conflict(format!(
+                    "{} is marked {o}, not {owner}",
+                    path.display()
+                )));
+            }
+            None => {}
+        }
+        let f = File::open(&path)
+            .map_err(|e| DriverError::io(format!("open {}", path.display()), e))?;
+        info!(path = %path.display(), "adopting: writing the ownership mark");
+        fsutil::set_owner(&f, &path, &owner)?;
+        Ok(())
+    }
+
     fn apply(
         &self,
         desired: Typed<'_, VolumeSpec>,
@@ -1473,6 +1616,25 @@ mod tests {
         ] {
             assert!(!is_volume_tmp_name(other), "{other}");
         }
+    }
+
+    #[test]
+    fn an_image_in_another_manager_s_layout_is_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let images = dir.path().join("images");
+        fs::create_dir_all(images.join("100/vm-100-disk-1")).unwrap();
+        assert_eq!(image_in_subdir(&images, "vm-100-disk-0"), None);
+        fs::write(images.join("100/vm-100-disk-0.raw"), b"x").unwrap();
+        fs::write(images.join("100/vm-100-disk-1/disk.raw"), b"x").unwrap();
+        assert_eq!(
+            image_in_subdir(&images, "vm-100-disk-0"),
+            Some(images.join("100/vm-100-disk-0.raw"))
+        );
+        assert_eq!(
+            image_in_subdir(&images, "vm-100-disk-1"),
+            Some(images.join("100/vm-100-disk-1/disk.raw"))
+        );
+        assert_eq!(image_in_subdir(&dir.path().join("none"), "x"), None);
     }
 
     #[test]

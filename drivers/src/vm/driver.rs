@@ -753,6 +753,20 @@ impl stead_reconciler::driver::KindDriver for VmDriver {
         }
     }
 
+    fn adopt_check(
+        &self,
+        desired: Typed<'_, VirtualMachineSpec>,
+        _observed: &Observed,
+        world: &dyn Lookup,
+    ) -> Result<(), String> {
+        let disks = desired.spec.disks.iter();
+        let disks =
+            disks.filter_map(|d| crate::storage::volume_path(world, d.volume.as_str()).ok());
+        let who = crate::foreign::GuestIdentity::of(desired.resource, disks.collect());
+        let runner = crate::foreign::Runner::Qemu;
+        crate::foreign::refuse_if_running(runner, &who, &self.env.run_dir, desired.id())
+    }
+
     fn impact(&self, path: &str) -> Impact {
         // Both engines: the qemu engine's state keeps disks and interfaces in maps (one
         // key added or removed is a hot-plug); the vmm engine's lists change whole.
