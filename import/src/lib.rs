@@ -5,6 +5,8 @@
 
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
+pub mod model;
 pub mod names;
 pub mod reader;
 pub mod report;
+pub mod storage;

@@ -139,11 +139,12 @@ fn numbered(text: &str) -> impl Iterator<Item = (usize, &str)> {
         .map(|(i, l)| (i + 1, l.strip_suffix('\r').unwrap_or(l)))
 }
 
-/// Whether `k` is a Proxmox config key: a letter, then letters, digits, `_` or `-`.
+/// Whether `k` is a Proxmox config key: a letter, then letters, digits, `_`, `-` or `.`
+/// (raw `lxc.*` keys).
 fn is_key(k: &str) -> bool {
     let mut chars = k.chars();
     chars.next().is_some_and(|c| c.is_ascii_alphabetic())
-        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
 }
 
 /// A guest config (`qm.conf(5)`, `pct.conf(5)`): the main section, then the other
