@@ -5,8 +5,10 @@
 
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
+pub mod guest;
 pub mod model;
 pub mod names;
+pub mod qemu;
 pub mod reader;
 pub mod report;
 pub mod storage;

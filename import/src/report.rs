@@ -52,6 +52,11 @@ impl Report {
         });
     }
 
+    /// Moves `other`'s notes into this report.
+    pub fn extend(&mut self, other: Report) {
+        self.notes.extend(other.notes);
+    }
+
     /// The notes, sorted by file and line.
     pub fn notes(&self) -> Vec<&Note> {
         let mut v: Vec<&Note> = self.notes.iter().collect();
