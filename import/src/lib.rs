@@ -6,6 +6,7 @@
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
 pub mod guest;
+pub mod lxc;
 pub mod model;
 pub mod names;
 pub mod qemu;

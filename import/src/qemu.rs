@@ -22,8 +22,8 @@ use crate::storage::Pool;
 pub struct Ctx<'a> {
     /// Imported pools by Proxmox storage id.
     pub pools: &'a BTreeMap<String, Pool>,
-    /// Network names by Proxmox bridge (or vnet) name.
-    pub networks: &'a BTreeMap<String, String>,
+    /// Network names and whether they are VLAN-aware, by Proxmox bridge (or vnet) name.
+    pub networks: &'a BTreeMap<String, (String, bool)>,
     /// Volume names by `(storage, stem)`.
     pub volume_names: &'a BTreeMap<(String, String), String>,
     /// The root the files are read under (to size ISO files).
@@ -534,17 +534,11 @@ impl VmParts {
             );
             return Ok(());
         };
-        let Some(network) = ctx.networks.get(bridge) else {
-            report.note(
-                file,
-                e.line,
-                &e.key,
-                format!("bridge `{bridge}` is not imported: interface not carried over"),
-            );
+        let Some(network) = network_for(ctx, file, e, bridge, &mut vlan, report) else {
             return Ok(());
         };
         self.interfaces.push(VmInterface {
-            network: Name(network.clone()),
+            network: Name(network),
             mac: iface_mac,
             vlan,
             boot: None,
@@ -609,6 +603,42 @@ impl VmParts {
         }
         Some(self.disk_keys[..i].iter().filter(|k| !k.is_empty()).count())
     }
+}
+
+/// The Network a guest interface on `bridge` plugs into; a VLAN tag on a bridge that is
+/// not VLAN-aware is dropped (reported). `None` (reported) when the bridge is not
+/// imported.
+pub fn network_for(
+    ctx: &Ctx,
+    file: &Path,
+    e: &Entry,
+    bridge: &str,
+    vlan: &mut Option<u16>,
+    report: &mut Report,
+) -> Option<String> {
+    let Some((network, vlan_aware)) = ctx.networks.get(bridge) else {
+        report.note(
+            file,
+            e.line,
+            &e.key,
+            format!("bridge `{bridge}` is not imported: interface not carried over"),
+        );
+        return None;
+    };
+    if let Some(tag) = *vlan
+        && !vlan_aware
+    {
+        report.note(
+            file,
+            e.line,
+            &format!("{}.tag", e.key),
+            format!(
+                "VLAN tag {tag} on `{bridge}`, which is not VLAN-aware in stead: not carried over"
+            ),
+        );
+        *vlan = None;
+    }
+    Some(network.clone())
 }
 
 /// The size of an ISO file under the root, when the disk line has no `size`.
@@ -880,10 +910,10 @@ pub(crate) mod tests {
         m
     }
 
-    pub(crate) fn networks() -> BTreeMap<String, String> {
-        [("vmbr0", "vmbr0"), ("vmbr1", "vmbr1")]
+    pub(crate) fn networks() -> BTreeMap<String, (String, bool)> {
+        [("vmbr0", true), ("vmbr1", false)]
             .into_iter()
-            .map(|(a, b)| (a.into(), b.into()))
+            .map(|(a, b)| (a.into(), (a.into(), b)))
             .collect()
     }
 
