@@ -9,6 +9,7 @@ pub mod guest;
 pub mod lxc;
 pub mod model;
 pub mod names;
+pub mod network;
 pub mod qemu;
 pub mod reader;
 pub mod report;
