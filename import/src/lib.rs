@@ -6,10 +6,12 @@
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
 pub mod guest;
+pub mod jobs;
 pub mod lxc;
 pub mod model;
 pub mod names;
 pub mod network;
+pub mod proxmox;
 pub mod qemu;
 pub mod reader;
 pub mod report;
