@@ -185,15 +185,24 @@ impl Volumes {
     }
 
     /// The Volume manifests. A linked clone whose base is not imported loses its
-    /// `clone` (reported).
-    pub fn manifests(&self, report: &mut Report) -> Vec<Manifest> {
+    /// `clone` (reported); one on a pool where stead makes no linked clones (lvmthin,
+    /// zfs) is written `linked: false` (reported).
+    pub fn manifests(&self, pools: &BTreeMap<String, Pool>, report: &mut Report) -> Vec<Manifest> {
         let mut out = Vec::new();
         for (key, u) in &self.uses {
             let clone = match &u.clone_of {
-                Some(base) if self.uses.contains_key(base) => Some(VolumeClone {
-                    from: Name(self.name(base)),
-                    linked: true,
-                }),
+                Some(base) if self.uses.contains_key(base) => {
+                    let linked = pools.get(&key.0).is_none_or(|p| {
+                        matches!(p.pool_type, PoolType::Dir | PoolType::Nfs | PoolType::Btrfs)
+                    });
+                    if !linked {
+                        report.note(&u.origin.0, u.origin.1, &u.origin.2, "a linked clone on an lvmthin or zfs pool: stead makes linked clones only on dir, nfs and btrfs pools, so it is written `linked: false` (the existing volume is adopted as it is; only a re-creation would copy)");
+                    }
+                    Some(VolumeClone {
+                        from: Name(self.name(base)),
+                        linked,
+                    })
+                }
                 Some(base) => {
                     report.note(&u.origin.0, u.origin.1, &u.origin.2, format!("linked clone of `{}`, which is not imported (its template VM is not read): imported as a plain volume", base.1));
                     None

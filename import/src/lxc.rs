@@ -107,7 +107,7 @@ pub fn import_ct(g: &GuestFile, name: &str, ctx: &Ctx) -> Result<Imported, Vec<P
     };
     let spec = ContainerSpec {
         rootfs,
-        hostname: main.value("hostname").map(str::to_string),
+        hostname: hostname(file, main.get("hostname"), &mut report),
         command: None,
         env: Default::default(),
         unprivileged: main.value("unprivileged") == Some("1"),
@@ -138,6 +138,28 @@ pub fn import_ct(g: &GuestFile, name: &str, ctx: &Ctx) -> Result<Imported, Vec<P
         volumes: volumes.collect(),
         report,
     })
+}
+
+/// `hostname`, when stead accepts it (letters, digits, `-` and `.`, at most 64).
+fn hostname(file: &Path, e: Option<&Entry>, report: &mut Report) -> Option<String> {
+    let e = e?;
+    let ok = e.value.len() <= 64
+        && e.value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.');
+    if ok {
+        return Some(e.value.clone());
+    }
+    report.note(
+        file,
+        e.line,
+        "hostname",
+        format!(
+            "`{}` is not a host name stead accepts: the container's name is used",
+            e.value
+        ),
+    );
+    None
 }
 
 /// `cores` → `resources.cpus`, `memory` (MiB) → `resources.memory`.

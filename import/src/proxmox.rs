@@ -322,7 +322,8 @@ impl Run<'_> {
             self.report.extend(report);
             workloads.push(manifest);
         }
-        self.manifests.extend(volumes.manifests(&mut self.report));
+        self.manifests
+            .extend(volumes.manifests(pools, &mut self.report));
         self.manifests.extend(workloads);
     }
 

@@ -733,17 +733,7 @@ fn cloud_init(
         return None;
     }
     let mut spec = CloudInitSpec::default();
-    let keys_list: Vec<String> = main
-        .value("sshkeys")
-        .map(|s| {
-            percent_decode(s)
-                .lines()
-                .map(str::trim)
-                .filter(|l| !l.is_empty())
-                .map(str::to_string)
-                .collect()
-        })
-        .unwrap_or_default();
+    let keys_list = ssh_keys(file, main.get("sshkeys"), report);
     let password = match main.get("cipassword") {
         Some(e) if e.value.starts_with('$') => Some(e.value.clone()),
         Some(e) => {
@@ -800,6 +790,28 @@ fn cloud_init(
     let network = network_config(file, main, vm, report);
     spec.network = network;
     Some(spec)
+}
+
+/// `sshkeys` (percent-encoded, one key per line); a key stead would refuse is reported.
+fn ssh_keys(file: &Path, e: Option<&Entry>, report: &mut Report) -> Vec<String> {
+    let Some(e) = e else { return vec![] };
+    let mut out = Vec::new();
+    for key in percent_decode(&e.value)
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+    {
+        match stead_schema::cloudinit::check_ssh_key(key) {
+            Ok(()) => out.push(key.to_string()),
+            Err(why) => report.note(
+                file,
+                e.line,
+                "sshkeys",
+                format!("a key {why}: not carried over"),
+            ),
+        }
+    }
+    out
 }
 
 /// Whether `s` is a login name cloud-init users may have.
@@ -1124,7 +1136,7 @@ pub(crate) mod tests {
     #[test]
     fn cloud_init_fields() {
         let (s, notes, _) = vm(
-            "ciuser: debian\ncipassword: $6$salt$hash\nsshkeys: ssh-ed25519%20AAAA%20me%40x%0Assh-rsa%20BBBB%0A\nipconfig0: ip=10.0.0.5/24,gw=10.0.0.1\nipconfig1: ip=dhcp,ip6=auto\nnameserver: 10.0.0.53 1.1.1.1\nsearchdomain: corp.example\nnet0: virtio=BC:24:11:00:00:01,bridge=vmbr0\nnet1: virtio=BC:24:11:00:00:02,bridge=vmbr1\ncitype: nocloud\n",
+            "ciuser: debian\ncipassword: $6$salt$hash\nsshkeys: ssh-ed25519%20AAAAC3NzaC1lZDI1NTE5AAAAIBUxREmTihB%2FR6rWF0Q%2B6Tp7sMH7P3o89pqfoIWlBOMe%20me%40x%0Assh-rsa%20BBBB%0A\nipconfig0: ip=10.0.0.5/24,gw=10.0.0.1\nipconfig1: ip=dhcp,ip6=auto\nnameserver: 10.0.0.53 1.1.1.1\nsearchdomain: corp.example\nnet0: virtio=BC:24:11:00:00:01,bridge=vmbr0\nnet1: virtio=BC:24:11:00:00:02,bridge=vmbr1\ncitype: nocloud\n",
         );
         let ci = &s["cloudInit"];
         let u = &ci["users"][0];
@@ -1132,7 +1144,9 @@ pub(crate) mod tests {
         assert_eq!(u["passwordHash"], "$6$salt$hash");
         assert_eq!(
             u["sshAuthorizedKeys"],
-            serde_json::json!(["ssh-ed25519 AAAA me@x", "ssh-rsa BBBB"])
+            serde_json::json!([
+                "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBUxREmTihB/R6rWF0Q+6Tp7sMH7P3o89pqfoIWlBOMe me@x"
+            ])
         );
         assert_eq!(u["sudo"], true);
         let cfg = &ci["network"]["config"];
@@ -1149,6 +1163,7 @@ pub(crate) mod tests {
             serde_json::json!({"type": "nameserver", "address": ["10.0.0.53", "1.1.1.1"], "search": ["corp.example"]})
         );
         assert!(has(&notes, "100.conf:10: citype:"));
+        assert!(has(&notes, "100.conf:3: sshkeys: a key"));
         assert!(stead_schema::cloudinit::check_network_config(&ci["network"]).is_empty());
         let (s, notes, _) = vm("ciuser: Bad.User\ncipassword: plain\n");
         assert!(s["cloudInit"].get("users").is_none());
