@@ -5,6 +5,9 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
+/// The first line of every report (how an earlier import is recognised).
+pub const TITLE: &str = "# Proxmox VE import report";
+
 /// One setting left out (or changed on the way).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Note {
@@ -66,7 +69,7 @@ impl Report {
 
     /// The report as Markdown.
     pub fn render(&self) -> String {
-        let mut s = String::from("# Proxmox VE import report\n\n");
+        let mut s = format!("{TITLE}\n\n");
         if self.written.is_empty() {
             s.push_str("No resources were written.\n");
         } else {
