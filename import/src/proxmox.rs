@@ -43,6 +43,7 @@ pub const REPORT_FILE: &str = "IMPORT-REPORT.md";
 /// Runs the import. Errors: every malformed line of every file (all at once), unless
 /// `skip_invalid`.
 pub fn import(opts: &Options) -> Result<Output, Vec<ParseError>> {
+    let _span = tracing::debug_span!("import_proxmox", root = %opts.root.display()).entered();
     let mut run = Run {
         opts,
         report: Report::default(),
@@ -245,6 +246,7 @@ impl Run<'_> {
                 }
             }
         }
+        tracing::debug!(guests = found.len(), "guest configs found");
         let mut taken: BTreeMap<Kind, Taken> = BTreeMap::new();
         let mut out = Vec::new();
         for (vmid, (kind, path, node)) in found {
