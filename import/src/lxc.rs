@@ -378,15 +378,48 @@ impl CtParts {
         let Some(network) = network_for(ctx, file, e, bridge, &mut vlan, report) else {
             return Ok(());
         };
+        let (address, gateway) = in_subnet(file, e, &network, address, gateway, report);
         self.interfaces.push(ContainerInterface {
             name,
-            network: Name(network),
+            network: Name(network.name),
             address,
             gateway,
             mac,
             vlan,
         });
         Ok(())
+    }
+}
+
+/// The address when it lies in a subnet of the Network's host addresses (or the Network
+/// has none), and the gateway when it lies in the address's subnet; stead refuses
+/// anything else, so it is reported and left out.
+fn in_subnet(
+    file: &Path,
+    e: &Entry,
+    net: &crate::network::NetInfo,
+    address: Option<Cidr>,
+    gateway: Option<IpAddr>,
+    report: &mut Report,
+) -> (Option<Cidr>, Option<IpAddr>) {
+    let Some(addr) = address else {
+        return (None, gateway);
+    };
+    if !net.addresses.is_empty() && !net.addresses.iter().any(|a| a.network() == addr.network()) {
+        report.note(file, e.line, &format!("{}.ip", e.key), format!("{addr} is outside the subnets of the host's addresses on `{}`, which stead requires: address and gateway not carried over", net.name));
+        return (None, None);
+    }
+    match gateway {
+        Some(gw) if !addr.contains(gw) => {
+            report.note(
+                file,
+                e.line,
+                &format!("{}.gw", e.key),
+                format!("gateway {gw} is outside {addr}: not carried over"),
+            );
+            (Some(addr), None)
+        }
+        g => (Some(addr), g),
     }
 }
 
@@ -425,7 +458,7 @@ mod tests {
     #[test]
     fn container_mapping() {
         let (s, notes, vols) = ct(
-            "hostname: DB-Primary\ncores: 2\nmemory: 2048\nswap: 512\nrootfs: local-lvm:vm-200-disk-0,size=8G\nmp0: local-lvm:vm-200-disk-1,mp=/srv/data,size=16G,backup=1\nmp1: /mnt/host/share,mp=/shared\nnet0: name=eth0,bridge=vmbr0,hwaddr=BC:24:11:00:02:00,ip=10.0.0.20/24,gw=10.0.0.1,tag=20,type=veth,firewall=1\nnet1: name=eth1,bridge=vmbr1,ip=dhcp,tag=5\nunprivileged: 1\nonboot: 1\nfeatures: nesting=1\nlxc.apparmor.profile: unconfined\n",
+            "hostname: DB-Primary\ncores: 2\nmemory: 2048\nswap: 512\nrootfs: local-lvm:vm-200-disk-0,size=8G\nmp0: local-lvm:vm-200-disk-1,mp=/srv/data,size=16G,backup=1\nmp1: /mnt/host/share,mp=/shared\nnet0: name=eth0,bridge=vmbr0,hwaddr=BC:24:11:00:02:00,ip=10.0.0.20/24,gw=10.0.0.1,tag=20,type=veth,firewall=1\nnet1: name=eth1,bridge=vmbr1,ip=dhcp,tag=5\nunprivileged: 1\nonboot: 1\nfeatures: nesting=1\nlxc.apparmor.profile: unconfined\nnet2: name=eth2,bridge=vmbr0,ip=10.9.0.2/24,gw=10.9.0.1\nnet3: name=eth3,bridge=vmbr1,ip=10.9.0.3/24,gw=10.8.0.1\n",
         );
         assert_eq!(s["rootfs"], serde_json::json!({"volume": "vm-200-disk-0"}));
         assert_eq!(s["hostname"], "DB-Primary");
@@ -442,6 +475,22 @@ mod tests {
         assert_eq!(
             s["interfaces"][1],
             serde_json::json!({"name": "eth1", "network": "vmbr1"})
+        );
+        assert_eq!(
+            s["interfaces"][2],
+            serde_json::json!({"name": "eth2", "network": "vmbr0"})
+        );
+        assert_eq!(
+            s["interfaces"][3],
+            serde_json::json!({"name": "eth3", "network": "vmbr1", "address": "10.9.0.3/24"})
+        );
+        assert!(
+            has(&notes, "200.conf:14: net2.ip: 10.9.0.2/24 is outside"),
+            "{notes:?}"
+        );
+        assert!(
+            has(&notes, "200.conf:15: net3.gw: gateway 10.8.0.1 is outside"),
+            "{notes:?}"
         );
         assert!(s.get("unprivileged").is_none(), "true is the default");
         assert_eq!(s["state"], "running");

@@ -15,11 +15,23 @@ use crate::report::Report;
 /// The output file of networks and bonds.
 const FILE: &str = "network.yaml";
 
+/// What guests need to know of an imported Network.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetInfo {
+    /// The Network's name.
+    pub name: String,
+    /// Bridge VLAN filtering.
+    pub vlan_aware: bool,
+    /// The host's addresses on it (a container's address must lie in one of their
+    /// subnets when there are any).
+    pub addresses: Vec<Cidr>,
+}
+
 /// Networks and bonds read so far.
 #[derive(Debug, Default)]
 pub struct Networks {
-    /// Network name and VLAN-awareness by Proxmox bridge or vnet name.
-    pub by_bridge: BTreeMap<String, (String, bool)>,
+    /// Imported networks by Proxmox bridge or vnet name.
+    pub by_bridge: BTreeMap<String, NetInfo>,
     /// The host's own addresses (to leave out of VXLAN peers).
     pub own_addresses: BTreeSet<IpAddr>,
     /// Manifests.
@@ -169,8 +181,14 @@ impl Networks {
             .value("bridge-vlan-aware")
             .is_some_and(|(v, _)| v == "yes" || v == "1");
         report_others(i, BRIDGE_KEYS, "the Network kind", report);
-        self.by_bridge
-            .insert(name.to_string(), (net_name.clone(), spec.vlan_aware));
+        self.by_bridge.insert(
+            name.to_string(),
+            NetInfo {
+                name: net_name.clone(),
+                vlan_aware: spec.vlan_aware,
+                addresses: spec.addresses.clone(),
+            },
+        );
         self.manifests
             .push(Manifest::new(Kind::Network, &net_name, &spec, FILE));
     }
@@ -341,8 +359,14 @@ impl Networks {
                 }
             }
             let name = self.taken.claim(Some(&v.id), &format!("vnet-{vni}"));
-            self.by_bridge
-                .insert(v.id.clone(), (name.clone(), spec.vlan_aware));
+            self.by_bridge.insert(
+                v.id.clone(),
+                NetInfo {
+                    name: name.clone(),
+                    vlan_aware: spec.vlan_aware,
+                    addresses: vec![],
+                },
+            );
             self.manifests
                 .push(Manifest::new(Kind::Network, &name, &spec, FILE));
         }
@@ -498,7 +522,8 @@ iface eno4.50 inet manual\n";
         assert_eq!(v1["addresses"], serde_json::json!(["10.10.0.1/16"]));
         assert_eq!(v1["vlanAware"], true);
         assert_eq!(v1["mtu"], 9000);
-        assert_eq!(n.by_bridge["vmbr1"], ("vmbr1".to_string(), true));
+        assert_eq!(n.by_bridge["vmbr1"].name, "vmbr1");
+        assert!(n.by_bridge["vmbr1"].vlan_aware);
         for p in [
             "interfaces:7: iface eno4: a physical port",
             "interfaces:14: bond-xmit-hash-policy:",

@@ -67,6 +67,10 @@ pub fn import(opts: &Options) -> Result<Output, Vec<ParseError>> {
             .or_default() += 1;
     }
     let mut files = render_files(&run.manifests);
+    let problems = self_check(&files);
+    if !problems.is_empty() {
+        return Err(problems);
+    }
     files.insert(REPORT_FILE.to_string(), run.report.render());
     Ok(Output {
         files,
@@ -357,6 +361,28 @@ impl Run<'_> {
         let manifests = import_jobs(&path, &sections, &targets, pools, &mut self.report);
         self.manifests.extend(manifests);
     }
+}
+
+/// Loads and validates the rendered manifests as `stead validate` would: an import
+/// never writes manifests stead refuses. A diagnostic here is a gap in the mapping,
+/// returned as an error at the output file's line.
+pub fn self_check(files: &BTreeMap<String, String>) -> Vec<ParseError> {
+    let (mut resources, mut diags) = (Vec::new(), Vec::new());
+    for (name, text) in files {
+        stead_schema::load::load_str(Path::new(name), text, &mut resources, &mut diags);
+    }
+    let desired = stead_schema::load::into_desired(resources, &mut diags);
+    diags.extend(stead_schema::validate::validate(&desired));
+    diags
+        .into_iter()
+        .map(|d| {
+            let msg = format!(
+                "the imported manifests would not validate ({}: {}); this is a gap in the import, please report it",
+                d.field, d.message
+            );
+            ParseError::new(&d.file, d.pos.line, msg)
+        })
+        .collect()
 }
 
 /// The entries of `dir`, sorted; none when it cannot be read.

@@ -14,6 +14,7 @@ use crate::guest::{
     volume_format,
 };
 use crate::model::{Manifest, VMID_LABEL};
+use crate::network::NetInfo;
 use crate::reader::{Entry, GuestConf, ParseError, Section, property_string};
 use crate::report::Report;
 use crate::storage::Pool;
@@ -23,7 +24,7 @@ pub struct Ctx<'a> {
     /// Imported pools by Proxmox storage id.
     pub pools: &'a BTreeMap<String, Pool>,
     /// Network names and whether they are VLAN-aware, by Proxmox bridge (or vnet) name.
-    pub networks: &'a BTreeMap<String, (String, bool)>,
+    pub networks: &'a BTreeMap<String, NetInfo>,
     /// Volume names by `(storage, stem)`.
     pub volume_names: &'a BTreeMap<(String, String), String>,
     /// The root the files are read under (to size ISO files).
@@ -538,7 +539,7 @@ impl VmParts {
             return Ok(());
         };
         self.interfaces.push(VmInterface {
-            network: Name(network),
+            network: Name(network.name),
             mac: iface_mac,
             vlan,
             boot: None,
@@ -615,8 +616,8 @@ pub fn network_for(
     bridge: &str,
     vlan: &mut Option<u16>,
     report: &mut Report,
-) -> Option<String> {
-    let Some((network, vlan_aware)) = ctx.networks.get(bridge) else {
+) -> Option<NetInfo> {
+    let Some(net) = ctx.networks.get(bridge) else {
         report.note(
             file,
             e.line,
@@ -626,7 +627,7 @@ pub fn network_for(
         return None;
     };
     if let Some(tag) = *vlan
-        && !vlan_aware
+        && !net.vlan_aware
     {
         report.note(
             file,
@@ -638,7 +639,7 @@ pub fn network_for(
         );
         *vlan = None;
     }
-    Some(network.clone())
+    Some(net.clone())
 }
 
 /// The size of an ISO file under the root, when the disk line has no `size`.
@@ -748,6 +749,12 @@ fn cloud_init(
         None => None,
     };
     match main.get("ciuser") {
+        Some(e) if keys_list.is_empty() && password.is_none() => report.note(
+            file,
+            e.line,
+            "ciuser",
+            "no SSH key and no password hash: nobody could log in as this user, so it is not created (the image's default user is)",
+        ),
         Some(e) if is_login(&e.value) => spec.users.push(CloudInitUser {
             name: e.value.clone(),
             ssh_authorized_keys: keys_list,
@@ -922,10 +929,17 @@ pub(crate) mod tests {
         m
     }
 
-    pub(crate) fn networks() -> BTreeMap<String, (String, bool)> {
-        [("vmbr0", true), ("vmbr1", false)]
+    pub(crate) fn networks() -> BTreeMap<String, NetInfo> {
+        [("vmbr0", true, "10.0.0.1/24"), ("vmbr1", false, "")]
             .into_iter()
-            .map(|(a, b)| (a.into(), (a.into(), b)))
+            .map(|(a, vlan_aware, addr)| {
+                let info = NetInfo {
+                    name: a.into(),
+                    vlan_aware,
+                    addresses: addr.parse().into_iter().collect(),
+                };
+                (a.to_string(), info)
+            })
             .collect()
     }
 
@@ -1165,9 +1179,16 @@ pub(crate) mod tests {
         assert!(has(&notes, "100.conf:10: citype:"));
         assert!(has(&notes, "100.conf:3: sshkeys: a key"));
         assert!(stead_schema::cloudinit::check_network_config(&ci["network"]).is_empty());
-        let (s, notes, _) = vm("ciuser: Bad.User\ncipassword: plain\n");
+        let (s, notes, _) = vm("ciuser: debian\nipconfig0: ip=dhcp\n");
+        assert!(s["cloudInit"].get("users").is_none());
+        assert!(has(
+            &notes,
+            "100.conf:1: ciuser: no SSH key and no password hash"
+        ));
+        let (s, notes, _) = vm("ciuser: Bad.User\ncipassword: $6$x$y\n");
         assert!(s["cloudInit"].get("users").is_none());
         assert!(has(&notes, "100.conf:1: ciuser:"));
+        let (_, notes, _) = vm("ciuser: root\ncipassword: plain\n");
         assert!(has(&notes, "100.conf:2: cipassword: not a crypt(3) hash"));
     }
 
