@@ -42,7 +42,7 @@ fn import_proxmox_fixture_validates_and_plans() {
     let out = tmp.path().join("imported");
     let run = import(&fixture(), &out, &[]).expect_code(0);
     assert!(
-        run.stdout().contains("wrote 76 manifests"),
+        run.stdout().contains("wrote 80 manifests"),
         "{}",
         run.stdout()
     );
@@ -56,12 +56,12 @@ fn import_proxmox_fixture_validates_and_plans() {
     assert!(report.contains("[PENDING]: pending changes"));
     assert!(report.contains("rbd: ceph: storage type `rbd` is not supported"));
     // Guests are read once, from etc/pve/nodes/* (not through the local/qemu-server/lxc links).
-    assert_eq!(entries(&out.join("vms")).len(), 20);
-    assert_eq!(entries(&out.join("containers")).len(), 7);
+    assert_eq!(entries(&out.join("vms")).len(), 21);
+    assert_eq!(entries(&out.join("containers")).len(), 8);
     let v = Sandbox::new()
         .run(&["validate", out.to_str().expect("utf-8")])
         .expect_code(0);
-    assert!(v.stdout().contains("valid: 76 resources"), "{}", v.stdout());
+    assert!(v.stdout().contains("valid: 80 resources"), "{}", v.stdout());
 
     // A second import into the same directory replaces the earlier one.
     import(&fixture(), &out, &[]).expect_code(0);
@@ -107,7 +107,7 @@ fn import_proxmox_fixture_validates_and_plans() {
         "only host-capability refusals expected:\n{text}"
     );
     assert_eq!(d.code(), if vlan_refusals == 0 { 2 } else { 1 }, "{text}");
-    let creates = 76 - vlan_refusals;
+    let creates = 80 - vlan_refusals;
     assert!(
         text.contains(&format!(
             "Plan: {creates} to create, 0 to update, 0 to replace, 0 to delete"

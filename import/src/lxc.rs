@@ -134,7 +134,7 @@ pub fn import_ct(g: &GuestFile, name: &str, ctx: &Ctx) -> Result<Imported, Vec<P
         (k, u)
     });
     Ok(Imported {
-        manifest,
+        manifest: Some(manifest),
         volumes: volumes.collect(),
         report,
     })
@@ -448,7 +448,7 @@ mod tests {
         };
         let i = import_ct(&g, "db", &ctx).unwrap();
         let notes = i.report.notes().iter().map(|n| n.render()).collect();
-        (i.manifest.spec, notes, i.volumes.len())
+        (i.manifest.expect("imported").spec, notes, i.volumes.len())
     }
 
     fn has(notes: &[String], prefix: &str) -> bool {

@@ -326,10 +326,11 @@ impl Run<'_> {
                 volumes.declare(k, u);
             }
             self.report.extend(report);
-            workloads.push(manifest);
+            workloads.extend(manifest);
         }
         self.manifests
             .extend(volumes.manifests(pools, &mut self.report));
+        release_conflicts(&mut workloads, guests, &self.manifests, &mut self.report);
         self.manifests.extend(workloads);
     }
 
@@ -361,6 +362,81 @@ impl Run<'_> {
         let manifests = import_jobs(&path, &sections, &targets, pools, &mut self.report);
         self.manifests.extend(manifests);
     }
+}
+
+/// A MAC used by two guests, or a container address used twice on one network (or equal
+/// to a host address on it), is kept by the first (in VMID order) and left out of the
+/// others (reported): stead refuses both.
+fn release_conflicts(
+    workloads: &mut [Manifest],
+    guests: &[NamedGuest],
+    others: &[Manifest],
+    report: &mut Report,
+) {
+    let mut macs: BTreeSet<String> = BTreeSet::new();
+    let mut ips: BTreeSet<(String, String)> = BTreeSet::new();
+    for n in others.iter().filter(|m| m.kind == Kind::Network) {
+        for a in n.spec["addresses"].as_array().into_iter().flatten() {
+            let ip = a
+                .as_str()
+                .unwrap_or_default()
+                .split('/')
+                .next()
+                .unwrap_or_default();
+            ips.insert((n.name.clone(), ip.to_string()));
+        }
+    }
+    for w in workloads.iter_mut() {
+        let Some(g) = guests.iter().find(|g| g.kind == w.kind && g.name == w.name) else {
+            continue;
+        };
+        let file = g.file.path.as_path();
+        let Some(ifaces) = w.spec.get_mut("interfaces").and_then(|v| v.as_array_mut()) else {
+            continue;
+        };
+        for iface in ifaces.iter_mut() {
+            let Some(obj) = iface.as_object_mut() else {
+                continue;
+            };
+            if let Some(mac) = obj.get("mac").and_then(|m| m.as_str()).map(str::to_string)
+                && !macs.insert(mac.clone())
+            {
+                let (line, key) = net_line(g, &mac);
+                report.note(file, line, &key, format!("MAC {mac} is already used by a guest with a lower VMID: left out (stead derives one)"));
+                obj.remove("mac");
+            }
+            let network = obj
+                .get("network")
+                .and_then(|n| n.as_str())
+                .unwrap_or_default()
+                .to_string();
+            if let Some(addr) = obj
+                .get("address")
+                .and_then(|a| a.as_str())
+                .map(str::to_string)
+            {
+                let ip = addr.split('/').next().unwrap_or_default().to_string();
+                if !ips.insert((network.clone(), ip.clone())) {
+                    let (line, key) = net_line(g, &ip);
+                    report.note(file, line, &key, format!("address {ip} on `{network}` is already used (by the host or a guest with a lower VMID): address and gateway left out"));
+                    obj.remove("address");
+                    obj.remove("gateway");
+                }
+            }
+        }
+    }
+}
+
+/// The line and key of the guest's `netN` entry that mentions `needle`.
+fn net_line(g: &NamedGuest, needle: &str) -> (usize, String) {
+    let needle = needle.to_ascii_lowercase();
+    g.file
+        .conf
+        .main
+        .entries
+        .iter()
+        .find(|e| e.key.starts_with("net") && e.value.to_ascii_lowercase().contains(&needle))
+        .map_or((0, "net".to_string()), |e| (e.line, e.key.clone()))
 }
 
 /// Loads and validates the rendered manifests as `stead validate` would: an import

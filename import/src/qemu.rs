@@ -47,8 +47,8 @@ pub struct GuestFile {
 /// The result of importing one guest.
 #[derive(Debug)]
 pub struct Imported {
-    /// The VirtualMachine or Container.
-    pub manifest: Manifest,
+    /// The VirtualMachine or Container (`None`: not imported, reported).
+    pub manifest: Option<Manifest>,
     /// Volumes it uses, by registry key.
     pub volumes: Vec<((String, String), VolumeUse)>,
     /// What was not carried over.
@@ -155,7 +155,17 @@ pub fn import_vm(g: &GuestFile, name: &str, ctx: &Ctx) -> Result<Imported, Vec<P
     let mut report = Report::default();
     let mut errors = Vec::new();
     report_sections(file, &g.conf.sections, &mut report);
-    let (cpus, memory) = cpus_memory(file, main, &mut errors);
+    let (mut cpus, memory) = cpus_memory(file, main, &mut errors);
+    if cpus > 254 {
+        let line = main.get("cores").map_or(0, |e| e.line);
+        report.note(
+            file,
+            line,
+            "cores",
+            format!("{cpus} vCPUs: stead's limit of 254 is used"),
+        );
+        cpus = 254;
+    }
     let template = main.value("template") == Some("1");
     let mut vm = VmParts::default();
     for e in &main.entries {
@@ -190,6 +200,13 @@ pub fn import_vm(g: &GuestFile, name: &str, ctx: &Ctx) -> Result<Imported, Vec<P
         state = stead_schema::RunState::Stopped;
         vm.disks.iter_mut().for_each(|d| d.read_only = true);
         report.note(file, main.get("template").map_or(0, |e| e.line), "template", "a template: its volumes are `template: true`, the VM is imported stopped with its disks read-only");
+    }
+    if !boot_source(file, &mut vm, &mut report) {
+        return Ok(Imported {
+            manifest: None,
+            volumes: vm.volumes,
+            report,
+        });
     }
     let spec = VirtualMachineSpec {
         cpus,
@@ -227,10 +244,35 @@ pub fn import_vm(g: &GuestFile, name: &str, ctx: &Ctx) -> Result<Imported, Vec<P
         (k, u)
     });
     Ok(Imported {
-        manifest,
+        manifest: Some(manifest),
         volumes: volumes.collect(),
         report,
     })
+}
+
+/// Makes sure a VM has something to boot, as stead requires: with no disk or cdrom left,
+/// the first interface boots from the network (reported); with no interface either, the
+/// VM is not imported (reported; false).
+fn boot_source(file: &Path, vm: &mut VmParts, report: &mut Report) -> bool {
+    if !vm.disks.is_empty() || !vm.cdroms.is_empty() {
+        return true;
+    }
+    match vm.interfaces.first_mut() {
+        Some(i) => {
+            i.boot = Some(1);
+            report.note(
+                file,
+                0,
+                "boot",
+                "no disk or cdrom was carried over: the first interface boots from the network",
+            );
+            true
+        }
+        None => {
+            report.note(file, 0, "file", "no disk, cdrom or interface was carried over, so the VM has nothing to boot from: not imported (its volumes are)");
+            false
+        }
+    }
 }
 
 /// Reports snapshot and pending sections; `[special:cloudinit]` is Proxmox's own record
@@ -270,7 +312,7 @@ fn cpus_memory(file: &Path, main: &Section, errors: &mut Vec<ParseError>) -> (u3
     let sockets = num("sockets", 1);
     let memory = num("memory", 512);
     (
-        u32::try_from(cores * sockets).unwrap_or(u32::MAX),
+        u32::try_from(cores.saturating_mul(sockets)).unwrap_or(u32::MAX),
         memory.saturating_mul(1 << 20),
     )
 }
@@ -371,6 +413,22 @@ impl VmParts {
                 .cloned()
                 .unwrap_or_else(|| crate::names::sanitize(&r.stem)),
         );
+        let attached = self.disks.iter().map(|d| &d.volume);
+        if attached
+            .chain(self.cdroms.iter().map(|c| &c.volume))
+            .any(|v| *v == volume)
+        {
+            report.note(
+                file,
+                e.line,
+                &e.key,
+                format!(
+                    "volume `{}` is already attached to this VM: not attached twice",
+                    r.volume
+                ),
+            );
+            return Ok(());
+        }
         self.volumes.push((
             r.key(),
             VolumeUse {
@@ -952,7 +1010,16 @@ pub(crate) mod tests {
     /// Imports `text` as VM 100; returns the spec JSON and the report lines.
     pub(crate) fn vm(text: &str) -> Vm {
         let path = std::path::PathBuf::from("100.conf");
-        let conf = parse_guest(&path, text).unwrap();
+        // Something to boot, so that the VM is imported (see `something_to_boot`).
+        let has_drive = text
+            .lines()
+            .any(|l| disk_bus(l.split(':').next().unwrap_or("")).is_some());
+        let text = if has_drive {
+            text.to_string()
+        } else {
+            format!("{text}ide9: local:iso/boot.iso,media=cdrom,size=1M\n")
+        };
+        let conf = parse_guest(&path, &text).unwrap();
         let (pools, networks) = (pools(), networks());
         let names = BTreeMap::new();
         let ctx = Ctx {
@@ -969,7 +1036,7 @@ pub(crate) mod tests {
         };
         let i = import_vm(&g, "web", &ctx).unwrap();
         let notes = i.report.notes().iter().map(|n| n.render()).collect();
-        (i.manifest.spec, notes, i.volumes)
+        (i.manifest.expect("imported").spec, notes, i.volumes)
     }
 
     fn has(notes: &[String], prefix: &str) -> bool {
@@ -1195,9 +1262,9 @@ pub(crate) mod tests {
     #[test]
     fn sections_and_unmapped_keys() {
         let (s, notes, _) = vm(
-            "memory: 1024\nhostpci0: 0000:01:00.0\nusb0: host=1-2\nargs: -device foo\nhookscript: local:snippets/h.pl\ntpmstate0: local-lvm:vm-100-disk-5,size=4M\nparent: snap1\n[snap1]\nmemory: 512\n[PENDING]\nmemory: 4096\n[special:cloudinit]\nname: x\n",
+            "virtio0: local-lvm:vm-100-disk-0,size=1G\nhostpci0: 0000:01:00.0\nusb0: host=1-2\nargs: -device foo\nhookscript: local:snippets/h.pl\ntpmstate0: local-lvm:vm-100-disk-5,size=4M\nparent: snap1\n[snap1]\nmemory: 512\n[PENDING]\nmemory: 4096\n[special:cloudinit]\nname: x\n",
         );
-        assert_eq!(s["memory"], "1Gi");
+        assert_eq!(s["memory"], "512Mi");
         for p in [
             "100.conf:2: hostpci0: PCI passthrough",
             "100.conf:3: usb0: USB passthrough",
@@ -1211,6 +1278,54 @@ pub(crate) mod tests {
             assert!(has(&notes, p), "{p} in {notes:?}");
         }
         assert!(!notes.iter().any(|n| n.contains("special:cloudinit")));
+    }
+
+    #[test]
+    fn something_to_boot() {
+        let (s, notes, _) =
+            vm("scsi0: ceph:vm-100-disk-0,size=8G\nnet0: virtio=BC:24:11:00:00:01,bridge=vmbr0\n");
+        assert_eq!(s["interfaces"][0]["boot"], 1);
+        assert!(has(&notes, "100.conf:0: boot: no disk or cdrom"));
+        let path = std::path::PathBuf::from("100.conf");
+        let conf = parse_guest(
+            &path,
+            "scsi0: ceph:vm-100-disk-0,size=8G\nefidisk0: local-lvm:vm-100-disk-1,size=4M\n",
+        )
+        .unwrap();
+        let (pools, networks, names) = (pools(), networks(), BTreeMap::new());
+        let ctx = Ctx {
+            pools: &pools,
+            networks: &networks,
+            volume_names: &names,
+            root: Path::new("/"),
+        };
+        let g = GuestFile {
+            vmid: 100,
+            node: "pve1".into(),
+            path,
+            conf,
+        };
+        let i = import_vm(&g, "a", &ctx).unwrap();
+        assert!(i.manifest.is_none());
+        assert_eq!(i.volumes.len(), 1, "the efidisk volume is still imported");
+        assert!(i.report.notes().iter().any(|n| {
+            n.render()
+                .starts_with("100.conf:0: file: no disk, cdrom or interface")
+        }));
+    }
+
+    #[test]
+    fn a_volume_is_attached_once_and_cpus_are_capped() {
+        let (s, notes, _) = vm(
+            "cores: 64\nsockets: 8\nide2: local:iso/d.iso,media=cdrom,size=1M\nide3: local:iso/d.iso,media=cdrom,size=1M\n",
+        );
+        assert_eq!(s["cdroms"].as_array().unwrap().len(), 1);
+        assert!(has(
+            &notes,
+            "100.conf:4: ide3: volume `iso/d.iso` is already attached"
+        ));
+        assert_eq!(s["cpus"], 254);
+        assert!(has(&notes, "100.conf:1: cores: 512 vCPUs"));
     }
 
     #[test]

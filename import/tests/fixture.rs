@@ -58,8 +58,8 @@ fn fixture_imports_and_validates() {
     let out = run(None);
     let d = desired(&out.files);
     let count = |k: Kind| d.resources.keys().filter(|id| id.kind == k).count();
-    assert_eq!(count(Kind::VirtualMachine), 20, "19 on pve1, 1 on pve2");
-    assert_eq!(count(Kind::Container), 7);
+    assert_eq!(count(Kind::VirtualMachine), 21, "20 on pve1, 1 on pve2");
+    assert_eq!(count(Kind::Container), 8);
     assert_eq!(count(Kind::StoragePool), 6);
     assert_eq!(count(Kind::Bond), 1);
     assert_eq!(count(Kind::Network), 4);
