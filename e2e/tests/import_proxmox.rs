@@ -224,3 +224,69 @@ fn import_proxmox_bad_inputs_write_nothing() {
     }
     assert!(r.stderr().contains("Invalid files skipped"));
 }
+
+/// The bridge and the pool of an import already exist on the host: the plan adopts them
+/// (the importer marks every manifest `stead.dev/adopt: "true"`) instead of creating
+/// them. Runs once the binary has adoption (`diff --adopt`); SKIPs before.
+#[test]
+fn import_proxmox_plan_adopts_existing_bridge_and_pool() {
+    let test = "import_proxmox_plan_adopts_existing_bridge_and_pool";
+    if skip_unless(is_root(), test, "needs root for a network namespace") {
+        return;
+    }
+    let help = Sandbox::new().run(&["diff", "--help"]);
+    if skip_unless(
+        help.stdout().contains("--adopt"),
+        test,
+        "this stead has no adoption (`diff --adopt`) yet",
+    ) {
+        return;
+    }
+    let sb = Sandbox::with_netns();
+    let ns = sb.netns.clone().expect("netns");
+    let ip = |args: &[&str]| {
+        let st = Command::new("ip")
+            .arg("-n")
+            .arg(&ns)
+            .args(args)
+            .status()
+            .expect("ip");
+        assert!(st.success(), "ip {args:?}");
+    };
+    ip(&["link", "add", "vmbr7", "type", "bridge"]);
+    ip(&[
+        "link", "add", "eth7", "type", "veth", "peer", "name", "eth7p",
+    ]);
+    ip(&["link", "set", "eth7", "master", "vmbr7"]);
+    ip(&["addr", "add", "10.77.0.1/24", "dev", "vmbr7"]);
+    let pool = sb.path("pool");
+    std::fs::create_dir_all(&pool).expect("mkdir");
+    std::fs::write(pool.join("existing.raw"), b"data").expect("write");
+
+    let root = sb.path("pve");
+    let w = |rel: &str, text: String| {
+        let p = root.join(rel);
+        std::fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
+        std::fs::write(p, text).expect("write");
+    };
+    w(
+        "etc/pve/storage.cfg",
+        format!("dir: pool7\n\tpath {}\n\tcontent images\n", pool.display()),
+    );
+    w("etc/network/interfaces", "iface eth7 inet manual\n\nauto vmbr7\niface vmbr7 inet static\n\taddress 10.77.0.1/24\n\tbridge-ports eth7\n".into());
+    let out = sb.path("imported");
+    import(&root, &out, &[]).expect_code(0);
+    let d = sb.run(&["diff", out.to_str().expect("utf-8")]);
+    let text = d.stdout() + &d.stderr();
+    for id in ["Network/vmbr7", "StoragePool/pool7"] {
+        let line = text
+            .lines()
+            .find(|l| l.contains(id))
+            .unwrap_or_else(|| panic!("{id} in\n{text}"));
+        assert!(
+            line.contains("adopt") && !line.contains("(create)"),
+            "{id} is adopted:\n{text}"
+        );
+    }
+    assert!(!text.lines().any(|l| l.starts_with("error: ")), "{text}");
+}
