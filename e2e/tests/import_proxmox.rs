@@ -273,7 +273,11 @@ fn import_proxmox_plan_adopts_existing_bridge_and_pool() {
         "etc/pve/storage.cfg",
         format!("dir: pool7\n\tpath {}\n\tcontent images\n", pool.display()),
     );
-    w("etc/network/interfaces", "iface eth7 inet manual\n\nauto vmbr7\niface vmbr7 inet static\n\taddress 10.77.0.1/24\n\tbridge-ports eth7\n".into());
+    // The veth stands for a guest's port: adoption compares physical ports only.
+    w(
+        "etc/network/interfaces",
+        "auto vmbr7\niface vmbr7 inet static\n\taddress 10.77.0.1/24\n\tbridge-ports none\n".into(),
+    );
     let out = sb.path("imported");
     import(&root, &out, &[]).expect_code(0);
     let d = sb.run(&["diff", out.to_str().expect("utf-8")]);
@@ -289,4 +293,5 @@ fn import_proxmox_plan_adopts_existing_bridge_and_pool() {
         );
     }
     assert!(!text.lines().any(|l| l.starts_with("error: ")), "{text}");
+    assert!(text.contains("Plan: 2 to adopt, 0 to create"), "{text}");
 }
