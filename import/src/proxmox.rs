@@ -44,6 +44,7 @@ pub const REPORT_FILE: &str = "IMPORT-REPORT.md";
 /// `skip_invalid`.
 pub fn import(opts: &Options) -> Result<Output, Vec<ParseError>> {
     let _span = tracing::debug_span!("import_proxmox", root = %opts.root.display()).entered();
+    check_root(opts)?;
     let mut run = Run {
         opts,
         report: Report::default(),
@@ -76,6 +77,30 @@ pub fn import(opts: &Options) -> Result<Output, Vec<ParseError>> {
         files,
         report: run.report,
     })
+}
+
+/// Refuses a root without `etc/pve`, and a `--node` without its directory: an import of
+/// nothing is a mistake, not an empty result.
+fn check_root(opts: &Options) -> Result<(), Vec<ParseError>> {
+    let pve = opts.root.join("etc/pve");
+    if !pve.is_dir() {
+        return Err(vec![ParseError::new(
+            &pve,
+            0,
+            "no Proxmox VE configuration here (is --root right?)",
+        )]);
+    }
+    if let Some(node) = &opts.node {
+        let dir = pve.join("nodes").join(node);
+        if !dir.is_dir() {
+            return Err(vec![ParseError::new(
+                &dir,
+                0,
+                format!("no node `{node}` (is --node right?)"),
+            )]);
+        }
+    }
+    Ok(())
 }
 
 /// A guest that parsed, with its kind and stead name.

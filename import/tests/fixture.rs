@@ -209,3 +209,29 @@ fn node_limits_the_guests() {
         .collect();
     assert_eq!(guests, ["Container/remote-ct", "VirtualMachine/remote"]);
 }
+
+#[test]
+fn a_wrong_root_or_node_is_an_error() {
+    let opts = Options {
+        root: fixture().join("etc"),
+        node: None,
+        skip_invalid: false,
+    };
+    let e = import(&opts).unwrap_err();
+    assert!(
+        e[0].to_string()
+            .ends_with("etc/etc/pve:0: no Proxmox VE configuration here (is --root right?)"),
+        "{e:?}"
+    );
+    let opts = Options {
+        root: fixture(),
+        node: Some("pve9".into()),
+        skip_invalid: false,
+    };
+    let e = import(&opts).unwrap_err();
+    assert!(
+        e[0].to_string()
+            .ends_with("nodes/pve9:0: no node `pve9` (is --node right?)"),
+        "{e:?}"
+    );
+}
