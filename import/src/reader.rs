@@ -125,10 +125,24 @@ pub fn decode(file: &Path, bytes: &[u8]) -> Result<String, Vec<ParseError>> {
     }
 }
 
-/// Reads `path` as text (see [`decode`]).
+/// Largest input file read (pmxcfs itself holds files of at most 1 MiB).
+pub const MAX_FILE: u64 = 4 << 20;
+
+/// Reads `path` as text (see [`decode`]), at most [`MAX_FILE`] bytes.
 pub fn read_text(path: &Path) -> Result<String, Vec<ParseError>> {
-    let bytes = std::fs::read(path)
-        .map_err(|e| vec![ParseError::new(path, 0, format!("cannot read: {e}"))])?;
+    use std::io::Read as _;
+    let err = |m: String| vec![ParseError::new(path, 0, m)];
+    let file = std::fs::File::open(path).map_err(|e| err(format!("cannot read: {e}")))?;
+    let mut bytes = Vec::new();
+    file.take(MAX_FILE + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| err(format!("cannot read: {e}")))?;
+    if bytes.len() as u64 > MAX_FILE {
+        return Err(err(format!(
+            "larger than {} MiB: not a Proxmox configuration file",
+            MAX_FILE >> 20
+        )));
+    }
     decode(path, &bytes)
 }
 
@@ -504,6 +518,17 @@ mod tests {
             decode(&f(), b"a: b\r\n\tc: d\n").unwrap(),
             "a: b\r\n\tc: d\n"
         );
+    }
+
+    #[test]
+    fn large_files_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("big.conf");
+        std::fs::write(&p, vec![b'a'; (MAX_FILE + 1) as usize]).unwrap();
+        let e = read_text(&p).unwrap_err();
+        assert!(e[0].message.contains("larger than 4 MiB"), "{e:?}");
+        std::fs::write(&p, "name: a\n").unwrap();
+        assert_eq!(read_text(&p).unwrap(), "name: a\n");
     }
 
     #[test]
