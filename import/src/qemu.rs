@@ -194,7 +194,14 @@ pub fn import_vm(g: &GuestFile, name: &str, ctx: &Ctx) -> Result<Imported, Vec<P
     let firmware = firmware(file, main, &mut report);
     let agent = agent(file, main.get("agent"), &mut report);
     scsihw(file, main.get("scsihw"), &mut report);
-    let cloud_init = cloud_init(file, main, &vm, &mut report);
+    let mut cloud_init = cloud_init(file, main, &vm, &mut report);
+    if let (Some(ci), Some(n)) = (cloud_init.as_mut(), main.value("name"))
+        && n != name
+        && stead_schema::cloudinit::check_host_name(n).is_ok()
+    {
+        // Proxmox hands the VM's name to cloud-init as its host name.
+        ci.hostname = Some(n.to_string());
+    }
     let mut state = run_state(file, main.get("onboot"), &mut report);
     if template {
         state = stead_schema::RunState::Stopped;
@@ -1244,6 +1251,7 @@ pub(crate) mod tests {
             serde_json::json!({"type": "nameserver", "address": ["10.0.0.53", "1.1.1.1"], "search": ["corp.example"]})
         );
         assert!(has(&notes, "100.conf:10: citype:"));
+        assert!(ci.get("hostname").is_none(), "no name: stead's default");
         assert!(has(&notes, "100.conf:3: sshkeys: a key"));
         assert!(stead_schema::cloudinit::check_network_config(&ci["network"]).is_empty());
         let (s, notes, _) = vm("ciuser: debian\nipconfig0: ip=dhcp\n");
@@ -1278,6 +1286,14 @@ pub(crate) mod tests {
             assert!(has(&notes, p), "{p} in {notes:?}");
         }
         assert!(!notes.iter().any(|n| n.contains("special:cloudinit")));
+    }
+
+    #[test]
+    fn cloud_init_host_name_is_the_vm_name() {
+        let (s, _, _) = vm(
+            "name: mail.corp.example\nipconfig0: ip=dhcp\nnet0: virtio=BC:24:11:00:00:01,bridge=vmbr0\n",
+        );
+        assert_eq!(s["cloudInit"]["hostname"], "mail.corp.example");
     }
 
     #[test]
