@@ -98,9 +98,10 @@ pub fn import_ct(g: &GuestFile, name: &str, ctx: &Ctx) -> Result<Imported, Vec<P
             ..RootfsSpec::default()
         },
         None => {
-            report.note(file, 0, "rootfs", "no importable root file system: the container is imported with `rootfs.path` /var/lib/lxc/<vmid>/rootfs; point it at its root file system");
+            let path = PathBuf::from(format!("/var/lib/lxc/{}/rootfs", g.vmid));
+            report.note(file, 0, "rootfs", format!("no importable root file system: the container is imported with `rootfs.path: {}`; point it at its root file system", path.display()));
             RootfsSpec {
-                path: Some(PathBuf::from(format!("/var/lib/lxc/{}/rootfs", g.vmid))),
+                path: Some(path),
                 ..RootfsSpec::default()
             }
         }

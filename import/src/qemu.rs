@@ -329,6 +329,7 @@ fn cpus_memory(file: &Path, main: &Section, errors: &mut Vec<ParseError>) -> (u3
 struct VmParts {
     disks: Vec<DiskSpec>,
     disk_keys: Vec<String>,
+    cdrom_keys: Vec<String>,
     cdroms: Vec<CdromSpec>,
     interfaces: Vec<VmInterface>,
     net_keys: Vec<(String, Option<MacAddr>)>,
@@ -450,7 +451,7 @@ impl VmParts {
         ));
         if cdrom {
             self.cdroms.push(CdromSpec { volume, boot: None });
-            self.disk_keys.push(String::new());
+            self.cdrom_keys.push(e.key.clone());
             return Ok(());
         }
         if e.key.starts_with("ide") {
@@ -637,37 +638,21 @@ impl VmParts {
         }
         let mut index = 1;
         for (key, line) in order {
-            match self.disk_keys.iter().position(|k| *k == key) {
-                Some(i) if self.disk_position(i).is_some() => {
-                    if let Some(d) = self.disk_position(i).and_then(|p| self.disks.get_mut(p)) {
-                        d.boot = Some(index);
-                        index += 1;
-                    }
+            let why = if let Some(i) = self.disk_keys.iter().position(|k| *k == key) {
+                if let Some(d) = self.disks.get_mut(i) {
+                    d.boot = Some(index);
+                    index += 1;
                 }
-                _ if numbered(&key, "net") => report.note(
-                    file,
-                    line,
-                    "boot",
-                    format!("network boot from `{key}`: not carried over (the disks boot first)"),
-                ),
-                _ => report.note(
-                    file,
-                    line,
-                    "boot",
-                    format!(
-                        "`{key}` in the boot order is a cdrom or not imported: not carried over"
-                    ),
-                ),
-            }
+                continue;
+            } else if self.cdrom_keys.contains(&key) {
+                format!("cdrom `{key}` in the boot order: not carried over (the disks boot first)")
+            } else if numbered(&key, "net") {
+                format!("network boot from `{key}`: not carried over (the disks boot first)")
+            } else {
+                format!("`{key}` in the boot order is not imported: not carried over")
+            };
+            report.note(file, line, "boot", why);
         }
-    }
-
-    /// The position in `disks` of the `i`th disk or cdrom key (cdroms have empty keys).
-    fn disk_position(&self, i: usize) -> Option<usize> {
-        if self.disk_keys.get(i)?.is_empty() {
-            return None;
-        }
-        Some(self.disk_keys[..i].iter().filter(|k| !k.is_empty()).count())
     }
 }
 
@@ -1148,7 +1133,7 @@ pub(crate) mod tests {
         assert!(s["cdroms"][0].get("boot").is_none());
         assert!(has(
             &notes,
-            "100.conf:1: boot: `ide2` in the boot order is a cdrom"
+            "100.conf:1: boot: cdrom `ide2` in the boot order"
         ));
         assert!(has(&notes, "100.conf:1: boot: network boot from `net0`"));
         let (s, notes, _) =
