@@ -1271,6 +1271,12 @@ pub(crate) mod tests {
             assert!(has(&notes, p), "{p} in {notes:?}");
         }
         assert!(!notes.iter().any(|n| n.contains("special:cloudinit")));
+        let (_, notes, _) =
+            vm("virtio0: local-lvm:vm-100-disk-0,size=1G\n[pve:pending]\nmemory: 2048\n");
+        assert!(
+            has(&notes, "100.conf:2: [pve:pending]: pending changes"),
+            "{notes:?}"
+        );
     }
 
     #[test]
