@@ -20,13 +20,13 @@ pub(crate) enum ImportCmd {
 #[derive(Args, Debug)]
 pub(crate) struct ProxmoxArgs {
     /// The root the Proxmox files are read under (etc/pve, etc/network).
-    #[arg(long, default_value = "/")]
+    #[arg(long, value_name = "DIR", default_value = "/")]
     root: PathBuf,
     /// Only the guests of this node (etc/pve/nodes/NAME).
-    #[arg(long)]
+    #[arg(long, value_name = "NAME")]
     node: Option<String>,
     /// Output directory: empty, new, or an earlier import (replaced).
-    #[arg(long, default_value = "proxmox-import")]
+    #[arg(long, value_name = "DIR", default_value = "proxmox-import")]
     out: PathBuf,
     /// Import the rest when a file cannot be parsed, and list it in the report.
     #[arg(long)]
