@@ -23,6 +23,7 @@ mod cmd_cluster;
 mod cmd_console;
 mod cmd_controller;
 mod cmd_env;
+mod cmd_import;
 mod cmd_qemu;
 mod cmd_snapshot;
 mod cmd_vmm;
@@ -192,6 +193,11 @@ enum Command {
     },
     /// Follow a git repository or directory; converge on each revision, heal drift, export metrics.
     Controller(cmd_controller::ControllerArgs),
+    /// Write stead manifests from another tool's configuration: `stead import proxmox`.
+    Import {
+        #[command(subcommand)]
+        cmd: cmd_import::ImportCmd,
+    },
     /// Backups: run, list, verify, restore, prune, simulate-prune, daemon.
     Backup {
         #[command(subcommand)]
@@ -551,6 +557,7 @@ fn run(cli: Cli) -> Result<u8> {
             get::run(&env, what.as_deref(), output)
         }
         Command::Env { cmd } => cmd_env::run(cmd, &g),
+        Command::Import { cmd } => cmd_import::run(cmd),
         Command::Backup { cmd } => {
             let env = host_env(&g)?;
             let world = applied_world(&env)?;
