@@ -140,22 +140,7 @@ fn default_state_dir() -> PathBuf {
 /// `(kind, name)` of every resource in the state DB's inventory, opened read-only; empty
 /// when there is no DB or it cannot be read (completion prints no errors).
 fn owned_ids(state_dir: &Path) -> Vec<(String, String)> {
-    use rusqlite::{Connection, OpenFlags};
-    let path = state_dir.join("stead.db");
-    if !path.is_file() {
-        return Vec::new();
-    }
-    let Ok(conn) = Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_ONLY) else {
-        return Vec::new();
-    };
-    let Ok(mut stmt) = conn.prepare("SELECT kind, name FROM inventory ORDER BY kind, name") else {
-        return Vec::new();
-    };
-    let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)));
-    match rows {
-        Ok(rows) => rows.filter_map(Result::ok).collect(),
-        Err(_) => Vec::new(),
-    }
+    stead_reconciler::state::inventory_names_read_only(state_dir).unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -102,6 +102,29 @@ pub fn ensure_state_dir(state_dir: &Path) -> Result<(), StateError> {
     })
 }
 
+/// `(kind, name)` of every owned resource, read from `<state_dir>/stead.db` opened
+/// read-only (nothing is created or migrated; shell completion uses it). `Ok(empty)` when
+/// there is no DB.
+pub fn inventory_names_read_only(state_dir: &Path) -> Result<Vec<(String, String)>, StateError> {
+    let path = state_dir.join("stead.db");
+    if !path.is_file() {
+        return Ok(Vec::new());
+    }
+    let db = |source| StateError::Db {
+        path: path.clone(),
+        source,
+    };
+    let conn = Connection::open_with_flags(&path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .map_err(db)?;
+    let mut stmt = conn
+        .prepare("SELECT kind, name FROM inventory ORDER BY kind, name")
+        .map_err(db)?;
+    let rows = stmt
+        .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+        .map_err(db)?;
+    rows.collect::<Result<_, _>>().map_err(db)
+}
+
 impl StateDb {
     /// Opens (and creates) `<state_dir>/stead.db`.
     pub fn open(state_dir: &Path) -> Result<Self, StateError> {
