@@ -395,14 +395,14 @@ pub async fn read_versioned(
 /// Writes `record` only if the override is still at `mod_revision` (nobody changed it since
 /// it was read: not the operator, not the leader, not the other node) and, with `token`,
 /// only while that ownership is current (the source's progress is fenced like any side
-/// effect). Whether it was written.
+/// effect). The record's new mod revision, `None` when it was not written.
 pub async fn put_if_unchanged(
     store: &Store,
     resource: &ResourceRef,
     record: &MigrationRecord,
     mod_revision: i64,
     token: Option<&FencingToken>,
-) -> Result<bool, StoreError> {
+) -> Result<Option<i64>, StoreError> {
     let key = store.keys().migration(resource);
     let value = serde_json::to_vec(record).map_err(|e| StoreError::decode(&key, e))?;
     let mut when = vec![Compare::mod_revision(
@@ -421,7 +421,9 @@ pub async fn put_if_unchanged(
         .when(when)
         .and_then([TxnOp::put(key, value, None)]);
     let mut client = store.client();
-    Ok(store.timed(client.txn(txn)).await?.succeeded())
+    let r = store.timed(client.txn(txn)).await?;
+    Ok(r.succeeded()
+        .then(|| r.header().map(|h| h.revision()).unwrap_or_default()))
 }
 
 /// Every override, by workload, and the revision of the reading.
