@@ -325,23 +325,16 @@ pub fn choose_method(mode: MigrationMode, facts: Option<&LiveFacts>) -> Result<M
     }
 }
 
-/// Why the cluster cannot move a workload live yet: the driver migrates a QEMU VM live, but
-/// the agents do not hand a running VM over (incoming target, release, adoption).
-pub const LIVE_NOT_WIRED: &str = "live migration through the cluster is not wired yet";
-
-/// How `stead migrate` moves a workload through the cluster today (pure): `--cold` and the
-/// default move cold (the default says why not live); `--live` is refused, for a VM with
-/// [`LIVE_NOT_WIRED`] until the agents hand a running VM over.
-pub fn cluster_method(mode: MigrationMode, is_vm: bool) -> Result<Method, String> {
-    let why = if is_vm {
-        LIVE_NOT_WIRED.to_string()
-    } else {
-        live_blocker(None).unwrap_or_default()
-    };
-    match mode {
-        MigrationMode::Cold => Ok(Method::Cold("--cold".into())),
-        MigrationMode::Auto => Ok(Method::Cold(why)),
-        MigrationMode::Live => Err(format!("cannot move live: {why}")),
+/// What `stead migrate` refuses before asking the leader (pure): `--live` for anything but
+/// a VirtualMachine. Whether a VM can move live (engine, running, shared volumes) is the
+/// leader's decision ([`choose_method`] on the manifests), written into the record.
+pub fn precheck(mode: MigrationMode, is_vm: bool) -> Result<(), String> {
+    match (mode, is_vm) {
+        (MigrationMode::Live, false) => Err(format!(
+            "cannot move live: {}",
+            live_blocker(None).unwrap_or_default()
+        )),
+        _ => Ok(()),
     }
 }
 
@@ -736,27 +729,17 @@ mod tests {
     }
 
     #[test]
-    fn the_cluster_moves_cold_and_refuses_live_until_the_hand_over_is_wired() {
-        for vm in [true, false] {
-            assert_eq!(
-                cluster_method(MigrationMode::Cold, vm),
-                Ok(Method::Cold("--cold".into()))
-            );
+    fn the_cli_refuses_live_only_for_what_is_not_a_vm() {
+        for mode in [
+            MigrationMode::Auto,
+            MigrationMode::Cold,
+            MigrationMode::Live,
+        ] {
+            assert_eq!(precheck(mode, true), Ok(()));
         }
+        assert_eq!(precheck(MigrationMode::Auto, false), Ok(()));
         assert_eq!(
-            cluster_method(MigrationMode::Auto, true),
-            Ok(Method::Cold(LIVE_NOT_WIRED.into()))
-        );
-        assert_eq!(
-            cluster_method(MigrationMode::Live, true),
-            Err(format!("cannot move live: {LIVE_NOT_WIRED}"))
-        );
-        assert_eq!(
-            cluster_method(MigrationMode::Auto, false),
-            Ok(Method::Cold("only a VirtualMachine moves live".into()))
-        );
-        assert_eq!(
-            cluster_method(MigrationMode::Live, false),
+            precheck(MigrationMode::Live, false),
             Err("cannot move live: only a VirtualMachine moves live".into())
         );
     }
