@@ -135,8 +135,10 @@ impl LiveProgress {
             "{} RAM {}% ({} MiB sent, {} MiB left, {:.1} MiB/s)",
             self.phase, self.ram_percent, self.sent_mib, self.remaining_mib, self.mib_per_s
         );
-        if let Some(d) = self.downtime_ms {
-            s.push_str(&format!(", downtime {d} ms"));
+        match self.downtime_ms {
+            Some(d) if self.phase == "completed" => s.push_str(&format!(", downtime {d} ms")),
+            Some(d) => s.push_str(&format!(", expected downtime {d} ms")),
+            None => {}
         }
         s
     }
@@ -888,7 +890,13 @@ mod tests {
             "active RAM 42% (100 MiB sent, 50 MiB left, 20.0 MiB/s)"
         );
         p.downtime_ms = Some(120);
-        assert!(p.line().ends_with(", downtime 120 ms"), "{}", p.line());
+        assert!(
+            p.line().ends_with(", expected downtime 120 ms"),
+            "{}",
+            p.line()
+        );
+        p.phase = "completed".into();
+        assert!(p.line().ends_with("/s), downtime 120 ms"), "{}", p.line());
     }
 
     #[test]
