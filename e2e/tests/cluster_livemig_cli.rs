@@ -5,7 +5,9 @@
 //! target's agent starts the VM waiting for its guest through the driver, the source's agent
 //! sends it and reports progress, then the ownership moves. Afterwards the owner key names
 //! the target, the guest's boot id (read by its agent) is the one it had before, and the
-//! source has no QEMU left. Times are printed.
+//! source has no QEMU left. Before that, a move whose target QEMU is killed as soon as it
+//! appears fails with the reason and leaves the guest (same boot) on, and owned by, the
+//! source. Times are printed.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -92,6 +94,40 @@ fn qemus(lab: &ClusterLab, i: usize) -> Vec<i32> {
     lab.workload_pids_with(&["qemu-system", &run])
 }
 
+/// `stead migrate VirtualMachine/web --to TO --live`, output piped.
+fn migrate_cmd(lab: &ClusterLab, to: &str) -> std::process::Command {
+    let mut c = lab.operator_cmd(&[
+        "migrate",
+        "VirtualMachine/web",
+        "--to",
+        to,
+        "--live",
+        "--timeout",
+        "300s",
+    ]);
+    c.stdout(Stdio::piped()).stderr(Stdio::piped());
+    c
+}
+
+/// What an exited child wrote (stdout, stderr).
+fn outputs(child: &mut std::process::Child) -> (String, String) {
+    let mut out = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    (out, err)
+}
+
 fn text(o: &Output) -> String {
     format!(
         "{}{}",
@@ -142,21 +178,41 @@ fn migrate_live_moves_a_running_qemu_vm_through_the_agents_keeping_its_boot() {
     );
     assert!(qemus(&lab, dst).is_empty(), "no QEMU on {to} yet");
 
+    // A move whose target QEMU is killed as soon as it appears: the record says why, the
+    // CLI exits 1, and the guest keeps running on the source, which keeps owning it.
+    let mut child = migrate_cmd(&lab, &to).spawn().expect("stead migrate");
+    let mut killed = false;
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        if !killed && let Some(pid) = qemus(&lab, dst).first() {
+            killed = std::process::Command::new("kill")
+                .args(["-9", &pid.to_string()])
+                .status()
+                .is_ok_and(|s| s.success());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let (out, err) = outputs(&mut child);
+    println!("stead migrate --live with its target killed:\n{out}{err}");
+    assert!(killed, "the target's QEMU was killed: {out}{err}");
+    assert_eq!(status.code(), Some(1), "{out}{err}\n{}", logs(&lab));
+    assert!(
+        err.contains(&format!("it keeps running on {from}")),
+        "{out}{err}"
+    );
+    assert_eq!(owner(&lab).as_deref(), Some(from.as_str()));
+    assert_eq!(boot_id(&lab, src, Duration::from_secs(60)), before);
+    wait_for(
+        "no QEMU left on the target",
+        Duration::from_secs(30),
+        &lab,
+        || qemus(&lab, dst).is_empty(),
+    );
+
     let t1 = Instant::now();
-    let mut child = lab
-        .operator_cmd(&[
-            "migrate",
-            "VirtualMachine/web",
-            "--to",
-            &to,
-            "--live",
-            "--timeout",
-            "300s",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("stead migrate");
+    let mut child = migrate_cmd(&lab, &to).spawn().expect("stead migrate");
     // Sample the QEMUs of both nodes while it runs: the target's waits while the source's
     // runs the guest; once done only the target has one.
     let mut both_seen = false;
@@ -168,20 +224,7 @@ fn migrate_live_moves_a_running_qemu_vm_through_the_agents_keeping_its_boot() {
         std::thread::sleep(Duration::from_millis(200));
     };
     let cli = t1.elapsed();
-    let mut out = String::new();
-    child
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut out)
-        .unwrap();
-    let mut err = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
+    let (out, err) = outputs(&mut child);
     println!("stead migrate --live output:\n{out}{err}");
     assert!(
         status.success(),
@@ -201,6 +244,10 @@ fn migrate_live_moves_a_running_qemu_vm_through_the_agents_keeping_its_boot() {
         || qemus(&lab, src).is_empty(),
     );
     assert_eq!(qemus(&lab, dst).len(), 1, "one QEMU on {to}");
+    assert!(
+        pool.join("images/web-root.qcow2").is_file(),
+        "the shared disk stays"
+    );
     let after = boot_id(&lab, dst, Duration::from_secs(60));
     assert_eq!(after, before, "the same boot runs on {to}");
     println!(
