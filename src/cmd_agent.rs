@@ -761,7 +761,10 @@ impl Converge for NodeEngine {
         if let Err(e) =
             stead_drivers::vm::qemu::migrate::abort_incoming_vm(&self.vm_paths(&id.name))
         {
-            tracing::warn!(vm = %id.name, error = %e, "killing the waiting VM");
+            // Its QEMU runs the guest (the send completed, the record could not say so): the
+            // only copy of the guest stays here, unowned, for the operator to sort out.
+            tracing::error!(vm = %id.name, error = %e, "not killing the VM of a failed migration");
+            return;
         }
         let owned = {
             let mut l = self.live_in.lock().unwrap_or_else(PoisonError::into_inner);
