@@ -325,6 +325,7 @@ impl LiveHandOver {
         tokio::spawn(async move {
             let cancel = Arc::new(AtomicBool::new(false));
             let (tx, rx) = mpsc::unbounded_channel::<LiveProgress>();
+            let original = record.clone();
             let writer = tokio::spawn(write_progress(
                 store.clone(),
                 owned.token.clone(),
@@ -351,8 +352,8 @@ impl LiveHandOver {
                 }
                 s.sending.remove(&owned.resource);
             }
-            let (record, rev) = writer.await.unwrap_or((None, 0));
-            finish_send(&store, &owned, record, rev, sent).await;
+            let written = writer.await.unwrap_or((None, 0));
+            finish_send(&store, &owned, written, original, sent).await;
             let _ = wake.send(());
         });
     }
@@ -402,19 +403,29 @@ async fn write_progress(
     (Some(record), rev)
 }
 
-/// Writes how the send ended: `completed` or `failed` with why (the record untouched when
-/// it was cancelled: whoever changed it said why).
+/// Writes how the send ended: `completed` or `failed` with why. A cancelled send leaves the
+/// record to whoever changed it, unless the guest left anyway (QEMU completed as it was
+/// being cancelled): then a cleared record is written again as `completed` (from
+/// `original`, only if nobody wrote a new one, with the token), so that the target takes
+/// the guest over.
 async fn finish_send(
     store: &Store,
     owned: &Owned,
-    record: Option<MigrationRecord>,
-    rev: i64,
+    (record, rev): (Option<MigrationRecord>, i64),
+    original: MigrationRecord,
     sent: Result<LiveProgress, ConvergeError>,
 ) {
     let res = &owned.resource;
-    let Some(record) = record else {
-        warn!(resource = %res, outcome = ?sent.as_ref().err(), "live migration cancelled; the guest stays here");
-        return;
+    let (record, rev) = match (record, &sent) {
+        (Some(r), _) => (r, rev),
+        (None, Ok(_)) => {
+            warn!(resource = %res, "the guest left although the migration was cancelled");
+            (original, 0)
+        }
+        (None, Err(e)) => {
+            warn!(resource = %res, outcome = %e, "live migration cancelled; the guest stays here");
+            return;
+        }
     };
     let next = match &sent {
         Ok(last) => record.completed(Some(last.clone())),

@@ -34,6 +34,8 @@ struct LiveFake {
     calls: Mutex<Vec<Call>>,
     /// Why the send fails (`None`: it completes).
     send_fails: Option<String>,
+    /// Progress reports before the end (default 3, 600 ms apart).
+    reports: Option<u8>,
 }
 
 fn progress(pct: u8) -> LiveProgress {
@@ -69,7 +71,8 @@ impl Converge for LiveFake {
         report: &mut dyn FnMut(LiveProgress) -> bool,
     ) -> Result<LiveProgress, ConvergeError> {
         self.push(Call::MigrateOut(owned.resource.to_string(), uri.into()));
-        for pct in [10, 40, 80] {
+        let n = self.reports.unwrap_or(3);
+        for pct in (1..=n).map(|i| u8::try_from(u16::from(i) * 90 / u16::from(n)).unwrap_or(90)) {
             if !report(progress(pct)) {
                 return Err(ConvergeError("cancelled".into()));
             }
@@ -297,6 +300,51 @@ async fn a_failed_live_move_leaves_the_guest_on_the_source_and_kills_the_target(
         assert!(Instant::now() < deadline, "{:?}", n1.engine.calls());
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    n1.stop().await;
+    n2.stop().await;
+}
+
+/// `stead migrate --clear` while the guest is being sent cancels the move: the source's next
+/// progress write is refused, it cancels the send, keeps the guest and its ownership, and
+/// the target kills its waiting VM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clearing_a_live_move_in_flight_cancels_it_and_the_guest_stays() {
+    let test = "clearing_a_live_move_in_flight_cancels_it_and_the_guest_stays";
+    let Some((_etcd, store)) = member_with_store(test, "/t").await else {
+        return;
+    };
+    let source = LiveFake {
+        reports: Some(10),
+        ..LiveFake::default()
+    };
+    let (n1, n2, _token, t1) = running_on_n1(&store, source).await;
+    record_in(&store, MigrationState::Transferring).await;
+    assert!(migrate::clear(&store, &res(VM)).await.expect("clear"));
+    n2.engine
+        .wait_for(
+            "n2 killed its waiting VM",
+            |c| matches!(c, Call::Abort(r) if r == VM),
+        )
+        .await;
+    let sent = n1
+        .engine
+        .calls()
+        .iter()
+        .position(|c| matches!(c, Call::MigrateOut(..)))
+        .expect("sent");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !n1.engine.calls()[sent..].iter().any(runs_vm) {
+        assert!(Instant::now() < deadline, "{:?}", n1.engine.calls());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(owner_node(&store).await, Some(("n1".into(), t1)));
+    assert!(
+        migrate::read(&store, &res(VM))
+            .await
+            .expect("read")
+            .is_none(),
+        "a cancelled move writes nothing back"
+    );
     n1.stop().await;
     n2.stop().await;
 }
