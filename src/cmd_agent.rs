@@ -16,6 +16,7 @@ use stead_cluster::etcd::{EtcdConfig, Store};
 use stead_cluster::keys::ResourceRef;
 use stead_cluster::local::local_set;
 use stead_cluster::metrics::AgentMetrics;
+use stead_cluster::migrate::LiveProgress;
 use stead_cluster::model::{Capacity, NodeInfo};
 use stead_cluster::registry::LeaseConfig;
 use stead_cluster::replication::{Transfer, jobs_for};
@@ -276,7 +277,9 @@ pub fn run(a: AgentArgs, g: &Global, env: HostEnv) -> Result<u8> {
         g: g.clone(),
         env,
         paths: a.paths,
+        address: file.address.clone(),
         ledger: Mutex::default(),
+        live_in: Mutex::default(),
         tickets: AtomicU64::new(0),
         repl: replication.as_ref().map(|(s, _)| s.clone()),
         sender: replication.as_ref().map(|(_, t)| t.clone()),
@@ -482,7 +485,12 @@ struct NodeEngine {
     g: Global,
     env: HostEnv,
     paths: Vec<PathBuf>,
+    /// The address other nodes reach this one on (a live migration's target listens there).
+    address: String,
     ledger: Mutex<Ledger>,
+    /// VMs waiting for (or running after) a live migration to this node that it does not
+    /// own yet: kept through converges, and the owned set of the last converge.
+    live_in: Mutex<LiveIn>,
     /// Numbers converge calls on arrival.
     tickets: AtomicU64,
     /// Volume replication (`None`: off).
@@ -547,6 +555,63 @@ impl NodeEngine {
     }
 }
 
+/// The VMs a live migration brings to this node, and the owned set of the last converge.
+#[derive(Debug, Default)]
+struct LiveIn {
+    vms: BTreeSet<ResourceId>,
+    owned: Vec<Owned>,
+}
+
+impl NodeEngine {
+    fn vm_paths(&self, name: &str) -> stead_drivers::vm::config::Paths {
+        stead_drivers::vm::config::Paths::new(&self.env.run_dir, name)
+    }
+
+    /// `run` with the VMs a live migration brings here (kept until owned); remembers
+    /// `owned` for the converges the migration itself makes.
+    fn with_live_in(&self, mut run: BTreeSet<ResourceId>, owned: &[Owned]) -> BTreeSet<ResourceId> {
+        let mut l = self.live_in.lock().unwrap_or_else(PoisonError::into_inner);
+        l.owned = owned.to_vec();
+        let owned_ids: BTreeSet<ResourceId> = owned
+            .iter()
+            .filter_map(|o| resource_id(&o.resource))
+            .collect();
+        l.vms.retain(|id| !owned_ids.contains(id));
+        run.extend(l.vms.iter().cloned());
+        run
+    }
+}
+
+fn err(e: impl std::fmt::Display) -> ConvergeError {
+    ConvergeError(e.to_string())
+}
+
+/// The VM `r` names (only VMs move live).
+fn live_vm(r: &ResourceRef) -> Result<ResourceId, ConvergeError> {
+    resource_id(r)
+        .filter(|id| id.kind == Kind::VirtualMachine)
+        .ok_or_else(|| ConvergeError(format!("{r} is not a VirtualMachine")))
+}
+
+/// The cluster's progress record of a QEMU migration report.
+fn live_progress(p: &stead_drivers::vm::qemu::migrate::Progress) -> LiveProgress {
+    let secs = p.elapsed.as_secs_f64();
+    let sent_mib = p.transferred >> 20;
+    LiveProgress {
+        phase: format!("{:?}", p.status).to_lowercase(),
+        ram_percent: p.ram_percent(),
+        sent_mib,
+        remaining_mib: p.remaining >> 20,
+        mib_per_s: if secs > 0.0 {
+            (p.transferred as f64 / f64::from(1u32 << 20)) / secs
+        } else {
+            0.0
+        },
+        elapsed_s: secs,
+        downtime_ms: p.downtime_ms,
+    }
+}
+
 fn resource_id(r: &ResourceRef) -> Option<ResourceId> {
     Kind::parse_loose(r.kind()).map(|k| ResourceId::new(k, r.name()))
 }
@@ -571,6 +636,7 @@ impl Converge for NodeEngine {
         if run.len() < ids.len() {
             tracing::warn!("a converge from before the fence: the fenced workloads stay stopped");
         }
+        let run = self.with_live_in(run, owned);
         let admitted: Vec<Owned> = owned
             .iter()
             .filter(|o| resource_id(&o.resource).is_some_and(|id| run.contains(&id)))
@@ -613,6 +679,101 @@ impl Converge for NodeEngine {
             );
         }
         Ok(())
+    }
+
+    fn start_incoming(&self, resource: &ResourceRef) -> Result<String, ConvergeError> {
+        let id = live_vm(resource)?;
+        let paths = self.vm_paths(&id.name);
+        stead_drivers::vm::qemu::migrate::expect_incoming(&paths).map_err(err)?;
+        let owned = {
+            let mut l = self.live_in.lock().unwrap_or_else(PoisonError::into_inner);
+            l.vms.insert(id.clone());
+            l.owned.clone()
+        };
+        self.converge_keeping(&owned, &[])?;
+        let uri = stead_drivers::vm::qemu::migrate::listen_vm(
+            &paths,
+            &self.address,
+            Duration::from_secs(30),
+        )
+        .map_err(err)?;
+        tracing::info!(vm = %id.name, %uri, "waiting for the guest");
+        Ok(uri)
+    }
+
+    fn migrate_out(
+        &self,
+        owned: &Owned,
+        uri: &str,
+        progress: &mut dyn FnMut(LiveProgress) -> bool,
+    ) -> Result<LiveProgress, ConvergeError> {
+        use stead_drivers::vm::qemu::migrate::{MigrateOptions, send_vm};
+        let id = live_vm(&owned.resource)?;
+        let paths = self.vm_paths(&id.name);
+        let mut last = None;
+        let done = send_vm(&paths, uri, &MigrateOptions::default(), |p| {
+            let lp = live_progress(p);
+            last = Some(lp.clone());
+            progress(lp)
+        })
+        .map_err(err)?;
+        tracing::info!(
+            vm = %id.name,
+            total_ms = done.total_time_ms,
+            downtime_ms = done.downtime_ms,
+            sent_mib = done.transferred >> 20,
+            "the guest left for {uri}"
+        );
+        // Its QEMU holds nothing any more (postmigrate): its supervisor quits it at once
+        // and does not restart it.
+        if let Err(e) = stead_drivers::vm::VmDriver::new(&self.env).and_then(|d| d.stop(&id.name)) {
+            tracing::warn!(vm = %id.name, error = %e, "stopping the migrated VM");
+        }
+        let secs = Duration::from_millis(done.total_time_ms).as_secs_f64();
+        let mut last = last.unwrap_or(LiveProgress {
+            phase: String::new(),
+            ram_percent: 0,
+            sent_mib: 0,
+            remaining_mib: 0,
+            mib_per_s: 0.0,
+            elapsed_s: secs,
+            downtime_ms: None,
+        });
+        last.phase = "completed".into();
+        last.ram_percent = 100;
+        last.remaining_mib = 0;
+        last.sent_mib = done.transferred >> 20;
+        last.downtime_ms = Some(done.downtime_ms);
+        Ok(last)
+    }
+
+    fn finish_incoming(&self, resource: &ResourceRef) -> Result<(), ConvergeError> {
+        let id = live_vm(resource)?;
+        stead_drivers::vm::qemu::migrate::adopt_incoming_vm(
+            &self.vm_paths(&id.name),
+            Duration::from_secs(60),
+        )
+        .map_err(err)
+    }
+
+    fn abort_incoming(&self, resource: &ResourceRef) {
+        let Ok(id) = live_vm(resource) else { return };
+        if let Err(e) =
+            stead_drivers::vm::qemu::migrate::abort_incoming_vm(&self.vm_paths(&id.name))
+        {
+            // Its QEMU runs the guest (the send completed, the record could not say so): the
+            // only copy of the guest stays here, unowned, for the operator to sort out.
+            tracing::error!(vm = %id.name, error = %e, "not killing the VM of a failed migration");
+            return;
+        }
+        let owned = {
+            let mut l = self.live_in.lock().unwrap_or_else(PoisonError::into_inner);
+            l.vms.remove(&id);
+            l.owned.clone()
+        };
+        if let Err(e) = self.converge_keeping(&owned, &[]) {
+            tracing::warn!(vm = %id.name, error = %e, "converging after the failed migration");
+        }
     }
 
     fn stop_ha(&self, resources: &[ResourceRef]) {

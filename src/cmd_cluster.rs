@@ -15,7 +15,7 @@ use stead_cluster::events::{ClusterEvent, recent};
 use stead_cluster::keys::ResourceRef;
 use stead_cluster::leader::{self, LeaderConfig, LeaderStatus, Manifests};
 use stead_cluster::metrics::LeaderMetrics;
-use stead_cluster::migrate::{self, Method, MigrationMode, MigrationRecord, MigrationState};
+use stead_cluster::migrate::{self, MigrationMode, MigrationRecord, MigrationState};
 use stead_cluster::model::{Assignment, NodeInfo};
 use stead_cluster::owner::list_owners;
 use stead_cluster::pki::{self, CaMode, InitReport, InitRequest, Layout, Member};
@@ -498,8 +498,8 @@ pub struct MigrateArgs {
     /// the rules allow).
     #[arg(long)]
     clear: bool,
-    /// Move it live (a running QEMU VM keeps running) or not at all. Refused for now: live
-    /// migration through the cluster is not wired yet.
+    /// Move it live (a running QEMU VM keeps running: its guest is sent to a QEMU waiting on
+    /// the target) or not at all (refused with the reason).
     #[arg(long, conflicts_with_all = ["cold", "clear"])]
     live: bool,
     /// Move it cold (stop, hand off, start on the target) even when live is possible.
@@ -528,11 +528,12 @@ impl MigrateArgs {
     }
 }
 
-/// How the move is announced: `live`, or `cold` with why.
-fn method_words(m: &Method) -> String {
+/// How the operator's mode is announced.
+fn mode_words(m: MigrationMode) -> &'static str {
     match m {
-        Method::Live => "live".into(),
-        Method::Cold(why) => format!("cold ({why})"),
+        MigrationMode::Auto => "live if it can, else cold",
+        MigrationMode::Live => "--live",
+        MigrationMode::Cold => "--cold",
     }
 }
 
@@ -544,13 +545,10 @@ pub fn migrate(a: MigrateArgs, g: &Global) -> Result<u8> {
         anyhow::bail!("only a Container or a VirtualMachine can be migrated, not {resource}");
     }
     let mode = a.mode();
-    let method = match migrate::cluster_method(mode, resource.kind() == "VirtualMachine") {
-        Ok(m) => m,
-        Err(why) => {
-            eprintln!("error: {resource} {why} (use --cold)");
-            return Ok(1);
-        }
-    };
+    if let Err(why) = migrate::precheck(mode, resource.kind() == "VirtualMachine") {
+        eprintln!("error: {resource} {why} (use --cold)");
+        return Ok(1);
+    }
     let etcd = a.etcd.config(g)?;
     runtime()?.block_on(async {
         let store = Store::connect(&etcd).await?;
@@ -581,9 +579,9 @@ pub fn migrate(a: MigrateArgs, g: &Global) -> Result<u8> {
             );
         };
         println!(
-            "{resource}: on {}, moving to {to} {}",
+            "{resource}: on {}, moving to {to} ({}; the leader chooses how)",
             now.node,
-            method_words(&method)
+            mode_words(mode)
         );
         let mut record = MigrationRecord::request(&to);
         record.mode = mode;
@@ -601,6 +599,9 @@ pub fn migrate(a: MigrateArgs, g: &Global) -> Result<u8> {
 struct MoveView {
     state: Option<MigrationState>,
     message: Option<String>,
+    method: Option<String>,
+    progress: Option<String>,
+    from: Option<String>,
     assigned: Option<String>,
     owner: Option<String>,
 }
@@ -623,6 +624,14 @@ async fn follow_migration(
             eprintln!(
                 "error: migration of {resource} to {to} refused: {}",
                 view.message.as_deref().unwrap_or("no reason given")
+            );
+            return Ok(1);
+        }
+        if view.state == Some(MigrationState::Failed) {
+            eprintln!(
+                "error: live migration of {resource} to {to} failed: {}; it keeps running on {}",
+                view.message.as_deref().unwrap_or("no reason given"),
+                view.from.as_deref().unwrap_or("its node")
             );
             return Ok(1);
         }
@@ -653,6 +662,12 @@ async fn read_move(store: &Store, resource: &ResourceRef) -> Result<MoveView> {
     let owners = owners(store).await?;
     Ok(MoveView {
         state: record.as_ref().map(|r| r.state),
+        method: record.as_ref().and_then(|r| r.method.clone()),
+        progress: record
+            .as_ref()
+            .and_then(|r| r.progress.as_ref())
+            .map(|p| p.line()),
+        from: record.as_ref().and_then(|r| r.from.clone()),
         message: record.and_then(|r| r.message),
         assigned: assigned
             .into_iter()
@@ -669,12 +684,17 @@ fn print_move(at: Duration, now: &MoveView, before: Option<&MoveView>, to: &str)
     if before.is_none_or(|b| b.state != now.state)
         && let Some(state) = now.state
     {
-        let word = match state {
-            MigrationState::Requested => "requested, waiting for the leader",
-            MigrationState::Assigned => "assigned by the leader",
-            MigrationState::Refused => "refused by the leader",
-        };
-        println!("{t:>6.1}s  migration {word}");
+        println!("{t:>6.1}s  migration {}", state.describe());
+    }
+    if changed(|v| &v.method)
+        && let Some(m) = &now.method
+    {
+        println!("{t:>6.1}s  method: {m}");
+    }
+    if changed(|v| &v.progress)
+        && let Some(p) = &now.progress
+    {
+        println!("{t:>6.1}s  {p}");
     }
     if changed(|v| &v.assigned) {
         println!(

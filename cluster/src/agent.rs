@@ -18,12 +18,14 @@ use crate::etcd::{Store, StoreError};
 use crate::events::{self, ClusterEvent, EventKind};
 use crate::fence::{DeadlineFile, FenceCallback, FenceGuard, FencePolicy, FenceState};
 use crate::keys::ResourceRef;
+use crate::live::LiveHandOver;
 use crate::metrics::AgentMetrics;
-use crate::migrate::{self, MigrationState};
+use crate::migrate::{self, LiveProgress, MigrationState};
 use crate::model::{Assignment, NodeInfo};
 use crate::owner::{self, FencingToken, Holder};
 use crate::quorum::{QuorumProbe, QuorumView};
 use crate::registry::{LeaseConfig, Liveness, Registration};
+use crate::watch::PrefixWatch;
 
 /// A failure of the local engine to converge (reported, retried on the next round).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -65,6 +67,45 @@ pub trait Converge: Send + Sync + 'static {
     fn hand_off(&self, owned: &Owned, to: &str) -> Result<(), ConvergeError> {
         let _ = (owned, to);
         Ok(())
+    }
+
+    /// Live migration, target side: start `resource` (a VM this node does not own yet)
+    /// waiting for its guest, and keep it through converges until
+    /// [`Converge::finish_incoming`] or [`Converge::abort_incoming`]; the `tcp:HOST:PORT`
+    /// it listens on.
+    fn start_incoming(&self, resource: &ResourceRef) -> Result<String, ConvergeError> {
+        Err(ConvergeError(format!(
+            "this node cannot receive {resource} live"
+        )))
+    }
+
+    /// Live migration, source side: send the running guest of `owned` to `uri`, calling
+    /// `progress` on the way (it returns false to cancel). On success the guest runs on the
+    /// target and this node's VM is stopped for good (it must not start again); on an error
+    /// the guest keeps running here. The last progress.
+    fn migrate_out(
+        &self,
+        owned: &Owned,
+        uri: &str,
+        progress: &mut dyn FnMut(LiveProgress) -> bool,
+    ) -> Result<LiveProgress, ConvergeError> {
+        let _ = (uri, progress);
+        Err(ConvergeError(format!(
+            "this node cannot send {} live",
+            owned.resource
+        )))
+    }
+
+    /// Live migration, target side: the guest runs here now; the waiting VM becomes an
+    /// ordinary one (converged as usual once this node owns it).
+    fn finish_incoming(&self, resource: &ResourceRef) -> Result<(), ConvergeError> {
+        let _ = resource;
+        Ok(())
+    }
+
+    /// Live migration, target side: kill the waiting VM (the move failed or was cleared).
+    fn abort_incoming(&self, resource: &ResourceRef) {
+        let _ = resource;
     }
 }
 
@@ -192,10 +233,13 @@ pub async fn run_with_metrics(
         probe.subscribe(),
         metrics.clone(),
     ));
+    let (live, live_wake) = LiveHandOver::new(store, &config.node.name, engine.clone());
     let mut agent = AgentLoop {
         store: store.clone(),
         node: config.node.name.clone(),
         retry: config.retry,
+        live,
+        live_wake,
         engine,
         running,
         assigned: BTreeMap::new(),
@@ -328,6 +372,10 @@ struct AgentLoop {
     store: Store,
     node: String,
     retry: Duration,
+    /// Live migrations this node takes part in.
+    live: LiveHandOver,
+    /// Woken when a live hand-over task ended (a round follows).
+    live_wake: tokio::sync::mpsc::UnboundedReceiver<()>,
     engine: Arc<dyn Converge>,
     running: Running,
     assigned: BTreeMap<ResourceRef, Assignment>,
@@ -356,9 +404,28 @@ impl AgentLoop {
         let mut retry_at: Option<Instant> = None;
         let mut watch_backoff = Backoff::default();
         let mut refused_in_a_row = 0u32;
+        let mut migrations = PrefixWatch::new(&self.store, self.store.keys().migrations(), 0);
+        let mut live_synced = false;
         loop {
             let mut dirty = false;
+            if !live_synced {
+                live_synced = self.live_resync(&mut migrations).await;
+            }
             tokio::select! {
+                changes = migrations.next_batch(), if live_synced => match changes {
+                    Ok(changes) => {
+                        if let Err(e) = self.live.on_changes(changes, &self.held).await {
+                            debug!(error = %e, "live migrations: reading again");
+                            live_synced = false;
+                        }
+                    }
+                    Err(e) => {
+                        debug!(error = %e, "migration watch interrupted");
+                        live_synced = false;
+                        tokio::time::sleep(self.retry).await;
+                    }
+                },
+                Some(()) = self.live_wake.recv() => dirty = true,
                 changed = shutdown.changed() => {
                     if changed.is_err() || *shutdown.borrow() { return Ok(()); }
                 }
@@ -411,6 +478,25 @@ impl AgentLoop {
             }
             if dirty && self.round(&mut fence, registration.lease()).await {
                 retry_at.get_or_insert(Instant::now() + self.retry);
+            }
+        }
+    }
+
+    /// Lists the migration records, restarting `watch` after them, and acts on each;
+    /// whether it worked (else it is tried again on the next turn of the loop).
+    async fn live_resync(&mut self, watch: &mut PrefixWatch) -> bool {
+        let listed = watch.list().await;
+        match listed {
+            Ok(_) => match self.live.resync(&self.held).await {
+                Ok(()) => true,
+                Err(e) => {
+                    debug!(error = %e, "reading live migrations failed");
+                    false
+                }
+            },
+            Err(e) => {
+                debug!(error = %e, "listing migrations failed");
+                false
             }
         }
     }
@@ -471,6 +557,11 @@ impl AgentLoop {
             debug!("etcd has no leader anywhere: holding, converging nothing");
             return false;
         }
+        if self.live.sending() {
+            // A guest is on its way out: nothing is converged until it has left (or not).
+            debug!("sending a guest live: converging after it");
+            return true;
+        }
         let step = decide(&self.assigned, &self.held, false);
         let holder = Holder {
             node: self.node.clone(),
@@ -497,13 +588,18 @@ impl AgentLoop {
             self.drop_tokens();
             return false;
         }
-        let step = decide(&self.assigned, &self.held, false);
+        let mut step = decide(&self.assigned, &self.held, false);
+        let handed_over = self.live.handed_over(&self.held);
+        // Sent away live: it runs on the target now, never here again.
+        step.run.retain(|o| !handed_over.contains(&o.resource));
         let draining = self.draining(&step.release).await;
         let keep: Vec<Owned> = draining
             .keys()
+            .cloned()
+            .chain(handed_over.iter().filter_map(|r| self.held.get(r).cloned()))
             .map(|t| Owned {
                 resource: t.resource().clone(),
-                token: t.clone(),
+                token: t,
                 ha: false,
             })
             .collect();

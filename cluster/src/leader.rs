@@ -26,7 +26,7 @@ use crate::election::{self, Election, LeaderToken};
 use crate::etcd::{Store, StoreError};
 use crate::events::{self, ClusterEvent, EventKind};
 use crate::keys::ResourceRef;
-use crate::migrate::{self, MigrationRecord, MigrationState};
+use crate::migrate::{self, Method, MigrationRecord, MigrationState};
 use crate::model::{Assignment, NodeInfo};
 use crate::placement::{self, NodeState, PlacementInput, PlacementResult, Unplaceable};
 use crate::registry::{self, NodeEvent, NodeWatch};
@@ -430,6 +430,7 @@ impl<'a> Term<'a> {
             debug!("no manifests yet: nothing to place");
             return Ok(());
         };
+        self.choose_methods(m).await;
         let (result, refused) = self.place_with_overrides(m);
         let (puts, deletes) = result.diff(&self.current);
         // Before the assignments: the source's agent reads the record (and so hands the
@@ -473,6 +474,72 @@ impl<'a> Term<'a> {
         (old.node != a.node && dead).then(|| old.node.clone())
     }
 
+    /// Decides how each new override moves its workload ([`migrate::choose_method`] on what
+    /// the manifests and the current assignment say): live ones go `preparing` (the
+    /// workload stays where it runs until the guest runs on the target), cold ones stay
+    /// `requested` with the method noted (placement pins them), impossible ones are
+    /// refused. A failed write is retried at the next placement.
+    async fn choose_methods(&mut self, m: &Manifests) {
+        let mut updates = Vec::new();
+        for (id, record) in &self.migrations {
+            if record.state != MigrationState::Requested || record.method.is_some() {
+                continue;
+            }
+            let next = self.method_of(m, id, record);
+            updates.push((id.clone(), next));
+        }
+        for (id, next) in updates {
+            let Ok(r) = ResourceRef::new(id.kind.as_str(), &id.name) else {
+                continue;
+            };
+            info!(resource = %id, to = %next.to, state = ?next.state, method = ?next.method, "migration method");
+            match migrate::put(self.store, &r, &next).await {
+                Ok(()) => {
+                    self.migrations.insert(id, next);
+                }
+                Err(e) => debug!(resource = %id, error = %e, "migration method not written"),
+            }
+        }
+    }
+
+    /// `record` with the method the leader chose for it (pure apart from reading the term).
+    fn method_of(
+        &self,
+        m: &Manifests,
+        id: &ResourceId,
+        record: &MigrationRecord,
+    ) -> MigrationRecord {
+        let on = self
+            .current
+            .get(id)
+            .filter(|a| self.nodes.get(&a.node).is_some_and(|n| n.alive))
+            .map(|a| a.node.clone());
+        let facts = placement::vm_live_facts(&m.desired, id, on.is_some());
+        let mut next = record.clone();
+        let refuse = |next: &mut MigrationRecord, why: String| {
+            next.state = MigrationState::Refused;
+            next.message = Some(why);
+        };
+        match (migrate::choose_method(record.mode, facts.as_ref()), on) {
+            (Err(why), _) => refuse(&mut next, why),
+            (Ok(Method::Live), Some(from)) if from != record.to => {
+                let single = BTreeMap::from([(id.clone(), record.clone())]);
+                let mut ws: Vec<_> = placement::workloads(&m.desired)
+                    .into_iter()
+                    .filter(|w| &w.id == id)
+                    .collect();
+                if let Some(why) = migrate::apply_overrides(&mut ws, &single).remove(id) {
+                    refuse(&mut next, why);
+                } else if let Ok(live) = record.preparing(&from) {
+                    next = live;
+                }
+            }
+            (Ok(Method::Live), _) => next.method = Some("cold (it is already there)".into()),
+            (Ok(Method::Cold(why)), _) => next.method = Some(format!("cold ({why})")),
+        }
+        next
+    }
+
     /// The placement of `m` with the migration overrides; the overrides refused, with why
     /// (placed again without them).
     fn place_with_overrides(
@@ -482,7 +549,11 @@ impl<'a> Term<'a> {
         let live: BTreeMap<ResourceId, MigrationRecord> = self
             .migrations
             .iter()
-            .filter(|(_, r)| r.state != MigrationState::Refused)
+            // A request whose method is not written yet pins nothing: a live move must not
+            // become a cold one because a write failed.
+            .filter(|(_, r)| {
+                r.state.pins() && !(r.state == MigrationState::Requested && r.method.is_none())
+            })
             .map(|(id, r)| (id.clone(), r.clone()))
             .collect();
         let result = self.place(m, &live);
@@ -527,14 +598,18 @@ impl<'a> Term<'a> {
                 warn!(resource = %id, to = %record.to, reason = %why, "migration refused");
                 next.state = MigrationState::Refused;
                 next.message = Some(why.clone());
-            } else if record.state == MigrationState::Requested
-                && result
-                    .assignments
-                    .get(id)
-                    .is_some_and(|a| a.node == record.to)
+            } else if matches!(
+                record.state,
+                MigrationState::Requested | MigrationState::Completed
+            ) && result
+                .assignments
+                .get(id)
+                .is_some_and(|a| a.node == record.to)
             {
                 next.state = MigrationState::Assigned;
-                next.from = self.current.get(id).map(|a| a.node.clone());
+                if record.state == MigrationState::Requested {
+                    next.from = self.current.get(id).map(|a| a.node.clone());
+                }
                 info!(resource = %id, to = %record.to, from = ?next.from, "migration assigned");
             } else {
                 continue;

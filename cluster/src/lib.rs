@@ -35,6 +35,7 @@ pub mod events;
 pub mod fence;
 pub mod keys;
 pub mod leader;
+pub mod live;
 pub mod local;
 pub mod metrics;
 pub mod migrate;

@@ -17,8 +17,11 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use stead_schema::{NodeName, ResourceId};
 
+use etcd_client::{Compare, CompareOp, Txn, TxnOp};
+
 use crate::etcd::{Store, StoreError};
 use crate::keys::{Key, ResourceRef};
+use crate::owner::FencingToken;
 use crate::placement::{DataLocality, PlacementResult, Workload};
 use crate::watch::{decode_or_skip, list_prefix};
 
@@ -32,10 +35,117 @@ pub enum MigrationState {
     Assigned,
     /// The leader refused it ([`MigrationRecord::message`] says why); placement ignores it.
     Refused,
+    /// Live: the leader chose to move it live; the target's agent is to start its QEMU
+    /// waiting for the migration (the workload stays assigned to and owned by the source).
+    Preparing,
+    /// Live: the target's QEMU waits in incoming mode on [`MigrationRecord::listen`].
+    Incoming,
+    /// Live: the source's QEMU sends the guest ([`MigrationRecord::progress`]).
+    Transferring,
+    /// Live: the guest runs on the target; the source has stopped its QEMU and releases its
+    /// ownership, the leader assigns the workload to the target, which takes it over.
+    Completed,
+    /// Live: the move failed ([`MigrationRecord::message`] says why); the workload keeps
+    /// running on and owned by the source, the target's QEMU is killed; placement ignores it.
+    Failed,
+}
+
+/// A state change [`MigrationState::can_become`] does not allow.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("a migration cannot go from {from:?} to {to:?}")]
+pub struct TransitionError {
+    /// The state it was in.
+    pub from: MigrationState,
+    /// The state asked for.
+    pub to: MigrationState,
+}
+
+impl MigrationState {
+    /// Whether a record in this state may be written as `next` (pure). `Assigned`,
+    /// `Refused` and `Failed` are final: only a new request replaces them.
+    pub fn can_become(self, next: MigrationState) -> bool {
+        use MigrationState::*;
+        matches!(
+            (self, next),
+            (Requested, Assigned | Refused | Preparing)
+                | (Preparing, Incoming | Failed)
+                | (Incoming, Transferring | Completed | Failed)
+                | (Transferring, Transferring | Completed | Failed)
+                | (Completed, Assigned)
+        )
+    }
+
+    /// Whether placement pins the workload to the record's target in this state: a cold
+    /// move as soon as it is asked for, a live one only once the guest runs there.
+    pub fn pins(self) -> bool {
+        matches!(
+            self,
+            MigrationState::Requested | MigrationState::Assigned | MigrationState::Completed
+        )
+    }
+
+    /// Whether this is a live migration under way (the target's QEMU exists or is coming).
+    pub fn is_live_in_flight(self) -> bool {
+        matches!(
+            self,
+            MigrationState::Preparing | MigrationState::Incoming | MigrationState::Transferring
+        )
+    }
+
+    /// The word `stead migrate` and `stead cluster status` show.
+    pub fn describe(self) -> &'static str {
+        match self {
+            MigrationState::Requested => "requested, waiting for the leader",
+            MigrationState::Assigned => "assigned by the leader",
+            MigrationState::Refused => "refused by the leader",
+            MigrationState::Preparing => "live: starting the target's QEMU",
+            MigrationState::Incoming => "live: the target waits for the guest",
+            MigrationState::Transferring => "live: sending the guest",
+            MigrationState::Completed => "live: the guest runs on the target",
+            MigrationState::Failed => "live migration failed",
+        }
+    }
+}
+
+/// How far a live transfer is, as the source writes it into the record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LiveProgress {
+    /// QEMU's migration status (`setup`, `active`, `device`, `completed`, …).
+    pub phase: String,
+    /// Share of guest RAM copied, 0–100.
+    pub ram_percent: u8,
+    /// RAM sent so far, in MiB.
+    pub sent_mib: u64,
+    /// RAM still dirty, in MiB.
+    pub remaining_mib: u64,
+    /// Average rate since the start, in MiB/s.
+    pub mib_per_s: f64,
+    /// Seconds since `migrate`.
+    pub elapsed_s: f64,
+    /// Expected (while copying) or actual (once completed) guest pause, in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub downtime_ms: Option<u64>,
+}
+
+impl LiveProgress {
+    /// The `stead migrate` line of this progress (pure).
+    pub fn line(&self) -> String {
+        let mut s = format!(
+            "{} RAM {}% ({} MiB sent, {} MiB left, {:.1} MiB/s)",
+            self.phase, self.ram_percent, self.sent_mib, self.remaining_mib, self.mib_per_s
+        );
+        match self.downtime_ms {
+            Some(d) if self.phase == "completed" => s.push_str(&format!(", downtime {d} ms")),
+            Some(d) => s.push_str(&format!(", expected downtime {d} ms")),
+            None => {}
+        }
+        s
+    }
 }
 
 /// A migration override.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct MigrationRecord {
     /// The target node.
@@ -53,6 +163,15 @@ pub struct MigrationRecord {
     /// How the operator asked to move it (absent: [`MigrationMode::Auto`]).
     #[serde(default, skip_serializing_if = "is_auto")]
     pub mode: MigrationMode,
+    /// How the leader moves it: `live`, or `cold (why not live)`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+    /// Live: the `tcp:HOST:PORT` the target's QEMU listens on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listen: Option<String>,
+    /// Live: the source's last progress report.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<LiveProgress>,
 }
 
 fn is_auto(m: &MigrationMode) -> bool {
@@ -72,7 +191,62 @@ impl MigrationRecord {
             state: MigrationState::Requested,
             message: None,
             mode: MigrationMode::Auto,
+            method: None,
+            listen: None,
+            progress: None,
         }
+    }
+
+    /// This record moved to `next` (the fields `next` carries set by the caller after);
+    /// refused when the state machine does not allow it.
+    pub fn to_state(&self, next: MigrationState) -> Result<Self, TransitionError> {
+        if !self.state.can_become(next) {
+            return Err(TransitionError {
+                from: self.state,
+                to: next,
+            });
+        }
+        let mut r = self.clone();
+        r.state = next;
+        Ok(r)
+    }
+
+    /// The leader chose to move it live from `from`.
+    pub fn preparing(&self, from: &str) -> Result<Self, TransitionError> {
+        let mut r = self.to_state(MigrationState::Preparing)?;
+        r.from = Some(from.to_string());
+        r.method = Some("live".into());
+        Ok(r)
+    }
+
+    /// The target's QEMU listens on `uri`.
+    pub fn incoming(&self, uri: &str) -> Result<Self, TransitionError> {
+        let mut r = self.to_state(MigrationState::Incoming)?;
+        r.listen = Some(uri.to_string());
+        Ok(r)
+    }
+
+    /// The source reports `progress`.
+    pub fn transferring(&self, progress: LiveProgress) -> Result<Self, TransitionError> {
+        let mut r = self.to_state(MigrationState::Transferring)?;
+        r.progress = Some(progress);
+        Ok(r)
+    }
+
+    /// The guest runs on the target (`last`: the final report).
+    pub fn completed(&self, last: Option<LiveProgress>) -> Result<Self, TransitionError> {
+        let mut r = self.to_state(MigrationState::Completed)?;
+        if last.is_some() {
+            r.progress = last;
+        }
+        Ok(r)
+    }
+
+    /// The live move failed because of `why`.
+    pub fn failed(&self, why: &str) -> Result<Self, TransitionError> {
+        let mut r = self.to_state(MigrationState::Failed)?;
+        r.message = Some(why.to_string());
+        Ok(r)
     }
 }
 
@@ -153,23 +327,16 @@ pub fn choose_method(mode: MigrationMode, facts: Option<&LiveFacts>) -> Result<M
     }
 }
 
-/// Why the cluster cannot move a workload live yet: the driver migrates a QEMU VM live, but
-/// the agents do not hand a running VM over (incoming target, release, adoption).
-pub const LIVE_NOT_WIRED: &str = "live migration through the cluster is not wired yet";
-
-/// How `stead migrate` moves a workload through the cluster today (pure): `--cold` and the
-/// default move cold (the default says why not live); `--live` is refused, for a VM with
-/// [`LIVE_NOT_WIRED`] until the agents hand a running VM over.
-pub fn cluster_method(mode: MigrationMode, is_vm: bool) -> Result<Method, String> {
-    let why = if is_vm {
-        LIVE_NOT_WIRED.to_string()
-    } else {
-        live_blocker(None).unwrap_or_default()
-    };
-    match mode {
-        MigrationMode::Cold => Ok(Method::Cold("--cold".into())),
-        MigrationMode::Auto => Ok(Method::Cold(why)),
-        MigrationMode::Live => Err(format!("cannot move live: {why}")),
+/// What `stead migrate` refuses before asking the leader (pure): `--live` for anything but
+/// a VirtualMachine. Whether a VM can move live (engine, running, shared volumes) is the
+/// leader's decision ([`choose_method`] on the manifests), written into the record.
+pub fn precheck(mode: MigrationMode, is_vm: bool) -> Result<(), String> {
+    match (mode, is_vm) {
+        (MigrationMode::Live, false) => Err(format!(
+            "cannot move live: {}",
+            live_blocker(None).unwrap_or_default()
+        )),
+        _ => Ok(()),
     }
 }
 
@@ -207,6 +374,53 @@ pub async fn read(
         .and_then(|kv| decode_or_skip(&key, kv.value())))
 }
 
+/// The override of `resource` and its mod revision (for [`put_if_unchanged`]), if any.
+pub async fn read_versioned(
+    store: &Store,
+    resource: &ResourceRef,
+) -> Result<Option<(MigrationRecord, i64)>, StoreError> {
+    let key = store.keys().migration(resource);
+    let mut client = store.client();
+    let r = store.timed(client.get(key.clone(), None)).await?;
+    Ok(r.kvs().first().and_then(|kv| {
+        decode_or_skip::<MigrationRecord>(&key, kv.value()).map(|m| (m, kv.mod_revision()))
+    }))
+}
+
+/// Writes `record` only if the override is still at `mod_revision` (nobody changed it since
+/// it was read: not the operator, not the leader, not the other node) and, with `token`,
+/// only while that ownership is current (the source's progress is fenced like any side
+/// effect). The record's new mod revision, `None` when it was not written.
+pub async fn put_if_unchanged(
+    store: &Store,
+    resource: &ResourceRef,
+    record: &MigrationRecord,
+    mod_revision: i64,
+    token: Option<&FencingToken>,
+) -> Result<Option<i64>, StoreError> {
+    let key = store.keys().migration(resource);
+    let value = serde_json::to_vec(record).map_err(|e| StoreError::decode(&key, e))?;
+    let mut when = vec![Compare::mod_revision(
+        key.clone(),
+        CompareOp::Equal,
+        mod_revision,
+    )];
+    if let Some(t) = token {
+        when.push(Compare::create_revision(
+            store.keys().owner(t.resource()),
+            CompareOp::Equal,
+            t.revision(),
+        ));
+    }
+    let txn = Txn::new()
+        .when(when)
+        .and_then([TxnOp::put(key, value, None)]);
+    let mut client = store.client();
+    let r = store.timed(client.txn(txn)).await?;
+    Ok(r.succeeded()
+        .then(|| r.header().map(|h| h.revision()).unwrap_or_default()))
+}
+
 /// Every override, by workload, and the revision of the reading.
 pub async fn list(
     store: &Store,
@@ -228,7 +442,8 @@ pub async fn list(
     Ok((out, revision))
 }
 
-/// Pins each workload with a live override to its target (pure). Overrides the manifest
+/// Pins each workload with a pinning override ([`MigrationState::pins`]) to its target
+/// (pure): a live move in flight leaves it where it runs. Overrides the manifest
 /// forbids outright are not applied: the refusals, by workload. An override of a workload
 /// the manifests do not have is ignored.
 pub fn apply_overrides(
@@ -240,7 +455,7 @@ pub fn apply_overrides(
         let Some(m) = overrides.get(&w.id) else {
             continue;
         };
-        if m.state == MigrationState::Refused {
+        if !m.state.pins() {
             continue;
         }
         if let Some(reason) = forbidden(w, &m.to) {
@@ -287,7 +502,7 @@ pub fn refused_by_placement(
         let Some(m) = overrides.get(&u.id) else {
             continue;
         };
-        if m.state == MigrationState::Refused {
+        if !m.state.pins() {
             continue;
         }
         let why = match u.excluded.get(&m.to) {
@@ -516,27 +731,17 @@ mod tests {
     }
 
     #[test]
-    fn the_cluster_moves_cold_and_refuses_live_until_the_hand_over_is_wired() {
-        for vm in [true, false] {
-            assert_eq!(
-                cluster_method(MigrationMode::Cold, vm),
-                Ok(Method::Cold("--cold".into()))
-            );
+    fn the_cli_refuses_live_only_for_what_is_not_a_vm() {
+        for mode in [
+            MigrationMode::Auto,
+            MigrationMode::Cold,
+            MigrationMode::Live,
+        ] {
+            assert_eq!(precheck(mode, true), Ok(()));
         }
+        assert_eq!(precheck(MigrationMode::Auto, false), Ok(()));
         assert_eq!(
-            cluster_method(MigrationMode::Auto, true),
-            Ok(Method::Cold(LIVE_NOT_WIRED.into()))
-        );
-        assert_eq!(
-            cluster_method(MigrationMode::Live, true),
-            Err(format!("cannot move live: {LIVE_NOT_WIRED}"))
-        );
-        assert_eq!(
-            cluster_method(MigrationMode::Auto, false),
-            Ok(Method::Cold("only a VirtualMachine moves live".into()))
-        );
-        assert_eq!(
-            cluster_method(MigrationMode::Live, false),
+            precheck(MigrationMode::Live, false),
             Err("cannot move live: only a VirtualMachine moves live".into())
         );
     }
@@ -557,6 +762,141 @@ mod tests {
                 .get("mode")
                 .is_none()
         );
+    }
+
+    fn progress(pct: u8) -> LiveProgress {
+        LiveProgress {
+            phase: "active".into(),
+            ram_percent: pct,
+            sent_mib: 100,
+            remaining_mib: 50,
+            mib_per_s: 20.0,
+            elapsed_s: 5.0,
+            downtime_ms: None,
+        }
+    }
+
+    #[test]
+    fn a_live_move_goes_preparing_incoming_transferring_completed_assigned() {
+        let r = MigrationRecord::request("n2");
+        let r = r.preparing("n1").expect("leader");
+        assert_eq!(
+            (r.state, r.from.as_deref(), r.method.as_deref()),
+            (MigrationState::Preparing, Some("n1"), Some("live"))
+        );
+        let r = r.incoming("tcp:10.0.0.2:4444").expect("target");
+        assert_eq!(r.listen.as_deref(), Some("tcp:10.0.0.2:4444"));
+        let r = r.transferring(progress(10)).expect("source");
+        let r = r.transferring(progress(60)).expect("more progress");
+        assert_eq!(r.progress.as_ref().map(|p| p.ram_percent), Some(60));
+        let r = r.completed(None).expect("done");
+        assert_eq!(r.progress.as_ref().map(|p| p.ram_percent), Some(60));
+        assert!(
+            r.state.pins(),
+            "the leader pins it once the guest runs there"
+        );
+        let r = r.to_state(MigrationState::Assigned).expect("leader");
+        assert!(r.state.pins());
+        let v = serde_json::to_value(&r).expect("encode");
+        assert_eq!(v["state"], "assigned");
+        assert_eq!(v["progress"]["ramPercent"], 60);
+        let back: MigrationRecord = serde_json::from_value(v).expect("decode");
+        assert_eq!(back, r);
+    }
+
+    #[test]
+    fn a_live_move_can_fail_at_every_step_and_failure_is_final() {
+        let prep = MigrationRecord::request("n2")
+            .preparing("n1")
+            .expect("leader");
+        let inc = prep.incoming("tcp:h:1").expect("target");
+        let tr = inc.transferring(progress(5)).expect("source");
+        for r in [&prep, &inc, &tr] {
+            assert!(r.state.is_live_in_flight());
+            assert!(!r.state.pins(), "in flight it stays where it runs");
+            let f = r.failed("the target died").expect("fail");
+            assert_eq!(f.message.as_deref(), Some("the target died"));
+            assert!(!f.state.pins());
+            for next in [
+                MigrationState::Preparing,
+                MigrationState::Incoming,
+                MigrationState::Transferring,
+                MigrationState::Completed,
+                MigrationState::Assigned,
+            ] {
+                assert_eq!(
+                    f.to_state(next),
+                    Err(TransitionError {
+                        from: MigrationState::Failed,
+                        to: next
+                    })
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn steps_cannot_be_skipped_or_replayed() {
+        use MigrationState::*;
+        let all = [
+            Requested,
+            Assigned,
+            Refused,
+            Preparing,
+            Incoming,
+            Transferring,
+            Completed,
+            Failed,
+        ];
+        let allowed: Vec<(MigrationState, MigrationState)> = all
+            .iter()
+            .flat_map(|&a| all.iter().map(move |&b| (a, b)))
+            .filter(|(a, b)| a.can_become(*b))
+            .collect();
+        assert_eq!(
+            allowed,
+            [
+                (Requested, Assigned),
+                (Requested, Refused),
+                (Requested, Preparing),
+                (Preparing, Incoming),
+                (Preparing, Failed),
+                (Incoming, Transferring),
+                (Incoming, Completed),
+                (Incoming, Failed),
+                (Transferring, Transferring),
+                (Transferring, Completed),
+                (Transferring, Failed),
+                (Completed, Assigned),
+            ]
+        );
+        let r = MigrationRecord::request("n2");
+        assert!(
+            r.incoming("tcp:h:1").is_err(),
+            "no target before the leader"
+        );
+        assert!(r.completed(None).is_err());
+        assert!(
+            r.to_state(Assigned).expect("cold").preparing("n1").is_err(),
+            "a cold move does not turn live"
+        );
+    }
+
+    #[test]
+    fn progress_reads_as_one_line() {
+        let mut p = progress(42);
+        assert_eq!(
+            p.line(),
+            "active RAM 42% (100 MiB sent, 50 MiB left, 20.0 MiB/s)"
+        );
+        p.downtime_ms = Some(120);
+        assert!(
+            p.line().ends_with(", expected downtime 120 ms"),
+            "{}",
+            p.line()
+        );
+        p.phase = "completed".into();
+        assert!(p.line().ends_with("/s), downtime 120 ms"), "{}", p.line());
     }
 
     #[test]

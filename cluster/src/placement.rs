@@ -26,7 +26,7 @@ use std::fmt;
 
 use stead_schema::{HaGroupSpec, Kind, Placement, ResourceId};
 
-pub use input::{ha_groups, volumes_of, workload, workloads};
+pub use input::{ha_groups, vm_live_facts, volumes_of, workload, workloads};
 
 use crate::model::{Assignment, Capacity, NodeInfo};
 

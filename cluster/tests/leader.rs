@@ -10,6 +10,7 @@ use std::time::Duration;
 use stead_cluster::election::{self, current_leader};
 use stead_cluster::etcd::{Store, StoreError};
 use stead_cluster::leader::{self, LeaderConfig, LeaderStatus, Manifests};
+use stead_cluster::migrate::{self, MigrationMode, MigrationRecord, MigrationState};
 use stead_cluster::model::{Assignment, Capacity, NodeInfo};
 use stead_cluster::registry::{LeaseConfig, Registration};
 use stead_cluster::testkit::member_with_store;
@@ -360,4 +361,174 @@ async fn assignments_on_nodes_not_seen_yet_are_held_while_settling() {
         "one term, longer than the lease TTL: {now:?}"
     );
     task.abort();
+}
+
+/// Manifests from YAML text.
+fn manifests_text(revision: &str, text: &str) -> Arc<Manifests> {
+    let mut resources = Vec::new();
+    let mut errors = Vec::new();
+    stead_schema::load::load_str(Path::new("m.yaml"), text, &mut resources, &mut errors);
+    let desired: Desired = stead_schema::load::into_desired(resources, &mut errors);
+    assert!(errors.is_empty(), "{errors:?}");
+    Arc::new(Manifests {
+        desired,
+        revision: revision.into(),
+    })
+}
+
+const LIVE_MANIFESTS: &str = "\
+apiVersion: stead.dev/v1alpha1
+kind: StoragePool
+metadata: {name: shared}
+spec: {type: dir, path: /srv/shared, shared: true}
+---
+apiVersion: stead.dev/v1alpha1
+kind: StoragePool
+metadata: {name: local}
+spec: {type: dir, path: /srv/local}
+---
+apiVersion: stead.dev/v1alpha1
+kind: Volume
+metadata: {name: web-root}
+spec: {pool: shared, size: 1Gi}
+---
+apiVersion: stead.dev/v1alpha1
+kind: Volume
+metadata: {name: db-root}
+spec: {pool: local, size: 1Gi}
+---
+apiVersion: stead.dev/v1alpha1
+kind: VirtualMachine
+metadata: {name: web}
+spec: {engine: qemu, cpus: 1, memory: 512Mi, disks: [{volume: web-root}]}
+---
+apiVersion: stead.dev/v1alpha1
+kind: VirtualMachine
+metadata: {name: db}
+spec: {engine: qemu, cpus: 1, memory: 512Mi, disks: [{volume: db-root}]}
+---
+apiVersion: stead.dev/v1alpha1
+kind: Container
+metadata: {name: c}
+spec: {rootfs: {path: /srv/r}}
+";
+
+async fn record_where(
+    store: &Store,
+    resource: &str,
+    what: &str,
+    check: impl Fn(&MigrationRecord) -> bool,
+) -> MigrationRecord {
+    let r: stead_cluster::keys::ResourceRef = resource.parse().expect("ref");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Some(m) = migrate::read(store, &r).await.expect("read")
+            && check(&m)
+        {
+            return m;
+        }
+        assert!(Instant::now() < deadline, "{resource}: never {what}");
+        sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The leader chooses how each request moves: a running qemu VM on a shared pool goes
+/// `preparing` (live) and stays where it runs until the move completed, then is assigned
+/// to the target; `--live` for a VM on a node-local pool is refused with the reason; a
+/// container moves cold at once, its record saying why not live.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_chooses_live_or_cold_and_pins_a_live_move_only_once_completed() {
+    let test = "the_leader_chooses_live_or_cold_and_pins_a_live_move_only_once_completed";
+    let Some((_etcd, store)) = member_with_store(test, "/t").await else {
+        return;
+    };
+    let _n1 = register(&store, "n1").await;
+    let _n2 = register(&store, "n2").await;
+    let (_tx, rx) = watch::channel(Some(manifests_text("r1", LIVE_MANIFESTS)));
+    let _c = candidate(&store, "ctl", rx);
+    let placed = wait_for(&store, "three placed", |l| l.len() == 3).await;
+    let other = |r: &str| {
+        if node_of(&placed, r).as_deref() == Some("n1") {
+            "n2"
+        } else {
+            "n1"
+        }
+    };
+    let (web_to, db_to, c_to) = (
+        other("VirtualMachine/web"),
+        other("VirtualMachine/db"),
+        other("Container/c"),
+    );
+    let web_from = node_of(&placed, "VirtualMachine/web").expect("web placed");
+    let put = |r: &str, to: &str, mode: MigrationMode| {
+        let mut m = MigrationRecord::request(to);
+        m.mode = mode;
+        let (store, r) = (store.clone(), r.parse::<stead_cluster::keys::ResourceRef>());
+        async move {
+            migrate::put(&store, &r.expect("ref"), &m)
+                .await
+                .expect("put")
+        }
+    };
+    put("VirtualMachine/web", web_to, MigrationMode::Auto).await;
+    put("VirtualMachine/db", db_to, MigrationMode::Live).await;
+    put("Container/c", c_to, MigrationMode::Auto).await;
+
+    let web = record_where(&store, "VirtualMachine/web", "preparing", |m| {
+        m.state == MigrationState::Preparing
+    })
+    .await;
+    assert_eq!(web.method.as_deref(), Some("live"));
+    assert_eq!(web.from.as_deref(), Some(web_from.as_str()));
+    let db = record_where(&store, "VirtualMachine/db", "refused", |m| {
+        m.state == MigrationState::Refused
+    })
+    .await;
+    let why = db.message.unwrap_or_default();
+    assert!(
+        why.starts_with("cannot move live: ") && why.contains("not shared"),
+        "{why}"
+    );
+    let c = record_where(&store, "Container/c", "assigned", |m| {
+        m.state == MigrationState::Assigned
+    })
+    .await;
+    assert_eq!(
+        c.method.as_deref(),
+        Some("cold (only a VirtualMachine moves live)")
+    );
+    wait_for(&store, "c moved", |l| {
+        node_of(l, "Container/c").as_deref() == Some(c_to)
+    })
+    .await;
+    sleep(Duration::from_millis(500)).await;
+    let now = assignments(&store).await;
+    assert_eq!(
+        node_of(&now, "VirtualMachine/web").as_deref(),
+        Some(web_from.as_str()),
+        "a live move in flight stays where it runs"
+    );
+    assert_eq!(
+        node_of(&now, "VirtualMachine/db"),
+        node_of(&placed, "VirtualMachine/db"),
+        "a refused move moves nothing"
+    );
+
+    // What the agents write once the guest runs on the target.
+    let done = web
+        .incoming("tcp:127.0.0.1:1")
+        .and_then(|m| m.completed(None))
+        .expect("completed");
+    migrate::put(&store, &"VirtualMachine/web".parse().expect("ref"), &done)
+        .await
+        .expect("put");
+    wait_for(&store, "web assigned to its target", |l| {
+        node_of(l, "VirtualMachine/web").as_deref() == Some(web_to)
+    })
+    .await;
+    let web = record_where(&store, "VirtualMachine/web", "assigned", |m| {
+        m.state == MigrationState::Assigned
+    })
+    .await;
+    assert_eq!(web.from.as_deref(), Some(web_from.as_str()));
 }

@@ -1,7 +1,7 @@
 //! The cluster verbs against the lab's etcd (issue 15): `stead node join` checks etcd with
 //! the credentials it is given before writing the agent's configuration, and `stead cluster
 //! status` shows a running agent's node with its lease and capacity; `stead migrate --live`
-//! is refused with the reason until the agents run a live hand-over.
+//! of a container is refused with the reason.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -161,11 +161,11 @@ fn cluster_status_shows_a_running_agent_s_node() {
     assert!(text.lines().any(|l| l.starts_with("n2 ")), "{text}");
 }
 
-/// `stead migrate --live` is refused with the reason before anything is written (no etcd
-/// needed: live migration through the cluster is not wired yet), and `--live --cold` is a
+/// `stead migrate --live` of a container is refused with the reason before anything is
+/// written (no etcd needed: only a VirtualMachine moves live), and `--live --cold` is a
 /// usage error.
 #[test]
-fn migrate_live_is_refused_with_the_reason_until_the_hand_over_is_wired() {
+fn migrate_live_is_refused_for_a_container_before_anything_is_written() {
     let state = tempfile::tempdir().expect("tempdir");
     let run = |args: &[&str]| {
         std::process::Command::new(stead_bin())
@@ -176,14 +176,6 @@ fn migrate_live_is_refused_with_the_reason_until_the_hand_over_is_wired() {
             .output()
             .expect("stead migrate")
     };
-    let vm = run(&["migrate", "VirtualMachine/vm1", "--to", "n2", "--live"]);
-    assert_eq!(vm.status.code(), Some(1), "{}", show(&vm));
-    let err = String::from_utf8_lossy(&vm.stderr);
-    assert!(
-        err.contains("VirtualMachine/vm1 cannot move live: live migration through the cluster is not wired yet"),
-        "{}",
-        show(&vm)
-    );
     let ct = run(&["migrate", "Container/c1", "--to", "n2", "--live"]);
     assert_eq!(ct.status.code(), Some(1), "{}", show(&ct));
     assert!(

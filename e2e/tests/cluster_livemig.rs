@@ -3,13 +3,21 @@
 //! open (a shared pool), and the migration stream crosses the lab bridge to the address the
 //! target's node picked. A killed target leaves the guest running on the source; a
 //! completed migration leaves the same boot running on the target, with its agent, and no
-//! QEMU on the source.
+//! QEMU on the source. Both QEMUs run the driver's command line (`argv` of a `QemuConfig`),
+//! not one written here.
 
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use stead_drivers::vm::qemu::accel::Accel;
+use stead_drivers::vm::qemu::argv::argv;
+use stead_drivers::vm::qemu::config::{
+    DiskFormat, FirmwareRun, Machine, QemuConfig, QemuDisk, Sockets,
+};
 use stead_drivers::vm::qemu::migrate::{
     MigrateError, MigrateOptions, MigrationStatus, listen_incoming, migrate_out, wait_incoming,
 };
@@ -18,6 +26,7 @@ use stead_drivers::vm::qemu::qmp::{Qmp, Quit, RunState};
 use stead_e2e::cluster::ClusterLab;
 use stead_e2e::{GuestDisk, is_root, skip_unless};
 use stead_host::process::Proc;
+use stead_schema::{DiskBus, DiskCache, RestartPolicy, VmAccel};
 
 /// The unprivileged user QEMU runs as.
 const QEMU_USER: &str = "stead-qemu";
@@ -57,51 +66,51 @@ impl Side {
         self.dir.join("serial.log")
     }
 
-    /// QEMU's arguments: the same machine and devices on every node (what the manifest
-    /// derives), only the sockets differ; `incoming` waits for a migration.
-    fn args(&self, disk: &Path, incoming: bool) -> Vec<String> {
-        let mut a: Vec<String> = [
-            "-nodefaults",
-            "-display",
-            "none",
-            "-accel",
-            "tcg",
-            "-machine",
-            "pc",
-            "-m",
-            "512",
-            "-smp",
-            "1",
-            "-device",
-            "virtio-blk-pci,drive=root,bootindex=0",
-            "-device",
-            "virtio-serial-pci",
-            "-device",
-            "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
-        ]
-        .map(String::from)
-        .to_vec();
-        a.push("-drive".into());
-        a.push(format!(
-            "file={},format=qcow2,if=none,id=root",
-            disk.display()
-        ));
-        a.push("-qmp".into());
-        a.push(format!(
-            "unix:{},server=on,wait=off",
-            self.qmp_sock().display()
-        ));
-        a.push("-chardev".into());
-        a.push(format!(
-            "socket,id=qga0,path={},server=on,wait=off",
-            self.qga_sock().display()
-        ));
-        a.push("-serial".into());
-        a.push(format!("file:{}", self.serial().display()));
-        if incoming {
-            a.extend(["-incoming".into(), "defer".into()]);
+    /// The VM's configuration as the driver resolves it (the same machine and devices on
+    /// every node, only the sockets differ); `incoming` waits for a migration.
+    fn config(&self, disk: &Path, incoming: bool) -> QemuConfig {
+        QemuConfig {
+            engine: "qemu".into(),
+            name: "livemig".into(),
+            binary: "qemu-system-x86_64".into(),
+            cpus: 1,
+            memory: 512 << 20,
+            requested_accel: VmAccel::Tcg,
+            accel: Accel::Tcg,
+            accel_warning: None,
+            run_as: None,
+            user_warning: None,
+            incoming,
+            machine: Machine::Pc,
+            firmware: FirmwareRun::Bios,
+            disks: vec![QemuDisk {
+                id: "disk0".into(),
+                volume: "root".into(),
+                path: disk.to_path_buf(),
+                format: DiskFormat::Qcow2,
+                bus: DiskBus::Virtio,
+                cache: DiskCache::None,
+                discard: false,
+                read_only: false,
+                boot: Some(1),
+            }],
+            cdroms: vec![],
+            nics: vec![],
+            agent: true,
+            cloud_init: None,
+            sockets: Sockets {
+                qmp: self.qmp_sock(),
+                qga: self.qga_sock(),
+                vnc: self.dir.join("vnc.sock"),
+            },
+            sandbox: true,
+            restart_policy: RestartPolicy::Never,
+            running: true,
+            cgroup_parent: String::new(),
+            netns: None,
+            shutdown_timeout_secs: 5,
+            fence_file: None,
         }
-        a
     }
 }
 
@@ -114,18 +123,43 @@ fn chown_qemu(p: &Path) {
     assert!(ok, "chown {}", p.display());
 }
 
-/// Starts QEMU as `stead-qemu` in node `i`'s namespace; its index in the lab's processes.
-fn start_qemu(lab: &mut ClusterLab, i: usize, side: &Side, disk: &Path, incoming: bool) -> usize {
-    let mut cmd = lab.in_netns(i, Path::new("setpriv"));
+/// Starts QEMU as `stead-qemu` in node `i`'s namespace with the driver's command line
+/// ([`argv`]); its index in the lab's processes. The serial port and the supervisor's QMP
+/// channel are the descriptors the driver's supervisor would pass (3 and 4): here stream
+/// sockets whose other ends the test keeps, the serial one copied to `serial.log`.
+fn start_qemu(
+    lab: &mut ClusterLab,
+    i: usize,
+    side: &Side,
+    disk: &Path,
+    incoming: bool,
+    keep: &mut Vec<UnixStream>,
+) -> usize {
+    let (serial, serial_child) = UnixStream::pair().expect("serial socket pair");
+    let (monitor, monitor_child) = UnixStream::pair().expect("monitor socket pair");
+    let log = side.serial();
+    let mut reader = serial;
+    std::thread::spawn(move || {
+        if let Ok(mut f) = std::fs::File::create(&log) {
+            let _ = std::io::copy(&mut reader, &mut f);
+        }
+    });
+    keep.push(monitor);
+    let mut cmd = lab.in_netns(i, Path::new("sh"));
+    // Descriptors 0 and 1 become 3 (serial) and 4 (monitor), then /dev/null.
     cmd.args([
+        "-c",
+        "exec 3<&0 4<&1 </dev/null >/dev/null; exec \"$@\"",
+        "sh",
+        "setpriv",
         &format!("--reuid={QEMU_USER}"),
         &format!("--regid={QEMU_USER}"),
         "--clear-groups",
         "--",
-        "qemu-system-x86_64",
     ]);
-    cmd.args(side.args(disk, incoming));
-    cmd.stdin(Stdio::null()).stdout(Stdio::null());
+    cmd.args(argv(&side.config(disk, incoming)));
+    cmd.stdin(Stdio::from(OwnedFd::from(serial_child)))
+        .stdout(Stdio::from(OwnedFd::from(monitor_child)));
     let name = &lab.nodes[i].name;
     lab.spawn(i, &format!("qemu on {name}"), cmd)
 }
@@ -179,7 +213,8 @@ fn qemu_vm_live_migrates_between_lab_nodes_and_a_killed_target_leaves_it_on_the_
     );
     let target_ip = lab.nodes[1].ip.to_string();
 
-    let p_src = start_qemu(&mut lab, 0, &src, disk.path(), false);
+    let mut keep = Vec::new();
+    let p_src = start_qemu(&mut lab, 0, &src, disk.path(), false, &mut keep);
     let mut qs = qmp(&src);
     let booted = Instant::now();
     let mut agent = Qga::connect(&src.qga_sock(), Duration::from_secs(300))
@@ -191,7 +226,7 @@ fn qemu_vm_live_migrates_between_lab_nodes_and_a_killed_target_leaves_it_on_the_
     drop(agent);
 
     // A migration whose target dies half-way: the guest stays on n1 and keeps running.
-    let p_dst1 = start_qemu(&mut lab, 1, &dst1, disk.path(), true);
+    let p_dst1 = start_qemu(&mut lab, 1, &dst1, disk.path(), true, &mut keep);
     let uri = listen_incoming(&mut qmp(&dst1), &target_ip, 0).expect("listen on n2");
     assert!(uri.starts_with(&format!("tcp:{target_ip}:")), "{uri}");
     let slow = MigrateOptions {
@@ -219,7 +254,7 @@ fn qemu_vm_live_migrates_between_lab_nodes_and_a_killed_target_leaves_it_on_the_
     println!("{test}: killed target: {e}; the guest runs on n1");
 
     // The real one, over the lab bridge.
-    let p_dst2 = start_qemu(&mut lab, 1, &dst2, disk.path(), true);
+    let p_dst2 = start_qemu(&mut lab, 1, &dst2, disk.path(), true, &mut keep);
     let mut qd = qmp(&dst2);
     let uri = listen_incoming(&mut qd, &target_ip, 0).expect("listen on n2");
     let started = Instant::now();

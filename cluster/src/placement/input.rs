@@ -113,6 +113,43 @@ fn vm_volumes(vm: &VirtualMachineSpec) -> BTreeSet<String> {
         .collect()
 }
 
+/// What decides whether VM `id` of `desired` can move live ([`crate::migrate::live_facts`]):
+/// its engine, whether it is declared running and runs now (`running`), and where each of
+/// its volumes lives. `None` when `id` is not a VirtualMachine of `desired`.
+pub fn vm_live_facts(
+    desired: &Desired,
+    id: &ResourceId,
+    running: bool,
+) -> Option<crate::migrate::LiveFacts> {
+    let Spec::VirtualMachine(vm) = &desired.get(id)?.spec else {
+        return None;
+    };
+    let engine = match vm.engine() {
+        stead_schema::VmEngine::Qemu => "qemu",
+        stead_schema::VmEngine::Vmm => "vmm",
+    };
+    let volumes = vm_volumes(vm)
+        .into_iter()
+        .map(|name| {
+            let pool = volume(desired, &name).map(|v| v.pool.0.clone());
+            let shared = pool
+                .as_deref()
+                .and_then(|p| self::pool(desired, p))
+                .is_some_and(pool_is_shared);
+            crate::migrate::VolumeSite {
+                volume: name,
+                pool: pool.unwrap_or_default(),
+                shared,
+            }
+        })
+        .collect();
+    Some(crate::migrate::LiveFacts {
+        engine: engine.into(),
+        running: running && vm.state == stead_schema::RunState::Running,
+        volumes,
+    })
+}
+
 fn volume<'d>(desired: &'d Desired, name: &str) -> Option<&'d VolumeSpec> {
     match &desired.get(&ResourceId::new(Kind::Volume, name))?.spec {
         Spec::Volume(v) => Some(v),

@@ -624,6 +624,8 @@ pub fn apply(
         .filter(is_qemu_config)
         .and_then(|v| serde_json::from_value(v).ok());
     let mut cfg = resolve_config(vm, name, spec, world).map_err(other)?;
+    // A cluster node about to receive the guest live starts it waiting for it.
+    cfg.incoming = super::migrate::starts_incoming(&paths, current.as_ref().filter(|_| alive));
     if let Some(w) = cfg.warning() {
         tracing::warn!(vm = name, "{w}");
     }

@@ -15,7 +15,15 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use std::path::PathBuf;
+
+use stead_reconciler::driver::DriverError;
+
+use super::config::QemuConfig;
 use super::qmp::{Cont, Empty, Qmp, QmpCommand, QmpError, RunState};
+use super::supervisor::QemuState;
+use crate::container::config::{read_json, write_json};
+use crate::vm::config::Paths;
 
 /// Errors of a migration.
 #[derive(Debug, thiserror::Error)]
@@ -421,6 +429,20 @@ pub fn migrate_out(
     opts: &MigrateOptions,
     mut progress: impl FnMut(&Progress),
 ) -> Result<Completed, MigrateError> {
+    migrate_out_until(qmp, uri, opts, |p| {
+        progress(p);
+        true
+    })
+}
+
+/// [`migrate_out`] whose `progress` may cancel it by returning false (the migration is
+/// cancelled and the guest left running here, [`MigrateError::Cancelled`]).
+pub fn migrate_out_until(
+    qmp: &mut Qmp,
+    uri: &str,
+    opts: &MigrateOptions,
+    mut progress: impl FnMut(&Progress) -> bool,
+) -> Result<Completed, MigrateError> {
     let st = qmp.query_status()?;
     if st.status != RunState::Running {
         return Err(MigrateError::State(format!(
@@ -455,7 +477,7 @@ fn poll_until_final(
     qmp: &mut Qmp,
     started: Instant,
     opts: &MigrateOptions,
-    progress: &mut impl FnMut(&Progress),
+    progress: &mut impl FnMut(&Progress) -> bool,
 ) -> Result<Completed, MigrateError> {
     let mut settle = 0;
     loop {
@@ -468,7 +490,9 @@ fn poll_until_final(
                 std::thread::sleep(Duration::from_millis(20));
             }
             Step::Wait => {
-                progress(&Progress::from_info(&info, elapsed));
+                if !progress(&Progress::from_info(&info, elapsed)) {
+                    return Err(MigrateError::Cancelled);
+                }
                 std::thread::sleep(opts.poll);
             }
             Step::Done(c) => {
@@ -548,6 +572,89 @@ pub fn ensure_running(qmp: &mut Qmp) -> Result<(), MigrateError> {
             "the source QEMU is {other:?} after the failed migration"
         ))),
     }
+}
+
+/// The file whose presence makes the driver start VM `paths` waiting for a migration
+/// (`-incoming defer`) instead of booting it: written by a cluster node that is about to
+/// receive the guest, removed by [`adopt_incoming_vm`] or [`abort_incoming_vm`].
+pub fn incoming_marker(paths: &Paths) -> PathBuf {
+    paths.dir.join("incoming")
+}
+
+/// Marks VM `paths` to start waiting for a migration (see [`incoming_marker`]).
+pub fn expect_incoming(paths: &Paths) -> Result<(), DriverError> {
+    std::fs::create_dir_all(&paths.dir)
+        .map_err(|e| DriverError::io(format!("create {}", paths.dir.display()), e))?;
+    let m = incoming_marker(paths);
+    std::fs::write(&m, b"").map_err(|e| DriverError::io(format!("write {}", m.display()), e))
+}
+
+/// Whether the VM the driver is about to start waits for a migration: marked, and not
+/// already running as an ordinary VM (a mark never turns a running guest into a target).
+pub fn starts_incoming(paths: &Paths, running: Option<&QemuConfig>) -> bool {
+    incoming_marker(paths).exists() && running.is_none_or(|c| c.incoming)
+}
+
+/// Target: has the waiting QEMU of VM `paths` listen on `host` (a port QEMU picks); the
+/// `tcp:` URI the source sends to.
+pub fn listen_vm(paths: &Paths, host: &str, timeout: Duration) -> Result<String, MigrateError> {
+    let mut q = Qmp::connect_retry(&paths.qmp_socket(), timeout)?;
+    listen_incoming(&mut q, host, 0)
+}
+
+/// Source: sends the running guest of VM `paths` to `uri` over the VM's QMP socket
+/// ([`migrate_out_until`]).
+pub fn send_vm(
+    paths: &Paths,
+    uri: &str,
+    opts: &MigrateOptions,
+    progress: impl FnMut(&Progress) -> bool,
+) -> Result<Completed, MigrateError> {
+    let mut q = Qmp::connect(&paths.qmp_socket(), Duration::from_secs(10))?;
+    q.set_timeout(Duration::from_secs(30));
+    migrate_out_until(&mut q, uri, opts, progress)
+}
+
+/// Target: the guest runs here (waits up to `timeout` for it); the VM becomes an ordinary
+/// one: the mark goes, its config says it no longer waits and its supervisor re-reads it
+/// (from now on it restarts the guest by its restart policy).
+pub fn adopt_incoming_vm(paths: &Paths, timeout: Duration) -> Result<(), MigrateError> {
+    let mut q = Qmp::connect(&paths.qmp_socket(), Duration::from_secs(10))?;
+    wait_incoming(&mut q, timeout)?;
+    drop(q);
+    let state = |e: DriverError| MigrateError::State(e.to_string());
+    let _ = std::fs::remove_file(incoming_marker(paths));
+    let Some(mut cfg) = read_json::<QemuConfig>(&paths.config()).map_err(state)? else {
+        return Err(MigrateError::State("the VM has no config".into()));
+    };
+    cfg.incoming = false;
+    write_json(&paths.config(), &cfg).map_err(state)?;
+    if let Some(st) = read_json::<QemuState>(&paths.supervisor_state()).map_err(state)? {
+        paths
+            .instance()
+            .signal_supervisor(st.supervisor_pid, libc::SIGHUP)
+            .map_err(state)?;
+    }
+    Ok(())
+}
+
+/// Target: the migration failed or was given up: the mark goes and a QEMU still waiting
+/// (never one that runs the guest) quits; its supervisor does not restart it.
+pub fn abort_incoming_vm(paths: &Paths) -> Result<(), MigrateError> {
+    let _ = std::fs::remove_file(incoming_marker(paths));
+    let mut q = match Qmp::connect(&paths.qmp_socket(), Duration::from_secs(5)) {
+        Ok(q) => q,
+        Err(_) => return Ok(()),
+    };
+    let st = q.query_status()?;
+    if st.status != RunState::Inmigrate {
+        return Err(MigrateError::State(format!(
+            "the target QEMU is {:?}: not killing it",
+            st.status
+        )));
+    }
+    q.execute(&super::qmp::Quit)?;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -1,0 +1,554 @@
+//! The agents' side of a live migration (`stead migrate --live`), driven by the migration
+//! record ([`crate::migrate::MigrationState`]):
+//!
+//! 1. The leader writes `preparing` (from the source, to the target). The workload stays
+//!    assigned to and owned by the source.
+//! 2. The target's agent starts the VM waiting for the guest ([`Converge::start_incoming`])
+//!    and writes `incoming` with the address it listens on.
+//! 3. The source's agent, while its ownership is current, sends the guest
+//!    ([`Converge::migrate_out`]) and writes `transferring` with the progress; every write
+//!    compares its owner key's create revision (its fencing token), so a fenced source
+//!    cannot report anything. While it sends, the source converges nothing.
+//! 4. On completion the source's QEMU is stopped for good and the source writes
+//!    `completed`; its agent never starts the workload again while it still owns it. The
+//!    leader then assigns the workload to the target; the source releases its owner key
+//!    with a delete guarded by its token; the target acquires a new key (a new token) and
+//!    converges a VM that already runs ([`Converge::finish_incoming`] made it an ordinary
+//!    one).
+//! 5. On a failure (the engine's, a cancel — the record cleared or replaced —, or a stall
+//!    the target notices) the record says why, the source keeps running and owning the
+//!    guest, and the target kills its waiting QEMU ([`Converge::abort_incoming`]).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use crate::agent::{Converge, ConvergeError, Owned};
+use crate::etcd::{Store, StoreError};
+use crate::keys::{Key, ResourceRef};
+use crate::migrate::{self, LiveProgress, MigrationRecord, MigrationState};
+use crate::owner::FencingToken;
+use crate::watch::{Change, decode_or_skip, list_prefix};
+
+/// What this node does about one migration record (see [`live_action`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LiveAction {
+    /// Target: start the VM waiting for the guest.
+    StartIncoming,
+    /// Source: send the guest to this `tcp:` address.
+    Send(String),
+    /// Target: the guest runs here; the waiting VM becomes an ordinary one.
+    FinishIncoming,
+    /// Target: kill the waiting VM (the move failed, was refused or cleared).
+    AbortIncoming,
+    /// Nothing.
+    Nothing,
+}
+
+/// Decides this node's part in a live migration (pure): `record` is the migration of the
+/// workload (`None`: cleared), `owns` whether this node holds its ownership now,
+/// `waiting` whether this node has a VM waiting for it, `sending` whether it is sending it.
+pub fn live_action(
+    node: &str,
+    record: Option<&MigrationRecord>,
+    owns: bool,
+    waiting: bool,
+    sending: bool,
+) -> LiveAction {
+    let Some(r) = record else {
+        return if waiting {
+            LiveAction::AbortIncoming
+        } else {
+            LiveAction::Nothing
+        };
+    };
+    if r.to == node {
+        return match r.state {
+            MigrationState::Preparing if !waiting => LiveAction::StartIncoming,
+            MigrationState::Completed | MigrationState::Assigned if waiting => {
+                LiveAction::FinishIncoming
+            }
+            MigrationState::Preparing | MigrationState::Incoming | MigrationState::Transferring => {
+                LiveAction::Nothing
+            }
+            _ if waiting => LiveAction::AbortIncoming,
+            _ => LiveAction::Nothing,
+        };
+    }
+    match (&r.state, &r.listen) {
+        (MigrationState::Incoming, Some(uri))
+            if r.from.as_deref() == Some(node) && owns && !sending =>
+        {
+            LiveAction::Send(uri.clone())
+        }
+        _ => LiveAction::Nothing,
+    }
+}
+
+/// How often the source writes its progress into the record at most.
+const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+
+/// What the agent loop and the hand-over tasks share.
+#[derive(Debug, Default)]
+struct Shared {
+    /// Workloads this node is sending (the agent converges nothing meanwhile).
+    sending: BTreeSet<ResourceRef>,
+    /// Workloads this node sent away and still owns (never started again here).
+    handed_over: BTreeSet<ResourceRef>,
+    /// Workloads this node has a VM waiting for (or starting).
+    waiting: BTreeSet<ResourceRef>,
+}
+
+/// The live migrations this node takes part in.
+pub struct LiveHandOver {
+    store: Store,
+    node: String,
+    engine: Arc<dyn Converge>,
+    shared: Arc<Mutex<Shared>>,
+    wake: mpsc::UnboundedSender<()>,
+    /// How long a record may stay in flight without changing before the target fails it.
+    pub stall: Duration,
+}
+
+impl LiveHandOver {
+    /// The hand-over of `node`; the receiver wakes the agent loop when a task ended.
+    pub fn new(
+        store: &Store,
+        node: &str,
+        engine: Arc<dyn Converge>,
+    ) -> (Self, mpsc::UnboundedReceiver<()>) {
+        let (wake, rx) = mpsc::unbounded_channel();
+        let me = Self {
+            store: store.clone(),
+            node: node.to_string(),
+            engine,
+            shared: Arc::default(),
+            wake,
+            stall: Duration::from_secs(60),
+        };
+        (me, rx)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Shared> {
+        self.shared.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Whether a guest is being sent from here now (the agent converges nothing).
+    pub fn sending(&self) -> bool {
+        !self.lock().sending.is_empty()
+    }
+
+    /// Workloads sent away from here that must not run here again; forgets those this node
+    /// no longer holds.
+    pub fn handed_over(&self, held: &BTreeMap<ResourceRef, FencingToken>) -> BTreeSet<ResourceRef> {
+        let mut s = self.lock();
+        s.handed_over.retain(|r| held.contains_key(r));
+        s.handed_over.clone()
+    }
+
+    /// Reads every migration record and acts on each (after a start or a resync).
+    pub async fn resync(
+        &self,
+        held: &BTreeMap<ResourceRef, FencingToken>,
+    ) -> Result<(), StoreError> {
+        let (entries, _) = list_prefix(&self.store, &self.store.keys().migrations()).await?;
+        let mut seen = BTreeSet::new();
+        for e in entries {
+            let Some(Key::Migration(r)) = self.store.keys().parse(&e.key) else {
+                continue;
+            };
+            if let Some((record, rev)) = migrate::read_versioned(&self.store, &r).await? {
+                self.act(&r, Some((record, rev)), held);
+            }
+            seen.insert(r);
+        }
+        let gone: Vec<ResourceRef> = self
+            .lock()
+            .waiting
+            .iter()
+            .filter(|r| !seen.contains(*r))
+            .cloned()
+            .collect();
+        for r in gone {
+            self.act(&r, None, held);
+        }
+        Ok(())
+    }
+
+    /// Acts on changes of the migration records.
+    pub async fn on_changes(
+        &self,
+        changes: Vec<Change>,
+        held: &BTreeMap<ResourceRef, FencingToken>,
+    ) -> Result<(), StoreError> {
+        for c in changes {
+            match c {
+                Change::Put {
+                    key,
+                    value,
+                    mod_revision,
+                    ..
+                } => {
+                    let Some(Key::Migration(r)) = self.store.keys().parse(&key) else {
+                        continue;
+                    };
+                    let record = decode_or_skip::<MigrationRecord>(&key, &value);
+                    if let Some(record) = record {
+                        self.act(&r, Some((record, mod_revision)), held);
+                    }
+                }
+                Change::Delete { key, .. } => {
+                    if let Some(Key::Migration(r)) = self.store.keys().parse(&key) {
+                        self.act(&r, None, held);
+                    }
+                }
+                Change::Resync => self.resync(held).await?,
+            }
+        }
+        Ok(())
+    }
+
+    fn act(
+        &self,
+        resource: &ResourceRef,
+        record: Option<(MigrationRecord, i64)>,
+        held: &BTreeMap<ResourceRef, FencingToken>,
+    ) {
+        let (waiting, sending) = {
+            let s = self.lock();
+            (s.waiting.contains(resource), s.sending.contains(resource))
+        };
+        let token = held.get(resource);
+        let action = live_action(
+            &self.node,
+            record.as_ref().map(|(r, _)| r),
+            token.is_some(),
+            waiting,
+            sending,
+        );
+        match (action, record, token) {
+            (LiveAction::StartIncoming, Some((r, rev)), _) => self.start_incoming(resource, r, rev),
+            (LiveAction::Send(uri), Some((r, rev)), Some(t)) => self.send(t, r, rev, uri),
+            (LiveAction::FinishIncoming, _, _) => self.finish_incoming(resource),
+            (LiveAction::AbortIncoming, _, _) => self.abort_incoming(resource),
+            _ => {}
+        }
+    }
+
+    /// Target: starts the waiting VM, publishes its address; a stall watch fails it later.
+    fn start_incoming(&self, resource: &ResourceRef, record: MigrationRecord, rev: i64) {
+        self.lock().waiting.insert(resource.clone());
+        let (store, engine, res) = (self.store.clone(), self.engine.clone(), resource.clone());
+        let (shared, wake, stall) = (self.shared.clone(), self.wake.clone(), self.stall);
+        info!(resource = %res, from = ?record.from, "live migration: starting the VM waiting for the guest");
+        tokio::spawn(async move {
+            let e2 = engine.clone();
+            let r2 = res.clone();
+            let started = tokio::task::spawn_blocking(move || e2.start_incoming(&r2))
+                .await
+                .unwrap_or_else(|e| Err(ConvergeError(format!("start panicked: {e}"))));
+            let written = match started {
+                Ok(uri) => match record.incoming(&uri) {
+                    Ok(next) => write(&store, &res, &next, rev, None).await,
+                    Err(e) => Err(e.to_string()),
+                },
+                Err(e) => Err(format!("the target could not start the VM: {e}")),
+            };
+            match written {
+                Ok(_) => stall_watch(&store, &res, stall).await,
+                Err(why) => {
+                    warn!(resource = %res, reason = %why, "live migration: target side failed");
+                    if let Ok(failed) = record.failed(&why) {
+                        let _ = write(&store, &res, &failed, rev, None).await;
+                    }
+                    shared
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .waiting
+                        .remove(&res);
+                    let e3 = engine.clone();
+                    let _ = tokio::task::spawn_blocking(move || e3.abort_incoming(&res)).await;
+                }
+            }
+            let _ = wake.send(());
+        });
+    }
+
+    /// Target: the guest runs here now.
+    fn finish_incoming(&self, resource: &ResourceRef) {
+        if !self.lock().waiting.remove(resource) {
+            return;
+        }
+        let (engine, res, wake) = (self.engine.clone(), resource.clone(), self.wake.clone());
+        tokio::spawn(async move {
+            let r2 = res.clone();
+            let done = tokio::task::spawn_blocking(move || engine.finish_incoming(&r2))
+                .await
+                .unwrap_or_else(|e| Err(ConvergeError(format!("panicked: {e}"))));
+            match done {
+                Ok(()) => info!(resource = %res, "live migration: the guest runs here"),
+                Err(e) => warn!(resource = %res, error = %e, "live migration: finishing failed"),
+            }
+            let _ = wake.send(());
+        });
+    }
+
+    /// Target: kills the waiting VM.
+    fn abort_incoming(&self, resource: &ResourceRef) {
+        if !self.lock().waiting.remove(resource) {
+            return;
+        }
+        warn!(resource = %resource, "live migration failed or cleared: killing the waiting VM");
+        let (engine, res, wake) = (self.engine.clone(), resource.clone(), self.wake.clone());
+        tokio::spawn(async move {
+            let _ = tokio::task::spawn_blocking(move || engine.abort_incoming(&res)).await;
+            let _ = wake.send(());
+        });
+    }
+
+    /// Source: sends the guest while `token` is current, writing progress, then the end.
+    fn send(&self, token: &FencingToken, record: MigrationRecord, rev: i64, uri: String) {
+        let res = token.resource().clone();
+        self.lock().sending.insert(res.clone());
+        info!(resource = %res, %uri, to = %record.to, "live migration: sending the guest");
+        let owned = Owned {
+            resource: res.clone(),
+            token: token.clone(),
+            ha: false,
+        };
+        let (store, engine) = (self.store.clone(), self.engine.clone());
+        let (shared, wake) = (self.shared.clone(), self.wake.clone());
+        tokio::spawn(async move {
+            let cancel = Arc::new(AtomicBool::new(false));
+            let (tx, rx) = mpsc::unbounded_channel::<LiveProgress>();
+            let original = record.clone();
+            let writer = tokio::spawn(write_progress(
+                store.clone(),
+                owned.token.clone(),
+                record,
+                rev,
+                rx,
+                cancel.clone(),
+            ));
+            let c2 = cancel.clone();
+            let o2 = owned.clone();
+            let sent = tokio::task::spawn_blocking(move || {
+                engine.migrate_out(&o2, &uri, &mut |p| {
+                    let _ = tx.send(p);
+                    !c2.load(Ordering::SeqCst)
+                })
+            })
+            .await
+            .unwrap_or_else(|e| Err(ConvergeError(format!("send panicked: {e}"))));
+            {
+                let mut s = shared.lock().unwrap_or_else(PoisonError::into_inner);
+                if sent.is_ok() {
+                    // Before the agent may converge again: never start it here again.
+                    s.handed_over.insert(owned.resource.clone());
+                }
+                s.sending.remove(&owned.resource);
+            }
+            let written = writer.await.unwrap_or((None, 0));
+            finish_send(&store, &owned, written, original, sent).await;
+            let _ = wake.send(());
+        });
+    }
+}
+
+/// Writes the source's progress (at most every [`PROGRESS_EVERY`]) until the engine is done;
+/// a write refused (the record changed or the token is no longer current) cancels the
+/// send. The last record written and its revision.
+async fn write_progress(
+    store: Store,
+    token: FencingToken,
+    mut record: MigrationRecord,
+    mut rev: i64,
+    mut rx: mpsc::UnboundedReceiver<LiveProgress>,
+    cancel: Arc<AtomicBool>,
+) -> (Option<MigrationRecord>, i64) {
+    let mut last: Option<Instant> = None;
+    let mut pending: Option<LiveProgress> = None;
+    while let Some(p) = rx.recv().await {
+        pending = Some(p);
+        if last.is_some_and(|t| t.elapsed() < PROGRESS_EVERY) || cancel.load(Ordering::SeqCst) {
+            continue;
+        }
+        let Some(p) = pending.take() else { continue };
+        let Ok(next) = record.transferring(p) else {
+            cancel.store(true, Ordering::SeqCst);
+            continue;
+        };
+        match write(&store, token.resource(), &next, rev, Some(&token)).await {
+            Ok(r) => {
+                record = next;
+                rev = r;
+                last = Some(Instant::now());
+            }
+            Err(why) => {
+                warn!(resource = %token.resource(), reason = %why, "live migration: cancelling");
+                cancel.store(true, Ordering::SeqCst);
+            }
+        }
+    }
+    if let Some(p) = pending {
+        record.progress = Some(p);
+    }
+    if cancel.load(Ordering::SeqCst) {
+        return (None, rev);
+    }
+    (Some(record), rev)
+}
+
+/// Writes how the send ended: `completed` or `failed` with why. A cancelled send leaves the
+/// record to whoever changed it, unless the guest left anyway (QEMU completed as it was
+/// being cancelled): then a cleared record is written again as `completed` (from
+/// `original`, only if nobody wrote a new one, with the token), so that the target takes
+/// the guest over.
+async fn finish_send(
+    store: &Store,
+    owned: &Owned,
+    (record, rev): (Option<MigrationRecord>, i64),
+    original: MigrationRecord,
+    sent: Result<LiveProgress, ConvergeError>,
+) {
+    let res = &owned.resource;
+    let (record, rev) = match (record, &sent) {
+        (Some(r), _) => (r, rev),
+        (None, Ok(_)) => {
+            warn!(resource = %res, "the guest left although the migration was cancelled");
+            (original, 0)
+        }
+        (None, Err(e)) => {
+            warn!(resource = %res, outcome = %e, "live migration cancelled; the guest stays here");
+            return;
+        }
+    };
+    let next = match &sent {
+        Ok(last) => record.completed(Some(last.clone())),
+        Err(e) => record.failed(&format!("the source could not send the guest: {e}")),
+    };
+    let Ok(next) = next else { return };
+    match write(store, res, &next, rev, Some(&owned.token)).await {
+        Ok(_) if sent.is_ok() => info!(resource = %res, to = %next.to, "live migration completed"),
+        Ok(_) => {
+            warn!(resource = %res, reason = ?next.message, "live migration failed; the guest stays here")
+        }
+        Err(why) => {
+            warn!(resource = %res, reason = %why, "live migration: the end was not recorded")
+        }
+    }
+}
+
+/// Target: fails a record that stays in flight without a change for `stall` (the source
+/// never sent, or stopped reporting); ends once the record is no longer in flight.
+async fn stall_watch(store: &Store, resource: &ResourceRef, stall: Duration) {
+    let mut seen: Option<(i64, Instant)> = None;
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let Ok(current) = migrate::read_versioned(store, resource).await else {
+            continue;
+        };
+        let Some((record, rev)) = current else { return };
+        if !record.state.is_live_in_flight() {
+            return;
+        }
+        match seen {
+            Some((r, since)) if r == rev && since.elapsed() >= stall => {
+                let why = format!(
+                    "no progress from node {} for {} s",
+                    record.from.as_deref().unwrap_or("?"),
+                    stall.as_secs()
+                );
+                if let Ok(failed) = record.failed(&why) {
+                    let _ = write(store, resource, &failed, rev, None).await;
+                }
+                return;
+            }
+            Some((r, _)) if r == rev => {}
+            _ => seen = Some((rev, Instant::now())),
+        }
+    }
+}
+
+/// [`migrate::put_if_unchanged`] with its refusal as an error message.
+async fn write(
+    store: &Store,
+    resource: &ResourceRef,
+    record: &MigrationRecord,
+    rev: i64,
+    token: Option<&FencingToken>,
+) -> Result<i64, String> {
+    match migrate::put_if_unchanged(store, resource, record, rev, token).await {
+        Ok(Some(r)) => Ok(r),
+        Ok(None) => Err("the migration record changed or the ownership is gone".into()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(state: MigrationState) -> MigrationRecord {
+        let mut r = MigrationRecord::request("n2");
+        r.from = Some("n1".into());
+        r.state = state;
+        r.listen = Some("tcp:h:1".into());
+        r
+    }
+
+    #[test]
+    fn the_target_starts_waits_finishes_or_aborts() {
+        use MigrationState::*;
+        let act = |s, waiting| live_action("n2", Some(&rec(s)), false, waiting, false);
+        assert_eq!(act(Preparing, false), LiveAction::StartIncoming);
+        assert_eq!(act(Preparing, true), LiveAction::Nothing, "already started");
+        assert_eq!(act(Incoming, true), LiveAction::Nothing);
+        assert_eq!(act(Transferring, true), LiveAction::Nothing);
+        assert_eq!(act(Completed, true), LiveAction::FinishIncoming);
+        assert_eq!(act(Assigned, true), LiveAction::FinishIncoming);
+        assert_eq!(act(Completed, false), LiveAction::Nothing);
+        assert_eq!(act(Failed, true), LiveAction::AbortIncoming);
+        assert_eq!(act(Refused, true), LiveAction::AbortIncoming);
+        assert_eq!(act(Failed, false), LiveAction::Nothing);
+        assert_eq!(
+            live_action("n2", None, false, true, false),
+            LiveAction::AbortIncoming,
+            "cleared"
+        );
+    }
+
+    #[test]
+    fn only_the_owning_source_sends_and_only_once() {
+        use MigrationState::*;
+        let r = rec(Incoming);
+        assert_eq!(
+            live_action("n1", Some(&r), true, false, false),
+            LiveAction::Send("tcp:h:1".into())
+        );
+        assert_eq!(
+            live_action("n1", Some(&r), false, false, false),
+            LiveAction::Nothing,
+            "no token, no send"
+        );
+        assert_eq!(
+            live_action("n1", Some(&r), true, false, true),
+            LiveAction::Nothing
+        );
+        assert_eq!(
+            live_action("n3", Some(&r), true, false, false),
+            LiveAction::Nothing
+        );
+        for s in [Preparing, Transferring, Completed, Failed, Assigned] {
+            assert_eq!(
+                live_action("n1", Some(&rec(s)), true, false, false),
+                LiveAction::Nothing,
+                "{s:?}"
+            );
+        }
+    }
+}

@@ -1,0 +1,350 @@
+//! Live hand-over between two agents against a real etcd member on 127.0.0.1 (the leader's
+//! writes done by the test, the engines fakes that record what they were asked): the target
+//! starts a waiting VM, the owning source sends the guest and reports progress fenced by its
+//! token, the ownership moves only after `completed` (released by the source, acquired by
+//! the target), and a failed send leaves the guest running on, and owned by, the source.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use stead_cluster::agent::{self, AgentConfig, Converge, ConvergeError, Owned};
+use stead_cluster::election::{self, Election};
+use stead_cluster::etcd::Store;
+use stead_cluster::keys::ResourceRef;
+use stead_cluster::migrate::{self, LiveProgress, MigrationRecord, MigrationState};
+use stead_cluster::model::Assignment;
+use stead_cluster::owner;
+use stead_cluster::registry::LeaseConfig;
+use stead_cluster::testkit::{member_with_store, test_node};
+use tokio::time::{Instant, timeout};
+
+const VM: &str = "VirtualMachine/web";
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Call {
+    Converge(Vec<String>),
+    StartIncoming(String),
+    MigrateOut(String, String),
+    Finish(String),
+    Abort(String),
+}
+
+#[derive(Default)]
+struct LiveFake {
+    calls: Mutex<Vec<Call>>,
+    /// Why the send fails (`None`: it completes).
+    send_fails: Option<String>,
+    /// Progress reports before the end (default 3, 600 ms apart).
+    reports: Option<u8>,
+}
+
+fn progress(pct: u8) -> LiveProgress {
+    LiveProgress {
+        phase: if pct == 100 { "completed" } else { "active" }.into(),
+        ram_percent: pct,
+        sent_mib: u64::from(pct),
+        remaining_mib: 100 - u64::from(pct),
+        mib_per_s: 50.0,
+        elapsed_s: f64::from(pct) / 50.0,
+        downtime_ms: None,
+    }
+}
+
+impl Converge for LiveFake {
+    fn converge(&self, owned: &[Owned]) -> Result<(), ConvergeError> {
+        let set = owned.iter().map(|o| o.resource.to_string()).collect();
+        self.push(Call::Converge(set));
+        Ok(())
+    }
+
+    fn stop_ha(&self, _: &[ResourceRef]) {}
+
+    fn start_incoming(&self, resource: &ResourceRef) -> Result<String, ConvergeError> {
+        self.push(Call::StartIncoming(resource.to_string()));
+        Ok("tcp:127.0.0.1:49152".into())
+    }
+
+    fn migrate_out(
+        &self,
+        owned: &Owned,
+        uri: &str,
+        report: &mut dyn FnMut(LiveProgress) -> bool,
+    ) -> Result<LiveProgress, ConvergeError> {
+        self.push(Call::MigrateOut(owned.resource.to_string(), uri.into()));
+        let n = self.reports.unwrap_or(3);
+        for pct in (1..=n).map(|i| u8::try_from(u16::from(i) * 90 / u16::from(n)).unwrap_or(90)) {
+            if !report(progress(pct)) {
+                return Err(ConvergeError("cancelled".into()));
+            }
+            std::thread::sleep(Duration::from_millis(600));
+        }
+        match &self.send_fails {
+            Some(why) => Err(ConvergeError(why.clone())),
+            None => Ok(progress(100)),
+        }
+    }
+
+    fn finish_incoming(&self, resource: &ResourceRef) -> Result<(), ConvergeError> {
+        self.push(Call::Finish(resource.to_string()));
+        Ok(())
+    }
+
+    fn abort_incoming(&self, resource: &ResourceRef) {
+        self.push(Call::Abort(resource.to_string()));
+    }
+}
+
+impl LiveFake {
+    fn push(&self, c: Call) {
+        self.calls.lock().expect("lock").push(c);
+    }
+
+    fn calls(&self) -> Vec<Call> {
+        self.calls.lock().expect("lock").clone()
+    }
+
+    async fn wait_for(&self, what: &str, pred: impl Fn(&Call) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !self.calls().iter().any(&pred) {
+            assert!(Instant::now() < deadline, "{what}: {:?}", self.calls());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+fn runs_vm(c: &Call) -> bool {
+    matches!(c, Call::Converge(set) if set.iter().any(|r| r == VM))
+}
+
+fn res(s: &str) -> ResourceRef {
+    s.parse().expect("resource")
+}
+
+struct Agent {
+    engine: Arc<LiveFake>,
+    stop: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Result<(), stead_cluster::etcd::StoreError>>,
+}
+
+fn start(store: &Store, name: &str, engine: LiveFake) -> Agent {
+    let engine = Arc::new(engine);
+    let (stop, rx) = tokio::sync::watch::channel(false);
+    let mut config = AgentConfig::new(test_node(name));
+    config.lease = LeaseConfig::with_ttl(Duration::from_secs(10));
+    config.retry = Duration::from_millis(100);
+    let (store, e) = (store.clone(), engine.clone() as Arc<dyn Converge>);
+    let task = tokio::spawn(async move { agent::run(&store, &config, e, rx).await });
+    Agent { engine, stop, task }
+}
+
+impl Agent {
+    async fn stop(self) {
+        let _ = self.stop.send(true);
+        timeout(Duration::from_secs(10), self.task)
+            .await
+            .expect("stops")
+            .expect("task")
+            .expect("ok");
+    }
+}
+
+fn assignment(node: &str) -> Assignment {
+    Assignment {
+        resource: VM.into(),
+        node: node.into(),
+        ha: false,
+        revision: String::new(),
+    }
+}
+
+/// Waits until the record is in `state`; the record.
+async fn record_in(store: &Store, state: MigrationState) -> MigrationRecord {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = migrate::read(store, &res(VM)).await.expect("read");
+        if let Some(r) = r.filter(|r| r.state == state) {
+            return r;
+        }
+        assert!(Instant::now() < deadline, "record never {state:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn owner_node(store: &Store) -> Option<(String, i64)> {
+    owner::owner_of(store, &res(VM))
+        .await
+        .expect("owner")
+        .map(|o| (o.record.node, o.token.revision()))
+}
+
+/// Two agents, `web` running on n1, and the record the leader writes for a live move to n2.
+async fn running_on_n1(
+    store: &Store,
+    source: LiveFake,
+) -> (Agent, Agent, election::LeaderToken, i64) {
+    let (id, _) = store
+        .grant_lease(Duration::from_secs(60))
+        .await
+        .expect("lease");
+    let ctl = Election::new(store, "ctl", id);
+    let token = ctl.try_campaign().await.expect("campaign").expect("leads");
+    let n1 = start(store, "n1", source);
+    let n2 = start(store, "n2", LiveFake::default());
+    election::put_assignments(store, &token, &[assignment("n1")])
+        .await
+        .expect("assign");
+    n1.engine.wait_for("web runs on n1", runs_vm).await;
+    let (_, t1) = owner_node(store).await.expect("n1 owns web");
+    let record = MigrationRecord::request("n2")
+        .preparing("n1")
+        .expect("preparing");
+    migrate::put(store, &res(VM), &record)
+        .await
+        .expect("record");
+    (n1, n2, token, t1)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_move_hands_ownership_over_only_after_the_guest_left() {
+    let test = "a_live_move_hands_ownership_over_only_after_the_guest_left";
+    let Some((_etcd, store)) = member_with_store(test, "/t").await else {
+        return;
+    };
+    let (n1, n2, token, t1) = running_on_n1(&store, LiveFake::default()).await;
+
+    // `incoming` lasts as long as the source takes to start sending: its address stays.
+    let transferring = record_in(&store, MigrationState::Transferring).await;
+    assert_eq!(transferring.listen.as_deref(), Some("tcp:127.0.0.1:49152"));
+    assert!(transferring.progress.is_some(), "{transferring:?}");
+    assert_eq!(
+        owner_node(&store).await.map(|o| o.0).as_deref(),
+        Some("n1"),
+        "the source owns it while it sends"
+    );
+    let done = record_in(&store, MigrationState::Completed).await;
+    assert_eq!(done.progress.as_ref().map(|p| p.ram_percent), Some(100));
+    n2.engine
+        .wait_for(
+            "n2 finished its incoming VM",
+            |c| matches!(c, Call::Finish(r) if r == VM),
+        )
+        .await;
+
+    // What the leader does once the guest runs on n2: assign it there, mark it assigned.
+    election::put_assignments(&store, &token, &[assignment("n2")])
+        .await
+        .expect("reassign");
+    let assigned = done.to_state(MigrationState::Assigned).expect("assigned");
+    migrate::put(&store, &res(VM), &assigned)
+        .await
+        .expect("record");
+    n2.engine.wait_for("web runs on n2", runs_vm).await;
+    let (owner, t2) = owner_node(&store).await.expect("owned");
+    assert_eq!(owner, "n2");
+    assert!(t2 > t1, "a new owner key, a new token: {t1} -> {t2}");
+
+    let calls = n1.engine.calls();
+    let sent = calls
+        .iter()
+        .position(
+            |c| matches!(c, Call::MigrateOut(r, uri) if r == VM && uri == "tcp:127.0.0.1:49152"),
+        )
+        .expect("n1 sent web");
+    assert!(
+        !calls[sent..].iter().any(runs_vm),
+        "n1 never ran web again after sending it: {calls:?}"
+    );
+    let n2_calls = n2.engine.calls();
+    assert!(
+        !n2_calls.iter().any(|c| matches!(c, Call::Abort(_))),
+        "{n2_calls:?}"
+    );
+    n1.stop().await;
+    n2.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_live_move_leaves_the_guest_on_the_source_and_kills_the_target() {
+    let test = "a_failed_live_move_leaves_the_guest_on_the_source_and_kills_the_target";
+    let Some((_etcd, store)) = member_with_store(test, "/t").await else {
+        return;
+    };
+    let source = LiveFake {
+        send_fails: Some("migration failed: connection reset".into()),
+        ..LiveFake::default()
+    };
+    let (n1, n2, _token, t1) = running_on_n1(&store, source).await;
+    let failed = record_in(&store, MigrationState::Failed).await;
+    let why = failed.message.unwrap_or_default();
+    assert!(why.contains("connection reset"), "{why}");
+    n2.engine
+        .wait_for(
+            "n2 killed its waiting VM",
+            |c| matches!(c, Call::Abort(r) if r == VM),
+        )
+        .await;
+    assert_eq!(
+        owner_node(&store).await,
+        Some(("n1".into(), t1)),
+        "n1 keeps the same ownership"
+    );
+    // The source converges again after the failed send, web included.
+    let sent = n1
+        .engine
+        .calls()
+        .iter()
+        .position(|c| matches!(c, Call::MigrateOut(..)))
+        .expect("sent");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !n1.engine.calls()[sent..].iter().any(runs_vm) {
+        assert!(Instant::now() < deadline, "{:?}", n1.engine.calls());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    n1.stop().await;
+    n2.stop().await;
+}
+
+/// `stead migrate --clear` while the guest is being sent cancels the move: the source's next
+/// progress write is refused, it cancels the send, keeps the guest and its ownership, and
+/// the target kills its waiting VM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clearing_a_live_move_in_flight_cancels_it_and_the_guest_stays() {
+    let test = "clearing_a_live_move_in_flight_cancels_it_and_the_guest_stays";
+    let Some((_etcd, store)) = member_with_store(test, "/t").await else {
+        return;
+    };
+    let source = LiveFake {
+        reports: Some(10),
+        ..LiveFake::default()
+    };
+    let (n1, n2, _token, t1) = running_on_n1(&store, source).await;
+    record_in(&store, MigrationState::Transferring).await;
+    assert!(migrate::clear(&store, &res(VM)).await.expect("clear"));
+    n2.engine
+        .wait_for(
+            "n2 killed its waiting VM",
+            |c| matches!(c, Call::Abort(r) if r == VM),
+        )
+        .await;
+    let sent = n1
+        .engine
+        .calls()
+        .iter()
+        .position(|c| matches!(c, Call::MigrateOut(..)))
+        .expect("sent");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !n1.engine.calls()[sent..].iter().any(runs_vm) {
+        assert!(Instant::now() < deadline, "{:?}", n1.engine.calls());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(owner_node(&store).await, Some(("n1".into(), t1)));
+    assert!(
+        migrate::read(&store, &res(VM))
+            .await
+            .expect("read")
+            .is_none(),
+        "a cancelled move writes nothing back"
+    );
+    n1.stop().await;
+    n2.stop().await;
+}

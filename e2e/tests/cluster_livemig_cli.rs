@@ -1,0 +1,266 @@
+//! `stead migrate --live` end to end (issue 15): two nodes of the cluster lab, each running
+//! `stead agent`, a controller candidate in the hub, and a QEMU VM (TCG, the Debian guest
+//! image) whose disk is a Volume on a pool declared `shared` (one directory both nodes
+//! see). The migration goes through etcd and the agents: the leader chooses live, the
+//! target's agent starts the VM waiting for its guest through the driver, the source's agent
+//! sends it and reports progress, then the ownership moves. Afterwards the owner key names
+//! the target, the guest's boot id (read by its agent) is the one it had before, and the
+//! source has no QEMU left. Before that, a move whose target QEMU is killed as soon as it
+//! appears fails with the reason and leaves the guest (same boot) on, and owned by, the
+//! source. Times are printed.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::Read;
+use std::path::Path;
+use std::process::{Output, Stdio};
+use std::time::{Duration, Instant};
+
+use stead_drivers::vm::config::Paths;
+use stead_drivers::vm::qemu::qga::Qga;
+use stead_e2e::cluster::{ClusterLab, owner_in};
+use stead_e2e::{guest_image, qemu_ok};
+
+fn manifests(pool: &Path, image: &Path) -> String {
+    format!(
+        "apiVersion: stead.dev/v1alpha1\nkind: StoragePool\nmetadata: {{name: vms}}\n\
+         spec: {{type: dir, path: {}, shared: true, content: [images, rootdir]}}\n\
+         ---\napiVersion: stead.dev/v1alpha1\nkind: Volume\nmetadata: {{name: web-root}}\n\
+         spec: {{pool: vms, size: 2Gi, format: qcow2, source: {{file: {}}}}}\n\
+         ---\napiVersion: stead.dev/v1alpha1\nkind: VirtualMachine\nmetadata: {{name: web}}\n\
+         spec:\n  engine: qemu\n  accel: tcg\n  cpus: 1\n  memory: 512Mi\n  \
+         disks: [{{volume: web-root, boot: 1}}]\n  agent: true\n  restartPolicy: always\n",
+        pool.display(),
+        image.display()
+    )
+}
+
+fn owner(lab: &ClusterLab) -> Option<String> {
+    owner_in(&lab.cluster_status(), "VirtualMachine/web")
+}
+
+fn logs(lab: &ClusterLab) -> String {
+    let mut out = String::new();
+    for name in ["agent-n1", "agent-n2", "controller"] {
+        out.push_str(&format!(
+            "--- {name}\n{}\n",
+            lab.log_tail(name, 30).join("\n")
+        ));
+    }
+    out
+}
+
+fn wait_for(what: &str, limit: Duration, lab: &ClusterLab, mut ok: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !ok() {
+        assert!(
+            t0.elapsed() < limit,
+            "{what}: not after {limit:?}\n{}",
+            logs(lab)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The guest's boot id, read by its agent on node `i` (retried: the driver's observer may
+/// hold the agent's socket for a moment).
+fn boot_id(lab: &ClusterLab, i: usize, limit: Duration) -> String {
+    let sock = Paths::new(&lab.node_run(i), "web").qga_socket();
+    let t0 = Instant::now();
+    loop {
+        let got = Qga::connect(&sock, Duration::from_secs(10)).and_then(|mut a| {
+            a.set_timeout(Duration::from_secs(20));
+            a.exec(
+                "/usr/bin/systemd-id128",
+                &["boot-id"],
+                None,
+                Duration::from_secs(30),
+            )
+        });
+        match got {
+            Ok(out) => return String::from_utf8_lossy(&out.stdout).trim().to_string(),
+            Err(e) if t0.elapsed() < limit => {
+                let _ = e;
+                std::thread::sleep(Duration::from_secs(2));
+            }
+            Err(e) => panic!("guest agent on node {i}: {e}\n{}", logs(lab)),
+        }
+    }
+}
+
+/// Pids of the lab's QEMU processes of node `i`.
+fn qemus(lab: &ClusterLab, i: usize) -> Vec<i32> {
+    let run = lab.node_run(i).display().to_string();
+    lab.workload_pids_with(&["qemu-system", &run])
+}
+
+/// `stead migrate VirtualMachine/web --to TO --live`, output piped.
+fn migrate_cmd(lab: &ClusterLab, to: &str) -> std::process::Command {
+    let mut c = lab.operator_cmd(&[
+        "migrate",
+        "VirtualMachine/web",
+        "--to",
+        to,
+        "--live",
+        "--timeout",
+        "300s",
+    ]);
+    c.stdout(Stdio::piped()).stderr(Stdio::piped());
+    c
+}
+
+/// What an exited child wrote (stdout, stderr).
+fn outputs(child: &mut std::process::Child) -> (String, String) {
+    let mut out = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    (out, err)
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+#[test]
+fn migrate_live_moves_a_running_qemu_vm_through_the_agents_keeping_its_boot() {
+    let test = "migrate_live_moves_a_running_qemu_vm_through_the_agents_keeping_its_boot";
+    if !qemu_ok(test) {
+        return;
+    }
+    let Some(image) = guest_image(test) else {
+        return;
+    };
+    let Some(mut lab) = ClusterLab::for_test(test, 2) else {
+        return;
+    };
+    let pool = lab.path("pool");
+    std::fs::create_dir_all(&pool).unwrap();
+    let dir = lab.path("manifests");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("web.yaml"), manifests(&pool, &image)).unwrap();
+    lab.destroy_on_drop(std::slice::from_ref(&dir));
+    for i in 0..lab.nodes.len() {
+        lab.join_node(i, &[]);
+        lab.start_agent(i, &dir);
+    }
+    lab.start_controller(&dir);
+
+    let t0 = Instant::now();
+    let mut from = None;
+    wait_for("web has an owner", Duration::from_secs(240), &lab, || {
+        from = owner(&lab);
+        from.is_some()
+    });
+    let from = from.unwrap();
+    let src = lab.nodes.iter().position(|n| n.name == from).unwrap();
+    let dst = 1 - src;
+    let to = lab.nodes[dst].name.clone();
+    let before = boot_id(&lab, src, Duration::from_secs(300));
+    assert_eq!(before.len(), 32, "{before:?}");
+    println!(
+        "{test}: the guest answered on {from} after {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
+    assert!(qemus(&lab, dst).is_empty(), "no QEMU on {to} yet");
+
+    // A move whose target QEMU is killed as soon as it appears: the record says why, the
+    // CLI exits 1, and the guest keeps running on the source, which keeps owning it.
+    let mut child = migrate_cmd(&lab, &to).spawn().expect("stead migrate");
+    let mut killed = false;
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        if !killed && let Some(pid) = qemus(&lab, dst).first() {
+            killed = std::process::Command::new("kill")
+                .args(["-9", &pid.to_string()])
+                .status()
+                .is_ok_and(|s| s.success());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let (out, err) = outputs(&mut child);
+    println!("stead migrate --live with its target killed:\n{out}{err}");
+    assert!(killed, "the target's QEMU was killed: {out}{err}");
+    assert_eq!(status.code(), Some(1), "{out}{err}\n{}", logs(&lab));
+    assert!(
+        err.contains(&format!("it keeps running on {from}")),
+        "{out}{err}"
+    );
+    assert_eq!(owner(&lab).as_deref(), Some(from.as_str()));
+    assert_eq!(boot_id(&lab, src, Duration::from_secs(60)), before);
+    wait_for(
+        "no QEMU left on the target",
+        Duration::from_secs(30),
+        &lab,
+        || qemus(&lab, dst).is_empty(),
+    );
+
+    let t1 = Instant::now();
+    let mut child = migrate_cmd(&lab, &to).spawn().expect("stead migrate");
+    // Sample the QEMUs of both nodes while it runs: the target's waits while the source's
+    // runs the guest; once done only the target has one.
+    let mut both_seen = false;
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        both_seen |= !qemus(&lab, src).is_empty() && !qemus(&lab, dst).is_empty();
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let cli = t1.elapsed();
+    let (out, err) = outputs(&mut child);
+    println!("stead migrate --live output:\n{out}{err}");
+    assert!(
+        status.success(),
+        "stead migrate --live: {out}{err}\n{}",
+        logs(&lab)
+    );
+    assert!(out.contains("method: live"), "{out}");
+    assert!(out.contains("RAM "), "progress lines: {out}");
+    assert!(out.contains(&format!("runs on {to}")), "{out}");
+    assert!(both_seen, "the target's QEMU waited beside the source's");
+    assert_eq!(owner(&lab).as_deref(), Some(to.as_str()));
+
+    wait_for(
+        "no QEMU left on the source",
+        Duration::from_secs(30),
+        &lab,
+        || qemus(&lab, src).is_empty(),
+    );
+    assert_eq!(qemus(&lab, dst).len(), 1, "one QEMU on {to}");
+    assert!(
+        pool.join("images/web-root.qcow2").is_file(),
+        "the shared disk stays"
+    );
+    let after = boot_id(&lab, dst, Duration::from_secs(60));
+    assert_eq!(after, before, "the same boot runs on {to}");
+    println!(
+        "{test}: {from} -> {to} live through the agents: CLI done after {:.1} s",
+        cli.as_secs_f64()
+    );
+    // It stays there: nothing restarts it on either node.
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(qemus(&lab, src).is_empty());
+    assert_eq!(boot_id(&lab, dst, Duration::from_secs(30)), before);
+    let out = lab
+        .operator_cmd(&["migrate", "VirtualMachine/web", "--clear"])
+        .output()
+        .expect("clear");
+    assert!(out.status.success(), "{}", text(&out));
+}
