@@ -524,10 +524,35 @@ class Validate(Figure):
         return {self.name: run(self.ctx, [self.ctx.stead, "validate", self.manifest])}
 
 
+class ImportProxmox(Figure):
+    """stead import proxmox of a generated Proxmox VE tree (scripts/bench-import.sh)."""
+
+    name = "import-500"
+    has_peer = False
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        # The smoke (a debug build) imports a tenth: it only shows that the row runs.
+        self.n = 50 if ctx.smoke else 500
+        self.rows = ((self.name, f"`stead import proxmox` of {self.n} guests", "—",
+                      "< 1 s (at 500)", "abs", 1.0),)
+
+    def setup(self):
+        d = os.path.join(self.ctx.work, self.name)
+        self.root = os.path.join(d, "pve")
+        self.out = os.path.join(d, "out")
+        subprocess.run(["sh", f"{REPO}/scripts/bench-import.sh", "--generate", self.root,
+                        str(self.n)], check=True, stdout=DEVNULL)
+
+    def stead(self):
+        return {self.name: run(self.ctx, [self.ctx.stead, "import", "proxmox", "--root",
+                                          self.root, "--out", self.out])}
+
+
 def figures(ctx):
     return [ContainerLifecycle(ctx), Containers50(ctx), MicroVm(ctx), QemuVm(ctx),
             Plan(ctx, 20_000, 1.0), Plan(ctx, 100_000, 3.0), NoopApply(ctx),
-            CommitConverged(ctx), Backup(ctx), Validate(ctx)]
+            CommitConverged(ctx), Backup(ctx), Validate(ctx), ImportProxmox(ctx)]
 
 
 # ---------------------------------------------------------------- running and reporting

@@ -5,6 +5,8 @@
 # hyperfine. Everything lives in a temp dir, removed at the end.
 #
 #   scripts/bench-import.sh [N]
+#   scripts/bench-import.sh --generate DIR [N]   only write the tree under DIR (the
+#                                                 benchmark suite's `import` row uses it)
 #
 # The binary is $STEAD_BIN or target/debug/stead (say which profile you measured:
 # `cargo build --bin stead` or `cargo build --release --bin stead`). When the release
@@ -12,16 +14,9 @@
 set -eu
 
 here=$(cd "$(dirname "$0")/.." && pwd)
-n=${1:-500}
-target=$(cd "$here" && cargo metadata --format-version 1 --no-deps 2>/dev/null |
-    sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
-bin=${STEAD_BIN:-${target:-$here/target}/debug/stead}
-[ -x "$bin" ] || { echo "no stead binary at $bin: build it first" >&2; exit 1; }
-command -v hyperfine >/dev/null || { echo "hyperfine is needed (apt install hyperfine)" >&2; exit 1; }
 
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
-root=$tmp/root
+# Writes the Proxmox tree of $n guests under $root.
+generate() {
 mkdir -p "$root/etc/pve/nodes/pve1/qemu-server" "$root/etc/pve/nodes/pve1/lxc" "$root/etc/network"
 
 cat > "$root/etc/pve/storage.cfg" <<'CFG'
@@ -129,6 +124,27 @@ for j in range(n - vms):
              "features: nesting=1"]
     open(f"{node}/lxc/{vmid}.conf", "w").write("\n".join(lines) + "\n")
 PY
+
+}
+
+if [ "${1:-}" = "--generate" ]; then
+    [ $# -ge 2 ] || { echo "usage: $0 --generate DIR [N]" >&2; exit 2; }
+    root=$2
+    n=${3:-500}
+    generate
+    exit 0
+fi
+n=${1:-500}
+target=$(cd "$here" && cargo metadata --format-version 1 --no-deps 2>/dev/null |
+    sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
+bin=${STEAD_BIN:-${target:-$here/target}/debug/stead}
+[ -x "$bin" ] || { echo "no stead binary at $bin: build it first" >&2; exit 1; }
+command -v hyperfine >/dev/null || { echo "hyperfine is needed (apt install hyperfine)" >&2; exit 1; }
+
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+root=$tmp/root
+generate
 
 echo "tree: $(find "$root/etc/pve/nodes" -name '*.conf' | wc -l) guest configs; binary: $bin"
 "$bin" import proxmox --root "$root" --out "$tmp/out" 2>/dev/null
