@@ -133,6 +133,10 @@ impl Housekeeping for CliHousekeeping {
         })
     }
 
+    fn is_cluster_node(&self) -> bool {
+        crate::cmd_agent::AgentFile::path(&self.base.state_dir).exists()
+    }
+
     fn cluster_status(&self) -> Option<Result<serde_json::Value, HousekeepingError>> {
         crate::cmd_cluster::status_json(&self.base.state_dir)
             .map(|r| r.map_err(|e| HousekeepingError(format!("{e:#}"))))

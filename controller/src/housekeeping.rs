@@ -98,6 +98,11 @@ pub trait Housekeeping: Send + Sync {
             "the screen of {id} is not available in this controller"
         )))
     }
+    /// Whether this host is a node of a cluster (cheap: no etcd read). The web UI
+    /// offers its Cluster page only then.
+    fn is_cluster_node(&self) -> bool {
+        false
+    }
     /// What `stead cluster status -o json` reads from etcd, when this host is a node of a
     /// cluster (`None`: not a cluster).
     fn cluster_status(&self) -> Option<Result<serde_json::Value, HousekeepingError>> {

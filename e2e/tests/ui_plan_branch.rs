@@ -118,6 +118,28 @@ fn ui_plan_branch_is_planned_and_never_applied() {
         page.body
     );
     assert!(page.body.contains("id=\"branch-plan\""));
+    // Volume/a exists and has a page; Volume/b is only on the branch: plain text.
+    assert!(
+        page.body
+            .contains("<a href=\"/resources/Volume/a\">Volume/a</a>"),
+        "{}",
+        page.body
+    );
+    assert!(
+        !page.body.contains("href=\"/resources/Volume/b\""),
+        "{}",
+        page.body
+    );
+    let b_page = request(
+        ctl.port,
+        "GET",
+        "/resources/Volume/b",
+        &[("Authorization", &auth)],
+        "",
+    );
+    assert_eq!(b_page.status, 404, "the branch-only volume has no page");
+    // Not a node of a cluster: no Cluster entry in the navigation.
+    assert!(!page.body.contains("href=\"/cluster\""), "{}", page.body);
 
     // This host joined no cluster: the cluster page and API say so.
     let c = request(

@@ -57,7 +57,10 @@ pub fn import_jobs(
                 file,
                 s.line,
                 &head,
-                format!("job type `{}`: not carried over", s.kind),
+                format!(
+                    "job type `{}`: stead imports only `vzdump` backup jobs, as BackupSchedules: not carried over",
+                    s.kind
+                ),
             );
             continue;
         }
@@ -79,7 +82,7 @@ pub fn import_jobs(
                     file,
                     e.line,
                     &e.key,
-                    format!("`{} {}`: not carried over", e.key, e.value),
+                    crate::reasons::vzdump_key(&e.key, &e.value),
                 );
             }
         }
@@ -273,7 +276,7 @@ fn retention(file: &Path, s: &Section, report: &mut Report) -> Retention {
                 file,
                 e.line,
                 &format!("prune-backups.{k}"),
-                format!("`{k}={v}`: not carried over"),
+                crate::reasons::prune_option(k, v),
             ),
         }
     }
@@ -522,14 +525,14 @@ realm-sync: ldap\n\tschedule daily\n";
         assert_eq!(d["mode"], "snapshot");
         let notes: Vec<String> = r.notes().iter().map(|n| n.render()).collect();
         for p in [
-            "jobs.cfg:11: mailto:",
+            "jobs.cfg:11: mailto: `mailto root@x`: stead sends no backup mail or notifications: not carried over",
             "jobs.cfg:15: vmid: guest 999 is not imported",
             "jobs.cfg:17: mode: `suspend`",
             "jobs.cfg:18: compress: `lzo`",
             "jobs.cfg:24: enabled: job `off` is disabled",
             "jobs.cfg:29: storage: storage `local-lvm` has no `backup` content",
             "jobs.cfg:32: schedule: `2027-01-01` cannot be expressed",
-            "jobs.cfg:36: realm-sync: ldap: job type",
+            "jobs.cfg:36: realm-sync: ldap: job type `realm-sync`: stead imports only `vzdump` backup jobs",
         ] {
             assert!(notes.iter().any(|n| n.starts_with(p)), "{p} in {notes:?}");
         }

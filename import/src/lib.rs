@@ -14,5 +14,6 @@ pub mod network;
 pub mod proxmox;
 pub mod qemu;
 pub mod reader;
+pub mod reasons;
 pub mod report;
 pub mod storage;

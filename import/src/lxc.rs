@@ -58,7 +58,9 @@ fn unmapped_reason(key: &str) -> String {
         _ if key.starts_with("lxc.") => "a raw LXC setting",
         _ if numbered(key, "dev") => "device passthrough",
         _ if numbered(key, "unused") => "an unused (detached) volume",
-        _ => "this setting",
+        "description" => "the container's notes (a manifest's comments can keep them)",
+        "timezone" => "the time zone (the container's own files keep it)",
+        _ => "a setting the Container kind has no field for",
     };
     format!("{why}: not carried over")
 }
@@ -252,7 +254,7 @@ impl CtParts {
                     file,
                     e.line,
                     &format!("{}.{k}", e.key),
-                    format!("`{k}={v}`: not carried over"),
+                    crate::reasons::mount_option(k, v),
                 );
             }
         }
@@ -360,7 +362,7 @@ impl CtParts {
                     file,
                     e.line,
                     &format!("{}.{k}", e.key),
-                    format!("`{k}={v}`: not carried over"),
+                    crate::reasons::nic_option(k, v),
                 ),
             }
         }
@@ -498,9 +500,9 @@ mod tests {
         assert_eq!(vols, 2);
         for p in [
             "200.conf:4: swap:",
-            "200.conf:6: mp0.backup:",
+            "200.conf:6: mp0.backup: `backup=1`: BackupSchedules select whole guests, not single mount points: not carried over",
             "200.conf:7: mp1: a bind mount",
-            "200.conf:8: net0.firewall:",
+            "200.conf:8: net0.firewall: `firewall=1`: stead has no per-interface guest firewall: not carried over",
             "200.conf:9: net1.ip: `ip=dhcp`",
             "200.conf:9: net1.tag: VLAN tag 5",
             "200.conf:12: features:",

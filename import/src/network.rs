@@ -344,7 +344,10 @@ impl Networks {
                         vfile,
                         e.line,
                         &e.key,
-                        format!("`{} {}`: not carried over", e.key, e.value),
+                        format!(
+                            "`{} {}`: a vnet setting the Network kind has no field for: not carried over",
+                            e.key, e.value
+                        ),
                     );
                 }
             }
@@ -354,7 +357,10 @@ impl Networks {
                         zfile,
                         e.line,
                         &e.key,
-                        format!("`{} {}`: not carried over", e.key, e.value),
+                        format!(
+                            "`{} {}`: a zone setting the VXLAN Network has no field for (only peers, mtu, vxlan-port): not carried over",
+                            e.key, e.value
+                        ),
                     );
                 }
             }
@@ -449,22 +455,34 @@ fn mtu(i: &Iface, report: &mut Report) -> Option<u32> {
     }
 }
 
+/// Why an `interfaces` option of a stanza imported as `kind` is left out.
+fn iface_option_reason(key: &str, kind: &str) -> String {
+    match key {
+        "gateway" => format!("{kind} has no gateway"),
+        "up" | "down" | "pre-up" | "post-up" | "pre-down" | "post-down" => {
+            "stead runs no interface hook commands".to_string()
+        }
+        "bridge-stp" | "bridge-fd" => format!("{kind} has no spanning tree settings"),
+        "hwaddress" => format!("{kind} sets no MAC address"),
+        "dns-nameservers" | "dns-search" => {
+            "resolver settings are the host's, not a Network's".to_string()
+        }
+        _ => format!("{kind} has no field for it"),
+    }
+}
+
 /// Reports the options of `i` outside `keys`.
 fn report_others(i: &Iface, keys: &[&str], kind: &str, report: &mut Report) {
     for st in &i.stanzas {
         for e in &st.options.entries {
             let default = BRIDGE_DEFAULTS.contains(&(e.key.as_str(), e.value.as_str()));
             if !keys.contains(&e.key.as_str()) && !default {
-                let why = if e.key == "gateway" {
-                    format!("{kind} has no gateway")
-                } else {
-                    format!("{kind} has no equivalent")
-                };
+                let why = iface_option_reason(&e.key, kind);
                 report.note(
                     &i.file,
                     e.line,
                     &e.key,
-                    format!("`{} {}`: {why}, not carried over", e.key, e.value),
+                    format!("`{} {}`: {why}: not carried over", e.key, e.value),
                 );
             }
         }
@@ -537,6 +555,30 @@ iface eno4.50 inet manual\n";
             !notes.iter().any(|n| n.contains("iface eno1")
                 || n.contains("iface eno2")
                 || n.contains("bridge-stp off")),
+            "{notes:?}"
+        );
+    }
+
+    #[test]
+    fn interface_options_left_out_say_why() {
+        let k = "the Network kind";
+        assert_eq!(
+            iface_option_reason("post-up", k),
+            "stead runs no interface hook commands"
+        );
+        assert_eq!(
+            iface_option_reason("bridge-stp", k),
+            "the Network kind has no spanning tree settings"
+        );
+        assert_eq!(
+            iface_option_reason("bond-xmit-hash-policy", "the Bond kind"),
+            "the Bond kind has no field for it"
+        );
+        let (_, notes) = nets();
+        assert!(
+            notes.iter().any(|n| n
+                .starts_with("interfaces:14: bond-xmit-hash-policy: `bond-xmit-hash-policy ")
+                && n.ends_with("`: the Bond kind has no field for it: not carried over")),
             "{notes:?}"
         );
     }

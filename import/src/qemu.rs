@@ -16,6 +16,7 @@ use crate::guest::{
 use crate::model::{Manifest, VMID_LABEL};
 use crate::network::NetInfo;
 use crate::reader::{Entry, GuestConf, ParseError, Section, property_string};
+use crate::reasons;
 use crate::report::Report;
 use crate::storage::Pool;
 
@@ -142,8 +143,22 @@ fn unmapped_reason(key: &str) -> String {
         _ if numbered(key, "usb") => "USB passthrough",
         _ if numbered(key, "serial") || numbered(key, "parallel") => "serial and parallel ports",
         _ if numbered(key, "unused") => "an unused (detached) disk",
-        _ if key.starts_with("ci") => "this cloud-init setting",
-        _ => "this setting",
+        "cicustom" => {
+            "custom cloud-init files from a snippets storage (stead takes user-data inline in \
+             `cloudInit.userData`)"
+        }
+        "citype" => "the cloud-init drive format (stead always writes a NoCloud seed)",
+        "ciupgrade" => "a package upgrade on first boot (add it to `cloudInit.userData`)",
+        _ if key.starts_with("ci") => "a cloud-init setting that `cloudInit` has no field for",
+        "description" => "the VM's notes (a manifest's comments can keep them)",
+        "hotplug" => "hotplug settings (stead's QEMU uses its own)",
+        "keyboard" | "tablet" => "console input settings",
+        "localtime" => "the RTC time base (stead's QEMU keeps UTC)",
+        "kvm" | "acpi" => "switches of QEMU features (stead sets `accel` and keeps ACPI on)",
+        "rng0" => "a virtio RNG device",
+        "watchdog" => "a watchdog device",
+        "audio0" => "an audio device",
+        _ => "a setting the VirtualMachine kind has no field for",
     };
     format!("{why}: not carried over")
 }
@@ -475,7 +490,7 @@ impl VmParts {
                     file,
                     e.line,
                     &format!("{}.{k}", e.key),
-                    format!("disk option `{k}={v}`: not carried over"),
+                    reasons::disk_option(k, v),
                 ),
             }
         }
@@ -504,7 +519,7 @@ impl VmParts {
     ) -> Result<(), String> {
         let (first, opts) = property_string(&e.value);
         let DiskSource::Volume(r) = parse_source(first)? else {
-            report.note(file, e.line, &e.key, "not a volume: not carried over");
+            report.note(file, e.line, &e.key, "a host path, not a Proxmox volume: the EFI vars disk is not carried over (stead keeps a UEFI VM's NVRAM in its state directory)");
             return Ok(());
         };
         let size = opts
@@ -527,13 +542,22 @@ impl VmParts {
                         origin: (file.to_path_buf(), e.line, e.key.clone()),
                     },
                 ));
-                report.note(file, e.line, &e.key, "the EFI vars disk is imported as a Volume but not attached: stead keeps the VM's NVRAM in its state directory, so boot entries and EFI variables start from OVMF's template");
+                report.note(file, e.line, &e.key, "the EFI vars disk is imported as a Volume but not attached: the VirtualMachine kind has no NVRAM volume (stead keeps a UEFI VM's NVRAM in its state directory), so boot entries and EFI variables start from OVMF's template");
             }
-            _ => report.note(
+            (None, _) => report.note(
                 file,
                 e.line,
                 &e.key,
-                "storage not imported or no size: not carried over",
+                format!(
+                    "storage `{}` is not imported: EFI vars disk not carried over",
+                    r.storage
+                ),
+            ),
+            (Some(_), None) => report.note(
+                file,
+                e.line,
+                &e.key,
+                "no `size`: EFI vars disk not carried over",
             ),
         }
         Ok(())
@@ -587,7 +611,7 @@ impl VmParts {
                     file,
                     e.line,
                     &format!("{}.{k}", e.key),
-                    format!("`{k}={v}`: not carried over"),
+                    reasons::nic_option(k, v),
                 ),
             }
         }
@@ -741,7 +765,7 @@ fn agent(file: &Path, e: Option<&Entry>, report: &mut Report) -> bool {
                 file,
                 e.line,
                 &format!("agent.{k}"),
-                format!("`{k}={v}`: not carried over"),
+                reasons::agent_option(k, v),
             ),
         }
     }
@@ -915,7 +939,7 @@ fn network_config(
                     file,
                     e.line,
                     &format!("{}.{k}", e.key),
-                    format!("`{k}={v}`: not carried over"),
+                    reasons::ipconfig_option(k, v),
                 ),
             }
         }
@@ -1029,6 +1053,32 @@ pub(crate) mod tests {
         let i = import_vm(&g, "web", &ctx).unwrap();
         let notes = i.report.notes().iter().map(|n| n.render()).collect();
         (i.manifest.expect("imported").spec, notes, i.volumes)
+    }
+
+    #[test]
+    fn options_left_out_say_why() {
+        let (_, notes, _) = vm(
+            "scsi0: local-lvm:vm-100-disk-0,size=8G,iothread=1,mbps_rd=50\n\
+             net0: virtio=BC:24:11:00:00:01,bridge=vmbr0,firewall=1,rate=12.5\n\
+             ipconfig0: ip=10.0.0.5/24,gw=10.0.0.1,gw6=fd00::1\n\
+             cicustom: user=local:snippets/u.yaml\nhotplug: disk,network\nfoo: bar\n",
+        );
+        for line in [
+            "100.conf:1: scsi0.iothread: `iothread=1`: stead's QEMU picks its own I/O threads and AIO mode: not carried over",
+            "100.conf:1: scsi0.mbps_rd: `mbps_rd=50`: the VirtualMachine kind has no disk I/O limits: not carried over",
+            "100.conf:2: net0.firewall: `firewall=1`: stead has no per-interface guest firewall: not carried over",
+            "100.conf:2: net0.rate: `rate=12.5`: interfaces have no bandwidth limit in stead: not carried over",
+            "100.conf:3: ipconfig0.gw6: `gw6=fd00::1`: the generated network config carries only the IPv4 gateway `gw`: not carried over",
+            "100.conf:4: cicustom: custom cloud-init files from a snippets storage",
+            "100.conf:5: hotplug: hotplug settings (stead's QEMU uses its own): not carried over",
+            "100.conf:6: foo: a setting the VirtualMachine kind has no field for: not carried over",
+        ] {
+            assert!(has(&notes, line), "{line}\n{notes:#?}");
+        }
+        assert!(
+            !notes.iter().any(|n| n.contains("this setting")),
+            "{notes:#?}"
+        );
     }
 
     fn has(notes: &[String], prefix: &str) -> bool {
@@ -1177,6 +1227,29 @@ pub(crate) mod tests {
             "100.conf:2: efidisk0: the EFI vars disk is imported"
         ));
         assert!(has(&notes, "100.conf:3: agent.fstrim_cloned_disks:"));
+        assert!(has(
+            &notes,
+            "100.conf:2: efidisk0: the EFI vars disk is imported as a Volume but not attached: the VirtualMachine kind has no NVRAM volume"
+        ));
+        let (_, notes, vols) = vm("bios: ovmf\nefidisk0: /dev/disk/by-id/nvme-efi,size=4M\n");
+        assert!(
+            vols.iter().all(|(_, u)| u.origin.2 != "efidisk0"),
+            "{vols:?}"
+        );
+        assert!(has(
+            &notes,
+            "100.conf:2: efidisk0: a host path, not a Proxmox volume: the EFI vars disk is not carried over"
+        ));
+        let (_, notes, _) = vm("bios: ovmf\nefidisk0: nowhere:vm-100-disk-9,size=4M\n");
+        assert!(has(
+            &notes,
+            "100.conf:2: efidisk0: storage `nowhere` is not imported: EFI vars disk not carried over"
+        ));
+        let (_, notes, _) = vm("bios: ovmf\nefidisk0: local-lvm:vm-100-disk-9\n");
+        assert!(has(
+            &notes,
+            "100.conf:2: efidisk0: no `size`: EFI vars disk not carried over"
+        ));
         let (s, _, _) = vm("bios: seabios\nagent: 1\n");
         assert_eq!(s["firmware"], "bios");
         assert_eq!(s["agent"], true);

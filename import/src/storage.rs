@@ -83,12 +83,9 @@ pub fn import_storage(
             path: spec.path.clone(),
             content: spec.content.clone(),
         });
-        manifests.push(Manifest::new(
-            Kind::StoragePool,
-            &name,
-            &spec,
-            "storage.yaml",
-        ));
+        let mut manifest = Manifest::new(Kind::StoragePool, &name, &spec, "storage.yaml");
+        manifest.spec["content"] = proxmox_content_names(&spec.content).into();
+        manifests.push(manifest);
     }
     (pools, manifests)
 }
@@ -192,8 +189,37 @@ fn pool_spec(
     })
 }
 
-/// Proxmox content types → stead's (`vztmpl` → `templates`); `snippets` and unknown
-/// types are reported.
+/// The content list as Proxmox spells it (`templates` is `vztmpl`, which stead accepts
+/// as its alias), so an imported pool reads like its storage.cfg section.
+fn proxmox_content_names(content: &[Content]) -> Vec<&'static str> {
+    content
+        .iter()
+        .map(|c| match c {
+            Content::Images => "images",
+            Content::Rootdir => "rootdir",
+            Content::Iso => "iso",
+            Content::Backup => "backup",
+            Content::Templates => "vztmpl",
+        })
+        .collect()
+}
+
+/// Why a Proxmox content type that stead has no equivalent for is left out.
+fn content_left_out(c: &str) -> String {
+    match c {
+        "snippets" => "content type `snippets` (hook scripts, cloud-init snippet files) has no \
+             stead equivalent: stead runs no hook scripts and takes cloud-init user-data inline \
+             in a VirtualMachine's `cloudInit.userData`: not carried over"
+            .to_string(),
+        other => format!(
+            "content type `{other}` is not one of Proxmox's images, rootdir, vztmpl, iso, \
+             backup, snippets: not carried over"
+        ),
+    }
+}
+
+/// Proxmox content types → stead's (`vztmpl` is stead's `templates`); `snippets` and
+/// unknown types are reported.
 pub fn content_list(file: &Path, line: usize, value: &str, report: &mut Report) -> Vec<Content> {
     let mut out = Vec::new();
     for c in value.split(',').map(str::trim).filter(|c| !c.is_empty()) {
@@ -205,12 +231,7 @@ pub fn content_list(file: &Path, line: usize, value: &str, report: &mut Report) 
             "vztmpl" => Content::Templates,
             "none" => continue,
             other => {
-                report.note(
-                    file,
-                    line,
-                    "content",
-                    format!("content type `{other}` has no stead equivalent: not carried over"),
-                );
+                report.note(file, line, "content", content_left_out(other));
                 continue;
             }
         };
@@ -245,13 +266,26 @@ rbd: ceph\n\tpool rbd\n\tcontent images\n\npbs: backup-server\n\tserver 10.0.0.8
             pools[0].content,
             [Content::Iso, Content::Templates, Content::Backup]
         );
+        assert_eq!(
+            manifests[0].spec["content"],
+            serde_json::json!(["iso", "vztmpl", "backup"])
+        );
+        assert_eq!(
+            manifests[1].spec["content"],
+            serde_json::json!(["rootdir", "images"])
+        );
         assert_eq!(manifests[1].spec["lvm"]["volumeGroup"], "pve");
         assert_eq!(manifests[1].spec["path"], "/dev/pve/data");
         assert_eq!(manifests[2].spec["zfs"]["dataset"], "tank/vms");
         assert_eq!(manifests[2].spec["type"], "zfs");
         assert_eq!(manifests[4].spec["nfs"]["options"], "vers=4.2");
         let notes: Vec<String> = r.notes().iter().map(|n| n.render()).collect();
-        assert!(notes.iter().any(|n| n.contains("snippets")), "{notes:?}");
+        assert!(
+            notes.iter().any(|n| n.starts_with(
+                "storage.cfg:3: content: content type `snippets` (hook scripts, cloud-init snippet files) has no stead equivalent"
+            )),
+            "{notes:?}"
+        );
         assert!(
             notes
                 .iter()

@@ -209,6 +209,7 @@ pub enum PoolType {
     Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
 )]
 #[serde(rename_all = "lowercase")]
+#[schemars(transform = accept_vztmpl)]
 pub enum Content {
     /// VM disk images and volumes.
     Images,
@@ -218,7 +219,8 @@ pub enum Content {
     Backup,
     /// ISO images.
     Iso,
-    /// Container templates.
+    /// Container templates. Proxmox's name for it, `vztmpl`, is accepted as well.
+    #[serde(alias = "vztmpl")]
     Templates,
 }
 
@@ -251,6 +253,18 @@ pub struct StoragePoolSpec {
     /// Explicit dependencies.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub depends_on: Vec<ResourceRef>,
+}
+
+/// Adds Proxmox's `vztmpl`, the serde alias of `templates`, to the schema's choices, so
+/// editors accept what `stead validate` accepts.
+fn accept_vztmpl(schema: &mut schemars::Schema) {
+    if let Some(serde_json::Value::Array(choices)) = schema.get_mut("oneOf") {
+        choices.push(serde_json::json!({
+            "type": "string",
+            "const": "vztmpl",
+            "description": "Proxmox's name for `templates`.",
+        }));
+    }
 }
 
 fn default_content() -> Vec<Content> {

@@ -855,6 +855,46 @@ mod tests {
     }
 
     #[test]
+    fn pool_content_takes_proxmox_names_and_keeps_stead_names() {
+        let text = doc(
+            "StoragePool",
+            "pve",
+            &[
+                "type: dir",
+                "path: /p",
+                "content: [images, rootdir, vztmpl, iso, backup]",
+            ],
+        ) + &doc(
+            "StoragePool",
+            "old",
+            &["type: dir", "path: /q", "content: [templates]"],
+        );
+        assert_eq!(diagnostics(&text), Vec::<String>::new());
+        let mut resources = Vec::new();
+        let mut errors = Vec::new();
+        crate::load::load_str(Path::new("m.yaml"), &text, &mut resources, &mut errors);
+        let contents: Vec<Vec<Content>> = resources
+            .iter()
+            .map(|r| match &r.spec {
+                Spec::StoragePool(p) => p.content.clone(),
+                other => panic!("not a pool: {other:?}"),
+            })
+            .collect();
+        use Content::*;
+        assert_eq!(
+            contents,
+            [
+                vec![Images, Rootdir, Templates, Iso, Backup],
+                vec![Templates]
+            ]
+        );
+        assert_eq!(
+            resources[0].spec_json()["content"],
+            serde_json::json!(["images", "rootdir", "templates", "iso", "backup"])
+        );
+    }
+
+    #[test]
     fn bond_and_pool_rules() {
         let text = doc(
             "Bond",

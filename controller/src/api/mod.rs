@@ -7,6 +7,7 @@
 
 pub mod openapi;
 
+use std::collections::BTreeSet;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -123,6 +124,17 @@ pub(crate) fn cluster_of(s: &Shared) -> view::cluster::ClusterView {
             ClusterView::unreadable(&e.0)
         }
     }
+}
+
+/// The pending plan and which of its changes' `Kind/name`s have a detail page (the
+/// pending page links only those).
+pub(crate) fn pending_with_details(s: &Shared) -> (Pending, BTreeSet<String>) {
+    let (status, snap) = read_model(s);
+    let p = view::pending(&status, snap.as_deref());
+    let branch = p.branch.iter().flat_map(|b| b.changes.iter());
+    let ids = p.changes.iter().chain(branch).map(|c| c.id.as_str());
+    let details = view::ids_with_detail(&status, snap.as_deref(), ids);
+    (p, details)
 }
 
 /// The pending plan (read model).

@@ -29,6 +29,23 @@ const ENTRIES: &[(Nav, &str, &str)] = &[
     (Nav::Cluster, "/cluster", "Cluster"),
 ];
 
+/// What kind of host the controller runs on: the navigation offers the Cluster page
+/// only on a node of a cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Host {
+    /// A host on its own.
+    Single,
+    /// A node of a cluster (`stead cluster join` wrote its agent file).
+    ClusterNode,
+}
+
+impl Host {
+    /// Whether the navigation shows `entry`.
+    fn shows(self, entry: Nav) -> bool {
+        entry != Nav::Cluster || self == Host::ClusterNode
+    }
+}
+
 /// How the page's main part is kept current.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Live {
@@ -49,15 +66,23 @@ pub struct Extra<'a> {
     pub scripts: &'a [&'a str],
 }
 
-/// A full page: `title`, the navigation with `nav` current, the user `who` (none on the
-/// login page) and `body` inside `<main>`.
-pub fn page(title: &str, nav: Nav, who: Option<&Principal>, live: Live, body: Html) -> String {
-    page_with(title, nav, who, live, body, Extra::default())
+/// A full page: `title`, the navigation of `host` with `nav` current, the user `who`
+/// (none on the login page) and `body` inside `<main>`.
+pub fn page(
+    title: &str,
+    host: Host,
+    nav: Nav,
+    who: Option<&Principal>,
+    live: Live,
+    body: Html,
+) -> String {
+    page_with(title, host, nav, who, live, body, Extra::default())
 }
 
 /// [`page`] with `extra` files in its head.
 pub fn page_with(
     title: &str,
+    host: Host,
     nav: Nav,
     who: Option<&Principal>,
     live: Live,
@@ -94,7 +119,7 @@ pub fn page_with(
         .close("head")
         .open("body", &[])
         .raw("<a class=\"skip\" href=\"#main\">Skip to content</a>");
-    header(&mut h, nav, who);
+    header(&mut h, host, nav, who);
     let live_attr = match live {
         Live::InPlace => "in-place",
         Live::Swap => "swap",
@@ -108,7 +133,7 @@ pub fn page_with(
     h.into_string()
 }
 
-fn header(h: &mut Html, nav: Nav, who: Option<&Principal>) {
+fn header(h: &mut Html, host: Host, nav: Nav, who: Option<&Principal>) {
     h.open("header", &[("class", "top")])
         .el("a", &[("class", "brand"), ("href", "/")], "stead");
     let Some(p) = who else {
@@ -116,7 +141,7 @@ fn header(h: &mut Html, nav: Nav, who: Option<&Principal>) {
         return;
     };
     h.open("nav", &[("aria-label", "Main")]).open("ul", &[]);
-    for (entry, href, label) in ENTRIES {
+    for (entry, href, label) in ENTRIES.iter().filter(|(e, _, _)| host.shows(*e)) {
         h.open("li", &[]);
         if *entry == nav {
             h.el("a", &[("href", href), ("aria-current", "page")], label);
@@ -215,7 +240,14 @@ mod tests {
 
     #[test]
     fn page_escapes_user_and_carries_csrf() {
-        let p = page("T<i>", Nav::Resources, Some(&op()), Live::Off, Html::new());
+        let p = page(
+            "T<i>",
+            Host::Single,
+            Nav::Resources,
+            Some(&op()),
+            Live::Off,
+            Html::new(),
+        );
         assert!(p.contains("ann&lt;b&gt; (operator)"), "{p}");
         assert!(
             p.contains(r#"<meta name="csrf-token" content="tok&quot;en">"#),
@@ -232,9 +264,42 @@ mod tests {
 
     #[test]
     fn login_page_has_no_navigation() {
-        let p = page("Log in", Nav::None, None, Live::Off, Html::new());
+        let p = page(
+            "Log in",
+            Host::Single,
+            Nav::None,
+            None,
+            Live::Off,
+            Html::new(),
+        );
         assert!(!p.contains("aria-label=\"Main\""));
         assert!(!p.contains("csrf-token"));
+    }
+
+    #[test]
+    fn the_cluster_entry_shows_on_a_cluster_node_only() {
+        let single = page(
+            "T",
+            Host::Single,
+            Nav::Overview,
+            Some(&op()),
+            Live::Off,
+            Html::new(),
+        );
+        assert!(!single.contains("href=\"/cluster\""), "{single}");
+        assert!(single.contains("href=\"/events\""), "{single}");
+        let node = page(
+            "T",
+            Host::ClusterNode,
+            Nav::Cluster,
+            Some(&op()),
+            Live::Off,
+            Html::new(),
+        );
+        assert!(
+            node.contains(r#"<a href="/cluster" aria-current="page">Cluster</a>"#),
+            "{node}"
+        );
     }
 
     #[test]

@@ -29,7 +29,7 @@ use crate::Shared;
 use crate::auth::{Principal, Role};
 use crate::view::TreeFilter;
 use html::{Html, url_part};
-use layout::{Live, Nav};
+use layout::{Host, Live, Nav};
 
 /// The page routes (authentication and security headers are layered on by the server,
 /// with those of `/api/v1`).
@@ -55,6 +55,18 @@ pub(crate) fn routes() -> Router<Arc<Shared>> {
 
 type Who = Option<Extension<Principal>>;
 
+/// Whether this controller's host is a node of a cluster (what the navigation offers).
+fn host_of(s: &Shared) -> Host {
+    if s.housekeeping
+        .as_ref()
+        .is_some_and(|hk| hk.is_cluster_node())
+    {
+        Host::ClusterNode
+    } else {
+        Host::Single
+    }
+}
+
 /// A page, or the redirect to the login for a caller without a session.
 fn page_or_login(who: Who, uri: &Uri, render: impl FnOnce(&Principal) -> String) -> Response {
     match who {
@@ -71,6 +83,7 @@ async fn overview_page(State(s): State<Arc<Shared>>, who: Who, uri: Uri) -> Resp
     if who.is_none() {
         return page_or_login(who, &uri, |_| String::new());
     }
+    let host = host_of(&s);
     // Reads the host's capacity (the pools' file systems): off the async workers.
     let Ok(o) = tokio::task::spawn_blocking(move || crate::api::overview_of(&s)).await else {
         return StatusCode::INTERNAL_SERVER_ERROR.into_response();
@@ -78,6 +91,7 @@ async fn overview_page(State(s): State<Arc<Shared>>, who: Who, uri: Uri) -> Resp
     page_or_login(who, &uri, |p| {
         layout::page(
             "Overview",
+            host,
             Nav::Overview,
             Some(p),
             Live::Swap,
@@ -92,6 +106,7 @@ async fn tree_page(
     uri: Uri,
     Query(filter): Query<TreeFilter>,
 ) -> Response {
+    let host = host_of(&s);
     page_or_login(who, &uri, |p| {
         let all = crate::api::tree_of(&s, &TreeFilter::default());
         let kinds: BTreeSet<String> = all.nodes.iter().map(|n| n.resource.kind.clone()).collect();
@@ -103,6 +118,7 @@ async fn tree_page(
         };
         layout::page(
             "Resources",
+            host,
             Nav::Resources,
             Some(p),
             Live::InPlace,
@@ -120,6 +136,7 @@ async fn detail_page(
     if who.is_none() {
         return page_or_login(who, &uri, |_| String::new());
     }
+    let host = host_of(&s);
     // Reads the console log and the backups: off the async workers.
     let found = match crate::api::parse_id(&kind, &name) {
         Some(id) => tokio::task::spawn_blocking(move || crate::api::detail_of(&s, &id))
@@ -129,12 +146,17 @@ async fn detail_page(
         None => None,
     };
     let Some(d) = found else {
-        return not_found(who, &format!("No {kind}/{name} in the applied revision."));
+        return not_found(
+            host,
+            who,
+            &format!("No {kind}/{name} in the applied revision."),
+        );
     };
     page_or_login(who, &uri, |p| {
         let title = format!("{}/{}", d.resource.kind, d.resource.name);
         layout::page(
             &title,
+            host,
             Nav::Resources,
             Some(p),
             Live::Swap,
@@ -143,11 +165,12 @@ async fn detail_page(
     })
 }
 
-fn not_found(who: Who, msg: &str) -> Response {
+fn not_found(host: Host, who: Who, msg: &str) -> Response {
     let mut h = Html::new();
     h.el("h1", &[], "Not found").el("p", &[], msg);
     let body = layout::page(
         "Not found",
+        host,
         Nav::None,
         who.as_ref().map(|e| &e.0),
         Live::Off,
@@ -157,23 +180,27 @@ fn not_found(who: Who, msg: &str) -> Response {
 }
 
 async fn pending_page(State(s): State<Arc<Shared>>, who: Who, uri: Uri) -> Response {
+    let host = host_of(&s);
     page_or_login(who, &uri, |p| {
-        let pending = crate::api::pending_of(&s);
+        let (pending, details) = crate::api::pending_with_details(&s);
         layout::page(
             "Pending change",
+            host,
             Nav::Pending,
             Some(p),
             Live::Swap,
-            pages::pending(&pending),
+            pages::pending(&pending, &details),
         )
     })
 }
 
 async fn events_page(State(s): State<Arc<Shared>>, who: Who, uri: Uri) -> Response {
+    let host = host_of(&s);
     page_or_login(who, &uri, |p| {
         let events = s.events.recent(None, None, 200);
         layout::page(
             "Events",
+            host,
             Nav::Events,
             Some(p),
             Live::Swap,
@@ -186,6 +213,7 @@ async fn cluster_page(State(s): State<Arc<Shared>>, who: Who, uri: Uri) -> Respo
     if who.is_none() {
         return page_or_login(who, &uri, |_| String::new());
     }
+    let host = host_of(&s);
     // Reads etcd: off the async workers.
     let Ok(c) = tokio::task::spawn_blocking(move || crate::api::cluster_of(&s)).await else {
         return StatusCode::INTERNAL_SERVER_ERROR.into_response();
@@ -193,6 +221,7 @@ async fn cluster_page(State(s): State<Arc<Shared>>, who: Who, uri: Uri) -> Respo
     page_or_login(who, &uri, |p| {
         layout::page(
             "Cluster",
+            host,
             Nav::Cluster,
             Some(p),
             Live::Swap,
@@ -201,17 +230,24 @@ async fn cluster_page(State(s): State<Arc<Shared>>, who: Who, uri: Uri) -> Respo
     })
 }
 
-async fn console_page(who: Who, uri: Uri, Path((kind, name)): Path<(String, String)>) -> Response {
+async fn console_page(
+    State(s): State<Arc<Shared>>,
+    who: Who,
+    uri: Uri,
+    Path((kind, name)): Path<(String, String)>,
+) -> Response {
+    let host = host_of(&s);
     let Some(id) = crate::api::parse_id(&kind, &name) else {
-        return not_found(who, &format!("No {kind}/{name}."));
+        return not_found(host, who, &format!("No {kind}/{name}."));
     };
     let kind = id.kind.as_str().to_string();
     if !pages::has_console(&kind) {
-        return not_found(who, &format!("{kind} has no console."));
+        return not_found(host, who, &format!("{kind} has no console."));
     }
     page_or_login(who, &uri, |p| {
         layout::page_with(
             &format!("Console {kind}/{}", id.name),
+            host,
             Nav::None,
             Some(p),
             Live::Off,
@@ -224,13 +260,20 @@ async fn console_page(who: Who, uri: Uri, Path((kind, name)): Path<(String, Stri
     })
 }
 
-async fn screen_page(who: Who, uri: Uri, Path(name): Path<String>) -> Response {
+async fn screen_page(
+    State(s): State<Arc<Shared>>,
+    who: Who,
+    uri: Uri,
+    Path(name): Path<String>,
+) -> Response {
+    let host = host_of(&s);
     let Some(id) = crate::api::parse_id("VirtualMachine", &name) else {
-        return not_found(who, &format!("No VirtualMachine/{name}."));
+        return not_found(host, who, &format!("No VirtualMachine/{name}."));
     };
     page_or_login(who, &uri, |p| {
         layout::page(
             &format!("Screen VirtualMachine/{}", id.name),
+            host,
             Nav::None,
             Some(p),
             Live::Off,
@@ -261,7 +304,15 @@ async fn login_page(State(s): State<Arc<Shared>>, Query(q): Query<LoginQuery>) -
         );
         h
     };
-    HtmlResponse(layout::page("Log in", Nav::None, None, Live::Off, body)).into_response()
+    HtmlResponse(layout::page(
+        "Log in",
+        Host::Single,
+        Nav::None,
+        None,
+        Live::Off,
+        body,
+    ))
+    .into_response()
 }
 
 /// The logout form (works without the script): the session's CSRF token in a field.

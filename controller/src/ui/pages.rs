@@ -698,8 +698,10 @@ pub fn events(events: &[Event]) -> Html {
     h
 }
 
-/// `/pending`: the impact-labelled plan, as `stead diff` prints it.
-pub fn pending(p: &Pending) -> Html {
+/// `/pending`: the impact-labelled plan, as `stead diff` prints it. A change links to
+/// its resource's page when its `Kind/name` is in `details` (a resource only the
+/// proposed head or the plan-only branch has is plain text: it has no page yet).
+pub fn pending(p: &Pending, details: &BTreeSet<String>) -> Html {
     let mut h = Html::new();
     h.el("h1", &[], "Pending change");
     h.open("dl", &[("class", "kv panel")])
@@ -741,7 +743,7 @@ pub fn pending(p: &Pending) -> Html {
     }
     h.open("div", &[("class", "plan")]);
     for c in &p.changes {
-        planned_change(&mut h, c);
+        planned_change(&mut h, c, details);
     }
     h.close("div");
     if !p.text.is_empty() {
@@ -749,13 +751,13 @@ pub fn pending(p: &Pending) -> Html {
         h.el("pre", &[("tabindex", "0"), ("id", "plan-text")], &p.text);
     }
     if let Some(b) = &p.branch {
-        branch_plan(&mut h, b);
+        branch_plan(&mut h, b, details);
     }
     h
 }
 
 /// The plan-only branch's section of the pending page.
-fn branch_plan(h: &mut Html, b: &crate::view::BranchPlan) {
+fn branch_plan(h: &mut Html, b: &crate::view::BranchPlan, details: &BTreeSet<String>) {
     h.open(
         "section",
         &[
@@ -804,7 +806,7 @@ fn branch_plan(h: &mut Html, b: &crate::view::BranchPlan) {
     }
     h.open("div", &[("class", "plan")]);
     for c in &b.changes {
-        planned_change(h, c);
+        planned_change(h, c, details);
     }
     h.close("div");
     if !b.text.is_empty() {
@@ -817,13 +819,13 @@ fn branch_plan(h: &mut Html, b: &crate::view::BranchPlan) {
     h.close("section");
 }
 
-fn planned_change(h: &mut Html, c: &PlannedChange) {
+fn planned_change(h: &mut Html, c: &PlannedChange, details: &BTreeSet<String>) {
     h.open("article", &[("class", "change"), ("data-id", &c.id)])
         .open("h3", &[])
         .el("span", &[("class", "sym")], &c.symbol);
     match c.id.split_once('/') {
-        Some((k, n)) => h.link(&detail_href(k, n), &c.id),
-        None => h.text(&c.id),
+        Some((k, n)) if details.contains(&c.id) => h.link(&detail_href(k, n), &c.id),
+        _ => h.el("span", &[("title", "not on this host yet: no page")], &c.id),
     };
     h.el("span", &[("class", "verb")], &c.verb);
     if let Some(i) = &c.impact {
@@ -1300,18 +1302,37 @@ mod tests {
             text: "~ VirtualMachine/vm1 <restart>".into(),
             branch: None,
         };
-        let html = pending(&p).into_string();
+        let details: BTreeSet<String> = ["VirtualMachine/vm1".to_string()].into();
+        let html = pending(&p, &details).into_string();
         assert!(!html.contains("branch-plan"));
+        assert!(
+            html.contains("<a href=\"/resources/VirtualMachine/vm1\">VirtualMachine/vm1</a>"),
+            "{html}"
+        );
         let mut with_branch = p.clone();
         with_branch.branch = Some(crate::view::BranchPlan {
             branch: "preview<1>".into(),
             target: crate::view::RevisionInfo::bare(&"c".repeat(40)),
-            changes: p.changes.clone(),
+            changes: vec![PlannedChange {
+                id: "Volume/new".into(),
+                action: "create".into(),
+                symbol: "+".into(),
+                verb: "create".into(),
+                impact: None,
+                fields: vec![],
+                state: "plan-only".into(),
+                ..p.changes[0].clone()
+            }],
             errors: vec![],
             max_impact: Some("data-loss".into()),
             text: "- Volume/old".into(),
         });
-        let b = pending(&with_branch).into_string();
+        let b = pending(&with_branch, &details).into_string();
+        assert!(!b.contains("href=\"/resources/Volume/new\""), "{b}");
+        assert!(
+            b.contains("<span title=\"not on this host yet: no page\">Volume/new</span>"),
+            "{b}"
+        );
         assert!(b.contains("Plan-only branch preview&lt;1&gt;"), "{b}");
         assert!(
             b.contains("id=\"branch-max-impact\"><span class=\"badge i-data-loss\">"),

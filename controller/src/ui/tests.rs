@@ -214,3 +214,96 @@ fn vendored_scripts_are_served_under_their_hash() {
             .contains("data-ws=\"/screen/VirtualMachine/vm1/ws\"")
     );
 }
+
+/// Housekeeping of a node of a cluster (nothing else).
+struct ClusterNodeHk;
+
+impl crate::Housekeeping for ClusterNodeHk {
+    fn environments(&self) -> Vec<crate::env::EnvRecord> {
+        Vec::new()
+    }
+    fn collect_expired(&self) -> Result<(), crate::HousekeepingError> {
+        Ok(())
+    }
+    fn run_backup_schedules(&self, _: &crate::StopSignal) -> Result<(), crate::HousekeepingError> {
+        Ok(())
+    }
+    fn is_cluster_node(&self) -> bool {
+        true
+    }
+}
+
+#[test]
+fn the_cluster_entry_is_offered_on_a_cluster_node_only() {
+    let auth = format!("Bearer {TOKEN}");
+    let single = serve(ui_shared());
+    for p in PAGES {
+        let r = request(single.port, "GET", p, &[("authorization", &auth)], "");
+        assert_eq!(r.code, 200, "{p}");
+        assert!(!r.body.contains("href=\"/cluster\""), "{p}: {}", r.body);
+    }
+    // The page itself still answers, with its notice.
+    let r = request(
+        single.port,
+        "GET",
+        "/cluster",
+        &[("authorization", &auth)],
+        "",
+    );
+    assert!(r.body.contains("not a node of a cluster"), "{}", r.body);
+    let cfg = crate::auth::UiConfig::new(Some(TOKEN.into()), vec![]).expect("cfg");
+    let node = serve(crate::tests::shared_with(
+        None,
+        Some(cfg),
+        Some(std::sync::Arc::new(ClusterNodeHk)),
+    ));
+    let r = request(node.port, "GET", "/", &[("authorization", &auth)], "");
+    assert!(
+        r.body.contains("<a href=\"/cluster\">Cluster</a>"),
+        "{}",
+        r.body
+    );
+}
+
+#[test]
+fn branch_only_resources_are_plain_text_on_the_pending_page() {
+    use crate::view::tests::{change, plan_with, snapshot};
+    use stead_reconciler::plan::Action;
+    let shared = ui_shared();
+    let mut snap = snapshot();
+    snap.branch = Some((
+        "preview".into(),
+        crate::view::RevisionInfo::bare(&"c".repeat(40)),
+        plan_with(vec![
+            change("Volume/fresh", Action::Create, vec![], false),
+            change("Container/web", Action::Delete, vec![], false),
+        ]),
+    ));
+    *shared.snapshot.write().expect("snapshot") = Some(std::sync::Arc::new(snap));
+    let s = serve(shared);
+    let auth = format!("Bearer {TOKEN}");
+    let r = request(s.port, "GET", "/pending", &[("authorization", &auth)], "");
+    assert_eq!(r.code, 200, "{}", r.body);
+    let branch = r
+        .body
+        .split("id=\"branch-plan\"")
+        .nth(1)
+        .expect("branch section");
+    assert!(
+        !branch.contains("href=\"/resources/Volume/fresh\""),
+        "{branch}"
+    );
+    assert!(branch.contains(">Volume/fresh</span>"), "{branch}");
+    assert!(
+        branch.contains("<a href=\"/resources/Container/web\">Container/web</a>"),
+        "{branch}"
+    );
+    let gone = request(
+        s.port,
+        "GET",
+        "/resources/Volume/fresh",
+        &[("authorization", &auth)],
+        "",
+    );
+    assert_eq!(gone.code, 404, "a branch-only resource has no page");
+}

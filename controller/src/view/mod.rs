@@ -895,6 +895,32 @@ fn field_diffs(c: &Change) -> Vec<FieldDiff> {
 
 /// `GET /api/v1/resources/{kind}/{name}`; `None` when the applied revision has no such
 /// resource. `events` are the resource's, newest first.
+/// Whether `id` has a detail page: the applied revision or the status knows it (a
+/// resource that only a proposed head or the plan-only branch has does not).
+fn has_detail(
+    index: &BTreeMap<ResourceId, &ResourceStatus>,
+    snap: Option<&Snapshot>,
+    id: &ResourceId,
+) -> bool {
+    index.contains_key(id) || snap.is_some_and(|s| s.desired.get(id).is_some())
+}
+
+/// Of the `Kind/name` strings in `ids`, those with a detail page ([`detail`]).
+pub(crate) fn ids_with_detail<'a>(
+    status: &Status,
+    snap: Option<&Snapshot>,
+    ids: impl Iterator<Item = &'a str>,
+) -> BTreeSet<String> {
+    let index = status_index(status);
+    ids.filter(|text| {
+        text.split_once('/')
+            .and_then(|(k, n)| Some(ResourceId::new(Kind::parse_loose(k)?, n)))
+            .is_some_and(|id| has_detail(&index, snap, &id))
+    })
+    .map(str::to_string)
+    .collect()
+}
+
 pub(crate) fn detail(
     status: &Status,
     snap: Option<&Snapshot>,
@@ -903,10 +929,10 @@ pub(crate) fn detail(
     console_tail: impl Fn(&Observed) -> Option<String>,
 ) -> Option<Detail> {
     let index = status_index(status);
-    let snap_res = snap.and_then(|s| s.desired.get(id));
-    if snap_res.is_none() && !index.contains_key(id) {
+    if !has_detail(&index, snap, id) {
         return None;
     }
+    let snap_res = snap.and_then(|s| s.desired.get(id));
     let st = index.get(id).copied();
     let resource = summary_of(id, st, snap);
     let obs = snap.and_then(|s| s.observed.get(id));

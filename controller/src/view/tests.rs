@@ -100,7 +100,7 @@ pub(crate) fn status() -> Status {
 }
 
 /// An empty plan to fill in (a plan cannot be built outside the reconciler).
-fn plan_with(changes: Vec<Change>) -> Plan {
+pub(crate) fn plan_with(changes: Vec<Change>) -> Plan {
     let desired = Desired::default();
     let none = BTreeMap::new();
     let input = PlanInput {
@@ -116,7 +116,7 @@ fn plan_with(changes: Vec<Change>) -> Plan {
     p
 }
 
-fn change(id: &str, action: Action, fields: Vec<FieldChange>, drift: bool) -> Change {
+pub(crate) fn change(id: &str, action: Action, fields: Vec<FieldChange>, drift: bool) -> Change {
     Change {
         id: rid(id),
         action,
