@@ -429,26 +429,12 @@ fn in_subnet(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::qemu::tests::{networks, pools};
-    use crate::reader::parse_guest;
-    use std::collections::BTreeMap;
+    use crate::qemu::tests::{Fixture, guest};
 
     fn ct(text: &str) -> (serde_json::Value, Vec<String>, usize) {
-        let path = PathBuf::from("200.conf");
-        let conf = parse_guest(&path, text).unwrap();
-        let (pools, networks, names) = (pools(), networks(), BTreeMap::new());
-        let ctx = Ctx {
-            pools: &pools,
-            networks: &networks,
-            volume_names: &names,
-            root: Path::new("/"),
-        };
-        let g = GuestFile {
-            vmid: 200,
-            node: "pve1".into(),
-            path,
-            conf,
-        };
+        let f = Fixture::new();
+        let ctx = f.ctx();
+        let g = guest(200, text);
         let i = import_ct(&g, "db", &ctx).unwrap();
         let notes = i.report.notes().iter().map(|n| n.render()).collect();
         (i.manifest.expect("imported").spec, notes, i.volumes.len())
@@ -523,14 +509,8 @@ mod tests {
 
     #[test]
     fn bad_lines_are_errors() {
-        let path = PathBuf::from("200.conf");
-        let (pools, networks, names) = (pools(), networks(), BTreeMap::new());
-        let ctx = Ctx {
-            pools: &pools,
-            networks: &networks,
-            volume_names: &names,
-            root: Path::new("/"),
-        };
+        let f = Fixture::new();
+        let ctx = f.ctx();
         for (text, want) in [
             ("rootfs: ,size=8G\n", "200.conf:1: rootfs: empty disk spec"),
             (
@@ -546,13 +526,7 @@ mod tests {
                 "200.conf:1: net0: `10.0.0.300/24`",
             ),
         ] {
-            let conf = parse_guest(&path, text).unwrap();
-            let g = GuestFile {
-                vmid: 200,
-                node: "pve1".into(),
-                path: path.clone(),
-                conf,
-            };
+            let g = guest(200, text);
             let e = import_ct(&g, "db", &ctx).unwrap_err();
             assert!(e[0].to_string().starts_with(want), "{want}: {e:?}");
         }

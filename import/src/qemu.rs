@@ -1017,6 +1017,44 @@ pub(crate) mod tests {
             .collect()
     }
 
+    /// The pools, networks and (empty) volume names the guest tests import against.
+    pub(crate) struct Fixture {
+        pools: BTreeMap<String, Pool>,
+        networks: BTreeMap<String, NetInfo>,
+        names: BTreeMap<(String, String), String>,
+    }
+
+    impl Fixture {
+        pub(crate) fn new() -> Self {
+            Fixture {
+                pools: pools(),
+                networks: networks(),
+                names: BTreeMap::new(),
+            }
+        }
+
+        pub(crate) fn ctx(&self) -> Ctx<'_> {
+            Ctx {
+                pools: &self.pools,
+                networks: &self.networks,
+                volume_names: &self.names,
+                root: Path::new("/nonexistent"),
+            }
+        }
+    }
+
+    /// `text` parsed as the config of guest `vmid` on pve1 (file `VMID.conf`).
+    pub(crate) fn guest(vmid: u32, text: &str) -> GuestFile {
+        let path = std::path::PathBuf::from(format!("{vmid}.conf"));
+        let conf = parse_guest(&path, text).unwrap();
+        GuestFile {
+            vmid,
+            node: "pve1".into(),
+            path,
+            conf,
+        }
+    }
+
     pub(crate) type Vm = (
         serde_json::Value,
         Vec<String>,
@@ -1025,7 +1063,6 @@ pub(crate) mod tests {
 
     /// Imports `text` as VM 100; returns the spec JSON and the report lines.
     pub(crate) fn vm(text: &str) -> Vm {
-        let path = std::path::PathBuf::from("100.conf");
         // Something to boot, so that the VM is imported (see `something_to_boot`).
         let has_drive = text
             .lines()
@@ -1035,21 +1072,9 @@ pub(crate) mod tests {
         } else {
             format!("{text}ide9: local:iso/boot.iso,media=cdrom,size=1M\n")
         };
-        let conf = parse_guest(&path, &text).unwrap();
-        let (pools, networks) = (pools(), networks());
-        let names = BTreeMap::new();
-        let ctx = Ctx {
-            pools: &pools,
-            networks: &networks,
-            volume_names: &names,
-            root: Path::new("/nonexistent"),
-        };
-        let g = GuestFile {
-            vmid: 100,
-            node: "pve1".into(),
-            path,
-            conf,
-        };
+        let f = Fixture::new();
+        let g = guest(100, &text);
+        let ctx = f.ctx();
         let i = import_vm(&g, "web", &ctx).unwrap();
         let notes = i.report.notes().iter().map(|n| n.render()).collect();
         (i.manifest.expect("imported").spec, notes, i.volumes)
@@ -1125,21 +1150,9 @@ pub(crate) mod tests {
 
     #[test]
     fn empty_disk_spec_is_an_error() {
-        let path = std::path::PathBuf::from("100.conf");
-        let conf = parse_guest(&path, "name: a\nscsi0: ,size=8G\n").unwrap();
-        let (pools, networks, names) = (pools(), networks(), BTreeMap::new());
-        let ctx = Ctx {
-            pools: &pools,
-            networks: &networks,
-            volume_names: &names,
-            root: Path::new("/"),
-        };
-        let g = GuestFile {
-            vmid: 100,
-            node: "pve1".into(),
-            path,
-            conf,
-        };
+        let f = Fixture::new();
+        let ctx = f.ctx();
+        let g = guest(100, "name: a\nscsi0: ,size=8G\n");
         let e = import_vm(&g, "a", &ctx).unwrap_err();
         assert_eq!(
             e[0].to_string(),
@@ -1366,25 +1379,12 @@ pub(crate) mod tests {
             vm("scsi0: ceph:vm-100-disk-0,size=8G\nnet0: virtio=BC:24:11:00:00:01,bridge=vmbr0\n");
         assert_eq!(s["interfaces"][0]["boot"], 1);
         assert!(has(&notes, "100.conf:0: boot: no disk or cdrom"));
-        let path = std::path::PathBuf::from("100.conf");
-        let conf = parse_guest(
-            &path,
+        let f = Fixture::new();
+        let ctx = f.ctx();
+        let g = guest(
+            100,
             "scsi0: ceph:vm-100-disk-0,size=8G\nefidisk0: local-lvm:vm-100-disk-1,size=4M\n",
-        )
-        .unwrap();
-        let (pools, networks, names) = (pools(), networks(), BTreeMap::new());
-        let ctx = Ctx {
-            pools: &pools,
-            networks: &networks,
-            volume_names: &names,
-            root: Path::new("/"),
-        };
-        let g = GuestFile {
-            vmid: 100,
-            node: "pve1".into(),
-            path,
-            conf,
-        };
+        );
         let i = import_vm(&g, "a", &ctx).unwrap();
         assert!(i.manifest.is_none());
         assert_eq!(i.volumes.len(), 1, "the efidisk volume is still imported");
