@@ -204,6 +204,19 @@ pub enum PoolType {
     Nfs,
 }
 
+impl PoolType {
+    /// The manifest spelling (`dir`, `btrfs`, `lvmthin`, `zfs`, `nfs`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PoolType::Dir => "dir",
+            PoolType::Btrfs => "btrfs",
+            PoolType::Lvmthin => "lvmthin",
+            PoolType::Zfs => "zfs",
+            PoolType::Nfs => "nfs",
+        }
+    }
+}
+
 /// What a pool may hold (as in Proxmox).
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,

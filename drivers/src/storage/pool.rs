@@ -63,7 +63,7 @@ fn foreign_dir_state(spec: &StoragePoolSpec) -> Value {
         PoolType::Btrfs | PoolType::Dir => PoolType::Dir,
         other => other,
     };
-    json!({"type": pool_type_str(ty), "path": spec.path, "content": []})
+    json!({"type": ty.as_str(), "path": spec.path, "content": []})
 }
 
 /// Refuses to adopt the directory of `spec` as pool `name` unless the pool is of type
@@ -73,7 +73,7 @@ fn check_adoptable(name: &str, spec: &StoragePoolSpec) -> Result<(), String> {
     if !matches!(spec.pool_type, PoolType::Dir | PoolType::Btrfs) {
         return Err(format!(
             "stead adopts dir and btrfs pools, not {} pools",
-            pool_type_str(spec.pool_type)
+            spec.pool_type.as_str()
         ));
     }
     let meta = fs::symlink_metadata(path).map_err(|e| format!("stat {}: {e}", path.display()))?;
@@ -97,16 +97,6 @@ fn check_adoptable(name: &str, spec: &StoragePoolSpec) -> Result<(), String> {
         ));
     }
     Ok(())
-}
-
-fn pool_type_str(t: PoolType) -> &'static str {
-    match t {
-        PoolType::Dir => "dir",
-        PoolType::Btrfs => "btrfs",
-        PoolType::Lvmthin => "lvmthin",
-        PoolType::Zfs => "zfs",
-        PoolType::Nfs => "nfs",
-    }
 }
 
 fn normalized_content(c: &[Content]) -> Vec<Content> {
@@ -315,8 +305,8 @@ impl PoolDriver {
                 return Err(DriverError::Refused(format!(
                     "changing StoragePool/{name} from {} to {} is refused: it holds {}; \
                      create a new pool at another path",
-                    pool_type_str(m.pool_type),
-                    pool_type_str(spec.pool_type),
+                    m.pool_type.as_str(),
+                    spec.pool_type.as_str(),
                     held.join(", ")
                 )));
             }
@@ -569,7 +559,7 @@ impl stead_reconciler::driver::KindDriver for PoolDriver {
     fn desired_state(&self, desired: Typed<'_, StoragePoolSpec>, _world: &dyn Lookup) -> Value {
         let spec = desired.spec;
         let mut m = serde_json::Map::new();
-        m.insert("type".into(), json!(pool_type_str(spec.pool_type)));
+        m.insert("type".into(), json!(spec.pool_type.as_str()));
         m.insert("path".into(), json!(spec.path));
         m.insert("content".into(), json!(normalized_content(&spec.content)));
         if let (PoolType::Nfs, Some(n)) = (spec.pool_type, &spec.nfs) {
@@ -611,7 +601,7 @@ impl stead_reconciler::driver::KindDriver for PoolDriver {
             return Err(format!(
                 "{} of type {} needs spec.{n}",
                 desired.id,
-                pool_type_str(spec.pool_type)
+                spec.pool_type.as_str()
             ));
         }
         if observed.exists && !observed.owned {

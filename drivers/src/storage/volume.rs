@@ -907,7 +907,7 @@ fn check_adoptable(t: &Target<'_>, observed: &Observed) -> Result<(), String> {
     if matches!(t.pool.pool_type, PoolType::Lvmthin | PoolType::Zfs) {
         return Err(format!(
             "stead adopts image files in dir, nfs and btrfs pools, not volumes of a {} pool",
-            pool_type_str(t.pool.pool_type)
+            t.pool.pool_type.as_str()
         ));
     }
     if t.spec.clone.is_some() {
@@ -989,16 +989,6 @@ fn image_in_subdir(images: &Path, name: &str) -> Option<PathBuf> {
             ]
         })
         .find(|p| fs::symlink_metadata(p).is_ok_and(|m| m.is_file()))
-}
-
-fn pool_type_str(t: PoolType) -> &'static str {
-    match t {
-        PoolType::Dir => "dir",
-        PoolType::Btrfs => "btrfs",
-        PoolType::Lvmthin => "lvmthin",
-        PoolType::Zfs => "zfs",
-        PoolType::Nfs => "nfs",
-    }
 }
 
 fn check_owned(path: &Path, name: &str) -> Result<(), DriverError> {

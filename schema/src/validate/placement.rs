@@ -230,7 +230,7 @@ pub(super) fn check_pool_shared(r: &Resource, p: &StoragePoolSpec, out: &mut Vec
             "/spec/shared",
             format!(
                 "a {} pool lives on one node's disks: it cannot be shared",
-                super::volume::pool_type_name(p.pool_type)
+                p.pool_type.as_str()
             ),
             Some("replicate its volumes instead (Volume spec.replication)"),
         ));
@@ -264,7 +264,7 @@ pub(super) fn check_replication(
             format!(
                 "replication needs a btrfs or zfs pool (incremental send/receive); pool {} is {}",
                 v.pool,
-                super::volume::pool_type_name(p.pool_type)
+                p.pool_type.as_str()
             ),
             None,
         ));

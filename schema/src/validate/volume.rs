@@ -51,7 +51,7 @@ fn check_volume_pool(r: &Resource, v: &VolumeSpec, p: &StoragePoolSpec, out: &mu
             format!(
                 "qcow2 is a file format; pool {} ({}) holds volumes as block devices",
                 v.pool,
-                pool_type_name(p.pool_type)
+                p.pool_type.as_str()
             ),
             Some("use format: raw on lvmthin and zfs pools, or put the volume on a dir or btrfs pool"),
         ));
@@ -216,7 +216,7 @@ fn check_linked_clone(
                     "/spec/clone",
                     format!(
                         "a linked clone on {} pool {} is a qcow2 file over its source, so it needs format: qcow2",
-                        pool_type_name(p.pool_type),
+                        p.pool_type.as_str(),
                         v.pool
                     ),
                     Some(&format!(
@@ -246,7 +246,7 @@ fn check_linked_clone(
             format!(
                 "linked clones need a dir pool (qcow2 backing file) or a btrfs pool (reflink); pool {} is {}",
                 v.pool,
-                pool_type_name(p.pool_type)
+                p.pool_type.as_str()
             ),
             Some("use linked: false for a full copy, or a dir or btrfs pool"),
         )),
@@ -295,17 +295,6 @@ fn format_name(f: VolumeFormat) -> &'static str {
     match f {
         VolumeFormat::Raw => "raw",
         VolumeFormat::Qcow2 => "qcow2",
-    }
-}
-
-/// The manifest spelling of a pool type.
-pub(super) fn pool_type_name(t: PoolType) -> &'static str {
-    match t {
-        PoolType::Dir => "dir",
-        PoolType::Btrfs => "btrfs",
-        PoolType::Lvmthin => "lvmthin",
-        PoolType::Zfs => "zfs",
-        PoolType::Nfs => "nfs",
     }
 }
 
