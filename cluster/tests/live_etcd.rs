@@ -27,6 +27,16 @@ enum Call {
     MigrateOut(String, String),
     Finish(String),
     Abort(String),
+    ResumeOut(String),
+}
+
+/// What the VM's QEMU says of the send a previous agent started.
+#[derive(Debug, Clone)]
+enum Resumed {
+    /// Still active: these reports, then completed.
+    Active(Vec<u8>),
+    /// Failed, cancelled or never started: this reason.
+    Failed(String),
 }
 
 #[derive(Default)]
@@ -36,6 +46,8 @@ struct LiveFake {
     send_fails: Option<String>,
     /// Progress reports before the end (default 3, 600 ms apart).
     reports: Option<u8>,
+    /// How a send found under way ends (`None`: the fake cannot follow one).
+    resumed: Option<Resumed>,
 }
 
 fn progress(pct: u8) -> LiveProgress {
@@ -81,6 +93,27 @@ impl Converge for LiveFake {
         match &self.send_fails {
             Some(why) => Err(ConvergeError(why.clone())),
             None => Ok(progress(100)),
+        }
+    }
+
+    fn resume_out(
+        &self,
+        owned: &Owned,
+        report: &mut dyn FnMut(LiveProgress) -> bool,
+    ) -> Result<LiveProgress, ConvergeError> {
+        self.push(Call::ResumeOut(owned.resource.to_string()));
+        match &self.resumed {
+            Some(Resumed::Active(reports)) => {
+                for pct in reports {
+                    if !report(progress(*pct)) {
+                        return Err(ConvergeError("cancelled".into()));
+                    }
+                    std::thread::sleep(Duration::from_millis(600));
+                }
+                Ok(progress(100))
+            }
+            Some(Resumed::Failed(why)) => Err(ConvergeError(why.clone())),
+            None => Err(ConvergeError("cannot follow".into())),
         }
     }
 
@@ -347,4 +380,127 @@ async fn clearing_a_live_move_in_flight_cancels_it_and_the_guest_stays() {
     );
     n1.stop().await;
     n2.stop().await;
+}
+
+/// `web` running on and owned by n1, whose agent dies (no shutdown: its lease lives on) in
+/// the middle of sending it to n2; a new agent of n1 starts with `engine`. The leader's
+/// token, the new agent and n1's token.
+async fn restarted_mid_send(
+    store: &Store,
+    engine: LiveFake,
+) -> (election::LeaderToken, Agent, i64) {
+    let (id, _) = store
+        .grant_lease(Duration::from_secs(60))
+        .await
+        .expect("lease");
+    let ctl = Election::new(store, "ctl", id);
+    let token = ctl.try_campaign().await.expect("campaign").expect("leads");
+    let n1 = start(store, "n1", LiveFake::default());
+    election::put_assignments(store, &token, &[assignment("n1")])
+        .await
+        .expect("assign");
+    n1.engine.wait_for("web runs on n1", runs_vm).await;
+    let (_, t1) = owner_node(store).await.expect("n1 owns web");
+    n1.task.abort();
+    let _ = n1.task.await;
+    let record = MigrationRecord::request("n2")
+        .preparing("n1")
+        .and_then(|r| r.incoming("tcp:127.0.0.1:49152"))
+        .and_then(|r| r.transferring(progress(30)))
+        .expect("transferring");
+    migrate::put(store, &res(VM), &record)
+        .await
+        .expect("record");
+    (token, start(store, "n1", engine), t1)
+}
+
+/// Waits until the record is `transferring` with `pct` % reported.
+async fn reported(store: &Store, pct: u8) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = migrate::read(store, &res(VM)).await.expect("read");
+        if r.is_some_and(|r| {
+            r.state == MigrationState::Transferring
+                && r.progress.is_some_and(|p| p.ram_percent == pct)
+        }) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{pct} % never reported");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A source agent restarted while QEMU sends the guest follows the send to its end, writes
+/// `completed`, never runs the guest again, and gives its ownership up once the workload is
+/// assigned to the target.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_source_follows_the_send_under_way_to_completed() {
+    let test = "a_restarted_source_follows_the_send_under_way_to_completed";
+    let Some((_etcd, store)) = member_with_store(test, "/t").await else {
+        return;
+    };
+    let engine = LiveFake {
+        resumed: Some(Resumed::Active(vec![60, 90])),
+        ..LiveFake::default()
+    };
+    let (token, n1, t1) = restarted_mid_send(&store, engine).await;
+    reported(&store, 60).await;
+    assert_eq!(
+        owner_node(&store).await,
+        Some(("n1".into(), t1)),
+        "the restarted agent sends with the same ownership"
+    );
+    let done = record_in(&store, MigrationState::Completed).await;
+    assert_eq!(done.progress.as_ref().map(|p| p.ram_percent), Some(100));
+    let calls = n1.engine.calls();
+    assert!(
+        calls.contains(&Call::ResumeOut(VM.into())),
+        "asked QEMU: {calls:?}"
+    );
+    assert!(
+        !calls
+            .iter()
+            .any(|c| runs_vm(c) || matches!(c, Call::MigrateOut(..))),
+        "never ran nor sent web again: {calls:?}"
+    );
+    election::put_assignments(&store, &token, &[assignment("n2")])
+        .await
+        .expect("reassign");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while owner_node(&store).await.is_some() {
+        assert!(Instant::now() < deadline, "n1 never released web");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!n1.engine.calls().iter().any(runs_vm));
+    n1.stop().await;
+}
+
+/// A source agent restarted after QEMU's send failed (or never started) records the move
+/// `failed` with QEMU's reason and keeps running and owning the guest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_source_whose_send_failed_keeps_the_guest() {
+    let test = "a_restarted_source_whose_send_failed_keeps_the_guest";
+    let Some((_etcd, store)) = member_with_store(test, "/t").await else {
+        return;
+    };
+    let engine = LiveFake {
+        resumed: Some(Resumed::Failed("QEMU has no migration".into())),
+        ..LiveFake::default()
+    };
+    let (_token, n1, t1) = restarted_mid_send(&store, engine).await;
+    let failed = record_in(&store, MigrationState::Failed).await;
+    let why = failed.message.unwrap_or_default();
+    assert!(why.contains("QEMU has no migration"), "{why}");
+    n1.engine.wait_for("web runs on n1 again", runs_vm).await;
+    let calls = n1.engine.calls();
+    let asked = calls
+        .iter()
+        .position(|c| c == &Call::ResumeOut(VM.into()))
+        .expect("asked QEMU");
+    assert!(
+        !calls[..asked].iter().any(runs_vm),
+        "nothing converged before QEMU was asked: {calls:?}"
+    );
+    assert_eq!(owner_node(&store).await, Some(("n1".into(), t1)));
+    n1.stop().await;
 }
