@@ -790,7 +790,17 @@ impl Converge for NodeEngine {
             &self.vm_paths(&id.name),
             Duration::from_secs(60),
         )
-        .map_err(err)
+        .map_err(err)?;
+        // Kept through converges until owned (again, after this agent was restarted).
+        let mut l = self.live_in.lock().unwrap_or_else(PoisonError::into_inner);
+        if !l
+            .owned
+            .iter()
+            .any(|o| resource_id(&o.resource).as_ref() == Some(&id))
+        {
+            l.vms.insert(id);
+        }
+        Ok(())
     }
 
     fn abort_incoming(&self, resource: &ResourceRef) {

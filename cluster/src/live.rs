@@ -48,6 +48,9 @@ pub enum LiveAction {
     FinishIncoming,
     /// Target: kill the waiting VM (the move failed, was refused or cleared).
     AbortIncoming,
+    /// Target: a move to here this agent is not waiting for (it was restarted): take the
+    /// VM that runs the guest as an incoming one, or end the move if it does not run it.
+    Adopt,
     /// Nothing.
     Nothing,
 }
@@ -76,6 +79,14 @@ pub fn live_action(
             MigrationState::Preparing if !waiting => LiveAction::StartIncoming,
             MigrationState::Completed | MigrationState::Assigned if waiting => {
                 LiveAction::FinishIncoming
+            }
+            MigrationState::Incoming | MigrationState::Transferring if !waiting => {
+                LiveAction::Adopt
+            }
+            MigrationState::Completed | MigrationState::Assigned
+                if !owns && r.method.as_deref() == Some("live") =>
+            {
+                LiveAction::Adopt
             }
             MigrationState::Preparing | MigrationState::Incoming | MigrationState::Transferring => {
                 LiveAction::Nothing
@@ -133,6 +144,10 @@ struct Shared {
     known: BTreeMap<ResourceRef, u64>,
     /// Workloads sent from here by a previous agent whose send waits for this one's token.
     pending: BTreeSet<ResourceRef>,
+    /// Moves to here a previous agent was receiving, being taken up (nothing converges).
+    adopting: BTreeSet<ResourceRef>,
+    /// Moves to here taken up already, by workload: their request time.
+    adopted: BTreeMap<ResourceRef, u64>,
 }
 
 /// The live migrations this node takes part in.
@@ -179,7 +194,7 @@ impl LiveHandOver {
     /// migrations again).
     pub fn pending<'a>(&self, mut assigned: impl Iterator<Item = &'a ResourceRef>) -> bool {
         let s = self.lock();
-        !s.pending.is_empty() && assigned.any(|r| s.pending.contains(r))
+        !s.adopting.is_empty() || (!s.pending.is_empty() && assigned.any(|r| s.pending.contains(r)))
     }
 
     /// Workloads sent away from here that must not run here again; forgets those this node
@@ -278,7 +293,13 @@ impl LiveHandOver {
             sending,
             known,
         );
-        let handed_over = self.lock().handed_over.contains(resource);
+        let handed_over = {
+            let mut s = self.lock();
+            if record.as_ref().is_none_or(|(r, _)| r.to != self.node) {
+                s.adopted.remove(resource);
+            }
+            s.handed_over.contains(resource)
+        };
         match (action, record, token) {
             (LiveAction::StartIncoming, Some((r, rev)), _) => self.start_incoming(resource, r, rev),
             (LiveAction::Send(uri), Some((r, rev)), Some(t)) => {
@@ -292,6 +313,7 @@ impl LiveHandOver {
                 self.send(t, r, rev, Out::Resume);
             }
             (LiveAction::FinishIncoming, _, _) => self.finish_incoming(resource),
+            (LiveAction::Adopt, Some((r, rev)), _) => self.adopt(resource, r, rev),
             (LiveAction::AbortIncoming, _, _) => self.abort_incoming(resource),
             _ => {}
         }
@@ -343,7 +365,7 @@ impl LiveHandOver {
                 Err(e) => Err(format!("the target could not start the VM: {e}")),
             };
             match written {
-                Ok(_) => stall_watch(&store, &res, stall).await,
+                Ok(_) => stall_watch(&store, &engine, &res, stall).await,
                 Err(why) => {
                     warn!(resource = %res, reason = %why, "live migration: target side failed");
                     if let Ok(failed) = record.failed(&why) {
@@ -358,6 +380,56 @@ impl LiveHandOver {
                     let _ = tokio::task::spawn_blocking(move || e3.abort_incoming(&res)).await;
                 }
             }
+            let _ = wake.send(());
+        });
+    }
+
+    /// Target, after a restart: takes up the move of `record` (once per move). A VM that
+    /// runs the guest becomes this node's (the move is recorded `completed` if it was still
+    /// in flight); a VM still waiting is killed and the move recorded `failed`. Nothing is
+    /// converged meanwhile (a converge would stop the VM this node does not own yet).
+    fn adopt(&self, resource: &ResourceRef, record: MigrationRecord, rev: i64) {
+        {
+            let mut s = self.lock();
+            if s.adopted.get(resource) == Some(&record.requested_at_ms)
+                || s.adopting.contains(resource)
+            {
+                return;
+            }
+            s.adopting.insert(resource.clone());
+        }
+        warn!(resource = %resource, state = ?record.state, "live migration to here from a previous agent: taking it up");
+        let (store, engine, res) = (self.store.clone(), self.engine.clone(), resource.clone());
+        let (shared, wake) = (self.shared.clone(), self.wake.clone());
+        tokio::spawn(async move {
+            let (e2, r2) = (engine.clone(), res.clone());
+            let runs = tokio::task::spawn_blocking(move || e2.incoming_runs(&r2))
+                .await
+                .unwrap_or(false);
+            let in_flight = record.state.is_live_in_flight();
+            let next = if runs || !in_flight {
+                let (e2, r2) = (engine.clone(), res.clone());
+                let done = tokio::task::spawn_blocking(move || e2.finish_incoming(&r2))
+                    .await
+                    .unwrap_or_else(|e| Err(ConvergeError(format!("panicked: {e}"))));
+                if let Err(e) = done {
+                    warn!(resource = %res, error = %e, "live migration: taking the guest up failed");
+                }
+                in_flight.then(|| record.completed(None))
+            } else {
+                let (e2, r2) = (engine.clone(), res.clone());
+                let _ = tokio::task::spawn_blocking(move || e2.abort_incoming(&r2)).await;
+                Some(record.failed("the target's agent restarted before the guest arrived"))
+            };
+            if let Some(Ok(next)) = next
+                && let Err(why) = write(&store, &res, &next, rev, None).await
+            {
+                warn!(resource = %res, reason = %why, "live migration: the end was not recorded");
+            }
+            let mut s = shared.lock().unwrap_or_else(PoisonError::into_inner);
+            s.adopting.remove(&res);
+            s.adopted.insert(res, record.requested_at_ms);
+            drop(s);
             let _ = wake.send(());
         });
     }
@@ -546,7 +618,12 @@ async fn finish_send(
 
 /// Target: fails a record that stays in flight without a change for `stall` (the source
 /// never sent, or stopped reporting); ends once the record is no longer in flight.
-async fn stall_watch(store: &Store, resource: &ResourceRef, stall: Duration) {
+async fn stall_watch(
+    store: &Store,
+    engine: &Arc<dyn Converge>,
+    resource: &ResourceRef,
+    stall: Duration,
+) {
     let mut seen: Option<(i64, Instant)> = None;
     loop {
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -559,13 +636,23 @@ async fn stall_watch(store: &Store, resource: &ResourceRef, stall: Duration) {
         }
         match seen {
             Some((r, since)) if r == rev && since.elapsed() >= stall => {
-                let why = format!(
-                    "no progress from node {} for {} s",
-                    record.from.as_deref().unwrap_or("?"),
-                    stall.as_secs()
-                );
-                if let Ok(failed) = record.failed(&why) {
-                    let _ = write(store, resource, &failed, rev, None).await;
+                let (e2, r2) = (engine.clone(), resource.clone());
+                let runs = tokio::task::spawn_blocking(move || e2.incoming_runs(&r2))
+                    .await
+                    .unwrap_or(false);
+                let next = if runs {
+                    // The guest arrived and the source never said so: it runs here now.
+                    warn!(resource = %resource, "live migration: the source went silent but the guest runs here: completed");
+                    record.completed(None)
+                } else {
+                    record.failed(&format!(
+                        "no progress from node {} for {} s",
+                        record.from.as_deref().unwrap_or("?"),
+                        stall.as_secs()
+                    ))
+                };
+                if let Ok(next) = next {
+                    let _ = write(store, resource, &next, rev, None).await;
                 }
                 return;
             }
@@ -651,6 +738,33 @@ mod tests {
                 "{s:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_restarted_target_takes_up_a_move_it_is_not_waiting_for() {
+        use MigrationState::*;
+        let act = |s, owns, waiting| live_action("n2", Some(&rec(s)), owns, waiting, false, false);
+        assert_eq!(act(Incoming, false, false), LiveAction::Adopt);
+        assert_eq!(act(Transferring, false, false), LiveAction::Adopt);
+        let mut done = rec(Completed);
+        done.method = Some("live".into());
+        assert_eq!(
+            live_action("n2", Some(&done), false, false, false, false),
+            LiveAction::Adopt
+        );
+        assert_eq!(
+            live_action("n2", Some(&done), true, false, false, false),
+            LiveAction::Nothing,
+            "owned: an ordinary VM"
+        );
+        done.method = Some("cold (--cold)".into());
+        done.state = Assigned;
+        assert_eq!(
+            live_action("n2", Some(&done), false, false, false, false),
+            LiveAction::Nothing,
+            "a cold move has nothing to take up"
+        );
+        assert_eq!(act(Failed, false, false), LiveAction::Nothing);
     }
 
     #[test]

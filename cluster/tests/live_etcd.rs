@@ -48,6 +48,8 @@ struct LiveFake {
     reports: Option<u8>,
     /// How a send found under way ends (`None`: the fake cannot follow one).
     resumed: Option<Resumed>,
+    /// Whether the VM waiting for the guest runs it.
+    incoming_runs: bool,
 }
 
 fn progress(pct: u8) -> LiveProgress {
@@ -115,6 +117,10 @@ impl Converge for LiveFake {
             Some(Resumed::Failed(why)) => Err(ConvergeError(why.clone())),
             None => Err(ConvergeError("cannot follow".into())),
         }
+    }
+
+    fn incoming_runs(&self, _: &ResourceRef) -> bool {
+        self.incoming_runs
     }
 
     fn finish_incoming(&self, resource: &ResourceRef) -> Result<(), ConvergeError> {
@@ -401,8 +407,7 @@ async fn restarted_mid_send(
         .expect("assign");
     n1.engine.wait_for("web runs on n1", runs_vm).await;
     let (_, t1) = owner_node(store).await.expect("n1 owns web");
-    n1.task.abort();
-    let _ = n1.task.await;
+    crash(n1).await;
     let record = MigrationRecord::request("n2")
         .preparing("n1")
         .and_then(|r| r.incoming("tcp:127.0.0.1:49152"))
@@ -503,4 +508,99 @@ async fn a_restarted_source_whose_send_failed_keeps_the_guest() {
     );
     assert_eq!(owner_node(&store).await, Some(("n1".into(), t1)));
     n1.stop().await;
+}
+
+/// Ends an agent without its shutdown (its lease and owner keys live on until they expire).
+async fn crash(agent: Agent) {
+    agent.task.abort();
+    let _ = agent.task.await;
+}
+
+/// Both agents die while n1 sends `web` to n2 (the record says `transferring`); n2's agent
+/// starts again with `engine`. The leader's token, n2's new agent.
+async fn target_restarted_mid_send(
+    store: &Store,
+    engine: LiveFake,
+) -> (election::LeaderToken, Agent) {
+    let source = LiveFake {
+        reports: Some(20),
+        ..LiveFake::default()
+    };
+    let (n1, n2, token, _) = running_on_n1(store, source).await;
+    record_in(store, MigrationState::Transferring).await;
+    crash(n1).await;
+    crash(n2).await;
+    (token, start(store, "n2", engine))
+}
+
+/// A target agent restarted while its VM received the guest, whose VM runs the guest now,
+/// takes it up: records the move `completed`, keeps the VM (no converge kills it before it
+/// owns it) and acquires the ownership once the source's key is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_target_whose_vm_runs_the_guest_takes_it_over() {
+    let test = "a_restarted_target_whose_vm_runs_the_guest_takes_it_over";
+    let Some((_etcd, store)) = member_with_store(test, "/t").await else {
+        return;
+    };
+    let engine = LiveFake {
+        incoming_runs: true,
+        ..LiveFake::default()
+    };
+    let (token, n2) = target_restarted_mid_send(&store, engine).await;
+    let done = record_in(&store, MigrationState::Completed).await;
+    assert_eq!(done.to, "n2");
+    n2.engine
+        .wait_for(
+            "n2 took the VM up",
+            |c| matches!(c, Call::Finish(r) if r == VM),
+        )
+        .await;
+    // What the leader does with `completed`: the source's key expires with its lease.
+    election::put_assignments(&store, &token, &[assignment("n2")])
+        .await
+        .expect("reassign");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while owner_node(&store).await.map(|o| o.0).as_deref() != Some("n2") {
+        assert!(Instant::now() < deadline, "n2 never acquired web");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    n2.engine.wait_for("web runs on n2", runs_vm).await;
+    let calls = n2.engine.calls();
+    assert!(
+        !calls.iter().any(|c| matches!(c, Call::Abort(_))),
+        "the only copy is never killed: {calls:?}"
+    );
+    let finished = calls
+        .iter()
+        .position(|c| matches!(c, Call::Finish(_)))
+        .expect("finished");
+    assert!(
+        !calls[..finished]
+            .iter()
+            .any(|c| matches!(c, Call::Converge(_))),
+        "nothing converged before the VM was taken up: {calls:?}"
+    );
+    n2.stop().await;
+}
+
+/// A target agent restarted while its VM still waited kills that VM and records the move
+/// `failed`: the guest stays with the source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_target_whose_vm_still_waits_fails_the_move() {
+    let test = "a_restarted_target_whose_vm_still_waits_fails_the_move";
+    let Some((_etcd, store)) = member_with_store(test, "/t").await else {
+        return;
+    };
+    let (_token, n2) = target_restarted_mid_send(&store, LiveFake::default()).await;
+    let failed = record_in(&store, MigrationState::Failed).await;
+    let why = failed.message.unwrap_or_default();
+    assert!(why.contains("target's agent restarted"), "{why}");
+    n2.engine
+        .wait_for(
+            "n2 killed its waiting VM",
+            |c| matches!(c, Call::Abort(r) if r == VM),
+        )
+        .await;
+    assert_eq!(owner_node(&store).await.map(|o| o.0).as_deref(), Some("n1"));
+    n2.stop().await;
 }
