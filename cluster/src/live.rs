@@ -590,7 +590,7 @@ async fn finish_send(
         (Some(r), _) => (r, rev),
         (None, Ok(_)) => {
             warn!(resource = %res, "the guest left although the migration was cancelled");
-            (original, 0)
+            (original.clone(), 0)
         }
         (None, Err(e)) => {
             warn!(resource = %res, outcome = %e, "live migration cancelled; the guest stays here");
@@ -605,7 +605,16 @@ async fn finish_send(
         }),
     };
     let Ok(next) = next else { return };
-    match write(store, res, &next, rev, Some(&owned.token)).await {
+    let mut written = write(store, res, &next, rev, Some(&owned.token)).await;
+    if written.is_err() && sent.is_ok() && rev != 0 {
+        // Cleared as the guest left: the guest runs on the target all the same, and the
+        // record must say so (only if nobody wrote a new one).
+        warn!(resource = %res, "the guest left as the migration was being cleared");
+        if let Ok(again) = original.completed(sent.as_ref().ok().cloned()) {
+            written = write(store, res, &again, 0, Some(&owned.token)).await;
+        }
+    }
+    match written {
         Ok(_) if sent.is_ok() => info!(resource = %res, to = %next.to, "live migration completed"),
         Ok(_) => {
             warn!(resource = %res, reason = ?next.message, "live migration failed; the guest stays here")

@@ -604,3 +604,109 @@ async fn a_restarted_target_whose_vm_still_waits_fails_the_move() {
     assert_eq!(owner_node(&store).await.map(|o| o.0).as_deref(), Some("n1"));
     n2.stop().await;
 }
+
+/// How a move cleared around its end settled.
+#[derive(Debug, PartialEq)]
+enum Settled {
+    /// Completed: the target owns and runs the guest.
+    Moved,
+    /// Given up: the source still owns and runs it, the target killed its VM.
+    Stayed,
+}
+
+/// Waits until the move settles one way or the other (playing the leader for `completed`);
+/// panics when it settles neither way.
+async fn settle(
+    store: &Store,
+    token: &election::LeaderToken,
+    n1: &Agent,
+    n2: &Agent,
+    t1: i64,
+) -> Settled {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let record = migrate::read(store, &res(VM)).await.expect("read");
+        if let Some(done) = record.filter(|r| r.state == MigrationState::Completed) {
+            election::put_assignments(store, token, &[assignment("n2")])
+                .await
+                .expect("reassign");
+            let assigned = done.to_state(MigrationState::Assigned).expect("assigned");
+            migrate::put(store, &res(VM), &assigned).await.expect("put");
+            n2.engine.wait_for("web runs on n2", runs_vm).await;
+            assert_eq!(owner_node(store).await.map(|o| o.0).as_deref(), Some("n2"));
+            let calls = n1.engine.calls();
+            let sent = calls.iter().position(|c| matches!(c, Call::MigrateOut(..)));
+            assert!(
+                !calls[sent.expect("sent")..].iter().any(runs_vm),
+                "n1 never ran web again: {calls:?}"
+            );
+            return Settled::Moved;
+        }
+        let calls = n1.engine.calls();
+        let sent = calls.iter().position(|c| matches!(c, Call::MigrateOut(..)));
+        let runs_again = sent.is_some_and(|s| calls[s..].iter().any(runs_vm));
+        if runs_again
+            && n2
+                .engine
+                .calls()
+                .iter()
+                .any(|c| matches!(c, Call::Abort(_)))
+        {
+            assert_eq!(owner_node(store).await, Some(("n1".into(), t1)));
+            return Settled::Stayed;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "neither moved nor stayed: record {:?}, n1 {calls:?}, n2 {:?}",
+            migrate::read(store, &res(VM)).await,
+            n2.engine.calls()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// `stead migrate --clear` racing the end of a send (cleared at moments before, around and
+/// after the guest leaves): the move either completed and the target owns the guest, or
+/// was given up and the source still owns and runs it; never neither. A move whose
+/// `completed` is written is not cleared.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clearing_as_the_send_completes_settles_one_way_or_the_other() {
+    let test = "clearing_as_the_send_completes_settles_one_way_or_the_other";
+    let mut seen = Vec::new();
+    // The send: reports at 0, 0.6, 1.2 and 1.8 s (written at 0 and 1.2 s), done at 2.4 s.
+    for (i, delay_ms) in [100u64, 1000, 2250, 2350, 2450, 2700]
+        .into_iter()
+        .enumerate()
+    {
+        let Some((_etcd, store)) = member_with_store(&format!("{test}-{i}"), "/t").await else {
+            return;
+        };
+        let source = LiveFake {
+            reports: Some(4),
+            ..LiveFake::default()
+        };
+        let (n1, n2, token, t1) = running_on_n1(&store, source).await;
+        record_in(&store, MigrationState::Transferring).await;
+        tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+        let cancelled = migrate::cancel(&store, &res(VM)).await.expect("cancel");
+        let settled = settle(&store, &token, &n1, &n2, t1).await;
+        if let migrate::Cancelled::Completed(_) = cancelled {
+            assert_eq!(settled, Settled::Moved, "a completed move is not cleared");
+        }
+        seen.push((delay_ms, cancelled, settled));
+        n1.stop().await;
+        n2.stop().await;
+    }
+    for (delay, cancelled, settled) in &seen {
+        let c = match cancelled {
+            migrate::Cancelled::Completed(_) => "refused (completed)",
+            migrate::Cancelled::Cleared => "cleared",
+            migrate::Cancelled::Absent => "absent",
+        };
+        println!("{test}: cleared after {delay} ms: {c}, {settled:?}");
+    }
+    assert!(
+        seen.iter().any(|s| s.2 == Settled::Stayed) && seen.iter().any(|s| s.2 == Settled::Moved),
+        "both ends were reached: {seen:?}"
+    );
+}
