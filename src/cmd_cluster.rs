@@ -562,10 +562,9 @@ pub fn migrate(a: MigrateArgs, g: &Global) -> Result<u8> {
                     println!("{resource}: no override");
                     0
                 }
-                migrate::Cancelled::Completed(r) => {
+                migrate::Cancelled::Completed(to) => {
                     eprintln!(
-                        "error: {resource}: its live migration has completed (the guest runs on node {}); not cleared",
-                        r.to
+                        "error: {resource}: its live migration has completed (the guest runs on node {to}); not cleared"
                     );
                     1
                 }

@@ -368,8 +368,8 @@ pub enum Cancelled {
     Cleared,
     /// There was none.
     Absent,
-    /// Refused: the live move completed, the guest runs on the target (this record).
-    Completed(MigrationRecord),
+    /// Refused: the live move completed, the guest runs on the target (this node).
+    Completed(String),
 }
 
 /// Clears the override of `resource` unless its live move has completed (the guest runs on
@@ -382,7 +382,7 @@ pub async fn cancel(store: &Store, resource: &ResourceRef) -> Result<Cancelled, 
             return Ok(Cancelled::Absent);
         };
         if record.state == MigrationState::Completed {
-            return Ok(Cancelled::Completed(record));
+            return Ok(Cancelled::Completed(record.to));
         }
         let key = store.keys().migration(resource);
         let txn = Txn::new()
