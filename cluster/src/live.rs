@@ -312,7 +312,15 @@ impl LiveHandOver {
                 warn!(resource = %resource, state = ?r.state, "live migration under way from a previous agent: asking QEMU how it stands");
                 self.send(t, r, rev, Out::Resume);
             }
-            (LiveAction::FinishIncoming, _, _) => self.finish_incoming(resource),
+            (LiveAction::FinishIncoming, record, _) => {
+                if let Some((r, _)) = record {
+                    // Taken up: the `assigned` that follows is nothing to adopt.
+                    self.lock()
+                        .adopted
+                        .insert(resource.clone(), r.requested_at_ms);
+                }
+                self.finish_incoming(resource);
+            }
             (LiveAction::Adopt, Some((r, rev)), _) => self.adopt(resource, r, rev),
             (LiveAction::AbortIncoming, _, _) => self.abort_incoming(resource),
             _ => {}
