@@ -567,6 +567,44 @@ impl NodeEngine {
         stead_drivers::vm::config::Paths::new(&self.env.run_dir, name)
     }
 
+    /// The guest of VM `id` left (migration `done`, `last` its last report): its QEMU is
+    /// stopped for good; the final progress.
+    fn guest_left(
+        &self,
+        id: &ResourceId,
+        done: &stead_drivers::vm::qemu::migrate::Completed,
+        last: Option<LiveProgress>,
+    ) -> LiveProgress {
+        tracing::info!(
+            vm = %id.name,
+            total_ms = done.total_time_ms,
+            downtime_ms = done.downtime_ms,
+            sent_mib = done.transferred >> 20,
+            "live migration completed"
+        );
+        // Its QEMU holds nothing any more (postmigrate): its supervisor quits it at once
+        // and does not restart it.
+        if let Err(e) = stead_drivers::vm::VmDriver::new(&self.env).and_then(|d| d.stop(&id.name)) {
+            tracing::warn!(vm = %id.name, error = %e, "stopping the migrated VM");
+        }
+        let secs = Duration::from_millis(done.total_time_ms).as_secs_f64();
+        let mut last = last.unwrap_or(LiveProgress {
+            phase: String::new(),
+            ram_percent: 0,
+            sent_mib: 0,
+            remaining_mib: 0,
+            mib_per_s: 0.0,
+            elapsed_s: secs,
+            downtime_ms: None,
+        });
+        last.phase = "completed".into();
+        last.ram_percent = 100;
+        last.remaining_mib = 0;
+        last.sent_mib = done.transferred >> 20;
+        last.downtime_ms = Some(done.downtime_ms);
+        last
+    }
+
     /// `run` with the VMs a live migration brings here (kept until owned); remembers
     /// `owned` for the converges the migration itself makes.
     fn with_live_in(&self, mut run: BTreeSet<ResourceId>, owned: &[Owned]) -> BTreeSet<ResourceId> {
@@ -717,34 +755,33 @@ impl Converge for NodeEngine {
             progress(lp)
         })
         .map_err(err)?;
-        tracing::info!(
-            vm = %id.name,
-            total_ms = done.total_time_ms,
-            downtime_ms = done.downtime_ms,
-            sent_mib = done.transferred >> 20,
-            "the guest left for {uri}"
-        );
-        // Its QEMU holds nothing any more (postmigrate): its supervisor quits it at once
-        // and does not restart it.
-        if let Err(e) = stead_drivers::vm::VmDriver::new(&self.env).and_then(|d| d.stop(&id.name)) {
-            tracing::warn!(vm = %id.name, error = %e, "stopping the migrated VM");
-        }
-        let secs = Duration::from_millis(done.total_time_ms).as_secs_f64();
-        let mut last = last.unwrap_or(LiveProgress {
-            phase: String::new(),
-            ram_percent: 0,
-            sent_mib: 0,
-            remaining_mib: 0,
-            mib_per_s: 0.0,
-            elapsed_s: secs,
-            downtime_ms: None,
-        });
-        last.phase = "completed".into();
-        last.ram_percent = 100;
-        last.remaining_mib = 0;
-        last.sent_mib = done.transferred >> 20;
-        last.downtime_ms = Some(done.downtime_ms);
-        Ok(last)
+        tracing::info!(vm = %id.name, "the guest left for {uri}");
+        Ok(self.guest_left(&id, &done, last))
+    }
+
+    fn resume_out(
+        &self,
+        owned: &Owned,
+        progress: &mut dyn FnMut(LiveProgress) -> bool,
+    ) -> Result<LiveProgress, ConvergeError> {
+        use stead_drivers::vm::qemu::migrate::{MigrateOptions, follow_vm};
+        let id = live_vm(&owned.resource)?;
+        let paths = self.vm_paths(&id.name);
+        let mut last = None;
+        let done = follow_vm(&paths, &MigrateOptions::default(), |p| {
+            let lp = live_progress(p);
+            last = Some(lp.clone());
+            progress(lp)
+        })
+        .map_err(err)?;
+        tracing::info!(vm = %id.name, "the guest left (a send a previous agent started)");
+        Ok(self.guest_left(&id, &done, last))
+    }
+
+    fn incoming_runs(&self, resource: &ResourceRef) -> bool {
+        live_vm(resource).is_ok_and(|id| {
+            stead_drivers::vm::qemu::migrate::incoming_runs(&self.vm_paths(&id.name))
+        })
     }
 
     fn finish_incoming(&self, resource: &ResourceRef) -> Result<(), ConvergeError> {
@@ -753,7 +790,17 @@ impl Converge for NodeEngine {
             &self.vm_paths(&id.name),
             Duration::from_secs(60),
         )
-        .map_err(err)
+        .map_err(err)?;
+        // Kept through converges until owned (again, after this agent was restarted).
+        let mut l = self.live_in.lock().unwrap_or_else(PoisonError::into_inner);
+        if !l
+            .owned
+            .iter()
+            .any(|o| resource_id(&o.resource).as_ref() == Some(&id))
+        {
+            l.vms.insert(id);
+        }
+        Ok(())
     }
 
     fn abort_incoming(&self, resource: &ResourceRef) {

@@ -553,16 +553,22 @@ pub fn migrate(a: MigrateArgs, g: &Global) -> Result<u8> {
     runtime()?.block_on(async {
         let store = Store::connect(&etcd).await?;
         if a.clear {
-            let had = migrate::clear(&store, &resource).await?;
-            println!(
-                "{resource}: {}",
-                if had {
-                    "override cleared"
-                } else {
-                    "no override"
+            return Ok(match migrate::cancel(&store, &resource).await? {
+                migrate::Cancelled::Cleared => {
+                    println!("{resource}: override cleared");
+                    0
                 }
-            );
-            return Ok(0);
+                migrate::Cancelled::Absent => {
+                    println!("{resource}: no override");
+                    0
+                }
+                migrate::Cancelled::Completed(to) => {
+                    eprintln!(
+                        "error: {resource}: its live migration has completed (the guest runs on node {to}); not cleared"
+                    );
+                    1
+                }
+            });
         }
         let to = a.to.clone().unwrap_or_default();
         let (nodes, _) = list_prefix(&store, &store.keys().nodes()).await?;

@@ -96,6 +96,31 @@ pub trait Converge: Send + Sync + 'static {
         )))
     }
 
+    /// Live migration, source side, when this node's agent finds a send under way that it
+    /// did not start (it was restarted while sending: QEMU goes on by itself): asks the
+    /// VM's QEMU how its outgoing migration stands and follows it, calling `progress` like
+    /// [`Converge::migrate_out`]. Completed (already or while followed): the last progress,
+    /// this node's VM stopped for good. Failed, cancelled or no migration at all: an error
+    /// with the reason, the guest keeps running here.
+    fn resume_out(
+        &self,
+        owned: &Owned,
+        progress: &mut dyn FnMut(LiveProgress) -> bool,
+    ) -> Result<LiveProgress, ConvergeError> {
+        let _ = progress;
+        Err(ConvergeError(format!(
+            "this node cannot follow the migration of {}",
+            owned.resource
+        )))
+    }
+
+    /// Live migration, target side: whether this node's VM waiting for `resource` runs the
+    /// guest now (the incoming migration finished: it holds the only running copy).
+    fn incoming_runs(&self, resource: &ResourceRef) -> bool {
+        let _ = resource;
+        false
+    }
+
     /// Live migration, target side: the guest runs here now; the waiting VM becomes an
     /// ordinary one (converged as usual once this node owns it).
     fn finish_incoming(&self, resource: &ResourceRef) -> Result<(), ConvergeError> {
@@ -479,6 +504,10 @@ impl AgentLoop {
             if dirty && self.round(&mut fence, registration.lease()).await {
                 retry_at.get_or_insert(Instant::now() + self.retry);
             }
+            if self.live.pending(self.assigned.keys()) {
+                // A previous agent's send waits for the token this round may have acquired.
+                live_synced = false;
+            }
         }
     }
 
@@ -557,11 +586,6 @@ impl AgentLoop {
             debug!("etcd has no leader anywhere: holding, converging nothing");
             return false;
         }
-        if self.live.sending() {
-            // A guest is on its way out: nothing is converged until it has left (or not).
-            debug!("sending a guest live: converging after it");
-            return true;
-        }
         let step = decide(&self.assigned, &self.held, false);
         let holder = Holder {
             node: self.node.clone(),
@@ -587,6 +611,13 @@ impl AgentLoop {
             // Fenced while acquiring: start nothing; the next round acquires again.
             self.drop_tokens();
             return false;
+        }
+        if self.live.sending() || self.live.pending(self.assigned.keys()) {
+            // A guest is on its way out (or a previous agent's send waits for this one's
+            // token): nothing is converged until it has left (or not).
+            debug!("sending a guest live: converging after it");
+            self.metrics.owned.set(self.held.len() as i64);
+            return true;
         }
         let mut step = decide(&self.assigned, &self.held, false);
         let handed_over = self.live.handed_over(&self.held);

@@ -24,6 +24,9 @@ pub enum EventKind {
     Fence,
     /// No node can take a workload.
     Unplaceable,
+    /// A workload runs on a node placement would not choose (a live migration completed
+    /// there: the guest already runs there, so it stays, over capacity or not).
+    Overcommitted,
 }
 
 /// One cluster event.

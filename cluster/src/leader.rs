@@ -530,6 +530,11 @@ impl<'a> Term<'a> {
                     .collect();
                 if let Some(why) = migrate::apply_overrides(&mut ws, &single).remove(id) {
                     refuse(&mut next, why);
+                } else if let Some(why) =
+                    migrate::refused_by_placement(&self.place(m, &single), &single).remove(id)
+                {
+                    // Checked before any QEMU starts: once the guest has moved it stays.
+                    refuse(&mut next, why);
                 } else if let Ok(live) = record.preparing(&from) {
                     next = live;
                 }
@@ -568,7 +573,57 @@ impl<'a> Term<'a> {
             .collect();
         let mut all = refused;
         all.extend(pre);
-        (self.place(m, &kept), all)
+        let mut result = self.place(m, &kept);
+        self.keep_completed_on_target(&mut result, &mut all);
+        (result, all)
+    }
+
+    /// A completed live migration is never refused: its guest already runs on the target,
+    /// so it is assigned there whatever placement says now (capacity, a constraint that
+    /// changed); the reason is logged and recorded as an event instead.
+    fn keep_completed_on_target(
+        &self,
+        result: &mut PlacementResult,
+        refused: &mut BTreeMap<ResourceId, String>,
+    ) {
+        for (id, record) in &self.migrations {
+            let completed = record.state == MigrationState::Completed;
+            let moved_live = record.state == MigrationState::Assigned
+                && record.method.as_deref() == Some("live");
+            if !completed && !moved_live {
+                continue;
+            }
+            let Some(why) = refused.remove(id) else {
+                continue;
+            };
+            let Some(mut a) = result
+                .assignments
+                .get(id)
+                .or_else(|| self.current.get(id))
+                .cloned()
+            else {
+                continue;
+            };
+            warn!(resource = %id, to = %record.to, reason = %why, "the guest of a completed live migration runs there: assigned there anyway");
+            a.node.clone_from(&record.to);
+            result.assignments.insert(id.clone(), a);
+            result.unplaceable.retain(|u| &u.id != id);
+            if !completed {
+                continue;
+            }
+            events::spawn_records(
+                self.store,
+                vec![ClusterEvent::now(
+                    EventKind::Overcommitted,
+                    &self.config.name,
+                    Some(id.to_string()),
+                    format!(
+                        "{id} stays on node {} where its live migration completed, although {why}",
+                        record.to
+                    ),
+                )],
+            );
+        }
     }
 
     /// Overrides the manifests forbid before any node is looked at.

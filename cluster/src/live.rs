@@ -41,23 +41,31 @@ pub enum LiveAction {
     StartIncoming,
     /// Source: send the guest to this `tcp:` address.
     Send(String),
+    /// Source: a send this agent did not start is under way (the agent was restarted
+    /// while sending): ask the VM's QEMU how it stands and follow it to its end.
+    Resume,
     /// Target: the guest runs here; the waiting VM becomes an ordinary one.
     FinishIncoming,
     /// Target: kill the waiting VM (the move failed, was refused or cleared).
     AbortIncoming,
+    /// Target: a move to here this agent is not waiting for (it was restarted): take the
+    /// VM that runs the guest as an incoming one, or end the move if it does not run it.
+    Adopt,
     /// Nothing.
     Nothing,
 }
 
 /// Decides this node's part in a live migration (pure): `record` is the migration of the
 /// workload (`None`: cleared), `owns` whether this node holds its ownership now,
-/// `waiting` whether this node has a VM waiting for it, `sending` whether it is sending it.
+/// `waiting` whether this node has a VM waiting for it, `sending` whether it is sending it,
+/// `known` whether this agent saw the move `preparing` (else it joined it later: a restart).
 pub fn live_action(
     node: &str,
     record: Option<&MigrationRecord>,
     owns: bool,
     waiting: bool,
     sending: bool,
+    known: bool,
 ) -> LiveAction {
     let Some(r) = record else {
         return if waiting {
@@ -72,6 +80,14 @@ pub fn live_action(
             MigrationState::Completed | MigrationState::Assigned if waiting => {
                 LiveAction::FinishIncoming
             }
+            MigrationState::Incoming | MigrationState::Transferring if !waiting => {
+                LiveAction::Adopt
+            }
+            MigrationState::Completed | MigrationState::Assigned
+                if !owns && r.method.as_deref() == Some("live") =>
+            {
+                LiveAction::Adopt
+            }
             MigrationState::Preparing | MigrationState::Incoming | MigrationState::Transferring => {
                 LiveAction::Nothing
             }
@@ -79,14 +95,37 @@ pub fn live_action(
             _ => LiveAction::Nothing,
         };
     }
+    if r.from.as_deref() != Some(node) || !owns || sending {
+        return LiveAction::Nothing;
+    }
     match (&r.state, &r.listen) {
-        (MigrationState::Incoming, Some(uri))
-            if r.from.as_deref() == Some(node) && owns && !sending =>
-        {
-            LiveAction::Send(uri.clone())
-        }
+        (MigrationState::Incoming, Some(uri)) if known => LiveAction::Send(uri.clone()),
+        (MigrationState::Incoming | MigrationState::Transferring, _) => LiveAction::Resume,
         _ => LiveAction::Nothing,
     }
+}
+
+/// Whether this node is the source of `record` in flight but does not hold the workload's
+/// ownership yet (pure): a restarted agent, before its first round; nothing may be
+/// converged until it has taken the send up again ([`LiveAction::Resume`]).
+pub fn awaits_token(node: &str, record: &MigrationRecord, owns: bool, sending: bool) -> bool {
+    record.from.as_deref() == Some(node)
+        && record.to != node
+        && !owns
+        && !sending
+        && matches!(
+            record.state,
+            MigrationState::Incoming | MigrationState::Transferring
+        )
+}
+
+/// How the source takes part in the transfer.
+#[derive(Debug, Clone)]
+enum Out {
+    /// Starts it to this address.
+    Send(String),
+    /// Follows the one QEMU has under way.
+    Resume,
 }
 
 /// How often the source writes its progress into the record at most.
@@ -101,6 +140,14 @@ struct Shared {
     handed_over: BTreeSet<ResourceRef>,
     /// Workloads this node has a VM waiting for (or starting).
     waiting: BTreeSet<ResourceRef>,
+    /// Moves away from here this agent saw `preparing`, by workload: their request time.
+    known: BTreeMap<ResourceRef, u64>,
+    /// Workloads sent from here by a previous agent whose send waits for this one's token.
+    pending: BTreeSet<ResourceRef>,
+    /// Moves to here a previous agent was receiving, being taken up (nothing converges).
+    adopting: BTreeSet<ResourceRef>,
+    /// Moves to here taken up already, by workload: their request time.
+    adopted: BTreeMap<ResourceRef, u64>,
 }
 
 /// The live migrations this node takes part in.
@@ -140,6 +187,14 @@ impl LiveHandOver {
     /// Whether a guest is being sent from here now (the agent converges nothing).
     pub fn sending(&self) -> bool {
         !self.lock().sending.is_empty()
+    }
+
+    /// Whether a send that a previous agent of this node started waits for this agent's
+    /// ownership of one of `assigned` (the agent acquires, converges nothing, reads the
+    /// migrations again).
+    pub fn pending<'a>(&self, mut assigned: impl Iterator<Item = &'a ResourceRef>) -> bool {
+        let s = self.lock();
+        !s.adopting.is_empty() || (!s.pending.is_empty() && assigned.any(|r| s.pending.contains(r)))
     }
 
     /// Workloads sent away from here that must not run here again; forgets those this node
@@ -218,25 +273,84 @@ impl LiveHandOver {
         record: Option<(MigrationRecord, i64)>,
         held: &BTreeMap<ResourceRef, FencingToken>,
     ) {
-        let (waiting, sending) = {
-            let s = self.lock();
-            (s.waiting.contains(resource), s.sending.contains(resource))
-        };
         let token = held.get(resource);
+        let (waiting, sending, known) = {
+            let mut s = self.lock();
+            let (waiting, sending) = (s.waiting.contains(resource), s.sending.contains(resource));
+            let known = self.note_source(
+                &mut s,
+                resource,
+                record.as_ref().map(|(r, _)| r),
+                token.is_some(),
+            );
+            (waiting, sending, known)
+        };
         let action = live_action(
             &self.node,
             record.as_ref().map(|(r, _)| r),
             token.is_some(),
             waiting,
             sending,
+            known,
         );
+        let handed_over = {
+            let mut s = self.lock();
+            if record.as_ref().is_none_or(|(r, _)| r.to != self.node) {
+                s.adopted.remove(resource);
+            }
+            s.handed_over.contains(resource)
+        };
         match (action, record, token) {
             (LiveAction::StartIncoming, Some((r, rev)), _) => self.start_incoming(resource, r, rev),
-            (LiveAction::Send(uri), Some((r, rev)), Some(t)) => self.send(t, r, rev, uri),
-            (LiveAction::FinishIncoming, _, _) => self.finish_incoming(resource),
+            (LiveAction::Send(uri), Some((r, rev)), Some(t)) => {
+                self.send(t, r, rev, Out::Send(uri));
+            }
+            // Sent by this agent already: only its end is missing from the record, and the
+            // target records it once its VM runs the guest.
+            (LiveAction::Resume, _, _) if handed_over => {}
+            (LiveAction::Resume, Some((r, rev)), Some(t)) => {
+                warn!(resource = %resource, state = ?r.state, "live migration under way from a previous agent: asking QEMU how it stands");
+                self.send(t, r, rev, Out::Resume);
+            }
+            (LiveAction::FinishIncoming, record, _) => {
+                if let Some((r, _)) = record {
+                    // Taken up: the `assigned` that follows is nothing to adopt.
+                    self.lock()
+                        .adopted
+                        .insert(resource.clone(), r.requested_at_ms);
+                }
+                self.finish_incoming(resource);
+            }
+            (LiveAction::Adopt, Some((r, rev)), _) => self.adopt(resource, r, rev),
             (LiveAction::AbortIncoming, _, _) => self.abort_incoming(resource),
             _ => {}
         }
+    }
+
+    /// Source bookkeeping for `record` of `resource`: remembers a move seen `preparing` from
+    /// here, and the sends waiting for a token. Whether this agent knew the move.
+    fn note_source(
+        &self,
+        s: &mut Shared,
+        resource: &ResourceRef,
+        record: Option<&MigrationRecord>,
+        owns: bool,
+    ) -> bool {
+        let Some(r) = record.filter(|r| r.from.as_deref() == Some(self.node.as_str())) else {
+            s.known.remove(resource);
+            s.pending.remove(resource);
+            return false;
+        };
+        if r.state == MigrationState::Preparing {
+            s.known.insert(resource.clone(), r.requested_at_ms);
+        }
+        let sending = s.sending.contains(resource);
+        if awaits_token(&self.node, r, owns, sending) {
+            s.pending.insert(resource.clone());
+        } else {
+            s.pending.remove(resource);
+        }
+        s.known.get(resource) == Some(&r.requested_at_ms)
     }
 
     /// Target: starts the waiting VM, publishes its address; a stall watch fails it later.
@@ -259,7 +373,7 @@ impl LiveHandOver {
                 Err(e) => Err(format!("the target could not start the VM: {e}")),
             };
             match written {
-                Ok(_) => stall_watch(&store, &res, stall).await,
+                Ok(_) => stall_watch(&store, &engine, &res, stall).await,
                 Err(why) => {
                     warn!(resource = %res, reason = %why, "live migration: target side failed");
                     if let Ok(failed) = record.failed(&why) {
@@ -274,6 +388,56 @@ impl LiveHandOver {
                     let _ = tokio::task::spawn_blocking(move || e3.abort_incoming(&res)).await;
                 }
             }
+            let _ = wake.send(());
+        });
+    }
+
+    /// Target, after a restart: takes up the move of `record` (once per move). A VM that
+    /// runs the guest becomes this node's (the move is recorded `completed` if it was still
+    /// in flight); a VM still waiting is killed and the move recorded `failed`. Nothing is
+    /// converged meanwhile (a converge would stop the VM this node does not own yet).
+    fn adopt(&self, resource: &ResourceRef, record: MigrationRecord, rev: i64) {
+        {
+            let mut s = self.lock();
+            if s.adopted.get(resource) == Some(&record.requested_at_ms)
+                || s.adopting.contains(resource)
+            {
+                return;
+            }
+            s.adopting.insert(resource.clone());
+        }
+        warn!(resource = %resource, state = ?record.state, "live migration to here from a previous agent: taking it up");
+        let (store, engine, res) = (self.store.clone(), self.engine.clone(), resource.clone());
+        let (shared, wake) = (self.shared.clone(), self.wake.clone());
+        tokio::spawn(async move {
+            let (e2, r2) = (engine.clone(), res.clone());
+            let runs = tokio::task::spawn_blocking(move || e2.incoming_runs(&r2))
+                .await
+                .unwrap_or(false);
+            let in_flight = record.state.is_live_in_flight();
+            let next = if runs || !in_flight {
+                let (e2, r2) = (engine.clone(), res.clone());
+                let done = tokio::task::spawn_blocking(move || e2.finish_incoming(&r2))
+                    .await
+                    .unwrap_or_else(|e| Err(ConvergeError(format!("panicked: {e}"))));
+                if let Err(e) = done {
+                    warn!(resource = %res, error = %e, "live migration: taking the guest up failed");
+                }
+                in_flight.then(|| record.completed(None))
+            } else {
+                let (e2, r2) = (engine.clone(), res.clone());
+                let _ = tokio::task::spawn_blocking(move || e2.abort_incoming(&r2)).await;
+                Some(record.failed("the target's agent restarted before the guest arrived"))
+            };
+            if let Some(Ok(next)) = next
+                && let Err(why) = write(&store, &res, &next, rev, None).await
+            {
+                warn!(resource = %res, reason = %why, "live migration: the end was not recorded");
+            }
+            let mut s = shared.lock().unwrap_or_else(PoisonError::into_inner);
+            s.adopting.remove(&res);
+            s.adopted.insert(res, record.requested_at_ms);
+            drop(s);
             let _ = wake.send(());
         });
     }
@@ -310,11 +474,16 @@ impl LiveHandOver {
         });
     }
 
-    /// Source: sends the guest while `token` is current, writing progress, then the end.
-    fn send(&self, token: &FencingToken, record: MigrationRecord, rev: i64, uri: String) {
+    /// Source: sends the guest (or follows the send under way) while `token` is current,
+    /// writing progress, then the end.
+    fn send(&self, token: &FencingToken, record: MigrationRecord, rev: i64, how: Out) {
         let res = token.resource().clone();
-        self.lock().sending.insert(res.clone());
-        info!(resource = %res, %uri, to = %record.to, "live migration: sending the guest");
+        {
+            let mut s = self.lock();
+            s.sending.insert(res.clone());
+            s.pending.remove(&res);
+        }
+        info!(resource = %res, ?how, to = %record.to, "live migration: sending the guest");
         let owned = Owned {
             resource: res.clone(),
             token: token.clone(),
@@ -336,24 +505,32 @@ impl LiveHandOver {
             ));
             let c2 = cancel.clone();
             let o2 = owned.clone();
+            let h2 = how.clone();
             let sent = tokio::task::spawn_blocking(move || {
-                engine.migrate_out(&o2, &uri, &mut |p| {
+                let mut report = |p| {
                     let _ = tx.send(p);
                     !c2.load(Ordering::SeqCst)
-                })
+                };
+                match h2 {
+                    Out::Send(uri) => engine.migrate_out(&o2, &uri, &mut report),
+                    Out::Resume => engine.resume_out(&o2, &mut report),
+                }
             })
             .await
             .unwrap_or_else(|e| Err(ConvergeError(format!("send panicked: {e}"))));
-            {
+            if sent.is_ok() {
+                // Before the agent may converge again: never start it here again.
                 let mut s = shared.lock().unwrap_or_else(PoisonError::into_inner);
-                if sent.is_ok() {
-                    // Before the agent may converge again: never start it here again.
-                    s.handed_over.insert(owned.resource.clone());
-                }
-                s.sending.remove(&owned.resource);
+                s.handed_over.insert(owned.resource.clone());
             }
             let written = writer.await.unwrap_or((None, 0));
-            finish_send(&store, &owned, written, original, sent).await;
+            finish_send(&store, &owned, written, original, sent, &how).await;
+            // Only once its end is recorded: until then no resume may start for it.
+            shared
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .sending
+                .remove(&owned.resource);
             let _ = wake.send(());
         });
     }
@@ -414,13 +591,14 @@ async fn finish_send(
     (record, rev): (Option<MigrationRecord>, i64),
     original: MigrationRecord,
     sent: Result<LiveProgress, ConvergeError>,
+    how: &Out,
 ) {
     let res = &owned.resource;
     let (record, rev) = match (record, &sent) {
         (Some(r), _) => (r, rev),
         (None, Ok(_)) => {
             warn!(resource = %res, "the guest left although the migration was cancelled");
-            (original, 0)
+            (original.clone(), 0)
         }
         (None, Err(e)) => {
             warn!(resource = %res, outcome = %e, "live migration cancelled; the guest stays here");
@@ -429,10 +607,22 @@ async fn finish_send(
     };
     let next = match &sent {
         Ok(last) => record.completed(Some(last.clone())),
-        Err(e) => record.failed(&format!("the source could not send the guest: {e}")),
+        Err(e) => record.failed(&match how {
+            Out::Send(_) => format!("the source could not send the guest: {e}"),
+            Out::Resume => format!("the source's agent restarted during the send: {e}"),
+        }),
     };
     let Ok(next) = next else { return };
-    match write(store, res, &next, rev, Some(&owned.token)).await {
+    let mut written = write(store, res, &next, rev, Some(&owned.token)).await;
+    if written.is_err() && sent.is_ok() && rev != 0 {
+        // Cleared as the guest left: the guest runs on the target all the same, and the
+        // record must say so (only if nobody wrote a new one).
+        warn!(resource = %res, "the guest left as the migration was being cleared");
+        if let Ok(again) = original.completed(sent.as_ref().ok().cloned()) {
+            written = write(store, res, &again, 0, Some(&owned.token)).await;
+        }
+    }
+    match written {
         Ok(_) if sent.is_ok() => info!(resource = %res, to = %next.to, "live migration completed"),
         Ok(_) => {
             warn!(resource = %res, reason = ?next.message, "live migration failed; the guest stays here")
@@ -445,7 +635,12 @@ async fn finish_send(
 
 /// Target: fails a record that stays in flight without a change for `stall` (the source
 /// never sent, or stopped reporting); ends once the record is no longer in flight.
-async fn stall_watch(store: &Store, resource: &ResourceRef, stall: Duration) {
+async fn stall_watch(
+    store: &Store,
+    engine: &Arc<dyn Converge>,
+    resource: &ResourceRef,
+    stall: Duration,
+) {
     let mut seen: Option<(i64, Instant)> = None;
     loop {
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -458,13 +653,23 @@ async fn stall_watch(store: &Store, resource: &ResourceRef, stall: Duration) {
         }
         match seen {
             Some((r, since)) if r == rev && since.elapsed() >= stall => {
-                let why = format!(
-                    "no progress from node {} for {} s",
-                    record.from.as_deref().unwrap_or("?"),
-                    stall.as_secs()
-                );
-                if let Ok(failed) = record.failed(&why) {
-                    let _ = write(store, resource, &failed, rev, None).await;
+                let (e2, r2) = (engine.clone(), resource.clone());
+                let runs = tokio::task::spawn_blocking(move || e2.incoming_runs(&r2))
+                    .await
+                    .unwrap_or(false);
+                let next = if runs {
+                    // The guest arrived and the source never said so: it runs here now.
+                    warn!(resource = %resource, "live migration: the source went silent but the guest runs here: completed");
+                    record.completed(None)
+                } else {
+                    record.failed(&format!(
+                        "no progress from node {} for {} s",
+                        record.from.as_deref().unwrap_or("?"),
+                        stall.as_secs()
+                    ))
+                };
+                if let Ok(next) = next {
+                    let _ = write(store, resource, &next, rev, None).await;
                 }
                 return;
             }
@@ -504,7 +709,7 @@ mod tests {
     #[test]
     fn the_target_starts_waits_finishes_or_aborts() {
         use MigrationState::*;
-        let act = |s, waiting| live_action("n2", Some(&rec(s)), false, waiting, false);
+        let act = |s, waiting| live_action("n2", Some(&rec(s)), false, waiting, false, false);
         assert_eq!(act(Preparing, false), LiveAction::StartIncoming);
         assert_eq!(act(Preparing, true), LiveAction::Nothing, "already started");
         assert_eq!(act(Incoming, true), LiveAction::Nothing);
@@ -516,7 +721,7 @@ mod tests {
         assert_eq!(act(Refused, true), LiveAction::AbortIncoming);
         assert_eq!(act(Failed, false), LiveAction::Nothing);
         assert_eq!(
-            live_action("n2", None, false, true, false),
+            live_action("n2", None, false, true, false, false),
             LiveAction::AbortIncoming,
             "cleared"
         );
@@ -527,28 +732,89 @@ mod tests {
         use MigrationState::*;
         let r = rec(Incoming);
         assert_eq!(
-            live_action("n1", Some(&r), true, false, false),
+            live_action("n1", Some(&r), true, false, false, true),
             LiveAction::Send("tcp:h:1".into())
         );
         assert_eq!(
-            live_action("n1", Some(&r), false, false, false),
+            live_action("n1", Some(&r), false, false, false, true),
             LiveAction::Nothing,
             "no token, no send"
         );
         assert_eq!(
-            live_action("n1", Some(&r), true, false, true),
+            live_action("n1", Some(&r), true, false, true, true),
             LiveAction::Nothing
         );
         assert_eq!(
-            live_action("n3", Some(&r), true, false, false),
+            live_action("n3", Some(&r), true, false, false, true),
             LiveAction::Nothing
         );
-        for s in [Preparing, Transferring, Completed, Failed, Assigned] {
+        for s in [Preparing, Completed, Failed, Assigned] {
             assert_eq!(
-                live_action("n1", Some(&rec(s)), true, false, false),
+                live_action("n1", Some(&rec(s)), true, false, false, true),
                 LiveAction::Nothing,
                 "{s:?}"
             );
+        }
+    }
+
+    #[test]
+    fn a_restarted_target_takes_up_a_move_it_is_not_waiting_for() {
+        use MigrationState::*;
+        let act = |s, owns, waiting| live_action("n2", Some(&rec(s)), owns, waiting, false, false);
+        assert_eq!(act(Incoming, false, false), LiveAction::Adopt);
+        assert_eq!(act(Transferring, false, false), LiveAction::Adopt);
+        let mut done = rec(Completed);
+        done.method = Some("live".into());
+        assert_eq!(
+            live_action("n2", Some(&done), false, false, false, false),
+            LiveAction::Adopt
+        );
+        assert_eq!(
+            live_action("n2", Some(&done), true, false, false, false),
+            LiveAction::Nothing,
+            "owned: an ordinary VM"
+        );
+        done.method = Some("cold (--cold)".into());
+        done.state = Assigned;
+        assert_eq!(
+            live_action("n2", Some(&done), false, false, false, false),
+            LiveAction::Nothing,
+            "a cold move has nothing to take up"
+        );
+        assert_eq!(act(Failed, false, false), LiveAction::Nothing);
+    }
+
+    #[test]
+    fn a_send_this_agent_did_not_start_is_resumed_once_it_owns_the_guest() {
+        use MigrationState::*;
+        for s in [Incoming, Transferring] {
+            assert_eq!(
+                live_action("n1", Some(&rec(s)), true, false, false, false),
+                LiveAction::Resume,
+                "{s:?} found by a restarted agent"
+            );
+            assert_eq!(
+                live_action("n1", Some(&rec(s)), false, false, false, false),
+                LiveAction::Nothing,
+                "no token yet"
+            );
+            assert!(awaits_token("n1", &rec(s), false, false));
+            assert!(!awaits_token("n1", &rec(s), true, false), "owned: resumed");
+            assert!(!awaits_token("n1", &rec(s), false, true), "sending");
+            assert!(!awaits_token("n2", &rec(s), false, false), "the target");
+        }
+        assert_eq!(
+            live_action("n1", Some(&rec(Transferring)), true, false, false, true),
+            LiveAction::Resume,
+            "a send whose end was not recorded"
+        );
+        assert_eq!(
+            live_action("n1", Some(&rec(Transferring)), true, false, true, true),
+            LiveAction::Nothing,
+            "being sent"
+        );
+        for s in [Preparing, Completed, Failed, Assigned] {
+            assert!(!awaits_token("n1", &rec(s), false, false), "{s:?}");
         }
     }
 }

@@ -361,6 +361,40 @@ pub async fn clear(store: &Store, resource: &ResourceRef) -> Result<bool, StoreE
     Ok(r.deleted() > 0)
 }
 
+/// What [`cancel`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Cancelled {
+    /// The override was deleted (a live move in flight is given up: the guest stays).
+    Cleared,
+    /// There was none.
+    Absent,
+    /// Refused: the live move completed, the guest runs on the target (this node).
+    Completed(String),
+}
+
+/// Clears the override of `resource` unless its live move has completed (the guest runs on
+/// the target then: clearing would leave the workload neither moved nor where its guest
+/// runs). The delete compares the revision read, so a `completed` written meanwhile is
+/// never lost.
+pub async fn cancel(store: &Store, resource: &ResourceRef) -> Result<Cancelled, StoreError> {
+    loop {
+        let Some((record, rev)) = read_versioned(store, resource).await? else {
+            return Ok(Cancelled::Absent);
+        };
+        if record.state == MigrationState::Completed {
+            return Ok(Cancelled::Completed(record.to));
+        }
+        let key = store.keys().migration(resource);
+        let txn = Txn::new()
+            .when([Compare::mod_revision(key.clone(), CompareOp::Equal, rev)])
+            .and_then([TxnOp::delete(key, None)]);
+        let mut client = store.client();
+        if store.timed(client.txn(txn)).await?.succeeded() {
+            return Ok(Cancelled::Cleared);
+        }
+    }
+}
+
 /// The override of `resource`, if any.
 pub async fn read(
     store: &Store,

@@ -532,3 +532,107 @@ async fn the_leader_chooses_live_or_cold_and_pins_a_live_move_only_once_complete
     .await;
     assert_eq!(web.from.as_deref(), Some(web_from.as_str()));
 }
+
+/// Two VMs on a shared pool that do not fit on one node together.
+const FULL_MANIFESTS: &str = "\
+apiVersion: stead.dev/v1alpha1
+kind: StoragePool
+metadata: {name: shared}
+spec: {type: dir, path: /srv/shared, shared: true}
+---
+apiVersion: stead.dev/v1alpha1
+kind: Volume
+metadata: {name: a-root}
+spec: {pool: shared, size: 1Gi}
+---
+apiVersion: stead.dev/v1alpha1
+kind: Volume
+metadata: {name: b-root}
+spec: {pool: shared, size: 1Gi}
+---
+apiVersion: stead.dev/v1alpha1
+kind: VirtualMachine
+metadata: {name: a}
+spec: {engine: qemu, cpus: 1, memory: 6Gi, disks: [{volume: a-root}]}
+---
+apiVersion: stead.dev/v1alpha1
+kind: VirtualMachine
+metadata: {name: b}
+spec: {engine: qemu, cpus: 1, memory: 6Gi, disks: [{volume: b-root}]}
+";
+
+/// A live move to a node without room is refused with the reason before any QEMU starts
+/// (never `preparing`); but a live move that completed anyway (the guest runs there) is
+/// assigned to its target over capacity, with an event saying so, and stays there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_move_is_checked_against_capacity_first_and_a_completed_one_never_refused() {
+    let test = "a_live_move_is_checked_against_capacity_first_and_a_completed_one_never_refused";
+    let Some((_etcd, store)) = member_with_store(test, "/t").await else {
+        return;
+    };
+    let _n1 = register(&store, "n1").await;
+    let _n2 = register(&store, "n2").await;
+    let (_tx, rx) = watch::channel(Some(manifests_text("r1", FULL_MANIFESTS)));
+    let _c = candidate(&store, "ctl", rx);
+    let placed = wait_for(&store, "two placed", |l| l.len() == 2).await;
+    let a_on = node_of(&placed, "VirtualMachine/a").expect("a placed");
+    let b_on = node_of(&placed, "VirtualMachine/b").expect("b placed");
+    assert_ne!(a_on, b_on, "6 GiB each on 8 GiB nodes: {placed:?}");
+    let a: stead_cluster::keys::ResourceRef = "VirtualMachine/a".parse().expect("ref");
+    migrate::put(&store, &a, &MigrationRecord::request(&b_on))
+        .await
+        .expect("put");
+    let refused = record_where(&store, "VirtualMachine/a", "refused", |m| {
+        m.state != MigrationState::Requested
+    })
+    .await;
+    assert_eq!(refused.state, MigrationState::Refused, "{refused:?}");
+    let why = refused.message.unwrap_or_default();
+    assert!(
+        why.contains(&format!("node {b_on} cannot take it")),
+        "{why}"
+    );
+
+    // The agents say the guest runs on the full node (a move that raced a change).
+    let done = MigrationRecord::request(&b_on)
+        .preparing(&a_on)
+        .and_then(|m| m.incoming("tcp:127.0.0.1:1"))
+        .and_then(|m| m.completed(None))
+        .expect("completed");
+    migrate::put(&store, &a, &done).await.expect("put");
+    wait_for(&store, "a assigned where its guest runs", |l| {
+        node_of(l, "VirtualMachine/a").as_deref() == Some(b_on.as_str())
+    })
+    .await;
+    let assigned = record_where(&store, "VirtualMachine/a", "assigned", |m| {
+        m.state != MigrationState::Completed
+    })
+    .await;
+    assert_eq!(assigned.state, MigrationState::Assigned, "{assigned:?}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let events = stead_cluster::events::recent(&store, 20)
+            .await
+            .expect("events");
+        if events.iter().any(|e| {
+            e.kind == stead_cluster::events::EventKind::Overcommitted
+                && e.resource.as_deref() == Some("VirtualMachine/a")
+        }) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no event: {events:?}");
+        sleep(Duration::from_millis(100)).await;
+    }
+    sleep(Duration::from_millis(1500)).await;
+    let now = assignments(&store).await;
+    assert_eq!(
+        node_of(&now, "VirtualMachine/a").as_deref(),
+        Some(b_on.as_str()),
+        "it stays where it runs: {now:?}"
+    );
+    let still = migrate::read(&store, &a)
+        .await
+        .expect("read")
+        .expect("record");
+    assert_eq!(still.state, MigrationState::Assigned, "{still:?}");
+}

@@ -469,6 +469,51 @@ pub fn migrate_out_until(
     }
 }
 
+/// Source side, for a migration someone else started (an agent restarted while QEMU was
+/// sending): follows it from its current `query-migrate` like [`migrate_out_until`] does
+/// after `migrate`. `completed` (already, or while followed): the guest runs on the target
+/// and this QEMU is in `postmigrate`. `failed`, `cancelled` or no migration at all: an
+/// error with the reason, and the guest is resumed here if the migration left it paused.
+#[tracing::instrument(level = "info", skip(qmp, opts, progress))]
+pub fn follow_out(
+    qmp: &mut Qmp,
+    opts: &MigrateOptions,
+    mut progress: impl FnMut(&Progress) -> bool,
+) -> Result<Completed, MigrateError> {
+    let info = qmp.execute(&QueryMigrate)?;
+    if let Some(e) = nothing_to_follow(&info) {
+        if let Err(r) = ensure_running(qmp) {
+            tracing::warn!(error = %r, "resuming the guest after the migration ended");
+        }
+        return Err(e);
+    }
+    let started = Instant::now();
+    match poll_until_final(qmp, started, opts, &mut progress) {
+        Ok(done) => Ok(done),
+        Err(e) => match cancel_and_resume(qmp) {
+            Some(done) => Ok(done),
+            None => Err(e),
+        },
+    }
+}
+
+/// Why a `query-migrate` reply leaves no migration to follow (failed, cancelled, none),
+/// `None` when there is one (under way or completed).
+fn nothing_to_follow(info: &MigrationInfo) -> Option<MigrateError> {
+    match info.status.unwrap_or(MigrationStatus::None) {
+        MigrationStatus::None => Some(MigrateError::State(
+            "QEMU has no outgoing migration (it never started)".into(),
+        )),
+        MigrationStatus::Failed | MigrationStatus::Cancelled => {
+            match next_step(info, Duration::ZERO, Duration::MAX) {
+                Step::Fail(e) => Some(e),
+                _ => Some(MigrateError::Cancelled),
+            }
+        }
+        _ => None,
+    }
+}
+
 /// How many extra `query-migrate` a `completed` without times gets (20 ms apart).
 const SETTLE_POLLS: u32 = 50;
 
@@ -613,6 +658,26 @@ pub fn send_vm(
     let mut q = Qmp::connect(&paths.qmp_socket(), Duration::from_secs(10))?;
     q.set_timeout(Duration::from_secs(30));
     migrate_out_until(&mut q, uri, opts, progress)
+}
+
+/// Source: follows the outgoing migration QEMU of VM `paths` has under way
+/// ([`follow_out`]).
+pub fn follow_vm(
+    paths: &Paths,
+    opts: &MigrateOptions,
+    progress: impl FnMut(&Progress) -> bool,
+) -> Result<Completed, MigrateError> {
+    let mut q = Qmp::connect(&paths.qmp_socket(), Duration::from_secs(10))?;
+    q.set_timeout(Duration::from_secs(30));
+    follow_out(&mut q, opts, progress)
+}
+
+/// Target: whether the QEMU of VM `paths` runs (the incoming migration finished): it holds
+/// the guest. False when it still waits, or cannot be asked.
+pub fn incoming_runs(paths: &Paths) -> bool {
+    Qmp::connect(&paths.qmp_socket(), Duration::from_secs(5))
+        .and_then(|mut q| q.query_status())
+        .is_ok_and(|st| st.status == RunState::Running)
 }
 
 /// Target: the guest runs here (waits up to `timeout` for it); the VM becomes an ordinary
@@ -798,6 +863,52 @@ mod tests {
             done.transferred,
             seen.len()
         );
+    }
+
+    #[test]
+    fn only_a_migration_under_way_or_completed_can_be_followed() {
+        let nothing = |v| nothing_to_follow(&info(v)).map(|e| e.to_string());
+        let none = nothing(json!({})).expect("no migration");
+        assert!(none.contains("never started"), "{none}");
+        let failed =
+            nothing(json!({"status": "failed", "error-desc": "connection reset"})).expect("failed");
+        assert!(failed.contains("connection reset"), "{failed}");
+        assert!(nothing(json!({"status": "cancelled"})).is_some());
+        for s in ["setup", "active", "device", "completed"] {
+            assert!(nothing(json!({ "status": s })).is_none(), "{s}");
+        }
+    }
+
+    #[test]
+    fn qemu_a_migration_started_by_someone_else_is_followed_to_its_end() {
+        let Some((src, dst)) = pair("qemu_follow_out") else {
+            return;
+        };
+        let (mut qs, mut qd) = (src.qmp(), dst.qmp());
+        let e = follow_out(&mut qs, &MigrateOptions::default(), |_| true)
+            .expect_err("nothing under way");
+        assert!(e.to_string().contains("never started"), "{e}");
+        assert_eq!(qs.query_status().expect("status").status, RunState::Running);
+        let uri = listen_incoming(&mut qd, "127.0.0.1", 0).expect("listen");
+        qs.execute(&Migrate { uri }).expect("migrate");
+        // The agent that started it is gone: a new connection follows it.
+        drop(qs);
+        let mut again = src.qmp();
+        let mut polls = 0;
+        let done = follow_out(&mut again, &MigrateOptions::default(), |_| {
+            polls += 1;
+            true
+        })
+        .expect("followed to completed");
+        wait_incoming(&mut qd, Duration::from_secs(10)).expect("target runs");
+        assert_eq!(
+            again.query_status().expect("status").status,
+            RunState::Postmigrate
+        );
+        let twice = follow_out(&mut again, &MigrateOptions::default(), |_| true)
+            .expect("a completed migration reads as completed");
+        assert_eq!(twice.transferred, done.transferred);
+        println!("qemu_follow_out: {done:?} after {polls} polls");
     }
 
     /// Options that make a migration of the small guest last several seconds.
