@@ -7,13 +7,15 @@ use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tempfile::TempDir;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::etcd::{EtcdConfig, Store};
+use crate::agent::{self, AgentConfig, Converge};
+use crate::etcd::{EtcdConfig, Store, StoreError};
 use crate::model::{Capacity, NodeInfo};
 use crate::registry::Liveness;
 
@@ -77,6 +79,61 @@ pub fn test_node(name: &str) -> NodeInfo {
         pools: vec![],
         networks: vec![],
         version: "test".into(),
+    }
+}
+
+/// An agent (`agent::run`) running in a test with the fake engine `E`.
+pub struct RunningAgent<E> {
+    /// The engine the agent converges through (a fake that records its calls).
+    pub engine: Arc<E>,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<Result<(), StoreError>>,
+}
+
+/// An agent's configuration for tests: node `name` (see [`test_node`]), a lease of `ttl`,
+/// retries every 100 ms.
+pub fn agent_config(name: &str, ttl: Duration) -> AgentConfig {
+    let mut config = AgentConfig::new(test_node(name));
+    config.lease = crate::registry::LeaseConfig::with_ttl(ttl);
+    config.retry = Duration::from_millis(100);
+    config
+}
+
+/// Starts an agent with `config` and `engine` on a task of the current runtime.
+pub fn spawn_agent<E: Converge>(
+    store: &Store,
+    config: AgentConfig,
+    engine: Arc<E>,
+) -> RunningAgent<E> {
+    let (stop, rx) = watch::channel(false);
+    let (store, dyn_engine) = (store.clone(), engine.clone() as Arc<dyn Converge>);
+    let task = tokio::spawn(async move { agent::run(&store, &config, dyn_engine, rx).await });
+    RunningAgent { engine, stop, task }
+}
+
+impl<E> RunningAgent<E> {
+    /// Whether the agent's task has ended.
+    pub fn is_finished(&self) -> bool {
+        self.task.is_finished()
+    }
+
+    /// Ends the agent without its shutdown, as a crash would: its lease and owner keys
+    /// live on until they expire.
+    pub async fn crash(self) {
+        self.task.abort();
+        let _ = self.task.await;
+    }
+
+    /// Asks the agent to stop and waits for it (10 s at most); panics if it does not stop
+    /// cleanly.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        let joined = tokio::time::timeout(Duration::from_secs(10), self.task)
+            .await
+            .expect("the agent stops within 10 s");
+        joined
+            .expect("the agent task")
+            .expect("the agent ends without error");
     }
 }
 

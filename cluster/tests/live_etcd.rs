@@ -7,16 +7,15 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use stead_cluster::agent::{self, AgentConfig, Converge, ConvergeError, Owned};
+use stead_cluster::agent::{Converge, ConvergeError, Owned};
 use stead_cluster::election::{self, Election};
 use stead_cluster::etcd::Store;
 use stead_cluster::keys::ResourceRef;
 use stead_cluster::migrate::{self, LiveProgress, MigrationRecord, MigrationState};
 use stead_cluster::model::Assignment;
 use stead_cluster::owner;
-use stead_cluster::registry::LeaseConfig;
-use stead_cluster::testkit::{member_with_store, test_node};
-use tokio::time::{Instant, timeout};
+use stead_cluster::testkit::{RunningAgent, agent_config, member_with_store, spawn_agent};
+use tokio::time::Instant;
 
 const VM: &str = "VirtualMachine/web";
 
@@ -159,32 +158,14 @@ fn res(s: &str) -> ResourceRef {
     s.parse().expect("resource")
 }
 
-struct Agent {
-    engine: Arc<LiveFake>,
-    stop: tokio::sync::watch::Sender<bool>,
-    task: tokio::task::JoinHandle<Result<(), stead_cluster::etcd::StoreError>>,
-}
+type Agent = RunningAgent<LiveFake>;
 
 fn start(store: &Store, name: &str, engine: LiveFake) -> Agent {
-    let engine = Arc::new(engine);
-    let (stop, rx) = tokio::sync::watch::channel(false);
-    let mut config = AgentConfig::new(test_node(name));
-    config.lease = LeaseConfig::with_ttl(Duration::from_secs(10));
-    config.retry = Duration::from_millis(100);
-    let (store, e) = (store.clone(), engine.clone() as Arc<dyn Converge>);
-    let task = tokio::spawn(async move { agent::run(&store, &config, e, rx).await });
-    Agent { engine, stop, task }
-}
-
-impl Agent {
-    async fn stop(self) {
-        let _ = self.stop.send(true);
-        timeout(Duration::from_secs(10), self.task)
-            .await
-            .expect("stops")
-            .expect("task")
-            .expect("ok");
-    }
+    spawn_agent(
+        store,
+        agent_config(name, Duration::from_secs(10)),
+        Arc::new(engine),
+    )
 }
 
 fn assignment(node: &str) -> Assignment {
@@ -512,8 +493,7 @@ async fn a_restarted_source_whose_send_failed_keeps_the_guest() {
 
 /// Ends an agent without its shutdown (its lease and owner keys live on until they expire).
 async fn crash(agent: Agent) {
-    agent.task.abort();
-    let _ = agent.task.await;
+    agent.crash().await;
 }
 
 /// Both agents die while n1 sends `web` to n2 (the record says `transferring`); n2's agent

@@ -4,7 +4,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use stead_cluster::agent::{self, AgentConfig, Converge, ConvergeError, Owned};
+use stead_cluster::agent::{Converge, ConvergeError, Owned};
 use stead_cluster::election::{
     self, AssignmentEvent, AssignmentWatch, Election, LeaderWatch, current_leader,
 };
@@ -15,7 +15,9 @@ use stead_cluster::migrate::{self, MigrationRecord, MigrationState};
 use stead_cluster::model::Assignment;
 use stead_cluster::owner::{self, Holder};
 use stead_cluster::registry::{LeaseConfig, NodeEvent, NodeWatch, Registration, list_nodes};
-use stead_cluster::testkit::{member_with_store, test_node};
+use stead_cluster::testkit::{
+    RunningAgent, agent_config, member_with_store, spawn_agent, test_node,
+};
 use tokio::time::{Instant, timeout};
 
 fn res(s: &str) -> ResourceRef {
@@ -455,13 +457,7 @@ fn runs(call: &Call, resource: &str) -> bool {
     matches!(call, Call::Converge(set) if set.iter().any(|(r, _)| r == resource))
 }
 
-struct RunningAgent {
-    engine: Arc<FakeEngine>,
-    stop: tokio::sync::watch::Sender<bool>,
-    task: tokio::task::JoinHandle<Result<(), StoreError>>,
-}
-
-fn start_agent(store: &Store, name: &str, ttl: Duration) -> RunningAgent {
+fn start_agent(store: &Store, name: &str, ttl: Duration) -> RunningAgent<FakeEngine> {
     start_agent_with(store, name, ttl, None)
 }
 
@@ -470,28 +466,11 @@ fn start_agent_with(
     name: &str,
     ttl: Duration,
     deadline_file: Option<std::path::PathBuf>,
-) -> RunningAgent {
-    let engine = Arc::new(FakeEngine::default());
-    let (stop, rx) = tokio::sync::watch::channel(false);
-    let mut config = AgentConfig::new(test_node(name));
-    config.lease = LeaseConfig::with_ttl(ttl);
+) -> RunningAgent<FakeEngine> {
+    let mut config = agent_config(name, ttl);
     config.fence = FencePolicy::default();
-    config.retry = Duration::from_millis(100);
     config.deadline_file = deadline_file;
-    let (store, dyn_engine) = (store.clone(), engine.clone() as Arc<dyn Converge>);
-    let task = tokio::spawn(async move { agent::run(&store, &config, dyn_engine, rx).await });
-    RunningAgent { engine, stop, task }
-}
-
-impl RunningAgent {
-    async fn stop(self) {
-        let _ = self.stop.send(true);
-        timeout(Duration::from_secs(10), self.task)
-            .await
-            .expect("stops")
-            .expect("task")
-            .expect("ok");
-    }
+    spawn_agent(store, config, Arc::new(FakeEngine::default()))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -936,7 +915,7 @@ async fn an_agent_started_while_etcd_is_down_registers_once_it_is_back() {
     etcd.kill();
     let agent = start_agent(&store, "n1", Duration::from_secs(10));
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert!(!agent.task.is_finished(), "the agent waits for etcd");
+    assert!(!agent.is_finished(), "the agent waits for etcd");
     etcd.restart().await.expect("restart");
     let deadline = Instant::now() + Duration::from_secs(10);
     let ctl = loop {
