@@ -179,7 +179,9 @@ impl Config {
     }
 }
 
-/// Quiet time after a trigger before the run starts, so that a burst collapses.
+/// A trigger within this time of the previous run's end is part of a burst: the run
+/// waits for this much quiet first, so that the burst collapses. A trigger after a
+/// quiet period runs at once.
 const BURST_SETTLE: Duration = Duration::from_millis(100);
 /// Longest a steady stream of triggers can hold a run back.
 const BURST_MAX: Duration = Duration::from_secs(1);
@@ -1380,6 +1382,8 @@ struct Clocks {
     next_resync: tokio::time::Instant,
     next_poll: tokio::time::Instant,
     requeue: Option<tokio::time::Instant>,
+    /// When the previous run ended.
+    last_run: Option<tokio::time::Instant>,
 }
 
 impl Clocks {
@@ -1389,7 +1393,15 @@ impl Clocks {
             next_resync: now + jittered(cfg.resync),
             next_poll: now + if is_git { cfg.interval } else { far },
             requeue: None,
+            last_run: None,
         }
+    }
+
+    /// Whether a trigger at `now` is part of a burst: the previous run ended less than
+    /// `BURST_SETTLE` ago (the burst's first trigger ran at once; the rest came during
+    /// that run or just after it).
+    fn in_burst(&self, now: tokio::time::Instant) -> bool {
+        self.last_run.is_some_and(|t| now < t + BURST_SETTLE)
     }
 
     /// When the loop wakes without a trigger.
@@ -1422,6 +1434,7 @@ impl Clocks {
     fn reconciled(&mut self, next: Option<Duration>, resync: Duration, now: tokio::time::Instant) {
         self.next_resync = now + jittered(resync);
         self.requeue = next.map(|d| now + d.max(Duration::from_millis(100)));
+        self.last_run = Some(now);
     }
 }
 
@@ -1436,7 +1449,7 @@ async fn drive(
     shared.trigger.fire(true);
     let mut clocks = Clocks::new(cfg, is_git, tokio::time::Instant::now());
     loop {
-        if !wait_for_work(shared, signals, clocks.wake()).await {
+        if !wait_for_work(shared, signals, &clocks).await {
             return Ok(());
         }
         let asked = shared.trigger.take_fetch();
@@ -1450,19 +1463,22 @@ async fn drive(
     }
 }
 
-/// Waits for a trigger or the wake time; a trigger then waits for its burst to settle.
-/// `false`: a signal came.
-async fn wait_for_work(shared: &Shared, signals: &mut Signals, wake: tokio::time::Instant) -> bool {
+/// Waits for a trigger or the wake time. A trigger after a quiet period runs at once; one
+/// within a burst waits for the burst to settle. `false`: a signal came.
+async fn wait_for_work(shared: &Shared, signals: &mut Signals, clocks: &Clocks) -> bool {
     let triggered = tokio::select! {
         _ = signals.recv() => return false,
         _ = shared.trigger.notify.notified() => true,
-        _ = tokio::time::sleep_until(wake) => false,
+        _ = tokio::time::sleep_until(clocks.wake()) => false,
     };
-    !triggered || settle_burst(shared, signals).await
+    if !triggered || !clocks.in_burst(tokio::time::Instant::now()) {
+        return true;
+    }
+    settle_burst(shared, signals).await
 }
 
 /// A burst of webhook calls (a forge sends one per pushed ref) or of pushes collapses
-/// into one run: waits until triggers stop for `BURST_SETTLE`, but never longer than
+/// into two runs (its first trigger's, at once, and one for the rest): waits until triggers stop for `BURST_SETTLE`, but never longer than
 /// `BURST_MAX` in all. `false`: a signal came.
 async fn settle_burst(shared: &Shared, signals: &mut Signals) -> bool {
     let cap = tokio::time::Instant::now() + BURST_MAX;
@@ -1604,6 +1620,17 @@ mod tests {
         );
         clocks.reconciled(None, c.resync, t0);
         assert!(clocks.requeue.is_none());
+    }
+
+    #[test]
+    fn a_trigger_after_quiet_runs_at_once_and_one_just_after_a_run_settles() {
+        let c = cfg(60, 60);
+        let t0 = tokio::time::Instant::now();
+        let mut clocks = Clocks::new(&c, true, t0);
+        assert!(!clocks.in_burst(t0), "the first trigger runs at once");
+        clocks.reconciled(None, c.resync, t0);
+        assert!(clocks.in_burst(t0 + Duration::from_millis(10)));
+        assert!(!clocks.in_burst(t0 + BURST_SETTLE));
     }
 
     #[test]
