@@ -12,7 +12,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use saphyr::{LoadableYamlNode, MarkedYaml, Scalar, YamlData};
+use saphyr::{MarkedYaml, Scalar, YamlData, YamlLoader};
 use serde::Serialize;
 use serde_json::{Map, Value};
 
@@ -183,48 +183,120 @@ const MAX_HINT_KEY: usize = 64;
 /// Messages are cut to this many characters (a key can be megabytes long).
 const MAX_MESSAGE: usize = 300;
 
-/// Checks the event stream before a tree is built: nesting at most [`MAX_DEPTH`]
-/// levels and no aliases. Stops at the first violation of the depth limit. Syntax
-/// errors are left to the loader, which reports them with their position.
-fn prescan(file: &Path, text: &str) -> Vec<Diagnostic> {
-    use saphyr_parser::{Event, Parser};
-    let mut out = Vec::new();
-    let mut depth = 0usize;
-    let at = |span: saphyr_parser::Span, message: String, hint: &str| Diagnostic {
-        file: file.to_path_buf(),
-        pos: Pos {
-            line: span.start.line(),
-            col: span.start.col() + 1,
-        },
-        field: String::new(),
-        message,
-        hint: Some(hint.into()),
-    };
-    for ev in Parser::new_from_str(text) {
-        let Ok((ev, span)) = ev else { break };
+/// Checks the event stream while the tree is built, in the same pass: nesting at most
+/// [`MAX_DEPTH`] levels and no aliases. Stops checking at the first violation of the depth
+/// limit. Once anything is refused, no more events reach the tree (it is thrown away).
+/// Syntax errors are left to the parser, which reports them with their position.
+struct Guarded<'a, 'input> {
+    file: &'a Path,
+    loader: YamlLoader<'input, MarkedYaml<'input>>,
+    depth: usize,
+    too_deep: bool,
+    refused: Vec<Diagnostic>,
+}
+
+impl<'a, 'input> Guarded<'a, 'input> {
+    fn new(file: &'a Path) -> Self {
+        Guarded {
+            file,
+            loader: YamlLoader::default(),
+            depth: 0,
+            too_deep: false,
+            refused: Vec::new(),
+        }
+    }
+
+    fn refuse(&mut self, span: saphyr_parser::Span, message: String, hint: &str) {
+        self.refused.push(Diagnostic {
+            file: self.file.to_path_buf(),
+            pos: Pos {
+                line: span.start.line(),
+                col: span.start.col() + 1,
+            },
+            field: String::new(),
+            message,
+            hint: Some(hint.into()),
+        });
+    }
+
+    /// The depth and alias checks of one event.
+    fn check(&mut self, ev: &saphyr_parser::Event<'input>, span: saphyr_parser::Span) {
+        use saphyr_parser::Event;
         match ev {
             Event::SequenceStart(..) | Event::MappingStart(..) => {
-                depth += 1;
-                if depth > MAX_DEPTH {
-                    out.push(at(
+                self.depth += 1;
+                if self.depth > MAX_DEPTH {
+                    self.too_deep = true;
+                    self.refuse(
                         span,
                         format!("YAML nesting is deeper than {MAX_DEPTH} levels"),
                         "manifests need only a few levels; flatten the document",
-                    ));
-                    break;
+                    );
                 }
             }
-            Event::SequenceEnd | Event::MappingEnd => depth = depth.saturating_sub(1),
-            Event::Alias(_) => out.push(at(
+            Event::SequenceEnd | Event::MappingEnd => self.depth = self.depth.saturating_sub(1),
+            Event::Alias(_) => self.refuse(
                 span,
                 "YAML aliases (`*name`) are not supported in manifests".into(),
                 "write the value out in full",
-            )),
-            Event::StreamEnd => break,
+            ),
             _ => {}
         }
     }
-    out
+}
+
+impl<'input> saphyr_parser::SpannedEventReceiver<'input> for Guarded<'_, 'input> {
+    fn on_event(&mut self, ev: saphyr_parser::Event<'input>, span: saphyr_parser::Span) {
+        if !self.too_deep {
+            self.check(&ev, span);
+        }
+        if self.refused.is_empty() {
+            self.loader.on_event(ev, span);
+        }
+    }
+}
+
+/// Parses `text` into its documents in one pass, with the checks of [`Guarded`]: the
+/// refusals, or the syntax error, or the documents.
+fn parse_guarded<'input>(
+    file: &Path,
+    text: &'input str,
+) -> Result<Vec<MarkedYaml<'input>>, Vec<Diagnostic>> {
+    use saphyr_parser::SpannedEventReceiver;
+    let mut guarded = Guarded::new(file);
+    // The parser's iterator is flat (its `load` recurses per nesting level) and does not
+    // forget anchors between documents: an alias is refused, never "unknown".
+    let mut parsed = Ok(());
+    for ev in saphyr_parser::Parser::new_from_str(text) {
+        match ev {
+            Ok((ev, span)) => guarded.on_event(ev, span),
+            Err(e) => {
+                parsed = Err(e);
+                break;
+            }
+        }
+    }
+    if !guarded.refused.is_empty() {
+        return Err(guarded.refused);
+    }
+    let syntax = match parsed {
+        Err(e) => e,
+        Ok(()) => match guarded.loader.error() {
+            Some(e) => e.clone(),
+            None => return Ok(guarded.loader.into_documents()),
+        },
+    };
+    let m = syntax.marker();
+    Err(vec![Diagnostic {
+        file: file.to_path_buf(),
+        pos: Pos {
+            line: m.line(),
+            col: m.col() + 1,
+        },
+        field: String::new(),
+        message: format!("YAML syntax error: {}", syntax.info()),
+        hint: None,
+    }])
 }
 
 /// Loads all documents from `text` (named `file` in diagnostics). Only documents
@@ -241,25 +313,10 @@ pub(crate) fn load_str_partial(
     partial: &mut Vec<Partial>,
     errors: &mut Vec<Diagnostic>,
 ) {
-    let refused = prescan(file, text);
-    if !refused.is_empty() {
-        errors.extend(refused);
-        return;
-    }
-    let docs = match MarkedYaml::load_from_str(text) {
+    let docs = match parse_guarded(file, text) {
         Ok(d) => d,
-        Err(e) => {
-            let m = e.marker();
-            errors.push(Diagnostic {
-                file: file.to_path_buf(),
-                pos: Pos {
-                    line: m.line(),
-                    col: m.col() + 1,
-                },
-                field: String::new(),
-                message: format!("YAML syntax error: {}", e.info()),
-                hint: None,
-            });
+        Err(refused) => {
+            errors.extend(refused);
             return;
         }
     };
