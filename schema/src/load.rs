@@ -326,7 +326,7 @@ pub(crate) fn load_str_partial(
         }
         let mut spans = BTreeMap::new();
         let mut conv_errors = Vec::new();
-        let value = to_json(&doc, String::new(), &mut spans, &mut conv_errors);
+        let value = to_json(&doc, String::new(), None, &mut spans, &mut conv_errors);
         let origin = Origin {
             file: file.to_path_buf(),
             pos: pos_of(&doc),
@@ -353,67 +353,89 @@ fn pos_of(n: &MarkedYaml<'_>) -> Pos {
     }
 }
 
+/// The JSON value of `node` (at pointer `ptr`), recording the position of every node in
+/// `spans`. `key`: where the mapping key naming `node` is (none for a document or a
+/// sequence item).
 fn to_json(
     node: &MarkedYaml<'_>,
     ptr: String,
+    key: Option<Pos>,
     spans: &mut BTreeMap<String, NodePos>,
     errs: &mut Vec<(String, String)>,
 ) -> Value {
     let here = pos_of(node);
-    spans
-        .entry(ptr.clone())
-        .and_modify(|p| p.value = here)
-        .or_insert(NodePos {
-            key: here,
-            value: here,
-        });
-    match &node.data {
+    let value = match &node.data {
         YamlData::Value(s) => scalar_to_json(s),
         YamlData::Representation(text, _, _) => Value::String(text.to_string()),
         YamlData::Sequence(seq) => Value::Array(
             seq.iter()
                 .enumerate()
-                .map(|(i, n)| to_json(n, format!("{ptr}/{i}"), spans, errs))
+                .map(|(i, n)| to_json(n, format!("{ptr}/{i}"), None, spans, errs))
                 .collect(),
         ),
-        YamlData::Mapping(map) => {
-            let mut obj = Map::new();
-            for (k, v) in map.iter() {
-                let key = match &k.data {
-                    YamlData::Value(Scalar::String(s)) => s.to_string(),
-                    YamlData::Value(other) => match scalar_to_json(other) {
-                        Value::String(s) => s,
-                        v => v.to_string(),
-                    },
-                    _ => {
-                        errs.push((ptr.clone(), "mapping keys must be plain strings".into()));
-                        continue;
-                    }
-                };
-                let child = format!("{ptr}/{}", escape_ptr(&key));
-                let key_pos = pos_of(k);
-                let val = to_json(v, child.clone(), spans, errs);
-                if let Some(p) = spans.get_mut(&child) {
-                    p.key = key_pos;
-                    // A block collection starts on the next line: point at its key.
-                    if matches!(v.data, YamlData::Mapping(_) | YamlData::Sequence(_)) {
-                        p.value = key_pos;
-                    }
-                }
-                obj.insert(key, val);
+        YamlData::Mapping(map) => mapping_to_json(map, &ptr, spans, errs),
+        YamlData::Tagged(_, inner) => {
+            // The tag's node keeps its own position as the key; the value is the inner one's.
+            let value = to_json(inner, ptr.clone(), None, spans, errs);
+            if let Some(p) = spans.get_mut(&ptr) {
+                p.key = key.unwrap_or(here);
             }
-            Value::Object(obj)
+            return value;
         }
-        YamlData::Tagged(_, inner) => to_json(inner, ptr, spans, errs),
         YamlData::Alias(_) => {
-            errs.push((ptr, "YAML aliases are not supported in manifests".into()));
+            errs.push((
+                ptr.clone(),
+                "YAML aliases are not supported in manifests".into(),
+            ));
             Value::Null
         }
         YamlData::BadValue => {
-            errs.push((ptr, "invalid YAML value".into()));
+            errs.push((ptr.clone(), "invalid YAML value".into()));
             Value::Null
         }
+    };
+    // A block collection starts on the next line: its value points at its key.
+    let collection = matches!(node.data, YamlData::Mapping(_) | YamlData::Sequence(_));
+    let pos = match key {
+        Some(k) if collection => NodePos { key: k, value: k },
+        Some(k) => NodePos {
+            key: k,
+            value: here,
+        },
+        None => NodePos {
+            key: here,
+            value: here,
+        },
+    };
+    spans.insert(ptr, pos);
+    value
+}
+
+/// The JSON object of a YAML mapping at `ptr` (see [`to_json`]).
+fn mapping_to_json(
+    map: &saphyr::AnnotatedMapping<'_, MarkedYaml<'_>>,
+    ptr: &str,
+    spans: &mut BTreeMap<String, NodePos>,
+    errs: &mut Vec<(String, String)>,
+) -> Value {
+    let mut obj = Map::with_capacity(map.len());
+    for (k, v) in map.iter() {
+        let key = match &k.data {
+            YamlData::Value(Scalar::String(s)) => s.to_string(),
+            YamlData::Value(other) => match scalar_to_json(other) {
+                Value::String(s) => s,
+                v => v.to_string(),
+            },
+            _ => {
+                errs.push((ptr.to_string(), "mapping keys must be plain strings".into()));
+                continue;
+            }
+        };
+        let child = format!("{ptr}/{}", escape_ptr(&key));
+        let val = to_json(v, child, Some(pos_of(k)), spans, errs);
+        obj.insert(key, val);
     }
+    Value::Object(obj)
 }
 
 fn scalar_to_json(s: &Scalar<'_>) -> Value {
