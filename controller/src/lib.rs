@@ -179,9 +179,9 @@ impl Config {
     }
 }
 
-/// A trigger within this time of the previous run's end is part of a burst: the run
-/// waits for this much quiet first, so that the burst collapses. A trigger after a
-/// quiet period runs at once.
+/// A trigger within this time of the one before it is part of a burst: the run waits
+/// for this much quiet first, so that the burst collapses. A trigger after a quiet
+/// period runs at once.
 const BURST_SETTLE: Duration = Duration::from_millis(100);
 /// Longest a steady stream of triggers can hold a run back.
 const BURST_MAX: Duration = Duration::from_secs(1);
@@ -190,14 +190,56 @@ const BURST_MAX: Duration = Duration::from_secs(1);
 pub(crate) struct Trigger {
     notify: Notify,
     fetch: AtomicBool,
+    fires: Mutex<Fires>,
+}
+
+/// When the last two triggers came.
+#[derive(Debug, Default, Clone, Copy)]
+struct Fires {
+    previous: Option<Instant>,
+    last: Option<Instant>,
+}
+
+impl Fires {
+    fn record(&mut self, now: Instant) {
+        self.previous = self.last.replace(now);
+    }
+
+    /// Whether the last trigger came within `BURST_SETTLE` of the one before it.
+    fn in_burst(&self) -> bool {
+        match (self.previous, self.last) {
+            (Some(p), Some(l)) => l.saturating_duration_since(p) < BURST_SETTLE,
+            _ => false,
+        }
+    }
 }
 
 impl Trigger {
+    fn new() -> Self {
+        Trigger {
+            notify: Notify::new(),
+            fetch: AtomicBool::new(false),
+            fires: Mutex::new(Fires::default()),
+        }
+    }
+
     pub(crate) fn fire(&self, fetch: bool) {
         if fetch {
             self.fetch.store(true, Ordering::SeqCst);
         }
+        self.fires
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .record(Instant::now());
         self.notify.notify_one();
+    }
+
+    /// Whether the latest trigger is part of a burst (see [`BURST_SETTLE`]).
+    fn in_burst(&self) -> bool {
+        self.fires
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .in_burst()
     }
 
     pub(crate) fn take_fetch(&self) -> bool {
@@ -1205,10 +1247,7 @@ fn new_shared(
             },
             ..Status::default()
         }),
-        trigger: Trigger {
-            notify: Notify::new(),
-            fetch: AtomicBool::new(false),
-        },
+        trigger: Trigger::new(),
         webhook_token: cfg.webhook_token.clone(),
         busy_since: Mutex::new(None),
         work: Mutex::new(()),
@@ -1382,8 +1421,6 @@ struct Clocks {
     next_resync: tokio::time::Instant,
     next_poll: tokio::time::Instant,
     requeue: Option<tokio::time::Instant>,
-    /// When the previous run ended.
-    last_run: Option<tokio::time::Instant>,
 }
 
 impl Clocks {
@@ -1393,15 +1430,7 @@ impl Clocks {
             next_resync: now + jittered(cfg.resync),
             next_poll: now + if is_git { cfg.interval } else { far },
             requeue: None,
-            last_run: None,
         }
-    }
-
-    /// Whether a trigger at `now` is part of a burst: the previous run ended less than
-    /// `BURST_SETTLE` ago (the burst's first trigger ran at once; the rest came during
-    /// that run or just after it).
-    fn in_burst(&self, now: tokio::time::Instant) -> bool {
-        self.last_run.is_some_and(|t| now < t + BURST_SETTLE)
     }
 
     /// When the loop wakes without a trigger.
@@ -1434,7 +1463,6 @@ impl Clocks {
     fn reconciled(&mut self, next: Option<Duration>, resync: Duration, now: tokio::time::Instant) {
         self.next_resync = now + jittered(resync);
         self.requeue = next.map(|d| now + d.max(Duration::from_millis(100)));
-        self.last_run = Some(now);
     }
 }
 
@@ -1449,7 +1477,7 @@ async fn drive(
     shared.trigger.fire(true);
     let mut clocks = Clocks::new(cfg, is_git, tokio::time::Instant::now());
     loop {
-        if !wait_for_work(shared, signals, &clocks).await {
+        if !wait_for_work(shared, signals, clocks.wake()).await {
             return Ok(());
         }
         let asked = shared.trigger.take_fetch();
@@ -1465,20 +1493,21 @@ async fn drive(
 
 /// Waits for a trigger or the wake time. A trigger after a quiet period runs at once; one
 /// within a burst waits for the burst to settle. `false`: a signal came.
-async fn wait_for_work(shared: &Shared, signals: &mut Signals, clocks: &Clocks) -> bool {
+async fn wait_for_work(shared: &Shared, signals: &mut Signals, wake: tokio::time::Instant) -> bool {
     let triggered = tokio::select! {
         _ = signals.recv() => return false,
         _ = shared.trigger.notify.notified() => true,
-        _ = tokio::time::sleep_until(clocks.wake()) => false,
+        _ = tokio::time::sleep_until(wake) => false,
     };
-    if !triggered || !clocks.in_burst(tokio::time::Instant::now()) {
+    if !triggered || !shared.trigger.in_burst() {
         return true;
     }
     settle_burst(shared, signals).await
 }
 
 /// A burst of webhook calls (a forge sends one per pushed ref) or of pushes collapses
-/// into two runs (its first trigger's, at once, and one for the rest): waits until triggers stop for `BURST_SETTLE`, but never longer than
+/// into two runs (its first trigger's, at once, and one for the triggers that follow it
+/// within `BURST_SETTLE` of each other): waits until triggers stop for `BURST_SETTLE`, but never longer than
 /// `BURST_MAX` in all. `false`: a signal came.
 async fn settle_burst(shared: &Shared, signals: &mut Signals) -> bool {
     let cap = tokio::time::Instant::now() + BURST_MAX;
@@ -1551,10 +1580,7 @@ mod tests {
         Arc::new(Shared {
             metrics: Metrics::new().expect("metrics"),
             status: RwLock::new(Status::default()),
-            trigger: Trigger {
-                notify: Notify::new(),
-                fetch: AtomicBool::new(false),
-            },
+            trigger: Trigger::new(),
             webhook_token,
             busy_since: Mutex::new(None),
             work: Mutex::new(()),
@@ -1623,14 +1649,15 @@ mod tests {
     }
 
     #[test]
-    fn a_trigger_after_quiet_runs_at_once_and_one_just_after_a_run_settles() {
-        let c = cfg(60, 60);
-        let t0 = tokio::time::Instant::now();
-        let mut clocks = Clocks::new(&c, true, t0);
-        assert!(!clocks.in_burst(t0), "the first trigger runs at once");
-        clocks.reconciled(None, c.resync, t0);
-        assert!(clocks.in_burst(t0 + Duration::from_millis(10)));
-        assert!(!clocks.in_burst(t0 + BURST_SETTLE));
+    fn a_trigger_after_quiet_runs_at_once_and_one_right_after_another_settles() {
+        let t0 = Instant::now();
+        let mut f = Fires::default();
+        f.record(t0);
+        assert!(!f.in_burst(), "the first trigger runs at once");
+        f.record(t0 + Duration::from_millis(10));
+        assert!(f.in_burst());
+        f.record(t0 + Duration::from_millis(10) + BURST_SETTLE);
+        assert!(!f.in_burst(), "after a quiet period");
     }
 
     #[test]
