@@ -179,9 +179,9 @@ impl Config {
     }
 }
 
-/// A trigger within this time of the one before it is part of a burst: the run waits
-/// for this much quiet first, so that the burst collapses. A trigger after a quiet
-/// period runs at once.
+/// A trigger within this time of the one before it, while that one still waits for its
+/// run, is part of a burst: the run waits for this much quiet first, so that the burst
+/// collapses. Any other trigger runs at once.
 const BURST_SETTLE: Duration = Duration::from_millis(100);
 /// Longest a steady stream of triggers can hold a run back.
 const BURST_MAX: Duration = Duration::from_secs(1);
@@ -193,11 +193,12 @@ pub(crate) struct Trigger {
     fires: Mutex<Fires>,
 }
 
-/// When the last two triggers came.
+/// When the last two triggers came, and when the last run started.
 #[derive(Debug, Default, Clone, Copy)]
 struct Fires {
     previous: Option<Instant>,
     last: Option<Instant>,
+    run_started: Option<Instant>,
 }
 
 impl Fires {
@@ -205,12 +206,14 @@ impl Fires {
         self.previous = self.last.replace(now);
     }
 
-    /// Whether the last trigger came within `BURST_SETTLE` of the one before it.
+    /// Whether the last trigger is part of a burst: it came within `BURST_SETTLE` of the
+    /// one before it, and that one has not been served by a run yet (it came after the
+    /// last run started).
     fn in_burst(&self) -> bool {
-        match (self.previous, self.last) {
-            (Some(p), Some(l)) => l.saturating_duration_since(p) < BURST_SETTLE,
-            _ => false,
-        }
+        let (Some(p), Some(l)) = (self.previous, self.last) else {
+            return false;
+        };
+        l.saturating_duration_since(p) < BURST_SETTLE && self.run_started.is_none_or(|s| p > s)
     }
 }
 
@@ -240,6 +243,14 @@ impl Trigger {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .in_burst()
+    }
+
+    /// A run starts now: it serves every trigger so far.
+    fn run_starting(&self) {
+        self.fires
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .run_started = Some(Instant::now());
     }
 
     pub(crate) fn take_fetch(&self) -> bool {
@@ -1480,6 +1491,7 @@ async fn drive(
         if !wait_for_work(shared, signals, clocks.wake()).await {
             return Ok(());
         }
+        shared.trigger.run_starting();
         let asked = shared.trigger.take_fetch();
         let fetch = clocks.fetch(asked, tokio::time::Instant::now(), cfg, is_git);
         let (e, next, stopping) = reconcile_blocking(engine, fetch, shared, signals).await?;
@@ -1506,8 +1518,8 @@ async fn wait_for_work(shared: &Shared, signals: &mut Signals, wake: tokio::time
 }
 
 /// A burst of webhook calls (a forge sends one per pushed ref) or of pushes collapses
-/// into two runs (its first trigger's, at once, and one for the triggers that follow it
-/// within `BURST_SETTLE` of each other): waits until triggers stop for `BURST_SETTLE`, but never longer than
+/// into one or two runs (its first trigger's, at once, and one for the triggers that came
+/// during that run): waits until triggers stop for `BURST_SETTLE`, but never longer than
 /// `BURST_MAX` in all. `false`: a signal came.
 async fn settle_burst(shared: &Shared, signals: &mut Signals) -> bool {
     let cap = tokio::time::Instant::now() + BURST_MAX;
@@ -1658,6 +1670,15 @@ mod tests {
         assert!(f.in_burst());
         f.record(t0 + Duration::from_millis(10) + BURST_SETTLE);
         assert!(!f.in_burst(), "after a quiet period");
+        // A trigger right after one that its run already served is a new event.
+        let t1 = t0 + Duration::from_secs(1);
+        f.record(t1);
+        f.run_started = Some(t1 + Duration::from_millis(1));
+        f.record(t1 + Duration::from_millis(50));
+        assert!(!f.in_burst(), "the one before was served");
+        // Triggers during that run are a burst.
+        f.record(t1 + Duration::from_millis(52));
+        assert!(f.in_burst());
     }
 
     #[test]
