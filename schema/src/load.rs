@@ -165,10 +165,48 @@ pub(crate) fn load_paths_partial(
     };
     let mut resources = Vec::new();
     let mut partial = Vec::new();
+    for (r, p, e) in load_files_parallel(&files) {
+        resources.extend(r);
+        partial.extend(p);
+        errors.extend(e);
+    }
+    (resources, partial, errors)
+}
+
+/// Files per thread below which loading stays on one thread (a thread costs more than
+/// a few small files).
+const FILES_PER_THREAD: usize = 16;
+
+/// Reads and loads `files` in contiguous chunks, one thread per core when there are
+/// enough of them; the chunks' results in file order (the same order as one thread's).
+fn load_files_parallel(files: &[PathBuf]) -> Vec<(Vec<Resource>, Vec<Partial>, Vec<Diagnostic>)> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = cores.min(files.len() / FILES_PER_THREAD).max(1);
+    if threads == 1 {
+        return vec![load_files(files)];
+    }
+    let chunk = files.len().div_ceil(threads);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = files
+            .chunks(chunk)
+            .map(|c| scope.spawn(move || load_files(c)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect()
+    })
+}
+
+/// Reads and loads `files` in order.
+fn load_files(files: &[PathBuf]) -> (Vec<Resource>, Vec<Partial>, Vec<Diagnostic>) {
+    let mut resources = Vec::new();
+    let mut partial = Vec::new();
+    let mut errors = Vec::new();
     for f in files {
-        match crate::files::read_manifest(&f) {
-            Ok(text) => load_str_partial(&f, &text, &mut resources, &mut partial, &mut errors),
-            Err(e) => errors.push(read_diag(&f, &e)),
+        match crate::files::read_manifest(f) {
+            Ok(text) => load_str_partial(f, &text, &mut resources, &mut partial, &mut errors),
+            Err(e) => errors.push(read_diag(f, &e)),
         }
     }
     (resources, partial, errors)
