@@ -18,6 +18,8 @@ pkgs=(
   bc              # benchmark arithmetic
   libssl-dev      # git2 https transport (controller sources)
   pkg-config      # finds libssl for the build
+  perl            # openssl-src: OpenSSL's Configure (OpenSSL is built and linked statically)
+  make            # openssl-src: OpenSSL's build
   git             # controller tests make repositories
   openssh-client  # ssh-keygen: SSH-signed commits (controller --verify-commits)
   gpg             # OpenPGP-signed commits in tests

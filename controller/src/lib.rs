@@ -179,7 +179,9 @@ impl Config {
     }
 }
 
-/// Quiet time after a trigger before the run starts, so that a burst collapses.
+/// A trigger within this time of the one before it, while that one still waits for its
+/// run, is part of a burst: the run waits for this much quiet first, so that the burst
+/// collapses. Any other trigger runs at once.
 const BURST_SETTLE: Duration = Duration::from_millis(100);
 /// Longest a steady stream of triggers can hold a run back.
 const BURST_MAX: Duration = Duration::from_secs(1);
@@ -188,14 +190,67 @@ const BURST_MAX: Duration = Duration::from_secs(1);
 pub(crate) struct Trigger {
     notify: Notify,
     fetch: AtomicBool,
+    fires: Mutex<Fires>,
+}
+
+/// When the last two triggers came, and when the last run started.
+#[derive(Debug, Default, Clone, Copy)]
+struct Fires {
+    previous: Option<Instant>,
+    last: Option<Instant>,
+    run_started: Option<Instant>,
+}
+
+impl Fires {
+    fn record(&mut self, now: Instant) {
+        self.previous = self.last.replace(now);
+    }
+
+    /// Whether the last trigger is part of a burst: it came within `BURST_SETTLE` of the
+    /// one before it, and that one has not been served by a run yet (it came after the
+    /// last run started).
+    fn in_burst(&self) -> bool {
+        let (Some(p), Some(l)) = (self.previous, self.last) else {
+            return false;
+        };
+        l.saturating_duration_since(p) < BURST_SETTLE && self.run_started.is_none_or(|s| p > s)
+    }
 }
 
 impl Trigger {
+    fn new() -> Self {
+        Trigger {
+            notify: Notify::new(),
+            fetch: AtomicBool::new(false),
+            fires: Mutex::new(Fires::default()),
+        }
+    }
+
     pub(crate) fn fire(&self, fetch: bool) {
         if fetch {
             self.fetch.store(true, Ordering::SeqCst);
         }
+        self.fires
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .record(Instant::now());
         self.notify.notify_one();
+    }
+
+    /// Whether the latest trigger is part of a burst (see [`BURST_SETTLE`]).
+    fn in_burst(&self) -> bool {
+        self.fires
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .in_burst()
+    }
+
+    /// A run starts now: it serves every trigger so far.
+    fn run_starting(&self) {
+        self.fires
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .run_started = Some(Instant::now());
     }
 
     pub(crate) fn take_fetch(&self) -> bool {
@@ -1203,10 +1258,7 @@ fn new_shared(
             },
             ..Status::default()
         }),
-        trigger: Trigger {
-            notify: Notify::new(),
-            fetch: AtomicBool::new(false),
-        },
+        trigger: Trigger::new(),
         webhook_token: cfg.webhook_token.clone(),
         busy_since: Mutex::new(None),
         work: Mutex::new(()),
@@ -1440,6 +1492,7 @@ async fn drive(
         if !wait_for_work(shared, signals, clocks.wake()).await {
             return Ok(());
         }
+        shared.trigger.run_starting();
         let asked = shared.trigger.take_fetch();
         let fetch = clocks.fetch(asked, tokio::time::Instant::now(), cfg, is_git);
         let (e, next, stopping) = reconcile_blocking(engine, fetch, shared, signals).await?;
@@ -1451,19 +1504,23 @@ async fn drive(
     }
 }
 
-/// Waits for a trigger or the wake time; a trigger then waits for its burst to settle.
-/// `false`: a signal came.
+/// Waits for a trigger or the wake time. A trigger after a quiet period runs at once; one
+/// within a burst waits for the burst to settle. `false`: a signal came.
 async fn wait_for_work(shared: &Shared, signals: &mut Signals, wake: tokio::time::Instant) -> bool {
     let triggered = tokio::select! {
         _ = signals.recv() => return false,
         _ = shared.trigger.notify.notified() => true,
         _ = tokio::time::sleep_until(wake) => false,
     };
-    !triggered || settle_burst(shared, signals).await
+    if !triggered || !shared.trigger.in_burst() {
+        return true;
+    }
+    settle_burst(shared, signals).await
 }
 
 /// A burst of webhook calls (a forge sends one per pushed ref) or of pushes collapses
-/// into one run: waits until triggers stop for `BURST_SETTLE`, but never longer than
+/// into one or two runs (its first trigger's, at once, and one for the triggers that came
+/// during that run): waits until triggers stop for `BURST_SETTLE`, but never longer than
 /// `BURST_MAX` in all. `false`: a signal came.
 async fn settle_burst(shared: &Shared, signals: &mut Signals) -> bool {
     let cap = tokio::time::Instant::now() + BURST_MAX;
@@ -1536,10 +1593,7 @@ mod tests {
         Arc::new(Shared {
             metrics: Metrics::new().expect("metrics"),
             status: RwLock::new(Status::default()),
-            trigger: Trigger {
-                notify: Notify::new(),
-                fetch: AtomicBool::new(false),
-            },
+            trigger: Trigger::new(),
             webhook_token,
             busy_since: Mutex::new(None),
             work: Mutex::new(()),
@@ -1605,6 +1659,27 @@ mod tests {
         );
         clocks.reconciled(None, c.resync, t0);
         assert!(clocks.requeue.is_none());
+    }
+
+    #[test]
+    fn a_trigger_after_quiet_runs_at_once_and_one_right_after_another_settles() {
+        let t0 = Instant::now();
+        let mut f = Fires::default();
+        f.record(t0);
+        assert!(!f.in_burst(), "the first trigger runs at once");
+        f.record(t0 + Duration::from_millis(10));
+        assert!(f.in_burst());
+        f.record(t0 + Duration::from_millis(10) + BURST_SETTLE);
+        assert!(!f.in_burst(), "after a quiet period");
+        // A trigger right after one that its run already served is a new event.
+        let t1 = t0 + Duration::from_secs(1);
+        f.record(t1);
+        f.run_started = Some(t1 + Duration::from_millis(1));
+        f.record(t1 + Duration::from_millis(50));
+        assert!(!f.in_burst(), "the one before was served");
+        // Triggers during that run are a burst.
+        f.record(t1 + Duration::from_millis(52));
+        assert!(f.in_burst());
     }
 
     #[test]

@@ -12,7 +12,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use saphyr::{LoadableYamlNode, MarkedYaml, Scalar, YamlData};
+use saphyr::{MarkedYaml, Scalar, YamlData, YamlLoader};
 use serde::Serialize;
 use serde_json::{Map, Value};
 
@@ -165,10 +165,48 @@ pub(crate) fn load_paths_partial(
     };
     let mut resources = Vec::new();
     let mut partial = Vec::new();
+    for (r, p, e) in load_files_parallel(&files) {
+        resources.extend(r);
+        partial.extend(p);
+        errors.extend(e);
+    }
+    (resources, partial, errors)
+}
+
+/// Files per thread below which loading stays on one thread (a thread costs more than
+/// a few small files).
+const FILES_PER_THREAD: usize = 16;
+
+/// Reads and loads `files` in contiguous chunks, one thread per core when there are
+/// enough of them; the chunks' results in file order (the same order as one thread's).
+fn load_files_parallel(files: &[PathBuf]) -> Vec<(Vec<Resource>, Vec<Partial>, Vec<Diagnostic>)> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = cores.min(files.len() / FILES_PER_THREAD).max(1);
+    if threads == 1 {
+        return vec![load_files(files)];
+    }
+    let chunk = files.len().div_ceil(threads);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = files
+            .chunks(chunk)
+            .map(|c| scope.spawn(move || load_files(c)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect()
+    })
+}
+
+/// Reads and loads `files` in order.
+fn load_files(files: &[PathBuf]) -> (Vec<Resource>, Vec<Partial>, Vec<Diagnostic>) {
+    let mut resources = Vec::new();
+    let mut partial = Vec::new();
+    let mut errors = Vec::new();
     for f in files {
-        match crate::files::read_manifest(&f) {
-            Ok(text) => load_str_partial(&f, &text, &mut resources, &mut partial, &mut errors),
-            Err(e) => errors.push(read_diag(&f, &e)),
+        match crate::files::read_manifest(f) {
+            Ok(text) => load_str_partial(f, &text, &mut resources, &mut partial, &mut errors),
+            Err(e) => errors.push(read_diag(f, &e)),
         }
     }
     (resources, partial, errors)
@@ -183,48 +221,120 @@ const MAX_HINT_KEY: usize = 64;
 /// Messages are cut to this many characters (a key can be megabytes long).
 const MAX_MESSAGE: usize = 300;
 
-/// Checks the event stream before a tree is built: nesting at most [`MAX_DEPTH`]
-/// levels and no aliases. Stops at the first violation of the depth limit. Syntax
-/// errors are left to the loader, which reports them with their position.
-fn prescan(file: &Path, text: &str) -> Vec<Diagnostic> {
-    use saphyr_parser::{Event, Parser};
-    let mut out = Vec::new();
-    let mut depth = 0usize;
-    let at = |span: saphyr_parser::Span, message: String, hint: &str| Diagnostic {
-        file: file.to_path_buf(),
-        pos: Pos {
-            line: span.start.line(),
-            col: span.start.col() + 1,
-        },
-        field: String::new(),
-        message,
-        hint: Some(hint.into()),
-    };
-    for ev in Parser::new_from_str(text) {
-        let Ok((ev, span)) = ev else { break };
+/// Checks the event stream while the tree is built, in the same pass: nesting at most
+/// [`MAX_DEPTH`] levels and no aliases. Stops checking at the first violation of the depth
+/// limit. Once anything is refused, no more events reach the tree (it is thrown away).
+/// Syntax errors are left to the parser, which reports them with their position.
+struct Guarded<'a, 'input> {
+    file: &'a Path,
+    loader: YamlLoader<'input, MarkedYaml<'input>>,
+    depth: usize,
+    too_deep: bool,
+    refused: Vec<Diagnostic>,
+}
+
+impl<'a, 'input> Guarded<'a, 'input> {
+    fn new(file: &'a Path) -> Self {
+        Guarded {
+            file,
+            loader: YamlLoader::default(),
+            depth: 0,
+            too_deep: false,
+            refused: Vec::new(),
+        }
+    }
+
+    fn refuse(&mut self, span: saphyr_parser::Span, message: String, hint: &str) {
+        self.refused.push(Diagnostic {
+            file: self.file.to_path_buf(),
+            pos: Pos {
+                line: span.start.line(),
+                col: span.start.col() + 1,
+            },
+            field: String::new(),
+            message,
+            hint: Some(hint.into()),
+        });
+    }
+
+    /// The depth and alias checks of one event.
+    fn check(&mut self, ev: &saphyr_parser::Event<'input>, span: saphyr_parser::Span) {
+        use saphyr_parser::Event;
         match ev {
             Event::SequenceStart(..) | Event::MappingStart(..) => {
-                depth += 1;
-                if depth > MAX_DEPTH {
-                    out.push(at(
+                self.depth += 1;
+                if self.depth > MAX_DEPTH {
+                    self.too_deep = true;
+                    self.refuse(
                         span,
                         format!("YAML nesting is deeper than {MAX_DEPTH} levels"),
                         "manifests need only a few levels; flatten the document",
-                    ));
-                    break;
+                    );
                 }
             }
-            Event::SequenceEnd | Event::MappingEnd => depth = depth.saturating_sub(1),
-            Event::Alias(_) => out.push(at(
+            Event::SequenceEnd | Event::MappingEnd => self.depth = self.depth.saturating_sub(1),
+            Event::Alias(_) => self.refuse(
                 span,
                 "YAML aliases (`*name`) are not supported in manifests".into(),
                 "write the value out in full",
-            )),
-            Event::StreamEnd => break,
+            ),
             _ => {}
         }
     }
-    out
+}
+
+impl<'input> saphyr_parser::SpannedEventReceiver<'input> for Guarded<'_, 'input> {
+    fn on_event(&mut self, ev: saphyr_parser::Event<'input>, span: saphyr_parser::Span) {
+        if !self.too_deep {
+            self.check(&ev, span);
+        }
+        if self.refused.is_empty() {
+            self.loader.on_event(ev, span);
+        }
+    }
+}
+
+/// Parses `text` into its documents in one pass, with the checks of [`Guarded`]: the
+/// refusals, or the syntax error, or the documents.
+fn parse_guarded<'input>(
+    file: &Path,
+    text: &'input str,
+) -> Result<Vec<MarkedYaml<'input>>, Vec<Diagnostic>> {
+    use saphyr_parser::SpannedEventReceiver;
+    let mut guarded = Guarded::new(file);
+    // The parser's iterator is flat (its `load` recurses per nesting level) and does not
+    // forget anchors between documents: an alias is refused, never "unknown".
+    let mut parsed = Ok(());
+    for ev in saphyr_parser::Parser::new_from_str(text) {
+        match ev {
+            Ok((ev, span)) => guarded.on_event(ev, span),
+            Err(e) => {
+                parsed = Err(e);
+                break;
+            }
+        }
+    }
+    if !guarded.refused.is_empty() {
+        return Err(guarded.refused);
+    }
+    let syntax = match parsed {
+        Err(e) => e,
+        Ok(()) => match guarded.loader.error() {
+            Some(e) => e.clone(),
+            None => return Ok(guarded.loader.into_documents()),
+        },
+    };
+    let m = syntax.marker();
+    Err(vec![Diagnostic {
+        file: file.to_path_buf(),
+        pos: Pos {
+            line: m.line(),
+            col: m.col() + 1,
+        },
+        field: String::new(),
+        message: format!("YAML syntax error: {}", syntax.info()),
+        hint: None,
+    }])
 }
 
 /// Loads all documents from `text` (named `file` in diagnostics). Only documents
@@ -241,25 +351,10 @@ pub(crate) fn load_str_partial(
     partial: &mut Vec<Partial>,
     errors: &mut Vec<Diagnostic>,
 ) {
-    let refused = prescan(file, text);
-    if !refused.is_empty() {
-        errors.extend(refused);
-        return;
-    }
-    let docs = match MarkedYaml::load_from_str(text) {
+    let docs = match parse_guarded(file, text) {
         Ok(d) => d,
-        Err(e) => {
-            let m = e.marker();
-            errors.push(Diagnostic {
-                file: file.to_path_buf(),
-                pos: Pos {
-                    line: m.line(),
-                    col: m.col() + 1,
-                },
-                field: String::new(),
-                message: format!("YAML syntax error: {}", e.info()),
-                hint: None,
-            });
+        Err(refused) => {
+            errors.extend(refused);
             return;
         }
     };
@@ -269,7 +364,7 @@ pub(crate) fn load_str_partial(
         }
         let mut spans = BTreeMap::new();
         let mut conv_errors = Vec::new();
-        let value = to_json(&doc, String::new(), &mut spans, &mut conv_errors);
+        let value = to_json(&doc, String::new(), None, &mut spans, &mut conv_errors);
         let origin = Origin {
             file: file.to_path_buf(),
             pos: pos_of(&doc),
@@ -296,67 +391,89 @@ fn pos_of(n: &MarkedYaml<'_>) -> Pos {
     }
 }
 
+/// The JSON value of `node` (at pointer `ptr`), recording the position of every node in
+/// `spans`. `key`: where the mapping key naming `node` is (none for a document or a
+/// sequence item).
 fn to_json(
     node: &MarkedYaml<'_>,
     ptr: String,
+    key: Option<Pos>,
     spans: &mut BTreeMap<String, NodePos>,
     errs: &mut Vec<(String, String)>,
 ) -> Value {
     let here = pos_of(node);
-    spans
-        .entry(ptr.clone())
-        .and_modify(|p| p.value = here)
-        .or_insert(NodePos {
-            key: here,
-            value: here,
-        });
-    match &node.data {
+    let value = match &node.data {
         YamlData::Value(s) => scalar_to_json(s),
         YamlData::Representation(text, _, _) => Value::String(text.to_string()),
         YamlData::Sequence(seq) => Value::Array(
             seq.iter()
                 .enumerate()
-                .map(|(i, n)| to_json(n, format!("{ptr}/{i}"), spans, errs))
+                .map(|(i, n)| to_json(n, format!("{ptr}/{i}"), None, spans, errs))
                 .collect(),
         ),
-        YamlData::Mapping(map) => {
-            let mut obj = Map::new();
-            for (k, v) in map.iter() {
-                let key = match &k.data {
-                    YamlData::Value(Scalar::String(s)) => s.to_string(),
-                    YamlData::Value(other) => match scalar_to_json(other) {
-                        Value::String(s) => s,
-                        v => v.to_string(),
-                    },
-                    _ => {
-                        errs.push((ptr.clone(), "mapping keys must be plain strings".into()));
-                        continue;
-                    }
-                };
-                let child = format!("{ptr}/{}", escape_ptr(&key));
-                let key_pos = pos_of(k);
-                let val = to_json(v, child.clone(), spans, errs);
-                if let Some(p) = spans.get_mut(&child) {
-                    p.key = key_pos;
-                    // A block collection starts on the next line: point at its key.
-                    if matches!(v.data, YamlData::Mapping(_) | YamlData::Sequence(_)) {
-                        p.value = key_pos;
-                    }
-                }
-                obj.insert(key, val);
+        YamlData::Mapping(map) => mapping_to_json(map, &ptr, spans, errs),
+        YamlData::Tagged(_, inner) => {
+            // The tag's node keeps its own position as the key; the value is the inner one's.
+            let value = to_json(inner, ptr.clone(), None, spans, errs);
+            if let Some(p) = spans.get_mut(&ptr) {
+                p.key = key.unwrap_or(here);
             }
-            Value::Object(obj)
+            return value;
         }
-        YamlData::Tagged(_, inner) => to_json(inner, ptr, spans, errs),
         YamlData::Alias(_) => {
-            errs.push((ptr, "YAML aliases are not supported in manifests".into()));
+            errs.push((
+                ptr.clone(),
+                "YAML aliases are not supported in manifests".into(),
+            ));
             Value::Null
         }
         YamlData::BadValue => {
-            errs.push((ptr, "invalid YAML value".into()));
+            errs.push((ptr.clone(), "invalid YAML value".into()));
             Value::Null
         }
+    };
+    // A block collection starts on the next line: its value points at its key.
+    let collection = matches!(node.data, YamlData::Mapping(_) | YamlData::Sequence(_));
+    let pos = match key {
+        Some(k) if collection => NodePos { key: k, value: k },
+        Some(k) => NodePos {
+            key: k,
+            value: here,
+        },
+        None => NodePos {
+            key: here,
+            value: here,
+        },
+    };
+    spans.insert(ptr, pos);
+    value
+}
+
+/// The JSON object of a YAML mapping at `ptr` (see [`to_json`]).
+fn mapping_to_json(
+    map: &saphyr::AnnotatedMapping<'_, MarkedYaml<'_>>,
+    ptr: &str,
+    spans: &mut BTreeMap<String, NodePos>,
+    errs: &mut Vec<(String, String)>,
+) -> Value {
+    let mut obj = Map::with_capacity(map.len());
+    for (k, v) in map.iter() {
+        let key = match &k.data {
+            YamlData::Value(Scalar::String(s)) => s.to_string(),
+            YamlData::Value(other) => match scalar_to_json(other) {
+                Value::String(s) => s,
+                v => v.to_string(),
+            },
+            _ => {
+                errs.push((ptr.to_string(), "mapping keys must be plain strings".into()));
+                continue;
+            }
+        };
+        let child = format!("{ptr}/{}", escape_ptr(&key));
+        let val = to_json(v, child, Some(pos_of(k)), spans, errs);
+        obj.insert(key, val);
     }
+    Value::Object(obj)
 }
 
 fn scalar_to_json(s: &Scalar<'_>) -> Value {

@@ -672,3 +672,29 @@ spec: {rootfs: {path: /r}, placement: {node: \"-x\", antiAffinity: [Gadget/x], h
         ]
     );
 }
+
+#[test]
+fn many_files_load_on_several_threads_in_file_order() {
+    let dir = tempfile::tempdir().unwrap();
+    // Names and paths differ: `local` is both.
+    let pool = |i: usize| POOL.replace("local", &format!("p{i:03}"));
+    for i in 0..100 {
+        std::fs::write(dir.path().join(format!("p{i:03}.yaml")), pool(i)).unwrap();
+    }
+    let d = load_and_validate(&[dir.path().to_path_buf()]).unwrap();
+    assert_eq!(d.len(), 100);
+    // Every third file is broken: the diagnostics come in file order.
+    for i in (0..100).step_by(3) {
+        let text = pool(i).replace("spec: {", "spec: {bogus: 1, ");
+        std::fs::write(dir.path().join(format!("p{i:03}.yaml")), text).unwrap();
+    }
+    let files: Vec<String> = load_dir_errors(dir.path())
+        .iter()
+        .map(|e| e.split(':').next().unwrap().to_string())
+        .collect();
+    let want: Vec<String> = (0..100)
+        .step_by(3)
+        .map(|i| format!("D/p{i:03}.yaml"))
+        .collect();
+    assert_eq!(files, want);
+}
