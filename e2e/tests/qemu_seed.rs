@@ -113,9 +113,15 @@ fn seed_is_applied_by_the_guests_cloud_init() {
         &["stead-e2e: report done"],
         || read_text(&console),
     );
+    // The report's lines may share a console line with getty's login prompt, which is
+    // written to the same serial port at the same time ("seed-guest login: stead-e2e: …").
+    const MARK: &str = "stead-e2e: ";
     let report: Vec<&str> = log
         .lines()
-        .filter_map(|l| l.trim_end_matches('\r').strip_prefix("stead-e2e: "))
+        .filter_map(|l| {
+            let l = l.trim_end_matches('\r');
+            l.find(MARK).map(|i| &l[i + MARK.len()..])
+        })
         .collect();
     let want = [
         "hostname=seed-guest".to_string(),
