@@ -11,8 +11,9 @@ use stead_schema::{
 use crate::guest::{
     DiskSource, VolRef, VolumeUse, parse_size, parse_source, run_state, volume_format,
 };
-use crate::model::{Manifest, VMID_LABEL};
-use crate::qemu::{Ctx, GuestFile, Imported, network_for, numbered, report_sections};
+use crate::qemu::{
+    Ctx, GuestFile, Imported, imported_guest, network_for, numbered, report_sections,
+};
 use crate::reader::{Entry, ParseError, property_string};
 use crate::report::Report;
 
@@ -124,23 +125,14 @@ pub fn import_ct(g: &GuestFile, name: &str, ctx: &Ctx) -> Result<Imported, Vec<P
         placement: Placement::default(),
         depends_on: vec![],
     };
-    let out_file = format!("containers/{name}.yaml");
-    let mut manifest = Manifest::new(Kind::Container, name, &spec, &out_file)
-        .label(VMID_LABEL, &g.vmid.to_string());
-    if let Some((_, d)) = &g.conf.description {
-        manifest
-            .annotations
-            .insert("pve-description".into(), d.clone());
-    }
-    let volumes = parts.volumes.into_iter().map(|(k, mut u)| {
-        u.file = out_file.clone();
-        (k, u)
-    });
-    Ok(Imported {
-        manifest: Some(manifest),
-        volumes: volumes.collect(),
+    Ok(imported_guest(
+        g,
+        Kind::Container,
+        name,
+        &spec,
+        parts.volumes,
         report,
-    })
+    ))
 }
 
 /// `hostname`, when stead accepts it (letters, digits, `-` and `.`, at most 64).

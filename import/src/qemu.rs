@@ -248,28 +248,49 @@ pub fn import_vm(g: &GuestFile, name: &str, ctx: &Ctx) -> Result<Imported, Vec<P
         placement: Placement::default(),
         depends_on: vec![],
     };
-    let out_file = format!("vms/{name}.yaml");
-    let mut manifest = Manifest::new(Kind::VirtualMachine, name, &spec, &out_file)
-        .label(VMID_LABEL, &g.vmid.to_string());
-    if let Some(n) = main.value("name") {
-        manifest
-            .annotations
-            .insert("pve-name".into(), n.to_string());
+    let mut imported = imported_guest(g, Kind::VirtualMachine, name, &spec, vm.volumes, report);
+    if let (Some(n), Some(m)) = (main.value("name"), imported.manifest.as_mut()) {
+        m.annotations.insert("pve-name".into(), n.to_string());
     }
+    Ok(imported)
+}
+
+/// The import of guest `g` as a `kind` manifest named `name` in `vms/` or `containers/`:
+/// labelled with its VMID, its Proxmox notes kept as the `pve-description` annotation, and
+/// its volumes declared in the same file.
+pub(crate) fn imported_guest(
+    g: &GuestFile,
+    kind: Kind,
+    name: &str,
+    spec: &impl serde::Serialize,
+    volumes: Vec<((String, String), VolumeUse)>,
+    report: Report,
+) -> Imported {
+    let dir = if kind == Kind::Container {
+        "containers"
+    } else {
+        "vms"
+    };
+    let out_file = format!("{dir}/{name}.yaml");
+    let mut manifest =
+        Manifest::new(kind, name, spec, &out_file).label(VMID_LABEL, &g.vmid.to_string());
     if let Some((_, d)) = &g.conf.description {
         manifest
             .annotations
             .insert("pve-description".into(), d.clone());
     }
-    let volumes = vm.volumes.into_iter().map(|(k, mut u)| {
-        u.file = out_file.clone();
-        (k, u)
-    });
-    Ok(Imported {
+    let volumes = volumes
+        .into_iter()
+        .map(|(k, mut u)| {
+            u.file = out_file.clone();
+            (k, u)
+        })
+        .collect();
+    Imported {
         manifest: Some(manifest),
-        volumes: volumes.collect(),
+        volumes,
         report,
-    })
+    }
 }
 
 /// Makes sure a VM has something to boot, as stead requires: with no disk or cdrom left,
