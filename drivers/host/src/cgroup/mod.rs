@@ -365,17 +365,25 @@ impl Cgroup {
     }
 
     /// [`Cgroup::limits`], or `None` when the cgroup is gone (also when it goes while
-    /// being read: a supervisor removes it as its container exits).
+    /// being read: a supervisor removes it as its container exits). On v1 the
+    /// hierarchies are removed one after another, so a file is missing as soon as the
+    /// directory of *any* hierarchy is gone, while [`Cgroup::exists`] (the memory
+    /// hierarchy) may still say yes.
     pub fn limits_if_present(&self) -> Result<Option<Limits>, CgroupError> {
         match self.limits() {
             Ok(l) => Ok(Some(l)),
             Err(CgroupError::Io { source, .. })
-                if source.kind() == io::ErrorKind::NotFound && !self.exists() =>
+                if source.kind() == io::ErrorKind::NotFound && !self.complete() =>
             {
                 Ok(None)
             }
             Err(e) => Err(e),
         }
+    }
+
+    /// Whether the cgroup's directory exists in every hierarchy.
+    fn complete(&self) -> bool {
+        self.procs_dirs().iter().all(|d| d.is_dir())
     }
 
     /// Reads the limits currently in force.

@@ -191,6 +191,28 @@ fn v1_limits_are_written_to_each_controllers_files() {
     assert_eq!(read(&r.file("pids", rel, "pids.max")), "max");
 }
 
+/// A v1 cgroup is removed one hierarchy after another: while the cpu directory is gone
+/// and the memory one (which `exists` looks at) is still there, reading the limits says
+/// "gone", not an error. A file missing from a complete cgroup stays an error.
+#[test]
+fn v1_limits_of_a_cgroup_being_removed_read_as_gone() {
+    let r = V1Root::new();
+    let cg = r.hierarchy().cgroup("stead/env-a", "c2");
+    cg.create().expect("create");
+    cg.set_limits(&Limits::default()).expect("limits");
+    assert!(cg.limits_if_present().expect("complete").is_some());
+
+    fs::remove_file(r.file("cpu,cpuacct", "stead/env-a/c2", "cpu.cfs_quota_us")).expect("rm");
+    let err = cg
+        .limits_if_present()
+        .expect_err("a file missing from a complete cgroup");
+    assert!(err.to_string().contains("cpu.cfs_quota_us"), "{err}");
+
+    fs::remove_dir_all(r.root().join("cpu,cpuacct/stead/env-a/c2")).expect("rmdir cpu");
+    assert!(cg.exists(), "the memory hierarchy still has it");
+    assert_eq!(cg.limits_if_present().expect("being removed"), None);
+}
+
 #[test]
 fn v2_limits_are_written_to_the_unified_files() {
     let root = v2_root();
