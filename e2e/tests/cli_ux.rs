@@ -604,3 +604,25 @@ fn the_fish_script_completes_resources_in_a_real_fish() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The binaries under test are linked as fixed-address executables (`build.rs`: no PIE,
+/// for start-up), unless the build asked for a PIE with `STEAD_LINK_PIE=1`.
+#[test]
+fn the_binaries_are_linked_without_pie_unless_asked() {
+    // e_type, the 16-bit field after the 16-byte identification: 2 = EXEC, 3 = DYN (PIE).
+    let e_type = |p: &Path| {
+        let b = std::fs::read(p).unwrap_or_else(|e| panic!("read {}: {e}", p.display()));
+        assert_eq!(&b[..4], b"\x7fELF", "{} is not ELF", p.display());
+        u16::from_le_bytes([b[16], b[17]])
+    };
+    let want = if std::env::var("STEAD_LINK_PIE").is_ok_and(|v| v == "1") {
+        3
+    } else {
+        2
+    };
+    let stead = stead_bin();
+    let supervise = stead.with_file_name("stead-supervise");
+    for bin in [stead, supervise] {
+        assert_eq!(e_type(&bin), want, "ELF type of {}", bin.display());
+    }
+}
