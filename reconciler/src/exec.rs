@@ -715,13 +715,26 @@ mod tests {
                     (e.resource.id.clone(), present(state))
                 })
                 .collect();
+            self.plan_and_execute(desired, &inventory, &observed, &BTreeSet::new(), opts)
+                .1
+        }
+
+        /// Plans `desired` against `observed` (no plan errors allowed), then executes it.
+        fn plan_and_execute(
+            &self,
+            desired: &Desired,
+            inventory: &BTreeMap<ResourceId, InventoryEntry>,
+            observed: &BTreeMap<ResourceId, Observed>,
+            pending: &BTreeSet<ResourceId>,
+            opts: &PlanOptions,
+        ) -> (Plan, Report) {
             let drivers = drivers(&self.script);
             let no_errors: [PlanError; 0] = [];
             let input = PlanInput {
                 desired,
-                observed: &observed,
-                inventory: &inventory,
-                pending: &BTreeSet::new(),
+                observed,
+                inventory,
+                pending,
                 observe_errors: &no_errors,
                 warnings: &no_errors,
             };
@@ -731,16 +744,17 @@ mod tests {
                 parallelism: 4,
                 pause_after_steps: None,
             };
-            execute(
+            let report = execute(
                 &p,
                 desired,
-                &inventory,
-                &observed,
+                inventory,
+                observed,
                 &drivers,
                 &self.db,
                 &exec,
                 &|_| {},
-            )
+            );
+            (p, report)
         }
 
         fn inventory_ids(&self) -> Vec<String> {
@@ -878,37 +892,12 @@ mod tests {
             (id(Kind::Network, "lan1"), unowned(1500, "lan1")),
         ]
         .into();
-        let drivers = drivers(&h.script);
-        let none: [PlanError; 0] = [];
-        let inventory = BTreeMap::new();
-        let input = PlanInput {
-            desired: &d,
-            observed: &observed,
-            inventory: &inventory,
-            pending: &BTreeSet::new(),
-            observe_errors: &none,
-            warnings: &none,
+        let adopt = PlanOptions {
+            adopt: true,
+            ..opts()
         };
-        let p = plan(
-            &input,
-            &drivers,
-            &PlanOptions {
-                adopt: true,
-                ..opts()
-            },
-        );
-        assert!(p.errors.is_empty(), "{:?}", p.errors);
-        let exec = ExecOptions::default();
-        let report = execute(
-            &p,
-            &d,
-            &inventory,
-            &observed,
-            &drivers,
-            &h.db,
-            &exec,
-            &|_| {},
-        );
+        let (_, report) =
+            h.plan_and_execute(&d, &BTreeMap::new(), &observed, &BTreeSet::new(), &adopt);
         assert!(report.success(), "{report:?}");
         assert_eq!(report.summary(), [("adopted", 2)].into());
         let mut log = h.script.log();
@@ -961,31 +950,8 @@ mod tests {
             present(FakeDriver::project(&d.resources[&lan0])),
         )]
         .into();
-        let drivers = drivers(&h.script);
-        let none: [PlanError; 0] = [];
-        let inventory = BTreeMap::new();
-        let input = PlanInput {
-            desired: &d,
-            observed: &observed,
-            inventory: &inventory,
-            pending: &pending,
-            observe_errors: &none,
-            warnings: &none,
-        };
-        let p = plan(&input, &drivers, &opts());
-        assert!(p.errors.is_empty(), "{:?}", p.errors);
+        let (p, report) = h.plan_and_execute(&d, &BTreeMap::new(), &observed, &pending, &opts());
         assert_eq!(p.changes[0].action, Action::Noop);
-        let exec = ExecOptions::default();
-        let report = execute(
-            &p,
-            &d,
-            &inventory,
-            &observed,
-            &drivers,
-            &h.db,
-            &exec,
-            &|_| {},
-        );
         assert!(report.success(), "{report:?}");
         let inv = h.db.lock().unwrap().inventory().unwrap();
         assert!(inv[&lan0].adopted, "{inv:?}");
