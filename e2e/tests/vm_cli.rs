@@ -18,6 +18,9 @@ struct Vm<'a> {
     state: &'a str,
     policy: &'a str,
     with_vm: bool,
+    /// The demo guest's `mode=`.
+    mode: &'a str,
+    stop_timeout: Option<&'a str>,
 }
 
 impl Default for Vm<'_> {
@@ -27,6 +30,8 @@ impl Default for Vm<'_> {
             state: "running",
             policy: "always",
             with_vm: true,
+            mode: "idle",
+            stop_timeout: None,
         }
     }
 }
@@ -41,12 +46,16 @@ fn manifest(sb: &Sandbox, kernel: &Path, vm: &Vm) -> PathBuf {
     );
     if vm.with_vm {
         text.push_str(&format!(
-            "---\napiVersion: stead.dev/v1alpha1\nkind: VirtualMachine\nmetadata: {{name: vm1}}\nspec:\n  cpus: {}\n  memory: 32Mi\n  boot: {{kernel: {}, cmdline: \"mode=idle\"}}\n  disks: [{{volume: vm1-root}}]\n  interfaces: [{{network: lan0}}]\n  state: {}\n  restartPolicy: {}\n",
+            "---\napiVersion: stead.dev/v1alpha1\nkind: VirtualMachine\nmetadata: {{name: vm1}}\nspec:\n  cpus: {}\n  memory: 32Mi\n  boot: {{kernel: {}, cmdline: \"mode={}\"}}\n  disks: [{{volume: vm1-root}}]\n  interfaces: [{{network: lan0}}]\n  state: {}\n  restartPolicy: {}\n",
             vm.cpus,
             kernel.display(),
+            vm.mode,
             vm.state,
             vm.policy
         ));
+        if let Some(t) = vm.stop_timeout {
+            text.push_str(&format!("  stopTimeout: {t}\n"));
+        }
     }
     sb.write("m/all.yaml", &text);
     sb.path("m")
@@ -458,6 +467,77 @@ fn vm_stopped_state_and_restart_policy_never() {
         assert!(!cgroup_dir(sb, "memory").exists());
         assert!(!sb.links().contains("master lan0"));
     });
+}
+
+/// `stopTimeout`: the plan shows it on changes that stop the VM, a change of it is hot (the
+/// running supervisor re-reads it: same VMM), and a guest that ignores the shutdown request
+/// (the demo guest's `mode=halt`) is forced off once the timeout passes.
+#[test]
+fn vm_stop_timeout_is_shown_hot_and_forces_a_deaf_guest_off() {
+    with_vm_sandbox(
+        "vm_stop_timeout_is_shown_hot_and_forces_a_deaf_guest_off",
+        |sb| {
+            let kernel = demo_guest(sb);
+            let deaf = Vm {
+                mode: "halt",
+                stop_timeout: Some("5s"),
+                ..Vm::default()
+            };
+            let m = manifest(sb, &kernel, &deaf);
+            sb.run(&["apply", "--yes", m.to_str().unwrap()])
+                .expect_code(0);
+            let (state, status, _) = get_vm(sb);
+            assert_eq!(state["stopTimeout"], 5, "{state}");
+            let pid = status["pid"].as_i64().expect("pid");
+
+            let two = Vm {
+                stop_timeout: Some("2s"),
+                ..deaf
+            };
+            let m = manifest(sb, &kernel, &two);
+            let m = m.to_str().unwrap();
+            assert_diff(sb, m, &["stopTimeout: 5 -> 2", "impact: hot"]);
+            sb.run(&["apply", "--yes", m]).expect_code(0);
+            let (state, status, _) = get_vm(sb);
+            assert_eq!(state["stopTimeout"], 2, "{state}");
+            assert_eq!(status["pid"].as_i64(), Some(pid), "not restarted: {status}");
+            sb.run(&["diff", m]).expect_code(0);
+
+            // A change that restarts it says how long the stop may take.
+            let bigger = Vm { cpus: 2, ..two };
+            assert_diff(
+                sb,
+                manifest(sb, &kernel, &bigger).to_str().unwrap(),
+                &["impact: restart, stop up to 2s"],
+            );
+
+            // Stopping the deaf guest takes the (new) timeout, then it is forced off.
+            let stopped = Vm {
+                state: "stopped",
+                ..two
+            };
+            let t = Instant::now();
+            sb.run(&[
+                "apply",
+                "--yes",
+                manifest(sb, &kernel, &stopped).to_str().unwrap(),
+            ])
+            .expect_code(0);
+            let took = t.elapsed();
+            let (state, status, _) = get_vm(sb);
+            assert_eq!(state["state"], "stopped", "{status}");
+            assert!(!pid_alive(pid));
+            println!("deaf guest forced off after {took:?} (stopTimeout 2s)");
+            assert!(took >= Duration::from_secs(2), "{took:?}");
+            assert!(
+                took < Duration::from_secs(5),
+                "the old 5 s timeout was used: {took:?}"
+            );
+            sb.run(&["destroy", "--yes", "--allow-data-loss", m])
+                .expect_code(0);
+            assert!(sandbox_processes(sb).is_empty());
+        },
+    );
 }
 
 /// VM cgroups named `vm-vm1` under the sandbox's cgroup parent, in every mounted

@@ -245,6 +245,7 @@ pub fn import_vm(g: &GuestFile, name: &str, ctx: &Ctx) -> Result<Imported, Vec<P
         interfaces: vm.interfaces,
         state,
         restart_policy: RestartPolicy::Always,
+        stop_timeout: None,
         placement: Placement::default(),
         depends_on: vec![],
     };

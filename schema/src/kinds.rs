@@ -559,7 +559,7 @@ pub struct ContainerSpec {
     pub depends_on: Vec<ResourceRef>,
 }
 
-/// Default `Container.spec.stopTimeout`.
+/// Default `stopTimeout` of a Container or VirtualMachine.
 pub const DEFAULT_STOP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Longest `stopTimeout` accepted.
@@ -809,6 +809,11 @@ pub struct VirtualMachineSpec {
     /// always | on-failure | never.
     #[serde(default)]
     pub restart_policy: RestartPolicy,
+    /// Time the guest gets to shut down (ACPI power button, or Ctrl-Alt-Del on the vmm
+    /// engine) when the VM is stopped, restarted or deleted, before it is forced off
+    /// (whole seconds, at most 1h; default 10s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_timeout: Option<DurationSpec>,
     /// Cluster: where it may run. A single host ignores it.
     #[serde(default, skip_serializing_if = "Placement::is_empty")]
     pub placement: Placement,
@@ -818,6 +823,13 @@ pub struct VirtualMachineSpec {
 }
 
 impl VirtualMachineSpec {
+    /// The shutdown timeout in seconds (`stopTimeout`, default 10).
+    pub fn stop_timeout_secs(&self) -> u64 {
+        self.stop_timeout
+            .map_or(DEFAULT_STOP_TIMEOUT, |d| d.0)
+            .as_secs()
+    }
+
     /// The engine that runs this VM: `engine` when set, else vmm with a direct kernel boot
     /// and qemu without one.
     pub fn engine(&self) -> VmEngine {

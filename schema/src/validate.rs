@@ -299,16 +299,7 @@ fn check_container_process(r: &Resource, c: &ContainerSpec, out: &mut Vec<Diagno
     if c.command.as_ref().is_some_and(|v| v.is_empty()) {
         out.push(at(r, "/spec/command", "command must not be empty", None));
     }
-    if let Some(t) = c.stop_timeout
-        && (t.0 > crate::kinds::MAX_STOP_TIMEOUT || t.0.subsec_nanos() != 0)
-    {
-        out.push(at(
-            r,
-            "/spec/stopTimeout",
-            format!("stopTimeout {t} must be whole seconds between 0s and 1h"),
-            None,
-        ));
-    }
+    check_stop_timeout(r, c.stop_timeout, out);
     if let Some(cpus) = c.resources.cpus
         && !(cpus > 0.0 && cpus <= 1024.0)
     {
@@ -374,6 +365,24 @@ fn check_container_interfaces(
                 out,
             );
         }
+    }
+}
+
+/// `stopTimeout` (Container, VirtualMachine): whole seconds, at most an hour.
+fn check_stop_timeout(
+    r: &Resource,
+    t: Option<crate::values::DurationSpec>,
+    out: &mut Vec<Diagnostic>,
+) {
+    if let Some(t) = t
+        && (t.0 > crate::kinds::MAX_STOP_TIMEOUT || t.0.subsec_nanos() != 0)
+    {
+        out.push(at(
+            r,
+            "/spec/stopTimeout",
+            format!("stopTimeout {t} must be whole seconds between 0s and 1h"),
+            None,
+        ));
     }
 }
 
@@ -992,6 +1001,7 @@ mod tests {
                 "boot: {kernel: vmlinuz, initrd: /i/../x}",
                 "disks: [{volume: d}, {volume: d}]",
                 "interfaces: [{network: lan0, vlan: 5000}]",
+                "stopTimeout: 2h",
             ],
         );
         assert_eq!(
@@ -1007,6 +1017,7 @@ mod tests {
                 "m.yaml:9:33: VirtualMachine/vm1 spec.disks[1].volume: volume d is attached read-write twice (also by VirtualMachine/vm1 at m.yaml:9:20) (hint: attach it readOnly in all but one place)",
                 "m.yaml:10:26: VirtualMachine/vm1 spec.interfaces[0].network: VirtualMachine/vm1 references Network/lan0 which is not defined",
                 "m.yaml:10:38: VirtualMachine/vm1 spec.interfaces[0].vlan: vlan 5000 must be in 1..4094",
+                "m.yaml:11:16: VirtualMachine/vm1 spec.stopTimeout: stopTimeout 2h must be whole seconds between 0s and 1h",
             ]
         );
     }

@@ -50,7 +50,8 @@ const SEED_DISK: &str = "cidata:";
 pub struct VmDriver {
     env: HostEnv,
     hier: Hierarchy,
-    /// Seconds a graceful shutdown may take before the VM is forced off.
+    /// Seconds a graceful shutdown may take before the VM is forced off, for a VM whose
+    /// spec has no `stopTimeout`.
     pub shutdown_timeout_secs: u64,
 }
 
@@ -85,6 +86,14 @@ impl From<DriverError> for ApplyError {
     }
 }
 
+/// `state` with its `stopTimeout` (seconds), as desired and as observed (both engines).
+pub(crate) fn with_stop_timeout(mut state: Value, secs: u64) -> Value {
+    if let Some(o) = state.as_object_mut() {
+        o.insert("stopTimeout".into(), json!(secs));
+    }
+    state
+}
+
 fn policy_str(p: RestartPolicy) -> &'static str {
     match p {
         RestartPolicy::Always => "always",
@@ -101,6 +110,12 @@ impl VmDriver {
             hier: Hierarchy::detect()?,
             shutdown_timeout_secs: DEFAULT_SHUTDOWN_TIMEOUT_SECS,
         })
+    }
+
+    /// The shutdown timeout of `spec`: its `stopTimeout`, else the driver's default.
+    pub(crate) fn stop_timeout_of(&self, spec: &VirtualMachineSpec) -> u64 {
+        spec.stop_timeout
+            .map_or(self.shutdown_timeout_secs, |d| d.0.as_secs())
     }
 
     pub(crate) fn paths(&self, name: &str) -> Paths {
@@ -265,7 +280,7 @@ impl VmDriver {
             running: spec.state == RunState::Running,
             cgroup_parent: self.env.cgroup_parent.clone(),
             netns: self.env.netns.clone(),
-            shutdown_timeout_secs: self.shutdown_timeout_secs,
+            shutdown_timeout_secs: self.stop_timeout_of(spec),
             fence_file: self
                 .env
                 .fence_file
@@ -457,7 +472,7 @@ impl VmDriver {
         if lock_held(&paths) {
             let st: Option<SupervisorState> = read_json(&paths.supervisor_state())?;
             // The QEMU engine's stop may add the guest agent's and quit's grace periods.
-            let timeout = Duration::from_secs(self.shutdown_timeout_secs + 25);
+            let timeout = Duration::from_secs(self.recorded_stop_timeout(&paths) + 25);
             if let Some(st) = &st {
                 let _ = paths
                     .instance()
@@ -521,16 +536,19 @@ impl VmDriver {
             self.stop(name)?;
         }
         let alive = alive && lost.is_empty();
-        // Same VM apart from the hot fields (run state, restart policy)?
+        // Same VM apart from the hot fields (run state, restart policy, stop timeout)?
         let same = current.as_ref().is_some_and(|c| {
             let mut c = c.clone();
             c.running = cfg.running;
             c.restart_policy = cfg.restart_policy;
+            c.shutdown_timeout_secs = cfg.shutdown_timeout_secs;
             c == *cfg
         });
-        let policy_changed = current
-            .as_ref()
-            .is_some_and(|c| c.restart_policy != cfg.restart_policy);
+        // The supervisor re-reads these on SIGHUP.
+        let policy_changed = current.as_ref().is_some_and(|c| {
+            c.restart_policy != cfg.restart_policy
+                || c.shutdown_timeout_secs != cfg.shutdown_timeout_secs
+        });
         if alive && (!cfg.running || !same) {
             self.stop(name)?;
         }
@@ -608,6 +626,16 @@ impl VmDriver {
             delete_link(netns, &l, &owner)?;
         }
         crate::storage::fsutil::remove_tree_if_exists(&self.paths(name).dir)
+    }
+
+    /// The shutdown timeout the running VM's supervisor has (its `config.json`, either
+    /// engine), else the driver's default.
+    fn recorded_stop_timeout(&self, paths: &Paths) -> u64 {
+        read_json::<Value>(&paths.config())
+            .ok()
+            .flatten()
+            .and_then(|v| v.get("shutdown_timeout_secs").and_then(Value::as_u64))
+            .unwrap_or(self.shutdown_timeout_secs)
     }
 
     fn observe_one(&self, name: &str, links: &LinkAliases) -> Result<Observed, DriverError> {
@@ -705,7 +733,10 @@ impl VmDriver {
         Ok(Observed {
             exists: true,
             owned: true,
-            state: Self::without_networks(Self::project_run(&cfg, run), &cfg, &lost),
+            state: with_stop_timeout(
+                Self::without_networks(Self::project_run(&cfg, run), &cfg, &lost),
+                cfg.shutdown_timeout_secs,
+            ),
             status,
             health,
         })
@@ -747,10 +778,20 @@ impl stead_reconciler::driver::KindDriver for VmDriver {
     }
 
     fn desired_state(&self, desired: Typed<'_, VirtualMachineSpec>, _world: &dyn Lookup) -> Value {
-        match desired.spec.engine() {
+        let v = match desired.spec.engine() {
             VmEngine::Vmm => Self::project(desired.name(), desired.spec),
             VmEngine::Qemu => qemu::project(desired.name(), desired.spec),
-        }
+        };
+        with_stop_timeout(v, self.stop_timeout_of(desired.spec))
+    }
+
+    fn stop_timeout_secs(
+        &self,
+        desired: Typed<'_, VirtualMachineSpec>,
+        observed: &Observed,
+    ) -> Option<u64> {
+        let running = observed.state.get("state").and_then(Value::as_str) == Some("running");
+        running.then(|| self.stop_timeout_of(desired.spec))
     }
 
     fn adopt_check(
@@ -899,6 +940,7 @@ mod tests {
         let d = sandbox_driver(std::path::Path::new("/nonexistent"));
         assert_eq!(d.impact("/state"), Impact::Hot);
         assert_eq!(d.impact("/restartPolicy"), Impact::Hot);
+        assert_eq!(d.impact("/stopTimeout"), Impact::Hot);
         assert_eq!(d.impact("/cpus"), Impact::Restart);
         assert_eq!(d.impact("/memory"), Impact::Restart);
         assert_eq!(d.impact("/disks/0/readOnly"), Impact::Restart);
@@ -963,11 +1005,12 @@ mod tests {
             panic!("not a VM")
         };
         let mut cfg = run_config(&d.env.cgroup_parent);
+        cfg.shutdown_timeout_secs = d.stop_timeout_of(spec);
         write_json(&paths.config(), &cfg).expect("config");
         let o = &d.observe(&[&r], &world).expect("observe")[&r.id];
         assert_eq!(o.state["state"], "stopped");
         assert!(matches!(o.health, Health::Degraded(_)), "{:?}", o.health);
-        let mut want = VmDriver::project("vm1", spec);
+        let mut want = with_stop_timeout(VmDriver::project("vm1", spec), d.stop_timeout_of(spec));
         want["state"] = json!("stopped");
         assert_eq!(o.state, want, "only the run state differs");
 

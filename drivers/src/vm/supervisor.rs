@@ -26,10 +26,13 @@
 //!   `supervisor.json` (kept across supervisors of the same VM);
 //! - caps `console.log` (serial output, appended by the VMM) at [`LOG_CAP`], keeping the
 //!   newest half in place (a few bytes written during the trim may be lost);
-//! - on `SIGHUP`: re-reads the restart policy from `config.json` (a hot change);
-//! - on `SIGTERM`/`SIGINT`: graceful stop — `shutdown` on the control socket (Ctrl-Alt-Del,
-//!   forced by the VMM after the configured timeout), `SIGKILL` to the child if it is
-//!   still there 5 s later, phase `stopped`, exit.
+//! - on `SIGHUP`: re-reads the restart policy and the stop timeout from `config.json`
+//!   (hot changes);
+//! - on `SIGTERM`/`SIGINT`: graceful stop — `shutdown` on the control socket (Ctrl-Alt-Del);
+//!   after the stop timeout `kill` on the control socket (the VM is forced off), `SIGKILL`
+//!   to the child if it is still there 5 s later, phase `stopped`, exit. The VMM's own
+//!   force-off timer is only a backstop past the longest stop timeout, so a timeout
+//!   changed while the VM runs counts.
 //!
 //! The process around it (lock, signals, readiness report, event loop) is the shared
 //! supervisor ([`crate::supervise::serve`]); this file is the VM's
@@ -141,6 +144,8 @@ struct Supervisor {
     boot_at: Instant,
     restart: RestartTimer,
     stop_deadline: Option<Instant>,
+    /// The VM was forced off (`kill` on the control socket) at the stop deadline.
+    forced_off: bool,
 }
 
 /// Creates the VM's cgroup (killing what a dead predecessor left there), sets its limits
@@ -250,6 +255,7 @@ impl Supervisor {
             boot_at: Instant::now(),
             restart: RestartTimer::default(),
             stop_deadline: None,
+            forced_off: false,
         })
     }
 
@@ -335,8 +341,12 @@ impl Supervisor {
     fn reload_config(&mut self) {
         match read_json::<VmRunConfig>(&self.paths.config()) {
             Ok(Some(c)) if c.name == self.cfg.name => {
-                log(&format!("reload, restart policy {:?}", c.restart_policy));
+                log(&format!(
+                    "reload, restart policy {:?}, stop timeout {} s",
+                    c.restart_policy, c.shutdown_timeout_secs
+                ));
                 self.cfg.restart_policy = c.restart_policy;
+                self.cfg.shutdown_timeout_secs = c.shutdown_timeout_secs;
             }
             Ok(_) => log("reload: no usable config"),
             Err(e) => log(&format!("reload: {e}")),
@@ -350,11 +360,8 @@ impl Supervisor {
         }
         log("stop requested");
         self.restart.cancel();
-        self.stop_deadline = Some(
-            Instant::now()
-                + Duration::from_secs(self.cfg.shutdown_timeout_secs)
-                + Duration::from_secs(5),
-        );
+        self.stop_deadline =
+            Some(Instant::now() + Duration::from_secs(self.cfg.shutdown_timeout_secs));
         if self.child.is_some()
             && let Err(e) = control_request(&self.paths.control_socket(), Request::Shutdown)
         {
@@ -411,8 +418,17 @@ impl Supervisor {
         if let Some(child) = self.child
             && Instant::now() > deadline
         {
-            log("shutdown timed out, killing");
-            let _ = kill(child, Signal::SIGKILL);
+            if self.forced_off {
+                log("the VMM did not exit after being forced off, killing it");
+                let _ = kill(child, Signal::SIGKILL);
+            } else {
+                log("shutdown timed out, forcing the VM off");
+                if let Err(e) = control_request(&self.paths.control_socket(), Request::Kill) {
+                    log(&format!("kill request: {e}"));
+                }
+                self.forced_off = true;
+                self.stop_deadline = Some(Instant::now() + Duration::from_secs(5));
+            }
         }
         self.child.is_none().then(|| self.stopped())
     }
@@ -490,7 +506,8 @@ impl Workload for Supervisor {
 
     fn next_wakeup(&self) -> Option<Instant> {
         let tick = Instant::now() + TICK;
-        Some(self.restart.at().map_or(tick, |at| at.min(tick)))
+        let next = self.restart.at().map_or(tick, |at| at.min(tick));
+        Some(self.stop_deadline.map_or(next, |d| d.min(next)))
     }
 
     fn on_timers(&mut self) -> Option<i32> {
@@ -547,7 +564,9 @@ fn vm_config(
     v.run_dir = Some(paths.dir.clone());
     v.control_socket = Some(paths.control_socket());
     v.console_socket = Some(paths.console_socket());
-    v.shutdown_timeout = Duration::from_secs(cfg.shutdown_timeout_secs);
+    // The supervisor forces the VM off at the (reloadable) stop timeout; the VMM's own timer
+    // is a backstop past the longest one.
+    v.shutdown_timeout = stead_schema::MAX_STOP_TIMEOUT + Duration::from_secs(10);
     v.jail = true;
     Ok(v)
 }

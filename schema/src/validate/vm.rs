@@ -20,6 +20,7 @@ pub(super) fn check_vm(
     out: &mut Vec<Diagnostic>,
 ) {
     check_vm_size(r, vm, out);
+    super::check_stop_timeout(r, vm.stop_timeout, out);
     check_vm_engine(r, vm, out);
     check_vm_boot_files(r, vm, out);
     check_vm_drives(r, vm, desired, out);

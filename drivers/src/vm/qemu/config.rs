@@ -274,7 +274,7 @@ pub struct ResolveEnv<'a> {
     pub firmware_dir: &'a Path,
     /// KVM capabilities.
     pub caps: HostCaps,
-    /// Graceful shutdown time.
+    /// Graceful shutdown time of a VM whose spec has no `stopTimeout`.
     pub shutdown_timeout_secs: u64,
     /// The cloud-init seed ISO and its instance-id, when the VM has `cloudInit` (written
     /// by the driver).
@@ -428,7 +428,9 @@ pub fn resolve(
         running: spec.state == RunState::Running,
         cgroup_parent: env.host.cgroup_parent.clone(),
         netns: env.host.netns.clone(),
-        shutdown_timeout_secs: env.shutdown_timeout_secs,
+        shutdown_timeout_secs: spec
+            .stop_timeout
+            .map_or(env.shutdown_timeout_secs, |d| d.0.as_secs()),
         fence_file: env
             .host
             .fence_file
@@ -587,11 +589,17 @@ pub(crate) mod tests {
         assert_eq!(c.cloud_init.as_deref(), Some("iid-1"));
         assert_eq!(c.nics[0].mac, generated_mac("vm1", 0).to_string());
         assert_eq!(c.sockets.qmp, Paths::new(&h.run_dir, "vm1").qmp_socket());
-        assert_eq!(c.shutdown_timeout_secs, 7);
+        assert_eq!(c.shutdown_timeout_secs, 7, "the driver's default");
         assert!(c.nvram().is_none());
         let back: QemuConfig =
             serde_json::from_str(&serde_json::to_string(&c).expect("json")).expect("parse");
         assert_eq!(back, c);
+        let mut s = s;
+        s.stop_timeout = Some(stead_schema::DurationSpec(std::time::Duration::from_secs(
+            90,
+        )));
+        let c = resolve("vm1", &s, &w, &env).expect("resolve");
+        assert_eq!(c.shutdown_timeout_secs, 90, "the spec's stopTimeout");
     }
 
     #[test]

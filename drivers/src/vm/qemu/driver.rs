@@ -179,7 +179,7 @@ pub fn project_config(cfg: &QemuConfig, run: &str) -> Value {
 pub fn impact(path: &str) -> Impact {
     let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     match parts.as_slice() {
-        ["state" | "restartPolicy", ..] => Impact::Hot,
+        ["state" | "restartPolicy" | "stopTimeout", ..] => Impact::Hot,
         ["disks" | "interfaces", _] => Impact::Hot,
         _ => Impact::Restart,
     }
@@ -292,7 +292,8 @@ pub(crate) fn observe_one(
         )),
         (false, _, _) => Health::Degraded("supervisor not running".into()),
     };
-    let mut state = project_config(cfg, run);
+    let mut state =
+        crate::vm::driver::with_stop_timeout(project_config(cfg, run), cfg.shutdown_timeout_secs);
     for n in cfg.nics.iter().filter(|n| lost.contains(&n.tap)) {
         // Drift the plan shows; apply makes the tap again and restarts the VM.
         state["interfaces"][&n.mac]["network"] = Value::Null;
@@ -415,6 +416,7 @@ pub fn hot_plug(old: &QemuConfig, new: &QemuConfig) -> Option<HotPlug> {
         c.nics.clear();
         c.running = true;
         c.restart_policy = RestartPolicy::Always;
+        c.shutdown_timeout_secs = 0;
     }
     if a != b {
         return None;
@@ -655,7 +657,9 @@ pub fn apply(
             && lost.is_empty()
             && let Some(hp) = hot_plug(cur, &cfg)
         {
-            let policy_changed = cur.restart_policy != cfg.restart_policy;
+            // The supervisor re-reads these on SIGHUP.
+            let policy_changed = cur.restart_policy != cfg.restart_policy
+                || cur.shutdown_timeout_secs != cfg.shutdown_timeout_secs;
             let live = apply_hot_plug(&cfg, &hp);
             match live {
                 Ok(()) => {
@@ -889,6 +893,12 @@ mod tests {
         );
         assert!(hp.remove_nics.is_empty());
         assert_eq!(hp.add_nics[0].mac, "m2");
+
+        // The restart policy and the stop timeout are re-read by the supervisor.
+        let mut hot = old.clone();
+        hot.shutdown_timeout_secs = 120;
+        hot.restart_policy = RestartPolicy::Never;
+        assert_eq!(hot_plug(&old, &hot), Some(HotPlug::default()));
 
         // Anything else changed: a restart.
         let mut other = new.clone();

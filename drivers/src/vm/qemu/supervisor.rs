@@ -415,7 +415,7 @@ impl Supervisor {
         self.state.qemu_pid = None;
     }
 
-    /// Re-reads `config.json` for the restart policy.
+    /// Re-reads `config.json` for the restart policy and the shutdown timeout.
     fn reload_config(&mut self) {
         match read_json::<QemuConfig>(&self.paths.config()) {
             Ok(Some(c)) if c.name == self.cfg.name => {
@@ -424,6 +424,7 @@ impl Supervisor {
                     c.restart_policy, c.incoming
                 ));
                 self.cfg.restart_policy = c.restart_policy;
+                self.cfg.shutdown_timeout_secs = c.shutdown_timeout_secs;
                 self.cfg.incoming = c.incoming;
             }
             Ok(_) => log("reload: no usable config"),
