@@ -11,10 +11,12 @@
 //!
 //! Faults, five rounds each, each on the node running the VM then: SIGKILL of its agent
 //! (only the agent: the VM's supervisor, reading the fence deadline the agent no longer
-//! renews, must kill the VM itself), and SIGSTOP of its agent (continued once the VM runs
-//! elsewhere: it must not start it again). Each round asserts the VM runs on another node,
-//! never overlapping, that the old node's guest is gone with its supervisor in phase
-//! `fenced`, and that the new guest printed its banner; failover figures are printed.
+//! renews, must kill the VM itself), SIGSTOP of its agent (continued once the VM runs
+//! elsewhere: it must not start it again), and its link down (its agent, cut off from
+//! etcd, fences and removes the VM; healed once the VM runs elsewhere). Each round asserts
+//! the VM runs on another node, never overlapping, that the old node's guest is gone (its
+//! supervisor in phase `fenced` after a kill or a pause), and that the new guest printed
+//! its banner; failover figures are printed.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -104,6 +106,9 @@ enum Fault {
     Kill,
     /// SIGSTOP of its agent, SIGCONT once the VM runs elsewhere.
     Pause,
+    /// Its link to the hub down (cut off: its agent or the VM's supervisor stops the VM),
+    /// up again once the VM runs elsewhere.
+    Partition,
 }
 
 /// The lab with the VM running, its agents' process indexes, the manifests' dir and the
@@ -211,6 +216,7 @@ fn fail_over_once(v: &mut VmLab, round: usize, fault: Fault) -> Round {
     match fault {
         Fault::Kill => v.lab.kill_proc(v.agents[victim]),
         Fault::Pause => assert!(v.lab.signal_proc(v.agents[victim], Signal::STOP)),
+        Fault::Partition => v.lab.partition(victim),
     }
     let mut moved: Option<NodeRun> = None;
     wait_for(
@@ -242,10 +248,16 @@ fn fail_over_once(v: &mut VmLab, round: usize, fault: Fault) -> Round {
         !vm_runs_on(&v.lab.node_run(victim), &v.lab.node_cgroup(victim)),
         "round {round}: the VM came back on {first}"
     );
-    assert_eq!(
-        phase(&v.lab, victim),
-        "fenced",
-        "round {round}: {first}'s supervisor did not fence the VM\n{}",
+    // Killed by its supervisor at the fence deadline, or (a cut-off agent still runs)
+    // stopped by its agent's fence just before.
+    let stopped_as = phase(&v.lab, victim);
+    let expected: &[&str] = match fault {
+        Fault::Kill | Fault::Pause => &["fenced"],
+        Fault::Partition => &["fenced", "stopped", ""],
+    };
+    assert!(
+        expected.contains(&stopped_as.as_str()),
+        "round {round}: {first}'s VM ended as {stopped_as:?}, not {expected:?}\n{}",
         agent_logs(&v.lab)
     );
     wait_for(
@@ -263,12 +275,20 @@ fn fail_over_once(v: &mut VmLab, round: usize, fault: Fault) -> Round {
     };
     println!(
         "{fault:?} round {round}: {first} -> {} after {:.2} s (guest on {first} last seen {:.2} s \
-         after the fault, phase fenced)",
-        v.lab.nodes[moved.node].name, r.failover, r.gone
+         after the fault, {})",
+        v.lab.nodes[moved.node].name,
+        r.failover,
+        r.gone,
+        if stopped_as.is_empty() {
+            "removed by its agent".to_string()
+        } else {
+            format!("phase {stopped_as}")
+        }
     );
     match fault {
         Fault::Kill => v.agents[victim] = v.lab.start_agent(victim, &v.manifests),
         Fault::Pause => assert!(v.lab.signal_proc(v.agents[victim], Signal::CONT)),
+        Fault::Partition => v.lab.heal(victim),
     }
     wait_for(
         "the node registers again",
@@ -300,6 +320,7 @@ fn run_failovers(test: &str, fault: Fault) {
     let what = match fault {
         Fault::Kill => "agent SIGKILL",
         Fault::Pause => "agent SIGSTOP",
+        Fault::Partition => "link down",
     };
     let (med, max) = median_max(rounds.iter().map(|r| r.failover).collect());
     println!(
@@ -308,7 +329,7 @@ fn run_failovers(test: &str, fault: Fault) {
     );
     let (gmed, gmax) = median_max(rounds.iter().map(|r| r.gone).collect());
     println!(
-        "FIGURE vm fenced on the old node ({what}): median {gmed:.2} s, max {gmax:.2} s after \
+        "FIGURE vm gone from the old node ({what}): median {gmed:.2} s, max {gmax:.2} s after \
          the fault over {}, 0 double runs (sampled every {} ms)",
         rounds.len(),
         RunRecorder::PERIOD.as_millis()
@@ -334,5 +355,13 @@ fn a_paused_agent_s_ha_vm_is_fenced_by_its_watchdog_before_it_runs_elsewhere() {
     run_failovers(
         "a_paused_agent_s_ha_vm_is_fenced_by_its_watchdog_before_it_runs_elsewhere",
         Fault::Pause,
+    );
+}
+
+#[test]
+fn a_cut_off_node_stops_its_ha_vm_before_it_runs_elsewhere() {
+    run_failovers(
+        "a_cut_off_node_stops_its_ha_vm_before_it_runs_elsewhere",
+        Fault::Partition,
     );
 }
