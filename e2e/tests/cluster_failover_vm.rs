@@ -346,6 +346,15 @@ fn run_failovers(test: &str, fault: Fault) {
         rounds.len(),
         RunRecorder::PERIOD.as_millis()
     );
+    let least = rounds
+        .iter()
+        .map(|r| r.failover - r.gone)
+        .fold(f64::INFINITY, f64::min);
+    println!(
+        "FIGURE vm margin ({what}): the old guest's last sample to the new one's first, least \
+         {least:.2} s over {}",
+        rounds.len()
+    );
 }
 
 /// The median (upper, for an even count) and the maximum of `v`.
