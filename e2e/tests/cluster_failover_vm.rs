@@ -71,25 +71,28 @@ fn vm_runs_on(run: &Path, cgroup: &str) -> bool {
     else {
         return false;
     };
-    let proc = stead_host::ProcFs::host();
-    let alive = std::fs::read_to_string(proc.pid_file(pid, "stat")).is_ok_and(|s| {
-        s.rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().next())
-            .is_some_and(|state| state != "Z" && state != "X")
-    });
     let in_cgroup = format!("/{cgroup}/{}", cgroup_name(VM));
-    alive
-        && std::fs::read_to_string(proc.pid_file(pid, "cgroup"))
+    pid_running(pid)
+        && std::fs::read_to_string(stead_host::ProcFs::host().pid_file(pid, "cgroup"))
             .is_ok_and(|c| c.lines().any(|l| l.ends_with(&in_cgroup)))
 }
 
-/// The phase in node `i`'s `supervisor.json` of the VM (`""` when there is none).
-fn phase(lab: &ClusterLab, i: usize) -> String {
+/// Whether process `pid` exists and has not exited (a zombie has).
+fn pid_running(pid: i32) -> bool {
+    let stat = stead_host::ProcFs::host().pid_file(pid, "stat");
+    std::fs::read_to_string(stat).is_ok_and(|s| {
+        s.rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X")
+    })
+}
+
+/// Node `i`'s `supervisor.json` of the VM (`null` when there is none).
+fn supervisor_state(lab: &ClusterLab, i: usize) -> Value {
     std::fs::read(Paths::new(&lab.node_run(i), VM).supervisor_state())
         .ok()
         .and_then(|t| serde_json::from_slice::<Value>(&t).ok())
-        .and_then(|v| v["phase"].as_str().map(str::to_string))
-        .unwrap_or_default()
+        .unwrap_or(Value::Null)
 }
 
 /// Whether node `i`'s console log of the VM shows the guest's banner.
@@ -256,7 +259,8 @@ fn fail_over_once(v: &mut VmLab, round: usize, fault: Fault) -> Round {
     );
     // Killed by its supervisor at the fence deadline, or (a cut-off agent still runs)
     // stopped by its agent's fence just before.
-    let stopped_as = phase(&v.lab, victim);
+    let st = supervisor_state(&v.lab, victim);
+    let stopped_as = st["phase"].as_str().unwrap_or_default().to_string();
     let expected: &[&str] = match fault {
         Fault::Kill | Fault::Pause => &["fenced"],
         Fault::Partition => &["fenced", "stopped", ""],
@@ -265,6 +269,14 @@ fn fail_over_once(v: &mut VmLab, round: usize, fault: Fault) -> Round {
         expected.contains(&stopped_as.as_str()),
         "round {round}: {first}'s VM ended as {stopped_as:?}, not {expected:?}\n{}",
         agent_logs(&v.lab)
+    );
+    // A fenced supervisor has exited too: nothing of the VM is left on the old node.
+    let sup = st["supervisorPid"]
+        .as_i64()
+        .and_then(|p| i32::try_from(p).ok());
+    assert!(
+        !sup.is_some_and(pid_running),
+        "round {round}: {first}'s supervisor {sup:?} still runs: {st}"
     );
     wait_for(
         "the new guest's banner on its console",
