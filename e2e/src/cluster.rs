@@ -1086,6 +1086,58 @@ mod tests {
     }
 
     #[test]
+    fn samples_make_one_run_per_stretch_and_node() {
+        let mut runs = Vec::new();
+        for (at, seen) in [
+            (0.0, [false, false]),
+            (0.1, [true, false]),
+            (0.2, [true, false]),
+            (0.3, [false, false]),
+            (0.4, [false, true]),
+            (0.5, [true, true]),
+        ] {
+            record_sample(&mut runs, &seen, at);
+        }
+        let r = |node, first, last, open| NodeRun {
+            node,
+            first,
+            last,
+            open,
+        };
+        assert_eq!(
+            runs,
+            vec![
+                r(0, 0.1, 0.2, false),
+                r(1, 0.4, 0.5, true),
+                r(0, 0.5, 0.5, true)
+            ]
+        );
+        assert_eq!(overlap(&runs), Some((runs[1], runs[2])));
+        assert_eq!(overlap(&runs[..2]), None);
+    }
+
+    #[test]
+    fn a_run_starting_at_the_last_sample_of_another_node_s_overlaps_it() {
+        let a = NodeRun {
+            node: 0,
+            first: 1.0,
+            last: 2.0,
+            open: false,
+        };
+        let b = NodeRun {
+            node: 1,
+            first: 2.0,
+            last: 3.0,
+            open: true,
+        };
+        let later = NodeRun { first: 2.05, ..b };
+        let same_node = NodeRun { node: 0, ..b };
+        assert_eq!(overlap(&[b, a]), Some((a, b)));
+        assert_eq!(overlap(&[a, later]), None);
+        assert_eq!(overlap(&[a, same_node]), None);
+    }
+
+    #[test]
     fn base64_round_trips() {
         for s in ["", "a", "ab", "abc", "abcd", "stead/nodes/n1"] {
             assert_eq!(unb64(&b64(s.as_bytes())).as_deref(), Some(s.as_bytes()));
@@ -1147,4 +1199,140 @@ impl WallClockShift {
             ("FAKETIME_CACHE_DURATION".into(), v("1")),
         ]
     }
+}
+
+/// Waits until `ok()` holds, checking every 100 ms; panics after `limit` with `what` and the
+/// last lines of the lab's agents' and controller's logs.
+pub fn wait_for(what: &str, limit: Duration, mut ok: impl FnMut() -> bool, lab: &ClusterLab) {
+    let t0 = Instant::now();
+    while !ok() {
+        if t0.elapsed() > limit {
+            panic!("{what}: not after {limit:?}\n{}", agent_logs(lab));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The last 25 lines of every agent's log and of the controller's, for failure messages.
+pub fn agent_logs(lab: &ClusterLab) -> String {
+    let mut names: Vec<String> = lab
+        .nodes
+        .iter()
+        .map(|n| format!("agent-{}", n.name))
+        .collect();
+    names.push("controller".into());
+    let mut s = String::new();
+    for name in names {
+        s.push_str(&format!(
+            "--- {name}\n{}\n",
+            lab.log_tail(&name, 25).join("\n")
+        ));
+    }
+    s
+}
+
+/// One uninterrupted stretch in which a workload was seen running on one node, in seconds
+/// on the recorder's monotonic clock (the first and the last sample that saw it).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct NodeRun {
+    /// Index of the node.
+    pub node: usize,
+    /// First sample that saw it running.
+    pub first: f64,
+    /// Last sample that saw it running (the latest sample while it still runs).
+    pub last: f64,
+    /// Whether the latest sample still saw it running.
+    pub open: bool,
+}
+
+/// Samples, every [`RunRecorder::PERIOD`] on a thread of its own, one predicate per node
+/// ("does the workload run there now?") and records the runs: where and when a workload
+/// ran, seen from the host, for workloads that cannot write a probe file themselves (a VM).
+pub struct RunRecorder {
+    t0: Instant,
+    runs: std::sync::Arc<std::sync::Mutex<Vec<NodeRun>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Whether a workload runs on one node now.
+pub type RunningProbe = Box<dyn Fn() -> bool + Send>;
+
+impl RunRecorder {
+    /// Time between two samples (the resolution of the record).
+    pub const PERIOD: Duration = Duration::from_millis(50);
+
+    /// Starts sampling `probes[i]` for node `i`.
+    pub fn start(probes: Vec<RunningProbe>) -> RunRecorder {
+        let t0 = Instant::now();
+        let runs = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (r, s) = (runs.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                let seen: Vec<bool> = probes.iter().map(|p| p()).collect();
+                let at = t0.elapsed().as_secs_f64();
+                record_sample(&mut r.lock().unwrap_or_else(|e| e.into_inner()), &seen, at);
+                std::thread::sleep(Self::PERIOD);
+            }
+        });
+        RunRecorder {
+            t0,
+            runs,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Seconds on the recorder's clock now.
+    pub fn now(&self) -> f64 {
+        self.t0.elapsed().as_secs_f64()
+    }
+
+    /// The runs recorded so far, in the order they started.
+    pub fn runs(&self) -> Vec<NodeRun> {
+        self.runs.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+impl Drop for RunRecorder {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Adds one sample (`seen[i]`: running on node `i` at `at`) to `runs`: extends each node's
+/// open run, opens a run where it started, closes the run where it stopped.
+pub fn record_sample(runs: &mut Vec<NodeRun>, seen: &[bool], at: f64) {
+    for (node, &up) in seen.iter().enumerate() {
+        let open = runs.iter_mut().find(|r| r.node == node && r.open);
+        match (open, up) {
+            (Some(r), true) => r.last = at,
+            (Some(r), false) => r.open = false,
+            (None, true) => runs.push(NodeRun {
+                node,
+                first: at,
+                last: at,
+                open: true,
+            }),
+            (None, false) => {}
+        }
+    }
+}
+
+/// The first pair of runs on two nodes at the same time (a double run), if any. Runs are
+/// sampled: two runs overlap when one started at or before a sample at which the other was
+/// still seen.
+pub fn overlap(runs: &[NodeRun]) -> Option<(NodeRun, NodeRun)> {
+    let mut v = runs.to_vec();
+    v.sort_by(|a, b| a.first.total_cmp(&b.first));
+    v.iter().enumerate().find_map(|(k, a)| {
+        v[k + 1..]
+            .iter()
+            .find(|b| b.node != a.node && b.first <= a.last)
+            .map(|b| (*a, *b))
+    })
 }

@@ -19,7 +19,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use rustix::process::Signal;
-use stead_e2e::cluster::{ClusterLab, WallClockShift, libfaketime, metric, owner_in};
+use stead_e2e::cluster::{
+    ClusterLab, WallClockShift, agent_logs, libfaketime, metric, owner_in, wait_for,
+};
 use stead_e2e::{busybox_ok, busybox_rootfs_at, skip_unless};
 
 /// One run of the probe: its token and the first and last uptime it wrote.
@@ -83,28 +85,6 @@ fn assert_no_overlap(runs: &BTreeMap<String, Run>) -> Vec<Run> {
         );
     }
     v
-}
-
-fn wait_for(what: &str, limit: Duration, mut ok: impl FnMut() -> bool, lab: &ClusterLab) {
-    let t0 = Instant::now();
-    while !ok() {
-        if t0.elapsed() > limit {
-            panic!("{what}: not after {limit:?}\n{}", logs(lab));
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// The last lines of the agents' and the controller's logs.
-fn logs(lab: &ClusterLab) -> String {
-    let mut s = String::new();
-    for name in ["agent-n1", "agent-n2", "agent-n3", "controller"] {
-        s.push_str(&format!(
-            "--- {name}\n{}\n",
-            lab.log_tail(name, 25).join("\n")
-        ));
-    }
-    s
 }
 
 fn manifest(root: &Path) -> String {
@@ -469,13 +449,13 @@ fn etcd_leader_kills_never_stop_or_fence_the_workload() {
     assert!(
         now - last < 2.0,
         "the probe stopped: last line at {last}, now {now}\n{}",
-        logs(&lab)
+        agent_logs(&lab)
     );
     let mut fences = 0.0;
     for i in 0..lab.nodes.len() {
         let m = lab
             .agent_metrics(i)
-            .unwrap_or_else(|e| panic!("agent metrics of node {i}: {e}\n{}", logs(&lab)));
+            .unwrap_or_else(|e| panic!("agent metrics of node {i}: {e}\n{}", agent_logs(&lab)));
         let get = |name: &str| metric(&m, name, "").unwrap_or(-1.0);
         let errors: f64 = m
             .lines()
@@ -502,10 +482,10 @@ fn etcd_leader_kills_never_stop_or_fence_the_workload() {
         restarts,
         0,
         "the workload restarted: {all:?}\n{}",
-        logs(&lab)
+        agent_logs(&lab)
     );
-    assert_eq!(fences, 0.0, "an agent fenced\n{}", logs(&lab));
-    assert!(problems.is_empty(), "{problems:?}\n{}", logs(&lab));
+    assert_eq!(fences, 0.0, "an agent fenced\n{}", agent_logs(&lab));
+    assert!(problems.is_empty(), "{problems:?}\n{}", agent_logs(&lab));
 }
 
 /// Loss of etcd quorum (two of three members SIGSTOPped for 8 s, twice the node lease),
@@ -604,7 +584,7 @@ fn etcd_quorum_crash_keeps_the_workload_running_where_it_is() {
             all.len(),
             before.len(),
             "quorum crash {round}: the workload was started again\n{}",
-            logs(&lab)
+            agent_logs(&lab)
         );
         let now = host_uptime();
         let through = all
@@ -613,7 +593,7 @@ fn etcd_quorum_crash_keeps_the_workload_running_where_it_is() {
         assert!(
             through,
             "quorum crash {round}: the workload did not run through the loss: {all:?}\n{}",
-            logs(&lab)
+            agent_logs(&lab)
         );
         println!(
             "quorum crash {round}: kept running through {:.1} s without quorum, healthy again after {:.2} s, 0 new runs",
@@ -766,7 +746,7 @@ fn wall_clock_jumps_on_a_node_neither_fence_nor_move_its_ha_container() {
             }
             panic!(
                 "jump {k} ({offset:+} s) not seen in {name}'s log\n{}",
-                logs(&lab)
+                agent_logs(&lab)
             );
         };
         let t0 = Instant::now();
@@ -812,15 +792,20 @@ fn wall_clock_jumps_on_a_node_neither_fence_nor_move_its_ha_container() {
         CLOCK_JUMPS.len(),
         problems.is_empty()
     );
-    assert!(problems.is_empty(), "{problems:#?}\n{}", logs(&lab));
-    assert_eq!(fences, 0.0, "an agent fenced\n{}", logs(&lab));
-    assert_eq!(failovers, 0.0, "a failover\n{}", logs(&lab));
-    assert_eq!(replaced, 0.0, "{name}'s lease was replaced\n{}", logs(&lab));
+    assert!(problems.is_empty(), "{problems:#?}\n{}", agent_logs(&lab));
+    assert_eq!(fences, 0.0, "an agent fenced\n{}", agent_logs(&lab));
+    assert_eq!(failovers, 0.0, "a failover\n{}", agent_logs(&lab));
+    assert_eq!(
+        replaced,
+        0.0,
+        "{name}'s lease was replaced\n{}",
+        agent_logs(&lab)
+    );
     assert_eq!(
         restarts,
         0,
         "the workload restarted: {all:?}\n{}",
-        logs(&lab)
+        agent_logs(&lab)
     );
 
     // Fencing is not late on a jumped clock: the node, its clock an hour behind, is cut off;
@@ -841,7 +826,7 @@ fn wall_clock_jumps_on_a_node_neither_fence_nor_move_its_ha_container() {
         "{name} cut off at real -3600 s: fenced {fenced} time(s), failover after {:.2} s, 0 double runs",
         t_part.as_secs_f64()
     );
-    assert!(fenced >= 1.0, "{name} did not fence\n{}", logs(&lab));
+    assert!(fenced >= 1.0, "{name} did not fence\n{}", agent_logs(&lab));
 
     // Failover is not late either: the new owner, its clock an hour ahead, dies; the probe
     // runs elsewhere within the failover goal, never twice.
@@ -859,7 +844,7 @@ fn wall_clock_jumps_on_a_node_neither_fence_nor_move_its_ha_container() {
         assert!(
             t <= Duration::from_secs(20),
             "failover took {t:?}\n{}",
-            logs(&lab)
+            agent_logs(&lab)
         );
     }
 }
