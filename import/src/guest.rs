@@ -5,7 +5,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use stead_schema::{
-    ByteSize, DeletionPolicy, Kind, Name, PoolType, RunState, VolumeClone, VolumeFormat, VolumeSpec,
+    ByteSize, DeletionPolicy, DurationSpec, Kind, MAX_STOP_TIMEOUT, Name, PoolType, RunState,
+    VolumeClone, VolumeFormat, VolumeSpec,
 };
 
 use crate::model::Manifest;
@@ -265,6 +266,46 @@ pub fn run_state(file: &Path, onboot: Option<&Entry>, report: &mut Report) -> Ru
     }
 }
 
+/// `startup: [order=]N,up=N,down=N`: `down` (the seconds Proxmox waits for the guest to
+/// shut down) becomes `stopTimeout`; the start order and delay are reported (stead orders
+/// by dependencies). `None` without a usable `down`.
+pub fn stop_timeout(
+    file: &Path,
+    startup: Option<&Entry>,
+    report: &mut Report,
+) -> Option<DurationSpec> {
+    let e = startup?;
+    let mut down = None;
+    let mut order_or_up = false;
+    for part in e.value.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        match part.split_once('=') {
+            Some(("down", v)) => match v.parse::<u64>() {
+                Ok(s) if s <= MAX_STOP_TIMEOUT.as_secs() => down = Some(s),
+                _ => report.note(
+                    file,
+                    e.line,
+                    "startup",
+                    format!(
+                        "down={v}: not a number of seconds up to {} (stead's longest stopTimeout): not carried over",
+                        MAX_STOP_TIMEOUT.as_secs()
+                    ),
+                ),
+            },
+            Some(("order" | "up", _)) | None => order_or_up = true,
+            Some((k, _)) => report.note(file, e.line, "startup", format!("`{k}`: unknown part: not carried over")),
+        }
+    }
+    if order_or_up {
+        report.note(
+            file,
+            e.line,
+            "startup",
+            "start order and delays (stead orders by dependencies): not carried over",
+        );
+    }
+    down.map(|s| DurationSpec(std::time::Duration::from_secs(s)))
+}
+
 /// Percent-decodes `s` (`%0A` → newline); a malformed escape is kept as written.
 pub fn percent_decode(s: &str) -> String {
     let b = s.as_bytes();
@@ -293,6 +334,37 @@ mod tests {
             DiskSource::Volume(v) => v,
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn startup_down_becomes_the_stop_timeout_and_the_rest_is_reported() {
+        let f = Path::new("100.conf");
+        let run = |v: &str| {
+            let e = Entry {
+                key: "startup".into(),
+                value: v.into(),
+                line: 7,
+            };
+            let mut r = Report::default();
+            let t = stop_timeout(f, Some(&e), &mut r).map(|d| d.0.as_secs());
+            let notes: Vec<String> = r.notes().iter().map(|n| n.reason.clone()).collect();
+            (t, notes)
+        };
+        assert_eq!(run("down=120"), (Some(120), vec![]));
+        let (t, notes) = run("order=2,up=30,down=90");
+        assert_eq!(t, Some(90));
+        assert_eq!(notes.len(), 1);
+        assert!(notes[0].starts_with("start order and delays"), "{notes:?}");
+        let (t, notes) = run("3");
+        assert_eq!((t, notes.len()), (None, 1), "a bare number is the order");
+        let (t, notes) = run("down=7200");
+        assert_eq!(t, None);
+        assert!(notes[0].contains("up to 3600"), "{notes:?}");
+        let (t, notes) = run("down=x,late=1");
+        assert_eq!((t, notes.len()), (None, 2), "{notes:?}");
+        let mut r = Report::default();
+        assert_eq!(stop_timeout(f, None, &mut r), None);
+        assert!(r.notes().is_empty());
     }
 
     #[test]

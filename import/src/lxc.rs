@@ -37,6 +37,7 @@ const HANDLED: &[&str] = &[
     "cores",
     "unprivileged",
     "onboot",
+    "startup",
     "rootfs",
 ];
 
@@ -52,7 +53,6 @@ fn unmapped_reason(key: &str) -> String {
         "tags" => "Proxmox tags",
         "lock" => "a Proxmox lock (the guest was in a backup, migration or snapshot)",
         "parent" => "the current snapshot (snapshots are not imported)",
-        "startup" => "start order and delays (stead orders by dependencies)",
         "protection" => "deletion protection",
         "console" | "tty" | "cmode" => "console settings",
         "digest" => "Proxmox bookkeeping",
@@ -120,7 +120,7 @@ pub fn import_ct(g: &GuestFile, name: &str, ctx: &Ctx) -> Result<Imported, Vec<P
         mounts: parts.mounts,
         state: run_state(file, main.get("onboot"), &mut report),
         restart_policy: RestartPolicy::Always,
-        stop_timeout: None,
+        stop_timeout: crate::guest::stop_timeout(file, main.get("startup"), &mut report),
         deletion_policy: None,
         placement: Placement::default(),
         depends_on: vec![],

@@ -114,6 +114,8 @@ fn fixture_imports_and_validates() {
     assert_eq!(spec(&d, Kind::Volume, "tank-vm-112-disk-0")["pool"], "tank");
     assert_eq!(spec(&d, Kind::Volume, "netinst")["size"], "57");
     assert_eq!(spec(&d, Kind::Network, "vnet100")["type"], "vxlan");
+    // `startup: order=2,up=30,down=120`: the shutdown wait is kept.
+    assert_eq!(spec(&d, Kind::VirtualMachine, "busy")["stopTimeout"], "2m");
     let weekly = spec(&d, Kind::BackupSchedule, "backup-weekly");
     let names = weekly["targets"]["names"].as_array().unwrap();
     assert!(
