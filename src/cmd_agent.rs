@@ -249,6 +249,10 @@ pub struct AgentArgs {
     /// (default: no metrics endpoint).
     #[arg(long, value_name = "ADDR")]
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Serve the metrics over TLS with the node's certificate, to clients presenting a
+    /// certificate the cluster's CA signed (e.g. the operator's `admin.crt`).
+    #[arg(long, requires = "metrics_listen")]
+    pub metrics_tls: bool,
 }
 
 /// Runs the agent until SIGINT or SIGTERM.
@@ -269,6 +273,11 @@ pub fn run(a: AgentArgs, g: &Global, env: HostEnv) -> Result<u8> {
     // Replication is not what the node's workloads need to run: a receiver that cannot
     // start (an address that does not resolve, a port taken) leaves it off, loudly.
     let metrics = Arc::new(AgentMetrics::new()?);
+    let metrics_tls = if a.metrics_tls {
+        Some(node_tls(&file).context("--metrics-tls")?)
+    } else {
+        None
+    };
     let replication = start_replication(&file, &a.paths, &metrics).unwrap_or_else(|e| {
         tracing::error!(error = format!("{e:#}"), "volume replication is off");
         None
@@ -295,7 +304,8 @@ pub fn run(a: AgentArgs, g: &Global, env: HostEnv) -> Result<u8> {
             agent_repl::spawn_loop(file.etcd(), state, transfer, rx.clone())?;
         }
         if let Some(addr) = a.metrics_listen {
-            serve_metrics(addr, metrics.registry.clone(), rx.clone()).await?;
+            let tls = metrics_tls.map(|t| t.server_config());
+            serve_metrics(addr, metrics.registry.clone(), rx.clone(), tls).await?;
         }
         supervise(&file.etcd(), &config, engine, rx, metrics).await
     })?;
@@ -367,18 +377,37 @@ async fn supervise(
     Ok(())
 }
 
-/// Binds `addr` and serves `registry` on it (`GET /metrics`) until `shutdown`.
+/// Binds `addr` and serves `registry` on it (`GET /metrics`) until `shutdown`, over
+/// mutual TLS with `tls` when given.
 pub async fn serve_metrics(
     addr: std::net::SocketAddr,
     registry: stead_cluster::metrics::Registry,
     shutdown: tokio::sync::watch::Receiver<bool>,
+    tls: Option<Arc<stead_cluster::metrics::TlsConfig>>,
 ) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("metrics address {addr}"))?;
-    tracing::info!(%addr, "serving metrics");
-    tokio::spawn(stead_cluster::metrics::serve(listener, registry, shutdown));
+    tracing::info!(%addr, tls = tls.is_some(), "serving metrics");
+    match tls {
+        Some(tls) => tokio::spawn(stead_cluster::metrics::serve_tls(
+            listener, registry, shutdown, tls,
+        )),
+        None => tokio::spawn(stead_cluster::metrics::serve(listener, registry, shutdown)),
+    };
     Ok(())
+}
+
+/// The node's TLS (its agent certificate, the cluster's CA) from `agent.json`.
+fn node_tls(file: &AgentFile) -> Result<ReplicationTls> {
+    let (Some(ca), Some(cert), Some(key)) = (&file.ca, &file.cert, &file.key) else {
+        anyhow::bail!("agent.json has no certificates (join with --ca, --cert and --key)");
+    };
+    Ok(ReplicationTls::load(&TlsFiles {
+        ca: ca.clone(),
+        cert: cert.clone(),
+        key: key.clone(),
+    })?)
 }
 
 /// Resolves on SIGTERM or SIGINT.

@@ -430,7 +430,7 @@ fn lead(a: LeadArgs, g: &Global) -> Result<u8> {
         tokio::spawn(reload_manifests(a.paths, a.reload, manifests_tx));
         let metrics = Arc::new(LeaderMetrics::new()?);
         if let Some(addr) = a.metrics_listen {
-            serve_metrics(addr, metrics.registry.clone(), stop_rx.clone()).await?;
+            serve_metrics(addr, metrics.registry.clone(), stop_rx.clone(), None).await?;
         }
         tokio::spawn(log_status(status_rx, metrics));
         leader::run(&store, &config, manifests_rx, status_tx, stop_rx).await?;

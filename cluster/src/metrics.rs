@@ -3,7 +3,7 @@
 //! small HTTP/1.1 endpoint for `GET /metrics`. docs/metrics.md lists every metric.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 pub use prometheus::Registry;
@@ -11,7 +11,7 @@ use prometheus::{
     Encoder, Gauge, GaugeVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, TextEncoder,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::debug;
 
@@ -367,15 +367,53 @@ const REQUEST_WAIT: Duration = Duration::from_secs(5);
 
 /// Serves `GET /metrics` (the registry) and `GET /healthz` on `listener` until `shutdown`
 /// turns true. One connection at a time is plenty for a scraper.
-pub async fn serve(listener: TcpListener, registry: Registry, mut shutdown: watch::Receiver<bool>) {
+pub async fn serve(listener: TcpListener, registry: Registry, shutdown: watch::Receiver<bool>) {
+    serve_with(listener, registry, shutdown, None).await;
+}
+
+/// The TLS server configuration [`serve_tls`] takes (rustls').
+pub type TlsConfig = rustls::ServerConfig;
+
+/// [`serve`] over TLS with `tls` (the node's certificate; a client must present a
+/// certificate the cluster's CA signed, or the handshake fails).
+pub async fn serve_tls(
+    listener: TcpListener,
+    registry: Registry,
+    shutdown: watch::Receiver<bool>,
+    tls: Arc<TlsConfig>,
+) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    serve_with(listener, registry, shutdown, Some(acceptor)).await;
+}
+
+async fn serve_with(
+    listener: TcpListener,
+    registry: Registry,
+    mut shutdown: watch::Receiver<bool>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) {
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
+                Ok((stream, peer)) => {
                     let r = registry.clone();
+                    let tls = tls.clone();
                     tokio::spawn(async move {
-                        if let Err(e) = answer(stream, &r).await {
-                            debug!(error = %e, "metrics request failed");
+                        let answered = match tls {
+                            None => answer(stream, &r).await,
+                            Some(acceptor) => {
+                                match tokio::time::timeout(REQUEST_WAIT, acceptor.accept(stream)).await {
+                                    Ok(Ok(s)) => answer(s, &r).await,
+                                    Ok(Err(e)) => Err(e),
+                                    Err(_) => Err(std::io::Error::new(
+                                        std::io::ErrorKind::TimedOut,
+                                        "TLS handshake too slow",
+                                    )),
+                                }
+                            }
+                        };
+                        if let Err(e) = answered {
+                            debug!(error = %e, %peer, "metrics request failed");
                         }
                     });
                 }
@@ -416,7 +454,10 @@ pub fn respond(request_line: &str, registry: &Registry) -> (&'static str, &'stat
     }
 }
 
-async fn answer(mut stream: TcpStream, registry: &Registry) -> std::io::Result<()> {
+async fn answer<S>(mut stream: S, registry: &Registry) -> std::io::Result<()>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     let mut buf = vec![0u8; 4096];
     let mut len = 0;
     let read = async {
@@ -448,6 +489,7 @@ async fn answer(mut stream: TcpStream, registry: &Registry) -> std::io::Result<(
 mod tests {
     use super::*;
     use crate::placement::Unplaceable;
+    use tokio::net::TcpStream;
     use tokio::time::Instant;
 
     fn liveness(generation: u64, acked_at: Instant) -> Liveness {
@@ -544,6 +586,132 @@ mod tests {
             "405 Method Not Allowed"
         );
         assert_eq!(respond("", &r).0, "405 Method Not Allowed");
+    }
+
+    /// A CA, node `n1`'s certificate and the operator's, as `stead cluster init` makes them.
+    fn make_pki(dir: &std::path::Path) -> crate::pki::InitReport {
+        crate::pki::init(&crate::pki::InitRequest {
+            layout: crate::pki::Layout::new(dir),
+            members: vec!["n1=127.0.0.1".parse().expect("member")],
+            ca: crate::pki::CaMode::New,
+            days: 2,
+        })
+        .expect("pki")
+    }
+
+    fn certs(p: &std::path::Path) -> Vec<rustls::pki_types::CertificateDer<'static>> {
+        use rustls::pki_types::pem::PemObject;
+        rustls::pki_types::CertificateDer::pem_file_iter(p)
+            .expect("pem")
+            .collect::<Result<_, _>>()
+            .expect("certs")
+    }
+
+    fn key(p: &std::path::Path) -> rustls::pki_types::PrivateKeyDer<'static> {
+        use rustls::pki_types::pem::PemObject;
+        rustls::pki_types::PrivateKeyDer::from_pem_file(p).expect("key")
+    }
+
+    fn roots(ca: &std::path::Path) -> Arc<rustls::RootCertStore> {
+        let mut r = rustls::RootCertStore::empty();
+        for c in certs(ca) {
+            r.add(c).expect("CA");
+        }
+        Arc::new(r)
+    }
+
+    /// A GET /metrics over TLS to `addr` as `who` (a cert and key, or none): the reply, or
+    /// the error the handshake or the read ended with.
+    async fn get_tls(
+        addr: std::net::SocketAddr,
+        ca: &std::path::Path,
+        who: Option<(&std::path::Path, &std::path::Path)>,
+    ) -> std::io::Result<String> {
+        #[allow(deprecated)]
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let b = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_root_certificates(roots(ca));
+        let cfg = match who {
+            Some((c, k)) => b
+                .with_client_auth_cert(certs(c), key(k))
+                .expect("client cert"),
+            None => b.with_no_client_auth(),
+        };
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
+        let tcp = TcpStream::connect(addr).await?;
+        let name = rustls::pki_types::ServerName::try_from("n1").expect("name");
+        let mut s = connector.connect(name, tcp).await?;
+        s.write_all(b"GET /metrics HTTP/1.1\r\nhost: n1\r\n\r\n")
+            .await?;
+        let mut reply = String::new();
+        s.read_to_string(&mut reply).await?;
+        Ok(reply)
+    }
+
+    #[tokio::test]
+    async fn serves_the_registry_over_mutual_tls_only_to_the_clusters_certificates() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let pki = make_pki(dir.path());
+        let (node_cert, node_key) = &pki.members[0].agent;
+        #[allow(deprecated)]
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            roots(&pki.ca_cert),
+            provider.clone(),
+        )
+        .build()
+        .expect("verifier");
+        let server = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(certs(node_cert), key(node_key))
+            .expect("server cert");
+        let m = AgentMetrics::new().expect("metrics");
+        m.fences.inc();
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (tx, rx) = watch::channel(false);
+        let task = tokio::spawn(serve_tls(
+            listener,
+            m.registry.clone(),
+            rx,
+            Arc::new(server),
+        ));
+
+        let (admin_cert, admin_key) = &pki.admin;
+        let reply = get_tls(addr, &pki.ca_cert, Some((admin_cert, admin_key)))
+            .await
+            .expect("the operator's certificate is let in");
+        assert!(reply.starts_with("HTTP/1.1 200 OK"), "{reply}");
+        assert!(reply.contains("stead_cluster_fences_total 1"), "{reply}");
+
+        // No client certificate, or one from another CA: no metrics.
+        let stranger = make_pki(&dir.path().join("other"));
+        for who in [None, Some((&stranger.admin.0, &stranger.admin.1))] {
+            let got = get_tls(
+                addr,
+                &pki.ca_cert,
+                who.map(|(c, k)| (c.as_path(), k.as_path())),
+            )
+            .await;
+            assert!(
+                got.as_ref().map_or(true, |r| !r.contains("stead_cluster")),
+                "{got:?}"
+            );
+        }
+        // Plain HTTP on the TLS port gets nothing either.
+        let mut s = TcpStream::connect(addr).await.expect("connect");
+        let _ = s
+            .write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await;
+        let mut reply = String::new();
+        let _ = s.read_to_string(&mut reply).await;
+        assert!(!reply.contains("stead_cluster"), "{reply}");
+        tx.send_replace(true);
+        task.await.expect("server ends");
     }
 
     #[tokio::test]

@@ -102,6 +102,14 @@ impl ReplicationTls {
     }
 }
 
+impl ReplicationTls {
+    /// The server side: the node's certificate, clients must present one the CA signed
+    /// (the agent's metrics endpoint with `--metrics-tls` uses it too).
+    pub fn server_config(&self) -> Arc<ServerConfig> {
+        self.server.clone()
+    }
+}
+
 fn tcp(stream: &TcpStream) -> Result<(), DriverError> {
     stream
         .set_read_timeout(Some(IO_TIMEOUT))
