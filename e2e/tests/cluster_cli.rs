@@ -9,7 +9,7 @@ use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use stead_e2e::cluster::ClusterLab;
+use stead_e2e::cluster::{AGENT_METRICS_PORT, ClusterLab};
 use stead_e2e::stead_bin;
 
 fn show(o: &Output) -> String {
@@ -106,9 +106,11 @@ fn cluster_status_shows_a_running_agent_s_node() {
     .unwrap();
     let log = std::fs::File::create(lab.log_path("agent-n2")).unwrap();
     let mut agent = lab.stead(1);
+    let metrics = format!("127.0.0.1:{AGENT_METRICS_PORT}");
     agent
         .arg("agent")
         .arg(&manifests)
+        .args(["--metrics-listen", &metrics, "--metrics-tls"])
         .stdin(Stdio::null())
         .stdout(log.try_clone().unwrap())
         .stderr(log);
@@ -159,6 +161,40 @@ fn cluster_status_shows_a_running_agent_s_node() {
     let text = String::from_utf8_lossy(&text.stdout).into_owned();
     assert!(text.contains("leader: (none)"), "{text}");
     assert!(text.lines().any(|l| l.starts_with("n2 ")), "{text}");
+
+    // --metrics-tls: the operator's certificate reads the metrics, no certificate does not,
+    // and neither does plain HTTP.
+    let url = format!("https://n2:{AGENT_METRICS_PORT}/metrics");
+    let resolve = format!("n2:{AGENT_METRICS_PORT}:127.0.0.1");
+    let curl = |cert: Option<&(std::path::PathBuf, std::path::PathBuf)>, url: &str| {
+        let mut c = lab.in_netns(1, std::path::Path::new("curl"));
+        c.args(["-sS", "--max-time", "5", "--resolve", &resolve, "--cacert"])
+            .arg(lab.ca());
+        if let Some((crt, key)) = cert {
+            c.arg("--cert").arg(crt).arg("--key").arg(key);
+        }
+        c.arg(url).output().expect("curl")
+    };
+    let admin = lab.admin();
+    let out = curl(Some(&admin), &url);
+    let body = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{}", show(&out));
+    assert!(body.contains("stead_cluster_"), "{body}");
+    let out = curl(None, &url);
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("stead_cluster_"),
+        "no client certificate: {}",
+        show(&out)
+    );
+    let out = curl(
+        None,
+        &format!("http://127.0.0.1:{AGENT_METRICS_PORT}/metrics"),
+    );
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("stead_cluster_"),
+        "plain HTTP: {}",
+        show(&out)
+    );
 }
 
 /// `stead migrate --live` of a container is refused with the reason before anything is
