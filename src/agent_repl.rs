@@ -31,6 +31,13 @@ use crate::cmd_agent::load;
 /// How often the agent looks for replication jobs that are due.
 pub const TICK: Duration = Duration::from_secs(2);
 
+/// A peer's registered address and replication port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Peer {
+    host: String,
+    port: u16,
+}
+
 /// A failover waiting to be recorded in etcd.
 type PendingFailover = (String, FailoverRecord, FencingToken);
 
@@ -39,13 +46,12 @@ type PendingFailover = (String, FailoverRecord, FencingToken);
 pub struct ReplState {
     node: String,
     paths: Vec<PathBuf>,
-    port: u16,
     /// The workloads the node runs under ownership (HA ones removed when it fences).
     owned: Mutex<Vec<Owned>>,
     /// Promotions not yet recorded.
     failovers: Mutex<Vec<PendingFailover>>,
-    /// Registered node addresses.
-    peers: Mutex<BTreeMap<String, String>>,
+    /// Registered node addresses and replication ports.
+    peers: Mutex<BTreeMap<String, Peer>>,
     /// Where replication lag, bytes and failures are recorded.
     metrics: Option<Arc<AgentMetrics>>,
 }
@@ -55,12 +61,11 @@ fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl ReplState {
-    /// The state of node `node` reading manifests from `paths`; peers listen on `port`.
-    pub fn new(node: &str, paths: Vec<PathBuf>, port: u16) -> Self {
+    /// The state of node `node` reading manifests from `paths`.
+    pub fn new(node: &str, paths: Vec<PathBuf>) -> Self {
         Self {
             node: node.to_string(),
             paths,
-            port,
             owned: Mutex::default(),
             failovers: Mutex::default(),
             peers: Mutex::default(),
@@ -125,12 +130,13 @@ impl ReplState {
         }
     }
 
+    /// Where `node` receives replicas: the address and port it registered.
     fn peer_addr(&self, node: &str) -> Result<SocketAddr, String> {
-        let host = locked(&self.peers)
+        let Peer { host, port } = locked(&self.peers)
             .get(node)
             .cloned()
             .ok_or_else(|| format!("node {node} is not registered"))?;
-        (host.as_str(), self.port)
+        (host.as_str(), port)
             .to_socket_addrs()
             .map_err(|e| format!("address of {node} ({host}): {e}"))?
             .next()
@@ -322,10 +328,16 @@ fn record_outcomes(metrics: &AgentMetrics, outcomes: &[(String, Outcome)]) {
 
 async fn refresh_peers(store: &Store, state: &ReplState) -> Result<(), StoreError> {
     let (entries, _) = list_prefix(store, &store.keys().nodes()).await?;
-    let peers: BTreeMap<String, String> = entries
+    let peers: BTreeMap<String, Peer> = entries
         .iter()
         .filter_map(|e| serde_json::from_slice::<NodeInfo>(&e.value).ok())
-        .map(|n| (n.name, n.address))
+        .map(|n| {
+            let peer = Peer {
+                host: n.address,
+                port: n.replication_port,
+            };
+            (n.name, peer)
+        })
         .collect();
     *locked(&state.peers) = peers;
     Ok(())
@@ -362,7 +374,7 @@ mod tests {
 
     #[test]
     fn a_fence_stops_the_replication_of_what_it_stopped() {
-        let s = ReplState::new("n1", Vec::new(), 7443);
+        let s = ReplState::new("n1", Vec::new());
         s.set_owned(vec![
             owned("Container", "a", true),
             owned("Container", "b", false),
@@ -376,13 +388,22 @@ mod tests {
     }
 
     #[test]
-    fn a_peer_is_dialled_at_its_registered_address_and_the_port() {
-        let s = ReplState::new("n1", Vec::new(), 7443);
+    fn a_peer_is_dialled_at_its_registered_address_and_port() {
+        let s = ReplState::new("n1", Vec::new());
         assert!(s.peer_addr("n2").is_err(), "not registered");
-        locked(&s.peers).insert("n2".into(), "10.77.0.2".into());
+        let peer = |host: &str, port| Peer {
+            host: host.into(),
+            port,
+        };
+        locked(&s.peers).insert("n2".into(), peer("10.77.0.2", 7444));
+        locked(&s.peers).insert("n3".into(), peer("10.77.0.3", 7443));
         assert_eq!(
             s.peer_addr("n2"),
-            Ok("10.77.0.2:7443".parse().expect("addr"))
+            Ok("10.77.0.2:7444".parse().expect("addr"))
+        );
+        assert_eq!(
+            s.peer_addr("n3"),
+            Ok("10.77.0.3:7443".parse().expect("addr"))
         );
     }
 

@@ -584,6 +584,7 @@ mod tests {
                 pools: Vec::new(),
                 networks: Vec::new(),
                 version: String::new(),
+                replication_port: 7443,
             },
             alive: true,
         }

@@ -31,6 +31,7 @@ fn node(name: &str) -> NodeInfo {
         pools: vec![],
         networks: vec![],
         version: "test".into(),
+        replication_port: 7443,
     }
 }
 

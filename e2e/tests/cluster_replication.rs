@@ -290,8 +290,8 @@ fn an_ha_container_fails_over_to_its_volume_s_replica() {
     );
 }
 
-/// The lab of the replication tests: n1 and n2 with a pool each, agents, a controller; the
-/// probe's record file. The destroy guard must outlive the lab (declare it first).
+/// The lab of the replication tests: n1 and n2 with a pool each (n2 receiving replicas on
+/// port 7444, n1 on the default 7443), agents, a controller; the probe's record file. The destroy guard must outlive the lab (declare it first).
 struct ReplLab {
     lab: ClusterLab,
     agents: Vec<usize>,
@@ -306,9 +306,16 @@ fn start_repl_lab(test: &str, p1: &NodePool, p2: &NodePool) -> Option<(ReplLab, 
         destroy.push(c);
     }
     let manifests = [&p1.manifests, &p2.manifests, &p1.manifests];
+    // Each node receives on a port of its own (n1 the default): a sender dials the port
+    // its peer registered.
+    let joins: [&[&str]; 3] = [
+        &["--pool", "fast"],
+        &["--pool", "fast", "--replication-port", "7444"],
+        &[],
+    ];
     let mut agents = Vec::new();
     for (i, m) in manifests.iter().enumerate() {
-        lab.join_node(i, if i < 2 { &["--pool", "fast"] } else { &[] });
+        lab.join_node(i, joins[i]);
         agents.push(lab.start_agent(i, m));
     }
     lab.start_controller(&p1.manifests);
