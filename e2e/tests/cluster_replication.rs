@@ -322,6 +322,40 @@ fn start_repl_lab(test: &str, p1: &NodePool, p2: &NodePool) -> Option<(ReplLab, 
     Some((ReplLab { lab, agents }, DestroyEach(destroy)))
 }
 
+/// Waits for the probe on n1 and the first replication point, then makes a late write
+/// (after that point): the probe copies the trigger file of its rootfs into its volume. The
+/// trigger is removed again, so only the replica can bring the late file to another node.
+/// The first run's hello and the late file's content.
+fn late_write_after_the_first_point(lab: &ClusterLab, root: &Path) -> (String, String) {
+    let seen_log = root.join("seen.log");
+    wait_for("the probe runs on n1", Duration::from_secs(90), lab, || {
+        seen(&seen_log).len() >= 3
+    });
+    let hello = seen(&seen_log)[0].1.clone();
+    let written = unix_now();
+    wait_for(
+        "the first replication point",
+        Duration::from_secs(60),
+        lab,
+        || {
+            lab.cluster_status()["replication"]["data"]["lastPoint"]
+                .as_u64()
+                .is_some_and(|p| p >= written.saturating_sub(5))
+        },
+    );
+    let late = format!("late{}", unix_now());
+    let trigger = root.join("trigger");
+    std::fs::write(&trigger, &late).expect("trigger");
+    wait_for(
+        "the probe reads the late file on n1",
+        Duration::from_secs(10),
+        lab,
+        || late_of(&seen_log).is_some_and(|(_, l)| l == late),
+    );
+    std::fs::remove_file(&trigger).expect("remove the trigger");
+    (hello, late)
+}
+
 const MIGRATE_TEST: &str = "migrate_runs_a_final_replication_before_starting_on_the_replica";
 
 /// `stead migrate` of a container whose volume is replicated to the target `every: 1h`:
@@ -348,34 +382,7 @@ fn migrate_runs_a_final_replication_before_starting_on_the_replica() {
     };
     let lab = &r.lab;
     let _ = &r.agents;
-    wait_for("the probe runs on n1", Duration::from_secs(90), lab, || {
-        seen(&seen_log).len() >= 3
-    });
-    let hello = seen(&seen_log)[0].1.clone();
-    let written = unix_now();
-    wait_for(
-        "the first replication point",
-        Duration::from_secs(60),
-        lab,
-        || {
-            lab.cluster_status()["replication"]["data"]["lastPoint"]
-                .as_u64()
-                .is_some_and(|p| p >= written.saturating_sub(5))
-        },
-    );
-    // A late write, after the last replication point: the probe copies the trigger file of
-    // its rootfs into its volume. The trigger goes before the move, so only the replica can
-    // bring the late file to n2.
-    let late = format!("late{}", unix_now());
-    let trigger = root.join("trigger");
-    std::fs::write(&trigger, &late).expect("trigger");
-    wait_for(
-        "the probe reads the late file on n1",
-        Duration::from_secs(10),
-        lab,
-        || late_of(&seen_log).is_some_and(|(_, l)| l == late),
-    );
-    std::fs::remove_file(&trigger).expect("remove the trigger");
+    let (hello, late) = late_write_after_the_first_point(lab, &root);
 
     let t0 = Instant::now();
     let out = lab
@@ -430,4 +437,74 @@ fn late_of(log: &Path) -> Option<(String, String)> {
     let token = it.next()?.to_string();
     let _hello = it.next()?;
     Some((token, it.next()?.to_string()))
+}
+
+const PLACEMENT_TEST: &str = "a_placement_change_runs_a_final_replication_before_the_move";
+
+/// A manifest change takes n1 out of the container's restricted HA group (it runs on n1, its
+/// volume replicated to n2 `every: 1h`) after a late write: the leader marks the move as a hand-over, so n1 stops it, sends a
+/// final replication and only then releases it; on n2 it reads the late write.
+#[test]
+fn a_placement_change_runs_a_final_replication_before_the_move() {
+    if !busybox_ok(PLACEMENT_TEST) {
+        return;
+    }
+    let rootfs_sb = Sandbox::new();
+    let root = busybox_rootfs_at(&rootfs_sb.path("ct-root"));
+    let seen_log = root.join("seen.log");
+    let Some(p1) = node_pool(&root, PLACEMENT_TEST, "1h") else {
+        return;
+    };
+    let Some(p2) = node_pool(&root, PLACEMENT_TEST, "1h") else {
+        return;
+    };
+    let Some((r, _destroy)) = start_repl_lab(PLACEMENT_TEST, &p1, &p2) else {
+        return;
+    };
+    let lab = &r.lab;
+    let (hello, late) = late_write_after_the_first_point(lab, &root);
+
+    let t0 = Instant::now();
+    for p in [&p1, &p2] {
+        only_n2_in_the_group(&p.manifests.join("m.yaml"));
+    }
+    let first = seen(&seen_log).first().map(|l| l.0.clone());
+    wait_for(
+        "the probe runs on n2 with the late file",
+        Duration::from_secs(60),
+        lab,
+        || late_of(&seen_log).is_some_and(|(t, l)| Some(&t) != first.as_ref() && l == late),
+    );
+    let moved = t0.elapsed();
+    assert!(
+        seen(&seen_log).iter().all(|(_, h)| *h == hello),
+        "every run read the first run's hello"
+    );
+    let final_line = lab
+        .log_tail("agent-n1", usize::MAX)
+        .into_iter()
+        .find(|l| l.contains("final replication before the migration"))
+        .unwrap_or_default();
+    assert!(
+        !final_line.is_empty(),
+        "no final replication\n{}",
+        logs(lab)
+    );
+    println!(
+        "FIGURE placement change with final replication: probe on n2 reading the late write {:.2} s after the manifest edit; {final_line}",
+        moved.as_secs_f64()
+    );
+    assert_eq!(owner(&lab.cluster_status()).as_deref(), Some("n2"));
+}
+
+/// Rewrites the manifests at `file` (atomically) with n2 alone in the HA group.
+fn only_n2_in_the_group(file: &Path) {
+    let text = std::fs::read_to_string(file).expect("manifests");
+    let pinned = text.replace("nodes: {n1: 2, n2: 1}", "nodes: {n2: 1}");
+    assert_ne!(pinned, text, "the group's nodes");
+    // Beside the manifests directory (the same file system), so no reader sees it.
+    let dir = file.parent().and_then(Path::parent).expect("sandbox");
+    let tmp = dir.join("m.yaml.tmp");
+    std::fs::write(&tmp, pinned).expect("write");
+    std::fs::rename(&tmp, file).expect("rename");
 }
