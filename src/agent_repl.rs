@@ -3,6 +3,8 @@
 //! ([`Transfer`] over TLS to the peer's registered address), the schedule
 //! ([`Replicator::tick`] every [`TICK`] for the volumes of the workloads the node owns, none
 //! once it fenced) and, at failover, the promotion of a replica before the workload starts.
+//! A volume whose workload runs on the node its `to` names goes back to its previous owner
+//! (the reversal rule, [`stead_cluster::replication::effective_peer`]), which then receives it.
 
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -16,8 +18,9 @@ use stead_cluster::metrics::AgentMetrics;
 use stead_cluster::model::NodeInfo;
 use stead_cluster::owner::FencingToken;
 use stead_cluster::replication::{
-    FailoverRecord, Outcome, ReplicationJob, Replicator, Transfer, TransferReport, jobs_for,
-    owned_volumes, receiving_pool, record_failover,
+    FailoverRecord, Outcome, ReplicationJob, ReplicationStatus, Replicator, Transfer,
+    TransferReport, jobs_reversed, list_status, owned_volumes, receiving_pool,
+    receiving_pool_reversed, record_failover,
 };
 use stead_cluster::watch::list_prefix;
 use stead_drivers::storage::replicate::{
@@ -52,6 +55,8 @@ pub struct ReplState {
     failovers: Mutex<Vec<PendingFailover>>,
     /// Registered node addresses and replication ports.
     peers: Mutex<BTreeMap<String, Peer>>,
+    /// The replication status of every volume, as last read (the reversal rule reads it).
+    statuses: Mutex<BTreeMap<String, ReplicationStatus>>,
     /// Where replication lag, bytes and failures are recorded.
     metrics: Option<Arc<AgentMetrics>>,
 }
@@ -69,6 +74,7 @@ impl ReplState {
             owned: Mutex::default(),
             failovers: Mutex::default(),
             peers: Mutex::default(),
+            statuses: Mutex::default(),
             metrics: None,
         }
     }
@@ -222,7 +228,9 @@ pub fn start_receiver(
 fn receive_forever(server: &ReplicationServer, state: &ReplState) {
     let resolve = |volume: &str| -> Option<Box<dyn ReplicationBackend>> {
         let desired = load(&state.paths).ok()?;
-        receiving_pool(&desired, &state.node, volume).and_then(backend_for)
+        let status = locked(&state.statuses).get(volume).cloned();
+        receiving_pool_reversed(&desired, &state.node, volume, status.as_ref())
+            .and_then(backend_for)
     };
     loop {
         if let Err(e) = server.serve_one(&resolve) {
@@ -294,11 +302,14 @@ async fn round(
 ) -> Result<(), StoreError> {
     refresh_peers(store, state).await?;
     flush_failovers(store, state).await?;
+    // After the failovers: their records turn the direction of the volumes they moved.
+    let statuses = list_status(store).await?;
+    *locked(&state.statuses) = statuses.clone();
     let Ok(desired) = load(&state.paths) else {
         return Ok(());
     };
     let owned = locked(&state.owned).clone();
-    let jobs = jobs_for(&desired, &owned, &state.node);
+    let jobs = jobs_reversed(&desired, &owned, &state.node, &statuses);
     if jobs.is_empty() {
         return Ok(());
     }

@@ -61,7 +61,7 @@ spec:
   command:
     - /bin/sh
     - -c
-    - "trap 'exit 0' TERM; t=$RANDOM$RANDOM; [ -s /data/hello ] || {{ echo $t > /data/hello; sync; }}; while :; do [ -f /trigger ] && [ ! -s /data/late ] && {{ cat /trigger > /data/late; sync; }}; echo \"$t $(cat /data/hello) $(cat /data/late 2>/dev/null || echo -)\" >> /seen.log; sleep 0.2; done"
+    - "trap 'exit 0' TERM; t=$RANDOM$RANDOM; [ -s /data/hello ] || {{ echo $t > /data/hello; sync; }}; while :; do [ -f /trigger ] && [ \"$(cat /trigger)\" != \"$(cat /data/late 2>/dev/null)\" ] && {{ cat /trigger > /data/late; sync; }}; echo \"$t $(cat /data/hello) $(cat /data/late 2>/dev/null || echo -)\" >> /seen.log; sleep 0.2; done"
 "#,
         pool = pool.display(),
         root = root.display()
@@ -507,4 +507,106 @@ fn only_n2_in_the_group(file: &Path) {
     let tmp = dir.join("m.yaml.tmp");
     std::fs::write(&tmp, pinned).expect("write");
     std::fs::rename(&tmp, file).expect("rename");
+}
+
+const REVERSE_TEST: &str = "after_a_move_to_the_replica_node_the_volume_replicates_back";
+
+/// The reversal rule: the container moves (`stead migrate`) from n1 to n2, the node its
+/// volume's `to` names; n2 then replicates the volume back to n1. A write made on n2 after
+/// the move reaches n1's replica.
+#[test]
+fn after_a_move_to_the_replica_node_the_volume_replicates_back() {
+    if !busybox_ok(REVERSE_TEST) {
+        return;
+    }
+    let rootfs_sb = Sandbox::new();
+    let root = busybox_rootfs_at(&rootfs_sb.path("ct-root"));
+    let seen_log = root.join("seen.log");
+    let Some(p1) = node_pool(&root, REVERSE_TEST, "2s") else {
+        return;
+    };
+    let Some(p2) = node_pool(&root, REVERSE_TEST, "2s") else {
+        return;
+    };
+    let Some((r, _destroy)) = start_repl_lab(REVERSE_TEST, &p1, &p2) else {
+        return;
+    };
+    let lab = &r.lab;
+    let (_, late) = late_write_after_the_first_point(lab, &root);
+    let out = lab
+        .operator_cmd(&[
+            "migrate",
+            "Container/probe",
+            "--to",
+            "n2",
+            "--timeout",
+            "90s",
+        ])
+        .output()
+        .expect("stead migrate");
+    assert!(out.status.success(), "stead migrate failed\n{}", logs(lab));
+    let first = seen(&seen_log).first().map(|l| l.0.clone());
+    wait_for("the probe runs on n2", Duration::from_secs(60), lab, || {
+        late_of(&seen_log).is_some_and(|(t, l)| Some(&t) != first.as_ref() && l == late)
+    });
+
+    // A write on n2, after the move.
+    let t0 = Instant::now();
+    let after = unix_now();
+    let later = format!("after-move{}", unix_now());
+    std::fs::write(root.join("trigger"), &later).expect("trigger");
+    wait_for(
+        "the probe writes on n2",
+        Duration::from_secs(10),
+        lab,
+        || late_of(&seen_log).is_some_and(|(_, l)| l == later),
+    );
+    let mut status = Value::Null;
+    wait_for(
+        "a replication point from n2 to n1 after the write",
+        Duration::from_secs(60),
+        lab,
+        || {
+            status = lab.cluster_status()["replication"]["data"].clone();
+            status["from"] == "n2"
+                && status["to"] == "n1"
+                && status["lastPoint"].as_u64().is_some_and(|p| p > after)
+        },
+    );
+    let back = t0.elapsed();
+    let replicas = p1.fs.mnt.join("pool/replicas/data");
+    assert!(
+        holds(&replicas, later.as_bytes()),
+        "n1's replica lacks the write made on n2: {status:#}"
+    );
+    let n2_log = lab.log_tail("agent-n2", usize::MAX);
+    let back_lines: Vec<&String> = n2_log.iter().filter(|l| l.contains("to=n1")).collect();
+    let refused = back_lines
+        .iter()
+        .filter(|l| l.contains("replication failed"))
+        .count();
+    let first_back = back_lines
+        .iter()
+        .find(|l| l.contains(": replicated "))
+        .map_or("-", |l| l.as_str());
+    println!(
+        "FIGURE reversal: n1's replica holds the write made on n2 {:.2} s after it; last transfer n2→n1 {} bytes in {} ms; attempts refused before n1 knew the direction: {refused}; first one back: {first_back}",
+        back.as_secs_f64(),
+        status["bytes"],
+        status["durationMs"]
+    );
+}
+
+/// Whether a file under `dir` contains `needle`.
+fn holds(dir: &Path, needle: &[u8]) -> bool {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return false;
+    };
+    entries.flatten().any(|e| {
+        let path = e.path();
+        if path.is_dir() {
+            return holds(&path, needle);
+        }
+        std::fs::read(&path).is_ok_and(|b| b.windows(needle.len()).any(|w| w == needle))
+    })
 }
