@@ -318,6 +318,18 @@ fn start_repl_lab(test: &str, p1: &NodePool, p2: &NodePool) -> Option<(ReplLab, 
         lab.join_node(i, joins[i]);
         agents.push(lab.start_agent(i, m));
     }
+    // The controller once every node is registered: a placement made while n1 was still
+    // joining would put the probe on n2 and keep it there (noFailback).
+    wait_for(
+        "three nodes registered",
+        Duration::from_secs(60),
+        &lab,
+        || {
+            lab.cluster_status()["nodes"]
+                .as_array()
+                .is_some_and(|n| n.len() == 3)
+        },
+    );
     lab.start_controller(&p1.manifests);
     Some((ReplLab { lab, agents }, DestroyEach(destroy)))
 }
@@ -581,16 +593,24 @@ fn after_a_move_to_the_replica_node_the_volume_replicates_back() {
     );
     let n2_log = lab.log_tail("agent-n2", usize::MAX);
     let back_lines: Vec<&String> = n2_log.iter().filter(|l| l.contains("to=n1")).collect();
-    let refused = back_lines
+    let failed: Vec<&&String> = back_lines
         .iter()
         .filter(|l| l.contains("replication failed"))
-        .count();
-    let first_back = back_lines
+        .collect();
+    for l in &failed {
+        println!(
+            "failed attempt back: {}",
+            l.rsplit("error=").next().unwrap_or(l)
+        );
+    }
+    let refused = failed.len();
+    // The sender's own line says whether it was incremental (`parent=Some(..)`).
+    let first_back = n2_log
         .iter()
-        .find(|l| l.contains(": replicated "))
-        .map_or("-", |l| l.as_str());
+        .find(|l| l.contains(": replicated ") && l.contains("parent="))
+        .map_or("-", String::as_str);
     println!(
-        "FIGURE reversal: n1's replica holds the write made on n2 {:.2} s after it; last transfer n2→n1 {} bytes in {} ms; attempts refused before n1 knew the direction: {refused}; first one back: {first_back}",
+        "FIGURE reversal: n1's replica holds the write made on n2 {:.2} s after it; last transfer n2→n1 {} bytes in {} ms; failed attempts first: {refused}; first one back: {first_back}",
         back.as_secs_f64(),
         status["bytes"],
         status["durationMs"]
