@@ -19,7 +19,7 @@ use stead_cluster::model::NodeInfo;
 use stead_cluster::owner::FencingToken;
 use stead_cluster::replication::{
     FailoverRecord, Outcome, ReplicationJob, ReplicationStatus, Replicator, Transfer,
-    TransferReport, jobs_reversed, list_status, owned_volumes, receiving_pool,
+    TransferReport, jobs_reversed, list_status, owned_volumes, read_status, receiving_pool,
     receiving_pool_reversed, record_failover,
 };
 use stead_cluster::watch::list_prefix;
@@ -57,6 +57,8 @@ pub struct ReplState {
     peers: Mutex<BTreeMap<String, Peer>>,
     /// The replication status of every volume, as last read (the reversal rule reads it).
     statuses: Mutex<BTreeMap<String, ReplicationStatus>>,
+    /// Where the receiver reads a status the last round did not see yet.
+    etcd: Mutex<Option<EtcdConfig>>,
     /// Where replication lag, bytes and failures are recorded.
     metrics: Option<Arc<AgentMetrics>>,
 }
@@ -75,6 +77,7 @@ impl ReplState {
             failovers: Mutex::default(),
             peers: Mutex::default(),
             statuses: Mutex::default(),
+            etcd: Mutex::default(),
             metrics: None,
         }
     }
@@ -170,6 +173,22 @@ impl ReplState {
     pub fn node(&self) -> &str {
         &self.node
     }
+
+    /// The status of `volume` read from etcd now (kept for the next lookups); `None`
+    /// without etcd or a status.
+    fn fresh_status(&self, volume: &str) -> Option<ReplicationStatus> {
+        let etcd = locked(&self.etcd).clone()?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .ok()?;
+        let status = rt.block_on(async {
+            let store = Store::connect(&etcd).await.ok()?;
+            read_status(&store, volume).await.ok().flatten()
+        })?;
+        locked(&self.statuses).insert(volume.to_string(), status.clone());
+        Some(status)
+    }
 }
 
 /// The pool `volume` lives in, per the manifests.
@@ -230,6 +249,16 @@ fn receive_forever(server: &ReplicationServer, state: &ReplState) {
         let desired = load(&state.paths).ok()?;
         let status = locked(&state.statuses).get(volume).cloned();
         receiving_pool_reversed(&desired, &state.node, volume, status.as_ref())
+            .or_else(|| {
+                // A volume sent back before this node's round saw the new direction (only
+                // a volume replicated to another node can be).
+                let rep = desired.volume(volume)?.replication.as_ref()?;
+                if rep.to.0 == state.node {
+                    return None;
+                }
+                let fresh = state.fresh_status(volume)?;
+                receiving_pool_reversed(&desired, &state.node, volume, Some(&fresh))
+            })
             .and_then(backend_for)
     };
     loop {
@@ -252,6 +281,7 @@ pub fn spawn_loop(
     transfer: Arc<dyn Transfer>,
     shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
+    *locked(&state.etcd) = Some(etcd.clone());
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
