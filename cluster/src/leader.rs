@@ -707,6 +707,7 @@ impl<'a> Term<'a> {
             alive,
             &self.migrations,
         );
+        let stale = self.stale_handovers(result, &moves);
         for (id, record) in moves {
             let r = ResourceRef::new(id.kind.as_str(), &id.name)
                 .map_err(|e| StoreError::Protocol(e.to_string()))?;
@@ -714,7 +715,37 @@ impl<'a> Term<'a> {
             info!(resource = %id, from = ?record.from, to = %record.to, "placement change: hand-over with a final replication");
             self.migrations.insert(id, record);
         }
+        for id in stale {
+            let Ok(r) = ResourceRef::new(id.kind.as_str(), &id.name) else {
+                continue;
+            };
+            match migrate::clear(self.store, &r).await {
+                Ok(_) => {
+                    self.migrations.remove(&id);
+                }
+                Err(e) => debug!(resource = %id, error = %e, "old hand-over record not cleared"),
+            }
+        }
         Ok(())
+    }
+
+    /// Workloads that move now without a hand-over but still have the record of an earlier
+    /// one: it is cleared, so their old node never hands them to that node again.
+    fn stale_handovers(
+        &self,
+        result: &PlacementResult,
+        moves: &[(ResourceId, MigrationRecord)],
+    ) -> Vec<ResourceId> {
+        self.migrations
+            .iter()
+            .filter(|(id, r)| r.placement_change && !moves.iter().any(|(m, _)| m == *id))
+            .filter(|(id, _)| {
+                let now = self.current.get(*id).map(|a| a.node.as_str());
+                let next = result.assignments.get(*id).map(|a| a.node.as_str());
+                now.is_some() && now != next
+            })
+            .map(|(id, _)| id.clone())
+            .collect()
     }
 
     /// The placement of `m` now, with `overrides` pinned; while settling, assignments on

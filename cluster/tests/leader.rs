@@ -641,6 +641,11 @@ async fn a_live_move_is_checked_against_capacity_first_and_a_completed_one_never
 /// Manifests of a container on a btrfs pool's volume replicated to `to`, on the node whose
 /// `zone` label is `zone`; `other` is a container without volumes on the same node.
 fn replicated_manifests(revision: &str, to: &str, zone: &str) -> Arc<Manifests> {
+    manifests_with_mounts(revision, to, zone, "[{volume: data, path: /data}]")
+}
+
+/// [`replicated_manifests`] with `mounts` for `app`.
+fn manifests_with_mounts(revision: &str, to: &str, zone: &str, mounts: &str) -> Arc<Manifests> {
     manifests_text(
         revision,
         &format!(
@@ -657,7 +662,7 @@ spec: {{pool: fast, size: 1Gi, replication: {{to: {to}, every: 1h}}}}
 apiVersion: stead.dev/v1alpha1
 kind: Container
 metadata: {{name: app}}
-spec: {{rootfs: {{path: /srv/r}}, mounts: [{{volume: data, path: /data}}], placement: {{nodeSelector: {{zone: {zone}}}}}}}
+spec: {{rootfs: {{path: /srv/r}}, mounts: {mounts}, placement: {{nodeSelector: {{zone: {zone}}}}}}}
 ---
 apiVersion: stead.dev/v1alpha1
 kind: Container
@@ -742,4 +747,16 @@ async fn a_placement_change_to_the_replica_node_is_a_hand_over() {
         ),
         (Some("n2"), "n1", true)
     );
+
+    // A later move without a hand-over (app no longer mounts the volume) clears the record.
+    manifests_tx.send_replace(Some(manifests_with_mounts("r4", "n1", "n2", "[]")));
+    wait_for(&store, "both on n2 again", |l| {
+        l == ["Container/app=n2", "Container/other=n2"]
+    })
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while migrate::read(&store, &app).await.expect("read").is_some() {
+        assert!(Instant::now() < deadline, "the old hand-over record stays");
+        sleep(Duration::from_millis(50)).await;
+    }
 }
