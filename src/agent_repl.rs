@@ -3,6 +3,8 @@
 //! ([`Transfer`] over TLS to the peer's registered address), the schedule
 //! ([`Replicator::tick`] every [`TICK`] for the volumes of the workloads the node owns, none
 //! once it fenced) and, at failover, the promotion of a replica before the workload starts.
+//! A volume whose workload runs on the node its `to` names goes back to its previous owner
+//! (the reversal rule, [`stead_cluster::replication::effective_peer`]), which then receives it.
 
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -16,8 +18,9 @@ use stead_cluster::metrics::AgentMetrics;
 use stead_cluster::model::NodeInfo;
 use stead_cluster::owner::FencingToken;
 use stead_cluster::replication::{
-    FailoverRecord, Outcome, ReplicationJob, Replicator, Transfer, TransferReport, jobs_for,
-    owned_volumes, receiving_pool, record_failover,
+    FailoverRecord, Outcome, ReplicationJob, ReplicationStatus, Replicator, Transfer,
+    TransferReport, jobs_reversed, list_status, owned_volumes, read_status, receiving_pool,
+    receiving_pool_reversed, record_failover,
 };
 use stead_cluster::watch::list_prefix;
 use stead_drivers::storage::replicate::{
@@ -31,6 +34,13 @@ use crate::cmd_agent::load;
 /// How often the agent looks for replication jobs that are due.
 pub const TICK: Duration = Duration::from_secs(2);
 
+/// A peer's registered address and replication port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Peer {
+    host: String,
+    port: u16,
+}
+
 /// A failover waiting to be recorded in etcd.
 type PendingFailover = (String, FailoverRecord, FencingToken);
 
@@ -39,13 +49,16 @@ type PendingFailover = (String, FailoverRecord, FencingToken);
 pub struct ReplState {
     node: String,
     paths: Vec<PathBuf>,
-    port: u16,
     /// The workloads the node runs under ownership (HA ones removed when it fences).
     owned: Mutex<Vec<Owned>>,
     /// Promotions not yet recorded.
     failovers: Mutex<Vec<PendingFailover>>,
-    /// Registered node addresses.
-    peers: Mutex<BTreeMap<String, String>>,
+    /// Registered node addresses and replication ports.
+    peers: Mutex<BTreeMap<String, Peer>>,
+    /// The replication status of every volume, as last read (the reversal rule reads it).
+    statuses: Mutex<BTreeMap<String, ReplicationStatus>>,
+    /// Where the receiver reads a status the last round did not see yet.
+    etcd: Mutex<Option<EtcdConfig>>,
     /// Where replication lag, bytes and failures are recorded.
     metrics: Option<Arc<AgentMetrics>>,
 }
@@ -55,15 +68,16 @@ fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl ReplState {
-    /// The state of node `node` reading manifests from `paths`; peers listen on `port`.
-    pub fn new(node: &str, paths: Vec<PathBuf>, port: u16) -> Self {
+    /// The state of node `node` reading manifests from `paths`.
+    pub fn new(node: &str, paths: Vec<PathBuf>) -> Self {
         Self {
             node: node.to_string(),
             paths,
-            port,
             owned: Mutex::default(),
             failovers: Mutex::default(),
             peers: Mutex::default(),
+            statuses: Mutex::default(),
+            etcd: Mutex::default(),
             metrics: None,
         }
     }
@@ -125,12 +139,13 @@ impl ReplState {
         }
     }
 
+    /// Where `node` receives replicas: the address and port it registered.
     fn peer_addr(&self, node: &str) -> Result<SocketAddr, String> {
-        let host = locked(&self.peers)
+        let Peer { host, port } = locked(&self.peers)
             .get(node)
             .cloned()
             .ok_or_else(|| format!("node {node} is not registered"))?;
-        (host.as_str(), self.port)
+        (host.as_str(), port)
             .to_socket_addrs()
             .map_err(|e| format!("address of {node} ({host}): {e}"))?
             .next()
@@ -157,6 +172,22 @@ impl ReplState {
     /// The node's name.
     pub fn node(&self) -> &str {
         &self.node
+    }
+
+    /// The status of `volume` read from etcd now (kept for the next lookups); `None`
+    /// without etcd or a status.
+    fn fresh_status(&self, volume: &str) -> Option<ReplicationStatus> {
+        let etcd = locked(&self.etcd).clone()?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .ok()?;
+        let status = rt.block_on(async {
+            let store = Store::connect(&etcd).await.ok()?;
+            read_status(&store, volume).await.ok().flatten()
+        })?;
+        locked(&self.statuses).insert(volume.to_string(), status.clone());
+        Some(status)
     }
 }
 
@@ -216,7 +247,19 @@ pub fn start_receiver(
 fn receive_forever(server: &ReplicationServer, state: &ReplState) {
     let resolve = |volume: &str| -> Option<Box<dyn ReplicationBackend>> {
         let desired = load(&state.paths).ok()?;
-        receiving_pool(&desired, &state.node, volume).and_then(backend_for)
+        let status = locked(&state.statuses).get(volume).cloned();
+        receiving_pool_reversed(&desired, &state.node, volume, status.as_ref())
+            .or_else(|| {
+                // A volume sent back before this node's round saw the new direction (only
+                // a volume replicated to another node can be).
+                let rep = desired.volume(volume)?.replication.as_ref()?;
+                if rep.to.0 == state.node {
+                    return None;
+                }
+                let fresh = state.fresh_status(volume)?;
+                receiving_pool_reversed(&desired, &state.node, volume, Some(&fresh))
+            })
+            .and_then(backend_for)
     };
     loop {
         if let Err(e) = server.serve_one(&resolve) {
@@ -238,6 +281,7 @@ pub fn spawn_loop(
     transfer: Arc<dyn Transfer>,
     shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
+    *locked(&state.etcd) = Some(etcd.clone());
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -288,11 +332,14 @@ async fn round(
 ) -> Result<(), StoreError> {
     refresh_peers(store, state).await?;
     flush_failovers(store, state).await?;
+    // After the failovers: their records turn the direction of the volumes they moved.
+    let statuses = list_status(store).await?;
+    *locked(&state.statuses) = statuses.clone();
     let Ok(desired) = load(&state.paths) else {
         return Ok(());
     };
     let owned = locked(&state.owned).clone();
-    let jobs = jobs_for(&desired, &owned, &state.node);
+    let jobs = jobs_reversed(&desired, &owned, &state.node, &statuses);
     if jobs.is_empty() {
         return Ok(());
     }
@@ -322,10 +369,16 @@ fn record_outcomes(metrics: &AgentMetrics, outcomes: &[(String, Outcome)]) {
 
 async fn refresh_peers(store: &Store, state: &ReplState) -> Result<(), StoreError> {
     let (entries, _) = list_prefix(store, &store.keys().nodes()).await?;
-    let peers: BTreeMap<String, String> = entries
+    let peers: BTreeMap<String, Peer> = entries
         .iter()
         .filter_map(|e| serde_json::from_slice::<NodeInfo>(&e.value).ok())
-        .map(|n| (n.name, n.address))
+        .map(|n| {
+            let peer = Peer {
+                host: n.address,
+                port: n.replication_port,
+            };
+            (n.name, peer)
+        })
         .collect();
     *locked(&state.peers) = peers;
     Ok(())
@@ -362,7 +415,7 @@ mod tests {
 
     #[test]
     fn a_fence_stops_the_replication_of_what_it_stopped() {
-        let s = ReplState::new("n1", Vec::new(), 7443);
+        let s = ReplState::new("n1", Vec::new());
         s.set_owned(vec![
             owned("Container", "a", true),
             owned("Container", "b", false),
@@ -376,13 +429,22 @@ mod tests {
     }
 
     #[test]
-    fn a_peer_is_dialled_at_its_registered_address_and_the_port() {
-        let s = ReplState::new("n1", Vec::new(), 7443);
+    fn a_peer_is_dialled_at_its_registered_address_and_port() {
+        let s = ReplState::new("n1", Vec::new());
         assert!(s.peer_addr("n2").is_err(), "not registered");
-        locked(&s.peers).insert("n2".into(), "10.77.0.2".into());
+        let peer = |host: &str, port| Peer {
+            host: host.into(),
+            port,
+        };
+        locked(&s.peers).insert("n2".into(), peer("10.77.0.2", 7444));
+        locked(&s.peers).insert("n3".into(), peer("10.77.0.3", 7443));
         assert_eq!(
             s.peer_addr("n2"),
-            Ok("10.77.0.2:7443".parse().expect("addr"))
+            Ok("10.77.0.2:7444".parse().expect("addr"))
+        );
+        assert_eq!(
+            s.peer_addr("n3"),
+            Ok("10.77.0.3:7443".parse().expect("addr"))
         );
     }
 

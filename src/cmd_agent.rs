@@ -61,8 +61,8 @@ pub struct AgentFile {
     /// Node-local networks this node has (besides those it applied).
     #[serde(default)]
     pub networks: Vec<String>,
-    /// TCP port this node receives volume replicas on, and dials its peers on (default
-    /// 7443). Replication needs the CA, certificate and key above.
+    /// TCP port this node receives volume replicas on (default 7443), registered with the
+    /// node so its peers dial it there. Replication needs the CA, certificate and key above.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replication_port: Option<u16>,
 }
@@ -158,7 +158,8 @@ pub struct JoinArgs {
     /// Node lease TTL: a dead node's workloads move after about this long.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     lease_ttl: Duration,
-    /// TCP port for volume replication between nodes (the same on every node).
+    /// TCP port this node receives volume replicas on (default 7443); registered with the
+    /// node, so every node may use its own.
     #[arg(long)]
     replication_port: Option<u16>,
 }
@@ -332,8 +333,7 @@ fn start_replication(
         key: key.clone(),
     })?;
     let port = file.replication_port.unwrap_or(DEFAULT_PORT);
-    let state =
-        Arc::new(ReplState::new(&file.name, paths.to_vec(), port).with_metrics(metrics.clone()));
+    let state = Arc::new(ReplState::new(&file.name, paths.to_vec()).with_metrics(metrics.clone()));
     let bind = (file.address.as_str(), port)
         .to_socket_addrs()
         .with_context(|| format!("replication address {}", file.address))?
@@ -447,6 +447,7 @@ fn node_info(file: &AgentFile, env: &HostEnv) -> Result<NodeInfo> {
         pools: has(Kind::StoragePool, &file.pools),
         networks: has(Kind::Network, &file.networks),
         version: env!("CARGO_PKG_VERSION").to_string(),
+        replication_port: file.replication_port.unwrap_or(DEFAULT_PORT),
     })
 }
 

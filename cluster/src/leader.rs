@@ -436,6 +436,7 @@ impl<'a> Term<'a> {
         // Before the assignments: the source's agent reads the record (and so hands the
         // workload off) as soon as it sees the workload leave.
         self.record_migrations(&result, refused).await;
+        self.record_handovers(m, &result).await?;
         let mut failovers = Vec::new();
         if !puts.is_empty() {
             election::put_assignments(self.store, &self.token, &puts).await?;
@@ -557,7 +558,9 @@ impl<'a> Term<'a> {
             // A request whose method is not written yet pins nothing: a live move must not
             // become a cold one because a write failed.
             .filter(|(_, r)| {
-                r.state.pins() && !(r.state == MigrationState::Requested && r.method.is_none())
+                r.state.pins()
+                    && !r.placement_change
+                    && !(r.state == MigrationState::Requested && r.method.is_none())
             })
             .map(|(id, r)| (id.clone(), r.clone()))
             .collect();
@@ -682,6 +685,67 @@ impl<'a> Term<'a> {
                 Err(e) => debug!(resource = %id, error = %e, "migration state not written"),
             }
         }
+    }
+
+    /// Marks each move of a manifest placement change whose data must follow (volumes
+    /// replicated to the new node) with a hand-over record ([`migrate::handovers`]) before
+    /// the assignment changes: the source's agent reads it when it releases the workload and
+    /// sends a final replication first. A failed write fails the round: no such assignment
+    /// moves without its record.
+    async fn record_handovers(
+        &mut self,
+        m: &Manifests,
+        result: &PlacementResult,
+    ) -> Result<(), StoreError> {
+        let workloads = placement::workloads(&m.desired);
+        let nodes = &self.nodes;
+        let alive = |n: &str| nodes.get(n).is_some_and(|s| s.alive);
+        let moves = migrate::handovers(
+            &workloads,
+            &self.current,
+            &result.assignments,
+            alive,
+            &self.migrations,
+        );
+        let stale = self.stale_handovers(result, &moves);
+        for (id, record) in moves {
+            let r = ResourceRef::new(id.kind.as_str(), &id.name)
+                .map_err(|e| StoreError::Protocol(e.to_string()))?;
+            migrate::put(self.store, &r, &record).await?;
+            info!(resource = %id, from = ?record.from, to = %record.to, "placement change: hand-over with a final replication");
+            self.migrations.insert(id, record);
+        }
+        for id in stale {
+            let Ok(r) = ResourceRef::new(id.kind.as_str(), &id.name) else {
+                continue;
+            };
+            match migrate::clear(self.store, &r).await {
+                Ok(_) => {
+                    self.migrations.remove(&id);
+                }
+                Err(e) => debug!(resource = %id, error = %e, "old hand-over record not cleared"),
+            }
+        }
+        Ok(())
+    }
+
+    /// Workloads that move now without a hand-over but still have the record of an earlier
+    /// one: it is cleared, so their old node never hands them to that node again.
+    fn stale_handovers(
+        &self,
+        result: &PlacementResult,
+        moves: &[(ResourceId, MigrationRecord)],
+    ) -> Vec<ResourceId> {
+        self.migrations
+            .iter()
+            .filter(|(id, r)| r.placement_change && !moves.iter().any(|(m, _)| m == *id))
+            .filter(|(id, _)| {
+                let now = self.current.get(*id).map(|a| a.node.as_str());
+                let next = result.assignments.get(*id).map(|a| a.node.as_str());
+                now.is_some() && now != next
+            })
+            .map(|(id, _)| id.clone())
+            .collect()
     }
 
     /// The placement of `m` now, with `overrides` pinned; while settling, assignments on

@@ -172,6 +172,10 @@ pub struct MigrationRecord {
     /// Live: the source's last progress report.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress: Option<LiveProgress>,
+    /// Written by the leader for a manifest placement change, not by an operator: it pins
+    /// nothing, it only tells the source to hand the workload off ([`handovers`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub placement_change: bool,
 }
 
 fn is_auto(m: &MigrationMode) -> bool {
@@ -194,7 +198,20 @@ impl MigrationRecord {
             method: None,
             listen: None,
             progress: None,
+            placement_change: false,
         }
+    }
+
+    /// The leader's record of a manifest placement change that moves a workload from `from`
+    /// to `to`, a node holding the replicas of its volumes: `assigned` at once, so the
+    /// source's agent hands it off (a final replication) before it releases it.
+    pub fn placement_change(from: &str, to: &str) -> Self {
+        let mut r = Self::request(to);
+        r.from = Some(from.to_string());
+        r.state = MigrationState::Assigned;
+        r.method = Some("cold (placement change: final replication first)".into());
+        r.placement_change = true;
+        r
     }
 
     /// This record moved to `next` (the fields `next` carries set by the caller after);
@@ -552,11 +569,48 @@ pub fn refused_by_placement(
     out
 }
 
+/// The moves of a placement change that must hand their data off (pure): each workload
+/// assigned in `current` to a node still `alive`, assigned to another node in `next`, whose
+/// node-local volumes are all replicated to that node, and not moved by an operator (no
+/// record in `records` that pins it or moves it live). Each gets
+/// [`MigrationRecord::placement_change`], written before the assignment changes, so the
+/// source runs the same hand-over as `stead migrate --cold` instead of a plain reassignment
+/// (which would lose the writes made since the last scheduled replication).
+pub fn handovers(
+    workloads: &[Workload],
+    current: &BTreeMap<ResourceId, crate::model::Assignment>,
+    next: &BTreeMap<ResourceId, crate::model::Assignment>,
+    alive: impl Fn(&str) -> bool,
+    records: &BTreeMap<ResourceId, MigrationRecord>,
+) -> Vec<(ResourceId, MigrationRecord)> {
+    let mut out = Vec::new();
+    for w in workloads {
+        let (Some(old), Some(new)) = (current.get(&w.id), next.get(&w.id)) else {
+            continue;
+        };
+        if old.node == new.node || !alive(&old.node) {
+            continue;
+        }
+        let DataLocality::Replicated { nodes } = &w.data else {
+            continue;
+        };
+        let by_operator = records.get(&w.id).is_some_and(|r| {
+            !r.placement_change && (r.state.pins() || r.state.is_live_in_flight())
+        });
+        if nodes.contains(&new.node) && !by_operator {
+            let record = MigrationRecord::placement_change(&old.node, &new.node);
+            out.push((w.id.clone(), record));
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::model::{Capacity, NodeInfo};
     use crate::placement::{NodeState, PlacementInput, place};
+    use std::collections::BTreeSet;
     use stead_schema::{Kind, Placement};
 
     fn workload(name: &str, placement: Placement, data: DataLocality) -> Workload {
@@ -584,6 +638,7 @@ mod tests {
                 pools: Vec::new(),
                 networks: Vec::new(),
                 version: String::new(),
+                replication_port: 7443,
             },
             alive: true,
         }
@@ -942,5 +997,76 @@ mod tests {
         }
         assert!(apply_overrides(&mut ws, &o).is_empty());
         assert!(ws[0].placement.node.is_none());
+    }
+
+    fn assigned(pairs: &[(&str, &str)]) -> BTreeMap<ResourceId, crate::model::Assignment> {
+        pairs
+            .iter()
+            .map(|(w, n)| {
+                let id = ResourceId::new(Kind::Container, *w);
+                let a = crate::model::Assignment {
+                    resource: id.to_string(),
+                    node: (*n).into(),
+                    ha: true,
+                    revision: "r".into(),
+                };
+                (id, a)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_placement_change_to_the_replica_node_hands_the_data_off() {
+        let to_n2 = || DataLocality::Replicated {
+            nodes: BTreeSet::from(["n2".to_string()]),
+        };
+        let ws = [
+            workload("moved", Placement::default(), to_n2()),
+            workload("stays", Placement::default(), to_n2()),
+            workload("shared", Placement::default(), DataLocality::Anywhere),
+            workload("elsewhere", Placement::default(), to_n2()),
+            workload("from-dead", Placement::default(), to_n2()),
+            workload("by-operator", Placement::default(), to_n2()),
+        ];
+        let current = assigned(&[
+            ("moved", "n1"),
+            ("stays", "n1"),
+            ("shared", "n1"),
+            ("elsewhere", "n1"),
+            ("from-dead", "n3"),
+            ("by-operator", "n1"),
+        ]);
+        let next = assigned(&[
+            ("moved", "n2"),
+            ("stays", "n1"),
+            ("shared", "n2"),
+            ("elsewhere", "n3"),
+            ("from-dead", "n2"),
+            ("by-operator", "n2"),
+        ]);
+        let mut records = overrides("by-operator", "n2");
+        // An old hand-over of `moved` does not stop a new one.
+        records.insert(
+            ResourceId::new(Kind::Container, "moved"),
+            MigrationRecord::placement_change("n2", "n1"),
+        );
+        let out = handovers(&ws, &current, &next, |n| n != "n3", &records);
+        assert_eq!(out.len(), 1, "{out:?}");
+        let (id, r) = &out[0];
+        assert_eq!(id.name, "moved");
+        assert_eq!((r.from.as_deref(), r.to.as_str()), (Some("n1"), "n2"));
+        assert_eq!(r.state, MigrationState::Assigned);
+        assert!(r.placement_change && !r.state.can_become(MigrationState::Assigned));
+    }
+
+    #[test]
+    fn a_placement_change_record_reads_back_and_an_operator_s_omits_the_flag() {
+        let r = MigrationRecord::placement_change("n1", "n2");
+        let json = serde_json::to_string(&r).expect("encode");
+        assert!(json.contains("\"placementChange\":true"), "{json}");
+        let back: MigrationRecord = serde_json::from_str(&json).expect("decode");
+        assert_eq!(back, r);
+        let operator = serde_json::to_string(&MigrationRecord::request("n2")).expect("encode");
+        assert!(!operator.contains("placementChange"), "{operator}");
     }
 }

@@ -26,6 +26,17 @@ pub struct NodeInfo {
     pub networks: Vec<String>,
     /// stead version of the agent.
     pub version: String,
+    /// TCP port the node's agent receives volume replicas on (a record written before the
+    /// port was registered reads as [`DEFAULT_REPLICATION_PORT`]).
+    #[serde(default = "default_replication_port")]
+    pub replication_port: u16,
+}
+
+/// The replication port of a node that does not register one.
+pub const DEFAULT_REPLICATION_PORT: u16 = 7443;
+
+fn default_replication_port() -> u16 {
+    DEFAULT_REPLICATION_PORT
 }
 
 /// Allocatable resources of a node, or the request of a workload.

@@ -537,4 +537,18 @@ mod tests {
         }
         assert_eq!(w.push(Duration::from_millis(2)), Duration::from_millis(2));
     }
+
+    #[test]
+    fn the_node_record_carries_its_replication_port_and_old_records_read_as_7443() {
+        let mut info = crate::testkit::test_node("n2");
+        info.replication_port = 7444;
+        let json = serde_json::to_string(&info).expect("encode");
+        assert!(json.contains("\"replicationPort\":7444"), "{json}");
+        let back: NodeInfo = serde_json::from_str(&json).expect("decode");
+        assert_eq!(back, info);
+        // A record an agent wrote before the port was registered.
+        let old = r#"{"name":"n1","address":"10.77.0.1","capacity":{"milliCpus":1000,"memoryBytes":1},"version":"0.1.0"}"#;
+        let old: NodeInfo = serde_json::from_str(old).expect("old record");
+        assert_eq!(old.replication_port, crate::model::DEFAULT_REPLICATION_PORT);
+    }
 }

@@ -121,6 +121,10 @@ pub fn next_due(status: Option<&ReplicationStatus>, every: Duration, now: u64) -
     let Some(s) = status else {
         return now;
     };
+    if s.failover.is_some() && s.failures == 0 {
+        // The volume changed nodes since the last transfer: its new owner sends at once.
+        return now;
+    }
     if s.failures == 0 {
         return s.last_attempt.saturating_add(every.as_secs());
     }
@@ -178,9 +182,46 @@ pub fn after_failure(
 
 /// The replication jobs of the workloads `node` owns: each volume of an owned workload that
 /// declares `replication` to another node, once (the first owner by id guards it). A volume
-/// whose `to` is `node` itself (the workload failed over to its replica node) has no job until
-/// the manifest names another peer.
+/// whose `to` is `node` itself (the workload moved or failed over to its replica node) has no
+/// job here; [`jobs_reversed`] gives it one back to its previous owner.
 pub fn jobs_for(desired: &Desired, owned: &[Owned], node: &str) -> Vec<ReplicationJob> {
+    jobs_with(desired, owned, |_, to| (to != node).then(|| to.to_string()))
+}
+
+/// [`jobs_for`] with the reversal rule ([`effective_peer`] on `statuses`, by volume): a
+/// volume whose `to` names `node` itself goes back to its previous owner.
+pub fn jobs_reversed(
+    desired: &Desired,
+    owned: &[Owned],
+    node: &str,
+    statuses: &BTreeMap<String, ReplicationStatus>,
+) -> Vec<ReplicationJob> {
+    jobs_with(desired, owned, |volume, to| {
+        effective_peer(to, node, statuses.get(volume))
+    })
+}
+
+/// The reversal rule: where the copies of a volume whose manifest says `to` go from its
+/// owner `owner`: to `to`, unless `to` names the owner itself (its workload moved or failed
+/// over to the replica node); then to the other node its status names (the previous owner,
+/// which keeps the old copy and its pool), if any.
+pub fn effective_peer(to: &str, owner: &str, status: Option<&ReplicationStatus>) -> Option<String> {
+    if to != owner {
+        return Some(to.to_string());
+    }
+    let s = status?;
+    [&s.to, &s.from]
+        .into_iter()
+        .find(|n| !n.is_empty() && n.as_str() != owner)
+        .cloned()
+}
+
+/// The jobs of the volumes of `owned`, each to `peer(volume, manifest's to)` when it names one.
+fn jobs_with(
+    desired: &Desired,
+    owned: &[Owned],
+    peer: impl Fn(&str, &str) -> Option<String>,
+) -> Vec<ReplicationJob> {
     let mut jobs: BTreeMap<String, ReplicationJob> = BTreeMap::new();
     let mut owned: Vec<&Owned> = owned.iter().collect();
     owned.sort_by(|a, b| a.resource.cmp(&b.resource));
@@ -189,12 +230,15 @@ pub fn jobs_for(desired: &Desired, owned: &[Owned], node: &str) -> Vec<Replicati
             let Some(rep) = desired.volume(&volume).and_then(|v| v.replication.as_ref()) else {
                 continue;
             };
-            if rep.to.0 == node || jobs.contains_key(&volume) {
+            if jobs.contains_key(&volume) {
                 continue;
             }
+            let Some(to) = peer(&volume, &rep.to.0) else {
+                continue;
+            };
             let job = ReplicationJob {
                 volume: volume.clone(),
-                to: rep.to.0.clone(),
+                to,
                 every: rep.every.0,
                 token: o.token.clone(),
             };
@@ -230,6 +274,26 @@ pub fn receiving_pool<'d>(
     desired.storage_pool(&v.pool.0)
 }
 
+/// [`receiving_pool`], and by the reversal rule: the pool of a volume that the node named in
+/// its `to` owns and replicates back to `node` (its `status` says so: from that node to
+/// `node`, as the new owner's failover record writes it).
+pub fn receiving_pool_reversed<'d>(
+    desired: &'d Desired,
+    node: &str,
+    volume: &str,
+    status: Option<&ReplicationStatus>,
+) -> Option<&'d StoragePoolSpec> {
+    if let Some(pool) = receiving_pool(desired, node, volume) {
+        return Some(pool);
+    }
+    let v = desired.volume(volume)?;
+    let to = &v.replication.as_ref()?.to.0;
+    let s = status?;
+    (s.to == node && &s.from == to && to != node)
+        .then(|| desired.storage_pool(&v.pool.0))
+        .flatten()
+}
+
 /// The status key of volume `volume`.
 pub fn status_key(store: &Store, volume: &str) -> Result<String, StoreError> {
     let r = ResourceRef::new("Volume", volume).map_err(|e| StoreError::Config(e.to_string()))?;
@@ -252,7 +316,7 @@ pub async fn write_status(
 
 /// Records that `node` promoted replica `seq` (taken at `point`) of `volume` at `now`, under
 /// the new owner's `token`; the replication schedule starts over from there (the next
-/// transfer is a full one).
+/// transfer runs at once).
 pub async fn record_failover(
     store: &Store,
     volume: &str,
@@ -260,12 +324,20 @@ pub async fn record_failover(
     token: &FencingToken,
 ) -> Result<(), StoreError> {
     let previous = read_status(store, volume).await?.unwrap_or_default();
-    let status = ReplicationStatus {
+    write_status(store, volume, &after_failover(previous, record), token).await
+}
+
+/// The status once `record`'s node promoted its replica: sent from there now, to the
+/// previous sender by the reversal rule ([`effective_peer`]), due at once.
+pub fn after_failover(previous: ReplicationStatus, record: FailoverRecord) -> ReplicationStatus {
+    let to = effective_peer(&previous.to, &record.node, Some(&previous))
+        .unwrap_or_else(|| previous.to.clone());
+    ReplicationStatus {
         from: record.node.clone(),
+        to,
         failover: Some(record),
         ..previous
-    };
-    write_status(store, volume, &status, token).await
+    }
 }
 
 /// Reads the status of `volume`, if any.
@@ -527,5 +599,75 @@ mod tests {
         assert_eq!(next_due(Some(&f1), job().every, 1001), 1010);
         let f2 = after_failure(Some(&f1), &job(), "n1", "peer down", 1010, 1011);
         assert_eq!(next_due(Some(&f2), job().every, 1011), 1030);
+    }
+
+    fn failover_to(node: &str) -> FailoverRecord {
+        FailoverRecord {
+            node: node.into(),
+            at: 2000,
+            seq: 3,
+            point: 1990,
+            window_s: 10,
+        }
+    }
+
+    #[test]
+    fn after_a_move_to_the_replica_node_copies_go_back_to_the_previous_owner() {
+        let sent = ReplicationStatus {
+            from: "a".into(),
+            to: "b".into(),
+            seq: Some(3),
+            last_point: Some(1990),
+            last_attempt: 1990,
+            ..Default::default()
+        };
+        // `data` is replicated to b: on a it goes to b; b (its owner now) sends it back to a.
+        assert_eq!(effective_peer("b", "a", None).as_deref(), Some("b"));
+        assert_eq!(effective_peer("b", "b", None), None, "no status: no peer");
+        let moved = after_failover(sent, failover_to("b"));
+        assert_eq!((moved.from.as_str(), moved.to.as_str()), ("b", "a"));
+        assert_eq!(effective_peer("b", "b", Some(&moved)).as_deref(), Some("a"));
+        assert_eq!(
+            next_due(Some(&moved), Duration::from_secs(3600), 2001),
+            2001
+        );
+        let d = cluster();
+        let statuses = BTreeMap::from([("data".to_string(), moved.clone())]);
+        let jobs: Vec<(String, String)> =
+            jobs_reversed(&d, &[owned("Container", "web", 9)], "b", &statuses)
+                .into_iter()
+                .map(|j| (j.volume, j.to))
+                .collect();
+        assert_eq!(
+            jobs,
+            [("back".into(), "a".into()), ("data".into(), "a".into())]
+        );
+        // a receives `data` back only while the status says b sends it to a.
+        assert!(receiving_pool_reversed(&d, "a", "data", Some(&moved)).is_some());
+        assert!(receiving_pool_reversed(&d, "a", "data", None).is_none());
+        assert!(receiving_pool_reversed(&d, "c", "data", Some(&moved)).is_none());
+        assert!(
+            receiving_pool_reversed(&d, "b", "data", None).is_some(),
+            "its `to`"
+        );
+        // Later transfers keep the direction; a failure backs off as usual.
+        let report = TransferReport {
+            seq: 1,
+            taken_at: 2001,
+            bytes: 10,
+            incremental: false,
+            duration: Duration::from_millis(5),
+        };
+        let back = ReplicationJob {
+            to: "a".into(),
+            ..job()
+        };
+        let ok = after_success(&back, "b", &report, 2001, 2002);
+        assert_eq!(effective_peer("b", "b", Some(&ok)).as_deref(), Some("a"));
+        let failed = after_failure(Some(&moved), &back, "b", "down", 2001, 2002);
+        assert_eq!(
+            next_due(Some(&failed), Duration::from_secs(3600), 2002),
+            2011
+        );
     }
 }

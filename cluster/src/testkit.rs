@@ -79,6 +79,7 @@ pub fn test_node(name: &str) -> NodeInfo {
         pools: vec![],
         networks: vec![],
         version: "test".into(),
+        replication_port: 7443,
     }
 }
 

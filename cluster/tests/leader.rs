@@ -31,6 +31,7 @@ fn node(name: &str) -> NodeInfo {
         pools: vec![],
         networks: vec![],
         version: "test".into(),
+        replication_port: 7443,
     }
 }
 
@@ -635,4 +636,127 @@ async fn a_live_move_is_checked_against_capacity_first_and_a_completed_one_never
         .expect("read")
         .expect("record");
     assert_eq!(still.state, MigrationState::Assigned, "{still:?}");
+}
+
+/// Manifests of a container on a btrfs pool's volume replicated to `to`, on the node whose
+/// `zone` label is `zone`; `other` is a container without volumes on the same node.
+fn replicated_manifests(revision: &str, to: &str, zone: &str) -> Arc<Manifests> {
+    manifests_with_mounts(revision, to, zone, "[{volume: data, path: /data}]")
+}
+
+/// [`replicated_manifests`] with `mounts` for `app`.
+fn manifests_with_mounts(revision: &str, to: &str, zone: &str, mounts: &str) -> Arc<Manifests> {
+    manifests_text(
+        revision,
+        &format!(
+            "apiVersion: stead.dev/v1alpha1
+kind: StoragePool
+metadata: {{name: fast}}
+spec: {{type: btrfs, path: /srv/fast}}
+---
+apiVersion: stead.dev/v1alpha1
+kind: Volume
+metadata: {{name: data}}
+spec: {{pool: fast, size: 1Gi, replication: {{to: {to}, every: 1h}}}}
+---
+apiVersion: stead.dev/v1alpha1
+kind: Container
+metadata: {{name: app}}
+spec: {{rootfs: {{path: /srv/r}}, mounts: {mounts}, placement: {{nodeSelector: {{zone: {zone}}}}}}}
+---
+apiVersion: stead.dev/v1alpha1
+kind: Container
+metadata: {{name: other}}
+spec: {{rootfs: {{path: /srv/r}}, placement: {{nodeSelector: {{zone: {zone}}}}}}}
+"
+        ),
+    )
+}
+
+/// A manifest change that moves a workload to the node holding its volume's replica is
+/// written as a hand-over record (placementChange, assigned, from the old node) before the
+/// assignment moves; a workload without node-local data just moves; the record pins nothing
+/// (the next manifest change moves the workload back, with a new record).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_placement_change_to_the_replica_node_is_a_hand_over() {
+    let Some((_etcd, store)) = member_with_store(
+        "a_placement_change_to_the_replica_node_is_a_hand_over",
+        "/leader-handover",
+    )
+    .await
+    else {
+        return;
+    };
+    let mut regs = Vec::new();
+    for name in ["n1", "n2"] {
+        let mut info = node(name);
+        info.pools = vec!["fast".into()];
+        let reg =
+            Registration::register(&store, &info, LeaseConfig::with_ttl(Duration::from_secs(2)))
+                .await
+                .expect("register");
+        regs.push(reg);
+    }
+    let (manifests_tx, manifests_rx) = watch::channel(Some(replicated_manifests("r1", "n2", "n1")));
+    let _c = candidate(&store, "ctl1", manifests_rx);
+    wait_for(&store, "both on n1", |l| {
+        l == ["Container/app=n1", "Container/other=n1"]
+    })
+    .await;
+    let app: stead_cluster::keys::ResourceRef = "Container/app".parse().expect("ref");
+    let other: stead_cluster::keys::ResourceRef = "Container/other".parse().expect("ref");
+    assert!(migrate::read(&store, &app).await.expect("read").is_none());
+
+    manifests_tx.send_replace(Some(replicated_manifests("r2", "n2", "n2")));
+    wait_for(&store, "both on n2", |l| {
+        l == ["Container/app=n2", "Container/other=n2"]
+    })
+    .await;
+    // Written before the assignment: it is there as soon as the workload is on n2.
+    let record = migrate::read(&store, &app)
+        .await
+        .expect("read")
+        .expect("a hand-over record");
+    assert!(record.placement_change, "{record:?}");
+    assert_eq!(record.state, MigrationState::Assigned);
+    assert_eq!(
+        (record.from.as_deref(), record.to.as_str()),
+        (Some("n1"), "n2")
+    );
+    assert!(
+        migrate::read(&store, &other).await.expect("read").is_none(),
+        "no data to hand over"
+    );
+
+    // It pins nothing: replicated to n1 and placed on n1 by the manifests, app goes back,
+    // handed over again.
+    manifests_tx.send_replace(Some(replicated_manifests("r3", "n1", "n1")));
+    wait_for(&store, "both back on n1", |l| {
+        l == ["Container/app=n1", "Container/other=n1"]
+    })
+    .await;
+    let back = migrate::read(&store, &app)
+        .await
+        .expect("read")
+        .expect("a hand-over record");
+    assert_eq!(
+        (
+            back.from.as_deref(),
+            back.to.as_str(),
+            back.placement_change
+        ),
+        (Some("n2"), "n1", true)
+    );
+
+    // A later move without a hand-over (app no longer mounts the volume) clears the record.
+    manifests_tx.send_replace(Some(manifests_with_mounts("r4", "n1", "n2", "[]")));
+    wait_for(&store, "both on n2 again", |l| {
+        l == ["Container/app=n2", "Container/other=n2"]
+    })
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while migrate::read(&store, &app).await.expect("read").is_some() {
+        assert!(Instant::now() < deadline, "the old hand-over record stays");
+        sleep(Duration::from_millis(50)).await;
+    }
 }

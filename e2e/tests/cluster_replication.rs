@@ -61,7 +61,7 @@ spec:
   command:
     - /bin/sh
     - -c
-    - "trap 'exit 0' TERM; t=$RANDOM$RANDOM; [ -s /data/hello ] || {{ echo $t > /data/hello; sync; }}; while :; do [ -f /trigger ] && [ ! -s /data/late ] && {{ cat /trigger > /data/late; sync; }}; echo \"$t $(cat /data/hello) $(cat /data/late 2>/dev/null || echo -)\" >> /seen.log; sleep 0.2; done"
+    - "trap 'exit 0' TERM; t=$RANDOM$RANDOM; [ -s /data/hello ] || {{ echo $t > /data/hello; sync; }}; while :; do [ -f /trigger ] && [ \"$(cat /trigger)\" != \"$(cat /data/late 2>/dev/null)\" ] && {{ cat /trigger > /data/late; sync; }}; echo \"$t $(cat /data/hello) $(cat /data/late 2>/dev/null || echo -)\" >> /seen.log; sleep 0.2; done"
 "#,
         pool = pool.display(),
         root = root.display()
@@ -290,8 +290,8 @@ fn an_ha_container_fails_over_to_its_volume_s_replica() {
     );
 }
 
-/// The lab of the replication tests: n1 and n2 with a pool each, agents, a controller; the
-/// probe's record file. The destroy guard must outlive the lab (declare it first).
+/// The lab of the replication tests: n1 and n2 with a pool each (n2 receiving replicas on
+/// port 7444, n1 on the default 7443), agents, a controller; the probe's record file. The destroy guard must outlive the lab (declare it first).
 struct ReplLab {
     lab: ClusterLab,
     agents: Vec<usize>,
@@ -306,13 +306,66 @@ fn start_repl_lab(test: &str, p1: &NodePool, p2: &NodePool) -> Option<(ReplLab, 
         destroy.push(c);
     }
     let manifests = [&p1.manifests, &p2.manifests, &p1.manifests];
+    // Each node receives on a port of its own (n1 the default): a sender dials the port
+    // its peer registered.
+    let joins: [&[&str]; 3] = [
+        &["--pool", "fast"],
+        &["--pool", "fast", "--replication-port", "7444"],
+        &[],
+    ];
     let mut agents = Vec::new();
     for (i, m) in manifests.iter().enumerate() {
-        lab.join_node(i, if i < 2 { &["--pool", "fast"] } else { &[] });
+        lab.join_node(i, joins[i]);
         agents.push(lab.start_agent(i, m));
     }
+    // The controller once every node is registered: a placement made while n1 was still
+    // joining would put the probe on n2 and keep it there (noFailback).
+    wait_for(
+        "three nodes registered",
+        Duration::from_secs(60),
+        &lab,
+        || {
+            lab.cluster_status()["nodes"]
+                .as_array()
+                .is_some_and(|n| n.len() == 3)
+        },
+    );
     lab.start_controller(&p1.manifests);
     Some((ReplLab { lab, agents }, DestroyEach(destroy)))
+}
+
+/// Waits for the probe on n1 and the first replication point, then makes a late write
+/// (after that point): the probe copies the trigger file of its rootfs into its volume. The
+/// trigger is removed again, so only the replica can bring the late file to another node.
+/// The first run's hello and the late file's content.
+fn late_write_after_the_first_point(lab: &ClusterLab, root: &Path) -> (String, String) {
+    let seen_log = root.join("seen.log");
+    wait_for("the probe runs on n1", Duration::from_secs(90), lab, || {
+        seen(&seen_log).len() >= 3
+    });
+    let hello = seen(&seen_log)[0].1.clone();
+    let written = unix_now();
+    wait_for(
+        "the first replication point",
+        Duration::from_secs(60),
+        lab,
+        || {
+            lab.cluster_status()["replication"]["data"]["lastPoint"]
+                .as_u64()
+                .is_some_and(|p| p >= written.saturating_sub(5))
+        },
+    );
+    let late = format!("late{}", unix_now());
+    let trigger = root.join("trigger");
+    std::fs::write(&trigger, &late).expect("trigger");
+    wait_for(
+        "the probe reads the late file on n1",
+        Duration::from_secs(10),
+        lab,
+        || late_of(&seen_log).is_some_and(|(_, l)| l == late),
+    );
+    std::fs::remove_file(&trigger).expect("remove the trigger");
+    (hello, late)
 }
 
 const MIGRATE_TEST: &str = "migrate_runs_a_final_replication_before_starting_on_the_replica";
@@ -341,34 +394,7 @@ fn migrate_runs_a_final_replication_before_starting_on_the_replica() {
     };
     let lab = &r.lab;
     let _ = &r.agents;
-    wait_for("the probe runs on n1", Duration::from_secs(90), lab, || {
-        seen(&seen_log).len() >= 3
-    });
-    let hello = seen(&seen_log)[0].1.clone();
-    let written = unix_now();
-    wait_for(
-        "the first replication point",
-        Duration::from_secs(60),
-        lab,
-        || {
-            lab.cluster_status()["replication"]["data"]["lastPoint"]
-                .as_u64()
-                .is_some_and(|p| p >= written.saturating_sub(5))
-        },
-    );
-    // A late write, after the last replication point: the probe copies the trigger file of
-    // its rootfs into its volume. The trigger goes before the move, so only the replica can
-    // bring the late file to n2.
-    let late = format!("late{}", unix_now());
-    let trigger = root.join("trigger");
-    std::fs::write(&trigger, &late).expect("trigger");
-    wait_for(
-        "the probe reads the late file on n1",
-        Duration::from_secs(10),
-        lab,
-        || late_of(&seen_log).is_some_and(|(_, l)| l == late),
-    );
-    std::fs::remove_file(&trigger).expect("remove the trigger");
+    let (hello, late) = late_write_after_the_first_point(lab, &root);
 
     let t0 = Instant::now();
     let out = lab
@@ -423,4 +449,184 @@ fn late_of(log: &Path) -> Option<(String, String)> {
     let token = it.next()?.to_string();
     let _hello = it.next()?;
     Some((token, it.next()?.to_string()))
+}
+
+const PLACEMENT_TEST: &str = "a_placement_change_runs_a_final_replication_before_the_move";
+
+/// A manifest change takes n1 out of the container's restricted HA group (it runs on n1, its
+/// volume replicated to n2 `every: 1h`) after a late write: the leader marks the move as a hand-over, so n1 stops it, sends a
+/// final replication and only then releases it; on n2 it reads the late write.
+#[test]
+fn a_placement_change_runs_a_final_replication_before_the_move() {
+    if !busybox_ok(PLACEMENT_TEST) {
+        return;
+    }
+    let rootfs_sb = Sandbox::new();
+    let root = busybox_rootfs_at(&rootfs_sb.path("ct-root"));
+    let seen_log = root.join("seen.log");
+    let Some(p1) = node_pool(&root, PLACEMENT_TEST, "1h") else {
+        return;
+    };
+    let Some(p2) = node_pool(&root, PLACEMENT_TEST, "1h") else {
+        return;
+    };
+    let Some((r, _destroy)) = start_repl_lab(PLACEMENT_TEST, &p1, &p2) else {
+        return;
+    };
+    let lab = &r.lab;
+    let (hello, late) = late_write_after_the_first_point(lab, &root);
+
+    let t0 = Instant::now();
+    for p in [&p1, &p2] {
+        only_n2_in_the_group(&p.manifests.join("m.yaml"));
+    }
+    let first = seen(&seen_log).first().map(|l| l.0.clone());
+    wait_for(
+        "the probe runs on n2 with the late file",
+        Duration::from_secs(60),
+        lab,
+        || late_of(&seen_log).is_some_and(|(t, l)| Some(&t) != first.as_ref() && l == late),
+    );
+    let moved = t0.elapsed();
+    assert!(
+        seen(&seen_log).iter().all(|(_, h)| *h == hello),
+        "every run read the first run's hello"
+    );
+    let final_line = lab
+        .log_tail("agent-n1", usize::MAX)
+        .into_iter()
+        .find(|l| l.contains("final replication before the migration"))
+        .unwrap_or_default();
+    assert!(
+        !final_line.is_empty(),
+        "no final replication\n{}",
+        logs(lab)
+    );
+    println!(
+        "FIGURE placement change with final replication: probe on n2 reading the late write {:.2} s after the manifest edit; {final_line}",
+        moved.as_secs_f64()
+    );
+    assert_eq!(owner(&lab.cluster_status()).as_deref(), Some("n2"));
+}
+
+/// Rewrites the manifests at `file` (atomically) with n2 alone in the HA group.
+fn only_n2_in_the_group(file: &Path) {
+    let text = std::fs::read_to_string(file).expect("manifests");
+    let pinned = text.replace("nodes: {n1: 2, n2: 1}", "nodes: {n2: 1}");
+    assert_ne!(pinned, text, "the group's nodes");
+    // Beside the manifests directory (the same file system), so no reader sees it.
+    let dir = file.parent().and_then(Path::parent).expect("sandbox");
+    let tmp = dir.join("m.yaml.tmp");
+    std::fs::write(&tmp, pinned).expect("write");
+    std::fs::rename(&tmp, file).expect("rename");
+}
+
+const REVERSE_TEST: &str = "after_a_move_to_the_replica_node_the_volume_replicates_back";
+
+/// The reversal rule: the container moves (`stead migrate`) from n1 to n2, the node its
+/// volume's `to` names; n2 then replicates the volume back to n1. A write made on n2 after
+/// the move reaches n1's replica.
+#[test]
+fn after_a_move_to_the_replica_node_the_volume_replicates_back() {
+    if !busybox_ok(REVERSE_TEST) {
+        return;
+    }
+    let rootfs_sb = Sandbox::new();
+    let root = busybox_rootfs_at(&rootfs_sb.path("ct-root"));
+    let seen_log = root.join("seen.log");
+    let Some(p1) = node_pool(&root, REVERSE_TEST, "2s") else {
+        return;
+    };
+    let Some(p2) = node_pool(&root, REVERSE_TEST, "2s") else {
+        return;
+    };
+    let Some((r, _destroy)) = start_repl_lab(REVERSE_TEST, &p1, &p2) else {
+        return;
+    };
+    let lab = &r.lab;
+    let (_, late) = late_write_after_the_first_point(lab, &root);
+    let out = lab
+        .operator_cmd(&[
+            "migrate",
+            "Container/probe",
+            "--to",
+            "n2",
+            "--timeout",
+            "90s",
+        ])
+        .output()
+        .expect("stead migrate");
+    assert!(out.status.success(), "stead migrate failed\n{}", logs(lab));
+    let first = seen(&seen_log).first().map(|l| l.0.clone());
+    wait_for("the probe runs on n2", Duration::from_secs(60), lab, || {
+        late_of(&seen_log).is_some_and(|(t, l)| Some(&t) != first.as_ref() && l == late)
+    });
+
+    // A write on n2, after the move.
+    let t0 = Instant::now();
+    let after = unix_now();
+    let later = format!("after-move{}", unix_now());
+    std::fs::write(root.join("trigger"), &later).expect("trigger");
+    wait_for(
+        "the probe writes on n2",
+        Duration::from_secs(10),
+        lab,
+        || late_of(&seen_log).is_some_and(|(_, l)| l == later),
+    );
+    let mut status = Value::Null;
+    wait_for(
+        "a replication point from n2 to n1 after the write",
+        Duration::from_secs(60),
+        lab,
+        || {
+            status = lab.cluster_status()["replication"]["data"].clone();
+            status["from"] == "n2"
+                && status["to"] == "n1"
+                && status["lastPoint"].as_u64().is_some_and(|p| p > after)
+        },
+    );
+    let back = t0.elapsed();
+    let replicas = p1.fs.mnt.join("pool/replicas/data");
+    assert!(
+        holds(&replicas, later.as_bytes()),
+        "n1's replica lacks the write made on n2: {status:#}"
+    );
+    let n2_log = lab.log_tail("agent-n2", usize::MAX);
+    let back_lines: Vec<&String> = n2_log.iter().filter(|l| l.contains("to=n1")).collect();
+    let failed: Vec<&&String> = back_lines
+        .iter()
+        .filter(|l| l.contains("replication failed"))
+        .collect();
+    for l in &failed {
+        println!(
+            "failed attempt back: {}",
+            l.rsplit("error=").next().unwrap_or(l)
+        );
+    }
+    let refused = failed.len();
+    // The sender's own line says whether it was incremental (`parent=Some(..)`).
+    let first_back = n2_log
+        .iter()
+        .find(|l| l.contains(": replicated ") && l.contains("parent="))
+        .map_or("-", String::as_str);
+    println!(
+        "FIGURE reversal: n1's replica holds the write made on n2 {:.2} s after it; last transfer n2→n1 {} bytes in {} ms; failed attempts first: {refused}; first one back: {first_back}",
+        back.as_secs_f64(),
+        status["bytes"],
+        status["durationMs"]
+    );
+}
+
+/// Whether a file under `dir` contains `needle`.
+fn holds(dir: &Path, needle: &[u8]) -> bool {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return false;
+    };
+    entries.flatten().any(|e| {
+        let path = e.path();
+        if path.is_dir() {
+            return holds(&path, needle);
+        }
+        std::fs::read(&path).is_ok_and(|b| b.windows(needle.len()).any(|w| w == needle))
+    })
 }

@@ -25,6 +25,7 @@ fn node(name: &str, labels: &[(&str, &str)]) -> NodeState {
             pools: vec![],
             networks: vec![],
             version: "test".into(),
+            replication_port: 7443,
         },
         alive: true,
     }
