@@ -291,13 +291,9 @@ fn an_ha_container_fails_over_to_its_volume_s_replica() {
 }
 
 /// The lab of the replication tests: n1 and n2 with a pool each (n2 receiving replicas on
-/// port 7444, n1 on the default 7443), agents, a controller; the probe's record file. The destroy guard must outlive the lab (declare it first).
-struct ReplLab {
-    lab: ClusterLab,
-    agents: Vec<usize>,
-}
-
-fn start_repl_lab(test: &str, p1: &NodePool, p2: &NodePool) -> Option<(ReplLab, DestroyEach)> {
+/// port 7444, n1 on the default 7443), agents, a controller. The destroy guard must be
+/// dropped before the lab.
+fn start_repl_lab(test: &str, p1: &NodePool, p2: &NodePool) -> Option<(ClusterLab, DestroyEach)> {
     let mut lab = ClusterLab::for_test(test, 3)?;
     let mut destroy = Vec::new();
     for (i, p) in [p1, p2].iter().enumerate() {
@@ -313,10 +309,9 @@ fn start_repl_lab(test: &str, p1: &NodePool, p2: &NodePool) -> Option<(ReplLab, 
         &["--pool", "fast", "--replication-port", "7444"],
         &[],
     ];
-    let mut agents = Vec::new();
     for (i, m) in manifests.iter().enumerate() {
         lab.join_node(i, joins[i]);
-        agents.push(lab.start_agent(i, m));
+        lab.start_agent(i, m);
     }
     // The controller once every node is registered: a placement made while n1 was still
     // joining would put the probe on n2 and keep it there (noFailback).
@@ -331,7 +326,7 @@ fn start_repl_lab(test: &str, p1: &NodePool, p2: &NodePool) -> Option<(ReplLab, 
         },
     );
     lab.start_controller(&p1.manifests);
-    Some((ReplLab { lab, agents }, DestroyEach(destroy)))
+    Some((lab, DestroyEach(destroy)))
 }
 
 /// Waits for the probe on n1 and the first replication point, then makes a late write
@@ -377,68 +372,19 @@ const MIGRATE_TEST: &str = "migrate_runs_a_final_replication_before_starting_on_
 /// promotes the replica and starts it, reading the late file.
 #[test]
 fn migrate_runs_a_final_replication_before_starting_on_the_replica() {
-    if !busybox_ok(MIGRATE_TEST) {
-        return;
-    }
-    let rootfs_sb = Sandbox::new();
-    let root = busybox_rootfs_at(&rootfs_sb.path("ct-root"));
-    let seen_log = root.join("seen.log");
-    let Some(p1) = node_pool(&root, MIGRATE_TEST, "1h") else {
+    let Some(l) = late_write_lab(MIGRATE_TEST, "1h") else {
         return;
     };
-    let Some(p2) = node_pool(&root, MIGRATE_TEST, "1h") else {
-        return;
-    };
-    let Some((r, _destroy)) = start_repl_lab(MIGRATE_TEST, &p1, &p2) else {
-        return;
-    };
-    let lab = &r.lab;
-    let _ = &r.agents;
-    let (hello, late) = late_write_after_the_first_point(lab, &root);
-
     let t0 = Instant::now();
-    let out = lab
-        .operator_cmd(&[
-            "migrate",
-            "Container/probe",
-            "--to",
-            "n2",
-            "--timeout",
-            "90s",
-        ])
-        .output()
-        .expect("stead migrate");
-    let cli = t0.elapsed();
-    println!(
-        "stead migrate output:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "stead migrate failed\n{}", logs(lab));
-    let first = seen(&seen_log).first().map(|l| l.0.clone());
-    wait_for(
-        "the probe runs on n2 with the late file",
-        Duration::from_secs(60),
-        lab,
-        || late_of(&seen_log).is_some_and(|(t, l)| Some(&t) != first.as_ref() && l == late),
-    );
+    let cli = l.migrate_to_n2();
+    let final_line = l.wait_for_the_late_write_on_n2();
     let moved = t0.elapsed();
-    let lines = seen(&seen_log);
-    assert!(
-        lines.iter().all(|(_, h)| *h == hello),
-        "every run read the first run's hello"
-    );
-    let final_line = lab
-        .log_tail("agent-n1", usize::MAX)
-        .into_iter()
-        .find(|l| l.contains("final replication before the migration"))
-        .unwrap_or_default();
     println!(
         "FIGURE migrate with final replication: CLI done {:.2} s, probe on n2 reading the late write {:.2} s; {final_line}",
         cli.as_secs_f64(),
         moved.as_secs_f64()
     );
-    assert_eq!(owner(&lab.cluster_status()).as_deref(), Some("n2"));
+    assert_eq!(owner(&l.lab.cluster_status()).as_deref(), Some("n2"));
 }
 
 /// The last record line's run token and late-file content.
@@ -451,6 +397,96 @@ fn late_of(log: &Path) -> Option<(String, String)> {
     Some((token, it.next()?.to_string()))
 }
 
+/// A replication lab (n1 replicating the probe's volume to n2 `every`) whose probe ran on
+/// n1, read its first point, then read a late write made after it. Fields drop in order:
+/// the manifests destroyed, the lab, the pools, the probe's rootfs.
+struct LateWriteLab {
+    _destroy: DestroyEach,
+    lab: ClusterLab,
+    p2: NodePool,
+    p1: NodePool,
+    root: PathBuf,
+    seen_log: PathBuf,
+    hello: String,
+    late: String,
+    _rootfs: Sandbox,
+}
+
+/// [`LateWriteLab`] for `test`, or `None` (with a SKIP line) when something is missing.
+fn late_write_lab(test: &str, every: &str) -> Option<LateWriteLab> {
+    if !busybox_ok(test) {
+        return None;
+    }
+    let rootfs = Sandbox::new();
+    let root = busybox_rootfs_at(&rootfs.path("ct-root"));
+    let seen_log = root.join("seen.log");
+    let p1 = node_pool(&root, test, every)?;
+    let p2 = node_pool(&root, test, every)?;
+    let (lab, destroy) = start_repl_lab(test, &p1, &p2)?;
+    let (hello, late) = late_write_after_the_first_point(&lab, &root);
+    Some(LateWriteLab {
+        _destroy: destroy,
+        lab,
+        p2,
+        p1,
+        root,
+        seen_log,
+        hello,
+        late,
+        _rootfs: rootfs,
+    })
+}
+
+impl LateWriteLab {
+    /// Waits until a new run of the probe (on n2) reads the late write; every run read the
+    /// first run's hello. Returns n1's log line of the final replication ("" when none).
+    fn wait_for_the_late_write_on_n2(&self) -> String {
+        let lab = &self.lab;
+        let first = seen(&self.seen_log).first().map(|l| l.0.clone());
+        wait_for(
+            "the probe runs on n2 with the late file",
+            Duration::from_secs(60),
+            lab,
+            || {
+                late_of(&self.seen_log)
+                    .is_some_and(|(t, l)| Some(&t) != first.as_ref() && l == self.late)
+            },
+        );
+        assert!(
+            seen(&self.seen_log).iter().all(|(_, h)| *h == self.hello),
+            "every run read the first run's hello"
+        );
+        lab.log_tail("agent-n1", usize::MAX)
+            .into_iter()
+            .find(|l| l.contains("final replication before the migration"))
+            .unwrap_or_default()
+    }
+
+    /// `stead migrate Container/probe --to n2`, asserted to succeed; how long it took.
+    fn migrate_to_n2(&self) -> Duration {
+        let lab = &self.lab;
+        let t0 = Instant::now();
+        let out = lab
+            .operator_cmd(&[
+                "migrate",
+                "Container/probe",
+                "--to",
+                "n2",
+                "--timeout",
+                "90s",
+            ])
+            .output()
+            .expect("stead migrate");
+        println!(
+            "stead migrate output:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "stead migrate failed\n{}", logs(lab));
+        t0.elapsed()
+    }
+}
+
 const PLACEMENT_TEST: &str = "a_placement_change_runs_a_final_replication_before_the_move";
 
 /// A manifest change takes n1 out of the container's restricted HA group (it runs on n1, its
@@ -458,55 +494,25 @@ const PLACEMENT_TEST: &str = "a_placement_change_runs_a_final_replication_before
 /// final replication and only then releases it; on n2 it reads the late write.
 #[test]
 fn a_placement_change_runs_a_final_replication_before_the_move() {
-    if !busybox_ok(PLACEMENT_TEST) {
-        return;
-    }
-    let rootfs_sb = Sandbox::new();
-    let root = busybox_rootfs_at(&rootfs_sb.path("ct-root"));
-    let seen_log = root.join("seen.log");
-    let Some(p1) = node_pool(&root, PLACEMENT_TEST, "1h") else {
+    let Some(l) = late_write_lab(PLACEMENT_TEST, "1h") else {
         return;
     };
-    let Some(p2) = node_pool(&root, PLACEMENT_TEST, "1h") else {
-        return;
-    };
-    let Some((r, _destroy)) = start_repl_lab(PLACEMENT_TEST, &p1, &p2) else {
-        return;
-    };
-    let lab = &r.lab;
-    let (hello, late) = late_write_after_the_first_point(lab, &root);
-
     let t0 = Instant::now();
-    for p in [&p1, &p2] {
+    for p in [&l.p1, &l.p2] {
         only_n2_in_the_group(&p.manifests.join("m.yaml"));
     }
-    let first = seen(&seen_log).first().map(|l| l.0.clone());
-    wait_for(
-        "the probe runs on n2 with the late file",
-        Duration::from_secs(60),
-        lab,
-        || late_of(&seen_log).is_some_and(|(t, l)| Some(&t) != first.as_ref() && l == late),
-    );
+    let final_line = l.wait_for_the_late_write_on_n2();
     let moved = t0.elapsed();
-    assert!(
-        seen(&seen_log).iter().all(|(_, h)| *h == hello),
-        "every run read the first run's hello"
-    );
-    let final_line = lab
-        .log_tail("agent-n1", usize::MAX)
-        .into_iter()
-        .find(|l| l.contains("final replication before the migration"))
-        .unwrap_or_default();
     assert!(
         !final_line.is_empty(),
         "no final replication\n{}",
-        logs(lab)
+        logs(&l.lab)
     );
     println!(
         "FIGURE placement change with final replication: probe on n2 reading the late write {:.2} s after the manifest edit; {final_line}",
         moved.as_secs_f64()
     );
-    assert_eq!(owner(&lab.cluster_status()).as_deref(), Some("n2"));
+    assert_eq!(owner(&l.lab.cluster_status()).as_deref(), Some("n2"));
 }
 
 /// Rewrites the manifests at `file` (atomically) with n2 alone in the HA group.
@@ -528,39 +534,12 @@ const REVERSE_TEST: &str = "after_a_move_to_the_replica_node_the_volume_replicat
 /// the move reaches n1's replica.
 #[test]
 fn after_a_move_to_the_replica_node_the_volume_replicates_back() {
-    if !busybox_ok(REVERSE_TEST) {
-        return;
-    }
-    let rootfs_sb = Sandbox::new();
-    let root = busybox_rootfs_at(&rootfs_sb.path("ct-root"));
-    let seen_log = root.join("seen.log");
-    let Some(p1) = node_pool(&root, REVERSE_TEST, "2s") else {
+    let Some(l) = late_write_lab(REVERSE_TEST, "2s") else {
         return;
     };
-    let Some(p2) = node_pool(&root, REVERSE_TEST, "2s") else {
-        return;
-    };
-    let Some((r, _destroy)) = start_repl_lab(REVERSE_TEST, &p1, &p2) else {
-        return;
-    };
-    let lab = &r.lab;
-    let (_, late) = late_write_after_the_first_point(lab, &root);
-    let out = lab
-        .operator_cmd(&[
-            "migrate",
-            "Container/probe",
-            "--to",
-            "n2",
-            "--timeout",
-            "90s",
-        ])
-        .output()
-        .expect("stead migrate");
-    assert!(out.status.success(), "stead migrate failed\n{}", logs(lab));
-    let first = seen(&seen_log).first().map(|l| l.0.clone());
-    wait_for("the probe runs on n2", Duration::from_secs(60), lab, || {
-        late_of(&seen_log).is_some_and(|(t, l)| Some(&t) != first.as_ref() && l == late)
-    });
+    l.migrate_to_n2();
+    l.wait_for_the_late_write_on_n2();
+    let (lab, root, seen_log, p1) = (&l.lab, &l.root, &l.seen_log, &l.p1);
 
     // A write on n2, after the move.
     let t0 = Instant::now();
@@ -571,7 +550,7 @@ fn after_a_move_to_the_replica_node_the_volume_replicates_back() {
         "the probe writes on n2",
         Duration::from_secs(10),
         lab,
-        || late_of(&seen_log).is_some_and(|(_, l)| l == later),
+        || late_of(seen_log).is_some_and(|(_, l)| l == later),
     );
     let mut status = Value::Null;
     wait_for(
