@@ -20,6 +20,7 @@ use std::path::PathBuf;
 use stead_reconciler::driver::DriverError;
 
 use super::config::QemuConfig;
+use super::mirror::{self, DiskCopy, MirrorError, NbdTarget};
 use super::qmp::{Cont, Empty, Qmp, QmpCommand, QmpError, RunState};
 use super::supervisor::QemuState;
 use crate::container::config::{read_json, write_json};
@@ -43,6 +44,9 @@ pub enum MigrateError {
     /// The guest is not in the run state the step needs.
     #[error("{0}")]
     State(String),
+    /// The disk copy failed.
+    #[error(transparent)]
+    Disk(#[from] MirrorError),
 }
 
 /// How an outgoing migration runs.
@@ -60,6 +64,9 @@ pub struct MigrateOptions {
     /// Throttle the guest's vCPUs when it dirties RAM faster than it can be sent (TCG
     /// guests are slow to copy; this bounds the number of rounds).
     pub auto_converge: bool,
+    /// Pause before the device state moves (`pause-before-switchover`): set by
+    /// [`migrate_out_disks`], which completes the disk copy in that pause.
+    pub pause_before_switchover: bool,
 }
 
 /// The default bandwidth cap: QEMU's own default, 128 MiB/s (about a 1 Gbit/s link).
@@ -73,6 +80,7 @@ impl Default for MigrateOptions {
             downtime_limit_ms: 300,
             max_bandwidth: DEFAULT_MAX_BANDWIDTH,
             auto_converge: true,
+            pause_before_switchover: false,
         }
     }
 }
@@ -130,6 +138,17 @@ pub struct Migrate {
 }
 impl QmpCommand for Migrate {
     const NAME: &'static str = "migrate";
+    type Ret = Empty;
+}
+
+/// `migrate-continue`: ends the pause of `pause-before-switchover`.
+#[derive(Debug, Clone, Serialize)]
+pub struct MigrateContinue {
+    /// The status being left (`pre-switchover`).
+    pub state: &'static str,
+}
+impl QmpCommand for MigrateContinue {
+    const NAME: &'static str = "migrate-continue";
     type Ret = Empty;
 }
 
@@ -266,6 +285,8 @@ pub struct Progress {
     pub total: u64,
     /// Expected (while active) or actual (once completed) guest pause, in milliseconds.
     pub downtime_ms: Option<u64>,
+    /// The disk copy, while it runs (before the RAM: `status` is then `setup`).
+    pub disk: Option<DiskCopy>,
 }
 
 impl Progress {
@@ -285,6 +306,20 @@ impl Progress {
             remaining: ram.remaining,
             total: ram.total,
             downtime_ms,
+            disk: None,
+        }
+    }
+
+    /// A progress report of the disk copy (before the RAM migration starts).
+    pub fn of_disks(copy: &DiskCopy, elapsed: Duration) -> Self {
+        Progress {
+            elapsed,
+            status: MigrationStatus::Setup,
+            transferred: 0,
+            remaining: 0,
+            total: 0,
+            downtime_ms: None,
+            disk: Some(*copy),
         }
     }
 
@@ -354,6 +389,7 @@ pub fn capabilities(opts: &MigrateOptions) -> Vec<CapabilityState> {
     vec![
         cap("events", true),
         cap("auto-converge", opts.auto_converge),
+        cap("pause-before-switchover", opts.pause_before_switchover),
     ]
 }
 
@@ -443,23 +479,10 @@ pub fn migrate_out_until(
     opts: &MigrateOptions,
     mut progress: impl FnMut(&Progress) -> bool,
 ) -> Result<Completed, MigrateError> {
-    let st = qmp.query_status()?;
-    if st.status != RunState::Running {
-        return Err(MigrateError::State(format!(
-            "the source QEMU is {:?}, not running",
-            st.status
-        )));
-    }
-    qmp.execute(&MigrateSetCapabilities {
-        capabilities: capabilities(opts),
-    })?;
-    qmp.execute(&MigrateSetParameters {
-        downtime_limit: opts.downtime_limit_ms,
-        max_bandwidth: opts.max_bandwidth,
-    })?;
+    check_running(qmp)?;
     let started = Instant::now();
-    qmp.execute(&Migrate { uri: uri.into() })?;
-    match poll_until_final(qmp, started, opts, &mut progress) {
+    start_migrate(qmp, uri, opts)?;
+    match poll_until_final(qmp, started, opts, &mut progress, &[]) {
         Ok(done) => Ok(done),
         Err(e) => match cancel_and_resume(qmp) {
             // It completed as it was being given up: the guest runs on the target.
@@ -487,14 +510,99 @@ pub fn follow_out(
         }
         return Err(e);
     }
+    let mirrors = mirror::running_mirrors(qmp);
     let started = Instant::now();
-    match poll_until_final(qmp, started, opts, &mut progress) {
+    match poll_until_final(qmp, started, opts, &mut progress, &mirrors) {
         Ok(done) => Ok(done),
         Err(e) => match cancel_and_resume(qmp) {
             Some(done) => Ok(done),
-            None => Err(e),
+            None => {
+                mirror::abort_mirrors(qmp, &mirrors);
+                Err(e)
+            }
         },
     }
+}
+
+/// Source side: [`migrate_out_until`] for a VM whose disks the target does not share: each
+/// disk node of `nodes` is first mirrored into the target's NBD export of the same name
+/// ([`mirror`]; progress reports carry [`Progress::disk`]) until every copy is ready, then
+/// the RAM moves with `pause-before-switchover`: in that pause (guest stopped) the mirrors
+/// are completed, then the device state moves and the target runs the guest on its copy.
+/// On any failure the migration and the mirrors are cancelled and the guest keeps running
+/// here on its own disks.
+#[tracing::instrument(level = "info", skip(qmp, opts, progress))]
+pub fn migrate_out_disks(
+    qmp: &mut Qmp,
+    uri: &str,
+    target: &NbdTarget,
+    nodes: &[String],
+    opts: &MigrateOptions,
+    mut progress: impl FnMut(&Progress) -> bool,
+) -> Result<Completed, MigrateError> {
+    if nodes.is_empty() {
+        return migrate_out_until(qmp, uri, opts, progress);
+    }
+    check_running(qmp)?;
+    let started = Instant::now();
+    mirror::start_mirrors(qmp, target, nodes)?;
+    mirror::poll_mirrors(qmp, nodes, opts.poll, opts.timeout, |c| {
+        progress(&Progress::of_disks(c, started.elapsed()))
+    })?;
+    let opts = MigrateOptions {
+        pause_before_switchover: true,
+        ..opts.clone()
+    };
+    let sent = start_migrate(qmp, uri, &opts)
+        .and_then(|()| poll_until_final(qmp, started, &opts, &mut progress, nodes));
+    match sent {
+        Ok(done) => {
+            mirror::delete_clients(qmp, nodes);
+            Ok(done)
+        }
+        Err(e) => match cancel_and_resume(qmp) {
+            Some(done) => Ok(done),
+            None => {
+                mirror::abort_mirrors(qmp, nodes);
+                Err(e)
+            }
+        },
+    }
+}
+
+/// Fails unless the source guest runs.
+fn check_running(qmp: &mut Qmp) -> Result<(), MigrateError> {
+    let st = qmp.query_status()?;
+    if st.status != RunState::Running {
+        return Err(MigrateError::State(format!(
+            "the source QEMU is {:?}, not running",
+            st.status
+        )));
+    }
+    Ok(())
+}
+
+/// Sets the capabilities and parameters of `opts` and starts `migrate` to `uri`.
+fn start_migrate(qmp: &mut Qmp, uri: &str, opts: &MigrateOptions) -> Result<(), MigrateError> {
+    qmp.execute(&MigrateSetCapabilities {
+        capabilities: capabilities(opts),
+    })?;
+    qmp.execute(&MigrateSetParameters {
+        downtime_limit: opts.downtime_limit_ms,
+        max_bandwidth: opts.max_bandwidth,
+    })?;
+    qmp.execute(&Migrate { uri: uri.into() })?;
+    Ok(())
+}
+
+/// In the pause before the switch-over (guest stopped): completes the disk mirrors of
+/// `mirrors`, then lets the device state move.
+fn switch_over(qmp: &mut Qmp, mirrors: &[String]) -> Result<(), MigrateError> {
+    mirror::complete_mirrors(qmp, mirrors, Duration::from_secs(60))?;
+    qmp.execute(&MigrateContinue {
+        state: "pre-switchover",
+    })?;
+    Ok(())
 }
 
 /// Why a `query-migrate` reply leaves no migration to follow (failed, cancelled, none),
@@ -523,11 +631,16 @@ fn poll_until_final(
     started: Instant,
     opts: &MigrateOptions,
     progress: &mut impl FnMut(&Progress) -> bool,
+    mirrors: &[String],
 ) -> Result<Completed, MigrateError> {
     let mut settle = 0;
     loop {
         let info = qmp.execute(&QueryMigrate)?;
         let elapsed = started.elapsed();
+        if info.status == Some(MigrationStatus::PreSwitchover) {
+            switch_over(qmp, mirrors)?;
+            continue;
+        }
         match next_step(&info, elapsed, opts.timeout) {
             // QEMU reports `completed` a moment before it has filled in the times.
             Step::Done(c) if c.total_time_ms == 0 && settle < SETTLE_POLLS => {
@@ -538,7 +651,7 @@ fn poll_until_final(
                 if !progress(&Progress::from_info(&info, elapsed)) {
                     return Err(MigrateError::Cancelled);
                 }
-                std::thread::sleep(opts.poll);
+                pause(qmp, opts.poll, mirrors)?;
             }
             Step::Done(c) => {
                 progress(&Progress::from_info(&info, elapsed));
@@ -547,6 +660,23 @@ fn poll_until_final(
             Step::Fail(e) => return Err(e),
             Step::Cancel => return Err(MigrateError::TimedOut(opts.timeout)),
         }
+    }
+}
+
+/// Waits `poll` before the next `query-migrate`; with disk mirrors, a `MIGRATION` event
+/// saying `pre-switchover` ends the wait at once (the guest is paused then: the sooner the
+/// mirrors complete, the shorter the downtime).
+fn pause(qmp: &mut Qmp, poll: Duration, mirrors: &[String]) -> Result<(), MigrateError> {
+    if mirrors.is_empty() {
+        std::thread::sleep(poll);
+        return Ok(());
+    }
+    let at_switchover = |ev: &super::qmp::QmpEvent| {
+        ev.data.get("status").and_then(serde_json::Value::as_str) == Some("pre-switchover")
+    };
+    match qmp.wait_event("MIGRATION", poll, at_switchover) {
+        Ok(_) | Err(QmpError::Timeout { .. }) => Ok(()),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -686,6 +816,8 @@ pub fn incoming_runs(paths: &Paths) -> bool {
 pub fn adopt_incoming_vm(paths: &Paths, timeout: Duration) -> Result<(), MigrateError> {
     let mut q = Qmp::connect(&paths.qmp_socket(), Duration::from_secs(10))?;
     wait_incoming(&mut q, timeout)?;
+    // The disk copy's exports (if any) are done with: the source completed its mirrors.
+    mirror::stop_exports(&mut q);
     drop(q);
     let state = |e: DriverError| MigrateError::State(e.to_string());
     let _ = std::fs::remove_file(incoming_marker(paths));
@@ -806,7 +938,14 @@ mod tests {
             .iter()
             .map(|c| (c.capability.as_str(), c.state))
             .collect();
-        assert_eq!(names, [("events", true), ("auto-converge", true)]);
+        assert_eq!(
+            names,
+            [
+                ("events", true),
+                ("auto-converge", true),
+                ("pause-before-switchover", false)
+            ]
+        );
         let v = serde_json::to_value(MigrateSetParameters {
             downtime_limit: 300,
             max_bandwidth: DEFAULT_MAX_BANDWIDTH,
@@ -957,6 +1096,121 @@ mod tests {
         let info = qs.execute(&QueryMigrate).expect("query-migrate");
         assert_eq!(info.status, Some(MigrationStatus::Cancelled));
         assert_eq!(qs.query_status().expect("status").status, RunState::Running);
+    }
+
+    /// The small machine with one raw disk `path` as node `disk0` (as the driver names it).
+    fn with_disk(path: &std::path::Path) -> Vec<String> {
+        let mut args: Vec<String> = MACHINE.map(String::from).to_vec();
+        args.push("-blockdev".into());
+        args.push(format!(
+            "driver=file,filename={},node-name=disk0-file",
+            path.display()
+        ));
+        args.push("-blockdev".into());
+        args.push("driver=raw,file=disk0-file,node-name=disk0".into());
+        args.push("-device".into());
+        args.push("virtio-blk-pci,drive=disk0,id=disk0-dev".into());
+        args
+    }
+
+    /// A source with a disk full of a pattern and a target whose disk (the same size) is a
+    /// stale copy: the mirror makes the target's file equal the source's, then the RAM moves.
+    #[test]
+    fn qemu_a_migration_with_disk_copy_leaves_the_targets_disk_equal_to_the_sources() {
+        let test = "qemu_migration_with_disk_copy";
+        let dir = tempfile::tempdir().expect("tmp");
+        let (sdisk, ddisk) = (dir.path().join("src.raw"), dir.path().join("dst.raw"));
+        let data: Vec<u8> = (0..(32u32 << 20)).map(|i| (i / 4096 % 251) as u8).collect();
+        std::fs::write(&sdisk, &data).expect("source disk");
+        let mut stale = data.clone();
+        stale[..(8 << 20)].fill(0);
+        std::fs::write(&ddisk, &stale).expect("target disk");
+        let sargs = with_disk(&sdisk);
+        let Some(src) =
+            TestQemu::start(test, &sargs.iter().map(String::as_str).collect::<Vec<_>>())
+        else {
+            return;
+        };
+        let mut dargs = with_disk(&ddisk);
+        dargs.extend(["-incoming".into(), "defer".into()]);
+        let dst = TestQemu::start(test, &dargs.iter().map(String::as_str).collect::<Vec<_>>())
+            .expect("target");
+        let (mut qs, mut qd) = (src.qmp(), dst.qmp());
+        let uri = listen_incoming(&mut qd, "127.0.0.1", 0).expect("listen");
+        let target = NbdTarget {
+            host: "127.0.0.1".into(),
+            port: mirror::free_port("127.0.0.1").expect("a free port"),
+        };
+        let nodes = vec!["disk0".to_string()];
+        mirror::export_disks(&mut qd, &target, &nodes).expect("export");
+        let mut seen = Vec::new();
+        let done = migrate_out_disks(
+            &mut qs,
+            &uri,
+            &target,
+            &nodes,
+            &MigrateOptions::default(),
+            |p| {
+                seen.push(p.clone());
+                true
+            },
+        )
+        .expect("migrate with the disk");
+        wait_incoming(&mut qd, Duration::from_secs(10)).expect("target runs");
+        mirror::stop_exports(&mut qd);
+        assert_eq!(
+            qs.query_status().expect("status").status,
+            RunState::Postmigrate
+        );
+        let disk_polls: Vec<_> = seen.iter().filter_map(|p| p.disk).collect();
+        assert_eq!(disk_polls.last().map(DiskCopy::percent), Some(100));
+        assert_eq!(seen.last().map(|p| p.ram_percent()), Some(100));
+        assert!(mirror::running_mirrors(&mut qs).is_empty());
+        qd.execute(&super::super::qmp::Quit).expect("quit target");
+        drop((qs, qd, src, dst));
+        assert!(
+            std::fs::read(&ddisk).expect("target disk") == data,
+            "the target's disk equals the source's"
+        );
+        println!(
+            "{test}: 32 MiB disk, {} disk polls, total {} ms, downtime {} ms",
+            disk_polls.len(),
+            done.total_time_ms,
+            done.downtime_ms
+        );
+    }
+
+    /// A target that is gone fails the disk copy; the source keeps running, no job left.
+    #[test]
+    fn qemu_a_disk_copy_to_a_dead_target_fails_and_the_source_keeps_running() {
+        let test = "qemu_disk_copy_dead_target";
+        let dir = tempfile::tempdir().expect("tmp");
+        let sdisk = dir.path().join("src.raw");
+        std::fs::write(&sdisk, vec![7u8; 4 << 20]).expect("source disk");
+        let sargs = with_disk(&sdisk);
+        let Some(src) =
+            TestQemu::start(test, &sargs.iter().map(String::as_str).collect::<Vec<_>>())
+        else {
+            return;
+        };
+        let mut qs = src.qmp();
+        let target = NbdTarget {
+            host: "127.0.0.1".into(),
+            port: mirror::free_port("127.0.0.1").expect("a free port"),
+        };
+        let e = migrate_out_disks(
+            &mut qs,
+            "tcp:127.0.0.1:1",
+            &target,
+            &["disk0".to_string()],
+            &MigrateOptions::default(),
+            |_| true,
+        )
+        .expect_err("nobody listens");
+        assert!(matches!(e, MigrateError::Disk(_)), "{e}");
+        assert_eq!(qs.query_status().expect("status").status, RunState::Running);
+        assert!(mirror::running_mirrors(&mut qs).is_empty());
+        println!("{test}: {e}");
     }
 
     /// The command line of the booted guest test: one shared disk, its own agent socket and
