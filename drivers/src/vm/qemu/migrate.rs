@@ -19,7 +19,7 @@ use std::path::PathBuf;
 
 use stead_reconciler::driver::DriverError;
 
-use super::config::QemuConfig;
+use super::config::{QemuConfig, QemuDisk};
 use super::mirror::{self, DiskCopy, MirrorError, NbdTarget};
 use super::qmp::{Cont, Empty, Qmp, QmpCommand, QmpError, RunState};
 use super::supervisor::QemuState;
@@ -777,17 +777,121 @@ pub fn listen_vm(paths: &Paths, host: &str, timeout: Duration) -> Result<String,
     listen_incoming(&mut q, host, 0)
 }
 
-/// Source: sends the running guest of VM `paths` to `uri` over the VM's QMP socket
-/// ([`migrate_out_until`]).
+/// Where a target waits for a guest: QEMU's migration URI and, when disks are copied
+/// during the migration, the NBD server and the disk nodes it exports. One string in a
+/// cluster's record ([`Incoming::encode`]): `tcp:HOST:PORT`, or
+/// `tcp:HOST:PORT nbd://HOST:PORT disk0,disk1`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Incoming {
+    /// `tcp:HOST:PORT` of the migration stream.
+    pub uri: String,
+    /// The exports of the copied disks (none: every disk is shared).
+    pub disks: Option<(NbdTarget, Vec<String>)>,
+}
+
+impl Incoming {
+    /// The record's string.
+    pub fn encode(&self) -> String {
+        match &self.disks {
+            Some((t, nodes)) => format!("{} {} {}", self.uri, t.server_uri(), nodes.join(",")),
+            None => self.uri.clone(),
+        }
+    }
+
+    /// Reads [`Incoming::encode`]'s string.
+    pub fn parse(s: &str) -> Result<Self, MigrateError> {
+        let bad = || MigrateError::State(format!("not a migration address: {s:?}"));
+        let mut parts = s.split(' ');
+        let uri = parts
+            .next()
+            .filter(|u| u.starts_with("tcp:"))
+            .ok_or_else(bad)?;
+        let disks = match (parts.next(), parts.next(), parts.next()) {
+            (None, _, _) => None,
+            (Some(server), Some(nodes), None) => {
+                let t = NbdTarget::parse(server).ok_or_else(bad)?;
+                let nodes: Vec<String> = nodes.split(',').map(str::to_string).collect();
+                if nodes.iter().any(String::is_empty) {
+                    return Err(bad());
+                }
+                Some((t, nodes))
+            }
+            _ => return Err(bad()),
+        };
+        Ok(Incoming {
+            uri: uri.into(),
+            disks,
+        })
+    }
+}
+
+/// Target: has the waiting QEMU of VM `paths` listen on `host` and export over NBD, on
+/// `nbd_port` of `host`, the disks of its volumes `volumes` (those not shared: the source
+/// copies them during the migration); the record's string ([`Incoming::encode`]).
+pub fn listen_vm_with_disks(
+    paths: &Paths,
+    host: &str,
+    nbd_port: u16,
+    volumes: &[String],
+    timeout: Duration,
+) -> Result<String, MigrateError> {
+    let state = |e: DriverError| MigrateError::State(e.to_string());
+    let Some(cfg) = read_json::<QemuConfig>(&paths.config()).map_err(state)? else {
+        return Err(MigrateError::State("the VM has no config".into()));
+    };
+    let nodes = copied_nodes(&cfg.disks, volumes)?;
+    let mut q = Qmp::connect_retry(&paths.qmp_socket(), timeout)?;
+    let uri = listen_incoming(&mut q, host, 0)?;
+    if nodes.is_empty() {
+        return Ok(uri);
+    }
+    let target = NbdTarget {
+        host: host.into(),
+        port: nbd_port,
+    };
+    mirror::export_disks(&mut q, &target, &nodes)?;
+    Ok(Incoming {
+        uri,
+        disks: Some((target, nodes)),
+    }
+    .encode())
+}
+
+/// The nodes of the disks holding volumes `volumes`; every volume must be a disk (a cdrom
+/// is read-only and must be on a shared pool).
+fn copied_nodes(disks: &[QemuDisk], volumes: &[String]) -> Result<Vec<String>, MigrateError> {
+    volumes
+        .iter()
+        .map(|v| {
+            disks
+                .iter()
+                .find(|d| &d.volume == v)
+                .map(|d| d.node())
+                .ok_or_else(|| {
+                    MigrateError::State(format!(
+                        "volume {v} is not a disk of the VM: it cannot be copied live"
+                    ))
+                })
+        })
+        .collect()
+}
+
+/// Source: sends the running guest of VM `paths` to the target `listen` names
+/// ([`Incoming::encode`]) over the VM's QMP socket: [`migrate_out_until`], or
+/// [`migrate_out_disks`] when the target exports disks to copy.
 pub fn send_vm(
     paths: &Paths,
-    uri: &str,
+    listen: &str,
     opts: &MigrateOptions,
     progress: impl FnMut(&Progress) -> bool,
 ) -> Result<Completed, MigrateError> {
+    let to = Incoming::parse(listen)?;
     let mut q = Qmp::connect(&paths.qmp_socket(), Duration::from_secs(10))?;
     q.set_timeout(Duration::from_secs(30));
-    migrate_out_until(&mut q, uri, opts, progress)
+    match &to.disks {
+        Some((target, nodes)) => migrate_out_disks(&mut q, &to.uri, target, nodes, opts, progress),
+        None => migrate_out_until(&mut q, &to.uri, opts, progress),
+    }
 }
 
 /// Source: follows the outgoing migration QEMU of VM `paths` has under way
@@ -927,6 +1031,55 @@ mod tests {
             Step::Wait
         ));
         assert!(matches!(next_step(&active, t, t), Step::Cancel));
+    }
+
+    #[test]
+    fn the_targets_address_names_the_disk_exports_when_disks_are_copied() {
+        let plain = Incoming::parse("tcp:10.1.0.2:4444").expect("plain");
+        assert_eq!(plain.disks, None);
+        assert_eq!(plain.encode(), "tcp:10.1.0.2:4444");
+        let with = Incoming {
+            uri: "tcp:10.1.0.2:4444".into(),
+            disks: Some((
+                NbdTarget {
+                    host: "10.1.0.2".into(),
+                    port: 40000,
+                },
+                vec!["disk0".into(), "disk2".into()],
+            )),
+        };
+        assert_eq!(
+            with.encode(),
+            "tcp:10.1.0.2:4444 nbd://10.1.0.2:40000 disk0,disk2"
+        );
+        assert_eq!(Incoming::parse(&with.encode()).expect("with disks"), with);
+        for bad in [
+            "",
+            "nbd://x:1",
+            "tcp:a:1 nbd://x:1",
+            "tcp:a:1 nbd://x:1 a,,b",
+            "tcp:a:1 x y",
+        ] {
+            assert!(Incoming::parse(bad).is_err(), "{bad:?}");
+        }
+        let disk = |id: &str, volume: &str| QemuDisk {
+            id: id.into(),
+            volume: volume.into(),
+            path: format!("/p/images/{volume}.qcow2").into(),
+            format: crate::vm::qemu::config::DiskFormat::Qcow2,
+            bus: stead_schema::DiskBus::Virtio,
+            cache: stead_schema::DiskCache::None,
+            discard: false,
+            read_only: false,
+            boot: None,
+        };
+        let disks = [disk("disk0", "shared"), disk("disk1", "root")];
+        assert_eq!(
+            copied_nodes(&disks, &["root".into()]).expect("a disk"),
+            ["disk1"]
+        );
+        let e = copied_nodes(&disks, &["iso".into()]).expect_err("not a disk");
+        assert!(e.to_string().contains("volume iso"), "{e}");
     }
 
     #[test]
