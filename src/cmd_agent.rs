@@ -901,6 +901,8 @@ impl Converge for NodeEngine {
         .map_err(err)?;
         // Kept through converges until owned (again, after this agent was restarted).
         let mut l = self.live_in.lock().unwrap_or_else(PoisonError::into_inner);
+        // The guest runs on the volumes it promoted: they are the volumes now.
+        l.promoted.remove(&id);
         if !l
             .owned
             .iter()
