@@ -440,6 +440,12 @@ fn migrate_live_copies_a_replicated_disk_and_keeps_the_boot_and_its_data() {
         );
     };
     assert_eq!(after, before);
+    let n2_log = std::fs::read_to_string(lab.log_path("agent-n2")).unwrap_or_default();
+    assert!(
+        n2_log.contains("live move: replica promoted"),
+        "n2 started from the promoted replica\n{}",
+        logs(&lab)
+    );
     let read = guest_exec(&lab, 1, "/bin/cat", &["/var/tmp/marker"]);
     assert_eq!(String::from_utf8_lossy(&read).trim(), marker);
     println!(
