@@ -505,6 +505,9 @@ pub fn follow_out(
 ) -> Result<Completed, MigrateError> {
     let info = qmp.execute(&QueryMigrate)?;
     if let Some(e) = nothing_to_follow(&info) {
+        // A disk copy left without its migration (the sender was gone before `migrate`).
+        let mirrors = mirror::running_mirrors(qmp);
+        mirror::abort_mirrors(qmp, &mirrors);
         if let Err(r) = ensure_running(qmp) {
             tracing::warn!(error = %r, "resuming the guest after the migration ended");
         }
@@ -1330,6 +1333,99 @@ mod tests {
             disk_polls.len(),
             done.total_time_ms,
             done.downtime_ms
+        );
+    }
+
+    /// A disk copy whose sender went away before `migrate` (an agent restart) cannot be
+    /// followed: its jobs are cancelled and the guest keeps running on its own disk.
+    #[test]
+    fn qemu_a_disk_copy_without_its_migration_is_given_up_by_a_follower() {
+        let test = "qemu_disk_copy_follow";
+        let dir = tempfile::tempdir().expect("tmp");
+        let (sdisk, ddisk) = (dir.path().join("src.raw"), dir.path().join("dst.raw"));
+        std::fs::write(&sdisk, vec![5u8; 8 << 20]).expect("source disk");
+        std::fs::write(&ddisk, vec![0u8; 8 << 20]).expect("target disk");
+        let sargs = with_disk(&sdisk);
+        let Some(src) =
+            TestQemu::start(test, &sargs.iter().map(String::as_str).collect::<Vec<_>>())
+        else {
+            return;
+        };
+        let mut dargs = with_disk(&ddisk);
+        dargs.extend(["-incoming".into(), "defer".into()]);
+        let dst = TestQemu::start(test, &dargs.iter().map(String::as_str).collect::<Vec<_>>())
+            .expect("target");
+        let (mut qs, mut qd) = (src.qmp(), dst.qmp());
+        listen_incoming(&mut qd, "127.0.0.1", 0).expect("listen");
+        let target = NbdTarget {
+            host: "127.0.0.1".into(),
+            port: mirror::free_port("127.0.0.1").expect("a free port"),
+        };
+        let nodes = vec!["disk0".to_string()];
+        mirror::export_disks(&mut qd, &target, &nodes).expect("export");
+        mirror::start_mirrors(&mut qs, &target, &nodes).expect("mirror");
+        assert_eq!(mirror::running_mirrors(&mut qs), nodes);
+        drop(qs);
+        let mut again = src.qmp();
+        let e = follow_out(&mut again, &MigrateOptions::default(), |_| true)
+            .expect_err("no migration to follow");
+        assert!(e.to_string().contains("never started"), "{e}");
+        assert!(mirror::running_mirrors(&mut again).is_empty());
+        assert_eq!(
+            again.query_status().expect("status").status,
+            RunState::Running
+        );
+    }
+
+    /// A move given up during the disk copy (the progress callback says so, as a cleared
+    /// record does) cancels the jobs; the guest keeps running on its own disk.
+    #[test]
+    fn qemu_a_disk_copy_given_up_leaves_the_source_running_without_jobs() {
+        let test = "qemu_disk_copy_given_up";
+        let dir = tempfile::tempdir().expect("tmp");
+        let (sdisk, ddisk) = (dir.path().join("src.raw"), dir.path().join("dst.raw"));
+        std::fs::write(&sdisk, vec![9u8; 64 << 20]).expect("source disk");
+        std::fs::write(&ddisk, vec![0u8; 64 << 20]).expect("target disk");
+        let sargs = with_disk(&sdisk);
+        let Some(src) =
+            TestQemu::start(test, &sargs.iter().map(String::as_str).collect::<Vec<_>>())
+        else {
+            return;
+        };
+        let mut dargs = with_disk(&ddisk);
+        dargs.extend(["-incoming".into(), "defer".into()]);
+        let dst = TestQemu::start(test, &dargs.iter().map(String::as_str).collect::<Vec<_>>())
+            .expect("target");
+        let (mut qs, mut qd) = (src.qmp(), dst.qmp());
+        let uri = listen_incoming(&mut qd, "127.0.0.1", 0).expect("listen");
+        let target = NbdTarget {
+            host: "127.0.0.1".into(),
+            port: mirror::free_port("127.0.0.1").expect("a free port"),
+        };
+        let nodes = vec!["disk0".to_string()];
+        mirror::export_disks(&mut qd, &target, &nodes).expect("export");
+        let e = migrate_out_disks(
+            &mut qs,
+            &uri,
+            &target,
+            &nodes,
+            &MigrateOptions::default(),
+            |_| false,
+        )
+        .expect_err("given up");
+        assert!(
+            matches!(
+                e,
+                MigrateError::Cancelled | MigrateError::Disk(MirrorError::Cancelled)
+            ),
+            "{e}"
+        );
+        assert_eq!(qs.query_status().expect("status").status, RunState::Running);
+        assert!(mirror::running_mirrors(&mut qs).is_empty());
+        assert_eq!(
+            qd.query_status().expect("status").status,
+            RunState::Inmigrate,
+            "the target still waits (its agent quits it)"
         );
     }
 
