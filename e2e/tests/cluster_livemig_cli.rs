@@ -292,7 +292,7 @@ fn replicated_manifests(pool: &Path, image: &Path) -> String {
 
 /// A node's own pool (a 3 GiB loop btrfs in a sandbox) and manifests naming it.
 struct NodePool {
-    _fs: LoopBtrfs,
+    fs: LoopBtrfs,
     manifests: std::path::PathBuf,
     _sb: Sandbox,
 }
@@ -314,7 +314,7 @@ fn node_pool(test: &str, image: &Path) -> Option<NodePool> {
     )
     .unwrap();
     Some(NodePool {
-        _fs: fs,
+        fs,
         manifests,
         _sb: sb,
     })
@@ -402,6 +402,37 @@ fn migrate_live_copies_a_replicated_disk_and_keeps_the_boot_and_its_data() {
         "/bin/sh",
         &["-c", &format!("echo {marker} > /var/tmp/marker && sync")],
     );
+
+    // A move whose target QEMU is killed as soon as it appears (n2 promoted the replica
+    // by then): it fails, the guest stays on n1, and n2 drops the promoted copy.
+    let promoted = p2.fs.mnt.join("pool/images/web-root");
+    let mut child = migrate_cmd(&lab, "n2").spawn().expect("stead migrate");
+    let mut killed = false;
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        if !killed && let Some(pid) = qemus(&lab, 1).first() {
+            killed = std::process::Command::new("kill")
+                .args(["-9", &pid.to_string()])
+                .status()
+                .is_ok_and(|s| s.success());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let (out, err) = outputs(&mut child);
+    println!("stead migrate --live with its target killed:\n{out}{err}");
+    assert!(killed, "n2's QEMU was killed: {out}{err}");
+    assert_eq!(status.code(), Some(1), "{out}{err}\n{}", logs(&lab));
+    assert!(err.contains("it keeps running on n1"), "{out}{err}");
+    assert_eq!(owner(&lab).as_deref(), Some("n1"));
+    wait_for(
+        "n2 drops the copy it promoted",
+        Duration::from_secs(30),
+        &lab,
+        || !promoted.exists(),
+    );
+    assert_eq!(boot_id(&lab, 0, Duration::from_secs(60)), before);
 
     let t1 = Instant::now();
     let out = migrate_cmd(&lab, "n2").output().expect("stead migrate");
