@@ -477,6 +477,11 @@ fn migrate_live_copies_a_replicated_disk_and_keeps_the_boot_and_its_data() {
         "n2 started from the promoted replica\n{}",
         logs(&lab)
     );
+    assert!(
+        n2_log.contains("failed live move: promoted copy dropped"),
+        "the failed move's copy was dropped\n{}",
+        logs(&lab)
+    );
     let read = guest_exec(&lab, 1, "/bin/cat", &["/var/tmp/marker"]);
     assert_eq!(String::from_utf8_lossy(&read).trim(), marker);
     println!(
