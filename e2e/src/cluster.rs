@@ -958,6 +958,13 @@ impl ClusterLab {
         serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
     }
 
+    /// `stead migrate WHAT --to TO --timeout TIMEOUT` as the operator, run to its end.
+    pub fn migrate(&self, what: &str, to: &str, timeout: &str) -> std::process::Output {
+        self.operator_cmd(&["migrate", what, "--to", to, "--timeout", timeout])
+            .output()
+            .expect("stead migrate")
+    }
+
     /// `stead ARGS...` in the hub with the operator's etcd arguments after them (for verbs
     /// that take `--etcd/--ca/--cert/--key`).
     pub fn operator_cmd(&self, args: &[&str]) -> Command {

@@ -149,17 +149,7 @@ fn migrate_moves_a_container_and_refuses_what_its_manifest_forbids() {
     let before = runs(&probe).len();
     let at = uptime();
     let t0 = Instant::now();
-    let out = lab
-        .operator_cmd(&[
-            "migrate",
-            "Container/probe",
-            "--to",
-            &to,
-            "--timeout",
-            "60s",
-        ])
-        .output()
-        .expect("stead migrate");
+    let out = lab.migrate("Container/probe", &to, "60s");
     let cli = t0.elapsed();
     println!("stead migrate output:\n{}", text(&out));
     assert!(out.status.success(), "stead migrate: {}", text(&out));

@@ -466,17 +466,7 @@ impl LateWriteLab {
     fn migrate_to_n2(&self) -> Duration {
         let lab = &self.lab;
         let t0 = Instant::now();
-        let out = lab
-            .operator_cmd(&[
-                "migrate",
-                "Container/probe",
-                "--to",
-                "n2",
-                "--timeout",
-                "90s",
-            ])
-            .output()
-            .expect("stead migrate");
+        let out = lab.migrate("Container/probe", "n2", "90s");
         println!(
             "stead migrate output:\n{}{}",
             String::from_utf8_lossy(&out.stdout),

@@ -825,9 +825,12 @@ pub struct VirtualMachineSpec {
 impl VirtualMachineSpec {
     /// The shutdown timeout in seconds (`stopTimeout`, default 10).
     pub fn stop_timeout_secs(&self) -> u64 {
-        self.stop_timeout
-            .map_or(DEFAULT_STOP_TIMEOUT, |d| d.0)
-            .as_secs()
+        self.stop_timeout_secs_or(DEFAULT_STOP_TIMEOUT.as_secs())
+    }
+
+    /// The shutdown timeout in seconds: `stopTimeout`, else `default`.
+    pub fn stop_timeout_secs_or(&self, default: u64) -> u64 {
+        self.stop_timeout.map_or(default, |d| d.0.as_secs())
     }
 
     /// The engine that runs this VM: `engine` when set, else vmm with a direct kernel boot

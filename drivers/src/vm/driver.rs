@@ -114,8 +114,7 @@ impl VmDriver {
 
     /// The shutdown timeout of `spec`: its `stopTimeout`, else the driver's default.
     pub(crate) fn stop_timeout_of(&self, spec: &VirtualMachineSpec) -> u64 {
-        spec.stop_timeout
-            .map_or(self.shutdown_timeout_secs, |d| d.0.as_secs())
+        spec.stop_timeout_secs_or(self.shutdown_timeout_secs)
     }
 
     pub(crate) fn paths(&self, name: &str) -> Paths {

@@ -428,9 +428,7 @@ pub fn resolve(
         running: spec.state == RunState::Running,
         cgroup_parent: env.host.cgroup_parent.clone(),
         netns: env.host.netns.clone(),
-        shutdown_timeout_secs: spec
-            .stop_timeout
-            .map_or(env.shutdown_timeout_secs, |d| d.0.as_secs()),
+        shutdown_timeout_secs: spec.stop_timeout_secs_or(env.shutdown_timeout_secs),
         fence_file: env
             .host
             .fence_file
