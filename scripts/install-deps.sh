@@ -28,6 +28,7 @@ pkgs=(
   file            # build-rootfs.sh checks busybox is static
   etcd-server     # etcd 3.4: the cluster's store (tests start their own members on loopback)
   protobuf-compiler # protoc: builds the etcd client's gRPC code
+  libprotobuf-dev # protoc's well-known types (google/protobuf/descriptor.proto) the etcd client's protos import
   curl            # the cluster lab's client of etcd's JSON gateway (e2e/src/cluster.rs)
   openssl         # second opinion on the certificates of stead cluster init (pki tests)
   faketime        # libfaketime: one lab agent's wall clock jumps, the host's never (cluster clock test)
