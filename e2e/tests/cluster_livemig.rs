@@ -24,7 +24,7 @@ use stead_drivers::vm::qemu::config::{
 };
 use stead_drivers::vm::qemu::migrate::{
     MigrateError, MigrateOptions, MigrationStatus, listen_incoming, migrate_out, migrate_out_disks,
-    wait_incoming,
+    resume_incoming, wait_incoming,
 };
 use stead_drivers::vm::qemu::mirror::{self, NbdTarget};
 use stead_drivers::vm::qemu::qga::Qga;
@@ -183,6 +183,41 @@ fn boot_id(qga: &mut Qga) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
+/// The guest kernel's taint mask (it changes on an oops, a BUG or a WARN).
+fn tainted(qga: &mut Qga) -> String {
+    let t = qga
+        .read_file("/proc/sys/kernel/tainted", 64)
+        .expect("read /proc/sys/kernel/tainted");
+    String::from_utf8_lossy(&t).trim().to_string()
+}
+
+/// After a move: the guest on the target keeps running sound for `watch` (a corrupted
+/// guest memory showed as a kernel BUG some 10 s after the switch-over): its agent keeps
+/// answering with the same boot, its kernel taint stays `taint_before` and its serial log
+/// shows no oops.
+fn stays_sound(qga: &mut Qga, serial: &Path, before: &str, taint_before: &str, watch: Duration) {
+    let until = Instant::now() + watch;
+    while Instant::now() < until {
+        std::thread::sleep(Duration::from_secs(2));
+        assert_eq!(boot_id(qga), before, "the same boot keeps running");
+    }
+    let log = String::from_utf8_lossy(&std::fs::read(serial).unwrap_or_default()).into_owned();
+    for bad in [
+        "Kernel panic",
+        "BUG:",
+        "Oops",
+        "list_del corruption",
+        "general protection",
+    ] {
+        assert!(
+            !log.contains(bad),
+            "the guest's serial log on the target shows {bad:?}:\n{}",
+            tail(serial)
+        );
+    }
+    assert_eq!(tainted(qga), taint_before, "the guest kernel got tainted");
+}
+
 fn tail(p: &Path) -> String {
     let data = std::fs::read(p).unwrap_or_default();
     String::from_utf8_lossy(&data[data.len().saturating_sub(3000)..]).into_owned()
@@ -229,6 +264,7 @@ fn qemu_vm_live_migrates_between_lab_nodes_and_a_killed_target_leaves_it_on_the_
     println!("{test}: agent on n1 answered after {:?}", booted.elapsed());
     let before = boot_id(&mut agent);
     assert_eq!(before.len(), 32, "{before:?}");
+    let taint_before = tainted(&mut agent);
     drop(agent);
 
     // A migration whose target dies half-way: the guest stays on n1 and keeps running.
@@ -276,7 +312,10 @@ fn qemu_vm_live_migrates_between_lab_nodes_and_a_killed_target_leaves_it_on_the_
         ))
     })
     .expect("migrate n1 -> n2");
-    wait_incoming(&mut qd, Duration::from_secs(30)).expect("n2 runs the guest");
+    wait_incoming(&mut qd, Duration::from_secs(30)).expect("the guest arrived on n2");
+    // The driver starts a target with -S: it runs the guest only when told to.
+    assert_eq!(qd.query_status().expect("status").status, RunState::Paused);
+    resume_incoming(&mut qd).expect("n2 runs the guest");
     let wall = started.elapsed();
     assert_eq!(
         qs.query_status().expect("status").status,
@@ -321,6 +360,13 @@ fn qemu_vm_live_migrates_between_lab_nodes_and_a_killed_target_leaves_it_on_the_
     });
     agent.set_timeout(Duration::from_secs(30));
     assert_eq!(boot_id(&mut agent), before, "the same boot runs on n2");
+    stays_sound(
+        &mut agent,
+        &dst2.serial(),
+        &before,
+        &taint_before,
+        Duration::from_secs(15),
+    );
     lab.kill_proc(p_dst2);
 }
 
@@ -398,6 +444,7 @@ fn qemu_vm_with_a_disk_on_each_node_live_migrates_with_its_disk_copied() {
     let before = boot_id(&mut agent);
     assert_eq!(before.len(), 32, "{before:?}");
     let marker = marker_bytes(&before);
+    let taint_before = tainted(&mut agent);
     agent
         .write_file("/var/tmp/livedisk-marker", &marker)
         .expect("write the marker");
@@ -451,9 +498,12 @@ fn qemu_vm_with_a_disk_on_each_node_live_migrates_with_its_disk_copied() {
         },
     )
     .expect("migrate n1 -> n2 with the disk");
-    wait_incoming(&mut qd, Duration::from_secs(30)).expect("n2 runs the guest");
+    wait_incoming(&mut qd, Duration::from_secs(30)).expect("the guest arrived on n2");
+    // Paused (-S) while n2's export still holds the disk writable; the export goes, then
+    // the guest runs.
+    assert_eq!(qd.query_status().expect("status").status, RunState::Paused);
+    resume_incoming(&mut qd).expect("n2 runs the guest");
     let wall = started.elapsed();
-    mirror::stop_exports(&mut qd);
     assert_eq!(
         qs.query_status().expect("status").status,
         RunState::Postmigrate,
@@ -490,6 +540,13 @@ fn qemu_vm_with_a_disk_on_each_node_live_migrates_with_its_disk_copied() {
             .read_file("/var/tmp/livedisk-marker", 1 << 20)
             .expect("read the marker on n2"),
         marker
+    );
+    stays_sound(
+        &mut agent,
+        &dst.serial(),
+        &before,
+        &taint_before,
+        Duration::from_secs(15),
     );
     drop(agent);
     // The guest goes down on n2: its disk there (n2's own file) holds the marker.

@@ -484,6 +484,21 @@ fn migrate_live_copies_a_replicated_disk_and_keeps_the_boot_and_its_data() {
     );
     let read = guest_exec(&lab, 1, "/bin/cat", &["/var/tmp/marker"]);
     assert_eq!(String::from_utf8_lossy(&read).trim(), marker);
+    // The guest stays sound on n2 (a corrupted guest once oopsed ~10 s after the move).
+    let watch = Instant::now();
+    while watch.elapsed() < Duration::from_secs(15) {
+        std::thread::sleep(Duration::from_secs(3));
+        assert_eq!(boot_id(&lab, 1, Duration::from_secs(30)), before);
+    }
+    let log =
+        String::from_utf8_lossy(&std::fs::read(n2.console_log()).unwrap_or_default()).into_owned();
+    for bad in ["Kernel panic", "BUG:", "Oops", "list_del corruption"] {
+        assert!(
+            !log.contains(bad),
+            "n2's console shows {bad:?}:\n{}",
+            console()
+        );
+    }
     println!(
         "{test}: n1 -> n2 live with the disk copied: CLI done after {:.1} s",
         cli.as_secs_f64()

@@ -433,25 +433,63 @@ pub fn listen_incoming(qmp: &mut Qmp, host: &str, port: u16) -> Result<String, M
     Ok(tcp_uri(host, bound))
 }
 
-/// Target side: waits until the incoming migration has completed and the guest runs here.
+/// Target side: waits until the incoming migration has completed: the guest is here,
+/// running (QEMU started without `-S`) or paused until [`resume_incoming`] (with `-S`, as
+/// the driver starts a target). A failed incoming migration is an error.
 pub fn wait_incoming(qmp: &mut Qmp, timeout: Duration) -> Result<(), MigrateError> {
     let deadline = Instant::now() + timeout;
     loop {
-        let st = qmp.query_status()?;
-        match st.status {
-            RunState::Running => return Ok(()),
-            RunState::Inmigrate | RunState::Prelaunch | RunState::Paused => {}
-            other => {
-                return Err(MigrateError::State(format!(
-                    "the target QEMU is {other:?} after the migration"
-                )));
-            }
+        if holds_guest(qmp)? {
+            return Ok(());
         }
         if Instant::now() >= deadline {
             return Err(MigrateError::TimedOut(timeout));
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// Target side: whether the incoming migration has completed (the guest is here, running
+/// or paused); false while it still waits; an error for a state a target never reaches.
+fn holds_guest(qmp: &mut Qmp) -> Result<bool, MigrateError> {
+    let st = qmp.query_status()?;
+    match st.status {
+        RunState::Running => Ok(true),
+        RunState::Inmigrate | RunState::Prelaunch => Ok(false),
+        RunState::Paused => {
+            let info = qmp.execute(&QueryMigrate)?;
+            match info.status {
+                Some(MigrationStatus::Completed) => Ok(true),
+                Some(MigrationStatus::Failed) => Err(MigrateError::Failed(
+                    info.error_desc
+                        .unwrap_or_else(|| "the incoming migration failed".into()),
+                )),
+                _ => Ok(false),
+            }
+        }
+        other => Err(MigrateError::State(format!(
+            "the target QEMU is {other:?} after the migration"
+        ))),
+    }
+}
+
+/// Target side, once the incoming migration has completed: closes the disk copy's NBD
+/// exports (none is fine) and only then starts the guest (`cont`): the guest never runs
+/// while a client could still write its disk.
+#[tracing::instrument(level = "info", skip(qmp))]
+pub fn resume_incoming(qmp: &mut Qmp) -> Result<(), MigrateError> {
+    mirror::close_exports(qmp)?;
+    if qmp.query_status()?.status != RunState::Running {
+        qmp.execute(&Cont)?;
+    }
+    let st = qmp.query_status()?;
+    if st.status != RunState::Running {
+        return Err(MigrateError::State(format!(
+            "the target QEMU is {:?} after cont",
+            st.status
+        )));
+    }
+    Ok(())
 }
 
 /// Source side: migrates the running guest to `uri`, calling `progress` after every poll.
@@ -637,12 +675,25 @@ fn poll_until_final(
     mirrors: &[String],
 ) -> Result<Completed, MigrateError> {
     let mut settle = 0;
+    // The switch-over happens once: a `query-migrate` right after `migrate-continue` may
+    // still say `pre-switchover` (the migration thread has not moved on yet).
+    let mut switched = false;
     loop {
         let info = qmp.execute(&QueryMigrate)?;
         let elapsed = started.elapsed();
         if info.status == Some(MigrationStatus::PreSwitchover) {
-            switch_over(qmp, mirrors)?;
+            if !switched {
+                switch_over(qmp, mirrors)?;
+                switched = true;
+            } else {
+                std::thread::sleep(Duration::from_millis(10));
+            }
             continue;
+        }
+        // Until the switch-over every mirror must stay in sync with the target: one that
+        // failed or went fails the move (cancelled by the caller, the guest stays here).
+        if !switched && !mirrors.is_empty() && !info.status.is_some_and(MigrationStatus::is_final) {
+            mirror::check_ready(qmp, mirrors)?;
         }
         match next_step(&info, elapsed, opts.timeout) {
             // QEMU reports `completed` a moment before it has filled in the times.
@@ -909,12 +960,14 @@ pub fn follow_vm(
     follow_out(&mut q, opts, progress)
 }
 
-/// Target: whether the QEMU of VM `paths` runs (the incoming migration finished): it holds
-/// the guest. False when it still waits, or cannot be asked.
+/// Target: whether the QEMU of VM `paths` holds the guest: the incoming migration
+/// completed (it runs, or waits paused for [`adopt_incoming_vm`]'s `cont`). False when it
+/// still waits, or cannot be asked.
 pub fn incoming_runs(paths: &Paths) -> bool {
     Qmp::connect(&paths.qmp_socket(), Duration::from_secs(5))
-        .and_then(|mut q| q.query_status())
-        .is_ok_and(|st| st.status == RunState::Running)
+        .map_err(MigrateError::from)
+        .and_then(|mut q| holds_guest(&mut q))
+        .unwrap_or(false)
 }
 
 /// Target: the guest runs here (waits up to `timeout` for it); the VM becomes an ordinary
@@ -923,8 +976,9 @@ pub fn incoming_runs(paths: &Paths) -> bool {
 pub fn adopt_incoming_vm(paths: &Paths, timeout: Duration) -> Result<(), MigrateError> {
     let mut q = Qmp::connect(&paths.qmp_socket(), Duration::from_secs(10))?;
     wait_incoming(&mut q, timeout)?;
-    // The disk copy's exports (if any) are done with: the source completed its mirrors.
-    mirror::stop_exports(&mut q);
+    // The disk copy's exports (if any) are done with (the source completed its mirrors
+    // before the device state moved): they go, then the guest runs.
+    resume_incoming(&mut q)?;
     drop(q);
     let state = |e: DriverError| MigrateError::State(e.to_string());
     let _ = std::fs::remove_file(incoming_marker(paths));
@@ -1288,7 +1342,7 @@ mod tests {
             return;
         };
         let mut dargs = with_disk(&ddisk);
-        dargs.extend(["-incoming".into(), "defer".into()]);
+        dargs.extend(["-S".into(), "-incoming".into(), "defer".into()]);
         let dst = TestQemu::start(test, &dargs.iter().map(String::as_str).collect::<Vec<_>>())
             .expect("target");
         let (mut qs, mut qd) = (src.qmp(), dst.qmp());
@@ -1312,11 +1366,31 @@ mod tests {
             },
         )
         .expect("migrate with the disk");
-        wait_incoming(&mut qd, Duration::from_secs(10)).expect("target runs");
-        mirror::stop_exports(&mut qd);
+        wait_incoming(&mut qd, Duration::from_secs(10)).expect("the guest arrived");
+        // Started with -S: the guest waits, paused, while the export still holds the disk.
+        assert_eq!(qd.query_status().expect("status").status, RunState::Paused);
+        assert_eq!(
+            qd.execute(&mirror::QueryBlockExports)
+                .expect("query-block-exports")
+                .len(),
+            1
+        );
+        resume_incoming(&mut qd).expect("exports closed, then cont");
+        assert_eq!(qd.query_status().expect("status").status, RunState::Running);
+        assert!(
+            qd.execute(&mirror::QueryBlockExports)
+                .expect("query-block-exports")
+                .is_empty()
+        );
         assert_eq!(
             qs.query_status().expect("status").status,
             RunState::Postmigrate
+        );
+        assert!(
+            qs.execute(&super::super::qmp::QueryJobs)
+                .expect("query-jobs")
+                .is_empty(),
+            "the completed mirror was dismissed"
         );
         let disk_polls: Vec<_> = seen.iter().filter_map(|p| p.disk).collect();
         assert_eq!(disk_polls.last().map(DiskCopy::percent), Some(100));
@@ -1460,6 +1534,132 @@ mod tests {
         assert_eq!(qs.query_status().expect("status").status, RunState::Running);
         assert!(mirror::running_mirrors(&mut qs).is_empty());
         println!("{test}: {e}");
+    }
+
+    /// A source with a disk of `mib` MiB of non-zero data and a second QMP socket (for a
+    /// test to act beside the migration), and a target waiting with `-S` on a zeroed disk
+    /// exported over NBD; the migration URI, the NBD target and the source's second socket.
+    #[allow(clippy::type_complexity)]
+    fn disk_pair(
+        test: &str,
+        dir: &std::path::Path,
+        mib: u32,
+    ) -> Option<(TestQemu, TestQemu, String, NbdTarget, std::path::PathBuf)> {
+        let (sdisk, ddisk) = (dir.join("src.raw"), dir.join("dst.raw"));
+        let data: Vec<u8> = (0..(mib << 20))
+            .map(|i| (i / 512 % 249) as u8 + 1)
+            .collect();
+        std::fs::write(&sdisk, &data).expect("source disk");
+        std::fs::write(&ddisk, vec![0u8; data.len()]).expect("target disk");
+        let side = dir.join("side.sock");
+        let mut sargs = with_disk(&sdisk);
+        sargs.push("-qmp".into());
+        sargs.push(format!("unix:{},server=on,wait=off", side.display()));
+        let src = TestQemu::start(test, &sargs.iter().map(String::as_str).collect::<Vec<_>>())?;
+        let mut dargs = with_disk(&ddisk);
+        dargs.extend(["-S".into(), "-incoming".into(), "defer".into()]);
+        let dst = TestQemu::start(test, &dargs.iter().map(String::as_str).collect::<Vec<_>>())
+            .expect("target");
+        let mut qd = dst.qmp();
+        let uri = listen_incoming(&mut qd, "127.0.0.1", 0).expect("listen");
+        let target = NbdTarget {
+            host: "127.0.0.1".into(),
+            port: mirror::free_port("127.0.0.1").expect("a free port"),
+        };
+        mirror::export_disks(&mut qd, &target, &["disk0".to_string()]).expect("export");
+        Some((src, dst, uri, target, side))
+    }
+
+    /// A mirror job that fails while the RAM moves (cancelled by force from a second QMP
+    /// client, as an I/O error would end it) fails the move with the job's error: the
+    /// migration is cancelled, the guest keeps running on the source, no job is left
+    /// behind and the target never ran the guest.
+    #[test]
+    fn qemu_a_mirror_job_failing_during_the_ram_copy_fails_the_move_cleanly() {
+        let test = "qemu_mirror_job_fails";
+        let dir = tempfile::tempdir().expect("tmp");
+        let Some((src, dst, uri, target, side)) = disk_pair(test, dir.path(), 8) else {
+            return;
+        };
+        let (mut qs, mut qd) = (src.qmp(), dst.qmp());
+        let nodes = vec!["disk0".to_string()];
+        let mut broke = false;
+        let e = migrate_out_disks(&mut qs, &uri, &target, &nodes, &slow(), |p| {
+            if !broke && p.disk.is_none() && p.status == MigrationStatus::Active {
+                let mut other =
+                    Qmp::connect_retry(&side, Duration::from_secs(5)).expect("side QMP");
+                other
+                    .execute(&super::super::qmp::BlockJobCancel {
+                        device: mirror::job_id("disk0"),
+                        force: Some(true),
+                    })
+                    .expect("cancel the mirror job");
+                broke = true;
+            }
+            true
+        })
+        .expect_err("the mirror failed");
+        assert!(broke, "the RAM phase was never seen: {e}");
+        assert!(
+            matches!(e, MigrateError::Disk(MirrorError::Failed { .. })),
+            "{e}"
+        );
+        println!("{test}: {e}");
+        assert_eq!(qs.query_status().expect("status").status, RunState::Running);
+        assert_eq!(
+            qs.execute(&QueryMigrate).expect("query-migrate").status,
+            Some(MigrationStatus::Cancelled)
+        );
+        assert!(
+            qs.execute(&super::super::qmp::QueryJobs)
+                .expect("query-jobs")
+                .is_empty(),
+            "the failed job was dismissed"
+        );
+        // The target never started the guest (it exits once its stream is cut).
+        if let Ok(st) = qd.query_status() {
+            assert_ne!(st.status, RunState::Running);
+        }
+    }
+
+    /// The target QEMU killed while the disk is being copied: the mirror (or the migration)
+    /// fails, the guest keeps running on the source on its own disk, no job is left.
+    #[test]
+    fn qemu_a_target_killed_during_the_disk_copy_leaves_the_guest_on_the_source() {
+        let test = "qemu_disk_copy_target_killed";
+        let dir = tempfile::tempdir().expect("tmp");
+        let Some((src, dst, uri, target, _side)) = disk_pair(test, dir.path(), 64) else {
+            return;
+        };
+        let mut qs = src.qmp();
+        let nodes = vec!["disk0".to_string()];
+        let mut dst = Some(dst);
+        let mut killed_at = None;
+        let started = Instant::now();
+        let e = migrate_out_disks(&mut qs, &uri, &target, &nodes, &slow(), |p| {
+            if let Some(d) = dst.take() {
+                killed_at = Some(p.disk.map(|c| c.percent()));
+                drop(d);
+            }
+            true
+        })
+        .expect_err("the target is gone");
+        println!(
+            "{test}: killed at disk {killed_at:?}%: {e} after {:?}",
+            started.elapsed()
+        );
+        assert!(killed_at.is_some());
+        assert!(
+            matches!(e, MigrateError::Disk(_) | MigrateError::Failed(_)),
+            "{e}"
+        );
+        assert_eq!(qs.query_status().expect("status").status, RunState::Running);
+        assert!(
+            qs.execute(&super::super::qmp::QueryJobs)
+                .expect("query-jobs")
+                .is_empty()
+        );
+        assert!(started.elapsed() < Duration::from_secs(60));
     }
 
     /// The command line of the booted guest test: one shared disk, its own agent socket and

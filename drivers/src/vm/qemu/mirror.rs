@@ -9,6 +9,11 @@
 //! failure the jobs are cancelled ([`abort_mirrors`]) and the source's disks stay as they
 //! were: the mirror only ever wrote the target's copy.
 //!
+//! The jobs run with `auto-dismiss: false`: a job that fails stays in `query-jobs`
+//! (`concluded`, with its error) until this module dismisses it, so a failure is reported
+//! with QEMU's reason instead of a job that is simply gone. While the RAM moves every poll
+//! checks the jobs ([`check_ready`]): a job no longer `ready` fails the move.
+//!
 //! A disk is named alike on both ends: its format node (`disk0`, [`super::config::QemuDisk::node`])
 //! is the export's name, the mirror job is `mirror-disk0` and the source's NBD client node
 //! `mirror-disk0-nbd`.
@@ -19,8 +24,8 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use super::qmp::{
-    BlockJobCancel, BlockdevAdd, BlockdevDel, Empty, JobInfo, JobStatus, Qmp, QmpCommand, QmpError,
-    QueryJobs,
+    BlockJobCancel, BlockdevAdd, BlockdevDel, Empty, JobDismiss, JobInfo, JobStatus, Qmp,
+    QmpCommand, QmpError, QueryJobs,
 };
 
 /// Where the target exports the disks: its node address and the NBD port picked for this
@@ -143,6 +148,8 @@ pub struct BlockdevMirror {
     pub target: String,
     /// `full`: the whole disk, not only what its top image holds.
     pub sync: &'static str,
+    /// False: the job stays (`concluded`, with its error) until `job-dismiss`.
+    pub auto_dismiss: bool,
 }
 impl QmpCommand for BlockdevMirror {
     const NAME: &'static str = "blockdev-mirror";
@@ -176,6 +183,7 @@ pub fn mirror(node: &str) -> BlockdevMirror {
         device: node.into(),
         target: client_node(node),
         sync: "full",
+        auto_dismiss: false,
     }
 }
 
@@ -285,6 +293,40 @@ pub fn stop_exports(qmp: &mut Qmp) {
     }
 }
 
+/// `query-block-exports` (target).
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct QueryBlockExports;
+impl QmpCommand for QueryBlockExports {
+    const NAME: &'static str = "query-block-exports";
+    type Ret = Vec<BlockExportInfo>;
+}
+
+/// One block export (`query-block-exports`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct BlockExportInfo {
+    /// The export's id.
+    pub id: String,
+    /// The exported node.
+    pub node_name: String,
+}
+
+/// Target, before the guest may run here: stops the NBD server (which closes its exports,
+/// cutting the source's clients, and waits for them to go) and checks that no export is
+/// left holding a disk writable. An export still there is an error: the guest must not
+/// run while a client could write its disk.
+pub fn close_exports(qmp: &mut Qmp) -> Result<(), QmpError> {
+    stop_exports(qmp);
+    let left = qmp.execute(&QueryBlockExports)?;
+    if let Some(e) = left.first() {
+        return Err(QmpError::Protocol(format!(
+            "export {} of node {} is still there after nbd-server-stop",
+            e.id, e.node_name
+        )));
+    }
+    Ok(())
+}
+
 /// Source: connects to the target's export of each disk and starts its mirror job. On an
 /// error what was started is aborted.
 #[tracing::instrument(level = "info", skip(qmp))]
@@ -337,38 +379,117 @@ pub fn poll_mirrors(
     r
 }
 
-/// Source, guest paused: ends every ready job by `block-job-cancel` (a ready mirror's
-/// cancel completes it: the target then holds the disk as it is now) and waits for each
-/// `BLOCK_JOB_COMPLETED`; a job that reports an error fails the copy.
+/// Source, while the RAM moves: every job of `nodes` must still be `ready` (in sync with
+/// the target). A job that failed (`concluded` with QEMU's error, e.g. the target's NBD
+/// server gone), is being cancelled, or vanished fails the copy with that reason.
+pub fn check_ready(qmp: &mut Qmp, nodes: &[String]) -> Result<(), MirrorError> {
+    let jobs = qmp.execute(&QueryJobs)?;
+    ready_or_failed(&jobs, nodes)
+}
+
+/// [`check_ready`] on one `query-jobs` reply.
+fn ready_or_failed(jobs: &[JobInfo], nodes: &[String]) -> Result<(), MirrorError> {
+    for node in nodes {
+        let id = job_id(node);
+        match jobs.iter().find(|j| j.id == id) {
+            Some(j) if matches!(j.status, JobStatus::Ready | JobStatus::Standby) => {}
+            Some(j) => {
+                return Err(MirrorError::Failed {
+                    node: node.clone(),
+                    reason: match &j.error {
+                        Some(e) => e.clone(),
+                        None => format!("its mirror job is {:?}, no longer ready", j.status),
+                    },
+                });
+            }
+            None => {
+                return Err(MirrorError::Failed {
+                    node: node.clone(),
+                    reason: "its mirror job is gone".into(),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Source, guest paused (`pre-switchover`): every job must be `ready`; each is ended by
+/// `block-job-cancel` (a ready mirror's cancel completes it without switching the source
+/// over: the target then holds the disk as the guest left it, flushed) and waited for
+/// until `concluded`. A job that concludes with an error, or with less copied than its
+/// length, fails the copy. The concluded jobs are dismissed.
 pub fn complete_mirrors(
     qmp: &mut Qmp,
     nodes: &[String],
     timeout: Duration,
 ) -> Result<(), MirrorError> {
+    check_ready(qmp, nodes)?;
     for node in nodes {
         qmp.execute(&BlockJobCancel {
             device: job_id(node),
             force: None,
         })?;
     }
-    for node in nodes {
-        let id = job_id(node);
-        let ev = qmp.wait_event("BLOCK_JOB_COMPLETED", timeout, |ev| {
-            ev.data.get("device").and_then(Value::as_str) == Some(id.as_str())
-        })?;
-        if let Some(reason) = ev.data.get("error").and_then(Value::as_str) {
-            return Err(MirrorError::Failed {
-                node: node.clone(),
-                reason: reason.into(),
-            });
+    let deadline = Instant::now() + timeout;
+    let mut left: Vec<String> = nodes.to_vec();
+    while !left.is_empty() {
+        let jobs = qmp.execute(&QueryJobs)?;
+        let mut still = Vec::new();
+        for node in left {
+            let id = job_id(&node);
+            let Some(j) = jobs.iter().find(|j| j.id == id) else {
+                return Err(MirrorError::Failed {
+                    node,
+                    reason: "its mirror job vanished while completing".into(),
+                });
+            };
+            if j.status != JobStatus::Concluded {
+                still.push(node);
+                continue;
+            }
+            dismiss(qmp, &id);
+            if let Some(reason) = &j.error {
+                return Err(MirrorError::Failed {
+                    node,
+                    reason: reason.clone(),
+                });
+            }
+            if j.current_progress != j.total_progress {
+                return Err(MirrorError::Failed {
+                    reason: format!(
+                        "its mirror job ended with {} of {} bytes copied",
+                        j.current_progress, j.total_progress
+                    ),
+                    node,
+                });
+            }
+        }
+        left = still;
+        if left.is_empty() {
+            break;
+        }
+        if Instant::now() >= deadline {
+            return Err(MirrorError::TimedOut(timeout));
+        }
+        // A status change wakes us early; otherwise poll again.
+        match qmp.wait_event("JOB_STATUS_CHANGE", Duration::from_millis(100), |_| true) {
+            Ok(_) | Err(QmpError::Timeout { .. }) => {}
+            Err(e) => return Err(e.into()),
         }
     }
     Ok(())
 }
 
+/// `job-dismiss` of a concluded job (best effort).
+fn dismiss(qmp: &mut Qmp, id: &str) {
+    if let Err(e) = qmp.execute(&JobDismiss { id: id.into() }) {
+        tracing::debug!(error = %e, job = id, "job-dismiss");
+    }
+}
+
 /// Source: cancels the jobs of `nodes` still there (forced: the target's copy is given
-/// up), waits up to 10 s for them to go and deletes the NBD client nodes. Best effort:
-/// errors are logged.
+/// up), waits up to 10 s for them to conclude, dismisses them and deletes the NBD client
+/// nodes. Best effort: errors are logged.
 pub fn abort_mirrors(qmp: &mut Qmp, nodes: &[String]) {
     for node in nodes {
         let _ = qmp.execute(&BlockJobCancel {
@@ -377,11 +498,29 @@ pub fn abort_mirrors(qmp: &mut Qmp, nodes: &[String]) {
         });
     }
     let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline {
-        let left = qmp
-            .execute(&QueryJobs)
-            .map(|jobs| jobs.iter().any(|j| nodes.iter().any(|n| job_id(n) == j.id)));
-        if !matches!(left, Ok(true)) {
+    loop {
+        let jobs = match qmp.execute(&QueryJobs) {
+            Ok(jobs) => jobs,
+            Err(e) => {
+                tracing::warn!(error = %e, "query-jobs while aborting the disk copy");
+                break;
+            }
+        };
+        let ours: Vec<&JobInfo> = jobs
+            .iter()
+            .filter(|j| nodes.iter().any(|n| job_id(n) == j.id))
+            .collect();
+        for j in ours.iter().filter(|j| j.status == JobStatus::Concluded) {
+            if let Some(e) = &j.error {
+                tracing::info!(job = %j.id, error = %e, "aborted mirror job");
+            }
+            dismiss(qmp, &j.id);
+        }
+        if ours.iter().all(|j| j.status == JobStatus::Concluded) {
+            break;
+        }
+        if Instant::now() >= deadline {
+            tracing::warn!("mirror jobs still there 10 s after their cancel");
             break;
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -479,7 +618,7 @@ mod tests {
         assert_eq!(
             serde_json::to_value(mirror("disk1")).expect("encode"),
             json!({"job-id": "mirror-disk1", "device": "disk1",
-                   "target": "mirror-disk1-nbd", "sync": "full"})
+                   "target": "mirror-disk1-nbd", "sync": "full", "auto-dismiss": false})
         );
     }
 
