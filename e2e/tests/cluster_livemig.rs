@@ -183,6 +183,22 @@ fn boot_id(qga: &mut Qga) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
+/// [`boot_id`] of the guest on a target, whose serial log is shown when its agent fails.
+fn boot_id_on(qga: &mut Qga, serial: &Path) -> String {
+    match qga.exec(
+        "/usr/bin/systemd-id128",
+        &["boot-id"],
+        None,
+        Duration::from_secs(60),
+    ) {
+        Ok(out) => String::from_utf8_lossy(&out.stdout).trim().to_string(),
+        Err(e) => panic!(
+            "systemd-id128 boot-id: {e}; serial log ends with:\n{}",
+            tail(serial)
+        ),
+    }
+}
+
 /// The guest kernel's taint mask (it changes on an oops, a BUG or a WARN).
 fn tainted(qga: &mut Qga) -> String {
     let t = qga
@@ -199,7 +215,11 @@ fn stays_sound(qga: &mut Qga, serial: &Path, before: &str, taint_before: &str, w
     let until = Instant::now() + watch;
     while Instant::now() < until {
         std::thread::sleep(Duration::from_secs(2));
-        assert_eq!(boot_id(qga), before, "the same boot keeps running");
+        assert_eq!(
+            boot_id_on(qga, serial),
+            before,
+            "the same boot keeps running"
+        );
     }
     let log = String::from_utf8_lossy(&std::fs::read(serial).unwrap_or_default()).into_owned();
     for bad in [
@@ -359,7 +379,11 @@ fn qemu_vm_live_migrates_between_lab_nodes_and_a_killed_target_leaves_it_on_the_
         )
     });
     agent.set_timeout(Duration::from_secs(30));
-    assert_eq!(boot_id(&mut agent), before, "the same boot runs on n2");
+    assert_eq!(
+        boot_id_on(&mut agent, &dst2.serial()),
+        before,
+        "the same boot runs on n2"
+    );
     stays_sound(
         &mut agent,
         &dst2.serial(),
@@ -534,7 +558,11 @@ fn qemu_vm_with_a_disk_on_each_node_live_migrates_with_its_disk_copied() {
         )
     });
     agent.set_timeout(Duration::from_secs(30));
-    assert_eq!(boot_id(&mut agent), before, "the same boot runs on n2");
+    assert_eq!(
+        boot_id_on(&mut agent, &dst.serial()),
+        before,
+        "the same boot runs on n2"
+    );
     assert_eq!(
         agent
             .read_file("/var/tmp/livedisk-marker", 1 << 20)
