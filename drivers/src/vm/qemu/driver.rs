@@ -673,10 +673,7 @@ pub fn apply(
                             .signal_supervisor(st.supervisor_pid, libc::SIGHUP)
                             .map_err(other)?;
                     }
-                    // A target waits paused for its migration's end to `cont` it.
-                    if !cfg.incoming {
-                        resume_if_paused(&cfg);
-                    }
+                    resume_if_paused(&cfg);
                     return Ok(());
                 }
                 Err(e) => {

@@ -12,8 +12,7 @@
 //! - [`cloudinit`]: the cloud-init NoCloud seed (`cidata` ISO) generated from a manifest
 //!   (both engines attach it);
 //! - [`backup`]: consistent, incremental backups of a running QEMU VM's disks;
-//! - [`migrate`]: live migration of a running VM to a QEMU waiting in incoming mode;
-//! - [`mirror`]: the disk copy of a live migration whose disks are not shared.
+//! - [`migrate`]: live migration of a running VM to a QEMU waiting in incoming mode.
 
 pub mod accel;
 pub mod argv;
@@ -24,7 +23,6 @@ pub mod driver;
 pub mod firmware;
 mod jsonline;
 pub mod migrate;
-pub mod mirror;
 pub mod qga;
 pub mod qmp;
 pub mod quiesce;
