@@ -671,6 +671,38 @@ fn unprivileged_container() {
     sb.assert_clean();
 }
 
+/// A container without interfaces still has `lo` up (its init brings it up itself before
+/// exec), privileged and in a user namespace.
+fn loopback_is_up_without_interfaces() {
+    let mut sb = Sandbox::new("10.77.0.1/24");
+    let root = sb.resource(
+        "lopriv",
+        plain_spec(&sb, &["/bin/sh", "-c", LOOP], json!({})),
+    );
+    let user = sb.resource(
+        "louser",
+        plain_spec(&sb, &["/bin/sh", "-c", LOOP], json!({"unprivileged": true})),
+    );
+    for c in [&root, &user] {
+        sb.apply(c);
+        let name = c.id.name.as_str();
+        let (code, link) = sb.exec(name, &["ip", "-o", "link", "show", "lo"]);
+        assert_eq!(code, 0, "{link}");
+        assert!(link.contains(",UP"), "{name}: lo is up: {link}");
+        let (code, links) = sb.exec(name, &["ip", "-o", "link"]);
+        assert_eq!(
+            links.lines().count(),
+            1,
+            "{name}: only lo: {links} ({code})"
+        );
+        let (code, out) = sb.exec(name, &["ping", "-c", "1", "-W", "3", "127.0.0.1"]);
+        assert_eq!(code, 0, "{name}: loopback answers: {out}");
+    }
+    sb.delete(&root);
+    sb.delete(&user);
+    sb.assert_clean();
+}
+
 fn stop_start_delete_leave_nothing() {
     let mut sb = Sandbox::new("10.77.0.1/24");
     let spec = container_spec(&sb, "10.77.0.7/24", json!({"command": ["/sbin/init"]}));
@@ -1551,7 +1583,11 @@ fn seccomp_refuses_new_namespaces() {
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     run_as_shim_if_asked(&args);
-    let tests: [(&str, fn()); 21] = [
+    let tests: [(&str, fn()); 22] = [
+        (
+            "loopback_is_up_without_interfaces",
+            loopback_is_up_without_interfaces,
+        ),
         (
             "stop_detects_how_init_handles_term",
             stop_detects_how_init_handles_term,

@@ -42,6 +42,14 @@ pub enum StateError {
     Corrupt(String, String),
 }
 
+/// WAL pages after which a commit checkpoints them into `stead.db` (SQLite's default is
+/// 1,000): the WAL is no longer checkpointed at every close, and each open reads back what
+/// it holds, so it is kept short.
+pub const WAL_CHECKPOINT_PAGES: i64 = 256;
+
+/// Bytes the WAL file is truncated to after a checkpoint (a large apply can grow it).
+pub const WAL_SIZE_LIMIT: i64 = 4 << 20;
+
 /// Seconds since the epoch.
 pub fn now_secs() -> f64 {
     SystemTime::now()
@@ -136,6 +144,17 @@ impl StateDb {
         };
         let conn = Connection::open(&path).map_err(db)?;
         conn.busy_timeout(Duration::from_secs(10)).map_err(db)?;
+        // Every commit is durable in the WAL (synchronous=FULL). A checkpoint only copies
+        // committed pages into stead.db, so closing without one loses nothing: the next
+        // open (or a crash recovery) reads them back from the WAL. A short-lived CLI used
+        // to checkpoint and delete the WAL at every exit (2 fsyncs) and create it again
+        // at the next write (header and directory fsyncs); now the WAL stays and the
+        // auto-checkpoint below bounds it (and what the next open reads back).
+        conn.set_db_config(
+            rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE,
+            true,
+        )
+        .map_err(db)?;
         conn.execute_batch(
             "PRAGMA journal_mode=WAL;
              PRAGMA synchronous=FULL;
@@ -159,6 +178,10 @@ impl StateDb {
                  PRIMARY KEY (kind, name));",
         )
         .map_err(db)?;
+        conn.pragma_update(None, "wal_autocheckpoint", WAL_CHECKPOINT_PAGES)
+            .map_err(db)?;
+        conn.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT)
+            .map_err(db)?;
         add_journal_resource_column(&conn).map_err(db)?;
         Ok(StateDb { conn, path })
     }
@@ -565,6 +588,39 @@ mod tests {
             sync, 2,
             "synchronous=FULL: a journal entry is durable when written"
         );
+    }
+
+    #[test]
+    fn close_leaves_commits_in_the_wal_and_a_fresh_open_reads_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let wal = dir.path().join("stead.db-wal");
+        {
+            let db = StateDb::open(dir.path()).unwrap();
+            db.set_kv("k", "v").unwrap();
+        }
+        // No checkpoint and no delete at close: the commit is still in the WAL.
+        let len = std::fs::metadata(&wal).expect("WAL kept after close").len();
+        assert!(len > 0, "WAL holds the commit");
+        // As after a crash: only stead.db and its WAL, no shared-memory index.
+        let copy = tempfile::tempdir().unwrap();
+        for f in ["stead.db", "stead.db-wal"] {
+            std::fs::copy(dir.path().join(f), copy.path().join(f)).unwrap();
+        }
+        let db = StateDb::open(copy.path()).unwrap();
+        assert_eq!(db.get_kv("k").unwrap().as_deref(), Some("v"));
+        // Many commits: the auto-checkpoint keeps the WAL (and what an open reads) short.
+        let db = StateDb::open(dir.path()).unwrap();
+        for i in 0..2000 {
+            db.set_kv(&format!("k{i}"), "v").unwrap();
+        }
+        drop(db);
+        let frame = 4096 + 24;
+        let bound = 32 + (WAL_CHECKPOINT_PAGES as u64 + 16) * frame;
+        let len = std::fs::metadata(&wal).unwrap().len();
+        assert!(len <= bound, "WAL {len} bytes > {bound}");
+        let db = StateDb::open(dir.path()).unwrap();
+        assert_eq!(db.get_kv("k1999").unwrap().as_deref(), Some("v"));
+        assert_eq!(db.get_kv("k").unwrap().as_deref(), Some("v"));
     }
 
     #[test]

@@ -24,11 +24,12 @@ pub fn owner(name: &str) -> String {
 }
 
 /// Creates and configures the interfaces of `cfg` for the container whose init is `pid`.
-/// With no interfaces, only brings up loopback.
+/// With no interfaces there is nothing to do here: init brings up its loopback itself
+/// ([`loopback_up_here`]).
 pub(crate) fn attach(cfg: &ContainerConfig, pid: Pid) -> Result<(), DriverError> {
     let _span = tracing::info_span!("container_net", container = %cfg.name).entered();
     if cfg.interfaces.is_empty() {
-        return loopback_up(pid);
+        return Ok(());
     }
     let owner = owner(&cfg.name);
     for (i, ifc) in cfg.interfaces.iter().enumerate() {
@@ -51,9 +52,11 @@ pub(crate) fn attach(cfg: &ContainerConfig, pid: Pid) -> Result<(), DriverError>
     Ok(())
 }
 
-fn loopback_up(pid: Pid) -> Result<(), DriverError> {
-    // A veth-less container still gets `lo` up: a netlink request inside its netns.
-    let mut nl = Netlink::open(Some(&NetnsRef::Pid(pid.as_raw() as u32)))?;
+/// Brings up `lo` in the caller's network namespace: a veth-less container's init does
+/// this itself before it execs, while the shim attaches it to its cgroup. (Done from the
+/// shim it took a thread entering the container's netns, on the start's critical path.)
+pub(crate) fn loopback_up_here() -> Result<(), DriverError> {
+    let mut nl = Netlink::open(None)?;
     let lo = nl
         .link_by_name("lo")?
         .ok_or_else(|| DriverError::Other("the container's netns has no lo".into()))?;

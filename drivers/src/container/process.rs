@@ -8,9 +8,10 @@
 //! 2. parent writes `uid_map`/`gid_map` (unprivileged), moves the child into its cgroup,
 //!    creates the veth pairs (peer directly in the child's netns), then releases it;
 //! 3. child: become root of its user namespace, `unshare(NEWCGROUP)`, new session with the
-//!    console pty as controlling tty, mounts (rootfs, /proc, /sys ro, /dev tmpfs with bind
-//!    mounted device nodes, /dev/pts newinstance, /dev/shm, volumes; every target resolved
-//!    and created inside the rootfs through an fd, see `inroot`), `pivot_root`, masked
+//!    console pty as controlling tty, `lo` up when there is no veth, mounts (rootfs,
+//!    /proc, /sys ro, /dev tmpfs with bind mounted device nodes, /dev/pts newinstance,
+//!    /dev/shm, volumes; every target resolved and created inside the rootfs through an
+//!    fd, see `inroot`), `pivot_root`, masked
 //!    and read-only /proc paths, hostname, capability bounding set, `no_new_privs`,
 //!    seccomp, `execve`;
 //! 4. errors travel back over a close-on-exec pipe: EOF without data = exec succeeded.
@@ -222,6 +223,11 @@ fn child_setup(ctx: &ChildCtx<'_>) -> Result<std::convert::Infallible, String> {
         let _ = nix::unistd::close(ctx.console);
     }
 
+    if cfg.interfaces.is_empty() {
+        // Still privileged in the new netns (root of its user namespace, if any): with
+        // interfaces, the shim brings `lo` up with the first veth instead.
+        super::network::loopback_up_here().map_err(|e| e.to_string())?;
+    }
     setup_mounts(ctx)?;
     sethostname(&cfg.hostname).map_err(errno_ctx("sethostname"))?;
     let (path, argv, envp) = command(cfg, &BTreeMap::new())?;
