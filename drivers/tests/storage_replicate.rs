@@ -537,6 +537,68 @@ fn storage_replicate_btrfs_move_back_without_divergence_keeps_nothing() {
     assert_eq!(sha(&replica_disk(&a, back.point.seq)), sha(&live_b));
 }
 
+/// What the agent's converge does to a volume no longer placed on its node (issue #15):
+/// a read-only safety snapshot `pre-…` under snapshots/<volume>/, then the live subvolume
+/// destroyed.
+fn delete_with_safety_snapshot(n: &Node, name: &str) -> PathBuf {
+    let dir = n.pool.join("snapshots").join(VOLUME);
+    fs::create_dir_all(&dir).expect("snapshots dir");
+    btrfs::snapshot(&n.pool.join("images").join(VOLUME), &dir, name, true)
+        .expect("safety snapshot");
+    btrfs::subvol_destroy(&n.pool.join("images"), VOLUME).expect("delete the volume");
+    dir.join(name)
+}
+
+/// Issue #15: after a failover a → b, a's divergent live copy is deleted by a's converge
+/// (keeping a safety snapshot) before b sends the volume back. The transfer back reports
+/// that safety snapshot as the kept stale copy, and it stays, read-only, with the write.
+/// A safety snapshot of an unchanged copy is not reported (and not deleted either).
+#[test]
+fn storage_replicate_btrfs_send_back_reports_the_safety_snapshot_of_a_deleted_copy() {
+    let test = "storage_replicate_btrfs_send_back_reports_the_safety_snapshot_of_a_deleted_copy";
+    let Some((a, b)) = two_nodes(test) else {
+        return;
+    };
+    let disk_a = source_disk(&a, 32 << 20, 4 << 20, 31);
+    let (first, _) = both_ok(transfer(&a.repl, &b.repl, TOKEN, None), "a -> b");
+    replicate::promote_if_absent(&b.repl, VOLUME)
+        .expect("promote")
+        .expect("a replica");
+    // The write a's copy gets after the failover, then a's converge deletes the volume.
+    fs::write(disk_a.with_file_name("diverged"), b"given up").expect("write on a");
+    let safety = delete_with_safety_snapshot(&a, "pre-delete-20261207T000000_000Z");
+    let live_b = b.pool.join("images").join(VOLUME).join("disk.raw");
+    write_pattern(&live_b, 8 << 20, 1 << 20, 32);
+    let (back, _) = both_ok(transfer(&b.repl, &a.repl, TOKEN + 1, None), "b -> a");
+    assert_eq!(back.parent, Some(first.point.seq));
+    assert_eq!(
+        back.kept.as_deref().map(PathBuf::from),
+        Some(safety.clone()),
+        "the safety snapshot holding the divergent write is reported"
+    );
+    assert_eq!(
+        fs::read(safety.join("diverged")).expect("the write is kept"),
+        b"given up"
+    );
+    assert!(btrfs::subvol_info(&safety).expect("info").readonly);
+    assert_eq!(sha(&replica_disk(&a, back.point.seq)), sha(&live_b));
+
+    // The same without a write: the safety snapshot is not reported, and still there.
+    let Some((c, d)) = two_nodes(test) else {
+        return;
+    };
+    source_disk(&c, 32 << 20, 4 << 20, 33);
+    let (first, _) = both_ok(transfer(&c.repl, &d.repl, TOKEN, None), "c -> d");
+    replicate::promote_if_absent(&d.repl, VOLUME)
+        .expect("promote")
+        .expect("a replica");
+    let safety = delete_with_safety_snapshot(&c, "pre-delete-20261207T000001_000Z");
+    let (back, _) = both_ok(transfer(&d.repl, &c.repl, TOKEN + 1, None), "d -> c");
+    assert_eq!(back.parent, Some(first.point.seq));
+    assert_eq!(back.kept, None, "nothing diverged on c");
+    assert!(btrfs::is_subvolume(&safety).expect("stat"), "never deleted");
+}
+
 #[test]
 fn storage_replicate_refuses_unknown_volumes() {
     let Some((a, b)) = two_nodes("storage_replicate_refuses_unknown_volumes") else {

@@ -219,6 +219,17 @@ pub fn mark_received_as_itself(path: &Path) -> Result<bool, DriverError> {
     set.and(restored).map(|()| true)
 }
 
+/// Makes the subvolume at `path` read-only (`BTRFS_IOC_SUBVOL_SETFLAGS`); nothing when it
+/// already is.
+pub fn set_readonly(path: &Path) -> Result<(), DriverError> {
+    let dir = open_dir(path)?;
+    let flags = subvol_flags(&dir, path)?;
+    if flags & BTRFS_SUBVOL_RDONLY != 0 {
+        return Ok(());
+    }
+    set_subvol_flags(&dir, path, flags | BTRFS_SUBVOL_RDONLY)
+}
+
 /// Commits the btrfs file system holding `path` (`syncfs`): the subvolume info read after
 /// it reflects every write before it.
 pub fn sync_fs(path: &Path) -> Result<(), DriverError> {

@@ -148,9 +148,11 @@ pub trait ReplicationBackend {
     }
     /// On the receiving side, before a stream incremental from `parent` (`None`: full) is
     /// received: this node does not own the volume, so a live copy of it here is stale.
-    /// It is removed; when it changed since `parent` (writes a failover gave up), it is
-    /// first kept as a read-only snapshot, whose path is returned. Nothing is deleted
-    /// without that check. The default keeps everything (returns `None`).
+    /// It is moved out of the live path and made read-only first; it is removed only when
+    /// provably unchanged since `parent`, else kept and its path returned. When the live
+    /// copy is already gone (deleted by a converge, which keeps a safety snapshot), a
+    /// safety snapshot holding changes since `parent` is returned. The default keeps
+    /// everything (returns `None`).
     fn retire_live_copy(
         &self,
         _volume: &str,
@@ -858,44 +860,122 @@ impl ReplicationBackend for BtrfsReplication {
         parent: Option<u64>,
     ) -> Result<Option<String>, DriverError> {
         let live = self.volume_dir(volume)?;
-        if !btrfs::is_subvolume(&live)? {
-            return Ok(None);
-        }
-        let images = self.pool.join("images");
-        btrfs::sync_fs(&live)?;
-        let info = btrfs::subvol_info(&live)?;
-        // Unchanged since the common point: the own snapshot `parent` was taken of it and
-        // nothing was written after (the subvolume's ctransid moves on any change).
-        let snap = parent.map(|p| self.source_dir(volume).map(|d| d.join(snapshot_name(p))));
-        let unchanged = match snap.transpose()? {
-            Some(snap) if btrfs::is_subvolume(&snap)? => {
-                let s = btrfs::subvol_info(&snap)?;
-                s.parent_uuid == info.uuid && s.ctransid == info.ctransid
+        // The common point: this node's own snapshot `parent`, taken of its live copy.
+        let common = match parent {
+            Some(p) => {
+                let snap = self.source_dir(volume)?.join(snapshot_name(p));
+                if btrfs::is_subvolume(&snap)? {
+                    Some(btrfs::subvol_info(&snap)?)
+                } else {
+                    None
+                }
             }
-            _ => false,
+            None => None,
         };
+        if !btrfs::is_subvolume(&live)? {
+            // The live copy may already be gone: the agent's converge deletes a volume no
+            // longer placed here, keeping a safety snapshot first. A safety snapshot of the
+            // same live copy made after the common point holds what the failover gave up:
+            // reported as the kept copy (it is never deleted here).
+            return self.safety_snapshot_since(volume, common.as_ref());
+        }
+        // First out of the live path and read-only (no byte of it is deleted yet), then
+        // compared frozen: removed only when provably unchanged since the common point.
+        let dir = fsutil::ensure_dir(&self.pool, &["snapshots", volume])?;
+        let name = format!("{STALE_PREFIX}{}", unix_now());
+        let kept = dir.join(&name);
+        if kept.exists() {
+            return Err(DriverError::Conflict(format!(
+                "{} exists; not retiring the live copy of {volume}",
+                kept.display()
+            )));
+        }
+        std::fs::rename(&live, &kept).map_err(|e| {
+            DriverError::io(format!("move {} to {}", live.display(), kept.display()), e)
+        })?;
+        fsutil::fsync_dir(&self.pool.join("images"))?;
+        fsutil::fsync_dir(&dir)?;
+        btrfs::set_readonly(&kept)?;
+        btrfs::sync_fs(&kept)?;
+        let info = btrfs::subvol_info(&kept)?;
+        // The subvolume's ctransid moves on any change of its content; the common snapshot
+        // keeps the ctransid of the live copy when it was taken.
+        let unchanged =
+            common.is_some_and(|c| c.parent_uuid == info.uuid && c.ctransid == info.ctransid);
         if unchanged {
             info!(
                 volume,
                 ?parent,
                 "the live copy here is unchanged since the common point: removed"
             );
-            btrfs::subvol_destroy(&images, volume)?;
+            btrfs::subvol_destroy(&dir, &name)?;
+            remove_dir_if_empty(&dir);
             return Ok(None);
         }
-        let dir = fsutil::ensure_dir(&self.pool, &["snapshots", volume])?;
-        let name = format!("{STALE_PREFIX}{}", unix_now());
-        btrfs::snapshot(&live, &dir, &name, true)?;
-        btrfs::subvol_destroy(&images, volume)?;
-        let kept = path_arg(&dir.join(&name));
+        let kept = path_arg(&kept);
         warn!(
             volume,
             kept = %kept,
-            "this node does not own the volume: its live copy here, changed since the last \
-             common point, is kept read-only and the volume becomes a replica"
+            "this node does not own the volume: its live copy here, not provably unchanged \
+             since the last common point, is kept read-only and the volume becomes a replica"
         );
         Ok(Some(kept))
     }
+}
+
+impl BtrfsReplication {
+    /// The newest safety snapshot (`pre-…`) of `volume` taken of the live copy the common
+    /// snapshot `common` was taken of, after a change since it; `None` when there is none
+    /// or no common snapshot to compare with.
+    fn safety_snapshot_since(
+        &self,
+        volume: &str,
+        common: Option<&btrfs::SubvolInfo>,
+    ) -> Result<Option<String>, DriverError> {
+        let Some(common) = common else {
+            return Ok(None);
+        };
+        let dir = self.pool.join("snapshots").join(volume);
+        let rd = match std::fs::read_dir(&dir) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(DriverError::io(format!("list {}", dir.display()), e)),
+        };
+        let mut found: Option<(u64, PathBuf)> = None;
+        for entry in rd {
+            let entry = entry.map_err(|e| DriverError::io(format!("list {}", dir.display()), e))?;
+            let is_safety = entry
+                .file_name()
+                .to_str()
+                .is_some_and(|n| n.starts_with(crate::storage::SAFETY_PREFIX));
+            let path = entry.path();
+            if !is_safety || !btrfs::is_subvolume(&path)? {
+                continue;
+            }
+            let s = btrfs::subvol_info(&path)?;
+            if s.parent_uuid == common.parent_uuid
+                && s.ctransid > common.ctransid
+                && found.as_ref().is_none_or(|(t, _)| s.ctransid > *t)
+            {
+                found = Some((s.ctransid, path));
+            }
+        }
+        Ok(found.map(|(_, path)| {
+            let kept = path_arg(&path);
+            warn!(
+                volume,
+                kept = %kept,
+                "this node's live copy was deleted after it changed since the last common \
+                 point: its safety snapshot keeps what the failover gave up"
+            );
+            kept
+        }))
+    }
+}
+
+/// Removes `dir` when it is empty (best effort).
+fn remove_dir_if_empty(dir: &Path) {
+    let _ = std::fs::remove_dir(dir);
 }
 
 /// Name prefix of the read-only snapshot keeping a stale live copy of a volume
