@@ -19,7 +19,7 @@ use stead_cluster::model::NodeInfo;
 use stead_cluster::owner::FencingToken;
 use stead_cluster::replication::{
     FailoverRecord, Outcome, ReplicationJob, ReplicationStatus, Replicator, Transfer,
-    TransferReport, jobs_reversed, list_status, owned_volumes, read_status, receiving_pool,
+    TransferReport, jobs_reversed, list_status, owned_volumes, read_status,
     receiving_pool_reversed, record_failover,
 };
 use stead_cluster::watch::list_prefix;
@@ -103,7 +103,8 @@ impl ReplState {
     }
 
     /// Before `owned` start here: promotes the last replica of each of their volumes that
-    /// this node receives and does not have live (a failover), and queues its record.
+    /// this node receives (by the manifests, or sent back to it by the reversal rule) and
+    /// does not have live (a failover), and queues its record.
     pub fn promote_replicas(&self, desired: &Desired, owned: &[Owned]) {
         for o in owned {
             for volume in owned_volumes(desired, o) {
@@ -113,7 +114,21 @@ impl ReplState {
     }
 
     fn promote_one(&self, desired: &Desired, volume: &str, token: &FencingToken) {
-        let Some(backend) = receiving_pool(desired, &self.node, volume).and_then(backend_for)
+        // The node `to` names, or the previous owner the volume was sent back to (its
+        // status says so; placement made it a failover target for that reason).
+        let cached = locked(&self.statuses).get(volume).cloned();
+        let sent_elsewhere = desired
+            .volume(volume)
+            .and_then(|v| v.replication.as_ref())
+            .is_some_and(|rep| rep.to.0 != self.node);
+        // Not seen by a round yet (the agent just started): read it now, or the volume
+        // driver would make an empty volume over the replica sent back here.
+        let status = match cached {
+            None if sent_elsewhere => self.fresh_status(volume),
+            other => other,
+        };
+        let Some(backend) = receiving_pool_reversed(desired, &self.node, volume, status.as_ref())
+            .and_then(backend_for)
         else {
             return;
         };
@@ -225,6 +240,7 @@ impl Transfer for TlsTransfer {
             bytes: r.bytes,
             incremental: r.parent.is_some(),
             duration: r.duration,
+            kept: r.kept,
         })
     }
 }

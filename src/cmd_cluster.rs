@@ -398,6 +398,9 @@ fn print_replication(r: &BTreeMap<String, ReplicationStatus>) {
                 f.node, f.at, f.seq, f.window_s
             );
         }
+        if let Some(k) = &s.stale_copy {
+            note = format!("{note} stale copy kept on {}: {}", k.node, k.path);
+        }
         println!(
             "{:<24} {:<12} {:<12} {:>6} {:>8} {:>12}  {}",
             volume,

@@ -30,6 +30,7 @@ use crate::migrate::{self, Method, MigrationRecord, MigrationState};
 use crate::model::{Assignment, NodeInfo};
 use crate::placement::{self, NodeState, PlacementInput, PlacementResult, Unplaceable};
 use crate::registry::{self, NodeEvent, NodeWatch};
+use crate::replication;
 use crate::watch::PrefixWatch;
 
 /// How the controller campaigns and leads.
@@ -273,6 +274,9 @@ struct Term<'a> {
     unplaceable_seen: BTreeSet<String>,
     /// Operators' migration overrides (`stead migrate`).
     migrations: BTreeMap<ResourceId, MigrationRecord>,
+    /// The volumes' replication statuses as last read: which node holds a replica besides
+    /// the manifests' `to` (read at each placement round).
+    replicas: placement::ReplicaStatuses,
 }
 
 impl<'a> Term<'a> {
@@ -292,6 +296,7 @@ impl<'a> Term<'a> {
             settle_until: Instant::now() + config.settle,
             unplaceable_seen: BTreeSet::new(),
             migrations: BTreeMap::new(),
+            replicas: placement::ReplicaStatuses::new(),
         }
     }
 
@@ -430,6 +435,13 @@ impl<'a> Term<'a> {
             debug!("no manifests yet: nothing to place");
             return Ok(());
         };
+        match replication::list_status(self.store).await {
+            Ok(r) => self.replicas = r,
+            Err(e) if e.is_retryable() => return Err(e),
+            Err(e) => {
+                warn!(error = %e, "replication statuses not read: placement uses the last ones")
+            }
+        }
         self.choose_methods(m).await;
         let (result, refused) = self.place_with_overrides(m);
         let (puts, deletes) = result.diff(&self.current);
@@ -525,7 +537,8 @@ impl<'a> Term<'a> {
             (Err(why), _) => refuse(&mut next, why),
             (Ok(Method::Live), Some(from)) if from != record.to => {
                 let single = BTreeMap::from([(id.clone(), record.clone())]);
-                let mut ws: Vec<_> = placement::workloads(&m.desired)
+                let mut ws: Vec<_> = self
+                    .workloads(m)
                     .into_iter()
                     .filter(|w| &w.id == id)
                     .collect();
@@ -629,13 +642,18 @@ impl<'a> Term<'a> {
         }
     }
 
+    /// The workloads of `m`, their data also on the replica holders the statuses name.
+    fn workloads(&self, m: &Manifests) -> Vec<placement::Workload> {
+        placement::workloads_with_replicas(&m.desired, &self.replicas)
+    }
+
     /// Overrides the manifests forbid before any node is looked at.
     fn pre_refused(
         &self,
         m: &Manifests,
         live: &BTreeMap<ResourceId, MigrationRecord>,
     ) -> BTreeMap<ResourceId, String> {
-        let mut all = placement::workloads(&m.desired);
+        let mut all = self.workloads(m);
         migrate::apply_overrides(&mut all, live)
     }
 
@@ -697,7 +715,7 @@ impl<'a> Term<'a> {
         m: &Manifests,
         result: &PlacementResult,
     ) -> Result<(), StoreError> {
-        let workloads = placement::workloads(&m.desired);
+        let workloads = self.workloads(m);
         let nodes = &self.nodes;
         let alive = |n: &str| nodes.get(n).is_some_and(|s| s.alive);
         let moves = migrate::handovers(
@@ -762,7 +780,7 @@ impl<'a> Term<'a> {
             .filter(|(_, a)| settling && !self.nodes.contains_key(&a.node))
             .map(|(id, a)| (id.clone(), a.clone()))
             .collect();
-        let all = placement::workloads(&m.desired);
+        let all = self.workloads(m);
         let wanted: BTreeSet<ResourceId> = all.iter().map(|w| w.id.clone()).collect();
         let mut workloads: Vec<placement::Workload> = all
             .into_iter()

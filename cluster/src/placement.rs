@@ -26,7 +26,10 @@ use std::fmt;
 
 use stead_schema::{HaGroupSpec, Kind, Placement, ResourceId};
 
-pub use input::{ha_groups, vm_live_facts, volumes_of, workload, workloads};
+pub use input::{
+    ReplicaStatuses, ha_groups, vm_live_facts, volumes_of, workload, workload_with_replicas,
+    workloads, workloads_with_replicas,
+};
 
 use crate::model::{Assignment, Capacity, NodeInfo};
 

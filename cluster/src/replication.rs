@@ -58,6 +58,9 @@ pub struct TransferReport {
     pub incremental: bool,
     /// How long it took.
     pub duration: Duration,
+    /// Where the receiver kept its stale live copy of the volume (a read-only snapshot),
+    /// if it held one that changed since the common point.
+    pub kept: Option<String>,
 }
 
 /// The transfer of one replication point (blocking; run off the async runtime).
@@ -98,6 +101,23 @@ pub struct ReplicationStatus {
     /// The last failover that started the volume from its replica.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failover: Option<FailoverRecord>,
+    /// The last stale live copy a receiver kept (as a read-only snapshot) when the volume
+    /// became a replica there; the operator deletes it when it is not needed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stale_copy: Option<StaleCopy>,
+}
+
+/// A receiving node's divergent live copy of a volume, kept read-only when the volume
+/// became a replica there (after a failover gave up its writes after the last point).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StaleCopy {
+    /// The node holding it.
+    pub node: String,
+    /// Its path there (`<pool>/snapshots/<volume>/stale-<unix time>`).
+    pub path: String,
+    /// When it was kept (Unix seconds).
+    pub at: u64,
 }
 
 /// A failover that made a replica the live volume.
@@ -138,14 +158,25 @@ pub fn backoff(failures: u32, every: Duration) -> Duration {
     FIRST_BACKOFF.saturating_mul(1 << exp).min(every)
 }
 
-/// The status after a successful transfer started at `started`, written at `now`.
+/// The status after a successful transfer started at `started`, written at `now`; the
+/// stale copy a receiver kept is the report's, else the `previous` status's.
 pub fn after_success(
+    previous: Option<&ReplicationStatus>,
     job: &ReplicationJob,
     from: &str,
     report: &TransferReport,
     started: u64,
     now: u64,
 ) -> ReplicationStatus {
+    let stale_copy = report
+        .kept
+        .as_ref()
+        .map(|path| StaleCopy {
+            node: job.to.clone(),
+            path: path.clone(),
+            at: now,
+        })
+        .or_else(|| previous.and_then(|p| p.stale_copy.clone()));
     ReplicationStatus {
         from: from.to_string(),
         to: job.to.clone(),
@@ -158,6 +189,7 @@ pub fn after_success(
         failures: 0,
         last_error: None,
         failover: None,
+        stale_copy,
     }
 }
 
@@ -292,6 +324,16 @@ pub fn receiving_pool_reversed<'d>(
     (s.to == node && &s.from == to && to != node)
         .then(|| desired.storage_pool(&v.pool.0))
         .flatten()
+}
+
+/// The node that holds a replica of the volume by its status `s`, besides the node its
+/// manifest names in `to`: the receiver of the last successful transfer (after a move or
+/// failover, the previous owner the volume replicates back to). `None` while a failover is
+/// recorded and nothing was sent since (the receiver's copy is then the stale one), or
+/// before any success.
+pub fn replica_holder(s: &ReplicationStatus) -> Option<&str> {
+    (s.failover.is_none() && s.seq.is_some() && !s.to.is_empty() && s.to != s.from)
+        .then_some(s.to.as_str())
 }
 
 /// The status key of volume `volume`.
@@ -448,7 +490,14 @@ impl Replicator {
         let (status, outcome) = match result {
             Ok(report) => {
                 info!(seq = report.seq, bytes = report.bytes, "replicated");
-                let s = after_success(job, &self.node, &report, started, now());
+                if let Some(kept) = &report.kept {
+                    warn!(
+                        peer = %job.to,
+                        kept = %kept,
+                        "the peer kept its stale live copy of the volume as a read-only snapshot"
+                    );
+                }
+                let s = after_success(previous.as_ref(), job, &self.node, &report, started, now());
                 (s, Outcome::Replicated(report))
             }
             Err(e) => {
@@ -568,8 +617,9 @@ mod tests {
             bytes: 10,
             incremental: true,
             duration: Duration::from_millis(1500),
+            kept: None,
         };
-        let s = after_success(&job(), "n1", &report, 999, 1002);
+        let s = after_success(None, &job(), "n1", &report, 999, 1002);
         assert_eq!(s.lag_s, Some(2));
         assert_eq!(s.duration_ms, 1500);
         assert_eq!(next_due(Some(&s), job().every, 1002), 1299);
@@ -657,13 +707,41 @@ mod tests {
             bytes: 10,
             incremental: false,
             duration: Duration::from_millis(5),
+            kept: Some("/pool/snapshots/data/stale-2001".into()),
         };
         let back = ReplicationJob {
             to: "a".into(),
             ..job()
         };
-        let ok = after_success(&back, "b", &report, 2001, 2002);
+        let ok = after_success(Some(&moved), &back, "b", &report, 2001, 2002);
         assert_eq!(effective_peer("b", "b", Some(&ok)).as_deref(), Some("a"));
+        // The stale copy a kept is recorded, and stays recorded after later transfers.
+        let kept = StaleCopy {
+            node: "a".into(),
+            path: "/pool/snapshots/data/stale-2001".into(),
+            at: 2002,
+        };
+        assert_eq!(ok.stale_copy.as_ref(), Some(&kept));
+        let plain = TransferReport {
+            kept: None,
+            ..report.clone()
+        };
+        let later = after_success(Some(&ok), &back, "b", &plain, 2100, 2101);
+        assert_eq!(later.stale_copy, Some(kept));
+        // The previous owner holds a replica once a transfer back succeeded, not before.
+        assert_eq!(
+            replica_holder(&moved),
+            None,
+            "failover recorded, nothing sent back"
+        );
+        assert_eq!(replica_holder(&ok), Some("a"));
+        let failed_later = after_failure(Some(&ok), &back, "b", "down", 2200, 2201);
+        assert_eq!(
+            replica_holder(&failed_later),
+            Some("a"),
+            "a failure keeps the last replica"
+        );
+        assert_eq!(replica_holder(&ReplicationStatus::default()), None);
         let failed = after_failure(Some(&moved), &back, "b", "down", 2001, 2002);
         assert_eq!(
             next_due(Some(&failed), Duration::from_secs(3600), 2002),

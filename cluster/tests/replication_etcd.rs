@@ -41,6 +41,7 @@ impl Transfer for Scripted {
             bytes: 10 << 20,
             incremental: n > 1,
             duration: Duration::from_millis(700),
+            kept: None,
         })
     }
 }

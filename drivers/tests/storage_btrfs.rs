@@ -121,11 +121,27 @@ fn storage_btrfs_pool_volumes_and_snapshots() {
         .expect("pool delete keeps data");
     assert!(root.join("images/vm2/disk.raw").exists());
 
-    // Volume delete takes the subvolume and its snapshots.
+    // A stale copy replication kept (stale-<time>, read-only) is the operator's data.
+    let stale = format!(
+        "{}1796620000",
+        stead_drivers::storage::replicate::STALE_PREFIX
+    );
+    stead_drivers::storage::btrfs::snapshot(&sub, &root.join("snapshots/vm1"), &stale, true)
+        .expect("stale copy");
+
+    // Volume delete takes the subvolume and its snapshots, but not a kept stale copy.
     let o = vd.observe(&[&v32], &w32).expect("observe");
     vd.delete(&v32, &o[&v32.id], &w32).expect("delete");
     assert!(!sub.exists());
     assert!(!snap.exists());
+    let stale_path = root.join("snapshots/vm1").join(&stale);
+    assert!(
+        is_subvolume(&stale_path),
+        "the stale copy outlives the volume"
+    );
+    assert!(stale_path.join("disk.raw").exists());
+    stead_drivers::storage::btrfs::subvol_destroy(&root.join("snapshots/vm1"), &stale)
+        .expect("remove the stale copy");
 
     drop(lb);
     assert!(

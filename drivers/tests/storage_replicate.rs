@@ -327,6 +327,278 @@ fn storage_replicate_btrfs_incremental_cut_and_promote() {
     );
 }
 
+/// The clone operations in the stream of read-only snapshot `snap` incremental from
+/// `parent` (`btrfs send -p … | btrfs receive --dump`).
+fn clone_ops(parent: &Path, snap: &Path) -> usize {
+    let script = format!(
+        "btrfs send -q -p '{}' '{}' | btrfs receive --dump",
+        parent.display(),
+        snap.display()
+    );
+    let out = run_cmd("sh", &["-c", &script]).expect("send | receive --dump");
+    out.lines().filter(|l| l.starts_with("clone")).count()
+}
+
+/// Bytes of a full send of `n`'s snapshot `seq`.
+fn full_send_bytes(n: &Node, seq: u64) -> u64 {
+    let mut counter = io::sink();
+    let mut counted = CountingWriter {
+        inner: &mut counter,
+        bytes: 0,
+    };
+    n.repl
+        .send(VOLUME, seq, None, &mut counted)
+        .expect("full send");
+    counted.bytes
+}
+
+struct CountingWriter<'a> {
+    inner: &'a mut dyn Write,
+    bytes: u64,
+}
+
+impl Write for CountingWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.bytes += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// A volume holding an ext4 image and a reflinked copy of it (shared extents).
+fn volume_with_ext4_image(n: &Node) -> PathBuf {
+    let disk = source_disk(n, 64 << 20, 0, 1);
+    run_cmd(
+        "mkfs.ext4",
+        &["-q", "-F", "-E", "nodiscard", &disk.to_string_lossy()],
+    )
+    .expect("mkfs.ext4");
+    write_pattern(&disk, 8 << 20, 8 << 20, 11);
+    let copy = disk.with_file_name("copy.raw");
+    run_cmd(
+        "cp",
+        &[
+            "--reflink=always",
+            &disk.to_string_lossy(),
+            &copy.to_string_lossy(),
+        ],
+    )
+    .expect("reflink copy");
+    disk
+}
+
+/// After a failover a → b, b sends the volume back to a: the first transfer is incremental
+/// from a's own last sent snapshot even though the stream clones extents of that parent
+/// (what `btrfs receive` used to refuse), a's divergent live copy is kept read-only and the
+/// volume becomes a replica there, which a can promote again later.
+#[test]
+fn storage_replicate_btrfs_send_back_is_incremental_and_keeps_the_stale_copy() {
+    let test = "storage_replicate_btrfs_send_back_is_incremental_and_keeps_the_stale_copy";
+    let Some((a, b)) = two_nodes(test) else {
+        return;
+    };
+    if run_cmd("mkfs.ext4", &["-V"]).is_err() {
+        eprintln!("SKIP {test}: mkfs.ext4 missing");
+        return;
+    }
+    let disk_a = volume_with_ext4_image(&a);
+    let (first, _) = both_ok(transfer(&a.repl, &b.repl, TOKEN, None), "a -> b");
+    let common = sha(&disk_a);
+
+    // Failover to b: the replica becomes b's volume; a keeps writing (a partition), which
+    // the failover gives up.
+    let promoted = replicate::promote_if_absent(&b.repl, VOLUME)
+        .expect("promote")
+        .expect("a replica");
+    assert_eq!(promoted.point.seq, first.point.seq);
+    write_pattern(&disk_a, 20 << 20, 1 << 20, 12);
+    let diverged = sha(&disk_a);
+    assert_ne!(diverged, common);
+
+    // b writes: a reflinked copy of the image (clones extents of the parent) and new data.
+    let live_b = b.pool.join("images").join(VOLUME);
+    run_cmd(
+        "cp",
+        &[
+            "--reflink=always",
+            &live_b.join("disk.raw").to_string_lossy(),
+            &live_b.join("copy2.raw").to_string_lossy(),
+        ],
+    )
+    .expect("reflink on b");
+    write_pattern(&live_b.join("disk.raw"), 30 << 20, 1 << 20, 13);
+    let on_b = sha(&live_b.join("disk.raw"));
+    // What b will send holds clone operations (of extents of the parent): a read-only
+    // snapshot of b's volume now, streamed from b's parent, dumped.
+    btrfs::snapshot(&live_b, &b.pool, "dump", true).expect("snapshot for the dump");
+    let clones = clone_ops(
+        &b.pool
+            .join("replication")
+            .join(VOLUME)
+            .join(replicate::snapshot_name(first.point.seq)),
+        &b.pool.join("dump"),
+    );
+    btrfs::subvol_destroy(&b.pool, "dump").expect("drop the dump snapshot");
+    assert!(clones > 0, "the stream back holds no clone operation");
+
+    // The first transfer back, b -> a (b's token is newer).
+    let (back, _) = both_ok(transfer(&b.repl, &a.repl, TOKEN + 1, None), "b -> a");
+    assert_eq!(
+        back.parent,
+        Some(first.point.seq),
+        "the first send back is incremental from a's own snapshot"
+    );
+    let full = full_send_bytes(&b, back.point.seq);
+    assert!(
+        back.bytes * 4 < full,
+        "incremental {} bytes vs full {full}",
+        back.bytes
+    );
+    println!(
+        "FIGURE first send back after a failover (64 MiB volume, ext4 image + reflinked copies): \
+         incremental {} bytes in {} ms ({clones} clone operations) instead of a full send of \
+         {full} bytes",
+        back.bytes,
+        back.duration.as_millis()
+    );
+    assert_eq!(sha(&replica_disk(&a, back.point.seq)), on_b);
+    assert_eq!(
+        sha(&replica_disk(&a, back.point.seq).with_file_name("copy2.raw")),
+        common
+    );
+
+    // a's divergent live copy: kept read-only under snapshots/, the live one gone.
+    let kept = back.kept.clone().expect("the stale copy is reported");
+    let kept = PathBuf::from(kept);
+    assert_eq!(
+        kept.parent(),
+        Some(a.pool.join("snapshots").join(VOLUME).as_path())
+    );
+    assert!(
+        kept.file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with(replicate::STALE_PREFIX)),
+        "{kept:?}"
+    );
+    assert_eq!(sha(&kept.join("disk.raw")), diverged, "nothing is lost");
+    assert!(
+        btrfs::subvol_info(&kept).expect("info").readonly,
+        "the kept copy is read-only"
+    );
+    assert!(!a.pool.join("images").join(VOLUME).exists());
+    assert!(
+        a.repl.source_snapshots(VOLUME).expect("snaps").is_empty(),
+        "a's own snapshots are dropped once it holds a replica"
+    );
+
+    // The next transfer is a plain incremental one between replicas.
+    write_pattern(&live_b.join("disk.raw"), 40 << 20, 1 << 20, 14);
+    let on_b = sha(&live_b.join("disk.raw"));
+    let (next, _) = both_ok(transfer(&b.repl, &a.repl, TOKEN + 1, None), "b -> a again");
+    assert_eq!(next.parent, Some(back.point.seq));
+    assert_eq!(next.kept, None);
+    assert_eq!(sha(&replica_disk(&a, next.point.seq)), on_b);
+
+    // b fails in turn: a promotes its replica (the stale copy no longer blocks it).
+    let again = replicate::promote_if_absent(&a.repl, VOLUME)
+        .expect("promote on a")
+        .expect("a replica on a");
+    assert_eq!(again.point.seq, next.point.seq);
+    assert_eq!(
+        sha(&a.pool.join("images").join(VOLUME).join("disk.raw")),
+        on_b
+    );
+    assert_eq!(sha(&kept.join("disk.raw")), diverged);
+}
+
+/// A cold move a → b (the final transfer, no write on a after it) and back: a's live copy is
+/// unchanged since the common point, so it is removed with nothing kept.
+#[test]
+fn storage_replicate_btrfs_move_back_without_divergence_keeps_nothing() {
+    let test = "storage_replicate_btrfs_move_back_without_divergence_keeps_nothing";
+    let Some((a, b)) = two_nodes(test) else {
+        return;
+    };
+    source_disk(&a, 64 << 20, 4 << 20, 21);
+    let (first, _) = both_ok(transfer(&a.repl, &b.repl, TOKEN, None), "a -> b");
+    replicate::promote_if_absent(&b.repl, VOLUME)
+        .expect("promote")
+        .expect("a replica");
+    let live_b = b.pool.join("images").join(VOLUME).join("disk.raw");
+    write_pattern(&live_b, 8 << 20, 1 << 20, 22);
+    let (back, _) = both_ok(transfer(&b.repl, &a.repl, TOKEN + 1, None), "b -> a");
+    assert_eq!(back.parent, Some(first.point.seq));
+    assert_eq!(back.kept, None, "nothing diverged on a");
+    assert!(!a.pool.join("images").join(VOLUME).exists());
+    assert!(subvolumes(&a.pool.join("snapshots").join(VOLUME)).is_empty());
+    assert_eq!(sha(&replica_disk(&a, back.point.seq)), sha(&live_b));
+}
+
+/// What the agent's converge does to a volume no longer placed on its node (issue #15):
+/// a read-only safety snapshot `pre-…` under snapshots/<volume>/, then the live subvolume
+/// destroyed.
+fn delete_with_safety_snapshot(n: &Node, name: &str) -> PathBuf {
+    let dir = n.pool.join("snapshots").join(VOLUME);
+    fs::create_dir_all(&dir).expect("snapshots dir");
+    btrfs::snapshot(&n.pool.join("images").join(VOLUME), &dir, name, true)
+        .expect("safety snapshot");
+    btrfs::subvol_destroy(&n.pool.join("images"), VOLUME).expect("delete the volume");
+    dir.join(name)
+}
+
+/// Issue #15: after a failover a → b, a's divergent live copy is deleted by a's converge
+/// (keeping a safety snapshot) before b sends the volume back. The transfer back reports
+/// that safety snapshot as the kept stale copy, and it stays, read-only, with the write.
+/// A safety snapshot of an unchanged copy is not reported (and not deleted either).
+#[test]
+fn storage_replicate_btrfs_send_back_reports_the_safety_snapshot_of_a_deleted_copy() {
+    let test = "storage_replicate_btrfs_send_back_reports_the_safety_snapshot_of_a_deleted_copy";
+    let Some((a, b)) = two_nodes(test) else {
+        return;
+    };
+    let disk_a = source_disk(&a, 32 << 20, 4 << 20, 31);
+    let (first, _) = both_ok(transfer(&a.repl, &b.repl, TOKEN, None), "a -> b");
+    replicate::promote_if_absent(&b.repl, VOLUME)
+        .expect("promote")
+        .expect("a replica");
+    // The write a's copy gets after the failover, then a's converge deletes the volume.
+    fs::write(disk_a.with_file_name("diverged"), b"given up").expect("write on a");
+    let safety = delete_with_safety_snapshot(&a, "pre-delete-20261207T000000_000Z");
+    let live_b = b.pool.join("images").join(VOLUME).join("disk.raw");
+    write_pattern(&live_b, 8 << 20, 1 << 20, 32);
+    let (back, _) = both_ok(transfer(&b.repl, &a.repl, TOKEN + 1, None), "b -> a");
+    assert_eq!(back.parent, Some(first.point.seq));
+    assert_eq!(
+        back.kept.as_deref().map(PathBuf::from),
+        Some(safety.clone()),
+        "the safety snapshot holding the divergent write is reported"
+    );
+    assert_eq!(
+        fs::read(safety.join("diverged")).expect("the write is kept"),
+        b"given up"
+    );
+    assert!(btrfs::subvol_info(&safety).expect("info").readonly);
+    assert_eq!(sha(&replica_disk(&a, back.point.seq)), sha(&live_b));
+
+    // The same without a write: the safety snapshot is not reported, and still there.
+    let Some((c, d)) = two_nodes(test) else {
+        return;
+    };
+    source_disk(&c, 32 << 20, 4 << 20, 33);
+    let (first, _) = both_ok(transfer(&c.repl, &d.repl, TOKEN, None), "c -> d");
+    replicate::promote_if_absent(&d.repl, VOLUME)
+        .expect("promote")
+        .expect("a replica");
+    let safety = delete_with_safety_snapshot(&c, "pre-delete-20261207T000001_000Z");
+    let (back, _) = both_ok(transfer(&d.repl, &c.repl, TOKEN + 1, None), "d -> c");
+    assert_eq!(back.parent, Some(first.point.seq));
+    assert_eq!(back.kept, None, "nothing diverged on c");
+    assert!(btrfs::is_subvolume(&safety).expect("stat"), "never deleted");
+}
+
 #[test]
 fn storage_replicate_refuses_unknown_volumes() {
     let Some((a, b)) = two_nodes("storage_replicate_refuses_unknown_volumes") else {

@@ -699,7 +699,30 @@ impl Drop for ClusterLab {
         for ns in self.namespaces.iter().rev() {
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
         }
+        let own = self.tmpfs.as_ref().map(|t| t.0.clone());
+        unmount_leftovers(self.dir.path(), own.as_deref());
         self.tmpfs.take();
+    }
+}
+
+/// Unmounts whatever is still mounted under `dir` at the lab's end, deepest first, and says
+/// so on stderr: a mount left there (a workload's volume whose teardown did not run) would
+/// keep its loop device and the lab's file systems busy after the test. `own` (the lab's
+/// tmpfs) is left to its own drop.
+fn unmount_leftovers(dir: &Path, own: Option<&Path>) {
+    let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") else {
+        return;
+    };
+    let mut left: Vec<String> = mounts
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .map(|m| m.replace("\\040", " "))
+        .filter(|m| Path::new(m).starts_with(dir) && own != Some(Path::new(m)))
+        .collect();
+    left.sort_by_key(|m| std::cmp::Reverse(m.len()));
+    for m in left {
+        eprintln!("cluster lab: unmounting a leftover mount at the lab's end: {m}");
+        let _ = Command::new("umount").args(["-l", &m]).status();
     }
 }
 

@@ -90,7 +90,7 @@ pub fn busybox_rootfs_at(root: &Path) -> PathBuf {
 }
 
 /// A tmpfs mounted on a path for a test, lazily unmounted on drop (even on failure).
-pub struct Tmpfs(PathBuf);
+pub struct Tmpfs(pub PathBuf);
 
 impl Tmpfs {
     /// Mounts a tmpfs of `size` (`mount -o size=`), mode 0700, on `path` (created if

@@ -292,8 +292,12 @@ fn an_ha_container_fails_over_to_its_volume_s_replica() {
 
 /// The lab of the replication tests: n1 and n2 with a pool each (n2 receiving replicas on
 /// port 7444, n1 on the default 7443), agents, a controller. The destroy guard must be
-/// dropped before the lab.
-fn start_repl_lab(test: &str, p1: &NodePool, p2: &NodePool) -> Option<(ClusterLab, DestroyEach)> {
+/// dropped before the lab. The agents' process indices come last.
+fn start_repl_lab(
+    test: &str,
+    p1: &NodePool,
+    p2: &NodePool,
+) -> Option<(ClusterLab, DestroyEach, Vec<usize>)> {
     let mut lab = ClusterLab::for_test(test, 3)?;
     let mut destroy = Vec::new();
     for (i, p) in [p1, p2].iter().enumerate() {
@@ -309,9 +313,10 @@ fn start_repl_lab(test: &str, p1: &NodePool, p2: &NodePool) -> Option<(ClusterLa
         &["--pool", "fast", "--replication-port", "7444"],
         &[],
     ];
+    let mut agents = Vec::new();
     for (i, m) in manifests.iter().enumerate() {
         lab.join_node(i, joins[i]);
-        lab.start_agent(i, m);
+        agents.push(lab.start_agent(i, m));
     }
     // The controller once every node is registered: a placement made while n1 was still
     // joining would put the probe on n2 and keep it there (noFailback).
@@ -326,7 +331,7 @@ fn start_repl_lab(test: &str, p1: &NodePool, p2: &NodePool) -> Option<(ClusterLa
         },
     );
     lab.start_controller(&p1.manifests);
-    Some((lab, DestroyEach(destroy)))
+    Some((lab, DestroyEach(destroy), agents))
 }
 
 /// Waits for the probe on n1 and the first replication point, then makes a late write
@@ -409,6 +414,7 @@ struct LateWriteLab {
     seen_log: PathBuf,
     hello: String,
     late: String,
+    agents: Vec<usize>,
     _rootfs: Sandbox,
 }
 
@@ -422,7 +428,7 @@ fn late_write_lab(test: &str, every: &str) -> Option<LateWriteLab> {
     let seen_log = root.join("seen.log");
     let p1 = node_pool(&root, test, every)?;
     let p2 = node_pool(&root, test, every)?;
-    let (lab, destroy) = start_repl_lab(test, &p1, &p2)?;
+    let (lab, destroy, agents) = start_repl_lab(test, &p1, &p2)?;
     let (hello, late) = late_write_after_the_first_point(&lab, &root);
     Some(LateWriteLab {
         _destroy: destroy,
@@ -433,6 +439,7 @@ fn late_write_lab(test: &str, every: &str) -> Option<LateWriteLab> {
         seen_log,
         hello,
         late,
+        agents,
         _rootfs: rootfs,
     })
 }
@@ -598,4 +605,128 @@ fn holds(dir: &Path, needle: &[u8]) -> bool {
         }
         std::fs::read(&path).is_ok_and(|b| b.windows(needle.len()).any(|w| w == needle))
     })
+}
+
+/// Node `i`'s agent and workloads SIGKILLed (its node is lost).
+fn kill_node(l: &mut LateWriteLab, i: usize) {
+    l.lab.kill_proc(l.agents[i]);
+    assert!(
+        l.lab.kill_workloads(i) > 0,
+        "no workload process of n{} found",
+        i + 1
+    );
+}
+
+/// Waits until a run of the probe other than `not` reads `late` from its volume; the run's
+/// token.
+fn wait_for_a_run_reading(l: &LateWriteLab, not: &str, late: &str, what: &str) -> String {
+    wait_for(what, Duration::from_secs(120), &l.lab, || {
+        late_of(&l.seen_log).is_some_and(|(t, v)| t != not && v == late)
+    });
+    late_of(&l.seen_log).map(|(t, _)| t).unwrap_or_default()
+}
+
+const BACK_TEST: &str = "after_a_failover_and_back_the_previous_owner_is_a_failover_target";
+
+/// The failover n1 → n2 (n1 killed), a write on n1's stale copy that the failover gave up,
+/// n1 back: n1's converge deletes the volume no longer placed there, keeping a read-only
+/// safety snapshot first (issue #15: the divergent write is there); n2 replicates the volume
+/// back to n1, incrementally from n1's own last snapshot, and the status names that safety
+/// snapshot as the stale copy; n1 holds a replica. Then n2 dies:
+/// the container returns to n1 (its replica holder, though `to` names n2) with the write
+/// made on n2.
+#[test]
+fn after_a_failover_and_back_the_previous_owner_is_a_failover_target() {
+    let Some(mut l) = late_write_lab(BACK_TEST, "2s") else {
+        return;
+    };
+    let first = late_of(&l.seen_log).map(|(t, _)| t).unwrap_or_default();
+    // A point holding the late write, then n1 is lost.
+    let wrote = unix_now();
+    wait_for(
+        "a replication point after the late write",
+        Duration::from_secs(60),
+        &l.lab,
+        || {
+            l.lab.cluster_status()["replication"]["data"]["lastPoint"]
+                .as_u64()
+                .is_some_and(|p| p > wrote)
+        },
+    );
+    kill_node(&mut l, 0);
+    let on_n2 = wait_for_a_run_reading(&l, &first, &l.late.clone(), "the probe runs on n2");
+    assert_eq!(owner(&l.lab.cluster_status()).as_deref(), Some("n2"));
+
+    // n1's copy diverges (what n1 wrote after the last point is given up by the failover).
+    let stale_mark = format!("stale{}", unix_now());
+    let n1_live = l.p1.fs.mnt.join("pool/images/data");
+    std::fs::write(n1_live.join("diverged"), &stale_mark).expect("write on n1's copy");
+
+    // n1 back; a write on n2 after that.
+    let m1 = l.p1.manifests.clone();
+    l.agents[0] = l.lab.start_agent(0, &m1);
+    let after = unix_now();
+    let later = format!("on-n2-{}", unix_now());
+    std::fs::write(l.root.join("trigger"), &later).expect("trigger");
+    wait_for(
+        "the probe writes on n2",
+        Duration::from_secs(10),
+        &l.lab,
+        || late_of(&l.seen_log).is_some_and(|(_, v)| v == later),
+    );
+    std::fs::remove_file(l.root.join("trigger")).expect("remove the trigger");
+    let mut status = Value::Null;
+    wait_for(
+        "a replication point from n2 to n1 after the write",
+        Duration::from_secs(90),
+        &l.lab,
+        || {
+            status = l.lab.cluster_status()["replication"]["data"].clone();
+            status["from"] == "n2"
+                && status["to"] == "n1"
+                && status["failover"].is_null()
+                && status["lastPoint"].as_u64().is_some_and(|p| p > after)
+        },
+    );
+    assert!(
+        holds(&l.p1.fs.mnt.join("pool/replicas/data"), later.as_bytes()),
+        "n1's replica lacks the write made on n2: {status:#}"
+    );
+    assert!(!n1_live.exists(), "n1's stale live copy is still live");
+    let kept = status["staleCopy"]["path"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert_eq!(status["staleCopy"]["node"], "n1", "{status:#}");
+    assert_eq!(
+        std::fs::read_to_string(Path::new(&kept).join("diverged")).unwrap_or_default(),
+        stale_mark,
+        "the divergent copy is kept"
+    );
+    let n2_log = l.lab.log_tail("agent-n2", usize::MAX);
+    let first_back = n2_log
+        .iter()
+        .find(|x| x.contains(": replicated ") && x.contains("parent="))
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        first_back.contains("parent=Some"),
+        "the first transfer back was not incremental: {first_back}"
+    );
+    println!("FIGURE failover and back: first transfer back: {first_back}; kept {kept}");
+
+    // n2 dies: the container comes back to n1 with the write made on n2.
+    let t0 = Instant::now();
+    kill_node(&mut l, 1);
+    wait_for_a_run_reading(&l, &on_n2, &later, "the probe runs on n1 again");
+    let back = t0.elapsed();
+    assert_eq!(owner(&l.lab.cluster_status()).as_deref(), Some("n1"));
+    assert!(
+        l.p1.fs.mnt.join("pool/images/data").exists(),
+        "n1 promoted its replica"
+    );
+    println!(
+        "FIGURE failover back to the previous owner: {:.2} s from SIGKILL of n2 to the probe on n1 reading the write made on n2",
+        back.as_secs_f64()
+    );
 }

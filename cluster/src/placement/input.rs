@@ -10,13 +10,24 @@ use stead_schema::{
 
 use super::{DataLocality, Need, Workload};
 use crate::model::Capacity;
+use crate::replication::{ReplicationStatus, replica_holder};
+
+/// Replication statuses by volume name (`replication/Volume/<name>`).
+pub type ReplicaStatuses = BTreeMap<String, ReplicationStatus>;
 
 /// Every workload of `desired` (Containers and VirtualMachines), sorted by id.
 pub fn workloads(desired: &Desired) -> Vec<Workload> {
+    workloads_with_replicas(desired, &ReplicaStatuses::new())
+}
+
+/// [`workloads`], where a replicated volume's data is also on the node its replication
+/// status says holds a replica ([`replica_holder`]: after a move or failover, the previous
+/// owner the volume replicates back to), not only on the node its manifest names in `to`.
+pub fn workloads_with_replicas(desired: &Desired, statuses: &ReplicaStatuses) -> Vec<Workload> {
     desired
         .resources
         .values()
-        .filter_map(|r| workload(r, desired))
+        .filter_map(|r| workload_with_replicas(r, desired, statuses))
         .collect()
 }
 
@@ -34,6 +45,15 @@ pub fn ha_groups(desired: &Desired) -> BTreeMap<String, HaGroupSpec> {
 
 /// The placement input of `r` when it is a workload.
 pub fn workload(r: &Resource, desired: &Desired) -> Option<Workload> {
+    workload_with_replicas(r, desired, &ReplicaStatuses::new())
+}
+
+/// [`workload`] with the replica holders of `statuses` ([`workloads_with_replicas`]).
+pub fn workload_with_replicas(
+    r: &Resource,
+    desired: &Desired,
+    statuses: &ReplicaStatuses,
+) -> Option<Workload> {
     let (request, placement, volumes, networks) = match &r.spec {
         Spec::Container(c) => (
             container_request(c),
@@ -68,7 +88,7 @@ pub fn workload(r: &Resource, desired: &Desired) -> Option<Workload> {
         id: r.id.clone(),
         request,
         needs: needs(desired, &pools, &networks),
-        data: data_locality(desired, &volumes),
+        data: data_locality(desired, &volumes, statuses),
         placement,
     })
 }
@@ -211,8 +231,13 @@ fn needs(desired: &Desired, pools: &[String], networks: &[String]) -> Vec<Need> 
 }
 
 /// Where the data of `volumes` lives: anywhere (shared pools or no volume), on the
-/// replica nodes every replicated volume shares, or only where the workload runs now.
-fn data_locality(desired: &Desired, volumes: &BTreeSet<String>) -> DataLocality {
+/// replica nodes every replicated volume shares (its `to`, and the node its status says
+/// holds a replica), or only where the workload runs now.
+fn data_locality(
+    desired: &Desired,
+    volumes: &BTreeSet<String>,
+    statuses: &ReplicaStatuses,
+) -> DataLocality {
     let mut replicas: Option<BTreeSet<String>> = None;
     for name in volumes {
         let Some(v) = volume(desired, name) else {
@@ -226,7 +251,10 @@ fn data_locality(desired: &Desired, volumes: &BTreeSet<String>) -> DataLocality 
                 volume: name.clone(),
             };
         };
-        let to = BTreeSet::from([rep.to.0.clone()]);
+        let mut to = BTreeSet::from([rep.to.0.clone()]);
+        if let Some(holder) = statuses.get(name).and_then(replica_holder) {
+            to.insert(holder.to_string());
+        }
         replicas = Some(match replicas {
             None => to,
             Some(r) => r.intersection(&to).cloned().collect(),

@@ -584,3 +584,113 @@ fn the_cluster_example_places_and_fails_over() {
     assert_eq!(stranded, [web_on_pve1]);
     assert_eq!(after.unavailable, [id(web_on_pve1)]);
 }
+
+/// A container on `web` using volume `data` (btrfs pool `fast`) replicated to n2, HA.
+fn replicated_web() -> stead_schema::Desired {
+    let doc = |kind: &str, name: &str, spec: &str| {
+        format!(
+            "---\napiVersion: stead.dev/v1alpha1\nkind: {kind}\nmetadata: {{name: {name}}}\nspec: {spec}\n"
+        )
+    };
+    let yaml = doc("StoragePool", "fast", "{type: btrfs, path: /f}")
+        + &doc(
+            "Volume",
+            "data",
+            "{pool: fast, size: 1Gi, replication: {to: n2, every: 1m}}",
+        )
+        + &doc(
+            "Container",
+            "web",
+            "{rootfs: {path: /r}, mounts: [{volume: data, path: /d}], placement: {ha: true}}",
+        );
+    let mut resources = Vec::new();
+    let mut errors = Vec::new();
+    stead_schema::load::load_str(
+        std::path::Path::new("m.yaml"),
+        &yaml,
+        &mut resources,
+        &mut errors,
+    );
+    let d = stead_schema::load::into_desired(resources, &mut errors);
+    assert!(errors.is_empty(), "{errors:?}");
+    d
+}
+
+/// After a failover n1 → n2 the volume replicates back to n1: once a transfer back
+/// succeeded, n1 holds a replica and is where the workload goes when n2 dies; while the
+/// failover is recorded and nothing was sent back (n1's copy is the stale one), it is not.
+#[test]
+fn the_previous_owner_holding_the_replica_sent_back_is_a_failover_target() {
+    use crate::replication::{FailoverRecord, ReplicationStatus};
+    let desired = replicated_web();
+    let with_pool = |mut n: NodeState| {
+        n.info.pools = vec!["fast".into()];
+        n
+    };
+    let nodes = vec![
+        with_pool(node("n1", &[])),
+        dead(with_pool(node("n2", &[]))),
+        with_pool(node("n3", &[])),
+    ];
+    let failed_over = ReplicationStatus {
+        from: "n2".into(),
+        to: "n1".into(),
+        seq: Some(4),
+        last_point: Some(1000),
+        failover: Some(FailoverRecord {
+            node: "n2".into(),
+            at: 1010,
+            seq: 4,
+            point: 1000,
+            window_s: 10,
+        }),
+        ..Default::default()
+    };
+    let sent_back = ReplicationStatus {
+        seq: Some(5),
+        last_point: Some(1020),
+        failover: None,
+        ..failed_over.clone()
+    };
+    let run = |statuses: &ReplicaStatuses| {
+        let mut c = Case::new(nodes.clone(), workloads_with_replicas(&desired, statuses));
+        c = c.at(&[("Container/web", "n2")]);
+        c.run()
+    };
+
+    // Nothing sent back yet: only `to` (n2, dead) holds the data.
+    let r = run(&BTreeMap::from([("data".to_string(), failed_over)]));
+    assert!(
+        r.assignments
+            .get(&id("Container/web"))
+            .is_none_or(|a| a.node == "n2")
+    );
+    assert_eq!(r.unavailable, [id("Container/web")]);
+    assert!(
+        reasons(&r)
+            .iter()
+            .any(|why| why.contains("replicas are on n2")),
+        "{:?}",
+        reasons(&r)
+    );
+
+    // The replica sent back: n1 holds it, n3 does not.
+    let statuses = BTreeMap::from([("data".to_string(), sent_back)]);
+    let w = workloads_with_replicas(&desired, &statuses);
+    assert_eq!(
+        w[0].data,
+        DataLocality::Replicated {
+            nodes: BTreeSet::from(["n1".to_string(), "n2".to_string()])
+        }
+    );
+    let r = run(&statuses);
+    assert_eq!(placed(&r), ["Container/web=n1"]);
+    assert!(r.unplaceable.is_empty(), "{:?}", reasons(&r));
+    // Without statuses (the manifests alone) nothing changed.
+    assert_eq!(
+        workloads(&desired)[0].data,
+        DataLocality::Replicated {
+            nodes: BTreeSet::from(["n2".to_string()])
+        }
+    );
+}

@@ -87,6 +87,9 @@ pub struct SendReport {
     pub bytes: u64,
     /// Wall time from snapshot to the receiver's acknowledgement.
     pub duration: Duration,
+    /// Where the receiver kept its stale live copy of the volume (a read-only snapshot), if
+    /// it had one that changed since the common point.
+    pub kept: Option<String>,
 }
 
 /// A replica made the live volume at failover.
@@ -131,6 +134,32 @@ pub trait ReplicationBackend {
     /// Makes the last complete replica the live volume (a writable copy); refuses if the
     /// volume exists here.
     fn promote(&self, volume: &str) -> Result<Promoted, DriverError>;
+    /// On the receiving side, when it holds no replica newer than `newer_than`: the newest
+    /// of its own replication snapshots of `volume` (left from when it owned and sent the
+    /// volume), made usable as the parent of an incremental stream sent back to it, so the
+    /// first transfer after a move or failover is incremental. `None` (the default): a full
+    /// send.
+    fn offer_own_snapshot(
+        &self,
+        _volume: &str,
+        _newer_than: Option<u64>,
+    ) -> Result<Option<u64>, DriverError> {
+        Ok(None)
+    }
+    /// On the receiving side, before a stream incremental from `parent` (`None`: full) is
+    /// received: this node does not own the volume, so a live copy of it here is stale.
+    /// It is moved out of the live path and made read-only first; it is removed only when
+    /// provably unchanged since `parent`, else kept and its path returned. When the live
+    /// copy is already gone (deleted by a converge, which keeps a safety snapshot), a
+    /// safety snapshot holding changes since `parent` is returned. The default keeps
+    /// everything (returns `None`).
+    fn retire_live_copy(
+        &self,
+        _volume: &str,
+        _parent: Option<u64>,
+    ) -> Result<Option<String>, DriverError> {
+        Ok(None)
+    }
 }
 
 /// Control messages of the wire format.
@@ -151,6 +180,8 @@ enum Message {
     },
     Done {
         seq: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        kept: Option<String>,
     },
     Failed {
         error: String,
@@ -297,19 +328,21 @@ pub fn send_volume<S: Read + Write>(
     };
     let result = stream_point(backend, volume, &point, parent, stream);
     match result {
-        Ok(bytes) => {
+        Ok((bytes, kept)) => {
             prune_snapshots(backend, volume, seq)?;
             let report = SendReport {
                 point,
                 parent,
                 bytes,
                 duration: started.elapsed(),
+                kept,
             };
             info!(
                 seq,
                 ?parent,
                 bytes,
                 ms = report.duration.as_millis(),
+                kept = ?report.kept,
                 "replicated"
             );
             Ok(report)
@@ -330,7 +363,7 @@ fn stream_point<S: Read + Write>(
     point: &ReplicaInfo,
     parent: Option<u64>,
     stream: &mut S,
-) -> Result<u64, DriverError> {
+) -> Result<(u64, Option<String>), DriverError> {
     write_message(
         stream,
         &Message::Offer {
@@ -352,7 +385,7 @@ fn stream_point<S: Read + Write>(
     }
     .map_err(|e| DriverError::io("replication: write", e))?;
     match read_message(stream)? {
-        Message::Done { seq } if seq == point.seq => Ok(bytes),
+        Message::Done { seq, kept } if seq == point.seq => Ok((bytes, kept)),
         Message::Failed { error } => Err(DriverError::Other(format!(
             "the receiver refused replication point {}: {error}",
             point.seq
@@ -406,7 +439,14 @@ pub fn receive_volume<S: Read + Write>(
             ),
         );
     }
-    let latest = last.map(|r| r.seq);
+    let mut latest = last.map(|r| r.seq);
+    // Sent back after a move or failover: this node's own last sent snapshot is the common
+    // point when it holds no newer replica.
+    let own = backend.offer_own_snapshot(&volume, latest)?;
+    if let Some(own) = own {
+        info!(%volume, seq = own, "offering this node's own snapshot as the parent");
+        latest = Some(own);
+    }
     write_message(stream, &Message::Have { latest })?;
     let Message::Offer { point, parent } = read_message(stream)? else {
         return Err(proto_err("expected Offer"));
@@ -418,10 +458,27 @@ pub fn receive_volume<S: Read + Write>(
         );
     }
     let outcome = receive_point(backend, &volume, &point, parent, latest, stream);
+    if let Err(e) = &outcome
+        && own.is_some()
+        && parent == own
+        && lineage_differs(e)
+    {
+        // Same number, another lineage: without it the next transfer is a full one.
+        warn!(%volume, error = %e, "own snapshot is not the sender's parent: dropped");
+        for seq in backend.source_snapshots(&volume)? {
+            backend.delete_snapshot(&volume, seq)?;
+        }
+    }
     match outcome {
-        Ok(()) => {
-            write_message(stream, &Message::Done { seq: point.seq })?;
-            info!(%volume, seq = point.seq, "replica received");
+        Ok(kept) => {
+            write_message(
+                stream,
+                &Message::Done {
+                    seq: point.seq,
+                    kept: kept.clone(),
+                },
+            )?;
+            info!(%volume, seq = point.seq, ?kept, "replica received");
             Ok((volume, point))
         }
         Err(e) => {
@@ -434,6 +491,14 @@ pub fn receive_volume<S: Read + Write>(
             Err(e)
         }
     }
+}
+
+/// Whether `btrfs receive` failed because the parent (or a clone source) the stream names
+/// is not here: the offered snapshot is not the sender's parent.
+fn lineage_differs(e: &DriverError) -> bool {
+    matches!(e, DriverError::Command { stderr, .. }
+        if stderr.contains("cannot find parent subvolume")
+            || stderr.contains("did not find source subvol"))
 }
 
 fn refuse<T>(stream: &mut dyn Write, error: String) -> Result<T, DriverError> {
@@ -453,7 +518,7 @@ fn receive_point(
     parent: Option<u64>,
     latest: Option<u64>,
     stream: &mut dyn Read,
-) -> Result<(), DriverError> {
+) -> Result<Option<String>, DriverError> {
     if parent.is_some() && parent != latest {
         return Err(proto_err(format!(
             "incremental from {parent:?} but the last replica here is {latest:?}"
@@ -465,6 +530,7 @@ fn receive_point(
             point.seq
         )));
     }
+    let kept = backend.retire_live_copy(volume, parent)?;
     let mut chunks = ChunkReader {
         inner: stream,
         left: 0,
@@ -476,7 +542,14 @@ fn receive_point(
             backend.delete_replica(volume, old.seq)?;
         }
     }
-    Ok(())
+    // This node receives the volume now: its own snapshots from when it sent it are no
+    // longer a parent of anything.
+    for own in backend.source_snapshots(volume)? {
+        if let Err(e) = backend.delete_snapshot(volume, own) {
+            warn!(volume, seq = own, error = %e, "cannot delete an old own replication snapshot");
+        }
+    }
+    Ok(kept)
 }
 
 fn check_name(what: &str, name: &str) -> Result<(), DriverError> {
@@ -740,6 +813,14 @@ impl ReplicationBackend for BtrfsReplication {
         let images = self.pool.join("images");
         Self::mkdirs(&images)?;
         let replica = self.replica_dir(volume)?.join(snapshot_name(point.seq));
+        // The replica as this node's own replication snapshot: the parent of the first
+        // incremental stream back to the previous owner. A read-only snapshot keeps the
+        // replica's received UUID, which names the previous owner's snapshot in the stream.
+        let source = self.source_dir(volume)?;
+        if !btrfs::is_subvolume(&source.join(snapshot_name(point.seq)))? {
+            Self::mkdirs(&source)?;
+            btrfs::snapshot(&replica, &source, &snapshot_name(point.seq), true)?;
+        }
         btrfs::snapshot(&replica, &images, volume, false)?;
         let window = Duration::from_secs(unix_now().saturating_sub(point.taken_at));
         info!(
@@ -750,7 +831,156 @@ impl ReplicationBackend for BtrfsReplication {
         );
         Ok(Promoted { point, window })
     }
+
+    fn offer_own_snapshot(
+        &self,
+        volume: &str,
+        newer_than: Option<u64>,
+    ) -> Result<Option<u64>, DriverError> {
+        let Some(own) = self.source_snapshots(volume)?.pop() else {
+            return Ok(None);
+        };
+        if newer_than.is_some_and(|r| r >= own) {
+            return Ok(None);
+        }
+        let path = self.source_dir(volume)?.join(snapshot_name(own));
+        if btrfs::mark_received_as_itself(&path)? {
+            info!(
+                volume,
+                seq = own,
+                "own snapshot marked with its received UUID"
+            );
+        }
+        Ok(Some(own))
+    }
+
+    fn retire_live_copy(
+        &self,
+        volume: &str,
+        parent: Option<u64>,
+    ) -> Result<Option<String>, DriverError> {
+        let live = self.volume_dir(volume)?;
+        // The common point: this node's own snapshot `parent`, taken of its live copy.
+        let common = match parent {
+            Some(p) => {
+                let snap = self.source_dir(volume)?.join(snapshot_name(p));
+                if btrfs::is_subvolume(&snap)? {
+                    Some(btrfs::subvol_info(&snap)?)
+                } else {
+                    None
+                }
+            }
+            None => None,
+        };
+        if !btrfs::is_subvolume(&live)? {
+            // The live copy may already be gone: the agent's converge deletes a volume no
+            // longer placed here, keeping a safety snapshot first. A safety snapshot of the
+            // same live copy made after the common point holds what the failover gave up:
+            // reported as the kept copy (it is never deleted here).
+            return self.safety_snapshot_since(volume, common.as_ref());
+        }
+        // First out of the live path and read-only (no byte of it is deleted yet), then
+        // compared frozen: removed only when provably unchanged since the common point.
+        let dir = fsutil::ensure_dir(&self.pool, &["snapshots", volume])?;
+        let name = format!("{STALE_PREFIX}{}", unix_now());
+        let kept = dir.join(&name);
+        if kept.exists() {
+            return Err(DriverError::Conflict(format!(
+                "{} exists; not retiring the live copy of {volume}",
+                kept.display()
+            )));
+        }
+        std::fs::rename(&live, &kept).map_err(|e| {
+            DriverError::io(format!("move {} to {}", live.display(), kept.display()), e)
+        })?;
+        fsutil::fsync_dir(&self.pool.join("images"))?;
+        fsutil::fsync_dir(&dir)?;
+        btrfs::set_readonly(&kept)?;
+        btrfs::sync_fs(&kept)?;
+        let info = btrfs::subvol_info(&kept)?;
+        // The subvolume's ctransid moves on any change of its content; the common snapshot
+        // keeps the ctransid of the live copy when it was taken.
+        let unchanged =
+            common.is_some_and(|c| c.parent_uuid == info.uuid && c.ctransid == info.ctransid);
+        if unchanged {
+            info!(
+                volume,
+                ?parent,
+                "the live copy here is unchanged since the common point: removed"
+            );
+            btrfs::subvol_destroy(&dir, &name)?;
+            remove_dir_if_empty(&dir);
+            return Ok(None);
+        }
+        let kept = path_arg(&kept);
+        warn!(
+            volume,
+            kept = %kept,
+            "this node does not own the volume: its live copy here, not provably unchanged \
+             since the last common point, is kept read-only and the volume becomes a replica"
+        );
+        Ok(Some(kept))
+    }
 }
+
+impl BtrfsReplication {
+    /// The newest safety snapshot (`pre-…`) of `volume` taken of the live copy the common
+    /// snapshot `common` was taken of, after a change since it; `None` when there is none
+    /// or no common snapshot to compare with.
+    fn safety_snapshot_since(
+        &self,
+        volume: &str,
+        common: Option<&btrfs::SubvolInfo>,
+    ) -> Result<Option<String>, DriverError> {
+        let Some(common) = common else {
+            return Ok(None);
+        };
+        let dir = self.pool.join("snapshots").join(volume);
+        let rd = match std::fs::read_dir(&dir) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(DriverError::io(format!("list {}", dir.display()), e)),
+        };
+        let mut found: Option<(u64, PathBuf)> = None;
+        for entry in rd {
+            let entry = entry.map_err(|e| DriverError::io(format!("list {}", dir.display()), e))?;
+            let is_safety = entry
+                .file_name()
+                .to_str()
+                .is_some_and(|n| n.starts_with(crate::storage::SAFETY_PREFIX));
+            let path = entry.path();
+            if !is_safety || !btrfs::is_subvolume(&path)? {
+                continue;
+            }
+            let s = btrfs::subvol_info(&path)?;
+            if s.parent_uuid == common.parent_uuid
+                && s.ctransid > common.ctransid
+                && found.as_ref().is_none_or(|(t, _)| s.ctransid > *t)
+            {
+                found = Some((s.ctransid, path));
+            }
+        }
+        Ok(found.map(|(_, path)| {
+            let kept = path_arg(&path);
+            warn!(
+                volume,
+                kept = %kept,
+                "this node's live copy was deleted after it changed since the last common \
+                 point: its safety snapshot keeps what the failover gave up"
+            );
+            kept
+        }))
+    }
+}
+
+/// Removes `dir` when it is empty (best effort).
+fn remove_dir_if_empty(dir: &Path) {
+    let _ = std::fs::remove_dir(dir);
+}
+
+/// Name prefix of the read-only snapshot keeping a stale live copy of a volume
+/// (`<pool>/snapshots/<volume>/stale-<unix time>`, listed by `stead snapshot list`).
+pub const STALE_PREFIX: &str = "stale-";
 
 /// Replication of the zvols of one ZFS dataset (the same dataset name on both nodes):
 /// snapshots `<dataset>/<volume>@stead-repl-<seq>`, replicas received as

@@ -602,6 +602,12 @@ pub(crate) fn delete_all(
             info!(volume, snapshot = snap, "keeping safety snapshot");
             continue;
         }
+        if snap.starts_with(super::replicate::STALE_PREFIX) {
+            // A stale live copy replication kept (writes a failover gave up): the
+            // operator's to remove.
+            info!(volume, snapshot = snap, "keeping stale copy");
+            continue;
+        }
         delete_one(pool_name, pool, volume, snap)?;
     }
     remove_dir_if_empty(&dir)
