@@ -46,6 +46,8 @@ pub mod placement;
 pub mod quorum;
 pub mod registry;
 pub mod replication;
+#[cfg(test)]
+mod test_yaml;
 #[cfg(feature = "testkit")]
 pub mod testkit;
 pub mod watch;

@@ -527,25 +527,7 @@ mod tests {
         }
     }
 
-    fn desired(yaml: &str) -> Desired {
-        let mut resources = Vec::new();
-        let mut errors = Vec::new();
-        stead_schema::load::load_str(
-            std::path::Path::new("m.yaml"),
-            yaml,
-            &mut resources,
-            &mut errors,
-        );
-        let d = stead_schema::load::into_desired(resources, &mut errors);
-        assert!(errors.is_empty(), "{errors:?}");
-        d
-    }
-
-    fn doc(kind: &str, name: &str, spec: &str) -> String {
-        format!(
-            "---\napiVersion: stead.dev/v1alpha1\nkind: {kind}\nmetadata: {{name: {name}}}\nspec: {spec}\n"
-        )
-    }
+    use crate::test_yaml::{desired, doc};
 
     fn owned(kind: &str, name: &str, revision: i64) -> Owned {
         let resource = ResourceRef::new(kind, name).expect("ref");

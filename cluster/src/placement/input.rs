@@ -268,24 +268,9 @@ fn data_locality(
 
 #[cfg(test)]
 mod tests {
-    use std::path::Path;
-
     use super::*;
 
-    fn desired(yaml: &str) -> Desired {
-        let mut resources = Vec::new();
-        let mut errors = Vec::new();
-        stead_schema::load::load_str(Path::new("m.yaml"), yaml, &mut resources, &mut errors);
-        let d = stead_schema::load::into_desired(resources, &mut errors);
-        assert!(errors.is_empty(), "{errors:?}");
-        d
-    }
-
-    fn doc(kind: &str, name: &str, spec: &str) -> String {
-        format!(
-            "---\napiVersion: stead.dev/v1alpha1\nkind: {kind}\nmetadata: {{name: {name}}}\nspec: {spec}\n"
-        )
-    }
+    use crate::test_yaml::{desired, doc};
 
     #[test]
     fn requests_needs_and_data_come_from_the_manifests() {

@@ -587,11 +587,7 @@ fn the_cluster_example_places_and_fails_over() {
 
 /// A container on `web` using volume `data` (btrfs pool `fast`) replicated to n2, HA.
 fn replicated_web() -> stead_schema::Desired {
-    let doc = |kind: &str, name: &str, spec: &str| {
-        format!(
-            "---\napiVersion: stead.dev/v1alpha1\nkind: {kind}\nmetadata: {{name: {name}}}\nspec: {spec}\n"
-        )
-    };
+    use crate::test_yaml::{desired, doc};
     let yaml = doc("StoragePool", "fast", "{type: btrfs, path: /f}")
         + &doc(
             "Volume",
@@ -603,17 +599,7 @@ fn replicated_web() -> stead_schema::Desired {
             "web",
             "{rootfs: {path: /r}, mounts: [{volume: data, path: /d}], placement: {ha: true}}",
         );
-    let mut resources = Vec::new();
-    let mut errors = Vec::new();
-    stead_schema::load::load_str(
-        std::path::Path::new("m.yaml"),
-        &yaml,
-        &mut resources,
-        &mut errors,
-    );
-    let d = stead_schema::load::into_desired(resources, &mut errors);
-    assert!(errors.is_empty(), "{errors:?}");
-    d
+    desired(&yaml)
 }
 
 /// After a failover n1 → n2 the volume replicates back to n1: once a transfer back
