@@ -399,7 +399,7 @@ pub async fn serve_metrics(
 }
 
 /// The node's TLS (its agent certificate, the cluster's CA) from `agent.json`.
-fn node_tls(file: &AgentFile) -> Result<ReplicationTls> {
+pub(crate) fn node_tls(file: &AgentFile) -> Result<ReplicationTls> {
     let (Some(ca), Some(cert), Some(key)) = (&file.ca, &file.cert, &file.key) else {
         anyhow::bail!("agent.json has no certificates (join with --ca, --cert and --key)");
     };

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Subcommand, ValueEnum};
 use serde::Serialize;
 use stead_cluster::election::{current_leader, list_assignments};
@@ -24,7 +24,7 @@ use stead_cluster::watch::{decode_or_skip, list_prefix};
 
 use crate::Global;
 use crate::cmd_agent::{
-    AgentFile, etcd_config, host_name, load, parse_duration, runtime, serve_metrics,
+    AgentFile, etcd_config, host_name, load, node_tls, parse_duration, runtime, serve_metrics,
     shutdown_signal,
 };
 
@@ -115,6 +115,10 @@ pub struct LeadArgs {
     /// (default: no metrics endpoint).
     #[arg(long, value_name = "ADDR")]
     metrics_listen: Option<std::net::SocketAddr>,
+    /// Serve the metrics over TLS with this node's certificate (from `stead node join`, in
+    /// the state dir), to clients presenting a certificate the cluster's CA signed.
+    #[arg(long, requires = "metrics_listen")]
+    metrics_tls: bool,
 }
 
 /// `stead cluster init` arguments.
@@ -421,6 +425,15 @@ fn lead(a: LeadArgs, g: &Global) -> Result<u8> {
         None => host_name().ok_or_else(|| anyhow::anyhow!("no --name and no host name"))?,
     };
     let config = LeaderConfig::new(&name, a.lease_ttl);
+    // The operator's certificate, which a candidate may dial etcd with, is a client
+    // certificate only: the metrics are served with the node's own.
+    let metrics_tls = if a.metrics_tls {
+        let file = AgentFile::read(&g.state_dir)
+            .context("--metrics-tls serves with this node's certificate: join the node first")?;
+        Some(node_tls(&file).context("--metrics-tls")?.server_config())
+    } else {
+        None
+    };
     runtime()?.block_on(async {
         let store = Store::connect(&etcd).await?;
         let (manifests_tx, manifests_rx) = tokio::sync::watch::channel(None);
@@ -433,7 +446,7 @@ fn lead(a: LeadArgs, g: &Global) -> Result<u8> {
         tokio::spawn(reload_manifests(a.paths, a.reload, manifests_tx));
         let metrics = Arc::new(LeaderMetrics::new()?);
         if let Some(addr) = a.metrics_listen {
-            serve_metrics(addr, metrics.registry.clone(), stop_rx.clone(), None).await?;
+            serve_metrics(addr, metrics.registry.clone(), stop_rx.clone(), metrics_tls).await?;
         }
         tokio::spawn(log_status(status_rx, metrics));
         leader::run(&store, &config, manifests_rx, status_tx, stop_rx).await?;

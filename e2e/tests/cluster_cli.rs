@@ -9,7 +9,7 @@ use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use stead_e2e::cluster::{AGENT_METRICS_PORT, ClusterLab};
+use stead_e2e::cluster::{AGENT_METRICS_PORT, ClusterLab, LEADER_METRICS_PORT};
 use stead_e2e::stead_bin;
 
 fn show(o: &Output) -> String {
@@ -38,6 +38,24 @@ fn join(lab: &mut ClusterLab, i: usize, cert: &std::path::Path, key: &std::path:
         .arg(key)
         .output()
         .expect("stead node join")
+}
+
+/// `curl URL` in n2's namespace, trusting the cluster's CA, with `n2:PORT` resolving to
+/// loopback and the client certificate `cert` when given.
+fn curl_n2(
+    lab: &ClusterLab,
+    port: u16,
+    cert: Option<&(std::path::PathBuf, std::path::PathBuf)>,
+    url: &str,
+) -> Output {
+    let resolve = format!("n2:{port}:127.0.0.1");
+    let mut c = lab.in_netns(1, std::path::Path::new("curl"));
+    c.args(["-sS", "--max-time", "5", "--resolve", &resolve, "--cacert"])
+        .arg(lab.ca());
+    if let Some((crt, key)) = cert {
+        c.arg("--cert").arg(crt).arg("--key").arg(key);
+    }
+    c.arg(url).output().expect("curl")
 }
 
 #[test]
@@ -165,16 +183,7 @@ fn cluster_status_shows_a_running_agent_s_node() {
     // --metrics-tls: the operator's certificate reads the metrics, no certificate does not,
     // and neither does plain HTTP.
     let url = format!("https://n2:{AGENT_METRICS_PORT}/metrics");
-    let resolve = format!("n2:{AGENT_METRICS_PORT}:127.0.0.1");
-    let curl = |cert: Option<&(std::path::PathBuf, std::path::PathBuf)>, url: &str| {
-        let mut c = lab.in_netns(1, std::path::Path::new("curl"));
-        c.args(["-sS", "--max-time", "5", "--resolve", &resolve, "--cacert"])
-            .arg(lab.ca());
-        if let Some((crt, key)) = cert {
-            c.arg("--cert").arg(crt).arg("--key").arg(key);
-        }
-        c.arg(url).output().expect("curl")
-    };
+    let curl = |cert, url: &str| curl_n2(&lab, AGENT_METRICS_PORT, cert, url);
     let admin = lab.admin();
     let out = curl(Some(&admin), &url);
     let body = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -193,6 +202,57 @@ fn cluster_status_shows_a_running_agent_s_node() {
     assert!(
         !String::from_utf8_lossy(&out.stdout).contains("stead_cluster_"),
         "plain HTTP: {}",
+        show(&out)
+    );
+
+    // A controller candidate on the node: `cluster lead --metrics-tls` serves with the
+    // node's certificate (it dials etcd with it too, from agent.json) on the same terms.
+    let log = std::fs::File::create(lab.log_path("lead-n2")).unwrap();
+    let mut lead = lab.stead(1);
+    lead.args(["cluster", "lead"])
+        .arg(&manifests)
+        .args([
+            "--name",
+            "n2",
+            "--metrics-listen",
+            &format!("127.0.0.1:{LEADER_METRICS_PORT}"),
+            "--metrics-tls",
+        ])
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log);
+    lab.spawn(1, "lead n2", lead);
+    let url = format!("https://n2:{LEADER_METRICS_PORT}/metrics");
+    let curl = |cert, url: &str| curl_n2(&lab, LEADER_METRICS_PORT, cert, url);
+    let t0 = Instant::now();
+    let body = loop {
+        let out = curl(Some(&admin), &url);
+        let body = String::from_utf8_lossy(&out.stdout).into_owned();
+        if out.status.success() && body.contains("stead_cluster_leader_terms_total") {
+            break body;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the candidate's metrics over TLS: {}\n{}",
+            show(&out),
+            std::fs::read_to_string(lab.log_path("lead-n2")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(body.contains("stead_cluster_leader_"), "{body}");
+    let out = curl(None, &url);
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("stead_cluster_"),
+        "candidate, no client certificate: {}",
+        show(&out)
+    );
+    let out = curl(
+        None,
+        &format!("http://127.0.0.1:{LEADER_METRICS_PORT}/metrics"),
+    );
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("stead_cluster_"),
+        "candidate, plain HTTP: {}",
         show(&out)
     );
 }
