@@ -597,6 +597,29 @@ fn storage_replicate_btrfs_send_back_reports_the_safety_snapshot_of_a_deleted_co
     assert_eq!(back.parent, Some(first.point.seq));
     assert_eq!(back.kept, None, "nothing diverged on c");
     assert!(btrfs::is_subvolume(&safety).expect("stat"), "never deleted");
+
+    // No common point (e's own snapshot of the first send is gone, so the send back is a
+    // full one): nothing can be proven unchanged, and the safety snapshot is reported.
+    let Some((e, f)) = two_nodes(test) else {
+        return;
+    };
+    source_disk(&e, 32 << 20, 4 << 20, 34);
+    let (first, _) = both_ok(transfer(&e.repl, &f.repl, TOKEN, None), "e -> f");
+    replicate::promote_if_absent(&f.repl, VOLUME)
+        .expect("promote")
+        .expect("a replica");
+    let safety = delete_with_safety_snapshot(&e, "pre-delete-20261207T000002_000Z");
+    e.repl
+        .delete_snapshot(VOLUME, first.point.seq)
+        .expect("drop e's snapshot of the first send");
+    let (back, _) = both_ok(transfer(&f.repl, &e.repl, TOKEN + 1, None), "f -> e");
+    assert_eq!(back.parent, None, "a full send back");
+    assert_eq!(
+        back.kept.as_deref().map(PathBuf::from),
+        Some(safety.clone()),
+        "without a common point the safety snapshot is reported"
+    );
+    assert!(btrfs::is_subvolume(&safety).expect("stat"), "never deleted");
 }
 
 #[test]

@@ -925,16 +925,14 @@ impl ReplicationBackend for BtrfsReplication {
 
 impl BtrfsReplication {
     /// The newest safety snapshot (`pre-…`) of `volume` taken of the live copy the common
-    /// snapshot `common` was taken of, after a change since it; `None` when there is none
-    /// or no common snapshot to compare with.
+    /// snapshot `common` was taken of, after a change since it; `None` when there is none.
+    /// Without a common snapshot nothing can be proven unchanged: the newest safety
+    /// snapshot of the volume is the copy reported, as a live copy would be.
     fn safety_snapshot_since(
         &self,
         volume: &str,
         common: Option<&btrfs::SubvolInfo>,
     ) -> Result<Option<String>, DriverError> {
-        let Some(common) = common else {
-            return Ok(None);
-        };
         let dir = self.pool.join("snapshots").join(volume);
         let rd = match std::fs::read_dir(&dir) {
             Ok(rd) => rd,
@@ -953,21 +951,29 @@ impl BtrfsReplication {
                 continue;
             }
             let s = btrfs::subvol_info(&path)?;
-            if s.parent_uuid == common.parent_uuid
-                && s.ctransid > common.ctransid
-                && found.as_ref().is_none_or(|(t, _)| s.ctransid > *t)
-            {
+            let since_common =
+                common.is_none_or(|c| s.parent_uuid == c.parent_uuid && s.ctransid > c.ctransid);
+            if since_common && found.as_ref().is_none_or(|(t, _)| s.ctransid > *t) {
                 found = Some((s.ctransid, path));
             }
         }
         Ok(found.map(|(_, path)| {
             let kept = path_arg(&path);
-            warn!(
-                volume,
-                kept = %kept,
-                "this node's live copy was deleted after it changed since the last common \
-                 point: its safety snapshot keeps what the failover gave up"
-            );
+            if common.is_some() {
+                warn!(
+                    volume,
+                    kept = %kept,
+                    "this node's live copy was deleted after it changed since the last \
+                     common point: its safety snapshot keeps what the failover gave up"
+                );
+            } else {
+                warn!(
+                    volume,
+                    kept = %kept,
+                    "this node's live copy was deleted and there is no common point to prove \
+                     it unchanged: its newest safety snapshot is kept as the stale copy"
+                );
+            }
             kept
         }))
     }
