@@ -32,6 +32,12 @@ pub const TAP_FD_BASE: i32 = 5;
 /// TCG translation cache size in MiB (QEMU's default of 1 GiB would be charged to the
 /// VM's memory cgroup).
 pub const TCG_TB_SIZE_MIB: u64 = 256;
+/// What a TCG guest's RAM is made smaller by, in KiB, when its size is a multiple of
+/// [`TCG_DIRTY_SYNC_ALIGN`] (see [`ram_size_arg`]).
+pub const TCG_RAM_TRIM_KIB: u64 = 8;
+/// The RAM sizes whose TCG guests QEMU before 9.0 may corrupt in a live migration: a
+/// multiple of 64 pages, where its dirty-bitmap sync takes a word-at-a-time fast path.
+pub const TCG_DIRTY_SYNC_ALIGN: u64 = 64 * 4096;
 /// Ports of the AHCI controller (SATA disks and cdroms share them).
 pub const AHCI_PORTS: usize = 6;
 /// The `-sandbox` option.
@@ -197,6 +203,27 @@ fn machine_and_firmware(c: &QemuConfig, out: &mut Vec<String>) {
     }
 }
 
+/// The `-m` value of a guest of `memory` bytes.
+///
+/// Under KVM it is the size asked for. Under TCG a size that is a multiple of 256 KiB is
+/// made [`TCG_RAM_TRIM_KIB`] smaller: QEMU before 9.0 (Debian 12 ships 7.2) syncs the
+/// migration dirty bitmap of such a RAM block a word at a time without marking the TCG
+/// TLB's entries clean again, so a guest store through a cached entry after a sync is
+/// not recorded and is lost on the target ("physmem: Fix migration dirty bitmap
+/// coherency with TCG memory access", QEMU 9.0). Any other size takes the page-at-a-time
+/// path, which resets the TLB. The guest sees 8 KiB less RAM; both ends of a migration
+/// compute the same size.
+pub fn ram_size_arg(memory: u64, accel: Accel) -> String {
+    let kib = memory >> 10;
+    match accel {
+        Accel::Tcg if memory.is_multiple_of(TCG_DIRTY_SYNC_ALIGN) && kib > TCG_RAM_TRIM_KIB => {
+            format!("{}k", kib - TCG_RAM_TRIM_KIB)
+        }
+        _ if memory.is_multiple_of(1 << 20) => format!("{}M", memory >> 20),
+        _ => format!("{kib}k"),
+    }
+}
+
 fn channels(c: &QemuConfig, out: &mut Vec<String>) {
     push(out, "-chardev", format!("socket,id=serial0,fd={SERIAL_FD}"));
     push(out, "-serial", "chardev:serial0");
@@ -288,7 +315,7 @@ pub fn argv(c: &QemuConfig) -> Vec<String> {
     push(&mut out, "-msg", "timestamp=on");
     machine_and_firmware(c, &mut out);
     push(&mut out, "-smp", c.cpus.to_string());
-    push(&mut out, "-m", format!("{}M", c.memory >> 20));
+    push(&mut out, "-m", ram_size_arg(c.memory, c.accel));
     channels(c, &mut out);
     storage(c, &mut out);
     for (n, fd) in c.nics.iter().zip(TAP_FD_BASE..) {
@@ -398,7 +425,7 @@ mod tests {
             "-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
             "-msg timestamp=on",
             "-machine pc -accel tcg,tb-size=256 -cpu max",
-            "-smp 2 -m 512M",
+            "-smp 2 -m 524280k",
             "-chardev socket,id=serial0,fd=3 -serial chardev:serial0",
             "-chardev socket,id=qmp-sup,fd=4 -mon chardev=qmp-sup,mode=control",
             "-qmp unix:/r/vms/vm1/qmp.sock,server=on,wait=off",
@@ -606,5 +633,21 @@ mod tests {
         let mut c = base();
         c.sandbox = false;
         assert!(!joined(&c).contains("-sandbox"));
+    }
+
+    #[test]
+    fn tcg_ram_sizes_leave_the_word_aligned_dirty_sync() {
+        // 512 MiB under TCG: 8 KiB less, no longer a multiple of 64 pages.
+        assert_eq!(ram_size_arg(512 << 20, Accel::Tcg), "524280k");
+        assert_ne!((524280u64 << 10) % TCG_DIRTY_SYNC_ALIGN, 0);
+        // KVM keeps the size asked for.
+        assert_eq!(ram_size_arg(512 << 20, Accel::Kvm), "512M");
+        // A TCG size that already is off the 64-page grid is kept.
+        assert_eq!(
+            ram_size_arg((512 << 20) + (128 << 10), Accel::Tcg),
+            "524416k"
+        );
+        assert_eq!(ram_size_arg(3 << 20, Accel::Kvm), "3M");
+        assert_eq!(ram_size_arg(3 << 19, Accel::Kvm), "1536k");
     }
 }
