@@ -19,7 +19,8 @@ use stead_cluster::metrics::AgentMetrics;
 use stead_cluster::migrate::LiveProgress;
 use stead_cluster::model::{Capacity, NodeInfo};
 use stead_cluster::registry::LeaseConfig;
-use stead_cluster::replication::{Transfer, jobs_for};
+use stead_cluster::replication::{Transfer, jobs_for, receiving_pool};
+use stead_drivers::storage::replicate::{backend_for, promote_if_absent};
 use stead_drivers::storage::replicate_tls::{DEFAULT_PORT, ReplicationTls, TlsFiles};
 use stead_reconciler::driver::HostEnv;
 use stead_reconciler::plan::PlanOptions;
@@ -590,11 +591,108 @@ impl NodeEngine {
 struct LiveIn {
     vms: BTreeSet<ResourceId>,
     owned: Vec<Owned>,
+    /// Volumes a live move to this node promoted from their replica (the move copies the
+    /// disk into them); dropped again if the move fails.
+    promoted: BTreeMap<ResourceId, Vec<String>>,
 }
 
 impl NodeEngine {
     fn vm_paths(&self, name: &str) -> stead_drivers::vm::config::Paths {
         stead_drivers::vm::config::Paths::new(&self.env.run_dir, name)
+    }
+
+    /// Before a live move of VM `id` to this node: the volumes the move copies (not on a
+    /// shared pool), each promoted from its replica here unless it is live here already
+    /// (the copy overwrites all of it; promoting saves creating it). Remembers what it
+    /// promoted, for [`NodeEngine::drop_promoted`] if the move fails.
+    fn promote_for_live(&self, id: &ResourceId) -> Result<Vec<String>, ConvergeError> {
+        let desired = self.desired()?;
+        let copied: Vec<String> = stead_cluster::placement::vm_live_facts(&desired, id, true)
+            .map(|f| f.copied_volumes().into_iter().map(str::to_string).collect())
+            .unwrap_or_default();
+        let node = self.repl.as_ref().map(|r| r.node().to_string());
+        let mut promoted = Vec::new();
+        for volume in &copied {
+            let backend = node
+                .as_deref()
+                .and_then(|n| receiving_pool(&desired, n, volume))
+                .and_then(backend_for)
+                .ok_or_else(|| {
+                    ConvergeError(format!(
+                        "volume {volume} is neither shared nor replicated to this node"
+                    ))
+                })?;
+            match promote_if_absent(backend.as_ref(), volume) {
+                Ok(Some(p)) => {
+                    tracing::info!(volume, seq = p.point.seq, "live move: replica promoted");
+                    promoted.push(volume.clone());
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    self.drop_promoted(&promoted);
+                    return Err(ConvergeError(format!(
+                        "promoting the replica of volume {volume}: {e}"
+                    )));
+                }
+            }
+        }
+        self.live_in
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .promoted
+            .insert(id.clone(), promoted);
+        Ok(copied)
+    }
+
+    /// After a failed live move: the volumes it promoted go again (a half-copied disk must
+    /// never become the volume of a later failover; the replicas stay).
+    fn drop_promoted(&self, volumes: &[String]) {
+        let (Some(repl), Ok(desired)) = (&self.repl, self.desired()) else {
+            return;
+        };
+        for volume in volumes {
+            let Some(pool) = receiving_pool(&desired, repl.node(), volume) else {
+                continue;
+            };
+            let dropped = match pool.pool_type {
+                stead_schema::PoolType::Btrfs => {
+                    stead_drivers::storage::btrfs::subvol_destroy(&pool.path.join("images"), volume)
+                        .map_err(|e| e.to_string())
+                }
+                other => Err(format!(
+                    "dropping a promoted {other:?} volume is not implemented"
+                )),
+            };
+            match dropped {
+                Ok(()) => tracing::info!(volume, "failed live move: promoted copy dropped"),
+                Err(e) => tracing::error!(
+                    volume,
+                    error = %e,
+                    "failed live move: the promoted copy stays; delete it before a failover"
+                ),
+            }
+        }
+    }
+
+    /// Target: has the waiting QEMU listen, and export the disks of `copied` volumes when
+    /// there are any (a port free now on the node address).
+    fn listen_live(
+        &self,
+        paths: &stead_drivers::vm::config::Paths,
+        copied: &[String],
+    ) -> Result<String, stead_drivers::vm::qemu::migrate::MigrateError> {
+        use stead_drivers::vm::qemu::migrate::{MigrateError, listen_vm, listen_vm_with_disks};
+        let timeout = Duration::from_secs(30);
+        if copied.is_empty() {
+            return listen_vm(paths, &self.address, timeout);
+        }
+        let port = stead_drivers::vm::qemu::mirror::free_port(&self.address).ok_or_else(|| {
+            MigrateError::State(format!(
+                "no free port on {} for the disk copy",
+                self.address
+            ))
+        })?;
+        listen_vm_with_disks(paths, &self.address, port, copied, timeout)
     }
 
     /// The guest of VM `id` left (migration `done`, `last` its last report): its QEMU is
@@ -626,6 +724,7 @@ impl NodeEngine {
             mib_per_s: 0.0,
             elapsed_s: secs,
             downtime_ms: None,
+            disk_mib: None,
         });
         last.phase = "completed".into();
         last.ram_percent = 100;
@@ -664,6 +763,18 @@ fn live_vm(r: &ResourceRef) -> Result<ResourceId, ConvergeError> {
 /// The cluster's progress record of a QEMU migration report.
 fn live_progress(p: &stead_drivers::vm::qemu::migrate::Progress) -> LiveProgress {
     let secs = p.elapsed.as_secs_f64();
+    if let Some(d) = p.disk {
+        return LiveProgress {
+            phase: stead_cluster::migrate::DISK_PHASE.into(),
+            ram_percent: 0,
+            sent_mib: 0,
+            remaining_mib: 0,
+            mib_per_s: 0.0,
+            elapsed_s: secs,
+            downtime_ms: None,
+            disk_mib: Some((d.copied >> 20, d.total >> 20)),
+        };
+    }
     let sent_mib = p.transferred >> 20;
     LiveProgress {
         phase: format!("{:?}", p.status).to_lowercase(),
@@ -677,6 +788,7 @@ fn live_progress(p: &stead_drivers::vm::qemu::migrate::Progress) -> LiveProgress
         },
         elapsed_s: secs,
         downtime_ms: p.downtime_ms,
+        disk_mib: None,
     }
 }
 
@@ -752,6 +864,7 @@ impl Converge for NodeEngine {
     fn start_incoming(&self, resource: &ResourceRef) -> Result<String, ConvergeError> {
         let id = live_vm(resource)?;
         let paths = self.vm_paths(&id.name);
+        let copied = self.promote_for_live(&id)?;
         stead_drivers::vm::qemu::migrate::expect_incoming(&paths).map_err(err)?;
         let owned = {
             let mut l = self.live_in.lock().unwrap_or_else(PoisonError::into_inner);
@@ -759,12 +872,7 @@ impl Converge for NodeEngine {
             l.owned.clone()
         };
         self.converge_keeping(&owned, &[])?;
-        let uri = stead_drivers::vm::qemu::migrate::listen_vm(
-            &paths,
-            &self.address,
-            Duration::from_secs(30),
-        )
-        .map_err(err)?;
+        let uri = self.listen_live(&paths, &copied).map_err(err)?;
         tracing::info!(vm = %id.name, %uri, "waiting for the guest");
         Ok(uri)
     }
@@ -823,6 +931,8 @@ impl Converge for NodeEngine {
         .map_err(err)?;
         // Kept through converges until owned (again, after this agent was restarted).
         let mut l = self.live_in.lock().unwrap_or_else(PoisonError::into_inner);
+        // The guest runs on the volumes it promoted: they are the volumes now.
+        l.promoted.remove(&id);
         if !l
             .owned
             .iter()
@@ -843,14 +953,15 @@ impl Converge for NodeEngine {
             tracing::error!(vm = %id.name, error = %e, "not killing the VM of a failed migration");
             return;
         }
-        let owned = {
+        let (owned, promoted) = {
             let mut l = self.live_in.lock().unwrap_or_else(PoisonError::into_inner);
             l.vms.remove(&id);
-            l.owned.clone()
+            (l.owned.clone(), l.promoted.remove(&id).unwrap_or_default())
         };
         if let Err(e) = self.converge_keeping(&owned, &[]) {
             tracing::warn!(vm = %id.name, error = %e, "converging after the failed migration");
         }
+        self.drop_promoted(&promoted);
     }
 
     fn stop_ha(&self, resources: &[ResourceRef]) {

@@ -527,7 +527,8 @@ impl<'a> Term<'a> {
             .get(id)
             .filter(|a| self.nodes.get(&a.node).is_some_and(|n| n.alive))
             .map(|a| a.node.clone());
-        let facts = placement::vm_live_facts(&m.desired, id, on.is_some());
+        let facts =
+            placement::vm_live_facts(&m.desired, id, on.is_some()).map(|f| f.toward(&record.to));
         let mut next = record.clone();
         let refuse = |next: &mut MigrationRecord, why: String| {
             next.state = MigrationState::Refused;

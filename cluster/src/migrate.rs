@@ -126,11 +126,27 @@ pub struct LiveProgress {
     /// Expected (while copying) or actual (once completed) guest pause, in milliseconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub downtime_ms: Option<u64>,
+    /// While the disks not shared are copied (phase `disk`, before the RAM): MiB copied
+    /// and MiB to copy, summed over the disks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_mib: Option<(u64, u64)>,
 }
+
+/// The `phase` of the disk copy that precedes the RAM of a live move.
+pub const DISK_PHASE: &str = "disk";
 
 impl LiveProgress {
     /// The `stead migrate` line of this progress (pure).
     pub fn line(&self) -> String {
+        if let (DISK_PHASE, Some((copied, total))) = (self.phase.as_str(), self.disk_mib) {
+            let pct = (copied * 100).checked_div(total).unwrap_or(0);
+            let rate = if self.elapsed_s > 0.0 {
+                copied as f64 / self.elapsed_s
+            } else {
+                0.0
+            };
+            return format!("disk {pct}% ({copied} of {total} MiB copied, {rate:.1} MiB/s)");
+        }
         let mut s = format!(
             "{} RAM {}% ({} MiB sent, {} MiB left, {:.1} MiB/s)",
             self.phase, self.ram_percent, self.sent_mib, self.remaining_mib, self.mib_per_s
@@ -289,6 +305,9 @@ pub struct VolumeSite {
     pub pool: String,
     /// Whether the pool is declared `shared: true` (every node sees the same data).
     pub shared: bool,
+    /// The node its replicas go to (`Volume.spec.replication.to`), if any: a live move
+    /// there copies the disk during the migration.
+    pub replicated_to: Option<String>,
 }
 
 /// What decides whether a VM can move live, read from its manifest and its node.
@@ -300,6 +319,27 @@ pub struct LiveFacts {
     pub running: bool,
     /// Its volumes.
     pub volumes: Vec<VolumeSite>,
+    /// The node it would move to (set by [`LiveFacts::toward`]): volumes replicated there
+    /// move live with their disk copied.
+    pub to: Option<String>,
+}
+
+impl LiveFacts {
+    /// These facts for a move to node `to`.
+    pub fn toward(mut self, to: &str) -> Self {
+        self.to = Some(to.to_string());
+        self
+    }
+
+    /// The volumes a live move copies during the migration: those not on a shared pool
+    /// (each replicated to the target, or the move is not live).
+    pub fn copied_volumes(&self) -> Vec<&str> {
+        self.volumes
+            .iter()
+            .filter(|v| !v.shared)
+            .map(|v| v.volume.as_str())
+            .collect()
+    }
 }
 
 /// How a workload moves.
@@ -325,19 +365,38 @@ pub fn live_blocker(facts: Option<&LiveFacts>) -> Option<String> {
     if !f.running {
         return Some("it is not running".into());
     }
-    f.volumes.iter().find(|v| !v.shared).map(|v| {
-        format!(
-            "volume {} is on pool {}, which is not shared (both nodes must see its disk)",
-            v.volume, v.pool
-        )
-    })
+    let on_target = |v: &VolumeSite| v.replicated_to.is_some() && v.replicated_to == f.to;
+    f.volumes
+        .iter()
+        .find(|v| !v.shared && !on_target(v))
+        .map(|v| match &v.replicated_to {
+            Some(r) => format!(
+                "volume {} is replicated to {r}, not to the target: only a move to {r} copies \
+                 its disk live",
+                v.volume
+            ),
+            None => format!(
+                "volume {} is on pool {}, which is not shared, and it is not replicated to the \
+                 target (the target must see its disk or hold a replica of it)",
+                v.volume, v.pool
+            ),
+        })
 }
 
+/// Why an automatic move of a VM whose disks would be copied stays cold: copying whole disks
+/// over the network during the move is asked for with `--live` only, as Proxmox VE asks for
+/// `--with-local-disks`.
+pub const COPY_NEEDS_LIVE: &str =
+    "its disks would be copied during the move, which only --live asks for";
+
 /// Chooses how to move a workload: the operator's `mode` against what the workload allows
-/// (pure). `Err` when live was required and is impossible, with the reason.
+/// (pure). `Err` when live was required and is impossible, with the reason. A move that
+/// copies disks (volumes replicated to the target) is live only when asked with `--live`.
 pub fn choose_method(mode: MigrationMode, facts: Option<&LiveFacts>) -> Result<Method, String> {
+    let copies = facts.is_some_and(|f| !f.copied_volumes().is_empty());
     match (mode, live_blocker(facts)) {
         (MigrationMode::Cold, _) => Ok(Method::Cold("--cold".into())),
+        (MigrationMode::Auto, None) if copies => Ok(Method::Cold(COPY_NEEDS_LIVE.into())),
         (_, None) => Ok(Method::Live),
         (MigrationMode::Live, Some(why)) => Err(format!("cannot move live: {why}")),
         (MigrationMode::Auto, Some(why)) => Ok(Method::Cold(why)),
@@ -763,8 +822,47 @@ mod tests {
                     volume: format!("disk{i}"),
                     pool: if shared { "nfs" } else { "local" }.into(),
                     shared,
+                    replicated_to: None,
                 })
                 .collect(),
+            to: None,
+        }
+    }
+
+    #[test]
+    fn a_volume_replicated_to_the_target_moves_live_with_its_disk_copied() {
+        let mut vm = qemu_vm(true, &[true, false]);
+        vm.volumes[1].replicated_to = Some("n2".into());
+        let to_n2 = vm.clone().toward("n2");
+        assert_eq!(
+            choose_method(MigrationMode::Live, Some(&to_n2)),
+            Ok(Method::Live)
+        );
+        // Copying the disk is asked for with --live only.
+        assert_eq!(
+            choose_method(MigrationMode::Auto, Some(&to_n2)),
+            Ok(Method::Cold(COPY_NEEDS_LIVE.into()))
+        );
+        assert_eq!(to_n2.copied_volumes(), ["disk1"]);
+        let to_n3 = vm.clone().toward("n3");
+        match choose_method(MigrationMode::Auto, Some(&to_n3)) {
+            Ok(Method::Cold(why)) => assert!(why.contains("replicated to n2, not to"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        let e = choose_method(MigrationMode::Live, Some(&to_n3)).expect_err("refused");
+        assert!(e.contains("volume disk1 is replicated to n2"), "{e}");
+        // Without a target (not asked for a move) a replicated volume is not enough.
+        assert!(matches!(
+            choose_method(MigrationMode::Auto, Some(&vm)),
+            Ok(Method::Cold(_))
+        ));
+        // A node-local volume without a replica stays a cold move, whatever the target.
+        let local = qemu_vm(true, &[false]).toward("n2");
+        match choose_method(MigrationMode::Auto, Some(&local)) {
+            Ok(Method::Cold(why)) => {
+                assert!(why.contains("not replicated to the target"), "{why}")
+            }
+            other => panic!("{other:?}"),
         }
     }
 
@@ -862,7 +960,29 @@ mod tests {
             mib_per_s: 20.0,
             elapsed_s: 5.0,
             downtime_ms: None,
+            disk_mib: None,
         }
+    }
+
+    #[test]
+    fn the_disk_copy_is_shown_before_the_ram() {
+        let disk = LiveProgress {
+            phase: DISK_PHASE.into(),
+            ram_percent: 0,
+            disk_mib: Some((512, 2048)),
+            ..progress(0)
+        };
+        assert_eq!(
+            disk.line(),
+            "disk 25% (512 of 2048 MiB copied, 102.4 MiB/s)"
+        );
+        assert!(progress(40).line().starts_with("active RAM 40%"));
+        let v = serde_json::to_value(&disk).expect("encode");
+        assert_eq!(v["diskMib"], serde_json::json!([512, 2048]));
+        let old: LiveProgress = serde_json::from_value(serde_json::json!({"phase": "active",
+            "ramPercent": 1, "sentMib": 1, "remainingMib": 1, "mibPerS": 1.0, "elapsedS": 1.0}))
+        .expect("a record without disk fields");
+        assert_eq!(old.disk_mib, None);
     }
 
     #[test]

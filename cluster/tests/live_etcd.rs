@@ -60,6 +60,7 @@ fn progress(pct: u8) -> LiveProgress {
         mib_per_s: 50.0,
         elapsed_s: f64::from(pct) / 50.0,
         downtime_ms: None,
+        disk_mib: None,
     }
 }
 

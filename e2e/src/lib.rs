@@ -307,9 +307,14 @@ impl LoopBtrfs {
     /// Makes a 256 MiB btrfs image in the sandbox, attaches and mounts it at `mnt`;
     /// `None` when that is not possible here.
     pub fn new(sb: &Sandbox) -> Option<Self> {
+        Self::sized(sb, 256 << 20)
+    }
+
+    /// [`LoopBtrfs::new`] of `bytes` (a sparse image).
+    pub fn sized(sb: &Sandbox, bytes: u64) -> Option<Self> {
         let img = sb.path("btrfs.img");
         let f = std::fs::File::create(&img).ok()?;
-        f.set_len(256 << 20).ok()?;
+        f.set_len(bytes).ok()?;
         let ok = Command::new("mkfs.btrfs")
             .args(["-q", "-f"])
             .arg(&img)

@@ -5,6 +5,10 @@
 //! completed migration leaves the same boot running on the target, with its agent, and no
 //! QEMU on the source. Both QEMUs run the driver's command line (`argv` of a `QemuConfig`),
 //! not one written here.
+//!
+//! The second test has no shared pool: each node has its own copy of the disk (the target's
+//! a stale replica), and the migration copies the disk over NBD while the guest runs
+//! (`stead_drivers::vm::qemu::mirror`).
 
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::PermissionsExt;
@@ -19,8 +23,10 @@ use stead_drivers::vm::qemu::config::{
     DiskFormat, FirmwareRun, Machine, QemuConfig, QemuDisk, Sockets,
 };
 use stead_drivers::vm::qemu::migrate::{
-    MigrateError, MigrateOptions, MigrationStatus, listen_incoming, migrate_out, wait_incoming,
+    MigrateError, MigrateOptions, MigrationStatus, listen_incoming, migrate_out, migrate_out_disks,
+    resume_incoming, wait_incoming,
 };
+use stead_drivers::vm::qemu::mirror::{self, NbdTarget};
 use stead_drivers::vm::qemu::qga::Qga;
 use stead_drivers::vm::qemu::qmp::{Qmp, Quit, RunState};
 use stead_e2e::cluster::ClusterLab;
@@ -177,6 +183,61 @@ fn boot_id(qga: &mut Qga) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
+/// [`boot_id`] of the guest on a target, whose serial log is shown when its agent fails.
+fn boot_id_on(qga: &mut Qga, serial: &Path) -> String {
+    match qga.exec(
+        "/usr/bin/systemd-id128",
+        &["boot-id"],
+        None,
+        Duration::from_secs(60),
+    ) {
+        Ok(out) => String::from_utf8_lossy(&out.stdout).trim().to_string(),
+        Err(e) => panic!(
+            "systemd-id128 boot-id: {e}; serial log ends with:\n{}",
+            tail(serial)
+        ),
+    }
+}
+
+/// The guest kernel's taint mask (it changes on an oops, a BUG or a WARN).
+fn tainted(qga: &mut Qga) -> String {
+    let t = qga
+        .read_file("/proc/sys/kernel/tainted", 64)
+        .expect("read /proc/sys/kernel/tainted");
+    String::from_utf8_lossy(&t).trim().to_string()
+}
+
+/// After a move: the guest on the target keeps running sound for `watch` (a corrupted
+/// guest memory showed as a kernel BUG some 10 s after the switch-over): its agent keeps
+/// answering with the same boot, its kernel taint stays `taint_before` and its serial log
+/// shows no oops.
+fn stays_sound(qga: &mut Qga, serial: &Path, before: &str, taint_before: &str, watch: Duration) {
+    let until = Instant::now() + watch;
+    while Instant::now() < until {
+        std::thread::sleep(Duration::from_secs(2));
+        assert_eq!(
+            boot_id_on(qga, serial),
+            before,
+            "the same boot keeps running"
+        );
+    }
+    let log = String::from_utf8_lossy(&std::fs::read(serial).unwrap_or_default()).into_owned();
+    for bad in [
+        "Kernel panic",
+        "BUG:",
+        "Oops",
+        "list_del corruption",
+        "general protection",
+    ] {
+        assert!(
+            !log.contains(bad),
+            "the guest's serial log on the target shows {bad:?}:\n{}",
+            tail(serial)
+        );
+    }
+    assert_eq!(tainted(qga), taint_before, "the guest kernel got tainted");
+}
+
 fn tail(p: &Path) -> String {
     let data = std::fs::read(p).unwrap_or_default();
     String::from_utf8_lossy(&data[data.len().saturating_sub(3000)..]).into_owned()
@@ -223,6 +284,7 @@ fn qemu_vm_live_migrates_between_lab_nodes_and_a_killed_target_leaves_it_on_the_
     println!("{test}: agent on n1 answered after {:?}", booted.elapsed());
     let before = boot_id(&mut agent);
     assert_eq!(before.len(), 32, "{before:?}");
+    let taint_before = tainted(&mut agent);
     drop(agent);
 
     // A migration whose target dies half-way: the guest stays on n1 and keeps running.
@@ -270,7 +332,10 @@ fn qemu_vm_live_migrates_between_lab_nodes_and_a_killed_target_leaves_it_on_the_
         ))
     })
     .expect("migrate n1 -> n2");
-    wait_incoming(&mut qd, Duration::from_secs(30)).expect("n2 runs the guest");
+    wait_incoming(&mut qd, Duration::from_secs(30)).expect("the guest arrived on n2");
+    // The driver starts a target with -S: it runs the guest only when told to.
+    assert_eq!(qd.query_status().expect("status").status, RunState::Paused);
+    resume_incoming(&mut qd).expect("n2 runs the guest");
     let wall = started.elapsed();
     assert_eq!(
         qs.query_status().expect("status").status,
@@ -314,6 +379,210 @@ fn qemu_vm_live_migrates_between_lab_nodes_and_a_killed_target_leaves_it_on_the_
         )
     });
     agent.set_timeout(Duration::from_secs(30));
-    assert_eq!(boot_id(&mut agent), before, "the same boot runs on n2");
+    assert_eq!(
+        boot_id_on(&mut agent, &dst2.serial()),
+        before,
+        "the same boot runs on n2"
+    );
+    stays_sound(
+        &mut agent,
+        &dst2.serial(),
+        &before,
+        &taint_before,
+        Duration::from_secs(15),
+    );
     lab.kill_proc(p_dst2);
+}
+
+/// The NBD port of the disk copy in n2's namespace (a namespace of its own: nothing else
+/// listens there; QEMU's migration port is an ephemeral one).
+const NBD_PORT: u16 = 10809;
+
+/// 64 KiB the guest cannot have by chance: a counter mixed with the boot id.
+fn marker_bytes(seed: &str) -> Vec<u8> {
+    let mut x: u64 = seed.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    });
+    (0..64 << 10)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+/// Whether `file` holds the first 4 KiB of `marker` at a sector-aligned offset (where a
+/// guest file's first block lands in a qcow2 image: clusters and ext4 blocks are aligned).
+fn file_holds(file: &Path, marker: &[u8]) -> bool {
+    use std::io::Read;
+    let head = &marker[..4096];
+    let mut f = std::fs::File::open(file).expect("open disk file");
+    let mut buf = vec![0u8; 8 << 20];
+    loop {
+        let n = f.read(&mut buf).expect("read disk file");
+        if n == 0 {
+            return false;
+        }
+        // Reads of a regular file fill the buffer but for the last one.
+        let found = buf[..n]
+            .chunks(512)
+            .enumerate()
+            .any(|(i, c)| c == &head[..512] && buf[i * 512..n].starts_with(head));
+        if found {
+            return true;
+        }
+    }
+}
+
+#[test]
+fn qemu_vm_with_a_disk_on_each_node_live_migrates_with_its_disk_copied() {
+    let test = "qemu_vm_with_a_disk_on_each_node_live_migrates";
+    if skip_unless(is_root(), test, "needs root for network namespaces")
+        || skip_unless(runs("id", &[QEMU_USER]), test, "no user stead-qemu")
+        || skip_unless(runs("setpriv", &["--version"]), test, "setpriv missing")
+        || skip_unless(runs("nsenter", &["--version"]), test, "nsenter missing")
+    {
+        return;
+    }
+    let Some(disk) = GuestDisk::for_test(test) else {
+        return;
+    };
+    std::fs::set_permissions(disk.dir(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    chown_qemu(disk.path());
+    let mut lab = ClusterLab::network(2);
+    let (src, dst) = (Side::new(disk.dir(), "n1"), Side::new(disk.dir(), "n2"));
+    // n2's copy of the volume: the replica as it was before the guest booted.
+    let replica = dst.dir.join("root.qcow2");
+    std::fs::copy(disk.path(), &replica).expect("copy the replica");
+    chown_qemu(&replica);
+    let target_ip = lab.nodes[1].ip.to_string();
+
+    let mut keep = Vec::new();
+    let _p_src = start_qemu(&mut lab, 0, &src, disk.path(), false, &mut keep);
+    let mut qs = qmp(&src);
+    let mut agent = Qga::connect(&src.qga_sock(), Duration::from_secs(300))
+        .unwrap_or_else(|e| panic!("{e}; serial log ends with:\n{}", tail(&src.serial())));
+    agent.set_timeout(Duration::from_secs(30));
+    let before = boot_id(&mut agent);
+    assert_eq!(before.len(), 32, "{before:?}");
+    let marker = marker_bytes(&before);
+    let taint_before = tainted(&mut agent);
+    agent
+        .write_file("/var/tmp/livedisk-marker", &marker)
+        .expect("write the marker");
+    agent
+        .exec("/usr/bin/sync", &[], None, Duration::from_secs(60))
+        .expect("sync");
+    drop(agent);
+    assert!(!file_holds(&replica, &marker), "the replica is stale");
+
+    let p_dst = start_qemu(&mut lab, 1, &dst, &replica, true, &mut keep);
+    let mut qd = qmp(&dst);
+    let uri = listen_incoming(&mut qd, &target_ip, 0).expect("listen on n2");
+    let target = NbdTarget {
+        host: target_ip.clone(),
+        port: NBD_PORT,
+    };
+    let nodes = vec!["disk0".to_string()];
+    mirror::export_disks(&mut qd, &target, &nodes).expect("export the disk on n2");
+    let started = Instant::now();
+    let mut lines = Vec::new();
+    let mut disk_done = None;
+    let done = migrate_out_disks(
+        &mut qs,
+        &uri,
+        &target,
+        &nodes,
+        &MigrateOptions::default(),
+        |p| {
+            let line = match p.disk {
+                Some(d) => {
+                    if d.all_ready() {
+                        disk_done = Some((p.elapsed, d.total));
+                    }
+                    format!(
+                        "disk {}% ({} of {} MiB)",
+                        d.percent(),
+                        d.copied >> 20,
+                        d.total >> 20
+                    )
+                }
+                None => format!(
+                    "{:?} RAM {}% ({} MiB sent, {} MiB left)",
+                    p.status,
+                    p.ram_percent(),
+                    p.transferred >> 20,
+                    p.remaining >> 20
+                ),
+            };
+            lines.push(format!("{:>5.1}s  {line}", p.elapsed.as_secs_f64()));
+            true
+        },
+    )
+    .expect("migrate n1 -> n2 with the disk");
+    wait_incoming(&mut qd, Duration::from_secs(30)).expect("the guest arrived on n2");
+    // Paused (-S) while n2's export still holds the disk writable; the export goes, then
+    // the guest runs.
+    assert_eq!(qd.query_status().expect("status").status, RunState::Paused);
+    resume_incoming(&mut qd).expect("n2 runs the guest");
+    let wall = started.elapsed();
+    assert_eq!(
+        qs.query_status().expect("status").status,
+        RunState::Postmigrate,
+        "n1 no longer runs the guest"
+    );
+    qs.execute(&Quit).expect("quit on n1");
+    for l in &lines {
+        println!("{test}: {l}");
+    }
+    let (disk_at, disk_bytes) = disk_done.expect("the disk copy reported ready");
+    println!(
+        "{test}: n1 -> n2, disk {} MiB in {:.1} s ({:.1} MiB/s), total {:?} until n2 ran it, \
+         RAM {} ms, downtime {} ms, {} MiB RAM sent",
+        disk_bytes >> 20,
+        disk_at.as_secs_f64(),
+        (disk_bytes >> 20) as f64 / disk_at.as_secs_f64().max(0.001),
+        wall,
+        done.total_time_ms,
+        done.downtime_ms,
+        done.transferred >> 20
+    );
+
+    let mut agent = Qga::connect(&dst.qga_sock(), Duration::from_secs(120)).unwrap_or_else(|e| {
+        panic!(
+            "agent on n2: {e}; n2 QEMU {:?}; serial on n2 ends with:\n{}",
+            qd.query_status(),
+            tail(&dst.serial())
+        )
+    });
+    agent.set_timeout(Duration::from_secs(30));
+    assert_eq!(
+        boot_id_on(&mut agent, &dst.serial()),
+        before,
+        "the same boot runs on n2"
+    );
+    assert_eq!(
+        agent
+            .read_file("/var/tmp/livedisk-marker", 1 << 20)
+            .expect("read the marker on n2"),
+        marker
+    );
+    stays_sound(
+        &mut agent,
+        &dst.serial(),
+        &before,
+        &taint_before,
+        Duration::from_secs(15),
+    );
+    drop(agent);
+    // The guest goes down on n2: its disk there (n2's own file) holds the marker.
+    qd.powerdown_then_quit(Duration::from_secs(120))
+        .expect("shut the guest down on n2");
+    lab.kill_proc(p_dst);
+    assert!(
+        file_holds(&replica, &marker),
+        "n2's disk file holds the marker written on n1"
+    );
 }

@@ -8,6 +8,11 @@
 //! source has no QEMU left. Before that, a move whose target QEMU is killed as soon as it
 //! appears fails with the reason and leaves the guest (same boot) on, and owned by, the
 //! source. Times are printed.
+//!
+//! The second test has no shared pool: n1 and n2 each have a btrfs pool on a loop file of
+//! their own and the VM's volume is replicated from n1 to n2; `--live` then promotes the
+//! replica on n2 and copies the disk during the migration. The guest keeps its boot and a
+//! file it wrote (and synced) on n1 just before the move.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -19,7 +24,7 @@ use std::time::{Duration, Instant};
 use stead_drivers::vm::config::Paths;
 use stead_drivers::vm::qemu::qga::Qga;
 use stead_e2e::cluster::{ClusterLab, owner_in};
-use stead_e2e::{guest_image, qemu_ok};
+use stead_e2e::{LoopBtrfs, Sandbox, guest_image, qemu_ok};
 
 fn manifests(pool: &Path, image: &Path) -> String {
     format!(
@@ -258,6 +263,246 @@ fn migrate_live_moves_a_running_qemu_vm_through_the_agents_keeping_its_boot() {
     std::thread::sleep(Duration::from_secs(3));
     assert!(qemus(&lab, src).is_empty());
     assert_eq!(boot_id(&lab, dst, Duration::from_secs(30)), before);
+    let out = lab
+        .operator_cmd(&["migrate", "VirtualMachine/web", "--clear"])
+        .output()
+        .expect("clear");
+    assert!(out.status.success(), "{}", text(&out));
+}
+
+/// The VM on a btrfs pool at `pool` (each node's own), its volume replicated to n2; an HA
+/// group starts it on n1.
+fn replicated_manifests(pool: &Path, image: &Path) -> String {
+    format!(
+        "apiVersion: stead.dev/v1alpha1\nkind: StoragePool\nmetadata: {{name: fast}}\n\
+         spec: {{type: btrfs, path: {}}}\n\
+         ---\napiVersion: stead.dev/v1alpha1\nkind: Volume\nmetadata: {{name: web-root}}\n\
+         spec: {{pool: fast, size: 2Gi, format: qcow2, source: {{file: {}}}, \
+         deletionPolicy: Delete, replication: {{to: n2, every: 2s}}}}\n\
+         ---\napiVersion: stead.dev/v1alpha1\nkind: HaGroup\nmetadata: {{name: pair}}\n\
+         spec: {{nodes: {{n1: 2, n2: 1}}, restricted: true, noFailback: true}}\n\
+         ---\napiVersion: stead.dev/v1alpha1\nkind: VirtualMachine\nmetadata: {{name: web}}\n\
+         spec:\n  engine: qemu\n  accel: tcg\n  cpus: 1\n  memory: 512Mi\n  \
+         disks: [{{volume: web-root, boot: 1}}]\n  agent: true\n  restartPolicy: always\n  \
+         placement: {{haGroup: pair}}\n",
+        pool.display(),
+        image.display()
+    )
+}
+
+/// A node's own pool (a 3 GiB loop btrfs in a sandbox) and manifests naming it.
+struct NodePool {
+    fs: LoopBtrfs,
+    manifests: std::path::PathBuf,
+    _sb: Sandbox,
+}
+
+fn node_pool(test: &str, image: &Path) -> Option<NodePool> {
+    let sb = Sandbox::new();
+    if stead_e2e::skip_unless(stead_e2e::is_root(), test, "needs root for loop devices") {
+        return None;
+    }
+    let Some(fs) = LoopBtrfs::sized(&sb, 3 << 30) else {
+        println!("SKIP {test}: no loop-mounted btrfs here");
+        return None;
+    };
+    let manifests = sb.path("manifests");
+    std::fs::create_dir_all(&manifests).unwrap();
+    std::fs::write(
+        manifests.join("m.yaml"),
+        replicated_manifests(&fs.mnt.join("pool"), image),
+    )
+    .unwrap();
+    Some(NodePool {
+        fs,
+        manifests,
+        _sb: sb,
+    })
+}
+
+/// `stead destroy` of each node's manifests before the lab and the pools go.
+struct DestroyEach(Vec<std::process::Command>);
+
+impl Drop for DestroyEach {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.stdout(Stdio::null()).stderr(Stdio::null()).status();
+        }
+    }
+}
+
+/// Runs `args` in the guest on node `i` through its agent.
+fn guest_exec(lab: &ClusterLab, i: usize, prog: &str, args: &[&str]) -> Vec<u8> {
+    let sock = Paths::new(&lab.node_run(i), "web").qga_socket();
+    let mut a = Qga::connect(&sock, Duration::from_secs(30)).expect("guest agent");
+    a.set_timeout(Duration::from_secs(30));
+    a.exec(prog, args, None, Duration::from_secs(60))
+        .expect("guest exec")
+        .stdout
+}
+
+#[test]
+fn migrate_live_copies_a_replicated_disk_and_keeps_the_boot_and_its_data() {
+    let test = "migrate_live_copies_a_replicated_disk";
+    if !qemu_ok(test) {
+        return;
+    }
+    let Some(image) = guest_image(test) else {
+        return;
+    };
+    // Declared before the lab: dropped after it.
+    let Some(p1) = node_pool(test, &image) else {
+        return;
+    };
+    let Some(p2) = node_pool(test, &image) else {
+        return;
+    };
+    let Some(mut lab) = ClusterLab::for_test(test, 2) else {
+        return;
+    };
+    let mut destroy = Vec::new();
+    for (i, p) in [&p1, &p2].iter().enumerate() {
+        let mut c = lab.stead(i);
+        c.args(["destroy", "--yes"]).arg(&p.manifests);
+        destroy.push(c);
+    }
+    let _destroy = DestroyEach(destroy);
+    for (i, p) in [&p1, &p2].iter().enumerate() {
+        lab.join_node(i, &["--pool", "fast"]);
+        lab.start_agent(i, &p.manifests);
+    }
+    lab.start_controller(&p1.manifests);
+
+    let t0 = Instant::now();
+    wait_for("web runs on n1", Duration::from_secs(300), &lab, || {
+        owner(&lab).as_deref() == Some("n1")
+    });
+    let before = boot_id(&lab, 0, Duration::from_secs(300));
+    assert_eq!(before.len(), 32, "{before:?}");
+    println!(
+        "{test}: the guest answered on n1 after {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
+    wait_for(
+        "a replica of web-root on n2",
+        Duration::from_secs(120),
+        &lab,
+        || lab.cluster_status()["replication"]["web-root"]["lastPoint"].is_u64(),
+    );
+    let st = lab.cluster_status();
+    println!(
+        "{test}: replication of web-root: {} bytes in {} ms",
+        st["replication"]["web-root"]["bytes"], st["replication"]["web-root"]["durationMs"]
+    );
+    // Written after the replica was taken: only the copy during the move brings it.
+    let marker = format!("livedisk-{before}");
+    guest_exec(
+        &lab,
+        0,
+        "/bin/sh",
+        &["-c", &format!("echo {marker} > /var/tmp/marker && sync")],
+    );
+
+    // A move whose target QEMU is killed as soon as it appears (n2 promoted the replica
+    // by then): it fails, the guest stays on n1, and n2 drops the promoted copy.
+    let promoted = p2.fs.mnt.join("pool/images/web-root");
+    let mut child = migrate_cmd(&lab, "n2").spawn().expect("stead migrate");
+    let mut killed = false;
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        if !killed && let Some(pid) = qemus(&lab, 1).first() {
+            killed = std::process::Command::new("kill")
+                .args(["-9", &pid.to_string()])
+                .status()
+                .is_ok_and(|s| s.success());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let (out, err) = outputs(&mut child);
+    println!("stead migrate --live with its target killed:\n{out}{err}");
+    assert!(killed, "n2's QEMU was killed: {out}{err}");
+    assert_eq!(status.code(), Some(1), "{out}{err}\n{}", logs(&lab));
+    assert!(err.contains("it keeps running on n1"), "{out}{err}");
+    assert_eq!(owner(&lab).as_deref(), Some("n1"));
+    wait_for(
+        "n2 drops the copy it promoted",
+        Duration::from_secs(30),
+        &lab,
+        || !promoted.exists(),
+    );
+    assert_eq!(boot_id(&lab, 0, Duration::from_secs(60)), before);
+
+    let t1 = Instant::now();
+    let out = migrate_cmd(&lab, "n2").output().expect("stead migrate");
+    let cli = t1.elapsed();
+    println!("stead migrate --live output:\n{}", text(&out));
+    assert!(
+        out.status.success(),
+        "stead migrate --live: {}\n{}",
+        text(&out),
+        logs(&lab)
+    );
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(printed.contains("method: live"), "{printed}");
+    assert!(printed.contains("disk "), "disk progress: {printed}");
+    assert!(printed.contains("RAM "), "RAM progress: {printed}");
+    assert_eq!(owner(&lab).as_deref(), Some("n2"));
+    wait_for("no QEMU left on n1", Duration::from_secs(30), &lab, || {
+        qemus(&lab, 0).is_empty()
+    });
+    let n2 = Paths::new(&lab.node_run(1), "web");
+    let status =
+        stead_drivers::vm::qemu::qmp::Qmp::connect(&n2.qmp_socket(), Duration::from_secs(5))
+            .and_then(|mut q| q.query_status());
+    println!("{test}: n2's QEMU: {status:?}");
+    let console = || {
+        let data = std::fs::read(n2.console_log()).unwrap_or_default();
+        String::from_utf8_lossy(&data[data.len().saturating_sub(3000)..]).into_owned()
+    };
+    let after = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        boot_id(&lab, 1, Duration::from_secs(120))
+    }));
+    let Ok(after) = after else {
+        panic!(
+            "no guest agent on n2; its console ends with:\n{}",
+            console()
+        );
+    };
+    assert_eq!(after, before);
+    let n2_log = std::fs::read_to_string(lab.log_path("agent-n2")).unwrap_or_default();
+    assert!(
+        n2_log.contains("live move: replica promoted"),
+        "n2 started from the promoted replica\n{}",
+        logs(&lab)
+    );
+    assert!(
+        n2_log.contains("failed live move: promoted copy dropped"),
+        "the failed move's copy was dropped\n{}",
+        logs(&lab)
+    );
+    let read = guest_exec(&lab, 1, "/bin/cat", &["/var/tmp/marker"]);
+    assert_eq!(String::from_utf8_lossy(&read).trim(), marker);
+    // The guest stays sound on n2 (a corrupted guest once oopsed ~10 s after the move).
+    let watch = Instant::now();
+    while watch.elapsed() < Duration::from_secs(15) {
+        std::thread::sleep(Duration::from_secs(3));
+        assert_eq!(boot_id(&lab, 1, Duration::from_secs(30)), before);
+    }
+    let log =
+        String::from_utf8_lossy(&std::fs::read(n2.console_log()).unwrap_or_default()).into_owned();
+    for bad in ["Kernel panic", "BUG:", "Oops", "list_del corruption"] {
+        assert!(
+            !log.contains(bad),
+            "n2's console shows {bad:?}:\n{}",
+            console()
+        );
+    }
+    println!(
+        "{test}: n1 -> n2 live with the disk copied: CLI done after {:.1} s",
+        cli.as_secs_f64()
+    );
     let out = lab
         .operator_cmd(&["migrate", "VirtualMachine/web", "--clear"])
         .output()

@@ -156,10 +156,14 @@ pub fn vm_live_facts(
                 .as_deref()
                 .and_then(|p| self::pool(desired, p))
                 .is_some_and(pool_is_shared);
+            let replicated_to = volume(desired, &name)
+                .and_then(|v| v.replication.as_ref())
+                .map(|r| r.to.0.clone());
             crate::migrate::VolumeSite {
                 volume: name,
                 pool: pool.unwrap_or_default(),
                 shared,
+                replicated_to,
             }
         })
         .collect();
@@ -167,6 +171,7 @@ pub fn vm_live_facts(
         engine: engine.into(),
         running: running && vm.state == stead_schema::RunState::Running,
         volumes,
+        to: None,
     })
 }
 

@@ -327,6 +327,9 @@ pub fn argv(c: &QemuConfig) -> Vec<String> {
     // devices keep the PCI slots they had without it.
     push(&mut out, "-device", "VGA,id=video0");
     if c.incoming {
+        // Paused once the guest has arrived (`-S`): the target starts it with `cont` after
+        // closing the disk copy's exports, never on its own.
+        out.push("-S".into());
         push(&mut out, "-incoming", "defer");
     }
     out
@@ -450,7 +453,9 @@ mod tests {
         assert!(!argv(&c).iter().any(|a| a == "-incoming"));
         c.incoming = true;
         let args = argv(&c);
-        assert_eq!(args[args.len() - 2..], ["-incoming", "defer"]);
+        assert_eq!(args[args.len() - 3..], ["-S", "-incoming", "defer"]);
+        c.incoming = false;
+        assert!(!argv(&c).iter().any(|a| a == "-S"));
     }
 
     #[test]

@@ -233,7 +233,8 @@ pub struct QemuConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user_warning: Option<String>,
     /// Start as the target of a live migration: QEMU waits in `inmigrate` (`-incoming
-    /// defer`) for [`super::migrate::listen_incoming`] instead of booting the guest, and
+    /// defer`) for [`super::migrate::listen_incoming`] instead of booting the guest, stays
+    /// paused (`-S`) once the guest arrived until [`super::migrate::resume_incoming`], and
     /// the supervisor never restarts it (a restart would boot a second copy of a guest
     /// that still runs on the source).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]

@@ -673,7 +673,10 @@ pub fn apply(
                             .signal_supervisor(st.supervisor_pid, libc::SIGHUP)
                             .map_err(other)?;
                     }
-                    resume_if_paused(&cfg);
+                    // A target waits paused for its migration's end to `cont` it.
+                    if !cfg.incoming {
+                        resume_if_paused(&cfg);
+                    }
                     return Ok(());
                 }
                 Err(e) => {

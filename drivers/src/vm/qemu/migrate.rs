@@ -19,7 +19,8 @@ use std::path::PathBuf;
 
 use stead_reconciler::driver::DriverError;
 
-use super::config::QemuConfig;
+use super::config::{QemuConfig, QemuDisk};
+use super::mirror::{self, DiskCopy, MirrorError, NbdTarget};
 use super::qmp::{Cont, Empty, Qmp, QmpCommand, QmpError, RunState};
 use super::supervisor::QemuState;
 use crate::container::config::{read_json, write_json};
@@ -43,6 +44,9 @@ pub enum MigrateError {
     /// The guest is not in the run state the step needs.
     #[error("{0}")]
     State(String),
+    /// The disk copy failed.
+    #[error(transparent)]
+    Disk(#[from] MirrorError),
 }
 
 /// How an outgoing migration runs.
@@ -60,6 +64,9 @@ pub struct MigrateOptions {
     /// Throttle the guest's vCPUs when it dirties RAM faster than it can be sent (TCG
     /// guests are slow to copy; this bounds the number of rounds).
     pub auto_converge: bool,
+    /// Pause before the device state moves (`pause-before-switchover`): set by
+    /// [`migrate_out_disks`], which completes the disk copy in that pause.
+    pub pause_before_switchover: bool,
 }
 
 /// The default bandwidth cap: QEMU's own default, 128 MiB/s (about a 1 Gbit/s link).
@@ -73,6 +80,7 @@ impl Default for MigrateOptions {
             downtime_limit_ms: 300,
             max_bandwidth: DEFAULT_MAX_BANDWIDTH,
             auto_converge: true,
+            pause_before_switchover: false,
         }
     }
 }
@@ -130,6 +138,17 @@ pub struct Migrate {
 }
 impl QmpCommand for Migrate {
     const NAME: &'static str = "migrate";
+    type Ret = Empty;
+}
+
+/// `migrate-continue`: ends the pause of `pause-before-switchover`.
+#[derive(Debug, Clone, Serialize)]
+pub struct MigrateContinue {
+    /// The status being left (`pre-switchover`).
+    pub state: &'static str,
+}
+impl QmpCommand for MigrateContinue {
+    const NAME: &'static str = "migrate-continue";
     type Ret = Empty;
 }
 
@@ -266,6 +285,8 @@ pub struct Progress {
     pub total: u64,
     /// Expected (while active) or actual (once completed) guest pause, in milliseconds.
     pub downtime_ms: Option<u64>,
+    /// The disk copy, while it runs (before the RAM: `status` is then `setup`).
+    pub disk: Option<DiskCopy>,
 }
 
 impl Progress {
@@ -285,6 +306,20 @@ impl Progress {
             remaining: ram.remaining,
             total: ram.total,
             downtime_ms,
+            disk: None,
+        }
+    }
+
+    /// A progress report of the disk copy (before the RAM migration starts).
+    pub fn of_disks(copy: &DiskCopy, elapsed: Duration) -> Self {
+        Progress {
+            elapsed,
+            status: MigrationStatus::Setup,
+            transferred: 0,
+            remaining: 0,
+            total: 0,
+            downtime_ms: None,
+            disk: Some(*copy),
         }
     }
 
@@ -354,6 +389,7 @@ pub fn capabilities(opts: &MigrateOptions) -> Vec<CapabilityState> {
     vec![
         cap("events", true),
         cap("auto-converge", opts.auto_converge),
+        cap("pause-before-switchover", opts.pause_before_switchover),
     ]
 }
 
@@ -397,25 +433,63 @@ pub fn listen_incoming(qmp: &mut Qmp, host: &str, port: u16) -> Result<String, M
     Ok(tcp_uri(host, bound))
 }
 
-/// Target side: waits until the incoming migration has completed and the guest runs here.
+/// Target side: waits until the incoming migration has completed: the guest is here,
+/// running (QEMU started without `-S`) or paused until [`resume_incoming`] (with `-S`, as
+/// the driver starts a target). A failed incoming migration is an error.
 pub fn wait_incoming(qmp: &mut Qmp, timeout: Duration) -> Result<(), MigrateError> {
     let deadline = Instant::now() + timeout;
     loop {
-        let st = qmp.query_status()?;
-        match st.status {
-            RunState::Running => return Ok(()),
-            RunState::Inmigrate | RunState::Prelaunch | RunState::Paused => {}
-            other => {
-                return Err(MigrateError::State(format!(
-                    "the target QEMU is {other:?} after the migration"
-                )));
-            }
+        if holds_guest(qmp)? {
+            return Ok(());
         }
         if Instant::now() >= deadline {
             return Err(MigrateError::TimedOut(timeout));
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// Target side: whether the incoming migration has completed (the guest is here, running
+/// or paused); false while it still waits; an error for a state a target never reaches.
+fn holds_guest(qmp: &mut Qmp) -> Result<bool, MigrateError> {
+    let st = qmp.query_status()?;
+    match st.status {
+        RunState::Running => Ok(true),
+        RunState::Inmigrate | RunState::Prelaunch => Ok(false),
+        RunState::Paused => {
+            let info = qmp.execute(&QueryMigrate)?;
+            match info.status {
+                Some(MigrationStatus::Completed) => Ok(true),
+                Some(MigrationStatus::Failed) => Err(MigrateError::Failed(
+                    info.error_desc
+                        .unwrap_or_else(|| "the incoming migration failed".into()),
+                )),
+                _ => Ok(false),
+            }
+        }
+        other => Err(MigrateError::State(format!(
+            "the target QEMU is {other:?} after the migration"
+        ))),
+    }
+}
+
+/// Target side, once the incoming migration has completed: closes the disk copy's NBD
+/// exports (none is fine) and only then starts the guest (`cont`): the guest never runs
+/// while a client could still write its disk.
+#[tracing::instrument(level = "info", skip(qmp))]
+pub fn resume_incoming(qmp: &mut Qmp) -> Result<(), MigrateError> {
+    mirror::close_exports(qmp)?;
+    if qmp.query_status()?.status != RunState::Running {
+        qmp.execute(&Cont)?;
+    }
+    let st = qmp.query_status()?;
+    if st.status != RunState::Running {
+        return Err(MigrateError::State(format!(
+            "the target QEMU is {:?} after cont",
+            st.status
+        )));
+    }
+    Ok(())
 }
 
 /// Source side: migrates the running guest to `uri`, calling `progress` after every poll.
@@ -443,23 +517,10 @@ pub fn migrate_out_until(
     opts: &MigrateOptions,
     mut progress: impl FnMut(&Progress) -> bool,
 ) -> Result<Completed, MigrateError> {
-    let st = qmp.query_status()?;
-    if st.status != RunState::Running {
-        return Err(MigrateError::State(format!(
-            "the source QEMU is {:?}, not running",
-            st.status
-        )));
-    }
-    qmp.execute(&MigrateSetCapabilities {
-        capabilities: capabilities(opts),
-    })?;
-    qmp.execute(&MigrateSetParameters {
-        downtime_limit: opts.downtime_limit_ms,
-        max_bandwidth: opts.max_bandwidth,
-    })?;
+    check_running(qmp)?;
     let started = Instant::now();
-    qmp.execute(&Migrate { uri: uri.into() })?;
-    match poll_until_final(qmp, started, opts, &mut progress) {
+    start_migrate(qmp, uri, opts)?;
+    match poll_until_final(qmp, started, opts, &mut progress, &[]) {
         Ok(done) => Ok(done),
         Err(e) => match cancel_and_resume(qmp) {
             // It completed as it was being given up: the guest runs on the target.
@@ -482,19 +543,107 @@ pub fn follow_out(
 ) -> Result<Completed, MigrateError> {
     let info = qmp.execute(&QueryMigrate)?;
     if let Some(e) = nothing_to_follow(&info) {
+        // A disk copy left without its migration (the sender was gone before `migrate`).
+        let mirrors = mirror::running_mirrors(qmp);
+        mirror::abort_mirrors(qmp, &mirrors);
         if let Err(r) = ensure_running(qmp) {
             tracing::warn!(error = %r, "resuming the guest after the migration ended");
         }
         return Err(e);
     }
+    let mirrors = mirror::running_mirrors(qmp);
     let started = Instant::now();
-    match poll_until_final(qmp, started, opts, &mut progress) {
+    match poll_until_final(qmp, started, opts, &mut progress, &mirrors) {
         Ok(done) => Ok(done),
         Err(e) => match cancel_and_resume(qmp) {
             Some(done) => Ok(done),
-            None => Err(e),
+            None => {
+                mirror::abort_mirrors(qmp, &mirrors);
+                Err(e)
+            }
         },
     }
+}
+
+/// Source side: [`migrate_out_until`] for a VM whose disks the target does not share: each
+/// disk node of `nodes` is first mirrored into the target's NBD export of the same name
+/// ([`mirror`]; progress reports carry [`Progress::disk`]) until every copy is ready, then
+/// the RAM moves with `pause-before-switchover`: in that pause (guest stopped) the mirrors
+/// are completed, then the device state moves and the target runs the guest on its copy.
+/// On any failure the migration and the mirrors are cancelled and the guest keeps running
+/// here on its own disks.
+#[tracing::instrument(level = "info", skip(qmp, opts, progress))]
+pub fn migrate_out_disks(
+    qmp: &mut Qmp,
+    uri: &str,
+    target: &NbdTarget,
+    nodes: &[String],
+    opts: &MigrateOptions,
+    mut progress: impl FnMut(&Progress) -> bool,
+) -> Result<Completed, MigrateError> {
+    if nodes.is_empty() {
+        return migrate_out_until(qmp, uri, opts, progress);
+    }
+    check_running(qmp)?;
+    let started = Instant::now();
+    mirror::start_mirrors(qmp, target, nodes)?;
+    mirror::poll_mirrors(qmp, nodes, opts.poll, opts.timeout, |c| {
+        progress(&Progress::of_disks(c, started.elapsed()))
+    })?;
+    let opts = MigrateOptions {
+        pause_before_switchover: true,
+        ..opts.clone()
+    };
+    let sent = start_migrate(qmp, uri, &opts)
+        .and_then(|()| poll_until_final(qmp, started, &opts, &mut progress, nodes));
+    match sent {
+        Ok(done) => {
+            mirror::delete_clients(qmp, nodes);
+            Ok(done)
+        }
+        Err(e) => match cancel_and_resume(qmp) {
+            Some(done) => Ok(done),
+            None => {
+                mirror::abort_mirrors(qmp, nodes);
+                Err(e)
+            }
+        },
+    }
+}
+
+/// Fails unless the source guest runs.
+fn check_running(qmp: &mut Qmp) -> Result<(), MigrateError> {
+    let st = qmp.query_status()?;
+    if st.status != RunState::Running {
+        return Err(MigrateError::State(format!(
+            "the source QEMU is {:?}, not running",
+            st.status
+        )));
+    }
+    Ok(())
+}
+
+/// Sets the capabilities and parameters of `opts` and starts `migrate` to `uri`.
+fn start_migrate(qmp: &mut Qmp, uri: &str, opts: &MigrateOptions) -> Result<(), MigrateError> {
+    qmp.execute(&MigrateSetCapabilities {
+        capabilities: capabilities(opts),
+    })?;
+    qmp.execute(&MigrateSetParameters {
+        downtime_limit: opts.downtime_limit_ms,
+        max_bandwidth: opts.max_bandwidth,
+    })?;
+    qmp.execute(&Migrate { uri: uri.into() })?;
+    Ok(())
+}
+
+/// In the pause before the switch-over (guest stopped): completes the disk mirrors of
+/// `mirrors`, then lets the device state move.
+fn switch_over(qmp: &mut Qmp, mirrors: &[String]) -> Result<(), MigrateError> {
+    mirror::complete_mirrors(qmp, mirrors, Duration::from_secs(60))?;
+    qmp.execute(&MigrateContinue {
+        state: "pre-switchover",
+    })?;
+    Ok(())
 }
 
 /// Why a `query-migrate` reply leaves no migration to follow (failed, cancelled, none),
@@ -523,11 +672,29 @@ fn poll_until_final(
     started: Instant,
     opts: &MigrateOptions,
     progress: &mut impl FnMut(&Progress) -> bool,
+    mirrors: &[String],
 ) -> Result<Completed, MigrateError> {
     let mut settle = 0;
+    // The switch-over happens once: a `query-migrate` right after `migrate-continue` may
+    // still say `pre-switchover` (the migration thread has not moved on yet).
+    let mut switched = false;
     loop {
         let info = qmp.execute(&QueryMigrate)?;
         let elapsed = started.elapsed();
+        if info.status == Some(MigrationStatus::PreSwitchover) {
+            if !switched {
+                switch_over(qmp, mirrors)?;
+                switched = true;
+            } else {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            continue;
+        }
+        // Until the switch-over every mirror must stay in sync with the target: one that
+        // failed or went fails the move (cancelled by the caller, the guest stays here).
+        if !switched && !mirrors.is_empty() && !info.status.is_some_and(MigrationStatus::is_final) {
+            mirror::check_ready(qmp, mirrors)?;
+        }
         match next_step(&info, elapsed, opts.timeout) {
             // QEMU reports `completed` a moment before it has filled in the times.
             Step::Done(c) if c.total_time_ms == 0 && settle < SETTLE_POLLS => {
@@ -538,7 +705,7 @@ fn poll_until_final(
                 if !progress(&Progress::from_info(&info, elapsed)) {
                     return Err(MigrateError::Cancelled);
                 }
-                std::thread::sleep(opts.poll);
+                pause(qmp, opts.poll, mirrors)?;
             }
             Step::Done(c) => {
                 progress(&Progress::from_info(&info, elapsed));
@@ -547,6 +714,23 @@ fn poll_until_final(
             Step::Fail(e) => return Err(e),
             Step::Cancel => return Err(MigrateError::TimedOut(opts.timeout)),
         }
+    }
+}
+
+/// Waits `poll` before the next `query-migrate`; with disk mirrors, a `MIGRATION` event
+/// saying `pre-switchover` ends the wait at once (the guest is paused then: the sooner the
+/// mirrors complete, the shorter the downtime).
+fn pause(qmp: &mut Qmp, poll: Duration, mirrors: &[String]) -> Result<(), MigrateError> {
+    if mirrors.is_empty() {
+        std::thread::sleep(poll);
+        return Ok(());
+    }
+    let at_switchover = |ev: &super::qmp::QmpEvent| {
+        ev.data.get("status").and_then(serde_json::Value::as_str) == Some("pre-switchover")
+    };
+    match qmp.wait_event("MIGRATION", poll, at_switchover) {
+        Ok(_) | Err(QmpError::Timeout { .. }) => Ok(()),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -647,17 +831,121 @@ pub fn listen_vm(paths: &Paths, host: &str, timeout: Duration) -> Result<String,
     listen_incoming(&mut q, host, 0)
 }
 
-/// Source: sends the running guest of VM `paths` to `uri` over the VM's QMP socket
-/// ([`migrate_out_until`]).
+/// Where a target waits for a guest: QEMU's migration URI and, when disks are copied
+/// during the migration, the NBD server and the disk nodes it exports. One string in a
+/// cluster's record ([`Incoming::encode`]): `tcp:HOST:PORT`, or
+/// `tcp:HOST:PORT nbd://HOST:PORT disk0,disk1`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Incoming {
+    /// `tcp:HOST:PORT` of the migration stream.
+    pub uri: String,
+    /// The exports of the copied disks (none: every disk is shared).
+    pub disks: Option<(NbdTarget, Vec<String>)>,
+}
+
+impl Incoming {
+    /// The record's string.
+    pub fn encode(&self) -> String {
+        match &self.disks {
+            Some((t, nodes)) => format!("{} {} {}", self.uri, t.server_uri(), nodes.join(",")),
+            None => self.uri.clone(),
+        }
+    }
+
+    /// Reads [`Incoming::encode`]'s string.
+    pub fn parse(s: &str) -> Result<Self, MigrateError> {
+        let bad = || MigrateError::State(format!("not a migration address: {s:?}"));
+        let mut parts = s.split(' ');
+        let uri = parts
+            .next()
+            .filter(|u| u.starts_with("tcp:"))
+            .ok_or_else(bad)?;
+        let disks = match (parts.next(), parts.next(), parts.next()) {
+            (None, _, _) => None,
+            (Some(server), Some(nodes), None) => {
+                let t = NbdTarget::parse(server).ok_or_else(bad)?;
+                let nodes: Vec<String> = nodes.split(',').map(str::to_string).collect();
+                if nodes.iter().any(String::is_empty) {
+                    return Err(bad());
+                }
+                Some((t, nodes))
+            }
+            _ => return Err(bad()),
+        };
+        Ok(Incoming {
+            uri: uri.into(),
+            disks,
+        })
+    }
+}
+
+/// Target: has the waiting QEMU of VM `paths` listen on `host` and export over NBD, on
+/// `nbd_port` of `host`, the disks of its volumes `volumes` (those not shared: the source
+/// copies them during the migration); the record's string ([`Incoming::encode`]).
+pub fn listen_vm_with_disks(
+    paths: &Paths,
+    host: &str,
+    nbd_port: u16,
+    volumes: &[String],
+    timeout: Duration,
+) -> Result<String, MigrateError> {
+    let state = |e: DriverError| MigrateError::State(e.to_string());
+    let Some(cfg) = read_json::<QemuConfig>(&paths.config()).map_err(state)? else {
+        return Err(MigrateError::State("the VM has no config".into()));
+    };
+    let nodes = copied_nodes(&cfg.disks, volumes)?;
+    let mut q = Qmp::connect_retry(&paths.qmp_socket(), timeout)?;
+    let uri = listen_incoming(&mut q, host, 0)?;
+    if nodes.is_empty() {
+        return Ok(uri);
+    }
+    let target = NbdTarget {
+        host: host.into(),
+        port: nbd_port,
+    };
+    mirror::export_disks(&mut q, &target, &nodes)?;
+    Ok(Incoming {
+        uri,
+        disks: Some((target, nodes)),
+    }
+    .encode())
+}
+
+/// The nodes of the disks holding volumes `volumes`; every volume must be a disk (a cdrom
+/// is read-only and must be on a shared pool).
+fn copied_nodes(disks: &[QemuDisk], volumes: &[String]) -> Result<Vec<String>, MigrateError> {
+    volumes
+        .iter()
+        .map(|v| {
+            disks
+                .iter()
+                .find(|d| &d.volume == v)
+                .map(|d| d.node())
+                .ok_or_else(|| {
+                    MigrateError::State(format!(
+                        "volume {v} is not a disk of the VM: it cannot be copied live"
+                    ))
+                })
+        })
+        .collect()
+}
+
+/// Source: sends the running guest of VM `paths` to the target `listen` names
+/// ([`Incoming::encode`]) over the VM's QMP socket: [`migrate_out_until`], or
+/// [`migrate_out_disks`] when the target exports disks to copy.
 pub fn send_vm(
     paths: &Paths,
-    uri: &str,
+    listen: &str,
     opts: &MigrateOptions,
     progress: impl FnMut(&Progress) -> bool,
 ) -> Result<Completed, MigrateError> {
+    let to = Incoming::parse(listen)?;
     let mut q = Qmp::connect(&paths.qmp_socket(), Duration::from_secs(10))?;
     q.set_timeout(Duration::from_secs(30));
-    migrate_out_until(&mut q, uri, opts, progress)
+    match &to.disks {
+        Some((target, nodes)) => migrate_out_disks(&mut q, &to.uri, target, nodes, opts, progress),
+        None => migrate_out_until(&mut q, &to.uri, opts, progress),
+    }
 }
 
 /// Source: follows the outgoing migration QEMU of VM `paths` has under way
@@ -672,12 +960,14 @@ pub fn follow_vm(
     follow_out(&mut q, opts, progress)
 }
 
-/// Target: whether the QEMU of VM `paths` runs (the incoming migration finished): it holds
-/// the guest. False when it still waits, or cannot be asked.
+/// Target: whether the QEMU of VM `paths` holds the guest: the incoming migration
+/// completed (it runs, or waits paused for [`adopt_incoming_vm`]'s `cont`). False when it
+/// still waits, or cannot be asked.
 pub fn incoming_runs(paths: &Paths) -> bool {
     Qmp::connect(&paths.qmp_socket(), Duration::from_secs(5))
-        .and_then(|mut q| q.query_status())
-        .is_ok_and(|st| st.status == RunState::Running)
+        .map_err(MigrateError::from)
+        .and_then(|mut q| holds_guest(&mut q))
+        .unwrap_or(false)
 }
 
 /// Target: the guest runs here (waits up to `timeout` for it); the VM becomes an ordinary
@@ -686,6 +976,9 @@ pub fn incoming_runs(paths: &Paths) -> bool {
 pub fn adopt_incoming_vm(paths: &Paths, timeout: Duration) -> Result<(), MigrateError> {
     let mut q = Qmp::connect(&paths.qmp_socket(), Duration::from_secs(10))?;
     wait_incoming(&mut q, timeout)?;
+    // The disk copy's exports (if any) are done with (the source completed its mirrors
+    // before the device state moved): they go, then the guest runs.
+    resume_incoming(&mut q)?;
     drop(q);
     let state = |e: DriverError| MigrateError::State(e.to_string());
     let _ = std::fs::remove_file(incoming_marker(paths));
@@ -798,6 +1091,55 @@ mod tests {
     }
 
     #[test]
+    fn the_targets_address_names_the_disk_exports_when_disks_are_copied() {
+        let plain = Incoming::parse("tcp:10.1.0.2:4444").expect("plain");
+        assert_eq!(plain.disks, None);
+        assert_eq!(plain.encode(), "tcp:10.1.0.2:4444");
+        let with = Incoming {
+            uri: "tcp:10.1.0.2:4444".into(),
+            disks: Some((
+                NbdTarget {
+                    host: "10.1.0.2".into(),
+                    port: 40000,
+                },
+                vec!["disk0".into(), "disk2".into()],
+            )),
+        };
+        assert_eq!(
+            with.encode(),
+            "tcp:10.1.0.2:4444 nbd://10.1.0.2:40000 disk0,disk2"
+        );
+        assert_eq!(Incoming::parse(&with.encode()).expect("with disks"), with);
+        for bad in [
+            "",
+            "nbd://x:1",
+            "tcp:a:1 nbd://x:1",
+            "tcp:a:1 nbd://x:1 a,,b",
+            "tcp:a:1 x y",
+        ] {
+            assert!(Incoming::parse(bad).is_err(), "{bad:?}");
+        }
+        let disk = |id: &str, volume: &str| QemuDisk {
+            id: id.into(),
+            volume: volume.into(),
+            path: format!("/p/images/{volume}.qcow2").into(),
+            format: crate::vm::qemu::config::DiskFormat::Qcow2,
+            bus: stead_schema::DiskBus::Virtio,
+            cache: stead_schema::DiskCache::None,
+            discard: false,
+            read_only: false,
+            boot: None,
+        };
+        let disks = [disk("disk0", "shared"), disk("disk1", "root")];
+        assert_eq!(
+            copied_nodes(&disks, &["root".into()]).expect("a disk"),
+            ["disk1"]
+        );
+        let e = copied_nodes(&disks, &["iso".into()]).expect_err("not a disk");
+        assert!(e.to_string().contains("volume iso"), "{e}");
+    }
+
+    #[test]
     fn uris_and_capabilities() {
         assert_eq!(tcp_uri("10.1.0.2", 4444), "tcp:10.1.0.2:4444");
         assert_eq!(tcp_uri("fd00::2", 4444), "tcp:[fd00::2]:4444");
@@ -806,7 +1148,14 @@ mod tests {
             .iter()
             .map(|c| (c.capability.as_str(), c.state))
             .collect();
-        assert_eq!(names, [("events", true), ("auto-converge", true)]);
+        assert_eq!(
+            names,
+            [
+                ("events", true),
+                ("auto-converge", true),
+                ("pause-before-switchover", false)
+            ]
+        );
         let v = serde_json::to_value(MigrateSetParameters {
             downtime_limit: 300,
             max_bandwidth: DEFAULT_MAX_BANDWIDTH,
@@ -1115,6 +1464,360 @@ mod tests {
         let info = qs.execute(&QueryMigrate).expect("query-migrate");
         assert_eq!(info.status, Some(MigrationStatus::Cancelled));
         assert_eq!(qs.query_status().expect("status").status, RunState::Running);
+    }
+
+    /// The small machine with one raw disk `path` as node `disk0` (as the driver names it).
+    fn with_disk(path: &std::path::Path) -> Vec<String> {
+        let mut args: Vec<String> = MACHINE.map(String::from).to_vec();
+        args.push("-blockdev".into());
+        args.push(format!(
+            "driver=file,filename={},node-name=disk0-file",
+            path.display()
+        ));
+        args.push("-blockdev".into());
+        args.push("driver=raw,file=disk0-file,node-name=disk0".into());
+        args.push("-device".into());
+        args.push("virtio-blk-pci,drive=disk0,id=disk0-dev".into());
+        args
+    }
+
+    /// A source with a disk full of a pattern and a target whose disk (the same size) is a
+    /// stale copy: the mirror makes the target's file equal the source's, then the RAM moves.
+    #[test]
+    fn qemu_a_migration_with_disk_copy_leaves_the_targets_disk_equal_to_the_sources() {
+        let test = "qemu_migration_with_disk_copy";
+        let dir = tempfile::tempdir().expect("tmp");
+        let (sdisk, ddisk) = (dir.path().join("src.raw"), dir.path().join("dst.raw"));
+        let data: Vec<u8> = (0..(32u32 << 20)).map(|i| (i / 4096 % 251) as u8).collect();
+        std::fs::write(&sdisk, &data).expect("source disk");
+        let mut stale = data.clone();
+        stale[..(8 << 20)].fill(0);
+        std::fs::write(&ddisk, &stale).expect("target disk");
+        let sargs = with_disk(&sdisk);
+        let Some(src) =
+            TestQemu::start(test, &sargs.iter().map(String::as_str).collect::<Vec<_>>())
+        else {
+            return;
+        };
+        let mut dargs = with_disk(&ddisk);
+        dargs.extend(["-S".into(), "-incoming".into(), "defer".into()]);
+        let dst = TestQemu::start(test, &dargs.iter().map(String::as_str).collect::<Vec<_>>())
+            .expect("target");
+        let (mut qs, mut qd) = (src.qmp(), dst.qmp());
+        let uri = listen_incoming(&mut qd, "127.0.0.1", 0).expect("listen");
+        let target = NbdTarget {
+            host: "127.0.0.1".into(),
+            port: mirror::free_port("127.0.0.1").expect("a free port"),
+        };
+        let nodes = vec!["disk0".to_string()];
+        mirror::export_disks(&mut qd, &target, &nodes).expect("export");
+        let mut seen = Vec::new();
+        let done = migrate_out_disks(
+            &mut qs,
+            &uri,
+            &target,
+            &nodes,
+            &MigrateOptions::default(),
+            |p| {
+                seen.push(p.clone());
+                true
+            },
+        )
+        .expect("migrate with the disk");
+        wait_incoming(&mut qd, Duration::from_secs(10)).expect("the guest arrived");
+        // Started with -S: the guest waits, paused, while the export still holds the disk.
+        assert_eq!(qd.query_status().expect("status").status, RunState::Paused);
+        assert_eq!(
+            qd.execute(&mirror::QueryBlockExports)
+                .expect("query-block-exports")
+                .len(),
+            1
+        );
+        resume_incoming(&mut qd).expect("exports closed, then cont");
+        assert_eq!(qd.query_status().expect("status").status, RunState::Running);
+        assert!(
+            qd.execute(&mirror::QueryBlockExports)
+                .expect("query-block-exports")
+                .is_empty()
+        );
+        assert_eq!(
+            qs.query_status().expect("status").status,
+            RunState::Postmigrate
+        );
+        assert!(
+            qs.execute(&super::super::qmp::QueryJobs)
+                .expect("query-jobs")
+                .is_empty(),
+            "the completed mirror was dismissed"
+        );
+        let disk_polls: Vec<_> = seen.iter().filter_map(|p| p.disk).collect();
+        assert_eq!(disk_polls.last().map(DiskCopy::percent), Some(100));
+        assert_eq!(seen.last().map(|p| p.ram_percent()), Some(100));
+        assert!(mirror::running_mirrors(&mut qs).is_empty());
+        qd.execute(&super::super::qmp::Quit).expect("quit target");
+        drop((qs, qd, src, dst));
+        assert!(
+            std::fs::read(&ddisk).expect("target disk") == data,
+            "the target's disk equals the source's"
+        );
+        println!(
+            "{test}: 32 MiB disk, {} disk polls, total {} ms, downtime {} ms",
+            disk_polls.len(),
+            done.total_time_ms,
+            done.downtime_ms
+        );
+    }
+
+    /// A disk copy whose sender went away before `migrate` (an agent restart) cannot be
+    /// followed: its jobs are cancelled and the guest keeps running on its own disk.
+    #[test]
+    fn qemu_a_disk_copy_without_its_migration_is_given_up_by_a_follower() {
+        let test = "qemu_disk_copy_follow";
+        let dir = tempfile::tempdir().expect("tmp");
+        let (sdisk, ddisk) = (dir.path().join("src.raw"), dir.path().join("dst.raw"));
+        std::fs::write(&sdisk, vec![5u8; 8 << 20]).expect("source disk");
+        std::fs::write(&ddisk, vec![0u8; 8 << 20]).expect("target disk");
+        let sargs = with_disk(&sdisk);
+        let Some(src) =
+            TestQemu::start(test, &sargs.iter().map(String::as_str).collect::<Vec<_>>())
+        else {
+            return;
+        };
+        let mut dargs = with_disk(&ddisk);
+        dargs.extend(["-incoming".into(), "defer".into()]);
+        let dst = TestQemu::start(test, &dargs.iter().map(String::as_str).collect::<Vec<_>>())
+            .expect("target");
+        let (mut qs, mut qd) = (src.qmp(), dst.qmp());
+        listen_incoming(&mut qd, "127.0.0.1", 0).expect("listen");
+        let target = NbdTarget {
+            host: "127.0.0.1".into(),
+            port: mirror::free_port("127.0.0.1").expect("a free port"),
+        };
+        let nodes = vec!["disk0".to_string()];
+        mirror::export_disks(&mut qd, &target, &nodes).expect("export");
+        mirror::start_mirrors(&mut qs, &target, &nodes).expect("mirror");
+        assert_eq!(mirror::running_mirrors(&mut qs), nodes);
+        drop(qs);
+        let mut again = src.qmp();
+        let e = follow_out(&mut again, &MigrateOptions::default(), |_| true)
+            .expect_err("no migration to follow");
+        assert!(e.to_string().contains("never started"), "{e}");
+        assert!(mirror::running_mirrors(&mut again).is_empty());
+        assert_eq!(
+            again.query_status().expect("status").status,
+            RunState::Running
+        );
+    }
+
+    /// A move given up during the disk copy (the progress callback says so, as a cleared
+    /// record does) cancels the jobs; the guest keeps running on its own disk.
+    #[test]
+    fn qemu_a_disk_copy_given_up_leaves_the_source_running_without_jobs() {
+        let test = "qemu_disk_copy_given_up";
+        let dir = tempfile::tempdir().expect("tmp");
+        let (sdisk, ddisk) = (dir.path().join("src.raw"), dir.path().join("dst.raw"));
+        std::fs::write(&sdisk, vec![9u8; 64 << 20]).expect("source disk");
+        std::fs::write(&ddisk, vec![0u8; 64 << 20]).expect("target disk");
+        let sargs = with_disk(&sdisk);
+        let Some(src) =
+            TestQemu::start(test, &sargs.iter().map(String::as_str).collect::<Vec<_>>())
+        else {
+            return;
+        };
+        let mut dargs = with_disk(&ddisk);
+        dargs.extend(["-incoming".into(), "defer".into()]);
+        let dst = TestQemu::start(test, &dargs.iter().map(String::as_str).collect::<Vec<_>>())
+            .expect("target");
+        let (mut qs, mut qd) = (src.qmp(), dst.qmp());
+        let uri = listen_incoming(&mut qd, "127.0.0.1", 0).expect("listen");
+        let target = NbdTarget {
+            host: "127.0.0.1".into(),
+            port: mirror::free_port("127.0.0.1").expect("a free port"),
+        };
+        let nodes = vec!["disk0".to_string()];
+        mirror::export_disks(&mut qd, &target, &nodes).expect("export");
+        let e = migrate_out_disks(
+            &mut qs,
+            &uri,
+            &target,
+            &nodes,
+            &MigrateOptions::default(),
+            |_| false,
+        )
+        .expect_err("given up");
+        assert!(
+            matches!(
+                e,
+                MigrateError::Cancelled | MigrateError::Disk(MirrorError::Cancelled)
+            ),
+            "{e}"
+        );
+        assert_eq!(qs.query_status().expect("status").status, RunState::Running);
+        assert!(mirror::running_mirrors(&mut qs).is_empty());
+        assert_eq!(
+            qd.query_status().expect("status").status,
+            RunState::Inmigrate,
+            "the target still waits (its agent quits it)"
+        );
+    }
+
+    /// A target that is gone fails the disk copy; the source keeps running, no job left.
+    #[test]
+    fn qemu_a_disk_copy_to_a_dead_target_fails_and_the_source_keeps_running() {
+        let test = "qemu_disk_copy_dead_target";
+        let dir = tempfile::tempdir().expect("tmp");
+        let sdisk = dir.path().join("src.raw");
+        std::fs::write(&sdisk, vec![7u8; 4 << 20]).expect("source disk");
+        let sargs = with_disk(&sdisk);
+        let Some(src) =
+            TestQemu::start(test, &sargs.iter().map(String::as_str).collect::<Vec<_>>())
+        else {
+            return;
+        };
+        let mut qs = src.qmp();
+        let target = NbdTarget {
+            host: "127.0.0.1".into(),
+            port: mirror::free_port("127.0.0.1").expect("a free port"),
+        };
+        let e = migrate_out_disks(
+            &mut qs,
+            "tcp:127.0.0.1:1",
+            &target,
+            &["disk0".to_string()],
+            &MigrateOptions::default(),
+            |_| true,
+        )
+        .expect_err("nobody listens");
+        assert!(matches!(e, MigrateError::Disk(_)), "{e}");
+        assert_eq!(qs.query_status().expect("status").status, RunState::Running);
+        assert!(mirror::running_mirrors(&mut qs).is_empty());
+        println!("{test}: {e}");
+    }
+
+    /// A source with a disk of `mib` MiB of non-zero data and a second QMP socket (for a
+    /// test to act beside the migration), and a target waiting with `-S` on a zeroed disk
+    /// exported over NBD; the migration URI, the NBD target and the source's second socket.
+    #[allow(clippy::type_complexity)]
+    fn disk_pair(
+        test: &str,
+        dir: &std::path::Path,
+        mib: u32,
+    ) -> Option<(TestQemu, TestQemu, String, NbdTarget, std::path::PathBuf)> {
+        let (sdisk, ddisk) = (dir.join("src.raw"), dir.join("dst.raw"));
+        let data: Vec<u8> = (0..(mib << 20))
+            .map(|i| (i / 512 % 249) as u8 + 1)
+            .collect();
+        std::fs::write(&sdisk, &data).expect("source disk");
+        std::fs::write(&ddisk, vec![0u8; data.len()]).expect("target disk");
+        let side = dir.join("side.sock");
+        let mut sargs = with_disk(&sdisk);
+        sargs.push("-qmp".into());
+        sargs.push(format!("unix:{},server=on,wait=off", side.display()));
+        let src = TestQemu::start(test, &sargs.iter().map(String::as_str).collect::<Vec<_>>())?;
+        let mut dargs = with_disk(&ddisk);
+        dargs.extend(["-S".into(), "-incoming".into(), "defer".into()]);
+        let dst = TestQemu::start(test, &dargs.iter().map(String::as_str).collect::<Vec<_>>())
+            .expect("target");
+        let mut qd = dst.qmp();
+        let uri = listen_incoming(&mut qd, "127.0.0.1", 0).expect("listen");
+        let target = NbdTarget {
+            host: "127.0.0.1".into(),
+            port: mirror::free_port("127.0.0.1").expect("a free port"),
+        };
+        mirror::export_disks(&mut qd, &target, &["disk0".to_string()]).expect("export");
+        Some((src, dst, uri, target, side))
+    }
+
+    /// A mirror job that fails while the RAM moves (cancelled by force from a second QMP
+    /// client, as an I/O error would end it) fails the move with the job's error: the
+    /// migration is cancelled, the guest keeps running on the source, no job is left
+    /// behind and the target never ran the guest.
+    #[test]
+    fn qemu_a_mirror_job_failing_during_the_ram_copy_fails_the_move_cleanly() {
+        let test = "qemu_mirror_job_fails";
+        let dir = tempfile::tempdir().expect("tmp");
+        let Some((src, dst, uri, target, side)) = disk_pair(test, dir.path(), 8) else {
+            return;
+        };
+        let (mut qs, mut qd) = (src.qmp(), dst.qmp());
+        let nodes = vec!["disk0".to_string()];
+        let mut broke = false;
+        let e = migrate_out_disks(&mut qs, &uri, &target, &nodes, &slow(), |p| {
+            if !broke && p.disk.is_none() && p.status == MigrationStatus::Active {
+                let mut other =
+                    Qmp::connect_retry(&side, Duration::from_secs(5)).expect("side QMP");
+                other
+                    .execute(&super::super::qmp::BlockJobCancel {
+                        device: mirror::job_id("disk0"),
+                        force: Some(true),
+                    })
+                    .expect("cancel the mirror job");
+                broke = true;
+            }
+            true
+        })
+        .expect_err("the mirror failed");
+        assert!(broke, "the RAM phase was never seen: {e}");
+        assert!(
+            matches!(e, MigrateError::Disk(MirrorError::Failed { .. })),
+            "{e}"
+        );
+        println!("{test}: {e}");
+        assert_eq!(qs.query_status().expect("status").status, RunState::Running);
+        assert_eq!(
+            qs.execute(&QueryMigrate).expect("query-migrate").status,
+            Some(MigrationStatus::Cancelled)
+        );
+        assert!(
+            qs.execute(&super::super::qmp::QueryJobs)
+                .expect("query-jobs")
+                .is_empty(),
+            "the failed job was dismissed"
+        );
+        // The target never started the guest (it exits once its stream is cut).
+        if let Ok(st) = qd.query_status() {
+            assert_ne!(st.status, RunState::Running);
+        }
+    }
+
+    /// The target QEMU killed while the disk is being copied: the mirror (or the migration)
+    /// fails, the guest keeps running on the source on its own disk, no job is left.
+    #[test]
+    fn qemu_a_target_killed_during_the_disk_copy_leaves_the_guest_on_the_source() {
+        let test = "qemu_disk_copy_target_killed";
+        let dir = tempfile::tempdir().expect("tmp");
+        let Some((src, dst, uri, target, _side)) = disk_pair(test, dir.path(), 64) else {
+            return;
+        };
+        let mut qs = src.qmp();
+        let nodes = vec!["disk0".to_string()];
+        let mut dst = Some(dst);
+        let mut killed_at = None;
+        let started = Instant::now();
+        let e = migrate_out_disks(&mut qs, &uri, &target, &nodes, &slow(), |p| {
+            if let Some(d) = dst.take() {
+                killed_at = Some(p.disk.map(|c| c.percent()));
+                drop(d);
+            }
+            true
+        })
+        .expect_err("the target is gone");
+        println!(
+            "{test}: killed at disk {killed_at:?}%: {e} after {:?}",
+            started.elapsed()
+        );
+        assert!(killed_at.is_some());
+        assert!(
+            matches!(e, MigrateError::Disk(_) | MigrateError::Failed(_)),
+            "{e}"
+        );
+        assert_eq!(qs.query_status().expect("status").status, RunState::Running);
+        assert!(
+            qs.execute(&super::super::qmp::QueryJobs)
+                .expect("query-jobs")
+                .is_empty()
+        );
+        assert!(started.elapsed() < Duration::from_secs(60));
     }
 
     /// The command line of the booted guest test: one shared disk, its own agent socket and

@@ -12,7 +12,8 @@
 //! - [`cloudinit`]: the cloud-init NoCloud seed (`cidata` ISO) generated from a manifest
 //!   (both engines attach it);
 //! - [`backup`]: consistent, incremental backups of a running QEMU VM's disks;
-//! - [`migrate`]: live migration of a running VM to a QEMU waiting in incoming mode.
+//! - [`migrate`]: live migration of a running VM to a QEMU waiting in incoming mode;
+//! - [`mirror`]: the disk copy of a live migration whose disks are not shared.
 
 pub mod accel;
 pub mod argv;
@@ -23,6 +24,7 @@ pub mod driver;
 pub mod firmware;
 mod jsonline;
 pub mod migrate;
+pub mod mirror;
 pub mod qga;
 pub mod qmp;
 pub mod quiesce;
