@@ -1481,6 +1481,29 @@ mod tests {
         args
     }
 
+    /// A source QEMU on raw file `sdisk` (plus `extra` arguments) and a target waiting for
+    /// its guest on `ddisk` (`-incoming defer`, and paused with `-S` when `paused`); `None`
+    /// when QEMU is not installed.
+    fn start_disk_pair(
+        test: &str,
+        sdisk: &std::path::Path,
+        ddisk: &std::path::Path,
+        paused: bool,
+        extra: &[String],
+    ) -> Option<(TestQemu, TestQemu)> {
+        let mut sargs = with_disk(sdisk);
+        sargs.extend_from_slice(extra);
+        let src = TestQemu::start(test, &sargs.iter().map(String::as_str).collect::<Vec<_>>())?;
+        let mut dargs = with_disk(ddisk);
+        if paused {
+            dargs.push("-S".into());
+        }
+        dargs.extend(["-incoming".into(), "defer".into()]);
+        let dst = TestQemu::start(test, &dargs.iter().map(String::as_str).collect::<Vec<_>>())
+            .expect("target");
+        Some((src, dst))
+    }
+
     /// A source with a disk full of a pattern and a target whose disk (the same size) is a
     /// stale copy: the mirror makes the target's file equal the source's, then the RAM moves.
     #[test]
@@ -1493,16 +1516,9 @@ mod tests {
         let mut stale = data.clone();
         stale[..(8 << 20)].fill(0);
         std::fs::write(&ddisk, &stale).expect("target disk");
-        let sargs = with_disk(&sdisk);
-        let Some(src) =
-            TestQemu::start(test, &sargs.iter().map(String::as_str).collect::<Vec<_>>())
-        else {
+        let Some((src, dst)) = start_disk_pair(test, &sdisk, &ddisk, true, &[]) else {
             return;
         };
-        let mut dargs = with_disk(&ddisk);
-        dargs.extend(["-S".into(), "-incoming".into(), "defer".into()]);
-        let dst = TestQemu::start(test, &dargs.iter().map(String::as_str).collect::<Vec<_>>())
-            .expect("target");
         let (mut qs, mut qd) = (src.qmp(), dst.qmp());
         let uri = listen_incoming(&mut qd, "127.0.0.1", 0).expect("listen");
         let target = NbdTarget {
@@ -1577,16 +1593,9 @@ mod tests {
         let (sdisk, ddisk) = (dir.path().join("src.raw"), dir.path().join("dst.raw"));
         std::fs::write(&sdisk, vec![5u8; 8 << 20]).expect("source disk");
         std::fs::write(&ddisk, vec![0u8; 8 << 20]).expect("target disk");
-        let sargs = with_disk(&sdisk);
-        let Some(src) =
-            TestQemu::start(test, &sargs.iter().map(String::as_str).collect::<Vec<_>>())
-        else {
+        let Some((src, dst)) = start_disk_pair(test, &sdisk, &ddisk, false, &[]) else {
             return;
         };
-        let mut dargs = with_disk(&ddisk);
-        dargs.extend(["-incoming".into(), "defer".into()]);
-        let dst = TestQemu::start(test, &dargs.iter().map(String::as_str).collect::<Vec<_>>())
-            .expect("target");
         let (mut qs, mut qd) = (src.qmp(), dst.qmp());
         listen_incoming(&mut qd, "127.0.0.1", 0).expect("listen");
         let target = NbdTarget {
@@ -1618,16 +1627,9 @@ mod tests {
         let (sdisk, ddisk) = (dir.path().join("src.raw"), dir.path().join("dst.raw"));
         std::fs::write(&sdisk, vec![9u8; 64 << 20]).expect("source disk");
         std::fs::write(&ddisk, vec![0u8; 64 << 20]).expect("target disk");
-        let sargs = with_disk(&sdisk);
-        let Some(src) =
-            TestQemu::start(test, &sargs.iter().map(String::as_str).collect::<Vec<_>>())
-        else {
+        let Some((src, dst)) = start_disk_pair(test, &sdisk, &ddisk, false, &[]) else {
             return;
         };
-        let mut dargs = with_disk(&ddisk);
-        dargs.extend(["-incoming".into(), "defer".into()]);
-        let dst = TestQemu::start(test, &dargs.iter().map(String::as_str).collect::<Vec<_>>())
-            .expect("target");
         let (mut qs, mut qd) = (src.qmp(), dst.qmp());
         let uri = listen_incoming(&mut qd, "127.0.0.1", 0).expect("listen");
         let target = NbdTarget {
@@ -1710,14 +1712,11 @@ mod tests {
         std::fs::write(&sdisk, &data).expect("source disk");
         std::fs::write(&ddisk, vec![0u8; data.len()]).expect("target disk");
         let side = dir.join("side.sock");
-        let mut sargs = with_disk(&sdisk);
-        sargs.push("-qmp".into());
-        sargs.push(format!("unix:{},server=on,wait=off", side.display()));
-        let src = TestQemu::start(test, &sargs.iter().map(String::as_str).collect::<Vec<_>>())?;
-        let mut dargs = with_disk(&ddisk);
-        dargs.extend(["-S".into(), "-incoming".into(), "defer".into()]);
-        let dst = TestQemu::start(test, &dargs.iter().map(String::as_str).collect::<Vec<_>>())
-            .expect("target");
+        let side_qmp = [
+            "-qmp".into(),
+            format!("unix:{},server=on,wait=off", side.display()),
+        ];
+        let (src, dst) = start_disk_pair(test, &sdisk, &ddisk, true, &side_qmp)?;
         let mut qd = dst.qmp();
         let uri = listen_incoming(&mut qd, "127.0.0.1", 0).expect("listen");
         let target = NbdTarget {
