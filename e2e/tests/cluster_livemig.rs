@@ -251,21 +251,28 @@ fn pid_alive(pid: i32) -> bool {
     Proc::host().exists(pid)
 }
 
-#[test]
-fn qemu_vm_live_migrates_between_lab_nodes_and_a_killed_target_leaves_it_on_the_source() {
-    let test = "qemu_vm_live_migrates_between_lab_nodes";
+/// The guest disk both lab tests move, readable by `stead-qemu`; `None` (after a SKIP line)
+/// when the host lacks root, that user, `setpriv`, `nsenter` or the guest image.
+fn lab_guest_disk(test: &str) -> Option<GuestDisk> {
     if skip_unless(is_root(), test, "needs root for network namespaces")
         || skip_unless(runs("id", &[QEMU_USER]), test, "no user stead-qemu")
         || skip_unless(runs("setpriv", &["--version"]), test, "setpriv missing")
         || skip_unless(runs("nsenter", &["--version"]), test, "nsenter missing")
     {
-        return;
+        return None;
     }
-    let Some(disk) = GuestDisk::for_test(test) else {
-        return;
-    };
+    let disk = GuestDisk::for_test(test)?;
     std::fs::set_permissions(disk.dir(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
     chown_qemu(disk.path());
+    Some(disk)
+}
+
+#[test]
+fn qemu_vm_live_migrates_between_lab_nodes_and_a_killed_target_leaves_it_on_the_source() {
+    let test = "qemu_vm_live_migrates_between_lab_nodes";
+    let Some(disk) = lab_guest_disk(test) else {
+        return;
+    };
     let mut lab = ClusterLab::network(2);
     let (src, dst1, dst2) = (
         Side::new(disk.dir(), "n1"),
@@ -439,18 +446,9 @@ fn file_holds(file: &Path, marker: &[u8]) -> bool {
 #[test]
 fn qemu_vm_with_a_disk_on_each_node_live_migrates_with_its_disk_copied() {
     let test = "qemu_vm_with_a_disk_on_each_node_live_migrates";
-    if skip_unless(is_root(), test, "needs root for network namespaces")
-        || skip_unless(runs("id", &[QEMU_USER]), test, "no user stead-qemu")
-        || skip_unless(runs("setpriv", &["--version"]), test, "setpriv missing")
-        || skip_unless(runs("nsenter", &["--version"]), test, "nsenter missing")
-    {
-        return;
-    }
-    let Some(disk) = GuestDisk::for_test(test) else {
+    let Some(disk) = lab_guest_disk(test) else {
         return;
     };
-    std::fs::set_permissions(disk.dir(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    chown_qemu(disk.path());
     let mut lab = ClusterLab::network(2);
     let (src, dst) = (Side::new(disk.dir(), "n1"), Side::new(disk.dir(), "n2"));
     // n2's copy of the volume: the replica as it was before the guest booted.

@@ -94,6 +94,28 @@ fn boot_id(lab: &ClusterLab, i: usize, limit: Duration) -> String {
 }
 
 /// Pids of the lab's QEMU processes of node `i`.
+/// Waits for the `stead migrate` in `child` to exit, SIGKILLing node `i`'s QEMU as soon as
+/// one appears there (the move's target); its exit status and whether the kill was made.
+fn wait_killing_target(
+    lab: &ClusterLab,
+    child: &mut std::process::Child,
+    i: usize,
+) -> (std::process::ExitStatus, bool) {
+    let mut killed = false;
+    loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            return (s, killed);
+        }
+        if !killed && let Some(pid) = qemus(lab, i).first() {
+            killed = std::process::Command::new("kill")
+                .args(["-9", &pid.to_string()])
+                .status()
+                .is_ok_and(|s| s.success());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn qemus(lab: &ClusterLab, i: usize) -> Vec<i32> {
     let run = lab.node_run(i).display().to_string();
     lab.workload_pids_with(&["qemu-system", &run])
@@ -186,19 +208,7 @@ fn migrate_live_moves_a_running_qemu_vm_through_the_agents_keeping_its_boot() {
     // A move whose target QEMU is killed as soon as it appears: the record says why, the
     // CLI exits 1, and the guest keeps running on the source, which keeps owning it.
     let mut child = migrate_cmd(&lab, &to).spawn().expect("stead migrate");
-    let mut killed = false;
-    let status = loop {
-        if let Some(s) = child.try_wait().expect("wait") {
-            break s;
-        }
-        if !killed && let Some(pid) = qemus(&lab, dst).first() {
-            killed = std::process::Command::new("kill")
-                .args(["-9", &pid.to_string()])
-                .status()
-                .is_ok_and(|s| s.success());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let (status, killed) = wait_killing_target(&lab, &mut child, dst);
     let (out, err) = outputs(&mut child);
     println!("stead migrate --live with its target killed:\n{out}{err}");
     assert!(killed, "the target's QEMU was killed: {out}{err}");
@@ -407,19 +417,7 @@ fn migrate_live_copies_a_replicated_disk_and_keeps_the_boot_and_its_data() {
     // by then): it fails, the guest stays on n1, and n2 drops the promoted copy.
     let promoted = p2.fs.mnt.join("pool/images/web-root");
     let mut child = migrate_cmd(&lab, "n2").spawn().expect("stead migrate");
-    let mut killed = false;
-    let status = loop {
-        if let Some(s) = child.try_wait().expect("wait") {
-            break s;
-        }
-        if !killed && let Some(pid) = qemus(&lab, 1).first() {
-            killed = std::process::Command::new("kill")
-                .args(["-9", &pid.to_string()])
-                .status()
-                .is_ok_and(|s| s.success());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let (status, killed) = wait_killing_target(&lab, &mut child, 1);
     let (out, err) = outputs(&mut child);
     println!("stead migrate --live with its target killed:\n{out}{err}");
     assert!(killed, "n2's QEMU was killed: {out}{err}");

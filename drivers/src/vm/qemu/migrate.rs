@@ -1504,6 +1504,19 @@ mod tests {
         Some((src, dst))
     }
 
+    /// The waiting target listens for the RAM on loopback and exports `disk0` over NBD on a
+    /// free port: the migration URI, the NBD address and the disk nodes to mirror.
+    fn listen_and_export(qd: &mut Qmp) -> (String, NbdTarget, Vec<String>) {
+        let uri = listen_incoming(qd, "127.0.0.1", 0).expect("listen");
+        let target = NbdTarget {
+            host: "127.0.0.1".into(),
+            port: mirror::free_port("127.0.0.1").expect("a free port"),
+        };
+        let nodes = vec!["disk0".to_string()];
+        mirror::export_disks(qd, &target, &nodes).expect("export");
+        (uri, target, nodes)
+    }
+
     /// A source with a disk full of a pattern and a target whose disk (the same size) is a
     /// stale copy: the mirror makes the target's file equal the source's, then the RAM moves.
     #[test]
@@ -1520,13 +1533,7 @@ mod tests {
             return;
         };
         let (mut qs, mut qd) = (src.qmp(), dst.qmp());
-        let uri = listen_incoming(&mut qd, "127.0.0.1", 0).expect("listen");
-        let target = NbdTarget {
-            host: "127.0.0.1".into(),
-            port: mirror::free_port("127.0.0.1").expect("a free port"),
-        };
-        let nodes = vec!["disk0".to_string()];
-        mirror::export_disks(&mut qd, &target, &nodes).expect("export");
+        let (uri, target, nodes) = listen_and_export(&mut qd);
         let mut seen = Vec::new();
         let done = migrate_out_disks(
             &mut qs,
@@ -1597,13 +1604,7 @@ mod tests {
             return;
         };
         let (mut qs, mut qd) = (src.qmp(), dst.qmp());
-        listen_incoming(&mut qd, "127.0.0.1", 0).expect("listen");
-        let target = NbdTarget {
-            host: "127.0.0.1".into(),
-            port: mirror::free_port("127.0.0.1").expect("a free port"),
-        };
-        let nodes = vec!["disk0".to_string()];
-        mirror::export_disks(&mut qd, &target, &nodes).expect("export");
+        let (_, target, nodes) = listen_and_export(&mut qd);
         mirror::start_mirrors(&mut qs, &target, &nodes).expect("mirror");
         assert_eq!(mirror::running_mirrors(&mut qs), nodes);
         drop(qs);
@@ -1631,13 +1632,7 @@ mod tests {
             return;
         };
         let (mut qs, mut qd) = (src.qmp(), dst.qmp());
-        let uri = listen_incoming(&mut qd, "127.0.0.1", 0).expect("listen");
-        let target = NbdTarget {
-            host: "127.0.0.1".into(),
-            port: mirror::free_port("127.0.0.1").expect("a free port"),
-        };
-        let nodes = vec!["disk0".to_string()];
-        mirror::export_disks(&mut qd, &target, &nodes).expect("export");
+        let (uri, target, nodes) = listen_and_export(&mut qd);
         let e = migrate_out_disks(
             &mut qs,
             &uri,
@@ -1718,12 +1713,7 @@ mod tests {
         ];
         let (src, dst) = start_disk_pair(test, &sdisk, &ddisk, true, &side_qmp)?;
         let mut qd = dst.qmp();
-        let uri = listen_incoming(&mut qd, "127.0.0.1", 0).expect("listen");
-        let target = NbdTarget {
-            host: "127.0.0.1".into(),
-            port: mirror::free_port("127.0.0.1").expect("a free port"),
-        };
-        mirror::export_disks(&mut qd, &target, &["disk0".to_string()]).expect("export");
+        let (uri, target, _) = listen_and_export(&mut qd);
         Some((src, dst, uri, target, side))
     }
 
