@@ -717,14 +717,8 @@ impl NodeEngine {
         }
         let secs = Duration::from_millis(done.total_time_ms).as_secs_f64();
         let mut last = last.unwrap_or(LiveProgress {
-            phase: String::new(),
-            ram_percent: 0,
-            sent_mib: 0,
-            remaining_mib: 0,
-            mib_per_s: 0.0,
             elapsed_s: secs,
-            downtime_ms: None,
-            disk_mib: None,
+            ..LiveProgress::default()
         });
         last.phase = "completed".into();
         last.ram_percent = 100;
@@ -766,13 +760,9 @@ fn live_progress(p: &stead_drivers::vm::qemu::migrate::Progress) -> LiveProgress
     if let Some(d) = p.disk {
         return LiveProgress {
             phase: stead_cluster::migrate::DISK_PHASE.into(),
-            ram_percent: 0,
-            sent_mib: 0,
-            remaining_mib: 0,
-            mib_per_s: 0.0,
             elapsed_s: secs,
-            downtime_ms: None,
             disk_mib: Some((d.copied >> 20, d.total >> 20)),
+            ..LiveProgress::default()
         };
     }
     let sent_mib = p.transferred >> 20;

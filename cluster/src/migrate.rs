@@ -108,7 +108,7 @@ impl MigrationState {
 }
 
 /// How far a live transfer is, as the source writes it into the record.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct LiveProgress {
     /// QEMU's migration status (`setup`, `active`, `device`, `completed`, …).

@@ -267,6 +267,25 @@ fn lab_guest_disk(test: &str) -> Option<GuestDisk> {
     Some(disk)
 }
 
+/// The guest agent on n2 after a move (its serial log in the panic when it does not answer
+/// within 120 s), having checked the guest runs the boot `before` it ran on n1.
+fn same_boot_on_n2(side: &Side, qd: &mut Qmp, before: &str) -> Qga {
+    let mut agent = Qga::connect(&side.qga_sock(), Duration::from_secs(120)).unwrap_or_else(|e| {
+        panic!(
+            "agent on n2: {e}; n2 QEMU {:?}; serial on n2 ends with:\n{}",
+            qd.query_status(),
+            tail(&side.serial())
+        )
+    });
+    agent.set_timeout(Duration::from_secs(30));
+    assert_eq!(
+        boot_id_on(&mut agent, &side.serial()),
+        before,
+        "the same boot runs on n2"
+    );
+    agent
+}
+
 #[test]
 fn qemu_vm_live_migrates_between_lab_nodes_and_a_killed_target_leaves_it_on_the_source() {
     let test = "qemu_vm_live_migrates_between_lab_nodes";
@@ -378,19 +397,7 @@ fn qemu_vm_live_migrates_between_lab_nodes_and_a_killed_target_leaves_it_on_the_
         done.downtime_ms,
         done.transferred >> 20
     );
-    let mut agent = Qga::connect(&dst2.qga_sock(), Duration::from_secs(120)).unwrap_or_else(|e| {
-        panic!(
-            "agent on n2: {e}; n2 QEMU {:?}; serial on n2 ends with:\n{}",
-            qd.query_status(),
-            tail(&dst2.serial())
-        )
-    });
-    agent.set_timeout(Duration::from_secs(30));
-    assert_eq!(
-        boot_id_on(&mut agent, &dst2.serial()),
-        before,
-        "the same boot runs on n2"
-    );
+    let mut agent = same_boot_on_n2(&dst2, &mut qd, &before);
     stays_sound(
         &mut agent,
         &dst2.serial(),
@@ -548,19 +555,7 @@ fn qemu_vm_with_a_disk_on_each_node_live_migrates_with_its_disk_copied() {
         done.transferred >> 20
     );
 
-    let mut agent = Qga::connect(&dst.qga_sock(), Duration::from_secs(120)).unwrap_or_else(|e| {
-        panic!(
-            "agent on n2: {e}; n2 QEMU {:?}; serial on n2 ends with:\n{}",
-            qd.query_status(),
-            tail(&dst.serial())
-        )
-    });
-    agent.set_timeout(Duration::from_secs(30));
-    assert_eq!(
-        boot_id_on(&mut agent, &dst.serial()),
-        before,
-        "the same boot runs on n2"
-    );
+    let mut agent = same_boot_on_n2(&dst, &mut qd, &before);
     assert_eq!(
         agent
             .read_file("/var/tmp/livedisk-marker", 1 << 20)
