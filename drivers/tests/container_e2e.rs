@@ -703,6 +703,59 @@ fn loopback_is_up_without_interfaces() {
     sb.assert_clean();
 }
 
+/// Init and an exec'd process are in the container's cgroup in every hierarchy stead
+/// uses, privileged and in a user namespace (on v1 each moves itself in by writing `0`
+/// to `tasks`; a miss would leave it unlimited in the shim's cgroup).
+fn init_and_exec_join_every_cgroup() {
+    let mut sb = Sandbox::new("10.77.0.1/24");
+    let hier = Hierarchy::detect().expect("hier");
+    let root = sb.resource(
+        "jpriv",
+        plain_spec(&sb, &["/bin/sh", "-c", LOOP], json!({})),
+    );
+    let user = sb.resource(
+        "juser",
+        plain_spec(&sb, &["/bin/sh", "-c", LOOP], json!({"unprivileged": true})),
+    );
+    for c in [&root, &user] {
+        sb.apply(c);
+        let name = c.id.name.as_str();
+        let pid = running_pid(&sb, c).to_string();
+        let dirs = hier.cgroup(&sb.name, name).procs_dirs();
+        assert!(!dirs.is_empty());
+        for d in &dirs {
+            let procs = fs::read_to_string(d.join("cgroup.procs")).expect("cgroup.procs");
+            assert!(
+                procs.lines().any(|l| l == pid),
+                "{name}: init {pid} in {}: {procs:?}",
+                d.display()
+            );
+        }
+        // Inside its cgroup namespace (rooted at the container's cgroup) a process that
+        // joined shows `/` for each hierarchy; one left outside would show `/..`.
+        let (code, out) = sb.exec(name, &["cat", "/proc/self/cgroup"]);
+        assert_eq!(code, 0, "{out}");
+        for ctrl in ["memory", "pids"] {
+            let line = out
+                .lines()
+                .find(|l| {
+                    l.split(':')
+                        .nth(1)
+                        .is_some_and(|c| c.split(',').any(|x| x == ctrl))
+                })
+                .or_else(|| out.lines().find(|l| l.starts_with("0::")))
+                .unwrap_or_else(|| panic!("{name}: no {ctrl} line in {out}"));
+            assert!(
+                line.ends_with(":/"),
+                "{name}: exec joined {ctrl}: {line} ({out})"
+            );
+        }
+    }
+    sb.delete(&root);
+    sb.delete(&user);
+    sb.assert_clean();
+}
+
 fn stop_start_delete_leave_nothing() {
     let mut sb = Sandbox::new("10.77.0.1/24");
     let spec = container_spec(&sb, "10.77.0.7/24", json!({"command": ["/sbin/init"]}));
@@ -1583,7 +1636,11 @@ fn seccomp_refuses_new_namespaces() {
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     run_as_shim_if_asked(&args);
-    let tests: [(&str, fn()); 22] = [
+    let tests: [(&str, fn()); 23] = [
+        (
+            "init_and_exec_join_every_cgroup",
+            init_and_exec_join_every_cgroup,
+        ),
         (
             "loopback_is_up_without_interfaces",
             loopback_is_up_without_interfaces,

@@ -5,8 +5,10 @@
 //!
 //! Start sequence (parent = shim, child = future init):
 //! 1. `clone(NEWNS|NEWPID|NEWUTS|NEWIPC|NEWNET[|NEWUSER])`; the child blocks on a pipe;
-//! 2. parent writes `uid_map`/`gid_map` (unprivileged), moves the child into its cgroup,
-//!    creates the veth pairs (peer directly in the child's netns), then releases it;
+//! 2. the child moves itself into its cgroup (v1: `0` into each `tasks` file the parent
+//!    opened for it, see [`Cgroup::self_join_files`]; on v2 the parent writes its pid to
+//!    `cgroup.procs`); the parent writes `uid_map`/`gid_map` (unprivileged), creates the
+//!    veth pairs (peer directly in the child's netns), then releases it;
 //! 3. child: become root of its user namespace, `unshare(NEWCGROUP)`, new session with the
 //!    console pty as controlling tty, `lo` up when there is no veth, mounts (rootfs,
 //!    /proc, /sys ro, /dev tmpfs with bind mounted device nodes, /dev/pts newinstance,
@@ -55,6 +57,9 @@ struct ChildCtx<'a> {
     console: RawFd,
     console_path: PathBuf,
     seccomp: &'a [BpfProgram],
+    /// v1 `tasks` files of the container's cgroup, opened by the shim: the child writes `0`
+    /// to each (empty on v2: the shim moves it).
+    join: Vec<RawFd>,
 }
 
 /// Starts init for `cfg`: returns its pid in the shim's pid namespace.
@@ -67,6 +72,16 @@ pub(crate) fn start_init(
     let (go_r, go_w) = pipe2(OFlag::O_CLOEXEC).map_err(|e| DriverError::io("pipe", e.into()))?;
     let (err_r, err_w) = pipe2(OFlag::O_CLOEXEC).map_err(|e| DriverError::io("pipe", e.into()))?;
     let seccomp = security::seccomp_programs()?;
+    // Opened here, with the shim's credentials: the kernel checks those of the opener, so
+    // the child may write them after entering its user namespace.
+    let join = match cgroup.self_join_files() {
+        Some(files) => files
+            .iter()
+            .map(|f| open_for_join(f))
+            .collect::<Result<Vec<_>, _>>()?,
+        None => Vec::new(),
+    };
+    let self_join = !join.is_empty();
     if let RootfsMount::Overlay { target, .. } = &cfg.rootfs {
         fs::create_dir_all(target)
             .map_err(|e| DriverError::io(format!("mkdir {}", target.display()), e))?;
@@ -80,6 +95,7 @@ pub(crate) fn start_init(
         console: console.as_raw_fd(),
         console_path: console_path.to_path_buf(),
         seccomp: &seccomp,
+        join: join.iter().map(AsRawFd::as_raw_fd).collect(),
     };
     let mut flags = CloneFlags::CLONE_NEWNS
         | CloneFlags::CLONE_NEWPID
@@ -99,13 +115,15 @@ pub(crate) fn start_init(
         .map_err(|e| DriverError::io("clone container init", e.into()))?;
     drop(go_r);
     drop(err_w);
+    drop(join);
     let mut go_w = fs::File::from(go_w);
     let mut err_r = fs::File::from(err_r);
 
     // Two releases: after the id maps (the child then builds its mount tree in parallel
     // with us), and after the cgroup attach and network (the child then enters its cgroup
-    // namespace and execs). A cgroup v1 attach can wait for an RCU grace period, so
-    // overlapping it with the mount work shortens the start.
+    // namespace and execs). On v2 the attach can wait for an RCU grace period, so
+    // overlapping it with the mount work shortens the start; on v1 the child joined itself
+    // without that wait.
     let setup = (|| -> Result<(), DriverError> {
         if let Some(m) = cfg.idmap {
             let map = format!("0 {} {}\n", m.base, m.size);
@@ -117,7 +135,9 @@ pub(crate) fn start_init(
         }
         go_w.write_all(b"1")
             .map_err(|e| DriverError::io("release container init", e))?;
-        cgroup.add_pid(pid.as_raw())?;
+        if !self_join {
+            cgroup.add_pid(pid.as_raw())?;
+        }
         super::network::attach(cfg, pid)?;
         go_w.write_all(b"2")
             .map_err(|e| DriverError::io("release container init", e))?;
@@ -142,6 +162,30 @@ pub(crate) fn start_init(
         return Err(DriverError::Other(format!("container init: {msg}")));
     }
     Ok(pid)
+}
+
+/// Opens a cgroup file that a child process writes `0` to, to join the cgroup itself.
+fn open_for_join(path: &Path) -> Result<OwnedFd, DriverError> {
+    let f = fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(|e| DriverError::io(format!("open {}", path.display()), e))?;
+    Ok(OwnedFd::from(f))
+}
+
+/// Moves the calling (single-threaded) process into a cgroup by writing `0` to each of
+/// `files` (v1 `tasks` or `cgroup.procs`).
+fn join_cgroup(files: impl IntoIterator<Item = RawFd>) -> Result<(), String> {
+    for fd in files {
+        // SAFETY: fd is one of the join files, open in this process until it execs.
+        let f = unsafe { BorrowedFd::borrow_raw(fd) };
+        match nix::unistd::write(f, b"0") {
+            Ok(1) => {}
+            Ok(n) => return Err(format!("join cgroup: short write ({n} bytes)")),
+            Err(e) => return Err(format!("join cgroup: {e}")),
+        }
+    }
+    Ok(())
 }
 
 fn child_entry(ctx: &ChildCtx<'_>) -> isize {
@@ -205,6 +249,10 @@ fn become_root(cfg: &ContainerConfig) -> Result<(), String> {
 fn child_setup(ctx: &ChildCtx<'_>) -> Result<std::convert::Infallible, String> {
     let cfg = ctx.cfg;
     reset_signals()?;
+    join_cgroup(ctx.join.iter().copied())?;
+    for &fd in &ctx.join {
+        let _ = nix::unistd::close(fd);
+    }
     // Wait until the parent has written the id maps.
     // SAFETY: go_r is the read end of the start pipe, open in the child.
     let go = unsafe { BorrowedFd::borrow_raw(ctx.go_r) };
@@ -555,13 +603,19 @@ pub(crate) fn spawn_exec(
             fs::File::open(&p).map_err(|e| DriverError::io(format!("open {}", p.display()), e))?;
         ns.push((file, f));
     }
-    let procs = cgroup.procs_files();
+    // The helper joins the cgroup itself, lock-free on v1 (see `Cgroup::self_join_files`).
+    let join = cgroup
+        .self_join_files()
+        .unwrap_or_else(|| cgroup.procs_files())
+        .iter()
+        .map(|f| open_for_join(f))
+        .collect::<Result<Vec<_>, _>>()?;
     // SAFETY: called from the single-threaded shim; the child only runs this function's
     // code and ends with execve or _exit.
     match unsafe { nix::unistd::fork() }.map_err(|e| DriverError::io("fork", e.into()))? {
         nix::unistd::ForkResult::Parent { child } => Ok(child),
         nix::unistd::ForkResult::Child => {
-            let code = match exec_child(cfg, &procs, &ns, args, env, stdio, &seccomp) {
+            let code = match exec_child(cfg, &join, &ns, args, env, stdio, &seccomp) {
                 Ok(code) => code,
                 Err(e) => {
                     let _ = writeln!(std::io::stderr(), "stead exec: {e}");
@@ -580,17 +634,14 @@ pub(crate) fn spawn_exec(
 #[allow(clippy::too_many_arguments)]
 fn exec_child(
     cfg: &ContainerConfig,
-    procs: &[PathBuf],
+    join: &[OwnedFd],
     ns: &[(fs::File, CloneFlags)],
     args: &[String],
     env: &BTreeMap<String, String>,
     stdio: &[OwnedFd],
     seccomp: &[BpfProgram],
 ) -> Result<i32, String> {
-    let me = std::process::id().to_string();
-    for f in procs {
-        fs::write(f, &me).map_err(|e| format!("join cgroup {}: {e}", f.display()))?;
-    }
+    join_cgroup(join.iter().map(AsRawFd::as_raw_fd))?;
     for (f, kind) in ns {
         setns(f.as_fd(), *kind).map_err(|e| format!("setns {kind:?}: {e}"))?;
     }

@@ -304,8 +304,7 @@ pub fn join_cgroup(
     cg.create().map_err(|e| format!("create cgroup: {e}"))?;
     cg.set_limits(limits)
         .map_err(|e| format!("cgroup limits: {e}"))?;
-    cg.add_pid(std::process::id() as i32)
-        .map_err(|e| format!("join cgroup: {e}"))?;
+    cg.add_self().map_err(|e| format!("join cgroup: {e}"))?;
     Ok(cg)
 }
 

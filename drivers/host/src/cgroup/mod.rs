@@ -326,6 +326,24 @@ impl Cgroup {
             .collect()
     }
 
+    /// The files a single-threaded process writes `0` to so as to move itself into the
+    /// cgroup without the kernel's global threadgroup lock: each v1 hierarchy's `tasks`.
+    ///
+    /// Moving a whole process (`cgroup.procs`) write-locks `cgroup_threadgroup_rwsem`,
+    /// and the first writer after a quiet spell waits a full RCU grace period (5–15 ms
+    /// here). Moving one thread that is the caller itself (`0` written to `tasks`) takes
+    /// no such lock; for a single-threaded process that thread is the whole process.
+    /// `None` on v2, where every write to `cgroup.procs` takes the lock (a v2 process is
+    /// best started inside its cgroup, `CLONE_INTO_CGROUP`).
+    pub fn self_join_files(&self) -> Option<Vec<PathBuf>> {
+        (!self.manager.is_v2()).then(|| {
+            self.procs_dirs()
+                .into_iter()
+                .map(|d| d.join("tasks"))
+                .collect()
+        })
+    }
+
     /// Whether the cgroup exists (in the memory or unified hierarchy).
     pub fn exists(&self) -> bool {
         self.manager
@@ -397,6 +415,21 @@ impl Cgroup {
             write_file(&f, &pid.to_string())?;
         }
         Ok(())
+    }
+
+    /// Moves the calling process into the cgroup. A single-threaded caller on v1 moves its
+    /// one thread (`0` into each `tasks`, no RCU grace period: see
+    /// [`Cgroup::self_join_files`]); any other caller moves by pid.
+    pub fn add_self(&self) -> Result<(), CgroupError> {
+        if let Some(files) = self.self_join_files()
+            && single_threaded()
+        {
+            for f in files {
+                write_file(&f, "0")?;
+            }
+            return Ok(());
+        }
+        self.add_pid(std::process::id() as i32)
     }
 
     /// Process ids in the cgroup (memory or unified hierarchy); empty when absent.
@@ -527,6 +560,12 @@ fn kv(text: &str, key: &str) -> u64 {
 fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> CgroupError {
     let context = context.into();
     move |e| CgroupError::io(context, e)
+}
+
+/// Whether the calling process has one thread (`/proc/self/task` has one entry); false
+/// when that cannot be read.
+fn single_threaded() -> bool {
+    fs::read_dir("/proc/self/task").is_ok_and(|d| d.take(2).count() == 1)
 }
 
 fn write_file(path: &Path, value: &str) -> Result<(), CgroupError> {

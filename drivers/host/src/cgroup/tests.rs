@@ -635,3 +635,76 @@ fn remove_parent_on_the_host() {
     assert!(problems.is_empty(), "{problems:?}");
     assert_parents_gone(&cg);
 }
+
+/// Forks a child that starts `threads` extra threads, calls `add_self` on `cg` and
+/// reports the result; the child then waits to be killed. Returns its pid and the result.
+fn child_adding_itself(cg: &Cgroup, threads: usize) -> (nix::unistd::Pid, Result<(), String>) {
+    let (r, w) = nix::unistd::pipe().expect("pipe");
+    // SAFETY: the child only starts threads, writes to the cgroup files and the pipe,
+    // then sleeps until the parent kills it; it never returns into the test harness.
+    match unsafe { nix::unistd::fork() }.expect("fork") {
+        nix::unistd::ForkResult::Child => {
+            for _ in 0..threads {
+                std::thread::spawn(|| std::thread::sleep(Duration::from_secs(60)));
+            }
+            let msg = match cg.add_self() {
+                Ok(()) => "ok".to_string(),
+                Err(e) => e.to_string(),
+            };
+            let _ = nix::unistd::write(&w, msg.as_bytes());
+            drop(w);
+            std::thread::sleep(Duration::from_secs(60));
+            // SAFETY: ends the forked child without running the harness's exit path.
+            unsafe { libc::_exit(0) }
+        }
+        nix::unistd::ForkResult::Parent { child } => {
+            drop(w);
+            let mut f = fs::File::from(r);
+            let mut msg = String::new();
+            io::Read::read_to_string(&mut f, &mut msg).expect("read result");
+            (child, if msg == "ok" { Ok(()) } else { Err(msg) })
+        }
+    }
+}
+
+/// `add_self` moves the whole calling process, with every thread, into the cgroup in
+/// every hierarchy: a single-threaded process through v1's `tasks` (its one thread), a
+/// threaded one by pid.
+#[test]
+fn add_self_moves_the_whole_process() {
+    let Some(hier) = host_hierarchy("add_self_moves_the_whole_process") else {
+        return;
+    };
+    let parent = format!("stead-test-{}-self", std::process::id());
+    for threads in [0, 2] {
+        let cg = hier.cgroup(&parent, &format!("t{threads}"));
+        let _guard = DestroyOnDrop(cg.clone());
+        cg.create().expect("create");
+        let (pid, r) = child_adding_itself(&cg, threads);
+        let tids: Vec<String> = fs::read_dir(format!("/proc/{pid}/task"))
+            .expect("tasks of the child")
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        let checked = r.map(|()| {
+            for d in cg.procs_dirs() {
+                let procs = read(&d.join("cgroup.procs"));
+                assert_eq!(procs.trim(), pid.to_string(), "{}", d.display());
+                if !hier.is_v2() {
+                    let listed = read(&d.join("tasks"));
+                    let mut tasks: Vec<&str> = listed.lines().collect();
+                    tasks.sort();
+                    let mut want: Vec<&str> = tids.iter().map(String::as_str).collect();
+                    want.sort();
+                    assert_eq!(tasks, want, "{}", d.display());
+                }
+            }
+        });
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        let _ = nix::sys::wait::waitpid(pid, None);
+        checked.expect("add_self");
+        assert_eq!(tids.len(), threads + 1);
+        cg.destroy().expect("destroy");
+    }
+    let _ = hier.remove_parent(&parent);
+}
