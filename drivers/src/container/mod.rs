@@ -69,6 +69,7 @@ mod inroot;
 pub mod network;
 mod process;
 pub mod rootfs;
+mod seccomp_tree;
 pub mod security;
 pub mod shim;
 pub mod volume;
