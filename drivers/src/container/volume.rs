@@ -260,7 +260,13 @@ pub(crate) fn mount_image(
     Ok(())
 }
 
-/// Unmounts every staging mount of the container directory `dir` (idempotent).
+/// How many mounts stacked on one staging directory [`unmount_all`] removes at most.
+const MAX_STACKED: usize = 64;
+
+/// Unmounts every staging mount of the container directory `dir` (idempotent), each
+/// mount stacked on a staging directory too: a second mount on the same directory (two
+/// starts racing, or a mount left by a killed supervisor under the new one) would
+/// otherwise stay, holding its loop device and the volume's file system.
 pub fn unmount_all(dir: &Path) -> Result<(), DriverError> {
     let vols = dir.join("volumes");
     let Ok(rd) = fs::read_dir(&vols) else {
@@ -268,12 +274,61 @@ pub fn unmount_all(dir: &Path) -> Result<(), DriverError> {
     };
     for e in rd.flatten() {
         let p = e.path();
-        if is_mountpoint(&p) {
+        let mut removed = 0;
+        while is_mountpoint(&p) {
+            if removed == MAX_STACKED {
+                return Err(DriverError::Other(format!(
+                    "{}: still a mount point after {MAX_STACKED} unmounts",
+                    p.display()
+                )));
+            }
             umount2(&p, MntFlags::MNT_DETACH)
                 .map_err(|e| DriverError::io(format!("umount {}", p.display()), e.into()))?;
+            removed += 1;
+        }
+        if removed > 1 {
+            tracing::warn!(staging = %p.display(), mounts = removed, "unmounted stacked volume mounts");
         }
         let _ = fs::remove_dir(&p);
     }
     let _ = fs::remove_dir(&vols);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two mounts stacked on a staging directory are both removed, and the directories
+    /// with them.
+    #[test]
+    fn unmount_all_removes_stacked_mounts() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("SKIP unmount_all_removes_stacked_mounts: needs root");
+            return;
+        }
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let st = staging(tmp.path(), 0);
+        fs::create_dir_all(&st).expect("mkdir");
+        for size in ["size=1m", "size=2m"] {
+            mount(
+                Some("tmpfs"),
+                &st,
+                Some("tmpfs"),
+                MsFlags::empty(),
+                Some(size),
+            )
+            .expect("mount");
+        }
+        assert!(is_mountpoint(&st));
+        let r = unmount_all(tmp.path());
+        let left = is_mountpoint(&st);
+        // Clean up whatever a failure left before asserting.
+        while is_mountpoint(&st) {
+            let _ = umount2(&st, MntFlags::MNT_DETACH);
+        }
+        r.expect("unmount_all");
+        assert!(!left, "a stacked mount is left on {}", st.display());
+        assert!(!tmp.path().join("volumes").exists(), "staging dirs removed");
+    }
 }
