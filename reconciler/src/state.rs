@@ -155,34 +155,22 @@ impl StateDb {
             true,
         )
         .map_err(db)?;
-        conn.execute_batch(
-            "PRAGMA journal_mode=WAL;
-             PRAGMA synchronous=FULL;
-             CREATE TABLE IF NOT EXISTS inventory (
-                 kind TEXT NOT NULL, name TEXT NOT NULL,
-                 spec_hash TEXT NOT NULL, spec TEXT NOT NULL, metadata TEXT NOT NULL,
-                 applied_at REAL NOT NULL,
-                 PRIMARY KEY (kind, name));
-             CREATE TABLE IF NOT EXISTS journal (
-                 id INTEGER PRIMARY KEY AUTOINCREMENT,
-                 ts REAL NOT NULL, kind TEXT NOT NULL, name TEXT NOT NULL,
-                 action TEXT NOT NULL, state TEXT NOT NULL, error TEXT);
-             CREATE INDEX IF NOT EXISTS journal_open ON journal(state);
-             CREATE TABLE IF NOT EXISTS events (
-                 id INTEGER PRIMARY KEY AUTOINCREMENT,
-                 ts REAL NOT NULL, resource TEXT NOT NULL, level TEXT NOT NULL,
-                 reason TEXT NOT NULL, message TEXT NOT NULL);
-             CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-             CREATE TABLE IF NOT EXISTS adopted (
-                 kind TEXT NOT NULL, name TEXT NOT NULL, ts REAL NOT NULL,
-                 PRIMARY KEY (kind, name));",
-        )
+        // Per connection: durable commits, the WAL's bounds.
+        conn.execute_batch(&format!(
+            "PRAGMA synchronous=FULL;
+             PRAGMA wal_autocheckpoint={WAL_CHECKPOINT_PAGES};
+             PRAGMA journal_size_limit={WAL_SIZE_LIMIT};"
+        ))
         .map_err(db)?;
-        conn.pragma_update(None, "wal_autocheckpoint", WAL_CHECKPOINT_PAGES)
+        // The schema is created (or brought up to date) only when the file's
+        // `user_version` says so: parsing the DDL at every open was a tenth of a short
+        // CLI run's CPU.
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
             .map_err(db)?;
-        conn.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT)
-            .map_err(db)?;
-        add_journal_resource_column(&conn).map_err(db)?;
+        if version != SCHEMA_VERSION {
+            create_schema(&conn).map_err(db)?;
+        }
         Ok(StateDb { conn, path })
     }
 
@@ -481,6 +469,58 @@ fn three_strings(r: &rusqlite::Row<'_>) -> rusqlite::Result<(String, String, Str
     Ok((r.get(0)?, r.get(1)?, r.get(2)?))
 }
 
+/// The state DB's schema version, kept in `PRAGMA user_version`: the tables of
+/// [`SCHEMA`] with the journal's `resource` column. 0 is a file created before the
+/// version was recorded (or a new one).
+const SCHEMA_VERSION: i64 = 1;
+
+/// The state DB's tables (each created only when missing).
+const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS inventory (
+        kind TEXT NOT NULL, name TEXT NOT NULL,
+        spec_hash TEXT NOT NULL, spec TEXT NOT NULL, metadata TEXT NOT NULL,
+        applied_at REAL NOT NULL,
+        PRIMARY KEY (kind, name));
+    CREATE TABLE IF NOT EXISTS journal (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        ts REAL NOT NULL, kind TEXT NOT NULL, name TEXT NOT NULL,
+        action TEXT NOT NULL, state TEXT NOT NULL, error TEXT);
+    CREATE INDEX IF NOT EXISTS journal_open ON journal(state);
+    CREATE TABLE IF NOT EXISTS events (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        ts REAL NOT NULL, resource TEXT NOT NULL, level TEXT NOT NULL,
+        reason TEXT NOT NULL, message TEXT NOT NULL);
+    CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    CREATE TABLE IF NOT EXISTS adopted (
+        kind TEXT NOT NULL, name TEXT NOT NULL, ts REAL NOT NULL,
+        PRIMARY KEY (kind, name));";
+
+/// Creates the tables of a new state DB, or brings an older one up to
+/// [`SCHEMA_VERSION`], in one write transaction: of two processes opening a new DB at
+/// once, the second finds the work done. A DB of a newer stead (a higher version) is
+/// left as it is.
+fn create_schema(conn: &Connection) -> Result<(), rusqlite::Error> {
+    // Outside the transaction (the journal mode cannot change inside one); it is
+    // recorded in the file, so later opens need not set it.
+    conn.execute_batch("PRAGMA journal_mode=WAL;")?;
+    conn.execute_batch("BEGIN IMMEDIATE;")?;
+    let done = (|| {
+        let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        if version < SCHEMA_VERSION {
+            conn.execute_batch(SCHEMA)?;
+            add_journal_resource_column(conn)?;
+            conn.execute_batch(&format!("PRAGMA user_version={SCHEMA_VERSION};"))?;
+        }
+        Ok(())
+    })();
+    match done {
+        Ok(()) => conn.execute_batch("COMMIT;"),
+        Err(e) => {
+            let _ = conn.execute_batch("ROLLBACK;");
+            Err(e)
+        }
+    }
+}
+
 fn add_journal_resource_column(conn: &Connection) -> Result<(), rusqlite::Error> {
     let has: bool = conn
         .prepare("SELECT 1 FROM pragma_table_info('journal') WHERE name='resource'")?
@@ -580,6 +620,7 @@ mod tests {
         let id = ResourceId::new(Kind::Network, "a");
         assert!(db.journal_open().unwrap().contains_key(&id));
         assert!(db.journal_open_resources().unwrap().is_empty());
+        assert_eq!(user_version(&db), SCHEMA_VERSION);
         let sync: i64 = db
             .conn
             .query_row("PRAGMA synchronous", [], |r| r.get(0))
@@ -588,6 +629,57 @@ mod tests {
             sync, 2,
             "synchronous=FULL: a journal entry is durable when written"
         );
+    }
+
+    fn user_version(db: &StateDb) -> i64 {
+        db.conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap()
+    }
+
+    /// A new DB gets the schema, WAL mode and the schema version; an open of a DB at
+    /// that version runs no DDL (a table dropped behind its back stays missing); one at
+    /// version 0 (an older stead's) gets the tables again.
+    #[test]
+    fn the_schema_is_created_once_per_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = StateDb::open(dir.path()).unwrap();
+        assert_eq!(user_version(&db), SCHEMA_VERSION);
+        let mode: String = db
+            .conn
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(mode, "wal");
+        db.conn.execute_batch("DROP TABLE adopted;").unwrap();
+        drop(db);
+        let db = StateDb::open(dir.path()).unwrap();
+        let has = |db: &StateDb| {
+            db.conn
+                .prepare("SELECT 1 FROM sqlite_master WHERE name='adopted'")
+                .unwrap()
+                .exists([])
+                .unwrap()
+        };
+        assert!(!has(&db), "no DDL at the current version");
+        db.conn.execute_batch("PRAGMA user_version=0;").unwrap();
+        drop(db);
+        let db = StateDb::open(dir.path()).unwrap();
+        assert!(has(&db), "an older DB is brought up to date");
+        assert_eq!(user_version(&db), SCHEMA_VERSION);
+    }
+
+    /// Processes opening a new state DB at once all get it with its schema.
+    #[test]
+    fn concurrent_first_opens_all_succeed() {
+        let dir = tempfile::tempdir().unwrap();
+        std::thread::scope(|s| {
+            let opens: Vec<_> = (0..4)
+                .map(|_| s.spawn(|| StateDb::open(dir.path()).map(|db| user_version(&db))))
+                .collect();
+            for o in opens {
+                assert_eq!(o.join().unwrap().unwrap(), SCHEMA_VERSION);
+            }
+        });
     }
 
     #[test]
