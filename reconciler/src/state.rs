@@ -163,8 +163,8 @@ impl StateDb {
         ))
         .map_err(db)?;
         // The schema is created (or brought up to date) only when the file's
-        // `user_version` says so: parsing the DDL at every open was a tenth of a short
-        // CLI run's CPU.
+        // `user_version` says so, not re-parsed at every open; later migrations bump
+        // the version.
         let version: i64 = conn
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .map_err(db)?;
