@@ -390,8 +390,11 @@ impl Cgroup {
     pub fn limits_if_present(&self) -> Result<Option<Limits>, CgroupError> {
         match self.limits() {
             Ok(l) => Ok(Some(l)),
+            // ENODEV comes only from a file of a cgroup being removed; a missing file
+            // counts as gone only when a hierarchy's directory is gone too.
             Err(CgroupError::Io { source, .. })
-                if source.kind() == io::ErrorKind::NotFound && !self.complete() =>
+                if source.raw_os_error() == Some(libc::ENODEV)
+                    || (gone(&source) && !self.complete()) =>
             {
                 Ok(None)
             }
@@ -599,6 +602,13 @@ fn kill_pids(pids: &[i32]) {
     for p in pids {
         let _ = kill(Pid::from_raw(*p), Signal::SIGKILL);
     }
+}
+
+/// Whether reading a cgroup file failed because the cgroup went away: the file is gone
+/// (`ENOENT`), or it was opened before the cgroup was removed and read after (`ENODEV`:
+/// kernfs deactivated it under the open file).
+fn gone(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ENODEV)
 }
 
 fn rmdir_retry(d: &Path) -> Result<(), CgroupError> {

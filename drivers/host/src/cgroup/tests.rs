@@ -194,6 +194,16 @@ fn v1_limits_are_written_to_each_controllers_files() {
 /// A v1 cgroup is removed one hierarchy after another: while the cpu directory is gone
 /// and the memory one (which `exists` looks at) is still there, reading the limits says
 /// "gone", not an error. A file missing from a complete cgroup stays an error.
+/// A read of a cgroup file that failed because the cgroup is being removed: the file
+/// gone, or (kernfs) removed between its open and the read; other errors are not.
+#[test]
+fn errors_of_a_removed_cgroup_read_as_gone() {
+    assert!(gone(&io::Error::from(io::ErrorKind::NotFound)));
+    assert!(gone(&io::Error::from_raw_os_error(libc::ENODEV)));
+    assert!(!gone(&io::Error::from_raw_os_error(libc::EACCES)));
+    assert!(!gone(&io::Error::from_raw_os_error(libc::EIO)));
+}
+
 #[test]
 fn v1_limits_of_a_cgroup_being_removed_read_as_gone() {
     let r = V1Root::new();
