@@ -671,18 +671,20 @@ fn unprivileged_container() {
     sb.assert_clean();
 }
 
+/// Two looping containers without interfaces, `<prefix>priv` privileged and
+/// `<prefix>user` in a user namespace (not applied yet).
+fn looping_pair(sb: &mut Sandbox, prefix: &str) -> [Resource; 2] {
+    [(json!({}), "priv"), (json!({"unprivileged": true}), "user")].map(|(extra, kind)| {
+        let spec = plain_spec(sb, &["/bin/sh", "-c", LOOP], extra);
+        sb.resource(&format!("{prefix}{kind}"), spec)
+    })
+}
+
 /// A container without interfaces still has `lo` up (its init brings it up itself before
 /// exec), privileged and in a user namespace.
 fn loopback_is_up_without_interfaces() {
     let mut sb = Sandbox::new("10.77.0.1/24");
-    let root = sb.resource(
-        "lopriv",
-        plain_spec(&sb, &["/bin/sh", "-c", LOOP], json!({})),
-    );
-    let user = sb.resource(
-        "louser",
-        plain_spec(&sb, &["/bin/sh", "-c", LOOP], json!({"unprivileged": true})),
-    );
+    let [root, user] = looping_pair(&mut sb, "lo");
     for c in [&root, &user] {
         sb.apply(c);
         let name = c.id.name.as_str();
@@ -709,14 +711,7 @@ fn loopback_is_up_without_interfaces() {
 fn init_and_exec_join_every_cgroup() {
     let mut sb = Sandbox::new("10.77.0.1/24");
     let hier = Hierarchy::detect().expect("hier");
-    let root = sb.resource(
-        "jpriv",
-        plain_spec(&sb, &["/bin/sh", "-c", LOOP], json!({})),
-    );
-    let user = sb.resource(
-        "juser",
-        plain_spec(&sb, &["/bin/sh", "-c", LOOP], json!({"unprivileged": true})),
-    );
+    let [root, user] = looping_pair(&mut sb, "j");
     for c in [&root, &user] {
         sb.apply(c);
         let name = c.id.name.as_str();

@@ -7,7 +7,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use serde::Serialize;
 use stead_schema::{Kind, Metadata, Origin, Resource, ResourceId, Spec};
 
@@ -502,23 +502,15 @@ fn create_schema(conn: &Connection) -> Result<(), rusqlite::Error> {
     // Outside the transaction (the journal mode cannot change inside one); it is
     // recorded in the file, so later opens need not set it.
     conn.execute_batch("PRAGMA journal_mode=WAL;")?;
-    conn.execute_batch("BEGIN IMMEDIATE;")?;
-    let done = (|| {
-        let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-        if version < SCHEMA_VERSION {
-            conn.execute_batch(SCHEMA)?;
-            add_journal_resource_column(conn)?;
-            conn.execute_batch(&format!("PRAGMA user_version={SCHEMA_VERSION};"))?;
-        }
-        Ok(())
-    })();
-    match done {
-        Ok(()) => conn.execute_batch("COMMIT;"),
-        Err(e) => {
-            let _ = conn.execute_batch("ROLLBACK;");
-            Err(e)
-        }
+    // Rolled back when dropped uncommitted (an error below).
+    let tx = rusqlite::Transaction::new_unchecked(conn, TransactionBehavior::Immediate)?;
+    let version: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if version < SCHEMA_VERSION {
+        tx.execute_batch(SCHEMA)?;
+        add_journal_resource_column(&tx)?;
+        tx.execute_batch(&format!("PRAGMA user_version={SCHEMA_VERSION};"))?;
     }
+    tx.commit()
 }
 
 fn add_journal_resource_column(conn: &Connection) -> Result<(), rusqlite::Error> {

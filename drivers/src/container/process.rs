@@ -59,7 +59,7 @@ struct ChildCtx<'a> {
     seccomp: &'a [BpfProgram],
     /// v1 `tasks` files of the container's cgroup, opened by the shim: the child writes `0`
     /// to each (empty on v2: the shim moves it).
-    join: Vec<RawFd>,
+    join: &'a [OwnedFd],
 }
 
 /// Starts init for `cfg`: returns its pid in the shim's pid namespace.
@@ -74,14 +74,10 @@ pub(crate) fn start_init(
     let seccomp = security::seccomp_programs()?;
     // Opened here, with the shim's credentials: the kernel checks those of the opener, so
     // the child may write them after entering its user namespace.
-    let join = match cgroup.self_join_files() {
-        Some(files) => files
-            .iter()
-            .map(|f| open_for_join(f))
-            .collect::<Result<Vec<_>, _>>()?,
-        None => Vec::new(),
-    };
-    let self_join = !join.is_empty();
+    let join = cgroup
+        .self_join_files()
+        .map(|files| open_for_join(&files))
+        .transpose()?;
     if let RootfsMount::Overlay { target, .. } = &cfg.rootfs {
         fs::create_dir_all(target)
             .map_err(|e| DriverError::io(format!("mkdir {}", target.display()), e))?;
@@ -95,7 +91,7 @@ pub(crate) fn start_init(
         console: console.as_raw_fd(),
         console_path: console_path.to_path_buf(),
         seccomp: &seccomp,
-        join: join.iter().map(AsRawFd::as_raw_fd).collect(),
+        join: join.as_deref().unwrap_or_default(),
     };
     let mut flags = CloneFlags::CLONE_NEWNS
         | CloneFlags::CLONE_NEWPID
@@ -115,7 +111,6 @@ pub(crate) fn start_init(
         .map_err(|e| DriverError::io("clone container init", e.into()))?;
     drop(go_r);
     drop(err_w);
-    drop(join);
     let mut go_w = fs::File::from(go_w);
     let mut err_r = fs::File::from(err_r);
 
@@ -135,7 +130,7 @@ pub(crate) fn start_init(
         }
         go_w.write_all(b"1")
             .map_err(|e| DriverError::io("release container init", e))?;
-        if !self_join {
+        if join.is_none() {
             cgroup.add_pid(pid.as_raw())?;
         }
         super::network::attach(cfg, pid)?;
@@ -164,21 +159,24 @@ pub(crate) fn start_init(
     Ok(pid)
 }
 
-/// Opens a cgroup file that a child process writes `0` to, to join the cgroup itself.
-fn open_for_join(path: &Path) -> Result<OwnedFd, DriverError> {
-    let f = fs::OpenOptions::new()
-        .write(true)
-        .open(path)
-        .map_err(|e| DriverError::io(format!("open {}", path.display()), e))?;
-    Ok(OwnedFd::from(f))
+/// Opens the cgroup files that a child process writes `0` to, to join the cgroup itself.
+fn open_for_join(paths: &[PathBuf]) -> Result<Vec<OwnedFd>, DriverError> {
+    paths
+        .iter()
+        .map(|p| {
+            fs::OpenOptions::new()
+                .write(true)
+                .open(p)
+                .map(OwnedFd::from)
+                .map_err(|e| DriverError::io(format!("open {}", p.display()), e))
+        })
+        .collect()
 }
 
 /// Moves the calling (single-threaded) process into a cgroup by writing `0` to each of
 /// `files` (v1 `tasks` or `cgroup.procs`).
-fn join_cgroup(files: impl IntoIterator<Item = RawFd>) -> Result<(), String> {
-    for fd in files {
-        // SAFETY: fd is one of the join files, open in this process until it execs.
-        let f = unsafe { BorrowedFd::borrow_raw(fd) };
+fn join_cgroup(files: &[OwnedFd]) -> Result<(), String> {
+    for f in files {
         match nix::unistd::write(f, b"0") {
             Ok(1) => {}
             Ok(n) => return Err(format!("join cgroup: short write ({n} bytes)")),
@@ -249,9 +247,11 @@ fn become_root(cfg: &ContainerConfig) -> Result<(), String> {
 fn child_setup(ctx: &ChildCtx<'_>) -> Result<std::convert::Infallible, String> {
     let cfg = ctx.cfg;
     reset_signals()?;
-    join_cgroup(ctx.join.iter().copied())?;
-    for &fd in &ctx.join {
-        let _ = nix::unistd::close(fd);
+    join_cgroup(ctx.join)?;
+    for fd in ctx.join {
+        // The child's copies, not needed after the join (this process never drops them:
+        // it ends by execve or _exit).
+        let _ = nix::unistd::close(fd.as_raw_fd());
     }
     // Wait until the parent has written the id maps.
     // SAFETY: go_r is the read end of the start pipe, open in the child.
@@ -604,12 +604,11 @@ pub(crate) fn spawn_exec(
         ns.push((file, f));
     }
     // The helper joins the cgroup itself, lock-free on v1 (see `Cgroup::self_join_files`).
-    let join = cgroup
-        .self_join_files()
-        .unwrap_or_else(|| cgroup.procs_files())
-        .iter()
-        .map(|f| open_for_join(f))
-        .collect::<Result<Vec<_>, _>>()?;
+    let join = open_for_join(
+        &cgroup
+            .self_join_files()
+            .unwrap_or_else(|| cgroup.procs_files()),
+    )?;
     // SAFETY: called from the single-threaded shim; the child only runs this function's
     // code and ends with execve or _exit.
     match unsafe { nix::unistd::fork() }.map_err(|e| DriverError::io("fork", e.into()))? {
@@ -641,7 +640,7 @@ fn exec_child(
     stdio: &[OwnedFd],
     seccomp: &[BpfProgram],
 ) -> Result<i32, String> {
-    join_cgroup(join.iter().map(AsRawFd::as_raw_fd))?;
+    join_cgroup(join)?;
     for (f, kind) in ns {
         setns(f.as_fd(), *kind).map_err(|e| format!("setns {kind:?}: {e}"))?;
     }

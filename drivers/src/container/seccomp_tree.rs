@@ -36,7 +36,7 @@ const DATA_NR: u32 = 0;
 const DATA_ARCH: u32 = 4;
 
 /// The audit architecture of this build's target (`AUDIT_ARCH_*` of linux/audit.h).
-pub(crate) fn audit_arch() -> Result<u32, DriverError> {
+fn audit_arch() -> Result<u32, DriverError> {
     const LE64: u32 = 0x8000_0000 | 0x4000_0000;
     match std::env::consts::ARCH {
         "x86_64" => Ok(62 | LE64),
@@ -184,7 +184,7 @@ pub(crate) fn compile(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use seccompiler::{SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter};
+    use seccompiler::{SeccompCmpOp, SeccompFilter};
 
     /// Runs a classic BPF seccomp program on `data` (`struct seccomp_data`: nr, arch,
     /// instruction pointer, six arguments); returns its return value and how many
@@ -232,10 +232,7 @@ mod tests {
     }
 
     fn cond(arg: u8, op: SeccompCmpOp, v: u64) -> SeccompRule {
-        SeccompRule::new(vec![
-            SeccompCondition::new(arg, SeccompCmpArgLen::Qword, op, v).expect("condition"),
-        ])
-        .expect("rule")
+        crate::container::security::cond(arg, op, v).expect("rule")
     }
 
     /// A rule set shaped like the container's: a small hand-made one with every kind of

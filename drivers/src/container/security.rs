@@ -381,7 +381,7 @@ pub(crate) const PERSONALITIES: [u64; 5] = [0x0, 0x8, 0x20000, 0x20008, 0xffff_f
 /// `AF_VSOCK`: a socket to the host's hypervisor transport, refused.
 const AF_VSOCK: u64 = 40;
 
-fn cond(arg: u8, op: SeccompCmpOp, value: u64) -> Result<SeccompRule, DriverError> {
+pub(crate) fn cond(arg: u8, op: SeccompCmpOp, value: u64) -> Result<SeccompRule, DriverError> {
     let c = SeccompCondition::new(arg, SeccompCmpArgLen::Qword, op, value)
         .map_err(|e| DriverError::Other(format!("seccomp condition: {e}")))?;
     SeccompRule::new(vec![c]).map_err(|e| DriverError::Other(format!("seccomp rule: {e}")))

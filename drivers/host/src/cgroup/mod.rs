@@ -390,16 +390,18 @@ impl Cgroup {
     pub fn limits_if_present(&self) -> Result<Option<Limits>, CgroupError> {
         match self.limits() {
             Ok(l) => Ok(Some(l)),
-            // ENODEV comes only from a file of a cgroup being removed; a missing file
-            // counts as gone only when a hierarchy's directory is gone too.
-            Err(CgroupError::Io { source, .. })
-                if source.raw_os_error() == Some(libc::ENODEV)
-                    || (gone(&source) && !self.complete()) =>
-            {
-                Ok(None)
-            }
+            Err(CgroupError::Io { source, .. }) if self.removed_while_read(&source) => Ok(None),
             Err(e) => Err(e),
         }
+    }
+
+    /// Whether reading one of the cgroup's files failed because the cgroup is being
+    /// removed: `ENODEV` (kernfs deactivated the file between its open and the read) comes
+    /// only from that; a missing file (`ENOENT`) only when a hierarchy's directory is gone
+    /// too (a file missing from a complete cgroup is an error).
+    fn removed_while_read(&self, e: &io::Error) -> bool {
+        e.raw_os_error() == Some(libc::ENODEV)
+            || (e.kind() == io::ErrorKind::NotFound && !self.complete())
     }
 
     /// Whether the cgroup's directory exists in every hierarchy.
@@ -602,13 +604,6 @@ fn kill_pids(pids: &[i32]) {
     for p in pids {
         let _ = kill(Pid::from_raw(*p), Signal::SIGKILL);
     }
-}
-
-/// Whether reading a cgroup file failed because the cgroup went away: the file is gone
-/// (`ENOENT`), or it was opened before the cgroup was removed and read after (`ENODEV`:
-/// kernfs deactivated it under the open file).
-fn gone(e: &io::Error) -> bool {
-    e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ENODEV)
 }
 
 fn rmdir_retry(d: &Path) -> Result<(), CgroupError> {

@@ -194,14 +194,27 @@ fn v1_limits_are_written_to_each_controllers_files() {
 /// A v1 cgroup is removed one hierarchy after another: while the cpu directory is gone
 /// and the memory one (which `exists` looks at) is still there, reading the limits says
 /// "gone", not an error. A file missing from a complete cgroup stays an error.
-/// A read of a cgroup file that failed because the cgroup is being removed: the file
-/// gone, or (kernfs) removed between its open and the read; other errors are not.
+/// What `limits_if_present` reads as "gone": `ENODEV` (a file read after its cgroup was
+/// removed under it) even while every directory still shows, `ENOENT` only once a
+/// hierarchy's directory is gone; other errors never.
 #[test]
 fn errors_of_a_removed_cgroup_read_as_gone() {
-    assert!(gone(&io::Error::from(io::ErrorKind::NotFound)));
-    assert!(gone(&io::Error::from_raw_os_error(libc::ENODEV)));
-    assert!(!gone(&io::Error::from_raw_os_error(libc::EACCES)));
-    assert!(!gone(&io::Error::from_raw_os_error(libc::EIO)));
+    let r = V1Root::new();
+    let cg = r.hierarchy().cgroup("stead/env-a", "c3");
+    cg.create().expect("create");
+    let err = io::Error::from_raw_os_error;
+    assert!(cg.removed_while_read(&err(libc::ENODEV)));
+    assert!(
+        !cg.removed_while_read(&err(libc::ENOENT)),
+        "complete cgroup"
+    );
+    assert!(!cg.removed_while_read(&err(libc::EACCES)));
+    fs::remove_dir_all(r.root().join("cpu,cpuacct/stead/env-a/c3")).expect("rmdir cpu");
+    assert!(
+        cg.removed_while_read(&err(libc::ENOENT)),
+        "a hierarchy gone"
+    );
+    assert!(!cg.removed_while_read(&err(libc::EIO)));
 }
 
 #[test]
