@@ -959,6 +959,13 @@ impl Converge for NodeEngine {
         if let Some(repl) = &self.repl {
             repl.drop_owned(&stop.iter().cloned().collect::<Vec<_>>());
         }
+        // A guest that arrived live and is not owned yet stops too, and no converge starts it
+        // again until this node owns it.
+        self.live_in
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .vms
+            .retain(|id| !stop.contains(id));
         let mut ledger = self.ledger.lock().unwrap_or_else(PoisonError::into_inner);
         let keep = ledger.fence(&stop, self.tickets.load(Ordering::SeqCst));
         if let Err(e) = self

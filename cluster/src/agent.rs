@@ -204,8 +204,20 @@ pub fn decide(
     step
 }
 
-/// The HA workloads the node runs now, shared with the fence callback.
-type Running = Arc<Mutex<Vec<ResourceRef>>>;
+/// What the fence callback stops, shared with it.
+#[derive(Debug, Default)]
+pub(crate) struct FenceSet {
+    /// The HA workloads the node runs now, and the HA guests that arrived here live before
+    /// the node owns them ([`LiveHandOver`]).
+    pub(crate) ha: Vec<ResourceRef>,
+    /// How many times the callback fired. Counted under the same lock as `ha` is read, and
+    /// before the guard publishes the fence: more fences than the guard's epoch says the
+    /// node is fencing or fenced now (every re-arm adds one to the epoch).
+    pub(crate) fences: u64,
+}
+
+/// [`FenceSet`], shared.
+pub(crate) type Running = Arc<Mutex<FenceSet>>;
 
 /// Runs the agent until `shutdown` turns true: then its HA workloads are stopped, its
 /// ownerships released and its lease revoked. Metrics go to a registry nobody serves; see
@@ -258,7 +270,13 @@ pub async fn run_with_metrics(
         probe.subscribe(),
         metrics.clone(),
     ));
-    let (live, live_wake) = LiveHandOver::new(store, &config.node.name, engine.clone());
+    let (live, live_wake) = LiveHandOver::new(
+        store,
+        &config.node.name,
+        engine.clone(),
+        running.clone(),
+        guard.subscribe(),
+    );
     let mut agent = AgentLoop {
         store: store.clone(),
         node: config.node.name.clone(),
@@ -385,10 +403,11 @@ fn fence_callback(engine: &Arc<dyn Converge>, running: &Running) -> FenceCallbac
     let engine = engine.clone();
     let running = running.clone();
     Arc::new(move || {
-        let ha = running
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
+        let ha = {
+            let mut set = running.lock().unwrap_or_else(PoisonError::into_inner);
+            set.fences += 1;
+            set.ha.clone()
+        };
         engine.stop_ha(&ha);
     })
 }
@@ -723,9 +742,9 @@ impl AgentLoop {
         {
             // Recorded before starting, so a fence during the converge stops them too.
             let mut running = self.running.lock().unwrap_or_else(PoisonError::into_inner);
-            running.extend(ha.iter().cloned());
-            running.sort();
-            running.dedup();
+            running.ha.extend(ha.iter().cloned());
+            running.ha.sort();
+            running.ha.dedup();
         }
         let engine = self.engine.clone();
         let result = tokio::task::spawn_blocking(move || {
@@ -738,7 +757,13 @@ impl AgentLoop {
         .await
         .unwrap_or_else(|e| Err(ConvergeError(format!("converge panicked: {e}"))));
         if result.is_ok() {
-            *self.running.lock().unwrap_or_else(PoisonError::into_inner) = ha;
+            let mut running = self.running.lock().unwrap_or_else(PoisonError::into_inner);
+            // Read under the lock: a guest arriving now joins after this, not before.
+            let mut now = ha;
+            now.extend(self.live.arrived(&self.held));
+            now.sort();
+            now.dedup();
+            running.ha = now;
         }
         result
     }
@@ -755,6 +780,7 @@ impl AgentLoop {
             .running
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
+            .ha
             .clone();
         let engine = self.engine.clone();
         let _ = tokio::task::spawn_blocking(move || engine.stop_ha(&ha)).await;
@@ -764,7 +790,13 @@ impl AgentLoop {
 
     /// Shutdown: stop the HA workloads (their ownership goes with the lease), release tokens.
     async fn stop_all(&mut self) {
-        let ha = std::mem::take(&mut *self.running.lock().unwrap_or_else(PoisonError::into_inner));
+        let ha = std::mem::take(
+            &mut self
+                .running
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .ha,
+        );
         if !ha.is_empty() {
             let engine = self.engine.clone();
             let _ = tokio::task::spawn_blocking(move || engine.stop_ha(&ha)).await;

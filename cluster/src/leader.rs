@@ -522,11 +522,12 @@ impl<'a> Term<'a> {
         id: &ResourceId,
         record: &MigrationRecord,
     ) -> MigrationRecord {
-        let on = self
+        let current = self
             .current
             .get(id)
-            .filter(|a| self.nodes.get(&a.node).is_some_and(|n| n.alive))
-            .map(|a| a.node.clone());
+            .filter(|a| self.nodes.get(&a.node).is_some_and(|n| n.alive));
+        let on = current.map(|a| a.node.clone());
+        let ha = current.is_none_or(|a| a.ha);
         let facts =
             placement::vm_live_facts(&m.desired, id, on.is_some()).map(|f| f.toward(&record.to));
         let mut next = record.clone();
@@ -550,7 +551,7 @@ impl<'a> Term<'a> {
                 {
                     // Checked before any QEMU starts: once the guest has moved it stays.
                     refuse(&mut next, why);
-                } else if let Ok(live) = record.preparing(&from) {
+                } else if let Ok(live) = record.preparing(&from, ha) {
                     next = live;
                 }
             }

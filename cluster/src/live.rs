@@ -24,11 +24,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
-use crate::agent::{Converge, ConvergeError, Owned};
+use crate::agent::{Converge, ConvergeError, Owned, Running};
 use crate::etcd::{Store, StoreError};
+use crate::fence::FenceState;
 use crate::keys::{Key, ResourceRef};
 use crate::migrate::{self, LiveProgress, MigrationRecord, MigrationState};
 use crate::owner::FencingToken;
@@ -148,6 +149,9 @@ struct Shared {
     adopting: BTreeSet<ResourceRef>,
     /// Moves to here taken up already, by workload: their request time.
     adopted: BTreeMap<ResourceRef, u64>,
+    /// Highly available guests that arrived here (or were about to) before this node owns
+    /// them: the fence stops them too.
+    arrived: BTreeSet<ResourceRef>,
 }
 
 /// The live migrations this node takes part in.
@@ -157,16 +161,23 @@ pub struct LiveHandOver {
     engine: Arc<dyn Converge>,
     shared: Arc<Mutex<Shared>>,
     wake: mpsc::UnboundedSender<()>,
+    /// What the fence stops, and how often it fired.
+    fence_set: Running,
+    /// The fence guard's state.
+    fence: watch::Receiver<FenceState>,
     /// How long a record may stay in flight without changing before the target fails it.
     pub stall: Duration,
 }
 
 impl LiveHandOver {
     /// The hand-over of `node`; the receiver wakes the agent loop when a task ended.
-    pub fn new(
+    /// `fence_set` is what the fence callback stops, `fence` the guard's state.
+    pub(crate) fn new(
         store: &Store,
         node: &str,
         engine: Arc<dyn Converge>,
+        fence_set: Running,
+        fence: watch::Receiver<FenceState>,
     ) -> (Self, mpsc::UnboundedReceiver<()>) {
         let (wake, rx) = mpsc::unbounded_channel();
         let me = Self {
@@ -175,9 +186,29 @@ impl LiveHandOver {
             engine,
             shared: Arc::default(),
             wake,
+            fence_set,
+            fence,
             stall: Duration::from_secs(60),
         };
         (me, rx)
+    }
+
+    /// The highly available guests that arrived here live and that this node does not hold
+    /// yet (the fence stops them too); forgets those it holds now.
+    pub fn arrived(&self, held: &BTreeMap<ResourceRef, FencingToken>) -> Vec<ResourceRef> {
+        let mut s = self.lock();
+        s.arrived.retain(|r| !held.contains_key(r));
+        s.arrived.iter().cloned().collect()
+    }
+
+    /// What a task needs to let a guest run here before this node owns it.
+    fn arrival(&self) -> Arrival {
+        Arrival {
+            engine: self.engine.clone(),
+            shared: self.shared.clone(),
+            fence_set: self.fence_set.clone(),
+            fence: self.fence.clone(),
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Shared> {
@@ -313,13 +344,14 @@ impl LiveHandOver {
                 self.send(t, r, rev, Out::Resume);
             }
             (LiveAction::FinishIncoming, record, _) => {
+                let ha = record.as_ref().is_none_or(|(r, _)| r.stops_on_fence());
                 if let Some((r, _)) = record {
                     // Taken up: the `assigned` that follows is nothing to adopt.
                     self.lock()
                         .adopted
                         .insert(resource.clone(), r.requested_at_ms);
                 }
-                self.finish_incoming(resource);
+                self.finish_incoming(resource, ha);
             }
             (LiveAction::Adopt, Some((r, rev)), _) => self.adopt(resource, r, rev),
             (LiveAction::AbortIncoming, _, _) => self.abort_incoming(resource),
@@ -408,7 +440,7 @@ impl LiveHandOver {
         }
         warn!(resource = %resource, state = ?record.state, "live migration to here from a previous agent: taking it up");
         let (store, engine, res) = (self.store.clone(), self.engine.clone(), resource.clone());
-        let (shared, wake) = (self.shared.clone(), self.wake.clone());
+        let (shared, wake, arrival) = (self.shared.clone(), self.wake.clone(), self.arrival());
         tokio::spawn(async move {
             let (e2, r2) = (engine.clone(), res.clone());
             let runs = tokio::task::spawn_blocking(move || e2.incoming_runs(&r2))
@@ -416,10 +448,7 @@ impl LiveHandOver {
                 .unwrap_or(false);
             let in_flight = record.state.is_live_in_flight();
             let next = if runs || !in_flight {
-                let (e2, r2) = (engine.clone(), res.clone());
-                let done = tokio::task::spawn_blocking(move || e2.finish_incoming(&r2))
-                    .await
-                    .unwrap_or_else(|e| Err(ConvergeError(format!("panicked: {e}"))));
+                let done = arrival.run(res.clone(), record.stops_on_fence()).await;
                 if let Err(e) = done {
                     warn!(resource = %res, error = %e, "live migration: taking the guest up failed");
                 }
@@ -442,17 +471,14 @@ impl LiveHandOver {
         });
     }
 
-    /// Target: the guest runs here now.
-    fn finish_incoming(&self, resource: &ResourceRef) {
+    /// Target: the guest runs here now (`ha`: a fence stops it, see [`Arrival::run`]).
+    fn finish_incoming(&self, resource: &ResourceRef, ha: bool) {
         if !self.lock().waiting.remove(resource) {
             return;
         }
-        let (engine, res, wake) = (self.engine.clone(), resource.clone(), self.wake.clone());
+        let (arrival, res, wake) = (self.arrival(), resource.clone(), self.wake.clone());
         tokio::spawn(async move {
-            let r2 = res.clone();
-            let done = tokio::task::spawn_blocking(move || engine.finish_incoming(&r2))
-                .await
-                .unwrap_or_else(|e| Err(ConvergeError(format!("panicked: {e}"))));
+            let done = arrival.run(res.clone(), ha).await;
             match done {
                 Ok(()) => info!(resource = %res, "live migration: the guest runs here"),
                 Err(e) => warn!(resource = %res, error = %e, "live migration: finishing failed"),
@@ -630,6 +656,82 @@ async fn finish_send(
         Err(why) => {
             warn!(resource = %res, reason = %why, "live migration: the end was not recorded")
         }
+    }
+}
+
+/// A guest about to run on this node (the target of a live move) before the node owns it.
+struct Arrival {
+    engine: Arc<dyn Converge>,
+    shared: Arc<Mutex<Shared>>,
+    fence_set: Running,
+    fence: watch::Receiver<FenceState>,
+}
+
+impl Arrival {
+    /// Whether the node is fenced now, or its fence callback fired (`fences` times in all)
+    /// and the guard has not published the fence yet.
+    fn fencing(&self, fences: u64) -> bool {
+        let state = *self.fence.borrow();
+        state.is_fenced() || fences > state.epoch()
+    }
+
+    /// Lets the guest of `res` run here ([`Converge::finish_incoming`]). A highly available
+    /// guest (`ha`) joins what the fence stops before it runs, until this node owns it: another
+    /// node may be given the workload once this one stops answering etcd, so a guest here
+    /// must stop with the node's fence whoever holds its owner key. It is stopped instead of
+    /// started when the node is fencing, and stopped after it started when a fence came
+    /// meanwhile. An error: why it does not run (or did not start cleanly).
+    async fn run(self, res: ResourceRef, ha: bool) -> Result<(), ConvergeError> {
+        let before = ha.then(|| {
+            self.shared
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .arrived
+                .insert(res.clone());
+            let mut set = self
+                .fence_set
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if !set.ha.contains(&res) {
+                set.ha.push(res.clone());
+                set.ha.sort();
+            }
+            set.fences
+        });
+        if let Some(fences) = before
+            && self.fencing(fences)
+        {
+            warn!(resource = %res, "live migration: the node is fenced; stopping the guest that arrived instead of starting it");
+            self.stop(&res).await;
+            return Err(ConvergeError(
+                "the node is fenced: the guest that arrived was stopped".into(),
+            ));
+        }
+        let (engine, r2) = (self.engine.clone(), res.clone());
+        let done = tokio::task::spawn_blocking(move || engine.finish_incoming(&r2))
+            .await
+            .unwrap_or_else(|e| Err(ConvergeError(format!("panicked: {e}"))));
+        if let Some(fences) = before {
+            let now = self
+                .fence_set
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .fences;
+            if now != fences || self.fencing(now) {
+                warn!(resource = %res, "live migration: fenced while the guest started here; stopping it");
+                self.stop(&res).await;
+                return Err(ConvergeError(
+                    "fenced while the guest started: it was stopped".into(),
+                ));
+            }
+        }
+        done
+    }
+
+    async fn stop(&self, res: &ResourceRef) {
+        let (engine, r2) = (self.engine.clone(), res.clone());
+        let _ =
+            tokio::task::spawn_blocking(move || engine.stop_ha(std::slice::from_ref(&r2))).await;
     }
 }
 
@@ -816,5 +918,124 @@ mod tests {
         for s in [Preparing, Completed, Failed, Assigned] {
             assert!(!awaits_token("n1", &rec(s), false, false), "{s:?}");
         }
+    }
+}
+
+#[cfg(test)]
+mod arrival_tests {
+    use super::*;
+    use crate::agent::FenceSet;
+
+    /// Records `finish`/`stop`; a fence callback may fire while it finishes.
+    #[derive(Default)]
+    struct Engine {
+        calls: Mutex<Vec<&'static str>>,
+        /// The fence set a callback fires on while the guest starts.
+        fence_during_finish: Option<Running>,
+    }
+
+    impl Converge for Engine {
+        fn converge(&self, _: &[Owned]) -> Result<(), ConvergeError> {
+            Ok(())
+        }
+        fn stop_ha(&self, r: &[ResourceRef]) {
+            assert_eq!(r.len(), 1);
+            self.calls.lock().expect("lock").push("stop");
+        }
+        fn finish_incoming(&self, _: &ResourceRef) -> Result<(), ConvergeError> {
+            if let Some(set) = &self.fence_during_finish {
+                set.lock().expect("lock").fences += 1;
+            }
+            self.calls.lock().expect("lock").push("finish");
+            Ok(())
+        }
+    }
+
+    fn armed(epoch: u64) -> FenceState {
+        FenceState::Armed {
+            epoch,
+            generation: 0,
+            deadline: tokio::time::Instant::now() + Duration::from_secs(60),
+        }
+    }
+
+    /// Runs an arrival of `web` (`ha`) with `fences` fired so far and the guard in `state`;
+    /// what the engine was asked, whether it ran, and whether the fence now stops `web`.
+    async fn arrive(
+        ha: bool,
+        fences: u64,
+        state: FenceState,
+        fence_during_finish: bool,
+    ) -> (Vec<&'static str>, bool, bool) {
+        let set: Running = Arc::new(Mutex::new(FenceSet {
+            ha: Vec::new(),
+            fences,
+        }));
+        let engine = Arc::new(Engine {
+            calls: Mutex::default(),
+            fence_during_finish: fence_during_finish.then(|| set.clone()),
+        });
+        let (_tx, rx) = watch::channel(state);
+        let web: ResourceRef = "VirtualMachine/web".parse().expect("ref");
+        let arrival = Arrival {
+            engine: engine.clone(),
+            shared: Arc::default(),
+            fence_set: set.clone(),
+            fence: rx,
+        };
+        let ran = arrival.run(web.clone(), ha).await.is_ok();
+        let listed = set.lock().expect("lock").ha.contains(&web);
+        let calls = engine.calls.lock().expect("lock").clone();
+        (calls, ran, listed)
+    }
+
+    #[tokio::test]
+    async fn an_ha_guest_joins_what_the_fence_stops_before_it_runs() {
+        assert_eq!(
+            arrive(true, 0, armed(0), false).await,
+            (vec!["finish"], true, true)
+        );
+        // Fenced once and re-armed since: an ordinary start.
+        assert_eq!(
+            arrive(true, 1, armed(1), false).await,
+            (vec!["finish"], true, true)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_fencing_node_stops_the_guest_instead_of_starting_it() {
+        let fenced = FenceState::Fenced {
+            epoch: 0,
+            since: tokio::time::Instant::now(),
+        };
+        assert_eq!(
+            arrive(true, 1, fenced, false).await,
+            (vec!["stop"], false, true)
+        );
+        // The callback fired, the guard has not published the fence yet.
+        assert_eq!(
+            arrive(true, 1, armed(0), false).await,
+            (vec!["stop"], false, true)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_fence_while_the_guest_starts_stops_it_after() {
+        assert_eq!(
+            arrive(true, 0, armed(0), true).await,
+            (vec!["finish", "stop"], false, true)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_guest_that_is_not_ha_runs_whatever_the_fence() {
+        let fenced = FenceState::Fenced {
+            epoch: 0,
+            since: tokio::time::Instant::now(),
+        };
+        assert_eq!(
+            arrive(false, 1, fenced, true).await,
+            (vec!["finish"], true, false)
+        );
     }
 }

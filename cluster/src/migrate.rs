@@ -192,6 +192,11 @@ pub struct MigrationRecord {
     /// nothing, it only tells the source to hand the workload off ([`handovers`]).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub placement_change: bool,
+    /// Live: whether the workload is highly available, from its assignment when the leader
+    /// chose to move it live. The target stops a guest that arrived before it owns it when
+    /// it fences, unless this says `false` (absent: it does, to be safe).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ha: Option<bool>,
 }
 
 fn is_auto(m: &MigrationMode) -> bool {
@@ -215,6 +220,7 @@ impl MigrationRecord {
             listen: None,
             progress: None,
             placement_change: false,
+            ha: None,
         }
     }
 
@@ -244,12 +250,20 @@ impl MigrationRecord {
         Ok(r)
     }
 
-    /// The leader chose to move it live from `from`.
-    pub fn preparing(&self, from: &str) -> Result<Self, TransitionError> {
+    /// The leader chose to move it live from `from`; `ha`: whether its assignment is highly
+    /// available.
+    pub fn preparing(&self, from: &str, ha: bool) -> Result<Self, TransitionError> {
         let mut r = self.to_state(MigrationState::Preparing)?;
         r.from = Some(from.to_string());
         r.method = Some("live".into());
+        r.ha = Some(ha);
         Ok(r)
+    }
+
+    /// Whether the target stops the guest when it fences before it owns it (a highly
+    /// available workload could be started elsewhere meanwhile).
+    pub fn stops_on_fence(&self) -> bool {
+        self.ha != Some(false)
     }
 
     /// The target's QEMU listens on `uri`.
@@ -988,10 +1002,21 @@ mod tests {
     #[test]
     fn a_live_move_goes_preparing_incoming_transferring_completed_assigned() {
         let r = MigrationRecord::request("n2");
-        let r = r.preparing("n1").expect("leader");
+        assert!(
+            r.stops_on_fence(),
+            "a record without the flag is taken for HA"
+        );
+        let r = r.preparing("n1", true).expect("leader");
         assert_eq!(
             (r.state, r.from.as_deref(), r.method.as_deref()),
             (MigrationState::Preparing, Some("n1"), Some("live"))
+        );
+        assert!(r.stops_on_fence());
+        assert!(
+            !MigrationRecord::request("n2")
+                .preparing("n1", false)
+                .expect("leader")
+                .stops_on_fence()
         );
         let r = r.incoming("tcp:10.0.0.2:4444").expect("target");
         assert_eq!(r.listen.as_deref(), Some("tcp:10.0.0.2:4444"));
@@ -1016,7 +1041,7 @@ mod tests {
     #[test]
     fn a_live_move_can_fail_at_every_step_and_failure_is_final() {
         let prep = MigrationRecord::request("n2")
-            .preparing("n1")
+            .preparing("n1", false)
             .expect("leader");
         let inc = prep.incoming("tcp:h:1").expect("target");
         let tr = inc.transferring(progress(5)).expect("source");
@@ -1086,7 +1111,10 @@ mod tests {
         );
         assert!(r.completed(None).is_err());
         assert!(
-            r.to_state(Assigned).expect("cold").preparing("n1").is_err(),
+            r.to_state(Assigned)
+                .expect("cold")
+                .preparing("n1", false)
+                .is_err(),
             "a cold move does not turn live"
         );
     }

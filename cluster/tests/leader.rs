@@ -481,6 +481,7 @@ async fn the_leader_chooses_live_or_cold_and_pins_a_live_move_only_once_complete
     .await;
     assert_eq!(web.method.as_deref(), Some("live"));
     assert_eq!(web.from.as_deref(), Some(web_from.as_str()));
+    assert_eq!(web.ha, Some(false), "web is not HA: its assignment says so");
     let db = record_where(&store, "VirtualMachine/db", "refused", |m| {
         m.state == MigrationState::Refused
     })
@@ -596,7 +597,7 @@ async fn a_live_move_is_checked_against_capacity_first_and_a_completed_one_never
 
     // The agents say the guest runs on the full node (a move that raced a change).
     let done = MigrationRecord::request(&b_on)
-        .preparing(&a_on)
+        .preparing(&a_on, false)
         .and_then(|m| m.incoming("tcp:127.0.0.1:1"))
         .and_then(|m| m.completed(None))
         .expect("completed");

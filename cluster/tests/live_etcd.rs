@@ -27,6 +27,7 @@ enum Call {
     Finish(String),
     Abort(String),
     ResumeOut(String),
+    StopHa(Vec<String>),
 }
 
 /// What the VM's QEMU says of the send a previous agent started.
@@ -71,7 +72,10 @@ impl Converge for LiveFake {
         Ok(())
     }
 
-    fn stop_ha(&self, _: &[ResourceRef]) {}
+    fn stop_ha(&self, resources: &[ResourceRef]) {
+        let set = resources.iter().map(ToString::to_string).collect();
+        self.push(Call::StopHa(set));
+    }
 
     fn start_incoming(&self, resource: &ResourceRef) -> Result<String, ConvergeError> {
         self.push(Call::StartIncoming(resource.to_string()));
@@ -162,18 +166,22 @@ fn res(s: &str) -> ResourceRef {
 type Agent = RunningAgent<LiveFake>;
 
 fn start(store: &Store, name: &str, engine: LiveFake) -> Agent {
-    spawn_agent(
-        store,
-        agent_config(name, Duration::from_secs(10)),
-        Arc::new(engine),
-    )
+    start_with_ttl(store, name, engine, Duration::from_secs(10))
+}
+
+fn start_with_ttl(store: &Store, name: &str, engine: LiveFake, ttl: Duration) -> Agent {
+    spawn_agent(store, agent_config(name, ttl), Arc::new(engine))
 }
 
 fn assignment(node: &str) -> Assignment {
+    assignment_ha(node, false)
+}
+
+fn assignment_ha(node: &str, ha: bool) -> Assignment {
     Assignment {
         resource: VM.into(),
         node: node.into(),
-        ha: false,
+        ha,
         revision: String::new(),
     }
 }
@@ -203,21 +211,31 @@ async fn running_on_n1(
     store: &Store,
     source: LiveFake,
 ) -> (Agent, Agent, election::LeaderToken, i64) {
+    running_on_n1_with(store, source, false, Duration::from_secs(10)).await
+}
+
+/// [`running_on_n1`] with `web` highly available or not, and agents with a lease of `ttl`.
+async fn running_on_n1_with(
+    store: &Store,
+    source: LiveFake,
+    ha: bool,
+    ttl: Duration,
+) -> (Agent, Agent, election::LeaderToken, i64) {
     let (id, _) = store
         .grant_lease(Duration::from_secs(60))
         .await
         .expect("lease");
     let ctl = Election::new(store, "ctl", id);
     let token = ctl.try_campaign().await.expect("campaign").expect("leads");
-    let n1 = start(store, "n1", source);
-    let n2 = start(store, "n2", LiveFake::default());
-    election::put_assignments(store, &token, &[assignment("n1")])
+    let n1 = start_with_ttl(store, "n1", source, ttl);
+    let n2 = start_with_ttl(store, "n2", LiveFake::default(), ttl);
+    election::put_assignments(store, &token, &[assignment_ha("n1", ha)])
         .await
         .expect("assign");
     n1.engine.wait_for("web runs on n1", runs_vm).await;
     let (_, t1) = owner_node(store).await.expect("n1 owns web");
     let record = MigrationRecord::request("n2")
-        .preparing("n1")
+        .preparing("n1", ha)
         .expect("preparing");
     migrate::put(store, &res(VM), &record)
         .await
@@ -282,6 +300,83 @@ async fn a_live_move_hands_ownership_over_only_after_the_guest_left() {
     );
     n1.stop().await;
     n2.stop().await;
+}
+
+/// Whether `c` stops `web` (a fence's `stop_ha`).
+fn stops_vm(c: &Call) -> bool {
+    matches!(c, Call::StopHa(set) if set.iter().any(|r| r == VM))
+}
+
+/// A highly available guest runs on n2 from the moment the move completes, but n2 owns it
+/// only once the leader reassigned it and n1 released its key. A fence of n2 in between must
+/// stop it: n2 no longer answers etcd, so the workload may be given to another node. A
+/// guest that is not highly available keeps running (nothing fails it over).
+async fn fence_between_completed_and_owned(test: &str, ha: bool) {
+    let Some((etcd, store)) = member_with_store(test, "/t").await else {
+        return;
+    };
+    let ttl = Duration::from_secs(3);
+    let (n1, n2, _token, _) = running_on_n1_with(&store, LiveFake::default(), ha, ttl).await;
+    record_in(&store, MigrationState::Completed).await;
+    n2.engine
+        .wait_for(
+            "n2 runs the guest",
+            |c| matches!(c, Call::Finish(r) if r == VM),
+        )
+        .await;
+    // The leader has not reassigned it yet: n1 still holds the owner key.
+    assert_eq!(owner_node(&store).await.map(|o| o.0).as_deref(), Some("n1"));
+    assert!(
+        !n2.engine.calls().iter().any(stops_vm),
+        "{:?}",
+        n2.engine.calls()
+    );
+
+    let paused = Instant::now();
+    etcd.pause();
+    // Both agents fence (each stops its HA list, maybe empty) within the TTL.
+    let deadline = paused + ttl + Duration::from_secs(5);
+    while !n2
+        .engine
+        .calls()
+        .iter()
+        .any(|c| matches!(c, Call::StopHa(_)))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "n2 never fenced: {:?}",
+            n2.engine.calls()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    println!(
+        "n2 fenced {:?} after etcd stopped answering",
+        paused.elapsed()
+    );
+    let stopped = n2.engine.calls().iter().any(stops_vm);
+    etcd.resume();
+    if ha {
+        assert!(stopped, "n2's fence stopped web: {:?}", n2.engine.calls());
+    } else {
+        assert!(!stopped, "web is not HA: {:?}", n2.engine.calls());
+    }
+    n1.stop().await;
+    n2.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fence_of_the_target_stops_an_ha_guest_it_does_not_own_yet() {
+    fence_between_completed_and_owned(
+        "a_fence_of_the_target_stops_an_ha_guest_it_does_not_own_yet",
+        true,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fence_of_the_target_leaves_a_guest_that_is_not_ha() {
+    fence_between_completed_and_owned("a_fence_of_the_target_leaves_a_guest_that_is_not_ha", false)
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -391,7 +486,7 @@ async fn restarted_mid_send(
     let (_, t1) = owner_node(store).await.expect("n1 owns web");
     crash(n1).await;
     let record = MigrationRecord::request("n2")
-        .preparing("n1")
+        .preparing("n1", false)
         .and_then(|r| r.incoming("tcp:127.0.0.1:49152"))
         .and_then(|r| r.transferring(progress(30)))
         .expect("transferring");
