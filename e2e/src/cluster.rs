@@ -14,6 +14,7 @@
 //! operator certificate. A test that needs root, `etcd`, `curl` or `nsenter` and lacks one
 //! gets `None` from [`ClusterLab::for_test`] after a SKIP line.
 
+use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -78,6 +79,10 @@ pub struct ClusterLab {
     namespaces: Vec<String>,
     stead_nodes: Vec<usize>,
     destroy_paths: Vec<PathBuf>,
+    /// Manifests of one node's own `stead destroy` at drop (instead of `destroy_paths`).
+    node_destroy_paths: BTreeMap<usize, Vec<PathBuf>>,
+    /// What each teardown `stead destroy` said.
+    teardown_log: Vec<String>,
     tmpfs: Option<Tmpfs>,
     /// Temp dir: `pki/`, `data/` (tmpfs), `log/`.
     pub dir: tempfile::TempDir,
@@ -134,6 +139,8 @@ impl ClusterLab {
             namespaces: Vec::new(),
             stead_nodes: Vec::new(),
             destroy_paths: Vec::new(),
+            node_destroy_paths: BTreeMap::new(),
+            teardown_log: Vec::new(),
             tmpfs: None,
             dir,
             lease_ttl: "4s",
@@ -353,6 +360,13 @@ impl ClusterLab {
     /// Manifests `stead destroy` runs with on every node the lab used `stead` on, at drop.
     pub fn destroy_on_drop(&mut self, paths: &[PathBuf]) {
         self.destroy_paths = paths.to_vec();
+    }
+
+    /// Manifests `stead destroy` runs with on node `i` at drop, when each node has its own
+    /// (a pool of its own). Like [`ClusterLab::destroy_on_drop`], it runs once the lab's
+    /// processes are gone: an agent still running would converge back what it destroys.
+    pub fn destroy_node_on_drop(&mut self, i: usize, paths: &[PathBuf]) {
+        self.node_destroy_paths.insert(i, paths.to_vec());
     }
 
     /// SIGKILLs node `i`'s workloads: its supervisors (`stead shim` of its run dir) and
@@ -700,7 +714,24 @@ impl Drop for ClusterLab {
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
         }
         let own = self.tmpfs.as_ref().map(|t| t.0.clone());
-        unmount_leftovers(self.dir.path(), own.as_deref());
+        if unmount_leftovers(self.dir.path(), own.as_deref()) {
+            // What the teardown saw, and how each node's agent log ends: a leftover is a
+            // leak to explain, not only to clean.
+            for said in &self.teardown_log {
+                eprintln!("cluster lab: {said}");
+            }
+            for n in &self.nodes {
+                let agent = format!("agent-{}", n.name);
+                let text = std::fs::read_to_string(self.path("log").join(format!("{agent}.log")))
+                    .unwrap_or_default();
+                let lines: Vec<&str> = text.lines().collect();
+                let from = lines.len().saturating_sub(40);
+                eprintln!(
+                    "cluster lab: --- {agent} (last lines)\n{}",
+                    lines[from..].join("\n")
+                );
+            }
+        }
         self.tmpfs.take();
     }
 }
@@ -708,10 +739,10 @@ impl Drop for ClusterLab {
 /// Unmounts whatever is still mounted under `dir` at the lab's end, deepest first, and says
 /// so on stderr: a mount left there (a workload's volume whose teardown did not run) would
 /// keep its loop device and the lab's file systems busy after the test. `own` (the lab's
-/// tmpfs) is left to its own drop.
-fn unmount_leftovers(dir: &Path, own: Option<&Path>) {
+/// tmpfs) is left to its own drop. Whether there was any.
+fn unmount_leftovers(dir: &Path, own: Option<&Path>) -> bool {
     let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") else {
-        return;
+        return false;
     };
     let mut left: Vec<String> = mounts
         .lines()
@@ -720,10 +751,11 @@ fn unmount_leftovers(dir: &Path, own: Option<&Path>) {
         .filter(|m| Path::new(m).starts_with(dir) && own != Some(Path::new(m)))
         .collect();
     left.sort_by_key(|m| std::cmp::Reverse(m.len()));
-    for m in left {
+    for m in &left {
         eprintln!("cluster lab: unmounting a leftover mount at the lab's end: {m}");
-        let _ = Command::new("umount").args(["-l", &m]).status();
+        let _ = Command::new("umount").args(["-l", m]).status();
     }
+    !left.is_empty()
 }
 
 impl ClusterLab {
@@ -731,10 +763,25 @@ impl ClusterLab {
     /// nodes' cgroups and supervisors, and remove the cgroups.
     fn stop_workloads(&mut self) {
         for i in std::mem::take(&mut self.stead_nodes) {
-            if !self.destroy_paths.is_empty() {
+            let paths = self
+                .node_destroy_paths
+                .get(&i)
+                .unwrap_or(&self.destroy_paths)
+                .clone();
+            if !paths.is_empty() {
                 let mut c = self.stead(i);
-                c.args(["destroy", "--yes"]).args(&self.destroy_paths);
-                let _ = c.stdout(Stdio::null()).stderr(Stdio::null()).status();
+                c.args(["destroy", "--yes"]).args(&paths);
+                // Kept for the report of a leftover mount (see `unmount_leftovers`).
+                let said = match c.stdin(Stdio::null()).output() {
+                    Ok(o) => format!(
+                        "stead destroy on node {i}: {}\n{}{}",
+                        o.status,
+                        String::from_utf8_lossy(&o.stdout),
+                        String::from_utf8_lossy(&o.stderr)
+                    ),
+                    Err(e) => format!("stead destroy on node {i}: {e}"),
+                };
+                self.teardown_log.push(said);
             }
             for _ in 0..3 {
                 if self.kill_workloads(i) == 0 {

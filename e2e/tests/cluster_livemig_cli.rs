@@ -330,17 +330,6 @@ fn node_pool(test: &str, image: &Path) -> Option<NodePool> {
     })
 }
 
-/// `stead destroy` of each node's manifests before the lab and the pools go.
-struct DestroyEach(Vec<std::process::Command>);
-
-impl Drop for DestroyEach {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.stdout(Stdio::null()).stderr(Stdio::null()).status();
-        }
-    }
-}
-
 /// Runs `args` in the guest on node `i` through its agent.
 fn guest_exec(lab: &ClusterLab, i: usize, prog: &str, args: &[&str]) -> Vec<u8> {
     let sock = Paths::new(&lab.node_run(i), "web").qga_socket();
@@ -370,13 +359,9 @@ fn migrate_live_copies_a_replicated_disk_and_keeps_the_boot_and_its_data() {
     let Some(mut lab) = ClusterLab::for_test(test, 2) else {
         return;
     };
-    let mut destroy = Vec::new();
     for (i, p) in [&p1, &p2].iter().enumerate() {
-        let mut c = lab.stead(i);
-        c.args(["destroy", "--yes"]).arg(&p.manifests);
-        destroy.push(c);
+        lab.destroy_node_on_drop(i, std::slice::from_ref(&p.manifests));
     }
-    let _destroy = DestroyEach(destroy);
     for (i, p) in [&p1, &p2].iter().enumerate() {
         lab.join_node(i, &["--pool", "fast"]);
         lab.start_agent(i, &p.manifests);

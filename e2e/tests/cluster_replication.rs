@@ -11,7 +11,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
@@ -114,18 +113,6 @@ fn wait_for(what: &str, limit: Duration, lab: &ClusterLab, mut ok: impl FnMut() 
     }
 }
 
-/// `stead destroy` of each node's own manifests, before the lab goes (declared after it,
-/// dropped first): the container's volume mounts sit on the loop file systems.
-struct DestroyEach(Vec<Command>);
-
-impl Drop for DestroyEach {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.stdout(Stdio::null()).stderr(Stdio::null()).status();
-        }
-    }
-}
-
 /// A node's pool: its own loop btrfs (in a sandbox of its own) and manifests naming it.
 struct NodePool {
     fs: LoopBtrfs,
@@ -168,14 +155,9 @@ fn an_ha_container_fails_over_to_its_volume_s_replica() {
     let Some(mut lab) = ClusterLab::for_test(TEST, 3) else {
         return;
     };
-    let pools = [&p1, &p2];
-    let mut destroy = Vec::new();
-    for (i, p) in pools.iter().enumerate() {
-        let mut c = lab.stead(i);
-        c.args(["destroy", "--yes"]).arg(&p.manifests);
-        destroy.push(c);
+    for (i, p) in [&p1, &p2].iter().enumerate() {
+        lab.destroy_node_on_drop(i, std::slice::from_ref(&p.manifests));
     }
-    let _destroy = DestroyEach(destroy);
     // n3 has no pool: its manifests are n1's (it never runs the container).
     let manifests = [&p1.manifests, &p2.manifests, &p1.manifests];
     let mut agents = Vec::new();
@@ -291,19 +273,13 @@ fn an_ha_container_fails_over_to_its_volume_s_replica() {
 }
 
 /// The lab of the replication tests: n1 and n2 with a pool each (n2 receiving replicas on
-/// port 7444, n1 on the default 7443), agents, a controller. The destroy guard must be
-/// dropped before the lab. The agents' process indices come last.
-fn start_repl_lab(
-    test: &str,
-    p1: &NodePool,
-    p2: &NodePool,
-) -> Option<(ClusterLab, DestroyEach, Vec<usize>)> {
+/// port 7444, n1 on the default 7443), agents, a controller; each node's manifests are
+/// destroyed when the lab drops, after its agents are gone. The agents' process indices
+/// come last.
+fn start_repl_lab(test: &str, p1: &NodePool, p2: &NodePool) -> Option<(ClusterLab, Vec<usize>)> {
     let mut lab = ClusterLab::for_test(test, 3)?;
-    let mut destroy = Vec::new();
     for (i, p) in [p1, p2].iter().enumerate() {
-        let mut c = lab.stead(i);
-        c.args(["destroy", "--yes"]).arg(&p.manifests);
-        destroy.push(c);
+        lab.destroy_node_on_drop(i, std::slice::from_ref(&p.manifests));
     }
     let manifests = [&p1.manifests, &p2.manifests, &p1.manifests];
     // Each node receives on a port of its own (n1 the default): a sender dials the port
@@ -331,7 +307,7 @@ fn start_repl_lab(
         },
     );
     lab.start_controller(&p1.manifests);
-    Some((lab, DestroyEach(destroy), agents))
+    Some((lab, agents))
 }
 
 /// Waits for the probe on n1 and the first replication point, then makes a late write
@@ -404,9 +380,9 @@ fn late_of(log: &Path) -> Option<(String, String)> {
 
 /// A replication lab (n1 replicating the probe's volume to n2 `every`) whose probe ran on
 /// n1, read its first point, then read a late write made after it. Fields drop in order:
-/// the manifests destroyed, the lab, the pools, the probe's rootfs.
+/// the lab (its agents, then each node's manifests destroyed), the pools, the probe's
+/// rootfs.
 struct LateWriteLab {
-    _destroy: DestroyEach,
     lab: ClusterLab,
     p2: NodePool,
     p1: NodePool,
@@ -428,10 +404,9 @@ fn late_write_lab(test: &str, every: &str) -> Option<LateWriteLab> {
     let seen_log = root.join("seen.log");
     let p1 = node_pool(&root, test, every)?;
     let p2 = node_pool(&root, test, every)?;
-    let (lab, destroy, agents) = start_repl_lab(test, &p1, &p2)?;
+    let (lab, agents) = start_repl_lab(test, &p1, &p2)?;
     let (hello, late) = late_write_after_the_first_point(&lab, &root);
     Some(LateWriteLab {
-        _destroy: destroy,
         lab,
         p2,
         p1,
