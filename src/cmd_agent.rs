@@ -590,7 +590,9 @@ impl NodeEngine {
 #[derive(Debug, Default)]
 struct LiveIn {
     vms: BTreeSet<ResourceId>,
-    owned: Vec<Owned>,
+    /// The owned set of the last converge; `None` before this agent's first converge (the
+    /// set the node runs is not known yet: converging anything then would stop it all).
+    owned: Option<Vec<Owned>>,
     /// Volumes a live move to this node promoted from their replica (the move copies the
     /// disk into them); dropped again if the move fails.
     promoted: BTreeMap<ResourceId, Vec<String>>,
@@ -732,7 +734,7 @@ impl NodeEngine {
     /// `owned` for the converges the migration itself makes.
     fn with_live_in(&self, mut run: BTreeSet<ResourceId>, owned: &[Owned]) -> BTreeSet<ResourceId> {
         let mut l = self.live_in.lock().unwrap_or_else(PoisonError::into_inner);
-        l.owned = owned.to_vec();
+        l.owned = Some(owned.to_vec());
         let owned_ids: BTreeSet<ResourceId> = owned
             .iter()
             .filter_map(|o| resource_id(&o.resource))
@@ -854,13 +856,24 @@ impl Converge for NodeEngine {
     fn start_incoming(&self, resource: &ResourceRef) -> Result<String, ConvergeError> {
         let id = live_vm(resource)?;
         let paths = self.vm_paths(&id.name);
+        let Some(owned) = self
+            .live_in
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .owned
+            .clone()
+        else {
+            return Err(ConvergeError(
+                "this node's agent is starting and has not converged yet; ask again".into(),
+            ));
+        };
         let copied = self.promote_for_live(&id)?;
         stead_drivers::vm::qemu::migrate::expect_incoming(&paths).map_err(err)?;
-        let owned = {
-            let mut l = self.live_in.lock().unwrap_or_else(PoisonError::into_inner);
-            l.vms.insert(id.clone());
-            l.owned.clone()
-        };
+        self.live_in
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .vms
+            .insert(id.clone());
         self.converge_keeping(&owned, &[])?;
         let uri = self.listen_live(&paths, &copied).map_err(err)?;
         tracing::info!(vm = %id.name, %uri, "waiting for the guest");
@@ -926,6 +939,7 @@ impl Converge for NodeEngine {
         if !l
             .owned
             .iter()
+            .flatten()
             .any(|o| resource_id(&o.resource).as_ref() == Some(&id))
         {
             l.vms.insert(id);
@@ -948,7 +962,11 @@ impl Converge for NodeEngine {
             l.vms.remove(&id);
             (l.owned.clone(), l.promoted.remove(&id).unwrap_or_default())
         };
-        if let Err(e) = self.converge_keeping(&owned, &[]) {
+        // Before this agent's first converge there is no set to converge to: the round
+        // that follows removes the VM (no longer kept as an incoming one).
+        if let Some(owned) = owned
+            && let Err(e) = self.converge_keeping(&owned, &[])
+        {
             tracing::warn!(vm = %id.name, error = %e, "converging after the failed migration");
         }
         self.drop_promoted(&promoted);
@@ -961,11 +979,25 @@ impl Converge for NodeEngine {
         }
         // A guest that arrived live and is not owned yet stops too, and no converge starts it
         // again until this node owns it.
-        self.live_in
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .vms
-            .retain(|id| !stop.contains(id));
+        let converged = {
+            let mut l = self.live_in.lock().unwrap_or_else(PoisonError::into_inner);
+            l.vms.retain(|id| !stop.contains(id));
+            l.owned.is_some()
+        };
+        if !converged {
+            // Before this agent's first converge the set the node runs is not known, and an
+            // apply of what the ledger holds (nothing yet) would stop every workload: only
+            // the VMs named (guests that arrived live) are stopped, one by one. A converge
+            // under way meanwhile is followed by the agent's own fence check.
+            for id in stop.iter().filter(|id| id.kind == Kind::VirtualMachine) {
+                if let Err(e) =
+                    stead_drivers::vm::VmDriver::new(&self.env).and_then(|d| d.stop(&id.name))
+                {
+                    tracing::error!(vm = %id.name, error = %e, "fencing: stopping the VM failed");
+                }
+            }
+            return;
+        }
         let mut ledger = self.ledger.lock().unwrap_or_else(PoisonError::into_inner);
         let keep = ledger.fence(&stop, self.tickets.load(Ordering::SeqCst));
         if let Err(e) = self

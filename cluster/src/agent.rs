@@ -450,10 +450,20 @@ impl AgentLoop {
         let mut refused_in_a_row = 0u32;
         let mut migrations = PrefixWatch::new(&self.store, self.store.keys().migrations(), 0);
         let mut live_synced = false;
+        // No round runs before the first snapshot of the assignments and the first read of
+        // the migrations: a converge of what is assigned *so far* (nothing, for an agent
+        // that just started) would stop every workload the node runs, and a guest a
+        // previous agent was sending or receiving could be stopped mid-move.
+        let mut listed = false;
+        let mut live_known = false;
         loop {
             let mut dirty = false;
             if !live_synced {
                 live_synced = self.live_resync(&mut migrations).await;
+                if live_synced && !live_known {
+                    live_known = true;
+                    retry_at = Some(Instant::now());
+                }
             }
             tokio::select! {
                 changes = migrations.next_batch(), if live_synced => match changes {
@@ -477,6 +487,7 @@ impl AgentLoop {
                     Ok(events) => {
                         watch_backoff.reset();
                         refused_in_a_row = 0;
+                        listed |= events.iter().any(|e| matches!(e, AssignmentEvent::Snapshot(_)));
                         self.apply(events);
                         dirty = true;
                     }
@@ -520,7 +531,7 @@ impl AgentLoop {
             if *shutdown.borrow() {
                 return Ok(());
             }
-            if dirty && self.round(&mut fence, registration.lease()).await {
+            if dirty && listed && live_known && self.round(&mut fence, registration.lease()).await {
                 retry_at.get_or_insert(Instant::now() + self.retry);
             }
             if self.live.pending(self.assigned.keys()) {

@@ -496,6 +496,41 @@ async fn restarted_mid_send(
     (token, start(store, "n1", engine), t1)
 }
 
+/// A restarted agent converges nothing before it knows what is assigned to it: a converge
+/// of the empty set (no snapshot of the assignments yet) would stop every workload its node
+/// runs. Its first converge already runs `web`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_agent_converges_nothing_before_it_knows_its_assignments() {
+    let test = "a_restarted_agent_converges_nothing_before_it_knows_its_assignments";
+    let Some((_etcd, store)) = member_with_store(test, "/t").await else {
+        return;
+    };
+    let (id, _) = store
+        .grant_lease(Duration::from_secs(60))
+        .await
+        .expect("lease");
+    let ctl = Election::new(&store, "ctl", id);
+    let token = ctl.try_campaign().await.expect("campaign").expect("leads");
+    let mut n1 = start(&store, "n1", LiveFake::default());
+    election::put_assignments(&store, &token, &[assignment("n1")])
+        .await
+        .expect("assign");
+    n1.engine.wait_for("web runs on n1", runs_vm).await;
+    for round in 0..3 {
+        crash(n1).await;
+        let again = start(&store, "n1", LiveFake::default());
+        again.engine.wait_for("web runs again", runs_vm).await;
+        let calls = again.engine.calls();
+        let first = calls.iter().find(|c| matches!(c, Call::Converge(_)));
+        assert!(
+            first.is_some_and(runs_vm),
+            "restart {round}: the first converge runs web: {calls:?}"
+        );
+        n1 = again;
+    }
+    n1.stop().await;
+}
+
 /// Waits until the record is `transferring` with `pct` % reported.
 async fn reported(store: &Store, pct: u8) {
     let deadline = Instant::now() + Duration::from_secs(20);
