@@ -181,9 +181,10 @@ fn migrate_live_moves_a_running_qemu_vm_through_the_agents_keeping_its_boot() {
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("web.yaml"), manifests(&pool, &image)).unwrap();
     lab.destroy_on_drop(std::slice::from_ref(&dir));
+    let mut agents = Vec::new();
     for i in 0..lab.nodes.len() {
         lab.join_node(i, &[]);
-        lab.start_agent(i, &dir);
+        agents.push(lab.start_agent(i, &dir));
     }
     lab.start_controller(&dir);
 
@@ -273,11 +274,153 @@ fn migrate_live_moves_a_running_qemu_vm_through_the_agents_keeping_its_boot() {
     std::thread::sleep(Duration::from_secs(3));
     assert!(qemus(&lab, src).is_empty());
     assert_eq!(boot_id(&lab, dst, Duration::from_secs(30)), before);
+
+    // Back to the first node with the sending agent SIGKILLed while its QEMU sends and
+    // started again at once: QEMU goes on alone, the new agent follows the send to its end.
+    let kill = AgentKill {
+        agents: &mut agents,
+        manifests: &dir,
+        victim: dst,
+        restart_after: "transferring",
+    };
+    let (status, out, err, at_kill) = migrate_killing_agent(&mut lab, &from, kill);
+    println!("stead migrate --live, the source's agent killed ({at_kill}):\n{out}{err}");
+    assert!(status.success(), "{out}{err}\n{}", logs(&lab));
+    assert!(out.contains(&format!("runs on {from}")), "{out}");
+    moved_keeping_boot(&lab, src, dst, &before);
+    let log = agent_log(&lab, dst);
+    assert!(
+        log.contains("live migration under way from a previous agent"),
+        "the new agent followed the send a killed one started:\n{log}"
+    );
+
+    // And again to the second node, with the receiving agent SIGKILLed while the guest
+    // arrives and started again only once the source recorded the move completed: the new
+    // agent takes the guest its QEMU received and starts it.
+    let kill = AgentKill {
+        agents: &mut agents,
+        manifests: &dir,
+        victim: dst,
+        restart_after: "completed",
+    };
+    let (status, out, err, at_kill) = migrate_killing_agent(&mut lab, &to, kill);
+    println!("stead migrate --live, the target's agent killed ({at_kill}):\n{out}{err}");
+    assert!(status.success(), "{out}{err}\n{}", logs(&lab));
+    assert!(out.contains(&format!("runs on {to}")), "{out}");
+    moved_keeping_boot(&lab, dst, src, &before);
+    let log = agent_log(&lab, dst);
+    assert!(
+        log.contains("live migration to here from a previous agent: taking it up"),
+        "the new agent took up the guest a killed one was receiving:\n{log}"
+    );
     let out = lab
         .operator_cmd(&["migrate", "VirtualMachine/web", "--clear"])
         .output()
         .expect("clear");
     assert!(out.status.success(), "{}", text(&out));
+}
+
+/// `web`'s migration record as node `i`'s etcd member holds it.
+fn record(lab: &ClusterLab, i: usize) -> Option<serde_json::Value> {
+    let key = "/stead/v1/migrate/VirtualMachine/web";
+    let text = lab.get(i, key, false, Duration::from_secs(5)).ok()??;
+    serde_json::from_str(&text).ok()
+}
+
+/// An agent [`migrate_killing_agent`] kills and starts again.
+struct AgentKill<'a> {
+    /// The agents' process indices (the victim's is replaced by its successor's).
+    agents: &'a mut Vec<usize>,
+    manifests: &'a Path,
+    /// The node whose agent is killed.
+    victim: usize,
+    /// The record's state after which the new agent starts (`transferring`: at once).
+    restart_after: &'a str,
+}
+
+/// `stead migrate --live` of `web` to node `to`, SIGKILLing the victim's agent as soon as
+/// the record says `transferring` (QEMU sends) and starting a new one once it says
+/// `kill.restart_after` (or anything later). The CLI's exit status, its output and what the
+/// record said at the kill.
+fn migrate_killing_agent(
+    lab: &mut ClusterLab,
+    to: &str,
+    kill: AgentKill<'_>,
+) -> (std::process::ExitStatus, String, String, String) {
+    let mut child = migrate_cmd(lab, to).spawn().expect("stead migrate");
+    let t0 = Instant::now();
+    let state =
+        |lab: &ClusterLab| record(lab, 0).and_then(|r| r["state"].as_str().map(str::to_string));
+    let at_kill = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            let (out, err) = outputs(&mut child);
+            panic!("the move ended ({s}) before it was transferring: {out}{err}");
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "never transferring"
+        );
+        if let Some(r) = record(lab, 0).filter(|r| r["state"] == "transferring") {
+            lab.kill_proc(kill.agents[kill.victim]);
+            break format!(
+                "at {:.1} s, RAM {}%",
+                t0.elapsed().as_secs_f64(),
+                r["progress"]["ramPercent"]
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let order = ["transferring", "completed", "assigned"];
+    let wanted = order
+        .iter()
+        .position(|s| *s == kill.restart_after)
+        .expect("a state of the move");
+    wait_for(
+        "the state to start the new agent at",
+        Duration::from_secs(120),
+        lab,
+        || {
+            // A failed move starts it too: the assertions after the CLI say why.
+            state(lab).is_some_and(|s| {
+                s == "failed" || order.iter().position(|o| *o == s) >= Some(wanted)
+            })
+        },
+    );
+    let at_kill = format!("{at_kill}; new agent after {:?}", state(lab));
+    kill.agents[kill.victim] = lab.start_agent(kill.victim, kill.manifests);
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let (out, err) = outputs(&mut child);
+    (status, out, err, at_kill)
+}
+
+/// After a move from node `from` to `to`: `to` owns `web`, runs the one QEMU with the boot
+/// `boot`, and `from` has none left.
+fn moved_keeping_boot(lab: &ClusterLab, to: usize, from: usize, boot: &str) {
+    let name = &lab.nodes[to].name;
+    assert_eq!(owner(lab).as_deref(), Some(name.as_str()), "{}", logs(lab));
+    wait_for(
+        "no QEMU left on the source",
+        Duration::from_secs(30),
+        lab,
+        || qemus(lab, from).is_empty(),
+    );
+    assert_eq!(qemus(lab, to).len(), 1, "one QEMU on {name}");
+    assert_eq!(
+        boot_id(lab, to, Duration::from_secs(60)),
+        boot,
+        "the same boot on {name}"
+    );
+}
+
+/// Node `i`'s agent log.
+fn agent_log(lab: &ClusterLab, i: usize) -> String {
+    let path = lab.log_path(&format!("agent-{}", lab.nodes[i].name));
+    std::fs::read_to_string(path).unwrap_or_default()
 }
 
 /// The VM on a btrfs pool at `pool` (each node's own), its volume replicated to n2; an HA
