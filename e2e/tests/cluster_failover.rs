@@ -383,6 +383,66 @@ fn probe_pid(lab: &ClusterLab) -> Option<i32> {
         .min()
 }
 
+/// The agent of the node running the probe SIGKILLed and started again at once, three
+/// times (a crash, an upgrade): the new agent adopts the node's lease and owner keys and
+/// converges only once it knows its assignments, so the probe keeps its process and its run
+/// (a first converge of the empty set used to stop it and start it again).
+#[test]
+fn a_restarted_agent_keeps_its_workload_running() {
+    let test = "a_restarted_agent_keeps_its_workload_running";
+    let Some((mut lab, mut agents, probe, manifests)) = probe_lab(test) else {
+        return;
+    };
+    let mut first = None;
+    wait_for(
+        "an owner in cluster status",
+        Duration::from_secs(30),
+        || {
+            first = owner(&lab);
+            first.is_some()
+        },
+        &lab,
+    );
+    let first = first.unwrap();
+    let node = lab.nodes.iter().position(|n| n.name == first).unwrap();
+    let pid = probe_pid(&lab).expect("the probe's process");
+    let start_runs = runs(&probe).len();
+    for round in 0..3 {
+        lab.kill_proc(agents[node]);
+        agents[node] = lab.start_agent(node, &manifests);
+        // Registered again (same lease), its rounds run: a few seconds of them.
+        wait_for(
+            "the new agent serves its metrics",
+            Duration::from_secs(30),
+            || lab.agent_metrics(node).is_ok(),
+            &lab,
+        );
+        std::thread::sleep(Duration::from_secs(3));
+        let now_pid = probe_pid(&lab);
+        let all = runs(&probe);
+        println!(
+            "agent restart {round} on {first}: probe pid {now_pid:?} (was {pid}), runs {} (were {start_runs}), owner {:?}",
+            all.len(),
+            owner(&lab)
+        );
+        assert_eq!(
+            now_pid,
+            Some(pid),
+            "the probe restarted\n{}",
+            agent_logs(&lab)
+        );
+        assert_eq!(
+            all.len(),
+            start_runs,
+            "a new run: {all:?}\n{}",
+            agent_logs(&lab)
+        );
+        assert_eq!(owner(&lab).as_deref(), Some(first.as_str()));
+    }
+    let last = runs(&probe).values().map(|r| r.last).fold(0.0, f64::max);
+    assert!(host_uptime() - last < 2.0, "the probe stopped writing");
+}
+
 /// Node lease of the etcd leader kill test. An etcd election stalls keepalives: the gap
 /// between acknowledged keepalives reached 2.8-2.9 s here (the last keepalive up to one
 /// interval before the kill, then the election, then the first answer), past the fence point
