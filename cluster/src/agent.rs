@@ -610,6 +610,15 @@ impl AgentLoop {
             self.drop_tokens();
             return false;
         }
+        if fence.stale_or_fenced(Instant::now()) {
+            // The deadline passed and the guard has not fenced yet (the agent was paused,
+            // or its guard starved): nothing starts on a state that old; the guard's fence
+            // (or a new deadline) comes next and the round runs again.
+            warn!(
+                "the fence deadline passed before the guard acted: converging nothing until it has"
+            );
+            return true;
+        }
         if self.quorum.borrow().lost {
             // Holding through a quorum loss: what runs keeps running, nothing else starts
             // (not even a workload that stopped); the round runs again when quorum returns.
@@ -642,6 +651,7 @@ impl AgentLoop {
             self.drop_tokens();
             return false;
         }
+
         if self.live.sending() || self.live.pending(self.assigned.keys()) {
             // A guest is on its way out (or a previous agent's send waits for this one's
             // token): nothing is converged until it has left (or not).
@@ -664,6 +674,10 @@ impl AgentLoop {
                 ha: false,
             })
             .collect();
+        if fence_rx.borrow().stale_or_fenced(Instant::now()) {
+            // The deadline passed during the round (acquisitions, reads): as at its start.
+            return true;
+        }
         if let Err(e) = self.converge(step.run, keep).await {
             warn!(error = %e, "converge failed");
             return true;

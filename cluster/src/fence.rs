@@ -122,6 +122,17 @@ impl FenceState {
     pub fn is_fenced(&self) -> bool {
         matches!(self, FenceState::Fenced { .. })
     }
+
+    /// Whether this state cannot be trusted at `now` to start anything: fenced, or armed
+    /// with a deadline already past that the guard has not acted on yet (its task was
+    /// stopped, or starved, like the whole agent after a SIGSTOP: the lease may have expired
+    /// and the workloads be running elsewhere by now).
+    pub fn stale_or_fenced(&self, now: Instant) -> bool {
+        match self {
+            FenceState::Fenced { .. } => true,
+            FenceState::Armed { deadline, .. } => now >= *deadline,
+        }
+    }
 }
 
 /// The guard's decision on the latest liveness at `now` and `boot_now` (`CLOCK_BOOTTIME`)
@@ -423,6 +434,27 @@ pub use stead_host::fence::boottime_now;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_armed_state_past_its_deadline_starts_nothing() {
+        let now = Instant::now();
+        let armed = |deadline| FenceState::Armed {
+            epoch: 0,
+            generation: 0,
+            deadline,
+        };
+        assert!(!armed(now + Duration::from_millis(1)).stale_or_fenced(now));
+        assert!(armed(now).stale_or_fenced(now), "at the deadline");
+        assert!(
+            armed(now).stale_or_fenced(now + Duration::from_secs(5)),
+            "a paused agent"
+        );
+        let fenced = FenceState::Fenced {
+            epoch: 0,
+            since: now,
+        };
+        assert!(fenced.stale_or_fenced(now));
+    }
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     fn live(acked_at: Instant, ttl_s: u64) -> Liveness {
