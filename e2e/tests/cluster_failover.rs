@@ -110,6 +110,21 @@ fn owner(lab: &ClusterLab) -> Option<String> {
     owner_in(&lab.cluster_status(), "Container/probe")
 }
 
+/// Waits (30 s at most) until `Container/probe` has an owner; its name.
+fn wait_owner(lab: &ClusterLab) -> String {
+    let mut first = None;
+    wait_for(
+        "an owner in cluster status",
+        Duration::from_secs(30),
+        || {
+            first = owner(lab);
+            first.is_some()
+        },
+        lab,
+    );
+    first.expect("an owner")
+}
+
 /// Failovers in one run.
 const ROUNDS: usize = 5;
 
@@ -137,17 +152,7 @@ fn fail_over_once(
     round: usize,
     fault: Fault,
 ) -> Duration {
-    let mut first = None;
-    wait_for(
-        "an owner in cluster status",
-        Duration::from_secs(30),
-        || {
-            first = owner(lab);
-            first.is_some()
-        },
-        lab,
-    );
-    let first = first.unwrap();
+    let first = wait_owner(lab);
     let victim = lab
         .nodes
         .iter()
@@ -393,17 +398,7 @@ fn a_restarted_agent_keeps_its_workload_running() {
     let Some((mut lab, mut agents, probe, manifests)) = probe_lab(test) else {
         return;
     };
-    let mut first = None;
-    wait_for(
-        "an owner in cluster status",
-        Duration::from_secs(30),
-        || {
-            first = owner(&lab);
-            first.is_some()
-        },
-        &lab,
-    );
-    let first = first.unwrap();
+    let first = wait_owner(&lab);
     let node = lab.nodes.iter().position(|n| n.name == first).unwrap();
     let pid = probe_pid(&lab).expect("the probe's process");
     let start_runs = runs(&probe).len();
@@ -463,16 +458,7 @@ fn etcd_leader_kills_never_stop_or_fence_the_workload() {
     else {
         return;
     };
-    let mut first_owner = None;
-    wait_for(
-        "an owner in cluster status",
-        Duration::from_secs(30),
-        || {
-            first_owner = owner(&lab);
-            first_owner.is_some()
-        },
-        &lab,
-    );
+    let first_owner = Some(wait_owner(&lab));
     let pid = probe_pid(&lab).expect("the probe's process");
     let start_runs = runs(&probe).len();
     let mut problems = Vec::new();
@@ -777,17 +763,7 @@ fn wall_clock_jumps_on_a_node_neither_fence_nor_move_its_ha_container() {
     else {
         return;
     };
-    let mut first = None;
-    wait_for(
-        "an owner in cluster status",
-        Duration::from_secs(30),
-        || {
-            first = owner(&lab);
-            first.is_some()
-        },
-        &lab,
-    );
-    let name = first.unwrap();
+    let name = wait_owner(&lab);
     let victim = lab.nodes.iter().position(|n| n.name == name).unwrap();
     let log = lab.log_path(&format!("agent-{name}"));
     let pid = probe_pid(&lab).expect("the probe's process");

@@ -275,44 +275,45 @@ fn migrate_live_moves_a_running_qemu_vm_through_the_agents_keeping_its_boot() {
     assert!(qemus(&lab, src).is_empty());
     assert_eq!(boot_id(&lab, dst, Duration::from_secs(30)), before);
 
-    // Back to the first node with the sending agent SIGKILLed while its QEMU sends and
-    // started again at once: QEMU goes on alone, the new agent follows the send to its end.
-    let kill = AgentKill {
-        agents: &mut agents,
-        manifests: &dir,
-        victim: dst,
-        restart_after: "transferring",
-    };
-    let (status, out, err, at_kill) = migrate_killing_agent(&mut lab, &from, kill);
-    println!("stead migrate --live, the source's agent killed ({at_kill}):\n{out}{err}");
-    assert!(status.success(), "{out}{err}\n{}", logs(&lab));
-    assert!(out.contains(&format!("runs on {from}")), "{out}");
-    moved_keeping_boot(&lab, src, dst, &before);
-    let log = agent_log(&lab, dst);
-    assert!(
-        log.contains("live migration under way from a previous agent"),
-        "the new agent followed the send a killed one started:\n{log}"
-    );
-
-    // And again to the second node, with the receiving agent SIGKILLed while the guest
-    // arrives and started again only once the source recorded the move completed: the new
-    // agent takes the guest its QEMU received and starts it.
-    let kill = AgentKill {
-        agents: &mut agents,
-        manifests: &dir,
-        victim: dst,
-        restart_after: "completed",
-    };
-    let (status, out, err, at_kill) = migrate_killing_agent(&mut lab, &to, kill);
-    println!("stead migrate --live, the target's agent killed ({at_kill}):\n{out}{err}");
-    assert!(status.success(), "{out}{err}\n{}", logs(&lab));
-    assert!(out.contains(&format!("runs on {to}")), "{out}");
-    moved_keeping_boot(&lab, dst, src, &before);
-    let log = agent_log(&lab, dst);
-    assert!(
-        log.contains("live migration to here from a previous agent: taking it up"),
-        "the new agent took up the guest a killed one was receiving:\n{log}"
-    );
+    // The agent of the second node is SIGKILLed in the middle of two more moves:
+    // - back to the first node, as the source, started again at once: QEMU goes on alone,
+    //   the new agent follows the send to its end;
+    // - to the second node again, as the target, started again only once the source
+    //   recorded the move: the new agent takes the guest its QEMU received and starts it.
+    let cases = [
+        (
+            src,
+            &from,
+            "source",
+            "transferring",
+            "live migration under way from a previous agent",
+        ),
+        (
+            dst,
+            &to,
+            "target",
+            "completed",
+            "live migration to here from a previous agent: taking it up",
+        ),
+    ];
+    for (on, name, role, restart_after, says) in cases {
+        let kill = AgentKill {
+            agents: &mut agents,
+            manifests: &dir,
+            victim: dst,
+            restart_after,
+        };
+        let (status, out, err, at_kill) = migrate_killing_agent(&mut lab, name, kill);
+        println!("stead migrate --live, the {role}'s agent killed ({at_kill}):\n{out}{err}");
+        assert!(status.success(), "{out}{err}\n{}", logs(&lab));
+        assert!(out.contains(&format!("runs on {name}")), "{out}");
+        moved_keeping_boot(&lab, on, 1 - on, &before);
+        let log = agent_log(&lab, dst);
+        assert!(
+            log.contains(says),
+            "the {role}'s new agent: {says:?}:\n{log}"
+        );
+    }
     let out = lab
         .operator_cmd(&["migrate", "VirtualMachine/web", "--clear"])
         .output()

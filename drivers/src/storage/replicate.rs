@@ -1133,7 +1133,8 @@ impl ReplicationBackend for ZfsReplication {
 
     fn promote(&self, volume: &str) -> Result<Promoted, DriverError> {
         let target = self.source(volume)?;
-        if !Self::snapshots_of(&target)?.is_empty() {
+        // The zvol itself, not its snapshots: a live zvol without any is live all the same.
+        if super::zfs::exists(&target)? {
             return Err(DriverError::Conflict(format!(
                 "{target} exists: the volume is live on this node"
             )));
@@ -1147,6 +1148,62 @@ impl ReplicationBackend for ZfsReplication {
         super::zfs::run(&[s("zfs"), s("clone"), s("--"), snap, target])?;
         let window = Duration::from_secs(unix_now().saturating_sub(point.taken_at));
         Ok(Promoted { point, window })
+    }
+
+    fn retire_live_copy(
+        &self,
+        volume: &str,
+        _parent: Option<u64>,
+    ) -> Result<Option<String>, DriverError> {
+        let live = self.source(volume)?;
+        if !super::zfs::exists(&live)? {
+            return Ok(None);
+        }
+        // Nothing proves a zvol unchanged since a common point here (no own snapshot is
+        // offered back on zfs), so it is always kept, whole, out of the live path: a
+        // failover back to this node then promotes the replica instead of running on it.
+        let (kept, cmds) = self.cmds_retire(volume, unix_now())?;
+        for argv in &cmds {
+            super::zfs::run(argv)?;
+        }
+        warn!(
+            volume,
+            kept = %kept,
+            "this node does not own the volume: its live zvol here is kept read-only out of \
+             the live path and the volume becomes a replica"
+        );
+        Ok(Some(kept))
+    }
+}
+
+/// Where a stale live zvol goes when its node receives the volume as a replica:
+/// `<dataset>/stead-stale/<volume>-<unix seconds>`.
+pub const ZFS_STALE_PARENT: &str = "stead-stale";
+
+impl ZfsReplication {
+    /// The commands that move the live zvol of `volume` out of the live path, read-only and
+    /// without its owner property (so no volume driver takes it for its own), and where.
+    fn cmds_retire(
+        &self,
+        volume: &str,
+        now: u64,
+    ) -> Result<(String, Vec<Vec<String>>), DriverError> {
+        let live = self.source(volume)?;
+        let parent = format!("{}/{ZFS_STALE_PARENT}", self.dataset);
+        let kept = format!("{parent}/{volume}-{now}");
+        let cmds = vec![
+            vec![s("zfs"), s("create"), s("-p"), s("--"), parent],
+            vec![s("zfs"), s("rename"), s("--"), live, kept.clone()],
+            vec![s("zfs"), s("set"), s("--"), s("readonly=on"), kept.clone()],
+            vec![
+                s("zfs"),
+                s("inherit"),
+                s("--"),
+                s(super::zfs::OWNER_PROP),
+                kept.clone(),
+            ],
+        ];
+        Ok((kept, cmds))
     }
 }
 
@@ -1257,6 +1314,27 @@ mod tests {
         let mut src: &[u8] = &wire;
         assert_eq!(read_message(&mut src).expect("read"), m);
         assert_eq!(src, b"rest");
+    }
+
+    #[test]
+    fn a_stale_zvol_is_moved_out_of_the_live_path_never_destroyed() {
+        let z = ZfsReplication::new("tank/vms");
+        let (kept, cmds) = z.cmds_retire("web", 42).expect("commands");
+        assert_eq!(kept, "tank/vms/stead-stale/web-42");
+        let joined: Vec<String> = cmds.iter().map(|c| c.join(" ")).collect();
+        assert_eq!(
+            joined,
+            [
+                "zfs create -p -- tank/vms/stead-stale",
+                "zfs rename -- tank/vms/web tank/vms/stead-stale/web-42",
+                "zfs set -- readonly=on tank/vms/stead-stale/web-42",
+                "zfs inherit -- stead:owner tank/vms/stead-stale/web-42",
+            ]
+        );
+        assert!(
+            z.cmds_retire("../x", 1).is_err(),
+            "names stay inside the dataset"
+        );
     }
 
     #[test]

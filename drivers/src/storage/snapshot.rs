@@ -350,7 +350,20 @@ pub fn snapshot_list(
         }
         PoolType::Zfs => {
             let z = zfs_spec(&c)?;
-            let text = zfs::run(&zfs::cmd_snapshot_list(z, volume))?;
+            // The live zvol's snapshots (none when it does not exist), then those its
+            // deleted predecessors kept (`zfs::delete_volume`).
+            let text = zfs_listing(&zfs::cmd_snapshot_list(z, volume))?;
+            let deleted = zfs_listing(&zfs::cmd_deleted_snapshot_list(z))?;
+            for (zvol, snap, created) in zfs::deleted_snapshots(z, volume, &deleted) {
+                out.push(SnapshotInfo {
+                    volume: volume.into(),
+                    name: snap.into(),
+                    location: format!("{zvol}@{snap}"),
+                    size: None,
+                    created: zfs_created(created),
+                    method: "zfs (deleted volume)".into(),
+                });
+            }
             let prefix = format!("{}@", zfs::zvol_name(z, volume));
             for line in text.lines() {
                 let mut f = line.split('\t');
@@ -360,16 +373,12 @@ pub fn snapshot_list(
                 let Some(n) = full.strip_prefix(&prefix) else {
                     continue;
                 };
-                let created = created
-                    .and_then(|c| c.trim().parse::<i64>().ok())
-                    .and_then(|s| chrono::DateTime::from_timestamp(s, 0))
-                    .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
                 out.push(SnapshotInfo {
                     volume: volume.into(),
                     name: n.into(),
                     location: full.into(),
                     size: None,
-                    created,
+                    created: zfs_created(created),
                     method: "zfs".into(),
                 });
             }
@@ -377,6 +386,24 @@ pub fn snapshot_list(
     }
     out.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(out)
+}
+
+/// `zfs list` output of `argv`; a dataset that does not exist lists nothing.
+fn zfs_listing(argv: &[String]) -> Result<String, DriverError> {
+    match zfs::run(argv) {
+        Err(DriverError::Command { stderr, .. }) if stderr.contains("does not exist") => {
+            Ok(String::new())
+        }
+        other => other,
+    }
+}
+
+/// A `creation` field of `zfs list -Hp` (Unix seconds) as RFC 3339.
+fn zfs_created(field: Option<&str>) -> Option<String> {
+    field
+        .and_then(|c| c.trim().parse::<i64>().ok())
+        .and_then(|s| chrono::DateTime::from_timestamp(s, 0))
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
 }
 
 /// Replaces the content of `volume` with snapshot `snap`, atomically. The volume must
@@ -530,6 +557,22 @@ fn delete_one(
             let z = pool.zfs.as_ref().ok_or_else(|| {
                 DriverError::Refused(format!("StoragePool/{pool_name} has no spec.zfs"))
             })?;
+            // A snapshot a deleted zvol of this volume kept: it goes, and that zvol with
+            // its last one (nothing of the deleted volume is wanted any more).
+            let deleted = zfs_listing(&zfs::cmd_deleted_snapshot_list(z))?;
+            let found = zfs::deleted_snapshots(z, volume, &deleted);
+            if let Some((zvol, _, _)) = found.iter().find(|(_, n, _)| *n == snap) {
+                zfs::run(&[
+                    "zfs".into(),
+                    "destroy".into(),
+                    "--".into(),
+                    format!("{zvol}@{snap}"),
+                ])?;
+                if !found.iter().any(|(v, n, _)| v == zvol && *n != snap) {
+                    zfs::run(&["zfs".into(), "destroy".into(), "--".into(), (*zvol).into()])?;
+                }
+                return Ok(());
+            }
             zfs::run(&zfs::cmd_snapshot_destroy(z, volume, snap)).map(|_| ())
         }
     }

@@ -1546,7 +1546,9 @@ impl stead_reconciler::driver::KindDriver for VolumeDriver {
                     .zfs
                     .as_ref()
                     .ok_or_else(|| DriverError::Refused("no spec.zfs".into()))?;
-                zfs::run(&zfs::cmd_destroy(z, t.name)).map(|_| ())
+                // Its safety snapshots stay: with one, the zvol leaves the live path
+                // instead of being destroyed (`zfs::delete_volume`).
+                zfs::delete_volume(z, t.name, super::replicate::unix_now()).map(|_| ())
             }
         }
     }

@@ -61,6 +61,127 @@ pub fn cmd_destroy(z: &ZfsSpec, volume: &str) -> Vec<String> {
     ]
 }
 
+/// Where a deleted zvol that has safety snapshots goes: ZFS snapshots belong to their
+/// zvol (`zfs destroy -r` would take them along), so the zvol itself leaves the live path
+/// with them, under `<dataset>/stead-deleted/`.
+pub const DELETED_PARENT: &str = "stead-deleted";
+
+/// The name a deleted zvol of `volume` keeps its safety snapshots under:
+/// `<dataset>/stead-deleted/<volume>-<unix seconds>`.
+pub fn deleted_name(z: &ZfsSpec, volume: &str, now: u64) -> String {
+    format!("{}/{DELETED_PARENT}/{volume}-{now}", z.dataset)
+}
+
+/// The commands that delete `volume`'s zvol, given the names of its snapshots (after the
+/// `@`). Without a safety snapshot (`pre-…`) among them: `zfs destroy -r`. With one: the
+/// zvol is moved out of the live path to [`deleted_name`] with every snapshot, and its owner
+/// property cleared, so the name is free for a new volume and nothing of it is destroyed
+/// (`stead snapshot list/delete` still reach those snapshots).
+pub fn cmds_delete(z: &ZfsSpec, volume: &str, snapshots: &[String], now: u64) -> Vec<Vec<String>> {
+    let keeps = snapshots
+        .iter()
+        .any(|n| n.starts_with(super::snapshot::SAFETY_PREFIX));
+    if !keeps {
+        return vec![cmd_destroy(z, volume)];
+    }
+    let to = deleted_name(z, volume, now);
+    vec![
+        vec![
+            s("zfs"),
+            s("create"),
+            s("-p"),
+            s("--"),
+            format!("{}/{DELETED_PARENT}", z.dataset),
+        ],
+        vec![
+            s("zfs"),
+            s("rename"),
+            s("--"),
+            zvol_name(z, volume),
+            to.clone(),
+        ],
+        vec![s("zfs"), s("inherit"), s("--"), s(OWNER_PROP), to],
+    ]
+}
+
+/// The snapshot names (after the `@`) of dataset `of` in `zfs list -Hp -o name,creation`
+/// output; other datasets' lines are skipped.
+pub fn snapshot_names(text: &str, of: &str) -> Vec<String> {
+    let prefix = format!("{of}@");
+    text.lines()
+        .filter_map(|l| l.split('\t').next()?.strip_prefix(&prefix))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Deletes `volume`'s zvol, keeping its safety snapshots ([`cmds_delete`]); absent is
+/// success. Returns where the snapshots were kept, if they were.
+pub fn delete_volume(z: &ZfsSpec, volume: &str, now: u64) -> Result<Option<String>, DriverError> {
+    let listed = match run(&cmd_snapshot_list(z, volume)) {
+        Ok(text) => text,
+        Err(DriverError::Command { stderr, .. }) if stderr.contains("does not exist") => {
+            return Ok(None);
+        }
+        Err(e) => return Err(e),
+    };
+    let names = snapshot_names(&listed, &zvol_name(z, volume));
+    let cmds = cmds_delete(z, volume, &names, now);
+    let kept = (cmds.len() > 1).then(|| deleted_name(z, volume, now));
+    for argv in &cmds {
+        run(argv)?;
+    }
+    if let Some(k) = &kept {
+        tracing::warn!(volume, kept = %k, "zvol deleted from the live path; kept with its safety snapshots");
+    }
+    Ok(kept)
+}
+
+/// `zfs list -Hp -t snapshot` of the zvols deleted with safety snapshots
+/// ([`DELETED_PARENT`]): name, creation.
+pub fn cmd_deleted_snapshot_list(z: &ZfsSpec) -> Vec<String> {
+    cmd_snapshots_under(format!("{}/{DELETED_PARENT}", z.dataset))
+}
+
+/// The lines of `zfs list -Hp -o name,creation` output that are snapshots of a deleted
+/// zvol of `volume` (`<dataset>/stead-deleted/<volume>-<digits>@…`), as
+/// `(zvol, snapshot, creation line field)`.
+pub fn deleted_snapshots<'a>(
+    z: &ZfsSpec,
+    volume: &str,
+    text: &'a str,
+) -> Vec<(&'a str, &'a str, Option<&'a str>)> {
+    let prefix = format!("{}/{DELETED_PARENT}/{volume}-", z.dataset);
+    text.lines()
+        .filter_map(|l| {
+            let mut f = l.split('\t');
+            let full = f.next()?;
+            let (zvol, snap) = full.split_once('@')?;
+            let stamp = zvol.strip_prefix(&prefix)?;
+            if stamp.is_empty() || !stamp.bytes().all(|b| b.is_ascii_digit()) {
+                return None;
+            }
+            Some((zvol, snap, f.next()))
+        })
+        .collect()
+}
+
+/// Whether dataset `name` exists.
+pub fn exists(name: &str) -> Result<bool, DriverError> {
+    match run(&[
+        s("zfs"),
+        s("list"),
+        s("-H"),
+        s("-o"),
+        s("name"),
+        s("--"),
+        s(name),
+    ]) {
+        Ok(_) => Ok(true),
+        Err(DriverError::Command { stderr, .. }) if stderr.contains("does not exist") => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 /// `zfs list -Hp` of the zvols under the dataset: name, volsize, owner.
 pub fn cmd_list(z: &ZfsSpec) -> Vec<String> {
     vec![
@@ -110,6 +231,11 @@ pub fn cmd_snapshot_destroy(z: &ZfsSpec, volume: &str, snap: &str) -> Vec<String
 
 /// `zfs list -Hp -t snapshot` of a volume: name, creation (epoch seconds).
 pub fn cmd_snapshot_list(z: &ZfsSpec, volume: &str) -> Vec<String> {
+    cmd_snapshots_under(zvol_name(z, volume))
+}
+
+/// `zfs list -Hp -t snapshot -o name,creation -r` of dataset `name` and what is below it.
+fn cmd_snapshots_under(name: String) -> Vec<String> {
     vec![
         s("zfs"),
         s("list"),
@@ -120,7 +246,7 @@ pub fn cmd_snapshot_list(z: &ZfsSpec, volume: &str) -> Vec<String> {
         s("name,creation"),
         s("-r"),
         s("--"),
-        zvol_name(z, volume),
+        name,
     ]
 }
 
@@ -253,6 +379,53 @@ mod tests {
             other => panic!("expected a refusal, got {other:?}"),
         }
         assert!(super::super::check_operands(&cmd_list(&spec())).is_ok());
+    }
+
+    #[test]
+    fn a_zvol_with_safety_snapshots_leaves_the_live_path_with_them() {
+        let z = spec();
+        let plain = cmds_delete(&z, "web", &["s1".into(), "stead-repl-3".into()], 7);
+        assert_eq!(
+            plain,
+            vec![cmd_destroy(&z, "web")],
+            "nothing to keep: destroyed"
+        );
+        let kept = cmds_delete(
+            &z,
+            "web",
+            &["s1".into(), "pre-20261207T101010_000Z".into()],
+            7,
+        );
+        let joined: Vec<String> = kept.iter().map(|c| c.join(" ")).collect();
+        assert_eq!(
+            joined,
+            [
+                "zfs create -p -- rpool/data/stead-deleted",
+                "zfs rename -- rpool/data/web rpool/data/stead-deleted/web-7",
+                "zfs inherit -- stead:owner rpool/data/stead-deleted/web-7",
+            ]
+        );
+        assert!(
+            !kept.iter().flatten().any(|a| a == "destroy"),
+            "nothing is destroyed: {joined:?}"
+        );
+    }
+
+    #[test]
+    fn snapshot_names_and_deleted_snapshots_are_read_from_listings() {
+        let text = "rpool/data/web@s1\t100\nrpool/data/web@pre-x\t101\nrpool/data/webby@s2\t102\n";
+        assert_eq!(snapshot_names(text, "rpool/data/web"), ["s1", "pre-x"]);
+        let z = spec();
+        let deleted = "rpool/data/stead-deleted/web-7@pre-a\t100\n\
+                       rpool/data/stead-deleted/web-x-9@pre-b\t101\n\
+                       rpool/data/stead-deleted/webby-8@pre-c\t102\n\
+                       rpool/data/stead-deleted/web-@pre-d\t103\n";
+        assert_eq!(
+            deleted_snapshots(&z, "web", deleted),
+            [("rpool/data/stead-deleted/web-7", "pre-a", Some("100"))],
+            "only web's own deleted zvols (web-x and webby are other volumes)"
+        );
+        assert_eq!(deleted_snapshots(&z, "web-x", deleted).len(), 1);
     }
 
     #[test]
