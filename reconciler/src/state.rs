@@ -143,7 +143,7 @@ impl StateDb {
             source,
         };
         let conn = Connection::open(&path).map_err(db)?;
-        conn.busy_timeout(Duration::from_secs(10)).map_err(db)?;
+        conn.busy_timeout(BUSY_TIMEOUT).map_err(db)?;
         // Every commit is durable in the WAL (synchronous=FULL). A checkpoint only copies
         // committed pages into stead.db, so closing without one loses nothing: the next
         // open (or a crash recovery) reads them back from the WAL. A short-lived CLI used
@@ -469,6 +469,9 @@ fn three_strings(r: &rusqlite::Row<'_>) -> rusqlite::Result<(String, String, Str
     Ok((r.get(0)?, r.get(1)?, r.get(2)?))
 }
 
+/// How long a statement waits for another connection's lock.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// The state DB's schema version, kept in `PRAGMA user_version`: the tables of
 /// [`SCHEMA`] with the journal's `resource` column. 0 is a file created before the
 /// version was recorded (or a new one).
@@ -501,7 +504,7 @@ const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS inventory (
 fn create_schema(conn: &Connection) -> Result<(), rusqlite::Error> {
     // Outside the transaction (the journal mode cannot change inside one); it is
     // recorded in the file, so later opens need not set it.
-    conn.execute_batch("PRAGMA journal_mode=WAL;")?;
+    set_wal(conn)?;
     // Rolled back when dropped uncommitted (an error below).
     let tx = rusqlite::Transaction::new_unchecked(conn, TransactionBehavior::Immediate)?;
     let version: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
@@ -511,6 +514,24 @@ fn create_schema(conn: &Connection) -> Result<(), rusqlite::Error> {
         tx.execute_batch(&format!("PRAGMA user_version={SCHEMA_VERSION};"))?;
     }
     tx.commit()
+}
+
+/// Switches the DB to WAL. SQLite answers a switch that meets another connection's lock
+/// with SQLITE_BUSY at once, without the busy handler (seen with four first opens at once:
+/// 19 of 300 runs failed), so the switch is retried here for up to the busy timeout.
+fn set_wal(conn: &Connection) -> Result<(), rusqlite::Error> {
+    let deadline = Instant::now() + BUSY_TIMEOUT;
+    loop {
+        match conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get::<_, String>(0)) {
+            Ok(_) => return Ok(()),
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::DatabaseBusy && Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 fn add_journal_resource_column(conn: &Connection) -> Result<(), rusqlite::Error> {
