@@ -714,7 +714,7 @@ impl NodeEngine {
         );
         // Its QEMU holds nothing any more (postmigrate): its supervisor quits it at once
         // and does not restart it.
-        if let Err(e) = stead_drivers::vm::VmDriver::new(&self.env).and_then(|d| d.stop(&id.name)) {
+        if let Err(e) = self.stop_vm(&id.name) {
             tracing::warn!(vm = %id.name, error = %e, "stopping the migrated VM");
         }
         let secs = Duration::from_millis(done.total_time_ms).as_secs_f64();
@@ -728,6 +728,11 @@ impl NodeEngine {
         last.sent_mib = done.transferred >> 20;
         last.downtime_ms = Some(done.downtime_ms);
         last
+    }
+
+    /// Stops VM `name` through its driver, outside any apply.
+    fn stop_vm(&self, name: &str) -> Result<(), stead_reconciler::driver::DriverError> {
+        stead_drivers::vm::VmDriver::new(&self.env).and_then(|d| d.stop(name))
     }
 
     /// `run` with the VMs a live migration brings here (kept until owned); remembers
@@ -990,9 +995,7 @@ impl Converge for NodeEngine {
             // the VMs named (guests that arrived live) are stopped, one by one. A converge
             // under way meanwhile is followed by the agent's own fence check.
             for id in stop.iter().filter(|id| id.kind == Kind::VirtualMachine) {
-                if let Err(e) =
-                    stead_drivers::vm::VmDriver::new(&self.env).and_then(|d| d.stop(&id.name))
-                {
+                if let Err(e) = self.stop_vm(&id.name) {
                     tracing::error!(vm = %id.name, error = %e, "fencing: stopping the VM failed");
                 }
             }

@@ -1034,12 +1034,8 @@ impl ZfsReplication {
         .map(s);
         let mut argv = argv.to_vec();
         argv.push(dataset.to_string());
-        let out = match super::zfs::run(&argv) {
-            Ok(out) => out,
-            Err(DriverError::Command { stderr, .. }) if stderr.contains("does not exist") => {
-                return Ok(Vec::new());
-            }
-            Err(e) => return Err(e),
+        let Some(out) = super::zfs::run_if_exists(&argv)? else {
+            return Ok(Vec::new());
         };
         Ok(parse_zfs_snapshots(&out))
     }
@@ -1191,18 +1187,10 @@ impl ZfsReplication {
         let live = self.source(volume)?;
         let parent = format!("{}/{ZFS_STALE_PARENT}", self.dataset);
         let kept = format!("{parent}/{volume}-{now}");
-        let cmds = vec![
-            vec![s("zfs"), s("create"), s("-p"), s("--"), parent],
-            vec![s("zfs"), s("rename"), s("--"), live, kept.clone()],
-            vec![s("zfs"), s("set"), s("--"), s("readonly=on"), kept.clone()],
-            vec![
-                s("zfs"),
-                s("inherit"),
-                s("--"),
-                s(super::zfs::OWNER_PROP),
-                kept.clone(),
-            ],
-        ];
+        let mut cmds = super::zfs::cmds_move_aside(&live, &parent, &kept);
+        // Read-only as soon as it is out of the live path, before its owner property goes.
+        let readonly = vec![s("zfs"), s("set"), s("--"), s("readonly=on"), kept.clone()];
+        cmds.insert(2, readonly);
         Ok((kept, cmds))
     }
 }

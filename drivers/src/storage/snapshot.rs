@@ -390,12 +390,7 @@ pub fn snapshot_list(
 
 /// `zfs list` output of `argv`; a dataset that does not exist lists nothing.
 fn zfs_listing(argv: &[String]) -> Result<String, DriverError> {
-    match zfs::run(argv) {
-        Err(DriverError::Command { stderr, .. }) if stderr.contains("does not exist") => {
-            Ok(String::new())
-        }
-        other => other,
-    }
+    Ok(zfs::run_if_exists(argv)?.unwrap_or_default())
 }
 
 /// A `creation` field of `zfs list -Hp` (Unix seconds) as RFC 3339.

@@ -77,30 +77,36 @@ pub fn deleted_name(z: &ZfsSpec, volume: &str, now: u64) -> String {
 /// zvol is moved out of the live path to [`deleted_name`] with every snapshot, and its owner
 /// property cleared, so the name is free for a new volume and nothing of it is destroyed
 /// (`stead snapshot list/delete` still reach those snapshots).
-pub fn cmds_delete(z: &ZfsSpec, volume: &str, snapshots: &[String], now: u64) -> Vec<Vec<String>> {
+pub fn cmds_delete(
+    z: &ZfsSpec,
+    volume: &str,
+    snapshots: &[String],
+    now: u64,
+) -> (Option<String>, Vec<Vec<String>>) {
     let keeps = snapshots
         .iter()
         .any(|n| n.starts_with(super::snapshot::SAFETY_PREFIX));
     if !keeps {
-        return vec![cmd_destroy(z, volume)];
+        return (None, vec![cmd_destroy(z, volume)]);
     }
     let to = deleted_name(z, volume, now);
+    let cmds = cmds_move_aside(
+        &zvol_name(z, volume),
+        &format!("{}/{DELETED_PARENT}", z.dataset),
+        &to,
+    );
+    (Some(to), cmds)
+}
+
+/// The commands that move dataset `from` to `to` under `parent` (created if missing) and
+/// clear its owner property, so no volume driver takes it for its own: how a zvol leaves
+/// the live path whole (a deleted one with its safety snapshots, a stale copy before a
+/// replica is received).
+pub fn cmds_move_aside(from: &str, parent: &str, to: &str) -> Vec<Vec<String>> {
     vec![
-        vec![
-            s("zfs"),
-            s("create"),
-            s("-p"),
-            s("--"),
-            format!("{}/{DELETED_PARENT}", z.dataset),
-        ],
-        vec![
-            s("zfs"),
-            s("rename"),
-            s("--"),
-            zvol_name(z, volume),
-            to.clone(),
-        ],
-        vec![s("zfs"), s("inherit"), s("--"), s(OWNER_PROP), to],
+        vec![s("zfs"), s("create"), s("-p"), s("--"), s(parent)],
+        vec![s("zfs"), s("rename"), s("--"), s(from), s(to)],
+        vec![s("zfs"), s("inherit"), s("--"), s(OWNER_PROP), s(to)],
     ]
 }
 
@@ -117,16 +123,11 @@ pub fn snapshot_names(text: &str, of: &str) -> Vec<String> {
 /// Deletes `volume`'s zvol, keeping its safety snapshots ([`cmds_delete`]); absent is
 /// success. Returns where the snapshots were kept, if they were.
 pub fn delete_volume(z: &ZfsSpec, volume: &str, now: u64) -> Result<Option<String>, DriverError> {
-    let listed = match run(&cmd_snapshot_list(z, volume)) {
-        Ok(text) => text,
-        Err(DriverError::Command { stderr, .. }) if stderr.contains("does not exist") => {
-            return Ok(None);
-        }
-        Err(e) => return Err(e),
+    let Some(listed) = run_if_exists(&cmd_snapshot_list(z, volume))? else {
+        return Ok(None);
     };
     let names = snapshot_names(&listed, &zvol_name(z, volume));
-    let cmds = cmds_delete(z, volume, &names, now);
-    let kept = (cmds.len() > 1).then(|| deleted_name(z, volume, now));
+    let (kept, cmds) = cmds_delete(z, volume, &names, now);
     for argv in &cmds {
         run(argv)?;
     }
@@ -165,9 +166,18 @@ pub fn deleted_snapshots<'a>(
         .collect()
 }
 
+/// Runs a zfs command on a dataset; `None` when zfs says the dataset does not exist.
+pub fn run_if_exists(argv: &[String]) -> Result<Option<String>, DriverError> {
+    match run(argv) {
+        Ok(out) => Ok(Some(out)),
+        Err(DriverError::Command { stderr, .. }) if stderr.contains("does not exist") => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 /// Whether dataset `name` exists.
 pub fn exists(name: &str) -> Result<bool, DriverError> {
-    match run(&[
+    let argv = [
         s("zfs"),
         s("list"),
         s("-H"),
@@ -175,11 +185,8 @@ pub fn exists(name: &str) -> Result<bool, DriverError> {
         s("name"),
         s("--"),
         s(name),
-    ]) {
-        Ok(_) => Ok(true),
-        Err(DriverError::Command { stderr, .. }) if stderr.contains("does not exist") => Ok(false),
-        Err(e) => Err(e),
-    }
+    ];
+    Ok(run_if_exists(&argv)?.is_some())
 }
 
 /// `zfs list -Hp` of the zvols under the dataset: name, volsize, owner.
@@ -387,15 +394,16 @@ mod tests {
         let plain = cmds_delete(&z, "web", &["s1".into(), "stead-repl-3".into()], 7);
         assert_eq!(
             plain,
-            vec![cmd_destroy(&z, "web")],
+            (None, vec![cmd_destroy(&z, "web")]),
             "nothing to keep: destroyed"
         );
-        let kept = cmds_delete(
+        let (to, kept) = cmds_delete(
             &z,
             "web",
             &["s1".into(), "pre-20261207T101010_000Z".into()],
             7,
         );
+        assert_eq!(to.as_deref(), Some("rpool/data/stead-deleted/web-7"));
         let joined: Vec<String> = kept.iter().map(|c| c.join(" ")).collect();
         assert_eq!(
             joined,
